@@ -1,0 +1,307 @@
+//! The messages: what nodes send the manager (update channel) and what the manager sends
+//! nodes (master channel), inside a versioned envelope.
+
+use crate::{ContentHash, MessageId, NodeId, RelPath, Revision};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Version of this protocol; a receiver refuses any other.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest message a receiver decodes; larger ones are dead-lettered. A sync reply for
+/// ~200,000 paths fits.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// Every message on the broker: protocol version, unique id, sender and body.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Envelope<B> {
+    pub v: u32,
+    pub id: MessageId,
+    pub from: NodeId,
+    pub body: B,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("message of {0} bytes is larger than the limit of {MAX_MESSAGE_BYTES}")]
+    TooLarge(usize),
+    #[error("message has protocol version {0}, this program speaks {PROTOCOL_VERSION}")]
+    Version(u32),
+    #[error("malformed message: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl<B: Serialize + DeserializeOwned> Envelope<B> {
+    pub fn new(id: MessageId, from: NodeId, body: B) -> Self {
+        Envelope { v: PROTOCOL_VERSION, id, from, body }
+    }
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("wire types always serialize")
+    }
+    /// Strict decoding: size limit, protocol version, then every field validated.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        if bytes.len() > MAX_MESSAGE_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len()));
+        }
+        #[derive(Deserialize)]
+        struct VersionOnly {
+            v: u32,
+        }
+        let probe: VersionOnly = serde_json::from_slice(bytes)?;
+        if probe.v != PROTOCOL_VERSION {
+            return Err(DecodeError::Version(probe.v));
+        }
+        Ok(serde_json::from_slice(bytes)?)
+    }
+}
+
+/// What a path holds in one version.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Content {
+    File { hash: ContentHash, size: u64 },
+    Dir,
+    Symlink { target: String },
+}
+
+/// One version of a path: its content and the metadata that is synced.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Version {
+    pub content: Content,
+    /// Permission bits (07777), without the file type.
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: i64,
+}
+
+/// A node that can serve a content hash over HTTP.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Holder {
+    pub node: NodeId,
+    /// Base URL of the node's peer HTTP server, e.g. `http://127.0.0.1:7001`.
+    pub url: String,
+}
+
+/// The manager's current state of one path.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    pub path: RelPath,
+    /// Revision at which this state was accepted.
+    pub rev: Revision,
+    /// `None` when the path is deleted.
+    pub version: Option<Version>,
+    /// Nodes that hold the content (files only), best first.
+    #[serde(default)]
+    pub holders: Vec<Holder>,
+}
+
+/// A change a node made to one path, based on the revision it last saw there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Change {
+    pub path: RelPath,
+    /// The revision of the path the node's version was derived from (0: new path).
+    pub base: Revision,
+    /// Set when the change was made on top of the sender's own earlier change, not yet
+    /// decided when this one was sent: the base is then that change's revision.
+    #[serde(default)]
+    pub follows: Option<MessageId>,
+    pub op: ChangeOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChangeOp {
+    /// Create or replace the path with this version (add, update, mkdir, symlink, chmod…).
+    Put { version: Version },
+    /// Remove the path (unlink, rmdir).
+    Delete,
+}
+
+/// Node → manager, on the update channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToManager {
+    /// Presence, every second, with the node's own view of its work.
+    Heartbeat {
+        url: String,
+        /// Local changes not yet decided by the manager.
+        pending_changes: u64,
+        /// Contents being pulled.
+        pending_pulls: u64,
+        /// Program version of the node.
+        software: String,
+    },
+    Change(Change),
+    /// The node now holds this path's content at this revision and can serve it.
+    Have { path: RelPath, rev: Revision, hash: ContentHash },
+    /// Reconciliation request: answered with `SyncReply` once every earlier message of
+    /// this node has been decided.
+    Sync { request: MessageId, url: String },
+}
+
+/// How the manager decided a change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Outcome {
+    /// The change became the path's current version at `current.rev`.
+    Accepted,
+    /// The path already held exactly this; nothing changed.
+    Unchanged,
+    /// The change was based on a stale revision; it was kept as the conflict file `copy`
+    /// and the path kept the version the others had.
+    Conflict { copy: RelPath },
+    /// The change could not be applied (a delete of something edited elsewhere, a
+    /// directory that is not empty any more…); the path keeps `current`.
+    Refused { reason: String },
+}
+
+/// Manager → nodes, on the master channel.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ToNode {
+    /// Broadcast: a path has a new current state.
+    Applied { entry: Entry, origin: NodeId },
+    /// To the sender of a change: how it was decided, and the path's current state.
+    Decided { change: MessageId, outcome: Outcome, current: Entry },
+    /// To the sender of a `Sync`: every path's current state (deleted ones included).
+    SyncReply { request: MessageId, head: Revision, entries: Vec<Entry> },
+    /// To one node: please run a sync now (the dashboard's Sync button).
+    SyncRequested {},
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    fn hash() -> ContentHash {
+        ContentHash::from_bytes(*blake3::hash(b"hello").as_bytes())
+    }
+    fn node(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+    fn id(s: &str) -> MessageId {
+        s.parse().unwrap()
+    }
+    fn path(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+    fn file_version() -> Version {
+        Version { content: Content::File { hash: hash(), size: 5 }, mode: 0o644, uid: 1000, gid: 1000, mtime_ns: 1_764_000_000_000_000_000 }
+    }
+    fn entry() -> Entry {
+        Entry {
+            path: path("docs/report.txt"),
+            rev: Revision(42),
+            version: Some(file_version()),
+            holders: vec![Holder { node: node("n1"), url: "http://127.0.0.1:7001".into() }],
+        }
+    }
+
+    fn to_manager_examples() -> Vec<(&'static str, ToManager)> {
+        vec![
+            ("heartbeat", ToManager::Heartbeat { url: "http://127.0.0.1:7001".into(), pending_changes: 0, pending_pulls: 1, software: "0.1.0".into() }),
+            ("change_put", ToManager::Change(Change { path: path("docs/report.txt"), base: Revision(41), follows: None, op: ChangeOp::Put { version: file_version() } })),
+            (
+                "change_mkdir",
+                ToManager::Change(Change { path: path("docs"), base: Revision(0), follows: None, op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } } }),
+            ),
+            (
+                "change_symlink",
+                ToManager::Change(Change {
+                    path: path("link"),
+                    base: Revision(0),
+                    follows: Some(id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f")),
+                    op: ChangeOp::Put { version: Version { content: Content::Symlink { target: "docs/report.txt".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 5 } },
+                }),
+            ),
+            ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),
+            ("have", ToManager::Have { path: path("docs/report.txt"), rev: Revision(42), hash: hash() }),
+            ("sync", ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into() }),
+        ]
+    }
+
+    fn to_node_examples() -> Vec<(&'static str, ToNode)> {
+        vec![
+            ("applied", ToNode::Applied { entry: entry(), origin: node("n1") }),
+            ("decided_accepted", ToNode::Decided { change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"), outcome: Outcome::Accepted, current: entry() }),
+            (
+                "decided_conflict",
+                ToNode::Decided {
+                    change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"),
+                    outcome: Outcome::Conflict { copy: path("docs/report (conflict from n2 2026-11-25 14.03.10).txt") },
+                    current: entry(),
+                },
+            ),
+            ("sync_reply", ToNode::SyncReply { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), head: Revision(42), entries: vec![entry()] }),
+            ("sync_requested", ToNode::SyncRequested {}),
+        ]
+    }
+
+    /// Each message kind has a golden JSON file under `wire/fixtures/`; a change of the
+    /// format shows up as a diff there. `UPDATE_FIXTURES=1` rewrites them.
+    fn check_fixture<B: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(dir: &str, name: &str, body: B) {
+        let env = Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), body);
+        let file: PathBuf = [env!("CARGO_MANIFEST_DIR"), "fixtures", dir, &format!("{name}.json")].iter().collect();
+        let pretty = serde_json::to_string_pretty(&env).unwrap() + "\n";
+        if std::env::var_os("UPDATE_FIXTURES").is_some() {
+            std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+            std::fs::write(&file, &pretty).unwrap();
+        }
+        let golden = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e} (run with UPDATE_FIXTURES=1)", file.display()));
+        assert_eq!(golden, pretty, "{} changed", file.display());
+        let back = Envelope::<B>::decode(golden.as_bytes()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn golden_fixtures_round_trip() {
+        for (name, m) in to_manager_examples() {
+            check_fixture("to_manager", name, m);
+        }
+        for (name, m) in to_node_examples() {
+            check_fixture("to_node", name, m);
+        }
+    }
+
+    #[test]
+    fn strict_decoding_reports_what_is_wrong() {
+        let good = Envelope::new(id("a-1"), node("n1"), ToManager::Have { path: path("a"), rev: Revision(1), hash: hash() }).encode();
+        Envelope::<ToManager>::decode(&good).unwrap();
+        let bad_version = String::from_utf8(good.clone()).unwrap().replace("\"v\":1", "\"v\":9");
+        assert!(matches!(Envelope::<ToManager>::decode(bad_version.as_bytes()), Err(DecodeError::Version(9))));
+        let unknown_kind = String::from_utf8(good.clone()).unwrap().replace("\"have\"", "\"explode\"");
+        let err = Envelope::<ToManager>::decode(unknown_kind.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("explode"), "{err}");
+        let bad_path = String::from_utf8(good.clone()).unwrap().replace("\"path\":\"a\"", "\"path\":\"../etc/passwd\"");
+        let err = Envelope::<ToManager>::decode(bad_path.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("'..'"), "{err}");
+        let extra = String::from_utf8(good).unwrap().replace("\"v\":1", "\"v\":1,\"evil\":true");
+        assert!(Envelope::<ToManager>::decode(extra.as_bytes()).is_err());
+        assert!(Envelope::<ToNode>::decode(b"\xff\xfe").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Envelope::<ToManager>::decode(&bytes);
+            let _ = Envelope::<ToNode>::decode(&bytes);
+        }
+
+        #[test]
+        fn decoding_mutated_messages_never_panics(pos in 0usize..400, byte in any::<u8>()) {
+            for (_, m) in to_manager_examples() {
+                let mut bytes = Envelope::new(id("x"), node("n"), m).encode();
+                let i = pos % bytes.len();
+                bytes[i] = byte;
+                let _ = Envelope::<ToManager>::decode(&bytes);
+            }
+        }
+    }
+}

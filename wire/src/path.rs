@@ -1,0 +1,153 @@
+//! Paths inside the synced tree, validated once for everyone.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Longest file name component, in bytes (Linux NAME_MAX).
+pub const MAX_NAME_BYTES: usize = 255;
+/// Longest path, in bytes (Linux PATH_MAX).
+pub const MAX_PATH_BYTES: usize = 4096;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PathError {
+    #[error("path is empty")]
+    Empty,
+    #[error("path {0:?} is absolute; paths are relative to the mount")]
+    Absolute(String),
+    #[error("path {0:?} has an empty, '.' or '..' component")]
+    BadComponent(String),
+    #[error("path {0:?} contains a NUL byte")]
+    Nul(String),
+    #[error("a component of {0:?} is longer than {MAX_NAME_BYTES} bytes")]
+    NameTooLong(String),
+    #[error("path is longer than {MAX_PATH_BYTES} bytes")]
+    PathTooLong,
+}
+
+/// A relative path inside the synced tree: components separated by `/`, none empty,
+/// `.` or `..`, no NUL, each at most 255 bytes, the whole at most 4096 bytes.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RelPath(String);
+
+impl RelPath {
+    pub fn new(s: impl Into<String>) -> Result<RelPath, PathError> {
+        let s = s.into();
+        if s.is_empty() {
+            return Err(PathError::Empty);
+        }
+        if s.len() > MAX_PATH_BYTES {
+            return Err(PathError::PathTooLong);
+        }
+        if s.starts_with('/') {
+            return Err(PathError::Absolute(s));
+        }
+        if s.contains('\0') {
+            return Err(PathError::Nul(s));
+        }
+        for c in s.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(PathError::BadComponent(s));
+            }
+            if c.len() > MAX_NAME_BYTES {
+                return Err(PathError::NameTooLong(s));
+            }
+        }
+        Ok(RelPath(s))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+    /// The parent path, or None for a top-level entry.
+    pub fn parent(&self) -> Option<RelPath> {
+        self.0.rfind('/').map(|i| RelPath(self.0[..i].to_string()))
+    }
+    /// The last component.
+    pub fn name(&self) -> &str {
+        self.0.rsplit('/').next().unwrap_or(&self.0)
+    }
+    /// `self/name`, validated.
+    pub fn join(&self, name: &str) -> Result<RelPath, PathError> {
+        RelPath::new(format!("{}/{}", self.0, name))
+    }
+    /// Whether `self` is `other` or lies below it.
+    pub fn is_within(&self, other: &RelPath) -> bool {
+        self.0 == other.0 || (self.0.starts_with(&other.0) && self.0.as_bytes()[other.0.len()] == b'/')
+    }
+    /// Every proper ancestor, outermost first.
+    pub fn ancestors(&self) -> Vec<RelPath> {
+        let mut out = Vec::new();
+        for (i, b) in self.0.bytes().enumerate() {
+            if b == b'/' {
+                out.push(RelPath(self.0[..i].to_string()));
+            }
+        }
+        out
+    }
+}
+impl TryFrom<String> for RelPath {
+    type Error = PathError;
+    fn try_from(s: String) -> Result<Self, PathError> {
+        RelPath::new(s)
+    }
+}
+impl From<RelPath> for String {
+    fn from(p: RelPath) -> String {
+        p.0
+    }
+}
+impl fmt::Display for RelPath {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn accepts_ordinary_paths() {
+        for p in ["a", "a/b", "über/naïve file.txt", "x/y/z/.hidden", "a..b"] {
+            RelPath::new(p).unwrap();
+        }
+    }
+
+    #[test]
+    fn refuses_bad_paths() {
+        assert_eq!(RelPath::new(""), Err(PathError::Empty));
+        assert!(matches!(RelPath::new("/etc/passwd"), Err(PathError::Absolute(_))));
+        for p in ["a//b", "a/", "../x", "a/../b", "./a", "a/."] {
+            assert!(matches!(RelPath::new(p), Err(PathError::BadComponent(_))), "{p}");
+        }
+        assert!(matches!(RelPath::new("a\0b"), Err(PathError::Nul(_))));
+        assert!(matches!(RelPath::new("x".repeat(256)), Err(PathError::NameTooLong(_))));
+        RelPath::new("x".repeat(255)).unwrap();
+        let long = vec!["y".repeat(200); 21].join("/");
+        assert_eq!(RelPath::new(long), Err(PathError::PathTooLong));
+    }
+
+    #[test]
+    fn parent_name_ancestors() {
+        let p = RelPath::new("a/b/c.txt").unwrap();
+        assert_eq!(p.parent().unwrap().as_str(), "a/b");
+        assert_eq!(p.name(), "c.txt");
+        let anc: Vec<_> = p.ancestors().into_iter().map(String::from).collect();
+        assert_eq!(anc, ["a", "a/b"]);
+        assert!(p.is_within(&RelPath::new("a").unwrap()));
+        assert!(!RelPath::new("ab").unwrap().is_within(&RelPath::new("a").unwrap()));
+        assert!(RelPath::new("top").unwrap().parent().is_none());
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics_and_valid_paths_round_trip(s in ".{0,300}") {
+            if let Ok(p) = RelPath::new(s.clone()) {
+                let json = serde_json::to_string(&p).unwrap();
+                let back: RelPath = serde_json::from_str(&json).unwrap();
+                prop_assert_eq!(back.as_str(), s.as_str());
+            }
+        }
+    }
+}
