@@ -1,1 +1,165 @@
+//! AMQP plumbing shared by the manager and the nodes: connecting, declaring the topology
+//! of `wire::topology`, publishing with confirms, reconnect backoff, logging and signal
+//! handling. It never decodes message bodies and never decides anything about files.
 
+use anyhow::{bail, Context};
+use lapin::{
+    options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    types::{AMQPValue, FieldTable},
+    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use wire::{topology, NodeId};
+
+/// Local broker with AMQP heartbeats every 10 s, so a dead TCP peer is noticed.
+pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10";
+
+/// First and longest wait between reconnection attempts. Short enough that a broker
+/// restart costs a user a few seconds, long enough not to hammer a dead broker.
+pub const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
+
+/// Connects; the URL is never logged because it may carry a password.
+pub async fn connect(url: &str) -> anyhow::Result<Connection> {
+    let conn = Connection::connect(url, ConnectionProperties::default())
+        .await
+        .with_context(|| format!("connecting to the broker at {}", redact(url)))?;
+    Ok(conn)
+}
+
+/// The URL with its password replaced by `***`, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            let user = creds.split(':').next().unwrap_or("");
+            format!("{}{}:***{}", &url[..s + 3], user, &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// A channel with publisher confirms on.
+pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
+    let ch = conn.create_channel().await.context("opening an AMQP channel")?;
+    ch.confirm_select(ConfirmSelectOptions::default()).await.context("enabling publisher confirms")?;
+    Ok(ch)
+}
+
+fn dead_letter_args() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(topology::DEAD_EXCHANGE.into()));
+    args
+}
+
+/// Declares what both sides rely on: the update queue, the master exchange and the
+/// dead-letter exchange and queue. Idempotent.
+pub async fn declare_common(ch: &Channel) -> anyhow::Result<()> {
+    let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
+    ch.exchange_declare(topology::DEAD_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await
+        .context("declaring the dead-letter exchange")?;
+    ch.queue_declare(topology::DEAD_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default())
+        .await
+        .context("declaring the dead-letter queue")?;
+    ch.queue_bind(topology::DEAD_QUEUE.into(), topology::DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .context("binding the dead-letter queue")?;
+    ch.exchange_declare(topology::MASTER_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default())
+        .await
+        .context("declaring the master exchange")?;
+    ch.queue_declare(topology::UPDATE_QUEUE.into(), QueueDeclareOptions::durable(), dead_letter_args())
+        .await
+        .context("declaring the update queue")?;
+    Ok(())
+}
+
+/// Declares and binds a node's own durable queue; returns its name.
+pub async fn declare_node_queue(ch: &Channel, node: &NodeId) -> anyhow::Result<String> {
+    let queue = topology::node_queue(node);
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_letter_args())
+        .await
+        .with_context(|| format!("declaring queue {queue}"))?;
+    for key in [topology::BROADCAST_KEY.to_string(), topology::node_key(node)] {
+        ch.queue_bind(queue.as_str().into(), topology::MASTER_EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
+            .await
+            .with_context(|| format!("binding queue {queue} to {key}"))?;
+    }
+    Ok(queue)
+}
+
+/// Persistent JSON message properties.
+pub fn message_properties(id: &str) -> BasicProperties {
+    BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()).with_message_id(id.into())
+}
+
+/// Publishes and waits for the broker's confirm; a nack is an error.
+pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8]) -> anyhow::Result<()> {
+    let confirm = ch
+        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id))
+        .await
+        .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
+        .await
+        .with_context(|| format!("waiting for the confirm of {id}"))?;
+    if !confirm.is_ack() {
+        bail!("the broker refused message {id} ({key})");
+    }
+    Ok(())
+}
+
+/// Exponential backoff between reconnection attempts.
+pub struct Backoff {
+    next: Duration,
+}
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { next: RECONNECT_FIRST }
+    }
+}
+impl Backoff {
+    pub fn reset(&mut self) {
+        self.next = RECONNECT_FIRST;
+    }
+    /// Waits the current delay (or until cancelled); returns false when cancelled.
+    pub async fn wait(&mut self, cancel: &CancellationToken) -> bool {
+        let d = self.next;
+        self.next = (self.next * 2).min(RECONNECT_MAX);
+        tokio::select! {
+            _ = cancel.cancelled() => false,
+            _ = tokio::time::sleep(d) => true,
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into());
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Cancels `token` on SIGINT or SIGTERM.
+pub fn cancel_on_signals(token: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+            tracing::error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::info!("signal received, shutting down");
+        token.cancel();
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redact_hides_passwords() {
+        assert_eq!(super::redact("amqp://sync:s3cret@host:5672/v"), "amqp://sync:***@host:5672/v");
+        assert_eq!(super::redact("amqp://host/v"), "amqp://host/v");
+    }
+}

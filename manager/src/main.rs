@@ -1,1 +1,58 @@
-fn main(){}
+//! `manager`: the command line. `serve` runs the manager; `status` reads its database.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "manager", version, about = "The sync manager: orders changes, keeps metadata, provisions nodes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the manager: consume the update channel, broadcast on the master channel.
+    Serve {
+        /// Broker URL (amqp:// or amqps://).
+        #[arg(long, env = "SYNC_BROKER", default_value = broker_link::DEFAULT_BROKER_URL, hide_default_value = true)]
+        broker: String,
+        /// SQLite database of the manager.
+        #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
+        db: PathBuf,
+    },
+    /// Print the nodes (online or not), the file count and the conflict count.
+    Status {
+        #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
+        db: PathBuf,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    broker_link::init_logging();
+    match cli.cmd {
+        Cmd::Serve { broker, db } => {
+            let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
+            rt.block_on(async {
+                let cancel = tokio_util::sync::CancellationToken::new();
+                broker_link::cancel_on_signals(cancel.clone());
+                manager::run(manager::Config { broker, db }, cancel).await
+            })
+        }
+        Cmd::Status { db } => {
+            let store = manager::store::Store::open(&db)?;
+            let now = manager::service::now_ms();
+            println!("{:<20} {:<8} {:>10} {:>8} {:>7}  url", "node", "state", "last seen", "pending", "pulls");
+            for n in store.nodes()? {
+                let ago = (now - n.last_seen_ms).max(0) / 1000;
+                println!("{:<20} {:<8} {:>9}s {:>8} {:>7}  {}", n.id, if n.online { "online" } else { "offline" }, ago, n.pending_changes, n.pending_pulls, n.url);
+            }
+            println!("files: {}", store.live_file_count()?);
+            println!("conflicts: {}", store.conflict_count()?);
+            println!("revision: {}", store.head()?.0);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! The manager: consumes the update queue, decides every change with the reconciliation
+//! rule, stores metadata in SQLite and broadcasts on the master exchange. It stores no
+//! file contents.
+
+pub mod rule;
+pub mod service;
+pub mod store;
+
+pub use service::{run, Config};
