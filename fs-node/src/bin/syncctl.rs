@@ -1,0 +1,117 @@
+//! `syncctl`: talks to a running node's HTTP server: status, sync, conflicts.
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use fs_node::link::SyncReport;
+use fs_node::node::NodeStatus;
+use std::path::{Path, PathBuf};
+
+#[derive(Parser)]
+#[command(name = "syncctl", version, about = "Control a running sync node")]
+struct Cli {
+    /// The node's data directory (its URL is read from node.url there).
+    #[arg(long, env = "SYNC_DATA", global = true)]
+    data: Option<PathBuf>,
+    /// The node's HTTP URL, instead of --data.
+    #[arg(long, env = "SYNC_NODE_URL", global = true)]
+    node: Option<String>,
+    /// Cluster token, if the node requires one.
+    #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true, global = true)]
+    cluster_token: Option<String>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Connected or offline, pending changes, transfers, last sync.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reconcile with the manager now; prints what was pushed, pulled and conflicted.
+    /// Exits non-zero if the manager cannot be reached.
+    Sync,
+    /// List the conflict files in the mount.
+    Conflicts,
+}
+
+fn node_url(cli: &Cli) -> anyhow::Result<String> {
+    if let Some(u) = &cli.node {
+        return Ok(u.trim_end_matches('/').to_string());
+    }
+    let Some(d) = &cli.data else { bail!("say which node: --data DIR or --node URL") };
+    let p = d.join("node.url");
+    let u = std::fs::read_to_string(&p).with_context(|| format!("reading {} (is the node running?)", p.display()))?;
+    Ok(u.trim().to_string())
+}
+
+fn conflict_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        if e.file_name().to_string_lossy().contains(" (conflict from ") {
+            out.push(p.clone());
+        }
+        if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+            conflict_files(&p, out);
+        }
+    }
+}
+
+async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::Response> {
+    let url = format!("{}{}", node_url(cli)?, path);
+    let mut req = reqwest::Client::new().request(method, &url);
+    if let Some(t) = &cli.cluster_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.with_context(|| format!("cannot reach the node at {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        bail!("{}", body.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| format!("the node answered {status}")));
+    }
+    Ok(resp)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match &cli.cmd {
+        Cmd::Status { json } => {
+            let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("node:      {}", s.id);
+                println!("state:     {}", if s.connected { "online" } else { "offline" });
+                println!("mount:     {}", s.mount);
+                println!("pending:   {} local change(s) waiting", s.pending_changes);
+                println!("transfers: {} pull(s) in progress", s.pending_pulls);
+                println!("files:     {} ({} directories)", s.files, s.dirs);
+                println!("conflicts: {}", s.conflicts_seen);
+                match &s.last_sync {
+                    Some(r) => println!("last sync: pushed {}, pulled {}, conflicts {}, failed {}", r.pushed, r.pulled, r.conflicts, r.failed),
+                    None => println!("last sync: none yet"),
+                }
+            }
+        }
+        Cmd::Sync => {
+            let r: SyncReport = request(&cli, reqwest::Method::POST, "/sync").await?.json().await.context("decoding the sync report")?;
+            println!("pushed {} change(s), pulled {}, {} conflict(s), {} failed (retried automatically); revision {} ({:.2}s)", r.pushed, r.pulled, r.conflicts, r.failed, r.head, r.seconds);
+        }
+        Cmd::Conflicts => {
+            let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;
+            let mut files = Vec::new();
+            conflict_files(Path::new(&s.mount), &mut files);
+            files.sort();
+            for f in &files {
+                println!("{}", f.display());
+            }
+            if files.is_empty() {
+                eprintln!("no conflict files");
+            }
+        }
+    }
+    Ok(())
+}

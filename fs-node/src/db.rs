@@ -1,0 +1,175 @@
+//! The node's SQLite database (`<data>/node.db`): inodes, directory entries, the last
+//! revision the manager gave each path, and the outbox of changes not yet decided.
+//! Plain row access; the tree (`tree.rs`) owns the one connection and decides what to
+//! write. Never talks to the network.
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::ffi::OsString;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::Path;
+use wire::{Change, MessageId, RelPath, Revision};
+
+const SCHEMA: &str = "
+PRAGMA journal_mode=WAL;
+PRAGMA synchronous=NORMAL;
+CREATE TABLE IF NOT EXISTS inodes(
+  ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, perm INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+  atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL, nlink INTEGER NOT NULL, rdev INTEGER NOT NULL,
+  size INTEGER NOT NULL, hash TEXT, target BLOB);
+CREATE TABLE IF NOT EXISTS dentries(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY(parent, name));
+CREATE TABLE IF NOT EXISTS revs(path TEXT PRIMARY KEY, rev INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, msg TEXT NOT NULL UNIQUE, path TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+";
+
+/// One inode row.
+#[derive(Clone, Debug)]
+pub struct InodeRow {
+    pub ino: u64,
+    pub kind: u8,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+    pub size: u64,
+    pub hash: Option<String>,
+    pub target: Option<Vec<u8>>,
+}
+
+/// One outbox row: a change waiting for the manager's decision.
+#[derive(Clone, Debug)]
+pub struct OutboxRow {
+    pub seq: i64,
+    pub msg: MessageId,
+    pub change: Change,
+}
+
+pub struct Db {
+    conn: Connection,
+}
+
+impl Db {
+    pub fn open(path: &Path) -> anyhow::Result<Db> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        Ok(Db { conn })
+    }
+
+    pub fn begin(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("BEGIN")
+    }
+    pub fn commit(&self) -> rusqlite::Result<()> {
+        self.conn.execute_batch("COMMIT")
+    }
+    pub fn rollback(&self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+
+    pub fn meta(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+    }
+    pub fn set_meta(&self, key: &str, value: &str) -> rusqlite::Result<()> {
+        self.conn.execute("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+        Ok(())
+    }
+
+    pub fn inodes(&self) -> rusqlite::Result<Vec<InodeRow>> {
+        let mut st = self.conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target FROM inodes")?;
+        let rows = st.query_map([], |r| {
+            Ok(InodeRow {
+                ino: r.get::<_, i64>(0)? as u64,
+                kind: r.get(1)?,
+                perm: r.get(2)?,
+                uid: r.get(3)?,
+                gid: r.get(4)?,
+                atime: r.get(5)?,
+                mtime: r.get(6)?,
+                ctime: r.get(7)?,
+                nlink: r.get(8)?,
+                rdev: r.get(9)?,
+                size: r.get::<_, i64>(10)? as u64,
+                hash: r.get(11)?,
+                target: r.get(12)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    pub fn save_inode(&self, i: &InodeRow) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )?
+            .execute(params![i.ino as i64, i.kind, i.perm, i.uid, i.gid, i.atime, i.mtime, i.ctime, i.nlink, i.rdev, i.size as i64, i.hash, i.target])?;
+        Ok(())
+    }
+
+    pub fn delete_inode(&self, ino: u64) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([ino as i64])?;
+        Ok(())
+    }
+
+    pub fn dentries(&self) -> rusqlite::Result<Vec<(u64, OsString, u64)>> {
+        let mut st = self.conn.prepare("SELECT parent, name, ino FROM dentries")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, OsString::from_vec(r.get(1)?), r.get::<_, i64>(2)? as u64)))?;
+        rows.collect()
+    }
+
+    pub fn save_dentry(&self, parent: u64, name: &std::ffi::OsStr, ino: u64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?
+            .execute(params![parent as i64, name.as_bytes(), ino as i64])?;
+        Ok(())
+    }
+
+    pub fn delete_dentry(&self, parent: u64, name: &std::ffi::OsStr) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?.execute(params![parent as i64, name.as_bytes()])?;
+        Ok(())
+    }
+
+    pub fn revs(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut st = self.conn.prepare("SELECT path, rev FROM revs")?;
+        let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        rows.collect()
+    }
+
+    pub fn set_rev(&self, path: &RelPath, rev: Revision) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
+            .execute(params![path.as_str(), rev.0 as i64])?;
+        Ok(())
+    }
+
+    pub fn outbox(&self) -> anyhow::Result<Vec<OutboxRow>> {
+        let mut st = self.conn.prepare("SELECT seq, msg, body FROM outbox ORDER BY seq")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, msg, body) = row?;
+            out.push(OutboxRow {
+                seq,
+                msg: msg.parse().context("corrupt message id in the outbox")?,
+                change: serde_json::from_str(&body).context("corrupt change in the outbox")?,
+            });
+        }
+        Ok(out)
+    }
+
+    pub fn push_outbox(&self, msg: &MessageId, change: &Change) -> rusqlite::Result<i64> {
+        self.conn
+            .prepare_cached("INSERT INTO outbox(msg, path, body) VALUES(?1, ?2, ?3)")?
+            .execute(params![msg.as_str(), change.path.as_str(), serde_json::to_string(change).expect("wire types serialize")])?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
+    pub fn remove_outbox(&self, msg: &MessageId) -> rusqlite::Result<usize> {
+        self.conn.prepare_cached("DELETE FROM outbox WHERE msg = ?1")?.execute([msg.as_str()])
+    }
+}

@@ -1,0 +1,10 @@
+//! A sync node: a FUSE mount over a local tree and content store, a peer HTTP server that
+//! serves contents by hash, and a broker link to the manager.
+
+pub mod db;
+pub mod fs;
+pub mod store;
+pub mod tree;
+pub mod link;
+pub mod node;
+pub mod peer;

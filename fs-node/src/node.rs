@@ -1,0 +1,247 @@
+//! Wiring of one node: configuration, the state shared by its tasks (`Shared`), start-up
+//! (stale mount cleanup, database, store, HTTP, broker link, FUSE mount) and an orderly
+//! shutdown that unmounts first.
+
+use crate::db::Db;
+use crate::fs::SyncFs;
+use crate::link::SyncReport;
+use crate::store::ContentStore;
+use crate::tree::Tree;
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use wire::NodeId;
+
+/// How often unreferenced blobs are removed from the store.
+const GC_EVERY: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: NodeId,
+    pub mount: PathBuf,
+    pub data: PathBuf,
+    pub broker: String,
+    pub listen: SocketAddr,
+    /// URL other nodes use to reach this node's HTTP server (default: from `listen`).
+    pub advertise: Option<String>,
+    /// Required on every peer HTTP request when set.
+    pub cluster_token: Option<String>,
+}
+
+/// Counters for `/metrics`. Names are in `Metrics::render`, in one place.
+#[derive(Default)]
+pub struct Metrics {
+    pub messages_in: AtomicU64,
+    pub messages_out: AtomicU64,
+    pub bytes_pulled: AtomicU64,
+    pub bytes_served: AtomicU64,
+    pub pulls_failed: AtomicU64,
+    /// Pull latency histogram: counts per bucket of `PULL_BUCKETS` (seconds), plus sum.
+    pub pull_buckets: [AtomicU64; 8],
+    pub pull_count: AtomicU64,
+    pub pull_sum_micros: AtomicU64,
+}
+
+pub const PULL_BUCKETS: [f64; 8] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0];
+
+impl Metrics {
+    pub fn observe_pull(&self, d: Duration) {
+        let s = d.as_secs_f64();
+        for (i, b) in PULL_BUCKETS.iter().enumerate() {
+            if s <= *b {
+                self.pull_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.pull_count.fetch_add(1, Ordering::Relaxed);
+        self.pull_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn render(&self, shared: &Shared) -> String {
+        use std::fmt::Write;
+        let stats = shared.tree.stats();
+        let mut o = String::new();
+        let mut counter = |name: &str, help: &str, v: u64, kind: &str| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        counter("syncfs_node_messages_in_total", "Messages received from the master channel.", self.messages_in.load(Ordering::Relaxed), "counter");
+        counter("syncfs_node_messages_out_total", "Messages published to the update channel.", self.messages_out.load(Ordering::Relaxed), "counter");
+        counter("syncfs_node_bytes_pulled_total", "Content bytes pulled from peers.", self.bytes_pulled.load(Ordering::Relaxed), "counter");
+        counter("syncfs_node_bytes_served_total", "Content bytes served to peers.", self.bytes_served.load(Ordering::Relaxed), "counter");
+        counter("syncfs_node_pulls_failed_total", "Pulls that failed on every holder.", self.pulls_failed.load(Ordering::Relaxed), "counter");
+        counter("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", stats.pending_changes, "gauge");
+        counter("syncfs_node_pending_pulls", "Content pulls in progress.", shared.pulls_in_progress.load(Ordering::Relaxed), "gauge");
+        counter("syncfs_node_conflicts_total", "Own changes the manager kept as conflict files.", stats.conflicts_seen, "counter");
+        counter("syncfs_node_connected", "1 when connected to the broker.", shared.connected.load(Ordering::Relaxed) as u64, "gauge");
+        let _ = writeln!(o, "# HELP syncfs_node_pull_seconds Time to pull one content.\n# TYPE syncfs_node_pull_seconds histogram");
+        for (i, b) in PULL_BUCKETS.iter().enumerate() {
+            let _ = writeln!(o, "syncfs_node_pull_seconds_bucket{{le=\"{b}\"}} {}", self.pull_buckets[i].load(Ordering::Relaxed));
+        }
+        let count = self.pull_count.load(Ordering::Relaxed);
+        let _ = writeln!(o, "syncfs_node_pull_seconds_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(o, "syncfs_node_pull_seconds_sum {}", self.pull_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(o, "syncfs_node_pull_seconds_count {count}");
+        o
+    }
+}
+
+/// What `GET /status` returns and `syncctl status` shows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub mount: String,
+    pub url: String,
+    pub connected: bool,
+    pub pending_changes: u64,
+    pub pending_pulls: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub conflicts_seen: u64,
+    pub bytes_pulled: u64,
+    pub last_sync: Option<SyncReport>,
+}
+
+/// State shared by the node's tasks. Each field has one writer: the broker link writes
+/// `connected` and `last_sync`, the applier `pulls_in_progress`.
+pub struct Shared {
+    pub id: NodeId,
+    pub mount: PathBuf,
+    pub url: String,
+    pub tree: Arc<Tree>,
+    pub cluster_token: Option<String>,
+    pub connected: AtomicBool,
+    pub pulls_in_progress: AtomicU64,
+    /// Set when content could not be pulled; the link runs a new sync soon.
+    pub needs_resync: AtomicBool,
+    pub metrics: Metrics,
+    pub notifier: OnceLock<fuser::Notifier>,
+    pub last_sync: Mutex<Option<SyncReport>>,
+    /// Sync requests to the broker link, each with where to send the report.
+    pub sync_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<anyhow::Result<SyncReport>>>,
+}
+
+impl Shared {
+    pub fn status(&self) -> NodeStatus {
+        let stats = self.tree.stats();
+        NodeStatus {
+            id: self.id.to_string(),
+            mount: self.mount.display().to_string(),
+            url: self.url.clone(),
+            connected: self.connected.load(Ordering::Relaxed),
+            pending_changes: stats.pending_changes,
+            pending_pulls: self.pulls_in_progress.load(Ordering::Relaxed),
+            files: stats.files,
+            dirs: stats.dirs,
+            conflicts_seen: stats.conflicts_seen,
+            bytes_pulled: self.metrics.bytes_pulled.load(Ordering::Relaxed),
+            last_sync: self.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone(),
+        }
+    }
+
+    /// Asks the broker link for a sync and waits for its report.
+    pub async fn sync_now(&self, timeout: Duration) -> anyhow::Result<SyncReport> {
+        if !self.connected.load(Ordering::Relaxed) {
+            anyhow::bail!("not connected to the broker: the node is offline; its changes are kept and will be sent when it reconnects");
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.sync_requests.send(tx).await.context("the broker link is not running")?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => anyhow::bail!("the connection was lost during the sync"),
+            Err(_) => anyhow::bail!("the manager did not answer within {}s", timeout.as_secs()),
+        }
+    }
+}
+
+/// Unmounts whatever is mounted at `dir` (a previous run that was killed leaves a dead
+/// mount that answers "Transport endpoint is not connected").
+pub fn unmount_stale(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        unsafe {
+            if libc::umount2(c.as_ptr(), 0) != 0 {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// Runs a node until SIGINT/SIGTERM.
+pub fn run(cfg: Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data).with_context(|| format!("creating data directory {}", cfg.data.display()))?;
+    unmount_stale(&cfg.mount);
+    std::fs::create_dir_all(&cfg.mount).with_context(|| format!("creating mount point {}", cfg.mount.display()))?;
+    let _ = std::fs::remove_file(cfg.data.join("node.url"));
+    let db = Db::open(&cfg.data.join("node.db"))?;
+    let store = ContentStore::open(&cfg.data)?;
+    let tree = Arc::new(Tree::load(db, store.clone())?);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
+    let cancel = CancellationToken::new();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(cfg.listen)).with_context(|| format!("listening on {}", cfg.listen))?;
+    let local = listener.local_addr()?;
+    let url = cfg.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(16);
+    let shared = Arc::new(Shared {
+        id: cfg.id.clone(),
+        mount: cfg.mount.clone(),
+        url: url.clone(),
+        tree: tree.clone(),
+        cluster_token: cfg.cluster_token.clone(),
+        connected: AtomicBool::new(false),
+        pulls_in_progress: AtomicU64::new(0),
+        needs_resync: AtomicBool::new(false),
+        metrics: Metrics::default(),
+        notifier: OnceLock::new(),
+        last_sync: Mutex::new(None),
+        sync_requests: sync_tx,
+    });
+
+    let fs = SyncFs { tree: tree.clone(), data_dir: cfg.data.clone() };
+    let mut fcfg = fuser::Config::default();
+    fcfg.mount_options = vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];
+    fcfg.acl = fuser::SessionACL::All;
+    fcfg.n_threads = Some(4);
+    let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
+    let _ = shared.notifier.set(session.notifier());
+    tracing::info!(node = %cfg.id, mount = %cfg.mount.display(), %url, "mounted");
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let puller = crate::peer::Puller::new(store.clone(), cfg.id.clone(), cfg.cluster_token.clone())?;
+    let _guard = rt.enter();
+    tracker.spawn(crate::peer::serve(listener, shared.clone(), cancel.clone()));
+    tracker.spawn(crate::link::run(cfg.broker.clone(), shared.clone(), puller, sync_rx, cancel.clone()));
+    tracker.spawn(gc_loop(tree.clone(), cancel.clone()));
+    broker_link::cancel_on_signals(cancel.clone());
+    std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
+
+    rt.block_on(cancel.cancelled());
+    tracing::info!("unmounting {}", cfg.mount.display());
+    unmount_stale(&cfg.mount);
+    if let Err(e) = session.umount_and_join() {
+        tracing::debug!("joining the FUSE session: {e}");
+    }
+    tracker.close();
+    rt.block_on(async {
+        let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
+    });
+    let _ = std::fs::remove_file(cfg.data.join("node.url"));
+    Ok(())
+}
+
+async fn gc_loop(tree: Arc<Tree>, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(GC_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {
+                let t = tree.clone();
+                let removed = tokio::task::spawn_blocking(move || t.gc()).await.unwrap_or(0);
+                if removed > 0 {
+                    tracing::debug!("removed {removed} unreferenced blobs");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! Content store: immutable blobs named by their BLAKE3 hash, work files for files being
+//! written, and a tmp area for downloads. Local disk only: no network I/O, and it never
+//! decides anything about sync.
+
+use anyhow::Context;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use wire::ContentHash;
+
+/// Buffer for hashing and copying.
+const CHUNK: usize = 1 << 20;
+
+#[derive(Clone, Debug)]
+pub struct ContentStore {
+    blobs: PathBuf,
+    work: PathBuf,
+    tmp: PathBuf,
+}
+
+pub fn hash_of(bytes: &[u8]) -> ContentHash {
+    ContentHash::from_bytes(*blake3::hash(bytes).as_bytes())
+}
+
+impl ContentStore {
+    pub fn open(data: &Path) -> anyhow::Result<ContentStore> {
+        let s = ContentStore { blobs: data.join("blobs"), work: data.join("work"), tmp: data.join("tmp") };
+        for d in [&s.blobs, &s.work, &s.tmp] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        // Work and tmp files of a previous run belong to nobody any more.
+        for d in [&s.work, &s.tmp] {
+            for e in std::fs::read_dir(d)?.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        s.ensure_empty_blob()?;
+        Ok(s)
+    }
+
+    fn ensure_empty_blob(&self) -> anyhow::Result<()> {
+        let p = self.blob_path(&hash_of(b""));
+        if !p.exists() {
+            File::create(&p).with_context(|| format!("creating {}", p.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn empty_hash() -> ContentHash {
+        hash_of(b"")
+    }
+
+    pub fn blob_path(&self, h: &ContentHash) -> PathBuf {
+        self.blobs.join(h.as_str())
+    }
+
+    pub fn has(&self, h: &ContentHash) -> bool {
+        self.blob_path(h).exists()
+    }
+
+    pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
+        File::open(self.blob_path(h))
+    }
+
+    pub fn work_path(&self, ino: u64) -> PathBuf {
+        self.work.join(ino.to_string())
+    }
+
+    /// A fresh work file for `ino`, empty or a copy of blob `from`.
+    pub fn new_work_file(&self, ino: u64, from: Option<&ContentHash>) -> std::io::Result<File> {
+        let p = self.work_path(ino);
+        match from {
+            Some(h) if *h != Self::empty_hash() => {
+                std::fs::copy(self.blob_path(h), &p)?;
+            }
+            _ => {
+                File::create(&p)?;
+            }
+        }
+        std::fs::OpenOptions::new().read(true).write(true).open(&p)
+    }
+
+    /// Hashes the work file of `ino` and moves it into the blobs; returns hash and size.
+    pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<(ContentHash, u64)> {
+        let p = self.work_path(ino);
+        let (hash, size) = hash_file(&p)?;
+        let dest = self.blob_path(&hash);
+        if dest.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        } else {
+            std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        }
+        Ok((hash, size))
+    }
+
+    pub fn discard_work_file(&self, ino: u64) {
+        let _ = std::fs::remove_file(self.work_path(ino));
+    }
+
+    /// A new temporary file for a download.
+    pub fn tmp_file(&self) -> std::io::Result<(PathBuf, File)> {
+        let p = self.tmp.join(uuid::Uuid::new_v4().to_string());
+        let f = File::create(&p)?;
+        Ok((p, f))
+    }
+
+    /// Moves a verified download into the blobs.
+    pub fn install(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
+        std::fs::rename(tmp, self.blob_path(h))
+    }
+
+    /// Removes every blob not in `keep` and older than `min_age` (a fresh download may
+    /// not be in the tree yet); returns how many were removed.
+    pub fn gc(&self, keep: &std::collections::HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
+        let mut removed = 0;
+        let Ok(dir) = std::fs::read_dir(&self.blobs) else { return 0 };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(h) = name.to_str().and_then(|s| s.parse::<ContentHash>().ok()) else { continue };
+            let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
+            if h != Self::empty_hash() && !young && !keep.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+}
+
+pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {
+    let mut f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf).with_context(|| format!("reading {}", p.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((ContentHash::from_bytes(*hasher.finalize().as_bytes()), size))
+}
+
+/// Writes `bytes` to a new blob (tests and small contents).
+pub fn put_bytes(store: &ContentStore, bytes: &[u8]) -> anyhow::Result<ContentHash> {
+    let h = hash_of(bytes);
+    if !store.has(&h) {
+        let (tmp, mut f) = store.tmp_file()?;
+        f.write_all(bytes)?;
+        store.install(&tmp, &h)?;
+    }
+    Ok(h)
+}

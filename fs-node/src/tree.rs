@@ -1,0 +1,1386 @@
+//! The node's file tree: the core every FUSE callback and every remote change goes
+//! through. It owns the inode table, the directory entries, the last revision the manager
+//! gave each path, open file handles and the outbox, all behind one lock, and persists
+//! them in the node's SQLite database in the same step that changes them.
+//!
+//! Local operations that change synced state (files, directories, symlinks) add a change
+//! to the outbox; remote entries are applied with `apply_remote`, which never touches a
+//! path with an undecided local change. A file's new content is committed (hashed, moved
+//! into the content store, and sent) when it is closed or fsynced. It does no network I/O
+//! and never calls the kernel: cache invalidations are returned to the caller.
+
+use crate::db::{Db, InodeRow, OutboxRow};
+use crate::store::ContentStore;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, RelPath, Revision, Version};
+
+pub const ROOT: u64 = 1;
+
+/// Errors of file system operations; each maps to exactly one errno in `errno()`.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("file exists")]
+    Exists,
+    #[error("directory not empty")]
+    NotEmpty,
+    #[error("not a directory")]
+    NotDir,
+    #[error("is a directory")]
+    IsDir,
+    #[error("file name too long")]
+    NameTooLong,
+    #[error("file name is not valid UTF-8 and cannot be synced")]
+    BadName,
+    #[error("invalid argument")]
+    Invalid,
+    #[error("operation not permitted")]
+    NotPermitted,
+    #[error("operation not supported")]
+    NotSupported,
+    #[error("bad file handle")]
+    BadHandle,
+    #[error("too many links")]
+    TooManyLinks,
+    #[error("I/O error: {0:#}")]
+    Io(#[from] anyhow::Error),
+}
+
+impl FsError {
+    pub fn errno(&self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::NotDir => libc::ENOTDIR,
+            FsError::IsDir => libc::EISDIR,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
+            FsError::BadName => libc::EILSEQ,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::BadHandle => libc::EBADF,
+            FsError::TooManyLinks => libc::EMLINK,
+            FsError::Io(_) => libc::EIO,
+        }
+    }
+}
+
+impl From<std::io::Error> for FsError {
+    fn from(e: std::io::Error) -> Self {
+        FsError::Io(e.into())
+    }
+}
+impl From<rusqlite::Error> for FsError {
+    fn from(e: rusqlite::Error) -> Self {
+        FsError::Io(anyhow::Error::new(e).context("node database"))
+    }
+}
+
+pub type FsResult<T> = Result<T, FsError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDev = 6,
+    BlockDev = 7,
+}
+
+impl Kind {
+    fn from_code(c: u8) -> Kind {
+        match c {
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            7 => Kind::BlockDev,
+            _ => Kind::File,
+        }
+    }
+    /// Kinds that are synced; the others exist only on this node (docs/SEMANTICS.md).
+    pub fn synced(self) -> bool {
+        matches!(self, Kind::File | Kind::Dir | Kind::Symlink)
+    }
+    fn from_mode(mode: u32) -> FsResult<Kind> {
+        Ok(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return Err(FsError::Invalid),
+        })
+    }
+}
+
+/// Attributes as the FUSE layer needs them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+/// A time given to setattr.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(i64),
+}
+
+#[derive(Default, Debug)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+/// Kernel cache entries to drop after a remote change (done by the caller, outside
+/// FUSE callbacks, because invalidating from inside one can deadlock the kernel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    Entry { parent: u64, name: OsString },
+    Inode { ino: u64 },
+}
+
+/// What applying a remote entry did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The local tree changed (content, kind or metadata).
+    pub changed: bool,
+    /// The entry could not be applied because its content is not in the store yet.
+    pub missing_content: bool,
+    pub invals: Vec<Inval>,
+}
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+struct Inode {
+    ino: u64,
+    kind: Kind,
+    perm: u32,
+    uid: u32,
+    gid: u32,
+    atime: i64,
+    mtime: i64,
+    ctime: i64,
+    nlink: u32,
+    rdev: u32,
+    size: u64,
+    hash: Option<ContentHash>,
+    target: Option<Vec<u8>>,
+    children: BTreeMap<OsString, u64>,
+    /// Directory entries naming this inode (a directory has one; hard links add more).
+    links: Vec<(u64, OsString)>,
+    /// Uncommitted content being written (copy-on-write of the blob).
+    work: Option<Arc<File>>,
+    /// Read handle on the current blob, opened on first read.
+    blob: Option<Arc<File>>,
+    writers: u32,
+    open: u32,
+    lookups: u64,
+}
+
+impl Inode {
+    fn row(&self) -> InodeRow {
+        InodeRow {
+            ino: self.ino,
+            kind: self.kind as u8,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            size: self.size,
+            hash: self.hash.as_ref().map(|h| h.to_string()),
+            target: self.target.clone(),
+        }
+    }
+    fn attr(&self) -> Attr {
+        Attr {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+        }
+    }
+    fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> Inode {
+        let now = now_ns();
+        Inode {
+            ino,
+            kind,
+            perm,
+            uid,
+            gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev: 0,
+            size: 0,
+            hash: None,
+            target: None,
+            children: BTreeMap::new(),
+            links: Vec::new(),
+            work: None,
+            blob: None,
+            writers: 0,
+            open: 0,
+            lookups: 0,
+        }
+    }
+    /// The synced version of this inode, if it is of a synced kind with known content.
+    fn version(&self) -> Option<Version> {
+        let content = match self.kind {
+            Kind::File => Content::File { hash: self.hash.clone()?, size: self.size },
+            Kind::Dir => Content::Dir,
+            Kind::Symlink => Content::Symlink { target: String::from_utf8(self.target.clone()?).ok()? },
+            _ => return None,
+        };
+        // Directory and symlink times are local (docs/SEMANTICS.md).
+        let mtime_ns = if self.kind == Kind::File { self.mtime } else { 0 };
+        Some(Version { content, mode: self.perm & 0o7777, uid: self.uid, gid: self.gid, mtime_ns })
+    }
+}
+
+struct Handle {
+    ino: u64,
+    write: bool,
+}
+
+/// The outbox as the tree keeps it in memory (rows are also in the database).
+#[derive(Default)]
+struct Outbox {
+    rows: BTreeMap<i64, OutboxRow>,
+    /// Undecided rows per path.
+    per_path: HashMap<RelPath, usize>,
+    /// Rows that may have reached the broker (published in this run, or loaded from
+    /// disk at start); these are never coalesced.
+    sent: HashSet<MessageId>,
+    /// Rows with a seq up to this one were handed to the broker link in this session.
+    published_upto: i64,
+}
+
+/// What `sync` and the status page report about the tree.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TreeStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub pending_changes: u64,
+    pub conflicts_seen: u64,
+}
+
+struct State {
+    db: Db,
+    inodes: HashMap<u64, Inode>,
+    next_ino: u64,
+    revs: HashMap<RelPath, Revision>,
+    outbox: Outbox,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    conflicts_seen: u64,
+}
+
+pub struct Tree {
+    state: Mutex<State>,
+    store: ContentStore,
+    /// Woken whenever the outbox grows.
+    pub outbox_ready: Arc<tokio::sync::Notify>,
+}
+
+fn check_name(name: &OsStr) -> FsResult<&str> {
+    if name.len() > wire::MAX_NAME_BYTES {
+        return Err(FsError::NameTooLong);
+    }
+    let s = std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::BadName)?;
+    if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+        return Err(FsError::Invalid);
+    }
+    Ok(s)
+}
+
+impl Tree {
+    pub fn load(db: Db, store: ContentStore) -> anyhow::Result<Tree> {
+        let mut inodes = HashMap::new();
+        for row in db.inodes()? {
+            let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid);
+            i.atime = row.atime;
+            i.mtime = row.mtime;
+            i.ctime = row.ctime;
+            i.nlink = row.nlink;
+            i.rdev = row.rdev;
+            i.size = row.size;
+            i.hash = row.hash.and_then(|h| h.parse().ok());
+            i.target = row.target;
+            inodes.insert(row.ino, i);
+        }
+        if !inodes.contains_key(&ROOT) {
+            let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0);
+            db.save_inode(&root.row())?;
+            inodes.insert(ROOT, root);
+        }
+        for (parent, name, ino) in db.dentries()? {
+            if inodes.contains_key(&parent) && inodes.contains_key(&ino) {
+                inodes.get_mut(&parent).expect("checked").children.insert(name.clone(), ino);
+                inodes.get_mut(&ino).expect("checked").links.push((parent, name));
+            }
+        }
+        // A file whose content is missing from the store (a crash between steps) is
+        // shown empty rather than failing every read.
+        for i in inodes.values_mut() {
+            if i.kind == Kind::File && !i.hash.as_ref().is_some_and(|h| store.has(h)) {
+                i.hash = Some(ContentStore::empty_hash());
+                i.size = 0;
+            }
+        }
+        let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
+        let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
+        let mut outbox = Outbox::default();
+        for row in db.outbox()? {
+            *outbox.per_path.entry(row.change.path.clone()).or_default() += 1;
+            outbox.sent.insert(row.msg.clone());
+            outbox.rows.insert(row.seq, row);
+        }
+        let state = State { db, inodes, next_ino, revs, outbox, handles: HashMap::new(), next_fh: 1, conflicts_seen: 0 };
+        Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()) })
+    }
+
+    pub fn store(&self) -> &ContentStore {
+        &self.store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in one database transaction; wakes the broker link if the outbox grew.
+    fn atomically<T>(&self, f: impl FnOnce(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        let mut st = self.lock();
+        let before = st.outbox.rows.len();
+        st.db.begin()?;
+        match f(&mut st, &self.store) {
+            Ok(v) => {
+                st.db.commit()?;
+                let grew = st.outbox.rows.len() > before;
+                drop(st);
+                if grew {
+                    self.outbox_ready.notify_one();
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                st.db.rollback();
+                Err(e)
+            }
+        }
+    }
+
+    // ---- FUSE operations -------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let mut st = self.lock();
+        let ino = st.child(parent, name)?;
+        let i = st.inode_mut(ino)?;
+        i.lookups += 1;
+        Ok(i.attr())
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.lock();
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            i.lookups = i.lookups.saturating_sub(n);
+        }
+        st.maybe_drop(ino, &self.store);
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        Ok(self.lock().inode(ino)?.attr())
+    }
+
+    pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+        self.atomically(|st, store| {
+            let now = now_ns();
+            let i = st.inode_mut(ino)?;
+            if let Some(mode) = a.mode {
+                i.perm = mode & 0o7777;
+            }
+            if a.uid.is_some() || a.gid.is_some() {
+                if let Some(u) = a.uid {
+                    i.uid = u;
+                }
+                if let Some(g) = a.gid {
+                    i.gid = g;
+                }
+                // chown by a non-root user clears set-id bits, as the kernel does for
+                // local file systems.
+                if i.kind != Kind::Dir && (req_uid != 0 || a.mode.is_none()) {
+                    i.perm &= !(libc::S_ISUID as u32);
+                    if i.perm & 0o010 != 0 {
+                        i.perm &= !(libc::S_ISGID as u32);
+                    }
+                }
+            }
+            if let Some(size) = a.size {
+                match i.kind {
+                    Kind::File => {}
+                    Kind::Dir => return Err(FsError::IsDir),
+                    _ => return Err(FsError::Invalid),
+                }
+                let work = match &i.work {
+                    Some(w) => w.clone(),
+                    None => {
+                        let w = Arc::new(if size == 0 { store.new_work_file(ino, None)? } else { store.new_work_file(ino, i.hash.as_ref())? });
+                        i.work = Some(w.clone());
+                        w
+                    }
+                };
+                work.set_len(size)?;
+                i.size = size;
+                i.mtime = now;
+            }
+            if let Some(t) = a.atime {
+                i.atime = match t {
+                    SetTime::Now => now,
+                    SetTime::At(t) => t,
+                };
+            }
+            if let Some(t) = a.mtime {
+                i.mtime = match t {
+                    SetTime::Now => now,
+                    SetTime::At(t) => t,
+                };
+            }
+            i.ctime = now;
+            let (writers, dirty) = (i.writers, i.work.is_some());
+            if dirty && writers == 0 {
+                // truncate(2) with no descriptor open: committed at once.
+                st.commit_work(ino, store)?;
+            } else if dirty {
+                // Sent with the content when the writer closes the file.
+                st.save(ino)?;
+            } else {
+                st.save(ino)?;
+                st.record_put_all_links(ino)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.lock();
+        let i = st.inode(ino)?;
+        i.target.clone().ok_or(FsError::Invalid)
+    }
+
+    /// mkdir, mknod, symlink and create share this.
+    #[allow(clippy::too_many_arguments)]
+    fn make(&self, parent: u64, name: &OsStr, kind: Kind, perm: u32, uid: u32, gid: u32, rdev: u32, target: Option<Vec<u8>>) -> FsResult<Attr> {
+        check_name(name)?;
+        self.atomically(|st, store| {
+            let p = st.inode(parent)?;
+            if p.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if p.children.contains_key(name) {
+                return Err(FsError::Exists);
+            }
+            // BSD group semantics for set-gid directories, as ext4 does.
+            let (gid, perm) = if p.perm & libc::S_ISGID as u32 != 0 {
+                (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID as u32 } else { perm })
+            } else {
+                (gid, perm)
+            };
+            let ino = st.next_ino;
+            st.next_ino += 1;
+            let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);
+            i.rdev = rdev;
+            if kind == Kind::Symlink {
+                i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
+                i.target = target;
+                i.perm = 0o777;
+            }
+            if kind == Kind::File {
+                i.hash = Some(ContentStore::empty_hash());
+            }
+            i.lookups = 1;
+            i.links.push((parent, name.to_owned()));
+            st.inodes.insert(ino, i);
+            st.link_into(parent, name, ino)?;
+            st.save(ino)?;
+            if kind == Kind::File {
+                // A new file is sent when it is closed, with its content.
+                st.inode_mut(ino)?.work = Some(Arc::new(store.new_work_file(ino, None)?));
+            } else if kind.synced() {
+                st.record_put(parent, name, ino)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.make(parent, name, Kind::Dir, mode, uid, gid, 0, None)
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        let kind = Kind::from_mode(mode)?;
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        let attr = self.make(parent, name, kind, mode, uid, gid, rdev, None)?;
+        if kind == Kind::File {
+            // mknod(S_IFREG) creates an empty file with no open handle: commit it now.
+            self.atomically(|st, store| st.commit_work(attr.ino, store))?;
+        }
+        self.getattr(attr.ino)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        if target.len() > wire::MAX_PATH_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        self.make(parent, name, Kind::Symlink, 0o777, uid, gid, 0, Some(target.to_vec()))
+    }
+
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, write: bool) -> FsResult<(Attr, u64)> {
+        let attr = self.make(parent, name, Kind::File, mode, uid, gid, 0, None)?;
+        let fh = self.open_handle(attr.ino, write, false)?;
+        Ok((attr, fh))
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            if st.inode(ino)?.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            st.remove_entry(parent, name, true, store)
+        })
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            let i = st.inode(ino)?;
+            if i.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if !i.children.is_empty() {
+                return Err(FsError::NotEmpty);
+            }
+            st.remove_entry(parent, name, true, store)
+        })
+    }
+
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, noreplace: bool) -> FsResult<()> {
+        check_name(newname)?;
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            if st.inode(newparent)?.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            let moving_dir = st.inode(ino)?.kind == Kind::Dir;
+            if moving_dir && (newparent == ino || st.is_ancestor(ino, newparent)) {
+                return Err(FsError::Invalid);
+            }
+            if let Some(&target) = st.inode(newparent)?.children.get(newname) {
+                if target == ino {
+                    return Ok(());
+                }
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                let t = st.inode(target)?;
+                match (moving_dir, t.kind == Kind::Dir) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) if !t.children.is_empty() => return Err(FsError::NotEmpty),
+                    _ => {}
+                }
+                // The replaced entry is overwritten, not deleted: its path gets a put.
+                st.remove_entry(newparent, newname, false, store)?;
+            }
+            // Old paths are deleted (deepest first) after the new ones are put (outermost
+            // first), so the manager never sees a child without its parent.
+            let old_paths = st.subtree_paths(parent, name);
+            st.unlink_from(parent, name)?;
+            st.link_into(newparent, newname, ino)?;
+            {
+                let i = st.inode_mut(ino)?;
+                i.links.retain(|(p, n)| !(*p == parent && n == name));
+                i.links.push((newparent, newname.to_owned()));
+                i.ctime = now_ns();
+            }
+            st.save(ino)?;
+            st.record_put_subtree(newparent, newname)?;
+            for (path, kind_synced) in old_paths.into_iter().rev() {
+                if kind_synced {
+                    st.record_delete(path)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        check_name(newname)?;
+        self.atomically(|st, _| {
+            let i = st.inode(ino)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::NotPermitted);
+            }
+            if i.nlink >= 65000 {
+                return Err(FsError::TooManyLinks);
+            }
+            if st.inode(newparent)?.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if st.inode(newparent)?.children.contains_key(newname) {
+                return Err(FsError::Exists);
+            }
+            st.link_into(newparent, newname, ino)?;
+            let i = st.inode_mut(ino)?;
+            i.links.push((newparent, newname.to_owned()));
+            i.nlink += 1;
+            i.ctime = now_ns();
+            i.lookups += 1;
+            let kind = i.kind;
+            let dirty = i.work.is_some();
+            st.save(ino)?;
+            if kind.synced() && !dirty {
+                st.record_put(newparent, newname, ino)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+        let kind = self.lock().inode(ino)?.kind;
+        match kind {
+            Kind::Dir if write => return Err(FsError::IsDir),
+            Kind::File | Kind::Dir => {}
+            _ => return Err(FsError::NotSupported),
+        }
+        self.open_handle(ino, write, truncate)
+    }
+
+    fn open_handle(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+        self.atomically(|st, store| {
+            if truncate && write {
+                let i = st.inode_mut(ino)?;
+                if i.size != 0 || i.work.is_none() {
+                    let w = match &i.work {
+                        Some(w) => {
+                            w.set_len(0)?;
+                            w.clone()
+                        }
+                        None => Arc::new(store.new_work_file(ino, None)?),
+                    };
+                    i.work = Some(w);
+                    i.size = 0;
+                    i.mtime = now_ns();
+                    i.ctime = i.mtime;
+                }
+            }
+            let i = st.inode_mut(ino)?;
+            i.open += 1;
+            if write {
+                i.writers += 1;
+            }
+            let fh = st.next_fh;
+            st.next_fh += 1;
+            st.handles.insert(fh, Handle { ino, write });
+            Ok(fh)
+        })
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = {
+            let mut st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+            let i = st.inode_mut(ino)?;
+            i.atime = now_ns();
+            match (&i.work, &i.blob) {
+                (Some(w), _) => w.clone(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => {
+                    let h = i.hash.clone().ok_or(FsError::Invalid)?;
+                    let b = Arc::new(self.store.open_blob(&h).map_err(|e| FsError::Io(anyhow::Error::new(e).context(format!("opening blob {h}"))))?);
+                    i.blob = Some(b.clone());
+                    b
+                }
+            }
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let (work, ino) = {
+            let mut st = self.lock();
+            let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+            if !h.write {
+                return Err(FsError::BadHandle);
+            }
+            let ino = h.ino;
+            let i = st.inode_mut(ino)?;
+            let w = match &i.work {
+                Some(w) => w.clone(),
+                None => {
+                    let w = Arc::new(self.store.new_work_file(ino, i.hash.as_ref())?);
+                    i.work = Some(w.clone());
+                    i.blob = None;
+                    w
+                }
+            };
+            (w, ino)
+        };
+        work.write_all_at(data, offset)?;
+        let mut st = self.lock();
+        let i = st.inode_mut(ino)?;
+        i.size = i.size.max(offset + data.len() as u64);
+        i.mtime = now_ns();
+        i.ctime = i.mtime;
+        // Writing clears set-id bits, as on local file systems.
+        i.perm &= !(libc::S_ISUID as u32);
+        if i.perm & 0o010 != 0 {
+            i.perm &= !(libc::S_ISGID as u32);
+        }
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: commit what was written through it.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let Some(h) = st.handles.get(&fh) else { return Ok(()) };
+            let (ino, write) = (h.ino, h.write);
+            if write && st.inode(ino)?.work.is_some() {
+                st.commit_work(ino, store)?;
+            }
+            Ok(())
+        })
+    }
+
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh)?;
+        let st = self.lock();
+        let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+        if let Some(w) = &st.inode(ino)?.work {
+            w.sync_data()?;
+        }
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let Some(h) = st.handles.remove(&fh) else { return Err(FsError::BadHandle) };
+            let i = st.inode_mut(h.ino)?;
+            i.open = i.open.saturating_sub(1);
+            if h.write {
+                i.writers = i.writers.saturating_sub(1);
+            }
+            if i.writers == 0 && i.work.is_some() {
+                st.commit_work(h.ino, store)?;
+            }
+            st.maybe_drop(h.ino, store);
+            Ok(())
+        })
+    }
+
+    /// Directory listing from `offset`: (ino, next offset, kind, name).
+    pub fn readdir(&self, ino: u64, offset: u64) -> FsResult<Vec<(u64, u64, Kind, OsString)>> {
+        let st = self.lock();
+        let d = st.inode(ino)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let parent = d.links.first().map(|(p, _)| *p).unwrap_or(ROOT);
+        let mut all = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
+        for (name, &c) in &d.children {
+            let kind = st.inodes.get(&c).map(|i| i.kind).unwrap_or(Kind::File);
+            all.push((c, kind, name.clone()));
+        }
+        Ok(all.into_iter().enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name)).collect())
+    }
+
+    pub fn stats(&self) -> TreeStats {
+        let st = self.lock();
+        let mut s = TreeStats { pending_changes: st.outbox.rows.len() as u64, conflicts_seen: st.conflicts_seen, ..Default::default() };
+        for i in st.inodes.values() {
+            if i.nlink == 0 {
+                continue;
+            }
+            match i.kind {
+                Kind::Dir => s.dirs += 1,
+                _ => s.files += 1,
+            }
+        }
+        s
+    }
+
+    // ---- broker side -------------------------------------------------------------------
+
+    /// Outbox rows not yet handed to the broker link in this session, in order; marks
+    /// them handed over.
+    pub fn take_unpublished(&self) -> Vec<OutboxRow> {
+        let mut st = self.lock();
+        let from = st.outbox.published_upto;
+        let rows: Vec<OutboxRow> = st.outbox.rows.range(from + 1..).map(|(_, r)| r.clone()).collect();
+        if let Some(last) = rows.last() {
+            st.outbox.published_upto = last.seq;
+        }
+        for r in &rows {
+            st.outbox.sent.insert(r.msg.clone());
+        }
+        rows
+    }
+
+    /// After a reconnection every undecided row is sent again (the manager recognises
+    /// the ids it already decided).
+    pub fn republish_all(&self) {
+        self.lock().outbox.published_upto = 0;
+    }
+
+    pub fn pending_changes(&self) -> u64 {
+        self.lock().outbox.rows.len() as u64
+    }
+
+    /// The manager decided one of our changes: forget it. Returns whether it was ours and
+    /// still pending.
+    pub fn decided(&self, msg: &MessageId, outcome: &Outcome) -> FsResult<bool> {
+        self.atomically(|st, _| {
+            let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
+            let Some(seq) = seq else { return Ok(false) };
+            let row = st.outbox.rows.remove(&seq).expect("found");
+            st.db.remove_outbox(msg)?;
+            if let Some(n) = st.outbox.per_path.get_mut(&row.change.path) {
+                *n -= 1;
+                if *n == 0 {
+                    st.outbox.per_path.remove(&row.change.path);
+                }
+            }
+            st.outbox.sent.remove(msg);
+            if matches!(outcome, Outcome::Conflict { .. }) {
+                st.conflicts_seen += 1;
+            }
+            Ok(true)
+        })
+    }
+
+    /// Whether applying `entry` needs content that is not in the store.
+    pub fn needs_content(&self, entry: &Entry) -> Option<ContentHash> {
+        match &entry.version {
+            Some(Version { content: Content::File { hash, .. }, .. }) if !self.store.has(hash) => Some(hash.clone()),
+            _ => None,
+        }
+    }
+
+    /// Applies the manager's state of one path, unless the path has undecided local
+    /// changes or the entry is older than what this node has.
+    pub fn apply_remote(&self, entry: &Entry) -> FsResult<Applied> {
+        self.atomically(|st, store| st.apply_remote(entry, store))
+    }
+
+    /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
+    /// they are sent to the manager as new. Returns how many.
+    pub fn push_unknown(&self, known: &HashSet<RelPath>) -> FsResult<usize> {
+        self.atomically(|st, _| {
+            let mut all = Vec::new();
+            st.collect_paths(ROOT, None, &mut all);
+            let mut n = 0;
+            for (path, parent, name, ino) in all {
+                if known.contains(&path) || st.outbox.per_path.contains_key(&path) {
+                    continue;
+                }
+                let i = st.inode(ino)?;
+                if !i.kind.synced() || i.work.is_some() {
+                    continue;
+                }
+                st.record_put(parent, &name, ino)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Removes blobs nothing refers to. Runs under the tree lock so that a commit cannot
+    /// add a reference between the scan and the removal.
+    pub fn gc(&self) -> usize {
+        let st = self.lock();
+        let keep = Self::referenced(&st);
+        self.store.gc(&keep, std::time::Duration::from_secs(300))
+    }
+
+    fn referenced(st: &State) -> HashSet<ContentHash> {
+        let mut keep: HashSet<ContentHash> = st.inodes.values().filter_map(|i| i.hash.clone()).collect();
+        for r in st.outbox.rows.values() {
+            if let ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } = &r.change.op {
+                keep.insert(hash.clone());
+            }
+        }
+        keep
+    }
+
+    /// Inodes in use, for statfs.
+    pub fn statfs_files(&self) -> u64 {
+        self.lock().inodes.len() as u64
+    }
+}
+
+impl State {
+    fn inode(&self, ino: u64) -> FsResult<&Inode> {
+        self.inodes.get(&ino).ok_or(FsError::NotFound)
+    }
+    fn inode_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
+        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+    fn child(&self, parent: u64, name: &OsStr) -> FsResult<u64> {
+        let p = self.inode(parent)?;
+        if p.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if name.len() > wire::MAX_NAME_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        p.children.get(name).copied().ok_or(FsError::NotFound)
+    }
+    fn save(&self, ino: u64) -> FsResult<()> {
+        let i = self.inode(ino)?;
+        if i.nlink > 0 {
+            self.db.save_inode(&i.row())?;
+        }
+        Ok(())
+    }
+    fn is_ancestor(&self, anc: u64, mut ino: u64) -> bool {
+        while ino != ROOT {
+            match self.inodes.get(&ino).and_then(|i| i.links.first()) {
+                Some((p, _)) if *p == anc => return true,
+                Some((p, _)) => ino = *p,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// The synced path of entry `name` in directory `parent`, if every component is a
+    /// valid path (non-UTF-8 names are refused at creation, so this is the normal case).
+    fn path_of(&self, parent: u64, name: &OsStr) -> Option<RelPath> {
+        let mut parts: Vec<&OsStr> = vec![name];
+        let mut ino = parent;
+        while ino != ROOT {
+            let (p, n) = self.inodes.get(&ino)?.links.first()?;
+            parts.push(n);
+            ino = *p;
+        }
+        let mut s = String::new();
+        for part in parts.iter().rev() {
+            if !s.is_empty() {
+                s.push('/');
+            }
+            s.push_str(part.to_str()?);
+        }
+        RelPath::new(s).ok()
+    }
+
+    fn resolve(&self, path: &RelPath) -> Option<(u64, OsString, u64)> {
+        let mut dir = ROOT;
+        let mut comps = path.as_str().split('/').peekable();
+        while let Some(c) = comps.next() {
+            let ino = *self.inodes.get(&dir)?.children.get(OsStr::new(c))?;
+            if comps.peek().is_none() {
+                return Some((dir, OsString::from(c), ino));
+            }
+            dir = ino;
+        }
+        None
+    }
+
+    fn link_into(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
+        let now = now_ns();
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        let p = self.inode_mut(parent)?;
+        p.children.insert(name.to_owned(), ino);
+        p.mtime = now;
+        p.ctime = now;
+        if is_dir {
+            p.nlink += 1;
+        }
+        self.save(parent)?;
+        self.db.save_dentry(parent, name, ino)?;
+        Ok(())
+    }
+
+    fn unlink_from(&mut self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let now = now_ns();
+        let ino = self.child(parent, name)?;
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        let p = self.inode_mut(parent)?;
+        p.children.remove(name);
+        p.mtime = now;
+        p.ctime = now;
+        if is_dir {
+            p.nlink = p.nlink.saturating_sub(1);
+        }
+        self.save(parent)?;
+        self.db.delete_dentry(parent, name)?;
+        Ok(())
+    }
+
+    /// Removes one directory entry (the caller checked emptiness); `send` records a delete.
+    fn remove_entry(&mut self, parent: u64, name: &OsStr, send: bool, store: &ContentStore) -> FsResult<()> {
+        let ino = self.child(parent, name)?;
+        let path = self.path_of(parent, name);
+        self.unlink_from(parent, name)?;
+        let i = self.inode_mut(ino)?;
+        i.links.retain(|(p, n)| !(*p == parent && n == name));
+        i.nlink = if i.kind == Kind::Dir { 0 } else { i.nlink.saturating_sub(1) };
+        i.ctime = now_ns();
+        let (kind, gone) = (i.kind, i.nlink == 0);
+        if gone {
+            self.db.delete_inode(ino)?;
+        } else {
+            self.save(ino)?;
+        }
+        if send && kind.synced() {
+            if let Some(path) = path {
+                self.record_delete(path)?;
+            }
+        }
+        self.maybe_drop(ino, store);
+        Ok(())
+    }
+
+    /// Forgets an inode the kernel and every handle are done with.
+    fn maybe_drop(&mut self, ino: u64, store: &ContentStore) {
+        if ino == ROOT {
+            return;
+        }
+        if let Some(i) = self.inodes.get(&ino) {
+            if i.nlink == 0 && i.lookups == 0 && i.open == 0 {
+                if i.work.is_some() {
+                    store.discard_work_file(ino);
+                }
+                self.inodes.remove(&ino);
+            }
+        }
+    }
+
+    /// (path, synced kind) of an entry and everything below it, outermost first.
+    fn subtree_paths(&self, parent: u64, name: &OsStr) -> Vec<(RelPath, bool)> {
+        let mut out = Vec::new();
+        let Ok(ino) = self.child(parent, name) else { return out };
+        let Some(path) = self.path_of(parent, name) else { return out };
+        let synced = self.inodes.get(&ino).map(|i| i.kind.synced()).unwrap_or(false);
+        out.push((path, synced));
+        let mut all = Vec::new();
+        self.collect_paths(ino, None, &mut all);
+        for (p, _, _, i) in all {
+            out.push((p, self.inodes.get(&i).map(|i| i.kind.synced()).unwrap_or(false)));
+        }
+        out
+    }
+
+    /// Every entry below directory `dir` as (path, parent, name, ino), outermost first.
+    fn collect_paths(&self, dir: u64, _prefix: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
+        let Some(d) = self.inodes.get(&dir) else { return };
+        for (name, &ino) in &d.children {
+            if let Some(p) = self.path_of(dir, name) {
+                out.push((p, dir, name.clone(), ino));
+            }
+            if self.inodes.get(&ino).map(|i| i.kind == Kind::Dir).unwrap_or(false) {
+                self.collect_paths(ino, None, out);
+            }
+        }
+    }
+
+    // ---- outbox ----------------------------------------------------------------------
+
+    fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
+        // Coalesce with a change to the same path that never left this process: the
+        // manager only needs the latest state.
+        let unsent: Option<i64> = self.outbox.rows.iter().rev().find(|(_, r)| r.change.path == path && !self.outbox.sent.contains(&r.msg)).map(|(s, _)| *s);
+        if let Some(seq) = unsent {
+            if seq > self.outbox.published_upto {
+                let row = self.outbox.rows.remove(&seq).expect("found");
+                self.db.remove_outbox(&row.msg)?;
+                *self.outbox.per_path.get_mut(&path).expect("counted") -= 1;
+            }
+        }
+        let follows = self.outbox.rows.values().rev().find(|r| r.change.path == path).map(|r| r.msg.clone());
+        let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
+        let msg: MessageId = uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid ids");
+        let change = Change { path: path.clone(), base, follows, op };
+        let seq = self.db.push_outbox(&msg, &change)?;
+        *self.outbox.per_path.entry(path).or_default() += 1;
+        self.outbox.rows.insert(seq, OutboxRow { seq, msg, change });
+        Ok(())
+    }
+
+    fn record_put(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
+        let Some(path) = self.path_of(parent, name) else { return Ok(()) };
+        let Some(version) = self.inode(ino)?.version() else { return Ok(()) };
+        self.push_change(path, ChangeOp::Put { version })
+    }
+
+    fn record_put_all_links(&mut self, ino: u64) -> FsResult<()> {
+        let links = self.inode(ino)?.links.clone();
+        for (p, n) in links {
+            self.record_put(p, &n, ino)?;
+        }
+        Ok(())
+    }
+
+    fn record_put_subtree(&mut self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let ino = self.child(parent, name)?;
+        if self.inode(ino)?.work.is_none() {
+            self.record_put(parent, name, ino)?;
+        }
+        let mut all = Vec::new();
+        self.collect_paths(ino, None, &mut all);
+        for (_, p, n, i) in all {
+            if self.inode(i)?.work.is_none() {
+                self.record_put(p, &n, i)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record_delete(&mut self, path: RelPath) -> FsResult<()> {
+        self.push_change(path, ChangeOp::Delete)
+    }
+
+    /// Hashes and stores the work file of `ino` and records a put for each of its names.
+    fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
+        let i = self.inode_mut(ino)?;
+        if i.work.take().is_none() {
+            return Ok(());
+        }
+        i.blob = None;
+        let (hash, size) = store.commit_work_file(ino)?;
+        let i = self.inode_mut(ino)?;
+        i.hash = Some(hash);
+        i.size = size;
+        if i.nlink == 0 {
+            return Ok(());
+        }
+        self.save(ino)?;
+        self.record_put_all_links(ino)
+    }
+
+    // ---- remote changes ----------------------------------------------------------------
+
+    fn set_rev(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
+        let cur = self.revs.get(path).copied().unwrap_or_default();
+        if rev > cur {
+            self.revs.insert(path.clone(), rev);
+            self.db.set_rev(path, rev)?;
+        }
+        Ok(())
+    }
+
+    fn has_pending_below(&self, path: &RelPath) -> bool {
+        self.outbox.per_path.keys().any(|p| p.is_within(path))
+    }
+
+    fn apply_remote(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
+        let mut out = Applied::default();
+        let path = &entry.path;
+        if self.outbox.per_path.contains_key(path) {
+            return Ok(out);
+        }
+        let local = self.resolve(path);
+        let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
+        let local_dirty = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).is_some_and(|i| i.work.is_some());
+        if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {
+            self.set_rev(path, entry.rev)?;
+            return Ok(out);
+        }
+        let local_rev = self.revs.get(path).copied().unwrap_or_default();
+        if entry.rev <= local_rev || local_dirty {
+            return Ok(out);
+        }
+        match &entry.version {
+            None => {
+                if let Some((parent, name, _)) = local {
+                    if self.has_pending_below(path) {
+                        // Something below has a local change: the manager will bring
+                        // the directory back for it, so keep it.
+                        self.remove_below_except_pending(path, store, &mut out)?;
+                    } else {
+                        self.remove_subtree(parent, &name, store, &mut out)?;
+                    }
+                    out.changed = true;
+                }
+            }
+            Some(v) => {
+                if let Content::File { hash, .. } = &v.content {
+                    if !store.has(hash) {
+                        out.missing_content = true;
+                        return Ok(out);
+                    }
+                }
+                let Some(parent) = self.ensure_dirs(path, &mut out)? else { return Ok(out) };
+                let name = OsString::from(path.name());
+                if let Some((_, _, ino)) = local {
+                    let i = self.inode(ino)?;
+                    let same_kind_in_place = match (&i.kind, &v.content) {
+                        (Kind::Dir, Content::Dir) => true,
+                        (Kind::File, Content::File { hash, .. }) => i.hash.as_ref() == Some(hash),
+                        _ => false,
+                    };
+                    if same_kind_in_place {
+                        let i = self.inode_mut(ino)?;
+                        i.perm = v.mode & 0o7777;
+                        i.uid = v.uid;
+                        i.gid = v.gid;
+                        if i.kind == Kind::File {
+                            i.mtime = v.mtime_ns;
+                        }
+                        i.ctime = now_ns();
+                        self.save(ino)?;
+                        out.invals.push(Inval::Inode { ino });
+                        out.changed = true;
+                        self.set_rev(path, entry.rev)?;
+                        return Ok(out);
+                    }
+                    if self.has_pending_below(path) {
+                        return Ok(out);
+                    }
+                    self.remove_subtree(parent, &name, store, &mut out)?;
+                }
+                self.create_from_version(parent, &name, v)?;
+                out.invals.push(Inval::Entry { parent, name });
+                out.changed = true;
+            }
+        }
+        self.set_rev(path, entry.rev)?;
+        Ok(out)
+    }
+
+    /// Makes sure every ancestor of `path` is a directory here, creating missing ones
+    /// (their own entries from the manager will set their metadata). Returns the parent.
+    fn ensure_dirs(&mut self, path: &RelPath, out: &mut Applied) -> FsResult<Option<u64>> {
+        let mut dir = ROOT;
+        for anc in path.ancestors() {
+            let name = OsString::from(anc.name());
+            match self.inode(dir)?.children.get(&name).copied() {
+                Some(ino) if self.inode(ino)?.kind == Kind::Dir => dir = ino,
+                Some(_) => return Ok(None),
+                None => {
+                    let ino = self.next_ino;
+                    self.next_ino += 1;
+                    let mut d = Inode::new(ino, Kind::Dir, 0o755, 0, 0);
+                    d.links.push((dir, name.clone()));
+                    self.inodes.insert(ino, d);
+                    self.link_into(dir, &name, ino)?;
+                    self.save(ino)?;
+                    out.invals.push(Inval::Entry { parent: dir, name });
+                    dir = ino;
+                }
+            }
+        }
+        Ok(Some(dir))
+    }
+
+    fn create_from_version(&mut self, parent: u64, name: &OsStr, v: &Version) -> FsResult<u64> {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let kind = match v.content {
+            Content::File { .. } => Kind::File,
+            Content::Dir => Kind::Dir,
+            Content::Symlink { .. } => Kind::Symlink,
+        };
+        let mut i = Inode::new(ino, kind, v.mode & 0o7777, v.uid, v.gid);
+        match &v.content {
+            Content::File { hash, size } => {
+                i.hash = Some(hash.clone());
+                i.size = *size;
+                i.mtime = v.mtime_ns;
+            }
+            Content::Symlink { target } => {
+                i.target = Some(target.as_bytes().to_vec());
+                i.size = target.len() as u64;
+            }
+            Content::Dir => {}
+        }
+        i.links.push((parent, name.to_owned()));
+        self.inodes.insert(ino, i);
+        self.link_into(parent, name, ino)?;
+        self.save(ino)?;
+        Ok(ino)
+    }
+
+    /// Removes an entry and everything below it (no deletes are sent: this is the
+    /// manager's state arriving).
+    fn remove_subtree(&mut self, parent: u64, name: &OsStr, store: &ContentStore, out: &mut Applied) -> FsResult<()> {
+        let ino = self.child(parent, name)?;
+        let children: Vec<OsString> = self.inode(ino)?.children.keys().cloned().collect();
+        for c in children {
+            self.remove_subtree(ino, &c, store, out)?;
+        }
+        self.remove_entry(parent, name, false, store)?;
+        out.invals.push(Inval::Entry { parent, name: name.to_owned() });
+        Ok(())
+    }
+
+    fn remove_below_except_pending(&mut self, path: &RelPath, store: &ContentStore, out: &mut Applied) -> FsResult<()> {
+        let Some((_, _, ino)) = self.resolve(path) else { return Ok(()) };
+        let children: Vec<OsString> = self.inode(ino)?.children.keys().cloned().collect();
+        for c in children {
+            let Some(cp) = c.to_str().and_then(|c| path.join(c).ok()) else { continue };
+            if self.has_pending_below(&cp) {
+                if self.inode(self.child(ino, &c)?)?.kind == Kind::Dir {
+                    self.remove_below_except_pending(&cp, store, out)?;
+                }
+            } else {
+                self.remove_subtree(ino, &c, store, out)?;
+            }
+        }
+        Ok(())
+    }
+}
