@@ -1,1 +1,457 @@
+//! Harness for end-to-end tests: a RabbitMQ vhost per test, the real `manager` and
+//! `fs-node` processes with real FUSE mounts, a TCP proxy per node to cut it off from the
+//! broker for real, and helpers to wait on conditions with deadlines and compare trees.
+//!
+//! Everything started here is stopped, unmounted and removed in `Drop`, also when a test
+//! fails; on failure the processes' logs are printed.
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Default deadline of `eventually`: generous for a loaded 2-core CI machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The directory holding the workspace's built binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SYNC_BIN_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug"));
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run `cargo build --workspace` first (scripts/test.sh does)", p.display());
+    p
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `deadline`.
+pub fn eventually(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {:?} waiting for: {what}", deadline);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) {
+    let out = Command::new("rabbitmqctl").args(args).output().expect("rabbitmqctl runs (scripts/setup.sh installs RabbitMQ)");
+    assert!(out.status.success(), "rabbitmqctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A RabbitMQ vhost of its own, deleted on drop.
+pub struct Vhost {
+    pub name: String,
+}
+
+impl Vhost {
+    pub fn new(prefix: &str) -> Vhost {
+        let name = format!("t-{prefix}-{}-{}", std::process::id(), rand::random::<u32>());
+        rabbitmqctl(&["-q", "add_vhost", &name]);
+        rabbitmqctl(&["-q", "set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
+        Vhost { name }
+    }
+    pub fn url_via(&self, port: u16) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{port}/{}?heartbeat=5", self.name)
+    }
+    pub fn url(&self) -> String {
+        self.url_via(5672)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["-q", "delete_vhost", &self.name]).output();
+    }
+}
+
+/// A TCP proxy in front of the broker; `cut` drops every connection and refuses new
+/// ones until `restore`. This is how a test takes a node offline for real.
+pub struct BrokerProxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl BrokerProxy {
+    pub fn start() -> BrokerProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let stop = Arc::new(AtomicBool::new(false));
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let (c, s, cs) = (cut.clone(), stop.clone(), conns.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if c.load(Ordering::SeqCst) {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
+                let Ok(upstream) = TcpStream::connect("127.0.0.1:5672") else {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                };
+                {
+                    let mut g = cs.lock().unwrap();
+                    g.push(client.try_clone().unwrap());
+                    g.push(upstream.try_clone().unwrap());
+                }
+                for (mut a, mut b) in [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)] {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 64 * 1024];
+                        loop {
+                            match a.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if b.write_all(&buf[..n]).is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = a.shutdown(Shutdown::Both);
+                        let _ = b.shutdown(Shutdown::Both);
+                    });
+                }
+            }
+        });
+        BrokerProxy { port, cut, conns, stop }
+    }
+
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BrokerProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.cut();
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+fn stop_child(child: &mut Child) {
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let f = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
+    cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
+    if std::env::var_os("RUST_LOG").is_none() {
+        cmd.env("RUST_LOG", "info,lapin=warn");
+    }
+    cmd.spawn().unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"))
+}
+
+pub struct ManagerProc {
+    pub db: PathBuf,
+    pub log: PathBuf,
+    broker: String,
+    child: Option<Child>,
+}
+
+impl ManagerProc {
+    pub fn start(dir: &Path, broker: &str) -> ManagerProc {
+        let mut m = ManagerProc { db: dir.join("manager.db"), log: dir.join("manager.log"), broker: broker.to_string(), child: None };
+        m.restart();
+        m
+    }
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = spawn_logged(Command::new(bin("manager")).args(["serve", "--broker", &self.broker, "--db"]).arg(&self.db), &self.log);
+        self.child = Some(child);
+    }
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+    }
+    /// `manager status` output.
+    pub fn status(&self) -> String {
+        let out = Command::new(bin("manager")).args(["status", "--db"]).arg(&self.db).output().expect("manager status");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for ManagerProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub struct NodeProc {
+    pub id: String,
+    pub mount: PathBuf,
+    pub data: PathBuf,
+    pub log: PathBuf,
+    pub proxy: BrokerProxy,
+    vhost: String,
+    child: Option<Child>,
+    extra_args: Vec<String>,
+}
+
+impl NodeProc {
+    pub fn start(dir: &Path, id: &str, vhost: &Vhost) -> NodeProc {
+        Self::start_with(dir, id, vhost, &[])
+    }
+
+    pub fn start_with(dir: &Path, id: &str, vhost: &Vhost, extra: &[&str]) -> NodeProc {
+        let mut n = NodeProc {
+            id: id.to_string(),
+            mount: dir.join(format!("mnt-{id}")),
+            data: dir.join(format!("data-{id}")),
+            log: dir.join(format!("node-{id}.log")),
+            proxy: BrokerProxy::start(),
+            vhost: vhost.name.clone(),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        n.restart();
+        n
+    }
+
+    pub fn broker_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat=5", self.proxy.port, self.vhost)
+    }
+
+    /// (Re)starts the process and waits until it is mounted.
+    pub fn restart(&mut self) {
+        self.stop();
+        let mut cmd = Command::new(bin("fs-node"));
+        cmd.args(["--id", &self.id, "--broker", &self.broker_url(), "--mount"]).arg(&self.mount).arg("--data").arg(&self.data).args(&self.extra_args);
+        self.child = Some(spawn_logged(&mut cmd, &self.log));
+        let url = self.data.join("node.url");
+        eventually(&format!("node {} to mount", self.id), DEADLINE, || url.exists());
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+        unmount(&self.mount);
+    }
+
+    /// `syncctl` with arguments; returns (success, stdout, stderr).
+    pub fn syncctl(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(bin("syncctl")).arg("--data").arg(&self.data).args(args).output().expect("syncctl runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        let (ok, out, err) = self.syncctl(&["status", "--json"]);
+        assert!(ok, "syncctl status failed: {err}");
+        serde_json::from_str(&out).expect("status is JSON")
+    }
+
+    pub fn connected(&self) -> bool {
+        let (ok, out, _) = self.syncctl(&["status", "--json"]);
+        ok && serde_json::from_str::<serde_json::Value>(&out).map(|v| v["connected"] == true).unwrap_or(false)
+    }
+
+    pub fn wait_connected(&self) {
+        eventually(&format!("node {} to connect", self.id), DEADLINE, || self.connected());
+    }
+
+    pub fn pending(&self) -> u64 {
+        self.status()["pending_changes"].as_u64().unwrap_or(u64::MAX)
+    }
+
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mount.join(rel)
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn unmount(dir: &Path) {
+    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        unsafe {
+            if libc::umount2(c.as_ptr(), 0) != 0 {
+                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
+            }
+        }
+    }
+}
+
+/// A manager and some nodes on a vhost of their own.
+pub struct Cluster {
+    pub nodes: Vec<NodeProc>,
+    pub manager: ManagerProc,
+    pub vhost: Vhost,
+    pub dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    pub fn start(name: &str, n: usize) -> Cluster {
+        let dir = tempfile::Builder::new().prefix(&format!("syncfs-{name}-")).tempdir().expect("temp dir");
+        let vhost = Vhost::new(name);
+        let manager = ManagerProc::start(dir.path(), &vhost.url());
+        let mut c = Cluster { nodes: Vec::new(), manager, vhost, dir };
+        for i in 0..n {
+            c.add_node(&format!("n{}", i + 1));
+        }
+        for node in &c.nodes {
+            node.wait_connected();
+        }
+        c
+    }
+
+    pub fn add_node(&mut self, id: &str) -> usize {
+        let node = NodeProc::start(self.dir.path(), id, &self.vhost);
+        self.nodes.push(node);
+        self.nodes.len() - 1
+    }
+
+    /// Waits until every node's mount shows the same tree and no node has pending work.
+    pub fn converged(&self) {
+        self.converged_within(DEADLINE);
+    }
+
+    pub fn converged_within(&self, deadline: Duration) {
+        let mut last = String::new();
+        let start = Instant::now();
+        loop {
+            let snaps: Vec<Tree> = self.nodes.iter().map(|n| snapshot(&n.mount)).collect();
+            let same = snaps.windows(2).all(|w| w[0] == w[1]);
+            if same && self.nodes.iter().all(|n| n.pending() == 0) {
+                // Stable across two looks: nothing was in flight.
+                std::thread::sleep(Duration::from_millis(100));
+                if self.nodes.iter().map(|n| snapshot(&n.mount)).all(|s| s == snaps[0]) {
+                    return;
+                }
+            }
+            if start.elapsed() > deadline {
+                for (n, s) in self.nodes.iter().zip(&snaps) {
+                    last.push_str(&format!("--- {} ---\n{}\n", n.id, describe(s)));
+                }
+                panic!("trees did not converge within {deadline:?}:\n{last}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        for n in &mut self.nodes {
+            n.stop();
+        }
+        self.manager.stop();
+        if failed || std::env::var_os("SYNC_SHOW_LOGS").is_some() {
+            dump_log("manager", &self.manager.log);
+            for n in &self.nodes {
+                dump_log(&format!("node {}", n.id), &n.log);
+            }
+        }
+    }
+}
+
+pub fn dump_log(what: &str, p: &Path) {
+    let s = std::fs::read_to_string(p).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    let from = lines.len().saturating_sub(150);
+    eprintln!("===== last lines of {what} log ({}) =====", p.display());
+    for l in &lines[from..] {
+        eprintln!("{l}");
+    }
+}
+
+/// What a test compares between mounts, per path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Node {
+    File { mode: u32, uid: u32, gid: u32, mtime: i64, hash: String, size: u64 },
+    Dir { mode: u32, uid: u32, gid: u32 },
+    Symlink { target: String },
+    Other,
+}
+
+pub type Tree = BTreeMap<String, Node>;
+
+fn hash_file(p: &Path) -> String {
+    match std::fs::read(p) {
+        Ok(b) => blake3::hash(&b).to_hex().to_string(),
+        Err(e) => format!("<unreadable: {e}>"),
+    }
+}
+
+/// Every path under `root` with what is synced of it.
+pub fn snapshot(root: &Path) -> Tree {
+    let mut t = Tree::new();
+    walk(root, root, &mut t);
+    t
+}
+
+fn walk(root: &Path, dir: &Path, t: &mut Tree) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        let ft = m.file_type();
+        let mode = m.permissions().mode() & 0o7777;
+        let node = if ft.is_symlink() {
+            Node::Symlink { target: std::fs::read_link(&p).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default() }
+        } else if ft.is_dir() {
+            walk(root, &p, t);
+            Node::Dir { mode, uid: m.uid(), gid: m.gid() }
+        } else if ft.is_file() {
+            Node::File { mode, uid: m.uid(), gid: m.gid(), mtime: m.mtime() * 1_000_000_000 + m.mtime_nsec(), hash: hash_file(&p), size: m.len() }
+        } else {
+            Node::Other
+        };
+        t.insert(rel, node);
+    }
+}
+
+pub fn describe(t: &Tree) -> String {
+    t.iter().map(|(p, n)| format!("{p}: {n:?}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Writes a file through the mount (open, write, close: one change).
+pub fn write(p: &Path, bytes: &[u8]) {
+    std::fs::write(p, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));
+}
+
+pub fn read(p: &Path) -> Option<Vec<u8>> {
+    std::fs::read(p).ok()
+}
+
+/// Files in `dir` whose name marks them as conflict files.
+pub fn conflict_files(dir: &Path) -> Vec<String> {
+    snapshot(dir).into_keys().filter(|p| p.contains(" (conflict from ")).collect()
+}

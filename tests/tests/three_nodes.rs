@@ -1,0 +1,110 @@
+//! Ordinary operations on one mount reach the two others, byte for byte (issue 2).
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+use system_tests::*;
+
+fn set_mode(p: &std::path::Path, mode: u32) {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn every_operation_reaches_every_node() {
+    let c = Cluster::start("ops", 3);
+    let (a, b, n3) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+
+    // Names: empty file, one byte, unicode, spaces.
+    write(&a.p("empty"), b"");
+    write(&a.p("one"), b"x");
+    write(&a.p("über naïve 文件.txt"), "grüße".as_bytes());
+    write(&b.p("with space.md"), b"# title\n");
+    c.converged();
+    assert_eq!(read(&n3.p("über naïve 文件.txt")).unwrap(), "grüße".as_bytes());
+    assert_eq!(read(&n3.p("empty")).unwrap(), b"");
+
+    // Appends, overwrite in the middle, truncate down and up.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().append(true).open(a.p("one")).unwrap();
+        f.write_all(b"yz").unwrap();
+        drop(f);
+        let mut f = std::fs::OpenOptions::new().write(true).open(b.p("with space.md")).unwrap();
+        f.seek(SeekFrom::Start(2)).unwrap();
+        f.write_all(b"TI").unwrap();
+    }
+    c.converged();
+    assert_eq!(read(&n3.p("one")).unwrap(), b"xyz");
+    assert_eq!(read(&n3.p("with space.md")).unwrap(), b"# TItle\n");
+    std::fs::OpenOptions::new().write(true).open(n3.p("one")).unwrap().set_len(1).unwrap();
+    c.converged();
+    assert_eq!(read(&a.p("one")).unwrap(), b"x");
+    std::fs::OpenOptions::new().write(true).open(a.p("one")).unwrap().set_len(4).unwrap();
+    c.converged();
+    assert_eq!(read(&b.p("one")).unwrap(), b"x\0\0\0");
+
+    // chmod, chown (numeric), mtime.
+    set_mode(&a.p("one"), 0o600);
+    std::os::unix::fs::chown(a.p("empty"), Some(1234), Some(4321)).unwrap();
+    let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options().write(true).open(b.p("with space.md")).unwrap().set_modified(t).unwrap();
+    c.converged();
+    let m = std::fs::metadata(n3.p("one")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(n3.p("empty")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (1234, 4321));
+    assert_eq!(std::fs::metadata(a.p("with space.md")).unwrap().modified().unwrap(), t);
+
+    // Nested directories, rename of a non-empty directory, rename over a file.
+    std::fs::create_dir_all(a.p("d1/d2/d3")).unwrap();
+    write(&a.p("d1/d2/d3/deep.txt"), b"deep");
+    write(&a.p("d1/top.txt"), b"top");
+    set_mode(&a.p("d1/d2"), 0o750);
+    c.converged();
+    std::fs::rename(b.p("d1"), b.p("moved")).unwrap();
+    c.converged();
+    assert_eq!(read(&a.p("moved/d2/d3/deep.txt")).unwrap(), b"deep");
+    assert!(!a.p("d1").exists());
+    write(&n3.p("target.txt"), b"old");
+    write(&n3.p("source.txt"), b"new");
+    c.converged();
+    std::fs::rename(n3.p("source.txt"), n3.p("target.txt")).unwrap();
+    c.converged();
+    assert_eq!(read(&a.p("target.txt")).unwrap(), b"new");
+    assert!(!b.p("source.txt").exists());
+
+    // Symlinks (also dangling) and deletes of files and directories.
+    std::os::unix::fs::symlink("moved/top.txt", a.p("link")).unwrap();
+    std::os::unix::fs::symlink("/nowhere/at/all", a.p("dangling")).unwrap();
+    c.converged();
+    assert_eq!(std::fs::read_link(b.p("link")).unwrap().to_str().unwrap(), "moved/top.txt");
+    assert_eq!(read(&b.p("link")).unwrap(), b"top");
+    std::fs::remove_file(b.p("link")).unwrap();
+    std::fs::remove_dir_all(b.p("moved")).unwrap();
+    c.converged();
+    assert!(!a.p("moved").exists() && !n3.p("link").exists());
+    assert_eq!(c.manager.status().lines().filter(|l| l.contains("online")).count(), 3, "{}", c.manager.status());
+}
+
+#[test]
+fn a_large_file_arrives_whole() {
+    let c = Cluster::start("large", 3);
+    let data: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    write(&c.nodes[0].p("big.bin"), &data);
+    c.converged_within(Duration::from_secs(120));
+    for n in &c.nodes[1..] {
+        assert!(read(&n.p("big.bin")).unwrap() == data, "big.bin differs on {}", n.id);
+    }
+}
+
+#[test]
+fn a_thousand_files_in_one_directory() {
+    let c = Cluster::start("many", 3);
+    std::fs::create_dir(c.nodes[1].p("many")).unwrap();
+    for i in 0..1000 {
+        write(&c.nodes[1].p(&format!("many/f{i:04}")), format!("file {i}").as_bytes());
+    }
+    c.converged_within(Duration::from_secs(120));
+    assert_eq!(std::fs::read_dir(c.nodes[2].p("many")).unwrap().count(), 1000);
+    assert_eq!(read(&c.nodes[0].p("many/f0999")).unwrap(), b"file 999");
+}
