@@ -1,0 +1,120 @@
+//! Offline work and reconciliation (issue 3): a node is cut off from the broker for real
+//! (its TCP proxy drops every connection), keeps working, comes back, and every branch of
+//! the rule ends with identical trees and the expected conflict files.
+
+use system_tests::*;
+
+fn text(n: &NodeProc, rel: &str) -> String {
+    String::from_utf8(read(&n.p(rel)).unwrap_or_else(|| panic!("{rel} missing on {}", n.id))).unwrap()
+}
+
+fn wait_offline(c: &Cluster, n: &NodeProc) {
+    eventually("the node to notice it is offline", DEADLINE, || !n.connected());
+    eventually("the manager to mark the node offline", DEADLINE, || c.manager.status().lines().any(|l| l.starts_with(&n.id) && l.contains("offline")));
+}
+
+#[test]
+fn every_branch_of_the_rule_after_an_offline_period() {
+    let c = Cluster::start("offline", 3);
+    let (a, b, off) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
+    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt"] {
+        write(&a.p(f), b"v1");
+    }
+    std::fs::create_dir(a.p("gone")).unwrap();
+    write(&a.p("gone/old.txt"), b"old");
+    c.converged();
+
+    off.proxy.cut();
+    wait_offline(&c, off);
+    // The mount keeps working offline.
+    write(&off.p("only_off.txt"), b"offline edit");
+    write(&off.p("both.txt"), b"offline both");
+    write(&off.p("same.txt"), b"identical");
+    std::fs::remove_file(off.p("del_here.txt")).unwrap();
+    write(&off.p("del_there.txt"), b"edited offline");
+    write(&off.p("gone/new_offline.txt"), b"added offline");
+    let st = off.status();
+    assert_eq!(st["connected"], false);
+    assert!(st["pending_changes"].as_u64().unwrap() >= 6, "{st}");
+    let (_, human, _) = off.syncctl(&["status"]);
+    assert!(human.contains("offline"), "{human}");
+    let (ok, _, err) = off.syncctl(&["sync"]);
+    assert!(!ok, "sync must fail while the node is cut off");
+    assert!(err.contains("not connected"), "{err}");
+
+    // Meanwhile, elsewhere.
+    write(&a.p("only_else.txt"), b"online edit");
+    write(&b.p("both.txt"), b"online both");
+    write(&b.p("same.txt"), b"identical");
+    write(&a.p("del_here.txt"), b"edited online");
+    std::fs::remove_file(a.p("del_there.txt")).unwrap();
+    std::fs::remove_dir_all(b.p("gone")).unwrap();
+    eventually("a and b to agree", DEADLINE, || snapshot(&a.mount) == snapshot(&b.mount) && !a.p("gone").exists());
+
+    off.proxy.restore();
+    off.wait_connected();
+    let (ok, out, err) = off.syncctl(&["sync"]);
+    assert!(ok, "sync after reconnecting: {err}");
+    assert!(out.contains("pushed"), "{out}");
+    c.converged();
+
+    for n in &c.nodes {
+        assert_eq!(text(n, "only_off.txt"), "offline edit", "changed only offline: pushed ({})", n.id);
+        assert_eq!(text(n, "only_else.txt"), "online edit", "changed only elsewhere: pulled ({})", n.id);
+        assert_eq!(text(n, "both.txt"), "online both", "changed on both: the others' version stays ({})", n.id);
+        assert_eq!(text(n, "same.txt"), "identical");
+        assert_eq!(text(n, "del_here.txt"), "edited online", "deleted offline, edited elsewhere: restored ({})", n.id);
+        assert_eq!(text(n, "del_there.txt"), "edited offline", "edited offline, deleted elsewhere: kept ({})", n.id);
+        assert_eq!(text(n, "gone/new_offline.txt"), "added offline", "file added offline in a directory deleted elsewhere: kept ({})", n.id);
+        assert!(!n.p("gone/old.txt").exists());
+        let conflicts = conflict_files(&n.mount);
+        assert_eq!(conflicts.len(), 1, "exactly one conflict file on {}: {conflicts:?}", n.id);
+        assert!(conflicts[0].starts_with("both (conflict from n3 ") && conflicts[0].ends_with(").txt"), "{conflicts:?}");
+        assert_eq!(text(n, &conflicts[0]), "offline both", "the offline version is kept in the conflict file");
+    }
+    let (ok, listed, _) = off.syncctl(&["conflicts"]);
+    assert!(ok && listed.contains("both (conflict from n3"), "{listed}");
+    assert!(c.manager.status().contains("conflicts: 1"), "{}", c.manager.status());
+}
+
+#[test]
+fn a_node_restarted_while_offline_keeps_its_changes() {
+    let mut c = Cluster::start("restart-offline", 2);
+    write(&c.nodes[0].p("base.txt"), b"base");
+    c.converged();
+    c.nodes[1].proxy.cut();
+    eventually("node to go offline", DEADLINE, || !c.nodes[1].connected());
+    write(&c.nodes[1].p("written offline.txt"), b"survives a restart");
+    write(&c.nodes[1].p("base.txt"), b"edited offline");
+    c.nodes[1].restart();
+    let st = c.nodes[1].status();
+    assert_eq!(st["connected"], false, "still cut off after the restart");
+    assert!(st["pending_changes"].as_u64().unwrap() >= 2, "{st}");
+    assert_eq!(read(&c.nodes[1].p("written offline.txt")).unwrap(), b"survives a restart");
+    c.nodes[1].proxy.restore();
+    c.converged();
+    assert_eq!(read(&c.nodes[0].p("written offline.txt")).unwrap(), b"survives a restart");
+    assert_eq!(read(&c.nodes[0].p("base.txt")).unwrap(), b"edited offline");
+}
+
+#[test]
+fn concurrent_online_edits_become_a_conflict_not_an_overwrite() {
+    let mut c = Cluster::start("concurrent", 2);
+    write(&c.nodes[0].p("doc.txt"), b"original");
+    c.converged();
+    // Both nodes stay connected to the broker; with the manager paused, both updates are
+    // based on the same revision when it decides them.
+    c.manager.stop();
+    write(&c.nodes[0].p("doc.txt"), b"from n1");
+    write(&c.nodes[1].p("doc.txt"), b"from n2");
+    c.manager.restart();
+    c.converged();
+    let a = &c.nodes[0];
+    let body = read(&a.p("doc.txt")).unwrap();
+    let conflicts = conflict_files(&a.mount);
+    assert_eq!(conflicts.len(), 1, "{conflicts:?}");
+    let copy = read(&a.p(&conflicts[0])).unwrap();
+    let mut both = vec![body, copy];
+    both.sort();
+    assert_eq!(both, vec![b"from n1".to_vec(), b"from n2".to_vec()], "neither write is lost");
+}
