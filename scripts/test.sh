@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs and starts what the tests
+# need (FUSE, RabbitMQ, Docker, moto_server, Chromium), builds the workspace, runs every
+# tier (unit, property, real mounts with the real broker, Docker, EC2 endpoint, browser),
+# then the tests that must run alone (they restart the shared broker).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '[test] %s\n' "$*" >&2; }
+
+scripts/setup.sh
+for extra in setup-docker.sh setup-moto.sh setup-browser.sh; do
+  if [ -x "scripts/$extra" ]; then
+    log "running scripts/$extra"
+    "scripts/$extra"
+  fi
+done
+
+if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest from crates.io"
+  cargo install --locked cargo-nextest
+fi
+
+FEATURES=(--workspace --all-features)
+log "building"
+cargo build "${FEATURES[@]}" --bins
+log "running the suite"
+cargo nextest run "${FEATURES[@]}" --no-fail-fast "$@"
+log "running the tests that must run alone (they restart the shared broker)"
+cargo nextest run "${FEATURES[@]}" --no-fail-fast --run-ignored only --test-threads 1 "$@"
+log "all tests passed"
