@@ -455,3 +455,65 @@ pub fn read(p: &Path) -> Option<Vec<u8>> {
 pub fn conflict_files(dir: &Path) -> Vec<String> {
     snapshot(dir).into_keys().filter(|p| p.contains(" (conflict from ")).collect()
 }
+
+/// Publishes raw bytes on the test's vhost, as a misbehaving client would.
+pub fn publish_raw(vhost: &Vhost, exchange: &str, key: &str, bytes: &[u8]) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let conn = broker_link::connect(&vhost.url()).await.unwrap();
+        let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+        broker_link::declare_common(&ch).await.unwrap();
+        broker_link::publish_confirmed(&ch, exchange, key, "raw", bytes).await.unwrap();
+        let _ = conn.close(200, "done".into()).await;
+    });
+}
+
+/// Messages waiting in a queue of the vhost.
+pub fn queue_depth(vhost: &Vhost, queue: &str) -> u64 {
+    let out = Command::new("rabbitmqctl").args(["-q", "list_queues", "-p", &vhost.name, "name", "messages"]).output().expect("rabbitmqctl");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            (it.next()? == queue).then(|| it.next()?.parse().ok())?
+        })
+        .next()
+        .unwrap_or(0)
+}
+
+/// A plain HTTP/1.1 GET; returns (status, body).
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
+    let rest = url.strip_prefix("http://").expect("http URL");
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = TcpStream::connect(host).expect("connect");
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response");
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = buf[split + 4..].to_vec();
+    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[i + 2..i + 2 + n]);
+        b = &b[i + 2 + n + 2..];
+    }
+    out
+}
+
+/// The node's peer URL.
+pub fn node_url(n: &NodeProc) -> String {
+    std::fs::read_to_string(n.data.join("node.url")).expect("node.url").trim().to_string()
+}

@@ -1,0 +1,97 @@
+//! Bad input gets a clear error and loses nothing: malformed messages, hostile HTTP
+//! requests, a lying holder, impossible file names.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use system_tests::*;
+use wire::{Content, ContentHash, Entry, Envelope, Holder, RelPath, Revision, ToNode, Version};
+
+#[test]
+fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_applied() {
+    let c = Cluster::start("badmsg", 2);
+    publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, b"this is not json");
+    publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, br#"{"v":99,"id":"x","from":"n1","body":{}}"#);
+    publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, br#"{"v":1,"id":"x","from":"n1","body":{"type":"change","path":"../../etc/passwd","base":0,"op":{"op":"delete"}}}"#);
+    publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", b"\xff\xfe garbage for a node");
+    write(&c.nodes[0].p("after.txt"), b"still flowing");
+    c.converged();
+    assert_eq!(read(&c.nodes[1].p("after.txt")).unwrap(), b"still flowing");
+    eventually("four messages in the dead-letter queue", DEADLINE, || queue_depth(&c.vhost, wire::topology::DEAD_QUEUE) == 4);
+}
+
+#[test]
+fn hostile_http_requests_get_clear_errors() {
+    let c = Cluster::start("badhttp", 1);
+    let url = node_url(&c.nodes[0]);
+    let (s, body) = http_get(&format!("{url}/content/{}", "0".repeat(64)), None);
+    assert_eq!(s, 404, "{}", String::from_utf8_lossy(&body));
+    let (s, body) = http_get(&format!("{url}/content/..%2F..%2Fnode.db"), None);
+    assert_eq!(s, 400);
+    assert!(String::from_utf8_lossy(&body).contains("malformed content hash"));
+    let (s, _) = http_get(&format!("{url}/no/such/thing"), None);
+    assert_eq!(s, 404);
+    write(&c.nodes[0].p("served.txt"), b"served bytes");
+    let hash = blake3::hash(b"served bytes").to_hex().to_string();
+    eventually("the content to be served", DEADLINE, || http_get(&format!("{url}/content/{hash}"), None) == (200, b"served bytes".to_vec()));
+}
+
+/// A holder that sends bytes that do not match the hash: nothing of it appears in the
+/// mount, and the node keeps working.
+#[test]
+fn a_lying_holder_corrupts_nothing() {
+    let c = Cluster::start("liar", 1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_url = format!("http://{}", listener.local_addr().unwrap());
+    let asked = Arc::new(AtomicUsize::new(0));
+    let a2 = asked.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            a2.fetch_add(1, Ordering::SeqCst);
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nevil bytes");
+        }
+    });
+    let truth = b"the real content";
+    let version = Version {
+        content: Content::File { hash: ContentHash::from_bytes(*blake3::hash(truth).as_bytes()), size: truth.len() as u64 },
+        mode: 0o644,
+        uid: 0,
+        gid: 0,
+        mtime_ns: 0,
+    };
+    let entry = Entry { path: RelPath::new("lie.txt").unwrap(), rev: Revision(1_000_000), version: Some(version), holders: vec![Holder { node: "liar".parse().unwrap(), url: liar_url }] };
+    let env = Envelope::new("lie-1".parse().unwrap(), "manager".parse().unwrap(), ToNode::Applied { entry, origin: "liar".parse().unwrap() });
+    publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", &env.encode());
+    eventually("the node to ask the liar", DEADLINE, || asked.load(Ordering::SeqCst) >= 1);
+    write(&c.nodes[0].p("next.txt"), b"next");
+    eventually("the node to go on", DEADLINE, || c.nodes[0].pending() == 0);
+    assert!(!c.nodes[0].p("lie.txt").exists(), "unverified bytes must never appear in the mount");
+    assert!(std::fs::read_to_string(&c.nodes[0].log).unwrap().contains("thrown away"));
+}
+
+#[test]
+fn impossible_names_fail_with_the_right_errno() {
+    let c = Cluster::start("names", 1);
+    let n = &c.nodes[0];
+    let long = "x".repeat(256);
+    let e = std::fs::write(n.p(&long), b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENAMETOOLONG));
+    use std::os::unix::ffi::OsStrExt;
+    let bad = n.mount.join(std::ffi::OsStr::from_bytes(b"bad\xffname"));
+    let e = std::fs::write(&bad, b"").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EILSEQ), "non-UTF-8 names cannot be synced: {e}");
+    let e = xattr_set(&n.p("."), "user.test");
+    assert_eq!(e, libc::EOPNOTSUPP);
+}
+
+fn xattr_set(p: &std::path::Path, name: &str) -> i32 {
+    let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let cn = std::ffi::CString::new(name).unwrap();
+    let r = unsafe { libc::setxattr(cp.as_ptr(), cn.as_ptr(), b"v".as_ptr() as *const _, 1, 0) };
+    assert_eq!(r, -1);
+    std::io::Error::last_os_error().raw_os_error().unwrap()
+}
