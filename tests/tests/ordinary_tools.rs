@@ -1,0 +1,56 @@
+//! Ordinary tools work in a mount and their results reach the other nodes: cp -r, git
+//! clone, an editor's atomic save, mv, rm -r.
+
+use std::process::Command;
+use system_tests::*;
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn cp_r_git_clone_and_an_editor_save() {
+    let c = Cluster::start("tools", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let src = c.dir.path().join("src");
+    std::fs::create_dir_all(src.join("sub/dir")).unwrap();
+    for i in 0..20 {
+        write(&src.join(format!("sub/dir/f{i}.txt")), format!("content {i}\n").repeat(i + 1).as_bytes());
+    }
+    std::os::unix::fs::symlink("sub/dir/f1.txt", src.join("link")).unwrap();
+    run(Command::new("cp").arg("-a").arg(&src).arg(a.p("copied")));
+    c.converged();
+    assert_eq!(snapshot(&src), snapshot(&b.p("copied")), "cp -a result differs on the other node");
+
+    // A git repository made outside, cloned into the mount; the clone is valid on b.
+    let repo = c.dir.path().join("repo");
+    run(Command::new("git").args(["init", "-q"]).arg(&repo));
+    write(&repo.join("README"), b"hello git\n");
+    run(Command::new("git").arg("-C").arg(&repo).args(["add", "README"]));
+    run(Command::new("git").arg("-C").arg(&repo).args(["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "first"]));
+    run(Command::new("git").args(["clone", "-q"]).arg(&repo).arg(a.p("clone")));
+    c.converged();
+    run(Command::new("git").args(["-c", "safe.directory=*", "-C"]).arg(b.p("clone")).args(["fsck", "--strict"]));
+    let log = Command::new("git").args(["-c", "safe.directory=*", "-C"]).arg(b.p("clone")).args(["log", "--format=%s"]).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&log.stdout).trim(), "first");
+
+    // An editor's atomic save: write a temporary file, fsync, rename over the original.
+    write(&b.p("doc.txt"), b"draft 1");
+    c.converged();
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(a.p(".doc.txt.swp")).unwrap();
+        f.write_all(b"draft 2").unwrap();
+        f.sync_all().unwrap();
+    }
+    std::fs::rename(a.p(".doc.txt.swp"), a.p("doc.txt")).unwrap();
+    c.converged();
+    assert_eq!(read(&b.p("doc.txt")).unwrap(), b"draft 2");
+    assert!(!b.p(".doc.txt.swp").exists());
+
+    run(Command::new("mv").arg(b.p("copied/sub")).arg(b.p("clone/")));
+    run(Command::new("rm").arg("-rf").arg(b.p("copied")));
+    c.converged();
+    assert!(a.p("clone/sub/dir/f19.txt").exists() && !a.p("copied").exists());
+}
