@@ -24,6 +24,8 @@ fn broker_restart_under_load_loses_nothing() {
     // Restart the broker application in the middle of the writes.
     eventually("some writes to be made", DEADLINE, || std::fs::read_dir(&dir).map(|d| d.count() >= 60).unwrap_or(false));
     let ok = Command::new("rabbitmqctl").args(["-q", "stop_app"]).status().unwrap().success();
+    // Whatever happens next, the broker is started again for the tests after this one.
+    let _restart = StartAppOnDrop;
     assert!(ok, "rabbitmqctl stop_app");
     eventually("the nodes to notice", DEADLINE, || !c.nodes[0].connected());
     let ok = Command::new("rabbitmqctl").args(["-q", "start_app"]).status().unwrap().success();
@@ -35,5 +37,13 @@ fn broker_restart_under_load_loses_nothing() {
     c.converged_within(Duration::from_secs(120));
     for i in 0..300 {
         assert_eq!(read(&c.nodes[1].p(&format!("load/f{i:03}"))).unwrap(), format!("payload {i}").as_bytes());
+    }
+}
+
+struct StartAppOnDrop;
+
+impl Drop for StartAppOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("rabbitmqctl").args(["-q", "start_app"]).status();
     }
 }
