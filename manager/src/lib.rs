@@ -2,6 +2,7 @@
 //! rule, stores metadata in SQLite and broadcasts on the master exchange. It stores no
 //! file contents.
 
+pub mod api;
 pub mod rule;
 pub mod service;
 pub mod store;

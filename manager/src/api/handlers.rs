@@ -1,0 +1,175 @@
+//! One function per route: check the parameters, run one query or one action, answer.
+
+use super::error::{ApiError, ApiResult};
+use super::routes::Op;
+use super::{full, json_response, metrics, openapi, provisioning, queries, with_type, Body, Call, EventBody, State};
+use http_body_util::BodyExt;
+use hyper::header::HeaderValue;
+use hyper::{Response, StatusCode};
+use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
+use wire::{NodeId, RelPath};
+
+/// The dashboard: one self-contained page.
+const DASHBOARD: &str = include_str!("dashboard.html");
+/// The page may run only its own inline script and talk only to this server.
+const DASHBOARD_CSP: &str =
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; img-src data:; frame-ancestors 'none'";
+
+/// Entries per page unless `limit` says otherwise.
+pub const DEFAULT_LIMIT: u64 = 100;
+/// Most entries per page: keeps one answer (and one query) small.
+pub const MAX_LIMIT: u64 = 1000;
+
+pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Response<Body>> {
+    let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
+    match op {
+        Op::Dashboard => {
+            let mut r = with_type(StatusCode::OK, "text/html; charset=utf-8", full(DASHBOARD));
+            r.headers_mut().insert("content-security-policy", HeaderValue::from_static(DASHBOARD_CSP));
+            r.headers_mut().insert("x-content-type-options", HeaderValue::from_static("nosniff"));
+            Ok(r)
+        }
+        Op::OpenApi => ok(openapi::document()),
+        Op::Metrics => {
+            let counts = state.handle.with_store(|s| queries::counts(s)).await?;
+            let text = metrics::render(&counts, state.requests.load(Ordering::Relaxed));
+            Ok(with_type(StatusCode::OK, metrics::CONTENT_TYPE, full(text)))
+        }
+        Op::Events => {
+            let rx = state.hub.subscribe(state.handle.clone(), state.cancel.clone())?;
+            let mut r = with_type(StatusCode::OK, "text/event-stream", EventBody(rx).boxed());
+            // Proxies such as nginx must pass events through at once.
+            r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+            Ok(r)
+        }
+        Op::Status => {
+            let counts = state.handle.with_store(|s| queries::counts(s)).await?;
+            ok(queries::counts_json(&counts))
+        }
+        Op::ListNodes => ok(json!({"nodes": state.handle.with_store(|s| queries::nodes(s)).await?})),
+        Op::GetNode => {
+            let id = node_id(&call)?;
+            let found = state.handle.with_store(move |s| queries::node(s, id.as_str())).await?;
+            found.map_or_else(|| Err(unknown_node(&call.params[0])), ok)
+        }
+        Op::SyncNode => {
+            let id = node_id(&call)?;
+            let node = id.clone();
+            let known = state
+                .handle
+                .with_store(move |s| {
+                    if queries::node(s, node.as_str())?.is_none() {
+                        return Ok(false);
+                    }
+                    s.transaction(|tx| tx.request_sync(&node))?;
+                    Ok(true)
+                })
+                .await?;
+            if !known {
+                return Err(unknown_node(id.as_str()));
+            }
+            state.handle.outbox_ready.notify_one();
+            tracing::info!(node = %id, "sync requested through the API");
+            Ok(json_response(StatusCode::ACCEPTED, &json!({"node": id.as_str(), "requested": "sync"})))
+        }
+        Op::CreateNode => {
+            let body = json_body(&call)?;
+            Ok(json_response(StatusCode::CREATED, &provisioning::create_node(state, body).await?))
+        }
+        Op::RemoveNode => ok(provisioning::remove_node(state, node_id(&call)?.as_str()).await?),
+        Op::ListVms => ok(provisioning::list_vms(state).await?),
+        Op::CreateVm => {
+            let body = json_body(&call)?;
+            Ok(json_response(StatusCode::CREATED, &provisioning::create_vm(state, body).await?))
+        }
+        Op::RemoveVm => ok(provisioning::remove_vm(state, &call.params[0]).await?),
+        Op::ListFiles => {
+            let prefix = call.query("prefix").unwrap_or("").to_string();
+            let offset = int_param(&call, "offset")?.unwrap_or(0);
+            let limit = limit(&call)?;
+            let p = prefix.clone();
+            let (total, files) = state.handle.with_store(move |s| queries::files(s.conn(), &p, offset, limit)).await?;
+            if offset > 0 && offset >= total {
+                return Err(ApiError::unprocessable(format!("offset {offset} is past the end: {total} path(s) match prefix {prefix:?}")));
+            }
+            ok(json!({"total": total, "offset": offset, "limit": limit, "files": files}))
+        }
+        Op::FileHistory => {
+            let raw = call.query("path").ok_or_else(|| ApiError::bad_request("missing query parameter path (e.g. ?path=docs/a.txt)"))?;
+            let path = RelPath::new(raw).map_err(|e| ApiError::bad_request(format!("invalid path {raw:?}: {e}")))?;
+            let p = path.clone();
+            let found = state.handle.with_store(move |s| queries::history(s, &p)).await?;
+            found.map_or_else(|| Err(ApiError::not_found(format!("the manager has never seen a path {path}"))), ok)
+        }
+        Op::Conflicts => {
+            let offset = int_param(&call, "offset")?.unwrap_or(0);
+            let limit = limit(&call)?;
+            let (total, conflicts) = state.handle.with_store(move |s| queries::conflicts(s.conn(), offset, limit)).await?;
+            if offset > 0 && offset >= total {
+                return Err(ApiError::unprocessable(format!("offset {offset} is past the end: there are {total} conflict(s)")));
+            }
+            ok(json!({"total": total, "offset": offset, "limit": limit, "conflicts": conflicts}))
+        }
+        Op::Changes => {
+            let since = int_param(&call, "since")?;
+            let limit = limit(&call)?;
+            let (head, changes) = state
+                .handle
+                .with_store(move |s| {
+                    let head = queries::head(s.conn())?;
+                    let changes = match since {
+                        Some(since) if since > head => None,
+                        Some(since) => Some(queries::changes_since(s.conn(), since, limit)?),
+                        None => Some(queries::latest_changes(s.conn(), limit)?),
+                    };
+                    Ok((head, changes))
+                })
+                .await?;
+            let changes = changes.ok_or_else(|| {
+                ApiError::unprocessable(format!("since {} is beyond the head revision {head}", since.unwrap_or_default()))
+            })?;
+            ok(json!({"head": head, "changes": changes}))
+        }
+    }
+}
+
+fn unknown_node(id: &str) -> ApiError {
+    ApiError::not_found(format!("no node named {id:?} has ever reported to this manager (GET /api/nodes lists them)"))
+}
+
+fn node_id(call: &Call) -> ApiResult<NodeId> {
+    let raw = &call.params[0];
+    raw.parse().map_err(|e| ApiError::bad_request(format!("{e}")))
+}
+
+/// A whole, non-negative number, or absent; garbage is 400, negative is out of range (422).
+fn int_param(call: &Call, name: &str) -> ApiResult<Option<u64>> {
+    let Some(raw) = call.query(name) else { return Ok(None) };
+    let n: i64 =
+        raw.trim().parse().map_err(|_| ApiError::bad_request(format!("query parameter {name} must be a whole number, got {raw:?}")))?;
+    if n < 0 {
+        return Err(ApiError::unprocessable(format!("query parameter {name} must not be negative, got {n}")));
+    }
+    Ok(Some(n as u64))
+}
+
+fn limit(call: &Call) -> ApiResult<u64> {
+    let limit = int_param(call, "limit")?.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::unprocessable(format!("limit must be between 1 and {MAX_LIMIT}, got {limit}")));
+    }
+    Ok(limit)
+}
+
+/// The request body as a JSON object; an empty body is `{}`.
+fn json_body(call: &Call) -> ApiResult<Value> {
+    if call.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(json!({}));
+    }
+    let v: Value = serde_json::from_slice(&call.body).map_err(|e| ApiError::bad_request(format!("malformed JSON body: {e}")))?;
+    if !v.is_object() {
+        return Err(ApiError::bad_request("the JSON body must be an object"));
+    }
+    Ok(v)
+}

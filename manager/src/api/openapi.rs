@@ -1,0 +1,194 @@
+//! The OpenAPI 3 document served at `/api/openapi.json`, generated from the route table
+//! (paths, methods, parameters, bodies) plus the schemas written out here.
+
+use super::routes::{Route, ROUTES};
+use serde_json::{json, Map, Value};
+
+fn schemas() -> Value {
+    let int = json!({"type": "integer", "format": "int64", "minimum": 0});
+    let string = json!({"type": "string"});
+    let change = json!({
+        "type": "object",
+        "required": ["rev", "path", "origin", "kind"],
+        "properties": {
+            "rev": int, "path": string, "origin": string, "at_ms": int, "at": {"type": "string", "format": "date-time"},
+            "kind": {"type": "string", "enum": ["file", "dir", "symlink", "deleted"]},
+            "size": {"type": ["integer", "null"]}, "hash": {"type": ["string", "null"]},
+            "version": {"type": ["object", "null"], "description": "The wire form of the version (see docs/protocol.md); null for a deletion."}
+        }
+    });
+    let conflict = json!({
+        "type": "object",
+        "properties": {
+            "id": int, "path": string, "copy": {"type": "string", "description": "The conflict file that kept the node's version."},
+            "node": string, "base": int, "current_rev": int, "copy_rev": int, "at_ms": int, "at": {"type": "string", "format": "date-time"}
+        }
+    });
+    json!({
+        "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string", "description": "What went wrong and what to do."}}},
+        "Node": {
+            "type": "object",
+            "required": ["id", "online", "url", "last_seen_ms", "pending_changes", "pending_pulls", "software"],
+            "properties": {
+                "id": string, "online": {"type": "boolean"}, "url": {"type": "string", "description": "The node's content server."},
+                "software": string, "last_seen_ms": int, "last_seen": {"type": "string", "format": "date-time"},
+                "pending_changes": int, "pending_pulls": int
+            }
+        },
+        "NodeList": {"type": "object", "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+        "Status": {
+            "type": "object",
+            "properties": {
+                "head": int, "files": int, "conflicts": int, "nodes": int, "nodes_online": int, "pending_changes": int,
+                "pending_pulls": int, "outbox": int, "messages_published": int,
+                "changes_decided": {"type": "object", "additionalProperties": int}
+            }
+        },
+        "Change": change,
+        "ChangeList": {"type": "object", "properties": {"head": int, "changes": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}}}},
+        "FileList": {
+            "type": "object",
+            "properties": {"total": int, "offset": int, "limit": int, "files": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}}}
+        },
+        "FileHistory": {
+            "type": "object",
+            "properties": {
+                "path": string, "current_rev": int, "deleted": {"type": "boolean"},
+                "holders": {"type": "array", "items": {"type": "object", "properties": {"node": string, "url": string}}},
+                "revisions": {"type": "array", "items": {"$ref": "#/components/schemas/Change"}},
+                "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}}
+            }
+        },
+        "Conflict": conflict,
+        "ConflictList": {"type": "object", "properties": {"total": int, "conflicts": {"type": "array", "items": {"$ref": "#/components/schemas/Conflict"}}}},
+        "Accepted": {"type": "object", "properties": {"node": string, "requested": {"type": "string"}}},
+        "CreateNode": {
+            "type": "object",
+            "description": "A node to start in a container.",
+            "properties": {"id": {"type": "string", "description": "Node id: 1-64 of A-Z a-z 0-9 . _ -; chosen by the manager if absent."}}
+        },
+        "CreateVm": {
+            "type": "object",
+            "description": "A virtual machine to start; it runs one node.",
+            "properties": {"node": {"type": "string", "description": "Id of the node the VM runs."}, "instance_type": string}
+        },
+        "Provisioned": {"type": "object", "description": "What the provisioner reports about the node or VM.", "additionalProperties": true},
+        "VmList": {"type": "object", "properties": {"vms": {"type": "array", "items": {"type": "object", "additionalProperties": true}}}},
+        "OpenApi": {"type": "object", "description": "This document."}
+    })
+}
+
+fn json_content(schema: &str) -> Value {
+    json!({"application/json": {"schema": {"$ref": format!("#/components/schemas/{schema}")}}})
+}
+
+fn error_response(description: &str) -> Value {
+    json!({"description": description, "content": json_content("Error")})
+}
+
+fn operation(r: &Route) -> Value {
+    let mut params: Vec<Value> = Vec::new();
+    for seg in r.path.split('/').filter(|s| s.starts_with('{')) {
+        let name = seg.trim_start_matches('{').trim_end_matches('}');
+        params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
+    }
+    for q in r.query {
+        params
+            .push(json!({"name": q.name, "in": "query", "required": q.required, "description": q.description, "schema": {"type": q.kind}}));
+    }
+    let (status, schema) = r.ok;
+    let ok = match schema {
+        "text" => {
+            let mime = match r.path {
+                "/" => "text/html",
+                "/api/events" => "text/event-stream",
+                _ => "text/plain",
+            };
+            let mut content = Map::new();
+            content.insert(mime.into(), json!({"schema": {"type": "string"}}));
+            json!({"description": "OK", "content": content})
+        }
+        s => json!({"description": "OK", "content": json_content(s)}),
+    };
+    let mut responses = Map::new();
+    responses.insert(status.to_string(), ok);
+    if !params.is_empty() || r.body.is_some() {
+        responses.insert("400".into(), error_response("Malformed request (JSON body or parameters)."));
+    }
+    if !r.public {
+        responses.insert("401".into(), error_response("Missing or wrong operator token."));
+    }
+    if r.path.contains('{') || r.path == "/api/files/history" {
+        responses.insert("404".into(), error_response("No such node, VM or path."));
+    }
+    if r.query.iter().any(|q| q.kind == "integer") {
+        responses.insert("422".into(), error_response("A parameter is out of range (e.g. paging past the end)."));
+    }
+    if r.body.is_some() {
+        responses.insert("413".into(), error_response("Request body too large."));
+    }
+    responses.insert("default".into(), error_response("Any other error."));
+    let mut op = json!({
+        "summary": r.summary,
+        "operationId": format!("{:?}", r.op),
+        "parameters": params,
+        "responses": responses,
+    });
+    if let Some(body) = r.body {
+        op["requestBody"] = json!({"required": true, "content": json_content(body)});
+    }
+    if r.public {
+        op["security"] = json!([]);
+    }
+    op
+}
+
+/// The whole document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for r in ROUTES {
+        let item = paths.entry(r.path).or_insert_with(|| json!({}));
+        item[r.method.to_ascii_lowercase()] = operation(r);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Sync manager API",
+            "version": env!("CARGO_PKG_VERSION"),
+            "description": "Nodes, files, changes, conflicts and provisioning of a sync cluster. Every route except / and this document requires the operator token (`manager credentials show`) as `Authorization: Bearer <token>`. Errors are `{\"error\": \"...\"}`."
+        },
+        "security": [{"operatorToken": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"operatorToken": {"type": "http", "scheme": "bearer"}},
+            "schemas": schemas(),
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The document lists exactly the router's routes, and every schema it refers to exists.
+    #[test]
+    fn document_matches_the_route_table() {
+        let doc = document();
+        let mut documented = Vec::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in item.as_object().unwrap().keys() {
+                documented.push((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+        let mut routed: Vec<(String, String)> = ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+        documented.sort();
+        routed.sort();
+        assert_eq!(documented, routed);
+        let text = doc.to_string();
+        let schemas = doc["components"]["schemas"].as_object().unwrap();
+        for part in text.split("#/components/schemas/").skip(1) {
+            let name: String = part.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            assert!(schemas.contains_key(&name), "schema {name} is referred to but missing");
+        }
+    }
+}

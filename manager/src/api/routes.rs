@@ -1,0 +1,323 @@
+//! The route table: the one list of every HTTP route, used both by the router and by the
+//! OpenAPI generator, so the document cannot describe a route the server lacks or miss
+//! one it has. Matching is plain: literal segments and `{name}` segments.
+
+/// What a route does; the dispatcher matches on it exhaustively.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Op {
+    Dashboard,
+    OpenApi,
+    Metrics,
+    Events,
+    Status,
+    ListNodes,
+    GetNode,
+    SyncNode,
+    CreateNode,
+    RemoveNode,
+    ListFiles,
+    FileHistory,
+    Conflicts,
+    Changes,
+    ListVms,
+    CreateVm,
+    RemoveVm,
+}
+
+/// A query parameter, for the OpenAPI document.
+#[derive(Clone, Copy)]
+pub struct Param {
+    pub name: &'static str,
+    pub required: bool,
+    /// OpenAPI type: `string` or `integer`.
+    pub kind: &'static str,
+    pub description: &'static str,
+}
+
+pub struct Route {
+    pub method: &'static str,
+    /// Path template in OpenAPI form, e.g. `/api/nodes/{id}`.
+    pub path: &'static str,
+    pub op: Op,
+    /// Public routes need no operator token (the static page and the API description).
+    pub public: bool,
+    pub summary: &'static str,
+    pub query: &'static [Param],
+    /// Name of the request body's schema in the OpenAPI components, if it takes one.
+    pub body: Option<&'static str>,
+    /// Status and schema name of the success response (`text` for non-JSON bodies).
+    pub ok: (u16, &'static str),
+}
+
+const PAGING: [Param; 2] = [
+    Param { name: "offset", required: false, kind: "integer", description: "Entries to skip (default 0); past the end is an error (422)." },
+    Param { name: "limit", required: false, kind: "integer", description: "Most entries returned: 1 to 1000 (default 100)." },
+];
+
+pub const ROUTES: &[Route] = &[
+    Route {
+        method: "GET",
+        path: "/",
+        op: Op::Dashboard,
+        public: true,
+        summary: "The web dashboard (HTML).",
+        query: &[],
+        body: None,
+        ok: (200, "text"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/openapi.json",
+        op: Op::OpenApi,
+        public: true,
+        summary: "This OpenAPI document.",
+        query: &[],
+        body: None,
+        ok: (200, "OpenApi"),
+    },
+    Route {
+        method: "GET",
+        path: "/metrics",
+        op: Op::Metrics,
+        public: false,
+        summary: "Prometheus metrics (text format 0.0.4).",
+        query: &[],
+        body: None,
+        ok: (200, "text"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/events",
+        op: Op::Events,
+        public: false,
+        summary: "Server-sent events: status, nodes, transfers, changes, conflicts. Browsers may pass the operator token as ?token=.",
+        query: &[Param {
+            name: "token",
+            required: false,
+            kind: "string",
+            description: "Operator token, for clients (EventSource) that cannot send headers.",
+        }],
+        body: None,
+        ok: (200, "text"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/status",
+        op: Op::Status,
+        public: false,
+        summary: "Head revision and counts.",
+        query: &[],
+        body: None,
+        ok: (200, "Status"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/nodes",
+        op: Op::ListNodes,
+        public: false,
+        summary: "Every node the manager has heard from.",
+        query: &[],
+        body: None,
+        ok: (200, "NodeList"),
+    },
+    Route {
+        method: "POST",
+        path: "/api/nodes",
+        op: Op::CreateNode,
+        public: false,
+        summary: "Start a new node in a container (provisioning).",
+        query: &[],
+        body: Some("CreateNode"),
+        ok: (201, "Provisioned"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/nodes/{id}",
+        op: Op::GetNode,
+        public: false,
+        summary: "One node.",
+        query: &[],
+        body: None,
+        ok: (200, "Node"),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/nodes/{id}",
+        op: Op::RemoveNode,
+        public: false,
+        summary: "Stop and remove a provisioned node.",
+        query: &[],
+        body: None,
+        ok: (200, "Provisioned"),
+    },
+    Route {
+        method: "POST",
+        path: "/api/nodes/{id}/sync",
+        op: Op::SyncNode,
+        public: false,
+        summary: "Ask a node to run a sync now.",
+        query: &[],
+        body: None,
+        ok: (202, "Accepted"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/files",
+        op: Op::ListFiles,
+        public: false,
+        summary: "Current paths (deleted ones left out), sorted, with paging.",
+        query: &[
+            Param { name: "prefix", required: false, kind: "string", description: "Only paths starting with this string." },
+            PAGING[0],
+            PAGING[1],
+        ],
+        body: None,
+        ok: (200, "FileList"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/files/history",
+        op: Op::FileHistory,
+        public: false,
+        summary: "One path's revisions and its current holders.",
+        query: &[Param { name: "path", required: true, kind: "string", description: "The path, relative to the synced root." }],
+        body: None,
+        ok: (200, "FileHistory"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/conflicts",
+        op: Op::Conflicts,
+        public: false,
+        summary: "Conflict files, newest first.",
+        query: &PAGING,
+        body: None,
+        ok: (200, "ConflictList"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/changes",
+        op: Op::Changes,
+        public: false,
+        summary: "Accepted changes after a revision, oldest first (without `since`: the latest ones).",
+        query: &[
+            Param {
+                name: "since",
+                required: false,
+                kind: "integer",
+                description: "Only revisions greater than this; beyond the head is an error (422).",
+            },
+            PAGING[1],
+        ],
+        body: None,
+        ok: (200, "ChangeList"),
+    },
+    Route {
+        method: "GET",
+        path: "/api/vms",
+        op: Op::ListVms,
+        public: false,
+        summary: "Virtual machines started by the manager.",
+        query: &[],
+        body: None,
+        ok: (200, "VmList"),
+    },
+    Route {
+        method: "POST",
+        path: "/api/vms",
+        op: Op::CreateVm,
+        public: false,
+        summary: "Start a virtual machine (EC2) running a node.",
+        query: &[],
+        body: Some("CreateVm"),
+        ok: (201, "Provisioned"),
+    },
+    Route {
+        method: "DELETE",
+        path: "/api/vms/{id}",
+        op: Op::RemoveVm,
+        public: false,
+        summary: "Terminate a virtual machine.",
+        query: &[],
+        body: None,
+        ok: (200, "Provisioned"),
+    },
+];
+
+/// The result of looking a request up in [`ROUTES`].
+#[derive(Debug)]
+pub enum Match<'a> {
+    /// The route and the values of its `{name}` segments, in order.
+    Found(&'static Route, Vec<&'a str>),
+    /// The path exists with other methods (for the `Allow` header).
+    MethodNotAllowed(Vec<&'static str>),
+    NotFound,
+}
+
+impl std::fmt::Debug for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.method, self.path)
+    }
+}
+
+fn path_params<'a>(template: &str, path: &'a str) -> Option<Vec<&'a str>> {
+    let mut t = template.split('/');
+    let mut p = path.split('/');
+    let mut params = Vec::new();
+    loop {
+        match (t.next(), p.next()) {
+            (None, None) => return Some(params),
+            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') && !ps.is_empty() => params.push(ps),
+            (Some(ts), Some(ps)) if ts == ps => {}
+            _ => return None,
+        }
+    }
+}
+
+pub fn find<'a>(method: &str, path: &'a str) -> Match<'a> {
+    let mut allowed = Vec::new();
+    for r in ROUTES {
+        if let Some(params) = path_params(r.path, path) {
+            if r.method == method {
+                return Match::Found(r, params);
+            }
+            allowed.push(r.method);
+        }
+    }
+    if allowed.is_empty() {
+        Match::NotFound
+    } else {
+        Match::MethodNotAllowed(allowed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_reachable_and_unique() {
+        for r in ROUTES {
+            let concrete = r.path.replace("{id}", "n1");
+            match find(r.method, &concrete) {
+                Match::Found(found, _) => assert_eq!(found.op, r.op, "{r:?} is shadowed by {found:?}"),
+                other => panic!("{r:?} not found: {other:?}"),
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        for r in ROUTES {
+            assert!(seen.insert((r.method, r.path)), "{r:?} twice");
+        }
+    }
+
+    #[test]
+    fn params_and_methods() {
+        let Match::Found(r, params) = find("POST", "/api/nodes/n-1/sync") else { panic!() };
+        assert_eq!(r.op, Op::SyncNode);
+        assert_eq!(params, vec!["n-1"]);
+        assert!(matches!(find("PUT", "/api/nodes"), Match::MethodNotAllowed(m) if m == vec!["GET", "POST"]));
+        assert!(matches!(find("GET", "/api/nodes//sync"), Match::NotFound));
+        assert!(matches!(find("GET", "/api/nope"), Match::NotFound));
+        assert!(matches!(find("GET", "/api/nodes/a/b"), Match::NotFound));
+    }
+}
