@@ -4,6 +4,8 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
+mod cli_api;
+
 #[derive(Parser)]
 #[command(name = "manager", version, about = "The sync manager: orders changes, keeps metadata, provisions nodes")]
 struct Cli {
@@ -21,26 +23,32 @@ enum Cmd {
         /// SQLite database of the manager.
         #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
         db: PathBuf,
+        #[command(flatten)]
+        http: cli_api::HttpArgs,
     },
     /// Print the nodes (online or not), the file count and the conflict count.
     Status {
         #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
         db: PathBuf,
     },
+    /// The cluster's credentials: show them, or create the cluster's broker user.
+    #[command(subcommand)]
+    Credentials(cli_api::CredentialsCmd),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     broker_link::init_logging();
     match cli.cmd {
-        Cmd::Serve { broker, db } => {
+        Cmd::Serve { broker, db, http } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 broker_link::cancel_on_signals(cancel.clone());
-                manager::run(manager::Config { broker, db }, cancel).await
+                manager::api::run_manager(manager::Config { broker, db }, http.config(), cancel).await
             })
         }
+        Cmd::Credentials(cmd) => cli_api::credentials(cmd),
         Cmd::Status { db } => {
             let store = manager::store::Store::open(&db)?;
             let now = manager::service::now_ms();

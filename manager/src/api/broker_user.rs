@@ -43,7 +43,7 @@ pub fn init(creds_path: &Path, user: &str, vhost: &str) -> anyhow::Result<Broker
     if user == "guest" {
         bail!("the cluster's broker user must not be guest");
     }
-    let mut creds = Credentials::load(creds_path)?;
+    let (mut creds, _) = Credentials::load_or_create(creds_path)?;
     let password = Secret::random()?;
     rabbitmqctl(&["add_vhost", vhost], None).with_context(|| format!("creating vhost {vhost}"))?;
     if user_exists(user)? {
