@@ -12,9 +12,10 @@ use std::path::PathBuf;
 #[derive(Args, Debug)]
 #[command(next_help_heading = "HTTP API and dashboard")]
 pub struct HttpArgs {
-    /// Address of the dashboard, the REST API and /metrics.
-    #[arg(long = "http", env = "SYNC_MANAGER_HTTP", default_value = api::DEFAULT_LISTEN)]
-    pub listen: SocketAddr,
+    /// Address of the dashboard, the REST API and /metrics [default: 127.0.0.1:8080, and
+    /// if that is taken the manager runs without them]. Port 0 picks a free port.
+    #[arg(long = "http", env = "SYNC_MANAGER_HTTP", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
     /// PEM certificate chain: serve HTTPS instead of HTTP (with --tls-key).
     #[arg(long, env = "SYNC_MANAGER_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -29,7 +30,10 @@ impl HttpArgs {
             (Some(cert), Some(key)) => Some(api::TlsFiles { cert, key }),
             _ => None,
         };
-        api::Config { listen: self.listen, tls }
+        match self.listen {
+            Some(listen) => api::Config { listen, required: true, tls },
+            None => api::Config { tls, ..api::Config::default() },
+        }
     }
 }
 

@@ -70,6 +70,10 @@ pub type Body = BoxBody<Bytes, Infallible>;
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// When false (the address is only the default), a failure to listen is logged and
+    /// the manager runs without its HTTP front end instead of stopping: several managers
+    /// on one machine (tests, say) must not all need port 8080.
+    pub required: bool,
     /// PEM certificate chain and private key; plain HTTP without them.
     pub tls: Option<TlsFiles>,
 }
@@ -82,7 +86,7 @@ pub struct TlsFiles {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { listen: DEFAULT_LISTEN.parse().expect("valid default address"), tls: None }
+        Config { listen: DEFAULT_LISTEN.parse().expect("valid default address"), required: false, tls: None }
     }
 }
 
@@ -210,7 +214,14 @@ pub async fn run_manager(cfg: service::Config, api: Config, cancel: Cancellation
     if created {
         tracing::info!("created the cluster's credentials in {}; `manager credentials show` prints them", creds_path.display());
     }
-    let server = Server::bind(&api, handle.clone(), creds.operator_token.clone()).await?;
+    let server = match Server::bind(&api, handle.clone(), creds.operator_token.clone()).await {
+        Ok(server) => server,
+        Err(e) if !api.required => {
+            tracing::warn!("no dashboard or REST API: {e:#}; pass --http ADDR to choose another address");
+            return service::run_with(cfg, handle, cancel).await;
+        }
+        Err(e) => return Err(e),
+    };
     tracing::info!("dashboard and REST API on {}://{}/", server.scheme(), server.local_addr()?);
     let (broker, http) = tokio::join!(
         async {
