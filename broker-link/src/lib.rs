@@ -22,9 +22,7 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Connects; the URL is never logged because it may carry a password.
 pub async fn connect(url: &str) -> anyhow::Result<Connection> {
-    let conn = Connection::connect(url, ConnectionProperties::default())
-        .await
-        .with_context(|| format!("connecting to the broker at {}", redact(url)))?;
+    let conn = Connection::connect(url, ConnectionProperties::default()).await.with_context(|| format!("connecting to the broker at {}", redact(url)))?;
     Ok(conn)
 }
 
@@ -60,27 +58,21 @@ pub async fn declare_common(ch: &Channel) -> anyhow::Result<()> {
     ch.exchange_declare(topology::DEAD_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
         .context("declaring the dead-letter exchange")?;
-    ch.queue_declare(topology::DEAD_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default())
-        .await
-        .context("declaring the dead-letter queue")?;
+    ch.queue_declare(topology::DEAD_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.context("declaring the dead-letter queue")?;
     ch.queue_bind(topology::DEAD_QUEUE.into(), topology::DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .context("binding the dead-letter queue")?;
     ch.exchange_declare(topology::MASTER_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default())
         .await
         .context("declaring the master exchange")?;
-    ch.queue_declare(topology::UPDATE_QUEUE.into(), QueueDeclareOptions::durable(), dead_letter_args())
-        .await
-        .context("declaring the update queue")?;
+    ch.queue_declare(topology::UPDATE_QUEUE.into(), QueueDeclareOptions::durable(), dead_letter_args()).await.context("declaring the update queue")?;
     Ok(())
 }
 
 /// Declares and binds a node's own durable queue; returns its name.
 pub async fn declare_node_queue(ch: &Channel, node: &NodeId) -> anyhow::Result<String> {
     let queue = topology::node_queue(node);
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_letter_args())
-        .await
-        .with_context(|| format!("declaring queue {queue}"))?;
+    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_letter_args()).await.with_context(|| format!("declaring queue {queue}"))?;
     for key in [topology::BROADCAST_KEY.to_string(), topology::node_key(node)] {
         ch.queue_bind(queue.as_str().into(), topology::MASTER_EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
             .await

@@ -123,9 +123,11 @@ impl Db {
     }
 
     pub fn save_dentry(&self, parent: u64, name: &std::ffi::OsStr, ino: u64) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?
-            .execute(params![parent as i64, name.as_bytes(), ino as i64])?;
+        self.conn.prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?.execute(params![
+            parent as i64,
+            name.as_bytes(),
+            ino as i64
+        ])?;
         Ok(())
     }
 
@@ -163,9 +165,11 @@ impl Db {
     }
 
     pub fn push_outbox(&self, msg: &MessageId, change: &Change) -> rusqlite::Result<i64> {
-        self.conn
-            .prepare_cached("INSERT INTO outbox(msg, path, body) VALUES(?1, ?2, ?3)")?
-            .execute(params![msg.as_str(), change.path.as_str(), serde_json::to_string(change).expect("wire types serialize")])?;
+        self.conn.prepare_cached("INSERT INTO outbox(msg, path, body) VALUES(?1, ?2, ?3)")?.execute(params![
+            msg.as_str(),
+            change.path.as_str(),
+            serde_json::to_string(change).expect("wire types serialize")
+        ])?;
         Ok(self.conn.last_insert_rowid())
     }
 

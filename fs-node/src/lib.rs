@@ -3,8 +3,8 @@
 
 pub mod db;
 pub mod fs;
-pub mod store;
-pub mod tree;
 pub mod link;
 pub mod node;
 pub mod peer;
+pub mod store;
+pub mod tree;

@@ -110,7 +110,13 @@ impl Session<'_> {
         let env = self.envelope(body);
         let _confirm = self
             .ch
-            .basic_publish("".into(), topology::UPDATE_QUEUE.into(), BasicPublishOptions::default(), &env.encode(), broker_link::message_properties(env.id.as_str()))
+            .basic_publish(
+                "".into(),
+                topology::UPDATE_QUEUE.into(),
+                BasicPublishOptions::default(),
+                &env.encode(),
+                broker_link::message_properties(env.id.as_str()),
+            )
             .await
             .context("publishing")?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -193,7 +199,8 @@ impl Session<'_> {
                     failed += a.missing_content as u64;
                 }
                 let tree = self.shared.tree.clone();
-                let unknown = tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
+                let unknown =
+                    tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
                 self.publish_outbox().await?;
                 if failed > 0 {
                     self.shared.needs_resync.store(true, Ordering::Relaxed);
@@ -224,7 +231,9 @@ impl Session<'_> {
 }
 
 fn invalidate(shared: &Shared, invals: &[Inval]) {
-    let Some(n) = shared.notifier.get() else { return };
+    let Some(n) = shared.notifier.get() else {
+        return;
+    };
     for i in invals {
         // ENOENT means the kernel had nothing cached: fine.
         let _ = match i {
@@ -252,12 +261,8 @@ async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
         ToNode::SyncReply { entries, .. } => entries.iter().collect(),
         ToNode::SyncRequested {} => vec![],
     };
-    let wanted: Vec<(wire::ContentHash, Vec<wire::Holder>)> = entries
-        .into_iter()
-        .filter_map(|e| shared.tree.needs_content(e).map(|h| (h, e.holders.clone())))
-        .collect::<HashMap<_, _>>()
-        .into_iter()
-        .collect();
+    let wanted: Vec<(wire::ContentHash, Vec<wire::Holder>)> =
+        entries.into_iter().filter_map(|e| shared.tree.needs_content(e).map(|h| (h, e.holders.clone()))).collect::<HashMap<_, _>>().into_iter().collect();
     let failures = stream::iter(wanted)
         .map(|(hash, holders)| {
             let shared = shared.clone();
@@ -303,7 +308,10 @@ async fn session(
     let queue = broker_link::declare_node_queue(&ch, &shared.id).await?;
     let cons = conn.create_channel().await.context("opening the consumer channel")?;
     cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let consumer = cons.basic_consume(queue.as_str().into(), shared.id.as_str().into(), BasicConsumeOptions::default(), FieldTable::default()).await.context("consuming")?;
+    let consumer = cons
+        .basic_consume(queue.as_str().into(), shared.id.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .context("consuming")?;
     shared.tree.republish_all();
     shared.connected.store(true, Ordering::Relaxed);
     backoff.reset();

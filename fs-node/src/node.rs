@@ -200,7 +200,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let fs = SyncFs { tree: tree.clone(), data_dir: cfg.data.clone() };
     let mut fcfg = fuser::Config::default();
-    fcfg.mount_options = vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];
+    fcfg.mount_options =
+        vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(4);
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;

@@ -40,8 +40,12 @@ fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
 
 fn authorized(req: &Request<hyper::body::Incoming>, token: &Option<String>) -> bool {
     let Some(token) = token else { return true };
-    let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) else { return false };
-    let Some(given) = h.strip_prefix("Bearer ") else { return false };
+    let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let Some(given) = h.strip_prefix("Bearer ") else {
+        return false;
+    };
     // Constant-time comparison: the token must not leak through timing.
     given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }

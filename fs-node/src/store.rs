@@ -113,10 +113,14 @@ impl ContentStore {
     /// not be in the tree yet); returns how many were removed.
     pub fn gc(&self, keep: &std::collections::HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
         let mut removed = 0;
-        let Ok(dir) = std::fs::read_dir(&self.blobs) else { return 0 };
+        let Ok(dir) = std::fs::read_dir(&self.blobs) else {
+            return 0;
+        };
         for e in dir.flatten() {
             let name = e.file_name();
-            let Some(h) = name.to_str().and_then(|s| s.parse::<ContentHash>().ok()) else { continue };
+            let Some(h) = name.to_str().and_then(|s| s.parse::<ContentHash>().ok()) else {
+                continue;
+            };
             let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
             if h != Self::empty_hash() && !young && !keep.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
                 removed += 1;

@@ -522,11 +522,8 @@ impl Tree {
                 return Err(FsError::Exists);
             }
             // BSD group semantics for set-gid directories, as ext4 does.
-            let (gid, perm) = if p.perm & libc::S_ISGID as u32 != 0 {
-                (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID as u32 } else { perm })
-            } else {
-                (gid, perm)
-            };
+            let (gid, perm) =
+                if p.perm & libc::S_ISGID as u32 != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID as u32 } else { perm }) } else { (gid, perm) };
             let ino = st.next_ino;
             st.next_ino += 1;
             let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);
@@ -797,7 +794,9 @@ impl Tree {
     /// close(2) of one descriptor: commit what was written through it.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         self.atomically(|st, store| {
-            let Some(h) = st.handles.get(&fh) else { return Ok(()) };
+            let Some(h) = st.handles.get(&fh) else {
+                return Ok(());
+            };
             let (ino, write) = (h.ino, h.write);
             if write && st.inode(ino)?.work.is_some() {
                 st.commit_work(ino, store)?;
@@ -818,7 +817,9 @@ impl Tree {
 
     pub fn release(&self, fh: u64) -> FsResult<()> {
         self.atomically(|st, store| {
-            let Some(h) = st.handles.remove(&fh) else { return Err(FsError::BadHandle) };
+            let Some(h) = st.handles.remove(&fh) else {
+                return Err(FsError::BadHandle);
+            };
             let i = st.inode_mut(h.ino)?;
             i.open = i.open.saturating_sub(1);
             if h.write {
@@ -1113,8 +1114,12 @@ impl State {
     /// (path, synced kind) of an entry and everything below it, outermost first.
     fn subtree_paths(&self, parent: u64, name: &OsStr) -> Vec<(RelPath, bool)> {
         let mut out = Vec::new();
-        let Ok(ino) = self.child(parent, name) else { return out };
-        let Some(path) = self.path_of(parent, name) else { return out };
+        let Ok(ino) = self.child(parent, name) else {
+            return out;
+        };
+        let Some(path) = self.path_of(parent, name) else {
+            return out;
+        };
         let synced = self.inodes.get(&ino).map(|i| i.kind.synced()).unwrap_or(false);
         out.push((path, synced));
         let mut all = Vec::new();
@@ -1127,7 +1132,9 @@ impl State {
 
     /// Every entry below directory `dir` as (path, parent, name, ino), outermost first.
     fn collect_paths(&self, dir: u64, _prefix: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
-        let Some(d) = self.inodes.get(&dir) else { return };
+        let Some(d) = self.inodes.get(&dir) else {
+            return;
+        };
         for (name, &ino) in &d.children {
             if let Some(p) = self.path_of(dir, name) {
                 out.push((p, dir, name.clone(), ino));
@@ -1162,8 +1169,12 @@ impl State {
     }
 
     fn record_put(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
-        let Some(path) = self.path_of(parent, name) else { return Ok(()) };
-        let Some(version) = self.inode(ino)?.version() else { return Ok(()) };
+        let Some(path) = self.path_of(parent, name) else {
+            return Ok(());
+        };
+        let Some(version) = self.inode(ino)?.version() else {
+            return Ok(());
+        };
         self.push_change(path, ChangeOp::Put { version })
     }
 
@@ -1264,7 +1275,9 @@ impl State {
                         return Ok(out);
                     }
                 }
-                let Some(parent) = self.ensure_dirs(path, &mut out)? else { return Ok(out) };
+                let Some(parent) = self.ensure_dirs(path, &mut out)? else {
+                    return Ok(out);
+                };
                 let name = OsString::from(path.name());
                 if let Some((_, _, ino)) = local {
                     let i = self.inode(ino)?;
@@ -1369,10 +1382,14 @@ impl State {
     }
 
     fn remove_below_except_pending(&mut self, path: &RelPath, store: &ContentStore, out: &mut Applied) -> FsResult<()> {
-        let Some((_, _, ino)) = self.resolve(path) else { return Ok(()) };
+        let Some((_, _, ino)) = self.resolve(path) else {
+            return Ok(());
+        };
         let children: Vec<OsString> = self.inode(ino)?.children.keys().cloned().collect();
         for c in children {
-            let Some(cp) = c.to_str().and_then(|c| path.join(c).ok()) else { continue };
+            let Some(cp) = c.to_str().and_then(|c| path.join(c).ok()) else {
+                continue;
+            };
             if self.has_pending_below(&cp) {
                 if self.inode(self.child(ino, &c)?)?.kind == Kind::Dir {
                     self.remove_below_except_pending(&cp, store, out)?;

@@ -146,7 +146,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
 async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()> {
     loop {
         let batch = handle.with_store(|s| s.outbox(512)).await?;
-        let Some(last) = batch.last().map(|o| o.seq) else { return Ok(()) };
+        let Some(last) = batch.last().map(|o| o.seq) else {
+            return Ok(());
+        };
         let sends = batch.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
         for r in futures_util::future::join_all(sends).await {
             r?;

@@ -162,7 +162,9 @@ fn holders(conn: &rusqlite::Connection, path: &str, rev: i64) -> anyhow::Result<
 fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<Entry>> {
     let row: Option<(i64, Option<String>)> =
         conn.query_row("SELECT rev, version FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    let Some((rev, version)) = row else { return Ok(None) };
+    let Some((rev, version)) = row else {
+        return Ok(None);
+    };
     let version = parse_version(version)?;
     let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(conn, path.as_str(), rev)? } else { Vec::new() };
     Ok(Some(Entry { path: path.clone(), rev: Revision(rev as u64), version, holders }))
@@ -190,7 +192,9 @@ impl Tx<'_> {
     fn current(&self, path: &RelPath) -> anyhow::Result<Option<Current>> {
         let row: Option<(i64, Option<String>)> =
             self.tx.query_row("SELECT rev, version FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-        let Some((rev, version)) = row else { return Ok(None) };
+        let Some((rev, version)) = row else {
+            return Ok(None);
+        };
         let version = parse_version(version)?;
         let has_children = matches!(version, Some(Version { content: Content::Dir, .. })) && self.has_live_children(path)?;
         Ok(Some(Current { rev: Revision(rev as u64), version, has_children }))
@@ -216,7 +220,10 @@ impl Tx<'_> {
              ON CONFLICT(path) DO UPDATE SET rev = excluded.rev, version = excluded.version, origin = excluded.origin",
             params![path.as_str(), rev.0 as i64, v, origin.as_str()],
         )?;
-        self.tx.execute("INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, ?4, ?5)", params![rev.0 as i64, path.as_str(), v, origin.as_str(), now_ms])?;
+        self.tx.execute(
+            "INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
+            params![rev.0 as i64, path.as_str(), v, origin.as_str(), now_ms],
+        )?;
         self.tx.execute("DELETE FROM holders WHERE path = ?1", [path.as_str()])?;
         if matches!(version, Some(Version { content: Content::File { .. }, .. })) && *origin != NodeId::manager() {
             self.tx.execute("INSERT INTO holders(path, node, rev) VALUES(?1, ?2, ?3)", params![path.as_str(), origin.as_str(), rev.0 as i64])?;
@@ -261,7 +268,10 @@ impl Tx<'_> {
                 self.seen(&from, None, now_ms)?;
                 if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash: h, .. }, .. }), .. }) = entry(&self.tx, &path)? {
                     if cur == rev && h == hash {
-                        self.tx.execute("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)", params![path.as_str(), from.as_str(), rev.0 as i64])?;
+                        self.tx.execute(
+                            "INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)",
+                            params![path.as_str(), from.as_str(), rev.0 as i64],
+                        )?;
                     }
                 }
             }
@@ -294,7 +304,12 @@ impl Tx<'_> {
         for row in rows {
             let (path, rev, version) = row?;
             let holders = by_path.remove(&path).unwrap_or_default();
-            out.push(Entry { path: RelPath::new(path).context("corrupt path in the manager database")?, rev: Revision(rev as u64), version: parse_version(version)?, holders });
+            out.push(Entry {
+                path: RelPath::new(path).context("corrupt path in the manager database")?,
+                rev: Revision(rev as u64),
+                version: parse_version(version)?,
+                holders,
+            });
         }
         Ok(out)
     }
@@ -313,7 +328,8 @@ impl Tx<'_> {
         // revision that change got, if it was kept.
         let mut base = change.base;
         if let Some(prev) = &change.follows {
-            let prior: Option<(i64, String)> = self.tx.query_row("SELECT rev, outcome FROM applied WHERE msg = ?1", [prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let prior: Option<(i64, String)> =
+                self.tx.query_row("SELECT rev, outcome FROM applied WHERE msg = ?1", [prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
             if let Some((rev, outcome)) = prior {
                 if let Ok(Outcome::Accepted | Outcome::Unchanged) = serde_json::from_str::<Outcome>(&outcome) {
                     base = Revision(rev as u64);
@@ -321,7 +337,13 @@ impl Tx<'_> {
             }
         }
         let current = self.current(&change.path)?;
-        let copies: i64 = self.tx.query_row("SELECT count(*) FROM conflicts WHERE path = ?1", [change.path.as_str()], |r| r.get(0))?;
+        // The cap counts the conflict files that still exist: once a user has dealt with
+        // them (deleted or renamed them), new conflicts are kept again.
+        let copies: i64 = self.tx.query_row(
+            "SELECT count(*) FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND p.version IS NOT NULL",
+            [change.path.as_str()],
+            |r| r.get(0),
+        )?;
         let mut decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize);
         if decision == Decision::Accept {
             if let ChangeOp::Put { .. } = change.op {
@@ -443,7 +465,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = Store::open(&dir.path().join("m.db")).unwrap();
         send(&mut s, "n1", "m1", put("f.txt", 0, file(1)));
-        send(&mut s, "n1", "m2", ToManager::Change(Change { path: p("f.txt"), base: Revision(0), follows: Some("m1".parse().unwrap()), op: ChangeOp::Put { version: file(2) } }));
+        send(
+            &mut s,
+            "n1",
+            "m2",
+            ToManager::Change(Change { path: p("f.txt"), base: Revision(0), follows: Some("m1".parse().unwrap()), op: ChangeOp::Put { version: file(2) } }),
+        );
         send(&mut s, "n2", "m3", put("f.txt", 1, file(3)));
         let out = decided(&s);
         assert_eq!(out[0], Outcome::Accepted);

@@ -94,6 +94,9 @@ impl BrokerProxy {
                     return;
                 }
                 let Ok(client) = client else { continue };
+                // The flag is checked and the connection registered under the lock that
+                // `cut` takes, so no connection slips through a cut.
+                let mut g = cs.lock().unwrap();
                 if c.load(Ordering::SeqCst) {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
@@ -102,11 +105,9 @@ impl BrokerProxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
-                {
-                    let mut g = cs.lock().unwrap();
-                    g.push(client.try_clone().unwrap());
-                    g.push(upstream.try_clone().unwrap());
-                }
+                g.push(client.try_clone().unwrap());
+                g.push(upstream.try_clone().unwrap());
+                drop(g);
                 for (mut a, mut b) in [(client.try_clone().unwrap(), upstream.try_clone().unwrap()), (upstream, client)] {
                     std::thread::spawn(move || {
                         let mut buf = [0u8; 64 * 1024];
@@ -130,8 +131,9 @@ impl BrokerProxy {
     }
 
     pub fn cut(&self) {
+        let mut g = self.conns.lock().unwrap();
         self.cut.store(true, Ordering::SeqCst);
-        for s in self.conns.lock().unwrap().drain(..) {
+        for s in g.drain(..) {
             let _ = s.shutdown(Shutdown::Both);
         }
     }
@@ -417,11 +419,15 @@ pub fn snapshot(root: &Path) -> Tree {
 }
 
 fn walk(root: &Path, dir: &Path, t: &mut Tree) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-        let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
         let ft = m.file_type();
         let mode = m.permissions().mode() & 0o7777;
         let node = if ft.is_symlink() {

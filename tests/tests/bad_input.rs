@@ -13,7 +13,12 @@ fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_applied() {
     let c = Cluster::start("badmsg", 2);
     publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, b"this is not json");
     publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, br#"{"v":99,"id":"x","from":"n1","body":{}}"#);
-    publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, br#"{"v":1,"id":"x","from":"n1","body":{"type":"change","path":"../../etc/passwd","base":0,"op":{"op":"delete"}}}"#);
+    publish_raw(
+        &c.vhost,
+        "",
+        wire::topology::UPDATE_QUEUE,
+        br#"{"v":1,"id":"x","from":"n1","body":{"type":"change","path":"../../etc/passwd","base":0,"op":{"op":"delete"}}}"#,
+    );
     publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", b"\xff\xfe garbage for a node");
     write(&c.nodes[0].p("after.txt"), b"still flowing");
     c.converged();
@@ -63,7 +68,12 @@ fn a_lying_holder_corrupts_nothing() {
         gid: 0,
         mtime_ns: 0,
     };
-    let entry = Entry { path: RelPath::new("lie.txt").unwrap(), rev: Revision(1_000_000), version: Some(version), holders: vec![Holder { node: "liar".parse().unwrap(), url: liar_url }] };
+    let entry = Entry {
+        path: RelPath::new("lie.txt").unwrap(),
+        rev: Revision(1_000_000),
+        version: Some(version),
+        holders: vec![Holder { node: "liar".parse().unwrap(), url: liar_url }],
+    };
     let env = Envelope::new("lie-1".parse().unwrap(), "manager".parse().unwrap(), ToNode::Applied { entry, origin: "liar".parse().unwrap() });
     publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", &env.encode());
     eventually("the node to ask the liar", DEADLINE, || asked.load(Ordering::SeqCst) >= 1);

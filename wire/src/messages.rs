@@ -138,10 +138,17 @@ pub enum ToManager {
     },
     Change(Change),
     /// The node now holds this path's content at this revision and can serve it.
-    Have { path: RelPath, rev: Revision, hash: ContentHash },
+    Have {
+        path: RelPath,
+        rev: Revision,
+        hash: ContentHash,
+    },
     /// Reconciliation request: answered with `SyncReply` once every earlier message of
     /// this node has been decided.
-    Sync { request: MessageId, url: String },
+    Sync {
+        request: MessageId,
+        url: String,
+    },
 }
 
 /// How the manager decided a change.
@@ -207,10 +214,18 @@ mod tests {
     fn to_manager_examples() -> Vec<(&'static str, ToManager)> {
         vec![
             ("heartbeat", ToManager::Heartbeat { url: "http://127.0.0.1:7001".into(), pending_changes: 0, pending_pulls: 1, software: "0.1.0".into() }),
-            ("change_put", ToManager::Change(Change { path: path("docs/report.txt"), base: Revision(41), follows: None, op: ChangeOp::Put { version: file_version() } })),
+            (
+                "change_put",
+                ToManager::Change(Change { path: path("docs/report.txt"), base: Revision(41), follows: None, op: ChangeOp::Put { version: file_version() } }),
+            ),
             (
                 "change_mkdir",
-                ToManager::Change(Change { path: path("docs"), base: Revision(0), follows: None, op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } } }),
+                ToManager::Change(Change {
+                    path: path("docs"),
+                    base: Revision(0),
+                    follows: None,
+                    op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } },
+                }),
             ),
             (
                 "change_symlink",
@@ -218,7 +233,9 @@ mod tests {
                     path: path("link"),
                     base: Revision(0),
                     follows: Some(id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f")),
-                    op: ChangeOp::Put { version: Version { content: Content::Symlink { target: "docs/report.txt".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 5 } },
+                    op: ChangeOp::Put {
+                        version: Version { content: Content::Symlink { target: "docs/report.txt".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 5 },
+                    },
                 }),
             ),
             ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),

@@ -47,7 +47,9 @@ fn node_url(cli: &Cli) -> anyhow::Result<String> {
 }
 
 fn conflict_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if e.file_name().to_string_lossy().contains(" (conflict from ") {
@@ -98,7 +100,10 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Sync => {
             let r: SyncReport = request(&cli, reqwest::Method::POST, "/sync").await?.json().await.context("decoding the sync report")?;
-            println!("pushed {} change(s), pulled {}, {} conflict(s), {} failed (retried automatically); revision {} ({:.2}s)", r.pushed, r.pulled, r.conflicts, r.failed, r.head, r.seconds);
+            println!(
+                "pushed {} change(s), pulled {}, {} conflict(s), {} failed (retried automatically); revision {} ({:.2}s)",
+                r.pushed, r.pulled, r.conflicts, r.failed, r.head, r.seconds
+            );
         }
         Cmd::Conflicts => {
             let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;
