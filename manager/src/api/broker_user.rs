@@ -51,8 +51,7 @@ pub fn init(creds_path: &Path, user: &str, vhost: &str) -> anyhow::Result<Broker
     } else {
         rabbitmqctl(&["add_user", user], Some(password.expose())).with_context(|| format!("creating user {user}"))?;
     }
-    rabbitmqctl(&["set_permissions", "-p", vhost, user, ".*", ".*", ".*"], None)
-        .with_context(|| format!("granting {user} access to {vhost}"))?;
+    rabbitmqctl(&["set_permissions", "-p", vhost, user, ".*", ".*", ".*"], None).with_context(|| format!("granting {user} access to {vhost}"))?;
     let broker = BrokerUser { user: user.to_string(), password, vhost: vhost.to_string() };
     creds.broker = Some(broker.clone());
     creds.save(creds_path)?;

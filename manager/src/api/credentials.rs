@@ -113,9 +113,8 @@ impl Credentials {
 
     /// Loads the file; refuses one that others can read.
     pub fn load(path: &Path) -> anyhow::Result<Credentials> {
-        let meta = std::fs::metadata(path).with_context(|| {
-            format!("reading {}: no credentials yet (the first `manager serve` with this database creates them)", path.display())
-        })?;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("reading {}: no credentials yet (the first `manager serve` with this database creates them)", path.display()))?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
             bail!("{} is readable by other users (mode {mode:03o}); run `chmod 600 {}`", path.display(), path.display());
@@ -136,11 +135,7 @@ impl Credentials {
             None | Some(serde_json::Value::Null) => None,
             Some(b) => Some(BrokerUser { user: field(b, "user")?, password: Secret(field(b, "password")?), vhost: field(b, "vhost")? }),
         };
-        let creds = Credentials {
-            cluster_token: Secret(field(&v, "cluster_token")?),
-            operator_token: Secret(field(&v, "operator_token")?),
-            broker,
-        };
+        let creds = Credentials { cluster_token: Secret(field(&v, "cluster_token")?), operator_token: Secret(field(&v, "operator_token")?), broker };
         if creds.cluster_token.0.is_empty() || creds.operator_token.0.is_empty() {
             bail!("a token is empty");
         }
@@ -166,12 +161,7 @@ impl Credentials {
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let tmp = dir.join(format!(".{FILE_NAME}.{}.tmp", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)
-            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         let body = serde_json::to_vec_pretty(&self.to_json()).context("encoding the credentials")?;
         f.write_all(&body).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;

@@ -20,10 +20,7 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, m)
     }
     pub fn unauthorized() -> ApiError {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong operator token: send `Authorization: Bearer <token>` (see `manager credentials show`)",
-        )
+        ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong operator token: send `Authorization: Bearer <token>` (see `manager credentials show`)")
     }
     pub fn not_found(m: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, m)
@@ -36,11 +33,7 @@ impl ApiError {
     }
     pub fn method_not_allowed(method: &str, allowed: &[&str]) -> ApiError {
         let allow = allowed.join(", ");
-        ApiError {
-            status: StatusCode::METHOD_NOT_ALLOWED,
-            message: format!("method {method} is not allowed here; allowed: {allow}"),
-            allow: Some(allow),
-        }
+        ApiError { status: StatusCode::METHOD_NOT_ALLOWED, message: format!("method {method} is not allowed here; allowed: {allow}"), allow: Some(allow) }
     }
     /// A failure inside the manager: logged in full, answered briefly.
     pub fn internal(e: anyhow::Error) -> ApiError {

@@ -114,9 +114,11 @@ impl Hub {
 
     /// Opens a stream: the receiver yields the text of the event stream.
     pub fn subscribe(&self, handle: Handle, cancel: CancellationToken) -> Result<mpsc::Receiver<Bytes>, ApiError> {
-        let permit = self.streams.clone().try_acquire_owned().map_err(|_| {
-            ApiError::unavailable(format!("too many open event streams (the limit is {MAX_STREAMS}); close another dashboard tab"))
-        })?;
+        let permit = self
+            .streams
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::unavailable(format!("too many open event streams (the limit is {MAX_STREAMS}); close another dashboard tab")))?;
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         tokio::spawn(stream(handle, self.latest.subscribe(), tx, cancel, permit));
         Ok(rx)

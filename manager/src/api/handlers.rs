@@ -126,9 +126,7 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
                     Ok((head, changes))
                 })
                 .await?;
-            let changes = changes.ok_or_else(|| {
-                ApiError::unprocessable(format!("since {} is beyond the head revision {head}", since.unwrap_or_default()))
-            })?;
+            let changes = changes.ok_or_else(|| ApiError::unprocessable(format!("since {} is beyond the head revision {head}", since.unwrap_or_default())))?;
             ok(json!({"head": head, "changes": changes}))
         }
     }
@@ -145,9 +143,10 @@ fn node_id(call: &Call) -> ApiResult<NodeId> {
 
 /// A whole, non-negative number, or absent; garbage is 400, negative is out of range (422).
 fn int_param(call: &Call, name: &str) -> ApiResult<Option<u64>> {
-    let Some(raw) = call.query(name) else { return Ok(None) };
-    let n: i64 =
-        raw.trim().parse().map_err(|_| ApiError::bad_request(format!("query parameter {name} must be a whole number, got {raw:?}")))?;
+    let Some(raw) = call.query(name) else {
+        return Ok(None);
+    };
+    let n: i64 = raw.trim().parse().map_err(|_| ApiError::bad_request(format!("query parameter {name} must be a whole number, got {raw:?}")))?;
     if n < 0 {
         return Err(ApiError::unprocessable(format!("query parameter {name} must not be negative, got {n}")));
     }

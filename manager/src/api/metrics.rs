@@ -35,25 +35,13 @@ pub fn render(c: &Counts, http_requests: u64) -> String {
     metric(&mut out, CONFLICTS, "counter", "Conflict files the manager has created.", &[("", c.conflicts)]);
     metric(&mut out, NODES, "gauge", "Nodes the manager has heard from.", &[("", c.nodes)]);
     metric(&mut out, NODES_ONLINE, "gauge", "Nodes heard from within the offline timeout.", &[("", c.nodes_online)]);
-    metric(
-        &mut out,
-        PENDING_CHANGES,
-        "gauge",
-        "Local changes not yet decided, summed over nodes (from heartbeats).",
-        &[("", c.pending_changes)],
-    );
+    metric(&mut out, PENDING_CHANGES, "gauge", "Local changes not yet decided, summed over nodes (from heartbeats).", &[("", c.pending_changes)]);
     metric(&mut out, PENDING_PULLS, "gauge", "Contents being pulled, summed over nodes (from heartbeats).", &[("", c.pending_pulls)]);
     metric(&mut out, OUTBOX, "gauge", "Messages decided but not yet published to the broker.", &[("", c.outbox)]);
     metric(&mut out, MESSAGES_OUT, "counter", "Messages the manager has published to nodes.", &[("", c.published)]);
     let labels: Vec<(String, u64)> = c.decided.iter().map(|(outcome, n)| (format!("{{outcome=\"{}\"}}", escape(outcome)), *n)).collect();
     let samples: Vec<(&str, u64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
-    metric(
-        &mut out,
-        CHANGES_IN,
-        "counter",
-        "Change messages received from nodes and decided, by outcome (each message id once).",
-        &samples,
-    );
+    metric(&mut out, CHANGES_IN, "counter", "Change messages received from nodes and decided, by outcome (each message id once).", &samples);
     metric(&mut out, HTTP_REQUESTS, "counter", "HTTP requests this manager process has answered.", &[("", http_requests)]);
     out
 }

@@ -190,10 +190,7 @@ where
         let state = state.clone();
         async move { Ok::<_, Infallible>(answer(&state, req).await) }
     });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(io, svc);
+    let conn = hyper::server::conn::http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).serve_connection(io, svc);
     tokio::pin!(conn);
     tokio::select! {
         r = conn.as_mut() => if let Err(e) = r { tracing::debug!("HTTP connection ended: {e}") },
@@ -306,7 +303,13 @@ fn parse_query(route: &Route, raw: Option<&str>) -> ApiResult<Vec<(String, Strin
 /// (browsers' EventSource cannot set headers) `?token=`.
 fn authorize(state: &State, route: &Route, headers: &hyper::HeaderMap, query: &[(String, String)]) -> ApiResult<()> {
     let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
-    let from_query = || if route.op == Op::Events { query.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str()) } else { None };
+    let from_query = || {
+        if route.op == Op::Events {
+            query.iter().find(|(k, _)| k == "token").map(|(_, v)| v.as_str())
+        } else {
+            None
+        }
+    };
     match header.or_else(from_query) {
         Some(token) if state.operator_token.matches(token) => Ok(()),
         _ => Err(ApiError::unauthorized()),

@@ -93,8 +93,7 @@ fn operation(r: &Route) -> Value {
         params.push(json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
     }
     for q in r.query {
-        params
-            .push(json!({"name": q.name, "in": "query", "required": q.required, "description": q.description, "schema": {"type": q.kind}}));
+        params.push(json!({"name": q.name, "in": "query", "required": q.required, "description": q.description, "schema": {"type": q.kind}}));
     }
     let (status, schema) = r.ok;
     let ok = match schema {

@@ -40,7 +40,9 @@ pub fn node(store: &Store, id: &str) -> anyhow::Result<Option<Value>> {
 /// A version column as JSON: the wire form plus flat `kind`, `size` and `hash` fields
 /// that a table can show directly. `None` is a deletion.
 fn version_json(stored: Option<String>) -> anyhow::Result<Value> {
-    let Some(text) = stored else { return Ok(json!({"kind": "deleted", "version": null})) };
+    let Some(text) = stored else {
+        return Ok(json!({"kind": "deleted", "version": null}));
+    };
     let v: Version = serde_json::from_str(&text).context("corrupt version in the manager database")?;
     let (kind, size, hash) = match &v.content {
         Content::File { hash, size } => ("file", Some(*size), Some(hash.to_string())),
@@ -59,10 +61,7 @@ fn merge(mut base: Value, extra: Value) -> Value {
 
 /// Current (not deleted) paths starting with `prefix`: `(total, page)`.
 pub fn files(conn: &Connection, prefix: &str, offset: u64, limit: u64) -> anyhow::Result<(u64, Vec<Value>)> {
-    let total: i64 =
-        conn.query_row("SELECT count(*) FROM paths WHERE version IS NOT NULL AND substr(path, 1, length(?1)) = ?1", [prefix], |r| {
-            r.get(0)
-        })?;
+    let total: i64 = conn.query_row("SELECT count(*) FROM paths WHERE version IS NOT NULL AND substr(path, 1, length(?1)) = ?1", [prefix], |r| r.get(0))?;
     let mut st = conn.prepare_cached(
         "SELECT path, rev, version, origin FROM paths WHERE version IS NOT NULL AND substr(path, 1, length(?1)) = ?1
          ORDER BY path LIMIT ?2 OFFSET ?3",
@@ -92,7 +91,9 @@ pub fn history(store: &Store, path: &RelPath) -> anyhow::Result<Option<Value>> {
     let conn = store.conn();
     let mut st = conn.prepare_cached("SELECT rev, path, version, origin, at_ms FROM history WHERE path = ?1 ORDER BY rev")?;
     let revisions = st.query_map([path.as_str()], change_row)?.map(|r| change_json(r?)).collect::<anyhow::Result<Vec<_>>>()?;
-    let Some(entry) = store.entry(path)? else { return Ok(None) };
+    let Some(entry) = store.entry(path)? else {
+        return Ok(None);
+    };
     let holders: Vec<Value> = entry.holders.iter().map(|h| json!({"node": h.node.as_str(), "url": h.url})).collect();
     let conflicts = conflicts_where(conn, "WHERE path = ?1 OR copy = ?1", path.as_str(), 0, u64::MAX >> 1)?;
     Ok(Some(json!({
@@ -127,9 +128,7 @@ pub fn latest_changes(conn: &Connection, limit: u64) -> anyhow::Result<Vec<Value
 }
 
 fn conflicts_where(conn: &Connection, filter: &str, arg: &str, offset: u64, limit: u64) -> anyhow::Result<Vec<Value>> {
-    let sql = format!(
-        "SELECT id, path, copy, node, base, current_rev, copy_rev, at_ms FROM conflicts {filter} ORDER BY id DESC LIMIT ?2 OFFSET ?3"
-    );
+    let sql = format!("SELECT id, path, copy, node, base, current_rev, copy_rev, at_ms FROM conflicts {filter} ORDER BY id DESC LIMIT ?2 OFFSET ?3");
     let mut st = conn.prepare_cached(&sql)?;
     let rows = st.query_map(params![arg, limit as i64, offset as i64], |r| {
         let at_ms: i64 = r.get(7)?;
@@ -220,13 +219,7 @@ mod tests {
     use wire::{Change, ChangeOp, ContentHash, Envelope, NodeId, Revision, ToManager};
 
     fn put(store: &mut Store, from: &str, id: &str, path: &str, base: u64, h: u8) {
-        let v = Version {
-            content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 3 },
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime_ns: 0,
-        };
+        let v = Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 3 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
         let change = Change { path: RelPath::new(path).unwrap(), base: Revision(base), follows: None, op: ChangeOp::Put { version: v } };
         let env = Envelope::new(id.parse().unwrap(), from.parse::<NodeId>().unwrap(), ToManager::Change(change));
         store.transaction(|tx| tx.handle(env, 1_000)).unwrap();

@@ -55,16 +55,7 @@ const PAGING: [Param; 2] = [
 ];
 
 pub const ROUTES: &[Route] = &[
-    Route {
-        method: "GET",
-        path: "/",
-        op: Op::Dashboard,
-        public: true,
-        summary: "The web dashboard (HTML).",
-        query: &[],
-        body: None,
-        ok: (200, "text"),
-    },
+    Route { method: "GET", path: "/", op: Op::Dashboard, public: true, summary: "The web dashboard (HTML).", query: &[], body: None, ok: (200, "text") },
     Route {
         method: "GET",
         path: "/api/openapi.json",
@@ -91,12 +82,7 @@ pub const ROUTES: &[Route] = &[
         op: Op::Events,
         public: false,
         summary: "Server-sent events: status, nodes, transfers, changes, conflicts. Browsers may pass the operator token as ?token=.",
-        query: &[Param {
-            name: "token",
-            required: false,
-            kind: "string",
-            description: "Operator token, for clients (EventSource) that cannot send headers.",
-        }],
+        query: &[Param { name: "token", required: false, kind: "string", description: "Operator token, for clients (EventSource) that cannot send headers." }],
         body: None,
         ok: (200, "text"),
     },
@@ -130,16 +116,7 @@ pub const ROUTES: &[Route] = &[
         body: Some("CreateNode"),
         ok: (201, "Provisioned"),
     },
-    Route {
-        method: "GET",
-        path: "/api/nodes/{id}",
-        op: Op::GetNode,
-        public: false,
-        summary: "One node.",
-        query: &[],
-        body: None,
-        ok: (200, "Node"),
-    },
+    Route { method: "GET", path: "/api/nodes/{id}", op: Op::GetNode, public: false, summary: "One node.", query: &[], body: None, ok: (200, "Node") },
     Route {
         method: "DELETE",
         path: "/api/nodes/{id}",
@@ -166,11 +143,7 @@ pub const ROUTES: &[Route] = &[
         op: Op::ListFiles,
         public: false,
         summary: "Current paths (deleted ones left out), sorted, with paging.",
-        query: &[
-            Param { name: "prefix", required: false, kind: "string", description: "Only paths starting with this string." },
-            PAGING[0],
-            PAGING[1],
-        ],
+        query: &[Param { name: "prefix", required: false, kind: "string", description: "Only paths starting with this string." }, PAGING[0], PAGING[1]],
         body: None,
         ok: (200, "FileList"),
     },
@@ -201,12 +174,7 @@ pub const ROUTES: &[Route] = &[
         public: false,
         summary: "Accepted changes after a revision, oldest first (without `since`: the latest ones).",
         query: &[
-            Param {
-                name: "since",
-                required: false,
-                kind: "integer",
-                description: "Only revisions greater than this; beyond the head is an error (422).",
-            },
+            Param { name: "since", required: false, kind: "integer", description: "Only revisions greater than this; beyond the head is an error (422)." },
             PAGING[1],
         ],
         body: None,
@@ -300,7 +268,9 @@ mod tests {
         for r in ROUTES {
             let concrete = r.path.replace("{id}", "n1");
             match find(r.method, &concrete) {
-                Match::Found(found, _) => assert_eq!(found.op, r.op, "{r:?} is shadowed by {found:?}"),
+                Match::Found(found, _) => {
+                    assert_eq!(found.op, r.op, "{r:?} is shadowed by {found:?}")
+                }
                 other => panic!("{r:?} not found: {other:?}"),
             }
         }

@@ -1,0 +1,376 @@
+//! Shared by the API and dashboard tests: a real `manager serve --http` process on its own
+//! vhost and port, a small HTTP/1.1 client (also for the event stream), and a fake node
+//! that speaks the wire protocol to the broker directly (heartbeats, changes, and reading
+//! its own queue).
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use system_tests::{bin, dump_log, eventually, Vhost, DEADLINE};
+use wire::{Change, ChangeOp, Content, ContentHash, Envelope, NodeId, RelPath, Revision, ToManager, ToNode, Version};
+
+/// A free local port: bound to 0, read, released (the manager binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `manager serve --http 127.0.0.1:PORT` on a vhost of its own; stopped on drop, its
+/// log printed if the test failed.
+pub struct Manager {
+    pub vhost: Vhost,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub token: String,
+    pub cluster_token: String,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Manager {
+    pub fn start(name: &str) -> Manager {
+        Self::start_with(name, &[])
+    }
+
+    pub fn start_with(name: &str, extra: &[&str]) -> Manager {
+        let vhost = Vhost::new(name);
+        let dir = tempfile::tempdir().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let log = dir.path().join("manager.log");
+        let f = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin("manager"))
+            .args(["serve", "--broker", &vhost.url(), "--http", &addr.to_string(), "--db"])
+            .arg(dir.path().join("manager.db"))
+            .args(extra)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,lapin=warn,hyper=info".into()))
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("starting manager serve");
+        let creds = dir.path().join("credentials.json");
+        let mut m = Manager { vhost, addr, token: String::new(), cluster_token: String::new(), log, child: Some(child), dir };
+        eventually("the manager's HTTP server to answer", DEADLINE, || {
+            m.assert_running();
+            TcpStream::connect(addr).is_ok() && creds.exists()
+        });
+        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+        m.token = c["operator_token"].as_str().unwrap().to_string();
+        m.cluster_token = c["cluster_token"].as_str().unwrap().to_string();
+        m
+    }
+
+    fn assert_running(&mut self) {
+        if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
+            panic!("manager exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn db(&self) -> PathBuf {
+        self.dir.path().join("manager.db")
+    }
+
+    /// A request with the operator token.
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Resp {
+        request(self.addr, method, path, Some(&self.token), body)
+    }
+
+    /// GET with the token that must answer 200 with JSON.
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let r = self.call("GET", path, None);
+        assert_eq!(r.status, 200, "GET {path}: {}", r.text());
+        r.json()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(10) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        self.stop();
+        if std::thread::panicking() {
+            dump_log("manager", &self.log);
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    /// The response head, header names lower-cased.
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.head.lines().find_map(|l| l.split_once(':').filter(|(k, _)| k.trim() == name).map(|(_, v)| v.trim().to_string()))
+    }
+    /// The JSON error message; panics unless the body is `{"error": "..."}`.
+    pub fn error(&self) -> String {
+        let v = self.json();
+        assert_eq!(v.as_object().map(|o| o.len()), Some(1), "error body has only `error`: {v}");
+        v["error"].as_str().unwrap_or_else(|| panic!("no error message in {v}")).to_string()
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
+    let mut s = TcpStream::connect(addr).expect("connect to the manager");
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(t) = token {
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
+    if let Some(b) = body {
+        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+    }
+    req.push_str("\r\n");
+    req.push_str(body.unwrap_or(""));
+    s.write_all(req.as_bytes()).unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).unwrap();
+    parse_response(&buf)
+}
+
+fn parse_response(buf: &[u8]) -> Resp {
+    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response head in {:?}", String::from_utf8_lossy(buf)));
+    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let mut body = buf[split + 4..].to_vec();
+    if head.contains("transfer-encoding: chunked") {
+        body = Dechunker::default().feed(&body);
+    }
+    Resp { status, head, body }
+}
+
+/// Decodes a chunked body as it arrives.
+#[derive(Default)]
+struct Dechunker {
+    pending: Vec<u8>,
+}
+
+impl Dechunker {
+    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
+        self.pending.extend_from_slice(bytes);
+        let mut out = Vec::new();
+        loop {
+            let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") else {
+                break;
+            };
+            let n = usize::from_str_radix(String::from_utf8_lossy(&self.pending[..i]).trim(), 16).expect("chunk size");
+            if self.pending.len() < i + 2 + n + 2 {
+                break;
+            }
+            out.extend_from_slice(&self.pending[i + 2..i + 2 + n]);
+            self.pending.drain(..i + 2 + n + 2);
+        }
+        out
+    }
+}
+
+/// A server-sent event stream being read.
+pub struct Events {
+    stream: TcpStream,
+    dechunk: Dechunker,
+    text: String,
+    pub status: u16,
+    pub content_type: String,
+}
+
+impl Events {
+    /// Opens `/api/events` with the token in the query (as a browser does).
+    pub fn open(addr: SocketAddr, token: &str) -> Events {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        write!(stream, "GET /api/events?token={token} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
+        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        let mut raw = Vec::new();
+        let start = Instant::now();
+        let split = loop {
+            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i;
+            }
+            assert!(start.elapsed() < DEADLINE, "no response head from /api/events");
+            let mut buf = [0u8; 4096];
+            match stream.read(&mut buf) {
+                Ok(0) => panic!("/api/events closed before answering"),
+                Ok(n) => raw.extend_from_slice(&buf[..n]),
+                Err(_) => {}
+            }
+        };
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let content_type = head.lines().find_map(|l| l.strip_prefix("content-type:")).unwrap_or("").trim().to_string();
+        let mut ev = Events { stream, dechunk: Dechunker::default(), text: String::new(), status, content_type };
+        let rest = raw[split + 4..].to_vec();
+        let decoded = ev.dechunk.feed(&rest);
+        ev.text.push_str(&String::from_utf8_lossy(&decoded));
+        ev
+    }
+
+    /// Reads events until one named `name` whose data satisfies `pred`; returns its data.
+    pub fn wait_for(&mut self, name: &str, what: &str, mut pred: impl FnMut(&serde_json::Value) -> bool) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            while let Some(end) = self.text.find("\n\n") {
+                let block: String = self.text.drain(..end + 2).collect();
+                let mut event = "message";
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(e) = line.strip_prefix("event: ") {
+                        event = e;
+                    } else if let Some(d) = line.strip_prefix("data: ") {
+                        data.push_str(d);
+                    }
+                }
+                if event == name {
+                    let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_else(|e| panic!("event {name} data is not JSON ({e}): {data}"));
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "timed out waiting for event {name}: {what}");
+            let mut buf = [0u8; 8192];
+            match self.stream.read(&mut buf) {
+                Ok(0) => panic!("event stream closed while waiting for {name}: {what}"),
+                Ok(n) => {
+                    let decoded = self.dechunk.feed(&buf[..n]);
+                    self.text.push_str(&String::from_utf8_lossy(&decoded));
+                }
+                Err(_) => {}
+            }
+        }
+    }
+}
+
+/// A node simulated at the protocol level: publishes to the update queue and reads its
+/// own queue, like fs-node does, with no file system.
+pub struct FakeNode {
+    pub id: NodeId,
+    rt: tokio::runtime::Runtime,
+    conn: lapin::Connection,
+    ch: lapin::Channel,
+    queue: String,
+    seq: std::sync::atomic::AtomicU64,
+}
+
+impl FakeNode {
+    pub fn connect(vhost: &Vhost, id: &str) -> FakeNode {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        let id: NodeId = id.parse().unwrap();
+        let (conn, ch, queue) = rt.block_on(async {
+            let conn = broker_link::connect(&vhost.url()).await.unwrap();
+            let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+            broker_link::declare_common(&ch).await.unwrap();
+            let queue = broker_link::declare_node_queue(&ch, &id).await.unwrap();
+            (conn, ch, queue)
+        });
+        FakeNode { id, rt, conn, ch, queue, seq: Default::default() }
+    }
+
+    pub fn send(&self, body: ToManager) {
+        let n = self.seq.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let id = format!("{}-{}-{n}", self.id, std::process::id());
+        let env = Envelope::new(id.parse().unwrap(), self.id.clone(), body);
+        self.rt.block_on(broker_link::publish_confirmed(&self.ch, "", wire::topology::UPDATE_QUEUE, &id, &env.encode())).unwrap();
+    }
+
+    pub fn heartbeat(&self, pending_changes: u64, pending_pulls: u64) {
+        self.send(ToManager::Heartbeat { url: format!("http://127.0.0.1:1/{}", self.id), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() });
+    }
+
+    /// Keeps the node online: a heartbeat every second (as fs-node sends) until dropped.
+    pub fn keep_alive(&self, pending_changes: u64, pending_pulls: u64) -> tokio::task::JoinHandle<()> {
+        let (ch, id) = (self.ch.clone(), self.id.clone());
+        self.rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            for n in 0u64.. {
+                tick.tick().await;
+                let msg = format!("{id}-hb-{}-{n}", std::process::id());
+                let body = ToManager::Heartbeat { url: format!("http://127.0.0.1:1/{id}"), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() };
+                let env = Envelope::new(msg.parse().unwrap(), id.clone(), body);
+                if broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, &msg, &env.encode()).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+
+    /// A new file at `path` (based on revision 0) with these bytes' hash.
+    pub fn put_file(&self, path: &str, bytes: &[u8]) {
+        let version = Version {
+            content: Content::File { hash: ContentHash::from_bytes(*blake3::hash(bytes).as_bytes()), size: bytes.len() as u64 },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1_764_000_000_000_000_000,
+        };
+        self.send(ToManager::Change(Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Put { version } }));
+    }
+
+    /// Waits for a message on the node's own queue matching `pred` (others are acked and
+    /// skipped).
+    pub fn wait_message(&self, what: &str, mut pred: impl FnMut(&ToNode) -> bool) -> ToNode {
+        use lapin::options::{BasicAckOptions, BasicGetOptions};
+        let start = Instant::now();
+        loop {
+            let got = self.rt.block_on(self.ch.basic_get(self.queue.as_str().into(), BasicGetOptions::default())).unwrap();
+            match got {
+                Some(msg) => {
+                    self.rt.block_on(msg.delivery.ack(BasicAckOptions::default())).unwrap();
+                    let env = Envelope::<ToNode>::decode(&msg.delivery.data).expect("the manager sends valid messages");
+                    if pred(&env.body) {
+                        return env.body;
+                    }
+                }
+                None => {
+                    assert!(start.elapsed() < DEADLINE, "timed out waiting on {} for {what}", self.queue);
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for FakeNode {
+    fn drop(&mut self) {
+        let _ = self.rt.block_on(self.conn.close(200, "test done".into()));
+    }
+}
+
+/// Fails if `log` contains any of `secrets`.
+pub fn assert_no_secret(log: &Path, secrets: &[&str]) {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    for s in secrets {
+        assert!(!s.is_empty() && !text.contains(s), "a secret appears in {}", log.display());
+    }
+}
