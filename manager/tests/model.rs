@@ -11,8 +11,17 @@ use wire::{Change, ChangeOp, Content, ContentHash, Envelope, NodeId, Outcome, Re
 #[derive(Clone, Debug)]
 enum Op {
     /// Node `node` writes `content` to `name`, based on what it last saw (or an older view).
-    Put { node: usize, name: usize, content: u8, stale: bool },
-    Delete { node: usize, name: usize, stale: bool },
+    Put {
+        node: usize,
+        name: usize,
+        content: u8,
+        stale: bool,
+    },
+    Delete {
+        node: usize,
+        name: usize,
+        stale: bool,
+    },
     /// The last message is delivered again.
     Duplicate,
 }

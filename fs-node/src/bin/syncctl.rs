@@ -28,6 +28,9 @@ enum Cmd {
     Status {
         #[arg(long)]
         json: bool,
+        /// Keep watching: progress bars on a terminal, a line per change otherwise.
+        #[arg(long)]
+        watch: bool,
     },
     /// Reconcile with the manager now; prints what was pushed, pulled and conflicted.
     /// Exits non-zero if the manager cannot be reached.
@@ -80,7 +83,8 @@ async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Resu
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match &cli.cmd {
-        Cmd::Status { json } => {
+        Cmd::Status { watch: true, .. } => watch(&cli).await?,
+        Cmd::Status { json, watch: false } => {
             let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
@@ -99,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Sync => {
-            let r: SyncReport = request(&cli, reqwest::Method::POST, "/sync").await?.json().await.context("decoding the sync report")?;
+            let sync = request(&cli, reqwest::Method::POST, "/sync");
+            let r: SyncReport = with_progress(&cli, sync).await?.json().await.context("decoding the sync report")?;
             println!(
                 "pushed {} change(s), pulled {}, {} conflict(s), {} failed (retried automatically); revision {} ({:.2}s)",
                 r.pushed, r.pulled, r.conflicts, r.failed, r.head, r.seconds
@@ -119,4 +124,93 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn status(cli: &Cli) -> anyhow::Result<NodeStatus> {
+    request(cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")
+}
+
+/// Transfers as a bar: the longest queue of pulls seen is the length, what is done of it
+/// the position.
+struct Transfers {
+    bar: Option<indicatif::ProgressBar>,
+    most: u64,
+    last_line: String,
+    /// Plain lines go to stderr when stdout carries a result (`sync`).
+    lines_to_stderr: bool,
+}
+
+impl Transfers {
+    fn new(lines_to_stderr: bool) -> Transfers {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {prefix} [{bar:30}] {pos}/{len} pulls  {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            b.enable_steady_tick(std::time::Duration::from_millis(120));
+            b
+        });
+        Transfers { bar, most: 0, last_line: String::new(), lines_to_stderr }
+    }
+
+    fn show(&mut self, s: &NodeStatus) {
+        if s.pending_pulls == 0 {
+            self.most = 0;
+        }
+        self.most = self.most.max(s.pending_pulls);
+        let state = if s.connected { "online" } else { "offline" };
+        let msg = format!("{} pending change(s), {} MB pulled, {} conflict(s)", s.pending_changes, s.bytes_pulled / 1_000_000, s.conflicts_seen);
+        match &self.bar {
+            Some(b) => {
+                b.set_prefix(format!("{} {state}", s.id));
+                b.set_length(self.most);
+                b.set_position(self.most - s.pending_pulls);
+                b.set_message(msg);
+            }
+            None => {
+                let line = format!("{} {state}: {} pull(s) in progress, {msg}", s.id, s.pending_pulls);
+                if line != self.last_line {
+                    if self.lines_to_stderr {
+                        eprintln!("{line}");
+                    } else {
+                        println!("{line}");
+                    }
+                    self.last_line = line;
+                }
+            }
+        }
+    }
+}
+
+async fn watch(cli: &Cli) -> anyhow::Result<()> {
+    let mut t = Transfers::new(false);
+    loop {
+        t.show(&status(cli).await?);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs `fut` while showing the node's transfers.
+async fn with_progress<T>(cli: &Cli, fut: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    let mut t = Transfers::new(true);
+    tokio::pin!(fut);
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(300));
+    loop {
+        tokio::select! {
+            r = &mut fut => {
+                if let Some(b) = &t.bar {
+                    b.finish_and_clear();
+                }
+                return r;
+            }
+            _ = tick.tick() => {
+                if let Ok(s) = status(cli).await {
+                    t.show(&s);
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,104 @@
+//! What a node shows about itself: `syncctl status --watch` lines, Prometheus metrics
+//! whose counters move when files sync, and the cluster token on its HTTP server.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use system_tests::*;
+
+/// Parses Prometheus text into name{labels} → value, refusing malformed lines.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut m = HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed metrics line {line:?}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("malformed value in {line:?}"));
+        m.insert(name.to_string(), v);
+    }
+    m
+}
+
+#[test]
+fn metrics_move_when_files_sync() {
+    let c = Cluster::start("metrics", 2);
+    let url = node_url(&c.nodes[1]);
+    let (s, body) = http_get(&format!("{url}/metrics"), None);
+    assert_eq!(s, 200);
+    let before = parse_metrics(&String::from_utf8(body).unwrap());
+    assert_eq!(before["syncfs_node_connected"], 1.0);
+    write(&c.nodes[0].p("m.bin"), &vec![7u8; 300_000]);
+    c.converged();
+    let (_, body) = http_get(&format!("{url}/metrics"), None);
+    let after = parse_metrics(&String::from_utf8(body).unwrap());
+    assert!(after["syncfs_node_bytes_pulled_total"] >= before["syncfs_node_bytes_pulled_total"] + 300_000.0, "{after:?}");
+    assert!(after["syncfs_node_messages_in_total"] > before["syncfs_node_messages_in_total"]);
+    assert!(after["syncfs_node_pull_seconds_count"] >= 1.0);
+    let (_, body) = http_get(&format!("{}/metrics", node_url(&c.nodes[0])), None);
+    let served = parse_metrics(&String::from_utf8(body).unwrap());
+    assert!(served["syncfs_node_bytes_served_total"] >= 300_000.0, "{served:?}");
+}
+
+#[test]
+fn status_watch_reports_transfers_as_they_happen() {
+    let c = Cluster::start("watch", 2);
+    let mut watch = Command::new(bin("syncctl")).arg("--data").arg(&c.nodes[1].data).args(["status", "--watch"]).stdout(Stdio::piped()).spawn().unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = rx.recv_timeout(DEADLINE).expect("a first status line");
+    assert!(first.starts_with("n2 online"), "{first}");
+    for i in 0..40 {
+        write(&c.nodes[0].p(&format!("w{i}.bin")), &vec![i as u8; 2_000_000]);
+    }
+    let mut seen_busy = false;
+    let mut seen_done = false;
+    let start = std::time::Instant::now();
+    while start.elapsed() < DEADLINE && !(seen_busy && seen_done) {
+        if let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(1)) {
+            seen_busy |= !l.contains(" 0 pull(s) in progress") || !l.contains(" 0 pending change(s)");
+            seen_done |= seen_busy && l.contains(" 0 pull(s) in progress") && l.contains("80 MB pulled");
+        }
+    }
+    let _ = watch.kill();
+    assert!(seen_busy && seen_done, "watch showed work in progress ({seen_busy}) and then all 80 MB pulled ({seen_done})");
+}
+
+#[test]
+fn content_needs_the_cluster_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::new("token");
+    let _m = ManagerProc::start(dir.path(), &vhost.url());
+    let a = NodeProc::start_with(dir.path(), "a", &vhost, &["--cluster-token", "s3cret-token-for-tests"]);
+    let b = NodeProc::start_with(dir.path(), "b", &vhost, &["--cluster-token", "s3cret-token-for-tests"]);
+    let ctl = |n: &NodeProc| {
+        let out =
+            Command::new(bin("syncctl")).arg("--data").arg(&n.data).args(["--cluster-token", "s3cret-token-for-tests", "status", "--json"]).output().unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"connected\": true")
+    };
+    eventually("both nodes connected", DEADLINE, || ctl(&a) && ctl(&b));
+    write(&a.p("secret.txt"), b"for members only");
+    eventually("b to get the file with the token", DEADLINE, || read(&b.p("secret.txt")).as_deref() == Some(b"for members only"));
+    let hash = blake3::hash(b"for members only").to_hex().to_string();
+    let url = format!("{}/content/{hash}", node_url(&a));
+    let (s, body) = http_get(&url, None);
+    assert_eq!(s, 401, "no token");
+    assert!(!String::from_utf8_lossy(&body).contains("for members only"));
+    let (s, body) = http_get(&url, Some("wrong-token"));
+    assert_eq!(s, 401, "wrong token");
+    assert!(!String::from_utf8_lossy(&body).contains("for members only"));
+    assert_eq!(http_get(&url, Some("s3cret-token-for-tests")), (200, b"for members only".to_vec()));
+    // syncctl without the token is refused too.
+    let (ok, _, err) = a.syncctl(&["status"]);
+    assert!(!ok && err.contains("cluster token"), "{err}");
+    for n in [&a, &b] {
+        assert!(!std::fs::read_to_string(&n.log).unwrap().contains("s3cret-token-for-tests"), "the token must never be logged");
+    }
+}
