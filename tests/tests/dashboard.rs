@@ -1,0 +1,102 @@
+//! The dashboard in a real browser: Debian's chromium, headless, driven by Playwright
+//! (`tests/browser/dashboard.mjs`, installed by `scripts/setup-browser.sh`), against a
+//! real manager and a real fs-node with its FUSE mount. The page loads, takes the
+//! operator token, shows the nodes, shows a file written in the mount without a reload,
+//! and its Sync button makes the node run a sync. The screenshot is saved under
+//! `target/test-output/dashboard.png`.
+
+mod api_support;
+
+use api_support::*;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use system_tests::{dump_log, eventually, write, NodeProc, DEADLINE};
+
+fn browser_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("browser")
+}
+
+fn output_dir() -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    target.join("test-output")
+}
+
+/// How often the node's log says the manager asked it for a sync.
+fn sync_requests_logged(n: &NodeProc) -> usize {
+    std::fs::read_to_string(&n.log).unwrap_or_default().matches("the manager asked for a sync").count()
+}
+
+#[test]
+fn dashboard_shows_live_changes_and_its_sync_button_works() {
+    assert!(Path::new("/usr/bin/chromium").exists(), "chromium is missing: run scripts/setup-browser.sh");
+    assert!(browser_dir().join("node_modules/playwright-core").exists(), "playwright-core is missing: run scripts/setup-browser.sh");
+
+    let m = Manager::start("dashboard");
+    let node_dir = tempfile::tempdir().unwrap();
+    let n1 = NodeProc::start(node_dir.path(), "n1", &m.vhost);
+    n1.wait_connected();
+    // A second node, simulated, that is pulling contents: the page shows its progress.
+    let n2 = FakeNode::connect(&m.vhost, "n2");
+    n2.heartbeat(0, 4);
+    eventually("both nodes to be online in the API", DEADLINE, || {
+        let nodes = m.get_json("/api/nodes");
+        nodes["nodes"].as_array().unwrap().iter().filter(|n| n["online"] == true).count() == 2
+    });
+    let syncs_before = sync_requests_logged(&n1);
+
+    let out = output_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    let screenshot = out.join("dashboard.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let profile = tempfile::tempdir().unwrap();
+    let browser_log = out.join("dashboard-browser.log");
+    let mut script = Command::new("node")
+        .arg(browser_dir().join("dashboard.mjs"))
+        .current_dir(browser_dir())
+        .env("DASHBOARD_URL", format!("{}/", m.url()))
+        .env("OPERATOR_TOKEN", &m.token)
+        .env("SCREENSHOT", &screenshot)
+        .env("USER_DATA_DIR", profile.path())
+        .env("CHANGED_PATH", "from-the-mount.txt")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&browser_log).unwrap())
+        .spawn()
+        .expect("node runs (scripts/setup-browser.sh installs it)");
+    let (tx, rx) = mpsc::channel();
+    let stdout = script.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut expect = |step: &str| match rx.recv_timeout(DEADLINE * 2) {
+        Ok(line) if line == step => {}
+        other => {
+            let _ = script.kill();
+            dump_log("browser script", &browser_log);
+            panic!("expected {step} from the browser script, got {other:?}");
+        }
+    };
+
+    expect("READY");
+    write(&n1.p("from-the-mount.txt"), b"written through FUSE while the page is open");
+    // The simulated pull makes progress: 2 of 4 left.
+    let _alive = n2.keep_alive(1, 2);
+    expect("CHANGE_SEEN");
+    expect("SYNC_CLICKED");
+    eventually("n1 to run the sync the button asked for", DEADLINE, || sync_requests_logged(&n1) > syncs_before);
+    let head = m.get_json("/api/status")["head"].as_u64().unwrap();
+    eventually("n1's status to show that sync's report", DEADLINE, || n1.status()["last_sync"]["head"].as_u64() == Some(head));
+    expect("DONE");
+    let status = script.wait().unwrap();
+    assert!(status.success(), "browser script failed: {}", std::fs::read_to_string(&browser_log).unwrap_or_default());
+    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "the screenshot is not a real PNG");
+    assert_no_secret(&m.log, &[&m.token, &m.cluster_token]);
+    assert_no_secret(&n1.log, &[&m.token]);
+}
