@@ -100,6 +100,7 @@ pub struct NodeStatus {
     pub files: u64,
     pub dirs: u64,
     pub conflicts_seen: u64,
+    pub last_revision: u64,
     pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
 }
@@ -136,6 +137,7 @@ impl Shared {
             files: stats.files,
             dirs: stats.dirs,
             conflicts_seen: stats.conflicts_seen,
+            last_revision: stats.last_revision,
             bytes_pulled: self.metrics.bytes_pulled.load(Ordering::Relaxed),
             last_sync: self.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }

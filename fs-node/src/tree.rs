@@ -305,6 +305,8 @@ pub struct TreeStats {
     pub dirs: u64,
     pub pending_changes: u64,
     pub conflicts_seen: u64,
+    /// Highest revision this node has taken from the manager.
+    pub last_revision: u64,
 }
 
 struct State {
@@ -851,7 +853,12 @@ impl Tree {
 
     pub fn stats(&self) -> TreeStats {
         let st = self.lock();
-        let mut s = TreeStats { pending_changes: st.outbox.rows.len() as u64, conflicts_seen: st.conflicts_seen, ..Default::default() };
+        let mut s = TreeStats {
+            pending_changes: st.outbox.rows.len() as u64,
+            conflicts_seen: st.conflicts_seen,
+            last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
+            ..Default::default()
+        };
         for i in st.inodes.values() {
             if i.nlink == 0 {
                 continue;

@@ -7,7 +7,7 @@ fn a_late_node_gets_everything_and_a_restarted_node_catches_up() {
     let mut c = Cluster::start("join", 2);
     for d in 0..5 {
         std::fs::create_dir(c.nodes[0].p(&format!("d{d}"))).unwrap();
-        for f in 0..60 {
+        for f in 0..100 {
             write(&c.nodes[0].p(&format!("d{d}/f{f}")), format!("{d}/{f}").as_bytes());
         }
     }
@@ -15,7 +15,9 @@ fn a_late_node_gets_everything_and_a_restarted_node_catches_up() {
     c.add_node("late");
     c.nodes[2].wait_connected();
     c.converged();
-    assert_eq!(read(&c.nodes[2].p("d4/f59")).unwrap(), b"4/59");
+    assert_eq!(read(&c.nodes[2].p("d4/f99")).unwrap(), b"4/99");
+    let late = snapshot(&c.nodes[2].mount);
+    assert_eq!(late.len(), 505, "500 files and 5 directories");
 
     // A node that was stopped misses changes; after restarting it has them all.
     c.nodes[1].stop();

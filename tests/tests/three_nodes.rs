@@ -84,6 +84,9 @@ fn every_operation_reaches_every_node() {
     c.converged();
     assert!(!a.p("moved").exists() && !n3.p("link").exists());
     assert_eq!(c.manager.status().lines().filter(|l| l.contains("online")).count(), 3, "{}", c.manager.status());
+    let (ok, human, _) = a.syncctl(&["status"]);
+    assert!(ok && human.contains("online") && human.contains("revision:"), "{human}");
+    assert!(a.status()["last_revision"].as_u64().unwrap() > 10);
 }
 
 #[test]

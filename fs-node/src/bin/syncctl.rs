@@ -92,8 +92,9 @@ async fn main() -> anyhow::Result<()> {
                 println!("node:      {}", s.id);
                 println!("state:     {}", if s.connected { "online" } else { "offline" });
                 println!("mount:     {}", s.mount);
-                println!("pending:   {} local change(s) waiting", s.pending_changes);
-                println!("transfers: {} pull(s) in progress", s.pending_pulls);
+                println!("revision:  {} (last seen from the manager)", s.last_revision);
+                println!("uploads:   {} local change(s) waiting for the manager", s.pending_changes);
+                println!("downloads: {} pull(s) in progress", s.pending_pulls);
                 println!("files:     {} ({} directories)", s.files, s.dirs);
                 println!("conflicts: {}", s.conflicts_seen);
                 match &s.last_sync {
