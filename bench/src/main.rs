@@ -1,0 +1,149 @@
+//! `syncfs-bench`: measures the numbers in docs/benchmarks.md on real processes and
+//! mounts (release binaries, the local RabbitMQ): propagation latency of a 4 KiB file,
+//! 1,000 small files, one 256 MiB file, and sequential 1 GiB throughput through the
+//! mount next to the native disk and a bindfs passthrough.
+//!
+//! Run: `cargo build --release -p manager -p fs-node && cargo run --release -p bench`.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use system_tests::*;
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn wait_for(p: &Path, want: &[u8], deadline: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        if let Ok(got) = std::fs::read(p) {
+            if got == want {
+                return start.elapsed();
+            }
+        }
+        assert!(start.elapsed() < deadline, "{} did not arrive", p.display());
+        std::thread::sleep(Duration::from_micros(500));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn drop_caches() {
+    let _ = Command::new("sync").status();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// MB/s writing then reading `size` bytes in 1 MiB blocks under `dir`.
+fn sequential(dir: &Path, size: usize) -> (f64, f64) {
+    let p = dir.join("seq.bin");
+    let block = vec![0x5au8; 1 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&p).unwrap();
+    for _ in 0..size / block.len() {
+        f.write_all(&block).unwrap();
+    }
+    f.sync_all().unwrap();
+    drop(f);
+    let w = size as f64 / t.elapsed().as_secs_f64() / 1e6;
+    drop_caches();
+    let t = Instant::now();
+    let mut f = std::fs::File::open(&p).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0;
+    loop {
+        let k = f.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    assert_eq!(n, size);
+    let r = size as f64 / t.elapsed().as_secs_f64() / 1e6;
+    let _ = std::fs::remove_file(&p);
+    (w, r)
+}
+
+fn main() {
+    if std::env::var_os("SYNC_BIN_DIR").is_none() {
+        std::env::set_var("SYNC_BIN_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+    }
+    let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    let c = Cluster::start("bench", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+
+    // 1. Latency of one 4 KiB file, write+close on A until B reads the right bytes.
+    let mut lat = Vec::new();
+    for i in 0..trials {
+        let body: Vec<u8> = (0..4096u32).map(|j| (j as usize * 31 + i) as u8).collect();
+        let t = Instant::now();
+        write(&a.p(&format!("lat{i}")), &body);
+        wait_for(&b.p(&format!("lat{i}")), &body, Duration::from_secs(30));
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    println!("latency 4 KiB: p50 {:.1} ms, p99 {:.1} ms ({trials} trials)", percentile(&lat, 0.5), percentile(&lat, 0.99));
+
+    // 2. 1,000 x 4 KiB written at once until all are on B.
+    std::fs::create_dir(a.p("thousand")).unwrap();
+    let t = Instant::now();
+    for i in 0..1000 {
+        write(&a.p(&format!("thousand/f{i:04}")), &vec![(i % 251) as u8; 4096]);
+    }
+    let written = t.elapsed();
+    let start = Instant::now();
+    loop {
+        let n = std::fs::read_dir(b.p("thousand")).map(|d| d.count()).unwrap_or(0);
+        if n == 1000 && (0..1000).all(|i| std::fs::metadata(b.p(&format!("thousand/f{i:04}"))).map(|m| m.len() == 4096).unwrap_or(false)) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(120), "1,000 files did not arrive");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    println!("1,000 x 4 KiB: all on B {:.2} s after the first write (writing took {:.2} s)", t.elapsed().as_secs_f64(), written.as_secs_f64());
+
+    // 3. One 256 MiB file until complete on B.
+    let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+    let t = Instant::now();
+    write(&a.p("big.bin"), &big);
+    let closed = t.elapsed();
+    wait_for(&b.p("big.bin"), &big, Duration::from_secs(300));
+    let total = t.elapsed().as_secs_f64();
+    println!(
+        "256 MiB: complete on B {:.2} s after the write began ({:.0} MB/s end to end; the write+close on A took {:.2} s)",
+        total,
+        (256u64 << 20) as f64 / total / 1e6,
+        closed.as_secs_f64()
+    );
+    drop(big);
+
+    // 4. Sequential 1 GiB through the mount, the native disk and bindfs, medians of 3.
+    let size: usize = std::env::var("BENCH_SEQ_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;
+    let native = tempfile::tempdir_in("/var/tmp").unwrap();
+    let bind_src = tempfile::tempdir_in("/var/tmp").unwrap();
+    let bind_mnt = tempfile::tempdir().unwrap();
+    let have_bindfs = Command::new("bindfs").arg(bind_src.path()).arg(bind_mnt.path()).status().map(|s| s.success()).unwrap_or(false);
+    let mut rows = vec![("mount (fs-node)", a.mount.clone()), ("native disk", native.path().to_path_buf())];
+    if have_bindfs {
+        rows.push(("bindfs passthrough", bind_mnt.path().to_path_buf()));
+    } else {
+        println!("bindfs not installed (apt-get install bindfs): skipped");
+    }
+    for (name, dir) in rows {
+        let (mut ws, mut rs) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            let (w, r) = sequential(&dir, size);
+            ws.push(w);
+            rs.push(r);
+        }
+        println!("sequential {} MiB, {name}: write {:.0} MB/s, read {:.0} MB/s (medians of 3)", size >> 20, median(ws), median(rs));
+    }
+    if have_bindfs {
+        unmount(bind_mnt.path());
+    }
+}
