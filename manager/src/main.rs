@@ -6,11 +6,15 @@ use std::path::PathBuf;
 
 mod cli_api;
 
+mod cli_provision;
+
 #[derive(Parser)]
 #[command(name = "manager", version, about = "The sync manager: orders changes, keeps metadata, provisions nodes")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    cluster: cli_provision::ClusterArg,
 }
 
 #[derive(Subcommand)]
@@ -31,6 +35,15 @@ enum Cmd {
         #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
         db: PathBuf,
     },
+    /// Build the node image (container/).
+    #[command(subcommand)]
+    Image(cli_provision::ImageCmd),
+    /// Local nodes as Docker containers.
+    #[command(subcommand)]
+    Node(cli_provision::NodeCmd),
+    /// Cloud nodes as EC2 VMs (needs the `ec2` feature).
+    #[command(subcommand)]
+    Vm(cli_provision::VmCmd),
     /// The cluster's credentials: show them, or create the cluster's broker user.
     #[command(subcommand)]
     Credentials(cli_api::CredentialsCmd),
@@ -48,6 +61,9 @@ fn main() -> anyhow::Result<()> {
                 manager::api::run_manager(manager::Config { broker, db }, http.config(), cancel).await
             })
         }
+        Cmd::Image(cmd) => cli_provision::image(&cli.cluster, cmd),
+        Cmd::Node(cmd) => cli_provision::node(&cli.cluster, cmd),
+        Cmd::Vm(cmd) => cli_provision::vm(&cli.cluster, cmd),
         Cmd::Credentials(cmd) => cli_api::credentials(cmd),
         Cmd::Status { db } => {
             let store = manager::store::Store::open(&db)?;
@@ -55,7 +71,15 @@ fn main() -> anyhow::Result<()> {
             println!("{:<20} {:<8} {:>10} {:>8} {:>7}  url", "node", "state", "last seen", "pending", "pulls");
             for n in store.nodes()? {
                 let ago = (now - n.last_seen_ms).max(0) / 1000;
-                println!("{:<20} {:<8} {:>9}s {:>8} {:>7}  {}", n.id, if n.online { "online" } else { "offline" }, ago, n.pending_changes, n.pending_pulls, n.url);
+                println!(
+                    "{:<20} {:<8} {:>9}s {:>8} {:>7}  {}",
+                    n.id,
+                    if n.online { "online" } else { "offline" },
+                    ago,
+                    n.pending_changes,
+                    n.pending_pulls,
+                    n.url
+                );
             }
             println!("files: {}", store.live_file_count()?);
             println!("conflicts: {}", store.conflict_count()?);
