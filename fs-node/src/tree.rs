@@ -48,6 +48,10 @@ pub enum FsError {
     BadHandle,
     #[error("too many links")]
     TooManyLinks,
+    #[error("no space left on the disk holding the node's data")]
+    NoSpace,
+    #[error("file too large for the disk holding the node's data")]
+    TooBig,
     #[error("I/O error: {0:#}")]
     Io(#[from] anyhow::Error),
 }
@@ -67,6 +71,8 @@ impl FsError {
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
             FsError::TooManyLinks => libc::EMLINK,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::TooBig => libc::EFBIG,
             FsError::Io(_) => libc::EIO,
         }
     }
@@ -74,7 +80,12 @@ impl FsError {
 
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
-        FsError::Io(e.into())
+        // Limits of the disk under the store are the user's to see, not an I/O failure.
+        match e.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => FsError::NoSpace,
+            Some(libc::EFBIG) => FsError::TooBig,
+            _ => FsError::Io(e.into()),
+        }
     }
 }
 impl From<rusqlite::Error> for FsError {
@@ -1179,10 +1190,15 @@ impl State {
         let Some(path) = self.path_of(parent, name) else {
             return Ok(());
         };
-        let Some(version) = self.inode(ino)?.version() else {
-            return Ok(());
-        };
-        self.push_change(path, ChangeOp::Put { version })
+        let i = self.inode(ino)?;
+        match i.version() {
+            Some(version) => self.push_change(path, ChangeOp::Put { version }),
+            // A local-only kind (FIFO, socket, device) now occupies a path that may hold
+            // a synced file elsewhere: for the others, that path is gone. Without this,
+            // the manager's older state of the path would come back over it.
+            None if !i.kind.synced() => self.push_change(path, ChangeOp::Delete),
+            None => Ok(()),
+        }
     }
 
     fn record_put_all_links(&mut self, ino: u64) -> FsResult<()> {
