@@ -33,11 +33,13 @@ pub struct Config {
 pub struct Handle {
     pub store: Arc<Mutex<Store>>,
     pub outbox_ready: Arc<Notify>,
+    /// Messages received on the update queue by this process (all kinds, bad ones too).
+    pub messages_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Handle {
     pub fn open(db: &std::path::Path) -> anyhow::Result<Handle> {
-        Ok(Handle { store: Arc::new(Mutex::new(Store::open(db)?)), outbox_ready: Arc::new(Notify::new()) })
+        Ok(Handle { store: Arc::new(Mutex::new(Store::open(db)?)), outbox_ready: Arc::new(Notify::new()), messages_in: Default::default() })
     }
 
     /// Runs `f` on the store on a blocking thread.
@@ -110,6 +112,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         _ => break,
                     }
                 }
+                handle.messages_in.fetch_add(deliveries.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 let mut good = Vec::with_capacity(deliveries.len());
                 for d in deliveries {
                     match Envelope::<ToManager>::decode(&d.data) {

@@ -190,7 +190,9 @@ impl ManagerProc {
     }
     pub fn restart(&mut self) {
         self.stop();
-        let child = spawn_logged(Command::new(bin("manager")).args(["serve", "--broker", &self.broker, "--db"]).arg(&self.db), &self.log);
+        // An HTTP port of its own, so tests running side by side never compete for one.
+        let child =
+            spawn_logged(Command::new(bin("manager")).args(["serve", "--http", "127.0.0.1:0", "--broker", &self.broker, "--db"]).arg(&self.db), &self.log);
         self.child = Some(child);
     }
     pub fn stop(&mut self) {

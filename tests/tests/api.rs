@@ -283,6 +283,8 @@ fn metrics_parse_and_counters_move_when_changes_arrive() {
             && s.get("sync_manager_changes_in_total{outcome=\"accepted\"}") == Some(&2.0)
             // Two broadcasts (Applied) and two replies (Decided).
             && s["sync_manager_messages_out_total"] >= 4.0
+            // A heartbeat and two changes.
+            && s["sync_manager_messages_in_total"] >= 3.0
             && s["sync_manager_files"] == 2.0
             && s["sync_manager_nodes_online"] == 1.0
     });

@@ -33,7 +33,7 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
         Op::OpenApi => ok(openapi::document()),
         Op::Metrics => {
             let counts = state.handle.with_store(|s| queries::counts(s)).await?;
-            let text = metrics::render(&counts, state.requests.load(Ordering::Relaxed));
+            let text = metrics::render(&counts, state.requests.load(Ordering::Relaxed), state.handle.messages_in.load(Ordering::Relaxed));
             Ok(with_type(StatusCode::OK, metrics::CONTENT_TYPE, full(text)))
         }
         Op::Events => {

@@ -14,6 +14,7 @@ pub const PENDING_CHANGES: &str = "sync_manager_node_pending_changes";
 pub const PENDING_PULLS: &str = "sync_manager_node_pending_pulls";
 pub const OUTBOX: &str = "sync_manager_outbox_messages";
 pub const MESSAGES_OUT: &str = "sync_manager_messages_out_total";
+pub const MESSAGES_IN: &str = "sync_manager_messages_in_total";
 pub const CHANGES_IN: &str = "sync_manager_changes_in_total";
 pub const HTTP_REQUESTS: &str = "sync_manager_http_requests_total";
 
@@ -28,7 +29,7 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
 }
 
 /// The exposition text for these counts and the number of HTTP requests served.
-pub fn render(c: &Counts, http_requests: u64) -> String {
+pub fn render(c: &Counts, http_requests: u64, messages_in: u64) -> String {
     let mut out = String::new();
     metric(&mut out, HEAD_REVISION, "gauge", "Latest revision the manager has assigned.", &[("", c.head)]);
     metric(&mut out, FILES, "gauge", "Paths that currently exist (files, directories, symlinks).", &[("", c.files)]);
@@ -38,6 +39,7 @@ pub fn render(c: &Counts, http_requests: u64) -> String {
     metric(&mut out, PENDING_CHANGES, "gauge", "Local changes not yet decided, summed over nodes (from heartbeats).", &[("", c.pending_changes)]);
     metric(&mut out, PENDING_PULLS, "gauge", "Contents being pulled, summed over nodes (from heartbeats).", &[("", c.pending_pulls)]);
     metric(&mut out, OUTBOX, "gauge", "Messages decided but not yet published to the broker.", &[("", c.outbox)]);
+    metric(&mut out, MESSAGES_IN, "counter", "Messages this manager process has received on the update queue (heartbeats included).", &[("", messages_in)]);
     metric(&mut out, MESSAGES_OUT, "counter", "Messages the manager has published to nodes.", &[("", c.published)]);
     let labels: Vec<(String, u64)> = c.decided.iter().map(|(outcome, n)| (format!("{{outcome=\"{}\"}}", escape(outcome)), *n)).collect();
     let samples: Vec<(&str, u64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
@@ -58,7 +60,7 @@ mod tests {
     #[test]
     fn every_sample_line_is_name_labels_value() {
         let c = Counts { head: 7, decided: vec![("accepted".into(), 3), ("conflict".into(), 1)], ..Default::default() };
-        let text = render(&c, 5);
+        let text = render(&c, 5, 0);
         assert!(text.contains("sync_manager_head_revision 7\n"));
         assert!(text.contains("sync_manager_changes_in_total{outcome=\"accepted\"} 3\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
