@@ -1,0 +1,170 @@
+//! Cloud nodes against moto_server, a real EC2-compatible endpoint on loopback, with
+//! AMI validation and IAM authentication switched on: `vm create --count 2`, `vm list`
+//! with ids and IPs, the user-data carrying the node start command and the broker
+//! address, `vm rm`, and clear failures for an unknown AMI, wrong credentials and an
+//! unreachable endpoint, none of which records anything.
+//! Needs scripts/setup-moto.sh (moto in /opt/syncfs-moto or $SYNC_MOTO_VENV) and the
+//! manager built with `--features manager/ec2`.
+
+mod prov_support;
+
+use prov_support::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+/// Requests moto serves without authentication: the three IAM calls that create the test's
+/// user, its policy and its access key. Everything after that must be signed correctly.
+const NO_AUTH_ACTIONS: u32 = 3;
+const BROKER_PUBLIC: &str = "amqp://sync:s3cret@203.0.113.5:5672/%2f";
+
+fn venv() -> PathBuf {
+    std::env::var_os("SYNC_MOTO_VENV").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/syncfs-moto"))
+}
+
+struct Moto {
+    url: String,
+    _proc: Proc,
+}
+
+fn start_moto(dir: &Path) -> Moto {
+    let server = venv().join("bin/moto_server");
+    assert!(server.is_file(), "{} missing: run scripts/setup-moto.sh", server.display());
+    let port = free_port();
+    let mut cmd = Command::new(server);
+    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .env("MOTO_ENABLE_AMI_VALIDATION", "true")
+        .env("INITIAL_NO_AUTH_ACTION_COUNT", NO_AUTH_ACTIONS.to_string());
+    let mut proc = Proc::spawn("moto_server", &mut cmd, dir.join("moto.log"));
+    eventually(Duration::from_secs(30), "moto_server to listen", || {
+        proc.assert_alive();
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+    });
+    Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
+}
+
+/// Creates an IAM user with an access key in moto (the only unauthenticated calls) and
+/// returns (key id, secret, an AMI id moto knows).
+fn credentials_and_ami(moto: &str) -> (String, String, String) {
+    let script = r#"
+import boto3, json, sys
+kw = dict(endpoint_url=sys.argv[1], region_name="us-east-1")
+iam = boto3.client("iam", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap", **kw)
+iam.create_user(UserName="syncfs-test")
+iam.put_user_policy(UserName="syncfs-test", PolicyName="all", PolicyDocument=json.dumps(
+    {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+k = iam.create_access_key(UserName="syncfs-test")["AccessKey"]
+ec2 = boto3.client("ec2", aws_access_key_id=k["AccessKeyId"], aws_secret_access_key=k["SecretAccessKey"], **kw)
+print(k["AccessKeyId"], k["SecretAccessKey"], ec2.describe_images(Owners=["amazon"])["Images"][0]["ImageId"])
+"#;
+    let out = run_ok(Command::new(venv().join("bin/python")).args(["-c", script, moto]));
+    let w: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(w.len(), 3, "unexpected helper output: {out}");
+    (w[0].into(), w[1].into(), w[2].into())
+}
+
+struct Vm<'a> {
+    cluster: &'a str,
+    moto: &'a str,
+    db: &'a Path,
+    key: &'a str,
+    secret: &'a str,
+}
+
+impl Vm<'_> {
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = manager(self.cluster);
+        c.arg("vm").args(args).args(["--endpoint-url", self.moto, "--region", "us-east-1", "--db"]).arg(self.db);
+        // Only the credentials given here: no profile or instance metadata from the machine.
+        c.env("AWS_ACCESS_KEY_ID", self.key)
+            .env("AWS_SECRET_ACCESS_KEY", self.secret)
+            .env_remove("AWS_SESSION_TOKEN")
+            .env_remove("AWS_PROFILE")
+            .env("AWS_CONFIG_FILE", "/nonexistent")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+        c
+    }
+    fn ok(&self, args: &[&str]) -> String {
+        let out = run(&mut self.cmd(args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("built without EC2 support"), "the manager was built without EC2: build it with --features manager/ec2");
+        assert!(out.status.success(), "manager vm {args:?} failed:\n{}\n{err}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    fn fails(&self, args: &[&str]) -> String {
+        let out = run(&mut self.cmd(args));
+        assert!(!out.status.success(), "manager vm {args:?} succeeded but should fail:\n{}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+fn recorded(db: &Path) -> Vec<(String, String)> {
+    let c = rusqlite::Connection::open(db).unwrap();
+    let mut st = c.prepare("SELECT id, state FROM vms ORDER BY id").unwrap();
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+}
+
+#[test]
+fn vms_on_moto() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = start_moto(tmp.path());
+    let (key, secret, ami) = credentials_and_ami(&moto.url);
+    let db = tmp.path().join("manager.db");
+    let cluster = unique("vm");
+    let vm = Vm { cluster: &cluster, moto: &moto.url, db: &db, key: &key, secret: &secret };
+
+    // Two VMs in one command; ids and IPs printed and recorded.
+    let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--instance-type", "t3.micro", "--broker-public", BROKER_PUBLIC]);
+    let ids: Vec<String> = out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("i-")).map(str::to_string).collect();
+    assert_eq!(ids.len(), 2, "create printed:\n{out}");
+    assert!(!out.contains("s3cret"), "the broker password was printed:\n{out}");
+    assert_eq!(recorded(&db).len(), 2);
+
+    let list = vm.ok(&["list"]);
+    for id in &ids {
+        let line = list.lines().find(|l| l.starts_with(id.as_str())).unwrap_or_else(|| panic!("{id} missing from:\n{list}"));
+        let w: Vec<&str> = line.split_whitespace().collect();
+        assert!(w[1] == "running" || w[1] == "pending", "{line}");
+        assert!(w[2].parse::<std::net::Ipv4Addr>().is_ok() && w[3].parse::<std::net::Ipv4Addr>().is_ok(), "no IPs in: {line}");
+    }
+
+    // The user-data, read back from the cloud, starts a node aimed at the public broker.
+    let ud = vm.ok(&["user-data", &ids[0]]);
+    assert!(ud.starts_with("#!/bin/bash"), "{ud}");
+    assert!(ud.contains(&format!("BROKER='{BROKER_PUBLIC}'")), "broker address missing:\n{ud}");
+    assert!(ud.contains("docker run -d --name \"$NODE_ID\""), "{ud}");
+    assert!(ud.contains("--id \"$NODE_ID\" --mount \"$MOUNT\" --data /var/lib/syncfs --broker \"$BROKER\""), "node start command missing:\n{ud}");
+    assert!(ud.contains("apt-get install -y -q docker.io fuse3"), "{ud}");
+    assert!(ud.contains(&format!("CLUSTER='{cluster}'")), "{ud}");
+
+    // Errors: nothing is recorded, the message says what is wrong.
+    let err = vm.fails(&["create", "--image-id", "ami-00000000", "--broker-public", BROKER_PUBLIC]);
+    assert!(err.contains("InvalidAMIID") && err.contains("does not exist") && err.contains("check --image-id"), "{err}");
+    let wrong = Vm { key: "AKIAWRONGWRONGWRONG1", secret: "not-the-secret", ..vm };
+    let err = wrong.fails(&["create", "--image-id", &ami, "--broker-public", BROKER_PUBLIC]);
+    assert!(err.contains("AuthFailure") && err.contains("check the credentials"), "{err}");
+    assert!(!err.contains("not-the-secret"), "the secret was printed: {err}");
+    let err = wrong.fails(&["list"]);
+    assert!(err.contains("AuthFailure"), "{err}");
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let unreachable = Vm { moto: &closed, ..vm };
+    let err = unreachable.fails(&["create", "--image-id", &ami, "--broker-public", BROKER_PUBLIC]);
+    assert!(err.contains("cannot reach the EC2 endpoint"), "{err}");
+    let err = vm.fails(&["create", "--image-id", &ami, "--broker-public", "not-a-url"]);
+    assert!(err.contains("invalid public broker URL"), "{err}");
+    assert_eq!(recorded(&db).len(), 2, "a failed create left rows behind");
+
+    // Terminate one, then the rest.
+    let out = vm.ok(&["rm", &ids[0]]);
+    assert!(out.contains(&format!("terminated {}", ids[0])), "{out}");
+    let list = vm.ok(&["list"]);
+    let line = list.lines().find(|l| l.starts_with(ids[0].as_str())).map(str::to_string).unwrap_or_default();
+    assert!(line.is_empty() || line.contains("terminated") || line.contains("shutting-down"), "{list}");
+    assert_eq!(recorded(&db).iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
+    let err = vm.fails(&["rm", "i-00000000000000000"]);
+    assert!(err.contains("no instance i-00000000000000000 in cluster"), "{err}");
+    let out = vm.ok(&["rm", "--all"]);
+    assert!(out.contains("terminated 1 VM(s)") && out.contains(&ids[1]), "{out}");
+    assert!(recorded(&db).is_empty());
+}
