@@ -161,33 +161,45 @@ impl Session<'_> {
         })
         .await?
         .map_err(|e| anyhow::anyhow!("applying {}: {e}", entry.path))?;
+        self.after_apply(&entry, &applied).await?;
+        Ok(applied)
+    }
+
+    /// Tells the manager we can serve what we just took, and asks for a retry when the
+    /// content was not there.
+    async fn after_apply(&self, entry: &Entry, applied: &Applied) -> anyhow::Result<()> {
+        if applied.missing_content {
+            self.shared.needs_resync.store(true, Ordering::Relaxed);
+        }
         if applied.changed {
             if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
                 self.publish_unconfirmed(ToManager::Have { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() }).await?;
             }
         }
-        Ok(applied)
+        Ok(())
     }
 
     async fn apply(&mut self, env: Envelope<ToNode>, pull_failures: u64) -> anyhow::Result<()> {
         match env.body {
             ToNode::Applied { entry, .. } => {
-                let a = self.apply_entry(entry).await?;
-                if a.missing_content {
-                    self.shared.needs_resync.store(true, Ordering::Relaxed);
-                }
+                self.apply_entry(entry).await?;
             }
             ToNode::Decided { change, outcome, current } => {
-                let tree = self.shared.tree.clone();
-                let o = outcome.clone();
-                tokio::task::spawn_blocking(move || tree.decided(&change, &o)).await?.map_err(|e| anyhow::anyhow!("recording a decision: {e}"))?;
                 if let wire::Outcome::Conflict { copy } = &outcome {
                     tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
                 }
-                let a = self.apply_entry(current).await?;
-                if a.missing_content {
-                    self.shared.needs_resync.store(true, Ordering::Relaxed);
-                }
+                let shared = self.shared.clone();
+                let entry = current.clone();
+                let a = tokio::task::spawn_blocking(move || {
+                    let r = shared.tree.apply_decided(&change, &outcome, &entry);
+                    if let Ok(a) = &r {
+                        invalidate(&shared, &a.invals);
+                    }
+                    r
+                })
+                .await?
+                .map_err(|e| anyhow::anyhow!("applying the decision on {}: {e}", current.path))?;
+                self.after_apply(&current, &a).await?;
             }
             ToNode::SyncReply { request, head, entries } => {
                 let mut pulled = 0u64;

@@ -447,7 +447,7 @@ impl Tree {
         Ok(self.lock().inode(ino)?.attr())
     }
 
-    pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+    pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         self.atomically(|st, store| {
             let now = now_ns();
             let i = st.inode_mut(ino)?;
@@ -461,14 +461,9 @@ impl Tree {
                 if let Some(g) = a.gid {
                     i.gid = g;
                 }
-                // chown by a non-root user clears set-id bits, as the kernel does for
-                // local file systems.
-                if i.kind != Kind::Dir && (req_uid != 0 || a.mode.is_none()) {
-                    i.perm &= !(libc::S_ISUID as u32);
-                    if i.perm & 0o010 != 0 {
-                        i.perm &= !(libc::S_ISGID as u32);
-                    }
-                }
+                // Set-id bits are cleared by the kernel: without FUSE_HANDLE_KILLPRIV it
+                // sends the new mode with the chown (and with writes), so the rule is
+                // exactly the kernel's.
             }
             if let Some(size) = a.size {
                 match i.kind {
@@ -796,11 +791,6 @@ impl Tree {
         i.size = i.size.max(offset + data.len() as u64);
         i.mtime = now_ns();
         i.ctime = i.mtime;
-        // Writing clears set-id bits, as on local file systems.
-        i.perm &= !(libc::S_ISUID as u32);
-        if i.perm & 0o010 != 0 {
-            i.perm &= !(libc::S_ISGID as u32);
-        }
         Ok(data.len() as u32)
     }
 
@@ -909,25 +899,27 @@ impl Tree {
         self.lock().outbox.rows.len() as u64
     }
 
-    /// The manager decided one of our changes: forget it. Returns whether it was ours and
-    /// still pending.
-    pub fn decided(&self, msg: &MessageId, outcome: &Outcome) -> FsResult<bool> {
-        self.atomically(|st, _| {
+    /// The manager decided one of our changes: forget it and take the path's current
+    /// state, in one step. (Two steps would let a change made in between be based on the
+    /// revision from before the decision, and conflict with our own earlier change.)
+    pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
+        self.atomically(|st, store| {
             let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
-            let Some(seq) = seq else { return Ok(false) };
-            let row = st.outbox.rows.remove(&seq).expect("found");
-            st.db.remove_outbox(msg)?;
-            if let Some(n) = st.outbox.per_path.get_mut(&row.change.path) {
-                *n -= 1;
-                if *n == 0 {
-                    st.outbox.per_path.remove(&row.change.path);
+            if let Some(seq) = seq {
+                let row = st.outbox.rows.remove(&seq).expect("found");
+                st.db.remove_outbox(msg)?;
+                if let Some(n) = st.outbox.per_path.get_mut(&row.change.path) {
+                    *n -= 1;
+                    if *n == 0 {
+                        st.outbox.per_path.remove(&row.change.path);
+                    }
+                }
+                st.outbox.sent.remove(msg);
+                if matches!(outcome, Outcome::Conflict { .. }) {
+                    st.conflicts_seen += 1;
                 }
             }
-            st.outbox.sent.remove(msg);
-            if matches!(outcome, Outcome::Conflict { .. }) {
-                st.conflicts_seen += 1;
-            }
-            Ok(true)
+            st.apply_remote(current, store)
         })
     }
 

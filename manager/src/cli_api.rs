@@ -31,7 +31,7 @@ impl HttpArgs {
             _ => None,
         };
         match self.listen {
-            Some(listen) => api::Config { listen, required: true, tls },
+            Some(listen) => api::Config { listen, required: true, tls, ..api::Config::default() },
             None => api::Config { tls, ..api::Config::default() },
         }
     }

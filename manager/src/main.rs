@@ -58,7 +58,9 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 broker_link::cancel_on_signals(cancel.clone());
-                manager::api::run_manager(manager::Config { broker, db }, http.config(), cancel).await
+                let mut api = http.config();
+                api.provision = manager::api::ProvisionContext { cluster: cli.cluster.cluster.clone(), broker: broker.clone(), db: db.clone() };
+                manager::api::run_manager(manager::Config { broker, db }, api, cancel).await
             })
         }
         Cmd::Image(cmd) => cli_provision::image(&cli.cluster, cmd),

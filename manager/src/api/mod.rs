@@ -76,6 +76,19 @@ pub struct Config {
     pub required: bool,
     /// PEM certificate chain and private key; plain HTTP without them.
     pub tls: Option<TlsFiles>,
+    /// What provisioning requests need to know about this cluster.
+    pub provision: ProvisionContext,
+}
+
+/// The cluster as node and VM creation see it.
+#[derive(Clone, Debug, Default)]
+pub struct ProvisionContext {
+    /// Cluster name (labels and tags of what is created).
+    pub cluster: String,
+    /// Broker URL given to container nodes (they use the host's network).
+    pub broker: String,
+    /// The manager's database (the `vms` table).
+    pub db: std::path::PathBuf,
 }
 
 #[derive(Clone, Debug)]
@@ -86,13 +99,14 @@ pub struct TlsFiles {
 
 impl Default for Config {
     fn default() -> Self {
-        Config { listen: DEFAULT_LISTEN.parse().expect("valid default address"), required: false, tls: None }
+        Config { listen: DEFAULT_LISTEN.parse().expect("valid default address"), required: false, tls: None, provision: ProvisionContext::default() }
     }
 }
 
 /// What every request handler can reach.
 pub(crate) struct State {
     handle: Handle,
+    pub(crate) provision: ProvisionContext,
     operator_token: Secret,
     hub: Arc<events::Hub>,
     cancel: CancellationToken,
@@ -105,6 +119,7 @@ pub struct Server {
     tls: Option<tokio_rustls::TlsAcceptor>,
     handle: Handle,
     operator_token: Secret,
+    provision: ProvisionContext,
 }
 
 impl Server {
@@ -114,7 +129,7 @@ impl Server {
             None => None,
         };
         let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} for the HTTP API", cfg.listen))?;
-        Ok(Server { listener, tls, handle, operator_token })
+        Ok(Server { listener, tls, handle, operator_token, provision: cfg.provision.clone() })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -135,6 +150,7 @@ impl Server {
         let hub = Arc::new(events::Hub::default());
         let state = Arc::new(State {
             handle: self.handle.clone(),
+            provision: self.provision.clone(),
             operator_token: self.operator_token,
             hub: hub.clone(),
             cancel: cancel.clone(),
