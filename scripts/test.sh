@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[test] %s\n' "$*" >&2; }
 
 scripts/setup.sh
-for extra in setup-docker.sh setup-moto.sh setup-browser.sh; do
+for extra in setup-docker.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
   if [ -x "scripts/$extra" ]; then
     log "running scripts/$extra"
     "scripts/$extra"
@@ -24,6 +24,8 @@ fi
 FEATURES=(--workspace --all-features)
 log "building"
 cargo build "${FEATURES[@]}" --bins
+log "building the release node for the container image (Docker tests)"
+cargo build --release -p fs-node
 log "running the suite"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast "$@"
 log "running the tests that must run alone (they restart the shared broker)"
