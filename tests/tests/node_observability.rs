@@ -102,3 +102,52 @@ fn content_needs_the_cluster_token() {
         assert!(!std::fs::read_to_string(&n.log).unwrap().contains("s3cret-token-for-tests"), "the token must never be logged");
     }
 }
+
+/// A node needs the cluster's broker credentials to join: with a wrong password it never
+/// connects and the manager never hears of it; with the right one it joins.
+#[test]
+fn a_node_with_wrong_broker_credentials_cannot_join() {
+    let dir = tempfile::tempdir().unwrap();
+    let vhost = Vhost::new("creds");
+    let user = format!("u{}", std::process::id());
+    let ok = |args: &[&str]| assert!(Command::new("rabbitmqctl").args(args).status().unwrap().success(), "rabbitmqctl {args:?}");
+    ok(&["-q", "add_user", &user, "right-password"]);
+    ok(&["-q", "set_permissions", "-p", &vhost.name, &user, ".*", ".*", ".*"]);
+    let m = ManagerProc::start(dir.path(), &vhost.url());
+    let url = |pw: &str| format!("amqp://{user}:{pw}@127.0.0.1:5672/{}?heartbeat=5", vhost.name);
+    let start = |id: &str, pw: &str| {
+        let log = dir.path().join(format!("{id}.log"));
+        let child = Command::new(bin("fs-node"))
+            .args(["--id", id, "--broker", &url(pw), "--mount"])
+            .arg(dir.path().join(format!("mnt-{id}")))
+            .arg("--data")
+            .arg(dir.path().join(format!("data-{id}")))
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::File::create(dir.path().join(format!("{id}.err"))).unwrap())
+            .spawn()
+            .unwrap();
+        (child, dir.path().join(format!("data-{id}")), dir.path().join(format!("mnt-{id}")))
+    };
+    let connected = |data: &std::path::Path| {
+        let out = Command::new(bin("syncctl")).arg("--data").arg(data).args(["status", "--json"]).output().unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("\"connected\": true")
+    };
+    let (mut bad, bad_data, bad_mnt) = start("intruder", "wrong-password");
+    let (mut good, good_data, good_mnt) = start("member", "right-password");
+    eventually("the member to join", DEADLINE, || connected(&good_data));
+    eventually("the manager to list the member", DEADLINE, || m.status().contains("member"));
+    // The intruder has been trying all along; it is still out.
+    eventually("the intruder to be running", DEADLINE, || bad_data.join("node.url").exists());
+    assert!(!connected(&bad_data), "a node with a wrong password must not connect");
+    assert!(!m.status().contains("intruder"), "{}", m.status());
+    let err = std::fs::read_to_string(dir.path().join("intruder.err")).unwrap();
+    assert!(err.contains("ACCESS_REFUSED") || err.to_lowercase().contains("auth") || err.contains("refused"), "the node says why it cannot join:\n{err}");
+    assert!(!err.contains("wrong-password"), "the password must not be logged");
+    for c in [&mut bad, &mut good] {
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let _ = c.wait();
+    }
+    unmount(&bad_mnt);
+    unmount(&good_mnt);
+    let _ = Command::new("rabbitmqctl").args(["-q", "delete_user", &user]).status();
+}
