@@ -28,10 +28,10 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-HTTP_ARGS=()
-if "$BIN/manager" serve --help 2>/dev/null | grep -q -- '--http'; then
-  HTTP_ARGS=(--http 127.0.0.1:8080)
-fi
+# The dashboard on the first free port from 8080.
+HTTP_PORT=8080
+while (exec 3<>"/dev/tcp/127.0.0.1/$HTTP_PORT") 2>/dev/null; do HTTP_PORT=$((HTTP_PORT + 1)); done
+HTTP_ARGS=(--http "127.0.0.1:$HTTP_PORT")
 "$BIN/manager" serve --broker "$BROKER" --db "$DEMO/manager.db" "${HTTP_ARGS[@]}" >"$DEMO/manager.log" 2>&1 &
 pids+=($!)
 for n in a b; do
@@ -46,8 +46,8 @@ done
 cat <<MSG
 The system is running:
   broker   amqp://127.0.0.1:5672 (vhost $VHOST)
-  manager  $DEMO/manager.db   (logs: $DEMO/manager.log)${HTTP_ARGS:+
-  dashboard http://127.0.0.1:8080/  (operator token: $BIN/manager credentials show --db $DEMO/manager.db)}
+  manager  $DEMO/manager.db   (logs: $DEMO/manager.log)
+  dashboard http://127.0.0.1:$HTTP_PORT/  (operator token: $BIN/manager credentials show --db $DEMO/manager.db)
   node-a   mounted at $DEMO/a
   node-b   mounted at $DEMO/b
 
