@@ -44,7 +44,7 @@ pub enum NodeCmd {
         /// Where the node mounts its file system inside the container.
         #[arg(long, default_value = provision::DEFAULT_MOUNT_PATH)]
         mount_path: String,
-        /// Also show each node's mount on the host at DIR/<name> (shared bind mount).
+        /// Also show each node's mount on the host at DIR/<name>/<last part of --mount-path> (shared bind mount).
         #[arg(long)]
         host_mount: Option<PathBuf>,
         /// Extra environment for the node, KEY=VALUE (repeatable), e.g. RUST_LOG=debug.

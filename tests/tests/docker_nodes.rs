@@ -31,6 +31,7 @@ impl Drop for Cluster {
         }
         if let Ok(entries) = std::fs::read_dir(&self.host_mount) {
             for e in entries.flatten() {
+                detach(&e.path().join("sync"));
                 detach(&e.path());
             }
         }
@@ -93,7 +94,7 @@ fn three_container_nodes_and_a_host_node_share_files() {
     assert!(list.iter().all(|(_, state)| state == "running"), "{list:?}");
 
     let host = NodeProc::start(dir, &unique("host-"), &vhost);
-    let mounts: Vec<PathBuf> = names.iter().map(|n| host_mount.join(n)).collect();
+    let mounts: Vec<PathBuf> = names.iter().map(|n| host_mount.join(n).join("sync")).collect();
     eventually(SYNC_DEADLINE, "all four nodes online at the manager", || {
         let online = online_nodes(&mgr.db);
         if names.iter().chain([&host.id]).all(|n| online.contains(n)) {

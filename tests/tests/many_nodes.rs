@@ -25,6 +25,7 @@ impl Drop for Cluster {
         purge_cluster(&self.name);
         if let Ok(entries) = std::fs::read_dir(&self.host_mount) {
             for e in entries.flatten() {
+                detach(&e.path().join("sync"));
                 detach(&e.path());
             }
         }
@@ -69,7 +70,7 @@ fn twenty_container_nodes_converge() {
     let connected = t0.elapsed();
     eventually(DEADLINE, "all 20 nodes to hold the seed files", || {
         for n in &names {
-            let t = tree(&host_mount.join(n))?;
+            let t = tree(&host_mount.join(n).join("sync"))?;
             if t != expected {
                 return Err(format!("{n}: {}", describe(&t)));
             }
@@ -80,11 +81,11 @@ fn twenty_container_nodes_converge() {
 
     // A write in one container reaches the 19 others and the host node.
     let body = b"from node 7\n".to_vec();
-    std::fs::write(host_mount.join(&names[6]).join("late.txt"), &body).unwrap();
+    std::fs::write(host_mount.join(&names[6]).join("sync").join("late.txt"), &body).unwrap();
     expected.insert("late.txt".into(), body);
     let t1 = Instant::now();
     eventually(DEADLINE, "every node to converge to the same tree", || {
-        for m in names.iter().map(|n| host_mount.join(n)).chain([host.mount.clone()]) {
+        for m in names.iter().map(|n| host_mount.join(n).join("sync")).chain([host.mount.clone()]) {
             let t = tree(&m)?;
             if t != expected {
                 return Err(format!("{}: {}", m.display(), describe(&t)));

@@ -50,8 +50,10 @@ pub struct NodeSpec {
     pub mount_path: String,
     /// The node's data directory inside the container (a named volume is mounted there).
     pub data_path: String,
-    /// If set, each node's mount also appears on the host at `<host_mount>/<name>`
-    /// (a bind mount with shared propagation; the directory is made a shared mount).
+    /// If set, each node's mount also appears on the host at `<host_mount>/<name>/<leaf>`,
+    /// `<leaf>` being the mount path's last component (`sync` for `/mnt/sync`): the host
+    /// directory `<host_mount>/<name>` is bind-mounted with shared propagation onto the
+    /// mount path's parent. `host_mount` is made a shared mount point first.
     pub host_mount: Option<PathBuf>,
     /// Extra environment for the node (`KEY=VALUE`), e.g. `RUST_LOG=debug`.
     pub env: Vec<String>,
@@ -144,6 +146,7 @@ impl Docker {
             }
         }
         if let Some(dir) = &spec.host_mount {
+            split_mount_path(&spec.mount_path)?;
             ensure_shared_mount(dir)?;
         }
         // Hold every port until its container exists, so no two nodes get the same one.
@@ -213,13 +216,17 @@ impl Docker {
         labels.insert(LABEL_LISTEN.into(), listen.to_string());
         let mut mounts = vec![Mount { typ: Some(MountType::VOLUME), source: Some(volume.clone()), target: Some(spec.data_path.clone()), ..Default::default() }];
         if let Some(dir) = &spec.host_mount {
+            // The bind mount goes on the mount path's parent, not on the mount path itself:
+            // fs-node unmounts whatever is at its mount path at start-up (stale FUSE mounts),
+            // which would remove a bind mount placed there.
+            let (parent, leaf) = split_mount_path(&spec.mount_path)?;
             let host_dir = dir.join(name);
             std::fs::create_dir_all(&host_dir).map_err(|source| Error::Io { what: format!("creating {}", host_dir.display()), source })?;
-            labels.insert(LABEL_HOST_MOUNT.into(), host_dir.display().to_string());
+            labels.insert(LABEL_HOST_MOUNT.into(), host_dir.join(leaf).display().to_string());
             mounts.push(Mount {
                 typ: Some(MountType::BIND),
                 source: Some(host_dir.display().to_string()),
-                target: Some(spec.mount_path.clone()),
+                target: Some(parent.to_string()),
                 bind_options: Some(MountBindOptions { propagation: Some(MountBindOptionsPropagationEnum::RSHARED), ..Default::default() }),
                 ..Default::default()
             });
@@ -391,6 +398,21 @@ impl Docker {
     }
 }
 
+/// Splits an absolute mount path into (parent, last component); the parent must not be `/`
+/// because with `host_mount` the parent is bind-mounted from the host.
+pub fn split_mount_path(mount_path: &str) -> Result<(&str, &str)> {
+    let invalid = |reason: &str| Error::Invalid { what: "mount path", value: mount_path.into(), reason: reason.into() };
+    let trimmed = mount_path.trim_end_matches('/');
+    let (parent, leaf) = trimmed.rsplit_once('/').ok_or_else(|| invalid("must be absolute"))?;
+    if !mount_path.starts_with('/') || leaf.is_empty() || leaf == ".." || leaf == "." {
+        return Err(invalid("must be an absolute path like /mnt/sync"));
+    }
+    if parent.is_empty() {
+        return Err(invalid("with --host-mount it needs a parent directory other than / (e.g. /mnt/sync)"));
+    }
+    Ok((parent, leaf))
+}
+
 /// The node's command line after the image's entrypoint (`fs-node`).
 pub fn node_args(name: &str, mount: &str, data: &str, broker: &str, listen: &str) -> Vec<String> {
     ["--id", name, "--mount", mount, "--data", data, "--broker", broker, "--listen", listen].iter().map(|s| s.to_string()).collect()
@@ -445,6 +467,15 @@ mod tests {
     fn node_args_match_fs_node_flags() {
         let a = node_args("n1", "/mnt/sync", "/var/lib/syncfs", "amqp://b", "127.0.0.1:7000");
         assert_eq!(a.join(" "), "--id n1 --mount /mnt/sync --data /var/lib/syncfs --broker amqp://b --listen 127.0.0.1:7000");
+    }
+
+    #[test]
+    fn mount_paths_split_for_the_host_bind() {
+        assert_eq!(split_mount_path("/mnt/sync").unwrap(), ("/mnt", "sync"));
+        assert_eq!(split_mount_path("/a/b/c/").unwrap(), ("/a/b", "c"));
+        for bad in ["/sync", "sync", "/", "/mnt/..", ""] {
+            assert!(split_mount_path(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -42,6 +42,9 @@ pub fn build_context(rootfs: &Path) -> Result<Vec<u8>> {
     let mut tar = tar::Builder::new(Vec::new());
     // Keep symlinks as links: the loader and libraries are copied dereferenced anyway.
     tar.follow_symlinks(false);
+    // dockerd 20.10 rejects GNU sparse entries ("unhandled tar header type 83"), and
+    // copied binaries are often sparse on disk.
+    tar.sparse(false);
     let mut header = tar::Header::new_gnu();
     header.set_size(DOCKERFILE.len() as u64);
     header.set_mode(0o644);
@@ -119,6 +122,25 @@ mod tests {
         names.sort();
         assert!(names.contains(&"Dockerfile".to_string()));
         assert!(names.contains(&"rootfs/usr/local/bin/fs-node".to_string()), "{names:?}");
+    }
+
+    /// Regression: a sparse binary was packed as a GNU sparse entry, which dockerd 20.10
+    /// refused with "unhandled tar header type 83".
+    #[test]
+    fn sparse_files_are_packed_as_regular_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("rootfs");
+        std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
+        for f in REQUIRED_FILES {
+            let file = std::fs::File::create(root.join(f)).unwrap();
+            file.set_len(4 << 20).unwrap(); // a hole, no data blocks
+        }
+        let bytes = build_context(&root).unwrap();
+        for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
+            let e = e.unwrap();
+            let t = e.header().entry_type();
+            assert!(t.is_file() || t.is_dir() || t.is_symlink(), "{:?} packed as {t:?}", e.path().unwrap());
+        }
     }
 
     #[test]
