@@ -23,7 +23,9 @@ fi
 
 FEATURES=(--workspace --all-features)
 log "building"
-cargo build "${FEATURES[@]}" --bins
+# Binaries and tests in one build: the same feature set, so the test run below does not
+# compile the dependencies (the EC2 SDK above all) a second time.
+cargo build "${FEATURES[@]}" --all-targets
 log "building the release node for the container image (Docker tests)"
 cargo build --release -p fs-node
 log "running the suite"
