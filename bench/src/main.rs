@@ -74,53 +74,69 @@ fn main() {
         std::env::set_var("SYNC_BIN_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
     }
     let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    // BENCH_ONLY=latency,thousand,big,seq runs a subset (default: all).
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let runs = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
     let c = Cluster::start("bench", 2);
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
 
     // 1. Latency of one 4 KiB file, write+close on A until B reads the right bytes.
-    let mut lat = Vec::new();
-    for i in 0..trials {
-        let body: Vec<u8> = (0..4096u32).map(|j| (j as usize * 31 + i) as u8).collect();
-        let t = Instant::now();
-        write(&a.p(&format!("lat{i}")), &body);
-        wait_for(&b.p(&format!("lat{i}")), &body, Duration::from_secs(30));
-        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    if runs("latency") {
+        let mut lat = Vec::new();
+        for i in 0..trials {
+            let body: Vec<u8> = (0..4096u32).map(|j| (j as usize * 31 + i) as u8).collect();
+            let t = Instant::now();
+            write(&a.p(&format!("lat{i}")), &body);
+            let w = t.elapsed();
+            wait_for(&b.p(&format!("lat{i}")), &body, Duration::from_secs(30));
+            if std::env::var_os("BENCH_VERBOSE").is_some() {
+                eprintln!("trial {i}: write+close {:.1} ms, total {:.1} ms", w.as_secs_f64() * 1000.0, t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        println!("latency 4 KiB: p50 {:.1} ms, p99 {:.1} ms ({trials} trials)", percentile(&lat, 0.5), percentile(&lat, 0.99));
     }
-    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
-    println!("latency 4 KiB: p50 {:.1} ms, p99 {:.1} ms ({trials} trials)", percentile(&lat, 0.5), percentile(&lat, 0.99));
 
     // 2. 1,000 x 4 KiB written at once until all are on B.
-    std::fs::create_dir(a.p("thousand")).unwrap();
-    let t = Instant::now();
-    for i in 0..1000 {
-        write(&a.p(&format!("thousand/f{i:04}")), &vec![(i % 251) as u8; 4096]);
-    }
-    let written = t.elapsed();
-    let start = Instant::now();
-    loop {
-        let n = std::fs::read_dir(b.p("thousand")).map(|d| d.count()).unwrap_or(0);
-        if n == 1000 && (0..1000).all(|i| std::fs::metadata(b.p(&format!("thousand/f{i:04}"))).map(|m| m.len() == 4096).unwrap_or(false)) {
-            break;
+    if runs("thousand") {
+        std::fs::create_dir(a.p("thousand")).unwrap();
+        let t = Instant::now();
+        for i in 0..1000 {
+            write(&a.p(&format!("thousand/f{i:04}")), &vec![(i % 251) as u8; 4096]);
         }
-        assert!(start.elapsed() < Duration::from_secs(120), "1,000 files did not arrive");
-        std::thread::sleep(Duration::from_millis(5));
+        let written = t.elapsed();
+        let start = Instant::now();
+        loop {
+            let n = std::fs::read_dir(b.p("thousand")).map(|d| d.count()).unwrap_or(0);
+            if n == 1000 && (0..1000).all(|i| std::fs::metadata(b.p(&format!("thousand/f{i:04}"))).map(|m| m.len() == 4096).unwrap_or(false)) {
+                break;
+            }
+            assert!(start.elapsed() < Duration::from_secs(120), "1,000 files did not arrive");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        println!("1,000 x 4 KiB: all on B {:.2} s after the first write (writing took {:.2} s)", t.elapsed().as_secs_f64(), written.as_secs_f64());
     }
-    println!("1,000 x 4 KiB: all on B {:.2} s after the first write (writing took {:.2} s)", t.elapsed().as_secs_f64(), written.as_secs_f64());
 
     // 3. One 256 MiB file until complete on B.
-    let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
-    let t = Instant::now();
-    write(&a.p("big.bin"), &big);
-    let closed = t.elapsed();
-    wait_for(&b.p("big.bin"), &big, Duration::from_secs(300));
-    let total = t.elapsed().as_secs_f64();
-    println!(
-        "256 MiB: complete on B {:.2} s after the write began ({:.0} MB/s end to end; the write+close on A took {:.2} s)",
-        total,
-        (256u64 << 20) as f64 / total / 1e6,
-        closed.as_secs_f64()
-    );
-    drop(big);
+    if runs("big") {
+        let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        let t = Instant::now();
+        write(&a.p("big.bin"), &big);
+        let closed = t.elapsed();
+        wait_for(&b.p("big.bin"), &big, Duration::from_secs(300));
+        let total = t.elapsed().as_secs_f64();
+        println!(
+            "256 MiB: complete on B {:.2} s after the write began ({:.0} MB/s end to end; the write+close on A took {:.2} s)",
+            total,
+            (256u64 << 20) as f64 / total / 1e6,
+            closed.as_secs_f64()
+        );
+        drop(big);
+    }
+    if !runs("seq") {
+        return;
+    }
 
     // 4. Sequential 1 GiB through the mount, the native disk and bindfs, medians of 3.
     let size: usize = std::env::var("BENCH_SEQ_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;

@@ -101,6 +101,9 @@ impl Session<'_> {
             }
         }
         self.shared.metrics.messages_out.fetch_add(n, Ordering::Relaxed);
+        if n > 0 {
+            tracing::debug!(target: "timing", "published {n} change(s), confirmed");
+        }
         Ok(n)
     }
 
@@ -267,6 +270,7 @@ async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
         Err(e) => return Prepared::Bad(d, e),
     };
     shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+    tracing::debug!(target: "timing", "delivery received");
     let entries: Vec<&Entry> = match &env.body {
         ToNode::Applied { entry, .. } => vec![entry],
         ToNode::Decided { current, .. } => vec![current],
@@ -303,6 +307,7 @@ async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
         .buffer_unordered(MAX_CONCURRENT_PULLS)
         .fold(0u64, |a, b| async move { a + b })
         .await;
+    tracing::debug!(target: "timing", "delivery prepared");
     Prepared::Ready(d, env, failures)
 }
 
@@ -365,6 +370,7 @@ async fn session(
                     Some(Ok(Prepared::Ready(d, env, failures))) => {
                         s.apply(env, failures).await?;
                         d.ack(BasicAckOptions::default()).await.context("acking")?;
+                        tracing::debug!(target: "timing", "delivery applied and acked");
                     }
                 }
             }

@@ -63,6 +63,9 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cance
                 }
             },
         };
+        // Headers and body go out in separate writes: without this, Nagle's algorithm
+        // holds the body until the client's delayed ACK (40 ms per small response).
+        let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {

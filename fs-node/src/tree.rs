@@ -414,6 +414,7 @@ impl Tree {
                 let grew = st.outbox.rows.len() > before;
                 drop(st);
                 if grew {
+                    tracing::debug!(target: "timing", "outbox grew");
                     self.outbox_ready.notify_one();
                 }
                 Ok(v)

@@ -113,6 +113,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                     }
                 }
                 handle.messages_in.fetch_add(deliveries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
                 let mut good = Vec::with_capacity(deliveries.len());
                 for d in deliveries {
                     match Envelope::<ToManager>::decode(&d.data) {
@@ -136,7 +137,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         })
                     })
                     .await?;
+                tracing::debug!(target: "timing", "batch committed");
                 flush_outbox(handle, &ch).await?;
+                tracing::debug!(target: "timing", "outbox published, confirmed");
                 for d in acks {
                     d.ack(BasicAckOptions::default()).await.context("acking")?;
                 }

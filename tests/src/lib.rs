@@ -105,6 +105,9 @@ impl BrokerProxy {
                     let _ = client.shutdown(Shutdown::Both);
                     continue;
                 };
+                // A relay must not add Nagle's delay to the AMQP frames it forwards.
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
                 g.push(client.try_clone().unwrap());
                 g.push(upstream.try_clone().unwrap());
                 drop(g);
