@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts everything the system and its tests need, idempotently:
-# Debian packages (FUSE, RabbitMQ), a running broker on 127.0.0.1:5672.
+# Debian packages (FUSE, RabbitMQ, openssl), a running broker on 127.0.0.1:5672 (amqp)
+# and 127.0.0.1:5671 (amqps, with a certificate from a local test CA in
+# /etc/rabbitmq/syncfs-tls/ca.pem).
 # Safe to run again and again; every wait has a deadline and says what it waits for.
 set -euo pipefail
 
@@ -13,6 +15,7 @@ command -v gcc >/dev/null 2>&1 || need_pkgs+=(gcc)
 command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
+command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
@@ -22,9 +25,44 @@ fi
 
 [ -e /dev/fuse ] || { log "/dev/fuse is missing: FUSE cannot work on this machine"; exit 1; }
 
-broker_up() { rabbitmqctl -q status >/dev/null 2>&1; }
+# TLS for amqps://: a local CA and a server certificate for localhost / 127.0.0.1, made
+# once. A real deployment uses its own certificates (docs/deploy.md).
+tls_dir=/etc/rabbitmq/syncfs-tls
+if [ ! -s "$tls_dir/server.pem" ] || [ ! -s "$tls_dir/ca.pem" ]; then
+  log "making a test CA and a broker certificate in $tls_dir"
+  mkdir -p "$tls_dir"
+  (
+    cd "$tls_dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 3650 -subj "/CN=syncfs local test CA" -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout server.key -out server.csr 2>/dev/null
+    printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' 'basicConstraints=CA:FALSE' \
+      'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 3650 -extfile server.ext -out server.pem 2>/dev/null
+    rm -f server.csr server.ext ca.srl
+  )
+  chown -R rabbitmq:rabbitmq "$tls_dir" 2>/dev/null || true
+  chmod 600 "$tls_dir/ca.key" "$tls_dir/server.key"
+  chmod 644 "$tls_dir/ca.pem" "$tls_dir/server.pem"
+fi
+conf=/etc/rabbitmq/rabbitmq.conf
+if ! grep -q '^# syncfs: amqps' "$conf" 2>/dev/null; then
+  log "adding the amqps listener (127.0.0.1:5671) to $conf"
+  mkdir -p /etc/rabbitmq
+  {
+    echo "# syncfs: amqps listener for scripts/setup.sh (loopback only)"
+    echo "listeners.ssl.1 = 127.0.0.1:5671"
+    echo "ssl_options.cacertfile = $tls_dir/ca.pem"
+    echo "ssl_options.certfile = $tls_dir/server.pem"
+    echo "ssl_options.keyfile = $tls_dir/server.key"
+    echo "ssl_options.verify = verify_none"
+    echo "ssl_options.fail_if_no_peer_cert = false"
+  } >>"$conf"
+fi
 
-if ! broker_up; then
+broker_up() { rabbitmqctl -q status >/dev/null 2>&1; }
+tls_listening() { rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 'port: 5671'; }
+
+start_broker() {
   log "starting rabbitmq-server"
   # The package's post-install may have started a node already, or left a dead pid file.
   rabbitmq-server -detached >/dev/null 2>&1 || true
@@ -37,12 +75,27 @@ if ! broker_up; then
     fi
     sleep 1
   done
+}
+
+if ! broker_up; then
+  start_broker
+fi
+rabbitmqctl -q await_startup --timeout 120 >/dev/null
+if ! tls_listening; then
+  # Started before the amqps listener was configured: restart it once with the config.
+  log "restarting RabbitMQ to open the amqps listener"
+  rabbitmqctl -q shutdown >/dev/null 2>&1 || true
+  start_broker
+  rabbitmqctl -q await_startup --timeout 120 >/dev/null
+  tls_listening || { log "RabbitMQ did not open 127.0.0.1:5671; its log follows"; tail -n 50 /var/log/rabbitmq/*.log 2>/dev/null || true; exit 1; }
 fi
 rabbitmqctl -q await_startup --timeout 120 >/dev/null
 # The broker's port must answer before anyone connects.
 deadline=$((SECONDS + 60))
-until (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; do
-  [ $SECONDS -lt $deadline ] || { log "port 5672 does not answer"; exit 1; }
-  sleep 1
+for port in 5672 5671; do
+  until (exec 3<>/dev/tcp/127.0.0.1/$port) 2>/dev/null; do
+    [ $SECONDS -lt $deadline ] || { log "port $port does not answer"; exit 1; }
+    sleep 1
+  done
 done
-log "RabbitMQ is up on 127.0.0.1:5672; FUSE is available"
+log "RabbitMQ is up on 127.0.0.1:5672 (amqp) and 5671 (amqps); FUSE is available"

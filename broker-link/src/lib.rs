@@ -21,9 +21,33 @@ pub const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Connects; the URL is never logged because it may carry a password.
+///
+/// `amqps://` URLs are verified against the system's certificate authorities, plus the
+/// PEM file named by the URL's `cacertfile` query parameter (RabbitMQ's URI convention),
+/// e.g. `amqps://user:pw@broker:5671/%2f?heartbeat=10&cacertfile=/etc/sync/ca.pem`.
 pub async fn connect(url: &str) -> anyhow::Result<Connection> {
-    let conn = Connection::connect(url, ConnectionProperties::default()).await.with_context(|| format!("connecting to the broker at {}", redact(url)))?;
+    let tls = tls_config(url)?;
+    let runtime = lapin::runtime::default_runtime().context("no async runtime to connect from")?;
+    let conn = Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime)
+        .await
+        .with_context(|| format!("connecting to the broker at {}", redact(url)))?;
     Ok(conn)
+}
+
+/// The extra certificate authorities an `amqps://` URL asks for.
+fn tls_config(url: &str) -> anyhow::Result<lapin::tcp::OwnedTLSConfig> {
+    let query = url.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let Some((_, ca)) = form_urlencoded::parse(query.as_bytes()).find(|(k, _)| k == "cacertfile") else {
+        return Ok(Default::default());
+    };
+    if !url.starts_with("amqps://") {
+        bail!("the broker URL names a cacertfile but is not amqps://: {}", redact(url));
+    }
+    let pem = std::fs::read_to_string(ca.as_ref()).with_context(|| format!("reading the broker's CA certificate {ca}"))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        bail!("{ca} holds no PEM certificate");
+    }
+    Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: Some(pem) })
 }
 
 /// The URL with its password replaced by `***`, for logs and errors.

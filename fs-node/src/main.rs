@@ -28,6 +28,15 @@ struct Args {
     /// Cluster token: required from peers on every HTTP request, sent on every pull.
     #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true)]
     cluster_token: Option<String>,
+    /// Serve the HTTP server over TLS with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "SYNC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "SYNC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Extra CA certificates (PEM) to trust when pulling from peers over https.
+    #[arg(long, env = "SYNC_TLS_CA")]
+    tls_ca: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,5 +50,7 @@ fn main() -> anyhow::Result<()> {
         listen: a.listen,
         advertise: a.advertise,
         cluster_token: a.cluster_token.filter(|t| !t.is_empty()),
+        tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| fs_node::node::TlsFiles { cert, key }),
+        tls_ca: a.tls_ca,
     })
 }

@@ -30,6 +30,16 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Required on every peer HTTP request when set.
     pub cluster_token: Option<String>,
+    /// Serve the peer HTTP server over TLS with this certificate chain and key (PEM).
+    pub tls: Option<TlsFiles>,
+    /// Extra CA certificates (PEM) trusted when pulling from peers over https.
+    pub tls_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Counters for `/metrics`. Names are in `Metrics::render`, in one place.
@@ -183,7 +193,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     let listener = rt.block_on(tokio::net::TcpListener::bind(cfg.listen)).with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
-    let url = cfg.advertise.clone().unwrap_or_else(|| format!("http://{local}"));
+    let acceptor = cfg.tls.as_ref().map(|t| tls_pem::acceptor(&t.cert, &t.key)).transpose()?;
+    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let url = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(16);
     let shared = Arc::new(Shared {
         id: cfg.id.clone(),
@@ -211,9 +223,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.id, mount = %cfg.mount.display(), %url, "mounted");
 
     let tracker = tokio_util::task::TaskTracker::new();
-    let puller = crate::peer::Puller::new(store.clone(), cfg.id.clone(), cfg.cluster_token.clone())?;
+    let client = crate::peer::http_client(cfg.tls_ca.as_deref())?;
+    let puller = crate::peer::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone());
     let _guard = rt.enter();
-    tracker.spawn(crate::peer::serve(listener, shared.clone(), cancel.clone()));
+    tracker.spawn(crate::peer::serve(listener, acceptor, shared.clone(), cancel.clone()));
     tracker.spawn(crate::link::run(cfg.broker.clone(), shared.clone(), puller, sync_rx, cancel.clone()));
     tracker.spawn(gc_loop(tree.clone(), cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());

@@ -11,6 +11,7 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode};
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +24,8 @@ type Body = BoxBody<Bytes, std::io::Error>;
 pub const MAX_CONCURRENT_PULLS: usize = 16;
 /// A holder that does not answer within this is skipped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// A client that has not finished its TLS handshake by then is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Attempts over all holders before a pull is reported failed (a later sync retries).
 const PULL_ROUNDS: usize = 3;
 
@@ -50,10 +53,28 @@ fn authorized(req: &Request<hyper::body::Incoming>, token: &Option<String>) -> b
     given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
-/// Serves HTTP on `listener` until cancelled.
-pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cancel: tokio_util::sync::CancellationToken) {
+/// A client that trusts the system's CAs plus those in `extra_ca` (PEM), for pulls from
+/// peers and for `syncctl`.
+pub fn http_client(extra_ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
+    if let Some(ca) = extra_ca {
+        let pem = tls_pem::read_ca_bundle(ca)?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("reading {}", ca.display()))? {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    b.build().context("building the HTTP client")
+}
+
+/// Serves HTTP (or HTTPS with `tls`) on `listener` until cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    cancel: tokio_util::sync::CancellationToken,
+) {
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
@@ -66,15 +87,26 @@ pub async fn serve(listener: tokio::net::TcpListener, shared: Arc<Shared>, cance
         // Headers and body go out in separate writes: without this, Nagle's algorithm
         // holds the body until the client's delayed ACK (40 ms per small response).
         let _ = stream.set_nodelay(true);
-        let shared = shared.clone();
+        let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(req, shared).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+            match tls {
+                None => serve_connection(stream, shared).await,
+                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => serve_connection(stream, shared).await,
+                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                },
+            }
         });
     }
+}
+
+async fn serve_connection<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(stream: S, shared: Arc<Shared>) {
+    let svc = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        async move { Ok::<_, std::convert::Infallible>(route(req, shared).await) }
+    });
+    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
 }
 
 async fn route(req: Request<hyper::body::Incoming>, shared: Arc<Shared>) -> Response<Body> {
@@ -129,9 +161,8 @@ pub struct Puller {
 }
 
 impl Puller {
-    pub fn new(store: ContentStore, me: NodeId, token: Option<String>) -> anyhow::Result<Puller> {
-        let client = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).build().context("building the HTTP client")?;
-        Ok(Puller { client, store, me, token, limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)) })
+    pub fn new(client: reqwest::Client, store: ContentStore, me: NodeId, token: Option<String>) -> Puller {
+        Puller { client, store, me, token, limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)) }
     }
 
     /// Makes `hash` present in the store, trying each holder in turn (a few rounds).

@@ -67,7 +67,7 @@ impl Model {
                 self.set(path, Some(c));
                 "accepted"
             }
-            (Some(c), Some(_)) => {
+            (Some(_), Some(_)) => {
                 let n = self.copies.entry(path.to_string()).or_default();
                 if *n >= 20 {
                     return "refused";

@@ -224,7 +224,18 @@ pub struct NodeProc {
     pub proxy: BrokerProxy,
     vhost: String,
     child: Option<Child>,
-    extra_args: Vec<String>,
+    opts: NodeOpts,
+}
+
+/// How a test node differs from the default (plain AMQP through its proxy, plain HTTP).
+#[derive(Clone, Debug, Default)]
+pub struct NodeOpts {
+    /// Broker URL to use instead of the proxy's (the node then cannot be cut off).
+    pub broker: Option<String>,
+    /// Extra `fs-node` arguments.
+    pub extra: Vec<String>,
+    /// CA file `syncctl` trusts when the node serves https.
+    pub tls_ca: Option<PathBuf>,
 }
 
 impl NodeProc {
@@ -233,6 +244,10 @@ impl NodeProc {
     }
 
     pub fn start_with(dir: &Path, id: &str, vhost: &Vhost, extra: &[&str]) -> NodeProc {
+        Self::start_opts(dir, id, vhost, NodeOpts { extra: extra.iter().map(|s| s.to_string()).collect(), ..Default::default() })
+    }
+
+    pub fn start_opts(dir: &Path, id: &str, vhost: &Vhost, opts: NodeOpts) -> NodeProc {
         let mut n = NodeProc {
             id: id.to_string(),
             mount: dir.join(format!("mnt-{id}")),
@@ -241,13 +256,16 @@ impl NodeProc {
             proxy: BrokerProxy::start(),
             vhost: vhost.name.clone(),
             child: None,
-            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+            opts,
         };
         n.restart();
         n
     }
 
     pub fn broker_url(&self) -> String {
+        if let Some(b) = &self.opts.broker {
+            return b.clone();
+        }
         format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat=5", self.proxy.port, self.vhost)
     }
 
@@ -255,7 +273,7 @@ impl NodeProc {
     pub fn restart(&mut self) {
         self.stop();
         let mut cmd = Command::new(bin("fs-node"));
-        cmd.args(["--id", &self.id, "--broker", &self.broker_url(), "--mount"]).arg(&self.mount).arg("--data").arg(&self.data).args(&self.extra_args);
+        cmd.args(["--id", &self.id, "--broker", &self.broker_url(), "--mount"]).arg(&self.mount).arg("--data").arg(&self.data).args(&self.opts.extra);
         self.child = Some(spawn_logged(&mut cmd, &self.log));
         let url = self.data.join("node.url");
         eventually(&format!("node {} to mount", self.id), DEADLINE, || url.exists());
@@ -270,7 +288,12 @@ impl NodeProc {
 
     /// `syncctl` with arguments; returns (success, stdout, stderr).
     pub fn syncctl(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(bin("syncctl")).arg("--data").arg(&self.data).args(args).output().expect("syncctl runs");
+        let mut cmd = Command::new(bin("syncctl"));
+        cmd.arg("--data").arg(&self.data);
+        if let Some(ca) = &self.opts.tls_ca {
+            cmd.arg("--tls-ca").arg(ca);
+        }
+        let out = cmd.args(args).output().expect("syncctl runs");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     }
 

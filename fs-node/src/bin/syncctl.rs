@@ -18,6 +18,9 @@ struct Cli {
     /// Cluster token, if the node requires one.
     #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true, global = true)]
     cluster_token: Option<String>,
+    /// Extra CA certificates (PEM) to trust when the node serves https.
+    #[arg(long, env = "SYNC_TLS_CA", global = true)]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -66,7 +69,7 @@ fn conflict_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::Response> {
     let url = format!("{}{}", node_url(cli)?, path);
-    let mut req = reqwest::Client::new().request(method, &url);
+    let mut req = fs_node::peer::http_client(cli.tls_ca.as_deref())?.request(method, &url);
     if let Some(t) = &cli.cluster_token {
         req = req.bearer_auth(t);
     }

@@ -9,7 +9,7 @@
 //!
 //! Layout: `routes` (the route table), `handlers` (one function per route), `queries`
 //! (read-only SQL), `events` (live updates), `metrics`, `openapi`, `credentials` (the
-//! cluster's secrets), `broker_user` (the cluster's RabbitMQ user), `tls`.
+//! cluster's secrets), `broker_user` (the cluster's RabbitMQ user); TLS files are read by the `tls-pem` crate.
 
 pub mod broker_user;
 pub mod credentials;
@@ -21,7 +21,6 @@ pub mod openapi;
 mod provisioning;
 mod queries;
 pub mod routes;
-mod tls;
 
 use crate::service::{self, Handle};
 use anyhow::Context;
@@ -125,7 +124,7 @@ pub struct Server {
 impl Server {
     pub async fn bind(cfg: &Config, handle: Handle, operator_token: Secret) -> anyhow::Result<Server> {
         let tls = match &cfg.tls {
-            Some(files) => Some(tls::acceptor(&files.cert, &files.key)?),
+            Some(files) => Some(tls_pem::acceptor(&files.cert, &files.key)?),
             None => None,
         };
         let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} for the HTTP API", cfg.listen))?;

@@ -8,7 +8,7 @@
 //! removed. The client (aws-sdk-ec2) exists only with the `ec2` cargo feature; without
 //! it [`Ec2::new`] returns [`Error::Ec2NotBuilt`], so callers compile either way.
 
-use super::{validate_name, Error, Result, LABEL_CLUSTER};
+use super::{Error, Result, LABEL_CLUSTER};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -314,6 +314,7 @@ impl Ec2 {
 
 #[cfg(feature = "ec2")]
 mod cloud {
+    use super::super::validate_name;
     use super::*;
     use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
     use aws_sdk_ec2::types::{Filter, Instance, InstanceAttributeName, InstanceType, ResourceType, Tag, TagSpecification};

@@ -1,5 +1,7 @@
-//! TLS for the HTTP server: a rustls acceptor from PEM files (certificate chain and
-//! private key), using the ring provider whatever other providers the build enables.
+//! TLS for our HTTP servers (the manager's API, the nodes' peer server): a rustls
+//! acceptor from PEM files (certificate chain and private key), using the ring provider
+//! whatever other providers the build enables. Clients trust extra CAs with
+//! [`read_ca_bundle`].
 
 use anyhow::{bail, Context};
 use rustls::pki_types::pem::PemObject;
@@ -25,4 +27,14 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
         .with_context(|| format!("the TLS certificate {} and its key do not fit together", cert.display()))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The PEM bytes of a CA bundle, checked to hold at least one certificate.
+pub fn read_ca_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading the CA certificate {}", path.display()))?;
+    let n = CertificateDer::pem_slice_iter(&pem).filter(|c| c.is_ok()).count();
+    if n == 0 {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    Ok(pem)
 }
