@@ -67,6 +67,12 @@ impl Db {
     pub fn commit(&self) -> rusqlite::Result<()> {
         self.conn.execute_batch("COMMIT")
     }
+    /// Makes every committed transaction durable: a checkpoint flushes the WAL to disk
+    /// first (with `synchronous=NORMAL`, commits alone do not).
+    pub fn sync(&self) -> rusqlite::Result<()> {
+        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+    }
+
     pub fn rollback(&self) {
         let _ = self.conn.execute_batch("ROLLBACK");
     }

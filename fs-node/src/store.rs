@@ -104,6 +104,17 @@ impl ContentStore {
         Ok((p, f))
     }
 
+    /// Flushes blob `h` and the blobs directory (its name) to disk.
+    pub fn sync_blob(&self, h: &ContentHash) -> std::io::Result<()> {
+        match File::open(self.blob_path(h)) {
+            Ok(f) => f.sync_data()?,
+            // The empty file has no blob; nothing to flush.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        File::open(&self.blobs)?.sync_all()
+    }
+
     /// Moves a verified download into the blobs.
     pub fn install(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
         std::fs::rename(tmp, self.blob_path(h))

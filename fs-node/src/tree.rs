@@ -809,13 +809,23 @@ impl Tree {
         })
     }
 
+    /// Makes the file's current content and metadata durable: commits pending writes,
+    /// then flushes the committed blob (or a work file another handle still writes) and
+    /// the node database to disk. The disk flushes run outside the tree lock.
     pub fn fsync(&self, fh: u64) -> FsResult<()> {
         self.flush(fh)?;
-        let st = self.lock();
-        let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
-        if let Some(w) = &st.inode(ino)?.work {
-            w.sync_data()?;
+        let (work, hash) = {
+            let st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+            let i = st.inode(ino)?;
+            (i.work.as_ref().map(|w| w.try_clone()).transpose()?, i.hash.clone())
+        };
+        match (work, hash) {
+            (Some(w), _) => w.sync_data()?,
+            (None, Some(h)) => self.store.sync_blob(&h)?,
+            (None, None) => {}
         }
+        self.lock().db.sync()?;
         Ok(())
     }
 
