@@ -766,29 +766,27 @@ impl Tree {
         Ok(buf)
     }
 
+    /// Writes through handle `fh` into the inode's work file. The write happens under the
+    /// tree lock so that a commit (another descriptor's close) never hashes and installs
+    /// a work file while a write into it is still landing: blobs stay true to their hash.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        let (work, ino) = {
-            let mut st = self.lock();
-            let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
-            if !h.write {
-                return Err(FsError::BadHandle);
+        let mut st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        if !h.write {
+            return Err(FsError::BadHandle);
+        }
+        let ino = h.ino;
+        let i = st.inode_mut(ino)?;
+        let work = match &i.work {
+            Some(w) => w.clone(),
+            None => {
+                let w = Arc::new(self.store.new_work_file(ino, i.hash.as_ref())?);
+                i.work = Some(w.clone());
+                i.blob = None;
+                w
             }
-            let ino = h.ino;
-            let i = st.inode_mut(ino)?;
-            let w = match &i.work {
-                Some(w) => w.clone(),
-                None => {
-                    let w = Arc::new(self.store.new_work_file(ino, i.hash.as_ref())?);
-                    i.work = Some(w.clone());
-                    i.blob = None;
-                    w
-                }
-            };
-            (w, ino)
         };
         work.write_all_at(data, offset)?;
-        let mut st = self.lock();
-        let i = st.inode_mut(ino)?;
         i.size = i.size.max(offset + data.len() as u64);
         i.mtime = now_ns();
         i.ctime = i.mtime;
