@@ -43,10 +43,8 @@ fn tls_config(url: &str) -> anyhow::Result<lapin::tcp::OwnedTLSConfig> {
     if !url.starts_with("amqps://") {
         bail!("the broker URL names a cacertfile but is not amqps://: {}", redact(url));
     }
-    let pem = std::fs::read_to_string(ca.as_ref()).with_context(|| format!("reading the broker's CA certificate {ca}"))?;
-    if !pem.contains("-----BEGIN CERTIFICATE-----") {
-        bail!("{ca} holds no PEM certificate");
-    }
+    let pem = tls_pem::read_ca_bundle(std::path::Path::new(ca.as_ref()), "the broker's CA certificate")?;
+    let pem = String::from_utf8(pem).with_context(|| format!("{ca} is not a PEM text file"))?;
     Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: Some(pem) })
 }
 

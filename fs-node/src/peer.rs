@@ -58,7 +58,7 @@ fn authorized(req: &Request<hyper::body::Incoming>, token: &Option<String>) -> b
 pub fn http_client(extra_ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     let mut b = reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT);
     if let Some(ca) = extra_ca {
-        let pem = tls_pem::read_ca_bundle(ca)?;
+        let pem = tls_pem::read_ca_bundle(ca, "the CA certificate")?;
         for cert in reqwest::Certificate::from_pem_bundle(&pem).with_context(|| format!("reading {}", ca.display()))? {
             b = b.add_root_certificate(cert);
         }

@@ -29,9 +29,10 @@ pub fn acceptor(cert: &Path, key: &Path) -> anyhow::Result<tokio_rustls::TlsAcce
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
-/// The PEM bytes of a CA bundle, checked to hold at least one certificate.
-pub fn read_ca_bundle(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let pem = std::fs::read(path).with_context(|| format!("reading the CA certificate {}", path.display()))?;
+/// The PEM bytes of a CA bundle, checked to hold at least one certificate; `what` names
+/// it in errors ("the broker's CA certificate").
+pub fn read_ca_bundle(path: &Path, what: &str) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path).with_context(|| format!("reading {what} {}", path.display()))?;
     let n = CertificateDer::pem_slice_iter(&pem).filter(|c| c.is_ok()).count();
     if n == 0 {
         bail!("{} holds no PEM certificate", path.display());

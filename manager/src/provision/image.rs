@@ -109,14 +109,20 @@ impl Docker {
 mod tests {
     use super::*;
 
+    /// A rootfs under `dir` holding every required file, each made by `make`.
+    fn fake_rootfs(dir: &Path, make: impl Fn(&Path)) -> PathBuf {
+        let root = dir.join("rootfs");
+        std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
+        for f in REQUIRED_FILES {
+            make(&root.join(f));
+        }
+        root
+    }
+
     #[test]
     fn context_holds_dockerfile_and_rootfs() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("rootfs");
-        std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
-        for f in REQUIRED_FILES {
-            std::fs::write(root.join(f), b"bin").unwrap();
-        }
+        let root = fake_rootfs(dir.path(), |p| std::fs::write(p, b"bin").unwrap());
         let bytes = build_context(&root).unwrap();
         let mut names: Vec<String> = tar::Archive::new(&bytes[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
         names.sort();
@@ -129,12 +135,8 @@ mod tests {
     #[test]
     fn sparse_files_are_packed_as_regular_entries() {
         let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join("rootfs");
-        std::fs::create_dir_all(root.join("usr/local/bin")).unwrap();
-        for f in REQUIRED_FILES {
-            let file = std::fs::File::create(root.join(f)).unwrap();
-            file.set_len(4 << 20).unwrap(); // a hole, no data blocks
-        }
+        // Files that are one hole, no data blocks.
+        let root = fake_rootfs(dir.path(), |p| std::fs::File::create(p).unwrap().set_len(4 << 20).unwrap());
         let bytes = build_context(&root).unwrap();
         for e in tar::Archive::new(&bytes[..]).entries().unwrap() {
             let e = e.unwrap();
