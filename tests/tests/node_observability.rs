@@ -55,8 +55,10 @@ fn status_watch_reports_transfers_as_they_happen() {
     });
     let first = rx.recv_timeout(DEADLINE).expect("a first status line");
     assert!(first.starts_with("n2 online"), "{first}");
+    // Large enough (400 MB) that pulling it takes a few of the watch's 100 ms samples
+    // even now that pulls run at a few hundred MB/s (80 MB once finished between two).
     for i in 0..40 {
-        write(&c.nodes[0].p(&format!("w{i}.bin")), &vec![i as u8; 2_000_000]);
+        write(&c.nodes[0].p(&format!("w{i}.bin")), &vec![i as u8; 10_000_000]);
     }
     let mut seen_busy = false;
     let mut seen_done = false;
@@ -64,11 +66,11 @@ fn status_watch_reports_transfers_as_they_happen() {
     while start.elapsed() < DEADLINE && !(seen_busy && seen_done) {
         if let Ok(l) = rx.recv_timeout(std::time::Duration::from_secs(1)) {
             seen_busy |= !l.contains(" 0 pull(s) in progress") || !l.contains(" 0 pending change(s)");
-            seen_done |= seen_busy && l.contains(" 0 pull(s) in progress") && l.contains("80 MB pulled");
+            seen_done |= seen_busy && l.contains(" 0 pull(s) in progress") && l.contains("400 MB pulled");
         }
     }
     let _ = watch.kill();
-    assert!(seen_busy && seen_done, "watch showed work in progress ({seen_busy}) and then all 80 MB pulled ({seen_done})");
+    assert!(seen_busy && seen_done, "watch showed work in progress ({seen_busy}) and then all 400 MB pulled ({seen_done})");
 }
 
 #[test]

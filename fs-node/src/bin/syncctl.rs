@@ -193,7 +193,8 @@ async fn watch(cli: &Cli) -> anyhow::Result<()> {
     let mut t = Transfers::new(false);
     loop {
         t.show(&status(cli).await?);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        // Often enough that a transfer of a second or less still shows up.
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
 
