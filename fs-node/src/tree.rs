@@ -927,6 +927,14 @@ impl Tree {
                 if matches!(outcome, Outcome::Conflict { .. }) {
                     st.conflicts_seen += 1;
                 }
+                // The file is being written again on top of the version just decided:
+                // `apply_remote` leaves a dirty file alone, but the next change of it
+                // must be based on the revision this one got, or the writer's own
+                // close would look like an edit of a stale version (a conflict).
+                let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
+                if kept && current.path == row.change.path && st.is_dirty(&current.path) {
+                    st.set_rev(&current.path, current.rev)?;
+                }
             }
             st.apply_remote(current, store)
         })
@@ -1249,6 +1257,11 @@ impl State {
 
     // ---- remote changes ----------------------------------------------------------------
 
+    /// Whether the file at `path` has writes not yet committed.
+    fn is_dirty(&self, path: &RelPath) -> bool {
+        self.resolve(path).and_then(|(_, _, ino)| self.inodes.get(&ino)).is_some_and(|i| i.work.is_some())
+    }
+
     fn set_rev(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
         let cur = self.revs.get(path).copied().unwrap_or_default();
         if rev > cur {
@@ -1270,7 +1283,7 @@ impl State {
         }
         let local = self.resolve(path);
         let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
-        let local_dirty = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).is_some_and(|i| i.work.is_some());
+        let local_dirty = self.is_dirty(path);
         if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {
             self.set_rev(path, entry.rev)?;
             return Ok(out);

@@ -111,3 +111,31 @@ fn a_thousand_files_in_one_directory() {
     assert_eq!(std::fs::read_dir(c.nodes[2].p("many")).unwrap().count(), 1000);
     assert_eq!(read(&c.nodes[0].p("many/f0999")).unwrap(), b"file 999");
 }
+
+/// A file's own earlier change is decided by the manager while the file is still open
+/// and being written: `dd of=F` duplicates its descriptor and closes the original
+/// before writing, so the empty file is committed and sent at once. The final close
+/// must build on the revision that change got: it is the same writer's file, not a
+/// conflict.
+#[test]
+fn writing_on_after_an_own_change_was_decided_is_no_conflict() {
+    use std::io::Write;
+    let c = Cluster::start("own-base", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let mut f = std::fs::File::create(a.p("grown.bin")).unwrap();
+    drop(f.try_clone().unwrap()); // close(2) of a duplicate: the empty file is committed
+    f.write_all(b"written before ").unwrap();
+    // The empty file's change is decided and that decision has come back to A while
+    // the file is being written. (Asked over HTTP: spawning `syncctl` would fork this
+    // process, and the child's exec closes a copy of `f`, which commits the file.)
+    let url = format!("{}/status", node_url(a));
+    let pending = || serde_json::from_slice::<serde_json::Value>(&http_get(&url, None).1).unwrap()["pending_changes"].as_u64();
+    eventually("A's empty file to be decided", Duration::from_secs(30), || pending() == Some(0) && read(&b.p("grown.bin")).is_some());
+    f.write_all(b"and after the decision").unwrap();
+    drop(f);
+    let want = &b"written before and after the decision"[..];
+    eventually("the content to reach B", Duration::from_secs(30), || read(&b.p("grown.bin")).as_deref() == Some(want) || !conflict_files(&b.mount).is_empty());
+    c.converged();
+    assert_eq!(conflict_files(&a.mount), Vec::<String>::new(), "a spurious conflict on A");
+    assert_eq!(conflict_files(&b.mount), Vec::<String>::new(), "a spurious conflict on B");
+}
