@@ -1,17 +1,20 @@
 //! The FUSE layer: each callback translates its arguments, calls one `Tree` method and
 //! replies. Errors go through `fail`, which logs and replies with the errno the tree
-//! chose. Nothing else lives here.
+//! chose. Besides that it owns only the kernel's passthrough registrations (`BackingId`
+//! per inode): the tree decides when an open passes through (`tree::Passthrough`).
 
-use crate::tree::{Attr, FsError, Kind, SetAttr, SetTime, Tree};
+use crate::tree::{Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
     RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
     WriteFlags,
 };
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and entries. Remote changes also invalidate
@@ -23,6 +26,23 @@ const MAX_WRITE: u32 = 1 << 20;
 pub struct SyncFs {
     pub tree: Arc<Tree>,
     pub data_dir: std::path::PathBuf,
+    /// Asked for by the operator, then granted by the kernel at init; switched off for
+    /// good if the kernel refuses a backing file.
+    passthrough: AtomicBool,
+    /// The registered backing file of each inode with passthrough handles. Locked
+    /// around the tree call that decides an open or release, so that a registration is
+    /// never dropped while an open reuses it.
+    backings: Mutex<HashMap<u64, BackingId>>,
+}
+
+impl SyncFs {
+    pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: bool) -> SyncFs {
+        SyncFs { tree, data_dir, passthrough: AtomicBool::new(passthrough), backings: Mutex::new(HashMap::new()) }
+    }
+
+    fn backings(&self) -> MutexGuard<'_, HashMap<u64, BackingId>> {
+        self.backings.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 fn time(ns: i64) -> SystemTime {
@@ -90,6 +110,15 @@ impl Filesystem for SyncFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
         let _ = config.set_max_write(MAX_WRITE);
+        if self.passthrough.load(Ordering::Relaxed) {
+            // Depth 2: the store may itself be on a stacked file system (overlayfs in a
+            // container).
+            let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok();
+            if !granted {
+                tracing::info!("the kernel has no FUSE passthrough: all reads go through this process");
+            }
+            self.passthrough.store(granted, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -198,9 +227,33 @@ impl Filesystem for SyncFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        match self.tree.open(ino.0, write, truncate) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(fail("open", e)),
+        let mut backings = self.backings();
+        let fh = match self.tree.open(ino.0, write, truncate, self.passthrough.load(Ordering::Relaxed)) {
+            Ok((fh, OpenIo::Cached)) => return reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, OpenIo::Passthrough { register: Some(file) })) => match reply.open_backing(&*file) {
+                Ok(id) => {
+                    backings.insert(ino.0, id);
+                    fh
+                }
+                Err(e) => {
+                    tracing::warn!("the kernel refused a passthrough backing file ({e}); all reads go through this process from now on");
+                    self.passthrough.store(false, Ordering::Relaxed);
+                    self.tree.passthrough_refused(fh);
+                    return reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+            },
+            Ok((fh, OpenIo::Passthrough { register: None })) => fh,
+            Err(e) => return reply.error(fail("open", e)),
+        };
+        match backings.get(&ino.0) {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
+            None => {
+                // The tree and this table disagree: a bug. Fail this open, not the inode.
+                tracing::error!(ino = ino.0, "passthrough handle without a registered backing file");
+                drop(backings);
+                let _ = self.tree.release(fh);
+                reply.error(Errno::EIO)
+            }
         }
     }
 
@@ -237,8 +290,14 @@ impl Filesystem for SyncFs {
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        let mut backings = self.backings();
         match self.tree.release(fh.0) {
-            Ok(()) => reply.ok(),
+            Ok(r) => {
+                if r.backing_unused {
+                    backings.remove(&r.ino);
+                }
+                reply.ok()
+            }
             Err(e) => reply.error(fail("release", e)),
         }
     }

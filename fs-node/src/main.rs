@@ -37,6 +37,9 @@ struct Args {
     /// Extra CA certificates (PEM) to trust when pulling from peers over https.
     #[arg(long, env = "SYNC_TLS_CA")]
     tls_ca: Option<PathBuf>,
+    /// Do all file I/O through this process, never by kernel passthrough to the store.
+    #[arg(long, env = "SYNC_NO_PASSTHROUGH")]
+    no_passthrough: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -52,5 +55,6 @@ fn main() -> anyhow::Result<()> {
         cluster_token: a.cluster_token.filter(|t| !t.is_empty()),
         tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| fs_node::node::TlsFiles { cert, key }),
         tls_ca: a.tls_ca,
+        passthrough: !a.no_passthrough,
     })
 }

@@ -34,6 +34,9 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// Extra CA certificates (PEM) trusted when pulling from peers over https.
     pub tls_ca: Option<PathBuf>,
+    /// Let the kernel read committed files straight from the store (FUSE passthrough)
+    /// where the kernel supports it.
+    pub passthrough: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -85,6 +88,8 @@ impl Metrics {
         counter("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", stats.pending_changes, "gauge");
         counter("syncfs_node_pending_pulls", "Content pulls in progress.", shared.pulls_in_progress.load(Ordering::Relaxed), "gauge");
         counter("syncfs_node_conflicts_total", "Own changes the manager kept as conflict files.", stats.conflicts_seen, "counter");
+        counter("syncfs_node_passthrough_opens_total", "Opens whose I/O the kernel did on a backing file by itself.", stats.passthrough_opens, "counter");
+        counter("syncfs_node_passthrough_detaches_total", "Backing files a writer made into a file's own work file.", stats.passthrough_detaches, "counter");
         counter("syncfs_node_connected", "1 when connected to the broker.", shared.connected.load(Ordering::Relaxed) as u64, "gauge");
         let _ = writeln!(o, "# HELP syncfs_node_pull_seconds Time to pull one content.\n# TYPE syncfs_node_pull_seconds histogram");
         for (i, b) in PULL_BUCKETS.iter().enumerate() {
@@ -212,7 +217,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         sync_requests: sync_tx,
     });
 
-    let fs = SyncFs { tree: tree.clone(), data_dir: cfg.data.clone() };
+    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), cfg.passthrough);
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =
         vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];

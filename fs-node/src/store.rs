@@ -8,8 +8,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use wire::ContentHash;
 
-/// Buffer for hashing and copying.
-
+/// The store's three directories under the node's data directory.
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     blobs: PathBuf,
@@ -92,6 +91,47 @@ impl ContentStore {
         Ok((hash, size))
     }
 
+    /// Makes `backing` (a file the kernel reads an inode from by passthrough, opened
+    /// from this store) the inode's own work file, so that writes can go to it: if the
+    /// store still names that very file as blob `hash`, the store gets a copy of its
+    /// own first. Returns the file opened for writing, its mtime set to `mtime`.
+    pub fn detach_for_work(&self, backing: &File, hash: Option<&ContentHash>, mtime: std::time::SystemTime) -> anyhow::Result<File> {
+        use std::os::unix::fs::MetadataExt;
+        let mine = backing.metadata().context("reading the backing file's metadata")?;
+        if let Some(h) = hash {
+            let bp = self.blob_path(h);
+            if let Ok(named) = std::fs::metadata(&bp) {
+                if (named.dev(), named.ino()) == (mine.dev(), mine.ino()) {
+                    let (tmp, mut copy) = self.tmp_file()?;
+                    let mut src = File::open(&bp).with_context(|| format!("opening {}", bp.display()))?;
+                    std::io::copy(&mut src, &mut copy).with_context(|| format!("copying blob {h}"))?;
+                    drop(copy);
+                    self.install(&tmp, h).with_context(|| format!("replacing blob {h} with its copy"))?;
+                }
+            }
+        }
+        let w = std::fs::OpenOptions::new().read(true).write(true).open(fd_path(backing)).context("reopening the backing file for writing")?;
+        w.set_modified(mtime).context("setting the work file's mtime")?;
+        Ok(w)
+    }
+
+    /// Commits a work file that passthrough writers may still be writing: a snapshot
+    /// is copied out, hashed, and installed as a blob (unless the store has it).
+    /// Returns the snapshot's hash and size.
+    pub fn commit_snapshot(&self, work: &File) -> anyhow::Result<(ContentHash, u64)> {
+        let (tmp, mut copy) = self.tmp_file()?;
+        let mut src = File::open(fd_path(work)).context("reopening the work file")?;
+        std::io::copy(&mut src, &mut copy).context("copying the work file")?;
+        drop(copy);
+        let (hash, size) = hash_file(&tmp)?;
+        if self.has(&hash) {
+            let _ = std::fs::remove_file(&tmp);
+        } else {
+            self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
+        }
+        Ok((hash, size))
+    }
+
     pub fn discard_work_file(&self, ino: u64) {
         let _ = std::fs::remove_file(self.work_path(ino));
     }
@@ -138,6 +178,12 @@ impl ContentStore {
         }
         removed
     }
+}
+
+/// The /proc path that reopens an open file (also one no directory names any more).
+fn fd_path(f: &File) -> PathBuf {
+    use std::os::fd::AsRawFd;
+    PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }
 
 pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {

@@ -193,6 +193,14 @@ pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
+fn system_time(ns: i64) -> std::time::SystemTime {
+    if ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
+    } else {
+        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
 struct Inode {
     ino: u64,
     kind: Kind,
@@ -214,9 +222,50 @@ struct Inode {
     work: Option<Arc<File>>,
     /// Read handle on the current blob, opened on first read.
     blob: Option<Arc<File>>,
+    /// Set while the kernel does this inode's I/O itself on a backing file.
+    passthrough: Option<Passthrough>,
     writers: u32,
     open: u32,
     lookups: u64,
+}
+
+/// Kernel passthrough of one inode: while any of its handles is open, the kernel reads
+/// (and writes) one backing file directly, without a round trip through this process.
+/// The kernel insists on one backing file per inode for as long as a passthrough handle
+/// is open, and refuses to mix passthrough and cached handles on an inode, so:
+/// - passthrough starts only on a read-only open of a committed file with no other open
+///   handle, on the blob itself;
+/// - every later open of the inode is passthrough too, on the same backing file; a
+///   writer first *detaches* it (`ContentStore::detach_for_work`): the backing file
+///   becomes the inode's work file (readers see the writes, as POSIX wants), and the
+///   store keeps a copy of the blob if it still named that file;
+/// - two inodes never share a backing file (`State::backing_owner`), so one inode's
+///   writes never show in another;
+/// - while a detached work file is open for writing, its size and mtime are the file's
+///   own (the writes do not pass here).
+struct Passthrough {
+    /// The backing file, opened read-only from the store.
+    backing: Arc<File>,
+    /// (st_dev, st_ino) of the backing file.
+    key: (u64, u64),
+    handles: u32,
+}
+
+/// How the kernel is to do I/O on a handle `Tree::open` made.
+pub enum OpenIo {
+    /// Through this process (`read`/`write` callbacks), with the page cache.
+    Cached,
+    /// On the inode's backing file. `register` is the file to register with the kernel
+    /// when this is the inode's first passthrough handle; `None` reuses the inode's
+    /// registered backing file.
+    Passthrough { register: Option<Arc<File>> },
+}
+
+/// What `Tree::release` did to the inode's passthrough state.
+pub struct Released {
+    pub ino: u64,
+    /// The inode's last passthrough handle closed: its backing registration can go.
+    pub backing_unused: bool,
 }
 
 impl Inode {
@@ -252,6 +301,26 @@ impl Inode {
             rdev: self.rdev,
         }
     }
+    /// Size and mtime of a detached work file come from the file: passthrough writes
+    /// change it without passing here.
+    fn take_passthrough_writes(&mut self) -> FsResult<()> {
+        if let (Some(_), Some(w)) = (&self.passthrough, &self.work) {
+            let m = w.metadata()?;
+            self.size = m.len();
+            self.mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64).unwrap_or(self.mtime);
+        }
+        Ok(())
+    }
+
+    /// The other direction: an explicit mtime (utimensat, truncate) goes to the
+    /// detached work file, which holds it from now on.
+    fn give_mtime_to_work(&self) -> FsResult<()> {
+        if let (Some(_), Some(w)) = (&self.passthrough, &self.work) {
+            w.set_modified(system_time(self.mtime))?;
+        }
+        Ok(())
+    }
+
     fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> Inode {
         let now = now_ns();
         Inode {
@@ -272,6 +341,7 @@ impl Inode {
             links: Vec::new(),
             work: None,
             blob: None,
+            passthrough: None,
             writers: 0,
             open: 0,
             lookups: 0,
@@ -294,6 +364,7 @@ impl Inode {
 struct Handle {
     ino: u64,
     write: bool,
+    passthrough: bool,
 }
 
 /// The outbox as the tree keeps it in memory (rows are also in the database).
@@ -318,6 +389,10 @@ pub struct TreeStats {
     pub conflicts_seen: u64,
     /// Highest revision this node has taken from the manager.
     pub last_revision: u64,
+    /// Opens whose I/O the kernel did on a backing file by itself.
+    pub passthrough_opens: u64,
+    /// Backing files a writer made into an inode's own work file.
+    pub passthrough_detaches: u64,
 }
 
 struct State {
@@ -329,6 +404,10 @@ struct State {
     handles: HashMap<u64, Handle>,
     next_fh: u64,
     conflicts_seen: u64,
+    /// Which inode each passthrough backing file (st_dev, st_ino) belongs to.
+    backing_owner: HashMap<(u64, u64), u64>,
+    passthrough_opens: u64,
+    passthrough_detaches: u64,
 }
 
 pub struct Tree {
@@ -391,7 +470,19 @@ impl Tree {
             outbox.sent.insert(row.msg.clone());
             outbox.rows.insert(row.seq, row);
         }
-        let state = State { db, inodes, next_ino, revs, outbox, handles: HashMap::new(), next_fh: 1, conflicts_seen: 0 };
+        let state = State {
+            db,
+            inodes,
+            next_ino,
+            revs,
+            outbox,
+            handles: HashMap::new(),
+            next_fh: 1,
+            conflicts_seen: 0,
+            backing_owner: HashMap::new(),
+            passthrough_opens: 0,
+            passthrough_detaches: 0,
+        };
         Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()) })
     }
 
@@ -445,7 +536,10 @@ impl Tree {
     }
 
     pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
-        Ok(self.lock().inode(ino)?.attr())
+        let mut st = self.lock();
+        let i = st.inode_mut(ino)?;
+        i.take_passthrough_writes()?;
+        Ok(i.attr())
     }
 
     pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
@@ -472,18 +566,13 @@ impl Tree {
                     Kind::Dir => return Err(FsError::IsDir),
                     _ => return Err(FsError::Invalid),
                 }
-                let work = match &i.work {
-                    Some(w) => w.clone(),
-                    None => {
-                        let w = Arc::new(if size == 0 { store.new_work_file(ino, None)? } else { store.new_work_file(ino, i.hash.as_ref())? });
-                        i.work = Some(w.clone());
-                        w
-                    }
-                };
+                let work = st.ensure_work(ino, size != 0, store)?;
                 work.set_len(size)?;
+                let i = st.inode_mut(ino)?;
                 i.size = size;
                 i.mtime = now;
             }
+            let i = st.inode_mut(ino)?;
             if let Some(t) = a.atime {
                 i.atime = match t {
                     SetTime::Now => now,
@@ -497,6 +586,7 @@ impl Tree {
                 };
             }
             i.ctime = now;
+            i.give_mtime_to_work()?;
             let (writers, dirty) = (i.writers, i.work.is_some());
             if dirty && writers == 0 {
                 // truncate(2) with no descriptor open: committed at once.
@@ -586,7 +676,8 @@ impl Tree {
 
     pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, write: bool) -> FsResult<(Attr, u64)> {
         let attr = self.make(parent, name, Kind::File, mode, uid, gid, 0, None)?;
-        let fh = self.open_handle(attr.ino, write, false)?;
+        // A new inode has no blob to pass through to.
+        let (fh, _) = self.open_handle(attr.ino, write, false, false)?;
         Ok((attr, fh))
     }
 
@@ -696,44 +787,55 @@ impl Tree {
         })
     }
 
-    pub fn open(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+    pub fn open(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
         let kind = self.lock().inode(ino)?.kind;
         match kind {
             Kind::Dir if write => return Err(FsError::IsDir),
             Kind::File | Kind::Dir => {}
             _ => return Err(FsError::NotSupported),
         }
-        self.open_handle(ino, write, truncate)
+        self.open_handle(ino, write, truncate, passthrough)
     }
 
-    fn open_handle(&self, ino: u64, write: bool, truncate: bool) -> FsResult<u64> {
+    /// Opens a handle; `passthrough` says whether the kernel can do passthrough I/O.
+    fn open_handle(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
         self.atomically(|st, store| {
-            if truncate && write {
-                let i = st.inode_mut(ino)?;
-                if i.size != 0 || i.work.is_none() {
-                    let w = match &i.work {
-                        Some(w) => {
-                            w.set_len(0)?;
-                            w.clone()
-                        }
-                        None => Arc::new(store.new_work_file(ino, None)?),
-                    };
-                    i.work = Some(w);
-                    i.size = 0;
-                    i.mtime = now_ns();
-                    i.ctime = i.mtime;
+            let io = st.choose_io(ino, write, passthrough, store)?;
+            let pt = matches!(io, OpenIo::Passthrough { .. });
+            if let Err(e) = st.prepare_write_open(ino, write, truncate, pt, store) {
+                if pt {
+                    st.end_passthrough_handle(ino);
                 }
+                return Err(e);
             }
             let i = st.inode_mut(ino)?;
             i.open += 1;
             if write {
                 i.writers += 1;
             }
+            if pt {
+                st.passthrough_opens += 1;
+            }
             let fh = st.next_fh;
             st.next_fh += 1;
-            st.handles.insert(fh, Handle { ino, write });
-            Ok(fh)
+            st.handles.insert(fh, Handle { ino, write, passthrough: pt });
+            Ok((fh, io))
         })
+    }
+
+    /// The kernel would not take the backing file `open` offered for handle `fh` (no
+    /// passthrough support after all): the handle becomes a cached one.
+    pub fn passthrough_refused(&self, fh: u64) {
+        let mut st = self.lock();
+        let Some(h) = st.handles.get_mut(&fh) else {
+            return;
+        };
+        if !std::mem::replace(&mut h.passthrough, false) {
+            return;
+        }
+        let ino = h.ino;
+        st.passthrough_opens = st.passthrough_opens.saturating_sub(1);
+        st.end_passthrough_handle(ino);
     }
 
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
@@ -776,16 +878,8 @@ impl Tree {
             return Err(FsError::BadHandle);
         }
         let ino = h.ino;
+        let work = st.ensure_work(ino, true, &self.store)?;
         let i = st.inode_mut(ino)?;
-        let work = match &i.work {
-            Some(w) => w.clone(),
-            None => {
-                let w = Arc::new(self.store.new_work_file(ino, i.hash.as_ref())?);
-                i.work = Some(w.clone());
-                i.blob = None;
-                w
-            }
-        };
         work.write_all_at(data, offset)?;
         i.size = i.size.max(offset + data.len() as u64);
         i.mtime = now_ns();
@@ -827,7 +921,7 @@ impl Tree {
         Ok(())
     }
 
-    pub fn release(&self, fh: u64) -> FsResult<()> {
+    pub fn release(&self, fh: u64) -> FsResult<Released> {
         self.atomically(|st, store| {
             let Some(h) = st.handles.remove(&fh) else {
                 return Err(FsError::BadHandle);
@@ -840,8 +934,9 @@ impl Tree {
             if i.writers == 0 && i.work.is_some() {
                 st.commit_work(h.ino, store)?;
             }
+            let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
             st.maybe_drop(h.ino, store);
-            Ok(())
+            Ok(Released { ino: h.ino, backing_unused })
         })
     }
 
@@ -867,6 +962,8 @@ impl Tree {
             pending_changes: st.outbox.rows.len() as u64,
             conflicts_seen: st.conflicts_seen,
             last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
+            passthrough_opens: st.passthrough_opens,
+            passthrough_detaches: st.passthrough_detaches,
             ..Default::default()
         };
         for i in st.inodes.values() {
@@ -1238,13 +1335,125 @@ impl State {
     }
 
     /// Hashes and stores the work file of `ino` and records a put for each of its names.
-    fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
+    /// How the kernel is to do I/O on a new handle of `ino` (see `Passthrough`).
+    fn choose_io(&mut self, ino: u64, write: bool, passthrough: bool, store: &ContentStore) -> FsResult<OpenIo> {
         let i = self.inode_mut(ino)?;
-        if i.work.take().is_none() {
+        if let Some(pt) = &mut i.passthrough {
+            pt.handles += 1;
+            return Ok(OpenIo::Passthrough { register: None });
+        }
+        let committed = i.kind == Kind::File && i.work.is_none() && i.open == 0;
+        let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed) else {
+            return Ok(OpenIo::Cached);
+        };
+        let backing = match store.open_blob(&hash) {
+            Ok(f) => Arc::new(f),
+            Err(e) => return Err(FsError::Io(anyhow::Error::new(e).context(format!("opening blob {hash}")))),
+        };
+        let key = {
+            use std::os::unix::fs::MetadataExt;
+            let m = backing.metadata()?;
+            (m.dev(), m.ino())
+        };
+        if self.backing_owner.contains_key(&key) {
+            // Another inode with the same content passes through to this blob.
+            return Ok(OpenIo::Cached);
+        }
+        self.backing_owner.insert(key, ino);
+        self.inode_mut(ino)?.passthrough = Some(Passthrough { backing: backing.clone(), key, handles: 1 });
+        Ok(OpenIo::Passthrough { register: Some(backing) })
+    }
+
+    /// What opening `ino` for writing does before the first write: a passthrough
+    /// writer detaches the backing file now (its writes will not pass here), and
+    /// O_TRUNC empties the file.
+    fn prepare_write_open(&mut self, ino: u64, write: bool, truncate: bool, passthrough: bool, store: &ContentStore) -> FsResult<()> {
+        if !write {
             return Ok(());
         }
+        if passthrough {
+            self.ensure_work(ino, true, store)?;
+        }
+        let i = self.inode(ino)?;
+        if truncate && (i.size != 0 || i.work.is_none()) {
+            let w = self.ensure_work(ino, false, store)?;
+            w.set_len(0)?;
+            let i = self.inode_mut(ino)?;
+            i.size = 0;
+            i.mtime = now_ns();
+            i.ctime = i.mtime;
+            i.give_mtime_to_work()?;
+        }
+        Ok(())
+    }
+
+    /// One passthrough handle of `ino` closed; true when it was the last one.
+    fn end_passthrough_handle(&mut self, ino: u64) -> bool {
+        let Some(i) = self.inodes.get_mut(&ino) else {
+            return false;
+        };
+        let Some(pt) = &mut i.passthrough else {
+            return false;
+        };
+        pt.handles = pt.handles.saturating_sub(1);
+        if pt.handles > 0 {
+            return false;
+        }
+        let key = pt.key;
+        i.passthrough = None;
+        self.backing_owner.remove(&key);
+        true
+    }
+
+    /// The inode's work file, made if there is none: a copy of the blob (or empty when
+    /// `keep_content` is false), or, under passthrough, the backing file detached from
+    /// the store.
+    fn ensure_work(&mut self, ino: u64, keep_content: bool, store: &ContentStore) -> FsResult<Arc<File>> {
+        let i = self.inode_mut(ino)?;
+        if let Some(w) = &i.work {
+            return Ok(w.clone());
+        }
+        let w = match &i.passthrough {
+            Some(pt) => {
+                let hash = i.hash.clone();
+                let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime))?;
+                self.passthrough_detaches += 1;
+                // Inodes with the same content may read through a handle on the file
+                // that is now this inode's: they reopen the store's blob.
+                for other in self.inodes.values_mut().filter(|o| o.hash.is_some() && o.hash == hash) {
+                    other.blob = None;
+                }
+                w
+            }
+            None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,
+        };
+        let w = Arc::new(w);
+        let i = self.inode_mut(ino)?;
+        i.work = Some(w.clone());
         i.blob = None;
-        let (hash, size) = store.commit_work_file(ino)?;
+        Ok(w)
+    }
+
+    fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
+        let i = self.inode_mut(ino)?;
+        let Some(work) = i.work.take() else {
+            return Ok(());
+        };
+        i.blob = None;
+        let (hash, size) = if i.passthrough.is_some() {
+            // The work file is the kernel's backing file: it stays, and while a writer
+            // is still open the file stays dirty (its writes do not pass here).
+            i.work = Some(work.clone());
+            i.take_passthrough_writes()?;
+            let committed = store.commit_snapshot(&work)?;
+            let i = self.inode_mut(ino)?;
+            if i.writers == 0 {
+                i.work = None;
+            }
+            committed
+        } else {
+            store.commit_work_file(ino)?
+        };
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;

@@ -547,6 +547,27 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Parses Prometheus text into name{labels} → value, refusing malformed lines.
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    let mut m = std::collections::HashMap::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed metrics line {line:?}"));
+        let v: f64 = value.parse().unwrap_or_else(|_| panic!("malformed value in {line:?}"));
+        m.insert(name.to_string(), v);
+    }
+    m
+}
+
+/// A node's metrics, parsed.
+pub fn node_metrics(n: &NodeProc) -> std::collections::HashMap<String, f64> {
+    let (status, body) = http_get(&format!("{}/metrics", node_url(n)), None);
+    assert_eq!(status, 200, "GET /metrics of {}", n.id);
+    parse_metrics(&String::from_utf8(body).expect("metrics are UTF-8"))
+}
+
 /// The node's peer URL.
 pub fn node_url(n: &NodeProc) -> String {
     std::fs::read_to_string(n.data.join("node.url")).expect("node.url").trim().to_string()

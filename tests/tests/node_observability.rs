@@ -1,24 +1,9 @@
 //! What a node shows about itself: `syncctl status --watch` lines, Prometheus metrics
 //! whose counters move when files sync, and the cluster token on its HTTP server.
 
-use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use system_tests::*;
-
-/// Parses Prometheus text into name{labels} → value, refusing malformed lines.
-fn parse_metrics(text: &str) -> HashMap<String, f64> {
-    let mut m = HashMap::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (name, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("malformed metrics line {line:?}"));
-        let v: f64 = value.parse().unwrap_or_else(|_| panic!("malformed value in {line:?}"));
-        m.insert(name.to_string(), v);
-    }
-    m
-}
 
 #[test]
 fn metrics_move_when_files_sync() {

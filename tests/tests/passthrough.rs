@@ -1,0 +1,126 @@
+//! Kernel passthrough (issue 2, sequential reads): a committed file opened read-only is
+//! read by the kernel straight from the node's store, and none of the ways a file
+//! changes while such a handle is open may show the wrong bytes anywhere.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+use system_tests::*;
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+fn read_all(f: &std::fs::File) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut off = 0u64;
+    loop {
+        let n = f.read_at(&mut buf, off).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&buf[..n]);
+        off += n as u64;
+    }
+}
+
+fn metric(n: &NodeProc, name: &str) -> f64 {
+    node_metrics(n).get(name).copied().unwrap_or_else(|| panic!("{name} missing from {}'s metrics", n.id))
+}
+
+#[test]
+fn readers_pass_through_and_see_every_change_made_while_they_read() {
+    let c = Cluster::start("passthrough", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let original = pattern(3 << 20, 7);
+    // Two files with the same bytes share one blob in B's store.
+    write(&a.p("x.bin"), &original);
+    write(&a.p("twin.bin"), &original);
+    c.converged();
+
+    let opens = metric(b, "syncfs_node_passthrough_opens_total");
+    let reader = std::fs::File::open(b.p("x.bin")).unwrap();
+    assert!(read_all(&reader) == original, "x.bin read through passthrough differs");
+    assert_eq!(metric(b, "syncfs_node_passthrough_opens_total"), opens + 1.0, "the read-only open did not pass through");
+    // The twin's open cannot share x.bin's backing file: it is read through the node.
+    let twin_reader = std::fs::File::open(b.p("twin.bin")).unwrap();
+    assert!(read_all(&twin_reader) == original);
+
+    // A writer opens x.bin while the reader holds it: the open passes through too (the
+    // kernel allows nothing else) and the reader sees the writes, as on any file system.
+    let detaches = metric(b, "syncfs_node_passthrough_detaches_total");
+    let mut writer = std::fs::OpenOptions::new().read(true).write(true).open(b.p("x.bin")).unwrap();
+    assert_eq!(metric(b, "syncfs_node_passthrough_detaches_total"), detaches + 1.0);
+    writer.write_all(b"NEW BYTES").unwrap();
+    let mut expected = original.clone();
+    expected[..9].copy_from_slice(b"NEW BYTES");
+    expected.extend_from_slice(b" and a tail");
+    writer.write_all_at(b" and a tail", original.len() as u64).unwrap();
+    assert!(read_all(&reader) == expected, "the reader does not see the writer's bytes");
+    // Size and contents as stat and a fresh open see them, before the writer closes.
+    assert_eq!(std::fs::metadata(b.p("x.bin")).unwrap().len(), expected.len() as u64);
+    assert!(read(&b.p("x.bin")).unwrap() == expected);
+    // The twin and the store's blob it shares kept the old bytes.
+    assert!(read_all(&twin_reader) == original, "a write to x.bin showed in twin.bin");
+    assert!(read(&b.p("twin.bin")).unwrap() == original);
+    drop(writer);
+
+    // The change is committed and sent like any other.
+    eventually("B's edit to reach A", Duration::from_secs(30), || read(&a.p("x.bin")).is_some_and(|d| d == expected));
+    c.converged();
+    assert!(read(&a.p("twin.bin")).unwrap() == original);
+
+    // truncate(2) by path while the reader still holds the file.
+    let t = std::ffi::CString::new(b.p("x.bin").as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::truncate(t.as_ptr(), 5) }, 0, "truncate: {}", std::io::Error::last_os_error());
+    assert_eq!(read_all(&reader), b"NEW B", "the reader does not see the truncation");
+    eventually("the truncation to reach A", Duration::from_secs(30), || read(&a.p("x.bin")).as_deref() == Some(&b"NEW B"[..]));
+
+    // A change from A replaces the file: a new open sees it; the old handle keeps the
+    // file it opened (as after a rename over it).
+    let remote = pattern(1 << 20, 99);
+    write(&a.p("x.bin"), &remote);
+    eventually("A's version to reach B", Duration::from_secs(30), || read(&b.p("x.bin")).is_some_and(|d| d == remote));
+    assert_eq!(read_all(&reader), b"NEW B");
+    let mut fresh = Vec::new();
+    std::fs::File::open(b.p("x.bin")).unwrap().read_to_end(&mut fresh).unwrap();
+    assert!(fresh == remote);
+    drop(reader);
+    drop(twin_reader);
+
+    c.converged();
+    assert_eq!(conflict_files(&a.mount), Vec::<String>::new());
+    assert!(read(&b.p("twin.bin")).unwrap() == original);
+}
+
+#[test]
+fn a_writer_with_o_trunc_empties_the_file_under_its_readers() {
+    let c = Cluster::start("pt-trunc", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let original = pattern(1 << 20, 3);
+    write(&a.p("log.txt"), &original);
+    c.converged();
+    let reader = std::fs::File::open(b.p("log.txt")).unwrap();
+    assert!(read_all(&reader) == original);
+    let mut w = std::fs::File::create(b.p("log.txt")).unwrap();
+    assert_eq!(read_all(&reader), b"", "the reader still sees the bytes O_TRUNC removed");
+    w.write_all(b"line 1\n").unwrap();
+    assert_eq!(read_all(&reader), b"line 1\n");
+    drop(w);
+    drop(reader);
+    eventually("the new log to reach A", Duration::from_secs(30), || read(&a.p("log.txt")).as_deref() == Some(&b"line 1\n"[..]));
+    c.converged();
+    assert_eq!(conflict_files(&b.mount), Vec::<String>::new());
+}
+
+#[test]
+fn no_passthrough_flag_keeps_every_read_in_the_node() {
+    let c = Cluster::start("pt-off", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let n = NodeProc::start_with(dir.path(), "plain", &c.vhost, &["--no-passthrough"]);
+    n.wait_connected();
+    write(&c.nodes[0].p("f"), b"through the node");
+    eventually("f to reach the plain node", Duration::from_secs(30), || read(&n.p("f")).as_deref() == Some(&b"through the node"[..]));
+    assert_eq!(metric(&n, "syncfs_node_passthrough_opens_total"), 0.0);
+}
