@@ -40,12 +40,17 @@ fn drop_caches() {
 }
 
 /// MB/s writing then reading `size` bytes in 1 MiB blocks under `dir`.
+///
+/// Every block starts with a fresh nonce: each run writes new content, so the mount's
+/// store cannot hand back a blob it already has (an older file, maybe colder on disk).
 fn sequential(dir: &Path, size: usize) -> (f64, f64) {
     let p = dir.join("seq.bin");
-    let block = vec![0x5au8; 1 << 20];
+    let mut block = vec![0x5au8; 1 << 20];
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
     let t = Instant::now();
     let mut f = std::fs::File::create(&p).unwrap();
-    for _ in 0..size / block.len() {
+    for i in 0..size / block.len() {
+        block[..8].copy_from_slice(&(nonce ^ i as u64).to_le_bytes());
         f.write_all(&block).unwrap();
     }
     f.sync_all().unwrap();
@@ -150,15 +155,27 @@ fn main() {
     } else {
         println!("bindfs not installed (apt-get install bindfs): skipped");
     }
-    for (name, dir) in rows {
-        let (mut ws, mut rs) = (Vec::new(), Vec::new());
-        for _ in 0..3 {
-            let (w, r) = sequential(&dir, size);
-            ws.push(w);
-            rs.push(r);
+    // Rounds interleave the rows (in a rotating order) so that a slow spell of the disk
+    // does not fall on one row only.
+    let rounds: usize = std::env::var("BENCH_SEQ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let mut results: Vec<(Vec<f64>, Vec<f64>)> = vec![(Vec::new(), Vec::new()); rows.len()];
+    let opens_before = node_metrics(a)["syncfs_node_passthrough_opens_total"];
+    for round in 0..rounds {
+        for k in 0..rows.len() {
+            let row = (round + k) % rows.len();
+            let (w, r) = sequential(&rows[row].1, size);
+            if std::env::var_os("BENCH_VERBOSE").is_some() {
+                println!("  round {round}, {}: write {w:.0} MB/s, read {r:.0} MB/s", rows[row].0);
+            }
+            results[row].0.push(w);
+            results[row].1.push(r);
         }
-        println!("sequential {} MiB, {name}: write {:.0} MB/s, read {:.0} MB/s (medians of 3)", size >> 20, median(ws), median(rs));
     }
+    for ((name, _), (ws, rs)) in rows.iter().zip(results) {
+        println!("sequential {} MiB, {name}: write {:.0} MB/s, read {:.0} MB/s (medians of {rounds})", size >> 20, median(ws), median(rs));
+    }
+    let opens = node_metrics(a)["syncfs_node_passthrough_opens_total"] - opens_before;
+    println!("mount reads the kernel passed through to the store: {opens} of {rounds} opens");
     if have_bindfs {
         unmount(bind_mnt.path());
     }
