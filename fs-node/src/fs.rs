@@ -114,7 +114,9 @@ impl Filesystem for SyncFs {
             // Depth 2: the store may itself be on a stacked file system (overlayfs in a
             // container).
             let granted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() && config.set_max_stack_depth(2).is_ok();
-            if !granted {
+            if granted {
+                tracing::info!("FUSE passthrough on: the kernel reads committed files straight from the store");
+            } else {
                 tracing::info!("the kernel has no FUSE passthrough: all reads go through this process");
             }
             self.passthrough.store(granted, Ordering::Relaxed);
