@@ -546,6 +546,8 @@ impl Tree {
         self.atomically(|st, store| {
             let now = now_ns();
             let i = st.inode_mut(ino)?;
+            // Start from what passthrough writes made of the file, not from older values.
+            i.take_passthrough_writes()?;
             if let Some(mode) = a.mode {
                 i.perm = mode & 0o7777;
             }
@@ -912,10 +914,13 @@ impl Tree {
             let i = st.inode(ino)?;
             (i.work.as_ref().map(|w| w.try_clone()).transpose()?, i.hash.clone())
         };
-        match (work, hash) {
-            (Some(w), _) => w.sync_data()?,
-            (None, Some(h)) => self.store.sync_blob(&h)?,
-            (None, None) => {}
+        // A work file is still being written (by another handle, or by passthrough
+        // writers, whose file stays after its snapshot was committed): flush it too.
+        if let Some(w) = work {
+            w.sync_data()?;
+        }
+        if let Some(h) = hash {
+            self.store.sync_blob(&h)?;
         }
         self.lock().db.sync()?;
         Ok(())

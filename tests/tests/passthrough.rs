@@ -60,6 +60,14 @@ fn readers_pass_through_and_see_every_change_made_while_they_read() {
     assert!(read_all(&reader) == expected, "the reader does not see the writer's bytes");
     // Size and contents as stat and a fresh open see them, before the writer closes.
     assert_eq!(std::fs::metadata(b.p("x.bin")).unwrap().len(), expected.len() as u64);
+    // Times: an explicit mtime, then a write (which makes it "now"), then a change of
+    // the atime alone must not bring the explicit mtime back.
+    let y2001 = std::time::UNIX_EPOCH + Duration::from_secs(978_307_200);
+    writer.set_modified(y2001).unwrap();
+    writer.write_all_at(b"NEW", 0).unwrap();
+    writer.set_times(std::fs::FileTimes::new().set_accessed(y2001)).unwrap();
+    let mtime = std::fs::metadata(b.p("x.bin")).unwrap().modified().unwrap();
+    assert!(mtime > y2001 + Duration::from_secs(3600), "the write's mtime was lost: {mtime:?}");
     assert!(read(&b.p("x.bin")).unwrap() == expected);
     // The twin and the store's blob it shares kept the old bytes.
     assert!(read_all(&twin_reader) == original, "a write to x.bin showed in twin.bin");
