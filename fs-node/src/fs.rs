@@ -28,7 +28,7 @@ pub struct SyncFs {
     pub data_dir: std::path::PathBuf,
     /// Asked for by the operator, then granted by the kernel at init; switched off for
     /// good if the kernel refuses a backing file.
-    passthrough: AtomicBool,
+    passthrough: Arc<AtomicBool>,
     /// The registered backing file of each inode with passthrough handles. Locked
     /// around the tree call that decides an open or release, so that a registration is
     /// never dropped while an open reuses it.
@@ -36,8 +36,10 @@ pub struct SyncFs {
 }
 
 impl SyncFs {
-    pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: bool) -> SyncFs {
-        SyncFs { tree, data_dir, passthrough: AtomicBool::new(passthrough), backings: Mutex::new(HashMap::new()) }
+    /// `passthrough` starts as what the operator asked for; `init` and `open` switch it off
+    /// when the kernel says no (shown in the node's metrics).
+    pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>) -> SyncFs {
+        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()) }
     }
 
     fn backings(&self) -> MutexGuard<'_, HashMap<u64, BackingId>> {

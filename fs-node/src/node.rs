@@ -88,6 +88,12 @@ impl Metrics {
         counter("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", stats.pending_changes, "gauge");
         counter("syncfs_node_pending_pulls", "Content pulls in progress.", shared.pulls_in_progress.load(Ordering::Relaxed), "gauge");
         counter("syncfs_node_conflicts_total", "Own changes the manager kept as conflict files.", stats.conflicts_seen, "counter");
+        counter(
+            "syncfs_node_passthrough",
+            "1 while the kernel does passthrough I/O for this mount.",
+            shared.passthrough.load(Ordering::Relaxed) as u64,
+            "gauge",
+        );
         counter("syncfs_node_passthrough_opens_total", "Opens whose I/O the kernel did on a backing file by itself.", stats.passthrough_opens, "counter");
         counter("syncfs_node_passthrough_detaches_total", "Backing files a writer made into a file's own work file.", stats.passthrough_detaches, "counter");
         counter("syncfs_node_connected", "1 when connected to the broker.", shared.connected.load(Ordering::Relaxed) as u64, "gauge");
@@ -134,6 +140,8 @@ pub struct Shared {
     pub needs_resync: AtomicBool,
     pub metrics: Metrics,
     pub notifier: OnceLock<fuser::Notifier>,
+    /// Whether the kernel does passthrough I/O for this mount (owned by `fs::SyncFs`).
+    pub passthrough: Arc<AtomicBool>,
     pub last_sync: Mutex<Option<SyncReport>>,
     /// Sync requests to the broker link, each with where to send the report.
     pub sync_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<anyhow::Result<SyncReport>>>,
@@ -213,11 +221,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         needs_resync: AtomicBool::new(false),
         metrics: Metrics::default(),
         notifier: OnceLock::new(),
+        passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
         last_sync: Mutex::new(None),
         sync_requests: sync_tx,
     });
 
-    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), cfg.passthrough);
+    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), shared.passthrough.clone());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =
         vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];
