@@ -3,7 +3,7 @@
 //! chose. Besides that it owns only the kernel's passthrough registrations (`BackingId`
 //! per inode): the tree decides when an open passes through (`tree::Passthrough`).
 
-use crate::tree::{Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
+use crate::tree::{system_time, Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
     BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
     RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
@@ -47,14 +47,6 @@ impl SyncFs {
     }
 }
 
-fn time(ns: i64) -> SystemTime {
-    if ns >= 0 {
-        UNIX_EPOCH + Duration::from_nanos(ns as u64)
-    } else {
-        UNIX_EPOCH - Duration::from_nanos(ns.unsigned_abs())
-    }
-}
-
 fn file_type(k: Kind) -> FileType {
     match k {
         Kind::File => FileType::RegularFile,
@@ -72,10 +64,10 @@ fn attr(a: &Attr) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.size.div_ceil(512),
-        atime: time(a.atime),
-        mtime: time(a.mtime),
-        ctime: time(a.ctime),
-        crtime: time(a.ctime),
+        atime: system_time(a.atime),
+        mtime: system_time(a.mtime),
+        ctime: system_time(a.ctime),
+        crtime: system_time(a.ctime),
         kind: file_type(a.kind),
         perm: a.perm as u16,
         nlink: a.nlink,

@@ -193,7 +193,8 @@ pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
-fn system_time(ns: i64) -> std::time::SystemTime {
+/// Nanoseconds since the epoch (negative: before it) as a `SystemTime`.
+pub fn system_time(ns: i64) -> std::time::SystemTime {
     if ns >= 0 {
         std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
     } else {
