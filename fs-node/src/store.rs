@@ -102,10 +102,7 @@ impl ContentStore {
             let bp = self.blob_path(h);
             if let Ok(named) = std::fs::metadata(&bp) {
                 if (named.dev(), named.ino()) == (mine.dev(), mine.ino()) {
-                    let (tmp, mut copy) = self.tmp_file()?;
-                    let mut src = File::open(&bp).with_context(|| format!("opening {}", bp.display()))?;
-                    std::io::copy(&mut src, &mut copy).with_context(|| format!("copying blob {h}"))?;
-                    drop(copy);
+                    let tmp = self.copy_to_tmp(&bp).with_context(|| format!("copying blob {h}"))?;
                     self.install(&tmp, h).with_context(|| format!("replacing blob {h} with its copy"))?;
                 }
             }
@@ -119,10 +116,7 @@ impl ContentStore {
     /// is copied out, hashed, and installed as a blob (unless the store has it).
     /// Returns the snapshot's hash and size.
     pub fn commit_snapshot(&self, work: &File) -> anyhow::Result<(ContentHash, u64)> {
-        let (tmp, mut copy) = self.tmp_file()?;
-        let mut src = File::open(fd_path(work)).context("reopening the work file")?;
-        std::io::copy(&mut src, &mut copy).context("copying the work file")?;
-        drop(copy);
+        let tmp = self.copy_to_tmp(&fd_path(work)).context("copying the work file")?;
         let (hash, size) = hash_file(&tmp)?;
         if self.has(&hash) {
             let _ = std::fs::remove_file(&tmp);
@@ -130,6 +124,14 @@ impl ContentStore {
             self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
         }
         Ok((hash, size))
+    }
+
+    /// A copy of the file at `src` in the tmp area (copy_file_range where the kernel can).
+    fn copy_to_tmp(&self, src: &Path) -> anyhow::Result<PathBuf> {
+        let (tmp, mut copy) = self.tmp_file()?;
+        let mut from = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+        std::io::copy(&mut from, &mut copy)?;
+        Ok(tmp)
     }
 
     pub fn discard_work_file(&self, ino: u64) {
