@@ -179,6 +179,15 @@ impl Db {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Replaces the change of a row that was never sent; the row keeps its place.
+    pub fn replace_outbox(&self, seq: i64, change: &Change) -> rusqlite::Result<usize> {
+        self.conn.prepare_cached("UPDATE outbox SET path = ?2, body = ?3 WHERE seq = ?1")?.execute(params![
+            seq,
+            change.path.as_str(),
+            serde_json::to_string(change).expect("wire types serialize")
+        ])
+    }
+
     pub fn remove_outbox(&self, msg: &MessageId) -> rusqlite::Result<usize> {
         self.conn.prepare_cached("DELETE FROM outbox WHERE msg = ?1")?.execute([msg.as_str()])
     }

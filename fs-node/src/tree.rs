@@ -1015,6 +1015,7 @@ impl Tree {
     /// state, in one step. (Two steps would let a change made in between be based on the
     /// revision from before the decision, and conflict with our own earlier change.)
     pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
+        tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         self.atomically(|st, store| {
             let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
             if let Some(seq) = seq {
@@ -1030,12 +1031,16 @@ impl Tree {
                 if matches!(outcome, Outcome::Conflict { .. }) {
                     st.conflicts_seen += 1;
                 }
-                // The file is being written again on top of the version just decided:
-                // `apply_remote` leaves a dirty file alone, but the next change of it
-                // must be based on the revision this one got, or the writer's own
-                // close would look like an edit of a stale version (a conflict).
+                // The path changed again on top of the version just decided (it is
+                // being written, or has later changes queued): `apply_remote` leaves
+                // it alone, but its next change must be based on the revision this one
+                // got. Otherwise a later change that no longer follows a queued one
+                // (that one was decided, or coalesced away before it was sent) goes
+                // out with an older base and looks like an edit of a stale version: a
+                // conflict, or, for the same bytes, a lost chmod.
                 let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
-                if kept && current.path == row.change.path && st.is_dirty(&current.path) {
+                let changed_again = st.is_dirty(&current.path) || st.outbox.per_path.contains_key(&current.path);
+                if kept && current.path == row.change.path && changed_again {
                     st.set_rev(&current.path, current.rev)?;
                 }
             }
@@ -1280,18 +1285,40 @@ impl State {
     fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
         // Coalesce with a change to the same path that never left this process: the
         // manager only needs the latest state.
-        let unsent: Option<i64> = self.outbox.rows.iter().rev().find(|(_, r)| r.change.path == path && !self.outbox.sent.contains(&r.msg)).map(|(s, _)| *s);
-        if let Some(seq) = unsent {
-            if seq > self.outbox.published_upto {
-                let row = self.outbox.rows.remove(&seq).expect("found");
-                self.db.remove_outbox(&row.msg)?;
-                *self.outbox.per_path.get_mut(&path).expect("counted") -= 1;
+        let unsent = self
+            .outbox
+            .rows
+            .iter()
+            .rev()
+            .find(|(s, r)| r.change.path == path && **s > self.outbox.published_upto && !self.outbox.sent.contains(&r.msg))
+            .map(|(s, r)| (*s, matches!(r.change.op, ChangeOp::Put { .. })));
+        let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
+        if let Some((seq, true)) = unsent {
+            if matches!(op, ChangeOp::Put { .. }) {
+                // A put replacing a put keeps its place in the queue: puts of its
+                // parents are before it, puts of its children after it. (Appended at
+                // the end, a directory's put would follow its children's, and the
+                // manager would have made the directory itself, with a default mode.)
+                let follows = self.outbox.rows.range(..seq).rev().find(|(_, r)| r.change.path == path).map(|(_, r)| r.msg.clone());
+                let row = self.outbox.rows.get_mut(&seq).expect("found");
+                row.change = Change { path, base, follows, op };
+                tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");
+                self.db.replace_outbox(seq, &row.change)?;
+                return Ok(());
             }
         }
+        if let Some((seq, _)) = unsent {
+            // Anything else goes to the end, where the order of deletes (children
+            // first) and of a put after a delete is kept.
+            let row = self.outbox.rows.remove(&seq).expect("found");
+            tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
+            self.db.remove_outbox(&row.msg)?;
+            *self.outbox.per_path.get_mut(&path).expect("counted") -= 1;
+        }
         let follows = self.outbox.rows.values().rev().find(|r| r.change.path == path).map(|r| r.msg.clone());
-        let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
         let msg: MessageId = uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid ids");
         let change = Change { path: path.clone(), base, follows, op };
+        tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.db.push_outbox(&msg, &change)?;
         *self.outbox.per_path.entry(path).or_default() += 1;
         self.outbox.rows.insert(seq, OutboxRow { seq, msg, change });
@@ -1507,6 +1534,7 @@ impl State {
         if entry.rev <= local_rev || local_dirty {
             return Ok(out);
         }
+        tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, local_rev = local_rev.0, "applying the manager's state");
         match &entry.version {
             None => {
                 if let Some((parent, name, _)) = local {
@@ -1651,5 +1679,111 @@ impl State {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tree(dir: &std::path::Path) -> Tree {
+        let db = Db::open(&dir.join("node.db")).unwrap();
+        let store = ContentStore::open(dir).unwrap();
+        Tree::load(db, store).unwrap()
+    }
+
+    fn chmod(t: &Tree, ino: u64, mode: u32) {
+        t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
+    }
+
+    fn dir_entry(path: &str, rev: u64, mode: u32) -> Entry {
+        Entry {
+            path: RelPath::new(path).unwrap(),
+            rev: Revision(rev),
+            version: Some(Version { content: Content::Dir, mode, uid: 0, gid: 0, mtime_ns: 0 }),
+            holders: vec![],
+        }
+    }
+
+    /// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
+    /// while a later change of the directory was still queued, and that queued change was
+    /// then replaced by the final chmod before it was sent, the chmod must be based on the
+    /// mkdir's revision: with base 0 the manager took it for a stale edit and kept 0700.
+    #[test]
+    fn a_change_queued_after_an_own_decided_one_is_based_on_its_revision() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let sent = t.take_unpublished();
+        assert_eq!(sent.len(), 1);
+        chmod(&t, d, 0o700); // queued, not sent: follows the mkdir
+        t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
+        chmod(&t, d, 0o755); // replaces the unsent change; nothing queued is left to follow
+        let rows = t.take_unpublished();
+        assert_eq!(rows.len(), 1, "the unsent change was coalesced: {rows:?}");
+        let c = &rows[0].change;
+        assert_eq!((c.base, &c.follows), (Revision(7), &None), "the chmod must be based on the mkdir's revision");
+        assert!(matches!(&c.op, ChangeOp::Put { version } if version.mode == 0o755));
+    }
+
+    /// An own change decided while the same path still has a sent, undecided change
+    /// queued: the later change keeps following it (the manager resolves its base).
+    #[test]
+    fn a_sent_change_keeps_following_the_one_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let first = t.take_unpublished();
+        chmod(&t, d, 0o750);
+        let second = t.take_unpublished();
+        assert_eq!(second[0].change.follows.as_ref(), Some(&first[0].msg));
+        t.apply_decided(&first[0].msg, &Outcome::Accepted, &dir_entry("d", 3, 0o700)).unwrap();
+        t.apply_decided(&second[0].msg, &Outcome::Accepted, &dir_entry("d", 4, 0o750)).unwrap();
+        chmod(&t, d, 0o755);
+        let third = t.take_unpublished();
+        assert_eq!((third[0].change.base, &third[0].change.follows), (Revision(4), &None));
+        assert_eq!(t.getattr(d).unwrap().perm, 0o755);
+    }
+
+    fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
+        rows.iter()
+            .map(|r| {
+                let mode = match &r.change.op {
+                    ChangeOp::Put { version } => Some(version.mode),
+                    ChangeOp::Delete => None,
+                };
+                (r.change.path.to_string(), mode)
+            })
+            .collect()
+    }
+
+    /// A directory's final mode replaces its queued mkdir in place, ahead of its
+    /// children; appended, the manager would see the children first and make the
+    /// directory itself (mode 0755), and the node's put would then change nothing.
+    #[test]
+    fn a_put_replacing_a_queued_put_keeps_its_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
+        chmod(&t, d, 0o750);
+        let rows = t.take_unpublished();
+        assert_eq!(queued(&rows), vec![("d".into(), Some(0o750)), ("d/e".into(), Some(0o700))]);
+        assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    /// A delete replacing a queued put goes to the end: a directory is deleted after its
+    /// children (before them, the manager refuses to delete a directory with children).
+    #[test]
+    fn a_delete_replacing_a_queued_put_goes_after_the_children() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
+        t.take_unpublished();
+        chmod(&t, d, 0o755);
+        t.rmdir(d, OsStr::new("e")).unwrap();
+        t.rmdir(ROOT, OsStr::new("d")).unwrap();
+        assert_eq!(queued(&t.take_unpublished()), vec![("d/e".into(), None), ("d".into(), None)]);
     }
 }

@@ -389,6 +389,7 @@ impl Tx<'_> {
             }
         };
         let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
+        tracing::debug!(target: "changes", %msg, node = %from, path = %change.path, sent_base = change.base.0, base = base.0, ?outcome, rev = current.rev.0, "decided");
         self.tx.execute(
             "INSERT INTO applied(msg, node, rev, outcome) VALUES(?1, ?2, ?3, ?4)",
             params![msg.as_str(), from.as_str(), current.rev.0 as i64, json(&outcome)],

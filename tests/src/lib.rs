@@ -408,6 +408,18 @@ impl Drop for Cluster {
                 dump_log(&format!("node {}", n.id), &n.log);
             }
         }
+        // Whole logs of a failed test, for a closer look: SYNC_KEEP_LOGS=DIR.
+        if let (true, Some(keep)) = (failed, std::env::var_os("SYNC_KEEP_LOGS")) {
+            let to = Path::new(&keep).join(self.dir.path().file_name().unwrap_or_default());
+            let logs = std::iter::once(&self.manager.log).chain(self.nodes.iter().map(|n| &n.log));
+            for log in logs {
+                let copied = std::fs::create_dir_all(&to).and_then(|_| std::fs::copy(log, to.join(log.file_name().unwrap_or_default())));
+                if let Err(e) = copied {
+                    eprintln!("could not keep {}: {e}", log.display());
+                }
+            }
+            eprintln!("logs kept in {}", to.display());
+        }
     }
 }
 

@@ -54,3 +54,27 @@ fn cp_r_git_clone_and_an_editor_save() {
     c.converged();
     assert!(a.p("clone/sub/dir/f19.txt").exists() && !a.p("copied").exists());
 }
+
+/// `cp -a` creates each directory 0700 and sets its mode at the end, right after its
+/// mkdir was sent: the mode must survive on every node, every time (it was once lost
+/// about once in 40 copies, when the mkdir's decision came back between the two).
+#[test]
+fn cp_a_keeps_directory_modes_every_time() {
+    let c = Cluster::start("cpmodes", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let src = c.dir.path().join("src");
+    std::fs::create_dir_all(src.join("x/y/z")).unwrap();
+    for (i, d) in ["x", "x/y", "x/y/z"].iter().enumerate() {
+        write(&src.join(d).join("f.txt"), format!("file {i}\n").as_bytes());
+    }
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(src.join("x/y"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let want = snapshot(&src);
+    for round in 0..20 {
+        let name = format!("copy{round}");
+        run(Command::new("cp").arg("-a").arg(&src).arg(a.p(&name)));
+        c.converged();
+        assert_eq!(describe(&snapshot(&a.p(&name))), describe(&want), "round {round}: the writing node");
+        assert_eq!(describe(&snapshot(&b.p(&name))), describe(&want), "round {round}: the other node");
+    }
+}
