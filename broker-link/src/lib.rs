@@ -110,16 +110,32 @@ pub fn message_properties(id: &str) -> BasicProperties {
 
 /// Publishes and waits for the broker's confirm; a nack is an error.
 pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8]) -> anyhow::Result<()> {
-    let confirm = ch
-        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id))
-        .await
-        .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
-        .await
-        .with_context(|| format!("waiting for the confirm of {id}"))?;
+    let confirm = bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
+        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id))
+            .await
+            .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
+            .await
+            .with_context(|| format!("waiting for the confirm of {id}"))
+    })
+    .await?;
     if !confirm.is_ack() {
         bail!("the broker refused message {id} ({key})");
     }
     Ok(())
+}
+
+/// The longest one round trip with the broker (a publish and its confirm, an ack) may
+/// take. A healthy broker answers in milliseconds, a loaded one in a second or two; a
+/// connection that broke at the wrong moment can leave a lapin future pending for ever,
+/// and the caller's link would then hang instead of reconnecting.
+pub const BROKER_OP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Runs one broker operation, failing it when it takes longer than `BROKER_OP_TIMEOUT`.
+pub async fn bounded<T>(what: impl std::fmt::Display, op: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    match tokio::time::timeout(BROKER_OP_TIMEOUT, op).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead"),
+    }
 }
 
 /// Exponential backoff between reconnection attempts.

@@ -111,17 +111,15 @@ impl Session<'_> {
     /// (heartbeats, `Have`), so they never slow the apply loop.
     async fn publish_unconfirmed(&self, body: ToManager) -> anyhow::Result<()> {
         let env = self.envelope(body);
-        let _confirm = self
-            .ch
-            .basic_publish(
-                "".into(),
-                topology::UPDATE_QUEUE.into(),
-                BasicPublishOptions::default(),
-                &env.encode(),
-                broker_link::message_properties(env.id.as_str()),
-            )
-            .await
-            .context("publishing")?;
+        let payload = env.encode();
+        let publish = self.ch.basic_publish(
+            "".into(),
+            topology::UPDATE_QUEUE.into(),
+            BasicPublishOptions::default(),
+            &payload,
+            broker_link::message_properties(env.id.as_str()),
+        );
+        let _confirm = broker_link::bounded("publishing", async { publish.await.context("publishing") }).await?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
@@ -365,11 +363,11 @@ async fn session(
                     Some(Err(e)) => return Err(e),
                     Some(Ok(Prepared::Bad(d, e))) => {
                         tracing::warn!("dead-lettering an undecodable message: {e}");
-                        d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting")?;
+                        broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                     }
                     Some(Ok(Prepared::Ready(d, env, failures))) => {
                         s.apply(env, failures).await?;
-                        d.ack(BasicAckOptions::default()).await.context("acking")?;
+                        broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
                         tracing::debug!(target: "timing", "delivery applied and acked");
                     }
                 }

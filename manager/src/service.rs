@@ -120,7 +120,8 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         Ok(env) => good.push((d, env)),
                         Err(e) => {
                             tracing::warn!("dead-lettering an undecodable message of {} bytes: {e}", d.data.len());
-                            d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting a bad message")?;
+                            broker_link::bounded("rejecting a bad message", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") })
+                                .await?;
                         }
                     }
                 }
@@ -141,7 +142,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 flush_outbox(handle, &ch).await?;
                 tracing::debug!(target: "timing", "outbox published, confirmed");
                 for d in acks {
-                    d.ack(BasicAckOptions::default()).await.context("acking")?;
+                    broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
                 }
             }
         }
