@@ -257,6 +257,7 @@ fn invalidate(shared: &Shared, invals: &[Inval]) {
 }
 
 /// A delivery with its decoded message and the result of pulling what it needs.
+#[allow(clippy::large_enum_variant)] // one per delivery in flight, moved once
 enum Prepared {
     Bad(Delivery, wire::DecodeError),
     Ready(Delivery, Envelope<ToNode>, u64),

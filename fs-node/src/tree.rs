@@ -444,10 +444,10 @@ impl Tree {
             i.target = row.target;
             inodes.insert(row.ino, i);
         }
-        if !inodes.contains_key(&ROOT) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = inodes.entry(ROOT) {
             let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0);
             db.save_inode(&root.row())?;
-            inodes.insert(ROOT, root);
+            slot.insert(root);
         }
         for (parent, name, ino) in db.dentries()? {
             if inodes.contains_key(&parent) && inodes.contains_key(&ino) {
@@ -624,8 +624,7 @@ impl Tree {
                 return Err(FsError::Exists);
             }
             // BSD group semantics for set-gid directories, as ext4 does.
-            let (gid, perm) =
-                if p.perm & libc::S_ISGID as u32 != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID as u32 } else { perm }) } else { (gid, perm) };
+            let (gid, perm) = if p.perm & libc::S_ISGID != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID } else { perm }) } else { (gid, perm) };
             let ino = st.next_ino;
             st.next_ino += 1;
             let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);

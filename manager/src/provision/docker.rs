@@ -428,7 +428,7 @@ pub fn ensure_shared_mount(dir: &Path) -> Result<()> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(io("reading /proc/self/mountinfo".into()))?;
     let target = dir.to_string_lossy();
     // Field 5 is the mount point; optional fields after field 6 hold "shared:N".
-    let line = mountinfo.lines().filter(|l| l.split(' ').nth(4) == Some(&target)).last();
+    let line = mountinfo.lines().rfind(|l| l.split(' ').nth(4) == Some(&target));
     if line.is_some_and(|l| l.split(" - ").next().unwrap_or("").split(' ').skip(6).any(|f| f.starts_with("shared:"))) {
         return Ok(());
     }
