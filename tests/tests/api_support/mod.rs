@@ -45,6 +45,9 @@ impl Manager {
             .args(["serve", "--broker", &vhost.url(), "--http", &addr.to_string(), "--db"])
             .arg(dir.path().join("manager.db"))
             .args(extra)
+            // Anything the API provisions (the OpenAPI test POSTs every route) carries
+            // this test's own cluster label, and is removed when the manager is dropped.
+            .env("SYNC_CLUSTER", &vhost.name)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,lapin=warn,hyper=info".into()))
             .stdin(Stdio::null())
             .stdout(f.try_clone().unwrap())
@@ -110,6 +113,7 @@ impl Manager {
 impl Drop for Manager {
     fn drop(&mut self) {
         self.stop();
+        remove_cluster_containers(&self.vhost.name);
         if std::thread::panicking() {
             dump_log("manager", &self.log);
         }
@@ -372,5 +376,20 @@ pub fn assert_no_secret(log: &Path, secrets: &[&str]) {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     for s in secrets {
         assert!(!s.is_empty() && !text.contains(s), "a secret appears in {}", log.display());
+    }
+}
+
+/// Removes the containers and volumes labelled with `cluster` (none unless the test
+/// provisioned some through the API). Quiet when Docker is not there.
+fn remove_cluster_containers(cluster: &str) {
+    let filter = format!("label=syncfs.cluster={cluster}");
+    for (list, rm) in [(&["ps", "-aq"][..], &["rm", "-f"][..]), (&["volume", "ls", "-q"][..], &["volume", "rm", "-f"][..])] {
+        let Ok(out) = Command::new("docker").args(list).args(["--filter", &filter]).output() else {
+            return;
+        };
+        let ids: Vec<String> = String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+        if !ids.is_empty() {
+            let _ = Command::new("docker").args(rm).args(&ids).output();
+        }
     }
 }
