@@ -6,7 +6,7 @@
 //! Run: `cargo build --release -p manager -p fs-node && cargo run --release -p bench`.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use system_tests::*;
@@ -256,6 +256,30 @@ fn main() {
         );
     }
     let opens = node_metrics(a)["syncfs_node_passthrough_opens_total"] - opens_before;
+    if std::env::var_os("BENCH_REREAD").is_some() {
+        // Every kept file read cold once more, the rows interleaved: tells whether a row's
+        // files are slow to read where they lie, or were slow only right after writing.
+        let kept: Vec<Vec<PathBuf>> = rows
+            .iter()
+            .map(|(_, d)| {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(d).unwrap().flatten().map(|e| e.path()).collect();
+                v.sort();
+                v
+            })
+            .collect();
+        for i in 0..kept[0].len() {
+            let line: Vec<String> = kept
+                .iter()
+                .zip(&rows)
+                .filter_map(|(files, (name, _))| {
+                    let f = files.get(i)?;
+                    drop_caches();
+                    Some(format!("{name} {:.0}", read_all(f, size)))
+                })
+                .collect();
+            println!("  re-read {i}: {}", line.join(", "));
+        }
+    }
     for (_, dir) in &rows {
         for e in std::fs::read_dir(dir).unwrap().flatten() {
             let _ = std::fs::remove_file(e.path());
