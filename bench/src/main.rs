@@ -34,6 +34,22 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Every order of `0..n`, lexicographic.
+fn permutations(n: usize) -> Vec<Vec<usize>> {
+    if n == 0 {
+        return vec![vec![]];
+    }
+    let mut out = Vec::new();
+    for first in 0..n {
+        for rest in permutations(n - 1) {
+            let mut p = vec![first];
+            p.extend(rest.into_iter().map(|x| if x >= first { x + 1 } else { x }));
+            out.push(p);
+        }
+    }
+    out
+}
+
 fn drop_caches() {
     let _ = Command::new("sync").status();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
@@ -193,7 +209,7 @@ fn main() {
     }
 
     // 4. Sequential 1 GiB through the mount, the native disk and bindfs: medians over
-    // BENCH_SEQ_ROUNDS (7) rounds; the best cold read too, since this machine's disk has
+    // BENCH_SEQ_ROUNDS (6: every order of the rows once) rounds; the best cold read too, since this machine's disk has
     // slow spells that only ever lower a figure (see docs/benchmarks.md).
     // This measures the mount as a file system, so B is stopped first: its pull of every
     // file would write a second GiB to the same disk while A's file is read (on a real
@@ -214,9 +230,12 @@ fn main() {
     } else {
         println!("bindfs not installed (apt-get install bindfs): skipped");
     }
-    // Rounds interleave the rows (in a rotating order) so that a slow spell of the disk
-    // does not fall on one row only.
-    let rounds: usize = std::env::var("BENCH_SEQ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(7);
+    // Rounds interleave the rows, each round in another order: over 6 rounds (with 3
+    // rows) every order is used once, so each row runs in each position and right after
+    // each other row equally often. (A rotation kept one cyclic order: the mount always
+    // ran right after bindfs, whatever that leaves on the disk.)
+    let orders = permutations(rows.len());
+    let rounds: usize = std::env::var("BENCH_SEQ_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(orders.len());
     let mut results: Vec<Vec<SeqRound>> = rows.iter().map(|_| Vec::new()).collect();
     // A first round on every row is not counted: the first gibibyte written and read in
     // the phase was slow on this machine's disk whatever the row (BENCH_WARMUP_FIRST=1
@@ -236,7 +255,7 @@ fn main() {
     let opens_before = node_metrics(a)["syncfs_node_passthrough_opens_total"];
     for round in 0..rounds {
         for k in 0..rows.len() {
-            let row = (round + k) % rows.len();
+            let row = orders[round % orders.len()][k];
             let r = sequential(&rows[row].1, size);
             if std::env::var_os("BENCH_VERBOSE").is_some() {
                 println!("  round {round}, {}: write {:.0} MB/s, cold read {:.0} MB/s, warm read {:.0} MB/s", rows[row].0, r.write, r.cold_read, r.warm_read);
