@@ -1691,6 +1691,14 @@ mod tests {
         Tree::load(db, store).unwrap()
     }
 
+    /// A fresh tree with directory `d` (mode 0700) made in it; the temp dir must outlive it.
+    fn tree_with_dir() -> (tempfile::TempDir, Tree, u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        (dir, t, d)
+    }
+
     fn chmod(t: &Tree, ino: u64, mode: u32) {
         t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
     }
@@ -1710,9 +1718,7 @@ mod tests {
     /// mkdir's revision: with base 0 the manager took it for a stale edit and kept 0700.
     #[test]
     fn a_change_queued_after_an_own_decided_one_is_based_on_its_revision() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree(dir.path());
-        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let (_dir, t, d) = tree_with_dir();
         let sent = t.take_unpublished();
         assert_eq!(sent.len(), 1);
         chmod(&t, d, 0o700); // queued, not sent: follows the mkdir
@@ -1729,9 +1735,7 @@ mod tests {
     /// queued: the later change keeps following it (the manager resolves its base).
     #[test]
     fn a_sent_change_keeps_following_the_one_before() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree(dir.path());
-        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let (_dir, t, d) = tree_with_dir();
         let first = t.take_unpublished();
         chmod(&t, d, 0o750);
         let second = t.take_unpublished();
@@ -1761,9 +1765,7 @@ mod tests {
     /// directory itself (mode 0755), and the node's put would then change nothing.
     #[test]
     fn a_put_replacing_a_queued_put_keeps_its_place() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree(dir.path());
-        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let (_dir, t, d) = tree_with_dir();
         t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
         chmod(&t, d, 0o750);
         let rows = t.take_unpublished();
@@ -1775,9 +1777,7 @@ mod tests {
     /// children (before them, the manager refuses to delete a directory with children).
     #[test]
     fn a_delete_replacing_a_queued_put_goes_after_the_children() {
-        let dir = tempfile::tempdir().unwrap();
-        let t = tree(dir.path());
-        let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+        let (_dir, t, d) = tree_with_dir();
         t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
         t.take_unpublished();
         chmod(&t, d, 0o755);
