@@ -164,23 +164,43 @@ impl Backoff {
 
 /// Logs to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    // Colour only on a terminal: log files and `docker logs` get plain text.
+    let ansi = std::io::stderr().is_terminal();
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
-/// Cancels `token` on SIGINT or SIGTERM.
+/// The signals that end the process cleanly: interrupt (Ctrl-C), terminate (`kill`,
+/// systemd, Docker), hang-up (the terminal closed) and quit (Ctrl-\).
+pub fn terminating_signals() -> [(&'static str, tokio::signal::unix::SignalKind); 4] {
+    use tokio::signal::unix::SignalKind;
+    [("SIGINT", SignalKind::interrupt()), ("SIGTERM", SignalKind::terminate()), ("SIGHUP", SignalKind::hangup()), ("SIGQUIT", SignalKind::quit())]
+}
+
+/// Cancels `token` on any of [`terminating_signals`], so every one of them takes the
+/// same clean path (a node unmounts first) instead of killing the process.
 pub fn cancel_on_signals(token: CancellationToken) {
-    tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-            tracing::error!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => {},
-            _ = int.recv() => {},
+    use tokio::signal::unix::signal;
+    // Installed before returning: a signal that arrives right after start-up must not
+    // take the default action (death without unmounting).
+    let mut streams = Vec::new();
+    for (name, kind) in terminating_signals() {
+        match signal(kind) {
+            Ok(s) => streams.push((name, s)),
+            Err(e) => tracing::error!("cannot install a handler for {name}: {e}"),
         }
-        tracing::info!("signal received, shutting down");
+    }
+    tokio::spawn(async move {
+        let waits = streams.iter_mut().map(|(name, s)| {
+            let name = *name;
+            Box::pin(async move {
+                s.recv().await;
+                name
+            })
+        });
+        let (name, _, _) = futures_util::future::select_all(waits).await;
+        tracing::info!("{name} received, shutting down");
         token.cancel();
     });
 }

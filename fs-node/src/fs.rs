@@ -5,9 +5,9 @@
 
 use crate::tree::{system_time, Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags,
-    RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
+    LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
+    ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -368,5 +368,49 @@ impl Filesystem for SyncFs {
     }
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::from_i32(libc::ENODATA))
+    }
+
+    // Operations the node does not implement, answered quietly (fuser's defaults log a
+    // warning on every call, and programs send some of them all the time: Python's
+    // `open` asks `TCGETS` of every file). The errno is what a local file system that
+    // lacks the feature answers, so programs take their usual fallback.
+
+    /// No device controls on synced files: "not a terminal / no such control".
+    fn ioctl(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: IoctlFlags, cmd: u32, _in: &[u8], _out_size: u32, reply: ReplyIoctl) {
+        tracing::trace!(cmd, "ioctl: ENOTTY");
+        reply.error(Errno::from_i32(libc::ENOTTY))
+    }
+    /// `ENOSYS` makes the kernel stop asking and report files always ready, as for
+    /// regular files on a local disk.
+    fn poll(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _ph: PollNotifier, _events: PollEvents, _flags: PollFlags, reply: ReplyPoll) {
+        reply.error(Errno::ENOSYS)
+    }
+    /// `posix_fallocate` falls back to writing zeros, which the node syncs like any write.
+    fn fallocate(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: u64, _length: u64, _mode: i32, reply: ReplyEmpty) {
+        reply.error(Errno::from_i32(libc::EOPNOTSUPP))
+    }
+    /// The kernel falls back to its generic `SEEK_DATA`/`SEEK_HOLE` (the whole file is data).
+    fn lseek(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _offset: i64, _whence: i32, reply: ReplyLseek) {
+        reply.error(Errno::ENOSYS)
+    }
+    /// The kernel (and `cp`) fall back to reading and writing.
+    #[allow(clippy::too_many_arguments)]
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::ENOSYS)
+    }
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        reply.error(Errno::ENOSYS)
     }
 }

@@ -286,6 +286,21 @@ impl NodeProc {
         unmount(&self.mount);
     }
 
+    /// Sends `signal` to the node process and waits (with the harness deadline) for it to
+    /// exit; returns how it exited. The mount is left as the process left it.
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the node is running");
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let mut status = None;
+        eventually(&format!("node {} to exit after signal {signal}", self.id), DEADLINE, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.expect("exited")
+    }
+
     /// `syncctl` with arguments; returns (success, stdout, stderr).
     pub fn syncctl(&self, args: &[&str]) -> (bool, String, String) {
         let mut cmd = Command::new(bin("syncctl"));
@@ -325,6 +340,12 @@ impl Drop for NodeProc {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Whether some mount sits exactly at `dir` (read from /proc/self/mountinfo).
+pub fn is_mounted(dir: &Path) -> bool {
+    let want = dir.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default().lines().any(|l| l.split(' ').nth(4) == Some(want.as_str()))
 }
 
 pub fn unmount(dir: &Path) {
