@@ -9,6 +9,19 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest message a receiver decodes; larger ones are dead-lettered. A sync reply for
 /// ~200,000 paths fits.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// Largest message a node may send the manager: every node → manager message is a few
+/// short fields (a 20 MB heartbeat is refused before it is parsed).
+pub const MAX_TO_MANAGER_BYTES: usize = 64 << 10;
+/// Longest URL of a node's content server.
+pub const MAX_URL_BYTES: usize = 2048;
+/// Longest program version string a node reports.
+pub const MAX_SOFTWARE_BYTES: usize = 128;
+/// Longest symlink target (Linux PATH_MAX, without the terminating NUL).
+pub const MAX_SYMLINK_TARGET_BYTES: usize = 4095;
+/// Longest reason text in a refusal.
+pub const MAX_REASON_BYTES: usize = 1024;
+/// Most holders listed for one entry.
+pub const MAX_HOLDERS: usize = 1024;
 
 /// Every message on the broker: protocol version, unique id, sender and body.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -22,25 +35,105 @@ pub struct Envelope<B> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
-    #[error("message of {0} bytes is larger than the limit of {MAX_MESSAGE_BYTES}")]
-    TooLarge(usize),
+    #[error("message of {0} bytes is larger than the limit of {1}")]
+    TooLarge(usize, usize),
     #[error("message has protocol version {0}, this program speaks {PROTOCOL_VERSION}")]
     Version(u32),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("message field out of bounds: {0}")]
+    Bounds(String),
 }
 
-impl<B: Serialize + DeserializeOwned> Envelope<B> {
+/// A message body: its size limit, and the bounds of each of its fields, checked at
+/// decode so an oversized field never reaches a database or a file system.
+pub trait Body {
+    /// Largest encoded envelope with this body.
+    const MAX_BYTES: usize;
+    fn check_bounds(&self) -> Result<(), String>;
+}
+
+fn bounded_str(what: &str, s: &str, max: usize) -> Result<(), String> {
+    if s.len() > max {
+        return Err(format!("{what} has {} bytes, more than {max}", s.len()));
+    }
+    Ok(())
+}
+
+impl Version {
+    fn check_bounds(&self) -> Result<(), String> {
+        match &self.content {
+            Content::Symlink { target } => {
+                if target.is_empty() || target.contains('\0') {
+                    return Err("a symlink target must be non-empty and hold no NUL".into());
+                }
+                bounded_str("symlink target", target, MAX_SYMLINK_TARGET_BYTES)
+            }
+            _ => Ok(()),
+        }?;
+        if self.mode > 0o7777 {
+            return Err(format!("mode {:o} has bits beyond 07777", self.mode));
+        }
+        Ok(())
+    }
+}
+
+impl Entry {
+    fn check_bounds(&self) -> Result<(), String> {
+        if let Some(v) = &self.version {
+            v.check_bounds()?;
+        }
+        if self.holders.len() > MAX_HOLDERS {
+            return Err(format!("{} holders, more than {MAX_HOLDERS}", self.holders.len()));
+        }
+        self.holders.iter().try_for_each(|h| bounded_str("holder URL", &h.url, MAX_URL_BYTES))
+    }
+}
+
+impl Body for ToManager {
+    const MAX_BYTES: usize = MAX_TO_MANAGER_BYTES;
+    fn check_bounds(&self) -> Result<(), String> {
+        match self {
+            ToManager::Heartbeat { url, software, .. } => {
+                bounded_str("heartbeat URL", url, MAX_URL_BYTES)?;
+                bounded_str("software version", software, MAX_SOFTWARE_BYTES)
+            }
+            ToManager::Sync { url, .. } => bounded_str("sync URL", url, MAX_URL_BYTES),
+            ToManager::Change(Change { op: ChangeOp::Put { version }, .. }) => version.check_bounds(),
+            ToManager::Change(_) | ToManager::Have { .. } => Ok(()),
+        }
+    }
+}
+
+impl Body for ToNode {
+    const MAX_BYTES: usize = MAX_MESSAGE_BYTES;
+    fn check_bounds(&self) -> Result<(), String> {
+        match self {
+            ToNode::Applied { entry, .. } => entry.check_bounds(),
+            ToNode::Decided { outcome, current, .. } => {
+                if let Outcome::Refused { reason } = outcome {
+                    bounded_str("refusal reason", reason, MAX_REASON_BYTES)?;
+                }
+                current.check_bounds()
+            }
+            ToNode::SyncReply { entries, .. } => entries.iter().try_for_each(Entry::check_bounds),
+            ToNode::SyncRequested {} => Ok(()),
+        }
+    }
+}
+
+impl<B: Serialize + DeserializeOwned + Body> Envelope<B> {
     pub fn new(id: MessageId, from: NodeId, body: B) -> Self {
         Envelope { v: PROTOCOL_VERSION, id, from, body }
     }
     pub fn encode(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("wire types always serialize")
     }
-    /// Strict decoding: size limit, protocol version, then every field validated.
+    /// Strict decoding: size limit, protocol version, then every field validated and
+    /// bounded ([`Body`]).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() > MAX_MESSAGE_BYTES {
-            return Err(DecodeError::TooLarge(bytes.len()));
+        if bytes.len() > B::MAX_BYTES {
+            return Err(DecodeError::TooLarge(bytes.len(), B::MAX_BYTES));
         }
         #[derive(Deserialize)]
         struct VersionOnly {
@@ -50,7 +143,9 @@ impl<B: Serialize + DeserializeOwned> Envelope<B> {
         if probe.v != PROTOCOL_VERSION {
             return Err(DecodeError::Version(probe.v));
         }
-        Ok(serde_json::from_slice(bytes)?)
+        let env: Self = serde_json::from_slice(bytes)?;
+        env.body.check_bounds().map_err(DecodeError::Bounds)?;
+        Ok(env)
     }
 }
 
@@ -263,7 +358,7 @@ mod tests {
 
     /// Each message kind has a golden JSON file under `wire/fixtures/`; a change of the
     /// format shows up as a diff there. `UPDATE_FIXTURES=1` rewrites them.
-    fn check_fixture<B: Serialize + DeserializeOwned + PartialEq + std::fmt::Debug>(dir: &str, name: &str, body: B) {
+    fn check_fixture<B: Serialize + DeserializeOwned + Body + PartialEq + std::fmt::Debug>(dir: &str, name: &str, body: B) {
         let env = Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), body);
         let file: PathBuf = [env!("CARGO_MANIFEST_DIR"), "fixtures", dir, &format!("{name}.json")].iter().collect();
         let pretty = serde_json::to_string_pretty(&env).unwrap() + "\n";
@@ -320,5 +415,27 @@ mod tests {
                 let _ = Envelope::<ToManager>::decode(&bytes);
             }
         }
+    }
+
+    #[test]
+    fn oversized_fields_and_messages_are_refused_at_decode() {
+        let hb = |url: String, software: &str| {
+            Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into() })
+                .encode()
+        };
+        assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), "1.0")).is_ok());
+        let long_url = hb(format!("http://h/{}", "u".repeat(MAX_URL_BYTES)), "1.0");
+        assert!(matches!(Envelope::<ToManager>::decode(&long_url), Err(DecodeError::Bounds(m)) if m.contains("heartbeat URL")));
+        let huge = hb(format!("http://h/{}", "u".repeat(20 << 20)), "1.0");
+        assert!(matches!(Envelope::<ToManager>::decode(&huge), Err(DecodeError::TooLarge(_, MAX_TO_MANAGER_BYTES))));
+        assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), &"s".repeat(MAX_SOFTWARE_BYTES + 1))).is_err());
+        let link = |target: String| {
+            let version = Version { content: Content::Symlink { target }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 };
+            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version } };
+            Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Change(change)).encode()
+        };
+        assert!(Envelope::<ToManager>::decode(&link("t".repeat(MAX_SYMLINK_TARGET_BYTES))).is_ok());
+        assert!(Envelope::<ToManager>::decode(&link("t".repeat(MAX_SYMLINK_TARGET_BYTES + 1))).is_err());
+        assert!(Envelope::<ToManager>::decode(&link(String::new())).is_err());
     }
 }
