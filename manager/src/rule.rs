@@ -101,28 +101,87 @@ impl UtcTime {
     }
 }
 
-/// The conflict file's name: `stem (conflict from NODE DATE TIME[ N]).ext`, beside the
-/// original, keeping the extension so the file still opens in the right program.
-/// `n` > 1 disambiguates when the name is taken.
-pub fn conflict_path(path: &RelPath, node: &NodeId, at: UtcTime, n: u32) -> RelPath {
+/// How many dated names (`… 14.03.10)`, `… 14.03.10 2)`, `… 14.03.10 3)`…) are tried
+/// before the short forms: one more than the conflict files a path may keep, so a path's
+/// own copies made in the same second never push a new one to the short form.
+pub const CONFLICT_NAME_TRIES: u32 = MAX_CONFLICT_COPIES as u32 + 1;
+
+/// The stem keeps at least this much (or all of it, if shorter) before the extension is
+/// shortened: a name of 230 bytes after its only dot is no extension a program relies on,
+/// and the start of the stem is what tells a user which file the copy belongs to.
+const MIN_STEM_BYTES: usize = 16;
+
+/// Every name the conflict file of `path` may get, best first; the caller takes the first
+/// one that is free. Each is a valid path beside the original, differs from it, keeps
+/// every component within `MAX_NAME_BYTES` and the whole within `MAX_PATH_BYTES`.
+///
+/// First come `CONFLICT_NAME_TRIES` dated names: `stem (conflict from NODE DATE TIME[ N]).ext`,
+/// keeping the extension so the file still opens in the right program; the stem is
+/// shortened to fit, then the extension. Then two short forms that carry `rev`, the
+/// revision the copy will get, which no other path ever gets: `stem (conflict from NODE
+/// rREV).ext` and `stem (conflict from rREV).ext`. The list is empty only when not even
+/// the last one fits beside the original (a parent within about 20 bytes of the limit).
+pub fn conflict_candidates(path: &RelPath, node: &NodeId, at: UtcTime, rev: Revision) -> Vec<RelPath> {
+    let parent = path.parent();
+    let budget = match &parent {
+        Some(p) => wire::MAX_PATH_BYTES.saturating_sub(p.as_str().len() + 1),
+        None => wire::MAX_PATH_BYTES,
+    }
+    .min(wire::MAX_NAME_BYTES);
     let name = path.name();
     let (stem, ext) = match name.rfind('.') {
         Some(i) if i > 0 => name.split_at(i),
         _ => (name, ""),
     };
-    let suffix = if n > 1 { format!(" {n}") } else { String::new() };
-    let tail = format!("{CONFLICT_MARK}{node} {}{suffix}){ext}", at.format());
-    // Keep the name within NAME_MAX by shortening the stem (on a char boundary).
-    let mut stem = stem.to_string();
-    while stem.len() + tail.len() > wire::MAX_NAME_BYTES && !stem.is_empty() {
-        stem.pop();
+    let time = at.format();
+    let dated = (1..=CONFLICT_NAME_TRIES).map(|n| {
+        let suffix = if n > 1 { format!(" {n}") } else { String::new() };
+        format!("{CONFLICT_MARK}{node} {time}{suffix})")
+    });
+    let short = [format!("{CONFLICT_MARK}{node} r{})", rev.0), format!("{CONFLICT_MARK}r{})", rev.0)];
+    let mut out: Vec<RelPath> = Vec::new();
+    for tail in dated.chain(short) {
+        let Some(new_name) = fit(stem, &tail, ext, budget) else { continue };
+        let candidate = match &parent {
+            Some(p) => p.join(&new_name),
+            None => RelPath::new(new_name),
+        };
+        // Cannot fail (the name fits and holds no '/' or NUL), but a path that failed
+        // would only be one candidate fewer, never a panic.
+        if let Ok(c) = candidate {
+            if c != *path && !out.contains(&c) {
+                out.push(c);
+            }
+        }
     }
-    let new_name = format!("{stem}{tail}");
-    match path.parent() {
-        Some(p) => p.join(&new_name),
-        None => RelPath::new(new_name),
+    out
+}
+
+/// `stem + tail + ext` within `budget` bytes, or None when `tail` alone does not fit. The
+/// stem gives way first (down to `MIN_STEM_BYTES`), then the extension, then the rest of
+/// the stem; every cut falls on a char boundary.
+fn fit(stem: &str, tail: &str, ext: &str, budget: usize) -> Option<String> {
+    let room = budget.checked_sub(tail.len())?;
+    let keep = stem.len().min(MIN_STEM_BYTES);
+    let ext = match cut(ext, room.saturating_sub(keep)) {
+        // A dot left alone from a cut extension says nothing.
+        "." if ext.len() > 1 => "",
+        e => e,
+    };
+    let stem = cut(stem, room - ext.len());
+    Some(format!("{stem}{tail}{ext}"))
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
     }
-    .unwrap_or_else(|_| path.clone())
+    let mut i = max;
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    &s[..i]
 }
 
 #[cfg(test)]
@@ -182,15 +241,164 @@ mod tests {
         assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES), Decision::Refuse(_)));
     }
 
+    const AT: UtcTime = UtcTime { unix_secs: 1_795_615_390 }; // 2026-11-25 14:03:10 UTC
+
+    fn names(path: &str, node: &str, rev: u64) -> Vec<String> {
+        conflict_candidates(&p(path), &node.parse().unwrap(), AT, Revision(rev)).into_iter().map(String::from).collect()
+    }
+
     #[test]
     fn conflict_names_keep_the_extension() {
-        let at = UtcTime { unix_secs: 1_795_615_390 }; // 2026-11-25 14:03:10 UTC
-        let n2: NodeId = "node-b".parse().unwrap();
-        assert_eq!(conflict_path(&p("docs/report.txt"), &n2, at, 1).as_str(), "docs/report (conflict from node-b 2026-11-25 14.03.10).txt");
-        assert_eq!(conflict_path(&p("Makefile"), &n2, at, 2).as_str(), "Makefile (conflict from node-b 2026-11-25 14.03.10 2)");
-        assert_eq!(conflict_path(&p(".bashrc"), &n2, at, 1).as_str(), ".bashrc (conflict from node-b 2026-11-25 14.03.10)");
-        let long = conflict_path(&p(&format!("{}.txt", "é".repeat(120))), &n2, at, 1);
-        assert!(long.name().len() <= 255 && long.name().ends_with(").txt"));
-        assert!(is_conflict_file(&long));
+        assert_eq!(names("docs/report.txt", "node-b", 7)[0], "docs/report (conflict from node-b 2026-11-25 14.03.10).txt");
+        assert_eq!(names("Makefile", "node-b", 7)[1], "Makefile (conflict from node-b 2026-11-25 14.03.10 2)");
+        assert_eq!(names(".bashrc", "node-b", 7)[0], ".bashrc (conflict from node-b 2026-11-25 14.03.10)");
+        let long = names(&format!("{}.txt", "é".repeat(120)), "node-b", 7).remove(0);
+        assert!(long.len() <= 255 && long.ends_with(").txt"), "{long}");
+        assert!(is_conflict_file(&p(&long)));
+    }
+
+    #[test]
+    fn dated_names_then_short_forms_with_the_revision() {
+        let all = names("d/f.txt", "n2", 57);
+        assert_eq!(all.len(), CONFLICT_NAME_TRIES as usize + 2);
+        assert_eq!(all[CONFLICT_NAME_TRIES as usize - 1], format!("d/f (conflict from n2 2026-11-25 14.03.10 {CONFLICT_NAME_TRIES}).txt"));
+        assert_eq!(all[all.len() - 2..], ["d/f (conflict from n2 r57).txt", "d/f (conflict from r57).txt"]);
+    }
+
+    /// Regression: a name whose extension is longer than a conflict name may be (`a.` and
+    /// 230 bytes) got no candidate that fit, the original path came back as the
+    /// "candidate", and the manager's naming loop never ended.
+    #[test]
+    fn regression_a_long_extension_is_shortened_too() {
+        let name = format!("a.{}", "e".repeat(230));
+        let first = names(&name, "n2", 9).remove(0);
+        assert!(first.len() <= wire::MAX_NAME_BYTES, "{first}");
+        assert!(first.starts_with("a (conflict from n2 2026-11-25 14.03.10).eee"), "{first}");
+    }
+
+    /// Regression: below a 4,015-byte directory a conflict name that fit NAME_MAX still
+    /// made the path longer than PATH_MAX, and the naming loop never ended.
+    #[test]
+    fn regression_a_path_near_the_limit_gets_a_name_that_fits() {
+        let dir = (0..16).map(|i| format!("{i:02}{}", "d".repeat(248))).collect::<Vec<_>>().join("/");
+        let path = format!("{dir}/{}.txt", "s".repeat(60));
+        let all = names(&path, "n2", 9);
+        assert!(all[0].ends_with(&format!("/{} (conflict from n2 2026-11-25 14.03.10).txt", "s".repeat(37))), "{}", all[0]);
+        assert!(all.iter().all(|c| c.len() <= wire::MAX_PATH_BYTES));
+        // With 20 bytes of room only the shortest form fits; with less, nothing does and
+        // the caller refuses the change instead of looking for ever.
+        let tight = format!("{}/f", parent_of_len(4_075));
+        assert_eq!(names(&tight, "n2", 9), [format!("{}/f (conflict from r9)", parent_of_len(4_075))]);
+        assert!(names(&format!("{}/f", parent_of_len(4_077)), "n2", 9).is_empty());
+    }
+
+    /// `x/x/…/x`, with a `y` more at the end for an even length.
+    fn parent_of_len(n: usize) -> String {
+        let mut parent = "x/".repeat(n.div_ceil(2));
+        parent.pop();
+        if parent.len() < n {
+            parent.push('y');
+        }
+        assert_eq!(parent.len(), n);
+        parent
+    }
+
+    /// Every length of the parent near the path limit, with a few awkward names.
+    #[test]
+    fn exhaustive_near_the_path_limit() {
+        for parent_len in 3_900..4_095 {
+            let parent = parent_of_len(parent_len);
+            for name in ["a", "a.b", "é€𝄞.txt", "...", "a. (conflict from n2 r1)"] {
+                if let Ok(path) = RelPath::new(format!("{parent}/{name}")) {
+                    check_candidates(&path, &"n2".parse().unwrap(), Revision(123_456)).unwrap();
+                }
+            }
+        }
+    }
+
+    /// The properties every list of candidates has; an error says which one failed.
+    fn check_candidates(path: &RelPath, node: &NodeId, rev: Revision) -> Result<(), String> {
+        let all = conflict_candidates(path, node, AT, rev);
+        if all.len() > CONFLICT_NAME_TRIES as usize + 2 {
+            return Err(format!("{} candidates", all.len()));
+        }
+        for (i, c) in all.iter().enumerate() {
+            RelPath::new(c.as_str()).map_err(|e| format!("{c:?} is not a valid path: {e}"))?;
+            if c == path {
+                return Err(format!("{c:?} is the original path"));
+            }
+            if c.parent() != path.parent() {
+                return Err(format!("{c:?} is not beside {path:?}"));
+            }
+            if c.name().len() > wire::MAX_NAME_BYTES || c.as_str().len() > wire::MAX_PATH_BYTES {
+                return Err(format!("{c:?} does not fit"));
+            }
+            if !is_conflict_file(c) {
+                return Err(format!("{c:?} is not marked as a conflict file"));
+            }
+            if all[..i].contains(c) {
+                return Err(format!("{c:?} comes twice"));
+            }
+        }
+        // The shortest form fits whenever the room beside the original allows it, so the
+        // search for a free name ends with a name that no other path has ever had.
+        let room = match path.parent() {
+            Some(p) => wire::MAX_PATH_BYTES - p.as_str().len() - 1,
+            None => wire::MAX_PATH_BYTES,
+        }
+        .min(wire::MAX_NAME_BYTES);
+        let shortest = format!("{CONFLICT_MARK}r{})", rev.0);
+        if room >= shortest.len() && !all.last().is_some_and(|c| c.name().contains(&format!(" r{})", rev.0))) {
+            return Err(format!("no short form with the revision although {room} bytes are free: {all:?}"));
+        }
+        Ok(())
+    }
+
+    mod property {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Names from a small alphabet rich in dots and multi-byte characters (2, 3 and 4
+        /// bytes), so cuts land inside characters and extensions are long or many.
+        fn name() -> impl Strategy<Value = String> {
+            let ch = prop_oneof![4 => Just('a'), 3 => Just('.'), 1 => Just(' '), 2 => Just('é'), 1 => Just('€'), 1 => Just('𝄞')];
+            let free = proptest::collection::vec(ch.clone(), 1..300).prop_map(|cs| cs.into_iter().collect::<String>());
+            let stem_ext = (proptest::collection::vec(ch.clone(), 0..120), proptest::collection::vec(ch, 0..260))
+                .prop_map(|(s, e)| format!("{}.{}", s.into_iter().collect::<String>(), e.into_iter().collect::<String>()));
+            prop_oneof![free, stem_ext].prop_map(|s| match cut(&s, wire::MAX_NAME_BYTES) {
+                "." | ".." => "n".to_string(),
+                s => s.to_string(),
+            })
+        }
+
+        /// Paths of up to 17 directories, often of about 250 bytes, so the whole is often
+        /// near the 4,096-byte limit; leading directories are dropped until it is valid.
+        fn path() -> impl Strategy<Value = RelPath> {
+            let dir = prop_oneof![name(), (240..=255usize).prop_map(|n| "d".repeat(n))];
+            (proptest::collection::vec(dir, 0..17), name()).prop_map(|(mut dirs, name)| loop {
+                let s = dirs.iter().chain(std::iter::once(&name)).cloned().collect::<Vec<_>>().join("/");
+                match RelPath::new(s) {
+                    Ok(p) => break p,
+                    Err(_) => {
+                        dirs.remove(0);
+                    }
+                }
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2_000))]
+            #[test]
+            fn every_candidate_is_a_valid_path_beside_the_original_that_fits(
+                path in path(),
+                node in "[a-z0-9._-]{1,64}",
+                rev in 1..u64::MAX,
+            ) {
+                let node: NodeId = node.parse().unwrap();
+                if let Err(e) = check_candidates(&path, &node, Revision(rev)) {
+                    prop_assert!(false, "{} ({} bytes): {}", path, path.as_str().len(), e);
+                }
+            }
+        }
     }
 }

@@ -369,23 +369,35 @@ impl Tx<'_> {
             Decision::Conflict => {
                 let ChangeOp::Put { version } = &change.op else { unreachable!("the rule only makes conflicts of puts") };
                 let at = UtcTime { unix_secs: now_ms.div_euclid(1000) };
-                let mut n = 1;
-                let copy = loop {
-                    let candidate = rule::conflict_path(&change.path, from, at, n);
-                    let taken = matches!(self.current(&candidate)?, Some(Current { version: Some(_), .. }));
-                    if !taken {
-                        break candidate;
+                // The copy gets the next revision; the last candidates carry it in their
+                // names, so the search ends with a name no other path has had.
+                let copy_rev = head(&self.tx)?.next();
+                let mut free = None;
+                for candidate in rule::conflict_candidates(&change.path, from, at, copy_rev) {
+                    if !matches!(self.current(&candidate)?, Some(Current { version: Some(_), .. })) {
+                        free = Some(candidate);
+                        break;
                     }
-                    n += 1;
-                };
-                let copy_entry = self.set(&copy, Some(version), from, now_ms)?;
-                let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
-                self.tx.execute(
-                    "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![change.path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms],
-                )?;
-                tracing::info!(path = %change.path, %copy, node = %from, "conflict: kept the node's version as a conflict file");
-                Outcome::Conflict { copy }
+                }
+                match free {
+                    Some(copy) => {
+                        let copy_entry = self.set(&copy, Some(version), from, now_ms)?;
+                        let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
+                        self.tx.execute(
+                            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                            params![change.path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms],
+                        )?;
+                        tracing::info!(path = %change.path, %copy, node = %from, "conflict: kept the node's version as a conflict file");
+                        Outcome::Conflict { copy }
+                    }
+                    None => {
+                        // Only beside a path within a few bytes of the length limit, or
+                        // when every candidate name is taken by other files.
+                        let reason = "no free conflict file name fits beside this path; this version was not kept".to_string();
+                        tracing::warn!(path = %change.path, node = %from, %reason, "change refused");
+                        Outcome::Refused { reason }
+                    }
+                }
             }
         };
         let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
@@ -481,5 +493,30 @@ mod tests {
         assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(3)));
         assert_eq!(s.entry(&p("f.txt")).unwrap().unwrap().version, Some(file(2)));
         assert_eq!(s.conflict_count().unwrap(), 1);
+    }
+
+    /// Regression: the naming loop never ended for a name with a long extension, holding
+    /// the store for good. Now the copy gets a name that fits, and next to a path that
+    /// leaves no room for any conflict name the change is refused.
+    #[test]
+    fn regression_conflicts_beside_long_names_are_decided() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let long = format!("a.{}", "e".repeat(230));
+        let tight = format!("{}/{}/f", vec!["d".repeat(250); 16].join("/"), "e".repeat(61));
+        assert_eq!(tight.len(), 4_079);
+        send(&mut s, "n1", "m1", put(&long, 0, file(1)));
+        send(&mut s, "n1", "m2", put(&tight, 0, file(1)));
+        let (long_rev, tight_rev) = (s.entry(&p(&long)).unwrap().unwrap().rev.0, s.entry(&p(&tight)).unwrap().unwrap().rev.0);
+        send(&mut s, "n1", "m3", put(&long, long_rev, file(2)));
+        send(&mut s, "n1", "m4", put(&tight, tight_rev, file(2)));
+        send(&mut s, "n2", "m5", put(&long, long_rev, file(3)));
+        send(&mut s, "n2", "m6", put(&tight, tight_rev, file(3)));
+        let out = decided(&s);
+        let Outcome::Conflict { copy } = &out[4] else { panic!("{out:?}") };
+        assert!(copy.as_str().len() <= wire::MAX_NAME_BYTES && copy.as_str().starts_with("a (conflict from n2 "), "{copy}");
+        assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(3)));
+        assert!(matches!(&out[5], Outcome::Refused { .. }), "{out:?}");
+        assert_eq!(s.entry(&p(&tight)).unwrap().unwrap().version, Some(file(2)));
     }
 }
