@@ -15,9 +15,12 @@ use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Holder, Message
 /// A node that has sent nothing for this long is shown offline.
 pub const OFFLINE_AFTER_MS: i64 = 5_000;
 
+/// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
+/// acks a message right after committing its decision; with `NORMAL` a power loss could
+/// take back commits already acked, and the revisions they issued would be issued again.
 const SCHEMA: &str = "
 PRAGMA journal_mode=WAL;
-PRAGMA synchronous=NORMAL;
+PRAGMA synchronous=FULL;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes(
   id TEXT PRIMARY KEY, url TEXT NOT NULL, online INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
@@ -458,6 +461,16 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    /// A decision is acked right after its commit, so the commit must be durable.
+    #[test]
+    fn commits_are_durable_before_they_return() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("m.db")).unwrap();
+        let journal: String = s.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        let synchronous: i64 = s.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
+        assert_eq!((journal.as_str(), synchronous), ("wal", 2), "WAL with synchronous=FULL (2)");
     }
 
     #[test]
