@@ -3,6 +3,11 @@
 //! node's queue on the master channel: each message is *prepared* (contents pulled from
 //! holders, several messages ahead, concurrently) and then *applied* strictly in order,
 //! then acked. It reconnects with backoff and runs a sync after every (re)connect.
+//!
+//! Content that cannot be pulled in time does not hold anything up: the message is
+//! applied without that path (the path keeps its old state), and the link retries just
+//! that content with backoff, in the background, applying the entry once it is there.
+//! Sync requests are coalesced: at most one sync is in flight and one more waits.
 
 use crate::node::Shared;
 use crate::peer::{Puller, MAX_CONCURRENT_PULLS};
@@ -25,8 +30,16 @@ use wire::{topology, Content, Entry, Envelope, MessageId, RelPath, ToManager, To
 const PREFETCH: u16 = 64;
 const PIPELINE: usize = 32;
 const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
-/// After a failed pull, a new sync is run this often until contents arrive.
-const RETRY_EVERY: Duration = Duration::from_secs(2);
+/// How often the link looks for missing contents due for another try (and syncs lost).
+const RETRY_EVERY: Duration = Duration::from_secs(1);
+/// First and longest wait before pulling a missing content again.
+const RETRY_FIRST: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A sync not answered within this is taken for lost (its callers are told).
+const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
+/// Syncs start at most this often; requests in between wait for the next one (each
+/// sync makes the manager read the whole tree).
+const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
 
 type Responder = oneshot::Sender<anyhow::Result<SyncReport>>;
 
@@ -47,11 +60,22 @@ pub struct SyncReport {
 }
 
 struct ActiveSync {
-    responder: Option<Responder>,
+    responders: Vec<Responder>,
     started: Instant,
     pushed: u64,
     conflicts_before: u64,
 }
+
+/// An entry applied without its content (no holder could give it in time); retried.
+struct Missing {
+    entry: Entry,
+    next_try: Instant,
+    backoff: Duration,
+    in_flight: bool,
+}
+
+/// Where a background retry reports: the path, the revision it pulled for, success.
+type RetryDone = (RelPath, wire::Revision, bool);
 
 fn new_id() -> MessageId {
     uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids")
@@ -78,8 +102,14 @@ pub async fn run(broker: String, shared: Arc<Shared>, puller: Puller, mut sync_r
 
 struct Session<'a> {
     shared: &'a Arc<Shared>,
+    puller: &'a Puller,
     ch: lapin::Channel,
     syncs: HashMap<MessageId, ActiveSync>,
+    /// Callers (and manager requests) waiting for the sync after the one in flight.
+    next_sync: Option<Vec<Responder>>,
+    last_sync_start: Option<Instant>,
+    missing: HashMap<RelPath, Missing>,
+    retry_done: mpsc::UnboundedSender<RetryDone>,
 }
 
 impl Session<'_> {
@@ -124,16 +154,36 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Asks for a sync. While one is in flight, or one started less than
+    /// [`MIN_SYNC_INTERVAL`] ago, the request waits for the next one: a flood of requests
+    /// costs the manager at most one sync per interval.
+    async fn request_sync(&mut self, responder: Option<Responder>) -> anyhow::Result<()> {
+        self.next_sync.get_or_insert_with(Vec::new).extend(responder);
+        self.start_next_sync().await
+    }
+
+    /// Starts the waiting sync, if any, none is in flight and the interval has passed
+    /// (the retry tick calls this again).
+    async fn start_next_sync(&mut self) -> anyhow::Result<()> {
+        if self.syncs.is_empty() && self.last_sync_start.is_none_or(|t| t.elapsed() >= MIN_SYNC_INTERVAL) {
+            if let Some(responders) = self.next_sync.take() {
+                self.start_sync(responders).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Sends the outbox, then a `Sync`; the reply comes after the manager has decided
     /// every change sent before it.
-    async fn start_sync(&mut self, responder: Option<Responder>) -> anyhow::Result<()> {
+    async fn start_sync(&mut self, responders: Vec<Responder>) -> anyhow::Result<()> {
+        self.last_sync_start = Some(Instant::now());
         let pushed = self.publish_outbox().await?;
         let request = new_id();
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.shared.url.clone() });
         broker_link::publish_confirmed(&self.ch, "", topology::UPDATE_QUEUE, env.id.as_str(), &env.encode()).await?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
         let conflicts_before = self.shared.tree.stats().conflicts_seen;
-        self.syncs.insert(request, ActiveSync { responder, started: Instant::now(), pushed, conflicts_before });
+        self.syncs.insert(request, ActiveSync { responders, started: Instant::now(), pushed, conflicts_before });
         Ok(())
     }
 
@@ -150,7 +200,8 @@ impl Session<'_> {
     /// Applies one entry (blocking work off the runtime), then drops the kernel's cached
     /// view of what changed. Returns whether the tree changed and whether content was
     /// missing.
-    async fn apply_entry(&self, entry: Entry) -> anyhow::Result<Applied> {
+    async fn apply_entry(&mut self, mut entry: Entry) -> anyhow::Result<Applied> {
+        self.clear_setid(&mut entry);
         let shared = self.shared.clone();
         let e = entry.clone();
         let applied = tokio::task::spawn_blocking(move || {
@@ -166,11 +217,33 @@ impl Session<'_> {
         Ok(applied)
     }
 
-    /// Tells the manager we can serve what we just took, and asks for a retry when the
-    /// content was not there.
-    async fn after_apply(&self, entry: &Entry, applied: &Applied) -> anyhow::Result<()> {
+    /// Set-id bits from other nodes are cleared unless the operator allows them.
+    fn clear_setid(&self, entry: &mut Entry) {
+        if !self.shared.allow_setid {
+            if let Some(v) = &mut entry.version {
+                if v.mode & 0o6000 != 0 {
+                    tracing::info!(path = %entry.path, mode = format!("{:o}", v.mode), "clearing set-id bits that came from another node");
+                    v.mode &= !0o6000;
+                }
+            }
+        }
+    }
+
+    /// Tells the manager we can serve what we just took, and keeps an entry whose content
+    /// was not there for a retry (a newer entry of the path replaces it).
+    async fn after_apply(&mut self, entry: &Entry, applied: &Applied) -> anyhow::Result<()> {
         if applied.missing_content {
-            self.shared.needs_resync.store(true, Ordering::Relaxed);
+            let retry = self.missing.entry(entry.path.clone()).or_insert_with(|| Missing {
+                entry: entry.clone(),
+                next_try: Instant::now() + RETRY_FIRST,
+                backoff: RETRY_FIRST,
+                in_flight: false,
+            });
+            if entry.rev >= retry.entry.rev {
+                retry.entry = entry.clone();
+            }
+        } else if self.missing.get(&entry.path).is_some_and(|m| entry.rev >= m.entry.rev) {
+            self.missing.remove(&entry.path);
         }
         if applied.changed {
             if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
@@ -180,12 +253,13 @@ impl Session<'_> {
         Ok(())
     }
 
-    async fn apply(&mut self, env: Envelope<ToNode>, pull_failures: u64) -> anyhow::Result<()> {
+    async fn apply(&mut self, env: Envelope<ToNode>) -> anyhow::Result<()> {
         match env.body {
             ToNode::Applied { entry, .. } => {
                 self.apply_entry(entry).await?;
             }
-            ToNode::Decided { change, outcome, current } => {
+            ToNode::Decided { change, outcome, mut current } => {
+                self.clear_setid(&mut current);
                 if let wire::Outcome::Conflict { copy } = &outcome {
                     tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
                 }
@@ -204,7 +278,7 @@ impl Session<'_> {
             }
             ToNode::SyncReply { request, head, entries } => {
                 let mut pulled = 0u64;
-                let mut failed = pull_failures;
+                let mut failed = 0u64;
                 let known: HashSet<RelPath> = entries.iter().map(|e| e.path.clone()).collect();
                 for entry in entries {
                     let a = self.apply_entry(entry).await?;
@@ -215,9 +289,6 @@ impl Session<'_> {
                 let unknown =
                     tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
                 self.publish_outbox().await?;
-                if failed > 0 {
-                    self.shared.needs_resync.store(true, Ordering::Relaxed);
-                }
                 if let Some(s) = self.syncs.remove(&request) {
                     let report = SyncReport {
                         pushed: s.pushed + unknown,
@@ -229,15 +300,66 @@ impl Session<'_> {
                     };
                     tracing::info!(pushed = report.pushed, pulled, conflicts = report.conflicts, failed, "sync done");
                     *self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
-                    if let Some(r) = s.responder {
-                        let _ = r.send(Ok(report));
+                    for r in s.responders {
+                        let _ = r.send(Ok(report.clone()));
                     }
                 }
+                self.start_next_sync().await?;
             }
             ToNode::SyncRequested {} => {
                 tracing::info!("the manager asked for a sync");
-                self.start_sync(None).await?;
+                self.request_sync(None).await?;
             }
+        }
+        Ok(())
+    }
+}
+
+impl Session<'_> {
+    /// Starts a background pull for every missing content due for another try, and gives
+    /// up on syncs the manager never answered.
+    async fn retry_due(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for (path, m) in self.missing.iter_mut().filter(|(_, m)| !m.in_flight && m.next_try <= now) {
+            let Some(Version { content: Content::File { hash, size }, .. }) = m.entry.version.clone() else {
+                continue;
+            };
+            m.in_flight = true;
+            let (puller, shared, done) = (self.puller.clone(), self.shared.clone(), self.retry_done.clone());
+            let (path, rev, holders) = (path.clone(), m.entry.rev, m.entry.holders.clone());
+            tokio::spawn(async move {
+                let ok = pull_counted(&shared, &puller, &hash, size, &holders).await == 0;
+                let _ = done.send((path, rev, ok));
+            });
+        }
+        let lost: Vec<MessageId> = self.syncs.iter().filter(|(_, s)| s.started.elapsed() > SYNC_GIVE_UP).map(|(id, _)| id.clone()).collect();
+        for id in lost {
+            if let Some(s) = self.syncs.remove(&id) {
+                tracing::warn!("the manager did not answer a sync within {SYNC_GIVE_UP:?}");
+                for r in s.responders {
+                    let _ = r.send(Err(anyhow::anyhow!("the manager did not answer within {}s", SYNC_GIVE_UP.as_secs())));
+                }
+            }
+        }
+        self.start_next_sync().await
+    }
+
+    /// A background retry ended: apply the entry if its content came, else back off. When
+    /// the holders it knows keep failing, a sync (coalesced) brings the current holders.
+    async fn retry_finished(&mut self, (path, rev, ok): RetryDone) -> anyhow::Result<()> {
+        let Some(m) = self.missing.get_mut(&path).filter(|m| m.entry.rev == rev) else {
+            return Ok(());
+        };
+        m.in_flight = false;
+        if ok {
+            let entry = m.entry.clone();
+            self.apply_entry(entry).await?;
+            return Ok(());
+        }
+        m.backoff = (m.backoff * 2).min(RETRY_MAX);
+        m.next_try = Instant::now() + m.backoff;
+        if m.backoff == RETRY_MAX {
+            self.request_sync(None).await?;
         }
         Ok(())
     }
@@ -260,7 +382,7 @@ fn invalidate(shared: &Shared, invals: &[Inval]) {
 #[allow(clippy::large_enum_variant)] // one per delivery in flight, moved once
 enum Prepared {
     Bad(Delivery, wire::DecodeError),
-    Ready(Delivery, Envelope<ToNode>, u64),
+    Ready(Delivery, Envelope<ToNode>),
 }
 
 async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
@@ -276,38 +398,49 @@ async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
         ToNode::SyncReply { entries, .. } => entries.iter().collect(),
         ToNode::SyncRequested {} => vec![],
     };
-    let wanted: Vec<(wire::ContentHash, Vec<wire::Holder>)> =
-        entries.into_iter().filter_map(|e| shared.tree.needs_content(e).map(|h| (h, e.holders.clone()))).collect::<HashMap<_, _>>().into_iter().collect();
-    let failures = stream::iter(wanted)
-        .map(|(hash, holders)| {
+    let wanted: Vec<(wire::ContentHash, u64, Vec<wire::Holder>)> = entries
+        .into_iter()
+        .filter_map(|e| match (&e.version, shared.tree.needs_content(e)) {
+            (Some(Version { content: Content::File { size, .. }, .. }), Some(h)) => Some((h, (*size, e.holders.clone()))),
+            _ => None,
+        })
+        .collect::<HashMap<_, _>>()
+        .into_iter()
+        .map(|(h, (size, holders))| (h, size, holders))
+        .collect();
+    stream::iter(wanted)
+        .map(|(hash, size, holders)| {
             let shared = shared.clone();
             let puller = puller.clone();
-            async move {
-                shared.pulls_in_progress.fetch_add(1, Ordering::Relaxed);
-                let t = Instant::now();
-                let r = puller.pull(&hash, &holders).await;
-                shared.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
-                match r {
-                    Ok(n) => {
-                        shared.metrics.bytes_pulled.fetch_add(n, Ordering::Relaxed);
-                        if n > 0 {
-                            shared.metrics.observe_pull(t.elapsed());
-                        }
-                        0u64
-                    }
-                    Err(e) => {
-                        shared.metrics.pulls_failed.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!("{e:#}; will retry");
-                        1
-                    }
-                }
-            }
+            async move { pull_counted(&shared, &puller, &hash, size, &holders).await }
         })
         .buffer_unordered(MAX_CONCURRENT_PULLS)
-        .fold(0u64, |a, b| async move { a + b })
+        .for_each(|_| async {})
         .await;
     tracing::debug!(target: "timing", "delivery prepared");
-    Prepared::Ready(d, env, failures)
+    Prepared::Ready(d, env)
+}
+
+/// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.
+async fn pull_counted(shared: &Shared, puller: &Puller, hash: &wire::ContentHash, size: u64, holders: &[wire::Holder]) -> u64 {
+    shared.pulls_in_progress.fetch_add(1, Ordering::Relaxed);
+    let t = Instant::now();
+    let r = puller.pull(hash, size, holders).await;
+    shared.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
+    match r {
+        Ok(n) => {
+            shared.metrics.bytes_pulled.fetch_add(n, Ordering::Relaxed);
+            if n > 0 {
+                shared.metrics.observe_pull(t.elapsed());
+            }
+            0
+        }
+        Err(e) => {
+            shared.metrics.pulls_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("{e:#}; will retry");
+            1
+        }
+    }
 }
 
 async fn session(
@@ -332,9 +465,10 @@ async fn session(
     shared.connected.store(true, Ordering::Relaxed);
     backoff.reset();
     tracing::info!("connected to the broker; consuming {queue}");
-    let mut s = Session { shared, ch, syncs: HashMap::new() };
+    let (retry_done, mut retry_results) = mpsc::unbounded_channel();
+    let mut s = Session { shared, puller, ch, syncs: HashMap::new(), next_sync: None, last_sync_start: None, missing: HashMap::new(), retry_done };
     s.heartbeat().await?;
-    s.start_sync(None).await?;
+    s.start_sync(Vec::new()).await?;
     let sh = shared.clone();
     let p = puller.clone();
     let mut pipeline = consumer.map(move |d| prepare_or_error(d, sh.clone(), p.clone())).buffered(PIPELINE);
@@ -352,12 +486,9 @@ async fn session(
                 s.heartbeat().await?;
                 s.publish_outbox().await?;
             }
-            _ = retry.tick() => {
-                if shared.needs_resync.swap(false, Ordering::Relaxed) && s.syncs.is_empty() {
-                    s.start_sync(None).await?;
-                }
-            }
-            Some(r) = sync_rx.recv() => s.start_sync(Some(r)).await?,
+            _ = retry.tick() => s.retry_due().await?,
+            Some(done) = retry_results.recv() => s.retry_finished(done).await?,
+            Some(r) = sync_rx.recv() => s.request_sync(Some(r)).await?,
             item = pipeline.next() => {
                 match item {
                     None => anyhow::bail!("the broker cancelled our consumer"),
@@ -366,8 +497,8 @@ async fn session(
                         tracing::warn!("dead-lettering an undecodable message: {e}");
                         broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                     }
-                    Some(Ok(Prepared::Ready(d, env, failures))) => {
-                        s.apply(env, failures).await?;
+                    Some(Ok(Prepared::Ready(d, env))) => {
+                        s.apply(env).await?;
                         broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
                         tracing::debug!(target: "timing", "delivery applied and acked");
                     }

@@ -40,6 +40,12 @@ struct Args {
     /// Do all file I/O through this process, never by kernel passthrough to the store.
     #[arg(long, env = "SYNC_NO_PASSTHROUGH")]
     no_passthrough: bool,
+    /// Seconds a holder may go without progress before a pull drops it and tries the next.
+    #[arg(long, env = "SYNC_PULL_STALL_SECS", default_value_t = fs_node::peer::DEFAULT_STALL_TIMEOUT.as_secs())]
+    pull_stall_secs: u64,
+    /// Apply set-user-id/set-group-id bits that come from other nodes (default: cleared).
+    #[arg(long, env = "SYNC_ALLOW_SETID")]
+    allow_setid: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,5 +62,7 @@ fn main() -> anyhow::Result<()> {
         tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| fs_node::node::TlsFiles { cert, key }),
         tls_ca: a.tls_ca,
         passthrough: !a.no_passthrough,
+        pull_stall: std::time::Duration::from_secs(a.pull_stall_secs.max(1)),
+        allow_setid: a.allow_setid,
     })
 }

@@ -37,6 +37,11 @@ pub struct Config {
     /// Let the kernel read committed files straight from the store (FUSE passthrough)
     /// where the kernel supports it.
     pub passthrough: bool,
+    /// A holder that makes no progress for this long is dropped from a pull.
+    pub pull_stall: Duration,
+    /// Apply set-user-id and set-group-id bits that come from other nodes (off: they are
+    /// cleared, and the mount is `nosuid` either way).
+    pub allow_setid: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -136,8 +141,8 @@ pub struct Shared {
     pub cluster_token: Option<String>,
     pub connected: AtomicBool,
     pub pulls_in_progress: AtomicU64,
-    /// Set when content could not be pulled; the link runs a new sync soon.
-    pub needs_resync: AtomicBool,
+    /// Whether set-id bits from other nodes are applied (`Config::allow_setid`).
+    pub allow_setid: bool,
     pub metrics: Metrics,
     pub notifier: OnceLock<fuser::Notifier>,
     /// Whether the kernel does passthrough I/O for this mount (owned by `fs::SyncFs`).
@@ -181,10 +186,10 @@ impl Shared {
     }
 }
 
-/// Unmounts whatever is mounted at `dir` (a previous run that was killed leaves a dead
-/// mount that answers "Transport endpoint is not connected").
-pub fn unmount_stale(dir: &Path) {
+/// Unmounts the node's own mount at `dir` (at shutdown, and a dead one a killed run left).
+fn unmount(dir: &Path) {
     if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid NUL-terminated path; umount2 only reads it.
         unsafe {
             if libc::umount2(c.as_ptr(), 0) != 0 {
                 libc::umount2(c.as_ptr(), libc::MNT_DETACH);
@@ -193,11 +198,74 @@ pub fn unmount_stale(dir: &Path) {
     }
 }
 
+/// The FUSE source name of node `id`'s mount (`syncfs:<id>` in /proc/mounts).
+fn fs_name(id: &NodeId) -> String {
+    format!("syncfs:{id}")
+}
+
+/// What is mounted exactly at `dir`: (file system type, source), from mountinfo.
+fn mounted_at(dir: &Path) -> Option<(String, String)> {
+    let want = dir.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // The last mount at a point is the one that shows.
+    info.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        (left.split(' ').nth(4)? == want).then(|| {
+            let mut r = right.split(' ');
+            (r.next().unwrap_or("").to_string(), r.next().unwrap_or("").to_string())
+        })
+    })
+}
+
+/// Makes `mount` ready to mount on: a dead mount of this same node (a killed run) is
+/// removed; anything else mounted there is refused, never unmounted.
+fn prepare_mount_point(mount: &Path, id: &NodeId) -> anyhow::Result<()> {
+    if let Some((fstype, source)) = mounted_at(mount) {
+        if fstype == "fuse.syncfs" && source == fs_name(id) {
+            tracing::info!("removing this node's stale mount at {}", mount.display());
+            unmount(mount);
+        } else {
+            anyhow::bail!(
+                "{} already has a {fstype} mount ({source}) that is not this node's; the node does not unmount it: unmount it yourself or choose another --mount",
+                mount.display()
+            );
+        }
+    }
+    std::fs::create_dir_all(mount).with_context(|| format!("creating mount point {}", mount.display()))
+}
+
+/// The data directory holds every synced file's bytes whatever its mode in the mount:
+/// it is made (and kept) 0700, and what the node creates in it is 0600 (umask 077).
+fn prepare_data_dir(data: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(data).with_context(|| format!("creating data directory {}", data.display()))?;
+    std::fs::set_permissions(data, std::fs::Permissions::from_mode(0o700)).with_context(|| format!("making {} private (0700)", data.display()))?;
+    // SAFETY: umask only changes this process's file creation mask.
+    unsafe {
+        libc::umask(0o077);
+    }
+    Ok(())
+}
+
+/// Lets the process hold as many descriptors as its hard limit allows: peer connections
+/// must never starve the FUSE side of descriptors (the peer server's connection limit
+/// stays well below this).
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 /// Runs a node until SIGINT/SIGTERM.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data).with_context(|| format!("creating data directory {}", cfg.data.display()))?;
-    unmount_stale(&cfg.mount);
-    std::fs::create_dir_all(&cfg.mount).with_context(|| format!("creating mount point {}", cfg.mount.display()))?;
+    prepare_mount_point(&cfg.mount, &cfg.id)?;
+    prepare_data_dir(&cfg.data)?;
+    raise_fd_limit();
     let _ = std::fs::remove_file(cfg.data.join("node.url"));
     let db = Db::open(&cfg.data.join("node.db"))?;
     let store = ContentStore::open(&cfg.data)?;
@@ -207,7 +275,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let listener = rt.block_on(tokio::net::TcpListener::bind(cfg.listen)).with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let acceptor = cfg.tls.as_ref().map(|t| tls_pem::acceptor(&t.cert, &t.key)).transpose()?;
-    let scheme = if acceptor.is_some() { "https" } else { "http" };
+    let acceptor_is_tls = acceptor.is_some();
+    let scheme = if acceptor_is_tls { "https" } else { "http" };
     let url = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(16);
     let shared = Arc::new(Shared {
@@ -218,7 +287,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
         cluster_token: cfg.cluster_token.clone(),
         connected: AtomicBool::new(false),
         pulls_in_progress: AtomicU64::new(0),
-        needs_resync: AtomicBool::new(false),
+        allow_setid: cfg.allow_setid,
         metrics: Metrics::default(),
         notifier: OnceLock::new(),
         passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
@@ -229,7 +298,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let fs = SyncFs::new(tree.clone(), cfg.data.clone(), shared.passthrough.clone());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =
-        vec![fuser::MountOption::FSName(format!("syncfs:{}", cfg.id)), fuser::MountOption::Subtype("syncfs".into()), fuser::MountOption::DefaultPermissions];
+        // nosuid and nodev whatever the defaults: contents come from other machines.
+        vec![
+            fuser::MountOption::FSName(fs_name(&cfg.id)),
+            fuser::MountOption::Subtype("syncfs".into()),
+            fuser::MountOption::DefaultPermissions,
+            fuser::MountOption::NoSuid,
+            fuser::MountOption::NoDev,
+        ];
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(4);
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
@@ -238,7 +314,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     let tracker = tokio_util::task::TaskTracker::new();
     let client = crate::peer::http_client(cfg.tls_ca.as_deref())?;
-    let puller = crate::peer::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone());
+    let puller = crate::peer::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, shared.clone(), cancel.clone()));
     tracker.spawn(crate::link::run(cfg.broker.clone(), shared.clone(), puller, sync_rx, cancel.clone()));
@@ -248,7 +324,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 
     rt.block_on(cancel.cancelled());
     tracing::info!("unmounting {}", cfg.mount.display());
-    unmount_stale(&cfg.mount);
+    unmount(&cfg.mount);
     if let Err(e) = session.umount_and_join() {
         tracing::debug!("joining the FUSE session: {e}");
     }

@@ -66,6 +66,15 @@ pub fn http_client(extra_ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     b.build().context("building the HTTP client")
 }
 
+/// Peer connections served at once; more wait in the kernel's accept queue. Far below
+/// the descriptor limit, so FUSE opens in the same process never run out.
+pub const MAX_PEER_CONNECTIONS: usize = 512;
+/// A client must send a request's headers within this, also on an idle kept-alive
+/// connection: an idle or slow client cannot hold a connection slot for long.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Pause after a failed accept (out of descriptors, say) so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Serves HTTP (or HTTPS with `tls`) on `listener` until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -73,13 +82,22 @@ pub async fn serve(
     shared: Arc<Shared>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            _ = cancel.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = cancel.cancelled() => return,
             r = listener.accept() => match r {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!("accepting an HTTP connection: {e}");
+                    tracing::warn!("accepting a peer connection: {e}; pausing {ACCEPT_BACKOFF:?}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
@@ -89,6 +107,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let (shared, tls) = (shared.clone(), tls.clone());
         tokio::spawn(async move {
+            let _permit = permit;
             match tls {
                 None => serve_connection(stream, shared).await,
                 Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -106,7 +125,11 @@ async fn serve_connection<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpi
         let shared = shared.clone();
         async move { Ok::<_, std::convert::Infallible>(route(req, shared).await) }
     });
-    let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(stream), svc).await;
+    let _ = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+        .await;
 }
 
 async fn route(req: Request<hyper::body::Incoming>, shared: Arc<Shared>) -> Response<Body> {
@@ -163,6 +186,22 @@ fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
     }
 }
 
+/// How long a holder may go without making progress before a pull gives up on it: it
+/// must answer within this, and then send at least [`MIN_PROGRESS_BYTES`] (or the rest of
+/// the content) within every such window. A frozen or trickling holder costs at most this
+/// per attempt, and is not asked again during the same pull.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes a holder must send per stall window (a 4 KiB/s trickle is a stall).
+pub const MIN_PROGRESS_BYTES: u64 = 64 * 1024;
+
+/// Why one attempt at one holder failed: worth another round (the holder may just be
+/// busy or restarting), or a holder that misbehaved and is skipped for the rest of the
+/// pull (it stalled, sent too much, or sent wrong bytes).
+enum Attempt {
+    Retry(anyhow::Error),
+    Misbehaved(anyhow::Error),
+}
+
 /// Pulls contents from holders into the store.
 #[derive(Clone)]
 pub struct Puller {
@@ -170,64 +209,111 @@ pub struct Puller {
     store: ContentStore,
     me: NodeId,
     token: Option<String>,
+    stall: Duration,
+    /// This node serves TLS: its token goes only to `https://` holders.
+    tls_only: bool,
     limit: Arc<tokio::sync::Semaphore>,
 }
 
 impl Puller {
-    pub fn new(client: reqwest::Client, store: ContentStore, me: NodeId, token: Option<String>) -> Puller {
-        Puller { client, store, me, token, limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)) }
+    pub fn new(client: reqwest::Client, store: ContentStore, me: NodeId, token: Option<String>, stall: Duration, tls_only: bool) -> Puller {
+        Puller { client, store, me, token, stall, tls_only, limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)) }
     }
 
-    /// Makes `hash` present in the store, trying each holder in turn (a few rounds).
-    /// Returns the number of bytes transferred (0 if it was already there).
-    pub async fn pull(&self, hash: &ContentHash, holders: &[Holder]) -> anyhow::Result<u64> {
+    /// Makes `hash` (of `size` bytes) present in the store, trying each holder in turn
+    /// (a few rounds). Returns the number of bytes transferred (0 if it was already there).
+    pub async fn pull(&self, hash: &ContentHash, size: u64, holders: &[Holder]) -> anyhow::Result<u64> {
         if self.store.has(hash) {
             return Ok(0);
         }
         let _permit = self.limit.acquire().await.context("pull limiter closed")?;
-        let others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
+        let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
         if others.is_empty() {
             bail!("no other node holds {hash}");
         }
         let mut last = None;
         for round in 0..PULL_ROUNDS {
-            for h in &others {
+            let mut i = 0;
+            while i < others.len() {
                 if self.store.has(hash) {
                     return Ok(0);
                 }
-                match self.pull_from(hash, h).await {
+                match self.pull_from(hash, size, others[i]).await {
                     Ok(n) => return Ok(n),
-                    Err(e) => {
-                        tracing::debug!("pull of {hash} from {} failed: {e:#}", h.node);
+                    Err(Attempt::Retry(e)) => {
+                        tracing::debug!("pull of {hash} from {} failed: {e:#}", others[i].node);
                         last = Some(e);
+                        i += 1;
+                    }
+                    Err(Attempt::Misbehaved(e)) => {
+                        tracing::warn!("dropping holder {} for this pull: {e:#}", others[i].node);
+                        last = Some(e);
+                        others.remove(i);
                     }
                 }
+            }
+            if others.is_empty() {
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200 * (round as u64 + 1))).await;
         }
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no holder answered")).context(format!("pulling {hash}")))
     }
 
-    async fn pull_from(&self, hash: &ContentHash, holder: &Holder) -> anyhow::Result<u64> {
+    async fn pull_from(&self, hash: &ContentHash, size: u64, holder: &Holder) -> Result<u64, Attempt> {
         let url = format!("{}/content/{}", holder.url.trim_end_matches('/'), hash);
         let mut req = self.client.get(&url);
         if let Some(t) = &self.token {
+            // The token is a secret: never send it in clear text to an `http://` holder
+            // when this node itself talks TLS (a hostile manager entry could point there).
+            if self.tls_only && !url.starts_with("https://") {
+                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} is not an https:// holder; the cluster token is not sent in clear text", holder.node)));
+            }
             req = req.bearer_auth(t);
         }
-        let resp = req.send().await.with_context(|| format!("asking {} for {hash}", holder.node))?;
+        let stall = self.stall;
+        let resp = match tokio::time::timeout(stall, req.send()).await {
+            Err(_) => return Err(Attempt::Misbehaved(anyhow::anyhow!("{} did not answer within {stall:?}", holder.node))),
+            Ok(r) => r.with_context(|| format!("asking {} for {hash}", holder.node)).map_err(Attempt::Retry)?,
+        };
         if !resp.status().is_success() {
-            bail!("{} answered {} for {hash}", holder.node, resp.status());
+            return Err(Attempt::Retry(anyhow::anyhow!("{} answered {} for {hash}", holder.node, resp.status())));
         }
-        let (tmp, mut file) = self.store.tmp_file().context("creating a download file")?;
+        if let Some(declared) = resp.content_length().filter(|n| *n != size) {
+            return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers {declared} bytes of {hash}, which has {size}", holder.node)));
+        }
+        let (tmp, mut file) = self.store.tmp_file().context("creating a download file").map_err(Attempt::Retry)?;
         let result = async {
             let mut hasher = blake3::Hasher::new();
             let mut n = 0u64;
             let mut started_writeback = 0u64;
             let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.try_next().await.with_context(|| format!("receiving {hash} from {}", holder.node))? {
-                hasher.update(&chunk);
-                file.write_all(&chunk).context("writing a download")?;
+            // Progress: within every `stall` window, MIN_PROGRESS_BYTES or the rest.
+            let mut window = (tokio::time::Instant::now(), 0u64);
+            loop {
+                let wait = stall.saturating_sub(window.0.elapsed());
+                let chunk = match tokio::time::timeout(wait, stream.try_next()).await {
+                    Err(_) => {
+                        return Err(Attempt::Misbehaved(anyhow::anyhow!(
+                            "{} sent {} bytes of {hash} in {stall:?} after {n} of {size}: stalled",
+                            holder.node,
+                            window.1
+                        )))
+                    }
+                    Ok(Err(e)) => return Err(Attempt::Retry(anyhow::Error::new(e).context(format!("receiving {hash} from {}", holder.node)))),
+                    Ok(Ok(None)) => break,
+                    Ok(Ok(Some(chunk))) => chunk,
+                };
                 n += chunk.len() as u64;
+                if n > size {
+                    return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent more than the {size} bytes of {hash}: thrown away", holder.node)));
+                }
+                hasher.update(&chunk);
+                file.write_all(&chunk).context("writing a download").map_err(Attempt::Retry)?;
+                window.1 += chunk.len() as u64;
+                if window.1 >= MIN_PROGRESS_BYTES.min(size - (n - window.1)) {
+                    window = (tokio::time::Instant::now(), 0);
+                }
                 if n - started_writeback >= WRITEBACK_EVERY {
                     start_writeback(&file, started_writeback, n - started_writeback);
                     started_writeback = n;
@@ -235,12 +321,12 @@ impl Puller {
             }
             let got = ContentHash::from_bytes(*hasher.finalize().as_bytes());
             if &got != hash {
-                bail!("{} sent bytes that hash to {got}, not {hash}: thrown away", holder.node);
+                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent bytes that hash to {got}, not {hash}: thrown away", holder.node)));
             }
             let t = std::time::Instant::now();
-            file.sync_data().context("flushing a download to disk")?;
+            file.sync_data().context("flushing a download to disk").map_err(Attempt::Retry)?;
             tracing::debug!(target: "timing", "pulled {n} bytes of {hash}; sync_data took {:?}", t.elapsed());
-            self.store.install(&tmp, hash).context("installing a download")?;
+            self.store.install(&tmp, hash).context("installing a download").map_err(Attempt::Retry)?;
             Ok(n)
         }
         .await;
