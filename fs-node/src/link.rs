@@ -200,6 +200,9 @@ impl Session<'_> {
     /// Applies one entry (blocking work off the runtime), then drops the kernel's cached
     /// view of what changed. Returns whether the tree changed and whether content was
     /// missing.
+    /// `entry` is another node's state of the path (a broadcast of someone else's change,
+    /// a sync reply); set-id bits are cleared in it unless allowed. Own decided changes
+    /// go through `apply_decided` and keep what this node's user set.
     async fn apply_entry(&mut self, mut entry: Entry) -> anyhow::Result<Applied> {
         self.clear_setid(&mut entry);
         let shared = self.shared.clone();
@@ -258,8 +261,7 @@ impl Session<'_> {
             ToNode::Applied { entry, .. } => {
                 self.apply_entry(entry).await?;
             }
-            ToNode::Decided { change, outcome, mut current } => {
-                self.clear_setid(&mut current);
+            ToNode::Decided { change, outcome, current } => {
                 if let wire::Outcome::Conflict { copy } = &outcome {
                     tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
                 }

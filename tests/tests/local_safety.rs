@@ -1,0 +1,91 @@
+//! A node protects its machine: other local users cannot read synced bytes through its
+//! data directory, start-up never unmounts what is not its own, and the mount is
+//! `nosuid,nodev` with set-id bits from other nodes cleared.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+use system_tests::*;
+
+fn walk(d: &Path, out: &mut Vec<(std::path::PathBuf, u32)>) {
+    for e in std::fs::read_dir(d).unwrap().flatten() {
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        out.push((e.path(), m.permissions().mode()));
+        if m.is_dir() {
+            walk(&e.path(), out);
+        }
+    }
+}
+
+#[test]
+fn the_data_directory_is_private() {
+    let c = Cluster::start("private-data", 2);
+    write(&c.nodes[0].p("secret.txt"), b"only for root\n");
+    std::fs::set_permissions(c.nodes[0].p("secret.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    c.converged();
+    for n in &c.nodes {
+        let mode = std::fs::metadata(&n.data).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} is {mode:o}", n.data.display());
+        let mut all = Vec::new();
+        walk(&n.data, &mut all);
+        assert!(all.iter().any(|(p, _)| p.ends_with("node.db")), "{all:?}");
+        for (p, mode) in all {
+            assert_eq!(mode & 0o077, 0, "{} is readable by others ({:o})", p.display(), mode & 0o777);
+        }
+    }
+}
+
+#[test]
+fn start_up_refuses_to_unmount_what_is_not_its_own() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("taken");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=1m", "someone-elses", mnt.to_str().unwrap()]).status().unwrap();
+    assert!(ok.success());
+    std::fs::write(mnt.join("theirs.txt"), b"not ours").unwrap();
+    let vhost = Vhost::new("refuse-mount");
+    let mut child = Command::new(bin("fs-node"))
+        .args(["--id", "n1", "--broker", &vhost.url(), "--mount"])
+        .arg(&mnt)
+        .arg("--data")
+        .arg(tmp.path().join("data"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < DEADLINE, "fs-node kept running over someone else's mount");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+    let still = is_mounted(&mnt) && std::fs::read(mnt.join("theirs.txt")).ok().as_deref() == Some(&b"not ours"[..]);
+    unmount(&mnt);
+    assert!(!status.success(), "fs-node started over a tmpfs mount");
+    assert!(err.contains("not this node's"), "{err}");
+    assert!(still, "the tmpfs was unmounted or changed");
+}
+
+#[test]
+fn set_id_bits_from_other_nodes_are_cleared_and_the_mount_is_nosuid() {
+    let c = Cluster::start("setid", 2);
+    let f = c.nodes[0].p("tool");
+    write(&f, b"#!/bin/sh\necho hi\n");
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6755)).unwrap();
+    let other = c.nodes[1].p("tool");
+    eventually("tool on n2", DEADLINE, || read(&other).is_some());
+    let local = std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(local, 0o6755, "the writer's own file keeps its bits");
+    let remote = std::fs::metadata(&other).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(remote, 0o755, "set-id bits arrived on n2: {remote:o}");
+    let want = c.nodes[0].mount.to_string_lossy().to_string();
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some(want.as_str())).expect("n1's mount in mountinfo");
+    let opts = line.split(' ').nth(5).unwrap();
+    assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "{line}");
+}
