@@ -1,14 +1,21 @@
 //! The manager's broker loop: one task owns the AMQP session. It consumes the update
 //! queue in batches, handles a batch in one SQLite transaction, publishes the outbox with
 //! confirms, and only then acks the batch (so a crash redelivers, and redelivered ids
-//! are recognised). Undecodable messages are rejected into the dead-letter queue.
+//! are recognised).
+//!
+//! No message can stall it: an undecodable one, or one whose handling fails (an error or
+//! a panic, rolled back alone under a savepoint while the rest of its batch commits) and
+//! keeps failing for `MAX_ATTEMPTS`, is dead-lettered with its reason and the loop goes
+//! on. Only a failure of the database or the broker ends the session.
 
 use crate::store::Store;
-use anyhow::Context;
+use anyhow::{bail, Context};
 use futures_util::{FutureExt, StreamExt};
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
-use lapin::types::FieldTable;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -20,6 +27,20 @@ use wire::{topology, Envelope, ToManager};
 pub const BATCH: usize = 256;
 /// How often presence is re-evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Attempts at a message whose handling fails before it is dead-lettered. The first is
+/// made in its batch, the others alone after a pause, in case the cause was passing. A
+/// failure that repeats lies in the message, and waiting for it would stall every node.
+pub const MAX_ATTEMPTS: u32 = 3;
+/// Pause before the second attempt, doubled before each further one: 0.6 s in all per
+/// batch, short enough not to hold up the messages behind it for long.
+pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
+/// Header of a dead letter that says why the manager gave it up.
+pub const REASON_HEADER: &str = "x-sync-reason";
+/// Header of a dead letter: how many times the manager tried to handle it.
+pub const ATTEMPTS_HEADER: &str = "x-sync-attempts";
+/// Longest reason put in the header: a header must fit in one AMQP frame, and an error
+/// chain can be long.
+const MAX_REASON_BYTES: usize = 1024;
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -34,12 +55,19 @@ pub struct Handle {
     pub store: Arc<Mutex<Store>>,
     pub outbox_ready: Arc<Notify>,
     /// Messages received on the update queue by this process (all kinds, bad ones too).
-    pub messages_in: Arc<std::sync::atomic::AtomicU64>,
+    pub messages_in: Arc<AtomicU64>,
+    /// Messages this process gave up and dead-lettered.
+    pub dead_lettered: Arc<AtomicU64>,
 }
 
 impl Handle {
     pub fn open(db: &std::path::Path) -> anyhow::Result<Handle> {
-        Ok(Handle { store: Arc::new(Mutex::new(Store::open(db)?)), outbox_ready: Arc::new(Notify::new()), messages_in: Default::default() })
+        Ok(Handle {
+            store: Arc::new(Mutex::new(Store::open(db)?)),
+            outbox_ready: Arc::new(Notify::new()),
+            messages_in: Default::default(),
+            dead_lettered: Default::default(),
+        })
     }
 
     /// Runs `f` on the store on a blocking thread.
@@ -112,41 +140,103 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         _ => break,
                     }
                 }
-                handle.messages_in.fetch_add(deliveries.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
-                let mut good = Vec::with_capacity(deliveries.len());
-                for d in deliveries {
-                    match Envelope::<ToManager>::decode(&d.data) {
-                        Ok(env) => good.push((d, env)),
-                        Err(e) => {
-                            tracing::warn!("dead-lettering an undecodable message of {} bytes: {e}", d.data.len());
-                            broker_link::bounded("rejecting a bad message", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") })
-                                .await?;
-                        }
-                    }
-                }
-                let (acks, envs): (Vec<_>, Vec<_>) = good.into_iter().unzip();
-                handle
-                    .with_store(move |s| {
-                        s.transaction(|tx| {
-                            let now = now_ms();
-                            for env in envs {
-                                let id = env.id.clone();
-                                tx.handle(env, now).with_context(|| format!("handling message {id}"))?;
-                            }
-                            Ok(())
-                        })
-                    })
-                    .await?;
-                tracing::debug!(target: "timing", "batch committed");
-                flush_outbox(handle, &ch).await?;
-                tracing::debug!(target: "timing", "outbox published, confirmed");
-                for d in acks {
-                    broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
-                }
+                handle_batch(handle, &ch, cancel, deliveries).await?;
             }
         }
     }
+}
+
+/// Decides a batch of deliveries and acks each one once its decision is committed and
+/// published; gives up (dead-letters) what cannot be decoded or keeps failing.
+///
+/// A message that failed is tried again after the rest of its batch was committed and
+/// acked, so a later message of the same node may be decided before it; that costs at
+/// worst a conflict file, where waiting would stall every node.
+async fn handle_batch(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        match Envelope::<ToManager>::decode(&d.data) {
+            Ok(env) => pending.push((d, env)),
+            // Trying again cannot help.
+            Err(e) => dead_letter(handle, ch, &d, &format!("undecodable: {e}"), 1).await?,
+        }
+    }
+    let mut attempt = 1;
+    while !pending.is_empty() {
+        let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
+        let results = handle
+            .with_store(move |s| {
+                s.transaction(|tx| {
+                    let now = now_ms();
+                    envs.into_iter().map(|env| tx.handle_isolated(env, now)).collect::<anyhow::Result<Vec<_>>>()
+                })
+            })
+            .await?;
+        tracing::debug!(target: "timing", "batch committed");
+        flush_outbox(handle, ch).await?;
+        tracing::debug!(target: "timing", "outbox published, confirmed");
+        let mut failed = Vec::new();
+        for ((d, env), result) in pending.into_iter().zip(results) {
+            match result {
+                Ok(()) => {
+                    broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+                }
+                Err(reason) => {
+                    tracing::warn!(msg = %env.id, node = %env.from, attempt, %reason, "handling a message failed; its changes were rolled back");
+                    failed.push((d, env, reason));
+                }
+            }
+        }
+        if attempt >= MAX_ATTEMPTS {
+            for (d, _, reason) in &failed {
+                dead_letter(handle, ch, d, reason, attempt).await?;
+            }
+            break;
+        }
+        if !failed.is_empty() {
+            // Cancelled: the messages are not acked, and the broker redelivers them.
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(RETRY_PAUSE * 2u32.pow(attempt - 1)) => {}
+            }
+        }
+        pending = failed.into_iter().map(|(d, env, _)| (d, env)).collect();
+        attempt += 1;
+    }
+    Ok(())
+}
+
+/// Gives a message up: publishes a copy with the reason to the dead-letter exchange,
+/// waits for the broker's confirm, then acks the original. A failure to do so ends the
+/// session like any broker failure, and the message is redelivered.
+async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason: &str, attempts: u32) -> anyhow::Result<()> {
+    let mut cut = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let reason = &reason[..cut];
+    let msg_id = d.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+    tracing::warn!(msg = %msg_id, bytes = d.data.len(), attempts, %reason, "dead-lettering a message into {}", topology::DEAD_EXCHANGE);
+    let mut headers = d.properties.headers().clone().unwrap_or_default();
+    headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
+    headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
+    let props = d.properties.clone().with_delivery_mode(2).with_headers(headers);
+    let confirm = broker_link::bounded("dead-lettering a message and its confirm", async {
+        ch.basic_publish(topology::DEAD_EXCHANGE.into(), topology::UPDATE_QUEUE.into(), BasicPublishOptions::default(), &d.data, props)
+            .await
+            .context("dead-lettering a message")?
+            .await
+            .context("waiting for the confirm of a dead letter")
+    })
+    .await?;
+    if !confirm.is_ack() {
+        bail!("the broker refused a dead letter");
+    }
+    broker_link::bounded("acking a dead-lettered message", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+    handle.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Publishes everything in the outbox, in order, pipelining the confirms.

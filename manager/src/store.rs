@@ -292,6 +292,29 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Handles one message under a savepoint, so that one bad message does not undo the
+    /// others of its batch. When handling fails, with an error or a panic, everything it
+    /// wrote is rolled back and the reason is returned. Only a failure of the database
+    /// itself (the savepoint cannot be opened, released or rolled back) is an error.
+    pub fn handle_isolated(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+        self.tx.execute_batch("SAVEPOINT message").context("opening a savepoint in the manager database")?;
+        // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
+        // writes, and every statement it had open was reset while unwinding.
+        let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(env, now_ms))) {
+            Ok(Ok(())) => {
+                self.tx.execute_batch("RELEASE message").context("releasing a savepoint in the manager database")?;
+                return Ok(Ok(()));
+            }
+            Ok(Err(e)) => format!("{e:#}"),
+            Err(panic) => {
+                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                format!("panicked: {}", what.unwrap_or_else(|| "(no message)".into()))
+            }
+        };
+        self.tx.execute_batch("ROLLBACK TO message; RELEASE message").context("rolling back a failed message in the manager database")?;
+        Ok(Err(failure))
+    }
+
     fn all_entries(&self) -> anyhow::Result<Vec<Entry>> {
         let mut st = self.tx.prepare("SELECT path, rev, version FROM paths ORDER BY path")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?)))?;

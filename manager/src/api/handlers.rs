@@ -33,7 +33,8 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
         Op::OpenApi => ok(openapi::document()),
         Op::Metrics => {
             let counts = state.handle.with_store(|s| queries::counts(s)).await?;
-            let text = metrics::render(&counts, state.requests.load(Ordering::Relaxed), state.handle.messages_in.load(Ordering::Relaxed));
+            let (h, requests) = (&state.handle, state.requests.load(Ordering::Relaxed));
+            let text = metrics::render(&counts, requests, h.messages_in.load(Ordering::Relaxed), h.dead_lettered.load(Ordering::Relaxed));
             Ok(with_type(StatusCode::OK, metrics::CONTENT_TYPE, full(text)))
         }
         Op::Events => {

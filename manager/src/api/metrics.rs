@@ -15,6 +15,7 @@ pub const PENDING_PULLS: &str = "sync_manager_node_pending_pulls";
 pub const OUTBOX: &str = "sync_manager_outbox_messages";
 pub const MESSAGES_OUT: &str = "sync_manager_messages_out_total";
 pub const MESSAGES_IN: &str = "sync_manager_messages_in_total";
+pub const DEAD_LETTERED: &str = "sync_manager_dead_lettered_total";
 pub const CHANGES_IN: &str = "sync_manager_changes_in_total";
 pub const HTTP_REQUESTS: &str = "sync_manager_http_requests_total";
 
@@ -28,8 +29,9 @@ fn metric(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(&str
     }
 }
 
-/// The exposition text for these counts and the number of HTTP requests served.
-pub fn render(c: &Counts, http_requests: u64, messages_in: u64) -> String {
+/// The exposition text for these counts, the number of HTTP requests served and the
+/// messages this process received and dead-lettered.
+pub fn render(c: &Counts, http_requests: u64, messages_in: u64, dead_lettered: u64) -> String {
     let mut out = String::new();
     metric(&mut out, HEAD_REVISION, "gauge", "Latest revision the manager has assigned.", &[("", c.head)]);
     metric(&mut out, FILES, "gauge", "Paths that currently exist (files, directories, symlinks).", &[("", c.files)]);
@@ -40,6 +42,7 @@ pub fn render(c: &Counts, http_requests: u64, messages_in: u64) -> String {
     metric(&mut out, PENDING_PULLS, "gauge", "Contents being pulled, summed over nodes (from heartbeats).", &[("", c.pending_pulls)]);
     metric(&mut out, OUTBOX, "gauge", "Messages decided but not yet published to the broker.", &[("", c.outbox)]);
     metric(&mut out, MESSAGES_IN, "counter", "Messages this manager process has received on the update queue (heartbeats included).", &[("", messages_in)]);
+    metric(&mut out, DEAD_LETTERED, "counter", "Messages this manager process dead-lettered (undecodable, or failing to be handled).", &[("", dead_lettered)]);
     metric(&mut out, MESSAGES_OUT, "counter", "Messages the manager has published to nodes.", &[("", c.published)]);
     let labels: Vec<(String, u64)> = c.decided.iter().map(|(outcome, n)| (format!("{{outcome=\"{}\"}}", escape(outcome)), *n)).collect();
     let samples: Vec<(&str, u64)> = labels.iter().map(|(l, n)| (l.as_str(), *n)).collect();
@@ -60,8 +63,9 @@ mod tests {
     #[test]
     fn every_sample_line_is_name_labels_value() {
         let c = Counts { head: 7, decided: vec![("accepted".into(), 3), ("conflict".into(), 1)], ..Default::default() };
-        let text = render(&c, 5, 0);
+        let text = render(&c, 5, 0, 2);
         assert!(text.contains("sync_manager_head_revision 7\n"));
+        assert!(text.contains("sync_manager_dead_lettered_total 2\n"));
         assert!(text.contains("sync_manager_changes_in_total{outcome=\"accepted\"} 3\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ').unwrap();

@@ -1,0 +1,151 @@
+//! A message the manager cannot handle never stalls it: an undecodable one, one whose
+//! handling fails with an error and one whose handling panics are each rolled back alone,
+//! dead-lettered with their reason, and the messages around them are decided.
+//!
+//! The failures are made real by SQLite triggers on the test's database: one aborts the
+//! insert of `fail.txt` with an error, the other deletes `boom.txt` right after its
+//! insert, so the store's "just written" read-back panics.
+
+use manager::service::{self, Handle, ATTEMPTS_HEADER, MAX_ATTEMPTS, REASON_HEADER};
+use manager::store::Store;
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use wire::{topology, Change, ChangeOp, Content, ContentHash, Envelope, Outcome, RelPath, Revision, ToManager, ToNode, Version};
+
+const BREAK_TWO_PATHS: &str = "
+CREATE TRIGGER fail_txt BEFORE INSERT ON paths WHEN NEW.path = 'fail.txt'
+  BEGIN SELECT RAISE(ABORT, 'the disk is on fire'); END;
+CREATE TRIGGER boom_txt AFTER INSERT ON paths WHEN NEW.path = 'boom.txt'
+  BEGIN DELETE FROM paths WHERE path = 'boom.txt'; END;
+";
+
+fn put(id: &str, path: &str) -> Envelope<ToManager> {
+    let version = Version { content: Content::File { hash: ContentHash::from_bytes([7; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
+    let change = Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Put { version } };
+    Envelope::new(id.parse().unwrap(), "n1".parse().unwrap(), ToManager::Change(change))
+}
+
+fn decisions(store: &Store) -> Vec<Outcome> {
+    let out = store.outbox(1000).unwrap();
+    out.into_iter()
+        .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
+            ToNode::Decided { outcome, .. } => Some(outcome),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_failing_or_panicking_message_is_rolled_back_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("m.db")).unwrap();
+    store.conn().execute_batch(BREAK_TWO_PATHS).unwrap();
+    let batch = [put("m1", "before.txt"), put("m2", "fail.txt"), put("m3", "boom.txt"), put("m4", "after.txt")];
+    let results = store.transaction(|tx| batch.iter().map(|env| tx.handle_isolated(env.clone(), 1_000)).collect::<anyhow::Result<Vec<_>>>()).unwrap();
+    assert!(results[0].is_ok() && results[3].is_ok(), "{results:?}");
+    let error = results[1].as_ref().unwrap_err();
+    assert!(error.contains("the disk is on fire"), "{error}");
+    let panic = results[2].as_ref().unwrap_err();
+    assert!(panic.starts_with("panicked: "), "{panic}");
+    for (path, kept) in [("before.txt", true), ("fail.txt", false), ("boom.txt", false), ("after.txt", true)] {
+        assert_eq!(store.entry(&RelPath::new(path).unwrap()).unwrap().is_some(), kept, "{path}");
+    }
+    // Nothing of the failed ones was queued either: two decisions, no half of a third.
+    assert_eq!(decisions(&store), [Outcome::Accepted, Outcome::Accepted]);
+    assert_eq!(store.head().unwrap(), Revision(2));
+}
+
+/// A vhost of its own on the local RabbitMQ (scripts/setup.sh), deleted on drop.
+struct Vhost(String);
+
+impl Vhost {
+    fn new() -> Vhost {
+        let name = format!("t-manager-dead-{}", uuid::Uuid::new_v4());
+        // The broker may still be starting.
+        let start = Instant::now();
+        while !rabbitmqctl(&["-q", "add_vhost", &name]) {
+            assert!(start.elapsed() < Duration::from_secs(60), "rabbitmqctl add_vhost keeps failing: is RabbitMQ running (scripts/setup.sh)?");
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(rabbitmqctl(&["-q", "set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]));
+        Vhost(name)
+    }
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:5672/{}?heartbeat=5", self.0)
+    }
+}
+
+impl Drop for Vhost {
+    fn drop(&mut self) {
+        rabbitmqctl(&["-q", "delete_vhost", &self.0]);
+    }
+}
+
+fn rabbitmqctl(args: &[&str]) -> bool {
+    Command::new("rabbitmqctl").args(args).output().map(|o| o.status.success()).unwrap_or(false)
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < Duration::from_secs(60), "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_messages_are_dead_lettered_with_a_reason_and_later_ones_are_decided() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let handle = Handle::open(&db).unwrap();
+    handle.store.lock().unwrap().conn().execute_batch(BREAK_TWO_PATHS).unwrap();
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let manager = tokio::spawn(service::run_with(service::Config { broker: vhost.url(), db }, handle.clone(), cancel.clone()));
+
+    let conn = broker_link::connect(&vhost.url()).await.unwrap();
+    let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+    broker_link::declare_common(&ch).await.unwrap();
+    let publish = |id: &'static str, body: Vec<u8>| {
+        let ch = ch.clone();
+        async move { broker_link::publish_confirmed(&ch, "", topology::UPDATE_QUEUE, id, &body).await.unwrap() }
+    };
+    publish("m1", put("m1", "before.txt").encode()).await;
+    publish("garbage", b"this is not json".to_vec()).await;
+    publish("m2", put("m2", "fail.txt").encode()).await;
+    publish("m3", put("m3", "boom.txt").encode()).await;
+    publish("m4", put("m4", "after.txt").encode()).await;
+
+    let store = handle.store.clone();
+    let decided = |path: &str| store.lock().unwrap().entry(&RelPath::new(path).unwrap()).unwrap().is_some();
+    eventually("the messages around the bad ones to be decided", || decided("before.txt") && decided("after.txt")).await;
+    eventually("three dead letters", || handle.dead_lettered.load(Ordering::Relaxed) == 3).await;
+    assert!(!decided("fail.txt") && !decided("boom.txt"));
+
+    let mut reasons = Vec::new();
+    while let Some(m) = ch.basic_get(topology::DEAD_QUEUE.into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap() {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        let Some(lapin::types::AMQPValue::LongString(reason)) = header(REASON_HEADER) else { panic!("no {REASON_HEADER} in {headers:?}") };
+        let Some(lapin::types::AMQPValue::LongUInt(attempts)) = header(ATTEMPTS_HEADER) else { panic!("no {ATTEMPTS_HEADER} in {headers:?}") };
+        let id = m.delivery.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default();
+        reasons.push((id, attempts, reason.to_string()));
+    }
+    reasons.sort();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    let (id, attempts, reason) = &reasons[0];
+    assert!(id == "garbage" && *attempts == 1 && reason.starts_with("undecodable: "), "{reasons:?}");
+    let (id, attempts, reason) = &reasons[1];
+    assert!(id == "m2" && *attempts == MAX_ATTEMPTS && reason.contains("the disk is on fire"), "{reasons:?}");
+    let (id, attempts, reason) = &reasons[2];
+    assert!(id == "m3" && *attempts == MAX_ATTEMPTS && reason.starts_with("panicked: "), "{reasons:?}");
+
+    // The manager goes on: a later message is decided too.
+    publish("m5", put("m5", "later.txt").encode()).await;
+    eventually("a later message to be decided", || decided("later.txt")).await;
+    assert!(!manager.is_finished(), "the manager must keep running");
+    cancel.cancel();
+    manager.await.unwrap().unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
