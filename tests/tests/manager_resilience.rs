@@ -40,12 +40,8 @@ impl Deep {
 /// The file `name` and the conflict files in `dir` (the test makes no others), as (name,
 /// content), sorted by name.
 fn file_and_copies(dir: &Deep, name: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out: Vec<(String, Vec<u8>)> = dir
-        .names()
-        .into_iter()
-        .filter(|n| n == name || n.contains(" (conflict from "))
-        .filter_map(|n| read(&dir.path(&n)).map(|b| (n, b)))
-        .collect();
+    let mut out: Vec<(String, Vec<u8>)> =
+        dir.names().into_iter().filter(|n| n == name || n.contains(" (conflict from ")).filter_map(|n| read(&dir.path(&n)).map(|b| (n, b))).collect();
     out.sort();
     out
 }
