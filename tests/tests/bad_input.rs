@@ -57,7 +57,8 @@ fn a_lying_holder_corrupts_nothing() {
             let mut buf = [0u8; 4096];
             let _ = s.read(&mut buf);
             a2.fetch_add(1, Ordering::SeqCst);
-            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\nConnection: close\r\n\r\nevil bytes");
+            // As many bytes as the real content, so only the hash check can catch them.
+            let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\nConnection: close\r\n\r\nevil bytes 16 by");
         }
     });
     let truth = b"the real content";
