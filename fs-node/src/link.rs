@@ -282,11 +282,13 @@ impl Session<'_> {
                 let mut pulled = 0u64;
                 let mut failed = 0u64;
                 let known: HashSet<RelPath> = entries.iter().map(|e| e.path.clone()).collect();
+                let entries_by_path: HashMap<RelPath, Entry> = entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
                 for entry in entries {
                     let a = self.apply_entry(entry).await?;
                     pulled += a.changed as u64;
                     failed += a.missing_content as u64;
                 }
+                self.heal_damaged(&entries_by_path).await;
                 let tree = self.shared.tree.clone();
                 let unknown =
                     tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
@@ -318,6 +320,20 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
+    /// Files whose committed content vanished from the store (found at start-up) are
+    /// pulled again like any missing content, from the holders the sync reply names.
+    async fn heal_damaged(&mut self, current: &HashMap<RelPath, Entry>) {
+        let tree = self.shared.tree.clone();
+        let damaged = tokio::task::spawn_blocking(move || tree.damaged()).await.unwrap_or_default();
+        for (path, hash) in damaged {
+            let Some(entry) = current.get(&path) else { continue };
+            if matches!(&entry.version, Some(Version { content: Content::File { hash: h, .. }, .. }) if *h == hash) && !self.missing.contains_key(&path) {
+                tracing::warn!(%path, "pulling {hash} again: this node's copy was lost");
+                self.missing.insert(path, Missing { entry: entry.clone(), next_try: Instant::now(), backoff: RETRY_FIRST, in_flight: false });
+            }
+        }
+    }
+
     /// Starts a background pull for every missing content due for another try, and gives
     /// up on syncs the manager never answered.
     async fn retry_due(&mut self) -> anyhow::Result<()> {

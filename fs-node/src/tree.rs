@@ -455,12 +455,28 @@ impl Tree {
                 inodes.get_mut(&ino).expect("checked").links.push((parent, name));
             }
         }
-        // A file whose content is missing from the store (a crash between steps) is
-        // shown empty rather than failing every read.
+        // A committed file whose content is missing from the store, or whose blob has
+        // the wrong size (a lost or damaged disk block, someone deleting files in the
+        // data dir), keeps its version: reads fail with EIO (never empty or wrong bytes)
+        // until the link pulls the content again (`damaged`). A file that never had
+        // content (no hash: created, not yet closed, when the node died) is empty.
         for i in inodes.values_mut() {
-            if i.kind == Kind::File && !i.hash.as_ref().is_some_and(|h| store.has(h)) {
-                i.hash = Some(ContentStore::empty_hash());
-                i.size = 0;
+            if i.kind != Kind::File {
+                continue;
+            }
+            match &i.hash {
+                None => {
+                    i.hash = Some(ContentStore::empty_hash());
+                    i.size = 0;
+                }
+                Some(h) => match std::fs::metadata(store.blob_path(h)) {
+                    Ok(m) if m.len() == i.size => {}
+                    Ok(m) => {
+                        tracing::warn!(ino = i.ino, "the store's copy of {h} has {} bytes, not {}: removed, it will be pulled again", m.len(), i.size);
+                        let _ = std::fs::remove_file(store.blob_path(h));
+                    }
+                    Err(_) => tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again"),
+                },
             }
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
@@ -489,6 +505,21 @@ impl Tree {
 
     pub fn store(&self) -> &ContentStore {
         &self.store
+    }
+
+    /// Paths whose committed content is not in the store (see `load`), with the hash
+    /// they need; the link pulls them again.
+    pub fn damaged(&self) -> Vec<(RelPath, ContentHash)> {
+        let st = self.lock();
+        let mut all = Vec::new();
+        st.collect_paths(ROOT, None, &mut all);
+        all.into_iter()
+            .filter_map(|(path, _, _, ino)| {
+                let i = st.inodes.get(&ino)?;
+                let h = i.hash.as_ref()?;
+                (i.kind == Kind::File && i.work.is_none() && !self.store.has(h)).then(|| (path, h.clone()))
+            })
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

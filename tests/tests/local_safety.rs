@@ -89,3 +89,39 @@ fn set_id_bits_from_other_nodes_are_cleared_and_the_mount_is_nosuid() {
     let opts = line.split(' ').nth(5).unwrap();
     assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "{line}");
 }
+
+/// A blob lost or damaged while the node was down (a bad disk block, someone deleting
+/// files in the data dir) never shows as an empty or wrong file: reads fail until the
+/// content is pulled again from another holder, which happens by itself.
+#[test]
+fn a_lost_or_damaged_blob_is_pulled_again_never_shown_empty() {
+    let mut c = Cluster::start("heal", 2);
+    let lost = vec![0x5au8; 300_000];
+    let damaged = vec![0xa5u8; 200_000];
+    write(&c.nodes[0].p("lost.bin"), &lost);
+    write(&c.nodes[0].p("damaged.bin"), &damaged);
+    c.converged();
+    let n2 = &mut c.nodes[1];
+    n2.stop();
+    let blob = |bytes: &[u8]| n2.data.join("blobs").join(blake3::hash(bytes).to_hex().as_str());
+    assert!(blob(&lost).exists() && blob(&damaged).exists(), "blobs are kept under data/blobs/<hash>");
+    std::fs::remove_file(blob(&lost)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(blob(&damaged)).unwrap().set_len(1000).unwrap();
+    n2.restart();
+    for (name, want) in [("lost.bin", &lost), ("damaged.bin", &damaged)] {
+        eventually(&format!("{name} healed on n2"), DEADLINE, || match std::fs::read(n2.p(name)) {
+            Ok(got) => {
+                assert!(got == *want, "{name} read {} wrong bytes on n2 before it was healed", got.len());
+                true
+            }
+            Err(e) => {
+                assert_eq!(e.raw_os_error(), Some(libc::EIO), "{name}: {e}");
+                false
+            }
+        });
+        assert_eq!(std::fs::metadata(n2.p(name)).unwrap().len(), want.len() as u64);
+    }
+    let log = std::fs::read_to_string(&n2.log).unwrap();
+    assert!(log.contains("is missing from the store: it will be pulled again"), "the lost blob is not reported in the log");
+    assert!(log.contains("bytes, not 200000: removed, it will be pulled again"), "the damaged blob is not reported in the log");
+}
