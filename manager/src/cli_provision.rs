@@ -125,7 +125,7 @@ pub enum VmCmd {
         #[command(flatten)]
         cloud: CloudArgs,
     },
-    /// Terminate VMs.
+    /// Terminate VMs (an id must be one this manager launched for the cluster).
     Rm {
         #[command(flatten)]
         cloud: CloudArgs,
@@ -214,51 +214,58 @@ fn print_vm(v: &ec2::VmInfo) {
     println!("{:<22} {:<14} {:<16} {:<16} {}", v.id, v.state, ip(&v.public_ip), ip(&v.private_ip), v.instance_type);
 }
 
+/// Runs a `vm` command. Its errors go up as one sentence: `provision::Error`'s message
+/// already holds its causes (`{what}: {source}`), and main prints an error's chain of
+/// sources on `Caused by:` lines, which would repeat them over several lines.
 pub fn vm(cluster: &ClusterArg, cmd: VmCmd) -> anyhow::Result<()> {
-    runtime()?.block_on(async {
-        match cmd {
-            VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token } => {
-                let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
-                let spec = ec2::VmSpec {
-                    count,
-                    instance_type,
-                    image_id,
-                    key_name,
-                    security_group,
-                    broker_public,
-                    node_image_url,
-                    cluster_token: cluster_token.filter(|t| !t.is_empty()),
-                    ..Default::default()
-                };
-                for v in ec2.create(&spec).await? {
-                    print_vm(&v);
-                }
-            }
-            VmCmd::List { cloud } => {
-                let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
-                println!("{:<22} {:<14} {:<16} {:<16} type", "id", "state", "public ip", "private ip");
-                for v in ec2.list().await? {
-                    print_vm(&v);
-                }
-            }
-            VmCmd::Rm { cloud, id, .. } => {
-                let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
-                match id {
-                    Some(id) => {
-                        ec2.remove(&id).await?;
-                        println!("terminated {id}");
-                    }
-                    None => {
-                        let ids = ec2.remove_all().await?;
-                        println!("terminated {} VM(s){}", ids.len(), if ids.is_empty() { String::new() } else { format!(": {}", ids.join(" ")) });
-                    }
-                }
-            }
-            VmCmd::UserData { cloud, id } => {
-                let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
-                print!("{}", ec2.user_data_of(&id).await?);
+    runtime()?.block_on(vm_run(cluster, cmd)).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
+    match cmd {
+        VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token } => {
+            let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
+            let spec = ec2::VmSpec {
+                count,
+                instance_type,
+                image_id,
+                key_name,
+                security_group,
+                broker_public,
+                node_image_url,
+                cluster_token: cluster_token.filter(|t| !t.is_empty()),
+                ..Default::default()
+            };
+            for v in ec2.create(&spec).await? {
+                print_vm(&v);
             }
         }
-        Ok(())
-    })
+        VmCmd::List { cloud } => {
+            let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
+            // The header only once the cloud answered: a failure prints nothing on stdout.
+            let vms = ec2.list().await?;
+            println!("{:<22} {:<14} {:<16} {:<16} type", "id", "state", "public ip", "private ip");
+            for v in vms {
+                print_vm(&v);
+            }
+        }
+        VmCmd::Rm { cloud, id, .. } => {
+            let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
+            match id {
+                Some(id) => {
+                    ec2.remove(&id).await?;
+                    println!("terminated {id}");
+                }
+                None => {
+                    let ids = ec2.remove_all().await?;
+                    println!("terminated {} VM(s){}", ids.len(), if ids.is_empty() { String::new() } else { format!(": {}", ids.join(" ")) });
+                }
+            }
+        }
+        VmCmd::UserData { cloud, id } => {
+            let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
+            print!("{}", ec2.user_data_of(&id).await?);
+        }
+    }
+    Ok(())
 }

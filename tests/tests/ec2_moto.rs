@@ -1,8 +1,9 @@
 //! Cloud nodes against moto_server, a real EC2-compatible endpoint on loopback, with
 //! AMI validation and IAM authentication switched on: `vm create --count 2`, `vm list`
 //! with ids and IPs, the user-data carrying the node start command and the broker
-//! address, `vm rm`, and clear failures for an unknown AMI, wrong credentials and an
-//! unreachable endpoint, none of which records anything.
+//! address, `vm rm`; and every failure (malformed, unreachable or non-EC2 endpoint,
+//! wrong or missing credentials, unknown image, unknown VM id) as one clear line on
+//! stderr, nothing on stdout, nothing recorded.
 //! Needs scripts/setup-moto.sh (moto in /opt/syncfs-moto or $SYNC_MOTO_VENV) and the
 //! manager built with `--features manager/ec2`.
 
@@ -65,24 +66,37 @@ print(k["AccessKeyId"], k["SecretAccessKey"], ec2.describe_images(Owners=["amazo
 
 struct Vm<'a> {
     cluster: &'a str,
-    moto: &'a str,
+    endpoint: &'a str,
     db: &'a Path,
     key: &'a str,
     secret: &'a str,
 }
 
+/// Words no error may show: pieces of the SDK's `Debug` of a request (which holds its
+/// body, and so the user-data with the broker password), anyhow's `Caused by:` lines and
+/// stack backtraces.
+const NEVER_IN_AN_ERROR: &[&str] = &["body", "Request", "SdkBody", "DispatchFailure", "ConnectorError", "Caused by", "backtrace", "s3cret"];
+/// An error line longer than this is a dump, not a sentence.
+const MAX_ERROR_LINE: usize = 300;
+
 impl Vm<'_> {
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = manager(self.cluster);
-        c.arg("vm").args(args).args(["--endpoint-url", self.moto, "--region", "us-east-1", "--db"]).arg(self.db);
+        c.arg("vm").args(args).args(["--endpoint-url", self.endpoint, "--region", "us-east-1", "--db"]).arg(self.db);
         // Only the credentials given here: no profile or instance metadata from the machine.
+        // The AWS files exist but are empty (a missing one makes the SDK log a warning).
+        let empty = self.db.with_file_name("aws-empty");
+        std::fs::write(&empty, "").unwrap();
         c.env("AWS_ACCESS_KEY_ID", self.key)
             .env("AWS_SECRET_ACCESS_KEY", self.secret)
             .env_remove("AWS_SESSION_TOKEN")
             .env_remove("AWS_PROFILE")
-            .env("AWS_CONFIG_FILE", "/nonexistent")
-            .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-            .env("AWS_EC2_METADATA_DISABLED", "true");
+            .env("AWS_CONFIG_FILE", &empty)
+            .env("AWS_SHARED_CREDENTIALS_FILE", &empty)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            // A stack backtrace after an error is debugging output the user opts into
+            // (anyhow follows RUST_BACKTRACE); these tests check what a user sees without it.
+            .env("RUST_LIB_BACKTRACE", "0");
         c
     }
     fn ok(&self, args: &[&str]) -> String {
@@ -96,6 +110,39 @@ impl Vm<'_> {
         let out = run(&mut self.cmd(args));
         assert!(!out.status.success(), "manager vm {args:?} succeeded but should fail:\n{}", String::from_utf8_lossy(&out.stdout));
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+    /// Runs a command that must fail with one clear line: nothing on stdout (no table
+    /// header), stderr one non-empty line shorter than [`MAX_ERROR_LINE`] holding each of
+    /// `words` (any case) and none of `absent` or [`NEVER_IN_AN_ERROR`]. Returns what is
+    /// wrong instead of panicking, so one run reports every case.
+    fn fails_in_one_line(&self, args: &[&str], words: &[&str], absent: &[&str]) -> Result<(), String> {
+        let out = run(&mut self.cmd(args));
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        let err = stderr.trim();
+        let mut wrong = Vec::new();
+        if out.status.success() {
+            wrong.push("succeeded".to_string());
+        }
+        if !stdout.trim().is_empty() {
+            wrong.push(format!("printed on stdout: {:?}", stdout.trim()));
+        }
+        if err.is_empty() || err.contains('\n') {
+            wrong.push(format!("stderr is {} lines, not one", err.lines().count()));
+        }
+        if err.chars().count() >= MAX_ERROR_LINE {
+            wrong.push(format!("stderr is {} characters long", err.chars().count()));
+        }
+        let lower = err.to_lowercase();
+        wrong.extend(words.iter().filter(|w| !lower.contains(&w.to_lowercase())).map(|w| format!("does not say {w:?}")));
+        let secret = [self.secret].into_iter().filter(|s| !s.is_empty());
+        let mut shown: Vec<&str> = NEVER_IN_AN_ERROR.iter().chain(absent).copied().filter(|w| err.contains(w)).collect();
+        shown.extend(secret.filter(|s| err.contains(s)));
+        wrong.extend(shown.iter().map(|w| format!("shows {w:?}")));
+        if wrong.is_empty() {
+            return Ok(());
+        }
+        let shown_err: String = err.chars().take(600).collect();
+        Err(format!("manager vm {args:?} (endpoint {}): {}\n  stderr: {shown_err}", self.endpoint, wrong.join("; ")))
     }
 }
 
@@ -112,7 +159,7 @@ fn vms_on_moto() {
     let (key, secret, ami) = credentials_and_ami(&moto.url);
     let db = tmp.path().join("manager.db");
     let cluster = unique("vm");
-    let vm = Vm { cluster: &cluster, moto: &moto.url, db: &db, key: &key, secret: &secret };
+    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
 
     // Two VMs in one command; ids and IPs printed and recorded.
     let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--instance-type", "t3.micro", "--broker-public", BROKER_PUBLIC]);
@@ -138,22 +185,13 @@ fn vms_on_moto() {
     assert!(ud.contains("apt-get install -y -q docker.io fuse3"), "{ud}");
     assert!(ud.contains(&format!("CLUSTER='{cluster}'")), "{ud}");
 
-    // Errors: nothing is recorded, the message says what is wrong.
-    let err = vm.fails(&["create", "--image-id", "ami-00000000", "--broker-public", BROKER_PUBLIC]);
-    assert!(err.contains("InvalidAMIID") && err.contains("does not exist") && err.contains("check --image-id"), "{err}");
-    let wrong = Vm { key: "AKIAWRONGWRONGWRONG1", secret: "not-the-secret", ..vm };
-    let err = wrong.fails(&["create", "--image-id", &ami, "--broker-public", BROKER_PUBLIC]);
-    assert!(err.contains("AuthFailure") && err.contains("check the credentials"), "{err}");
-    assert!(!err.contains("not-the-secret"), "the secret was printed: {err}");
-    let err = wrong.fails(&["list"]);
-    assert!(err.contains("AuthFailure"), "{err}");
-    let closed = format!("http://127.0.0.1:{}", free_port());
-    let unreachable = Vm { moto: &closed, ..vm };
-    let err = unreachable.fails(&["create", "--image-id", &ami, "--broker-public", BROKER_PUBLIC]);
-    assert!(err.contains("cannot reach the EC2 endpoint"), "{err}");
+    // A bad request is refused before the cloud and records nothing (the cloud's
+    // failures are `vm_failures_are_one_clear_line`).
     let err = vm.fails(&["create", "--image-id", &ami, "--broker-public", "not-a-url"]);
     assert!(err.contains("invalid public broker URL"), "{err}");
     assert_eq!(recorded(&db).len(), 2, "a failed create left rows behind");
+    // An id the manager did not launch is refused even while it has VMs.
+    vm.fails_in_one_line(&["rm", "i-00000000000000000"], &["no VM i-00000000000000000 in cluster"], &["cloud"]).unwrap();
 
     // Terminate one, then the rest.
     let out = vm.ok(&["rm", &ids[0]]);
@@ -162,9 +200,81 @@ fn vms_on_moto() {
     let line = list.lines().find(|l| l.starts_with(ids[0].as_str())).map(str::to_string).unwrap_or_default();
     assert!(line.is_empty() || line.contains("terminated") || line.contains("shutting-down"), "{list}");
     assert_eq!(recorded(&db).iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
-    let err = vm.fails(&["rm", "i-00000000000000000"]);
-    assert!(err.contains("no instance i-00000000000000000 in cluster"), "{err}");
     let out = vm.ok(&["rm", "--all"]);
     assert!(out.contains("terminated 1 VM(s)") && out.contains(&ids[1]), "{out}");
     assert!(recorded(&db).is_empty());
+}
+
+/// A web server that is not EC2 (python's http.server answers a POST with 501 and a
+/// page of HTML): what `--endpoint-url` reaches when it names the wrong port.
+fn start_web_server(dir: &Path) -> (String, Proc) {
+    let port = free_port();
+    let mut cmd = Command::new(venv().join("bin/python"));
+    cmd.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+    let mut proc = Proc::spawn("http.server", &mut cmd, dir.join("http.log"));
+    eventually(Duration::from_secs(30), "http.server to listen", || {
+        proc.assert_alive();
+        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+    });
+    (format!("http://127.0.0.1:{port}"), proc)
+}
+
+/// Regression: `vm create --endpoint-url 'not a url'` printed about 1,400 characters of
+/// the SDK's request (body included) under "the cloud refused", and `vm list` printed its
+/// table header before failing. Every failure is one line naming the cause and what to
+/// do; an unknown VM id is the manager's refusal, not the cloud's.
+#[test]
+fn vm_failures_are_one_clear_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = start_moto(tmp.path());
+    let (key, secret, ami) = credentials_and_ami(&moto.url);
+    let (web, _web) = start_web_server(tmp.path());
+    let db = tmp.path().join("manager.db");
+    let cluster = unique("vmerr");
+    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
+    let create = |image: &str| -> Vec<String> { ["create", "--image-id", image, "--broker-public", BROKER_PUBLIC].map(String::from).to_vec() };
+    let mut problems = Vec::new();
+    let mut check = |vm: &Vm, args: &[String], words: &[&str], absent: &[&str]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        if let Err(p) = vm.fails_in_one_line(&args, words, absent) {
+            problems.push(p);
+        }
+    };
+    let list = || vec!["list".to_string()];
+
+    // A malformed endpoint is refused before the SDK sees it.
+    for bad in ["not a url", "ftp://127.0.0.1:5000", "127.0.0.1:5000", "http://"] {
+        let v = Vm { endpoint: bad, ..vm };
+        check(&v, &create(&ami), &["invalid --endpoint-url", bad, "http(s)://"], &[]);
+        check(&v, &list(), &["invalid --endpoint-url"], &[]);
+    }
+    // Nothing listens there.
+    let closed = format!("http://127.0.0.1:{}", free_port());
+    let v = Vm { endpoint: &closed, ..vm };
+    for args in [create(&ami), list()] {
+        check(&v, &args, &["cannot reach the EC2 endpoint", &closed, "connection refused", "--endpoint-url"], &[]);
+    }
+    // Something listens there, but it is not EC2.
+    let v = Vm { endpoint: &web, ..vm };
+    for args in [create(&ami), list()] {
+        check(&v, &args, &[&web, "HTTP 501", "--endpoint-url points at an EC2 API"], &[]);
+    }
+    // Wrong credentials: moto checks them (IAM authentication is on).
+    let wrong = Vm { key: "AKIAWRONGWRONGWRONG1", secret: "not-the-secret", ..vm };
+    for args in [create(&ami), list()] {
+        check(&wrong, &args, &["refused the credentials", &moto.url, "AuthFailure", "AWS_ACCESS_KEY_ID", "--profile"], &[]);
+    }
+    // No credentials at all.
+    let none = Vm { key: "", secret: "", ..vm };
+    check(&none, &list(), &["AWS credentials", "AWS_ACCESS_KEY_ID", "--profile"], &[]);
+    // An image the region does not have.
+    check(&vm, &create("ami-00000000"), &["image ami-00000000 does not exist in region us-east-1", "InvalidAMIID", "describe-images"], &[]);
+    // An id the manager never launched: refused by the manager, the cloud is not asked.
+    for cmd in ["rm", "user-data"] {
+        let args = [cmd, "i-00000000000000000"].map(String::from);
+        check(&vm, &args, &[&format!("no VM i-00000000000000000 in cluster {cluster}"), "manager vm list"], &["cloud", "InvalidInstanceID"]);
+    }
+
+    assert!(problems.is_empty(), "{} failure(s) not shown as one clear line:\n{}", problems.len(), problems.join("\n"));
+    assert!(recorded(&db).is_empty(), "a failed command recorded VMs: {:?}", recorded(&db));
 }

@@ -16,12 +16,12 @@ fn api_error(e: provision::Error) -> ApiError {
     let msg = e.to_string();
     match e {
         E::Invalid { .. } => ApiError::bad_request(msg),
-        E::NodeNotFound { .. } => ApiError::not_found(msg),
+        E::NodeNotFound { .. } | E::VmNotFound { .. } => ApiError::not_found(msg),
         E::NodeExists { .. } => ApiError::new(hyper::StatusCode::CONFLICT, msg),
         E::DockerUnavailable { .. } | E::ImageMissing { .. } | E::Ec2NotBuilt => ApiError::unavailable(msg),
         // A cloud client that cannot even be configured (no region, no credentials)
         // is this manager's missing setup; anything else the cloud said is a bad gateway.
-        E::Cloud { op, .. } if op.starts_with("configure") => ApiError::unavailable(msg),
+        E::Cloud { op, .. } if op == ec2::OP_CONFIGURE => ApiError::unavailable(msg),
         E::Cloud { .. } => ApiError::new(hyper::StatusCode::BAD_GATEWAY, msg),
         _ => ApiError::internal(anyhow::anyhow!(msg)),
     }
@@ -125,13 +125,12 @@ pub async fn create_vm(state: &State, body: Value) -> ApiResult<Value> {
     Ok(json!({ "created": vms.iter().map(vm_json).collect::<Vec<_>>() }))
 }
 
+/// `DELETE /api/vms/{id}`: only a VM this cluster recorded; any other id is a 404 from
+/// the manager's table (the same refusal as `manager vm rm`), checked before the cloud
+/// client is even configured.
 pub async fn remove_vm(state: &State, id: &str) -> ApiResult<Value> {
-    // Only VMs this cluster created (and recorded) can be removed through the API.
-    let (db, cluster) = (state.provision.db.clone(), state.provision.cluster.clone());
-    let known = detached(move || async move { ec2::VmTable::open(&db)?.list(&cluster).await }).await?;
-    if !known.iter().any(|v| v.id == id) {
-        return Err(ApiError::not_found(format!("no VM {id} in cluster {}", state.provision.cluster)));
-    }
+    let (db, cluster, id1) = (state.provision.db.clone(), state.provision.cluster.clone(), id.to_string());
+    detached(move || async move { ec2::VmTable::open(&db)?.require(&cluster, &id1).await }).await?;
     let (cfg, id2) = (cloud_config(state, &Value::Null)?, id.to_string());
     detached(move || async move { ec2::Ec2::new(&cfg).await?.remove(&id2).await }).await?;
     Ok(json!({ "removed": id }))

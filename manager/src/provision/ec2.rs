@@ -7,6 +7,11 @@
 //! never holds half a launch. Only instances tagged with this cluster are listed or
 //! removed. The client (aws-sdk-ec2) exists only with the `ec2` cargo feature; without
 //! it [`Ec2::new`] returns [`Error::Ec2NotBuilt`], so callers compile either way.
+//!
+//! Every failure is one line naming the cause and what to do: the SDK's errors are taken
+//! apart (code, status, causes) and never shown as they are, since their `Debug` and some
+//! of their messages hold the whole request, body (the user-data, with the broker's
+//! password) included.
 
 use super::{Error, Result, LABEL_CLUSTER};
 use std::path::PathBuf;
@@ -24,6 +29,13 @@ pub const OPERATION_TIMEOUT_S: u64 = 60;
 pub const CONNECT_TIMEOUT_S: u64 = 5;
 /// How long SQLite waits for the manager's own loop to release the database.
 pub const DB_BUSY_TIMEOUT_MS: u64 = 5_000;
+/// Most characters of cloud or user text (a cloud's message, an id, a URL) quoted in one
+/// error: enough for any real cloud message's first sentence, short enough that an error
+/// stays one readable line instead of a dump.
+pub const MAX_QUOTED_CHARS: usize = 200;
+/// The `op` of [`Error::Cloud`] when the client itself cannot be set up (no region, no
+/// credentials): this manager's missing configuration, not something the cloud said.
+pub const OP_CONFIGURE: &str = "configure the EC2 client";
 
 /// Where and as whom to talk to the cloud. Unset fields follow the standard AWS
 /// configuration (env vars `AWS_*`, `~/.aws/config` and `credentials`, profile).
@@ -157,6 +169,52 @@ docker run -d --name "$NODE_ID" --restart unless-stopped \
     )
 }
 
+/// The first non-empty line of `text`, other control and line-break characters turned
+/// into spaces, cut to `max` characters (marked with "…"): how cloud and user text is
+/// quoted in an error, which must stay one line.
+pub fn first_line(text: &str, max: usize) -> String {
+    let line = text.lines().map(str::trim).find(|l| !l.is_empty()).unwrap_or("");
+    let clean: String = line.chars().map(|c| if c.is_control() || c.is_whitespace() { ' ' } else { c }).collect();
+    if clean.chars().count() <= max {
+        return clean;
+    }
+    let mut cut: String = clean.chars().take(max).collect();
+    cut.push('…');
+    cut
+}
+
+/// Checks `--endpoint-url` before the SDK sees it: the SDK takes any string and fails
+/// only when it sends, with an error that quotes the whole request (body included).
+pub fn validate_endpoint_url(url: &str) -> Result<()> {
+    let invalid = |reason: &str| Error::Invalid {
+        what: "--endpoint-url",
+        value: first_line(url, MAX_QUOTED_CHARS),
+        reason: format!("{reason}; give the EC2 endpoint as http(s)://HOST[:PORT], e.g. http://127.0.0.1:5000"),
+    };
+    let uri: hyper::Uri = url.parse().map_err(|_| invalid("not a URL"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(invalid("the scheme must be http or https"));
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(invalid("no host"));
+    }
+    Ok(())
+}
+
+/// Checks a region name: the SDK builds the endpoint's host name from it, so a stray
+/// character would again fail only when sending. Letters too, for OpenStack's `RegionOne`.
+pub fn validate_region(region: &str) -> Result<()> {
+    let ok = !region.is_empty() && region.len() <= 64 && region.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        return Ok(());
+    }
+    Err(Error::Invalid {
+        what: "--region",
+        value: first_line(region, MAX_QUOTED_CHARS),
+        reason: "use a region name such as us-east-1 (letters, digits, '-', '_', '.')".into(),
+    })
+}
+
 /// Checks a launch request before anything reaches the cloud.
 pub fn validate_spec(spec: &VmSpec) -> Result<()> {
     let invalid = |what: &'static str, value: &str, reason: &str| Err(Error::Invalid { what, value: value.into(), reason: reason.into() });
@@ -249,6 +307,13 @@ impl VmTable {
         .await
     }
 
+    /// The recorded VM `id` of `cluster`, or [`Error::VmNotFound`]. `rm` and `user-data`
+    /// ask this before the cloud, so an unknown id is the manager's refusal, not the cloud's.
+    pub async fn require(&self, cluster: &str, id: &str) -> Result<VmInfo> {
+        let found = self.list(cluster).await?.into_iter().find(|v| v.id == id);
+        found.ok_or_else(|| Error::VmNotFound { id: first_line(id, MAX_QUOTED_CHARS), cluster: cluster.to_string() })
+    }
+
     /// The recorded VMs of `cluster`, by launch time.
     pub async fn list(&self, cluster: &str) -> Result<Vec<VmInfo>> {
         let cluster = cluster.to_string();
@@ -279,6 +344,11 @@ impl VmTable {
 pub struct Ec2 {
     #[cfg(feature = "ec2")]
     client: aws_sdk_ec2::Client,
+    /// The endpoint as errors name it: `--endpoint-url`, or "for region R" (AWS's own).
+    #[cfg(feature = "ec2")]
+    endpoint: String,
+    #[cfg(feature = "ec2")]
+    region: String,
     cluster: String,
     table: VmTable,
 }
@@ -316,40 +386,179 @@ impl Ec2 {
 mod cloud {
     use super::super::validate_name;
     use super::*;
-    use aws_sdk_ec2::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+    use aws_sdk_ec2::config::http::HttpResponse;
+    use aws_sdk_ec2::config::ProvideCredentials;
+    use aws_sdk_ec2::error::{ProvideErrorMetadata, SdkError};
     use aws_sdk_ec2::types::{Filter, Instance, InstanceAttributeName, InstanceType, ResourceType, Tag, TagSpecification};
     use base64::Engine;
     use std::time::Duration;
 
-    /// Turns an SDK error into one clear sentence, with a hint for the usual causes.
-    fn cloud_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static, R: std::fmt::Debug>(op: &'static str, err: SdkError<E, R>) -> Error {
-        let message = match &err {
-            SdkError::ServiceError(se) => {
-                let e = se.err();
-                let code = e.code().unwrap_or("Unknown");
-                let msg = e.message().unwrap_or("no message");
-                let hint = match code {
-                    "AuthFailure"
-                    | "InvalidClientTokenId"
-                    | "UnrecognizedClientException"
-                    | "SignatureDoesNotMatch"
-                    | "InvalidAccessKeyId"
-                    | "AccessDenied"
-                    | "UnauthorizedOperation" => " (check the credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or ~/.aws/credentials)",
-                    c if c.starts_with("InvalidAMIID") => " (the machine image does not exist in this region: check --image-id and --region)",
-                    "InstanceLimitExceeded" | "VcpuLimitExceeded" | "InsufficientInstanceCapacity" | "MaxSpotInstanceCountExceeded" => {
-                        " (quota or capacity: try fewer VMs, another instance type or region, or ask for a higher limit)"
+    /// Codes for "the endpoint does not accept who we are": the key, secret or token.
+    const CREDENTIAL_CODES: &[&str] = &[
+        "AuthFailure",
+        "InvalidClientTokenId",
+        "UnrecognizedClientException",
+        "SignatureDoesNotMatch",
+        "InvalidAccessKeyId",
+        "IncompleteSignature",
+        "MissingAuthenticationToken",
+        "InvalidToken",
+        "ExpiredToken",
+        "ExpiredTokenException",
+    ];
+    /// Codes for "we are known, but may not do this".
+    const PERMISSION_CODES: &[&str] = &["UnauthorizedOperation", "AccessDenied", "AccessDeniedException"];
+    /// Codes for quotas and capacity.
+    const CAPACITY_CODES: &[&str] = &["InstanceLimitExceeded", "VcpuLimitExceeded", "InsufficientInstanceCapacity", "MaxSpotInstanceCountExceeded"];
+    const THROTTLE_CODES: &[&str] = &["RequestLimitExceeded", "Throttling", "ThrottlingException"];
+    /// Codes for a signature whose time the endpoint does not accept.
+    const CLOCK_CODES: &[&str] = &["RequestExpired", "RequestTimeTooSkewed"];
+
+    /// What a failed call was about: the words its error needs.
+    pub(super) struct Call<'a> {
+        pub op: &'static str,
+        pub endpoint: &'a str,
+        pub region: &'a str,
+        /// The image a launch asked for.
+        pub image: Option<&'a str>,
+        /// The instances the call was about.
+        pub instances: Option<&'a str>,
+    }
+
+    /// How a call failed, taken apart from the SDK's error (which must never be shown:
+    /// its `Debug` and some of its `Display`s hold the whole request, body included).
+    #[derive(Debug)]
+    pub(super) enum Failure<'a> {
+        /// The endpoint answered with an error (`code` is absent when the answer was not
+        /// an EC2 error at all, e.g. a web server's 404 page).
+        Service { code: Option<&'a str>, message: Option<&'a str>, status: u16 },
+        /// No connection: refused, no such host, TLS failed, or (`reason` None) no
+        /// connection within [`CONNECT_TIMEOUT_S`].
+        Unreachable { reason: Option<String> },
+        /// Connected, but the whole call took longer than [`OPERATION_TIMEOUT_S`].
+        Timeout,
+        /// The answer was not an EC2 response.
+        BadResponse { status: u16, reason: String },
+        /// The request could not be prepared (signing, endpoint, building it).
+        NotSent { reason: String },
+    }
+
+    /// The one-line sentence for a failed call: what failed, why, and what to do.
+    pub(super) fn explain(call: &Call, failure: &Failure) -> String {
+        let (op, ep) = (call.op, first_line(call.endpoint, MAX_QUOTED_CHARS));
+        let region = first_line(call.region, MAX_QUOTED_CHARS);
+        let image = first_line(call.image.unwrap_or("(none)"), MAX_QUOTED_CHARS);
+        let instances = first_line(call.instances.unwrap_or("(none)"), MAX_QUOTED_CHARS);
+        let check_endpoint = "check that --endpoint-url points at an EC2 API";
+        match failure {
+            Failure::Service { code: Some(code), message, .. } => {
+                let c = first_line(code, MAX_QUOTED_CHARS);
+                let c = c.as_str();
+                match c {
+                    _ if CREDENTIAL_CODES.contains(&c) => {
+                        format!("the EC2 endpoint {ep} refused the credentials ({c}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile")
                     }
-                    _ => "",
+                    _ if PERMISSION_CODES.contains(&c) => format!(
+                        "the credentials are not allowed to {op} ({c}): allow it in their IAM policy, or use others (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile)"
+                    ),
+                    _ if CLOCK_CODES.contains(&c) => {
+                        format!("the EC2 endpoint {ep} refused the request's time ({c}): set this machine's clock right (requests are signed with it)")
+                    }
+                    "OptInRequired" => format!("the account may not use EC2 in region {region} ({c}): enable the region for the account, or pass another --region"),
+                    "InvalidAMIID.Malformed" => {
+                        format!("image id {image} is malformed ({c}): pass an image id (ami-…) from `aws ec2 describe-images`")
+                    }
+                    _ if c.starts_with("InvalidAMIID") => {
+                        format!("image {image} does not exist in region {region} ({c}): pass an image id from `aws ec2 describe-images`")
+                    }
+                    _ if c.starts_with("InvalidInstanceID") => {
+                        format!("the cloud has no instance {instances} in region {region} ({c}): it may be gone already (see `manager vm list`)")
+                    }
+                    _ if c.starts_with("InvalidKeyPair") => {
+                        format!("the key pair of --key-name does not exist in region {region} ({c}): create it or pass another")
+                    }
+                    _ if c.starts_with("InvalidGroup") => {
+                        format!("the security group of --security-group does not exist in region {region} ({c}): create it or pass another")
+                    }
+                    _ if CAPACITY_CODES.contains(&c) => format!(
+                        "the cloud has no room to {op} ({c}): try fewer VMs, another instance type or region, or ask for a higher limit"
+                    ),
+                    _ if THROTTLE_CODES.contains(&c) => format!("the cloud is throttling this account's requests ({c}): wait a minute and try again"),
+                    _ => format!("the cloud refused to {op}: {c}: {}", first_line(message.unwrap_or("no message"), MAX_QUOTED_CHARS)),
+                }
+            }
+            Failure::Service { code: None, status, .. } => {
+                format!("the EC2 endpoint {ep} answered HTTP {status} without an EC2 error to {op}: {check_endpoint}")
+            }
+            Failure::Unreachable { reason } => {
+                let reason = match reason {
+                    Some(r) => first_line(r, MAX_QUOTED_CHARS),
+                    None => format!("no connection within {CONNECT_TIMEOUT_S}s"),
                 };
-                format!("{code}: {msg}{hint}")
+                format!("cannot reach the EC2 endpoint {ep} to {op}: {reason} (check --endpoint-url/--region and the network)")
             }
-            SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) => {
-                format!("cannot reach the EC2 endpoint: {} (check --endpoint-url / --region and the network)", DisplayErrorContext(&err))
+            Failure::Timeout => {
+                format!("no answer from the EC2 endpoint {ep} within {OPERATION_TIMEOUT_S}s to {op} (check --endpoint-url/--region and the network)")
             }
-            _ => format!("{}", DisplayErrorContext(&err)),
-        };
-        Error::Cloud { op, message }
+            Failure::BadResponse { status, reason } => format!(
+                "the EC2 endpoint {ep} answered HTTP {status} to {op} with something that is not an EC2 response ({}): {check_endpoint}",
+                first_line(reason, MAX_QUOTED_CHARS)
+            ),
+            Failure::NotSent { reason } => format!("could not prepare the request to {op} for the EC2 endpoint {ep}: {}", first_line(reason, MAX_QUOTED_CHARS)),
+        }
+    }
+
+    /// Text from inside the SDK, made quotable: some of its messages embed the request's
+    /// `Debug` (body included), so anything from there on is cut off.
+    fn sdk_text(text: &str) -> String {
+        let cut = ["Request {", " to request `", "SdkBody", "Response {"].iter().filter_map(|m| text.find(m)).min().unwrap_or(text.len());
+        first_line(&text[..cut], MAX_QUOTED_CHARS)
+    }
+
+    /// The texts of `e`'s causes, outermost first, each quotable and different from the one before.
+    fn causes(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+        /// Deeper than any SDK error nests; a guard against a cycle.
+        const MAX_DEPTH: usize = 16;
+        let mut out: Vec<String> = Vec::new();
+        let mut next = e.source();
+        while let Some(cause) = next.filter(|_| out.len() < MAX_DEPTH) {
+            let t = sdk_text(&cause.to_string());
+            if !t.is_empty() && out.last() != Some(&t) {
+                out.push(t);
+            }
+            next = cause.source();
+        }
+        out
+    }
+
+    /// Takes the SDK's error apart into a [`Failure`], reading codes, statuses and the
+    /// causes' texts, never the error's `Debug`.
+    pub(super) fn failure<E: ProvideErrorMetadata + std::error::Error + 'static>(err: &SdkError<E, HttpResponse>) -> Failure<'_> {
+        match err {
+            SdkError::ServiceError(se) => Failure::Service { code: se.err().code(), message: se.err().message(), status: se.raw().status().as_u16() },
+            SdkError::DispatchFailure(d) => match d.as_connector_error() {
+                Some(c) if c.is_timeout() => Failure::Unreachable { reason: None },
+                // hyper's outer levels ("client error (Connect)") say nothing; the last two
+                // name the step and the cause: "tcp connect error: Connection refused (os
+                // error 111)", "dns error: failed to lookup address…", "TLS handshake failed: …".
+                Some(c) if c.is_io() => {
+                    let all = causes(c);
+                    Failure::Unreachable { reason: Some(all[all.len().saturating_sub(2)..].join(": ")) }
+                }
+                Some(c) => Failure::NotSent { reason: causes(c).join(": ") },
+                None => Failure::NotSent { reason: causes(err).join(": ") },
+            },
+            SdkError::TimeoutError(_) => Failure::Timeout,
+            SdkError::ResponseError(r) => Failure::BadResponse { status: r.raw().status().as_u16(), reason: causes(err).join(": ") },
+            _ => Failure::NotSent { reason: causes(err).join(": ") },
+        }
+    }
+
+    /// Turns an SDK error into [`Error::Cloud`] with one clear line (see [`explain`]).
+    fn cloud_err<E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static>(call: &Call, err: SdkError<E, HttpResponse>) -> Error {
+        let failure = failure(&err);
+        tracing::debug!(op = call.op, ?failure, "EC2 call failed");
+        Error::Cloud { op: call.op, message: explain(call, &failure) }
     }
 
     fn info(cluster: &str, i: &Instance) -> Option<VmInfo> {
@@ -367,8 +576,13 @@ mod cloud {
 
     impl Ec2 {
         /// Loads the standard AWS configuration with `cfg`'s overrides and opens the `vms` table.
+        /// Checks the endpoint URL and region, and that credentials can be found, before
+        /// any call: each of these would otherwise fail only at the first request.
         pub async fn new(cfg: &Ec2Config) -> Result<Ec2> {
             validate_name("cluster name", &cfg.cluster)?;
+            if let Some(u) = &cfg.endpoint_url {
+                validate_endpoint_url(u)?;
+            }
             let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest()).timeout_config(
                 aws_config::timeout::TimeoutConfig::builder()
                     .operation_timeout(Duration::from_secs(OPERATION_TIMEOUT_S))
@@ -385,11 +599,33 @@ mod cloud {
                 loader = loader.profile_name(p.clone());
             }
             let sdk = loader.load().await;
-            if sdk.region().is_none() {
-                return Err(Error::Cloud { op: "configure the EC2 client", message: "no region: pass --region or set AWS_REGION".into() });
+            let Some(region) = sdk.region().map(|r| r.to_string()) else {
+                return Err(Error::Cloud { op: OP_CONFIGURE, message: "no AWS region for the EC2 client: pass --region or set AWS_REGION".into() });
+            };
+            validate_region(&region)?;
+            // The SDK would otherwise report missing credentials from inside its first
+            // request, as a multi-line list of every provider it tried.
+            let found = match sdk.credentials_provider() {
+                Some(p) => p.provide_credentials().await.map(drop).map_err(|e| e.to_string()),
+                None => Err("no credentials provider".to_string()),
+            };
+            if let Err(why) = found {
+                return Err(Error::Cloud {
+                    op: OP_CONFIGURE,
+                    message: format!(
+                        "cannot load AWS credentials ({}): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, pass --profile, or fill ~/.aws/credentials",
+                        first_line(&why, MAX_QUOTED_CHARS)
+                    ),
+                });
             }
+            let endpoint = cfg.endpoint_url.clone().unwrap_or_else(|| format!("for region {region}"));
             let table = VmTable::open(&cfg.db)?;
-            Ok(Ec2 { client: aws_sdk_ec2::Client::new(&sdk), cluster: cfg.cluster.clone(), table })
+            Ok(Ec2 { client: aws_sdk_ec2::Client::new(&sdk), endpoint, region, cluster: cfg.cluster.clone(), table })
+        }
+
+        /// The words an error of a call doing `op` needs.
+        fn call(&self, op: &'static str) -> Call<'_> {
+            Call { op, endpoint: &self.endpoint, region: &self.region, image: None, instances: None }
         }
 
         pub fn table(&self) -> &VmTable {
@@ -433,7 +669,7 @@ mod cloud {
                 Some(g) => req = req.security_groups(g),
                 None => {}
             }
-            let out = req.send().await.map_err(|e| cloud_err("launch instances", e))?;
+            let out = req.send().await.map_err(|e| cloud_err(&Call { image: Some(&spec.image_id), ..self.call("launch instances") }, e))?;
             let vms: Vec<VmInfo> = out.instances().iter().filter_map(|i| info(&self.cluster, i)).collect();
             if let Err(e) = self.table.record(vms.clone()).await {
                 let ids: Vec<String> = vms.iter().map(|v| v.id.clone()).collect();
@@ -463,7 +699,7 @@ mod cloud {
                     .set_next_token(token.take())
                     .send()
                     .await
-                    .map_err(|e| cloud_err("list instances", e))?;
+                    .map_err(|e| cloud_err(&self.call("list instances"), e))?;
                 for r in out.reservations() {
                     seen.extend(r.instances().iter().filter_map(|i| info(&self.cluster, i)));
                 }
@@ -486,12 +722,10 @@ mod cloud {
             Ok(seen)
         }
 
-        /// Terminates VM `id` (it must carry this cluster's tag) and forgets it.
+        /// Terminates VM `id` and forgets it. Only a VM this manager recorded for the cluster
+        /// (so launched with its tag) is terminated; any other id is refused before the cloud.
         pub async fn remove(&self, id: &str) -> Result<()> {
-            let ours = self.list().await?.into_iter().any(|v| v.id == id);
-            if !ours {
-                return Err(Error::Cloud { op: "terminate the instance", message: format!("no instance {id} in cluster {}", self.cluster) });
-            }
+            self.table.require(&self.cluster, id).await?;
             self.terminate(&[id.to_string()]).await?;
             self.table.forget(vec![id.to_string()]).await
         }
@@ -508,8 +742,11 @@ mod cloud {
             Ok(ids)
         }
 
-        /// The user-data VM `id` was launched with, decoded.
+        /// The user-data VM `id` was launched with, decoded. Only for a VM recorded for the
+        /// cluster, like [`Ec2::remove`].
         pub async fn user_data_of(&self, id: &str) -> Result<String> {
+            self.table.require(&self.cluster, id).await?;
+            let op = "read the instance's user-data";
             let out = self
                 .client
                 .describe_instance_attribute()
@@ -517,17 +754,126 @@ mod cloud {
                 .attribute(InstanceAttributeName::UserData)
                 .send()
                 .await
-                .map_err(|e| cloud_err("read the instance's user-data", e))?;
+                .map_err(|e| cloud_err(&Call { instances: Some(id), ..self.call(op) }, e))?;
             let b64 = out.user_data().and_then(|v| v.value()).unwrap_or("");
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(b64.trim())
-                .map_err(|e| Error::Cloud { op: "read the instance's user-data", message: format!("not base64: {e}") })?;
+                .map_err(|e| Error::Cloud { op, message: format!("the cloud sent the user-data of {id} not in base64 ({e})") })?;
             Ok(String::from_utf8_lossy(&bytes).into_owned())
         }
 
         async fn terminate(&self, ids: &[String]) -> Result<()> {
-            self.client.terminate_instances().set_instance_ids(Some(ids.to_vec())).send().await.map_err(|e| cloud_err("terminate instances", e))?;
+            let instances = ids.join(" ");
+            let call = Call { instances: Some(&instances), ..self.call("terminate instances") };
+            self.client.terminate_instances().set_instance_ids(Some(ids.to_vec())).send().await.map_err(|e| cloud_err(&call, e))?;
             Ok(())
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use aws_sdk_ec2::error::{ConnectorError, ErrorMetadata};
+        use aws_sdk_ec2::operation::run_instances::RunInstancesError;
+
+        const EP: &str = "http://127.0.0.1:5000";
+
+        fn launch() -> Call<'static> {
+            Call { op: "launch instances", endpoint: EP, region: "us-east-1", image: Some("ami-12345678"), instances: None }
+        }
+
+        fn service(code: &str, message: &str) -> String {
+            explain(&launch(), &Failure::Service { code: Some(code), message: Some(message), status: 400 })
+        }
+
+        fn sdk_err(err: SdkError<RunInstancesError, HttpResponse>) -> String {
+            cloud_err(&launch(), err).to_string()
+        }
+
+        fn answer(status: u16) -> HttpResponse {
+            HttpResponse::new(status.try_into().unwrap(), "".into())
+        }
+
+        #[test]
+        fn wrong_credentials_are_named_with_what_to_set() {
+            for code in ["AuthFailure", "InvalidClientTokenId", "SignatureDoesNotMatch", "UnrecognizedClientException"] {
+                let m = service(code, "AWS was not able to validate the provided access credentials");
+                assert_eq!(m, format!("the EC2 endpoint {EP} refused the credentials ({code}): check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or --profile"));
+            }
+            let m = service("UnauthorizedOperation", "You are not authorized to perform this operation. Encoded authorization failure message: AAAA");
+            assert!(m.starts_with("the credentials are not allowed to launch instances (UnauthorizedOperation): "), "{m}");
+            assert!(m.contains("AWS_ACCESS_KEY_ID") && m.contains("--profile") && !m.contains("Encoded"), "{m}");
+        }
+
+        #[test]
+        fn unknown_images_and_instances_are_named_with_the_region() {
+            assert_eq!(
+                service("InvalidAMIID.NotFound", "The image id '[ami-12345678]' does not exist"),
+                "image ami-12345678 does not exist in region us-east-1 (InvalidAMIID.NotFound): pass an image id from `aws ec2 describe-images`"
+            );
+            assert!(service("InvalidAMIID.Malformed", "Invalid id").starts_with("image id ami-12345678 is malformed (InvalidAMIID.Malformed)"));
+            let call = Call { op: "terminate instances", instances: Some("i-1 i-2"), ..launch() };
+            let m = explain(&call, &Failure::Service { code: Some("InvalidInstanceID.NotFound"), message: None, status: 400 });
+            assert!(m.starts_with("the cloud has no instance i-1 i-2 in region us-east-1 (InvalidInstanceID.NotFound)"), "{m}");
+            assert!(service("InstanceLimitExceeded", "x").starts_with("the cloud has no room to launch instances (InstanceLimitExceeded): "));
+        }
+
+        #[test]
+        fn unknown_codes_quote_the_first_line_of_the_message_cut_short() {
+            let long = format!("Something odd happened.\n{}", "x".repeat(1000));
+            assert_eq!(service("OddCode", &long), "the cloud refused to launch instances: OddCode: Something odd happened.");
+            let m = service("OddCode", &"y".repeat(1000));
+            assert!(m.ends_with('…') && m.chars().count() < 300, "{m}");
+            assert_eq!(
+                explain(&launch(), &Failure::Service { code: None, message: None, status: 404 }),
+                format!("the EC2 endpoint {EP} answered HTTP 404 without an EC2 error to launch instances: check that --endpoint-url points at an EC2 API")
+            );
+        }
+
+        #[test]
+        fn every_explanation_is_one_bounded_line() {
+            let hostile = format!("a\nb\r\n{}", "z".repeat(2000));
+            let call = Call { op: "list instances", endpoint: &hostile, region: &hostile, image: Some(&hostile), instances: Some(&hostile) };
+            let failures = [
+                Failure::Service { code: Some(&hostile), message: Some(&hostile), status: 400 },
+                Failure::Service { code: Some("AuthFailure"), message: None, status: 401 },
+                Failure::Service { code: Some("InvalidAMIID.NotFound"), message: None, status: 400 },
+                Failure::Service { code: None, message: Some(&hostile), status: 500 },
+                Failure::Unreachable { reason: Some(hostile.clone()) },
+                Failure::Unreachable { reason: None },
+                Failure::Timeout,
+                Failure::BadResponse { status: 200, reason: hostile.clone() },
+                Failure::NotSent { reason: hostile.clone() },
+            ];
+            for f in &failures {
+                let m = explain(&call, f);
+                assert!(!m.contains(['\n', '\r']), "{f:?}: {m:?}");
+                // Each quoted piece is bounded, so the line is, however long the inputs.
+                assert!(m.chars().count() < 4 * MAX_QUOTED_CHARS + 250, "{f:?}: {} chars", m.chars().count());
+            }
+        }
+
+        #[test]
+        fn sdk_errors_are_read_for_their_code_never_their_debug() {
+            let auth = RunInstancesError::generic(ErrorMetadata::builder().code("AuthFailure").message("not valid").build());
+            let m = sdk_err(SdkError::service_error(auth, answer(401)));
+            assert!(m.starts_with(&format!("the EC2 endpoint {EP} refused the credentials (AuthFailure)")), "{m}");
+
+            let refused = ConnectorError::io(Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)));
+            let m = sdk_err(SdkError::dispatch_failure(refused));
+            assert!(m.starts_with(&format!("cannot reach the EC2 endpoint {EP} to launch instances: connection refused (")), "{m}");
+
+            // What the SDK said for a malformed endpoint: the request's Debug, body and all.
+            let dump = "failed to apply endpoint `x` to request `Request { body: SdkBody { inner: Once(Some(b\"Action=RunInstances&UserData=c2VjcmV0\")) } }`\n: endpoint must contain scheme";
+            let m = sdk_err(SdkError::dispatch_failure(ConnectorError::other(dump.into(), None)));
+            assert_eq!(m, format!("could not prepare the request to launch instances for the EC2 endpoint {EP}: failed to apply endpoint `x`"));
+
+            let m = sdk_err(SdkError::response_error("unexpected element <html>\n<body>", answer(200)));
+            assert!(m.starts_with(&format!("the EC2 endpoint {EP} answered HTTP 200 to launch instances with something that is not an EC2 response")), "{m}");
+            assert!(!m.contains("body"), "{m}");
+
+            let m = sdk_err(SdkError::timeout_error("operation timed out"));
+            assert!(m.starts_with(&format!("no answer from the EC2 endpoint {EP} within {OPERATION_TIMEOUT_S}s")), "{m}");
         }
     }
 }
@@ -548,6 +894,38 @@ mod tests {
         assert!(ud.contains("--broker \"$BROKER\""));
         assert!(ud.contains("--device /dev/fuse --cap-add SYS_ADMIN"));
         assert!(ud.len() < MAX_USER_DATA_BYTES);
+    }
+
+    #[test]
+    fn first_line_keeps_one_line_and_bounds_it() {
+        assert_eq!(first_line("\n  first line  \nsecond", 50), "first line");
+        assert_eq!(first_line("a\tb\u{2028}c", 50), "a b c");
+        assert_eq!(first_line("abcdef", 3), "abc…");
+        assert_eq!(first_line("", 3), "");
+    }
+
+    #[test]
+    fn endpoint_urls_are_checked_before_the_sdk_sees_them() {
+        for ok in ["http://127.0.0.1:5000", "https://ec2.example.org", "http://[::1]:5000/ec2/"] {
+            assert!(validate_endpoint_url(ok).is_ok(), "{ok} refused");
+        }
+        for bad in ["not a url", "", "ftp://127.0.0.1:5000", "127.0.0.1:5000", "localhost:5000", "http://", "http://:5000", "/ec2"] {
+            let e = validate_endpoint_url(bad).expect_err(bad);
+            assert!(matches!(e, Error::Invalid { what: "--endpoint-url", .. }), "{bad}: {e:?}");
+            assert!(e.to_string().starts_with("invalid --endpoint-url "), "{e}");
+        }
+        let e = validate_endpoint_url(&format!("http://a b\n{}", "x".repeat(5000))).unwrap_err().to_string();
+        assert!(!e.contains('\n') && e.len() < 400, "{e}");
+    }
+
+    #[test]
+    fn regions_are_checked() {
+        for ok in ["us-east-1", "RegionOne", "eu-central-2"] {
+            assert!(validate_region(ok).is_ok(), "{ok} refused");
+        }
+        for bad in ["", "us east 1", "us-east-1/", &"r".repeat(65)] {
+            assert!(validate_region(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]
@@ -584,7 +962,12 @@ mod tests {
         assert_eq!(l[0].state, "running");
         assert_eq!(l[0].public_ip.as_deref(), Some("1.2.3.4"));
         assert!(t.list("other").await.unwrap().is_empty());
+        assert_eq!(t.require("c", "i-1").await.unwrap().id, "i-1");
+        let e = t.require("other", "i-1").await.unwrap_err();
+        assert!(matches!(e, Error::VmNotFound { .. }), "{e:?}");
+        assert_eq!(e.to_string(), "no VM i-1 in cluster other (see `manager vm list`)");
         t.forget(vec!["i-1".into()]).await.unwrap();
         assert!(t.list("c").await.unwrap().is_empty());
+        assert!(matches!(t.require("c", "i-1").await, Err(Error::VmNotFound { .. })));
     }
 }

@@ -57,8 +57,14 @@ pub enum Error {
     Io { what: String, source: std::io::Error },
     #[error("built without EC2 support; rebuild with --features ec2")]
     Ec2NotBuilt,
-    #[error("the cloud refused to {op}: {message}")]
+    /// A cloud (EC2) call failed, or the cloud client could not be set up. `message` is the
+    /// whole sentence, on one line: what failed, why and what to do (see `ec2::explain`).
+    /// `op` is what was being done ("launch instances", "configure the EC2 client").
+    #[error("{message}")]
     Cloud { op: &'static str, message: String },
+    /// The manager has no record of this VM in this cluster; the cloud was not asked.
+    #[error("no VM {id} in cluster {cluster} (see `manager vm list`)")]
+    VmNotFound { id: String, cluster: String },
     #[error("the manager database: {0}")]
     Db(#[from] rusqlite::Error),
     #[error("{what} failed: {source}; after that, cleaning up also failed: {cleanup}")]
