@@ -221,6 +221,11 @@ struct Inode {
     links: Vec<(u64, OsString)>,
     /// Uncommitted content being written (copy-on-write of the blob).
     work: Option<Arc<File>>,
+    /// Set while `work` is: the synced attributes of the version in the store (`hash`).
+    /// The database records these, never the attributes of bytes not yet committed, so
+    /// a node that dies while a file is written comes back with the file's last closed
+    /// version, whole (`row`).
+    committed: Option<Committed>,
     /// Read handle on the current blob, opened on first read.
     blob: Option<Arc<File>>,
     /// Set while the kernel does this inode's I/O itself on a backing file.
@@ -228,6 +233,16 @@ struct Inode {
     writers: u32,
     open: u32,
     lookups: u64,
+}
+
+/// The synced attributes of a file's committed version (see `Inode::committed`).
+#[derive(Clone, Debug)]
+struct Committed {
+    size: u64,
+    mtime: i64,
+    perm: u32,
+    uid: u32,
+    gid: u32,
 }
 
 /// Kernel passthrough of one inode: while any of its handles is open, the kernel reads
@@ -270,23 +285,39 @@ pub struct Released {
 }
 
 impl Inode {
+    /// The row the database keeps: a file being written is recorded as its committed
+    /// version (its size, times and mode change with the content, at the commit).
     fn row(&self) -> InodeRow {
+        let c = self.committed.clone().unwrap_or_else(|| self.current());
         InodeRow {
             ino: self.ino,
             kind: self.kind as u8,
-            perm: self.perm,
-            uid: self.uid,
-            gid: self.gid,
+            perm: c.perm,
+            uid: c.uid,
+            gid: c.gid,
             atime: self.atime,
-            mtime: self.mtime,
+            mtime: c.mtime,
             ctime: self.ctime,
             nlink: self.nlink,
             rdev: self.rdev,
-            size: self.size,
+            size: c.size,
             hash: self.hash.as_ref().map(|h| h.to_string()),
             target: self.target.clone(),
         }
     }
+    fn current(&self) -> Committed {
+        Committed { size: self.size, mtime: self.mtime, perm: self.perm, uid: self.uid, gid: self.gid }
+    }
+
+    /// Makes `w` the work file; the attributes of the committed version are kept aside.
+    fn set_work(&mut self, w: Arc<File>) {
+        if self.work.is_none() {
+            self.committed = Some(self.current());
+        }
+        self.work = Some(w);
+        self.blob = None;
+    }
+
     fn attr(&self) -> Attr {
         Attr {
             ino: self.ino,
@@ -341,6 +372,7 @@ impl Inode {
             children: BTreeMap::new(),
             links: Vec::new(),
             work: None,
+            committed: None,
             blob: None,
             passthrough: None,
             writers: 0,
@@ -471,6 +503,14 @@ impl Tree {
                 }
                 Some(h) => match std::fs::metadata(store.blob_path(h)) {
                     Ok(m) if m.len() == i.size => {}
+                    // A node.db from before rows of files being written kept their
+                    // committed size: an ftruncate then saved the new size with the old
+                    // hash. The blob is right if it hashes to its name; the row is not.
+                    Ok(m) if crate::store::hash_file(&store.blob_path(h)).is_ok_and(|(real, _)| real == *h) => {
+                        tracing::warn!(ino = i.ino, "the node database gave {h} {} bytes; the store's copy is whole with {}: size corrected", i.size, m.len());
+                        i.size = m.len();
+                        db.save_inode(&i.row())?;
+                    }
                     Ok(m) => {
                         tracing::warn!(ino = i.ino, "the store's copy of {h} has {} bytes, not {}: removed, it will be pulled again", m.len(), i.size);
                         let _ = std::fs::remove_file(store.blob_path(h));
@@ -675,7 +715,8 @@ impl Tree {
             st.save(ino)?;
             if kind == Kind::File {
                 // A new file is sent when it is closed, with its content.
-                st.inode_mut(ino)?.work = Some(Arc::new(store.new_work_file(ino, None)?));
+                let w = Arc::new(store.new_work_file(ino, None)?);
+                st.inode_mut(ino)?.set_work(w);
             } else if kind.synced() {
                 st.record_put(parent, name, ino)?;
             }
@@ -1491,9 +1532,7 @@ impl State {
             None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,
         };
         let w = Arc::new(w);
-        let i = self.inode_mut(ino)?;
-        i.work = Some(w.clone());
-        i.blob = None;
+        self.inode_mut(ino)?.set_work(w.clone());
         Ok(w)
     }
 
@@ -1520,6 +1559,9 @@ impl State {
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;
+        // A passthrough writer still open keeps writing: what was just committed is
+        // the version a crash would come back to.
+        i.committed = i.work.is_some().then(|| i.current());
         if i.nlink == 0 {
             return Ok(());
         }
@@ -1802,6 +1844,70 @@ mod tests {
         let rows = t.take_unpublished();
         assert_eq!(queued(&rows), vec![("d".into(), Some(0o750)), ("d/e".into(), Some(0o700))]);
         assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    /// The tree a restarted node loads from `dir` after the process died without
+    /// cleaning up (`tree` must not be used again).
+    fn crash_and_reload(t: Tree, dir: &std::path::Path) -> Tree {
+        std::mem::forget(t);
+        tree(dir)
+    }
+
+    fn truncate(t: &Tree, ino: u64, size: u64, fh: Option<u64>) {
+        t.setattr(ino, 0, SetAttr { size: Some(size), fh, ..Default::default() }).unwrap();
+    }
+
+    fn read_all(t: &Tree, ino: u64) -> FsResult<Vec<u8>> {
+        let (fh, _) = t.open(ino, false, false, false)?;
+        let bytes = t.read(fh, 0, 1 << 20);
+        t.release(fh)?;
+        bytes
+    }
+
+    /// A closed file `name` holding `bytes`; returns its inode.
+    fn closed_file(t: &Tree, parent: u64, name: &str, bytes: &[u8]) -> u64 {
+        let (a, fh) = t.create(parent, OsStr::new(name), 0o644, 0, 0, true).unwrap();
+        t.write(fh, 0, bytes).unwrap();
+        t.flush(fh).unwrap();
+        t.release(fh).unwrap();
+        a.ino
+    }
+
+    /// Crash gap: ftruncate with a writer open saved the new size with the old hash. A
+    /// node killed then came back with a file whose size matched no content: the load
+    /// took the blob for damaged and removed it (reads failed until a peer sent it again;
+    /// with no other holder, the closed version was gone).
+    #[test]
+    fn regression_ftruncate_with_a_writer_open_never_pairs_a_size_with_other_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let ino = closed_file(&t, ROOT, "f", b"hello world");
+        let before = t.lock().inode(ino).unwrap().version();
+        let (fh, _) = t.open(ino, true, false, false).unwrap();
+        truncate(&t, ino, 5, Some(fh));
+        t.write(fh, 5, b"!").unwrap();
+        assert_eq!(read_all(&t, ino).unwrap(), b"hello!");
+        let t = crash_and_reload(t, dir.path());
+        let ino = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+        assert_eq!(t.lock().inode(ino).unwrap().version(), before, "after a crash the file is its closed version");
+        assert_eq!(read_all(&t, ino).unwrap(), b"hello world");
+    }
+
+    /// A node.db written before that fix may hold such a row: the blob hashes to its
+    /// name, so it is kept and the row's size corrected, never the blob removed.
+    #[test]
+    fn a_row_with_a_wrong_size_keeps_a_whole_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let ino = closed_file(&t, ROOT, "f", b"hello world");
+        let mut row = t.lock().inode(ino).unwrap().row();
+        row.size = 5;
+        t.lock().db.save_inode(&row).unwrap();
+        let t = crash_and_reload(t, dir.path());
+        assert_eq!(t.getattr(ino).unwrap().size, 11);
+        assert_eq!(read_all(&t, ino).unwrap(), b"hello world");
+        let t = crash_and_reload(t, dir.path());
+        assert_eq!(t.getattr(ino).unwrap().size, 11, "the corrected size was saved");
     }
 
     /// A delete replacing a queued put goes to the end: a directory is deleted after its
