@@ -73,6 +73,12 @@ impl Db {
         self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
     }
 
+    /// The connection itself, for tests that make the database fail on purpose.
+    #[cfg(test)]
+    pub fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
     pub fn rollback(&self) {
         let _ = self.conn.execute_batch("ROLLBACK");
     }

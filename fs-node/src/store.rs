@@ -16,6 +16,16 @@ pub struct ContentStore {
     tmp: PathBuf,
 }
 
+/// What `ContentStore::commit_work_file` did.
+#[derive(Debug)]
+pub struct CommittedWork {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// The work file became the blob; otherwise the store had the content already and
+    /// the work file is still there.
+    pub moved: bool,
+}
+
 pub fn hash_of(bytes: &[u8]) -> ContentHash {
     ContentHash::from_bytes(*blake3::hash(bytes).as_bytes())
 }
@@ -78,17 +88,24 @@ impl ContentStore {
         std::fs::OpenOptions::new().read(true).write(true).open(&p)
     }
 
-    /// Hashes the work file of `ino` and moves it into the blobs; returns hash and size.
-    pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<(ContentHash, u64)> {
+    /// Hashes the work file of `ino` and moves it into the blobs, unless the store has
+    /// that content already: then the work file stays, for the caller to remove once the
+    /// change is recorded (`discard_work_file`).
+    pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<CommittedWork> {
         let p = self.work_path(ino);
         let (hash, size) = hash_file(&p)?;
         let dest = self.blob_path(&hash);
         if dest.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-        } else {
-            std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+            return Ok(CommittedWork { hash, size, moved: false });
         }
-        Ok((hash, size))
+        std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        Ok(CommittedWork { hash, size, moved: true })
+    }
+
+    /// Takes back a `commit_work_file` that moved the work file (the change could not be
+    /// recorded): the blob is the work file of `ino` again.
+    pub fn uncommit_work_file(&self, ino: u64, hash: &ContentHash) -> std::io::Result<()> {
+        std::fs::rename(self.blob_path(hash), self.work_path(ino))
     }
 
     /// Makes `backing` (a file the kernel reads an inode from by passthrough, opened
@@ -183,7 +200,7 @@ impl ContentStore {
 }
 
 /// The /proc path that reopens an open file (also one no directory names any more).
-fn fd_path(f: &File) -> PathBuf {
+pub(crate) fn fd_path(f: &File) -> PathBuf {
     use std::os::fd::AsRawFd;
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
 }

@@ -226,6 +226,9 @@ struct Inode {
     /// a node that dies while a file is written comes back with the file's last closed
     /// version, whole (`row`).
     committed: Option<Committed>,
+    /// The work file is a passthrough backing file detached from the store (it has no
+    /// name in the store's work directory, and writes may reach it without passing here).
+    detached: bool,
     /// Read handle on the current blob, opened on first read.
     blob: Option<Arc<File>>,
     /// Set while the kernel does this inode's I/O itself on a backing file.
@@ -259,6 +262,7 @@ struct Committed {
 ///   writes never show in another;
 /// - while a detached work file is open for writing, its size and mtime are the file's
 ///   own (the writes do not pass here).
+#[derive(Clone)]
 struct Passthrough {
     /// The backing file, opened read-only from the store.
     backing: Arc<File>,
@@ -305,16 +309,47 @@ impl Inode {
             target: self.target.clone(),
         }
     }
+    /// A copy of everything but the children (see `Undo::Inode`).
+    fn fields(&self) -> Inode {
+        Inode {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            size: self.size,
+            hash: self.hash.clone(),
+            target: self.target.clone(),
+            children: BTreeMap::new(),
+            links: self.links.clone(),
+            work: self.work.clone(),
+            committed: self.committed.clone(),
+            detached: self.detached,
+            blob: self.blob.clone(),
+            passthrough: self.passthrough.clone(),
+            writers: self.writers,
+            open: self.open,
+            lookups: self.lookups,
+        }
+    }
+
     fn current(&self) -> Committed {
         Committed { size: self.size, mtime: self.mtime, perm: self.perm, uid: self.uid, gid: self.gid }
     }
 
-    /// Makes `w` the work file; the attributes of the committed version are kept aside.
-    fn set_work(&mut self, w: Arc<File>) {
+    /// Makes `w` the work file (`detached`: see the field); the attributes of the
+    /// committed version are kept aside.
+    fn set_work(&mut self, w: Arc<File>, detached: bool) {
         if self.work.is_none() {
             self.committed = Some(self.current());
         }
         self.work = Some(w);
+        self.detached = detached;
         self.blob = None;
     }
 
@@ -336,7 +371,7 @@ impl Inode {
     /// Size and mtime of a detached work file come from the file: passthrough writes
     /// change it without passing here.
     fn take_passthrough_writes(&mut self) -> FsResult<()> {
-        if let (Some(_), Some(w)) = (&self.passthrough, &self.work) {
+        if let (true, Some(w)) = (self.detached, &self.work) {
             let m = w.metadata()?;
             self.size = m.len();
             self.mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64).unwrap_or(self.mtime);
@@ -347,7 +382,7 @@ impl Inode {
     /// The other direction: an explicit mtime (utimensat, truncate) goes to the
     /// detached work file, which holds it from now on.
     fn give_mtime_to_work(&self) -> FsResult<()> {
-        if let (Some(_), Some(w)) = (&self.passthrough, &self.work) {
+        if let (true, Some(w)) = (self.detached, &self.work) {
             w.set_modified(system_time(self.mtime))?;
         }
         Ok(())
@@ -373,6 +408,7 @@ impl Inode {
             links: Vec::new(),
             work: None,
             committed: None,
+            detached: false,
             blob: None,
             passthrough: None,
             writers: 0,
@@ -428,8 +464,56 @@ pub struct TreeStats {
     pub passthrough_detaches: u64,
 }
 
+/// What a transaction changed in memory, recorded while it runs so that a failed one
+/// is undone: the database rolls back, and the tree must again be what it holds (an
+/// operation either happens in both or in neither). Undone in reverse order.
+enum Undo {
+    /// The inode's fields before the transaction first changed them, or `None`: the
+    /// transaction made it. Its `children` are left out (a large directory is never
+    /// copied) and undone by `Child` entries; an inode dropped from memory is kept whole.
+    Inode(u64, Option<Inode>),
+    Child {
+        parent: u64,
+        name: OsString,
+        old: Option<u64>,
+    },
+    Rev(RelPath, Option<Revision>),
+    Outbox(i64, Option<OutboxRow>),
+    PerPath(RelPath, Option<usize>),
+    Sent(MessageId, bool),
+    Handle(u64, Option<Handle>),
+    BackingOwner((u64, u64), Option<u64>),
+    /// The work file of the inode was moved into the store as this blob: moved back.
+    Installed(u64, ContentHash),
+}
+
+/// Counters a transaction may move, restored whole when it fails.
+#[derive(Clone, Copy)]
+struct Counters {
+    next_ino: u64,
+    next_fh: u64,
+    conflicts_seen: u64,
+    passthrough_opens: u64,
+    passthrough_detaches: u64,
+}
+
+/// The undo log of the open transaction (see `Undo`).
+struct Journal {
+    undo: Vec<Undo>,
+    /// Inodes whose fields are in `undo` already.
+    saved: HashSet<u64>,
+    counters: Counters,
+    /// Work files to remove once the transaction is committed (removed before, a failed
+    /// transaction could not give them back).
+    discard_after_commit: Vec<u64>,
+    /// Inodes whose passthrough backing file became their work file (see `undo`).
+    detached: HashSet<u64>,
+}
+
 struct State {
     db: Db,
+    /// Set while a transaction runs (`Tree::atomically`).
+    journal: Option<Journal>,
     inodes: HashMap<u64, Inode>,
     next_ino: u64,
     revs: HashMap<RelPath, Revision>,
@@ -529,6 +613,7 @@ impl Tree {
         }
         let state = State {
             db,
+            journal: None,
             inodes,
             next_ino,
             revs,
@@ -567,13 +652,27 @@ impl Tree {
     }
 
     /// Runs `f` in one database transaction; wakes the broker link if the outbox grew.
+    /// If anything fails, the commit included, the transaction is rolled back and what
+    /// `f` changed in memory is undone (`Undo`): the tree stays what the database holds.
     fn atomically<T>(&self, f: impl FnOnce(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
-        let mut st = self.lock();
+        self.atomically_locked(self.lock(), f)
+    }
+
+    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, f: impl FnOnce(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         let before = st.outbox.rows.len();
         st.db.begin()?;
-        match f(&mut st, &self.store) {
+        let counters = st.counters();
+        st.journal = Some(Journal { undo: Vec::new(), saved: HashSet::new(), counters, discard_after_commit: Vec::new(), detached: HashSet::new() });
+        let result = f(&mut st, &self.store).and_then(|v| {
+            st.db.commit()?;
+            Ok(v)
+        });
+        let journal = st.journal.take().expect("set above");
+        match result {
             Ok(v) => {
-                st.db.commit()?;
+                for ino in journal.discard_after_commit {
+                    self.store.discard_work_file(ino);
+                }
                 let grew = st.outbox.rows.len() > before;
                 drop(st);
                 if grew {
@@ -583,7 +682,9 @@ impl Tree {
                 Ok(v)
             }
             Err(e) => {
+                // Also after a failed COMMIT: SQLite may leave that transaction open.
                 st.db.rollback();
+                st.undo(journal, &self.store);
                 Err(e)
             }
         }
@@ -682,43 +783,15 @@ impl Tree {
         i.target.clone().ok_or(FsError::Invalid)
     }
 
-    /// mkdir, mknod, symlink and create share this.
+    /// mkdir, mknod and symlink share this.
     #[allow(clippy::too_many_arguments)]
     fn make(&self, parent: u64, name: &OsStr, kind: Kind, perm: u32, uid: u32, gid: u32, rdev: u32, target: Option<Vec<u8>>) -> FsResult<Attr> {
         check_name(name)?;
         self.atomically(|st, store| {
-            let p = st.inode(parent)?;
-            if p.kind != Kind::Dir {
-                return Err(FsError::NotDir);
-            }
-            if p.children.contains_key(name) {
-                return Err(FsError::Exists);
-            }
-            // BSD group semantics for set-gid directories, as ext4 does.
-            let (gid, perm) = if p.perm & libc::S_ISGID != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID } else { perm }) } else { (gid, perm) };
-            let ino = st.next_ino;
-            st.next_ino += 1;
-            let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);
-            i.rdev = rdev;
-            if kind == Kind::Symlink {
-                i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
-                i.target = target;
-                i.perm = 0o777;
-            }
+            let ino = st.make(parent, name, kind, perm, uid, gid, rdev, target, store)?;
             if kind == Kind::File {
-                i.hash = Some(ContentStore::empty_hash());
-            }
-            i.lookups = 1;
-            i.links.push((parent, name.to_owned()));
-            st.inodes.insert(ino, i);
-            st.link_into(parent, name, ino)?;
-            st.save(ino)?;
-            if kind == Kind::File {
-                // A new file is sent when it is closed, with its content.
-                let w = Arc::new(store.new_work_file(ino, None)?);
-                st.inode_mut(ino)?.set_work(w);
-            } else if kind.synced() {
-                st.record_put(parent, name, ino)?;
+                // mknod(S_IFREG) makes an empty file with no open handle: committed now.
+                st.commit_work(ino, store)?;
             }
             Ok(st.inode(ino)?.attr())
         })
@@ -733,12 +806,7 @@ impl Tree {
         if kind == Kind::Dir || kind == Kind::Symlink {
             return Err(FsError::Invalid);
         }
-        let attr = self.make(parent, name, kind, mode, uid, gid, rdev, None)?;
-        if kind == Kind::File {
-            // mknod(S_IFREG) creates an empty file with no open handle: commit it now.
-            self.atomically(|st, store| st.commit_work(attr.ino, store))?;
-        }
-        self.getattr(attr.ino)
+        self.make(parent, name, kind, mode, uid, gid, rdev, None)
     }
 
     pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
@@ -749,10 +817,15 @@ impl Tree {
     }
 
     pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, write: bool) -> FsResult<(Attr, u64)> {
-        let attr = self.make(parent, name, Kind::File, mode, uid, gid, 0, None)?;
-        // A new inode has no blob to pass through to.
-        let (fh, _) = self.open_handle(attr.ino, write, false, false)?;
-        Ok((attr, fh))
+        check_name(name)?;
+        // One step: a file with no writer and uncommitted content is one whose commit
+        // failed (`gc` tries again), never one being created.
+        self.atomically(|st, store| {
+            let ino = st.make(parent, name, Kind::File, mode, uid, gid, 0, None, store)?;
+            // A new inode has no blob to pass through to.
+            let (fh, _) = st.open_handle(ino, write, false, false, store)?;
+            Ok((st.inode(ino)?.attr(), fh))
+        })
     }
 
     pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
@@ -873,28 +946,7 @@ impl Tree {
 
     /// Opens a handle; `passthrough` says whether the kernel can do passthrough I/O.
     fn open_handle(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
-        self.atomically(|st, store| {
-            let io = st.choose_io(ino, write, passthrough, store)?;
-            let pt = matches!(io, OpenIo::Passthrough { .. });
-            if let Err(e) = st.prepare_write_open(ino, write, truncate, pt, store) {
-                if pt {
-                    st.end_passthrough_handle(ino);
-                }
-                return Err(e);
-            }
-            let i = st.inode_mut(ino)?;
-            i.open += 1;
-            if write {
-                i.writers += 1;
-            }
-            if pt {
-                st.passthrough_opens += 1;
-            }
-            let fh = st.next_fh;
-            st.next_fh += 1;
-            st.handles.insert(fh, Handle { ino, write, passthrough: pt });
-            Ok((fh, io))
-        })
+        self.atomically(|st, store| st.open_handle(ino, write, truncate, passthrough, store))
     }
 
     /// The kernel would not take the backing file `open` offered for handle `fh` (no
@@ -999,22 +1051,32 @@ impl Tree {
     }
 
     pub fn release(&self, fh: u64) -> FsResult<Released> {
-        self.atomically(|st, store| {
-            let Some(h) = st.handles.remove(&fh) else {
-                return Err(FsError::BadHandle);
-            };
-            let i = st.inode_mut(h.ino)?;
-            i.open = i.open.saturating_sub(1);
-            if h.write {
-                i.writers = i.writers.saturating_sub(1);
+        // The kernel forgets the handle whatever the answer, so forgetting it here is
+        // done before, and apart from, the transaction: a failed commit never undoes it.
+        let mut st = self.lock();
+        let h = st.handles.remove(&fh).ok_or(FsError::BadHandle)?;
+        let i = st.inode_mut(h.ino)?;
+        i.open = i.open.saturating_sub(1);
+        if h.write {
+            i.writers = i.writers.saturating_sub(1);
+        }
+        let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
+        let ino = h.ino;
+        let committed = self.atomically_locked(st, |st, store| {
+            let i = st.inode(ino)?;
+            // The last writer closed: commit (a removed file has nothing to commit).
+            if i.writers == 0 && i.work.is_some() && i.nlink > 0 {
+                st.commit_work(ino, store)?;
             }
-            if i.writers == 0 && i.work.is_some() {
-                st.commit_work(h.ino, store)?;
-            }
-            let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
-            st.maybe_drop(h.ino, store);
-            Ok(Released { ino: h.ino, backing_unused })
-        })
+            st.maybe_drop(ino, store);
+            Ok(())
+        });
+        if let Err(e) = committed {
+            // The close (flush) that came first has told the writer. The bytes stay in
+            // the work file, and `gc` tries the commit again.
+            tracing::warn!(ino, "the last writer closed, but its content could not be committed: {e}; it is tried again later");
+        }
+        Ok(Released { ino, backing_unused })
     }
 
     /// Directory listing from `offset`: (ino, next offset, kind, name).
@@ -1090,15 +1152,11 @@ impl Tree {
         self.atomically(|st, store| {
             let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
             if let Some(seq) = seq {
-                let row = st.outbox.rows.remove(&seq).expect("found");
+                let row = st.set_outbox_row(seq, None).expect("found");
                 st.db.remove_outbox(msg)?;
-                if let Some(n) = st.outbox.per_path.get_mut(&row.change.path) {
-                    *n -= 1;
-                    if *n == 0 {
-                        st.outbox.per_path.remove(&row.change.path);
-                    }
-                }
-                st.outbox.sent.remove(msg);
+                st.count_change(&row.change.path, -1);
+                let was_sent = st.outbox.sent.remove(msg);
+                st.record(|| Undo::Sent(msg.clone(), was_sent));
                 if matches!(outcome, Outcome::Conflict { .. }) {
                     st.conflicts_seen += 1;
                 }
@@ -1155,12 +1213,31 @@ impl Tree {
         })
     }
 
-    /// Removes blobs nothing refers to. Runs under the tree lock so that a commit cannot
-    /// add a reference between the scan and the removal.
+    /// Removes blobs nothing refers to, after trying again the commits that failed when
+    /// a file's last writer closed. Runs under the tree lock so that a commit cannot add
+    /// a reference between the scan and the removal.
     pub fn gc(&self) -> usize {
+        self.commit_unsaved();
         let st = self.lock();
         let keep = Self::referenced(&st);
         self.store.gc(&keep, std::time::Duration::from_secs(300))
+    }
+
+    /// Commits the files whose last writer closed while their content could not be
+    /// committed (a full disk, a failing database: see `release`).
+    fn commit_unsaved(&self) {
+        let unsaved = |i: &Inode| i.work.is_some() && i.writers == 0 && i.nlink > 0;
+        let inos: Vec<u64> = self.lock().inodes.values().filter(|i| unsaved(i)).map(|i| i.ino).collect();
+        for ino in inos {
+            let committed = self.atomically(|st, store| match st.inodes.get(&ino) {
+                Some(i) if unsaved(i) => st.commit_work(ino, store),
+                _ => Ok(()),
+            });
+            match committed {
+                Ok(()) => tracing::info!(ino, "committed the content a closed file had left unsaved"),
+                Err(e) => tracing::warn!(ino, "the content of a closed file still cannot be committed: {e}"),
+            }
+        }
     }
 
     fn referenced(st: &State) -> HashSet<ContentHash> {
@@ -1183,8 +1260,178 @@ impl State {
     fn inode(&self, ino: u64) -> FsResult<&Inode> {
         self.inodes.get(&ino).ok_or(FsError::NotFound)
     }
+    /// The inode, to change: inside a transaction its fields are saved first (`Undo`).
     fn inode_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
+        if let Some(j) = &mut self.journal {
+            if let Some(i) = self.inodes.get(&ino) {
+                if j.saved.insert(ino) {
+                    j.undo.push(Undo::Inode(ino, Some(i.fields())));
+                }
+            }
+        }
         self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    /// Adds an inode the transaction made.
+    fn add_inode(&mut self, i: Inode) {
+        let ino = i.ino;
+        if let Some(j) = &mut self.journal {
+            j.saved.insert(ino);
+            j.undo.push(Undo::Inode(ino, None));
+        }
+        self.inodes.insert(ino, i);
+    }
+
+    /// Records how to undo a change, inside a transaction.
+    fn record(&mut self, u: impl FnOnce() -> Undo) {
+        if let Some(j) = &mut self.journal {
+            j.undo.push(u());
+        }
+    }
+
+    fn counters(&self) -> Counters {
+        Counters {
+            next_ino: self.next_ino,
+            next_fh: self.next_fh,
+            conflicts_seen: self.conflicts_seen,
+            passthrough_opens: self.passthrough_opens,
+            passthrough_detaches: self.passthrough_detaches,
+        }
+    }
+
+    /// Undoes in memory what a failed transaction did (see `Undo`).
+    fn undo(&mut self, j: Journal, store: &ContentStore) {
+        let detached = j.detached;
+        for u in j.undo.into_iter().rev() {
+            match u {
+                Undo::Inode(ino, None) => {
+                    self.inodes.remove(&ino);
+                    store.discard_work_file(ino);
+                }
+                Undo::Inode(ino, Some(mut before)) => match self.inodes.get_mut(&ino) {
+                    Some(now) => {
+                        if before.work.is_none() && detached.contains(&ino) {
+                            // The backing file the transaction detached from the store
+                            // stays this inode's work file: the kernel's readers read it,
+                            // and it may have changed already. It is committed like any
+                            // other (at the next close, or by `gc`).
+                            let reopened = || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime)).ok().map(Arc::new);
+                            match now.work.clone().or_else(reopened) {
+                                Some(w) => {
+                                    before.committed = Some(before.current());
+                                    before.work = Some(w);
+                                    before.detached = true;
+                                }
+                                None => tracing::error!(ino, "a passthrough backing file changed by a failed operation could not be reopened"),
+                            }
+                        } else if before.work.is_none() {
+                            // A work file the transaction made goes, also one it
+                            // committed and `Installed` gave back.
+                            store.discard_work_file(ino);
+                        }
+                        let children = std::mem::take(&mut now.children);
+                        *now = before;
+                        now.children = children;
+                    }
+                    None => {
+                        self.inodes.insert(ino, before);
+                    }
+                },
+                Undo::Child { parent, name, old } => {
+                    if let Some(p) = self.inodes.get_mut(&parent) {
+                        match old {
+                            Some(ino) => p.children.insert(name, ino),
+                            None => p.children.remove(&name),
+                        };
+                    }
+                }
+                Undo::Rev(path, old) => {
+                    match old {
+                        Some(r) => self.revs.insert(path, r),
+                        None => self.revs.remove(&path),
+                    };
+                }
+                Undo::Outbox(seq, old) => {
+                    match old {
+                        Some(row) => self.outbox.rows.insert(seq, row),
+                        None => self.outbox.rows.remove(&seq),
+                    };
+                }
+                Undo::PerPath(path, old) => {
+                    match old {
+                        Some(n) => self.outbox.per_path.insert(path, n),
+                        None => self.outbox.per_path.remove(&path),
+                    };
+                }
+                Undo::Sent(msg, was) => {
+                    if was {
+                        self.outbox.sent.insert(msg);
+                    } else {
+                        self.outbox.sent.remove(&msg);
+                    }
+                }
+                Undo::Handle(fh, old) => {
+                    match old {
+                        Some(h) => self.handles.insert(fh, h),
+                        None => self.handles.remove(&fh),
+                    };
+                }
+                Undo::BackingOwner(key, old) => {
+                    match old {
+                        Some(ino) => self.backing_owner.insert(key, ino),
+                        None => self.backing_owner.remove(&key),
+                    };
+                }
+                Undo::Installed(ino, hash) => {
+                    if let Err(e) = store.uncommit_work_file(ino, &hash) {
+                        tracing::error!(ino, "giving back the work file committed as {hash}: {e}");
+                    }
+                }
+            }
+        }
+        let c = j.counters;
+        self.next_ino = c.next_ino;
+        self.next_fh = c.next_fh;
+        self.conflicts_seen = c.conflicts_seen;
+        self.passthrough_opens = c.passthrough_opens;
+        self.passthrough_detaches = c.passthrough_detaches;
+    }
+
+    fn set_child(&mut self, parent: u64, name: &OsStr, ino: Option<u64>) -> FsResult<()> {
+        let p = self.inode_mut(parent)?;
+        let old = match ino {
+            Some(ino) => p.children.insert(name.to_owned(), ino),
+            None => p.children.remove(name),
+        };
+        self.record(|| Undo::Child { parent, name: name.to_owned(), old });
+        Ok(())
+    }
+
+    fn set_outbox_row(&mut self, seq: i64, row: Option<OutboxRow>) -> Option<OutboxRow> {
+        let old = match row {
+            Some(r) => self.outbox.rows.insert(seq, r),
+            None => self.outbox.rows.remove(&seq),
+        };
+        self.record(|| Undo::Outbox(seq, old.clone()));
+        old
+    }
+
+    /// Adds `delta` to the count of undecided changes of `path`.
+    fn count_change(&mut self, path: &RelPath, delta: isize) {
+        let old = self.outbox.per_path.get(path).copied();
+        self.record(|| Undo::PerPath(path.clone(), old));
+        match old.unwrap_or(0).saturating_add_signed(delta) {
+            0 => self.outbox.per_path.remove(path),
+            n => self.outbox.per_path.insert(path.clone(), n),
+        };
+    }
+
+    fn set_backing_owner(&mut self, key: (u64, u64), owner: Option<u64>) {
+        let old = match owner {
+            Some(ino) => self.backing_owner.insert(key, ino),
+            None => self.backing_owner.remove(&key),
+        };
+        self.record(|| Undo::BackingOwner(key, old));
     }
     fn child(&self, parent: u64, name: &OsStr) -> FsResult<u64> {
         let p = self.inode(parent)?;
@@ -1250,8 +1497,8 @@ impl State {
     fn link_into(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
         let now = now_ns();
         let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        self.set_child(parent, name, Some(ino))?;
         let p = self.inode_mut(parent)?;
-        p.children.insert(name.to_owned(), ino);
         p.mtime = now;
         p.ctime = now;
         if is_dir {
@@ -1266,8 +1513,8 @@ impl State {
         let now = now_ns();
         let ino = self.child(parent, name)?;
         let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        self.set_child(parent, name, None)?;
         let p = self.inode_mut(parent)?;
-        p.children.remove(name);
         p.mtime = now;
         p.ctime = now;
         if is_dir {
@@ -1307,13 +1554,27 @@ impl State {
         if ino == ROOT {
             return;
         }
-        if let Some(i) = self.inodes.get(&ino) {
-            if i.nlink == 0 && i.lookups == 0 && i.open == 0 {
-                if i.work.is_some() {
-                    store.discard_work_file(ino);
-                }
-                self.inodes.remove(&ino);
-            }
+        let Some(i) = self.inodes.get(&ino) else {
+            return;
+        };
+        if i.nlink != 0 || i.lookups != 0 || i.open != 0 {
+            return;
+        }
+        let i = self.inodes.remove(&ino).expect("checked");
+        if i.work.is_some() {
+            self.discard_work_file(ino, store);
+        }
+        if let Some(j) = &mut self.journal {
+            j.saved.insert(ino);
+            j.undo.push(Undo::Inode(ino, Some(i)));
+        }
+    }
+
+    /// Removes the work file of `ino`; inside a transaction, once it is committed.
+    fn discard_work_file(&mut self, ino: u64, store: &ContentStore) {
+        match &mut self.journal {
+            Some(j) => j.discard_after_commit.push(ino),
+            None => store.discard_work_file(ino),
         }
     }
 
@@ -1371,28 +1632,29 @@ impl State {
                 // the end, a directory's put would follow its children's, and the
                 // manager would have made the directory itself, with a default mode.)
                 let follows = self.outbox.rows.range(..seq).rev().find(|(_, r)| r.change.path == path).map(|(_, r)| r.msg.clone());
-                let row = self.outbox.rows.get_mut(&seq).expect("found");
+                let mut row = self.outbox.rows.get(&seq).expect("found").clone();
                 row.change = Change { path, base, follows, op };
                 tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");
                 self.db.replace_outbox(seq, &row.change)?;
+                self.set_outbox_row(seq, Some(row));
                 return Ok(());
             }
         }
         if let Some((seq, _)) = unsent {
             // Anything else goes to the end, where the order of deletes (children
             // first) and of a put after a delete is kept.
-            let row = self.outbox.rows.remove(&seq).expect("found");
+            let row = self.set_outbox_row(seq, None).expect("found");
             tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
             self.db.remove_outbox(&row.msg)?;
-            *self.outbox.per_path.get_mut(&path).expect("counted") -= 1;
+            self.count_change(&path, -1);
         }
         let follows = self.outbox.rows.values().rev().find(|r| r.change.path == path).map(|r| r.msg.clone());
         let msg: MessageId = uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid ids");
         let change = Change { path: path.clone(), base, follows, op };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.db.push_outbox(&msg, &change)?;
-        *self.outbox.per_path.entry(path).or_default() += 1;
-        self.outbox.rows.insert(seq, OutboxRow { seq, msg, change });
+        self.count_change(&path, 1);
+        self.set_outbox_row(seq, Some(OutboxRow { seq, msg, change }));
         Ok(())
     }
 
@@ -1438,7 +1700,77 @@ impl State {
         self.push_change(path, ChangeOp::Delete)
     }
 
-    /// Hashes and stores the work file of `ino` and records a put for each of its names.
+    /// Makes an inode of `kind` named `name` in `parent`; a file gets an empty work
+    /// file (it is sent when closed, with its content). Returns its number.
+    #[allow(clippy::too_many_arguments)]
+    fn make(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        store: &ContentStore,
+    ) -> FsResult<u64> {
+        let p = self.inode(parent)?;
+        if p.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if p.children.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        // BSD group semantics for set-gid directories, as ext4 does.
+        let (gid, perm) = if p.perm & libc::S_ISGID != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID } else { perm }) } else { (gid, perm) };
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);
+        i.rdev = rdev;
+        if kind == Kind::Symlink {
+            i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
+            i.target = target;
+            i.perm = 0o777;
+        }
+        if kind == Kind::File {
+            i.hash = Some(ContentStore::empty_hash());
+        }
+        i.lookups = 1;
+        i.links.push((parent, name.to_owned()));
+        self.add_inode(i);
+        self.link_into(parent, name, ino)?;
+        self.save(ino)?;
+        if kind == Kind::File {
+            let w = Arc::new(store.new_work_file(ino, None)?);
+            self.inode_mut(ino)?.set_work(w, false);
+        } else if kind.synced() {
+            self.record_put(parent, name, ino)?;
+        }
+        Ok(ino)
+    }
+
+    /// Opens a handle on `ino` (see `Tree::open_handle`).
+    fn open_handle(&mut self, ino: u64, write: bool, truncate: bool, passthrough: bool, store: &ContentStore) -> FsResult<(u64, OpenIo)> {
+        let io = self.choose_io(ino, write, passthrough, store)?;
+        let pt = matches!(io, OpenIo::Passthrough { .. });
+        // A failure undoes the passthrough set-up with the rest of the transaction.
+        self.prepare_write_open(ino, write, truncate, pt, store)?;
+        let i = self.inode_mut(ino)?;
+        i.open += 1;
+        if write {
+            i.writers += 1;
+        }
+        if pt {
+            self.passthrough_opens += 1;
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(fh, Handle { ino, write, passthrough: pt });
+        self.record(|| Undo::Handle(fh, None));
+        Ok((fh, io))
+    }
+
     /// How the kernel is to do I/O on a new handle of `ino` (see `Passthrough`).
     fn choose_io(&mut self, ino: u64, write: bool, passthrough: bool, store: &ContentStore) -> FsResult<OpenIo> {
         let i = self.inode_mut(ino)?;
@@ -1463,7 +1795,7 @@ impl State {
             // Another inode with the same content passes through to this blob.
             return Ok(OpenIo::Cached);
         }
-        self.backing_owner.insert(key, ino);
+        self.set_backing_owner(key, Some(ino));
         self.inode_mut(ino)?.passthrough = Some(Passthrough { backing: backing.clone(), key, handles: 1 });
         Ok(OpenIo::Passthrough { register: Some(backing) })
     }
@@ -1493,7 +1825,10 @@ impl State {
 
     /// One passthrough handle of `ino` closed; true when it was the last one.
     fn end_passthrough_handle(&mut self, ino: u64) -> bool {
-        let Some(i) = self.inodes.get_mut(&ino) else {
+        if self.inodes.get(&ino).is_none_or(|i| i.passthrough.is_none()) {
+            return false;
+        }
+        let Ok(i) = self.inode_mut(ino) else {
             return false;
         };
         let Some(pt) = &mut i.passthrough else {
@@ -1505,7 +1840,7 @@ impl State {
         }
         let key = pt.key;
         i.passthrough = None;
-        self.backing_owner.remove(&key);
+        self.set_backing_owner(key, None);
         true
     }
 
@@ -1517,11 +1852,15 @@ impl State {
         if let Some(w) = &i.work {
             return Ok(w.clone());
         }
+        let detached = i.passthrough.is_some();
         let w = match &i.passthrough {
             Some(pt) => {
                 let hash = i.hash.clone();
                 let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime))?;
                 self.passthrough_detaches += 1;
+                if let Some(j) = &mut self.journal {
+                    j.detached.insert(ino);
+                }
                 // Inodes with the same content may read through a handle on the file
                 // that is now this inode's: they reopen the store's blob.
                 for other in self.inodes.values_mut().filter(|o| o.hash.is_some() && o.hash == hash) {
@@ -1532,17 +1871,18 @@ impl State {
             None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,
         };
         let w = Arc::new(w);
-        self.inode_mut(ino)?.set_work(w.clone());
+        self.inode_mut(ino)?.set_work(w.clone(), detached);
         Ok(w)
     }
 
+    /// Hashes and stores the work file of `ino` and records a put for each of its names.
     fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
         let i = self.inode_mut(ino)?;
         let Some(work) = i.work.take() else {
             return Ok(());
         };
         i.blob = None;
-        let (hash, size) = if i.passthrough.is_some() {
+        let (hash, size) = if i.detached {
             // The work file is the kernel's backing file: it stays, and while a writer
             // is still open the file stays dirty (its writes do not pass here).
             i.work = Some(work.clone());
@@ -1551,10 +1891,17 @@ impl State {
             let i = self.inode_mut(ino)?;
             if i.writers == 0 {
                 i.work = None;
+                i.detached = false;
             }
             committed
         } else {
-            store.commit_work_file(ino)?
+            let c = store.commit_work_file(ino)?;
+            if c.moved {
+                self.record(|| Undo::Installed(ino, c.hash.clone()));
+            } else {
+                self.discard_work_file(ino, store);
+            }
+            (c.hash, c.size)
         };
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
@@ -1579,7 +1926,8 @@ impl State {
     fn set_rev(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
         let cur = self.revs.get(path).copied().unwrap_or_default();
         if rev > cur {
-            self.revs.insert(path.clone(), rev);
+            let old = self.revs.insert(path.clone(), rev);
+            self.record(|| Undo::Rev(path.clone(), old));
             self.db.set_rev(path, rev)?;
         }
         Ok(())
@@ -1681,7 +2029,7 @@ impl State {
                     self.next_ino += 1;
                     let mut d = Inode::new(ino, Kind::Dir, 0o755, 0, 0);
                     d.links.push((dir, name.clone()));
-                    self.inodes.insert(ino, d);
+                    self.add_inode(d);
                     self.link_into(dir, &name, ino)?;
                     self.save(ino)?;
                     out.invals.push(Inval::Entry { parent: dir, name });
@@ -1714,7 +2062,7 @@ impl State {
             Content::Dir => {}
         }
         i.links.push((parent, name.to_owned()));
-        self.inodes.insert(ino, i);
+        self.add_inode(i);
         self.link_into(parent, name, ino)?;
         self.save(ino)?;
         Ok(ino)
@@ -1908,6 +2256,227 @@ mod tests {
         assert_eq!(read_all(&t, ino).unwrap(), b"hello world");
         let t = crash_and_reload(t, dir.path());
         assert_eq!(t.getattr(ino).unwrap().size, 11, "the corrected size was saved");
+    }
+
+    /// Makes the node database fail at its `n`th write from now, through triggers on
+    /// every table the tree writes: at that statement, or (`at_commit`) at the COMMIT,
+    /// through a deferred foreign key.
+    struct Chaos {
+        conn: rusqlite::Connection,
+    }
+
+    impl Chaos {
+        fn install(t: &Tree, dir: &std::path::Path) -> Chaos {
+            t.lock().db.conn().execute_batch("PRAGMA foreign_keys = ON").unwrap();
+            let conn = rusqlite::Connection::open(dir.join("node.db")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE chaos(n INTEGER NOT NULL, at_commit INTEGER NOT NULL); INSERT INTO chaos VALUES(-1, 0);
+                 CREATE TABLE chaos_parent(id INTEGER PRIMARY KEY);
+                 CREATE TABLE chaos_orphan(parent INTEGER REFERENCES chaos_parent(id) DEFERRABLE INITIALLY DEFERRED);",
+            )
+            .unwrap();
+            for table in ["inodes", "dentries", "revs", "outbox"] {
+                for op in ["INSERT", "UPDATE", "DELETE"] {
+                    conn.execute_batch(&format!(
+                        "CREATE TRIGGER chaos_{table}_{op} BEFORE {op} ON {table} BEGIN
+                           UPDATE chaos SET n = n - 1 WHERE n > 0;
+                           SELECT RAISE(ABORT, 'injected failure') WHERE (SELECT n = 0 AND NOT at_commit FROM chaos);
+                           INSERT INTO chaos_orphan(parent) SELECT 1 WHERE (SELECT n = 0 AND at_commit FROM chaos);
+                         END;"
+                    ))
+                    .unwrap();
+                }
+            }
+            Chaos { conn }
+        }
+
+        fn arm(&self, n: i64, at_commit: bool) {
+            self.conn.execute("UPDATE chaos SET n = ?1, at_commit = ?2", rusqlite::params![n, at_commit]).unwrap();
+        }
+
+        /// Runs `op` with the database failing at its first write, then its second, and
+        /// so on, until it succeeds; after every failure the tree in memory must be what
+        /// the database holds, and the next attempt starts from there.
+        fn every_failure_of<T>(&self, t: &Tree, what: &str, mut op: impl FnMut(&Tree) -> FsResult<T>) -> T {
+            for n in 1.. {
+                for at_commit in [true, false] {
+                    self.arm(n, at_commit);
+                    let r = op(t);
+                    self.arm(-1, false);
+                    assert_memory_is_persisted(t, &format!("{what}, failing at write {n} (at commit: {at_commit})"));
+                    match r {
+                        Ok(_) if n == 1 && at_commit => panic!("{what} wrote nothing to fail"),
+                        Ok(v) => return v,
+                        Err(FsError::Io(_)) => {}
+                        Err(e) => panic!("{what}: {e}"),
+                    }
+                }
+            }
+            unreachable!("the loop returns")
+        }
+    }
+
+    /// The tree in memory is exactly what the database holds (and the store has every
+    /// work file and blob the tree names, and no other work file).
+    fn assert_memory_is_persisted(t: &Tree, when: &str) {
+        let st = t.lock();
+        let sorted = |mut v: Vec<String>| {
+            v.sort();
+            v
+        };
+        // atime and ctime are local, and reads and writes change them without saving.
+        let row = |r: &InodeRow| format!("{:?}", InodeRow { atime: 0, ctime: 0, ..r.clone() });
+        let mem = sorted(st.inodes.values().filter(|i| i.nlink > 0).map(|i| row(&i.row())).collect());
+        let disk = sorted(st.db.inodes().unwrap().iter().map(row).collect());
+        assert_eq!(mem, disk, "inodes, {when}");
+        let mem = sorted(st.inodes.values().flat_map(|d| d.children.iter().map(|(n, c)| format!("{} {n:?} {c}", d.ino))).collect());
+        let disk = sorted(st.db.dentries().unwrap().iter().map(|(p, n, c)| format!("{p} {n:?} {c}")).collect());
+        assert_eq!(mem, disk, "directory entries, {when}");
+        let links = sorted(st.inodes.values().flat_map(|i| i.links.iter().map(|(p, n)| format!("{p} {n:?} {}", i.ino))).collect());
+        assert_eq!(links, disk, "links, {when}");
+        assert!(st.inodes.keys().all(|&i| i < st.next_ino), "next_ino, {when}");
+        let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
+        let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
+        assert_eq!(mem, disk, "revisions, {when}");
+        let mem: Vec<String> = st.outbox.rows.values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
+        let disk: Vec<String> = st.db.outbox().unwrap().iter().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
+        assert_eq!(mem, disk, "outbox, {when}");
+        let mut per_path: HashMap<RelPath, usize> = HashMap::new();
+        for r in st.outbox.rows.values() {
+            *per_path.entry(r.change.path.clone()).or_default() += 1;
+        }
+        assert_eq!(per_path, st.outbox.per_path, "outbox per path, {when}");
+        for i in st.inodes.values() {
+            if let Some(h) = &i.hash {
+                assert!(t.store.has(h), "inode {} names blob {h}, which is missing, {when}", i.ino);
+            }
+        }
+        let work: Vec<String> =
+            sorted(std::fs::read_dir(t.store.work_path(0).parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect());
+        let mem = sorted(st.inodes.values().filter(|i| i.work.is_some() && !i.detached).map(|i| i.ino.to_string()).collect());
+        assert_eq!(work, mem, "work files, {when}");
+        for i in st.inodes.values() {
+            if let (Some(pt), None) = (&i.passthrough, &i.work) {
+                let (hash, _) = crate::store::hash_file(&crate::store::fd_path(&pt.backing)).unwrap();
+                assert_eq!(Some(hash), i.hash, "the kernel reads inode {} from a backing file that is not its committed content, {when}", i.ino);
+            }
+        }
+        for i in st.inodes.values().filter(|i| i.work.is_some() && !i.detached) {
+            let len = std::fs::metadata(t.store.work_path(i.ino)).unwrap().len();
+            assert_eq!(len, i.size, "work file of {}, {when}", i.ino);
+        }
+    }
+
+    /// Crash gap: a failed SQLite transaction left its changes in memory (an inode made,
+    /// an entry moved, an outbox row gone), so the tree showed and sent what the database
+    /// did not hold, until the node restarted and the tree changed under its users. Every
+    /// operation fails here at each of its database writes in turn, and at its commit.
+    #[test]
+    fn regression_a_failed_transaction_changes_nothing_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let chaos = Chaos::install(&t, dir.path());
+        let c = |what: &str, op: &mut dyn FnMut(&Tree) -> FsResult<()>| chaos.every_failure_of(&t, what, op);
+        let d = chaos.every_failure_of(&t, "mkdir", |t| t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0)).ino;
+        let (f, fh) = chaos.every_failure_of(&t, "create", |t| t.create(d, OsStr::new("f"), 0o644, 0, 0, true));
+        let f = f.ino;
+        t.write(fh, 0, b"first version").unwrap();
+        c("close", &mut |t| t.flush(fh));
+        t.release(fh).unwrap();
+        let (fh, _) = t.open(f, true, false, false).unwrap();
+        c("ftruncate with a writer open", &mut |t| t.setattr(f, 0, SetAttr { size: Some(5), fh: Some(fh), ..Default::default() }).map(|_| ()));
+        t.write(fh, 5, b", second").unwrap();
+        c("chmod with a writer open", &mut |t| t.setattr(f, 0, SetAttr { mode: Some(0o600), ..Default::default() }).map(|_| ()));
+        c("close of the second version", &mut |t| t.flush(fh));
+        t.release(fh).unwrap();
+        assert_eq!(read_all(&t, f).unwrap(), b"first, second");
+        c("truncate", &mut |t| t.setattr(f, 0, SetAttr { size: Some(3), ..Default::default() }).map(|_| ()));
+        c("rename", &mut |t| t.rename(d, OsStr::new("f"), ROOT, OsStr::new("g"), false));
+        c("link", &mut |t| t.link(f, d, OsStr::new("h")).map(|_| ()));
+        c("chmod", &mut |t| t.setattr(d, 0, SetAttr { mode: Some(0o700), ..Default::default() }).map(|_| ()));
+        let (reader, _) = t.open(f, false, false, true).unwrap();
+        let (writer, io) = t.open(f, true, false, true).unwrap();
+        assert!(matches!(io, OpenIo::Passthrough { register: None }));
+        t.write(writer, 0, b"through").unwrap();
+        c("close of a passthrough writer", &mut |t| t.flush(writer));
+        t.release(writer).unwrap();
+        t.release(reader).unwrap();
+        assert_eq!(read_all(&t, f).unwrap(), b"through");
+        let (reader, _) = t.open(f, false, false, true).unwrap();
+        c("truncate under a passthrough reader", &mut |t| t.setattr(f, 0, SetAttr { size: Some(4), ..Default::default() }).map(|_| ()));
+        t.release(reader).unwrap();
+        t.gc();
+        assert_eq!(read_all(&t, f).unwrap(), b"thro");
+        c("rename of a directory", &mut |t| t.rename(ROOT, OsStr::new("d"), ROOT, OsStr::new("e"), false));
+        let sent = t.take_unpublished();
+        let first = sent.first().unwrap();
+        c("a decision", &mut |t| t.apply_decided(&first.msg, &Outcome::Accepted, &dir_entry("d", 3, 0o755)).map(|_| ()));
+        let remote = crate::store::put_bytes(&t.store, b"from elsewhere").unwrap();
+        let file_entry = |path: &str, rev: u64| Entry {
+            path: RelPath::new(path).unwrap(),
+            rev: Revision(rev),
+            version: Some(Version { content: Content::File { hash: remote.clone(), size: 14 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
+            holders: vec![],
+        };
+        c("a remote file in new directories", &mut |t| t.apply_remote(&file_entry("r/s/x", 10)).map(|_| ()));
+        c("a remote file over a local one", &mut |t| t.apply_remote(&file_entry("r/s/x", 11)).map(|_| ()));
+        c("a remote delete of a directory", &mut |t| {
+            t.apply_remote(&Entry { path: RelPath::new("r").unwrap(), rev: Revision(12), version: None, holders: vec![] }).map(|_| ())
+        });
+        c("unlink", &mut |t| t.unlink(d, OsStr::new("h")));
+        c("unlink of the last name", &mut |t| t.unlink(ROOT, OsStr::new("g")));
+        c("rmdir", &mut |t| t.rmdir(ROOT, OsStr::new("e")));
+        let t = crash_and_reload(t, dir.path());
+        assert_memory_is_persisted(&t, "after a reload");
+    }
+
+    /// The close that fails to commit (the flush) tells the writer; the release after
+    /// it cannot. The bytes stay unsaved in the work file, and `gc` commits them later.
+    #[test]
+    fn a_close_that_could_not_commit_is_committed_later() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let chaos = Chaos::install(&t, dir.path());
+        let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, true).unwrap();
+        t.take_unpublished();
+        t.write(fh, 0, b"kept").unwrap();
+        chaos.arm(1, false);
+        assert!(matches!(t.flush(fh), Err(FsError::Io(_))));
+        t.release(fh).unwrap();
+        chaos.arm(-1, false);
+        assert_memory_is_persisted(&t, "after the failed close");
+        assert!(t.take_unpublished().is_empty());
+        assert_eq!(read_all(&t, a.ino).unwrap(), b"kept", "the bytes are still there");
+        t.gc();
+        assert_memory_is_persisted(&t, "after gc");
+        let sent = t.take_unpublished();
+        assert!(
+            matches!(&sent[..], [r] if matches!(&r.change.op, ChangeOp::Put { version: Version { content: Content::File { size: 4, .. }, .. } })),
+            "{sent:?}"
+        );
+
+        // The same when the kernel wrote the bytes itself (passthrough), and the handle
+        // that failed was the inode's last one: the backing file stays its work file.
+        let (reader, _) = t.open(a.ino, false, false, true).unwrap();
+        let (writer, _) = t.open(a.ino, true, false, true).unwrap();
+        t.release(reader).unwrap();
+        t.write(writer, 4, b" and more").unwrap();
+        chaos.arm(1, true);
+        assert!(matches!(t.flush(writer), Err(FsError::Io(_))));
+        let released = t.release(writer).unwrap();
+        chaos.arm(-1, false);
+        assert!(released.backing_unused);
+        assert_memory_is_persisted(&t, "after the failed close of a passthrough writer");
+        assert_eq!(read_all(&t, a.ino).unwrap(), b"kept and more");
+        t.gc();
+        assert_memory_is_persisted(&t, "after gc");
+        let sent = t.take_unpublished();
+        let size = |r: &OutboxRow| match &r.change.op {
+            ChangeOp::Put { version: Version { content: Content::File { size, .. }, .. } } => Some(*size),
+            _ => None,
+        };
+        assert_eq!(sent.iter().map(size).collect::<Vec<_>>(), vec![Some(13)]);
+        assert!(t.lock().inode(a.ino).unwrap().work.is_none());
     }
 
     /// A delete replacing a queued put goes to the end: a directory is deleted after its
