@@ -88,7 +88,78 @@ pub async fn declare_common(ch: &Channel) -> anyhow::Result<()> {
         .await
         .context("declaring the master exchange")?;
     ch.queue_declare(topology::UPDATE_QUEUE.into(), QueueDeclareOptions::durable(), dead_letter_args()).await.context("declaring the update queue")?;
+    ch.exchange_declare(topology::UPDATE_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
+        .await
+        .context("declaring the update exchange")?;
+    ch.queue_bind(topology::UPDATE_QUEUE.into(), topology::UPDATE_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .context("binding the update queue")?;
     Ok(())
+}
+
+/// Makes sure a node can work: declares the common topology and its queue where its
+/// broker user may (a shared or administrative user); with a node's own least-privilege
+/// user, which may configure nothing, checks passively that the manager made them.
+pub async fn prepare_node_topology(conn: &Connection, node: &NodeId) -> anyhow::Result<String> {
+    // A refused declare closes its channel: try on a channel of its own.
+    let attempt = async {
+        let ch = conn.create_channel().await.context("opening a channel")?;
+        declare_common(&ch).await?;
+        let q = declare_node_queue(&ch, node).await?;
+        let _ = ch.close(200, "declared".into()).await;
+        anyhow::Ok(q)
+    };
+    match bounded("declaring the topology", attempt).await {
+        Ok(q) => Ok(q),
+        Err(e) => {
+            tracing::debug!("declaring the topology as this user failed ({e:#}); checking that it exists");
+            let ch = conn.create_channel().await.context("opening a channel")?;
+            let queue = topology::node_queue(node);
+            let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+            ch.queue_declare(queue.as_str().into(), passive, FieldTable::default()).await.with_context(|| {
+                format!("queue {queue} does not exist and this broker user may not create it: the manager creates it with `manager node add {node}`")
+            })?;
+            let passive = ExchangeDeclareOptions { passive: true, ..Default::default() };
+            ch.exchange_declare(topology::UPDATE_EXCHANGE.into(), ExchangeKind::Fanout, passive, FieldTable::default())
+                .await
+                .with_context(|| format!("exchange {} does not exist yet: start the manager first", topology::UPDATE_EXCHANGE))?;
+            let _ = ch.close(200, "checked".into()).await;
+            Ok(queue)
+        }
+    }
+}
+
+/// The vhost a broker URL names (percent-decoded; `/` when it names none).
+pub fn url_vhost(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let rest = rest.split(['?', '#']).next().unwrap_or("");
+    let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+    if path.is_empty() {
+        return "/".into();
+    }
+    form_urlencoded::parse(format!("v={}", path.replace('+', "%2B")).as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_else(|| "/".into())
+}
+
+/// `url` with its user and password replaced (both percent-encoded).
+pub fn with_user(url: &str, user: &str, password: &str) -> String {
+    let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20");
+    let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
+    let host_part = match rest.split_once('/') {
+        Some((auth_host, _)) => auth_host,
+        None => rest.split('?').next().unwrap_or(rest),
+    };
+    let after = &rest[host_part.len()..];
+    let host = host_part.rsplit_once('@').map(|(_, h)| h).unwrap_or(host_part);
+    format!("{scheme}://{}:{}@{host}{after}", enc(user), enc(password))
+}
+
+/// The user name in a broker URL (percent-decoded), if it has one.
+pub fn url_user(url: &str) -> Option<String> {
+    let rest = &url[url.find("://")? + 3..];
+    let creds = &rest[..rest.find('@')?];
+    let user = creds.split(':').next()?;
+    let decoded: String = form_urlencoded::parse(format!("u={user}").as_bytes()).next()?.1.into_owned();
+    (!decoded.is_empty()).then_some(decoded)
 }
 
 /// Declares and binds a node's own durable queue; returns its name.
@@ -103,15 +174,25 @@ pub async fn declare_node_queue(ch: &Channel, node: &NodeId) -> anyhow::Result<S
     Ok(queue)
 }
 
-/// Persistent JSON message properties.
-pub fn message_properties(id: &str) -> BasicProperties {
-    BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()).with_message_id(id.into())
+/// Persistent JSON message properties; with `user`, the AMQP `user_id` the broker
+/// checks against the connection's user (so the manager knows who really sent it).
+pub fn message_properties(id: &str, user: Option<&str>) -> BasicProperties {
+    let p = BasicProperties::default().with_delivery_mode(2).with_content_type("application/json".into()).with_message_id(id.into());
+    match user {
+        Some(u) => p.with_user_id(u.into()),
+        None => p,
+    }
 }
 
 /// Publishes and waits for the broker's confirm; a nack is an error.
 pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8]) -> anyhow::Result<()> {
+    publish_confirmed_as(ch, exchange, key, id, payload, None).await
+}
+
+/// [`publish_confirmed`] with the AMQP `user_id` set to `user`.
+pub async fn publish_confirmed_as(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], user: Option<&str>) -> anyhow::Result<()> {
     let confirm = bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
-        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id))
+        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id, user))
             .await
             .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
             .await
@@ -171,6 +252,18 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
 }
 
+/// Ends a command: success, or its error and causes on one line (`Error: what: why`),
+/// with exit status 1 and no backtrace, whatever RUST_BACKTRACE says.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", format!("{e:#}").replace('\n', " "));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The signals that end the process cleanly: interrupt (Ctrl-C), terminate (`kill`,
 /// systemd, Docker), hang-up (the terminal closed) and quit (Ctrl-\).
 pub fn terminating_signals() -> [(&'static str, tokio::signal::unix::SignalKind); 4] {
@@ -207,6 +300,25 @@ pub fn cancel_on_signals(token: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn vhost_and_user_of_urls() {
+        assert_eq!(super::url_vhost("amqp://g:g@127.0.0.1:5672/%2f?heartbeat=10"), "/");
+        assert_eq!(super::url_vhost("amqp://g:g@127.0.0.1:5672/test-1"), "test-1");
+        assert_eq!(super::url_vhost("amqp://g:g@127.0.0.1:5672"), "/");
+        assert_eq!(
+            super::with_user("amqp://guest:guest@127.0.0.1:5672/v1?heartbeat=10", "sync-node-a", "p w"),
+            "amqp://sync-node-a:p%20w@127.0.0.1:5672/v1?heartbeat=10"
+        );
+        assert_eq!(super::with_user("amqp://127.0.0.1:5672", "u", "p"), "amqp://u:p@127.0.0.1:5672");
+    }
+
+    #[test]
+    fn url_user_is_decoded() {
+        assert_eq!(super::url_user("amqp://sync-node-a:pw@h:5672/v").as_deref(), Some("sync-node-a"));
+        assert_eq!(super::url_user("amqp://we%20ird:pw@h/v").as_deref(), Some("we ird"));
+        assert_eq!(super::url_user("amqp://h:5672/v"), None);
+    }
+
     #[test]
     fn redact_hides_passwords() {
         assert_eq!(super::redact("amqp://sync:s3cret@host:5672/v"), "amqp://sync:***@host:5672/v");

@@ -102,6 +102,9 @@ pub async fn run(broker: String, shared: Arc<Shared>, puller: Puller, mut sync_r
 
 struct Session<'a> {
     shared: &'a Arc<Shared>,
+    /// The broker user this node connects as: every message carries it as `user_id`,
+    /// which the broker checks and the manager matches against the sender.
+    user: Option<String>,
     puller: &'a Puller,
     ch: lapin::Channel,
     syncs: HashMap<MessageId, ActiveSync>,
@@ -125,7 +128,7 @@ impl Session<'_> {
         let payloads: Vec<(String, Vec<u8>)> =
             rows.into_iter().map(|r| (r.msg.to_string(), Envelope::new(r.msg, self.shared.id.clone(), ToManager::Change(r.change)).encode())).collect();
         for chunk in payloads.chunks(256) {
-            let sends = chunk.iter().map(|(id, p)| broker_link::publish_confirmed(&self.ch, "", topology::UPDATE_QUEUE, id, p));
+            let sends = chunk.iter().map(|(id, p)| broker_link::publish_confirmed_as(&self.ch, topology::UPDATE_EXCHANGE, "", id, p, self.user.as_deref()));
             for r in futures_util::future::join_all(sends).await {
                 r?;
             }
@@ -143,11 +146,11 @@ impl Session<'_> {
         let env = self.envelope(body);
         let payload = env.encode();
         let publish = self.ch.basic_publish(
+            topology::UPDATE_EXCHANGE.into(),
             "".into(),
-            topology::UPDATE_QUEUE.into(),
             BasicPublishOptions::default(),
             &payload,
-            broker_link::message_properties(env.id.as_str()),
+            broker_link::message_properties(env.id.as_str(), self.user.as_deref()),
         );
         let _confirm = broker_link::bounded("publishing", async { publish.await.context("publishing") }).await?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
@@ -180,7 +183,7 @@ impl Session<'_> {
         let pushed = self.publish_outbox().await?;
         let request = new_id();
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.shared.url.clone() });
-        broker_link::publish_confirmed(&self.ch, "", topology::UPDATE_QUEUE, env.id.as_str(), &env.encode()).await?;
+        broker_link::publish_confirmed_as(&self.ch, topology::UPDATE_EXCHANGE, "", env.id.as_str(), &env.encode(), self.user.as_deref()).await?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
         let conflicts_before = self.shared.tree.stats().conflicts_seen;
         self.syncs.insert(request, ActiveSync { responders, started: Instant::now(), pushed, conflicts_before });
@@ -471,8 +474,7 @@ async fn session(
 ) -> anyhow::Result<()> {
     let conn = broker_link::connect(broker).await?;
     let ch = broker_link::confirmed_channel(&conn).await?;
-    broker_link::declare_common(&ch).await?;
-    let queue = broker_link::declare_node_queue(&ch, &shared.id).await?;
+    let queue = broker_link::prepare_node_topology(&conn, &shared.id).await?;
     let cons = conn.create_channel().await.context("opening the consumer channel")?;
     cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let consumer = cons
@@ -484,7 +486,7 @@ async fn session(
     backoff.reset();
     tracing::info!("connected to the broker; consuming {queue}");
     let (retry_done, mut retry_results) = mpsc::unbounded_channel();
-    let mut s = Session { shared, puller, ch, syncs: HashMap::new(), next_sync: None, last_sync_start: None, missing: HashMap::new(), retry_done };
+    let mut s = Session { shared, user: broker_link::url_user(broker), puller, ch, syncs: HashMap::new(), next_sync: None, last_sync_start: None, missing: HashMap::new(), retry_done };
     s.heartbeat().await?;
     s.start_sync(Vec::new()).await?;
     let sh = shared.clone();

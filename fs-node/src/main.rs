@@ -48,7 +48,11 @@ struct Args {
     allow_setid: bool,
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    broker_link::exit_with(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let a = Args::parse();
     broker_link::init_logging();
     fs_node::node::run(fs_node::node::Config {

@@ -50,9 +50,30 @@ pub enum NodeCmd {
         /// Extra environment for the node, KEY=VALUE (repeatable), e.g. RUST_LOG=debug.
         #[arg(long = "env")]
         env: Vec<String>,
-        /// Token the nodes require from peers (fs-node --cluster-token).
+        /// Token the nodes require from peers (fs-node --cluster-token); default: the
+        /// cluster token in the credentials file next to --db.
         #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true)]
         cluster_token: Option<String>,
+        /// The manager's SQLite database; its credentials file gives the cluster token.
+        #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
+        db: PathBuf,
+    },
+    /// Admit a node: create its own broker user (least privilege: it may publish only
+    /// on the update exchange and read only its own queue) and its queue, and write the
+    /// node's credentials (SYNC_NODE_ID, SYNC_BROKER, SYNC_CLUSTER_TOKEN) to an env file
+    /// with mode 0600 for `fs-node` (systemd EnvironmentFile, docker --env-file).
+    /// Runs `rabbitmqctl`: run it on the broker's host.
+    Add {
+        name: wire::NodeId,
+        /// The manager's broker URL; the node's URL is this one with the node's user.
+        #[arg(long, env = "SYNC_BROKER", default_value = broker_link::DEFAULT_BROKER_URL, hide_default_value = true)]
+        broker: String,
+        /// The manager's SQLite database (its credentials file gives the cluster token).
+        #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
+        db: PathBuf,
+        /// Where to write the node's env file (default: ./<name>.env).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
     /// List this cluster's node containers.
     List,
@@ -66,6 +87,9 @@ pub enum NodeCmd {
         /// Also delete the data volumes.
         #[arg(long)]
         purge: bool,
+        /// The manager's broker URL, to delete the node's queue.
+        #[arg(long, env = "SYNC_BROKER", default_value = broker_link::DEFAULT_BROKER_URL, hide_default_value = true)]
+        broker: String,
     },
     /// Print a node's output.
     Logs {
@@ -161,11 +185,89 @@ pub fn image(cluster: &ClusterArg, cmd: ImageCmd) -> anyhow::Result<()> {
     })
 }
 
+/// `node add`: the broker user, the queue, the env file.
+async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let vhost = broker_link::url_vhost(broker);
+    let password = manager::api::broker_user::add_node_user(&vhost, name)?;
+    let conn = broker_link::connect(broker).await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    broker_link::declare_common(&ch).await?;
+    let queue = broker_link::declare_node_queue(&ch, name).await?;
+    let _ = conn.close(200, "node added".into()).await;
+    let user = wire::topology::node_user(name);
+    let url = broker_link::with_user(broker, &user, password.expose());
+    let token = cluster_token_for(None, db)?;
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.env")));
+    let mut text = format!("SYNC_NODE_ID={name}\nSYNC_BROKER={url}\n");
+    if let Some(t) = token {
+        text.push_str(&format!("SYNC_CLUSTER_TOKEN={t}\n"));
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&out)
+        .with_context(|| format!("writing {}", out.display()))?;
+    f.write_all(text.as_bytes()).with_context(|| format!("writing {}", out.display()))?;
+    println!("added node {name}: broker user {user} (may publish only to {}, read only {queue}); its credentials are in {} (secret)", wire::topology::UPDATE_EXCHANGE, out.display());
+    Ok(())
+}
+
+/// `node rm NAME`: revokes the node's broker user and deletes its queue, then removes
+/// its container if it has one; fails only if there was nothing of that name.
+async fn remove_node(cluster: &ClusterArg, name: &str, purge: bool, broker: &str) -> anyhow::Result<()> {
+    let mut done = Vec::new();
+    if let Ok(node) = name.parse::<wire::NodeId>() {
+        let revoked = manager::api::broker_user::remove_node_user(&node).unwrap_or_else(|e| {
+            eprintln!("note: could not check the node's broker user: {e:#}");
+            false
+        });
+        if revoked {
+            done.push(format!("revoked broker user {}", wire::topology::node_user(&node)));
+            let queue = wire::topology::node_queue(&node);
+            let deleted = async {
+                let conn = broker_link::connect(broker).await?;
+                let ch = conn.create_channel().await.context("opening a channel")?;
+                ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.with_context(|| format!("deleting queue {queue}"))?;
+                let _ = conn.close(200, "node removed".into()).await;
+                anyhow::Ok(())
+            }
+            .await;
+            match deleted {
+                Ok(()) => done.push(format!("deleted queue {queue}")),
+                Err(e) => eprintln!("note: the node's queue {queue} is left: {e:#}"),
+            }
+        }
+    }
+    let container = match Docker::connect_cluster(&cluster.cluster).await {
+        Ok(docker) => docker.remove_node(name, purge).await,
+        Err(e) => Err(e),
+    };
+    match container {
+        Ok(()) => done.push("removed its container".into()),
+        Err(e) if done.is_empty() => return Err(e.into()),
+        Err(provision::Error::NodeNotFound { .. }) => {}
+        Err(e) => eprintln!("note: {e}"),
+    }
+    println!("removed {name}: {}", done.join(", "));
+    Ok(())
+}
+
 pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
     runtime()?.block_on(async {
+        let cmd = match cmd {
+            NodeCmd::Add { name, broker, db, out } => return add_node(&name, &broker, &db, out).await,
+            NodeCmd::Rm { name: Some(name), purge, broker, .. } => return remove_node(cluster, &name, purge, &broker).await,
+            other => other,
+        };
         let docker = Docker::connect_cluster(&cluster.cluster).await?;
         match cmd {
-            NodeCmd::Create { name, count, broker, image, mount_path, host_mount, env, cluster_token } => {
+            NodeCmd::Add { .. } => unreachable!("handled above"),
+            NodeCmd::Create { name, count, broker, image, mount_path, host_mount, env, cluster_token, db } => {
+                let cluster_token = cluster_token_for(cluster_token, &db)?;
                 let spec = NodeSpec {
                     name,
                     broker,
@@ -174,7 +276,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
                     data_path: provision::DEFAULT_DATA_PATH.into(),
                     host_mount,
                     env,
-                    cluster_token: cluster_token.filter(|t| !t.is_empty()),
+                    cluster_token,
                 };
                 for n in docker.create_nodes(&spec, count).await? {
                     print_node(&n);
@@ -186,10 +288,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
                     print_node(&n);
                 }
             }
-            NodeCmd::Rm { name: Some(name), purge, .. } => {
-                docker.remove_node(&name, purge).await?;
-                println!("removed {name}");
-            }
+            NodeCmd::Rm { name: Some(_), .. } => unreachable!("handled above"),
             NodeCmd::Rm { name: None, purge, .. } => {
                 let names = docker.remove_all(purge).await?;
                 println!("removed {} node(s){}", names.len(), if names.is_empty() { String::new() } else { format!(": {}", names.join(" ")) });
@@ -198,6 +297,22 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// The token new nodes get: the one given, else the cluster token of the manager whose
+/// database is `db` (nodes without it could not fetch from a cluster that requires it).
+/// Without either, the nodes serve their peers without a token, and the operator is told.
+fn cluster_token_for(given: Option<String>, db: &std::path::Path) -> anyhow::Result<Option<String>> {
+    if let Some(t) = given.filter(|t| !t.is_empty()) {
+        return Ok(Some(t));
+    }
+    let path = manager::api::credentials::path_for_db(db);
+    if !path.exists() {
+        eprintln!("note: no credentials at {} (pass --db or --cluster-token): the new nodes require no cluster token", path.display());
+        return Ok(None);
+    }
+    let creds = manager::api::credentials::Credentials::load(&path)?;
+    Ok(Some(creds.cluster_token.expose().to_string()))
 }
 
 fn print_node(n: &provision::docker::NodeInfo) {

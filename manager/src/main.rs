@@ -29,6 +29,10 @@ enum Cmd {
         db: PathBuf,
         #[command(flatten)]
         http: cli_api::HttpArgs,
+        /// Accept messages only over nodes' own broker users (`manager node add`), each
+        /// speaking only as its node; refuse (dead-letter) everything else.
+        #[arg(long, env = "SYNC_REQUIRE_NODE_USERS")]
+        require_node_users: bool,
     },
     /// Print the nodes (online or not), the file count and the conflict count.
     Status {
@@ -49,18 +53,22 @@ enum Cmd {
     Credentials(cli_api::CredentialsCmd),
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
+    broker_link::exit_with(run())
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     broker_link::init_logging();
     match cli.cmd {
-        Cmd::Serve { broker, db, http } => {
+        Cmd::Serve { broker, db, http, require_node_users } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 broker_link::cancel_on_signals(cancel.clone());
                 let mut api = http.config();
-                api.provision = manager::api::ProvisionContext { cluster: cli.cluster.cluster.clone(), broker: broker.clone(), db: db.clone() };
-                manager::api::run_manager(manager::Config { broker, db }, api, cancel).await
+                api.provision = manager::api::ProvisionContext { cluster: cli.cluster.cluster.clone(), broker: broker.clone(), db: db.clone(), cluster_token: None };
+                manager::api::run_manager(manager::Config { broker, db, require_node_users }, api, cancel).await
             })
         }
         Cmd::Image(cmd) => cli_provision::image(&cli.cluster, cmd),
@@ -76,17 +84,33 @@ fn main() -> anyhow::Result<()> {
                 println!(
                     "{:<20} {:<8} {:>9}s {:>8} {:>7}  {}",
                     n.id,
-                    if n.online { "online" } else { "offline" },
+                    if n.online_at(now) { "online" } else { "offline" },
                     ago,
                     n.pending_changes,
                     n.pending_pulls,
                     n.url
                 );
             }
+            println!("manager: {}", liveness(&db, now));
             println!("files: {}", store.live_file_count()?);
             println!("conflicts: {}", store.conflict_count()?);
             println!("revision: {}", store.head()?.0);
             Ok(())
         }
+    }
+}
+
+/// What the manager's liveness file says about it (`service::alive_file`).
+fn liveness(db: &std::path::Path, now_ms: i64) -> String {
+    let alive = manager::service::alive_file(db);
+    let Ok(modified) = std::fs::metadata(&alive).and_then(|m| m.modified()) else {
+        return format!("no liveness file ({}): the manager has not run with this database", alive.display());
+    };
+    let at = modified.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0);
+    let ago = (now_ms - at).max(0) / 1000;
+    if ago > manager::service::STALLED_AFTER.as_secs() as i64 {
+        format!("WARNING: no progress for {ago}s (stopped, or stuck: see its log and /api/health)")
+    } else {
+        format!("making progress (checked {ago}s ago)")
     }
 }

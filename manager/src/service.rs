@@ -37,6 +37,8 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Header of a dead letter that says why the manager gave it up.
 pub const REASON_HEADER: &str = "x-sync-reason";
 /// Header of a dead letter: how many times the manager tried to handle it.
+/// Header of a dead letter: the broker user it came over (its AMQP `user_id`).
+pub const SENDER_HEADER: &str = "x-sync-user";
 pub const ATTEMPTS_HEADER: &str = "x-sync-attempts";
 /// Longest reason put in the header: a header must fit in one AMQP frame, and an error
 /// chain can be long.
@@ -47,6 +49,23 @@ pub struct Config {
     pub broker: String,
     pub db: PathBuf,
 }
+    /// Accept only messages sent over a node's own broker user (`sync-node-<id>`),
+    /// whose `from` must be that node; off, messages over a shared user (the demo's
+    /// `guest`) are taken at their word.
+    pub require_node_users: bool,
+}
+
+/// Whether a message's claimed sender matches the broker user it came over. The broker
+/// guarantees `user_id`, when present, is the connection's user (RabbitMQ refuses any
+/// other), so a node's own user can speak only as that node.
+pub fn check_sender(user_id: Option<&str>, from: &wire::NodeId, require_node_users: bool) -> Result<(), String> {
+    match user_id.map(|u| (u, wire::topology::node_of_user(u))) {
+        Some((_, Some(node))) if node == *from => Ok(()),
+        Some((user, Some(node))) => Err(format!("forged sender: says it is from {from} but came over {user}, the user of node {node}")),
+        Some((user, None)) if require_node_users => Err(format!("sent over broker user {user}, not a node's own user (the manager requires node users)")),
+        None if require_node_users => Err("no user_id: the manager requires every message to come over a node's own broker user".into()),
+        _ => Ok(()),
+    }
 
 /// Shared access to the manager's state for other front ends (the REST API): the store,
 /// and a way to make the broker loop publish what was queued.
@@ -59,6 +78,28 @@ pub struct Handle {
     /// Messages this process gave up and dead-lettered.
     pub dead_lettered: Arc<AtomicU64>,
 }
+    /// Of those, messages refused because of their sender (`check_sender`).
+    pub refused_senders: Arc<AtomicU64>,
+    /// `Config::require_node_users` of the running broker loop.
+    pub require_node_users: Arc<std::sync::atomic::AtomicBool>,
+    /// When the broker loop took up work it has not finished since (ms since the
+    /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
+    /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
+    pub busy_since_ms: Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// Work unfinished for this long means the manager is stuck (it logs it, `/api/health`
+/// answers 503, the dashboard shows a banner, `manager status` warns).
+pub const STALLED_AFTER: Duration = Duration::from_secs(30);
+/// How often the watchdog looks, and touches the liveness file while all is well.
+const WATCHDOG_EVERY: Duration = Duration::from_secs(5);
+
+/// The file whose modification time says when the manager last made progress; `manager
+/// status` reads it (it works whether the manager is stuck, stopped or gone).
+pub fn alive_file(db: &std::path::Path) -> PathBuf {
+    let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
+    name.push(".alive");
+    db.with_file_name(name)
 
 impl Handle {
     pub fn open(db: &std::path::Path) -> anyhow::Result<Handle> {
@@ -68,9 +109,27 @@ impl Handle {
             messages_in: Default::default(),
             dead_lettered: Default::default(),
         })
+            refused_senders: Default::default(),
+            require_node_users: Default::default(),
+            busy_since_ms: Default::default(),
     }
 
     /// Runs `f` on the store on a blocking thread.
+    /// The broker loop took up work (a batch): the clock starts unless it runs already.
+    fn mark_busy(&self) {
+        let _ = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    }
+    /// The work taken up is done.
+    fn mark_done(&self) {
+        self.busy_since_ms.store(0, Ordering::Relaxed);
+    }
+    /// How long unfinished work has been waiting, if longer than [`STALLED_AFTER`].
+    pub fn stalled_for(&self, now_ms: i64) -> Option<Duration> {
+        let since = self.busy_since_ms.load(Ordering::Relaxed);
+        let busy = Duration::from_millis((now_ms - since).max(0) as u64);
+        (since > 0 && busy > STALLED_AFTER).then_some(busy)
+    }
+
     pub async fn with_store<T: Send + 'static>(&self, f: impl FnOnce(&mut Store) -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
@@ -94,6 +153,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 
 pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) -> anyhow::Result<()> {
     let mut backoff = broker_link::Backoff::default();
+    handle.require_node_users.store(cfg.require_node_users, Ordering::Relaxed);
+    tokio::spawn(watchdog(handle.clone(), alive_file(&cfg.db), cancel.clone()));
     loop {
         match session(&cfg, &handle, &cancel, &mut backoff).await {
             Ok(()) => return Ok(()),
@@ -158,14 +219,51 @@ async fn handle_batch(handle: &Handle, ch: &lapin::Channel, cancel: &Cancellatio
     let mut pending = Vec::with_capacity(deliveries.len());
     for d in deliveries {
         match Envelope::<ToManager>::decode(&d.data) {
-            Ok(env) => pending.push((d, env)),
+            Ok(env) => {
+                let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
+                match check_sender(user.as_deref(), &env.from, handle.require_node_users.load(Ordering::Relaxed)) {
+                    Ok(()) => pending.push((d, env)),
+                    Err(reason) => {
+                        handle.refused_senders.fetch_add(1, Ordering::Relaxed);
+                        dead_letter(handle, ch, &d, &reason, 1).await?;
+                    }
+                }
+            }
             // Trying again cannot help.
             Err(e) => dead_letter(handle, ch, &d, &format!("undecodable: {e}"), 1).await?,
         }
     }
     let mut attempt = 1;
     while !pending.is_empty() {
+/// Says when the manager stops making progress, and keeps the liveness file fresh while
+/// it does.
+async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(WATCHDOG_EVERY);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match handle.stalled_for(now_ms()) {
+            Some(d) => tracing::error!("the manager has not finished the work it took up {}s ago: it is stuck (a locked database? a full disk?); nodes' changes wait", d.as_secs()),
+            None => {
+                let touched = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&alive).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                if let Err(e) = touched {
+                    tracing::debug!("touching {}: {e}", alive.display());
+                }
+            }
+        }
+    }
+}
+
         let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
+    handle.mark_busy();
+    handle_batch_inner(handle, ch, cancel, deliveries).await?;
+    handle.mark_done();
+    Ok(())
+}
+
+async fn handle_batch_inner(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
         let results = handle
             .with_store(move |s| {
                 s.transaction(|tx| {
@@ -222,7 +320,13 @@ async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason:
     let mut headers = d.properties.headers().clone().unwrap_or_default();
     headers.insert(REASON_HEADER.into(), AMQPValue::LongString(reason.into()));
     headers.insert(ATTEMPTS_HEADER.into(), AMQPValue::LongUInt(attempts));
-    let props = d.properties.clone().with_delivery_mode(2).with_headers(headers);
+    // Fresh properties: the original `user_id` names the sender's connection, and the
+    // broker refuses any `user_id` but the publisher's own (the manager's). It is kept
+    // as a header instead.
+    if let Some(user) = d.properties.user_id() {
+        headers.insert(SENDER_HEADER.into(), AMQPValue::LongString(user.as_str().into()));
+    }
+    let props = broker_link::message_properties(&msg_id, None).with_headers(headers);
     let confirm = broker_link::bounded("dead-lettering a message and its confirm", async {
         ch.basic_publish(topology::DEAD_EXCHANGE.into(), topology::UPDATE_QUEUE.into(), BasicPublishOptions::default(), &d.data, props)
             .await
@@ -251,5 +355,21 @@ async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()
             r?;
         }
         handle.with_store(move |s| s.remove_outbox(last)).await?;
+    }
+}
+
+#[cfg(test)]
+mod sender_tests {
+    use super::check_sender;
+
+    #[test]
+    fn a_node_user_speaks_only_as_its_node() {
+        let n1: wire::NodeId = "n1".parse().unwrap();
+        assert!(check_sender(Some("sync-node-n1"), &n1, true).is_ok());
+        assert!(check_sender(Some("sync-node-n2"), &n1, false).unwrap_err().contains("forged"));
+        assert!(check_sender(Some("guest"), &n1, false).is_ok());
+        assert!(check_sender(None, &n1, false).is_ok());
+        assert!(check_sender(Some("guest"), &n1, true).is_err());
+        assert!(check_sender(None, &n1, true).is_err());
     }
 }

@@ -88,7 +88,10 @@ impl Store {
 
     /// Runs `f` in one transaction.
     pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let tx = self.conn.transaction()?;
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .context("taking the manager database's write lock (is another process writing it?)")?;
         let mut t = Tx { tx };
         let out = f(&mut t)?;
         t.tx.commit().context("committing to the manager database")?;
@@ -554,5 +557,14 @@ mod tests {
         assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(3)));
         assert!(matches!(&out[5], Outcome::Refused { .. }), "{out:?}");
         assert_eq!(s.entry(&p(&tight)).unwrap().unwrap().version, Some(file(2)));
+    }
+}
+
+impl NodeRow {
+    /// Online as of `now_ms`: marked online and a heartbeat recorded within
+    /// [`OFFLINE_AFTER_MS`]. Read this, not the stored flag: the flag is only cleared by
+    /// a manager that is making progress, and a stopped or stuck one never clears it.
+    pub fn online_at(&self, now_ms: i64) -> bool {
+        self.online && now_ms - self.last_seen_ms <= OFFLINE_AFTER_MS
     }
 }

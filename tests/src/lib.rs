@@ -182,12 +182,23 @@ pub struct ManagerProc {
     pub db: PathBuf,
     pub log: PathBuf,
     broker: String,
+    extra: Vec<String>,
     child: Option<Child>,
 }
 
 impl ManagerProc {
     pub fn start(dir: &Path, broker: &str) -> ManagerProc {
-        let mut m = ManagerProc { db: dir.join("manager.db"), log: dir.join("manager.log"), broker: broker.to_string(), child: None };
+        Self::start_with(dir, broker, &[])
+    }
+    /// With extra `manager serve` arguments.
+    pub fn start_with(dir: &Path, broker: &str, extra: &[&str]) -> ManagerProc {
+        let mut m = ManagerProc {
+            db: dir.join("manager.db"),
+            log: dir.join("manager.log"),
+            broker: broker.to_string(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
         m.restart();
         m
     }
@@ -195,7 +206,7 @@ impl ManagerProc {
         self.stop();
         // An HTTP port of its own, so tests running side by side never compete for one.
         let child =
-            spawn_logged(Command::new(bin("manager")).args(["serve", "--http", "127.0.0.1:0", "--broker", &self.broker, "--db"]).arg(&self.db), &self.log);
+            spawn_logged(Command::new(bin("manager")).args(["serve", "--http", "127.0.0.1:0", "--broker", &self.broker, "--db"]).arg(&self.db).args(&self.extra), &self.log);
         self.child = Some(child);
     }
     pub fn stop(&mut self) {
@@ -307,6 +318,10 @@ impl NodeProc {
         cmd.arg("--data").arg(&self.data);
         if let Some(ca) = &self.opts.tls_ca {
             cmd.arg("--tls-ca").arg(ca);
+        }
+        // The node's own cluster token, if it was started with one.
+        if let Some(i) = self.opts.extra.iter().position(|a| a == "--cluster-token") {
+            cmd.arg("--cluster-token").arg(&self.opts.extra[i + 1]);
         }
         let out = cmd.args(args).output().expect("syncctl runs");
         (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())

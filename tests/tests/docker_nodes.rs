@@ -5,6 +5,8 @@
 //! Needs scripts/setup.sh and scripts/setup-docker.sh to have run.
 
 mod prov_support;
+#[path = "api_support/mod.rs"]
+mod api_support;
 
 use prov_support::*;
 use std::path::{Path, PathBuf};
@@ -163,4 +165,41 @@ fn clear_errors_without_image_or_with_bad_names() {
     let out = run(manager(&cluster).args(["node", "create", "--name", "bad/name"]));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid node name"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `POST /api/nodes {"id": ...}` (what the dashboard's "Create node" sends) makes the node
+/// it was asked for, and that node holds the cluster token: it fetches from a node that
+/// requires the token (without it, every pull is refused with 401 for ever).
+#[test]
+fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    build_node_image(tmp.path());
+    let m = api_support::Manager::start("prov-api-");
+    let id = unique("charlie-");
+    let r = m.call("POST", "/api/nodes", Some(&format!(r#"{{"id": "{id}"}}"#)));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["created"][0]["name"], id.as_str(), "{}", r.text());
+    // A field the route does not take is refused, not ignored.
+    let r = m.call("POST", "/api/nodes", Some(r#"{"name": "charlie"}"#));
+    assert_eq!(r.status, 422, "{}", r.text());
+    assert!(r.error().contains("unknown field \"name\""), "{}", r.text());
+
+    let host = NodeProc::start_with(tmp.path(), &unique("host-"), &m.vhost, &["--cluster-token", &m.cluster_token]);
+    let body = format!("for {id} from a node that requires the cluster token\n").into_bytes();
+    std::fs::write(host.mount.join("token.txt"), &body).unwrap();
+    eventually(SYNC_DEADLINE, "the API-made node to fetch token.txt from the host node", || {
+        if volume_holds(&format!("{id}-data"), &body) {
+            Ok(())
+        } else {
+            Err(format!("not in {id}'s volume yet; host log tail: {}", tail(&host.log)))
+        }
+    });
+    // Dropping the manager removes what it provisioned (its cluster label), also on failure.
+    drop(host);
+    drop(m);
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    text.lines().rev().take(3).collect::<Vec<_>>().join(" | ")
 }

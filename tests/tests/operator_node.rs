@@ -2,6 +2,7 @@
 //! implement, plain-text log files, and a clean unmount on every terminating signal.
 
 use std::process::Command;
+use std::time::Duration;
 use system_tests::*;
 
 /// Python's `open` asks every file whether it is a terminal (`ioctl(TCGETS)`): the node
@@ -67,4 +68,48 @@ fn every_terminating_signal_unmounts() {
         n.restart();
         assert_eq!(read(&n.p(&file)).as_deref(), Some(name.as_bytes()), "{file} after the restart");
     }
+}
+
+/// The manager's HTTP address and operator token, from its log and credentials file.
+fn manager_api(m: &ManagerProc) -> (String, String) {
+    let log = std::fs::read_to_string(&m.log).unwrap();
+    let url = log.lines().find_map(|l| l.split("dashboard and REST API on ").nth(1)).expect("the manager logged its address").trim().trim_end_matches('/').to_string();
+    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(m.db.with_file_name("credentials.json")).unwrap()).unwrap();
+    (url, creds["operator_token"].as_str().unwrap().to_string())
+}
+
+/// A manager that cannot make progress (here: its database is locked by another process)
+/// says so — log, `/api/health`, `manager status` — and its nodes do not look online on
+/// the strength of old heartbeats; once the lock goes, it catches up and loses nothing.
+#[test]
+fn a_stuck_manager_says_so_and_recovers_without_losing_anything() {
+    let c = Cluster::start("stuck", 1);
+    let n = &c.nodes[0];
+    let (api, token) = manager_api(&c.manager);
+    eventually("the manager's liveness file", DEADLINE, || c.manager.status().contains("manager: making progress"));
+    assert_eq!(http_get(&format!("{api}/api/health"), Some(&token)).0, 200);
+    eventually("n1 online", DEADLINE, || c.manager.status().lines().any(|l| l.starts_with("n1 ") && l.contains(" online ")));
+
+    let lock = rusqlite::Connection::open(&c.manager.db).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    write(&n.p("while-stuck.txt"), b"written while the manager is stuck");
+    eventually("n1 shown offline once its heartbeats are not recorded", DEADLINE, || {
+        c.manager.status().lines().any(|l| l.starts_with("n1 ") && l.contains(" offline "))
+    });
+    eventually("the manager to say it is stuck", Duration::from_secs(90), || {
+        let (status, body) = http_get(&format!("{api}/api/health"), Some(&token));
+        status == 503
+            && String::from_utf8_lossy(&body).contains("\"ok\":false")
+            && c.manager.status().contains("WARNING: no progress")
+            && std::fs::read_to_string(&c.manager.log).unwrap().contains("it is stuck")
+    });
+    assert!(n.pending() > 0, "the change was decided while the database was locked");
+
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    eventually("the change decided after the lock went", DEADLINE, || n.pending() == 0);
+    eventually("the manager healthy again", DEADLINE, || http_get(&format!("{api}/api/health"), Some(&token)).0 == 200);
+    eventually("n1 online again", DEADLINE, || c.manager.status().lines().any(|l| l.starts_with("n1 ") && l.contains(" online ")));
+    assert_eq!(queue_depth(&c.vhost, wire::topology::DEAD_QUEUE), 0, "a message was dead-lettered because the database was locked");
+    assert!(c.manager.status().contains("files: 1"), "{}", c.manager.status());
 }

@@ -57,3 +57,47 @@ pub fn init(creds_path: &Path, user: &str, vhost: &str) -> anyhow::Result<Broker
     creds.save(creds_path)?;
     Ok(broker)
 }
+
+/// A node's own broker user (`sync-node-<id>`, `wire::topology::node_user`) with the
+/// least rights a node needs on `vhost`: configure nothing, write only to the update
+/// exchange, read only its own queue. The manager creates the node's queue and bindings
+/// itself (its user may), so the node never needs to configure anything. Returns the
+/// fresh password (the user is re-keyed if it exists).
+pub fn add_node_user(vhost: &str, node: &wire::NodeId) -> anyhow::Result<Secret> {
+    let user = wire::topology::node_user(node);
+    let password = Secret::random()?;
+    if user_exists(&user)? {
+        rabbitmqctl(&["change_password", &user], Some(password.expose())).with_context(|| format!("setting the password of {user}"))?;
+    } else {
+        rabbitmqctl(&["add_user", &user], Some(password.expose())).with_context(|| format!("creating user {user}"))?;
+    }
+    let (configure, write, read) = node_permissions(node);
+    rabbitmqctl(&["set_permissions", "-p", vhost, &user, &configure, &write, &read], None).with_context(|| format!("granting {user} its rights on {vhost}"))?;
+    Ok(password)
+}
+
+/// The (configure, write, read) permission patterns of node `node`'s user.
+pub fn node_permissions(node: &wire::NodeId) -> (String, String, String) {
+    let esc = |s: &str| s.replace('.', "\\.");
+    ("^$".to_string(), format!("^{}$", esc(wire::topology::UPDATE_EXCHANGE)), format!("^{}$", esc(&wire::topology::node_queue(node))))
+}
+
+/// Deletes node `node`'s broker user (its open connections are closed by the broker).
+/// Returns whether it existed.
+pub fn remove_node_user(node: &wire::NodeId) -> anyhow::Result<bool> {
+    let user = wire::topology::node_user(node);
+    if !user_exists(&user)? {
+        return Ok(false);
+    }
+    rabbitmqctl(&["delete_user", &user], None).with_context(|| format!("deleting user {user}"))?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod node_user_tests {
+    #[test]
+    fn node_permissions_are_anchored_and_escaped() {
+        let (c, w, r) = super::node_permissions(&"a.b".parse().unwrap());
+        assert_eq!((c.as_str(), w.as_str(), r.as_str()), ("^$", "^sync\\.updates$", "^sync\\.node\\.a\\.b$"));
+    }
+}

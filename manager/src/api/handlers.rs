@@ -31,6 +31,16 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
             Ok(r)
         }
         Op::OpenApi => ok(openapi::document()),
+        Op::Health => {
+            let stalled = state.handle.stalled_for(crate::service::now_ms());
+            let body = json!({
+                "ok": stalled.is_none(),
+                "stalled_seconds": stalled.map(|d| d.as_secs()),
+                "dead_lettered": state.handle.dead_lettered.load(Ordering::Relaxed),
+                "refused_senders": state.handle.refused_senders.load(Ordering::Relaxed),
+            });
+            Ok(json_response(if stalled.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }, &body))
+        }
         Op::Metrics => {
             let counts = state.handle.with_store(|s| queries::counts(s)).await?;
             let (h, requests) = (&state.handle, state.requests.load(Ordering::Relaxed));

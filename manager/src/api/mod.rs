@@ -88,6 +88,9 @@ pub struct ProvisionContext {
     pub broker: String,
     /// The manager's database (the `vms` table).
     pub db: std::path::PathBuf,
+    /// The token every node of this cluster requires from its peers; given to each node
+    /// or VM the API creates (`run_manager` fills it in from the credentials file).
+    pub cluster_token: Option<Secret>,
 }
 
 #[derive(Clone, Debug)]
@@ -226,6 +229,8 @@ pub async fn run_manager(cfg: service::Config, api: Config, cancel: Cancellation
     if created {
         tracing::info!("created the cluster's credentials in {}; `manager credentials show` prints them", creds_path.display());
     }
+    let mut api = api;
+    api.provision.cluster_token = Some(creds.cluster_token.clone());
     let server = match Server::bind(&api, handle.clone(), creds.operator_token.clone()).await {
         Ok(server) => server,
         Err(e) if !api.required => {

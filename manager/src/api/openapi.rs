@@ -36,6 +36,14 @@ fn schemas() -> Value {
             }
         },
         "NodeList": {"type": "object", "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},
+        "Health": {
+            "type": "object",
+            "properties": {
+                "ok": {"type": "boolean", "description": "False while the manager is stuck on work it took up (also answered with 503)."},
+                "stalled_seconds": {"type": ["integer", "null"], "description": "How long the unfinished work has waited, when stuck."},
+                "dead_lettered": int, "refused_senders": int
+            }
+        },
         "Status": {
             "type": "object",
             "properties": {
@@ -64,13 +72,28 @@ fn schemas() -> Value {
         "Accepted": {"type": "object", "properties": {"node": string, "requested": {"type": "string"}}},
         "CreateNode": {
             "type": "object",
-            "description": "A node to start in a container.",
-            "properties": {"id": {"type": "string", "description": "Node id: 1-64 of A-Z a-z 0-9 . _ -; chosen by the manager if absent."}}
+            "additionalProperties": false,
+            "description": "Nodes to start in containers on the manager's machine; each gets the cluster token.",
+            "properties": {
+                "id": {"type": "string", "description": "Node id: 1-64 of A-Z a-z 0-9 . _ -; chosen by the manager if absent. With count > 1, the prefix of id-1..id-N."},
+                "count": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1}
+            }
         },
         "CreateVm": {
             "type": "object",
-            "description": "A virtual machine to start; it runs one node.",
-            "properties": {"node": {"type": "string", "description": "Id of the node the VM runs."}, "instance_type": string}
+            "additionalProperties": false,
+            "description": "Virtual machines to start through the EC2 API; each runs one node holding the cluster token.",
+            "required": ["image_id", "broker_public"],
+            "properties": {
+                "image_id": {"type": "string", "description": "Machine image (a Debian or Ubuntu AMI with cloud-init)."},
+                "broker_public": {"type": "string", "description": "Broker URL as the VMs reach it."},
+                "count": {"type": "integer", "minimum": 1, "maximum": 50, "default": 1},
+                "instance_type": string,
+                "key_name": string,
+                "security_group": string,
+                "endpoint_url": {"type": "string", "description": "EC2-compatible endpoint (OpenStack, moto); AWS by default."},
+                "region": string
+            }
         },
         "Provisioned": {"type": "object", "description": "What the provisioner reports about the node or VM.", "additionalProperties": true},
         "VmList": {"type": "object", "properties": {"vms": {"type": "array", "items": {"type": "object", "additionalProperties": true}}}},

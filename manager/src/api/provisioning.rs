@@ -37,6 +37,18 @@ fn count(body: &Value) -> ApiResult<u64> {
     }
 }
 
+/// Refuses fields the route does not take, so a typo (or a field of another route) is
+/// not silently ignored.
+fn only_fields(body: &Value, known: &[&str]) -> ApiResult<()> {
+    let Some(fields) = body.as_object() else {
+        return if body.is_null() { Ok(()) } else { Err(ApiError::bad_request("the body must be a JSON object")) };
+    };
+    match fields.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::unprocessable(format!("unknown field {k:?}: this route takes {}", known.join(", ")))),
+        None => Ok(()),
+    }
+}
+
 fn opt_str(body: &Value, key: &str) -> ApiResult<Option<String>> {
     match body.get(key) {
         None | Some(Value::Null) => Ok(None),
@@ -68,10 +80,17 @@ where
         .map_err(api_error)
 }
 
-/// `POST /api/nodes {"name"?: "...", "count"?: 1}`: container nodes on this machine.
+/// `POST /api/nodes {"id"?: "...", "count"?: 1}`: container nodes on this machine, named
+/// `id` (with a count above one, `id-1`..`id-N`), holding the cluster token.
 pub async fn create_node(state: &State, body: Value) -> ApiResult<Value> {
+    only_fields(&body, &["id", "count"])?;
     let n = count(&body)?;
-    let spec = docker::NodeSpec { name: opt_str(&body, "name")?, broker: state.provision.broker.clone(), ..Default::default() };
+    let spec = docker::NodeSpec {
+        name: opt_str(&body, "id")?,
+        broker: state.provision.broker.clone(),
+        cluster_token: state.provision.cluster_token.as_ref().map(|t| t.expose().to_string()),
+        ..Default::default()
+    };
     let cluster = state.provision.cluster.clone();
     let created = detached(move || async move { docker::Docker::connect_cluster(&cluster).await?.create_nodes(&spec, n as usize).await }).await?;
     Ok(json!({ "created": created.iter().map(node_json).collect::<Vec<_>>() }))
@@ -104,6 +123,7 @@ pub async fn list_vms(state: &State) -> ApiResult<Value> {
 /// `POST /api/vms {"image_id", "broker_public", "count"?, "instance_type"?, "key_name"?,
 /// "security_group"?, "endpoint_url"?, "region"?}`.
 pub async fn create_vm(state: &State, body: Value) -> ApiResult<Value> {
+    only_fields(&body, &["image_id", "broker_public", "count", "instance_type", "key_name", "security_group", "endpoint_url", "region"])?;
     let n = count(&body)?;
     let image_id = opt_str(&body, "image_id")?.ok_or_else(|| ApiError::bad_request("image_id is required"))?;
     let broker_public =
@@ -114,6 +134,7 @@ pub async fn create_vm(state: &State, body: Value) -> ApiResult<Value> {
         broker_public,
         key_name: opt_str(&body, "key_name")?,
         security_group: opt_str(&body, "security_group")?,
+        cluster_token: state.provision.cluster_token.as_ref().map(|t| t.expose().to_string()),
         ..Default::default()
     };
     if let Some(t) = opt_str(&body, "instance_type")? {

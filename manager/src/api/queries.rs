@@ -19,7 +19,7 @@ fn rfc3339(ms: i64) -> Value {
 pub fn node_json(n: &NodeRow) -> Value {
     json!({
         "id": n.id,
-        "online": n.online,
+        "online": n.online_at(crate::service::now_ms()),
         "url": n.url,
         "software": n.software,
         "last_seen_ms": n.last_seen_ms,
@@ -188,7 +188,7 @@ pub fn counts(store: &Store) -> anyhow::Result<Counts> {
         files: store.live_file_count()?,
         conflicts: store.conflict_count()?,
         nodes: one("SELECT count(*) FROM nodes")?,
-        nodes_online: one("SELECT count(*) FROM nodes WHERE online = 1")?,
+        nodes_online: store.nodes()?.iter().filter(|n| n.online_at(crate::service::now_ms())).count() as u64,
         pending_changes: one("SELECT sum(pending_changes) FROM nodes")?,
         pending_pulls: one("SELECT sum(pending_pulls) FROM nodes")?,
         outbox,
