@@ -177,7 +177,7 @@ fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
     let m = api_support::Manager::start("prov-api-");
     let id = unique("charlie-");
     let r = m.call("POST", "/api/nodes", Some(&format!(r#"{{"id": "{id}"}}"#)));
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["created"][0]["name"], id.as_str(), "{}", r.text());
     // A field the route does not take is refused, not ignored.
     let r = m.call("POST", "/api/nodes", Some(r#"{"name": "charlie"}"#));
