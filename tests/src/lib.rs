@@ -620,3 +620,26 @@ pub fn node_metrics(n: &NodeProc) -> std::collections::HashMap<String, f64> {
 pub fn node_url(n: &NodeProc) -> String {
     std::fs::read_to_string(n.data.join("node.url")).expect("node.url").trim().to_string()
 }
+
+impl NodeProc {
+    /// Kills the node with SIGKILL, as a crash would, and waits for it to exit: nothing
+    /// is flushed or unmounted (the dead mount stays until `restart`). Its `node.url`
+    /// is removed so that `restart` waits for the new process, not the dead one's file.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.data.join("node.url"));
+    }
+}
+
+impl ManagerProc {
+    /// Kills the manager with SIGKILL, as a crash would, and waits for it to exit.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
