@@ -8,12 +8,19 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use wire::ContentHash;
 
-/// The store's three directories under the node's data directory.
+/// Space kept free for the node database on the disk it shares with the store: room
+/// for a few hundred pages of its log, so that on a full disk deletes can still be
+/// recorded, and free space.
+pub const DB_RESERVE_BYTES: u64 = 1 << 20;
+
+/// The store's three directories under the node's data directory, and the file holding
+/// the node database's reserve.
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     blobs: PathBuf,
     work: PathBuf,
     tmp: PathBuf,
+    reserve: PathBuf,
 }
 
 /// What `ContentStore::commit_work_file` did.
@@ -32,7 +39,7 @@ pub fn hash_of(bytes: &[u8]) -> ContentHash {
 
 impl ContentStore {
     pub fn open(data: &Path) -> anyhow::Result<ContentStore> {
-        let s = ContentStore { blobs: data.join("blobs"), work: data.join("work"), tmp: data.join("tmp") };
+        let s = ContentStore { blobs: data.join("blobs"), work: data.join("work"), tmp: data.join("tmp"), reserve: data.join("reserve") };
         for d in [&s.blobs, &s.work, &s.tmp] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
@@ -43,7 +50,31 @@ impl ContentStore {
             }
         }
         s.ensure_empty_blob()?;
+        s.ensure_reserve();
         Ok(s)
+    }
+
+    /// Sets aside `DB_RESERVE_BYTES` for the node database if that space is not held
+    /// yet (at start and at every GC; on a disk too full for it, later).
+    pub fn ensure_reserve(&self) {
+        use std::os::fd::AsRawFd;
+        if std::fs::metadata(&self.reserve).is_ok_and(|m| m.len() == DB_RESERVE_BYTES) {
+            return;
+        }
+        let Ok(f) = File::create(&self.reserve) else {
+            return;
+        };
+        // Allocated, not sparse: the blocks must be there to give back.
+        // SAFETY: a valid descriptor; posix_fallocate only reads its arguments.
+        if unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, DB_RESERVE_BYTES as libc::off_t) } != 0 {
+            let _ = std::fs::remove_file(&self.reserve);
+        }
+    }
+
+    /// Frees the space set aside for the node database (`ensure_reserve`); true if it
+    /// was held.
+    pub fn release_reserve(&self) -> bool {
+        std::fs::remove_file(&self.reserve).is_ok()
     }
 
     fn ensure_empty_blob(&self) -> anyhow::Result<()> {

@@ -50,10 +50,13 @@ pub enum FsError {
     TooManyLinks,
     #[error("no space left on the disk holding the node's data")]
     NoSpace,
+    /// The node database could not grow (it shares the disk with the store).
+    #[error("no space left for the node database")]
+    DbFull,
     #[error("file too large for the disk holding the node's data")]
     TooBig,
     #[error("I/O error: {0:#}")]
-    Io(#[from] anyhow::Error),
+    Io(anyhow::Error),
 }
 
 impl FsError {
@@ -72,25 +75,43 @@ impl FsError {
             FsError::BadHandle => libc::EBADF,
             FsError::TooManyLinks => libc::EMLINK,
             FsError::NoSpace => libc::ENOSPC,
+            FsError::DbFull => libc::ENOSPC,
             FsError::TooBig => libc::EFBIG,
             FsError::Io(_) => libc::EIO,
         }
     }
 }
 
+/// Limits of the disk under the node's data (the store, the work files, the node
+/// database) are the user's to see, not an I/O failure: the error of one of them, if
+/// `e` is one.
+fn disk_limit(e: &(dyn std::error::Error + 'static)) -> Option<FsError> {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        return match io.raw_os_error() {
+            Some(libc::ENOSPC) | Some(libc::EDQUOT) => Some(FsError::NoSpace),
+            Some(libc::EFBIG) => Some(FsError::TooBig),
+            _ => None,
+        };
+    }
+    match e.downcast_ref::<rusqlite::Error>() {
+        Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull => Some(FsError::DbFull),
+        _ => None,
+    }
+}
+
 impl From<std::io::Error> for FsError {
     fn from(e: std::io::Error) -> Self {
-        // Limits of the disk under the store are the user's to see, not an I/O failure.
-        match e.raw_os_error() {
-            Some(libc::ENOSPC) | Some(libc::EDQUOT) => FsError::NoSpace,
-            Some(libc::EFBIG) => FsError::TooBig,
-            _ => FsError::Io(e.into()),
-        }
+        disk_limit(&e).unwrap_or_else(|| FsError::Io(e.into()))
     }
 }
 impl From<rusqlite::Error> for FsError {
     fn from(e: rusqlite::Error) -> Self {
-        FsError::Io(anyhow::Error::new(e).context("node database"))
+        disk_limit(&e).unwrap_or_else(|| FsError::Io(anyhow::Error::new(e).context("node database")))
+    }
+}
+impl From<anyhow::Error> for FsError {
+    fn from(e: anyhow::Error) -> Self {
+        e.chain().find_map(disk_limit).unwrap_or(FsError::Io(e))
     }
 }
 
@@ -654,16 +675,34 @@ impl Tree {
     /// Runs `f` in one database transaction; wakes the broker link if the outbox grew.
     /// If anything fails, the commit included, the transaction is rolled back and what
     /// `f` changed in memory is undone (`Undo`): the tree stays what the database holds.
-    fn atomically<T>(&self, f: impl FnOnce(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+    /// On a full disk, room is made (`make_room`) and `f` runs once more.
+    fn atomically<T>(&self, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         self.atomically_locked(self.lock(), f)
     }
 
-    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, f: impl FnOnce(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         let before = st.outbox.rows.len();
+        let mut result = self.transaction(&mut st, &mut f);
+        // A full disk: once room is made, the operation is tried once more.
+        if let Err(e @ (FsError::NoSpace | FsError::DbFull)) = &result {
+            if self.make_room(&st, matches!(e, FsError::DbFull)) {
+                result = self.transaction(&mut st, &mut f);
+            }
+        }
+        let grew = st.outbox.rows.len() > before;
+        drop(st);
+        if grew {
+            tracing::debug!(target: "timing", "outbox grew");
+            self.outbox_ready.notify_one();
+        }
+        result
+    }
+
+    fn transaction<T>(&self, st: &mut State, f: &mut impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         st.db.begin()?;
         let counters = st.counters();
         st.journal = Some(Journal { undo: Vec::new(), saved: HashSet::new(), counters, discard_after_commit: Vec::new(), detached: HashSet::new() });
-        let result = f(&mut st, &self.store).and_then(|v| {
+        let result = f(st, &self.store).and_then(|v| {
             st.db.commit()?;
             Ok(v)
         });
@@ -672,12 +711,6 @@ impl Tree {
             Ok(v) => {
                 for ino in journal.discard_after_commit {
                     self.store.discard_work_file(ino);
-                }
-                let grew = st.outbox.rows.len() > before;
-                drop(st);
-                if grew {
-                    tracing::debug!(target: "timing", "outbox grew");
-                    self.outbox_ready.notify_one();
                 }
                 Ok(v)
             }
@@ -688,6 +721,25 @@ impl Tree {
                 Err(e)
             }
         }
+    }
+
+    /// Makes room on a full disk: removes the blobs nothing refers to any more (a file
+    /// deleted a moment ago frees its space now, not at the next `gc`) and, when that
+    /// freed nothing and the node database needs room (`for_db`), gives it the space
+    /// kept in reserve for it (`ContentStore::release_reserve`). Returns whether
+    /// anything was freed.
+    fn make_room(&self, st: &State, for_db: bool) -> bool {
+        // A blob downloaded and not yet applied may go too; it is pulled again.
+        let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
+        if removed > 0 {
+            tracing::info!("the disk is full: removed {removed} blobs nothing refers to");
+            return true;
+        }
+        if for_db && self.store.release_reserve() {
+            tracing::warn!("the disk is full: the node database now uses the space kept in reserve for it; free some space");
+            return true;
+        }
+        false
     }
 
     // ---- FUSE operations -------------------------------------------------------------
@@ -788,7 +840,7 @@ impl Tree {
     fn make(&self, parent: u64, name: &OsStr, kind: Kind, perm: u32, uid: u32, gid: u32, rdev: u32, target: Option<Vec<u8>>) -> FsResult<Attr> {
         check_name(name)?;
         self.atomically(|st, store| {
-            let ino = st.make(parent, name, kind, perm, uid, gid, rdev, target, store)?;
+            let ino = st.make(parent, name, kind, perm, uid, gid, rdev, target.clone(), store)?;
             if kind == Kind::File {
                 // mknod(S_IFREG) makes an empty file with no open handle: committed now.
                 st.commit_work(ino, store)?;
@@ -1004,13 +1056,28 @@ impl Tree {
             return Err(FsError::BadHandle);
         }
         let ino = h.ino;
-        let work = st.ensure_work(ino, true, &self.store)?;
+        let mut written = self.write_at(&mut st, ino, offset, data);
+        if matches!(written, Err(FsError::NoSpace)) && self.make_room(&st, false) {
+            written = self.write_at(&mut st, ino, offset, data);
+        }
+        written?;
         let i = st.inode_mut(ino)?;
-        work.write_all_at(data, offset)?;
         i.size = i.size.max(offset + data.len() as u64);
         i.mtime = now_ns();
         i.ctime = i.mtime;
         Ok(data.len() as u32)
+    }
+
+    /// Writes into the work file of `ino`. A write that fails leaves the file no longer
+    /// than before (on a full disk, part of it may have landed past the end).
+    fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        let work = st.ensure_work(ino, true, &self.store)?;
+        let size = st.inode(ino)?.size;
+        let written = work.write_all_at(data, offset);
+        if written.is_err() && offset + data.len() as u64 > size && !st.inode(ino)?.detached {
+            let _ = work.set_len(size);
+        }
+        Ok(written?)
     }
 
     /// close(2) of one descriptor: commit what was written through it.
@@ -1214,10 +1281,12 @@ impl Tree {
     }
 
     /// Removes blobs nothing refers to, after trying again the commits that failed when
-    /// a file's last writer closed. Runs under the tree lock so that a commit cannot add
-    /// a reference between the scan and the removal.
+    /// a file's last writer closed and setting aside the node database's reserve again
+    /// if it was used (`ContentStore::ensure_reserve`). Runs under the tree lock so that
+    /// a commit cannot add a reference between the scan and the removal.
     pub fn gc(&self) -> usize {
         self.commit_unsaved();
+        self.store.ensure_reserve();
         let st = self.lock();
         let keep = Self::referenced(&st);
         self.store.gc(&keep, std::time::Duration::from_secs(300))
@@ -1241,7 +1310,9 @@ impl Tree {
     }
 
     fn referenced(st: &State) -> HashSet<ContentHash> {
-        let mut keep: HashSet<ContentHash> = st.inodes.values().filter_map(|i| i.hash.clone()).collect();
+        // A removed file still known to the kernel (it has not sent FORGET yet) but open
+        // nowhere can never be read again: its content is not kept for it.
+        let mut keep: HashSet<ContentHash> = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.clone()).collect();
         for r in st.outbox.rows.values() {
             if let ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } = &r.change.op {
                 keep.insert(hash.clone());
@@ -2477,6 +2548,42 @@ mod tests {
         };
         assert_eq!(sent.iter().map(size).collect::<Vec<_>>(), vec![Some(13)]);
         assert!(t.lock().inode(a.ino).unwrap().work.is_none());
+    }
+
+    /// A node database that cannot grow fails the operation with ENOSPC (not EIO), after
+    /// giving it the space kept in reserve; nothing changes in memory, and the reserve is
+    /// set aside again later.
+    #[test]
+    fn a_full_database_fails_with_enospc_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        for i in 0..50 {
+            t.mkdir(ROOT, OsStr::new(&format!("d{i}")), 0o755, 0, 0).unwrap();
+        }
+        let reserve = dir.path().join("reserve");
+        assert_eq!(std::fs::metadata(&reserve).unwrap().len(), crate::store::DB_RESERVE_BYTES);
+        // SQLite reports SQLITE_FULL, as on a full disk, once the database would grow.
+        t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1").unwrap();
+        let e = (0..1000).find_map(|i| closed_file_or_error(&t, &format!("f{i}"))).expect("the database filled up");
+        assert!(matches!(e, FsError::DbFull), "{e:?}");
+        assert_eq!(e.errno(), libc::ENOSPC);
+        assert_memory_is_persisted(&t, "after the database filled up");
+        assert!(!reserve.exists(), "the reserve was given to the database");
+        t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1073741823").unwrap();
+        t.mkdir(ROOT, OsStr::new("room again"), 0o755, 0, 0).unwrap();
+        t.gc();
+        assert!(reserve.exists(), "the reserve is set aside again");
+    }
+
+    fn closed_file_or_error(t: &Tree, name: &str) -> Option<FsError> {
+        let (_, fh) = match t.create(ROOT, OsStr::new(name), 0o644, 0, 0, true) {
+            Ok(made) => made,
+            Err(e) => return Some(e),
+        };
+        t.write(fh, 0, name.as_bytes()).unwrap();
+        let e = t.flush(fh).err();
+        t.release(fh).unwrap();
+        e
     }
 
     /// A delete replacing a queued put goes to the end: a directory is deleted after its

@@ -1,11 +1,14 @@
 //! A crash at the wrong moment loses nothing closed and harms no one else: `kill -9` of
 //! a node mid-write, mid-pull and right after an ftruncate, and of the manager with
-//! decisions in flight; after a restart everything converges. Real broker, real mounts,
-//! real processes.
+//! decisions in flight; after a restart everything converges. A full disk on a node fails
+//! writes with ENOSPC, keeps what was written before, and syncing resumes once space is
+//! freed. Real broker, real mounts, real processes (docs/SEMANTICS.md, "Crashes and full
+//! disks").
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -253,6 +256,91 @@ fn the_manager_killed_with_decisions_in_flight_loses_no_closed_file() {
     for n in &c.nodes {
         for i in 0..FILES {
             assert_same(&n.p(&format!("f{i:03}")), &content(i), &format!("f{i:03} on {}", n.id));
+        }
+    }
+}
+
+/// A tmpfs of its own for a node's data directory, unmounted on drop (after the node:
+/// declare it before the cluster).
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let dir = tempfile::Builder::new().prefix("syncfs-small-").tempdir().unwrap();
+        let data = dir.path().join("data-n2");
+        std::fs::create_dir(&data).unwrap();
+        let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(&data).output().unwrap();
+        assert!(out.status.success(), "mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk { dir }
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        unmount(&self.dir.path().join("data-n2"));
+    }
+}
+
+/// Writes `bytes` to a new file; returns the error of the first call that failed.
+fn try_write(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut f = std::fs::File::create(p)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+#[test]
+fn a_full_disk_fails_writes_with_enospc_and_syncing_resumes_when_space_is_freed() {
+    let disk = SmallDisk::new("24m");
+    let mut c = Cluster::start("crash-full", 1);
+    let n2 = NodeProc::start(disk.dir.path(), "n2", &c.vhost);
+    c.nodes.push(n2);
+    c.nodes[1].wait_connected();
+    let kept: Vec<Vec<u8>> = (0..4).map(|i| bytes(&format!("kept {i}"), MIB)).collect();
+    for (i, b) in kept.iter().enumerate() {
+        write(&c.nodes[1].p(&format!("kept{i}")), b);
+    }
+    c.converged();
+
+    // Fill the disk through the mount.
+    let mut f = std::fs::File::create(c.nodes[1].p("big")).unwrap();
+    let chunk = bytes("filler", MIB);
+    let mut filled = 0;
+    let e = loop {
+        match f.write_all(&chunk) {
+            Ok(()) => filled += 1,
+            Err(e) => break e,
+        }
+        assert!(filled < 64, "wrote 64 MiB to a 24 MiB disk");
+    };
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "a write to a full disk fails with ENOSPC: {e}");
+    drop(f);
+    let e = try_write(&c.nodes[1].p("one more"), &chunk).expect_err("the disk is full");
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "a new file on a full disk fails with ENOSPC: {e}");
+
+    // What was closed before is intact on both nodes, and syncing goes on (the part of
+    // `big` that fitted was committed when it was closed, as on a local disk).
+    c.converged();
+    for n in &c.nodes {
+        for (i, b) in kept.iter().enumerate() {
+            assert_same(&n.p(&format!("kept{i}")), b, &format!("kept{i} on {} with n2's disk full", n.id));
+        }
+    }
+
+    // Deleting frees the space: new writes work and sync, both ways.
+    std::fs::remove_file(c.nodes[1].p("big")).unwrap();
+    let _ = std::fs::remove_file(c.nodes[1].p("one more"));
+    let after = bytes("after", 4 * MIB);
+    try_write(&c.nodes[1].p("after"), &after).expect("writing after space was freed");
+    let from_n1 = bytes("from n1", 2 * MIB);
+    write(&c.nodes[0].p("from n1"), &from_n1);
+    c.converged();
+    for n in &c.nodes {
+        assert_same(&n.p("after"), &after, &format!("after on {}", n.id));
+        assert_same(&n.p("from n1"), &from_n1, &format!("from n1 on {}", n.id));
+        for (i, b) in kept.iter().enumerate() {
+            assert_same(&n.p(&format!("kept{i}")), b, &format!("kept{i} on {}", n.id));
         }
     }
 }
