@@ -57,6 +57,11 @@ pub enum NodeCmd {
         /// The manager's SQLite database; its credentials file gives the cluster token.
         #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
         db: PathBuf,
+        /// Give each node its own least-privilege broker user (as `node add`; --broker
+        /// must then be a user that may create users' queues, and this must run on the
+        /// broker's host).
+        #[arg(long)]
+        node_users: bool,
     },
     /// Admit a node: create its own broker user (least privilege: it may publish only
     /// on the update exchange and read only its own queue) and its queue, and write the
@@ -189,15 +194,8 @@ pub fn image(cluster: &ClusterArg, cmd: ImageCmd) -> anyhow::Result<()> {
 async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let vhost = broker_link::url_vhost(broker);
-    let password = manager::api::broker_user::add_node_user(&vhost, name)?;
-    let conn = broker_link::connect(broker).await?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    broker_link::declare_common(&ch).await?;
-    let queue = broker_link::declare_node_queue(&ch, name).await?;
-    let _ = conn.close(200, "node added".into()).await;
-    let user = wire::topology::node_user(name);
-    let url = broker_link::with_user(broker, &user, password.expose());
+    let url = manager::api::broker_user::admit_node(broker, name).await?;
+    let (user, queue) = (wire::topology::node_user(name), wire::topology::node_queue(name));
     let token = cluster_token_for(None, db)?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.env")));
     let mut text = format!("SYNC_NODE_ID={name}\nSYNC_BROKER={url}\n");
@@ -221,25 +219,9 @@ async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: 
 async fn remove_node(cluster: &ClusterArg, name: &str, purge: bool, broker: &str) -> anyhow::Result<()> {
     let mut done = Vec::new();
     if let Ok(node) = name.parse::<wire::NodeId>() {
-        let revoked = manager::api::broker_user::remove_node_user(&node).unwrap_or_else(|e| {
-            eprintln!("note: could not check the node's broker user: {e:#}");
-            false
-        });
-        if revoked {
-            done.push(format!("revoked broker user {}", wire::topology::node_user(&node)));
-            let queue = wire::topology::node_queue(&node);
-            let deleted = async {
-                let conn = broker_link::connect(broker).await?;
-                let ch = conn.create_channel().await.context("opening a channel")?;
-                ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.with_context(|| format!("deleting queue {queue}"))?;
-                let _ = conn.close(200, "node removed".into()).await;
-                anyhow::Ok(())
-            }
-            .await;
-            match deleted {
-                Ok(()) => done.push(format!("deleted queue {queue}")),
-                Err(e) => eprintln!("note: the node's queue {queue} is left: {e:#}"),
-            }
+        match manager::api::broker_user::revoke_node(broker, &node).await {
+            Ok(d) => done.extend(d),
+            Err(e) => eprintln!("note: revoking the node's broker user and queue: {e:#}"),
         }
     }
     let container = match Docker::connect_cluster(&cluster.cluster).await {
@@ -266,7 +248,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
         let docker = Docker::connect_cluster(&cluster.cluster).await?;
         match cmd {
             NodeCmd::Add { .. } => unreachable!("handled above"),
-            NodeCmd::Create { name, count, broker, image, mount_path, host_mount, env, cluster_token, db } => {
+            NodeCmd::Create { name, count, broker, image, mount_path, host_mount, env, cluster_token, db, node_users } => {
                 let cluster_token = cluster_token_for(cluster_token, &db)?;
                 let spec = NodeSpec {
                     name,
@@ -277,6 +259,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
                     host_mount,
                     env,
                     cluster_token,
+                    node_users,
                 };
                 for n in docker.create_nodes(&spec, count).await? {
                     print_node(&n);

@@ -10,6 +10,7 @@ mod api_support;
 
 use prov_support::*;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// Containers start, mount and join within seconds; generous for a loaded 2-core CI box.
@@ -168,14 +169,18 @@ fn clear_errors_without_image_or_with_bad_names() {
 }
 
 /// `POST /api/nodes {"id": ...}` (what the dashboard's "Create node" sends) makes the node
-/// it was asked for, and that node holds the cluster token: it fetches from a node that
-/// requires the token (without it, every pull is refused with 401 for ever).
+/// it was asked for, and that node holds the cluster token and, since this manager
+/// requires node users, its own least-privilege broker user: it fetches from a node that
+/// requires the token (without it, every pull is refused with 401 for ever) and its
+/// changes are accepted. Removing it through the API revokes its broker user.
 #[test]
 fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
     let tmp = tempfile::tempdir().unwrap();
     build_node_image(tmp.path());
-    let m = api_support::Manager::start("prov-api-");
+    let m = api_support::Manager::start_with("prov-api-", &["--require-node-users"]);
     let id = unique("charlie-");
+    let host_id = unique("host-");
+    let _users = BrokerUsers(vec![format!("sync-node-{id}"), format!("sync-node-{host_id}")]);
     let r = m.call("POST", "/api/nodes", Some(&format!(r#"{{"id": "{id}"}}"#)));
     assert_eq!(r.status, 201, "{}", r.text());
     assert_eq!(r.json()["created"][0]["name"], id.as_str(), "{}", r.text());
@@ -183,8 +188,18 @@ fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
     let r = m.call("POST", "/api/nodes", Some(r#"{"name": "charlie"}"#));
     assert_eq!(r.status, 422, "{}", r.text());
     assert!(r.error().contains("unknown field \"name\""), "{}", r.text());
+    // The broker URL (a secret) is in the container's environment, not its command line.
+    let args = run_ok(docker().args(["inspect", "--format", "{{json .Args}}", &id]));
+    assert!(!args.contains("amqp"), "the broker URL is on the command line: {args}");
 
-    let host = NodeProc::start_with(tmp.path(), &unique("host-"), &m.vhost, &["--cluster-token", &m.cluster_token]);
+    // The host node is admitted with its own user too (the manager refuses guest).
+    let env_file = tmp.path().join("host.env");
+    run_ok(Command::new(bin("manager")).args(["node", "add", &host_id, "--broker", &m.vhost.url(), "--out"]).arg(&env_file).env("SYNC_MANAGER_DB", m.db()));
+    let env: std::collections::HashMap<String, String> =
+        std::fs::read_to_string(&env_file).unwrap().lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
+    assert_eq!(env["SYNC_CLUSTER_TOKEN"], m.cluster_token);
+    let opts = system_tests::NodeOpts { broker: Some(env["SYNC_BROKER"].clone()), extra: vec!["--cluster-token".into(), m.cluster_token.clone()], ..Default::default() };
+    let host = NodeProc::start_opts(tmp.path(), &host_id, &m.vhost, opts);
     let body = format!("for {id} from a node that requires the cluster token\n").into_bytes();
     std::fs::write(host.mount.join("token.txt"), &body).unwrap();
     eventually(SYNC_DEADLINE, "the API-made node to fetch token.txt from the host node", || {
@@ -194,9 +209,23 @@ fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
             Err(format!("not in {id}'s volume yet; host log tail: {}", tail(&host.log)))
         }
     });
+    let r = m.call("DELETE", &format!("/api/nodes/{id}"), None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let users = run_ok(Command::new("rabbitmqctl").args(["-q", "list_users"]));
+    assert!(!users.contains(&format!("sync-node-{id}")), "the removed node's broker user is still there");
     // Dropping the manager removes what it provisioned (its cluster label), also on failure.
     drop(host);
     drop(m);
+}
+
+/// Deletes the test's broker users (they are broker-wide), also on failure.
+struct BrokerUsers(Vec<String>);
+impl Drop for BrokerUsers {
+    fn drop(&mut self) {
+        for u in &self.0 {
+            let _ = Command::new("rabbitmqctl").args(["-q", "delete_user", u]).output();
+        }
+    }
 }
 
 fn tail(log: &Path) -> String {

@@ -82,6 +82,39 @@ pub fn node_permissions(node: &wire::NodeId) -> (String, String, String) {
     ("^$".to_string(), format!("^{}$", esc(wire::topology::UPDATE_EXCHANGE)), format!("^{}$", esc(&wire::topology::node_queue(node))))
 }
 
+/// Admits node `node` on the broker that `admin_url` (a user that may configure) points
+/// at: its own user ([`add_node_user`]), its queue and bindings. Returns the URL the
+/// node connects with (`admin_url` with the node's user and password; a secret).
+pub async fn admit_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<String> {
+    let vhost = broker_link::url_vhost(admin_url);
+    let (v, n) = (vhost.clone(), node.clone());
+    let password = tokio::task::spawn_blocking(move || add_node_user(&v, &n)).await.context("rabbitmqctl task")??;
+    let conn = broker_link::connect(admin_url).await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    broker_link::declare_common(&ch).await?;
+    broker_link::declare_node_queue(&ch, node).await?;
+    let _ = conn.close(200, "node admitted".into()).await;
+    Ok(broker_link::with_user(admin_url, &wire::topology::node_user(node), password.expose()))
+}
+
+/// Undoes [`admit_node`]: revokes the node's user and deletes its queue. Returns what
+/// was done, in words (empty if the node had no user of its own).
+pub async fn revoke_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<Vec<String>> {
+    let n = node.clone();
+    let revoked = tokio::task::spawn_blocking(move || remove_node_user(&n)).await.context("rabbitmqctl task")??;
+    if !revoked {
+        return Ok(Vec::new());
+    }
+    let mut done = vec![format!("revoked broker user {}", wire::topology::node_user(node))];
+    let queue = wire::topology::node_queue(node);
+    let conn = broker_link::connect(admin_url).await?;
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.with_context(|| format!("deleting queue {queue}"))?;
+    let _ = conn.close(200, "node removed".into()).await;
+    done.push(format!("deleted queue {queue}"));
+    Ok(done)
+}
+
 /// Deletes node `node`'s broker user (its open connections are closed by the broker).
 /// Returns whether it existed.
 pub fn remove_node_user(node: &wire::NodeId) -> anyhow::Result<bool> {

@@ -91,6 +91,9 @@ pub struct ProvisionContext {
     /// The token every node of this cluster requires from its peers; given to each node
     /// or VM the API creates (`run_manager` fills it in from the credentials file).
     pub cluster_token: Option<Secret>,
+    /// Nodes created through the API get their own broker users (set when the manager
+    /// requires node users).
+    pub node_users: bool,
 }
 
 #[derive(Clone, Debug)]

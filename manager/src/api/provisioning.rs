@@ -18,7 +18,7 @@ fn api_error(e: provision::Error) -> ApiError {
         E::Invalid { .. } => ApiError::bad_request(msg),
         E::NodeNotFound { .. } | E::VmNotFound { .. } => ApiError::not_found(msg),
         E::NodeExists { .. } => ApiError::new(hyper::StatusCode::CONFLICT, msg),
-        E::DockerUnavailable { .. } | E::ImageMissing { .. } | E::Ec2NotBuilt => ApiError::unavailable(msg),
+        E::DockerUnavailable { .. } | E::ImageMissing { .. } | E::Ec2NotBuilt | E::Broker { .. } => ApiError::unavailable(msg),
         // A cloud client that cannot even be configured (no region, no credentials)
         // is this manager's missing setup; anything else the cloud said is a bad gateway.
         E::Cloud { op, .. } if op == ec2::OP_CONFIGURE => ApiError::unavailable(msg),
@@ -89,6 +89,7 @@ pub async fn create_node(state: &State, body: Value) -> ApiResult<Value> {
         name: opt_str(&body, "id")?,
         broker: state.provision.broker.clone(),
         cluster_token: state.provision.cluster_token.as_ref().map(|t| t.expose().to_string()),
+        node_users: state.provision.node_users,
         ..Default::default()
     };
     let cluster = state.provision.cluster.clone();
@@ -101,6 +102,12 @@ pub async fn create_node(state: &State, body: Value) -> ApiResult<Value> {
 pub async fn remove_node(state: &State, id: &str) -> ApiResult<Value> {
     let (cluster, name) = (state.provision.cluster.clone(), id.to_string());
     detached(move || async move { docker::Docker::connect_cluster(&cluster).await?.remove_node(&name, false).await }).await?;
+    // Its own broker user, if it had one, goes with it.
+    if let Ok(node) = id.parse::<wire::NodeId>() {
+        if let Err(e) = crate::api::broker_user::revoke_node(&state.provision.broker, &node).await {
+            tracing::warn!("removing node {id}: revoking its broker user: {e:#}");
+        }
+    }
     Ok(json!({ "removed": id }))
 }
 

@@ -60,6 +60,9 @@ pub struct NodeSpec {
     /// Token peers must present on HTTP requests (fs-node `--cluster-token`); passed as
     /// `SYNC_CLUSTER_TOKEN` in the environment so it is not on the command line.
     pub cluster_token: Option<String>,
+    /// Give each node its own least-privilege broker user (`api::broker_user::admit_node`),
+    /// `broker` being a user that may configure the vhost.
+    pub node_users: bool,
 }
 
 impl Default for NodeSpec {
@@ -73,6 +76,7 @@ impl Default for NodeSpec {
             host_mount: None,
             env: Vec::new(),
             cluster_token: None,
+            node_users: false,
         }
     }
 }
@@ -231,11 +235,20 @@ impl Docker {
                 ..Default::default()
             });
         }
-        let cmd = node_args(name, &spec.mount_path, &spec.data_path, &spec.broker, listen);
+        let broker = if spec.node_users {
+            let node: wire::NodeId = name.parse().map_err(|_| Error::Invalid { what: "node name", value: name.into(), reason: "not a valid node id".into() })?;
+            crate::api::broker_user::admit_node(&spec.broker, &node).await.map_err(|e| Error::Broker { node: name.into(), message: format!("{e:#}") })?
+        } else {
+            spec.broker.clone()
+        };
+        let cmd = node_args(name, &spec.mount_path, &spec.data_path, listen);
+        // Secrets go in the environment, not on the command line (`ps`, `docker inspect`'s
+        // Args would show them).
+        let secrets = std::iter::once(format!("SYNC_BROKER={broker}")).chain(spec.cluster_token.iter().map(|t| format!("SYNC_CLUSTER_TOKEN={t}")));
         let body = ContainerCreateBody {
             image: Some(spec.image.clone()),
             cmd: Some(cmd),
-            env: Some(spec.env.iter().cloned().chain(spec.cluster_token.iter().map(|t| format!("SYNC_CLUSTER_TOKEN={t}"))).collect()),
+            env: Some(spec.env.iter().cloned().chain(secrets).collect()),
             labels: Some(labels),
             hostname: Some(name.to_string()),
             host_config: Some(HostConfig {
@@ -414,8 +427,8 @@ pub fn split_mount_path(mount_path: &str) -> Result<(&str, &str)> {
 }
 
 /// The node's command line after the image's entrypoint (`fs-node`).
-pub fn node_args(name: &str, mount: &str, data: &str, broker: &str, listen: &str) -> Vec<String> {
-    ["--id", name, "--mount", mount, "--data", data, "--broker", broker, "--listen", listen].iter().map(|s| s.to_string()).collect()
+pub fn node_args(name: &str, mount: &str, data: &str, listen: &str) -> Vec<String> {
+    ["--id", name, "--mount", mount, "--data", data, "--listen", listen].iter().map(|s| s.to_string()).collect()
 }
 
 /// Makes `dir` a shared mount point (bind-mounting it onto itself first if it is not a
@@ -465,8 +478,8 @@ mod tests {
 
     #[test]
     fn node_args_match_fs_node_flags() {
-        let a = node_args("n1", "/mnt/sync", "/var/lib/syncfs", "amqp://b", "127.0.0.1:7000");
-        assert_eq!(a.join(" "), "--id n1 --mount /mnt/sync --data /var/lib/syncfs --broker amqp://b --listen 127.0.0.1:7000");
+        let a = node_args("n1", "/mnt/sync", "/var/lib/syncfs", "127.0.0.1:7000");
+        assert_eq!(a.join(" "), "--id n1 --mount /mnt/sync --data /var/lib/syncfs --listen 127.0.0.1:7000");
     }
 
     #[test]

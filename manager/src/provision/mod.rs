@@ -55,6 +55,9 @@ pub enum Error {
     Invalid { what: &'static str, value: String, reason: String },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    /// Giving a node its own broker user failed (`rabbitmqctl` or the broker).
+    #[error("admitting node {node} on the broker failed: {message} (node users need rabbitmqctl on this host and a --broker user that may configure the vhost)")]
+    Broker { node: String, message: String },
     #[error("built without EC2 support; rebuild with --features ec2")]
     Ec2NotBuilt,
     /// A cloud (EC2) call failed, or the cloud client could not be set up. `message` is the
