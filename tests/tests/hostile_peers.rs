@@ -56,7 +56,10 @@ fn misbehave(mut s: TcpStream, how: Holder, size: u64) {
     };
     let zeros = vec![0u8; 64 * 1024];
     let _ = match how {
-        Holder::Silent => Ok(std::thread::sleep(HOLD)),
+        Holder::Silent => {
+            std::thread::sleep(HOLD);
+            Ok(())
+        }
         Holder::Stall => s.write_all(head(Some(size)).as_bytes()).and_then(|_| s.write_all(&zeros[..1000])).map(|_| std::thread::sleep(HOLD)),
         Holder::Trickle => s.write_all(head(Some(size)).as_bytes()).and_then(|_| {
             while Instant::now() < deadline {

@@ -55,6 +55,7 @@ fn status_watch_reports_transfers_as_they_happen() {
         }
     }
     let _ = watch.kill();
+    let _ = watch.wait();
     assert!(seen_busy && seen_done, "watch showed work in progress ({seen_busy}) and then all 400 MB pulled ({seen_done})");
 }
 

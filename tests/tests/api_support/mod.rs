@@ -186,10 +186,7 @@ impl Dechunker {
     fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
         self.pending.extend_from_slice(bytes);
         let mut out = Vec::new();
-        loop {
-            let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") else {
-                break;
-            };
+        while let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") {
             let n = usize::from_str_radix(String::from_utf8_lossy(&self.pending[..i]).trim(), 16).expect("chunk size");
             if self.pending.len() < i + 2 + n + 2 {
                 break;
