@@ -81,6 +81,11 @@ fn node_users_may_do_only_what_a_node_does() {
     for n in &nodes {
         n.wait_connected();
     }
+    // Admitting nodes set length limits on the vhost's queues.
+    let policies = String::from_utf8_lossy(&Command::new("rabbitmqctl").args(["-q", "list_policies", "-p", &vhost.name]).output().unwrap().stdout).to_string();
+    for p in ["sync-node-queues", "sync-update-queue", "sync-dead-queue"] {
+        assert!(policies.contains(p), "no policy {p}: {policies}");
+    }
     // The cluster works with its least-privilege users.
     write(&nodes[0].p("hello.txt"), b"from a");
     eventually("hello.txt on b", DEADLINE, || read(&nodes[1].p("hello.txt")).as_deref() == Some(&b"from a"[..]));

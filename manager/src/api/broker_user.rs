@@ -73,7 +73,31 @@ pub fn add_node_user(vhost: &str, node: &wire::NodeId) -> anyhow::Result<Secret>
     }
     let (configure, write, read) = node_permissions(node);
     rabbitmqctl(&["set_permissions", "-p", vhost, &user, &configure, &write, &read], None).with_context(|| format!("granting {user} its rights on {vhost}"))?;
+    set_queue_limits(vhost)?;
     Ok(password)
+}
+
+/// Most a node's queue holds (bytes) while the node is away; past it the oldest
+/// messages go. That loses nothing: a node runs a full sync whenever it reconnects, and a
+/// decision of its own change is sent again when it republishes the change.
+pub const NODE_QUEUE_MAX_BYTES: u64 = 1 << 30;
+/// Most messages waiting in `sync.update`; past it the broker refuses publishes (the
+/// nodes keep their changes and retry), so a flood cannot fill the broker's disk.
+pub const UPDATE_QUEUE_MAX_LENGTH: u64 = 1_000_000;
+/// Most `sync.dead` keeps (bytes); the oldest dead letters go first.
+pub const DEAD_QUEUE_MAX_BYTES: u64 = 256 << 20;
+
+/// Length limits on the vhost's queues, as broker policies (they apply to existing
+/// queues without redeclaring them). Idempotent.
+pub fn set_queue_limits(vhost: &str) -> anyhow::Result<()> {
+    let node = format!(r#"{{"max-length-bytes":{NODE_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
+    let update = format!(r#"{{"max-length":{UPDATE_QUEUE_MAX_LENGTH},"overflow":"reject-publish"}}"#);
+    let dead = format!(r#"{{"max-length-bytes":{DEAD_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
+    let policies = [("sync-node-queues", r"^sync\.node\.", node), ("sync-update-queue", r"^sync\.update$", update), ("sync-dead-queue", r"^sync\.dead$", dead)];
+    for (name, pattern, definition) in policies {
+        rabbitmqctl(&["set_policy", "-p", vhost, "--apply-to", "queues", name, pattern, &definition], None).with_context(|| format!("setting the queue limit policy {name} on {vhost}"))?;
+    }
+    Ok(())
 }
 
 /// The (configure, write, read) permission patterns of node `node`'s user.
