@@ -145,7 +145,8 @@ pub enum VmCmd {
         /// URL of the node image tarball (`docker save syncfs-node:<version> | gzip`) for VMs to load.
         #[arg(long)]
         node_image_url: Option<String>,
-        /// Token the nodes require from peers (fs-node --cluster-token).
+        /// Token the nodes require from peers (fs-node --cluster-token); default: the
+        /// cluster token in the credentials file next to --db.
         #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true)]
         cluster_token: Option<String>,
     },
@@ -264,6 +265,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
                 for n in docker.create_nodes(&spec, count).await? {
                     print_node(&n);
                 }
+                warn_no_token(&spec.cluster_token, &db);
             }
             NodeCmd::List => {
                 println!("{:<24} {:<10} {:<22} {:<28} host mount", "name", "state", "listen", "status");
@@ -284,18 +286,25 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
 
 /// The token new nodes get: the one given, else the cluster token of the manager whose
 /// database is `db` (nodes without it could not fetch from a cluster that requires it).
-/// Without either, the nodes serve their peers without a token, and the operator is told.
+/// Without either, the nodes serve their peers without a token ([`warn_no_token`] says so
+/// once they exist).
 fn cluster_token_for(given: Option<String>, db: &std::path::Path) -> anyhow::Result<Option<String>> {
     if let Some(t) = given.filter(|t| !t.is_empty()) {
         return Ok(Some(t));
     }
     let path = manager::api::credentials::path_for_db(db);
     if !path.exists() {
-        eprintln!("note: no credentials at {} (pass --db or --cluster-token): the new nodes require no cluster token", path.display());
         return Ok(None);
     }
     let creds = manager::api::credentials::Credentials::load(&path)?;
     Ok(Some(creds.cluster_token.expose().to_string()))
+}
+
+fn warn_no_token(token: &Option<String>, db: &std::path::Path) {
+    if token.is_none() {
+        let path = manager::api::credentials::path_for_db(db);
+        eprintln!("note: no credentials at {} (pass --db or --cluster-token): the new nodes require no cluster token", path.display());
+    }
 }
 
 fn print_node(n: &provision::docker::NodeInfo) {
@@ -322,7 +331,10 @@ pub fn vm(cluster: &ClusterArg, cmd: VmCmd) -> anyhow::Result<()> {
 async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
     match cmd {
         VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token } => {
+            let db = cloud.db.clone();
             let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
+            let cluster_token =
+                cluster_token_for(cluster_token, &db).map_err(|e| provision::Error::Invalid { what: "credentials file", value: db.display().to_string(), reason: format!("{e:#}") })?;
             let spec = ec2::VmSpec {
                 count,
                 instance_type,
@@ -331,12 +343,13 @@ async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
                 security_group,
                 broker_public,
                 node_image_url,
-                cluster_token: cluster_token.filter(|t| !t.is_empty()),
+                cluster_token,
                 ..Default::default()
             };
             for v in ec2.create(&spec).await? {
                 print_vm(&v);
             }
+            warn_no_token(&spec.cluster_token, &db);
         }
         VmCmd::List { cloud } => {
             let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
