@@ -36,9 +36,9 @@ pub const MAX_ATTEMPTS: u32 = 3;
 pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 /// Header of a dead letter that says why the manager gave it up.
 pub const REASON_HEADER: &str = "x-sync-reason";
-/// Header of a dead letter: how many times the manager tried to handle it.
 /// Header of a dead letter: the broker user it came over (its AMQP `user_id`).
 pub const SENDER_HEADER: &str = "x-sync-user";
+/// Header of a dead letter: how many times the manager tried to handle it.
 pub const ATTEMPTS_HEADER: &str = "x-sync-attempts";
 /// Longest reason put in the header: a header must fit in one AMQP frame, and an error
 /// chain can be long.
@@ -48,7 +48,6 @@ const MAX_REASON_BYTES: usize = 1024;
 pub struct Config {
     pub broker: String,
     pub db: PathBuf,
-}
     /// Accept only messages sent over a node's own broker user (`sync-node-<id>`),
     /// whose `from` must be that node; off, messages over a shared user (the demo's
     /// `guest`) are taken at their word.
@@ -66,6 +65,7 @@ pub fn check_sender(user_id: Option<&str>, from: &wire::NodeId, require_node_use
         None if require_node_users => Err("no user_id: the manager requires every message to come over a node's own broker user".into()),
         _ => Ok(()),
     }
+}
 
 /// Shared access to the manager's state for other front ends (the REST API): the store,
 /// and a way to make the broker loop publish what was queued.
@@ -77,7 +77,6 @@ pub struct Handle {
     pub messages_in: Arc<AtomicU64>,
     /// Messages this process gave up and dead-lettered.
     pub dead_lettered: Arc<AtomicU64>,
-}
     /// Of those, messages refused because of their sender (`check_sender`).
     pub refused_senders: Arc<AtomicU64>,
     /// `Config::require_node_users` of the running broker loop.
@@ -100,6 +99,7 @@ pub fn alive_file(db: &std::path::Path) -> PathBuf {
     let mut name = db.file_name().map(|n| n.to_os_string()).unwrap_or_default();
     name.push(".alive");
     db.with_file_name(name)
+}
 
 impl Handle {
     pub fn open(db: &std::path::Path) -> anyhow::Result<Handle> {
@@ -108,13 +108,12 @@ impl Handle {
             outbox_ready: Arc::new(Notify::new()),
             messages_in: Default::default(),
             dead_lettered: Default::default(),
-        })
             refused_senders: Default::default(),
             require_node_users: Default::default(),
             busy_since_ms: Default::default(),
+        })
     }
 
-    /// Runs `f` on the store on a blocking thread.
     /// The broker loop took up work (a batch): the clock starts unless it runs already.
     fn mark_busy(&self) {
         let _ = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
@@ -130,6 +129,7 @@ impl Handle {
         (since > 0 && busy > STALLED_AFTER).then_some(busy)
     }
 
+    /// Runs `f` on the store on a blocking thread.
     pub async fn with_store<T: Send + 'static>(&self, f: impl FnOnce(&mut Store) -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || {
@@ -152,9 +152,9 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 }
 
 pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) -> anyhow::Result<()> {
-    let mut backoff = broker_link::Backoff::default();
     handle.require_node_users.store(cfg.require_node_users, Ordering::Relaxed);
     tokio::spawn(watchdog(handle.clone(), alive_file(&cfg.db), cancel.clone()));
+    let mut backoff = broker_link::Backoff::default();
     loop {
         match session(&cfg, &handle, &cancel, &mut backoff).await {
             Ok(()) => return Ok(()),
@@ -215,26 +215,6 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
 /// A message that failed is tried again after the rest of its batch was committed and
 /// acked, so a later message of the same node may be decided before it; that costs at
 /// worst a conflict file, where waiting would stall every node.
-async fn handle_batch(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
-    let mut pending = Vec::with_capacity(deliveries.len());
-    for d in deliveries {
-        match Envelope::<ToManager>::decode(&d.data) {
-            Ok(env) => {
-                let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
-                match check_sender(user.as_deref(), &env.from, handle.require_node_users.load(Ordering::Relaxed)) {
-                    Ok(()) => pending.push((d, env)),
-                    Err(reason) => {
-                        handle.refused_senders.fetch_add(1, Ordering::Relaxed);
-                        dead_letter(handle, ch, &d, &reason, 1).await?;
-                    }
-                }
-            }
-            // Trying again cannot help.
-            Err(e) => dead_letter(handle, ch, &d, &format!("undecodable: {e}"), 1).await?,
-        }
-    }
-    let mut attempt = 1;
-    while !pending.is_empty() {
 /// Says when the manager stops making progress, and keeps the liveness file fresh while
 /// it does.
 async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
@@ -256,7 +236,7 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
     }
 }
 
-        let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
+async fn handle_batch(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
     handle.mark_busy();
     handle_batch_inner(handle, ch, cancel, deliveries).await?;
     handle.mark_done();
@@ -264,6 +244,26 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
 }
 
 async fn handle_batch_inner(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+    let mut pending = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        match Envelope::<ToManager>::decode(&d.data) {
+            Ok(env) => {
+                let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
+                match check_sender(user.as_deref(), &env.from, handle.require_node_users.load(Ordering::Relaxed)) {
+                    Ok(()) => pending.push((d, env)),
+                    Err(reason) => {
+                        handle.refused_senders.fetch_add(1, Ordering::Relaxed);
+                        dead_letter(handle, ch, &d, &reason, 1).await?;
+                    }
+                }
+            }
+            // Trying again cannot help.
+            Err(e) => dead_letter(handle, ch, &d, &format!("undecodable: {e}"), 1).await?,
+        }
+    }
+    let mut attempt = 1;
+    while !pending.is_empty() {
+        let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
         let results = handle
             .with_store(move |s| {
                 s.transaction(|tx| {
