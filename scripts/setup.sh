@@ -59,6 +59,20 @@ if ! grep -q '^# syncfs: amqps' "$conf" 2>/dev/null; then
   } >>"$conf"
 fi
 
+# The largest message the broker accepts (RabbitMQ's default is 128 MiB). It is
+# wire::BROKER_MAX_MESSAGE_BYTES; the manager sends a sync reply in pages of at most
+# wire::SYNC_PAGE_BYTES (4 MiB), well below it, and every other message is far smaller.
+max_message_bytes=16777216
+if ! grep -qx "max_message_size = $max_message_bytes" "$conf" 2>/dev/null; then
+  log "setting max_message_size = $max_message_bytes in $conf"
+  mkdir -p /etc/rabbitmq
+  [ -f "$conf" ] && sed -i '/^max_message_size *=/d; /^# syncfs: largest message/d' "$conf"
+  {
+    echo "# syncfs: largest message the broker accepts (scripts/setup.sh)"
+    echo "max_message_size = $max_message_bytes"
+  } >>"$conf"
+fi
+
 broker_up() { rabbitmqctl -q status >/dev/null 2>&1; }
 tls_listening() { rabbitmq-diagnostics -q listeners 2>/dev/null | grep -q 'port: 5671'; }
 
@@ -90,6 +104,20 @@ if ! tls_listening; then
   tls_listening || { log "RabbitMQ did not open 127.0.0.1:5671; its log follows"; tail -n 50 /var/log/rabbitmq/*.log 2>/dev/null || true; exit 1; }
 fi
 rabbitmqctl -q await_startup --timeout 120 >/dev/null
+# rabbitmq.conf is read at start. A running broker that has another limit takes the new
+# one at once: every channel opened from now on reads it, so nothing is restarted under
+# the feet of whoever is connected. Only if that does not take is the broker restarted.
+running_max() { rabbitmqctl -q eval 'application:get_env(rabbit, max_message_size).' 2>/dev/null; }
+if [ "$(running_max)" != "{ok,$max_message_bytes}" ]; then
+  log "applying max_message_size = $max_message_bytes to the running broker"
+  rabbitmqctl -q eval "application:set_env(rabbit, max_message_size, $max_message_bytes)." >/dev/null 2>&1 || true
+  if [ "$(running_max)" != "{ok,$max_message_bytes}" ]; then
+    log "restarting RabbitMQ to apply max_message_size"
+    rabbitmqctl -q shutdown >/dev/null 2>&1 || true
+    start_broker
+    rabbitmqctl -q await_startup --timeout 120 >/dev/null
+  fi
+fi
 # The broker's port must answer before anyone connects.
 deadline=$((SECONDS + 60))
 for port in 5672 5671; do
