@@ -7,7 +7,8 @@
 //! Content that cannot be pulled in time does not hold anything up: the message is
 //! applied without that path (the path keeps its old state), and the link retries just
 //! that content with backoff, in the background, applying the entry once it is there.
-//! Sync requests are coalesced: at most one sync is in flight and one more waits.
+//! Sync requests are coalesced: at most one sync is in flight and one more waits. A sync
+//! reply comes in pages, applied as they arrive; the sync completes on the last one.
 
 use crate::node::Shared;
 use crate::peer::{Puller, MAX_CONCURRENT_PULLS};
@@ -35,7 +36,8 @@ const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// First and longest wait before pulling a missing content again.
 const RETRY_FIRST: Duration = Duration::from_secs(2);
 const RETRY_MAX: Duration = Duration::from_secs(60);
-/// A sync not answered within this is taken for lost (its callers are told).
+/// A sync whose reply has not come on (no page) within this is taken for lost (its callers
+/// are told).
 const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
@@ -62,8 +64,20 @@ pub struct SyncReport {
 struct ActiveSync {
     responders: Vec<Responder>,
     started: Instant,
+    /// When the request was sent or its last page came.
+    progress: Instant,
     pushed: u64,
     conflicts_before: u64,
+    /// The page of the reply that comes next.
+    next_page: u32,
+    /// Every path the reply has named so far. Paths only: each page's entries are
+    /// applied when it comes and not kept.
+    known: HashSet<RelPath>,
+    pulled: u64,
+    failed: u64,
+    /// Files whose committed content this node lost (found at start-up), with the hash
+    /// they need; read when the first page comes.
+    damaged: HashMap<RelPath, wire::ContentHash>,
 }
 
 /// An entry applied without its content (no holder could give it in time); retried.
@@ -182,12 +196,42 @@ impl Session<'_> {
         self.last_sync_start = Some(Instant::now());
         let pushed = self.publish_outbox().await?;
         let request = new_id();
-        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.shared.url.clone() });
+        let since = self.sync_since();
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.shared.url.clone(), since, paged: true });
         broker_link::publish_confirmed_as(&self.ch, topology::UPDATE_EXCHANGE, "", env.id.as_str(), &env.encode(), self.user.as_deref()).await?;
         self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
         let conflicts_before = self.shared.tree.stats().conflicts_seen;
-        self.syncs.insert(request, ActiveSync { responders, started: Instant::now(), pushed, conflicts_before });
+        let now = Instant::now();
+        let sync = ActiveSync {
+            responders,
+            started: now,
+            progress: now,
+            pushed,
+            conflicts_before,
+            next_page: 0,
+            known: HashSet::new(),
+            pulled: 0,
+            failed: 0,
+            damaged: HashMap::new(),
+        };
+        self.syncs.insert(request, sync);
         Ok(())
+    }
+
+    /// The revision up to which the manager may leave deleted paths out of the reply
+    /// (docs/sync.md, *Deleted paths in a sync reply*). This node has applied every delete
+    /// up to the highest revision it has taken: deletes come on its queue in revision
+    /// order, and a sync reply brings what the queue could not. A reply cut off half-way
+    /// may have moved that revision past deletes it had not brought yet, so once a sync
+    /// has completed, no further than its head. A node that has taken no revision has no
+    /// path the manager knew, and needs no deleted path at all.
+    fn sync_since(&self) -> wire::Revision {
+        let taken = self.shared.tree.stats().last_revision;
+        if taken == 0 {
+            return wire::Revision(u64::MAX);
+        }
+        let completed = self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.head);
+        wire::Revision(completed.map_or(taken, |head| head.min(taken)))
     }
 
     async fn heartbeat(&self) -> anyhow::Result<()> {
@@ -281,37 +325,8 @@ impl Session<'_> {
                 .map_err(|e| anyhow::anyhow!("applying the decision on {}: {e}", current.path))?;
                 self.after_apply(&current, &a).await?;
             }
-            ToNode::SyncReply { request, head, entries } => {
-                let mut pulled = 0u64;
-                let mut failed = 0u64;
-                let known: HashSet<RelPath> = entries.iter().map(|e| e.path.clone()).collect();
-                let entries_by_path: HashMap<RelPath, Entry> = entries.iter().map(|e| (e.path.clone(), e.clone())).collect();
-                for entry in entries {
-                    let a = self.apply_entry(entry).await?;
-                    pulled += a.changed as u64;
-                    failed += a.missing_content as u64;
-                }
-                self.heal_damaged(&entries_by_path).await;
-                let tree = self.shared.tree.clone();
-                let unknown =
-                    tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
-                self.publish_outbox().await?;
-                if let Some(s) = self.syncs.remove(&request) {
-                    let report = SyncReport {
-                        pushed: s.pushed + unknown,
-                        pulled,
-                        conflicts: self.shared.tree.stats().conflicts_seen.saturating_sub(s.conflicts_before),
-                        failed,
-                        head: head.0,
-                        seconds: s.started.elapsed().as_secs_f64(),
-                    };
-                    tracing::info!(pushed = report.pushed, pulled, conflicts = report.conflicts, failed, "sync done");
-                    *self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
-                    for r in s.responders {
-                        let _ = r.send(Ok(report.clone()));
-                    }
-                }
-                self.start_next_sync().await?;
+            ToNode::SyncReply { request, head, entries, page, more } => {
+                self.sync_reply_page(request, head, entries, page, more).await?;
             }
             ToNode::SyncRequested {} => {
                 tracing::info!("the manager asked for a sync");
@@ -323,16 +338,78 @@ impl Session<'_> {
 }
 
 impl Session<'_> {
-    /// Files whose committed content vanished from the store (found at start-up) are
-    /// pulled again like any missing content, from the holders the sync reply names.
-    async fn heal_damaged(&mut self, current: &HashMap<RelPath, Entry>) {
+    /// One page of a sync reply. Its entries are applied at once, like broadcasts (each
+    /// is the state a path had, and an older state than the node's is ignored). The sync
+    /// it answers gathers the paths it names; only the last page pushes the local paths
+    /// the manager did not name, and reports. A page of a sync this node no longer waits
+    /// for (sent before a reconnection, or given up) completes nothing.
+    async fn sync_reply_page(&mut self, request: MessageId, head: wire::Revision, entries: Vec<Entry>, page: u32, more: bool) -> anyhow::Result<()> {
+        let mut sync = self.syncs.remove(&request);
+        if let Some(s) = sync.take_if(|s| s.next_page != page) {
+            // Pages of one reply come in order on our queue; a gap means one was lost
+            // (dead-lettered). The reply cannot tell what is unknown any more: its callers
+            // wait for the next sync instead.
+            tracing::warn!(%request, page, expected = s.next_page, "a sync reply page is missing; syncing again");
+            self.next_sync.get_or_insert_with(Vec::new).extend(s.responders);
+        }
+        let Some(mut s) = sync else {
+            tracing::debug!(%request, page, "a page of a sync no longer waited for: applying its entries only");
+            for entry in entries {
+                self.apply_entry(entry).await?;
+            }
+            return self.start_next_sync().await;
+        };
+        if page == 0 {
+            let tree = self.shared.tree.clone();
+            s.damaged = tokio::task::spawn_blocking(move || tree.damaged()).await?.into_iter().collect();
+        }
+        let mut heal = Vec::new();
+        for entry in entries {
+            s.known.insert(entry.path.clone());
+            if matches!((&entry.version, s.damaged.get(&entry.path)), (Some(Version { content: Content::File { hash, .. }, .. }), Some(lost)) if hash == lost) {
+                heal.push(entry.clone());
+            }
+            let a = self.apply_entry(entry).await?;
+            s.pulled += a.changed as u64;
+            s.failed += a.missing_content as u64;
+        }
+        self.heal_damaged(heal);
+        s.progress = Instant::now();
+        if more {
+            s.next_page += 1;
+            self.syncs.insert(request, s);
+            return Ok(());
+        }
         let tree = self.shared.tree.clone();
-        let damaged = tokio::task::spawn_blocking(move || tree.damaged()).await.unwrap_or_default();
-        for (path, hash) in damaged {
-            let Some(entry) = current.get(&path) else { continue };
-            if matches!(&entry.version, Some(Version { content: Content::File { hash: h, .. }, .. }) if *h == hash) && !self.missing.contains_key(&path) {
-                tracing::warn!(%path, "pulling {hash} again: this node's copy was lost");
-                self.missing.insert(path, Missing { entry: entry.clone(), next_try: Instant::now(), backoff: RETRY_FIRST, in_flight: false });
+        let known = std::mem::take(&mut s.known);
+        let unknown = tokio::task::spawn_blocking(move || tree.push_unknown(&known)).await?.map_err(|e| anyhow::anyhow!("pushing local paths: {e}"))? as u64;
+        self.publish_outbox().await?;
+        let report = SyncReport {
+            pushed: s.pushed + unknown,
+            pulled: s.pulled,
+            conflicts: self.shared.tree.stats().conflicts_seen.saturating_sub(s.conflicts_before),
+            failed: s.failed,
+            head: head.0,
+            seconds: s.started.elapsed().as_secs_f64(),
+        };
+        tracing::info!(pushed = report.pushed, pulled = report.pulled, conflicts = report.conflicts, failed = report.failed, pages = page + 1, "sync done");
+        *self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        for r in s.responders {
+            let _ = r.send(Ok(report.clone()));
+        }
+        self.start_next_sync().await
+    }
+
+    /// Files whose committed content vanished from the store (found at start-up) are
+    /// pulled again like any missing content, from the holders the sync reply names:
+    /// `entries` are the reply's entries of such files, already applied.
+    fn heal_damaged(&mut self, entries: Vec<Entry>) {
+        for entry in entries {
+            let Some(hash) = self.shared.tree.needs_content(&entry) else { continue };
+            if !self.missing.contains_key(&entry.path) {
+                tracing::warn!(path = %entry.path, "pulling {hash} again: this node's copy was lost");
+                let path = entry.path.clone();
+                self.missing.insert(path, Missing { entry, next_try: Instant::now(), backoff: RETRY_FIRST, in_flight: false });
             }
         }
     }
@@ -353,7 +430,7 @@ impl Session<'_> {
                 let _ = done.send((path, rev, ok));
             });
         }
-        let lost: Vec<MessageId> = self.syncs.iter().filter(|(_, s)| s.started.elapsed() > SYNC_GIVE_UP).map(|(id, _)| id.clone()).collect();
+        let lost: Vec<MessageId> = self.syncs.iter().filter(|(_, s)| s.progress.elapsed() > SYNC_GIVE_UP).map(|(id, _)| id.clone()).collect();
         for id in lost {
             if let Some(s) = self.syncs.remove(&id) {
                 tracing::warn!("the manager did not answer a sync within {SYNC_GIVE_UP:?}");

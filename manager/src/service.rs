@@ -1,7 +1,8 @@
 //! The manager's broker loop: one task owns the AMQP session. It consumes the update
 //! queue in batches, handles a batch in one SQLite transaction, publishes the outbox with
 //! confirms, and only then acks the batch (so a crash redelivers, and redelivered ids
-//! are recognised).
+//! are recognised). Between batches it sends sync reply pages, one short transaction
+//! each (`Store::sync_step`).
 //!
 //! No message can stall it: an undecodable one, or one whose handling fails (an error or
 //! a panic, rolled back alone under a savepoint while the rest of its batch commits) and
@@ -179,6 +180,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     backoff.reset();
     flush_outbox(handle, &ch).await?;
     let mut tick = tokio::time::interval(TICK);
+    // Whether a sync reply may have a page to send (one may be under way from before a
+    // restart). Pages go out one per turn of this loop, between batches of deliveries.
+    let mut sync_work = true;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -190,6 +194,12 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }
+                // A request held back by the rate limit may be due now.
+                sync_work = true;
+            }
+            _ = std::future::ready(()), if sync_work => {
+                sync_work = handle.with_store(|s| s.sync_step(now_ms())).await?;
+                flush_outbox(handle, &ch).await?;
             }
             _ = handle.outbox_ready.notified() => flush_outbox(handle, &ch).await?,
             next = consumer.next() => {
@@ -204,6 +214,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
                 handle_batch(handle, &ch, cancel, deliveries).await?;
+                sync_work = true;
             }
         }
     }

@@ -5,6 +5,11 @@
 //! transaction, and what must be sent is written to the outbox in that same transaction,
 //! so a crash can never lose a decision or send one that was not committed. It never
 //! talks to the broker itself.
+//!
+//! A `Sync` is only recorded there (the newest request of a node replaces an older one);
+//! its reply is made later, one page per short transaction ([`Store::sync_step`]), so no
+//! transaction reads the whole tree and a node asking again and again gets at most one
+//! reply started per [`SYNC_MIN_INTERVAL_MS`].
 
 use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
@@ -14,6 +19,12 @@ use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Holder, Message
 
 /// A node that has sent nothing for this long is shown offline.
 pub const OFFLINE_AFTER_MS: i64 = 5_000;
+/// A node's sync replies start at most this often. Each one reads the whole tree, and
+/// anything that can publish as a node (or a node told to sync by an unauthenticated
+/// caller) can ask without end; requests in between wait, and the newest is answered.
+pub const SYNC_MIN_INTERVAL_MS: i64 = 1_000;
+/// Paths read from the database at a time while a sync reply page is filled.
+const SYNC_READ_ROWS: i64 = 512;
 
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
@@ -36,6 +47,13 @@ CREATE TABLE IF NOT EXISTS conflicts(
   base INTEGER NOT NULL, current_rev INTEGER NOT NULL, copy_rev INTEGER NOT NULL, at_ms INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS conflicts_by_path ON conflicts(path);
 CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL, id TEXT NOT NULL, payload BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_requests(
+  node TEXT PRIMARY KEY, request TEXT NOT NULL, since INTEGER NOT NULL, paged INTEGER NOT NULL,
+  merged INTEGER NOT NULL, at_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS sync_replies(
+  node TEXT PRIMARY KEY, started_ms INTEGER NOT NULL, request TEXT, since INTEGER NOT NULL, paged INTEGER NOT NULL,
+  merged INTEGER NOT NULL, cursor TEXT NOT NULL, walk_done INTEGER NOT NULL, caught_up INTEGER NOT NULL,
+  page INTEGER NOT NULL, entries INTEGER NOT NULL, bytes INTEGER NOT NULL, largest INTEGER NOT NULL);
 ";
 
 pub struct Store {
@@ -87,6 +105,9 @@ impl Store {
     }
 
     /// Runs `f` in one transaction.
+    /// Runs `f` in one transaction that takes the write lock up front: if the database
+    /// is locked (another writer, a backup), the whole batch fails here, before any
+    /// message is handled, so no message is blamed (and dead-lettered) for it.
     pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
         let tx = self
             .conn
@@ -141,6 +162,99 @@ impl Store {
     pub fn entry(&self, path: &RelPath) -> anyhow::Result<Option<Entry>> {
         entry(&self.conn, path)
     }
+
+    /// Sends the next page of a sync reply, in a transaction of its own, after starting
+    /// the replies of the requests that are due. Returns whether it sent one (there may
+    /// be more to send); `false` when nothing is due now.
+    pub fn sync_step(&mut self, now_ms: i64) -> anyhow::Result<bool> {
+        self.transaction(|tx| {
+            while tx.start_due_reply(now_ms)? {}
+            let Some(reply) = tx.active_reply()? else {
+                return Ok(false);
+            };
+            tx.send_page(reply, now_ms)?;
+            Ok(true)
+        })
+    }
+}
+
+/// A sync reply being sent, one row of `sync_replies`. The reply walks the paths in
+/// order (`cursor`: the last one sent); changes made while it is under way to paths
+/// already walked are sent again from the history (`caught_up`: the revision up to which
+/// they are), so that when the last page goes out, every path the node was told about on
+/// its queue before it is in the reply.
+#[derive(Debug)]
+struct Reply {
+    node: NodeId,
+    request: MessageId,
+    since: Revision,
+    paged: bool,
+    /// How many requests of the node this reply answers.
+    merged: i64,
+    cursor: String,
+    walk_done: bool,
+    caught_up: Revision,
+    page: u32,
+    entries: i64,
+    bytes: i64,
+    largest: i64,
+    started_ms: i64,
+}
+
+/// One page being filled: entries and their encoded size, within the page budget.
+struct Page {
+    entries: Vec<Entry>,
+    paths: std::collections::HashSet<RelPath>,
+    bytes: usize,
+    full: bool,
+}
+
+impl Page {
+    /// Adds `entry` if it fits; marks the page full otherwise. An entry that cannot fit
+    /// even alone loses holders until it does (they are hints; the first are the best).
+    fn add(&mut self, mut entry: Entry) -> bool {
+        if self.full {
+            return false;
+        }
+        if self.paths.contains(&entry.path) {
+            return true;
+        }
+        let mut size = entry_bytes(&entry);
+        if self.entries.is_empty() {
+            let room = wire::SYNC_PAGE_BYTES.saturating_sub(self.bytes);
+            if size > room {
+                tracing::warn!(path = %entry.path, holders = entry.holders.len(), "a sync reply entry is too large for one page; sending it with fewer holders");
+            }
+            while size > room && entry.holders.pop().is_some() {
+                size = entry_bytes(&entry);
+            }
+        }
+        // The comma before every entry but the first.
+        let added = size + usize::from(!self.entries.is_empty());
+        if self.bytes + added > wire::SYNC_PAGE_BYTES {
+            if self.entries.is_empty() {
+                // Cannot happen within the wire's bounds (a path and a symlink target
+                // take at most ~50 KB even escaped), but a page must always make
+                // progress: leave the entry out rather than send empty pages for ever.
+                tracing::error!(path = %entry.path, bytes = size, "a sync reply entry does not fit in a page even alone; left out");
+                return true;
+            }
+            self.full = true;
+            return false;
+        }
+        self.bytes += added;
+        self.paths.insert(entry.path.clone());
+        self.entries.push(entry);
+        true
+    }
+}
+
+fn entry_bytes(e: &Entry) -> usize {
+    serde_json::to_vec(e).map(|v| v.len()).unwrap_or(usize::MAX)
+}
+
+fn new_message_id() -> MessageId {
+    uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids")
 }
 
 fn head(conn: &rusqlite::Connection) -> anyhow::Result<Revision> {
@@ -189,10 +303,15 @@ impl Tx<'_> {
     }
 
     fn enqueue(&mut self, key: &str, body: ToNode) -> anyhow::Result<()> {
-        let id: MessageId = uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids");
-        let env = Envelope::new(id.clone(), NodeId::manager(), body);
-        self.tx.execute("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)", params![key, id.as_str(), env.encode()])?;
+        self.enqueue_envelope(key, Envelope::new(new_message_id(), NodeId::manager(), body))?;
         Ok(())
+    }
+
+    /// Puts a message in the outbox; returns its encoded size.
+    fn enqueue_envelope(&mut self, key: &str, env: Envelope<ToNode>) -> anyhow::Result<usize> {
+        let payload = env.encode();
+        self.tx.execute("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)", params![key, env.id.as_str(), payload])?;
+        Ok(payload.len())
     }
 
     fn current(&self, path: &RelPath) -> anyhow::Result<Option<Current>> {
@@ -281,11 +400,9 @@ impl Tx<'_> {
                     }
                 }
             }
-            ToManager::Sync { request, url } => {
+            ToManager::Sync { request, url, since, paged } => {
                 self.seen(&from, Some(&url), now_ms)?;
-                let entries = self.all_entries()?;
-                let head = head(&self.tx)?;
-                self.enqueue(&topology::node_key(&from), ToNode::SyncReply { request, head, entries })?;
+                self.queue_sync(&from, &request, since, paged, now_ms)?;
             }
             ToManager::Change(change) => {
                 self.seen(&from, None, now_ms)?;
@@ -318,29 +435,179 @@ impl Tx<'_> {
         Ok(Err(failure))
     }
 
-    fn all_entries(&self) -> anyhow::Result<Vec<Entry>> {
-        let mut st = self.tx.prepare("SELECT path, rev, version FROM paths ORDER BY path")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, Option<String>>(2)?)))?;
-        let mut holder_st = self.tx.prepare("SELECT h.path, h.node, n.url FROM holders h JOIN nodes n ON n.id = h.node JOIN paths p ON p.path = h.path AND p.rev = h.rev ORDER BY n.online DESC, h.rowid")?;
-        let mut by_path: std::collections::HashMap<String, Vec<Holder>> = Default::default();
-        for row in holder_st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))? {
-            let (path, node, url) = row?;
-            if let Ok(node) = node.parse() {
-                by_path.entry(path).or_default().push(Holder { node, url });
+    /// Records a node's sync request; [`Store::sync_step`] answers it. A request still
+    /// waiting is replaced: the newer reply answers both (a node has one sync in flight,
+    /// so an older request is one it no longer waits for).
+    fn queue_sync(&mut self, node: &NodeId, request: &MessageId, since: Revision, paged: bool, now_ms: i64) -> anyhow::Result<()> {
+        let waiting: Option<String> = self.tx.query_row("SELECT request FROM sync_requests WHERE node = ?1", [node.as_str()], |r| r.get(0)).optional()?;
+        if let Some(older) = waiting {
+            tracing::debug!(%node, %older, newer = %request, "a sync request replaces an older one still waiting; one reply answers both");
+        }
+        self.tx.execute(
+            "INSERT INTO sync_requests(node, request, since, paged, merged, at_ms) VALUES(?1, ?2, ?3, ?4, 1, ?5)
+             ON CONFLICT(node) DO UPDATE SET request = excluded.request, since = excluded.since, paged = excluded.paged,
+               merged = sync_requests.merged + 1",
+            // A node that needs no deleted path says so with the largest revision.
+            params![node.as_str(), request.as_str(), since.0.min(i64::MAX as u64) as i64, paged, now_ms],
+        )?;
+        Ok(())
+    }
+
+    /// Starts the reply of the longest-waiting request whose node has no reply under way
+    /// and had none started within [`SYNC_MIN_INTERVAL_MS`]; returns whether it did.
+    fn start_due_reply(&mut self, now_ms: i64) -> anyhow::Result<bool> {
+        let due: Option<(String, String, i64, bool, i64)> = self
+            .tx
+            .query_row(
+                // A start time in the future means the clock went back: do not wait for it.
+                "SELECT q.node, q.request, q.since, q.paged, q.merged FROM sync_requests q LEFT JOIN sync_replies r ON r.node = q.node
+                 WHERE r.node IS NULL OR (r.request IS NULL AND (r.started_ms <= ?1 OR r.started_ms > ?2))
+                 ORDER BY q.at_ms, q.node LIMIT 1",
+                params![now_ms - SYNC_MIN_INTERVAL_MS, now_ms],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            )
+            .optional()?;
+        let Some((node, request, since, paged, merged)) = due else {
+            return Ok(false);
+        };
+        self.tx.execute("DELETE FROM sync_requests WHERE node = ?1", [&node])?;
+        self.tx.execute(
+            "INSERT INTO sync_replies(node, started_ms, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, '', 0, ?7, 0, 0, 0, 0)
+             ON CONFLICT(node) DO UPDATE SET started_ms = excluded.started_ms, request = excluded.request, since = excluded.since,
+               paged = excluded.paged, merged = excluded.merged, cursor = '', walk_done = 0, caught_up = excluded.caught_up,
+               page = 0, entries = 0, bytes = 0, largest = 0",
+            params![node, now_ms, request, since, paged, merged, head(&self.tx)?.0 as i64],
+        )?;
+        Ok(true)
+    }
+
+    /// The reply under way that has sent the fewest pages (a small reply is not held up
+    /// behind a large one).
+    fn active_reply(&self) -> anyhow::Result<Option<Reply>> {
+        let row = self
+            .tx
+            .query_row(
+                "SELECT node, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest, started_ms
+                 FROM sync_replies WHERE request IS NOT NULL ORDER BY page, node LIMIT 1",
+                [],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        (r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?, r.get::<_, String>(5)?, r.get::<_, bool>(6)?),
+                        (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, i64>(11)?, r.get::<_, i64>(12)?),
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((node, request, (since, paged, merged, cursor, walk_done), (caught_up, page, entries, bytes, largest, started_ms))) = row else {
+            return Ok(None);
+        };
+        Ok(Some(Reply {
+            node: node.parse().context("corrupt node id in sync_replies")?,
+            request: request.parse().context("corrupt request id in sync_replies")?,
+            since: Revision(since as u64),
+            paged,
+            merged,
+            cursor,
+            walk_done,
+            caught_up: Revision(caught_up as u64),
+            page: page as u32,
+            entries,
+            bytes,
+            largest,
+            started_ms,
+        }))
+    }
+
+    /// Fills and queues the next page of `r`: first what changed since the last page
+    /// among the paths already walked, then the walk goes on. The last page is the one
+    /// after which nothing is left to walk or to catch up, in this same transaction.
+    fn send_page(&mut self, mut r: Reply, now_ms: i64) -> anyhow::Result<()> {
+        let head = head(&self.tx)?;
+        let id = new_message_id();
+        let empty = |page: u32, more: bool| ToNode::SyncReply { request: r.request.clone(), head, entries: Vec::new(), page, more };
+        // The envelope without entries, in its longer form (`more` written out).
+        let overhead = Envelope::new(id.clone(), NodeId::manager(), empty(r.page, true)).encode().len();
+        let mut page = Page { entries: Vec::new(), paths: Default::default(), bytes: overhead, full: false };
+
+        let walked = |r: &Reply, path: &str| r.walk_done || path <= r.cursor.as_str();
+        if r.caught_up < head {
+            let mut st = self.tx.prepare_cached("SELECT rev, path FROM history WHERE rev > ?1 ORDER BY rev")?;
+            let rows = st.query_map([r.caught_up.0 as i64], |row| Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?)))?;
+            let mut done = r.caught_up;
+            for row in rows {
+                let (rev, path) = row?;
+                if walked(&r, &path) {
+                    let path = RelPath::new(path).context("corrupt path in the manager database")?;
+                    if let Some(e) = entry(&self.tx, &path)? {
+                        if (e.version.is_some() || e.rev > r.since) && !page.add(e) {
+                            break;
+                        }
+                    }
+                }
+                done = Revision(rev as u64);
             }
+            r.caught_up = if page.full { done } else { head };
         }
-        let mut out = Vec::new();
-        for row in rows {
-            let (path, rev, version) = row?;
-            let holders = by_path.remove(&path).unwrap_or_default();
-            out.push(Entry {
-                path: RelPath::new(path).context("corrupt path in the manager database")?,
-                rev: Revision(rev as u64),
-                version: parse_version(version)?,
-                holders,
-            });
+        while !page.full && !r.walk_done {
+            let mut st =
+                self.tx.prepare_cached("SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT ?3")?;
+            let rows: Vec<(String, i64, Option<String>)> = st
+                .query_map(params![r.cursor, r.since.0 as i64, SYNC_READ_ROWS], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+                .collect::<Result<_, _>>()?;
+            let read = rows.len() as i64;
+            for (path, rev, version) in rows {
+                let version = parse_version(version)?;
+                let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(&self.tx, &path, rev)? } else { Vec::new() };
+                let e =
+                    Entry { path: RelPath::new(path.clone()).context("corrupt path in the manager database")?, rev: Revision(rev as u64), version, holders };
+                if !page.add(e) {
+                    break;
+                }
+                r.cursor = path;
+            }
+            r.walk_done = !page.full && read < SYNC_READ_ROWS;
         }
-        Ok(out)
+        let last = r.walk_done && r.caught_up == head;
+
+        let n = page.entries.len() as i64;
+        let body = ToNode::SyncReply { request: r.request.clone(), head, entries: page.entries, page: r.page, more: !last };
+        if !r.paged && !last {
+            // An older node takes one reply and would stop at the first page.
+            tracing::warn!(node = %r.node, request = %r.request, "a node of an older version asked for a sync whose reply does not fit in one message of {} bytes; it is not answered: upgrade the node", wire::SYNC_PAGE_BYTES);
+            self.tx.execute("UPDATE sync_replies SET request = NULL WHERE node = ?1", [r.node.as_str()])?;
+            return Ok(());
+        }
+        let size = self.enqueue_envelope(&topology::node_key(&r.node), Envelope::new(id, NodeId::manager(), body))?;
+        debug_assert!(size <= wire::SYNC_PAGE_BYTES, "a sync page of {size} bytes");
+        tracing::debug!(node = %r.node, request = %r.request, page = r.page, entries = n, bytes = size, last, "sync reply page");
+        r.page += 1;
+        r.entries += n;
+        r.bytes += size as i64;
+        r.largest = r.largest.max(size as i64);
+        if last {
+            tracing::info!(
+                node = %r.node,
+                request = %r.request,
+                pages = r.page,
+                entries = r.entries,
+                bytes = r.bytes,
+                largest_page = r.largest,
+                requests = r.merged,
+                since = r.since.0,
+                head = head.0,
+                ms = now_ms - r.started_ms,
+                "sync answered"
+            );
+        }
+        self.tx.execute(
+            "UPDATE sync_replies SET request = ?2, cursor = ?3, walk_done = ?4, caught_up = ?5, page = ?6, entries = ?7, bytes = ?8, largest = ?9
+             WHERE node = ?1",
+            params![r.node.as_str(), (!last).then(|| r.request.as_str()), r.cursor, r.walk_done, r.caught_up.0 as i64, r.page, r.entries, r.bytes, r.largest],
+        )?;
+        Ok(())
     }
 
     fn change(&mut self, msg: MessageId, from: &NodeId, change: Change, now_ms: i64) -> anyhow::Result<()> {
@@ -456,6 +723,15 @@ impl Tx<'_> {
     }
 }
 
+impl NodeRow {
+    /// Online as of `now_ms`: marked online and a heartbeat recorded within
+    /// [`OFFLINE_AFTER_MS`]. Read this, not the stored flag: the flag is only cleared by
+    /// a manager that is making progress, and a stopped or stuck one never clears it.
+    pub fn online_at(&self, now_ms: i64) -> bool {
+        self.online && now_ms - self.last_seen_ms <= OFFLINE_AFTER_MS
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -487,6 +763,174 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    fn sync(request: &str, since: u64, paged: bool) -> ToManager {
+        ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged }
+    }
+
+    /// Every sync reply page in the outbox, in order, with its encoded size (and removes
+    /// the outbox, as publishing does).
+    fn take_pages(store: &mut Store) -> Vec<(usize, MessageId, Revision, Vec<Entry>, u32, bool)> {
+        let out = store.outbox(usize::MAX >> 1).unwrap();
+        if let Some(last) = out.last() {
+            store.remove_outbox(last.seq).unwrap();
+        }
+        out.into_iter()
+            .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
+                ToNode::SyncReply { request, head, entries, page, more } => Some((o.payload.len(), request, head, entries, page, more)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn answer_all(store: &mut Store, now_ms: i64) {
+        while store.sync_step(now_ms).unwrap() {}
+    }
+
+    /// Paths with long names (9,000 of ~720 bytes: a reply of three pages), written
+    /// straight into the tables (deciding each would make the test slow, not better).
+    fn big_tree(store: &mut Store) {
+        store
+            .transaction(|tx| {
+                let v = json(&file(1));
+                for i in 0..9_000 {
+                    let name = format!("{}{}/{}/{i:06}-{}", "d".repeat(240), i % 3, "e".repeat(240), "x".repeat(230));
+                    let rev = tx.next_rev()?.0 as i64;
+                    tx.tx.execute("INSERT INTO paths(path, rev, version, origin) VALUES(?1, ?2, ?3, 'n1')", params![name, rev, v])?;
+                    tx.tx.execute("INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, 'n1', 0)", params![rev, name, v])?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn live_paths(store: &Store) -> std::collections::BTreeSet<String> {
+        let mut st = store.conn().prepare("SELECT path FROM paths WHERE version IS NOT NULL").unwrap();
+        st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    /// A reply larger than a page is sent in numbered pages, each within the budget,
+    /// the last one marked, together holding every path once.
+    #[test]
+    fn a_large_sync_reply_is_paged_under_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        big_tree(&mut s);
+        send(&mut s, "n2", "s1", sync("r1", 0, true));
+        assert!(take_pages(&mut s).is_empty(), "the batch transaction does not build the reply");
+        answer_all(&mut s, 10_000);
+        let pages = take_pages(&mut s);
+        assert!(pages.len() >= 2, "{} page(s)", pages.len());
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, (bytes, request, _, entries, page, more)) in pages.iter().enumerate() {
+            assert!(*bytes <= wire::SYNC_PAGE_BYTES, "page {i} has {bytes} bytes");
+            assert_eq!((request.as_str(), *page as usize, *more), ("r1", i, i + 1 < pages.len()));
+            for e in entries {
+                assert!(seen.insert(e.path.to_string()), "{} sent twice", e.path);
+            }
+        }
+        assert_eq!(seen, live_paths(&s));
+    }
+
+    /// Deleted paths are sent only when deleted after the node's `since`; live ones
+    /// always (the node pushes what the reply does not name).
+    #[test]
+    fn deleted_paths_at_or_below_since_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        send(&mut s, "n1", "m1", put("old.txt", 0, file(1)));
+        send(&mut s, "n1", "m2", put("keep.txt", 0, file(1)));
+        send(&mut s, "n1", "m3", ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete }));
+        let deleted_at = s.entry(&p("old.txt")).unwrap().unwrap().rev;
+        let paths = |s: &mut Store, since: u64, request: &str, now: i64| {
+            send(s, "n2", &format!("s-{request}"), sync(request, since, true));
+            answer_all(s, now);
+            let pages = take_pages(s);
+            assert_eq!(pages.len(), 1);
+            pages[0].3.iter().map(|e| (e.path.to_string(), e.version.is_some())).collect::<Vec<_>>()
+        };
+        assert_eq!(paths(&mut s, 0, "r1", 10_000), vec![("keep.txt".into(), true), ("old.txt".into(), false)]);
+        assert_eq!(paths(&mut s, deleted_at.0 - 1, "r2", 20_000), vec![("keep.txt".into(), true), ("old.txt".into(), false)]);
+        assert_eq!(paths(&mut s, deleted_at.0, "r3", 30_000), vec![("keep.txt".into(), true)]);
+        // What a node that has taken no revision yet sends.
+        assert_eq!(paths(&mut s, u64::MAX, "r4", 40_000), vec![("keep.txt".into(), true)]);
+    }
+
+    /// Paths changed while a reply is under way, behind its cursor, are sent again before
+    /// the last page: the node may already have them from a broadcast, and must not take
+    /// them for paths the manager does not know.
+    #[test]
+    fn changes_behind_the_cursor_are_in_the_reply() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        big_tree(&mut s);
+        send(&mut s, "n2", "s1", sync("r1", 0, true));
+        assert!(s.sync_step(10_000).unwrap());
+        let first = take_pages(&mut s);
+        assert!(first[0].5, "more pages follow");
+        send(&mut s, "n1", "late", put("a-new.txt", 0, file(2)));
+        let rev = s.entry(&p("a-new.txt")).unwrap().unwrap().rev;
+        answer_all(&mut s, 10_000);
+        let rest = take_pages(&mut s);
+        assert!(!rest.last().unwrap().5);
+        let sent: Vec<&Entry> = first.iter().chain(&rest).flat_map(|p| &p.3).filter(|e| e.path.as_str() == "a-new.txt").collect();
+        assert_eq!(sent.iter().map(|e| e.rev).collect::<Vec<_>>(), vec![rev]);
+        let all: std::collections::BTreeSet<String> = first.iter().chain(&rest).flat_map(|p| &p.3).map(|e| e.path.to_string()).collect();
+        assert_eq!(all, live_paths(&s));
+    }
+
+    /// Syncs queued together are answered once, for the newest request; the next reply
+    /// of the same node waits out the interval.
+    #[test]
+    fn syncs_of_a_node_are_coalesced_and_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
+        s.remove_outbox(i64::MAX).unwrap();
+        s.transaction(|tx| {
+            for i in 0..50 {
+                tx.handle(Envelope::new(format!("s{i}").parse().unwrap(), node("n2"), sync(&format!("r{i}"), 0, true)), 1_000)?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        answer_all(&mut s, 10_000);
+        let pages = take_pages(&mut s);
+        assert_eq!(pages.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), vec!["r49"]);
+        send(&mut s, "n2", "s50", sync("r50", 0, true));
+        send(&mut s, "n3", "s51", sync("other", 0, true));
+        answer_all(&mut s, 10_500);
+        let pages = take_pages(&mut s);
+        assert_eq!(pages.iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), vec!["other"], "another node is not held back");
+        answer_all(&mut s, 10_999);
+        assert!(take_pages(&mut s).is_empty(), "within the interval");
+        answer_all(&mut s, 11_000);
+        assert_eq!(take_pages(&mut s).iter().map(|p| p.1.as_str()).collect::<Vec<_>>(), vec!["r50"]);
+    }
+
+    /// A node that does not take pages (an older one) gets its reply as one message when
+    /// it fits, written as before pages existed, and none when it does not.
+    #[test]
+    fn an_older_node_gets_one_page_or_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
+        s.remove_outbox(i64::MAX).unwrap();
+        send(&mut s, "n2", "s1", sync("r1", 0, false));
+        answer_all(&mut s, 10_000);
+        let out = s.outbox(10).unwrap();
+        assert_eq!(out.len(), 1);
+        let text = String::from_utf8(out[0].payload.clone()).unwrap();
+        assert!(!text.contains("\"page\"") && !text.contains("\"more\""), "{text}");
+        s.remove_outbox(i64::MAX).unwrap();
+        big_tree(&mut s);
+        send(&mut s, "n2", "s2", sync("r2", 0, false));
+        answer_all(&mut s, 20_000);
+        assert!(take_pages(&mut s).is_empty());
+        send(&mut s, "n2", "s3", sync("r3", 0, true));
+        answer_all(&mut s, 30_000);
+        assert!(take_pages(&mut s).len() >= 2, "the node is answered again when it asks for pages");
     }
 
     /// A decision is acked right after its commit, so the commit must be durable.
@@ -557,14 +1001,5 @@ mod tests {
         assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(3)));
         assert!(matches!(&out[5], Outcome::Refused { .. }), "{out:?}");
         assert_eq!(s.entry(&p(&tight)).unwrap().unwrap().version, Some(file(2)));
-    }
-}
-
-impl NodeRow {
-    /// Online as of `now_ms`: marked online and a heartbeat recorded within
-    /// [`OFFLINE_AFTER_MS`]. Read this, not the stored flag: the flag is only cleared by
-    /// a manager that is making progress, and a stopped or stuck one never clears it.
-    pub fn online_at(&self, now_ms: i64) -> bool {
-        self.online && now_ms - self.last_seen_ms <= OFFLINE_AFTER_MS
     }
 }

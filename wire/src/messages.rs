@@ -6,9 +6,20 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// Version of this protocol; a receiver refuses any other.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Largest message a receiver decodes; larger ones are dead-lettered. A sync reply for
-/// ~200,000 paths fits.
+/// Largest message a receiver decodes; larger ones are dead-lettered. Looser than the
+/// broker's own limit ([`BROKER_MAX_MESSAGE_BYTES`]), which refuses anything larger first.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+/// The broker's `max_message_size`, as `scripts/setup.sh` sets it: a publish larger than
+/// this is refused by RabbitMQ (and closes the publisher's channel), so nothing the
+/// manager or a node sends may come near it.
+pub const BROKER_MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// Most bytes of one encoded `SyncReply` page (envelope included). A reply for a large
+/// tree is sent as several pages; a quarter of the broker's limit leaves room for any
+/// single entry (its holders are trimmed to fit) and keeps each page's JSON small enough
+/// to build, publish and apply without holding anything for long. About 15,000 entries
+/// of ordinary paths fit in one page.
+pub const SYNC_PAGE_BYTES: usize = 4 << 20;
+const _: () = assert!(SYNC_PAGE_BYTES * 4 <= BROKER_MAX_MESSAGE_BYTES && BROKER_MAX_MESSAGE_BYTES <= MAX_MESSAGE_BYTES);
 /// Largest message a node may send the manager: every node → manager message is a few
 /// short fields (a 20 MB heartbeat is refused before it is parsed).
 pub const MAX_TO_MANAGER_BYTES: usize = 64 << 10;
@@ -51,6 +62,14 @@ pub trait Body {
     /// Largest encoded envelope with this body.
     const MAX_BYTES: usize;
     fn check_bounds(&self) -> Result<(), String>;
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn bounded_str(what: &str, s: &str, max: usize) -> Result<(), String> {
@@ -238,11 +257,21 @@ pub enum ToManager {
         rev: Revision,
         hash: ContentHash,
     },
-    /// Reconciliation request: answered with `SyncReply` once every earlier message of
-    /// this node has been decided.
+    /// Reconciliation request: answered with `SyncReply` pages once every earlier
+    /// message of this node has been decided.
     Sync {
         request: MessageId,
         url: String,
+        /// Deleted paths at or below this revision are left out of the reply: the node
+        /// has applied every delete up to it (0, the default, asks for every one; the
+        /// largest revision for none).
+        #[serde(default)]
+        since: Revision,
+        /// The node takes a reply in several pages (`SyncReply::page`, `more`). A node
+        /// that does not say so (an older one) gets one page or, when the reply does not
+        /// fit in one, none.
+        #[serde(default)]
+        paged: bool,
     },
 }
 
@@ -270,8 +299,23 @@ pub enum ToNode {
     Applied { entry: Entry, origin: NodeId },
     /// To the sender of a change: how it was decided, and the path's current state.
     Decided { change: MessageId, outcome: Outcome, current: Entry },
-    /// To the sender of a `Sync`: every path's current state (deleted ones included).
-    SyncReply { request: MessageId, head: Revision, entries: Vec<Entry> },
+    /// To the sender of a `Sync`, in pages of at most [`SYNC_PAGE_BYTES`]: every live
+    /// path's current state, and every deleted one deleted after the request's `since`.
+    /// The pages of one reply follow each other in order (other messages may come
+    /// between them); only the last one (`more: false`) completes the reply.
+    SyncReply {
+        request: MessageId,
+        /// The manager's revision when this page was made.
+        head: Revision,
+        entries: Vec<Entry>,
+        /// Number of this page in its reply, from 0. Left out when 0, and `more` when
+        /// false, so a reply in one page reads exactly as before pages existed.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        page: u32,
+        /// More pages of this reply follow.
+        #[serde(default, skip_serializing_if = "is_false")]
+        more: bool,
+    },
     /// To one node: please run a sync now (the dashboard's Sync button).
     SyncRequested {},
 }
@@ -335,7 +379,10 @@ mod tests {
             ),
             ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),
             ("have", ToManager::Have { path: path("docs/report.txt"), rev: Revision(42), hash: hash() }),
-            ("sync", ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into() }),
+            (
+                "sync",
+                ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into(), since: Revision(40), paged: true },
+            ),
         ]
     }
 
@@ -351,7 +398,20 @@ mod tests {
                     current: entry(),
                 },
             ),
-            ("sync_reply", ToNode::SyncReply { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), head: Revision(42), entries: vec![entry()] }),
+            (
+                "sync_reply",
+                ToNode::SyncReply { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), head: Revision(42), entries: vec![entry()], page: 0, more: false },
+            ),
+            (
+                "sync_reply_page",
+                ToNode::SyncReply {
+                    request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"),
+                    head: Revision(42),
+                    entries: vec![Entry { path: path("old.txt"), rev: Revision(41), version: None, holders: vec![] }, entry()],
+                    page: 3,
+                    more: true,
+                },
+            ),
             ("sync_requested", ToNode::SyncRequested {}),
         ]
     }
@@ -415,6 +475,31 @@ mod tests {
                 let _ = Envelope::<ToManager>::decode(&bytes);
             }
         }
+    }
+
+    /// The sync fields added with paged replies have defaults: a `Sync` from an older
+    /// node asks for every deleted path and one page, and a reply in one page is written
+    /// exactly as an older node reads it (no `page`, no `more`).
+    #[test]
+    fn older_peers_sync_messages_still_decode() {
+        let old_sync = r#"{"v":1,"id":"a-1","from":"n1","body":{"type":"sync","request":"r-1","url":"http://127.0.0.1:7001"}}"#;
+        let env = Envelope::<ToManager>::decode(old_sync.as_bytes()).unwrap();
+        assert_eq!(env.body, ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false });
+        let old_reply = r#"{"v":1,"id":"a-2","from":"manager","body":{"type":"sync_reply","request":"r-1","head":7,"entries":[]}}"#;
+        let env = Envelope::<ToNode>::decode(old_reply.as_bytes()).unwrap();
+        assert_eq!(env.body, ToNode::SyncReply { request: id("r-1"), head: Revision(7), entries: vec![], page: 0, more: false });
+        let one_page = Envelope::new(id("a-2"), NodeId::manager(), env.body).encode();
+        assert_eq!(String::from_utf8(one_page).unwrap(), old_reply);
+    }
+
+    /// The page budget is clearly below what the broker accepts, and that is what the
+    /// setup script configures.
+    #[test]
+    fn the_broker_limit_is_what_setup_configures() {
+        let setup: PathBuf = [env!("CARGO_MANIFEST_DIR"), "..", "scripts", "setup.sh"].iter().collect();
+        let text = std::fs::read_to_string(&setup).unwrap();
+        let want = format!("max_message_bytes={BROKER_MAX_MESSAGE_BYTES}");
+        assert!(text.lines().any(|l| l.trim() == want), "{} sets `{want}`", setup.display());
     }
 
     #[test]
