@@ -96,6 +96,11 @@ impl Store {
         let conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
+        if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
+            tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
+            conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
+        }
         Ok(Store { conn })
     }
 
