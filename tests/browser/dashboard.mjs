@@ -1,6 +1,6 @@
 // Drives Debian's chromium (headless) through the manager's dashboard for
 // tests/tests/dashboard.rs. It reports each step on stdout as one line the Rust test
-// waits for (READY, CHANGE_SEEN, SYNC_CLICKED, DONE); any failure exits non-zero with
+// waits for (READY, CHANGE_SEEN, SYNC_CLICKED, STALL_WATCH, STALL_SHOWN, DONE); any failure exits non-zero with
 // the reason on stderr. Environment: DASHBOARD_URL, OPERATOR_TOKEN, SCREENSHOT,
 // USER_DATA_DIR, CHANGED_PATH (the path the test changes once READY is printed).
 
@@ -72,6 +72,15 @@ try {
   // Let a transfer (simulated by the test) show with its bar before the screenshot.
   await page.locator(".transfer .bar").first().waitFor();
   await page.screenshot({ path: screenshot, fullPage: true });
+
+  // The test now makes the manager stuck (it locks its database): the page must say so
+  // (the manager calls itself stuck after 30 s; the page asks every 5 s), and stop
+  // saying so once the test releases the lock.
+  if (await page.locator("#stall-banner.shown").count() !== 0) throw new Error("a stall banner before any stall");
+  say("STALL_WATCH");
+  await page.locator("#stall-banner.shown", { hasText: "The manager is stuck" }).waitFor({ timeout: 120_000 });
+  say("STALL_SHOWN");
+  await page.locator("#stall-banner.shown").waitFor({ state: "hidden", timeout: 120_000 });
   if (errors.length) throw new Error("errors in the page: " + errors.join("; "));
   say("DONE");
 } finally {

@@ -92,6 +92,13 @@ fn dashboard_shows_live_changes_and_its_sync_button_works() {
     eventually("n1 to run the sync the button asked for", DEADLINE, || sync_requests_logged(&n1) > syncs_before);
     let head = m.get_json("/api/status")["head"].as_u64().unwrap();
     eventually("n1's status to show that sync's report", DEADLINE, || n1.status()["last_sync"]["head"].as_u64() == Some(head));
+    // A stuck manager: its database locked by another process while nodes keep sending.
+    expect("STALL_WATCH");
+    let lock = rusqlite::Connection::open(m.db()).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    expect("STALL_SHOWN");
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
     expect("DONE");
     let status = script.wait().unwrap();
     assert!(status.success(), "browser script failed: {}", std::fs::read_to_string(&browser_log).unwrap_or_default());
