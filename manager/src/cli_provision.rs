@@ -149,6 +149,11 @@ pub enum VmCmd {
         /// cluster token in the credentials file next to --db.
         #[arg(long, env = "SYNC_CLUSTER_TOKEN", hide_env_values = true)]
         cluster_token: Option<String>,
+        /// Give each VM's node its own least-privilege broker user (id `vm-<hex>`), made
+        /// through this broker URL (the manager's, a user that may configure the vhost;
+        /// run on the broker's host). The VMs get `--broker-public` with that user.
+        #[arg(long, value_name = "ADMIN_BROKER_URL")]
+        node_users: Option<String>,
     },
     /// List this cluster's VMs as the cloud reports them.
     List {
@@ -195,8 +200,9 @@ pub fn image(cluster: &ClusterArg, cmd: ImageCmd) -> anyhow::Result<()> {
 async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: Option<PathBuf>) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let url = manager::api::broker_user::admit_node(broker, name).await?;
+    let password = manager::api::broker_user::admit_node(broker, name).await?;
     let (user, queue) = (wire::topology::node_user(name), wire::topology::node_queue(name));
+    let url = broker_link::with_user(broker, &user, password.expose());
     let token = cluster_token_for(None, db)?;
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}.env")));
     let mut text = format!("SYNC_NODE_ID={name}\nSYNC_BROKER={url}\n");
@@ -330,7 +336,7 @@ pub fn vm(cluster: &ClusterArg, cmd: VmCmd) -> anyhow::Result<()> {
 
 async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
     match cmd {
-        VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token } => {
+        VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token, node_users } => {
             let db = cloud.db.clone();
             let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
             let cluster_token =
@@ -344,6 +350,7 @@ async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
                 broker_public,
                 node_image_url,
                 cluster_token,
+                admin_broker: node_users,
                 ..Default::default()
             };
             for v in ec2.create(&spec).await? {

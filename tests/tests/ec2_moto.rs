@@ -278,3 +278,39 @@ fn vm_failures_are_one_clear_line() {
     assert!(problems.is_empty(), "{} failure(s) not shown as one clear line:\n{}", problems.len(), problems.join("\n"));
     assert!(recorded(&db).is_empty(), "a failed command recorded VMs: {:?}", recorded(&db));
 }
+
+/// `vm create --node-users ADMIN`: each VM's node gets its own least-privilege broker user
+/// and a node id chosen by the manager, both in its own user-data; `vm rm` revokes the
+/// user and deletes its queue.
+#[test]
+fn vms_with_their_own_broker_users() {
+    let tmp = tempfile::tempdir().unwrap();
+    let moto = start_moto(tmp.path());
+    let (key, secret, ami) = credentials_and_ami(&moto.url);
+    let db = tmp.path().join("manager.db");
+    let cluster = unique("vmu");
+    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
+    let vhost = Vhost::new("vm-users");
+    let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--broker-public", BROKER_PUBLIC, "--node-users", &vhost.url()]);
+    let ids: Vec<String> = out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("i-")).map(str::to_string).collect();
+    assert_eq!(ids.len(), 2, "create printed:\n{out}");
+    let users = || run_ok(Command::new("rabbitmqctl").args(["-q", "list_users"]));
+    let mut nodes = Vec::new();
+    for id in &ids {
+        let ud = vm.ok(&["user-data", id]);
+        let node = ud.lines().find_map(|l| l.strip_prefix("NODE_ID=")).expect("a fixed node id").trim_matches('\'').to_string();
+        assert!(node.starts_with("vm-") && node.len() == 11, "{node}");
+        let broker = ud.lines().find_map(|l| l.strip_prefix("BROKER=")).unwrap();
+        assert!(broker.contains(&format!("sync-node-{node}:")) && broker.contains("203.0.113.5"), "the VM's broker URL is not its own user's: {broker}");
+        assert!(!broker.contains("s3cret"), "the VM got the shared broker password");
+        let perms = run_ok(Command::new("rabbitmqctl").args(["-q", "list_user_permissions", &format!("sync-node-{node}")]));
+        assert!(perms.contains(&vhost.name) && perms.contains("^sync\\.updates$"), "{perms}");
+        nodes.push(node);
+    }
+    assert_ne!(nodes[0], nodes[1]);
+    vm.ok(&["rm", &ids[0]]);
+    assert!(!users().contains(&format!("sync-node-{}", nodes[0])), "vm rm left the node's broker user");
+    assert!(users().contains(&format!("sync-node-{}", nodes[1])));
+    vm.ok(&["rm", "--all"]);
+    assert!(!users().contains(&format!("sync-node-{}", nodes[1])), "vm rm --all left a node's broker user");
+}

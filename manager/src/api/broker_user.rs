@@ -107,9 +107,10 @@ pub fn node_permissions(node: &wire::NodeId) -> (String, String, String) {
 }
 
 /// Admits node `node` on the broker that `admin_url` (a user that may configure) points
-/// at: its own user ([`add_node_user`]), its queue and bindings. Returns the URL the
-/// node connects with (`admin_url` with the node's user and password; a secret).
-pub async fn admit_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<String> {
+/// at: its own user ([`add_node_user`]), its queue and bindings. Returns the node's
+/// password (its user is `wire::topology::node_user`; build its URL with
+/// `broker_link::with_user` on the address the node reaches the broker at).
+pub async fn admit_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<Secret> {
     let vhost = broker_link::url_vhost(admin_url);
     let (v, n) = (vhost.clone(), node.clone());
     let password = tokio::task::spawn_blocking(move || add_node_user(&v, &n)).await.context("rabbitmqctl task")??;
@@ -118,7 +119,21 @@ pub async fn admit_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<
     broker_link::declare_common(&ch).await?;
     broker_link::declare_node_queue(&ch, node).await?;
     let _ = conn.close(200, "node admitted".into()).await;
-    Ok(broker_link::with_user(admin_url, &wire::topology::node_user(node), password.expose()))
+    Ok(password)
+}
+
+/// Revokes node `node`'s user and deletes its queue on `vhost` with `rabbitmqctl` alone
+/// (for callers without a broker connection, such as `vm rm`). Returns whether it had a
+/// user.
+pub fn revoke_node_local(vhost: &str, node: &wire::NodeId) -> anyhow::Result<bool> {
+    if !remove_node_user(node)? {
+        return Ok(false);
+    }
+    let queue = wire::topology::node_queue(node);
+    if let Err(e) = rabbitmqctl(&["delete_queue", "-p", vhost, &queue], None) {
+        tracing::warn!("deleting queue {queue}: {e:#}");
+    }
+    Ok(true)
 }
 
 /// Undoes [`admit_node`]: revokes the node's user and deletes its queue. Returns what

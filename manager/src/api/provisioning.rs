@@ -142,6 +142,7 @@ pub async fn create_vm(state: &State, body: Value) -> ApiResult<Value> {
         key_name: opt_str(&body, "key_name")?,
         security_group: opt_str(&body, "security_group")?,
         cluster_token: state.provision.cluster_token.as_ref().map(|t| t.expose().to_string()),
+        admin_broker: state.provision.node_users.then(|| state.provision.broker.clone()),
         ..Default::default()
     };
     if let Some(t) = opt_str(&body, "instance_type")? {

@@ -79,6 +79,11 @@ pub struct VmSpec {
     pub mount_path: String,
     /// Token the nodes require from peers (fs-node `--cluster-token`), if any.
     pub cluster_token: Option<String>,
+    /// When set (a broker URL as the manager reaches it, with a user that may configure
+    /// the vhost): each VM's node gets its own least-privilege broker user, and a node id
+    /// chosen here (`vm-<8 hex>`) instead of its instance id; each VM is launched alone,
+    /// with its own credentials in its user-data.
+    pub admin_broker: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -94,6 +99,7 @@ impl Default for VmSpec {
             node_image: super::image_tag(),
             mount_path: super::DEFAULT_MOUNT_PATH.into(),
             cluster_token: None,
+            admin_broker: None,
         }
     }
 }
@@ -122,6 +128,23 @@ fn sh_quote(s: &str) -> String {
 /// instance id, pointed at `spec.broker_public`. Contains the broker URL (and so its
 /// password): whoever may read instance attributes can read it.
 pub fn user_data(cluster: &str, spec: &VmSpec) -> String {
+    user_data_for(cluster, spec, None)
+}
+
+/// The node a VM runs under its own broker user: its id and its broker URL (a secret).
+pub struct OwnNode<'a> {
+    pub id: &'a str,
+    pub broker: &'a str,
+}
+
+/// The node id a VM's user-data fixes (a VM with its own broker user), if any.
+pub fn own_node_of(user_data: &str) -> Option<wire::NodeId> {
+    let line = user_data.lines().find_map(|l| l.strip_prefix("NODE_ID="))?;
+    line.trim_matches('\'').parse().ok().filter(|_| !line.trim_matches('\'').is_empty())
+}
+
+/// [`user_data`], for a VM whose node runs as `own` when given.
+pub fn user_data_for(cluster: &str, spec: &VmSpec, own: Option<OwnNode<'_>>) -> String {
     let port = super::VM_NODE_PORT;
     let data = super::DEFAULT_DATA_PATH;
     format!(
@@ -136,6 +159,7 @@ IMAGE_URL={image_url}
 BROKER={broker}
 MOUNT={mount}
 CLUSTER_TOKEN={token}
+NODE_ID={node_id}
 if ! command -v docker >/dev/null || ! command -v fusermount3 >/dev/null; then
   apt-get update -q
   apt-get install -y -q docker.io fuse3 curl
@@ -149,7 +173,7 @@ if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
 fi
 TOKEN=$(curl -sf -X PUT http://169.254.169.254/latest/api/token -H 'X-aws-ec2-metadata-token-ttl-seconds: 300' || true)
 md() {{ curl -sf ${{TOKEN:+-H "X-aws-ec2-metadata-token: $TOKEN"}} "http://169.254.169.254/latest/meta-data/$1"; }}
-NODE_ID=$(md instance-id)
+NODE_ID=${{NODE_ID:-$(md instance-id)}}
 ADDR=$(md public-ipv4 || md local-ipv4)
 docker rm -f "$NODE_ID" >/dev/null 2>&1 || true
 docker run -d --name "$NODE_ID" --restart unless-stopped \
@@ -162,7 +186,8 @@ docker run -d --name "$NODE_ID" --restart unless-stopped \
         cluster_q = sh_quote(cluster),
         image = sh_quote(&spec.node_image),
         image_url = sh_quote(spec.node_image_url.as_deref().unwrap_or("")),
-        broker = sh_quote(&spec.broker_public),
+        broker = sh_quote(own.as_ref().map(|o| o.broker).unwrap_or(&spec.broker_public)),
+        node_id = sh_quote(own.as_ref().map(|o| o.id).unwrap_or("")),
         mount = sh_quote(&spec.mount_path),
         token = sh_quote(spec.cluster_token.as_deref().unwrap_or("")),
         label = LABEL_CLUSTER,
@@ -639,7 +664,26 @@ mod cloud {
         /// if the cloud refuses; if recording fails, the new instances are terminated.
         pub async fn create(&self, spec: &VmSpec) -> Result<Vec<VmInfo>> {
             validate_spec(spec)?;
-            let ud = user_data(&self.cluster, spec);
+            let Some(admin) = &spec.admin_broker else {
+                return self.launch(spec, spec.count, user_data(&self.cluster, spec)).await;
+            };
+            // Each VM its own node id and broker user, so each its own user-data.
+            let mut all = Vec::new();
+            for _ in 0..spec.count {
+                let secret = crate::api::credentials::Secret::random().map_err(|e| Error::Broker { node: "vm-?".into(), message: format!("{e:#}") })?;
+                let id = format!("vm-{}", &secret.expose()[..8]);
+                let node: wire::NodeId = id.parse().expect("vm-<hex> is a valid node id");
+                let password =
+                    crate::api::broker_user::admit_node(admin, &node).await.map_err(|e| Error::Broker { node: id.clone(), message: format!("{e:#}") })?;
+                let broker = broker_link::with_user(&spec.broker_public, &wire::topology::node_user(&node), password.expose());
+                let ud = user_data_for(&self.cluster, spec, Some(OwnNode { id: &id, broker: &broker }));
+                all.extend(self.launch(spec, 1, ud).await?);
+            }
+            Ok(all)
+        }
+
+        /// Launches `count` VMs with user-data `ud` and records them.
+        async fn launch(&self, spec: &VmSpec, count: i32, ud: String) -> Result<Vec<VmInfo>> {
             if ud.len() > MAX_USER_DATA_BYTES {
                 return Err(Error::Invalid {
                     what: "user-data",
@@ -657,8 +701,8 @@ mod cloud {
                 .run_instances()
                 .image_id(&spec.image_id)
                 .instance_type(InstanceType::from(spec.instance_type.as_str()))
-                .min_count(spec.count)
-                .max_count(spec.count)
+                .min_count(count)
+                .max_count(count)
                 .user_data(base64::engine::general_purpose::STANDARD.encode(ud))
                 .tag_specifications(tags);
             if let Some(k) = &spec.key_name {
@@ -726,19 +770,49 @@ mod cloud {
         /// (so launched with its tag) is terminated; any other id is refused before the cloud.
         pub async fn remove(&self, id: &str) -> Result<()> {
             self.table.require(&self.cluster, id).await?;
+            let own = self.own_node(id).await;
             self.terminate(&[id.to_string()]).await?;
-            self.table.forget(vec![id.to_string()]).await
+            self.table.forget(vec![id.to_string()]).await?;
+            self.revoke_own_node(own);
+            Ok(())
+        }
+
+        /// The VM's own node and its vhost, read from its user-data (VMs launched with
+        /// node users); `None` for others, or when the cloud does not say.
+        async fn own_node(&self, id: &str) -> Option<(wire::NodeId, String)> {
+            let ud = self.user_data_of(id).await.ok()?;
+            let node = own_node_of(&ud)?;
+            let broker = ud.lines().find_map(|l| l.strip_prefix("BROKER="))?.trim_matches('\'');
+            Some((node, broker_link::url_vhost(broker)))
+        }
+
+        /// Revokes a removed VM's own broker user and queue (with rabbitmqctl, on the
+        /// broker's host); a failure is logged, the VM is gone either way.
+        fn revoke_own_node(&self, own: Option<(wire::NodeId, String)>) {
+            if let Some((node, vhost)) = own {
+                match crate::api::broker_user::revoke_node_local(&vhost, &node) {
+                    Ok(_) => tracing::info!(%node, "revoked the VM node's broker user"),
+                    Err(e) => tracing::warn!(%node, "revoking the VM node's broker user: {e:#}"),
+                }
+            }
         }
 
         /// Terminates every live VM of the cluster; returns their ids.
         pub async fn remove_all(&self) -> Result<Vec<String>> {
             let ids: Vec<String> = self.list().await?.into_iter().filter(|v| v.state != "terminated").map(|v| v.id).collect();
+            let mut own = Vec::new();
+            for id in &ids {
+                own.push(self.own_node(id).await);
+            }
             if !ids.is_empty() {
                 self.terminate(&ids).await?;
             }
             let mut forget = ids.clone();
             forget.extend(self.table.list(&self.cluster).await?.into_iter().map(|v| v.id));
             self.table.forget(forget).await?;
+            for o in own {
+                self.revoke_own_node(o);
+            }
             Ok(ids)
         }
 
