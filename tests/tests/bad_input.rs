@@ -106,3 +106,30 @@ fn xattr_set(p: &std::path::Path, name: &str) -> i32 {
     assert_eq!(r, -1);
     std::io::Error::last_os_error().raw_os_error().unwrap()
 }
+
+/// Oversized fields never reach the manager's database: a heartbeat with a 1 MB URL is
+/// dead-lettered before it is parsed, and one with a 20 MB URL is refused by the broker
+/// itself (its max_message_size, set by scripts/setup.sh); the manager goes on.
+#[test]
+fn oversized_heartbeats_are_refused_and_the_manager_goes_on() {
+    let c = Cluster::start("bighb", 2);
+    let heartbeat = |n: usize| {
+        let body = wire::ToManager::Heartbeat { url: format!("http://x/{}", "u".repeat(n)), pending_changes: 0, pending_pulls: 0, software: "evil".into() };
+        Envelope::new("big-hb-1".parse().unwrap(), "evil".parse().unwrap(), body).encode()
+    };
+    publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, &heartbeat(1 << 20));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let huge = rt.block_on(async {
+        let conn = broker_link::connect(&c.vhost.url()).await.unwrap();
+        let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+        let r = broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, "big-hb-2", &heartbeat(20 << 20)).await;
+        let _ = conn.close(200, "done".into()).await;
+        r
+    });
+    assert!(huge.is_err(), "the broker took a 20 MB message");
+    write(&c.nodes[0].p("after.txt"), b"still flowing");
+    c.converged();
+    assert_eq!(read(&c.nodes[1].p("after.txt")).unwrap(), b"still flowing");
+    eventually("the 1 MB heartbeat in the dead-letter queue", DEADLINE, || queue_depth(&c.vhost, wire::topology::DEAD_QUEUE) == 1);
+    assert!(!c.manager.status().contains("evil"), "the oversized heartbeat's node was recorded:\n{}", c.manager.status());
+}
