@@ -230,7 +230,10 @@ impl Session<'_> {
         if taken == 0 {
             return wire::Revision(u64::MAX);
         }
-        let completed = self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|r| r.head);
+        // The last completed sync's head, also from before a restart: a sync cut off
+        // half-way, or a queue that dropped old messages while the node was away, may
+        // have moved `taken` past deletes it never brought.
+        let completed = self.shared.tree.synced_head();
         wire::Revision(completed.map_or(taken, |head| head.min(taken)))
     }
 
@@ -394,6 +397,10 @@ impl Session<'_> {
         };
         tracing::info!(pushed = report.pushed, pulled = report.pulled, conflicts = report.conflicts, failed = report.failed, pages = page + 1, "sync done");
         *self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+        let tree = self.shared.tree.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || tree.set_synced_head(head.0)).await? {
+            tracing::warn!("{e}; the next sync asks for more deleted paths");
+        }
         for r in s.responders {
             let _ = r.send(Ok(report.clone()));
         }

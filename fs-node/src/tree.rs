@@ -210,6 +210,9 @@ pub struct Applied {
     pub invals: Vec<Inval>,
 }
 
+/// `node.db` meta key of [`Tree::synced_head`].
+const SYNCED_HEAD_KEY: &str = "synced_head";
+
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
@@ -1199,6 +1202,15 @@ impl Tree {
             st.outbox.sent.insert(r.msg.clone());
         }
         rows
+    }
+
+    /// The head of the last sync that completed on this node, kept in `node.db` across
+    /// restarts (`link::Session::sync_since`).
+    pub fn synced_head(&self) -> Option<u64> {
+        self.lock().db.meta(SYNCED_HEAD_KEY).ok().flatten().and_then(|v| v.parse().ok())
+    }
+    pub fn set_synced_head(&self, head: u64) -> FsResult<()> {
+        self.lock().db.set_meta(SYNCED_HEAD_KEY, &head.to_string()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording the synced head")))
     }
 
     /// After a reconnection every undecided row is sent again (the manager recognises
