@@ -99,10 +99,14 @@ pub async fn declare_common(ch: &Channel) -> anyhow::Result<()> {
 
 /// Makes sure a node can work: declares the common topology and its queue where its
 /// broker user may (a shared or administrative user); with a node's own least-privilege
-/// user, which may configure nothing, checks passively that the manager made them.
-pub async fn prepare_node_topology(conn: &Connection, node: &NodeId) -> anyhow::Result<String> {
+/// user (`own_user`), which may configure nothing, checks passively that the manager
+/// made them, without trying (a refused declare is logged as an error by lapin).
+pub async fn prepare_node_topology(conn: &Connection, node: &NodeId, own_user: bool) -> anyhow::Result<String> {
     // A refused declare closes its channel: try on a channel of its own.
     let attempt = async {
+        if own_user {
+            anyhow::bail!("a node's own broker user may not declare");
+        }
         let ch = conn.create_channel().await.context("opening a channel")?;
         declare_common(&ch).await?;
         let q = declare_node_queue(&ch, node).await?;

@@ -558,7 +558,8 @@ async fn session(
 ) -> anyhow::Result<()> {
     let conn = broker_link::connect(broker).await?;
     let ch = broker_link::confirmed_channel(&conn).await?;
-    let queue = broker_link::prepare_node_topology(&conn, &shared.id).await?;
+    let own_user = broker_link::url_user(broker).is_some_and(|u| wire::topology::node_of_user(&u).is_some());
+    let queue = broker_link::prepare_node_topology(&conn, &shared.id, own_user).await?;
     let cons = conn.create_channel().await.context("opening the consumer channel")?;
     cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
     let consumer = cons
