@@ -571,7 +571,17 @@ async fn session(
     backoff.reset();
     tracing::info!("connected to the broker; consuming {queue}");
     let (retry_done, mut retry_results) = mpsc::unbounded_channel();
-    let mut s = Session { shared, user: broker_link::url_user(broker), puller, ch, syncs: HashMap::new(), next_sync: None, last_sync_start: None, missing: HashMap::new(), retry_done };
+    let mut s = Session {
+        shared,
+        user: broker_link::url_user(broker),
+        puller,
+        ch,
+        syncs: HashMap::new(),
+        next_sync: None,
+        last_sync_start: None,
+        missing: HashMap::new(),
+        retry_done,
+    };
     s.heartbeat().await?;
     s.start_sync(Vec::new()).await?;
     let sh = shared.clone();

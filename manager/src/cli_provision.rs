@@ -209,15 +209,14 @@ async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: 
     if let Some(t) = token {
         text.push_str(&format!("SYNC_CLUSTER_TOKEN={t}\n"));
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&out)
-        .with_context(|| format!("writing {}", out.display()))?;
+    let mut f =
+        std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&out).with_context(|| format!("writing {}", out.display()))?;
     f.write_all(text.as_bytes()).with_context(|| format!("writing {}", out.display()))?;
-    println!("added node {name}: broker user {user} (may publish only to {}, read only {queue}); its credentials are in {} (secret)", wire::topology::UPDATE_EXCHANGE, out.display());
+    println!(
+        "added node {name}: broker user {user} (may publish only to {}, read only {queue}); its credentials are in {} (secret)",
+        wire::topology::UPDATE_EXCHANGE,
+        out.display()
+    );
     Ok(())
 }
 
@@ -339,8 +338,11 @@ async fn vm_run(cluster: &ClusterArg, cmd: VmCmd) -> provision::Result<()> {
         VmCmd::Create { cloud, count, instance_type, image_id, key_name, security_group, broker_public, node_image_url, cluster_token, node_users } => {
             let db = cloud.db.clone();
             let ec2 = ec2::Ec2::new(&ec2_config(cluster, cloud)).await?;
-            let cluster_token =
-                cluster_token_for(cluster_token, &db).map_err(|e| provision::Error::Invalid { what: "credentials file", value: db.display().to_string(), reason: format!("{e:#}") })?;
+            let cluster_token = cluster_token_for(cluster_token, &db).map_err(|e| provision::Error::Invalid {
+                what: "credentials file",
+                value: db.display().to_string(),
+                reason: format!("{e:#}"),
+            })?;
             let spec = ec2::VmSpec {
                 count,
                 instance_type,

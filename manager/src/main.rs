@@ -67,7 +67,13 @@ fn run() -> anyhow::Result<()> {
                 let cancel = tokio_util::sync::CancellationToken::new();
                 broker_link::cancel_on_signals(cancel.clone());
                 let mut api = http.config();
-                api.provision = manager::api::ProvisionContext { cluster: cli.cluster.cluster.clone(), broker: broker.clone(), db: db.clone(), cluster_token: None, node_users: require_node_users };
+                api.provision = manager::api::ProvisionContext {
+                    cluster: cli.cluster.cluster.clone(),
+                    broker: broker.clone(),
+                    db: db.clone(),
+                    cluster_token: None,
+                    node_users: require_node_users,
+                };
                 manager::api::run_manager(manager::Config { broker, db, require_node_users }, api, cancel).await
             })
         }

@@ -236,9 +236,17 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
             _ = every.tick() => {}
         }
         match handle.stalled_for(now_ms()) {
-            Some(d) => tracing::error!("the manager has not finished the work it took up {}s ago: it is stuck (a locked database? a full disk?); nodes' changes wait", d.as_secs()),
+            Some(d) => tracing::error!(
+                "the manager has not finished the work it took up {}s ago: it is stuck (a locked database? a full disk?); nodes' changes wait",
+                d.as_secs()
+            ),
             None => {
-                let touched = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&alive).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                let touched = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&alive)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
                 if let Err(e) = touched {
                     tracing::debug!("touching {}: {e}", alive.display());
                 }

@@ -205,8 +205,10 @@ impl ManagerProc {
     pub fn restart(&mut self) {
         self.stop();
         // An HTTP port of its own, so tests running side by side never compete for one.
-        let child =
-            spawn_logged(Command::new(bin("manager")).args(["serve", "--http", "127.0.0.1:0", "--broker", &self.broker, "--db"]).arg(&self.db).args(&self.extra), &self.log);
+        let child = spawn_logged(
+            Command::new(bin("manager")).args(["serve", "--http", "127.0.0.1:0", "--broker", &self.broker, "--db"]).arg(&self.db).args(&self.extra),
+            &self.log,
+        );
         self.child = Some(child);
     }
     pub fn stop(&mut self) {

@@ -75,7 +75,11 @@ fn node_users_may_do_only_what_a_node_does() {
         let env = env_file(&out);
         assert!(env["SYNC_BROKER"].contains(&format!("sync-node-{id}:")), "{env:?}");
         urls.insert(id.clone(), env["SYNC_BROKER"].clone());
-        let opts = NodeOpts { broker: Some(env["SYNC_BROKER"].clone()), extra: vec!["--cluster-token".into(), env["SYNC_CLUSTER_TOKEN"].clone()], ..Default::default() };
+        let opts = NodeOpts {
+            broker: Some(env["SYNC_BROKER"].clone()),
+            extra: vec!["--cluster-token".into(), env["SYNC_CLUSTER_TOKEN"].clone()],
+            ..Default::default()
+        };
         nodes.push(NodeProc::start_opts(dir.path(), id, &vhost, opts));
     }
     for n in &nodes {
@@ -147,7 +151,8 @@ fn node_users_may_do_only_what_a_node_does() {
     assert!(text.contains("revoked broker user") && text.contains("deleted queue"), "{text}");
     let r = attempt(a_url, async |_| Ok(()));
     assert!(r.is_err(), "a's credentials still connect after node rm");
-    let queues = String::from_utf8_lossy(&Command::new("rabbitmqctl").args(["-q", "list_queues", "-p", &vhost.name, "name"]).output().unwrap().stdout).to_string();
+    let queues =
+        String::from_utf8_lossy(&Command::new("rabbitmqctl").args(["-q", "list_queues", "-p", &vhost.name, "name"]).output().unwrap().stdout).to_string();
     assert!(!queues.lines().any(|l| l.trim() == format!("sync.node.{a}")), "{queues}");
     drop(nodes);
 }

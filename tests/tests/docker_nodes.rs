@@ -4,9 +4,9 @@
 //! check that `rm --all` leaves other clusters' and unlabelled containers alone.
 //! Needs scripts/setup.sh and scripts/setup-docker.sh to have run.
 
-mod prov_support;
 #[path = "api_support/mod.rs"]
 mod api_support;
+mod prov_support;
 
 use prov_support::*;
 use std::path::{Path, PathBuf};
@@ -198,7 +198,11 @@ fn api_creates_the_node_asked_for_and_gives_it_the_cluster_token() {
     let env: std::collections::HashMap<String, String> =
         std::fs::read_to_string(&env_file).unwrap().lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.into(), v.into())).collect();
     assert_eq!(env["SYNC_CLUSTER_TOKEN"], m.cluster_token);
-    let opts = system_tests::NodeOpts { broker: Some(env["SYNC_BROKER"].clone()), extra: vec!["--cluster-token".into(), m.cluster_token.clone()], ..Default::default() };
+    let opts = system_tests::NodeOpts {
+        broker: Some(env["SYNC_BROKER"].clone()),
+        extra: vec!["--cluster-token".into(), m.cluster_token.clone()],
+        ..Default::default()
+    };
     let host = NodeProc::start_opts(tmp.path(), &host_id, &m.vhost, opts);
     let body = format!("for {id} from a node that requires the cluster token\n").into_bytes();
     std::fs::write(host.mount.join("token.txt"), &body).unwrap();

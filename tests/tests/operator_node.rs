@@ -73,7 +73,13 @@ fn every_terminating_signal_unmounts() {
 /// The manager's HTTP address and operator token, from its log and credentials file.
 fn manager_api(m: &ManagerProc) -> (String, String) {
     let log = std::fs::read_to_string(&m.log).unwrap();
-    let url = log.lines().find_map(|l| l.split("dashboard and REST API on ").nth(1)).expect("the manager logged its address").trim().trim_end_matches('/').to_string();
+    let url = log
+        .lines()
+        .find_map(|l| l.split("dashboard and REST API on ").nth(1))
+        .expect("the manager logged its address")
+        .trim()
+        .trim_end_matches('/')
+        .to_string();
     let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(m.db.with_file_name("credentials.json")).unwrap()).unwrap();
     (url, creds["operator_token"].as_str().unwrap().to_string())
 }

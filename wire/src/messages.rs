@@ -505,8 +505,12 @@ mod tests {
     #[test]
     fn oversized_fields_and_messages_are_refused_at_decode() {
         let hb = |url: String, software: &str| {
-            Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into() })
-                .encode()
+            Envelope::new(
+                id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"),
+                node("n1"),
+                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into() },
+            )
+            .encode()
         };
         assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), "1.0")).is_ok());
         let long_url = hb(format!("http://h/{}", "u".repeat(MAX_URL_BYTES)), "1.0");

@@ -95,7 +95,8 @@ pub fn set_queue_limits(vhost: &str) -> anyhow::Result<()> {
     let dead = format!(r#"{{"max-length-bytes":{DEAD_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
     let policies = [("sync-node-queues", r"^sync\.node\.", node), ("sync-update-queue", r"^sync\.update$", update), ("sync-dead-queue", r"^sync\.dead$", dead)];
     for (name, pattern, definition) in policies {
-        rabbitmqctl(&["set_policy", "-p", vhost, "--apply-to", "queues", name, pattern, &definition], None).with_context(|| format!("setting the queue limit policy {name} on {vhost}"))?;
+        rabbitmqctl(&["set_policy", "-p", vhost, "--apply-to", "queues", name, pattern, &definition], None)
+            .with_context(|| format!("setting the queue limit policy {name} on {vhost}"))?;
     }
     Ok(())
 }

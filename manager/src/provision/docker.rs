@@ -236,7 +236,8 @@ impl Docker {
             });
         }
         let broker = if spec.node_users {
-            let node: wire::NodeId = name.parse().map_err(|_| Error::Invalid { what: "node name", value: name.into(), reason: "not a valid node id".into() })?;
+            let node: wire::NodeId =
+                name.parse().map_err(|_| Error::Invalid { what: "node name", value: name.into(), reason: "not a valid node id".into() })?;
             let password =
                 crate::api::broker_user::admit_node(&spec.broker, &node).await.map_err(|e| Error::Broker { node: name.into(), message: format!("{e:#}") })?;
             broker_link::with_user(&spec.broker, &wire::topology::node_user(&node), password.expose())

@@ -56,7 +56,9 @@ pub enum Error {
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
     /// Giving a node its own broker user failed (`rabbitmqctl` or the broker).
-    #[error("admitting node {node} on the broker failed: {message} (node users need rabbitmqctl on this host and a --broker user that may configure the vhost)")]
+    #[error(
+        "admitting node {node} on the broker failed: {message} (node users need rabbitmqctl on this host and a --broker user that may configure the vhost)"
+    )]
     Broker { node: String, message: String },
     #[error("built without EC2 support; rebuild with --features ec2")]
     Ec2NotBuilt,
