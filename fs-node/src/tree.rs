@@ -556,6 +556,9 @@ pub struct Tree {
     store: ContentStore,
     /// Woken whenever the outbox grows.
     pub outbox_ready: Arc<tokio::sync::Notify>,
+    /// Files whose committed content `load` found missing or damaged: the only ones
+    /// `damaged` looks at (a referenced blob is never removed while the node runs).
+    lost_at_load: Vec<u64>,
 }
 
 fn check_name(name: &OsStr) -> FsResult<&str> {
@@ -600,6 +603,7 @@ impl Tree {
         // data dir), keeps its version: reads fail with EIO (never empty or wrong bytes)
         // until the link pulls the content again (`damaged`). A file that never had
         // content (no hash: created, not yet closed, when the node died) is empty.
+        let mut lost_at_load = Vec::new();
         for i in inodes.values_mut() {
             if i.kind != Kind::File {
                 continue;
@@ -622,8 +626,12 @@ impl Tree {
                     Ok(m) => {
                         tracing::warn!(ino = i.ino, "the store's copy of {h} has {} bytes, not {}: removed, it will be pulled again", m.len(), i.size);
                         let _ = std::fs::remove_file(store.blob_path(h));
+                        lost_at_load.push(i.ino);
                     }
-                    Err(_) => tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again"),
+                    Err(_) => {
+                        tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again");
+                        lost_at_load.push(i.ino);
+                    }
                 },
             }
         }
@@ -649,7 +657,7 @@ impl Tree {
             passthrough_opens: 0,
             passthrough_detaches: 0,
         };
-        Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()) })
+        Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load })
     }
 
     pub fn store(&self) -> &ContentStore {
@@ -660,15 +668,12 @@ impl Tree {
     /// they need; the link pulls them again.
     pub fn damaged(&self) -> Vec<(RelPath, ContentHash)> {
         let st = self.lock();
-        let mut all = Vec::new();
-        st.collect_paths(ROOT, None, &mut all);
-        all.into_iter()
-            .filter_map(|(path, _, _, ino)| {
-                let i = st.inodes.get(&ino)?;
-                let h = i.hash.as_ref()?;
-                (i.kind == Kind::File && i.work.is_none() && !self.store.has(h)).then(|| (path, h.clone()))
-            })
-            .collect()
+        let mut out = Vec::new();
+        for i in self.lost_at_load.iter().filter_map(|ino| st.inodes.get(ino)) {
+            let Some(h) = i.hash.as_ref().filter(|h| i.kind == Kind::File && i.work.is_none() && !self.store.has(h)) else { continue };
+            out.extend(i.links.iter().filter_map(|(parent, name)| st.path_of(*parent, name)).map(|p| (p, h.clone())));
+        }
+        out
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

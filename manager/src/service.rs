@@ -80,8 +80,6 @@ pub struct Handle {
     pub dead_lettered: Arc<AtomicU64>,
     /// Of those, messages refused because of their sender (`check_sender`).
     pub refused_senders: Arc<AtomicU64>,
-    /// `Config::require_node_users` of the running broker loop.
-    pub require_node_users: Arc<std::sync::atomic::AtomicBool>,
     /// When the broker loop took up work it has not finished since (ms since the
     /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
     /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
@@ -110,7 +108,6 @@ impl Handle {
             messages_in: Default::default(),
             dead_lettered: Default::default(),
             refused_senders: Default::default(),
-            require_node_users: Default::default(),
             busy_since_ms: Default::default(),
         })
     }
@@ -153,7 +150,6 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 }
 
 pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) -> anyhow::Result<()> {
-    handle.require_node_users.store(cfg.require_node_users, Ordering::Relaxed);
     tokio::spawn(watchdog(handle.clone(), alive_file(&cfg.db), cancel.clone()));
     let mut backoff = broker_link::Backoff::default();
     loop {
@@ -213,7 +209,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 }
                 handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
-                handle_batch(handle, &ch, cancel, deliveries).await?;
+                handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users).await?;
                 sync_work = true;
             }
         }
@@ -255,20 +251,32 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
     }
 }
 
-async fn handle_batch(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+async fn handle_batch(
+    handle: &Handle,
+    ch: &lapin::Channel,
+    cancel: &CancellationToken,
+    deliveries: Vec<Delivery>,
+    require_node_users: bool,
+) -> anyhow::Result<()> {
     handle.mark_busy();
-    handle_batch_inner(handle, ch, cancel, deliveries).await?;
+    handle_batch_inner(handle, ch, cancel, deliveries, require_node_users).await?;
     handle.mark_done();
     Ok(())
 }
 
-async fn handle_batch_inner(handle: &Handle, ch: &lapin::Channel, cancel: &CancellationToken, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+async fn handle_batch_inner(
+    handle: &Handle,
+    ch: &lapin::Channel,
+    cancel: &CancellationToken,
+    deliveries: Vec<Delivery>,
+    require_node_users: bool,
+) -> anyhow::Result<()> {
     let mut pending = Vec::with_capacity(deliveries.len());
     for d in deliveries {
         match Envelope::<ToManager>::decode(&d.data) {
             Ok(env) => {
                 let user = d.properties.user_id().as_ref().map(|u| u.as_str().to_string());
-                match check_sender(user.as_deref(), &env.from, handle.require_node_users.load(Ordering::Relaxed)) {
+                match check_sender(user.as_deref(), &env.from, require_node_users) {
                     Ok(()) => pending.push((d, env)),
                     Err(reason) => {
                         handle.refused_senders.fetch_add(1, Ordering::Relaxed);

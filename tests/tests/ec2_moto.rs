@@ -146,6 +146,11 @@ impl Vm<'_> {
     }
 }
 
+/// The instance ids `vm create` printed, one per line.
+fn instance_ids(out: &str) -> Vec<String> {
+    out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("i-")).map(str::to_string).collect()
+}
+
 fn recorded(db: &Path) -> Vec<(String, String)> {
     let c = rusqlite::Connection::open(db).unwrap();
     let mut st = c.prepare("SELECT id, state FROM vms ORDER BY id").unwrap();
@@ -163,7 +168,7 @@ fn vms_on_moto() {
 
     // Two VMs in one command; ids and IPs printed and recorded.
     let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--instance-type", "t3.micro", "--broker-public", BROKER_PUBLIC]);
-    let ids: Vec<String> = out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("i-")).map(str::to_string).collect();
+    let ids = instance_ids(&out);
     assert_eq!(ids.len(), 2, "create printed:\n{out}");
     assert!(!out.contains("s3cret"), "the broker password was printed:\n{out}");
     assert_eq!(recorded(&db).len(), 2);
@@ -292,7 +297,7 @@ fn vms_with_their_own_broker_users() {
     let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
     let vhost = Vhost::new("vm-users");
     let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--broker-public", BROKER_PUBLIC, "--node-users", &vhost.url()]);
-    let ids: Vec<String> = out.lines().filter_map(|l| l.split_whitespace().next()).filter(|w| w.starts_with("i-")).map(str::to_string).collect();
+    let ids = instance_ids(&out);
     assert_eq!(ids.len(), 2, "create printed:\n{out}");
     let users = || run_ok(Command::new("rabbitmqctl").args(["-q", "list_users"]));
     let mut nodes = Vec::new();

@@ -184,7 +184,7 @@ fn two_thousand_idle_connections_do_not_starve_a_node() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     // 2,000 attackers, each holding an idle connection and opening a new one as soon as
     // the node closes it, for as long as the test runs.
-    let stop = stop_flag();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let opened = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     for _ in 0..2000 {
         let (addr, stop, opened) = (addr.clone(), stop.clone(), opened.clone());
@@ -216,10 +216,6 @@ fn two_thousand_idle_connections_do_not_starve_a_node() {
     eprintln!("{} attacking connections opened", opened.load(std::sync::atomic::Ordering::Relaxed));
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     rt.shutdown_background();
-}
-
-fn stop_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false))
 }
 
 #[test]
