@@ -7,7 +7,10 @@
 //! No message can stall it: an undecodable one, or one whose handling fails (an error or
 //! a panic, rolled back alone under a savepoint while the rest of its batch commits) and
 //! keeps failing for `MAX_ATTEMPTS`, is dead-lettered with its reason and the loop goes
-//! on. Only a failure of the database or the broker ends the session.
+//! on. A message that stops the whole process (nothing a savepoint catches) comes back
+//! marked redelivered: those are handled alone, their starts recorded on disk first
+//! (`Store::start_suspect`), and one that keeps stopping the manager is given up after
+//! [`MAX_STOPS`]. Only a failure of the database or the broker ends the session.
 
 use crate::store::Store;
 use anyhow::{bail, Context};
@@ -32,6 +35,11 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// made in its batch, the others alone after a pause, in case the cause was passing. A
 /// failure that repeats lies in the message, and waiting for it would stall every node.
 pub const MAX_ATTEMPTS: u32 = 3;
+/// Times a message may be in hand when the manager stops (crashes, is killed, runs out
+/// of memory) before it is given up. A stop is seen as the message coming back from the
+/// broker marked redelivered; an operator's restart or a lost broker connection counts
+/// too, which is why it takes more than one.
+pub const MAX_STOPS: u32 = 3;
 /// Pause before the second attempt, doubled before each further one: 0.6 s in all per
 /// batch, short enough not to hold up the messages behind it for long.
 pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -288,6 +296,34 @@ async fn handle_batch_inner(
             Err(e) => dead_letter(handle, ch, &d, &format!("undecodable: {e}"), 1).await?,
         }
     }
+    // Redelivered messages come first (they were at the head of the queue). Any of them
+    // may be what stopped the manager last time, so each is handled alone, its start
+    // recorded on disk first: one that keeps stopping the manager is given up.
+    let fresh = pending.iter().position(|(d, _)| !d.redelivered).unwrap_or(pending.len());
+    let rest = pending.split_off(fresh);
+    for (d, env) in pending {
+        let id = env.id.clone();
+        let earlier = handle.with_store(move |s| s.start_suspect(&id)).await?;
+        if earlier >= MAX_STOPS {
+            let id = env.id.clone();
+            handle.with_store(move |s| s.give_up_suspect(&id)).await?;
+            let reason = format!("the manager stopped while handling it, {earlier} times in a row (a crash, a kill or running out of memory)");
+            dead_letter(handle, ch, &d, &reason, earlier).await?;
+            continue;
+        }
+        decide_with_retries(handle, ch, cancel, vec![(d, env)]).await?;
+    }
+    decide_with_retries(handle, ch, cancel, rest).await
+}
+
+/// Decides messages in one transaction, acks those decided, and tries the failed ones
+/// again alone, up to [`MAX_ATTEMPTS`], before dead-lettering them.
+async fn decide_with_retries(
+    handle: &Handle,
+    ch: &lapin::Channel,
+    cancel: &CancellationToken,
+    mut pending: Vec<(Delivery, Envelope<ToManager>)>,
+) -> anyhow::Result<()> {
     let mut attempt = 1;
     while !pending.is_empty() {
         let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
@@ -313,6 +349,11 @@ async fn handle_batch_inner(
                     failed.push((d, env, reason));
                 }
             }
+        }
+        // A message given up earlier is not tried again.
+        let (given_up, failed): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, _, reason)| reason.starts_with(crate::store::GIVEN_UP));
+        for (d, _, reason) in &given_up {
+            dead_letter(handle, ch, d, reason, attempt).await?;
         }
         if attempt >= MAX_ATTEMPTS {
             for (d, _, reason) in &failed {

@@ -26,6 +26,19 @@ pub const SYNC_MIN_INTERVAL_MS: i64 = 1_000;
 /// Paths read from the database at a time while a sync reply page is filled.
 const SYNC_READ_ROWS: i64 = 512;
 
+/// Start of the reason [`Tx::handle_isolated`] gives for a message given up before
+/// ([`Store::give_up_suspect`]): it is dead-lettered at once, not tried again.
+pub const GIVEN_UP: &str = "given up";
+
+/// Test-only fault: with `SYNC_TEST_ABORT_ON_PATH` set, a change of exactly that path
+/// aborts the process in the middle of its batch's transaction, the way a crash or a
+/// kill would (tests of what the manager does with a message that kills it). Never set
+/// in production; read once.
+fn test_abort_on_path() -> Option<&'static str> {
+    static PATH: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    PATH.get_or_init(|| std::env::var("SYNC_TEST_ABORT_ON_PATH").ok().filter(|p| !p.is_empty())).as_deref()
+}
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -54,6 +67,7 @@ CREATE TABLE IF NOT EXISTS sync_replies(
   node TEXT PRIMARY KEY, started_ms INTEGER NOT NULL, request TEXT, since INTEGER NOT NULL, paged INTEGER NOT NULL,
   merged INTEGER NOT NULL, cursor TEXT NOT NULL, walk_done INTEGER NOT NULL, caught_up INTEGER NOT NULL,
   page INTEGER NOT NULL, entries INTEGER NOT NULL, bytes INTEGER NOT NULL, largest INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS suspects(msg TEXT PRIMARY KEY, starts INTEGER NOT NULL, given_up INTEGER NOT NULL DEFAULT 0);
 ";
 
 pub struct Store {
@@ -122,6 +136,31 @@ impl Store {
         let out = f(&mut t)?;
         t.tx.commit().context("committing to the manager database")?;
         Ok(out)
+    }
+
+    /// A redelivered message is about to be handled, and it may be what stopped the
+    /// manager last time (a crash, a kill, running out of memory: nothing a savepoint
+    /// catches). Records the start, committed before handling begins, and returns how
+    /// many earlier starts of it never finished. The count is cleared when its handling
+    /// commits ([`Tx::handle_isolated`]).
+    pub fn start_suspect(&mut self, msg: &MessageId) -> anyhow::Result<u32> {
+        let starts: i64 = self
+            .conn
+            .query_row(
+                "INSERT INTO suspects(msg, starts) VALUES(?1, 1) ON CONFLICT(msg) DO UPDATE SET starts = starts + 1 RETURNING starts",
+                [msg.as_str()],
+                |r| r.get(0),
+            )
+            .context("recording the start of a redelivered message")?;
+        Ok((starts - 1).clamp(0, u32::MAX as i64) as u32)
+    }
+
+    /// The message stopped the manager too often and is given up: a copy of it sent
+    /// again later (a node resends what was not decided after it reconnects) is
+    /// dead-lettered without being handled.
+    pub fn give_up_suspect(&mut self, msg: &MessageId) -> anyhow::Result<()> {
+        self.conn.execute("UPDATE suspects SET given_up = 1 WHERE msg = ?1", [msg.as_str()]).context("recording a message given up")?;
+        Ok(())
     }
 
     pub fn outbox(&self, limit: usize) -> anyhow::Result<Vec<Outgoing>> {
@@ -410,6 +449,10 @@ impl Tx<'_> {
                 self.queue_sync(&from, &request, since, paged, now_ms)?;
             }
             ToManager::Change(change) => {
+                if test_abort_on_path().is_some_and(|p| p == change.path.as_str()) {
+                    tracing::error!(path = %change.path, "SYNC_TEST_ABORT_ON_PATH: aborting the process");
+                    std::process::abort();
+                }
                 self.seen(&from, None, now_ms)?;
                 self.change(env.id, &from, change, now_ms)?;
             }
@@ -422,6 +465,15 @@ impl Tx<'_> {
     /// wrote is rolled back and the reason is returned. Only a failure of the database
     /// itself (the savepoint cannot be opened, released or rolled back) is an error.
     pub fn handle_isolated(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+        let given_up: Option<bool> =
+            self.tx.query_row("SELECT given_up FROM suspects WHERE msg = ?1", [env.id.as_str()], |r| r.get(0)).optional().context("reading suspects")?;
+        if given_up == Some(true) {
+            return Ok(Err(format!("{GIVEN_UP}: it stopped the manager each time it was handled before")));
+        }
+        let msg = env.id.clone();
+        if given_up.is_some() {
+            self.tx.execute("DELETE FROM suspects WHERE msg = ?1", [msg.as_str()])?;
+        }
         self.tx.execute_batch("SAVEPOINT message").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
         // writes, and every statement it had open was reset while unwinding.

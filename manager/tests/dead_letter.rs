@@ -149,3 +149,115 @@ async fn bad_messages_are_dead_lettered_with_a_reason_and_later_ones_are_decided
     manager.await.unwrap().unwrap();
     let _ = conn.close(200, "done".into()).await;
 }
+
+/// The manager binary, run with the test-only fault that aborts the process on a change
+/// of `poison.txt` (in the middle of its batch's transaction); killed on drop.
+struct ManagerProcess {
+    child: std::process::Child,
+    args: Vec<String>,
+    starts: u32,
+}
+
+impl ManagerProcess {
+    fn start(broker: &str, db: &std::path::Path) -> ManagerProcess {
+        let args = ["serve", "--http", "127.0.0.1:0", "--broker", broker, "--db", db.to_str().unwrap()].map(String::from).to_vec();
+        let child = Self::spawn(&args);
+        ManagerProcess { child, args, starts: 1 }
+    }
+    fn spawn(args: &[String]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_manager"))
+            .args(args)
+            .env("SYNC_TEST_ABORT_ON_PATH", "poison.txt")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting the manager")
+    }
+    /// Restarts it if it stopped, as a service manager would; true while it runs.
+    fn keep_running(&mut self) -> bool {
+        match self.child.try_wait().unwrap() {
+            None => true,
+            Some(_) => {
+                self.child = Self::spawn(&self.args);
+                self.starts += 1;
+                false
+            }
+        }
+    }
+}
+
+impl Drop for ManagerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Dead letters in the queue, as (message id, reason), taken off it.
+async fn take_dead_letters(ch: &lapin::Channel) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    while let Some(m) = ch.basic_get(topology::DEAD_QUEUE.into(), lapin::options::BasicGetOptions { no_ack: true }).await.unwrap() {
+        let headers = m.delivery.properties.headers().clone().unwrap_or_default();
+        let reason = match headers.inner().get(REASON_HEADER) {
+            Some(lapin::types::AMQPValue::LongString(r)) => r.to_string(),
+            other => panic!("no {REASON_HEADER}: {other:?}"),
+        };
+        out.push((m.delivery.properties.message_id().as_ref().map(|s| s.to_string()).unwrap_or_default(), reason));
+    }
+    out
+}
+
+/// A message that kills the manager process outright (no error, no panic to catch: the
+/// process is gone, its transaction with it, and the broker redelivers the message at
+/// every restart) is given up after a bounded number of restarts, and the messages
+/// around it are decided exactly once. A copy sent again later is dead-lettered without
+/// being handled: it does not take the manager down again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_kills_the_manager_is_given_up_after_a_few_restarts() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let mut manager = ManagerProcess::start(&vhost.url(), &db);
+
+    let conn = broker_link::connect(&vhost.url()).await.unwrap();
+    let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+    broker_link::declare_common(&ch).await.unwrap();
+    let publish = |id: &'static str, path: &'static str| {
+        let ch = ch.clone();
+        async move { broker_link::publish_confirmed(&ch, "", topology::UPDATE_QUEUE, id, &put(id, path).encode()).await.unwrap() }
+    };
+    publish("m1", "before.txt").await;
+    publish("m2", "poison.txt").await;
+    publish("m3", "after.txt").await;
+
+    let decided = |msg: &str| -> bool {
+        let Ok(c) = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return false };
+        c.query_row("SELECT count(*) FROM applied WHERE msg = ?1", [msg], |r| r.get::<_, i64>(0)).unwrap_or(0) == 1
+    };
+    let mut dead = Vec::new();
+    let start = Instant::now();
+    while !(decided("m1") && decided("m3") && !dead.is_empty()) {
+        assert!(start.elapsed() < Duration::from_secs(90), "timed out waiting for the poison to be given up; {} starts", manager.starts);
+        assert!(manager.starts <= 2 + service::MAX_STOPS, "the manager keeps being stopped by the same message");
+        manager.keep_running();
+        dead.extend(take_dead_letters(&ch).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert!(dead[0].0 == "m2" && dead[0].1.contains("the manager stopped while handling it"), "{dead:?}");
+    // The first start, and one per stop: the fresh delivery and MAX_STOPS redeliveries.
+    assert_eq!(manager.starts, 2 + service::MAX_STOPS, "restarts it took");
+    assert!(!decided("m2"));
+    let c = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let revisions: i64 = c.query_row("SELECT count(*) FROM history", [], |r| r.get(0)).unwrap();
+    assert_eq!(revisions, 2, "before.txt and after.txt, each decided once across the restarts");
+
+    // The node sends the change again (as it does after a reconnection): given up at once.
+    publish("m2", "poison.txt").await;
+    publish("m4", "later.txt").await;
+    eventually("a later message to be decided", || decided("m4")).await;
+    assert!(manager.keep_running(), "the resent poison must not stop the manager again");
+    let again = take_dead_letters(&ch).await;
+    assert!(again.len() == 1 && again[0].0 == "m2" && again[0].1.starts_with("given up"), "{again:?}");
+    let _ = conn.close(200, "done".into()).await;
+}
