@@ -2,6 +2,8 @@
 //! serves contents by hash, and a broker link to the manager.
 
 pub mod db;
+pub mod engine;
+pub mod env;
 pub mod fs;
 pub mod link;
 pub mod node;

@@ -10,6 +10,7 @@
 //! and never calls the kernel: cache invalidations are returned to the caller.
 
 use crate::db::{Db, InodeRow, OutboxRow};
+use crate::env::{Env, SystemEnv};
 use crate::store::ContentStore;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -412,8 +413,7 @@ impl Inode {
         Ok(())
     }
 
-    fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32) -> Inode {
-        let now = now_ns();
+    fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32, now: i64) -> Inode {
         Inode {
             ino,
             kind,
@@ -536,6 +536,8 @@ struct Journal {
 
 struct State {
     db: Db,
+    /// The clock and message ids.
+    env: Arc<dyn Env>,
     /// Set while a transaction runs (`Tree::atomically`).
     journal: Option<Journal>,
     inodes: HashMap<u64, Inode>,
@@ -574,9 +576,14 @@ fn check_name(name: &OsStr) -> FsResult<&str> {
 
 impl Tree {
     pub fn load(db: Db, store: ContentStore) -> anyhow::Result<Tree> {
+        Self::load_with(db, store, Arc::new(SystemEnv))
+    }
+
+    /// [`Tree::load`] with the clock and ids of `env` (the simulator's).
+    pub fn load_with(db: Db, store: ContentStore, env: Arc<dyn Env>) -> anyhow::Result<Tree> {
         let mut inodes = HashMap::new();
         for row in db.inodes()? {
-            let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid);
+            let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
             i.atime = row.atime;
             i.mtime = row.mtime;
             i.ctime = row.ctime;
@@ -588,7 +595,7 @@ impl Tree {
             inodes.insert(row.ino, i);
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = inodes.entry(ROOT) {
-            let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0);
+            let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0, env.now_ns());
             db.save_inode(&root.row())?;
             slot.insert(root);
         }
@@ -645,6 +652,7 @@ impl Tree {
         }
         let state = State {
             db,
+            env,
             journal: None,
             inodes,
             next_ino,
@@ -658,6 +666,11 @@ impl Tree {
             passthrough_detaches: 0,
         };
         Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load })
+    }
+
+    /// The clock and message ids this tree uses.
+    pub fn env(&self) -> Arc<dyn Env> {
+        self.lock().env.clone()
     }
 
     pub fn store(&self) -> &ContentStore {
@@ -777,7 +790,7 @@ impl Tree {
 
     pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         self.atomically(|st, store| {
-            let now = now_ns();
+            let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
             // Start from what passthrough writes made of the file, not from older values.
             i.take_passthrough_writes()?;
@@ -946,10 +959,11 @@ impl Tree {
             st.unlink_from(parent, name)?;
             st.link_into(newparent, newname, ino)?;
             {
+                let now = st.env.now_ns();
                 let i = st.inode_mut(ino)?;
                 i.links.retain(|(p, n)| !(*p == parent && n == name));
                 i.links.push((newparent, newname.to_owned()));
-                i.ctime = now_ns();
+                i.ctime = now;
             }
             st.save(ino)?;
             st.record_put_subtree(newparent, newname)?;
@@ -979,10 +993,11 @@ impl Tree {
                 return Err(FsError::Exists);
             }
             st.link_into(newparent, newname, ino)?;
+            let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
             i.links.push((newparent, newname.to_owned()));
             i.nlink += 1;
-            i.ctime = now_ns();
+            i.ctime = now;
             i.lookups += 1;
             let kind = i.kind;
             let dirty = i.work.is_some();
@@ -1028,8 +1043,9 @@ impl Tree {
         let file = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+            let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
-            i.atime = now_ns();
+            i.atime = now;
             match (&i.work, &i.blob) {
                 (Some(w), _) => w.clone(),
                 (None, Some(b)) => b.clone(),
@@ -1069,9 +1085,10 @@ impl Tree {
             written = self.write_at(&mut st, ino, offset, data);
         }
         written?;
+        let now = st.env.now_ns();
         let i = st.inode_mut(ino)?;
         i.size = i.size.max(offset + data.len() as u64);
-        i.mtime = now_ns();
+        i.mtime = now;
         i.ctime = i.mtime;
         Ok(data.len() as u32)
     }
@@ -1583,7 +1600,7 @@ impl State {
     }
 
     fn link_into(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
-        let now = now_ns();
+        let now = self.env.now_ns();
         let is_dir = self.inode(ino)?.kind == Kind::Dir;
         self.set_child(parent, name, Some(ino))?;
         let p = self.inode_mut(parent)?;
@@ -1598,7 +1615,7 @@ impl State {
     }
 
     fn unlink_from(&mut self, parent: u64, name: &OsStr) -> FsResult<()> {
-        let now = now_ns();
+        let now = self.env.now_ns();
         let ino = self.child(parent, name)?;
         let is_dir = self.inode(ino)?.kind == Kind::Dir;
         self.set_child(parent, name, None)?;
@@ -1618,10 +1635,11 @@ impl State {
         let ino = self.child(parent, name)?;
         let path = self.path_of(parent, name);
         self.unlink_from(parent, name)?;
+        let now = self.env.now_ns();
         let i = self.inode_mut(ino)?;
         i.links.retain(|(p, n)| !(*p == parent && n == name));
         i.nlink = if i.kind == Kind::Dir { 0 } else { i.nlink.saturating_sub(1) };
-        i.ctime = now_ns();
+        i.ctime = now;
         let (kind, gone) = (i.kind, i.nlink == 0);
         if gone {
             self.db.delete_inode(ino)?;
@@ -1737,7 +1755,7 @@ impl State {
             self.count_change(&path, -1);
         }
         let follows = self.outbox.rows.values().rev().find(|r| r.change.path == path).map(|r| r.msg.clone());
-        let msg: MessageId = uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid ids");
+        let msg = self.env.new_id();
         let change = Change { path: path.clone(), base, follows, op };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.db.push_outbox(&msg, &change)?;
@@ -1814,7 +1832,7 @@ impl State {
         let (gid, perm) = if p.perm & libc::S_ISGID != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID } else { perm }) } else { (gid, perm) };
         let ino = self.next_ino;
         self.next_ino += 1;
-        let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid);
+        let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid, self.env.now_ns());
         i.rdev = rdev;
         if kind == Kind::Symlink {
             i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
@@ -1902,9 +1920,10 @@ impl State {
         if truncate && (i.size != 0 || i.work.is_none()) {
             let w = self.ensure_work(ino, false, store)?;
             w.set_len(0)?;
+            let now = self.env.now_ns();
             let i = self.inode_mut(ino)?;
             i.size = 0;
-            i.mtime = now_ns();
+            i.mtime = now;
             i.ctime = i.mtime;
             i.give_mtime_to_work()?;
         }
@@ -2075,6 +2094,7 @@ impl State {
                         _ => false,
                     };
                     if same_kind_in_place {
+                        let now = self.env.now_ns();
                         let i = self.inode_mut(ino)?;
                         i.perm = v.mode & 0o7777;
                         i.uid = v.uid;
@@ -2082,7 +2102,7 @@ impl State {
                         if i.kind == Kind::File {
                             i.mtime = v.mtime_ns;
                         }
-                        i.ctime = now_ns();
+                        i.ctime = now;
                         self.save(ino)?;
                         out.invals.push(Inval::Inode { ino });
                         out.changed = true;
@@ -2115,7 +2135,7 @@ impl State {
                 None => {
                     let ino = self.next_ino;
                     self.next_ino += 1;
-                    let mut d = Inode::new(ino, Kind::Dir, 0o755, 0, 0);
+                    let mut d = Inode::new(ino, Kind::Dir, 0o755, 0, 0, self.env.now_ns());
                     d.links.push((dir, name.clone()));
                     self.add_inode(d);
                     self.link_into(dir, &name, ino)?;
@@ -2136,7 +2156,7 @@ impl State {
             Content::Dir => Kind::Dir,
             Content::Symlink { .. } => Kind::Symlink,
         };
-        let mut i = Inode::new(ino, kind, v.mode & 0o7777, v.uid, v.gid);
+        let mut i = Inode::new(ino, kind, v.mode & 0o7777, v.uid, v.gid, self.env.now_ns());
         match &v.content {
             Content::File { hash, size } => {
                 i.hash = Some(hash.clone());

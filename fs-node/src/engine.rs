@@ -1,0 +1,482 @@
+//! The node's sync engine, without I/O: what the node does with each message from the
+//! manager, with its sync requests and their paged replies, with contents that could not
+//! be pulled in time, and with the clock. Events go in (a message, a tick, a pull that
+//! ended, a sync asked for), actions come out (publish this, pull that, invalidate these
+//! kernel entries, tell these callers that their sync is done). It owns the state of one
+//! broker session: syncs in flight, the one waiting, and the contents being retried.
+//!
+//! The tree (`crate::tree::Tree`) holds the files, the outbox and what is durable; the
+//! engine calls it directly. The drivers carry out the actions: `link.rs` over AMQP,
+//! HTTP and FUSE, the simulator (`sim/`) over its broker model and virtual clock. Time
+//! is what the driver says it is (`Now`), never read here.
+//!
+//! Content that cannot be pulled in time does not hold anything up: the message is
+//! applied without that path (the path keeps its old state), and the engine retries just
+//! that content with backoff, applying the entry once it is there. Sync requests are
+//! coalesced: at most one sync is in flight and one more waits. A sync reply comes in
+//! pages, applied as they arrive; the sync completes on the last one.
+
+use crate::tree::{Applied, FsError, Inval, Tree};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{Content, ContentHash, Entry, Envelope, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
+
+/// Time since the driver started, on the driver's clock (real or simulated).
+pub type Now = Duration;
+
+/// First and longest wait before pulling a missing content again.
+pub const RETRY_FIRST: Duration = Duration::from_secs(2);
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A sync whose reply has not come on (no page) within this is taken for lost (its
+/// callers are told).
+pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
+/// Syncs start at most this often; requests in between wait for the next one (each
+/// sync makes the manager read the whole tree).
+pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What one sync did, as `syncctl sync` prints it.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct SyncReport {
+    /// Local changes sent to the manager.
+    pub pushed: u64,
+    /// Paths whose state was taken from the manager (contents pulled, deletes applied).
+    pub pulled: u64,
+    /// Own changes kept as conflict files during the sync.
+    pub conflicts: u64,
+    /// Paths whose content could not be pulled yet (retried automatically).
+    pub failed: u64,
+    /// The manager's revision when it answered.
+    pub head: u64,
+    pub seconds: f64,
+}
+
+/// What the driver must do, in this order.
+#[derive(Debug)]
+pub enum Action<R> {
+    /// Publish on the update channel. `confirmed`: the driver waits for the broker's
+    /// confirm before it goes on with the next event (changes, sync requests); the others
+    /// (heartbeats, `Have`) cost nothing when lost.
+    Publish { env: Envelope<ToManager>, confirmed: bool },
+    /// Pull this content in the background and report with [`Engine::pull_finished`].
+    Pull { path: RelPath, rev: Revision, hash: ContentHash, size: u64, holders: Vec<Holder> },
+    /// Drop the kernel's cached view of what changed.
+    Invalidate(Vec<Inval>),
+    /// These callers' sync ended.
+    SyncDone { responders: Vec<R>, result: Result<SyncReport, String> },
+}
+
+/// What the engine needs to know about its node.
+#[derive(Clone)]
+pub struct NodeInfo {
+    pub id: NodeId,
+    /// Where peers pull from this node.
+    pub url: String,
+    /// Apply set-id bits that come from other nodes.
+    pub allow_setid: bool,
+    /// Program version, sent in heartbeats.
+    pub software: String,
+}
+
+struct ActiveSync<R> {
+    responders: Vec<R>,
+    started: Now,
+    /// When the request was sent or its last page came.
+    progress: Now,
+    pushed: u64,
+    conflicts_before: u64,
+    /// The page of the reply that comes next.
+    next_page: u32,
+    /// Every path the reply has named so far. Paths only: each page's entries are
+    /// applied when it comes and not kept.
+    known: HashSet<RelPath>,
+    pulled: u64,
+    failed: u64,
+    /// Files whose committed content this node lost (found at start-up), with the hash
+    /// they need; read when the first page comes.
+    damaged: HashMap<RelPath, ContentHash>,
+}
+
+/// An entry applied without its content (no holder could give it in time); retried.
+struct Missing {
+    entry: Entry,
+    next_try: Now,
+    backoff: Duration,
+    in_flight: bool,
+}
+
+/// A failure of the tree (its database or store): the session ends, like a broker
+/// failure, and the driver reconnects.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct EngineError {
+    what: String,
+    source: FsError,
+}
+
+pub type EngineResult<T> = Result<T, EngineError>;
+
+fn fail(what: impl Into<String>) -> impl FnOnce(FsError) -> EngineError {
+    let what = what.into();
+    move |source| EngineError { what, source }
+}
+
+/// The sync engine of one broker session (see the module doc). `R` is how a caller of a
+/// sync is told its result (a channel in a real node, nothing in the simulator).
+pub struct Engine<R> {
+    tree: Arc<Tree>,
+    node: NodeInfo,
+    syncs: BTreeMap<MessageId, ActiveSync<R>>,
+    /// Callers (and manager requests) waiting for the sync after the one in flight.
+    next_sync: Option<Vec<R>>,
+    last_sync_start: Option<Now>,
+    missing: BTreeMap<RelPath, Missing>,
+    out: Vec<Action<R>>,
+}
+
+impl<R> Engine<R> {
+    /// A new session: every undecided change is sent again (the manager recognises the
+    /// ids it already decided), a heartbeat says the node is here, and a sync starts.
+    pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> EngineResult<(Engine<R>, Vec<Action<R>>)> {
+        tree.republish_all();
+        let mut e = Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new() };
+        e.heartbeat(pending_pulls);
+        e.start_sync(Vec::new(), now);
+        let out = e.take();
+        Ok((e, out))
+    }
+
+    pub fn tree(&self) -> &Arc<Tree> {
+        &self.tree
+    }
+
+    /// Contents being retried in the background.
+    pub fn missing(&self) -> usize {
+        self.missing.len()
+    }
+
+    /// Whether anything is under way: a sync in flight or waiting, a content to retry.
+    pub fn busy(&self) -> bool {
+        !self.syncs.is_empty() || self.next_sync.is_some() || !self.missing.is_empty()
+    }
+
+    /// A message from the node's queue, whose contents the driver has tried to pull.
+    pub fn on_message(&mut self, env: Envelope<ToNode>, now: Now) -> EngineResult<Vec<Action<R>>> {
+        match env.body {
+            ToNode::Applied { entry, .. } => {
+                self.apply_entry(entry, now)?;
+            }
+            ToNode::Decided { change, outcome, current } => {
+                if let Outcome::Conflict { copy } = &outcome {
+                    tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
+                }
+                let a = self.tree.apply_decided(&change, &outcome, &current).map_err(fail(format!("applying the decision on {}", current.path)))?;
+                self.after_apply(&current, a, now);
+            }
+            ToNode::SyncReply { request, head, entries, page, more } => {
+                self.sync_reply_page(request, head, entries, page, more, now)?;
+            }
+            ToNode::SyncRequested {} => {
+                tracing::info!("the manager asked for a sync");
+                self.request_sync(None, now);
+            }
+        }
+        Ok(self.take())
+    }
+
+    /// Heartbeat time: presence, and whatever the outbox holds that was not sent.
+    pub fn on_heartbeat(&mut self, pending_pulls: u64) -> Vec<Action<R>> {
+        self.heartbeat(pending_pulls);
+        self.publish_outbox();
+        self.take()
+    }
+
+    /// The tree has new changes to send.
+    pub fn on_outbox_ready(&mut self) -> Vec<Action<R>> {
+        self.publish_outbox();
+        self.take()
+    }
+
+    /// Someone asks for a sync (`syncctl sync`, the manager, a content that keeps
+    /// failing). It starts now, or after the one in flight.
+    pub fn on_sync_requested(&mut self, responder: Option<R>, now: Now) -> Vec<Action<R>> {
+        self.request_sync(responder, now);
+        self.take()
+    }
+
+    /// Retry time: starts a pull for every missing content due for another try, gives up
+    /// on syncs the manager never answered, and starts a sync that was waiting.
+    pub fn on_retry_tick(&mut self, now: Now) -> Vec<Action<R>> {
+        for (path, m) in self.missing.iter_mut().filter(|(_, m)| !m.in_flight && m.next_try <= now) {
+            let Some(Version { content: Content::File { hash, size }, .. }) = m.entry.version.clone() else {
+                continue;
+            };
+            m.in_flight = true;
+            self.out.push(Action::Pull { path: path.clone(), rev: m.entry.rev, hash, size, holders: m.entry.holders.clone() });
+        }
+        let lost: Vec<MessageId> = self.syncs.iter().filter(|(_, s)| now.saturating_sub(s.progress) > SYNC_GIVE_UP).map(|(id, _)| id.clone()).collect();
+        for id in lost {
+            if let Some(s) = self.syncs.remove(&id) {
+                tracing::warn!("the manager did not answer a sync within {SYNC_GIVE_UP:?}");
+                let reason = format!("the manager did not answer within {}s", SYNC_GIVE_UP.as_secs());
+                self.out.push(Action::SyncDone { responders: s.responders, result: Err(reason) });
+            }
+        }
+        self.start_next_sync(now);
+        self.take()
+    }
+
+    /// A background pull asked for by [`Action::Pull`] ended: the entry is applied if
+    /// its content came, else retried later. When the holders it knows keep failing, a
+    /// sync (coalesced) brings the current holders.
+    pub fn pull_finished(&mut self, path: &RelPath, rev: Revision, ok: bool, now: Now) -> EngineResult<Vec<Action<R>>> {
+        let Some(m) = self.missing.get_mut(path).filter(|m| m.entry.rev == rev) else {
+            return Ok(self.take());
+        };
+        m.in_flight = false;
+        if ok {
+            let entry = m.entry.clone();
+            self.apply_entry(entry, now)?;
+            return Ok(self.take());
+        }
+        m.backoff = (m.backoff * 2).min(RETRY_MAX);
+        m.next_try = now + m.backoff;
+        if m.backoff == RETRY_MAX {
+            self.request_sync(None, now);
+        }
+        Ok(self.take())
+    }
+
+    fn take(&mut self) -> Vec<Action<R>> {
+        std::mem::take(&mut self.out)
+    }
+
+    fn envelope(&self, body: ToManager) -> Envelope<ToManager> {
+        Envelope::new(self.tree.env().new_id(), self.node.id.clone(), body)
+    }
+
+    fn heartbeat(&mut self, pending_pulls: u64) {
+        let body = ToManager::Heartbeat {
+            url: self.node.url.clone(),
+            pending_changes: self.tree.pending_changes(),
+            pending_pulls,
+            software: self.node.software.clone(),
+        };
+        let env = self.envelope(body);
+        self.out.push(Action::Publish { env, confirmed: false });
+    }
+
+    /// Queues the outbox rows not yet sent in this session; returns how many.
+    fn publish_outbox(&mut self) -> u64 {
+        let rows = self.tree.take_unpublished();
+        let n = rows.len() as u64;
+        for r in rows {
+            let env = Envelope::new(r.msg, self.node.id.clone(), ToManager::Change(r.change));
+            self.out.push(Action::Publish { env, confirmed: true });
+        }
+        n
+    }
+
+    fn request_sync(&mut self, responder: Option<R>, now: Now) {
+        self.next_sync.get_or_insert_with(Vec::new).extend(responder);
+        self.start_next_sync(now);
+    }
+
+    /// Starts the waiting sync, if any, none is in flight and the interval has passed
+    /// (the retry tick calls this again).
+    fn start_next_sync(&mut self, now: Now) {
+        if self.syncs.is_empty() && self.last_sync_start.is_none_or(|t| now.saturating_sub(t) >= MIN_SYNC_INTERVAL) {
+            if let Some(responders) = self.next_sync.take() {
+                self.start_sync(responders, now);
+            }
+        }
+    }
+
+    /// Sends the outbox, then a `Sync`; the reply comes after the manager has decided
+    /// every change sent before it.
+    fn start_sync(&mut self, responders: Vec<R>, now: Now) {
+        self.last_sync_start = Some(now);
+        let pushed = self.publish_outbox();
+        let request = self.tree.env().new_id();
+        let since = self.sync_since();
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true });
+        self.out.push(Action::Publish { env, confirmed: true });
+        let conflicts_before = self.tree.stats().conflicts_seen;
+        let sync = ActiveSync {
+            responders,
+            started: now,
+            progress: now,
+            pushed,
+            conflicts_before,
+            next_page: 0,
+            known: HashSet::new(),
+            pulled: 0,
+            failed: 0,
+            damaged: HashMap::new(),
+        };
+        self.syncs.insert(request, sync);
+    }
+
+    /// The revision up to which the manager may leave deleted paths out of the reply
+    /// (docs/sync.md, *Deleted paths in a sync reply*). This node has applied every delete
+    /// up to the highest revision it has taken: deletes come on its queue in revision
+    /// order, and a sync reply brings what the queue could not. A reply cut off half-way
+    /// may have moved that revision past deletes it had not brought yet, so once a sync
+    /// has completed, no further than its head. A node that has taken no revision has no
+    /// path the manager knew, and needs no deleted path at all.
+    fn sync_since(&self) -> Revision {
+        let taken = self.tree.stats().last_revision;
+        if taken == 0 {
+            return Revision(u64::MAX);
+        }
+        // The last completed sync's head, also from before a restart: a sync cut off
+        // half-way, or a queue that dropped old messages while the node was away, may
+        // have moved `taken` past deletes it never brought.
+        let completed = self.tree.synced_head();
+        Revision(completed.map_or(taken, |head| head.min(taken)))
+    }
+
+    /// Applies another node's state of one path (a broadcast, a sync reply); set-id bits
+    /// are cleared in it unless allowed. Own decided changes go through `apply_decided`
+    /// and keep what this node's user set.
+    fn apply_entry(&mut self, mut entry: Entry, now: Now) -> EngineResult<Applied> {
+        self.clear_setid(&mut entry);
+        let applied = self.tree.apply_remote(&entry).map_err(fail(format!("applying {}", entry.path)))?;
+        let result = Applied { changed: applied.changed, missing_content: applied.missing_content, invals: Vec::new() };
+        self.after_apply(&entry, applied, now);
+        Ok(result)
+    }
+
+    fn clear_setid(&self, entry: &mut Entry) {
+        if !self.node.allow_setid {
+            if let Some(v) = &mut entry.version {
+                if v.mode & 0o6000 != 0 {
+                    tracing::info!(path = %entry.path, mode = format!("{:o}", v.mode), "clearing set-id bits that came from another node");
+                    v.mode &= !0o6000;
+                }
+            }
+        }
+    }
+
+    /// Passes on what the kernel must forget, tells the manager we can serve what we just
+    /// took, and keeps an entry whose content was not there for a retry (a newer entry of
+    /// the path replaces it).
+    fn after_apply(&mut self, entry: &Entry, applied: Applied, now: Now) {
+        if !applied.invals.is_empty() {
+            self.out.push(Action::Invalidate(applied.invals));
+        }
+        if applied.missing_content {
+            let retry = self.missing.entry(entry.path.clone()).or_insert_with(|| Missing {
+                entry: entry.clone(),
+                next_try: now + RETRY_FIRST,
+                backoff: RETRY_FIRST,
+                in_flight: false,
+            });
+            if entry.rev >= retry.entry.rev {
+                retry.entry = entry.clone();
+            }
+        } else if self.missing.get(&entry.path).is_some_and(|m| entry.rev >= m.entry.rev) {
+            self.missing.remove(&entry.path);
+        }
+        if applied.changed {
+            if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
+                let env = self.envelope(ToManager::Have { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() });
+                self.out.push(Action::Publish { env, confirmed: false });
+            }
+        }
+    }
+
+    /// One page of a sync reply. Its entries are applied at once, like broadcasts (each
+    /// is the state a path had, and an older state than the node's is ignored). The sync
+    /// it answers gathers the paths it names; only the last page pushes the local paths
+    /// the manager did not name, and reports. A page of a sync this node no longer waits
+    /// for (sent before a reconnection, or given up) completes nothing.
+    fn sync_reply_page(&mut self, request: MessageId, head: Revision, entries: Vec<Entry>, page: u32, more: bool, now: Now) -> EngineResult<()> {
+        let mut sync = self.syncs.remove(&request);
+        if let Some(s) = sync.take_if(|s| s.next_page != page) {
+            // Pages of one reply come in order on our queue; a gap means one was lost
+            // (dead-lettered). The reply cannot tell what is unknown any more: its callers
+            // wait for the next sync instead.
+            tracing::warn!(%request, page, expected = s.next_page, "a sync reply page is missing; syncing again");
+            self.next_sync.get_or_insert_with(Vec::new).extend(s.responders);
+        }
+        let Some(mut s) = sync else {
+            tracing::debug!(%request, page, "a page of a sync no longer waited for: applying its entries only");
+            for entry in entries {
+                self.apply_entry(entry, now)?;
+            }
+            self.start_next_sync(now);
+            return Ok(());
+        };
+        if page == 0 {
+            s.damaged = self.tree.damaged().into_iter().collect();
+        }
+        let mut heal = Vec::new();
+        for entry in entries {
+            s.known.insert(entry.path.clone());
+            if matches!((&entry.version, s.damaged.get(&entry.path)), (Some(Version { content: Content::File { hash, .. }, .. }), Some(lost)) if hash == lost) {
+                heal.push(entry.clone());
+            }
+            let a = self.apply_entry(entry, now)?;
+            s.pulled += a.changed as u64;
+            s.failed += a.missing_content as u64;
+        }
+        self.heal_damaged(heal, now);
+        s.progress = now;
+        if more {
+            s.next_page += 1;
+            self.syncs.insert(request, s);
+            return Ok(());
+        }
+        let unknown = self.tree.push_unknown(&s.known).map_err(fail("pushing local paths"))? as u64;
+        self.publish_outbox();
+        let report = SyncReport {
+            pushed: s.pushed + unknown,
+            pulled: s.pulled,
+            conflicts: self.tree.stats().conflicts_seen.saturating_sub(s.conflicts_before),
+            failed: s.failed,
+            head: head.0,
+            seconds: now.saturating_sub(s.started).as_secs_f64(),
+        };
+        tracing::info!(pushed = report.pushed, pulled = report.pulled, conflicts = report.conflicts, failed = report.failed, pages = page + 1, "sync done");
+        if let Err(e) = self.tree.set_synced_head(head.0) {
+            tracing::warn!("{e}; the next sync asks for more deleted paths");
+        }
+        self.out.push(Action::SyncDone { responders: s.responders, result: Ok(report) });
+        self.start_next_sync(now);
+        Ok(())
+    }
+
+    /// Files whose committed content vanished from the store (found at start-up) are
+    /// pulled again like any missing content, from the holders the sync reply names:
+    /// `entries` are the reply's entries of such files, already applied.
+    fn heal_damaged(&mut self, entries: Vec<Entry>, now: Now) {
+        for entry in entries {
+            let Some(hash) = self.tree.needs_content(&entry) else { continue };
+            if !self.missing.contains_key(&entry.path) {
+                tracing::warn!(path = %entry.path, "pulling {hash} again: this node's copy was lost");
+                let path = entry.path.clone();
+                self.missing.insert(path, Missing { entry, next_try: now, backoff: RETRY_FIRST, in_flight: false });
+            }
+        }
+    }
+}
+
+/// The contents a message needs that the store does not have, once each, with their
+/// size and holders: the driver pulls them before it hands the message to the engine.
+pub fn wanted_contents(tree: &Tree, body: &ToNode) -> Vec<(ContentHash, u64, Vec<Holder>)> {
+    let entries: Vec<&Entry> = match body {
+        ToNode::Applied { entry, .. } => vec![entry],
+        ToNode::Decided { current, .. } => vec![current],
+        ToNode::SyncReply { entries, .. } => entries.iter().collect(),
+        ToNode::SyncRequested {} => vec![],
+    };
+    let mut seen = HashSet::new();
+    entries
+        .into_iter()
+        .filter_map(|e| match (&e.version, tree.needs_content(e)) {
+            (Some(Version { content: Content::File { size, .. }, .. }), Some(h)) if seen.insert(h.clone()) => Some((h, *size, e.holders.clone())),
+            _ => None,
+        })
+        .collect()
+}
