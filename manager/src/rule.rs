@@ -59,12 +59,12 @@ pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &Ch
                 // A conflict file never conflicts: the latest edit of it wins.
                 return if replaces_full_dir { Decision::Refuse("the directory is not empty on the manager".into()) } else { Decision::Accept };
             }
-            match version.content {
-                Content::Dir => Decision::Refuse("a file was written at this path elsewhere".into()),
-                _ if copies >= MAX_CONFLICT_COPIES => {
-                    Decision::Refuse(format!("the path already has {MAX_CONFLICT_COPIES} conflict files; this version was not kept"))
-                }
-                _ => Decision::Conflict,
+            // A directory made here while a file was written there elsewhere becomes a
+            // conflict directory too: what is put below it goes there.
+            if copies >= MAX_CONFLICT_COPIES {
+                Decision::Refuse(format!("the path already has {MAX_CONFLICT_COPIES} conflict files; this version was not kept"))
+            } else {
+                Decision::Conflict
             }
         }
         (ChangeOp::Delete, Some((cur, cv))) => {

@@ -697,61 +697,40 @@ impl Tx<'_> {
             [change.path.as_str()],
             |r| r.get(0),
         )?;
-        let mut decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize);
-        if decision == Decision::Accept {
-            if let ChangeOp::Put { .. } = change.op {
-                if let Err(reason) = self.restore_ancestors(&change.path, now_ms)? {
-                    decision = Decision::Refuse(reason);
+        let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize);
+        let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
+        let outcome = match (decision, &change.op) {
+            (Decision::Accept, ChangeOp::Put { version }) => match self.first_non_dir_ancestor(&change.path)? {
+                None => {
+                    self.restore_ancestors(&change.path, now_ms)?;
+                    self.set(&change.path, Some(version), from, now_ms)?;
+                    Outcome::Accepted
                 }
-            }
-        }
-        let outcome = match decision {
-            Decision::Accept => {
-                let version = match &change.op {
-                    ChangeOp::Put { version } => Some(version),
-                    ChangeOp::Delete => None,
-                };
-                self.set(&change.path, version, from, now_ms)?;
+                // A directory above the path became a file elsewhere while this node
+                // wrote below it: what it wrote goes into a conflict directory beside
+                // that file, not away.
+                Some(blocker) => self.keep_below_conflict_dir(&change.path, &blocker, version, from, base, now_ms)?,
+            },
+            (Decision::Accept, ChangeOp::Delete) => {
+                self.set(&change.path, None, from, now_ms)?;
                 Outcome::Accepted
             }
-            Decision::Unchanged => Outcome::Unchanged,
-            Decision::Refuse(reason) => {
+            (Decision::Unchanged, _) => Outcome::Unchanged,
+            (Decision::Refuse(reason), _) => {
                 tracing::info!(path = %change.path, node = %from, %reason, "change refused");
                 Outcome::Refused { reason }
             }
-            Decision::Conflict => {
-                let ChangeOp::Put { version } = &change.op else { unreachable!("the rule only makes conflicts of puts") };
-                let at = UtcTime { unix_secs: now_ms.div_euclid(1000) };
-                // The copy gets the next revision; the last candidates carry it in their
-                // names, so the search ends with a name no other path has had.
-                let copy_rev = head(&self.tx)?.next();
-                let mut free = None;
-                for candidate in rule::conflict_candidates(&change.path, from, at, copy_rev) {
-                    if !matches!(self.current(&candidate)?, Some(Current { version: Some(_), .. })) {
-                        free = Some(candidate);
-                        break;
-                    }
+            (Decision::Conflict, ChangeOp::Put { version }) => match self.keep_as_conflict(&change.path, version, from, base, cur_rev, now_ms)? {
+                Some(copy) => Outcome::Conflict { copy },
+                None => {
+                    // Only beside a path within a few bytes of the length limit, or
+                    // when every candidate name is taken by other files.
+                    let reason = "no free conflict file name fits beside this path; this version was not kept".to_string();
+                    tracing::warn!(path = %change.path, node = %from, %reason, "change refused");
+                    Outcome::Refused { reason }
                 }
-                match free {
-                    Some(copy) => {
-                        let copy_entry = self.set(&copy, Some(version), from, now_ms)?;
-                        let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
-                        self.tx.execute(
-                            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                            params![change.path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms],
-                        )?;
-                        tracing::info!(path = %change.path, %copy, node = %from, "conflict: kept the node's version as a conflict file");
-                        Outcome::Conflict { copy }
-                    }
-                    None => {
-                        // Only beside a path within a few bytes of the length limit, or
-                        // when every candidate name is taken by other files.
-                        let reason = "no free conflict file name fits beside this path; this version was not kept".to_string();
-                        tracing::warn!(path = %change.path, node = %from, %reason, "change refused");
-                        Outcome::Refused { reason }
-                    }
-                }
-            }
+            },
+            (Decision::Conflict, ChangeOp::Delete) => unreachable!("the rule only makes conflicts of puts"),
         };
         let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
         tracing::debug!(target: "changes", %msg, node = %from, path = %change.path, sent_base = change.base.0, base = base.0, ?outcome, rev = current.rev.0, "decided");
@@ -762,21 +741,113 @@ impl Tx<'_> {
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
     }
 
-    /// Every ancestor of an accepted path must be a live directory: ancestors deleted
-    /// elsewhere are brought back (nothing added to a directory is lost because someone
-    /// removed the directory). An ancestor that is a file refuses the change.
-    fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+    /// The highest ancestor of `path` that is live and not a directory, if any.
+    fn first_non_dir_ancestor(&mut self, path: &RelPath) -> anyhow::Result<Option<RelPath>> {
         for anc in path.ancestors() {
-            match self.current(&anc)? {
-                Some(Current { version: Some(Version { content: Content::Dir, .. }), .. }) => {}
-                Some(Current { version: Some(_), .. }) => return Ok(Err(format!("{anc} is not a directory on the manager"))),
-                _ => {
-                    let dir = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: now_ms * 1_000_000 };
-                    self.set(&anc, Some(&dir), &NodeId::manager(), now_ms)?;
+            if let Some(Current { version: Some(v), .. }) = self.current(&anc)? {
+                if !matches!(v.content, Content::Dir) {
+                    return Ok(Some(anc));
                 }
             }
         }
-        Ok(Ok(()))
+        Ok(None)
+    }
+
+    /// Every ancestor of an accepted path must be a live directory: ancestors deleted
+    /// elsewhere are brought back (nothing added to a directory is lost because someone
+    /// removed the directory). The caller has made sure none is a file.
+    fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
+        for anc in path.ancestors() {
+            if !matches!(self.current(&anc)?, Some(Current { version: Some(_), .. })) {
+                let dir = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: now_ms * 1_000_000 };
+                self.set(&anc, Some(&dir), &NodeId::manager(), now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Keeps `version`, a change of `path` based on a stale revision, as a conflict file
+    /// beside it (the copy gets the next revision; the last candidate names carry it, so
+    /// the search ends with a name no other path has had). `None` when no name fits.
+    fn keep_as_conflict(
+        &mut self,
+        path: &RelPath,
+        version: &Version,
+        from: &NodeId,
+        base: Revision,
+        cur_rev: u64,
+        now_ms: i64,
+    ) -> anyhow::Result<Option<RelPath>> {
+        let at = UtcTime { unix_secs: now_ms.div_euclid(1000) };
+        let copy_rev = head(&self.tx)?.next();
+        let mut free = None;
+        for candidate in rule::conflict_candidates(path, from, at, copy_rev) {
+            if !matches!(self.current(&candidate)?, Some(Current { version: Some(_), .. })) {
+                free = Some(candidate);
+                break;
+            }
+        }
+        let Some(copy) = free else { return Ok(None) };
+        self.restore_ancestors(&copy, now_ms)?;
+        let copy_entry = self.set(&copy, Some(version), from, now_ms)?;
+        self.tx.execute(
+            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms],
+        )?;
+        tracing::info!(%path, %copy, node = %from, "conflict: kept the node's version as a conflict file");
+        Ok(Some(copy))
+    }
+
+    /// `path` is below `blocker`, which is a file on the manager (made one elsewhere
+    /// while `from` wrote below it as a directory). The version goes to the same place
+    /// below a conflict directory beside `blocker`: the one `from` already has for it (so
+    /// that all it wrote there stays together), or a new one.
+    fn keep_below_conflict_dir(
+        &mut self,
+        path: &RelPath,
+        blocker: &RelPath,
+        version: &Version,
+        from: &NodeId,
+        base: Revision,
+        now_ms: i64,
+    ) -> anyhow::Result<Outcome> {
+        let earlier: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2 ORDER BY id DESC LIMIT 8")?
+            .query_map(params![blocker.as_str(), from.as_str()], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let mut reuse = None;
+        for copy in earlier.into_iter().filter_map(|c| RelPath::new(c).ok()) {
+            if matches!(self.current(&copy)?, Some(Current { version: Some(Version { content: Content::Dir, .. }), .. })) {
+                reuse = Some(copy);
+                break;
+            }
+        }
+        let dir_copy = match reuse {
+            Some(copy) => copy,
+            None => {
+                let dir = Version { content: Content::Dir, mode: 0o755, uid: version.uid, gid: version.gid, mtime_ns: now_ms * 1_000_000 };
+                let blocker_rev = self.current(blocker)?.map(|c| c.rev.0).unwrap_or(0);
+                match self.keep_as_conflict(blocker, &dir, from, base, blocker_rev, now_ms)? {
+                    Some(copy) => copy,
+                    None => {
+                        return Ok(Outcome::Refused { reason: format!("{blocker} is a file on the manager, and no conflict directory name fits beside it") })
+                    }
+                }
+            }
+        };
+        let rest = &path.as_str()[blocker.as_str().len() + 1..];
+        let Ok(moved) = RelPath::new(format!("{dir_copy}/{rest}")) else {
+            return Ok(Outcome::Refused { reason: format!("{blocker} is a file on the manager, and the path below its conflict directory would be too long") });
+        };
+        self.restore_ancestors(&moved, now_ms)?;
+        let moved_entry = self.set(&moved, Some(version), from, now_ms)?;
+        self.tx.execute(
+            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, 0, ?5, ?6)",
+            params![path.as_str(), moved.as_str(), from.as_str(), base.0 as i64, moved_entry.rev.0 as i64, now_ms],
+        )?;
+        tracing::info!(%path, copy = %moved, node = %from, "conflict: {blocker} is a file now; kept the node's version below a conflict directory");
+        Ok(Outcome::Conflict { copy: moved })
     }
 }
 

@@ -1,0 +1,75 @@
+//! The broker model: RabbitMQ's guarantees and no more. Each queue is FIFO; a delivery
+//! stays unacked until its consumer acks it, and a consumer whose connection is lost
+//! (a partition, a crash) gets its unacked deliveries back at the head of the queue,
+//! marked redelivered. `sync.master` routes `all` to every node queue and `node.<id>` to
+//! one. Queues are durable: they keep their messages while their consumer is away.
+
+use std::collections::{BTreeMap, VecDeque};
+use wire::{topology, NodeId};
+
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub body: Vec<u8>,
+    pub redelivered: bool,
+}
+
+#[derive(Default)]
+pub struct Queue {
+    ready: VecDeque<Message>,
+    unacked: Vec<Message>,
+}
+
+impl Queue {
+    pub fn publish(&mut self, body: Vec<u8>) {
+        self.ready.push_back(Message { body, redelivered: false });
+    }
+    /// The next message, now unacked.
+    pub fn deliver(&mut self) -> Option<Message> {
+        let m = self.ready.pop_front()?;
+        self.unacked.push(m.clone());
+        Some(m)
+    }
+    /// Acks every unacked delivery (consumers here handle one delivery or one batch at a
+    /// time, and ack it whole).
+    pub fn ack_all(&mut self) {
+        self.unacked.clear();
+    }
+    /// The consumer's connection was lost: its unacked deliveries go back to the head,
+    /// in order, marked redelivered.
+    pub fn connection_lost(&mut self) {
+        for mut m in self.unacked.drain(..).rev() {
+            m.redelivered = true;
+            self.ready.push_front(m);
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.ready.len() + self.unacked.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Default)]
+pub struct Broker {
+    pub update: Queue,
+    pub nodes: BTreeMap<NodeId, Queue>,
+}
+
+impl Broker {
+    pub fn declare_node(&mut self, id: &NodeId) {
+        self.nodes.entry(id.clone()).or_default();
+    }
+    /// A publish on `sync.master` with routing key `key`.
+    pub fn publish_master(&mut self, key: &str, body: &[u8]) {
+        for (id, q) in self.nodes.iter_mut() {
+            if key == topology::BROADCAST_KEY || key == topology::node_key(id) {
+                q.publish(body.to_vec());
+            }
+        }
+    }
+    /// Messages anywhere in the broker.
+    pub fn in_flight(&self) -> usize {
+        self.update.len() + self.nodes.values().map(Queue::len).sum::<usize>()
+    }
+}

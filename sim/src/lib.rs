@@ -1,0 +1,466 @@
+//! A deterministic simulation of a whole cluster from one seed: the real manager store
+//! and rule, the real node tree and sync engine, a broker model with RabbitMQ's
+//! guarantees, a virtual clock, and faults (partitions from the broker and from peers,
+//! crashes and restarts of nodes and of the manager at any step). A random workload of
+//! file operations on overlapping paths runs on random nodes; then every fault heals,
+//! the cluster runs until it is quiet, and the invariants are checked (`check.rs`).
+//!
+//! Everything runs on one thread in one order drawn from the seed, so a seed replays
+//! exactly: `cargo run -p sim --release -- --seed N`.
+
+pub mod broker;
+pub mod check;
+pub mod manager;
+pub mod node;
+
+use broker::Broker;
+use manager::{CrashPoint, SimManager};
+use node::{SimNode, WriteHow};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{ContentHash, NodeId, RelPath};
+
+/// How big a run is.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub nodes: usize,
+    /// Random steps before everything heals.
+    pub steps: usize,
+    /// Steps allowed to reach quiet after healing.
+    pub settle_steps: usize,
+    /// Faults on (crashes, partitions).
+    pub faults: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true }
+    }
+}
+
+/// One version a node's user closed: it must not be lost (see `check.rs`).
+#[derive(Clone, Debug)]
+pub struct Closed {
+    pub node: usize,
+    pub path: RelPath,
+    pub hash: ContentHash,
+    pub step: usize,
+    /// The same node changed or removed this path (or an ancestor) afterwards: its own
+    /// later operation replaced this version.
+    pub superseded: bool,
+}
+
+/// What happened, for a failing seed's report.
+pub type Trace = Vec<String>;
+
+/// Figures of one run.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    pub steps: usize,
+    pub ops: usize,
+    pub conflicts: usize,
+    pub crashes: usize,
+}
+
+pub struct World {
+    pub rng: ChaCha8Rng,
+    pub cfg: Config,
+    pub broker: Broker,
+    pub manager: SimManager,
+    pub nodes: Vec<SimNode>,
+    clock_ns: Arc<AtomicI64>,
+    pub closed: Vec<Closed>,
+    pub trace: Trace,
+    pub stats: RunStats,
+    step: usize,
+    counter: u64,
+    _dir: tempfile::TempDir,
+}
+
+/// Start of the virtual clock (2026-01-01), so times look like times.
+const EPOCH_NS: i64 = 1_767_225_600 * 1_000_000_000;
+
+/// The peers as a node's pull sees them: every other node's store, when reachable.
+struct PeerView<'a> {
+    others: [&'a [SimNode]; 2],
+}
+
+impl node::Peers for PeerView<'_> {
+    fn serve(&self, holder: &NodeId, hash: &ContentHash) -> Option<Vec<u8>> {
+        self.others.iter().flat_map(|s| s.iter()).find(|n| n.id == *holder)?.serve(hash)
+    }
+}
+
+const NAMES: [&str; 4] = ["a", "b", "d", "e.txt"];
+
+impl World {
+    pub fn new(seed: u64, cfg: Config) -> anyhow::Result<World> {
+        let base = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
+        let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
+        let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
+        let manager = SimManager::start(dir.path().join("manager.db"))?;
+        let mut broker = Broker::default();
+        let mut nodes = Vec::new();
+        for i in 0..cfg.nodes {
+            let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
+            broker.declare_node(&id);
+            nodes.push(SimNode::start(id, dir.path().join(format!("n{}", i + 1)), clock_ns.clone())?);
+        }
+        let mut w = World {
+            rng: ChaCha8Rng::seed_from_u64(seed),
+            cfg,
+            broker,
+            manager,
+            nodes,
+            clock_ns,
+            closed: Vec::new(),
+            trace: Vec::new(),
+            stats: RunStats::default(),
+            step: 0,
+            counter: 0,
+            _dir: dir,
+        };
+        for i in 0..w.nodes.len() {
+            w.connect(i)?;
+        }
+        Ok(w)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::from_nanos((self.clock_ns.load(Ordering::Relaxed) - EPOCH_NS) as u64)
+    }
+    fn now_ms(&self) -> i64 {
+        self.clock_ns.load(Ordering::Relaxed) / 1_000_000
+    }
+    fn log(&mut self, what: String) {
+        self.trace.push(format!("{:>5} t={:>6}ms {what}", self.step, self.now().as_millis()));
+    }
+
+    /// Runs node `i`'s method with the other nodes as its peers.
+    fn with_node<T>(&mut self, i: usize, f: impl FnOnce(&mut SimNode, &mut Broker, &dyn node::Peers, Duration) -> anyhow::Result<T>) -> anyhow::Result<T> {
+        let now = self.now();
+        let (before, rest) = self.nodes.split_at_mut(i);
+        let (n, after) = rest.split_first_mut().expect("a node index");
+        f(n, &mut self.broker, &PeerView { others: [before, after] }, now)
+    }
+
+    fn connect(&mut self, i: usize) -> anyhow::Result<()> {
+        self.with_node(i, |n, b, p, now| n.connect(b, p, now))
+    }
+
+    /// The whole run: random steps with faults, then heal and settle, then the checks.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        for _ in 0..self.cfg.steps {
+            self.step += 1;
+            self.random_step()?;
+        }
+        self.heal_all()?;
+        self.settle()?;
+        // A final sync everywhere, as after a reconnection, then quiet again.
+        for i in 0..self.nodes.len() {
+            self.with_node(i, |n, b, p, now| n.request_sync(b, p, now))?;
+        }
+        self.settle()?;
+        self.stats.steps = self.step;
+        check::all(self)
+    }
+
+    fn random_step(&mut self) -> anyhow::Result<()> {
+        let roll = self.rng.random_range(0..100);
+        let faults = self.cfg.faults;
+        match roll {
+            0..=34 => self.local_op(),
+            35..=54 => {
+                let batch = self.rng.random_range(1..=8);
+                let crash = if faults && self.rng.random_range(0..40) == 0 {
+                    Some([CrashPoint::BeforeCommit, CrashPoint::AfterCommit, CrashPoint::AfterPublish][self.rng.random_range(0..3)])
+                } else {
+                    None
+                };
+                if let Some(c) = crash {
+                    if !self.broker.update.is_empty() && self.manager.is_up() {
+                        self.log(format!("manager crashes {c:?}"));
+                        self.stats.crashes += 1;
+                    }
+                }
+                let now_ms = self.now_ms();
+                self.manager.handle_batch(&mut self.broker, batch, now_ms, crash)?;
+                Ok(())
+            }
+            55..=79 => {
+                let i = self.rng.random_range(0..self.nodes.len());
+                let crash = faults && self.rng.random_range(0..60) == 0;
+                let delivered = self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, crash))?;
+                if delivered && crash {
+                    self.stats.crashes += 1;
+                    self.log(format!("n{} crashes after applying a message, before its ack", i + 1));
+                }
+                Ok(())
+            }
+            80..=89 => self.tick(),
+            90..=93 if faults => {
+                let i = self.rng.random_range(0..self.nodes.len());
+                if self.nodes[i].partitioned {
+                    self.log(format!("n{} reconnects to the broker", i + 1));
+                    self.nodes[i].partitioned = false;
+                    self.connect(i)
+                } else {
+                    self.log(format!("n{} is cut off from the broker", i + 1));
+                    self.nodes[i].partitioned = true;
+                    self.nodes[i].disconnect(&mut self.broker);
+                    Ok(())
+                }
+            }
+            94..=95 if faults => {
+                let i = self.rng.random_range(0..self.nodes.len());
+                self.nodes[i].peer_cut = !self.nodes[i].peer_cut;
+                let what = if self.nodes[i].peer_cut { "cut off from its peers" } else { "reachable by its peers again" };
+                self.log(format!("n{} is {what}", i + 1));
+                Ok(())
+            }
+            96..=97 if faults => {
+                let i = self.rng.random_range(0..self.nodes.len());
+                if self.nodes[i].is_up() {
+                    self.log(format!("n{} crashes", i + 1));
+                    self.stats.crashes += 1;
+                    self.nodes[i].crash(&mut self.broker);
+                    Ok(())
+                } else {
+                    self.log(format!("n{} restarts", i + 1));
+                    self.nodes[i].restart()?;
+                    self.connect(i)
+                }
+            }
+            98..=99 if faults => {
+                if self.manager.is_up() {
+                    self.log("manager crashes between batches".into());
+                    self.stats.crashes += 1;
+                    self.manager.crash(&mut self.broker);
+                    Ok(())
+                } else {
+                    self.log("manager restarts".into());
+                    self.manager.restart(&mut self.broker)
+                }
+            }
+            _ => self.tick(),
+        }
+    }
+
+    /// One second of virtual time: the manager's tick, every node's heartbeat and
+    /// retries, and a manager that is down comes back.
+    fn tick(&mut self) -> anyhow::Result<()> {
+        self.clock_ns.fetch_add(1_000_000_000, Ordering::Relaxed);
+        if !self.manager.is_up() && self.rng.random_bool(0.5) {
+            self.log("manager restarts".into());
+            self.manager.restart(&mut self.broker)?;
+        }
+        let now_ms = self.now_ms();
+        self.manager.tick(&mut self.broker, now_ms)?;
+        for i in 0..self.nodes.len() {
+            self.with_node(i, |n, b, p, now| n.tick(b, p, now))?;
+        }
+        Ok(())
+    }
+
+    fn heal_all(&mut self) -> anyhow::Result<()> {
+        self.log("everything heals".into());
+        if !self.manager.is_up() {
+            self.manager.restart(&mut self.broker)?;
+        }
+        for i in 0..self.nodes.len() {
+            let held = std::mem::take(&mut self.nodes[i].held);
+            for (fh, path) in held {
+                self.close_held(i, fh, path)?;
+            }
+            self.nodes[i].peer_cut = false;
+            self.nodes[i].partitioned = false;
+            if !self.nodes[i].is_up() {
+                self.nodes[i].restart()?;
+            }
+            self.connect(i)?;
+            self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))?;
+        }
+        Ok(())
+    }
+
+    /// Delivers everything and ticks until nothing is in flight and no node is busy.
+    fn settle(&mut self) -> anyhow::Result<()> {
+        for _ in 0..self.cfg.settle_steps {
+            self.step += 1;
+            let mut moved = false;
+            if !self.broker.update.is_empty() {
+                let now_ms = self.now_ms();
+                moved |= self.manager.handle_batch(&mut self.broker, 64, now_ms, None)? > 0;
+            }
+            for i in 0..self.nodes.len() {
+                while self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, false))? {
+                    moved = true;
+                }
+            }
+            let busy = self.nodes.iter().any(|n| n.busy() || n.tree().is_some_and(|t| t.pending_changes() > 0));
+            if !moved && self.broker.in_flight() == 0 && !busy {
+                return Ok(());
+            }
+            if !moved {
+                self.tick()?;
+            }
+        }
+        let busy: Vec<String> =
+            self.nodes.iter().map(|n| format!("{}: busy {}, pending {}", n.id, n.busy(), n.tree().map(|t| t.pending_changes()).unwrap_or(0))).collect();
+        anyhow::bail!("no quiescence within {} steps after healing: {} messages in flight; {}", self.cfg.settle_steps, self.broker.in_flight(), busy.join("; "))
+    }
+
+    fn random_path(&mut self) -> RelPath {
+        let depth = self.rng.random_range(1..=3);
+        let parts: Vec<&str> = (0..depth).map(|_| NAMES[self.rng.random_range(0..NAMES.len())]).collect();
+        RelPath::new(parts.join("/")).expect("valid path")
+    }
+
+    fn content(&mut self, node: usize) -> Vec<u8> {
+        self.counter += 1;
+        let len = self.rng.random_range(1..64);
+        format!("n{} write {} ", node + 1, self.counter).into_bytes().into_iter().cycle().take(len.max(12)).collect()
+    }
+
+    /// Marks node `i`'s closed versions at or below `path` as replaced by its own later
+    /// operation.
+    fn supersede(&mut self, i: usize, path: &RelPath) {
+        let prefix = format!("{}/", path.as_str());
+        for c in self.closed.iter_mut().filter(|c| c.node == i && !c.superseded) {
+            if c.path == *path || c.path.as_str().starts_with(&prefix) {
+                c.superseded = true;
+            }
+        }
+    }
+
+    /// Records the version now at `path` on node `i` as closed by its user.
+    fn record_closed(&mut self, i: usize, path: &RelPath) {
+        let Some(tree) = self.nodes[i].tree().cloned() else { return };
+        let Some((_, ino)) = node::resolve(&tree, path) else { return };
+        // Another writer still open: the file is not closed yet (its last close commits it).
+        if self.nodes[i].held.iter().any(|(_, held)| node::resolve(&tree, held).is_some_and(|(_, h)| h == ino)) {
+            return;
+        }
+        if let Ok(bytes) = node::read_file(&tree, ino) {
+            self.supersede(i, path);
+            self.closed.push(Closed { node: i, path: path.clone(), hash: fs_node::store::hash_of(&bytes), step: self.step, superseded: false });
+        }
+    }
+
+    fn close_held(&mut self, i: usize, fh: u64, path: RelPath) -> anyhow::Result<()> {
+        let Some(tree) = self.nodes[i].tree().cloned() else { return Ok(()) };
+        let r = tree.release(fh);
+        self.log(format!("n{} closes its held writer of {path}: {r:?}", i + 1, r = r.as_ref().map(|_| ())));
+        self.record_closed(i, &path);
+        self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))
+    }
+
+    /// One random file operation on a random node that is up.
+    fn local_op(&mut self) -> anyhow::Result<()> {
+        let i = self.rng.random_range(0..self.nodes.len());
+        let Some(tree) = self.nodes[i].tree().cloned() else { return Ok(()) };
+        self.stats.ops += 1;
+        let path = self.random_path();
+        let kind = self.rng.random_range(0..100);
+        let (what, result, touched): (String, Result<(), fs_node::tree::FsError>, Vec<RelPath>) = match kind {
+            0..=39 => {
+                let how = [WriteHow::Overwrite, WriteHow::Overwrite, WriteHow::Append, WriteHow::Patch][self.rng.random_range(0..4)];
+                let bytes = self.content(i);
+                let r = node::write_file(&tree, &path, how, &bytes).map(|_| ());
+                if r.is_ok() {
+                    self.record_closed(i, &path);
+                }
+                (format!("write {how:?} {path} ({} bytes)", bytes.len()), r, vec![])
+            }
+            40..=44 => {
+                let size = self.rng.random_range(0..8);
+                let r = node::truncate(&tree, &path, size);
+                if r.is_ok() {
+                    self.record_closed(i, &path);
+                }
+                (format!("truncate {path} to {size}"), r, vec![])
+            }
+            45..=56 => (format!("mkdir {path}"), node::mkdir(&tree, &path), vec![path.clone()]),
+            57..=60 => (format!("rmdir {path}"), node::rmdir(&tree, &path), vec![path.clone()]),
+            61..=66 => (format!("unlink {path}"), node::unlink(&tree, &path), vec![path.clone()]),
+            67..=69 => (format!("rm -rf {path}"), node::remove_all(&tree, &path), vec![path.clone()]),
+            70..=78 => {
+                let to = self.random_path();
+                let r = node::rename(&tree, &path, &to);
+                (format!("rename {path} -> {to}"), r, vec![path.clone(), to])
+            }
+            79..=84 => {
+                let mode = [0o644, 0o600, 0o755, 0o700][self.rng.random_range(0..4)];
+                (format!("chmod {mode:o} {path}"), node::chmod(&tree, &path, mode), vec![])
+            }
+            85..=87 => {
+                let target = NAMES[self.rng.random_range(0..NAMES.len())];
+                (format!("symlink {path} -> {target}"), node::symlink(&tree, &path, target), vec![path.clone()])
+            }
+            88..=91 => {
+                // Two handles writing the same file, closed in turn.
+                let (a, b) = (self.content(i), self.content(i));
+                let r = (|| {
+                    let (ino, fh1) = node::open_writer(&tree, &path, false)?;
+                    let (_, fh2) = node::open_writer(&tree, &path, false)?;
+                    node::write_with(&tree, ino, fh1, WriteHow::Overwrite, &a)?;
+                    node::write_with(&tree, ino, fh2, WriteHow::Append, &b)?;
+                    tree.release(fh1)?;
+                    tree.release(fh2)?;
+                    Ok(())
+                })();
+                if r.is_ok() {
+                    self.record_closed(i, &path);
+                }
+                (format!("two writers on {path}"), r, vec![])
+            }
+            92..=95 => {
+                // A writer left open across steps.
+                let bytes = self.content(i);
+                let r = node::open_writer(&tree, &path, true).and_then(|(ino, fh)| {
+                    node::write_with(&tree, ino, fh, WriteHow::Overwrite, &bytes)?;
+                    self.nodes[i].held.push((fh, path.clone()));
+                    Ok(())
+                });
+                (format!("open {path} for writing and keep it open"), r, vec![])
+            }
+            _ => {
+                if self.nodes[i].held.is_empty() {
+                    return Ok(());
+                }
+                let (fh, held_path) = self.nodes[i].held.remove(0);
+                return self.close_held(i, fh, held_path);
+            }
+        };
+        if result.is_ok() {
+            for p in &touched {
+                self.supersede(i, p);
+            }
+        }
+        self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));
+        if self.rng.random_bool(0.7) {
+            self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs one seed: Ok with its figures, or Err with what broke and the trace.
+pub fn run_seed(seed: u64, cfg: Config) -> Result<RunStats, (String, Trace)> {
+    let mut world = match World::new(seed, cfg) {
+        Ok(w) => w,
+        Err(e) => return Err((format!("setting up: {e:#}"), Vec::new())),
+    };
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.run()));
+    match r {
+        Ok(Ok(())) => Ok(world.stats.clone()),
+        Ok(Err(e)) => Err((format!("{e:#}"), std::mem::take(&mut world.trace))),
+        Err(p) => {
+            let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
+            Err((format!("panic: {msg}"), std::mem::take(&mut world.trace)))
+        }
+    }
+}

@@ -1,0 +1,98 @@
+//! `sim --seeds START..END` runs a range of seeds (in parallel) and exits non-zero if any
+//! fails, printing the seed, what broke and the trace of the smallest failing run;
+//! `sim --seed N` replays one seed exactly and prints its trace.
+
+use clap::Parser;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(about = "Deterministic simulation of a whole sync cluster")]
+struct Args {
+    /// A range of seeds, `START..END` (END excluded).
+    #[arg(long, conflicts_with = "seed")]
+    seeds: Option<String>,
+    /// One seed, replayed with its trace.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Random steps per run before everything heals.
+    #[arg(long, default_value_t = 200)]
+    steps: usize,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Worker threads (default: one per core).
+    #[arg(long)]
+    threads: Option<usize>,
+    /// Print the trace of a replayed seed even when it passes.
+    #[arg(long)]
+    trace: bool,
+}
+
+fn main() {
+    let args = Args::parse();
+    let cfg = sim::Config { nodes: args.nodes, steps: args.steps, ..Default::default() };
+    if let Some(seed) = args.seed {
+        match sim::run_seed(seed, cfg) {
+            Ok(stats) => {
+                println!("seed {seed}: ok ({stats:?})");
+            }
+            Err((what, trace)) => {
+                for line in &trace {
+                    println!("{line}");
+                }
+                println!("seed {seed} FAILED: {what}");
+                std::process::exit(1);
+            }
+        }
+        return;
+    }
+    let range = args.seeds.as_deref().unwrap_or("0..1000");
+    let (start, end) = range.split_once("..").and_then(|(a, b)| Some((a.parse::<u64>().ok()?, b.parse::<u64>().ok()?))).unwrap_or_else(|| {
+        eprintln!("--seeds takes START..END");
+        std::process::exit(2)
+    });
+    let threads = args.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let next = AtomicU64::new(start);
+    let done = AtomicUsize::new(0);
+    let steps = AtomicU64::new(0);
+    let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    break;
+                }
+                match sim::run_seed(seed, cfg.clone()) {
+                    Ok(stats) => {
+                        steps.fetch_add(stats.steps as u64, Ordering::Relaxed);
+                    }
+                    Err((what, _)) => {
+                        eprintln!("seed {seed} FAILED: {}", what.lines().next().unwrap_or(""));
+                        failures.lock().unwrap().push((seed, what));
+                    }
+                }
+                let n = done.fetch_add(1, Ordering::Relaxed) + 1;
+                if n % 1000 == 0 {
+                    eprintln!("{n} seeds, {:.0} seeds/s", n as f64 / t.elapsed().as_secs_f64());
+                }
+            });
+        }
+    });
+    let secs = t.elapsed().as_secs_f64();
+    let n = done.load(Ordering::Relaxed);
+    let failures = failures.into_inner().unwrap();
+    println!(
+        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} failed",
+        n as f64 / secs,
+        steps.load(Ordering::Relaxed) as f64 / secs,
+        failures.len()
+    );
+    if let Some((seed, what)) = failures.iter().min_by_key(|(s, _)| *s) {
+        println!("first failing seed: {seed}: {what}\nreplay: cargo run -p sim --release -- --seed {seed}");
+        std::process::exit(1);
+    }
+}

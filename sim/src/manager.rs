@@ -1,0 +1,124 @@
+//! The manager in the simulation: the real `manager::store::Store` (rule, revisions,
+//! conflicts, outbox, sync replies) on a database in the run's directory, driven the
+//! way `manager::service` drives it: a batch of deliveries handled in one transaction
+//! (each message under its own savepoint), the outbox published, then the batch acked.
+//! A crash can come at any of those points; what the store committed survives it.
+
+use crate::broker::Broker;
+use manager::store::Store;
+use std::path::PathBuf;
+use wire::{Envelope, ToManager};
+
+/// Where a crash of the manager may come while it handles a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrashPoint {
+    /// Before the transaction commits: nothing of the batch is kept.
+    BeforeCommit,
+    /// After the commit, before the outbox is published.
+    AfterCommit,
+    /// After the outbox went out, before the batch is acked.
+    AfterPublish,
+}
+
+pub struct SimManager {
+    db: PathBuf,
+    store: Option<Store>,
+}
+
+impl SimManager {
+    pub fn start(db: PathBuf) -> anyhow::Result<SimManager> {
+        let store = Store::open(&db)?;
+        Ok(SimManager { db, store: Some(store) })
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.store.is_some()
+    }
+
+    pub fn store(&self) -> Option<&Store> {
+        self.store.as_ref()
+    }
+
+    /// Kills the process: the store is closed, what it committed stays; the broker
+    /// takes back what the manager had not acked.
+    pub fn crash(&mut self, broker: &mut Broker) {
+        self.store = None;
+        broker.update.connection_lost();
+    }
+
+    /// Starts again over the same database and publishes what a crash left in the outbox.
+    pub fn restart(&mut self, broker: &mut Broker) -> anyhow::Result<()> {
+        self.store = Some(Store::open(&self.db)?);
+        self.flush_outbox(broker)
+    }
+
+    /// Handles up to `batch` messages of the update queue; `crash` stops the process at
+    /// that point of the batch. Returns how many messages it took.
+    pub fn handle_batch(&mut self, broker: &mut Broker, batch: usize, now_ms: i64, crash: Option<CrashPoint>) -> anyhow::Result<usize> {
+        let Some(store) = self.store.as_mut() else { return Ok(0) };
+        let mut envs = Vec::new();
+        while envs.len() < batch {
+            let Some(m) = broker.update.deliver() else { break };
+            match Envelope::<ToManager>::decode(&m.body) {
+                Ok(env) => envs.push(env),
+                Err(e) => anyhow::bail!("the manager got a message it cannot decode: {e}"),
+            }
+        }
+        let taken = envs.len();
+        if taken == 0 {
+            return Ok(0);
+        }
+        if crash == Some(CrashPoint::BeforeCommit) {
+            self.crash(broker);
+            return Ok(taken);
+        }
+        let results = store.transaction(|tx| envs.into_iter().map(|env| tx.handle_isolated(env, now_ms)).collect::<anyhow::Result<Vec<_>>>())?;
+        for r in results {
+            if let Err(reason) = r {
+                anyhow::bail!("the manager failed to handle a message: {reason}");
+            }
+        }
+        if crash == Some(CrashPoint::AfterCommit) {
+            self.crash(broker);
+            return Ok(taken);
+        }
+        self.flush_outbox(broker)?;
+        if crash == Some(CrashPoint::AfterPublish) {
+            self.crash(broker);
+            return Ok(taken);
+        }
+        broker.update.ack_all();
+        Ok(taken)
+    }
+
+    /// The manager's tick: presence, then every sync reply page that is due.
+    pub fn tick(&mut self, broker: &mut Broker, now_ms: i64) -> anyhow::Result<()> {
+        let Some(store) = self.store.as_mut() else { return Ok(()) };
+        store.transaction(|tx| tx.mark_silent_offline(now_ms))?;
+        self.sync_work(broker, now_ms)
+    }
+
+    /// Sends sync reply pages until none is due.
+    pub fn sync_work(&mut self, broker: &mut Broker, now_ms: i64) -> anyhow::Result<()> {
+        while let Some(store) = self.store.as_mut() {
+            let more = store.sync_step(now_ms)?;
+            self.flush_outbox(broker)?;
+            if !more {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_outbox(&mut self, broker: &mut Broker) -> anyhow::Result<()> {
+        let Some(store) = self.store.as_mut() else { return Ok(()) };
+        loop {
+            let out = store.outbox(512)?;
+            let Some(last) = out.last().map(|o| o.seq) else { return Ok(()) };
+            for o in &out {
+                broker.publish_master(&o.key, &o.payload);
+            }
+            store.remove_outbox(last)?;
+        }
+    }
+}

@@ -1,0 +1,421 @@
+//! A node in the simulation: the real tree (`fs_node::tree::Tree`, its SQLite database
+//! and content store in the run's directory) and the real sync engine
+//! (`fs_node::engine::Engine`), driven the way `fs_node::link` drives them, with the
+//! broker model for AMQP and other nodes' stores for peer HTTP. File operations go to
+//! the tree the way the FUSE layer sends them.
+//!
+//! A crash drops the tree and the engine (open handles, unsaved work files, everything
+//! in memory) and loads the tree again from what its database committed.
+
+use crate::broker::Broker;
+use fs_node::db::Db;
+use fs_node::engine::{Action, Engine, NodeInfo};
+use fs_node::env::Env;
+use fs_node::store::ContentStore;
+use fs_node::tree::{FsError, FsResult, Kind, SetAttr, Tree, ROOT};
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use wire::{ContentHash, Envelope, Holder, MessageId, NodeId, RelPath, Revision, ToNode};
+
+/// The virtual clock and the ids of one node, drawn in order (the same run gives the
+/// same ids).
+pub struct SimEnv {
+    pub clock_ns: Arc<AtomicI64>,
+    node: NodeId,
+    next: AtomicU64,
+}
+
+impl Env for SimEnv {
+    fn now_ns(&self) -> i64 {
+        self.clock_ns.load(Ordering::Relaxed)
+    }
+    fn new_id(&self) -> MessageId {
+        format!("{}-{}", self.node, self.next.fetch_add(1, Ordering::Relaxed)).parse().expect("valid id")
+    }
+}
+
+/// A content pull the engine asked for, running in the background.
+struct PendingPull {
+    path: RelPath,
+    rev: Revision,
+    hash: ContentHash,
+    holders: Vec<Holder>,
+}
+
+/// What the world needs from other nodes to serve a pull.
+pub trait Peers {
+    /// The bytes of `hash` from `holder`, if it is reachable and has them.
+    fn serve(&self, holder: &NodeId, hash: &ContentHash) -> Option<Vec<u8>>;
+}
+
+pub struct SimNode {
+    pub id: NodeId,
+    dir: PathBuf,
+    env: Arc<SimEnv>,
+    tree: Option<Arc<Tree>>,
+    engine: Option<Engine<()>>,
+    /// Cut off from the broker.
+    pub partitioned: bool,
+    /// Cut off from its peers (neither serves nor pulls).
+    pub peer_cut: bool,
+    pulls: Vec<PendingPull>,
+    /// Writers left open across steps: (handle, path it was opened as).
+    pub held: Vec<(u64, RelPath)>,
+    /// Results of syncs this node ran (errors only matter).
+    pub sync_errors: Vec<String>,
+}
+
+impl SimNode {
+    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>) -> anyhow::Result<SimNode> {
+        std::fs::create_dir_all(&dir)?;
+        let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1) });
+        let mut n = SimNode {
+            id,
+            dir,
+            env,
+            tree: None,
+            engine: None,
+            partitioned: false,
+            peer_cut: false,
+            pulls: Vec::new(),
+            held: Vec::new(),
+            sync_errors: Vec::new(),
+        };
+        n.load()?;
+        Ok(n)
+    }
+
+    fn load(&mut self) -> anyhow::Result<()> {
+        let db = Db::open(&self.dir.join("node.db"))?;
+        let store = ContentStore::open(&self.dir)?;
+        self.tree = Some(Arc::new(Tree::load_with(db, store, self.env.clone())?));
+        Ok(())
+    }
+
+    pub fn tree(&self) -> Option<&Arc<Tree>> {
+        self.tree.as_ref()
+    }
+    pub fn is_up(&self) -> bool {
+        self.tree.is_some()
+    }
+    pub fn is_connected(&self) -> bool {
+        self.engine.is_some()
+    }
+    /// Anything still to do: an engine busy, pulls under way.
+    pub fn busy(&self) -> bool {
+        self.engine.as_ref().is_some_and(|e| e.busy()) || !self.pulls.is_empty()
+    }
+    pub fn url(&self) -> String {
+        format!("sim://{}", self.id)
+    }
+
+    /// Kills the node process: memory, handles, engine and pulls are gone; the broker
+    /// takes back what it had not acked.
+    pub fn crash(&mut self, broker: &mut Broker) {
+        self.disconnect(broker);
+        self.tree = None;
+        self.held.clear();
+    }
+
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.load()
+    }
+
+    /// The broker connection is lost (a partition, a crash).
+    pub fn disconnect(&mut self, broker: &mut Broker) {
+        self.engine = None;
+        self.pulls.clear();
+        if let Some(q) = broker.nodes.get_mut(&self.id) {
+            q.connection_lost();
+        }
+    }
+
+    /// Connects when up and reachable: a new engine session (which republishes and syncs).
+    pub fn connect(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+        let Some(tree) = self.tree.clone() else { return Ok(()) };
+        if self.engine.is_some() || self.partitioned {
+            return Ok(());
+        }
+        broker.declare_node(&self.id);
+        let info = NodeInfo { id: self.id.clone(), url: self.url(), allow_setid: false, software: "sim".into() };
+        let (engine, actions) = Engine::connected(tree, info, 0, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.engine = Some(engine);
+        self.carry_out(actions, broker, peers, now)
+    }
+
+    fn carry_out(&mut self, actions: Vec<Action<()>>, broker: &mut Broker, _peers: &dyn Peers, _now: Duration) -> anyhow::Result<()> {
+        for a in actions {
+            match a {
+                Action::Publish { env, .. } => broker.update.publish(env.encode()),
+                Action::Pull { path, rev, hash, holders, .. } => self.pulls.push(PendingPull { path, rev, hash, holders }),
+                Action::Invalidate(_) => {}
+                Action::SyncDone { result, .. } => {
+                    if let Err(e) = result {
+                        self.sync_errors.push(e);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Gets `hash` from one of `holders` into this node's store, checked.
+    fn fetch(&self, peers: &dyn Peers, hash: &ContentHash, holders: &[Holder]) -> bool {
+        let Some(tree) = &self.tree else { return false };
+        if self.peer_cut {
+            return false;
+        }
+        for h in holders {
+            if h.node == self.id {
+                continue;
+            }
+            if let Some(bytes) = peers.serve(&h.node, hash) {
+                if fs_node::store::hash_of(&bytes) != *hash {
+                    continue;
+                }
+                return fs_node::store::put_bytes(tree.store(), &bytes).is_ok();
+            }
+        }
+        false
+    }
+
+    /// The bytes of `hash`, when this node can serve it.
+    pub fn serve(&self, hash: &ContentHash) -> Option<Vec<u8>> {
+        let tree = self.tree.as_ref()?;
+        if self.peer_cut || !tree.store().has(hash) {
+            return None;
+        }
+        std::fs::read(tree.store().blob_path(hash)).ok()
+    }
+
+    /// Takes one message from the node's queue: pulls what it needs, hands it to the
+    /// engine, acks it. `crash_before_ack`: the process dies after applying it.
+    pub fn deliver_one(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration, crash_before_ack: bool) -> anyhow::Result<bool> {
+        if self.engine.is_none() {
+            return Ok(false);
+        }
+        let Some(m) = broker.nodes.get_mut(&self.id).and_then(|q| q.deliver()) else { return Ok(false) };
+        let env = Envelope::<ToNode>::decode(&m.body).map_err(|e| anyhow::anyhow!("node {} got an undecodable message: {e}", self.id))?;
+        let tree = self.tree.clone().expect("connected means up");
+        for (hash, _size, holders) in fs_node::engine::wanted_contents(&tree, &env.body) {
+            self.fetch(peers, &hash, &holders);
+        }
+        let engine = self.engine.as_mut().expect("checked");
+        let actions = engine.on_message(env, now).map_err(|e| anyhow::anyhow!("node {}: {e}", self.id))?;
+        self.carry_out(actions, broker, peers, now)?;
+        if crash_before_ack {
+            self.crash(broker);
+            return Ok(true);
+        }
+        if let Some(q) = broker.nodes.get_mut(&self.id) {
+            q.ack_all();
+        }
+        Ok(true)
+    }
+
+    /// The outbox grew: the engine publishes it.
+    pub fn outbox_ready(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+        if let Some(e) = self.engine.as_mut() {
+            let actions = e.on_outbox_ready();
+            self.carry_out(actions, broker, peers, now)?;
+        }
+        Ok(())
+    }
+
+    /// One second passed: heartbeat, retries due, background pulls finish.
+    pub fn tick(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+        let Some(e) = self.engine.as_mut() else { return Ok(()) };
+        let mut actions = e.on_heartbeat(self.pulls.len() as u64);
+        actions.extend(e.on_retry_tick(now));
+        self.carry_out(actions, broker, peers, now)?;
+        for p in std::mem::take(&mut self.pulls) {
+            let ok = self.fetch(peers, &p.hash, &p.holders);
+            let Some(e) = self.engine.as_mut() else { break };
+            let actions = e.pull_finished(&p.path, p.rev, ok, now).map_err(|e| anyhow::anyhow!("node {}: {e}", self.id))?;
+            self.carry_out(actions, broker, peers, now)?;
+        }
+        Ok(())
+    }
+
+    /// Asks for a sync, as `syncctl sync` does.
+    pub fn request_sync(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+        if let Some(e) = self.engine.as_mut() {
+            let actions = e.on_sync_requested(Some(()), now);
+            self.carry_out(actions, broker, peers, now)?;
+        }
+        Ok(())
+    }
+}
+
+// ---- file operations, as the FUSE layer sends them ------------------------------------
+
+/// The inode of `path` and its parent's, when it exists.
+pub fn resolve(tree: &Tree, path: &RelPath) -> Option<(u64, u64)> {
+    let mut parent = ROOT;
+    let mut ino = ROOT;
+    for name in path.as_str().split('/') {
+        parent = ino;
+        ino = tree.lookup(ino, OsStr::new(name)).ok()?.ino;
+    }
+    Some((parent, ino))
+}
+
+/// The inode of `path`'s parent directory, when it exists.
+pub fn parent_of(tree: &Tree, path: &RelPath) -> Option<u64> {
+    match path.parent() {
+        None => Some(ROOT),
+        Some(p) => resolve(tree, &p).map(|(_, ino)| ino),
+    }
+}
+
+/// The whole content of a file, read through a handle.
+pub fn read_file(tree: &Tree, ino: u64) -> FsResult<Vec<u8>> {
+    let size = tree.getattr(ino)?.size;
+    let (fh, _) = tree.open(ino, false, false, false)?;
+    let r = tree.read(fh, 0, size as u32);
+    tree.release(fh)?;
+    r
+}
+
+/// What a user sees at one path: kind, permission bits, and content (bytes of a file,
+/// target of a symlink).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub kind: Kind,
+    pub perm: u32,
+    pub content: Option<ContentHash>,
+    pub target: Option<Vec<u8>>,
+}
+
+/// Every path of the tree with what a user sees there; a file whose bytes cannot be read
+/// shows as an error.
+pub fn snapshot(tree: &Tree) -> Result<BTreeMap<String, Seen>, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![(ROOT, String::new())];
+    while let Some((dir, prefix)) = stack.pop() {
+        let entries = tree.readdir(dir, 0).map_err(|e| format!("readdir {prefix:?}: {e}"))?;
+        for (ino, _, kind, name) in entries {
+            let name = name.to_string_lossy().into_owned();
+            if name == "." || name == ".." {
+                continue;
+            }
+            let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
+            let attr = tree.getattr(ino).map_err(|e| format!("getattr {path}: {e}"))?;
+            let mut seen = Seen { kind, perm: attr.perm & 0o7777, content: None, target: None };
+            match kind {
+                Kind::Dir => stack.push((ino, path.clone())),
+                Kind::File => {
+                    let bytes = read_file(tree, ino).map_err(|e| format!("reading {path}: {e}"))?;
+                    seen.content = Some(fs_node::store::hash_of(&bytes));
+                }
+                Kind::Symlink => seen.target = Some(tree.readlink(ino).map_err(|e| format!("readlink {path}: {e}"))?),
+                _ => {}
+            }
+            out.insert(path, seen);
+        }
+    }
+    Ok(out)
+}
+
+/// How a write changes a file.
+#[derive(Clone, Copy, Debug)]
+pub enum WriteHow {
+    /// Open with O_TRUNC and write.
+    Overwrite,
+    /// Write at the end.
+    Append,
+    /// Write in the middle, keeping the rest.
+    Patch,
+}
+
+/// Writes `bytes` to `path` (creating it when missing) and closes it; returns the inode.
+pub fn write_file(tree: &Tree, path: &RelPath, how: WriteHow, bytes: &[u8]) -> FsResult<u64> {
+    let (ino, fh) = open_writer(tree, path, matches!(how, WriteHow::Overwrite))?;
+    let r = write_with(tree, ino, fh, how, bytes);
+    tree.release(fh)?;
+    r.map(|_| ino)
+}
+
+/// Opens `path` for writing, creating it when missing.
+pub fn open_writer(tree: &Tree, path: &RelPath, truncate: bool) -> FsResult<(u64, u64)> {
+    match resolve(tree, path) {
+        Some((_, ino)) => {
+            let (fh, _) = tree.open(ino, true, truncate, false)?;
+            Ok((ino, fh))
+        }
+        None => {
+            let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
+            let (attr, fh) = tree.create(parent, OsStr::new(path.name()), 0o644, 0, 0, true)?;
+            Ok((attr.ino, fh))
+        }
+    }
+}
+
+pub fn write_with(tree: &Tree, ino: u64, fh: u64, how: WriteHow, bytes: &[u8]) -> FsResult<()> {
+    let size = tree.getattr(ino)?.size;
+    let offset = match how {
+        WriteHow::Overwrite => 0,
+        WriteHow::Append => size,
+        WriteHow::Patch => size / 2,
+    };
+    tree.write(fh, offset, bytes)?;
+    Ok(())
+}
+
+pub fn truncate(tree: &Tree, path: &RelPath, size: u64) -> FsResult<()> {
+    let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    tree.setattr(ino, 0, SetAttr { size: Some(size), ..Default::default() })?;
+    Ok(())
+}
+
+pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<()> {
+    let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    tree.setattr(ino, 0, SetAttr { mode: Some(mode), ..Default::default() })?;
+    Ok(())
+}
+
+pub fn mkdir(tree: &Tree, path: &RelPath) -> FsResult<()> {
+    let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
+    tree.mkdir(parent, OsStr::new(path.name()), 0o755, 0, 0)?;
+    Ok(())
+}
+
+pub fn symlink(tree: &Tree, path: &RelPath, target: &str) -> FsResult<()> {
+    let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
+    tree.symlink(parent, OsStr::new(path.name()), target.as_bytes(), 0, 0)?;
+    Ok(())
+}
+
+pub fn unlink(tree: &Tree, path: &RelPath) -> FsResult<()> {
+    let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
+    tree.unlink(parent, OsStr::new(path.name()))
+}
+
+pub fn rmdir(tree: &Tree, path: &RelPath) -> FsResult<()> {
+    let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
+    tree.rmdir(parent, OsStr::new(path.name()))
+}
+
+pub fn rename(tree: &Tree, from: &RelPath, to: &RelPath) -> FsResult<()> {
+    let p1 = parent_of(tree, from).ok_or(FsError::NotFound)?;
+    let p2 = parent_of(tree, to).ok_or(FsError::NotFound)?;
+    tree.rename(p1, OsStr::new(from.name()), p2, OsStr::new(to.name()), false)
+}
+
+/// `rm -rf path`: children first.
+pub fn remove_all(tree: &Tree, path: &RelPath) -> FsResult<()> {
+    let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    if tree.getattr(ino)?.kind == Kind::Dir {
+        for (_, _, _, name) in tree.readdir(ino, 2)? {
+            let child = path.join(&name.to_string_lossy()).map_err(|_| FsError::NotFound)?;
+            remove_all(tree, &child)?;
+        }
+        rmdir(tree, path)
+    } else {
+        unlink(tree, path)
+    }
+}
