@@ -1252,6 +1252,7 @@ impl Tree {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         self.atomically(|st, store| {
             let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
+            let mut decided = false;
             if let Some(seq) = seq {
                 let row = st.set_outbox_row(seq, None).expect("found");
                 st.db.remove_outbox(msg)?;
@@ -1273,8 +1274,9 @@ impl Tree {
                 if kept && current.path == row.change.path && changed_again {
                     st.set_rev(&current.path, current.rev)?;
                 }
+                decided = current.path == row.change.path;
             }
-            st.apply_remote(current, store)
+            st.apply_entry(current, store, decided)
         })
     }
 
@@ -2045,6 +2047,15 @@ impl State {
     }
 
     fn apply_remote(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
+        self.apply_entry(entry, store, false)
+    }
+
+    /// Applies the manager's state of one path (see `Tree::apply_remote`). `decided`:
+    /// the entry answers this node's own change, which was just decided and is the last
+    /// one of the path; the node takes it even at a revision it already had (a refused or
+    /// conflicting change leaves the path at the revision it was based on, and the node
+    /// must drop what it had there).
+    fn apply_entry(&mut self, entry: &Entry, store: &ContentStore, decided: bool) -> FsResult<Applied> {
         let mut out = Applied::default();
         let path = &entry.path;
         if self.outbox.per_path.contains_key(path) {
@@ -2058,7 +2069,7 @@ impl State {
             return Ok(out);
         }
         let local_rev = self.revs.get(path).copied().unwrap_or_default();
-        if entry.rev <= local_rev || local_dirty {
+        if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
             return Ok(out);
         }
         tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, local_rev = local_rev.0, "applying the manager's state");

@@ -45,7 +45,14 @@ pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &Ch
             let replaces_full_dir = matches!(cv.content, Content::Dir) && !matches!(version.content, Content::Dir) && cur.has_children;
             if cur.rev == base {
                 if replaces_full_dir {
-                    return Decision::Refuse("the directory is not empty on the manager".into());
+                    // The node replaced the directory with a file, but files were added
+                    // to it elsewhere that the node never saw: both are kept, the
+                    // node's file as a conflict file beside the directory.
+                    return if copies >= MAX_CONFLICT_COPIES {
+                        Decision::Refuse(format!("the directory is not empty on the manager, and the path already has {MAX_CONFLICT_COPIES} conflict files"))
+                    } else {
+                        Decision::Conflict
+                    };
                 }
                 return Decision::Accept;
             }
@@ -231,7 +238,16 @@ mod tests {
     fn directories_with_new_children_are_not_deleted() {
         let c = Current { rev: Revision(2), version: Some(dir()), has_children: true };
         assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0), Decision::Refuse(_)));
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0), Decision::Refuse(_)));
+        // A file put over it is kept beside it, as a conflict file: nothing is lost.
+        assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0), Decision::Conflict);
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES), Decision::Refuse(_)));
+    }
+
+    #[test]
+    fn regression_a_directory_made_where_a_file_was_written_elsewhere_is_a_conflict() {
+        // Found by the simulator: refused, and everything the node then wrote below
+        // the directory was refused too, and lost.
+        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), &put(dir()), 0), Decision::Conflict);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod broker;
 pub mod check;
+pub mod describe;
 pub mod manager;
 pub mod node;
 
@@ -187,13 +188,20 @@ impl World {
                     }
                 }
                 let now_ms = self.now_ms();
-                self.manager.handle_batch(&mut self.broker, batch, now_ms, crash)?;
+                let seen = self.manager.handle_batch(&mut self.broker, batch, now_ms, crash)?;
+                for line in seen {
+                    self.log(line);
+                }
                 Ok(())
             }
             55..=79 => {
                 let i = self.rng.random_range(0..self.nodes.len());
                 let crash = faults && self.rng.random_range(0..60) == 0;
                 let delivered = self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, crash))?;
+                if let Some(what) = &delivered {
+                    self.log(format!("n{} takes {what}", i + 1));
+                }
+                let delivered = delivered.is_some();
                 if delivered && crash {
                     self.stats.crashes += 1;
                     self.log(format!("n{} crashes after applying a message, before its ack", i + 1));
@@ -293,10 +301,15 @@ impl World {
             let mut moved = false;
             if !self.broker.update.is_empty() {
                 let now_ms = self.now_ms();
-                moved |= self.manager.handle_batch(&mut self.broker, 64, now_ms, None)? > 0;
+                let seen = self.manager.handle_batch(&mut self.broker, 64, now_ms, None)?;
+                moved |= !seen.is_empty();
+                for line in seen {
+                    self.log(line);
+                }
             }
             for i in 0..self.nodes.len() {
-                while self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, false))? {
+                while let Some(what) = self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, false))? {
+                    self.log(format!("n{} takes {what}", i + 1));
                     moved = true;
                 }
             }

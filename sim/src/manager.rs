@@ -53,20 +53,25 @@ impl SimManager {
     }
 
     /// Handles up to `batch` messages of the update queue; `crash` stops the process at
-    /// that point of the batch. Returns how many messages it took.
-    pub fn handle_batch(&mut self, broker: &mut Broker, batch: usize, now_ms: i64, crash: Option<CrashPoint>) -> anyhow::Result<usize> {
-        let Some(store) = self.store.as_mut() else { return Ok(0) };
+    /// that point of the batch. Returns what it took, a line each (heartbeats left out).
+    pub fn handle_batch(&mut self, broker: &mut Broker, batch: usize, now_ms: i64, crash: Option<CrashPoint>) -> anyhow::Result<Vec<String>> {
+        let Some(store) = self.store.as_mut() else { return Ok(Vec::new()) };
         let mut envs = Vec::new();
+        let mut taken = Vec::new();
         while envs.len() < batch {
             let Some(m) = broker.update.deliver() else { break };
             match Envelope::<ToManager>::decode(&m.body) {
-                Ok(env) => envs.push(env),
+                Ok(env) => {
+                    if !matches!(env.body, ToManager::Heartbeat { .. }) {
+                        taken.push(format!("manager takes {}", crate::describe::to_manager(&env, m.redelivered)));
+                    }
+                    envs.push(env)
+                }
                 Err(e) => anyhow::bail!("the manager got a message it cannot decode: {e}"),
             }
         }
-        let taken = envs.len();
-        if taken == 0 {
-            return Ok(0);
+        if envs.is_empty() {
+            return Ok(taken);
         }
         if crash == Some(CrashPoint::BeforeCommit) {
             self.crash(broker);

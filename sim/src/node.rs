@@ -194,12 +194,14 @@ impl SimNode {
 
     /// Takes one message from the node's queue: pulls what it needs, hands it to the
     /// engine, acks it. `crash_before_ack`: the process dies after applying it.
-    pub fn deliver_one(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration, crash_before_ack: bool) -> anyhow::Result<bool> {
+    /// Returns what it took, if anything.
+    pub fn deliver_one(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration, crash_before_ack: bool) -> anyhow::Result<Option<String>> {
         if self.engine.is_none() {
-            return Ok(false);
+            return Ok(None);
         }
-        let Some(m) = broker.nodes.get_mut(&self.id).and_then(|q| q.deliver()) else { return Ok(false) };
+        let Some(m) = broker.nodes.get_mut(&self.id).and_then(|q| q.deliver()) else { return Ok(None) };
         let env = Envelope::<ToNode>::decode(&m.body).map_err(|e| anyhow::anyhow!("node {} got an undecodable message: {e}", self.id))?;
+        let what = crate::describe::to_node(&env.body, m.redelivered);
         let tree = self.tree.clone().expect("connected means up");
         for (hash, _size, holders) in fs_node::engine::wanted_contents(&tree, &env.body) {
             self.fetch(peers, &hash, &holders);
@@ -209,12 +211,12 @@ impl SimNode {
         self.carry_out(actions, broker, peers, now)?;
         if crash_before_ack {
             self.crash(broker);
-            return Ok(true);
+            return Ok(Some(what));
         }
         if let Some(q) = broker.nodes.get_mut(&self.id) {
             q.ack_all();
         }
-        Ok(true)
+        Ok(Some(what))
     }
 
     /// The outbox grew: the engine publishes it.

@@ -1,0 +1,55 @@
+//! One-line descriptions of messages for a run's trace.
+
+use wire::{ChangeOp, Content, Entry, Envelope, ToManager, ToNode};
+
+fn entry(e: &Entry) -> String {
+    let what = match &e.version {
+        None => "deleted".to_string(),
+        Some(v) => match &v.content {
+            Content::File { hash, size } => format!("file {} {size}B {:o}", &hash.as_str()[..8], v.mode),
+            Content::Dir => format!("dir {:o}", v.mode),
+            Content::Symlink { target } => format!("symlink -> {target}"),
+        },
+    };
+    format!("{} r{} {what}", e.path, e.rev.0)
+}
+
+fn again(redelivered: bool) -> &'static str {
+    if redelivered {
+        " (redelivered)"
+    } else {
+        ""
+    }
+}
+
+pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
+    let body = match &env.body {
+        ToManager::Heartbeat { .. } => "heartbeat".to_string(),
+        ToManager::Change(c) => {
+            let op = match &c.op {
+                ChangeOp::Delete => "delete".to_string(),
+                ChangeOp::Put { version } => match &version.content {
+                    Content::File { hash, .. } => format!("put file {}", &hash.as_str()[..8]),
+                    Content::Dir => format!("put dir {:o}", version.mode),
+                    Content::Symlink { target } => format!("put symlink -> {target}"),
+                },
+            };
+            format!("change {} {op} base r{} follows {:?}", c.path, c.base.0, c.follows.as_ref().map(|m| m.to_string()))
+        }
+        ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
+        ToManager::Sync { since, .. } => format!("sync since r{}", since.0),
+    };
+    format!("{} from {}: {body}{}", env.id, env.from, again(redelivered))
+}
+
+pub fn to_node(body: &ToNode, redelivered: bool) -> String {
+    let s = match body {
+        ToNode::Applied { entry: e, origin } => format!("applied {} from {origin}", entry(e)),
+        ToNode::Decided { change, outcome, current } => format!("decided {change}: {outcome:?}; now {}", entry(current)),
+        ToNode::SyncReply { head, entries, page, more, .. } => {
+            format!("sync reply page {page} head r{} more {more}: [{}]", head.0, entries.iter().map(entry).collect::<Vec<_>>().join(", "))
+        }
+        ToNode::SyncRequested {} => "sync requested".to_string(),
+    };
+    format!("{s}{}", again(redelivered))
+}
