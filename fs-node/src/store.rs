@@ -19,6 +19,9 @@ pub const DB_RESERVE_BYTES: u64 = 1 << 20;
 pub struct ContentStore {
     blobs: PathBuf,
     work: PathBuf,
+    /// Inodes whose files were being written when the previous run ended (their work
+    /// files were found at start-up, and removed).
+    abandoned_work: Vec<u64>,
     tmp: PathBuf,
     reserve: PathBuf,
 }
@@ -39,16 +42,29 @@ pub fn hash_of(bytes: &[u8]) -> ContentHash {
 
 impl ContentStore {
     pub fn open(data: &Path) -> anyhow::Result<ContentStore> {
-        let s = ContentStore { blobs: data.join("blobs"), work: data.join("work"), tmp: data.join("tmp"), reserve: data.join("reserve") };
+        let mut s = ContentStore {
+            blobs: data.join("blobs"),
+            work: data.join("work"),
+            tmp: data.join("tmp"),
+            reserve: data.join("reserve"),
+            abandoned_work: Vec::new(),
+        };
         for d in [&s.blobs, &s.work, &s.tmp] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        // Work and tmp files of a previous run belong to nobody any more.
+        // Work and tmp files of a previous run belong to nobody any more; the inodes
+        // whose work files were left are remembered (`abandoned_work`).
+        let mut abandoned = Vec::new();
         for d in [&s.work, &s.tmp] {
             for e in std::fs::read_dir(d)?.flatten() {
+                if *d == s.work {
+                    abandoned.extend(e.file_name().to_str().and_then(|n| n.parse::<u64>().ok()));
+                }
                 let _ = std::fs::remove_file(e.path());
             }
         }
+        abandoned.sort_unstable();
+        s.abandoned_work = abandoned;
         s.ensure_empty_blob()?;
         s.ensure_reserve();
         Ok(s)
@@ -99,6 +115,11 @@ impl ContentStore {
 
     pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
         File::open(self.blob_path(h))
+    }
+
+    /// Inodes whose files were being written when the previous run ended.
+    pub fn abandoned_work(&self) -> &[u64] {
+        &self.abandoned_work
     }
 
     pub fn work_path(&self, ino: u64) -> PathBuf {

@@ -665,7 +665,22 @@ impl Tree {
             passthrough_opens: 0,
             passthrough_detaches: 0,
         };
-        Ok(Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load })
+        let abandoned = store.abandoned_work().to_vec();
+        let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
+        // A file still open for writing when the node died keeps what was last committed
+        // (or nothing), but what happened to it meanwhile was recorded, a rename over
+        // another path above all, while its put waited for the last close that never
+        // came: it is sent now, or the path would differ from the manager's for good.
+        tree.atomically(|st, _| {
+            for &ino in &abandoned {
+                if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
+                    st.record_put_all_links(ino)?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow::anyhow!("recording the files that were being written: {e}"))?;
+        Ok(tree)
     }
 
     /// The clock and message ids this tree uses.
@@ -2338,6 +2353,26 @@ mod tests {
         t.flush(fh).unwrap();
         t.release(fh).unwrap();
         a.ino
+    }
+
+    /// Found by the simulator (seed 407 of `sim`): a file open for writing was renamed
+    /// over a synced path and the node died before the last close. The put of the new
+    /// path waited for that close and never came: the node showed the renamed file and
+    /// the others the old one, for good.
+    #[test]
+    fn regression_a_file_renamed_while_being_written_is_sent_after_a_crash() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        closed_file(&t, ROOT, "target", b"synced");
+        let (_, fh) = t.create(ROOT, OsStr::new("new"), 0o644, 0, 0, true).unwrap();
+        t.write(fh, 0, b"not closed").unwrap();
+        t.rename(ROOT, OsStr::new("new"), ROOT, OsStr::new("target"), false).unwrap();
+        let before: Vec<String> = t.take_unpublished().into_iter().map(|r| format!("{} {:?}", r.change.path, r.change.op)).collect();
+        let t = crash_and_reload(t, dir.path());
+        let after = t.take_unpublished();
+        let last = after.iter().rev().find(|r| r.change.path.as_str() == "target").expect("a change of target queued");
+        let ChangeOp::Put { version } = &last.change.op else { panic!("{:?}", last.change.op) };
+        assert_eq!(version.content, Content::File { hash: ContentStore::empty_hash(), size: 0 }, "before the crash: {before:?}");
     }
 
     /// Crash gap: ftruncate with a writer open saved the new size with the old hash. A
