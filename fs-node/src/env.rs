@@ -8,6 +8,24 @@ pub trait Env: Send + Sync {
     /// Nanoseconds since the Unix epoch.
     fn now_ns(&self) -> i64;
     fn new_id(&self) -> MessageId;
+    /// A past bug put back, to show that the simulator finds it (`sim --bug`). Only the
+    /// simulator's environment ever returns one.
+    fn past_bug(&self) -> Option<PastBug> {
+        None
+    }
+}
+
+/// Bugs the node once had, which the simulator must be able to find again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PastBug {
+    /// A put replacing a queued put went to the end of the outbox: a directory's put
+    /// came after its children's, the manager made the directory with a default mode,
+    /// and the user's mode was lost (`cp -a` lost directory modes).
+    OutboxOrder,
+    /// After an own change was decided, a later change of the path that no longer
+    /// followed a queued one went out based on the revision from before the decision:
+    /// a conflict with itself.
+    DecidedBase,
 }
 
 /// The system clock and random (v4 UUID) ids.

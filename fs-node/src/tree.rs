@@ -10,7 +10,7 @@
 //! and never calls the kernel: cache invalidations are returned to the caller.
 
 use crate::db::{Db, InodeRow, OutboxRow};
-use crate::env::{Env, SystemEnv};
+use crate::env::{Env, PastBug, SystemEnv};
 use crate::store::ContentStore;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -263,14 +263,11 @@ struct Inode {
     lookups: u64,
 }
 
-/// The synced attributes of a file's committed version (see `Inode::committed`).
+/// Size and mtime of a file's committed version (see `Inode::committed`).
 #[derive(Clone, Debug)]
 struct Committed {
     size: u64,
     mtime: i64,
-    perm: u32,
-    uid: u32,
-    gid: u32,
 }
 
 /// Kernel passthrough of one inode: while any of its handles is open, the kernel reads
@@ -321,9 +318,12 @@ impl Inode {
         InodeRow {
             ino: self.ino,
             kind: self.kind as u8,
-            perm: c.perm,
-            uid: c.uid,
-            gid: c.gid,
+            // Ownership and mode are saved as they are now, also while the file is
+            // written: a chmod must survive a crash of the node like any metadata
+            // change (only the bytes wait for the last close).
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
             atime: self.atime,
             mtime: c.mtime,
             ctime: self.ctime,
@@ -364,7 +364,7 @@ impl Inode {
     }
 
     fn current(&self) -> Committed {
-        Committed { size: self.size, mtime: self.mtime, perm: self.perm, uid: self.uid, gid: self.gid }
+        Committed { size: self.size, mtime: self.mtime }
     }
 
     /// Makes `w` the work file (`detached`: see the field); the attributes of the
@@ -1256,6 +1256,11 @@ impl Tree {
         self.lock().outbox.published_upto = 0;
     }
 
+    /// The manager's revision of `path` this node last took (0: none).
+    pub fn revision_of(&self, path: &RelPath) -> Revision {
+        self.lock().revs.get(path).copied().unwrap_or_default()
+    }
+
     pub fn pending_changes(&self) -> u64 {
         self.lock().outbox.rows.len() as u64
     }
@@ -1286,7 +1291,7 @@ impl Tree {
                 // conflict, or, for the same bytes, a lost chmod.
                 let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
                 let changed_again = st.is_dirty(&current.path) || st.outbox.per_path.contains_key(&current.path);
-                if kept && current.path == row.change.path && changed_again {
+                if kept && current.path == row.change.path && changed_again && st.env.past_bug() != Some(PastBug::DecidedBase) {
                     st.set_rev(&current.path, current.rev)?;
                 }
                 decided = current.path == row.change.path;
@@ -1749,7 +1754,7 @@ impl State {
             .map(|(s, r)| (*s, matches!(r.change.op, ChangeOp::Put { .. })));
         let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
         if let Some((seq, true)) = unsent {
-            if matches!(op, ChangeOp::Put { .. }) {
+            if matches!(op, ChangeOp::Put { .. }) && self.env.past_bug() != Some(PastBug::OutboxOrder) {
                 // A put replacing a put keeps its place in the queue: puts of its
                 // parents are before it, puts of its children after it. (Appended at
                 // the end, a directory's put would follow its children's, and the

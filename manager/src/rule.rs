@@ -15,6 +15,9 @@ pub struct Current {
     pub version: Option<Version>,
     /// For a live directory: whether it has live children.
     pub has_children: bool,
+    /// The manager made this version itself: a directory brought back for a path put
+    /// below it (no user chose its mode).
+    pub made_by_manager: bool,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -41,6 +44,11 @@ pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &Ch
         (ChangeOp::Put { version }, Some((cur, cv))) => {
             if version == cv {
                 return Decision::Unchanged;
+            }
+            // A directory the manager brought back for a path below it stands in for the
+            // node's own: the node's metadata for it wins, whatever its base.
+            if cur.made_by_manager && matches!((&version.content, &cv.content), (Content::Dir, Content::Dir)) {
+                return Decision::Accept;
             }
             let replaces_full_dir = matches!(cv.content, Content::Dir) && !matches!(version.content, Content::Dir) && cur.has_children;
             if cur.rev == base {
@@ -205,7 +213,7 @@ mod tests {
         Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 }
     }
     fn cur(rev: u64, v: Option<Version>) -> Current {
-        Current { rev: Revision(rev), version: v, has_children: false }
+        Current { rev: Revision(rev), version: v, has_children: false, made_by_manager: false }
     }
     fn put(v: Version) -> ChangeOp {
         ChangeOp::Put { version: v }
@@ -236,11 +244,22 @@ mod tests {
 
     #[test]
     fn directories_with_new_children_are_not_deleted() {
-        let c = Current { rev: Revision(2), version: Some(dir()), has_children: true };
+        let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false };
         assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
         assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0), Decision::Conflict);
         assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES), Decision::Refuse(_)));
+    }
+
+    /// Found by the simulator (seed 2069): a node's chmod of a directory it kept for
+    /// its pending children was taken for an edit of a stale version, because the
+    /// manager had brought the directory back (mode 755) for one of those children.
+    #[test]
+    fn regression_a_directory_the_manager_brought_back_takes_the_nodes_mode() {
+        let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true };
+        let mut mine = dir();
+        mine.mode = 0o700;
+        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), &put(mine), 0), Decision::Accept);
     }
 
     #[test]

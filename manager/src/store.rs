@@ -359,14 +359,16 @@ impl Tx<'_> {
     }
 
     fn current(&self, path: &RelPath) -> anyhow::Result<Option<Current>> {
-        let row: Option<(i64, Option<String>)> =
-            self.tx.query_row("SELECT rev, version FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-        let Some((rev, version)) = row else {
+        let row: Option<(i64, Option<String>, String)> = self
+            .tx
+            .query_row("SELECT rev, version, origin FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((rev, version, origin)) = row else {
             return Ok(None);
         };
         let version = parse_version(version)?;
         let has_children = matches!(version, Some(Version { content: Content::Dir, .. })) && self.has_live_children(path)?;
-        Ok(Some(Current { rev: Revision(rev as u64), version, has_children }))
+        Ok(Some(Current { rev: Revision(rev as u64), version, has_children, made_by_manager: origin == NodeId::manager().as_str() }))
     }
 
     fn has_live_children(&self, path: &RelPath) -> anyhow::Result<bool> {

@@ -14,11 +14,11 @@
 //!   of one path than `MAX_CONFLICT_COPIES`.
 
 use crate::node::{snapshot, Seen};
-use crate::World;
+use crate::{Made, World};
 use anyhow::{bail, Context};
 use fs_node::tree::Kind;
 use std::collections::{BTreeMap, HashSet};
-use wire::{Content, ContentHash, Version};
+use wire::{Content, ContentHash, NodeId, Version};
 
 pub fn all(w: &mut World) -> anyhow::Result<()> {
     let store = w.manager.store().context("the manager is up after healing")?;
@@ -43,17 +43,57 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         }
     }
 
-    let mut in_history: HashSet<ContentHash> = HashSet::new();
-    let mut st = conn.prepare("SELECT version FROM history WHERE version IS NOT NULL")?;
-    for v in st.query_map([], |r| r.get::<_, String>(0))? {
-        if let Content::File { hash, .. } = serde_json::from_str::<Version>(&v?)?.content {
-            in_history.insert(hash);
+    // (path, version, origin, rev) of every revision.
+    let mut history: Vec<(String, Option<Version>, String, i64)> = Vec::new();
+    let mut st = conn.prepare("SELECT path, version, origin, rev FROM history ORDER BY rev")?;
+    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))? {
+        let (path, version, origin, at) = row?;
+        history.push((path, version.map(|v| serde_json::from_str(&v)).transpose()?, origin, at));
+    }
+    let in_history: HashSet<&ContentHash> = history
+        .iter()
+        .filter_map(|(_, v, _, _)| match v.as_ref().map(|v| &v.content) {
+            Some(Content::File { hash, .. }) => Some(hash),
+            _ => None,
+        })
+        .collect();
+    for c in w.closed.iter().filter(|c| !c.superseded) {
+        let who = format!("n{}", c.node + 1);
+        match &c.made {
+            Made::Bytes(hash) => {
+                if !in_history.contains(hash) {
+                    bail!("lost write: {who} closed {} ({hash}) at step {}, and it never reached the manager", c.path, c.step);
+                }
+            }
+            Made::Mode(mode, base) => {
+                // Lost unless it made it, or another node changed the path after the
+                // revision the chmod was made on (a concurrent chmod of the same bytes
+                // keeps the first one by design).
+                let others = history
+                    .iter()
+                    .any(|(p, _, origin, rev)| *p == c.path.as_str() && *rev > *base as i64 && *origin != who && origin.as_str() != NodeId::manager().as_str());
+                // A change kept as a conflict file carries the mode there.
+                let mut at: Vec<String> = conn
+                    .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2")?
+                    .query_map([c.path.as_str(), who.as_str()], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                at.push(c.path.to_string());
+                let made_it = history.iter().any(|(p, v, _, _)| at.contains(p) && v.as_ref().is_some_and(|v| v.mode & 0o7777 == *mode));
+                if !made_it && !others {
+                    bail!("lost chmod: {who} set {} to {mode:o} at step {}, and no version of it ever had that mode", c.path, c.step);
+                }
+            }
         }
     }
-    for c in w.closed.iter().filter(|c| !c.superseded) {
-        if !in_history.contains(&c.hash) {
-            bail!("lost write: n{} closed {} ({}) at step {}, and it never reached the manager", c.node + 1, c.path, c.hash, c.step);
-        }
+
+    // A node's own changes are ordered: none may be taken for an edit of a stale version
+    // when the newer version is the node's own. (A file put over a directory that got
+    // files elsewhere is kept as a conflict file at the current revision: not stale.)
+    let mut st = conn
+        .prepare("SELECT c.path, c.copy, c.node FROM conflicts c JOIN history h ON h.rev = c.current_rev WHERE h.origin = c.node AND c.base < c.current_rev")?;
+    let own: Vec<(String, String, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    if let Some((path, copy, node)) = own.first() {
+        bail!("a conflict of {node} with its own change: {path} kept as {copy}");
     }
 
     let mut copies: BTreeMap<String, usize> = BTreeMap::new();

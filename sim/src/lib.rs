@@ -34,21 +34,34 @@ pub struct Config {
     pub settle_steps: usize,
     /// Faults on (crashes, partitions).
     pub faults: bool,
+    /// A past bug put back into the nodes (to show the simulator finds it).
+    pub bug: Option<fs_node::env::PastBug>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true }
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, bug: None }
     }
 }
 
-/// One version a node's user closed: it must not be lost (see `check.rs`).
+/// What a node's user made that must not be lost (see `check.rs`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Made {
+    /// A file closed with these bytes.
+    Bytes(ContentHash),
+    /// A chmod to these bits, made on top of this revision of the path.
+    Mode(u32, u64),
+}
+
+/// One thing a node's user made at a path.
 #[derive(Clone, Debug)]
 pub struct Closed {
     pub node: usize,
     pub path: RelPath,
-    pub hash: ContentHash,
+    pub made: Made,
     pub step: usize,
+    /// Virtual time (ms since the epoch) when it was made.
+    pub at_ms: i64,
     /// The same node changed or removed this path (or an ancestor) afterwards: its own
     /// later operation replaced this version.
     pub superseded: bool,
@@ -108,7 +121,7 @@ impl World {
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
-            nodes.push(SimNode::start(id, dir.path().join(format!("n{}", i + 1)), clock_ns.clone())?);
+            nodes.push(SimNode::start(id, dir.path().join(format!("n{}", i + 1)), clock_ns.clone(), cfg.bug)?);
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
@@ -280,8 +293,8 @@ impl World {
         }
         for i in 0..self.nodes.len() {
             let held = std::mem::take(&mut self.nodes[i].held);
-            for (fh, path) in held {
-                self.close_held(i, fh, path)?;
+            for (fh, ino, path) in held {
+                self.close_held(i, fh, ino, path)?;
             }
             self.nodes[i].peer_cut = false;
             self.nodes[i].partitioned = false;
@@ -338,15 +351,20 @@ impl World {
         format!("n{} write {} ", node + 1, self.counter).into_bytes().into_iter().cycle().take(len.max(12)).collect()
     }
 
-    /// Marks node `i`'s closed versions at or below `path` as replaced by its own later
-    /// operation.
-    fn supersede(&mut self, i: usize, path: &RelPath) {
+    /// Marks what node `i` made at or below `path` as replaced by its own later
+    /// operation (`modes_only`: only its chmods, by a later chmod).
+    fn supersede(&mut self, i: usize, path: &RelPath, modes_only: bool) {
         let prefix = format!("{}/", path.as_str());
         for c in self.closed.iter_mut().filter(|c| c.node == i && !c.superseded) {
-            if c.path == *path || c.path.as_str().starts_with(&prefix) {
+            if (c.path == *path || c.path.as_str().starts_with(&prefix)) && (!modes_only || matches!(c.made, Made::Mode(..))) {
                 c.superseded = true;
             }
         }
+    }
+
+    fn record(&mut self, i: usize, path: &RelPath, made: Made) {
+        let at_ms = self.now_ms();
+        self.closed.push(Closed { node: i, path: path.clone(), made, step: self.step, at_ms, superseded: false });
     }
 
     /// Records the version now at `path` on node `i` as closed by its user.
@@ -354,20 +372,24 @@ impl World {
         let Some(tree) = self.nodes[i].tree().cloned() else { return };
         let Some((_, ino)) = node::resolve(&tree, path) else { return };
         // Another writer still open: the file is not closed yet (its last close commits it).
-        if self.nodes[i].held.iter().any(|(_, held)| node::resolve(&tree, held).is_some_and(|(_, h)| h == ino)) {
+        if self.nodes[i].held.iter().any(|(_, held, _)| *held == ino) {
             return;
         }
         if let Ok(bytes) = node::read_file(&tree, ino) {
-            self.supersede(i, path);
-            self.closed.push(Closed { node: i, path: path.clone(), hash: fs_node::store::hash_of(&bytes), step: self.step, superseded: false });
+            self.supersede(i, path, false);
+            self.record(i, path, Made::Bytes(fs_node::store::hash_of(&bytes)));
         }
     }
 
-    fn close_held(&mut self, i: usize, fh: u64, path: RelPath) -> anyhow::Result<()> {
+    /// Closes a writer left open. Its version is checked when its file is still at the
+    /// path it was opened as (renamed, its path is not known here).
+    fn close_held(&mut self, i: usize, fh: u64, ino: u64, path: RelPath) -> anyhow::Result<()> {
         let Some(tree) = self.nodes[i].tree().cloned() else { return Ok(()) };
         let r = tree.release(fh);
         self.log(format!("n{} closes its held writer of {path}: {r:?}", i + 1, r = r.as_ref().map(|_| ())));
-        self.record_closed(i, &path);
+        if node::resolve(&tree, &path).is_some_and(|(_, at)| at == ino) {
+            self.record_closed(i, &path);
+        }
         self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))
     }
 
@@ -407,7 +429,13 @@ impl World {
             }
             79..=84 => {
                 let mode = [0o644, 0o600, 0o755, 0o700][self.rng.random_range(0..4)];
-                (format!("chmod {mode:o} {path}"), node::chmod(&tree, &path, mode), vec![])
+                let base = tree.revision_of(&path).0;
+                let r = node::chmod(&tree, &path, mode);
+                if r.is_ok() {
+                    self.supersede(i, &path, true);
+                    self.record(i, &path, Made::Mode(mode, base));
+                }
+                (format!("chmod {mode:o} {path}"), r, vec![])
             }
             85..=87 => {
                 let target = NAMES[self.rng.random_range(0..NAMES.len())];
@@ -435,7 +463,7 @@ impl World {
                 let bytes = self.content(i);
                 let r = node::open_writer(&tree, &path, true).and_then(|(ino, fh)| {
                     node::write_with(&tree, ino, fh, WriteHow::Overwrite, &bytes)?;
-                    self.nodes[i].held.push((fh, path.clone()));
+                    self.nodes[i].held.push((fh, ino, path.clone()));
                     Ok(())
                 });
                 (format!("open {path} for writing and keep it open"), r, vec![])
@@ -444,13 +472,13 @@ impl World {
                 if self.nodes[i].held.is_empty() {
                     return Ok(());
                 }
-                let (fh, held_path) = self.nodes[i].held.remove(0);
-                return self.close_held(i, fh, held_path);
+                let (fh, ino, held_path) = self.nodes[i].held.remove(0);
+                return self.close_held(i, fh, ino, held_path);
             }
         };
         if result.is_ok() {
             for p in &touched {
-                self.supersede(i, p);
+                self.supersede(i, p, false);
             }
         }
         self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));

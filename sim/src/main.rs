@@ -25,14 +25,23 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Print the trace of a replayed seed even when it passes.
-    #[arg(long)]
-    trace: bool,
+    /// Put a past bug back into the nodes: `outbox-order` or `decided-base` (the run
+    /// must then fail).
+    #[arg(long, value_parser = parse_bug)]
+    bug: Option<fs_node::env::PastBug>,
+}
+
+fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
+    match s {
+        "outbox-order" => Ok(fs_node::env::PastBug::OutboxOrder),
+        "decided-base" => Ok(fs_node::env::PastBug::DecidedBase),
+        _ => Err("outbox-order or decided-base".into()),
+    }
 }
 
 fn main() {
     let args = Args::parse();
-    let cfg = sim::Config { nodes: args.nodes, steps: args.steps, ..Default::default() };
+    let cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if let Some(seed) = args.seed {
         match sim::run_seed(seed, cfg) {
             Ok(stats) => {

@@ -10,7 +10,7 @@
 use crate::broker::Broker;
 use fs_node::db::Db;
 use fs_node::engine::{Action, Engine, NodeInfo};
-use fs_node::env::Env;
+use fs_node::env::{Env, PastBug};
 use fs_node::store::ContentStore;
 use fs_node::tree::{FsError, FsResult, Kind, SetAttr, Tree, ROOT};
 use std::collections::BTreeMap;
@@ -27,6 +27,7 @@ pub struct SimEnv {
     pub clock_ns: Arc<AtomicI64>,
     node: NodeId,
     next: AtomicU64,
+    bug: Option<PastBug>,
 }
 
 impl Env for SimEnv {
@@ -35,6 +36,9 @@ impl Env for SimEnv {
     }
     fn new_id(&self) -> MessageId {
         format!("{}-{}", self.node, self.next.fetch_add(1, Ordering::Relaxed)).parse().expect("valid id")
+    }
+    fn past_bug(&self) -> Option<PastBug> {
+        self.bug
     }
 }
 
@@ -63,16 +67,16 @@ pub struct SimNode {
     /// Cut off from its peers (neither serves nor pulls).
     pub peer_cut: bool,
     pulls: Vec<PendingPull>,
-    /// Writers left open across steps: (handle, path it was opened as).
-    pub held: Vec<(u64, RelPath)>,
+    /// Writers left open across steps: (handle, inode, path it was opened as).
+    pub held: Vec<(u64, u64, RelPath)>,
     /// Results of syncs this node ran (errors only matter).
     pub sync_errors: Vec<String>,
 }
 
 impl SimNode {
-    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>) -> anyhow::Result<SimNode> {
+    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>) -> anyhow::Result<SimNode> {
         std::fs::create_dir_all(&dir)?;
-        let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1) });
+        let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1), bug });
         let mut n = SimNode {
             id,
             dir,
