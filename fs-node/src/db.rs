@@ -57,6 +57,7 @@ impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Db> {
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.set_prepared_statement_cache_capacity(64);
         conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
         Ok(Db { conn })
     }
@@ -70,7 +71,7 @@ impl Db {
     /// Makes every committed transaction durable: a checkpoint flushes the WAL to disk
     /// first (with `synchronous=NORMAL`, commits alone do not).
     pub fn sync(&self) -> rusqlite::Result<()> {
-        self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+        self.conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(()))
     }
 
     /// The connection itself, for tests that make the database fail on purpose.

@@ -18,10 +18,10 @@ pub trait Env: Send + Sync {
 /// Bugs the node once had, which the simulator must be able to find again.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PastBug {
-    /// A put replacing a queued put went to the end of the outbox: a directory's put
-    /// came after its children's, the manager made the directory with a default mode,
-    /// and the user's mode was lost (`cp -a` lost directory modes).
-    OutboxOrder,
+    /// A file renamed while being written, the node killed before the last close, was
+    /// never sent after the restart: the node kept the renamed file, the others the old
+    /// one (found by the simulator, seed 407).
+    AbandonedWork,
     /// After an own change was decided, a later change of the path that no longer
     /// followed a queued one went out based on the revision from before the decision:
     /// a conflict with itself.

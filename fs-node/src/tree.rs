@@ -581,6 +581,7 @@ impl Tree {
 
     /// [`Tree::load`] with the clock and ids of `env` (the simulator's).
     pub fn load_with(db: Db, store: ContentStore, env: Arc<dyn Env>) -> anyhow::Result<Tree> {
+        let past_bug = env.past_bug();
         let mut inodes = HashMap::new();
         for row in db.inodes()? {
             let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
@@ -665,7 +666,7 @@ impl Tree {
             passthrough_opens: 0,
             passthrough_detaches: 0,
         };
-        let abandoned = store.abandoned_work().to_vec();
+        let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over
@@ -1754,7 +1755,7 @@ impl State {
             .map(|(s, r)| (*s, matches!(r.change.op, ChangeOp::Put { .. })));
         let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
         if let Some((seq, true)) = unsent {
-            if matches!(op, ChangeOp::Put { .. }) && self.env.past_bug() != Some(PastBug::OutboxOrder) {
+            if matches!(op, ChangeOp::Put { .. }) {
                 // A put replacing a put keeps its place in the queue: puts of its
                 // parents are before it, puts of its children after it. (Appended at
                 // the end, a directory's put would follow its children's, and the

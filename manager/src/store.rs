@@ -109,6 +109,9 @@ impl Store {
         }
         let conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Every statement is prepared once and kept (parsing SQL was a third of the
+        // time a message took).
+        conn.set_prepared_statement_cache_capacity(128);
         conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
         // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
@@ -146,11 +149,8 @@ impl Store {
     pub fn start_suspect(&mut self, msg: &MessageId) -> anyhow::Result<u32> {
         let starts: i64 = self
             .conn
-            .query_row(
-                "INSERT INTO suspects(msg, starts) VALUES(?1, 1) ON CONFLICT(msg) DO UPDATE SET starts = starts + 1 RETURNING starts",
-                [msg.as_str()],
-                |r| r.get(0),
-            )
+            .prepare_cached("INSERT INTO suspects(msg, starts) VALUES(?1, 1) ON CONFLICT(msg) DO UPDATE SET starts = starts + 1 RETURNING starts")?
+            .query_row([msg.as_str()], |r| r.get(0))
             .context("recording the start of a redelivered message")?;
         Ok((starts - 1).clamp(0, u32::MAX as i64) as u32)
     }
@@ -159,7 +159,7 @@ impl Store {
     /// again later (a node resends what was not decided after it reconnects) is
     /// dead-lettered without being handled.
     pub fn give_up_suspect(&mut self, msg: &MessageId) -> anyhow::Result<()> {
-        self.conn.execute("UPDATE suspects SET given_up = 1 WHERE msg = ?1", [msg.as_str()]).context("recording a message given up")?;
+        self.conn.prepare_cached("UPDATE suspects SET given_up = 1 WHERE msg = ?1")?.execute([msg.as_str()]).context("recording a message given up")?;
         Ok(())
     }
 
@@ -170,7 +170,7 @@ impl Store {
     }
 
     pub fn remove_outbox(&mut self, up_to_seq: i64) -> anyhow::Result<()> {
-        self.conn.execute("DELETE FROM outbox WHERE seq <= ?1", [up_to_seq])?;
+        self.conn.prepare_cached("DELETE FROM outbox WHERE seq <= ?1")?.execute([up_to_seq])?;
         Ok(())
     }
 
@@ -195,11 +195,11 @@ impl Store {
     }
 
     pub fn live_file_count(&self) -> anyhow::Result<u64> {
-        Ok(self.conn.query_row("SELECT count(*) FROM paths WHERE version IS NOT NULL", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.conn.prepare_cached("SELECT count(*) FROM paths WHERE version IS NOT NULL")?.query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
     pub fn conflict_count(&self) -> anyhow::Result<u64> {
-        Ok(self.conn.query_row("SELECT count(*) FROM conflicts", [], |r| r.get::<_, i64>(0))? as u64)
+        Ok(self.conn.prepare_cached("SELECT count(*) FROM conflicts")?.query_row([], |r| r.get::<_, i64>(0))? as u64)
     }
 
     /// The current entry of a path, with holders.
@@ -302,7 +302,7 @@ fn new_message_id() -> MessageId {
 }
 
 fn head(conn: &rusqlite::Connection) -> anyhow::Result<Revision> {
-    let v: Option<i64> = conn.query_row("SELECT value FROM meta WHERE key='head'", [], |r| r.get(0)).optional()?;
+    let v: Option<i64> = conn.prepare_cached("SELECT value FROM meta WHERE key='head'")?.query_row([], |r| r.get(0)).optional()?;
     Ok(Revision(v.unwrap_or(0) as u64))
 }
 
@@ -325,7 +325,7 @@ fn holders(conn: &rusqlite::Connection, path: &str, rev: i64) -> anyhow::Result<
 
 fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<Entry>> {
     let row: Option<(i64, Option<String>)> =
-        conn.query_row("SELECT rev, version FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        conn.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
     let Some((rev, version)) = row else {
         return Ok(None);
     };
@@ -342,7 +342,9 @@ pub struct Tx<'a> {
 impl Tx<'_> {
     fn next_rev(&mut self) -> anyhow::Result<Revision> {
         let rev = head(&self.tx)?.next();
-        self.tx.execute("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [rev.0 as i64])?;
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute([rev.0 as i64])?;
         Ok(rev)
     }
 
@@ -354,14 +356,15 @@ impl Tx<'_> {
     /// Puts a message in the outbox; returns its encoded size.
     fn enqueue_envelope(&mut self, key: &str, env: Envelope<ToNode>) -> anyhow::Result<usize> {
         let payload = env.encode();
-        self.tx.execute("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)", params![key, env.id.as_str(), payload])?;
+        self.tx.prepare_cached("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)")?.execute(params![key, env.id.as_str(), payload])?;
         Ok(payload.len())
     }
 
     fn current(&self, path: &RelPath) -> anyhow::Result<Option<Current>> {
         let row: Option<(i64, Option<String>, String)> = self
             .tx
-            .query_row("SELECT rev, version, origin FROM paths WHERE path = ?1", [path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached("SELECT rev, version, origin FROM paths WHERE path = ?1")?
+            .query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         let Some((rev, version, origin)) = row else {
             return Ok(None);
@@ -377,7 +380,8 @@ impl Tx<'_> {
         let hi = format!("{}0", path);
         Ok(self
             .tx
-            .query_row("SELECT 1 FROM paths WHERE path > ?1 AND path < ?2 AND version IS NOT NULL LIMIT 1", params![lo, hi], |_| Ok(()))
+            .prepare_cached("SELECT 1 FROM paths WHERE path > ?1 AND path < ?2 AND version IS NOT NULL LIMIT 1")?
+            .query_row(params![lo, hi], |_| Ok(()))
             .optional()?
             .is_some())
     }
@@ -386,18 +390,26 @@ impl Tx<'_> {
     fn set(&mut self, path: &RelPath, version: Option<&Version>, origin: &NodeId, now_ms: i64) -> anyhow::Result<Entry> {
         let rev = self.next_rev()?;
         let v = version.map(json);
-        self.tx.execute(
-            "INSERT INTO paths(path, rev, version, origin) VALUES(?1, ?2, ?3, ?4)
+        self.tx
+            .prepare_cached(
+                "INSERT INTO paths(path, rev, version, origin) VALUES(?1, ?2, ?3, ?4)
              ON CONFLICT(path) DO UPDATE SET rev = excluded.rev, version = excluded.version, origin = excluded.origin",
-            params![path.as_str(), rev.0 as i64, v, origin.as_str()],
-        )?;
-        self.tx.execute(
-            "INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, ?4, ?5)",
-            params![rev.0 as i64, path.as_str(), v, origin.as_str(), now_ms],
-        )?;
-        self.tx.execute("DELETE FROM holders WHERE path = ?1", [path.as_str()])?;
+            )?
+            .execute(params![path.as_str(), rev.0 as i64, v, origin.as_str()])?;
+        self.tx.prepare_cached("INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
+            rev.0 as i64,
+            path.as_str(),
+            v,
+            origin.as_str(),
+            now_ms
+        ])?;
+        self.tx.prepare_cached("DELETE FROM holders WHERE path = ?1")?.execute([path.as_str()])?;
         if matches!(version, Some(Version { content: Content::File { .. }, .. })) && *origin != NodeId::manager() {
-            self.tx.execute("INSERT INTO holders(path, node, rev) VALUES(?1, ?2, ?3)", params![path.as_str(), origin.as_str(), rev.0 as i64])?;
+            self.tx.prepare_cached("INSERT INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
+                path.as_str(),
+                origin.as_str(),
+                rev.0 as i64
+            ])?;
         }
         let entry = entry(&self.tx, path)?.expect("just written");
         self.enqueue(topology::BROADCAST_KEY, ToNode::Applied { entry: entry.clone(), origin: origin.clone() })?;
@@ -406,17 +418,18 @@ impl Tx<'_> {
 
     /// Marks a node as seen (and online), creating it on first contact.
     fn seen(&mut self, node: &NodeId, url: Option<&str>, now_ms: i64) -> anyhow::Result<()> {
-        self.tx.execute(
-            "INSERT INTO nodes(id, url, online, last_seen_ms) VALUES(?1, coalesce(?2, ''), 1, ?3)
+        self.tx
+            .prepare_cached(
+                "INSERT INTO nodes(id, url, online, last_seen_ms) VALUES(?1, coalesce(?2, ''), 1, ?3)
              ON CONFLICT(id) DO UPDATE SET online = 1, last_seen_ms = excluded.last_seen_ms, url = coalesce(?2, nodes.url)",
-            params![node.as_str(), url, now_ms],
-        )?;
+            )?
+            .execute(params![node.as_str(), url, now_ms])?;
         Ok(())
     }
 
     /// Marks nodes silent for too long as offline; returns how many changed.
     pub fn mark_silent_offline(&mut self, now_ms: i64) -> anyhow::Result<usize> {
-        Ok(self.tx.execute("UPDATE nodes SET online = 0 WHERE online = 1 AND last_seen_ms < ?1", [now_ms - OFFLINE_AFTER_MS])?)
+        Ok(self.tx.prepare_cached("UPDATE nodes SET online = 0 WHERE online = 1 AND last_seen_ms < ?1")?.execute([now_ms - OFFLINE_AFTER_MS])?)
     }
 
     /// Asks one node to run a sync.
@@ -430,19 +443,22 @@ impl Tx<'_> {
         match env.body {
             ToManager::Heartbeat { url, pending_changes, pending_pulls, software } => {
                 self.seen(&from, Some(&url), now_ms)?;
-                self.tx.execute(
-                    "UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4 WHERE id = ?1",
-                    params![from.as_str(), pending_changes as i64, pending_pulls as i64, software],
-                )?;
+                self.tx.prepare_cached("UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4 WHERE id = ?1")?.execute(params![
+                    from.as_str(),
+                    pending_changes as i64,
+                    pending_pulls as i64,
+                    software
+                ])?;
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
                 if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash: h, .. }, .. }), .. }) = entry(&self.tx, &path)? {
                     if cur == rev && h == hash {
-                        self.tx.execute(
-                            "INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)",
-                            params![path.as_str(), from.as_str(), rev.0 as i64],
-                        )?;
+                        self.tx.prepare_cached("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
+                            path.as_str(),
+                            from.as_str(),
+                            rev.0 as i64
+                        ])?;
                     }
                 }
             }
@@ -467,21 +483,25 @@ impl Tx<'_> {
     /// wrote is rolled back and the reason is returned. Only a failure of the database
     /// itself (the savepoint cannot be opened, released or rolled back) is an error.
     pub fn handle_isolated(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<Result<(), String>> {
-        let given_up: Option<bool> =
-            self.tx.query_row("SELECT given_up FROM suspects WHERE msg = ?1", [env.id.as_str()], |r| r.get(0)).optional().context("reading suspects")?;
+        let given_up: Option<bool> = self
+            .tx
+            .prepare_cached("SELECT given_up FROM suspects WHERE msg = ?1")?
+            .query_row([env.id.as_str()], |r| r.get(0))
+            .optional()
+            .context("reading suspects")?;
         if given_up == Some(true) {
             return Ok(Err(format!("{GIVEN_UP}: it stopped the manager each time it was handled before")));
         }
         let msg = env.id.clone();
         if given_up.is_some() {
-            self.tx.execute("DELETE FROM suspects WHERE msg = ?1", [msg.as_str()])?;
+            self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([msg.as_str()])?;
         }
-        self.tx.execute_batch("SAVEPOINT message").context("opening a savepoint in the manager database")?;
+        self.tx.prepare_cached("SAVEPOINT message")?.execute([]).context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
         // writes, and every statement it had open was reset while unwinding.
         let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(env, now_ms))) {
             Ok(Ok(())) => {
-                self.tx.execute_batch("RELEASE message").context("releasing a savepoint in the manager database")?;
+                self.tx.prepare_cached("RELEASE message")?.execute([]).context("releasing a savepoint in the manager database")?;
                 return Ok(Ok(()));
             }
             Ok(Err(e)) => format!("{e:#}"),
@@ -498,17 +518,21 @@ impl Tx<'_> {
     /// waiting is replaced: the newer reply answers both (a node has one sync in flight,
     /// so an older request is one it no longer waits for).
     fn queue_sync(&mut self, node: &NodeId, request: &MessageId, since: Revision, paged: bool, now_ms: i64) -> anyhow::Result<()> {
-        let waiting: Option<String> = self.tx.query_row("SELECT request FROM sync_requests WHERE node = ?1", [node.as_str()], |r| r.get(0)).optional()?;
+        let waiting: Option<String> =
+            self.tx.prepare_cached("SELECT request FROM sync_requests WHERE node = ?1")?.query_row([node.as_str()], |r| r.get(0)).optional()?;
         if let Some(older) = waiting {
             tracing::debug!(%node, %older, newer = %request, "a sync request replaces an older one still waiting; one reply answers both");
         }
-        self.tx.execute(
-            "INSERT INTO sync_requests(node, request, since, paged, merged, at_ms) VALUES(?1, ?2, ?3, ?4, 1, ?5)
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sync_requests(node, request, since, paged, merged, at_ms) VALUES(?1, ?2, ?3, ?4, 1, ?5)
              ON CONFLICT(node) DO UPDATE SET request = excluded.request, since = excluded.since, paged = excluded.paged,
                merged = sync_requests.merged + 1",
-            // A node that needs no deleted path says so with the largest revision.
-            params![node.as_str(), request.as_str(), since.0.min(i64::MAX as u64) as i64, paged, now_ms],
-        )?;
+            )?
+            .execute(
+                // A node that needs no deleted path says so with the largest revision.
+                params![node.as_str(), request.as_str(), since.0.min(i64::MAX as u64) as i64, paged, now_ms],
+            )?;
         Ok(())
     }
 
@@ -529,15 +553,16 @@ impl Tx<'_> {
         let Some((node, request, since, paged, merged)) = due else {
             return Ok(false);
         };
-        self.tx.execute("DELETE FROM sync_requests WHERE node = ?1", [&node])?;
-        self.tx.execute(
-            "INSERT INTO sync_replies(node, started_ms, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest)
+        self.tx.prepare_cached("DELETE FROM sync_requests WHERE node = ?1")?.execute([&node])?;
+        self.tx
+            .prepare_cached(
+                "INSERT INTO sync_replies(node, started_ms, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest)
              VALUES(?1, ?2, ?3, ?4, ?5, ?6, '', 0, ?7, 0, 0, 0, 0)
              ON CONFLICT(node) DO UPDATE SET started_ms = excluded.started_ms, request = excluded.request, since = excluded.since,
                paged = excluded.paged, merged = excluded.merged, cursor = '', walk_done = 0, caught_up = excluded.caught_up,
                page = 0, entries = 0, bytes = 0, largest = 0",
-            params![node, now_ms, request, since, paged, merged, head(&self.tx)?.0 as i64],
-        )?;
+            )?
+            .execute(params![node, now_ms, request, since, paged, merged, head(&self.tx)?.0 as i64])?;
         Ok(true)
     }
 
@@ -546,19 +571,18 @@ impl Tx<'_> {
     fn active_reply(&self) -> anyhow::Result<Option<Reply>> {
         let row = self
             .tx
-            .query_row(
+            .prepare_cached(
                 "SELECT node, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest, started_ms
                  FROM sync_replies WHERE request IS NOT NULL ORDER BY page, node LIMIT 1",
-                [],
-                |r| {
-                    Ok((
-                        r.get::<_, String>(0)?,
-                        r.get::<_, String>(1)?,
-                        (r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?, r.get::<_, String>(5)?, r.get::<_, bool>(6)?),
-                        (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, i64>(11)?, r.get::<_, i64>(12)?),
-                    ))
-                },
-            )
+            )?
+            .query_row([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    (r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?, r.get::<_, String>(5)?, r.get::<_, bool>(6)?),
+                    (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, i64>(11)?, r.get::<_, i64>(12)?),
+                ))
+            })
             .optional()?;
         let Some((node, request, (since, paged, merged, cursor, walk_done), (caught_up, page, entries, bytes, largest, started_ms))) = row else {
             return Ok(None);
@@ -636,7 +660,7 @@ impl Tx<'_> {
         if !r.paged && !last {
             // An older node takes one reply and would stop at the first page.
             tracing::warn!(node = %r.node, request = %r.request, "a node of an older version asked for a sync whose reply does not fit in one message of {} bytes; it is not answered: upgrade the node", wire::SYNC_PAGE_BYTES);
-            self.tx.execute("UPDATE sync_replies SET request = NULL WHERE node = ?1", [r.node.as_str()])?;
+            self.tx.prepare_cached("UPDATE sync_replies SET request = NULL WHERE node = ?1")?.execute([r.node.as_str()])?;
             return Ok(());
         }
         let size = self.enqueue_envelope(&topology::node_key(&r.node), Envelope::new(id, NodeId::manager(), body))?;
@@ -661,11 +685,22 @@ impl Tx<'_> {
                 "sync answered"
             );
         }
-        self.tx.execute(
-            "UPDATE sync_replies SET request = ?2, cursor = ?3, walk_done = ?4, caught_up = ?5, page = ?6, entries = ?7, bytes = ?8, largest = ?9
+        self.tx
+            .prepare_cached(
+                "UPDATE sync_replies SET request = ?2, cursor = ?3, walk_done = ?4, caught_up = ?5, page = ?6, entries = ?7, bytes = ?8, largest = ?9
              WHERE node = ?1",
-            params![r.node.as_str(), (!last).then(|| r.request.as_str()), r.cursor, r.walk_done, r.caught_up.0 as i64, r.page, r.entries, r.bytes, r.largest],
-        )?;
+            )?
+            .execute(params![
+                r.node.as_str(),
+                (!last).then(|| r.request.as_str()),
+                r.cursor,
+                r.walk_done,
+                r.caught_up.0 as i64,
+                r.page,
+                r.entries,
+                r.bytes,
+                r.largest
+            ])?;
         Ok(())
     }
 
@@ -673,7 +708,7 @@ impl Tx<'_> {
         let reply_key = topology::node_key(from);
         // At-least-once delivery: a message id is decided once. A repeat gets the path's
         // current state again, so the sender can stop waiting for it.
-        let done: Option<String> = self.tx.query_row("SELECT outcome FROM applied WHERE msg = ?1", [msg.as_str()], |r| r.get(0)).optional()?;
+        let done: Option<String> = self.tx.prepare_cached("SELECT outcome FROM applied WHERE msg = ?1")?.query_row([msg.as_str()], |r| r.get(0)).optional()?;
         if let Some(outcome) = done {
             let outcome: Outcome = serde_json::from_str(&outcome).context("corrupt outcome")?;
             let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
@@ -683,8 +718,11 @@ impl Tx<'_> {
         // revision that change got, if it was kept.
         let mut base = change.base;
         if let Some(prev) = &change.follows {
-            let prior: Option<(i64, String)> =
-                self.tx.query_row("SELECT rev, outcome FROM applied WHERE msg = ?1", [prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+            let prior: Option<(i64, String)> = self
+                .tx
+                .prepare_cached("SELECT rev, outcome FROM applied WHERE msg = ?1")?
+                .query_row([prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
             if let Some((rev, outcome)) = prior {
                 if let Ok(Outcome::Accepted | Outcome::Unchanged) = serde_json::from_str::<Outcome>(&outcome) {
                     base = Revision(rev as u64);
@@ -694,11 +732,10 @@ impl Tx<'_> {
         let current = self.current(&change.path)?;
         // The cap counts the conflict files that still exist: once a user has dealt with
         // them (deleted or renamed them), new conflicts are kept again.
-        let copies: i64 = self.tx.query_row(
-            "SELECT count(*) FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND p.version IS NOT NULL",
-            [change.path.as_str()],
-            |r| r.get(0),
-        )?;
+        let copies: i64 = self
+            .tx
+            .prepare_cached("SELECT count(*) FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND p.version IS NOT NULL")?
+            .query_row([change.path.as_str()], |r| r.get(0))?;
         let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize);
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         let outcome = match (decision, &change.op) {
@@ -736,10 +773,12 @@ impl Tx<'_> {
         };
         let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
         tracing::debug!(target: "changes", %msg, node = %from, path = %change.path, sent_base = change.base.0, base = base.0, ?outcome, rev = current.rev.0, "decided");
-        self.tx.execute(
-            "INSERT INTO applied(msg, node, rev, outcome) VALUES(?1, ?2, ?3, ?4)",
-            params![msg.as_str(), from.as_str(), current.rev.0 as i64, json(&outcome)],
-        )?;
+        self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome) VALUES(?1, ?2, ?3, ?4)")?.execute(params![
+            msg.as_str(),
+            from.as_str(),
+            current.rev.0 as i64,
+            json(&outcome)
+        ])?;
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
     }
 
@@ -792,10 +831,9 @@ impl Tx<'_> {
         let Some(copy) = free else { return Ok(None) };
         self.restore_ancestors(&copy, now_ms)?;
         let copy_entry = self.set(&copy, Some(version), from, now_ms)?;
-        self.tx.execute(
-            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            params![path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms],
-        )?;
+        self.tx
+            .prepare_cached("INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7)")?
+            .execute(params![path.as_str(), copy.as_str(), from.as_str(), base.0 as i64, cur_rev as i64, copy_entry.rev.0 as i64, now_ms])?;
         tracing::info!(%path, %copy, node = %from, "conflict: kept the node's version as a conflict file");
         Ok(Some(copy))
     }
@@ -844,10 +882,9 @@ impl Tx<'_> {
         };
         self.restore_ancestors(&moved, now_ms)?;
         let moved_entry = self.set(&moved, Some(version), from, now_ms)?;
-        self.tx.execute(
-            "INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, 0, ?5, ?6)",
-            params![path.as_str(), moved.as_str(), from.as_str(), base.0 as i64, moved_entry.rev.0 as i64, now_ms],
-        )?;
+        self.tx
+            .prepare_cached("INSERT INTO conflicts(path, copy, node, base, current_rev, copy_rev, at_ms) VALUES(?1, ?2, ?3, ?4, 0, ?5, ?6)")?
+            .execute(params![path.as_str(), moved.as_str(), from.as_str(), base.0 as i64, moved_entry.rev.0 as i64, now_ms])?;
         tracing::info!(%path, copy = %moved, node = %from, "conflict: {blocker} is a file now; kept the node's version below a conflict directory");
         Ok(Outcome::Conflict { copy: moved })
     }

@@ -25,7 +25,7 @@ struct Args {
     /// Worker threads (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Put a past bug back into the nodes: `outbox-order` or `decided-base` (the run
+    /// Put a past bug back into the nodes: `abandoned-work` or `decided-base` (the run
     /// must then fail).
     #[arg(long, value_parser = parse_bug)]
     bug: Option<fs_node::env::PastBug>,
@@ -33,9 +33,9 @@ struct Args {
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
     match s {
-        "outbox-order" => Ok(fs_node::env::PastBug::OutboxOrder),
+        "abandoned-work" => Ok(fs_node::env::PastBug::AbandonedWork),
         "decided-base" => Ok(fs_node::env::PastBug::DecidedBase),
-        _ => Err("outbox-order or decided-base".into()),
+        _ => Err("abandoned-work or decided-base".into()),
     }
 }
 

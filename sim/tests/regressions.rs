@@ -31,9 +31,9 @@ fn first_failure(bug: PastBug, limit: u64) -> Option<(u64, String)> {
 }
 
 #[test]
-fn the_simulator_finds_the_outbox_order_bug() {
-    let found = first_failure(PastBug::OutboxOrder, 2_000);
-    assert!(found.is_some(), "2,000 seeds did not find the outbox-order bug");
+fn the_simulator_finds_the_abandoned_work_bug() {
+    let found = first_failure(PastBug::AbandonedWork, 2_000);
+    assert!(found.is_some(), "2,000 seeds did not find the abandoned-work bug");
     eprintln!("found: {found:?}");
 }
 
