@@ -32,4 +32,9 @@ log "running the suite"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast "$@"
 log "running the tests that must run alone (they restart the shared broker)"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast --run-ignored only --test-threads 1 "$@"
+# The deterministic simulation of the whole cluster (docs/testing.md): 20,000 seeds,
+# about 4 minutes on 2 cores. SIM_SEEDS changes the range.
+log "running the simulation: seeds ${SIM_SEEDS:=0..20000}"
+cargo build --release -p sim
+target/release/sim --seeds "$SIM_SEEDS"
 log "all tests passed"
