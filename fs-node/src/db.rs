@@ -10,9 +10,12 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
 use wire::{Change, MessageId, RelPath, Revision};
 
-const SCHEMA: &str = "
-PRAGMA journal_mode=WAL;
-PRAGMA synchronous=NORMAL;
+/// Set on every connection.
+const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;";
+
+/// Schema version 1: the tables every node had before versions were kept. A database
+/// from then has them already (they are created only if missing) and is taken as is.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS inodes(
   ino INTEGER PRIMARY KEY, kind INTEGER NOT NULL, perm INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
   atime INTEGER NOT NULL, mtime INTEGER NOT NULL, ctime INTEGER NOT NULL, nlink INTEGER NOT NULL, rdev INTEGER NOT NULL,
@@ -53,12 +56,28 @@ pub struct Db {
     conn: Connection,
 }
 
+/// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
+/// is at). A new version is a new `M::up` at the end; the ones before never change.
+fn migrations() -> rusqlite_migration::Migrations<'static> {
+    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1)])
+}
+
+/// Brings a database to the latest schema version, or refuses one written by a newer
+/// program with a clear error (it may hold what this one would misread).
+fn migrate(conn: &mut Connection, path: &Path, what: &str) -> anyhow::Result<()> {
+    let migrations = migrations();
+    migrations
+        .to_latest(conn)
+        .with_context(|| format!("{what} {} is at a schema version this program does not know (is it from a newer version?); not touching it", path.display()))
+}
+
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Db> {
-        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         conn.set_prepared_statement_cache_capacity(64);
-        conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {}", path.display()))?;
+        migrate(&mut conn, path, "the node database")?;
         Ok(Db { conn })
     }
 
@@ -197,5 +216,27 @@ impl Db {
 
     pub fn remove_outbox(&self, msg: &MessageId) -> rusqlite::Result<usize> {
         self.conn.prepare_cached("DELETE FROM outbox WHERE msg = ?1")?.execute([msg.as_str()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node.db gets a schema version; one from before versions were kept is taken as
+    /// is, and one written by a newer node is refused with a clear error.
+    #[test]
+    fn the_schema_is_versioned_and_a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let db = Db::open(&path).unwrap();
+        db.set_meta("k", "v").unwrap();
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        drop(db);
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
+        assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        let err = format!("{:#}", Db::open(&path).err().expect("a newer database is refused"));
+        assert!(err.contains("schema version this program does not know"), "{err}");
     }
 }

@@ -42,9 +42,11 @@ fn test_abort_on_path() -> Option<&'static str> {
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
-const SCHEMA: &str = "
-PRAGMA journal_mode=WAL;
-PRAGMA synchronous=FULL;
+const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;";
+
+/// Schema version 1: the tables every manager had before versions were kept. A database
+/// from then has them already (they are created only if missing) and is taken as is.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes(
   id TEXT PRIMARY KEY, url TEXT NOT NULL, online INTEGER NOT NULL, last_seen_ms INTEGER NOT NULL,
@@ -107,12 +109,18 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
+        let mut conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
         // Every statement is prepared once and kept (parsing SQL was a third of the
         // time a message took).
         conn.set_prepared_statement_cache_capacity(128);
-        conn.execute_batch(SCHEMA).with_context(|| format!("creating the schema in {}", path.display()))?;
+        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {}", path.display()))?;
+        // The schema's versions, oldest first (`PRAGMA user_version` says which one a
+        // database is at); a new version is a new `M::up` at the end. A database written
+        // by a newer manager is refused: it may hold what this one would misread.
+        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1)]).to_latest(&mut conn).with_context(|| {
+            format!("the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it", path.display())
+        })?;
         // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
@@ -1108,6 +1116,27 @@ mod tests {
         let journal: String = s.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         let synchronous: i64 = s.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!((journal.as_str(), synchronous), ("wal", 2), "WAL with synchronous=FULL (2)");
+    }
+
+    /// A database gets a schema version; one from before versions were kept is taken
+    /// as is, and one written by a newer manager is refused with a clear error.
+    #[test]
+    fn the_schema_is_versioned_and_a_newer_database_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let mut s = Store::open(&db).unwrap();
+        send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
+        let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(version, 1);
+        drop(s);
+        // From before versions: user_version 0, tables there.
+        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
+        let s = Store::open(&db).unwrap();
+        assert!(s.entry(&RelPath::new("a.txt").unwrap()).unwrap().is_some(), "the old database was kept as it was");
+        drop(s);
+        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
+        assert!(err.contains("schema version this program does not know"), "{err}");
     }
 
     #[test]
