@@ -39,6 +39,10 @@ fn test_abort_on_path() -> Option<&'static str> {
     PATH.get_or_init(|| std::env::var("SYNC_TEST_ABORT_ON_PATH").ok().filter(|p| !p.is_empty())).as_deref()
 }
 
+/// Schema version 2: the base each change was decided on, so that a change following a
+/// refused one keeps that base (rows from before have 0: no base passed on).
+const SCHEMA_V2: &str = "ALTER TABLE applied ADD COLUMN base INTEGER NOT NULL DEFAULT 0;";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -118,9 +122,14 @@ impl Store {
         // The schema's versions, oldest first (`PRAGMA user_version` says which one a
         // database is at); a new version is a new `M::up` at the end. A database written
         // by a newer manager is refused: it may hold what this one would misread.
-        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1)]).to_latest(&mut conn).with_context(|| {
-            format!("the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it", path.display())
-        })?;
+        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2)])
+            .to_latest(&mut conn)
+            .with_context(|| {
+                format!(
+                    "the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it",
+                    path.display()
+                )
+            })?;
         // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
@@ -726,15 +735,29 @@ impl Tx<'_> {
         // revision that change got, if it was kept.
         let mut base = change.base;
         if let Some(prev) = &change.follows {
-            let prior: Option<(i64, String)> = self
+            let prior: Option<(i64, String, i64)> = self
                 .tx
-                .prepare_cached("SELECT rev, outcome FROM applied WHERE msg = ?1")?
-                .query_row([prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+                .prepare_cached("SELECT rev, outcome, base FROM applied WHERE msg = ?1")?
+                .query_row([prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
-            if let Some((rev, outcome)) = prior {
-                if let Ok(Outcome::Accepted | Outcome::Unchanged) = serde_json::from_str::<Outcome>(&outcome) {
-                    base = Revision(rev as u64);
+            match prior.map(|(rev, outcome, prior_base)| (rev, serde_json::from_str::<Outcome>(&outcome), prior_base)) {
+                Some((rev, Ok(Outcome::Accepted | Outcome::Unchanged), _)) => base = Revision(rev as u64),
+                // It changed nothing: the path is still at what it was based on (a
+                // delete refused because files were added below, say).
+                Some((_, Ok(Outcome::Refused { .. }), prior_base)) if prior_base > 0 => base = Revision(prior_base as u64),
+                // The change it follows was kept as a conflict file: a later edit of
+                // the same path updates that file while it is still the node's own
+                // (one conflict file per offline edit session, not one per save).
+                Some((_, Ok(Outcome::Conflict { copy }), _)) => {
+                    if let ChangeOp::Put { version } = &change.op {
+                        if self.origin_of(&copy)?.as_deref() == Some(from.as_str()) {
+                            self.set(&copy, Some(version), from, now_ms)?;
+                            tracing::info!(path = %change.path, %copy, node = %from, "a later edit of a conflicting change updates its conflict file");
+                            return self.decided(msg, from, &change.path, Outcome::Conflict { copy }, base);
+                        }
+                    }
                 }
+                _ => {}
             }
         }
         let current = self.current(&change.path)?;
@@ -779,15 +802,29 @@ impl Tx<'_> {
             },
             (Decision::Conflict, ChangeOp::Delete) => unreachable!("the rule only makes conflicts of puts"),
         };
-        let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
-        tracing::debug!(target: "changes", %msg, node = %from, path = %change.path, sent_base = change.base.0, base = base.0, ?outcome, rev = current.rev.0, "decided");
-        self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome) VALUES(?1, ?2, ?3, ?4)")?.execute(params![
+        tracing::debug!(target: "changes", %msg, path = %change.path, sent_base = change.base.0, base = base.0, "based on");
+        self.decided(msg, from, &change.path, outcome, base)
+    }
+
+    /// Records how a change was decided and queues the decision for its sender, with the
+    /// path's state now.
+    fn decided(&mut self, msg: MessageId, from: &NodeId, path: &RelPath, outcome: Outcome, base: Revision) -> anyhow::Result<()> {
+        let reply_key = topology::node_key(from);
+        let current = entry(&self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] });
+        tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, "decided");
+        self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
             msg.as_str(),
             from.as_str(),
             current.rev.0 as i64,
-            json(&outcome)
+            json(&outcome),
+            base.0 as i64
         ])?;
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
+    }
+
+    /// The node (or the manager) whose version `path` holds, if it ever had one.
+    fn origin_of(&self, path: &RelPath) -> anyhow::Result<Option<String>> {
+        Ok(self.tx.prepare_cached("SELECT origin FROM paths WHERE path = ?1 AND version IS NOT NULL")?.query_row([path.as_str()], |r| r.get(0)).optional()?)
     }
 
     /// The highest ancestor of `path` that is live and not a directory, if any.
@@ -1124,19 +1161,74 @@ mod tests {
     fn the_schema_is_versioned_and_a_newer_database_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("m.db");
+        // A database from before versions: the first schema, user_version 0, a path in it.
+        let old = rusqlite::Connection::open(&db).unwrap();
+        old.execute_batch(SCHEMA_V1).unwrap();
+        old.execute("INSERT INTO paths(path, rev, version, origin) VALUES('a.txt', 1, NULL, 'n1')", []).unwrap();
+        drop(old);
         let mut s = Store::open(&db).unwrap();
-        send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 1);
-        drop(s);
-        // From before versions: user_version 0, tables there.
-        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
-        let s = Store::open(&db).unwrap();
-        assert!(s.entry(&RelPath::new("a.txt").unwrap()).unwrap().is_some(), "the old database was kept as it was");
+        assert_eq!(version, 2);
+        assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
+        assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
+        send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);
         rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
+    }
+
+    fn change(path: &str, base: u64, follows: Option<&str>, op: ChangeOp) -> ToManager {
+        ToManager::Change(Change { path: p(path), base: Revision(base), follows: follows.map(|f| f.parse().unwrap()), op })
+    }
+    fn dir_version() -> Version {
+        Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 }
+    }
+
+    /// Found by the simulator (seeds 3798, 17674): a node's own later edits conflicted
+    /// with its own earlier ones. A later edit of a change kept as a conflict file
+    /// updates that file; a change following a refused one keeps the refused one's base.
+    #[test]
+    fn regression_follow_ups_of_conflicting_and_refused_changes_do_not_conflict_with_their_own_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        send(&mut s, "n1", "m1", put("d", 0, dir_version()));
+        send(&mut s, "n2", "x1", put("d/x", 1, file(9)));
+        // n1, which never saw d/x, deletes d (refused: files were added below), then
+        // writes a file d twice.
+        send(&mut s, "n1", "m2", change("d", 0, Some("m1"), ChangeOp::Delete));
+        send(&mut s, "n1", "m3", change("d", 0, Some("m2"), ChangeOp::Put { version: file(1) }));
+        send(&mut s, "n1", "m4", change("d", 0, Some("m3"), ChangeOp::Put { version: file(2) }));
+        let out = decided(&s);
+        assert!(matches!(out[2], Outcome::Refused { .. }), "{out:?}");
+        let (Outcome::Conflict { copy: c3 }, Outcome::Conflict { copy: c4 }) = (&out[3], &out[4]) else { panic!("{out:?}") };
+        assert_eq!(c3, c4, "the second edit updates the first one's conflict file");
+        assert_eq!(s.entry(c3).unwrap().unwrap().version, Some(file(2)));
+        let own: i64 = s
+            .conn()
+            .query_row("SELECT count(*) FROM conflicts c JOIN history h ON h.rev = c.current_rev WHERE h.origin = c.node AND c.base < c.current_rev", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(own, 0, "no conflict of n1 with its own version of d");
+    }
+
+    /// Found by the simulator (seed 179): files written below a directory that became a
+    /// file elsewhere go below a conflict directory beside that file, all in one.
+    #[test]
+    fn regression_files_below_a_directory_that_became_a_file_go_below_a_conflict_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        send(&mut s, "n2", "x1", put("e", 0, file(9)));
+        send(&mut s, "n1", "m1", put("e", 0, dir_version()));
+        send(&mut s, "n1", "m2", put("e/a", 0, file(1)));
+        send(&mut s, "n1", "m3", put("e/b/c", 0, file(2)));
+        let out = decided(&s);
+        let [Outcome::Conflict { copy: d }, Outcome::Conflict { copy: a }, Outcome::Conflict { copy: c }] = &out[1..] else { panic!("{out:?}") };
+        assert_eq!(a.as_str(), format!("{d}/a"));
+        assert_eq!(c.as_str(), format!("{d}/b/c"));
+        assert_eq!(s.entry(c).unwrap().unwrap().version, Some(file(2)));
+        assert_eq!(s.entry(&p("e")).unwrap().unwrap().version, Some(file(9)), "the file stays");
     }
 
     #[test]

@@ -85,7 +85,7 @@ fn main() {
                     }
                 }
                 let n = done.fetch_add(1, Ordering::Relaxed) + 1;
-                if n % 1000 == 0 {
+                if n.is_multiple_of(1000) {
                     eprintln!("{n} seeds, {:.0} seeds/s", n as f64 / t.elapsed().as_secs_f64());
                 }
             });
