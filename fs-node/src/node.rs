@@ -188,13 +188,9 @@ impl Shared {
 
 /// Unmounts the node's own mount at `dir` (at shutdown, and a dead one a killed run left).
 fn unmount(dir: &Path) {
-    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-        // SAFETY: a valid NUL-terminated path; umount2 only reads it.
-        unsafe {
-            if libc::umount2(c.as_ptr(), 0) != 0 {
-                libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-            }
-        }
+    use nix::mount::{umount2, MntFlags};
+    if umount2(dir, MntFlags::empty()).is_err() {
+        let _ = umount2(dir, MntFlags::MNT_DETACH);
     }
 }
 

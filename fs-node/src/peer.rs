@@ -50,7 +50,8 @@ fn authorized(req: &Request<hyper::body::Incoming>, token: &Option<String>) -> b
         return false;
     };
     // Constant-time comparison: the token must not leak through timing.
-    given.len() == token.len() && given.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    use subtle::ConstantTimeEq;
+    given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
 /// A client that trusts the system's CAs plus those in `extra_ca` (PEM), for pulls from

@@ -14,6 +14,10 @@ const KEPT: &[(u64, &str)] = &[
     (236, "a node kept its version after its change was refused at the revision it had; a file put over a directory with new files was refused and lost"),
     (407, "a file renamed while being written, the node killed before the last close, was never sent"),
     (5827, "the check took a write for closed while another writer of the file, renamed, was still open"),
+    (274, "a chmod of a file being written was lost when the node died"),
+    (2069, "a directory the manager brought back took a default mode, and the node's chmod of it was dropped as stale"),
+    (3798, "a later edit of a change kept as a conflict file conflicted with the node's own version"),
+    (17674, "a change following a refused one lost its base and conflicted with the node's own version"),
 ];
 
 #[test]

@@ -9,7 +9,7 @@
 
 use anyhow::{bail, Context};
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -31,7 +31,7 @@ impl Secret {
     /// A fresh random token of [`TOKEN_BYTES`] bytes from the kernel, as hex.
     pub fn random() -> anyhow::Result<Secret> {
         let mut bytes = [0u8; TOKEN_BYTES];
-        std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)).context("reading random bytes from /dev/urandom")?;
+        getrandom::fill(&mut bytes).map_err(|e| anyhow::anyhow!("getting random bytes from the kernel: {e}"))?;
         Ok(Secret(bytes.iter().map(|b| format!("{b:02x}")).collect()))
     }
     pub fn expose(&self) -> &str {
@@ -40,11 +40,8 @@ impl Secret {
     /// Compares in time independent of where the strings differ, so a client cannot find
     /// a token byte by byte by timing the answers.
     pub fn matches(&self, candidate: &str) -> bool {
-        let (a, b) = (self.0.as_bytes(), candidate.as_bytes());
-        if a.len() != b.len() {
-            return false;
-        }
-        a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use subtle::ConstantTimeEq;
+        self.0.as_bytes().ct_eq(candidate.as_bytes()).into()
     }
 }
 

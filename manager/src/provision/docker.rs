@@ -448,31 +448,21 @@ pub fn ensure_shared_mount(dir: &Path) -> Result<()> {
     if line.is_some_and(|l| l.split(" - ").next().unwrap_or("").split(' ').skip(6).any(|f| f.starts_with("shared:"))) {
         return Ok(());
     }
-    let c = std::ffi::CString::new(target.as_bytes()).map_err(|_| Error::Invalid {
-        what: "host mount directory",
-        value: target.to_string(),
-        reason: "contains a NUL byte".into(),
-    })?;
-    // SAFETY: plain syscalls on a NUL-terminated path we own; null pointers are allowed for unused arguments.
-    unsafe {
-        if line.is_none() && libc::mount(c.as_ptr(), c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
-            return Err(Error::Io { what: format!("bind-mounting {} onto itself (needs root)", dir.display()), source: std::io::Error::last_os_error() });
-        }
-        if libc::mount(std::ptr::null(), c.as_ptr(), std::ptr::null(), libc::MS_SHARED, std::ptr::null()) != 0 {
-            return Err(Error::Io { what: format!("making {} a shared mount (needs root)", dir.display()), source: std::io::Error::last_os_error() });
-        }
+    use nix::mount::{mount, MsFlags};
+    let failed = |what: String| move |e: nix::Error| Error::Io { what, source: std::io::Error::from(e) };
+    if line.is_none() {
+        mount(Some(&dir), &dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(failed(format!("bind-mounting {} onto itself (needs root)", dir.display())))?;
     }
+    mount(None::<&str>, &dir, None::<&str>, MsFlags::MS_SHARED, None::<&str>)
+        .map_err(failed(format!("making {} a shared mount (needs root)", dir.display())))?;
     Ok(())
 }
 
 /// Lazily unmounts whatever is still mounted at `dir` (a FUSE mount whose node died).
 fn detach_stale_mount(dir: &Path) {
-    if let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 on a NUL-terminated path; failure (nothing mounted) is expected and ignored.
-        unsafe {
-            libc::umount2(c.as_ptr(), libc::MNT_DETACH);
-        }
-    }
+    // Failure (nothing mounted there) is expected and ignored.
+    let _ = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH);
 }
 
 #[cfg(test)]
