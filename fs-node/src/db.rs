@@ -1,6 +1,6 @@
 //! The node's SQLite database (`<data>/node.db`): inodes, directory entries, the last
 //! revision the manager gave each path, and the outbox of changes not yet decided.
-//! Plain row access; the tree (`tree.rs`) owns the one connection and decides what to
+//! Plain row access; the tree (`tree/`) owns the one connection and decides what to
 //! write. Never talks to the network.
 
 use anyhow::Context;

@@ -1,0 +1,223 @@
+//! Files being made and written: new inodes, open handles, the choice between
+//! cached and passthrough I/O, work files, and committing a work file into the store.
+
+use super::*;
+
+impl State {
+    /// Makes an inode of `kind` named `name` in `parent`; a file gets an empty work
+    /// file (it is sent when closed, with its content). Returns its number.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn make(
+        &mut self,
+        parent: u64,
+        name: &OsStr,
+        kind: Kind,
+        perm: u32,
+        uid: u32,
+        gid: u32,
+        rdev: u32,
+        target: Option<Vec<u8>>,
+        store: &ContentStore,
+    ) -> FsResult<u64> {
+        let p = self.inode(parent)?;
+        if p.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if p.children.contains_key(name) {
+            return Err(FsError::Exists);
+        }
+        // BSD group semantics for set-gid directories, as ext4 does.
+        let (gid, perm) = if p.perm & libc::S_ISGID != 0 { (p.gid, if kind == Kind::Dir { perm | libc::S_ISGID } else { perm }) } else { (gid, perm) };
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let mut i = Inode::new(ino, kind, perm & 0o7777, uid, gid, self.env.now_ns());
+        i.rdev = rdev;
+        if kind == Kind::Symlink {
+            i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
+            i.target = target;
+            i.perm = 0o777;
+        }
+        if kind == Kind::File {
+            i.hash = Some(ContentStore::empty_hash());
+        }
+        i.lookups = 1;
+        i.links.push((parent, name.to_owned()));
+        self.add_inode(i);
+        self.link_into(parent, name, ino)?;
+        self.save(ino)?;
+        if kind == Kind::File {
+            let w = Arc::new(store.new_work_file(ino, None)?);
+            self.inode_mut(ino)?.set_work(w, false);
+        } else if kind.synced() {
+            self.record_put(parent, name, ino)?;
+        }
+        Ok(ino)
+    }
+
+    /// Opens a handle on `ino` (see `Tree::open_handle`).
+    pub(super) fn open_handle(&mut self, ino: u64, write: bool, truncate: bool, passthrough: bool, store: &ContentStore) -> FsResult<(u64, OpenIo)> {
+        let io = self.choose_io(ino, write, passthrough, store)?;
+        let pt = matches!(io, OpenIo::Passthrough { .. });
+        // A failure undoes the passthrough set-up with the rest of the transaction.
+        self.prepare_write_open(ino, write, truncate, pt, store)?;
+        let i = self.inode_mut(ino)?;
+        i.open += 1;
+        if write {
+            i.writers += 1;
+        }
+        if pt {
+            self.passthrough_opens += 1;
+        }
+        let fh = self.next_fh;
+        self.next_fh += 1;
+        self.handles.insert(fh, Handle { ino, write, passthrough: pt });
+        self.record(|| Undo::Handle(fh, None));
+        Ok((fh, io))
+    }
+
+    /// How the kernel is to do I/O on a new handle of `ino` (see `Passthrough`).
+    pub(super) fn choose_io(&mut self, ino: u64, write: bool, passthrough: bool, store: &ContentStore) -> FsResult<OpenIo> {
+        let i = self.inode_mut(ino)?;
+        if let Some(pt) = &mut i.passthrough {
+            pt.handles += 1;
+            return Ok(OpenIo::Passthrough { register: None });
+        }
+        let committed = i.kind == Kind::File && i.work.is_none() && i.open == 0;
+        let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed) else {
+            return Ok(OpenIo::Cached);
+        };
+        let backing = match store.open_blob(&hash) {
+            Ok(f) => Arc::new(f),
+            Err(e) => return Err(FsError::Io(anyhow::Error::new(e).context(format!("opening blob {hash}")))),
+        };
+        let key = {
+            use std::os::unix::fs::MetadataExt;
+            let m = backing.metadata()?;
+            (m.dev(), m.ino())
+        };
+        if self.backing_owner.contains_key(&key) {
+            // Another inode with the same content passes through to this blob.
+            return Ok(OpenIo::Cached);
+        }
+        self.set_backing_owner(key, Some(ino));
+        self.inode_mut(ino)?.passthrough = Some(Passthrough { backing: backing.clone(), key, handles: 1 });
+        Ok(OpenIo::Passthrough { register: Some(backing) })
+    }
+
+    /// What opening `ino` for writing does before the first write: a passthrough
+    /// writer detaches the backing file now (its writes will not pass here), and
+    /// O_TRUNC empties the file.
+    pub(super) fn prepare_write_open(&mut self, ino: u64, write: bool, truncate: bool, passthrough: bool, store: &ContentStore) -> FsResult<()> {
+        if !write {
+            return Ok(());
+        }
+        if passthrough {
+            self.ensure_work(ino, true, store)?;
+        }
+        let i = self.inode(ino)?;
+        if truncate && (i.size != 0 || i.work.is_none()) {
+            let w = self.ensure_work(ino, false, store)?;
+            w.set_len(0)?;
+            let now = self.env.now_ns();
+            let i = self.inode_mut(ino)?;
+            i.size = 0;
+            i.mtime = now;
+            i.ctime = i.mtime;
+            i.give_mtime_to_work()?;
+        }
+        Ok(())
+    }
+
+    /// One passthrough handle of `ino` closed; true when it was the last one.
+    pub(super) fn end_passthrough_handle(&mut self, ino: u64) -> bool {
+        if self.inodes.get(&ino).is_none_or(|i| i.passthrough.is_none()) {
+            return false;
+        }
+        let Ok(i) = self.inode_mut(ino) else {
+            return false;
+        };
+        let Some(pt) = &mut i.passthrough else {
+            return false;
+        };
+        pt.handles = pt.handles.saturating_sub(1);
+        if pt.handles > 0 {
+            return false;
+        }
+        let key = pt.key;
+        i.passthrough = None;
+        self.set_backing_owner(key, None);
+        true
+    }
+
+    /// The inode's work file, made if there is none: a copy of the blob (or empty when
+    /// `keep_content` is false), or, under passthrough, the backing file detached from
+    /// the store.
+    pub(super) fn ensure_work(&mut self, ino: u64, keep_content: bool, store: &ContentStore) -> FsResult<Arc<File>> {
+        let i = self.inode_mut(ino)?;
+        if let Some(w) = &i.work {
+            return Ok(w.clone());
+        }
+        let detached = i.passthrough.is_some();
+        let w = match &i.passthrough {
+            Some(pt) => {
+                let hash = i.hash.clone();
+                let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime))?;
+                self.passthrough_detaches += 1;
+                if let Some(j) = &mut self.journal {
+                    j.detached.insert(ino);
+                }
+                // Inodes with the same content may read through a handle on the file
+                // that is now this inode's: they reopen the store's blob.
+                for other in self.inodes.values_mut().filter(|o| o.hash.is_some() && o.hash == hash) {
+                    other.blob = None;
+                }
+                w
+            }
+            None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,
+        };
+        let w = Arc::new(w);
+        self.inode_mut(ino)?.set_work(w.clone(), detached);
+        Ok(w)
+    }
+
+    /// Hashes and stores the work file of `ino` and records a put for each of its names.
+    pub(super) fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
+        let i = self.inode_mut(ino)?;
+        let Some(work) = i.work.take() else {
+            return Ok(());
+        };
+        i.blob = None;
+        let (hash, size) = if i.detached {
+            // The work file is the kernel's backing file: it stays, and while a writer
+            // is still open the file stays dirty (its writes do not pass here).
+            i.work = Some(work.clone());
+            i.take_passthrough_writes()?;
+            let committed = store.commit_snapshot(&work)?;
+            let i = self.inode_mut(ino)?;
+            if i.writers == 0 {
+                i.work = None;
+                i.detached = false;
+            }
+            committed
+        } else {
+            let c = store.commit_work_file(ino)?;
+            if c.moved {
+                self.record(|| Undo::Installed(ino, c.hash.clone()));
+            } else {
+                self.discard_work_file(ino, store);
+            }
+            (c.hash, c.size)
+        };
+        let i = self.inode_mut(ino)?;
+        i.hash = Some(hash);
+        i.size = size;
+        // A passthrough writer still open keeps writing: what was just committed is
+        // the version a crash would come back to.
+        i.committed = i.work.is_some().then(|| i.current());
+        if i.nlink == 0 {
+            return Ok(());
+        }
+        self.save(ino)?;
+        self.record_put_all_links(ino)
+    }
+}

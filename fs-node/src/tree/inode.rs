@@ -1,0 +1,214 @@
+//! One inode as the tree keeps it in memory: its attributes, links, content (committed
+//! hash, work file), open counts and passthrough state, and its row in `node.db`.
+
+use super::*;
+
+pub(super) struct Inode {
+    pub(super) ino: u64,
+    pub(super) kind: Kind,
+    pub(super) perm: u32,
+    pub(super) uid: u32,
+    pub(super) gid: u32,
+    pub(super) atime: i64,
+    pub(super) mtime: i64,
+    pub(super) ctime: i64,
+    pub(super) nlink: u32,
+    pub(super) rdev: u32,
+    pub(super) size: u64,
+    pub(super) hash: Option<ContentHash>,
+    pub(super) target: Option<Vec<u8>>,
+    pub(super) children: BTreeMap<OsString, u64>,
+    /// Directory entries naming this inode (a directory has one; hard links add more).
+    pub(super) links: Vec<(u64, OsString)>,
+    /// Uncommitted content being written (copy-on-write of the blob).
+    pub(super) work: Option<Arc<File>>,
+    /// Set while `work` is: the synced attributes of the version in the store (`hash`).
+    /// The database records these, never the attributes of bytes not yet committed, so
+    /// a node that dies while a file is written comes back with the file's last closed
+    /// version, whole (`row`).
+    pub(super) committed: Option<Committed>,
+    /// The work file is a passthrough backing file detached from the store (it has no
+    /// name in the store's work directory, and writes may reach it without passing here).
+    pub(super) detached: bool,
+    /// Read handle on the current blob, opened on first read.
+    pub(super) blob: Option<Arc<File>>,
+    /// Set while the kernel does this inode's I/O itself on a backing file.
+    pub(super) passthrough: Option<Passthrough>,
+    pub(super) writers: u32,
+    pub(super) open: u32,
+    pub(super) lookups: u64,
+}
+
+/// Size and mtime of a file's committed version (see `Inode::committed`).
+#[derive(Clone, Debug)]
+pub(super) struct Committed {
+    pub(super) size: u64,
+    pub(super) mtime: i64,
+}
+
+/// Kernel passthrough of one inode: while any of its handles is open, the kernel reads
+/// (and writes) one backing file directly, without a round trip through this process.
+/// The kernel insists on one backing file per inode for as long as a passthrough handle
+/// is open, and refuses to mix passthrough and cached handles on an inode, so:
+/// - passthrough starts only on a read-only open of a committed file with no other open
+///   handle, on the blob itself;
+/// - every later open of the inode is passthrough too, on the same backing file; a
+///   writer first *detaches* it (`ContentStore::detach_for_work`): the backing file
+///   becomes the inode's work file (readers see the writes, as POSIX wants), and the
+///   store keeps a copy of the blob if it still named that file;
+/// - two inodes never share a backing file (`State::backing_owner`), so one inode's
+///   writes never show in another;
+/// - while a detached work file is open for writing, its size and mtime are the file's
+///   own (the writes do not pass here).
+#[derive(Clone)]
+pub(super) struct Passthrough {
+    /// The backing file, opened read-only from the store.
+    pub(super) backing: Arc<File>,
+    /// (st_dev, st_ino) of the backing file.
+    pub(super) key: (u64, u64),
+    pub(super) handles: u32,
+}
+
+impl Inode {
+    /// The row the database keeps: a file being written is recorded as its committed
+    /// version (its size, times and mode change with the content, at the commit).
+    pub(super) fn row(&self) -> InodeRow {
+        let c = self.committed.clone().unwrap_or_else(|| self.current());
+        InodeRow {
+            ino: self.ino,
+            kind: self.kind as u8,
+            // Ownership and mode are saved as they are now, also while the file is
+            // written: a chmod must survive a crash of the node like any metadata
+            // change (only the bytes wait for the last close).
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.atime,
+            mtime: c.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            size: c.size,
+            hash: self.hash.as_ref().map(|h| h.to_string()),
+            target: self.target.clone(),
+        }
+    }
+    /// A copy of everything but the children (see `Undo::Inode`).
+    pub(super) fn fields(&self) -> Inode {
+        Inode {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+            size: self.size,
+            hash: self.hash.clone(),
+            target: self.target.clone(),
+            children: BTreeMap::new(),
+            links: self.links.clone(),
+            work: self.work.clone(),
+            committed: self.committed.clone(),
+            detached: self.detached,
+            blob: self.blob.clone(),
+            passthrough: self.passthrough.clone(),
+            writers: self.writers,
+            open: self.open,
+            lookups: self.lookups,
+        }
+    }
+
+    pub(super) fn current(&self) -> Committed {
+        Committed { size: self.size, mtime: self.mtime }
+    }
+
+    /// Makes `w` the work file (`detached`: see the field); the attributes of the
+    /// committed version are kept aside.
+    pub(super) fn set_work(&mut self, w: Arc<File>, detached: bool) {
+        if self.work.is_none() {
+            self.committed = Some(self.current());
+        }
+        self.work = Some(w);
+        self.detached = detached;
+        self.blob = None;
+    }
+
+    pub(super) fn attr(&self) -> Attr {
+        Attr {
+            ino: self.ino,
+            kind: self.kind,
+            perm: self.perm,
+            uid: self.uid,
+            gid: self.gid,
+            size: self.size,
+            atime: self.atime,
+            mtime: self.mtime,
+            ctime: self.ctime,
+            nlink: self.nlink,
+            rdev: self.rdev,
+        }
+    }
+    /// Size and mtime of a detached work file come from the file: passthrough writes
+    /// change it without passing here.
+    pub(super) fn take_passthrough_writes(&mut self) -> FsResult<()> {
+        if let (true, Some(w)) = (self.detached, &self.work) {
+            let m = w.metadata()?;
+            self.size = m.len();
+            self.mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64).unwrap_or(self.mtime);
+        }
+        Ok(())
+    }
+
+    /// The other direction: an explicit mtime (utimensat, truncate) goes to the
+    /// detached work file, which holds it from now on.
+    pub(super) fn give_mtime_to_work(&self) -> FsResult<()> {
+        if let (true, Some(w)) = (self.detached, &self.work) {
+            w.set_modified(system_time(self.mtime))?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn new(ino: u64, kind: Kind, perm: u32, uid: u32, gid: u32, now: i64) -> Inode {
+        Inode {
+            ino,
+            kind,
+            perm,
+            uid,
+            gid,
+            atime: now,
+            mtime: now,
+            ctime: now,
+            nlink: if kind == Kind::Dir { 2 } else { 1 },
+            rdev: 0,
+            size: 0,
+            hash: None,
+            target: None,
+            children: BTreeMap::new(),
+            links: Vec::new(),
+            work: None,
+            committed: None,
+            detached: false,
+            blob: None,
+            passthrough: None,
+            writers: 0,
+            open: 0,
+            lookups: 0,
+        }
+    }
+    /// The synced version of this inode, if it is of a synced kind with known content.
+    pub(super) fn version(&self) -> Option<Version> {
+        let content = match self.kind {
+            Kind::File => Content::File { hash: self.hash.clone()?, size: self.size },
+            Kind::Dir => Content::Dir,
+            Kind::Symlink => Content::Symlink { target: String::from_utf8(self.target.clone()?).ok()? },
+            _ => return None,
+        };
+        // Directory and symlink times are local (docs/SEMANTICS.md).
+        let mtime_ns = if self.kind == Kind::File { self.mtime } else { 0 };
+        Some(Version { content, mode: self.perm & 0o7777, uid: self.uid, gid: self.gid, mtime_ns })
+    }
+}

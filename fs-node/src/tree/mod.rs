@@ -1,0 +1,489 @@
+//! The node's file tree: the core every FUSE callback and every remote change goes
+//! through. It owns the inode table, the directory entries, the last revision the manager
+//! gave each path, open file handles and the outbox, all behind one lock, and persists
+//! them in the node's SQLite database in the same step that changes them.
+//!
+//! Local operations that change synced state (files, directories, symlinks) add a change
+//! to the outbox; remote entries are applied with `apply_remote`, which never touches a
+//! path with an undecided local change. A file's new content is committed (hashed, moved
+//! into the content store, and sent) when it is closed or fsynced. It does no network I/O
+//! and never calls the kernel: cache invalidations are returned to the caller.
+
+use crate::db::{Db, InodeRow, OutboxRow};
+use crate::env::{Env, PastBug, SystemEnv};
+use crate::store::ContentStore;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, MutexGuard};
+use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, RelPath, Revision, Version};
+
+mod error;
+mod files;
+mod inode;
+mod ops;
+mod outbox;
+mod remote;
+mod state;
+mod sync;
+#[cfg(test)]
+mod tests;
+
+pub use error::{FsError, FsResult};
+use inode::{Inode, Passthrough};
+
+pub const ROOT: u64 = 1;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File = 1,
+    Dir = 2,
+    Symlink = 3,
+    Fifo = 4,
+    Socket = 5,
+    CharDev = 6,
+    BlockDev = 7,
+}
+
+impl Kind {
+    fn from_code(c: u8) -> Kind {
+        match c {
+            2 => Kind::Dir,
+            3 => Kind::Symlink,
+            4 => Kind::Fifo,
+            5 => Kind::Socket,
+            6 => Kind::CharDev,
+            7 => Kind::BlockDev,
+            _ => Kind::File,
+        }
+    }
+    /// Kinds that are synced; the others exist only on this node (docs/SEMANTICS.md).
+    pub fn synced(self) -> bool {
+        matches!(self, Kind::File | Kind::Dir | Kind::Symlink)
+    }
+    fn from_mode(mode: u32) -> FsResult<Kind> {
+        Ok(match mode & libc::S_IFMT {
+            libc::S_IFREG | 0 => Kind::File,
+            libc::S_IFDIR => Kind::Dir,
+            libc::S_IFLNK => Kind::Symlink,
+            libc::S_IFIFO => Kind::Fifo,
+            libc::S_IFSOCK => Kind::Socket,
+            libc::S_IFCHR => Kind::CharDev,
+            libc::S_IFBLK => Kind::BlockDev,
+            _ => return Err(FsError::Invalid),
+        })
+    }
+}
+
+/// Attributes as the FUSE layer needs them.
+#[derive(Clone, Debug)]
+pub struct Attr {
+    pub ino: u64,
+    pub kind: Kind,
+    pub perm: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub atime: i64,
+    pub mtime: i64,
+    pub ctime: i64,
+    pub nlink: u32,
+    pub rdev: u32,
+}
+
+/// A time given to setattr.
+#[derive(Clone, Copy, Debug)]
+pub enum SetTime {
+    Now,
+    At(i64),
+}
+
+#[derive(Default, Debug)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<SetTime>,
+    pub mtime: Option<SetTime>,
+    pub fh: Option<u64>,
+}
+
+/// Kernel cache entries to drop after a remote change (done by the caller, outside
+/// FUSE callbacks, because invalidating from inside one can deadlock the kernel).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Inval {
+    Entry { parent: u64, name: OsString },
+    Inode { ino: u64 },
+}
+
+/// What applying a remote entry did.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The local tree changed (content, kind or metadata).
+    pub changed: bool,
+    /// The entry could not be applied because its content is not in the store yet.
+    pub missing_content: bool,
+    pub invals: Vec<Inval>,
+}
+
+/// `node.db` meta key of [`Tree::synced_head`].
+const SYNCED_HEAD_KEY: &str = "synced_head";
+
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+/// Nanoseconds since the epoch (negative: before it) as a `SystemTime`.
+pub fn system_time(ns: i64) -> std::time::SystemTime {
+    if ns >= 0 {
+        std::time::UNIX_EPOCH + std::time::Duration::from_nanos(ns as u64)
+    } else {
+        std::time::UNIX_EPOCH - std::time::Duration::from_nanos(ns.unsigned_abs())
+    }
+}
+
+/// How the kernel is to do I/O on a handle `Tree::open` made.
+pub enum OpenIo {
+    /// Through this process (`read`/`write` callbacks), with the page cache.
+    Cached,
+    /// On the inode's backing file. `register` is the file to register with the kernel
+    /// when this is the inode's first passthrough handle; `None` reuses the inode's
+    /// registered backing file.
+    Passthrough { register: Option<Arc<File>> },
+}
+
+/// What `Tree::release` did to the inode's passthrough state.
+pub struct Released {
+    pub ino: u64,
+    /// The inode's last passthrough handle closed: its backing registration can go.
+    pub backing_unused: bool,
+}
+
+struct Handle {
+    ino: u64,
+    write: bool,
+    passthrough: bool,
+}
+
+/// The outbox as the tree keeps it in memory (rows are also in the database).
+#[derive(Default)]
+struct Outbox {
+    rows: BTreeMap<i64, OutboxRow>,
+    /// Undecided rows per path.
+    per_path: HashMap<RelPath, usize>,
+    /// Rows that may have reached the broker (published in this run, or loaded from
+    /// disk at start); these are never coalesced.
+    sent: HashSet<MessageId>,
+    /// Rows with a seq up to this one were handed to the broker link in this session.
+    published_upto: i64,
+}
+
+/// What `sync` and the status page report about the tree.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct TreeStats {
+    pub files: u64,
+    pub dirs: u64,
+    pub pending_changes: u64,
+    pub conflicts_seen: u64,
+    /// Highest revision this node has taken from the manager.
+    pub last_revision: u64,
+    /// Opens whose I/O the kernel did on a backing file by itself.
+    pub passthrough_opens: u64,
+    /// Backing files a writer made into an inode's own work file.
+    pub passthrough_detaches: u64,
+}
+
+/// What a transaction changed in memory, recorded while it runs so that a failed one
+/// is undone: the database rolls back, and the tree must again be what it holds (an
+/// operation either happens in both or in neither). Undone in reverse order.
+enum Undo {
+    /// The inode's fields before the transaction first changed them, or `None`: the
+    /// transaction made it. Its `children` are left out (a large directory is never
+    /// copied) and undone by `Child` entries; an inode dropped from memory is kept whole.
+    Inode(u64, Option<Inode>),
+    Child {
+        parent: u64,
+        name: OsString,
+        old: Option<u64>,
+    },
+    Rev(RelPath, Option<Revision>),
+    Outbox(i64, Option<OutboxRow>),
+    PerPath(RelPath, Option<usize>),
+    Sent(MessageId, bool),
+    Handle(u64, Option<Handle>),
+    BackingOwner((u64, u64), Option<u64>),
+    /// The work file of the inode was moved into the store as this blob: moved back.
+    Installed(u64, ContentHash),
+}
+
+/// Counters a transaction may move, restored whole when it fails.
+#[derive(Clone, Copy)]
+struct Counters {
+    next_ino: u64,
+    next_fh: u64,
+    conflicts_seen: u64,
+    passthrough_opens: u64,
+    passthrough_detaches: u64,
+}
+
+/// The undo log of the open transaction (see `Undo`).
+struct Journal {
+    undo: Vec<Undo>,
+    /// Inodes whose fields are in `undo` already.
+    saved: HashSet<u64>,
+    counters: Counters,
+    /// Work files to remove once the transaction is committed (removed before, a failed
+    /// transaction could not give them back).
+    discard_after_commit: Vec<u64>,
+    /// Inodes whose passthrough backing file became their work file (see `undo`).
+    detached: HashSet<u64>,
+}
+
+struct State {
+    db: Db,
+    /// The clock and message ids.
+    env: Arc<dyn Env>,
+    /// Set while a transaction runs (`Tree::atomically`).
+    journal: Option<Journal>,
+    inodes: HashMap<u64, Inode>,
+    next_ino: u64,
+    revs: HashMap<RelPath, Revision>,
+    outbox: Outbox,
+    handles: HashMap<u64, Handle>,
+    next_fh: u64,
+    conflicts_seen: u64,
+    /// Which inode each passthrough backing file (st_dev, st_ino) belongs to.
+    backing_owner: HashMap<(u64, u64), u64>,
+    passthrough_opens: u64,
+    passthrough_detaches: u64,
+}
+
+pub struct Tree {
+    state: Mutex<State>,
+    store: ContentStore,
+    /// Woken whenever the outbox grows.
+    pub outbox_ready: Arc<tokio::sync::Notify>,
+    /// Files whose committed content `load` found missing or damaged: the only ones
+    /// `damaged` looks at (a referenced blob is never removed while the node runs).
+    lost_at_load: Vec<u64>,
+}
+
+fn check_name(name: &OsStr) -> FsResult<&str> {
+    if name.len() > wire::MAX_NAME_BYTES {
+        return Err(FsError::NameTooLong);
+    }
+    let s = std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::BadName)?;
+    if s.is_empty() || s == "." || s == ".." || s.contains('/') || s.contains('\0') {
+        return Err(FsError::Invalid);
+    }
+    Ok(s)
+}
+
+impl Tree {
+    pub fn load(db: Db, store: ContentStore) -> anyhow::Result<Tree> {
+        Self::load_with(db, store, Arc::new(SystemEnv))
+    }
+
+    /// [`Tree::load`] with the clock and ids of `env` (the simulator's).
+    pub fn load_with(db: Db, store: ContentStore, env: Arc<dyn Env>) -> anyhow::Result<Tree> {
+        let past_bug = env.past_bug();
+        let mut inodes = HashMap::new();
+        for row in db.inodes()? {
+            let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
+            i.atime = row.atime;
+            i.mtime = row.mtime;
+            i.ctime = row.ctime;
+            i.nlink = row.nlink;
+            i.rdev = row.rdev;
+            i.size = row.size;
+            i.hash = row.hash.and_then(|h| h.parse().ok());
+            i.target = row.target;
+            inodes.insert(row.ino, i);
+        }
+        if let std::collections::hash_map::Entry::Vacant(slot) = inodes.entry(ROOT) {
+            let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0, env.now_ns());
+            db.save_inode(&root.row())?;
+            slot.insert(root);
+        }
+        for (parent, name, ino) in db.dentries()? {
+            if inodes.contains_key(&parent) && inodes.contains_key(&ino) {
+                inodes.get_mut(&parent).expect("checked").children.insert(name.clone(), ino);
+                inodes.get_mut(&ino).expect("checked").links.push((parent, name));
+            }
+        }
+        // A committed file whose content is missing from the store, or whose blob has
+        // the wrong size (a lost or damaged disk block, someone deleting files in the
+        // data dir), keeps its version: reads fail with EIO (never empty or wrong bytes)
+        // until the link pulls the content again (`damaged`). A file that never had
+        // content (no hash: created, not yet closed, when the node died) is empty.
+        let mut lost_at_load = Vec::new();
+        for i in inodes.values_mut() {
+            if i.kind != Kind::File {
+                continue;
+            }
+            match &i.hash {
+                None => {
+                    i.hash = Some(ContentStore::empty_hash());
+                    i.size = 0;
+                }
+                Some(h) => match std::fs::metadata(store.blob_path(h)) {
+                    Ok(m) if m.len() == i.size => {}
+                    // A node.db from before rows of files being written kept their
+                    // committed size: an ftruncate then saved the new size with the old
+                    // hash. The blob is right if it hashes to its name; the row is not.
+                    Ok(m) if crate::store::hash_file(&store.blob_path(h)).is_ok_and(|(real, _)| real == *h) => {
+                        tracing::warn!(ino = i.ino, "the node database gave {h} {} bytes; the store's copy is whole with {}: size corrected", i.size, m.len());
+                        i.size = m.len();
+                        db.save_inode(&i.row())?;
+                    }
+                    Ok(m) => {
+                        tracing::warn!(ino = i.ino, "the store's copy of {h} has {} bytes, not {}: removed, it will be pulled again", m.len(), i.size);
+                        let _ = std::fs::remove_file(store.blob_path(h));
+                        lost_at_load.push(i.ino);
+                    }
+                    Err(_) => {
+                        tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again");
+                        lost_at_load.push(i.ino);
+                    }
+                },
+            }
+        }
+        let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
+        let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
+        let mut outbox = Outbox::default();
+        for row in db.outbox()? {
+            *outbox.per_path.entry(row.change.path.clone()).or_default() += 1;
+            outbox.sent.insert(row.msg.clone());
+            outbox.rows.insert(row.seq, row);
+        }
+        let state = State {
+            db,
+            env,
+            journal: None,
+            inodes,
+            next_ino,
+            revs,
+            outbox,
+            handles: HashMap::new(),
+            next_fh: 1,
+            conflicts_seen: 0,
+            backing_owner: HashMap::new(),
+            passthrough_opens: 0,
+            passthrough_detaches: 0,
+        };
+        let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
+        let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
+        // A file still open for writing when the node died keeps what was last committed
+        // (or nothing), but what happened to it meanwhile was recorded, a rename over
+        // another path above all, while its put waited for the last close that never
+        // came: it is sent now, or the path would differ from the manager's for good.
+        tree.atomically(|st, _| {
+            for &ino in &abandoned {
+                if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
+                    st.record_put_all_links(ino)?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(|e| anyhow::anyhow!("recording the files that were being written: {e}"))?;
+        Ok(tree)
+    }
+
+    /// The clock and message ids this tree uses.
+    pub fn env(&self) -> Arc<dyn Env> {
+        self.lock().env.clone()
+    }
+
+    pub fn store(&self) -> &ContentStore {
+        &self.store
+    }
+
+    /// Paths whose committed content is not in the store (see `load`), with the hash
+    /// they need; the link pulls them again.
+    pub fn damaged(&self) -> Vec<(RelPath, ContentHash)> {
+        let st = self.lock();
+        let mut out = Vec::new();
+        for i in self.lost_at_load.iter().filter_map(|ino| st.inodes.get(ino)) {
+            let Some(h) = i.hash.as_ref().filter(|h| i.kind == Kind::File && i.work.is_none() && !self.store.has(h)) else { continue };
+            out.extend(i.links.iter().filter_map(|(parent, name)| st.path_of(*parent, name)).map(|p| (p, h.clone())));
+        }
+        out
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs `f` in one database transaction; wakes the broker link if the outbox grew.
+    /// If anything fails, the commit included, the transaction is rolled back and what
+    /// `f` changed in memory is undone (`Undo`): the tree stays what the database holds.
+    /// On a full disk, room is made (`make_room`) and `f` runs once more.
+    fn atomically<T>(&self, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        self.atomically_locked(self.lock(), f)
+    }
+
+    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        let before = st.outbox.rows.len();
+        let mut result = self.transaction(&mut st, &mut f);
+        // A full disk: once room is made, the operation is tried once more.
+        if let Err(e @ (FsError::NoSpace | FsError::DbFull)) = &result {
+            if self.make_room(&st, matches!(e, FsError::DbFull)) {
+                result = self.transaction(&mut st, &mut f);
+            }
+        }
+        let grew = st.outbox.rows.len() > before;
+        drop(st);
+        if grew {
+            tracing::debug!(target: "timing", "outbox grew");
+            self.outbox_ready.notify_one();
+        }
+        result
+    }
+
+    fn transaction<T>(&self, st: &mut State, f: &mut impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        st.db.begin()?;
+        let counters = st.counters();
+        st.journal = Some(Journal { undo: Vec::new(), saved: HashSet::new(), counters, discard_after_commit: Vec::new(), detached: HashSet::new() });
+        let result = f(st, &self.store).and_then(|v| {
+            st.db.commit()?;
+            Ok(v)
+        });
+        let journal = st.journal.take().expect("set above");
+        match result {
+            Ok(v) => {
+                for ino in journal.discard_after_commit {
+                    self.store.discard_work_file(ino);
+                }
+                Ok(v)
+            }
+            Err(e) => {
+                // Also after a failed COMMIT: SQLite may leave that transaction open.
+                st.db.rollback();
+                st.undo(journal, &self.store);
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes room on a full disk: removes the blobs nothing refers to any more (a file
+    /// deleted a moment ago frees its space now, not at the next `gc`) and, when that
+    /// freed nothing and the node database needs room (`for_db`), gives it the space
+    /// kept in reserve for it (`ContentStore::release_reserve`). Returns whether
+    /// anything was freed.
+    fn make_room(&self, st: &State, for_db: bool) -> bool {
+        // A blob downloaded and not yet applied may go too; it is pulled again.
+        let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
+        if removed > 0 {
+            tracing::info!("the disk is full: removed {removed} blobs nothing refers to");
+            return true;
+        }
+        if for_db && self.store.release_reserve() {
+            tracing::warn!("the disk is full: the node database now uses the space kept in reserve for it; free some space");
+            return true;
+        }
+        false
+    }
+}

@@ -1,0 +1,450 @@
+//! The FUSE operations on the tree: lookup, attributes, making and removing entries,
+//! renames, links, opening, reading, writing and closing files, directory listings.
+
+use super::*;
+
+impl Tree {
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Attr> {
+        let mut st = self.lock();
+        let ino = st.child(parent, name)?;
+        let i = st.inode_mut(ino)?;
+        i.lookups += 1;
+        Ok(i.attr())
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        let mut st = self.lock();
+        if let Some(i) = st.inodes.get_mut(&ino) {
+            i.lookups = i.lookups.saturating_sub(n);
+        }
+        st.maybe_drop(ino, &self.store);
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<Attr> {
+        let mut st = self.lock();
+        let i = st.inode_mut(ino)?;
+        i.take_passthrough_writes()?;
+        Ok(i.attr())
+    }
+
+    pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+        self.atomically(|st, store| {
+            let now = st.env.now_ns();
+            let i = st.inode_mut(ino)?;
+            // Start from what passthrough writes made of the file, not from older values.
+            i.take_passthrough_writes()?;
+            if let Some(mode) = a.mode {
+                i.perm = mode & 0o7777;
+            }
+            if a.uid.is_some() || a.gid.is_some() {
+                if let Some(u) = a.uid {
+                    i.uid = u;
+                }
+                if let Some(g) = a.gid {
+                    i.gid = g;
+                }
+                // Set-id bits are cleared by the kernel: without FUSE_HANDLE_KILLPRIV it
+                // sends the new mode with the chown (and with writes), so the rule is
+                // exactly the kernel's.
+            }
+            if let Some(size) = a.size {
+                match i.kind {
+                    Kind::File => {}
+                    Kind::Dir => return Err(FsError::IsDir),
+                    _ => return Err(FsError::Invalid),
+                }
+                let work = st.ensure_work(ino, size != 0, store)?;
+                work.set_len(size)?;
+                let i = st.inode_mut(ino)?;
+                i.size = size;
+                i.mtime = now;
+            }
+            let i = st.inode_mut(ino)?;
+            if let Some(t) = a.atime {
+                i.atime = match t {
+                    SetTime::Now => now,
+                    SetTime::At(t) => t,
+                };
+            }
+            if let Some(t) = a.mtime {
+                i.mtime = match t {
+                    SetTime::Now => now,
+                    SetTime::At(t) => t,
+                };
+            }
+            i.ctime = now;
+            i.give_mtime_to_work()?;
+            let (writers, dirty) = (i.writers, i.work.is_some());
+            if dirty && writers == 0 {
+                // truncate(2) with no descriptor open: committed at once.
+                st.commit_work(ino, store)?;
+            } else if dirty {
+                // Sent with the content when the writer closes the file.
+                st.save(ino)?;
+            } else {
+                st.save(ino)?;
+                st.record_put_all_links(ino)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let st = self.lock();
+        let i = st.inode(ino)?;
+        i.target.clone().ok_or(FsError::Invalid)
+    }
+
+    /// mkdir, mknod and symlink share this.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn make(&self, parent: u64, name: &OsStr, kind: Kind, perm: u32, uid: u32, gid: u32, rdev: u32, target: Option<Vec<u8>>) -> FsResult<Attr> {
+        check_name(name)?;
+        self.atomically(|st, store| {
+            let ino = st.make(parent, name, kind, perm, uid, gid, rdev, target.clone(), store)?;
+            if kind == Kind::File {
+                // mknod(S_IFREG) makes an empty file with no open handle: committed now.
+                st.commit_work(ino, store)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        self.make(parent, name, Kind::Dir, mode, uid, gid, 0, None)
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32, rdev: u32, uid: u32, gid: u32) -> FsResult<Attr> {
+        let kind = Kind::from_mode(mode)?;
+        if kind == Kind::Dir || kind == Kind::Symlink {
+            return Err(FsError::Invalid);
+        }
+        self.make(parent, name, kind, mode, uid, gid, rdev, None)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &[u8], uid: u32, gid: u32) -> FsResult<Attr> {
+        if target.len() > wire::MAX_PATH_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        self.make(parent, name, Kind::Symlink, 0o777, uid, gid, 0, Some(target.to_vec()))
+    }
+
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, write: bool) -> FsResult<(Attr, u64)> {
+        check_name(name)?;
+        // One step: a file with no writer and uncommitted content is one whose commit
+        // failed (`gc` tries again), never one being created.
+        self.atomically(|st, store| {
+            let ino = st.make(parent, name, Kind::File, mode, uid, gid, 0, None, store)?;
+            // A new inode has no blob to pass through to.
+            let (fh, _) = st.open_handle(ino, write, false, false, store)?;
+            Ok((st.inode(ino)?.attr(), fh))
+        })
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            if st.inode(ino)?.kind == Kind::Dir {
+                return Err(FsError::IsDir);
+            }
+            st.remove_entry(parent, name, true, store)
+        })
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            let i = st.inode(ino)?;
+            if i.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if !i.children.is_empty() {
+                return Err(FsError::NotEmpty);
+            }
+            st.remove_entry(parent, name, true, store)
+        })
+    }
+
+    pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, noreplace: bool) -> FsResult<()> {
+        check_name(newname)?;
+        self.atomically(|st, store| {
+            let ino = st.child(parent, name)?;
+            if st.inode(newparent)?.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            let moving_dir = st.inode(ino)?.kind == Kind::Dir;
+            if moving_dir && (newparent == ino || st.is_ancestor(ino, newparent)) {
+                return Err(FsError::Invalid);
+            }
+            if let Some(&target) = st.inode(newparent)?.children.get(newname) {
+                if target == ino {
+                    return Ok(());
+                }
+                if noreplace {
+                    return Err(FsError::Exists);
+                }
+                let t = st.inode(target)?;
+                match (moving_dir, t.kind == Kind::Dir) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true) if !t.children.is_empty() => return Err(FsError::NotEmpty),
+                    _ => {}
+                }
+                // The replaced entry is overwritten, not deleted: its path gets a put.
+                st.remove_entry(newparent, newname, false, store)?;
+            }
+            // Old paths are deleted (deepest first) after the new ones are put (outermost
+            // first), so the manager never sees a child without its parent.
+            let old_paths = st.subtree_paths(parent, name);
+            st.unlink_from(parent, name)?;
+            st.link_into(newparent, newname, ino)?;
+            {
+                let now = st.env.now_ns();
+                let i = st.inode_mut(ino)?;
+                i.links.retain(|(p, n)| !(*p == parent && n == name));
+                i.links.push((newparent, newname.to_owned()));
+                i.ctime = now;
+            }
+            st.save(ino)?;
+            st.record_put_subtree(newparent, newname)?;
+            for (path, kind_synced) in old_paths.into_iter().rev() {
+                if kind_synced {
+                    st.record_delete(path)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {
+        check_name(newname)?;
+        self.atomically(|st, _| {
+            let i = st.inode(ino)?;
+            if i.kind == Kind::Dir {
+                return Err(FsError::NotPermitted);
+            }
+            if i.nlink >= 65000 {
+                return Err(FsError::TooManyLinks);
+            }
+            if st.inode(newparent)?.kind != Kind::Dir {
+                return Err(FsError::NotDir);
+            }
+            if st.inode(newparent)?.children.contains_key(newname) {
+                return Err(FsError::Exists);
+            }
+            st.link_into(newparent, newname, ino)?;
+            let now = st.env.now_ns();
+            let i = st.inode_mut(ino)?;
+            i.links.push((newparent, newname.to_owned()));
+            i.nlink += 1;
+            i.ctime = now;
+            i.lookups += 1;
+            let kind = i.kind;
+            let dirty = i.work.is_some();
+            st.save(ino)?;
+            if kind.synced() && !dirty {
+                st.record_put(newparent, newname, ino)?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
+    }
+
+    pub fn open(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
+        let kind = self.lock().inode(ino)?.kind;
+        match kind {
+            Kind::Dir if write => return Err(FsError::IsDir),
+            Kind::File | Kind::Dir => {}
+            _ => return Err(FsError::NotSupported),
+        }
+        self.open_handle(ino, write, truncate, passthrough)
+    }
+
+    /// Opens a handle; `passthrough` says whether the kernel can do passthrough I/O.
+    pub(super) fn open_handle(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
+        self.atomically(|st, store| st.open_handle(ino, write, truncate, passthrough, store))
+    }
+
+    /// The kernel would not take the backing file `open` offered for handle `fh` (no
+    /// passthrough support after all): the handle becomes a cached one.
+    pub fn passthrough_refused(&self, fh: u64) {
+        let mut st = self.lock();
+        let Some(h) = st.handles.get_mut(&fh) else {
+            return;
+        };
+        if !std::mem::replace(&mut h.passthrough, false) {
+            return;
+        }
+        let ino = h.ino;
+        st.passthrough_opens = st.passthrough_opens.saturating_sub(1);
+        st.end_passthrough_handle(ino);
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let file = {
+            let mut st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+            let now = st.env.now_ns();
+            let i = st.inode_mut(ino)?;
+            i.atime = now;
+            match (&i.work, &i.blob) {
+                (Some(w), _) => w.clone(),
+                (None, Some(b)) => b.clone(),
+                (None, None) => {
+                    let h = i.hash.clone().ok_or(FsError::Invalid)?;
+                    let b = Arc::new(self.store.open_blob(&h).map_err(|e| FsError::Io(anyhow::Error::new(e).context(format!("opening blob {h}"))))?);
+                    i.blob = Some(b.clone());
+                    b
+                }
+            }
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        buf.truncate(done);
+        Ok(buf)
+    }
+
+    /// Writes through handle `fh` into the inode's work file. The write happens under the
+    /// tree lock so that a commit (another descriptor's close) never hashes and installs
+    /// a work file while a write into it is still landing: blobs stay true to their hash.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let mut st = self.lock();
+        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
+        if !h.write {
+            return Err(FsError::BadHandle);
+        }
+        let ino = h.ino;
+        let mut written = self.write_at(&mut st, ino, offset, data);
+        if matches!(written, Err(FsError::NoSpace)) && self.make_room(&st, false) {
+            written = self.write_at(&mut st, ino, offset, data);
+        }
+        written?;
+        let now = st.env.now_ns();
+        let i = st.inode_mut(ino)?;
+        i.size = i.size.max(offset + data.len() as u64);
+        i.mtime = now;
+        i.ctime = i.mtime;
+        Ok(data.len() as u32)
+    }
+
+    /// Writes into the work file of `ino`. A write that fails leaves the file no longer
+    /// than before (on a full disk, part of it may have landed past the end).
+    pub(super) fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        let work = st.ensure_work(ino, true, &self.store)?;
+        let size = st.inode(ino)?.size;
+        let written = work.write_all_at(data, offset);
+        if written.is_err() && offset + data.len() as u64 > size && !st.inode(ino)?.detached {
+            let _ = work.set_len(size);
+        }
+        Ok(written?)
+    }
+
+    /// close(2) of one descriptor: commit what was written through it.
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.atomically(|st, store| {
+            let Some(h) = st.handles.get(&fh) else {
+                return Ok(());
+            };
+            let (ino, write) = (h.ino, h.write);
+            if write && st.inode(ino)?.work.is_some() {
+                st.commit_work(ino, store)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Makes the file's current content and metadata durable: commits pending writes,
+    /// then flushes the committed blob (or a work file another handle still writes) and
+    /// the node database to disk. The disk flushes run outside the tree lock.
+    pub fn fsync(&self, fh: u64) -> FsResult<()> {
+        self.flush(fh)?;
+        let (work, hash) = {
+            let st = self.lock();
+            let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
+            let i = st.inode(ino)?;
+            (i.work.as_ref().map(|w| w.try_clone()).transpose()?, i.hash.clone())
+        };
+        // A work file is still being written (by another handle, or by passthrough
+        // writers, whose file stays after its snapshot was committed): flush it too.
+        if let Some(w) = work {
+            w.sync_data()?;
+        }
+        if let Some(h) = hash {
+            self.store.sync_blob(&h)?;
+        }
+        self.lock().db.sync()?;
+        Ok(())
+    }
+
+    pub fn release(&self, fh: u64) -> FsResult<Released> {
+        // The kernel forgets the handle whatever the answer, so forgetting it here is
+        // done before, and apart from, the transaction: a failed commit never undoes it.
+        let mut st = self.lock();
+        let h = st.handles.remove(&fh).ok_or(FsError::BadHandle)?;
+        let i = st.inode_mut(h.ino)?;
+        i.open = i.open.saturating_sub(1);
+        if h.write {
+            i.writers = i.writers.saturating_sub(1);
+        }
+        let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
+        let ino = h.ino;
+        let committed = self.atomically_locked(st, |st, store| {
+            let i = st.inode(ino)?;
+            // The last writer closed: commit (a removed file has nothing to commit).
+            if i.writers == 0 && i.work.is_some() && i.nlink > 0 {
+                st.commit_work(ino, store)?;
+            }
+            st.maybe_drop(ino, store);
+            Ok(())
+        });
+        if let Err(e) = committed {
+            // The close (flush) that came first has told the writer. The bytes stay in
+            // the work file, and `gc` tries the commit again.
+            tracing::warn!(ino, "the last writer closed, but its content could not be committed: {e}; it is tried again later");
+        }
+        Ok(Released { ino, backing_unused })
+    }
+
+    /// Directory listing from `offset`: (ino, next offset, kind, name).
+    pub fn readdir(&self, ino: u64, offset: u64) -> FsResult<Vec<(u64, u64, Kind, OsString)>> {
+        let st = self.lock();
+        let d = st.inode(ino)?;
+        if d.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        let parent = d.links.first().map(|(p, _)| *p).unwrap_or(ROOT);
+        let mut all = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
+        for (name, &c) in &d.children {
+            let kind = st.inodes.get(&c).map(|i| i.kind).unwrap_or(Kind::File);
+            all.push((c, kind, name.clone()));
+        }
+        Ok(all.into_iter().enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name)).collect())
+    }
+
+    pub fn stats(&self) -> TreeStats {
+        let st = self.lock();
+        let mut s = TreeStats {
+            pending_changes: st.outbox.rows.len() as u64,
+            conflicts_seen: st.conflicts_seen,
+            last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
+            passthrough_opens: st.passthrough_opens,
+            passthrough_detaches: st.passthrough_detaches,
+            ..Default::default()
+        };
+        for i in st.inodes.values() {
+            if i.nlink == 0 {
+                continue;
+            }
+            match i.kind {
+                Kind::Dir => s.dirs += 1,
+                _ => s.files += 1,
+            }
+        }
+        s
+    }
+}

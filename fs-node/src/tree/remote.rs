@@ -1,0 +1,199 @@
+//! Applying the manager's state of a path (a broadcast, a decision, a sync reply
+//! entry): never over an undecided local change or unsaved writes.
+
+use super::*;
+
+impl State {
+    /// Whether the file at `path` has writes not yet committed.
+    pub(super) fn is_dirty(&self, path: &RelPath) -> bool {
+        self.resolve(path).and_then(|(_, _, ino)| self.inodes.get(&ino)).is_some_and(|i| i.work.is_some())
+    }
+
+    pub(super) fn set_rev(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
+        let cur = self.revs.get(path).copied().unwrap_or_default();
+        if rev > cur {
+            let old = self.revs.insert(path.clone(), rev);
+            self.record(|| Undo::Rev(path.clone(), old));
+            self.db.set_rev(path, rev)?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn has_pending_below(&self, path: &RelPath) -> bool {
+        self.outbox.per_path.keys().any(|p| p.is_within(path))
+    }
+
+    pub(super) fn apply_remote(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
+        self.apply_entry(entry, store, false)
+    }
+
+    /// Applies the manager's state of one path (see `Tree::apply_remote`). `decided`:
+    /// the entry answers this node's own change, which was just decided and is the last
+    /// one of the path; the node takes it even at a revision it already had (a refused or
+    /// conflicting change leaves the path at the revision it was based on, and the node
+    /// must drop what it had there).
+    pub(super) fn apply_entry(&mut self, entry: &Entry, store: &ContentStore, decided: bool) -> FsResult<Applied> {
+        let mut out = Applied::default();
+        let path = &entry.path;
+        if self.outbox.per_path.contains_key(path) {
+            return Ok(out);
+        }
+        let local = self.resolve(path);
+        let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
+        let local_dirty = self.is_dirty(path);
+        if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {
+            self.set_rev(path, entry.rev)?;
+            return Ok(out);
+        }
+        let local_rev = self.revs.get(path).copied().unwrap_or_default();
+        if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
+            return Ok(out);
+        }
+        tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, local_rev = local_rev.0, "applying the manager's state");
+        match &entry.version {
+            None => {
+                if let Some((parent, name, _)) = local {
+                    if self.has_pending_below(path) {
+                        // Something below has a local change: the manager will bring
+                        // the directory back for it, so keep it.
+                        self.remove_below_except_pending(path, store, &mut out)?;
+                    } else {
+                        self.remove_subtree(parent, &name, store, &mut out)?;
+                    }
+                    out.changed = true;
+                }
+            }
+            Some(v) => {
+                if let Content::File { hash, .. } = &v.content {
+                    if !store.has(hash) {
+                        out.missing_content = true;
+                        return Ok(out);
+                    }
+                }
+                let Some(parent) = self.ensure_dirs(path, &mut out)? else {
+                    return Ok(out);
+                };
+                let name = OsString::from(path.name());
+                if let Some((_, _, ino)) = local {
+                    let i = self.inode(ino)?;
+                    let same_kind_in_place = match (&i.kind, &v.content) {
+                        (Kind::Dir, Content::Dir) => true,
+                        (Kind::File, Content::File { hash, .. }) => i.hash.as_ref() == Some(hash),
+                        _ => false,
+                    };
+                    if same_kind_in_place {
+                        let now = self.env.now_ns();
+                        let i = self.inode_mut(ino)?;
+                        i.perm = v.mode & 0o7777;
+                        i.uid = v.uid;
+                        i.gid = v.gid;
+                        if i.kind == Kind::File {
+                            i.mtime = v.mtime_ns;
+                        }
+                        i.ctime = now;
+                        self.save(ino)?;
+                        out.invals.push(Inval::Inode { ino });
+                        out.changed = true;
+                        self.set_rev(path, entry.rev)?;
+                        return Ok(out);
+                    }
+                    if self.has_pending_below(path) {
+                        return Ok(out);
+                    }
+                    self.remove_subtree(parent, &name, store, &mut out)?;
+                }
+                self.create_from_version(parent, &name, v)?;
+                out.invals.push(Inval::Entry { parent, name });
+                out.changed = true;
+            }
+        }
+        self.set_rev(path, entry.rev)?;
+        Ok(out)
+    }
+
+    /// Makes sure every ancestor of `path` is a directory here, creating missing ones
+    /// (their own entries from the manager will set their metadata). Returns the parent.
+    pub(super) fn ensure_dirs(&mut self, path: &RelPath, out: &mut Applied) -> FsResult<Option<u64>> {
+        let mut dir = ROOT;
+        for anc in path.ancestors() {
+            let name = OsString::from(anc.name());
+            match self.inode(dir)?.children.get(&name).copied() {
+                Some(ino) if self.inode(ino)?.kind == Kind::Dir => dir = ino,
+                Some(_) => return Ok(None),
+                None => {
+                    let ino = self.next_ino;
+                    self.next_ino += 1;
+                    let mut d = Inode::new(ino, Kind::Dir, 0o755, 0, 0, self.env.now_ns());
+                    d.links.push((dir, name.clone()));
+                    self.add_inode(d);
+                    self.link_into(dir, &name, ino)?;
+                    self.save(ino)?;
+                    out.invals.push(Inval::Entry { parent: dir, name });
+                    dir = ino;
+                }
+            }
+        }
+        Ok(Some(dir))
+    }
+
+    pub(super) fn create_from_version(&mut self, parent: u64, name: &OsStr, v: &Version) -> FsResult<u64> {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        let kind = match v.content {
+            Content::File { .. } => Kind::File,
+            Content::Dir => Kind::Dir,
+            Content::Symlink { .. } => Kind::Symlink,
+        };
+        let mut i = Inode::new(ino, kind, v.mode & 0o7777, v.uid, v.gid, self.env.now_ns());
+        match &v.content {
+            Content::File { hash, size } => {
+                i.hash = Some(hash.clone());
+                i.size = *size;
+                i.mtime = v.mtime_ns;
+            }
+            Content::Symlink { target } => {
+                i.target = Some(target.as_bytes().to_vec());
+                i.size = target.len() as u64;
+            }
+            Content::Dir => {}
+        }
+        i.links.push((parent, name.to_owned()));
+        self.add_inode(i);
+        self.link_into(parent, name, ino)?;
+        self.save(ino)?;
+        Ok(ino)
+    }
+
+    /// Removes an entry and everything below it (no deletes are sent: this is the
+    /// manager's state arriving).
+    pub(super) fn remove_subtree(&mut self, parent: u64, name: &OsStr, store: &ContentStore, out: &mut Applied) -> FsResult<()> {
+        let ino = self.child(parent, name)?;
+        let children: Vec<OsString> = self.inode(ino)?.children.keys().cloned().collect();
+        for c in children {
+            self.remove_subtree(ino, &c, store, out)?;
+        }
+        self.remove_entry(parent, name, false, store)?;
+        out.invals.push(Inval::Entry { parent, name: name.to_owned() });
+        Ok(())
+    }
+
+    pub(super) fn remove_below_except_pending(&mut self, path: &RelPath, store: &ContentStore, out: &mut Applied) -> FsResult<()> {
+        let Some((_, _, ino)) = self.resolve(path) else {
+            return Ok(());
+        };
+        let children: Vec<OsString> = self.inode(ino)?.children.keys().cloned().collect();
+        for c in children {
+            let Some(cp) = c.to_str().and_then(|c| path.join(c).ok()) else {
+                continue;
+            };
+            if self.has_pending_below(&cp) {
+                if self.inode(self.child(ino, &c)?)?.kind == Kind::Dir {
+                    self.remove_below_except_pending(&cp, store, out)?;
+                }
+            } else {
+                self.remove_subtree(ino, &c, store, out)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,363 @@
+//! The tree state's own bookkeeping: inode access inside transactions, the undo log
+//! that takes back a failed transaction, and the namespace (directory entries, links,
+//! paths of inodes, removal of entries).
+
+use super::*;
+
+impl State {
+    pub(super) fn inode(&self, ino: u64) -> FsResult<&Inode> {
+        self.inodes.get(&ino).ok_or(FsError::NotFound)
+    }
+    /// The inode, to change: inside a transaction its fields are saved first (`Undo`).
+    pub(super) fn inode_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
+        if let Some(j) = &mut self.journal {
+            if let Some(i) = self.inodes.get(&ino) {
+                if j.saved.insert(ino) {
+                    j.undo.push(Undo::Inode(ino, Some(i.fields())));
+                }
+            }
+        }
+        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+    }
+
+    /// Adds an inode the transaction made.
+    pub(super) fn add_inode(&mut self, i: Inode) {
+        let ino = i.ino;
+        if let Some(j) = &mut self.journal {
+            j.saved.insert(ino);
+            j.undo.push(Undo::Inode(ino, None));
+        }
+        self.inodes.insert(ino, i);
+    }
+
+    /// Records how to undo a change, inside a transaction.
+    pub(super) fn record(&mut self, u: impl FnOnce() -> Undo) {
+        if let Some(j) = &mut self.journal {
+            j.undo.push(u());
+        }
+    }
+
+    pub(super) fn counters(&self) -> Counters {
+        Counters {
+            next_ino: self.next_ino,
+            next_fh: self.next_fh,
+            conflicts_seen: self.conflicts_seen,
+            passthrough_opens: self.passthrough_opens,
+            passthrough_detaches: self.passthrough_detaches,
+        }
+    }
+
+    /// Undoes in memory what a failed transaction did (see `Undo`).
+    pub(super) fn undo(&mut self, j: Journal, store: &ContentStore) {
+        let detached = j.detached;
+        for u in j.undo.into_iter().rev() {
+            match u {
+                Undo::Inode(ino, None) => {
+                    self.inodes.remove(&ino);
+                    store.discard_work_file(ino);
+                }
+                Undo::Inode(ino, Some(mut before)) => match self.inodes.get_mut(&ino) {
+                    Some(now) => {
+                        if before.work.is_none() && detached.contains(&ino) {
+                            // The backing file the transaction detached from the store
+                            // stays this inode's work file: the kernel's readers read it,
+                            // and it may have changed already. It is committed like any
+                            // other (at the next close, or by `gc`).
+                            let reopened = || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime)).ok().map(Arc::new);
+                            match now.work.clone().or_else(reopened) {
+                                Some(w) => {
+                                    before.committed = Some(before.current());
+                                    before.work = Some(w);
+                                    before.detached = true;
+                                }
+                                None => tracing::error!(ino, "a passthrough backing file changed by a failed operation could not be reopened"),
+                            }
+                        } else if before.work.is_none() {
+                            // A work file the transaction made goes, also one it
+                            // committed and `Installed` gave back.
+                            store.discard_work_file(ino);
+                        }
+                        let children = std::mem::take(&mut now.children);
+                        *now = before;
+                        now.children = children;
+                    }
+                    None => {
+                        self.inodes.insert(ino, before);
+                    }
+                },
+                Undo::Child { parent, name, old } => {
+                    if let Some(p) = self.inodes.get_mut(&parent) {
+                        match old {
+                            Some(ino) => p.children.insert(name, ino),
+                            None => p.children.remove(&name),
+                        };
+                    }
+                }
+                Undo::Rev(path, old) => {
+                    match old {
+                        Some(r) => self.revs.insert(path, r),
+                        None => self.revs.remove(&path),
+                    };
+                }
+                Undo::Outbox(seq, old) => {
+                    match old {
+                        Some(row) => self.outbox.rows.insert(seq, row),
+                        None => self.outbox.rows.remove(&seq),
+                    };
+                }
+                Undo::PerPath(path, old) => {
+                    match old {
+                        Some(n) => self.outbox.per_path.insert(path, n),
+                        None => self.outbox.per_path.remove(&path),
+                    };
+                }
+                Undo::Sent(msg, was) => {
+                    if was {
+                        self.outbox.sent.insert(msg);
+                    } else {
+                        self.outbox.sent.remove(&msg);
+                    }
+                }
+                Undo::Handle(fh, old) => {
+                    match old {
+                        Some(h) => self.handles.insert(fh, h),
+                        None => self.handles.remove(&fh),
+                    };
+                }
+                Undo::BackingOwner(key, old) => {
+                    match old {
+                        Some(ino) => self.backing_owner.insert(key, ino),
+                        None => self.backing_owner.remove(&key),
+                    };
+                }
+                Undo::Installed(ino, hash) => {
+                    if let Err(e) = store.uncommit_work_file(ino, &hash) {
+                        tracing::error!(ino, "giving back the work file committed as {hash}: {e}");
+                    }
+                }
+            }
+        }
+        let c = j.counters;
+        self.next_ino = c.next_ino;
+        self.next_fh = c.next_fh;
+        self.conflicts_seen = c.conflicts_seen;
+        self.passthrough_opens = c.passthrough_opens;
+        self.passthrough_detaches = c.passthrough_detaches;
+    }
+
+    pub(super) fn set_child(&mut self, parent: u64, name: &OsStr, ino: Option<u64>) -> FsResult<()> {
+        let p = self.inode_mut(parent)?;
+        let old = match ino {
+            Some(ino) => p.children.insert(name.to_owned(), ino),
+            None => p.children.remove(name),
+        };
+        self.record(|| Undo::Child { parent, name: name.to_owned(), old });
+        Ok(())
+    }
+
+    pub(super) fn set_outbox_row(&mut self, seq: i64, row: Option<OutboxRow>) -> Option<OutboxRow> {
+        let old = match row {
+            Some(r) => self.outbox.rows.insert(seq, r),
+            None => self.outbox.rows.remove(&seq),
+        };
+        self.record(|| Undo::Outbox(seq, old.clone()));
+        old
+    }
+
+    /// Adds `delta` to the count of undecided changes of `path`.
+    pub(super) fn count_change(&mut self, path: &RelPath, delta: isize) {
+        let old = self.outbox.per_path.get(path).copied();
+        self.record(|| Undo::PerPath(path.clone(), old));
+        match old.unwrap_or(0).saturating_add_signed(delta) {
+            0 => self.outbox.per_path.remove(path),
+            n => self.outbox.per_path.insert(path.clone(), n),
+        };
+    }
+
+    pub(super) fn set_backing_owner(&mut self, key: (u64, u64), owner: Option<u64>) {
+        let old = match owner {
+            Some(ino) => self.backing_owner.insert(key, ino),
+            None => self.backing_owner.remove(&key),
+        };
+        self.record(|| Undo::BackingOwner(key, old));
+    }
+    pub(super) fn child(&self, parent: u64, name: &OsStr) -> FsResult<u64> {
+        let p = self.inode(parent)?;
+        if p.kind != Kind::Dir {
+            return Err(FsError::NotDir);
+        }
+        if name.len() > wire::MAX_NAME_BYTES {
+            return Err(FsError::NameTooLong);
+        }
+        p.children.get(name).copied().ok_or(FsError::NotFound)
+    }
+    pub(super) fn save(&self, ino: u64) -> FsResult<()> {
+        let i = self.inode(ino)?;
+        if i.nlink > 0 {
+            self.db.save_inode(&i.row())?;
+        }
+        Ok(())
+    }
+    pub(super) fn is_ancestor(&self, anc: u64, mut ino: u64) -> bool {
+        while ino != ROOT {
+            match self.inodes.get(&ino).and_then(|i| i.links.first()) {
+                Some((p, _)) if *p == anc => return true,
+                Some((p, _)) => ino = *p,
+                None => return false,
+            }
+        }
+        false
+    }
+
+    /// The synced path of entry `name` in directory `parent`, if every component is a
+    /// valid path (non-UTF-8 names are refused at creation, so this is the normal case).
+    pub(super) fn path_of(&self, parent: u64, name: &OsStr) -> Option<RelPath> {
+        let mut parts: Vec<&OsStr> = vec![name];
+        let mut ino = parent;
+        while ino != ROOT {
+            let (p, n) = self.inodes.get(&ino)?.links.first()?;
+            parts.push(n);
+            ino = *p;
+        }
+        let mut s = String::new();
+        for part in parts.iter().rev() {
+            if !s.is_empty() {
+                s.push('/');
+            }
+            s.push_str(part.to_str()?);
+        }
+        RelPath::new(s).ok()
+    }
+
+    pub(super) fn resolve(&self, path: &RelPath) -> Option<(u64, OsString, u64)> {
+        let mut dir = ROOT;
+        let mut comps = path.as_str().split('/').peekable();
+        while let Some(c) = comps.next() {
+            let ino = *self.inodes.get(&dir)?.children.get(OsStr::new(c))?;
+            if comps.peek().is_none() {
+                return Some((dir, OsString::from(c), ino));
+            }
+            dir = ino;
+        }
+        None
+    }
+
+    pub(super) fn link_into(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
+        let now = self.env.now_ns();
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        self.set_child(parent, name, Some(ino))?;
+        let p = self.inode_mut(parent)?;
+        p.mtime = now;
+        p.ctime = now;
+        if is_dir {
+            p.nlink += 1;
+        }
+        self.save(parent)?;
+        self.db.save_dentry(parent, name, ino)?;
+        Ok(())
+    }
+
+    pub(super) fn unlink_from(&mut self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let now = self.env.now_ns();
+        let ino = self.child(parent, name)?;
+        let is_dir = self.inode(ino)?.kind == Kind::Dir;
+        self.set_child(parent, name, None)?;
+        let p = self.inode_mut(parent)?;
+        p.mtime = now;
+        p.ctime = now;
+        if is_dir {
+            p.nlink = p.nlink.saturating_sub(1);
+        }
+        self.save(parent)?;
+        self.db.delete_dentry(parent, name)?;
+        Ok(())
+    }
+
+    /// Removes one directory entry (the caller checked emptiness); `send` records a delete.
+    pub(super) fn remove_entry(&mut self, parent: u64, name: &OsStr, send: bool, store: &ContentStore) -> FsResult<()> {
+        let ino = self.child(parent, name)?;
+        let path = self.path_of(parent, name);
+        self.unlink_from(parent, name)?;
+        let now = self.env.now_ns();
+        let i = self.inode_mut(ino)?;
+        i.links.retain(|(p, n)| !(*p == parent && n == name));
+        i.nlink = if i.kind == Kind::Dir { 0 } else { i.nlink.saturating_sub(1) };
+        i.ctime = now;
+        let (kind, gone) = (i.kind, i.nlink == 0);
+        if gone {
+            self.db.delete_inode(ino)?;
+        } else {
+            self.save(ino)?;
+        }
+        if send && kind.synced() {
+            if let Some(path) = path {
+                self.record_delete(path)?;
+            }
+        }
+        self.maybe_drop(ino, store);
+        Ok(())
+    }
+
+    /// Forgets an inode the kernel and every handle are done with.
+    pub(super) fn maybe_drop(&mut self, ino: u64, store: &ContentStore) {
+        if ino == ROOT {
+            return;
+        }
+        let Some(i) = self.inodes.get(&ino) else {
+            return;
+        };
+        if i.nlink != 0 || i.lookups != 0 || i.open != 0 {
+            return;
+        }
+        let i = self.inodes.remove(&ino).expect("checked");
+        if i.work.is_some() {
+            self.discard_work_file(ino, store);
+        }
+        if let Some(j) = &mut self.journal {
+            j.saved.insert(ino);
+            j.undo.push(Undo::Inode(ino, Some(i)));
+        }
+    }
+
+    /// Removes the work file of `ino`; inside a transaction, once it is committed.
+    pub(super) fn discard_work_file(&mut self, ino: u64, store: &ContentStore) {
+        match &mut self.journal {
+            Some(j) => j.discard_after_commit.push(ino),
+            None => store.discard_work_file(ino),
+        }
+    }
+
+    /// (path, synced kind) of an entry and everything below it, outermost first.
+    pub(super) fn subtree_paths(&self, parent: u64, name: &OsStr) -> Vec<(RelPath, bool)> {
+        let mut out = Vec::new();
+        let Ok(ino) = self.child(parent, name) else {
+            return out;
+        };
+        let Some(path) = self.path_of(parent, name) else {
+            return out;
+        };
+        let synced = self.inodes.get(&ino).map(|i| i.kind.synced()).unwrap_or(false);
+        out.push((path, synced));
+        let mut all = Vec::new();
+        self.collect_paths(ino, None, &mut all);
+        for (p, _, _, i) in all {
+            out.push((p, self.inodes.get(&i).map(|i| i.kind.synced()).unwrap_or(false)));
+        }
+        out
+    }
+
+    /// Every entry below directory `dir` as (path, parent, name, ino), outermost first.
+    pub(super) fn collect_paths(&self, dir: u64, _prefix: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
+        let Some(d) = self.inodes.get(&dir) else {
+            return;
+        };
+        for (name, &ino) in &d.children {
+            if let Some(p) = self.path_of(dir, name) {
+                out.push((p, dir, name.clone(), ino));
+            }
+            if self.inodes.get(&ino).map(|i| i.kind == Kind::Dir).unwrap_or(false) {
+                self.collect_paths(ino, None, out);
+            }
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The tree's broker side: what the sync engine asks of it (the outbox to send,
+//! decisions and remote entries to apply, paths the manager does not know, the synced
+//! head), and the blob GC.
+
+use super::*;
+
+impl Tree {
+    /// Outbox rows not yet handed to the broker link in this session, in order; marks
+    /// them handed over.
+    pub fn take_unpublished(&self) -> Vec<OutboxRow> {
+        let mut st = self.lock();
+        let from = st.outbox.published_upto;
+        let rows: Vec<OutboxRow> = st.outbox.rows.range(from + 1..).map(|(_, r)| r.clone()).collect();
+        if let Some(last) = rows.last() {
+            st.outbox.published_upto = last.seq;
+        }
+        for r in &rows {
+            st.outbox.sent.insert(r.msg.clone());
+        }
+        rows
+    }
+
+    /// The head of the last sync that completed on this node, kept in `node.db` across
+    /// restarts (`link::Session::sync_since`).
+    pub fn synced_head(&self) -> Option<u64> {
+        self.lock().db.meta(SYNCED_HEAD_KEY).ok().flatten().and_then(|v| v.parse().ok())
+    }
+    pub fn set_synced_head(&self, head: u64) -> FsResult<()> {
+        self.lock().db.set_meta(SYNCED_HEAD_KEY, &head.to_string()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording the synced head")))
+    }
+
+    /// After a reconnection every undecided row is sent again (the manager recognises
+    /// the ids it already decided).
+    pub fn republish_all(&self) {
+        self.lock().outbox.published_upto = 0;
+    }
+
+    /// The manager's revision of `path` this node last took (0: none).
+    pub fn revision_of(&self, path: &RelPath) -> Revision {
+        self.lock().revs.get(path).copied().unwrap_or_default()
+    }
+
+    pub fn pending_changes(&self) -> u64 {
+        self.lock().outbox.rows.len() as u64
+    }
+
+    /// The manager decided one of our changes: forget it and take the path's current
+    /// state, in one step. (Two steps would let a change made in between be based on the
+    /// revision from before the decision, and conflict with our own earlier change.)
+    pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
+        tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
+        self.atomically(|st, store| {
+            let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
+            let mut decided = false;
+            if let Some(seq) = seq {
+                let row = st.set_outbox_row(seq, None).expect("found");
+                st.db.remove_outbox(msg)?;
+                st.count_change(&row.change.path, -1);
+                let was_sent = st.outbox.sent.remove(msg);
+                st.record(|| Undo::Sent(msg.clone(), was_sent));
+                if matches!(outcome, Outcome::Conflict { .. }) {
+                    st.conflicts_seen += 1;
+                }
+                // The path changed again on top of the version just decided (it is
+                // being written, or has later changes queued): `apply_remote` leaves
+                // it alone, but its next change must be based on the revision this one
+                // got. Otherwise a later change that no longer follows a queued one
+                // (that one was decided, or coalesced away before it was sent) goes
+                // out with an older base and looks like an edit of a stale version: a
+                // conflict, or, for the same bytes, a lost chmod.
+                let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
+                let changed_again = st.is_dirty(&current.path) || st.outbox.per_path.contains_key(&current.path);
+                if kept && current.path == row.change.path && changed_again && st.env.past_bug() != Some(PastBug::DecidedBase) {
+                    st.set_rev(&current.path, current.rev)?;
+                }
+                decided = current.path == row.change.path;
+            }
+            st.apply_entry(current, store, decided)
+        })
+    }
+
+    /// Whether applying `entry` needs content that is not in the store.
+    pub fn needs_content(&self, entry: &Entry) -> Option<ContentHash> {
+        match &entry.version {
+            Some(Version { content: Content::File { hash, .. }, .. }) if !self.store.has(hash) => Some(hash.clone()),
+            _ => None,
+        }
+    }
+
+    /// Applies the manager's state of one path, unless the path has undecided local
+    /// changes or the entry is older than what this node has.
+    pub fn apply_remote(&self, entry: &Entry) -> FsResult<Applied> {
+        self.atomically(|st, store| st.apply_remote(entry, store))
+    }
+
+    /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
+    /// they are sent to the manager as new. Returns how many.
+    pub fn push_unknown(&self, known: &HashSet<RelPath>) -> FsResult<usize> {
+        self.atomically(|st, _| {
+            let mut all = Vec::new();
+            st.collect_paths(ROOT, None, &mut all);
+            let mut n = 0;
+            for (path, parent, name, ino) in all {
+                if known.contains(&path) || st.outbox.per_path.contains_key(&path) {
+                    continue;
+                }
+                let i = st.inode(ino)?;
+                if !i.kind.synced() || i.work.is_some() {
+                    continue;
+                }
+                st.record_put(parent, &name, ino)?;
+                n += 1;
+            }
+            Ok(n)
+        })
+    }
+
+    /// Removes blobs nothing refers to, after trying again the commits that failed when
+    /// a file's last writer closed and setting aside the node database's reserve again
+    /// if it was used (`ContentStore::ensure_reserve`). Runs under the tree lock so that
+    /// a commit cannot add a reference between the scan and the removal.
+    pub fn gc(&self) -> usize {
+        self.commit_unsaved();
+        self.store.ensure_reserve();
+        let st = self.lock();
+        let keep = Self::referenced(&st);
+        self.store.gc(&keep, std::time::Duration::from_secs(300))
+    }
+
+    /// Commits the files whose last writer closed while their content could not be
+    /// committed (a full disk, a failing database: see `release`).
+    pub(super) fn commit_unsaved(&self) {
+        let unsaved = |i: &Inode| i.work.is_some() && i.writers == 0 && i.nlink > 0;
+        let inos: Vec<u64> = self.lock().inodes.values().filter(|i| unsaved(i)).map(|i| i.ino).collect();
+        for ino in inos {
+            let committed = self.atomically(|st, store| match st.inodes.get(&ino) {
+                Some(i) if unsaved(i) => st.commit_work(ino, store),
+                _ => Ok(()),
+            });
+            match committed {
+                Ok(()) => tracing::info!(ino, "committed the content a closed file had left unsaved"),
+                Err(e) => tracing::warn!(ino, "the content of a closed file still cannot be committed: {e}"),
+            }
+        }
+    }
+
+    pub(super) fn referenced(st: &State) -> HashSet<ContentHash> {
+        // A removed file still known to the kernel (it has not sent FORGET yet) but open
+        // nowhere can never be read again: its content is not kept for it.
+        let mut keep: HashSet<ContentHash> = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.clone()).collect();
+        for r in st.outbox.rows.values() {
+            if let ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } = &r.change.op {
+                keep.insert(hash.clone());
+            }
+        }
+        keep
+    }
+
+    /// Inodes in use, for statfs.
+    pub fn statfs_files(&self) -> u64 {
+        self.lock().inodes.len() as u64
+    }
+}

@@ -1,0 +1,440 @@
+use super::*;
+
+fn tree(dir: &std::path::Path) -> Tree {
+    let db = Db::open(&dir.join("node.db")).unwrap();
+    let store = ContentStore::open(dir).unwrap();
+    Tree::load(db, store).unwrap()
+}
+
+/// A fresh tree with directory `d` (mode 0700) made in it; the temp dir must outlive it.
+fn tree_with_dir() -> (tempfile::TempDir, Tree, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let d = t.mkdir(ROOT, OsStr::new("d"), 0o700, 0, 0).unwrap().ino;
+    (dir, t, d)
+}
+
+fn chmod(t: &Tree, ino: u64, mode: u32) {
+    t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
+}
+
+fn dir_entry(path: &str, rev: u64, mode: u32) -> Entry {
+    Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { content: Content::Dir, mode, uid: 0, gid: 0, mtime_ns: 0 }),
+        holders: vec![],
+    }
+}
+
+/// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
+/// while a later change of the directory was still queued, and that queued change was
+/// then replaced by the final chmod before it was sent, the chmod must be based on the
+/// mkdir's revision: with base 0 the manager took it for a stale edit and kept 0700.
+#[test]
+fn a_change_queued_after_an_own_decided_one_is_based_on_its_revision() {
+    let (_dir, t, d) = tree_with_dir();
+    let sent = t.take_unpublished();
+    assert_eq!(sent.len(), 1);
+    chmod(&t, d, 0o700); // queued, not sent: follows the mkdir
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
+    chmod(&t, d, 0o755); // replaces the unsent change; nothing queued is left to follow
+    let rows = t.take_unpublished();
+    assert_eq!(rows.len(), 1, "the unsent change was coalesced: {rows:?}");
+    let c = &rows[0].change;
+    assert_eq!((c.base, &c.follows), (Revision(7), &None), "the chmod must be based on the mkdir's revision");
+    assert!(matches!(&c.op, ChangeOp::Put { version } if version.mode == 0o755));
+}
+
+/// An own change decided while the same path still has a sent, undecided change
+/// queued: the later change keeps following it (the manager resolves its base).
+#[test]
+fn a_sent_change_keeps_following_the_one_before() {
+    let (_dir, t, d) = tree_with_dir();
+    let first = t.take_unpublished();
+    chmod(&t, d, 0o750);
+    let second = t.take_unpublished();
+    assert_eq!(second[0].change.follows.as_ref(), Some(&first[0].msg));
+    t.apply_decided(&first[0].msg, &Outcome::Accepted, &dir_entry("d", 3, 0o700)).unwrap();
+    t.apply_decided(&second[0].msg, &Outcome::Accepted, &dir_entry("d", 4, 0o750)).unwrap();
+    chmod(&t, d, 0o755);
+    let third = t.take_unpublished();
+    assert_eq!((third[0].change.base, &third[0].change.follows), (Revision(4), &None));
+    assert_eq!(t.getattr(d).unwrap().perm, 0o755);
+}
+
+fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
+    rows.iter()
+        .map(|r| {
+            let mode = match &r.change.op {
+                ChangeOp::Put { version } => Some(version.mode),
+                ChangeOp::Delete => None,
+            };
+            (r.change.path.to_string(), mode)
+        })
+        .collect()
+}
+
+/// A directory's final mode replaces its queued mkdir in place, ahead of its
+/// children; appended, the manager would see the children first and make the
+/// directory itself (mode 0755), and the node's put would then change nothing.
+#[test]
+fn a_put_replacing_a_queued_put_keeps_its_place() {
+    let (_dir, t, d) = tree_with_dir();
+    t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
+    chmod(&t, d, 0o750);
+    let rows = t.take_unpublished();
+    assert_eq!(queued(&rows), vec![("d".into(), Some(0o750)), ("d/e".into(), Some(0o700))]);
+    assert!(rows.windows(2).all(|w| w[0].seq < w[1].seq));
+}
+
+/// The tree a restarted node loads from `dir` after the process died without
+/// cleaning up (`tree` must not be used again).
+fn crash_and_reload(t: Tree, dir: &std::path::Path) -> Tree {
+    std::mem::forget(t);
+    tree(dir)
+}
+
+fn truncate(t: &Tree, ino: u64, size: u64, fh: Option<u64>) {
+    t.setattr(ino, 0, SetAttr { size: Some(size), fh, ..Default::default() }).unwrap();
+}
+
+fn read_all(t: &Tree, ino: u64) -> FsResult<Vec<u8>> {
+    let (fh, _) = t.open(ino, false, false, false)?;
+    let bytes = t.read(fh, 0, 1 << 20);
+    t.release(fh)?;
+    bytes
+}
+
+/// A closed file `name` holding `bytes`; returns its inode.
+fn closed_file(t: &Tree, parent: u64, name: &str, bytes: &[u8]) -> u64 {
+    let (a, fh) = t.create(parent, OsStr::new(name), 0o644, 0, 0, true).unwrap();
+    t.write(fh, 0, bytes).unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    a.ino
+}
+
+/// Found by the simulator (seed 407 of `sim`): a file open for writing was renamed
+/// over a synced path and the node died before the last close. The put of the new
+/// path waited for that close and never came: the node showed the renamed file and
+/// the others the old one, for good.
+#[test]
+fn regression_a_file_renamed_while_being_written_is_sent_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    closed_file(&t, ROOT, "target", b"synced");
+    let (_, fh) = t.create(ROOT, OsStr::new("new"), 0o644, 0, 0, true).unwrap();
+    t.write(fh, 0, b"not closed").unwrap();
+    t.rename(ROOT, OsStr::new("new"), ROOT, OsStr::new("target"), false).unwrap();
+    let before: Vec<String> = t.take_unpublished().into_iter().map(|r| format!("{} {:?}", r.change.path, r.change.op)).collect();
+    let t = crash_and_reload(t, dir.path());
+    let after = t.take_unpublished();
+    let last = after.iter().rev().find(|r| r.change.path.as_str() == "target").expect("a change of target queued");
+    let ChangeOp::Put { version } = &last.change.op else { panic!("{:?}", last.change.op) };
+    assert_eq!(version.content, Content::File { hash: ContentStore::empty_hash(), size: 0 }, "before the crash: {before:?}");
+}
+
+/// Crash gap: ftruncate with a writer open saved the new size with the old hash. A
+/// node killed then came back with a file whose size matched no content: the load
+/// took the blob for damaged and removed it (reads failed until a peer sent it again;
+/// with no other holder, the closed version was gone).
+#[test]
+fn regression_ftruncate_with_a_writer_open_never_pairs_a_size_with_other_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let ino = closed_file(&t, ROOT, "f", b"hello world");
+    let before = t.lock().inode(ino).unwrap().version();
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    truncate(&t, ino, 5, Some(fh));
+    t.write(fh, 5, b"!").unwrap();
+    assert_eq!(read_all(&t, ino).unwrap(), b"hello!");
+    let t = crash_and_reload(t, dir.path());
+    let ino = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+    assert_eq!(t.lock().inode(ino).unwrap().version(), before, "after a crash the file is its closed version");
+    assert_eq!(read_all(&t, ino).unwrap(), b"hello world");
+}
+
+/// A node.db written before that fix may hold such a row: the blob hashes to its
+/// name, so it is kept and the row's size corrected, never the blob removed.
+#[test]
+fn a_row_with_a_wrong_size_keeps_a_whole_blob() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let ino = closed_file(&t, ROOT, "f", b"hello world");
+    let mut row = t.lock().inode(ino).unwrap().row();
+    row.size = 5;
+    t.lock().db.save_inode(&row).unwrap();
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.getattr(ino).unwrap().size, 11);
+    assert_eq!(read_all(&t, ino).unwrap(), b"hello world");
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.getattr(ino).unwrap().size, 11, "the corrected size was saved");
+}
+
+/// Makes the node database fail at its `n`th write from now, through triggers on
+/// every table the tree writes: at that statement, or (`at_commit`) at the COMMIT,
+/// through a deferred foreign key.
+struct Chaos {
+    conn: rusqlite::Connection,
+}
+
+impl Chaos {
+    fn install(t: &Tree, dir: &std::path::Path) -> Chaos {
+        t.lock().db.conn().execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        let conn = rusqlite::Connection::open(dir.join("node.db")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE chaos(n INTEGER NOT NULL, at_commit INTEGER NOT NULL); INSERT INTO chaos VALUES(-1, 0);
+             CREATE TABLE chaos_parent(id INTEGER PRIMARY KEY);
+             CREATE TABLE chaos_orphan(parent INTEGER REFERENCES chaos_parent(id) DEFERRABLE INITIALLY DEFERRED);",
+        )
+        .unwrap();
+        for table in ["inodes", "dentries", "revs", "outbox"] {
+            for op in ["INSERT", "UPDATE", "DELETE"] {
+                conn.execute_batch(&format!(
+                    "CREATE TRIGGER chaos_{table}_{op} BEFORE {op} ON {table} BEGIN
+                       UPDATE chaos SET n = n - 1 WHERE n > 0;
+                       SELECT RAISE(ABORT, 'injected failure') WHERE (SELECT n = 0 AND NOT at_commit FROM chaos);
+                       INSERT INTO chaos_orphan(parent) SELECT 1 WHERE (SELECT n = 0 AND at_commit FROM chaos);
+                     END;"
+                ))
+                .unwrap();
+            }
+        }
+        Chaos { conn }
+    }
+
+    fn arm(&self, n: i64, at_commit: bool) {
+        self.conn.execute("UPDATE chaos SET n = ?1, at_commit = ?2", rusqlite::params![n, at_commit]).unwrap();
+    }
+
+    /// Runs `op` with the database failing at its first write, then its second, and
+    /// so on, until it succeeds; after every failure the tree in memory must be what
+    /// the database holds, and the next attempt starts from there.
+    fn every_failure_of<T>(&self, t: &Tree, what: &str, mut op: impl FnMut(&Tree) -> FsResult<T>) -> T {
+        for n in 1.. {
+            for at_commit in [true, false] {
+                self.arm(n, at_commit);
+                let r = op(t);
+                self.arm(-1, false);
+                assert_memory_is_persisted(t, &format!("{what}, failing at write {n} (at commit: {at_commit})"));
+                match r {
+                    Ok(_) if n == 1 && at_commit => panic!("{what} wrote nothing to fail"),
+                    Ok(v) => return v,
+                    Err(FsError::Io(_)) => {}
+                    Err(e) => panic!("{what}: {e}"),
+                }
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
+/// The tree in memory is exactly what the database holds (and the store has every
+/// work file and blob the tree names, and no other work file).
+fn assert_memory_is_persisted(t: &Tree, when: &str) {
+    let st = t.lock();
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    // atime and ctime are local, and reads and writes change them without saving.
+    let row = |r: &InodeRow| format!("{:?}", InodeRow { atime: 0, ctime: 0, ..r.clone() });
+    let mem = sorted(st.inodes.values().filter(|i| i.nlink > 0).map(|i| row(&i.row())).collect());
+    let disk = sorted(st.db.inodes().unwrap().iter().map(row).collect());
+    assert_eq!(mem, disk, "inodes, {when}");
+    let mem = sorted(st.inodes.values().flat_map(|d| d.children.iter().map(|(n, c)| format!("{} {n:?} {c}", d.ino))).collect());
+    let disk = sorted(st.db.dentries().unwrap().iter().map(|(p, n, c)| format!("{p} {n:?} {c}")).collect());
+    assert_eq!(mem, disk, "directory entries, {when}");
+    let links = sorted(st.inodes.values().flat_map(|i| i.links.iter().map(|(p, n)| format!("{p} {n:?} {}", i.ino))).collect());
+    assert_eq!(links, disk, "links, {when}");
+    assert!(st.inodes.keys().all(|&i| i < st.next_ino), "next_ino, {when}");
+    let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
+    let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
+    assert_eq!(mem, disk, "revisions, {when}");
+    let mem: Vec<String> = st.outbox.rows.values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
+    let disk: Vec<String> = st.db.outbox().unwrap().iter().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
+    assert_eq!(mem, disk, "outbox, {when}");
+    let mut per_path: HashMap<RelPath, usize> = HashMap::new();
+    for r in st.outbox.rows.values() {
+        *per_path.entry(r.change.path.clone()).or_default() += 1;
+    }
+    assert_eq!(per_path, st.outbox.per_path, "outbox per path, {when}");
+    for i in st.inodes.values() {
+        if let Some(h) = &i.hash {
+            assert!(t.store.has(h), "inode {} names blob {h}, which is missing, {when}", i.ino);
+        }
+    }
+    let work: Vec<String> =
+        sorted(std::fs::read_dir(t.store.work_path(0).parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect());
+    let mem = sorted(st.inodes.values().filter(|i| i.work.is_some() && !i.detached).map(|i| i.ino.to_string()).collect());
+    assert_eq!(work, mem, "work files, {when}");
+    for i in st.inodes.values() {
+        if let (Some(pt), None) = (&i.passthrough, &i.work) {
+            let (hash, _) = crate::store::hash_file(&crate::store::fd_path(&pt.backing)).unwrap();
+            assert_eq!(Some(hash), i.hash, "the kernel reads inode {} from a backing file that is not its committed content, {when}", i.ino);
+        }
+    }
+    for i in st.inodes.values().filter(|i| i.work.is_some() && !i.detached) {
+        let len = std::fs::metadata(t.store.work_path(i.ino)).unwrap().len();
+        assert_eq!(len, i.size, "work file of {}, {when}", i.ino);
+    }
+}
+
+/// Crash gap: a failed SQLite transaction left its changes in memory (an inode made,
+/// an entry moved, an outbox row gone), so the tree showed and sent what the database
+/// did not hold, until the node restarted and the tree changed under its users. Every
+/// operation fails here at each of its database writes in turn, and at its commit.
+#[test]
+fn regression_a_failed_transaction_changes_nothing_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let chaos = Chaos::install(&t, dir.path());
+    let c = |what: &str, op: &mut dyn FnMut(&Tree) -> FsResult<()>| chaos.every_failure_of(&t, what, op);
+    let d = chaos.every_failure_of(&t, "mkdir", |t| t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0)).ino;
+    let (f, fh) = chaos.every_failure_of(&t, "create", |t| t.create(d, OsStr::new("f"), 0o644, 0, 0, true));
+    let f = f.ino;
+    t.write(fh, 0, b"first version").unwrap();
+    c("close", &mut |t| t.flush(fh));
+    t.release(fh).unwrap();
+    let (fh, _) = t.open(f, true, false, false).unwrap();
+    c("ftruncate with a writer open", &mut |t| t.setattr(f, 0, SetAttr { size: Some(5), fh: Some(fh), ..Default::default() }).map(|_| ()));
+    t.write(fh, 5, b", second").unwrap();
+    c("chmod with a writer open", &mut |t| t.setattr(f, 0, SetAttr { mode: Some(0o600), ..Default::default() }).map(|_| ()));
+    c("close of the second version", &mut |t| t.flush(fh));
+    t.release(fh).unwrap();
+    assert_eq!(read_all(&t, f).unwrap(), b"first, second");
+    c("truncate", &mut |t| t.setattr(f, 0, SetAttr { size: Some(3), ..Default::default() }).map(|_| ()));
+    c("rename", &mut |t| t.rename(d, OsStr::new("f"), ROOT, OsStr::new("g"), false));
+    c("link", &mut |t| t.link(f, d, OsStr::new("h")).map(|_| ()));
+    c("chmod", &mut |t| t.setattr(d, 0, SetAttr { mode: Some(0o700), ..Default::default() }).map(|_| ()));
+    let (reader, _) = t.open(f, false, false, true).unwrap();
+    let (writer, io) = t.open(f, true, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Passthrough { register: None }));
+    t.write(writer, 0, b"through").unwrap();
+    c("close of a passthrough writer", &mut |t| t.flush(writer));
+    t.release(writer).unwrap();
+    t.release(reader).unwrap();
+    assert_eq!(read_all(&t, f).unwrap(), b"through");
+    let (reader, _) = t.open(f, false, false, true).unwrap();
+    c("truncate under a passthrough reader", &mut |t| t.setattr(f, 0, SetAttr { size: Some(4), ..Default::default() }).map(|_| ()));
+    t.release(reader).unwrap();
+    t.gc();
+    assert_eq!(read_all(&t, f).unwrap(), b"thro");
+    c("rename of a directory", &mut |t| t.rename(ROOT, OsStr::new("d"), ROOT, OsStr::new("e"), false));
+    let sent = t.take_unpublished();
+    let first = sent.first().unwrap();
+    c("a decision", &mut |t| t.apply_decided(&first.msg, &Outcome::Accepted, &dir_entry("d", 3, 0o755)).map(|_| ()));
+    let remote = crate::store::put_bytes(&t.store, b"from elsewhere").unwrap();
+    let file_entry = |path: &str, rev: u64| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { content: Content::File { hash: remote.clone(), size: 14 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
+        holders: vec![],
+    };
+    c("a remote file in new directories", &mut |t| t.apply_remote(&file_entry("r/s/x", 10)).map(|_| ()));
+    c("a remote file over a local one", &mut |t| t.apply_remote(&file_entry("r/s/x", 11)).map(|_| ()));
+    c("a remote delete of a directory", &mut |t| {
+        t.apply_remote(&Entry { path: RelPath::new("r").unwrap(), rev: Revision(12), version: None, holders: vec![] }).map(|_| ())
+    });
+    c("unlink", &mut |t| t.unlink(d, OsStr::new("h")));
+    c("unlink of the last name", &mut |t| t.unlink(ROOT, OsStr::new("g")));
+    c("rmdir", &mut |t| t.rmdir(ROOT, OsStr::new("e")));
+    let t = crash_and_reload(t, dir.path());
+    assert_memory_is_persisted(&t, "after a reload");
+}
+
+/// The close that fails to commit (the flush) tells the writer; the release after
+/// it cannot. The bytes stay unsaved in the work file, and `gc` commits them later.
+#[test]
+fn a_close_that_could_not_commit_is_committed_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let chaos = Chaos::install(&t, dir.path());
+    let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, true).unwrap();
+    t.take_unpublished();
+    t.write(fh, 0, b"kept").unwrap();
+    chaos.arm(1, false);
+    assert!(matches!(t.flush(fh), Err(FsError::Io(_))));
+    t.release(fh).unwrap();
+    chaos.arm(-1, false);
+    assert_memory_is_persisted(&t, "after the failed close");
+    assert!(t.take_unpublished().is_empty());
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"kept", "the bytes are still there");
+    t.gc();
+    assert_memory_is_persisted(&t, "after gc");
+    let sent = t.take_unpublished();
+    assert!(matches!(&sent[..], [r] if matches!(&r.change.op, ChangeOp::Put { version: Version { content: Content::File { size: 4, .. }, .. } })), "{sent:?}");
+
+    // The same when the kernel wrote the bytes itself (passthrough), and the handle
+    // that failed was the inode's last one: the backing file stays its work file.
+    let (reader, _) = t.open(a.ino, false, false, true).unwrap();
+    let (writer, _) = t.open(a.ino, true, false, true).unwrap();
+    t.release(reader).unwrap();
+    t.write(writer, 4, b" and more").unwrap();
+    chaos.arm(1, true);
+    assert!(matches!(t.flush(writer), Err(FsError::Io(_))));
+    let released = t.release(writer).unwrap();
+    chaos.arm(-1, false);
+    assert!(released.backing_unused);
+    assert_memory_is_persisted(&t, "after the failed close of a passthrough writer");
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"kept and more");
+    t.gc();
+    assert_memory_is_persisted(&t, "after gc");
+    let sent = t.take_unpublished();
+    let size = |r: &OutboxRow| match &r.change.op {
+        ChangeOp::Put { version: Version { content: Content::File { size, .. }, .. } } => Some(*size),
+        _ => None,
+    };
+    assert_eq!(sent.iter().map(size).collect::<Vec<_>>(), vec![Some(13)]);
+    assert!(t.lock().inode(a.ino).unwrap().work.is_none());
+}
+
+/// A node database that cannot grow fails the operation with ENOSPC (not EIO), after
+/// giving it the space kept in reserve; nothing changes in memory, and the reserve is
+/// set aside again later.
+#[test]
+fn a_full_database_fails_with_enospc_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    for i in 0..50 {
+        t.mkdir(ROOT, OsStr::new(&format!("d{i}")), 0o755, 0, 0).unwrap();
+    }
+    let reserve = dir.path().join("reserve");
+    assert_eq!(std::fs::metadata(&reserve).unwrap().len(), crate::store::DB_RESERVE_BYTES);
+    // SQLite reports SQLITE_FULL, as on a full disk, once the database would grow.
+    t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1").unwrap();
+    let e = (0..1000).find_map(|i| closed_file_or_error(&t, &format!("f{i}"))).expect("the database filled up");
+    assert!(matches!(e, FsError::DbFull), "{e:?}");
+    assert_eq!(e.errno(), libc::ENOSPC);
+    assert_memory_is_persisted(&t, "after the database filled up");
+    assert!(!reserve.exists(), "the reserve was given to the database");
+    t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1073741823").unwrap();
+    t.mkdir(ROOT, OsStr::new("room again"), 0o755, 0, 0).unwrap();
+    t.gc();
+    assert!(reserve.exists(), "the reserve is set aside again");
+}
+
+fn closed_file_or_error(t: &Tree, name: &str) -> Option<FsError> {
+    let (_, fh) = match t.create(ROOT, OsStr::new(name), 0o644, 0, 0, true) {
+        Ok(made) => made,
+        Err(e) => return Some(e),
+    };
+    t.write(fh, 0, name.as_bytes()).unwrap();
+    let e = t.flush(fh).err();
+    t.release(fh).unwrap();
+    e
+}
+
+/// A delete replacing a queued put goes to the end: a directory is deleted after its
+/// children (before them, the manager refuses to delete a directory with children).
+#[test]
+fn a_delete_replacing_a_queued_put_goes_after_the_children() {
+    let (_dir, t, d) = tree_with_dir();
+    t.mkdir(d, OsStr::new("e"), 0o700, 0, 0).unwrap();
+    t.take_unpublished();
+    chmod(&t, d, 0o755);
+    t.rmdir(d, OsStr::new("e")).unwrap();
+    t.rmdir(ROOT, OsStr::new("d")).unwrap();
+    assert_eq!(queued(&t.take_unpublished()), vec![("d/e".into(), None), ("d".into(), None)]);
+}
