@@ -119,7 +119,7 @@ impl Session<'_> {
                             .context("publishing")
                     })
                     .await?;
-                    self.shared.metrics.messages_out.fetch_add(1, Ordering::Relaxed);
+                    self.shared.metrics.messages_out.inc();
                     if confirmed {
                         confirms.push((id, confirm));
                     }
@@ -179,7 +179,7 @@ async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
         Ok(e) => e,
         Err(e) => return Prepared::Bad(d, e),
     };
-    shared.metrics.messages_in.fetch_add(1, Ordering::Relaxed);
+    shared.metrics.messages_in.inc();
     tracing::debug!(target: "timing", "delivery received");
     let wanted = engine::wanted_contents(&shared.tree, &env.body);
     stream::iter(wanted)
@@ -203,14 +203,14 @@ async fn pull_counted(shared: &Shared, puller: &Puller, hash: &wire::ContentHash
     shared.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
     match r {
         Ok(n) => {
-            shared.metrics.bytes_pulled.fetch_add(n, Ordering::Relaxed);
+            shared.metrics.bytes_pulled.inc_by(n);
             if n > 0 {
                 shared.metrics.observe_pull(t.elapsed());
             }
             0
         }
         Err(e) => {
-            shared.metrics.pulls_failed.fetch_add(1, Ordering::Relaxed);
+            shared.metrics.pulls_failed.inc();
             tracing::warn!("{e:#}; will retry");
             1
         }

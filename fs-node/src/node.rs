@@ -8,6 +8,10 @@ use crate::link::SyncReport;
 use crate::store::ContentStore;
 use crate::tree::Tree;
 use anyhow::Context;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -50,66 +54,65 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
-/// Counters for `/metrics`. Names are in `Metrics::render`, in one place.
+/// The node's metrics for `/metrics`. Counters and the pull histogram are kept as they
+/// happen; gauges are read from the tree and the link when scraped (`render`).
 #[derive(Default)]
 pub struct Metrics {
-    pub messages_in: AtomicU64,
-    pub messages_out: AtomicU64,
-    pub bytes_pulled: AtomicU64,
-    pub bytes_served: AtomicU64,
-    pub pulls_failed: AtomicU64,
-    /// Pull latency histogram: counts per bucket of `PULL_BUCKETS` (seconds), plus sum.
-    pub pull_buckets: [AtomicU64; 8],
-    pub pull_count: AtomicU64,
-    pub pull_sum_micros: AtomicU64,
+    pub messages_in: Counter,
+    pub messages_out: Counter,
+    pub bytes_pulled: Counter,
+    pub bytes_served: Counter,
+    pub pulls_failed: Counter,
+    /// Time to pull one content, in seconds.
+    pub pull_seconds: PullHistogram,
 }
 
-pub const PULL_BUCKETS: [f64; 8] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0];
+/// The pull-time histogram, with its buckets (seconds).
+pub struct PullHistogram(Histogram);
+
+impl Default for PullHistogram {
+    fn default() -> Self {
+        PullHistogram(Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]))
+    }
+}
+
+/// Content type of `Metrics::render`'s text.
+pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 impl Metrics {
     pub fn observe_pull(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in PULL_BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.pull_buckets[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.pull_count.fetch_add(1, Ordering::Relaxed);
-        self.pull_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+        self.pull_seconds.0.observe(d.as_secs_f64());
     }
 
+    /// The exposition text (OpenMetrics). Counter names get their `_total` from the
+    /// encoder.
     pub fn render(&self, shared: &Shared) -> String {
-        use std::fmt::Write;
         let stats = shared.tree.stats();
-        let mut o = String::new();
-        let mut counter = |name: &str, help: &str, v: u64, kind: &str| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
-        counter("syncfs_node_messages_in_total", "Messages received from the master channel.", self.messages_in.load(Ordering::Relaxed), "counter");
-        counter("syncfs_node_messages_out_total", "Messages published to the update channel.", self.messages_out.load(Ordering::Relaxed), "counter");
-        counter("syncfs_node_bytes_pulled_total", "Content bytes pulled from peers.", self.bytes_pulled.load(Ordering::Relaxed), "counter");
-        counter("syncfs_node_bytes_served_total", "Content bytes served to peers.", self.bytes_served.load(Ordering::Relaxed), "counter");
-        counter("syncfs_node_pulls_failed_total", "Pulls that failed on every holder.", self.pulls_failed.load(Ordering::Relaxed), "counter");
-        counter("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", stats.pending_changes, "gauge");
-        counter("syncfs_node_pending_pulls", "Content pulls in progress.", shared.pulls_in_progress.load(Ordering::Relaxed), "gauge");
-        counter("syncfs_node_conflicts_total", "Own changes the manager kept as conflict files.", stats.conflicts_seen, "counter");
-        counter(
+        let mut r = Registry::default();
+        let gauge = |v: u64| ConstGauge::new(v as i64);
+        r.register("syncfs_node_messages_in", "Messages received from the master channel.", self.messages_in.clone());
+        r.register("syncfs_node_messages_out", "Messages published to the update channel.", self.messages_out.clone());
+        r.register("syncfs_node_bytes_pulled", "Content bytes pulled from peers.", self.bytes_pulled.clone());
+        r.register("syncfs_node_bytes_served", "Content bytes served to peers.", self.bytes_served.clone());
+        r.register("syncfs_node_pulls_failed", "Pulls that failed on every holder.", self.pulls_failed.clone());
+        r.register("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", gauge(stats.pending_changes));
+        r.register("syncfs_node_pending_pulls", "Content pulls in progress.", gauge(shared.pulls_in_progress.load(Ordering::Relaxed)));
+        r.register("syncfs_node_conflicts", "Own changes the manager kept as conflict files.", ConstCounter::new(stats.conflicts_seen));
+        r.register(
             "syncfs_node_passthrough",
             "1 while the kernel does passthrough I/O for this mount.",
-            shared.passthrough.load(Ordering::Relaxed) as u64,
-            "gauge",
+            gauge(shared.passthrough.load(Ordering::Relaxed) as u64),
         );
-        counter("syncfs_node_passthrough_opens_total", "Opens whose I/O the kernel did on a backing file by itself.", stats.passthrough_opens, "counter");
-        counter("syncfs_node_passthrough_detaches_total", "Backing files a writer made into a file's own work file.", stats.passthrough_detaches, "counter");
-        counter("syncfs_node_connected", "1 when connected to the broker.", shared.connected.load(Ordering::Relaxed) as u64, "gauge");
-        let _ = writeln!(o, "# HELP syncfs_node_pull_seconds Time to pull one content.\n# TYPE syncfs_node_pull_seconds histogram");
-        for (i, b) in PULL_BUCKETS.iter().enumerate() {
-            let _ = writeln!(o, "syncfs_node_pull_seconds_bucket{{le=\"{b}\"}} {}", self.pull_buckets[i].load(Ordering::Relaxed));
-        }
-        let count = self.pull_count.load(Ordering::Relaxed);
-        let _ = writeln!(o, "syncfs_node_pull_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(o, "syncfs_node_pull_seconds_sum {}", self.pull_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
-        let _ = writeln!(o, "syncfs_node_pull_seconds_count {count}");
+        r.register("syncfs_node_passthrough_opens", "Opens whose I/O the kernel did on a backing file by itself.", ConstCounter::new(stats.passthrough_opens));
+        r.register(
+            "syncfs_node_passthrough_detaches",
+            "Backing files a writer made into a file's own work file.",
+            ConstCounter::new(stats.passthrough_detaches),
+        );
+        r.register("syncfs_node_connected", "1 when connected to the broker.", gauge(shared.connected.load(Ordering::Relaxed) as u64));
+        r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.0.clone());
+        let mut o = String::new();
+        prometheus_client::encoding::text::encode(&mut o, &r).expect("writing to a String cannot fail");
         o
     }
 }
@@ -166,7 +169,7 @@ impl Shared {
             dirs: stats.dirs,
             conflicts_seen: stats.conflicts_seen,
             last_revision: stats.last_revision,
-            bytes_pulled: self.metrics.bytes_pulled.load(Ordering::Relaxed),
+            bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
     }

@@ -12,7 +12,6 @@ use hyper::body::Frame;
 use hyper::{Method, Request, Response, StatusCode};
 use std::io::Write;
 use std::path::Path;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{ContentHash, Holder, NodeId};
@@ -141,7 +140,7 @@ async fn route(req: Request<hyper::body::Incoming>, shared: Arc<Shared>) -> Resp
     match (req.method(), path.as_str()) {
         (&Method::GET, p) if p.starts_with("/content/") => content(&shared, &p["/content/".len()..]).await,
         (&Method::GET, "/status") => full(StatusCode::OK, "application/json", serde_json::to_vec(&shared.status()).unwrap_or_default()),
-        (&Method::GET, "/metrics") => full(StatusCode::OK, "text/plain; version=0.0.4", shared.metrics.render(&shared)),
+        (&Method::GET, "/metrics") => full(StatusCode::OK, crate::node::METRICS_CONTENT_TYPE, shared.metrics.render(&shared)),
         (&Method::POST, "/sync") => match shared.sync_now(Duration::from_secs(120)).await {
             Ok(report) => full(StatusCode::OK, "application/json", serde_json::to_vec(&report).unwrap_or_default()),
             Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
@@ -164,7 +163,7 @@ async fn content(shared: &Shared, hash: &str) -> Response<Body> {
         }
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    shared.metrics.bytes_served.fetch_add(len, Ordering::Relaxed);
+    shared.metrics.bytes_served.inc_by(len);
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
     Response::builder()
         .status(StatusCode::OK)

@@ -231,17 +231,19 @@ fn openapi_document_matches_the_router() {
     }
 }
 
-/// Parses the Prometheus text format strictly enough to catch a broken exposition:
-/// HELP/TYPE lines, `name{labels} value` samples, every sample's family declared.
+/// Parses the OpenMetrics text format strictly enough to catch a broken exposition:
+/// HELP/TYPE/UNIT lines, `name{labels} value` samples, every sample's family declared
+/// (a counter's samples end in `_total`), and `# EOF` last.
 fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     let mut types = BTreeMap::new();
     let mut samples = BTreeMap::new();
+    assert!(text.ends_with("# EOF\n"), "no # EOF at the end:\n{text}");
     for line in text.lines() {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
-            assert!(["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind), "{line}");
+            assert!(["counter", "gauge", "histogram", "summary", "unknown", "info", "stateset", "gaugehistogram"].contains(&kind), "{line}");
             types.insert(name.to_string(), kind.to_string());
-        } else if line.starts_with("# HELP ") || line.is_empty() {
+        } else if line.starts_with("# HELP ") || line.starts_with("# UNIT ") || line == "# EOF" {
         } else {
             assert!(!line.starts_with('#'), "unknown comment {line}");
             let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("sample without value: {line}"));
@@ -254,7 +256,14 @@ fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
                     assert!(!k.is_empty() && v.starts_with('"') && v.ends_with('"'), "{line}");
                 }
             }
-            assert!(types.contains_key(name), "sample of undeclared family: {line}");
+            let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|f| types.contains_key(*f)))
+                .unwrap_or(name);
+            assert!(types.contains_key(family), "sample of undeclared family: {line}");
+            if types[family] == "counter" {
+                assert!(name.ends_with("_total") || name.ends_with("_created"), "a counter sample must end in _total: {line}");
+            }
             samples.insert(series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value in {line}")));
         }
     }
@@ -267,7 +276,7 @@ fn metrics_parse_and_counters_move_when_changes_arrive() {
     let scrape = || {
         let r = m.call("GET", "/metrics", None);
         assert_eq!(r.status, 200, "{}", r.text());
-        assert!(r.header("content-type").unwrap().starts_with("text/plain; version=0.0.4"));
+        assert!(r.header("content-type").unwrap().starts_with("application/openmetrics-text; version=1.0.0"));
         parse_prometheus(&r.text())
     };
     let before = scrape();

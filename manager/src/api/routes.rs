@@ -72,7 +72,7 @@ pub const ROUTES: &[Route] = &[
         path: "/metrics",
         op: Op::Metrics,
         public: false,
-        summary: "Prometheus metrics (text format 0.0.4).",
+        summary: "Prometheus metrics (OpenMetrics text format).",
         query: &[],
         body: None,
         ok: (200, "text"),
