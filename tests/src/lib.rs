@@ -565,36 +565,23 @@ pub fn queue_depth(vhost: &Vhost, queue: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// A plain HTTP/1.1 GET; returns (status, body).
-pub fn http_get(url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
-    let rest = url.strip_prefix("http://").expect("http URL");
-    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
-    let mut s = TcpStream::connect(host).expect("connect");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n").unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").expect("HTTP response");
-    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut body = buf[split + 4..].to_vec();
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
-        body = dechunk(&body);
-    }
-    (status, body)
+/// The harness's HTTP client: one for the whole test process, each request on a fresh
+/// connection (servers under test close connections, and some tests restart them) and
+/// bounded by the harness deadline (also each read of a streamed body).
+pub fn http_client() -> &'static reqwest::blocking::Client {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    CLIENT.get_or_init(|| reqwest::blocking::Client::builder().timeout(DEADLINE).pool_max_idle_per_host(0).build().expect("an HTTP client"))
 }
 
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(i) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(String::from_utf8_lossy(&b[..i]).trim(), 16).unwrap_or(0);
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&b[i + 2..i + 2 + n]);
-        b = &b[i + 2 + n + 2..];
+/// A GET; returns (status, body).
+pub fn http_get(url: &str, token: Option<&str>) -> (u16, Vec<u8>) {
+    let mut req = http_client().get(url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
     }
-    out
+    let r = req.send().unwrap_or_else(|e| panic!("GET {url}: {:#}", anyhow::Error::new(e)));
+    let status = r.status().as_u16();
+    (status, r.bytes().unwrap_or_else(|e| panic!("reading the body of {url}: {e}")).to_vec())
 }
 
 /// Parses Prometheus text into name{labels} → value, refusing malformed lines.

@@ -1,16 +1,16 @@
 //! Shared by the API and dashboard tests: a real `manager serve --http` process on its own
-//! vhost and port, a small HTTP/1.1 client (also for the event stream), and a fake node
+//! vhost and port, requests through the harness's HTTP client (also the event stream), and a fake node
 //! that speaks the wire protocol to the broker directly (heartbeats, changes, and reading
 //! its own queue).
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use system_tests::{bin, dump_log, eventually, Vhost, DEADLINE};
+use system_tests::{bin, dump_log, eventually, http_client, Vhost, DEADLINE};
 use wire::{Change, ChangeOp, Content, ContentHash, Envelope, NodeId, RelPath, Revision, ToManager, ToNode, Version};
 
 /// A free local port: bound to 0, read, released (the manager binds it right after).
@@ -146,62 +146,31 @@ impl Resp {
     }
 }
 
-/// One HTTP/1.1 request on a fresh connection (`Connection: close`).
+/// One request to the manager's HTTP server.
 pub fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, body: Option<&str>) -> Resp {
-    let mut s = TcpStream::connect(addr).expect("connect to the manager");
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("an HTTP method");
+    let mut req = http_client().request(method.clone(), format!("http://{addr}{path}"));
     if let Some(t) = token {
-        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        req = req.bearer_auth(t);
     }
     if let Some(b) = body {
-        req.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+        req = req.header("content-type", "application/json").body(b.to_string());
     }
-    req.push_str("\r\n");
-    req.push_str(body.unwrap_or(""));
-    s.write_all(req.as_bytes()).unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).unwrap();
-    parse_response(&buf)
-}
-
-fn parse_response(buf: &[u8]) -> Resp {
-    let split = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or_else(|| panic!("no HTTP response head in {:?}", String::from_utf8_lossy(buf)));
-    let head = String::from_utf8_lossy(&buf[..split]).to_ascii_lowercase();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let mut body = buf[split + 4..].to_vec();
-    if head.contains("transfer-encoding: chunked") {
-        body = Dechunker::default().feed(&body);
-    }
+    let r = req.send().unwrap_or_else(|e| panic!("{method} {path}: {:#}", anyhow::Error::new(e)));
+    let status = r.status().as_u16();
+    let head = head_of(&r);
+    let body = r.bytes().unwrap_or_else(|e| panic!("reading the body of {method} {path}: {e}")).to_vec();
     Resp { status, head, body }
 }
 
-/// Decodes a chunked body as it arrives.
-#[derive(Default)]
-struct Dechunker {
-    pending: Vec<u8>,
-}
-
-impl Dechunker {
-    fn feed(&mut self, bytes: &[u8]) -> Vec<u8> {
-        self.pending.extend_from_slice(bytes);
-        let mut out = Vec::new();
-        while let Some(i) = self.pending.windows(2).position(|w| w == b"\r\n") {
-            let n = usize::from_str_radix(String::from_utf8_lossy(&self.pending[..i]).trim(), 16).expect("chunk size");
-            if self.pending.len() < i + 2 + n + 2 {
-                break;
-            }
-            out.extend_from_slice(&self.pending[i + 2..i + 2 + n]);
-            self.pending.drain(..i + 2 + n + 2);
-        }
-        out
-    }
+/// The response's headers as `name: value` lines, lower-cased.
+fn head_of(r: &reqwest::blocking::Response) -> String {
+    r.headers().iter().map(|(k, v)| format!("{}: {}", k, String::from_utf8_lossy(v.as_bytes()))).collect::<Vec<_>>().join("\n").to_ascii_lowercase()
 }
 
 /// A server-sent event stream being read.
 pub struct Events {
-    stream: TcpStream,
-    dechunk: Dechunker,
+    stream: reqwest::blocking::Response,
     text: String,
     pub status: u16,
     pub content_type: String,
@@ -210,31 +179,14 @@ pub struct Events {
 impl Events {
     /// Opens `/api/events` with the token in the query (as a browser does).
     pub fn open(addr: SocketAddr, token: &str) -> Events {
-        let mut stream = TcpStream::connect(addr).unwrap();
-        write!(stream, "GET /api/events?token={token} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n").unwrap();
-        stream.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        let mut raw = Vec::new();
-        let start = Instant::now();
-        let split = loop {
-            if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i;
-            }
-            assert!(start.elapsed() < DEADLINE, "no response head from /api/events");
-            let mut buf = [0u8; 4096];
-            match stream.read(&mut buf) {
-                Ok(0) => panic!("/api/events closed before answering"),
-                Ok(n) => raw.extend_from_slice(&buf[..n]),
-                Err(_) => {}
-            }
-        };
-        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
-        let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-        let content_type = head.lines().find_map(|l| l.strip_prefix("content-type:")).unwrap_or("").trim().to_string();
-        let mut ev = Events { stream, dechunk: Dechunker::default(), text: String::new(), status, content_type };
-        let rest = raw[split + 4..].to_vec();
-        let decoded = ev.dechunk.feed(&rest);
-        ev.text.push_str(&String::from_utf8_lossy(&decoded));
-        ev
+        let stream = http_client()
+            .get(format!("http://{addr}/api/events?token={token}"))
+            .header("accept", "text/event-stream")
+            .send()
+            .unwrap_or_else(|e| panic!("opening /api/events: {e}"));
+        let status = stream.status().as_u16();
+        let content_type = stream.headers().get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+        Events { stream, text: String::new(), status, content_type }
     }
 
     /// Reads events until one named `name` whose data satisfies `pred`; returns its data.
@@ -260,14 +212,12 @@ impl Events {
                 }
             }
             assert!(start.elapsed() < DEADLINE, "timed out waiting for event {name}: {what}");
+            // Each read waits at most the client's timeout (the harness deadline).
             let mut buf = [0u8; 8192];
             match self.stream.read(&mut buf) {
                 Ok(0) => panic!("event stream closed while waiting for {name}: {what}"),
-                Ok(n) => {
-                    let decoded = self.dechunk.feed(&buf[..n]);
-                    self.text.push_str(&String::from_utf8_lossy(&decoded));
-                }
-                Err(_) => {}
+                Ok(n) => self.text.push_str(&String::from_utf8_lossy(&buf[..n])),
+                Err(e) => panic!("reading the event stream while waiting for {name} ({what}): {e}"),
             }
         }
     }
