@@ -505,3 +505,12 @@ pub fn run_seed(seed: u64, cfg: Config) -> Result<RunStats, (String, Trace)> {
         }
     }
 }
+
+/// A shorter run of a failing seed that still fails, if there is one: the same seed with
+/// fewer random steps before everything heals (the steps are drawn in order, so a
+/// shorter run is a prefix of the longer one's workload and faults). Tries 40 lengths,
+/// shortest first; returns (steps, what broke, trace) of the first that fails.
+pub fn shrink(seed: u64, cfg: &Config) -> Option<(usize, String, Trace)> {
+    let stride = (cfg.steps / 40).max(1);
+    (1..cfg.steps).step_by(stride).find_map(|steps| run_seed(seed, Config { steps, ..cfg.clone() }).err().map(|(what, trace)| (steps, what, trace)))
+}

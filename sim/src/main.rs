@@ -1,6 +1,7 @@
 //! `sim --seeds START..END` runs a range of seeds (in parallel) and exits non-zero if any
-//! fails, printing the seed, what broke and the trace of the smallest failing run;
-//! `sim --seed N` replays one seed exactly and prints its trace.
+//! fails, printing each failing seed and what broke; `sim --seed N` replays one seed
+//! exactly and prints its trace, then a shrunk one (the same seed with fewer steps, if
+//! that fails too).
 
 use clap::Parser;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -43,7 +44,7 @@ fn main() {
     let args = Args::parse();
     let cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if let Some(seed) = args.seed {
-        match sim::run_seed(seed, cfg) {
+        match sim::run_seed(seed, cfg.clone()) {
             Ok(stats) => {
                 println!("seed {seed}: ok ({stats:?})");
             }
@@ -52,6 +53,13 @@ fn main() {
                     println!("{line}");
                 }
                 println!("seed {seed} FAILED: {what}");
+                if let Some((steps, short_what, short)) = sim::shrink(seed, &cfg) {
+                    println!("\nshrunk: the same seed with --steps {steps} fails too ({} trace lines instead of {}):", short.len(), trace.len());
+                    for line in &short {
+                        println!("{line}");
+                    }
+                    println!("seed {seed} --steps {steps} FAILED: {short_what}");
+                }
                 std::process::exit(1);
             }
         }
