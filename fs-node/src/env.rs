@@ -13,6 +13,20 @@ pub trait Env: Send + Sync {
     fn past_bug(&self) -> Option<PastBug> {
         None
     }
+    /// A disk fault to inject into the next commit of the node database (the simulator
+    /// draws them from its seed; a real node never has one).
+    fn persist_fault(&self) -> Option<PersistFault> {
+        None
+    }
+}
+
+/// A disk fault on a commit of the node database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PersistFault {
+    /// The disk failed (`EIO`).
+    Io,
+    /// The disk is full (`ENOSPC`).
+    NoSpace,
 }
 
 /// Bugs the node once had, which the simulator must be able to find again.

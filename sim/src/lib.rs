@@ -15,6 +15,7 @@ pub mod manager;
 pub mod node;
 
 use broker::Broker;
+use fs_node::env::PersistFault;
 use manager::{CrashPoint, SimManager};
 use node::{SimNode, WriteHow};
 use rand::{Rng, SeedableRng};
@@ -210,7 +211,9 @@ impl World {
             55..=79 => {
                 let i = self.rng.random_range(0..self.nodes.len());
                 let crash = faults && self.rng.random_range(0..60) == 0;
+                self.maybe_disk_fault(i, 40);
                 let delivered = self.with_node(i, |n, b, p, now| n.deliver_one(b, p, now, crash))?;
+                self.nodes[i].set_persist_fault(None);
                 if let Some(what) = &delivered {
                     self.log(format!("n{} takes {what}", i + 1));
                 }
@@ -393,10 +396,26 @@ impl World {
         self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))
     }
 
+    /// A disk fault for node `i`'s next commit, now and then (with faults on).
+    fn maybe_disk_fault(&mut self, i: usize, one_in: u32) {
+        if self.cfg.faults && self.rng.random_range(0..one_in) == 0 {
+            let fault = if self.rng.random_bool(0.5) { PersistFault::Io } else { PersistFault::NoSpace };
+            self.log(format!("n{}: the next commit of its database fails ({fault:?})", i + 1));
+            self.nodes[i].set_persist_fault(Some(fault));
+        }
+    }
+
     /// One random file operation on a random node that is up.
     fn local_op(&mut self) -> anyhow::Result<()> {
         let i = self.rng.random_range(0..self.nodes.len());
         let Some(tree) = self.nodes[i].tree().cloned() else { return Ok(()) };
+        self.maybe_disk_fault(i, 25);
+        let r = self.local_op_on(i, tree);
+        self.nodes[i].set_persist_fault(None);
+        r
+    }
+
+    fn local_op_on(&mut self, i: usize, tree: Arc<fs_node::tree::Tree>) -> anyhow::Result<()> {
         self.stats.ops += 1;
         let path = self.random_path();
         let kind = self.rng.random_range(0..100);
@@ -491,19 +510,27 @@ impl World {
 
 /// Runs one seed: Ok with its figures, or Err with what broke and the trace.
 pub fn run_seed(seed: u64, cfg: Config) -> Result<RunStats, (String, Trace)> {
+    let (result, trace) = run_seed_traced(seed, cfg);
+    result.map_err(|what| (what, trace))
+}
+
+/// Runs one seed; returns its outcome and its trace either way.
+pub fn run_seed_traced(seed: u64, cfg: Config) -> (Result<RunStats, String>, Trace) {
     let mut world = match World::new(seed, cfg) {
         Ok(w) => w,
-        Err(e) => return Err((format!("setting up: {e:#}"), Vec::new())),
+        Err(e) => return (Err(format!("setting up: {e:#}")), Vec::new()),
     };
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| world.run()));
-    match r {
+    let trace = std::mem::take(&mut world.trace);
+    let result = match r {
         Ok(Ok(())) => Ok(world.stats.clone()),
-        Ok(Err(e)) => Err((format!("{e:#}"), std::mem::take(&mut world.trace))),
+        Ok(Err(e)) => Err(format!("{e:#}")),
         Err(p) => {
             let msg = p.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| p.downcast_ref::<String>().cloned()).unwrap_or_default();
-            Err((format!("panic: {msg}"), std::mem::take(&mut world.trace)))
+            Err(format!("panic: {msg}"))
         }
-    }
+    };
+    (result, trace)
 }
 
 /// A shorter run of a failing seed that still fails, if there is one: the same seed with

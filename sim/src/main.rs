@@ -30,6 +30,9 @@ struct Args {
     /// must then fail).
     #[arg(long, value_parser = parse_bug)]
     bug: Option<fs_node::env::PastBug>,
+    /// Print the trace of a replayed seed even when it passes.
+    #[arg(long)]
+    trace: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -44,11 +47,16 @@ fn main() {
     let args = Args::parse();
     let cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if let Some(seed) = args.seed {
-        match sim::run_seed(seed, cfg.clone()) {
-            Ok(stats) => {
+        match sim::run_seed_traced(seed, cfg.clone()) {
+            (Ok(stats), trace) => {
+                if args.trace {
+                    for line in &trace {
+                        println!("{line}");
+                    }
+                }
                 println!("seed {seed}: ok ({stats:?})");
             }
-            Err((what, trace)) => {
+            (Err(what), trace) => {
                 for line in &trace {
                     println!("{line}");
                 }

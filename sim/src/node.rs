@@ -10,7 +10,7 @@
 use crate::broker::Broker;
 use fs_node::db::Db;
 use fs_node::engine::{Action, Engine, NodeInfo};
-use fs_node::env::{Env, PastBug};
+use fs_node::env::{Env, PastBug, PersistFault};
 use fs_node::store::ContentStore;
 use fs_node::tree::{FsError, FsResult, Kind, SetAttr, Tree, ROOT};
 use std::collections::BTreeMap;
@@ -28,6 +28,8 @@ pub struct SimEnv {
     node: NodeId,
     next: AtomicU64,
     bug: Option<PastBug>,
+    /// A disk fault for the next commit of the node database, taken by it.
+    fault: std::sync::Mutex<Option<PersistFault>>,
 }
 
 impl Env for SimEnv {
@@ -39,6 +41,9 @@ impl Env for SimEnv {
     }
     fn past_bug(&self) -> Option<PastBug> {
         self.bug
+    }
+    fn persist_fault(&self) -> Option<PersistFault> {
+        self.fault.lock().expect("not poisoned").take()
     }
 }
 
@@ -76,7 +81,7 @@ pub struct SimNode {
 impl SimNode {
     pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>) -> anyhow::Result<SimNode> {
         std::fs::create_dir_all(&dir)?;
-        let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1), bug });
+        let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1), bug, fault: Default::default() });
         let mut n = SimNode {
             id,
             dir,
@@ -127,6 +132,19 @@ impl SimNode {
 
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.load()
+    }
+
+    /// Makes the next commit of the node database fail with `fault` (`None`: clears one
+    /// that was not taken).
+    pub fn set_persist_fault(&self, fault: Option<PersistFault>) {
+        *self.env.fault.lock().expect("not poisoned") = fault;
+    }
+
+    /// The engine failed on the tree (a commit that failed): like the real link, the
+    /// session ends (what was not acked comes back) and a later tick reconnects.
+    fn engine_failed(&mut self, broker: &mut Broker, e: fs_node::engine::EngineError) -> String {
+        self.disconnect(broker);
+        format!("the engine failed ({e}); the session ends")
     }
 
     /// The broker connection is lost (a partition, a crash).
@@ -211,7 +229,10 @@ impl SimNode {
             self.fetch(peers, &hash, &holders);
         }
         let engine = self.engine.as_mut().expect("checked");
-        let actions = engine.on_message(env, now).map_err(|e| anyhow::anyhow!("node {}: {e}", self.id))?;
+        let actions = match engine.on_message(env, now) {
+            Ok(actions) => actions,
+            Err(e) => return Ok(Some(format!("{what}, but {}", self.engine_failed(broker, e)))),
+        };
         self.carry_out(actions, broker, peers, now)?;
         if crash_before_ack {
             self.crash(broker);
@@ -234,6 +255,21 @@ impl SimNode {
 
     /// One second passed: heartbeat, retries due, background pulls finish.
     pub fn tick(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+        // The node's periodic GC (`fs_node::node`, every 60 s): it also commits again the
+        // files whose last close could not commit them (a disk fault).
+        if now.as_secs() % 60 == 0 {
+            if let Some(tree) = &self.tree {
+                tree.gc();
+                if let Some(e) = self.engine.as_mut() {
+                    let actions = e.on_outbox_ready();
+                    self.carry_out(actions, broker, peers, now)?;
+                }
+            }
+        }
+        // Reconnect after a failed session (a partition heals by itself elsewhere).
+        if self.engine.is_none() && self.is_up() && !self.partitioned {
+            self.connect(broker, peers, now)?;
+        }
         let Some(e) = self.engine.as_mut() else { return Ok(()) };
         let mut actions = e.on_heartbeat(self.pulls.len() as u64);
         actions.extend(e.on_retry_tick(now));
@@ -241,8 +277,13 @@ impl SimNode {
         for p in std::mem::take(&mut self.pulls) {
             let ok = self.fetch(peers, &p.hash, &p.holders);
             let Some(e) = self.engine.as_mut() else { break };
-            let actions = e.pull_finished(&p.path, p.rev, ok, now).map_err(|e| anyhow::anyhow!("node {}: {e}", self.id))?;
-            self.carry_out(actions, broker, peers, now)?;
+            match e.pull_finished(&p.path, p.rev, ok, now) {
+                Ok(actions) => self.carry_out(actions, broker, peers, now)?,
+                Err(e) => {
+                    self.engine_failed(broker, e);
+                    break;
+                }
+            }
         }
         Ok(())
     }

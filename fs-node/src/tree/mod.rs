@@ -10,7 +10,7 @@
 //! and never calls the kernel: cache invalidations are returned to the caller.
 
 use crate::db::{Db, InodeRow, OutboxRow};
-use crate::env::{Env, PastBug, SystemEnv};
+use crate::env::{Env, PastBug, PersistFault, SystemEnv};
 use crate::store::ContentStore;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
@@ -448,7 +448,11 @@ impl Tree {
         let counters = st.counters();
         st.journal = Some(Journal { undo: Vec::new(), saved: HashSet::new(), counters, discard_after_commit: Vec::new(), detached: HashSet::new() });
         let result = f(st, &self.store).and_then(|v| {
-            st.db.commit()?;
+            match st.env.persist_fault() {
+                None => st.db.commit()?,
+                Some(PersistFault::Io) => return Err(FsError::Io(anyhow::anyhow!("committing to the node database: injected I/O error"))),
+                Some(PersistFault::NoSpace) => return Err(FsError::NoSpace),
+            }
             Ok(v)
         });
         let journal = st.journal.take().expect("set above");
