@@ -257,7 +257,7 @@ impl SimNode {
     pub fn tick(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
         // The node's periodic GC (`fs_node::node`, every 60 s): it also commits again the
         // files whose last close could not commit them (a disk fault).
-        if now.as_secs() % 60 == 0 {
+        if now.as_secs().is_multiple_of(60) {
             if let Some(tree) = &self.tree {
                 tree.gc();
                 if let Some(e) = self.engine.as_mut() {
