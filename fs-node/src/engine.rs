@@ -137,13 +137,13 @@ pub struct Engine<R> {
 impl<R> Engine<R> {
     /// A new session: every undecided change is sent again (the manager recognises the
     /// ids it already decided), a heartbeat says the node is here, and a sync starts.
-    pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> EngineResult<(Engine<R>, Vec<Action<R>>)> {
+    pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> (Engine<R>, Vec<Action<R>>) {
         tree.republish_all();
         let mut e = Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new() };
         e.heartbeat(pending_pulls);
         e.start_sync(Vec::new(), now);
         let out = e.take();
-        Ok((e, out))
+        (e, out)
     }
 
     pub fn tree(&self) -> &Arc<Tree> {

@@ -238,7 +238,7 @@ async fn session(
         .context("consuming")?;
     let info = NodeInfo { id: shared.id.clone(), url: shared.url.clone(), allow_setid: shared.allow_setid, software: env!("CARGO_PKG_VERSION").to_string() };
     let (tree, pulls, now) = (shared.tree.clone(), shared.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
-    let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await??;
+    let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
     shared.connected.store(true, Ordering::Relaxed);
     backoff.reset();
     tracing::info!("connected to the broker; consuming {queue}");

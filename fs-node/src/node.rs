@@ -56,7 +56,6 @@ pub struct TlsFiles {
 
 /// The node's metrics for `/metrics`. Counters and the pull histogram are kept as they
 /// happen; gauges are read from the tree and the link when scraped (`render`).
-#[derive(Default)]
 pub struct Metrics {
     pub messages_in: Counter,
     pub messages_out: Counter,
@@ -64,15 +63,19 @@ pub struct Metrics {
     pub bytes_served: Counter,
     pub pulls_failed: Counter,
     /// Time to pull one content, in seconds.
-    pub pull_seconds: PullHistogram,
+    pub pull_seconds: Histogram,
 }
 
-/// The pull-time histogram, with its buckets (seconds).
-pub struct PullHistogram(Histogram);
-
-impl Default for PullHistogram {
+impl Default for Metrics {
     fn default() -> Self {
-        PullHistogram(Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]))
+        Metrics {
+            messages_in: Counter::default(),
+            messages_out: Counter::default(),
+            bytes_pulled: Counter::default(),
+            bytes_served: Counter::default(),
+            pulls_failed: Counter::default(),
+            pull_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]),
+        }
     }
 }
 
@@ -81,7 +84,7 @@ pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.
 
 impl Metrics {
     pub fn observe_pull(&self, d: Duration) {
-        self.pull_seconds.0.observe(d.as_secs_f64());
+        self.pull_seconds.observe(d.as_secs_f64());
     }
 
     /// The exposition text (OpenMetrics). Counter names get their `_total` from the
@@ -110,7 +113,7 @@ impl Metrics {
             ConstCounter::new(stats.passthrough_detaches),
         );
         r.register("syncfs_node_connected", "1 when connected to the broker.", gauge(shared.connected.load(Ordering::Relaxed) as u64));
-        r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.0.clone());
+        r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.clone());
         let mut o = String::new();
         prometheus_client::encoding::text::encode(&mut o, &r).expect("writing to a String cannot fail");
         o

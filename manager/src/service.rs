@@ -217,7 +217,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 }
                 handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
+                handle.mark_busy();
                 handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users).await?;
+                handle.mark_done();
                 sync_work = true;
             }
         }
@@ -260,19 +262,6 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
 }
 
 async fn handle_batch(
-    handle: &Handle,
-    ch: &lapin::Channel,
-    cancel: &CancellationToken,
-    deliveries: Vec<Delivery>,
-    require_node_users: bool,
-) -> anyhow::Result<()> {
-    handle.mark_busy();
-    handle_batch_inner(handle, ch, cancel, deliveries, require_node_users).await?;
-    handle.mark_done();
-    Ok(())
-}
-
-async fn handle_batch_inner(
     handle: &Handle,
     ch: &lapin::Channel,
     cancel: &CancellationToken,

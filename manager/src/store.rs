@@ -509,9 +509,8 @@ impl Tx<'_> {
         if given_up == Some(true) {
             return Ok(Err(format!("{GIVEN_UP}: it stopped the manager each time it was handled before")));
         }
-        let msg = env.id.clone();
         if given_up.is_some() {
-            self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([msg.as_str()])?;
+            self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
         }
         self.tx.prepare_cached("SAVEPOINT message")?.execute([]).context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
@@ -728,7 +727,7 @@ impl Tx<'_> {
         let done: Option<String> = self.tx.prepare_cached("SELECT outcome FROM applied WHERE msg = ?1")?.query_row([msg.as_str()], |r| r.get(0)).optional()?;
         if let Some(outcome) = done {
             let outcome: Outcome = serde_json::from_str(&outcome).context("corrupt outcome")?;
-            let current = entry(&self.tx, &change.path)?.unwrap_or(Entry { path: change.path.clone(), rev: Revision(0), version: None, holders: vec![] });
+            let current = self.entry_or_absent(&change.path)?;
             return self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current });
         }
         // A change made on top of the sender's own earlier change is based on the
@@ -810,7 +809,7 @@ impl Tx<'_> {
     /// path's state now.
     fn decided(&mut self, msg: MessageId, from: &NodeId, path: &RelPath, outcome: Outcome, base: Revision) -> anyhow::Result<()> {
         let reply_key = topology::node_key(from);
-        let current = entry(&self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] });
+        let current = self.entry_or_absent(path)?;
         tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, "decided");
         self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
             msg.as_str(),
@@ -827,13 +826,24 @@ impl Tx<'_> {
         Ok(self.tx.prepare_cached("SELECT origin FROM paths WHERE path = ?1 AND version IS NOT NULL")?.query_row([path.as_str()], |r| r.get(0)).optional()?)
     }
 
+    /// The path's state as a decision reports it: absent (revision 0) if never known.
+    fn entry_or_absent(&self, path: &RelPath) -> anyhow::Result<Entry> {
+        Ok(entry(&self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] }))
+    }
+
+    /// The path's live version, if it has one (no more: what `current` adds is not
+    /// needed to walk ancestors).
+    fn live_version(&self, path: &RelPath) -> anyhow::Result<Option<Version>> {
+        let v: Option<Option<String>> =
+            self.tx.prepare_cached("SELECT version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| r.get(0)).optional()?;
+        parse_version(v.flatten())
+    }
+
     /// The highest ancestor of `path` that is live and not a directory, if any.
     fn first_non_dir_ancestor(&mut self, path: &RelPath) -> anyhow::Result<Option<RelPath>> {
         for anc in path.ancestors() {
-            if let Some(Current { version: Some(v), .. }) = self.current(&anc)? {
-                if !matches!(v.content, Content::Dir) {
-                    return Ok(Some(anc));
-                }
+            if self.live_version(&anc)?.is_some_and(|v| !matches!(v.content, Content::Dir)) {
+                return Ok(Some(anc));
             }
         }
         Ok(None)
@@ -844,7 +854,7 @@ impl Tx<'_> {
     /// removed the directory). The caller has made sure none is a file.
     fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
         for anc in path.ancestors() {
-            if !matches!(self.current(&anc)?, Some(Current { version: Some(_), .. })) {
+            if self.live_version(&anc)?.is_none() {
                 let dir = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: now_ms * 1_000_000 };
                 self.set(&anc, Some(&dir), &NodeId::manager(), now_ms)?;
             }
@@ -868,7 +878,7 @@ impl Tx<'_> {
         let copy_rev = head(&self.tx)?.next();
         let mut free = None;
         for candidate in rule::conflict_candidates(path, from, at, copy_rev) {
-            if !matches!(self.current(&candidate)?, Some(Current { version: Some(_), .. })) {
+            if self.live_version(&candidate)?.is_none() {
                 free = Some(candidate);
                 break;
             }
@@ -903,7 +913,7 @@ impl Tx<'_> {
             .collect::<Result<_, _>>()?;
         let mut reuse = None;
         for copy in earlier.into_iter().filter_map(|c| RelPath::new(c).ok()) {
-            if matches!(self.current(&copy)?, Some(Current { version: Some(Version { content: Content::Dir, .. }), .. })) {
+            if matches!(self.live_version(&copy)?, Some(Version { content: Content::Dir, .. })) {
                 reuse = Some(copy);
                 break;
             }
@@ -954,6 +964,12 @@ mod tests {
     }
     fn p(s: &str) -> RelPath {
         RelPath::new(s).unwrap()
+    }
+    /// A store on a database of its own (the directory lives as long as the guard).
+    fn fresh_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("m.db")).unwrap();
+        (dir, s)
     }
     fn file(h: u8) -> Version {
         Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 }
@@ -1026,8 +1042,7 @@ mod tests {
     /// the last one marked, together holding every path once.
     #[test]
     fn a_large_sync_reply_is_paged_under_the_budget() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         big_tree(&mut s);
         send(&mut s, "n2", "s1", sync("r1", 0, true));
         assert!(take_pages(&mut s).is_empty(), "the batch transaction does not build the reply");
@@ -1049,8 +1064,7 @@ mod tests {
     /// always (the node pushes what the reply does not name).
     #[test]
     fn deleted_paths_at_or_below_since_are_left_out() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("old.txt", 0, file(1)));
         send(&mut s, "n1", "m2", put("keep.txt", 0, file(1)));
         send(&mut s, "n1", "m3", ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete }));
@@ -1074,8 +1088,7 @@ mod tests {
     /// them for paths the manager does not know.
     #[test]
     fn changes_behind_the_cursor_are_in_the_reply() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         big_tree(&mut s);
         send(&mut s, "n2", "s1", sync("r1", 0, true));
         assert!(s.sync_step(10_000).unwrap());
@@ -1096,8 +1109,7 @@ mod tests {
     /// of the same node waits out the interval.
     #[test]
     fn syncs_of_a_node_are_coalesced_and_rate_limited() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
         s.remove_outbox(i64::MAX).unwrap();
         s.transaction(|tx| {
@@ -1125,8 +1137,7 @@ mod tests {
     /// it fits, written as before pages existed, and none when it does not.
     #[test]
     fn an_older_node_gets_one_page_or_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("a.txt", 0, file(1)));
         s.remove_outbox(i64::MAX).unwrap();
         send(&mut s, "n2", "s1", sync("r1", 0, false));
@@ -1148,8 +1159,7 @@ mod tests {
     /// A decision is acked right after its commit, so the commit must be durable.
     #[test]
     fn commits_are_durable_before_they_return() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, s) = fresh_store();
         let journal: String = s.conn().query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         let synchronous: i64 = s.conn().query_row("PRAGMA synchronous", [], |r| r.get(0)).unwrap();
         assert_eq!((journal.as_str(), synchronous), ("wal", 2), "WAL with synchronous=FULL (2)");
@@ -1233,8 +1243,7 @@ mod tests {
 
     #[test]
     fn revisions_increase_and_duplicates_change_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("a/b.txt", 0, file(1)));
         // The parent was restored first (r1), then the file (r2).
         assert_eq!(s.head().unwrap(), Revision(2));
@@ -1246,8 +1255,7 @@ mod tests {
 
     #[test]
     fn stale_put_becomes_a_conflict_file_and_follows_chains() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("f.txt", 0, file(1)));
         send(
             &mut s,
@@ -1271,8 +1279,7 @@ mod tests {
     /// leaves no room for any conflict name the change is refused.
     #[test]
     fn regression_conflicts_beside_long_names_are_decided() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        let (_dir, mut s) = fresh_store();
         let long = format!("a.{}", "e".repeat(230));
         let tight = format!("{}/{}/f", vec!["d".repeat(250); 16].join("/"), "e".repeat(61));
         assert_eq!(tight.len(), 4_079);

@@ -163,7 +163,10 @@ impl World {
     }
 
     fn connect(&mut self, i: usize) -> anyhow::Result<()> {
-        self.with_node(i, |n, b, p, now| n.connect(b, p, now))
+        self.with_node(i, |n, b, _, now| {
+            n.connect(b, now);
+            Ok(())
+        })
     }
 
     /// The whole run: random steps with faults, then heal and settle, then the checks.
@@ -176,7 +179,10 @@ impl World {
         self.settle()?;
         // A final sync everywhere, as after a reconnection, then quiet again.
         for i in 0..self.nodes.len() {
-            self.with_node(i, |n, b, p, now| n.request_sync(b, p, now))?;
+            self.with_node(i, |n, b, _, now| {
+                n.request_sync(b, now);
+                Ok(())
+            })?;
         }
         self.settle()?;
         self.stats.steps = self.step;
@@ -305,7 +311,7 @@ impl World {
                 self.nodes[i].restart()?;
             }
             self.connect(i)?;
-            self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))?;
+            self.nodes[i].outbox_ready(&mut self.broker);
         }
         Ok(())
     }
@@ -393,7 +399,10 @@ impl World {
         if node::resolve(&tree, &path).is_some_and(|(_, at)| at == ino) {
             self.record_closed(i, &path);
         }
-        self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))
+        {
+            self.nodes[i].outbox_ready(&mut self.broker);
+            Ok(())
+        }
     }
 
     /// A disk fault for node `i`'s next commit, now and then (with faults on).
@@ -502,7 +511,7 @@ impl World {
         }
         self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));
         if self.rng.random_bool(0.7) {
-            self.with_node(i, |n, b, p, now| n.outbox_ready(b, p, now))?;
+            self.nodes[i].outbox_ready(&mut self.broker);
         }
         Ok(())
     }

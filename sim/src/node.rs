@@ -157,19 +157,19 @@ impl SimNode {
     }
 
     /// Connects when up and reachable: a new engine session (which republishes and syncs).
-    pub fn connect(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
-        let Some(tree) = self.tree.clone() else { return Ok(()) };
+    pub fn connect(&mut self, broker: &mut Broker, now: Duration) {
+        let Some(tree) = self.tree.clone() else { return };
         if self.engine.is_some() || self.partitioned {
-            return Ok(());
+            return;
         }
         broker.declare_node(&self.id);
         let info = NodeInfo { id: self.id.clone(), url: self.url(), allow_setid: false, software: "sim".into() };
-        let (engine, actions) = Engine::connected(tree, info, 0, now).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (engine, actions) = Engine::connected(tree, info, 0, now);
         self.engine = Some(engine);
-        self.carry_out(actions, broker, peers, now)
+        self.carry_out(actions, broker);
     }
 
-    fn carry_out(&mut self, actions: Vec<Action<()>>, broker: &mut Broker, _peers: &dyn Peers, _now: Duration) -> anyhow::Result<()> {
+    fn carry_out(&mut self, actions: Vec<Action<()>>, broker: &mut Broker) {
         for a in actions {
             match a {
                 Action::Publish { env, .. } => broker.update.publish(env.encode()),
@@ -182,7 +182,6 @@ impl SimNode {
                 }
             }
         }
-        Ok(())
     }
 
     /// Gets `hash` from one of `holders` into this node's store, checked.
@@ -233,7 +232,7 @@ impl SimNode {
             Ok(actions) => actions,
             Err(e) => return Ok(Some(format!("{what}, but {}", self.engine_failed(broker, e)))),
         };
-        self.carry_out(actions, broker, peers, now)?;
+        self.carry_out(actions, broker);
         if crash_before_ack {
             self.crash(broker);
             return Ok(Some(what));
@@ -245,12 +244,11 @@ impl SimNode {
     }
 
     /// The outbox grew: the engine publishes it.
-    pub fn outbox_ready(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+    pub fn outbox_ready(&mut self, broker: &mut Broker) {
         if let Some(e) = self.engine.as_mut() {
             let actions = e.on_outbox_ready();
-            self.carry_out(actions, broker, peers, now)?;
+            self.carry_out(actions, broker);
         }
-        Ok(())
     }
 
     /// One second passed: heartbeat, retries due, background pulls finish.
@@ -262,23 +260,23 @@ impl SimNode {
                 tree.gc();
                 if let Some(e) = self.engine.as_mut() {
                     let actions = e.on_outbox_ready();
-                    self.carry_out(actions, broker, peers, now)?;
+                    self.carry_out(actions, broker);
                 }
             }
         }
         // Reconnect after a failed session (a partition heals by itself elsewhere).
         if self.engine.is_none() && self.is_up() && !self.partitioned {
-            self.connect(broker, peers, now)?;
+            self.connect(broker, now);
         }
         let Some(e) = self.engine.as_mut() else { return Ok(()) };
         let mut actions = e.on_heartbeat(self.pulls.len() as u64);
         actions.extend(e.on_retry_tick(now));
-        self.carry_out(actions, broker, peers, now)?;
+        self.carry_out(actions, broker);
         for p in std::mem::take(&mut self.pulls) {
             let ok = self.fetch(peers, &p.hash, &p.holders);
             let Some(e) = self.engine.as_mut() else { break };
             match e.pull_finished(&p.path, p.rev, ok, now) {
-                Ok(actions) => self.carry_out(actions, broker, peers, now)?,
+                Ok(actions) => self.carry_out(actions, broker),
                 Err(e) => {
                     self.engine_failed(broker, e);
                     break;
@@ -289,12 +287,11 @@ impl SimNode {
     }
 
     /// Asks for a sync, as `syncctl sync` does.
-    pub fn request_sync(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
+    pub fn request_sync(&mut self, broker: &mut Broker, now: Duration) {
         if let Some(e) = self.engine.as_mut() {
             let actions = e.on_sync_requested(Some(()), now);
-            self.carry_out(actions, broker, peers, now)?;
+            self.carry_out(actions, broker);
         }
-        Ok(())
     }
 }
 

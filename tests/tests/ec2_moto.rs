@@ -72,6 +72,32 @@ struct Vm<'a> {
     secret: &'a str,
 }
 
+/// A moto EC2 endpoint with credentials and an image, and a manager database and a
+/// cluster name of their own: what every VM test starts from. (Moto stops before its
+/// directory goes: fields drop in order.)
+struct Cloud {
+    moto: Moto,
+    tmp: tempfile::TempDir,
+    key: String,
+    secret: String,
+    ami: String,
+    db: PathBuf,
+    cluster: String,
+}
+
+impl Cloud {
+    fn start(cluster_prefix: &str) -> Cloud {
+        let tmp = tempfile::tempdir().unwrap();
+        let moto = start_moto(tmp.path());
+        let (key, secret, ami) = credentials_and_ami(&moto.url);
+        let db = tmp.path().join("manager.db");
+        Cloud { moto, tmp, key, secret, ami, db, cluster: unique(cluster_prefix) }
+    }
+    fn vm(&self) -> Vm<'_> {
+        Vm { cluster: &self.cluster, endpoint: &self.moto.url, db: &self.db, key: &self.key, secret: &self.secret }
+    }
+}
+
 /// Words no error may show: pieces of the SDK's `Debug` of a request (which holds its
 /// body, and so the user-data with the broker password), anyhow's `Caused by:` lines and
 /// stack backtraces.
@@ -159,19 +185,16 @@ fn recorded(db: &Path) -> Vec<(String, String)> {
 
 #[test]
 fn vms_on_moto() {
-    let tmp = tempfile::tempdir().unwrap();
-    let moto = start_moto(tmp.path());
-    let (key, secret, ami) = credentials_and_ami(&moto.url);
-    let db = tmp.path().join("manager.db");
-    let cluster = unique("vm");
-    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
+    let cloud = Cloud::start("vm");
+    let (ami, db, cluster) = (cloud.ami.as_str(), cloud.db.as_path(), cloud.cluster.as_str());
+    let vm = cloud.vm();
 
     // Two VMs in one command; ids and IPs printed and recorded.
-    let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--instance-type", "t3.micro", "--broker-public", BROKER_PUBLIC]);
+    let out = vm.ok(&["create", "--count", "2", "--image-id", ami, "--instance-type", "t3.micro", "--broker-public", BROKER_PUBLIC]);
     let ids = instance_ids(&out);
     assert_eq!(ids.len(), 2, "create printed:\n{out}");
     assert!(!out.contains("s3cret"), "the broker password was printed:\n{out}");
-    assert_eq!(recorded(&db).len(), 2);
+    assert_eq!(recorded(db).len(), 2);
 
     let list = vm.ok(&["list"]);
     for id in &ids {
@@ -192,9 +215,9 @@ fn vms_on_moto() {
 
     // A bad request is refused before the cloud and records nothing (the cloud's
     // failures are `vm_failures_are_one_clear_line`).
-    let err = vm.fails(&["create", "--image-id", &ami, "--broker-public", "not-a-url"]);
+    let err = vm.fails(&["create", "--image-id", ami, "--broker-public", "not-a-url"]);
     assert!(err.contains("invalid public broker URL"), "{err}");
-    assert_eq!(recorded(&db).len(), 2, "a failed create left rows behind");
+    assert_eq!(recorded(db).len(), 2, "a failed create left rows behind");
     // An id the manager did not launch is refused even while it has VMs.
     vm.fails_in_one_line(&["rm", "i-00000000000000000"], &["no VM i-00000000000000000 in cluster"], &["cloud"]).unwrap();
 
@@ -204,10 +227,10 @@ fn vms_on_moto() {
     let list = vm.ok(&["list"]);
     let line = list.lines().find(|l| l.starts_with(ids[0].as_str())).map(str::to_string).unwrap_or_default();
     assert!(line.is_empty() || line.contains("terminated") || line.contains("shutting-down"), "{list}");
-    assert_eq!(recorded(&db).iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
+    assert_eq!(recorded(db).iter().map(|r| r.0.clone()).collect::<Vec<_>>(), vec![ids[1].clone()]);
     let out = vm.ok(&["rm", "--all"]);
     assert!(out.contains("terminated 1 VM(s)") && out.contains(&ids[1]), "{out}");
-    assert!(recorded(&db).is_empty());
+    assert!(recorded(db).is_empty());
 }
 
 /// A web server that is not EC2 (python's http.server answers a POST with 501 and a
@@ -230,13 +253,10 @@ fn start_web_server(dir: &Path) -> (String, Proc) {
 /// do; an unknown VM id is the manager's refusal, not the cloud's.
 #[test]
 fn vm_failures_are_one_clear_line() {
-    let tmp = tempfile::tempdir().unwrap();
-    let moto = start_moto(tmp.path());
-    let (key, secret, ami) = credentials_and_ami(&moto.url);
-    let (web, _web) = start_web_server(tmp.path());
-    let db = tmp.path().join("manager.db");
-    let cluster = unique("vmerr");
-    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
+    let cloud = Cloud::start("vmerr");
+    let (web, _web) = start_web_server(cloud.tmp.path());
+    let (ami, db, cluster) = (cloud.ami.as_str(), cloud.db.as_path(), cloud.cluster.as_str());
+    let vm = cloud.vm();
     let create = |image: &str| -> Vec<String> { ["create", "--image-id", image, "--broker-public", BROKER_PUBLIC].map(String::from).to_vec() };
     let mut problems = Vec::new();
     let mut check = |vm: &Vm, args: &[String], words: &[&str], absent: &[&str]| {
@@ -250,24 +270,24 @@ fn vm_failures_are_one_clear_line() {
     // A malformed endpoint is refused before the SDK sees it.
     for bad in ["not a url", "ftp://127.0.0.1:5000", "127.0.0.1:5000", "http://"] {
         let v = Vm { endpoint: bad, ..vm };
-        check(&v, &create(&ami), &["invalid --endpoint-url", bad, "http(s)://"], &[]);
+        check(&v, &create(ami), &["invalid --endpoint-url", bad, "http(s)://"], &[]);
         check(&v, &list(), &["invalid --endpoint-url"], &[]);
     }
     // Nothing listens there.
     let closed = format!("http://127.0.0.1:{}", free_port());
     let v = Vm { endpoint: &closed, ..vm };
-    for args in [create(&ami), list()] {
+    for args in [create(ami), list()] {
         check(&v, &args, &["cannot reach the EC2 endpoint", &closed, "connection refused", "--endpoint-url"], &[]);
     }
     // Something listens there, but it is not EC2.
     let v = Vm { endpoint: &web, ..vm };
-    for args in [create(&ami), list()] {
+    for args in [create(ami), list()] {
         check(&v, &args, &[&web, "HTTP 501", "--endpoint-url points at an EC2 API"], &[]);
     }
     // Wrong credentials: moto checks them (IAM authentication is on).
     let wrong = Vm { key: "AKIAWRONGWRONGWRONG1", secret: "not-the-secret", ..vm };
-    for args in [create(&ami), list()] {
-        check(&wrong, &args, &["refused the credentials", &moto.url, "AuthFailure", "AWS_ACCESS_KEY_ID", "--profile"], &[]);
+    for args in [create(ami), list()] {
+        check(&wrong, &args, &["refused the credentials", &cloud.moto.url, "AuthFailure", "AWS_ACCESS_KEY_ID", "--profile"], &[]);
     }
     // No credentials at all.
     let none = Vm { key: "", secret: "", ..vm };
@@ -281,7 +301,7 @@ fn vm_failures_are_one_clear_line() {
     }
 
     assert!(problems.is_empty(), "{} failure(s) not shown as one clear line:\n{}", problems.len(), problems.join("\n"));
-    assert!(recorded(&db).is_empty(), "a failed command recorded VMs: {:?}", recorded(&db));
+    assert!(recorded(db).is_empty(), "a failed command recorded VMs: {:?}", recorded(db));
 }
 
 /// `vm create --node-users ADMIN`: each VM's node gets its own least-privilege broker user
@@ -289,14 +309,11 @@ fn vm_failures_are_one_clear_line() {
 /// user and deletes its queue.
 #[test]
 fn vms_with_their_own_broker_users() {
-    let tmp = tempfile::tempdir().unwrap();
-    let moto = start_moto(tmp.path());
-    let (key, secret, ami) = credentials_and_ami(&moto.url);
-    let db = tmp.path().join("manager.db");
-    let cluster = unique("vmu");
-    let vm = Vm { cluster: &cluster, endpoint: &moto.url, db: &db, key: &key, secret: &secret };
+    let cloud = Cloud::start("vmu");
+    let ami = cloud.ami.as_str();
+    let vm = cloud.vm();
     let vhost = Vhost::new("vm-users");
-    let out = vm.ok(&["create", "--count", "2", "--image-id", &ami, "--broker-public", BROKER_PUBLIC, "--node-users", &vhost.url()]);
+    let out = vm.ok(&["create", "--count", "2", "--image-id", ami, "--broker-public", BROKER_PUBLIC, "--node-users", &vhost.url()]);
     let ids = instance_ids(&out);
     assert_eq!(ids.len(), 2, "create printed:\n{out}");
     let users = || run_ok(Command::new("rabbitmqctl").args(["-q", "list_users"]));
