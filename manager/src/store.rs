@@ -746,10 +746,11 @@ impl Tx<'_> {
                 Some((_, Ok(Outcome::Refused { .. }), prior_base)) if prior_base > 0 => base = Revision(prior_base as u64),
                 // The change it follows was kept as a conflict file: a later edit of
                 // the same path updates that file while it is still the node's own
-                // (one conflict file per offline edit session, not one per save).
+                // (one conflict file per offline edit session, not one per save). Not
+                // a conflict directory: what was put below it stays there.
                 Some((_, Ok(Outcome::Conflict { copy }), _)) => {
                     if let ChangeOp::Put { version } = &change.op {
-                        if self.origin_of(&copy)?.as_deref() == Some(from.as_str()) {
+                        if self.is_own_conflict_file(&copy, from)? {
                             self.set(&copy, Some(version), from, now_ms)?;
                             tracing::info!(path = %change.path, %copy, node = %from, "a later edit of a conflicting change updates its conflict file");
                             return self.decided(msg, from, &change.path, Outcome::Conflict { copy }, base);
@@ -821,9 +822,15 @@ impl Tx<'_> {
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
     }
 
-    /// The node (or the manager) whose version `path` holds, if it ever had one.
-    fn origin_of(&self, path: &RelPath) -> anyhow::Result<Option<String>> {
-        Ok(self.tx.prepare_cached("SELECT origin FROM paths WHERE path = ?1 AND version IS NOT NULL")?.query_row([path.as_str()], |r| r.get(0)).optional()?)
+    /// Whether `copy` is a live conflict file (not a directory) whose version is still
+    /// `node`'s own.
+    fn is_own_conflict_file(&self, copy: &RelPath, node: &NodeId) -> anyhow::Result<bool> {
+        let row: Option<(String, Option<String>)> =
+            self.tx.prepare_cached("SELECT origin, version FROM paths WHERE path = ?1")?.query_row([copy.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        Ok(match row {
+            Some((origin, version)) if origin == node.as_str() => parse_version(version)?.is_some_and(|v| !matches!(v.content, Content::Dir)),
+            _ => false,
+        })
     }
 
     /// The path's state as a decision reports it: absent (revision 0) if never known.

@@ -55,8 +55,14 @@ impl State {
                 if let Some((parent, name, _)) = local {
                     if self.has_pending_below(path) {
                         // Something below has a local change: the manager will bring
-                        // the directory back for it, so keep it.
+                        // the directory back for it, so keep it. The delete is not
+                        // taken as applied (its revision is not recorded): if the change
+                        // below is kept elsewhere instead (as a conflict, below a
+                        // conflict directory), the next sync brings the delete again and
+                        // the directory goes then.
                         self.remove_below_except_pending(path, store, &mut out)?;
+                        out.changed = true;
+                        return Ok(out);
                     } else {
                         self.remove_subtree(parent, &name, store, &mut out)?;
                     }
