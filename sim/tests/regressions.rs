@@ -18,6 +18,8 @@ const KEPT: &[(u64, &str)] = &[
     (2069, "a directory the manager brought back took a default mode, and the node's chmod of it was dropped as stale"),
     (3798, "a later edit of a change kept as a conflict file conflicted with the node's own version"),
     (17674, "a change following a refused one lost its base and conflicted with the node's own version"),
+    (33913, "a later edit of a change kept as a conflict replaced a conflict directory, leaving files below a file"),
+    (49537, "a deleted directory kept for pending children stayed for good once those children were kept elsewhere"),
 ];
 
 #[test]
