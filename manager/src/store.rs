@@ -825,8 +825,11 @@ impl Tx<'_> {
     /// Whether `copy` is a live conflict file (not a directory) whose version is still
     /// `node`'s own.
     fn is_own_conflict_file(&self, copy: &RelPath, node: &NodeId) -> anyhow::Result<bool> {
-        let row: Option<(String, Option<String>)> =
-            self.tx.prepare_cached("SELECT origin, version FROM paths WHERE path = ?1")?.query_row([copy.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let row: Option<(String, Option<String>)> = self
+            .tx
+            .prepare_cached("SELECT origin, version FROM paths WHERE path = ?1")?
+            .query_row([copy.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
         Ok(match row {
             Some((origin, version)) if origin == node.as_str() => parse_version(version)?.is_some_and(|v| !matches!(v.content, Content::Dir)),
             _ => false,
