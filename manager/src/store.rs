@@ -13,7 +13,7 @@
 
 use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 use std::path::Path;
 use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
 
@@ -143,18 +143,19 @@ impl Store {
         &self.conn
     }
 
-    /// Runs `f` in one transaction.
     /// Runs `f` in one transaction that takes the write lock up front: if the database
     /// is locked (another writer, a backup), the whole batch fails here, before any
-    /// message is handled, so no message is blamed (and dead-lettered) for it.
+    /// message is handled, so no message is blamed (and dead-lettered) for it. An error
+    /// or a panic in `f` rolls the transaction back.
     pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .context("taking the manager database's write lock (is another process writing it?)")?;
-        let mut t = Tx { tx };
+        // Transaction control goes through the statement cache: `execute_batch` (what
+        // rusqlite's `Transaction` uses) parses it again for every batch.
+        run_cached(&self.conn, "BEGIN IMMEDIATE").context("taking the manager database's write lock (is another process writing it?)")?;
+        let open = OpenTransaction(&self.conn);
+        let mut t = Tx { tx: &self.conn };
         let out = f(&mut t)?;
-        t.tx.commit().context("committing to the manager database")?;
+        run_cached(&self.conn, "COMMIT").context("committing to the manager database")?;
+        std::mem::forget(open);
         Ok(out)
     }
 
@@ -181,8 +182,10 @@ impl Store {
     }
 
     pub fn outbox(&self, limit: usize) -> anyhow::Result<Vec<Outgoing>> {
-        let mut st = self.conn.prepare_cached("SELECT seq, key, id, payload FROM outbox ORDER BY seq LIMIT ?1")?;
-        let rows = st.query_map([limit as i64], |r| Ok(Outgoing { seq: r.get(0)?, key: r.get(1)?, id: r.get(2)?, payload: r.get(3)? }))?;
+        // The limit is part of the statement's text, not a parameter: SQLite re-prepares
+        // a statement whose LIMIT parameter is bound anew on every run.
+        let mut st = self.conn.prepare_cached(&format!("SELECT seq, key, id, payload FROM outbox ORDER BY seq LIMIT {limit}"))?;
+        let rows = st.query_map([], |r| Ok(Outgoing { seq: r.get(0)?, key: r.get(1)?, id: r.get(2)?, payload: r.get(3)? }))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -353,7 +356,24 @@ fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<E
 
 /// One transaction over the store; every handler of a message runs inside one.
 pub struct Tx<'a> {
-    tx: Transaction<'a>,
+    tx: &'a rusqlite::Connection,
+}
+
+/// Runs one statement without parameters through the connection's statement cache.
+fn run_cached(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// A transaction begun and not yet committed: dropped (an error or a panic on the way),
+/// it rolls back.
+struct OpenTransaction<'a>(&'a rusqlite::Connection);
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = run_cached(self.0, "ROLLBACK") {
+            tracing::warn!("rolling back a manager database transaction: {e}");
+        }
+    }
 }
 
 impl Tx<'_> {
@@ -512,12 +532,12 @@ impl Tx<'_> {
         if given_up.is_some() {
             self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
         }
-        self.tx.prepare_cached("SAVEPOINT message")?.execute([]).context("opening a savepoint in the manager database")?;
+        run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
         // writes, and every statement it had open was reset while unwinding.
         let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(env, now_ms))) {
             Ok(Ok(())) => {
-                self.tx.prepare_cached("RELEASE message")?.execute([]).context("releasing a savepoint in the manager database")?;
+                run_cached(self.tx, "RELEASE message").context("releasing a savepoint in the manager database")?;
                 return Ok(Ok(()));
             }
             Ok(Err(e)) => format!("{e:#}"),
@@ -526,7 +546,9 @@ impl Tx<'_> {
                 format!("panicked: {}", what.unwrap_or_else(|| "(no message)".into()))
             }
         };
-        self.tx.execute_batch("ROLLBACK TO message; RELEASE message").context("rolling back a failed message in the manager database")?;
+        run_cached(self.tx, "ROLLBACK TO message")
+            .and_then(|()| run_cached(self.tx, "RELEASE message"))
+            .context("rolling back a failed message in the manager database")?;
         Ok(Err(failure))
     }
 
@@ -651,11 +673,11 @@ impl Tx<'_> {
             r.caught_up = if page.full { done } else { head };
         }
         while !page.full && !r.walk_done {
-            let mut st =
-                self.tx.prepare_cached("SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT ?3")?;
-            let rows: Vec<(String, i64, Option<String>)> = st
-                .query_map(params![r.cursor, r.since.0 as i64, SYNC_READ_ROWS], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-                .collect::<Result<_, _>>()?;
+            let mut st = self.tx.prepare_cached(&format!(
+                "SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT {SYNC_READ_ROWS}"
+            ))?;
+            let rows: Vec<(String, i64, Option<String>)> =
+                st.query_map(params![r.cursor, r.since.0 as i64], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.collect::<Result<_, _>>()?;
             let read = rows.len() as i64;
             for (path, rev, version) in rows {
                 let version = parse_version(version)?;

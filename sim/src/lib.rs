@@ -111,18 +111,58 @@ impl node::Peers for PeerView<'_> {
 
 const NAMES: [&str; 4] = ["a", "b", "d", "e.txt"];
 
+/// Writes at `path` a new, empty database already at the latest schema, copied from one
+/// `make` built once per process: every seed starts a manager and several nodes, and
+/// running their migrations each time was a sixth of the simulator's time. What the
+/// program does with the database afterwards is unchanged.
+fn fresh_database(
+    path: &std::path::Path,
+    template: &'static std::sync::OnceLock<Vec<u8>>,
+    make: fn(&std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let bytes = match template.get() {
+        Some(b) => b,
+        None => {
+            let dir = tempfile::tempdir()?;
+            let db = dir.path().join("template.db");
+            // Closed before it is read: the last close checkpoints the WAL into the file.
+            make(&db)?;
+            let _ = template.set(std::fs::read(&db)?);
+            template.get().expect("just set")
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn fresh_manager_database(path: &std::path::Path) -> anyhow::Result<()> {
+    static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    fresh_database(path, &TEMPLATE, |p| ::manager::store::Store::open(p).map(drop))
+}
+
+fn fresh_node_database(path: &std::path::Path) -> anyhow::Result<()> {
+    static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    fresh_database(path, &TEMPLATE, |p| fs_node::db::Db::open(p).map(drop))
+}
+
 impl World {
     pub fn new(seed: u64, cfg: Config) -> anyhow::Result<World> {
         let base = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
         let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
         let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
+        fresh_manager_database(&dir.path().join("manager.db"))?;
         let manager = SimManager::start(dir.path().join("manager.db"))?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
-            nodes.push(SimNode::start(id, dir.path().join(format!("n{}", i + 1)), clock_ns.clone(), cfg.bug)?);
+            let node_dir = dir.path().join(format!("n{}", i + 1));
+            fresh_node_database(&node_dir.join("node.db"))?;
+            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug)?);
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
