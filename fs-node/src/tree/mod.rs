@@ -132,10 +132,6 @@ pub struct Applied {
 /// `node.db` meta key of [`Tree::synced_head`].
 const SYNCED_HEAD_KEY: &str = "synced_head";
 
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
-
 /// Nanoseconds since the epoch (negative: before it) as a `SystemTime`.
 pub fn system_time(ns: i64) -> std::time::SystemTime {
     if ns >= 0 {
