@@ -35,13 +35,17 @@ pub struct Config {
     pub settle_steps: usize,
     /// Faults on (crashes, partitions).
     pub faults: bool,
+    /// Holders that freeze: a node that stops sending what it is asked for, so every
+    /// pull from it waits the stall timeout. Drawn from a random stream of their own, so
+    /// the seeds kept from before they existed replay as they did (with this off).
+    pub stalling_holders: bool,
     /// A past bug put back into the nodes (to show the simulator finds it).
     pub bug: Option<fs_node::env::PastBug>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, bug: None }
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None }
     }
 }
 
@@ -78,10 +82,14 @@ pub struct RunStats {
     pub ops: usize,
     pub conflicts: usize,
     pub crashes: usize,
+    /// Pulls that waited out a frozen holder.
+    pub stalled_pulls: usize,
 }
 
 pub struct World {
     pub rng: ChaCha8Rng,
+    /// The random stream of the faults added later (`Config::stalling_holders`).
+    late_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -106,6 +114,9 @@ struct PeerView<'a> {
 impl node::Peers for PeerView<'_> {
     fn serve(&self, holder: &NodeId, hash: &ContentHash) -> Option<Vec<u8>> {
         self.others.iter().flat_map(|s| s.iter()).find(|n| n.id == *holder)?.serve(hash)
+    }
+    fn stalls(&self, holder: &NodeId) -> bool {
+        self.others.iter().flat_map(|s| s.iter()).any(|n| n.id == *holder && n.stalls && !n.peer_cut && n.is_up())
     }
 }
 
@@ -166,6 +177,7 @@ impl World {
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
+            late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
             cfg,
             broker,
             manager,
@@ -226,6 +238,7 @@ impl World {
         }
         self.settle()?;
         self.stats.steps = self.step;
+        self.stats.stalled_pulls = self.nodes.iter().map(|n| n.stalled_pulls.get()).sum();
         check::all(self)
     }
 
@@ -323,6 +336,12 @@ impl World {
     /// retries, and a manager that is down comes back.
     fn tick(&mut self) -> anyhow::Result<()> {
         self.clock_ns.fetch_add(1_000_000_000, Ordering::Relaxed);
+        if self.cfg.faults && self.cfg.stalling_holders && self.late_rng.random_range(0..25) == 0 {
+            let i = self.late_rng.random_range(0..self.nodes.len());
+            self.nodes[i].stalls = !self.nodes[i].stalls;
+            let what = if self.nodes[i].stalls { "freezes as a holder: pulls from it stall" } else { "sends contents again" };
+            self.log(format!("n{} {what}", i + 1));
+        }
         if !self.manager.is_up() && self.rng.random_bool(0.5) {
             self.log("manager restarts".into());
             self.manager.restart(&mut self.broker)?;
@@ -346,6 +365,7 @@ impl World {
                 self.close_held(i, fh, ino, path)?;
             }
             self.nodes[i].peer_cut = false;
+            self.nodes[i].stalls = false;
             self.nodes[i].partitioned = false;
             if !self.nodes[i].is_up() {
                 self.nodes[i].restart()?;
