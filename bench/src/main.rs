@@ -126,7 +126,11 @@ fn diskstats() -> Vec<u64> {
 
 fn main() {
     if std::env::var_os("SYNC_BIN_DIR").is_none() {
-        std::env::set_var("SYNC_BIN_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+        // The manager and the node are built next to this binary (the same target dir,
+        // whatever CARGO_TARGET_DIR says); the workspace's target/release otherwise.
+        let here =
+            std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).filter(|d| d.join("manager").exists() && d.join("fs-node").exists());
+        std::env::set_var("SYNC_BIN_DIR", here.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release")));
     }
     let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
     // BENCH_ONLY=latency,thousand,big,seq runs a subset (default: all).
