@@ -19,8 +19,16 @@ impl State {
         Ok(())
     }
 
-    pub(super) fn has_pending_below(&self, path: &RelPath) -> bool {
-        self.outbox.per_path.keys().any(|p| p.is_within(path))
+    /// Whether `path` or anything below it has a local change the manager has not
+    /// decided: a queued change, or a file being written whose change is not queued yet
+    /// (it is queued when its last writer closes). Applying the manager's state must not
+    /// remove either.
+    pub(super) fn has_local_change_below(&self, path: &RelPath) -> bool {
+        self.outbox.per_path.keys().any(|p| p.is_within(path)) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino))
+    }
+
+    fn has_unsaved_within(&self, ino: u64) -> bool {
+        self.inodes.get(&ino).is_some_and(|i| i.work.is_some() || i.children.values().any(|c| self.has_unsaved_within(*c)))
     }
 
     pub(super) fn apply_remote(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
@@ -53,7 +61,7 @@ impl State {
         match &entry.version {
             None => {
                 if let Some((parent, name, _)) = local {
-                    if self.has_pending_below(path) {
+                    if self.has_local_change_below(path) {
                         // Something below has a local change: the manager will bring
                         // the directory back for it, so keep it. The delete is not
                         // taken as applied (its revision is not recorded): if the change
@@ -103,7 +111,7 @@ impl State {
                         self.set_rev(path, entry.rev)?;
                         return Ok(out);
                     }
-                    if self.has_pending_below(path) {
+                    if self.has_local_change_below(path) {
                         return Ok(out);
                     }
                     self.remove_subtree(parent, &name, store, &mut out)?;
@@ -192,7 +200,7 @@ impl State {
             let Some(cp) = c.to_str().and_then(|c| path.join(c).ok()) else {
                 continue;
             };
-            if self.has_pending_below(&cp) {
+            if self.has_local_change_below(&cp) {
                 if self.inode(self.child(ino, &c)?)?.kind == Kind::Dir {
                     self.remove_below_except_pending(&cp, store, out)?;
                 }

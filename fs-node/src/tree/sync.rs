@@ -94,8 +94,11 @@ impl Tree {
     }
 
     /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
-    /// they are sent to the manager as new. Returns how many.
+    /// they are sent to the manager as new. Returns how many. First commits again the
+    /// files whose last close could not commit them (a disk fault), so that a sync sends
+    /// them instead of leaving them to the next GC.
     pub fn push_unknown(&self, known: &HashSet<RelPath>) -> FsResult<usize> {
+        self.commit_unsaved();
         self.atomically(|st, _| {
             let mut all = Vec::new();
             st.collect_paths(ROOT, None, &mut all);
