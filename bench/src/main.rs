@@ -1,7 +1,8 @@
 //! `syncfs-bench`: measures the numbers in docs/benchmarks.md on real processes and
 //! mounts (release binaries, the local RabbitMQ): propagation latency of a 4 KiB file,
 //! 1,000 small files, one 256 MiB file, the same three on two Syncthing instances side
-//! by side (`syncthing.rs`), and sequential 1 GiB throughput through the mount next to
+//! by side (`syncthing.rs`), small-file and metadata rates next to the native disk and
+//! bindfs (`metadata.rs`), and sequential 1 GiB throughput through the mount next to
 //! the native disk and a bindfs passthrough. Only loopback traffic.
 //!
 //! Run: `scripts/setup.sh && scripts/setup-bench.sh && cargo build --release -p manager
@@ -14,6 +15,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use system_tests::*;
 
+mod metadata;
 mod syncthing;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -271,13 +273,13 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,meta,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && name != "seq");
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta"].contains(&name));
     let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
@@ -337,6 +339,26 @@ fn main() {
     // Syncthing is stopped and its files removed before the sequential part, which
     // measures the disk.
     drop(st);
+    if runs("meta") {
+        // BENCH_META_FILES (10,000) files in one directory of each: the mount (B syncs
+        // them meanwhile), the native disk next to the node's store, bindfs over it.
+        let n: usize = std::env::var("BENCH_META_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
+        let on_mount = a.mount.join("meta");
+        std::fs::create_dir(&on_mount).unwrap();
+        let native = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let bind_src = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let bind_mnt = tempfile::tempdir().unwrap();
+        let bindfs = metadata::Bindfs::mount(bind_src.path(), bind_mnt.path());
+        let mut systems = vec![("mount (fs-node)", on_mount.clone()), ("native disk", native.path().to_path_buf())];
+        match &bindfs {
+            Some(_) => systems.push(("bindfs", bind_mnt.path().to_path_buf())),
+            None => println!("bindfs not installed (scripts/setup-bench.sh): its column is skipped"),
+        }
+        let rates = metadata::run(&systems, n);
+        metadata::print(&systems, &rates, n);
+        drop(bindfs);
+        std::fs::remove_dir(&on_mount).unwrap();
+    }
     if !runs("seq") {
         return;
     }

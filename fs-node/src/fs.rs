@@ -1,7 +1,8 @@
 //! The FUSE layer: each callback translates its arguments, calls one `Tree` method and
 //! replies. Errors go through `fail`, which logs and replies with the errno the tree
 //! chose. Besides that it owns only the kernel's passthrough registrations (`BackingId`
-//! per inode): the tree decides when an open passes through (`tree::Passthrough`).
+//! per inode): the tree decides when an open passes through (`tree::Passthrough`),
+//! and the listing each open directory handle reads from (`Listings`).
 
 use crate::tree::{system_time, Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
@@ -13,13 +14,16 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// How long the kernel may cache attributes and entries. Remote changes also invalidate
-/// explicitly; this bounds staleness if an invalidation is lost.
-const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache attributes and entries. The node is the only writer of
+/// its tree besides the kernel's own requests, and every change it applies from the
+/// manager invalidates what it touched (the entries, the inodes, and the attributes of
+/// each directory whose entries changed: `link::invalidate`), so the kernel need not ask
+/// again every second; this bounds staleness if an invalidation is ever lost.
+const TTL: Duration = Duration::from_secs(30);
 /// Largest write the kernel sends in one request.
 const MAX_WRITE: u32 = 1 << 20;
 
@@ -33,13 +37,54 @@ pub struct SyncFs {
     /// around the tree call that decides an open or release, so that a registration is
     /// never dropped while an open reuses it.
     backings: Mutex<HashMap<u64, BackingId>>,
+    listings: Listings,
+}
+
+/// One directory listing: (inode, offset of the next entry, kind, name), `.` and `..`
+/// first.
+type Listing = Vec<(u64, u64, Kind, std::ffi::OsString)>;
+
+/// The listing each open directory handle reads: taken from the tree when the handle
+/// reads from offset 0 (the first `readdir` after `opendir`, or a `rewinddir`), then
+/// served by offset. A listing taken once per pass makes a pass over N entries cost
+/// O(N) instead of O(N²) (each call taking the whole directory to skip to its offset),
+/// and keeps offsets stable while entries are removed during the pass (`rm -rf`
+/// unlinks what it has read before it reads on: with offsets counted in the live
+/// directory, it would skip entries).
+#[derive(Default)]
+struct Listings {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Listing>>>,
+}
+
+impl Listings {
+    fn open(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    /// The listing of handle `fh` read from `offset`: a fresh one at offset 0.
+    fn read(&self, fh: u64, offset: u64, take: impl FnOnce() -> Result<Listing, FsError>) -> Result<Arc<Listing>, FsError> {
+        if offset != 0 {
+            if let Some(l) = self.map().get(&fh) {
+                return Ok(l.clone());
+            }
+        }
+        let l = Arc::new(take()?);
+        self.map().insert(fh, l.clone());
+        Ok(l)
+    }
+    fn release(&self, fh: u64) {
+        self.map().remove(&fh);
+    }
 }
 
 impl SyncFs {
     /// `passthrough` starts as what the operator asked for; `init` and `open` switch it off
     /// when the kernel says no (shown in the node's metrics).
     pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>) -> SyncFs {
-        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()) }
+        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default() }
     }
 
     fn backings(&self) -> MutexGuard<'_, HashMap<u64, BackingId>> {
@@ -307,17 +352,17 @@ impl Filesystem for SyncFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.tree.getattr(ino.0) {
-            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(0), FopenFlags::empty()),
+            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(self.listings.open()), FopenFlags::empty()),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(fail("opendir", e)),
         }
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.tree.readdir(ino.0, offset) {
-            Ok(entries) => {
-                for (i, next, kind, name) in entries {
-                    if reply.add(INodeNo(i), next, file_type(kind), &name) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        match self.listings.read(fh.0, offset, || self.tree.readdir(ino.0, 0)) {
+            Ok(listing) => {
+                for (i, next, kind, name) in listing.iter().skip(offset as usize) {
+                    if reply.add(INodeNo(*i), *next, file_type(*kind), name) {
                         break;
                     }
                 }
@@ -325,6 +370,11 @@ impl Filesystem for SyncFs {
             }
             Err(e) => reply.error(fail("readdir", e)),
         }
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        self.listings.release(fh.0);
+        reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {

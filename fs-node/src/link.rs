@@ -254,12 +254,21 @@ fn invalidate(notifier: &OnceLock<fuser::Notifier>, invals: &[Inval]) {
     let Some(n) = notifier.get() else {
         return;
     };
+    // A directory whose entries changed has new attributes too (mtime, nlink): each such
+    // parent is invalidated once, after its entries.
+    let mut parents = std::collections::BTreeSet::new();
     for i in invals {
         // ENOENT means the kernel had nothing cached: fine.
         let _ = match i {
-            Inval::Entry { parent, name } => n.inval_entry(fuser::INodeNo(*parent), name),
+            Inval::Entry { parent, name } => {
+                parents.insert(*parent);
+                n.inval_entry(fuser::INodeNo(*parent), name)
+            }
             Inval::Inode { ino } => n.inval_inode(fuser::INodeNo(*ino), 0, 0),
         };
+    }
+    for p in parents {
+        let _ = n.inval_inode(fuser::INodeNo(p), 0, 0);
     }
 }
 

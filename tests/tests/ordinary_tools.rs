@@ -78,3 +78,30 @@ fn cp_a_keeps_directory_modes_every_time() {
         assert_eq!(describe(&snapshot(&b.p(&name))), describe(&want), "round {round}: the other node");
     }
 }
+
+/// `rm -rf` reads a directory in chunks and unlinks what it has read before reading on.
+/// The listing must not shift under it: every entry is seen once, and the directory ends
+/// empty here and on the other node. (With offsets counted in the live directory, each
+/// chunk skipped as many entries as the previous chunks had removed.)
+#[test]
+fn listing_a_directory_while_removing_what_was_read_sees_every_entry() {
+    let c = Cluster::start("listing", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let dir = a.p("many");
+    std::fs::create_dir(&dir).unwrap();
+    let n = 3_000;
+    for i in 0..n {
+        write(&dir.join(format!("an-entry-with-a-rather-long-name-so-that-chunks-stay-small-{i:05}")), b"x");
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let e = e.unwrap();
+        assert!(seen.insert(e.file_name()), "{:?} listed twice", e.file_name());
+        std::fs::remove_file(e.path()).unwrap();
+    }
+    assert_eq!(seen.len(), n, "entries listed while removing");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0, "the directory is empty after one pass");
+    std::fs::remove_dir(&dir).unwrap();
+    c.converged();
+    assert!(!b.p("many").exists(), "the directory is gone on the other node");
+}

@@ -1,0 +1,113 @@
+//! Small-file and metadata rows (issue 14): N files of 4 KiB created, written and closed
+//! in one directory; every one of them stat'ed warm; the directory listed; every file
+//! deleted. The same work on the node's mount (while the second node syncs), on the
+//! native disk and through bindfs (a FUSE file system that only passes through: the fair
+//! FUSE baseline), the three taking turns operation by operation so that all meet the
+//! machine in the same state.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+/// Rates of one system, per second.
+#[derive(Default, Clone, Copy)]
+pub struct Rates {
+    pub create: f64,
+    pub stat: f64,
+    pub readdir: f64,
+    pub delete: f64,
+}
+
+fn create(dir: &Path, n: usize) -> f64 {
+    let block = [0x5au8; 4096];
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::write(dir.join(format!("f{i:06}")), block).expect("create + write + close");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+fn stat(dir: &Path, n: usize) -> f64 {
+    let paths: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
+    // The first pass fills the kernel's caches; the second is measured.
+    for p in &paths {
+        std::fs::symlink_metadata(p).expect("stat");
+    }
+    let t = Instant::now();
+    let mut size = 0;
+    for p in &paths {
+        size += std::fs::symlink_metadata(p).expect("stat").len();
+    }
+    assert_eq!(size, 4096 * n as u64, "every file has its 4 KiB");
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Entries per second over `rounds` full listings.
+fn readdir(dir: &Path, n: usize, rounds: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let seen = std::fs::read_dir(dir).expect("opendir").map(|e| e.expect("readdir")).count();
+        assert_eq!(seen, n, "the listing has every file");
+    }
+    (n * rounds) as f64 / t.elapsed().as_secs_f64()
+}
+
+fn delete(dir: &Path, n: usize) -> f64 {
+    let t = Instant::now();
+    for i in 0..n {
+        std::fs::remove_file(dir.join(format!("f{i:06}"))).expect("unlink");
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// Runs the rows on `(name, directory)` pairs; each directory must be empty and is left
+/// empty.
+pub fn run(systems: &[(&str, PathBuf)], n: usize) -> Vec<Rates> {
+    let mut out = vec![Rates::default(); systems.len()];
+    for ((_, d), r) in systems.iter().zip(&mut out) {
+        r.create = create(d, n);
+    }
+    for ((_, d), r) in systems.iter().zip(&mut out) {
+        r.stat = stat(d, n);
+    }
+    for ((_, d), r) in systems.iter().zip(&mut out) {
+        r.readdir = readdir(d, n, 5);
+    }
+    for ((_, d), r) in systems.iter().zip(&mut out) {
+        r.delete = delete(d, n);
+    }
+    out
+}
+
+pub fn print(systems: &[(&str, PathBuf)], rates: &[Rates], n: usize) {
+    println!("{n} files of 4 KiB in one directory (rates per second; the mount syncs to a second node meanwhile):");
+    println!("| operation | {} | mount / native | mount / bindfs |", systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | "));
+    let row = |name: &str, f: fn(&Rates) -> f64| {
+        let v: Vec<f64> = rates.iter().map(f).collect();
+        let cells: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
+        let ratio = |i: usize| v.get(i).map(|b| format!("{:.2}", v[0] / b)).unwrap_or_else(|| "—".into());
+        println!("| {name} | {} | {} | {} |", cells.join(" | "), ratio(1), ratio(2));
+    };
+    row("create + write 4 KiB + close", |r| r.create);
+    row("stat (warm)", |r| r.stat);
+    row("readdir (entries)", |r| r.readdir);
+    row("delete", |r| r.delete);
+}
+
+/// A bindfs mount of `src` at `mnt`, unmounted when dropped; None if bindfs is missing.
+pub struct Bindfs {
+    mnt: PathBuf,
+}
+
+impl Bindfs {
+    pub fn mount(src: &Path, mnt: &Path) -> Option<Bindfs> {
+        let ok = Command::new("bindfs").arg(src).arg(mnt).status().map(|s| s.success()).unwrap_or(false);
+        ok.then(|| Bindfs { mnt: mnt.to_path_buf() })
+    }
+}
+
+impl Drop for Bindfs {
+    fn drop(&mut self) {
+        system_tests::unmount(&self.mnt);
+    }
+}
