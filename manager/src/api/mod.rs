@@ -7,7 +7,9 @@
 //! the provisioning module. It never talks to the broker, never decides about files and
 //! never logs a token or a query string (which may carry one).
 //!
-//! Layout: `routes` (the route table), `handlers` (one function per route), `queries`
+//! Layout: `routes` (the route table, from which both the axum router here and the
+//! OpenAPI document are built; the shared `http-serve` loop serves it), `handlers` (one
+//! function per route), `queries`
 //! (read-only SQL), `events` (live updates), `metrics`, `openapi`, `credentials` (the
 //! cluster's secrets), `broker_user` (the cluster's RabbitMQ user); TLS files are read by the `tls-pem` crate.
 
