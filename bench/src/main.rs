@@ -1,15 +1,20 @@
 //! `syncfs-bench`: measures the numbers in docs/benchmarks.md on real processes and
 //! mounts (release binaries, the local RabbitMQ): propagation latency of a 4 KiB file,
-//! 1,000 small files, one 256 MiB file, and sequential 1 GiB throughput through the
-//! mount next to the native disk and a bindfs passthrough.
+//! 1,000 small files, one 256 MiB file, the same three on two Syncthing instances side
+//! by side (`syncthing.rs`), and sequential 1 GiB throughput through the mount next to
+//! the native disk and a bindfs passthrough. Only loopback traffic.
 //!
-//! Run: `cargo build --release -p manager -p fs-node && cargo run --release -p bench`.
+//! Run: `scripts/setup.sh && scripts/setup-bench.sh && cargo build --release -p manager
+//! -p fs-node -p bench && target/release/syncfs-bench` (it finds the manager and the node
+//! next to itself, so a `CARGO_TARGET_DIR` works too).
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 use system_tests::*;
+
+mod syncthing;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -124,71 +129,214 @@ fn diskstats() -> Vec<u64> {
     v
 }
 
-fn main() {
-    if std::env::var_os("SYNC_BIN_DIR").is_none() {
-        std::env::set_var("SYNC_BIN_DIR", Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
-    }
-    let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
-    // BENCH_ONLY=latency,thousand,big,seq runs a subset (default: all).
-    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
-    let runs = |name: &str| only.is_empty() || only.split(',').any(|o| o.trim() == name);
-    let c = Cluster::start("bench", 2);
-    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+/// The latency row's result, in milliseconds.
+struct Latency {
+    p50: f64,
+    p99: f64,
+    trials: usize,
+}
 
-    // 1. Latency of one 4 KiB file, write+close on A until B reads the right bytes.
-    if runs("latency") {
-        let mut lat = Vec::new();
-        for i in 0..trials {
-            let body: Vec<u8> = (0..4096u32).map(|j| (j as usize * 31 + i) as u8).collect();
-            let t = Instant::now();
-            write(&a.p(&format!("lat{i}")), &body);
-            let w = t.elapsed();
-            wait_for(&b.p(&format!("lat{i}")), &body, Duration::from_secs(30));
-            if std::env::var_os("BENCH_VERBOSE").is_some() {
-                eprintln!("trial {i}: write+close {:.1} ms, total {:.1} ms", w.as_secs_f64() * 1000.0, t.elapsed().as_secs_f64() * 1000.0);
-            }
-            lat.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
-        println!("latency 4 KiB: p50 {:.1} ms, p99 {:.1} ms ({trials} trials)", percentile(&lat, 0.5), percentile(&lat, 0.99));
-    }
-
-    // 2. 1,000 x 4 KiB written at once until all are on B.
-    if runs("thousand") {
-        std::fs::create_dir(a.p("thousand")).unwrap();
+/// Row 1, latency: one 4 KiB file at a time, write+close under `a` until `b` reads the same bytes.
+fn latency(system: &str, a: &Path, b: &Path, trials: usize) -> Latency {
+    let mut lat = Vec::new();
+    for i in 0..trials {
+        let body: Vec<u8> = (0..4096u32).map(|j| (j as usize * 31 + i) as u8).collect();
         let t = Instant::now();
-        for i in 0..1000 {
-            write(&a.p(&format!("thousand/f{i:04}")), &vec![(i % 251) as u8; 4096]);
+        write(&a.join(format!("lat{i}")), &body);
+        let w = t.elapsed();
+        wait_for(&b.join(format!("lat{i}")), &body, Duration::from_secs(30));
+        if std::env::var_os("BENCH_VERBOSE").is_some() {
+            eprintln!("{system} trial {i}: write+close {:.1} ms, total {:.1} ms", w.as_secs_f64() * 1000.0, t.elapsed().as_secs_f64() * 1000.0);
         }
-        let written = t.elapsed();
-        let start = Instant::now();
-        loop {
-            let n = std::fs::read_dir(b.p("thousand")).map(|d| d.count()).unwrap_or(0);
-            if n == 1000 && (0..1000).all(|i| std::fs::metadata(b.p(&format!("thousand/f{i:04}"))).map(|m| m.len() == 4096).unwrap_or(false)) {
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    lat.sort_by(|x, y| x.partial_cmp(y).unwrap());
+    Latency { p50: percentile(&lat, 0.5), p99: percentile(&lat, 0.99), trials }
+}
+
+/// The 1,000-file row's result, each time from the first write.
+struct Thousand {
+    written: Duration,
+    /// All 1,000 are listed on B with their full size.
+    listed: Duration,
+    /// And B read each of them back with the right bytes: the row's figure.
+    verified: Duration,
+}
+
+/// Row 2: 1,000 x 4 KiB written at once under `a`, until all are under `b` with the right
+/// bytes. Sizes are polled first (cheap); the bytes are read only once all are listed,
+/// and a file that is not right yet sends the loop back to polling.
+fn thousand(a: &Path, b: &Path) -> Thousand {
+    let body = |i: usize| vec![(i % 251) as u8; 4096];
+    std::fs::create_dir(a.join("thousand")).unwrap();
+    let t = Instant::now();
+    for i in 0..1000 {
+        write(&a.join(format!("thousand/f{i:04}")), &body(i));
+    }
+    let written = t.elapsed();
+    let file = |i: usize| b.join(format!("thousand/f{i:04}"));
+    let mut listed = None;
+    loop {
+        let n = std::fs::read_dir(b.join("thousand")).map(|d| d.count()).unwrap_or(0);
+        if n == 1000 && (0..1000).all(|i| std::fs::metadata(file(i)).map(|m| m.len() == 4096).unwrap_or(false)) {
+            listed.get_or_insert(t.elapsed());
+            if (0..1000).all(|i| std::fs::read(file(i)).is_ok_and(|got| got == body(i))) {
                 break;
             }
-            assert!(start.elapsed() < Duration::from_secs(120), "1,000 files did not arrive");
-            std::thread::sleep(Duration::from_millis(5));
         }
-        println!("1,000 x 4 KiB: all on B {:.2} s after the first write (writing took {:.2} s)", t.elapsed().as_secs_f64(), written.as_secs_f64());
+        assert!(t.elapsed() < Duration::from_secs(120), "1,000 files did not arrive under {}", b.display());
+        std::thread::sleep(Duration::from_millis(5));
     }
+    Thousand { written, listed: listed.unwrap_or_default(), verified: t.elapsed() }
+}
 
-    // 3. One 256 MiB file until complete on B.
-    if runs("big") {
-        let big: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
-        let t = Instant::now();
-        write(&a.p("big.bin"), &big);
-        let closed = t.elapsed();
-        wait_for(&b.p("big.bin"), &big, Duration::from_secs(300));
-        let total = t.elapsed().as_secs_f64();
-        println!(
-            "256 MiB: complete on B {:.2} s after the write began ({:.0} MB/s end to end; the write+close on A took {:.2} s)",
-            total,
-            (256u64 << 20) as f64 / total / 1e6,
-            closed.as_secs_f64()
-        );
-        drop(big);
+/// The 256 MiB row's result, from the start of the write.
+struct Big {
+    closed: Duration,
+    total: Duration,
+}
+
+/// Row 3: one file of `big.len()` bytes, written under `a`, until `b` reads all of it right.
+fn big(a: &Path, b: &Path, big: &[u8]) -> Big {
+    let t = Instant::now();
+    write(&a.join("big.bin"), big);
+    let closed = t.elapsed();
+    wait_for(&b.join("big.bin"), big, Duration::from_secs(300));
+    Big { closed, total: t.elapsed() }
+}
+
+/// One system's results in the sync rows (None: not run).
+#[derive(Default)]
+struct SyncRows {
+    latency: Option<Latency>,
+    thousand: Option<Thousand>,
+    big: Option<Big>,
+}
+
+fn print_latency(system: &str, l: &Latency) {
+    println!("{system}: latency 4 KiB: p50 {:.1} ms, p99 {:.1} ms ({} trials)", l.p50, l.p99, l.trials);
+}
+
+fn print_thousand(system: &str, t: &Thousand) {
+    println!(
+        "{system}: 1,000 x 4 KiB: all on B with the right bytes {:.2} s after the first write (all listed with their size at {:.2} s; writing took {:.2} s)",
+        t.verified.as_secs_f64(),
+        t.listed.as_secs_f64(),
+        t.written.as_secs_f64()
+    );
+}
+
+fn print_big(system: &str, b: &Big, size: usize) {
+    let total = b.total.as_secs_f64();
+    println!(
+        "{system}: {} MiB: complete on B {total:.2} s after the write began ({:.0} MB/s end to end; the write+close on A took {:.2} s)",
+        size >> 20,
+        size as f64 / total / 1e6,
+        b.closed.as_secs_f64()
+    );
+}
+
+/// The side-by-side table of docs/benchmarks.md, as Markdown: each row of both systems
+/// and Syncthing's time over ours.
+fn print_comparison(ours: &SyncRows, theirs: &SyncRows, version: &str) {
+    println!();
+    println!("| measured in this run | fs-node cluster | {version} | Syncthing / fs-node |");
+    println!("|---|---|---|---|");
+    let ratio = |s: f64, o: f64| format!("{:.1}x", s / o);
+    if let (Some(o), Some(s)) = (&ours.latency, &theirs.latency) {
+        let trials = if o.trials == s.trials { format!("{} trials each", o.trials) } else { format!("{} trials; Syncthing {}", o.trials, s.trials) };
+        println!("| 4 KiB file, write+close on A until B reads it, p50 ({trials}) | {:.1} ms | {:.1} ms | {} |", o.p50, s.p50, ratio(s.p50, o.p50));
+        println!("| the same, p99 | {:.1} ms | {:.1} ms | {} |", o.p99, s.p99, ratio(s.p99, o.p99));
     }
+    if let (Some(o), Some(s)) = (&ours.thousand, &theirs.thousand) {
+        let (o, s) = (o.verified.as_secs_f64(), s.verified.as_secs_f64());
+        println!("| 1,000 x 4 KiB written at once, until all are on B with the right bytes | {o:.2} s | {s:.2} s | {} |", ratio(s, o));
+    }
+    if let (Some(o), Some(s)) = (&ours.big, &theirs.big) {
+        let (o, s) = (o.total.as_secs_f64(), s.total.as_secs_f64());
+        println!("| one 256 MiB file, from the start of the write until B reads all of it right | {o:.2} s | {s:.2} s | {} |", ratio(s, o));
+    }
+    println!();
+}
+
+fn main() {
+    if std::env::var_os("SYNC_BIN_DIR").is_none() {
+        // The manager and the node are built next to this binary (the same target dir,
+        // whatever CARGO_TARGET_DIR says); the workspace's target/release otherwise.
+        let here =
+            std::env::current_exe().ok().and_then(|p| p.parent().map(Path::to_path_buf)).filter(|d| d.join("manager").exists() && d.join("fs-node").exists());
+        std::env::set_var("SYNC_BIN_DIR", here.unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release")));
+    }
+    let trials: usize = std::env::var("BENCH_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(100);
+    // Syncthing takes a second or two per latency trial (its watcher waits
+    // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
+    let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
+    // BENCH_ONLY=latency,thousand,big,seq,syncthing runs a subset (default: all).
+    // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
+    // named), side by side with ours.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let named = |name: &str| only.split(',').any(|o| o.trim() == name);
+    let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && name != "seq");
+    let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
+    let syncthing_version = syncthing::version();
+    let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
+        (Some(_), wanted) => wanted && sync_rows,
+        (None, true) if named("syncthing") => panic!("BENCH_ONLY names syncthing, which is not installed: run scripts/setup-bench.sh"),
+        (None, true) => {
+            println!("syncthing not installed (scripts/setup-bench.sh installs it): the side-by-side rows are skipped");
+            false
+        }
+        (None, false) => false,
+    };
+    let c = Cluster::start("bench", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    // In the same temp dir as the nodes' stores: the same file system for both systems.
+    let st = with_syncthing.then(|| syncthing::Pair::start(c.dir.path()));
+    let version = syncthing_version.unwrap_or_default();
+    if st.is_some() {
+        println!("{version}: A and B connected on loopback, folder idle; fsWatcherDelayS={}", syncthing::FS_WATCHER_DELAY_S);
+    }
+    // The systems take turns row by row, so that both meet the machine in the same state.
+    // One file first on each, not counted: for Syncthing it also proves that the watcher
+    // runs (the next scan without it is an hour away).
+    let systems: Vec<(&str, PathBuf, PathBuf)> = std::iter::once(("fs-node", a.mount.clone(), b.mount.clone()))
+        .chain(st.as_ref().map(|p| ("syncthing", p.a.folder.clone(), p.b.folder.clone())))
+        .collect();
+    for (_, sa, sb) in systems.iter().filter(|_| sync_rows) {
+        write(&sa.join("warm-up"), b"warm-up");
+        wait_for(&sb.join("warm-up"), b"warm-up", Duration::from_secs(60));
+    }
+    let mut results: Vec<SyncRows> = systems.iter().map(|_| SyncRows::default()).collect();
+    if runs("latency") {
+        for ((system, sa, sb), r) in systems.iter().zip(&mut results) {
+            let n = if *system == "syncthing" { syncthing_trials } else { trials };
+            let l = latency(system, sa, sb, n);
+            print_latency(system, &l);
+            r.latency = Some(l);
+        }
+    }
+    if runs("thousand") {
+        for ((system, sa, sb), r) in systems.iter().zip(&mut results) {
+            let t = thousand(sa, sb);
+            print_thousand(system, &t);
+            r.thousand = Some(t);
+        }
+    }
+    if runs("big") {
+        let data: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        for ((system, sa, sb), r) in systems.iter().zip(&mut results) {
+            let b = big(sa, sb, &data);
+            print_big(system, &b, data.len());
+            r.big = Some(b);
+        }
+    }
+    if let [ours, theirs] = &results[..] {
+        print_comparison(ours, theirs, &version);
+    }
+    // Syncthing is stopped and its files removed before the sequential part, which
+    // measures the disk.
+    drop(st);
     if !runs("seq") {
         return;
     }

@@ -8,6 +8,7 @@ use lapin::{
     types::{AMQPValue, FieldTable},
     BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
 };
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wire::{topology, NodeId};
@@ -20,18 +21,56 @@ pub const DEFAULT_BROKER_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?hear
 pub const RECONNECT_FIRST: Duration = Duration::from_millis(250);
 pub const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-/// Connects; the URL is never logged because it may carry a password.
+/// The URLs of a broker address list: one URL, or several separated by commas (the
+/// nodes of a RabbitMQ cluster, e.g. `amqp://u:p@rmq1:5672/v,amqp://u:p@rmq2:5672/v`).
+/// A comma inside a URL must be percent-encoded (`%2C`).
+pub fn broker_urls(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|u| !u.is_empty()).collect()
+}
+
+/// Which URL of a list the next connection tries first: the one after the URL the last
+/// connection of this process used, so a reconnection after a broker node went away
+/// tries the others before it.
+static NEXT_URL: AtomicUsize = AtomicUsize::new(0);
+
+/// A broker that does not complete the connection within this is skipped for the next.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to the first broker of the list that answers (see [`broker_urls`]); the
+/// URLs are never logged in full because they may carry a password.
 ///
 /// `amqps://` URLs are verified against the system's certificate authorities, plus the
 /// PEM file named by the URL's `cacertfile` query parameter (RabbitMQ's URI convention),
 /// e.g. `amqps://user:pw@broker:5671/%2f?heartbeat=10&cacertfile=/etc/sync/ca.pem`.
-pub async fn connect(url: &str) -> anyhow::Result<Connection> {
+pub async fn connect(list: &str) -> anyhow::Result<Connection> {
+    let urls = broker_urls(list);
+    anyhow::ensure!(!urls.is_empty(), "no broker URL given");
+    let first = NEXT_URL.load(Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for k in 0..urls.len() {
+        let i = (first + k) % urls.len();
+        match connect_one(urls[i]).await {
+            Ok(conn) => {
+                NEXT_URL.store(i + 1, Ordering::Relaxed);
+                if k > 0 {
+                    tracing::info!("connected to the broker at {} ({} did not answer)", redact(urls[i]), failures.len());
+                }
+                return Ok(conn);
+            }
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    bail!("{}", failures.join("; "))
+}
+
+async fn connect_one(url: &str) -> anyhow::Result<Connection> {
     let tls = tls_config(url)?;
     let runtime = lapin::runtime::default_runtime().context("no async runtime to connect from")?;
-    let conn = Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime)
-        .await
-        .with_context(|| format!("connecting to the broker at {}", redact(url)))?;
-    Ok(conn)
+    let attempt = Connection::connect_with_config(url, ConnectionProperties::default(), tls, runtime);
+    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+        Ok(conn) => conn.with_context(|| format!("connecting to the broker at {}", redact(url))),
+        Err(_) => bail!("the broker at {} did not answer within {CONNECT_TIMEOUT:?}", redact(url)),
+    }
 }
 
 /// The extra certificate authorities an `amqps://` URL asks for.
@@ -48,8 +87,13 @@ fn tls_config(url: &str) -> anyhow::Result<lapin::tcp::OwnedTLSConfig> {
     Ok(lapin::tcp::OwnedTLSConfig { identity: None, cert_chain: Some(pem) })
 }
 
-/// The URL with its password replaced by `***`, for logs and errors.
-pub fn redact(url: &str) -> String {
+/// The URL (or each URL of a list) with its password replaced by `***`, for logs and
+/// errors.
+pub fn redact(list: &str) -> String {
+    broker_urls(list).into_iter().map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
@@ -75,25 +119,49 @@ fn dead_letter_args() -> FieldTable {
 
 /// Declares what both sides rely on: the update queue, the master exchange and the
 /// dead-letter exchange and queue. Idempotent.
-pub async fn declare_common(ch: &Channel) -> anyhow::Result<()> {
+pub async fn declare_common(conn: &Connection) -> anyhow::Result<()> {
+    let mut ch = conn.create_channel().await.context("opening a channel to declare the topology")?;
     let durable = ExchangeDeclareOptions { durable: true, ..Default::default() };
     ch.exchange_declare(topology::DEAD_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
         .context("declaring the dead-letter exchange")?;
-    ch.queue_declare(topology::DEAD_QUEUE.into(), QueueDeclareOptions::durable(), FieldTable::default()).await.context("declaring the dead-letter queue")?;
+    declare_queue(conn, &mut ch, topology::DEAD_QUEUE, FieldTable::default()).await?;
     ch.queue_bind(topology::DEAD_QUEUE.into(), topology::DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .context("binding the dead-letter queue")?;
     ch.exchange_declare(topology::MASTER_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default())
         .await
         .context("declaring the master exchange")?;
-    ch.queue_declare(topology::UPDATE_QUEUE.into(), QueueDeclareOptions::durable(), dead_letter_args()).await.context("declaring the update queue")?;
+    declare_queue(conn, &mut ch, topology::UPDATE_QUEUE, dead_letter_args()).await?;
     ch.exchange_declare(topology::UPDATE_EXCHANGE.into(), ExchangeKind::Fanout, durable, FieldTable::default())
         .await
         .context("declaring the update exchange")?;
     ch.queue_bind(topology::UPDATE_QUEUE.into(), topology::UPDATE_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .context("binding the update queue")?;
+    let _ = ch.close(200, "declared".into()).await;
+    Ok(())
+}
+
+/// Declares durable queue `name` as a quorum queue: replicated over the broker nodes of
+/// a cluster (a majority must have a message before its publish is confirmed), and what
+/// RabbitMQ recommends for data that must not be lost. A queue an older version made as
+/// a classic queue is used as it is, with a warning: the broker refuses to change a
+/// queue's type, and deleting it would drop the messages in it. `ch` is replaced when
+/// the broker closed it over that refusal.
+async fn declare_queue(conn: &Connection, ch: &mut Channel, name: &str, mut args: FieldTable) -> anyhow::Result<()> {
+    args.insert("x-queue-type".into(), AMQPValue::LongString("quorum".into()));
+    let Err(e) = ch.queue_declare(name.into(), QueueDeclareOptions::durable(), args).await else { return Ok(()) };
+    if !e.to_string().contains("inequivalent arg 'x-queue-type'") {
+        return Err(e).with_context(|| format!("declaring queue {name}"));
+    }
+    *ch = conn.create_channel().await.context("opening a channel to declare the topology")?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    ch.queue_declare(name.into(), passive, FieldTable::default()).await.with_context(|| format!("checking queue {name}"))?;
+    tracing::warn!(
+        "queue {name} is a classic queue (made by an older version): it works, but is not replicated over a broker cluster; \
+         to make it a quorum queue, stop its producers and consumers, let it drain, delete it and restart the manager"
+    );
     Ok(())
 }
 
@@ -107,11 +175,8 @@ pub async fn prepare_node_topology(conn: &Connection, node: &NodeId, own_user: b
         if own_user {
             anyhow::bail!("a node's own broker user may not declare");
         }
-        let ch = conn.create_channel().await.context("opening a channel")?;
-        declare_common(&ch).await?;
-        let q = declare_node_queue(&ch, node).await?;
-        let _ = ch.close(200, "declared".into()).await;
-        anyhow::Ok(q)
+        declare_common(conn).await?;
+        declare_node_queue(conn, node).await
     };
     match bounded("declaring the topology", attempt).await {
         Ok(q) => Ok(q),
@@ -133,8 +198,10 @@ pub async fn prepare_node_topology(conn: &Connection, node: &NodeId, own_user: b
     }
 }
 
-/// The vhost a broker URL names (percent-decoded; `/` when it names none).
-pub fn url_vhost(url: &str) -> String {
+/// The vhost a broker URL names (percent-decoded; `/` when it names none); of a list,
+/// the first URL's (all name the same vhost of one cluster).
+pub fn url_vhost(list: &str) -> String {
+    let url = broker_urls(list).first().copied().unwrap_or("");
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let rest = rest.split(['?', '#']).next().unwrap_or("");
     let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
@@ -144,8 +211,13 @@ pub fn url_vhost(url: &str) -> String {
     form_urlencoded::parse(format!("v={}", path.replace('+', "%2B")).as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_else(|| "/".into())
 }
 
-/// `url` with its user and password replaced (both percent-encoded).
-pub fn with_user(url: &str, user: &str, password: &str) -> String {
+/// The URL (or each URL of a list) with its user and password replaced (both
+/// percent-encoded).
+pub fn with_user(list: &str, user: &str, password: &str) -> String {
+    broker_urls(list).into_iter().map(|u| with_user_one(u, user, password)).collect::<Vec<_>>().join(",")
+}
+
+fn with_user_one(url: &str, user: &str, password: &str) -> String {
     let enc = |s: &str| form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20");
     let (scheme, rest) = url.split_once("://").unwrap_or(("amqp", url));
     let host_part = match rest.split_once('/') {
@@ -157,8 +229,10 @@ pub fn with_user(url: &str, user: &str, password: &str) -> String {
     format!("{scheme}://{}:{}@{host}{after}", enc(user), enc(password))
 }
 
-/// The user name in a broker URL (percent-decoded), if it has one.
-pub fn url_user(url: &str) -> Option<String> {
+/// The user name in a broker URL (percent-decoded), if it has one; of a list, the first
+/// URL's.
+pub fn url_user(list: &str) -> Option<String> {
+    let url = *broker_urls(list).first()?;
     let rest = &url[url.find("://")? + 3..];
     let creds = &rest[..rest.find('@')?];
     let user = creds.split(':').next()?;
@@ -166,15 +240,17 @@ pub fn url_user(url: &str) -> Option<String> {
     (!decoded.is_empty()).then_some(decoded)
 }
 
-/// Declares and binds a node's own durable queue; returns its name.
-pub async fn declare_node_queue(ch: &Channel, node: &NodeId) -> anyhow::Result<String> {
+/// Declares and binds a node's own durable (quorum) queue; returns its name.
+pub async fn declare_node_queue(conn: &Connection, node: &NodeId) -> anyhow::Result<String> {
     let queue = topology::node_queue(node);
-    ch.queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), dead_letter_args()).await.with_context(|| format!("declaring queue {queue}"))?;
+    let mut ch = conn.create_channel().await.context("opening a channel to declare a node's queue")?;
+    declare_queue(conn, &mut ch, &queue, dead_letter_args()).await?;
     for key in [topology::BROADCAST_KEY.to_string(), topology::node_key(node)] {
         ch.queue_bind(queue.as_str().into(), topology::MASTER_EXCHANGE.into(), key.as_str().into(), QueueBindOptions::default(), FieldTable::default())
             .await
             .with_context(|| format!("binding queue {queue} to {key}"))?;
     }
+    let _ = ch.close(200, "declared".into()).await;
     Ok(queue)
 }
 
@@ -327,5 +403,15 @@ mod tests {
     fn redact_hides_passwords() {
         assert_eq!(super::redact("amqp://sync:s3cret@host:5672/v"), "amqp://sync:***@host:5672/v");
         assert_eq!(super::redact("amqp://host/v"), "amqp://host/v");
+    }
+
+    #[test]
+    fn a_list_of_brokers_is_read_url_by_url() {
+        let list = "amqp://a:pw@h1:5672/v1?heartbeat=5, amqp://a:pw@h2:5672/v1?heartbeat=5,";
+        assert_eq!(super::broker_urls(list), ["amqp://a:pw@h1:5672/v1?heartbeat=5", "amqp://a:pw@h2:5672/v1?heartbeat=5"]);
+        assert_eq!(super::redact(list), "amqp://a:***@h1:5672/v1?heartbeat=5,amqp://a:***@h2:5672/v1?heartbeat=5");
+        assert_eq!(super::url_user(list).as_deref(), Some("a"));
+        assert_eq!(super::url_vhost(list), "v1");
+        assert_eq!(super::with_user(list, "n", "p,w"), "amqp://n:p%2Cw@h1:5672/v1?heartbeat=5,amqp://n:p%2Cw@h2:5672/v1?heartbeat=5");
     }
 }

@@ -81,11 +81,13 @@ impl Db {
         Ok(Db { conn })
     }
 
+    // Transaction control goes through the statement cache like every other statement:
+    // `execute_batch` would parse it again on every transaction.
     pub fn begin(&self) -> rusqlite::Result<()> {
-        self.conn.execute_batch("BEGIN")
+        self.conn.prepare_cached("BEGIN")?.execute([]).map(drop)
     }
     pub fn commit(&self) -> rusqlite::Result<()> {
-        self.conn.execute_batch("COMMIT")
+        self.conn.prepare_cached("COMMIT")?.execute([]).map(drop)
     }
     /// Makes every committed transaction durable: a checkpoint flushes the WAL to disk
     /// first (with `synchronous=NORMAL`, commits alone do not).
@@ -100,7 +102,7 @@ impl Db {
     }
 
     pub fn rollback(&self) {
-        let _ = self.conn.execute_batch("ROLLBACK");
+        let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
     }
 
     pub fn meta(&self, key: &str) -> rusqlite::Result<Option<String>> {

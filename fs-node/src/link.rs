@@ -5,19 +5,22 @@
 //! messages ahead, concurrently), then handed to the engine strictly in order, then
 //! acked. It reconnects with backoff; every (re)connect starts a new engine session,
 //! which runs a sync. The engine's tree work runs on a blocking thread.
+//!
+//! The task owns its state (connected or not, pulls in flight, the last sync's report);
+//! others read it, and ask for syncs, through a [`LinkHandle`].
 
 use crate::engine::{self, Action, Engine, EngineResult, NodeInfo};
-use crate::node::Shared;
-use crate::peer::{Puller, MAX_CONCURRENT_PULLS};
-use crate::tree::Inval;
+use crate::metrics::Metrics;
+use crate::puller::{Puller, MAX_CONCURRENT_PULLS};
+use crate::tree::{Inval, Tree};
 use anyhow::Context;
 use futures_util::{stream, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
 use lapin::PublisherConfirm;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -38,32 +41,125 @@ type Responder = oneshot::Sender<anyhow::Result<SyncReport>>;
 /// Where a background retry reports: the path, the revision it pulled for, success.
 type RetryDone = (RelPath, wire::Revision, bool);
 
-pub async fn run(broker: String, shared: Arc<Shared>, puller: Puller, mut sync_rx: mpsc::Receiver<Responder>, cancel: CancellationToken) {
-    let mut backoff = broker_link::Backoff::default();
-    let clock = Instant::now();
-    loop {
-        let r = session(&broker, &shared, &puller, &mut sync_rx, &cancel, &mut backoff, clock).await;
-        shared.connected.store(false, Ordering::Relaxed);
-        match r {
-            Ok(()) => return,
-            Err(e) => tracing::warn!("broker link down: {e:#}; working offline and reconnecting"),
+/// The link's state as other tasks see it; written by the link task only.
+#[derive(Default)]
+struct LinkState {
+    connected: AtomicBool,
+    pulls_in_progress: AtomicU64,
+    last_sync: Mutex<Option<SyncReport>>,
+}
+
+/// Reads the broker link's state and asks it for syncs.
+#[derive(Clone)]
+pub struct LinkHandle {
+    state: Arc<LinkState>,
+    sync_requests: mpsc::Sender<Responder>,
+}
+
+impl LinkHandle {
+    pub fn connected(&self) -> bool {
+        self.state.connected.load(Ordering::Relaxed)
+    }
+    pub fn pulls_in_progress(&self) -> u64 {
+        self.state.pulls_in_progress.load(Ordering::Relaxed)
+    }
+    pub fn last_sync(&self) -> Option<SyncReport> {
+        self.state.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Asks the broker link for a sync and waits for its report.
+    pub async fn sync_now(&self, timeout: Duration) -> anyhow::Result<SyncReport> {
+        if !self.connected() {
+            anyhow::bail!("not connected to the broker: the node is offline; its changes are kept and will be sent when it reconnects");
         }
-        // Sync requests made while offline fail at once with a clear reason.
-        while let Ok(r) = sync_rx.try_recv() {
-            let _ = r.send(Err(anyhow::anyhow!("not connected to the broker")));
-        }
-        if !backoff.wait(&cancel).await {
-            return;
+        let (tx, rx) = oneshot::channel();
+        self.sync_requests.send(tx).await.context("the broker link is not running")?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => anyhow::bail!("the connection was lost during the sync"),
+            Err(_) => anyhow::bail!("the manager did not answer within {}s", timeout.as_secs()),
         }
     }
 }
 
+/// The broker link task, before it runs.
+pub struct LinkTask {
+    link: Link,
+    sync_rx: mpsc::Receiver<Responder>,
+}
+
+/// What the link task works with; fixed for its life.
+struct Link {
+    broker: String,
+    info: NodeInfo,
+    tree: Arc<Tree>,
+    puller: Puller,
+    metrics: Arc<Metrics>,
+    /// Set once the mount is up: where kernel cache invalidations go.
+    notifier: Arc<OnceLock<fuser::Notifier>>,
+    state: Arc<LinkState>,
+}
+
+impl LinkTask {
+    pub fn new(
+        broker: String,
+        info: NodeInfo,
+        tree: Arc<Tree>,
+        puller: Puller,
+        metrics: Arc<Metrics>,
+        notifier: Arc<OnceLock<fuser::Notifier>>,
+    ) -> (LinkTask, LinkHandle) {
+        let state = Arc::new(LinkState::default());
+        let (tx, sync_rx) = mpsc::channel(16);
+        let handle = LinkHandle { state: state.clone(), sync_requests: tx };
+        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state }, sync_rx }, handle)
+    }
+
+    /// Runs until cancelled, reconnecting with backoff.
+    pub async fn run(self, cancel: CancellationToken) {
+        let LinkTask { link, mut sync_rx } = self;
+        let mut backoff = broker_link::Backoff::default();
+        let clock = Instant::now();
+        loop {
+            let r = link.session(&mut sync_rx, &cancel, &mut backoff, clock).await;
+            link.state.connected.store(false, Ordering::Relaxed);
+            match r {
+                Ok(()) => return,
+                Err(e) => tracing::warn!("broker link down: {e:#}; working offline and reconnecting"),
+            }
+            // Sync requests made while offline fail at once with a clear reason.
+            while let Ok(r) = sync_rx.try_recv() {
+                let _ = r.send(Err(anyhow::anyhow!("not connected to the broker")));
+            }
+            if !backoff.wait(&cancel).await {
+                return;
+            }
+        }
+    }
+}
+
+impl Link {
+    /// What pulling needs, cloned into the tasks that pull.
+    fn pulls(&self) -> Pulls {
+        Pulls { tree: self.tree.clone(), puller: self.puller.clone(), metrics: self.metrics.clone(), state: self.state.clone() }
+    }
+}
+
+/// What a pull task needs: the puller, and the counters it keeps.
+#[derive(Clone)]
+struct Pulls {
+    tree: Arc<Tree>,
+    puller: Puller,
+    metrics: Arc<Metrics>,
+    state: Arc<LinkState>,
+}
+
 struct Session<'a> {
-    shared: &'a Arc<Shared>,
+    link: &'a Link,
     /// The broker user this node connects as: every message carries it as `user_id`,
     /// which the broker checks and the manager matches against the sender.
     user: Option<String>,
-    puller: &'a Puller,
+    pulls: Pulls,
     ch: lapin::Channel,
     /// The engine; out only while it works on a blocking thread.
     engine: Option<Engine<Responder>>,
@@ -80,14 +176,14 @@ impl Session<'_> {
     /// kernel entries it says changed while still there, then carries out the rest.
     async fn step(&mut self, f: impl FnOnce(&mut Engine<Responder>) -> EngineResult<Vec<Action<Responder>>> + Send + 'static) -> anyhow::Result<()> {
         let mut engine = self.engine.take().expect("the engine is back after every step");
-        let shared = self.shared.clone();
+        let notifier = self.link.notifier.clone();
         let (engine, result) = tokio::task::spawn_blocking(move || {
             let result = f(&mut engine).map(|actions| {
                 actions
                     .into_iter()
                     .filter_map(|a| match a {
                         Action::Invalidate(invals) => {
-                            invalidate(&shared, &invals);
+                            invalidate(&notifier, &invals);
                             None
                         }
                         a => Some(a),
@@ -119,22 +215,22 @@ impl Session<'_> {
                             .context("publishing")
                     })
                     .await?;
-                    self.shared.metrics.messages_out.inc();
+                    self.link.metrics.messages_out.inc();
                     if confirmed {
                         confirms.push((id, confirm));
                     }
                 }
                 Action::Pull { path, rev, hash, size, holders } => {
-                    let (puller, shared, done) = (self.puller.clone(), self.shared.clone(), self.retry_done.clone());
+                    let (pulls, done) = (self.pulls.clone(), self.retry_done.clone());
                     tokio::spawn(async move {
-                        let ok = pull_counted(&shared, &puller, &hash, size, &holders).await == 0;
+                        let ok = pulls.pull_counted(&hash, size, &holders).await == 0;
                         let _ = done.send((path, rev, ok));
                     });
                 }
-                Action::Invalidate(invals) => invalidate(self.shared, &invals),
+                Action::Invalidate(invals) => invalidate(&self.link.notifier, &invals),
                 Action::SyncDone { responders, result } => {
                     if let Ok(report) = &result {
-                        *self.shared.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                        *self.link.state.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
                     }
                     for r in responders {
                         let _ = r.send(result.clone().map_err(anyhow::Error::msg));
@@ -154,8 +250,8 @@ impl Session<'_> {
     }
 }
 
-fn invalidate(shared: &Shared, invals: &[Inval]) {
-    let Some(n) = shared.notifier.get() else {
+fn invalidate(notifier: &OnceLock<fuser::Notifier>, invals: &[Inval]) {
+    let Some(n) = notifier.get() else {
         return;
     };
     for i in invals {
@@ -174,119 +270,122 @@ enum Prepared {
     Ready(Delivery, Envelope<ToNode>),
 }
 
-async fn prepare(d: Delivery, shared: Arc<Shared>, puller: Puller) -> Prepared {
-    let env = match Envelope::<ToNode>::decode(&d.data) {
-        Ok(e) => e,
-        Err(e) => return Prepared::Bad(d, e),
-    };
-    shared.metrics.messages_in.inc();
-    tracing::debug!(target: "timing", "delivery received");
-    let wanted = engine::wanted_contents(&shared.tree, &env.body);
-    stream::iter(wanted)
-        .map(|(hash, size, holders)| {
-            let shared = shared.clone();
-            let puller = puller.clone();
-            async move { pull_counted(&shared, &puller, &hash, size, &holders).await }
-        })
-        .buffer_unordered(MAX_CONCURRENT_PULLS)
-        .for_each(|_| async {})
-        .await;
-    tracing::debug!(target: "timing", "delivery prepared");
-    Prepared::Ready(d, env)
-}
+impl Pulls {
+    /// Decodes a delivery and pulls the contents it needs (several at once).
+    async fn prepare(self, d: Delivery) -> Prepared {
+        let env = match Envelope::<ToNode>::decode(&d.data) {
+            Ok(e) => e,
+            Err(e) => return Prepared::Bad(d, e),
+        };
+        self.metrics.messages_in.inc();
+        tracing::debug!(target: "timing", "delivery received");
+        let wanted = engine::wanted_contents(&self.tree, &env.body);
+        stream::iter(wanted)
+            .map(|(hash, size, holders)| {
+                let pulls = self.clone();
+                async move { pulls.pull_counted(&hash, size, &holders).await }
+            })
+            .buffer_unordered(MAX_CONCURRENT_PULLS)
+            .for_each(|_| async {})
+            .await;
+        tracing::debug!(target: "timing", "delivery prepared");
+        Prepared::Ready(d, env)
+    }
 
-/// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.
-async fn pull_counted(shared: &Shared, puller: &Puller, hash: &wire::ContentHash, size: u64, holders: &[wire::Holder]) -> u64 {
-    shared.pulls_in_progress.fetch_add(1, Ordering::Relaxed);
-    let t = Instant::now();
-    let r = puller.pull(hash, size, holders).await;
-    shared.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
-    match r {
-        Ok(n) => {
-            shared.metrics.bytes_pulled.inc_by(n);
-            if n > 0 {
-                shared.metrics.observe_pull(t.elapsed());
+    /// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.
+    async fn pull_counted(&self, hash: &wire::ContentHash, size: u64, holders: &[wire::Holder]) -> u64 {
+        self.state.pulls_in_progress.fetch_add(1, Ordering::Relaxed);
+        let t = Instant::now();
+        let r = self.puller.pull(hash, size, holders).await;
+        self.state.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(n) => {
+                self.metrics.bytes_pulled.inc_by(n);
+                if n > 0 {
+                    self.metrics.observe_pull(t.elapsed());
+                }
+                0
             }
-            0
-        }
-        Err(e) => {
-            shared.metrics.pulls_failed.inc();
-            tracing::warn!("{e:#}; will retry");
-            1
+            Err(e) => {
+                self.metrics.pulls_failed.inc();
+                tracing::warn!("{e:#}; will retry");
+                1
+            }
         }
     }
 }
 
-async fn session(
-    broker: &str,
-    shared: &Arc<Shared>,
-    puller: &Puller,
-    sync_rx: &mut mpsc::Receiver<Responder>,
-    cancel: &CancellationToken,
-    backoff: &mut broker_link::Backoff,
-    clock: Instant,
-) -> anyhow::Result<()> {
-    let conn = broker_link::connect(broker).await?;
-    let ch = broker_link::confirmed_channel(&conn).await?;
-    let own_user = broker_link::url_user(broker).is_some_and(|u| wire::topology::node_of_user(&u).is_some());
-    let queue = broker_link::prepare_node_topology(&conn, &shared.id, own_user).await?;
-    let cons = conn.create_channel().await.context("opening the consumer channel")?;
-    cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-    let consumer = cons
-        .basic_consume(queue.as_str().into(), shared.id.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
-        .await
-        .context("consuming")?;
-    let info = NodeInfo { id: shared.id.clone(), url: shared.url.clone(), allow_setid: shared.allow_setid, software: env!("CARGO_PKG_VERSION").to_string() };
-    let (tree, pulls, now) = (shared.tree.clone(), shared.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
-    let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
-    shared.connected.store(true, Ordering::Relaxed);
-    backoff.reset();
-    tracing::info!("connected to the broker; consuming {queue}");
-    let (retry_done, mut retry_results) = mpsc::unbounded_channel();
-    let mut s = Session { shared, user: broker_link::url_user(broker), puller, ch, engine: Some(engine), clock, retry_done };
-    s.carry_out(first).await?;
-    let sh = shared.clone();
-    let p = puller.clone();
-    let mut pipeline = consumer.map(move |d| prepare_or_error(d, sh.clone(), p.clone())).buffered(PIPELINE);
-    let mut hb = tokio::time::interval(HEARTBEAT_EVERY);
-    let mut retry = tokio::time::interval(RETRY_EVERY);
-    let outbox_ready = shared.tree.outbox_ready.clone();
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => {
-                let _ = conn.close(200, "node shutting down".into()).await;
-                return Ok(());
-            }
-            _ = outbox_ready.notified() => s.step(|e| Ok(e.on_outbox_ready())).await?,
-            _ = hb.tick() => {
-                let pulls = shared.pulls_in_progress.load(Ordering::Relaxed);
-                s.step(move |e| Ok(e.on_heartbeat(pulls))).await?;
-            }
-            _ = retry.tick() => {
-                let now = s.now();
-                s.step(move |e| Ok(e.on_retry_tick(now))).await?;
-            }
-            Some((path, rev, ok)) = retry_results.recv() => {
-                let now = s.now();
-                s.step(move |e| e.pull_finished(&path, rev, ok, now)).await?;
-            }
-            Some(r) = sync_rx.recv() => {
-                let now = s.now();
-                s.step(move |e| Ok(e.on_sync_requested(Some(r), now))).await?;
-            }
-            item = pipeline.next() => {
-                match item {
-                    None => anyhow::bail!("the broker cancelled our consumer"),
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(Prepared::Bad(d, e))) => {
-                        tracing::warn!("dead-lettering an undecodable message: {e}");
-                        broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
-                    }
-                    Some(Ok(Prepared::Ready(d, env))) => {
-                        let now = s.now();
-                        s.step(move |e| e.on_message(env, now)).await?;
-                        broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
-                        tracing::debug!(target: "timing", "delivery applied and acked");
+impl Link {
+    async fn session(
+        &self,
+        sync_rx: &mut mpsc::Receiver<Responder>,
+        cancel: &CancellationToken,
+        backoff: &mut broker_link::Backoff,
+        clock: Instant,
+    ) -> anyhow::Result<()> {
+        let broker = self.broker.as_str();
+        let conn = broker_link::connect(broker).await?;
+        let ch = broker_link::confirmed_channel(&conn).await?;
+        let own_user = broker_link::url_user(broker).is_some_and(|u| wire::topology::node_of_user(&u).is_some());
+        let queue = broker_link::prepare_node_topology(&conn, &self.info.id, own_user).await?;
+        let cons = conn.create_channel().await.context("opening the consumer channel")?;
+        cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
+        let consumer = cons
+            .basic_consume(queue.as_str().into(), self.info.id.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .context("consuming")?;
+        let info = self.info.clone();
+        let (tree, pulls, now) = (self.tree.clone(), self.state.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
+        let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
+        self.state.connected.store(true, Ordering::Relaxed);
+        backoff.reset();
+        tracing::info!("connected to the broker; consuming {queue}");
+        let (retry_done, mut retry_results) = mpsc::unbounded_channel();
+        let link = self;
+        let mut s = Session { link, user: broker_link::url_user(broker), pulls: link.pulls(), ch, engine: Some(engine), clock, retry_done };
+        s.carry_out(first).await?;
+        let pulls = link.pulls();
+        let mut pipeline = consumer.map(move |d| prepare_or_error(d, pulls.clone())).buffered(PIPELINE);
+        let mut hb = tokio::time::interval(HEARTBEAT_EVERY);
+        let mut retry = tokio::time::interval(RETRY_EVERY);
+        let outbox_ready = link.tree.outbox_ready.clone();
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = conn.close(200, "node shutting down".into()).await;
+                    return Ok(());
+                }
+                _ = outbox_ready.notified() => s.step(|e| Ok(e.on_outbox_ready())).await?,
+                _ = hb.tick() => {
+                    let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed);
+                    s.step(move |e| Ok(e.on_heartbeat(pulls))).await?;
+                }
+                _ = retry.tick() => {
+                    let now = s.now();
+                    s.step(move |e| Ok(e.on_retry_tick(now))).await?;
+                }
+                Some((path, rev, ok)) = retry_results.recv() => {
+                    let now = s.now();
+                    s.step(move |e| e.pull_finished(&path, rev, ok, now)).await?;
+                }
+                Some(r) = sync_rx.recv() => {
+                    let now = s.now();
+                    s.step(move |e| Ok(e.on_sync_requested(Some(r), now))).await?;
+                }
+                item = pipeline.next() => {
+                    match item {
+                        None => anyhow::bail!("the broker cancelled our consumer"),
+                        Some(Err(e)) => return Err(e),
+                        Some(Ok(Prepared::Bad(d, e))) => {
+                            tracing::warn!("dead-lettering an undecodable message: {e}");
+                            broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
+                        }
+                        Some(Ok(Prepared::Ready(d, env))) => {
+                            let now = s.now();
+                            s.step(move |e| e.on_message(env, now)).await?;
+                            broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+                            tracing::debug!(target: "timing", "delivery applied and acked");
+                        }
                     }
                 }
             }
@@ -294,7 +393,7 @@ async fn session(
     }
 }
 
-async fn prepare_or_error(d: lapin::Result<Delivery>, shared: Arc<Shared>, puller: Puller) -> anyhow::Result<Prepared> {
+async fn prepare_or_error(d: lapin::Result<Delivery>, pulls: Pulls) -> anyhow::Result<Prepared> {
     let d = d.context("receiving from our queue")?;
-    Ok(prepare(d, shared, puller).await)
+    Ok(pulls.prepare(d).await)
 }

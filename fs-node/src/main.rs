@@ -41,7 +41,7 @@ struct Args {
     #[arg(long, env = "SYNC_NO_PASSTHROUGH")]
     no_passthrough: bool,
     /// Seconds a holder may go without progress before a pull drops it and tries the next.
-    #[arg(long, env = "SYNC_PULL_STALL_SECS", default_value_t = fs_node::peer::DEFAULT_STALL_TIMEOUT.as_secs())]
+    #[arg(long, env = "SYNC_PULL_STALL_SECS", default_value_t = fs_node::puller::DEFAULT_STALL_TIMEOUT.as_secs())]
     pull_stall_secs: u64,
     /// Apply set-user-id/set-group-id bits that come from other nodes (default: cleared).
     #[arg(long, env = "SYNC_ALLOW_SETID")]

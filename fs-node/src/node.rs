@@ -1,21 +1,22 @@
-//! Wiring of one node: configuration, the state shared by its tasks (`Shared`), start-up
-//! (stale mount cleanup, database, store, HTTP, broker link, FUSE mount) and an orderly
-//! shutdown that unmounts first.
+//! Wiring of one node: configuration, start-up (stale mount cleanup, database, store,
+//! FUSE mount, peer HTTP server, broker link) and an orderly shutdown that unmounts
+//! first. Each task owns its state and is reached through a handle (the tree, the
+//! link's [`LinkHandle`](crate::link::LinkHandle), the metrics); nothing here is shared
+//! beyond what each task is given.
 
 use crate::db::Db;
+use crate::engine::NodeInfo;
 use crate::fs::SyncFs;
-use crate::link::SyncReport;
+use crate::link::LinkTask;
+use crate::metrics::Metrics;
+use crate::status::Reporter;
 use crate::store::ContentStore;
 use crate::tree::Tree;
 use anyhow::Context;
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wire::NodeId;
@@ -52,144 +53,6 @@ pub struct Config {
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
-}
-
-/// The node's metrics for `/metrics`. Counters and the pull histogram are kept as they
-/// happen; gauges are read from the tree and the link when scraped (`render`).
-pub struct Metrics {
-    pub messages_in: Counter,
-    pub messages_out: Counter,
-    pub bytes_pulled: Counter,
-    pub bytes_served: Counter,
-    pub pulls_failed: Counter,
-    /// Time to pull one content, in seconds.
-    pub pull_seconds: Histogram,
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Metrics {
-            messages_in: Counter::default(),
-            messages_out: Counter::default(),
-            bytes_pulled: Counter::default(),
-            bytes_served: Counter::default(),
-            pulls_failed: Counter::default(),
-            pull_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]),
-        }
-    }
-}
-
-/// Content type of `Metrics::render`'s text.
-pub const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
-
-impl Metrics {
-    pub fn observe_pull(&self, d: Duration) {
-        self.pull_seconds.observe(d.as_secs_f64());
-    }
-
-    /// The exposition text (OpenMetrics). Counter names get their `_total` from the
-    /// encoder.
-    pub fn render(&self, shared: &Shared) -> String {
-        let stats = shared.tree.stats();
-        let mut r = Registry::default();
-        let gauge = |v: u64| ConstGauge::new(v as i64);
-        r.register("syncfs_node_messages_in", "Messages received from the master channel.", self.messages_in.clone());
-        r.register("syncfs_node_messages_out", "Messages published to the update channel.", self.messages_out.clone());
-        r.register("syncfs_node_bytes_pulled", "Content bytes pulled from peers.", self.bytes_pulled.clone());
-        r.register("syncfs_node_bytes_served", "Content bytes served to peers.", self.bytes_served.clone());
-        r.register("syncfs_node_pulls_failed", "Pulls that failed on every holder.", self.pulls_failed.clone());
-        r.register("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", gauge(stats.pending_changes));
-        r.register("syncfs_node_pending_pulls", "Content pulls in progress.", gauge(shared.pulls_in_progress.load(Ordering::Relaxed)));
-        r.register("syncfs_node_conflicts", "Own changes the manager kept as conflict files.", ConstCounter::new(stats.conflicts_seen));
-        r.register(
-            "syncfs_node_passthrough",
-            "1 while the kernel does passthrough I/O for this mount.",
-            gauge(shared.passthrough.load(Ordering::Relaxed) as u64),
-        );
-        r.register("syncfs_node_passthrough_opens", "Opens whose I/O the kernel did on a backing file by itself.", ConstCounter::new(stats.passthrough_opens));
-        r.register(
-            "syncfs_node_passthrough_detaches",
-            "Backing files a writer made into a file's own work file.",
-            ConstCounter::new(stats.passthrough_detaches),
-        );
-        r.register("syncfs_node_connected", "1 when connected to the broker.", gauge(shared.connected.load(Ordering::Relaxed) as u64));
-        r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.clone());
-        let mut o = String::new();
-        prometheus_client::encoding::text::encode(&mut o, &r).expect("writing to a String cannot fail");
-        o
-    }
-}
-
-/// What `GET /status` returns and `syncctl status` shows.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct NodeStatus {
-    pub id: String,
-    pub mount: String,
-    pub url: String,
-    pub connected: bool,
-    pub pending_changes: u64,
-    pub pending_pulls: u64,
-    pub files: u64,
-    pub dirs: u64,
-    pub conflicts_seen: u64,
-    pub last_revision: u64,
-    pub bytes_pulled: u64,
-    pub last_sync: Option<SyncReport>,
-}
-
-/// State shared by the node's tasks. Each field has one writer: the broker link writes
-/// `connected` and `last_sync`, the applier `pulls_in_progress`.
-pub struct Shared {
-    pub id: NodeId,
-    pub mount: PathBuf,
-    pub url: String,
-    pub tree: Arc<Tree>,
-    pub cluster_token: Option<String>,
-    pub connected: AtomicBool,
-    pub pulls_in_progress: AtomicU64,
-    /// Whether set-id bits from other nodes are applied (`Config::allow_setid`).
-    pub allow_setid: bool,
-    pub metrics: Metrics,
-    pub notifier: OnceLock<fuser::Notifier>,
-    /// Whether the kernel does passthrough I/O for this mount (owned by `fs::SyncFs`).
-    pub passthrough: Arc<AtomicBool>,
-    pub last_sync: Mutex<Option<SyncReport>>,
-    /// Sync requests to the broker link, each with where to send the report.
-    pub sync_requests: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<anyhow::Result<SyncReport>>>,
-}
-
-impl Shared {
-    pub fn status(&self) -> NodeStatus {
-        let stats = self.tree.stats();
-        NodeStatus {
-            id: self.id.to_string(),
-            mount: self.mount.display().to_string(),
-            url: self.url.clone(),
-            connected: self.connected.load(Ordering::Relaxed),
-            pending_changes: stats.pending_changes,
-            pending_pulls: self.pulls_in_progress.load(Ordering::Relaxed),
-            files: stats.files,
-            dirs: stats.dirs,
-            conflicts_seen: stats.conflicts_seen,
-            last_revision: stats.last_revision,
-            bytes_pulled: self.metrics.bytes_pulled.get(),
-            last_sync: self.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone(),
-        }
-    }
-
-    /// Asks the broker link for a sync and waits for its report.
-    pub async fn sync_now(&self, timeout: Duration) -> anyhow::Result<SyncReport> {
-        if !self.connected.load(Ordering::Relaxed) {
-            anyhow::bail!("not connected to the broker: the node is offline; its changes are kept and will be sent when it reconnects");
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.sync_requests.send(tx).await.context("the broker link is not running")?;
-        match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(_)) => anyhow::bail!("the connection was lost during the sync"),
-            Err(_) => anyhow::bail!("the manager did not answer within {}s", timeout.as_secs()),
-        }
-    }
 }
 
 /// Unmounts the node's own mount at `dir` (at shutdown, and a dead one a killed run left).
@@ -280,24 +143,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let acceptor_is_tls = acceptor.is_some();
     let scheme = if acceptor_is_tls { "https" } else { "http" };
     let url = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
-    let (sync_tx, sync_rx) = tokio::sync::mpsc::channel(16);
-    let shared = Arc::new(Shared {
-        id: cfg.id.clone(),
-        mount: cfg.mount.clone(),
-        url: url.clone(),
-        tree: tree.clone(),
-        cluster_token: cfg.cluster_token.clone(),
-        connected: AtomicBool::new(false),
-        pulls_in_progress: AtomicU64::new(0),
-        allow_setid: cfg.allow_setid,
-        metrics: Metrics::default(),
-        notifier: OnceLock::new(),
-        passthrough: Arc::new(AtomicBool::new(cfg.passthrough)),
-        last_sync: Mutex::new(None),
-        sync_requests: sync_tx,
-    });
-
-    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), shared.passthrough.clone());
+    let passthrough = Arc::new(AtomicBool::new(cfg.passthrough));
+    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), passthrough.clone());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =
         // nosuid and nodev whatever the defaults: contents come from other machines.
@@ -311,15 +158,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     fcfg.acl = fuser::SessionACL::All;
     fcfg.n_threads = Some(4);
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
-    let _ = shared.notifier.set(session.notifier());
+    let notifier = Arc::new(OnceLock::new());
+    let _ = notifier.set(session.notifier());
     tracing::info!(node = %cfg.id, mount = %cfg.mount.display(), %url, "mounted");
 
     let tracker = tokio_util::task::TaskTracker::new();
-    let client = crate::peer::http_client(cfg.tls_ca.as_deref())?;
-    let puller = crate::peer::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
+    let client = crate::puller::http_client(cfg.tls_ca.as_deref())?;
+    let puller = crate::puller::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
+    let metrics = Arc::new(Metrics::default());
+    let info = NodeInfo { id: cfg.id.clone(), url: url.clone(), allow_setid: cfg.allow_setid, software: env!("CARGO_PKG_VERSION").to_string() };
+    let (link, link_handle) = LinkTask::new(cfg.broker.clone(), info, tree.clone(), puller, metrics.clone(), notifier);
+    let reporter = Reporter { id: cfg.id.clone(), mount: cfg.mount.clone(), url: url.clone(), tree: tree.clone(), link: link_handle, metrics, passthrough };
     let _guard = rt.enter();
-    tracker.spawn(crate::peer::serve(listener, acceptor, shared.clone(), cancel.clone()));
-    tracker.spawn(crate::link::run(cfg.broker.clone(), shared.clone(), puller, sync_rx, cancel.clone()));
+    tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
+    tracker.spawn(link.run(cancel.clone()));
     tracker.spawn(gc_loop(tree.clone(), cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;

@@ -144,8 +144,14 @@ impl ContentStore {
     /// that content already: then the work file stays, for the caller to remove once the
     /// change is recorded (`discard_work_file`).
     pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<CommittedWork> {
+        let (hash, size) = hash_file(&self.work_path(ino))?;
+        self.install_work_file(ino, hash, size)
+    }
+
+    /// [`Self::commit_work_file`] with the work file's hash and size known (taken while
+    /// nothing could write it).
+    pub fn install_work_file(&self, ino: u64, hash: ContentHash, size: u64) -> anyhow::Result<CommittedWork> {
         let p = self.work_path(ino);
-        let (hash, size) = hash_file(&p)?;
         let dest = self.blob_path(&hash);
         if dest.exists() {
             return Ok(CommittedWork { hash, size, moved: false });

@@ -2,7 +2,7 @@
 //! a decision. No clock, no database, no connection: callers carry the decision out.
 //! The same rule serves online edits and changes replayed after an offline period.
 
-use wire::{ChangeOp, Content, NodeId, RelPath, Revision, Version};
+use wire::{ChangeOp, Content, NodeId, Outcome, RelPath, Revision, Version};
 
 /// At most this many conflict files per path: an edit loop must not flood a folder.
 pub const MAX_CONFLICT_COPIES: usize = 20;
@@ -28,13 +28,88 @@ pub enum Decision {
     Unchanged,
     /// Keep the change's version as a conflict file beside the path.
     Conflict,
+    /// Keep the change's version at the same place below a conflict directory beside
+    /// `file`, an ancestor of the path that is a file now.
+    ConflictBelow { file: RelPath },
     /// Keep the current state; say why.
     Refuse(String),
 }
 
-/// `base` is the revision the change was effectively based on (see `Change::follows`);
-/// `copies` is how many conflict files the path already has.
-pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &ChangeOp, copies: usize) -> Decision {
+/// How the change a new change follows (`Change::follows`, the sender's own earlier
+/// change of the same path) was decided, as the manager recorded it.
+#[derive(Clone, Debug)]
+pub struct Prior {
+    /// The path's revision after that decision.
+    pub rev: Revision,
+    pub outcome: Outcome,
+    /// The base that change was decided against.
+    pub base: Revision,
+    /// For a change kept as a conflict file: that file is still live, still a file and
+    /// still at the sender's own version (no one else edited, moved or removed it).
+    pub copy_still_own: bool,
+}
+
+/// What a change is decided against.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Basis {
+    /// Decide it with [`decide`] against this base.
+    Base(Revision),
+    /// It is a later edit of a change kept as a conflict file that is still the sender's
+    /// own: it updates that file (one conflict file per offline edit session, not one per
+    /// save) and is decided as a conflict with that copy. Not a conflict directory: what
+    /// was put below one stays there.
+    UpdateConflictFile(RelPath),
+}
+
+/// The basis of a change sent with base `sent` that follows `prior` (if it follows one
+/// the manager decided).
+pub fn basis(sent: Revision, prior: Option<&Prior>, op: &ChangeOp) -> Basis {
+    let Some(prior) = prior else { return Basis::Base(sent) };
+    match &prior.outcome {
+        // Made on top of the sender's own change: based on the revision it got.
+        Outcome::Accepted | Outcome::Unchanged => Basis::Base(prior.rev),
+        // It changed nothing: the path is still at what it was based on (a delete
+        // refused because files were added below, say).
+        Outcome::Refused { .. } if prior.base.0 > 0 => Basis::Base(prior.base),
+        Outcome::Conflict { copy } if prior.copy_still_own && matches!(op, ChangeOp::Put { .. }) => Basis::UpdateConflictFile(copy.clone()),
+        _ => Basis::Base(sent),
+    }
+}
+
+/// The directory the manager puts back for an ancestor of an accepted path that was
+/// deleted elsewhere (nothing added to a directory is lost because someone removed it).
+pub fn restored_dir(now_ms: i64) -> Version {
+    Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: now_ms * 1_000_000 }
+}
+
+/// A conflict directory made for `version`, a change below a path that became a file:
+/// owned like the change.
+pub fn conflict_dir(version: &Version, now_ms: i64) -> Version {
+    Version { content: Content::Dir, mode: 0o755, uid: version.uid, gid: version.gid, mtime_ns: now_ms * 1_000_000 }
+}
+
+/// Where `path`, below `file`, goes below `file`'s conflict directory `dir_copy`; `None`
+/// when that path would be too long.
+pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option<RelPath> {
+    let rest = path.as_str().strip_prefix(file.as_str())?.strip_prefix('/')?;
+    RelPath::new(format!("{dir_copy}/{rest}")).ok()
+}
+
+/// `base` is the revision the change was effectively based on ([`basis`]); `copies` is
+/// how many conflict files the path already has; `file_above` is the highest ancestor of
+/// the path that is a live file on the manager, if one is.
+pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &ChangeOp, copies: usize, file_above: Option<&RelPath>) -> Decision {
+    match (decide_at_path(path, current, base, op, copies), file_above) {
+        // A directory above the path became a file elsewhere while this node wrote
+        // below it: what it wrote goes below a conflict directory beside that file, not
+        // away.
+        (Decision::Accept, Some(file)) if matches!(op, ChangeOp::Put { .. }) => Decision::ConflictBelow { file: file.clone() },
+        (d, _) => d,
+    }
+}
+
+/// The decision from the path's own state.
+fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op: &ChangeOp, copies: usize) -> Decision {
     let live = current.and_then(|c| c.version.as_ref().map(|v| (c, v)));
     match (op, live) {
         // Nothing there (never was, or deleted): a put always wins. If the path was
@@ -221,34 +296,34 @@ mod tests {
 
     #[test]
     fn only_here_is_accepted() {
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(3), &put(file(2)), 0), Decision::Accept);
-        assert_eq!(decide(&p("a"), None, Revision(0), &put(file(2)), 0), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), None, Revision(0), &put(file(2)), 0, None), Decision::Accept);
     }
 
     #[test]
     fn both_changed_is_a_conflict_but_same_bytes_are_not() {
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0), Decision::Conflict);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Conflict);
         let mut same = file(1);
         same.mode = 0o600;
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(same), 0), Decision::Unchanged);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(same), 0, None), Decision::Unchanged);
     }
 
     #[test]
     fn edit_beats_delete_both_ways() {
         // Deleted elsewhere, edited here: the edit is kept.
-        assert_eq!(decide(&p("a"), Some(&cur(5, None)), Revision(3), &put(file(2)), 0), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(5, None)), Revision(3), &put(file(2)), 0, None), Decision::Accept);
         // Edited elsewhere, deleted here: the delete is refused.
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &ChangeOp::Delete, 0), Decision::Refuse(_)));
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), &ChangeOp::Delete, 0), Decision::Accept);
+        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), &ChangeOp::Delete, 0, None), Decision::Accept);
     }
 
     #[test]
     fn directories_with_new_children_are_not_deleted() {
         let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false };
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0), Decision::Refuse(_)));
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
-        assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0), Decision::Conflict);
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES), Decision::Refuse(_)));
+        assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0, None), Decision::Conflict);
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::Refuse(_)));
     }
 
     /// Found by the simulator (seed 2069): a node's chmod of a directory it kept for
@@ -259,21 +334,49 @@ mod tests {
         let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true };
         let mut mine = dir();
         mine.mode = 0o700;
-        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), &put(mine), 0), Decision::Accept);
+        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), &put(mine), 0, None), Decision::Accept);
     }
 
     #[test]
     fn regression_a_directory_made_where_a_file_was_written_elsewhere_is_a_conflict() {
         // Found by the simulator: refused, and everything the node then wrote below
         // the directory was refused too, and lost.
-        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), &put(dir()), 0), Decision::Conflict);
+        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), &put(dir()), 0, None), Decision::Conflict);
+    }
+
+    #[test]
+    fn a_put_below_a_file_goes_below_a_conflict_directory_and_a_delete_does_not() {
+        let f = p("d");
+        assert_eq!(decide(&p("d/x"), None, Revision(0), &put(file(1)), 0, Some(&f)), Decision::ConflictBelow { file: f.clone() });
+        assert_eq!(decide(&p("d/x"), Some(&cur(4, None)), Revision(4), &ChangeOp::Delete, 0, Some(&f)), Decision::Unchanged);
+        let copy = p("d (conflict from n2 r9)");
+        assert_eq!(moved_below(&p("d/x/y"), &f, &copy), Some(p("d (conflict from n2 r9)/x/y")));
+        assert_eq!(moved_below(&p("dx/y"), &f, &copy), None, "dx is not below d");
+    }
+
+    #[test]
+    fn a_follow_up_is_based_on_what_its_own_earlier_change_became() {
+        let prior = |outcome: Outcome, copy_still_own: bool| Prior { rev: Revision(7), outcome, base: Revision(3), copy_still_own };
+        let edit = put(file(2));
+        assert_eq!(basis(Revision(1), None, &edit), Basis::Base(Revision(1)));
+        assert_eq!(basis(Revision(1), Some(&prior(Outcome::Accepted, false)), &edit), Basis::Base(Revision(7)));
+        assert_eq!(basis(Revision(1), Some(&prior(Outcome::Unchanged, false)), &edit), Basis::Base(Revision(7)));
+        // Refused: the path is still at the base that change had.
+        assert_eq!(basis(Revision(1), Some(&prior(Outcome::Refused { reason: "no".into() }, false)), &edit), Basis::Base(Revision(3)));
+        let copy = p("a (conflict from n2 r8)");
+        let conflict = Outcome::Conflict { copy: copy.clone() };
+        assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), true)), &edit), Basis::UpdateConflictFile(copy));
+        // Someone else took over the conflict file, or the follow-up is a delete: the
+        // change is decided on its own base.
+        assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), false)), &edit), Basis::Base(Revision(1)));
+        assert_eq!(basis(Revision(1), Some(&prior(conflict, true)), &ChangeOp::Delete), Basis::Base(Revision(1)));
     }
 
     #[test]
     fn conflict_files_never_conflict_and_copies_are_capped() {
         let copy = p("r (conflict from n2 2026-11-25 14.03.10).txt");
-        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0), Decision::Accept);
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES), Decision::Refuse(_)));
+        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Accept);
+        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES, None), Decision::Refuse(_)));
     }
 
     const AT: UtcTime = UtcTime { unix_secs: 1_795_615_390 }; // 2026-11-25 14:03:10 UTC

@@ -174,7 +174,7 @@ pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) ->
 async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, backoff: &mut broker_link::Backoff) -> anyhow::Result<()> {
     let conn = broker_link::connect(&cfg.broker).await?;
     let ch = broker_link::confirmed_channel(&conn).await?;
-    broker_link::declare_common(&ch).await?;
+    broker_link::declare_common(&conn).await?;
     ch.basic_qos(BATCH as u16, BasicQosOptions::default()).await?;
     let mut consumer = ch
         .basic_consume(topology::UPDATE_QUEUE.into(), "manager".into(), BasicConsumeOptions::default(), FieldTable::default())

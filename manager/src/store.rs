@@ -13,7 +13,7 @@
 
 use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
-use rusqlite::{params, OptionalExtension, Transaction};
+use rusqlite::{params, OptionalExtension};
 use std::path::Path;
 use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
 
@@ -143,18 +143,19 @@ impl Store {
         &self.conn
     }
 
-    /// Runs `f` in one transaction.
     /// Runs `f` in one transaction that takes the write lock up front: if the database
     /// is locked (another writer, a backup), the whole batch fails here, before any
-    /// message is handled, so no message is blamed (and dead-lettered) for it.
+    /// message is handled, so no message is blamed (and dead-lettered) for it. An error
+    /// or a panic in `f` rolls the transaction back.
     pub fn transaction<T>(&mut self, f: impl FnOnce(&mut Tx<'_>) -> anyhow::Result<T>) -> anyhow::Result<T> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .context("taking the manager database's write lock (is another process writing it?)")?;
-        let mut t = Tx { tx };
+        // Transaction control goes through the statement cache: `execute_batch` (what
+        // rusqlite's `Transaction` uses) parses it again for every batch.
+        run_cached(&self.conn, "BEGIN IMMEDIATE").context("taking the manager database's write lock (is another process writing it?)")?;
+        let open = OpenTransaction(&self.conn);
+        let mut t = Tx { tx: &self.conn };
         let out = f(&mut t)?;
-        t.tx.commit().context("committing to the manager database")?;
+        run_cached(&self.conn, "COMMIT").context("committing to the manager database")?;
+        std::mem::forget(open);
         Ok(out)
     }
 
@@ -181,8 +182,10 @@ impl Store {
     }
 
     pub fn outbox(&self, limit: usize) -> anyhow::Result<Vec<Outgoing>> {
-        let mut st = self.conn.prepare_cached("SELECT seq, key, id, payload FROM outbox ORDER BY seq LIMIT ?1")?;
-        let rows = st.query_map([limit as i64], |r| Ok(Outgoing { seq: r.get(0)?, key: r.get(1)?, id: r.get(2)?, payload: r.get(3)? }))?;
+        // The limit is part of the statement's text, not a parameter: SQLite re-prepares
+        // a statement whose LIMIT parameter is bound anew on every run.
+        let mut st = self.conn.prepare_cached(&format!("SELECT seq, key, id, payload FROM outbox ORDER BY seq LIMIT {limit}"))?;
+        let rows = st.query_map([], |r| Ok(Outgoing { seq: r.get(0)?, key: r.get(1)?, id: r.get(2)?, payload: r.get(3)? }))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -353,12 +356,29 @@ fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<E
 
 /// One transaction over the store; every handler of a message runs inside one.
 pub struct Tx<'a> {
-    tx: Transaction<'a>,
+    tx: &'a rusqlite::Connection,
+}
+
+/// Runs one statement without parameters through the connection's statement cache.
+fn run_cached(conn: &rusqlite::Connection, sql: &str) -> rusqlite::Result<()> {
+    conn.prepare_cached(sql)?.execute([]).map(drop)
+}
+
+/// A transaction begun and not yet committed: dropped (an error or a panic on the way),
+/// it rolls back.
+struct OpenTransaction<'a>(&'a rusqlite::Connection);
+
+impl Drop for OpenTransaction<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = run_cached(self.0, "ROLLBACK") {
+            tracing::warn!("rolling back a manager database transaction: {e}");
+        }
+    }
 }
 
 impl Tx<'_> {
     fn next_rev(&mut self) -> anyhow::Result<Revision> {
-        let rev = head(&self.tx)?.next();
+        let rev = head(self.tx)?.next();
         self.tx
             .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
             .execute([rev.0 as i64])?;
@@ -428,7 +448,7 @@ impl Tx<'_> {
                 rev.0 as i64
             ])?;
         }
-        let entry = entry(&self.tx, path)?.expect("just written");
+        let entry = entry(self.tx, path)?.expect("just written");
         self.enqueue(topology::BROADCAST_KEY, ToNode::Applied { entry: entry.clone(), origin: origin.clone() })?;
         Ok(entry)
     }
@@ -469,7 +489,7 @@ impl Tx<'_> {
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
-                if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash: h, .. }, .. }), .. }) = entry(&self.tx, &path)? {
+                if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash: h, .. }, .. }), .. }) = entry(self.tx, &path)? {
                     if cur == rev && h == hash {
                         self.tx.prepare_cached("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
                             path.as_str(),
@@ -512,12 +532,12 @@ impl Tx<'_> {
         if given_up.is_some() {
             self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
         }
-        self.tx.prepare_cached("SAVEPOINT message")?.execute([]).context("opening a savepoint in the manager database")?;
+        run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
         // writes, and every statement it had open was reset while unwinding.
         let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(env, now_ms))) {
             Ok(Ok(())) => {
-                self.tx.prepare_cached("RELEASE message")?.execute([]).context("releasing a savepoint in the manager database")?;
+                run_cached(self.tx, "RELEASE message").context("releasing a savepoint in the manager database")?;
                 return Ok(Ok(()));
             }
             Ok(Err(e)) => format!("{e:#}"),
@@ -526,7 +546,9 @@ impl Tx<'_> {
                 format!("panicked: {}", what.unwrap_or_else(|| "(no message)".into()))
             }
         };
-        self.tx.execute_batch("ROLLBACK TO message; RELEASE message").context("rolling back a failed message in the manager database")?;
+        run_cached(self.tx, "ROLLBACK TO message")
+            .and_then(|()| run_cached(self.tx, "RELEASE message"))
+            .context("rolling back a failed message in the manager database")?;
         Ok(Err(failure))
     }
 
@@ -578,7 +600,7 @@ impl Tx<'_> {
                paged = excluded.paged, merged = excluded.merged, cursor = '', walk_done = 0, caught_up = excluded.caught_up,
                page = 0, entries = 0, bytes = 0, largest = 0",
             )?
-            .execute(params![node, now_ms, request, since, paged, merged, head(&self.tx)?.0 as i64])?;
+            .execute(params![node, now_ms, request, since, paged, merged, head(self.tx)?.0 as i64])?;
         Ok(true)
     }
 
@@ -624,7 +646,7 @@ impl Tx<'_> {
     /// among the paths already walked, then the walk goes on. The last page is the one
     /// after which nothing is left to walk or to catch up, in this same transaction.
     fn send_page(&mut self, mut r: Reply, now_ms: i64) -> anyhow::Result<()> {
-        let head = head(&self.tx)?;
+        let head = head(self.tx)?;
         let id = new_message_id();
         let empty = |page: u32, more: bool| ToNode::SyncReply { request: r.request.clone(), head, entries: Vec::new(), page, more };
         // The envelope without entries, in its longer form (`more` written out).
@@ -640,7 +662,7 @@ impl Tx<'_> {
                 let (rev, path) = row?;
                 if walked(&r, &path) {
                     let path = RelPath::new(path).context("corrupt path in the manager database")?;
-                    if let Some(e) = entry(&self.tx, &path)? {
+                    if let Some(e) = entry(self.tx, &path)? {
                         if (e.version.is_some() || e.rev > r.since) && !page.add(e) {
                             break;
                         }
@@ -651,15 +673,15 @@ impl Tx<'_> {
             r.caught_up = if page.full { done } else { head };
         }
         while !page.full && !r.walk_done {
-            let mut st =
-                self.tx.prepare_cached("SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT ?3")?;
-            let rows: Vec<(String, i64, Option<String>)> = st
-                .query_map(params![r.cursor, r.since.0 as i64, SYNC_READ_ROWS], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
-                .collect::<Result<_, _>>()?;
+            let mut st = self.tx.prepare_cached(&format!(
+                "SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT {SYNC_READ_ROWS}"
+            ))?;
+            let rows: Vec<(String, i64, Option<String>)> =
+                st.query_map(params![r.cursor, r.since.0 as i64], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.collect::<Result<_, _>>()?;
             let read = rows.len() as i64;
             for (path, rev, version) in rows {
                 let version = parse_version(version)?;
-                let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(&self.tx, &path, rev)? } else { Vec::new() };
+                let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(self.tx, &path, rev)? } else { Vec::new() };
                 let e =
                     Entry { path: RelPath::new(path.clone()).context("corrupt path in the manager database")?, rev: Revision(rev as u64), version, holders };
                 if !page.add(e) {
@@ -730,36 +752,19 @@ impl Tx<'_> {
             let current = self.entry_or_absent(&change.path)?;
             return self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current });
         }
-        // A change made on top of the sender's own earlier change is based on the
-        // revision that change got, if it was kept.
-        let mut base = change.base;
-        if let Some(prev) = &change.follows {
-            let prior: Option<(i64, String, i64)> = self
-                .tx
-                .prepare_cached("SELECT rev, outcome, base FROM applied WHERE msg = ?1")?
-                .query_row([prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                .optional()?;
-            match prior.map(|(rev, outcome, prior_base)| (rev, serde_json::from_str::<Outcome>(&outcome), prior_base)) {
-                Some((rev, Ok(Outcome::Accepted | Outcome::Unchanged), _)) => base = Revision(rev as u64),
-                // It changed nothing: the path is still at what it was based on (a
-                // delete refused because files were added below, say).
-                Some((_, Ok(Outcome::Refused { .. }), prior_base)) if prior_base > 0 => base = Revision(prior_base as u64),
-                // The change it follows was kept as a conflict file: a later edit of
-                // the same path updates that file while it is still the node's own
-                // (one conflict file per offline edit session, not one per save). Not
-                // a conflict directory: what was put below it stays there.
-                Some((_, Ok(Outcome::Conflict { copy }), _)) => {
-                    if let ChangeOp::Put { version } = &change.op {
-                        if self.is_own_conflict_file(&copy, from)? {
-                            self.set(&copy, Some(version), from, now_ms)?;
-                            tracing::info!(path = %change.path, %copy, node = %from, "a later edit of a conflicting change updates its conflict file");
-                            return self.decided(msg, from, &change.path, Outcome::Conflict { copy }, base);
-                        }
-                    }
-                }
-                _ => {}
+        let prior = match &change.follows {
+            Some(prev) => self.prior(prev, from)?,
+            None => None,
+        };
+        let base = match rule::basis(change.base, prior.as_ref(), &change.op) {
+            rule::Basis::Base(base) => base,
+            rule::Basis::UpdateConflictFile(copy) => {
+                let ChangeOp::Put { version } = &change.op else { unreachable!("only a put updates a conflict file") };
+                self.set(&copy, Some(version), from, now_ms)?;
+                tracing::info!(path = %change.path, %copy, node = %from, "a later edit of a conflicting change updates its conflict file");
+                return self.decided(msg, from, &change.path, Outcome::Conflict { copy }, change.base);
             }
-        }
+        };
         let current = self.current(&change.path)?;
         // The cap counts the conflict files that still exist: once a user has dealt with
         // them (deleted or renamed them), new conflicts are kept again.
@@ -767,20 +772,18 @@ impl Tx<'_> {
             .tx
             .prepare_cached("SELECT count(*) FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND p.version IS NOT NULL")?
             .query_row([change.path.as_str()], |r| r.get(0))?;
-        let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize);
+        let file_above = match &change.op {
+            ChangeOp::Put { .. } => self.first_non_dir_ancestor(&change.path)?,
+            ChangeOp::Delete => None,
+        };
+        let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize, file_above.as_ref());
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         let outcome = match (decision, &change.op) {
-            (Decision::Accept, ChangeOp::Put { version }) => match self.first_non_dir_ancestor(&change.path)? {
-                None => {
-                    self.restore_ancestors(&change.path, now_ms)?;
-                    self.set(&change.path, Some(version), from, now_ms)?;
-                    Outcome::Accepted
-                }
-                // A directory above the path became a file elsewhere while this node
-                // wrote below it: what it wrote goes into a conflict directory beside
-                // that file, not away.
-                Some(blocker) => self.keep_below_conflict_dir(&change.path, &blocker, version, from, base, now_ms)?,
-            },
+            (Decision::Accept, ChangeOp::Put { version }) => {
+                self.restore_ancestors(&change.path, now_ms)?;
+                self.set(&change.path, Some(version), from, now_ms)?;
+                Outcome::Accepted
+            }
             (Decision::Accept, ChangeOp::Delete) => {
                 self.set(&change.path, None, from, now_ms)?;
                 Outcome::Accepted
@@ -800,7 +803,8 @@ impl Tx<'_> {
                     Outcome::Refused { reason }
                 }
             },
-            (Decision::Conflict, ChangeOp::Delete) => unreachable!("the rule only makes conflicts of puts"),
+            (Decision::ConflictBelow { file }, ChangeOp::Put { version }) => self.keep_below_conflict_dir(&change.path, &file, version, from, base, now_ms)?,
+            (Decision::Conflict | Decision::ConflictBelow { .. }, ChangeOp::Delete) => unreachable!("the rule only makes conflicts of puts"),
         };
         tracing::debug!(target: "changes", %msg, path = %change.path, sent_base = change.base.0, base = base.0, "based on");
         self.decided(msg, from, &change.path, outcome, base)
@@ -822,6 +826,23 @@ impl Tx<'_> {
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
     }
 
+    /// How `prev`, the change a change of `from` follows, was decided (`None` if it was
+    /// not, or its record is unreadable: the change is then decided on its own base).
+    fn prior(&self, prev: &MessageId, from: &NodeId) -> anyhow::Result<Option<rule::Prior>> {
+        let row: Option<(i64, String, i64)> = self
+            .tx
+            .prepare_cached("SELECT rev, outcome, base FROM applied WHERE msg = ?1")?
+            .query_row([prev.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let Some((rev, outcome, base)) = row else { return Ok(None) };
+        let Ok(outcome) = serde_json::from_str::<Outcome>(&outcome) else { return Ok(None) };
+        let copy_still_own = match &outcome {
+            Outcome::Conflict { copy } => self.is_own_conflict_file(copy, from)?,
+            _ => false,
+        };
+        Ok(Some(rule::Prior { rev: Revision(rev as u64), outcome, base: Revision(base.max(0) as u64), copy_still_own }))
+    }
+
     /// Whether `copy` is a live conflict file (not a directory) whose version is still
     /// `node`'s own.
     fn is_own_conflict_file(&self, copy: &RelPath, node: &NodeId) -> anyhow::Result<bool> {
@@ -838,7 +859,7 @@ impl Tx<'_> {
 
     /// The path's state as a decision reports it: absent (revision 0) if never known.
     fn entry_or_absent(&self, path: &RelPath) -> anyhow::Result<Entry> {
-        Ok(entry(&self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] }))
+        Ok(entry(self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] }))
     }
 
     /// The path's live version, if it has one (no more: what `current` adds is not
@@ -865,8 +886,7 @@ impl Tx<'_> {
     fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
         for anc in path.ancestors() {
             if self.live_version(&anc)?.is_none() {
-                let dir = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: now_ms * 1_000_000 };
-                self.set(&anc, Some(&dir), &NodeId::manager(), now_ms)?;
+                self.set(&anc, Some(&rule::restored_dir(now_ms)), &NodeId::manager(), now_ms)?;
             }
         }
         Ok(())
@@ -885,7 +905,7 @@ impl Tx<'_> {
         now_ms: i64,
     ) -> anyhow::Result<Option<RelPath>> {
         let at = UtcTime { unix_secs: now_ms.div_euclid(1000) };
-        let copy_rev = head(&self.tx)?.next();
+        let copy_rev = head(self.tx)?.next();
         let mut free = None;
         for candidate in rule::conflict_candidates(path, from, at, copy_rev) {
             if self.live_version(&candidate)?.is_none() {
@@ -931,7 +951,7 @@ impl Tx<'_> {
         let dir_copy = match reuse {
             Some(copy) => copy,
             None => {
-                let dir = Version { content: Content::Dir, mode: 0o755, uid: version.uid, gid: version.gid, mtime_ns: now_ms * 1_000_000 };
+                let dir = rule::conflict_dir(version, now_ms);
                 let blocker_rev = self.current(blocker)?.map(|c| c.rev.0).unwrap_or(0);
                 match self.keep_as_conflict(blocker, &dir, from, base, blocker_rev, now_ms)? {
                     Some(copy) => copy,
@@ -941,8 +961,7 @@ impl Tx<'_> {
                 }
             }
         };
-        let rest = &path.as_str()[blocker.as_str().len() + 1..];
-        let Ok(moved) = RelPath::new(format!("{dir_copy}/{rest}")) else {
+        let Some(moved) = rule::moved_below(path, blocker, &dir_copy) else {
             return Ok(Outcome::Refused { reason: format!("{blocker} is a file on the manager, and the path below its conflict directory would be too long") });
         };
         self.restore_ancestors(&moved, now_ms)?;

@@ -106,7 +106,7 @@ async fn bad_messages_are_dead_lettered_with_a_reason_and_later_ones_are_decided
 
     let conn = broker_link::connect(&vhost.url()).await.unwrap();
     let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-    broker_link::declare_common(&ch).await.unwrap();
+    broker_link::declare_common(&conn).await.unwrap();
     let publish = |id: &'static str, body: Vec<u8>| {
         let ch = ch.clone();
         async move { broker_link::publish_confirmed(&ch, "", topology::UPDATE_QUEUE, id, &body).await.unwrap() }
@@ -221,7 +221,7 @@ async fn a_message_that_kills_the_manager_is_given_up_after_a_few_restarts() {
 
     let conn = broker_link::connect(&vhost.url()).await.unwrap();
     let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-    broker_link::declare_common(&ch).await.unwrap();
+    broker_link::declare_common(&conn).await.unwrap();
     let publish = |id: &'static str, path: &'static str| {
         let ch = ch.clone();
         async move { broker_link::publish_confirmed(&ch, "", topology::UPDATE_QUEUE, id, &put(id, path).encode()).await.unwrap() }

@@ -35,13 +35,17 @@ pub struct Config {
     pub settle_steps: usize,
     /// Faults on (crashes, partitions).
     pub faults: bool,
+    /// Holders that freeze: a node that stops sending what it is asked for, so every
+    /// pull from it waits the stall timeout. Drawn from a random stream of their own, so
+    /// the seeds kept from before they existed replay as they did (with this off).
+    pub stalling_holders: bool,
     /// A past bug put back into the nodes (to show the simulator finds it).
     pub bug: Option<fs_node::env::PastBug>,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, bug: None }
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None }
     }
 }
 
@@ -78,10 +82,14 @@ pub struct RunStats {
     pub ops: usize,
     pub conflicts: usize,
     pub crashes: usize,
+    /// Pulls that waited out a frozen holder.
+    pub stalled_pulls: usize,
 }
 
 pub struct World {
     pub rng: ChaCha8Rng,
+    /// The random stream of the faults added later (`Config::stalling_holders`).
+    late_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -107,25 +115,69 @@ impl node::Peers for PeerView<'_> {
     fn serve(&self, holder: &NodeId, hash: &ContentHash) -> Option<Vec<u8>> {
         self.others.iter().flat_map(|s| s.iter()).find(|n| n.id == *holder)?.serve(hash)
     }
+    fn stalls(&self, holder: &NodeId) -> bool {
+        self.others.iter().flat_map(|s| s.iter()).any(|n| n.id == *holder && n.stalls && !n.peer_cut && n.is_up())
+    }
 }
 
 const NAMES: [&str; 4] = ["a", "b", "d", "e.txt"];
+
+/// Writes at `path` a new, empty database already at the latest schema, copied from one
+/// `make` built once per process: every seed starts a manager and several nodes, and
+/// running their migrations each time was a sixth of the simulator's time. What the
+/// program does with the database afterwards is unchanged.
+fn fresh_database(
+    path: &std::path::Path,
+    template: &'static std::sync::OnceLock<Vec<u8>>,
+    make: fn(&std::path::Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let bytes = match template.get() {
+        Some(b) => b,
+        None => {
+            let dir = tempfile::tempdir()?;
+            let db = dir.path().join("template.db");
+            // Closed before it is read: the last close checkpoints the WAL into the file.
+            make(&db)?;
+            let _ = template.set(std::fs::read(&db)?);
+            template.get().expect("just set")
+        }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(path, bytes)?;
+    Ok(())
+}
+
+fn fresh_manager_database(path: &std::path::Path) -> anyhow::Result<()> {
+    static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    fresh_database(path, &TEMPLATE, |p| ::manager::store::Store::open(p).map(drop))
+}
+
+fn fresh_node_database(path: &std::path::Path) -> anyhow::Result<()> {
+    static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    fresh_database(path, &TEMPLATE, |p| fs_node::db::Db::open(p).map(drop))
+}
 
 impl World {
     pub fn new(seed: u64, cfg: Config) -> anyhow::Result<World> {
         let base = if std::path::Path::new("/dev/shm").is_dir() { std::path::PathBuf::from("/dev/shm") } else { std::env::temp_dir() };
         let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
         let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
+        fresh_manager_database(&dir.path().join("manager.db"))?;
         let manager = SimManager::start(dir.path().join("manager.db"))?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
-            nodes.push(SimNode::start(id, dir.path().join(format!("n{}", i + 1)), clock_ns.clone(), cfg.bug)?);
+            let node_dir = dir.path().join(format!("n{}", i + 1));
+            fresh_node_database(&node_dir.join("node.db"))?;
+            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug)?);
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
+            late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
             cfg,
             broker,
             manager,
@@ -186,6 +238,7 @@ impl World {
         }
         self.settle()?;
         self.stats.steps = self.step;
+        self.stats.stalled_pulls = self.nodes.iter().map(|n| n.stalled_pulls.get()).sum();
         check::all(self)
     }
 
@@ -283,6 +336,12 @@ impl World {
     /// retries, and a manager that is down comes back.
     fn tick(&mut self) -> anyhow::Result<()> {
         self.clock_ns.fetch_add(1_000_000_000, Ordering::Relaxed);
+        if self.cfg.faults && self.cfg.stalling_holders && self.late_rng.random_range(0..25) == 0 {
+            let i = self.late_rng.random_range(0..self.nodes.len());
+            self.nodes[i].stalls = !self.nodes[i].stalls;
+            let what = if self.nodes[i].stalls { "freezes as a holder: pulls from it stall" } else { "sends contents again" };
+            self.log(format!("n{} {what}", i + 1));
+        }
         if !self.manager.is_up() && self.rng.random_bool(0.5) {
             self.log("manager restarts".into());
             self.manager.restart(&mut self.broker)?;
@@ -306,6 +365,7 @@ impl World {
                 self.close_held(i, fh, ino, path)?;
             }
             self.nodes[i].peer_cut = false;
+            self.nodes[i].stalls = false;
             self.nodes[i].partitioned = false;
             if !self.nodes[i].is_up() {
                 self.nodes[i].restart()?;

@@ -82,6 +82,7 @@ fn main() {
     let next = AtomicU64::new(start);
     let done = AtomicUsize::new(0);
     let steps = AtomicU64::new(0);
+    let (crashes, stalled) = (AtomicU64::new(0), AtomicU64::new(0));
     let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -94,6 +95,8 @@ fn main() {
                 match sim::run_seed(seed, cfg.clone()) {
                     Ok(stats) => {
                         steps.fetch_add(stats.steps as u64, Ordering::Relaxed);
+                        crashes.fetch_add(stats.crashes as u64, Ordering::Relaxed);
+                        stalled.fetch_add(stats.stalled_pulls as u64, Ordering::Relaxed);
                     }
                     Err((what, _)) => {
                         eprintln!("seed {seed} FAILED: {}", what.lines().next().unwrap_or(""));
@@ -111,9 +114,11 @@ fn main() {
     let n = done.load(Ordering::Relaxed);
     let failures = failures.into_inner().unwrap();
     println!(
-        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} failed",
+        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} crashes, {} pulls waited out a frozen holder; {} failed",
         n as f64 / secs,
         steps.load(Ordering::Relaxed) as f64 / secs,
+        crashes.load(Ordering::Relaxed),
+        stalled.load(Ordering::Relaxed),
         failures.len()
     );
     if let Some((seed, what)) = failures.iter().min_by_key(|(s, _)| *s) {

@@ -59,7 +59,13 @@ struct PendingPull {
 pub trait Peers {
     /// The bytes of `hash` from `holder`, if it is reachable and has them.
     fn serve(&self, holder: &NodeId, hash: &ContentHash) -> Option<Vec<u8>>;
+    /// Whether `holder` is frozen: it takes the request and sends nothing.
+    fn stalls(&self, holder: &NodeId) -> bool;
 }
+
+/// How long a pull waits on a frozen holder before it drops it (the real puller's
+/// default stall timeout).
+const STALL: Duration = fs_node::puller::DEFAULT_STALL_TIMEOUT;
 
 pub struct SimNode {
     pub id: NodeId,
@@ -71,6 +77,10 @@ pub struct SimNode {
     pub partitioned: bool,
     /// Cut off from its peers (neither serves nor pulls).
     pub peer_cut: bool,
+    /// Frozen as a holder: takes pulls and sends nothing (`Peers::stalls`).
+    pub stalls: bool,
+    /// Pulls of this node that waited out a frozen holder.
+    pub stalled_pulls: std::cell::Cell<usize>,
     pulls: Vec<PendingPull>,
     /// Writers left open across steps: (handle, inode, path it was opened as).
     pub held: Vec<(u64, u64, RelPath)>,
@@ -90,6 +100,8 @@ impl SimNode {
             engine: None,
             partitioned: false,
             peer_cut: false,
+            stalls: false,
+            stalled_pulls: Default::default(),
             pulls: Vec::new(),
             held: Vec::new(),
             sync_errors: Vec::new(),
@@ -194,6 +206,12 @@ impl SimNode {
             if h.node == self.id {
                 continue;
             }
+            if peers.stalls(&h.node) {
+                // The pull waits out the stall timeout, then tries the next holder.
+                self.env.clock_ns.fetch_add(STALL.as_nanos() as i64, Ordering::Relaxed);
+                self.stalled_pulls.set(self.stalled_pulls.get() + 1);
+                continue;
+            }
             if let Some(bytes) = peers.serve(&h.node, hash) {
                 if fs_node::store::hash_of(&bytes) != *hash {
                     continue;
@@ -204,10 +222,15 @@ impl SimNode {
         false
     }
 
+    /// Virtual time passed since the clock read `before` (ns).
+    fn time_since(&self, before: i64) -> Duration {
+        Duration::from_nanos((self.env.clock_ns.load(Ordering::Relaxed) - before).max(0) as u64)
+    }
+
     /// The bytes of `hash`, when this node can serve it.
     pub fn serve(&self, hash: &ContentHash) -> Option<Vec<u8>> {
         let tree = self.tree.as_ref()?;
-        if self.peer_cut || !tree.store().has(hash) {
+        if self.peer_cut || self.stalls || !tree.store().has(hash) {
             return None;
         }
         std::fs::read(tree.store().blob_path(hash)).ok()
@@ -224,9 +247,13 @@ impl SimNode {
         let env = Envelope::<ToNode>::decode(&m.body).map_err(|e| anyhow::anyhow!("node {} got an undecodable message: {e}", self.id))?;
         let what = crate::describe::to_node(&env.body, m.redelivered);
         let tree = self.tree.clone().expect("connected means up");
+        let before = self.env.clock_ns.load(Ordering::Relaxed);
         for (hash, _size, holders) in fs_node::engine::wanted_contents(&tree, &env.body) {
             self.fetch(peers, &hash, &holders);
         }
+        // The message reaches the engine once its pulls are done (frozen holders take
+        // their time).
+        let now = now + self.time_since(before);
         let engine = self.engine.as_mut().expect("checked");
         let actions = match engine.on_message(env, now) {
             Ok(actions) => actions,
@@ -273,7 +300,9 @@ impl SimNode {
         actions.extend(e.on_retry_tick(now));
         self.carry_out(actions, broker);
         for p in std::mem::take(&mut self.pulls) {
+            let before = self.env.clock_ns.load(Ordering::Relaxed);
             let ok = self.fetch(peers, &p.hash, &p.holders);
+            let now = now + self.time_since(before);
             let Some(e) = self.engine.as_mut() else { break };
             match e.pull_finished(&p.path, p.rev, ok, now) {
                 Ok(actions) => self.carry_out(actions, broker),

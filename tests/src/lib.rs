@@ -48,14 +48,35 @@ fn rabbitmqctl(args: &[&str]) {
 /// A RabbitMQ vhost of its own, deleted on drop.
 pub struct Vhost {
     pub name: String,
+    /// The broker node it was made on (`rabbitmqctl -n`), when not the default broker.
+    broker_node: Option<String>,
 }
 
 impl Vhost {
     pub fn new(prefix: &str) -> Vhost {
-        let name = format!("t-{prefix}-{}-{}", std::process::id(), rand::random::<u32>());
-        rabbitmqctl(&["-q", "add_vhost", &name]);
-        rabbitmqctl(&["-q", "set_permissions", "-p", &name, "guest", ".*", ".*", ".*"]);
-        Vhost { name }
+        Self::make(prefix, None)
+    }
+
+    /// A vhost of the broker (cluster) that `broker_node` belongs to.
+    pub fn on_broker_node(prefix: &str, broker_node: &str) -> Vhost {
+        Self::make(prefix, Some(broker_node.to_string()))
+    }
+
+    fn make(prefix: &str, broker_node: Option<String>) -> Vhost {
+        let v = Vhost { name: format!("t-{prefix}-{}-{}", std::process::id(), rand::random::<u32>()), broker_node };
+        rabbitmqctl(&v.ctl_args(&["add_vhost", &v.name]));
+        rabbitmqctl(&v.ctl_args(&["set_permissions", "-p", &v.name, "guest", ".*", ".*", ".*"]));
+        v
+    }
+
+    /// `rabbitmqctl` arguments for this vhost's broker.
+    fn ctl_args<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut all = vec!["-q"];
+        if let Some(n) = &self.broker_node {
+            all.extend(["-n", n.as_str()]);
+        }
+        all.extend_from_slice(args);
+        all
     }
     pub fn url_via(&self, port: u16) -> String {
         format!("amqp://guest:guest@127.0.0.1:{port}/{}?heartbeat=5", self.name)
@@ -67,7 +88,7 @@ impl Vhost {
 
 impl Drop for Vhost {
     fn drop(&mut self) {
-        let _ = Command::new("rabbitmqctl").args(["-q", "delete_vhost", &self.name]).output();
+        let _ = Command::new("rabbitmqctl").args(self.ctl_args(&["delete_vhost", &self.name])).output();
     }
 }
 
@@ -546,7 +567,7 @@ pub fn publish_raw(vhost: &Vhost, exchange: &str, key: &str, bytes: &[u8]) {
     rt.block_on(async {
         let conn = broker_link::connect(&vhost.url()).await.unwrap();
         let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-        broker_link::declare_common(&ch).await.unwrap();
+        broker_link::declare_common(&conn).await.unwrap();
         broker_link::publish_confirmed(&ch, exchange, key, "raw", bytes).await.unwrap();
         let _ = conn.close(200, "done".into()).await;
     });

@@ -409,8 +409,7 @@ fn the_cluster_broker_user_works_and_wrong_credentials_cannot_connect() {
     let url = |pw: &str| format!("amqp://{user}:{pw}@127.0.0.1:5672/{}?heartbeat=10", vhost.name);
     rt.block_on(async {
         let good = broker_link::connect(&url(&password)).await.expect("the cluster user connects");
-        let ch = good.create_channel().await.unwrap();
-        broker_link::declare_common(&ch).await.expect("the cluster user may declare the topology");
+        broker_link::declare_common(&good).await.expect("the cluster user may declare the topology");
         let _ = good.close(200, "done".into()).await;
         let wrong = broker_link::connect(&url("not-the-password")).await;
         assert!(wrong.is_err(), "a wrong password connected");

@@ -35,7 +35,7 @@ impl Publisher {
         let (conn, ch) = rt.block_on(async {
             let conn = broker_link::connect(&vhost.url()).await.unwrap();
             let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-            broker_link::declare_common(&ch).await.unwrap();
+            broker_link::declare_common(&conn).await.unwrap();
             (conn, ch)
         });
         Publisher { rt, conn, ch, from: from.parse().unwrap() }

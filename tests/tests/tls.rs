@@ -31,7 +31,7 @@ fn broker_connections_over_tls_verify_the_broker() {
     rt.block_on(async {
         let conn = broker_link::connect(&amqps_url(&vhost, &format!("&cacertfile={BROKER_CA}"))).await.expect("amqps with the broker's CA connects");
         let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-        broker_link::declare_common(&ch).await.expect("the topology is declared over TLS");
+        broker_link::declare_common(&conn).await.expect("the topology is declared over TLS");
         broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, "tls-probe", b"probe").await.expect("a publish over TLS is confirmed");
     });
 

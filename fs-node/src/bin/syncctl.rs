@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 use fs_node::link::SyncReport;
-use fs_node::node::NodeStatus;
+use fs_node::status::NodeStatus;
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -69,7 +69,7 @@ fn conflict_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::Response> {
     let url = format!("{}{}", node_url(cli)?, path);
-    let mut req = fs_node::peer::http_client(cli.tls_ca.as_deref())?.request(method, &url);
+    let mut req = fs_node::puller::http_client(cli.tls_ca.as_deref())?.request(method, &url);
     if let Some(t) = &cli.cluster_token {
         req = req.bearer_auth(t);
     }

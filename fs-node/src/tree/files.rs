@@ -153,7 +153,10 @@ impl State {
     /// `keep_content` is false), or, under passthrough, the backing file detached from
     /// the store.
     pub(super) fn ensure_work(&mut self, ino: u64, keep_content: bool, store: &ContentStore) -> FsResult<Arc<File>> {
+        // The caller is about to change the work file's bytes.
+        let stamp = self.new_work_stamp();
         let i = self.inode_mut(ino)?;
+        i.work_stamp = stamp;
         if let Some(w) = &i.work {
             return Ok(w.clone());
         }
@@ -180,12 +183,29 @@ impl State {
         Ok(w)
     }
 
+    /// The work file of `ino` to hash outside the tree lock before a commit, with its
+    /// stamp; `None` for a passthrough work file (the kernel writes it without passing
+    /// here: it is committed from a snapshot).
+    pub(super) fn work_to_hash(&self, ino: u64) -> Option<(Arc<File>, u64)> {
+        let i = self.inode(ino).ok()?;
+        let work = i.work.as_ref().filter(|_| !i.detached)?;
+        Some((work.clone(), i.work_stamp))
+    }
+
+    pub(super) fn new_work_stamp(&mut self) -> u64 {
+        self.last_work_stamp += 1;
+        self.last_work_stamp
+    }
+
     /// Hashes and stores the work file of `ino` and records a put for each of its names.
-    pub(super) fn commit_work(&mut self, ino: u64, store: &ContentStore) -> FsResult<()> {
+    /// `prehashed` is its hash taken outside the tree lock ([`Prehashed`]), used if the
+    /// file did not change since.
+    pub(super) fn commit_work(&mut self, ino: u64, store: &ContentStore, prehashed: Option<&Prehashed>) -> FsResult<()> {
         let i = self.inode_mut(ino)?;
         let Some(work) = i.work.take() else {
             return Ok(());
         };
+        let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && !i.detached);
         i.blob = None;
         let (hash, size) = if i.detached {
             // The work file is the kernel's backing file: it stays, and while a writer
@@ -200,7 +220,10 @@ impl State {
             }
             committed
         } else {
-            let c = store.commit_work_file(ino)?;
+            let c = match prehashed {
+                Some(p) => store.install_work_file(ino, p.hash.clone(), p.size)?,
+                None => store.commit_work_file(ino)?,
+            };
             if c.moved {
                 self.record(|| Undo::Installed(ino, c.hash.clone()));
             } else {

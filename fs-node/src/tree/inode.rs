@@ -30,6 +30,10 @@ pub(super) struct Inode {
     /// The work file is a passthrough backing file detached from the store (it has no
     /// name in the store's work directory, and writes may reach it without passing here).
     pub(super) detached: bool,
+    /// Changes each time the work file's bytes may change (`State::ensure_work`, which
+    /// every write and truncation goes through) and when a failed transaction is undone:
+    /// a hash taken outside the tree lock is used only if the stamp did not change.
+    pub(super) work_stamp: u64,
     /// Read handle on the current blob, opened on first read.
     pub(super) blob: Option<Arc<File>>,
     /// Set while the kernel does this inode's I/O itself on a backing file.
@@ -114,6 +118,7 @@ impl Inode {
             work: self.work.clone(),
             committed: self.committed.clone(),
             detached: self.detached,
+            work_stamp: self.work_stamp,
             blob: self.blob.clone(),
             passthrough: self.passthrough.clone(),
             writers: self.writers,
@@ -192,6 +197,7 @@ impl Inode {
             work: None,
             committed: None,
             detached: false,
+            work_stamp: 0,
             blob: None,
             passthrough: None,
             writers: 0,

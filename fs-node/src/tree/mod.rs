@@ -132,10 +132,6 @@ pub struct Applied {
 /// `node.db` meta key of [`Tree::synced_head`].
 const SYNCED_HEAD_KEY: &str = "synced_head";
 
-pub fn now_ns() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
-}
-
 /// Nanoseconds since the epoch (negative: before it) as a `SystemTime`.
 pub fn system_time(ns: i64) -> std::time::SystemTime {
     if ns >= 0 {
@@ -259,6 +255,17 @@ struct State {
     backing_owner: HashMap<(u64, u64), u64>,
     passthrough_opens: u64,
     passthrough_detaches: u64,
+    /// The last work stamp given out (`Inode::work_stamp`); never goes back.
+    last_work_stamp: u64,
+}
+
+/// A work file's hash and size, taken outside the tree lock; good for its commit only if
+/// the file's stamp is still `stamp` (nothing wrote or truncated it since).
+pub(super) struct Prehashed {
+    work: Arc<File>,
+    stamp: u64,
+    hash: ContentHash,
+    size: u64,
 }
 
 pub struct Tree {
@@ -373,6 +380,7 @@ impl Tree {
             backing_owner: HashMap::new(),
             passthrough_opens: 0,
             passthrough_detaches: 0,
+            last_work_stamp: 0,
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };

@@ -77,7 +77,7 @@ impl Tree {
             let (writers, dirty) = (i.writers, i.work.is_some());
             if dirty && writers == 0 {
                 // truncate(2) with no descriptor open: committed at once.
-                st.commit_work(ino, store)?;
+                st.commit_work(ino, store, None)?;
             } else if dirty {
                 // Sent with the content when the writer closes the file.
                 st.save(ino)?;
@@ -103,7 +103,7 @@ impl Tree {
             let ino = st.make(parent, name, kind, perm, uid, gid, rdev, target.clone(), store)?;
             if kind == Kind::File {
                 // mknod(S_IFREG) makes an empty file with no open handle: committed now.
-                st.commit_work(ino, store)?;
+                st.commit_work(ino, store, None)?;
             }
             Ok(st.inode(ino)?.attr())
         })
@@ -344,18 +344,37 @@ impl Tree {
         Ok(written?)
     }
 
-    /// close(2) of one descriptor: commit what was written through it.
+    /// close(2) of one descriptor: commit what was written through it. The content is
+    /// hashed before the tree lock is taken for the commit, so other operations on the
+    /// mount do not wait for a large file's hash.
     pub fn flush(&self, fh: u64) -> FsResult<()> {
+        self.commit_written(fh, self.hash_work_outside_lock(fh))
+    }
+
+    pub(super) fn commit_written(&self, fh: u64, prehashed: Option<Prehashed>) -> FsResult<()> {
         self.atomically(|st, store| {
             let Some(h) = st.handles.get(&fh) else {
                 return Ok(());
             };
             let (ino, write) = (h.ino, h.write);
             if write && st.inode(ino)?.work.is_some() {
-                st.commit_work(ino, store)?;
+                st.commit_work(ino, store, prehashed.as_ref())?;
             }
             Ok(())
         })
+    }
+
+    /// The hash of the work file written through handle `fh`, taken without the tree
+    /// lock. `None` if there is nothing to hash or hashing failed (the commit then hashes
+    /// under the lock, and reports the error if there is one).
+    pub(super) fn hash_work_outside_lock(&self, fh: u64) -> Option<Prehashed> {
+        let (work, stamp) = {
+            let st = self.lock();
+            let h = st.handles.get(&fh).filter(|h| h.write)?;
+            st.work_to_hash(h.ino)?
+        };
+        let (hash, size) = crate::store::hash_file(&crate::store::fd_path(&work)).ok()?;
+        Some(Prehashed { work, stamp, hash, size })
     }
 
     /// Makes the file's current content and metadata durable: commits pending writes,
@@ -397,7 +416,7 @@ impl Tree {
             let i = st.inode(ino)?;
             // The last writer closed: commit (a removed file has nothing to commit).
             if i.writers == 0 && i.work.is_some() && i.nlink > 0 {
-                st.commit_work(ino, store)?;
+                st.commit_work(ino, store, None)?;
             }
             st.maybe_drop(ino, store);
             Ok(())

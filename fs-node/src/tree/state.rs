@@ -56,35 +56,41 @@ impl State {
                     self.inodes.remove(&ino);
                     store.discard_work_file(ino);
                 }
-                Undo::Inode(ino, Some(mut before)) => match self.inodes.get_mut(&ino) {
-                    Some(now) => {
-                        if before.work.is_none() && detached.contains(&ino) {
-                            // The backing file the transaction detached from the store
-                            // stays this inode's work file: the kernel's readers read it,
-                            // and it may have changed already. It is committed like any
-                            // other (at the next close, or by `gc`).
-                            let reopened = || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime)).ok().map(Arc::new);
-                            match now.work.clone().or_else(reopened) {
-                                Some(w) => {
-                                    before.committed = Some(before.current());
-                                    before.work = Some(w);
-                                    before.detached = true;
+                Undo::Inode(ino, Some(mut before)) => {
+                    // Its work file may have changed in the transaction, and is not
+                    // changed back: a hash taken before is not good for it any more.
+                    before.work_stamp = self.new_work_stamp();
+                    match self.inodes.get_mut(&ino) {
+                        Some(now) => {
+                            if before.work.is_none() && detached.contains(&ino) {
+                                // The backing file the transaction detached from the store
+                                // stays this inode's work file: the kernel's readers read it,
+                                // and it may have changed already. It is committed like any
+                                // other (at the next close, or by `gc`).
+                                let reopened =
+                                    || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime)).ok().map(Arc::new);
+                                match now.work.clone().or_else(reopened) {
+                                    Some(w) => {
+                                        before.committed = Some(before.current());
+                                        before.work = Some(w);
+                                        before.detached = true;
+                                    }
+                                    None => tracing::error!(ino, "a passthrough backing file changed by a failed operation could not be reopened"),
                                 }
-                                None => tracing::error!(ino, "a passthrough backing file changed by a failed operation could not be reopened"),
+                            } else if before.work.is_none() {
+                                // A work file the transaction made goes, also one it
+                                // committed and `Installed` gave back.
+                                store.discard_work_file(ino);
                             }
-                        } else if before.work.is_none() {
-                            // A work file the transaction made goes, also one it
-                            // committed and `Installed` gave back.
-                            store.discard_work_file(ino);
+                            let children = std::mem::take(&mut now.children);
+                            *now = before;
+                            now.children = children;
                         }
-                        let children = std::mem::take(&mut now.children);
-                        *now = before;
-                        now.children = children;
+                        None => {
+                            self.inodes.insert(ino, before);
+                        }
                     }
-                    None => {
-                        self.inodes.insert(ino, before);
-                    }
-                },
+                }
                 Undo::Child { parent, name, old } => {
                     if let Some(p) = self.inodes.get_mut(&parent) {
                         match old {

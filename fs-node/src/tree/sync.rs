@@ -134,7 +134,7 @@ impl Tree {
         let inos: Vec<u64> = self.lock().inodes.values().filter(|i| unsaved(i)).map(|i| i.ino).collect();
         for ino in inos {
             let committed = self.atomically(|st, store| match st.inodes.get(&ino) {
-                Some(i) if unsaved(i) => st.commit_work(ino, store),
+                Some(i) if unsaved(i) => st.commit_work(ino, store, None),
                 _ => Ok(()),
             });
             match committed {

@@ -115,6 +115,39 @@ fn closed_file(t: &Tree, parent: u64, name: &str, bytes: &[u8]) -> u64 {
     a.ino
 }
 
+/// A close hashes the content outside the tree lock. A write (or a truncation) landing
+/// between that hash and the commit makes the hash stale: the commit must hash again,
+/// never name the new bytes by the old hash.
+#[test]
+fn a_hash_taken_outside_the_lock_is_not_used_after_a_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let version = |t: &Tree, ino| t.lock().inode(ino).unwrap().version();
+    for late in ["write", "truncate", "none"] {
+        let (a, fh) = t.create(ROOT, OsStr::new(late), 0o644, 0, 0, true).unwrap();
+        t.write(fh, 0, b"first").unwrap();
+        let pre = t.hash_work_outside_lock(fh).expect("a work file to hash");
+        assert_eq!(pre.hash, crate::store::hash_of(b"first"));
+        let want: &[u8] = match late {
+            "write" => {
+                t.write(fh, 5, b" and more").unwrap();
+                b"first and more"
+            }
+            "truncate" => {
+                truncate(&t, a.ino, 2, Some(fh));
+                b"fi"
+            }
+            _ => b"first",
+        };
+        t.commit_written(fh, Some(pre)).unwrap();
+        t.release(fh).unwrap();
+        assert_eq!(read_all(&t, a.ino).unwrap(), want, "{late}");
+        assert_eq!(version(&t, a.ino).unwrap().content, Content::File { hash: crate::store::hash_of(want), size: want.len() as u64 }, "{late}");
+        let blob = std::fs::read(t.store().blob_path(&crate::store::hash_of(want))).unwrap();
+        assert_eq!(blob, want, "{late}: the blob holds what its name says");
+    }
+}
+
 /// Found by the simulator (seed 407 of `sim`): a file open for writing was renamed
 /// over a synced path and the node died before the last close. The put of the new
 /// path waited for that close and never came: the node showed the renamed file and

@@ -116,9 +116,8 @@ pub async fn admit_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<
     let (v, n) = (vhost.clone(), node.clone());
     let password = tokio::task::spawn_blocking(move || add_node_user(&v, &n)).await.context("rabbitmqctl task")??;
     let conn = broker_link::connect(admin_url).await?;
-    let ch = conn.create_channel().await.context("opening a channel")?;
-    broker_link::declare_common(&ch).await?;
-    broker_link::declare_node_queue(&ch, node).await?;
+    broker_link::declare_common(&conn).await?;
+    broker_link::declare_node_queue(&conn, node).await?;
     let _ = conn.close(200, "node admitted".into()).await;
     Ok(password)
 }

@@ -241,8 +241,8 @@ impl FakeNode {
         let (conn, ch, queue) = rt.block_on(async {
             let conn = broker_link::connect(&vhost.url()).await.unwrap();
             let ch = broker_link::confirmed_channel(&conn).await.unwrap();
-            broker_link::declare_common(&ch).await.unwrap();
-            let queue = broker_link::declare_node_queue(&ch, &id).await.unwrap();
+            broker_link::declare_common(&conn).await.unwrap();
+            let queue = broker_link::declare_node_queue(&conn, &id).await.unwrap();
             (conn, ch, queue)
         });
         FakeNode { id, rt, conn, ch, queue, seq: Default::default() }

@@ -1,0 +1,73 @@
+//! What a node says about itself to `syncctl` and operators: [`NodeStatus`] (`GET
+//! /status`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
+//! [`Reporter`] reads the tree, the broker link's handle and the metrics when asked.
+
+use crate::link::{LinkHandle, SyncReport};
+use crate::metrics::{Gauges, Metrics};
+use crate::tree::Tree;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use wire::NodeId;
+
+/// What `GET /status` returns and `syncctl status` shows.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    pub id: String,
+    pub mount: String,
+    pub url: String,
+    pub connected: bool,
+    pub pending_changes: u64,
+    pub pending_pulls: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub conflicts_seen: u64,
+    pub last_revision: u64,
+    pub bytes_pulled: u64,
+    pub last_sync: Option<SyncReport>,
+}
+
+/// Reads a node's state for its status and metrics.
+pub struct Reporter {
+    pub id: NodeId,
+    pub mount: PathBuf,
+    pub url: String,
+    pub tree: Arc<Tree>,
+    pub link: LinkHandle,
+    pub metrics: Arc<Metrics>,
+    /// Whether the kernel does passthrough I/O for this mount (owned by `fs::SyncFs`).
+    pub passthrough: Arc<AtomicBool>,
+}
+
+impl Reporter {
+    pub fn status(&self) -> NodeStatus {
+        let stats = self.tree.stats();
+        NodeStatus {
+            id: self.id.to_string(),
+            mount: self.mount.display().to_string(),
+            url: self.url.clone(),
+            connected: self.link.connected(),
+            pending_changes: stats.pending_changes,
+            pending_pulls: self.link.pulls_in_progress(),
+            files: stats.files,
+            dirs: stats.dirs,
+            conflicts_seen: stats.conflicts_seen,
+            last_revision: stats.last_revision,
+            bytes_pulled: self.metrics.bytes_pulled.get(),
+            last_sync: self.link.last_sync(),
+        }
+    }
+
+    pub fn metrics_text(&self) -> String {
+        let stats = self.tree.stats();
+        self.metrics.render(&Gauges {
+            pending_changes: stats.pending_changes,
+            pending_pulls: self.link.pulls_in_progress(),
+            conflicts_seen: stats.conflicts_seen,
+            passthrough: self.passthrough.load(Ordering::Relaxed),
+            passthrough_opens: stats.passthrough_opens,
+            passthrough_detaches: stats.passthrough_detaches,
+            connected: self.link.connected(),
+        })
+    }
+}
