@@ -2,33 +2,31 @@
 //! and metrics for `syncctl` and operators. (Pulling from other nodes is `puller`.)
 
 use crate::status::Reporter;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::{header, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{any, get, post, MethodRouter};
+use axum::Router;
 use bytes::Bytes;
-use futures_util::TryStreamExt;
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
-use hyper::body::Frame;
-use hyper::{Method, Request, Response, StatusCode};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::ContentHash;
 
-type Body = BoxBody<Bytes, std::io::Error>;
-
 /// A client that has not finished its TLS handshake by then is dropped.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
-    Response::builder()
-        .status(status)
-        .header("content-type", content_type)
-        .body(Full::new(body.into()).map_err(|never| match never {}).boxed())
-        .expect("static response parts are valid")
+fn full(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response {
+    Response::builder().status(status).header("content-type", content_type).body(Body::from(body.into())).expect("static response parts are valid")
 }
 
-fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
+fn json_error(status: StatusCode, msg: &str) -> Response {
     full(status, "application/json", serde_json::json!({ "error": msg }).to_string())
 }
 
-fn authorized(req: &Request<hyper::body::Incoming>, token: &Option<String>) -> bool {
+fn authorized(req: &Request, token: &Option<String>) -> bool {
     let Some(token) = token else { return true };
     let Some(h) = req.headers().get("authorization").and_then(|v| v.to_str().ok()) else {
         return false;
@@ -50,6 +48,17 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after a failed accept (out of descriptors, say) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// The peer server's limits for the shared accept loop. On shutdown the server stops
+/// accepting and open connections are left to end by themselves: the node unmounts
+/// first and its runtime stops soon after, so there is nothing to drain for.
+const LIMITS: http_serve::Limits = http_serve::Limits {
+    max_connections: MAX_PEER_CONNECTIONS,
+    header_read_timeout: HEADER_READ_TIMEOUT,
+    tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+    accept_backoff: ACCEPT_BACKOFF,
+    shutdown_grace: None,
+};
+
 /// Serves HTTP (or HTTPS with `tls`) on `listener` until cancelled.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -58,43 +67,7 @@ pub async fn serve(
     token: Option<String>,
     cancel: tokio_util::sync::CancellationToken,
 ) {
-    let shared = Arc::new(Served { reporter, token });
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_PEER_CONNECTIONS));
-    loop {
-        let permit = tokio::select! {
-            _ = cancel.cancelled() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let (stream, peer) = tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("accepting a peer connection: {e}; pausing {ACCEPT_BACKOFF:?}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            },
-        };
-        // Headers and body go out in separate writes: without this, Nagle's algorithm
-        // holds the body until the client's delayed ACK (40 ms per small response).
-        let _ = stream.set_nodelay(true);
-        let (shared, tls) = (shared.clone(), tls.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            match tls {
-                None => serve_connection(stream, shared).await,
-                Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => serve_connection(stream, shared).await,
-                    Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                },
-            }
-        });
-    }
+    http_serve::serve(listener, tls, router(reporter, token), LIMITS, cancel).await
 }
 
 /// What the server serves from: the node's reporter (tree, link, metrics) and the
@@ -104,41 +77,75 @@ struct Served {
     token: Option<String>,
 }
 
-async fn serve_connection<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static>(stream: S, shared: Arc<Served>) {
-    let svc = hyper::service::service_fn(move |req| {
-        let shared = shared.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(req, shared).await) }
-    });
-    let _ = hyper::server::conn::http1::Builder::new()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-        .await;
+/// The peer server's routes. Every request needs the cluster token (when the node has
+/// one), unknown paths included; a known path asked with another method is a 405.
+pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
+    let served = Arc::new(Served { reporter, token });
+    Router::new()
+        // Any method reaches `content`, which serves GET alone: other methods on a content
+        // path were never a route (404), and HEAD must not count as bytes served.
+        .route("/content/{*hash}", any(content))
+        // An empty hash is a malformed one (400), as any other path below /content/.
+        .route("/content/", any(content))
+        .route("/status", only(Method::GET, get(status)))
+        .route("/metrics", only(Method::GET, get(metrics)))
+        .route("/sync", only(Method::POST, post(sync)))
+        .fallback(no_such_endpoint)
+        .layer(axum::middleware::from_fn_with_state(served.clone(), require_token))
+        .with_state(served)
 }
 
-async fn route(req: Request<hyper::body::Incoming>, shared: Arc<Served>) -> Response<Body> {
-    if !authorized(&req, &shared.token) {
+/// `route` answers its method; any other (HEAD too, which axum would give to a GET
+/// route) is a 405.
+fn only(method: Method, route: MethodRouter<Arc<Served>>) -> MethodRouter<Arc<Served>> {
+    let allow = HeaderValue::from_str(method.as_str()).expect("a method is a valid header value");
+    let refuse = move || {
+        let allow = allow.clone();
+        async move {
+            let mut r = json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+            r.headers_mut().insert(header::ALLOW, allow);
+            r
+        }
+    };
+    let route = if method == Method::HEAD { route } else { route.head(refuse.clone()) };
+    route.fallback(refuse)
+}
+
+async fn require_token(State(served): State<Arc<Served>>, req: Request, next: Next) -> Response {
+    if !authorized(&req, &served.token) {
         return json_error(StatusCode::UNAUTHORIZED, "a valid cluster token is required (Authorization: Bearer ...)");
     }
-    let path = req.uri().path().to_string();
-    match (req.method(), path.as_str()) {
-        (&Method::GET, p) if p.starts_with("/content/") => content(&shared.reporter, &p["/content/".len()..]).await,
-        (&Method::GET, "/status") => full(StatusCode::OK, "application/json", serde_json::to_vec(&shared.reporter.status()).unwrap_or_default()),
-        (&Method::GET, "/metrics") => full(StatusCode::OK, crate::metrics::METRICS_CONTENT_TYPE, shared.reporter.metrics_text()),
-        (&Method::POST, "/sync") => match shared.reporter.link.sync_now(Duration::from_secs(120)).await {
-            Ok(report) => full(StatusCode::OK, "application/json", serde_json::to_vec(&report).unwrap_or_default()),
-            Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
-        },
-        (_, "/status" | "/metrics" | "/sync") => json_error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
-        _ => json_error(StatusCode::NOT_FOUND, "no such endpoint"),
+    next.run(req).await
+}
+
+async fn no_such_endpoint() -> Response {
+    json_error(StatusCode::NOT_FOUND, "no such endpoint")
+}
+
+async fn status(State(served): State<Arc<Served>>) -> Response {
+    full(StatusCode::OK, "application/json", serde_json::to_vec(&served.reporter.status()).unwrap_or_default())
+}
+
+async fn metrics(State(served): State<Arc<Served>>) -> Response {
+    full(StatusCode::OK, crate::metrics::METRICS_CONTENT_TYPE, served.reporter.metrics_text())
+}
+
+async fn sync(State(served): State<Arc<Served>>) -> Response {
+    match served.reporter.link.sync_now(Duration::from_secs(120)).await {
+        Ok(report) => full(StatusCode::OK, "application/json", serde_json::to_vec(&report).unwrap_or_default()),
+        Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
     }
 }
 
-async fn content(shared: &Reporter, hash: &str) -> Response<Body> {
-    let Ok(hash) = hash.parse::<ContentHash>() else {
+async fn content(State(served): State<Arc<Served>>, method: Method, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+    if method != Method::GET {
+        return no_such_endpoint().await;
+    }
+    let Some(hash) = hash.ok().and_then(|UrlPath(h)| h.parse::<ContentHash>().ok()) else {
         return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
     };
-    let file = match tokio::fs::File::open(shared.tree.store().blob_path(&hash)).await {
+    let reporter = &served.reporter;
+    let file = match tokio::fs::File::open(reporter.tree.store().blob_path(&hash)).await {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
         Err(e) => {
@@ -147,12 +154,114 @@ async fn content(shared: &Reporter, hash: &str) -> Response<Body> {
         }
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    shared.metrics.bytes_served.inc_by(len);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+    reporter.metrics.bytes_served.inc_by(len);
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
     Response::builder()
         .status(StatusCode::OK)
         .header("content-type", "application/octet-stream")
         .header("content-length", len)
-        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .body(Body::from_stream(stream))
         .expect("static response parts are valid")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Db;
+    use crate::engine::NodeInfo;
+    use crate::link::LinkTask;
+    use crate::metrics::Metrics;
+    use crate::puller::Puller;
+    use crate::store::ContentStore;
+    use crate::tree::Tree;
+    use http_body_util::BodyExt;
+    use std::io::Write;
+    use std::path::Path;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::OnceLock;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "cluster-secret";
+
+    /// A reporter over a fresh tree and a broker link that never runs (so never connected).
+    fn reporter(data: &Path) -> Arc<Reporter> {
+        let store = ContentStore::open(data).unwrap();
+        let tree = Arc::new(Tree::load(Db::open(&data.join("node.db")).unwrap(), store.clone()).unwrap());
+        let id: wire::NodeId = "n1".parse().unwrap();
+        let url = "http://127.0.0.1:1".to_string();
+        let metrics = Arc::new(Metrics::default());
+        let puller = Puller::new(reqwest::Client::new(), store, id.clone(), None, Duration::from_secs(1), false);
+        let info = NodeInfo { id: id.clone(), url: url.clone(), allow_setid: false, software: "test".into() };
+        let (_task, link) = LinkTask::new("amqp://127.0.0.1:1".into(), info, tree.clone(), puller, metrics.clone(), Arc::new(OnceLock::new()));
+        Arc::new(Reporter { id, mount: data.join("mnt"), url, tree, link, metrics, passthrough: Arc::new(AtomicBool::new(false)) })
+    }
+
+    async fn call(router: &Router, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, Bytes) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let resp = router.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+    }
+
+    #[tokio::test]
+    async fn token_routes_methods_and_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let reporter = reporter(dir.path());
+        let router = router(reporter.clone(), Some(TOKEN.into()));
+        let bytes = b"served bytes";
+        let hash = ContentHash::from_bytes(*blake3::hash(bytes).as_bytes());
+        let (tmp, mut f) = reporter.tree.store().tmp_file().unwrap();
+        f.write_all(bytes).unwrap();
+        reporter.tree.store().install(&tmp, &hash).unwrap();
+        let content = format!("/content/{hash}");
+
+        // The token is needed everywhere, unknown paths included.
+        for (path, token) in [(content.as_str(), None), ("/status", Some("wrong")), ("/no/such/thing", None)] {
+            let (status, _, body) = call(&router, "GET", path, token).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(&body[..], br#"{"error":"a valid cluster token is required (Authorization: Bearer ...)"}"#);
+        }
+
+        let (status, headers, body) = call(&router, "GET", &content, Some(TOKEN)).await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &bytes[..]));
+        assert_eq!(
+            (&headers["content-length"], &headers["content-type"]),
+            (&HeaderValue::from(bytes.len()), &HeaderValue::from_static("application/octet-stream"))
+        );
+        assert_eq!(reporter.metrics.bytes_served.get(), bytes.len() as u64);
+
+        for (method, path, expected) in [
+            ("GET", format!("/content/{}", "0".repeat(64)), StatusCode::NOT_FOUND),
+            ("GET", "/content/..%2F..%2Fnode.db".to_string(), StatusCode::BAD_REQUEST),
+            ("GET", "/content/a/b".to_string(), StatusCode::BAD_REQUEST),
+            ("GET", "/content/".to_string(), StatusCode::BAD_REQUEST),
+            ("HEAD", content.clone(), StatusCode::NOT_FOUND),
+            ("POST", content.clone(), StatusCode::NOT_FOUND),
+            ("GET", "/content".to_string(), StatusCode::NOT_FOUND),
+            ("GET", "/nope".to_string(), StatusCode::NOT_FOUND),
+            ("GET", "/status".to_string(), StatusCode::OK),
+            ("GET", "/metrics".to_string(), StatusCode::OK),
+            ("POST", "/sync".to_string(), StatusCode::SERVICE_UNAVAILABLE),
+            ("POST", "/status".to_string(), StatusCode::METHOD_NOT_ALLOWED),
+            ("HEAD", "/metrics".to_string(), StatusCode::METHOD_NOT_ALLOWED),
+            ("GET", "/sync".to_string(), StatusCode::METHOD_NOT_ALLOWED),
+        ] {
+            let (status, headers, body) = call(&router, method, &path, Some(TOKEN)).await;
+            assert_eq!(status, expected, "{method} {path}: {}", String::from_utf8_lossy(&body));
+            if status != StatusCode::OK && method != "HEAD" {
+                assert_eq!(headers["content-type"], "application/json", "{method} {path}");
+                assert!(body.starts_with(br#"{"error":""#), "{method} {path}");
+            }
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                assert_eq!(headers["allow"], if path == "/sync" { "POST" } else { "GET" });
+            } else {
+                assert!(!headers.contains_key("allow"), "{method} {path}");
+            }
+        }
+        // Only the GET above counted.
+        assert_eq!(reporter.metrics.bytes_served.get(), bytes.len() as u64);
+    }
 }

@@ -2,7 +2,7 @@
 //! `{"error": "..."}`. Internal failures are logged with their cause and answered with a
 //! short message, so database details do not leak to clients.
 
-use hyper::StatusCode;
+use axum::http::StatusCode;
 
 #[derive(Debug)]
 pub struct ApiError {

@@ -2,10 +2,10 @@
 
 use super::error::{ApiError, ApiResult};
 use super::routes::Op;
-use super::{full, json_response, metrics, openapi, provisioning, queries, with_type, Body, Call, EventBody, State};
-use http_body_util::BodyExt;
-use hyper::header::HeaderValue;
-use hyper::{Response, StatusCode};
+use super::{event_body, full, json_response, metrics, openapi, provisioning, queries, with_type, Call, State};
+use axum::http::header::HeaderValue;
+use axum::http::StatusCode;
+use axum::response::Response;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use wire::{NodeId, RelPath};
@@ -21,7 +21,7 @@ pub const DEFAULT_LIMIT: u64 = 100;
 /// Most entries per page: keeps one answer (and one query) small.
 pub const MAX_LIMIT: u64 = 1000;
 
-pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Response<Body>> {
+pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Response> {
     let ok = |v: Value| Ok(json_response(StatusCode::OK, &v));
     match op {
         Op::Dashboard => {
@@ -49,7 +49,7 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
         }
         Op::Events => {
             let rx = state.hub.subscribe(state.handle.clone(), state.cancel.clone())?;
-            let mut r = with_type(StatusCode::OK, "text/event-stream", EventBody(rx).boxed());
+            let mut r = with_type(StatusCode::OK, "text/event-stream", event_body(rx));
             // Proxies such as nginx must pass events through at once.
             r.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
             Ok(r)

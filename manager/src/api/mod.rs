@@ -7,7 +7,9 @@
 //! the provisioning module. It never talks to the broker, never decides about files and
 //! never logs a token or a query string (which may carry one).
 //!
-//! Layout: `routes` (the route table), `handlers` (one function per route), `queries`
+//! Layout: `routes` (the route table, from which both the axum router here and the
+//! OpenAPI document are built; the shared `http-serve` loop serves it), `handlers` (one
+//! function per route), `queries`
 //! (read-only SQL), `events` (live updates), `metrics`, `openapi`, `credentials` (the
 //! cluster's secrets), `broker_user` (the cluster's RabbitMQ user); TLS files are read by the `tls-pem` crate.
 
@@ -24,25 +26,27 @@ pub mod routes;
 
 use crate::service::{self, Handle};
 use anyhow::Context;
+use axum::body::Body;
+use axum::extract::rejection::RawPathParamsRejection;
+use axum::extract::{RawPathParams, Request};
+use axum::http::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::routing::{MethodFilter, MethodRouter};
 use bytes::Bytes;
 use credentials::{Credentials, Secret};
 use error::{ApiError, ApiResult};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, Limited};
-use hyper::body::{Frame, Incoming};
-use hyper::header::{HeaderValue, ALLOW, AUTHORIZATION, CACHE_CONTROL, CONTENT_LENGTH, CONTENT_TYPE, WWW_AUTHENTICATE};
-use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use routes::{Match, Op, Route};
+use http_body_util::{BodyExt, Limited};
+use routes::{Op, Route, ROUTES};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -63,7 +67,14 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
-pub type Body = BoxBody<Bytes, Infallible>;
+/// The API's connection limits for the shared accept loop.
+const LIMITS: http_serve::Limits = http_serve::Limits {
+    max_connections: MAX_CONNECTIONS,
+    header_read_timeout: HEADER_READ_TIMEOUT,
+    tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+    accept_backoff: ACCEPT_BACKOFF,
+    shutdown_grace: Some(SHUTDOWN_GRACE),
+};
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]
@@ -163,62 +174,13 @@ impl Server {
         });
         let tracker = TaskTracker::new();
         tracker.spawn(hub.run(self.handle, cancel.clone()));
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let permit = tokio::select! {
-                _ = cancel.cancelled() => break,
-                p = slots.clone().acquire_owned() => p.context("connection limit closed")?,
-            };
-            let accepted = tokio::select! {
-                _ = cancel.cancelled() => break,
-                a = self.listener.accept() => a,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!("accepting an HTTP connection: {e}");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-            };
-            let (tls, state, cancel) = (self.tls.clone(), state.clone(), cancel.clone());
-            tracker.spawn(async move {
-                let _permit = permit;
-                let _ = tcp.set_nodelay(true);
-                match tls {
-                    None => serve_connection(TokioIo::new(tcp), state, cancel).await,
-                    Some(acceptor) => match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => serve_connection(TokioIo::new(stream), state, cancel).await,
-                        Ok(Err(e)) => tracing::debug!(%peer, "TLS handshake failed: {e}"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    },
-                }
-            });
-        }
+        http_serve::serve(self.listener, self.tls, router(state), LIMITS, cancel).await;
+        // The event poller stops on `cancel` too.
         tracker.close();
         if tokio::time::timeout(SHUTDOWN_GRACE, tracker.wait()).await.is_err() {
-            tracing::warn!("HTTP requests still running after {SHUTDOWN_GRACE:?}; stopping anyway");
+            tracing::warn!("the event poller still running after {SHUTDOWN_GRACE:?}; stopping anyway");
         }
         Ok(())
-    }
-}
-
-async fn serve_connection<I>(io: I, state: Arc<State>, cancel: CancellationToken)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let svc = hyper::service::service_fn(move |req| {
-        let state = state.clone();
-        async move { Ok::<_, Infallible>(answer(&state, req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT).serve_connection(io, svc);
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r { tracing::debug!("HTTP connection ended: {e}") },
-        _ = cancel.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            let _ = conn.await;
-        }
     }
 }
 
@@ -258,15 +220,56 @@ pub async fn run_manager(cfg: service::Config, api: Config, cancel: Cancellation
     broker.and(http)
 }
 
-/// Answers one request; every failure becomes a JSON error.
-async fn answer(state: &State, req: Request<Incoming>) -> Response<Body> {
+/// The API as an axum router built from [`ROUTES`], the table the OpenAPI document is
+/// made from, so the two cannot disagree. Each path answers its table methods; any other
+/// method (HEAD too, where only GET is listed) is a 405 with `Allow`, and a path not in
+/// the table is a 404, both as JSON errors like every other failure.
+fn router(state: Arc<State>) -> axum::Router {
+    let mut paths: Vec<(&'static str, Vec<&'static Route>)> = Vec::new();
+    for r in ROUTES {
+        match paths.iter_mut().find(|(p, _)| *p == r.path) {
+            Some((_, routes)) => routes.push(r),
+            None => paths.push((r.path, vec![r])),
+        }
+    }
+    let mut router = axum::Router::new();
+    for (path, routes) in paths {
+        let allowed: Arc<[&'static str]> = routes.iter().map(|r| r.method).collect();
+        let refuse = move |req: Request| async move { error_response(ApiError::method_not_allowed(req.method().as_str(), &allowed)) };
+        let mut methods = MethodRouter::new().fallback(refuse.clone());
+        for route in routes {
+            let state = state.clone();
+            let method = Method::from_bytes(route.method.as_bytes()).ok().and_then(|m| MethodFilter::try_from(m).ok());
+            let method = method.unwrap_or_else(|| panic!("{route:?}: not a method axum routes"));
+            methods = methods.on(method, move |params: Result<RawPathParams, RawPathParamsRejection>, req: Request| async move {
+                answer(&state, route, params, req).await.unwrap_or_else(error_response)
+            });
+        }
+        // axum answers HEAD with the GET handler; the table lists no HEAD routes.
+        methods = methods.on(MethodFilter::HEAD, refuse);
+        router = router.route(path, methods);
+    }
+    router
+        // axum lets a `{name}` segment be empty (`/api/nodes//sync`); no such path exists.
+        .route_layer(axum::middleware::from_fn(|params: Result<RawPathParams, RawPathParamsRejection>, req: Request, next: Next| async move {
+            match params {
+                Ok(params) if params.iter().any(|(_, v)| v.is_empty()) => no_such_route(req).await,
+                _ => next.run(req).await,
+            }
+        }))
+        .fallback(no_such_route)
+        .layer(axum::middleware::from_fn_with_state(state, count_and_log))
+}
+
+async fn no_such_route(req: Request) -> Response {
+    error_response(ApiError::not_found(format!("no such route: {} (the routes are listed in /api/openapi.json)", req.uri().path())))
+}
+
+/// Counts every request (404s and 405s too) and logs it.
+async fn count_and_log(axum::extract::State(state): axum::extract::State<Arc<State>>, req: Request, next: Next) -> Response {
     state.requests.fetch_add(1, Ordering::Relaxed);
-    let method = req.method().clone();
-    let path = req.uri().path().to_string();
-    let response = match route(state, req).await {
-        Ok(r) => r,
-        Err(e) => error_response(e),
-    };
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let response = next.run(req).await;
     // The path only: a query string may carry the operator token.
     tracing::debug!(%method, %path, status = response.status().as_u16(), "HTTP request");
     response
@@ -286,17 +289,14 @@ impl Call {
     }
 }
 
-async fn route(state: &State, req: Request<Incoming>) -> ApiResult<Response<Body>> {
-    let path = req.uri().path().to_string();
-    let (route, params) = match routes::find(req.method().as_str(), &path) {
-        Match::Found(r, p) => (r, p.into_iter().map(str::to_string).collect()),
-        Match::MethodNotAllowed(allowed) => return Err(ApiError::method_not_allowed(req.method().as_str(), &allowed)),
-        Match::NotFound => return Err(ApiError::not_found(format!("no such route: {path} (the routes are listed in /api/openapi.json)"))),
-    };
+/// Answers a request the router matched to `route`: query, token, path parameters,
+/// body, then the handler.
+async fn answer(state: &State, route: &'static Route, params: Result<RawPathParams, RawPathParamsRejection>, req: Request) -> ApiResult<Response> {
     let query = parse_query(route, req.uri().query())?;
     if !route.public {
         authorize(state, route, req.headers(), &query)?;
     }
+    let params = params.map_err(|e| ApiError::bad_request(format!("malformed path: {e}")))?.iter().map(|(_, v)| v.to_string()).collect();
     let body = read_body(req).await?;
     handlers::dispatch(state, route.op, Call { params, query, body }).await
 }
@@ -324,7 +324,7 @@ fn parse_query(route: &Route, raw: Option<&str>) -> ApiResult<Vec<(String, Strin
 
 /// Requires the operator token: `Authorization: Bearer <token>`, or for the event stream
 /// (browsers' EventSource cannot set headers) `?token=`.
-fn authorize(state: &State, route: &Route, headers: &hyper::HeaderMap, query: &[(String, String)]) -> ApiResult<()> {
+fn authorize(state: &State, route: &Route, headers: &HeaderMap, query: &[(String, String)]) -> ApiResult<()> {
     let header = headers.get(AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(str::trim);
     let from_query = || {
         if route.op == Op::Events {
@@ -339,7 +339,7 @@ fn authorize(state: &State, route: &Route, headers: &hyper::HeaderMap, query: &[
     }
 }
 
-async fn read_body(req: Request<Incoming>) -> ApiResult<Bytes> {
+async fn read_body(req: Request) -> ApiResult<Bytes> {
     let too_large = || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("request body is larger than {MAX_BODY_BYTES} bytes"));
     let declared = req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
@@ -353,10 +353,10 @@ async fn read_body(req: Request<Incoming>) -> ApiResult<Bytes> {
 }
 
 fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed()
+    Body::from(bytes.into())
 }
 
-fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response<Body> {
+fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Response {
     let mut r = Response::new(body);
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
@@ -364,13 +364,13 @@ fn with_type(status: StatusCode, content_type: &'static str, body: Body) -> Resp
     r
 }
 
-pub(crate) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+pub(crate) fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
     let mut text = value.to_string();
     text.push('\n');
     with_type(status, "application/json", full(text))
 }
 
-fn error_response(e: ApiError) -> Response<Body> {
+fn error_response(e: ApiError) -> Response {
     let mut r = json_response(e.status, &serde_json::json!({ "error": e.message }));
     if e.status == StatusCode::UNAUTHORIZED {
         r.headers_mut().insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"sync-manager\""));
@@ -382,12 +382,110 @@ fn error_response(e: ApiError) -> Response<Body> {
 }
 
 /// The body of an event stream: what the stream's task sends, as it comes.
-struct EventBody(mpsc::Receiver<Bytes>);
+fn event_body(rx: mpsc::Receiver<Bytes>) -> Body {
+    Body::from_stream(futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) }))
+}
 
-impl hyper::body::Body for EventBody {
-    type Data = Bytes;
-    type Error = Infallible;
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|next| next.map(|b| Ok(Frame::data(b))))
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    const TOKEN: &str = "operator-secret";
+
+    fn test_router(dir: &std::path::Path) -> axum::Router {
+        let handle = Handle::open(&dir.join("m.db")).unwrap();
+        let state = Arc::new(State {
+            handle,
+            provision: ProvisionContext::default(),
+            operator_token: Secret::new(TOKEN),
+            hub: Arc::new(events::Hub::default()),
+            cancel: CancellationToken::new(),
+            requests: AtomicU64::new(0),
+        });
+        router(state)
+    }
+
+    async fn call(router: &axum::Router, method: &str, uri: &str, token: Option<&str>, body: &str) -> (StatusCode, HeaderMap, String) {
+        let mut req = axum::http::Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let resp = router.clone().oneshot(req.body(Body::from(body.to_string())).unwrap()).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Every route of the table is routed (a token-less call reaches the token check, or
+    /// the page), and the other methods on its path are 405 with `Allow` listing exactly
+    /// the table's methods.
+    #[tokio::test]
+    async fn the_router_serves_exactly_the_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = test_router(dir.path());
+        for r in ROUTES {
+            let concrete = r.path.replace("{id}", "n1");
+            let (status, headers, body) = call(&router, r.method, &concrete, None, "").await;
+            if r.public {
+                assert_eq!(status, StatusCode::OK, "{r:?}: {body}");
+            } else {
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{r:?}: {body}");
+                assert_eq!(headers[WWW_AUTHENTICATE], "Bearer realm=\"sync-manager\"");
+                assert!(body.contains("operator token"), "{body}");
+            }
+            let allowed: Vec<&str> = ROUTES.iter().filter(|o| o.path == r.path).map(|o| o.method).collect();
+            for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+                if allowed.contains(&method) {
+                    continue;
+                }
+                let (status, headers, body) = call(&router, method, &concrete, Some(TOKEN), "").await;
+                assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED, "{method} {concrete}");
+                assert_eq!(headers[ALLOW], allowed.join(", "), "{method} {concrete}");
+                if method != "HEAD" {
+                    let expected = format!("{{\"error\":\"method {method} is not allowed here; allowed: {}\"}}\n", allowed.join(", "));
+                    assert_eq!(body, expected);
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_tokens_queries_and_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let router = test_router(dir.path());
+        for path in ["/api", "/api/", "/api/nodes/", "/api/nodes//sync", "/api/nodes/a/b", "/metrics/x", "//api/status"] {
+            let (status, headers, body) = call(&router, "GET", path, Some(TOKEN), "").await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{path}");
+            assert_eq!(headers[CONTENT_TYPE], "application/json");
+            assert_eq!(body, format!("{{\"error\":\"no such route: {path} (the routes are listed in /api/openapi.json)\"}}\n"));
+        }
+        let (status, _, body) = call(&router, "GET", "/api/status", Some("wrong"), "").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        let (status, headers, body) = call(&router, "GET", "/api/status", Some(TOKEN), "").await;
+        assert_eq!((status, &headers[CACHE_CONTROL]), (StatusCode::OK, &HeaderValue::from_static("no-store")), "{body}");
+        assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["head"], 0);
+        // The event stream alone takes the token in the query string.
+        let (status, _, _) = call(&router, "GET", &format!("/api/status?token={TOKEN}"), None, "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let (status, _, body) = call(&router, "GET", "/api/files?limit=0", Some(TOKEN), "").await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let (status, _, body) = call(&router, "GET", "/api/files?nope=1", Some(TOKEN), "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        assert!(body.contains("unknown query parameter \\\"nope\\\""), "{body}");
+        let (status, _, body) = call(&router, "GET", "/api/nodes/bad%20id", Some(TOKEN), "").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let (status, _, body) = call(&router, "GET", "/api/nodes/n1", Some(TOKEN), "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+        assert!(body.contains("no node named \\\"n1\\\""), "{body}");
+        let big = "x".repeat(MAX_BODY_BYTES + 1);
+        let (status, _, body) = call(&router, "POST", "/api/nodes", Some(TOKEN), &big).await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{body}");
+        let (status, _, body) = call(&router, "POST", "/api/nodes", Some(TOKEN), r#"{"idd": "x"}"#).await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{body}");
+        let (status, headers, body) = call(&router, "GET", "/", None, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers["content-security-policy"].to_str().unwrap().starts_with("default-src 'none'"));
+        assert!(body.contains("<html") || body.contains("<!doctype") || body.contains("<!DOCTYPE"), "{body}");
     }
 }

@@ -17,12 +17,12 @@ fn api_error(e: provision::Error) -> ApiError {
     match e {
         E::Invalid { .. } => ApiError::bad_request(msg),
         E::NodeNotFound { .. } | E::VmNotFound { .. } => ApiError::not_found(msg),
-        E::NodeExists { .. } => ApiError::new(hyper::StatusCode::CONFLICT, msg),
+        E::NodeExists { .. } => ApiError::new(axum::http::StatusCode::CONFLICT, msg),
         E::DockerUnavailable { .. } | E::ImageMissing { .. } | E::Ec2NotBuilt | E::Broker { .. } => ApiError::unavailable(msg),
         // A cloud client that cannot even be configured (no region, no credentials)
         // is this manager's missing setup; anything else the cloud said is a bad gateway.
         E::Cloud { op, .. } if op == ec2::OP_CONFIGURE => ApiError::unavailable(msg),
-        E::Cloud { .. } => ApiError::new(hyper::StatusCode::BAD_GATEWAY, msg),
+        E::Cloud { .. } => ApiError::new(axum::http::StatusCode::BAD_GATEWAY, msg),
         _ => ApiError::internal(anyhow::anyhow!(msg)),
     }
 }

@@ -1,6 +1,7 @@
-//! The route table: the one list of every HTTP route, used both by the router and by the
-//! OpenAPI generator, so the document cannot describe a route the server lacks or miss
-//! one it has. Matching is plain: literal segments and `{name}` segments.
+//! The route table: the one list of every HTTP route, from which both the axum router
+//! (`api::router`) and the OpenAPI document are built, so the document cannot describe a
+//! route the server lacks or miss one it has. Paths are in the OpenAPI form, which is
+//! also axum's: literal segments and `{name}` segments.
 
 /// What a route does; the dispatcher matches on it exhaustively.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -223,50 +224,9 @@ pub const ROUTES: &[Route] = &[
     },
 ];
 
-/// The result of looking a request up in [`ROUTES`].
-#[derive(Debug)]
-pub enum Match<'a> {
-    /// The route and the values of its `{name}` segments, in order.
-    Found(&'static Route, Vec<&'a str>),
-    /// The path exists with other methods (for the `Allow` header).
-    MethodNotAllowed(Vec<&'static str>),
-    NotFound,
-}
-
 impl std::fmt::Debug for Route {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{} {}", self.method, self.path)
-    }
-}
-
-fn path_params<'a>(template: &str, path: &'a str) -> Option<Vec<&'a str>> {
-    let mut t = template.split('/');
-    let mut p = path.split('/');
-    let mut params = Vec::new();
-    loop {
-        match (t.next(), p.next()) {
-            (None, None) => return Some(params),
-            (Some(ts), Some(ps)) if ts.starts_with('{') && ts.ends_with('}') && !ps.is_empty() => params.push(ps),
-            (Some(ts), Some(ps)) if ts == ps => {}
-            _ => return None,
-        }
-    }
-}
-
-pub fn find<'a>(method: &str, path: &'a str) -> Match<'a> {
-    let mut allowed = Vec::new();
-    for r in ROUTES {
-        if let Some(params) = path_params(r.path, path) {
-            if r.method == method {
-                return Match::Found(r, params);
-            }
-            allowed.push(r.method);
-        }
-    }
-    if allowed.is_empty() {
-        Match::NotFound
-    } else {
-        Match::MethodNotAllowed(allowed)
     }
 }
 
@@ -275,30 +235,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_route_is_reachable_and_unique() {
-        for r in ROUTES {
-            let concrete = r.path.replace("{id}", "n1");
-            match find(r.method, &concrete) {
-                Match::Found(found, _) => {
-                    assert_eq!(found.op, r.op, "{r:?} is shadowed by {found:?}")
-                }
-                other => panic!("{r:?} not found: {other:?}"),
-            }
-        }
+    fn every_route_is_unique() {
         let mut seen = std::collections::HashSet::new();
         for r in ROUTES {
             assert!(seen.insert((r.method, r.path)), "{r:?} twice");
         }
-    }
-
-    #[test]
-    fn params_and_methods() {
-        let Match::Found(r, params) = find("POST", "/api/nodes/n-1/sync") else { panic!() };
-        assert_eq!(r.op, Op::SyncNode);
-        assert_eq!(params, vec!["n-1"]);
-        assert!(matches!(find("PUT", "/api/nodes"), Match::MethodNotAllowed(m) if m == vec!["GET", "POST"]));
-        assert!(matches!(find("GET", "/api/nodes//sync"), Match::NotFound));
-        assert!(matches!(find("GET", "/api/nope"), Match::NotFound));
-        assert!(matches!(find("GET", "/api/nodes/a/b"), Match::NotFound));
     }
 }
