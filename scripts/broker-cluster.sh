@@ -16,7 +16,11 @@ ctl() { local i=$1; shift; rabbitmqctl -q -n "$(name "$i")" "$@"; }
 up() { ctl "$1" status >/dev/null 2>&1; }
 log() { echo "broker-cluster: $*" >&2; }
 
-start_node() {
+# Launches broker node $1 (detached) unless it runs; `wait_node` waits for it. All three
+# are launched before any is waited for: a broker node restarted after the whole cluster
+# stopped waits for the other members' tables before it boots (Mnesia), so starting
+# and awaiting them one by one would wait on a node that is not started yet.
+launch_node() {
   local i=$1 port=${ports[$(($1 - 1))]} dir=$base/n$1
   up "$i" && return 0
   mkdir -p "$dir"
@@ -33,12 +37,17 @@ CONF
     RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log RABBITMQ_PID_FILE=$dir/pid \
     RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins \
     /usr/lib/rabbitmq/bin/rabbitmq-server -detached" >/dev/null 2>&1 || true
-  for _ in $(seq 1 120); do
-    up "$i" && break
+}
+
+wait_node() {
+  local i=$1 dir=$base/n$1
+  for _ in $(seq 1 240); do
+    up "$i" && ctl "$i" await_startup --timeout 120 >/dev/null 2>&1 && return 0
     sleep 1
   done
-  up "$i" || { log "$(name "$i") did not start; its log follows"; tail -n 40 "$dir"/log/*.log 2>/dev/null || true; exit 1; }
-  ctl "$i" await_startup --timeout 120 >/dev/null
+  log "$(name "$i") did not start; its log follows"
+  tail -n 60 "$dir"/log/*.log >&2 2>/dev/null || true
+  exit 1
 }
 
 members() { ctl 1 cluster_status --formatter json 2>/dev/null | python3 -c 'import json,sys; print(" ".join(json.load(sys.stdin).get("running_nodes", [])))' 2>/dev/null || true; }
@@ -56,7 +65,11 @@ join() {
 
 start() {
   command -v rabbitmq-server >/dev/null || { log "rabbitmq-server is not installed: run scripts/setup.sh first"; exit 1; }
-  for i in 1 2 3; do start_node "$i"; done
+  # One start at a time (tests running in parallel each ask for the cluster).
+  exec 9>/run/syncfs-broker-cluster.lock
+  flock 9
+  for i in 1 2 3; do launch_node "$i"; done
+  for i in 1 2 3; do wait_node "$i"; done
   join 2
   join 3
   log "running: $(members)"
