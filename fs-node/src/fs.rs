@@ -355,9 +355,7 @@ impl Filesystem for SyncFs {
             // The kernel may keep listings across opens (CACHE_DIR + KEEP_CACHE): a local
             // change of the directory goes through the kernel, which drops its listing,
             // and a remote one invalidates the directory's inode (`link::invalidate`).
-            Ok(a) if a.kind == Kind::Dir => {
-                reply.opened(FileHandle(self.listings.open()), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Ok(a) if a.kind == Kind::Dir => reply.opened(FileHandle(self.listings.open()), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
             Ok(_) => reply.error(Errno::ENOTDIR),
             Err(e) => reply.error(fail("opendir", e)),
         }

@@ -24,7 +24,7 @@ const KEPT: &[(u64, &str)] = &[
     (17674, "a change following a refused one lost its base and conflicted with the node's own version"),
     (33913, "a later edit of a change kept as a conflict replaced a conflict directory, leaving files below a file"),
     (49537, "a deleted directory kept for pending children stayed for good once those children were kept elsewhere"),
-    (63011, "a directory replaced by the manager's file took with it a file still being written below it (created after the last sync, its change not queued yet)"),
+    (63011, "a directory replaced by the manager's file took with it a file still being written below it"),
     (68594, "a file whose last close could not commit (a database fault) was not sent by the next sync, only by a GC a minute later"),
 ];
 
