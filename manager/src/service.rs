@@ -120,13 +120,17 @@ impl Handle {
         })
     }
 
-    /// The broker loop took up work (a batch): the clock starts unless it runs already.
-    fn mark_busy(&self) {
+    /// Runs work the broker loop took up (a batch, a tick, a sync reply page) under the
+    /// stall clock: the clock starts with the first piece of work not yet finished and
+    /// stops only when one finishes. A piece that fails (a locked database ends the
+    /// session) leaves it running, whichever kind of work the next session tries first.
+    async fn timed<T>(&self, work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
         let _ = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
-    }
-    /// The work taken up is done.
-    fn mark_done(&self) {
-        self.busy_since_ms.store(0, Ordering::Relaxed);
+        let out = work.await;
+        if out.is_ok() {
+            self.busy_since_ms.store(0, Ordering::Relaxed);
+        }
+        out
     }
     /// How long unfinished work has been waiting, if longer than [`STALLED_AFTER`].
     pub fn stalled_for(&self, now_ms: i64) -> Option<Duration> {
@@ -194,7 +198,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let changed = handle.with_store(|s| s.transaction(|tx| tx.mark_silent_offline(now_ms()))).await?;
+                let changed = handle.timed(handle.with_store(|s| s.transaction(|tx| tx.mark_silent_offline(now_ms())))).await?;
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }
@@ -202,7 +206,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 sync_work = true;
             }
             _ = std::future::ready(()), if sync_work => {
-                sync_work = handle.with_store(|s| s.sync_step(now_ms())).await?;
+                sync_work = handle.timed(handle.with_store(|s| s.sync_step(now_ms()))).await?;
                 flush_outbox(handle, &ch).await?;
             }
             _ = handle.outbox_ready.notified() => flush_outbox(handle, &ch).await?,
@@ -217,9 +221,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 }
                 handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
-                handle.mark_busy();
-                handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users).await?;
-                handle.mark_done();
+                handle.timed(handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users)).await?;
                 sync_work = true;
             }
         }

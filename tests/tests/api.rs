@@ -422,3 +422,22 @@ fn the_cluster_broker_user_works_and_wrong_credentials_cannot_connect() {
     rt.block_on(async { assert!(broker_link::connect(&url(&password)).await.is_err(), "the old password still works") });
     assert_no_secret(&m.log, &[&password, &m.token, &m.cluster_token]);
 }
+
+/// A manager whose database is locked says it is stuck even when no node sends anything:
+/// its own periodic work (marking silent nodes offline, sending sync replies) is work it
+/// took up and cannot finish. (The stall clock once ran only for batches of messages, so
+/// a manager whose sessions always failed on a tick first never said so.)
+#[test]
+fn a_locked_database_is_reported_even_with_no_messages_coming_in() {
+    let m = Manager::start("api-stuck-idle");
+    assert_eq!(m.call("GET", "/api/health", None).status, 200);
+    let lock = rusqlite::Connection::open(m.db()).unwrap();
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    eventually("the manager to say it is stuck", std::time::Duration::from_secs(90), || {
+        let r = m.call("GET", "/api/health", None);
+        r.status == 503 && r.json()["ok"] == false && r.json()["stalled_seconds"].as_u64().is_some_and(|s| s >= 30)
+    });
+    lock.execute_batch("COMMIT").unwrap();
+    drop(lock);
+    eventually("the manager healthy again", DEADLINE, || m.call("GET", "/api/health", None).status == 200);
+}
