@@ -96,6 +96,14 @@ impl From<RelPath> for String {
         p.0
     }
 }
+/// Paths order, hash and compare as their text, so maps keyed by paths can be searched
+/// by text (a prefix range: everything below a directory).
+impl std::borrow::Borrow<str> for RelPath {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 impl fmt::Display for RelPath {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

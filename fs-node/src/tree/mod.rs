@@ -25,6 +25,7 @@ mod files;
 mod inode;
 mod ops;
 mod outbox;
+use outbox::Outbox;
 mod remote;
 mod state;
 mod sync;
@@ -164,19 +165,6 @@ struct Handle {
     passthrough: bool,
 }
 
-/// The outbox as the tree keeps it in memory (rows are also in the database).
-#[derive(Default)]
-struct Outbox {
-    rows: BTreeMap<i64, OutboxRow>,
-    /// Undecided rows per path.
-    per_path: HashMap<RelPath, usize>,
-    /// Rows that may have reached the broker (published in this run, or loaded from
-    /// disk at start); these are never coalesced.
-    sent: HashSet<MessageId>,
-    /// Rows with a seq up to this one were handed to the broker link in this session.
-    published_upto: i64,
-}
-
 /// What `sync` and the status page report about the tree.
 #[derive(Clone, Debug, Default, serde::Serialize)]
 pub struct TreeStats {
@@ -207,7 +195,6 @@ enum Undo {
     },
     Rev(RelPath, Option<Revision>),
     Outbox(i64, Option<OutboxRow>),
-    PerPath(RelPath, Option<usize>),
     Sent(MessageId, bool),
     Handle(u64, Option<Handle>),
     BackingOwner((u64, u64), Option<u64>),
@@ -362,9 +349,8 @@ impl Tree {
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
         let mut outbox = Outbox::default();
         for row in db.outbox()? {
-            *outbox.per_path.entry(row.change.path.clone()).or_default() += 1;
             outbox.sent.insert(row.msg.clone());
-            outbox.rows.insert(row.seq, row);
+            outbox.set(row.seq, Some(row));
         }
         let state = State {
             db,
@@ -434,7 +420,7 @@ impl Tree {
     }
 
     fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
-        let before = st.outbox.rows.len();
+        let before = st.outbox.len();
         let mut result = self.transaction(&mut st, &mut f);
         // A full disk: once room is made, the operation is tried once more.
         if let Err(e @ (FsError::NoSpace | FsError::DbFull)) = &result {
@@ -442,7 +428,7 @@ impl Tree {
                 result = self.transaction(&mut st, &mut f);
             }
         }
-        let grew = st.outbox.rows.len() > before;
+        let grew = st.outbox.len() > before;
         drop(st);
         if grew {
             tracing::debug!(target: "timing", "outbox grew");

@@ -448,7 +448,7 @@ impl Tree {
     pub fn stats(&self) -> TreeStats {
         let st = self.lock();
         let mut s = TreeStats {
-            pending_changes: st.outbox.rows.len() as u64,
+            pending_changes: st.outbox.len() as u64,
             conflicts_seen: st.conflicts_seen,
             last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
             passthrough_opens: st.passthrough_opens,

@@ -1,8 +1,94 @@
 //! The outbox: recording local changes as changes for the manager, coalesced with
 //! unsent ones of the same path, in an order the manager can apply (parents before
 //! children, deletes children first), each based on the revision it was made on.
+//!
+//! [`Outbox`] owns the queued rows in memory (they are also in the database) and their
+//! indexes by path and by message id, so no operation costs time proportional to the
+//! number of queued changes: a burst of 100,000 creates queues 100,000 rows.
 
 use super::*;
+use std::collections::BTreeSet;
+use std::ops::Bound;
+
+/// The outbox as the tree keeps it in memory: undecided rows, ordered by seq.
+#[derive(Default)]
+pub(super) struct Outbox {
+    rows: BTreeMap<i64, OutboxRow>,
+    /// The seqs of the rows of each path (a path is in the map while it has a row).
+    by_path: BTreeMap<RelPath, BTreeSet<i64>>,
+    by_msg: HashMap<MessageId, i64>,
+    /// Rows that may have reached the broker (published in this run, or loaded from
+    /// disk at start); these are never coalesced.
+    pub(super) sent: HashSet<MessageId>,
+    /// Rows with a seq up to this one were handed to the broker link in this session.
+    pub(super) published_upto: i64,
+}
+
+impl Outbox {
+    /// Puts `row` at `seq`, or removes the row there (`None`); returns the row that was
+    /// there. The only way rows change, so the indexes always match them.
+    pub(super) fn set(&mut self, seq: i64, row: Option<OutboxRow>) -> Option<OutboxRow> {
+        let old = self.rows.remove(&seq);
+        if let Some(o) = &old {
+            if let Some(seqs) = self.by_path.get_mut(&o.change.path) {
+                seqs.remove(&seq);
+                if seqs.is_empty() {
+                    self.by_path.remove(&o.change.path);
+                }
+            }
+            if self.by_msg.get(&o.msg) == Some(&seq) {
+                self.by_msg.remove(&o.msg);
+            }
+        }
+        if let Some(r) = row {
+            self.by_path.entry(r.change.path.clone()).or_default().insert(seq);
+            self.by_msg.insert(r.msg.clone(), seq);
+            self.rows.insert(seq, r);
+        }
+        old
+    }
+
+    pub(super) fn rows(&self) -> &BTreeMap<i64, OutboxRow> {
+        &self.rows
+    }
+    pub(super) fn len(&self) -> usize {
+        self.rows.len()
+    }
+    pub(super) fn seq_of(&self, msg: &MessageId) -> Option<i64> {
+        self.by_msg.get(msg).copied()
+    }
+    /// Whether `path` has an undecided change.
+    pub(super) fn has(&self, path: &RelPath) -> bool {
+        self.by_path.contains_key(path)
+    }
+    /// Whether `path` or anything below it has an undecided change.
+    pub(super) fn has_within(&self, path: &RelPath) -> bool {
+        let p: &str = std::borrow::Borrow::borrow(path);
+        // Below `p` is exactly the range from `p/` up to `p0` ('0' follows '/').
+        let (from, to) = (format!("{p}/"), format!("{p}0"));
+        self.has(path) || self.by_path.range::<str, _>((Bound::Included(from.as_str()), Bound::Excluded(to.as_str()))).next().is_some()
+    }
+    /// Panics unless the indexes list exactly the rows (the tree's tests call it after
+    /// every step).
+    #[cfg(test)]
+    pub(super) fn check_indexes(&self, when: &str) {
+        let mut by_path: BTreeMap<RelPath, BTreeSet<i64>> = BTreeMap::new();
+        for (seq, r) in &self.rows {
+            by_path.entry(r.change.path.clone()).or_default().insert(*seq);
+            assert_eq!(self.by_msg.get(&r.msg), Some(seq), "outbox index by message, {when}");
+        }
+        assert_eq!(by_path, self.by_path, "outbox index by path, {when}");
+        assert_eq!(self.by_msg.len(), self.rows.len(), "outbox index by message, {when}");
+    }
+    /// The rows of `path`, oldest first.
+    fn of_path(&self, path: &RelPath) -> impl DoubleEndedIterator<Item = &OutboxRow> {
+        self.by_path.get(path).into_iter().flatten().map(|s| &self.rows[s])
+    }
+    /// The latest row of `path` before `seq`.
+    fn last_of_path_before(&self, path: &RelPath, seq: i64) -> Option<&OutboxRow> {
+        self.by_path.get(path).and_then(|s| s.range(..seq).next_back()).map(|s| &self.rows[s])
+    }
+}
 
 impl State {
     pub(super) fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
@@ -10,11 +96,10 @@ impl State {
         // manager only needs the latest state.
         let unsent = self
             .outbox
-            .rows
-            .iter()
+            .of_path(&path)
             .rev()
-            .find(|(s, r)| r.change.path == path && **s > self.outbox.published_upto && !self.outbox.sent.contains(&r.msg))
-            .map(|(s, r)| (*s, matches!(r.change.op, ChangeOp::Put { .. })));
+            .find(|r| r.seq > self.outbox.published_upto && !self.outbox.sent.contains(&r.msg))
+            .map(|r| (r.seq, matches!(r.change.op, ChangeOp::Put { .. })));
         let base = self.revs.get(&path).copied().unwrap_or(Revision::NONE);
         if let Some((seq, true)) = unsent {
             if matches!(op, ChangeOp::Put { .. }) {
@@ -22,8 +107,8 @@ impl State {
                 // parents are before it, puts of its children after it. (Appended at
                 // the end, a directory's put would follow its children's, and the
                 // manager would have made the directory itself, with a default mode.)
-                let follows = self.outbox.rows.range(..seq).rev().find(|(_, r)| r.change.path == path).map(|(_, r)| r.msg.clone());
-                let mut row = self.outbox.rows.get(&seq).expect("found").clone();
+                let follows = self.outbox.last_of_path_before(&path, seq).map(|r| r.msg.clone());
+                let mut row = self.outbox.rows[&seq].clone();
                 row.change = Change { path, base, follows, op };
                 tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");
                 self.db.replace_outbox(seq, &row.change)?;
@@ -37,14 +122,12 @@ impl State {
             let row = self.set_outbox_row(seq, None).expect("found");
             tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
             self.db.remove_outbox(&row.msg)?;
-            self.count_change(&path, -1);
         }
-        let follows = self.outbox.rows.values().rev().find(|r| r.change.path == path).map(|r| r.msg.clone());
+        let follows = self.outbox.of_path(&path).next_back().map(|r| r.msg.clone());
         let msg = self.env.new_id();
         let change = Change { path: path.clone(), base, follows, op };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.db.push_outbox(&msg, &change)?;
-        self.count_change(&path, 1);
         self.set_outbox_row(seq, Some(OutboxRow { seq, msg, change }));
         Ok(())
     }
@@ -89,5 +172,44 @@ impl State {
 
     pub(super) fn record_delete(&mut self, path: RelPath) -> FsResult<()> {
         self.push_change(path, ChangeOp::Delete)
+    }
+}
+
+#[cfg(test)]
+mod index_tests {
+    use super::*;
+
+    fn row(seq: i64, path: &str) -> OutboxRow {
+        let msg: MessageId = format!("m-{seq}").parse().unwrap();
+        OutboxRow { seq, msg, change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete } }
+    }
+
+    #[test]
+    fn below_a_path_means_its_subtree_not_its_siblings_that_share_a_prefix() {
+        let mut o = Outbox::default();
+        for (seq, p) in [(1, "a-b"), (2, "a0"), (3, "ab/c"), (4, "d/a/x")] {
+            o.set(seq, Some(row(seq, p)));
+        }
+        let p = |s: &str| RelPath::new(s).unwrap();
+        assert!(!o.has_within(&p("a")), "siblings a-b, a0 and ab/c are not below a");
+        o.set(5, Some(row(5, "a/b/c")));
+        assert!(o.has_within(&p("a")) && o.has_within(&p("a/b")) && !o.has_within(&p("a/b/c/d")));
+        assert!(o.has_within(&p("d")) && !o.has(&p("d")) && !o.has_within(&p("d/a/x/y")));
+        o.set(5, None);
+        assert!(!o.has_within(&p("a")));
+        o.check_indexes("after removing");
+    }
+
+    #[test]
+    fn replacing_a_row_moves_it_between_paths_and_messages() {
+        let mut o = Outbox::default();
+        o.set(1, Some(row(1, "x")));
+        let mut r = row(1, "y");
+        r.msg = "other".parse().unwrap();
+        assert_eq!(o.set(1, Some(r)).map(|r| r.change.path), Some(RelPath::new("x").unwrap()));
+        assert!(!o.has(&RelPath::new("x").unwrap()) && o.has(&RelPath::new("y").unwrap()));
+        assert_eq!(o.seq_of(&"m-1".parse().unwrap()), None);
+        assert_eq!(o.seq_of(&"other".parse().unwrap()), Some(1));
+        o.check_indexes("after replacing");
     }
 }

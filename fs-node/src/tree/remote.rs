@@ -24,7 +24,7 @@ impl State {
     /// (it is queued when its last writer closes). Applying the manager's state must not
     /// remove either.
     pub(super) fn has_local_change_below(&self, path: &RelPath) -> bool {
-        self.outbox.per_path.keys().any(|p| p.is_within(path)) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino))
+        self.outbox.has_within(path) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino))
     }
 
     fn has_unsaved_within(&self, ino: u64) -> bool {
@@ -43,7 +43,7 @@ impl State {
     pub(super) fn apply_entry(&mut self, entry: &Entry, store: &ContentStore, decided: bool) -> FsResult<Applied> {
         let mut out = Applied::default();
         let path = &entry.path;
-        if self.outbox.per_path.contains_key(path) {
+        if self.outbox.has(path) {
             return Ok(out);
         }
         let local = self.resolve(path);

@@ -106,16 +106,7 @@ impl State {
                     };
                 }
                 Undo::Outbox(seq, old) => {
-                    match old {
-                        Some(row) => self.outbox.rows.insert(seq, row),
-                        None => self.outbox.rows.remove(&seq),
-                    };
-                }
-                Undo::PerPath(path, old) => {
-                    match old {
-                        Some(n) => self.outbox.per_path.insert(path, n),
-                        None => self.outbox.per_path.remove(&path),
-                    };
+                    self.outbox.set(seq, old);
                 }
                 Undo::Sent(msg, was) => {
                     if was {
@@ -162,22 +153,9 @@ impl State {
     }
 
     pub(super) fn set_outbox_row(&mut self, seq: i64, row: Option<OutboxRow>) -> Option<OutboxRow> {
-        let old = match row {
-            Some(r) => self.outbox.rows.insert(seq, r),
-            None => self.outbox.rows.remove(&seq),
-        };
+        let old = self.outbox.set(seq, row);
         self.record(|| Undo::Outbox(seq, old.clone()));
         old
-    }
-
-    /// Adds `delta` to the count of undecided changes of `path`.
-    pub(super) fn count_change(&mut self, path: &RelPath, delta: isize) {
-        let old = self.outbox.per_path.get(path).copied();
-        self.record(|| Undo::PerPath(path.clone(), old));
-        match old.unwrap_or(0).saturating_add_signed(delta) {
-            0 => self.outbox.per_path.remove(path),
-            n => self.outbox.per_path.insert(path.clone(), n),
-        };
     }
 
     pub(super) fn set_backing_owner(&mut self, key: (u64, u64), owner: Option<u64>) {

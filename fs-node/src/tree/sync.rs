@@ -10,7 +10,7 @@ impl Tree {
     pub fn take_unpublished(&self) -> Vec<OutboxRow> {
         let mut st = self.lock();
         let from = st.outbox.published_upto;
-        let rows: Vec<OutboxRow> = st.outbox.rows.range(from + 1..).map(|(_, r)| r.clone()).collect();
+        let rows: Vec<OutboxRow> = st.outbox.rows().range(from + 1..).map(|(_, r)| r.clone()).collect();
         if let Some(last) = rows.last() {
             st.outbox.published_upto = last.seq;
         }
@@ -41,7 +41,7 @@ impl Tree {
     }
 
     pub fn pending_changes(&self) -> u64 {
-        self.lock().outbox.rows.len() as u64
+        self.lock().outbox.len() as u64
     }
 
     /// The manager decided one of our changes: forget it and take the path's current
@@ -50,12 +50,11 @@ impl Tree {
     pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         self.atomically(|st, store| {
-            let seq = st.outbox.rows.iter().find(|(_, r)| &r.msg == msg).map(|(s, _)| *s);
+            let seq = st.outbox.seq_of(msg);
             let mut decided = false;
             if let Some(seq) = seq {
                 let row = st.set_outbox_row(seq, None).expect("found");
                 st.db.remove_outbox(msg)?;
-                st.count_change(&row.change.path, -1);
                 let was_sent = st.outbox.sent.remove(msg);
                 st.record(|| Undo::Sent(msg.clone(), was_sent));
                 if matches!(outcome, Outcome::Conflict { .. }) {
@@ -69,7 +68,7 @@ impl Tree {
                 // out with an older base and looks like an edit of a stale version: a
                 // conflict, or, for the same bytes, a lost chmod.
                 let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
-                let changed_again = st.is_dirty(&current.path) || st.outbox.per_path.contains_key(&current.path);
+                let changed_again = st.is_dirty(&current.path) || st.outbox.has(&current.path);
                 if kept && current.path == row.change.path && changed_again && st.env.past_bug() != Some(PastBug::DecidedBase) {
                     st.set_rev(&current.path, current.rev)?;
                 }
@@ -104,7 +103,7 @@ impl Tree {
             st.collect_paths(ROOT, None, &mut all);
             let mut n = 0;
             for (path, parent, name, ino) in all {
-                if known.contains(&path) || st.outbox.per_path.contains_key(&path) {
+                if known.contains(&path) || st.outbox.has(&path) {
                     continue;
                 }
                 let i = st.inode(ino)?;
@@ -151,7 +150,7 @@ impl Tree {
         // A removed file still known to the kernel (it has not sent FORGET yet) but open
         // nowhere can never be read again: its content is not kept for it.
         let mut keep: HashSet<ContentHash> = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.clone()).collect();
-        for r in st.outbox.rows.values() {
+        for r in st.outbox.rows().values() {
             if let ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } = &r.change.op {
                 keep.insert(hash.clone());
             }

@@ -285,14 +285,10 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
     let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
     assert_eq!(mem, disk, "revisions, {when}");
-    let mem: Vec<String> = st.outbox.rows.values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
+    let mem: Vec<String> = st.outbox.rows().values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     let disk: Vec<String> = st.db.outbox().unwrap().iter().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     assert_eq!(mem, disk, "outbox, {when}");
-    let mut per_path: HashMap<RelPath, usize> = HashMap::new();
-    for r in st.outbox.rows.values() {
-        *per_path.entry(r.change.path.clone()).or_default() += 1;
-    }
-    assert_eq!(per_path, st.outbox.per_path, "outbox per path, {when}");
+    st.outbox.check_indexes(when);
     for i in st.inodes.values() {
         if let Some(h) = &i.hash {
             assert!(t.store.has(h), "inode {} names blob {h}, which is missing, {when}", i.ino);
