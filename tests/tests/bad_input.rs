@@ -97,6 +97,20 @@ fn impossible_names_fail_with_the_right_errno() {
     assert_eq!(e.raw_os_error(), Some(libc::EILSEQ), "non-UTF-8 names cannot be synced: {e}");
     let e = xattr_set(&n.p("."), "user.test");
     assert_eq!(e, libc::EOPNOTSUPP);
+    // Reading one too, also after a write (the kernel asks the node once, then knows).
+    std::fs::write(n.p("plain.txt"), b"x").unwrap();
+    for _ in 0..2 {
+        assert_eq!(xattr_get(&n.p("plain.txt"), "security.capability"), libc::EOPNOTSUPP);
+    }
+}
+
+fn xattr_get(p: &std::path::Path, name: &str) -> i32 {
+    let cp = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let cn = std::ffi::CString::new(name).unwrap();
+    let mut buf = [0u8; 64];
+    let r = unsafe { libc::getxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr() as *mut _, buf.len()) };
+    assert_eq!(r, -1);
+    std::io::Error::last_os_error().raw_os_error().unwrap()
 }
 
 fn xattr_set(p: &std::path::Path, name: &str) -> i32 {
