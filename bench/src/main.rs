@@ -2,7 +2,8 @@
 //! mounts (release binaries, the local RabbitMQ): propagation latency of a 4 KiB file,
 //! 1,000 small files, one 256 MiB file, the same three on two Syncthing instances side
 //! by side (`syncthing.rs`), small-file and metadata rates next to the native disk and
-//! bindfs (`metadata.rs`), and sequential 1 GiB throughput through the mount next to
+//! bindfs (`metadata.rs`), `tar x`, `git clone` and `rm -rf` of real sources next to
+//! the same two (`tools.rs`), and sequential 1 GiB throughput through the mount next to
 //! the native disk and a bindfs passthrough. Only loopback traffic.
 //!
 //! Run: `scripts/setup.sh && scripts/setup-bench.sh && cargo build --release -p manager
@@ -17,6 +18,7 @@ use system_tests::*;
 
 mod metadata;
 mod syncthing;
+mod tools;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -273,13 +275,13 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,meta,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,meta,tools,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta"].contains(&name));
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools"].contains(&name));
     let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
@@ -356,6 +358,34 @@ fn main() {
         }
         let rates = metadata::run(&systems, n);
         metadata::print(&systems, &rates, n);
+        drop(bindfs);
+        std::fs::remove_dir(&on_mount).unwrap();
+    }
+    if runs("tools") {
+        // tar x, git clone and rm -rf of real sources (BENCH_TOOLS_COPIES copies of the
+        // registry's crates) on the mount, the native disk and bindfs.
+        let copies: usize = std::env::var("BENCH_TOOLS_COPIES").ok().and_then(|s| s.parse().ok()).unwrap_or(2);
+        let work = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let src = tools::prepare(work.path(), copies);
+        let on_mount = a.mount.join("tools");
+        std::fs::create_dir(&on_mount).unwrap();
+        let native = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let bind_src = tempfile::tempdir_in(c.dir.path()).unwrap();
+        let bind_mnt = tempfile::tempdir().unwrap();
+        let bindfs = metadata::Bindfs::mount(bind_src.path(), bind_mnt.path());
+        let mut systems = vec![("mount (fs-node)", on_mount.clone()), ("native disk", native.path().to_path_buf())];
+        if bindfs.is_some() {
+            systems.push(("bindfs", bind_mnt.path().to_path_buf()));
+        }
+        let drained = std::cell::Cell::new(Duration::ZERO);
+        let drain = || {
+            let t = Instant::now();
+            eventually("node A's queue of changes to drain", Duration::from_secs(1800), || a.pending() == 0);
+            drained.set(drained.get() + t.elapsed());
+        };
+        let times = tools::run_all(&systems, &src, &drain);
+        drain();
+        tools::print(&systems, &times, &src, drained.get());
         drop(bindfs);
         std::fs::remove_dir(&on_mount).unwrap();
     }
