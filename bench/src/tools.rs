@@ -49,7 +49,10 @@ fn files_below(dir: &Path) -> usize {
 /// Builds the archive (`copies` copies of the registry's unpacked crates) and a git
 /// repository holding the same tree, committed.
 pub fn prepare(work: &Path, copies: usize) -> Sources {
-    let registry = std::env::var_os("CARGO_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo")).join("registry/src");
+    let registry = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cargo"))
+        .join("registry/src");
     assert!(registry.is_dir(), "no unpacked crates in {} to make the archive from", registry.display());
     let archive = work.join("sources.tar");
     for c in 0..copies {
@@ -61,7 +64,14 @@ pub fn prepare(work: &Path, copies: usize) -> Sources {
     run("tar x into the repository", Command::new("tar").arg("-xf").arg(&archive).arg("-C").arg(&repo));
     let files = files_below(&repo);
     let git = |args: &[&str]| {
-        run(&format!("git {args:?}"), Command::new("git").arg("-C").arg(&repo).args(["-c", "user.name=bench", "-c", "user.email=bench@localhost", "-c", "core.autocrlf=false"]).args(args));
+        run(
+            &format!("git {args:?}"),
+            Command::new("git")
+                .arg("-C")
+                .arg(&repo)
+                .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost", "-c", "core.autocrlf=false"])
+                .args(args),
+        );
     };
     git(&["init", "-q"]);
     // Some crates ship .gitignore files; everything is committed all the same.
@@ -104,7 +114,11 @@ pub fn run_all(systems: &[(&str, PathBuf)], src: &Sources, drain: &dyn Fn()) -> 
 }
 
 pub fn print(systems: &[(&str, PathBuf)], times: &[Times], src: &Sources, drained: Duration) {
-    println!("{} real source files ({} MiB archive; seconds, lower is better; the mount syncs to a second node meanwhile):", src.files, std::fs::metadata(&src.archive).map(|m| m.len() >> 20).unwrap_or(0));
+    println!(
+        "{} real source files ({} MiB archive; seconds, lower is better; the mount syncs to a second node meanwhile):",
+        src.files,
+        std::fs::metadata(&src.archive).map(|m| m.len() >> 20).unwrap_or(0)
+    );
     println!("| tool | {} | mount / native | mount / bindfs |", systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | "));
     let row = |name: &str, f: fn(&Times) -> f64| {
         let v: Vec<f64> = times.iter().map(f).collect();

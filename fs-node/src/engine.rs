@@ -162,7 +162,15 @@ impl<R> Engine<R> {
 
     /// A message from the node's queue, whose contents the driver has tried to pull.
     pub fn on_message(&mut self, env: Envelope<ToNode>, now: Now) -> EngineResult<Vec<Action<R>>> {
-        match env.body {
+        for body in env.body.into_parts_for(&self.node.id) {
+            self.handle(body, now)?;
+        }
+        Ok(self.take())
+    }
+
+    /// One message for this node (a batch's item, or a message alone).
+    fn handle(&mut self, body: ToNode, now: Now) -> EngineResult<()> {
+        match body {
             ToNode::Applied { entry, .. } => {
                 self.apply_entry(entry, now)?;
             }
@@ -180,8 +188,10 @@ impl<R> Engine<R> {
                 tracing::info!("the manager asked for a sync");
                 self.request_sync(None, now);
             }
+            // `into_parts_for` took it apart; a batch inside a batch fails decoding.
+            ToNode::Batch { .. } => {}
         }
-        Ok(self.take())
+        Ok(())
     }
 
     /// Heartbeat time: presence, and whatever the outbox holds that was not sent.
@@ -464,13 +474,16 @@ impl<R> Engine<R> {
 
 /// The contents a message needs that the store does not have, once each, with their
 /// size and holders: the driver pulls them before it hands the message to the engine.
-pub fn wanted_contents(tree: &Tree, body: &ToNode) -> Vec<(ContentHash, u64, Vec<Holder>)> {
-    let entries: Vec<&Entry> = match body {
-        ToNode::Applied { entry, .. } => vec![entry],
-        ToNode::Decided { current, .. } => vec![current],
-        ToNode::SyncReply { entries, .. } => entries.iter().collect(),
-        ToNode::SyncRequested {} => vec![],
-    };
+pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentHash, u64, Vec<Holder>)> {
+    let entries: Vec<&Entry> = body
+        .parts_for(me)
+        .flat_map(|part| match part {
+            ToNode::Applied { entry, .. } => vec![entry],
+            ToNode::Decided { current, .. } => vec![current],
+            ToNode::SyncReply { entries, .. } => entries.iter().collect(),
+            ToNode::SyncRequested {} | ToNode::Batch { .. } => vec![],
+        })
+        .collect();
     let mut seen = HashSet::new();
     entries
         .into_iter()

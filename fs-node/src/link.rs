@@ -141,13 +141,15 @@ impl LinkTask {
 impl Link {
     /// What pulling needs, cloned into the tasks that pull.
     fn pulls(&self) -> Pulls {
-        Pulls { tree: self.tree.clone(), puller: self.puller.clone(), metrics: self.metrics.clone(), state: self.state.clone() }
+        Pulls { me: self.info.id.clone(), tree: self.tree.clone(), puller: self.puller.clone(), metrics: self.metrics.clone(), state: self.state.clone() }
     }
 }
 
 /// What a pull task needs: the puller, and the counters it keeps.
 #[derive(Clone)]
 struct Pulls {
+    /// This node: a batch's items for other nodes need nothing pulled.
+    me: wire::NodeId,
     tree: Arc<Tree>,
     puller: Puller,
     metrics: Arc<Metrics>,
@@ -288,7 +290,7 @@ impl Pulls {
         };
         self.metrics.messages_in.inc();
         tracing::debug!(target: "timing", "delivery received");
-        let wanted = engine::wanted_contents(&self.tree, &env.body);
+        let wanted = engine::wanted_contents(&self.tree, &self.me, &env.body);
         stream::iter(wanted)
             .map(|(hash, size, holders)| {
                 let pulls = self.clone();

@@ -3,6 +3,7 @@
 //! file contents.
 
 pub mod api;
+pub mod batch;
 pub mod provision;
 pub mod rule;
 pub mod service;

@@ -402,14 +402,16 @@ async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason:
     Ok(())
 }
 
-/// Publishes everything in the outbox, in order, pipelining the confirms.
+/// Publishes everything in the outbox, in order (runs of decisions as batches,
+/// `batch.rs`), pipelining the confirms.
 async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()> {
     loop {
         let batch = handle.with_store(|s| s.outbox(512)).await?;
         let Some(last) = batch.last().map(|o| o.seq) else {
             return Ok(());
         };
-        let sends = batch.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
+        let messages = crate::batch::for_broker(batch);
+        let sends = messages.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
         for r in futures_util::future::join_all(sends).await {
             r?;
         }

@@ -50,6 +50,11 @@ pub fn to_node(body: &ToNode, redelivered: bool) -> String {
             format!("sync reply page {page} head r{} more {more}: [{}]", head.0, entries.iter().map(entry).collect::<Vec<_>>().join(", "))
         }
         ToNode::SyncRequested {} => "sync requested".to_string(),
+        ToNode::Batch { items } => {
+            let items: Vec<String> =
+                items.iter().map(|i| format!("{}{}", i.to.as_ref().map(|t| format!("for {t}: ")).unwrap_or_default(), to_node(&i.msg, false))).collect();
+            format!("batch [{}]", items.join("; "))
+        }
     };
     format!("{s}{}", again(redelivered))
 }

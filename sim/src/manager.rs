@@ -120,7 +120,7 @@ impl SimManager {
         loop {
             let out = store.outbox(512)?;
             let Some(last) = out.last().map(|o| o.seq) else { return Ok(()) };
-            for o in &out {
+            for o in manager::batch::for_broker(out) {
                 broker.publish_master(&o.key, &o.payload);
             }
             store.remove_outbox(last)?;

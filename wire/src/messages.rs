@@ -137,6 +137,10 @@ impl Body for ToNode {
             }
             ToNode::SyncReply { entries, .. } => entries.iter().try_for_each(Entry::check_bounds),
             ToNode::SyncRequested {} => Ok(()),
+            ToNode::Batch { items } => items.iter().try_for_each(|i| match (&i.to, &i.msg) {
+                (None, m @ ToNode::Applied { .. }) | (Some(_), m @ ToNode::Decided { .. }) => m.check_bounds(),
+                _ => Err("a batch holds only `applied` for every node and `decided` for one node".to_string()),
+            }),
         }
     }
 }
@@ -318,6 +322,39 @@ pub enum ToNode {
     },
     /// To one node: please run a sync now (the dashboard's Sync button).
     SyncRequested {},
+    /// Broadcast: several `Applied` and `Decided` messages in the order the manager made
+    /// them, in one delivery. Each node takes the items for every node and those for
+    /// itself, in order, and skips the others' decisions; so every node queue sees
+    /// exactly the order it would have seen one message at a time.
+    Batch { items: Vec<BatchItem> },
+}
+
+/// One message of a [`ToNode::Batch`]: `Applied` for every node (no `to`), or `Decided`
+/// for the node `to`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchItem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<NodeId>,
+    pub msg: ToNode,
+}
+
+impl ToNode {
+    /// The messages in this one that are for node `me`, in order: a batch's items for
+    /// every node and for `me`; any other message itself.
+    pub fn parts_for<'a>(&'a self, me: &'a NodeId) -> Box<dyn Iterator<Item = &'a ToNode> + 'a> {
+        match self {
+            ToNode::Batch { items } => Box::new(items.iter().filter(move |i| i.to.as_ref().is_none_or(|to| to == me)).map(|i| &i.msg)),
+            other => Box::new(std::iter::once(other)),
+        }
+    }
+    /// [`ToNode::parts_for`], taking the message apart.
+    pub fn into_parts_for(self, me: &NodeId) -> Vec<ToNode> {
+        match self {
+            ToNode::Batch { items } => items.into_iter().filter(|i| i.to.as_ref().is_none_or(|to| to == me)).map(|i| i.msg).collect(),
+            other => vec![other],
+        }
+    }
 }
 
 #[cfg(test)]

@@ -41,13 +41,20 @@ pub fn node_key(node: &NodeId) -> String {
     format!("node.{node}")
 }
 
+/// The node whose own routing key `key` is, if it is one.
+pub fn node_of_key(key: &str) -> Option<NodeId> {
+    key.strip_prefix("node.")?.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn node_users_round_trip() {
         let n: crate::NodeId = "laptop-2".parse().unwrap();
         assert_eq!(super::node_user(&n), "sync-node-laptop-2");
-        assert_eq!(super::node_of_user("sync-node-laptop-2"), Some(n));
+        assert_eq!(super::node_of_user("sync-node-laptop-2"), Some(n.clone()));
+        assert_eq!(super::node_of_key(&super::node_key(&n)), Some(n));
+        assert_eq!(super::node_of_key(super::BROADCAST_KEY), None);
         assert_eq!(super::node_of_user("guest"), None);
         assert_eq!(super::node_of_user("sync-node-"), None);
         assert_eq!(super::node_of_user("sync-node-a/b"), None);

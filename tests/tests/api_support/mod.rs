@@ -299,8 +299,9 @@ impl FakeNode {
                 Some(msg) => {
                     self.rt.block_on(msg.delivery.ack(BasicAckOptions::default())).unwrap();
                     let env = Envelope::<ToNode>::decode(&msg.delivery.data).expect("the manager sends valid messages");
-                    if pred(&env.body) {
-                        return env.body;
+                    // A batch's items for this node count one by one, as a node takes them.
+                    if let Some(found) = env.body.into_parts_for(&self.id).into_iter().find(|m| pred(m)) {
+                        return found;
                     }
                 }
                 None => {
