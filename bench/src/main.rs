@@ -3,7 +3,8 @@
 //! 1,000 small files, one 256 MiB file, the same three on two Syncthing instances side
 //! by side (`syncthing.rs`), small-file and metadata rates next to the native disk and
 //! bindfs (`metadata.rs`), `tar x`, `git clone` and `rm -rf` of real sources next to
-//! the same two (`tools.rs`), and sequential 1 GiB throughput through the mount next to
+//! the same two (`tools.rs`), a large tree: its create rate, sync, `find`, a node
+//! joining it and the memory per file (`tree.rs`), and sequential 1 GiB throughput through the mount next to
 //! the native disk and a bindfs passthrough. Only loopback traffic.
 //!
 //! Run: `scripts/setup.sh && scripts/setup-bench.sh && cargo build --release -p manager
@@ -19,6 +20,7 @@ use system_tests::*;
 mod metadata;
 mod syncthing;
 mod tools;
+mod tree;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -275,13 +277,13 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,meta,tools,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,meta,tools,tree,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools"].contains(&name));
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "tree"].contains(&name));
     let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
@@ -389,6 +391,12 @@ fn main() {
         drop(bindfs);
         std::fs::remove_dir(&on_mount).unwrap();
     }
+    let mut c = c;
+    if runs("tree") {
+        // BENCH_TREE_FILES (100,000) files of 1 KiB; adds node C.
+        let n: usize = std::env::var("BENCH_TREE_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        tree::run(&mut c, n);
+    }
     if !runs("seq") {
         return;
     }
@@ -399,7 +407,6 @@ fn main() {
     // This measures the mount as a file system, so B is stopped first: its pull of every
     // file would write a second GiB to the same disk while A's file is read (on a real
     // cluster the other node has its own disk). Propagation is measured above.
-    let mut c = c;
     c.nodes[1].stop();
     let a = &c.nodes[0];
     let size: usize = std::env::var("BENCH_SEQ_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024) << 20;

@@ -652,4 +652,23 @@ impl ManagerProc {
             let _ = c.wait();
         }
     }
+
+    /// Resident memory of the running manager, in bytes.
+    pub fn rss(&self) -> Option<u64> {
+        rss_of(self.child.as_ref()?.id())
+    }
+}
+
+impl NodeProc {
+    /// Resident memory of the running node, in bytes.
+    pub fn rss(&self) -> Option<u64> {
+        rss_of(self.child.as_ref()?.id())
+    }
+}
+
+/// `VmRSS` of process `pid`, in bytes.
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
+    Some(kib * 1024)
 }

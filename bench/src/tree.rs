@@ -1,0 +1,110 @@
+//! A large tree (issue 14's million files, at the size `BENCH_TREE_FILES` says, default
+//! 100,000): files of 1 KiB in directories of 1,000, written through node A's mount; the
+//! create rate per tenth of the tree (it must not fall as the tree grows); how long after
+//! the last close node B has every file; `find` over the whole tree on the mount and on
+//! a native copy; a new node C joining, until its mount shows every file; and the
+//! memory and database size each file costs the nodes and the manager.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+use system_tests::{eventually, Cluster};
+
+const PER_DIR: usize = 1000;
+
+fn file_name(i: usize) -> String {
+    format!("d{:04}/f{:04}", i / PER_DIR, i % PER_DIR)
+}
+
+/// Writes files `from..to` below `root` (their directories made as needed).
+fn write_files(root: &Path, from: usize, to: usize) {
+    let block = [0x33u8; 1024];
+    for i in from..to {
+        if i % PER_DIR == 0 {
+            std::fs::create_dir_all(root.join(format!("d{:04}", i / PER_DIR))).expect("mkdir");
+        }
+        std::fs::write(root.join(file_name(i)), block).expect("create + write + close");
+    }
+}
+
+/// Files below `root`, counted with `find` (what a user would run), and the time it took.
+fn find(root: &Path) -> (usize, Duration) {
+    let t = Instant::now();
+    let out = std::process::Command::new("find").arg(root).args(["-type", "f"]).output().expect("find runs");
+    assert!(out.status.success(), "find failed");
+    (out.stdout.iter().filter(|&&b| b == b'\n').count(), t.elapsed())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / 1048576.0
+}
+
+fn db_size(p: &Path) -> u64 {
+    let file = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    file(p) + file(&p.with_file_name(format!("{}-wal", p.file_name().unwrap().to_string_lossy())))
+}
+
+/// Runs the rows on cluster `c` (nodes A and B running); adds node C.
+pub fn run(c: &mut Cluster, n: usize) {
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let root = a.mount.join("tree");
+    std::fs::create_dir(&root).unwrap();
+    let base = [a.rss(), b.rss(), c.manager.rss()].map(Option::unwrap_or_default);
+    let base_db = [db_size(&a.data.join("node.db")), db_size(&b.data.join("node.db")), db_size(&c.manager.db)];
+    println!("{n} files of 1 KiB in directories of {PER_DIR}, written through node A's mount:");
+    let tenth = n.div_ceil(10);
+    let mut rates = Vec::new();
+    let start = Instant::now();
+    for chunk in 0..10 {
+        let (from, to) = (chunk * tenth, ((chunk + 1) * tenth).min(n));
+        let t = Instant::now();
+        write_files(&root, from, to);
+        rates.push((to - from) as f64 / t.elapsed().as_secs_f64());
+    }
+    let written = start.elapsed();
+    let last_close = Instant::now();
+    println!(
+        "- create + write + close: {:.0} files/s over all; per tenth of the tree: {}",
+        n as f64 / written.as_secs_f64(),
+        rates.iter().map(|r| format!("{r:.0}")).collect::<Vec<_>>().join(", ")
+    );
+    let on_b = b.mount.join("tree");
+    eventually("node B to have every file", Duration::from_secs(3600), || a.pending() == 0 && b.pending() == 0 && find(&on_b).0 == n);
+    println!("- on node B {:.1} s after the last close (until B's `find` counts every file)", last_close.elapsed().as_secs_f64());
+    let native = tempfile::tempdir_in(c.dir.path()).unwrap();
+    write_files(native.path(), 0, n);
+    let (seen, mount_find) = find(&root);
+    assert_eq!(seen, n);
+    let (seen, native_find) = find(native.path());
+    assert_eq!(seen, n);
+    println!(
+        "- find -type f over the whole tree: mount {:.2} s, native {:.2} s ({:.2}x native)",
+        mount_find.as_secs_f64(),
+        native_find.as_secs_f64(),
+        mount_find.as_secs_f64() / native_find.as_secs_f64()
+    );
+    drop(native);
+    let at_rest = [a.rss(), b.rss(), c.manager.rss()].map(Option::unwrap_or_default);
+    let dbs = [db_size(&a.data.join("node.db")), db_size(&b.data.join("node.db")), db_size(&c.manager.db)];
+    let joined = Instant::now();
+    let ci = c.add_node("n3");
+    let cnode = &c.nodes[ci];
+    cnode.wait_connected();
+    let on_c = cnode.mount.join("tree");
+    eventually("node C to show every file", Duration::from_secs(3600), || find(&on_c).0 == n);
+    println!("- a new node C shows every file {:.1} s after it started", joined.elapsed().as_secs_f64());
+    let c_rss = cnode.rss().unwrap_or_default();
+    println!("| at rest, {n} files | before the tree | with the tree | per file |");
+    println!("|---|---|---|---|");
+    let rows = [
+        ("node A memory", base[0], at_rest[0]),
+        ("node B memory", base[1], at_rest[1]),
+        ("manager memory", base[2], at_rest[2]),
+        ("node C memory after joining (before: node B's before the tree)", base[1], c_rss),
+        ("node A node.db", base_db[0], dbs[0]),
+        ("node B node.db", base_db[1], dbs[1]),
+        ("manager.db", base_db[2], dbs[2]),
+    ];
+    for (what, before, after) in rows {
+        println!("| {what} | {:.1} MiB | {:.1} MiB | {:.0} bytes |", mib(before), mib(after), (after as f64 - before as f64) / n as f64);
+    }
+}
