@@ -484,9 +484,13 @@ impl Drop for Cluster {
 
 pub fn dump_log(what: &str, p: &Path) {
     let s = std::fs::read_to_string(p).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
+    // The per-step timing lines (debug level, target `timing`) would fill the dump and
+    // push out what says why a test failed; they are counted instead.
+    let is_timing = |l: &&str| l.contains(" timing: ");
+    let timing = s.lines().filter(is_timing).count();
+    let lines: Vec<&str> = s.lines().filter(|l| !is_timing(l)).collect();
     let from = lines.len().saturating_sub(150);
-    eprintln!("===== last lines of {what} log ({}) =====", p.display());
+    eprintln!("===== last lines of {what} log ({}; {timing} timing lines left out) =====", p.display());
     for l in &lines[from..] {
         eprintln!("{l}");
     }
