@@ -4,7 +4,7 @@
 //! per inode): the tree decides when an open passes through (`tree::Passthrough`),
 //! and the listing each open directory handle reads from (`Listings`).
 
-use crate::tree::{system_time, Attr, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
+use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory,
@@ -397,8 +397,8 @@ impl Filesystem for SyncFs {
     }
 
     fn create(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, flags: i32, reply: ReplyCreate) {
-        let write = flags & libc::O_ACCMODE != libc::O_RDONLY;
-        match self.tree.create(parent.0, name, mode & !umask, req.uid(), req.gid(), write) {
+        let open = CreateOpen { write: flags & libc::O_ACCMODE != libc::O_RDONLY, exclusive: flags & libc::O_EXCL != 0, truncate: flags & libc::O_TRUNC != 0 };
+        match self.tree.create(parent.0, name, mode & !umask, req.uid(), req.gid(), open) {
             Ok((a, fh)) => reply.created(&TTL, &attr(&a), Generation(0), FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(fail("create", e)),
         }

@@ -12,7 +12,7 @@ use fs_node::db::Db;
 use fs_node::engine::{Action, Engine, NodeInfo};
 use fs_node::env::{Env, PastBug, PersistFault};
 use fs_node::store::ContentStore;
-use fs_node::tree::{FsError, FsResult, Kind, SetAttr, Tree, ROOT};
+use fs_node::tree::{CreateOpen, FsError, FsResult, Kind, SetAttr, Tree, ROOT};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::PathBuf;
@@ -422,7 +422,7 @@ pub fn open_writer(tree: &Tree, path: &RelPath, truncate: bool) -> FsResult<(u64
         }
         None => {
             let parent = parent_of(tree, path).ok_or(FsError::NotFound)?;
-            let (attr, fh) = tree.create(parent, OsStr::new(path.name()), 0o644, 0, 0, true)?;
+            let (attr, fh) = tree.create(parent, OsStr::new(path.name()), 0o644, 0, 0, CreateOpen::NEW)?;
             Ok((attr.ino, fh))
         }
     }

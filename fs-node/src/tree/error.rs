@@ -21,6 +21,8 @@ pub enum FsError {
     Invalid,
     #[error("operation not permitted")]
     NotPermitted,
+    #[error("permission denied")]
+    AccessDenied,
     #[error("operation not supported")]
     NotSupported,
     #[error("bad file handle")]
@@ -50,6 +52,7 @@ impl FsError {
             FsError::BadName => libc::EILSEQ,
             FsError::Invalid => libc::EINVAL,
             FsError::NotPermitted => libc::EPERM,
+            FsError::AccessDenied => libc::EACCES,
             FsError::NotSupported => libc::EOPNOTSUPP,
             FsError::BadHandle => libc::EBADF,
             FsError::TooManyLinks => libc::EMLINK,

@@ -34,6 +34,7 @@ mod tests;
 
 pub use error::{FsError, FsResult};
 use inode::{Inode, Passthrough};
+pub use ops::CreateOpen;
 
 pub const ROOT: u64 = 1;
 

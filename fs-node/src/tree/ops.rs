@@ -128,11 +128,30 @@ impl Tree {
         self.make(parent, name, Kind::Symlink, 0o777, uid, gid, 0, Some(target.to_vec()))
     }
 
-    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, write: bool) -> FsResult<(Attr, u64)> {
+    /// Creates and opens file `name` (`open` with `O_CREAT`).
+    pub fn create(&self, parent: u64, name: &OsStr, mode: u32, uid: u32, gid: u32, open: CreateOpen) -> FsResult<(Attr, u64)> {
         check_name(name)?;
         // One step: a file with no writer and uncommitted content is one whose commit
         // failed (`gc` tries again), never one being created.
         self.atomically(|st, store| {
+            // The kernel looked the name up and found nothing, but a change from another
+            // node may have put a file there since. Without O_EXCL, opening an existing
+            // file is what `open(O_CREAT)` does on a local disk: do that, not EEXIST.
+            if let (false, Ok(ino)) = (open.exclusive, st.child(parent, name)) {
+                let i = st.inode(ino)?;
+                if i.kind != Kind::File {
+                    return Err(FsError::Exists);
+                }
+                // The kernel checked the directory, not this file: check it here.
+                if !may_open(i.perm, i.uid, i.gid, uid, gid, open.write) {
+                    return Err(FsError::AccessDenied);
+                }
+                let (fh, _) = st.open_handle(ino, open.write, open.truncate, false, store)?;
+                // The kernel takes the answer as a new lookup of the inode.
+                st.inode_mut(ino)?.lookups += 1;
+                return Ok((st.inode(ino)?.attr(), fh));
+            }
+            let write = open.write;
             let ino = st.make(parent, name, Kind::File, mode, uid, gid, 0, None, store)?;
             // A new inode has no blob to pass through to.
             let (fh, _) = st.open_handle(ino, write, false, false, store)?;
@@ -466,4 +485,35 @@ impl Tree {
         }
         s
     }
+}
+
+/// How `Tree::create` opens the file (from the `open` flags).
+#[derive(Clone, Copy, Debug)]
+pub struct CreateOpen {
+    pub write: bool,
+    /// `O_EXCL`: an existing file is an error.
+    pub exclusive: bool,
+    /// `O_TRUNC`, for an existing file.
+    pub truncate: bool,
+}
+
+impl CreateOpen {
+    /// A new file, opened for writing; an existing one is an error.
+    pub const NEW: CreateOpen = CreateOpen { write: true, exclusive: true, truncate: false };
+}
+
+/// Whether `uid`/`gid` may open a file with these mode and owners for reading, and for
+/// writing if `write` (root may; supplementary groups are not known to FUSE).
+fn may_open(perm: u32, owner: u32, group: u32, uid: u32, gid: u32, write: bool) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let bits = if uid == owner {
+        perm >> 6
+    } else if gid == group {
+        perm >> 3
+    } else {
+        perm
+    } & 0o7;
+    bits & 0o4 != 0 && (!write || bits & 0o2 != 0)
 }

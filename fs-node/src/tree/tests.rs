@@ -108,7 +108,7 @@ fn read_all(t: &Tree, ino: u64) -> FsResult<Vec<u8>> {
 
 /// A closed file `name` holding `bytes`; returns its inode.
 fn closed_file(t: &Tree, parent: u64, name: &str, bytes: &[u8]) -> u64 {
-    let (a, fh) = t.create(parent, OsStr::new(name), 0o644, 0, 0, true).unwrap();
+    let (a, fh) = t.create(parent, OsStr::new(name), 0o644, 0, 0, CreateOpen::NEW).unwrap();
     t.write(fh, 0, bytes).unwrap();
     t.flush(fh).unwrap();
     t.release(fh).unwrap();
@@ -124,7 +124,7 @@ fn a_hash_taken_outside_the_lock_is_not_used_after_a_write() {
     let t = tree(dir.path());
     let version = |t: &Tree, ino| t.lock().inode(ino).unwrap().version();
     for late in ["write", "truncate", "none"] {
-        let (a, fh) = t.create(ROOT, OsStr::new(late), 0o644, 0, 0, true).unwrap();
+        let (a, fh) = t.create(ROOT, OsStr::new(late), 0o644, 0, 0, CreateOpen::NEW).unwrap();
         t.write(fh, 0, b"first").unwrap();
         let pre = t.hash_work_outside_lock(fh).expect("a work file to hash");
         assert_eq!(pre.hash, crate::store::hash_of(b"first"));
@@ -157,7 +157,7 @@ fn regression_a_file_renamed_while_being_written_is_sent_after_a_crash() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
     closed_file(&t, ROOT, "target", b"synced");
-    let (_, fh) = t.create(ROOT, OsStr::new("new"), 0o644, 0, 0, true).unwrap();
+    let (_, fh) = t.create(ROOT, OsStr::new("new"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
     t.write(fh, 0, b"not closed").unwrap();
     t.rename(ROOT, OsStr::new("new"), ROOT, OsStr::new("target"), false).unwrap();
     let before: Vec<String> = t.take_unpublished().into_iter().map(|r| format!("{} {:?}", r.change.path, r.change.op)).collect();
@@ -321,7 +321,7 @@ fn regression_a_failed_transaction_changes_nothing_in_memory() {
     let chaos = Chaos::install(&t, dir.path());
     let c = |what: &str, op: &mut dyn FnMut(&Tree) -> FsResult<()>| chaos.every_failure_of(&t, what, op);
     let d = chaos.every_failure_of(&t, "mkdir", |t| t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0)).ino;
-    let (f, fh) = chaos.every_failure_of(&t, "create", |t| t.create(d, OsStr::new("f"), 0o644, 0, 0, true));
+    let (f, fh) = chaos.every_failure_of(&t, "create", |t| t.create(d, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW));
     let f = f.ino;
     t.write(fh, 0, b"first version").unwrap();
     c("close", &mut |t| t.flush(fh));
@@ -380,7 +380,7 @@ fn a_close_that_could_not_commit_is_committed_later() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
     let chaos = Chaos::install(&t, dir.path());
-    let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, true).unwrap();
+    let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
     t.take_unpublished();
     t.write(fh, 0, b"kept").unwrap();
     chaos.arm(1, false);
@@ -445,7 +445,7 @@ fn a_full_database_fails_with_enospc_and_changes_nothing() {
 }
 
 fn closed_file_or_error(t: &Tree, name: &str) -> Option<FsError> {
-    let (_, fh) = match t.create(ROOT, OsStr::new(name), 0o644, 0, 0, true) {
+    let (_, fh) = match t.create(ROOT, OsStr::new(name), 0o644, 0, 0, CreateOpen::NEW) {
         Ok(made) => made,
         Err(e) => return Some(e),
     };
@@ -466,4 +466,36 @@ fn a_delete_replacing_a_queued_put_goes_after_the_children() {
     t.rmdir(d, OsStr::new("e")).unwrap();
     t.rmdir(ROOT, OsStr::new("d")).unwrap();
     assert_eq!(queued(&t.take_unpublished()), vec![("d/e".into(), None), ("d".into(), None)]);
+}
+
+/// The kernel looks a name up before it creates it; a file from another node may land in
+/// between. `open(O_CREAT)` without `O_EXCL` must then open that file (truncated if asked)
+/// as a local disk would, not fail with EEXIST; with `O_EXCL` it fails; and the file's
+/// own permissions are checked, which the kernel did not do for a create.
+#[test]
+fn create_of_a_name_that_appeared_after_the_lookup_opens_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let ino = closed_file(&t, ROOT, "b.txt", b"from another node");
+    let exclusive = CreateOpen { write: true, exclusive: true, truncate: true };
+    assert!(matches!(t.create(ROOT, OsStr::new("b.txt"), 0o644, 0, 0, exclusive), Err(FsError::Exists)));
+    let plain = CreateOpen { write: true, exclusive: false, truncate: true };
+    // Owner root, mode 0644: root (uid 0) may write it.
+    let (a, fh) = t.create(ROOT, OsStr::new("b.txt"), 0o600, 0, 0, plain).unwrap();
+    assert_eq!((a.ino, a.size), (ino, 0), "the same file, truncated");
+    t.write(fh, 0, b"mine").unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    assert_eq!(read_all(&t, ino).unwrap(), b"mine");
+    // Mode 0644, owner root: another user may open it for reading only.
+    let read_only = CreateOpen { write: false, exclusive: false, truncate: false };
+    let (_, fh) = t.create(ROOT, OsStr::new("b.txt"), 0o644, 1000, 1000, read_only).unwrap();
+    t.release(fh).unwrap();
+    let write_no_trunc = CreateOpen { write: true, exclusive: false, truncate: false };
+    assert!(matches!(t.create(ROOT, OsStr::new("b.txt"), 0o644, 1000, 1000, write_no_trunc), Err(FsError::AccessDenied)));
+    assert_eq!(read_all(&t, ino).unwrap(), b"mine", "a refused open changes nothing");
+    // A directory by that name stays an error.
+    t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0).unwrap();
+    assert!(matches!(t.create(ROOT, OsStr::new("d"), 0o644, 0, 0, plain), Err(FsError::Exists)));
+    assert_memory_is_persisted(&t, "after creates of existing names");
 }
