@@ -137,7 +137,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let tree = Arc::new(Tree::load(db, store.clone())?);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let cancel = CancellationToken::new();
-    let listener = rt.block_on(tokio::net::TcpListener::bind(cfg.listen)).with_context(|| format!("listening on {}", cfg.listen))?;
+    let listener = rt.block_on(async { http_serve::bind(cfg.listen) }).with_context(|| format!("listening on {}", cfg.listen))?;
     let local = listener.local_addr()?;
     let acceptor = cfg.tls.as_ref().map(|t| tls_pem::acceptor(&t.cert, &t.key)).transpose()?;
     let acceptor_is_tls = acceptor.is_some();

@@ -39,6 +39,23 @@ pub struct Limits {
     pub shutdown_grace: Option<Duration>,
 }
 
+/// The accept queue a listener asks the kernel for (the kernel caps it at
+/// `net.core.somaxconn`, 4096 by default). Connections beyond [`Limits::max_connections`]
+/// wait there in arrival order, their handshakes done: with tokio's default of 1024, a
+/// crowd of idle clients filled the queue, later clients' SYNs were dropped, and who got
+/// in next was a lottery of SYN retries (an operator's `syncctl status` timed out behind
+/// 2,000 idle connections).
+pub const ACCEPT_QUEUE: u32 = 4096;
+
+/// A listener on `addr` with an accept queue of [`ACCEPT_QUEUE`].
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restarted server can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(ACCEPT_QUEUE)
+}
+
 /// Serves `router` over HTTP/1 (HTTPS with `tls`) on `listener` until `cancel`.
 pub async fn serve(listener: TcpListener, tls: Option<TlsAcceptor>, router: Router, limits: Limits, cancel: CancellationToken) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));

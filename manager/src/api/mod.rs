@@ -144,7 +144,7 @@ impl Server {
             Some(files) => Some(tls_pem::acceptor(&files.cert, &files.key)?),
             None => None,
         };
-        let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("listening on {} for the HTTP API", cfg.listen))?;
+        let listener = http_serve::bind(cfg.listen).with_context(|| format!("listening on {} for the HTTP API", cfg.listen))?;
         Ok(Server { listener, tls, handle, operator_token, provision: cfg.provision.clone() })
     }
 
