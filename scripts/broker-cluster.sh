@@ -36,7 +36,7 @@ CONF
     RABBITMQ_DIST_PORT=$((port + 20000)) RABBITMQ_CONFIG_FILE=$dir/rabbitmq.conf \
     RABBITMQ_MNESIA_BASE=$dir/mnesia RABBITMQ_LOG_BASE=$dir/log RABBITMQ_PID_FILE=$dir/pid \
     RABBITMQ_ENABLED_PLUGINS_FILE=$dir/enabled_plugins \
-    /usr/lib/rabbitmq/bin/rabbitmq-server -detached" >/dev/null 2>&1 || true
+    /usr/lib/rabbitmq/bin/rabbitmq-server -detached" >/dev/null 2>&1 9>&- || true
 }
 
 wait_node() {
@@ -65,7 +65,9 @@ join() {
 
 start() {
   command -v rabbitmq-server >/dev/null || { log "rabbitmq-server is not installed: run scripts/setup.sh first"; exit 1; }
-  # One start at a time (tests running in parallel each ask for the cluster).
+  # One start at a time (tests running in parallel each ask for the cluster). The broker
+  # nodes are launched without this descriptor (`9>&-`): one they inherited would hold
+  # the lock for as long as they run, and every later start would wait forever.
   exec 9>/run/syncfs-broker-cluster.lock
   flock 9
   for i in 1 2 3; do launch_node "$i"; done
