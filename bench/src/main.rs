@@ -349,18 +349,10 @@ fn main() {
         let n: usize = std::env::var("BENCH_META_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
         let on_mount = a.mount.join("meta");
         std::fs::create_dir(&on_mount).unwrap();
-        let native = tempfile::tempdir_in(c.dir.path()).unwrap();
-        let bind_src = tempfile::tempdir_in(c.dir.path()).unwrap();
-        let bind_mnt = tempfile::tempdir().unwrap();
-        let bindfs = metadata::Bindfs::mount(bind_src.path(), bind_mnt.path());
-        let mut systems = vec![("mount (fs-node)", on_mount.clone()), ("native disk", native.path().to_path_buf())];
-        match &bindfs {
-            Some(_) => systems.push(("bindfs", bind_mnt.path().to_path_buf())),
-            None => println!("bindfs not installed (scripts/setup-bench.sh): its column is skipped"),
-        }
-        let rates = metadata::run(&systems, n);
-        metadata::print(&systems, &rates, n);
-        drop(bindfs);
+        let side = metadata::SideBySide::new(c.dir.path(), on_mount.clone());
+        let rates = metadata::run(&side.systems, n);
+        metadata::print(&side.systems, &rates, n);
+        drop(side);
         std::fs::remove_dir(&on_mount).unwrap();
     }
     if runs("tools") {
@@ -371,24 +363,17 @@ fn main() {
         let src = tools::prepare(work.path(), copies);
         let on_mount = a.mount.join("tools");
         std::fs::create_dir(&on_mount).unwrap();
-        let native = tempfile::tempdir_in(c.dir.path()).unwrap();
-        let bind_src = tempfile::tempdir_in(c.dir.path()).unwrap();
-        let bind_mnt = tempfile::tempdir().unwrap();
-        let bindfs = metadata::Bindfs::mount(bind_src.path(), bind_mnt.path());
-        let mut systems = vec![("mount (fs-node)", on_mount.clone()), ("native disk", native.path().to_path_buf())];
-        if bindfs.is_some() {
-            systems.push(("bindfs", bind_mnt.path().to_path_buf()));
-        }
+        let side = metadata::SideBySide::new(c.dir.path(), on_mount.clone());
         let drained = std::cell::Cell::new(Duration::ZERO);
         let drain = || {
             let t = Instant::now();
             eventually("node A's queue of changes to drain", Duration::from_secs(1800), || a.pending() == 0);
             drained.set(drained.get() + t.elapsed());
         };
-        let times = tools::run_all(&systems, &src, &drain);
+        let times = tools::run_all(&side.systems, &src, &drain);
         drain();
-        tools::print(&systems, &times, &src, drained.get());
-        drop(bindfs);
+        tools::print(&side.systems, &times, &src, drained.get());
+        drop(side);
         std::fs::remove_dir(&on_mount).unwrap();
     }
     let mut c = c;

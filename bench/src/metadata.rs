@@ -85,17 +85,52 @@ pub fn run(systems: &[(&str, PathBuf)], n: usize) -> Vec<Rates> {
 
 pub fn print(systems: &[(&str, PathBuf)], rates: &[Rates], n: usize) {
     println!("{n} files of 4 KiB in one directory (rates per second; the mount syncs to a second node meanwhile):");
-    println!("| operation | {} | mount / native | mount / bindfs |", systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | "));
-    let row = |name: &str, f: fn(&Rates) -> f64| {
-        let v: Vec<f64> = rates.iter().map(f).collect();
-        let cells: Vec<String> = v.iter().map(|x| format!("{x:.0}")).collect();
-        let ratio = |i: usize| v.get(i).map(|b| format!("{:.2}", v[0] / b)).unwrap_or_else(|| "—".into());
-        println!("| {name} | {} | {} | {} |", cells.join(" | "), ratio(1), ratio(2));
-    };
+    print_header("operation", systems);
+    let row = |name: &str, f: fn(&Rates) -> f64| print_row(name, &rates.iter().map(f).collect::<Vec<_>>(), 0);
     row("create + write 4 KiB + close", |r| r.create);
     row("stat (warm)", |r| r.stat);
     row("readdir (entries)", |r| r.readdir);
     row("delete", |r| r.delete);
+}
+
+/// The header of a side-by-side table: `what`, each system, and the two ratios.
+pub fn print_header(what: &str, systems: &[(&str, PathBuf)]) {
+    println!("| {what} | {} | mount / native | mount / bindfs |", systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | "));
+}
+
+/// One row: a value per system (the mount first) with `decimals`, and the mount's value
+/// over the native disk's and bindfs's.
+pub fn print_row(name: &str, v: &[f64], decimals: usize) {
+    let cells: Vec<String> = v.iter().map(|x| format!("{x:.decimals$}")).collect();
+    let ratio = |i: usize| v.get(i).map(|b| format!("{:.2}", v[0] / b)).unwrap_or_else(|| "—".into());
+    println!("| {name} | {} | {} | {} |", cells.join(" | "), ratio(1), ratio(2));
+}
+
+/// The systems a side-by-side row compares: a directory on the mount, one on the native
+/// disk next to the node's store, and bindfs over another there (if installed). The
+/// temporary directories and the bindfs mount last as long as this.
+pub struct SideBySide {
+    pub systems: Vec<(&'static str, PathBuf)>,
+    // Declared first: unmounted before its directories go.
+    _bindfs: Option<Bindfs>,
+    _native: tempfile::TempDir,
+    _bind_src: tempfile::TempDir,
+    _bind_mnt: tempfile::TempDir,
+}
+
+impl SideBySide {
+    pub fn new(work: &Path, on_mount: PathBuf) -> SideBySide {
+        let native = tempfile::tempdir_in(work).unwrap();
+        let bind_src = tempfile::tempdir_in(work).unwrap();
+        let bind_mnt = tempfile::tempdir().unwrap();
+        let bindfs = Bindfs::mount(bind_src.path(), bind_mnt.path());
+        let mut systems = vec![("mount (fs-node)", on_mount), ("native disk", native.path().to_path_buf())];
+        match &bindfs {
+            Some(_) => systems.push(("bindfs", bind_mnt.path().to_path_buf())),
+            None => println!("bindfs not installed (scripts/setup-bench.sh): its column is skipped"),
+        }
+        SideBySide { systems, _bindfs: bindfs, _native: native, _bind_src: bind_src, _bind_mnt: bind_mnt }
+    }
 }
 
 /// A bindfs mount of `src` at `mnt`, unmounted when dropped; None if bindfs is missing.

@@ -119,13 +119,8 @@ pub fn print(systems: &[(&str, PathBuf)], times: &[Times], src: &Sources, draine
         src.files,
         std::fs::metadata(&src.archive).map(|m| m.len() >> 20).unwrap_or(0)
     );
-    println!("| tool | {} | mount / native | mount / bindfs |", systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | "));
-    let row = |name: &str, f: fn(&Times) -> f64| {
-        let v: Vec<f64> = times.iter().map(f).collect();
-        let cells: Vec<String> = v.iter().map(|x| format!("{x:.2}")).collect();
-        let ratio = |i: usize| v.get(i).map(|b| format!("{:.2}", v[0] / b)).unwrap_or_else(|| "—".into());
-        println!("| {name} | {} | {} | {} |", cells.join(" | "), ratio(1), ratio(2));
-    };
+    crate::metadata::print_header("tool", systems);
+    let row = |name: &str, f: fn(&Times) -> f64| crate::metadata::print_row(name, &times.iter().map(f).collect::<Vec<_>>(), 2);
     row("tar x", |t| t.tar_x);
     row("git clone --no-local", |t| t.git_clone);
     row("rm -rf (both trees)", |t| t.rm_rf);
