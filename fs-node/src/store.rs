@@ -106,7 +106,7 @@ impl ContentStore {
     }
 
     pub fn blob_path(&self, h: &ContentHash) -> PathBuf {
-        self.blobs.join(h.as_str())
+        self.blobs.join(h.to_hex())
     }
 
     pub fn has(&self, h: &ContentHash) -> bool {

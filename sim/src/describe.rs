@@ -6,7 +6,7 @@ fn entry(e: &Entry) -> String {
     let what = match &e.version {
         None => "deleted".to_string(),
         Some(v) => match &v.content {
-            Content::File { hash, size } => format!("file {} {size}B {:o}", &hash.as_str()[..8], v.mode),
+            Content::File { hash, size } => format!("file {} {size}B {:o}", &hash.to_hex()[..8], v.mode),
             Content::Dir => format!("dir {:o}", v.mode),
             Content::Symlink { target } => format!("symlink -> {target}"),
         },
@@ -29,7 +29,7 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
             let op = match &c.op {
                 ChangeOp::Delete => "delete".to_string(),
                 ChangeOp::Put { version } => match &version.content {
-                    Content::File { hash, .. } => format!("put file {}", &hash.as_str()[..8]),
+                    Content::File { hash, .. } => format!("put file {}", &hash.to_hex()[..8]),
                     Content::Dir => format!("put dir {:o}", version.mode),
                     Content::Symlink { target } => format!("put symlink -> {target}"),
                 },
@@ -37,6 +37,7 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
             format!("change {} {op} base r{} follows {:?}", c.path, c.base.0, c.follows.as_ref().map(|m| m.to_string()))
         }
         ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
+        ToManager::Holding { items } => format!("holding {}", items.iter().map(|h| format!("{} r{}", h.path, h.rev.0)).collect::<Vec<_>>().join(", ")),
         ToManager::Sync { since, .. } => format!("sync since r{}", since.0),
     };
     format!("{} from {}: {body}{}", env.id, env.from, again(redelivered))

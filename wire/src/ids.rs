@@ -114,48 +114,92 @@ impl fmt::Display for Revision {
     }
 }
 
-/// BLAKE3 hash of a file's bytes, as 64 lowercase hex digits.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+/// BLAKE3 hash of a file's bytes: 32 bytes in memory (a node keeps one per file, so
+/// no heap string), 64 lowercase hex digits on the wire and in databases.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct ContentHash(String);
+pub struct ContentHash([u8; 32]);
 
 impl ContentHash {
     pub fn from_bytes(bytes: [u8; 32]) -> ContentHash {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut s = String::with_capacity(64);
-        for b in bytes {
-            s.push(HEX[(b >> 4) as usize] as char);
-            s.push(HEX[(b & 15) as usize] as char);
-        }
-        ContentHash(s)
+        ContentHash(bytes)
     }
-    pub fn as_str(&self) -> &str {
+    pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+    /// The 64 hex digits, without a heap allocation.
+    pub fn to_hex(&self) -> HexHash {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut s = [0u8; 64];
+        for (i, b) in self.0.iter().enumerate() {
+            s[2 * i] = HEX[(b >> 4) as usize];
+            s[2 * i + 1] = HEX[(b & 15) as usize];
+        }
+        HexHash(s)
+    }
+}
+
+/// A hash as its 64 hex digits (`ContentHash::to_hex`).
+#[derive(Clone, Copy)]
+pub struct HexHash([u8; 64]);
+
+impl HexHash {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+impl std::ops::Deref for HexHash {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+impl AsRef<std::path::Path> for HexHash {
+    fn as_ref(&self) -> &std::path::Path {
+        std::path::Path::new(self.as_str())
+    }
+}
+
+impl fmt::Debug for ContentHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ContentHash({})", self.to_hex().as_str())
     }
 }
 impl TryFrom<String> for ContentHash {
     type Error = IdError;
     fn try_from(s: String) -> Result<Self, IdError> {
-        if s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
-            Ok(ContentHash(s))
-        } else {
-            Err(IdError::Hash(s))
-        }
+        s.parse()
     }
 }
 impl std::str::FromStr for ContentHash {
     type Err = IdError;
     fn from_str(s: &str) -> Result<Self, IdError> {
-        ContentHash::try_from(s.to_string())
+        let digit = |b: u8| match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            _ => None,
+        };
+        let b = s.as_bytes();
+        let mut out = [0u8; 32];
+        if b.len() != 64 {
+            return Err(IdError::Hash(s.to_string()));
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            match (digit(b[2 * i]), digit(b[2 * i + 1])) {
+                (Some(h), Some(l)) => *o = h << 4 | l,
+                _ => return Err(IdError::Hash(s.to_string())),
+            }
+        }
+        Ok(ContentHash(out))
     }
 }
 impl From<ContentHash> for String {
     fn from(n: ContentHash) -> String {
-        n.0
+        n.to_hex().as_str().to_string()
     }
 }
 impl fmt::Display for ContentHash {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.to_hex().as_str())
     }
 }
