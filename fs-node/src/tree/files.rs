@@ -34,7 +34,7 @@ impl State {
         i.rdev = rdev;
         if kind == Kind::Symlink {
             i.size = target.as_ref().map(|t| t.len() as u64).unwrap_or(0);
-            i.target = target;
+            i.target = target.map(Vec::into_boxed_slice);
             i.perm = 0o777;
         }
         if kind == Kind::File {
@@ -100,7 +100,7 @@ impl State {
             return Ok(OpenIo::Cached);
         }
         self.set_backing_owner(key, Some(ino));
-        self.inode_mut(ino)?.passthrough = Some(Passthrough { backing: backing.clone(), key, handles: 1 });
+        self.inode_mut(ino)?.passthrough = Some(Box::new(Passthrough { backing: backing.clone(), key, handles: 1 }));
         Ok(OpenIo::Passthrough { register: Some(backing) })
     }
 

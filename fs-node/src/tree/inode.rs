@@ -16,7 +16,7 @@ pub(super) struct Inode {
     pub(super) rdev: u32,
     pub(super) size: u64,
     pub(super) hash: Option<ContentHash>,
-    pub(super) target: Option<Vec<u8>>,
+    pub(super) target: Option<Box<[u8]>>,
     pub(super) children: BTreeMap<OsString, u64>,
     /// Directory entries naming this inode (a directory has one; hard links add more).
     pub(super) links: Vec<(u64, OsString)>,
@@ -37,7 +37,7 @@ pub(super) struct Inode {
     /// Read handle on the current blob, opened on first read.
     pub(super) blob: Option<Arc<File>>,
     /// Set while the kernel does this inode's I/O itself on a backing file.
-    pub(super) passthrough: Option<Passthrough>,
+    pub(super) passthrough: Option<Box<Passthrough>>,
     pub(super) writers: u32,
     pub(super) open: u32,
     pub(super) lookups: u64,
@@ -94,7 +94,7 @@ impl Inode {
             rdev: self.rdev,
             size: c.size,
             hash: self.hash.as_ref().map(|h| h.to_string()),
-            target: self.target.clone(),
+            target: self.target.as_deref().map(<[u8]>::to_vec),
         }
     }
     /// A copy of everything but the children (see `Undo::Inode`).
@@ -210,7 +210,7 @@ impl Inode {
         let content = match self.kind {
             Kind::File => Content::File { hash: self.hash.clone()?, size: self.size },
             Kind::Dir => Content::Dir,
-            Kind::Symlink => Content::Symlink { target: String::from_utf8(self.target.clone()?).ok()? },
+            Kind::Symlink => Content::Symlink { target: std::str::from_utf8(self.target.as_deref()?).ok()?.to_string() },
             _ => return None,
         };
         // Directory and symlink times are local (docs/SEMANTICS.md).

@@ -232,7 +232,9 @@ struct State {
     env: Arc<dyn Env>,
     /// Set while a transaction runs (`Tree::atomically`).
     journal: Option<Journal>,
-    inodes: HashMap<u64, Inode>,
+    /// Boxed: the table keeps twice as many slots as entries at worst, and a slot is
+    /// then a pointer, not a whole inode.
+    inodes: HashMap<u64, Box<Inode>>,
     next_ino: u64,
     revs: HashMap<RelPath, Revision>,
     outbox: Outbox,
@@ -295,13 +297,13 @@ impl Tree {
             i.rdev = row.rdev;
             i.size = row.size;
             i.hash = row.hash.and_then(|h| h.parse().ok());
-            i.target = row.target;
-            inodes.insert(row.ino, i);
+            i.target = row.target.map(Vec::into_boxed_slice);
+            inodes.insert(row.ino, Box::new(i));
         }
         if let std::collections::hash_map::Entry::Vacant(slot) = inodes.entry(ROOT) {
             let root = Inode::new(ROOT, Kind::Dir, 0o755, 0, 0, env.now_ns());
             db.save_inode(&root.row())?;
-            slot.insert(root);
+            slot.insert(Box::new(root));
         }
         for (parent, name, ino) in db.dentries()? {
             if inodes.contains_key(&parent) && inodes.contains_key(&ino) {

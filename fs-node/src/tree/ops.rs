@@ -92,7 +92,7 @@ impl Tree {
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
         let st = self.lock();
         let i = st.inode(ino)?;
-        i.target.clone().ok_or(FsError::Invalid)
+        i.target.as_deref().map(<[u8]>::to_vec).ok_or(FsError::Invalid)
     }
 
     /// mkdir, mknod and symlink share this.

@@ -166,7 +166,7 @@ impl State {
                 i.mtime = v.mtime_ns;
             }
             Content::Symlink { target } => {
-                i.target = Some(target.as_bytes().to_vec());
+                i.target = Some(target.as_bytes().into());
                 i.size = target.len() as u64;
             }
             Content::Dir => {}

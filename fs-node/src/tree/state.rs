@@ -6,7 +6,7 @@ use super::*;
 
 impl State {
     pub(super) fn inode(&self, ino: u64) -> FsResult<&Inode> {
-        self.inodes.get(&ino).ok_or(FsError::NotFound)
+        self.inodes.get(&ino).map(|i| &**i).ok_or(FsError::NotFound)
     }
     /// The inode, to change: inside a transaction its fields are saved first (`Undo`).
     pub(super) fn inode_mut(&mut self, ino: u64) -> FsResult<&mut Inode> {
@@ -17,7 +17,7 @@ impl State {
                 }
             }
         }
-        self.inodes.get_mut(&ino).ok_or(FsError::NotFound)
+        self.inodes.get_mut(&ino).map(|i| &mut **i).ok_or(FsError::NotFound)
     }
 
     /// Adds an inode the transaction made.
@@ -27,7 +27,7 @@ impl State {
             j.saved.insert(ino);
             j.undo.push(Undo::Inode(ino, None));
         }
-        self.inodes.insert(ino, i);
+        self.inodes.insert(ino, Box::new(i));
     }
 
     /// Records how to undo a change, inside a transaction.
@@ -83,11 +83,11 @@ impl State {
                                 store.discard_work_file(ino);
                             }
                             let children = std::mem::take(&mut now.children);
-                            *now = before;
+                            **now = before;
                             now.children = children;
                         }
                         None => {
-                            self.inodes.insert(ino, before);
+                            self.inodes.insert(ino, Box::new(before));
                         }
                     }
                 }
@@ -299,7 +299,7 @@ impl State {
         }
         if let Some(j) = &mut self.journal {
             j.saved.insert(ino);
-            j.undo.push(Undo::Inode(ino, Some(i)));
+            j.undo.push(Undo::Inode(ino, Some(*i)));
         }
     }
 
