@@ -20,7 +20,13 @@ use crate::tree::{Applied, FsError, Inval, Tree};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{Content, ContentHash, Entry, Envelope, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
+use wire::{
+    Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD,
+    MAX_TO_MANAGER_BYTES,
+};
+
+/// Bytes of `Held` items per `Holding` message: the limit, less room for the envelope.
+const HOLDING_BYTES: usize = MAX_TO_MANAGER_BYTES - 1024;
 
 /// Time since the driver started, on the driver's clock (real or simulated).
 pub type Now = Duration;
@@ -56,7 +62,7 @@ pub struct SyncReport {
 pub enum Action<R> {
     /// Publish on the update channel. `confirmed`: the driver waits for the broker's
     /// confirm before it goes on with the next event (changes, sync requests); the others
-    /// (heartbeats, `Have`) cost nothing when lost.
+    /// (heartbeats, `Holding`) cost nothing when lost.
     Publish { env: Envelope<ToManager>, confirmed: bool },
     /// Pull this content in the background and report with [`Engine::pull_finished`].
     Pull { path: RelPath, rev: Revision, hash: ContentHash, size: u64, holders: Vec<Holder> },
@@ -132,6 +138,8 @@ pub struct Engine<R> {
     last_sync_start: Option<Now>,
     missing: BTreeMap<RelPath, Missing>,
     out: Vec<Action<R>>,
+    /// Contents taken in this step, told to the manager together at its end (`take`).
+    held: Vec<Held>,
 }
 
 impl<R> Engine<R> {
@@ -139,7 +147,8 @@ impl<R> Engine<R> {
     /// ids it already decided), a heartbeat says the node is here, and a sync starts.
     pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> (Engine<R>, Vec<Action<R>>) {
         tree.republish_all();
-        let mut e = Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new() };
+        let mut e =
+            Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new(), held: Vec::new() };
         e.heartbeat(pending_pulls);
         e.start_sync(Vec::new(), now);
         let out = e.take();
@@ -257,8 +266,29 @@ impl<R> Engine<R> {
         Ok(self.take())
     }
 
+    /// The step's actions; what it took is told to the manager last, in as few
+    /// `Holding` messages as fit the size limits.
     fn take(&mut self) -> Vec<Action<R>> {
+        let mut items = Vec::new();
+        let mut bytes = 0;
+        for held in std::mem::take(&mut self.held) {
+            let len = held.encoded_len();
+            if !items.is_empty() && (items.len() == MAX_HELD || bytes + len > HOLDING_BYTES) {
+                self.publish_holding(std::mem::take(&mut items));
+                bytes = 0;
+            }
+            bytes += len;
+            items.push(held);
+        }
+        if !items.is_empty() {
+            self.publish_holding(items);
+        }
         std::mem::take(&mut self.out)
+    }
+
+    fn publish_holding(&mut self, items: Vec<Held>) {
+        let env = self.envelope(ToManager::Holding { items });
+        self.out.push(Action::Publish { env, confirmed: false });
     }
 
     fn envelope(&self, body: ToManager) -> Envelope<ToManager> {
@@ -390,8 +420,7 @@ impl<R> Engine<R> {
         }
         if applied.changed {
             if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
-                let env = self.envelope(ToManager::Have { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() });
-                self.out.push(Action::Publish { env, confirmed: false });
+                self.held.push(Held { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() });
             }
         }
     }
@@ -492,4 +521,55 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentH
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::db::Db;
+    use crate::store::{put_bytes, ContentStore};
+    use wire::{BatchItem, Version, MAX_TO_MANAGER_BYTES};
+
+    /// A batch of broadcasts applied in one step is told to the manager in as few
+    /// `Holding` messages as fit the size limit, naming every file once.
+    #[test]
+    fn files_taken_in_one_step_are_told_in_few_holding_messages_under_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = put_bytes(&ContentStore::open(dir.path()).unwrap(), b"x").unwrap();
+        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
+        let me: NodeId = "n2".parse().unwrap();
+        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, _) = Engine::<()>::connected(tree, info, 0, Duration::ZERO);
+        let applied = |path: String, rev: u64, content| ToNode::Applied {
+            entry: Entry {
+                path: RelPath::new(path).unwrap(),
+                rev: Revision(rev),
+                version: Some(Version { content, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
+                holders: vec![],
+            },
+            origin: "n1".parse().unwrap(),
+        };
+        let mut items = vec![BatchItem { to: None, msg: applied("d".into(), 1, Content::Dir) }];
+        let names: Vec<String> = (0..400).map(|i| format!("d/{i:03}{}", "n".repeat(240))).collect();
+        for (i, name) in names.iter().enumerate() {
+            items.push(BatchItem { to: None, msg: applied(name.clone(), 2 + i as u64, Content::File { hash: hash.clone(), size: 1 }) });
+        }
+        let actions = engine.on_message(Envelope::new("b1".parse().unwrap(), NodeId::manager(), ToNode::Batch { items }), Duration::ZERO).unwrap();
+        let mut told = Vec::new();
+        let mut messages = 0;
+        for a in actions {
+            if let Action::Publish { env, .. } = a {
+                if let ToManager::Holding { items } = &env.body {
+                    assert!(env.encode().len() <= MAX_TO_MANAGER_BYTES, "a holding message of {} bytes", env.encode().len());
+                    messages += 1;
+                    told.extend(items.iter().map(|h| h.path.to_string()));
+                }
+            }
+        }
+        // The items are of one size: each message but the last is full.
+        let len = Held { path: RelPath::new(names[0].clone()).unwrap(), rev: Revision(100), hash }.encoded_len();
+        assert_eq!(messages, names.len().div_ceil(HOLDING_BYTES / len));
+        assert!(messages > 1);
+        assert_eq!(told, names);
+    }
 }

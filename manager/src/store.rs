@@ -15,7 +15,7 @@ use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
 use rusqlite::{params, OptionalExtension};
 use std::path::Path;
-use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
+use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
 
 /// A node that has sent nothing for this long is shown offline.
 pub const OFFLINE_AFTER_MS: i64 = 5_000;
@@ -489,14 +489,12 @@ impl Tx<'_> {
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
-                if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash: h, .. }, .. }), .. }) = entry(self.tx, &path)? {
-                    if cur == rev && h == hash {
-                        self.tx.prepare_cached("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
-                            path.as_str(),
-                            from.as_str(),
-                            rev.0 as i64
-                        ])?;
-                    }
+                self.holds(&from, &Held { path, rev, hash })?;
+            }
+            ToManager::Holding { items } => {
+                self.seen(&from, None, now_ms)?;
+                for held in &items {
+                    self.holds(&from, held)?;
                 }
             }
             ToManager::Sync { request, url, since, paged } => {
@@ -510,6 +508,21 @@ impl Tx<'_> {
                 }
                 self.seen(&from, None, now_ms)?;
                 self.change(env.id, &from, change, now_ms)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `node` as a holder of the path's content, if that is still the path's
+    /// current version (a holding of an older one is stale, and dropped).
+    fn holds(&mut self, node: &NodeId, held: &Held) -> anyhow::Result<()> {
+        if let Some(Entry { rev: cur, version: Some(Version { content: Content::File { hash, .. }, .. }), .. }) = entry(self.tx, &held.path)? {
+            if cur == held.rev && hash == held.hash {
+                self.tx.prepare_cached("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
+                    held.path.as_str(),
+                    node.as_str(),
+                    held.rev.0 as i64
+                ])?;
             }
         }
         Ok(())
@@ -1065,6 +1078,26 @@ mod tests {
     fn live_paths(store: &Store) -> std::collections::BTreeSet<String> {
         let mut st = store.conn().prepare("SELECT path FROM paths WHERE version IS NOT NULL").unwrap();
         st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+    }
+
+    /// One `Holding` message records the node as a holder of every path it names at
+    /// that path's current version, and drops the items that are stale (an older
+    /// revision, another content) or name no file.
+    #[test]
+    fn a_holding_message_records_each_current_item_and_drops_stale_ones() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        send(&mut s, "n1", "m2", put("b", 0, file(2)));
+        send(&mut s, "n1", "m3", put("b", 2, file(3)));
+        let held = |path: &str, rev: u64, h: u8| Held { path: p(path), rev: Revision(rev), hash: ContentHash::from_bytes([h; 32]) };
+        let items = vec![held("a", 1, 1), held("b", 2, 2), held("b", 3, 4), held("nothing", 1, 1)];
+        send(&mut s, "n2", "h1", ToManager::Holding { items });
+        let holders_of =
+            |s: &Store, path: &str, rev: i64| -> Vec<String> { holders(s.conn(), path, rev).unwrap().into_iter().map(|h| h.node.to_string()).collect() };
+        assert_eq!(holders_of(&s, "a", 1), ["n1", "n2"]);
+        assert_eq!(holders_of(&s, "b", 3), ["n1"], "a stale revision or another content is not held");
+        send(&mut s, "n2", "h2", ToManager::Holding { items: vec![held("b", 3, 3)] });
+        assert_eq!(holders_of(&s, "b", 3), ["n1", "n2"]);
     }
 
     /// A reply larger than a page is sent in numbered pages, each within the budget,

@@ -119,7 +119,8 @@ impl Body for ToManager {
             }
             ToManager::Sync { url, .. } => bounded_str("sync URL", url, MAX_URL_BYTES),
             ToManager::Change(Change { op: ChangeOp::Put { version }, .. }) => version.check_bounds(),
-            ToManager::Change(_) | ToManager::Have { .. } => Ok(()),
+            ToManager::Holding { items } if items.len() > MAX_HELD => Err(format!("{} held paths, more than {MAX_HELD}", items.len())),
+            ToManager::Change(_) | ToManager::Have { .. } | ToManager::Holding { .. } => Ok(()),
         }
     }
 }
@@ -255,11 +256,17 @@ pub enum ToManager {
         software: String,
     },
     Change(Change),
-    /// The node now holds this path's content at this revision and can serve it.
+    /// The node now holds this path's content at this revision and can serve it. Sent
+    /// by older nodes; a node now sends `Holding`.
     Have {
         path: RelPath,
         rev: Revision,
         hash: ContentHash,
+    },
+    /// `Have` for several paths at once: a node applying a batch of broadcasts or a sync
+    /// reply page says what it took in one message instead of one per file.
+    Holding {
+        items: Vec<Held>,
     },
     /// Reconciliation request: answered with `SyncReply` pages once every earlier
     /// message of this node has been decided.
@@ -278,6 +285,26 @@ pub enum ToManager {
         paged: bool,
     },
 }
+
+/// One path's content a node holds (`ToManager::Holding`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Held {
+    pub path: RelPath,
+    pub rev: Revision,
+    pub hash: ContentHash,
+}
+
+impl Held {
+    /// Bytes `Holding` spends on this item: what a sender counts to keep each message
+    /// under `MAX_TO_MANAGER_BYTES`.
+    pub fn encoded_len(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |v| v.len() + 1)
+    }
+}
+
+/// Items one `Holding` message may carry at most, on top of the byte limit.
+pub const MAX_HELD: usize = 4096;
 
 /// How the manager decided a change.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -416,6 +443,15 @@ mod tests {
             ),
             ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),
             ("have", ToManager::Have { path: path("docs/report.txt"), rev: Revision(42), hash: hash() }),
+            (
+                "holding",
+                ToManager::Holding {
+                    items: vec![
+                        Held { path: path("docs/report.txt"), rev: Revision(42), hash: hash() },
+                        Held { path: path("docs/notes.txt"), rev: Revision(43), hash: hash() },
+                    ],
+                },
+            ),
             (
                 "sync",
                 ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into(), since: Revision(40), paged: true },
