@@ -1,6 +1,9 @@
 //! `fs-node`: mounts a synced folder. Flags are documented in `--help`.
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
