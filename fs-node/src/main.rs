@@ -49,6 +49,11 @@ struct Args {
     /// Apply set-user-id/set-group-id bits that come from other nodes (default: cleared).
     #[arg(long, env = "SYNC_ALLOW_SETID")]
     allow_setid: bool,
+    /// A path this node keeps to itself, in gitignore syntax (repeat the flag for more;
+    /// in SYNC_IGNORE, separate them with newlines). `.syncignore` files in the tree
+    /// come first (docs/SEMANTICS.md).
+    #[arg(long = "ignore", value_name = "PATTERN", env = "SYNC_IGNORE", value_delimiter = '\n')]
+    ignore: Vec<String>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -71,5 +76,6 @@ fn run() -> anyhow::Result<()> {
         passthrough: !a.no_passthrough,
         pull_stall: std::time::Duration::from_secs(a.pull_stall_secs.max(1)),
         allow_setid: a.allow_setid,
+        ignore: a.ignore,
     })
 }

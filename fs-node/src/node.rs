@@ -47,6 +47,8 @@ pub struct Config {
     /// Apply set-user-id and set-group-id bits that come from other nodes (off: they are
     /// cleared, and the mount is `nosuid` either way).
     pub allow_setid: bool,
+    /// The node's own ignore rules (gitignore lines), after the tree's `.syncignore` files.
+    pub ignore: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -135,6 +137,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let db = Db::open(&cfg.data.join("node.db"))?;
     let store = ContentStore::open(&cfg.data)?;
     let tree = Arc::new(Tree::load(db, store.clone())?);
+    tree.set_node_ignore_rules(&cfg.ignore).map_err(|e| anyhow::anyhow!("taking the node's ignore rules: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let cancel = CancellationToken::new();
     let listener = rt.block_on(async { http_serve::bind(cfg.listen) }).with_context(|| format!("listening on {}", cfg.listen))?;

@@ -88,6 +88,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         // An empty hash is a malformed one (400), as any other path below /content/.
         .route("/content/", any(content))
         .route("/status", only(Method::GET, get(status)))
+        .route("/ignored", only(Method::GET, get(ignored)))
         .route("/metrics", only(Method::GET, get(metrics)))
         .route("/sync", only(Method::POST, post(sync)))
         .fallback(no_such_endpoint)
@@ -124,6 +125,12 @@ async fn no_such_endpoint() -> Response {
 
 async fn status(State(served): State<Arc<Served>>) -> Response {
     full(StatusCode::OK, "application/json", serde_json::to_vec(&served.reporter.status()).unwrap_or_default())
+}
+
+/// Every path the node ignores, as a JSON list of paths relative to the mount.
+async fn ignored(State(served): State<Arc<Served>>) -> Response {
+    let paths: Vec<String> = served.reporter.tree.ignored().iter().map(|p| p.to_string()).collect();
+    full(StatusCode::OK, "application/json", serde_json::to_vec(&paths).unwrap_or_default())
 }
 
 async fn metrics(State(served): State<Arc<Served>>) -> Response {

@@ -23,6 +23,9 @@ pub struct NodeStatus {
     pub dirs: u64,
     pub conflicts_seen: u64,
     pub last_revision: u64,
+    /// Paths this node keeps to itself (`syncctl ignored` lists them).
+    #[serde(default)]
+    pub ignored: u64,
     pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
 }
@@ -53,6 +56,7 @@ impl Reporter {
             dirs: stats.dirs,
             conflicts_seen: stats.conflicts_seen,
             last_revision: stats.last_revision,
+            ignored: stats.ignored,
             bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.link.last_sync(),
         }

@@ -40,6 +40,9 @@ enum Cmd {
     Sync,
     /// List the conflict files in the mount.
     Conflicts,
+    /// List the paths this node keeps to itself (ignore rules), below DIR if given (a
+    /// directory in the mount, or a path relative to it).
+    Ignored { dir: Option<PathBuf> },
 }
 
 fn node_url(cli: &Cli) -> anyhow::Result<String> {
@@ -100,6 +103,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("downloads: {} pull(s) in progress", s.pending_pulls);
                 println!("files:     {} ({} directories)", s.files, s.dirs);
                 println!("conflicts: {}", s.conflicts_seen);
+                println!("ignored:   {} path(s) kept to this node (syncctl ignored)", s.ignored);
                 match &s.last_sync {
                     Some(r) => println!("last sync: pushed {}, pulled {}, conflicts {}, failed {}", r.pushed, r.pulled, r.conflicts, r.failed),
                     None => println!("last sync: none yet"),
@@ -113,6 +117,21 @@ async fn main() -> anyhow::Result<()> {
                 "pushed {} change(s), pulled {}, {} conflict(s), {} failed (retried automatically); revision {} ({:.2}s)",
                 r.pushed, r.pulled, r.conflicts, r.failed, r.head, r.seconds
             );
+        }
+        Cmd::Ignored { dir } => {
+            let s: NodeStatus = status(&cli).await?;
+            let paths: Vec<String> = request(&cli, reqwest::Method::GET, "/ignored").await?.json().await.context("decoding the ignored paths")?;
+            let below = match dir {
+                Some(d) => {
+                    let abs = if d.is_absolute() { d.clone() } else { std::env::current_dir()?.join(d) };
+                    let rel = abs.strip_prefix(&s.mount).map(Path::to_path_buf).unwrap_or_else(|_| d.clone());
+                    rel.to_string_lossy().trim_matches('/').to_string()
+                }
+                None => String::new(),
+            };
+            for p in paths.iter().filter(|p| below.is_empty() || p.as_str() == below || p.starts_with(&format!("{below}/"))) {
+                println!("{}", Path::new(&s.mount).join(p).display());
+            }
         }
         Cmd::Conflicts => {
             let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;

@@ -22,6 +22,9 @@ use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, Re
 
 mod error;
 mod files;
+mod ignore_rules;
+use ignore_rules::IgnoreRules;
+pub use ignore_rules::IGNORE_FILE;
 mod inode;
 mod ops;
 mod outbox;
@@ -179,6 +182,8 @@ pub struct TreeStats {
     pub passthrough_opens: u64,
     /// Backing files a writer made into an inode's own work file.
     pub passthrough_detaches: u64,
+    /// Paths this node keeps to itself (an ignored directory counts once).
+    pub ignored: u64,
 }
 
 /// What a transaction changed in memory, recorded while it runs so that a failed one
@@ -201,6 +206,8 @@ enum Undo {
     BackingOwner((u64, u64), Option<u64>),
     /// The work file of the inode was moved into the store as this blob: moved back.
     Installed(u64, ContentHash),
+    /// A directory's ignore rules before the transaction read them again.
+    IgnoreRules(String, Option<::ignore::gitignore::Gitignore>),
 }
 
 /// Counters a transaction may move, restored whole when it fails.
@@ -224,6 +231,8 @@ struct Journal {
     discard_after_commit: Vec<u64>,
     /// Inodes whose passthrough backing file became their work file (see `undo`).
     detached: HashSet<u64>,
+    /// Rules files the transaction changed: read again before it commits.
+    rules_touched: Vec<RelPath>,
 }
 
 struct State {
@@ -247,6 +256,8 @@ struct State {
     passthrough_detaches: u64,
     /// The last work stamp given out (`Inode::work_stamp`); never goes back.
     last_work_stamp: u64,
+    /// What this node keeps to itself (`.syncignore` files, the node's own rules).
+    ignore: IgnoreRules,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -370,8 +381,11 @@ impl Tree {
             passthrough_opens: 0,
             passthrough_detaches: 0,
             last_work_stamp: 0,
+            ignore: IgnoreRules::default(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
+        let mut state = state;
+        state.load_ignore_rules(&store);
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over
@@ -443,8 +457,20 @@ impl Tree {
     fn transaction<T>(&self, st: &mut State, f: &mut impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         st.db.begin()?;
         let counters = st.counters();
-        st.journal = Some(Journal { undo: Vec::new(), saved: HashSet::new(), counters, discard_after_commit: Vec::new(), detached: HashSet::new() });
+        st.journal = Some(Journal {
+            undo: Vec::new(),
+            saved: HashSet::new(),
+            counters,
+            discard_after_commit: Vec::new(),
+            detached: HashSet::new(),
+            rules_touched: Vec::new(),
+        });
         let result = f(st, &self.store).and_then(|v| {
+            // Reading a rules file again may send changes (of paths no longer ignored):
+            // in the same transaction.
+            while let Some(path) = st.journal.as_mut().and_then(|j| j.rules_touched.pop()) {
+                st.rules_changed(&path, &self.store)?;
+            }
             match st.env.persist_fault() {
                 None => st.db.commit()?,
                 Some(PersistFault::Io) => return Err(FsError::Io(anyhow::anyhow!("committing to the node database: injected I/O error"))),

@@ -464,6 +464,17 @@ impl Tree {
         Ok(all.into_iter().enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name)).collect())
     }
 
+    /// The node's own ignore rules (gitignore lines), from its configuration; call once
+    /// after `load`. Paths they stop ignoring since the last run are sent.
+    pub fn set_node_ignore_rules(&self, rules: &[String]) -> FsResult<()> {
+        self.atomically(|st, _| st.set_node_ignore_rules(rules))
+    }
+
+    /// Every path this node ignores, an ignored directory named once (not what it holds).
+    pub fn ignored(&self) -> Vec<RelPath> {
+        self.lock().ignored_below(ROOT)
+    }
+
     pub fn stats(&self) -> TreeStats {
         let st = self.lock();
         let mut s = TreeStats {
@@ -472,6 +483,7 @@ impl Tree {
             last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,
+            ignored: st.ignored_below(ROOT).len() as u64,
             ..Default::default()
         };
         for i in st.inodes.values() {

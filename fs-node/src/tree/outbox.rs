@@ -91,7 +91,22 @@ impl Outbox {
 }
 
 impl State {
+    /// Queues a local change for the manager, unless its path is ignored here; a change
+    /// of a rules file has its directory's rules read again before the transaction ends.
     pub(super) fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
+        self.touch_rules(&path);
+        let is_dir = match &op {
+            ChangeOp::Put { version } => Some(matches!(version.content, Content::Dir)),
+            ChangeOp::Delete => None,
+        };
+        if self.ignore.is_ignored(path.as_str(), is_dir) {
+            tracing::debug!(target: "changes", path = %path, "ignored here: not sent");
+            return Ok(());
+        }
+        self.queue_change(path, op)
+    }
+
+    fn queue_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
         // Coalesce with a change to the same path that never left this process: the
         // manager only needs the latest state.
         let unsent = self

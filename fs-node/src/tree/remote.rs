@@ -20,11 +20,11 @@ impl State {
     }
 
     /// Whether `path` or anything below it has a local change the manager has not
-    /// decided: a queued change, or a file being written whose change is not queued yet
-    /// (it is queued when its last writer closes). Applying the manager's state must not
-    /// remove either.
+    /// decided: a queued change, a file being written whose change is not queued yet
+    /// (it is queued when its last writer closes), or an ignored path. Applying the
+    /// manager's state must not remove any of them.
     pub(super) fn has_local_change_below(&self, path: &RelPath) -> bool {
-        self.outbox.has_within(path) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino))
+        self.outbox.has_within(path) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino)) || self.has_ignored_within(path)
     }
 
     fn has_unsaved_within(&self, ino: u64) -> bool {
@@ -43,6 +43,13 @@ impl State {
     pub(super) fn apply_entry(&mut self, entry: &Entry, store: &ContentStore, decided: bool) -> FsResult<Applied> {
         let mut out = Applied::default();
         let path = &entry.path;
+        let is_dir = entry.version.as_ref().map(|v| matches!(v.content, Content::Dir));
+        if self.ignore.is_ignored(path.as_str(), is_dir) || self.resolve(path).is_some() && self.ignore.is_ignored(path.as_str(), None) {
+            // Ignored here: what this node has at the path is its own.
+            tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, "ignored here: the manager's state is not applied");
+            return Ok(out);
+        }
+        self.touch_rules(path);
         if self.outbox.has(path) {
             return Ok(out);
         }

@@ -99,6 +99,7 @@ impl State {
                         };
                     }
                 }
+                Undo::IgnoreRules(dir, old) => self.ignore.restore_dir(&dir, old),
                 Undo::Rev(path, old) => {
                     match old {
                         Some(r) => self.revs.insert(path, r),

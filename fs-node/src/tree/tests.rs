@@ -499,3 +499,82 @@ fn create_of_a_name_that_appeared_after_the_lookup_opens_the_file() {
     assert!(matches!(t.create(ROOT, OsStr::new("d"), 0o644, 0, 0, plain), Err(FsError::Exists)));
     assert_memory_is_persisted(&t, "after creates of existing names");
 }
+
+fn rewrite(t: &Tree, ino: u64, bytes: &[u8]) {
+    let (fh, _) = t.open(ino, true, true, false).unwrap();
+    t.write(fh, 0, bytes).unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+}
+
+/// The paths of the changes sent since the last call, each then decided as accepted
+/// (at revisions from 100 up).
+fn sent_paths(t: &Tree) -> Vec<String> {
+    let rows = t.take_unpublished();
+    for r in &rows {
+        let rev = t.stats().last_revision.max(99) + 1;
+        let version = match &r.change.op {
+            ChangeOp::Put { version } => Some(version.clone()),
+            ChangeOp::Delete => None,
+        };
+        t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(rev), version, holders: vec![] }).unwrap();
+    }
+    rows.iter().map(|r| r.change.path.to_string()).collect()
+}
+
+/// An ignored path is never sent and never overwritten or removed by the manager's
+/// state; a rule added later leaves what it now ignores where it is; a rule removed
+/// later sends what it ignored, based on the revision it had; the rules survive a
+/// restart.
+#[test]
+fn ignored_paths_stay_local_and_are_sent_once_no_rule_ignores_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let rules = closed_file(&t, ROOT, IGNORE_FILE, b"*.o\nbuild/\n");
+    assert_eq!(sent_paths(&t), [IGNORE_FILE], "the rules file syncs");
+    let d = t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, d, "a.o", b"object");
+    closed_file(&t, d, "a.c", b"source");
+    let build = t.mkdir(ROOT, OsStr::new("build"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, build, "out", b"output");
+    assert_eq!(sent_paths(&t), ["d", "d/a.c"]);
+    assert_eq!(t.stats().ignored, 2, "d/a.o and build (named once)");
+    assert_eq!(t.ignored().iter().map(|p| p.to_string()).collect::<Vec<_>>(), ["build", "d/a.o"]);
+
+    // The manager's state of an ignored path is not applied over it, and a delete of a
+    // directory keeps what is ignored inside it.
+    let other = crate::store::put_bytes(&ContentStore::open(dir.path()).unwrap(), b"theirs").unwrap();
+    let file_entry = |path: &str, rev: u64| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { content: Content::File { hash: other.clone(), size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
+        holders: vec![],
+    };
+    t.apply_remote(&file_entry("d/a.o", 200)).unwrap();
+    t.apply_remote(&Entry { path: RelPath::new("d").unwrap(), rev: Revision(201), version: None, holders: vec![] }).unwrap();
+    let a_o = t.lookup(t.lookup(ROOT, OsStr::new("d")).unwrap().ino, OsStr::new("a.o")).unwrap().ino;
+    assert_eq!(read_all(&t, a_o).unwrap(), b"object");
+    assert!(t.lookup(d, OsStr::new("a.c")).is_err(), "what is not ignored goes with the delete");
+
+    // A rule added later: d/x.tmp stays, and a change of it is not sent.
+    let x = closed_file(&t, d, "x.tmp", b"1");
+    assert_eq!(sent_paths(&t), ["d/x.tmp"]);
+    rewrite(&t, rules, b"*.o\nbuild/\n*.tmp\n");
+    assert_eq!(sent_paths(&t), [IGNORE_FILE]);
+    rewrite(&t, x, b"2");
+    assert!(sent_paths(&t).is_empty());
+
+    // Rules removed later (a negation in a deeper rules file, then the root rules): what
+    // they ignored is sent.
+    closed_file(&t, d, IGNORE_FILE, b"!a.o\n");
+    assert_eq!(sent_paths(&t), ["d/.syncignore", "d/a.o"]);
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.stats().ignored, 2, "the rules are read again at load: build and d/x.tmp");
+    let rules = t.lookup(ROOT, OsStr::new(IGNORE_FILE)).unwrap().ino;
+    rewrite(&t, rules, b"");
+    let mut sent = sent_paths(&t);
+    sent.sort();
+    assert_eq!(sent, [IGNORE_FILE, "build", "build/out", "d/x.tmp"]);
+    assert_eq!(t.stats().ignored, 0);
+    assert_memory_is_persisted(&t, "after the rules changed");
+}

@@ -1,0 +1,312 @@
+//! Ignore rules: which paths this node keeps to itself. Owns the parsed `.syncignore`
+//! files of the tree (gitignore syntax, parsed by the `ignore` crate), keyed by the
+//! directory that holds each, and the node's own rules (`fs-node --ignore`), and answers
+//! whether a path is ignored. An ignored path behaves normally in the mount, but no
+//! change of it is sent and no change from the manager is applied over it (the tree asks
+//! here before either). Docs: docs/SEMANTICS.md, *Ignore rules*.
+
+use super::*;
+use ::ignore::gitignore::{Gitignore, GitignoreBuilder};
+use ::ignore::Match;
+
+/// The name of a rules file; it syncs like any file (unless its directory is ignored).
+pub const IGNORE_FILE: &str = ".syncignore";
+/// A rules file larger than this is not read (its directory then has no rules, and the
+/// node says so in its log).
+const MAX_RULES_BYTES: u64 = 1 << 20;
+/// Where the node database keeps the node's own rules of the last run.
+const NODE_RULES_KEY: &str = "node_ignore_rules";
+
+#[derive(Default)]
+pub(super) struct IgnoreRules {
+    /// The node's own rules: below every `.syncignore`.
+    node: Option<Gitignore>,
+    /// The rules of each directory's `.syncignore`, by the directory's path ("" is the
+    /// root).
+    by_dir: HashMap<String, Gitignore>,
+}
+
+/// Parses rules given as lines of gitignore syntax; `source` names them in errors.
+fn parse(lines: &str, source: &str) -> Gitignore {
+    let mut b = GitignoreBuilder::new("");
+    for line in lines.lines() {
+        if let Err(e) = b.add_line(None, line) {
+            tracing::warn!("{source}: a rule that is not valid gitignore syntax is skipped: {e}");
+        }
+    }
+    b.build().unwrap_or_else(|e| {
+        tracing::warn!("{source}: the rules could not be used: {e}");
+        Gitignore::empty()
+    })
+}
+
+impl IgnoreRules {
+    fn is_empty(&self) -> bool {
+        self.node.is_none() && self.by_dir.is_empty()
+    }
+
+    /// Sets (or, with `None`, removes) the rules of directory `dir` ("" for the root);
+    /// returns whether they changed.
+    pub(super) fn set_dir(&mut self, dir: &str, content: Option<&[u8]>) -> bool {
+        match content {
+            Some(bytes) => {
+                let text = String::from_utf8_lossy(bytes);
+                let source = if dir.is_empty() { IGNORE_FILE.to_string() } else { format!("{dir}/{IGNORE_FILE}") };
+                self.by_dir.insert(dir.to_string(), parse(&text, &source));
+                true
+            }
+            None => self.by_dir.remove(dir).is_some(),
+        }
+    }
+
+    /// Puts back what a failed transaction replaced (`Undo::IgnoreRules`).
+    pub(super) fn restore_dir(&mut self, dir: &str, old: Option<Gitignore>) {
+        match old {
+            Some(g) => self.by_dir.insert(dir.to_string(), g),
+            None => self.by_dir.remove(dir),
+        };
+    }
+
+    /// The node's own rules (gitignore lines), replacing any before.
+    pub(super) fn set_node_rules(&mut self, rules: &[String]) {
+        self.node = (!rules.is_empty()).then(|| parse(&rules.join("\n"), "the node's --ignore rules"));
+    }
+
+    /// Whether `path` is ignored: it or one of its directories matches a rule (the
+    /// deepest `.syncignore` that has a say wins, `!` rules included; the node's own
+    /// rules come last). `is_dir`: `None` when the kind is not known (a delete), and
+    /// then a rule for either kind counts.
+    pub(super) fn is_ignored(&self, path: &str, is_dir: Option<bool>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
+        let mut end = 0;
+        while let Some(i) = path[end..].find('/') {
+            end += i;
+            if self.matches(&path[..end], Some(true)) {
+                return true;
+            }
+            end += 1;
+        }
+        path.rsplit('/').next() != Some(IGNORE_FILE) && self.matches(path, is_dir)
+    }
+
+    fn matches(&self, path: &str, is_dir: Option<bool>) -> bool {
+        let kinds: &[bool] = match is_dir {
+            Some(true) => &[true],
+            Some(false) => &[false],
+            None => &[false, true],
+        };
+        kinds.iter().any(|&d| self.decide(path, d))
+    }
+
+    fn decide(&self, path: &str, is_dir: bool) -> bool {
+        // The directories above `path` that hold rules, deepest first.
+        let mut dirs: Vec<&str> = path.match_indices('/').map(|(i, _)| &path[..i]).collect();
+        dirs.reverse();
+        dirs.push("");
+        for dir in dirs {
+            if let Some(rules) = self.by_dir.get(dir) {
+                let below = if dir.is_empty() { path } else { &path[dir.len() + 1..] };
+                match rules.matched(below, is_dir) {
+                    Match::Ignore(_) => return true,
+                    Match::Whitelist(_) => return false,
+                    Match::None => {}
+                }
+            }
+        }
+        self.node.as_ref().is_some_and(|n| n.matched(path, is_dir).is_ignore())
+    }
+}
+
+/// The directory a rules file at `path` governs ("" for the root), if `path` names one.
+pub(super) fn rules_dir(path: &RelPath) -> Option<String> {
+    (path.name() == IGNORE_FILE).then(|| path.parent().map(|p| p.as_str().to_string()).unwrap_or_default())
+}
+
+impl State {
+    /// Notes that the transaction changed `path`: if it is a rules file, its directory's
+    /// rules are read again before the transaction commits (`Tree::transaction`).
+    pub(super) fn touch_rules(&mut self, path: &RelPath) {
+        if rules_dir(path).is_some() {
+            if let Some(j) = &mut self.journal {
+                if !j.rules_touched.contains(path) {
+                    j.rules_touched.push(path.clone());
+                }
+            }
+        }
+    }
+
+    /// The content of the rules file of directory `dir`, as the tree has it now (`None`
+    /// when there is none, it is not a file, or its content is not here yet).
+    fn rules_content(&self, dir: &str, store: &ContentStore) -> Option<Vec<u8>> {
+        let path = RelPath::new(if dir.is_empty() { IGNORE_FILE.to_string() } else { format!("{dir}/{IGNORE_FILE}") }).ok()?;
+        let (_, _, ino) = self.resolve(&path)?;
+        let i = self.inodes.get(&ino)?;
+        let hash = i.hash.as_ref().filter(|_| i.kind == Kind::File)?;
+        if i.size > MAX_RULES_BYTES {
+            tracing::warn!(%path, size = i.size, "a rules file larger than {MAX_RULES_BYTES} bytes is not read");
+            return None;
+        }
+        let mut bytes = Vec::new();
+        use std::io::Read;
+        store.open_blob(hash).ok()?.take(MAX_RULES_BYTES).read_to_end(&mut bytes).ok()?;
+        Some(bytes)
+    }
+
+    /// Reads every rules file of the tree (at load).
+    pub(super) fn load_ignore_rules(&mut self, store: &ContentStore) {
+        let mut all = Vec::new();
+        self.collect_paths(ROOT, None, &mut all);
+        for (path, ..) in all {
+            if let Some(dir) = rules_dir(&path) {
+                let content = self.rules_content(&dir, store);
+                self.ignore.set_dir(&dir, content.as_deref());
+            }
+        }
+    }
+
+    /// The rules file at `path` changed (written, applied from the manager, removed,
+    /// renamed): its directory's rules are read again.
+    pub(super) fn rules_changed(&mut self, path: &RelPath, store: &ContentStore) -> FsResult<()> {
+        let Some(dir) = rules_dir(path) else {
+            return Ok(());
+        };
+        let content = self.rules_content(&dir, store);
+        let scope = if dir.is_empty() { Some(ROOT) } else { RelPath::new(dir.clone()).ok().and_then(|d| self.resolve(&d)).map(|(_, _, ino)| ino) };
+        self.change_rules(scope, |st| {
+            let old = st.ignore.by_dir.get(&dir).cloned();
+            if !st.ignore.set_dir(&dir, content.as_deref()) {
+                return false;
+            }
+            tracing::info!(dir = %dir, "ignore rules changed");
+            st.record(|| Undo::IgnoreRules(dir.clone(), old));
+            true
+        })
+    }
+
+    /// Changes the rules with `change` (which says whether anything changed); then every
+    /// path below directory `scope` that is not ignored any more is sent as a change,
+    /// based on the revision it had (a path changed elsewhere meanwhile becomes a
+    /// conflict, never an overwrite). A path that became ignored stays where it is, here
+    /// and everywhere.
+    fn change_rules(&mut self, scope: Option<u64>, change: impl FnOnce(&mut State) -> bool) -> FsResult<()> {
+        let mut paths = Vec::new();
+        if let Some(d) = scope {
+            self.collect_paths(d, None, &mut paths);
+        }
+        let kind_of = |st: &State, ino: u64| st.inodes.get(&ino).map(|i| i.kind == Kind::Dir);
+        let was: Vec<bool> = paths.iter().map(|(p, _, _, ino)| self.ignore.is_ignored(p.as_str(), kind_of(self, *ino))).collect();
+        if !change(self) {
+            return Ok(());
+        }
+        for ((p, parent, name, ino), was) in paths.into_iter().zip(was) {
+            let is_written = self.inodes.get(&ino).is_some_and(|i| i.work.is_some());
+            if was && !is_written && !self.ignore.is_ignored(p.as_str(), kind_of(self, ino)) {
+                tracing::info!(path = %p, "not ignored any more: sent");
+                self.record_put(parent, &name, ino)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's own rules (`fs-node --ignore`), kept in the node database: rules that
+    /// differ from the last run's take effect like a changed rules file at the root.
+    pub(super) fn set_node_ignore_rules(&mut self, rules: &[String]) -> FsResult<()> {
+        let new = serde_json::to_string(rules).expect("strings serialize");
+        let old: Vec<String> = self.db.meta(NODE_RULES_KEY)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default();
+        self.ignore.set_node_rules(&old);
+        if old == rules {
+            return Ok(());
+        }
+        self.db.set_meta(NODE_RULES_KEY, &new)?;
+        tracing::info!(rules = ?rules, "the node's own ignore rules changed");
+        self.change_rules(Some(ROOT), |st| {
+            st.ignore.set_node_rules(rules);
+            true
+        })
+    }
+
+    /// Whether `path` or anything below it is ignored here (what a delete from the
+    /// manager must keep).
+    pub(super) fn has_ignored_within(&self, path: &RelPath) -> bool {
+        if self.ignore.is_empty() {
+            return false;
+        }
+        let Some((_, _, ino)) = self.resolve(path) else {
+            return false;
+        };
+        let is_dir = self.inodes.get(&ino).map(|i| i.kind == Kind::Dir);
+        if self.ignore.is_ignored(path.as_str(), is_dir) {
+            return true;
+        }
+        let mut below = Vec::new();
+        self.collect_paths(ino, None, &mut below);
+        below.iter().any(|(p, _, _, i)| self.ignore.is_ignored(p.as_str(), self.inodes.get(i).map(|i| i.kind == Kind::Dir)))
+    }
+
+    /// Every ignored path below directory `dir` (an ignored directory is named, not what
+    /// it holds).
+    pub(super) fn ignored_below(&self, dir: u64) -> Vec<RelPath> {
+        let mut out = Vec::new();
+        if self.ignore.is_empty() {
+            return out;
+        }
+        let mut stack = vec![dir];
+        while let Some(d) = stack.pop() {
+            let Some(node) = self.inodes.get(&d) else { continue };
+            for (name, &ino) in &node.children {
+                let Some(p) = self.path_of(d, name) else { continue };
+                let is_dir = self.inodes.get(&ino).is_some_and(|i| i.kind == Kind::Dir);
+                if self.ignore.is_ignored(p.as_str(), Some(is_dir)) {
+                    out.push(p);
+                } else if is_dir {
+                    stack.push(ino);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    use super::*;
+
+    fn rules(files: &[(&str, &str)]) -> IgnoreRules {
+        let mut r = IgnoreRules::default();
+        for (dir, text) in files {
+            r.set_dir(dir, Some(text.as_bytes()));
+        }
+        r
+    }
+
+    #[test]
+    fn gitignore_syntax_with_nesting_negation_and_directories() {
+        let r = rules(&[("", "*.o\nbuild/\n!keep.o\n"), ("src", "!main.o\n*.tmp\n"), ("src/deep", "*.o\n")]);
+        let ig = |p: &str, d: Option<bool>| r.is_ignored(p, d);
+        assert!(ig("a.o", Some(false)) && ig("x/y/a.o", Some(false)));
+        assert!(!ig("keep.o", Some(false)), "negation");
+        assert!(!ig("a.c", Some(false)));
+        assert!(ig("build", Some(true)) && !ig("build", Some(false)), "a directory-only rule");
+        assert!(ig("build/out/a.c", Some(false)), "below an ignored directory");
+        assert!(ig("build", None), "a delete of either kind");
+        assert!(!ig("src/main.o", Some(false)), "a deeper rules file wins");
+        assert!(ig("src/x.tmp", Some(false)) && !ig("x.tmp", Some(false)), "rules apply below their directory only");
+        assert!(ig("src/deep/main.o", Some(false)), "the deepest rules file wins");
+        assert!(!ig(".syncignore", Some(false)) && !ig("src/.syncignore", Some(false)), "rules files sync");
+        assert!(ig("build/.syncignore", Some(false)), "unless their directory is ignored");
+    }
+
+    #[test]
+    fn node_rules_come_after_every_rules_file() {
+        let mut r = IgnoreRules::default();
+        r.set_node_rules(&["*.swp".into(), "cache/".into()]);
+        assert!(r.is_ignored("a/b.swp", Some(false)) && r.is_ignored("cache/x", Some(false)));
+        r.set_dir("a", Some(b"!b.swp\n"));
+        assert!(!r.is_ignored("a/b.swp", Some(false)) && r.is_ignored("c.swp", Some(false)));
+        assert!(r.set_dir("a", None) && r.is_ignored("a/b.swp", Some(false)));
+        assert!(!IgnoreRules::default().is_ignored("anything", None));
+    }
+}
