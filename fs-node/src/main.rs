@@ -1,6 +1,9 @@
 //! `fs-node`: mounts a synced folder. Flags are documented in `--help`.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
+
+/// The settings file read when none is named (`--config`).
+const DEFAULT_CONFIG: &str = "/etc/syncfs/node.toml";
 
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -10,6 +13,11 @@ use std::path::PathBuf;
 #[derive(Parser)]
 #[command(name = "fs-node", version, about = "A sync node: a FUSE mount kept in sync with every other node through the manager")]
 struct Args {
+    /// Settings file: TOML whose keys are these flags' long names (`broker = "…"`,
+    /// `ignore = ["*.o"]`); a flag or an environment variable wins over it. Default:
+    /// /etc/syncfs/node.toml, if it exists.
+    #[arg(long, env = "SYNC_NODE_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// This node's id (1-64 of A-Z a-z 0-9 . _ -); also names its broker queue.
     #[arg(long, env = "SYNC_NODE_ID")]
     id: wire::NodeId,
@@ -61,8 +69,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    if cli_support::generate_if_asked(Args::command())? {
+        return Ok(());
+    }
+    let settings = cli_support::apply(&Args::command(), "SYNC_NODE_CONFIG", std::path::Path::new(DEFAULT_CONFIG))?;
     let a = Args::parse();
     broker_link::init_logging();
+    if let Some(f) = settings {
+        tracing::info!("settings from {}", f.display());
+    }
     fs_node::node::run(fs_node::node::Config {
         id: a.id,
         mount: a.mount,

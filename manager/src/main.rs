@@ -1,7 +1,10 @@
 //! `manager`: the command line. `serve` runs the manager; `status` reads its database.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
+
+/// The settings file read when none is named (`--config`).
+const DEFAULT_CONFIG: &str = "/etc/syncfs/manager.toml";
 use std::path::PathBuf;
 
 mod cli_api;
@@ -11,6 +14,11 @@ mod cli_provision;
 #[derive(Parser)]
 #[command(name = "manager", version, about = "The sync manager: orders changes, keeps metadata, provisions nodes")]
 struct Cli {
+    /// Settings file: TOML whose keys are the long flag names (`broker = "…"`, `db =
+    /// "…"`); a flag or an environment variable wins over it. Default:
+    /// /etc/syncfs/manager.toml, if it exists.
+    #[arg(long, global = true, env = "SYNC_MANAGER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
     #[command(flatten)]
@@ -58,8 +66,15 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
+    if cli_support::generate_if_asked(Cli::command())? {
+        return Ok(());
+    }
+    let settings = cli_support::apply(&Cli::command(), "SYNC_MANAGER_CONFIG", std::path::Path::new(DEFAULT_CONFIG))?;
     let cli = Cli::parse();
     broker_link::init_logging();
+    if let Some(f) = settings {
+        tracing::info!("settings from {}", f.display());
+    }
     match cli.cmd {
         Cmd::Serve { broker, db, http, require_node_users } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;

@@ -175,7 +175,7 @@ impl Drop for BrokerProxy {
     }
 }
 
-fn stop_child(child: &mut Child) {
+pub fn stop_child(child: &mut Child) {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
     }
@@ -190,7 +190,7 @@ fn stop_child(child: &mut Child) {
     let _ = child.wait();
 }
 
-fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+pub fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
     let f = std::fs::OpenOptions::new().create(true).append(true).open(log).expect("log file");
     cmd.stdout(f.try_clone().unwrap()).stderr(f).stdin(Stdio::null());
     if std::env::var_os("RUST_LOG").is_none() {

@@ -1,7 +1,7 @@
 //! `syncctl`: talks to a running node's HTTP server: status, sync, conflicts.
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use fs_node::link::SyncReport;
 use fs_node::status::NodeStatus;
 use std::path::{Path, PathBuf};
@@ -87,6 +87,9 @@ async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Resu
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    if cli_support::generate_if_asked(Cli::command())? {
+        return Ok(());
+    }
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::Status { watch: true, .. } => watch(&cli).await?,

@@ -1,0 +1,140 @@
+//! The Debian package (issue 16): `scripts/package-deb.sh` builds it from the binaries,
+//! and what it installs runs as its systemd units say, with settings files only: a
+//! manager and two nodes from the unpacked package, started by the units' own
+//! `ExecStart` lines, sync a file, and stop with their mounts unmounted. (Here the package
+//! is unpacked with `dpkg-deb -x`, not installed by dpkg in a fresh Debian system, and
+//! systemd does not run the units: see the issue's closing note.)
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use system_tests::*;
+
+/// The package built from this workspace's test binaries, in `dir`.
+fn build_package(dir: &Path) -> PathBuf {
+    let bin_dir = bin("fs-node").parent().unwrap().to_path_buf();
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/package-deb.sh"))
+        .env("PACKAGE_BIN_DIR", &bin_dir)
+        .env("PACKAGE_OUT_DIR", dir)
+        .output()
+        .expect("scripts/package-deb.sh runs");
+    assert!(out.status.success(), "package-deb.sh failed: {}", String::from_utf8_lossy(&out.stderr));
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn dpkg_deb(args: &[&str], deb: &Path) -> String {
+    let out = Command::new("dpkg-deb").args(args).arg(deb).output().expect("dpkg-deb runs");
+    assert!(out.status.success(), "dpkg-deb {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The command a unit runs (`ExecStart`), with the package's paths under `root` and the
+/// settings file `config` for the one the unit names.
+fn unit_command(root: &Path, unit: &str, config: &Path) -> Command {
+    let text = std::fs::read_to_string(root.join("lib/systemd/system").join(unit)).unwrap();
+    let line = text.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("the unit has an ExecStart");
+    let mut words = line.split_whitespace().map(|w| if w.starts_with("/etc/syncfs/") { config.display().to_string() } else { w.to_string() });
+    let program = words.next().unwrap();
+    assert!(program.starts_with("/usr/bin/"), "{program}");
+    let mut cmd = Command::new(root.join(program.trim_start_matches('/')));
+    cmd.args(words);
+    cmd
+}
+
+/// A process started as its unit says; stopped with SIGTERM, as systemd does (`stop`, or
+/// when dropped: then a mount it left is unmounted too, also when the test failed).
+struct Service {
+    child: Option<Child>,
+    mount: Option<PathBuf>,
+}
+impl Service {
+    fn start(mut cmd: Command, log: &Path, mount: Option<PathBuf>) -> Service {
+        Service { child: Some(spawn_logged(&mut cmd, log)), mount }
+    }
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c);
+        }
+    }
+}
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop();
+        if let Some(m) = &self.mount {
+            unmount(m);
+        }
+    }
+}
+
+#[test]
+fn the_package_holds_everything_and_its_units_run_a_cluster_from_settings_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let deb = build_package(dir.path());
+    assert_eq!(dpkg_deb(&["-f"], &deb).lines().find(|l| l.starts_with("Package:")), Some("Package: syncfs"));
+    let listing = dpkg_deb(&["-c"], &deb);
+    for f in [
+        "./usr/bin/manager",
+        "./usr/bin/fs-node",
+        "./usr/bin/syncctl",
+        "./lib/systemd/system/syncfs-node.service",
+        "./lib/systemd/system/syncfs-manager.service",
+        "./etc/syncfs/node.toml",
+        "./etc/syncfs/manager.toml",
+        "./usr/share/man/man1/fs-node.1.gz",
+        "./usr/share/man/man1/manager.1.gz",
+        "./usr/share/man/man1/syncctl.1.gz",
+        "./usr/share/bash-completion/completions/syncctl",
+    ] {
+        assert!(listing.lines().any(|l| l.ends_with(f)), "{f} is not in the package:\n{listing}");
+    }
+    let control = dir.path().join("control");
+    assert_eq!(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(&control).status().unwrap().code(), Some(0));
+    assert_eq!(std::fs::read_to_string(control.join("conffiles")).unwrap(), "/etc/syncfs/node.toml\n/etc/syncfs/manager.toml\n");
+
+    let root = dir.path().join("root");
+    assert_eq!(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&root).status().unwrap().code(), Some(0));
+    let man = Command::new("sh")
+        .arg("-c")
+        .arg(format!("gzip -dc {} | grep -c 'gitignore syntax'", root.join("usr/share/man/man1/fs-node.1.gz").display()))
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&man.stdout).trim() != "0", "the man page documents the flags");
+
+    // The default settings files parse (a missing id and mount are reported as such).
+    let out = Command::new(root.join("usr/bin/fs-node")).args(["--config"]).arg(root.join("etc/syncfs/node.toml")).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--id") && !err.contains("unknown setting"), "{err}");
+
+    // A manager and two nodes, each started by its unit's command with a settings file.
+    let vhost = Vhost::new("pkg");
+    let broker = vhost.url();
+    let manager_toml = dir.path().join("manager.toml");
+    std::fs::write(&manager_toml, format!("broker = \"{broker}\"\ndb = \"{}\"\nhttp = \"127.0.0.1:0\"\n", dir.path().join("manager.db").display())).unwrap();
+    let _manager = Service::start(unit_command(&root, "syncfs-manager.service", &manager_toml), &dir.path().join("manager.log"), None);
+    let mut nodes = Vec::new();
+    for id in ["pa", "pb"] {
+        let toml = dir.path().join(format!("{id}.toml"));
+        let (mount, data) = (dir.path().join(format!("mnt-{id}")), dir.path().join(format!("data-{id}")));
+        std::fs::write(
+            &toml,
+            format!("id = \"{id}\"\nmount = \"{}\"\ndata = \"{}\"\nbroker = \"{broker}\"\nignore = [\"*.swp\"]\n", mount.display(), data.display()),
+        )
+        .unwrap();
+        let service = Service::start(unit_command(&root, "syncfs-node.service", &toml), &dir.path().join(format!("{id}.log")), Some(mount.clone()));
+        eventually(&format!("node {id} to mount"), DEADLINE, || data.join("node.url").exists());
+        nodes.push((service, mount));
+    }
+    write(&nodes[0].1.join("hello.txt"), b"from the package");
+    write(&nodes[0].1.join("scratch.swp"), b"ignored by the settings file");
+    write(&nodes[0].1.join("after.txt"), b"later");
+    eventually("hello.txt and after.txt to reach the other node", DEADLINE, || {
+        read(&nodes[1].1.join("hello.txt")).as_deref() == Some(b"from the package") && nodes[1].1.join("after.txt").exists()
+    });
+    assert!(!nodes[1].1.join("scratch.swp").exists(), "the settings file's ignore rule holds");
+
+    // Stopped as systemd stops them: each node unmounts.
+    for (mut service, mount) in nodes {
+        service.stop();
+        let mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+        assert!(!mounts.contains(&format!(" {} ", mount.display())), "{} is still mounted after the stop", mount.display());
+    }
+}
