@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 log() { printf '[test] %s\n' "$*" >&2; }
 
 scripts/setup.sh
-for extra in setup-docker.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
+for extra in setup-docker.sh setup-debian-image.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
   if [ -x "scripts/$extra" ]; then
     log "running scripts/$extra"
     "scripts/$extra"
