@@ -341,7 +341,7 @@ impl<R> Engine<R> {
         let since = self.sync_since();
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true });
         self.out.push(Action::Publish { env, confirmed: true });
-        let conflicts_before = self.tree.stats().conflicts_seen;
+        let conflicts_before = self.tree.conflicts_seen();
         let sync = ActiveSync {
             responders,
             started: now,
@@ -365,7 +365,7 @@ impl<R> Engine<R> {
     /// has completed, no further than its head. A node that has taken no revision has no
     /// path the manager knew, and needs no deleted path at all.
     fn sync_since(&self) -> Revision {
-        let taken = self.tree.stats().last_revision;
+        let taken = self.tree.last_revision();
         if taken == 0 {
             return Revision(u64::MAX);
         }
@@ -472,7 +472,7 @@ impl<R> Engine<R> {
         let report = SyncReport {
             pushed: s.pushed + unknown,
             pulled: s.pulled,
-            conflicts: self.tree.stats().conflicts_seen.saturating_sub(s.conflicts_before),
+            conflicts: self.tree.conflicts_seen().saturating_sub(s.conflicts_before),
             failed: s.failed,
             head: head.0,
             seconds: now.saturating_sub(s.started).as_secs_f64(),

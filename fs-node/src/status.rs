@@ -63,7 +63,7 @@ impl Reporter {
     }
 
     pub fn metrics_text(&self) -> String {
-        let stats = self.tree.stats();
+        let stats = self.tree.gauges();
         self.metrics.render(&Gauges {
             pending_changes: stats.pending_changes,
             pending_pulls: self.link.pulls_in_progress(),

@@ -475,17 +475,41 @@ impl Tree {
         self.lock().ignored_below(ROOT)
     }
 
-    pub fn stats(&self) -> TreeStats {
+    /// Conflicts this node's changes became (cheap, unlike `stats`).
+    pub fn conflicts_seen(&self) -> u64 {
+        self.lock().conflicts_seen
+    }
+
+    /// The highest revision this node has taken from the manager (one pass over the
+    /// paths' revisions, not over the whole tree as `stats`).
+    pub fn last_revision(&self) -> u64 {
+        Self::last_revision_of(&self.lock())
+    }
+
+    fn last_revision_of(st: &State) -> u64 {
+        st.revs.values().map(|r| r.0).max().unwrap_or(0)
+    }
+
+    /// The gauges that cost nothing to read (queued changes, conflicts, passthrough
+    /// counters): what metrics are scraped for; the counts of `stats` are left at 0.
+    pub fn gauges(&self) -> TreeStats {
         let st = self.lock();
-        let mut s = TreeStats {
+        TreeStats {
             pending_changes: st.outbox.len() as u64,
             conflicts_seen: st.conflicts_seen,
-            last_revision: st.revs.values().map(|r| r.0).max().unwrap_or(0),
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,
-            ignored: st.ignored_below(ROOT).len() as u64,
             ..Default::default()
-        };
+        }
+    }
+
+    /// `gauges` and the counts of the whole tree (files, directories, ignored paths, the
+    /// last revision): one pass over it, for `syncctl status`.
+    pub fn stats(&self) -> TreeStats {
+        let mut s = self.gauges();
+        let st = self.lock();
+        s.ignored = st.ignored_below(ROOT).len() as u64;
+        s.last_revision = Self::last_revision_of(&st);
         for i in st.inodes.values() {
             if i.nlink == 0 {
                 continue;
