@@ -23,7 +23,15 @@ pub(super) struct IgnoreRules {
     node: Option<Gitignore>,
     /// The rules of each directory's `.syncignore`, by the directory's path ("" is the
     /// root).
-    by_dir: HashMap<String, Gitignore>,
+    by_dir: HashMap<String, DirRules>,
+}
+
+/// One rules file: its bytes (so that reading the same rules again changes nothing) and
+/// the matcher made of them.
+#[derive(Clone)]
+pub(super) struct DirRules {
+    text: Vec<u8>,
+    rules: Gitignore,
 }
 
 /// Parses rules given as lines of gitignore syntax; `source` names them in errors.
@@ -49,10 +57,11 @@ impl IgnoreRules {
     /// returns whether they changed.
     pub(super) fn set_dir(&mut self, dir: &str, content: Option<&[u8]>) -> bool {
         match content {
+            Some(bytes) if self.by_dir.get(dir).is_some_and(|d| d.text == bytes) => false,
             Some(bytes) => {
                 let text = String::from_utf8_lossy(bytes);
                 let source = if dir.is_empty() { IGNORE_FILE.to_string() } else { format!("{dir}/{IGNORE_FILE}") };
-                self.by_dir.insert(dir.to_string(), parse(&text, &source));
+                self.by_dir.insert(dir.to_string(), DirRules { text: bytes.to_vec(), rules: parse(&text, &source) });
                 true
             }
             None => self.by_dir.remove(dir).is_some(),
@@ -60,7 +69,7 @@ impl IgnoreRules {
     }
 
     /// Puts back what a failed transaction replaced (`Undo::IgnoreRules`).
-    pub(super) fn restore_dir(&mut self, dir: &str, old: Option<Gitignore>) {
+    pub(super) fn restore_dir(&mut self, dir: &str, old: Option<DirRules>) {
         match old {
             Some(g) => self.by_dir.insert(dir.to_string(), g),
             None => self.by_dir.remove(dir),
@@ -106,9 +115,9 @@ impl IgnoreRules {
         dirs.reverse();
         dirs.push("");
         for dir in dirs {
-            if let Some(rules) = self.by_dir.get(dir) {
+            if let Some(d) = self.by_dir.get(dir) {
                 let below = if dir.is_empty() { path } else { &path[dir.len() + 1..] };
-                match rules.matched(below, is_dir) {
+                match d.rules.matched(below, is_dir) {
                     Match::Ignore(_) => return true,
                     Match::Whitelist(_) => return false,
                     Match::None => {}
@@ -306,6 +315,7 @@ mod rule_tests {
         assert!(r.is_ignored("a/b.swp", Some(false)) && r.is_ignored("cache/x", Some(false)));
         r.set_dir("a", Some(b"!b.swp\n"));
         assert!(!r.is_ignored("a/b.swp", Some(false)) && r.is_ignored("c.swp", Some(false)));
+        assert!(!r.set_dir("a", Some(b"!b.swp\n")), "the same rules again change nothing");
         assert!(r.set_dir("a", None) && r.is_ignored("a/b.swp", Some(false)));
         assert!(!IgnoreRules::default().is_ignored("anything", None));
     }

@@ -207,7 +207,7 @@ enum Undo {
     /// The work file of the inode was moved into the store as this blob: moved back.
     Installed(u64, ContentHash),
     /// A directory's ignore rules before the transaction read them again.
-    IgnoreRules(String, Option<::ignore::gitignore::Gitignore>),
+    IgnoreRules(String, Option<ignore_rules::DirRules>),
 }
 
 /// Counters a transaction may move, restored whole when it fails.
