@@ -171,9 +171,16 @@ impl State {
                 }
                 // Inodes with the same content may read through a handle on the file
                 // that is now this inode's: they reopen the store's blob.
-                for other in self.inodes.values_mut().filter(|o| o.hash.is_some() && o.hash == hash) {
-                    other.blob = None;
-                }
+                let inodes = &mut self.inodes;
+                self.with_blob.retain(|o| match inodes.get_mut(o) {
+                    Some(other) if other.blob.is_some() => {
+                        if other.hash.is_some() && other.hash == hash {
+                            other.blob = None;
+                        }
+                        other.blob.is_some()
+                    }
+                    _ => false,
+                });
                 w
             }
             None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,

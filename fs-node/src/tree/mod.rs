@@ -258,6 +258,10 @@ struct State {
     last_work_stamp: u64,
     /// What this node keeps to itself (`.syncignore` files, the node's own rules).
     ignore: IgnoreRules,
+    /// Inodes that may hold a read handle on their blob (`Inode::blob`): a superset,
+    /// pruned when walked, so that dropping the handles on one content does not walk
+    /// every inode.
+    with_blob: HashSet<u64>,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -382,6 +386,7 @@ impl Tree {
             passthrough_detaches: 0,
             last_work_stamp: 0,
             ignore: IgnoreRules::default(),
+            with_blob: HashSet::new(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;

@@ -311,6 +311,7 @@ impl Tree {
                     let h = i.hash.clone().ok_or(FsError::Invalid)?;
                     let b = Arc::new(self.store.open_blob(&h).map_err(|e| FsError::Io(anyhow::Error::new(e).context(format!("opening blob {h}"))))?);
                     i.blob = Some(b.clone());
+                    st.with_blob.insert(ino);
                     b
                 }
             }

@@ -578,3 +578,24 @@ fn ignored_paths_stay_local_and_are_sent_once_no_rule_ignores_them() {
     assert_eq!(t.stats().ignored, 0);
     assert_memory_is_persisted(&t, "after the rules changed");
 }
+
+/// Two files with the same content share one blob. When a writer detaches the blob
+/// that one of them passes through (it becomes that file's work file), the other file's
+/// cached read handle on it is dropped: it must keep reading its own bytes, not the
+/// writer's. (Found through `with_blob`, not a walk of every inode.)
+#[test]
+fn a_write_through_a_shared_blob_never_shows_in_the_other_file() {
+    let (_dir, t, d) = tree_with_dir();
+    let x = closed_file(&t, d, "x", b"same bytes");
+    let y = closed_file(&t, d, "y", b"same bytes");
+    assert_eq!(read_all(&t, x).unwrap(), b"same bytes", "x now holds a read handle on the blob");
+    let (reader, io) = t.open(y, false, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Passthrough { register: Some(_) }));
+    let (writer, _) = t.open(y, true, false, true).unwrap();
+    t.write(writer, 0, b"SAME").unwrap();
+    t.flush(writer).unwrap();
+    t.release(writer).unwrap();
+    t.release(reader).unwrap();
+    assert_eq!(read_all(&t, y).unwrap(), b"SAME bytes");
+    assert_eq!(read_all(&t, x).unwrap(), b"same bytes");
+}
