@@ -140,3 +140,29 @@ fn a_node_with_wrong_broker_credentials_cannot_join() {
     unmount(&good_mnt);
     let _ = Command::new("rabbitmqctl").args(["-q", "delete_user", &user]).status();
 }
+
+/// Contents are addressed by hash: a rename or a copy of a synced file moves no bytes
+/// between nodes (the others have the content already), which the holders' served-byte
+/// counters show.
+#[test]
+fn a_rename_or_a_copy_moves_no_bytes() {
+    let c = Cluster::start("nobytes", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let metric = |n: &NodeProc, name: &str| {
+        let (_, body) = http_get(&format!("{}/metrics", node_url(n)), None);
+        parse_metrics(&String::from_utf8(body).unwrap())[name]
+    };
+    let bytes: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+    write(&a.p("big.bin"), &bytes);
+    c.converged();
+    let moved = || metric(a, "syncfs_node_bytes_served_total") + metric(b, "syncfs_node_bytes_served_total");
+    let before = moved();
+    assert!(before >= 2_000_000.0, "the first copy moved the bytes: {before}");
+    std::fs::rename(a.p("big.bin"), a.p("renamed.bin")).unwrap();
+    std::fs::copy(a.p("renamed.bin"), a.p("copy.bin")).unwrap();
+    std::fs::copy(a.p("renamed.bin"), b.p("copy on b.bin")).unwrap();
+    c.converged();
+    assert_eq!(read(&b.p("copy.bin")).unwrap(), bytes);
+    assert_eq!(read(&a.p("copy on b.bin")).unwrap(), bytes);
+    assert_eq!(moved(), before, "a rename or a copy moved bytes");
+}
