@@ -226,7 +226,7 @@ mod tests {
         let content = format!("/content/{hash}");
 
         // The token is needed everywhere, unknown paths included.
-        for (path, token) in [(content.as_str(), None), ("/status", Some("wrong")), ("/no/such/thing", None)] {
+        for (path, token) in [(content.as_str(), None), ("/status", Some("wrong")), ("/ignored", None), ("/no/such/thing", None)] {
             let (status, _, body) = call(&router, "GET", path, token).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
             assert_eq!(&body[..], br#"{"error":"a valid cluster token is required (Authorization: Bearer ...)"}"#);
