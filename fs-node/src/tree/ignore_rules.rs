@@ -60,8 +60,7 @@ impl IgnoreRules {
             Some(bytes) if self.by_dir.get(dir).is_some_and(|d| d.text == bytes) => false,
             Some(bytes) => {
                 let text = String::from_utf8_lossy(bytes);
-                let source = if dir.is_empty() { IGNORE_FILE.to_string() } else { format!("{dir}/{IGNORE_FILE}") };
-                self.by_dir.insert(dir.to_string(), DirRules { text: bytes.to_vec(), rules: parse(&text, &source) });
+                self.by_dir.insert(dir.to_string(), DirRules { text: bytes.to_vec(), rules: parse(&text, &rules_file(dir)) });
                 true
             }
             None => self.by_dir.remove(dir).is_some(),
@@ -128,12 +127,26 @@ impl IgnoreRules {
     }
 }
 
+/// The path of directory `dir`'s rules file ("" is the root).
+fn rules_file(dir: &str) -> String {
+    if dir.is_empty() {
+        IGNORE_FILE.to_string()
+    } else {
+        format!("{dir}/{IGNORE_FILE}")
+    }
+}
+
 /// The directory a rules file at `path` governs ("" for the root), if `path` names one.
 pub(super) fn rules_dir(path: &RelPath) -> Option<String> {
     (path.name() == IGNORE_FILE).then(|| path.parent().map(|p| p.as_str().to_string()).unwrap_or_default())
 }
 
 impl State {
+    /// Whether inode `ino` is a directory (`None`: no such inode), as the rules ask.
+    fn is_dir(&self, ino: u64) -> Option<bool> {
+        self.inodes.get(&ino).map(|i| i.kind == Kind::Dir)
+    }
+
     /// Notes that the transaction changed `path`: if it is a rules file, its directory's
     /// rules are read again before the transaction commits (`Tree::transaction`).
     pub(super) fn touch_rules(&mut self, path: &RelPath) {
@@ -149,7 +162,7 @@ impl State {
     /// The content of the rules file of directory `dir`, as the tree has it now (`None`
     /// when there is none, it is not a file, or its content is not here yet).
     fn rules_content(&self, dir: &str, store: &ContentStore) -> Option<Vec<u8>> {
-        let path = RelPath::new(if dir.is_empty() { IGNORE_FILE.to_string() } else { format!("{dir}/{IGNORE_FILE}") }).ok()?;
+        let path = RelPath::new(rules_file(dir)).ok()?;
         let (_, _, ino) = self.resolve(&path)?;
         let i = self.inodes.get(&ino)?;
         let hash = i.hash.as_ref().filter(|_| i.kind == Kind::File)?;
@@ -204,14 +217,13 @@ impl State {
         if let Some(d) = scope {
             self.collect_paths(d, None, &mut paths);
         }
-        let kind_of = |st: &State, ino: u64| st.inodes.get(&ino).map(|i| i.kind == Kind::Dir);
-        let was: Vec<bool> = paths.iter().map(|(p, _, _, ino)| self.ignore.is_ignored(p.as_str(), kind_of(self, *ino))).collect();
+        let was: Vec<bool> = paths.iter().map(|(p, _, _, ino)| self.ignore.is_ignored(p.as_str(), self.is_dir(*ino))).collect();
         if !change(self) {
             return Ok(());
         }
         for ((p, parent, name, ino), was) in paths.into_iter().zip(was) {
             let is_written = self.inodes.get(&ino).is_some_and(|i| i.work.is_some());
-            if was && !is_written && !self.ignore.is_ignored(p.as_str(), kind_of(self, ino)) {
+            if was && !is_written && !self.ignore.is_ignored(p.as_str(), self.is_dir(ino)) {
                 tracing::info!(path = %p, "not ignored any more: sent");
                 self.record_put(parent, &name, ino)?;
             }
@@ -245,13 +257,12 @@ impl State {
         let Some((_, _, ino)) = self.resolve(path) else {
             return false;
         };
-        let is_dir = self.inodes.get(&ino).map(|i| i.kind == Kind::Dir);
-        if self.ignore.is_ignored(path.as_str(), is_dir) {
+        if self.ignore.is_ignored(path.as_str(), self.is_dir(ino)) {
             return true;
         }
         let mut below = Vec::new();
         self.collect_paths(ino, None, &mut below);
-        below.iter().any(|(p, _, _, i)| self.ignore.is_ignored(p.as_str(), self.inodes.get(i).map(|i| i.kind == Kind::Dir)))
+        below.iter().any(|(p, _, _, i)| self.ignore.is_ignored(p.as_str(), self.is_dir(*i)))
     }
 
     /// Every ignored path below directory `dir` (an ignored directory is named, not what
@@ -266,7 +277,7 @@ impl State {
             let Some(node) = self.inodes.get(&d) else { continue };
             for (name, &ino) in &node.children {
                 let Some(p) = self.path_of(d, name) else { continue };
-                let is_dir = self.inodes.get(&ino).is_some_and(|i| i.kind == Kind::Dir);
+                let is_dir = self.is_dir(ino) == Some(true);
                 if self.ignore.is_ignored(p.as_str(), Some(is_dir)) {
                     out.push(p);
                 } else if is_dir {

@@ -494,7 +494,10 @@ impl Tree {
     /// The gauges that cost nothing to read (queued changes, conflicts, passthrough
     /// counters): what metrics are scraped for; the counts of `stats` are left at 0.
     pub fn gauges(&self) -> TreeStats {
-        let st = self.lock();
+        Self::gauges_of(&self.lock())
+    }
+
+    fn gauges_of(st: &State) -> TreeStats {
         TreeStats {
             pending_changes: st.outbox.len() as u64,
             conflicts_seen: st.conflicts_seen,
@@ -505,10 +508,10 @@ impl Tree {
     }
 
     /// `gauges` and the counts of the whole tree (files, directories, ignored paths, the
-    /// last revision): one pass over it, for `syncctl status`.
+    /// last revision): one pass over it, for `syncctl status`, under one lock.
     pub fn stats(&self) -> TreeStats {
-        let mut s = self.gauges();
         let st = self.lock();
+        let mut s = Self::gauges_of(&st);
         s.ignored = st.ignored_below(ROOT).len() as u64;
         s.last_revision = Self::last_revision_of(&st);
         for i in st.inodes.values() {

@@ -44,7 +44,9 @@ impl State {
         let mut out = Applied::default();
         let path = &entry.path;
         let is_dir = entry.version.as_ref().map(|v| matches!(v.content, Content::Dir));
-        if self.ignore.is_ignored(path.as_str(), is_dir) || self.resolve(path).is_some() && self.ignore.is_ignored(path.as_str(), None) {
+        // A path here of another kind than the entry's counts too; the tree is walked for
+        // it only when some rule names the path (never when there are no rules).
+        if self.ignore.is_ignored(path.as_str(), is_dir) || (self.ignore.is_ignored(path.as_str(), None) && self.resolve(path).is_some()) {
             // Ignored here: what this node has at the path is its own.
             tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, "ignored here: the manager's state is not applied");
             return Ok(out);
