@@ -8,7 +8,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use wire::{Change, MessageId, RelPath, Revision};
+use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 
 /// Set on every connection.
 const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;";
@@ -25,6 +25,22 @@ CREATE TABLE IF NOT EXISTS revs(path TEXT PRIMARY KEY, rev INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, msg TEXT NOT NULL UNIQUE, path TEXT NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
+
+/// Schema version 2: contents kept past GC because the manager asked (kept versions,
+/// docs/versions.md), until `until_ms` or until it releases them; `at_ms` is when this
+/// node was first asked (the oldest go first when the disk runs short).
+const SCHEMA_V2: &str = "
+CREATE TABLE IF NOT EXISTS kept(hash TEXT PRIMARY KEY, size INTEGER NOT NULL, until_ms INTEGER NOT NULL, at_ms INTEGER NOT NULL);
+";
+
+/// One content kept past GC.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeptRow {
+    pub hash: ContentHash,
+    pub size: u64,
+    pub until_ms: i64,
+    pub at_ms: i64,
+}
 
 /// One inode row.
 #[derive(Clone, Debug)]
@@ -59,7 +75,7 @@ pub struct Db {
 /// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
 /// is at). A new version is a new `M::up` at the end; the ones before never change.
 fn migrations() -> rusqlite_migration::Migrations<'static> {
-    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1)])
+    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2)])
 }
 
 /// Brings a database to the latest schema version, or refuses one written by a newer
@@ -110,6 +126,29 @@ impl Db {
     }
     pub fn set_meta(&self, key: &str, value: &str) -> rusqlite::Result<()> {
         self.conn.execute("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+        Ok(())
+    }
+
+    pub fn kept(&self) -> rusqlite::Result<Vec<KeptRow>> {
+        let mut st = self.conn.prepare("SELECT hash, size, until_ms, at_ms FROM kept")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, size, until_ms, at_ms) = row?;
+            if let Ok(hash) = hash.parse() {
+                out.push(KeptRow { hash, size: size as u64, until_ms, at_ms });
+            }
+        }
+        Ok(out)
+    }
+    pub fn put_kept(&self, k: &KeptRow) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms")?
+            .execute(params![k.hash.to_hex().as_str(), k.size as i64, k.until_ms, k.at_ms])?;
+        Ok(())
+    }
+    pub fn remove_kept(&self, hash: &ContentHash) -> rusqlite::Result<()> {
+        self.conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?.execute([hash.to_hex().as_str()])?;
         Ok(())
     }
 
@@ -233,7 +272,7 @@ mod tests {
         let path = dir.path().join("node.db");
         let db = Db::open(&path).unwrap();
         db.set_meta("k", "v").unwrap();
-        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 2);
         drop(db);
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
         assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");

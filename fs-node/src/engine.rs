@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{
-    Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD,
+    Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD, MAX_KEPT_REPORT,
     MAX_TO_MANAGER_BYTES,
 };
 
@@ -197,14 +197,42 @@ impl<R> Engine<R> {
                 tracing::info!("the manager asked for a sync");
                 self.request_sync(None, now);
             }
+            ToNode::Keep { items } => {
+                let (keeping, lacking) = self.tree.keep(&items).map_err(fail("recording contents to keep"))?;
+                if !lacking.is_empty() {
+                    tracing::warn!(count = lacking.len(), "asked to keep contents this node does not have (or could not fetch)");
+                }
+                self.report_kept(keeping, lacking);
+            }
+            ToNode::Release { hashes } => {
+                self.tree.release_kept(&hashes).map_err(fail("releasing kept contents"))?;
+            }
+            // The driver hands answers to whoever asked; nothing for the engine.
+            ToNode::Answer { .. } => {}
             // `into_parts_for` took it apart; a batch inside a batch fails decoding.
             ToNode::Batch { .. } => {}
         }
         Ok(())
     }
 
-    /// Heartbeat time: presence, and whatever the outbox holds that was not sent.
+    /// Tells the manager what this node keeps and lacks, in messages within the limit.
+    fn report_kept(&mut self, keeping: Vec<ContentHash>, lacking: Vec<ContentHash>) {
+        let all: Vec<(ContentHash, bool)> = keeping.into_iter().map(|h| (h, true)).chain(lacking.into_iter().map(|h| (h, false))).collect();
+        for chunk in all.chunks(MAX_KEPT_REPORT) {
+            let keeping = chunk.iter().filter(|(_, k)| *k).map(|(h, _)| h.clone()).collect();
+            let lacking = chunk.iter().filter(|(_, k)| !*k).map(|(h, _)| h.clone()).collect();
+            let env = Envelope::new(self.tree.env().new_id(), self.node.id.clone(), ToManager::Kept { keeping, lacking });
+            self.out.push(Action::Publish { env, confirmed: false });
+        }
+    }
+
+    /// Heartbeat time: presence, whatever the outbox holds that was not sent, and the
+    /// kept contents the GC dropped for space.
     pub fn on_heartbeat(&mut self, pending_pulls: u64) -> Vec<Action<R>> {
+        let dropped = self.tree.take_dropped();
+        if !dropped.is_empty() {
+            self.report_kept(Vec::new(), dropped);
+        }
         self.heartbeat(pending_pulls);
         self.publish_outbox();
         self.take()
@@ -510,17 +538,28 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentH
             ToNode::Applied { entry, .. } => vec![entry],
             ToNode::Decided { current, .. } => vec![current],
             ToNode::SyncReply { entries, .. } => entries.iter().collect(),
-            ToNode::SyncRequested {} | ToNode::Batch { .. } => vec![],
+            ToNode::SyncRequested {} | ToNode::Batch { .. } | ToNode::Keep { .. } | ToNode::Release { .. } | ToNode::Answer { .. } => vec![],
         })
         .collect();
     let mut seen = HashSet::new();
-    entries
+    let mut wanted: Vec<(ContentHash, u64, Vec<Holder>)> = entries
         .into_iter()
         .filter_map(|e| match (&e.version, tree.needs_content(e)) {
             (Some(Version { content: Content::File { size, .. }, .. }), Some(h)) if seen.insert(h.clone()) => Some((h, *size, e.holders.clone())),
             _ => None,
         })
-        .collect()
+        .collect();
+    // Contents to keep that this node is to fetch from another keeper.
+    for part in body.parts_for(me) {
+        if let ToNode::Keep { items } = part {
+            for i in items.iter().filter(|i| !i.holders.is_empty() && !tree.store().has(&i.hash)) {
+                if seen.insert(i.hash.clone()) {
+                    wanted.push((i.hash.clone(), i.size, i.holders.clone()));
+                }
+            }
+        }
+    }
+    wanted
 }
 
 #[cfg(test)]

@@ -24,7 +24,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use wire::{topology, Envelope, RelPath, ToNode};
+use std::collections::HashMap;
+use wire::{topology, Envelope, RelPath, ToManager, ToNode};
 
 pub use crate::engine::SyncReport;
 
@@ -37,6 +38,10 @@ const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 
 type Responder = oneshot::Sender<anyhow::Result<SyncReport>>;
+
+/// A question for the manager (`syncctl versions`, `trash`, `restore`) and where its
+/// answer goes.
+type Asked = (wire::Query, oneshot::Sender<anyhow::Result<wire::Answer>>);
 
 /// Where a background retry reports: the path, the revision it pulled for, success.
 type RetryDone = (RelPath, wire::Revision, bool);
@@ -54,6 +59,7 @@ struct LinkState {
 pub struct LinkHandle {
     state: Arc<LinkState>,
     sync_requests: mpsc::Sender<Responder>,
+    asks: mpsc::Sender<Asked>,
 }
 
 impl LinkHandle {
@@ -80,12 +86,28 @@ impl LinkHandle {
             Err(_) => anyhow::bail!("the manager did not answer within {}s", timeout.as_secs()),
         }
     }
+
+    /// Asks the manager a question (kept versions, the trash, a restore) and waits for
+    /// its answer.
+    pub async fn ask(&self, query: wire::Query, timeout: Duration) -> anyhow::Result<wire::Answer> {
+        if !self.connected() {
+            anyhow::bail!("not connected to the broker: the node is offline, and only the manager knows the kept versions");
+        }
+        let (tx, rx) = oneshot::channel();
+        self.asks.send((query, tx)).await.context("the broker link is not running")?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => anyhow::bail!("the connection was lost before the manager answered"),
+            Err(_) => anyhow::bail!("the manager did not answer within {}s", timeout.as_secs()),
+        }
+    }
 }
 
 /// The broker link task, before it runs.
 pub struct LinkTask {
     link: Link,
     sync_rx: mpsc::Receiver<Responder>,
+    ask_rx: mpsc::Receiver<Asked>,
 }
 
 /// What the link task works with; fixed for its life.
@@ -111,17 +133,18 @@ impl LinkTask {
     ) -> (LinkTask, LinkHandle) {
         let state = Arc::new(LinkState::default());
         let (tx, sync_rx) = mpsc::channel(16);
-        let handle = LinkHandle { state: state.clone(), sync_requests: tx };
-        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state }, sync_rx }, handle)
+        let (asks, ask_rx) = mpsc::channel(16);
+        let handle = LinkHandle { state: state.clone(), sync_requests: tx, asks };
+        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state }, sync_rx, ask_rx }, handle)
     }
 
     /// Runs until cancelled, reconnecting with backoff.
     pub async fn run(self, cancel: CancellationToken) {
-        let LinkTask { link, mut sync_rx } = self;
+        let LinkTask { link, mut sync_rx, mut ask_rx } = self;
         let mut backoff = broker_link::Backoff::default();
         let clock = Instant::now();
         loop {
-            let r = link.session(&mut sync_rx, &cancel, &mut backoff, clock).await;
+            let r = link.session(&mut sync_rx, &mut ask_rx, &cancel, &mut backoff, clock).await;
             link.state.connected.store(false, Ordering::Relaxed);
             match r {
                 Ok(()) => return,
@@ -129,6 +152,9 @@ impl LinkTask {
             }
             // Sync requests made while offline fail at once with a clear reason.
             while let Ok(r) = sync_rx.try_recv() {
+                let _ = r.send(Err(anyhow::anyhow!("not connected to the broker")));
+            }
+            while let Ok((_, r)) = ask_rx.try_recv() {
                 let _ = r.send(Err(anyhow::anyhow!("not connected to the broker")));
             }
             if !backoff.wait(&cancel).await {
@@ -330,6 +356,7 @@ impl Link {
     async fn session(
         &self,
         sync_rx: &mut mpsc::Receiver<Responder>,
+        ask_rx: &mut mpsc::Receiver<Asked>,
         cancel: &CancellationToken,
         backoff: &mut broker_link::Backoff,
         clock: Instant,
@@ -360,6 +387,8 @@ impl Link {
         let mut hb = tokio::time::interval(HEARTBEAT_EVERY);
         let mut retry = tokio::time::interval(RETRY_EVERY);
         let outbox_ready = link.tree.outbox_ready.clone();
+        // Questions sent to the manager in this session, by request id.
+        let mut asked: HashMap<wire::MessageId, oneshot::Sender<anyhow::Result<wire::Answer>>> = HashMap::new();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -383,6 +412,12 @@ impl Link {
                     let now = s.now();
                     s.step(move |e| Ok(e.on_sync_requested(Some(r), now))).await?;
                 }
+                Some((query, r)) = ask_rx.recv() => {
+                    asked.retain(|_, r| !r.is_closed());
+                    let env = Envelope::new(link.tree.env().new_id(), link.info.id.clone(), ToManager::Ask { query });
+                    asked.insert(env.id.clone(), r);
+                    s.carry_out(vec![Action::Publish { env, confirmed: true }]).await?;
+                }
                 item = pipeline.next() => {
                     match item {
                         None => anyhow::bail!("the broker cancelled our consumer"),
@@ -392,6 +427,11 @@ impl Link {
                             broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                         }
                         Some(Ok(Prepared::Ready(d, env))) => {
+                            if let ToNode::Answer { request, answer } = &env.body {
+                                if let Some(r) = asked.remove(request) {
+                                    let _ = r.send(Ok(answer.clone()));
+                                }
+                            }
                             let now = s.now();
                             s.step(move |e| e.on_message(env, now)).await?;
                             broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;

@@ -62,6 +62,10 @@ struct Args {
     /// come first (docs/SEMANTICS.md).
     #[arg(long = "ignore", value_name = "PATTERN", env = "SYNC_IGNORE", value_delimiter = '\n')]
     ignore: Vec<String>,
+    /// Free space (MiB) below which kept old versions are dropped, oldest first, on this
+    /// node (docs/versions.md).
+    #[arg(long, env = "SYNC_KEEP_MIN_FREE_MIB", default_value_t = 1024)]
+    keep_min_free_mib: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -92,5 +96,6 @@ fn run() -> anyhow::Result<()> {
         pull_stall: std::time::Duration::from_secs(a.pull_stall_secs.max(1)),
         allow_setid: a.allow_setid,
         ignore: a.ignore,
+        keep_min_free: a.keep_min_free_mib.saturating_mul(1 << 20),
     })
 }

@@ -49,6 +49,9 @@ pub struct Config {
     pub allow_setid: bool,
     /// The node's own ignore rules (gitignore lines), after the tree's `.syncignore` files.
     pub ignore: Vec<String>,
+    /// Below this many free bytes on the data directory's disk, the GC drops kept old
+    /// versions' contents, oldest first (the manager asks another node to keep them).
+    pub keep_min_free: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -175,7 +178,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
     tracker.spawn(link.run(cancel.clone()));
-    tracker.spawn(gc_loop(tree.clone(), cancel.clone()));
+    tracker.spawn(gc_loop(tree.clone(), cfg.keep_min_free, cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -193,14 +196,14 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn gc_loop(tree: Arc<Tree>, cancel: CancellationToken) {
+async fn gc_loop(tree: Arc<Tree>, floor: u64, cancel: CancellationToken) {
     let mut every = tokio::time::interval(GC_EVERY);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = every.tick() => {
                 let t = tree.clone();
-                let removed = tokio::task::spawn_blocking(move || t.gc()).await.unwrap_or(0);
+                let removed = tokio::task::spawn_blocking(move || t.gc_with_floor(floor)).await.unwrap_or(0);
                 if removed > 0 {
                     tracing::debug!("removed {removed} unreferenced blobs");
                 }

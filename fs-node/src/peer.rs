@@ -91,6 +91,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         .route("/ignored", only(Method::GET, get(ignored)))
         .route("/metrics", only(Method::GET, get(metrics)))
         .route("/sync", only(Method::POST, post(sync)))
+        .route("/ask", only(Method::POST, post(ask)))
         .fallback(no_such_endpoint)
         .layer(axum::middleware::from_fn_with_state(served.clone(), require_token))
         .with_state(served)
@@ -140,6 +141,34 @@ async fn metrics(State(served): State<Arc<Served>>) -> Response {
 async fn sync(State(served): State<Arc<Served>>) -> Response {
     match served.reporter.link.sync_now(Duration::from_secs(120)).await {
         Ok(report) => full(StatusCode::OK, "application/json", serde_json::to_vec(&report).unwrap_or_default()),
+        Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
+    }
+}
+
+/// Longest question `POST /ask` takes (a query names at most three paths).
+const MAX_ASK_BYTES: usize = 64 << 10;
+
+/// A question for the manager (kept versions, the trash, a restore: `wire::Query` as
+/// JSON), relayed over the broker; answers `wire::Answer`. A restore that does not say
+/// which revision of the path its asker saw is taken as asked from this node: the
+/// revision this node has (so a newer edit that reached the manager is never
+/// overwritten).
+async fn ask(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    if body.len() > MAX_ASK_BYTES {
+        return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("a question is at most {MAX_ASK_BYTES} bytes"));
+    }
+    let mut query: wire::Query = match serde_json::from_slice(&body) {
+        Ok(q) => q,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("not a question: {e}")),
+    };
+    if let wire::Query::Restore { path, base: base @ None, .. } = &mut query {
+        let rev = served.reporter.tree.revision_of(path);
+        if rev.0 > 0 {
+            *base = Some(rev);
+        }
+    }
+    match served.reporter.link.ask(query, Duration::from_secs(30)).await {
+        Ok(answer) => full(StatusCode::OK, "application/json", serde_json::to_vec(&answer).unwrap_or_default()),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
     }
 }

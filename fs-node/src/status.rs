@@ -26,6 +26,11 @@ pub struct NodeStatus {
     /// Paths this node keeps to itself (`syncctl ignored` lists them).
     #[serde(default)]
     pub ignored: u64,
+    /// Contents this node keeps for the cluster's old versions, and their bytes.
+    #[serde(default)]
+    pub kept_contents: u64,
+    #[serde(default)]
+    pub kept_bytes: u64,
     pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
 }
@@ -57,6 +62,8 @@ impl Reporter {
             conflicts_seen: stats.conflicts_seen,
             last_revision: stats.last_revision,
             ignored: stats.ignored,
+            kept_contents: stats.kept_contents,
+            kept_bytes: stats.kept_bytes,
             bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.link.last_sync(),
         }
@@ -71,6 +78,7 @@ impl Reporter {
             passthrough: self.passthrough.load(Ordering::Relaxed),
             passthrough_opens: stats.passthrough_opens,
             passthrough_detaches: stats.passthrough_detaches,
+            kept_bytes: stats.kept_bytes,
             connected: self.link.connected(),
         })
     }

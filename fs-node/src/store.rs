@@ -231,6 +231,12 @@ impl ContentStore {
         File::open(&self.blobs)?.sync_all()
     }
 
+    /// Bytes free for an unprivileged user on the disk that holds the blobs.
+    pub fn free_bytes(&self) -> std::io::Result<u64> {
+        let s = nix::sys::statvfs::statvfs(&self.blobs).map_err(std::io::Error::from)?;
+        Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
+    }
+
     /// Moves a verified download into the blobs.
     pub fn install(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
         std::fs::rename(tmp, self.blob_path(h))

@@ -8,5 +8,6 @@ pub mod provision;
 pub mod rule;
 pub mod service;
 pub mod store;
+pub mod versions;
 
 pub use service::{run, Config};

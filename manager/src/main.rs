@@ -41,6 +41,16 @@ enum Cmd {
         /// speaking only as its node; refuse (dead-letter) everything else.
         #[arg(long, env = "SYNC_REQUIRE_NODE_USERS")]
         require_node_users: bool,
+        /// How long an overwritten or deleted version is kept (`30d`, `12h`, `90s`…).
+        #[arg(long, env = "SYNC_KEEP_FOR", default_value = "30d", value_parser = humantime::parse_duration)]
+        keep_for: std::time::Duration,
+        /// Most old versions kept per path (0: as many as the time allows).
+        #[arg(long, env = "SYNC_KEEP_VERSIONS", default_value_t = 0)]
+        keep_versions: u32,
+        /// Nodes asked to keep each old version's content, where the cluster has them
+        /// (0: keep no old versions).
+        #[arg(long, env = "SYNC_KEEP_COPIES", default_value_t = 2)]
+        keep_copies: u32,
     },
     /// Print the nodes (online or not), the file count and the conflict count.
     Status {
@@ -76,7 +86,7 @@ fn run() -> anyhow::Result<()> {
         tracing::info!("settings from {}", f.display());
     }
     match cli.cmd {
-        Cmd::Serve { broker, db, http, require_node_users } => {
+        Cmd::Serve { broker, db, http, require_node_users, keep_for, keep_versions, keep_copies } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
@@ -89,7 +99,16 @@ fn run() -> anyhow::Result<()> {
                     cluster_token: None,
                     node_users: require_node_users,
                 };
-                manager::api::run_manager(manager::Config { broker, db, require_node_users }, api, cancel).await
+                manager::api::run_manager(manager::Config {
+                        broker,
+                        db,
+                        require_node_users,
+                        retention: manager::versions::Retention {
+                            keep_for_ms: keep_for.as_millis().min(i64::MAX as u128) as i64,
+                            keep_versions,
+                            copies: keep_copies,
+                        },
+                    }, api, cancel).await
             })
         }
         Cmd::Image(cmd) => cli_provision::image(&cli.cluster, cmd),

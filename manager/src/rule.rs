@@ -33,6 +33,9 @@ pub enum Decision {
     ConflictBelow { file: RelPath },
     /// Keep the current state; say why.
     Refuse(String),
+    /// Keep the current state, and keep the change's version only as a kept version of
+    /// the path (no conflict file may be added beside it any more); say why.
+    KeepAsVersion(String),
 }
 
 /// How the change a new change follows (`Change::follows`, the sender's own earlier
@@ -132,7 +135,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
                     // to it elsewhere that the node never saw: both are kept, the
                     // node's file as a conflict file beside the directory.
                     return if copies >= MAX_CONFLICT_COPIES {
-                        Decision::Refuse(format!("the directory is not empty on the manager, and the path already has {MAX_CONFLICT_COPIES} conflict files"))
+                        Decision::KeepAsVersion(format!("the directory is not empty on the manager, and the path already has {MAX_CONFLICT_COPIES} conflict files"))
                     } else {
                         Decision::Conflict
                     };
@@ -152,7 +155,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
             // A directory made here while a file was written there elsewhere becomes a
             // conflict directory too: what is put below it goes there.
             if copies >= MAX_CONFLICT_COPIES {
-                Decision::Refuse(format!("the path already has {MAX_CONFLICT_COPIES} conflict files; this version was not kept"))
+                Decision::KeepAsVersion(format!("the path already has {MAX_CONFLICT_COPIES} conflict files"))
             } else {
                 Decision::Conflict
             }
@@ -247,6 +250,41 @@ pub fn conflict_candidates(path: &RelPath, node: &NodeId, at: UtcTime, rev: Revi
     out
 }
 
+/// Every name a restored version of `path` may get beside it when the path changed since
+/// (a restore never overwrites a newer edit), best first: `stem (restored rREV).ext`,
+/// then numbered ones, then one that carries `new_rev`, the revision the copy will get,
+/// which no other path ever gets. Empty only when not even that fits.
+pub fn restored_candidates(path: &RelPath, from_rev: Revision, new_rev: Revision) -> Vec<RelPath> {
+    let parent = path.parent();
+    let budget = match &parent {
+        Some(p) => wire::MAX_PATH_BYTES.saturating_sub(p.as_str().len() + 1),
+        None => wire::MAX_PATH_BYTES,
+    }
+    .min(wire::MAX_NAME_BYTES);
+    let name = path.name();
+    let (stem, ext) = match name.rfind('.') {
+        Some(i) if i > 0 => name.split_at(i),
+        _ => (name, ""),
+    };
+    let tails = (1..=CONFLICT_NAME_TRIES)
+        .map(|n| if n > 1 { format!(" (restored r{} {n})", from_rev.0) } else { format!(" (restored r{})", from_rev.0) })
+        .chain([format!(" (restored r{} as r{})", from_rev.0, new_rev.0)]);
+    let mut out: Vec<RelPath> = Vec::new();
+    for tail in tails {
+        let Some(new_name) = fit(stem, &tail, ext, budget) else { continue };
+        let candidate = match &parent {
+            Some(p) => p.join(&new_name),
+            None => RelPath::new(new_name),
+        };
+        if let Ok(c) = candidate {
+            if c != *path && !out.contains(&c) {
+                out.push(c);
+            }
+        }
+    }
+    out
+}
+
 /// `stem + tail + ext` within `budget` bytes, or None when `tail` alone does not fit. The
 /// stem gives way first (down to `MIN_STEM_BYTES`), then the extension, then the rest of
 /// the stem; every cut falls on a char boundary.
@@ -323,7 +361,7 @@ mod tests {
         assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
         assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0, None), Decision::Conflict);
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::Refuse(_)));
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
     }
 
     /// Found by the simulator (seed 2069): a node's chmod of a directory it kept for
@@ -376,7 +414,7 @@ mod tests {
     fn conflict_files_never_conflict_and_copies_are_capped() {
         let copy = p("r (conflict from n2 2026-11-25 14.03.10).txt");
         assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Accept);
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES, None), Decision::Refuse(_)));
+        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
     }
 
     const AT: UtcTime = UtcTime { unix_secs: 1_795_615_390 }; // 2026-11-25 14:03:10 UTC

@@ -61,6 +61,8 @@ pub struct Config {
     /// whose `from` must be that node; off, messages over a shared user (the demo's
     /// `guest`) are taken at their word.
     pub require_node_users: bool,
+    /// How old versions are kept (docs/versions.md).
+    pub retention: crate::versions::Retention,
 }
 
 /// Whether a message's claimed sender matches the broker user it came over. The broker
@@ -158,6 +160,7 @@ pub fn now_ms() -> i64 {
 /// Runs the manager until `cancel` fires, reconnecting to the broker as needed.
 pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let handle = Handle::open(&cfg.db)?;
+    handle.store.lock().unwrap_or_else(|p| p.into_inner()).set_retention(cfg.retention);
     run_with(cfg, handle, cancel).await
 }
 
@@ -198,7 +201,11 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let changed = handle.timed(handle.with_store(|s| s.transaction(|tx| tx.mark_silent_offline(now_ms())))).await?;
+                let changed = handle.timed(handle.with_store(|s| s.transaction(|tx| {
+                    let now = now_ms();
+                    tx.expire_versions(now)?;
+                    tx.mark_silent_offline(now)
+                }))).await?;
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }

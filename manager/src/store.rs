@@ -43,6 +43,21 @@ fn test_abort_on_path() -> Option<&'static str> {
 /// refused one keeps that base (rows from before have 0: no base passed on).
 const SCHEMA_V2: &str = "ALTER TABLE applied ADD COLUMN base INTEGER NOT NULL DEFAULT 0;";
 
+/// Schema version 3: kept versions (docs/versions.md). Each history row says its content
+/// hash (files), when it stopped being current, whether it is a kept version now, and
+/// whether it was a put refused at the conflict-file cap (kept, never current); `kept`
+/// says which nodes keep which contents. Versions from before were never kept by any node
+/// (their contents were collected): they are not listed as kept.
+const SCHEMA_V3: &str = "
+ALTER TABLE history ADD COLUMN hash TEXT;
+ALTER TABLE history ADD COLUMN ended_ms INTEGER;
+ALTER TABLE history ADD COLUMN kept INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE history ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX history_kept_by_end ON history(ended_ms) WHERE kept = 1;
+CREATE INDEX history_kept_by_hash ON history(hash) WHERE kept = 1;
+CREATE TABLE kept(hash TEXT NOT NULL, node TEXT NOT NULL, size INTEGER NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(hash, node));
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -78,6 +93,7 @@ CREATE TABLE IF NOT EXISTS suspects(msg TEXT PRIMARY KEY, starts INTEGER NOT NUL
 
 pub struct Store {
     conn: rusqlite::Connection,
+    retention: crate::versions::Retention,
 }
 
 /// A message waiting in the outbox.
@@ -100,11 +116,11 @@ pub struct NodeRow {
     pub software: String,
 }
 
-fn json<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("wire types serialize")
 }
 
-fn parse_version(s: Option<String>) -> anyhow::Result<Option<Version>> {
+pub(crate) fn parse_version(s: Option<String>) -> anyhow::Result<Option<Version>> {
     s.map(|s| serde_json::from_str(&s).context("corrupt version in the manager database")).transpose()
 }
 
@@ -122,7 +138,7 @@ impl Store {
         // The schema's versions, oldest first (`PRAGMA user_version` says which one a
         // database is at); a new version is a new `M::up` at the end. A database written
         // by a newer manager is refused: it may hold what this one would misread.
-        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2)])
+        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2), rusqlite_migration::M::up(SCHEMA_V3)])
             .to_latest(&mut conn)
             .with_context(|| {
                 format!(
@@ -135,7 +151,15 @@ impl Store {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
             conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
         }
-        Ok(Store { conn })
+        Ok(Store { conn, retention: Default::default() })
+    }
+
+    /// How long, how many and in how many copies overwritten and deleted versions are kept.
+    pub fn set_retention(&mut self, retention: crate::versions::Retention) {
+        self.retention = retention;
+    }
+    pub fn retention(&self) -> crate::versions::Retention {
+        self.retention
     }
 
     /// Read-only access for status queries.
@@ -152,7 +176,7 @@ impl Store {
         // rusqlite's `Transaction` uses) parses it again for every batch.
         run_cached(&self.conn, "BEGIN IMMEDIATE").context("taking the manager database's write lock (is another process writing it?)")?;
         let open = OpenTransaction(&self.conn);
-        let mut t = Tx { tx: &self.conn };
+        let mut t = Tx { tx: &self.conn, retention: self.retention };
         let out = f(&mut t)?;
         run_cached(&self.conn, "COMMIT").context("committing to the manager database")?;
         std::mem::forget(open);
@@ -356,7 +380,8 @@ fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<E
 
 /// One transaction over the store; every handler of a message runs inside one.
 pub struct Tx<'a> {
-    tx: &'a rusqlite::Connection,
+    pub(crate) tx: &'a rusqlite::Connection,
+    pub(crate) retention: crate::versions::Retention,
 }
 
 /// Runs one statement without parameters through the connection's statement cache.
@@ -377,7 +402,7 @@ impl Drop for OpenTransaction<'_> {
 }
 
 impl Tx<'_> {
-    fn next_rev(&mut self) -> anyhow::Result<Revision> {
+    pub(crate) fn next_rev(&mut self) -> anyhow::Result<Revision> {
         let rev = head(self.tx)?.next();
         self.tx
             .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
@@ -385,7 +410,7 @@ impl Tx<'_> {
         Ok(rev)
     }
 
-    fn enqueue(&mut self, key: &str, body: ToNode) -> anyhow::Result<()> {
+    pub(crate) fn enqueue(&mut self, key: &str, body: ToNode) -> anyhow::Result<()> {
         self.enqueue_envelope(key, Envelope::new(new_message_id(), NodeId::manager(), body))?;
         Ok(())
     }
@@ -423,30 +448,48 @@ impl Tx<'_> {
             .is_some())
     }
 
-    /// Records a new current state of `path` at a new revision and broadcasts it.
+    /// Records a new current state of `path` at a new revision and broadcasts it; the
+    /// sender holds its content.
     fn set(&mut self, path: &RelPath, version: Option<&Version>, origin: &NodeId, now_ms: i64) -> anyhow::Result<Entry> {
+        let holders: &[NodeId] = if *origin != NodeId::manager() { std::slice::from_ref(origin) } else { &[] };
+        self.set_held(path, version, origin, holders, now_ms)
+    }
+
+    /// [`Tx::set`] with the nodes that hold the content named (a restore: the nodes that
+    /// keep the old version). The version it replaces becomes a kept version first
+    /// (`end_current`), so the nodes asked to keep its content hear of it before the
+    /// broadcast that makes it old.
+    pub(crate) fn set_held(&mut self, path: &RelPath, version: Option<&Version>, origin: &NodeId, holders: &[NodeId], now_ms: i64) -> anyhow::Result<Entry> {
+        self.end_current(path, origin, now_ms)?;
         let rev = self.next_rev()?;
         let v = version.map(json);
+        let hash = match version {
+            Some(Version { content: Content::File { hash, .. }, .. }) => Some(hash.to_hex()),
+            _ => None,
+        };
         self.tx
             .prepare_cached(
                 "INSERT INTO paths(path, rev, version, origin) VALUES(?1, ?2, ?3, ?4)
              ON CONFLICT(path) DO UPDATE SET rev = excluded.rev, version = excluded.version, origin = excluded.origin",
             )?
             .execute(params![path.as_str(), rev.0 as i64, v, origin.as_str()])?;
-        self.tx.prepare_cached("INSERT INTO history(rev, path, version, origin, at_ms) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
+        self.tx.prepare_cached("INSERT INTO history(rev, path, version, origin, at_ms, hash) VALUES(?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
             rev.0 as i64,
             path.as_str(),
             v,
             origin.as_str(),
-            now_ms
+            now_ms,
+            hash.as_ref().map(|h| h.as_str())
         ])?;
         self.tx.prepare_cached("DELETE FROM holders WHERE path = ?1")?.execute([path.as_str()])?;
-        if matches!(version, Some(Version { content: Content::File { .. }, .. })) && *origin != NodeId::manager() {
-            self.tx.prepare_cached("INSERT INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
-                path.as_str(),
-                origin.as_str(),
-                rev.0 as i64
-            ])?;
+        if matches!(version, Some(Version { content: Content::File { .. }, .. })) {
+            for node in holders {
+                self.tx.prepare_cached("INSERT OR IGNORE INTO holders(path, node, rev) VALUES(?1, ?2, ?3)")?.execute(params![
+                    path.as_str(),
+                    node.as_str(),
+                    rev.0 as i64
+                ])?;
+            }
         }
         let entry = entry(self.tx, path)?.expect("just written");
         self.enqueue(topology::BROADCAST_KEY, ToNode::Applied { entry: entry.clone(), origin: origin.clone() })?;
@@ -500,6 +543,15 @@ impl Tx<'_> {
             ToManager::Sync { request, url, since, paged } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.queue_sync(&from, &request, since, paged, now_ms)?;
+            }
+            ToManager::Kept { keeping, lacking } => {
+                self.seen(&from, None, now_ms)?;
+                self.kept_report(&from, &keeping, &lacking, now_ms)?;
+            }
+            ToManager::Ask { query } => {
+                self.seen(&from, None, now_ms)?;
+                let answer = self.answer(&query, &from, now_ms)?;
+                self.enqueue(&topology::node_key(&from), ToNode::Answer { request: env.id, answer })?;
             }
             ToManager::Change(change) => {
                 if test_abort_on_path().is_some_and(|p| p == change.path.as_str()) {
@@ -806,18 +858,17 @@ impl Tx<'_> {
                 tracing::info!(path = %change.path, node = %from, %reason, "change refused");
                 Outcome::Refused { reason }
             }
+            (Decision::KeepAsVersion(reason), ChangeOp::Put { version }) => self.keep_refused(&change.path, version, from, &reason, now_ms)?,
             (Decision::Conflict, ChangeOp::Put { version }) => match self.keep_as_conflict(&change.path, version, from, base, cur_rev, now_ms)? {
                 Some(copy) => Outcome::Conflict { copy },
-                None => {
-                    // Only beside a path within a few bytes of the length limit, or
-                    // when every candidate name is taken by other files.
-                    let reason = "no free conflict file name fits beside this path; this version was not kept".to_string();
-                    tracing::warn!(path = %change.path, node = %from, %reason, "change refused");
-                    Outcome::Refused { reason }
-                }
+                // Only beside a path within a few bytes of the length limit, or when
+                // every candidate name is taken by other files.
+                None => self.keep_refused(&change.path, version, from, "no free conflict file name fits beside this path", now_ms)?,
             },
             (Decision::ConflictBelow { file }, ChangeOp::Put { version }) => self.keep_below_conflict_dir(&change.path, &file, version, from, base, now_ms)?,
-            (Decision::Conflict | Decision::ConflictBelow { .. }, ChangeOp::Delete) => unreachable!("the rule only makes conflicts of puts"),
+            (Decision::Conflict | Decision::ConflictBelow { .. } | Decision::KeepAsVersion(_), ChangeOp::Delete) => {
+                unreachable!("the rule only makes conflicts of puts")
+            }
         };
         tracing::debug!(target: "changes", %msg, path = %change.path, sent_base = change.base.0, base = base.0, "based on");
         self.decided(msg, from, &change.path, outcome, base)
@@ -877,14 +928,14 @@ impl Tx<'_> {
 
     /// The path's live version, if it has one (no more: what `current` adds is not
     /// needed to walk ancestors).
-    fn live_version(&self, path: &RelPath) -> anyhow::Result<Option<Version>> {
+    pub(crate) fn live_version(&self, path: &RelPath) -> anyhow::Result<Option<Version>> {
         let v: Option<Option<String>> =
             self.tx.prepare_cached("SELECT version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| r.get(0)).optional()?;
         parse_version(v.flatten())
     }
 
     /// The highest ancestor of `path` that is live and not a directory, if any.
-    fn first_non_dir_ancestor(&mut self, path: &RelPath) -> anyhow::Result<Option<RelPath>> {
+    pub(crate) fn first_non_dir_ancestor(&mut self, path: &RelPath) -> anyhow::Result<Option<RelPath>> {
         for anc in path.ancestors() {
             if self.live_version(&anc)?.is_some_and(|v| !matches!(v.content, Content::Dir)) {
                 return Ok(Some(anc));
@@ -896,7 +947,7 @@ impl Tx<'_> {
     /// Every ancestor of an accepted path must be a live directory: ancestors deleted
     /// elsewhere are brought back (nothing added to a directory is lost because someone
     /// removed the directory). The caller has made sure none is a file.
-    fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
+    pub(crate) fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
         for anc in path.ancestors() {
             if self.live_version(&anc)?.is_none() {
                 self.set(&anc, Some(&rule::restored_dir(now_ms)), &NodeId::manager(), now_ms)?;
@@ -1240,7 +1291,7 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));

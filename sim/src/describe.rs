@@ -22,6 +22,10 @@ fn again(redelivered: bool) -> &'static str {
     }
 }
 
+fn short_hashes(hashes: &[wire::ContentHash]) -> String {
+    hashes.iter().map(|h| h.to_hex().as_str()[..8].to_string()).collect::<Vec<_>>().join(",")
+}
+
 pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
     let body = match &env.body {
         ToManager::Heartbeat { .. } => "heartbeat".to_string(),
@@ -39,6 +43,8 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
         ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
         ToManager::Holding { items } => format!("holding {}", items.iter().map(|h| format!("{} r{}", h.path, h.rev.0)).collect::<Vec<_>>().join(", ")),
         ToManager::Sync { since, .. } => format!("sync since r{}", since.0),
+        ToManager::Kept { keeping, lacking } => format!("kept {} lacking {}", short_hashes(keeping), short_hashes(lacking)),
+        ToManager::Ask { query } => format!("ask {query:?}"),
     };
     format!("{} from {}: {body}{}", env.id, env.from, again(redelivered))
 }
@@ -51,6 +57,9 @@ pub fn to_node(body: &ToNode, redelivered: bool) -> String {
             format!("sync reply page {page} head r{} more {more}: [{}]", head.0, entries.iter().map(entry).collect::<Vec<_>>().join(", "))
         }
         ToNode::SyncRequested {} => "sync requested".to_string(),
+        ToNode::Keep { items } => format!("keep {}", short_hashes(&items.iter().map(|i| i.hash.clone()).collect::<Vec<_>>())),
+        ToNode::Release { hashes } => format!("release {}", short_hashes(hashes)),
+        ToNode::Answer { request, .. } => format!("answer to {request}"),
         ToNode::Batch { items } => {
             let items: Vec<String> =
                 items.iter().map(|i| format!("{}{}", i.to.as_ref().map(|t| format!("for {t}: ")).unwrap_or_default(), to_node(&i.msg, false))).collect();

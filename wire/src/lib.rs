@@ -10,7 +10,9 @@ mod ids;
 mod messages;
 mod path;
 pub mod topology;
+mod versions;
 
 pub use ids::{ContentHash, IdError, MessageId, NodeId, Revision};
 pub use messages::*;
+pub use versions::*;
 pub use path::{PathError, RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};

@@ -1,6 +1,7 @@
 //! The messages: what nodes send the manager (update channel) and what the manager sends
 //! nodes (master channel), inside a versioned envelope.
 
+use crate::versions::{check_items, Answer, KeepItem, Query, MAX_KEEP_ITEMS, MAX_KEPT_REPORT, MAX_LISTED};
 use crate::{ContentHash, MessageId, NodeId, RelPath, Revision};
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
@@ -120,7 +121,8 @@ impl Body for ToManager {
             ToManager::Sync { url, .. } => bounded_str("sync URL", url, MAX_URL_BYTES),
             ToManager::Change(Change { op: ChangeOp::Put { version }, .. }) => version.check_bounds(),
             ToManager::Holding { items } if items.len() > MAX_HELD => Err(format!("{} held paths, more than {MAX_HELD}", items.len())),
-            ToManager::Change(_) | ToManager::Have { .. } | ToManager::Holding { .. } => Ok(()),
+            ToManager::Kept { keeping, lacking } => check_items("kept hashes", &[keeping.as_slice(), lacking.as_slice()].concat(), MAX_KEPT_REPORT),
+            ToManager::Change(_) | ToManager::Have { .. } | ToManager::Holding { .. } | ToManager::Ask { .. } => Ok(()),
         }
     }
 }
@@ -138,6 +140,20 @@ impl Body for ToNode {
             }
             ToNode::SyncReply { entries, .. } => entries.iter().try_for_each(Entry::check_bounds),
             ToNode::SyncRequested {} => Ok(()),
+            ToNode::Keep { items } => {
+                check_items("items to keep", items, MAX_KEEP_ITEMS)?;
+                items.iter().try_for_each(|i| {
+                    check_items("holders", &i.holders, MAX_HOLDERS)?;
+                    i.holders.iter().try_for_each(|h| bounded_str("holder URL", &h.url, MAX_URL_BYTES))
+                })
+            }
+            ToNode::Release { hashes } => check_items("hashes to release", hashes, MAX_KEEP_ITEMS),
+            ToNode::Answer { answer, .. } => match answer {
+                Answer::Versions { versions, .. } => check_items("versions", versions, MAX_LISTED),
+                Answer::Trash { items } => check_items("trash items", items, MAX_LISTED),
+                Answer::Failed { reason } => bounded_str("failure reason", reason, MAX_REASON_BYTES),
+                Answer::Restored(_) => Ok(()),
+            },
             ToNode::Batch { items } => items.iter().try_for_each(|i| match (&i.to, &i.msg) {
                 (None, m @ ToNode::Applied { .. }) | (Some(_), m @ ToNode::Decided { .. }) => m.check_bounds(),
                 _ => Err("a batch holds only `applied` for every node and `decided` for one node".to_string()),
@@ -284,6 +300,18 @@ pub enum ToManager {
         #[serde(default)]
         paged: bool,
     },
+    /// What became of `ToNode::Keep` and `Release`: contents the node now keeps, and
+    /// contents it was asked to keep but lacks or had to drop (its disk fell below its
+    /// free-space floor). At most [`MAX_KEPT_REPORT`] hashes in all.
+    Kept {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        keeping: Vec<ContentHash>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        lacking: Vec<ContentHash>,
+    },
+    /// A question for the manager on behalf of the node's user; the envelope's id is the
+    /// request id the `ToNode::Answer` names.
+    Ask { query: Query },
 }
 
 /// One path's content a node holds (`ToManager::Holding`).
@@ -349,6 +377,14 @@ pub enum ToNode {
     },
     /// To one node: please run a sync now (the dashboard's Sync button).
     SyncRequested {},
+    /// To one node: keep these contents past GC (they are kept versions), fetching any
+    /// the node lacks from the holders given. Sent before the broadcast that makes them
+    /// old, so a keeper never drops one in between.
+    Keep { items: Vec<KeepItem> },
+    /// To one node: these contents need not be kept any more (their retention ended).
+    Release { hashes: Vec<ContentHash> },
+    /// To one node: the answer to its `ToManager::Ask` with envelope id `request`.
+    Answer { request: MessageId, answer: Answer },
     /// Broadcast: several `Applied` and `Decided` messages in the order the manager made
     /// them, in one delivery. Each node takes the items for every node and those for
     /// itself, in order, and skips the others' decisions; so every node queue sees
@@ -452,6 +488,12 @@ mod tests {
                     ],
                 },
             ),
+            ("kept", ToManager::Kept { keeping: vec![hash()], lacking: vec![] }),
+            (
+                "ask_restore",
+                ToManager::Ask { query: Query::Restore { path: path("docs"), rev: Some(Revision(40)), to: Some(path("docs-restored")), base: None } },
+            ),
+            ("ask_versions", ToManager::Ask { query: Query::Versions { path: path("docs/report.txt") } }),
             (
                 "sync",
                 ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into(), since: Revision(40), paged: true },
@@ -486,6 +528,39 @@ mod tests {
                 },
             ),
             ("sync_requested", ToNode::SyncRequested {}),
+            ("keep", ToNode::Keep { items: vec![crate::KeepItem { hash: hash(), size: 5, until_ms: 1_766_600_000_000, holders: entry().holders }] }),
+            ("release", ToNode::Release { hashes: vec![hash()] }),
+            (
+                "answer_versions",
+                ToNode::Answer {
+                    request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"),
+                    answer: Answer::Versions {
+                        path: path("docs/report.txt"),
+                        versions: vec![crate::VersionInfo {
+                            rev: Revision(41),
+                            version: Some(file_version()),
+                            node: node("n1"),
+                            at_ms: 1_764_000_000_000,
+                            ended_ms: Some(1_764_000_100_000),
+                            refused: false,
+                            available: true,
+                            keepers: vec![node("n1"), node("n2")],
+                        }],
+                    },
+                },
+            ),
+            (
+                "answer_restored",
+                ToNode::Answer {
+                    request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"),
+                    answer: Answer::Restored(crate::RestoreReport {
+                        from_rev: Revision(40),
+                        restored: vec![path("docs"), path("docs/report.txt")],
+                        beside: vec![(path("docs/notes.txt"), path("docs/notes (restored r40).txt"))],
+                        unavailable: vec![],
+                    }),
+                },
+            ),
         ]
     }
 

@@ -43,6 +43,83 @@ enum Cmd {
     /// List the paths this node keeps to itself (ignore rules), below DIR if given (a
     /// directory in the mount, or a path relative to it).
     Ignored { dir: Option<PathBuf> },
+    /// List the kept versions of PATH (a path in the mount, or relative to it): revision,
+    /// node, time, size, and whether a node that keeps it is online.
+    Versions {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List deleted files and directories (below DIR if given) that can be restored.
+    Trash {
+        dir: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Bring back PATH as it was at a revision (default: its previous version, or what it
+    /// was before it was deleted; a directory with its whole tree). A path changed since
+    /// is never overwritten: the restored version goes beside it.
+    Restore {
+        path: PathBuf,
+        /// The revision to restore (from `syncctl versions` or `syncctl trash`).
+        #[arg(long)]
+        rev: Option<u64>,
+        /// Restore to this path instead (in the mount, or relative to it).
+        #[arg(long)]
+        to: Option<PathBuf>,
+    },
+}
+
+/// `p` as a path relative to the mount (it may be given inside the mount, absolute, or
+/// already relative to the mount's root).
+fn in_mount(p: &Path, mount: &str) -> anyhow::Result<String> {
+    let abs = if p.is_absolute() { p.to_path_buf() } else { std::env::current_dir()?.join(p) };
+    let rel = match abs.strip_prefix(mount) {
+        Ok(r) => r.to_path_buf(),
+        Err(_) if p.is_relative() => p.to_path_buf(),
+        Err(_) => bail!("{} is not in the mount {mount}", p.display()),
+    };
+    Ok(rel.to_string_lossy().trim_matches('/').to_string())
+}
+
+fn rel_path(p: &Path, mount: &str) -> anyhow::Result<wire::RelPath> {
+    let rel = in_mount(p, mount)?;
+    wire::RelPath::new(rel.clone()).with_context(|| format!("{rel:?} is not a path in the mount"))
+}
+
+fn when(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn describe(v: &Option<wire::Version>) -> String {
+    match v {
+        None => "deleted".into(),
+        Some(v) => match &v.content {
+            wire::Content::File { size, .. } => format!("file {size} bytes, mode {:o}", v.mode),
+            wire::Content::Dir => format!("directory, mode {:o}", v.mode),
+            wire::Content::Symlink { target } => format!("symlink to {target}"),
+        },
+    }
+}
+
+/// Asks the manager, through the node, and returns its answer (a failure is an error).
+async fn ask(cli: &Cli, query: &wire::Query) -> anyhow::Result<wire::Answer> {
+    let url = format!("{}/ask", node_url(cli)?);
+    let mut req = fs_node::puller::http_client(cli.tls_ca.as_deref())?.post(&url).body(serde_json::to_vec(query)?);
+    if let Some(t) = &cli.cluster_token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req.send().await.with_context(|| format!("cannot reach the node at {url}"))?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let body: serde_json::Value = resp.json().await.unwrap_or_default();
+        bail!("{}", body.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| format!("the node answered {status}")));
+    }
+    match resp.json().await.context("decoding the manager's answer")? {
+        wire::Answer::Failed { reason } => bail!("{reason}"),
+        a => Ok(a),
+    }
 }
 
 fn node_url(cli: &Cli) -> anyhow::Result<String> {
@@ -107,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("files:     {} ({} directories)", s.files, s.dirs);
                 println!("conflicts: {}", s.conflicts_seen);
                 println!("ignored:   {} path(s) kept to this node (syncctl ignored)", s.ignored);
+                println!("versions:  {} old content(s) kept for the cluster, {} bytes", s.kept_contents, s.kept_bytes);
                 match &s.last_sync {
                     Some(r) => println!("last sync: pushed {}, pulled {}, conflicts {}, failed {}", r.pushed, r.pulled, r.conflicts, r.failed),
                     None => println!("last sync: none yet"),
@@ -125,15 +203,77 @@ async fn main() -> anyhow::Result<()> {
             let s: NodeStatus = status(&cli).await?;
             let paths: Vec<String> = request(&cli, reqwest::Method::GET, "/ignored").await?.json().await.context("decoding the ignored paths")?;
             let below = match dir {
-                Some(d) => {
-                    let abs = if d.is_absolute() { d.clone() } else { std::env::current_dir()?.join(d) };
-                    let rel = abs.strip_prefix(&s.mount).map(Path::to_path_buf).unwrap_or_else(|_| d.clone());
-                    rel.to_string_lossy().trim_matches('/').to_string()
-                }
+                Some(d) => in_mount(d, &s.mount)?,
                 None => String::new(),
             };
             for p in paths.iter().filter(|p| below.is_empty() || p.as_str() == below || p.starts_with(&format!("{below}/"))) {
                 println!("{}", Path::new(&s.mount).join(p).display());
+            }
+        }
+        Cmd::Versions { path, json } => {
+            let s = status(&cli).await?;
+            let wire::Answer::Versions { versions, .. } = ask(&cli, &wire::Query::Versions { path: rel_path(path, &s.mount)? }).await? else {
+                bail!("the manager answered something else")
+            };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&versions)?);
+            } else {
+                if versions.is_empty() {
+                    eprintln!("no versions of {} are kept", path.display());
+                }
+                for v in &versions {
+                    let state = if v.ended_ms.is_none() {
+                        "current"
+                    } else if v.refused {
+                        "refused (conflict cap), kept"
+                    } else if v.version.is_none() {
+                        "deleted here"
+                    } else if v.available {
+                        "available"
+                    } else {
+                        "UNAVAILABLE (no node that keeps it is online)"
+                    };
+                    println!("r{:<8} {}  {:<12} {:<40} {state}", v.rev.0, when(v.at_ms), v.node, describe(&v.version));
+                }
+            }
+        }
+        Cmd::Trash { dir, json } => {
+            let s = status(&cli).await?;
+            let dir = dir.as_deref().map(|d| rel_path(d, &s.mount)).transpose()?;
+            let wire::Answer::Trash { items } = ask(&cli, &wire::Query::Trash { dir }).await? else { bail!("the manager answered something else") };
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                if items.is_empty() {
+                    eprintln!("the trash is empty");
+                }
+                for t in &items {
+                    let what = match t.version.content {
+                        wire::Content::Dir => format!("directory with {} path(s) below", t.below),
+                        _ => describe(&Some(t.version.clone())),
+                    };
+                    println!("{}  deleted {} by {} (r{}); restore --rev {}: {what}", t.path, when(t.deleted_ms), t.deleted_by, t.deleted_rev.0, t.restore_rev.0);
+                }
+            }
+        }
+        Cmd::Restore { path, rev, to } => {
+            let s = status(&cli).await?;
+            let query = wire::Query::Restore {
+                path: rel_path(path, &s.mount)?,
+                rev: rev.map(wire::Revision),
+                to: to.as_deref().map(|t| rel_path(t, &s.mount)).transpose()?,
+                base: None,
+            };
+            let wire::Answer::Restored(r) = ask(&cli, &query).await? else { bail!("the manager answered something else") };
+            println!("restored {} path(s) as of revision {}", r.restored.len(), r.from_rev.0);
+            for (p, beside) in &r.beside {
+                println!("{p} changed since: the restored version is at {beside}");
+            }
+            for p in &r.unavailable {
+                println!("{p}: not restored (no online node keeps its content)");
+            }
+            if r.restored.is_empty() && r.beside.is_empty() {
+                bail!("nothing could be restored");
             }
         }
         Cmd::Conflicts => {

@@ -26,6 +26,7 @@ mod ignore_rules;
 use ignore_rules::IgnoreRules;
 pub use ignore_rules::IGNORE_FILE;
 mod inode;
+mod kept;
 mod ops;
 mod outbox;
 use outbox::Outbox;
@@ -184,6 +185,9 @@ pub struct TreeStats {
     pub passthrough_detaches: u64,
     /// Paths this node keeps to itself (an ignored directory counts once).
     pub ignored: u64,
+    /// Contents kept past GC for the manager's kept versions, and their bytes.
+    pub kept_contents: u64,
+    pub kept_bytes: u64,
 }
 
 /// What a transaction changed in memory, recorded while it runs so that a failed one
@@ -262,6 +266,10 @@ struct State {
     /// pruned when walked, so that dropping the handles on one content does not walk
     /// every inode.
     with_blob: HashSet<u64>,
+    /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
+    kept: HashMap<ContentHash, crate::db::KeptRow>,
+    /// Kept contents dropped for space and not yet reported to the manager.
+    kept_dropped: Vec<ContentHash>,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -387,10 +395,13 @@ impl Tree {
             last_work_stamp: 0,
             ignore: IgnoreRules::default(),
             with_blob: HashSet::new(),
+            kept: HashMap::new(),
+            kept_dropped: Vec::new(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;
         state.load_ignore_rules(&store);
+        state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over

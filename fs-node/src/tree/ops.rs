@@ -503,6 +503,8 @@ impl Tree {
             conflicts_seen: st.conflicts_seen,
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,
+            kept_contents: Self::kept_usage_of(st).0,
+            kept_bytes: Self::kept_usage_of(st).1,
             ..Default::default()
         }
     }

@@ -122,10 +122,18 @@ impl Tree {
     /// if it was used (`ContentStore::ensure_reserve`). Runs under the tree lock so that
     /// a commit cannot add a reference between the scan and the removal.
     pub fn gc(&self) -> usize {
+        self.gc_with_floor(0)
+    }
+
+    /// [`Tree::gc`], dropping kept versions' contents, oldest first, while the store's
+    /// disk has less than `floor` bytes free (`kept.rs`).
+    pub fn gc_with_floor(&self, floor: u64) -> usize {
         self.commit_unsaved();
         self.store.ensure_reserve();
-        let st = self.lock();
-        let keep = Self::referenced(&st);
+        let mut st = self.lock();
+        let mut keep = Self::referenced(&st);
+        let kept = self.kept_for_gc(&mut st, &keep, floor);
+        keep.extend(kept);
         self.store.gc(&keep, std::time::Duration::from_secs(300))
     }
 

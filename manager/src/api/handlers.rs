@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
-use wire::{NodeId, RelPath};
+use wire::{NodeId, RelPath, Revision};
 
 /// The dashboard: one self-contained page.
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -113,6 +113,44 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
             let found = state.handle.with_store(move |s| queries::history(s, &p)).await?;
             found.map_or_else(|| Err(ApiError::not_found(format!("the manager has never seen a path {path}"))), ok)
         }
+        Op::FileVersions => {
+            let path = path_param(&call, "path")?.ok_or_else(|| ApiError::bad_request("missing query parameter path (e.g. ?path=docs/a.txt)"))?;
+            let p = path.clone();
+            let versions = state.handle.with_store(move |s| s.transaction(|tx| tx.versions(&p, crate::service::now_ms()))).await?;
+            if versions.is_empty() {
+                return Err(ApiError::not_found(format!("no version of {path} is known or kept")));
+            }
+            ok(json!({"path": path.as_str(), "versions": versions}))
+        }
+        Op::Trash => {
+            let dir = path_param(&call, "dir")?;
+            let items = state.handle.with_store(move |s| s.transaction(|tx| tx.trash(dir.as_ref(), crate::service::now_ms()))).await?;
+            ok(json!({"items": items}))
+        }
+        Op::Restore => {
+            #[derive(serde::Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Body {
+                path: RelPath,
+                rev: Option<u64>,
+                to: Option<RelPath>,
+                base: Option<u64>,
+            }
+            let b: Body = serde_json::from_value(json_body(&call)?).map_err(|e| ApiError::bad_request(format!("malformed restore request: {e}")))?;
+            let restored = state
+                .handle
+                .with_store(move |s| {
+                    s.transaction(|tx| {
+                        tx.restore(&b.path, b.rev.map(Revision), b.to.as_ref(), b.base.map(Revision), &NodeId::manager(), crate::service::now_ms())
+                    })
+                })
+                .await?;
+            state.handle.outbox_ready.notify_one();
+            match restored {
+                Ok(report) => ok(serde_json::to_value(report).map_err(|e| ApiError::internal(e.into()))?),
+                Err(reason) => Err(ApiError::not_found(reason)),
+            }
+        }
         Op::Conflicts => {
             let offset = int_param(&call, "offset")?.unwrap_or(0);
             let limit = limit(&call)?;
@@ -173,6 +211,11 @@ fn limit(call: &Call) -> ApiResult<u64> {
 }
 
 /// The request body as a JSON object; an empty body is `{}`.
+/// An optional query parameter that names a path.
+fn path_param(call: &Call, name: &str) -> ApiResult<Option<RelPath>> {
+    call.query(name).map(|raw| RelPath::new(raw).map_err(|e| ApiError::bad_request(format!("invalid path {raw:?}: {e}")))).transpose()
+}
+
 fn json_body(call: &Call) -> ApiResult<Value> {
     if call.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(json!({}));

@@ -189,6 +189,7 @@ impl Server {
 /// error, or `cancel`), the other is stopped too.
 pub async fn run_manager(cfg: service::Config, api: Config, cancel: CancellationToken) -> anyhow::Result<()> {
     let handle = Handle::open(&cfg.db)?;
+    handle.store.lock().unwrap_or_else(|p| p.into_inner()).set_retention(cfg.retention);
     let creds_path = credentials::path_for_db(&cfg.db);
     let (creds, created) = Credentials::load_or_create(&creds_path)?;
     if created {

@@ -97,6 +97,54 @@ fn schemas() -> Value {
         },
         "Provisioned": {"type": "object", "description": "What the provisioner reports about the node or VM.", "additionalProperties": true},
         "VmList": {"type": "object", "properties": {"vms": {"type": "array", "items": {"type": "object", "additionalProperties": true}}}},
+        "Versions": {
+            "type": "object",
+            "properties": {
+                "path": string,
+                "versions": {"type": "array", "items": {
+                    "type": "object",
+                    "properties": {
+                        "rev": int, "node": string, "at_ms": int, "ended_ms": {"type": ["integer", "null"], "description": "When it stopped being current; absent for the current one."},
+                        "refused": {"type": "boolean", "description": "A put refused at the conflict-file cap, kept only as a version."},
+                        "available": {"type": "boolean", "description": "A node that keeps (or holds) its content is online."},
+                        "keepers": {"type": "array", "items": string},
+                        "version": {"type": ["object", "null"], "description": "The wire form of the version; null for a deletion."}
+                    }
+                }}
+            }
+        },
+        "Trash": {
+            "type": "object",
+            "properties": {"items": {"type": "array", "items": {
+                "type": "object",
+                "properties": {
+                    "path": string, "deleted_rev": int, "deleted_ms": int, "deleted_by": string,
+                    "restore_rev": {"type": "integer", "description": "The revision a restore takes by default: the last one at which the path and everything below it were there."},
+                    "below": {"type": "integer", "description": "Paths below it that a restore brings back."},
+                    "version": {"type": "object"}
+                }
+            }}}
+        },
+        "RestoreRequest": {
+            "type": "object",
+            "additionalProperties": false,
+            "required": ["path"],
+            "properties": {
+                "path": string,
+                "rev": {"type": "integer", "description": "Revision to restore as of (default: the previous version, or what was there before the delete)."},
+                "to": {"type": "string", "description": "Restore at this path instead."},
+                "base": {"type": "integer", "description": "The revision of the path the caller saw; if it changed since (or this is absent and the path exists), the restored version goes beside it."}
+            }
+        },
+        "Restored": {
+            "type": "object",
+            "properties": {
+                "from_rev": int,
+                "restored": {"type": "array", "items": string},
+                "beside": {"type": "array", "items": {"type": "array", "items": string}, "description": "[path, where its restored version went]"},
+                "unavailable": {"type": "array", "items": string}
+            }
+        },
         "OpenApi": {"type": "object", "description": "This document."}
     })
 }
@@ -140,7 +188,7 @@ fn operation(r: &Route) -> Value {
     if !r.public {
         responses.insert("401".into(), error_response("Missing or wrong operator token."));
     }
-    if r.path.contains('{') || r.path == "/api/files/history" {
+    if r.path.contains('{') || r.path == "/api/files/history" || r.path == "/api/files/versions" || r.path == "/api/restore" {
         responses.insert("404".into(), error_response("No such node, VM or path."));
     }
     if r.query.iter().any(|q| q.kind == "integer") {

@@ -1,0 +1,103 @@
+//! Contents kept past GC for the manager: the contents of kept versions (old versions
+//! and deleted files the cluster can restore, docs/versions.md). The manager says which
+//! to keep (`ToNode::Keep`) and when to let go (`ToNode::Release`); each stays until
+//! then or until its `until_ms`, whichever comes first. When the disk holding the store
+//! falls below the node's free-space floor, the GC drops the oldest first and the node
+//! tells the manager, which asks another node to keep them.
+
+use super::*;
+use crate::db::KeptRow;
+use wire::KeepItem;
+
+impl Tree {
+    /// Keeps what the store has of `items`; returns the hashes kept and those it lacks.
+    pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
+        let mut st = self.lock();
+        let now_ms = st.env.now_ns() / 1_000_000;
+        let (mut keeping, mut lacking) = (Vec::new(), Vec::new());
+        for item in items {
+            if !self.store.has(&item.hash) {
+                lacking.push(item.hash.clone());
+                continue;
+            }
+            let row = match st.kept.get(&item.hash) {
+                Some(k) => KeptRow { until_ms: k.until_ms.max(item.until_ms), ..k.clone() },
+                None => KeptRow { hash: item.hash.clone(), size: item.size, until_ms: item.until_ms, at_ms: now_ms },
+            };
+            st.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording a kept content")))?;
+            st.kept.insert(item.hash.clone(), row);
+            keeping.push(item.hash.clone());
+        }
+        Ok((keeping, lacking))
+    }
+
+    /// The manager no longer needs these kept: each is removed now unless a file of the
+    /// tree uses it (then it stays while that file does). Returns the bytes freed.
+    pub fn release_kept(&self, hashes: &[ContentHash]) -> FsResult<u64> {
+        let mut st = self.lock();
+        let mut released = Vec::new();
+        for h in hashes {
+            if st.kept.remove(h).is_some() {
+                st.db.remove_kept(h).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing a kept content")))?;
+                released.push(h);
+            }
+        }
+        if released.is_empty() {
+            return Ok(0);
+        }
+        let used = Self::referenced(&st);
+        let mut freed = 0;
+        for h in released.into_iter().filter(|h| !used.contains(*h) && **h != ContentStore::empty_hash()) {
+            let path = self.store.blob_path(h);
+            if let Ok(m) = std::fs::metadata(&path) {
+                if std::fs::remove_file(&path).is_ok() {
+                    freed += m.len();
+                }
+            }
+        }
+        Ok(freed)
+    }
+
+    /// How many contents are kept for the manager, and their bytes.
+    pub fn kept_usage(&self) -> (u64, u64) {
+        Self::kept_usage_of(&self.lock())
+    }
+
+    pub(super) fn kept_usage_of(st: &State) -> (u64, u64) {
+        (st.kept.len() as u64, st.kept.values().map(|k| k.size).sum())
+    }
+
+    /// Kept contents dropped for space since the last call: the manager is told.
+    pub fn take_dropped(&self) -> Vec<ContentHash> {
+        std::mem::take(&mut self.lock().kept_dropped)
+    }
+
+    /// Under the GC's lock: forgets kept contents past their `until_ms`, and drops the
+    /// oldest while the store's disk has less than `floor` bytes free (those no file in
+    /// the tree uses: dropping them frees their bytes). Returns what stays kept.
+    pub(super) fn kept_for_gc(&self, st: &mut State, referenced: &HashSet<ContentHash>, floor: u64) -> HashSet<ContentHash> {
+        let now_ms = st.env.now_ns() / 1_000_000;
+        let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms < now_ms).map(|k| k.hash.clone()).collect();
+        for h in expired {
+            st.kept.remove(&h);
+            let _ = st.db.remove_kept(&h);
+        }
+        let mut short = floor.saturating_sub(self.store.free_bytes().unwrap_or(u64::MAX));
+        if short > 0 {
+            let mut oldest: Vec<(i64, ContentHash, u64)> =
+                st.kept.values().filter(|k| !referenced.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
+            oldest.sort();
+            for (_, h, size) in oldest {
+                if short == 0 {
+                    break;
+                }
+                tracing::warn!(hash = %h, size, "dropping a kept version's content: the disk is below the free-space floor");
+                st.kept.remove(&h);
+                let _ = st.db.remove_kept(&h);
+                st.kept_dropped.push(h);
+                short = short.saturating_sub(size);
+            }
+        }
+        st.kept.keys().cloned().collect()
+    }
+}

@@ -1,0 +1,543 @@
+//! Kept versions and the trash (docs/versions.md): which old versions the manager keeps,
+//! which nodes keep their contents, and restores.
+//!
+//! Every version that stops being current (overwritten, deleted, or a put refused at the
+//! conflict-file cap) becomes a *kept version*: its history row is marked `kept` until
+//! the retention ends (by age, and by count per path). Its content (files) is kept by up
+//! to `copies` nodes that held it, asked with `ToNode::Keep` before the broadcast that
+//! makes it old; they confirm with `ToManager::Kept`, and say so there when they lack it
+//! or drop it (their disk is full), and the manager asks another node to fetch it from a
+//! keeper that still has it. When no kept version needs a content any more, its keepers
+//! are told to `Release` it. A version is *available* only while a node that confirmed
+//! keeping it (or holds it as current) is online: nothing is listed as restorable that no
+//! one could hand over.
+//!
+//! A restore is made by the manager as new revisions of the restored paths, held by the
+//! keepers, so every node fetches them from there. It never overwrites a newer edit: a
+//! path that changed since the asker saw it gets the restored version beside it.
+
+use crate::rule;
+use crate::store::{json, parse_version, Tx, OFFLINE_AFTER_MS};
+use anyhow::Context;
+use rusqlite::{params, OptionalExtension};
+use std::collections::BTreeMap;
+use wire::{
+    topology, Answer, Content, ContentHash, Holder, KeepItem, NodeId, Outcome, Query, RelPath, RestoreReport, Revision, ToNode, TrashItem, Version,
+    VersionInfo, MAX_KEEP_ITEMS, MAX_LISTED,
+};
+
+/// How long, how many and in how many copies old versions are kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// A version is kept this long after it stopped being current.
+    pub keep_for_ms: i64,
+    /// At most this many old versions of one path are kept (0: no limit but time).
+    pub keep_versions: u32,
+    /// Nodes asked to keep each content (where the cluster has them); 0 keeps nothing.
+    pub copies: u32,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention { keep_for_ms: 30 * 24 * 3600 * 1000, keep_versions: 0, copies: 2 }
+    }
+}
+
+/// The range of paths strictly below `p`: `p/` ≤ path < `p0` (`'0'` follows `'/'`).
+fn below(p: &RelPath) -> (String, String) {
+    (format!("{p}/"), format!("{p}0"))
+}
+
+fn file_content(v: &Version) -> Option<(&ContentHash, u64)> {
+    match &v.content {
+        Content::File { hash, size } if *size > 0 => Some((hash, *size)),
+        _ => None,
+    }
+}
+
+impl Tx<'_> {
+    fn online_since(&self, now_ms: i64) -> i64 {
+        now_ms - OFFLINE_AFTER_MS
+    }
+
+    /// The path's current version stops being current (a new one replaces it, or it is
+    /// deleted): it becomes a kept version, and nodes that hold its content are asked to
+    /// keep it. `by` made the change that replaces it: it is asked last, since its own
+    /// copy may be gone already (it changed the file first).
+    pub(crate) fn end_current(&mut self, path: &RelPath, by: &NodeId, now_ms: i64) -> anyhow::Result<()> {
+        let row: Option<(i64, Option<String>)> =
+            self.tx.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let Some((rev, Some(version))) = row else { return Ok(()) };
+        let version = parse_version(Some(version))?.expect("some");
+        let keep = self.retention.copies > 0;
+        self.tx.prepare_cached("UPDATE history SET ended_ms = ?2, kept = ?3 WHERE rev = ?1")?.execute(params![rev, now_ms, keep])?;
+        if !keep {
+            return Ok(());
+        }
+        if let Some((hash, size)) = file_content(&version) {
+            let candidates: Vec<String> = self
+                .tx
+                .prepare_cached(
+                    "SELECT h.node FROM holders h JOIN nodes n ON n.id = h.node WHERE h.path = ?1 AND h.rev = ?2
+                     ORDER BY h.node = ?3, n.online DESC, h.rowid",
+                )?
+                .query_map(params![path.as_str(), rev, by.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            self.keep_content(hash, size, &candidates, &[], now_ms)?;
+        }
+        self.prune_by_count(path)
+    }
+
+    /// Makes sure `copies` nodes keep `hash` (those that do already count), asking the
+    /// first `candidates` that do not, in order; `sources`: where they fetch it from
+    /// (empty: they hold it). Keepers already asked hear the new end of the retention.
+    fn keep_content(&mut self, hash: &ContentHash, size: u64, candidates: &[String], sources: &[Holder], now_ms: i64) -> anyhow::Result<()> {
+        let hex = hash.to_hex();
+        let keepers: Vec<String> =
+            self.tx.prepare_cached("SELECT node FROM kept WHERE hash = ?1")?.query_map([hex.as_str()], |r| r.get(0))?.collect::<Result<_, _>>()?;
+        let until_ms = now_ms.saturating_add(self.retention.keep_for_ms);
+        let item = |holders: &[Holder]| KeepItem { hash: hash.clone(), size, until_ms, holders: holders.to_vec() };
+        for node in &keepers {
+            self.enqueue_to(node, ToNode::Keep { items: vec![item(&[])] })?;
+        }
+        let want = (self.retention.copies as usize).saturating_sub(keepers.len());
+        for node in candidates.iter().filter(|c| !keepers.contains(c)).take(want) {
+            self.tx.prepare_cached("INSERT INTO kept(hash, node, size, confirmed) VALUES(?1, ?2, ?3, 0)")?.execute(params![hex.as_str(), node, size as i64])?;
+            self.enqueue_to(node, ToNode::Keep { items: vec![item(sources)] })?;
+        }
+        Ok(())
+    }
+
+    fn enqueue_to(&mut self, node: &str, body: ToNode) -> anyhow::Result<()> {
+        let node: NodeId = node.parse().context("corrupt node id in the manager database")?;
+        self.enqueue(&topology::node_key(&node), body)
+    }
+
+    /// Keeps only the newest `keep_versions` old versions of `path`.
+    fn prune_by_count(&mut self, path: &RelPath) -> anyhow::Result<()> {
+        if self.retention.keep_versions == 0 {
+            return Ok(());
+        }
+        let old: Vec<(i64, Option<String>)> = self
+            .tx
+            .prepare_cached("SELECT rev, hash FROM history WHERE path = ?1 AND kept = 1 ORDER BY rev DESC LIMIT -1 OFFSET ?2")?
+            .query_map(params![path.as_str(), self.retention.keep_versions], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (rev, _) in &old {
+            self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE rev = ?1")?.execute([rev])?;
+        }
+        self.release_unkept(old.into_iter().filter_map(|(_, h)| h).collect())
+    }
+
+    /// Ends the versions whose retention ran out; returns how many. Their contents are
+    /// released where no kept version needs them any more.
+    pub fn expire_versions(&mut self, now_ms: i64) -> anyhow::Result<usize> {
+        let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
+        let hashes: Vec<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT hash FROM history WHERE kept = 1 AND ended_ms < ?1")?
+            .query_map([cutoff], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        if hashes.is_empty() {
+            return Ok(0);
+        }
+        self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE kept = 1 AND ended_ms < ?1")?.execute([cutoff])?;
+        let n = hashes.len();
+        self.release_unkept(hashes.into_iter().flatten().collect())?;
+        tracing::info!("{n} kept version(s) reached the end of their retention");
+        Ok(n)
+    }
+
+    /// Tells the keepers of each of `hashes` that no kept version needs it (if none does).
+    fn release_unkept(&mut self, mut hashes: Vec<String>) -> anyhow::Result<()> {
+        hashes.sort();
+        hashes.dedup();
+        let mut per_node: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
+        for h in hashes {
+            let needed = self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
+            if needed {
+                continue;
+            }
+            let nodes: Vec<String> =
+                self.tx.prepare_cached("DELETE FROM kept WHERE hash = ?1 RETURNING node")?.query_map([&h], |r| r.get(0))?.collect::<Result<_, _>>()?;
+            let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
+            for n in nodes {
+                per_node.entry(n).or_default().push(hash.clone());
+            }
+        }
+        for (node, hashes) in per_node {
+            for chunk in hashes.chunks(MAX_KEEP_ITEMS) {
+                self.enqueue_to(&node, ToNode::Release { hashes: chunk.to_vec() })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A node's report on what it keeps: confirmations, and contents it lacks or dropped
+    /// (another node is asked to fetch those from a keeper that has them).
+    pub(crate) fn kept_report(&mut self, node: &NodeId, keeping: &[ContentHash], lacking: &[ContentHash], now_ms: i64) -> anyhow::Result<()> {
+        for h in keeping {
+            self.tx.prepare_cached("UPDATE kept SET confirmed = 1 WHERE hash = ?1 AND node = ?2")?.execute(params![h.to_hex().as_str(), node.as_str()])?;
+        }
+        for h in lacking {
+            let hex = h.to_hex();
+            let size: Option<i64> = self
+                .tx
+                .prepare_cached("DELETE FROM kept WHERE hash = ?1 AND node = ?2 RETURNING size")?
+                .query_row(params![hex.as_str(), node.as_str()], |r| r.get(0))
+                .optional()?;
+            let Some(size) = size else { continue };
+            tracing::warn!(%node, hash = %h, "a node does not keep a kept version's content (it lacks it or dropped it)");
+            let needed = self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([hex.as_str()], |_| Ok(())).optional()?.is_some();
+            if !needed {
+                continue;
+            }
+            let sources = self.keepers(h, true, now_ms)?;
+            if sources.is_empty() {
+                tracing::warn!(hash = %h, "no online node keeps this content any more: its versions are unavailable");
+                continue;
+            }
+            let candidates: Vec<String> = self
+                .tx
+                .prepare_cached(
+                    "SELECT id FROM nodes WHERE online = 1 AND last_seen_ms >= ?1 AND id != ?2
+                     AND id NOT IN (SELECT node FROM kept WHERE hash = ?3) ORDER BY last_seen_ms DESC",
+                )?
+                .query_map(params![self.online_since(now_ms), node.as_str(), hex.as_str()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            self.keep_content(h, size as u64, &candidates, &sources, now_ms)?;
+        }
+        Ok(())
+    }
+
+    /// Nodes that confirmed they keep `hash`, online ones first (only those if `online`).
+    fn keepers(&self, hash: &ContentHash, online: bool, now_ms: i64) -> anyhow::Result<Vec<Holder>> {
+        let since = online.then(|| self.online_since(now_ms));
+        let rows: Vec<(String, String)> = self
+            .tx
+            .prepare_cached(
+                "SELECT k.node, n.url FROM kept k JOIN nodes n ON n.id = k.node
+                 WHERE k.hash = ?1 AND k.confirmed = 1 AND (?2 IS NULL OR (n.online = 1 AND n.last_seen_ms >= ?2))
+                 ORDER BY n.online DESC, n.last_seen_ms DESC",
+            )?
+            .query_map(params![hash.to_hex().as_str(), since], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows.into_iter().filter_map(|(node, url)| Some(Holder { node: node.parse().ok()?, url })).collect())
+    }
+
+    /// Online nodes holding `path`'s current content at `rev`.
+    fn online_holders(&self, path: &str, rev: i64, now_ms: i64) -> anyhow::Result<Vec<NodeId>> {
+        let rows: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT h.node FROM holders h JOIN nodes n ON n.id = h.node WHERE h.path = ?1 AND h.rev = ?2 AND n.online = 1 AND n.last_seen_ms >= ?3")?
+            .query_map(params![path, rev, self.online_since(now_ms)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(rows.into_iter().filter_map(|n| n.parse().ok()).collect())
+    }
+
+    /// A put refused at the conflict-file cap: kept as a version of `path` (a revision of
+    /// its own that never becomes current), its content kept by the sender.
+    pub(crate) fn keep_refused(&mut self, path: &RelPath, version: &Version, from: &NodeId, why: &str, now_ms: i64) -> anyhow::Result<Outcome> {
+        let rev = self.next_rev()?;
+        let hash = file_content(version).map(|(h, _)| h.to_hex());
+        self.tx
+            .prepare_cached(
+                "INSERT INTO history(rev, path, version, origin, at_ms, hash, ended_ms, kept, refused) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?5, 1, 1)",
+            )?
+            .execute(params![rev.0 as i64, path.as_str(), json(version), from.as_str(), now_ms, hash.as_ref().map(|h| h.as_str())])?;
+        if let Some((hash, size)) = file_content(version) {
+            self.keep_content(hash, size, &[from.to_string()], &[], now_ms)?;
+        }
+        // The path is not in the reason: it may be 4 KB long, and a reason is bounded.
+        let reason = format!("{why}; this version is kept as revision {} of the path (`syncctl restore PATH --rev {}` brings it back)", rev.0, rev.0);
+        tracing::warn!(%path, node = %from, %reason, "change refused");
+        Ok(Outcome::Refused { reason })
+    }
+
+    /// Answers a node's question.
+    pub fn answer(&mut self, query: &Query, from: &NodeId, now_ms: i64) -> anyhow::Result<Answer> {
+        Ok(match query {
+            Query::Versions { path } => Answer::Versions { path: path.clone(), versions: self.versions(path, now_ms)? },
+            Query::Trash { dir } => Answer::Trash { items: self.trash(dir.as_ref(), now_ms)? },
+            Query::Restore { path, rev, to, base } => match self.restore(path, *rev, to.as_ref(), *base, from, now_ms)? {
+                Ok(report) => Answer::Restored(report),
+                Err(reason) => Answer::Failed { reason },
+            },
+        })
+    }
+
+    /// The path's current state and kept versions, newest first.
+    pub fn versions(&self, path: &RelPath, now_ms: i64) -> anyhow::Result<Vec<VersionInfo>> {
+        let current: Option<i64> = self.tx.prepare_cached("SELECT rev FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| r.get(0)).optional()?;
+        let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
+        let rows: Vec<(i64, Option<String>, String, i64, Option<i64>, bool, bool)> = self
+            .tx
+            .prepare_cached(&format!(
+                "SELECT rev, version, origin, at_ms, ended_ms, kept, refused FROM history WHERE path = ?1
+                 AND (rev = ?2 OR kept = 1 OR (version IS NULL AND at_ms >= ?3)) ORDER BY rev DESC LIMIT {MAX_LISTED}"
+            ))?
+            .query_map(params![path.as_str(), current.unwrap_or(-1), cutoff], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (rev, version, origin, at_ms, ended_ms, _kept, refused) in rows {
+            let version = parse_version(version)?;
+            let is_current = Some(rev) == current;
+            let (available, keepers) = match version.as_ref().and_then(file_content) {
+                None => (version.is_some(), Vec::new()),
+                Some((hash, _)) => {
+                    let keepers: Vec<NodeId> = self.keepers(hash, false, now_ms)?.into_iter().map(|h| h.node).collect();
+                    let online = !self.keepers(hash, true, now_ms)?.is_empty() || (is_current && !self.online_holders(path.as_str(), rev, now_ms)?.is_empty());
+                    (online, keepers)
+                }
+            };
+            out.push(VersionInfo {
+                rev: Revision(rev as u64),
+                version,
+                node: origin.parse().unwrap_or_else(|_| NodeId::manager()),
+                at_ms,
+                ended_ms: if is_current { None } else { ended_ms.or(Some(at_ms)) },
+                refused,
+                available,
+                keepers,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Deleted paths at or below `dir` whose parent is still there, deleted within the
+    /// retention, newest first.
+    pub fn trash(&self, dir: Option<&RelPath>, now_ms: i64) -> anyhow::Result<Vec<TrashItem>> {
+        let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
+        let (lo, hi) = match dir {
+            Some(d) => below(d),
+            None => (String::new(), "\u{10FFFF}".to_string()),
+        };
+        let rows: Vec<(String, i64, i64, String)> = self
+            .tx
+            .prepare_cached(
+                "SELECT p.path, p.rev, h.at_ms, h.origin FROM paths p JOIN history h ON h.rev = p.rev
+                 WHERE p.version IS NULL AND h.at_ms >= ?1 AND p.path >= ?2 AND p.path < ?3 ORDER BY p.rev DESC",
+            )?
+            .query_map(params![cutoff, lo, hi], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (path, rev, at_ms, origin) in rows {
+            if out.len() >= MAX_LISTED {
+                break;
+            }
+            let path = RelPath::new(path).context("corrupt path in the manager database")?;
+            if let Some(parent) = path.parent() {
+                if self.live_version(&parent)?.is_none() {
+                    continue;
+                }
+            }
+            let Ok(restore_rev) = self.default_restore_rev(&path)? else { continue };
+            let plan = self.restore_plan(&path, restore_rev)?;
+            let Some(top) = plan.iter().find(|p| p.path == path) else { continue };
+            out.push(TrashItem {
+                path: path.clone(),
+                deleted_rev: Revision(rev as u64),
+                deleted_ms: at_ms,
+                deleted_by: origin.parse().unwrap_or_else(|_| NodeId::manager()),
+                restore_rev,
+                version: top.version.clone(),
+                below: plan.len() as u64 - 1,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The revision a restore of `path` takes when none is named: for a deleted path, the
+    /// last one at which it (and everything below it) was still there; for a file or
+    /// symlink, its newest kept version before the current one.
+    fn default_restore_rev(&self, path: &RelPath) -> anyhow::Result<Result<Revision, String>> {
+        let cur: Option<(i64, Option<String>)> =
+            self.tx.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        let found: Option<i64> = match cur {
+            None => return Ok(Err(format!("{path}: the manager has never had this path"))),
+            Some((deleted_at, None)) => {
+                let (lo, hi) = below(path);
+                self.tx
+                    .prepare_cached(
+                        "SELECT max(rev) FROM history WHERE (path = ?1 OR (path >= ?2 AND path < ?3)) AND rev < ?4 AND version IS NOT NULL AND refused = 0",
+                    )?
+                    .query_row(params![path.as_str(), lo, hi, deleted_at], |r| r.get(0))?
+            }
+            Some((rev, Some(v))) => {
+                if matches!(parse_version(Some(v))?, Some(Version { content: Content::Dir, .. })) {
+                    return Ok(Err(format!("{path} is a directory that exists: name the revision to restore it as of (--rev)")));
+                }
+                self.tx
+                    .prepare_cached("SELECT max(rev) FROM history WHERE path = ?1 AND rev < ?2 AND version IS NOT NULL AND kept = 1")?
+                    .query_row(params![path.as_str(), rev], |r| r.get(0))?
+            }
+        };
+        Ok(found.map(|r| Revision(r as u64)).ok_or_else(|| format!("{path}: no earlier version is kept")))
+    }
+
+    /// What `path` and everything below it were as of revision `rev`, parents first. A
+    /// refused version (never current) is named by its own revision alone.
+    fn restore_plan(&self, path: &RelPath, rev: Revision) -> anyhow::Result<Vec<Planned>> {
+        let refused: Option<(String, Option<String>, bool)> = self
+            .tx
+            .prepare_cached("SELECT path, version, kept FROM history WHERE rev = ?1 AND refused = 1")?
+            .query_row([rev.0 as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        if let Some((p, version, kept)) = refused {
+            return Ok(match parse_version(version)? {
+                Some(version) if p == path.as_str() => vec![Planned { path: path.clone(), rev, version, kept }],
+                _ => Vec::new(),
+            });
+        }
+        let (lo, hi) = below(path);
+        let rows: Vec<(String, i64, Option<String>, bool)> = self
+            .tx
+            .prepare_cached(
+                "SELECT path, max(rev), version, kept FROM history WHERE (path = ?1 OR (path >= ?2 AND path < ?3)) AND rev <= ?4 AND refused = 0
+                 GROUP BY path ORDER BY path",
+            )?
+            .query_map(params![path.as_str(), lo, hi, rev.0 as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .collect::<Result<_, _>>()?;
+        let mut out = Vec::new();
+        for (p, r, version, kept) in rows {
+            if let Some(version) = parse_version(version)? {
+                out.push(Planned { path: RelPath::new(p).context("corrupt path in the manager database")?, rev: Revision(r as u64), version, kept });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Restores `path` (and what was below it) as of `rev` at `to` (see the module doc).
+    /// `Err` says why nothing could be restored.
+    pub fn restore(
+        &mut self,
+        path: &RelPath,
+        rev: Option<Revision>,
+        to: Option<&RelPath>,
+        base: Option<Revision>,
+        by: &NodeId,
+        now_ms: i64,
+    ) -> anyhow::Result<Result<RestoreReport, String>> {
+        let from_rev = match rev {
+            Some(r) => r,
+            None => match self.default_restore_rev(path)? {
+                Ok(r) => r,
+                Err(e) => return Ok(Err(e)),
+            },
+        };
+        let plan = self.restore_plan(path, from_rev)?;
+        if plan.is_empty() {
+            return Ok(Err(format!("{path} did not exist as of revision {}", from_rev.0)));
+        }
+        let mut report = RestoreReport { from_rev, ..Default::default() };
+        // Directories put beside a path that is not a directory now: what was below them
+        // goes below the copy.
+        let mut moved: Vec<(RelPath, RelPath)> = Vec::new();
+        for item in plan {
+            let mut target = match to {
+                Some(to) => rebase(&item.path, path, to),
+                None => Some(item.path.clone()),
+            };
+            if let Some(t) = &target {
+                if let Some((from, onto)) = moved.iter().find(|(from, _)| t.as_str().starts_with(&format!("{from}/"))) {
+                    target = rebase(t, from, onto);
+                }
+            }
+            let Some(target) = target else {
+                report.unavailable.push(item.path.clone());
+                continue;
+            };
+            let mut holders = Vec::new();
+            if let Some((hash, _)) = file_content(&item.version) {
+                holders = self.keepers(hash, true, now_ms)?.into_iter().map(|h| h.node).collect();
+                let current: Option<i64> =
+                    self.tx.prepare_cached("SELECT rev FROM paths WHERE path = ?1")?.query_row([item.path.as_str()], |r| r.get(0)).optional()?;
+                if current == Some(item.rev.0 as i64) {
+                    holders.extend(self.online_holders(item.path.as_str(), item.rev.0 as i64, now_ms)?);
+                }
+                if holders.is_empty() || (!item.kept && current != Some(item.rev.0 as i64)) {
+                    report.unavailable.push(target);
+                    continue;
+                }
+            }
+            let live = self.live_version(&target)?;
+            let place = match &live {
+                None => Some(target.clone()),
+                Some(v) if *v == item.version => {
+                    report.restored.push(target);
+                    continue;
+                }
+                Some(Version { content: Content::Dir, .. }) if matches!(item.version.content, Content::Dir) => {
+                    report.restored.push(target);
+                    continue;
+                }
+                Some(_) => {
+                    let cur_rev = self.tx.prepare_cached("SELECT rev FROM paths WHERE path = ?1")?.query_row([target.as_str()], |r| r.get::<_, i64>(0))?;
+                    let seen = target == item.path && to.is_none() && item.path == *path && base == Some(Revision(cur_rev as u64));
+                    let both_files = !matches!(item.version.content, Content::Dir) && !matches!(live, Some(Version { content: Content::Dir, .. }));
+                    if seen && both_files {
+                        Some(target.clone())
+                    } else {
+                        let next = self.head_rev()?.next();
+                        let mut free = None;
+                        for c in rule::restored_candidates(&target, from_rev, next) {
+                            if self.live_version(&c)?.is_none() {
+                                free = Some(c);
+                                break;
+                            }
+                        }
+                        if let (Some(c), Content::Dir) = (&free, &item.version.content) {
+                            moved.push((target.clone(), c.clone()));
+                        }
+                        match free {
+                            Some(c) => {
+                                report.beside.push((target.clone(), c.clone()));
+                                Some(c)
+                            }
+                            None => None,
+                        }
+                    }
+                }
+            };
+            let Some(place) = place else {
+                report.unavailable.push(target);
+                continue;
+            };
+            if self.first_non_dir_ancestor(&place)?.is_some() {
+                report.unavailable.push(place);
+                continue;
+            }
+            self.restore_ancestors(&place, now_ms)?;
+            self.set_held(&place, Some(&item.version), by, &holders, now_ms)?;
+            if place == target {
+                report.restored.push(place);
+            }
+        }
+        tracing::info!(%path, from_rev = from_rev.0, node = %by, restored = report.restored.len(), beside = report.beside.len(), unavailable = report.unavailable.len(), "restored");
+        Ok(Ok(report))
+    }
+
+    fn head_rev(&self) -> anyhow::Result<Revision> {
+        let v: Option<i64> = self.tx.prepare_cached("SELECT value FROM meta WHERE key='head'")?.query_row([], |r| r.get(0)).optional()?;
+        Ok(Revision(v.unwrap_or(0) as u64))
+    }
+}
+
+/// One path of a restore: its version as of the restore's revision.
+struct Planned {
+    path: RelPath,
+    rev: Revision,
+    version: Version,
+    kept: bool,
+}
+
+/// `p` (which is `from` or below it) moved to `onto`.
+fn rebase(p: &RelPath, from: &RelPath, onto: &RelPath) -> Option<RelPath> {
+    if p == from {
+        return Some(onto.clone());
+    }
+    let rest = p.as_str().strip_prefix(&format!("{from}/"))?;
+    RelPath::new(format!("{onto}/{rest}")).ok()
+}
