@@ -541,3 +541,266 @@ fn rebase(p: &RelPath, from: &RelPath, onto: &RelPath) -> Option<RelPath> {
     let rest = p.as_str().strip_prefix(&format!("{from}/"))?;
     RelPath::new(format!("{onto}/{rest}")).ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use wire::{Change, ChangeOp, Envelope, Held, ToManager};
+
+    fn p(s: &str) -> RelPath {
+        RelPath::new(s).unwrap()
+    }
+    fn node(s: &str) -> NodeId {
+        s.parse().unwrap()
+    }
+    fn file(h: u8, mode: u32) -> Version {
+        Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 100 + h as u64 }, mode, uid: 0, gid: 0, mtime_ns: h as i64 * 1000 }
+    }
+    fn dir() -> Version {
+        Version { content: Content::Dir, mode: 0o750, uid: 0, gid: 0, mtime_ns: 77 }
+    }
+
+    /// A manager store with nodes and a clock of its own.
+    struct Cluster {
+        _dir: tempfile::TempDir,
+        s: Store,
+        now: i64,
+        ids: u32,
+    }
+
+    impl Cluster {
+        fn new(retention: Retention) -> Cluster {
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+            s.set_retention(retention);
+            Cluster { _dir: dir, s, now: 1_000_000, ids: 0 }
+        }
+        fn send(&mut self, from: &str, body: ToManager) {
+            self.ids += 1;
+            let env = Envelope::new(format!("m{}", self.ids).parse().unwrap(), node(from), body);
+            let now = self.now;
+            self.s.transaction(|tx| tx.handle(env, now)).unwrap();
+        }
+        fn heartbeat(&mut self, from: &str) {
+            self.send(from, ToManager::Heartbeat { url: format!("http://{from}"), pending_changes: 0, pending_pulls: 0, software: String::new() });
+        }
+        fn put(&mut self, from: &str, path: &str, v: Version) -> Revision {
+            let base = self.s.entry(&p(path)).unwrap().map(|e| e.rev).unwrap_or_default();
+            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Put { version: v } }));
+            self.s.entry(&p(path)).unwrap().unwrap().rev
+        }
+        fn delete(&mut self, from: &str, path: &str) {
+            let base = self.s.entry(&p(path)).unwrap().unwrap().rev;
+            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Delete }));
+        }
+        /// `from` took the path's current content (as a node says after a pull).
+        fn took(&mut self, from: &str, path: &str) {
+            let e = self.s.entry(&p(path)).unwrap().unwrap();
+            let Some(Version { content: Content::File { hash, .. }, .. }) = e.version else { panic!("not a file") };
+            self.send(from, ToManager::Holding { items: vec![Held { path: p(path), rev: e.rev, hash }] });
+        }
+        /// The messages queued since the last call, each with its routing key.
+        fn sent(&mut self) -> Vec<(String, ToNode)> {
+            let out = self.s.outbox(100_000).unwrap();
+            if let Some(last) = out.last() {
+                self.s.remove_outbox(last.seq).unwrap();
+            }
+            out.into_iter().map(|o| (o.key, Envelope::<ToNode>::decode(&o.payload).unwrap().body)).collect()
+        }
+        /// Every node asked to keep something confirms all it was asked.
+        fn confirm_keeps(&mut self, sent: &[(String, ToNode)]) {
+            for (key, msg) in sent {
+                if let ToNode::Keep { items } = msg {
+                    let n = topology::node_of_key(key).unwrap();
+                    self.send(n.as_str(), ToManager::Kept { keeping: items.iter().map(|i| i.hash.clone()).collect(), lacking: vec![] });
+                }
+            }
+        }
+        fn versions(&mut self, path: &str) -> Vec<VersionInfo> {
+            let now = self.now;
+            self.s.transaction(|tx| tx.versions(&p(path), now)).unwrap()
+        }
+        fn restore(&mut self, by: &str, path: &str, rev: Option<u64>, base: Option<Revision>) -> Result<RestoreReport, String> {
+            let now = self.now;
+            self.s.transaction(|tx| tx.restore(&p(path), rev.map(Revision), None, base, &node(by), now)).unwrap()
+        }
+        fn live(&self, path: &str) -> Option<Version> {
+            self.s.entry(&p(path)).unwrap().and_then(|e| e.version)
+        }
+    }
+
+    fn keeps_to(sent: &[(String, ToNode)]) -> Vec<String> {
+        sent.iter().filter(|(_, m)| matches!(m, ToNode::Keep { .. })).map(|(k, _)| topology::node_of_key(k).unwrap().to_string()).collect()
+    }
+
+    #[test]
+    fn an_overwritten_version_is_kept_by_its_holders_told_before_the_broadcast_and_listed_available() {
+        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() });
+        for n in ["n1", "n2", "n3"] {
+            c.heartbeat(n);
+        }
+        let r1 = c.put("n1", "a.txt", file(1, 0o644));
+        c.took("n2", "a.txt");
+        c.sent();
+        c.put("n3", "a.txt", file(2, 0o600));
+        let sent = c.sent();
+        // The holders of the old version are asked (the overwriting node holds nothing of it).
+        assert_eq!(keeps_to(&sent), vec!["n1".to_string(), "n2".to_string()]);
+        let first_keep = sent.iter().position(|(_, m)| matches!(m, ToNode::Keep { .. })).unwrap();
+        let broadcast = sent.iter().position(|(_, m)| matches!(m, ToNode::Applied { .. })).unwrap();
+        assert!(first_keep < broadcast, "keepers hear of it before the broadcast that makes it old: {sent:?}");
+        let listed = c.versions("a.txt");
+        assert_eq!(listed.len(), 2);
+        assert!(listed[0].ended_ms.is_none() && listed[0].available);
+        assert_eq!(listed[1].rev, r1);
+        assert!(!listed[1].available, "nobody confirmed keeping it yet");
+        c.confirm_keeps(&sent);
+        let listed = c.versions("a.txt");
+        assert!(listed[1].available);
+        assert_eq!(listed[1].keepers.len(), 2);
+        // All its keepers go quiet: it is shown unavailable, and a restore says so.
+        c.now += OFFLINE_AFTER_MS + 1;
+        c.heartbeat("n3");
+        assert!(!c.versions("a.txt")[1].available);
+        let r = c.restore("n3", "a.txt", Some(r1.0), None).unwrap();
+        assert_eq!(r.unavailable, vec![p("a.txt")]);
+        assert_eq!(c.live("a.txt"), Some(file(2, 0o600)), "nothing was overwritten");
+    }
+
+    #[test]
+    fn a_deleted_tree_is_in_the_trash_and_comes_back_as_it_was() {
+        let mut c = Cluster::new(Retention::default());
+        c.heartbeat("n1");
+        c.heartbeat("n2");
+        c.put("n1", "d", dir());
+        c.put("n1", "d/x", file(1, 0o640));
+        c.put("n1", "d/sub", dir());
+        c.put("n1", "d/sub/y", file(2, 0o755));
+        c.put("n1", "keep.txt", file(3, 0o644));
+        c.took("n2", "d/x");
+        c.took("n2", "d/sub/y");
+        for path in ["d/sub/y", "d/sub", "d/x", "d"] {
+            c.delete("n1", path);
+        }
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        let now = c.now;
+        let trash = c.s.transaction(|tx| tx.trash(None, now)).unwrap();
+        assert_eq!(trash.len(), 1, "only the root of what was removed: {trash:?}");
+        assert_eq!((trash[0].path.as_str(), trash[0].below, trash[0].version.mode), ("d", 3, 0o750));
+        let r = c.restore("n2", "d", None, None).unwrap();
+        assert_eq!(r.restored, vec![p("d"), p("d/sub"), p("d/sub/y"), p("d/x")]);
+        assert!(r.beside.is_empty() && r.unavailable.is_empty(), "{r:?}");
+        assert_eq!(c.live("d"), Some(dir()));
+        assert_eq!(c.live("d/x"), Some(file(1, 0o640)));
+        assert_eq!(c.live("d/sub/y"), Some(file(2, 0o755)));
+        // The restored files are held by the nodes that kept them: everyone pulls from there.
+        let holders: Vec<String> = c.s.entry(&p("d/x")).unwrap().unwrap().holders.iter().map(|h| h.node.to_string()).collect();
+        assert!(!holders.is_empty() && holders.iter().all(|h| h == "n1" || h == "n2"), "{holders:?}");
+        let now = c.now;
+        assert!(c.s.transaction(|tx| tx.trash(None, now)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restore_never_overwrites_a_newer_edit() {
+        let mut c = Cluster::new(Retention::default());
+        c.heartbeat("n1");
+        let r1 = c.put("n1", "notes.txt", file(1, 0o644));
+        let r2 = c.put("n1", "notes.txt", file(2, 0o644));
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        // Asked by one who saw r2: it is overwritten (r2 is kept in turn).
+        let r = c.restore("n1", "notes.txt", None, Some(r2)).unwrap();
+        assert_eq!((r.from_rev, r.restored.clone()), (r1, vec![p("notes.txt")]));
+        assert_eq!(c.live("notes.txt"), Some(file(1, 0o644)));
+        // Asked by one who saw an older revision: the restored version goes beside it.
+        let cur = c.s.entry(&p("notes.txt")).unwrap().unwrap().rev;
+        c.put("n1", "notes.txt", file(3, 0o644));
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        let r = c.restore("n1", "notes.txt", Some(r2.0), Some(cur)).unwrap();
+        assert!(r.restored.is_empty());
+        assert_eq!(r.beside.len(), 1);
+        let (orig, copy) = &r.beside[0];
+        assert_eq!(orig, &p("notes.txt"));
+        assert_eq!(copy.as_str(), format!("notes (restored r{}).txt", r2.0));
+        assert_eq!(c.live("notes.txt"), Some(file(3, 0o644)), "the newer edit stays");
+        assert_eq!(c.live(copy.as_str()), Some(file(2, 0o644)));
+    }
+
+    #[test]
+    fn retention_ends_by_age_and_by_count_and_keepers_are_released() {
+        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 2, copies: 1 });
+        c.heartbeat("n1");
+        for h in 1..=4 {
+            c.put("n1", "log", file(h, 0o644));
+        }
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        // Three old versions, two kept: the oldest one's content was released.
+        let released: Vec<ContentHash> = sent.iter().filter_map(|(_, m)| if let ToNode::Release { hashes } = m { Some(hashes.clone()) } else { None }).flatten().collect();
+        assert_eq!(released, vec![ContentHash::from_bytes([1; 32])]);
+        assert_eq!(c.versions("log").len(), 3, "the current one and two kept");
+        c.now += 10_001;
+        let now = c.now;
+        assert_eq!(c.s.transaction(|tx| tx.expire_versions(now)).unwrap(), 2);
+        let mut released: Vec<ContentHash> =
+            c.sent().into_iter().filter_map(|(_, m)| if let ToNode::Release { hashes } = m { Some(hashes) } else { None }).flatten().collect();
+        released.sort_by_key(|h| h.to_hex().as_str().to_string());
+        assert_eq!(released, vec![ContentHash::from_bytes([2; 32]), ContentHash::from_bytes([3; 32])]);
+        assert_eq!(c.versions("log").len(), 1);
+        let kept: i64 = c.s.conn().query_row("SELECT count(*) FROM kept", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, 0);
+    }
+
+    #[test]
+    fn a_put_refused_at_the_conflict_cap_is_kept_as_a_version_and_can_be_restored_beside() {
+        let mut c = Cluster::new(Retention::default());
+        c.heartbeat("n1");
+        c.heartbeat("n2");
+        let base = c.put("n1", "a", file(1, 0o644));
+        for i in 0..=rule::MAX_CONFLICT_COPIES as u8 {
+            c.put("n1", "a", file(10 + i, 0o644));
+            c.send("n2", ToManager::Change(Change { path: p("a"), base, follows: None, op: ChangeOp::Put { version: file(100 + i, 0o644) } }));
+        }
+        let sent = c.sent();
+        let refused: Vec<&str> = sent
+            .iter()
+            .filter_map(|(_, m)| match m {
+                ToNode::Decided { outcome: Outcome::Refused { reason }, .. } => Some(reason.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert!(refused[0].contains("kept as revision"), "{}", refused[0]);
+        c.confirm_keeps(&sent);
+        let kept = c.versions("a").into_iter().find(|v| v.refused).expect("the refused put is listed");
+        assert_eq!(kept.version, Some(file(100 + rule::MAX_CONFLICT_COPIES as u8, 0o644)));
+        assert!(kept.available && kept.keepers == vec![node("n2")], "{kept:?}");
+        let r = c.restore("n2", "a", Some(kept.rev.0), None).unwrap();
+        assert_eq!(r.beside.len(), 1, "{r:?}");
+        assert_eq!(c.live(r.beside[0].1.as_str()), kept.version);
+    }
+
+    #[test]
+    fn a_keeper_that_drops_a_content_is_replaced_by_another_that_fetches_it() {
+        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() });
+        for n in ["n1", "n2", "n3"] {
+            c.heartbeat(n);
+        }
+        c.put("n1", "a", file(1, 0o644));
+        c.took("n2", "a");
+        c.put("n1", "a", file(2, 0o644));
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        c.send("n2", ToManager::Kept { keeping: vec![], lacking: vec![ContentHash::from_bytes([1; 32])] });
+        let sent = c.sent();
+        let asked: Vec<(String, Vec<KeepItem>)> = sent
+            .iter()
+            .filter_map(|(k, m)| if let ToNode::Keep { items } = m { Some((topology::node_of_key(k).unwrap().to_string(), items.clone())) } else { None })
+            .collect();
+        let new = asked.iter().find(|(n, _)| n == "n3").expect("n3 is asked to keep it");
+        assert_eq!(new.1[0].holders.iter().map(|h| h.node.to_string()).collect::<Vec<_>>(), vec!["n1".to_string()], "from the keeper left");
+    }
+}
