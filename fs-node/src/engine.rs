@@ -611,4 +611,41 @@ mod tests {
         assert!(messages > 1);
         assert_eq!(told, names);
     }
+
+    /// A `Keep` is answered with what the node keeps and lacks; a content it lacks that
+    /// comes with holders is one the driver fetches first; many hashes go in several
+    /// reports under the limit.
+    #[test]
+    fn keep_requests_are_reported_and_what_to_fetch_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let have = put_bytes(&ContentStore::open(dir.path()).unwrap(), b"kept").unwrap();
+        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
+        let me: NodeId = "n2".parse().unwrap();
+        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, _) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let missing: Vec<ContentHash> = (0..MAX_KEPT_REPORT as u32 + 10).map(|i| crate::store::hash_of(&i.to_le_bytes())).collect();
+        let holder = Holder { node: "n1".parse().unwrap(), url: "http://127.0.0.1:2".into() };
+        let mut items = vec![wire::KeepItem { hash: have.clone(), size: 4, until_ms: i64::MAX, holders: vec![] }];
+        items.push(wire::KeepItem { hash: missing[0].clone(), size: 9, until_ms: i64::MAX, holders: vec![holder.clone()] });
+        items.extend(missing[1..].iter().map(|h| wire::KeepItem { hash: h.clone(), size: 1, until_ms: i64::MAX, holders: vec![] }));
+        let body = ToNode::Keep { items };
+        let wanted = wanted_contents(&tree, &me, &body);
+        assert_eq!(wanted, vec![(missing[0].clone(), 9, vec![holder])], "only what comes with holders is fetched");
+        let actions = engine.on_message(Envelope::new("k1".parse().unwrap(), NodeId::manager(), body), Duration::ZERO).unwrap();
+        let (mut keeping, mut lacking, mut reports) = (Vec::new(), Vec::new(), 0);
+        for a in actions {
+            if let Action::Publish { env, confirmed: false } = a {
+                if let ToManager::Kept { keeping: k, lacking: l } = env.body.clone() {
+                    assert!(env.encode().len() <= MAX_TO_MANAGER_BYTES);
+                    keeping.extend(k);
+                    lacking.extend(l);
+                    reports += 1;
+                }
+            }
+        }
+        assert_eq!((keeping, lacking, reports), (vec![have.clone()], missing, 2));
+        assert_eq!(tree.kept_usage(), (1, 4));
+        engine.on_message(Envelope::new("r1".parse().unwrap(), NodeId::manager(), ToNode::Release { hashes: vec![have] }), Duration::ZERO).unwrap();
+        assert_eq!(tree.kept_usage(), (0, 0));
+    }
 }

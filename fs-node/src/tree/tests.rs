@@ -599,3 +599,59 @@ fn a_write_through_a_shared_blob_never_shows_in_the_other_file() {
     assert_eq!(read_all(&t, y).unwrap(), b"SAME bytes");
     assert_eq!(read_all(&t, x).unwrap(), b"same bytes");
 }
+
+/// A blob put in the store an hour ago (older than the GC's grace for fresh downloads).
+fn old_blob(t: &Tree, bytes: &[u8]) -> ContentHash {
+    let h = crate::store::put_bytes(&t.store, bytes).unwrap();
+    let f = File::options().write(true).open(t.store.blob_path(&h)).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600)).unwrap();
+    h
+}
+
+fn keep_item(h: &ContentHash, size: u64, until_ms: i64) -> wire::KeepItem {
+    wire::KeepItem { hash: h.clone(), size, until_ms, holders: vec![] }
+}
+
+#[test]
+fn kept_contents_outlive_the_gc_and_restarts_until_released_or_expired() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let now_ms = t.env().now_ns() / 1_000_000;
+    let (kept, expired, loose) = (old_blob(&t, b"an old version"), old_blob(&t, b"kept too briefly"), old_blob(&t, b"nobody's"));
+    let lacking = crate::store::hash_of(b"not here");
+    let (keeping, lacks) = t
+        .keep(&[keep_item(&kept, 14, now_ms + 3_600_000), keep_item(&expired, 16, now_ms - 1), keep_item(&lacking, 8, now_ms + 3_600_000)])
+        .unwrap();
+    assert_eq!((keeping.len(), lacks), (2, vec![lacking]));
+    assert_eq!(t.kept_usage(), (2, 30));
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.kept_usage(), (2, 30), "what is kept is in node.db");
+    t.gc();
+    assert!(t.store.has(&kept), "kept past the GC");
+    assert!(!t.store.has(&expired) && !t.store.has(&loose), "an expired keep and an unkept blob are collected");
+    assert_eq!(t.kept_usage(), (1, 14));
+    assert_eq!(t.release_kept(&[kept.clone()]).unwrap(), 14, "released: its space is freed at once");
+    assert!(!t.store.has(&kept));
+    assert_eq!(t.kept_usage(), (0, 0));
+}
+
+#[test]
+fn below_the_free_space_floor_kept_contents_go_oldest_first_and_are_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let now_ms = t.env().now_ns() / 1_000_000;
+    let first = old_blob(&t, b"kept first");
+    t.keep(&[keep_item(&first, 10, now_ms + 3_600_000)]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(5));
+    let second = old_blob(&t, b"kept second");
+    t.keep(&[keep_item(&second, 11, now_ms + 3_600_000)]).unwrap();
+    // A file of the tree uses the second content: dropping it would free nothing.
+    let f = closed_file(&t, ROOT, "in-use", b"kept second");
+    assert_eq!(t.lock().inodes[&f].hash.as_ref(), Some(&second));
+    t.gc_with_floor(u64::MAX);
+    assert_eq!(t.take_dropped(), vec![first.clone()]);
+    assert!(!t.store.has(&first) && t.store.has(&second));
+    assert!(t.take_dropped().is_empty(), "reported once");
+    t.gc_with_floor(0);
+    assert_eq!(t.kept_usage(), (1, 11));
+}
