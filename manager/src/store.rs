@@ -114,6 +114,8 @@ pub struct NodeRow {
     pub pending_changes: u64,
     pub pending_pulls: u64,
     pub software: String,
+    /// Bytes of old versions' contents the node confirmed it keeps.
+    pub kept_bytes: u64,
 }
 
 pub(crate) fn json<T: serde::Serialize>(v: &T) -> String {
@@ -223,7 +225,10 @@ impl Store {
     }
 
     pub fn nodes(&self) -> anyhow::Result<Vec<NodeRow>> {
-        let mut st = self.conn.prepare("SELECT id, url, online, last_seen_ms, pending_changes, pending_pulls, software FROM nodes ORDER BY id")?;
+        let mut st = self.conn.prepare(
+            "SELECT id, url, online, last_seen_ms, pending_changes, pending_pulls, software,
+               (SELECT coalesce(sum(size), 0) FROM kept k WHERE k.node = nodes.id AND k.confirmed = 1) FROM nodes ORDER BY id",
+        )?;
         let rows = st.query_map([], |r| {
             Ok(NodeRow {
                 id: r.get(0)?,
@@ -233,6 +238,7 @@ impl Store {
                 pending_changes: r.get::<_, i64>(4)? as u64,
                 pending_pulls: r.get::<_, i64>(5)? as u64,
                 software: r.get(6)?,
+                kept_bytes: r.get::<_, i64>(7)? as u64,
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)

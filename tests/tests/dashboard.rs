@@ -107,3 +107,69 @@ fn dashboard_shows_live_changes_and_its_sync_button_works() {
     assert_no_secret(&m.log, &[&m.token, &m.cluster_token]);
     assert_no_secret(&n1.log, &[&m.token]);
 }
+
+/// The trash and versions views: a directory removed with `rm -rf` on one node is
+/// restored with the trash's button, an overwritten file with the versions view's; both
+/// come back in every mount.
+#[test]
+fn dashboard_restores_from_the_trash_and_from_a_files_versions() {
+    assert!(Path::new("/usr/bin/chromium").exists(), "chromium is missing: run scripts/setup-browser.sh");
+    let m = Manager::start("dashboard-versions");
+    let node_dir = tempfile::tempdir().unwrap();
+    let n1 = NodeProc::start(node_dir.path(), "n1", &m.vhost);
+    let n2 = NodeProc::start(node_dir.path(), "n2", &m.vhost);
+    n1.wait_connected();
+    n2.wait_connected();
+    std::fs::create_dir_all(n1.p("album/2024")).unwrap();
+    write(&n1.p("album/2024/beach.jpg"), b"sand and sea");
+    write(&n1.p("album/index.txt"), b"one photo");
+    write(&n1.p("letter.txt"), b"Dear all, the first draft");
+    eventually("the files to reach n2", DEADLINE, || system_tests::read(&n2.p("letter.txt")).is_some() && n2.p("album/2024/beach.jpg").exists());
+    write(&n1.p("letter.txt"), b"overwritten by mistake");
+    eventually("the overwrite to reach n2", DEADLINE, || system_tests::read(&n2.p("letter.txt")).as_deref() == Some(b"overwritten by mistake"));
+    std::fs::remove_dir_all(n1.p("album")).unwrap();
+    eventually("the removal to reach n2", DEADLINE, || !n2.p("album").exists());
+    let mut old_rev = 0;
+    eventually("the old letter to be kept", DEADLINE, || {
+        let v = m.get_json("/api/files/versions?path=letter.txt");
+        let old = v["versions"].as_array().unwrap().iter().find(|v| v["available"] == true && v.get("ended_ms").is_some()).cloned();
+        old_rev = old.and_then(|o| o["rev"].as_u64()).unwrap_or(0);
+        old_rev > 0
+    });
+
+    let out = output_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    let screenshot = out.join("dashboard-versions.png");
+    let browser_log = out.join("dashboard-versions-browser.log");
+    let profile = tempfile::tempdir().unwrap();
+    let mut script = Command::new("node")
+        .arg(browser_dir().join("versions.mjs"))
+        .current_dir(browser_dir())
+        .env("DASHBOARD_URL", format!("{}/", m.url()))
+        .env("OPERATOR_TOKEN", &m.token)
+        .env("SCREENSHOT", &screenshot)
+        .env("USER_DATA_DIR", profile.path())
+        .env("TRASH_PATH", "album")
+        .env("VERSIONS_PATH", "letter.txt")
+        .env("OLD_REV", old_rev.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&browser_log).unwrap())
+        .spawn()
+        .expect("node runs (scripts/setup-browser.sh installs it)");
+    let lines: Vec<String> = BufReader::new(script.stdout.take().unwrap()).lines().map_while(Result::ok).collect();
+    let status = script.wait().unwrap();
+    if !status.success() {
+        dump_log("browser script", &browser_log);
+    }
+    assert!(status.success() && lines == ["TRASH_RESTORED", "VERSION_RESTORED", "DONE"], "browser script: {lines:?}");
+    for n in [&n1, &n2] {
+        eventually(&format!("the restored files on {}", n.id), DEADLINE, || {
+            system_tests::read(&n.p("album/2024/beach.jpg")).as_deref() == Some(b"sand and sea")
+                && system_tests::read(&n.p("album/index.txt")).as_deref() == Some(b"one photo")
+                && system_tests::read(&n.p("letter.txt")).as_deref() == Some(b"Dear all, the first draft")
+        });
+    }
+    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a real PNG");
+}

@@ -32,7 +32,8 @@ fn schemas() -> Value {
             "properties": {
                 "id": string, "online": {"type": "boolean"}, "url": {"type": "string", "description": "The node's content server."},
                 "software": string, "last_seen_ms": int, "last_seen": {"type": "string", "format": "date-time"},
-                "pending_changes": int, "pending_pulls": int
+                "pending_changes": int, "pending_pulls": int,
+                "kept_bytes": {"type": "integer", "description": "Bytes of old versions' contents the node confirmed it keeps (retention)."}
             }
         },
         "NodeList": {"type": "object", "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},

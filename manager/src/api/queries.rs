@@ -26,6 +26,7 @@ pub fn node_json(n: &NodeRow) -> Value {
         "last_seen": rfc3339(n.last_seen_ms),
         "pending_changes": n.pending_changes,
         "pending_pulls": n.pending_pulls,
+        "kept_bytes": n.kept_bytes,
     })
 }
 
