@@ -21,6 +21,7 @@ mod metadata;
 mod syncthing;
 mod tools;
 mod tree;
+mod versions;
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -277,13 +278,13 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,meta,tools,tree,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,meta,tools,versions,tree,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "tree"].contains(&name));
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "tree"].contains(&name));
     let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
@@ -377,6 +378,11 @@ fn main() {
         std::fs::remove_dir(&on_mount).unwrap();
     }
     let mut c = c;
+    if runs("versions") {
+        // What keeping old versions costs: BENCH_VERSIONS_ROUNDS (3) rounds each way.
+        let rounds: usize = std::env::var("BENCH_VERSIONS_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        versions::run(&mut c, rounds);
+    }
     if runs("tree") {
         // BENCH_TREE_FILES (100,000) files of 1 KiB; adds node C.
         let n: usize = std::env::var("BENCH_TREE_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);

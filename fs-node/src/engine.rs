@@ -140,6 +140,9 @@ pub struct Engine<R> {
     out: Vec<Action<R>>,
     /// Contents taken in this step, told to the manager together at its end (`take`).
     held: Vec<Held>,
+    /// Contents asked to be kept in this step: kept (true) or lacking; told together at
+    /// its end (`take`).
+    kept: Vec<(ContentHash, bool)>,
 }
 
 impl<R> Engine<R> {
@@ -148,7 +151,7 @@ impl<R> Engine<R> {
     pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> (Engine<R>, Vec<Action<R>>) {
         tree.republish_all();
         let mut e =
-            Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new(), held: Vec::new() };
+            Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new(), held: Vec::new(), kept: Vec::new() };
         e.heartbeat(pending_pulls);
         e.start_sync(Vec::new(), now);
         let out = e.take();
@@ -202,7 +205,7 @@ impl<R> Engine<R> {
                 if !lacking.is_empty() {
                     tracing::warn!(count = lacking.len(), "asked to keep contents this node does not have (or could not fetch)");
                 }
-                self.report_kept(keeping, lacking);
+                self.kept.extend(keeping.into_iter().map(|h| (h, true)).chain(lacking.into_iter().map(|h| (h, false))));
             }
             ToNode::Release { hashes } => {
                 self.tree.release_kept(&hashes).map_err(fail("releasing kept contents"))?;
@@ -216,8 +219,7 @@ impl<R> Engine<R> {
     }
 
     /// Tells the manager what this node keeps and lacks, in messages within the limit.
-    fn report_kept(&mut self, keeping: Vec<ContentHash>, lacking: Vec<ContentHash>) {
-        let all: Vec<(ContentHash, bool)> = keeping.into_iter().map(|h| (h, true)).chain(lacking.into_iter().map(|h| (h, false))).collect();
+    fn report_kept(&mut self, all: Vec<(ContentHash, bool)>) {
         for chunk in all.chunks(MAX_KEPT_REPORT) {
             let keeping = chunk.iter().filter(|(_, k)| *k).map(|(h, _)| h.clone()).collect();
             let lacking = chunk.iter().filter(|(_, k)| !*k).map(|(h, _)| h.clone()).collect();
@@ -230,9 +232,7 @@ impl<R> Engine<R> {
     /// kept contents the GC dropped for space.
     pub fn on_heartbeat(&mut self, pending_pulls: u64) -> Vec<Action<R>> {
         let dropped = self.tree.take_dropped();
-        if !dropped.is_empty() {
-            self.report_kept(Vec::new(), dropped);
-        }
+        self.kept.extend(dropped.into_iter().map(|h| (h, false)));
         self.heartbeat(pending_pulls);
         self.publish_outbox();
         self.take()
@@ -311,6 +311,8 @@ impl<R> Engine<R> {
         if !items.is_empty() {
             self.publish_holding(items);
         }
+        let kept = std::mem::take(&mut self.kept);
+        self.report_kept(kept);
         std::mem::take(&mut self.out)
     }
 

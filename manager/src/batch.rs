@@ -1,5 +1,6 @@
 //! What the manager's outbox rows become on the broker: each run of consecutive
-//! `Applied` broadcasts and `Decided` answers goes out as one broadcast
+//! `Applied` broadcasts and messages for one node (`Decided` answers, `Keep` and
+//! `Release` of kept versions' contents) goes out as one broadcast
 //! [`ToNode::Batch`], so a burst of changes costs the broker one delivery per node per
 //! run instead of two or three per change. Everything else (sync reply pages, sync
 //! requests), and a run of one, goes out as it is.
@@ -48,7 +49,7 @@ fn item_of(row: &Outgoing) -> Option<BatchItem> {
     let env = Envelope::<ToNode>::decode(&row.payload).ok()?;
     match env.body {
         msg @ ToNode::Applied { .. } if row.key == topology::BROADCAST_KEY => Some(BatchItem { to: None, msg }),
-        msg @ ToNode::Decided { .. } => Some(BatchItem { to: Some(topology::node_of_key(&row.key)?), msg }),
+        msg @ (ToNode::Decided { .. } | ToNode::Keep { .. } | ToNode::Release { .. }) => Some(BatchItem { to: Some(topology::node_of_key(&row.key)?), msg }),
         _ => None,
     }
 }
@@ -168,5 +169,32 @@ mod tests {
         assert!(Envelope::<ToNode>::decode(&bytes).is_err());
         let no_addressee = ToNode::Batch { items: vec![BatchItem { to: None, msg: decided("a", 1) }] };
         assert!(Envelope::<ToNode>::decode(&Envelope::new("b".parse().unwrap(), NodeId::manager(), no_addressee).encode()).is_err());
+    }
+
+    /// Keeping old versions interleaves `keep` and `release` rows for single nodes with
+    /// the decisions: they join the run, each node still receiving its own in order.
+    #[test]
+    fn keeps_and_releases_ride_in_the_run_for_their_node_only() {
+        let (k1, k2) = (topology::node_key(&node("n1")), topology::node_key(&node("n2")));
+        let h = wire::ContentHash::from_bytes([1; 32]);
+        let keep = ToNode::Keep { items: vec![wire::KeepItem { hash: h.clone(), size: 3, until_ms: 9, holders: vec![] }] };
+        let rows = vec![
+            row(1, &k2, keep.clone()),
+            row(2, &k1, keep),
+            row(3, topology::BROADCAST_KEY, applied("a", 1)),
+            row(4, &k1, decided("a", 1)),
+            row(5, &k2, ToNode::Release { hashes: vec![h] }),
+            row(6, topology::BROADCAST_KEY, applied("b", 2)),
+        ];
+        let one_by_one: Vec<Outgoing> =
+            rows.iter().map(|r| Outgoing { seq: r.seq, key: r.key.clone(), id: r.id.clone(), payload: r.payload.clone() }).collect();
+        let published = for_broker(rows);
+        assert_eq!(published.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![6], "one batch");
+        for me in ["n1", "n2", "n3"] {
+            assert_eq!(received(&published, me), received(&one_by_one, me), "node {me}");
+        }
+        assert_eq!(received(&published, "n2").len(), 4, "its keep, the two broadcasts, its release");
+        let stray = ToNode::Batch { items: vec![BatchItem { to: None, msg: ToNode::Release { hashes: vec![] } }] };
+        assert!(Envelope::<ToNode>::decode(&Envelope::new("b".parse().unwrap(), NodeId::manager(), stray).encode()).is_err(), "a release for nobody");
     }
 }

@@ -155,8 +155,8 @@ impl Body for ToNode {
                 Answer::Restored(_) => Ok(()),
             },
             ToNode::Batch { items } => items.iter().try_for_each(|i| match (&i.to, &i.msg) {
-                (None, m @ ToNode::Applied { .. }) | (Some(_), m @ ToNode::Decided { .. }) => m.check_bounds(),
-                _ => Err("a batch holds only `applied` for every node and `decided` for one node".to_string()),
+                (None, m @ ToNode::Applied { .. }) | (Some(_), m @ (ToNode::Decided { .. } | ToNode::Keep { .. } | ToNode::Release { .. })) => m.check_bounds(),
+                _ => Err("a batch holds only `applied` for every node, and `decided`, `keep` and `release` for one node".to_string()),
             }),
         }
     }
@@ -385,15 +385,15 @@ pub enum ToNode {
     Release { hashes: Vec<ContentHash> },
     /// To one node: the answer to its `ToManager::Ask` with envelope id `request`.
     Answer { request: MessageId, answer: Answer },
-    /// Broadcast: several `Applied` and `Decided` messages in the order the manager made
-    /// them, in one delivery. Each node takes the items for every node and those for
-    /// itself, in order, and skips the others' decisions; so every node queue sees
+    /// Broadcast: several `Applied`, `Decided`, `Keep` and `Release` messages in the
+    /// order the manager made them, in one delivery. Each node takes the items for every
+    /// node and those for itself, in order, and skips the others'; so every node queue sees
     /// exactly the order it would have seen one message at a time.
     Batch { items: Vec<BatchItem> },
 }
 
-/// One message of a [`ToNode::Batch`]: `Applied` for every node (no `to`), or `Decided`
-/// for the node `to`.
+/// One message of a [`ToNode::Batch`]: `Applied` for every node (no `to`), or `Decided`,
+/// `Keep` or `Release` for the node `to`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchItem {
