@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and starts everything the system and its tests need, idempotently:
-# Debian packages (FUSE, RabbitMQ, openssl), a running broker on 127.0.0.1:5672 (amqp)
+# Debian packages (FUSE, RabbitMQ, openssl, systemd's tools), a running broker on 127.0.0.1:5672 (amqp)
 # and 127.0.0.1:5671 (amqps, with a certificate from a local test CA in
 # /etc/rabbitmq/syncfs-tls/ca.pem).
 # Safe to run again and again; every wait has a deadline and says what it waits for.
@@ -16,6 +16,9 @@ command -v git >/dev/null 2>&1 || need_pkgs+=(git)
 command -v curl >/dev/null 2>&1 || need_pkgs+=(curl)
 command -v python3 >/dev/null 2>&1 || need_pkgs+=(python3)
 command -v openssl >/dev/null 2>&1 || need_pkgs+=(openssl)
+# systemd-analyze checks the package's units (tests/tests/package.rs); systemd is not
+# started by installing it.
+command -v systemd-analyze >/dev/null 2>&1 || need_pkgs+=(systemd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
   log "installing Debian packages: ${need_pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive

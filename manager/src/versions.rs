@@ -334,16 +334,30 @@ impl Tx<'_> {
                 }
             }
             let Ok(restore_rev) = self.default_restore_rev(&path)? else { continue };
-            let plan = self.restore_plan(&path, restore_rev)?;
-            let Some(top) = plan.iter().find(|p| p.path == path) else { continue };
+            // What it was then, and how many paths below it a restore brings back (counted
+            // in SQL: a removed tree may be large, and the list is asked for often).
+            let top: Option<Option<String>> = self
+                .tx
+                .prepare_cached("SELECT version FROM history WHERE path = ?1 AND rev <= ?2 AND refused = 0 ORDER BY rev DESC LIMIT 1")?
+                .query_row(params![path.as_str(), restore_rev.0 as i64], |r| r.get(0))
+                .optional()?;
+            let Some(version) = parse_version(top.flatten())? else { continue };
+            let (lo, hi) = below(&path);
+            let below_count: i64 = self
+                .tx
+                .prepare_cached(
+                    "SELECT count(*) FROM (SELECT path, max(rev), version FROM history WHERE path >= ?1 AND path < ?2 AND rev <= ?3 AND refused = 0
+                     GROUP BY path) WHERE version IS NOT NULL",
+                )?
+                .query_row(params![lo, hi, restore_rev.0 as i64], |r| r.get(0))?;
             out.push(TrashItem {
                 path: path.clone(),
                 deleted_rev: Revision(rev as u64),
                 deleted_ms: at_ms,
                 deleted_by: origin.parse().unwrap_or_else(|_| NodeId::manager()),
                 restore_rev,
-                version: top.version.clone(),
-                below: plan.len() as u64 - 1,
+                version,
+                below: below_count as u64,
             });
         }
         Ok(out)

@@ -98,6 +98,28 @@ fn the_package_holds_everything_and_its_units_run_a_cluster_from_settings_files(
         .unwrap();
     assert!(String::from_utf8_lossy(&man.stdout).trim() != "0", "the man page documents the flags");
 
+    // The units are what systemd accepts (an unknown key or a bad value is a warning it
+    // prints), with their commands pointed at the unpacked binaries; and they ask for a
+    // restart after a failure and a SIGTERM to stop (the node unmounts on it, below).
+    let units = dir.path().join("units");
+    std::fs::create_dir(&units).unwrap();
+    for unit in ["syncfs-node.service", "syncfs-manager.service"] {
+        let text = std::fs::read_to_string(root.join("lib/systemd/system").join(unit)).unwrap();
+        for want in ["Restart=on-failure", "KillSignal=SIGTERM", "WantedBy=multi-user.target"] {
+            assert!(text.lines().any(|l| l == want), "{unit} has {want}");
+        }
+        std::fs::write(units.join(unit), text.replace("ExecStart=/usr/bin/", &format!("ExecStart={}/usr/bin/", root.display()))).unwrap();
+    }
+    let verify = Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(units.join("syncfs-node.service"))
+        .arg(units.join("syncfs-manager.service"))
+        .current_dir(&units)
+        .output()
+        .expect("systemd-analyze runs (Debian's systemd package)");
+    let said = format!("{}{}", String::from_utf8_lossy(&verify.stdout), String::from_utf8_lossy(&verify.stderr));
+    assert!(verify.status.success() && said.trim().is_empty(), "systemd-analyze verify: {said}");
+
     // The default settings files parse (a missing id and mount are reported as such).
     let out = Command::new(root.join("usr/bin/fs-node")).args(["--config"]).arg(root.join("etc/syncfs/node.toml")).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
