@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Makes the Docker image `syncfs-debian:bookworm`, a fresh minimal Debian system (plus
-# fuse3) for the package install test, idempotently: built once with debootstrap from
+# Makes the Docker image `syncfs-debian:bookworm-systemd`, a fresh minimal Debian system
+# (plus fuse3, and systemd to run the package's units as init) for the package install test, idempotently: built once with debootstrap from
 # Debian's own package mirror (the one apt uses) and imported into Docker; later runs
 # find it and do nothing. Needs a running dockerd (scripts/setup-docker.sh).
 set -euo pipefail
 log() { printf '[setup-debian-image] %s\n' "$*" >&2; }
 
-IMAGE=${SYNC_DEBIAN_IMAGE:-syncfs-debian:bookworm}
+IMAGE=${SYNC_DEBIAN_IMAGE:-syncfs-debian:bookworm-systemd}
 if docker image inspect "$IMAGE" >/dev/null 2>&1; then
   exit 0
 fi
@@ -19,8 +19,8 @@ MIRROR=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/de
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 ROOT=$(mktemp -d /tmp/syncfs-debian-XXXXXX)
 trap 'rm -rf "$ROOT"' EXIT
-log "debootstrap bookworm (minbase, fuse3) from $MIRROR"
-debootstrap --variant=minbase --include=fuse3 bookworm "$ROOT/rootfs" "$MIRROR" >"$ROOT/debootstrap.log" 2>&1 || {
+log "debootstrap bookworm (minbase, fuse3, systemd) from $MIRROR"
+debootstrap --variant=minbase --include=fuse3,systemd,systemd-sysv,dbus bookworm "$ROOT/rootfs" "$MIRROR" >"$ROOT/debootstrap.log" 2>&1 || {
   tail -20 "$ROOT/debootstrap.log" >&2
   exit 1
 }

@@ -91,7 +91,10 @@ fn mounted_at(dir: &Path) -> Option<(String, String)> {
 /// removed; anything else mounted there is refused, never unmounted.
 fn prepare_mount_point(mount: &Path, id: &NodeId) -> anyhow::Result<()> {
     if let Some((fstype, source)) = mounted_at(mount) {
-        if fstype == "fuse.syncfs" && source == fs_name(id) {
+        // The type is `fuse.syncfs` when mounted through fusermount3 and plain `fuse` when
+        // the kernel was asked directly (as root where fusermount3 is missing, as in a
+        // minimal container); the source names the node either way.
+        if (fstype == "fuse.syncfs" || fstype == "fuse") && source == fs_name(id) {
             tracing::info!("removing this node's stale mount at {}", mount.display());
             unmount(mount);
         } else {

@@ -1,8 +1,10 @@
 //! The Debian package (issue 16), built by `scripts/package-deb.sh` from the workspace's
 //! binaries: its contents, and what it installs running as its systemd units say, from
 //! settings files only: unpacked on this machine (a manager and two nodes), and installed
-//! with dpkg in fresh Debian containers (`scripts/setup-debian-image.sh`). systemd does
-//! not run here: each service is started by its unit's `ExecStart` line.
+//! with dpkg in fresh Debian containers (`scripts/setup-debian-image.sh`) whose init is
+//! systemd: the services are started with systemctl, a killed node is restarted by
+//! systemd, a stopped one unmounts. On this machine the units are checked with
+//! `systemd-analyze verify` and run by their `ExecStart` lines.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -161,21 +163,33 @@ fn the_package_holds_everything_and_its_units_run_a_cluster_from_settings_files(
 }
 
 /// A container of the fresh Debian image (`scripts/setup-debian-image.sh`) with the
-/// package file at /tmp/syncfs.deb; removed when dropped.
+/// package file at /tmp/syncfs.deb, systemd running as its init; removed when dropped.
 struct DebianBox {
     name: String,
 }
 
 impl DebianBox {
     fn start(name: &str, deb: &Path) -> DebianBox {
-        let image = std::env::var("SYNC_DEBIAN_IMAGE").unwrap_or_else(|_| "syncfs-debian:bookworm".into());
+        let image = std::env::var("SYNC_DEBIAN_IMAGE").unwrap_or_else(|_| "syncfs-debian:bookworm-systemd".into());
         let _ = Command::new("docker").args(["rm", "-f", name]).output();
         let mut run = Command::new("docker");
         run.args(["run", "-d", "--name", name, "--network", "host", "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"]);
-        run.args(["--security-opt", "apparmor=unconfined", "-v"]).arg(format!("{}:/tmp/syncfs.deb:ro", deb.display()));
-        let out = run.args([&image, "sleep", "infinity"]).output().expect("docker runs");
+        run.args(["--security-opt", "apparmor=unconfined", "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v"]).arg(format!("{}:/tmp/syncfs.deb:ro", deb.display()));
+        // systemd as init needs the cgroup tree: read-only with cgroup v1, its own
+        // writable one with the unified hierarchy (v2).
+        if std::fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {
+            run.args(["--cgroupns", "host", "-v", "/sys/fs/cgroup:/sys/fs/cgroup:rw"]);
+        } else {
+            run.args(["-v", "/sys/fs/cgroup:/sys/fs/cgroup:ro"]);
+        }
+        let out = run.args([&image, "/lib/systemd/systemd"]).output().expect("docker runs");
         assert!(out.status.success(), "docker run: {} (scripts/setup-debian-image.sh makes the image)", String::from_utf8_lossy(&out.stderr));
-        DebianBox { name: name.to_string() }
+        let b = DebianBox { name: name.to_string() };
+        eventually(&format!("systemd to be up in {name}"), DEADLINE, || {
+            let (_, state) = b.sh("systemctl is-system-running");
+            matches!(state.trim(), "running" | "degraded")
+        });
+        b
     }
 
     /// Runs `script` with sh in the container; returns (success, stdout + stderr).
@@ -184,19 +198,23 @@ impl DebianBox {
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
-    /// Starts the service of `unit` as its `ExecStart` line says, in the background.
+    /// Starts a unit with systemctl and checks systemd calls it active.
     fn start_unit(&self, unit: &str) {
-        let script = format!("nohup $(sed -n 's/^ExecStart=//p' /lib/systemd/system/{unit}) >/var/log/{unit}.log 2>&1 &");
-        let (ok, out) = self.sh(&script);
+        let (ok, out) = self.sh(&format!("systemctl start {unit} && systemctl is-active {unit}"));
         assert!(ok, "starting {unit}: {out}");
+    }
+
+    /// What systemd says of a unit's property.
+    fn show(&self, unit: &str, property: &str) -> String {
+        self.sh(&format!("systemctl show -p {property} --value {unit}")).1.trim().to_string()
     }
 }
 
 impl Drop for DebianBox {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for log in ["syncfs-manager.service", "syncfs-node.service"] {
-                eprintln!("--- {} {log} ---\n{}", self.name, self.sh(&format!("tail -40 /var/log/{log}.log")).1);
+            for unit in ["syncfs-manager.service", "syncfs-node.service"] {
+                eprintln!("--- {} {unit} ---\n{}", self.name, self.sh(&format!("journalctl -u {unit} --no-pager | tail -40")).1);
             }
         }
         let _ = Command::new("docker").args(["rm", "-f", &self.name]).output();
@@ -233,4 +251,26 @@ fn installed_with_dpkg_in_fresh_debian_containers_the_services_sync_a_file() {
     eventually("hello.txt to reach the other container", DEADLINE, || boxes[1].sh("cat /srv/sync/hello.txt").1 == "from one container\n");
     let (ok, out) = boxes[1].sh("syncctl --data /var/lib/syncfs/node status");
     assert!(ok && out.contains("state:     online"), "{out}");
+
+    // Killed, the node is restarted by systemd (Restart=on-failure), clears the dead
+    // mount it left and serves the same files again.
+    let node = "syncfs-node.service";
+    let first = boxes[1].show(node, "MainPID");
+    let (ok, out) = boxes[1].sh(&format!("systemctl kill -s KILL {node}"));
+    assert!(ok, "{out}");
+    eventually("systemd to restart the killed node", DEADLINE, || {
+        let pid = boxes[1].show(node, "MainPID");
+        boxes[1].show(node, "NRestarts") == "1" && pid != "0" && pid != first && boxes[1].sh("systemctl is-active syncfs-node").0
+    });
+    eventually("the restarted node to serve the mount again", DEADLINE, || boxes[1].sh("cat /srv/sync/hello.txt").1 == "from one container\n");
+    let (ok, out) = boxes[0].sh("echo 'after the restart' > /srv/sync/later.txt");
+    assert!(ok, "{out}");
+    eventually("a later file to reach the restarted node", DEADLINE, || boxes[1].sh("cat /srv/sync/later.txt").1 == "after the restart\n");
+    // Stopped, it unmounts cleanly and systemd records a clean exit.
+    let (ok, out) = boxes[1].sh(&format!("systemctl stop {node}"));
+    assert!(ok, "{out}");
+    let (_, mounts) = boxes[1].sh("cat /proc/mounts");
+    assert!(!mounts.contains(" /srv/sync "), "/srv/sync is still mounted after systemctl stop: {mounts}");
+    assert_eq!(boxes[1].show(node, "Result"), "success", "the stop was a clean exit");
+    assert_eq!(boxes[0].show("syncfs-manager.service", "ActiveState"), "active");
 }
