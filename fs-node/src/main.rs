@@ -66,6 +66,10 @@ struct Args {
     /// node (docs/versions.md).
     #[arg(long, env = "SYNC_KEEP_MIN_FREE_MIB", default_value_t = 1024)]
     keep_min_free_mib: u64,
+    /// Seconds between runs of the store's GC (which also drops kept contents below the
+    /// free-space floor).
+    #[arg(long, env = "SYNC_GC_EVERY_SECS", default_value_t = fs_node::node::GC_EVERY.as_secs())]
+    gc_every_secs: u64,
 }
 
 fn main() -> std::process::ExitCode {
@@ -97,5 +101,6 @@ fn run() -> anyhow::Result<()> {
         allow_setid: a.allow_setid,
         ignore: a.ignore,
         keep_min_free: a.keep_min_free_mib.saturating_mul(1 << 20),
+        gc_every: std::time::Duration::from_secs(a.gc_every_secs.max(1)),
     })
 }

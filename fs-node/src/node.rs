@@ -22,7 +22,8 @@ use tokio_util::sync::CancellationToken;
 use wire::NodeId;
 
 /// How often unreferenced blobs are removed from the store.
-const GC_EVERY: Duration = Duration::from_secs(60);
+/// How often the store's GC runs by default.
+pub const GC_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -52,6 +53,8 @@ pub struct Config {
     /// Below this many free bytes on the data directory's disk, the GC drops kept old
     /// versions' contents, oldest first (the manager asks another node to keep them).
     pub keep_min_free: u64,
+    /// How often the store's GC runs (and drops kept contents below the floor).
+    pub gc_every: Duration,
 }
 
 #[derive(Clone, Debug)]
@@ -181,7 +184,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
     tracker.spawn(link.run(cancel.clone()));
-    tracker.spawn(gc_loop(tree.clone(), cfg.keep_min_free, cancel.clone()));
+    tracker.spawn(gc_loop(tree.clone(), cfg.keep_min_free, cfg.gc_every, cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -199,8 +202,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn gc_loop(tree: Arc<Tree>, floor: u64, cancel: CancellationToken) {
-    let mut every = tokio::time::interval(GC_EVERY);
+async fn gc_loop(tree: Arc<Tree>, floor: u64, period: Duration, cancel: CancellationToken) {
+    let mut every = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,

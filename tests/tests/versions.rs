@@ -236,3 +236,41 @@ fn the_end_of_the_retention_frees_the_space_on_the_keepers() {
     let m = node_metrics(b);
     assert_eq!(m.get("syncfs_node_kept_bytes"), Some(&0.0));
 }
+
+#[test]
+fn a_keeper_short_of_disk_drops_its_copy_and_another_node_fetches_it_from_a_keeper() {
+    let mut s = Setup::start("versions-floor", 3, &[]);
+    let old: Vec<u8> = (0..300_000u32).map(|i| (i % 199) as u8).collect();
+    write(&s.nodes[0].p("plan.bin"), &old);
+    s.converged();
+    write(&s.nodes[0].p("plan.bin"), b"the new plan");
+    s.converged();
+    s.old_versions_kept("plan.bin", 1);
+    let keepers = |s: &Setup| -> Vec<String> {
+        let mut k: Vec<String> = s.versions("plan.bin")[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keepers(&s), ["n2", "n3"], "the nodes that pulled it keep it, not the one that overwrote it");
+    // n4 joins later: it never had the old version. n1 (which may still have its bytes)
+    // goes away, so n4 is the only node that can take over a copy.
+    let dir = s._dir.path().to_path_buf();
+    s.nodes.push(NodeProc::start(&dir, "n4", &s.m.vhost));
+    s.nodes[3].wait_connected();
+    s.nodes[0].stop();
+    eventually("n1 to be offline", DEADLINE, || {
+        s.m.get_json("/api/nodes")["nodes"].as_array().unwrap().iter().any(|n| n["id"] == "n1" && n["online"] == false)
+    });
+    // n2 comes back with a free-space floor above what its disk has: its GC drops the copy.
+    s.nodes[1].stop();
+    s.nodes[1] = NodeProc::start_with(&dir, "n2", &s.m.vhost, &["--keep-min-free-mib", "1000000000", "--gc-every-secs", "1"]);
+    s.nodes[1].wait_connected();
+    eventually("n4 to keep the copy n2 dropped", DEADLINE, || keepers(&s) == ["n3", "n4"]);
+    let blob = s.nodes[3].data.join("blobs").join(blake3::hash(&old).to_hex().as_str());
+    assert!(blob.exists(), "n4 fetched the old content from n3: {}", blob.display());
+    assert!(s.nodes[3].status()["kept_bytes"].as_u64().unwrap() >= 300_000);
+    assert_eq!(s.nodes[1].status()["kept_bytes"], 0, "n2 keeps nothing below its floor");
+    assert!(s.versions("plan.bin")[1]["available"] == true);
+    let log = std::fs::read_to_string(&s.nodes[1].log).unwrap_or_default();
+    assert!(log.contains("below the free-space floor"), "n2 says why it dropped it");
+}
