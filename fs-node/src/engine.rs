@@ -531,9 +531,20 @@ impl<R> Engine<R> {
     }
 }
 
+/// A content a message needs that the store does not have.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Wanted {
+    pub hash: ContentHash,
+    pub size: u64,
+    pub holders: Vec<Holder>,
+    /// What the path holds here now: a pull takes the chunks they share from it.
+    pub basis: Option<ContentHash>,
+}
+
 /// The contents a message needs that the store does not have, once each, with their
-/// size and holders: the driver pulls them before it hands the message to the engine.
-pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentHash, u64, Vec<Holder>)> {
+/// size, holders and basis: the driver pulls them before it hands the message to the
+/// engine.
+pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<Wanted> {
     let entries: Vec<&Entry> = body
         .parts_for(me)
         .flat_map(|part| match part {
@@ -544,10 +555,13 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentH
         })
         .collect();
     let mut seen = HashSet::new();
-    let mut wanted: Vec<(ContentHash, u64, Vec<Holder>)> = entries
+    let mut wanted: Vec<Wanted> = entries
         .into_iter()
         .filter_map(|e| match (&e.version, tree.needs_content(e)) {
-            (Some(Version { content: Content::File { size, .. }, .. }), Some(h)) if seen.insert(h.clone()) => Some((h, *size, e.holders.clone())),
+            (Some(Version { content: Content::File { size, .. }, .. }), Some(hash)) if seen.insert(hash.clone()) => {
+                let basis = (*size >= crate::puller::CHUNKED_MIN_BYTES).then(|| tree.local_hash(&e.path)).flatten();
+                Some(Wanted { hash, size: *size, holders: e.holders.clone(), basis })
+            }
             _ => None,
         })
         .collect();
@@ -556,7 +570,7 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<(ContentH
         if let ToNode::Keep { items } = part {
             for i in items.iter().filter(|i| !i.holders.is_empty() && !tree.store().has(&i.hash)) {
                 if seen.insert(i.hash.clone()) {
-                    wanted.push((i.hash.clone(), i.size, i.holders.clone()));
+                    wanted.push(Wanted { hash: i.hash.clone(), size: i.size, holders: i.holders.clone(), basis: None });
                 }
             }
         }
@@ -632,7 +646,7 @@ mod tests {
         items.extend(missing[1..].iter().map(|h| wire::KeepItem { hash: h.clone(), size: 1, until_ms: i64::MAX, holders: vec![] }));
         let body = ToNode::Keep { items };
         let wanted = wanted_contents(&tree, &me, &body);
-        assert_eq!(wanted, vec![(missing[0].clone(), 9, vec![holder])], "only what comes with holders is fetched");
+        assert_eq!(wanted, vec![Wanted { hash: missing[0].clone(), size: 9, holders: vec![holder], basis: None }], "only what comes with holders is fetched");
         let actions = engine.on_message(Envelope::new("k1".parse().unwrap(), NodeId::manager(), body), Duration::ZERO).unwrap();
         let (mut keeping, mut lacking, mut reports) = (Vec::new(), Vec::new(), 0);
         for a in actions {

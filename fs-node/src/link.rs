@@ -251,7 +251,8 @@ impl Session<'_> {
                 Action::Pull { path, rev, hash, size, holders } => {
                     let (pulls, done) = (self.pulls.clone(), self.retry_done.clone());
                     tokio::spawn(async move {
-                        let ok = pulls.pull_counted(&hash, size, &holders).await == 0;
+                        let basis = (size >= crate::puller::CHUNKED_MIN_BYTES).then(|| pulls.tree.local_hash(&path)).flatten();
+                        let ok = pulls.pull_counted(&hash, size, &holders, basis.as_ref()).await == 0;
                         let _ = done.send((path, rev, ok));
                     });
                 }
@@ -318,9 +319,9 @@ impl Pulls {
         tracing::debug!(target: "timing", "delivery received");
         let wanted = engine::wanted_contents(&self.tree, &self.me, &env.body);
         stream::iter(wanted)
-            .map(|(hash, size, holders)| {
+            .map(|w| {
                 let pulls = self.clone();
-                async move { pulls.pull_counted(&hash, size, &holders).await }
+                async move { pulls.pull_counted(&w.hash, w.size, &w.holders, w.basis.as_ref()).await }
             })
             .buffer_unordered(MAX_CONCURRENT_PULLS)
             .for_each(|_| async {})
@@ -330,10 +331,10 @@ impl Pulls {
     }
 
     /// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.
-    async fn pull_counted(&self, hash: &wire::ContentHash, size: u64, holders: &[wire::Holder]) -> u64 {
+    async fn pull_counted(&self, hash: &wire::ContentHash, size: u64, holders: &[wire::Holder], basis: Option<&wire::ContentHash>) -> u64 {
         self.state.pulls_in_progress.fetch_add(1, Ordering::Relaxed);
         let t = Instant::now();
-        let r = self.puller.pull(hash, size, holders).await;
+        let r = self.puller.pull_with_basis(hash, size, holders, basis).await;
         self.state.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
         match r {
             Ok(n) => {

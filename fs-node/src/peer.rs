@@ -87,6 +87,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         .route("/content/{*hash}", any(content))
         // An empty hash is a malformed one (400), as any other path below /content/.
         .route("/content/", any(content))
+        .route("/chunks/{hash}", only(Method::GET, get(chunks)))
         .route("/status", only(Method::GET, get(status)))
         .route("/ignored", only(Method::GET, get(ignored)))
         .route("/metrics", only(Method::GET, get(metrics)))
@@ -173,7 +174,44 @@ async fn ask(State(served): State<Arc<Served>>, body: Bytes) -> Response {
     }
 }
 
-async fn content(State(served): State<Arc<Served>>, method: Method, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+/// The chunk list of a content this node holds (`chunks.rs`), as JSON.
+async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+    let Some(hash) = hash.ok().and_then(|UrlPath(h)| h.parse::<ContentHash>().ok()) else {
+        return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
+    };
+    let store = served.reporter.tree.store().clone();
+    if !store.has(&hash) {
+        return json_error(StatusCode::NOT_FOUND, "this node does not hold that content");
+    }
+    match tokio::task::spawn_blocking(move || store.chunk_list(&hash)).await {
+        Ok(Ok(list)) => full(StatusCode::OK, "application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default()),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
+        other => {
+            tracing::warn!("chunking a blob: {other:?}");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content")
+        }
+    }
+}
+
+/// `Range: bytes=FIRST-LAST` (one range, both ends given), as (first, length) within a
+/// content of `len` bytes; `None` without such a header; `Err` for one that cannot be met.
+fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(v) = headers.get(header::RANGE) else { return Ok(None) };
+    let spec = v.to_str().map_err(drop)?.strip_prefix("bytes=").ok_or(())?;
+    let (a, b) = spec.split_once('-').ok_or(())?;
+    let (first, last): (u64, u64) = (a.trim().parse().map_err(drop)?, b.trim().parse().map_err(drop)?);
+    if first > last || last >= len {
+        return Err(());
+    }
+    Ok(Some((first, last - first + 1)))
+}
+
+async fn content(
+    State(served): State<Arc<Served>>,
+    method: Method,
+    headers: axum::http::HeaderMap,
+    hash: Result<UrlPath<String>, PathRejection>,
+) -> Response {
     if method != Method::GET {
         return no_such_endpoint().await;
     }
@@ -190,14 +228,37 @@ async fn content(State(served): State<Arc<Served>>, method: Method, hash: Result
         }
     };
     let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    reporter.metrics.bytes_served.inc_by(len);
-    let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
-    Response::builder()
-        .status(StatusCode::OK)
-        .header("content-type", "application/octet-stream")
-        .header("content-length", len)
-        .body(Body::from_stream(stream))
-        .expect("static response parts are valid")
+    let range = match byte_range(&headers, len) {
+        Ok(r) => r,
+        Err(()) => {
+            return Response::builder()
+                .status(StatusCode::RANGE_NOT_SATISFIABLE)
+                .header("content-range", format!("bytes */{len}"))
+                .header("content-type", "application/json")
+                .body(Body::from(serde_json::json!({"error": "one range `bytes=FIRST-LAST` within the content"}).to_string()))
+                .expect("static response parts are valid")
+        }
+    };
+    let (status, first, n) = match range {
+        Some((first, n)) => (StatusCode::PARTIAL_CONTENT, first, n),
+        None => (StatusCode::OK, 0, len),
+    };
+    let mut file = file;
+    if first > 0 {
+        use tokio::io::AsyncSeekExt;
+        if let Err(e) = file.seek(std::io::SeekFrom::Start(first)).await {
+            tracing::warn!("seeking in blob {hash}: {e}");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+        }
+    }
+    reporter.metrics.bytes_served.inc_by(n);
+    use tokio::io::AsyncReadExt;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024);
+    let mut resp = Response::builder().status(status).header("content-type", "application/octet-stream").header("content-length", n);
+    if range.is_some() {
+        resp = resp.header("content-range", format!("bytes {first}-{}/{len}", first + n - 1));
+    }
+    resp.body(Body::from_stream(stream)).expect("static response parts are valid")
 }
 
 #[cfg(test)]

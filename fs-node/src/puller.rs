@@ -53,6 +53,13 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes a holder must send per stall window (a 4 KiB/s trickle is a stall).
 pub const MIN_PROGRESS_BYTES: u64 = 64 * 1024;
 
+/// Contents at least this large are pulled by chunks (`chunks.rs`): unchanged chunks are
+/// taken from what the path held here, the others fetched from every holder at once.
+/// Smaller ones come whole in one request (a chunk list would cost more than it saves).
+pub const CHUNKED_MIN_BYTES: u64 = 4 << 20;
+/// Chunk requests in flight to one holder at once.
+const CHUNK_REQUESTS_PER_HOLDER: usize = 4;
+
 /// Why one attempt at one holder failed: worth another round (the holder may just be
 /// busy or restarting), or a holder that misbehaved and is skipped for the rest of the
 /// pull (it stalled, sent too much, or sent wrong bytes).
@@ -82,6 +89,13 @@ impl Puller {
     /// Makes `hash` (of `size` bytes) present in the store, trying each holder in turn
     /// (a few rounds). Returns the number of bytes transferred (0 if it was already there).
     pub async fn pull(&self, hash: &ContentHash, size: u64, holders: &[Holder]) -> anyhow::Result<u64> {
+        self.pull_with_basis(hash, size, holders, None).await
+    }
+
+    /// [`Puller::pull`]; a content of [`CHUNKED_MIN_BYTES`] or more is pulled by chunks,
+    /// those `basis` (a blob of the store) has too taken from it, the others from all
+    /// holders at once. If that fails, the content is pulled whole.
+    pub async fn pull_with_basis(&self, hash: &ContentHash, size: u64, holders: &[Holder], basis: Option<&ContentHash>) -> anyhow::Result<u64> {
         if self.store.has(hash) {
             return Ok(0);
         }
@@ -89,6 +103,15 @@ impl Puller {
         let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
         if others.is_empty() {
             bail!("no other node holds {hash}");
+        }
+        if size >= CHUNKED_MIN_BYTES {
+            match self.pull_chunked(hash, size, &others, basis).await {
+                Ok(n) => return Ok(n),
+                Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
+            }
+            if self.store.has(hash) {
+                return Ok(0);
+            }
         }
         let mut last = None;
         for round in 0..PULL_ROUNDS {
@@ -119,8 +142,10 @@ impl Puller {
         Err(last.unwrap_or_else(|| anyhow::anyhow!("no holder answered")).context(format!("pulling {hash}")))
     }
 
-    async fn pull_from(&self, hash: &ContentHash, size: u64, holder: &Holder) -> Result<u64, Attempt> {
-        let url = format!("{}/content/{}", holder.url.trim_end_matches('/'), hash);
+    /// A GET of `what` (`content/<hash>`, `chunks/<hash>`) from `holder`, with the
+    /// cluster token where it may go.
+    fn get(&self, holder: &Holder, what: &str) -> Result<reqwest::RequestBuilder, Attempt> {
+        let url = format!("{}/{what}", holder.url.trim_end_matches('/'));
         let mut req = self.client.get(&url);
         if let Some(t) = &self.token {
             // The token is a secret: never send it in clear text to an `http://` holder
@@ -130,6 +155,200 @@ impl Puller {
             }
             req = req.bearer_auth(t);
         }
+        Ok(req)
+    }
+
+    /// One request's whole answer within the stall window, checked to be a success.
+    async fn fetch(&self, holder: &Holder, req: reqwest::RequestBuilder, most: u64) -> Result<bytes::Bytes, Attempt> {
+        let stall = self.stall;
+        let answer = async {
+            let resp = req.send().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("asking {}", holder.node))))?;
+            if !resp.status().is_success() {
+                return Err(Attempt::Retry(anyhow::anyhow!("{} answered {}", holder.node, resp.status())));
+            }
+            if resp.content_length().is_some_and(|n| n > most) {
+                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers more than the {most} bytes asked for", holder.node)));
+            }
+            resp.bytes().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))
+        };
+        match tokio::time::timeout(stall, answer).await {
+            Err(_) => Err(Attempt::Misbehaved(anyhow::anyhow!("{} did not answer within {stall:?}", holder.node))),
+            Ok(r) => r,
+        }
+    }
+
+    /// Pulls `hash` by chunks (see [`Puller::pull_with_basis`]); returns the bytes fetched.
+    async fn pull_chunked(&self, hash: &ContentHash, size: u64, holders: &[&Holder], basis: Option<&ContentHash>) -> anyhow::Result<u64> {
+        // The list, from the first holder that gives one that adds up.
+        let mut list = None;
+        for h in holders {
+            let got = async {
+                let bytes = self.fetch(h, self.get(h, &format!("chunks/{hash}"))?, (crate::chunks::MAX_CHUNKS as u64) * 80).await?;
+                let json: crate::chunks::ChunkListJson =
+                    serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
+                crate::chunks::ChunkList::from_json(json, size).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
+            }
+            .await;
+            match got {
+                Ok(l) => {
+                    list = Some(l);
+                    break;
+                }
+                Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => tracing::debug!("no chunk list of {hash} from {}: {e:#}", h.node),
+            }
+        }
+        let list = list.context("no holder gave a chunk list")?;
+        let (tmp, file) = self.store.tmp_file().context("creating a download file")?;
+        let file = Arc::new(file);
+        let result = self.assemble(hash, size, holders, basis, &list, &file).await;
+        let result = match result {
+            Ok(fetched) => async {
+                let (f, store, list, h) = (file.clone(), self.store.clone(), list.clone(), hash.clone());
+                let tmp2 = tmp.clone();
+                // The whole file is verified again: its chunks were, but not their order
+                // against the holder's word.
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    f.sync_data().context("flushing a download to disk")?;
+                    let (got, n) = crate::store::hash_file(&tmp2)?;
+                    anyhow::ensure!(got == h && n == size, "the assembled chunks hash to {got}, not {h}");
+                    store.install(&tmp2, &h).context("installing a download")?;
+                    store.save_chunk_list(&h, &list);
+                    Ok(())
+                })
+                .await
+                .context("the assembling task panicked")??;
+                Ok(fetched)
+            }
+            .await,
+            Err(e) => Err(e),
+        };
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    /// Writes every chunk of `list` into `file`: those `basis` has from it, the others
+    /// fetched by byte range from all `holders` at once (each takes the next chunk not yet
+    /// asked for when it is done with one, so a faster holder serves more). A holder that
+    /// fails, stalls or sends a chunk whose hash is wrong is dropped and its chunk goes
+    /// back for the others. Returns the bytes fetched.
+    async fn assemble(
+        &self,
+        hash: &ContentHash,
+        size: u64,
+        holders: &[&Holder],
+        basis: Option<&ContentHash>,
+        list: &crate::chunks::ChunkList,
+        file: &Arc<std::fs::File>,
+    ) -> anyhow::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        file.set_len(size).context("sizing a download file")?;
+        // Chunks the basis has: copied locally (each checked against its hash).
+        let mut wanted: std::collections::VecDeque<usize> = (0..list.chunks.len()).collect();
+        if let Some(basis) = basis.filter(|b| self.store.has(b)) {
+            let (store, b, f, l) = (self.store.clone(), basis.clone(), file.clone(), list.clone());
+            wanted = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::VecDeque<usize>> {
+                let have: std::collections::HashMap<ContentHash, crate::chunks::Chunk> =
+                    store.chunk_list(&b)?.chunks.into_iter().map(|c| (c.hash.clone(), c)).collect();
+                let src = std::fs::File::open(store.blob_path(&b))?;
+                let mut rest = std::collections::VecDeque::new();
+                let mut buf = Vec::new();
+                for (i, c) in l.chunks.iter().enumerate() {
+                    let Some(at) = have.get(&c.hash).filter(|at| at.len == c.len) else {
+                        rest.push_back(i);
+                        continue;
+                    };
+                    buf.resize(c.len as usize, 0);
+                    src.read_exact_at(&mut buf, at.offset)?;
+                    if crate::store::hash_of(&buf) != c.hash {
+                        rest.push_back(i);
+                        continue;
+                    }
+                    f.write_all_at(&buf, c.offset)?;
+                }
+                Ok(rest)
+            })
+            .await
+            .context("the copying task panicked")?
+            .context("copying the unchanged chunks")?;
+        }
+        let local = list.chunks.len() - wanted.len();
+        // The chunks not yet asked for, and how many are being fetched: a worker whose
+        // holder is fine waits while others still have chunks in flight (one may come
+        // back, its holder dropped), and ends when nothing is left anywhere.
+        let work = Arc::new(std::sync::Mutex::new((wanted, 0usize)));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let fetched = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut workers = Vec::new();
+        for h in holders {
+            let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for _ in 0..CHUNK_REQUESTS_PER_HOLDER {
+                let (work, changed, fetched, dropped, file) = (work.clone(), changed.clone(), fetched.clone(), dropped.clone(), file.clone());
+                let holder: Holder = (*h).clone();
+                workers.push(async move {
+                    loop {
+                        if dropped.load(std::sync::atomic::Ordering::Relaxed) {
+                            return;
+                        }
+                        let notified = changed.notified();
+                        tokio::pin!(notified);
+                        notified.as_mut().enable();
+                        let next = {
+                            let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
+                            match w.0.pop_front() {
+                                Some(i) => {
+                                    w.1 += 1;
+                                    Some(i)
+                                }
+                                None if w.1 == 0 => return,
+                                None => None,
+                            }
+                        };
+                        let Some(i) = next else {
+                            notified.await;
+                            continue;
+                        };
+                        let c = &list.chunks[i];
+                        let got = async {
+                            let req = self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={}-{}", c.offset, c.offset + c.len as u64 - 1));
+                            let bytes = self.fetch(&holder, req, c.len as u64).await?;
+                            if bytes.len() != c.len as usize || crate::store::hash_of(&bytes) != c.hash {
+                                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));
+                            }
+                            file.write_all_at(&bytes, c.offset).map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
+                            Ok(bytes.len() as u64)
+                        }
+                        .await;
+                        let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
+                        w.1 -= 1;
+                        match got {
+                            Ok(n) => {
+                                fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => {
+                                if !dropped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                    tracing::warn!("dropping holder {} for this pull: {e:#}", holder.node);
+                                }
+                                w.0.push_back(i);
+                            }
+                        }
+                        drop(w);
+                        changed.notify_waiters();
+                    }
+                });
+            }
+        }
+        futures_util::future::join_all(workers).await;
+        let left = work.lock().unwrap_or_else(|p| p.into_inner()).0.len();
+        anyhow::ensure!(left == 0, "{left} chunk(s) of {hash} could not be had from any holder");
+        let n = fetched.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(%hash, chunks = list.chunks.len(), local, fetched = n, "pulled by chunks");
+        Ok(n)
+    }
+
+    async fn pull_from(&self, hash: &ContentHash, size: u64, holder: &Holder) -> Result<u64, Attempt> {
+        let req = self.get(holder, &format!("content/{hash}"))?;
         let stall = self.stall;
         let resp = match tokio::time::timeout(stall, req.send()).await {
             Err(_) => return Err(Attempt::Misbehaved(anyhow::anyhow!("{} did not answer within {stall:?}", holder.node))),

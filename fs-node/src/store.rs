@@ -24,6 +24,8 @@ pub struct ContentStore {
     abandoned_work: Vec<u64>,
     tmp: PathBuf,
     reserve: PathBuf,
+    /// Chunk lists of blobs (`chunks.rs`), by the blob's hash.
+    chunk_lists: PathBuf,
 }
 
 /// What `ContentStore::commit_work_file` did.
@@ -47,9 +49,10 @@ impl ContentStore {
             work: data.join("work"),
             tmp: data.join("tmp"),
             reserve: data.join("reserve"),
+            chunk_lists: data.join("chunks"),
             abandoned_work: Vec::new(),
         };
-        for d in [&s.blobs, &s.work, &s.tmp] {
+        for d in [&s.blobs, &s.work, &s.tmp, &s.chunk_lists] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
         // Work and tmp files of a previous run belong to nobody any more; the inodes
@@ -237,6 +240,39 @@ impl ContentStore {
         Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
     }
 
+    /// The chunk list of blob `h`: from its cache file, or computed (and cached).
+    pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
+        let cached = self.chunk_lists.join(h.to_hex().as_str());
+        if let Some(list) = std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b)) {
+            return Ok(list);
+        }
+        let list = crate::chunks::ChunkList::of_file(&self.blob_path(h))?;
+        self.save_chunk_list(h, &list);
+        Ok(list)
+    }
+
+    /// Caches `list` as blob `h`'s chunk list (a puller that assembled `h` knows it).
+    /// Best effort: a list that cannot be written is computed again when asked for.
+    pub fn save_chunk_list(&self, h: &ContentHash, list: &crate::chunks::ChunkList) {
+        let mut bytes = Vec::with_capacity(list.chunks.len() * 36);
+        if list.write_to(&mut bytes).is_ok() {
+            if let Ok((tmp, mut f)) = self.tmp_file() {
+                if f.write_all(&bytes).is_err() || std::fs::rename(&tmp, self.chunk_lists.join(h.to_hex().as_str())).is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+            }
+        }
+    }
+
+    /// Removes blob `h` (and its chunk list); returns its size if it was there.
+    pub fn remove_blob(&self, h: &ContentHash) -> Option<u64> {
+        let path = self.blob_path(h);
+        let len = std::fs::metadata(&path).ok()?.len();
+        std::fs::remove_file(&path).ok()?;
+        let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
+        Some(len)
+    }
+
     /// Moves a verified download into the blobs.
     pub fn install(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
         std::fs::rename(tmp, self.blob_path(h))
@@ -256,6 +292,7 @@ impl ContentStore {
             };
             let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
             if h != Self::empty_hash() && !young && !keep.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
+                let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
                 removed += 1;
             }
         }

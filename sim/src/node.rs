@@ -248,7 +248,7 @@ impl SimNode {
         let what = crate::describe::to_node(&env.body, m.redelivered);
         let tree = self.tree.clone().expect("connected means up");
         let before = self.env.clock_ns.load(Ordering::Relaxed);
-        for (hash, _size, holders) in fs_node::engine::wanted_contents(&tree, &self.id, &env.body) {
+        for fs_node::engine::Wanted { hash, holders, .. } in fs_node::engine::wanted_contents(&tree, &self.id, &env.body) {
             self.fetch(peers, &hash, &holders);
         }
         // The message reaches the engine once its pulls are done (frozen holders take

@@ -48,12 +48,7 @@ impl Tree {
         let used = Self::referenced(&st);
         let mut freed = 0;
         for h in released.into_iter().filter(|h| !used.contains(*h) && **h != ContentStore::empty_hash()) {
-            let path = self.store.blob_path(h);
-            if let Ok(m) = std::fs::metadata(&path) {
-                if std::fs::remove_file(&path).is_ok() {
-                    freed += m.len();
-                }
-            }
+            freed += self.store.remove_blob(h).unwrap_or(0);
         }
         Ok(freed)
     }

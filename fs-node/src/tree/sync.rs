@@ -78,6 +78,14 @@ impl Tree {
         })
     }
 
+    /// The content `path` has in this node's tree now, if it is a committed file: what a
+    /// pull of its next version takes unchanged chunks from.
+    pub fn local_hash(&self, path: &RelPath) -> Option<ContentHash> {
+        let st = self.lock();
+        let (_, _, ino) = st.resolve(path)?;
+        st.inodes.get(&ino).and_then(|i| i.hash.clone())
+    }
+
     /// Whether applying `entry` needs content that is not in the store.
     pub fn needs_content(&self, entry: &Entry) -> Option<ContentHash> {
         match &entry.version {

@@ -261,13 +261,18 @@ impl FakeNode {
 
     /// Keeps the node online: a heartbeat every second (as fs-node sends) until dropped.
     pub fn keep_alive(&self, pending_changes: u64, pending_pulls: u64) -> tokio::task::JoinHandle<()> {
+        self.keep_alive_at(format!("http://127.0.0.1:1/{}", self.id), pending_changes, pending_pulls)
+    }
+
+    /// [`FakeNode::keep_alive`], saying its content server is at `url`.
+    pub fn keep_alive_at(&self, url: String, pending_changes: u64, pending_pulls: u64) -> tokio::task::JoinHandle<()> {
         let (ch, id) = (self.ch.clone(), self.id.clone());
         self.rt.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             for n in 0u64.. {
                 tick.tick().await;
                 let msg = format!("{id}-hb-{}-{n}", std::process::id());
-                let body = ToManager::Heartbeat { url: format!("http://127.0.0.1:1/{id}"), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() };
+                let body = ToManager::Heartbeat { url: url.clone(), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() };
                 let env = Envelope::new(msg.parse().unwrap(), id.clone(), body);
                 if broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, &msg, &env.encode()).await.is_err() {
                     return;

@@ -1,0 +1,129 @@
+//! Chunked transfers (issue 15, first part) on real mounts and the real broker: a
+//! one-byte edit of a large file moves a few chunks, counted in the bytes its holder
+//! served; a pull takes chunks from every holder at once and drops a holder that stalls
+//! and one that lies (raw TCP servers in this test, named as holders by fake nodes).
+
+mod api_support;
+
+use api_support::*;
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+use system_tests::*;
+use wire::{Held, RelPath, Revision, ToManager};
+
+fn random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn served(n: &NodeProc) -> f64 {
+    node_metrics(n).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0)
+}
+
+#[test]
+fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
+    let c = Cluster::start("chunked-edit", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let mut data = random(32 << 20, 1);
+    write(&a.p("disk.img"), &data);
+    c.converged();
+    let before = served(a);
+    let f = std::fs::File::options().write(true).open(a.p("disk.img")).unwrap();
+    f.write_all_at(&[data[17 << 20] ^ 0xff], 17 << 20).unwrap();
+    drop(f);
+    data[17 << 20] ^= 0xff;
+    eventually("the edit to reach b", DEADLINE, || read(&b.p("disk.img")).as_deref() == Some(&data[..]));
+    let moved = served(a) - before;
+    assert!(moved > 0.0 && moved <= 512.0 * 1024.0, "a one-byte edit of 32 MiB moved {moved} bytes");
+    c.converged();
+}
+
+/// A holder that serves the true chunk list but, for content, stalls (never answers) or
+/// lies (the right length of wrong bytes); returns its URL.
+fn bad_holder(list_json: Vec<u8>, lies: bool) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let list_json = list_json.clone();
+            std::thread::spawn(move || {
+                let mut s = s;
+                loop {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let req = String::from_utf8_lossy(&buf).to_string();
+                    let first = req.lines().next().unwrap_or("").to_string();
+                    if first.contains(" /chunks/") {
+                        let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", list_json.len());
+                        let _ = s.write_all(head.as_bytes()).and_then(|_| s.write_all(&list_json));
+                        continue;
+                    }
+                    if !lies {
+                        std::thread::sleep(Duration::from_secs(60));
+                        return;
+                    }
+                    let range = req.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
+                    let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
+                    let n = y.parse::<u64>().unwrap_or(0) - x.parse::<u64>().unwrap_or(0) + 1;
+                    let head = format!("HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n");
+                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&vec![0x42u8; n as usize])).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+#[test]
+fn a_pull_takes_chunks_from_every_holder_and_drops_one_that_stalls_and_one_that_lies() {
+    let m = Manager::start("chunked-holders");
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<NodeProc> = ["n1", "n2"].iter().map(|id| NodeProc::start(dir.path(), id, &m.vhost)).collect();
+    for n in &nodes {
+        n.wait_connected();
+    }
+    let data = random(48 << 20, 2);
+    write(&nodes[0].p("big.bin"), &data);
+    eventually("n2 to hold big.bin", DEADLINE, || std::fs::metadata(nodes[1].p("big.bin")).is_ok_and(|m| m.len() == data.len() as u64) && read(&nodes[1].p("big.bin")).as_deref() == Some(&data[..]));
+    let hash = blake3::hash(&data).to_hex().to_string();
+    let (status, list) = http_get(&format!("{}/chunks/{hash}", node_url(&nodes[0])), None);
+    assert_eq!(status, 200);
+    // Two more "holders" of the same content: one stalls, one lies.
+    let rev = m.get_json("/api/files/history?path=big.bin")["current_rev"].as_u64().unwrap();
+    let mut alive = Vec::new();
+    let mut fakes = Vec::new();
+    for (id, lies) in [("staller", false), ("liar", true)] {
+        let fake = FakeNode::connect(&m.vhost, id);
+        alive.push(fake.keep_alive_at(bad_holder(list.clone(), lies), 0, 0));
+        fake.send(ToManager::Holding { items: vec![Held { path: RelPath::new("big.bin").unwrap(), rev: Revision(rev), hash: hash.parse().unwrap() }] });
+        fakes.push(fake);
+    }
+    eventually("four holders of big.bin", DEADLINE, || m.get_json("/api/files/history?path=big.bin")["holders"].as_array().unwrap().len() == 4);
+    let before: Vec<f64> = nodes.iter().map(served).collect();
+    nodes.push(NodeProc::start_with(dir.path(), "n3", &m.vhost, &["--pull-stall-secs", "2"]));
+    let n3 = &nodes[2];
+    eventually("n3 to have big.bin, verified", DEADLINE, || read(&n3.p("big.bin")).as_deref() == Some(&data[..]));
+    let log = std::fs::read_to_string(&n3.log).unwrap_or_default();
+    assert!(log.contains("dropping holder staller"), "the staller is dropped");
+    assert!(log.contains("dropping holder liar"), "the liar is dropped");
+    let gave: Vec<f64> = nodes[..2].iter().zip(&before).map(|(n, b)| served(n) - b).collect();
+    assert!(gave.iter().all(|g| *g > 0.0), "both honest holders served chunks: {gave:?}");
+    assert!(gave.iter().sum::<f64>() <= data.len() as f64 * 1.1, "about the file once in all: {gave:?}");
+}
