@@ -20,6 +20,7 @@ use system_tests::*;
 mod metadata;
 mod syncthing;
 mod tools;
+mod edit;
 mod tree;
 mod versions;
 
@@ -218,6 +219,7 @@ struct SyncRows {
     latency: Option<Latency>,
     thousand: Option<Thousand>,
     big: Option<Big>,
+    edit: Option<edit::Edit>,
 }
 
 fn print_latency(system: &str, l: &Latency) {
@@ -263,6 +265,16 @@ fn print_comparison(ours: &SyncRows, theirs: &SyncRows, version: &str) {
         let (o, s) = (o.total.as_secs_f64(), s.total.as_secs_f64());
         println!("| one 256 MiB file, from the start of the write until B reads all of it right | {o:.2} s | {s:.2} s | {} |", ratio(s, o));
     }
+    if let (Some(o), Some(s)) = (&ours.edit, &theirs.edit) {
+        let (ot, stt) = (o.until_readable.as_secs_f64() * 1000.0, s.until_readable.as_secs_f64() * 1000.0);
+        println!("| one byte changed in the middle of that file, until B reads it | {ot:.1} ms | {stt:.1} ms | {} |", ratio(stt, ot));
+        println!(
+            "| bytes moved A -> B for that edit | {} KiB | {} KiB | {} |",
+            o.bytes_moved / 1024,
+            s.bytes_moved / 1024,
+            ratio(s.bytes_moved as f64, o.bytes_moved.max(1) as f64)
+        );
+    }
     println!();
 }
 
@@ -278,14 +290,14 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,meta,tools,versions,tree,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,edit,meta,tools,versions,tree,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
-    let any_sync_named = ["latency", "thousand", "big"].iter().any(|r| named(r));
+    let any_sync_named = ["latency", "thousand", "big", "edit"].iter().any(|r| named(r));
     let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "tree"].contains(&name));
-    let sync_rows = ["latency", "thousand", "big"].iter().any(|r| runs(r));
+    let sync_rows = ["latency", "thousand", "big", "edit"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
         (Some(_), wanted) => wanted && sync_rows,
@@ -336,6 +348,25 @@ fn main() {
             let b = big(sa, sb, &data);
             print_big(system, &b, data.len());
             r.big = Some(b);
+        }
+    }
+    if runs("edit") {
+        // A one-byte edit of the 256 MiB file (written now if the big row did not run).
+        let data: Vec<u8> = (0..256u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
+        for ((system, sa, sb), r) in systems.iter().zip(&mut results) {
+            if std::fs::read(sb.join("big.bin")).ok().as_deref() != Some(&data[..]) {
+                big(sa, sb, &data);
+            }
+            let ours = || node_metrics(a).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0) as u64;
+            let theirs = || st.as_ref().map(|p| p.sent_a_to_b()).unwrap_or(0);
+            let sent: &dyn Fn() -> u64 = if *system == "syncthing" { &theirs } else { &ours };
+            let e = edit::run(sa, sb, "big.bin", &mut data.clone(), sent);
+            println!(
+                "{system}: one byte changed in the middle of 256 MiB: B reads it {:.1} ms after the write began; {} bytes moved A -> B",
+                e.until_readable.as_secs_f64() * 1000.0,
+                e.bytes_moved
+            );
+            r.edit = Some(e);
         }
     }
     if let [ours, theirs] = &results[..] {

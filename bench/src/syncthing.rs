@@ -208,6 +208,12 @@ impl Instance {
 }
 
 impl Pair {
+    /// Bytes A has sent to B over their connection so far (Syncthing's own count).
+    pub fn sent_a_to_b(&self) -> u64 {
+        let conns = self.a.rest("/rest/system/connections").expect("A's connections");
+        conns["connections"][&self.b.id]["outBytesTotal"].as_u64().unwrap_or(0)
+    }
+
     /// Starts A and B under a new temp dir inside `parent` and waits until they are
     /// connected to each other and their folder is idle.
     pub fn start(parent: &Path) -> Pair {
