@@ -16,11 +16,22 @@ use std::io::{Read, Write};
 use std::path::Path;
 use wire::ContentHash;
 
+/// Contents at least this large are pulled by chunks (`puller.rs`) and chunked as soon
+/// as they are committed or pulled whole; smaller ones come whole in one request (a chunk
+/// list would cost more than it saves).
+pub const CHUNKED_MIN_BYTES: u64 = 4 << 20;
 pub const MIN_CHUNK: u32 = 16 << 10;
 pub const AVG_CHUNK: u32 = 64 << 10;
 pub const MAX_CHUNK: u32 = 256 << 10;
 /// Most chunks a list may have: a holder's list for a larger file is refused.
 pub const MAX_CHUNKS: usize = 1 << 24;
+
+/// The most bytes an honest chunk list of a `size`-byte content takes as JSON: every
+/// chunk but the last has at least `MIN_CHUNK` bytes, and one takes at most 80 bytes
+/// (`[262144,"<64 hex digits>"],`). A holder's answer beyond it is not read.
+pub fn max_list_bytes(size: u64) -> u64 {
+    (size / MIN_CHUNK as u64 + 1) * 80 + 64
+}
 
 /// One chunk: where it is in the file, its length and its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]

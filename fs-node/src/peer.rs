@@ -183,6 +183,12 @@ async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>,
     if !store.has(&hash) {
         return json_error(StatusCode::NOT_FOUND, "this node does not hold that content");
     }
+    // Chunking a large blob not chunked before reads and hashes all of it: a few at a
+    // time, whatever many peers ask at once.
+    static CHUNKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let Ok(_permit) = CHUNKING.acquire().await else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
     match tokio::task::spawn_blocking(move || store.chunk_list(&hash)).await {
         Ok(Ok(list)) => full(StatusCode::OK, "application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default()),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),

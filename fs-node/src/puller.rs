@@ -53,10 +53,7 @@ pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes a holder must send per stall window (a 4 KiB/s trickle is a stall).
 pub const MIN_PROGRESS_BYTES: u64 = 64 * 1024;
 
-/// Contents at least this large are pulled by chunks (`chunks.rs`): unchanged chunks are
-/// taken from what the path held here, the others fetched from every holder at once.
-/// Smaller ones come whole in one request (a chunk list would cost more than it saves).
-pub const CHUNKED_MIN_BYTES: u64 = 4 << 20;
+pub use crate::chunks::CHUNKED_MIN_BYTES;
 /// Chunk requests in flight to one holder at once.
 const CHUNK_REQUESTS_PER_HOLDER: usize = 4;
 
@@ -104,7 +101,10 @@ impl Puller {
         if others.is_empty() {
             bail!("no other node holds {hash}");
         }
-        if size >= CHUNKED_MIN_BYTES {
+        // By chunks when there is something to gain: chunks this node has, or several
+        // holders to share the work. A new file from one holder streams whole (its chunk
+        // list would only delay the first byte).
+        if size >= CHUNKED_MIN_BYTES && (basis.is_some_and(|b| self.store.has(b)) || others.len() > 1) {
             match self.pull_chunked(hash, size, &others, basis).await {
                 Ok(n) => return Ok(n),
                 Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
@@ -183,7 +183,7 @@ impl Puller {
         let mut list = None;
         for h in holders {
             let got = async {
-                let bytes = self.fetch(h, self.get(h, &format!("chunks/{hash}"))?, (crate::chunks::MAX_CHUNKS as u64) * 80).await?;
+                let bytes = self.fetch(h, self.get(h, &format!("chunks/{hash}"))?, crate::chunks::max_list_bytes(size)).await?;
                 let json: crate::chunks::ChunkListJson =
                     serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
                 crate::chunks::ChunkList::from_json(json, size).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
@@ -405,6 +405,7 @@ impl Puller {
             file.sync_data().context("flushing a download to disk").map_err(Attempt::Retry)?;
             tracing::debug!(target: "timing", "pulled {n} bytes of {hash}; sync_data took {:?}", t.elapsed());
             self.store.install(&tmp, hash).context("installing a download").map_err(Attempt::Retry)?;
+            self.store.chunk_in_background(hash, n);
             Ok(n)
         }
         .await;

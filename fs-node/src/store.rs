@@ -26,6 +26,8 @@ pub struct ContentStore {
     reserve: PathBuf,
     /// Chunk lists of blobs (`chunks.rs`), by the blob's hash.
     chunk_lists: PathBuf,
+    /// Blobs whose chunk list is being computed: another asker waits for it.
+    chunking: std::sync::Arc<(std::sync::Mutex<std::collections::HashSet<ContentHash>>, std::sync::Condvar)>,
 }
 
 /// What `ContentStore::commit_work_file` did.
@@ -50,6 +52,7 @@ impl ContentStore {
             tmp: data.join("tmp"),
             reserve: data.join("reserve"),
             chunk_lists: data.join("chunks"),
+            chunking: Default::default(),
             abandoned_work: Vec::new(),
         };
         for d in [&s.blobs, &s.work, &s.tmp, &s.chunk_lists] {
@@ -160,6 +163,7 @@ impl ContentStore {
             return Ok(CommittedWork { hash, size, moved: false });
         }
         std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        self.chunk_in_background(&hash, size);
         Ok(CommittedWork { hash, size, moved: true })
     }
 
@@ -243,12 +247,40 @@ impl ContentStore {
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
         let cached = self.chunk_lists.join(h.to_hex().as_str());
-        if let Some(list) = std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b)) {
-            return Ok(list);
+        let read_cached = || std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b));
+        let (busy, done) = &*self.chunking;
+        {
+            let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
+            while busy.contains(h) {
+                busy = done.wait(busy).unwrap_or_else(|p| p.into_inner());
+            }
+            if let Some(list) = read_cached() {
+                return Ok(list);
+            }
+            busy.insert(h.clone());
         }
-        let list = crate::chunks::ChunkList::of_file(&self.blob_path(h))?;
-        self.save_chunk_list(h, &list);
-        Ok(list)
+        let list = crate::chunks::ChunkList::of_file(&self.blob_path(h));
+        if let Ok(list) = &list {
+            self.save_chunk_list(h, list);
+        }
+        busy.lock().unwrap_or_else(|p| p.into_inner()).remove(h);
+        done.notify_all();
+        list
+    }
+
+    /// Starts computing the chunk list of a new large blob in the background, so that
+    /// the first peer to pull it by chunks (or this node's next pull of its path) finds it
+    /// ready.
+    pub fn chunk_in_background(&self, h: &ContentHash, size: u64) {
+        if size < crate::chunks::CHUNKED_MIN_BYTES {
+            return;
+        }
+        let (store, h) = (self.clone(), h.clone());
+        std::thread::spawn(move || {
+            if let Err(e) = store.chunk_list(&h) {
+                tracing::debug!("chunking {h}: {e}");
+            }
+        });
     }
 
     /// Caches `list` as blob `h`'s chunk list (a puller that assembled `h` knows it).
