@@ -8,6 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub struct Edit {
+    /// The open, one-byte write and close on A.
+    pub write_close: Duration,
     pub until_readable: Duration,
     pub bytes_moved: u64,
 }
@@ -21,6 +23,7 @@ pub fn run(a: &Path, b: &Path, name: &str, base: &mut [u8], sent: &dyn Fn() -> u
     let f = std::fs::File::options().write(true).open(a.join(name)).unwrap();
     f.write_all_at(&[base[at as usize]], at).unwrap();
     drop(f);
+    let write_close = t.elapsed();
     let want = base[at as usize];
     let mut byte = [0u8; 1];
     loop {
@@ -38,5 +41,5 @@ pub fn run(a: &Path, b: &Path, name: &str, base: &mut [u8], sent: &dyn Fn() -> u
         assert!(Instant::now() < deadline, "B's file does not equal A's after the edit");
         std::thread::sleep(Duration::from_millis(50));
     }
-    Edit { until_readable, bytes_moved: sent() - before }
+    Edit { write_close, until_readable, bytes_moved: sent() - before }
 }

@@ -362,8 +362,9 @@ fn main() {
             let sent: &dyn Fn() -> u64 = if *system == "syncthing" { &theirs } else { &ours };
             let e = edit::run(sa, sb, "big.bin", &mut data.clone(), sent);
             println!(
-                "{system}: one byte changed in the middle of 256 MiB: B reads it {:.1} ms after the write began; {} bytes moved A -> B",
+                "{system}: one byte changed in the middle of 256 MiB: B reads it {:.1} ms after the write began (open+write+close on A {:.1} ms); {} bytes moved A -> B",
                 e.until_readable.as_secs_f64() * 1000.0,
+                e.write_close.as_secs_f64() * 1000.0,
                 e.bytes_moved
             );
             r.edit = Some(e);
