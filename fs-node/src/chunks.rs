@@ -29,9 +29,13 @@ pub const MAX_CHUNKS: usize = 1 << 24;
 /// The most bytes an honest chunk list of a `size`-byte content takes as JSON: every
 /// chunk but the last has at least `MIN_CHUNK` bytes, and one takes at most 80 bytes
 /// (`[262144,"<64 hex digits>"],`). A holder's answer beyond it is not read.
+/// Never more than [`MAX_LIST_BYTES`]: a larger content (tens of GiB) is pulled whole.
 pub fn max_list_bytes(size: u64) -> u64 {
-    (size / MIN_CHUNK as u64 + 1) * 80 + 64
+    ((size / MIN_CHUNK as u64 + 1) * 80 + 64).min(MAX_LIST_BYTES)
 }
+
+/// Most bytes of a chunk list a puller reads (about 800,000 chunks of 64 KiB: 50 GiB).
+pub const MAX_LIST_BYTES: u64 = 64 << 20;
 
 /// One chunk: where it is in the file, its length and its hash.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -169,7 +169,17 @@ impl Puller {
             if resp.content_length().is_some_and(|n| n > most) {
                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers more than the {most} bytes asked for", holder.node)));
             }
-            resp.bytes().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))
+            // Read as it comes, and not a byte past `most` (an answer without a length
+            // could otherwise stream without end into memory).
+            let mut body = Vec::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(part) = stream.try_next().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))? {
+                if (body.len() + part.len()) as u64 > most {
+                    return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent more than the {most} bytes asked for", holder.node)));
+                }
+                body.extend_from_slice(&part);
+            }
+            Ok(bytes::Bytes::from(body))
         };
         match tokio::time::timeout(stall, answer).await {
             Err(_) => Err(Attempt::Misbehaved(anyhow::anyhow!("{} did not answer within {stall:?}", holder.node))),

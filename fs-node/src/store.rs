@@ -247,7 +247,10 @@ impl ContentStore {
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
         let cached = self.chunk_lists.join(h.to_hex().as_str());
-        let read_cached = || std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b));
+        // A cache file that does not cover the blob exactly (cut short by a crash) is
+        // computed again.
+        let blob_len = std::fs::metadata(self.blob_path(h))?.len();
+        let read_cached = || std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b)).filter(|l| l.size() == blob_len);
         let (busy, done) = &*self.chunking;
         {
             let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
@@ -275,11 +278,18 @@ impl ContentStore {
         if size < crate::chunks::CHUNKED_MIN_BYTES {
             return;
         }
+        // At most two at once: a tree of many large files is chunked when asked instead.
+        static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        if RUNNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2 {
+            RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
         let (store, h) = (self.clone(), h.clone());
         std::thread::spawn(move || {
             if let Err(e) = store.chunk_list(&h) {
                 tracing::debug!("chunking {h}: {e}");
             }
+            RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
 

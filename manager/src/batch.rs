@@ -1,6 +1,6 @@
 //! What the manager's outbox rows become on the broker: each run of consecutive
-//! `Applied` broadcasts and messages for one node (`Decided` answers, `Keep` and
-//! `Release` of kept versions' contents) goes out as one broadcast
+//! `Applied` broadcasts and messages for one node (`Decided` answers, `Keep` of kept
+//! versions' contents) goes out as one broadcast
 //! [`ToNode::Batch`], so a burst of changes costs the broker one delivery per node per
 //! run instead of two or three per change. Everything else (sync reply pages, sync
 //! requests), and a run of one, goes out as it is.
@@ -49,7 +49,10 @@ fn item_of(row: &Outgoing) -> Option<BatchItem> {
     let env = Envelope::<ToNode>::decode(&row.payload).ok()?;
     match env.body {
         msg @ ToNode::Applied { .. } if row.key == topology::BROADCAST_KEY => Some(BatchItem { to: None, msg }),
-        msg @ (ToNode::Decided { .. } | ToNode::Keep { .. } | ToNode::Release { .. }) => Some(BatchItem { to: Some(topology::node_of_key(&row.key)?), msg }),
+        // A `keep` must reach its node before the broadcast that makes its version old;
+        // a `release` has no such order and goes to its node alone (a batch is seen by
+        // every node).
+        msg @ (ToNode::Decided { .. } | ToNode::Keep { .. }) => Some(BatchItem { to: Some(topology::node_of_key(&row.key)?), msg }),
         _ => None,
     }
 }
@@ -171,8 +174,9 @@ mod tests {
         assert!(Envelope::<ToNode>::decode(&Envelope::new("b".parse().unwrap(), NodeId::manager(), no_addressee).encode()).is_err());
     }
 
-    /// Keeping old versions interleaves `keep` and `release` rows for single nodes with
-    /// the decisions: they join the run, each node still receiving its own in order.
+    /// Keeping old versions interleaves `keep` rows for single nodes with the decisions:
+    /// they join the run, each node still receiving its own in order; a `release` goes
+    /// to its node alone.
     #[test]
     fn keeps_and_releases_ride_in_the_run_for_their_node_only() {
         let (k1, k2) = (topology::node_key(&node("n1")), topology::node_key(&node("n2")));
@@ -189,7 +193,7 @@ mod tests {
         let one_by_one: Vec<Outgoing> =
             rows.iter().map(|r| Outgoing { seq: r.seq, key: r.key.clone(), id: r.id.clone(), payload: r.payload.clone() }).collect();
         let published = for_broker(rows);
-        assert_eq!(published.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![6], "one batch");
+        assert_eq!(published.iter().map(|o| o.seq).collect::<Vec<_>>(), vec![4, 5, 6], "a batch up to the release, which goes alone");
         for me in ["n1", "n2", "n3"] {
             assert_eq!(received(&published, me), received(&one_by_one, me), "node {me}");
         }

@@ -55,6 +55,8 @@ ALTER TABLE history ADD COLUMN kept INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE history ADD COLUMN refused INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX history_kept_by_end ON history(ended_ms) WHERE kept = 1;
 CREATE INDEX history_kept_by_hash ON history(hash) WHERE kept = 1;
+CREATE INDEX history_kept_by_path ON history(path, rev) WHERE kept = 1;
+CREATE INDEX paths_deleted ON paths(rev) WHERE version IS NULL;
 CREATE TABLE kept(hash TEXT NOT NULL, node TEXT NOT NULL, size INTEGER NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(hash, node));
 ";
 
@@ -424,6 +426,14 @@ impl Tx<'_> {
     /// Puts a message in the outbox; returns its encoded size.
     fn enqueue_envelope(&mut self, key: &str, env: Envelope<ToNode>) -> anyhow::Result<usize> {
         let payload = env.encode();
+        // The broker refuses a larger message, and a row it refuses would stop every
+        // message behind it: the change that made it fails instead (and is dead-lettered).
+        anyhow::ensure!(
+            payload.len() <= wire::BROKER_MAX_MESSAGE_BYTES,
+            "a message of {} bytes for {key} is larger than the broker takes ({} bytes)",
+            payload.len(),
+            wire::BROKER_MAX_MESSAGE_BYTES
+        );
         self.tx.prepare_cached("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)")?.execute(params![key, env.id.as_str(), payload])?;
         Ok(payload.len())
     }
@@ -556,7 +566,24 @@ impl Tx<'_> {
             }
             ToManager::Ask { query } => {
                 self.seen(&from, None, now_ms)?;
-                let answer = self.answer(&query, &from, now_ms)?;
+                // A restore is done once per message id: a copy of the message (a
+                // redelivery after a crash) gets the first answer again.
+                let done: Option<String> =
+                    self.tx.prepare_cached("SELECT outcome FROM applied WHERE msg = ?1")?.query_row([env.id.as_str()], |r| r.get(0)).optional()?;
+                let answer = match done.and_then(|a| serde_json::from_str::<wire::Answer>(&a).ok()) {
+                    Some(answer) => answer,
+                    None => {
+                        let answer = self.answer(&query, &from, now_ms)?;
+                        if matches!(query, wire::Query::Restore { .. }) {
+                            self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, 0, ?3, 0)")?.execute(params![
+                                env.id.as_str(),
+                                from.as_str(),
+                                json(&answer)
+                            ])?;
+                        }
+                        answer
+                    }
+                };
                 self.enqueue(&topology::node_key(&from), ToNode::Answer { request: env.id, answer })?;
             }
             ToManager::Change(change) => {

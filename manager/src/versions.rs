@@ -43,6 +43,22 @@ impl Default for Retention {
     }
 }
 
+/// Most bytes of one answer to a node (a quarter of the broker's message limit).
+pub const ANSWER_BYTES: usize = wire::BROKER_MAX_MESSAGE_BYTES / 4;
+
+/// A reason within the wire's bound (reasons name paths, which may be 4 KB long).
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() > wire::MAX_REASON_BYTES {
+        let mut cut = wire::MAX_REASON_BYTES - 3;
+        while !reason.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        reason.truncate(cut);
+        reason.push_str("...");
+    }
+    reason
+}
+
 /// The range of paths strictly below `p`: `p/` ≤ path < `p0` (`'0'` follows `'/'`).
 fn below(p: &RelPath) -> (String, String) {
     (format!("{p}/"), format!("{p}0"))
@@ -120,7 +136,7 @@ impl Tx<'_> {
         }
         let old: Vec<(i64, Option<String>)> = self
             .tx
-            .prepare_cached("SELECT rev, hash FROM history WHERE path = ?1 AND kept = 1 ORDER BY rev DESC LIMIT -1 OFFSET ?2")?
+            .prepare_cached("SELECT rev, hash FROM history INDEXED BY history_kept_by_path WHERE path = ?1 AND kept = 1 ORDER BY rev DESC LIMIT -1 OFFSET ?2")?
             .query_map(params![path.as_str(), self.retention.keep_versions], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
         for (rev, _) in &old {
@@ -254,16 +270,39 @@ impl Tx<'_> {
         Ok(Outcome::Refused { reason })
     }
 
-    /// Answers a node's question.
+    /// Answers a node's question, within [`ANSWER_BYTES`]: the longest lists are cut
+    /// (the newest versions and trash items are kept; a restore report's lists keep
+    /// their first paths and say how many were left out).
     pub fn answer(&mut self, query: &Query, from: &NodeId, now_ms: i64) -> anyhow::Result<Answer> {
-        Ok(match query {
+        let mut answer = match query {
             Query::Versions { path } => Answer::Versions { path: path.clone(), versions: self.versions(path, now_ms)? },
             Query::Trash { dir } => Answer::Trash { items: self.trash(dir.as_ref(), now_ms)? },
             Query::Restore { path, rev, to, base } => match self.restore(path, *rev, to.as_ref(), *base, from, now_ms)? {
                 Ok(report) => Answer::Restored(report),
-                Err(reason) => Answer::Failed { reason },
+                Err(reason) => Answer::Failed { reason: bounded_reason(reason) },
             },
-        })
+        };
+        while serde_json::to_vec(&answer).map_or(0, |v| v.len()) > ANSWER_BYTES {
+            let cut = match &mut answer {
+                Answer::Versions { versions, .. } => versions.pop().is_some(),
+                Answer::Trash { items } => items.pop().is_some(),
+                Answer::Restored(r) => {
+                    let longest = [r.restored.len(), r.beside.len(), r.unavailable.len()].into_iter().max().unwrap_or(0);
+                    let keep = longest / 2;
+                    let before = r.restored.len() + r.beside.len() + r.unavailable.len();
+                    r.restored.truncate(keep);
+                    r.beside.truncate(keep);
+                    r.unavailable.truncate(keep);
+                    r.left_out += (before - r.restored.len() - r.beside.len() - r.unavailable.len()) as u64;
+                    longest > 0
+                }
+                Answer::Failed { .. } => false,
+            };
+            if !cut {
+                break;
+            }
+        }
+        Ok(answer)
     }
 
     /// The path's current state and kept versions, newest first.
@@ -317,8 +356,10 @@ impl Tx<'_> {
         let rows: Vec<(String, i64, i64, String)> = self
             .tx
             .prepare_cached(
-                "SELECT p.path, p.rev, h.at_ms, h.origin FROM paths p JOIN history h ON h.rev = p.rev
-                 WHERE p.version IS NULL AND h.at_ms >= ?1 AND p.path >= ?2 AND p.path < ?3 ORDER BY p.rev DESC",
+                // Newest deletes first, through the index of deleted paths; a bounded
+                // number of candidates (most are below a deleted directory, not roots).
+                "SELECT p.path, p.rev, h.at_ms, h.origin FROM paths p INDEXED BY paths_deleted JOIN history h ON h.rev = p.rev
+                 WHERE p.version IS NULL AND h.at_ms >= ?1 AND p.path >= ?2 AND p.path < ?3 ORDER BY p.rev DESC LIMIT 20000",
             )?
             .query_map(params![cutoff, lo, hi], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<Result<_, _>>()?;
@@ -346,8 +387,8 @@ impl Tx<'_> {
             let below_count: i64 = self
                 .tx
                 .prepare_cached(
-                    "SELECT count(*) FROM (SELECT path, max(rev), version FROM history WHERE path >= ?1 AND path < ?2 AND rev <= ?3 AND refused = 0
-                     GROUP BY path) WHERE version IS NOT NULL",
+                    "SELECT count(*) FROM (SELECT path, max(rev), version FROM history INDEXED BY history_by_path
+                     WHERE path >= ?1 AND path < ?2 AND rev <= ?3 AND refused = 0 GROUP BY path LIMIT 100000) WHERE version IS NOT NULL",
                 )?
                 .query_row(params![lo, hi, restore_rev.0 as i64], |r| r.get(0))?;
             out.push(TrashItem {
@@ -375,7 +416,8 @@ impl Tx<'_> {
                 let (lo, hi) = below(path);
                 self.tx
                     .prepare_cached(
-                        "SELECT max(rev) FROM history WHERE (path = ?1 OR (path >= ?2 AND path < ?3)) AND rev < ?4 AND version IS NOT NULL AND refused = 0",
+                        "SELECT max(rev) FROM history INDEXED BY history_by_path
+                         WHERE (path = ?1 OR (path >= ?2 AND path < ?3)) AND rev < ?4 AND version IS NOT NULL AND refused = 0",
                     )?
                     .query_row(params![path.as_str(), lo, hi, deleted_at], |r| r.get(0))?
             }

@@ -558,6 +558,7 @@ mod tests {
                         restored: vec![path("docs"), path("docs/report.txt")],
                         beside: vec![(path("docs/notes.txt"), path("docs/notes (restored r40).txt"))],
                         unavailable: vec![],
+                        left_out: 0,
                     }),
                 },
             ),

@@ -119,6 +119,13 @@ pub struct RestoreReport {
     pub beside: Vec<(RelPath, RelPath)>,
     /// Paths whose version no online node keeps: not restored.
     pub unavailable: Vec<RelPath>,
+    /// Paths left out of the three lists above to keep the answer small (a large tree).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub left_out: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub(crate) fn check_items<T>(what: &str, items: &[T], max: usize) -> Result<(), String> {

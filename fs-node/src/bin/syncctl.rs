@@ -272,6 +272,9 @@ async fn main() -> anyhow::Result<()> {
             for p in &r.unavailable {
                 println!("{p}: not restored (no online node keeps its content)");
             }
+            if r.left_out > 0 {
+                println!("({} more path(s) not listed)", r.left_out);
+            }
             if r.restored.is_empty() && r.beside.is_empty() {
                 bail!("nothing could be restored");
             }

@@ -9,6 +9,11 @@ use super::*;
 use crate::db::KeptRow;
 use wire::KeepItem;
 
+/// A node forgets a kept content by itself only this long after the end it was told:
+/// the manager's `release` is what ends a retention (it may have been lengthened since,
+/// and the clocks may differ); this is for a manager that is gone.
+pub const FORGET_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
+
 impl Tree {
     /// Keeps what the store has of `items`; returns the hashes kept and those it lacks.
     pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
@@ -72,7 +77,7 @@ impl Tree {
     /// the tree uses: dropping them frees their bytes). Returns what stays kept.
     pub(super) fn kept_for_gc(&self, st: &mut State, referenced: &HashSet<ContentHash>, floor: u64) -> HashSet<ContentHash> {
         let now_ms = st.env.now_ns() / 1_000_000;
-        let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms < now_ms).map(|k| k.hash.clone()).collect();
+        let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms.saturating_add(FORGET_AFTER_MS) < now_ms).map(|k| k.hash.clone()).collect();
         for h in expired {
             st.kept.remove(&h);
             let _ = st.db.remove_kept(&h);
