@@ -274,3 +274,34 @@ fn a_keeper_short_of_disk_drops_its_copy_and_another_node_fetches_it_from_a_keep
     let log = std::fs::read_to_string(&s.nodes[1].log).unwrap_or_default();
     assert!(log.contains("below the free-space floor"), "n2 says why it dropped it");
 }
+
+#[test]
+fn a_removed_directory_is_restored_to_another_path_and_the_trash_lists_by_directory() {
+    let s = Setup::start("versions-to", 2, &[]);
+    let (a, b) = (&s.nodes[0], &s.nodes[1]);
+    std::fs::create_dir_all(a.p("work/reports/2026")).unwrap();
+    std::fs::create_dir_all(a.p("work/drafts")).unwrap();
+    write(&a.p("work/reports/2026/q1.txt"), b"first quarter");
+    write(&a.p("work/drafts/idea.txt"), b"an idea");
+    s.converged();
+    std::fs::remove_dir_all(a.p("work/reports")).unwrap();
+    std::fs::remove_file(a.p("work/drafts/idea.txt")).unwrap();
+    s.converged();
+    // Below work/reports' parent: the removed directory and the removed file, each once.
+    let (ok, out, err) = b.syncctl(&["trash", "work"]);
+    assert!(ok, "{err}");
+    let roots: Vec<&str> = out.lines().map(|l| l.split("  ").next().unwrap()).collect();
+    assert_eq!(roots, ["work/drafts/idea.txt", "work/reports"], "{out}");
+    let (_, out, _) = b.syncctl(&["trash", "work/drafts"]);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    // Restored beside where it was, under another name; the original path stays deleted.
+    let (ok, out, err) = b.syncctl(&["restore", "work/reports", "--to", "work/reports-back"]);
+    assert!(ok && out.contains("restored 3 path(s)"), "{out} {err}");
+    for n in &s.nodes {
+        eventually(&format!("the tree at its new path on {}", n.id), DEADLINE, || {
+            read(&n.p("work/reports-back/2026/q1.txt")).as_deref() == Some(b"first quarter")
+        });
+        assert!(!n.p("work/reports").exists());
+    }
+    s.converged();
+}
