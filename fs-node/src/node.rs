@@ -184,6 +184,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
     tracker.spawn(link.run(cancel.clone()));
+    tree.set_keep_floor(cfg.keep_min_free);
     tracker.spawn(gc_loop(tree.clone(), cfg.keep_min_free, cfg.gc_every, cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;

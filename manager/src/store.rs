@@ -559,6 +559,10 @@ impl Tx<'_> {
             ToManager::Sync { request, url, since, paged } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.queue_sync(&from, &request, since, paged, now_ms)?;
+                // A node syncs whenever it (re)connects: it is asked again to keep what
+                // it keeps, and says what it lacks (a drop it could not report before
+                // it stopped, a data directory emptied meanwhile).
+                self.ask_to_keep_again(&from, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
                 self.seen(&from, None, now_ms)?;

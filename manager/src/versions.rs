@@ -124,6 +124,30 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Asks `node` again to keep every content the manager counts it as keeping, with
+    /// the end of each one's retention; its `kept` answer confirms them or names what
+    /// it lacks (which another node is then asked to keep).
+    pub(crate) fn ask_to_keep_again(&mut self, node: &NodeId, _now_ms: i64) -> anyhow::Result<()> {
+        let rows: Vec<(String, i64, Option<i64>)> = self
+            .tx
+            .prepare_cached(
+                "SELECT k.hash, k.size, (SELECT max(h.ended_ms) FROM history h INDEXED BY history_kept_by_hash WHERE h.hash = k.hash AND h.kept = 1)
+                 FROM kept k WHERE k.node = ?1",
+            )?
+            .query_map([node.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .collect::<Result<_, _>>()?;
+        let items: Vec<KeepItem> = rows
+            .into_iter()
+            .filter_map(|(hash, size, ended)| {
+                Some(KeepItem { hash: hash.parse().ok()?, size: size as u64, until_ms: ended?.saturating_add(self.retention.keep_for_ms), holders: vec![] })
+            })
+            .collect();
+        for chunk in items.chunks(MAX_KEEP_ITEMS) {
+            self.enqueue(&topology::node_key(node), ToNode::Keep { items: chunk.to_vec() })?;
+        }
+        Ok(())
+    }
+
     fn enqueue_to(&mut self, node: &str, body: ToNode) -> anyhow::Result<()> {
         let node: NodeId = node.parse().context("corrupt node id in the manager database")?;
         self.enqueue(&topology::node_key(&node), body)
@@ -858,5 +882,38 @@ mod tests {
             .collect();
         let new = asked.iter().find(|(n, _)| n == "n3").expect("n3 is asked to keep it");
         assert_eq!(new.1[0].holders.iter().map(|h| h.node.to_string()).collect::<Vec<_>>(), vec!["n1".to_string()], "from the keeper left");
+    }
+
+    /// A keeper that lost a content without saying so (it stopped before it could, or its
+    /// data directory was emptied) is asked again when it syncs; its answer gets the
+    /// content another keeper.
+    #[test]
+    fn a_node_that_syncs_is_asked_again_to_keep_and_what_it_lacks_is_kept_elsewhere() {
+        let mut c = Cluster::new(Retention { copies: 1, ..Default::default() });
+        for n in ["n1", "n2", "n3"] {
+            c.heartbeat(n);
+        }
+        c.put("n1", "a", file(1, 0o644));
+        c.took("n2", "a");
+        c.put("n1", "a", file(2, 0o644));
+        let sent = c.sent();
+        assert_eq!(keeps_to(&sent), ["n2"]);
+        c.confirm_keeps(&sent);
+        c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true });
+        let sent = c.sent();
+        let again: Vec<&KeepItem> = sent.iter().filter_map(|(k, m)| match m {
+            ToNode::Keep { items } if k == &topology::node_key(&node("n2")) => Some(items),
+            _ => None,
+        }).flatten().collect();
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].hash, ContentHash::from_bytes([1; 32]));
+        assert!(again[0].until_ms > c.now, "{again:?}");
+        c.send("n2", ToManager::Kept { keeping: vec![], lacking: vec![ContentHash::from_bytes([1; 32])] });
+        let sent = c.sent();
+        // No other node keeps it to fetch it from: the version is shown unavailable, with
+        // no keeper, never as restorable.
+        assert!(keeps_to(&sent).is_empty(), "no keeper left to fetch from: {sent:?}");
+        assert!(!c.versions("a")[1].available);
+        assert!(c.versions("a")[1].keepers.is_empty());
     }
 }

@@ -305,3 +305,34 @@ fn a_removed_directory_is_restored_to_another_path_and_the_trash_lists_by_direct
     }
     s.converged();
 }
+
+#[test]
+fn a_keeper_that_lost_a_content_while_stopped_says_so_when_it_returns_and_another_keeps_it() {
+    let mut s = Setup::start("versions-lost", 3, &[]);
+    let old: Vec<u8> = (0..200_000u32).map(|i| (i % 97) as u8).collect();
+    write(&s.nodes[0].p("notes.bin"), &old);
+    s.converged();
+    write(&s.nodes[0].p("notes.bin"), b"rewritten");
+    s.converged();
+    s.old_versions_kept("notes.bin", 1);
+    let keepers = |s: &Setup| -> Vec<String> {
+        let mut k: Vec<String> = s.versions("notes.bin")[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keepers(&s), ["n2", "n3"]);
+    // n2 stops, and its copy is lost meanwhile (a data directory restored from an old
+    // backup, a disk swapped): it never got to say so.
+    s.nodes[1].stop();
+    let blob = s.nodes[1].data.join("blobs").join(blake3::hash(&old).to_hex().as_str());
+    std::fs::remove_file(&blob).unwrap();
+    s.nodes[1].restart();
+    s.nodes[1].wait_connected();
+    eventually("n1 to keep the copy n2 lost", DEADLINE, || keepers(&s) == ["n1", "n3"]);
+    assert!(s.versions("notes.bin")[1]["available"] == true);
+    let (ok, out, err) = s.nodes[1].syncctl(&["restore", "notes.bin"]);
+    assert!(ok, "{out} {err}");
+    for n in &s.nodes {
+        eventually(&format!("the old notes back on {}", n.id), DEADLINE, || read(&n.p("notes.bin")).as_deref() == Some(&old[..]));
+    }
+}

@@ -15,12 +15,23 @@ use wire::KeepItem;
 pub const FORGET_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
 
 impl Tree {
-    /// Keeps what the store has of `items`; returns the hashes kept and those it lacks.
+    /// The free-space floor: below it nothing more is kept, and the GC drops the oldest.
+    pub fn set_keep_floor(&self, bytes: u64) {
+        self.lock().kept_floor = bytes;
+    }
+
+    /// Keeps what the store has of `items`; returns the hashes kept and those it lacks
+    /// (all of them while the disk is below the free-space floor).
     pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
         let mut st = self.lock();
         let now_ms = st.env.now_ns() / 1_000_000;
         let (mut keeping, mut lacking) = (Vec::new(), Vec::new());
+        let short_of_space = st.kept_floor > 0 && self.store.free_bytes().is_ok_and(|free| free < st.kept_floor);
         for item in items {
+            if short_of_space && !st.kept.contains_key(&item.hash) {
+                lacking.push(item.hash.clone());
+                continue;
+            }
             if !self.store.has(&item.hash) {
                 lacking.push(item.hash.clone());
                 continue;

@@ -270,6 +270,8 @@ struct State {
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
     kept_dropped: Vec<ContentHash>,
+    /// Free bytes below which nothing more is kept and the oldest kept go.
+    kept_floor: u64,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -397,6 +399,7 @@ impl Tree {
             with_blob: HashSet::new(),
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
+            kept_floor: 0,
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;
