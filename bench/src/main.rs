@@ -21,6 +21,7 @@ mod metadata;
 mod syncthing;
 mod tools;
 mod edit;
+mod holders;
 mod tree;
 mod versions;
 
@@ -290,13 +291,13 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,edit,meta,tools,versions,tree,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,edit,meta,tools,holders,versions,tree,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big", "edit"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "tree"].contains(&name));
+    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "holders", "tree"].contains(&name));
     let sync_rows = ["latency", "thousand", "big", "edit"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {
@@ -410,6 +411,13 @@ fn main() {
         std::fs::remove_dir(&on_mount).unwrap();
     }
     let mut c = c;
+    if runs("holders") {
+        // BENCH_HOLDERS_MIB (1024) pulled by a new node from one and from three holders,
+        // each link limited to BENCH_HOLDERS_RATE (400mbit) with tc tbf.
+        let mib: usize = std::env::var("BENCH_HOLDERS_MIB").ok().and_then(|s| s.parse().ok()).unwrap_or(1024);
+        let rate = std::env::var("BENCH_HOLDERS_RATE").unwrap_or_else(|_| "400mbit".into());
+        holders::run(c.dir.path(), mib << 20, &rate);
+    }
     if runs("versions") {
         // What keeping old versions costs: BENCH_VERSIONS_ROUNDS (3) rounds each way.
         let rounds: usize = std::env::var("BENCH_VERSIONS_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);

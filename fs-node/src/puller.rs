@@ -327,6 +327,9 @@ impl Puller {
                                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));
                             }
                             file.write_all_at(&bytes, c.offset).map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
+                            // Written back as it comes, so the flush before install has
+                            // little left to wait for (as a whole pull does).
+                            start_writeback(&file, c.offset, c.len as u64);
                             Ok(bytes.len() as u64)
                         }
                         .await;
