@@ -154,7 +154,14 @@ pub fn run(parent: &Path, size: usize, rate: &str) {
             std::fs::metadata(n.p("f2.bin")).is_ok_and(|m| m.len() == f2.len() as u64) && std::fs::read(n.p("f2.bin")).ok().as_deref() == Some(&f2[..])
         });
     }
-    eprintln!("holders: B and C hold f2");
+    // Each holder chunks a large content once it has it (in the background); on one
+    // machine those three chunkings would share its two cores with D's pull, where on a
+    // real cluster each holder has its own: D starts once all three lists are ready.
+    let f2_hash = blake3::hash(&f2).to_hex().to_string();
+    for n in [&a, &b, &c] {
+        eventually("the holders' chunk lists of f2", Duration::from_secs(600), || n.data.join("chunks").join(&f2_hash).exists());
+    }
+    eprintln!("holders: B and C hold f2, and the three have its chunk list");
     let three = timed("f2", &f2);
     drop((a, b, c, manager));
     remove_links();
