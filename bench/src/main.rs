@@ -17,11 +17,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 use system_tests::*;
 
+mod edit;
+mod holders;
 mod metadata;
 mod syncthing;
 mod tools;
-mod edit;
-mod holders;
 mod tree;
 mod versions;
 
@@ -297,7 +297,9 @@ fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big", "edit"].iter().any(|r| named(r));
-    let runs = |name: &str| only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "holders", "tree"].contains(&name));
+    let runs = |name: &str| {
+        only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "holders", "tree"].contains(&name))
+    };
     let sync_rows = ["latency", "thousand", "big", "edit"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
     let with_syncthing = match (&syncthing_version, only.is_empty() || named("syncthing")) {

@@ -69,7 +69,9 @@ pub fn run(c: &mut Cluster, rounds: usize) {
         write(&a.join(format!("f{i:04}")), &small(0, i));
     }
     write(&a.join("big.bin"), &big(0));
-    eventually("the starting files to reach B", Duration::from_secs(300), || arrived(&b.join("big.bin"), &big(0)) && (0..FILES).all(|i| arrived(&b.join(format!("f{i:04}")), &small(0, i))));
+    eventually("the starting files to reach B", Duration::from_secs(300), || {
+        arrived(&b.join("big.bin"), &big(0)) && (0..FILES).all(|i| arrived(&b.join(format!("f{i:04}")), &small(0, i)))
+    });
     let mut times: Vec<Vec<Round>> = vec![Vec::new(), Vec::new()];
     let mut g = 1;
     for r in 0..rounds {
@@ -86,7 +88,11 @@ pub fn run(c: &mut Cluster, rounds: usize) {
     println!();
     println!("| measured in this run (median of {rounds} rounds) | {} | {} | kept / none |", modes[0].0, modes[1].0);
     println!("|---|---|---|---|");
-    for (k, row) in ["1,000 x 4 KiB overwritten on A, until B has all", "one 256 MiB file overwritten on A, until B has it", "1,000 files deleted on A, until B has none"].iter().enumerate() {
+    for (k, row) in
+        ["1,000 x 4 KiB overwritten on A, until B has all", "one 256 MiB file overwritten on A, until B has it", "1,000 files deleted on A, until B has none"]
+            .iter()
+            .enumerate()
+    {
         let on = median(times[0].iter().map(|t| t[k]).collect());
         let off = median(times[1].iter().map(|t| t[k]).collect());
         println!("| {row} | {on:.2} s | {off:.2} s | {:.2}x |", on / off);

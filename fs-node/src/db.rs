@@ -143,7 +143,9 @@ impl Db {
     }
     pub fn put_kept(&self, k: &KeptRow) -> rusqlite::Result<()> {
         self.conn
-            .prepare_cached("INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms")?
+            .prepare_cached(
+                "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
+            )?
             .execute(params![k.hash.to_hex().as_str(), k.size as i64, k.until_ms, k.at_ms])?;
         Ok(())
     }

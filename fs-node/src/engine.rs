@@ -150,8 +150,17 @@ impl<R> Engine<R> {
     /// ids it already decided), a heartbeat says the node is here, and a sync starts.
     pub fn connected(tree: Arc<Tree>, node: NodeInfo, pending_pulls: u64, now: Now) -> (Engine<R>, Vec<Action<R>>) {
         tree.republish_all();
-        let mut e =
-            Engine { tree, node, syncs: BTreeMap::new(), next_sync: None, last_sync_start: None, missing: BTreeMap::new(), out: Vec::new(), held: Vec::new(), kept: Vec::new() };
+        let mut e = Engine {
+            tree,
+            node,
+            syncs: BTreeMap::new(),
+            next_sync: None,
+            last_sync_start: None,
+            missing: BTreeMap::new(),
+            out: Vec::new(),
+            held: Vec::new(),
+            kept: Vec::new(),
+        };
         e.heartbeat(pending_pulls);
         e.start_sync(Vec::new(), now);
         let out = e.take();

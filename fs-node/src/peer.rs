@@ -212,12 +212,7 @@ fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, 
     Ok(Some((first, last - first + 1)))
 }
 
-async fn content(
-    State(served): State<Arc<Served>>,
-    method: Method,
-    headers: axum::http::HeaderMap,
-    hash: Result<UrlPath<String>, PathRejection>,
-) -> Response {
+async fn content(State(served): State<Arc<Served>>, method: Method, headers: axum::http::HeaderMap, hash: Result<UrlPath<String>, PathRejection>) -> Response {
     if method != Method::GET {
         return no_such_endpoint().await;
     }

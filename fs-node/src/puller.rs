@@ -173,7 +173,9 @@ impl Puller {
             // could otherwise stream without end into memory).
             let mut body = Vec::new();
             let mut stream = resp.bytes_stream();
-            while let Some(part) = stream.try_next().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))? {
+            while let Some(part) =
+                stream.try_next().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))?
+            {
                 if (body.len() + part.len()) as u64 > most {
                     return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent more than the {most} bytes asked for", holder.node)));
                 }
@@ -196,7 +198,8 @@ impl Puller {
                 let bytes = self.fetch(h, self.get(h, &format!("chunks/{hash}"))?, crate::chunks::max_list_bytes(size)).await?;
                 let json: crate::chunks::ChunkListJson =
                     serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
-                crate::chunks::ChunkList::from_json(json, size).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
+                crate::chunks::ChunkList::from_json(json, size)
+                    .map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
             }
             .await;
             match got {
@@ -212,24 +215,26 @@ impl Puller {
         let file = Arc::new(file);
         let result = self.assemble(hash, size, holders, basis, &list, &file).await;
         let result = match result {
-            Ok(fetched) => async {
-                let (f, store, list, h) = (file.clone(), self.store.clone(), list.clone(), hash.clone());
-                let tmp2 = tmp.clone();
-                // The whole file is verified again: its chunks were, but not their order
-                // against the holder's word.
-                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                    f.sync_data().context("flushing a download to disk")?;
-                    let (got, n) = crate::store::hash_file(&tmp2)?;
-                    anyhow::ensure!(got == h && n == size, "the assembled chunks hash to {got}, not {h}");
-                    store.install(&tmp2, &h).context("installing a download")?;
-                    store.save_chunk_list(&h, &list);
-                    Ok(())
-                })
+            Ok(fetched) => {
+                async {
+                    let (f, store, list, h) = (file.clone(), self.store.clone(), list.clone(), hash.clone());
+                    let tmp2 = tmp.clone();
+                    // The whole file is verified again: its chunks were, but not their order
+                    // against the holder's word.
+                    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                        f.sync_data().context("flushing a download to disk")?;
+                        let (got, n) = crate::store::hash_file(&tmp2)?;
+                        anyhow::ensure!(got == h && n == size, "the assembled chunks hash to {got}, not {h}");
+                        store.install(&tmp2, &h).context("installing a download")?;
+                        store.save_chunk_list(&h, &list);
+                        Ok(())
+                    })
+                    .await
+                    .context("the assembling task panicked")??;
+                    Ok(fetched)
+                }
                 .await
-                .context("the assembling task panicked")??;
-                Ok(fetched)
             }
-            .await,
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -321,7 +326,8 @@ impl Puller {
                         };
                         let c = &list.chunks[i];
                         let got = async {
-                            let req = self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={}-{}", c.offset, c.offset + c.len as u64 - 1));
+                            let req =
+                                self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={}-{}", c.offset, c.offset + c.len as u64 - 1));
                             let bytes = self.fetch(&holder, req, c.len as u64).await?;
                             if bytes.len() != c.len as usize || crate::store::hash_of(&bytes) != c.hash {
                                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));

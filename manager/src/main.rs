@@ -99,7 +99,8 @@ fn run() -> anyhow::Result<()> {
                     cluster_token: None,
                     node_users: require_node_users,
                 };
-                manager::api::run_manager(manager::Config {
+                manager::api::run_manager(
+                    manager::Config {
                         broker,
                         db,
                         require_node_users,
@@ -108,7 +109,11 @@ fn run() -> anyhow::Result<()> {
                             keep_versions,
                             copies: keep_copies,
                         },
-                    }, api, cancel).await
+                    },
+                    api,
+                    cancel,
+                )
+                .await
             })
         }
         Cmd::Image(cmd) => cli_provision::image(&cli.cluster, cmd),

@@ -135,7 +135,9 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
                     // to it elsewhere that the node never saw: both are kept, the
                     // node's file as a conflict file beside the directory.
                     return if copies >= MAX_CONFLICT_COPIES {
-                        Decision::KeepAsVersion(format!("the directory is not empty on the manager, and the path already has {MAX_CONFLICT_COPIES} conflict files"))
+                        Decision::KeepAsVersion(format!(
+                            "the directory is not empty on the manager, and the path already has {MAX_CONFLICT_COPIES} conflict files"
+                        ))
                     } else {
                         Decision::Conflict
                     };

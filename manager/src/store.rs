@@ -142,14 +142,15 @@ impl Store {
         // The schema's versions, oldest first (`PRAGMA user_version` says which one a
         // database is at); a new version is a new `M::up` at the end. A database written
         // by a newer manager is refused: it may hold what this one would misread.
-        rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2), rusqlite_migration::M::up(SCHEMA_V3)])
-            .to_latest(&mut conn)
-            .with_context(|| {
-                format!(
-                    "the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it",
-                    path.display()
-                )
-            })?;
+        rusqlite_migration::Migrations::new(vec![
+            rusqlite_migration::M::up(SCHEMA_V1),
+            rusqlite_migration::M::up(SCHEMA_V2),
+            rusqlite_migration::M::up(SCHEMA_V3),
+        ])
+        .to_latest(&mut conn)
+        .with_context(|| {
+            format!("the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it", path.display())
+        })?;
         // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");

@@ -194,7 +194,8 @@ impl Tx<'_> {
         hashes.dedup();
         let mut per_node: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
         for h in hashes {
-            let needed = self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
+            let needed =
+                self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
             if needed {
                 continue;
             }
@@ -228,7 +229,12 @@ impl Tx<'_> {
                 .optional()?;
             let Some(size) = size else { continue };
             tracing::warn!(%node, hash = %h, "a node does not keep a kept version's content (it lacks it or dropped it)");
-            let needed = self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([hex.as_str()], |_| Ok(())).optional()?.is_some();
+            let needed = self
+                .tx
+                .prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?
+                .query_row([hex.as_str()], |_| Ok(()))
+                .optional()?
+                .is_some();
             if !needed {
                 continue;
             }
@@ -269,7 +275,9 @@ impl Tx<'_> {
     fn online_holders(&self, path: &str, rev: i64, now_ms: i64) -> anyhow::Result<Vec<NodeId>> {
         let rows: Vec<String> = self
             .tx
-            .prepare_cached("SELECT h.node FROM holders h JOIN nodes n ON n.id = h.node WHERE h.path = ?1 AND h.rev = ?2 AND n.online = 1 AND n.last_seen_ms >= ?3")?
+            .prepare_cached(
+                "SELECT h.node FROM holders h JOIN nodes n ON n.id = h.node WHERE h.path = ?1 AND h.rev = ?2 AND n.online = 1 AND n.last_seen_ms >= ?3",
+            )?
             .query_map(params![path, rev, self.online_since(now_ms)], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         Ok(rows.into_iter().filter_map(|n| n.parse().ok()).collect())
@@ -281,9 +289,7 @@ impl Tx<'_> {
         let rev = self.next_rev()?;
         let hash = file_content(version).map(|(h, _)| h.to_hex());
         self.tx
-            .prepare_cached(
-                "INSERT INTO history(rev, path, version, origin, at_ms, hash, ended_ms, kept, refused) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?5, 1, 1)",
-            )?
+            .prepare_cached("INSERT INTO history(rev, path, version, origin, at_ms, hash, ended_ms, kept, refused) VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?5, 1, 1)")?
             .execute(params![rev.0 as i64, path.as_str(), json(version), from.as_str(), now_ms, hash.as_ref().map(|h| h.as_str())])?;
         if let Some((hash, size)) = file_content(version) {
             self.keep_content(hash, size, &[from.to_string()], &[], now_ms)?;
@@ -819,7 +825,8 @@ mod tests {
         let sent = c.sent();
         c.confirm_keeps(&sent);
         // Three old versions, two kept: the oldest one's content was released.
-        let released: Vec<ContentHash> = sent.iter().filter_map(|(_, m)| if let ToNode::Release { hashes } = m { Some(hashes.clone()) } else { None }).flatten().collect();
+        let released: Vec<ContentHash> =
+            sent.iter().filter_map(|(_, m)| if let ToNode::Release { hashes } = m { Some(hashes.clone()) } else { None }).flatten().collect();
         assert_eq!(released, vec![ContentHash::from_bytes([1; 32])]);
         assert_eq!(c.versions("log").len(), 3, "the current one and two kept");
         c.now += 10_001;
@@ -901,10 +908,14 @@ mod tests {
         c.confirm_keeps(&sent);
         c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true });
         let sent = c.sent();
-        let again: Vec<&KeepItem> = sent.iter().filter_map(|(k, m)| match m {
-            ToNode::Keep { items } if k == &topology::node_key(&node("n2")) => Some(items),
-            _ => None,
-        }).flatten().collect();
+        let again: Vec<&KeepItem> = sent
+            .iter()
+            .filter_map(|(k, m)| match m {
+                ToNode::Keep { items } if k == &topology::node_key(&node("n2")) => Some(items),
+                _ => None,
+            })
+            .flatten()
+            .collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].hash, ContentHash::from_bytes([1; 32]));
         assert!(again[0].until_ms > c.now, "{again:?}");

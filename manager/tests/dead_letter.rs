@@ -102,7 +102,11 @@ async fn bad_messages_are_dead_lettered_with_a_reason_and_later_ones_are_decided
     let handle = Handle::open(&db).unwrap();
     handle.store.lock().unwrap().conn().execute_batch(BREAK_TWO_PATHS).unwrap();
     let cancel = tokio_util::sync::CancellationToken::new();
-    let manager = tokio::spawn(service::run_with(service::Config { broker: vhost.url(), db, require_node_users: false, retention: Default::default() }, handle.clone(), cancel.clone()));
+    let manager = tokio::spawn(service::run_with(
+        service::Config { broker: vhost.url(), db, require_node_users: false, retention: Default::default() },
+        handle.clone(),
+        cancel.clone(),
+    ));
 
     let conn = broker_link::connect(&vhost.url()).await.unwrap();
     let ch = broker_link::confirmed_channel(&conn).await.unwrap();

@@ -101,7 +101,9 @@ fn a_pull_takes_chunks_from_every_holder_and_drops_one_that_stalls_and_one_that_
     }
     let data = random(48 << 20, 2);
     write(&nodes[0].p("big.bin"), &data);
-    eventually("n2 to hold big.bin", DEADLINE, || std::fs::metadata(nodes[1].p("big.bin")).is_ok_and(|m| m.len() == data.len() as u64) && read(&nodes[1].p("big.bin")).as_deref() == Some(&data[..]));
+    eventually("n2 to hold big.bin", DEADLINE, || {
+        std::fs::metadata(nodes[1].p("big.bin")).is_ok_and(|m| m.len() == data.len() as u64) && read(&nodes[1].p("big.bin")).as_deref() == Some(&data[..])
+    });
     let hash = blake3::hash(&data).to_hex().to_string();
     let (status, list) = http_get(&format!("{}/chunks/{hash}", node_url(&nodes[0])), None);
     assert_eq!(status, 200);

@@ -174,7 +174,8 @@ impl DebianBox {
         let _ = Command::new("docker").args(["rm", "-f", name]).output();
         let mut run = Command::new("docker");
         run.args(["run", "-d", "--name", name, "--network", "host", "--device", "/dev/fuse", "--cap-add", "SYS_ADMIN"]);
-        run.args(["--security-opt", "apparmor=unconfined", "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v"]).arg(format!("{}:/tmp/syncfs.deb:ro", deb.display()));
+        run.args(["--security-opt", "apparmor=unconfined", "--tmpfs", "/run", "--tmpfs", "/run/lock", "-v"])
+            .arg(format!("{}:/tmp/syncfs.deb:ro", deb.display()));
         // systemd as init needs the cgroup tree: read-only with cgroup v1, its own
         // writable one with the unified hierarchy (v2).
         if std::fs::metadata("/sys/fs/cgroup/cgroup.controllers").is_ok() {

@@ -228,9 +228,7 @@ fn the_end_of_the_retention_frees_the_space_on_the_keepers() {
     let (_, out, _) = b.syncctl(&["status"]);
     assert!(out.contains("versions:  1 old content(s) kept for the cluster, 2000000 bytes"), "{out}");
     assert!(old_blob.exists(), "kept past the node's GC");
-    eventually("the retention to end and the space to be freed", DEADLINE, || {
-        s.nodes.iter().all(|n| n.status()["kept_bytes"] == 0) && !old_blob.exists()
-    });
+    eventually("the retention to end and the space to be freed", DEADLINE, || s.nodes.iter().all(|n| n.status()["kept_bytes"] == 0) && !old_blob.exists());
     assert!(t0.elapsed().unwrap() >= Duration::from_secs(6), "not before the retention ended");
     assert_eq!(s.versions("big.bin").len(), 1, "only the current version is listed");
     let m = node_metrics(b);

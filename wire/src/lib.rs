@@ -14,5 +14,5 @@ mod versions;
 
 pub use ids::{ContentHash, IdError, MessageId, NodeId, Revision};
 pub use messages::*;
-pub use versions::*;
 pub use path::{PathError, RelPath, MAX_NAME_BYTES, MAX_PATH_BYTES};
+pub use versions::*;

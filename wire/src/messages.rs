@@ -311,7 +311,9 @@ pub enum ToManager {
     },
     /// A question for the manager on behalf of the node's user; the envelope's id is the
     /// request id the `ToNode::Answer` names.
-    Ask { query: Query },
+    Ask {
+        query: Query,
+    },
 }
 
 /// One path's content a node holds (`ToManager::Holding`).

@@ -58,11 +58,18 @@ pub enum Query {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "answer", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Answer {
-    Versions { path: RelPath, versions: Vec<VersionInfo> },
-    Trash { items: Vec<TrashItem> },
+    Versions {
+        path: RelPath,
+        versions: Vec<VersionInfo>,
+    },
+    Trash {
+        items: Vec<TrashItem>,
+    },
     Restored(RestoreReport),
     /// The question could not be answered (no such path, nothing kept…).
-    Failed { reason: String },
+    Failed {
+        reason: String,
+    },
 }
 
 /// One version of a path as `syncctl versions` lists it.

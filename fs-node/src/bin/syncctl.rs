@@ -252,7 +252,14 @@ async fn main() -> anyhow::Result<()> {
                         wire::Content::Dir => format!("directory with {} path(s) below", t.below),
                         _ => describe(&Some(t.version.clone())),
                     };
-                    println!("{}  deleted {} by {} (r{}); restore --rev {}: {what}", t.path, when(t.deleted_ms), t.deleted_by, t.deleted_rev.0, t.restore_rev.0);
+                    println!(
+                        "{}  deleted {} by {} (r{}); restore --rev {}: {what}",
+                        t.path,
+                        when(t.deleted_ms),
+                        t.deleted_by,
+                        t.deleted_rev.0,
+                        t.restore_rev.0
+                    );
                 }
             }
         }

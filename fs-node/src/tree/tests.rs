@@ -620,7 +620,11 @@ fn kept_contents_outlive_the_gc_and_restarts_until_released_or_expired() {
     let (kept, expired, loose) = (old_blob(&t, b"an old version"), old_blob(&t, b"kept too briefly"), old_blob(&t, b"nobody's"));
     let lacking = crate::store::hash_of(b"not here");
     let (keeping, lacks) = t
-        .keep(&[keep_item(&kept, 14, now_ms + 3_600_000), keep_item(&expired, 16, now_ms - super::kept::FORGET_AFTER_MS - 1), keep_item(&lacking, 8, now_ms + 3_600_000)])
+        .keep(&[
+            keep_item(&kept, 14, now_ms + 3_600_000),
+            keep_item(&expired, 16, now_ms - super::kept::FORGET_AFTER_MS - 1),
+            keep_item(&lacking, 8, now_ms + 3_600_000),
+        ])
         .unwrap();
     assert_eq!((keeping.len(), lacks), (2, vec![lacking]));
     assert_eq!(t.kept_usage(), (2, 30));
