@@ -102,18 +102,6 @@ impl NodeD {
     }
 }
 
-fn content(size: usize, seed: u32) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(2654435761) | 1;
-    (0..size)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect()
-}
-
 /// Runs the row: `size` bytes, links at `rate` (tc syntax).
 pub fn run(parent: &Path, size: usize, rate: &str) {
     let dir = tempfile::tempdir_in(parent).unwrap();
@@ -140,13 +128,13 @@ pub fn run(parent: &Path, size: usize, rate: &str) {
         took
     };
     // One holder: A alone has f1 when D starts.
-    let f1 = content(size, 1);
+    let f1 = system_tests::pseudo_random(size, 1);
     system_tests::write(&a.p("f1.bin"), &f1);
     eprintln!("holders: f1 written on A");
     let one = timed("f1", &f1);
     // Three holders: B and C take f2 from A (on this side, not shaped) while D is stopped.
     let (b, c) = (holder(2), holder(3));
-    let f2 = content(size, 2);
+    let f2 = system_tests::pseudo_random(size, 2);
     system_tests::write(&a.p("f2.bin"), &f2);
     eprintln!("holders: f2 written on A");
     for n in [&b, &c] {

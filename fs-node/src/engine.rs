@@ -594,16 +594,22 @@ mod tests {
     use crate::store::{put_bytes, ContentStore};
     use wire::{BatchItem, Version, MAX_TO_MANAGER_BYTES};
 
+    /// A tree in `dir` whose store holds `bytes`, and the engine of node n2 on it.
+    fn engine_with(dir: &std::path::Path, bytes: &[u8]) -> (ContentHash, Arc<Tree>, NodeId, Engine<()>) {
+        let hash = put_bytes(&ContentStore::open(dir).unwrap(), bytes).unwrap();
+        let tree = Arc::new(Tree::load(Db::open(&dir.join("node.db")).unwrap(), ContentStore::open(dir).unwrap()).unwrap());
+        let me: NodeId = "n2".parse().unwrap();
+        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (engine, _) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        (hash, tree, me, engine)
+    }
+
     /// A batch of broadcasts applied in one step is told to the manager in as few
     /// `Holding` messages as fit the size limit, naming every file once.
     #[test]
     fn files_taken_in_one_step_are_told_in_few_holding_messages_under_the_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let hash = put_bytes(&ContentStore::open(dir.path()).unwrap(), b"x").unwrap();
-        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
-        let me: NodeId = "n2".parse().unwrap();
-        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
-        let (mut engine, _) = Engine::<()>::connected(tree, info, 0, Duration::ZERO);
+        let (hash, _tree, _me, mut engine) = engine_with(dir.path(), b"x");
         let applied = |path: String, rev: u64, content| ToNode::Applied {
             entry: Entry {
                 path: RelPath::new(path).unwrap(),
@@ -643,11 +649,7 @@ mod tests {
     #[test]
     fn keep_requests_are_reported_and_what_to_fetch_is_named() {
         let dir = tempfile::tempdir().unwrap();
-        let have = put_bytes(&ContentStore::open(dir.path()).unwrap(), b"kept").unwrap();
-        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
-        let me: NodeId = "n2".parse().unwrap();
-        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
-        let (mut engine, _) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let (have, tree, me, mut engine) = engine_with(dir.path(), b"kept");
         let missing: Vec<ContentHash> = (0..MAX_KEPT_REPORT as u32 + 10).map(|i| crate::store::hash_of(&i.to_le_bytes())).collect();
         let holder = Holder { node: "n1".parse().unwrap(), url: "http://127.0.0.1:2".into() };
         let mut items = vec![wire::KeepItem { hash: have.clone(), size: 4, until_ms: i64::MAX, holders: vec![] }];

@@ -217,39 +217,13 @@ const MIN_STEM_BYTES: usize = 16;
 /// rREV).ext` and `stem (conflict from rREV).ext`. The list is empty only when not even
 /// the last one fits beside the original (a parent within about 20 bytes of the limit).
 pub fn conflict_candidates(path: &RelPath, node: &NodeId, at: UtcTime, rev: Revision) -> Vec<RelPath> {
-    let parent = path.parent();
-    let budget = match &parent {
-        Some(p) => wire::MAX_PATH_BYTES.saturating_sub(p.as_str().len() + 1),
-        None => wire::MAX_PATH_BYTES,
-    }
-    .min(wire::MAX_NAME_BYTES);
-    let name = path.name();
-    let (stem, ext) = match name.rfind('.') {
-        Some(i) if i > 0 => name.split_at(i),
-        _ => (name, ""),
-    };
     let time = at.format();
     let dated = (1..=CONFLICT_NAME_TRIES).map(|n| {
         let suffix = if n > 1 { format!(" {n}") } else { String::new() };
         format!("{CONFLICT_MARK}{node} {time}{suffix})")
     });
     let short = [format!("{CONFLICT_MARK}{node} r{})", rev.0), format!("{CONFLICT_MARK}r{})", rev.0)];
-    let mut out: Vec<RelPath> = Vec::new();
-    for tail in dated.chain(short) {
-        let Some(new_name) = fit(stem, &tail, ext, budget) else { continue };
-        let candidate = match &parent {
-            Some(p) => p.join(&new_name),
-            None => RelPath::new(new_name),
-        };
-        // Cannot fail (the name fits and holds no '/' or NUL), but a path that failed
-        // would only be one candidate fewer, never a panic.
-        if let Ok(c) = candidate {
-            if c != *path && !out.contains(&c) {
-                out.push(c);
-            }
-        }
-    }
-    out
+    names_beside(path, dated.chain(short))
 }
 
 /// Every name a restored version of `path` may get beside it when the path changed since
@@ -257,6 +231,15 @@ pub fn conflict_candidates(path: &RelPath, node: &NodeId, at: UtcTime, rev: Revi
 /// then numbered ones, then one that carries `new_rev`, the revision the copy will get,
 /// which no other path ever gets. Empty only when not even that fits.
 pub fn restored_candidates(path: &RelPath, from_rev: Revision, new_rev: Revision) -> Vec<RelPath> {
+    let tails = (1..=CONFLICT_NAME_TRIES)
+        .map(|n| if n > 1 { format!(" (restored r{} {n})", from_rev.0) } else { format!(" (restored r{})", from_rev.0) })
+        .chain([format!(" (restored r{} as r{})", from_rev.0, new_rev.0)]);
+    names_beside(path, tails)
+}
+
+/// `path` with each of `tails` put between its stem and its extension, shortened to fit
+/// ([`fit`]), in order, once each; tails that cannot fit are left out.
+fn names_beside(path: &RelPath, tails: impl Iterator<Item = String>) -> Vec<RelPath> {
     let parent = path.parent();
     let budget = match &parent {
         Some(p) => wire::MAX_PATH_BYTES.saturating_sub(p.as_str().len() + 1),
@@ -268,9 +251,6 @@ pub fn restored_candidates(path: &RelPath, from_rev: Revision, new_rev: Revision
         Some(i) if i > 0 => name.split_at(i),
         _ => (name, ""),
     };
-    let tails = (1..=CONFLICT_NAME_TRIES)
-        .map(|n| if n > 1 { format!(" (restored r{} {n})", from_rev.0) } else { format!(" (restored r{})", from_rev.0) })
-        .chain([format!(" (restored r{} as r{})", from_rev.0, new_rev.0)]);
     let mut out: Vec<RelPath> = Vec::new();
     for tail in tails {
         let Some(new_name) = fit(stem, &tail, ext, budget) else { continue };
@@ -278,6 +258,8 @@ pub fn restored_candidates(path: &RelPath, from_rev: Revision, new_rev: Revision
             Some(p) => p.join(&new_name),
             None => RelPath::new(new_name),
         };
+        // Cannot fail (the name fits and holds no '/' or NUL), but a path that failed
+        // would only be one candidate fewer, never a panic.
         if let Ok(c) = candidate {
             if c != *path && !out.contains(&c) {
                 out.push(c);

@@ -560,10 +560,6 @@ impl Tx<'_> {
             ToManager::Sync { request, url, since, paged } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.queue_sync(&from, &request, since, paged, now_ms)?;
-                // A node syncs whenever it (re)connects: it is asked again to keep what
-                // it keeps, and says what it lacks (a drop it could not report before
-                // it stopped, a data directory emptied meanwhile).
-                self.ask_to_keep_again(&from, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
                 self.seen(&from, None, now_ms)?;
@@ -704,6 +700,11 @@ impl Tx<'_> {
                page = 0, entries = 0, bytes = 0, largest = 0",
             )?
             .execute(params![node, now_ms, request, since, paged, merged, head(self.tx)?.0 as i64])?;
+        // A node syncs whenever it (re)connects: with each reply it is asked again to keep
+        // what it keeps, and says what it lacks (a drop it could not report before it
+        // stopped, a data directory emptied meanwhile). Here, not per request: replies
+        // start at most once a second per node, however often it asks.
+        self.ask_to_keep_again(&node.parse().context("corrupt node id in sync_requests")?)?;
         Ok(true)
     }
 

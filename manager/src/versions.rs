@@ -127,7 +127,7 @@ impl Tx<'_> {
     /// Asks `node` again to keep every content the manager counts it as keeping, with
     /// the end of each one's retention; its `kept` answer confirms them or names what
     /// it lacks (which another node is then asked to keep).
-    pub(crate) fn ask_to_keep_again(&mut self, node: &NodeId, _now_ms: i64) -> anyhow::Result<()> {
+    pub(crate) fn ask_to_keep_again(&mut self, node: &NodeId) -> anyhow::Result<()> {
         let rows: Vec<(String, i64, Option<i64>)> = self
             .tx
             .prepare_cached(
@@ -238,7 +238,7 @@ impl Tx<'_> {
             if !needed {
                 continue;
             }
-            let sources = self.keepers(h, true, now_ms)?;
+            let sources = self.online_keepers(h, now_ms)?;
             if sources.is_empty() {
                 tracing::warn!(hash = %h, "no online node keeps this content any more: its versions are unavailable");
                 continue;
@@ -256,19 +256,23 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Nodes that confirmed they keep `hash`, online ones first (only those if `online`).
-    fn keepers(&self, hash: &ContentHash, online: bool, now_ms: i64) -> anyhow::Result<Vec<Holder>> {
-        let since = online.then(|| self.online_since(now_ms));
-        let rows: Vec<(String, String)> = self
+    /// Nodes that confirmed they keep `hash`, each with whether it is online, online
+    /// ones first.
+    fn keepers(&self, hash: &ContentHash, now_ms: i64) -> anyhow::Result<Vec<(Holder, bool)>> {
+        let rows: Vec<(String, String, bool)> = self
             .tx
             .prepare_cached(
-                "SELECT k.node, n.url FROM kept k JOIN nodes n ON n.id = k.node
-                 WHERE k.hash = ?1 AND k.confirmed = 1 AND (?2 IS NULL OR (n.online = 1 AND n.last_seen_ms >= ?2))
-                 ORDER BY n.online DESC, n.last_seen_ms DESC",
+                "SELECT k.node, n.url, n.online = 1 AND n.last_seen_ms >= ?2 AS up FROM kept k JOIN nodes n ON n.id = k.node
+                 WHERE k.hash = ?1 AND k.confirmed = 1 ORDER BY up DESC, n.last_seen_ms DESC",
             )?
-            .query_map(params![hash.to_hex().as_str(), since], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .query_map(params![hash.to_hex().as_str(), self.online_since(now_ms)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
             .collect::<Result<_, _>>()?;
-        Ok(rows.into_iter().filter_map(|(node, url)| Some(Holder { node: node.parse().ok()?, url })).collect())
+        Ok(rows.into_iter().filter_map(|(node, url, up)| Some((Holder { node: node.parse().ok()?, url }, up))).collect())
+    }
+
+    /// [`Tx::keepers`] that are online.
+    fn online_keepers(&self, hash: &ContentHash, now_ms: i64) -> anyhow::Result<Vec<Holder>> {
+        Ok(self.keepers(hash, now_ms)?.into_iter().filter(|(_, up)| *up).map(|(h, _)| h).collect())
     }
 
     /// Online nodes holding `path`'s current content at `rev`.
@@ -356,8 +360,9 @@ impl Tx<'_> {
             let (available, keepers) = match version.as_ref().and_then(file_content) {
                 None => (version.is_some(), Vec::new()),
                 Some((hash, _)) => {
-                    let keepers: Vec<NodeId> = self.keepers(hash, false, now_ms)?.into_iter().map(|h| h.node).collect();
-                    let online = !self.keepers(hash, true, now_ms)?.is_empty() || (is_current && !self.online_holders(path.as_str(), rev, now_ms)?.is_empty());
+                    let all = self.keepers(hash, now_ms)?;
+                    let online = all.iter().any(|(_, up)| *up) || (is_current && !self.online_holders(path.as_str(), rev, now_ms)?.is_empty());
+                    let keepers: Vec<NodeId> = all.into_iter().map(|(h, _)| h.node).collect();
                     (online, keepers)
                 }
             };
@@ -537,7 +542,7 @@ impl Tx<'_> {
             };
             let mut holders = Vec::new();
             if let Some((hash, _)) = file_content(&item.version) {
-                holders = self.keepers(hash, true, now_ms)?.into_iter().map(|h| h.node).collect();
+                holders = self.online_keepers(hash, now_ms)?.into_iter().map(|h| h.node).collect();
                 let current: Option<i64> =
                     self.tx.prepare_cached("SELECT rev FROM paths WHERE path = ?1")?.query_row([item.path.as_str()], |r| r.get(0)).optional()?;
                 if current == Some(item.rev.0 as i64) {
@@ -656,11 +661,16 @@ mod tests {
     }
 
     impl Cluster {
-        fn new(retention: Retention) -> Cluster {
+        /// A manager with `nodes` online.
+        fn new(retention: Retention, nodes: &[&str]) -> Cluster {
             let dir = tempfile::tempdir().unwrap();
             let mut s = Store::open(&dir.path().join("m.db")).unwrap();
             s.set_retention(retention);
-            Cluster { _dir: dir, s, now: 1_000_000, ids: 0 }
+            let mut c = Cluster { _dir: dir, s, now: 1_000_000, ids: 0 };
+            for n in nodes {
+                c.heartbeat(n);
+            }
+            c
         }
         fn send(&mut self, from: &str, body: ToManager) {
             self.ids += 1;
@@ -716,16 +726,23 @@ mod tests {
         }
     }
 
+    /// The `keep` messages among `sent`: to which node, asking what.
+    fn keeps(sent: &[(String, ToNode)]) -> Vec<(String, Vec<KeepItem>)> {
+        sent.iter()
+            .filter_map(|(k, m)| match m {
+                ToNode::Keep { items } => Some((topology::node_of_key(k).unwrap().to_string(), items.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn keeps_to(sent: &[(String, ToNode)]) -> Vec<String> {
-        sent.iter().filter(|(_, m)| matches!(m, ToNode::Keep { .. })).map(|(k, _)| topology::node_of_key(k).unwrap().to_string()).collect()
+        keeps(sent).into_iter().map(|(n, _)| n).collect()
     }
 
     #[test]
     fn an_overwritten_version_is_kept_by_its_holders_told_before_the_broadcast_and_listed_available() {
-        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() });
-        for n in ["n1", "n2", "n3"] {
-            c.heartbeat(n);
-        }
+        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() }, &["n1", "n2", "n3"]);
         let r1 = c.put("n1", "a.txt", file(1, 0o644));
         c.took("n2", "a.txt");
         c.sent();
@@ -756,9 +773,7 @@ mod tests {
 
     #[test]
     fn a_deleted_tree_is_in_the_trash_and_comes_back_as_it_was() {
-        let mut c = Cluster::new(Retention::default());
-        c.heartbeat("n1");
-        c.heartbeat("n2");
+        let mut c = Cluster::new(Retention::default(), &["n1", "n2"]);
         c.put("n1", "d", dir());
         c.put("n1", "d/x", file(1, 0o640));
         c.put("n1", "d/sub", dir());
@@ -790,8 +805,7 @@ mod tests {
 
     #[test]
     fn a_restore_never_overwrites_a_newer_edit() {
-        let mut c = Cluster::new(Retention::default());
-        c.heartbeat("n1");
+        let mut c = Cluster::new(Retention::default(), &["n1"]);
         let r1 = c.put("n1", "notes.txt", file(1, 0o644));
         let r2 = c.put("n1", "notes.txt", file(2, 0o644));
         let sent = c.sent();
@@ -817,8 +831,7 @@ mod tests {
 
     #[test]
     fn retention_ends_by_age_and_by_count_and_keepers_are_released() {
-        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 2, copies: 1 });
-        c.heartbeat("n1");
+        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 2, copies: 1 }, &["n1"]);
         for h in 1..=4 {
             c.put("n1", "log", file(h, 0o644));
         }
@@ -843,9 +856,7 @@ mod tests {
 
     #[test]
     fn a_put_refused_at_the_conflict_cap_is_kept_as_a_version_and_can_be_restored_beside() {
-        let mut c = Cluster::new(Retention::default());
-        c.heartbeat("n1");
-        c.heartbeat("n2");
+        let mut c = Cluster::new(Retention::default(), &["n1", "n2"]);
         let base = c.put("n1", "a", file(1, 0o644));
         for i in 0..=rule::MAX_CONFLICT_COPIES as u8 {
             c.put("n1", "a", file(10 + i, 0o644));
@@ -872,10 +883,7 @@ mod tests {
 
     #[test]
     fn a_keeper_that_drops_a_content_is_replaced_by_another_that_fetches_it() {
-        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() });
-        for n in ["n1", "n2", "n3"] {
-            c.heartbeat(n);
-        }
+        let mut c = Cluster::new(Retention { copies: 2, ..Default::default() }, &["n1", "n2", "n3"]);
         c.put("n1", "a", file(1, 0o644));
         c.took("n2", "a");
         c.put("n1", "a", file(2, 0o644));
@@ -883,10 +891,7 @@ mod tests {
         c.confirm_keeps(&sent);
         c.send("n2", ToManager::Kept { keeping: vec![], lacking: vec![ContentHash::from_bytes([1; 32])] });
         let sent = c.sent();
-        let asked: Vec<(String, Vec<KeepItem>)> = sent
-            .iter()
-            .filter_map(|(k, m)| if let ToNode::Keep { items } = m { Some((topology::node_of_key(k).unwrap().to_string(), items.clone())) } else { None })
-            .collect();
+        let asked = keeps(&sent);
         let new = asked.iter().find(|(n, _)| n == "n3").expect("n3 is asked to keep it");
         assert_eq!(new.1[0].holders.iter().map(|h| h.node.to_string()).collect::<Vec<_>>(), vec!["n1".to_string()], "from the keeper left");
     }
@@ -896,10 +901,7 @@ mod tests {
     /// content another keeper.
     #[test]
     fn a_node_that_syncs_is_asked_again_to_keep_and_what_it_lacks_is_kept_elsewhere() {
-        let mut c = Cluster::new(Retention { copies: 1, ..Default::default() });
-        for n in ["n1", "n2", "n3"] {
-            c.heartbeat(n);
-        }
+        let mut c = Cluster::new(Retention { copies: 1, ..Default::default() }, &["n1", "n2", "n3"]);
         c.put("n1", "a", file(1, 0o644));
         c.took("n2", "a");
         c.put("n1", "a", file(2, 0o644));
@@ -907,15 +909,10 @@ mod tests {
         assert_eq!(keeps_to(&sent), ["n2"]);
         c.confirm_keeps(&sent);
         c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true });
+        let now = c.now;
+        c.s.sync_step(now).unwrap();
         let sent = c.sent();
-        let again: Vec<&KeepItem> = sent
-            .iter()
-            .filter_map(|(k, m)| match m {
-                ToNode::Keep { items } if k == &topology::node_key(&node("n2")) => Some(items),
-                _ => None,
-            })
-            .flatten()
-            .collect();
+        let again: Vec<KeepItem> = keeps(&sent).into_iter().filter(|(n, _)| n == "n2").flat_map(|(_, items)| items).collect();
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].hash, ContentHash::from_bytes([1; 32]));
         assert!(again[0].until_ms > c.now, "{again:?}");

@@ -551,6 +551,20 @@ pub fn describe(t: &Tree) -> String {
     t.iter().map(|(p, n)| format!("{p}: {n:?}")).collect::<Vec<_>>().join("\n")
 }
 
+/// `n` bytes that look random (xorshift from `seed`): contents no chunker or compressor
+/// finds structure in, the same for the same seed.
+pub fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
 /// Writes a file through the mount (open, write, close: one change).
 pub fn write(p: &Path, bytes: &[u8]) {
     std::fs::write(p, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", p.display()));

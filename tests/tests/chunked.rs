@@ -12,18 +12,6 @@ use std::os::unix::fs::FileExt;
 use system_tests::*;
 use wire::{Held, RelPath, Revision, ToManager};
 
-fn random(n: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect()
-}
-
 fn served(n: &NodeProc) -> f64 {
     node_metrics(n).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0)
 }
@@ -32,7 +20,7 @@ fn served(n: &NodeProc) -> f64 {
 fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     let c = Cluster::start("chunked-edit", 2);
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    let mut data = random(32 << 20, 1);
+    let mut data = pseudo_random(32 << 20, 1);
     write(&a.p("disk.img"), &data);
     c.converged();
     let before = served(a);
@@ -100,7 +88,7 @@ fn a_pull_takes_chunks_from_every_holder_and_drops_one_that_stalls_and_one_that_
     for n in &nodes {
         n.wait_connected();
     }
-    let data = random(48 << 20, 2);
+    let data = pseudo_random(48 << 20, 2);
     write(&nodes[0].p("big.bin"), &data);
     eventually("n2 to hold big.bin", DEADLINE, || {
         std::fs::metadata(nodes[1].p("big.bin")).is_ok_and(|m| m.len() == data.len() as u64) && read(&nodes[1].p("big.bin")).as_deref() == Some(&data[..])

@@ -23,6 +23,25 @@ fn output_dir() -> PathBuf {
     target.join("test-output")
 }
 
+/// Starts a Playwright script of `tests/browser` against manager `m`'s dashboard, with
+/// the operator token, where to save its screenshot, a fresh browser profile, and `env`;
+/// its stdout is piped (the steps it reports), its stderr goes to `log`.
+fn browser_script(m: &Manager, script: &str, screenshot: &Path, profile: &Path, log: &Path, env: &[(&str, String)]) -> std::process::Child {
+    Command::new("node")
+        .arg(browser_dir().join(script))
+        .current_dir(browser_dir())
+        .env("DASHBOARD_URL", format!("{}/", m.url()))
+        .env("OPERATOR_TOKEN", &m.token)
+        .env("SCREENSHOT", screenshot)
+        .env("USER_DATA_DIR", profile)
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .expect("node runs (scripts/setup-browser.sh installs it)")
+}
+
 /// How often the node's log says the manager asked it for a sync.
 fn sync_requests_logged(n: &NodeProc) -> usize {
     std::fs::read_to_string(&n.log).unwrap_or_default().matches("the manager asked for a sync").count()
@@ -52,19 +71,7 @@ fn dashboard_shows_live_changes_and_its_sync_button_works() {
     let _ = std::fs::remove_file(&screenshot);
     let profile = tempfile::tempdir().unwrap();
     let browser_log = out.join("dashboard-browser.log");
-    let mut script = Command::new("node")
-        .arg(browser_dir().join("dashboard.mjs"))
-        .current_dir(browser_dir())
-        .env("DASHBOARD_URL", format!("{}/", m.url()))
-        .env("OPERATOR_TOKEN", &m.token)
-        .env("SCREENSHOT", &screenshot)
-        .env("USER_DATA_DIR", profile.path())
-        .env("CHANGED_PATH", "from-the-mount.txt")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&browser_log).unwrap())
-        .spawn()
-        .expect("node runs (scripts/setup-browser.sh installs it)");
+    let mut script = browser_script(&m, "dashboard.mjs", &screenshot, profile.path(), &browser_log, &[("CHANGED_PATH", "from-the-mount.txt".into())]);
     let (tx, rx) = mpsc::channel();
     let stdout = script.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -142,21 +149,14 @@ fn dashboard_restores_from_the_trash_and_from_a_files_versions() {
     let screenshot = out.join("dashboard-versions.png");
     let browser_log = out.join("dashboard-versions-browser.log");
     let profile = tempfile::tempdir().unwrap();
-    let mut script = Command::new("node")
-        .arg(browser_dir().join("versions.mjs"))
-        .current_dir(browser_dir())
-        .env("DASHBOARD_URL", format!("{}/", m.url()))
-        .env("OPERATOR_TOKEN", &m.token)
-        .env("SCREENSHOT", &screenshot)
-        .env("USER_DATA_DIR", profile.path())
-        .env("TRASH_PATH", "album")
-        .env("VERSIONS_PATH", "letter.txt")
-        .env("OLD_REV", old_rev.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&browser_log).unwrap())
-        .spawn()
-        .expect("node runs (scripts/setup-browser.sh installs it)");
+    let mut script = browser_script(
+        &m,
+        "versions.mjs",
+        &screenshot,
+        profile.path(),
+        &browser_log,
+        &[("TRASH_PATH", "album".into()), ("VERSIONS_PATH", "letter.txt".into()), ("OLD_REV", old_rev.to_string())],
+    );
     let lines: Vec<String> = BufReader::new(script.stdout.take().unwrap()).lines().map_while(Result::ok).collect();
     let status = script.wait().unwrap();
     if !status.success() {

@@ -44,6 +44,13 @@ impl Setup {
         self.m.get_json(&format!("/api/files/versions?path={path}"))["versions"].as_array().unwrap().clone()
     }
 
+    /// The nodes that keep the newest old version of `path`, sorted.
+    fn old_keepers(&self, path: &str) -> Vec<String> {
+        let mut k: Vec<String> = self.versions(path)[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+        k.sort();
+        k
+    }
+
     /// Waits until every old version of `path` is available (its keepers confirmed).
     fn old_versions_kept(&self, path: &str, how_many: usize) {
         eventually(&format!("{how_many} old version(s) of {path} to be kept"), DEADLINE, || {
@@ -179,7 +186,7 @@ fn a_version_whose_keepers_are_all_offline_is_shown_unavailable() {
     write(&s.nodes[0].p("plan.txt"), b"second plan");
     s.converged();
     s.old_versions_kept("plan.txt", 1);
-    let keepers: Vec<String> = s.versions("plan.txt")[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
+    let keepers = s.old_keepers("plan.txt");
     assert_eq!(keepers.len(), 2, "two copies kept: {keepers:?}");
     let old = s.versions("plan.txt")[1]["rev"].as_u64().unwrap();
     for n in s.nodes.iter_mut().filter(|n| keepers.contains(&n.id)) {
@@ -244,11 +251,7 @@ fn a_keeper_short_of_disk_drops_its_copy_and_another_node_fetches_it_from_a_keep
     write(&s.nodes[0].p("plan.bin"), b"the new plan");
     s.converged();
     s.old_versions_kept("plan.bin", 1);
-    let keepers = |s: &Setup| -> Vec<String> {
-        let mut k: Vec<String> = s.versions("plan.bin")[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-        k.sort();
-        k
-    };
+    let keepers = |s: &Setup| s.old_keepers("plan.bin");
     assert_eq!(keepers(&s), ["n2", "n3"], "the nodes that pulled it keep it, not the one that overwrote it");
     // n4 joins later: it never had the old version. n1 (which may still have its bytes)
     // goes away, so n4 is the only node that can take over a copy.
@@ -313,11 +316,7 @@ fn a_keeper_that_lost_a_content_while_stopped_says_so_when_it_returns_and_anothe
     write(&s.nodes[0].p("notes.bin"), b"rewritten");
     s.converged();
     s.old_versions_kept("notes.bin", 1);
-    let keepers = |s: &Setup| -> Vec<String> {
-        let mut k: Vec<String> = s.versions("notes.bin")[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
-        k.sort();
-        k
-    };
+    let keepers = |s: &Setup| s.old_keepers("notes.bin");
     assert_eq!(keepers(&s), ["n2", "n3"]);
     // n2 stops, and its copy is lost meanwhile (a data directory restored from an old
     // backup, a disk swapped): it never got to say so.

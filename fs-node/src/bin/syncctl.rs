@@ -105,17 +105,7 @@ fn describe(v: &Option<wire::Version>) -> String {
 
 /// Asks the manager, through the node, and returns its answer (a failure is an error).
 async fn ask(cli: &Cli, query: &wire::Query) -> anyhow::Result<wire::Answer> {
-    let url = format!("{}/ask", node_url(cli)?);
-    let mut req = fs_node::puller::http_client(cli.tls_ca.as_deref())?.post(&url).body(serde_json::to_vec(query)?);
-    if let Some(t) = &cli.cluster_token {
-        req = req.bearer_auth(t);
-    }
-    let resp = req.send().await.with_context(|| format!("cannot reach the node at {url}"))?;
-    if !resp.status().is_success() {
-        let status = resp.status();
-        let body: serde_json::Value = resp.json().await.unwrap_or_default();
-        bail!("{}", body.get("error").and_then(|e| e.as_str()).map(str::to_string).unwrap_or_else(|| format!("the node answered {status}")));
-    }
+    let resp = call(cli, reqwest::Method::POST, "/ask", Some(serde_json::to_vec(query)?)).await?;
     match resp.json().await.context("decoding the manager's answer")? {
         wire::Answer::Failed { reason } => bail!("{reason}"),
         a => Ok(a),
@@ -148,10 +138,19 @@ fn conflict_files(dir: &Path, out: &mut Vec<PathBuf>) {
 }
 
 async fn request(cli: &Cli, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::Response> {
+    call(cli, method, path, None).await
+}
+
+/// A request to the node, with the cluster token and a body if given; an answer other
+/// than success is an error with the node's reason.
+async fn call(cli: &Cli, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> anyhow::Result<reqwest::Response> {
     let url = format!("{}{}", node_url(cli)?, path);
     let mut req = fs_node::puller::http_client(cli.tls_ca.as_deref())?.request(method, &url);
     if let Some(t) = &cli.cluster_token {
         req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.body(b);
     }
     let resp = req.send().await.with_context(|| format!("cannot reach the node at {url}"))?;
     if !resp.status().is_success() {

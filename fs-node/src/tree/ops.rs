@@ -498,13 +498,14 @@ impl Tree {
     }
 
     fn gauges_of(st: &State) -> TreeStats {
+        let (kept_contents, kept_bytes) = Self::kept_usage_of(st);
         TreeStats {
             pending_changes: st.outbox.len() as u64,
             conflicts_seen: st.conflicts_seen,
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,
-            kept_contents: Self::kept_usage_of(st).0,
-            kept_bytes: Self::kept_usage_of(st).1,
+            kept_contents,
+            kept_bytes,
             ..Default::default()
         }
     }
