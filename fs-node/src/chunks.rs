@@ -113,7 +113,7 @@ impl ChunkList {
     }
 
     pub fn read_from(bytes: &[u8]) -> Option<ChunkList> {
-        if bytes.len() % 36 != 0 {
+        if !bytes.len().is_multiple_of(36) {
             return None;
         }
         let mut offset = 0;

@@ -33,6 +33,13 @@ const SCHEMA_V2: &str = "
 CREATE TABLE IF NOT EXISTS kept(hash TEXT PRIMARY KEY, size INTEGER NOT NULL, until_ms INTEGER NOT NULL, at_ms INTEGER NOT NULL);
 ";
 
+/// Schema version 3: which paths this node keeps local (`pinned` 1) or fetches on
+/// demand (0), as `syncctl pin` and `unpin` set them; a path without a row takes its
+/// nearest ancestor's rule, the root the node's `--on-demand` default.
+const SCHEMA_V3: &str = "
+CREATE TABLE IF NOT EXISTS pins(path TEXT PRIMARY KEY, pinned INTEGER NOT NULL);
+";
+
 /// One content kept past GC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptRow {
@@ -75,7 +82,7 @@ pub struct Db {
 /// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
 /// is at). A new version is a new `M::up` at the end; the ones before never change.
 fn migrations() -> rusqlite_migration::Migrations<'static> {
-    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2)])
+    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2), rusqlite_migration::M::up(SCHEMA_V3)])
 }
 
 /// Brings a database to the latest schema version, or refuses one written by a newer
@@ -126,6 +133,24 @@ impl Db {
     }
     pub fn set_meta(&self, key: &str, value: &str) -> rusqlite::Result<()> {
         self.conn.execute("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
+        Ok(())
+    }
+
+    /// Every pin rule: (path, "" for the root, and whether it keeps contents local).
+    pub fn pins(&self) -> rusqlite::Result<Vec<(String, bool)>> {
+        let mut st = self.conn.prepare("SELECT path, pinned FROM pins")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
+        rows.collect()
+    }
+
+    pub fn set_pin(&self, path: &str, pinned: Option<bool>) -> rusqlite::Result<()> {
+        match pinned {
+            Some(p) => self
+                .conn
+                .prepare_cached("INSERT INTO pins(path, pinned) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET pinned = excluded.pinned")?
+                .execute(params![path, p])?,
+            None => self.conn.prepare_cached("DELETE FROM pins WHERE path = ?1")?.execute([path])?,
+        };
         Ok(())
     }
 
@@ -274,7 +299,7 @@ mod tests {
         let path = dir.path().join("node.db");
         let db = Db::open(&path).unwrap();
         db.set_meta("k", "v").unwrap();
-        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 2);
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 3);
         drop(db);
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
         assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");

@@ -421,7 +421,7 @@ impl<R> Engine<R> {
     fn apply_entry(&mut self, mut entry: Entry, now: Now) -> EngineResult<Applied> {
         self.clear_setid(&mut entry);
         let applied = self.tree.apply_remote(&entry).map_err(fail(format!("applying {}", entry.path)))?;
-        let result = Applied { changed: applied.changed, missing_content: applied.missing_content, invals: Vec::new() };
+        let result = Applied { changed: applied.changed, missing_content: applied.missing_content, remote: applied.remote, invals: Vec::new() };
         self.after_apply(&entry, applied, now);
         Ok(result)
     }
@@ -457,7 +457,8 @@ impl<R> Engine<R> {
         } else if self.missing.get(&entry.path).is_some_and(|m| entry.rev >= m.entry.rev) {
             self.missing.remove(&entry.path);
         }
-        if applied.changed {
+        // A path applied without its content (on demand here) is not held.
+        if applied.changed && !applied.remote {
             if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
                 self.held.push(Held { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() });
             }

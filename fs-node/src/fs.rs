@@ -4,6 +4,7 @@
 //! per inode): the tree decides when an open passes through (`tree::Passthrough`),
 //! and the listing each open directory handle reads from (`Listings`).
 
+use crate::fetch::Fetcher;
 use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
@@ -38,6 +39,10 @@ pub struct SyncFs {
     /// never dropped while an open reuses it.
     backings: Mutex<HashMap<u64, BackingId>>,
     listings: Listings,
+    /// Fetches the content of an on-demand file its first open needs, on the runtime
+    /// (the FUSE thread does not wait: the open is answered when the fetch ends).
+    fetcher: Arc<Fetcher>,
+    rt: tokio::runtime::Handle,
 }
 
 /// One directory listing: (inode, offset of the next entry, kind, name), `.` and `..`
@@ -83,8 +88,35 @@ impl Listings {
 impl SyncFs {
     /// `passthrough` starts as what the operator asked for; `init` and `open` switch it off
     /// when the kernel says no (shown in the node's metrics).
-    pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>) -> SyncFs {
-        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default() }
+    pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>, fetcher: Arc<Fetcher>, rt: tokio::runtime::Handle) -> SyncFs {
+        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default(), fetcher, rt }
+    }
+
+    /// Runs `then` (which replies) once the content `ino` lacks is here, on a blocking
+    /// thread; replies with the fetch's error instead if it fails. Returns `Err(reply)`
+    /// at once when nothing is to be fetched.
+    fn after_fetch<R: Send + 'static>(
+        &self,
+        op: &'static str,
+        ino: u64,
+        truncate: bool,
+        reply: R,
+        fail_with: fn(R, Errno),
+        then: impl FnOnce(Arc<Tree>, R) + Send + 'static,
+    ) -> Result<(), R> {
+        let Some(c) = self.tree.content_to_fetch(ino, truncate) else {
+            return Err(reply);
+        };
+        let (fetcher, tree) = (self.fetcher.clone(), self.tree.clone());
+        self.rt.spawn(async move {
+            match fetcher.fetch(&c).await {
+                Ok(()) => {
+                    let _ = tokio::task::spawn_blocking(move || then(tree, reply)).await;
+                }
+                Err(e) => fail_with(reply, fail(op, e)),
+            }
+        });
+        Ok(())
     }
 
     fn backings(&self) -> MutexGuard<'_, HashMap<u64, BackingId>> {
@@ -138,7 +170,7 @@ fn set_time(t: Option<TimeOrNow>) -> Option<SetTime> {
 /// the errno.
 fn fail(op: &str, e: FsError) -> Errno {
     match &e {
-        FsError::Io(_) => tracing::warn!(op, "{e}"),
+        FsError::Io(_) | FsError::Unreachable(_) => tracing::warn!(op, "{e}"),
         FsError::NotFound | FsError::Exists | FsError::NotEmpty => tracing::trace!(op, "{e}"),
         _ => tracing::debug!(op, "{e}"),
     }
@@ -200,10 +232,20 @@ impl Filesystem for SyncFs {
         reply: ReplyAttr,
     ) {
         let a = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
-        match self.tree.setattr(ino.0, req.uid(), a) {
+        let uid = req.uid();
+        let ino = ino.0;
+        let set = move |tree: &Tree, a: SetAttr, reply: ReplyAttr| match tree.setattr(ino, uid, a) {
             Ok(a) => reply.attr(&TTL, &attr(&a)),
             Err(e) => reply.error(fail("setattr", e)),
+        };
+        // Truncating an on-demand file to a size other than 0 keeps what is below it:
+        // that is fetched first.
+        if size.is_some_and(|n| n > 0) {
+            let later = a.clone();
+            let Err(reply) = self.after_fetch("setattr", ino, false, reply, |r, e| r.error(e), move |tree, reply| set(&tree, later, reply)) else { return };
+            return set(&self.tree, a, reply);
         }
+        set(&self.tree, a, reply)
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -268,6 +310,20 @@ impl Filesystem for SyncFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // An on-demand file's first open waits for its content (an open that truncates
+        // needs none); that open reads through this process, later ones may pass through.
+        let fetching = self.after_fetch(
+            "open",
+            ino.0,
+            write && truncate,
+            reply,
+            |r, e| r.error(e),
+            move |tree, reply| match tree.open(ino.0, write, truncate, false) {
+                Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(fail("open", e)),
+            },
+        );
+        let Err(reply) = fetching else { return };
         let mut backings = self.backings();
         let fh = match self.tree.open(ino.0, write, truncate, self.passthrough.load(Ordering::Relaxed)) {
             Ok((fh, OpenIo::Cached)) => return reply.opened(FileHandle(fh), FopenFlags::empty()),

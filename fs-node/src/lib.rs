@@ -5,6 +5,7 @@ pub mod chunks;
 pub mod db;
 pub mod engine;
 pub mod env;
+pub mod fetch;
 pub mod fs;
 pub mod link;
 pub mod metrics;

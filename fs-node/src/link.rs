@@ -317,6 +317,15 @@ impl Pulls {
         };
         self.metrics.messages_in.inc();
         tracing::debug!(target: "timing", "delivery received");
+        // Every holder named is remembered: an on-demand open asks them.
+        for part in env.body.parts_for(&self.me) {
+            match part {
+                ToNode::Applied { entry, .. } | ToNode::Decided { current: entry, .. } => self.puller.learn_holders(&entry.holders),
+                ToNode::SyncReply { entries, .. } => self.puller.learn_holders(entries.iter().flat_map(|e| &e.holders)),
+                ToNode::Keep { items } => self.puller.learn_holders(items.iter().flat_map(|i| &i.holders)),
+                _ => {}
+            }
+        }
         let wanted = engine::wanted_contents(&self.tree, &self.me, &env.body);
         stream::iter(wanted)
             .map(|w| {
@@ -336,16 +345,10 @@ impl Pulls {
         let t = Instant::now();
         let r = self.puller.pull_with_basis(hash, size, holders, basis).await;
         self.state.pulls_in_progress.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.count_pull(&r, t.elapsed());
         match r {
-            Ok(n) => {
-                self.metrics.bytes_pulled.inc_by(n);
-                if n > 0 {
-                    self.metrics.observe_pull(t.elapsed());
-                }
-                0
-            }
+            Ok(_) => 0,
             Err(e) => {
-                self.metrics.pulls_failed.inc();
                 tracing::warn!("{e:#}; will retry");
                 1
             }

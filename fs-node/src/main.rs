@@ -70,6 +70,11 @@ struct Args {
     /// free-space floor).
     #[arg(long, env = "SYNC_GC_EVERY_SECS", default_value_t = fs_node::node::GC_EVERY.as_secs())]
     gc_every_secs: u64,
+    /// Files on demand: every name, size and time appears at once, and a file's content
+    /// is fetched when a program first opens it; `syncctl pin` keeps a path local
+    /// (docs/on-demand.md).
+    #[arg(long, env = "SYNC_ON_DEMAND")]
+    on_demand: bool,
 }
 
 fn main() -> std::process::ExitCode {
@@ -102,5 +107,6 @@ fn run() -> anyhow::Result<()> {
         ignore: a.ignore,
         keep_min_free: a.keep_min_free_mib.saturating_mul(1 << 20),
         gc_every: std::time::Duration::from_secs(a.gc_every_secs.max(1)),
+        on_demand: a.on_demand,
     })
 }

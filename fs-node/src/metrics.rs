@@ -53,6 +53,21 @@ impl Metrics {
         self.pull_seconds.observe(d.as_secs_f64());
     }
 
+    /// Counts the end of one pull that took `took`: its bytes, or its failure.
+    pub fn count_pull(&self, r: &anyhow::Result<u64>, took: Duration) {
+        match r {
+            Ok(n) => {
+                self.bytes_pulled.inc_by(*n);
+                if *n > 0 {
+                    self.observe_pull(took);
+                }
+            }
+            Err(_) => {
+                self.pulls_failed.inc();
+            }
+        }
+    }
+
     /// The exposition text (OpenMetrics). Counter names get their `_total` from the
     /// encoder.
     pub fn render(&self, g: &Gauges) -> String {

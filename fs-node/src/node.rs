@@ -55,6 +55,8 @@ pub struct Config {
     pub keep_min_free: u64,
     /// How often the store's GC runs (and drops kept contents below the floor).
     pub gc_every: Duration,
+    /// Paths without a pin rule get metadata only; contents come when first read.
+    pub on_demand: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -156,7 +158,12 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let scheme = if acceptor_is_tls { "https" } else { "http" };
     let url = cfg.advertise.clone().unwrap_or_else(|| format!("{scheme}://{local}"));
     let passthrough = Arc::new(AtomicBool::new(cfg.passthrough));
-    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), passthrough.clone());
+    let client = crate::puller::http_client(cfg.tls_ca.as_deref())?;
+    let puller = crate::puller::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
+    let metrics = Arc::new(Metrics::default());
+    let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone());
+    tree.set_on_demand(cfg.on_demand);
+    let fs = SyncFs::new(tree.clone(), cfg.data.clone(), passthrough.clone(), fetcher.clone(), rt.handle().clone());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =
         // nosuid and nodev whatever the defaults: contents come from other machines.
@@ -175,12 +182,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracing::info!(node = %cfg.id, mount = %cfg.mount.display(), %url, "mounted");
 
     let tracker = tokio_util::task::TaskTracker::new();
-    let client = crate::puller::http_client(cfg.tls_ca.as_deref())?;
-    let puller = crate::puller::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
-    let metrics = Arc::new(Metrics::default());
     let info = NodeInfo { id: cfg.id.clone(), url: url.clone(), allow_setid: cfg.allow_setid, software: env!("CARGO_PKG_VERSION").to_string() };
     let (link, link_handle) = LinkTask::new(cfg.broker.clone(), info, tree.clone(), puller, metrics.clone(), notifier);
-    let reporter = Reporter { id: cfg.id.clone(), mount: cfg.mount.clone(), url: url.clone(), tree: tree.clone(), link: link_handle, metrics, passthrough };
+    fetcher.set_link(link_handle.clone());
+    let reporter =
+        Reporter { id: cfg.id.clone(), mount: cfg.mount.clone(), url: url.clone(), tree: tree.clone(), link: link_handle, metrics, passthrough, fetcher };
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
     tracker.spawn(link.run(cancel.clone()));

@@ -93,6 +93,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         .route("/metrics", only(Method::GET, get(metrics)))
         .route("/sync", only(Method::POST, post(sync)))
         .route("/ask", only(Method::POST, post(ask)))
+        .route("/pin", only(Method::POST, post(pin)))
         .fallback(no_such_endpoint)
         .layer(axum::middleware::from_fn_with_state(served.clone(), require_token))
         .with_state(served)
@@ -171,6 +172,35 @@ async fn ask(State(served): State<Arc<Served>>, body: Bytes) -> Response {
     match served.reporter.link.ask(query, Duration::from_secs(30)).await {
         Ok(answer) => full(StatusCode::OK, "application/json", serde_json::to_vec(&answer).unwrap_or_default()),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
+    }
+}
+
+/// What `POST /pin` takes: a path in the tree ("" for all of it) and its rule (true:
+/// keep local, false: on demand, absent: remove the rule).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PinRequest {
+    path: String,
+    pinned: Option<bool>,
+}
+
+/// Sets a pin rule (`syncctl pin` / `unpin`); answers how many files are being fetched.
+async fn pin(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    if body.len() > MAX_ASK_BYTES {
+        return json_error(StatusCode::PAYLOAD_TOO_LARGE, &format!("a pin request is at most {MAX_ASK_BYTES} bytes"));
+    }
+    let req: PinRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return json_error(StatusCode::BAD_REQUEST, &format!("not a pin request: {e}")),
+    };
+    let r = &served.reporter;
+    let (tree, fetcher) = (r.tree.clone(), r.fetcher.clone());
+    let done = tokio::task::spawn_blocking(move || fetcher.pin(&tree, &req.path, req.pinned)).await;
+    match done {
+        Ok(Ok(n)) => full(StatusCode::OK, "application/json", serde_json::json!({ "fetching": n }).to_string()),
+        Ok(Err(crate::tree::FsError::Invalid)) => json_error(StatusCode::BAD_REQUEST, "not a path in the tree"),
+        Ok(Err(e)) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}")),
+        Err(e) => json_error(StatusCode::INTERNAL_SERVER_ERROR, &format!("{e}")),
     }
 }
 
@@ -290,8 +320,9 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let puller = Puller::new(reqwest::Client::new(), store, id.clone(), None, Duration::from_secs(1), false);
         let info = NodeInfo { id: id.clone(), url: url.clone(), allow_setid: false, software: "test".into() };
+        let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone());
         let (_task, link) = LinkTask::new("amqp://127.0.0.1:1".into(), info, tree.clone(), puller, metrics.clone(), Arc::new(OnceLock::new()));
-        Arc::new(Reporter { id, mount: data.join("mnt"), url, tree, link, metrics, passthrough: Arc::new(AtomicBool::new(false)) })
+        Arc::new(Reporter { id, mount: data.join("mnt"), url, tree, link, metrics, passthrough: Arc::new(AtomicBool::new(false)), fetcher })
     }
 
     async fn call(router: &Router, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, Bytes) {

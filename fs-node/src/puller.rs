@@ -3,10 +3,12 @@
 //! send too much or the wrong bytes.
 
 use crate::store::ContentStore;
-use anyhow::{bail, Context};
+use anyhow::Context;
 use futures_util::TryStreamExt;
+use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{ContentHash, Holder, NodeId};
@@ -76,11 +78,105 @@ pub struct Puller {
     /// This node serves TLS: its token goes only to `https://` holders.
     tls_only: bool,
     limit: Arc<tokio::sync::Semaphore>,
+    /// Pulls under way, with their bytes so far (`in_progress`).
+    progress: Arc<std::sync::Mutex<HashMap<ContentHash, Progress>>>,
+    /// Every holder named to this node, by node: where a content opened on demand is
+    /// asked for (`known_holders`).
+    known: Arc<std::sync::Mutex<std::collections::BTreeMap<NodeId, String>>>,
+}
+
+/// One pull under way.
+#[derive(Clone)]
+struct Progress {
+    size: u64,
+    done: Arc<AtomicU64>,
+    /// Pulls of this content at once (a fetch on open and a sync may meet).
+    pulls: usize,
+}
+
+/// One pull under way, as `syncctl status` and the dashboard show it.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct PullProgress {
+    pub hash: ContentHash,
+    pub size: u64,
+    pub done: u64,
+}
+
+/// No holder of a content could be reached (none known, or every one refused the
+/// connection or timed out): a read of it fails with `EHOSTUNREACH`.
+#[derive(Debug, thiserror::Error)]
+#[error("no node holding {0} could be reached")]
+pub struct Unreachable(pub ContentHash);
+
+/// Whether an attempt failed before reaching the holder at all.
+fn is_unreachable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_connect() || (r.is_timeout() && r.status().is_none())))
+}
+
+/// Removes its pull from the progress table when the pull ends, however it ends.
+struct ProgressGuard<'a> {
+    table: &'a std::sync::Mutex<HashMap<ContentHash, Progress>>,
+    hash: ContentHash,
+}
+
+impl Drop for ProgressGuard<'_> {
+    fn drop(&mut self) {
+        let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = t.get_mut(&self.hash) {
+            p.pulls -= 1;
+            if p.pulls == 0 {
+                t.remove(&self.hash);
+            }
+        }
+    }
 }
 
 impl Puller {
     pub fn new(client: reqwest::Client, store: ContentStore, me: NodeId, token: Option<String>, stall: Duration, tls_only: bool) -> Puller {
-        Puller { client, store, me, token, stall, tls_only, limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)) }
+        Puller {
+            client,
+            store,
+            me,
+            token,
+            stall,
+            tls_only,
+            limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)),
+            progress: Arc::default(),
+            known: Arc::default(),
+        }
+    }
+
+    /// Remembers the holders a message named (their latest URLs).
+    pub fn learn_holders<'a>(&self, holders: impl IntoIterator<Item = &'a Holder>) {
+        let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        for h in holders {
+            if h.node != self.me && known.get(&h.node) != Some(&h.url) {
+                if known.len() >= wire::MAX_HOLDERS && !known.contains_key(&h.node) {
+                    continue;
+                }
+                known.insert(h.node.clone(), h.url.clone());
+            }
+        }
+    }
+
+    /// Every holder this node has heard of: asked, in turn, for a content opened on
+    /// demand (those that lack it answer 404 and the next is asked).
+    pub fn known_holders(&self) -> Vec<Holder> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(node, url)| Holder { node: node.clone(), url: url.clone() }).collect()
+    }
+
+    /// The pulls under way, and their bytes so far.
+    pub fn in_progress(&self) -> Vec<PullProgress> {
+        let t = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<PullProgress> =
+            t.iter().map(|(h, p)| PullProgress { hash: h.clone(), size: p.size, done: p.done.load(Ordering::Relaxed).min(p.size) }).collect();
+        v.sort_by_key(|p| p.hash.to_hex().as_str().to_string());
+        v
+    }
+
+    /// The byte counter of a pull of `hash` under way (a fresh one if there is none).
+    fn counter(&self, hash: &ContentHash) -> Arc<AtomicU64> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.done.clone()).unwrap_or_default()
     }
 
     /// Makes `hash` (of `size` bytes) present in the store, trying each holder in turn
@@ -96,11 +192,19 @@ impl Puller {
         if self.store.has(hash) {
             return Ok(0);
         }
+        self.learn_holders(holders);
         let _permit = self.limit.acquire().await.context("pull limiter closed")?;
         let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
         if others.is_empty() {
-            bail!("no other node holds {hash}");
+            return Err(anyhow::Error::new(Unreachable(hash.clone())).context("no other node holds it"));
         }
+        self.progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(hash.clone())
+            .or_insert_with(|| Progress { size, done: Arc::default(), pulls: 0 })
+            .pulls += 1;
+        let _progress = ProgressGuard { table: &self.progress, hash: hash.clone() };
         // By chunks when there is something to gain: chunks this node has, or several
         // holders to share the work. A new file from one holder streams whole (its chunk
         // list would only delay the first byte).
@@ -114,6 +218,8 @@ impl Puller {
             }
         }
         let mut last = None;
+        // Whether any holder was reached at all (else the pull fails as `Unreachable`).
+        let mut reached = false;
         for round in 0..PULL_ROUNDS {
             let mut i = 0;
             while i < others.len() {
@@ -124,11 +230,13 @@ impl Puller {
                     Ok(n) => return Ok(n),
                     Err(Attempt::Retry(e)) => {
                         tracing::debug!("pull of {hash} from {} failed: {e:#}", others[i].node);
+                        reached |= !is_unreachable(&e);
                         last = Some(e);
                         i += 1;
                     }
                     Err(Attempt::Misbehaved(e)) => {
                         tracing::warn!("dropping holder {} for this pull: {e:#}", others[i].node);
+                        reached |= !is_unreachable(&e);
                         last = Some(e);
                         others.remove(i);
                     }
@@ -139,7 +247,11 @@ impl Puller {
             }
             tokio::time::sleep(Duration::from_millis(200 * (round as u64 + 1))).await;
         }
-        Err(last.unwrap_or_else(|| anyhow::anyhow!("no holder answered")).context(format!("pulling {hash}")))
+        let last = last.unwrap_or_else(|| anyhow::anyhow!("no holder answered"));
+        if !reached {
+            return Err(last.context(Unreachable(hash.clone())));
+        }
+        Err(last.context(format!("pulling {hash}")))
     }
 
     /// A GET of `what` (`content/<hash>`, `chunks/<hash>`) from `holder`, with the
@@ -289,6 +401,8 @@ impl Puller {
             .context("copying the unchanged chunks")?;
         }
         let local = list.chunks.len() - wanted.len();
+        let progress = self.counter(hash);
+        progress.store(size - wanted.iter().map(|&i| list.chunks[i].len as u64).sum::<u64>(), Ordering::Relaxed);
         // The chunks not yet asked for, and how many are being fetched: a worker whose
         // holder is fine waits while others still have chunks in flight (one may come
         // back, its holder dropped), and ends when nothing is left anywhere.
@@ -299,7 +413,8 @@ impl Puller {
         for h in holders {
             let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             for _ in 0..CHUNK_REQUESTS_PER_HOLDER {
-                let (work, changed, fetched, dropped, file) = (work.clone(), changed.clone(), fetched.clone(), dropped.clone(), file.clone());
+                let (work, changed, fetched, dropped, file, progress) =
+                    (work.clone(), changed.clone(), fetched.clone(), dropped.clone(), file.clone(), progress.clone());
                 let holder: Holder = (*h).clone();
                 workers.push(async move {
                     loop {
@@ -344,6 +459,7 @@ impl Puller {
                         match got {
                             Ok(n) => {
                                 fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                                progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
                             }
                             Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => {
                                 if !dropped.swap(true, std::sync::atomic::Ordering::Relaxed) {
@@ -380,6 +496,8 @@ impl Puller {
             return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers {declared} bytes of {hash}, which has {size}", holder.node)));
         }
         let (tmp, mut file) = self.store.tmp_file().context("creating a download file").map_err(Attempt::Retry)?;
+        let progress = self.counter(hash);
+        progress.store(0, Ordering::Relaxed);
         let result = async {
             let mut hasher = blake3::Hasher::new();
             let mut n = 0u64;
@@ -407,6 +525,7 @@ impl Puller {
                 }
                 hasher.update(&chunk);
                 file.write_all(&chunk).context("writing a download").map_err(Attempt::Retry)?;
+                progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 window.1 += chunk.len() as u64;
                 if window.1 >= MIN_PROGRESS_BYTES.min(size - (n - window.1)) {
                     window = (tokio::time::Instant::now(), 0);

@@ -2,9 +2,11 @@
 //! /status`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
 //! [`Reporter`] reads the tree, the broker link's handle and the metrics when asked.
 
+use crate::fetch::Fetcher;
 use crate::link::{LinkHandle, SyncReport};
 use crate::metrics::{Gauges, Metrics};
-use crate::tree::Tree;
+use crate::puller::PullProgress;
+use crate::tree::{ResidencyReport, Tree};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -33,6 +35,12 @@ pub struct NodeStatus {
     pub kept_bytes: u64,
     pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
+    /// Local and on-demand contents, and the pin rules (docs/on-demand.md).
+    #[serde(default)]
+    pub residency: ResidencyReport,
+    /// Contents being pulled (for a sync, an open, a pin), with their bytes so far.
+    #[serde(default)]
+    pub pulls: Vec<PullProgress>,
 }
 
 /// Reads a node's state for its status and metrics.
@@ -45,6 +53,8 @@ pub struct Reporter {
     pub metrics: Arc<Metrics>,
     /// Whether the kernel does passthrough I/O for this mount (owned by `fs::SyncFs`).
     pub passthrough: Arc<AtomicBool>,
+    /// On-demand fetches and pins.
+    pub fetcher: Arc<Fetcher>,
 }
 
 impl Reporter {
@@ -66,6 +76,8 @@ impl Reporter {
             kept_bytes: stats.kept_bytes,
             bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.link.last_sync(),
+            residency: self.tree.residency(),
+            pulls: self.fetcher.in_progress(),
         }
     }
 

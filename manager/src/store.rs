@@ -961,7 +961,7 @@ impl Tx<'_> {
     }
 
     /// The path's state as a decision reports it: absent (revision 0) if never known.
-    fn entry_or_absent(&self, path: &RelPath) -> anyhow::Result<Entry> {
+    pub(crate) fn entry_or_absent(&self, path: &RelPath) -> anyhow::Result<Entry> {
         Ok(entry(self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] }))
     }
 

@@ -315,6 +315,13 @@ impl Tx<'_> {
                 Ok(report) => Answer::Restored(report),
                 Err(reason) => Answer::Failed { reason: bounded_reason(reason) },
             },
+            Query::Holders { path } => {
+                let e = self.entry_or_absent(path)?;
+                match e.version.map(|v| v.content) {
+                    Some(Content::File { hash, .. }) => Answer::Holders { path: path.clone(), hash: Some(hash), holders: e.holders },
+                    _ => Answer::Holders { path: path.clone(), hash: None, holders: Vec::new() },
+                }
+            }
         };
         while serde_json::to_vec(&answer).map_or(0, |v| v.len()) > ANSWER_BYTES {
             let cut = match &mut answer {
@@ -330,6 +337,7 @@ impl Tx<'_> {
                     r.left_out += (before - r.restored.len() - r.beside.len() - r.unavailable.len()) as u64;
                     longest > 0
                 }
+                Answer::Holders { holders, .. } => holders.pop().is_some(),
                 Answer::Failed { .. } => false,
             };
             if !cut {

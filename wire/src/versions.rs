@@ -52,6 +52,9 @@ pub enum Query {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         base: Option<Revision>,
     },
+    /// The nodes that hold the current content of `path` (online first), with their
+    /// URLs now: where a node that has the file on demand fetches it.
+    Holders { path: RelPath },
 }
 
 /// The manager's answer to a [`Query`].
@@ -66,6 +69,14 @@ pub enum Answer {
         items: Vec<TrashItem>,
     },
     Restored(RestoreReport),
+    /// The holders of the path's current content, and that content (none: the path is
+    /// not a file now).
+    Holders {
+        path: RelPath,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<ContentHash>,
+        holders: Vec<Holder>,
+    },
     /// The question could not be answered (no such path, nothing kept…).
     Failed {
         reason: String,

@@ -68,6 +68,28 @@ enum Cmd {
         #[arg(long)]
         to: Option<PathBuf>,
     },
+    /// Keep PATH (a file or a whole directory; the mount's root for all) local: its
+    /// contents are fetched now and never evicted (docs/on-demand.md).
+    Pin { path: PathBuf },
+    /// Make PATH on demand: its contents may be evicted from this node (while another
+    /// node holds them) and new contents below it come when first read.
+    Unpin { path: PathBuf },
+}
+
+/// Bytes for people: 1.5 GiB, 300 KiB, 12 B.
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
 
 /// `p` as a path relative to the mount (it may be given inside the mount, absolute, or
@@ -184,10 +206,48 @@ async fn main() -> anyhow::Result<()> {
                 println!("conflicts: {}", s.conflicts_seen);
                 println!("ignored:   {} path(s) kept to this node (syncctl ignored)", s.ignored);
                 println!("versions:  {} old content(s) kept for the cluster, {} bytes", s.kept_contents, s.kept_bytes);
+                let r = &s.residency;
+                println!(
+                    "contents:  {} file(s) local ({}), {} on demand ({}){}",
+                    r.local_files,
+                    bytes(r.local_bytes),
+                    r.remote_files,
+                    bytes(r.remote_bytes),
+                    if r.on_demand { "; new files come on demand" } else { "" }
+                );
+                for (p, pinned) in &r.pins {
+                    println!("{}    /{p}", if *pinned { "pinned:  " } else { "on demand:" });
+                }
+                for p in &s.pulls {
+                    println!(
+                        "fetching:  {} {} of {} ({}%)",
+                        &p.hash.to_hex().as_str()[..12],
+                        bytes(p.done),
+                        bytes(p.size),
+                        (p.done * 100).checked_div(p.size).unwrap_or(100)
+                    );
+                }
                 match &s.last_sync {
                     Some(r) => println!("last sync: pushed {}, pulled {}, conflicts {}, failed {}", r.pushed, r.pulled, r.conflicts, r.failed),
                     None => println!("last sync: none yet"),
                 }
+            }
+        }
+        Cmd::Pin { path } | Cmd::Unpin { path } => {
+            let pinned = matches!(cli.cmd, Cmd::Pin { .. });
+            let s = status(&cli).await?;
+            let rel = in_mount(path, &s.mount)?;
+            let body = serde_json::json!({ "path": rel, "pinned": pinned });
+            let r: serde_json::Value =
+                call(&cli, reqwest::Method::POST, "/pin", Some(serde_json::to_vec(&body)?)).await?.json().await.context("decoding the answer")?;
+            let what = if rel.is_empty() { "the whole tree".to_string() } else { rel };
+            if pinned {
+                println!(
+                    "{what} is pinned: {} file(s) being fetched (syncctl status --watch shows them)",
+                    r.get("fetching").and_then(|n| n.as_u64()).unwrap_or(0)
+                );
+            } else {
+                println!("{what} is on demand: its contents may be evicted while another node holds them");
             }
         }
         Cmd::Sync => {

@@ -36,6 +36,10 @@ pub enum FsError {
     DbFull,
     #[error("file too large for the disk holding the node's data")]
     TooBig,
+    /// A file's content is not on this node (on demand) and no node holding it could
+    /// be reached: `EHOSTUNREACH` ("No route to host"), never empty or wrong bytes.
+    #[error("the content is on other nodes and none of them can be reached: {0:#}")]
+    Unreachable(anyhow::Error),
     #[error("I/O error: {0:#}")]
     Io(anyhow::Error),
 }
@@ -59,6 +63,7 @@ impl FsError {
             FsError::NoSpace => libc::ENOSPC,
             FsError::DbFull => libc::ENOSPC,
             FsError::TooBig => libc::EFBIG,
+            FsError::Unreachable(_) => libc::EHOSTUNREACH,
             FsError::Io(_) => libc::EIO,
         }
     }

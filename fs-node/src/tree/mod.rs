@@ -31,6 +31,9 @@ mod ops;
 mod outbox;
 use outbox::Outbox;
 mod remote;
+mod residency;
+use residency::Residency;
+pub use residency::{RemoteContent, ResidencyReport};
 mod state;
 mod sync;
 #[cfg(test)]
@@ -106,7 +109,7 @@ pub enum SetTime {
     At(i64),
 }
 
-#[derive(Default, Debug)]
+#[derive(Default, Debug, Clone)]
 pub struct SetAttr {
     pub mode: Option<u32>,
     pub uid: Option<u32>,
@@ -132,6 +135,9 @@ pub struct Applied {
     pub changed: bool,
     /// The entry could not be applied because its content is not in the store yet.
     pub missing_content: bool,
+    /// The entry was applied without its content: the path is on demand here, and the
+    /// content comes when a program first opens it.
+    pub remote: bool,
     pub invals: Vec<Inval>,
 }
 
@@ -272,6 +278,8 @@ struct State {
     kept_dropped: Vec<ContentHash>,
     /// Free bytes below which nothing more is kept and the oldest kept go.
     kept_floor: u64,
+    /// Which paths keep their contents local (`residency.rs`).
+    residency: Residency,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -366,12 +374,13 @@ impl Tree {
                         let _ = std::fs::remove_file(store.blob_path(h));
                         lost_at_load.push(i.ino);
                     }
-                    Err(_) => {
-                        tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again");
-                        lost_at_load.push(i.ino);
-                    }
+                    // On demand (docs/on-demand.md), or lost: told once below.
+                    Err(_) => lost_at_load.push(i.ino),
                 },
             }
+        }
+        if !lost_at_load.is_empty() {
+            tracing::info!(files = lost_at_load.len(), "files without their content here: on demand, or lost (a pinned one is pulled again at the next sync)");
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
@@ -400,10 +409,12 @@ impl Tree {
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,
+            residency: Residency::default(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;
         state.load_ignore_rules(&store);
+        state.load_pins()?;
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed
@@ -438,7 +449,9 @@ impl Tree {
         let mut out = Vec::new();
         for i in self.lost_at_load.iter().filter_map(|ino| st.inodes.get(ino)) {
             let Some(h) = i.hash.as_ref().filter(|h| i.kind == Kind::File && i.work.is_none() && !self.store.has(h)) else { continue };
-            out.extend(i.links.iter().filter_map(|(parent, name)| st.path_of(*parent, name)).map(|p| (p, h.clone())));
+            out.extend(
+                i.links.iter().filter_map(|(parent, name)| st.path_of(*parent, name)).filter(|p| st.residency.pinned(p.as_str())).map(|p| (p, h.clone())),
+            );
         }
         out
     }

@@ -89,8 +89,11 @@ impl State {
             Some(v) => {
                 if let Content::File { hash, .. } = &v.content {
                     if !store.has(hash) {
-                        out.missing_content = true;
-                        return Ok(out);
+                        if self.residency.pinned(path.as_str()) {
+                            out.missing_content = true;
+                            return Ok(out);
+                        }
+                        out.remote = true;
                     }
                 }
                 let Some(parent) = self.ensure_dirs(path, &mut out)? else {

@@ -86,10 +86,11 @@ impl Tree {
         st.inodes.get(&ino).and_then(|i| i.hash.clone())
     }
 
-    /// Whether applying `entry` needs content that is not in the store.
+    /// Whether applying `entry` needs content that is not in the store: a pinned path's
+    /// (an on-demand path is applied without it, `residency.rs`).
     pub fn needs_content(&self, entry: &Entry) -> Option<ContentHash> {
         match &entry.version {
-            Some(Version { content: Content::File { hash, .. }, .. }) if !self.store.has(hash) => Some(hash.clone()),
+            Some(Version { content: Content::File { hash, .. }, .. }) if !self.store.has(hash) && self.is_pinned(&entry.path) => Some(hash.clone()),
             _ => None,
         }
     }

@@ -634,7 +634,7 @@ fn kept_contents_outlive_the_gc_and_restarts_until_released_or_expired() {
     assert!(t.store.has(&kept), "kept past the GC");
     assert!(!t.store.has(&expired) && !t.store.has(&loose), "an expired keep and an unkept blob are collected");
     assert_eq!(t.kept_usage(), (1, 14));
-    assert_eq!(t.release_kept(&[kept.clone()]).unwrap(), 14, "released: its space is freed at once");
+    assert_eq!(t.release_kept(std::slice::from_ref(&kept)).unwrap(), 14, "released: its space is freed at once");
     assert!(!t.store.has(&kept));
     assert_eq!(t.kept_usage(), (0, 0));
 }

@@ -1,0 +1,155 @@
+//! Contents fetched because a program opened an on-demand file, or because a path was
+//! pinned (docs/on-demand.md). Owns the fetches under way: one pull per content at a
+//! time, which every opener of that content waits on. Contents come from every holder
+//! this node has heard of (the puller remembers them from the manager's messages): one
+//! that lacks it answers 404 and the next is asked, so this works while the manager is
+//! away as long as a holder is reachable.
+
+use crate::link::LinkHandle;
+use crate::metrics::Metrics;
+use crate::puller::{Puller, Unreachable};
+use crate::tree::{FsError, FsResult, RemoteContent, Tree};
+use futures_util::future::{BoxFuture, FutureExt, Shared};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+use wire::{Answer, ContentHash, Holder, Query, RelPath};
+
+/// How long an open waits for the manager to name the holders before it asks the ones
+/// this node knows of.
+const ASK_HOLDERS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pinned contents fetched at once in the background.
+const BACKGROUND_FETCHES: usize = 4;
+
+/// Why a fetch failed: no holder reachable, or another reason (logged where it happened).
+type Outcome = Result<(), (bool, Arc<String>)>;
+
+pub struct Fetcher {
+    puller: Puller,
+    /// Set once the broker link exists (`set_link`).
+    link: OnceLock<LinkHandle>,
+    metrics: Arc<Metrics>,
+    under_way: Mutex<HashMap<ContentHash, Shared<BoxFuture<'static, Outcome>>>>,
+}
+
+impl Fetcher {
+    pub fn new(puller: Puller, metrics: Arc<Metrics>) -> Arc<Fetcher> {
+        Arc::new(Fetcher { puller, link: OnceLock::new(), metrics, under_way: Mutex::new(HashMap::new()) })
+    }
+
+    /// Makes `c` present in the store: waits for the fetch under way, or starts one.
+    /// Fails with `FsError::Unreachable` when no holder could be reached.
+    pub async fn fetch(self: &Arc<Self>, c: &RemoteContent) -> FsResult<()> {
+        let pull = {
+            let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
+            under_way
+                .entry(c.hash.clone())
+                .or_insert_with(|| {
+                    let (me, c) = (self.clone(), c.clone());
+                    async move {
+                        let holders = me.holders_of(&c).await;
+                        let t = std::time::Instant::now();
+                        let r = me.puller.pull(&c.hash, c.size, &holders).await;
+                        me.metrics.count_pull(&r, t.elapsed());
+                        me.under_way.lock().unwrap_or_else(|p| p.into_inner()).remove(&c.hash);
+                        match r {
+                            Ok(n) => {
+                                tracing::info!(hash = %c.hash, bytes = n, "fetched on demand");
+                                Ok(())
+                            }
+                            Err(e) => {
+                                let unreachable = e.downcast_ref::<Unreachable>().is_some();
+                                tracing::warn!(
+                                    hash = %c.hash,
+                                    "{}: {e:#}",
+                                    if unreachable { "no node holding an on-demand content can be reached (reads fail with EHOSTUNREACH)" } else { "fetching an on-demand content failed (reads fail with EIO)" }
+                                );
+                                Err((unreachable, Arc::new(format!("{e:#}"))))
+                            }
+                        }
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        pull.await.map_err(|(unreachable, e)| {
+            let e = anyhow::anyhow!("fetching {}: {e}", c.hash);
+            if unreachable {
+                FsError::Unreachable(e)
+            } else {
+                FsError::Io(e)
+            }
+        })
+    }
+
+    /// Gives the fetcher the broker link, to ask the manager who holds a content now.
+    pub fn set_link(&self, link: LinkHandle) {
+        let _ = self.link.set(link);
+    }
+
+    /// Where to fetch `c` from: the holders the manager names now (when it can be
+    /// asked), then every other holder this node has heard of (so a content still comes
+    /// while the manager is away, from a holder whose URL has not changed).
+    async fn holders_of(&self, c: &RemoteContent) -> Vec<Holder> {
+        let mut holders = Vec::new();
+        if let (Some(path), Some(link)) = (&c.path, self.link.get().filter(|l| l.connected())) {
+            match link.ask(Query::Holders { path: path.clone() }, ASK_HOLDERS_TIMEOUT).await {
+                Ok(Answer::Holders { hash: Some(h), holders: named, .. }) if h == c.hash => holders = named,
+                Ok(_) => tracing::debug!(%path, "the manager names no holders of this content (the file changed since)"),
+                Err(e) => tracing::debug!(%path, "asking the manager for holders: {e:#}"),
+            }
+        }
+        for k in self.puller.known_holders() {
+            if !holders.iter().any(|h| h.node == k.node) {
+                holders.push(k);
+            }
+        }
+        holders
+    }
+
+    /// The pulls under way (these and every other), with their bytes so far.
+    pub fn in_progress(&self) -> Vec<crate::puller::PullProgress> {
+        self.puller.in_progress()
+    }
+
+    /// Sets or removes the pin rule of `path` ("" for the whole tree; `syncctl pin` and
+    /// `unpin`) and fetches, in the background, what it makes wanted here. Returns how
+    /// many files are to be fetched.
+    pub fn pin(self: &Arc<Self>, tree: &Tree, path: &str, pinned: Option<bool>) -> FsResult<usize> {
+        let missing = tree.set_pin(path, pinned)?;
+        let n = missing.len();
+        tracing::info!(path, ?pinned, fetching = n, "pin rule set");
+        self.fetch_all(missing);
+        Ok(n)
+    }
+
+    /// Fetches pinned contents in the background, a few at once; a failure is logged
+    /// and the next sync or pin tries again.
+    pub fn fetch_all(self: &Arc<Self>, items: Vec<(RelPath, RemoteContent)>) {
+        if items.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let n = items.len();
+            let failed = futures_util::stream::iter(items)
+                .map(|(path, c)| {
+                    let me = me.clone();
+                    async move {
+                        let r = me.fetch(&c).await;
+                        if let Err(e) = &r {
+                            tracing::warn!(%path, "fetching a pinned file: {e}");
+                        }
+                        r.is_err() as usize
+                    }
+                })
+                .buffer_unordered(BACKGROUND_FETCHES)
+                .fold(0, |a, b| async move { a + b })
+                .await;
+            tracing::info!(files = n, failed, "pinned contents fetched");
+        });
+    }
+}

@@ -1,0 +1,193 @@
+//! Which contents this node keeps local and which it fetches when first read (files on
+//! demand, docs/on-demand.md). A path is *pinned* (its contents are pulled as they
+//! arrive and never evicted) or *on demand* (its entries are applied with their
+//! metadata only, and the content comes when a program opens the file). The nearest
+//! rule above a path decides (`syncctl pin` / `unpin`, kept in `node.db`); without one,
+//! the node's `--on-demand` default. `.syncignore` files are always local: the rules
+//! they hold are read by the node itself.
+
+use super::*;
+
+/// The pin rules and the default, owned by the tree's state.
+#[derive(Debug, Default)]
+pub(super) struct Residency {
+    /// Paths are on demand unless a rule pins them (`fs-node --on-demand`).
+    pub on_demand: bool,
+    /// Rule per path ("" is the root): true pins, false makes on demand.
+    pub rules: BTreeMap<String, bool>,
+}
+
+impl Residency {
+    /// Whether contents at `path` are kept local (pulled as they arrive, never evicted).
+    pub fn pinned(&self, path: &str) -> bool {
+        if path.rsplit('/').next() == Some(IGNORE_FILE) {
+            return true;
+        }
+        if !self.rules.is_empty() {
+            let mut p = path;
+            loop {
+                if let Some(r) = self.rules.get(p) {
+                    return *r;
+                }
+                if p.is_empty() {
+                    break;
+                }
+                p = p.rsplit_once('/').map_or("", |(parent, _)| parent);
+            }
+        }
+        !self.on_demand
+    }
+}
+
+/// A file's content that is not in the store: what opening it must fetch first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemoteContent {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// A path of the file here: the manager is asked who holds its content now.
+    pub path: Option<RelPath>,
+}
+
+/// What `syncctl status` says about local and remote contents.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct ResidencyReport {
+    pub on_demand: bool,
+    /// Files whose content is here, and their bytes (a content two paths share counts
+    /// for each).
+    pub local_files: u64,
+    pub local_bytes: u64,
+    /// Files whose content is fetched when first read, and their bytes.
+    pub remote_files: u64,
+    pub remote_bytes: u64,
+    /// The rules: paths ("" is the root) pinned (true) or made on demand (false).
+    pub pins: Vec<(String, bool)>,
+}
+
+impl Tree {
+    /// Makes paths without a pin rule on demand (`fs-node --on-demand`) or local.
+    pub fn set_on_demand(&self, on: bool) {
+        self.lock().residency.on_demand = on;
+    }
+
+    /// Whether contents at `path` are kept local.
+    pub fn is_pinned(&self, path: &RelPath) -> bool {
+        self.lock().residency.pinned(path.as_str())
+    }
+
+    /// Sets (`Some`) or removes (`None`) the rule of `path` ("" for the whole tree),
+    /// durably. Returns the files below it (or it) whose contents are now wanted here
+    /// and are missing: the caller fetches them.
+    pub fn set_pin(&self, path: &str, pinned: Option<bool>) -> FsResult<Vec<(RelPath, RemoteContent)>> {
+        if !path.is_empty() {
+            RelPath::new(path.to_string()).map_err(|_| FsError::Invalid)?;
+        }
+        self.atomically(|st, _| {
+            st.db.set_pin(path, pinned)?;
+            Ok(())
+        })?;
+        let mut st = self.lock();
+        match pinned {
+            Some(p) => st.residency.rules.insert(path.to_string(), p),
+            None => st.residency.rules.remove(path),
+        };
+        Ok(Self::missing_below(&st, &self.store, path))
+    }
+
+    /// The files at or below `path` that are pinned and whose content is not here.
+    fn missing_below(st: &State, store: &ContentStore, path: &str) -> Vec<(RelPath, RemoteContent)> {
+        let mut all = Vec::new();
+        let start = if path.is_empty() { Some(ROOT) } else { RelPath::new(path.to_string()).ok().and_then(|p| st.resolve(&p)).map(|(_, _, ino)| ino) };
+        let Some(start) = start else { return all };
+        let mut paths = Vec::new();
+        if st.inodes.get(&start).is_some_and(|i| i.kind == Kind::Dir) {
+            st.collect_paths(start, RelPath::new(path.to_string()).ok().as_ref(), &mut paths);
+        } else if let Ok(p) = RelPath::new(path.to_string()) {
+            if let Some((parent, name, ino)) = st.resolve(&p) {
+                paths.push((p, parent, name, ino));
+            }
+        }
+        for (p, _, _, ino) in paths {
+            let Some(i) = st.inodes.get(&ino) else { continue };
+            if i.kind != Kind::File || i.work.is_some() || !st.residency.pinned(p.as_str()) {
+                continue;
+            }
+            if let Some(h) = i.hash.as_ref().filter(|h| !store.has(h)) {
+                all.push((p.clone(), RemoteContent { hash: h.clone(), size: i.size, path: Some(p) }));
+            }
+        }
+        all
+    }
+
+    /// Every pinned file whose content is missing (fetched at start-up).
+    pub fn pinned_missing(&self) -> Vec<(RelPath, RemoteContent)> {
+        Self::missing_below(&self.lock(), &self.store, "")
+    }
+
+    /// The content opening `ino` must fetch first: none for a file whose content is
+    /// here, one being written, or an open that truncates it.
+    pub fn content_to_fetch(&self, ino: u64, truncate: bool) -> Option<RemoteContent> {
+        if truncate {
+            return None;
+        }
+        let st = self.lock();
+        let i = st.inodes.get(&ino)?;
+        if i.kind != Kind::File || i.work.is_some() || i.passthrough.is_some() {
+            return None;
+        }
+        let h = i.hash.as_ref()?;
+        let path = i.links.first().and_then(|(parent, name)| st.path_of(*parent, name));
+        (!self.store.has(h)).then(|| RemoteContent { hash: h.clone(), size: i.size, path })
+    }
+
+    /// Local and remote files and bytes, and the pin rules: one pass over the tree.
+    pub fn residency(&self) -> ResidencyReport {
+        let st = self.lock();
+        let mut r = ResidencyReport {
+            on_demand: st.residency.on_demand,
+            pins: st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(),
+            ..Default::default()
+        };
+        for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0) {
+            match &i.hash {
+                Some(h) if i.work.is_none() && !self.store.has(h) => {
+                    r.remote_files += 1;
+                    r.remote_bytes += i.size;
+                }
+                _ => {
+                    r.local_files += 1;
+                    r.local_bytes += i.size;
+                }
+            }
+        }
+        r
+    }
+}
+
+impl State {
+    /// Loads the pin rules from `node.db`.
+    pub(super) fn load_pins(&mut self) -> anyhow::Result<()> {
+        self.residency.rules = self.db.pins()?.into_iter().collect();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_nearest_rule_decides_and_ignore_files_stay_local() {
+        let mut r = Residency { on_demand: true, rules: BTreeMap::new() };
+        assert!(!r.pinned("a/b"));
+        assert!(r.pinned(".syncignore") && r.pinned("a/.syncignore"), "rules files are always local");
+        r.rules.insert("a".into(), true);
+        r.rules.insert("a/b/c".into(), false);
+        assert!(r.pinned("a") && r.pinned("a/b") && r.pinned("a/b/x"));
+        assert!(!r.pinned("a/b/c") && !r.pinned("a/b/c/d"));
+        assert!(!r.pinned("ab"), "a rule on a does not reach ab");
+        r.on_demand = false;
+        assert!(r.pinned("z"));
+        r.rules.insert("".into(), false);
+        assert!(!r.pinned("z"), "a rule on the root beats the default");
+    }
+}

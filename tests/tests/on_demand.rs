@@ -1,0 +1,172 @@
+//! Files on demand (issue 15) on real mounts and the real broker: a node started with
+//! `--on-demand` shows every name, size and mode of the tree without pulling a byte;
+//! the first open fetches the content; with no holder reachable a read fails with
+//! EHOSTUNREACH while `ls` and `stat` go on working; `syncctl pin` fetches a subtree now
+//! and keeps new contents below it local, also after a restart; writing into a file
+//! that is not here fetches it first, and overwriting it fetches nothing.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use system_tests::*;
+
+/// A manager, a plain node n1 and an on-demand node n2.
+fn start(name: &str) -> Cluster {
+    let mut c = Cluster::start(name, 1);
+    let n2 = NodeProc::start_with(c.dir.path(), "n2", &c.vhost, &["--on-demand"]);
+    n2.wait_connected();
+    c.nodes.push(n2);
+    c
+}
+
+/// (path, size, mode) of everything below `root`, by `stat` only (no content is read).
+fn metadata(root: &Path) -> Vec<(String, u64, u32)> {
+    let mut out = Vec::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            let Ok(m) = std::fs::symlink_metadata(&p) else { continue };
+            if m.is_dir() {
+                dirs.push(p.clone());
+            }
+            out.push((p.strip_prefix(root).unwrap().display().to_string(), if m.is_dir() { 0 } else { m.len() }, m.mode()));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn residency(n: &NodeProc) -> serde_json::Value {
+    n.status()["residency"].clone()
+}
+
+fn remote_files(n: &NodeProc) -> u64 {
+    residency(n)["remote_files"].as_u64().unwrap()
+}
+
+fn pulled(n: &NodeProc) -> u64 {
+    n.status()["bytes_pulled"].as_u64().unwrap()
+}
+
+/// The errno of reading `p` whole, if it fails.
+fn read_errno(p: &Path) -> Option<i32> {
+    std::fs::read(p).err().map(|e| e.raw_os_error().unwrap_or(0))
+}
+
+#[test]
+fn an_on_demand_node_shows_the_tree_at_once_and_fetches_a_content_when_it_is_read() {
+    let mut c = start("ondemand-read");
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    for d in 0..4 {
+        std::fs::create_dir_all(a.p(&format!("src/d{d}"))).unwrap();
+        for f in 0..25 {
+            write(&a.p(&format!("src/d{d}/f{f}.txt")), format!("file {d}/{f}\n").repeat(f + 1).as_bytes());
+        }
+    }
+    let big = pseudo_random(6 << 20, 7);
+    write(&a.p("big.bin"), &big);
+    std::fs::set_permissions(a.p("src/d1/f3.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    eventually("b to show every name, size and mode", DEADLINE, || metadata(&b.mount) == metadata(&a.mount) && a.pending() == 0);
+    assert_eq!(remote_files(b), 101, "no content came with the metadata: {}", residency(b));
+    assert_eq!(pulled(b), 0);
+
+    // The first open fetches the content; the bytes are the holder's.
+    assert_eq!(read(&b.p("big.bin")).unwrap(), big);
+    assert_eq!(read(&b.p("src/d2/f7.txt")).unwrap(), read(&a.p("src/d2/f7.txt")).unwrap());
+    assert_eq!(remote_files(b), 99, "two contents are local now: {}", residency(b));
+    assert!(pulled(b) >= big.len() as u64);
+
+    // No holder reachable: the tree is still there, a content not here fails to read
+    // with EHOSTUNREACH (never empty bytes), what was fetched still reads.
+    c.nodes[0].stop();
+    let b = &c.nodes[1];
+    assert_eq!(metadata(&b.mount).len(), 106, "ls and stat work with no holder reachable");
+    assert_eq!(std::fs::metadata(b.p("src/d3/f9.txt")).unwrap().len(), "file 3/9\n".len() as u64 * 10);
+    assert_eq!(read_errno(&b.p("src/d3/f9.txt")), Some(libc::EHOSTUNREACH));
+    assert_eq!(read(&b.p("big.bin")).unwrap(), big, "what was fetched stays readable");
+    let log = std::fs::read_to_string(&b.log).unwrap();
+    assert!(log.contains("EHOSTUNREACH"), "the node's log says why the read failed");
+
+    // Once a holder is back, the same read succeeds.
+    c.nodes[0].restart();
+    c.nodes[0].wait_connected();
+    let expected = read(&c.nodes[0].p("src/d3/f9.txt")).unwrap();
+    assert_eq!(read(&c.nodes[1].p("src/d3/f9.txt")).unwrap(), expected);
+}
+
+#[test]
+fn pin_fetches_a_subtree_now_keeps_new_contents_local_and_survives_a_restart() {
+    let mut c = start("ondemand-pin");
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    for d in ["keep", "keep/deeper", "other"] {
+        std::fs::create_dir_all(a.p(d)).unwrap();
+        for f in 0..10 {
+            write(&a.p(&format!("{d}/f{f}")), format!("{d} {f}").as_bytes());
+        }
+    }
+    eventually("b to show the tree", DEADLINE, || metadata(&b.mount) == metadata(&a.mount) && a.pending() == 0);
+    assert_eq!(remote_files(b), 30);
+
+    let (ok, out, err) = b.syncctl(&["pin", b.p("keep").to_str().unwrap()]);
+    assert!(ok, "syncctl pin: {out} {err}");
+    assert!(out.contains("20 file(s) being fetched"), "{out}");
+    eventually("keep/ to be fetched", DEADLINE, || remote_files(b) == 10);
+    assert_eq!(residency(b)["pins"], serde_json::json!([["keep", true]]));
+
+    // A new content below a pinned directory comes with its entry.
+    write(&a.p("keep/new"), b"new and pinned");
+    write(&a.p("other/new"), b"new, on demand");
+    eventually("b to show both new files", DEADLINE, || b.p("keep/new").exists() && b.p("other/new").exists() && a.pending() == 0);
+    eventually("keep/new to be local", DEADLINE, || remote_files(b) == 11);
+
+    // The pins live in node.db: after a restart of b, with its only holder gone, the
+    // pinned tree reads and the rest fails with EHOSTUNREACH.
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
+    c.nodes[0].stop();
+    let b = &c.nodes[1];
+    assert_eq!(residency(b)["pins"], serde_json::json!([["keep", true]]));
+    for f in 0..10 {
+        assert_eq!(read(&b.p(&format!("keep/deeper/f{f}"))).unwrap(), format!("keep/deeper {f}").into_bytes());
+    }
+    assert_eq!(read(&b.p("keep/new")).unwrap(), b"new and pinned");
+    assert_eq!(read_errno(&b.p("other/new")), Some(libc::EHOSTUNREACH));
+
+    // Unpinned again: a new content below it comes on demand.
+    c.nodes[0].restart();
+    c.nodes[0].wait_connected();
+    let (ok, _, err) = c.nodes[1].syncctl(&["unpin", c.nodes[1].p("keep").to_str().unwrap()]);
+    assert!(ok, "{err}");
+    write(&c.nodes[0].p("keep/later"), b"later");
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    eventually("b to show keep/later", DEADLINE, || b.p("keep/later").exists() && a.pending() == 0);
+    assert_eq!(remote_files(b), 12, "keep/later came without its content: {}", residency(b));
+    assert_eq!(read(&b.p("keep/later")).unwrap(), b"later");
+}
+
+#[test]
+fn writing_into_a_file_that_is_not_here_fetches_it_first_and_an_overwrite_fetches_nothing() {
+    let c = start("ondemand-write");
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let old = pseudo_random(1 << 20, 3);
+    write(&a.p("append.log"), &old);
+    write(&a.p("replace.bin"), &pseudo_random(2 << 20, 4));
+    eventually("b to show both files", DEADLINE, || metadata(&b.mount) == metadata(&a.mount) && a.pending() == 0);
+    assert_eq!(pulled(b), 0);
+
+    let mut f = std::fs::OpenOptions::new().append(true).open(b.p("append.log")).unwrap();
+    f.write_all(b"one more line\n").unwrap();
+    drop(f);
+    let mut expected = old.clone();
+    expected.extend_from_slice(b"one more line\n");
+    eventually("a to have the appended file", DEADLINE, || read(&a.p("append.log")).as_deref() == Some(&expected[..]));
+    let after_append = pulled(b);
+    assert!(after_append >= old.len() as u64, "the append fetched the file first");
+
+    write(&b.p("replace.bin"), b"all new");
+    eventually("a to have the overwrite", DEADLINE, || read(&a.p("replace.bin")).as_deref() == Some(&b"all new"[..]));
+    assert_eq!(pulled(b), after_append, "an overwrite (O_TRUNC) fetched nothing");
+    c.converged();
+}
