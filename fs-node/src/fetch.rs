@@ -11,6 +11,7 @@ use crate::puller::{Puller, Unreachable};
 use crate::tree::{FsError, FsResult, RemoteContent, Tree};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 use wire::{Answer, ContentHash, Holder, Query, RelPath};
@@ -18,6 +19,8 @@ use wire::{Answer, ContentHash, Holder, Query, RelPath};
 /// How long an open waits for the manager to name the holders before it asks the ones
 /// this node knows of.
 const ASK_HOLDERS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes of paths in one `MayDrop` question (a node's message is at most 64 KiB).
+const MAY_DROP_BYTES: usize = 48 << 10;
 
 /// Pinned contents fetched at once in the background.
 const BACKGROUND_FETCHES: usize = 4;
@@ -25,7 +28,28 @@ const BACKGROUND_FETCHES: usize = 4;
 /// Why a fetch failed: no holder reachable, or another reason (logged where it happened).
 type Outcome = Result<(), (bool, Arc<String>)>;
 
+/// The cache's counters since the node started.
+#[derive(Default)]
+struct CacheCounters {
+    budget: AtomicU64,
+    evicted_contents: AtomicU64,
+    evicted_bytes: AtomicU64,
+    last_copies_kept: AtomicU64,
+}
+
+/// What `syncctl status` says of the cache of on-demand contents.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CacheReport {
+    /// `--cache-size` in bytes; 0: no budget (nothing is evicted).
+    pub budget: u64,
+    pub evicted_contents: u64,
+    pub evicted_bytes: u64,
+    /// Evictions the manager refused: this node held the only copy of a current version.
+    pub last_copies_kept: u64,
+}
+
 pub struct Fetcher {
+    cache: CacheCounters,
     puller: Puller,
     /// Set once the broker link exists (`set_link`).
     link: OnceLock<LinkHandle>,
@@ -35,7 +59,7 @@ pub struct Fetcher {
 
 impl Fetcher {
     pub fn new(puller: Puller, metrics: Arc<Metrics>) -> Arc<Fetcher> {
-        Arc::new(Fetcher { puller, link: OnceLock::new(), metrics, under_way: Mutex::new(HashMap::new()) })
+        Arc::new(Fetcher { cache: CacheCounters::default(), puller, link: OnceLock::new(), metrics, under_way: Mutex::new(HashMap::new()) })
     }
 
     /// Makes `c` present in the store: waits for the fetch under way, or starts one.
@@ -107,6 +131,80 @@ impl Fetcher {
             }
         }
         holders
+    }
+
+    /// Brings the contents of on-demand files here within `budget` bytes
+    /// (`--cache-size`): the least recently opened go first, each only if the manager
+    /// says another node holds it too (the last copy of a current version stays) or it
+    /// is no longer current. Nothing is dropped while the manager cannot be asked.
+    pub async fn evict_to(&self, tree: &Arc<Tree>, budget: u64) {
+        let Some(link) = self.link.get().filter(|l| l.connected()).cloned() else { return };
+        let t = tree.clone();
+        let Ok((candidates, cached)) = tokio::task::spawn_blocking(move || t.eviction_candidates(budget)).await else { return };
+        if candidates.is_empty() {
+            return;
+        }
+        tracing::debug!(cached, budget, candidates = candidates.len(), "the cache is over its budget");
+        let mut droppable = Vec::new();
+        let mut refused = 0u64;
+        // A question is one small message: the candidates go in rounds that fit.
+        let mut rest = candidates.as_slice();
+        while !rest.is_empty() {
+            let mut bytes = 0;
+            let n = rest.iter().take_while(|e| {
+                bytes += e.paths.iter().map(|p| p.path.as_str().len() + 200).sum::<usize>();
+                bytes <= MAY_DROP_BYTES
+            });
+            let n = n.count().max(1);
+            let (round, later) = rest.split_at(n.min(rest.len()));
+            rest = later;
+            let items: Vec<wire::Held> = round.iter().flat_map(|e| e.paths.iter().cloned()).collect();
+            let answer = link.ask(Query::MayDrop { items: items.clone() }, ASK_HOLDERS_TIMEOUT).await;
+            let Ok(Answer::MayDrop { droppable: verdicts }) = answer else {
+                tracing::debug!("the manager did not say what may be dropped: {answer:?}");
+                break;
+            };
+            let ok: HashMap<&ContentHash, bool> = items.iter().zip(verdicts.iter().chain(std::iter::repeat(&false))).fold(HashMap::new(), |mut m, (i, v)| {
+                *m.entry(&i.hash).or_insert(true) &= *v;
+                m
+            });
+            for e in round {
+                if ok.get(&e.hash).copied().unwrap_or(false) {
+                    droppable.push(e.hash.clone());
+                } else {
+                    refused += 1;
+                }
+            }
+        }
+        let t = tree.clone();
+        let hashes = droppable.clone();
+        let freed = tokio::task::spawn_blocking(move || t.evict(&hashes)).await.unwrap_or(0);
+        self.cache.evicted_contents.fetch_add(droppable.len() as u64, Ordering::Relaxed);
+        self.cache.evicted_bytes.fetch_add(freed, Ordering::Relaxed);
+        self.cache.last_copies_kept.fetch_add(refused, Ordering::Relaxed);
+        tracing::info!(
+            evicted = droppable.len(),
+            freed,
+            last_copies_kept = refused,
+            cached,
+            budget,
+            "cache over its budget: least recently used contents dropped"
+        );
+    }
+
+    /// What the cache did so far.
+    pub fn cache_report(&self) -> CacheReport {
+        CacheReport {
+            budget: self.cache.budget.load(Ordering::Relaxed),
+            evicted_contents: self.cache.evicted_contents.load(Ordering::Relaxed),
+            evicted_bytes: self.cache.evicted_bytes.load(Ordering::Relaxed),
+            last_copies_kept: self.cache.last_copies_kept.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sets the cache budget shown in the status (0: none).
+    pub fn set_budget(&self, budget: u64) {
+        self.cache.budget.store(budget, Ordering::Relaxed);
     }
 
     /// The pulls under way (these and every other), with their bytes so far.

@@ -75,6 +75,28 @@ struct Args {
     /// (docs/on-demand.md).
     #[arg(long, env = "SYNC_ON_DEMAND")]
     on_demand: bool,
+    /// Most bytes the contents of on-demand files keep here (e.g. 20GiB, 500MiB, or
+    /// bytes); beyond it the least recently opened are dropped, never the only copy of
+    /// a current version. Default: no limit.
+    #[arg(long, env = "SYNC_CACHE_SIZE", value_parser = parse_size)]
+    cache_size: Option<u64>,
+}
+
+/// A size with an optional binary unit: 1048576, 512KiB, 20GiB (K, M, G, T also).
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a size (e.g. 20GiB, 500MiB, 1048576)"))?;
+    let shift = match unit.trim().trim_end_matches("iB").trim_end_matches('B').to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" => 10,
+        "M" => 20,
+        "G" => 30,
+        "T" => 40,
+        _ => return Err(format!("unknown unit in {s:?}: use KiB, MiB, GiB or TiB")),
+    };
+    n.checked_mul(1 << shift).ok_or_else(|| format!("{s:?} is too large"))
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,5 +130,6 @@ fn run() -> anyhow::Result<()> {
         keep_min_free: a.keep_min_free_mib.saturating_mul(1 << 20),
         gc_every: std::time::Duration::from_secs(a.gc_every_secs.max(1)),
         on_demand: a.on_demand,
+        cache_size: a.cache_size,
     })
 }

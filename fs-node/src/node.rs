@@ -57,6 +57,9 @@ pub struct Config {
     pub gc_every: Duration,
     /// Paths without a pin rule get metadata only; contents come when first read.
     pub on_demand: bool,
+    /// Bytes the contents of on-demand files may take here before the least recently
+    /// used are dropped (`None`: no limit).
+    pub cache_size: Option<u64>,
 }
 
 #[derive(Clone, Debug)]
@@ -185,13 +188,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let info = NodeInfo { id: cfg.id.clone(), url: url.clone(), allow_setid: cfg.allow_setid, software: env!("CARGO_PKG_VERSION").to_string() };
     let (link, link_handle) = LinkTask::new(cfg.broker.clone(), info, tree.clone(), puller, metrics.clone(), notifier);
     fetcher.set_link(link_handle.clone());
-    let reporter =
-        Reporter { id: cfg.id.clone(), mount: cfg.mount.clone(), url: url.clone(), tree: tree.clone(), link: link_handle, metrics, passthrough, fetcher };
+    let reporter = Reporter {
+        id: cfg.id.clone(),
+        mount: cfg.mount.clone(),
+        url: url.clone(),
+        tree: tree.clone(),
+        link: link_handle,
+        metrics,
+        passthrough,
+        fetcher: fetcher.clone(),
+    };
     let _guard = rt.enter();
     tracker.spawn(crate::peer::serve(listener, acceptor, Arc::new(reporter), cfg.cluster_token.clone(), cancel.clone()));
     tracker.spawn(link.run(cancel.clone()));
     tree.set_keep_floor(cfg.keep_min_free);
-    tracker.spawn(gc_loop(tree.clone(), cfg.keep_min_free, cfg.gc_every, cancel.clone()));
+    fetcher.set_budget(cfg.cache_size.unwrap_or(0));
+    tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.cache_size, cfg.keep_min_free, cfg.gc_every, cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -209,7 +221,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn gc_loop(tree: Arc<Tree>, floor: u64, period: Duration, cancel: CancellationToken) {
+/// Every `period`: the store's GC, and, with a cache budget, the eviction of the least
+/// recently used on-demand contents (`Fetcher::evict_to`).
+async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, cache_size: Option<u64>, floor: u64, period: Duration, cancel: CancellationToken) {
     let mut every = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -219,6 +233,9 @@ async fn gc_loop(tree: Arc<Tree>, floor: u64, period: Duration, cancel: Cancella
                 let removed = tokio::task::spawn_blocking(move || t.gc_with_floor(floor)).await.unwrap_or(0);
                 if removed > 0 {
                     tracing::debug!("removed {removed} unreferenced blobs");
+                }
+                if let Some(budget) = cache_size {
+                    fetcher.evict_to(&tree, budget).await;
                 }
             }
         }

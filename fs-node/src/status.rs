@@ -2,7 +2,7 @@
 //! /status`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
 //! [`Reporter`] reads the tree, the broker link's handle and the metrics when asked.
 
-use crate::fetch::Fetcher;
+use crate::fetch::{CacheReport, Fetcher};
 use crate::link::{LinkHandle, SyncReport};
 use crate::metrics::{Gauges, Metrics};
 use crate::puller::PullProgress;
@@ -41,6 +41,9 @@ pub struct NodeStatus {
     /// Contents being pulled (for a sync, an open, a pin), with their bytes so far.
     #[serde(default)]
     pub pulls: Vec<PullProgress>,
+    /// The cache of on-demand contents: its budget and what it dropped.
+    #[serde(default)]
+    pub cache: CacheReport,
 }
 
 /// Reads a node's state for its status and metrics.
@@ -78,6 +81,7 @@ impl Reporter {
             last_sync: self.link.last_sync(),
             residency: self.tree.residency(),
             pulls: self.fetcher.in_progress(),
+            cache: self.fetcher.cache_report(),
         }
     }
 

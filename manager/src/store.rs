@@ -599,6 +599,12 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// `node` no longer holds the path's content (it dropped it from its cache).
+    pub(crate) fn drop_holder(&mut self, path: &RelPath, node: &NodeId) -> anyhow::Result<()> {
+        self.tx.prepare_cached("DELETE FROM holders WHERE path = ?1 AND node = ?2")?.execute(params![path.as_str(), node.as_str()])?;
+        Ok(())
+    }
+
     /// Records `node` as a holder of the path's content, if that is still the path's
     /// current version (a holding of an older one is stale, and dropped).
     fn holds(&mut self, node: &NodeId, held: &Held) -> anyhow::Result<()> {

@@ -304,6 +304,22 @@ impl Tx<'_> {
         Ok(Outcome::Refused { reason })
     }
 
+    /// Whether `from` may drop its copy of `item`'s content (`Query::MayDrop`): yes when
+    /// the path's current content is another, or another node holds it too (then `from`
+    /// is no longer counted as a holder: nobody is sent to it for this content).
+    fn may_drop(&mut self, item: &wire::Held, from: &NodeId) -> anyhow::Result<bool> {
+        let e = self.entry_or_absent(&item.path)?;
+        let current = matches!(&e.version, Some(wire::Version { content: Content::File { hash, .. }, .. }) if *hash == item.hash);
+        if !current {
+            return Ok(true);
+        }
+        if !e.holders.iter().any(|h| h.node != *from) {
+            return Ok(false);
+        }
+        self.drop_holder(&item.path, from)?;
+        Ok(true)
+    }
+
     /// Answers a node's question, within [`ANSWER_BYTES`]: the longest lists are cut
     /// (the newest versions and trash items are kept; a restore report's lists keep
     /// their first paths and say how many were left out).
@@ -315,6 +331,7 @@ impl Tx<'_> {
                 Ok(report) => Answer::Restored(report),
                 Err(reason) => Answer::Failed { reason: bounded_reason(reason) },
             },
+            Query::MayDrop { items } => Answer::MayDrop { droppable: items.iter().map(|i| self.may_drop(i, from)).collect::<anyhow::Result<_>>()? },
             Query::Holders { path } => {
                 let e = self.entry_or_absent(path)?;
                 match e.version.map(|v| v.content) {
@@ -338,6 +355,7 @@ impl Tx<'_> {
                     longest > 0
                 }
                 Answer::Holders { holders, .. } => holders.pop().is_some(),
+                Answer::MayDrop { .. } => false,
                 Answer::Failed { .. } => false,
             };
             if !cut {

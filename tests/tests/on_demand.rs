@@ -170,3 +170,52 @@ fn writing_into_a_file_that_is_not_here_fetches_it_first_and_an_overwrite_fetche
     assert_eq!(pulled(b), after_append, "an overwrite (O_TRUNC) fetched nothing");
     c.converged();
 }
+
+fn cache(n: &NodeProc) -> serde_json::Value {
+    n.status()["cache"].clone()
+}
+
+fn local_bytes(n: &NodeProc) -> u64 {
+    residency(n)["local_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn a_small_cache_evicts_the_least_recently_used_but_never_the_last_copy() {
+    let mut c = Cluster::start("ondemand-evict", 1);
+    let n2 = NodeProc::start_with(c.dir.path(), "n2", &c.vhost, &["--on-demand", "--cache-size", "1MiB", "--gc-every-secs", "1"]);
+    n2.wait_connected();
+    c.nodes.push(n2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let files: Vec<Vec<u8>> = (0..6).map(|i| pseudo_random(400 << 10, 100 + i)).collect();
+    for (i, f) in files.iter().enumerate() {
+        write(&a.p(&format!("f{i}")), f);
+    }
+    eventually("b to show the files", DEADLINE, || metadata(&b.mount) == metadata(&a.mount) && a.pending() == 0);
+    // Read them all on b: 2.4 MiB through a 1 MiB cache.
+    for (i, f) in files.iter().enumerate() {
+        assert_eq!(read(&b.p(&format!("f{i}"))).unwrap(), *f);
+    }
+    eventually("b's cache to be within its budget", DEADLINE, || local_bytes(b) <= 1 << 20 && cache(b)["evicted_contents"].as_u64().unwrap() >= 4);
+    // The last read is the most recently used: it stays; an evicted one comes back.
+    assert_eq!(remote_files(b), 6 - (local_bytes(b) / (400 << 10)));
+    assert!(local_bytes(b) >= 400 << 10, "the most recently used content stays: {}", residency(b));
+    assert_eq!(read(&b.p("f0")).unwrap(), files[0], "an evicted content is fetched again");
+
+    // With a away, what b writes is the only copy: it is never evicted.
+    c.nodes[0].stop();
+    let b = &c.nodes[1];
+    let own: Vec<Vec<u8>> = (0..4).map(|i| pseudo_random(400 << 10, 200 + i)).collect();
+    for (i, f) in own.iter().enumerate() {
+        write(&b.p(&format!("own{i}")), f);
+    }
+    eventually("the manager to refuse evicting b's only copies", DEADLINE, || cache(b)["last_copies_kept"].as_u64().unwrap() >= 4);
+    for (i, f) in own.iter().enumerate() {
+        assert_eq!(read(&b.p(&format!("own{i}"))).unwrap(), *f, "b's own file is still here with no other holder");
+    }
+    // Once a holds them too, they may go.
+    c.nodes[0].restart();
+    c.nodes[0].wait_connected();
+    let a = &c.nodes[0];
+    eventually("a to have b's files", DEADLINE, || (0..4).all(|i| read(&a.p(&format!("own{i}"))).as_deref() == Some(&own[i][..])));
+    eventually("b's cache to be within its budget again", DEADLINE, || local_bytes(&c.nodes[1]) <= 1 << 20);
+}

@@ -153,6 +153,7 @@ impl Body for ToNode {
                 Answer::Trash { items } => check_items("trash items", items, MAX_LISTED),
                 Answer::Failed { reason } => bounded_str("failure reason", reason, MAX_REASON_BYTES),
                 Answer::Restored(_) => Ok(()),
+                Answer::MayDrop { droppable } => check_items("verdicts", droppable, MAX_KEEP_ITEMS),
                 Answer::Holders { holders, .. } => {
                     check_items("holders", holders, MAX_HOLDERS)?;
                     holders.iter().try_for_each(|h| bounded_str("holder URL", &h.url, MAX_URL_BYTES))

@@ -55,6 +55,11 @@ pub enum Query {
     /// The nodes that hold the current content of `path` (online first), with their
     /// URLs now: where a node that has the file on demand fetches it.
     Holders { path: RelPath },
+    /// Whether the asker may drop its copies of these contents from its cache (files on
+    /// demand): a content may go only if another node holds it too, or if it is no
+    /// longer the path's current content. The manager stops counting the asker as a
+    /// holder of each one it allows.
+    MayDrop { items: Vec<crate::Held> },
 }
 
 /// The manager's answer to a [`Query`].
@@ -76,6 +81,10 @@ pub enum Answer {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<ContentHash>,
         holders: Vec<Holder>,
+    },
+    /// For each item of a `MayDrop`, in order: whether it may be dropped.
+    MayDrop {
+        droppable: Vec<bool>,
     },
     /// The question could not be answered (no such path, nothing kept…).
     Failed {

@@ -215,6 +215,15 @@ async fn main() -> anyhow::Result<()> {
                     bytes(r.remote_bytes),
                     if r.on_demand { "; new files come on demand" } else { "" }
                 );
+                if s.cache.budget > 0 {
+                    println!(
+                        "cache:     budget {}; {} content(s) evicted ({}); {} last cop(ies) kept",
+                        bytes(s.cache.budget),
+                        s.cache.evicted_contents,
+                        bytes(s.cache.evicted_bytes),
+                        s.cache.last_copies_kept
+                    );
+                }
                 for (p, pinned) in &r.pins {
                     println!("{}    /{p}", if *pinned { "pinned:  " } else { "on demand:" });
                 }

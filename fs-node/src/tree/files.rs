@@ -60,10 +60,14 @@ impl State {
         let pt = matches!(io, OpenIo::Passthrough { .. });
         // A failure undoes the passthrough set-up with the rest of the transaction.
         self.prepare_write_open(ino, write, truncate, pt, store)?;
+        let now = self.env.now_ns();
         let i = self.inode_mut(ino)?;
         i.open += 1;
         if write {
             i.writers += 1;
+        }
+        if let Some(h) = i.hash.clone() {
+            self.last_used.insert(h, now);
         }
         if pt {
             self.passthrough_opens += 1;

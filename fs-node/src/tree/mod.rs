@@ -33,7 +33,7 @@ use outbox::Outbox;
 mod remote;
 mod residency;
 use residency::Residency;
-pub use residency::{RemoteContent, ResidencyReport};
+pub use residency::{Evictable, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
 #[cfg(test)]
@@ -280,6 +280,9 @@ struct State {
     kept_floor: u64,
     /// Which paths keep their contents local (`residency.rs`).
     residency: Residency,
+    /// When each content was last opened (ns; since the node started): the cache
+    /// drops the least recently used first.
+    last_used: HashMap<ContentHash, i64>,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -410,6 +413,7 @@ impl Tree {
             kept_dropped: Vec::new(),
             kept_floor: 0,
             residency: Residency::default(),
+            last_used: HashMap::new(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;

@@ -163,6 +163,92 @@ impl Tree {
     }
 }
 
+/// A content this node may drop from its cache, if the manager agrees.
+#[derive(Clone, Debug)]
+pub struct Evictable {
+    pub hash: ContentHash,
+    pub size: u64,
+    /// Every path of it here, with the revision this node has of it.
+    pub paths: Vec<wire::Held>,
+}
+
+impl Tree {
+    /// What to drop so that the contents of on-demand (unpinned) files fit in `budget`
+    /// bytes: the least recently opened first, only contents every path of which is on
+    /// demand and closed, and none kept for an old version. Returns the candidates, in
+    /// the order to drop them, and the cache's bytes now.
+    pub fn eviction_candidates(&self, budget: u64) -> (Vec<Evictable>, u64) {
+        let st = self.lock();
+        // Per content: its size, whether it can go, its paths.
+        let mut by_hash: HashMap<&ContentHash, (u64, bool, Vec<wire::Held>)> = HashMap::new();
+        for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) {
+            let Some(h) = &i.hash else { continue };
+            if i.work.is_some() || !self.store.has(h) {
+                continue;
+            }
+            let busy = i.open > 0 || i.passthrough.is_some() || st.kept.contains_key(h);
+            let e = by_hash.entry(h).or_insert((i.size, true, Vec::new()));
+            e.1 &= !busy;
+            for (parent, name) in &i.links {
+                let Some(p) = st.path_of(*parent, name) else { continue };
+                e.1 &= !st.residency.pinned(p.as_str());
+                let rev = st.revs.get(&p).copied().unwrap_or_default();
+                e.2.push(wire::Held { path: p, rev, hash: h.clone() });
+            }
+        }
+        // The cache is what on-demand files hold here; a pinned content is not in it.
+        let cached: u64 = by_hash.values().filter(|(_, _, paths)| paths.iter().all(|p| !st.residency.pinned(p.path.as_str()))).map(|(n, _, _)| *n).sum();
+        if cached <= budget {
+            return (Vec::new(), cached);
+        }
+        let mut candidates: Vec<(i64, Evictable)> = by_hash
+            .into_iter()
+            .filter(|(_, (_, ok, paths))| *ok && !paths.is_empty())
+            .map(|(h, (size, _, paths))| (st.last_used.get(h).copied().unwrap_or(0), Evictable { hash: h.clone(), size, paths }))
+            .collect();
+        candidates.sort_by_key(|(used, e)| (*used, e.hash.to_hex().as_str().to_string()));
+        let mut over = cached - budget;
+        let mut out = Vec::new();
+        for (_, e) in candidates {
+            if over == 0 {
+                break;
+            }
+            over = over.saturating_sub(e.size);
+            out.push(e);
+        }
+        (out, cached)
+    }
+
+    /// Drops these contents from the store, each only if it still may go (nothing
+    /// opened or pinned it since it was chosen). Returns the bytes freed.
+    pub fn evict(&self, hashes: &[ContentHash]) -> u64 {
+        let mut st = self.lock();
+        let wanted: HashSet<&ContentHash> = hashes.iter().collect();
+        let mut blocked: HashSet<ContentHash> = HashSet::new();
+        let mut readers = Vec::new();
+        for i in st.inodes.values().filter(|i| i.kind == Kind::File) {
+            let Some(h) = i.hash.as_ref().filter(|h| wanted.contains(h)) else { continue };
+            let pinned = i.links.iter().filter_map(|(p, n)| st.path_of(*p, n)).any(|p| st.residency.pinned(p.as_str()));
+            if i.open > 0 || i.work.is_some() || i.passthrough.is_some() || pinned || st.kept.contains_key(h) {
+                blocked.insert(h.clone());
+            } else if i.blob.is_some() {
+                readers.push(i.ino);
+            }
+        }
+        for ino in readers {
+            if let Some(i) = st.inodes.get_mut(&ino) {
+                i.blob = None;
+            }
+        }
+        let mut freed = 0;
+        for h in hashes.iter().filter(|h| !blocked.contains(*h)) {
+            freed += self.store.remove_blob(h).unwrap_or(0);
+            st.last_used.remove(h);
+        }
+        freed
+    }
+}
+
 impl State {
     /// Loads the pin rules from `node.db`.
     pub(super) fn load_pins(&mut self) -> anyhow::Result<()> {
