@@ -8,6 +8,7 @@
 use crate::link::LinkHandle;
 use crate::metrics::Metrics;
 use crate::puller::{Puller, Unreachable};
+use crate::stream::{Stream, STREAM_MIN_BYTES};
 use crate::tree::{FsError, FsResult, RemoteContent, Tree};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
@@ -50,6 +51,9 @@ pub struct CacheReport {
 
 pub struct Fetcher {
     cache: CacheCounters,
+    /// Large contents being streamed, by content.
+    streams: Mutex<HashMap<ContentHash, Arc<Stream>>>,
+    rt: tokio::runtime::Handle,
     puller: Puller,
     /// Set once the broker link exists (`set_link`).
     link: OnceLock<LinkHandle>,
@@ -58,13 +62,67 @@ pub struct Fetcher {
 }
 
 impl Fetcher {
-    pub fn new(puller: Puller, metrics: Arc<Metrics>) -> Arc<Fetcher> {
-        Arc::new(Fetcher { cache: CacheCounters::default(), puller, link: OnceLock::new(), metrics, under_way: Mutex::new(HashMap::new()) })
+    pub fn new(puller: Puller, metrics: Arc<Metrics>, rt: tokio::runtime::Handle) -> Arc<Fetcher> {
+        Arc::new(Fetcher {
+            cache: CacheCounters::default(),
+            streams: Mutex::default(),
+            rt,
+            puller,
+            link: OnceLock::new(),
+            metrics,
+            under_way: Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Makes `c` present in the store: waits for the fetch under way, or starts one.
-    /// Fails with `FsError::Unreachable` when no holder could be reached.
+    /// The stream of `c` (`stream.rs`), started if none is under way, counted as one
+    /// more reader (give it back with `release_stream`).
+    pub fn stream(self: &Arc<Self>, c: &RemoteContent) -> FsResult<Arc<Stream>> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = streams.get(&c.hash).filter(|s| !s.ended() && !s.cancelled()) {
+            s.readers.fetch_add(1, Ordering::Relaxed);
+            return Ok(s.clone());
+        }
+        let s = Stream::new(self.puller.store(), c.hash.clone(), c.size).map_err(|e| FsError::Io(anyhow::Error::new(e).context("creating a download file")))?;
+        s.readers.fetch_add(1, Ordering::Relaxed);
+        streams.insert(c.hash.clone(), s.clone());
+        let (me, c, stream) = (self.clone(), c.clone(), s.clone());
+        self.rt.spawn(async move {
+            let (guard, progress) = me.puller.track(&c.hash, c.size);
+            let holders = me.holders_of(&c).await;
+            let t = std::time::Instant::now();
+            stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone()).await;
+            drop(guard);
+            let bytes = progress.load(Ordering::Relaxed);
+            me.metrics.count_pull(&if stream.finished().await.is_ok() { Ok(bytes) } else { Err(anyhow::anyhow!("failed")) }, t.elapsed());
+            let mut streams = me.streams.lock().unwrap_or_else(|p| p.into_inner());
+            if streams.get(&c.hash).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
+                streams.remove(&c.hash);
+            }
+        });
+        Ok(s)
+    }
+
+    /// One reader of `s` is done; the last one before it ends cancels it (a `head` of a
+    /// large file does not go on to fetch all of it).
+    pub fn release_stream(&self, s: &Arc<Stream>) {
+        let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if s.readers.fetch_sub(1, Ordering::Relaxed) == 1 && !s.ended() {
+            tracing::debug!(hash = %s.hash, "nobody reads a stream any more: cancelled");
+            s.cancel();
+        }
+        drop(streams);
+    }
+
+    /// Makes `c` present in the store: waits for the fetch under way, or starts one (a
+    /// large content is streamed, from every holder at once). Fails with
+    /// `FsError::Unreachable` when no holder could be reached.
     pub async fn fetch(self: &Arc<Self>, c: &RemoteContent) -> FsResult<()> {
+        if c.size >= STREAM_MIN_BYTES {
+            let s = self.stream(c)?;
+            let r = s.finished().await;
+            self.release_stream(&s);
+            return r;
+        }
         let pull = {
             let mut under_way = self.under_way.lock().unwrap_or_else(|p| p.into_inner());
             under_way

@@ -5,6 +5,7 @@
 //! and the listing each open directory handle reads from (`Listings`).
 
 use crate::fetch::Fetcher;
+use crate::stream::{Stream, STREAM_MIN_BYTES};
 use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
@@ -43,6 +44,9 @@ pub struct SyncFs {
     /// (the FUSE thread does not wait: the open is answered when the fetch ends).
     fetcher: Arc<Fetcher>,
     rt: tokio::runtime::Handle,
+    /// Handles on large on-demand files opened while their content streams in: their
+    /// reads wait for the blocks they cover (`stream.rs`).
+    streams: Mutex<HashMap<u64, Arc<Stream>>>,
 }
 
 /// One directory listing: (inode, offset of the next entry, kind, name), `.` and `..`
@@ -89,7 +93,7 @@ impl SyncFs {
     /// `passthrough` starts as what the operator asked for; `init` and `open` switch it off
     /// when the kernel says no (shown in the node's metrics).
     pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>, fetcher: Arc<Fetcher>, rt: tokio::runtime::Handle) -> SyncFs {
-        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default(), fetcher, rt }
+        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default(), fetcher, rt, streams: Mutex::default() }
     }
 
     /// Runs `then` (which replies) once the content `ino` lacks is here, on a blocking
@@ -310,6 +314,26 @@ impl Filesystem for SyncFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // A large on-demand file opened for reading streams in: the open returns at once
+        // and each read waits for the blocks it covers.
+        if !write {
+            if let Some(c) = self.tree.content_to_fetch(ino.0, false).filter(|c| c.size >= STREAM_MIN_BYTES) {
+                let stream = match self.fetcher.stream(&c) {
+                    Ok(s) => s,
+                    Err(e) => return reply.error(fail("open", e)),
+                };
+                return match self.tree.open(ino.0, false, false, false) {
+                    Ok((fh, _)) => {
+                        self.streams.lock().unwrap_or_else(|p| p.into_inner()).insert(fh, stream);
+                        reply.opened(FileHandle(fh), FopenFlags::empty())
+                    }
+                    Err(e) => {
+                        self.fetcher.release_stream(&stream);
+                        reply.error(fail("open", e))
+                    }
+                };
+            }
+        }
         // An on-demand file's first open waits for its content (an open that truncates
         // needs none); that open reads through this process, later ones may pass through.
         let fetching = self.after_fetch(
@@ -355,6 +379,16 @@ impl Filesystem for SyncFs {
     }
 
     fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
+        let stream = self.streams.lock().unwrap_or_else(|p| p.into_inner()).get(&fh.0).cloned();
+        if let Some(s) = stream {
+            self.rt.spawn(async move {
+                match s.read(offset, size).await {
+                    Ok(d) => reply.data(&d),
+                    Err(e) => reply.error(fail("read", e)),
+                }
+            });
+            return;
+        }
         match self.tree.read(fh.0, offset, size) {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(fail("read", e)),
@@ -387,6 +421,9 @@ impl Filesystem for SyncFs {
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
+        if let Some(s) = self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0) {
+            self.fetcher.release_stream(&s);
+        }
         let mut backings = self.backings();
         match self.tree.release(fh.0) {
             Ok(r) => {

@@ -164,7 +164,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let client = crate::puller::http_client(cfg.tls_ca.as_deref())?;
     let puller = crate::puller::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
     let metrics = Arc::new(Metrics::default());
-    let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone());
+    let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone(), rt.handle().clone());
     tree.set_on_demand(cfg.on_demand);
     let fs = SyncFs::new(tree.clone(), cfg.data.clone(), passthrough.clone(), fetcher.clone(), rt.handle().clone());
     let mut fcfg = fuser::Config::default();

@@ -88,6 +88,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         // An empty hash is a malformed one (400), as any other path below /content/.
         .route("/content/", any(content))
         .route("/chunks/{hash}", only(Method::GET, get(chunks)))
+        .route("/leaves/{hash}", only(Method::GET, get(leaves)))
         .route("/status", only(Method::GET, get(status)))
         .route("/ignored", only(Method::GET, get(ignored)))
         .route("/metrics", only(Method::GET, get(metrics)))
@@ -229,6 +230,31 @@ async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>,
     }
 }
 
+/// The leaves of a content this node holds (`leaves.rs`: 32 bytes per 64 KiB block),
+/// for a node that streams it and checks each block as it comes.
+async fn leaves(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+    let Some(hash) = hash.ok().and_then(|UrlPath(h)| h.parse::<ContentHash>().ok()) else {
+        return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
+    };
+    let store = served.reporter.tree.store().clone();
+    if !store.has(&hash) {
+        return json_error(StatusCode::NOT_FOUND, "this node does not hold that content");
+    }
+    // Leaves not cached yet cost a read of the whole blob: a few at a time.
+    static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    let Ok(_permit) = HASHING.acquire().await else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
+    match tokio::task::spawn_blocking(move || store.leaves(&hash)).await {
+        Ok(Ok(l)) => full(StatusCode::OK, "application/octet-stream", crate::leaves::to_bytes(&l)),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
+        other => {
+            tracing::warn!("the leaves of a blob: {other:?}");
+            json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content")
+        }
+    }
+}
+
 /// `Range: bytes=FIRST-LAST` (one range, both ends given), as (first, length) within a
 /// content of `len` bytes; `None` without such a header; `Err` for one that cannot be met.
 fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, u64)>, ()> {
@@ -320,7 +346,7 @@ mod tests {
         let metrics = Arc::new(Metrics::default());
         let puller = Puller::new(reqwest::Client::new(), store, id.clone(), None, Duration::from_secs(1), false);
         let info = NodeInfo { id: id.clone(), url: url.clone(), allow_setid: false, software: "test".into() };
-        let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone());
+        let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone(), tokio::runtime::Handle::current());
         let (_task, link) = LinkTask::new("amqp://127.0.0.1:1".into(), info, tree.clone(), puller, metrics.clone(), Arc::new(OnceLock::new()));
         Arc::new(Reporter { id, mount: data.join("mnt"), url, tree, link, metrics, passthrough: Arc::new(AtomicBool::new(false)), fetcher })
     }

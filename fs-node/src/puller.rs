@@ -109,17 +109,17 @@ pub struct PullProgress {
 pub struct Unreachable(pub ContentHash);
 
 /// Whether an attempt failed before reaching the holder at all.
-fn is_unreachable(e: &anyhow::Error) -> bool {
+pub(crate) fn is_unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_connect() || (r.is_timeout() && r.status().is_none())))
 }
 
 /// Removes its pull from the progress table when the pull ends, however it ends.
-struct ProgressGuard<'a> {
-    table: &'a std::sync::Mutex<HashMap<ContentHash, Progress>>,
+pub(crate) struct ProgressGuard {
+    table: Arc<std::sync::Mutex<HashMap<ContentHash, Progress>>>,
     hash: ContentHash,
 }
 
-impl Drop for ProgressGuard<'_> {
+impl Drop for ProgressGuard {
     fn drop(&mut self) {
         let mut t = self.table.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = t.get_mut(&self.hash) {
@@ -174,6 +174,23 @@ impl Puller {
         v
     }
 
+    /// Shows a pull of `hash` in `in_progress` until the guard is dropped; returns the
+    /// guard and the pull's byte counter.
+    pub(crate) fn track(&self, hash: &ContentHash, size: u64) -> (ProgressGuard, Arc<AtomicU64>) {
+        let mut t = self.progress.lock().unwrap_or_else(|p| p.into_inner());
+        let p = t.entry(hash.clone()).or_insert_with(|| Progress { size, done: Arc::default(), pulls: 0 });
+        p.pulls += 1;
+        (ProgressGuard { table: self.progress.clone(), hash: hash.clone() }, p.done.clone())
+    }
+
+    pub(crate) fn store(&self) -> &ContentStore {
+        &self.store
+    }
+
+    pub(crate) fn me(&self) -> &NodeId {
+        &self.me
+    }
+
     /// The byte counter of a pull of `hash` under way (a fresh one if there is none).
     fn counter(&self, hash: &ContentHash) -> Arc<AtomicU64> {
         self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.done.clone()).unwrap_or_default()
@@ -198,13 +215,7 @@ impl Puller {
         if others.is_empty() {
             return Err(anyhow::Error::new(Unreachable(hash.clone())).context("no other node holds it"));
         }
-        self.progress
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(hash.clone())
-            .or_insert_with(|| Progress { size, done: Arc::default(), pulls: 0 })
-            .pulls += 1;
-        let _progress = ProgressGuard { table: &self.progress, hash: hash.clone() };
+        let (_progress, _) = self.track(hash, size);
         // By chunks when there is something to gain: chunks this node has, or several
         // holders to share the work. A new file from one holder streams whole (its chunk
         // list would only delay the first byte).
@@ -252,6 +263,20 @@ impl Puller {
             return Err(last.context(Unreachable(hash.clone())));
         }
         Err(last.context(format!("pulling {hash}")))
+    }
+
+    /// One GET of `what` from `holder` (bytes `first..=last` of it if given), at most
+    /// `most` bytes, within the stall window (for streams, `stream.rs`).
+    pub(crate) async fn get_bytes(&self, holder: &Holder, what: &str, range: Option<(u64, u64)>, most: u64) -> anyhow::Result<bytes::Bytes> {
+        let got = async {
+            let mut req = self.get(holder, what)?;
+            if let Some((first, last)) = range {
+                req = req.header("range", format!("bytes={first}-{last}"));
+            }
+            self.fetch(holder, req, most).await
+        }
+        .await;
+        got.map_err(|(Attempt::Retry(e) | Attempt::Misbehaved(e))| e)
     }
 
     /// A GET of `what` (`content/<hash>`, `chunks/<hash>`) from `holder`, with the

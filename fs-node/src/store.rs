@@ -289,6 +289,9 @@ impl ContentStore {
             if let Err(e) = store.chunk_list(&h) {
                 tracing::debug!("chunking {h}: {e}");
             }
+            if let Err(e) = store.leaves(&h) {
+                tracing::debug!("the leaves of {h}: {e}");
+            }
             RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
     }
@@ -306,12 +309,40 @@ impl ContentStore {
         }
     }
 
+    fn leaves_path(&self, h: &ContentHash) -> PathBuf {
+        self.chunk_lists.join(format!("{}.leaves", h.to_hex().as_str()))
+    }
+
+    /// The leaves of blob `h` (`leaves.rs`), from the cache beside the chunk lists or
+    /// computed now (one read of the blob) and cached. Only for blobs of more than one
+    /// block.
+    pub fn leaves(&self, h: &ContentHash) -> std::io::Result<Vec<blake3::hazmat::ChainingValue>> {
+        let size = std::fs::metadata(self.blob_path(h))?.len();
+        if let Some(l) = std::fs::read(self.leaves_path(h)).ok().and_then(|b| crate::leaves::from_bytes(&b)).filter(|l| l.len() == crate::leaves::blocks(size))
+        {
+            return Ok(l);
+        }
+        let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
+        self.save_leaves(h, &leaves);
+        Ok(leaves)
+    }
+
+    /// Caches the leaves of blob `h` (best effort).
+    pub fn save_leaves(&self, h: &ContentHash, leaves: &[blake3::hazmat::ChainingValue]) {
+        if let Ok((tmp, mut f)) = self.tmp_file() {
+            if f.write_all(&crate::leaves::to_bytes(leaves)).is_err() || std::fs::rename(&tmp, self.leaves_path(h)).is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        }
+    }
+
     /// Removes blob `h` (and its chunk list); returns its size if it was there.
     pub fn remove_blob(&self, h: &ContentHash) -> Option<u64> {
         let path = self.blob_path(h);
         let len = std::fs::metadata(&path).ok()?.len();
         std::fs::remove_file(&path).ok()?;
         let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
+        let _ = std::fs::remove_file(self.leaves_path(h));
         Some(len)
     }
 

@@ -1,0 +1,401 @@
+//! A large content streamed into this node while programs read it (files on demand):
+//! `head` of a 10 GiB file does not wait for 10 GiB. The stream fetches the content's
+//! leaves (`leaves.rs`) from a holder and checks them against the content hash, then
+//! fetches runs of blocks by byte range from every holder at once, starting where a
+//! reader waits and going on sequentially ahead of it; each block is checked against
+//! its leaf before it is marked present, and a read returns as soon as the blocks it
+//! covers are. A holder that fails, stalls or sends a wrong block is dropped and its
+//! blocks go back to the others. When every block is here, the file is flushed and
+//! installed in the store like any pull. Owns its download file and which blocks it
+//! holds; the `Fetcher` owns the streams under way.
+
+use crate::leaves::{self, BLOCK};
+use crate::puller::Puller;
+use crate::store::ContentStore;
+use crate::tree::{FsError, FsResult};
+use blake3::hazmat::ChainingValue;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
+use wire::{ContentHash, Holder};
+
+/// Contents at least this large are streamed when opened for reading; smaller ones are
+/// fetched whole before the open returns.
+pub const STREAM_MIN_BYTES: u64 = 4 << 20;
+/// Blocks per range request (1 MiB).
+const RUN_BLOCKS: usize = 16;
+/// Range requests in flight to one holder.
+const REQUESTS_PER_HOLDER: usize = 4;
+
+/// How a stream ended: installed, or failed (`true`: no holder could be reached).
+type End = Result<(), (bool, Arc<String>)>;
+
+pub struct Stream {
+    pub hash: ContentHash,
+    pub size: u64,
+    tmp: PathBuf,
+    file: std::fs::File,
+    state: Mutex<State>,
+    changed: tokio::sync::Notify,
+    /// Open handles and waiters on this stream (`Fetcher` counts them): with none left
+    /// before it ends, the stream is cancelled.
+    pub(crate) readers: AtomicUsize,
+    cancel: CancellationToken,
+    /// Set once the leaves are checked: what a read needs to fetch a run itself.
+    ctx: std::sync::OnceLock<Ctx>,
+}
+
+/// What fetching a run takes, fixed once the leaves are checked.
+struct Ctx {
+    puller: Puller,
+    leaves: Vec<ChainingValue>,
+    holders: Vec<Holder>,
+    progress: Arc<AtomicU64>,
+}
+
+struct State {
+    present: Vec<bool>,
+    in_flight: Vec<bool>,
+    have: usize,
+    /// Where the next run is looked for: after the last one handed out, or the block a
+    /// reader waits for.
+    cursor: usize,
+    end: Option<End>,
+    /// Holders dropped for this stream (they failed, stalled or lied).
+    dropped: std::collections::HashSet<wire::NodeId>,
+    /// Runs fetched so far (the next read-driven fetch takes the next live holder).
+    turn: usize,
+}
+
+impl Stream {
+    pub fn new(store: &ContentStore, hash: ContentHash, size: u64) -> std::io::Result<Arc<Stream>> {
+        let (tmp, file) = store.tmp_file()?;
+        drop(file);
+        // Read and written: readers take their blocks from it.
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
+        file.set_len(size)?;
+        let n = leaves::blocks(size);
+        Ok(Arc::new(Stream {
+            hash,
+            size,
+            tmp,
+            file,
+            state: Mutex::new(State {
+                present: vec![false; n],
+                in_flight: vec![false; n],
+                have: 0,
+                cursor: 0,
+                end: None,
+                dropped: Default::default(),
+                turn: 0,
+            }),
+            changed: tokio::sync::Notify::new(),
+            readers: AtomicUsize::new(0),
+            cancel: CancellationToken::new(),
+            ctx: std::sync::OnceLock::new(),
+        }))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn ended(&self) -> bool {
+        self.lock().end.is_some()
+    }
+
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+        self.changed.notify_waiters();
+    }
+
+    fn error(&self, (unreachable, e): &(bool, Arc<String>)) -> FsError {
+        let e = anyhow::anyhow!("streaming {}: {e}", self.hash);
+        if *unreachable {
+            FsError::Unreachable(e)
+        } else {
+            FsError::Io(e)
+        }
+    }
+
+    /// Bytes `offset..offset+len` (cut at the end), as soon as the blocks they cover are
+    /// here and checked. A block nobody is fetching (every request in flight is further
+    /// ahead, or stuck on a holder about to be dropped) is fetched for the read at once.
+    pub async fn read(self: &Arc<Self>, offset: u64, len: u32) -> FsResult<Vec<u8>> {
+        let end = (offset + len as u64).min(self.size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let (first, last) = ((offset / BLOCK) as usize, ((end - 1) / BLOCK) as usize);
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if let Some(Err(e)) = &st.end {
+                    return Err(self.error(e));
+                }
+                match (first..=last).find(|&b| !st.present[b]) {
+                    None => break,
+                    Some(b) if !st.in_flight[b] => {
+                        if let Some(ctx) = self.ctx.get() {
+                            if let Some(h) = Self::live_holder(&mut st, &ctx.holders) {
+                                let mut j = b;
+                                while j < st.present.len() && j - b < RUN_BLOCKS && !st.present[j] && !st.in_flight[j] {
+                                    st.in_flight[j] = true;
+                                    j += 1;
+                                }
+                                let me = self.clone();
+                                tokio::spawn(async move {
+                                    let ctx = me.ctx.get().expect("set before");
+                                    match me.fetch_run(&ctx.puller, &h, &ctx.leaves, (b, j)).await {
+                                        Ok(n) => {
+                                            ctx.progress.fetch_add(n, Ordering::Relaxed);
+                                        }
+                                        Err(e) => me.drop_holder(&h, e),
+                                    }
+                                });
+                            }
+                        } else {
+                            st.cursor = b;
+                        }
+                    }
+                    Some(_) => {}
+                }
+            }
+            if self.cancel.is_cancelled() {
+                return Err(FsError::Io(anyhow::anyhow!("the stream of {} was cancelled", self.hash)));
+            }
+            notified.await;
+        }
+        let mut buf = vec![0u8; (end - offset) as usize];
+        self.file.read_exact_at(&mut buf, offset)?;
+        Ok(buf)
+    }
+
+    /// The next holder not dropped, in turn.
+    fn live_holder(st: &mut State, holders: &[Holder]) -> Option<Holder> {
+        let live: Vec<&Holder> = holders.iter().filter(|h| !st.dropped.contains(&h.node)).collect();
+        if live.is_empty() {
+            return None;
+        }
+        st.turn += 1;
+        Some(live[st.turn % live.len()].clone())
+    }
+
+    fn drop_holder(&self, h: &Holder, e: anyhow::Error) {
+        if self.lock().dropped.insert(h.node.clone()) {
+            tracing::warn!("dropping holder {} for this stream: {e:#}", h.node);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until the stream has ended: the content is in the store, or the error.
+    pub async fn finished(&self) -> FsResult<()> {
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            match &self.lock().end {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(e)) => return Err(self.error(e)),
+                None => {}
+            }
+            if self.cancel.is_cancelled() {
+                return Err(FsError::Io(anyhow::anyhow!("the stream of {} was cancelled", self.hash)));
+            }
+            notified.await;
+        }
+    }
+
+    /// The next run of blocks to fetch (marked in flight), `Ok(None)` to wait for one
+    /// coming back, `Err(())` when there is nothing left.
+    fn next_run(&self) -> Result<Option<(usize, usize)>, ()> {
+        let mut st = self.lock();
+        let n = st.present.len();
+        if st.have == n {
+            return Err(());
+        }
+        let start = st.cursor.min(n);
+        let Some(i) = (start..n).chain(0..start).find(|&b| !st.present[b] && !st.in_flight[b]) else {
+            return if st.in_flight.iter().any(|f| *f) { Ok(None) } else { Err(()) };
+        };
+        let mut j = i;
+        while j < n && j - i < RUN_BLOCKS && !st.present[j] && !st.in_flight[j] {
+            st.in_flight[j] = true;
+            j += 1;
+        }
+        st.cursor = j;
+        Ok(Some((i, j)))
+    }
+
+    /// Fetches blocks `i..j` from `holder`, checks each against its leaf and writes the
+    /// good ones; returns how many bytes were good, or the error after which the holder
+    /// is dropped (its blocks go back).
+    async fn fetch_run(&self, puller: &Puller, holder: &Holder, leaves: &[ChainingValue], (i, j): (usize, usize)) -> Result<u64, anyhow::Error> {
+        let first = i as u64 * BLOCK;
+        let last = (j as u64 * BLOCK).min(self.size) - 1;
+        let got = puller.get_bytes(holder, &format!("content/{}", self.hash), Some((first, last)), last - first + 1).await;
+        let mut good = 0u64;
+        let mut result = Ok(());
+        match got {
+            Ok(bytes) if bytes.len() as u64 == last - first + 1 => {
+                for b in i..j {
+                    let at = b as u64 * BLOCK;
+                    let block = &bytes[(at - first) as usize..((at + BLOCK).min(self.size) - first) as usize];
+                    if leaves::leaf(block, at) != leaves[b] {
+                        result = Err(anyhow::anyhow!("{} sent a wrong block at {at} of {}", holder.node, self.hash));
+                        break;
+                    }
+                    if let Err(e) = self.file.write_all_at(block, at) {
+                        result = Err(anyhow::Error::new(e).context("writing a streamed block"));
+                        break;
+                    }
+                    let mut st = self.lock();
+                    st.present[b] = true;
+                    st.in_flight[b] = false;
+                    st.have += 1;
+                    drop(st);
+                    good += block.len() as u64;
+                    self.changed.notify_waiters();
+                }
+            }
+            Ok(bytes) => result = Err(anyhow::anyhow!("{} sent {} bytes for a range of {}", holder.node, bytes.len(), last - first + 1)),
+            Err(e) => result = Err(e),
+        }
+        let mut st = self.lock();
+        for b in i..j {
+            st.in_flight[b] = false;
+        }
+        drop(st);
+        self.changed.notify_waiters();
+        result.map(|()| good)
+    }
+
+    /// Streams the content from `holders` into the store (see the module), counting its
+    /// bytes in `progress`; ends the stream either way.
+    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>) {
+        let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
+        let end = self.fetch_all(&puller, &holders, &store, progress).await;
+        if end.is_err() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+        match &end {
+            Ok(()) => tracing::info!(hash = %self.hash, bytes = self.size, "streamed on demand"),
+            Err((unreachable, e)) => tracing::warn!(
+                hash = %self.hash,
+                "{}: {e}",
+                if *unreachable { "no node holding an on-demand content can be reached (reads fail with EHOSTUNREACH)" } else { "streaming an on-demand content failed (reads fail with EIO)" }
+            ),
+        }
+        self.lock().end = Some(end);
+        self.changed.notify_waiters();
+    }
+
+    async fn fetch_all(&self, puller: &Puller, holders: &[Holder], store: &ContentStore, progress: Arc<AtomicU64>) -> End {
+        // The leaves, from the first holder whose leaves merge into the hash.
+        let mut reached = false;
+        let mut leaves = None;
+        let most = 32 * leaves::blocks(self.size) as u64;
+        for h in holders {
+            match puller.get_bytes(h, &format!("leaves/{}", self.hash), None, most).await {
+                Ok(b) => {
+                    reached = true;
+                    match leaves::from_bytes(&b).filter(|l| leaves::verify(l, self.size, &self.hash)) {
+                        Some(l) => {
+                            leaves = Some(l);
+                            break;
+                        }
+                        None => tracing::warn!("{} sent leaves of {} that do not merge into its hash: not asked again", h.node, self.hash),
+                    }
+                }
+                Err(e) => {
+                    reached |= !crate::puller::is_unreachable(&e);
+                    tracing::debug!("no leaves of {} from {}: {e:#}", self.hash, h.node);
+                }
+            }
+        }
+        let Some(leaves) = leaves else {
+            return Err((!reached, Arc::new(format!("no holder of the {} holders asked gave the leaves of {}", holders.len(), self.hash))));
+        };
+        let _ = self.ctx.set(Ctx { puller: puller.clone(), leaves, holders: holders.to_vec(), progress });
+        let ctx = self.ctx.get().expect("just set");
+        let leaves = &ctx.leaves;
+        let reached = AtomicUsize::new(0);
+        let workers = holders.iter().flat_map(|h| std::iter::repeat_n(h, REQUESTS_PER_HOLDER)).map(|h| {
+            let reached = &reached;
+            async move {
+                loop {
+                    if self.cancel.is_cancelled() || self.lock().dropped.contains(&h.node) {
+                        return;
+                    }
+                    let notified = self.changed.notified();
+                    tokio::pin!(notified);
+                    notified.as_mut().enable();
+                    let run = match self.next_run() {
+                        Err(()) => return,
+                        Ok(None) => {
+                            notified.await;
+                            continue;
+                        }
+                        Ok(Some(run)) => run,
+                    };
+                    match self.fetch_run(puller, h, leaves, run).await {
+                        Ok(n) => {
+                            reached.fetch_add(1, Ordering::Relaxed);
+                            ctx.progress.fetch_add(n, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if !crate::puller::is_unreachable(&e) {
+                                reached.fetch_add(1, Ordering::Relaxed);
+                            }
+                            self.drop_holder(h, e);
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        futures_util::future::join_all(workers).await;
+        // Read-driven fetches may still be under way (their holders alive): wait for them.
+        loop {
+            let notified = self.changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.cancel.is_cancelled() || !self.lock().in_flight.iter().any(|f| *f) {
+                break;
+            }
+            notified.await;
+        }
+        if self.cancel.is_cancelled() {
+            return Err((false, Arc::new("cancelled: nobody reads it any more".into())));
+        }
+        let missing = {
+            let st = self.lock();
+            st.present.len() - st.have
+        };
+        if missing > 0 {
+            return Err((reached.load(Ordering::Relaxed) == 0, Arc::new(format!("{missing} block(s) of {} could not be had from any holder", self.hash))));
+        }
+        let (file, tmp, store, hash) = (self.file.try_clone(), self.tmp.clone(), store.clone(), self.hash.clone());
+        store.save_leaves(&self.hash, leaves);
+        let installed = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            file?.sync_data()?;
+            store.install(&tmp, &hash)?;
+            Ok(())
+        })
+        .await;
+        match installed {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err((false, Arc::new(format!("installing a streamed content: {e:#}")))),
+            Err(e) => Err((false, Arc::new(format!("installing a streamed content: {e}")))),
+        }
+    }
+}
