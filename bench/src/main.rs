@@ -4,7 +4,8 @@
 //! by side (`syncthing.rs`), small-file and metadata rates next to the native disk and
 //! bindfs (`metadata.rs`), `tar x`, `git clone` and `rm -rf` of real sources next to
 //! the same two (`tools.rs`), a large tree: its create rate, sync, `find`, a node
-//! joining it and the memory per file (`tree.rs`), and sequential 1 GiB throughput through the mount next to
+//! joining it and the memory per file (`tree.rs`), a node on demand joining a large
+//! tree and reading files it does not hold (`ondemand.rs`), and sequential 1 GiB throughput through the mount next to
 //! the native disk and a bindfs passthrough. Only loopback traffic.
 //!
 //! Run: `scripts/setup.sh && scripts/setup-bench.sh && cargo build --release -p manager
@@ -20,6 +21,7 @@ use system_tests::*;
 mod edit;
 mod holders;
 mod metadata;
+mod ondemand;
 mod syncthing;
 mod tools;
 mod tree;
@@ -291,14 +293,16 @@ fn main() {
     // Syncthing takes a second or two per latency trial (its watcher waits
     // FS_WATCHER_DELAY_S before it scans), so it runs fewer by default.
     let syncthing_trials: usize = std::env::var("BENCH_SYNCTHING_TRIALS").ok().and_then(|s| s.parse().ok()).unwrap_or(trials.min(50));
-    // BENCH_ONLY=latency,thousand,big,edit,meta,tools,holders,versions,tree,seq,syncthing runs a subset (default: all).
+    // BENCH_ONLY=latency,thousand,big,edit,meta,tools,holders,versions,tree,ondemand,seq,syncthing runs a subset (default: all).
     // `syncthing` runs the sync rows selected on Syncthing too (all three if none is
     // named), side by side with ours.
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     let named = |name: &str| only.split(',').any(|o| o.trim() == name);
     let any_sync_named = ["latency", "thousand", "big", "edit"].iter().any(|r| named(r));
     let runs = |name: &str| {
-        only.is_empty() || named(name) || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "holders", "tree"].contains(&name))
+        only.is_empty()
+            || named(name)
+            || (named("syncthing") && !any_sync_named && !["seq", "meta", "tools", "versions", "holders", "tree", "ondemand"].contains(&name))
     };
     let sync_rows = ["latency", "thousand", "big", "edit"].iter().any(|r| runs(r));
     let syncthing_version = syncthing::version();
@@ -429,6 +433,13 @@ fn main() {
         // BENCH_TREE_FILES (100,000) files of 1 KiB; adds node C.
         let n: usize = std::env::var("BENCH_TREE_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
         tree::run(&mut c, n);
+    }
+    if runs("ondemand") {
+        // BENCH_OD_FILES (100,000) files of 1 KiB and BENCH_OD_GIB (10) files of 1 GiB;
+        // adds node D, on demand.
+        let files: usize = std::env::var("BENCH_OD_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
+        let gib: usize = std::env::var("BENCH_OD_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+        ondemand::run(&mut c, files, gib);
     }
     if !runs("seq") {
         return;

@@ -161,7 +161,7 @@ impl<R> Engine<R> {
             held: Vec::new(),
             kept: Vec::new(),
         };
-        e.heartbeat(pending_pulls);
+        e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
         let out = e.take();
         (e, out)
@@ -239,10 +239,10 @@ impl<R> Engine<R> {
 
     /// Heartbeat time: presence, whatever the outbox holds that was not sent, and the
     /// kept contents the GC dropped for space.
-    pub fn on_heartbeat(&mut self, pending_pulls: u64) -> Vec<Action<R>> {
+    pub fn on_heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>) -> Vec<Action<R>> {
         let dropped = self.tree.take_dropped();
         self.kept.extend(dropped.into_iter().map(|h| (h, false)));
-        self.heartbeat(pending_pulls);
+        self.heartbeat(pending_pulls, residency);
         self.publish_outbox();
         self.take()
     }
@@ -334,12 +334,13 @@ impl<R> Engine<R> {
         Envelope::new(self.tree.env().new_id(), self.node.id.clone(), body)
     }
 
-    fn heartbeat(&mut self, pending_pulls: u64) {
+    fn heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>) {
         let body = ToManager::Heartbeat {
             url: self.node.url.clone(),
             pending_changes: self.tree.pending_changes(),
             pending_pulls,
             software: self.node.software.clone(),
+            residency,
         };
         let env = self.envelope(body);
         self.out.push(Action::Publish { env, confirmed: false });

@@ -356,7 +356,44 @@ impl Pulls {
     }
 }
 
+/// How often a node with files on demand counts its local and remote bytes for its
+/// heartbeat (a pass over the tree and a stat per content).
+const RESIDENCY_EVERY: Duration = Duration::from_secs(30);
+const RESIDENCY_SOONEST: Duration = Duration::from_secs(2);
+
 impl Link {
+    /// What a node with files on demand tells the manager in its heartbeat (None for
+    /// other nodes): its bytes local and on demand (counted again every
+    /// `RESIDENCY_EVERY`), its pin rules and its pulls under way.
+    async fn residency(&self, counted: &mut Option<(Instant, u64, wire::NodeResidency)>) -> Option<wire::NodeResidency> {
+        if !self.tree.uses_on_demand() {
+            return None;
+        }
+        // Counted again every RESIDENCY_EVERY, or sooner (RESIDENCY_SOONEST) once
+        // messages from the manager came in (the tree may have moved on).
+        let rev = self.metrics.messages_in.get();
+        let stale = counted.as_ref().is_none_or(|(at, at_rev, _)| at.elapsed() >= RESIDENCY_EVERY || (*at_rev != rev && at.elapsed() >= RESIDENCY_SOONEST));
+        if stale {
+            let tree = self.tree.clone();
+            let r = tokio::task::spawn_blocking(move || tree.residency()).await.ok()?;
+            *counted = Some((Instant::now(), rev, wire::NodeResidency { local_bytes: r.local_bytes, remote_bytes: r.remote_bytes, ..Default::default() }));
+        }
+        let mut out = counted.as_ref()?.2.clone();
+        let pins = self.tree.pins();
+        let named: Vec<(String, bool)> =
+            pins.iter().filter(|(p, _)| p.len() <= wire::MAX_HEARTBEAT_PIN_BYTES).take(wire::MAX_HEARTBEAT_PINS).cloned().collect();
+        out.more_pins = (pins.len() - named.len()) as u32;
+        out.pins = named;
+        out.pulls = self
+            .puller
+            .in_progress()
+            .into_iter()
+            .take(wire::MAX_HEARTBEAT_PULLS)
+            .map(|p| wire::PullState { hash: p.hash, size: p.size, done: p.done })
+            .collect();
+        Some(out)
+    }
+
     async fn session(
         &self,
         sync_rx: &mut mpsc::Receiver<Responder>,
@@ -393,6 +430,7 @@ impl Link {
         let outbox_ready = link.tree.outbox_ready.clone();
         // Questions sent to the manager in this session, by request id.
         let mut asked: HashMap<wire::MessageId, oneshot::Sender<anyhow::Result<wire::Answer>>> = HashMap::new();
+        let mut residency_counted: Option<(Instant, u64, wire::NodeResidency)> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {
@@ -401,8 +439,10 @@ impl Link {
                 }
                 _ = outbox_ready.notified() => s.step(|e| Ok(e.on_outbox_ready())).await?,
                 _ = hb.tick() => {
-                    let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed);
-                    s.step(move |e| Ok(e.on_heartbeat(pulls))).await?;
+                    // The link's pulls, or all under way (on-demand fetches too).
+                    let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed).max(link.puller.in_progress().len() as u64);
+                    let residency = link.residency(&mut residency_counted).await;
+                    s.step(move |e| Ok(e.on_heartbeat(pulls, residency))).await?;
                 }
                 _ = retry.tick() => {
                     let now = s.now();

@@ -278,6 +278,7 @@ impl ContentStore {
         if size < crate::chunks::CHUNKED_MIN_BYTES {
             return;
         }
+        self.leaves_in_background(h);
         // At most two at once: a tree of many large files is chunked when asked instead.
         static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         if RUNNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2 {
@@ -288,9 +289,6 @@ impl ContentStore {
         std::thread::spawn(move || {
             if let Err(e) = store.chunk_list(&h) {
                 tracing::debug!("chunking {h}: {e}");
-            }
-            if let Err(e) = store.leaves(&h) {
-                tracing::debug!("the leaves of {h}: {e}");
             }
             RUNNING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         });
@@ -325,6 +323,26 @@ impl ContentStore {
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
         self.save_leaves(h, &leaves);
         Ok(leaves)
+    }
+
+    /// Queues blob `h` for its leaves to be computed and cached by one background thread
+    /// (in the order blobs come: a node streaming it finds them ready, and a tree of
+    /// many large files costs one core at a time).
+    fn leaves_in_background(&self, h: &ContentHash) {
+        type Job = (ContentStore, ContentHash);
+        static QUEUE: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+        let q = QUEUE.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::spawn(move || {
+                for (store, h) in rx {
+                    if let Err(e) = store.leaves(&h) {
+                        tracing::debug!("the leaves of {h}: {e}");
+                    }
+                }
+            });
+            std::sync::Mutex::new(tx)
+        });
+        let _ = q.lock().unwrap_or_else(|p| p.into_inner()).send((self.clone(), h.clone()));
     }
 
     /// Caches the leaves of blob `h` (best effort).

@@ -60,6 +60,10 @@ CREATE INDEX paths_deleted ON paths(rev) WHERE version IS NULL;
 CREATE TABLE kept(hash TEXT NOT NULL, node TEXT NOT NULL, size INTEGER NOT NULL, confirmed INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(hash, node));
 ";
 
+/// Schema version 4: what a node with files on demand said of its contents in its last
+/// heartbeat (JSON `NodeResidency`; NULL for other nodes), for the dashboard.
+const SCHEMA_V4: &str = "ALTER TABLE nodes ADD COLUMN residency TEXT;";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -118,6 +122,8 @@ pub struct NodeRow {
     pub software: String,
     /// Bytes of old versions' contents the node confirmed it keeps.
     pub kept_bytes: u64,
+    /// What a node with files on demand said in its last heartbeat.
+    pub residency: Option<wire::NodeResidency>,
 }
 
 pub(crate) fn json<T: serde::Serialize>(v: &T) -> String {
@@ -146,6 +152,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V1),
             rusqlite_migration::M::up(SCHEMA_V2),
             rusqlite_migration::M::up(SCHEMA_V3),
+            rusqlite_migration::M::up(SCHEMA_V4),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -230,7 +237,7 @@ impl Store {
     pub fn nodes(&self) -> anyhow::Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, url, online, last_seen_ms, pending_changes, pending_pulls, software,
-               (SELECT coalesce(sum(size), 0) FROM kept k WHERE k.node = nodes.id AND k.confirmed = 1) FROM nodes ORDER BY id",
+               (SELECT coalesce(sum(size), 0) FROM kept k WHERE k.node = nodes.id AND k.confirmed = 1), residency FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(NodeRow {
@@ -242,6 +249,7 @@ impl Store {
                 pending_pulls: r.get::<_, i64>(5)? as u64,
                 software: r.get(6)?,
                 kept_bytes: r.get::<_, i64>(7)? as u64,
+                residency: r.get::<_, Option<String>>(8)?.and_then(|j| serde_json::from_str(&j).ok()),
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -538,14 +546,11 @@ impl Tx<'_> {
     pub fn handle(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<()> {
         let from = env.from.clone();
         match env.body {
-            ToManager::Heartbeat { url, pending_changes, pending_pulls, software } => {
+            ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency } => {
                 self.seen(&from, Some(&url), now_ms)?;
-                self.tx.prepare_cached("UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4 WHERE id = ?1")?.execute(params![
-                    from.as_str(),
-                    pending_changes as i64,
-                    pending_pulls as i64,
-                    software
-                ])?;
+                self.tx
+                    .prepare_cached("UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5 WHERE id = ?1")?
+                    .execute(params![from.as_str(), pending_changes as i64, pending_pulls as i64, software, residency.as_ref().map(json)])?;
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
@@ -1336,7 +1341,7 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 3);
+        assert_eq!(version, 4);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));

@@ -705,7 +705,10 @@ mod tests {
             self.s.transaction(|tx| tx.handle(env, now)).unwrap();
         }
         fn heartbeat(&mut self, from: &str) {
-            self.send(from, ToManager::Heartbeat { url: format!("http://{from}"), pending_changes: 0, pending_pulls: 0, software: String::new() });
+            self.send(
+                from,
+                ToManager::Heartbeat { url: format!("http://{from}"), pending_changes: 0, pending_pulls: 0, software: String::new(), residency: None },
+            );
         }
         fn put(&mut self, from: &str, path: &str, v: Version) -> Revision {
             let base = self.s.entry(&p(path)).unwrap().map(|e| e.rev).unwrap_or_default();

@@ -296,7 +296,7 @@ impl SimNode {
             self.connect(broker, now);
         }
         let Some(e) = self.engine.as_mut() else { return Ok(()) };
-        let mut actions = e.on_heartbeat(self.pulls.len() as u64);
+        let mut actions = e.on_heartbeat(self.pulls.len() as u64, None);
         actions.extend(e.on_retry_tick(now));
         self.carry_out(actions, broker);
         for p in std::mem::take(&mut self.pulls) {

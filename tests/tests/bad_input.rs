@@ -128,7 +128,13 @@ fn xattr_set(p: &std::path::Path, name: &str) -> i32 {
 fn oversized_heartbeats_are_refused_and_the_manager_goes_on() {
     let c = Cluster::start("bighb", 2);
     let heartbeat = |n: usize| {
-        let body = wire::ToManager::Heartbeat { url: format!("http://x/{}", "u".repeat(n)), pending_changes: 0, pending_pulls: 0, software: "evil".into() };
+        let body = wire::ToManager::Heartbeat {
+            url: format!("http://x/{}", "u".repeat(n)),
+            pending_changes: 0,
+            pending_pulls: 0,
+            software: "evil".into(),
+            residency: None,
+        };
         Envelope::new("big-hb-1".parse().unwrap(), "evil".parse().unwrap(), body).encode()
     };
     publish_raw(&c.vhost, "", wire::topology::UPDATE_QUEUE, &heartbeat(1 << 20));

@@ -173,3 +173,44 @@ fn dashboard_restores_from_the_trash_and_from_a_files_versions() {
     let png = std::fs::read(&screenshot).expect("the screenshot was saved");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a real PNG");
 }
+
+/// The nodes table shows what an on-demand node said in its heartbeat: bytes here and
+/// on demand, its pin rule, and a part-filled bar for a content it is fetching (the only
+/// holder serves the first MiB and never the rest, and the file stays open meanwhile).
+#[test]
+fn dashboard_shows_an_on_demand_nodes_contents_and_a_fetch_in_progress() {
+    assert!(Path::new("/usr/bin/chromium").exists(), "chromium is missing: run scripts/setup-browser.sh");
+    let big: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let setup = StalledHolder::start("dashboard-ondemand", &big, b"small", &[]);
+    let n2 = &setup.n2;
+    let (ok, out, err) = n2.syncctl(&["pin", "keep"]);
+    assert!(ok, "syncctl pin: {out} {err}");
+    // The first MiB comes, the rest never: the fetch stays in progress while it is open.
+    let mut f = std::fs::File::open(n2.p("big.bin")).unwrap();
+    let mut head = vec![0u8; 4096];
+    std::io::Read::read_exact(&mut f, &mut head).unwrap();
+    assert_eq!(head, big[..4096]);
+
+    let out = output_dir();
+    std::fs::create_dir_all(&out).unwrap();
+    let screenshot = out.join("dashboard-ondemand.png");
+    let browser_log = out.join("dashboard-ondemand-browser.log");
+    let profile = tempfile::tempdir().unwrap();
+    let mut script = browser_script(
+        &setup.m,
+        "ondemand.mjs",
+        &screenshot,
+        profile.path(),
+        &browser_log,
+        &[("NODE", "n2".into()), ("PINNED", "keep".into()), ("PULL_HASH", setup.hashes[0].clone())],
+    );
+    let lines: Vec<String> = BufReader::new(script.stdout.take().unwrap()).lines().map_while(Result::ok).collect();
+    let status = script.wait().unwrap();
+    if !status.success() {
+        dump_log("browser script", &browser_log);
+    }
+    assert!(status.success() && lines == ["RESIDENCY", "PULL_BAR", "DONE"], "browser script: {lines:?}");
+    drop(f);
+    let png = std::fs::read(&screenshot).expect("the screenshot was saved");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a real PNG");
+}

@@ -12,11 +12,9 @@ mod api_support;
 
 use api_support::*;
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use system_tests::*;
-use wire::{Held, RelPath, Revision, ToManager};
 
 /// A manager, a plain node n1 and an on-demand node n2.
 fn start(name: &str) -> Cluster {
@@ -228,91 +226,12 @@ fn a_small_cache_evicts_the_least_recently_used_but_never_the_last_copy() {
     eventually("b's cache to be within its budget again", DEADLINE, || local_bytes(&c.nodes[1]) <= 1 << 20);
 }
 
-/// A holder that serves the true leaves of its contents; of `stalls` only the first
-/// MiB (every later range is never answered), of `lies` wrong bytes of the right length.
-fn slow_and_lying_holder(leaves: Vec<(String, Vec<u8>)>, stalls: (String, Vec<u8>), lies: String) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let (leaves, stalls) = (std::sync::Arc::new(leaves), std::sync::Arc::new(stalls));
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let (leaves, stalls, lies) = (leaves.clone(), stalls.clone(), lies.clone());
-            std::thread::spawn(move || {
-                let mut s = s;
-                loop {
-                    let mut buf = Vec::new();
-                    let mut b = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let req = String::from_utf8_lossy(&buf).to_string();
-                    let first = req.lines().next().unwrap_or("").to_string();
-                    let body: Vec<u8> = if let Some((_, l)) = leaves.iter().find(|(h, _)| first.contains(&format!("/leaves/{h}"))) {
-                        l.clone()
-                    } else {
-                        let range = req.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
-                        let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
-                        let (x, y) = (x.parse::<usize>().unwrap_or(0), y.parse::<usize>().unwrap_or(0));
-                        if first.contains(&format!("/content/{}", stalls.0)) && x < 1 << 20 {
-                            stalls.1[x..=y].to_vec()
-                        } else if first.contains(&format!("/content/{lies}")) {
-                            vec![0x42; y - x + 1]
-                        } else {
-                            // Never answers: holds the connection until the puller closes it.
-                            while matches!(s.read(&mut b), Ok(n) if n > 0) {}
-                            return;
-                        }
-                    };
-                    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n", body.len());
-                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body)).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    url
-}
-
 #[test]
 fn a_large_file_streams_its_first_bytes_read_before_the_rest_and_a_lying_block_never_reaches_a_reader() {
-    let m = Manager::start("ondemand-stream");
-    let dir = tempfile::tempdir().unwrap();
-    let mut n1 = NodeProc::start(dir.path(), "n1", &m.vhost);
-    n1.wait_connected();
     let big = pseudo_random(24 << 20, 11);
     let other = pseudo_random(8 << 20, 12);
-    write(&n1.p("big.bin"), &big);
-    write(&n1.p("other.bin"), &other);
-    let hashes: Vec<String> = [&big, &other].iter().map(|d| blake3::hash(d).to_hex().to_string()).collect();
-    let leaves: Vec<(String, Vec<u8>)> = hashes
-        .iter()
-        .map(|h| {
-            let mut got = (0, Vec::new());
-            eventually("n1 to serve the leaves", DEADLINE, || {
-                got = http_get(&format!("{}/leaves/{h}", node_url(&n1)), None);
-                got.0 == 200
-            });
-            (h.clone(), got.1)
-        })
-        .collect();
-    // The only reachable holder of both: n1 goes away, a fake holder stays.
-    let fake = FakeNode::connect(&m.vhost, "fake");
-    let _alive = fake.keep_alive_at(slow_and_lying_holder(leaves, (hashes[0].clone(), big.clone()), hashes[1].clone()), 0, 0);
-    for (path, h) in [("big.bin", &hashes[0]), ("other.bin", &hashes[1])] {
-        let rev = m.get_json(&format!("/api/files/history?path={path}"))["current_rev"].as_u64().unwrap();
-        fake.send(ToManager::Holding { items: vec![Held { path: RelPath::new(path).unwrap(), rev: Revision(rev), hash: h.parse().unwrap() }] });
-    }
-    eventually("two holders of each file", DEADLINE, || {
-        ["big.bin", "other.bin"].iter().all(|p| m.get_json(&format!("/api/files/history?path={p}"))["holders"].as_array().unwrap().len() == 2)
-    });
-    let n2 = NodeProc::start_with(dir.path(), "n2", &m.vhost, &["--on-demand", "--pull-stall-secs", "60"]);
-    n2.wait_connected();
-    eventually("n2 to show both files", DEADLINE, || n2.p("big.bin").exists() && n2.p("other.bin").exists());
-    n1.stop();
+    let setup = StalledHolder::start("ondemand-stream", &big, &other, &["--pull-stall-secs", "60"]);
+    let (m, n2, hashes) = (&setup.m, &setup.n2, &setup.hashes);
 
     // The first 4 KiB read while the rest of the file has not come (and never will).
     let mut f = std::fs::File::open(n2.p("big.bin")).unwrap();
@@ -326,6 +245,12 @@ fn a_large_file_streams_its_first_bytes_read_before_the_rest_and_a_lying_block_n
     let this = pulls.as_array().unwrap().iter().find(|p| p["hash"] == hashes[0]).unwrap_or_else(|| panic!("the stream is under way: {pulls}"));
     assert!(this["done"].as_u64().unwrap() < big.len() as u64, "read before the whole file came: {this}");
     assert_eq!(this["size"].as_u64().unwrap(), big.len() as u64);
+    // The manager hears of it in n2's heartbeats (the dashboard shows it).
+    eventually("n2's heartbeat to name the fetch", DEADLINE, || {
+        let nodes = m.get_json("/api/nodes");
+        let r = &nodes["nodes"].as_array().unwrap().iter().find(|n| n["id"] == "n2").unwrap()["residency"];
+        r["pulls"].as_array().is_some_and(|p| p.iter().any(|p| p["hash"] == hashes[0] && p["done"].as_u64().unwrap() < big.len() as u64))
+    });
     drop(f);
 
     // Every block of other.bin is a lie: the read fails; no wrong byte is returned.

@@ -114,9 +114,10 @@ impl Body for ToManager {
     const MAX_BYTES: usize = MAX_TO_MANAGER_BYTES;
     fn check_bounds(&self) -> Result<(), String> {
         match self {
-            ToManager::Heartbeat { url, software, .. } => {
+            ToManager::Heartbeat { url, software, residency, .. } => {
                 bounded_str("heartbeat URL", url, MAX_URL_BYTES)?;
-                bounded_str("software version", software, MAX_SOFTWARE_BYTES)
+                bounded_str("software version", software, MAX_SOFTWARE_BYTES)?;
+                residency.as_ref().map_or(Ok(()), NodeResidency::check_bounds)
             }
             ToManager::Sync { url, .. } => bounded_str("sync URL", url, MAX_URL_BYTES),
             ToManager::Change(Change { op: ChangeOp::Put { version }, .. }) => version.check_bounds(),
@@ -275,6 +276,10 @@ pub enum ToManager {
         pending_pulls: u64,
         /// Program version of the node.
         software: String,
+        /// A node with files on demand: what is local, its pin rules and the pulls under
+        /// way (the dashboard shows them). Absent on other nodes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        residency: Option<NodeResidency>,
     },
     Change(Change),
     /// The node now holds this path's content at this revision and can serve it. Sent
@@ -319,6 +324,48 @@ pub enum ToManager {
     Ask {
         query: Query,
     },
+}
+
+/// Most pin rules a heartbeat names.
+pub const MAX_HEARTBEAT_PINS: usize = 8;
+/// Most pulls a heartbeat names.
+pub const MAX_HEARTBEAT_PULLS: usize = 8;
+/// Longest pinned path a heartbeat names (a longer one is counted, not named).
+pub const MAX_HEARTBEAT_PIN_BYTES: usize = 512;
+
+/// What a node with files on demand says of its contents (`ToManager::Heartbeat`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeResidency {
+    /// Bytes of files whose content is on the node, and of those whose content is not.
+    pub local_bytes: u64,
+    pub remote_bytes: u64,
+    /// Pin rules: path ("" for the root) and whether it is pinned (false: on demand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pins: Vec<(String, bool)>,
+    /// Rules not named in `pins`.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub more_pins: u32,
+    /// Pulls under way, with their bytes so far.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pulls: Vec<PullState>,
+}
+
+/// One pull under way on a node.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullState {
+    pub hash: ContentHash,
+    pub size: u64,
+    pub done: u64,
+}
+
+impl NodeResidency {
+    fn check_bounds(&self) -> Result<(), String> {
+        check_items("pin rules", &self.pins, MAX_HEARTBEAT_PINS)?;
+        check_items("pulls", &self.pulls, MAX_HEARTBEAT_PULLS)?;
+        self.pins.iter().try_for_each(|(p, _)| bounded_str("pinned path", p, MAX_HEARTBEAT_PIN_BYTES))
+    }
 }
 
 /// One path's content a node holds (`ToManager::Holding`).
@@ -459,7 +506,10 @@ mod tests {
 
     fn to_manager_examples() -> Vec<(&'static str, ToManager)> {
         vec![
-            ("heartbeat", ToManager::Heartbeat { url: "http://127.0.0.1:7001".into(), pending_changes: 0, pending_pulls: 1, software: "0.1.0".into() }),
+            (
+                "heartbeat",
+                ToManager::Heartbeat { url: "http://127.0.0.1:7001".into(), pending_changes: 0, pending_pulls: 1, software: "0.1.0".into(), residency: None },
+            ),
             (
                 "change_put",
                 ToManager::Change(Change { path: path("docs/report.txt"), base: Revision(41), follows: None, op: ChangeOp::Put { version: file_version() } }),
@@ -664,7 +714,7 @@ mod tests {
             Envelope::new(
                 id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"),
                 node("n1"),
-                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into() },
+                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into(), residency: None },
             )
             .encode()
         };

@@ -139,24 +139,35 @@ impl Tree {
         (!self.store.has(h)).then(|| RemoteContent { hash: h.clone(), size: i.size, path })
     }
 
-    /// Local and remote files and bytes, and the pin rules: one pass over the tree.
-    pub fn residency(&self) -> ResidencyReport {
+    /// Whether any path here may be on demand (the node's default, or a rule).
+    pub fn uses_on_demand(&self) -> bool {
         let st = self.lock();
-        let mut r = ResidencyReport {
-            on_demand: st.residency.on_demand,
-            pins: st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(),
-            ..Default::default()
+        st.residency.on_demand || st.residency.rules.values().any(|pinned| !pinned)
+    }
+
+    /// The pin rules.
+    pub fn pins(&self) -> Vec<(String, bool)> {
+        self.lock().residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect()
+    }
+
+    /// Local and remote files and bytes, and the pin rules: one pass over the tree
+    /// under its lock to list the contents, then the store is asked about each one
+    /// outside it (a stat per content, which a large tree must not hold the lock for).
+    pub fn residency(&self) -> ResidencyReport {
+        let (on_demand, pins, files) = {
+            let st = self.lock();
+            let files: Vec<(Option<ContentHash>, u64)> =
+                st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0).map(|i| (i.hash.clone().filter(|_| i.work.is_none()), i.size)).collect();
+            (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), files)
         };
-        for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0) {
-            match &i.hash {
-                Some(h) if i.work.is_none() && !self.store.has(h) => {
-                    r.remote_files += 1;
-                    r.remote_bytes += i.size;
-                }
-                _ => {
-                    r.local_files += 1;
-                    r.local_bytes += i.size;
-                }
+        let mut r = ResidencyReport { on_demand, pins, ..Default::default() };
+        for (hash, size) in files {
+            if hash.is_some_and(|h| !self.store.has(&h)) {
+                r.remote_files += 1;
+                r.remote_bytes += size;
+            } else {
+                r.local_files += 1;
+                r.local_bytes += size;
             }
         }
         r

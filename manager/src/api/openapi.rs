@@ -33,7 +33,16 @@ fn schemas() -> Value {
                 "id": string, "online": {"type": "boolean"}, "url": {"type": "string", "description": "The node's content server."},
                 "software": string, "last_seen_ms": int, "last_seen": {"type": "string", "format": "date-time"},
                 "pending_changes": int, "pending_pulls": int,
-                "kept_bytes": {"type": "integer", "description": "Bytes of old versions' contents the node confirmed it keeps (retention)."}
+                "kept_bytes": {"type": "integer", "description": "Bytes of old versions' contents the node confirmed it keeps (retention)."},
+                "residency": {
+                    "type": ["object", "null"],
+                    "description": "A node with files on demand (docs/on-demand.md): bytes local and on demand, its pin rules ([path, pinned]) and the pulls under way, from its last heartbeat; null for other nodes.",
+                    "properties": {
+                        "local_bytes": int, "remote_bytes": int, "more_pins": int,
+                        "pins": {"type": "array", "items": {"type": "array"}},
+                        "pulls": {"type": "array", "items": {"type": "object", "properties": {"hash": string, "size": int, "done": int}}}
+                    }
+                }
             }
         },
         "NodeList": {"type": "object", "properties": {"nodes": {"type": "array", "items": {"$ref": "#/components/schemas/Node"}}}},

@@ -27,6 +27,7 @@ pub fn node_json(n: &NodeRow) -> Value {
         "pending_changes": n.pending_changes,
         "pending_pulls": n.pending_pulls,
         "kept_bytes": n.kept_bytes,
+        "residency": n.residency,
     })
 }
 

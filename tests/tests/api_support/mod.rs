@@ -256,7 +256,13 @@ impl FakeNode {
     }
 
     pub fn heartbeat(&self, pending_changes: u64, pending_pulls: u64) {
-        self.send(ToManager::Heartbeat { url: format!("http://127.0.0.1:1/{}", self.id), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() });
+        self.send(ToManager::Heartbeat {
+            url: format!("http://127.0.0.1:1/{}", self.id),
+            pending_changes,
+            pending_pulls,
+            software: "fake-node 0.0.1".into(),
+            residency: None,
+        });
     }
 
     /// Keeps the node online: a heartbeat every second (as fs-node sends) until dropped.
@@ -272,7 +278,7 @@ impl FakeNode {
             for n in 0u64.. {
                 tick.tick().await;
                 let msg = format!("{id}-hb-{}-{n}", std::process::id());
-                let body = ToManager::Heartbeat { url: url.clone(), pending_changes, pending_pulls, software: "fake-node 0.0.1".into() };
+                let body = ToManager::Heartbeat { url: url.clone(), pending_changes, pending_pulls, software: "fake-node 0.0.1".into(), residency: None };
                 let env = Envelope::new(msg.parse().unwrap(), id.clone(), body);
                 if broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, &msg, &env.encode()).await.is_err() {
                     return;
@@ -344,5 +350,110 @@ fn remove_cluster_containers(cluster: &str) {
         if !ids.is_empty() {
             let _ = Command::new("docker").args(rm).args(&ids).output();
         }
+    }
+}
+
+/// A holder that serves the true leaves of its contents; of `stalls` only the first
+/// MiB (every later range is never answered), of `lies` wrong bytes of the right length.
+pub fn slow_and_lying_holder(leaves: Vec<(String, Vec<u8>)>, stalls: (String, Vec<u8>), lies: String) -> String {
+    use std::io::Write;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (leaves, stalls) = (std::sync::Arc::new(leaves), std::sync::Arc::new(stalls));
+    std::thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            let (leaves, stalls, lies) = (leaves.clone(), stalls.clone(), lies.clone());
+            std::thread::spawn(move || {
+                let mut s = s;
+                loop {
+                    let mut buf = Vec::new();
+                    let mut b = [0u8; 4096];
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut b) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&b[..n]),
+                        }
+                    }
+                    let req = String::from_utf8_lossy(&buf).to_string();
+                    let first = req.lines().next().unwrap_or("").to_string();
+                    let body: Vec<u8> = if let Some((_, l)) = leaves.iter().find(|(h, _)| first.contains(&format!("/leaves/{h}"))) {
+                        l.clone()
+                    } else {
+                        let range = req.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
+                        let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
+                        let (x, y) = (x.parse::<usize>().unwrap_or(0), y.parse::<usize>().unwrap_or(0));
+                        if first.contains(&format!("/content/{}", stalls.0)) && x < 1 << 20 {
+                            stalls.1[x..=y].to_vec()
+                        } else if first.contains(&format!("/content/{lies}")) {
+                            vec![0x42; y - x + 1]
+                        } else {
+                            // Never answers: holds the connection until the puller closes it.
+                            while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                            return;
+                        }
+                    };
+                    let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n", body.len());
+                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&body)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    url
+}
+
+/// A manager, node n1 that wrote `stalls` as big.bin and `lies` as other.bin and then
+/// stopped, a fake node that holds both and serves them through
+/// `slow_and_lying_holder` (the first MiB of big.bin, lies for other.bin), and node n2
+/// on demand (with `n2_args`) that shows both: every fetch n2 makes of them goes to the
+/// fake holder.
+pub struct StalledHolder {
+    pub m: Manager,
+    pub n2: system_tests::NodeProc,
+    pub hashes: Vec<String>,
+    pub fake: FakeNode,
+    _alive: tokio::task::JoinHandle<()>,
+    _n1: system_tests::NodeProc,
+    _dir: tempfile::TempDir,
+}
+
+impl StalledHolder {
+    pub fn start(name: &str, stalls: &[u8], lies: &[u8], n2_args: &[&str]) -> StalledHolder {
+        use system_tests::{http_get, node_url, write, NodeProc};
+        let m = Manager::start(name);
+        let dir = tempfile::tempdir().unwrap();
+        let mut n1 = NodeProc::start(dir.path(), "n1", &m.vhost);
+        n1.wait_connected();
+        write(&n1.p("big.bin"), stalls);
+        write(&n1.p("other.bin"), lies);
+        let hashes: Vec<String> = [stalls, lies].iter().map(|d| blake3::hash(d).to_hex().to_string()).collect();
+        let leaves: Vec<(String, Vec<u8>)> = hashes
+            .iter()
+            .map(|h| {
+                let mut got = (0, Vec::new());
+                eventually("n1 to serve the leaves", DEADLINE, || {
+                    got = http_get(&format!("{}/leaves/{h}", node_url(&n1)), None);
+                    got.0 == 200
+                });
+                (h.clone(), got.1)
+            })
+            .collect();
+        // The only reachable holder of both: n1 goes away, a fake holder stays.
+        let fake = FakeNode::connect(&m.vhost, "fake");
+        let alive = fake.keep_alive_at(slow_and_lying_holder(leaves, (hashes[0].clone(), stalls.to_vec()), hashes[1].clone()), 0, 0);
+        for (path, h) in [("big.bin", &hashes[0]), ("other.bin", &hashes[1])] {
+            let rev = m.get_json(&format!("/api/files/history?path={path}"))["current_rev"].as_u64().unwrap();
+            fake.send(ToManager::Holding { items: vec![wire::Held { path: RelPath::new(path).unwrap(), rev: Revision(rev), hash: h.parse().unwrap() }] });
+        }
+        eventually("two holders of each file", DEADLINE, || {
+            ["big.bin", "other.bin"].iter().all(|p| m.get_json(&format!("/api/files/history?path={p}"))["holders"].as_array().unwrap().len() == 2)
+        });
+        let args: Vec<&str> = std::iter::once("--on-demand").chain(n2_args.iter().copied()).collect();
+        let n2 = NodeProc::start_with(dir.path(), "n2", &m.vhost, &args);
+        n2.wait_connected();
+        eventually("n2 to show both files", DEADLINE, || n2.p("big.bin").exists() && n2.p("other.bin").exists());
+        n1.stop();
+        StalledHolder { m, n2, hashes, fake, _alive: alive, _n1: n1, _dir: dir }
     }
 }

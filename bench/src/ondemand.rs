@@ -1,0 +1,129 @@
+//! Files on demand (issue 15): a tree of `files` small files and `gib` files of 1 GiB
+//! written on node A (node B takes that directory on demand, so it pulls none of it);
+//! then a new node D started with `--on-demand`: how long until `find` on D counts
+//! every file, how long the first 4 KiB of each 1 GiB file (none of it on D) take to
+//! read, and a sequential read of a 1 GiB file not on D next to the rate of B's own
+//! pull of a new 1 GiB file (a pinned directory: pulled as it arrives, the way every
+//! node pulls). No Syncthing row: it has no files on demand.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use system_tests::{eventually, node_metrics, Cluster, NodeProc};
+
+const PER_DIR: usize = 1000;
+
+/// Writes `size` bytes of fresh content (a nonce per MiB) to `p`.
+fn write_big(p: &Path, size: usize, seed: u64) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(p).unwrap();
+    let mut block = vec![0x5au8; 1 << 20];
+    for i in 0..size / block.len() {
+        block[..16].copy_from_slice(&[seed.to_le_bytes(), (i as u64).to_le_bytes()].concat());
+        f.write_all(&block).unwrap();
+    }
+    drop(f);
+}
+
+fn count_files(root: &Path) -> usize {
+    if !root.is_dir() {
+        return 0;
+    }
+    let out = std::process::Command::new("find").arg(root).args(["-type", "f"]).output().expect("find runs");
+    out.stdout.iter().filter(|&&b| b == b'\n').count()
+}
+
+fn pulled(n: &NodeProc) -> f64 {
+    node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
+}
+
+pub fn run(c: &mut Cluster, files: usize, gib: usize) {
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let root = a.mount.join("od");
+    std::fs::create_dir_all(root.join("pulled")).unwrap();
+    // B keeps od/ on demand, except od/pulled/, which it pulls as every node does.
+    for (cmd, p) in [("unpin", "od"), ("pin", "od/pulled")] {
+        let (ok, out, err) = b.syncctl(&[cmd, p]);
+        assert!(ok, "syncctl {cmd} {p}: {out} {err}");
+    }
+    let t = Instant::now();
+    let block = [0x44u8; 1024];
+    for i in 0..files {
+        if i % PER_DIR == 0 {
+            std::fs::create_dir_all(root.join(format!("d{:04}", i / PER_DIR))).unwrap();
+        }
+        std::fs::write(root.join(format!("d{:04}/f{:04}", i / PER_DIR, i % PER_DIR)), block).unwrap();
+    }
+    for g in 0..gib {
+        write_big(&root.join(format!("big{g}.bin")), 1 << 30, g as u64);
+    }
+    let total = files + gib;
+    eventually("A's changes to drain", Duration::from_secs(3600), || a.pending() == 0);
+    println!("on demand: a tree of {files} files of 1 KiB and {gib} of 1 GiB written on A in {:.0} s", t.elapsed().as_secs_f64());
+
+    // A new node D, on demand: the whole tree, by `find`.
+    let started = Instant::now();
+    let d = NodeProc::start_with(c.dir.path(), "n4", &c.vhost, &["--on-demand"]);
+    let on_d = d.mount.join("od");
+    eventually("D to show every file", Duration::from_secs(3600), || count_files(&on_d) == total);
+    let shown = started.elapsed();
+    let status = d.status();
+    println!(
+        "- a new on-demand node D shows all {total} files {:.2} s after it started (its store: {} bytes pulled, {} files on demand)",
+        shown.as_secs_f64(),
+        status["bytes_pulled"],
+        status["residency"]["remote_files"]
+    );
+
+    // The first 4 KiB of each 1 GiB file, none of it on D.
+    let mut firsts = Vec::new();
+    for g in 0..gib.saturating_sub(1) {
+        let t = Instant::now();
+        let mut f = std::fs::File::open(on_d.join(format!("big{g}.bin"))).unwrap();
+        let mut head = vec![0u8; 4096];
+        f.read_exact(&mut head).unwrap();
+        firsts.push(t.elapsed().as_secs_f64() * 1000.0);
+        assert_eq!(&head[8..16], &0u64.to_le_bytes(), "the first block's bytes");
+    }
+    if !firsts.is_empty() {
+        let mut sorted = firsts.clone();
+        sorted.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        println!(
+            "- first 4 KiB of a 1 GiB file not on D: median {:.1} ms, max {:.1} ms over {} files ({})",
+            sorted[sorted.len() / 2],
+            sorted[sorted.len() - 1],
+            sorted.len(),
+            firsts.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(", ")
+        );
+    }
+
+    // A whole 1 GiB file not on D, read sequentially, next to B's pull of a new one.
+    if gib > 0 {
+        let p = on_d.join(format!("big{}.bin", gib - 1));
+        let t = Instant::now();
+        let mut f = std::fs::File::open(&p).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0usize;
+        loop {
+            let k = f.read(&mut buf).unwrap();
+            if k == 0 {
+                break;
+            }
+            n += k;
+        }
+        assert_eq!(n, 1 << 30);
+        let read_rate = n as f64 / t.elapsed().as_secs_f64() / 1e6;
+        let before = pulled(b);
+        let t = Instant::now();
+        write_big(&root.join("pulled/fresh.bin"), 1 << 30, 99);
+        let closed = t.elapsed();
+        eventually("B to pull the new file", Duration::from_secs(600), || pulled(b) >= before + (1u64 << 30) as f64);
+        let pull = t.elapsed() - closed;
+        let pull_rate = (1u64 << 30) as f64 / pull.as_secs_f64() / 1e6;
+        println!(
+            "- sequential read of a 1 GiB file not on D: {read_rate:.0} MB/s; B's pull of a new 1 GiB file (after A's close, until B holds it): {pull_rate:.0} MB/s; ratio {:.2}",
+            read_rate / pull_rate
+        );
+    }
+    c.nodes.push(d);
+}
