@@ -69,10 +69,12 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize) {
     let shown = started.elapsed();
     let status = d.status();
     println!(
-        "- a new on-demand node D shows all {total} files {:.2} s after it started (its store: {} bytes pulled, {} files on demand)",
+        "- a new on-demand node D shows all {total} files {:.2} s after it started (its first sync took {:.2} s; its store: {} bytes pulled, {} files on demand; memory {:.0} MiB)",
         shown.as_secs_f64(),
+        status["last_sync"]["seconds"].as_f64().unwrap_or(f64::NAN),
         status["bytes_pulled"],
-        status["residency"]["remote_files"]
+        status["residency"]["remote_files"],
+        d.rss().unwrap_or_default() as f64 / 1048576.0
     );
 
     // The first 4 KiB of each 1 GiB file, none of it on D.

@@ -31,6 +31,9 @@ const HOLDING_BYTES: usize = MAX_TO_MANAGER_BYTES - 1024;
 /// Time since the driver started, on the driver's clock (real or simulated).
 pub type Now = Duration;
 
+/// Entries of a sync reply page applied in one transaction of the tree.
+const APPLY_AT_ONCE: usize = 1000;
+
 /// First and longest wait before pulling a missing content again.
 pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -427,6 +430,35 @@ impl<R> Engine<R> {
         Ok(result)
     }
 
+    /// [`Engine::apply_entry`] for many entries (a sync reply page), [`APPLY_AT_ONCE`]
+    /// to a transaction of the tree: a commit per group instead of one per path, and the
+    /// tree's lock is let go between groups (file operations wait for one group at
+    /// most). If a group's transaction fails, its entries are applied one by one (so one
+    /// bad entry fails alone).
+    fn apply_entries(&mut self, mut entries: Vec<Entry>, now: Now) -> EngineResult<Vec<Applied>> {
+        for e in &mut entries {
+            self.clear_setid(e);
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for group in entries.chunks(APPLY_AT_ONCE) {
+            let applied = match self.tree.apply_remote_all(group) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!("applying {} entries at once failed ({e}); one by one", group.len());
+                    for entry in group {
+                        out.push(self.apply_entry(entry.clone(), now)?);
+                    }
+                    continue;
+                }
+            };
+            for (entry, applied) in group.iter().zip(applied) {
+                out.push(Applied { changed: applied.changed, missing_content: applied.missing_content, remote: applied.remote, invals: Vec::new() });
+                self.after_apply(entry, applied, now);
+            }
+        }
+        Ok(out)
+    }
+
     fn clear_setid(&self, entry: &mut Entry) {
         if !self.node.allow_setid {
             if let Some(v) = &mut entry.version {
@@ -482,9 +514,7 @@ impl<R> Engine<R> {
         }
         let Some(mut s) = sync else {
             tracing::debug!(%request, page, "a page of a sync no longer waited for: applying its entries only");
-            for entry in entries {
-                self.apply_entry(entry, now)?;
-            }
+            self.apply_entries(entries, now)?;
             self.start_next_sync(now);
             return Ok(());
         };
@@ -492,12 +522,13 @@ impl<R> Engine<R> {
             s.damaged = self.tree.damaged().into_iter().collect();
         }
         let mut heal = Vec::new();
-        for entry in entries {
+        for entry in &entries {
             s.known.insert(entry.path.clone());
             if matches!((&entry.version, s.damaged.get(&entry.path)), (Some(Version { content: Content::File { hash, .. }, .. }), Some(lost)) if hash == lost) {
                 heal.push(entry.clone());
             }
-            let a = self.apply_entry(entry, now)?;
+        }
+        for a in self.apply_entries(entries, now)? {
             s.pulled += a.changed as u64;
             s.failed += a.missing_content as u64;
         }
@@ -566,9 +597,10 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<Wanted> {
         })
         .collect();
     let mut seen = HashSet::new();
+    let rules = tree.pin_rules();
     let mut wanted: Vec<Wanted> = entries
         .into_iter()
-        .filter_map(|e| match (&e.version, tree.needs_content(e)) {
+        .filter_map(|e| match (&e.version, tree.needs_content_under(e, &rules)) {
             (Some(Version { content: Content::File { size, .. }, .. }), Some(hash)) if seen.insert(hash.clone()) => {
                 let basis = (*size >= crate::puller::CHUNKED_MIN_BYTES).then(|| tree.local_hash(&e.path)).flatten();
                 Some(Wanted { hash, size: *size, holders: e.holders.clone(), basis })

@@ -361,24 +361,44 @@ impl Pulls {
 const RESIDENCY_EVERY: Duration = Duration::from_secs(30);
 const RESIDENCY_SOONEST: Duration = Duration::from_secs(2);
 
+/// The last count of a node's bytes here and on demand, and when messages last came in.
+struct ResidencyCount {
+    /// When it was counted, the messages received by then, and the count.
+    last: Option<(Instant, u64, wire::NodeResidency)>,
+    msgs_seen: u64,
+    msgs_changed: Instant,
+}
+
+impl Default for ResidencyCount {
+    fn default() -> Self {
+        ResidencyCount { last: None, msgs_seen: 0, msgs_changed: Instant::now() }
+    }
+}
+
 impl Link {
     /// What a node with files on demand tells the manager in its heartbeat (None for
     /// other nodes): its bytes local and on demand (counted again every
     /// `RESIDENCY_EVERY`), its pin rules and its pulls under way.
-    async fn residency(&self, counted: &mut Option<(Instant, u64, wire::NodeResidency)>) -> Option<wire::NodeResidency> {
+    async fn residency(&self, counted: &mut ResidencyCount) -> Option<wire::NodeResidency> {
         if !self.tree.uses_on_demand() {
             return None;
         }
-        // Counted again every RESIDENCY_EVERY, or sooner (RESIDENCY_SOONEST) once
-        // messages from the manager came in (the tree may have moved on).
-        let rev = self.metrics.messages_in.get();
-        let stale = counted.as_ref().is_none_or(|(at, at_rev, _)| at.elapsed() >= RESIDENCY_EVERY || (*at_rev != rev && at.elapsed() >= RESIDENCY_SOONEST));
+        // Counted again every RESIDENCY_EVERY, or sooner once messages from the manager
+        // came in (the tree may have moved on) and none came for RESIDENCY_SOONEST: a
+        // join or a large change is counted when it is done, not while it runs.
+        let msgs = self.metrics.messages_in.get();
+        if msgs != counted.msgs_seen {
+            counted.msgs_seen = msgs;
+            counted.msgs_changed = Instant::now();
+        }
+        let quiet = counted.msgs_changed.elapsed() >= RESIDENCY_SOONEST;
+        let stale = counted.last.as_ref().is_none_or(|(at, at_msgs, _)| at.elapsed() >= RESIDENCY_EVERY || (*at_msgs != msgs && quiet));
         if stale {
             let tree = self.tree.clone();
             let r = tokio::task::spawn_blocking(move || tree.residency()).await.ok()?;
-            *counted = Some((Instant::now(), rev, wire::NodeResidency { local_bytes: r.local_bytes, remote_bytes: r.remote_bytes, ..Default::default() }));
+            counted.last = Some((Instant::now(), msgs, wire::NodeResidency { local_bytes: r.local_bytes, remote_bytes: r.remote_bytes, ..Default::default() }));
         }
-        let mut out = counted.as_ref()?.2.clone();
+        let mut out = counted.last.as_ref()?.2.clone();
         let pins = self.tree.pins();
         let named: Vec<(String, bool)> =
             pins.iter().filter(|(p, _)| p.len() <= wire::MAX_HEARTBEAT_PIN_BYTES).take(wire::MAX_HEARTBEAT_PINS).cloned().collect();
@@ -430,7 +450,7 @@ impl Link {
         let outbox_ready = link.tree.outbox_ready.clone();
         // Questions sent to the manager in this session, by request id.
         let mut asked: HashMap<wire::MessageId, oneshot::Sender<anyhow::Result<wire::Answer>>> = HashMap::new();
-        let mut residency_counted: Option<(Instant, u64, wire::NodeResidency)> = None;
+        let mut residency_counted = ResidencyCount::default();
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => {

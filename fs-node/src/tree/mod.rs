@@ -33,7 +33,7 @@ use outbox::Outbox;
 mod remote;
 mod residency;
 use residency::Residency;
-pub use residency::{Evictable, RemoteContent, ResidencyReport};
+pub use residency::{Evictable, PinRules, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
 #[cfg(test)]

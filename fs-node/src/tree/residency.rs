@@ -39,6 +39,15 @@ impl Residency {
     }
 }
 
+/// A copy of the pin rules (`Tree::pin_rules`).
+pub struct PinRules(Residency);
+
+impl PinRules {
+    pub fn pinned(&self, path: &RelPath) -> bool {
+        self.0.pinned(path.as_str())
+    }
+}
+
 /// A file's content that is not in the store: what opening it must fetch first.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RemoteContent {
@@ -72,6 +81,12 @@ impl Tree {
     /// Whether contents at `path` are kept local.
     pub fn is_pinned(&self, path: &RelPath) -> bool {
         self.lock().residency.pinned(path.as_str())
+    }
+
+    /// The pin rules as they are now, to ask about many paths without the tree lock.
+    pub fn pin_rules(&self) -> PinRules {
+        let st = self.lock();
+        PinRules(Residency { on_demand: st.residency.on_demand, rules: st.residency.rules.clone() })
     }
 
     /// Sets (`Some`) or removes (`None`) the rule of `path` ("" for the whole tree),

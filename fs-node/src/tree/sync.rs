@@ -89,8 +89,13 @@ impl Tree {
     /// Whether applying `entry` needs content that is not in the store: a pinned path's
     /// (an on-demand path is applied without it, `residency.rs`).
     pub fn needs_content(&self, entry: &Entry) -> Option<ContentHash> {
+        self.needs_content_under(entry, &self.pin_rules())
+    }
+
+    /// [`Tree::needs_content`] with the pin rules taken once for many entries.
+    pub fn needs_content_under(&self, entry: &Entry, rules: &PinRules) -> Option<ContentHash> {
         match &entry.version {
-            Some(Version { content: Content::File { hash, .. }, .. }) if !self.store.has(hash) && self.is_pinned(&entry.path) => Some(hash.clone()),
+            Some(Version { content: Content::File { hash, .. }, .. }) if rules.pinned(&entry.path) && !self.store.has(hash) => Some(hash.clone()),
             _ => None,
         }
     }
@@ -99,6 +104,12 @@ impl Tree {
     /// changes or the entry is older than what this node has.
     pub fn apply_remote(&self, entry: &Entry) -> FsResult<Applied> {
         self.atomically(|st, store| st.apply_remote(entry, store))
+    }
+
+    /// [`Tree::apply_remote`] for each of `entries`, in order, in one transaction: all
+    /// or, if any fails, none.
+    pub fn apply_remote_all(&self, entries: &[Entry]) -> FsResult<Vec<Applied>> {
+        self.atomically(|st, store| entries.iter().map(|e| st.apply_remote(e, store)).collect())
     }
 
     /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
