@@ -439,7 +439,9 @@ fn main() {
         // adds node D, on demand.
         let files: usize = std::env::var("BENCH_OD_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(100_000);
         let gib: usize = std::env::var("BENCH_OD_GIB").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
-        ondemand::run(&mut c, files, gib);
+        // BENCH_OD_ROUNDS (3) of the sequential read and pull.
+        let rounds: usize = std::env::var("BENCH_OD_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+        ondemand::run(&mut c, files, gib, rounds);
     }
     if !runs("seq") {
         return;

@@ -37,7 +37,7 @@ fn pulled(n: &NodeProc) -> f64 {
     node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
 }
 
-pub fn run(c: &mut Cluster, files: usize, gib: usize) {
+pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
     let root = a.mount.join("od");
     std::fs::create_dir_all(root.join("pulled")).unwrap();
@@ -77,9 +77,10 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize) {
         d.rss().unwrap_or_default() as f64 / 1048576.0
     );
 
-    // The first 4 KiB of each 1 GiB file, none of it on D.
+    // The first 4 KiB of each 1 GiB file but the last `rounds`, none of it on D.
+    let rounds = rounds.min(gib);
     let mut firsts = Vec::new();
-    for g in 0..gib.saturating_sub(1) {
+    for g in 0..gib - rounds {
         let t = Instant::now();
         let mut f = std::fs::File::open(on_d.join(format!("big{g}.bin"))).unwrap();
         let mut head = vec![0u8; 4096];
@@ -99,9 +100,11 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize) {
         );
     }
 
-    // A whole 1 GiB file not on D, read sequentially, next to B's pull of a new one.
-    if gib > 0 {
-        let p = on_d.join(format!("big{}.bin", gib - 1));
+    // A whole 1 GiB file not on D, read sequentially, next to B's pull of a new one:
+    // `rounds` rounds, each a file of its own.
+    let (mut reads, mut pulls) = (Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let p = on_d.join(format!("big{}.bin", gib - rounds + r));
         let t = Instant::now();
         let mut f = std::fs::File::open(&p).unwrap();
         let mut buf = vec![0u8; 1 << 20];
@@ -114,17 +117,28 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize) {
             n += k;
         }
         assert_eq!(n, 1 << 30);
-        let read_rate = n as f64 / t.elapsed().as_secs_f64() / 1e6;
+        reads.push(n as f64 / t.elapsed().as_secs_f64() / 1e6);
         let before = pulled(b);
         let t = Instant::now();
-        write_big(&root.join("pulled/fresh.bin"), 1 << 30, 99);
+        write_big(&root.join(format!("pulled/fresh{r}.bin")), 1 << 30, 99 + r as u64);
         let closed = t.elapsed();
         eventually("B to pull the new file", Duration::from_secs(600), || pulled(b) >= before + (1u64 << 30) as f64);
-        let pull = t.elapsed() - closed;
-        let pull_rate = (1u64 << 30) as f64 / pull.as_secs_f64() / 1e6;
+        pulls.push((1u64 << 30) as f64 / (t.elapsed() - closed).as_secs_f64() / 1e6);
+    }
+    if rounds > 0 {
+        let med = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
+            v[v.len() / 2]
+        };
+        let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
         println!(
-            "- sequential read of a 1 GiB file not on D: {read_rate:.0} MB/s; B's pull of a new 1 GiB file (after A's close, until B holds it): {pull_rate:.0} MB/s; ratio {:.2}",
-            read_rate / pull_rate
+            "- sequential read of a 1 GiB file not on D: {:.0} MB/s ({}); B's pull of a new 1 GiB file (after A's close, until B holds it): {:.0} MB/s ({}); ratio of the medians {:.2}",
+            med(&reads),
+            list(&reads),
+            med(&pulls),
+            list(&pulls),
+            med(&reads) / med(&pulls)
         );
     }
     c.nodes.push(d);

@@ -61,12 +61,15 @@ impl State {
         // A failure undoes the passthrough set-up with the rest of the transaction.
         self.prepare_write_open(ino, write, truncate, pt, store)?;
         let now = self.env.now_ns();
+        // When each content was last opened matters only to the cache of on-demand files.
+        let track = self.residency.in_use();
         let i = self.inode_mut(ino)?;
         i.open += 1;
         if write {
             i.writers += 1;
         }
-        if let Some(h) = i.hash.clone() {
+        let hash = i.hash.clone().filter(|_| track);
+        if let Some(h) = hash {
             self.last_used.insert(h, now);
         }
         if pt {

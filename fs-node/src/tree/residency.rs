@@ -18,6 +18,11 @@ pub(super) struct Residency {
 }
 
 impl Residency {
+    /// Whether files on demand are in use at all (the default, or any rule).
+    pub fn in_use(&self) -> bool {
+        self.on_demand || !self.rules.is_empty()
+    }
+
     /// Whether contents at `path` are kept local (pulled as they arrive, never evicted).
     pub fn pinned(&self, path: &str) -> bool {
         if path.rsplit('/').next() == Some(IGNORE_FILE) {
@@ -145,6 +150,11 @@ impl Tree {
             return None;
         }
         let st = self.lock();
+        // A node without files on demand has every content (a lost one fails with EIO
+        // until the next sync pulls it again): no stat per open.
+        if !st.residency.in_use() {
+            return None;
+        }
         let i = st.inodes.get(&ino)?;
         if i.kind != Kind::File || i.work.is_some() || i.passthrough.is_some() {
             return None;
