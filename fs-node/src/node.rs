@@ -150,7 +150,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(cfg.data.join("node.url"));
     let db = Db::open(&cfg.data.join("node.db"))?;
     let store = ContentStore::open(&cfg.data)?;
-    let tree = Arc::new(Tree::load(db, store.clone())?);
+    let tree = Arc::new(Tree::load_on_demand(db, store.clone(), cfg.on_demand)?);
     tree.set_node_ignore_rules(&cfg.ignore).map_err(|e| anyhow::anyhow!("taking the node's ignore rules: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let cancel = CancellationToken::new();
@@ -165,7 +165,6 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let puller = crate::puller::Puller::new(client, store.clone(), cfg.id.clone(), cfg.cluster_token.clone(), cfg.pull_stall, acceptor_is_tls);
     let metrics = Arc::new(Metrics::default());
     let fetcher = crate::fetch::Fetcher::new(puller.clone(), metrics.clone(), rt.handle().clone());
-    tree.set_on_demand(cfg.on_demand);
     let fs = SyncFs::new(tree.clone(), cfg.data.clone(), passthrough.clone(), fetcher.clone(), rt.handle().clone());
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options =

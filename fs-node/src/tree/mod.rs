@@ -320,8 +320,23 @@ impl Tree {
         Self::load_with(db, store, Arc::new(SystemEnv))
     }
 
+    /// [`Tree::load`] of a node whose paths are on demand unless pinned
+    /// (`fs-node --on-demand`).
+    pub fn load_on_demand(db: Db, store: ContentStore, on_demand: bool) -> anyhow::Result<Tree> {
+        let tree = Self::load_full(db, store, Arc::new(SystemEnv), on_demand)?;
+        tree.set_on_demand(on_demand);
+        Ok(tree)
+    }
+
     /// [`Tree::load`] with the clock and ids of `env` (the simulator's).
     pub fn load_with(db: Db, store: ContentStore, env: Arc<dyn Env>) -> anyhow::Result<Tree> {
+        Self::load_full(db, store, env, false)
+    }
+
+    fn load_full(db: Db, store: ContentStore, env: Arc<dyn Env>, on_demand: bool) -> anyhow::Result<Tree> {
+        // Where no path is on demand, a content missing from the store is lost and told
+        // file by file; elsewhere most are just not here, and told in one line.
+        let any_on_demand = on_demand || db.pins()?.iter().any(|(_, pinned)| !pinned);
         let past_bug = env.past_bug();
         let mut inodes = HashMap::new();
         for row in db.inodes()? {
@@ -377,12 +392,16 @@ impl Tree {
                         let _ = std::fs::remove_file(store.blob_path(h));
                         lost_at_load.push(i.ino);
                     }
-                    // On demand (docs/on-demand.md), or lost: told once below.
-                    Err(_) => lost_at_load.push(i.ino),
+                    Err(_) => {
+                        if !any_on_demand {
+                            tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again");
+                        }
+                        lost_at_load.push(i.ino);
+                    }
                 },
             }
         }
-        if !lost_at_load.is_empty() {
+        if any_on_demand && !lost_at_load.is_empty() {
             tracing::info!(files = lost_at_load.len(), "files without their content here: on demand, or lost (a pinned one is pulled again at the next sync)");
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
