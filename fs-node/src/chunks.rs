@@ -73,8 +73,9 @@ impl ChunkList {
         Ok(ChunkList { chunks })
     }
 
+    /// The chunk list of the blob at `p` (stops early if it is removed meanwhile).
     pub fn of_file(p: &Path) -> std::io::Result<ChunkList> {
-        Self::of_reader(std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(p)?))
+        Self::of_reader(std::io::BufReader::with_capacity(1 << 20, crate::store::BlobReader::open(p)?))
     }
 
     pub fn to_json(&self) -> ChunkListJson {

@@ -48,9 +48,10 @@ pub fn leaves_of(mut r: impl Read, size: u64) -> std::io::Result<Vec<ChainingVal
     Ok(out)
 }
 
+/// The leaves of the blob at `p` (stops early if it is removed meanwhile).
 pub fn leaves_of_file(p: &Path) -> std::io::Result<Vec<ChainingValue>> {
-    let f = std::fs::File::open(p)?;
-    let size = f.metadata()?.len();
+    let f = crate::store::BlobReader::open(p)?;
+    let size = f.len()?;
     leaves_of(std::io::BufReader::with_capacity(1 << 20, f), size)
 }
 

@@ -40,6 +40,43 @@ pub struct CommittedWork {
     pub moved: bool,
 }
 
+/// Reads a blob for work done in the background (its chunk list, its leaves) and stops
+/// with `NotFound` once the blob is removed: the space of a removed blob comes back only
+/// when the last descriptor on it closes, and a full disk must not wait for a background
+/// pass over a large file that is no longer wanted.
+pub struct BlobReader {
+    file: std::fs::File,
+    path: PathBuf,
+    unchecked: usize,
+}
+
+impl BlobReader {
+    /// Bytes read between two looks at whether the blob is still there.
+    const CHECK_EVERY: usize = 4 << 20;
+
+    pub fn open(path: &Path) -> std::io::Result<BlobReader> {
+        Ok(BlobReader { file: std::fs::File::open(path)?, path: path.to_path_buf(), unchecked: 0 })
+    }
+
+    pub fn len(&self) -> std::io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+}
+
+impl std::io::Read for BlobReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.unchecked >= Self::CHECK_EVERY {
+            self.unchecked = 0;
+            if !self.path.exists() {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{} was removed", self.path.display())));
+            }
+        }
+        let n = self.file.read(buf)?;
+        self.unchecked += n;
+        Ok(n)
+    }
+}
+
 pub fn hash_of(bytes: &[u8]) -> ContentHash {
     ContentHash::from_bytes(*blake3::hash(bytes).as_bytes())
 }
@@ -413,4 +450,28 @@ pub fn put_bytes(store: &ContentStore, bytes: &[u8]) -> anyhow::Result<ContentHa
         store.install(&tmp, &h)?;
     }
     Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A background pass over a blob stops once the blob is removed, so its space comes
+    /// back without waiting for the pass to end.
+    #[test]
+    fn a_blob_reader_stops_once_the_blob_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("blob");
+        std::fs::write(&p, vec![7u8; 3 * BlobReader::CHECK_EVERY]).unwrap();
+        let mut whole = Vec::new();
+        BlobReader::open(&p).unwrap().read_to_end(&mut whole).unwrap();
+        assert_eq!(whole.len(), 3 * BlobReader::CHECK_EVERY, "a blob that stays is read whole");
+        let mut r = BlobReader::open(&p).unwrap();
+        let mut buf = vec![0u8; BlobReader::CHECK_EVERY];
+        r.read_exact(&mut buf).unwrap();
+        std::fs::remove_file(&p).unwrap();
+        let e = r.read_to_end(&mut Vec::new()).expect_err("the reader stops");
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+    }
 }
