@@ -25,14 +25,6 @@ fn write_big(p: &Path, size: usize, seed: u64) {
     drop(f);
 }
 
-fn count_files(root: &Path) -> usize {
-    if !root.is_dir() {
-        return 0;
-    }
-    let out = std::process::Command::new("find").arg(root).args(["-type", "f"]).output().expect("find runs");
-    out.stdout.iter().filter(|&&b| b == b'\n').count()
-}
-
 fn pulled(n: &NodeProc) -> f64 {
     node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
 }
@@ -65,7 +57,7 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
     let started = Instant::now();
     let d = NodeProc::start_with(c.dir.path(), "n4", &c.vhost, &["--on-demand"]);
     let on_d = d.mount.join("od");
-    eventually("D to show every file", Duration::from_secs(3600), || count_files(&on_d) == total);
+    eventually("D to show every file", Duration::from_secs(3600), || crate::tree::files_so_far(&on_d) == total);
     let shown = started.elapsed();
     let status = d.status();
     println!(
@@ -89,13 +81,11 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
         assert_eq!(&head[8..16], &0u64.to_le_bytes(), "the first block's bytes");
     }
     if !firsts.is_empty() {
-        let mut sorted = firsts.clone();
-        sorted.sort_by(|x, y| x.partial_cmp(y).unwrap());
         println!(
             "- first 4 KiB of a 1 GiB file not on D: median {:.1} ms, max {:.1} ms over {} files ({})",
-            sorted[sorted.len() / 2],
-            sorted[sorted.len() - 1],
-            sorted.len(),
+            crate::median(firsts.clone()),
+            firsts.iter().cloned().fold(0.0, f64::max),
+            firsts.len(),
             firsts.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(", ")
         );
     }
@@ -105,19 +95,7 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
     let (mut reads, mut pulls) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let p = on_d.join(format!("big{}.bin", gib - rounds + r));
-        let t = Instant::now();
-        let mut f = std::fs::File::open(&p).unwrap();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut n = 0usize;
-        loop {
-            let k = f.read(&mut buf).unwrap();
-            if k == 0 {
-                break;
-            }
-            n += k;
-        }
-        assert_eq!(n, 1 << 30);
-        reads.push(n as f64 / t.elapsed().as_secs_f64() / 1e6);
+        reads.push(crate::read_all(&p, 1 << 30));
         let before = pulled(b);
         let t = Instant::now();
         write_big(&root.join(format!("pulled/fresh{r}.bin")), 1 << 30, 99 + r as u64);
@@ -126,11 +104,7 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
         pulls.push((1u64 << 30) as f64 / (t.elapsed() - closed).as_secs_f64() / 1e6);
     }
     if rounds > 0 {
-        let med = |v: &[f64]| {
-            let mut v = v.to_vec();
-            v.sort_by(|x, y| x.partial_cmp(y).unwrap());
-            v[v.len() / 2]
-        };
+        let med = |v: &[f64]| crate::median(v.to_vec());
         let list = |v: &[f64]| v.iter().map(|x| format!("{x:.0}")).collect::<Vec<_>>().join(", ");
         println!(
             "- sequential read of a 1 GiB file not on D: {:.0} MB/s ({}); B's pull of a new 1 GiB file (after A's close, until B holds it): {:.0} MB/s ({}); ratio of the medians {:.2}",

@@ -35,7 +35,7 @@ fn find(root: &Path) -> (usize, Duration) {
 }
 
 /// Files below `root` so far (0 while it is not there yet).
-fn files_so_far(root: &Path) -> usize {
+pub(crate) fn files_so_far(root: &Path) -> usize {
     if root.is_dir() {
         find(root).0
     } else {

@@ -425,7 +425,7 @@ impl<R> Engine<R> {
     fn apply_entry(&mut self, mut entry: Entry, now: Now) -> EngineResult<Applied> {
         self.clear_setid(&mut entry);
         let applied = self.tree.apply_remote(&entry).map_err(fail(format!("applying {}", entry.path)))?;
-        let result = Applied { changed: applied.changed, missing_content: applied.missing_content, remote: applied.remote, invals: Vec::new() };
+        let result = applied.summary();
         self.after_apply(&entry, applied, now);
         Ok(result)
     }
@@ -452,7 +452,7 @@ impl<R> Engine<R> {
                 }
             };
             for (entry, applied) in group.iter().zip(applied) {
-                out.push(Applied { changed: applied.changed, missing_content: applied.missing_content, remote: applied.remote, invals: Vec::new() });
+                out.push(applied.summary());
                 self.after_apply(entry, applied, now);
             }
         }
@@ -562,8 +562,9 @@ impl<R> Engine<R> {
     /// pulled again like any missing content, from the holders the sync reply names:
     /// `entries` are the reply's entries of such files, already applied.
     fn heal_damaged(&mut self, entries: Vec<Entry>, now: Now) {
+        let rules = self.tree.pin_rules();
         for entry in entries {
-            let Some(hash) = self.tree.needs_content(&entry) else { continue };
+            let Some(hash) = self.tree.needs_content_under(&entry, &rules) else { continue };
             if !self.missing.contains_key(&entry.path) {
                 tracing::warn!(path = %entry.path, "pulling {hash} again: this node's copy was lost");
                 let path = entry.path.clone();

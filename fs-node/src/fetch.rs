@@ -8,7 +8,7 @@
 use crate::link::LinkHandle;
 use crate::metrics::Metrics;
 use crate::puller::{Puller, Unreachable};
-use crate::stream::{Stream, STREAM_MIN_BYTES};
+use crate::stream::{Failure, Stream, STREAM_MIN_BYTES};
 use crate::tree::{FsError, FsResult, RemoteContent, Tree};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
@@ -26,8 +26,8 @@ const MAY_DROP_BYTES: usize = 48 << 10;
 /// Pinned contents fetched at once in the background.
 const BACKGROUND_FETCHES: usize = 4;
 
-/// Why a fetch failed: no holder reachable, or another reason (logged where it happened).
-type Outcome = Result<(), (bool, Arc<String>)>;
+/// How a whole fetch ended (its failure logged where it happened).
+type Outcome = Result<(), Failure>;
 
 /// The cache's counters since the node started.
 #[derive(Default)]
@@ -90,10 +90,10 @@ impl Fetcher {
             let (guard, progress) = me.puller.track(&c.hash, c.size);
             let holders = me.holders_of(&c).await;
             let t = std::time::Instant::now();
-            stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone()).await;
+            let end = stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone()).await;
             drop(guard);
-            let bytes = progress.load(Ordering::Relaxed);
-            me.metrics.count_pull(&if stream.finished().await.is_ok() { Ok(bytes) } else { Err(anyhow::anyhow!("failed")) }, t.elapsed());
+            let counted = end.map(|()| progress.load(Ordering::Relaxed)).map_err(|f| anyhow::anyhow!("{}", f.reason));
+            me.metrics.count_pull(&counted, t.elapsed());
             let mut streams = me.streams.lock().unwrap_or_else(|p| p.into_inner());
             if streams.get(&c.hash).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
                 streams.remove(&c.hash);
@@ -141,13 +141,9 @@ impl Fetcher {
                                 Ok(())
                             }
                             Err(e) => {
-                                let unreachable = e.downcast_ref::<Unreachable>().is_some();
-                                tracing::warn!(
-                                    hash = %c.hash,
-                                    "{}: {e:#}",
-                                    if unreachable { "no node holding an on-demand content can be reached (reads fail with EHOSTUNREACH)" } else { "fetching an on-demand content failed (reads fail with EIO)" }
-                                );
-                                Err((unreachable, Arc::new(format!("{e:#}"))))
+                                let f = Failure::new(e.downcast_ref::<Unreachable>().is_some(), format!("{e:#}"));
+                                f.log(&c.hash, "fetching");
+                                Err(f)
                             }
                         }
                     }
@@ -156,14 +152,7 @@ impl Fetcher {
                 })
                 .clone()
         };
-        pull.await.map_err(|(unreachable, e)| {
-            let e = anyhow::anyhow!("fetching {}: {e}", c.hash);
-            if unreachable {
-                FsError::Unreachable(e)
-            } else {
-                FsError::Io(e)
-            }
-        })
+        pull.await.map_err(|f| f.to_error(&c.hash, "fetching"))
     }
 
     /// Gives the fetcher the broker link, to ask the manager who holds a content now.
@@ -195,7 +184,11 @@ impl Fetcher {
     /// (`--cache-size`): the least recently opened go first, each only if the manager
     /// says another node holds it too (the last copy of a current version stays) or it
     /// is no longer current. Nothing is dropped while the manager cannot be asked.
-    pub async fn evict_to(&self, tree: &Arc<Tree>, budget: u64) {
+    pub async fn evict_over_budget(&self, tree: &Arc<Tree>) {
+        let budget = self.cache.budget.load(Ordering::Relaxed);
+        if budget == 0 {
+            return;
+        }
         let Some(link) = self.link.get().filter(|l| l.connected()).cloned() else { return };
         let t = tree.clone();
         let Ok((candidates, cached)) = tokio::task::spawn_blocking(move || t.eviction_candidates(budget)).await else { return };
@@ -260,7 +253,7 @@ impl Fetcher {
         }
     }
 
-    /// Sets the cache budget shown in the status (0: none).
+    /// Sets the cache budget (`--cache-size`; 0: none, nothing is evicted).
     pub fn set_budget(&self, budget: u64) {
         self.cache.budget.store(budget, Ordering::Relaxed);
     }

@@ -6,7 +6,7 @@
 
 use crate::fetch::Fetcher;
 use crate::stream::{Stream, STREAM_MIN_BYTES};
-use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, SetAttr, SetTime, Tree};
+use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, RemoteContent, SetAttr, SetTime, Tree};
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory,
@@ -96,19 +96,19 @@ impl SyncFs {
         SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default(), fetcher, rt, streams: Mutex::default() }
     }
 
-    /// Runs `then` (which replies) once the content `ino` lacks is here, on a blocking
-    /// thread; replies with the fetch's error instead if it fails. Returns `Err(reply)`
-    /// at once when nothing is to be fetched.
+    /// Runs `then` (which replies) once `content` (what the inode lacks, from
+    /// `Tree::content_to_fetch`) is here, on a blocking thread; replies with the fetch's
+    /// error instead if it fails. Returns `Err(reply)` at once when nothing is to be
+    /// fetched.
     fn after_fetch<R: Send + 'static>(
         &self,
         op: &'static str,
-        ino: u64,
-        truncate: bool,
+        content: Option<RemoteContent>,
         reply: R,
         fail_with: fn(R, Errno),
         then: impl FnOnce(Arc<Tree>, R) + Send + 'static,
     ) -> Result<(), R> {
-        let Some(c) = self.tree.content_to_fetch(ino, truncate) else {
+        let Some(c) = content else {
             return Err(reply);
         };
         let (fetcher, tree) = (self.fetcher.clone(), self.tree.clone());
@@ -233,7 +233,7 @@ impl Filesystem for SyncFs {
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
+        mut reply: ReplyAttr,
     ) {
         let a = SetAttr { mode, uid, gid, size, atime: set_time(atime), mtime: set_time(mtime), fh: fh.map(|f| f.0) };
         let uid = req.uid();
@@ -246,8 +246,9 @@ impl Filesystem for SyncFs {
         // that is fetched first.
         if size.is_some_and(|n| n > 0) {
             let later = a.clone();
-            let Err(reply) = self.after_fetch("setattr", ino, false, reply, |r, e| r.error(e), move |tree, reply| set(&tree, later, reply)) else { return };
-            return set(&self.tree, a, reply);
+            let missing = self.tree.content_to_fetch(ino, false);
+            let Err(r) = self.after_fetch("setattr", missing, reply, |r, e| r.error(e), move |tree, reply| set(&tree, later, reply)) else { return };
+            reply = r;
         }
         set(&self.tree, a, reply)
     }
@@ -316,9 +317,10 @@ impl Filesystem for SyncFs {
         let truncate = flags.0 & libc::O_TRUNC != 0;
         // A large on-demand file opened for reading streams in: the open returns at once
         // and each read waits for the blocks it covers.
+        let missing = self.tree.content_to_fetch(ino.0, write && truncate);
         if !write {
-            if let Some(c) = self.tree.content_to_fetch(ino.0, false).filter(|c| c.size >= STREAM_MIN_BYTES) {
-                let stream = match self.fetcher.stream(&c) {
+            if let Some(c) = missing.as_ref().filter(|c| c.size >= STREAM_MIN_BYTES) {
+                let stream = match self.fetcher.stream(c) {
                     Ok(s) => s,
                     Err(e) => return reply.error(fail("open", e)),
                 };
@@ -338,8 +340,7 @@ impl Filesystem for SyncFs {
         // needs none); that open reads through this process, later ones may pass through.
         let fetching = self.after_fetch(
             "open",
-            ino.0,
-            write && truncate,
+            missing,
             reply,
             |r, e| r.error(e),
             move |tree, reply| match tree.open(ino.0, write, truncate, false) {

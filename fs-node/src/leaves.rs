@@ -51,7 +51,7 @@ pub fn leaves_of(mut r: impl Read, size: u64) -> std::io::Result<Vec<ChainingVal
 /// The leaves of the blob at `p` (stops early if it is removed meanwhile).
 pub fn leaves_of_file(p: &Path) -> std::io::Result<Vec<ChainingValue>> {
     let f = crate::store::BlobReader::open(p)?;
-    let size = f.len()?;
+    let size = f.size()?;
     leaves_of(std::io::BufReader::with_capacity(1 << 20, f), size)
 }
 

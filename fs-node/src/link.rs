@@ -460,7 +460,7 @@ impl Link {
                 _ = outbox_ready.notified() => s.step(|e| Ok(e.on_outbox_ready())).await?,
                 _ = hb.tick() => {
                     // The link's pulls, or all under way (on-demand fetches too).
-                    let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed).max(link.puller.in_progress().len() as u64);
+                    let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed).max(link.puller.pulls_under_way() as u64);
                     let residency = link.residency(&mut residency_counted).await;
                     s.step(move |e| Ok(e.on_heartbeat(pulls, residency))).await?;
                 }

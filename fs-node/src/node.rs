@@ -202,7 +202,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracker.spawn(link.run(cancel.clone()));
     tree.set_keep_floor(cfg.keep_min_free);
     fetcher.set_budget(cfg.cache_size.unwrap_or(0));
-    tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.cache_size, cfg.keep_min_free, cfg.gc_every, cancel.clone()));
+    tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.keep_min_free, cfg.gc_every, cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -221,8 +221,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Every `period`: the store's GC, and, with a cache budget, the eviction of the least
-/// recently used on-demand contents (`Fetcher::evict_to`).
-async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, cache_size: Option<u64>, floor: u64, period: Duration, cancel: CancellationToken) {
+/// recently used on-demand contents (`Fetcher::evict_over_budget`).
+async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u64, period: Duration, cancel: CancellationToken) {
     let mut every = tokio::time::interval(period);
     loop {
         tokio::select! {
@@ -233,9 +233,7 @@ async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, cache_siz
                 if removed > 0 {
                     tracing::debug!("removed {removed} unreferenced blobs");
                 }
-                if let Some(budget) = cache_size {
-                    fetcher.evict_to(&tree, budget).await;
-                }
+                fetcher.evict_over_budget(&tree).await;
             }
         }
     }

@@ -207,32 +207,37 @@ async fn pin(State(served): State<Arc<Served>>, body: Bytes) -> Response {
 
 /// The chunk list of a content this node holds (`chunks.rs`), as JSON.
 async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>) -> Response {
-    let Some(hash) = hash.ok().and_then(|UrlPath(h)| h.parse::<ContentHash>().ok()) else {
-        return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
-    };
-    let store = served.reporter.tree.store().clone();
-    if !store.has(&hash) {
-        return json_error(StatusCode::NOT_FOUND, "this node does not hold that content");
-    }
     // Chunking a large blob not chunked before reads and hashes all of it: a few at a
     // time, whatever many peers ask at once.
     static CHUNKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let Ok(_permit) = CHUNKING.acquire().await else {
-        return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
-    };
-    match tokio::task::spawn_blocking(move || store.chunk_list(&hash)).await {
-        Ok(Ok(list)) => full(StatusCode::OK, "application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default()),
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
-        other => {
-            tracing::warn!("chunking a blob: {other:?}");
-            json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content")
-        }
-    }
+    from_blob(&served, hash, &CHUNKING, "chunking a blob", |store, h| {
+        let list = store.chunk_list(h)?;
+        Ok(("application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default()))
+    })
+    .await
 }
 
 /// The leaves of a content this node holds (`leaves.rs`: 32 bytes per 64 KiB block),
 /// for a node that streams it and checks each block as it comes.
 async fn leaves(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+    // Leaves not cached yet cost a read of the whole blob: a few at a time.
+    static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    from_blob(&served, hash, &HASHING, "the leaves of a blob", |store, h| Ok(("application/octet-stream", crate::leaves::to_bytes(&store.leaves(h)?)))).await
+}
+
+/// What a peer endpoint computes from a blob: the answer's content type and body.
+type FromBlob = fn(&crate::store::ContentStore, &ContentHash) -> std::io::Result<(&'static str, Vec<u8>)>;
+
+/// What `make` computes from a content this node holds (a pass over the blob, at most
+/// as many at once as `limit` lets through), as the answer's type and body; 400 for a
+/// malformed hash, 404 for a content this node does not hold.
+async fn from_blob(
+    served: &Served,
+    hash: Result<UrlPath<String>, PathRejection>,
+    limit: &'static tokio::sync::Semaphore,
+    what: &'static str,
+    make: FromBlob,
+) -> Response {
     let Some(hash) = hash.ok().and_then(|UrlPath(h)| h.parse::<ContentHash>().ok()) else {
         return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
     };
@@ -240,16 +245,14 @@ async fn leaves(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>,
     if !store.has(&hash) {
         return json_error(StatusCode::NOT_FOUND, "this node does not hold that content");
     }
-    // Leaves not cached yet cost a read of the whole blob: a few at a time.
-    static HASHING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    let Ok(_permit) = HASHING.acquire().await else {
+    let Ok(_permit) = limit.acquire().await else {
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
-    match tokio::task::spawn_blocking(move || store.leaves(&hash)).await {
-        Ok(Ok(l)) => full(StatusCode::OK, "application/octet-stream", crate::leaves::to_bytes(&l)),
+    match tokio::task::spawn_blocking(move || make(&store, &hash)).await {
+        Ok(Ok((content_type, body))) => full(StatusCode::OK, content_type, body),
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
         other => {
-            tracing::warn!("the leaves of a blob: {other:?}");
+            tracing::warn!("{what}: {:?}", other.map(|r| r.map(|_| ())));
             json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content")
         }
     }

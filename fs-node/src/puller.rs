@@ -165,6 +165,11 @@ impl Puller {
         self.known.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(node, url)| Holder { node: node.clone(), url: url.clone() }).collect()
     }
 
+    /// How many contents are being pulled.
+    pub fn pulls_under_way(&self) -> usize {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
     /// The pulls under way, and their bytes so far.
     pub fn in_progress(&self) -> Vec<PullProgress> {
         let t = self.progress.lock().unwrap_or_else(|p| p.into_inner());
@@ -237,17 +242,19 @@ impl Puller {
                 if self.store.has(hash) {
                     return Ok(0);
                 }
-                match self.pull_from(hash, size, others[i]).await {
+                let attempt = self.pull_from(hash, size, others[i]).await;
+                if let Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) = &attempt {
+                    reached |= !is_unreachable(e);
+                }
+                match attempt {
                     Ok(n) => return Ok(n),
                     Err(Attempt::Retry(e)) => {
                         tracing::debug!("pull of {hash} from {} failed: {e:#}", others[i].node);
-                        reached |= !is_unreachable(&e);
                         last = Some(e);
                         i += 1;
                     }
                     Err(Attempt::Misbehaved(e)) => {
                         tracing::warn!("dropping holder {} for this pull: {e:#}", others[i].node);
-                        reached |= !is_unreachable(&e);
                         last = Some(e);
                         others.remove(i);
                     }

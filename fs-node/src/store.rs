@@ -58,7 +58,7 @@ impl BlobReader {
         Ok(BlobReader { file: std::fs::File::open(path)?, path: path.to_path_buf(), unchecked: 0 })
     }
 
-    pub fn len(&self) -> std::io::Result<u64> {
+    pub fn size(&self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
     }
 }
@@ -336,10 +336,16 @@ impl ContentStore {
     pub fn save_chunk_list(&self, h: &ContentHash, list: &crate::chunks::ChunkList) {
         let mut bytes = Vec::with_capacity(list.chunks.len() * 36);
         if list.write_to(&mut bytes).is_ok() {
-            if let Ok((tmp, mut f)) = self.tmp_file() {
-                if f.write_all(&bytes).is_err() || std::fs::rename(&tmp, self.chunk_lists.join(h.to_hex().as_str())).is_err() {
-                    let _ = std::fs::remove_file(&tmp);
-                }
+            self.save_beside(&self.chunk_lists.join(h.to_hex().as_str()), &bytes);
+        }
+    }
+
+    /// Writes a cache file that goes with a blob (through a tmp file, renamed in; best
+    /// effort: one that cannot be written is computed again when asked for).
+    fn save_beside(&self, path: &Path, bytes: &[u8]) {
+        if let Ok((tmp, mut f)) = self.tmp_file() {
+            if f.write_all(bytes).is_err() || std::fs::rename(&tmp, path).is_err() {
+                let _ = std::fs::remove_file(&tmp);
             }
         }
     }
@@ -384,11 +390,7 @@ impl ContentStore {
 
     /// Caches the leaves of blob `h` (best effort).
     pub fn save_leaves(&self, h: &ContentHash, leaves: &[blake3::hazmat::ChainingValue]) {
-        if let Ok((tmp, mut f)) = self.tmp_file() {
-            if f.write_all(&crate::leaves::to_bytes(leaves)).is_err() || std::fs::rename(&tmp, self.leaves_path(h)).is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-        }
+        self.save_beside(&self.leaves_path(h), &crate::leaves::to_bytes(leaves));
     }
 
     /// Removes blob `h` (and its chunk list); returns its size if it was there.
@@ -396,9 +398,14 @@ impl ContentStore {
         let path = self.blob_path(h);
         let len = std::fs::metadata(&path).ok()?.len();
         std::fs::remove_file(&path).ok()?;
+        self.remove_cache_files(h);
+        Some(len)
+    }
+
+    /// Removes what is cached beside blob `h` (its chunk list and its leaves).
+    fn remove_cache_files(&self, h: &ContentHash) {
         let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
         let _ = std::fs::remove_file(self.leaves_path(h));
-        Some(len)
     }
 
     /// Moves a verified download into the blobs.

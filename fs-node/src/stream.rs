@@ -29,8 +29,42 @@ const RUN_BLOCKS: usize = 16;
 /// Range requests in flight to one holder.
 const REQUESTS_PER_HOLDER: usize = 4;
 
-/// How a stream ended: installed, or failed (`true`: no holder could be reached).
-type End = Result<(), (bool, Arc<String>)>;
+/// Why getting an on-demand content failed (a stream or a whole fetch), kept for every
+/// reader that waited on it.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// No holder could be reached at all: readers get `EHOSTUNREACH`, else `EIO`.
+    pub unreachable: bool,
+    pub reason: Arc<String>,
+}
+
+impl Failure {
+    pub fn new(unreachable: bool, reason: impl Into<String>) -> Failure {
+        Failure { unreachable, reason: Arc::new(reason.into()) }
+    }
+
+    /// Says once, in the node's log, why and with which errno its readers fail.
+    pub fn log(&self, hash: &ContentHash, doing: &str) {
+        if self.unreachable {
+            tracing::warn!(%hash, "no node holding an on-demand content can be reached (reads fail with EHOSTUNREACH): {}", self.reason);
+        } else {
+            tracing::warn!(%hash, "{doing} an on-demand content failed (reads fail with EIO): {}", self.reason);
+        }
+    }
+
+    /// The error a reader gets.
+    pub fn to_error(&self, hash: &ContentHash, doing: &str) -> FsError {
+        let e = anyhow::anyhow!("{doing} {hash}: {}", self.reason);
+        if self.unreachable {
+            FsError::Unreachable(e)
+        } else {
+            FsError::Io(e)
+        }
+    }
+}
+
+/// How a stream ended: installed, or failed.
+pub(crate) type End = Result<(), Failure>;
 
 pub struct Stream {
     pub hash: ContentHash,
@@ -115,13 +149,8 @@ impl Stream {
         self.changed.notify_waiters();
     }
 
-    fn error(&self, (unreachable, e): &(bool, Arc<String>)) -> FsError {
-        let e = anyhow::anyhow!("streaming {}: {e}", self.hash);
-        if *unreachable {
-            FsError::Unreachable(e)
-        } else {
-            FsError::Io(e)
-        }
+    fn error(&self, f: &Failure) -> FsError {
+        f.to_error(&self.hash, "streaming")
     }
 
     /// Bytes `offset..offset+len` (cut at the end), as soon as the blocks they cover are
@@ -147,11 +176,7 @@ impl Stream {
                     Some(b) if !st.in_flight[b] => {
                         if let Some(ctx) = self.ctx.get() {
                             if let Some(h) = Self::live_holder(&mut st, &ctx.holders) {
-                                let mut j = b;
-                                while j < st.present.len() && j - b < RUN_BLOCKS && !st.present[j] && !st.in_flight[j] {
-                                    st.in_flight[j] = true;
-                                    j += 1;
-                                }
+                                let j = Self::take_run(&mut st, b);
                                 let me = self.clone();
                                 tokio::spawn(async move {
                                     let ctx = me.ctx.get().expect("set before");
@@ -227,13 +252,20 @@ impl Stream {
         let Some(i) = (start..n).chain(0..start).find(|&b| !st.present[b] && !st.in_flight[b]) else {
             return if st.in_flight.iter().any(|f| *f) { Ok(None) } else { Err(()) };
         };
-        let mut j = i;
-        while j < n && j - i < RUN_BLOCKS && !st.present[j] && !st.in_flight[j] {
+        let j = Self::take_run(&mut st, i);
+        st.cursor = j;
+        Ok(Some((i, j)))
+    }
+
+    /// Marks in flight the run of up to `RUN_BLOCKS` blocks from `first` that are neither
+    /// present nor in flight; returns the end of the run.
+    fn take_run(st: &mut State, first: usize) -> usize {
+        let mut j = first;
+        while j < st.present.len() && j - first < RUN_BLOCKS && !st.present[j] && !st.in_flight[j] {
             st.in_flight[j] = true;
             j += 1;
         }
-        st.cursor = j;
-        Ok(Some((i, j)))
+        j
     }
 
     /// Fetches blocks `i..j` from `holder`, checks each against its leaf and writes the
@@ -280,8 +312,8 @@ impl Stream {
     }
 
     /// Streams the content from `holders` into the store (see the module), counting its
-    /// bytes in `progress`; ends the stream either way.
-    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>) {
+    /// bytes in `progress`; ends the stream either way, and returns how.
+    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>) -> End {
         let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
         let end = self.fetch_all(&puller, &holders, &store, progress).await;
         if end.is_err() {
@@ -289,14 +321,11 @@ impl Stream {
         }
         match &end {
             Ok(()) => tracing::info!(hash = %self.hash, bytes = self.size, "streamed on demand"),
-            Err((unreachable, e)) => tracing::warn!(
-                hash = %self.hash,
-                "{}: {e}",
-                if *unreachable { "no node holding an on-demand content can be reached (reads fail with EHOSTUNREACH)" } else { "streaming an on-demand content failed (reads fail with EIO)" }
-            ),
+            Err(f) => f.log(&self.hash, "streaming"),
         }
-        self.lock().end = Some(end);
+        self.lock().end = Some(end.clone());
         self.changed.notify_waiters();
+        end
     }
 
     async fn fetch_all(&self, puller: &Puller, holders: &[Holder], store: &ContentStore, progress: Arc<AtomicU64>) -> End {
@@ -323,7 +352,7 @@ impl Stream {
             }
         }
         let Some(leaves) = leaves else {
-            return Err((!reached, Arc::new(format!("no holder of the {} holders asked gave the leaves of {}", holders.len(), self.hash))));
+            return Err(Failure::new(!reached, format!("no holder of the {} holders asked gave the leaves of {}", holders.len(), self.hash)));
         };
         let _ = self.ctx.set(Ctx { puller: puller.clone(), leaves, holders: holders.to_vec(), progress });
         let ctx = self.ctx.get().expect("just set");
@@ -375,14 +404,14 @@ impl Stream {
             notified.await;
         }
         if self.cancel.is_cancelled() {
-            return Err((false, Arc::new("cancelled: nobody reads it any more".into())));
+            return Err(Failure::new(false, "cancelled: nobody reads it any more"));
         }
         let missing = {
             let st = self.lock();
             st.present.len() - st.have
         };
         if missing > 0 {
-            return Err((reached.load(Ordering::Relaxed) == 0, Arc::new(format!("{missing} block(s) of {} could not be had from any holder", self.hash))));
+            return Err(Failure::new(reached.load(Ordering::Relaxed) == 0, format!("{missing} block(s) of {} could not be had from any holder", self.hash)));
         }
         let (file, tmp, store, hash) = (self.file.try_clone(), self.tmp.clone(), store.clone(), self.hash.clone());
         store.save_leaves(&self.hash, leaves);
@@ -394,8 +423,8 @@ impl Stream {
         .await;
         match installed {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err((false, Arc::new(format!("installing a streamed content: {e:#}")))),
-            Err(e) => Err((false, Arc::new(format!("installing a streamed content: {e}")))),
+            Ok(Err(e)) => Err(Failure::new(false, format!("installing a streamed content: {e:#}"))),
+            Err(e) => Err(Failure::new(false, format!("installing a streamed content: {e}"))),
         }
     }
 }

@@ -5,33 +5,9 @@
 // Environment: DASHBOARD_URL, OPERATOR_TOKEN, SCREENSHOT, USER_DATA_DIR, NODE, PINNED,
 // PULL_HASH.
 
-import { chromium } from "playwright-core";
+import { env, say, withDashboard } from "./session.mjs";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`environment variable ${name} is not set`);
-  return v;
-};
-const STEP_TIMEOUT = 60_000;
-const say = (line) => process.stdout.write(line + "\n");
-
-const context = await chromium.launchPersistentContext(env("USER_DATA_DIR"), {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  viewport: { width: 1440, height: 1100 },
-});
-try {
-  const page = context.pages()[0] || (await context.newPage());
-  page.setDefaultTimeout(STEP_TIMEOUT);
-  const errors = [];
-  page.on("pageerror", (e) => errors.push(String(e)));
-  await page.goto(env("DASHBOARD_URL"));
-  await page.locator("#login.shown").waitFor();
-  await page.fill("#token-input", env("OPERATOR_TOKEN"));
-  await page.click("#token-save");
-  await page.locator("#conn-state.live").waitFor();
-
+await withDashboard(async (page) => {
   const cell = page.locator(`#nodes tr[data-node="${env("NODE")}"] td.residency`);
   await cell.locator(".od-bytes", { hasText: "on demand" }).waitFor();
   await cell.locator(".od-pins", { hasText: "pinned /" + env("PINNED") }).waitFor();
@@ -43,8 +19,5 @@ try {
   if (!(width > 0 && width < 100)) throw new Error("the fetch's bar is at " + width + "%");
   await page.screenshot({ path: env("SCREENSHOT"), fullPage: true });
   say("PULL_BAR");
-  if (errors.length) throw new Error("errors in the page: " + errors.join("; "));
-  say("DONE");
-} finally {
-  await context.close();
-}
+});
+say("DONE");

@@ -5,33 +5,9 @@
 // DASHBOARD_URL, OPERATOR_TOKEN, SCREENSHOT, USER_DATA_DIR, TRASH_PATH, VERSIONS_PATH,
 // OLD_REV (the revision of VERSIONS_PATH to restore).
 
-import { chromium } from "playwright-core";
+import { env, say, withDashboard } from "./session.mjs";
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) throw new Error(`environment variable ${name} is not set`);
-  return v;
-};
-const STEP_TIMEOUT = 60_000;
-const say = (line) => process.stdout.write(line + "\n");
-
-const context = await chromium.launchPersistentContext(env("USER_DATA_DIR"), {
-  executablePath: "/usr/bin/chromium",
-  headless: true,
-  args: ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
-  viewport: { width: 1440, height: 1100 },
-});
-try {
-  const page = context.pages()[0] || (await context.newPage());
-  page.setDefaultTimeout(STEP_TIMEOUT);
-  const errors = [];
-  page.on("pageerror", (e) => errors.push(String(e)));
-  await page.goto(env("DASHBOARD_URL"));
-  await page.locator("#login.shown").waitFor();
-  await page.fill("#token-input", env("OPERATOR_TOKEN"));
-  await page.click("#token-save");
-  await page.locator("#conn-state.live").waitFor();
-
+await withDashboard(async (page) => {
   // The trash lists the deleted directory with what is below it; Restore brings it back.
   const row = page.locator(`#trash tr[data-path="${env("TRASH_PATH")}"]`);
   await row.waitFor();
@@ -53,8 +29,5 @@ try {
   say("VERSION_RESTORED");
   // The node's kept bytes show in the nodes table.
   await page.locator('#nodes tr[data-node="n2"] td.kept', { hasText: "B" }).waitFor();
-  if (errors.length) throw new Error("errors in the page: " + errors.join("; "));
-  say("DONE");
-} finally {
-  await context.close();
-}
+});
+say("DONE");

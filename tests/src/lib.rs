@@ -690,3 +690,32 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     let kib: u64 = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.trim().trim_end_matches("kB").trim().parse().ok()?;
     Some(kib * 1024)
 }
+
+/// The head (request line and headers) of the next HTTP/1.1 request a fake peer reads
+/// from `s`; `None` once the client closed the connection.
+pub fn read_request_head(s: &mut std::net::TcpStream) -> Option<String> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut b = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut b) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&b[..n]),
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).to_string())
+}
+
+/// The `Range: bytes=FIRST-LAST` of a request head, as (first, last); (0, 0) without one.
+pub fn requested_range(head: &str) -> (usize, usize) {
+    let range = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
+    let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
+    (x.parse().unwrap_or(0), y.parse().unwrap_or(0))
+}
+
+/// A fake peer that never answers: holds the connection until the client closes it.
+pub fn hold_until_closed(s: &mut std::net::TcpStream) {
+    use std::io::Read;
+    let mut b = [0u8; 4096];
+    while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+}

@@ -44,16 +44,7 @@ fn bad_holder(list_json: Vec<u8>, lies: bool) -> String {
             let list_json = list_json.clone();
             std::thread::spawn(move || {
                 let mut s = s;
-                loop {
-                    let mut buf = Vec::new();
-                    let mut b = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let req = String::from_utf8_lossy(&buf).to_string();
+                while let Some(req) = read_request_head(&mut s) {
                     let first = req.lines().next().unwrap_or("").to_string();
                     if first.contains(" /chunks/") {
                         let head = format!("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n", list_json.len());
@@ -63,12 +54,11 @@ fn bad_holder(list_json: Vec<u8>, lies: bool) -> String {
                     if !lies {
                         // Never answers: holds the connection until the puller gives up
                         // on it and closes it.
-                        while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                        hold_until_closed(&mut s);
                         return;
                     }
-                    let range = req.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
-                    let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
-                    let n = y.parse::<u64>().unwrap_or(0) - x.parse::<u64>().unwrap_or(0) + 1;
+                    let (x, y) = requested_range(&req);
+                    let n = y - x + 1;
                     let head = format!("HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n");
                     if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&vec![0x42u8; n as usize])).is_err() {
                         return;

@@ -141,6 +141,13 @@ pub struct Applied {
     pub invals: Vec<Inval>,
 }
 
+impl Applied {
+    /// What it did, without the kernel invalidations (which go to the link).
+    pub fn summary(&self) -> Applied {
+        Applied { changed: self.changed, missing_content: self.missing_content, remote: self.remote, invals: Vec::new() }
+    }
+}
+
 /// `node.db` meta key of [`Tree::synced_head`].
 const SYNCED_HEAD_KEY: &str = "synced_head";
 
@@ -323,9 +330,7 @@ impl Tree {
     /// [`Tree::load`] of a node whose paths are on demand unless pinned
     /// (`fs-node --on-demand`).
     pub fn load_on_demand(db: Db, store: ContentStore, on_demand: bool) -> anyhow::Result<Tree> {
-        let tree = Self::load_full(db, store, Arc::new(SystemEnv), on_demand)?;
-        tree.set_on_demand(on_demand);
-        Ok(tree)
+        Self::load_full(db, store, Arc::new(SystemEnv), on_demand)
     }
 
     /// [`Tree::load`] with the clock and ids of `env` (the simulator's).
@@ -336,7 +341,8 @@ impl Tree {
     fn load_full(db: Db, store: ContentStore, env: Arc<dyn Env>, on_demand: bool) -> anyhow::Result<Tree> {
         // Where no path is on demand, a content missing from the store is lost and told
         // file by file; elsewhere most are just not here, and told in one line.
-        let any_on_demand = on_demand || db.pins()?.iter().any(|(_, pinned)| !pinned);
+        let residency = Residency { on_demand, rules: db.pins()?.into_iter().collect() };
+        let any_on_demand = residency.any_on_demand();
         let past_bug = env.past_bug();
         let mut inodes = HashMap::new();
         for row in db.inodes()? {
@@ -431,13 +437,12 @@ impl Tree {
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,
-            residency: Residency::default(),
+            residency,
             last_used: HashMap::new(),
         };
         let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
         let mut state = state;
         state.load_ignore_rules(&store);
-        state.load_pins()?;
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
         let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed

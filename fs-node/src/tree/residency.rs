@@ -9,7 +9,7 @@
 use super::*;
 
 /// The pin rules and the default, owned by the tree's state.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(super) struct Residency {
     /// Paths are on demand unless a rule pins them (`fs-node --on-demand`).
     pub on_demand: bool,
@@ -18,6 +18,11 @@ pub(super) struct Residency {
 }
 
 impl Residency {
+    /// Whether some path may be on demand (the default, or a rule that unpins).
+    pub fn any_on_demand(&self) -> bool {
+        self.on_demand || self.rules.values().any(|pinned| !pinned)
+    }
+
     /// Whether files on demand are in use at all (the default, or any rule).
     pub fn in_use(&self) -> bool {
         self.on_demand || !self.rules.is_empty()
@@ -90,8 +95,7 @@ impl Tree {
 
     /// The pin rules as they are now, to ask about many paths without the tree lock.
     pub fn pin_rules(&self) -> PinRules {
-        let st = self.lock();
-        PinRules(Residency { on_demand: st.residency.on_demand, rules: st.residency.rules.clone() })
+        PinRules(self.lock().residency.clone())
     }
 
     /// Sets (`Some`) or removes (`None`) the rule of `path` ("" for the whole tree),
@@ -166,8 +170,7 @@ impl Tree {
 
     /// Whether any path here may be on demand (the node's default, or a rule).
     pub fn uses_on_demand(&self) -> bool {
-        let st = self.lock();
-        st.residency.on_demand || st.residency.rules.values().any(|pinned| !pinned)
+        self.lock().residency.any_on_demand()
     }
 
     /// The pin rules.
@@ -282,14 +285,6 @@ impl Tree {
             st.last_used.remove(h);
         }
         freed
-    }
-}
-
-impl State {
-    /// Loads the pin rules from `node.db`.
-    pub(super) fn load_pins(&mut self) -> anyhow::Result<()> {
-        self.residency.rules = self.db.pins()?.into_iter().collect();
-        Ok(())
     }
 }
 

@@ -365,30 +365,18 @@ pub fn slow_and_lying_holder(leaves: Vec<(String, Vec<u8>)>, stalls: (String, Ve
             let (leaves, stalls, lies) = (leaves.clone(), stalls.clone(), lies.clone());
             std::thread::spawn(move || {
                 let mut s = s;
-                loop {
-                    let mut buf = Vec::new();
-                    let mut b = [0u8; 4096];
-                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match s.read(&mut b) {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => buf.extend_from_slice(&b[..n]),
-                        }
-                    }
-                    let req = String::from_utf8_lossy(&buf).to_string();
+                while let Some(req) = system_tests::read_request_head(&mut s) {
                     let first = req.lines().next().unwrap_or("").to_string();
                     let body: Vec<u8> = if let Some((_, l)) = leaves.iter().find(|(h, _)| first.contains(&format!("/leaves/{h}"))) {
                         l.clone()
                     } else {
-                        let range = req.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("range: bytes=").map(str::to_string)).unwrap_or_default();
-                        let (x, y) = range.trim().split_once('-').unwrap_or(("0", "0"));
-                        let (x, y) = (x.parse::<usize>().unwrap_or(0), y.parse::<usize>().unwrap_or(0));
+                        let (x, y) = system_tests::requested_range(&req);
                         if first.contains(&format!("/content/{}", stalls.0)) && x < 1 << 20 {
                             stalls.1[x..=y].to_vec()
                         } else if first.contains(&format!("/content/{lies}")) {
                             vec![0x42; y - x + 1]
                         } else {
-                            // Never answers: holds the connection until the puller closes it.
-                            while matches!(s.read(&mut b), Ok(n) if n > 0) {}
+                            system_tests::hold_until_closed(&mut s);
                             return;
                         }
                     };
