@@ -427,7 +427,7 @@ impl ContentStore {
             };
             let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
             if h != Self::empty_hash() && !young && !keep.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
-                let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
+                self.remove_cache_files(&h);
                 removed += 1;
             }
         }
