@@ -609,10 +609,11 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<Wanted> {
             _ => None,
         })
         .collect();
-    // Contents to keep that this node is to fetch from another keeper.
+    // Contents to keep that this node is to fetch from another keeper, if the disk has
+    // room for them above the free-space floor (else they are reported lacking).
     for part in body.parts_for(me) {
         if let ToNode::Keep { items } = part {
-            for i in items.iter().filter(|i| !i.holders.is_empty() && !tree.store().has(&i.hash)) {
+            for i in items.iter().filter(|i| !i.holders.is_empty() && !tree.store().has(&i.hash) && tree.room_to_keep(i.size)) {
                 if seen.insert(i.hash.clone()) {
                     wanted.push(Wanted { hash: i.hash.clone(), size: i.size, holders: i.holders.clone(), basis: None });
                 }
@@ -692,7 +693,16 @@ mod tests {
         items.extend(missing[1..].iter().map(|h| wire::KeepItem { hash: h.clone(), size: 1, until_ms: i64::MAX, holders: vec![] }));
         let body = ToNode::Keep { items };
         let wanted = wanted_contents(&tree, &me, &body);
-        assert_eq!(wanted, vec![Wanted { hash: missing[0].clone(), size: 9, holders: vec![holder], basis: None }], "only what comes with holders is fetched");
+        assert_eq!(wanted, vec![Wanted { hash: missing[0].clone(), size: 9, holders: vec![holder.clone()], basis: None }], "only what comes with holders is fetched");
+        // A content to keep that would take the disk below the free-space floor is not
+        // fetched: the room is the user's.
+        tree.set_keep_floor(1);
+        assert_eq!(wanted_contents(&tree, &me, &body).len(), 1, "9 bytes fit above a floor of 1 byte");
+        let huge = ToNode::Keep { items: vec![wire::KeepItem { hash: missing[0].clone(), size: 1 << 62, until_ms: i64::MAX, holders: vec![holder.clone()] }] };
+        assert_eq!(wanted_contents(&tree, &me, &huge), vec![], "no disk has room for 4 EiB above the floor");
+        tree.set_keep_floor(u64::MAX / 2);
+        assert_eq!(wanted_contents(&tree, &me, &body), vec![], "below the floor, nothing is fetched to keep");
+        tree.set_keep_floor(0);
         let actions = engine.on_message(Envelope::new("k1".parse().unwrap(), NodeId::manager(), body), Duration::ZERO).unwrap();
         let (mut keeping, mut lacking, mut reports) = (Vec::new(), Vec::new(), 0);
         for a in actions {

@@ -181,7 +181,9 @@ fn dashboard_restores_from_the_trash_and_from_a_files_versions() {
 fn dashboard_shows_an_on_demand_nodes_contents_and_a_fetch_in_progress() {
     assert!(Path::new("/usr/bin/chromium").exists(), "chromium is missing: run scripts/setup-browser.sh");
     let big: Vec<u8> = (0..24u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let setup = StalledHolder::start("dashboard-ondemand", &big, b"small", &[]);
+    // The holder stalls for longer than the browser may take to start on a busy machine:
+    // n2 must not give up on it (and end the fetch) before the page looks.
+    let setup = StalledHolder::start("dashboard-ondemand", &big, b"small", &["--pull-stall-secs", "600"]);
     let n2 = &setup.n2;
     let (ok, out, err) = n2.syncctl(&["pin", "keep"]);
     assert!(ok, "syncctl pin: {out} {err}");

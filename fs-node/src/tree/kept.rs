@@ -20,13 +20,25 @@ impl Tree {
         self.lock().kept_floor = bytes;
     }
 
+    /// Whether `more` bytes may come to the store for keeping and leave the free-space
+    /// floor intact. A content to keep is fetched only then: fetching it must never take
+    /// the room a user's next write needs (a disk just freed by a delete is asked at once
+    /// to keep the deleted content).
+    pub fn room_to_keep(&self, more: u64) -> bool {
+        Self::room_above_floor(self.lock().kept_floor, &self.store, more)
+    }
+
+    fn room_above_floor(floor: u64, store: &ContentStore, more: u64) -> bool {
+        floor == 0 || store.free_bytes().is_ok_and(|free| free >= floor.saturating_add(more))
+    }
+
     /// Keeps what the store has of `items`; returns the hashes kept and those it lacks
     /// (all of them while the disk is below the free-space floor).
     pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
         let mut st = self.lock();
         let now_ms = st.env.now_ns() / 1_000_000;
         let (mut keeping, mut lacking) = (Vec::new(), Vec::new());
-        let short_of_space = st.kept_floor > 0 && self.store.free_bytes().is_ok_and(|free| free < st.kept_floor);
+        let short_of_space = !Self::room_above_floor(st.kept_floor, &self.store, 0);
         for item in items {
             if short_of_space && !st.kept.contains_key(&item.hash) {
                 lacking.push(item.hash.clone());
