@@ -91,6 +91,8 @@ fn a_put_replacing_a_queued_put_keeps_its_place() {
 /// The tree a restarted node loads from `dir` after the process died without
 /// cleaning up (`tree` must not be used again).
 fn crash_and_reload(t: Tree, dir: &std::path::Path) -> Tree {
+    // A dead process's lock on its database goes with it; this one's is let go by hand.
+    t.lock().db.let_go_for_test();
     std::mem::forget(t);
     tree(dir)
 }
@@ -208,14 +210,16 @@ fn a_row_with_a_wrong_size_keeps_a_whole_blob() {
 /// Makes the node database fail at its `n`th write from now, through triggers on
 /// every table the tree writes: at that statement, or (`at_commit`) at the COMMIT,
 /// through a deferred foreign key.
-struct Chaos {
-    conn: rusqlite::Connection,
+/// It works through the tree's own connection: the node holds its database exclusively.
+struct Chaos<'t> {
+    t: &'t Tree,
 }
 
-impl Chaos {
-    fn install(t: &Tree, dir: &std::path::Path) -> Chaos {
-        t.lock().db.conn().execute_batch("PRAGMA foreign_keys = ON").unwrap();
-        let conn = rusqlite::Connection::open(dir.join("node.db")).unwrap();
+impl<'t> Chaos<'t> {
+    fn install(t: &'t Tree) -> Chaos<'t> {
+        let st = t.lock();
+        let conn = st.db.conn();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
         conn.execute_batch(
             "CREATE TABLE chaos(n INTEGER NOT NULL, at_commit INTEGER NOT NULL); INSERT INTO chaos VALUES(-1, 0);
              CREATE TABLE chaos_parent(id INTEGER PRIMARY KEY);
@@ -234,11 +238,12 @@ impl Chaos {
                 .unwrap();
             }
         }
-        Chaos { conn }
+        drop(st);
+        Chaos { t }
     }
 
     fn arm(&self, n: i64, at_commit: bool) {
-        self.conn.execute("UPDATE chaos SET n = ?1, at_commit = ?2", rusqlite::params![n, at_commit]).unwrap();
+        self.t.lock().db.conn().execute("UPDATE chaos SET n = ?1, at_commit = ?2", rusqlite::params![n, at_commit]).unwrap();
     }
 
     /// Runs `op` with the database failing at its first write, then its second, and
@@ -318,7 +323,7 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
 fn regression_a_failed_transaction_changes_nothing_in_memory() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let chaos = Chaos::install(&t, dir.path());
+    let chaos = Chaos::install(&t);
     let c = |what: &str, op: &mut dyn FnMut(&Tree) -> FsResult<()>| chaos.every_failure_of(&t, what, op);
     let d = chaos.every_failure_of(&t, "mkdir", |t| t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0)).ino;
     let (f, fh) = chaos.every_failure_of(&t, "create", |t| t.create(d, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW));
@@ -379,7 +384,7 @@ fn regression_a_failed_transaction_changes_nothing_in_memory() {
 fn a_close_that_could_not_commit_is_committed_later() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let chaos = Chaos::install(&t, dir.path());
+    let chaos = Chaos::install(&t);
     let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
     t.take_unpublished();
     t.write(fh, 0, b"kept").unwrap();
