@@ -77,6 +77,88 @@ fn subtree(leaves: &[ChainingValue], offset: u64, len: u64) -> ChainingValue {
     merge_subtrees_non_root(&subtree(leaves, offset, l), &subtree(leaves, offset + l, len - l), Mode::Hash)
 }
 
+/// The leaves of a file being assembled from pieces written in any order (a pull by
+/// chunks): each block's leaf is taken as soon as the last piece covering it is written,
+/// so that checking the whole file against its hash at the end is a merge of leaves
+/// instead of another pass over every byte. A block whose bytes all came from the basis
+/// at the same offsets (an edit elsewhere in the file) has the basis's leaf, when the
+/// basis's leaves are known; any other block is read back and hashed. Each piece must be
+/// reported once.
+pub struct AssembledLeaves {
+    size: u64,
+    /// The leaves of the basis and its size, if known.
+    basis: Option<(Vec<ChainingValue>, u64)>,
+    state: std::sync::Mutex<Assembly>,
+}
+
+struct Assembly {
+    /// Bytes written so far in each block, and how many of them came from the basis at
+    /// the same offset.
+    written: Vec<(u32, u32)>,
+    leaves: Vec<Option<ChainingValue>>,
+}
+
+fn block_len(size: u64, b: usize) -> u64 {
+    size.saturating_sub(b as u64 * BLOCK).min(BLOCK)
+}
+
+impl AssembledLeaves {
+    /// For a content of `size` bytes (more than one block); `basis`: the leaves and
+    /// size of the content the same-offset pieces are copied from.
+    pub fn new(size: u64, basis: Option<(Vec<ChainingValue>, u64)>) -> AssembledLeaves {
+        let n = blocks(size);
+        let basis = basis.filter(|(l, s)| l.len() == blocks(*s));
+        AssembledLeaves { size, basis, state: std::sync::Mutex::new(Assembly { written: vec![(0, 0); n], leaves: vec![None; n] }) }
+    }
+
+    /// Bytes `offset..offset+len` are in `file` now; `same_as_basis`: they are the
+    /// basis's bytes at the same offsets. Takes the leaf of every block this completes.
+    pub fn wrote(&self, file: &std::fs::File, offset: u64, len: u64, same_as_basis: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = (offset + len).min(self.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let mut to_hash = Vec::new();
+        {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            for b in (offset / BLOCK) as usize..=((end - 1) / BLOCK) as usize {
+                let start = b as u64 * BLOCK;
+                let want = block_len(self.size, b);
+                let overlap = (end.min(start + want) - offset.max(start)) as u32;
+                let w = &mut st.written[b];
+                w.0 += overlap;
+                if same_as_basis {
+                    w.1 += overlap;
+                }
+                if w.0 as u64 != want {
+                    continue;
+                }
+                let from_basis = w.1 as u64 == want;
+                match &self.basis {
+                    Some((leaves, size)) if from_basis && block_len(*size, b) == want => st.leaves[b] = Some(leaves[b]),
+                    _ => to_hash.push(b),
+                }
+            }
+        }
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in to_hash {
+            let n = block_len(self.size, b) as usize;
+            file.read_exact_at(&mut buf[..n], b as u64 * BLOCK)?;
+            let l = leaf(&buf[..n], b as u64 * BLOCK);
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).leaves[b] = Some(l);
+        }
+        Ok(())
+    }
+
+    /// The leaves, if every block was written and they merge into `hash`.
+    pub fn verified(&self, hash: &ContentHash) -> Option<Vec<ChainingValue>> {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let leaves: Vec<ChainingValue> = st.leaves.iter().copied().collect::<Option<_>>()?;
+        verify(&leaves, self.size, hash).then_some(leaves)
+    }
+}
+
 /// Leaves as bytes (32 per block), for a peer or a cache file.
 pub fn to_bytes(leaves: &[ChainingValue]) -> Vec<u8> {
     leaves.concat()
@@ -115,5 +197,58 @@ mod tests {
             assert!(!verify(&leaves[1..], size, &hash), "too few leaves");
             assert_eq!(from_bytes(&to_bytes(&leaves)).unwrap(), leaves);
         }
+    }
+
+    /// A file written in pieces of every size, in a scrambled order, has the leaves of
+    /// the whole once the last piece is in, and only then; a wrong byte fails the check.
+    #[test]
+    fn leaves_of_a_file_assembled_in_any_order_are_those_of_the_whole() {
+        use std::os::unix::fs::FileExt;
+        let size = 9 * BLOCK + 777;
+        let data: Vec<u8> = (0..size).map(|i| (i * 13 + i / 4099) as u8).collect();
+        let hash = crate::store::hash_of(&data);
+        // Pieces that straddle blocks, lie inside one, and cover several.
+        let cuts = [0, 1000, BLOCK, BLOCK + 1, 3 * BLOCK - 5, 3 * BLOCK + 70_000, 7 * BLOCK, size];
+        let mut pieces: Vec<(u64, u64)> = cuts.windows(2).map(|w| (w[0], w[1] - w[0])).collect();
+        pieces.reverse();
+        pieces.swap(1, 4);
+        // The basis: the same content but for one byte in the piece that is not from it
+        // (pieces[2]), and one byte longer.
+        let mut old = data.clone();
+        old[pieces[2].0 as usize] ^= 0xff;
+        old.push(9);
+        let old_leaves = leaves_of(&old[..], size + 1).unwrap();
+        for (corrupt, basis) in [(false, None), (true, None), (false, Some((old_leaves.clone(), size + 1))), (true, Some((old_leaves, size + 1)))] {
+            let dir = tempfile::tempdir().unwrap();
+            let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+            file.set_len(size).unwrap();
+            let with_basis = basis.is_some();
+            let a = AssembledLeaves::new(size, basis);
+            for (i, &(at, len)) in pieces.iter().enumerate() {
+                assert_eq!(a.verified(&hash), None, "not before the last piece");
+                let mut piece = data[at as usize..(at + len) as usize].to_vec();
+                // A wrong byte in a fetched piece is caught whether a basis is known or not.
+                if corrupt && i == 2 {
+                    piece[0] ^= 1;
+                }
+                file.write_all_at(&piece, at).unwrap();
+                a.wrote(&file, at, len, with_basis && i != 2).unwrap();
+            }
+            match a.verified(&hash) {
+                Some(l) => {
+                    assert!(!corrupt, "a wrong byte passed (basis known: {with_basis})");
+                    assert_eq!(l, leaves_of(&data[..], size).unwrap());
+                }
+                None => assert!(corrupt, "the right pieces did not verify (basis known: {with_basis})"),
+            }
+        }
+        // A basis's leaf is taken only for blocks wholly from it: had the piece with the
+        // changed byte been reported as the basis's, its block would carry the old leaf.
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(dir.path().join("f")).unwrap();
+        file.write_all_at(&data, 0).unwrap();
+        let a = AssembledLeaves::new(size, Some((leaves_of(&old[..], size + 1).unwrap(), size + 1)));
+        a.wrote(&file, 0, size, true).unwrap();
+        assert_eq!(a.verified(&hash), None, "a basis leaf that is not this content's does not merge into its hash");
     }
 }

@@ -357,20 +357,24 @@ impl Puller {
         let list = list.context("no holder gave a chunk list")?;
         let (tmp, file) = self.store.tmp_file().context("creating a download file")?;
         let file = Arc::new(file);
-        let result = self.assemble(hash, size, holders, basis, &list, &file).await;
+        // The basis's leaves, if cached: the blocks an edit did not touch need no hashing.
+        let basis_leaves = basis.and_then(|b| Some((self.store.cached_leaves(b)?, self.store.size_of(b)?)));
+        let leaves = Arc::new(crate::leaves::AssembledLeaves::new(size, basis_leaves));
+        let result = self.assemble(hash, size, holders, basis, &list, &file, &leaves).await;
         let result = match result {
             Ok(fetched) => {
                 async {
                     let (f, store, list, h) = (file.clone(), self.store.clone(), list.clone(), hash.clone());
                     let tmp2 = tmp.clone();
-                    // The whole file is verified again: its chunks were, but not their order
-                    // against the holder's word.
+                    // The whole file is checked against its hash: its chunks were, but not
+                    // their order against the holder's word. The leaves of its blocks were
+                    // taken as they were written; merging them is the check.
                     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
                         f.sync_data().context("flushing a download to disk")?;
-                        let (got, n) = crate::store::hash_file(&tmp2)?;
-                        anyhow::ensure!(got == h && n == size, "the assembled chunks hash to {got}, not {h}");
+                        let leaves = leaves.verified(&h).with_context(|| format!("the assembled chunks do not hash to {h}"))?;
                         store.install(&tmp2, &h).context("installing a download")?;
                         store.save_chunk_list(&h, &list);
+                        store.save_leaves(&h, &leaves);
                         Ok(())
                     })
                     .await
@@ -400,13 +404,14 @@ impl Puller {
         basis: Option<&ContentHash>,
         list: &crate::chunks::ChunkList,
         file: &Arc<std::fs::File>,
+        leaves: &Arc<crate::leaves::AssembledLeaves>,
     ) -> anyhow::Result<u64> {
         use std::os::unix::fs::FileExt;
         file.set_len(size).context("sizing a download file")?;
         // Chunks the basis has: copied locally (each checked against its hash).
         let mut wanted: std::collections::VecDeque<usize> = (0..list.chunks.len()).collect();
         if let Some(basis) = basis.filter(|b| self.store.has(b)) {
-            let (store, b, f, l) = (self.store.clone(), basis.clone(), file.clone(), list.clone());
+            let (store, b, f, l, leaves) = (self.store.clone(), basis.clone(), file.clone(), list.clone(), leaves.clone());
             wanted = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::VecDeque<usize>> {
                 let have: std::collections::HashMap<ContentHash, crate::chunks::Chunk> =
                     store.chunk_list(&b)?.chunks.into_iter().map(|c| (c.hash.clone(), c)).collect();
@@ -425,6 +430,7 @@ impl Puller {
                         continue;
                     }
                     f.write_all_at(&buf, c.offset)?;
+                    leaves.wrote(&f, c.offset, c.len as u64, at.offset == c.offset)?;
                 }
                 Ok(rest)
             })
@@ -445,8 +451,8 @@ impl Puller {
         for h in holders {
             let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
             for _ in 0..CHUNK_REQUESTS_PER_HOLDER {
-                let (work, changed, fetched, dropped, file, progress) =
-                    (work.clone(), changed.clone(), fetched.clone(), dropped.clone(), file.clone(), progress.clone());
+                let (work, changed, fetched, dropped, file, progress, leaves) =
+                    (work.clone(), changed.clone(), fetched.clone(), dropped.clone(), file.clone(), progress.clone(), leaves.clone());
                 let holder: Holder = (*h).clone();
                 workers.push(async move {
                     loop {
@@ -479,7 +485,9 @@ impl Puller {
                             if bytes.len() != c.len as usize || crate::store::hash_of(&bytes) != c.hash {
                                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));
                             }
-                            file.write_all_at(&bytes, c.offset).map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
+                            file.write_all_at(&bytes, c.offset)
+                                .and_then(|()| leaves.wrote(&file, c.offset, c.len as u64, false))
+                                .map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
                             // Written back as it comes, so the flush before install has
                             // little left to wait for (as a whole pull does).
                             start_writeback(&file, c.offset, c.len as u64);

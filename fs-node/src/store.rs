@@ -260,7 +260,8 @@ impl ContentStore {
     /// A new temporary file for a download.
     pub fn tmp_file(&self) -> std::io::Result<(PathBuf, File)> {
         let p = self.tmp.join(uuid::Uuid::new_v4().to_string());
-        let f = File::create(&p)?;
+        // Readable too: a download assembled in pieces is read back to check its blocks.
+        let f = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(&p)?;
         Ok((p, f))
     }
 
@@ -358,14 +359,23 @@ impl ContentStore {
     /// computed now (one read of the blob) and cached. Only for blobs of more than one
     /// block.
     pub fn leaves(&self, h: &ContentHash) -> std::io::Result<Vec<blake3::hazmat::ChainingValue>> {
-        let size = std::fs::metadata(self.blob_path(h))?.len();
-        if let Some(l) = std::fs::read(self.leaves_path(h)).ok().and_then(|b| crate::leaves::from_bytes(&b)).filter(|l| l.len() == crate::leaves::blocks(size))
-        {
+        if let Some(l) = self.cached_leaves(h) {
             return Ok(l);
         }
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
         self.save_leaves(h, &leaves);
         Ok(leaves)
+    }
+
+    /// The leaves of blob `h` if they are cached (and fit the blob's size).
+    pub fn cached_leaves(&self, h: &ContentHash) -> Option<Vec<blake3::hazmat::ChainingValue>> {
+        let size = self.size_of(h)?;
+        std::fs::read(self.leaves_path(h)).ok().and_then(|b| crate::leaves::from_bytes(&b)).filter(|l| l.len() == crate::leaves::blocks(size))
+    }
+
+    /// The size of blob `h`, if the store has it.
+    pub fn size_of(&self, h: &ContentHash) -> Option<u64> {
+        std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len())
     }
 
     /// Queues blob `h` for its leaves to be computed and cached by one background thread
