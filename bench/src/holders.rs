@@ -125,6 +125,11 @@ pub fn run(parent: &Path, size: usize, rate: &str) {
         let took = t.elapsed();
         eprintln!("holders: {name} in D's store after {:.2} s", took.as_secs_f64());
         d.stop();
+        // D's whole log, for a closer look: SYNC_KEEP_LOGS=DIR.
+        if let Some(keep) = std::env::var_os("SYNC_KEEP_LOGS") {
+            let _ = std::fs::create_dir_all(&keep);
+            let _ = std::fs::copy(dir.path().join("node-d.log"), Path::new(&keep).join(format!("node-d-{name}.log")));
+        }
         took
     };
     // One holder: A alone has f1 when D starts.

@@ -59,6 +59,28 @@ pub use crate::chunks::CHUNKED_MIN_BYTES;
 /// Chunk requests in flight to one holder at once.
 const CHUNK_REQUESTS_PER_HOLDER: usize = 4;
 
+/// Most bytes one request of a pull by chunks asks for: consecutive chunks go in one
+/// range (13,000 requests of 80 KiB for a GiB cost more than the transfer itself on a
+/// busy machine; docs/benchmarks.md), each still checked against its own hash.
+const RUN_BYTES: u64 = 1 << 20;
+
+/// Takes from the front of `queue` the next run of chunks that follow each other in the
+/// file, at most [`RUN_BYTES`] (always at least one chunk).
+fn take_run(queue: &mut std::collections::VecDeque<usize>, chunks: &[crate::chunks::Chunk]) -> Vec<usize> {
+    let mut run: Vec<usize> = Vec::new();
+    let mut bytes = 0u64;
+    while let Some(&i) = queue.front() {
+        let follows = run.last().is_none_or(|&j| i == j + 1);
+        if !follows || (!run.is_empty() && bytes + chunks[i].len as u64 > RUN_BYTES) {
+            break;
+        }
+        bytes += chunks[i].len as u64;
+        run.push(i);
+        queue.pop_front();
+    }
+    run
+}
+
 /// Why one attempt at one holder failed: worth another round (the holder may just be
 /// busy or restarting), or a holder that misbehaved and is skipped for the rest of the
 /// pull (it stalled, sent too much, or sent wrong bytes).
@@ -355,6 +377,7 @@ impl Puller {
             }
         }
         let list = list.context("no holder gave a chunk list")?;
+        tracing::debug!(target: "timing", %hash, "chunk list in");
         let (tmp, file) = self.store.tmp_file().context("creating a download file")?;
         let file = Arc::new(file);
         // The basis's leaves, if cached: the blocks an edit did not touch need no hashing.
@@ -363,6 +386,7 @@ impl Puller {
         let result = self.assemble(hash, size, holders, basis, &list, &file, &leaves).await;
         let result = match result {
             Ok(fetched) => {
+                tracing::debug!(target: "timing", %hash, "chunks in");
                 async {
                     let (f, store, list, h) = (file.clone(), self.store.clone(), list.clone(), hash.clone());
                     let tmp2 = tmp.clone();
@@ -375,6 +399,7 @@ impl Puller {
                         store.install(&tmp2, &h).context("installing a download")?;
                         store.save_chunk_list(&h, &list);
                         store.save_leaves(&h, &leaves);
+                        tracing::debug!(target: "timing", hash = %h, "flushed, checked and installed");
                         Ok(())
                     })
                     .await
@@ -392,8 +417,9 @@ impl Puller {
     }
 
     /// Writes every chunk of `list` into `file`: those `basis` has from it, the others
-    /// fetched by byte range from all `holders` at once (each takes the next chunk not yet
-    /// asked for when it is done with one, so a faster holder serves more). A holder that
+    /// fetched by byte range from all `holders` at once (each takes the next run of
+    /// consecutive chunks not yet asked for when it is done with one, so a faster holder
+    /// serves more). A holder that
     /// fails, stalls or sends a chunk whose hash is wrong is dropped and its chunk goes
     /// back for the others. Returns the bytes fetched.
     async fn assemble(
@@ -462,51 +488,62 @@ impl Puller {
                         let notified = changed.notified();
                         tokio::pin!(notified);
                         notified.as_mut().enable();
-                        let next = {
+                        let run = {
                             let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
-                            match w.0.pop_front() {
-                                Some(i) => {
-                                    w.1 += 1;
-                                    Some(i)
-                                }
-                                None if w.1 == 0 => return,
-                                None => None,
+                            let run = take_run(&mut w.0, &list.chunks);
+                            if run.is_empty() && w.1 == 0 {
+                                return;
                             }
+                            w.1 += usize::from(!run.is_empty());
+                            run
                         };
-                        let Some(i) = next else {
+                        if run.is_empty() {
                             notified.await;
                             continue;
-                        };
-                        let c = &list.chunks[i];
+                        }
+                        // Chunks written (each once), and the error after which the rest
+                        // of the run goes back.
+                        let mut written = 0;
                         let got = async {
-                            let req =
-                                self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={}-{}", c.offset, c.offset + c.len as u64 - 1));
-                            let bytes = self.fetch(&holder, req, c.len as u64).await?;
-                            if bytes.len() != c.len as usize || crate::store::hash_of(&bytes) != c.hash {
-                                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));
+                            let (first, last) = (&list.chunks[run[0]], &list.chunks[run[run.len() - 1]]);
+                            let (from, to) = (first.offset, last.offset + last.len as u64 - 1);
+                            let req = self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={from}-{to}"));
+                            let bytes = self.fetch(&holder, req, to - from + 1).await?;
+                            if bytes.len() as u64 != to - from + 1 {
+                                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent {} bytes for chunks at {from}..={to} of {hash}", holder.node, bytes.len())));
                             }
-                            file.write_all_at(&bytes, c.offset)
-                                .and_then(|()| leaves.wrote(&file, c.offset, c.len as u64, false))
-                                .map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
+                            // Every chunk is checked before any is written.
+                            for &i in &run {
+                                let c = &list.chunks[i];
+                                let at = (c.offset - from) as usize;
+                                if crate::store::hash_of(&bytes[at..at + c.len as usize]) != c.hash {
+                                    return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent a wrong chunk at {} of {hash}", holder.node, c.offset)));
+                                }
+                            }
+                            for &i in &run {
+                                let c = &list.chunks[i];
+                                let at = (c.offset - from) as usize;
+                                file.write_all_at(&bytes[at..at + c.len as usize], c.offset)
+                                    .and_then(|()| leaves.wrote(&file, c.offset, c.len as u64, false))
+                                    .map_err(|e| Attempt::Retry(anyhow::Error::new(e).context("writing a chunk")))?;
+                                written += 1;
+                            }
                             // Written back as it comes, so the flush before install has
                             // little left to wait for (as a whole pull does).
-                            start_writeback(&file, c.offset, c.len as u64);
+                            start_writeback(&file, from, to - from + 1);
                             Ok(bytes.len() as u64)
                         }
                         .await;
                         let mut w = work.lock().unwrap_or_else(|p| p.into_inner());
                         w.1 -= 1;
-                        match got {
-                            Ok(n) => {
-                                fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-                                progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        let n: u64 = run[..written].iter().map(|&i| list.chunks[i].len as u64).sum();
+                        fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                        if let Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) = got {
+                            if !dropped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                                tracing::warn!("dropping holder {} for this pull: {e:#}", holder.node);
                             }
-                            Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => {
-                                if !dropped.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                    tracing::warn!("dropping holder {} for this pull: {e:#}", holder.node);
-                                }
-                                w.0.push_back(i);
-                            }
+                            w.0.extend(&run[written..]);
                         }
                         drop(w);
                         changed.notify_waiters();
@@ -591,5 +628,34 @@ impl Puller {
             let _ = std::fs::remove_file(&tmp);
         }
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs are consecutive chunks up to RUN_BYTES; a gap (a chunk the basis had, or one
+    /// that went back to the queue's end) ends a run; a chunk larger than RUN_BYTES is a
+    /// run of its own.
+    #[test]
+    fn runs_take_consecutive_chunks_up_to_the_limit() {
+        let lens = [300_000u32, 300_000, 300_000, 300_000, 2_000_000, 10, 10, 10];
+        let mut offset = 0;
+        let chunks: Vec<crate::chunks::Chunk> = lens
+            .iter()
+            .map(|&len| {
+                let c = crate::chunks::Chunk { offset, len, hash: crate::store::hash_of(&offset.to_le_bytes()) };
+                offset += len as u64;
+                c
+            })
+            .collect();
+        let mut queue: std::collections::VecDeque<usize> = [0, 1, 2, 3, 4, 5, 7, 6].into_iter().collect();
+        let mut runs = Vec::new();
+        while !queue.is_empty() {
+            runs.push(take_run(&mut queue, &chunks));
+        }
+        assert_eq!(runs, vec![vec![0, 1, 2], vec![3], vec![4], vec![5], vec![7], vec![6]]);
+        assert!(take_run(&mut queue, &chunks).is_empty());
     }
 }

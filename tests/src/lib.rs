@@ -457,18 +457,20 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         let failed = std::thread::panicking();
+        let show = failed || std::env::var_os("SYNC_SHOW_LOGS").is_some();
         for n in &mut self.nodes {
             n.stop();
         }
         self.manager.stop();
-        if failed || std::env::var_os("SYNC_SHOW_LOGS").is_some() {
+        if show {
             dump_log("manager", &self.manager.log);
             for n in &self.nodes {
                 dump_log(&format!("node {}", n.id), &n.log);
             }
         }
-        // Whole logs of a failed test, for a closer look: SYNC_KEEP_LOGS=DIR.
-        if let (true, Some(keep)) = (failed, std::env::var_os("SYNC_KEEP_LOGS")) {
+        // Whole logs of a failed test (or of any, with SYNC_SHOW_LOGS), for a closer
+        // look: SYNC_KEEP_LOGS=DIR.
+        if let (true, Some(keep)) = (show, std::env::var_os("SYNC_KEEP_LOGS")) {
             let to = Path::new(&keep).join(self.dir.path().file_name().unwrap_or_default());
             let logs = std::iter::once(&self.manager.log).chain(self.nodes.iter().map(|n| &n.log));
             for log in logs {
