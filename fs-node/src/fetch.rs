@@ -90,7 +90,7 @@ impl Fetcher {
             let (guard, progress) = me.puller.track(&c.hash, c.size);
             let holders = me.holders_of(&c).await;
             let t = std::time::Instant::now();
-            let end = stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone()).await;
+            let end = stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone(), None).await;
             drop(guard);
             let counted = end.map(|()| progress.load(Ordering::Relaxed)).map_err(|f| anyhow::anyhow!("{}", f.reason));
             me.metrics.count_pull(&counted, t.elapsed());

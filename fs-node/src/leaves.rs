@@ -58,12 +58,55 @@ pub fn leaves_of_file(p: &Path) -> std::io::Result<Vec<ChainingValue>> {
 /// Whether `leaves` are those of a content of `size` bytes (more than one block) with
 /// hash `hash`.
 pub fn verify(leaves: &[ChainingValue], size: u64, hash: &ContentHash) -> bool {
+    root(leaves, size).is_some_and(|r| r == *hash)
+}
+
+/// The hash of a content of `size` bytes (more than one block) whose leaves are `leaves`.
+pub fn root(leaves: &[ChainingValue], size: u64) -> Option<ContentHash> {
     if size <= BLOCK || leaves.len() != blocks(size) {
-        return false;
+        return None;
     }
     let l = left_subtree_len(size);
     let (left, right) = (subtree(leaves, 0, l), subtree(leaves, l, size - l));
-    merge_subtrees_root(&left, &right, Mode::Hash).as_bytes() == hash.as_bytes()
+    Some(ContentHash::from_bytes(*merge_subtrees_root(&left, &right, Mode::Hash).as_bytes()))
+}
+
+/// The leaves of the file `f` (of `size` bytes, more than one block), on all cores: each
+/// thread reads and hashes its own share of the blocks.
+pub fn leaves_in_parallel(f: &std::fs::File, size: u64) -> std::io::Result<Vec<ChainingValue>> {
+    use std::os::unix::fs::FileExt;
+    let n = blocks(size);
+    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).clamp(1, 8).min(n);
+    let per = n.div_ceil(threads);
+    let parts: Vec<std::io::Result<Vec<ChainingValue>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                s.spawn(move || {
+                    // Read 16 blocks at a time, hash them one by one.
+                    let (first, end) = (t * per, ((t + 1) * per).min(n));
+                    let mut out = Vec::with_capacity(end.saturating_sub(first));
+                    let mut buf = vec![0u8; 16 * BLOCK as usize];
+                    let mut b = first;
+                    while b < end {
+                        let at = b as u64 * BLOCK;
+                        let len = (size - at).min(16 * BLOCK).min((end - b) as u64 * BLOCK) as usize;
+                        f.read_exact_at(&mut buf[..len], at)?;
+                        for (i, block) in buf[..len].chunks(BLOCK as usize).enumerate() {
+                            out.push(leaf(block, at + i as u64 * BLOCK));
+                        }
+                        b += len.div_ceil(BLOCK as usize);
+                    }
+                    Ok(out)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(std::io::Error::other("a hashing thread panicked")))).collect()
+    });
+    let mut leaves = Vec::with_capacity(n);
+    for p in parts {
+        leaves.extend(p?);
+    }
+    Ok(leaves)
 }
 
 /// The chaining value of the subtree covering `len` bytes from `offset` (aligned on a
@@ -196,6 +239,20 @@ mod tests {
             assert!(!verify(&wrong, size, &hash), "a changed leaf does not merge into the hash");
             assert!(!verify(&leaves[1..], size, &hash), "too few leaves");
             assert_eq!(from_bytes(&to_bytes(&leaves)).unwrap(), leaves);
+        }
+    }
+
+    /// Leaves taken on several threads merge into the file's BLAKE3 hash.
+    #[test]
+    fn leaves_in_parallel_give_the_hash() {
+        use std::io::Write;
+        for size in [BLOCK + 1, 33 * BLOCK, 40 * BLOCK + 5] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 + i / 777) as u8).collect();
+            let mut f = tempfile::tempfile().unwrap();
+            f.write_all(&data).unwrap();
+            let leaves = leaves_in_parallel(&f, size).unwrap();
+            assert_eq!(leaves, leaves_of(&data[..], size).unwrap());
+            assert_eq!(root(&leaves, size), Some(crate::store::hash_of(&data)));
         }
     }
 

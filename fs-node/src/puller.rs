@@ -39,7 +39,7 @@ pub fn http_client(extra_ca: Option<&Path>) -> anyhow::Result<reqwest::Client> {
 const WRITEBACK_EVERY: u64 = 8 << 20;
 
 /// Starts (does not wait for) writeback of `len` bytes at `offset`; only a hint.
-fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
+pub(crate) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
     use std::os::fd::AsRawFd;
     // SAFETY: a valid open descriptor; the call only schedules I/O on it.
     unsafe {
@@ -246,6 +246,17 @@ impl Puller {
         // By chunks when there is something to gain: chunks this node has, or several
         // holders to share the work. A new file from one holder streams whole (its chunk
         // list would only delay the first byte).
+        // Over the old version first: a file overwritten in place (a database page, a disk
+        // image block) is the old one's blocks but a few, found by comparing leaves.
+        if let Some(b) = basis.filter(|b| size >= CHUNKED_MIN_BYTES && self.store.cached_leaves(b).is_some()) {
+            match self.pull_over(hash, size, &others, b).await {
+                Ok(n) => return Ok(n),
+                Err(e) => tracing::debug!("pulling {hash} over {b} did not work ({e:#}); pulling it by chunks"),
+            }
+            if self.store.has(hash) {
+                return Ok(0);
+            }
+        }
         if size >= CHUNKED_MIN_BYTES && (basis.is_some_and(|b| self.store.has(b)) || others.len() > 1) {
             match self.pull_chunked(hash, size, &others, basis).await {
                 Ok(n) => return Ok(n),
@@ -292,6 +303,15 @@ impl Puller {
             return Err(last.context(Unreachable(hash.clone())));
         }
         Err(last.context(format!("pulling {hash}")))
+    }
+
+    /// Pulls `hash` as a stream (`stream.rs`) that copies from `basis` every block it has
+    /// at the same offset and fetches the others; returns the bytes fetched.
+    async fn pull_over(&self, hash: &ContentHash, size: u64, holders: &[&Holder], basis: &ContentHash) -> anyhow::Result<u64> {
+        let stream = crate::stream::Stream::new(&self.store, hash.clone(), size).context("creating a download file")?;
+        let holders: Vec<Holder> = holders.iter().map(|h| (*h).clone()).collect();
+        stream.clone().run(self.clone(), holders, self.store.clone(), self.counter(hash), Some(basis.clone())).await.map_err(|f| anyhow::anyhow!("{}", f.reason))?;
+        Ok(size - stream.seeded())
     }
 
     /// One GET of `what` from `holder` (bytes `first..=last` of it if given), at most

@@ -187,19 +187,23 @@ impl ContentStore {
     /// that content already: then the work file stays, for the caller to remove once the
     /// change is recorded (`discard_work_file`).
     pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<CommittedWork> {
-        let (hash, size) = hash_file(&self.work_path(ino))?;
-        self.install_work_file(ino, hash, size)
+        let hashed = hash_for_commit(&self.work_path(ino))?;
+        self.install_work_file(ino, hashed)
     }
 
     /// [`Self::commit_work_file`] with the work file's hash and size known (taken while
     /// nothing could write it).
-    pub fn install_work_file(&self, ino: u64, hash: ContentHash, size: u64) -> anyhow::Result<CommittedWork> {
+    pub fn install_work_file(&self, ino: u64, hashed: Hashed) -> anyhow::Result<CommittedWork> {
+        let Hashed { hash, size, leaves } = hashed;
         let p = self.work_path(ino);
         let dest = self.blob_path(&hash);
         if dest.exists() {
             return Ok(CommittedWork { hash, size, moved: false });
         }
         std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        if let Some(l) = leaves {
+            self.save_leaves(&hash, &l);
+        }
         self.chunk_in_background(&hash, size);
         Ok(CommittedWork { hash, size, moved: true })
     }
@@ -449,6 +453,63 @@ impl ContentStore {
 pub(crate) fn fd_path(f: &File) -> PathBuf {
     use std::os::fd::AsRawFd;
     PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()))
+}
+
+/// A content's hash and size, and for a large one its leaves (`leaves.rs`).
+#[derive(Clone, Debug)]
+pub struct Hashed {
+    pub hash: ContentHash,
+    pub size: u64,
+    pub leaves: Option<Vec<blake3::hazmat::ChainingValue>>,
+}
+
+/// Hashes a file being committed. A large one is hashed through its leaves (on all
+/// cores, as `hash_file` does): the hash costs the same and the leaves come with it, so
+/// a peer pulling the new version over its old one asks for them at once.
+pub fn hash_for_commit(p: &Path) -> anyhow::Result<Hashed> {
+    let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+    let size = f.metadata().with_context(|| format!("reading the size of {}", p.display()))?.len();
+    if size < crate::chunks::CHUNKED_MIN_BYTES {
+        let (hash, size) = hash_file(p)?;
+        return Ok(Hashed { hash, size, leaves: None });
+    }
+    let leaves = crate::leaves::leaves_in_parallel(&f, size).with_context(|| format!("hashing {}", p.display()))?;
+    let hash = crate::leaves::root(&leaves, size).context("merging the leaves")?;
+    Ok(Hashed { hash, size, leaves: Some(leaves) })
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`, in the kernel
+/// where it can (`copy_file_range`).
+pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
+    let end = offset + len;
+    while (off_out as u64) < end {
+        let want = (end - off_out as u64).min(1 << 30) as usize;
+        // SAFETY: valid descriptors and offsets owned by this frame.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended early"));
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)) {
+            return Err(e);
+        }
+        // No copy_file_range between these two: through a buffer.
+        let mut buf = vec![0u8; 1 << 20];
+        while (off_out as u64) < end {
+            let n = (end - off_out as u64).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], off_in as u64)?;
+            dst.write_all_at(&buf[..n], off_out as u64)?;
+            off_in += n as libc::loff_t;
+            off_out += n as libc::loff_t;
+        }
+    }
+    Ok(())
 }
 
 pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {

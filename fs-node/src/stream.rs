@@ -101,6 +101,8 @@ struct State {
     dropped: std::collections::HashSet<wire::NodeId>,
     /// Runs fetched so far (the next read-driven fetch takes the next live holder).
     turn: usize,
+    /// Bytes copied from a basis instead of fetched.
+    seeded: u64,
 }
 
 impl Stream {
@@ -124,6 +126,7 @@ impl Stream {
                 end: None,
                 dropped: Default::default(),
                 turn: 0,
+                seeded: 0,
             }),
             changed: tokio::sync::Notify::new(),
             readers: AtomicUsize::new(0),
@@ -312,15 +315,20 @@ impl Stream {
     }
 
     /// Streams the content from `holders` into the store (see the module), counting its
-    /// bytes in `progress`; ends the stream either way, and returns how.
-    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>) -> End {
+    /// bytes in `progress`; ends the stream either way, and returns how. With a `basis`
+    /// (a pull of a new version of a file this node has: nobody reads the stream), the
+    /// blocks the basis has at the same offsets are copied from it and only the others
+    /// fetched; if it shares less than half of them, the stream ends at once (the caller
+    /// pulls by chunks, which also find moved bytes).
+    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>, basis: Option<ContentHash>) -> End {
         let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
-        let end = self.fetch_all(&puller, &holders, &store, progress).await;
+        let end = self.fetch_all(&puller, &holders, &store, progress, basis.as_ref()).await;
         if end.is_err() {
             let _ = std::fs::remove_file(&self.tmp);
         }
         match &end {
-            Ok(()) => tracing::info!(hash = %self.hash, bytes = self.size, "streamed on demand"),
+            Ok(()) => tracing::info!(hash = %self.hash, bytes = self.size, seeded = self.lock().seeded, "streamed"),
+            Err(f) if basis.is_some() => tracing::debug!(hash = %self.hash, "pulling over the old version failed: {}", f.reason),
             Err(f) => f.log(&self.hash, "streaming"),
         }
         self.lock().end = Some(end.clone());
@@ -328,7 +336,50 @@ impl Stream {
         end
     }
 
-    async fn fetch_all(&self, puller: &Puller, holders: &[Holder], store: &ContentStore, progress: Arc<AtomicU64>) -> End {
+    /// Bytes copied from the basis instead of fetched.
+    pub fn seeded(&self) -> u64 {
+        self.lock().seeded
+    }
+
+    /// Copies from blob `basis` every block it has at the same offset (its cached leaf
+    /// and length are those of this content's block) and marks them present; returns the
+    /// bytes copied (0 without cached leaves of the basis). The basis is this node's own
+    /// blob and its leaves were taken from it.
+    fn seed_from_basis(&self, store: &ContentStore, basis: &ContentHash, leaves: &[ChainingValue]) -> std::io::Result<u64> {
+        let (Some(theirs), Some(basis_size)) = (store.cached_leaves(basis), store.size_of(basis)) else {
+            return Ok(0);
+        };
+        let len = |size: u64, b: usize| size.saturating_sub(b as u64 * BLOCK).min(BLOCK);
+        let same: Vec<bool> = (0..leaves.len()).map(|b| b < theirs.len() && theirs[b] == leaves[b] && len(basis_size, b) == len(self.size, b)).collect();
+        let src = std::fs::File::open(store.blob_path(basis))?;
+        let mut copied = 0;
+        let mut b = 0;
+        while b < same.len() {
+            if !same[b] {
+                b += 1;
+                continue;
+            }
+            let first = b;
+            while b < same.len() && same[b] {
+                b += 1;
+            }
+            let (from, to) = (first as u64 * BLOCK, (b as u64 * BLOCK).min(self.size));
+            crate::store::copy_range(&src, &self.file, from, to - from)?;
+            crate::puller::start_writeback(&self.file, from, to - from);
+            copied += to - from;
+        }
+        let mut st = self.lock();
+        for (b, &s) in same.iter().enumerate() {
+            if s && !st.present[b] {
+                st.present[b] = true;
+                st.have += 1;
+            }
+        }
+        st.seeded = copied;
+        Ok(copied)
+    }
+
+    async fn fetch_all(self: &Arc<Self>, puller: &Puller, holders: &[Holder], store: &ContentStore, progress: Arc<AtomicU64>, basis: Option<&ContentHash>) -> End {
         // The leaves, from the first holder whose leaves merge into the hash.
         let mut reached = false;
         let mut leaves = None;
@@ -354,6 +405,17 @@ impl Stream {
         let Some(leaves) = leaves else {
             return Err(Failure::new(!reached, format!("no holder of the {} holders asked gave the leaves of {}", holders.len(), self.hash)));
         };
+        if let Some(b) = basis {
+            let (me, s, l, b) = (self.clone(), store.clone(), leaves.clone(), b.clone());
+            let seeded = tokio::task::spawn_blocking(move || me.seed_from_basis(&s, &b, &l)).await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            match seeded {
+                Ok(copied) if copied * 2 >= self.size => {
+                    progress.fetch_add(copied, Ordering::Relaxed);
+                }
+                Ok(copied) => return Err(Failure::new(false, format!("the old version shares only {copied} bytes at the same offsets"))),
+                Err(e) => return Err(Failure::new(false, format!("copying from the old version: {e}"))),
+            }
+        }
         let _ = self.ctx.set(Ctx { puller: puller.clone(), leaves, holders: holders.to_vec(), progress });
         let ctx = self.ctx.get().expect("just set");
         let leaves = &ctx.leaves;

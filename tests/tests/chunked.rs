@@ -23,7 +23,10 @@ fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     let mut data = pseudo_random(32 << 20, 1);
     write(&a.p("disk.img"), &data);
     c.converged();
-    let before = served(a);
+    // b has the leaves of its copy (asking for them makes them if b had not yet).
+    let old = blake3::hash(&data).to_hex().to_string();
+    assert_eq!(http_get(&format!("{}/leaves/{old}", node_url(b)), None).0, 200);
+    let (before, pulled_before) = (served(a), pulled(b));
     let f = std::fs::File::options().write(true).open(a.p("disk.img")).unwrap();
     f.write_all_at(&[data[17 << 20] ^ 0xff], 17 << 20).unwrap();
     drop(f);
@@ -31,7 +34,14 @@ fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     eventually("the edit to reach b", DEADLINE, || read(&b.p("disk.img")).as_deref() == Some(&data[..]));
     let moved = served(a) - before;
     assert!(moved > 0.0 && moved <= 512.0 * 1024.0, "a one-byte edit of 32 MiB moved {moved} bytes");
+    // Over its old version, b fetched just the one 64 KiB block the edit is in (the new
+    // version's leaves, 16 KiB, told it which): a chunk would be another size.
+    assert_eq!(pulled(b) - pulled_before, 65536.0, "b fetched the changed block only");
     c.converged();
+}
+
+fn pulled(n: &NodeProc) -> f64 {
+    node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
 }
 
 /// A holder that serves the true chunk list but, for content, stalls (never answers) or

@@ -235,7 +235,7 @@ impl State {
             committed
         } else {
             let c = match prehashed {
-                Some(p) => store.install_work_file(ino, p.hash.clone(), p.size)?,
+                Some(p) => store.install_work_file(ino, p.hashed.clone())?,
                 None => store.commit_work_file(ino)?,
             };
             if c.moved {

@@ -297,8 +297,7 @@ struct State {
 pub(super) struct Prehashed {
     work: Arc<File>,
     stamp: u64,
-    hash: ContentHash,
-    size: u64,
+    hashed: crate::store::Hashed,
 }
 
 pub struct Tree {

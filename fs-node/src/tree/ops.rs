@@ -393,8 +393,8 @@ impl Tree {
             let h = st.handles.get(&fh).filter(|h| h.write)?;
             st.work_to_hash(h.ino)?
         };
-        let (hash, size) = crate::store::hash_file(&crate::store::fd_path(&work)).ok()?;
-        Some(Prehashed { work, stamp, hash, size })
+        let hashed = crate::store::hash_for_commit(&crate::store::fd_path(&work)).ok()?;
+        Some(Prehashed { work, stamp, hashed })
     }
 
     /// Makes the file's current content and metadata durable: commits pending writes,

@@ -129,7 +129,7 @@ fn a_hash_taken_outside_the_lock_is_not_used_after_a_write() {
         let (a, fh) = t.create(ROOT, OsStr::new(late), 0o644, 0, 0, CreateOpen::NEW).unwrap();
         t.write(fh, 0, b"first").unwrap();
         let pre = t.hash_work_outside_lock(fh).expect("a work file to hash");
-        assert_eq!(pre.hash, crate::store::hash_of(b"first"));
+        assert_eq!(pre.hashed.hash, crate::store::hash_of(b"first"));
         let want: &[u8] = match late {
             "write" => {
                 t.write(fh, 5, b" and more").unwrap();
