@@ -364,7 +364,11 @@ fn main() {
             if std::fs::read(sb.join("big.bin")).ok().as_deref() != Some(&data[..]) {
                 big(sa, sb, &data);
             }
-            let ours = || node_metrics(a).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0) as u64;
+            // Content, chunk lists and leaves: every byte A served B for the edit.
+            let ours = || {
+                let m = node_metrics(a);
+                ["syncfs_node_bytes_served_total", "syncfs_node_index_bytes_served_total"].iter().map(|k| m.get(*k).copied().unwrap_or(0.0)).sum::<f64>() as u64
+            };
             let theirs = || st.as_ref().map(|p| p.sent_a_to_b()).unwrap_or(0);
             let sent: &dyn Fn() -> u64 = if *system == "syncthing" { &theirs } else { &ours };
             let e = edit::run(sa, sb, "big.bin", &mut data.clone(), sent);

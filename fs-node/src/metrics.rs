@@ -17,6 +17,8 @@ pub struct Metrics {
     pub messages_out: Counter,
     pub bytes_pulled: Counter,
     pub bytes_served: Counter,
+    /// Chunk lists and leaves served (what a peer reads to know which bytes to fetch).
+    pub index_bytes_served: Counter,
     pub pulls_failed: Counter,
     /// Time to pull one content, in seconds.
     pub pull_seconds: Histogram,
@@ -29,6 +31,7 @@ impl Default for Metrics {
             messages_out: Counter::default(),
             bytes_pulled: Counter::default(),
             bytes_served: Counter::default(),
+            index_bytes_served: Counter::default(),
             pulls_failed: Counter::default(),
             pull_seconds: Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0, 10.0]),
         }
@@ -77,6 +80,7 @@ impl Metrics {
         r.register("syncfs_node_messages_out", "Messages published to the update channel.", self.messages_out.clone());
         r.register("syncfs_node_bytes_pulled", "Content bytes pulled from peers.", self.bytes_pulled.clone());
         r.register("syncfs_node_bytes_served", "Content bytes served to peers.", self.bytes_served.clone());
+        r.register("syncfs_node_index_bytes_served", "Chunk list and leaves bytes served to peers.", self.index_bytes_served.clone());
         r.register("syncfs_node_pulls_failed", "Pulls that failed on every holder.", self.pulls_failed.clone());
         r.register("syncfs_node_pending_changes", "Local changes not yet decided by the manager.", gauge(g.pending_changes));
         r.register("syncfs_node_pending_pulls", "Content pulls in progress.", gauge(g.pending_pulls));

@@ -249,7 +249,10 @@ async fn from_blob(
         return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
     };
     match tokio::task::spawn_blocking(move || make(&store, &hash)).await {
-        Ok(Ok((content_type, body))) => full(StatusCode::OK, content_type, body),
+        Ok(Ok((content_type, body))) => {
+            served.reporter.metrics.index_bytes_served.inc_by(body.len() as u64);
+            full(StatusCode::OK, content_type, body)
+        }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
         other => {
             tracing::warn!("{what}: {:?}", other.map(|r| r.map(|_| ())));

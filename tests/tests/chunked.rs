@@ -12,8 +12,10 @@ use std::os::unix::fs::FileExt;
 use system_tests::*;
 use wire::{Held, RelPath, Revision, ToManager};
 
+/// Content, chunk list and leaves bytes `n` served.
 fn served(n: &NodeProc) -> f64 {
-    node_metrics(n).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0)
+    let m = node_metrics(n);
+    ["syncfs_node_bytes_served_total", "syncfs_node_index_bytes_served_total"].iter().map(|k| m.get(*k).copied().unwrap_or(0.0)).sum()
 }
 
 #[test]
