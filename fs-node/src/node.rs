@@ -81,6 +81,29 @@ fn fs_name(id: &NodeId) -> String {
     format!("syncfs:{id}")
 }
 
+/// Readahead of the mount, in KiB, for reads that come through this process (a file
+/// streaming on demand; committed files are read by passthrough).
+const READAHEAD_KB: u32 = 1024;
+
+/// Raises the kernel's readahead for the mount at `mount` to [`READAHEAD_KB`]: a FUSE
+/// mount starts at 128 KiB, so a sequential read of a streaming file came in 8,192
+/// requests per GiB, and the requests, not the transfer, set its pace. Best effort (a
+/// container may have no writable /sys).
+fn raise_readahead(mount: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // A request answered: the kernel has the mount's answer to INIT, which would lower
+    // the readahead again.
+    let dev = match std::fs::metadata(mount) {
+        Ok(m) => m.dev(),
+        Err(e) => return tracing::debug!("readahead left as it is: {e}"),
+    };
+    let knob = format!("/sys/class/bdi/{}:{}/read_ahead_kb", nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    match std::fs::write(&knob, READAHEAD_KB.to_string()) {
+        Ok(()) => tracing::debug!("readahead of the mount: {READAHEAD_KB} KiB ({knob})"),
+        Err(e) => tracing::debug!("readahead left as it is ({knob}: {e})"),
+    }
+}
+
 /// What is mounted exactly at `dir`: (file system type, source), from mountinfo.
 fn mounted_at(dir: &Path) -> Option<(String, String)> {
     let want = dir.to_string_lossy().replace('\\', "\\134").replace(' ', "\\040").replace('\t', "\\011").replace('\n', "\\012");
@@ -181,6 +204,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
     let notifier = Arc::new(OnceLock::new());
     let _ = notifier.set(session.notifier());
+    raise_readahead(&cfg.mount);
     tracing::info!(node = %cfg.id, mount = %cfg.mount.display(), %url, "mounted");
 
     let tracker = tokio_util::task::TaskTracker::new();
