@@ -101,9 +101,18 @@ fn migrate(conn: &mut Connection, path: &Path, what: &str) -> anyhow::Result<()>
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Db> {
         let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        // Only a node process that is still ending can hold the lock a moment longer.
+        conn.busy_timeout(std::time::Duration::from_secs(2))?;
         conn.set_prepared_statement_cache_capacity(64);
-        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {}", path.display()))?;
+        conn.execute_batch(PRAGMAS).map_err(|e| {
+            let busy = e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy);
+            let e = anyhow::Error::new(e).context(format!("setting up {}", path.display()));
+            if busy {
+                e.context("another node is using this data directory (its database is locked)")
+            } else {
+                e
+            }
+        })?;
         migrate(&mut conn, path, "the node database")?;
         Ok(Db { conn })
     }
@@ -301,6 +310,20 @@ impl Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A second node on the same data directory is refused with a clear error while the
+    /// first runs (the first holds its database exclusively), and starts once it is gone.
+    #[test]
+    fn a_database_in_use_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let first = Db::open(&path).unwrap();
+        first.set_meta("k", "v").unwrap();
+        let err = format!("{:#}", Db::open(&path).err().expect("the database is in use"));
+        assert!(err.contains("another node is using this data directory"), "{err}");
+        drop(first);
+        assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"));
+    }
 
     /// A node.db gets a schema version; one from before versions were kept is taken as
     /// is, and one written by a newer node is refused with a clear error.
