@@ -43,23 +43,58 @@ pub struct CommittedWork {
 /// Reads a blob for work done in the background (its chunk list, its leaves) and stops
 /// with `NotFound` once the blob is removed: the space of a removed blob comes back only
 /// when the last descriptor on it closes, and a full disk must not wait for a background
-/// pass over a large file that is no longer wanted.
+/// pass over a large file that is no longer wanted. Every open reader is known
+/// ([`BlobReader::wait_for_removed`]), so a full disk that removed blobs can wait the
+/// moment it takes such passes to let go, instead of failing a write the space would fit.
 pub struct BlobReader {
     file: std::fs::File,
     path: PathBuf,
     unchecked: usize,
 }
 
+/// The blobs background passes have open (a path once per reader), and a signal when
+/// one closes.
+static OPEN_READERS: (std::sync::Mutex<Vec<PathBuf>>, std::sync::Condvar) = (std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new());
+
 impl BlobReader {
     /// Bytes read between two looks at whether the blob is still there.
-    const CHECK_EVERY: usize = 4 << 20;
+    const CHECK_EVERY: usize = 1 << 20;
 
     pub fn open(path: &Path) -> std::io::Result<BlobReader> {
-        Ok(BlobReader { file: std::fs::File::open(path)?, path: path.to_path_buf(), unchecked: 0 })
+        let file = std::fs::File::open(path)?;
+        OPEN_READERS.0.lock().unwrap_or_else(|p| p.into_inner()).push(path.to_path_buf());
+        Ok(BlobReader { file, path: path.to_path_buf(), unchecked: 0 })
     }
 
     pub fn size(&self) -> std::io::Result<u64> {
         Ok(self.file.metadata()?.len())
+    }
+
+    /// Waits, at most `within`, until no background pass holds a blob that was removed
+    /// (each notices within a MiB of reading and closes it); returns whether none does.
+    pub fn wait_for_removed(within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        let mut open = OPEN_READERS.0.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if open.iter().all(|p| p.exists()) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            open = OPEN_READERS.1.wait_timeout(open, left).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+}
+
+impl Drop for BlobReader {
+    fn drop(&mut self) {
+        let mut open = OPEN_READERS.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = open.iter().position(|p| *p == self.path) {
+            open.swap_remove(i);
+        }
+        OPEN_READERS.1.notify_all();
     }
 }
 
@@ -551,5 +586,13 @@ mod tests {
         std::fs::remove_file(&p).unwrap();
         let e = r.read_to_end(&mut Vec::new()).expect_err("the reader stops");
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
+        // A full disk waits for the pass to let go of the removed blob, and no longer.
+        assert!(!BlobReader::wait_for_removed(std::time::Duration::from_millis(20)), "the reader still holds it");
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(r);
+        });
+        assert!(BlobReader::wait_for_removed(std::time::Duration::from_secs(10)), "the wait ends when the reader closes");
+        closer.join().unwrap();
     }
 }

@@ -564,6 +564,10 @@ impl Tree {
         let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
         if removed > 0 {
             tracing::info!("the disk is full: removed {removed} blobs nothing refers to");
+            // Their space comes back once a background pass reading one lets go of it.
+            if !crate::store::BlobReader::wait_for_removed(std::time::Duration::from_secs(2)) {
+                tracing::warn!("the disk is full: a background pass still holds a removed blob");
+            }
             return true;
         }
         if for_db && self.store.release_reserve() {
