@@ -19,9 +19,12 @@ pub struct Rates {
 }
 
 fn create(dir: &Path, n: usize) -> f64 {
-    let block = [0x5au8; 4096];
+    // Each file its own content, as in a real tree (a run of equal files would let the
+    // mount's store keep one blob for all of them).
+    let mut block = [0x5au8; 4096];
     let t = Instant::now();
     for i in 0..n {
+        block[..8].copy_from_slice(&(i as u64).to_le_bytes());
         std::fs::write(dir.join(format!("f{i:06}")), block).expect("create + write + close");
     }
     n as f64 / t.elapsed().as_secs_f64()

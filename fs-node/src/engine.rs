@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{
-    Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD, MAX_KEPT_REPORT,
-    MAX_TO_MANAGER_BYTES,
+    ChangeItem, Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD, MAX_KEPT_REPORT,
+    MAX_CHANGES_PER_MESSAGE, MAX_TO_MANAGER_BYTES,
 };
 
 /// Bytes of `Held` items per `Holding` message: the limit, less room for the envelope.
@@ -146,6 +146,9 @@ pub struct Engine<R> {
     /// Contents asked to be kept in this step: kept (true) or lacking; told together at
     /// its end (`take`).
     kept: Vec<(ContentHash, bool)>,
+    /// Whether changes go several to a message (`publish_outbox`): not in the session's
+    /// first publish, which sends again what an earlier session left undecided.
+    batch_changes: bool,
 }
 
 impl<R> Engine<R> {
@@ -163,6 +166,7 @@ impl<R> Engine<R> {
             out: Vec::new(),
             held: Vec::new(),
             kept: Vec::new(),
+            batch_changes: false,
         };
         e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
@@ -350,14 +354,52 @@ impl<R> Engine<R> {
     }
 
     /// Queues the outbox rows not yet sent in this session; returns how many.
+    /// Sends the changes not sent yet in this session, in order: several to a message
+    /// (`ToManager::Changes`, as many as fit), so that a burst of local operations costs
+    /// the broker and the manager one message per run of changes instead of one each.
+    /// The session's first publish sends each change alone: it sends again what an
+    /// earlier session left undecided, and a change the manager cannot take (its message
+    /// is dead-lettered after retries) must not hold back the changes sent with it.
     fn publish_outbox(&mut self) -> u64 {
         let rows = self.tree.take_unpublished();
         let n = rows.len() as u64;
-        for r in rows {
-            let env = Envelope::new(r.msg, self.node.id.clone(), ToManager::Change(r.change));
-            self.out.push(Action::Publish { env, confirmed: true });
+        let together = std::mem::replace(&mut self.batch_changes, true) && rows.len() > 1;
+        if !together {
+            for r in rows {
+                let env = Envelope::new(r.msg, self.node.id.clone(), ToManager::Change(r.change));
+                self.out.push(Action::Publish { env, confirmed: true });
+            }
+            return n;
         }
+        // What an envelope with no items costs, with room to spare.
+        const ENVELOPE_BYTES: usize = 512;
+        let mut items: Vec<ChangeItem> = Vec::new();
+        let mut bytes = ENVELOPE_BYTES;
+        for r in rows {
+            let item = ChangeItem { id: r.msg, change: r.change };
+            let len = item.encoded_len();
+            if !items.is_empty() && (bytes + len > MAX_TO_MANAGER_BYTES || items.len() == MAX_CHANGES_PER_MESSAGE) {
+                self.publish_changes(std::mem::take(&mut items));
+                bytes = ENVELOPE_BYTES;
+            }
+            bytes += len;
+            items.push(item);
+        }
+        self.publish_changes(items);
         n
+    }
+
+    /// One message for `items`: a `Changes`, or a lone change as it always went.
+    fn publish_changes(&mut self, mut items: Vec<ChangeItem>) {
+        let env = match items.len() {
+            0 => return,
+            1 => {
+                let item = items.pop().expect("one");
+                Envelope::new(item.id, self.node.id.clone(), ToManager::Change(item.change))
+            }
+            _ => self.envelope(ToManager::Changes { items }),
+        };
+        self.out.push(Action::Publish { env, confirmed: true });
     }
 
     fn request_sync(&mut self, responder: Option<R>, now: Now) {
@@ -677,6 +719,72 @@ mod tests {
         assert_eq!(messages, names.len().div_ceil(HOLDING_BYTES / len));
         assert!(messages > 1);
         assert_eq!(told, names);
+    }
+
+    /// Local changes made while the engine was busy go out several to a message, in the
+    /// order they were made, each under its own id; the session's first publish sends
+    /// each change alone (what an earlier session left undecided).
+    #[test]
+    fn changes_go_several_to_a_message_after_the_sessions_first_publish() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, tree, _, _) = engine_with(dir.path(), b"x");
+        let names: Vec<String> = (0..5).map(|i| format!("d{i}")).collect();
+        let mkdir = |n: &str| {
+            tree.mkdir(crate::tree::ROOT, std::ffi::OsStr::new(n), 0o755, 0, 0).unwrap();
+        };
+        let changes = |actions: Vec<Action<()>>| -> Vec<Vec<(MessageId, String)>> {
+            actions
+                .into_iter()
+                .filter_map(|a| match a {
+                    Action::Publish { env, confirmed: true } => match env.body {
+                        ToManager::Change(c) => Some(vec![(env.id, c.path.to_string())]),
+                        ToManager::Changes { items } => Some(items.into_iter().map(|i| (i.id, i.change.path.to_string())).collect()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        };
+        // Two changes left from before the session: sent one by one when it starts.
+        mkdir(&names[0]);
+        mkdir(&names[1]);
+        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let first = changes(first);
+        assert_eq!(first.iter().map(|m| m.len()).collect::<Vec<_>>(), vec![1, 1], "the session's first publish: one change per message");
+        // Three made since: one message, in order, each with the id of its outbox row.
+        for n in &names[2..] {
+            mkdir(n);
+        }
+        let later = changes(engine.on_outbox_ready());
+        assert_eq!(later.len(), 1, "{later:?}");
+        assert_eq!(later[0].iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(), ["d2", "d3", "d4"]);
+        let ids: std::collections::HashSet<&MessageId> = first.iter().chain(&later).flatten().map(|(id, _)| id).collect();
+        assert_eq!(ids.len(), 5, "every change keeps an id of its own");
+        // A lone change still goes as it always did.
+        mkdir("alone");
+        let alone = engine.on_outbox_ready();
+        assert!(alone.iter().any(|a| matches!(a, Action::Publish { env, .. } if matches!(env.body, ToManager::Change(_)))));
+        // Many changes are cut into messages within the limits.
+        for i in 0..(MAX_CHANGES_PER_MESSAGE + 10) {
+            mkdir(&format!("many-{i:05}-{}", "x".repeat(200)));
+        }
+        let many = engine.on_outbox_ready();
+        let sizes: Vec<usize> = many
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish { env, .. } if matches!(env.body, ToManager::Changes { .. }) => {
+                    assert!(env.encode().len() <= MAX_TO_MANAGER_BYTES);
+                    Some(match &env.body {
+                        ToManager::Changes { items } => items.len(),
+                        _ => 0,
+                    })
+                }
+                _ => None,
+            })
+            .collect();
+        assert!(sizes.len() > 1, "{sizes:?}");
+        assert_eq!(sizes.iter().sum::<usize>(), MAX_CHANGES_PER_MESSAGE + 10);
     }
 
     /// A `Keep` is answered with what the node keeps and lacks; a content it lacks that

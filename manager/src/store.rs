@@ -593,15 +593,27 @@ impl Tx<'_> {
                 self.enqueue(&topology::node_key(&from), ToNode::Answer { request: env.id, answer })?;
             }
             ToManager::Change(change) => {
-                if test_abort_on_path().is_some_and(|p| p == change.path.as_str()) {
-                    tracing::error!(path = %change.path, "SYNC_TEST_ABORT_ON_PATH: aborting the process");
-                    std::process::abort();
-                }
                 self.seen(&from, None, now_ms)?;
-                self.change(env.id, &from, change, now_ms)?;
+                self.decide_change(env.id, &from, change, now_ms)?;
+            }
+            // Each change as if it had come alone, in order; the message is handled (and,
+            // if one of them fails, rolled back and tried again) as a whole.
+            ToManager::Changes { items } => {
+                self.seen(&from, None, now_ms)?;
+                for item in items {
+                    self.decide_change(item.id, &from, item.change, now_ms)?;
+                }
             }
         }
         Ok(())
+    }
+
+    fn decide_change(&mut self, id: MessageId, from: &NodeId, change: Change, now_ms: i64) -> anyhow::Result<()> {
+        if test_abort_on_path().is_some_and(|p| p == change.path.as_str()) {
+            tracing::error!(path = %change.path, "SYNC_TEST_ABORT_ON_PATH: aborting the process");
+            std::process::abort();
+        }
+        self.change(id, from, change, now_ms)
     }
 
     /// `node` no longer holds the path's content (it dropped it from its cache).
@@ -1244,6 +1256,34 @@ mod tests {
         assert_eq!(paths(&mut s, deleted_at.0, "r3", 30_000), vec![("keep.txt".into(), true)]);
         // What a node that has taken no revision yet sends.
         assert_eq!(paths(&mut s, u64::MAX, "r4", 40_000), vec![("keep.txt".into(), true)]);
+    }
+
+    /// A `changes` message is decided exactly as its changes sent one by one: the same
+    /// outcomes, in order, under each change's own id; sent again (a redelivery), it
+    /// changes nothing.
+    #[test]
+    fn changes_in_one_message_are_decided_as_if_they_came_alone() {
+        let item = |id: &str, c: ToManager| match c {
+            ToManager::Change(change) => wire::ChangeItem { id: id.parse().unwrap(), change },
+            _ => unreachable!(),
+        };
+        let script = [("c1", put("a", 0, file(1))), ("c2", put("b", 0, file(2))), ("c3", put("a", 1, file(3))), ("c4", put("a", 0, file(4)))];
+        let (_d1, mut alone) = fresh_store();
+        for (id, c) in &script {
+            send(&mut alone, "n1", id, c.clone());
+        }
+        let (_d2, mut together) = fresh_store();
+        let items: Vec<wire::ChangeItem> = script.iter().map(|(id, c)| item(id, c.clone())).collect();
+        send(&mut together, "n1", "batch-1", ToManager::Changes { items: items.clone() });
+        assert_eq!(decided(&together), decided(&alone));
+        assert!(matches!(decided(&together).last(), Some(Outcome::Conflict { .. })), "the stale one is a conflict: {:?}", decided(&together));
+        for path in ["a", "b"] {
+            assert_eq!(together.entry(&p(path)).unwrap(), alone.entry(&p(path)).unwrap(), "{path}");
+        }
+        let before = (together.entry(&p("a")).unwrap(), decided(&together).len());
+        send(&mut together, "n1", "batch-1", ToManager::Changes { items });
+        assert_eq!(together.entry(&p("a")).unwrap(), before.0, "a redelivered batch changes nothing");
+        assert_eq!(decided(&together)[..before.1], decided(&alone)[..], "and the decisions made stay as they were");
     }
 
     /// Paths changed while a reply is under way, behind its cursor, are sent again before

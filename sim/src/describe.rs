@@ -26,20 +26,23 @@ fn short_hashes(hashes: &[wire::ContentHash]) -> String {
     hashes.iter().map(|h| h.to_hex().as_str()[..8].to_string()).collect::<Vec<_>>().join(",")
 }
 
+fn change(c: &wire::Change) -> String {
+    let op = match &c.op {
+        ChangeOp::Delete => "delete".to_string(),
+        ChangeOp::Put { version } => match &version.content {
+            Content::File { hash, .. } => format!("put file {}", &hash.to_hex()[..8]),
+            Content::Dir => format!("put dir {:o}", version.mode),
+            Content::Symlink { target } => format!("put symlink -> {target}"),
+        },
+    };
+    format!("change {} {op} base r{} follows {:?}", c.path, c.base.0, c.follows.as_ref().map(|m| m.to_string()))
+}
+
 pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
     let body = match &env.body {
         ToManager::Heartbeat { .. } => "heartbeat".to_string(),
-        ToManager::Change(c) => {
-            let op = match &c.op {
-                ChangeOp::Delete => "delete".to_string(),
-                ChangeOp::Put { version } => match &version.content {
-                    Content::File { hash, .. } => format!("put file {}", &hash.to_hex()[..8]),
-                    Content::Dir => format!("put dir {:o}", version.mode),
-                    Content::Symlink { target } => format!("put symlink -> {target}"),
-                },
-            };
-            format!("change {} {op} base r{} follows {:?}", c.path, c.base.0, c.follows.as_ref().map(|m| m.to_string()))
-        }
+        ToManager::Change(c) => change(c),
+        ToManager::Changes { items } => format!("changes [{}]", items.iter().map(|i| format!("{}: {}", i.id, change(&i.change))).collect::<Vec<_>>().join("; ")),
         ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
         ToManager::Holding { items } => format!("holding {}", items.iter().map(|h| format!("{} r{}", h.path, h.rev.0)).collect::<Vec<_>>().join(", ")),
         ToManager::Sync { since, .. } => format!("sync since r{}", since.0),

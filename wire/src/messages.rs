@@ -110,6 +110,15 @@ impl Entry {
     }
 }
 
+impl Change {
+    fn check_bounds(&self) -> Result<(), String> {
+        match &self.op {
+            ChangeOp::Put { version } => version.check_bounds(),
+            ChangeOp::Delete => Ok(()),
+        }
+    }
+}
+
 impl Body for ToManager {
     const MAX_BYTES: usize = MAX_TO_MANAGER_BYTES;
     fn check_bounds(&self) -> Result<(), String> {
@@ -120,10 +129,14 @@ impl Body for ToManager {
                 residency.as_ref().map_or(Ok(()), NodeResidency::check_bounds)
             }
             ToManager::Sync { url, .. } => bounded_str("sync URL", url, MAX_URL_BYTES),
-            ToManager::Change(Change { op: ChangeOp::Put { version }, .. }) => version.check_bounds(),
+            ToManager::Change(c) => c.check_bounds(),
+            ToManager::Changes { items } => {
+                check_items("changes", items, MAX_CHANGES_PER_MESSAGE)?;
+                items.iter().try_for_each(|i| i.change.check_bounds())
+            }
             ToManager::Holding { items } if items.len() > MAX_HELD => Err(format!("{} held paths, more than {MAX_HELD}", items.len())),
             ToManager::Kept { keeping, lacking } => check_items("kept hashes", &[keeping.as_slice(), lacking.as_slice()].concat(), MAX_KEPT_REPORT),
-            ToManager::Change(_) | ToManager::Have { .. } | ToManager::Holding { .. } | ToManager::Ask { .. } => Ok(()),
+            ToManager::Have { .. } | ToManager::Holding { .. } | ToManager::Ask { .. } => Ok(()),
         }
     }
 }
@@ -282,6 +295,12 @@ pub enum ToManager {
         residency: Option<NodeResidency>,
     },
     Change(Change),
+    /// Several changes in one message, in the order they were made: each keeps its own
+    /// id and is decided exactly as if it had come alone (at most
+    /// [`MAX_CHANGES_PER_MESSAGE`], and the message within [`MAX_TO_MANAGER_BYTES`]).
+    Changes {
+        items: Vec<ChangeItem>,
+    },
     /// The node now holds this path's content at this revision and can serve it. Sent
     /// by older nodes; a node now sends `Holding`.
     Have {
@@ -365,6 +384,25 @@ impl NodeResidency {
         check_items("pin rules", &self.pins, MAX_HEARTBEAT_PINS)?;
         check_items("pulls", &self.pulls, MAX_HEARTBEAT_PULLS)?;
         self.pins.iter().try_for_each(|(p, _)| bounded_str("pinned path", p, MAX_HEARTBEAT_PIN_BYTES))
+    }
+}
+
+/// Most changes one `ToManager::Changes` carries.
+pub const MAX_CHANGES_PER_MESSAGE: usize = 1024;
+
+/// One change of a `ToManager::Changes`, with the id it is decided under.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChangeItem {
+    pub id: MessageId,
+    pub change: Change,
+}
+
+impl ChangeItem {
+    /// Bytes `Changes` spends on this item: what a sender counts to keep each message
+    /// under `MAX_TO_MANAGER_BYTES`.
+    pub fn encoded_len(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |v| v.len() + 1)
     }
 }
 
@@ -535,6 +573,28 @@ mod tests {
                 }),
             ),
             ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),
+            (
+                "changes",
+                ToManager::Changes {
+                    items: vec![
+                        ChangeItem {
+                            id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7b"),
+                            change: Change {
+                                path: path("docs/a.txt"),
+                                base: Revision(0),
+                                follows: None,
+                                op: ChangeOp::Put {
+                                    version: Version { content: Content::File { hash: hash(), size: 5 }, mode: 0o644, uid: 1000, gid: 1000, mtime_ns: 1_764_000_000_000_000_000 },
+                                },
+                            },
+                        },
+                        ChangeItem {
+                            id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7c"),
+                            change: Change { path: path("docs/old.txt"), base: Revision(12), follows: None, op: ChangeOp::Delete },
+                        },
+                    ],
+                },
+            ),
             ("have", ToManager::Have { path: path("docs/report.txt"), rev: Revision(42), hash: hash() }),
             (
                 "holding",
