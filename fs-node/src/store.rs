@@ -321,6 +321,21 @@ impl ContentStore {
         Ok(s.blocks_available() as u64 * s.fragment_size() as u64)
     }
 
+    /// Waits, at most `within`, until the store's disk has `bytes` free (looking every
+    /// 10 ms); returns whether it has.
+    pub fn wait_for_free(&self, bytes: u64, within: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            if self.free_bytes().is_ok_and(|free| free >= bytes) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
         let cached = self.chunk_lists.join(h.to_hex().as_str());

@@ -6,7 +6,7 @@
 mod api_support;
 
 use api_support::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
 use system_tests::*;

@@ -500,7 +500,7 @@ impl Tree {
         let mut result = self.transaction(&mut st, &mut f);
         // A full disk: once room is made, the operation is tried once more.
         if let Err(e @ (FsError::NoSpace | FsError::DbFull)) = &result {
-            if self.make_room(&st, matches!(e, FsError::DbFull)) {
+            if self.make_room(&mut st, matches!(e, FsError::DbFull)) {
                 result = self.transaction(&mut st, &mut f);
             }
         }
@@ -559,7 +559,9 @@ impl Tree {
     /// freed nothing and the node database needs room (`for_db`), gives it the space
     /// kept in reserve for it (`ContentStore::release_reserve`). Returns whether
     /// anything was freed.
-    fn make_room(&self, st: &State, for_db: bool) -> bool {
+    fn make_room(&self, st: &mut State, for_db: bool) -> bool {
+        // A removed file's blob may still be held open for reads it can no longer get.
+        st.close_unreachable_blobs();
         // A blob downloaded and not yet applied may go too; it is pulled again.
         let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
         if removed > 0 {

@@ -340,8 +340,18 @@ impl Tree {
         }
         let ino = h.ino;
         let mut written = self.write_at(&mut st, ino, offset, data);
-        if matches!(written, Err(FsError::NoSpace)) && self.make_room(&st, false) {
+        if matches!(written, Err(FsError::NoSpace)) && self.make_room(&mut st, false) {
             written = self.write_at(&mut st, ino, offset, data);
+            if matches!(written, Err(FsError::NoSpace)) {
+                // What was removed frees its space when the last holder of it lets go
+                // (a release the kernel has queued still holds a passthrough backing
+                // file, a peer is being served it): wait for the room a moment, without
+                // the lock those holders may need, and try once more.
+                drop(st);
+                self.store.wait_for_free(data.len() as u64, std::time::Duration::from_secs(2));
+                st = self.lock();
+                written = self.write_at(&mut st, ino, offset, data);
+            }
         }
         written?;
         let now = st.env.now_ns();

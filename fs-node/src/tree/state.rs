@@ -283,6 +283,22 @@ impl State {
         Ok(())
     }
 
+    /// Closes the read handles kept on the blobs of removed files that no handle has
+    /// open (the kernel may not have forgotten them yet): nothing can read them again,
+    /// and such a handle keeps a removed blob's space from coming back.
+    pub(super) fn close_unreachable_blobs(&mut self) {
+        let inodes = &mut self.inodes;
+        self.with_blob.retain(|o| match inodes.get_mut(o) {
+            Some(i) if i.blob.is_some() => {
+                if i.nlink == 0 && i.open == 0 {
+                    i.blob = None;
+                }
+                i.blob.is_some()
+            }
+            _ => false,
+        });
+    }
+
     /// Forgets an inode the kernel and every handle are done with.
     pub(super) fn maybe_drop(&mut self, ino: u64, store: &ContentStore) {
         if ino == ROOT {

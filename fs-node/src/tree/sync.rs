@@ -151,6 +151,7 @@ impl Tree {
         self.commit_unsaved();
         self.store.ensure_reserve();
         let mut st = self.lock();
+        st.close_unreachable_blobs();
         let mut keep = Self::referenced(&st);
         let kept = self.kept_for_gc(&mut st, &keep, floor);
         keep.extend(kept);

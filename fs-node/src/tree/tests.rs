@@ -663,3 +663,29 @@ fn below_the_free_space_floor_kept_contents_go_oldest_first_and_are_reported() {
     t.gc_with_floor(0);
     assert_eq!(t.kept_usage(), (1, 11));
 }
+
+/// A file read (its blob kept open for reads) and then removed, but not yet forgotten by
+/// the kernel, must not keep its blob's space: a full disk's room-making and the GC
+/// close such handles (found by CI: a write after `rm` of a large file still failed with
+/// ENOSPC). A file that still has a name keeps its handle.
+#[test]
+fn a_removed_files_blob_handle_is_closed_for_the_gc() {
+    let (dir, t, d) = tree_with_dir();
+    let gone = closed_file(&t, d, "gone", b"the content of a file about to be removed");
+    let kept = closed_file(&t, d, "kept", b"the content of a file that stays");
+    for ino in [gone, kept] {
+        assert!(!read_all(&t, ino).unwrap().is_empty());
+    }
+    let blob_of = |ino: u64| t.store.blob_path(t.lock().inodes[&ino].hash.as_ref().unwrap());
+    let (gone_blob, kept_blob) = (blob_of(gone), blob_of(kept));
+    let open_on = |p: &std::path::Path| {
+        std::fs::read_dir("/proc/self/fd").unwrap().flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&*p.to_string_lossy())))
+    };
+    assert!(open_on(&gone_blob) && open_on(&kept_blob), "reads keep a handle on each blob");
+    t.unlink(d, OsStr::new("gone")).unwrap();
+    assert!(t.lock().inodes.contains_key(&gone), "the kernel has not forgotten it yet");
+    t.lock().close_unreachable_blobs();
+    assert!(!open_on(&gone_blob), "the removed file's blob is not held open any more");
+    assert!(open_on(&kept_blob), "a file with a name keeps its handle");
+    drop(dir);
+}

@@ -36,34 +36,46 @@ impl Manager {
     }
 
     pub fn start_with(name: &str, extra: &[&str]) -> Manager {
-        let vhost = Vhost::new(name);
-        let dir = tempfile::tempdir().unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let log = dir.path().join("manager.log");
-        let f = std::fs::File::create(&log).unwrap();
-        let child = Command::new(bin("manager"))
-            .args(["serve", "--broker", &vhost.url(), "--http", &addr.to_string(), "--db"])
-            .arg(dir.path().join("manager.db"))
-            .args(extra)
-            // Anything the API provisions (the OpenAPI test POSTs every route) carries
-            // this test's own cluster label, and is removed when the manager is dropped.
-            .env("SYNC_CLUSTER", &vhost.name)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,lapin=warn,hyper=info".into()))
-            .stdin(Stdio::null())
-            .stdout(f.try_clone().unwrap())
-            .stderr(f)
-            .spawn()
-            .expect("starting manager serve");
-        let creds = dir.path().join("credentials.json");
-        let mut m = Manager { vhost, addr, token: String::new(), cluster_token: String::new(), log, child: Some(child), dir };
-        eventually("the manager's HTTP server to answer", DEADLINE, || {
+        // A port found free may be taken by another test's process before the manager
+        // binds it: the manager then exits, and it starts again on another port.
+        for _ in 0..5 {
+            let vhost = Vhost::new(name);
+            let dir = tempfile::tempdir().unwrap();
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            let log = dir.path().join("manager.log");
+            let f = std::fs::File::create(&log).unwrap();
+            let child = Command::new(bin("manager"))
+                .args(["serve", "--broker", &vhost.url(), "--http", &addr.to_string(), "--db"])
+                .arg(dir.path().join("manager.db"))
+                .args(extra)
+                // Anything the API provisions (the OpenAPI test POSTs every route) carries
+                // this test's own cluster label, and is removed when the manager is dropped.
+                .env("SYNC_CLUSTER", &vhost.name)
+                .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug,lapin=warn,hyper=info".into()))
+                .stdin(Stdio::null())
+                .stdout(f.try_clone().unwrap())
+                .stderr(f)
+                .spawn()
+                .expect("starting manager serve");
+            let creds = dir.path().join("credentials.json");
+            let mut m = Manager { vhost, addr, token: String::new(), cluster_token: String::new(), log, child: Some(child), dir };
+            // Its own server answers (it says so once it has bound the port), or it ended.
+            let mut exited = false;
+            eventually("the manager's HTTP server to answer", DEADLINE, || {
+                exited = matches!(m.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
+                exited || (creds.exists() && std::fs::read_to_string(&m.log).unwrap_or_default().contains("dashboard and REST API on") && TcpStream::connect(addr).is_ok())
+            });
+            if exited && std::fs::read_to_string(&m.log).unwrap_or_default().contains("Address already in use") {
+                eprintln!("the manager's port {} was taken meanwhile: starting it again on another", addr.port());
+                continue;
+            }
             m.assert_running();
-            TcpStream::connect(addr).is_ok() && creds.exists()
-        });
-        let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
-        m.token = c["operator_token"].as_str().unwrap().to_string();
-        m.cluster_token = c["cluster_token"].as_str().unwrap().to_string();
-        m
+            let c: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+            m.token = c["operator_token"].as_str().unwrap().to_string();
+            m.cluster_token = c["cluster_token"].as_str().unwrap().to_string();
+            return m;
+        }
+        panic!("the manager could not bind a free port in five tries");
     }
 
     fn assert_running(&mut self) {
