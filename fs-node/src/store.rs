@@ -275,11 +275,14 @@ impl ContentStore {
     /// Returns the snapshot's hash and size.
     pub fn commit_snapshot(&self, work: &File) -> anyhow::Result<(ContentHash, u64)> {
         let tmp = self.copy_to_tmp(&fd_path(work)).context("copying the work file")?;
-        let (hash, size) = hash_file(&tmp)?;
+        let Hashed { hash, size, leaves } = hash_for_commit(&tmp)?;
         if self.has(&hash) {
             let _ = std::fs::remove_file(&tmp);
         } else {
             self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
+            if let Some(l) = leaves {
+                self.save_leaves(&hash, &l);
+            }
         }
         Ok((hash, size))
     }
