@@ -21,8 +21,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{
-    ChangeItem, Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version, MAX_HELD, MAX_KEPT_REPORT,
-    MAX_CHANGES_PER_MESSAGE, MAX_TO_MANAGER_BYTES,
+    ChangeItem, Content, ContentHash, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version,
+    MAX_CHANGES_PER_MESSAGE, MAX_HELD, MAX_KEPT_REPORT, MAX_TO_MANAGER_BYTES,
 };
 
 /// Bytes of `Held` items per `Holding` message: the limit, less room for the envelope.
@@ -801,7 +801,11 @@ mod tests {
         items.extend(missing[1..].iter().map(|h| wire::KeepItem { hash: h.clone(), size: 1, until_ms: i64::MAX, holders: vec![] }));
         let body = ToNode::Keep { items };
         let wanted = wanted_contents(&tree, &me, &body);
-        assert_eq!(wanted, vec![Wanted { hash: missing[0].clone(), size: 9, holders: vec![holder.clone()], basis: None }], "only what comes with holders is fetched");
+        assert_eq!(
+            wanted,
+            vec![Wanted { hash: missing[0].clone(), size: 9, holders: vec![holder.clone()], basis: None }],
+            "only what comes with holders is fetched"
+        );
         // A content to keep that would take the disk below the free-space floor is not
         // fetched: the room is the user's.
         tree.set_keep_floor(1);

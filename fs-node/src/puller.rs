@@ -310,7 +310,11 @@ impl Puller {
     async fn pull_over(&self, hash: &ContentHash, size: u64, holders: &[&Holder], basis: &ContentHash) -> anyhow::Result<u64> {
         let stream = crate::stream::Stream::new(&self.store, hash.clone(), size).context("creating a download file")?;
         let holders: Vec<Holder> = holders.iter().map(|h| (*h).clone()).collect();
-        stream.clone().run(self.clone(), holders, self.store.clone(), self.counter(hash), Some(basis.clone())).await.map_err(|f| anyhow::anyhow!("{}", f.reason))?;
+        stream
+            .clone()
+            .run(self.clone(), holders, self.store.clone(), self.counter(hash), Some(basis.clone()))
+            .await
+            .map_err(|f| anyhow::anyhow!("{}", f.reason))?;
         Ok(size - stream.seeded())
     }
 
@@ -530,7 +534,11 @@ impl Puller {
                             let req = self.get(&holder, &format!("content/{hash}"))?.header("range", format!("bytes={from}-{to}"));
                             let bytes = self.fetch(&holder, req, to - from + 1).await?;
                             if bytes.len() as u64 != to - from + 1 {
-                                return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent {} bytes for chunks at {from}..={to} of {hash}", holder.node, bytes.len())));
+                                return Err(Attempt::Misbehaved(anyhow::anyhow!(
+                                    "{} sent {} bytes for chunks at {from}..={to} of {hash}",
+                                    holder.node,
+                                    bytes.len()
+                                )));
                             }
                             // Every chunk is checked before any is written.
                             for &i in &run {

@@ -320,7 +320,14 @@ impl Stream {
     /// blocks the basis has at the same offsets are copied from it and only the others
     /// fetched; if it shares less than half of them, the stream ends at once (the caller
     /// pulls by chunks, which also find moved bytes).
-    pub(crate) async fn run(self: Arc<Self>, puller: Puller, holders: Vec<Holder>, store: ContentStore, progress: Arc<AtomicU64>, basis: Option<ContentHash>) -> End {
+    pub(crate) async fn run(
+        self: Arc<Self>,
+        puller: Puller,
+        holders: Vec<Holder>,
+        store: ContentStore,
+        progress: Arc<AtomicU64>,
+        basis: Option<ContentHash>,
+    ) -> End {
         let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
         let end = self.fetch_all(&puller, &holders, &store, progress, basis.as_ref()).await;
         if end.is_err() {
@@ -379,7 +386,14 @@ impl Stream {
         Ok(copied)
     }
 
-    async fn fetch_all(self: &Arc<Self>, puller: &Puller, holders: &[Holder], store: &ContentStore, progress: Arc<AtomicU64>, basis: Option<&ContentHash>) -> End {
+    async fn fetch_all(
+        self: &Arc<Self>,
+        puller: &Puller,
+        holders: &[Holder],
+        store: &ContentStore,
+        progress: Arc<AtomicU64>,
+        basis: Option<&ContentHash>,
+    ) -> End {
         // The leaves, from the first holder whose leaves merge into the hash.
         let mut reached = false;
         let mut leaves = None;
@@ -407,7 +421,8 @@ impl Stream {
         };
         if let Some(b) = basis {
             let (me, s, l, b) = (self.clone(), store.clone(), leaves.clone(), b.clone());
-            let seeded = tokio::task::spawn_blocking(move || me.seed_from_basis(&s, &b, &l)).await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+            let seeded =
+                tokio::task::spawn_blocking(move || me.seed_from_basis(&s, &b, &l)).await.unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
             match seeded {
                 Ok(copied) if copied * 2 >= self.size => {
                     progress.fetch_add(copied, Ordering::Relaxed);

@@ -42,7 +42,9 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
     let body = match &env.body {
         ToManager::Heartbeat { .. } => "heartbeat".to_string(),
         ToManager::Change(c) => change(c),
-        ToManager::Changes { items } => format!("changes [{}]", items.iter().map(|i| format!("{}: {}", i.id, change(&i.change))).collect::<Vec<_>>().join("; ")),
+        ToManager::Changes { items } => {
+            format!("changes [{}]", items.iter().map(|i| format!("{}: {}", i.id, change(&i.change))).collect::<Vec<_>>().join("; "))
+        }
         ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
         ToManager::Holding { items } => format!("holding {}", items.iter().map(|h| format!("{} r{}", h.path, h.rev.0)).collect::<Vec<_>>().join(", ")),
         ToManager::Sync { since, .. } => format!("sync since r{}", since.0),

@@ -584,7 +584,13 @@ mod tests {
                                 base: Revision(0),
                                 follows: None,
                                 op: ChangeOp::Put {
-                                    version: Version { content: Content::File { hash: hash(), size: 5 }, mode: 0o644, uid: 1000, gid: 1000, mtime_ns: 1_764_000_000_000_000_000 },
+                                    version: Version {
+                                        content: Content::File { hash: hash(), size: 5 },
+                                        mode: 0o644,
+                                        uid: 1000,
+                                        gid: 1000,
+                                        mtime_ns: 1_764_000_000_000_000_000,
+                                    },
                                 },
                             },
                         },

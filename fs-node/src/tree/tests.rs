@@ -679,7 +679,10 @@ fn a_removed_files_blob_handle_is_closed_for_the_gc() {
     let blob_of = |ino: u64| t.store.blob_path(t.lock().inodes[&ino].hash.as_ref().unwrap());
     let (gone_blob, kept_blob) = (blob_of(gone), blob_of(kept));
     let open_on = |p: &std::path::Path| {
-        std::fs::read_dir("/proc/self/fd").unwrap().flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&*p.to_string_lossy())))
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with(&*p.to_string_lossy())))
     };
     assert!(open_on(&gone_blob) && open_on(&kept_blob), "reads keep a handle on each blob");
     t.unlink(d, OsStr::new("gone")).unwrap();

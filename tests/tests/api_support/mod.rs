@@ -63,7 +63,10 @@ impl Manager {
             let mut exited = false;
             eventually("the manager's HTTP server to answer", DEADLINE, || {
                 exited = matches!(m.child.as_mut().map(|c| c.try_wait()), Some(Ok(Some(_))));
-                exited || (creds.exists() && std::fs::read_to_string(&m.log).unwrap_or_default().contains("dashboard and REST API on") && TcpStream::connect(addr).is_ok())
+                exited
+                    || (creds.exists()
+                        && std::fs::read_to_string(&m.log).unwrap_or_default().contains("dashboard and REST API on")
+                        && TcpStream::connect(addr).is_ok())
             });
             if exited && std::fs::read_to_string(&m.log).unwrap_or_default().contains("Address already in use") {
                 eprintln!("the manager's port {} was taken meanwhile: starting it again on another", addr.port());
