@@ -141,7 +141,8 @@ struct Assembly {
     leaves: Vec<Option<ChainingValue>>,
 }
 
-fn block_len(size: u64, b: usize) -> u64 {
+/// Bytes of block `b` of a content of `size` bytes (the last one may be short).
+pub fn block_len(size: u64, b: usize) -> u64 {
     size.saturating_sub(b as u64 * BLOCK).min(BLOCK)
 }
 

@@ -356,8 +356,9 @@ impl Stream {
         let (Some(theirs), Some(basis_size)) = (store.cached_leaves(basis), store.size_of(basis)) else {
             return Ok(0);
         };
-        let len = |size: u64, b: usize| size.saturating_sub(b as u64 * BLOCK).min(BLOCK);
-        let same: Vec<bool> = (0..leaves.len()).map(|b| b < theirs.len() && theirs[b] == leaves[b] && len(basis_size, b) == len(self.size, b)).collect();
+        let same: Vec<bool> = (0..leaves.len())
+            .map(|b| b < theirs.len() && theirs[b] == leaves[b] && leaves::block_len(basis_size, b) == leaves::block_len(self.size, b))
+            .collect();
         let src = std::fs::File::open(store.blob_path(basis))?;
         let mut copied = 0;
         let mut b = 0;
