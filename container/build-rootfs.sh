@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Assembles the node image's root file system from the release fs-node and syncctl
-# binaries and the shared libraries they need (found with ldd, the dynamic loader too).
+# Assembles the node image's root file system from the fs-node and syncctl binaries
+# (release or test build) and the shared libraries they need (found with ldd, the dynamic loader too).
 #
 #   container/build-rootfs.sh [--bin-dir DIR] [--out DIR]
 #
@@ -44,6 +44,8 @@ copy_with_parents() { # copies a file, dereferenced, to the same absolute path u
 
 for b in "${bins[@]}"; do
   cp -L "$bin_dir/$b" "$out/usr/local/bin/$b"
+  # A test (debug) build carries line tables; the image needs none (symbols stay).
+  strip --strip-debug "$out/usr/local/bin/$b"
   # ldd lines: "libx.so => /path/libx.so (0x..)" or "/lib64/ld-linux-x86-64.so.2 (0x..)".
   if ! deps=$(ldd "$bin_dir/$b" 2>&1); then
     case "$deps" in

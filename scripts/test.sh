@@ -8,13 +8,8 @@ cd "$(dirname "$0")/.."
 
 log() { printf '[test] %s\n' "$*" >&2; }
 
+# setup.sh first: it installs what the build needs (a C compiler, FUSE).
 scripts/setup.sh
-for extra in setup-docker.sh setup-debian-image.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
-  if [ -x "scripts/$extra" ]; then
-    log "running scripts/$extra"
-    "scripts/$extra"
-  fi
-done
 
 if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest from crates.io"
@@ -22,19 +17,34 @@ if ! command -v cargo-nextest >/dev/null 2>&1 && ! cargo nextest --version >/dev
 fi
 
 FEATURES=(--workspace --all-features)
-log "building"
+# The build (bound by the CPU) runs while the other setups (bound by the network and the
+# disk: Docker, a Debian image made with debootstrap, moto, Chromium) run beside it.
 # Binaries and tests in one build: the same feature set, so the test run below does not
-# compile the dependencies (the EC2 SDK above all) a second time.
-cargo build "${FEATURES[@]}" --all-targets
-log "building the release node for the container image (Docker tests)"
-cargo build --release -p fs-node
+# compile the dependencies (the EC2 SDK above all) a second time. The Docker image and
+# the package test pack this build's binaries too, so the suite needs no release build.
+build_log=$(mktemp /tmp/syncfs-build-XXXXXX.log)
+log "building in the background (log: $build_log)"
+cargo build "${FEATURES[@]}" --all-targets >"$build_log" 2>&1 &
+build_pid=$!
+for extra in setup-docker.sh setup-debian-image.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
+  if [ -x "scripts/$extra" ]; then
+    log "running scripts/$extra"
+    "scripts/$extra"
+  fi
+done
+log "waiting for the build"
+if ! wait "$build_pid"; then
+  tail -60 "$build_log" >&2
+  log "the build failed (whole log: $build_log)"
+  exit 1
+fi
 log "running the suite"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast "$@"
 log "running the tests that must run alone (they restart the shared broker)"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast --run-ignored only --test-threads 1 "$@"
 # The deterministic simulation of the whole cluster (docs/testing.md): 20,000 seeds,
-# about 4 minutes on 2 cores. SIM_SEEDS changes the range.
+# about 3 minutes on 2 cores, from the test build (the workspace's own crates are
+# optimised in it, Cargo.toml). SIM_SEEDS changes the range.
 log "running the simulation: seeds ${SIM_SEEDS:=0..20000}"
-cargo build --release -p sim
-target/release/sim --seeds "$SIM_SEEDS"
+target/debug/sim --seeds "$SIM_SEEDS"
 log "all tests passed"

@@ -20,11 +20,6 @@ pub fn repo_root() -> PathBuf {
 #[allow(unused_imports)]
 pub use system_tests::{bin, ManagerProc, NodeProc, Vhost};
 
-/// The cargo target directory the binaries were built into (parent of `bin`'s directory).
-pub fn target_dir() -> PathBuf {
-    bin("manager").parent().and_then(Path::parent).expect("binaries live in <target>/<profile>").to_path_buf()
-}
-
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -155,17 +150,13 @@ pub fn manager(cluster: &str) -> Command {
 }
 
 /// Directory holding the fs-node/syncctl binaries put into the image: `$SYNC_NODE_BIN_DIR`,
-/// or the release build, made here (`cargo build --release -p fs-node`; a no-op when fresh).
+/// or the ones these tests run everywhere else (the workspace's test build; the package
+/// test packs the same). No release build is needed for the suite.
 pub fn node_bin_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("SYNC_NODE_BIN_DIR") {
-        return PathBuf::from(d);
+    match std::env::var_os("SYNC_NODE_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => bin("fs-node").parent().expect("a binary has a directory").to_path_buf(),
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let target = target_dir();
-    let t = Instant::now();
-    run_ok(Command::new(cargo).current_dir(repo_root()).args(["build", "--release", "-p", "fs-node"]).env("CARGO_TARGET_DIR", &target));
-    eprintln!("release fs-node ready in {:.1}s", t.elapsed().as_secs_f64());
-    target.join("release")
 }
 
 /// Builds the node image through `manager image build` and returns its tag.
