@@ -1,6 +1,7 @@
 //! A sync node: a FUSE mount over a local tree and content store, a peer HTTP server that
 //! serves contents by hash, and a broker link to the manager.
 
+pub mod chunk_index;
 pub mod chunks;
 pub mod db;
 pub mod engine;

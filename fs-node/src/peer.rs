@@ -4,7 +4,7 @@
 use crate::status::Reporter;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path as UrlPath, Request, State};
+use axum::extract::{Path as UrlPath, RawQuery, Request, State};
 use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::Response;
@@ -205,16 +205,24 @@ async fn pin(State(served): State<Arc<Served>>, body: Bytes) -> Response {
     }
 }
 
-/// The chunk list of a content this node holds (`chunks.rs`), as JSON.
-async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>) -> Response {
+/// The chunk list of a content this node holds (`chunks.rs`), as JSON. With the query
+/// `?cached`, only a list made already (else 404 "not chunked yet"): a puller that only
+/// wants to know whether it has chunks of the content elsewhere does not wait for it.
+async fn chunks(State(served): State<Arc<Served>>, hash: Result<UrlPath<String>, PathRejection>, RawQuery(query): RawQuery) -> Response {
     // Chunking a large blob not chunked before reads and hashes all of it: a few at a
     // time, whatever many peers ask at once.
     static CHUNKING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
-    from_blob(&served, hash, &CHUNKING, "chunking a blob", |store, h| {
-        let list = store.chunk_list(h)?;
-        Ok(("application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default()))
-    })
-    .await
+    fn as_json(list: crate::chunks::ChunkList) -> (&'static str, Vec<u8>) {
+        ("application/json", serde_json::to_vec(&list.to_json()).unwrap_or_default())
+    }
+    if query.as_deref() == Some("cached") {
+        static READING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+        return from_blob(&served, hash, &READING, "reading a chunk list", |store, h| {
+            store.cached_chunk_list(h).map(as_json).ok_or_else(|| std::io::Error::new(std::io::ErrorKind::WouldBlock, "not chunked yet"))
+        })
+        .await;
+    }
+    from_blob(&served, hash, &CHUNKING, "chunking a blob", |store, h| Ok(as_json(store.chunk_list(h)?))).await
 }
 
 /// The leaves of a content this node holds (`leaves.rs`: 32 bytes per 64 KiB block),
@@ -254,6 +262,7 @@ async fn from_blob(
             full(StatusCode::OK, content_type, body)
         }
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => json_error(StatusCode::NOT_FOUND, &e.to_string()),
         other => {
             tracing::warn!("{what}: {:?}", other.map(|r| r.map(|_| ())));
             json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content")
@@ -424,5 +433,16 @@ mod tests {
         }
         // Only the GET above counted.
         assert_eq!(reporter.metrics.bytes_served.get(), bytes.len() as u64);
+
+        // A chunk list: `?cached` gives only one made already.
+        let chunks = format!("/chunks/{hash}");
+        let (status, _, body) = call(&router, "GET", &format!("{chunks}?cached"), Some(TOKEN)).await;
+        assert_eq!((status, &body[..]), (StatusCode::NOT_FOUND, &br#"{"error":"not chunked yet"}"#[..]));
+        let (status, _, made) = call(&router, "GET", &chunks, Some(TOKEN)).await;
+        assert_eq!(status, StatusCode::OK);
+        let (status, _, cached) = call(&router, "GET", &format!("{chunks}?cached"), Some(TOKEN)).await;
+        assert_eq!((status, &cached), (StatusCode::OK, &made));
+        let (status, _, _) = call(&router, "GET", &format!("/chunks/{}?cached", "0".repeat(64)), Some(TOKEN)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }

@@ -105,6 +105,10 @@ pub struct Puller {
     /// Every holder named to this node, by node: where a content opened on demand is
     /// asked for (`known_holders`).
     known: Arc<std::sync::Mutex<std::collections::BTreeMap<NodeId, String>>>,
+    /// One pull per content at a time: a second pull of a content (a sync and a
+    /// broadcast, or a retry, naming it at once) waits for the first and takes its
+    /// result from the store instead of fetching it again.
+    flights: Arc<std::sync::Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// One pull under way.
@@ -131,6 +135,100 @@ pub struct PullProgress {
 pub struct Unreachable(pub ContentHash);
 
 /// Whether an attempt failed before reaching the holder at all.
+/// Why a content is pulled by chunks: it always pays (the path's old version is here,
+/// or several holders share the work), or only if this node has enough of its chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunked {
+    Always,
+    IfMostlyLocal,
+}
+
+/// Local chunks that make a pull by chunks from one holder worth it (a few chunks:
+/// fewer save less than the chunk list and the range requests cost).
+const LOCAL_BYTES_WORTH_IT: u64 = 1 << 20;
+
+/// A pull by chunks that would not pay (the content is pulled whole instead).
+#[derive(Debug, thiserror::Error)]
+#[error("not worth pulling by chunks: {0}")]
+struct NotWorthIt(&'static str);
+
+/// Bytes of `list` whose chunks the chunk index names a blob for (stops counting at
+/// [`LOCAL_BYTES_WORTH_IT`]).
+fn indexed_bytes(store: &ContentStore, list: &crate::chunks::ChunkList) -> u64 {
+    let Some(index) = store.chunk_index() else {
+        return 0;
+    };
+    let mut n = 0;
+    for c in &list.chunks {
+        if n >= LOCAL_BYTES_WORTH_IT {
+            break;
+        }
+        if index.find(&c.hash, c.len).is_ok_and(|f| !f.is_empty()) {
+            n += c.len as u64;
+        }
+    }
+    n
+}
+
+/// Writes into `file` every chunk of `list` this node has: from `basis` (the path's old
+/// version) first, else from any blob the chunk index names; each checked against its
+/// hash before it is written. Returns the indices of the chunks left to fetch.
+fn copy_local_chunks(
+    store: &ContentStore,
+    basis: Option<&ContentHash>,
+    list: &crate::chunks::ChunkList,
+    file: &std::fs::File,
+    leaves: &crate::leaves::AssembledLeaves,
+) -> std::io::Result<std::collections::VecDeque<usize>> {
+    use std::os::unix::fs::FileExt;
+    let basis = basis.filter(|b| store.has(b));
+    let in_basis: HashMap<ContentHash, crate::chunks::Chunk> = match basis {
+        Some(b) => store.chunk_list(b)?.chunks.into_iter().map(|c| (c.hash.clone(), c)).collect(),
+        None => HashMap::new(),
+    };
+    let index = store.chunk_index();
+    // Blobs opened so far (`None`: gone).
+    let mut open: HashMap<ContentHash, Option<std::fs::File>> = HashMap::new();
+    let mut read_chunk = |blob: &ContentHash, offset: u64, c: &crate::chunks::Chunk, buf: &mut Vec<u8>| -> bool {
+        let src = open.entry(blob.clone()).or_insert_with(|| store.open_blob(blob).ok());
+        let Some(src) = src else {
+            return false;
+        };
+        buf.resize(c.len as usize, 0);
+        src.read_exact_at(buf, offset).is_ok() && crate::store::hash_of(buf) == c.hash
+    };
+    let mut rest = std::collections::VecDeque::new();
+    let mut buf = Vec::new();
+    for (i, c) in list.chunks.iter().enumerate() {
+        let from_basis = basis.zip(in_basis.get(&c.hash).filter(|at| at.len == c.len)).filter(|(b, at)| read_chunk(b, at.offset, c, &mut buf));
+        let same_offset = match from_basis {
+            Some((_, at)) => at.offset == c.offset,
+            None => {
+                let candidates = index.map(|x| x.find(&c.hash, c.len).unwrap_or_default()).unwrap_or_default();
+                let mut found = false;
+                for cand in candidates {
+                    if read_chunk(&cand.blob, cand.offset, c, &mut buf) {
+                        found = true;
+                        break;
+                    }
+                    if !store.has(&cand.blob) {
+                        // A stale entry: its blob was removed while the index was closed.
+                        let _ = index.map(|x| x.remove(&cand.blob));
+                    }
+                }
+                if !found {
+                    rest.push_back(i);
+                    continue;
+                }
+                false
+            }
+        };
+        file.write_all_at(&buf, c.offset)?;
+        leaves.wrote(file, c.offset, c.len as u64, same_offset)?;
+    }
+    Ok(rest)
+}
+
 pub(crate) fn is_unreachable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<reqwest::Error>().is_some_and(|r| r.is_connect() || (r.is_timeout() && r.status().is_none())))
 }
@@ -165,6 +263,7 @@ impl Puller {
             limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)),
             progress: Arc::default(),
             known: Arc::default(),
+            flights: Arc::default(),
         }
     }
 
@@ -236,6 +335,25 @@ impl Puller {
         if self.store.has(hash) {
             return Ok(0);
         }
+        let flight = self.flights.lock().unwrap_or_else(|p| p.into_inner()).entry(hash.clone()).or_default().clone();
+        let result = async {
+            let _alone = flight.lock().await;
+            self.pull_alone(hash, size, holders, basis).await
+        }
+        .await;
+        let mut flights = self.flights.lock().unwrap_or_else(|p| p.into_inner());
+        // The last one out (the table's and this one's references) removes the entry.
+        if Arc::strong_count(&flight) == 2 {
+            flights.remove(hash);
+        }
+        result
+    }
+
+    /// [`Puller::pull_with_basis`], no other pull of `hash` under way.
+    async fn pull_alone(&self, hash: &ContentHash, size: u64, holders: &[Holder], basis: Option<&ContentHash>) -> anyhow::Result<u64> {
+        if self.store.has(hash) {
+            return Ok(0);
+        }
         self.learn_holders(holders);
         let _permit = self.limit.acquire().await.context("pull limiter closed")?;
         let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
@@ -257,13 +375,23 @@ impl Puller {
                 return Ok(0);
             }
         }
-        if size >= CHUNKED_MIN_BYTES && (basis.is_some_and(|b| self.store.has(b)) || others.len() > 1) {
-            match self.pull_chunked(hash, size, &others, basis).await {
-                Ok(n) => return Ok(n),
-                Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
-            }
-            if self.store.has(hash) {
-                return Ok(0);
+        if size >= CHUNKED_MIN_BYTES {
+            let worth = if basis.is_some_and(|b| self.store.has(b)) || others.len() > 1 {
+                Some(Chunked::Always)
+            } else {
+                // A content new to this path, from one holder: by chunks only if other
+                // blobs here have enough of them (`chunk_index.rs`).
+                self.store.chunk_index().is_some_and(|i| i.blobs().unwrap_or(0) > 0).then_some(Chunked::IfMostlyLocal)
+            };
+            if let Some(worth) = worth {
+                match self.pull_chunked(hash, size, &others, basis, worth).await {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.is::<NotWorthIt>() => tracing::debug!("{e:#}; pulling {hash} whole"),
+                    Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
+                }
+                if self.store.has(hash) {
+                    return Ok(0);
+                }
             }
         }
         let mut last = None;
@@ -380,12 +508,18 @@ impl Puller {
     }
 
     /// Pulls `hash` by chunks (see [`Puller::pull_with_basis`]); returns the bytes fetched.
-    async fn pull_chunked(&self, hash: &ContentHash, size: u64, holders: &[&Holder], basis: Option<&ContentHash>) -> anyhow::Result<u64> {
+    /// With [`Chunked::IfMostlyLocal`], fails with [`NotWorthIt`] unless the holder has
+    /// the chunk list made already and this node has enough of the chunks.
+    async fn pull_chunked(&self, hash: &ContentHash, size: u64, holders: &[&Holder], basis: Option<&ContentHash>, worth: Chunked) -> anyhow::Result<u64> {
+        let what = match worth {
+            Chunked::Always => format!("chunks/{hash}"),
+            Chunked::IfMostlyLocal => format!("chunks/{hash}?cached"),
+        };
         // The list, from the first holder that gives one that adds up.
         let mut list = None;
         for h in holders {
             let got = async {
-                let bytes = self.fetch(h, self.get(h, &format!("chunks/{hash}"))?, crate::chunks::max_list_bytes(size)).await?;
+                let bytes = self.fetch(h, self.get(h, &what)?, crate::chunks::max_list_bytes(size)).await?;
                 let json: crate::chunks::ChunkListJson =
                     serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
                 crate::chunks::ChunkList::from_json(json, size)
@@ -400,14 +534,26 @@ impl Puller {
                 Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => tracing::debug!("no chunk list of {hash} from {}: {e:#}", h.node),
             }
         }
-        let list = list.context("no holder gave a chunk list")?;
+        let list = match (list, worth) {
+            (Some(l), _) => l,
+            (None, Chunked::IfMostlyLocal) => return Err(NotWorthIt("no holder has its chunk list at hand").into()),
+            (None, Chunked::Always) => anyhow::bail!("no holder gave a chunk list"),
+        };
+        if worth == Chunked::IfMostlyLocal {
+            // A first look in the index (no blob read) before any download file is made.
+            let (store, l) = (self.store.clone(), list.clone());
+            let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.context("the index lookup panicked")?;
+            if indexed < LOCAL_BYTES_WORTH_IT {
+                return Err(NotWorthIt("too few of its chunks are here").into());
+            }
+        }
         tracing::debug!(target: "timing", %hash, "chunk list in");
         let (tmp, file) = self.store.tmp_file().context("creating a download file")?;
         let file = Arc::new(file);
         // The basis's leaves, if cached: the blocks an edit did not touch need no hashing.
         let basis_leaves = basis.and_then(|b| Some((self.store.cached_leaves(b)?, self.store.size_of(b)?)));
         let leaves = Arc::new(crate::leaves::AssembledLeaves::new(size, basis_leaves));
-        let result = self.assemble(hash, size, holders, basis, &list, &file, &leaves).await;
+        let result = self.assemble(hash, size, holders, basis, &list, &file, &leaves, worth).await;
         let result = match result {
             Ok(fetched) => {
                 tracing::debug!(target: "timing", %hash, "chunks in");
@@ -455,42 +601,24 @@ impl Puller {
         list: &crate::chunks::ChunkList,
         file: &Arc<std::fs::File>,
         leaves: &Arc<crate::leaves::AssembledLeaves>,
+        worth: Chunked,
     ) -> anyhow::Result<u64> {
         use std::os::unix::fs::FileExt;
         file.set_len(size).context("sizing a download file")?;
-        // Chunks the basis has: copied locally (each checked against its hash).
-        let mut wanted: std::collections::VecDeque<usize> = (0..list.chunks.len()).collect();
-        if let Some(basis) = basis.filter(|b| self.store.has(b)) {
-            let (store, b, f, l, leaves) = (self.store.clone(), basis.clone(), file.clone(), list.clone(), leaves.clone());
-            wanted = tokio::task::spawn_blocking(move || -> std::io::Result<std::collections::VecDeque<usize>> {
-                let have: std::collections::HashMap<ContentHash, crate::chunks::Chunk> =
-                    store.chunk_list(&b)?.chunks.into_iter().map(|c| (c.hash.clone(), c)).collect();
-                let src = std::fs::File::open(store.blob_path(&b))?;
-                let mut rest = std::collections::VecDeque::new();
-                let mut buf = Vec::new();
-                for (i, c) in l.chunks.iter().enumerate() {
-                    let Some(at) = have.get(&c.hash).filter(|at| at.len == c.len) else {
-                        rest.push_back(i);
-                        continue;
-                    };
-                    buf.resize(c.len as usize, 0);
-                    src.read_exact_at(&mut buf, at.offset)?;
-                    if crate::store::hash_of(&buf) != c.hash {
-                        rest.push_back(i);
-                        continue;
-                    }
-                    f.write_all_at(&buf, c.offset)?;
-                    leaves.wrote(&f, c.offset, c.len as u64, at.offset == c.offset)?;
-                }
-                Ok(rest)
-            })
+        // Chunks this node has (in the basis or any other blob): copied locally, each
+        // checked against its hash.
+        let (store, b, f, l, leaves_) = (self.store.clone(), basis.cloned(), file.clone(), list.clone(), leaves.clone());
+        let wanted = tokio::task::spawn_blocking(move || copy_local_chunks(&store, b.as_ref(), &l, &f, &leaves_))
             .await
             .context("the copying task panicked")?
-            .context("copying the unchanged chunks")?;
-        }
+            .context("copying the chunks this node has")?;
         let local = list.chunks.len() - wanted.len();
+        let local_bytes = size - wanted.iter().map(|&i| list.chunks[i].len as u64).sum::<u64>();
+        if worth == Chunked::IfMostlyLocal && local_bytes < LOCAL_BYTES_WORTH_IT {
+            return Err(NotWorthIt("too few of its chunks are here").into());
+        }
         let progress = self.counter(hash);
-        progress.store(size - wanted.iter().map(|&i| list.chunks[i].len as u64).sum::<u64>(), Ordering::Relaxed);
+        progress.store(local_bytes, Ordering::Relaxed);
         // The chunks not yet asked for, and how many are being fetched: a worker whose
         // holder is fine waits while others still have chunks in flight (one may come
         // back, its holder dropped), and ends when nothing is left anywhere.

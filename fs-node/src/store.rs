@@ -28,6 +28,9 @@ pub struct ContentStore {
     chunk_lists: PathBuf,
     /// Blobs whose chunk list is being computed: another asker waits for it.
     chunking: std::sync::Arc<(std::sync::Mutex<std::collections::HashSet<ContentHash>>, std::sync::Condvar)>,
+    /// Which blob has which chunk (`chunk_index.rs`), opened on first use; `None` if it
+    /// cannot be opened (pulls then copy chunks only from the path's old version).
+    chunk_index: std::sync::Arc<std::sync::OnceLock<Option<crate::chunk_index::ChunkIndex>>>,
 }
 
 /// What `ContentStore::commit_work_file` did.
@@ -125,6 +128,7 @@ impl ContentStore {
             reserve: data.join("reserve"),
             chunk_lists: data.join("chunks"),
             chunking: Default::default(),
+            chunk_index: Default::default(),
             abandoned_work: Vec::new(),
         };
         for d in [&s.blobs, &s.work, &s.tmp, &s.chunk_lists] {
@@ -339,13 +343,21 @@ impl ContentStore {
         }
     }
 
+    /// The chunk list of blob `h` if it is cached already (`None` also when the blob is
+    /// not there). A cache file that does not cover the blob exactly (cut short by a
+    /// crash) does not count.
+    pub fn cached_chunk_list(&self, h: &ContentHash) -> Option<crate::chunks::ChunkList> {
+        let blob_len = std::fs::metadata(self.blob_path(h)).ok()?.len();
+        let bytes = std::fs::read(self.chunk_lists.join(h.to_hex().as_str())).ok()?;
+        crate::chunks::ChunkList::read_from(&bytes).filter(|l| l.size() == blob_len)
+    }
+
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
-        let cached = self.chunk_lists.join(h.to_hex().as_str());
-        // A cache file that does not cover the blob exactly (cut short by a crash) is
-        // computed again.
-        let blob_len = std::fs::metadata(self.blob_path(h))?.len();
-        let read_cached = || std::fs::read(&cached).ok().and_then(|b| crate::chunks::ChunkList::read_from(&b)).filter(|l| l.size() == blob_len);
+        if !self.has(h) {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no blob {h}")));
+        }
+        let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;
         {
             let mut busy = busy.lock().unwrap_or_else(|p| p.into_inner());
@@ -389,13 +401,63 @@ impl ContentStore {
         });
     }
 
-    /// Caches `list` as blob `h`'s chunk list (a puller that assembled `h` knows it).
-    /// Best effort: a list that cannot be written is computed again when asked for.
+    /// Caches `list` as blob `h`'s chunk list (a puller that assembled `h` knows it),
+    /// and indexes its chunks. Best effort: a list that cannot be written is computed
+    /// again when asked for; chunks not indexed are fetched instead of copied.
     pub fn save_chunk_list(&self, h: &ContentHash, list: &crate::chunks::ChunkList) {
         let mut bytes = Vec::with_capacity(list.chunks.len() * 36);
         if list.write_to(&mut bytes).is_ok() {
             self.save_beside(&self.chunk_lists.join(h.to_hex().as_str()), &bytes);
         }
+        if let Some(index) = self.chunk_index() {
+            if let Err(e) = index.add(h, list) {
+                tracing::debug!("indexing the chunks of {h}: {e}");
+            }
+        }
+    }
+
+    /// The index of which blob has which chunk, opened (made, and filled from the chunk
+    /// lists cached so far, in the background) on first use.
+    pub fn chunk_index(&self) -> Option<&crate::chunk_index::ChunkIndex> {
+        self.chunk_index
+            .get_or_init(|| {
+                let path = self.chunk_lists.join("index.db");
+                match crate::chunk_index::ChunkIndex::open(&path) {
+                    Ok((index, fresh)) => {
+                        if fresh {
+                            let store = self.clone();
+                            std::thread::spawn(move || store.index_cached_chunk_lists());
+                        }
+                        Some(index)
+                    }
+                    Err(e) => {
+                        tracing::warn!("no chunk index ({e:#}): pulls copy chunks only from a path's old version");
+                        None
+                    }
+                }
+            })
+            .as_ref()
+    }
+
+    /// Indexes the chunks of every blob whose chunk list is cached (a store from before
+    /// the index, or one whose index was lost).
+    fn index_cached_chunk_lists(&self) {
+        let Some(index) = self.chunk_index() else {
+            return;
+        };
+        let Ok(dir) = std::fs::read_dir(&self.chunk_lists) else {
+            return;
+        };
+        let mut n = 0;
+        for e in dir.flatten() {
+            let Some(h) = e.file_name().to_str().and_then(|s| s.parse::<ContentHash>().ok()) else {
+                continue;
+            };
+            if let Some(list) = self.cached_chunk_list(&h) {
+                n += usize::from(index.add(&h, &list).is_ok());
+            }
+        }
+        tracing::info!("indexed the chunks of {n} blob(s) kept from before");
     }
 
     /// Writes a cache file that goes with a blob (through a tmp file, renamed in; best
@@ -469,10 +531,17 @@ impl ContentStore {
         Some(len)
     }
 
-    /// Removes what is cached beside blob `h` (its chunk list and its leaves).
+    /// Removes what is cached beside blob `h` (its chunk list and its leaves) and its
+    /// chunks from the index (if open: an index opened later drops them when a lookup
+    /// finds the blob gone).
     fn remove_cache_files(&self, h: &ContentHash) {
         let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
         let _ = std::fs::remove_file(self.leaves_path(h));
+        if let Some(Some(index)) = self.chunk_index.get() {
+            if let Err(e) = index.remove(h) {
+                tracing::debug!("dropping {h} from the chunk index: {e}");
+            }
+        }
     }
 
     /// Moves a verified download into the blobs.

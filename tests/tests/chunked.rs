@@ -42,6 +42,41 @@ fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     c.converged();
 }
 
+/// Chunk dedup across files: a file new to a node, most of whose chunks the node has in
+/// another file (a copy edited, a new file sharing most of an old one), moves only what
+/// is new, found through the node's chunk index (kept across its restart).
+#[test]
+fn a_new_file_sharing_most_chunks_with_another_moves_only_the_new_ones() {
+    let mut c = Cluster::start("chunked-dedup", 2);
+    let data = pseudo_random(32 << 20, 7);
+    write(&c.nodes[0].p("base.img"), &data);
+    c.converged();
+    // b's chunk list of its copy, made (and indexed) now if b had not made it yet.
+    let base = blake3::hash(&data).to_hex().to_string();
+    assert_eq!(http_get(&format!("{}/chunks/{base}", node_url(&c.nodes[1])), None).0, 200);
+    // b is away while a makes a copy with one byte changed and 1 MiB more at the end.
+    c.nodes[1].stop();
+    let mut copy = data.clone();
+    copy[11 << 20] ^= 0xff;
+    copy.extend(pseudo_random(1 << 20, 8));
+    write(&c.nodes[0].p("copy.img"), &copy);
+    let a = &c.nodes[0];
+    let copy_hash = blake3::hash(&copy).to_hex().to_string();
+    // A chunk list made already is what a puller asks for before it takes the chunks it
+    // has (made in the background after the close).
+    eventually("a to have the copy's chunk list made", DEADLINE, || http_get(&format!("{}/chunks/{copy_hash}?cached", node_url(a)), None).0 == 200);
+    let before = served(a);
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
+    let b = &c.nodes[1];
+    eventually("the copy to reach b", DEADLINE, || read(&b.p("copy.img")).as_deref() == Some(&copy[..]));
+    let moved = served(&c.nodes[0]) - before;
+    // The new MiB, the chunk or two around the changed byte, and the chunk list.
+    assert!(moved >= (1 << 20) as f64, "the new MiB was not fetched? {moved} bytes served");
+    assert!(moved <= (2 << 20) as f64, "a copy sharing 32 of its 33 MiB moved {moved} bytes");
+    c.converged();
+}
+
 fn pulled(n: &NodeProc) -> f64 {
     node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
 }
