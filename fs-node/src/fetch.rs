@@ -8,7 +8,7 @@
 use crate::link::LinkHandle;
 use crate::metrics::Metrics;
 use crate::puller::{Puller, Unreachable};
-use crate::stream::{Failure, Stream, STREAM_MIN_BYTES};
+use crate::stream::{Failure, Partial, Stream, STREAM_MIN_BYTES};
 use crate::tree::{FsError, FsResult, RemoteContent, Tree};
 use futures_util::future::{BoxFuture, FutureExt, Shared};
 use std::collections::HashMap;
@@ -25,6 +25,11 @@ const MAY_DROP_BYTES: usize = 48 << 10;
 
 /// Pinned contents fetched at once in the background.
 const BACKGROUND_FETCHES: usize = 4;
+
+/// Downloads of streams nobody read to the end, kept for the next open of the same
+/// content: at most this many, and this many bytes together (the oldest go first).
+const PARTIALS_KEPT: usize = 8;
+const PARTIAL_BYTES_KEPT: u64 = 1 << 30;
 
 /// How a whole fetch ended (its failure logged where it happened).
 type Outcome = Result<(), Failure>;
@@ -53,6 +58,9 @@ pub struct Fetcher {
     cache: CacheCounters,
     /// Large contents being streamed, by content.
     streams: Mutex<HashMap<ContentHash, Arc<Stream>>>,
+    /// What cancelled streams had (`Partial`), oldest first: a later stream of the same
+    /// content starts from it.
+    partials: Mutex<std::collections::VecDeque<(ContentHash, Partial)>>,
     rt: tokio::runtime::Handle,
     puller: Puller,
     /// Set once the broker link exists (`set_link`).
@@ -66,6 +74,7 @@ impl Fetcher {
         Arc::new(Fetcher {
             cache: CacheCounters::default(),
             streams: Mutex::default(),
+            partials: Mutex::default(),
             rt,
             puller,
             link: OnceLock::new(),
@@ -82,7 +91,9 @@ impl Fetcher {
             s.readers.fetch_add(1, Ordering::Relaxed);
             return Ok(s.clone());
         }
-        let s = Stream::new(self.puller.store(), c.hash.clone(), c.size).map_err(|e| FsError::Io(anyhow::Error::new(e).context("creating a download file")))?;
+        let partial = self.take_partial(&c.hash);
+        let s = Stream::resume(self.puller.store(), c.hash.clone(), c.size, partial)
+            .map_err(|e| FsError::Io(anyhow::Error::new(e).context("creating a download file")))?;
         s.readers.fetch_add(1, Ordering::Relaxed);
         streams.insert(c.hash.clone(), s.clone());
         let (me, c, stream) = (self.clone(), c.clone(), s.clone());
@@ -92,6 +103,11 @@ impl Fetcher {
             let t = std::time::Instant::now();
             let end = stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone(), None).await;
             drop(guard);
+            if end.is_err() && stream.cancelled() {
+                if let Some(p) = stream.partial() {
+                    me.keep_partial(c.hash.clone(), p);
+                }
+            }
             let counted = end.map(|()| progress.load(Ordering::Relaxed)).map_err(|f| anyhow::anyhow!("{}", f.reason));
             me.metrics.count_pull(&counted, t.elapsed());
             let mut streams = me.streams.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,6 +116,29 @@ impl Fetcher {
             }
         });
         Ok(s)
+    }
+
+    /// What an earlier stream of `hash` had, if kept.
+    fn take_partial(&self, hash: &ContentHash) -> Option<Partial> {
+        let mut partials = self.partials.lock().unwrap_or_else(|p| p.into_inner());
+        let at = partials.iter().position(|(h, _)| h == hash)?;
+        partials.remove(at).map(|(_, p)| p)
+    }
+
+    /// Keeps `p` for a later stream of `hash`, within the bounds (the oldest go first).
+    fn keep_partial(&self, hash: ContentHash, p: Partial) {
+        if self.puller.store().has(&hash) {
+            p.discard();
+            return;
+        }
+        tracing::debug!(%hash, bytes = p.bytes(), "keeping what a cancelled stream had for the next open");
+        let mut partials = self.partials.lock().unwrap_or_else(|p| p.into_inner());
+        partials.push_back((hash, p));
+        while partials.len() > PARTIALS_KEPT || partials.iter().map(|(_, p)| p.bytes()).sum::<u64>() > PARTIAL_BYTES_KEPT {
+            if let Some((_, old)) = partials.pop_front() {
+                old.discard();
+            }
+        }
     }
 
     /// One reader of `s` is done; the last one before it ends cancels it (a `head` of a

@@ -105,29 +105,61 @@ struct State {
     seeded: u64,
 }
 
+/// What a stream nobody read to the end had: its download file and which blocks are in
+/// it, each checked against its leaf. A later stream of the same content starts from it
+/// ([`Stream::resume`]): `head` and then `cat` of a large file fetch its head once.
+pub struct Partial {
+    tmp: PathBuf,
+    present: Vec<bool>,
+    have: usize,
+}
+
+impl Partial {
+    /// Bytes in it (whole blocks).
+    pub fn bytes(&self) -> u64 {
+        self.have as u64 * BLOCK
+    }
+
+    /// Removes its download file.
+    pub fn discard(self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
 impl Stream {
     pub fn new(store: &ContentStore, hash: ContentHash, size: u64) -> std::io::Result<Arc<Stream>> {
-        let (tmp, file) = store.tmp_file()?;
-        drop(file);
-        // Read and written: readers take their blocks from it.
-        let file = std::fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
-        file.set_len(size)?;
+        Self::resume(store, hash, size, None)
+    }
+
+    /// A stream of `hash` that starts from what `partial` (an earlier stream of it) had,
+    /// if it can be opened still; else from nothing.
+    pub fn resume(store: &ContentStore, hash: ContentHash, size: u64, partial: Option<Partial>) -> std::io::Result<Arc<Stream>> {
         let n = leaves::blocks(size);
+        // Read and written: readers take their blocks from it.
+        let reopen = |p: &Partial| std::fs::OpenOptions::new().read(true).write(true).open(&p.tmp).ok().filter(|f| f.metadata().is_ok_and(|m| m.len() == size));
+        let resumed = partial.and_then(|p| match reopen(&p).filter(|_| p.present.len() == n) {
+            Some(file) => Some((p.tmp, file, p.present, p.have)),
+            None => {
+                p.discard();
+                None
+            }
+        });
+        let (tmp, file, present, have) = match resumed {
+            Some(r) => r,
+            None => {
+                let (tmp, file) = store.tmp_file()?;
+                drop(file);
+                let file = std::fs::OpenOptions::new().read(true).write(true).open(&tmp)?;
+                file.set_len(size)?;
+                (tmp, file, vec![false; n], 0)
+            }
+        };
         Ok(Arc::new(Stream {
             hash,
             size,
             tmp,
             file,
-            state: Mutex::new(State {
-                present: vec![false; n],
-                in_flight: vec![false; n],
-                have: 0,
-                cursor: 0,
-                end: None,
-                dropped: Default::default(),
-                turn: 0,
-                seeded: 0,
-            }),
+            state: Mutex::new(State { present, in_flight: vec![false; n], have, cursor: 0, end: None, dropped: Default::default(), turn: 0, seeded: 0 }),
             changed: tokio::sync::Notify::new(),
             readers: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
@@ -137,6 +169,18 @@ impl Stream {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// After a cancelled run: its download file and the blocks in it, for a later stream
+    /// of the same content (`None` if it had none; its file is removed then).
+    pub fn partial(&self) -> Option<Partial> {
+        let st = self.lock();
+        let p = Partial { tmp: self.tmp.clone(), present: st.present.clone(), have: st.have };
+        if p.have == 0 {
+            p.discard();
+            return None;
+        }
+        Some(p)
     }
 
     pub fn ended(&self) -> bool {
@@ -329,8 +373,11 @@ impl Stream {
         basis: Option<ContentHash>,
     ) -> End {
         let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
+        // Blocks an earlier stream had (`resume`) count as done.
+        progress.fetch_add(self.lock().have as u64 * BLOCK, Ordering::Relaxed);
         let end = self.fetch_all(&puller, &holders, &store, progress, basis.as_ref()).await;
-        if end.is_err() {
+        // A cancelled stream's download file is its owner's to keep (`partial`).
+        if end.is_err() && !self.cancel.is_cancelled() {
             let _ = std::fs::remove_file(&self.tmp);
         }
         match &end {

@@ -6,7 +6,8 @@
 //! that is not here fetches it first, and overwriting it fetches nothing; a cache
 //! budget evicts the least recently used but never the last copy; a large file streams:
 //! its first bytes read while the rest has not come, and a holder that lies about a
-//! block never gets a byte of it to a reader.
+//! block never gets a byte of it to a reader; what a stream had when its reader closed
+//! early is not fetched again by the next open.
 
 mod api_support;
 
@@ -258,4 +259,42 @@ fn a_large_file_streams_its_first_bytes_read_before_the_rest_and_a_lying_block_n
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let log = std::fs::read_to_string(&n2.log).unwrap();
     assert!(log.contains("sent a wrong block"), "the liar is named in the log");
+}
+
+/// Content bytes `n` served to peers.
+fn served(n: &NodeProc) -> u64 {
+    node_metrics(n).get("syncfs_node_bytes_served_total").copied().unwrap_or(0.0) as u64
+}
+
+#[test]
+fn a_reader_that_closes_early_leaves_what_came_for_the_next_open() {
+    let c = start("ondemand-resume");
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let big = pseudo_random(48 << 20, 21);
+    write(&n1.p("big.bin"), &big);
+    eventually("n2 to show big.bin", DEADLINE, || std::fs::metadata(n2.p("big.bin")).is_ok_and(|m| m.len() == big.len() as u64));
+    let hash = blake3::hash(&big).to_hex().to_string();
+    let start = served(n1);
+
+    // The first 16 MiB read, then the file closed: the stream is cancelled.
+    let mut f = std::fs::File::open(n2.p("big.bin")).unwrap();
+    let mut head = vec![0u8; 16 << 20];
+    f.read_exact(&mut head).unwrap();
+    assert!(head == big[..16 << 20], "the head read is not the file's");
+    drop(f);
+    eventually("the stream to end once nobody reads it", DEADLINE, || {
+        let pulls = n2.status()["pulls"].clone();
+        !pulls.as_array().unwrap().iter().any(|p| p["hash"] == hash.as_str())
+    });
+    let first = served(n1) - start;
+    assert!(first >= 16 << 20, "the head came from n1: {first} bytes served");
+    assert!(first < big.len() as u64, "the cancelled stream went on to fetch all of it ({first} bytes)");
+
+    // The next open reads it all: the head comes from what the first stream had.
+    assert!(std::fs::read(n2.p("big.bin")).unwrap() == big, "the whole file read is not the file");
+    let total = served(n1) - start;
+    // Runs in flight when the first stream was cancelled (1 MiB each, four) may be
+    // fetched again.
+    assert!(total <= big.len() as u64 + (4 << 20), "{total} bytes served for a {} byte file read twice ({first} the first time)", big.len());
+    c.converged();
 }
