@@ -127,7 +127,11 @@ impl Fetcher {
 
     /// Keeps `p` for a later stream of `hash`, within the bounds (the oldest go first).
     fn keep_partial(&self, hash: ContentHash, p: Partial) {
-        if self.puller.store().has(&hash) {
+        // Not on a disk short of space: the store's blobs come first (nothing else knows
+        // these files are there).
+        let kept: u64 = self.partials.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(_, p)| p.bytes()).sum();
+        let room = self.puller.store().free_bytes().is_ok_and(|free| free >= 4 * (kept + p.bytes()));
+        if !room || self.puller.store().has(&hash) {
             p.discard();
             return;
         }
