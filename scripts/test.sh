@@ -26,6 +26,8 @@ build_log=$(mktemp /tmp/syncfs-build-XXXXXX.log)
 log "building in the background (log: $build_log)"
 cargo build "${FEATURES[@]}" --all-targets >"$build_log" 2>&1 &
 build_pid=$!
+# A setup that fails (or ^C) must not leave the build running behind the script.
+trap 'kill "$build_pid" 2>/dev/null || true' EXIT
 for extra in setup-docker.sh setup-debian-image.sh setup-moto.sh setup-browser.sh setup-vagrant.sh; do
   if [ -x "scripts/$extra" ]; then
     log "running scripts/$extra"
@@ -38,6 +40,7 @@ if ! wait "$build_pid"; then
   log "the build failed (whole log: $build_log)"
   exit 1
 fi
+trap - EXIT
 log "running the suite"
 cargo nextest run "${FEATURES[@]}" --no-fail-fast "$@"
 log "running the tests that must run alone (they restart the shared broker)"

@@ -43,7 +43,14 @@ pub struct Found {
 
 pub struct ChunkIndex {
     conn: std::sync::Mutex<Connection>,
+    /// Whether any blob was ever indexed (kept without asking the database: a puller
+    /// looks at it for every large pull).
+    has_blobs: std::sync::atomic::AtomicBool,
 }
+
+/// Rows inserted per transaction: the connection is let go between them, so a lookup
+/// never waits for the whole list of a huge blob.
+const ROWS_PER_TRANSACTION: usize = 10_000;
 
 impl std::fmt::Debug for ChunkIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -67,10 +74,16 @@ impl ChunkIndex {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
                 }
-                return Ok((ChunkIndex { conn: std::sync::Mutex::new(Self::connect(path)?) }, true));
+                return Ok((ChunkIndex { conn: std::sync::Mutex::new(Self::connect(path)?), has_blobs: false.into() }, true));
             }
         };
-        Ok((ChunkIndex { conn: std::sync::Mutex::new(conn) }, fresh))
+        let has_blobs = conn.query_row("SELECT EXISTS (SELECT 1 FROM blobs)", [], |r| r.get::<_, bool>(0)).context("reading the chunk index")?;
+        Ok((ChunkIndex { conn: std::sync::Mutex::new(conn), has_blobs: has_blobs.into() }, fresh))
+    }
+
+    /// Whether any blob was indexed (cheap: no database access).
+    pub fn has_blobs(&self) -> bool {
+        self.has_blobs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn connect(path: &Path) -> anyhow::Result<Connection> {
@@ -86,20 +99,32 @@ impl ChunkIndex {
         self.conn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records every chunk of blob `blob` (replacing what was recorded for it).
+    /// Records every chunk of blob `blob` (replacing what was recorded for it), in
+    /// transactions of [`ROWS_PER_TRANSACTION`] (a lookup meanwhile may find some of
+    /// them: each is true on its own).
     pub fn add(&self, blob: &ContentHash, list: &ChunkList) -> rusqlite::Result<()> {
-        let mut conn = self.lock();
-        let tx = conn.transaction()?;
-        tx.execute("INSERT OR IGNORE INTO blobs (hash) VALUES (?1)", params![blob.as_bytes()])?;
-        let id: i64 = tx.query_row("SELECT id FROM blobs WHERE hash = ?1", params![blob.as_bytes()], |r| r.get(0))?;
-        tx.execute("DELETE FROM chunks WHERE blob = ?1", params![id])?;
-        {
-            let mut ins = tx.prepare_cached("INSERT INTO chunks (prefix, len, blob, offset) VALUES (?1, ?2, ?3, ?4)")?;
-            for c in &list.chunks {
-                ins.execute(params![prefix(&c.hash), c.len, id, c.offset as i64])?;
+        let id = {
+            let mut conn = self.lock();
+            let tx = conn.transaction()?;
+            tx.execute("INSERT OR IGNORE INTO blobs (hash) VALUES (?1)", params![blob.as_bytes()])?;
+            let id: i64 = tx.query_row("SELECT id FROM blobs WHERE hash = ?1", params![blob.as_bytes()], |r| r.get(0))?;
+            tx.execute("DELETE FROM chunks WHERE blob = ?1", params![id])?;
+            tx.commit()?;
+            id
+        };
+        for part in list.chunks.chunks(ROWS_PER_TRANSACTION) {
+            let mut conn = self.lock();
+            let tx = conn.transaction()?;
+            {
+                let mut ins = tx.prepare_cached("INSERT INTO chunks (prefix, len, blob, offset) VALUES (?1, ?2, ?3, ?4)")?;
+                for c in part {
+                    ins.execute(params![prefix(&c.hash), c.len, id, c.offset as i64])?;
+                }
             }
+            tx.commit()?;
         }
-        tx.commit()
+        self.has_blobs.store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Forgets blob `blob` (removed from the store).
@@ -171,7 +196,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("index.db");
         let (idx, fresh) = ChunkIndex::open(&path).unwrap();
-        assert!(fresh);
+        assert!(fresh && !idx.has_blobs());
         let (a, b) = (h(100), h(101));
         idx.add(&a, &list(&[h(1), h(2), h(3)])).unwrap();
         idx.add(&b, &list(&[h(3), h(4)])).unwrap();
@@ -191,7 +216,7 @@ mod tests {
         drop(idx);
         // Kept across a restart.
         let (idx, fresh) = ChunkIndex::open(&path).unwrap();
-        assert!(!fresh);
+        assert!(!fresh && idx.has_blobs());
         assert_eq!(idx.blobs().unwrap(), 1);
         assert_eq!(idx.find(&h(4), 100).unwrap(), vec![Found { blob: b, offset: 100 }]);
     }

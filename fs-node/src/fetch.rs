@@ -102,18 +102,26 @@ impl Fetcher {
             let holders = me.holders_of(&c).await;
             let t = std::time::Instant::now();
             let end = stream.clone().run(me.puller.clone(), holders, me.puller.store().clone(), progress.clone(), None).await;
-            drop(guard);
-            if end.is_err() && stream.cancelled() {
-                if let Some(p) = stream.partial() {
-                    me.keep_partial(c.hash.clone(), p);
+            {
+                let mut streams = me.streams.lock().unwrap_or_else(|p| p.into_inner());
+                let newest = streams.get(&c.hash).is_some_and(|s| Arc::ptr_eq(s, &stream));
+                if newest {
+                    streams.remove(&c.hash);
+                }
+                // What a cancelled stream had is kept for the next open, unless a newer
+                // stream of the content (opened while this one wound down) has begun.
+                if end.is_err() && stream.cancelled() {
+                    match stream.partial() {
+                        Some(p) if newest => me.keep_partial(c.hash.clone(), p),
+                        Some(p) => p.discard(),
+                        None => {}
+                    }
                 }
             }
+            // Reported as ended only now: what it had is kept (or not) already.
+            drop(guard);
             let counted = end.map(|()| progress.load(Ordering::Relaxed)).map_err(|f| anyhow::anyhow!("{}", f.reason));
             me.metrics.count_pull(&counted, t.elapsed());
-            let mut streams = me.streams.lock().unwrap_or_else(|p| p.into_inner());
-            if streams.get(&c.hash).is_some_and(|s| Arc::ptr_eq(s, &stream)) {
-                streams.remove(&c.hash);
-            }
         });
         Ok(s)
     }
@@ -121,6 +129,13 @@ impl Fetcher {
     /// What an earlier stream of `hash` had, if kept.
     fn take_partial(&self, hash: &ContentHash) -> Option<Partial> {
         let mut partials = self.partials.lock().unwrap_or_else(|p| p.into_inner());
+        // Those whose content came meanwhile (a sync pulled it, a pin fetched it) are done.
+        let store = self.puller.store();
+        let (done, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut *partials).into_iter().partition(|(h, _)| store.has(h));
+        *partials = kept.into();
+        for (_, p) in done {
+            p.discard();
+        }
         let at = partials.iter().position(|(h, _)| h == hash)?;
         partials.remove(at).map(|(_, p)| p)
     }

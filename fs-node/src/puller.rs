@@ -147,6 +147,9 @@ enum Chunked {
 /// fewer save less than the chunk list and the range requests cost).
 const LOCAL_BYTES_WORTH_IT: u64 = 1 << 20;
 
+/// Local blobs a pull by chunks keeps open at once to copy chunks from.
+const MOST_OPEN_SOURCES: usize = 64;
+
 /// A pull by chunks that would not pay (the content is pulled whole instead).
 #[derive(Debug, thiserror::Error)]
 #[error("not worth pulling by chunks: {0}")]
@@ -190,6 +193,10 @@ fn copy_local_chunks(
     // Blobs opened so far (`None`: gone).
     let mut open: HashMap<ContentHash, Option<std::fs::File>> = HashMap::new();
     let mut read_chunk = |blob: &ContentHash, offset: u64, c: &crate::chunks::Chunk, buf: &mut Vec<u8>| -> bool {
+        // Chunks spread over many blobs: a few open at once, not one per blob.
+        if open.len() >= MOST_OPEN_SOURCES && !open.contains_key(blob) {
+            open.clear();
+        }
         let src = open.entry(blob.clone()).or_insert_with(|| store.open_blob(blob).ok());
         let Some(src) = src else {
             return false;
@@ -381,7 +388,9 @@ impl Puller {
             } else {
                 // A content new to this path, from one holder: by chunks only if other
                 // blobs here have enough of them (`chunk_index.rs`).
-                self.store.chunk_index().is_some_and(|i| i.blobs().unwrap_or(0) > 0).then_some(Chunked::IfMostlyLocal)
+                let store = self.store.clone();
+                let indexed = tokio::task::spawn_blocking(move || store.chunk_index().is_some_and(|i| i.has_blobs())).await.unwrap_or(false);
+                indexed.then_some(Chunked::IfMostlyLocal)
             };
             if let Some(worth) = worth {
                 match self.pull_chunked(hash, size, &others, basis, worth).await {

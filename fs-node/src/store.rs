@@ -532,12 +532,18 @@ impl ContentStore {
     }
 
     /// Removes what is cached beside blob `h` (its chunk list and its leaves) and its
-    /// chunks from the index (if open: an index opened later drops them when a lookup
-    /// finds the blob gone).
+    /// chunks from the index.
     fn remove_cache_files(&self, h: &ContentHash) {
         let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
         let _ = std::fs::remove_file(self.leaves_path(h));
-        if let Some(Some(index)) = self.chunk_index.get() {
+        // Opened for it if this node ever indexed anything (so no row of a removed blob
+        // stays behind for good).
+        let index = match self.chunk_index.get() {
+            Some(open) => open.as_ref(),
+            None if self.chunk_lists.join("index.db").exists() => self.chunk_index(),
+            None => None,
+        };
+        if let Some(index) = index {
             if let Err(e) = index.remove(h) {
                 tracing::debug!("dropping {h} from the chunk index: {e}");
             }
