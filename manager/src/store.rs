@@ -67,7 +67,7 @@ const SCHEMA_V4: &str = "ALTER TABLE nodes ADD COLUMN residency TEXT;";
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
-const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;";
+const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;";
 
 /// Schema version 1: the tables every manager had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
