@@ -120,7 +120,8 @@ impl Fetcher {
             }
             // Reported as ended only now: what it had is kept (or not) already.
             drop(guard);
-            let counted = end.map(|()| progress.load(Ordering::Relaxed)).map_err(|f| anyhow::anyhow!("{}", f.reason));
+            // Bytes this stream fetched (not those an earlier one had).
+            let counted = end.map(|()| progress.load(Ordering::Relaxed).saturating_sub(stream.resumed())).map_err(|f| anyhow::anyhow!("{}", f.reason));
             me.metrics.count_pull(&counted, t.elapsed());
         });
         Ok(s)

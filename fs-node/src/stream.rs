@@ -103,6 +103,8 @@ struct State {
     turn: usize,
     /// Bytes copied from a basis instead of fetched.
     seeded: u64,
+    /// Bytes an earlier stream had fetched (`resume`).
+    resumed: u64,
 }
 
 /// What a stream nobody read to the end had: its download file and which blocks are in
@@ -159,7 +161,17 @@ impl Stream {
             size,
             tmp,
             file,
-            state: Mutex::new(State { present, in_flight: vec![false; n], have, cursor: 0, end: None, dropped: Default::default(), turn: 0, seeded: 0 }),
+            state: Mutex::new(State {
+                present,
+                in_flight: vec![false; n],
+                have,
+                cursor: 0,
+                end: None,
+                dropped: Default::default(),
+                turn: 0,
+                seeded: 0,
+                resumed: 0,
+            }),
             changed: tokio::sync::Notify::new(),
             readers: AtomicUsize::new(0),
             cancel: CancellationToken::new(),
@@ -374,7 +386,12 @@ impl Stream {
     ) -> End {
         let holders: Vec<Holder> = holders.into_iter().filter(|h| h.node != *puller.me()).collect();
         // Blocks an earlier stream had (`resume`) count as done.
-        progress.fetch_add(self.lock().have as u64 * BLOCK, Ordering::Relaxed);
+        let resumed: u64 = {
+            let mut st = self.lock();
+            st.resumed = st.present.iter().enumerate().filter(|(_, p)| **p).map(|(b, _)| leaves::block_len(self.size, b)).sum();
+            st.resumed
+        };
+        progress.fetch_add(resumed, Ordering::Relaxed);
         let end = self.fetch_all(&puller, &holders, &store, progress, basis.as_ref()).await;
         // A cancelled stream's download file is its owner's to keep (`partial`).
         if end.is_err() && !self.cancel.is_cancelled() {
@@ -393,6 +410,12 @@ impl Stream {
     /// Bytes copied from the basis instead of fetched.
     pub fn seeded(&self) -> u64 {
         self.lock().seeded
+    }
+
+    /// Bytes an earlier stream of the content had fetched (counted in its progress, not
+    /// fetched again).
+    pub fn resumed(&self) -> u64 {
+        self.lock().resumed
     }
 
     /// Copies from blob `basis` every block it has at the same offset (its cached leaf

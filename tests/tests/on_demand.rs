@@ -291,8 +291,12 @@ fn a_reader_that_closes_early_leaves_what_came_for_the_next_open() {
     assert!(first < big.len() as u64, "the cancelled stream went on to fetch all of it ({first} bytes)");
 
     // The next open reads it all: the head comes from what the first stream had.
+    let pulled_before = pulled(n2);
     assert!(std::fs::read(n2.p("big.bin")).unwrap() == big, "the whole file read is not the file");
     let total = served(n1) - start;
+    // n2 counts as pulled only what the second stream fetched itself.
+    let second = pulled(n2) - pulled_before;
+    assert!(second + (16 << 20) <= big.len() as u64, "the second stream counts {second} bytes pulled of {}", big.len());
     // Runs in flight when the first stream was cancelled (1 MiB each, four) may be
     // fetched again.
     assert!(total <= big.len() as u64 + (4 << 20), "{total} bytes served for a {} byte file read twice ({first} the first time)", big.len());
