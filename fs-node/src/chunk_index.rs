@@ -163,7 +163,8 @@ impl ChunkIndex {
     }
 
     /// How many blobs are indexed.
-    pub fn blobs(&self) -> rusqlite::Result<u64> {
+    #[cfg(test)]
+    fn blobs(&self) -> rusqlite::Result<u64> {
         self.lock().query_row("SELECT count(*) FROM blobs", [], |r| r.get::<_, i64>(0)).map(|n| n as u64)
     }
 }

@@ -2,6 +2,7 @@
 //! against its hash before it enters the store; drops holders that stall, trickle, or
 //! send too much or the wrong bytes.
 
+use crate::chunk_index::Found;
 use crate::store::ContentStore;
 use anyhow::Context;
 use futures_util::TryStreamExt;
@@ -207,29 +208,24 @@ fn copy_local_chunks(
     let mut rest = std::collections::VecDeque::new();
     let mut buf = Vec::new();
     for (i, c) in list.chunks.iter().enumerate() {
-        let from_basis = basis.zip(in_basis.get(&c.hash).filter(|at| at.len == c.len)).filter(|(b, at)| read_chunk(b, at.offset, c, &mut buf));
-        let same_offset = match from_basis {
-            Some((_, at)) => at.offset == c.offset,
-            None => {
-                let candidates = index.map(|x| x.find(&c.hash, c.len).unwrap_or_default()).unwrap_or_default();
-                let mut found = false;
-                for cand in candidates {
-                    if read_chunk(&cand.blob, cand.offset, c, &mut buf) {
-                        found = true;
-                        break;
-                    }
-                    if !store.has(&cand.blob) {
-                        // A stale entry: its blob was removed while the index was closed.
-                        let _ = index.map(|x| x.remove(&cand.blob));
-                    }
-                }
-                if !found {
-                    rest.push_back(i);
-                    continue;
-                }
-                false
+        // Where the chunk may be: the basis first, then (looked up only if needed) the
+        // blobs the index names.
+        let in_basis = basis.zip(in_basis.get(&c.hash).filter(|at| at.len == c.len)).map(|(b, at)| Found { blob: b.clone(), offset: at.offset });
+        let indexed = std::iter::once_with(|| index.map(|x| x.find(&c.hash, c.len).unwrap_or_default()).unwrap_or_default()).flatten();
+        let source = in_basis.into_iter().chain(indexed).find(|f| {
+            let ok = read_chunk(&f.blob, f.offset, c, &mut buf);
+            if !ok && !store.has(&f.blob) {
+                // A stale entry: its blob was removed while the index was closed.
+                let _ = index.map(|x| x.remove(&f.blob));
             }
+            ok
+        });
+        let Some(source) = source else {
+            rest.push_back(i);
+            continue;
         };
+        // The basis's bytes at the same offset: its leaf for the block holds.
+        let same_offset = basis == Some(&source.blob) && source.offset == c.offset;
         file.write_all_at(&buf, c.offset)?;
         leaves.wrote(file, c.offset, c.len as u64, same_offset)?;
     }

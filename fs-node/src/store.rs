@@ -354,9 +354,7 @@ impl ContentStore {
 
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
-        if !self.has(h) {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("no blob {h}")));
-        }
+        // A blob that is not there fails below with `NotFound` (no list is cached for it).
         let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;
         {
