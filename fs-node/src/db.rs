@@ -44,6 +44,13 @@ const SCHEMA_V3: &str = "
 CREATE TABLE IF NOT EXISTS pins(path TEXT PRIMARY KEY, pinned INTEGER NOT NULL);
 ";
 
+/// Schema version 4: the files being written (a work file made and not yet committed).
+/// A work file in memory (`store.rs`) is gone after a crash: these rows say which files'
+/// changes (a rename while being written above all) the restart must send.
+const SCHEMA_V4: &str = "
+CREATE TABLE IF NOT EXISTS writing(ino INTEGER PRIMARY KEY);
+";
+
 /// One content kept past GC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptRow {
@@ -86,7 +93,12 @@ pub struct Db {
 /// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
 /// is at). A new version is a new `M::up` at the end; the ones before never change.
 fn migrations() -> rusqlite_migration::Migrations<'static> {
-    rusqlite_migration::Migrations::new(vec![rusqlite_migration::M::up(SCHEMA_V1), rusqlite_migration::M::up(SCHEMA_V2), rusqlite_migration::M::up(SCHEMA_V3)])
+    rusqlite_migration::Migrations::new(vec![
+        rusqlite_migration::M::up(SCHEMA_V1),
+        rusqlite_migration::M::up(SCHEMA_V2),
+        rusqlite_migration::M::up(SCHEMA_V3),
+        rusqlite_migration::M::up(SCHEMA_V4),
+    ])
 }
 
 /// Brings a database to the latest schema version, or refuses one written by a newer
@@ -233,7 +245,22 @@ impl Db {
 
     pub fn delete_inode(&self, ino: u64) -> rusqlite::Result<()> {
         self.conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([ino as i64])?;
+        self.set_writing(ino, false)
+    }
+
+    /// Records that `ino` is being written (a work file was made for it), or no longer.
+    pub fn set_writing(&self, ino: u64, writing: bool) -> rusqlite::Result<()> {
+        let sql = if writing { "INSERT OR IGNORE INTO writing(ino) VALUES (?1)" } else { "DELETE FROM writing WHERE ino = ?1" };
+        self.conn.prepare_cached(sql)?.execute([ino as i64])?;
         Ok(())
+    }
+
+    /// The files recorded as being written, and the record emptied (at start-up: no
+    /// file is being written then).
+    pub fn take_writing(&self) -> rusqlite::Result<Vec<u64>> {
+        let inos = self.conn.prepare("SELECT ino FROM writing")?.query_map([], |r| r.get::<_, i64>(0).map(|i| i as u64))?.collect::<Result<Vec<_>, _>>()?;
+        self.conn.execute("DELETE FROM writing", [])?;
+        Ok(inos)
     }
 
     pub fn dentries(&self) -> rusqlite::Result<Vec<(u64, OsString, u64)>> {
@@ -333,7 +360,7 @@ mod tests {
         let path = dir.path().join("node.db");
         let db = Db::open(&path).unwrap();
         db.set_meta("k", "v").unwrap();
-        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 3);
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 4);
         drop(db);
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
         assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node;
 pub mod peer;
 pub mod puller;
+pub mod small;
 pub mod status;
 pub mod store;
 pub mod stream;

@@ -283,6 +283,13 @@ fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, 
     Ok(Some((first, last - first + 1)))
 }
 
+/// Where a content served is read from.
+enum Source {
+    /// A small content's bytes (`small.rs`).
+    Small(Vec<u8>),
+    File(tokio::fs::File),
+}
+
 async fn content(State(served): State<Arc<Served>>, method: Method, headers: axum::http::HeaderMap, hash: Result<UrlPath<String>, PathRejection>) -> Response {
     if method != Method::GET {
         return no_such_endpoint().await;
@@ -291,15 +298,29 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
         return json_error(StatusCode::BAD_REQUEST, "malformed content hash: expected 64 lowercase hex digits");
     };
     let reporter = &served.reporter;
-    let file = match tokio::fs::File::open(reporter.tree.store().blob_path(&hash)).await {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
+    // A small content is a row (`small.rs`): read at once, no file to open.
+    let small = match reporter.tree.store().small_bytes(&hash) {
+        Ok(b) => b,
         Err(e) => {
-            tracing::warn!("opening blob {hash}: {e}");
+            tracing::warn!("reading small content {hash}: {e}");
             return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
         }
     };
-    let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let source = match small {
+        Some(bytes) => Source::Small(bytes),
+        None => match tokio::fs::File::open(reporter.tree.store().blob_path(&hash)).await {
+            Ok(f) => Source::File(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
+            Err(e) => {
+                tracing::warn!("opening blob {hash}: {e}");
+                return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+            }
+        },
+    };
+    let len = match &source {
+        Source::Small(b) => b.len() as u64,
+        Source::File(f) => f.metadata().await.map(|m| m.len()).unwrap_or(0),
+    };
     let range = match byte_range(&headers, len) {
         Ok(r) => r,
         Err(()) => {
@@ -315,22 +336,30 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
         Some((first, n)) => (StatusCode::PARTIAL_CONTENT, first, n),
         None => (StatusCode::OK, 0, len),
     };
-    let mut file = file;
-    if first > 0 {
-        use tokio::io::AsyncSeekExt;
-        if let Err(e) = file.seek(std::io::SeekFrom::Start(first)).await {
-            tracing::warn!("seeking in blob {hash}: {e}");
-            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+    let body = match source {
+        Source::Small(mut bytes) => {
+            bytes.truncate((first + n) as usize);
+            bytes.drain(..first as usize);
+            Body::from(bytes)
         }
-    }
+        Source::File(mut file) => {
+            if first > 0 {
+                use tokio::io::AsyncSeekExt;
+                if let Err(e) = file.seek(std::io::SeekFrom::Start(first)).await {
+                    tracing::warn!("seeking in blob {hash}: {e}");
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+                }
+            }
+            use tokio::io::AsyncReadExt;
+            Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024))
+        }
+    };
     reporter.metrics.bytes_served.inc_by(n);
-    use tokio::io::AsyncReadExt;
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024);
     let mut resp = Response::builder().status(status).header("content-type", "application/octet-stream").header("content-length", n);
     if range.is_some() {
         resp = resp.header("content-range", format!("bytes {first}-{}/{len}", first + n - 1));
     }
-    resp.body(Body::from_stream(stream)).expect("static response parts are valid")
+    resp.body(body).expect("static response parts are valid")
 }
 
 #[cfg(test)]
@@ -354,7 +383,8 @@ mod tests {
 
     /// A reporter over a fresh tree and a broker link that never runs (so never connected).
     fn reporter(data: &Path) -> Arc<Reporter> {
-        let store = ContentStore::open(data).unwrap();
+        // Every content a blob file: the chunk lists below are made of files.
+        let store = ContentStore::open_with_small_max(data, 0).unwrap();
         let tree = Arc::new(Tree::load(Db::open(&data.join("node.db")).unwrap(), store.clone()).unwrap());
         let id: wire::NodeId = "n1".parse().unwrap();
         let url = "http://127.0.0.1:1".to_string();

@@ -733,7 +733,14 @@ impl Puller {
         if let Some(declared) = resp.content_length().filter(|n| *n != size) {
             return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers {declared} bytes of {hash}, which has {size}", holder.node)));
         }
-        let (tmp, mut file) = self.store.tmp_file().context("creating a download file").map_err(Attempt::Retry)?;
+        // A small content comes into memory and becomes a row (`small.rs`); a larger
+        // one into a tmp file.
+        let mut download = if size <= self.store.small_max() {
+            Download::Memory(Vec::with_capacity(size as usize))
+        } else {
+            let (tmp, file) = self.store.tmp_file().context("creating a download file").map_err(Attempt::Retry)?;
+            Download::File { tmp, file }
+        };
         let progress = self.counter(hash);
         progress.store(0, Ordering::Relaxed);
         let result = async {
@@ -762,34 +769,50 @@ impl Puller {
                     return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent more than the {size} bytes of {hash}: thrown away", holder.node)));
                 }
                 hasher.update(&chunk);
-                file.write_all(&chunk).context("writing a download").map_err(Attempt::Retry)?;
+                match &mut download {
+                    Download::Memory(bytes) => bytes.extend_from_slice(&chunk),
+                    Download::File { file, .. } => file.write_all(&chunk).context("writing a download").map_err(Attempt::Retry)?,
+                }
                 progress.fetch_add(chunk.len() as u64, Ordering::Relaxed);
                 window.1 += chunk.len() as u64;
                 if window.1 >= MIN_PROGRESS_BYTES.min(size - (n - window.1)) {
                     window = (tokio::time::Instant::now(), 0);
                 }
-                if n - started_writeback >= WRITEBACK_EVERY {
-                    start_writeback(&file, started_writeback, n - started_writeback);
-                    started_writeback = n;
+                if let Download::File { file, .. } = &download {
+                    if n - started_writeback >= WRITEBACK_EVERY {
+                        start_writeback(file, started_writeback, n - started_writeback);
+                        started_writeback = n;
+                    }
                 }
             }
             let got = ContentHash::from_bytes(*hasher.finalize().as_bytes());
             if &got != hash {
                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} sent bytes that hash to {got}, not {hash}: thrown away", holder.node)));
             }
-            let t = std::time::Instant::now();
-            file.sync_data().context("flushing a download to disk").map_err(Attempt::Retry)?;
-            tracing::debug!(target: "timing", "pulled {n} bytes of {hash}; sync_data took {:?}", t.elapsed());
-            self.store.install(&tmp, hash).context("installing a download").map_err(Attempt::Retry)?;
-            self.store.chunk_in_background(hash, n);
+            match &download {
+                Download::Memory(bytes) => self.store.put_small(hash, bytes).context("keeping a download").map_err(Attempt::Retry)?,
+                Download::File { tmp, file } => {
+                    let t = std::time::Instant::now();
+                    file.sync_data().context("flushing a download to disk").map_err(Attempt::Retry)?;
+                    tracing::debug!(target: "timing", "pulled {n} bytes of {hash}; sync_data took {:?}", t.elapsed());
+                    self.store.install(tmp, hash).context("installing a download").map_err(Attempt::Retry)?;
+                    self.store.chunk_in_background(hash, n);
+                }
+            }
             Ok(n)
         }
         .await;
-        if result.is_err() {
-            let _ = std::fs::remove_file(&tmp);
+        if let (Err(_), Download::File { tmp, .. }) = (&result, &download) {
+            let _ = std::fs::remove_file(tmp);
         }
         result
     }
+}
+
+/// Where a download lands until it is checked.
+enum Download {
+    Memory(Vec<u8>),
+    File { tmp: std::path::PathBuf, file: std::fs::File },
 }
 
 #[cfg(test)]

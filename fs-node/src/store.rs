@@ -1,7 +1,9 @@
-//! Content store: immutable blobs named by their BLAKE3 hash, work files for files being
-//! written, and a tmp area for downloads. Local disk only: no network I/O, and it never
-//! decides anything about sync.
+//! Content store: immutable contents named by their BLAKE3 hash (a small one as a row of
+//! `small.db`, `small.rs`; a larger one as a blob file), work files for files being
+//! written (in memory while small, `new_work_file`), and a tmp area for downloads. Local
+//! only: no network I/O, and it never decides anything about sync.
 
+use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
 use std::fs::File;
 use std::io::Write;
@@ -18,6 +20,12 @@ pub const DB_RESERVE_BYTES: u64 = 1 << 20;
 #[derive(Clone, Debug)]
 pub struct ContentStore {
     blobs: PathBuf,
+    /// Contents of at most `SMALL_MAX` bytes: every one kept from now on goes there.
+    small: std::sync::Arc<SmallContents>,
+    /// The largest content kept there (`SMALL_MAX`; 0 in tests of blob files).
+    small_max: u64,
+    /// The device of the data directory: a work file elsewhere is in memory.
+    dev: u64,
     work: PathBuf,
     /// Inodes whose files were being written when the previous run ended (their work
     /// files were found at start-up, and removed).
@@ -121,8 +129,19 @@ pub fn hash_of(bytes: &[u8]) -> ContentHash {
 
 impl ContentStore {
     pub fn open(data: &Path) -> anyhow::Result<ContentStore> {
+        Self::open_with_small_max(data, SMALL_MAX)
+    }
+
+    /// [`Self::open`], keeping contents of at most `small_max` bytes as rows (0: every
+    /// content a blob file, for tests of what only blob files do).
+    pub fn open_with_small_max(data: &Path, small_max: u64) -> anyhow::Result<ContentStore> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::create_dir_all(data).with_context(|| format!("creating {}", data.display()))?;
         let mut s = ContentStore {
             blobs: data.join("blobs"),
+            small: std::sync::Arc::new(SmallContents::open(&data.join("small.db"))?),
+            small_max: small_max.min(SMALL_MAX),
+            dev: std::fs::metadata(data).with_context(|| format!("reading {}", data.display()))?.dev(),
             work: data.join("work"),
             tmp: data.join("tmp"),
             reserve: data.join("reserve"),
@@ -192,11 +211,58 @@ impl ContentStore {
     }
 
     pub fn has(&self, h: &ContentHash) -> bool {
-        self.blob_path(h).exists()
+        self.small.has(h) || self.blob_path(h).exists()
     }
 
+    /// Lets go of the small contents' database as a dead process would.
+    #[cfg(test)]
+    pub fn let_go_for_test(&self) {
+        self.small.let_go_for_test();
+    }
+
+    /// The largest content kept as a row: a larger one is a blob file.
+    pub fn small_max(&self) -> u64 {
+        self.small_max
+    }
+
+    /// Whether content `h` is kept as a row of the small contents (no file to pass
+    /// through to, to chunk or to copy by range).
+    pub fn is_small(&self, h: &ContentHash) -> bool {
+        self.small.has(h)
+    }
+
+    /// The bytes of small content `h`, if it is one of them.
+    pub fn small_bytes(&self, h: &ContentHash) -> std::io::Result<Option<Vec<u8>>> {
+        self.small.get(h).map_err(std::io::Error::other)
+    }
+
+    /// The whole of content `h` (a row or a blob file), read into memory.
+    pub fn read_whole(&self, h: &ContentHash) -> std::io::Result<Vec<u8>> {
+        match self.small_bytes(h)? {
+            Some(bytes) => Ok(bytes),
+            None => std::fs::read(self.blob_path(h)),
+        }
+    }
+
+    /// Keeps `bytes`, which hash to `h`, as a small content (`bytes` at most
+    /// `small_max`).
+    pub fn put_small(&self, h: &ContentHash, bytes: &[u8]) -> anyhow::Result<()> {
+        self.small.put(h, bytes)
+    }
+
+    /// Content `h` opened for reading: its blob file, or a small content's bytes in a
+    /// file in memory.
     pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
-        File::open(self.blob_path(h))
+        match self.small_bytes(h)? {
+            Some(bytes) => memory_file_with("content", &bytes),
+            None => File::open(self.blob_path(h)),
+        }
+    }
+
+    /// Whether `f` (a work file) is in memory rather than under the data directory.
+    pub fn in_memory(&self, f: &File) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        f.metadata().is_ok_and(|m| m.dev() != self.dev)
     }
 
     /// Inodes whose files were being written when the previous run ended.
@@ -208,43 +274,71 @@ impl ContentStore {
         self.work.join(ino.to_string())
     }
 
-    /// A fresh work file for `ino`, empty or a copy of blob `from`.
+    /// A fresh work file for `ino`, empty or a copy of content `from`. An empty one, or
+    /// a copy of a small content, is in memory (no inode on the disk: most files written
+    /// are small) until it grows past `SMALL_MAX` (`spill_work`); a copy of a larger one
+    /// is under `work/`.
     pub fn new_work_file(&self, ino: u64, from: Option<&ContentHash>) -> std::io::Result<File> {
-        let p = self.work_path(ino);
-        match from {
-            Some(h) if *h != Self::empty_hash() => {
-                std::fs::copy(self.blob_path(h), &p)?;
+        if let Some(h) = from.filter(|h| **h != Self::empty_hash()) {
+            if let Some(bytes) = self.small_bytes(h)? {
+                return memory_file_with("work", &bytes);
             }
-            _ => {
-                File::create(&p)?;
-            }
+            let p = self.work_path(ino);
+            std::fs::copy(self.blob_path(h), &p)?;
+            return std::fs::OpenOptions::new().read(true).write(true).open(&p);
         }
-        std::fs::OpenOptions::new().read(true).write(true).open(&p)
+        if self.small_max == 0 {
+            return File::options().read(true).write(true).create(true).truncate(true).open(self.work_path(ino));
+        }
+        memory_file_with("work", &[])
     }
 
-    /// Hashes the work file of `ino` and moves it into the blobs, unless the store has
-    /// that content already: then the work file stays, for the caller to remove once the
-    /// change is recorded (`discard_work_file`).
-    pub fn commit_work_file(&self, ino: u64) -> anyhow::Result<CommittedWork> {
-        let hashed = hash_for_commit(&self.work_path(ino))?;
-        self.install_work_file(ino, hashed)
-    }
-
-    /// [`Self::commit_work_file`] with the work file's hash and size known (taken while
-    /// nothing could write it).
-    pub fn install_work_file(&self, ino: u64, hashed: Hashed) -> anyhow::Result<CommittedWork> {
-        let Hashed { hash, size, leaves } = hashed;
+    /// Moves the in-memory work file `work` of `ino`, about to grow past `SMALL_MAX`, to
+    /// the disk (`work/`); returns the file on the disk, with the same bytes and mtime.
+    pub fn spill_work(&self, ino: u64, work: &File) -> std::io::Result<File> {
         let p = self.work_path(ino);
-        let dest = self.blob_path(&hash);
-        if dest.exists() {
+        let mut disk = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&p)?;
+        std::io::copy(&mut File::open(fd_path(work))?, &mut disk)?;
+        disk.set_modified(work.metadata()?.modified()?)?;
+        Ok(disk)
+    }
+
+    /// Hashes work file `work` of `ino` and keeps its content (`install_work_file`).
+    pub fn commit_work_file(&self, ino: u64, work: &File) -> anyhow::Result<CommittedWork> {
+        let hashed = hash_for_commit(&fd_path(work))?;
+        self.install_work_file(ino, work, hashed)
+    }
+
+    /// Keeps the content of work file `work` of `ino`, whose hash and size are known
+    /// (taken while nothing could write it): a small one as a row, a larger one in
+    /// memory as a copy, and one on the disk by moving the work file into the blobs.
+    /// Unless moved, the work file stays, for the caller to remove once the change is
+    /// recorded (`discard_work_file`).
+    pub fn install_work_file(&self, ino: u64, work: &File, hashed: Hashed) -> anyhow::Result<CommittedWork> {
+        let Hashed { hash, size, leaves } = hashed;
+        if self.has(&hash) {
             return Ok(CommittedWork { hash, size, moved: false });
         }
-        std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        if size <= self.small_max {
+            let mut bytes = vec![0; size as usize];
+            std::os::unix::fs::FileExt::read_exact_at(work, &mut bytes, 0).context("reading a work file")?;
+            self.put_small(&hash, &bytes)?;
+            return Ok(CommittedWork { hash, size, moved: false });
+        }
+        let p = self.work_path(ino);
+        if self.in_memory(work) {
+            let tmp = self.copy_to_tmp(&fd_path(work)).context("copying a work file out of memory")?;
+            self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
+        } else {
+            let dest = self.blob_path(&hash);
+            std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
+        }
+        let moved = !self.in_memory(work);
         if let Some(l) = leaves {
             self.save_leaves(&hash, &l);
         }
         self.chunk_in_background(&hash, size);
-        Ok(CommittedWork { hash, size, moved: true })
+        Ok(CommittedWork { hash, size, moved })
     }
 
     /// Takes back a `commit_work_file` that moved the work file (the change could not be
@@ -299,6 +393,7 @@ impl ContentStore {
         Ok(tmp)
     }
 
+    /// Removes the work file of `ino` on the disk, if it has one there.
     pub fn discard_work_file(&self, ino: u64) {
         let _ = std::fs::remove_file(self.work_path(ino));
     }
@@ -313,6 +408,9 @@ impl ContentStore {
 
     /// Flushes blob `h` and the blobs directory (its name) to disk.
     pub fn sync_blob(&self, h: &ContentHash) -> std::io::Result<()> {
+        if self.small.has(h) {
+            return self.small.sync().map_err(std::io::Error::other);
+        }
         match File::open(self.blob_path(h)) {
             Ok(f) => f.sync_data()?,
             // The empty file has no blob; nothing to flush.
@@ -354,6 +452,10 @@ impl ContentStore {
 
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
     pub fn chunk_list(&self, h: &ContentHash) -> std::io::Result<crate::chunks::ChunkList> {
+        // A small content is one chunk or a few, listed at once (nothing cached for it).
+        if let Some(bytes) = self.small_bytes(h)? {
+            return crate::chunks::ChunkList::of_reader(&bytes[..]);
+        }
         // A blob that is not there fails below with `NotFound` (no list is cached for it).
         let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;
@@ -479,6 +581,10 @@ impl ContentStore {
         if let Some(l) = self.cached_leaves(h) {
             return Ok(l);
         }
+        // A small content has a leaf or two, taken at once (nothing cached for it).
+        if let Some(bytes) = self.small_bytes(h)? {
+            return crate::leaves::leaves_of(&bytes[..], bytes.len() as u64);
+        }
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
         self.save_leaves(h, &leaves);
         Ok(leaves)
@@ -492,7 +598,16 @@ impl ContentStore {
 
     /// The size of blob `h`, if the store has it.
     pub fn size_of(&self, h: &ContentHash) -> Option<u64> {
-        std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len())
+        self.small.len(h).or_else(|| std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len()))
+    }
+
+    /// Whether content `h` is here and hashes to its name.
+    pub fn is_whole(&self, h: &ContentHash) -> bool {
+        match self.small_bytes(h) {
+            Ok(Some(bytes)) => hash_of(&bytes) == *h,
+            Ok(None) => hash_file(&self.blob_path(h)).is_ok_and(|(real, _)| real == *h),
+            Err(_) => false,
+        }
     }
 
     /// Queues blob `h` for its leaves to be computed and cached by one background thread
@@ -522,6 +637,9 @@ impl ContentStore {
 
     /// Removes blob `h` (and its chunk list); returns its size if it was there.
     pub fn remove_blob(&self, h: &ContentHash) -> Option<u64> {
+        if let Some(n) = self.small.remove(h) {
+            return Some(n);
+        }
         let path = self.blob_path(h);
         let len = std::fs::metadata(&path).ok()?.len();
         std::fs::remove_file(&path).ok()?;
@@ -548,8 +666,14 @@ impl ContentStore {
         }
     }
 
-    /// Moves a verified download into the blobs.
+    /// Moves a verified download into the store: a small one into the small contents
+    /// (the tmp file goes), a larger one into the blobs.
     pub fn install(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
+        if std::fs::metadata(tmp)?.len() <= self.small_max {
+            let bytes = std::fs::read(tmp)?;
+            self.put_small(h, &bytes).map_err(std::io::Error::other)?;
+            return std::fs::remove_file(tmp);
+        }
         std::fs::rename(tmp, self.blob_path(h))
     }
 
@@ -571,8 +695,25 @@ impl ContentStore {
                 removed += 1;
             }
         }
-        removed
+        removed + self.small.sweep(keep, min_age)
     }
+}
+
+/// A file in memory (`memfd_create`) holding `bytes`, open for reading and writing.
+fn memory_file_with(name: &str, bytes: &[u8]) -> std::io::Result<File> {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    // SAFETY: `name` is a valid C string; the descriptor returned is new and owned here.
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh descriptor nothing else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    if !bytes.is_empty() {
+        std::os::unix::fs::FileExt::write_all_at(&f, bytes, 0)?;
+    }
+    Ok(f)
 }
 
 /// The /proc path that reopens an open file (also one no directory names any more).
@@ -645,10 +786,12 @@ pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {
     Ok((ContentHash::from_bytes(*hasher.finalize().as_bytes()), hasher.count()))
 }
 
-/// Writes `bytes` to a new blob (tests and small contents).
+/// Keeps `bytes` as a content of the store (tests and small contents).
 pub fn put_bytes(store: &ContentStore, bytes: &[u8]) -> anyhow::Result<ContentHash> {
     let h = hash_of(bytes);
-    if !store.has(&h) {
+    if bytes.len() as u64 <= store.small_max {
+        store.put_small(&h, bytes)?;
+    } else if !store.has(&h) {
         let (tmp, mut f) = store.tmp_file()?;
         f.write_all(bytes)?;
         store.install(&tmp, &h)?;

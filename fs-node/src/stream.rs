@@ -429,7 +429,7 @@ impl Stream {
         let same: Vec<bool> = (0..leaves.len())
             .map(|b| b < theirs.len() && theirs[b] == leaves[b] && leaves::block_len(basis_size, b) == leaves::block_len(self.size, b))
             .collect();
-        let src = std::fs::File::open(store.blob_path(basis))?;
+        let src = store.open_blob(basis)?;
         let mut copied = 0;
         let mut b = 0;
         while b < same.len() {

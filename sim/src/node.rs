@@ -233,7 +233,7 @@ impl SimNode {
         if self.peer_cut || self.stalls || !tree.store().has(hash) {
             return None;
         }
-        std::fs::read(tree.store().blob_path(hash)).ok()
+        tree.store().read_whole(hash).ok()
     }
 
     /// Takes one message from the node's queue: pulls what it needs, hands it to the

@@ -48,6 +48,7 @@ impl State {
         if kind == Kind::File {
             let w = Arc::new(store.new_work_file(ino, None)?);
             self.inode_mut(ino)?.set_work(w, false);
+            self.db.set_writing(ino, true)?;
         } else if kind.synced() {
             self.record_put(parent, name, ino)?;
         }
@@ -90,7 +91,8 @@ impl State {
             return Ok(OpenIo::Passthrough { register: None });
         }
         let committed = i.kind == Kind::File && i.work.is_none() && i.open == 0;
-        let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed) else {
+        // A small content has no file to pass through to (it is a row, `small.rs`).
+        let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed && i.size > store.small_max()) else {
             return Ok(OpenIo::Cached);
         };
         let backing = match store.open_blob(&hash) {
@@ -194,7 +196,21 @@ impl State {
         };
         let w = Arc::new(w);
         self.inode_mut(ino)?.set_work(w.clone(), detached);
+        self.db.set_writing(ino, true)?;
         Ok(w)
+    }
+
+    /// The work file of `ino` (`ensure_work`) for bytes up to `end`: one in memory that
+    /// would grow past `SMALL_MAX` moves to the disk first.
+    pub(super) fn work_up_to(&mut self, ino: u64, end: u64, store: &ContentStore) -> FsResult<Arc<File>> {
+        let w = self.ensure_work(ino, true, store)?;
+        if end <= store.small_max() || !store.in_memory(&w) {
+            return Ok(w);
+        }
+        let disk = Arc::new(store.spill_work(ino, &w)?);
+        let i = self.inode_mut(ino)?;
+        i.work = Some(disk.clone());
+        Ok(disk)
     }
 
     /// The work file of `ino` to hash outside the tree lock before a commit, with its
@@ -235,8 +251,8 @@ impl State {
             committed
         } else {
             let c = match prehashed {
-                Some(p) => store.install_work_file(ino, p.hashed.clone())?,
-                None => store.commit_work_file(ino)?,
+                Some(p) => store.install_work_file(ino, &work, p.hashed.clone())?,
+                None => store.commit_work_file(ino, &work)?,
             };
             if c.moved {
                 self.record(|| Undo::Installed(ino, c.hash.clone()));
@@ -245,6 +261,9 @@ impl State {
             }
             (c.hash, c.size)
         };
+        if self.inode(ino)?.work.is_none() {
+            self.db.set_writing(ino, false)?;
+        }
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;

@@ -382,22 +382,22 @@ impl Tree {
                     i.hash = Some(ContentStore::empty_hash());
                     i.size = 0;
                 }
-                Some(h) => match std::fs::metadata(store.blob_path(h)) {
-                    Ok(m) if m.len() == i.size => {}
+                Some(h) => match store.size_of(h) {
+                    Some(len) if len == i.size => {}
                     // A node.db from before rows of files being written kept their
                     // committed size: an ftruncate then saved the new size with the old
                     // hash. The blob is right if it hashes to its name; the row is not.
-                    Ok(m) if crate::store::hash_file(&store.blob_path(h)).is_ok_and(|(real, _)| real == *h) => {
-                        tracing::warn!(ino = i.ino, "the node database gave {h} {} bytes; the store's copy is whole with {}: size corrected", i.size, m.len());
-                        i.size = m.len();
+                    Some(len) if store.is_whole(h) => {
+                        tracing::warn!(ino = i.ino, "the node database gave {h} {} bytes; the store's copy is whole with {len}: size corrected", i.size);
+                        i.size = len;
                         db.save_inode(&i.row())?;
                     }
-                    Ok(m) => {
-                        tracing::warn!(ino = i.ino, "the store's copy of {h} has {} bytes, not {}: removed, it will be pulled again", m.len(), i.size);
-                        let _ = std::fs::remove_file(store.blob_path(h));
+                    Some(len) => {
+                        tracing::warn!(ino = i.ino, "the store's copy of {h} has {len} bytes, not {}: removed, it will be pulled again", i.size);
+                        store.remove_blob(h);
                         lost_at_load.push(i.ino);
                     }
-                    Err(_) => {
+                    None => {
                         if !any_on_demand {
                             tracing::warn!(ino = i.ino, "content {h} is missing from the store: it will be pulled again");
                         }
@@ -439,7 +439,7 @@ impl Tree {
             residency,
             last_used: HashMap::new(),
         };
-        let abandoned = if past_bug == Some(PastBug::AbandonedWork) { Vec::new() } else { store.abandoned_work().to_vec() };
+        let work_left = store.abandoned_work().to_vec();
         let mut state = state;
         state.load_ignore_rules(&store);
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
@@ -448,7 +448,16 @@ impl Tree {
         // (or nothing), but what happened to it meanwhile was recorded, a rename over
         // another path above all, while its put waited for the last close that never
         // came: it is sent now, or the path would differ from the manager's for good.
+        // Which files were being written: recorded in the database (a work file in memory
+        // leaves nothing else behind), or with a work file left on the disk.
         tree.atomically(|st, _| {
+            let mut abandoned = st.db.take_writing()?;
+            abandoned.extend_from_slice(&work_left);
+            abandoned.sort_unstable();
+            abandoned.dedup();
+            if past_bug == Some(PastBug::AbandonedWork) {
+                abandoned.clear();
+            }
             for &ino in &abandoned {
                 if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
                     st.record_put_all_links(ino)?;

@@ -53,7 +53,7 @@ impl Tree {
                     Kind::Dir => return Err(FsError::IsDir),
                     _ => return Err(FsError::Invalid),
                 }
-                let work = st.ensure_work(ino, size != 0, store)?;
+                let work = if size == 0 { st.ensure_work(ino, false, store)? } else { st.work_up_to(ino, size, store)? };
                 work.set_len(size)?;
                 let i = st.inode_mut(ino)?;
                 i.size = size;
@@ -309,7 +309,15 @@ impl Tree {
                 (None, Some(b)) => b.clone(),
                 (None, None) => {
                     let h = i.hash.clone().ok_or(FsError::Invalid)?;
-                    let b = Arc::new(self.store.open_blob(&h).map_err(|e| FsError::Io(anyhow::Error::new(e).context(format!("opening blob {h}"))))?);
+                    let opening = |e: std::io::Error| FsError::Io(anyhow::Error::new(e).context(format!("opening content {h}")));
+                    // A small content is read from its row each time: no handle (and no
+                    // copy in memory) is kept for each small file ever read.
+                    if let Some(bytes) = self.store.small_bytes(&h).map_err(opening)? {
+                        let from = (offset as usize).min(bytes.len());
+                        let to = (from + size as usize).min(bytes.len());
+                        return Ok(bytes[from..to].to_vec());
+                    }
+                    let b = Arc::new(File::open(self.store.blob_path(&h)).map_err(opening)?);
                     i.blob = Some(b.clone());
                     st.with_blob.insert(ino);
                     b
@@ -365,7 +373,7 @@ impl Tree {
     /// Writes into the work file of `ino`. A write that fails leaves the file no longer
     /// than before (on a full disk, part of it may have landed past the end).
     pub(super) fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
-        let work = st.ensure_work(ino, true, &self.store)?;
+        let work = st.work_up_to(ino, offset + data.len() as u64, &self.store)?;
         let size = st.inode(ino)?.size;
         let written = work.write_all_at(data, offset);
         if written.is_err() && offset + data.len() as u64 > size && !st.inode(ino)?.detached {

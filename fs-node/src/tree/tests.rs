@@ -1,9 +1,18 @@
 use super::*;
 
+/// A tree whose store keeps every content as a blob file (these tests use small
+/// contents for blob files, passthrough and work files on the disk; the small contents
+/// kept as rows have their own tests, with `tree_keeping_small_rows`).
 fn tree(dir: &std::path::Path) -> Tree {
     let db = Db::open(&dir.join("node.db")).unwrap();
-    let store = ContentStore::open(dir).unwrap();
+    let store = ContentStore::open_with_small_max(dir, 0).unwrap();
     Tree::load(db, store).unwrap()
+}
+
+/// A tree as a node has it: small contents are rows, small work files in memory.
+fn tree_keeping_small_rows(dir: &std::path::Path) -> Tree {
+    let db = Db::open(&dir.join("node.db")).unwrap();
+    Tree::load(db, ContentStore::open(dir).unwrap()).unwrap()
 }
 
 /// A fresh tree with directory `d` (mode 0700) made in it; the temp dir must outlive it.
@@ -91,10 +100,20 @@ fn a_put_replacing_a_queued_put_keeps_its_place() {
 /// The tree a restarted node loads from `dir` after the process died without
 /// cleaning up (`tree` must not be used again).
 fn crash_and_reload(t: Tree, dir: &std::path::Path) -> Tree {
+    crash_and_reload_with(t, dir, tree)
+}
+
+/// [`crash_and_reload`], the tree opened again by `open`.
+fn crash_and_reload_with(t: Tree, dir: &std::path::Path, open: fn(&std::path::Path) -> Tree) -> Tree {
     // A dead process's lock on its database goes with it; this one's is let go by hand.
     t.lock().db.let_go_for_test();
+    t.store.let_go_for_test();
+    // Its work files in memory go with it too (kept alive here by the forgotten tree).
+    for i in t.lock().inodes.values_mut() {
+        i.work = None;
+    }
     std::mem::forget(t);
-    tree(dir)
+    open(dir)
 }
 
 fn truncate(t: &Tree, ino: u64, size: u64, fh: Option<u64>) {
@@ -301,7 +320,9 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     }
     let work: Vec<String> =
         sorted(std::fs::read_dir(t.store.work_path(0).parent().unwrap()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect());
-    let mem = sorted(st.inodes.values().filter(|i| i.work.is_some() && !i.detached).map(|i| i.ino.to_string()).collect());
+    // Work files in memory (small ones) have no name under `work/`.
+    let on_disk = |i: &Inode| i.work.as_ref().is_some_and(|w| !i.detached && !t.store.in_memory(w));
+    let mem = sorted(st.inodes.values().filter(|i| on_disk(i)).map(|i| i.ino.to_string()).collect());
     assert_eq!(work, mem, "work files, {when}");
     for i in st.inodes.values() {
         if let (Some(pt), None) = (&i.passthrough, &i.work) {
@@ -310,7 +331,7 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
         }
     }
     for i in st.inodes.values().filter(|i| i.work.is_some() && !i.detached) {
-        let len = std::fs::metadata(t.store.work_path(i.ino)).unwrap().len();
+        let len = i.work.as_ref().unwrap().metadata().unwrap().len();
         assert_eq!(len, i.size, "work file of {}, {when}", i.ino);
     }
 }
@@ -548,7 +569,7 @@ fn ignored_paths_stay_local_and_are_sent_once_no_rule_ignores_them() {
 
     // The manager's state of an ignored path is not applied over it, and a delete of a
     // directory keeps what is ignored inside it.
-    let other = crate::store::put_bytes(&ContentStore::open(dir.path()).unwrap(), b"theirs").unwrap();
+    let other = crate::store::put_bytes(&ContentStore::open_with_small_max(dir.path(), 0).unwrap(), b"theirs").unwrap();
     let file_entry = |path: &str, rev: u64| Entry {
         path: RelPath::new(path).unwrap(),
         rev: Revision(rev),
@@ -691,4 +712,104 @@ fn a_removed_files_blob_handle_is_closed_for_the_gc() {
     assert!(!open_on(&gone_blob), "the removed file's blob is not held open any more");
     assert!(open_on(&kept_blob), "a file with a name keeps its handle");
     drop(dir);
+}
+
+/// Small contents are rows of the store (`small.rs`), their work files in memory: a
+/// small file written and closed leaves no file under `work/` or `blobs/`, reads back,
+/// and outlives the process; an edit starts from the row's bytes.
+#[test]
+fn a_small_file_is_a_row_and_its_work_file_is_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_small_rows(dir.path());
+    let files_in = |d: &str| std::fs::read_dir(dir.path().join(d)).unwrap().count();
+    let blobs_before = files_in("blobs");
+    let (a, fh) = t.create(ROOT, OsStr::new("a"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"small bytes").unwrap();
+    assert_eq!(files_in("work"), 0, "a new file's work file is in memory");
+    assert_memory_is_persisted(&t, "while a small file is written");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let h = crate::store::hash_of(b"small bytes");
+    assert!(t.store().is_small(&h), "the content is a row");
+    assert_eq!((files_in("work"), files_in("blobs")), (0, blobs_before), "no file was made for it");
+    assert_memory_is_persisted(&t, "after the small file's close");
+    // An edit in place: the work file is a copy of the row, in memory.
+    let (fh, _) = t.open(a.ino, true, false, false).unwrap();
+    t.write(fh, 6, b"BYTES").unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"small BYTES");
+    assert_eq!(files_in("work"), 0);
+    drop(t);
+    let t = tree_keeping_small_rows(dir.path());
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"small BYTES", "after a restart");
+    assert_memory_is_persisted(&t, "after a restart");
+}
+
+/// A work file in memory that grows past the largest small content moves to the disk
+/// (by a write or a truncation) with its bytes, and its content becomes a blob file; one
+/// truncated back to small becomes a row again.
+#[test]
+fn a_work_file_growing_past_small_moves_to_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_small_rows(dir.path());
+    let max = t.store().small_max();
+    let (a, fh) = t.create(ROOT, OsStr::new("a"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"head").unwrap();
+    t.write(fh, max, b"tail").unwrap();
+    assert!(t.store().work_path(a.ino).exists(), "the work file moved to the disk");
+    assert_memory_is_persisted(&t, "after the move");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let mut want = b"head".to_vec();
+    want.resize(max as usize, 0);
+    want.extend_from_slice(b"tail");
+    let big = crate::store::hash_of(&want);
+    assert!(t.store().blob_path(&big).exists() && !t.store().is_small(&big), "a larger content is a blob file");
+    assert_eq!(read_all(&t, a.ino).unwrap(), want);
+    // Grown by a truncation of a small file: the same.
+    let b = closed_file(&t, ROOT, "b", b"bb");
+    t.setattr(b, 0, SetAttr { size: Some(max + 1), ..Default::default() }).unwrap();
+    let mut grown = b"bb".to_vec();
+    grown.resize(max as usize + 1, 0);
+    assert!(t.store().blob_path(&crate::store::hash_of(&grown)).exists());
+    assert_eq!(read_all(&t, b).unwrap(), grown);
+    // And back to small.
+    t.setattr(a.ino, 0, SetAttr { size: Some(4), ..Default::default() }).unwrap();
+    assert!(t.store().is_small(&crate::store::hash_of(b"head")));
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"head");
+    assert_memory_is_persisted(&t, "at the end");
+}
+
+/// A small file renamed while being written, the node killed before the last close: its
+/// work file was in memory, so nothing of it is left on the disk, yet the restart must
+/// send the file under its new name with its closed content (the simulator's seed 407,
+/// for work files in memory; the database records which files were being written).
+#[test]
+fn a_small_file_renamed_while_written_is_sent_after_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_small_rows(dir.path());
+    let ino = closed_file(&t, ROOT, "a", b"closed");
+    t.take_unpublished();
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    t.write(fh, 0, b"CLOSED, not").unwrap();
+    t.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("b"), false).unwrap();
+    assert_eq!(std::fs::read_dir(dir.path().join("work")).unwrap().count(), 0, "the work file is in memory");
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_small_rows);
+    let sent: Vec<(String, Option<ContentHash>)> = t
+        .take_unpublished()
+        .iter()
+        .map(|r| {
+            let hash = match &r.change.op {
+                ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } => Some(hash.clone()),
+                _ => None,
+            };
+            (r.change.path.to_string(), hash)
+        })
+        .collect();
+    assert!(sent.contains(&("b".to_string(), Some(crate::store::hash_of(b"closed")))), "b is sent with its closed content: {sent:?}");
+    assert_eq!(read_all(&t, t.lookup(ROOT, OsStr::new("b")).unwrap().ino).unwrap(), b"closed");
+    assert_memory_is_persisted(&t, "after the restart");
+    // The record of files being written is emptied by the restart.
+    assert!(t.lock().db.take_writing().unwrap().is_empty());
 }

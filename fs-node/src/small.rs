@@ -1,0 +1,243 @@
+//! Small contents (up to [`SMALL_MAX`] bytes) kept together in one SQLite file,
+//! `<data>/small.db`, instead of one blob file each.
+//!
+//! A file per content costs an inode on every node for every small file: allocating it
+//! is the dearest part of a create on ext4 without a journal (it scans the inode table
+//! for recently freed slots, docs/benchmarks.md), every blob costs an open per read and
+//! per serve, and a million files are a million inodes in one directory. Here a small
+//! content is a row, written in one transaction (durable against a crash of the process
+//! like the node database; `sync` makes it durable against power loss).
+//!
+//! Owned by the content store (`store.rs`), which decides what goes here: every content
+//! of at most `SMALL_MAX` bytes it keeps from now on. Blob files of small contents from
+//! before stay valid (the store looks here first, then in `blobs/`). Rows are immutable
+//! and named by their hash, as blob files are. The database is made on the first put:
+//! a node that never keeps a small content never has one.
+
+use anyhow::Context;
+use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use wire::ContentHash;
+
+/// The largest content kept here. SQLite reads and writes blobs of this size faster than
+/// the file system makes and opens files (sqlite.org/fasterthanfs.html measures the
+/// cross-over near 100 KiB); larger ones are files, which the kernel can pass through.
+pub const SMALL_MAX: u64 = 64 * 1024;
+
+/// Only this process opens it, so it holds the lock for good (no file locks per
+/// transaction), as the node database does.
+const PRAGMAS: &str = "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS contents (
+    hash BLOB PRIMARY KEY,    -- the content's 32-byte BLAKE3 hash
+    bytes BLOB NOT NULL,
+    at_ms INTEGER NOT NULL    -- when it was put (a fresh download is not swept at once)
+) WITHOUT ROWID;
+";
+
+/// Rows looked at per step of a sweep: the connection is let go between steps, so a
+/// read waits for one step at most, never for a sweep of a million rows.
+const SWEEP_STEP: usize = 2_000;
+
+pub struct SmallContents {
+    path: PathBuf,
+    /// `None` until the database exists (made by the first put).
+    conn: Mutex<Option<Connection>>,
+}
+
+impl std::fmt::Debug for SmallContents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SmallContents({})", self.path.display())
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl SmallContents {
+    /// The small contents at `path`; opened now if the file exists (so that a damaged
+    /// one stops the node at start, with its name), made by the first put otherwise.
+    pub fn open(path: &Path) -> anyhow::Result<SmallContents> {
+        let conn = if path.exists() { Some(Self::connect(path)?) } else { None };
+        Ok(SmallContents { path: path.to_owned(), conn: Mutex::new(conn) })
+    }
+
+    fn connect(path: &Path) -> anyhow::Result<Connection> {
+        let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
+        conn.busy_timeout(std::time::Duration::from_secs(2))?;
+        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {} (is another node using this data directory?)", path.display()))?;
+        conn.execute_batch(SCHEMA).with_context(|| format!("making the tables of {}", path.display()))?;
+        Ok(conn)
+    }
+
+    /// Runs `f` on the connection; `None` if the database does not exist yet and
+    /// `make` is false.
+    fn with<T>(&self, make: bool, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<Option<T>> {
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if conn.is_none() {
+            if !make {
+                return Ok(None);
+            }
+            *conn = Some(Self::connect(&self.path)?);
+        }
+        let c = conn.as_ref().expect("opened above");
+        f(c).map(Some).with_context(|| format!("small contents ({})", self.path.display()))
+    }
+
+    /// The bytes of `h`, if they are here.
+    pub fn get(&self, h: &ContentHash) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.with(false, |c| c.prepare_cached("SELECT bytes FROM contents WHERE hash = ?1")?.query_row([h.as_bytes()], |r| r.get(0)).optional())?.flatten())
+    }
+
+    /// The size of `h`, if it is here.
+    pub fn len(&self, h: &ContentHash) -> Option<u64> {
+        let size = self.with(false, |c| {
+            c.prepare_cached("SELECT length(bytes) FROM contents WHERE hash = ?1")?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()
+        });
+        match size {
+            Ok(s) => s.flatten().map(|n| n as u64),
+            Err(e) => {
+                tracing::warn!("looking up {h}: {e:#}");
+                None
+            }
+        }
+    }
+
+    pub fn has(&self, h: &ContentHash) -> bool {
+        self.len(h).is_some()
+    }
+
+    /// Keeps `bytes` as content `h` (the caller checked that they hash to it); a content
+    /// already here stays as it is.
+    pub fn put(&self, h: &ContentHash, bytes: &[u8]) -> anyhow::Result<()> {
+        debug_assert!(bytes.len() as u64 <= SMALL_MAX);
+        self.with(true, |c| {
+            c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![h.as_bytes(), bytes, now_ms()])
+        })?;
+        Ok(())
+    }
+
+    /// Removes `h`; returns its size if it was here.
+    pub fn remove(&self, h: &ContentHash) -> Option<u64> {
+        let removed = self.with(false, |c| {
+            c.prepare_cached("DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)")?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()
+        });
+        match removed {
+            Ok(n) => n.flatten().map(|n| n as u64),
+            Err(e) => {
+                tracing::warn!("removing {h}: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Removes every content not in `keep` put more than `min_age` ago; returns how many.
+    pub fn sweep(&self, keep: &HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
+        let before = now_ms() - min_age.as_millis() as i64;
+        let mut after: Vec<u8> = Vec::new();
+        let mut removed = 0;
+        loop {
+            let step = self.with(false, |c| {
+                let rows: Vec<(Vec<u8>, i64)> = c
+                    .prepare_cached("SELECT hash, at_ms FROM contents WHERE hash > ?1 ORDER BY hash LIMIT ?2")?
+                    .query_map(params![after, SWEEP_STEP as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut gone = 0;
+                for (hash, at) in &rows {
+                    let Ok(bytes) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                        continue;
+                    };
+                    if *at <= before && !keep.contains(&ContentHash::from_bytes(bytes)) {
+                        gone += c.prepare_cached("DELETE FROM contents WHERE hash = ?1")?.execute([hash])?;
+                    }
+                }
+                Ok((rows.last().map(|(h, _)| h.clone()), gone))
+            });
+            match step {
+                Ok(Some((Some(last), gone))) => {
+                    removed += gone;
+                    after = last;
+                }
+                Ok(Some((None, _))) | Ok(None) => return removed,
+                Err(e) => {
+                    tracing::warn!("sweeping small contents: {e:#}");
+                    return removed;
+                }
+            }
+        }
+    }
+
+    /// Closes the database as a dead process would leave it (its lock gone).
+    #[cfg(test)]
+    pub fn let_go_for_test(&self) {
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+
+    /// Every content here (for a check of the whole store; a million small files are
+    /// 32 MB of hashes).
+    pub fn hashes(&self) -> anyhow::Result<Vec<ContentHash>> {
+        let rows = self.with(false, |c| c.prepare("SELECT hash FROM contents")?.query_map([], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>())?;
+        Ok(rows.unwrap_or_default().into_iter().filter_map(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(ContentHash::from_bytes).collect())
+    }
+
+    /// Makes every put so far survive a power loss: the log is flushed to disk and
+    /// copied into the database (with `synchronous=NORMAL`, commits alone are durable
+    /// against a crash of the process only).
+    pub fn sync(&self) -> anyhow::Result<()> {
+        self.with(false, |c| c.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(())))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hash(b: &[u8]) -> ContentHash {
+        ContentHash::from_bytes(*blake3::hash(b).as_bytes())
+    }
+
+    #[test]
+    fn contents_are_kept_found_removed_and_swept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.db");
+        let s = SmallContents::open(&path).unwrap();
+        let (a, b) = (b"first".to_vec(), vec![7u8; SMALL_MAX as usize]);
+        assert!(!s.has(&hash(&a)) && !path.exists(), "nothing is made before the first put");
+        s.put(&hash(&a), &a).unwrap();
+        s.put(&hash(&b), &b).unwrap();
+        s.put(&hash(&a), &a).unwrap();
+        assert_eq!(s.get(&hash(&a)).unwrap(), Some(a.clone()));
+        assert_eq!(s.len(&hash(&b)), Some(SMALL_MAX));
+        assert_eq!(s.get(&hash(b"other")).unwrap(), None);
+        // Young contents stay; old ones not kept go.
+        assert_eq!(s.sweep(&HashSet::new(), std::time::Duration::from_secs(60)), 0);
+        let keep: HashSet<_> = [hash(&a)].into();
+        assert_eq!(s.sweep(&keep, std::time::Duration::ZERO), 1);
+        assert!(s.has(&hash(&a)) && !s.has(&hash(&b)));
+        assert_eq!(s.remove(&hash(&a)), Some(a.len() as u64));
+        assert_eq!(s.remove(&hash(&a)), None);
+        s.put(&hash(&a), &a).unwrap();
+        s.sync().unwrap();
+        drop(s);
+        let again = SmallContents::open(&path).unwrap();
+        assert_eq!(again.hashes().unwrap(), vec![hash(&a)], "contents outlive the process");
+    }
+
+    #[test]
+    fn a_sweep_goes_through_more_rows_than_one_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SmallContents::open(&dir.path().join("small.db")).unwrap();
+        let all: Vec<Vec<u8>> = (0..(SWEEP_STEP * 2 + 10) as u32).map(|i| i.to_le_bytes().to_vec()).collect();
+        for b in &all {
+            s.put(&hash(b), b).unwrap();
+        }
+        let keep: HashSet<_> = all.iter().step_by(3).map(|b| hash(b)).collect();
+        assert_eq!(s.sweep(&keep, std::time::Duration::ZERO), all.len() - keep.len());
+        assert_eq!(s.hashes().unwrap().len(), keep.len());
+    }
+}
