@@ -26,16 +26,29 @@ use wire::ContentHash;
 /// cross-over near 100 KiB); larger ones are files, which the kernel can pass through.
 pub const SMALL_MAX: u64 = 64 * 1024;
 
-/// Only this process opens it, so it holds the lock for good (no file locks per
-/// transaction), as the node database does.
-const PRAGMAS: &str = "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;";
+/// A page cache of 16 MiB keeps the hash index of about 300,000 contents in memory. The
+/// log is copied into the database (a checkpoint, which flushes both to the disk) by a
+/// thread of its own (`ask_checkpoint`), never by a put: a put runs where a file is
+/// closed or a pull lands, and a flush there would stall them. So the connections do not
+/// hold the database exclusively as the node database does (the node database's lock
+/// already refuses a second node on the data directory).
+const PRAGMAS: &str =
+    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-16384; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;";
 
+/// Pages written to the log after which the checkpoint thread is asked to run.
+const CHECKPOINT_PAGES: u64 = 4096;
+
+/// Rows in the order they come (new bytes are appended to the file, not put between
+/// others by their random hash), found by an index of the 32-byte hashes alone: a small
+/// tree that stays in the cache, where a table keyed by the hash would put every new
+/// content in a random page of a table of gigabytes.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS contents (
-    hash BLOB PRIMARY KEY,    -- the content's 32-byte BLAKE3 hash
-    bytes BLOB NOT NULL,
-    at_ms INTEGER NOT NULL    -- when it was put (a fresh download is not swept at once)
-) WITHOUT ROWID;
+    id INTEGER PRIMARY KEY,
+    hash BLOB NOT NULL UNIQUE, -- the content's 32-byte BLAKE3 hash
+    at_ms INTEGER NOT NULL,    -- when it was put (a fresh download is not swept at once)
+    bytes BLOB NOT NULL
+);
 ";
 
 /// Rows looked at per step of a sweep: the connection is let go between steps, so a
@@ -46,6 +59,10 @@ pub struct SmallContents {
     path: PathBuf,
     /// `None` until the database exists (made by the first put).
     conn: Mutex<Option<Connection>>,
+    /// Pages (about) written to the log since a checkpoint was last asked for.
+    unchecked: std::sync::atomic::AtomicU64,
+    /// Wakes the checkpoint thread (started on first use; it ends with this).
+    checkpointer: std::sync::OnceLock<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl std::fmt::Debug for SmallContents {
@@ -63,13 +80,13 @@ impl SmallContents {
     /// one stops the node at start, with its name), made by the first put otherwise.
     pub fn open(path: &Path) -> anyhow::Result<SmallContents> {
         let conn = if path.exists() { Some(Self::connect(path)?) } else { None };
-        Ok(SmallContents { path: path.to_owned(), conn: Mutex::new(conn) })
+        Ok(SmallContents { path: path.to_owned(), conn: Mutex::new(conn), unchecked: 0.into(), checkpointer: Default::default() })
     }
 
     fn connect(path: &Path) -> anyhow::Result<Connection> {
         let conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
-        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {} (is another node using this data directory?)", path.display()))?;
+        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {}", path.display()))?;
         conn.execute_batch(SCHEMA).with_context(|| format!("making the tables of {}", path.display()))?;
         Ok(conn)
     }
@@ -118,7 +135,39 @@ impl SmallContents {
         self.with(true, |c| {
             c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![h.as_bytes(), bytes, now_ms()])
         })?;
+        use std::sync::atomic::Ordering;
+        let pages = bytes.len() as u64 / 4096 + 2;
+        if self.unchecked.fetch_add(pages, Ordering::Relaxed) + pages >= CHECKPOINT_PAGES {
+            self.unchecked.store(0, Ordering::Relaxed);
+            self.ask_checkpoint();
+        }
         Ok(())
+    }
+
+    /// Asks the checkpoint thread to copy the log into the database (a passive
+    /// checkpoint: it never blocks a put); one request waiting is enough.
+    fn ask_checkpoint(&self) {
+        let tx = self.checkpointer.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
+            let path = self.path.clone();
+            std::thread::spawn(move || {
+                let mut conn = None;
+                for () in rx {
+                    if conn.is_none() {
+                        conn = Self::connect(&path)
+                            .map_err(|e| tracing::warn!("small contents: the checkpoint thread cannot open {}: {e:#}", path.display()))
+                            .ok();
+                    }
+                    if let Some(c) = &conn {
+                        if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                            tracing::debug!("small contents: checkpoint: {e}");
+                        }
+                    }
+                }
+            });
+            tx
+        });
+        let _ = tx.try_send(());
     }
 
     /// Removes `h`; returns its size if it was here.

@@ -411,6 +411,17 @@ impl Tree {
             let h = st.handles.get(&fh).filter(|h| h.write)?;
             st.work_to_hash(h.ino)?
         };
+        // A small content is read once, hashed and kept as a row here, outside the lock
+        // (the commit then finds it kept). Should a write land meanwhile, the stamp
+        // differs at the commit, which hashes again: the row put here is left to the GC.
+        let size = work.metadata().ok()?.len();
+        if size <= self.store.small_max() && size > 0 {
+            let mut bytes = vec![0; size as usize];
+            work.read_exact_at(&mut bytes, 0).ok()?;
+            let hash = crate::store::hash_of(&bytes);
+            self.store.put_small(&hash, &bytes).ok()?;
+            return Some(Prehashed { work, stamp, hashed: crate::store::Hashed { hash, size, leaves: None } });
+        }
         let hashed = crate::store::hash_for_commit(&crate::store::fd_path(&work)).ok()?;
         Some(Prehashed { work, stamp, hashed })
     }
