@@ -112,13 +112,16 @@ impl SmallContents {
 
     /// The size of `h`, if it is here.
     pub fn len(&self, h: &ContentHash) -> Option<u64> {
-        let size = self.with(false, |c| {
-            c.prepare_cached("SELECT length(bytes) FROM contents WHERE hash = ?1")?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()
-        });
-        match size {
-            Ok(s) => s.flatten().map(|n| n as u64),
+        self.size_from("looking up", "SELECT length(bytes) FROM contents WHERE hash = ?1", h)
+    }
+
+    /// Runs `sql` (one row at most, a content's size, for the hash `?1`); a failure is
+    /// logged as `doing` `h` and taken for no row.
+    fn size_from(&self, doing: &str, sql: &str, h: &ContentHash) -> Option<u64> {
+        match self.with(false, |c| c.prepare_cached(sql)?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()) {
+            Ok(size) => size.flatten().map(|n| n as u64),
             Err(e) => {
-                tracing::warn!("looking up {h}: {e:#}");
+                tracing::warn!("{doing} {h}: {e:#}");
                 None
             }
         }
@@ -172,16 +175,7 @@ impl SmallContents {
 
     /// Removes `h`; returns its size if it was here.
     pub fn remove(&self, h: &ContentHash) -> Option<u64> {
-        let removed = self.with(false, |c| {
-            c.prepare_cached("DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)")?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()
-        });
-        match removed {
-            Ok(n) => n.flatten().map(|n| n as u64),
-            Err(e) => {
-                tracing::warn!("removing {h}: {e:#}");
-                None
-            }
-        }
+        self.size_from("removing", "DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)", h)
     }
 
     /// Removes every content not in `keep` put more than `min_age` ago; returns how many.

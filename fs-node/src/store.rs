@@ -225,8 +225,8 @@ impl ContentStore {
         self.small_max
     }
 
-    /// Whether content `h` is kept as a row of the small contents (no file to pass
-    /// through to, to chunk or to copy by range).
+    /// Whether content `h` is kept as a row of the small contents.
+    #[cfg(test)]
     pub fn is_small(&self, h: &ContentHash) -> bool {
         self.small.has(h)
     }
@@ -325,15 +325,14 @@ impl ContentStore {
             self.put_small(&hash, &bytes)?;
             return Ok(CommittedWork { hash, size, moved: false });
         }
-        let p = self.work_path(ino);
-        if self.in_memory(work) {
+        let moved = !self.in_memory(work);
+        if moved {
+            let p = self.work_path(ino);
+            std::fs::rename(&p, self.blob_path(&hash)).with_context(|| format!("moving {} into the store", p.display()))?;
+        } else {
             let tmp = self.copy_to_tmp(&fd_path(work)).context("copying a work file out of memory")?;
             self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
-        } else {
-            let dest = self.blob_path(&hash);
-            std::fs::rename(&p, &dest).with_context(|| format!("moving {} into the store", p.display()))?;
         }
-        let moved = !self.in_memory(work);
         if let Some(l) = leaves {
             self.save_leaves(&hash, &l);
         }
