@@ -327,6 +327,7 @@ impl Pulls {
             }
         }
         let wanted = engine::wanted_contents(&self.tree, &self.me, &env.body);
+        self.pull_small_together(&wanted).await;
         stream::iter(wanted)
             .map(|w| {
                 let pulls = self.clone();
@@ -337,6 +338,34 @@ impl Pulls {
             .await;
         tracing::debug!(target: "timing", "delivery prepared");
         Prepared::Ready(d, env)
+    }
+
+    /// Asks for the small contents among `wanted` together, several per request to
+    /// each one's first holder (`Puller::pull_small_batch`): a burst of small files
+    /// costs a request per holder and a transaction per batch instead of one each.
+    /// Whatever does not come this way is pulled alone afterwards (every holder is
+    /// tried there, and one that misbehaves is dropped).
+    async fn pull_small_together(&self, wanted: &[engine::Wanted]) {
+        let small_max = self.tree.store().small_max();
+        let mut by_holder: HashMap<&wire::Holder, Vec<(wire::ContentHash, u64)>> = HashMap::new();
+        for w in wanted.iter().filter(|w| w.size <= small_max) {
+            if let Some(holder) = w.holders.iter().find(|h| h.node != self.me) {
+                by_holder.entry(holder).or_default().push((w.hash.clone(), w.size));
+            }
+        }
+        for (holder, items) in by_holder {
+            for batch in items.chunks(crate::puller::SMALL_BATCH_MAX).filter(|b| b.len() > 1) {
+                self.state.pulls_in_progress.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                let r = self.puller.pull_small_batch(holder, batch).await;
+                self.state.pulls_in_progress.fetch_sub(batch.len() as u64, Ordering::Relaxed);
+                match r {
+                    Ok(n) => {
+                        self.metrics.bytes_pulled.inc_by(n);
+                    }
+                    Err(e) => tracing::debug!("asking {} for {} small contents at once: {e:#}; pulling them one by one", holder.node, batch.len()),
+                }
+            }
+        }
     }
 
     /// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.

@@ -87,6 +87,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         .route("/content/{*hash}", any(content))
         // An empty hash is a malformed one (400), as any other path below /content/.
         .route("/content/", any(content))
+        .route("/small", only(Method::POST, post(small_batch)))
         .route("/chunks/{hash}", only(Method::GET, get(chunks)))
         .route("/leaves/{hash}", only(Method::GET, get(leaves)))
         .route("/status", only(Method::GET, get(status)))
@@ -283,6 +284,42 @@ fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, 
     Ok(Some((first, last - first + 1)))
 }
 
+/// `POST /small`: several small contents in one answer (a node pulling a burst of
+/// small files asks once instead of once per file). The body is the contents' 32-byte
+/// hashes, one after the other, at most `SMALL_BATCH_MAX`; the answer gives each in
+/// order, its length (4 bytes, big-endian) then its bytes, or `SMALL_ABSENT` alone for
+/// one this node does not keep as a small content or that would take the answer past
+/// `SMALL_BATCH_BYTES` (docs/protocol.md).
+async fn small_batch(State(served): State<Arc<Served>>, body: Bytes) -> Response {
+    use crate::puller::{SMALL_ABSENT, SMALL_BATCH_BYTES, SMALL_BATCH_MAX, SMALL_LEN_BYTES};
+    if body.is_empty() || body.len() % 32 != 0 || body.len() / 32 > SMALL_BATCH_MAX {
+        return json_error(StatusCode::BAD_REQUEST, &format!("expected 1 to {SMALL_BATCH_MAX} content hashes of 32 bytes each, one after the other"));
+    }
+    let hashes: Vec<ContentHash> = body.chunks_exact(32).map(|c| ContentHash::from_bytes(c.try_into().expect("32 bytes"))).collect();
+    let store = served.reporter.tree.store().clone();
+    let found = tokio::task::spawn_blocking(move || store.small_many(&hashes, SMALL_BATCH_BYTES)).await.map_err(std::io::Error::other).and_then(|r| r);
+    let found = match found {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!("reading a batch of small contents: {e}");
+            return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the contents");
+        }
+    };
+    let n: usize = found.iter().map(|b| b.as_ref().map_or(0, Vec::len)).sum();
+    let mut out = Vec::with_capacity(n + found.len() * SMALL_LEN_BYTES);
+    for bytes in &found {
+        match bytes {
+            Some(b) => {
+                out.extend_from_slice(&(b.len() as u32).to_be_bytes());
+                out.extend_from_slice(b);
+            }
+            None => out.extend_from_slice(&SMALL_ABSENT.to_be_bytes()),
+        }
+    }
+    served.reporter.metrics.bytes_served.inc_by(n as u64);
+    full(StatusCode::OK, "application/octet-stream", out)
+}
+
 /// Where a content served is read from.
 enum Source {
     /// A small content's bytes (`small.rs`).
@@ -384,7 +421,10 @@ mod tests {
     /// A reporter over a fresh tree and a broker link that never runs (so never connected).
     fn reporter(data: &Path) -> Arc<Reporter> {
         // Every content a blob file: the chunk lists below are made of files.
-        let store = ContentStore::open_with_small_max(data, 0).unwrap();
+        reporter_with(ContentStore::open_with_small_max(data, 0).unwrap(), data)
+    }
+
+    fn reporter_with(store: ContentStore, data: &Path) -> Arc<Reporter> {
         let tree = Arc::new(Tree::load(Db::open(&data.join("node.db")).unwrap(), store.clone()).unwrap());
         let id: wire::NodeId = "n1".parse().unwrap();
         let url = "http://127.0.0.1:1".to_string();
@@ -397,11 +437,15 @@ mod tests {
     }
 
     async fn call(router: &Router, method: &str, uri: &str, token: Option<&str>) -> (StatusCode, axum::http::HeaderMap, Bytes) {
+        call_with(router, method, uri, token, Vec::new()).await
+    }
+
+    async fn call_with(router: &Router, method: &str, uri: &str, token: Option<&str>, body: Vec<u8>) -> (StatusCode, axum::http::HeaderMap, Bytes) {
         let mut req = axum::http::Request::builder().method(method).uri(uri);
         if let Some(t) = token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
-        let resp = router.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+        let resp = router.clone().oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
         let (parts, body) = resp.into_parts();
         (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
     }
@@ -474,5 +518,56 @@ mod tests {
         assert_eq!((status, &cached), (StatusCode::OK, &made));
         let (status, _, _) = call(&router, "GET", &format!("/chunks/{}?cached", "0".repeat(64)), Some(TOKEN)).await;
         assert_eq!(status, StatusCode::NOT_FOUND);
+    }
+
+    /// `POST /small` answers each hash asked, in order: a small content's length and
+    /// bytes, or "absent" for one it does not keep as a row; a body that is not 1 to
+    /// SMALL_BATCH_MAX hashes is refused, and only the bytes sent count as served.
+    #[tokio::test]
+    async fn small_contents_are_served_several_in_one_answer() {
+        use crate::puller::{SMALL_ABSENT, SMALL_BATCH_MAX};
+        let dir = tempfile::tempdir().unwrap();
+        let reporter = reporter_with(ContentStore::open(dir.path()).unwrap(), dir.path());
+        let router = router(reporter.clone(), Some(TOKEN.into()));
+        let store = reporter.tree.store();
+        let contents: Vec<Vec<u8>> = vec![b"first small".to_vec(), vec![7u8; 5000]];
+        let hashes: Vec<ContentHash> = contents.iter().map(|c| ContentHash::from_bytes(*blake3::hash(c).as_bytes())).collect();
+        for (h, c) in hashes.iter().zip(&contents) {
+            store.put_small(h, c).unwrap();
+        }
+        let missing = ContentHash::from_bytes([9; 32]);
+        let ask: Vec<u8> = [&hashes[1], &missing, &hashes[0]].iter().flat_map(|h| *h.as_bytes()).collect();
+        let (status, headers, body) = call_with(&router, "POST", "/small", Some(TOKEN), ask.clone()).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(headers["content-type"], "application/octet-stream");
+        let mut expected = Vec::new();
+        for part in [Some(&contents[1]), None, Some(&contents[0])] {
+            match part {
+                Some(c) => {
+                    expected.extend_from_slice(&(c.len() as u32).to_be_bytes());
+                    expected.extend_from_slice(c);
+                }
+                None => expected.extend_from_slice(&SMALL_ABSENT.to_be_bytes()),
+            }
+        }
+        assert_eq!(&body[..], &expected[..]);
+        assert_eq!(reporter.metrics.bytes_served.get(), (contents[0].len() + contents[1].len()) as u64);
+        // What a puller makes of it: both contents, in the order asked.
+        let wanted = vec![(hashes[1].clone(), 5000), (missing.clone(), 10), (hashes[0].clone(), contents[0].len() as u64)];
+        let (taken, bad) = crate::puller::parse_small_batch(&body, &wanted);
+        assert_eq!(bad, None);
+        assert_eq!(taken, vec![(&hashes[1], &contents[1][..]), (&hashes[0], &contents[0][..])]);
+
+        // The token, the method and the body's shape are checked.
+        let (status, _, _) = call_with(&router, "POST", "/small", None, ask.clone()).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, headers, _) = call_with(&router, "GET", "/small", Some(TOKEN), Vec::new()).await;
+        assert_eq!((status, &headers["allow"]), (StatusCode::METHOD_NOT_ALLOWED, &HeaderValue::from_static("POST")));
+        for body in [Vec::new(), ask[..31].to_vec(), vec![1u8; 32 * (SMALL_BATCH_MAX + 1)]] {
+            let (status, _, answer) = call_with(&router, "POST", "/small", Some(TOKEN), body.clone()).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "a body of {} bytes", body.len());
+            assert!(answer.starts_with(br#"{"error":""#));
+        }
+        assert_eq!(reporter.metrics.bytes_served.get(), (contents[0].len() + contents[1].len()) as u64);
     }
 }

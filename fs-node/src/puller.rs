@@ -90,6 +90,14 @@ enum Attempt {
     Misbehaved(anyhow::Error),
 }
 
+impl Attempt {
+    fn into_error(self) -> anyhow::Error {
+        match self {
+            Attempt::Retry(e) | Attempt::Misbehaved(e) => e,
+        }
+    }
+}
+
 /// Pulls contents from holders into the store.
 #[derive(Clone)]
 pub struct Puller {
@@ -462,14 +470,48 @@ impl Puller {
             self.fetch(holder, req, most).await
         }
         .await;
-        got.map_err(|(Attempt::Retry(e) | Attempt::Misbehaved(e))| e)
+        got.map_err(Attempt::into_error)
+    }
+
+    /// Pulls the small contents `wanted` (hash and size, each at most the store's
+    /// `small_max`, at most [`SMALL_BATCH_MAX`]) from `holder` in one request
+    /// (`POST /small`, docs/protocol.md) and keeps in one transaction those that came
+    /// and hash right. Returns their bytes. What did not come (the holder lacks it, its
+    /// answer's budget ran out, it is an older node without the endpoint, or it sent
+    /// bytes that do not check) is left to the pulls one by one, which try every holder
+    /// and drop one that misbehaves.
+    pub async fn pull_small_batch(&self, holder: &Holder, wanted: &[(ContentHash, u64)]) -> anyhow::Result<u64> {
+        anyhow::ensure!(wanted.len() <= SMALL_BATCH_MAX && wanted.iter().all(|(_, s)| *s <= self.store.small_max()), "not a batch of small contents");
+        let body: Vec<u8> = wanted.iter().flat_map(|(h, _)| *h.as_bytes()).collect();
+        let most = wanted.iter().map(|(_, s)| SMALL_LEN_BYTES as u64 + s).sum();
+        let req = self.request(reqwest::Method::POST, holder, "small").map_err(Attempt::into_error)?.body(body);
+        let answer = self.fetch(holder, req, most).await.map_err(Attempt::into_error)?;
+        let (taken, bad) = parse_small_batch(&answer, wanted);
+        if let Some(e) = bad {
+            tracing::debug!("the batch of small contents from {} is cut short: {e}", holder.node);
+        }
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        let n = taken.iter().map(|(_, b)| b.len() as u64).sum();
+        let store = self.store.clone();
+        let owned: Vec<(ContentHash, Vec<u8>)> = taken.into_iter().map(|(h, b)| (h.clone(), b.to_vec())).collect();
+        tokio::task::spawn_blocking(move || store.put_small_many(&owned.iter().map(|(h, b)| (h, b.as_slice())).collect::<Vec<_>>()))
+            .await
+            .context("keeping a batch of small contents")??;
+        Ok(n)
     }
 
     /// A GET of `what` (`content/<hash>`, `chunks/<hash>`) from `holder`, with the
     /// cluster token where it may go.
     fn get(&self, holder: &Holder, what: &str) -> Result<reqwest::RequestBuilder, Attempt> {
+        self.request(reqwest::Method::GET, holder, what)
+    }
+
+    /// A request of `what` from `holder`, with the cluster token where it may go.
+    fn request(&self, method: reqwest::Method, holder: &Holder, what: &str) -> Result<reqwest::RequestBuilder, Attempt> {
         let url = format!("{}/{what}", holder.url.trim_end_matches('/'));
-        let mut req = self.client.get(&url);
+        let mut req = self.client.request(method, &url);
         if let Some(t) = &self.token {
             // The token is a secret: never send it in clear text to an `http://` holder
             // when this node itself talks TLS (a hostile manager entry could point there).
@@ -809,6 +851,45 @@ impl Puller {
     }
 }
 
+/// Most contents one `POST /small` asks for.
+pub const SMALL_BATCH_MAX: usize = 256;
+/// Most content bytes one answer to `POST /small` carries; the contents past it are
+/// answered as absent (and pulled one by one).
+pub const SMALL_BATCH_BYTES: usize = 4 << 20;
+/// Each content of a `/small` answer is preceded by its length, 4 bytes big-endian;
+/// [`SMALL_ABSENT`] there says the holder does not send it.
+pub const SMALL_LEN_BYTES: usize = 4;
+pub const SMALL_ABSENT: u32 = u32::MAX;
+
+/// The contents of an answer to `POST /small` for `wanted` that are there and check
+/// (their size and hash), in order; and why the answer was cut short, if it was (what
+/// came before that point is kept).
+pub(crate) fn parse_small_batch<'a>(answer: &'a [u8], wanted: &'a [(ContentHash, u64)]) -> (Vec<(&'a ContentHash, &'a [u8])>, Option<String>) {
+    let mut taken = Vec::new();
+    let mut rest = answer;
+    for (h, size) in wanted {
+        let Some((len, after)) = rest.split_first_chunk::<SMALL_LEN_BYTES>() else {
+            return (taken, Some(format!("it ends before the entry of {h}")));
+        };
+        rest = after;
+        let len = u32::from_be_bytes(*len);
+        if len == SMALL_ABSENT {
+            continue;
+        }
+        if u64::from(len) != *size || rest.len() < len as usize {
+            return (taken, Some(format!("{h} is {len} bytes, not {size}")));
+        }
+        let (bytes, after) = rest.split_at(len as usize);
+        rest = after;
+        if blake3::hash(bytes).as_bytes() != h.as_bytes() {
+            return (taken, Some(format!("the bytes sent for {h} hash to something else")));
+        }
+        taken.push((h, bytes));
+    }
+    let trailing = (!rest.is_empty()).then(|| format!("{} bytes follow the last entry", rest.len()));
+    (taken, trailing)
+}
+
 /// Where a download lands until it is checked.
 enum Download {
     Memory(Vec<u8>),
@@ -841,5 +922,36 @@ mod tests {
         }
         assert_eq!(runs, vec![vec![0, 1, 2], vec![3], vec![4], vec![5], vec![7], vec![6]]);
         assert!(take_run(&mut queue, &chunks).is_empty());
+    }
+
+    /// A holder's answer to `POST /small` is taken as far as it checks: absent entries
+    /// are skipped, and a wrong size, bytes that hash to something else, a cut answer or
+    /// bytes after the last entry stop it, keeping what came before.
+    #[test]
+    fn a_batch_of_small_contents_is_taken_as_far_as_it_checks() {
+        let a = b"alpha".to_vec();
+        let b = b"bravo!".to_vec();
+        let hash = |c: &[u8]| ContentHash::from_bytes(*blake3::hash(c).as_bytes());
+        let wanted = vec![(hash(&a), a.len() as u64), (hash(b"gone"), 4), (hash(&b), b.len() as u64)];
+        let entry = |c: &[u8]| [&(c.len() as u32).to_be_bytes()[..], c].concat();
+        let absent = SMALL_ABSENT.to_be_bytes().to_vec();
+        let good = [entry(&a), absent.clone(), entry(&b)].concat();
+        let (taken, bad) = parse_small_batch(&good, &wanted);
+        assert_eq!((taken.len(), bad), (2, None));
+        assert_eq!((taken[0].1, taken[1].1), (&a[..], &b[..]));
+        let lies = [
+            ("a wrong size", [entry(&a), absent.clone(), entry(b"bravo")].concat()),
+            ("other bytes", [entry(&a), absent.clone(), entry(b"BRAVO!")].concat()),
+            ("cut short", [entry(&a), absent.clone(), entry(&b)[..7].to_vec()].concat()),
+            ("no entry", [entry(&a), absent.clone()].concat()),
+        ];
+        for (what, answer) in lies {
+            let (taken, bad) = parse_small_batch(&answer, &wanted);
+            assert_eq!(taken.iter().map(|(h, _)| (*h).clone()).collect::<Vec<_>>(), vec![hash(&a)], "{what}");
+            assert!(bad.is_some(), "{what}");
+        }
+        let trailing = [good.clone(), vec![0]].concat();
+        let (taken, bad) = parse_small_batch(&trailing, &wanted);
+        assert_eq!((taken.len(), bad.is_some()), (2, true), "bytes after the last entry");
     }
 }

@@ -131,15 +131,44 @@ impl SmallContents {
         self.len(h).is_some()
     }
 
+    /// The bytes of each of `hashes` that is here, in order (`None` for one that is not),
+    /// until `budget` bytes are taken: the ones after that are `None` too.
+    pub fn get_many(&self, hashes: &[ContentHash], mut budget: usize) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
+        let got = self.with(false, |c| {
+            let mut q = c.prepare_cached("SELECT bytes FROM contents WHERE hash = ?1")?;
+            let mut out = Vec::with_capacity(hashes.len());
+            for h in hashes {
+                let bytes: Option<Vec<u8>> = if budget == 0 { None } else { q.query_row([h.as_bytes()], |r| r.get(0)).optional()? };
+                let bytes = bytes.filter(|b| b.len() <= budget);
+                budget -= bytes.as_ref().map_or(0, |b| b.len());
+                out.push(bytes);
+            }
+            Ok(out)
+        })?;
+        Ok(got.unwrap_or_else(|| vec![None; hashes.len()]))
+    }
+
     /// Keeps `bytes` as content `h` (the caller checked that they hash to it); a content
     /// already here stays as it is.
     pub fn put(&self, h: &ContentHash, bytes: &[u8]) -> anyhow::Result<()> {
-        debug_assert!(bytes.len() as u64 <= SMALL_MAX);
+        self.put_many(&[(h, bytes)])
+    }
+
+    /// [`SmallContents::put`] of several contents in one transaction (one commit for a
+    /// batch of pulled contents).
+    pub fn put_many(&self, items: &[(&ContentHash, &[u8])]) -> anyhow::Result<()> {
+        debug_assert!(items.iter().all(|(_, b)| b.len() as u64 <= SMALL_MAX));
         self.with(true, |c| {
-            c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?.execute(params![h.as_bytes(), bytes, now_ms()])
+            let tx = (items.len() > 1).then(|| c.unchecked_transaction()).transpose()?;
+            let mut q = c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?;
+            let at = now_ms();
+            for (h, bytes) in items {
+                q.execute(params![h.as_bytes(), bytes, at])?;
+            }
+            tx.map_or(Ok(()), |tx| tx.commit())
         })?;
         use std::sync::atomic::Ordering;
-        let pages = bytes.len() as u64 / 4096 + 2;
+        let pages = items.iter().map(|(_, b)| b.len() as u64 / 4096 + 2).sum::<u64>();
         if self.unchecked.fetch_add(pages, Ordering::Relaxed) + pages >= CHECKPOINT_PAGES {
             self.unchecked.store(0, Ordering::Relaxed);
             self.ask_checkpoint();

@@ -250,6 +250,18 @@ impl ContentStore {
         self.small.put(h, bytes)
     }
 
+    /// [`ContentStore::put_small`] of several contents, in one transaction.
+    pub fn put_small_many(&self, items: &[(&ContentHash, &[u8])]) -> anyhow::Result<()> {
+        self.small.put_many(items)
+    }
+
+    /// The bytes of each of `hashes` kept as a small content, in order, until `budget`
+    /// bytes are taken (`None` for the others; a small content kept as a blob file by an
+    /// older store is `None` too: it is served alone).
+    pub fn small_many(&self, hashes: &[ContentHash], budget: usize) -> std::io::Result<Vec<Option<Vec<u8>>>> {
+        self.small.get_many(hashes, budget).map_err(std::io::Error::other)
+    }
+
     /// Content `h` opened for reading: its blob file, or a small content's bytes in a
     /// file in memory.
     pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
