@@ -40,6 +40,12 @@ pub const RETRY_MAX: Duration = Duration::from_secs(60);
 /// A sync whose reply has not come on (no page) within this is taken for lost (its
 /// callers are told).
 pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
+/// While a message of changes waits for its decisions, new changes wait with it (and
+/// then go together, one message for the lot) for at most this long: a burst of file
+/// operations makes a few large messages instead of many small ones, each costing the
+/// broker a replicated write, the manager a commit and every node a step. A change made
+/// while nothing is awaited goes at once.
+pub const GATHER_WAIT: Duration = Duration::from_millis(50);
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -149,6 +155,14 @@ pub struct Engine<R> {
     /// Whether changes go several to a message (`publish_outbox`): not in the session's
     /// first publish, which sends again what an earlier session left undecided.
     batch_changes: bool,
+    /// The last change sent in this session while its decision has not come, and when
+    /// it went: new changes wait while there is one (at most [`GATHER_WAIT`]). The
+    /// manager decides a node's changes in the order they were sent, so when the last
+    /// one's decision comes, the earlier ones' came.
+    awaiting: Option<MessageId>,
+    awaiting_since: Now,
+    /// Changes are waiting to go (`publish_due`).
+    gathering: bool,
 }
 
 impl<R> Engine<R> {
@@ -167,6 +181,9 @@ impl<R> Engine<R> {
             held: Vec::new(),
             kept: Vec::new(),
             batch_changes: false,
+            awaiting: None,
+            awaiting_since: now,
+            gathering: false,
         };
         e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
@@ -190,10 +207,22 @@ impl<R> Engine<R> {
 
     /// A message from the node's queue, whose contents the driver has tried to pull.
     pub fn on_message(&mut self, env: Envelope<ToNode>, now: Now) -> EngineResult<Vec<Action<R>>> {
+        let awaited = self.awaiting.is_some();
         for body in env.body.into_parts_for(&self.node.id) {
             self.handle(body, now)?;
         }
+        // The decision awaited came: what gathered meanwhile goes.
+        let released = awaited && self.awaiting.is_none();
+        if released {
+            self.publish_outbox_gathered(now);
+        }
         Ok(self.take())
+    }
+
+    /// When the changes waiting to go (`GATHER_WAIT`) go even if no decision comes: the
+    /// driver calls [`Engine::on_outbox_ready`] then.
+    pub fn publish_due(&self) -> Option<Now> {
+        self.gathering.then(|| self.awaiting_since + GATHER_WAIT)
     }
 
     /// One message for this node (a batch's item, or a message alone).
@@ -203,6 +232,9 @@ impl<R> Engine<R> {
                 self.apply_entry(entry, now)?;
             }
             ToNode::Decided { change, outcome, current } => {
+                if self.awaiting.as_ref() == Some(&change) {
+                    self.awaiting = None;
+                }
                 if let Outcome::Conflict { copy } = &outcome {
                     tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
                 }
@@ -246,18 +278,29 @@ impl<R> Engine<R> {
 
     /// Heartbeat time: presence, whatever the outbox holds that was not sent, and the
     /// kept contents the GC dropped for space.
-    pub fn on_heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>) -> Vec<Action<R>> {
+    pub fn on_heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>, now: Now) -> Vec<Action<R>> {
         let dropped = self.tree.take_dropped();
         self.kept.extend(dropped.into_iter().map(|h| (h, false)));
         self.heartbeat(pending_pulls, residency);
-        self.publish_outbox();
+        self.publish_outbox_gathered(now);
         self.take()
     }
 
-    /// The tree has new changes to send.
-    pub fn on_outbox_ready(&mut self) -> Vec<Action<R>> {
-        self.publish_outbox();
+    /// The tree has new changes to send (or the time to gather them is up).
+    pub fn on_outbox_ready(&mut self, now: Now) -> Vec<Action<R>> {
+        self.publish_outbox_gathered(now);
         self.take()
+    }
+
+    /// Sends the outbox now unless changes sent before are still awaited and were sent
+    /// less than [`GATHER_WAIT`] ago: then the new ones wait to go together, when the
+    /// last decision comes or the wait is up.
+    fn publish_outbox_gathered(&mut self, now: Now) {
+        if self.awaiting.is_some() && now.saturating_sub(self.awaiting_since) < GATHER_WAIT {
+            self.gathering = true;
+            return;
+        }
+        self.publish_outbox_at(now);
     }
 
     /// Someone asks for a sync (`syncctl sync`, the manager, a content that keeps
@@ -360,8 +403,13 @@ impl<R> Engine<R> {
     /// The session's first publish sends each change alone: it sends again what an
     /// earlier session left undecided, and a change the manager cannot take (its message
     /// is dead-lettered after retries) must not hold back the changes sent with it.
-    fn publish_outbox(&mut self) -> u64 {
+    fn publish_outbox_at(&mut self, now: Now) -> u64 {
+        self.gathering = false;
         let rows = self.tree.take_unpublished();
+        if let Some(last) = rows.last() {
+            self.awaiting = Some(last.msg.clone());
+            self.awaiting_since = now;
+        }
         let n = rows.len() as u64;
         let together = std::mem::replace(&mut self.batch_changes, true) && rows.len() > 1;
         if !together {
@@ -421,7 +469,7 @@ impl<R> Engine<R> {
     /// every change sent before it.
     fn start_sync(&mut self, responders: Vec<R>, now: Now) {
         self.last_sync_start = Some(now);
-        let pushed = self.publish_outbox();
+        let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
         let since = self.sync_since();
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true });
@@ -582,7 +630,7 @@ impl<R> Engine<R> {
             return Ok(());
         }
         let unknown = self.tree.push_unknown(&s.known).map_err(fail("pushing local paths"))? as u64;
-        self.publish_outbox();
+        self.publish_outbox_at(now);
         let report = SyncReport {
             pushed: s.pushed + unknown,
             pulled: s.pulled,
@@ -756,20 +804,26 @@ mod tests {
         for n in &names[2..] {
             mkdir(n);
         }
-        let later = changes(engine.on_outbox_ready());
+        // (Past the wait for the first publish's decisions, which never come here.)
+        let mut now = Duration::ZERO;
+        let mut after_the_wait = || {
+            now += GATHER_WAIT;
+            now
+        };
+        let later = changes(engine.on_outbox_ready(after_the_wait()));
         assert_eq!(later.len(), 1, "{later:?}");
         assert_eq!(later[0].iter().map(|(_, p)| p.as_str()).collect::<Vec<_>>(), ["d2", "d3", "d4"]);
         let ids: std::collections::HashSet<&MessageId> = first.iter().chain(&later).flatten().map(|(id, _)| id).collect();
         assert_eq!(ids.len(), 5, "every change keeps an id of its own");
         // A lone change still goes as it always did.
         mkdir("alone");
-        let alone = engine.on_outbox_ready();
+        let alone = engine.on_outbox_ready(after_the_wait());
         assert!(alone.iter().any(|a| matches!(a, Action::Publish { env, .. } if matches!(env.body, ToManager::Change(_)))));
         // Many changes are cut into messages within the limits.
         for i in 0..(MAX_CHANGES_PER_MESSAGE + 10) {
             mkdir(&format!("many-{i:05}-{}", "x".repeat(200)));
         }
-        let many = engine.on_outbox_ready();
+        let many = engine.on_outbox_ready(after_the_wait());
         let sizes: Vec<usize> = many
             .iter()
             .filter_map(|a| match a {
@@ -785,6 +839,69 @@ mod tests {
             .collect();
         assert!(sizes.len() > 1, "{sizes:?}");
         assert_eq!(sizes.iter().sum::<usize>(), MAX_CHANGES_PER_MESSAGE + 10);
+    }
+
+    /// While the last change sent waits for its decision, new changes wait too and then
+    /// go together: when that decision comes, or when `GATHER_WAIT` is up (a decision
+    /// that never comes holds nothing back for longer). A change made while nothing is
+    /// awaited goes at once.
+    #[test]
+    fn changes_made_while_one_awaits_its_decision_go_together_when_it_comes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, tree, _, mut engine) = engine_with(dir.path(), b"x");
+        let ms = Duration::from_millis;
+        let mkdir = |n: &str| {
+            tree.mkdir(crate::tree::ROOT, std::ffi::OsStr::new(n), 0o755, 0, 0).unwrap();
+        };
+        let sent = |actions: &[Action<()>]| -> Vec<Vec<(MessageId, String)>> {
+            actions
+                .iter()
+                .filter_map(|a| match a {
+                    Action::Publish { env, confirmed: true } => match &env.body {
+                        ToManager::Change(c) => Some(vec![(env.id.clone(), c.path.to_string())]),
+                        ToManager::Changes { items } => Some(items.iter().map(|i| (i.id.clone(), i.change.path.to_string())).collect()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect()
+        };
+        let paths = |m: &[(MessageId, String)]| m.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>();
+        mkdir("a");
+        let first = sent(&engine.on_outbox_ready(ms(100)));
+        assert_eq!(first.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["a"]], "nothing awaited: at once");
+        assert_eq!(engine.publish_due(), None);
+        mkdir("b");
+        mkdir("c");
+        assert!(sent(&engine.on_outbox_ready(ms(110))).is_empty(), "a awaits its decision: b and c wait");
+        assert_eq!(engine.publish_due(), Some(ms(100) + GATHER_WAIT));
+        // The decision on a comes: b and c go, in one message.
+        let decided = |id: &MessageId, path: &str, rev: u64| {
+            let current = Entry {
+                path: RelPath::new(path.to_string()).unwrap(),
+                rev: Revision(rev),
+                version: Some(Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 }),
+                holders: vec![],
+            };
+            Envelope::new(tree.env().new_id(), "manager".parse().unwrap(), ToNode::Decided { change: id.clone(), outcome: Outcome::Accepted, current })
+        };
+        let together = sent(&engine.on_message(decided(&first[0][0].0, "a", 1), ms(120)).unwrap());
+        assert_eq!(together.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["b", "c"]]);
+        assert_eq!(engine.publish_due(), None);
+        // c's decision does not come: d waits until the wait is up, then goes.
+        mkdir("d");
+        assert!(sent(&engine.on_outbox_ready(ms(130))).is_empty());
+        assert!(sent(&engine.on_outbox_ready(ms(120) + GATHER_WAIT - ms(1))).is_empty());
+        let late = sent(&engine.on_outbox_ready(ms(120) + GATHER_WAIT));
+        assert_eq!(late.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["d"]]);
+        // A decision on an earlier change than the last one sent releases nothing.
+        mkdir("e");
+        let t = ms(120) + GATHER_WAIT;
+        assert!(sent(&engine.on_outbox_ready(t)).is_empty());
+        assert!(sent(&engine.on_message(decided(&together[0][1].0, "c", 3), t + ms(1)).unwrap()).is_empty());
+        let d_id = late[0][0].0.clone();
+        let e = sent(&engine.on_message(decided(&d_id, "d", 4), t + ms(2)).unwrap());
+        assert_eq!(e.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["e"]]);
     }
 
     /// A `Keep` is answered with what the node keeps and lacks; a content it lacks that

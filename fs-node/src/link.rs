@@ -481,17 +481,27 @@ impl Link {
         let mut asked: HashMap<wire::MessageId, oneshot::Sender<anyhow::Result<wire::Answer>>> = HashMap::new();
         let mut residency_counted = ResidencyCount::default();
         loop {
+            let gather_due = s.engine.as_ref().and_then(|e| e.publish_due()).map(|due| tokio::time::Instant::from_std(clock + due));
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = conn.close(200, "node shutting down".into()).await;
                     return Ok(());
                 }
-                _ = outbox_ready.notified() => s.step(|e| Ok(e.on_outbox_ready())).await?,
+                _ = outbox_ready.notified() => {
+                    let now = s.now();
+                    s.step(move |e| Ok(e.on_outbox_ready(now))).await?;
+                }
+                // Changes gathered while others await their decisions: the wait is up.
+                _ = tokio::time::sleep_until(gather_due.unwrap_or_else(tokio::time::Instant::now)), if gather_due.is_some() => {
+                    let now = s.now();
+                    s.step(move |e| Ok(e.on_outbox_ready(now))).await?;
+                }
                 _ = hb.tick() => {
                     // The link's pulls, or all under way (on-demand fetches too).
                     let pulls = link.state.pulls_in_progress.load(Ordering::Relaxed).max(link.puller.pulls_under_way() as u64);
                     let residency = link.residency(&mut residency_counted).await;
-                    s.step(move |e| Ok(e.on_heartbeat(pulls, residency))).await?;
+                    let now = s.now();
+                    s.step(move |e| Ok(e.on_heartbeat(pulls, residency, now))).await?;
                 }
                 _ = retry.tick() => {
                     let now = s.now();

@@ -371,7 +371,8 @@ impl World {
                 self.nodes[i].restart()?;
             }
             self.connect(i)?;
-            self.nodes[i].outbox_ready(&mut self.broker);
+            let now = self.now();
+            self.nodes[i].outbox_ready(&mut self.broker, now);
         }
         Ok(())
     }
@@ -460,7 +461,8 @@ impl World {
             self.record_closed(i, &path);
         }
         {
-            self.nodes[i].outbox_ready(&mut self.broker);
+            let now = self.now();
+            self.nodes[i].outbox_ready(&mut self.broker, now);
             Ok(())
         }
     }
@@ -571,7 +573,8 @@ impl World {
         }
         self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));
         if self.rng.random_bool(0.7) {
-            self.nodes[i].outbox_ready(&mut self.broker);
+            let now = self.now();
+            self.nodes[i].outbox_ready(&mut self.broker, now);
         }
         Ok(())
     }

@@ -271,9 +271,9 @@ impl SimNode {
     }
 
     /// The outbox grew: the engine publishes it.
-    pub fn outbox_ready(&mut self, broker: &mut Broker) {
+    pub fn outbox_ready(&mut self, broker: &mut Broker, now: Duration) {
         if let Some(e) = self.engine.as_mut() {
-            let actions = e.on_outbox_ready();
+            let actions = e.on_outbox_ready(now);
             self.carry_out(actions, broker);
         }
     }
@@ -286,7 +286,7 @@ impl SimNode {
             if let Some(tree) = &self.tree {
                 tree.gc();
                 if let Some(e) = self.engine.as_mut() {
-                    let actions = e.on_outbox_ready();
+                    let actions = e.on_outbox_ready(now);
                     self.carry_out(actions, broker);
                 }
             }
@@ -296,7 +296,7 @@ impl SimNode {
             self.connect(broker, now);
         }
         let Some(e) = self.engine.as_mut() else { return Ok(()) };
-        let mut actions = e.on_heartbeat(self.pulls.len() as u64, None);
+        let mut actions = e.on_heartbeat(self.pulls.len() as u64, None, now);
         actions.extend(e.on_retry_tick(now));
         self.carry_out(actions, broker);
         for p in std::mem::take(&mut self.pulls) {
