@@ -384,7 +384,10 @@ impl Filesystem for SyncFs {
         if let Some(s) = stream {
             self.rt.spawn(async move {
                 match s.read(offset, size).await {
-                    Ok(d) => reply.data(&d),
+                    Ok(d) => {
+                        reply.data(&d);
+                        s.give_back(d);
+                    }
                     Err(e) => reply.error(fail("read", e)),
                 }
             });

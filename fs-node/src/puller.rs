@@ -535,8 +535,9 @@ impl Puller {
                 return Err(Attempt::Misbehaved(anyhow::anyhow!("{} offers more than the {most} bytes asked for", holder.node)));
             }
             // Read as it comes, and not a byte past `most` (an answer without a length
-            // could otherwise stream without end into memory).
-            let mut body = Vec::new();
+            // could otherwise stream without end into memory); room for what the answer
+            // says it brings is made at once.
+            let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(most) as usize);
             let mut stream = resp.bytes_stream();
             while let Some(part) =
                 stream.try_next().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))?
