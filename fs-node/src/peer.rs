@@ -292,7 +292,7 @@ fn byte_range(headers: &axum::http::HeaderMap, len: u64) -> Result<Option<(u64, 
 /// `SMALL_BATCH_BYTES` (docs/protocol.md).
 async fn small_batch(State(served): State<Arc<Served>>, body: Bytes) -> Response {
     use crate::puller::{SMALL_ABSENT, SMALL_BATCH_BYTES, SMALL_BATCH_MAX, SMALL_LEN_BYTES};
-    if body.is_empty() || body.len() % 32 != 0 || body.len() / 32 > SMALL_BATCH_MAX {
+    if body.is_empty() || !body.len().is_multiple_of(32) || body.len() / 32 > SMALL_BATCH_MAX {
         return json_error(StatusCode::BAD_REQUEST, &format!("expected 1 to {SMALL_BATCH_MAX} content hashes of 32 bytes each, one after the other"));
     }
     let hashes: Vec<ContentHash> = body.chunks_exact(32).map(|c| ContentHash::from_bytes(c.try_into().expect("32 bytes"))).collect();
