@@ -152,7 +152,8 @@ pub struct Engine<R> {
     last_sync_start: Option<Now>,
     missing: BTreeMap<RelPath, Missing>,
     out: Vec<Action<R>>,
-    /// Contents taken in this step, told to the manager together at its end (`take`).
+    /// Contents taken and not yet told to the manager (`take`: 100 ms after the first,
+    /// in a sync at once).
     held: Vec<Held>,
     /// When the first of `held` was taken (they are told by `HOLDING_WAIT` after it).
     held_since: Option<Now>,
@@ -380,6 +381,25 @@ impl<R> Engine<R> {
         let kept = std::mem::take(&mut self.kept);
         self.report_kept(kept);
         std::mem::take(&mut self.out)
+    }
+
+    /// The session ends (the broker connection closes or was lost): what was taken and
+    /// not yet told, for the next session to tell (`retell`). Its deliveries were acked:
+    /// nothing else would tell the manager this node holds them.
+    pub fn take_untold(&mut self) -> Vec<Held> {
+        self.held_since = None;
+        std::mem::take(&mut self.held)
+    }
+
+    /// What an earlier session took and did not tell, told with this session's next step.
+    pub fn retell(&mut self, untold: Vec<Held>) {
+        self.held.extend(untold);
+    }
+
+    /// The node is shutting down: tells the manager what was taken and not yet told.
+    pub fn on_closing(&mut self, now: Now) -> Vec<Action<R>> {
+        self.tell_held();
+        self.take(now)
     }
 
     /// Tells the manager every content taken and not yet told.
@@ -851,6 +871,18 @@ mod tests {
         // A heartbeat tells what was taken at once.
         engine.on_message(applied("c", 3), t + ms(200)).unwrap();
         assert_eq!(told(&engine.on_heartbeat(0, None, t + ms(201))), [["c"]]);
+        // A node shutting down tells what it took.
+        assert!(told(&engine.on_message(applied("e", 5), t + ms(250)).unwrap()).is_empty());
+        assert_eq!(told(&engine.on_closing(t + ms(251))), [["e"]]);
+        // The session ends before d is told: the next session tells it with its first step.
+        engine.on_message(applied("d", 4), t + ms(300)).unwrap();
+        let untold = engine.take_untold();
+        assert_eq!(untold.iter().map(|h| h.path.to_string()).collect::<Vec<_>>(), ["d"]);
+        assert_eq!(engine.publish_due(), None);
+        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut next, _) = Engine::<()>::connected(engine.tree().clone(), info, 0, t + ms(400));
+        next.retell(untold);
+        assert_eq!(told(&next.on_outbox_ready(t + ms(401))), [["d"]]);
     }
 
     /// Local changes made while the engine was busy go out several to a message, in the

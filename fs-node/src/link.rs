@@ -120,6 +120,9 @@ struct Link {
     /// Set once the mount is up: where kernel cache invalidations go.
     notifier: Arc<OnceLock<fuser::Notifier>>,
     state: Arc<LinkState>,
+    /// Contents a session took and had not told the manager when it ended: the next
+    /// session tells them (`Engine::retell`).
+    untold: Mutex<Vec<wire::Held>>,
 }
 
 impl LinkTask {
@@ -135,7 +138,7 @@ impl LinkTask {
         let (tx, sync_rx) = mpsc::channel(16);
         let (asks, ask_rx) = mpsc::channel(16);
         let handle = LinkHandle { state: state.clone(), sync_requests: tx, asks };
-        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state }, sync_rx, ask_rx }, handle)
+        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state, untold: Mutex::default() }, sync_rx, ask_rx }, handle)
     }
 
     /// Runs until cancelled, reconnecting with backoff.
@@ -193,6 +196,16 @@ struct Session<'a> {
     engine: Option<Engine<Responder>>,
     clock: Instant,
     retry_done: mpsc::UnboundedSender<RetryDone>,
+}
+
+impl Drop for Session<'_> {
+    /// However the session ends, what its engine took and did not tell is kept for the
+    /// next one.
+    fn drop(&mut self) {
+        if let Some(e) = self.engine.as_mut() {
+            self.link.untold.lock().unwrap_or_else(|p| p.into_inner()).extend(e.take_untold());
+        }
+    }
 }
 
 impl Session<'_> {
@@ -353,7 +366,9 @@ impl Pulls {
                 by_holder.entry(holder).or_default().push((w.hash.clone(), w.size));
             }
         }
-        for (holder, items) in by_holder {
+        // The holders at once; each one's batches in turn, until one fails (the puller
+        // then does not ask that holder for batches for a while).
+        futures_util::future::join_all(by_holder.into_iter().map(|(holder, items)| async move {
             for batch in items.chunks(crate::puller::SMALL_BATCH_MAX).filter(|b| b.len() > 1) {
                 self.state.pulls_in_progress.fetch_add(batch.len() as u64, Ordering::Relaxed);
                 let r = self.puller.pull_small_batch(holder, batch).await;
@@ -362,10 +377,14 @@ impl Pulls {
                     Ok(n) => {
                         self.metrics.bytes_pulled.inc_by(n);
                     }
-                    Err(e) => tracing::debug!("asking {} for {} small contents at once: {e:#}; pulling them one by one", holder.node, batch.len()),
+                    Err(e) => {
+                        tracing::debug!("asking {} for {} small contents at once: {e:#}; pulling them one by one", holder.node, batch.len());
+                        break;
+                    }
                 }
             }
-        }
+        }))
+        .await;
     }
 
     /// Pulls one content, keeping the node's counters; returns 1 if it failed, else 0.
@@ -464,7 +483,8 @@ impl Link {
             .context("consuming")?;
         let info = self.info.clone();
         let (tree, pulls, now) = (self.tree.clone(), self.state.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
-        let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
+        let (mut engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
+        engine.retell(std::mem::take(&mut *self.untold.lock().unwrap_or_else(|p| p.into_inner())));
         self.state.connected.store(true, Ordering::Relaxed);
         backoff.reset();
         tracing::info!("connected to the broker; consuming {queue}");
@@ -484,6 +504,9 @@ impl Link {
             let gather_due = s.engine.as_ref().and_then(|e| e.publish_due()).map(|due| tokio::time::Instant::from_std(clock + due));
             tokio::select! {
                 _ = cancel.cancelled() => {
+                    // What was taken and not yet told goes first (its deliveries are acked).
+                    let now = s.now();
+                    let _ = s.step(move |e| Ok(e.on_closing(now))).await;
                     let _ = conn.close(200, "node shutting down".into()).await;
                     return Ok(());
                 }

@@ -296,6 +296,11 @@ async fn small_batch(State(served): State<Arc<Served>>, body: Bytes) -> Response
         return json_error(StatusCode::BAD_REQUEST, &format!("expected 1 to {SMALL_BATCH_MAX} content hashes of 32 bytes each, one after the other"));
     }
     let hashes: Vec<ContentHash> = body.chunks_exact(32).map(|c| ContentHash::from_bytes(c.try_into().expect("32 bytes"))).collect();
+    // Each answer holds up to twice its 4 MiB while it is made: a few at once.
+    static ANSWERING: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+    let Ok(_permit) = ANSWERING.acquire().await else {
+        return json_error(StatusCode::SERVICE_UNAVAILABLE, "shutting down");
+    };
     let store = served.reporter.tree.store().clone();
     let found = tokio::task::spawn_blocking(move || store.small_many(&hashes, SMALL_BATCH_BYTES)).await.map_err(std::io::Error::other).and_then(|r| r);
     let found = match found {

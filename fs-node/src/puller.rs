@@ -118,7 +118,14 @@ pub struct Puller {
     /// broadcast, or a retry, naming it at once) waits for the first and takes its
     /// result from the store instead of fetching it again.
     flights: Arc<std::sync::Mutex<HashMap<ContentHash, Arc<tokio::sync::Mutex<()>>>>>,
+    /// Holders whose last `POST /small` failed (an older node without it, one that
+    /// stalls or lies), and until when they are not asked for batches again: their
+    /// small contents are pulled one by one meanwhile.
+    no_batches: Arc<std::sync::Mutex<HashMap<NodeId, std::time::Instant>>>,
 }
+
+/// How long a holder whose batch of small contents failed is not asked for another.
+const NO_BATCHES_FOR: Duration = Duration::from_secs(60);
 
 /// One pull under way.
 #[derive(Clone)]
@@ -275,6 +282,7 @@ impl Puller {
             progress: Arc::default(),
             known: Arc::default(),
             flights: Arc::default(),
+            no_batches: Arc::default(),
         }
     }
 
@@ -482,16 +490,30 @@ impl Puller {
     /// and drop one that misbehaves.
     pub async fn pull_small_batch(&self, holder: &Holder, wanted: &[(ContentHash, u64)]) -> anyhow::Result<u64> {
         anyhow::ensure!(wanted.len() <= SMALL_BATCH_MAX && wanted.iter().all(|(_, s)| *s <= self.store.small_max()), "not a batch of small contents");
+        let now = std::time::Instant::now();
+        {
+            let mut paused = self.no_batches.lock().unwrap_or_else(|p| p.into_inner());
+            paused.retain(|_, until| *until > now);
+            anyhow::ensure!(!paused.contains_key(&holder.node), "{} failed a batch lately: not asked for another yet", holder.node);
+        }
+        let got = self.small_batch_from(holder, wanted).await;
+        if got.is_err() {
+            self.no_batches.lock().unwrap_or_else(|p| p.into_inner()).insert(holder.node.clone(), now + NO_BATCHES_FOR);
+        }
+        got
+    }
+
+    /// [`Puller::pull_small_batch`], the request itself.
+    async fn small_batch_from(&self, holder: &Holder, wanted: &[(ContentHash, u64)]) -> anyhow::Result<u64> {
         let body: Vec<u8> = wanted.iter().flat_map(|(h, _)| *h.as_bytes()).collect();
-        let most = wanted.iter().map(|(_, s)| SMALL_LEN_BYTES as u64 + s).sum();
+        // No holder sends more than SMALL_BATCH_BYTES of contents in one answer.
+        let most = wanted.iter().map(|(_, s)| s).sum::<u64>().min(SMALL_BATCH_BYTES as u64) + (SMALL_LEN_BYTES * wanted.len()) as u64;
         let req = self.request(reqwest::Method::POST, holder, "small").map_err(Attempt::into_error)?.body(body);
         let answer = self.fetch(holder, req, most).await.map_err(Attempt::into_error)?;
         let (taken, bad) = parse_small_batch(&answer, wanted);
-        if let Some(e) = bad {
-            tracing::debug!("the batch of small contents from {} is cut short: {e}", holder.node);
-        }
+        let bad = bad.map(|e| anyhow::anyhow!("the batch of small contents from {} is cut short: {e}", holder.node));
         if taken.is_empty() {
-            return Ok(0);
+            return bad.map_or(Ok(0), Err);
         }
         let n = taken.iter().map(|(_, b)| b.len() as u64).sum();
         let store = self.store.clone();
@@ -499,7 +521,9 @@ impl Puller {
         tokio::task::spawn_blocking(move || store.put_small_many(&owned.iter().map(|(h, b)| (h, b.as_slice())).collect::<Vec<_>>()))
             .await
             .context("keeping a batch of small contents")??;
-        Ok(n)
+        // What came before a bad part is kept; the holder is not asked for batches again
+        // for a while.
+        bad.map_or(Ok(n), Err)
     }
 
     /// A GET of `what` (`content/<hash>`, `chunks/<hash>`) from `holder`, with the

@@ -132,7 +132,8 @@ impl SmallContents {
     }
 
     /// The bytes of each of `hashes` that is here, in order (`None` for one that is not),
-    /// until `budget` bytes are taken: the ones after that are `None` too.
+    /// within `budget` bytes in all: one that would pass it is `None` too (a smaller one
+    /// after it may still fit).
     pub fn get_many(&self, hashes: &[ContentHash], mut budget: usize) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
         let got = self.with(false, |c| {
             let mut q = c.prepare_cached("SELECT bytes FROM contents WHERE hash = ?1")?;

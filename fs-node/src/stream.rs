@@ -268,7 +268,8 @@ impl Stream {
             notified.await;
         }
         let mut buf = self.buffers.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
-        // A buffer used before is as long as a read already: no bytes to zero.
+        // A buffer used before is usually as long as this read already: then nothing is
+        // zeroed (the read overwrites it all, or fails and the buffer is dropped).
         buf.resize((end - offset) as usize, 0);
         self.file.read_exact_at(&mut buf, offset)?;
         Ok(buf)

@@ -6,7 +6,7 @@ use std::net::TcpListener;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use system_tests::*;
-use wire::{Content, ContentHash, Entry, Envelope, Holder, RelPath, Revision, ToNode, Version};
+use wire::{BatchItem, Content, ContentHash, Entry, Envelope, Holder, RelPath, Revision, ToNode, Version};
 
 #[test]
 fn malformed_messages_are_dead_lettered_and_the_next_good_one_is_applied() {
@@ -82,6 +82,78 @@ fn a_lying_holder_corrupts_nothing() {
     eventually("the node to go on", DEADLINE, || c.nodes[0].pending() == 0);
     assert!(!c.nodes[0].p("lie.txt").exists(), "unverified bytes must never appear in the mount");
     assert!(std::fs::read_to_string(&c.nodes[0].log).unwrap().contains("thrown away"));
+}
+
+/// Two small files in one delivery, named with two holders: the first lies to the batch
+/// request (`POST /small`: entries of the right lengths, wrong bytes) and to every other
+/// request, the second tells the truth one content at a time. Nothing of the liar's bytes
+/// appears; both files come, whole, from the honest holder.
+#[test]
+fn a_holder_lying_about_a_batch_of_small_contents_corrupts_nothing() {
+    let c = Cluster::start("batchliar", 1);
+    let files: [(&str, &[u8]); 2] = [("one.txt", b"the first content"), ("two.txt", b"the second content")];
+    let hash = |b: &[u8]| ContentHash::from_bytes(*blake3::hash(b).as_bytes());
+    // The liar: whatever it is asked, two length-prefixed entries of the right sizes.
+    let liar = TcpListener::bind("127.0.0.1:0").unwrap();
+    let liar_url = format!("http://{}", liar.local_addr().unwrap());
+    let batch_asked = Arc::new(AtomicUsize::new(0));
+    let asked = batch_asked.clone();
+    let mut lie = Vec::new();
+    for (_, bytes) in files {
+        lie.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+        lie.extend(std::iter::repeat_n(b'!', bytes.len()));
+    }
+    std::thread::spawn(move || {
+        for s in liar.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            if buf[..n].starts_with(b"POST /small ") {
+                asked.fetch_add(1, Ordering::SeqCst);
+            }
+            let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", lie.len()).as_bytes());
+            let _ = s.write_all(&lie);
+        }
+    });
+    // The honest holder: `GET /content/<hash>` of either file, nothing else.
+    let honest = TcpListener::bind("127.0.0.1:0").unwrap();
+    let honest_url = format!("http://{}", honest.local_addr().unwrap());
+    let served: Vec<(String, Vec<u8>)> = files.iter().map(|(_, b)| (hash(b).to_string(), b.to_vec())).collect();
+    std::thread::spawn(move || {
+        for s in honest.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut buf = [0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).to_string();
+            match served.iter().find(|(h, _)| request.starts_with(&format!("GET /content/{h} "))) {
+                Some((_, bytes)) => {
+                    let _ = s.write_all(format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", bytes.len()).as_bytes());
+                    let _ = s.write_all(bytes);
+                }
+                None => {
+                    let _ = s.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                }
+            }
+        }
+    });
+    let holders = vec![Holder { node: "liar".parse().unwrap(), url: liar_url }, Holder { node: "honest".parse().unwrap(), url: honest_url }];
+    let items = files
+        .iter()
+        .enumerate()
+        .map(|(i, (path, bytes))| {
+            let version = Version { content: Content::File { hash: hash(bytes), size: bytes.len() as u64 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
+            let entry = Entry { path: RelPath::new(*path).unwrap(), rev: Revision(1_000_000 + i as u64), version: Some(version), holders: holders.clone() };
+            BatchItem { to: None, msg: ToNode::Applied { entry, origin: "honest".parse().unwrap() } }
+        })
+        .collect();
+    let env = Envelope::new("batch-lie-1".parse().unwrap(), "manager".parse().unwrap(), ToNode::Batch { items });
+    publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", &env.encode());
+    for (path, bytes) in files {
+        eventually(&format!("{path} from the honest holder"), DEADLINE, || read(&c.nodes[0].p(path)).is_some_and(|b| b == bytes));
+    }
+    assert_eq!(batch_asked.load(Ordering::SeqCst), 1, "the liar was asked for the batch once");
+    write(&c.nodes[0].p("next.txt"), b"next");
+    eventually("the node to go on", DEADLINE, || c.nodes[0].pending() == 0);
 }
 
 #[test]
