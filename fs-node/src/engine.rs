@@ -46,11 +46,6 @@ pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
 /// broker a replicated write, the manager a commit and every node a step. A change made
 /// while nothing is awaited goes at once.
 pub const GATHER_WAIT: Duration = Duration::from_millis(50);
-/// Contents taken are told to the manager (`holding`) at most this long after the first
-/// of them was taken, together with those taken meanwhile: under a burst of broadcasts a
-/// node sends a few `holding` messages instead of one per broadcast (each one a message
-/// at the broker and a commit at the manager). Steps of a sync tell theirs at once.
-pub const HOLDING_WAIT: Duration = Duration::from_millis(100);
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -152,11 +147,8 @@ pub struct Engine<R> {
     last_sync_start: Option<Now>,
     missing: BTreeMap<RelPath, Missing>,
     out: Vec<Action<R>>,
-    /// Contents taken and not yet told to the manager (`take`: 100 ms after the first,
-    /// in a sync at once).
+    /// Contents taken in this step, told to the manager together at its end (`take`).
     held: Vec<Held>,
-    /// When the first of `held` was taken (they are told by `HOLDING_WAIT` after it).
-    held_since: Option<Now>,
     /// Contents asked to be kept in this step: kept (true) or lacking; told together at
     /// its end (`take`).
     kept: Vec<(ContentHash, bool)>,
@@ -187,7 +179,6 @@ impl<R> Engine<R> {
             missing: BTreeMap::new(),
             out: Vec::new(),
             held: Vec::new(),
-            held_since: None,
             kept: Vec::new(),
             batch_changes: false,
             awaiting: None,
@@ -196,7 +187,7 @@ impl<R> Engine<R> {
         };
         e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
-        let out = e.take(now);
+        let out = e.take();
         (e, out)
     }
 
@@ -225,16 +216,13 @@ impl<R> Engine<R> {
         if released {
             self.publish_outbox_gathered(now);
         }
-        Ok(self.take(now))
+        Ok(self.take())
     }
 
-    /// When something waiting goes even if nothing else happens: changes gathered
-    /// (`GATHER_WAIT`), contents taken and not yet told (`HOLDING_WAIT`). The driver
-    /// calls [`Engine::on_outbox_ready`] then.
+    /// When the changes waiting to go (`GATHER_WAIT`) go even if no decision comes: the
+    /// driver calls [`Engine::on_outbox_ready`] then.
     pub fn publish_due(&self) -> Option<Now> {
-        let changes = self.gathering.then(|| self.awaiting_since + GATHER_WAIT);
-        let held = self.held_since.map(|t| t + HOLDING_WAIT);
-        changes.into_iter().chain(held).min()
+        self.gathering.then(|| self.awaiting_since + GATHER_WAIT)
     }
 
     /// One message for this node (a batch's item, or a message alone).
@@ -295,14 +283,13 @@ impl<R> Engine<R> {
         self.kept.extend(dropped.into_iter().map(|h| (h, false)));
         self.heartbeat(pending_pulls, residency);
         self.publish_outbox_gathered(now);
-        self.tell_held();
-        self.take(now)
+        self.take()
     }
 
     /// The tree has new changes to send (or the time to gather them is up).
     pub fn on_outbox_ready(&mut self, now: Now) -> Vec<Action<R>> {
         self.publish_outbox_gathered(now);
-        self.take(now)
+        self.take()
     }
 
     /// Sends the outbox now unless changes sent before are still awaited and were sent
@@ -320,7 +307,7 @@ impl<R> Engine<R> {
     /// failing). It starts now, or after the one in flight.
     pub fn on_sync_requested(&mut self, responder: Option<R>, now: Now) -> Vec<Action<R>> {
         self.request_sync(responder, now);
-        self.take(now)
+        self.take()
     }
 
     /// Retry time: starts a pull for every missing content due for another try, gives up
@@ -342,7 +329,7 @@ impl<R> Engine<R> {
             }
         }
         self.start_next_sync(now);
-        self.take(now)
+        self.take()
     }
 
     /// A background pull asked for by [`Action::Pull`] ended: the entry is applied if
@@ -350,61 +337,25 @@ impl<R> Engine<R> {
     /// sync (coalesced) brings the current holders.
     pub fn pull_finished(&mut self, path: &RelPath, rev: Revision, ok: bool, now: Now) -> EngineResult<Vec<Action<R>>> {
         let Some(m) = self.missing.get_mut(path).filter(|m| m.entry.rev == rev) else {
-            return Ok(self.take(now));
+            return Ok(self.take());
         };
         m.in_flight = false;
         if ok {
             let entry = m.entry.clone();
             self.apply_entry(entry, now)?;
-            return Ok(self.take(now));
+            return Ok(self.take());
         }
         m.backoff = (m.backoff * 2).min(RETRY_MAX);
         m.next_try = now + m.backoff;
         if m.backoff == RETRY_MAX {
             self.request_sync(None, now);
         }
-        Ok(self.take(now))
+        Ok(self.take())
     }
 
     /// The step's actions; what it took is told to the manager last, in as few
-    /// `Holding` messages as fit the size limits: once `HOLDING_WAIT` has passed since
-    /// the first of them was taken, or at once in a sync (its caller may look at the
-    /// holders next) or when they fill a message.
-    fn take(&mut self, now: Now) -> Vec<Action<R>> {
-        if !self.held.is_empty() {
-            let since = *self.held_since.get_or_insert(now);
-            let in_sync = !self.syncs.is_empty() || self.out.iter().any(|a| matches!(a, Action::SyncDone { .. }));
-            if in_sync || self.held.len() >= MAX_HELD || now.saturating_sub(since) >= HOLDING_WAIT {
-                self.tell_held();
-            }
-        }
-        let kept = std::mem::take(&mut self.kept);
-        self.report_kept(kept);
-        std::mem::take(&mut self.out)
-    }
-
-    /// The session ends (the broker connection closes or was lost): what was taken and
-    /// not yet told, for the next session to tell (`retell`). Its deliveries were acked:
-    /// nothing else would tell the manager this node holds them.
-    pub fn take_untold(&mut self) -> Vec<Held> {
-        self.held_since = None;
-        std::mem::take(&mut self.held)
-    }
-
-    /// What an earlier session took and did not tell, told with this session's next step.
-    pub fn retell(&mut self, untold: Vec<Held>) {
-        self.held.extend(untold);
-    }
-
-    /// The node is shutting down: tells the manager what was taken and not yet told.
-    pub fn on_closing(&mut self, now: Now) -> Vec<Action<R>> {
-        self.tell_held();
-        self.take(now)
-    }
-
-    /// Tells the manager every content taken and not yet told.
-    fn tell_held(&mut self) {
-        self.held_since = None;
+    /// `Holding` messages as fit the size limits.
+    fn take(&mut self) -> Vec<Action<R>> {
         let mut items = Vec::new();
         let mut bytes = 0;
         for held in std::mem::take(&mut self.held) {
@@ -419,6 +370,9 @@ impl<R> Engine<R> {
         if !items.is_empty() {
             self.publish_holding(items);
         }
+        let kept = std::mem::take(&mut self.kept);
+        self.report_kept(kept);
+        std::mem::take(&mut self.out)
     }
 
     fn publish_holding(&mut self, items: Vec<Held>) {
@@ -813,76 +767,6 @@ mod tests {
         assert_eq!(messages, names.len().div_ceil(HOLDING_BYTES / len));
         assert!(messages > 1);
         assert_eq!(told, names);
-    }
-
-    /// Outside a sync, contents taken are told `HOLDING_WAIT` after the first of them,
-    /// all together in one `holding`; `publish_due` says when, and a heartbeat tells them
-    /// at once.
-    #[test]
-    fn contents_taken_outside_a_sync_are_told_together_after_the_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let hash = put_bytes(&ContentStore::open(dir.path()).unwrap(), b"x").unwrap();
-        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
-        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
-        let (mut engine, first) = Engine::<()>::connected(tree, info, 0, Duration::ZERO);
-        let ms = Duration::from_millis;
-        // The session's sync ends (an empty tree).
-        let request = first
-            .iter()
-            .find_map(|a| match a {
-                Action::Publish { env, .. } => match &env.body {
-                    ToManager::Sync { request, .. } => Some(request.clone()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .expect("a session starts with a sync");
-        let reply = ToNode::SyncReply { request, head: Revision(0), entries: vec![], page: 0, more: false };
-        engine.on_message(Envelope::new("s1".parse().unwrap(), NodeId::manager(), reply), ms(10)).unwrap();
-        assert!(!engine.busy());
-        let told = |actions: &[Action<()>]| -> Vec<Vec<String>> {
-            actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Publish { env, .. } => match &env.body {
-                        ToManager::Holding { items } => Some(items.iter().map(|h| h.path.to_string()).collect()),
-                        _ => None,
-                    },
-                    _ => None,
-                })
-                .collect()
-        };
-        let applied = |path: &str, rev: u64| {
-            let entry = Entry {
-                path: RelPath::new(path.to_string()).unwrap(),
-                rev: Revision(rev),
-                version: Some(Version { content: Content::File { hash: hash.clone(), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
-                holders: vec![],
-            };
-            Envelope::new(format!("b{rev}").parse().unwrap(), NodeId::manager(), ToNode::Applied { entry, origin: "n1".parse().unwrap() })
-        };
-        let t = ms(1000);
-        assert!(told(&engine.on_message(applied("a", 1), t).unwrap()).is_empty(), "not told at once");
-        assert_eq!(engine.publish_due(), Some(t + HOLDING_WAIT));
-        assert!(told(&engine.on_message(applied("b", 2), t + ms(40)).unwrap()).is_empty());
-        assert!(told(&engine.on_outbox_ready(t + HOLDING_WAIT - ms(1))).is_empty());
-        assert_eq!(told(&engine.on_outbox_ready(t + HOLDING_WAIT)), [["a", "b"]], "both, in one message, when the wait is up");
-        assert_eq!(engine.publish_due(), None);
-        // A heartbeat tells what was taken at once.
-        engine.on_message(applied("c", 3), t + ms(200)).unwrap();
-        assert_eq!(told(&engine.on_heartbeat(0, None, t + ms(201))), [["c"]]);
-        // A node shutting down tells what it took.
-        assert!(told(&engine.on_message(applied("e", 5), t + ms(250)).unwrap()).is_empty());
-        assert_eq!(told(&engine.on_closing(t + ms(251))), [["e"]]);
-        // The session ends before d is told: the next session tells it with its first step.
-        engine.on_message(applied("d", 4), t + ms(300)).unwrap();
-        let untold = engine.take_untold();
-        assert_eq!(untold.iter().map(|h| h.path.to_string()).collect::<Vec<_>>(), ["d"]);
-        assert_eq!(engine.publish_due(), None);
-        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
-        let (mut next, _) = Engine::<()>::connected(engine.tree().clone(), info, 0, t + ms(400));
-        next.retell(untold);
-        assert_eq!(told(&next.on_outbox_ready(t + ms(401))), [["d"]]);
     }
 
     /// Local changes made while the engine was busy go out several to a message, in the

@@ -120,9 +120,6 @@ struct Link {
     /// Set once the mount is up: where kernel cache invalidations go.
     notifier: Arc<OnceLock<fuser::Notifier>>,
     state: Arc<LinkState>,
-    /// Contents a session took and had not told the manager when it ended: the next
-    /// session tells them (`Engine::retell`).
-    untold: Mutex<Vec<wire::Held>>,
 }
 
 impl LinkTask {
@@ -138,7 +135,7 @@ impl LinkTask {
         let (tx, sync_rx) = mpsc::channel(16);
         let (asks, ask_rx) = mpsc::channel(16);
         let handle = LinkHandle { state: state.clone(), sync_requests: tx, asks };
-        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state, untold: Mutex::default() }, sync_rx, ask_rx }, handle)
+        (LinkTask { link: Link { broker, info, tree, puller, metrics, notifier, state }, sync_rx, ask_rx }, handle)
     }
 
     /// Runs until cancelled, reconnecting with backoff.
@@ -196,16 +193,6 @@ struct Session<'a> {
     engine: Option<Engine<Responder>>,
     clock: Instant,
     retry_done: mpsc::UnboundedSender<RetryDone>,
-}
-
-impl Drop for Session<'_> {
-    /// However the session ends, what its engine took and did not tell is kept for the
-    /// next one.
-    fn drop(&mut self) {
-        if let Some(e) = self.engine.as_mut() {
-            self.link.untold.lock().unwrap_or_else(|p| p.into_inner()).extend(e.take_untold());
-        }
-    }
 }
 
 impl Session<'_> {
@@ -483,8 +470,7 @@ impl Link {
             .context("consuming")?;
         let info = self.info.clone();
         let (tree, pulls, now) = (self.tree.clone(), self.state.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
-        let (mut engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
-        engine.retell(std::mem::take(&mut *self.untold.lock().unwrap_or_else(|p| p.into_inner())));
+        let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;
         self.state.connected.store(true, Ordering::Relaxed);
         backoff.reset();
         tracing::info!("connected to the broker; consuming {queue}");
@@ -504,9 +490,6 @@ impl Link {
             let gather_due = s.engine.as_ref().and_then(|e| e.publish_due()).map(|due| tokio::time::Instant::from_std(clock + due));
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    // What was taken and not yet told goes first (its deliveries are acked).
-                    let now = s.now();
-                    let _ = s.step(move |e| Ok(e.on_closing(now))).await;
                     let _ = conn.close(200, "node shutting down".into()).await;
                     return Ok(());
                 }

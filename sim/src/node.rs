@@ -82,9 +82,6 @@ pub struct SimNode {
     /// Pulls of this node that waited out a frozen holder.
     pub stalled_pulls: std::cell::Cell<usize>,
     pulls: Vec<PendingPull>,
-    /// Contents the last session took and did not tell the manager (the real link keeps
-    /// them for the next session too).
-    untold: Vec<wire::Held>,
     /// Writers left open across steps: (handle, inode, path it was opened as).
     pub held: Vec<(u64, u64, RelPath)>,
     /// Results of syncs this node ran (errors only matter).
@@ -106,7 +103,6 @@ impl SimNode {
             stalls: false,
             stalled_pulls: Default::default(),
             pulls: Vec::new(),
-            untold: Vec::new(),
             held: Vec::new(),
             sync_errors: Vec::new(),
         };
@@ -144,7 +140,6 @@ impl SimNode {
         self.disconnect(broker);
         self.tree = None;
         self.held.clear();
-        self.untold.clear();
     }
 
     pub fn restart(&mut self) -> anyhow::Result<()> {
@@ -166,9 +161,7 @@ impl SimNode {
 
     /// The broker connection is lost (a partition, a crash).
     pub fn disconnect(&mut self, broker: &mut Broker) {
-        if let Some(mut e) = self.engine.take() {
-            self.untold.extend(e.take_untold());
-        }
+        self.engine = None;
         self.pulls.clear();
         if let Some(q) = broker.nodes.get_mut(&self.id) {
             q.connection_lost();
@@ -183,8 +176,7 @@ impl SimNode {
         }
         broker.declare_node(&self.id);
         let info = NodeInfo { id: self.id.clone(), url: self.url(), allow_setid: false, software: "sim".into() };
-        let (mut engine, actions) = Engine::connected(tree, info, 0, now);
-        engine.retell(std::mem::take(&mut self.untold));
+        let (engine, actions) = Engine::connected(tree, info, 0, now);
         self.engine = Some(engine);
         self.carry_out(actions, broker);
     }

@@ -218,7 +218,9 @@ fn manager_progress(conn: &rusqlite::Connection) -> (u64, u64) {
 
 #[test]
 fn the_manager_killed_with_decisions_in_flight_loses_no_closed_file() {
-    const FILES: usize = 300;
+    // Enough that the writer is still writing at the first kill: a node sends a burst's
+    // changes in few messages, and the manager decides them in few batches.
+    const FILES: usize = 1000;
     let mut c = Cluster::start("crash-manager", 2);
     let content = |i: usize| format!("file {i}: {}", "x".repeat(i)).into_bytes();
     let closed = Arc::new(AtomicUsize::new(0));
