@@ -517,8 +517,10 @@ impl Puller {
         }
         let n = taken.iter().map(|(_, b)| b.len() as u64).sum();
         let store = self.store.clone();
-        let owned: Vec<(ContentHash, Vec<u8>)> = taken.into_iter().map(|(h, b)| (h.clone(), b.to_vec())).collect();
-        tokio::task::spawn_blocking(move || store.put_small_many(&owned.iter().map(|(h, b)| (h, b.as_slice())).collect::<Vec<_>>()))
+        // The contents stay in the answer's buffer (shared, not copied) for the blocking
+        // thread that keeps them.
+        let owned: Vec<(ContentHash, bytes::Bytes)> = taken.into_iter().map(|(h, b)| (h.clone(), answer.slice_ref(b))).collect();
+        tokio::task::spawn_blocking(move || store.put_small_many(&owned.iter().map(|(h, b)| (h, &b[..])).collect::<Vec<_>>()))
             .await
             .context("keeping a batch of small contents")??;
         // What came before a bad part is kept; the holder is not asked for batches again

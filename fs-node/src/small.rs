@@ -107,7 +107,7 @@ impl SmallContents {
 
     /// The bytes of `h`, if they are here.
     pub fn get(&self, h: &ContentHash) -> anyhow::Result<Option<Vec<u8>>> {
-        Ok(self.with(false, |c| c.prepare_cached("SELECT bytes FROM contents WHERE hash = ?1")?.query_row([h.as_bytes()], |r| r.get(0)).optional())?.flatten())
+        Ok(self.get_many(std::slice::from_ref(h), usize::MAX)?.pop().flatten())
     }
 
     /// The size of `h`, if it is here.
