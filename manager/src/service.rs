@@ -124,12 +124,15 @@ impl Handle {
 
     /// Runs work the broker loop took up (a batch, a tick, a sync reply page) under the
     /// stall clock: the clock starts with the first piece of work not yet finished and
-    /// stops only when one finishes. A piece that fails (a locked database ends the
-    /// session) leaves it running, whichever kind of work the next session tries first.
-    async fn timed<T>(&self, work: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-        let _ = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed);
+    /// stops only when one finishes having done something (`progressed` says so of its
+    /// result) or found it stopped and did nothing. A piece that fails (a locked database ends the session) leaves it
+    /// running, whichever kind of work the next session tries first; so does a look for
+    /// a sync page that found none to send (a read, which a locked database allows).
+    async fn timed<T>(&self, work: impl std::future::Future<Output = anyhow::Result<T>>, progressed: impl FnOnce(&T) -> bool) -> anyhow::Result<T> {
+        // Whether this piece started the clock (nothing was waiting before it).
+        let started = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed).is_ok();
         let out = work.await;
-        if out.is_ok() {
+        if out.as_ref().is_ok_and(|v| started || progressed(v)) {
             self.busy_since_ms.store(0, Ordering::Relaxed);
         }
         out
@@ -205,7 +208,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                     let now = now_ms();
                     tx.expire_versions(now)?;
                     tx.mark_silent_offline(now)
-                }))).await?;
+                })), |_| true).await?;
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }
@@ -213,7 +216,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 sync_work = true;
             }
             _ = std::future::ready(()), if sync_work => {
-                sync_work = handle.timed(handle.with_store(|s| s.sync_step(now_ms()))).await?;
+                sync_work = handle.timed(handle.with_store(|s| s.sync_step(now_ms())), |sent| *sent).await?;
                 flush_outbox(handle, &ch).await?;
             }
             _ = handle.outbox_ready.notified() => flush_outbox(handle, &ch).await?,
@@ -228,7 +231,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 }
                 handle.messages_in.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
-                handle.timed(handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users)).await?;
+                handle.timed(handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users), |_| true).await?;
                 sync_work = true;
             }
         }
