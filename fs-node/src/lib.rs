@@ -12,6 +12,7 @@ pub mod leaves;
 pub mod link;
 pub mod metrics;
 pub mod node;
+pub mod patched;
 pub mod peer;
 pub mod puller;
 pub mod small;

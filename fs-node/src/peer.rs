@@ -330,7 +330,13 @@ enum Source {
     /// A small content's bytes (`small.rs`).
     Small(Vec<u8>),
     File(tokio::fs::File),
+    /// A content kept as a patch (`patched.rs`): a range of it is read into memory.
+    Patched(Arc<crate::patched::ContentFile>),
 }
+
+/// The largest range of a patched content served from memory; a larger request waits
+/// until the content is written out whole.
+const PATCHED_RANGE_MAX: u64 = 16 << 20;
 
 async fn content(State(served): State<Arc<Served>>, method: Method, headers: axum::http::HeaderMap, hash: Result<UrlPath<String>, PathRejection>) -> Response {
     if method != Method::GET {
@@ -348,10 +354,22 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
             return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
         }
     };
+    let store = reporter.tree.store().clone();
     let source = match small {
         Some(bytes) => Source::Small(bytes),
-        None => match tokio::fs::File::open(reporter.tree.store().blob_path(&hash)).await {
+        None => match tokio::fs::File::open(store.blob_path(&hash)).await {
             Ok(f) => Source::File(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && store.is_patched(&hash) => {
+                let (s, h) = (store.clone(), hash.clone());
+                match tokio::task::spawn_blocking(move || s.open_content(&h)).await.map_err(std::io::Error::other).and_then(|r| r) {
+                    Ok(crate::patched::ContentFile::Whole(f)) => Source::File(tokio::fs::File::from_std(f)),
+                    Ok(c) => Source::Patched(Arc::new(c)),
+                    Err(e) => {
+                        tracing::warn!("opening patched content {hash}: {e}");
+                        return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+                    }
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
             Err(e) => {
                 tracing::warn!("opening blob {hash}: {e}");
@@ -362,6 +380,7 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
     let len = match &source {
         Source::Small(b) => b.len() as u64,
         Source::File(f) => f.metadata().await.map(|m| m.len()).unwrap_or(0),
+        Source::Patched(c) => c.len().unwrap_or(0),
     };
     let range = match byte_range(&headers, len) {
         Ok(r) => r,
@@ -377,6 +396,21 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
     let (status, first, n) = match range {
         Some((first, n)) => (StatusCode::PARTIAL_CONTENT, first, n),
         None => (StatusCode::OK, 0, len),
+    };
+    // A large piece of a patched content: written out whole first, then served as a file.
+    let source = match source {
+        Source::Patched(_) if n > PATCHED_RANGE_MAX => {
+            let (s, h) = (store.clone(), hash.clone());
+            let opened = tokio::task::spawn_blocking(move || s.open_blob(&h)).await.map_err(std::io::Error::other).and_then(|r| r);
+            match opened {
+                Ok(f) => Source::File(tokio::fs::File::from_std(f)),
+                Err(e) => {
+                    tracing::warn!("writing out patched content {hash} to serve it: {e}");
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+                }
+            }
+        }
+        other => other,
     };
     let body = match source {
         Source::Small(mut bytes) => {
@@ -394,6 +428,26 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
             }
             use tokio::io::AsyncReadExt;
             Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024))
+        }
+        Source::Patched(c) => {
+            let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
+                let mut bytes = vec![0u8; n as usize];
+                let got = c.read_full_at(&mut bytes, first)?;
+                if got as u64 != n {
+                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the patched content ends early"));
+                }
+                Ok(bytes)
+            })
+            .await
+            .map_err(std::io::Error::other)
+            .and_then(|r| r);
+            match read {
+                Ok(bytes) => Body::from(bytes),
+                Err(e) => {
+                    tracing::warn!("reading patched content {hash}: {e}");
+                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
+                }
+            }
         }
     };
     reporter.metrics.bytes_served.inc_by(n);

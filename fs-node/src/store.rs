@@ -3,6 +3,7 @@
 //! written (in memory while small, `new_work_file`), and a tmp area for downloads. Local
 //! only: no network I/O, and it never decides anything about sync.
 
+use crate::patched::{ContentFile, Patched, PatchedDir};
 use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
 use std::fs::File;
@@ -39,7 +40,19 @@ pub struct ContentStore {
     /// Which blob has which chunk (`chunk_index.rs`), opened on first use; `None` if it
     /// cannot be opened (pulls then copy chunks only from the path's old version).
     chunk_index: std::sync::Arc<std::sync::OnceLock<Option<crate::chunk_index::ChunkIndex>>>,
+    /// Contents kept as a patch over a base blob (`patched.rs`).
+    patched: PatchedDir,
+    /// Held while a patched content is made, written out or removed, and while the GC or
+    /// a removal decides which blobs are bases: a base never goes while a patched content
+    /// names it.
+    patching: std::sync::Arc<std::sync::Mutex<()>>,
+    /// How long a new patched content rests before it is written out whole (`None`:
+    /// only when something needs it whole; tests).
+    write_out_after: Option<std::time::Duration>,
 }
+
+/// How long a patched content rests before it is written out whole.
+pub const MATERIALIZE_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What `ContentStore::commit_work_file` did.
 #[derive(Debug)]
@@ -149,6 +162,9 @@ impl ContentStore {
             chunking: Default::default(),
             chunk_index: Default::default(),
             abandoned_work: Vec::new(),
+            patched: PatchedDir::open(data.join("patched")).with_context(|| format!("creating {}", data.join("patched").display()))?,
+            patching: Default::default(),
+            write_out_after: Some(MATERIALIZE_AFTER),
         };
         for d in [&s.blobs, &s.work, &s.tmp, &s.chunk_lists] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -168,6 +184,16 @@ impl ContentStore {
         s.abandoned_work = abandoned;
         s.ensure_empty_blob()?;
         s.ensure_reserve();
+        // Patched contents a previous run had not written out yet; one that lost its
+        // patch or its base is gone (its files are pulled again).
+        for (h, p, _) in s.patched.all() {
+            if s.blob_path(&p.base).exists() && s.patched.patch_path(&h).exists() {
+                s.materialize_later(&h);
+            } else {
+                tracing::warn!("patched content {h} lacks its patch or its base {}: dropped", p.base);
+                s.patched.remove(&h);
+            }
+        }
         Ok(s)
     }
 
@@ -211,7 +237,7 @@ impl ContentStore {
     }
 
     pub fn has(&self, h: &ContentHash) -> bool {
-        self.small.has(h) || self.blob_path(h).exists()
+        self.small.has(h) || self.blob_path(h).exists() || self.patched.has(h)
     }
 
     /// Lets go of the small contents' database as a dead process would.
@@ -240,7 +266,13 @@ impl ContentStore {
     pub fn read_whole(&self, h: &ContentHash) -> std::io::Result<Vec<u8>> {
         match self.small_bytes(h)? {
             Some(bytes) => Ok(bytes),
-            None => std::fs::read(self.blob_path(h)),
+            None => {
+                let c = self.open_content(h)?;
+                let mut bytes = vec![0; c.len()? as usize];
+                let n = c.read_full_at(&mut bytes, 0)?;
+                bytes.truncate(n);
+                Ok(bytes)
+            }
         }
     }
 
@@ -262,13 +294,159 @@ impl ContentStore {
         self.small.get_many(hashes, budget).map_err(std::io::Error::other)
     }
 
-    /// Content `h` opened for reading: its blob file, or a small content's bytes in a
-    /// file in memory.
+    /// Content `h` opened for reading as one file: its blob file (a patched content is
+    /// written out first), or a small content's bytes in a file in memory.
     pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
         match self.small_bytes(h)? {
             Some(bytes) => memory_file_with("content", &bytes),
-            None => File::open(self.blob_path(h)),
+            None => match File::open(self.blob_path(h)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.patched.has(h) => {
+                    self.materialize(h)?;
+                    File::open(self.blob_path(h))
+                }
+                opened => opened,
+            },
         }
+    }
+
+    /// Content `h` opened for reading at offsets, as the store keeps it: a blob file (a
+    /// small content's bytes in a file in memory) or a patched content, read as it is.
+    pub fn open_content(&self, h: &ContentHash) -> std::io::Result<ContentFile> {
+        if let Some(bytes) = self.small_bytes(h)? {
+            return Ok(ContentFile::Whole(memory_file_with("content", &bytes)?));
+        }
+        loop {
+            match File::open(self.blob_path(h)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                opened => return opened.map(ContentFile::Whole),
+            }
+            let Some(header) = self.patched.header(h) else {
+                return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("content {h} is not in the store")));
+            };
+            // Written out meanwhile (its files gone): the blob is there now.
+            let (Ok(patch), Ok(base)) = (File::open(self.patched.patch_path(h)), File::open(self.blob_path(&header.base))) else {
+                if self.blob_path(h).exists() {
+                    continue;
+                }
+                return Err(std::io::Error::other(format!("patched content {h} lacks its patch or its base {}", header.base)));
+            };
+            return Ok(ContentFile::Patched { base, patch, header });
+        }
+    }
+
+    /// Whether content `h` is kept as a patch over another (`patched.rs`).
+    pub fn is_patched(&self, h: &ContentHash) -> bool {
+        self.patched.has(h) && !self.blob_path(h).exists()
+    }
+
+    /// Keeps content `h` of `size` bytes as the blocks `from_patch` names, taken from
+    /// `patch` (a file of the store's work or tmp area, at `patch_path`), and the others
+    /// from `basis`, a content of the store; `leaves` are its leaves. A patched basis is
+    /// patched over its own base (its blocks the new content takes are copied into
+    /// `patch`). Fails, leaving `patch` where it is, if the basis is not here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn install_patched(
+        &self,
+        h: &ContentHash,
+        size: u64,
+        patch_path: &Path,
+        patch: &File,
+        basis: &ContentHash,
+        mut from_patch: Vec<bool>,
+        leaves: &[blake3::hazmat::ChainingValue],
+        durable: bool,
+    ) -> std::io::Result<()> {
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        let base = match self.patched.header(basis).filter(|_| !self.blob_path(basis).exists()) {
+            Some(b) => {
+                let (their_patch, n) = (File::open(self.patched.patch_path(basis))?, b.from_patch.len());
+                for i in 0..from_patch.len() {
+                    if !from_patch[i] && i < n && b.from_patch[i] {
+                        crate::store::copy_range(&their_patch, patch, i as u64 * crate::leaves::BLOCK, crate::leaves::block_len(size, i))?;
+                        from_patch[i] = true;
+                    }
+                }
+                b.base
+            }
+            None => basis.clone(),
+        };
+        if !self.blob_path(&base).exists() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("the base {base} of a patched content is not here")));
+        }
+        let (tmp, f) = self.tmp_file()?;
+        drop(f);
+        let header = Patched { base, size, from_patch };
+        if let Err(e) = self.patched.put(h, patch_path, &header, &tmp, durable) {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.save_leaves(h, leaves);
+        drop(_held);
+        self.materialize_later(h);
+        Ok(())
+    }
+
+    /// Writes patched content `h` out as a whole blob (copied outside the lock, renamed
+    /// in under it) and removes its patch; true if `h` is a whole blob now.
+    pub fn materialize(&self, h: &ContentHash) -> std::io::Result<bool> {
+        if self.blob_path(h).exists() {
+            return Ok(true);
+        }
+        let c = match self.open_content(h) {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let (tmp, out) = self.tmp_file()?;
+        let written = c.copy_all_to(&out).and_then(|()| out.sync_data());
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.patched.has(h) {
+            // Removed meanwhile (GC), or written out by another pass.
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(self.blob_path(h).exists());
+        }
+        std::fs::rename(&tmp, self.blob_path(h))?;
+        self.patched.remove(h);
+        drop(_held);
+        if let Ok(len) = c.len() {
+            self.chunk_in_background(h, len);
+        }
+        Ok(true)
+    }
+
+    /// The store, with new patched contents written out `after` they are made (`None`:
+    /// only when something needs them whole).
+    pub fn with_write_out_after(mut self, after: Option<std::time::Duration>) -> ContentStore {
+        self.write_out_after = after;
+        self
+    }
+
+    /// Queues patched content `h` to be written out by one background thread, a few
+    /// seconds from now (a file edited again and again is written out once it rests).
+    pub fn materialize_later(&self, h: &ContentHash) {
+        let Some(after) = self.write_out_after else {
+            return;
+        };
+        type Job = (ContentStore, ContentHash, std::time::Instant);
+        static QUEUE: std::sync::OnceLock<std::sync::Mutex<std::sync::mpsc::Sender<Job>>> = std::sync::OnceLock::new();
+        let q = QUEUE.get_or_init(|| {
+            let (tx, rx) = std::sync::mpsc::channel::<Job>();
+            std::thread::spawn(move || {
+                for (store, h, due) in rx {
+                    std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                    if let Err(e) = store.materialize(&h) {
+                        tracing::warn!("writing out patched content {h}: {e} (it stays patched, and is read as such)");
+                    }
+                }
+            });
+            std::sync::Mutex::new(tx)
+        });
+        let due = std::time::Instant::now() + after;
+        let _ = q.lock().unwrap_or_else(|p| p.into_inner()).send((self.clone(), h.clone(), due));
     }
 
     /// Whether `f` (a work file) is in memory rather than under the data directory.
@@ -303,6 +481,35 @@ impl ContentStore {
             return File::options().read(true).write(true).create(true).truncate(true).open(self.work_path(ino));
         }
         memory_file_with("work", &[])
+    }
+
+    /// A fresh work file for `ino` under `work/` of `size` bytes, all of them a hole: the
+    /// tree fills in the blocks written (`tree/overlay.rs`).
+    pub fn new_sparse_work_file(&self, ino: u64, size: u64) -> std::io::Result<File> {
+        let f = File::options().read(true).write(true).create(true).truncate(true).open(self.work_path(ino))?;
+        f.set_len(size)?;
+        Ok(f)
+    }
+
+    /// Keeps the content of work file `work` of `ino` (with an overlay over content
+    /// `basis`: the blocks `from_patch` names are in it, the others are the basis's), as
+    /// a patch over the basis; one that is all patch becomes a blob. As
+    /// [`ContentStore::install_work_file`] otherwise.
+    pub fn install_work_patched(&self, ino: u64, work: &File, hashed: Hashed, basis: &ContentHash, from_patch: Vec<bool>) -> anyhow::Result<CommittedWork> {
+        let Hashed { hash, size, leaves } = hashed;
+        if self.has(&hash) {
+            return Ok(CommittedWork { hash, size, moved: false });
+        }
+        let leaves = leaves.context("a work file with an overlay is hashed through its leaves")?;
+        let p = self.work_path(ino);
+        if from_patch.iter().all(|p| *p) {
+            std::fs::rename(&p, self.blob_path(&hash)).with_context(|| format!("moving {} into the store", p.display()))?;
+            self.save_leaves(&hash, &leaves);
+            self.chunk_in_background(&hash, size);
+        } else {
+            self.install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false).with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
+        }
+        Ok(CommittedWork { hash, size, moved: true })
     }
 
     /// Moves the in-memory work file `work` of `ino`, about to grow past `SMALL_MAX`, to
@@ -355,6 +562,12 @@ impl ContentStore {
     /// Takes back a `commit_work_file` that moved the work file (the change could not be
     /// recorded): the blob is the work file of `ino` again.
     pub fn uncommit_work_file(&self, ino: u64, hash: &ContentHash) -> std::io::Result<()> {
+        if self.is_patched(hash) {
+            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+            std::fs::rename(self.patched.patch_path(hash), self.work_path(ino))?;
+            self.patched.remove(hash);
+            return Ok(());
+        }
         std::fs::rename(self.blob_path(hash), self.work_path(ino))
     }
 
@@ -422,6 +635,12 @@ impl ContentStore {
         if self.small.has(h) {
             return self.small.sync().map_err(std::io::Error::other);
         }
+        if self.is_patched(h) {
+            if let Some(base) = self.patched.header(h).map(|p| p.base) {
+                self.sync_blob(&base)?;
+            }
+            return self.patched.sync(h);
+        }
         match File::open(self.blob_path(h)) {
             Ok(f) => f.sync_data()?,
             // The empty file has no blob; nothing to flush.
@@ -467,7 +686,11 @@ impl ContentStore {
         if let Some(bytes) = self.small_bytes(h)? {
             return crate::chunks::ChunkList::of_reader(&bytes[..]);
         }
-        // A blob that is not there fails below with `NotFound` (no list is cached for it).
+        // A blob that is not there fails below with `NotFound` (no list is cached for it);
+        // a patched content is listed once written out.
+        if self.is_patched(h) {
+            self.materialize(h)?;
+        }
         let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;
         {
@@ -596,6 +819,9 @@ impl ContentStore {
         if let Some(bytes) = self.small_bytes(h)? {
             return crate::leaves::leaves_of(&bytes[..], bytes.len() as u64);
         }
+        if self.is_patched(h) {
+            self.materialize(h)?;
+        }
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
         self.save_leaves(h, &leaves);
         Ok(leaves)
@@ -609,14 +835,14 @@ impl ContentStore {
 
     /// The size of blob `h`, if the store has it.
     pub fn size_of(&self, h: &ContentHash) -> Option<u64> {
-        self.small.len(h).or_else(|| std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len()))
+        self.small.len(h).or_else(|| std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len())).or_else(|| self.patched.header(h).map(|p| p.size))
     }
 
     /// Whether content `h` is here and hashes to its name.
     pub fn is_whole(&self, h: &ContentHash) -> bool {
         match self.small_bytes(h) {
             Ok(Some(bytes)) => hash_of(&bytes) == *h,
-            Ok(None) => hash_file(&self.blob_path(h)).is_ok_and(|(real, _)| real == *h),
+            Ok(None) => self.materialize(h).is_ok() && hash_file(&self.blob_path(h)).is_ok_and(|(real, _)| real == *h),
             Err(_) => false,
         }
     }
@@ -646,10 +872,33 @@ impl ContentStore {
         self.save_beside(&self.leaves_path(h), &crate::leaves::to_bytes(leaves));
     }
 
-    /// Removes blob `h` (and its chunk list); returns its size if it was there.
+    /// Removes blob `h` (and its chunk list); returns its size if it was there. Patched
+    /// contents over it are written out first (they keep their bytes); a patched `h`
+    /// goes with its patch.
     pub fn remove_blob(&self, h: &ContentHash) -> Option<u64> {
         if let Some(n) = self.small.remove(h) {
             return Some(n);
+        }
+        loop {
+            let over_it: Vec<ContentHash> = self.patched.all().into_iter().filter(|(_, p, _)| p.base == *h).map(|(c, _, _)| c).collect();
+            if over_it.is_empty() {
+                break;
+            }
+            for c in over_it {
+                if let Err(e) = self.materialize(&c) {
+                    tracing::warn!("writing out patched content {c} before its base {h} goes: {e}; the base stays");
+                    return None;
+                }
+            }
+        }
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        if self.patched.all().iter().any(|(_, p, _)| p.base == *h) {
+            return None;
+        }
+        if let Some(size) = self.patched.header(h).map(|p| p.size).filter(|_| !self.blob_path(h).exists()) {
+            self.patched.remove(h);
+            self.remove_cache_files(h);
+            return Some(size);
         }
         let path = self.blob_path(h);
         let len = std::fs::metadata(&path).ok()?.len();
@@ -685,15 +934,34 @@ impl ContentStore {
             self.put_small(h, &bytes).map_err(std::io::Error::other)?;
             return std::fs::remove_file(tmp);
         }
-        std::fs::rename(tmp, self.blob_path(h))
+        std::fs::rename(tmp, self.blob_path(h))?;
+        // A patched content of the same bytes is not needed any more.
+        if self.patched.has(h) {
+            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+            self.patched.remove(h);
+        }
+        Ok(())
     }
 
     /// Removes every blob not in `keep` and older than `min_age` (a fresh download may
     /// not be in the tree yet); returns how many were removed.
+    /// Patched contents go the same way; a blob that is the base of one that stays,
+    /// stays.
     pub fn gc(&self, keep: &std::collections::HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
         let mut removed = 0;
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bases = std::collections::HashSet::new();
+        for (h, p, age) in self.patched.all() {
+            if age >= min_age && !keep.contains(&h) && self.patched.remove(&h) {
+                self.remove_cache_files(&h);
+                removed += 1;
+            } else {
+                bases.insert(p.base);
+            }
+        }
+        self.patched.remove_orphans(min_age);
         let Ok(dir) = std::fs::read_dir(&self.blobs) else {
-            return 0;
+            return removed;
         };
         for e in dir.flatten() {
             let name = e.file_name();
@@ -701,7 +969,7 @@ impl ContentStore {
                 continue;
             };
             let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
-            if h != Self::empty_hash() && !young && !keep.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
+            if h != Self::empty_hash() && !young && !keep.contains(&h) && !bases.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
                 self.remove_cache_files(&h);
                 removed += 1;
             }

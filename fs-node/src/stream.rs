@@ -112,6 +112,10 @@ struct State {
     seeded: u64,
     /// Bytes an earlier stream had fetched (`resume`).
     resumed: u64,
+    /// A pull over an old version: that version (open) and which blocks it has at the
+    /// same offsets. Those are marked present without being copied: the content is
+    /// kept as a patch over the old version (`patched.rs`). Nobody reads such a stream.
+    basis: Option<(ContentHash, crate::patched::ContentFile, Vec<bool>)>,
 }
 
 /// What a stream nobody read to the end had: its download file and which blocks are in
@@ -178,6 +182,7 @@ impl Stream {
                 turn: 0,
                 seeded: 0,
                 resumed: 0,
+                basis: None,
             }),
             changed: tokio::sync::Notify::new(),
             readers: AtomicUsize::new(0),
@@ -437,10 +442,11 @@ impl Stream {
         self.lock().resumed
     }
 
-    /// Copies from blob `basis` every block it has at the same offset (its cached leaf
-    /// and length are those of this content's block) and marks them present; returns the
-    /// bytes copied (0 without cached leaves of the basis). The basis is this node's own
-    /// blob and its leaves were taken from it.
+    /// Marks present every block content `basis` has at the same offset (its cached
+    /// leaf and length are those of this content's block), without copying it: they are
+    /// taken from the basis when the stream is kept (`keep`). Returns their bytes (0
+    /// without cached leaves of the basis). The basis is this node's own content and its
+    /// leaves were taken from it.
     fn seed_from_basis(&self, store: &ContentStore, basis: &ContentHash, leaves: &[ChainingValue]) -> std::io::Result<u64> {
         let (Some(theirs), Some(basis_size)) = (store.cached_leaves(basis), store.size_of(basis)) else {
             return Ok(0);
@@ -448,32 +454,44 @@ impl Stream {
         let same: Vec<bool> = (0..leaves.len())
             .map(|b| b < theirs.len() && theirs[b] == leaves[b] && leaves::block_len(basis_size, b) == leaves::block_len(self.size, b))
             .collect();
-        let src = store.open_blob(basis)?;
-        let mut copied = 0;
-        let mut b = 0;
-        while b < same.len() {
-            if !same[b] {
-                b += 1;
-                continue;
-            }
-            let first = b;
-            while b < same.len() && same[b] {
-                b += 1;
-            }
-            let (from, to) = (first as u64 * BLOCK, (b as u64 * BLOCK).min(self.size));
-            crate::store::copy_range(&src, &self.file, from, to - from)?;
-            crate::puller::start_writeback(&self.file, from, to - from);
-            copied += to - from;
-        }
+        // Held open: its bytes stay readable whatever the store does meanwhile.
+        let src = store.open_content(basis)?;
         let mut st = self.lock();
+        let mut seeded = 0;
         for (b, &s) in same.iter().enumerate() {
             if s && !st.present[b] {
                 st.present[b] = true;
                 st.have += 1;
+                seeded += leaves::block_len(self.size, b);
             }
         }
-        st.seeded = copied;
-        Ok(copied)
+        st.seeded = seeded;
+        st.basis = Some((basis.clone(), src, same));
+        Ok(seeded)
+    }
+
+    /// Keeps the whole download (checked) in the store: as a patch over the basis when
+    /// it was pulled over one, else as a blob. If the basis cannot be the base (it went
+    /// meanwhile), its blocks are copied in from the descriptor held open, and the file
+    /// is kept whole.
+    fn keep(&self, store: &ContentStore, leaves: &[ChainingValue]) -> anyhow::Result<()> {
+        use anyhow::Context;
+        let basis = self.lock().basis.take();
+        if let Some((basis, src, same)) = basis {
+            self.file.sync_data().context("flushing the download")?;
+            let from_patch: Vec<bool> = same.iter().map(|s| !s).collect();
+            match store.install_patched(&self.hash, self.size, &self.tmp, &self.file, &basis, from_patch, leaves, true) {
+                Ok(()) => return Ok(()),
+                Err(e) => tracing::info!(hash = %self.hash, "keeping the pull as a patch over {basis} did not work ({e}); copying its blocks in"),
+            }
+            for (b, _) in same.iter().enumerate().filter(|(_, s)| **s) {
+                src.copy_block_to(b, self.size, &self.file).context("copying a block of the old version")?;
+            }
+        }
+        self.file.sync_data().context("flushing the download")?;
+        store.install(&self.tmp, &self.hash).context("installing the download")?;
+        store.save_leaves(&self.hash, leaves);
+        Ok(())
     }
 
     async fn fetch_all(
@@ -580,14 +598,8 @@ impl Stream {
         if missing > 0 {
             return Err(Failure::new(reached.load(Ordering::Relaxed) == 0, format!("{missing} block(s) of {} could not be had from any holder", self.hash)));
         }
-        let (file, tmp, store, hash) = (self.file.try_clone(), self.tmp.clone(), store.clone(), self.hash.clone());
-        store.save_leaves(&self.hash, leaves);
-        let installed = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-            file?.sync_data()?;
-            store.install(&tmp, &hash)?;
-            Ok(())
-        })
-        .await;
+        let (me, store, leaves) = (self.clone(), store.clone(), leaves.clone());
+        let installed = tokio::task::spawn_blocking(move || me.keep(&store, &leaves)).await;
         match installed {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(Failure::new(false, format!("installing a streamed content: {e:#}"))),

@@ -95,6 +95,10 @@ impl State {
         let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed && i.size > store.small_max()) else {
             return Ok(OpenIo::Cached);
         };
+        // A patched content is no one file to pass through to until it is written out.
+        if store.is_patched(&hash) {
+            return Ok(OpenIo::Cached);
+        }
         let backing = match store.open_blob(&hash) {
             Ok(f) => Arc::new(f),
             Err(e) => return Err(FsError::Io(anyhow::Error::new(e).context(format!("opening blob {hash}")))),
@@ -126,6 +130,7 @@ impl State {
         let i = self.inode(ino)?;
         if truncate && (i.size != 0 || i.work.is_none()) {
             let w = self.ensure_work(ino, false, store)?;
+            self.overlay_before_set_len(ino, 0)?;
             w.set_len(0)?;
             let now = self.env.now_ns();
             let i = self.inode_mut(ino)?;
@@ -192,7 +197,22 @@ impl State {
                 });
                 w
             }
-            None => store.new_work_file(ino, if keep_content { i.hash.as_ref() } else { None })?,
+            None => {
+                let hash = i.hash.clone().filter(|_| keep_content);
+                // A large file is written in place over its content (`overlay.rs`).
+                let over = match &hash {
+                    Some(h) => self.start_overlay(ino, h, store)?,
+                    None => None,
+                };
+                match over {
+                    Some(w) => {
+                        self.inode_mut(ino)?.set_work(w.clone(), false);
+                        self.db.set_writing(ino, true)?;
+                        return Ok(w);
+                    }
+                    None => store.new_work_file(ino, hash.as_ref())?,
+                }
+            }
         };
         let w = Arc::new(w);
         self.inode_mut(ino)?.set_work(w.clone(), detached);
@@ -216,10 +236,11 @@ impl State {
     /// The work file of `ino` to hash outside the tree lock before a commit, with its
     /// stamp; `None` for a passthrough work file (the kernel writes it without passing
     /// here: it is committed from a snapshot).
-    pub(super) fn work_to_hash(&self, ino: u64) -> Option<(Arc<File>, u64)> {
+    pub(super) fn work_to_hash(&mut self, ino: u64) -> Option<(Arc<File>, u64, Option<overlay::OverlayView>)> {
         let i = self.inode(ino).ok()?;
-        let work = i.work.as_ref().filter(|_| !i.detached)?;
-        Some((work.clone(), i.work_stamp))
+        let work = i.work.clone().filter(|_| !i.detached)?;
+        let stamp = i.work_stamp;
+        Some((work, stamp, self.overlay_view(ino)))
     }
 
     pub(super) fn new_work_stamp(&mut self) -> u64 {
@@ -250,9 +271,14 @@ impl State {
             }
             committed
         } else {
-            let c = match prehashed {
-                Some(p) => store.install_work_file(ino, &work, p.hashed.clone())?,
-                None => store.commit_work_file(ino, &work)?,
+            let c = if self.overlays.get(&ino).is_some_and(|o| o.describes(&work)) {
+                let prehashed = prehashed.and_then(|p| Some((p.hashed.clone(), p.from_patch.clone()?)));
+                self.commit_overlay(ino, &work, store, prehashed)?
+            } else {
+                match prehashed {
+                    Some(p) => store.install_work_file(ino, &work, p.hashed.clone())?,
+                    None => store.commit_work_file(ino, &work)?,
+                }
             };
             if c.moved {
                 self.record(|| Undo::Installed(ino, c.hash.clone()));

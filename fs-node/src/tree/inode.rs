@@ -35,7 +35,7 @@ pub(super) struct Inode {
     /// a hash taken outside the tree lock is used only if the stamp did not change.
     pub(super) work_stamp: u64,
     /// Read handle on the current blob, opened on first read.
-    pub(super) blob: Option<Arc<File>>,
+    pub(super) blob: Option<Arc<crate::patched::ContentFile>>,
     /// Set while the kernel does this inode's I/O itself on a backing file.
     pub(super) passthrough: Option<Box<Passthrough>>,
     pub(super) writers: u32,

@@ -30,6 +30,8 @@ mod kept;
 mod ops;
 mod outbox;
 use outbox::Outbox;
+mod overlay;
+use overlay::Overlay;
 mod remote;
 mod residency;
 use residency::Residency;
@@ -223,6 +225,8 @@ enum Undo {
     BackingOwner((u64, u64), Option<u64>),
     /// The work file of the inode was moved into the store as this blob: moved back.
     Installed(u64, ContentHash),
+    /// The overlay of the inode's work file, dropped by its commit: put back.
+    Overlay(u64, Box<Overlay>),
     /// A directory's ignore rules before the transaction read them again.
     IgnoreRules(String, Option<ignore_rules::DirRules>),
 }
@@ -290,6 +294,9 @@ struct State {
     /// When each content was last opened (ns; since the node started): the cache
     /// drops the least recently used first.
     last_used: HashMap<ContentHash, i64>,
+    /// Work files written in place over their committed content, by inode
+    /// (`overlay.rs`).
+    overlays: HashMap<u64, Box<Overlay>>,
 }
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
@@ -298,6 +305,8 @@ pub(super) struct Prehashed {
     work: Arc<File>,
     stamp: u64,
     hashed: crate::store::Hashed,
+    /// With an overlay (`overlay.rs`): which blocks are in the work file.
+    from_patch: Option<Vec<bool>>,
 }
 
 pub struct Tree {
@@ -438,6 +447,7 @@ impl Tree {
             kept_floor: 0,
             residency,
             last_used: HashMap::new(),
+            overlays: HashMap::new(),
         };
         let work_left = store.abandoned_work().to_vec();
         let mut state = state;
@@ -551,6 +561,8 @@ impl Tree {
             Ok(v) => {
                 for ino in journal.discard_after_commit {
                     self.store.discard_work_file(ino);
+                    // Its overlay goes with it (unless the inode has a work file again).
+                    let _ = st.overlay_mut(ino);
                 }
                 Ok(v)
             }

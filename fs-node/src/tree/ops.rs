@@ -54,6 +54,7 @@ impl Tree {
                     _ => return Err(FsError::Invalid),
                 }
                 let work = if size == 0 { st.ensure_work(ino, false, store)? } else { st.work_up_to(ino, size, store)? };
+                st.overlay_before_set_len(ino, size)?;
                 work.set_len(size)?;
                 let i = st.inode_mut(ino)?;
                 i.size = size;
@@ -302,11 +303,14 @@ impl Tree {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).ok_or(FsError::BadHandle)?.ino;
             let now = st.env.now_ns();
+            if let Some(read) = st.read_overlay(ino, offset, size) {
+                return read;
+            }
             let i = st.inode_mut(ino)?;
             i.atime = now;
             match (&i.work, &i.blob) {
-                (Some(w), _) => w.clone(),
-                (None, Some(b)) => b.clone(),
+                (Some(w), _) => Err(w.clone()),
+                (None, Some(b)) => Ok(b.clone()),
                 (None, None) => {
                     let h = i.hash.clone().ok_or(FsError::Invalid)?;
                     let opening = |e: std::io::Error| FsError::Io(anyhow::Error::new(e).context(format!("opening content {h}")));
@@ -317,17 +321,21 @@ impl Tree {
                         let to = (from + size as usize).min(bytes.len());
                         return Ok(bytes[from..to].to_vec());
                     }
-                    let b = Arc::new(File::open(self.store.blob_path(&h)).map_err(opening)?);
+                    let b = Arc::new(self.store.open_content(&h).map_err(opening)?);
                     i.blob = Some(b.clone());
                     st.with_blob.insert(ino);
-                    b
+                    Ok(b)
                 }
             }
         };
         let mut buf = vec![0u8; size as usize];
         let mut done = 0;
         while done < buf.len() {
-            let n = file.read_at(&mut buf[done..], offset + done as u64)?;
+            let at = offset + done as u64;
+            let n = match &file {
+                Ok(content) => content.read_at(&mut buf[done..], at)?,
+                Err(work) => work.read_at(&mut buf[done..], at)?,
+            };
             if n == 0 {
                 break;
             }
@@ -374,6 +382,7 @@ impl Tree {
     /// than before (on a full disk, part of it may have landed past the end).
     pub(super) fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
         let work = st.work_up_to(ino, offset + data.len() as u64, &self.store)?;
+        st.overlay_before_write(ino, offset, data.len() as u64)?;
         let size = st.inode(ino)?.size;
         let written = work.write_all_at(data, offset);
         if written.is_err() && offset + data.len() as u64 > size && !st.inode(ino)?.detached {
@@ -406,24 +415,28 @@ impl Tree {
     /// lock. `None` if there is nothing to hash or hashing failed (the commit then hashes
     /// under the lock, and reports the error if there is one).
     pub(super) fn hash_work_outside_lock(&self, fh: u64) -> Option<Prehashed> {
-        let (work, stamp) = {
-            let st = self.lock();
-            let h = st.handles.get(&fh).filter(|h| h.write)?;
-            st.work_to_hash(h.ino)?
+        let (work, stamp, overlay) = {
+            let mut st = self.lock();
+            let ino = st.handles.get(&fh).filter(|h| h.write)?.ino;
+            st.work_to_hash(ino)?
         };
+        let size = work.metadata().ok()?.len();
+        if let Some(view) = overlay {
+            let (hashed, from_patch) = view.hash(&work, size).ok()?;
+            return Some(Prehashed { work, stamp, hashed, from_patch: Some(from_patch) });
+        }
         // A small content is read once, hashed and kept as a row here, outside the lock
         // (the commit then finds it kept). Should a write land meanwhile, the stamp
         // differs at the commit, which hashes again: the row put here is left to the GC.
-        let size = work.metadata().ok()?.len();
         if size <= self.store.small_max() && size > 0 {
             let mut bytes = vec![0; size as usize];
             work.read_exact_at(&mut bytes, 0).ok()?;
             let hash = crate::store::hash_of(&bytes);
             self.store.put_small(&hash, &bytes).ok()?;
-            return Some(Prehashed { work, stamp, hashed: crate::store::Hashed { hash, size, leaves: None } });
+            return Some(Prehashed { work, stamp, hashed: crate::store::Hashed { hash, size, leaves: None }, from_patch: None });
         }
         let hashed = crate::store::hash_for_commit(&crate::store::fd_path(&work)).ok()?;
-        Some(Prehashed { work, stamp, hashed })
+        Some(Prehashed { work, stamp, hashed, from_patch: None })
     }
 
     /// Makes the file's current content and metadata durable: commits pending writes,

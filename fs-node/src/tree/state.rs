@@ -133,6 +133,9 @@ impl State {
                         tracing::error!(ino, "giving back the work file committed as {hash}: {e}");
                     }
                 }
+                Undo::Overlay(ino, overlay) => {
+                    self.overlays.insert(ino, overlay);
+                }
             }
         }
         let c = j.counters;
@@ -324,7 +327,10 @@ impl State {
     pub(super) fn discard_work_file(&mut self, ino: u64, store: &ContentStore) {
         match &mut self.journal {
             Some(j) => j.discard_after_commit.push(ino),
-            None => store.discard_work_file(ino),
+            None => {
+                store.discard_work_file(ino);
+                let _ = self.overlay_mut(ino);
+            }
         }
     }
 

@@ -813,3 +813,122 @@ fn a_small_file_renamed_while_written_is_sent_after_a_crash() {
     // The record of files being written is emptied by the restart.
     assert!(t.lock().db.take_writing().unwrap().is_empty());
 }
+
+/// A tree whose store keeps new patched contents as patches until asked (`patched.rs`).
+fn tree_keeping_patches(dir: &std::path::Path) -> Tree {
+    let db = Db::open(&dir.join("node.db")).unwrap();
+    let store = ContentStore::open_with_small_max(dir, 0).unwrap().with_write_out_after(None);
+    Tree::load(db, store).unwrap()
+}
+
+/// Every byte of `ino`'s file through handle `fh`.
+fn read_through(t: &Tree, fh: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let got = t.read(fh, out.len() as u64, 1 << 20).unwrap();
+        if got.is_empty() {
+            return out;
+        }
+        out.extend_from_slice(&got);
+    }
+}
+
+fn read_whole_file(t: &Tree, ino: u64) -> Vec<u8> {
+    let (fh, _) = t.open(ino, false, false, false).unwrap();
+    let bytes = read_through(t, fh);
+    t.release(fh).unwrap();
+    bytes
+}
+
+fn patterned(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| ((i * 131 + i / 4099) as u8).wrapping_add(seed)).collect()
+}
+
+/// A large file written in place (a page of a database, a byte of a disk image) gets
+/// no copy of the file for its writer: the blocks written go into a sparse work file,
+/// the close hashes only those, and the new version is kept as a patch over the old.
+/// Reads before and after the close, a write past the end, a second edit before the
+/// first is written out (patched over the same base), the GC, a crash and the write-out
+/// itself all keep the bytes right.
+#[test]
+fn a_large_file_written_in_place_is_kept_as_a_patch_and_reads_right() {
+    use crate::leaves::BLOCK;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 5 * (1 << 20) + 1234;
+    let base = patterned(size, 0);
+    let ino = closed_file(&t, ROOT, "big", &base);
+    let base_hash = crate::store::hash_of(&base);
+    let mut want = base.clone();
+
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    for (at, bytes) in [(2 * (1 << 20) + 7, &b"X"[..]), (3 * BLOCK as usize - 3, b"across"), (size + 100, b"tail")] {
+        t.write(fh, at as u64, bytes).unwrap();
+        if want.len() < at + bytes.len() {
+            want.resize(at + bytes.len(), 0);
+        }
+        want[at..at + bytes.len()].copy_from_slice(bytes);
+    }
+    {
+        use std::os::unix::fs::MetadataExt;
+        let work = t.lock().inodes[&ino].work.clone().unwrap();
+        assert!(work.metadata().unwrap().blocks() * 512 <= 8 * BLOCK, "the writer's work file holds the blocks written, not a copy of the file");
+    }
+    assert!(read_through(&t, fh) == want, "a read before the close sees the writes over the old bytes");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let h = crate::store::hash_of(&want);
+    assert_eq!(t.lock().inode(ino).unwrap().version().unwrap().content, Content::File { hash: h.clone(), size: want.len() as u64 });
+    assert!(t.store().is_patched(&h), "kept as a patch");
+    assert!(read_whole_file(&t, ino) == want);
+
+    // A second edit before the first is written out: patched over the same base.
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    t.write(fh, 10, b"again").unwrap();
+    want[10..15].copy_from_slice(b"again");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let h2 = crate::store::hash_of(&want);
+    assert!(t.store().is_patched(&h2));
+    t.gc();
+    assert!(t.store().has(&base_hash), "the base of a patched content outlives the GC");
+    assert!(read_whole_file(&t, ino) == want, "after the GC");
+
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    assert!(read_whole_file(&t, ino) == want, "after a crash");
+    assert!(t.store().materialize(&h2).unwrap());
+    assert!(!t.store().is_patched(&h2));
+    assert!(std::fs::read(t.store().blob_path(&h2)).unwrap() == want, "written out whole");
+    assert!(read_whole_file(&t, ino) == want, "after the write-out");
+    t.gc();
+    assert!(read_whole_file(&t, ino) == want, "after the GC lets the base go");
+}
+
+/// A truncation of a file written through an overlay (shorter, longer, to nothing)
+/// fills the work file first, or drops it: the bytes are those of the truncated file.
+#[test]
+fn a_truncation_while_a_large_file_is_written_in_place_keeps_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 4 * (1 << 20) + 99;
+    let base = patterned(size, 7);
+    for (name, to) in [("shorter", size - 70_000), ("longer", size + 70_000), ("empty", 0)] {
+        let ino = closed_file(&t, ROOT, name, &base);
+        let (fh, _) = t.open(ino, true, false, false).unwrap();
+        t.write(fh, 5, b"edit").unwrap();
+        let mut want = base.clone();
+        want[5..9].copy_from_slice(b"edit");
+        truncate(&t, ino, to as u64, Some(fh));
+        want.resize(to, 0);
+        t.write(fh, 1, b"z").unwrap();
+        if want.len() < 2 {
+            want.resize(2, 0);
+        }
+        want[1] = b'z';
+        t.flush(fh).unwrap();
+        t.release(fh).unwrap();
+        assert!(read_whole_file(&t, ino) == want, "{name}");
+        let h = crate::store::hash_of(&want);
+        assert_eq!(t.lock().inode(ino).unwrap().version().unwrap().content, Content::File { hash: h, size: want.len() as u64 }, "{name}");
+    }
+}

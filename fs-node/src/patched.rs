@@ -1,0 +1,313 @@
+//! Contents kept as a patch over another content: a new version of a large file that
+//! shares most of its 64 KiB blocks ([`BLOCK`]) with an older one at the same offsets
+//! (one page of a database or a disk image written in place, a log appended to). The
+//! new version is kept as the blocks that differ, in a sparse file at their own offsets,
+//! and the hash of its *base*, a whole blob of the store holding the others: making it
+//! costs the changed blocks, not a copy of the file, on the writer and on every node
+//! that pulls it over its old version. A background pass later writes each one out as a
+//! whole blob (`materialize`), after which it is an ordinary blob again (passthrough
+//! reads, chunk lists); until then its bytes are read through [`ContentFile`].
+//!
+//! On the disk, in `patched/` of the data directory: `<hash>.patch` (the sparse file of
+//! the content's size) and `<hash>` (the header: [`MAGIC`], the base's hash, the size,
+//! one bit per block taken from the patch). The header is renamed in last: a content is
+//! there when its header is. This module owns that format and reading it; the store
+//! decides when to make, write out and remove one (`store.rs`).
+
+use crate::leaves::{blocks, BLOCK};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use wire::ContentHash;
+
+/// The first bytes of a header (and its format's version).
+const MAGIC: &[u8; 8] = b"SYNCPAT1";
+
+/// Which blocks of a content of `size` bytes come from the patch file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Patched {
+    pub base: ContentHash,
+    pub size: u64,
+    /// One per block: true when the block is in the patch file.
+    pub from_patch: Vec<bool>,
+}
+
+impl Patched {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let n = self.from_patch.len();
+        let mut out = Vec::with_capacity(8 + 32 + 16 + n.div_ceil(8));
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(self.base.as_bytes());
+        out.extend_from_slice(&self.size.to_le_bytes());
+        out.extend_from_slice(&(n as u64).to_le_bytes());
+        let mut bits = vec![0u8; n.div_ceil(8)];
+        for (b, &p) in self.from_patch.iter().enumerate() {
+            if p {
+                bits[b / 8] |= 1 << (b % 8);
+            }
+        }
+        out.extend_from_slice(&bits);
+        out
+    }
+
+    /// A header read back; `None` if it is not one (cut short, another format, a block
+    /// count that does not fit the size).
+    pub fn from_bytes(b: &[u8]) -> Option<Patched> {
+        let rest = b.strip_prefix(MAGIC.as_slice())?;
+        let (base, rest) = rest.split_first_chunk::<32>()?;
+        let (size, rest) = rest.split_first_chunk::<8>()?;
+        let (n, bits) = rest.split_first_chunk::<8>()?;
+        let (size, n) = (u64::from_le_bytes(*size), u64::from_le_bytes(*n) as usize);
+        if n != blocks(size) || bits.len() != n.div_ceil(8) {
+            return None;
+        }
+        let from_patch = (0..n).map(|b| bits[b / 8] & (1 << (b % 8)) != 0).collect();
+        Some(Patched { base: ContentHash::from_bytes(*base), size, from_patch })
+    }
+
+    pub fn patched_blocks(&self) -> usize {
+        self.from_patch.iter().filter(|p| **p).count()
+    }
+}
+
+/// Where the patched contents of a store are.
+#[derive(Clone, Debug)]
+pub struct PatchedDir {
+    dir: PathBuf,
+}
+
+impl PatchedDir {
+    pub fn open(dir: PathBuf) -> std::io::Result<PatchedDir> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(PatchedDir { dir })
+    }
+
+    pub fn header_path(&self, h: &ContentHash) -> PathBuf {
+        self.dir.join(h.to_hex().as_str())
+    }
+
+    pub fn patch_path(&self, h: &ContentHash) -> PathBuf {
+        self.dir.join(format!("{}.patch", h.to_hex().as_str()))
+    }
+
+    /// The header of patched content `h`, if the store has it as one.
+    pub fn header(&self, h: &ContentHash) -> Option<Patched> {
+        Patched::from_bytes(&std::fs::read(self.header_path(h)).ok()?)
+    }
+
+    pub fn has(&self, h: &ContentHash) -> bool {
+        self.header_path(h).exists()
+    }
+
+    /// Every patched content here, with its header and the header's age.
+    pub fn all(&self) -> Vec<(ContentHash, Patched, std::time::Duration)> {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for e in dir.flatten() {
+            let Some(h) = e.file_name().to_str().and_then(|s| s.parse::<ContentHash>().ok()) else {
+                continue;
+            };
+            let age = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default()).unwrap_or_default();
+            if let Some(p) = self.header(&h) {
+                out.push((h, p, age));
+            }
+        }
+        out
+    }
+
+    /// Patch files without a header (a crash between the two renames), older than
+    /// `min_age`: removed.
+    pub fn remove_orphans(&self, min_age: std::time::Duration) {
+        let Ok(dir) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in dir.flatten() {
+            let name = e.file_name();
+            let Some(h) = name.to_str().and_then(|s| s.strip_suffix(".patch")).and_then(|s| s.parse::<ContentHash>().ok()) else {
+                continue;
+            };
+            let old = e.metadata().and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() >= min_age);
+            if old && !self.has(&h) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+
+    /// Makes `h` a patched content: `patch` (a file of `header.size` bytes holding at
+    /// least the blocks `header` takes from it, at their offsets) is renamed in, then the
+    /// header, written through `tmp_header`. With `durable`, both are flushed first.
+    pub fn put(&self, h: &ContentHash, patch: &Path, header: &Patched, tmp_header: &Path, durable: bool) -> std::io::Result<()> {
+        let mut f = File::create(tmp_header)?;
+        std::io::Write::write_all(&mut f, &header.to_bytes())?;
+        if durable {
+            f.sync_data()?;
+            File::open(patch)?.sync_data()?;
+        }
+        std::fs::rename(patch, self.patch_path(h))?;
+        std::fs::rename(tmp_header, self.header_path(h))?;
+        if durable {
+            File::open(&self.dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+
+    /// Removes patched content `h` (header first: it is gone from then on).
+    pub fn remove(&self, h: &ContentHash) -> bool {
+        let gone = std::fs::remove_file(self.header_path(h)).is_ok();
+        let _ = std::fs::remove_file(self.patch_path(h));
+        gone
+    }
+
+    /// Flushes patched content `h` to the disk.
+    pub fn sync(&self, h: &ContentHash) -> std::io::Result<()> {
+        File::open(self.patch_path(h))?.sync_data()?;
+        File::open(self.header_path(h))?.sync_data()?;
+        File::open(&self.dir)?.sync_all()
+    }
+}
+
+/// A content open for reading at offsets, whichever way the store keeps it. Open
+/// descriptors keep reading the same bytes after the store writes a patched content
+/// out or removes its base.
+#[derive(Debug)]
+pub enum ContentFile {
+    Whole(File),
+    Patched { base: File, patch: File, header: Patched },
+}
+
+impl ContentFile {
+    pub fn len(&self) -> std::io::Result<u64> {
+        match self {
+            ContentFile::Whole(f) => Ok(f.metadata()?.len()),
+            ContentFile::Patched { header, .. } => Ok(header.size),
+        }
+    }
+
+    /// The file itself, when the content is one whole file (it can be passed through).
+    pub fn whole(&self) -> Option<&File> {
+        match self {
+            ContentFile::Whole(f) => Some(f),
+            ContentFile::Patched { .. } => None,
+        }
+    }
+
+    /// Reads at `offset`, at most to the end of the block it falls in; 0 at the end.
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let (base, patch, header) = match self {
+            ContentFile::Whole(f) => return f.read_at(buf, offset),
+            ContentFile::Patched { base, patch, header } => (base, patch, header),
+        };
+        if offset >= header.size {
+            return Ok(0);
+        }
+        let b = (offset / BLOCK) as usize;
+        let end = ((b as u64 + 1) * BLOCK).min(header.size);
+        let n = buf.len().min((end - offset) as usize);
+        let from = if header.from_patch[b] { patch } else { base };
+        let mut done = 0;
+        while done < n {
+            let got = from.read_at(&mut buf[done..n], offset + done as u64)?;
+            if got == 0 {
+                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a patched content's file ends early"));
+            }
+            done += got;
+        }
+        Ok(n)
+    }
+
+    /// Fills `buf` from `offset` (shorter only at the end of the content).
+    pub fn read_full_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+        let mut done = 0;
+        while done < buf.len() {
+            let n = self.read_at(&mut buf[done..], offset + done as u64)?;
+            if n == 0 {
+                break;
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    /// Copies block `b` (of a content of `size` bytes) into `dst` at the same offset.
+    pub fn copy_block_to(&self, b: usize, size: u64, dst: &File) -> std::io::Result<()> {
+        let offset = b as u64 * BLOCK;
+        let len = crate::leaves::block_len(size, b);
+        match self {
+            ContentFile::Whole(f) => crate::store::copy_range(f, dst, offset, len),
+            ContentFile::Patched { base, patch, header } => {
+                let from = if header.from_patch.get(b).copied().unwrap_or(false) { patch } else { base };
+                crate::store::copy_range(from, dst, offset, len)
+            }
+        }
+    }
+
+    /// Writes the whole content into `dst` (runs of blocks from one file copied in the
+    /// kernel).
+    pub fn copy_all_to(&self, dst: &File) -> std::io::Result<()> {
+        match self {
+            ContentFile::Whole(f) => crate::store::copy_range(f, dst, 0, f.metadata()?.len()),
+            ContentFile::Patched { base, patch, header } => {
+                let n = header.from_patch.len();
+                let mut b = 0;
+                while b < n {
+                    let p = header.from_patch[b];
+                    let first = b;
+                    while b < n && header.from_patch[b] == p {
+                        b += 1;
+                    }
+                    let (from, to) = (first as u64 * BLOCK, (b as u64 * BLOCK).min(header.size));
+                    crate::store::copy_range(if p { patch } else { base }, dst, from, to - from)?;
+                }
+                dst.set_len(header.size)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_header_reads_back_and_a_damaged_one_does_not() {
+        let p = Patched { base: crate::store::hash_of(b"base"), size: 9 * BLOCK + 5, from_patch: (0..10).map(|b| b % 3 == 0).collect() };
+        let bytes = p.to_bytes();
+        assert_eq!(Patched::from_bytes(&bytes), Some(p.clone()));
+        assert_eq!(Patched::from_bytes(&bytes[..bytes.len() - 1]), None, "cut short");
+        let mut other = bytes.clone();
+        other[7] = b'2';
+        assert_eq!(Patched::from_bytes(&other), None, "another format");
+        let wrong_count = Patched { from_patch: vec![true; 3], ..p };
+        assert_eq!(Patched::from_bytes(&wrong_count.to_bytes()), None, "block count not the size's");
+    }
+
+    #[test]
+    fn a_patched_content_reads_its_blocks_from_the_patch_and_the_rest_from_the_base() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 3 * BLOCK + 100;
+        let base: Vec<u8> = (0..size).map(|i| (i % 251) as u8).collect();
+        let mut want = base.clone();
+        want[(BLOCK + 7) as usize] ^= 0xff;
+        want[(3 * BLOCK + 99) as usize] ^= 0xff;
+        std::fs::write(d.path().join("base"), &base).unwrap();
+        let patch = File::options().read(true).write(true).create(true).truncate(true).open(d.path().join("patch")).unwrap();
+        patch.set_len(size).unwrap();
+        for b in [1usize, 3] {
+            let (from, to) = (b as u64 * BLOCK, ((b as u64 + 1) * BLOCK).min(size));
+            patch.write_all_at(&want[from as usize..to as usize], from).unwrap();
+        }
+        let header = Patched { base: crate::store::hash_of(&base), size, from_patch: vec![false, true, false, true] };
+        let c = ContentFile::Patched { base: File::open(d.path().join("base")).unwrap(), patch, header };
+        assert_eq!(c.len().unwrap(), size);
+        let mut got = vec![0u8; size as usize + 10];
+        assert_eq!(c.read_full_at(&mut got, 0).unwrap(), size as usize);
+        assert!(got[..size as usize] == want[..], "every block from the right file");
+        let mut mid = vec![0u8; 20];
+        assert_eq!(c.read_at(&mut mid, BLOCK - 10).unwrap(), 10, "a read stops at its block's end");
+        let out = File::options().read(true).write(true).create(true).truncate(true).open(d.path().join("out")).unwrap();
+        c.copy_all_to(&out).unwrap();
+        assert!(std::fs::read(d.path().join("out")).unwrap() == want, "written out whole");
+    }
+}

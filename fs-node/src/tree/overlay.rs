@@ -1,0 +1,250 @@
+//! Writing in place into a large file without copying it first. A file of
+//! [`OVERLAY_MIN_BYTES`] or more opened for writing (and not truncated) gets a *sparse*
+//! work file and an [`Overlay`]: the 64 KiB blocks (`leaves::BLOCK`) a write touches
+//! are copied from the committed content into the work file first (*present*), and every
+//! other block is read from that content. The close hashes only the present blocks (the
+//! others keep their cached leaves) and keeps the new version as a patch over the old one
+//! (`patched.rs`): an edit of one byte costs a block, not the file, twice.
+//!
+//! The overlay belongs to one work file (`work`): an entry whose work file is no longer
+//! the inode's is stale and dropped when found. A truncation, or any other change of
+//! the size but a write past the end, first fills the work file from the content
+//! (`fill`) and drops the overlay: the file is then an ordinary work file.
+
+use super::*;
+use crate::leaves::{block_len, blocks, BLOCK};
+use crate::patched::ContentFile;
+use blake3::hazmat::ChainingValue;
+
+/// Files at least this large are written through an overlay (when their leaves are at
+/// hand); a smaller one is copied whole, which costs less than the bookkeeping.
+pub const OVERLAY_MIN_BYTES: u64 = crate::chunks::CHUNKED_MIN_BYTES;
+
+pub(super) struct Overlay {
+    /// The work file this describes.
+    work: Arc<File>,
+    base_hash: ContentHash,
+    base: Arc<ContentFile>,
+    base_size: u64,
+    base_leaves: Arc<Vec<ChainingValue>>,
+    /// One per block of the base: its bytes are in the work file.
+    present: Vec<bool>,
+}
+
+/// What hashing a work file with an overlay needs, taken under the lock.
+pub(super) struct OverlayView {
+    base_size: u64,
+    base_leaves: Arc<Vec<ChainingValue>>,
+    present: Vec<bool>,
+}
+
+impl Overlay {
+    /// Whether this is the overlay of work file `work`.
+    pub(super) fn describes(&self, work: &Arc<File>) -> bool {
+        Arc::ptr_eq(&self.work, work)
+    }
+
+    /// Whether block `b` of the file is read from the base (not in the work file).
+    fn from_base(&self, b: usize) -> bool {
+        b < self.present.len() && !self.present[b]
+    }
+
+    /// Copies the base's blocks a write of `len` bytes at `offset` covers only in part
+    /// into the work file, and marks every block it touches present. A write past the
+    /// end of a base whose last block is short takes that block first (the bytes between
+    /// are zeros in the work file, as in the new file).
+    fn before_write(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let end = offset + len;
+        let last_base = self.present.len().saturating_sub(1);
+        let mut touched: Vec<usize> = ((offset / BLOCK) as usize..=((end - 1) / BLOCK) as usize).filter(|b| *b < self.present.len()).collect();
+        if end > self.base_size && self.base_size % BLOCK != 0 && !touched.contains(&last_base) {
+            touched.push(last_base);
+        }
+        for b in touched {
+            if !self.from_base(b) {
+                continue;
+            }
+            let (first, block_end) = (b as u64 * BLOCK, b as u64 * BLOCK + block_len(self.base_size, b));
+            let covered = offset <= first && end >= block_end;
+            if !covered {
+                self.base.copy_block_to(b, self.base_size, &self.work)?;
+            }
+            self.present[b] = true;
+        }
+        Ok(())
+    }
+
+    /// Fills every block still read from the base into the work file.
+    fn fill(&mut self) -> std::io::Result<()> {
+        for b in 0..self.present.len() {
+            if self.from_base(b) {
+                self.base.copy_block_to(b, self.base_size, &self.work)?;
+                self.present[b] = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// `size` bytes of the file at `offset` (less at its end, `file_size`).
+    fn read(&self, offset: u64, size: u32, file_size: u64) -> std::io::Result<Vec<u8>> {
+        let end = (offset + size as u64).min(file_size);
+        let mut buf = vec![0u8; end.saturating_sub(offset) as usize];
+        let mut at = offset;
+        while at < end {
+            let b = (at / BLOCK) as usize;
+            let to = ((b as u64 + 1) * BLOCK).min(end);
+            let piece = &mut buf[(at - offset) as usize..(to - offset) as usize];
+            if self.from_base(b) {
+                let n = self.base.read_full_at(piece, at)?;
+                piece[n..].fill(0);
+            } else {
+                read_full(&self.work, piece, at)?;
+            }
+            at = to;
+        }
+        Ok(buf)
+    }
+
+    fn view(&self) -> OverlayView {
+        OverlayView { base_size: self.base_size, base_leaves: self.base_leaves.clone(), present: self.present.clone() }
+    }
+}
+
+fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = f.read_at(&mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            // Past the end of the work file: zeros, as in the file.
+            buf[done..].fill(0);
+            return Ok(());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+impl OverlayView {
+    /// The hash, size and leaves of the file whose work file is `work`, `size` bytes:
+    /// the base's leaves for the blocks read from it, the others hashed from the work
+    /// file. Also which blocks are in the work file (the patch).
+    pub(super) fn hash(&self, work: &File, size: u64) -> std::io::Result<(crate::store::Hashed, Vec<bool>)> {
+        let n = blocks(size);
+        let mut leaves = Vec::with_capacity(n);
+        let mut from_patch = Vec::with_capacity(n);
+        let mut buf = vec![0u8; BLOCK as usize];
+        for b in 0..n {
+            let len = block_len(size, b);
+            let from_base = b < self.present.len() && !self.present[b] && len == block_len(self.base_size, b);
+            if from_base {
+                leaves.push(self.base_leaves[b]);
+            } else {
+                read_full(work, &mut buf[..len as usize], b as u64 * BLOCK)?;
+                leaves.push(crate::leaves::leaf(&buf[..len as usize], b as u64 * BLOCK));
+            }
+            from_patch.push(!from_base);
+        }
+        let hash = crate::leaves::root(&leaves, size).ok_or_else(|| std::io::Error::other("merging the leaves of a work file"))?;
+        Ok((crate::store::Hashed { hash, size, leaves: Some(leaves) }, from_patch))
+    }
+}
+
+impl State {
+    /// The overlay of `ino`'s current work file, if it has one (a stale entry goes).
+    pub(super) fn overlay_mut(&mut self, ino: u64) -> Option<&mut Overlay> {
+        let work = self.inodes.get(&ino).and_then(|i| i.work.clone());
+        let current = match (&work, self.overlays.get(&ino)) {
+            (Some(w), Some(o)) => Arc::ptr_eq(w, &o.work),
+            (_, None) => return None,
+            (None, Some(_)) => false,
+        };
+        if !current {
+            self.overlays.remove(&ino);
+            return None;
+        }
+        self.overlays.get_mut(&ino).map(|o| &mut **o)
+    }
+
+    /// A sparse work file for `ino` over its committed content `hash` (`size` bytes)
+    /// and its overlay, if the content is large enough and its leaves are at hand.
+    pub(super) fn start_overlay(&mut self, ino: u64, hash: &ContentHash, store: &ContentStore) -> FsResult<Option<Arc<File>>> {
+        let Some(size) = store.size_of(hash).filter(|s| *s >= OVERLAY_MIN_BYTES && *s > store.small_max()) else {
+            return Ok(None);
+        };
+        let Some(leaves) = store.cached_leaves(hash) else {
+            return Ok(None);
+        };
+        let base = match store.open_content(hash) {
+            Ok(c) => c,
+            Err(e) => return Err(FsError::Io(anyhow::Error::new(e).context(format!("opening content {hash}")))),
+        };
+        let work = Arc::new(store.new_sparse_work_file(ino, size)?);
+        let overlay = Overlay {
+            work: work.clone(),
+            base_hash: hash.clone(),
+            base: Arc::new(base),
+            base_size: size,
+            base_leaves: Arc::new(leaves),
+            present: vec![false; blocks(size)],
+        };
+        self.overlays.insert(ino, Box::new(overlay));
+        Ok(Some(work))
+    }
+
+    /// Readies the work file of `ino` for a write of `len` bytes at `offset`.
+    pub(super) fn overlay_before_write(&mut self, ino: u64, offset: u64, len: u64) -> FsResult<()> {
+        if let Some(o) = self.overlay_mut(ino) {
+            o.before_write(offset, len)?;
+        }
+        Ok(())
+    }
+
+    /// Before the work file of `ino` is set to `len` bytes: an overlay is filled in
+    /// and dropped (to nothing at all, it is just dropped).
+    pub(super) fn overlay_before_set_len(&mut self, ino: u64, len: u64) -> FsResult<()> {
+        let Some(o) = self.overlay_mut(ino) else {
+            return Ok(());
+        };
+        if len > 0 {
+            o.fill()?;
+        }
+        self.overlays.remove(&ino);
+        Ok(())
+    }
+
+    /// Reads `ino`'s file through its overlay, if its work file has one.
+    pub(super) fn read_overlay(&mut self, ino: u64, offset: u64, size: u32) -> Option<FsResult<Vec<u8>>> {
+        let file_size = self.inodes.get(&ino)?.size;
+        let o = self.overlay_mut(ino)?;
+        Some(o.read(offset, size, file_size).map_err(FsError::from))
+    }
+
+    /// What hashing `ino`'s work file needs, if it has an overlay.
+    pub(super) fn overlay_view(&mut self, ino: u64) -> Option<OverlayView> {
+        self.overlay_mut(ino).map(|o| o.view())
+    }
+
+    /// Commits the work file `work` of `ino`, which has an overlay: hashed (or
+    /// `prehashed`, taken with the same view), and kept as a patch over the base. The
+    /// overlay goes (back if the transaction fails).
+    pub(super) fn commit_overlay(
+        &mut self,
+        ino: u64,
+        work: &Arc<File>,
+        store: &ContentStore,
+        prehashed: Option<(crate::store::Hashed, Vec<bool>)>,
+    ) -> FsResult<crate::store::CommittedWork> {
+        let o = self.overlays.remove(&ino).expect("the caller found the overlay");
+        let size = work.metadata()?.len();
+        let (hashed, from_patch) = match prehashed {
+            Some(p) => p,
+            None => o.view().hash(work, size)?,
+        };
+        let base = o.base_hash.clone();
+        self.record(|| Undo::Overlay(ino, o));
+        Ok(store.install_work_patched(ino, work, hashed, &base, from_patch)?)
+    }
+}
