@@ -351,7 +351,10 @@ impl Filesystem for SyncFs {
         let Err(reply) = fetching else { return };
         let mut backings = self.backings();
         let fh = match self.tree.open(ino.0, write, truncate, self.passthrough.load(Ordering::Relaxed)) {
-            Ok((fh, OpenIo::Cached)) => return reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Ok((fh, OpenIo::Cached)) => {
+                let keep = if self.tree.keep_pages_at_open(ino.0) { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+                return reply.opened(FileHandle(fh), keep);
+            }
             Ok((fh, OpenIo::Passthrough { register: Some(file) })) => match reply.open_backing(&*file) {
                 Ok(id) => {
                     backings.insert(ino.0, id);

@@ -258,6 +258,10 @@ impl State {
         };
         let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && !i.detached);
         i.blob = None;
+        // Passthrough writes went past the kernel's pages: they are not the new content's.
+        if i.detached {
+            i.kernel_pages = false;
+        }
         let (hash, size) = if i.detached {
             // The work file is the kernel's backing file: it stays, and while a writer
             // is still open the file stays dirty (its writes do not pass here).

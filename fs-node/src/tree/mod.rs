@@ -47,6 +47,10 @@ pub use ops::CreateOpen;
 
 pub const ROOT: u64 = 1;
 
+/// Files at least this large keep the kernel's pages across cached opens when they can
+/// (`Inode::kernel_pages`); dropping a smaller file's pages costs little.
+pub const KEEP_PAGES_MIN: u64 = 1 << 20;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     File = 1,

@@ -278,6 +278,19 @@ impl Tree {
         self.open_handle(ino, write, truncate, passthrough)
     }
 
+    /// Whether the kernel may keep its pages of `ino` at a cached open just made (see
+    /// `Inode::kernel_pages`). Otherwise it drops them, and holds only what it reads
+    /// from now on: that is recorded.
+    pub fn keep_pages_at_open(&self, ino: u64) -> bool {
+        let mut st = self.lock();
+        let Ok(i) = st.inode_mut(ino) else {
+            return false;
+        };
+        let keep = i.kernel_pages && i.kind == Kind::File && i.work.is_none() && i.passthrough.is_none() && i.size >= KEEP_PAGES_MIN;
+        i.kernel_pages = i.passthrough.is_none();
+        keep
+    }
+
     /// Opens a handle; `passthrough` says whether the kernel can do passthrough I/O.
     pub(super) fn open_handle(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
         self.atomically(|st, store| st.open_handle(ino, write, truncate, passthrough, store))

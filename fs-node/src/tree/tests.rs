@@ -932,3 +932,40 @@ fn a_truncation_while_a_large_file_is_written_in_place_keeps_the_right_bytes() {
         assert_eq!(t.lock().inode(ino).unwrap().version().unwrap().content, Content::File { hash: h, size: want.len() as u64 }, "{name}");
     }
 }
+
+/// The kernel keeps its pages of a large file across cached opens while they hold the
+/// file's content: written or read through this process since the kernel got the inode
+/// or last dropped them. Writes through a passthrough handle go past those pages: the
+/// next cached open drops them.
+#[test]
+fn the_kernel_keeps_a_large_files_pages_only_while_they_hold_its_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let ino = closed_file(&t, ROOT, "big", &patterned(2 << 20, 1));
+    let small = closed_file(&t, ROOT, "small", b"little");
+    let cached_open = |ino: u64, write: bool| {
+        let (fh, io) = t.open(ino, write, false, false).unwrap();
+        assert!(matches!(io, OpenIo::Cached));
+        let keep = t.keep_pages_at_open(ino);
+        if write {
+            t.write(fh, 3, b"new").unwrap();
+            t.flush(fh).unwrap();
+        }
+        t.release(fh).unwrap();
+        keep
+    };
+    assert!(cached_open(ino, false), "written through the kernel since it got the inode");
+    assert!(cached_open(ino, true));
+    assert!(cached_open(ino, false), "after a cached write");
+    assert!(!cached_open(small, false), "a small file's pages are dropped: it costs little");
+
+    // A passthrough reader, then a writer beside it: the writes go to the backing file.
+    let (reader, io) = t.open(ino, false, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Passthrough { register: Some(_) }));
+    let (writer, _) = t.open(ino, true, false, true).unwrap();
+    t.flush(writer).unwrap();
+    t.release(writer).unwrap();
+    t.release(reader).unwrap();
+    assert!(!cached_open(ino, false), "passthrough writes went past the kernel's pages");
+    assert!(cached_open(ino, false), "dropped at the last open, they hold the content again");
+}
