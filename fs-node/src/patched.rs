@@ -178,7 +178,7 @@ pub enum ContentFile {
 }
 
 impl ContentFile {
-    pub fn len(&self) -> std::io::Result<u64> {
+    pub fn size(&self) -> std::io::Result<u64> {
         match self {
             ContentFile::Whole(f) => Ok(f.metadata()?.len()),
             ContentFile::Patched { header, .. } => Ok(header.size),
@@ -300,7 +300,7 @@ mod tests {
         }
         let header = Patched { base: crate::store::hash_of(&base), size, from_patch: vec![false, true, false, true] };
         let c = ContentFile::Patched { base: File::open(d.path().join("base")).unwrap(), patch, header };
-        assert_eq!(c.len().unwrap(), size);
+        assert_eq!(c.size().unwrap(), size);
         let mut got = vec![0u8; size as usize + 10];
         assert_eq!(c.read_full_at(&mut got, 0).unwrap(), size as usize);
         assert!(got[..size as usize] == want[..], "every block from the right file");

@@ -380,7 +380,7 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
     let len = match &source {
         Source::Small(b) => b.len() as u64,
         Source::File(f) => f.metadata().await.map(|m| m.len()).unwrap_or(0),
-        Source::Patched(c) => c.len().unwrap_or(0),
+        Source::Patched(c) => c.size().unwrap_or(0),
     };
     let range = match byte_range(&headers, len) {
         Ok(r) => r,

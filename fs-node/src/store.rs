@@ -268,7 +268,7 @@ impl ContentStore {
             Some(bytes) => Ok(bytes),
             None => {
                 let c = self.open_content(h)?;
-                let mut bytes = vec![0; c.len()? as usize];
+                let mut bytes = vec![0; c.size()? as usize];
                 let n = c.read_full_at(&mut bytes, 0)?;
                 bytes.truncate(n);
                 Ok(bytes)
@@ -360,10 +360,10 @@ impl ContentStore {
         let base = match self.patched.header(basis).filter(|_| !self.blob_path(basis).exists()) {
             Some(b) => {
                 let (their_patch, n) = (File::open(self.patched.patch_path(basis))?, b.from_patch.len());
-                for i in 0..from_patch.len() {
-                    if !from_patch[i] && i < n && b.from_patch[i] {
+                for (i, mine) in from_patch.iter_mut().enumerate() {
+                    if !*mine && i < n && b.from_patch[i] {
                         crate::store::copy_range(&their_patch, patch, i as u64 * crate::leaves::BLOCK, crate::leaves::block_len(size, i))?;
-                        from_patch[i] = true;
+                        *mine = true;
                     }
                 }
                 b.base
@@ -412,7 +412,7 @@ impl ContentStore {
         std::fs::rename(&tmp, self.blob_path(h))?;
         self.patched.remove(h);
         drop(_held);
-        if let Ok(len) = c.len() {
+        if let Ok(len) = c.size() {
             self.chunk_in_background(h, len);
         }
         Ok(true)
@@ -507,7 +507,8 @@ impl ContentStore {
             self.save_leaves(&hash, &leaves);
             self.chunk_in_background(&hash, size);
         } else {
-            self.install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false).with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
+            self.install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false)
+                .with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
         }
         Ok(CommittedWork { hash, size, moved: true })
     }

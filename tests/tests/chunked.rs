@@ -42,6 +42,49 @@ fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     c.converged();
 }
 
+/// Patched contents (`fs-node/src/patched.rs`) of the files in `n`'s store.
+fn patched_contents(n: &NodeProc) -> usize {
+    std::fs::read_dir(n.data.join("patched")).map(|d| d.flatten().filter(|e| !e.file_name().to_string_lossy().ends_with(".patch")).count()).unwrap_or(0)
+}
+
+/// Edits in place of a large file, one after another and faster than a new version is
+/// written out whole: the writer keeps each as a patch over the same whole base, the
+/// other node pulls each over its old version and keeps it the same way; every version
+/// (one that grows the file too) reads right on both, and both stores end with whole
+/// blobs that hash to their names.
+#[test]
+fn edits_in_place_one_after_another_arrive_right_and_are_written_out_whole() {
+    let c = Cluster::start("chunked-patches", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let mut data = pseudo_random(16 << 20, 3);
+    write(&a.p("db"), &data);
+    c.converged();
+    let mut patched_seen = 0;
+    for i in 0..5usize {
+        let f = std::fs::File::options().write(true).open(a.p("db")).unwrap();
+        let at = ((i * 3 + 1) << 20) + i * 7;
+        data[at] ^= 0xa5;
+        f.write_all_at(&[data[at]], at as u64).unwrap();
+        if i == 3 {
+            let tail = pseudo_random(100 << 10, 9);
+            f.write_all_at(&tail, data.len() as u64).unwrap();
+            data.extend_from_slice(&tail);
+        }
+        drop(f);
+        patched_seen = patched_seen.max(patched_contents(a));
+        assert!(read(&a.p("db")).as_deref() == Some(&data[..]), "edit {i} reads right on a");
+        eventually(&format!("edit {i} to reach b"), DEADLINE, || read(&b.p("db")).as_deref() == Some(&data[..]));
+    }
+    assert!(patched_seen > 0, "a kept no edit as a patch");
+    for n in [a, b] {
+        eventually(&format!("{}'s patched contents to be written out", n.id), DEADLINE, || patched_contents(n) == 0);
+        let h = blake3::hash(&data).to_hex().to_string();
+        let blob = std::fs::read(n.data.join("blobs").join(&h)).unwrap_or_default();
+        assert!(blob == data, "{}'s blob of the last version holds its bytes", n.id);
+    }
+    c.converged();
+}
+
 /// Chunk dedup across files: a file new to a node, most of whose chunks the node has in
 /// another file (a copy edited, a new file sharing most of an old one), moves only what
 /// is new, found through the node's chunk index (kept across its restart).

@@ -45,7 +45,7 @@ impl Overlay {
     }
 
     /// Whether block `b` of the file is read from the base (not in the work file).
-    fn from_base(&self, b: usize) -> bool {
+    fn read_from_base(&self, b: usize) -> bool {
         b < self.present.len() && !self.present[b]
     }
 
@@ -60,11 +60,11 @@ impl Overlay {
         let end = offset + len;
         let last_base = self.present.len().saturating_sub(1);
         let mut touched: Vec<usize> = ((offset / BLOCK) as usize..=((end - 1) / BLOCK) as usize).filter(|b| *b < self.present.len()).collect();
-        if end > self.base_size && self.base_size % BLOCK != 0 && !touched.contains(&last_base) {
+        if end > self.base_size && !self.base_size.is_multiple_of(BLOCK) && !touched.contains(&last_base) {
             touched.push(last_base);
         }
         for b in touched {
-            if !self.from_base(b) {
+            if !self.read_from_base(b) {
                 continue;
             }
             let (first, block_end) = (b as u64 * BLOCK, b as u64 * BLOCK + block_len(self.base_size, b));
@@ -80,7 +80,7 @@ impl Overlay {
     /// Fills every block still read from the base into the work file.
     fn fill(&mut self) -> std::io::Result<()> {
         for b in 0..self.present.len() {
-            if self.from_base(b) {
+            if self.read_from_base(b) {
                 self.base.copy_block_to(b, self.base_size, &self.work)?;
                 self.present[b] = true;
             }
@@ -97,7 +97,7 @@ impl Overlay {
             let b = (at / BLOCK) as usize;
             let to = ((b as u64 + 1) * BLOCK).min(end);
             let piece = &mut buf[(at - offset) as usize..(to - offset) as usize];
-            if self.from_base(b) {
+            if self.read_from_base(b) {
                 let n = self.base.read_full_at(piece, at)?;
                 piece[n..].fill(0);
             } else {
