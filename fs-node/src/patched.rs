@@ -185,6 +185,16 @@ impl ContentFile {
         }
     }
 
+    /// Whether this reads the file whose (st_dev, st_ino) is `key`.
+    pub fn uses_file(&self, key: (u64, u64)) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let is = |f: &File| f.metadata().is_ok_and(|m| (m.dev(), m.ino()) == key);
+        match self {
+            ContentFile::Whole(f) => is(f),
+            ContentFile::Patched { base, patch, .. } => is(base) || is(patch),
+        }
+    }
+
     /// The file itself, when the content is one whole file (it can be passed through).
     pub fn whole(&self) -> Option<&File> {
         match self {

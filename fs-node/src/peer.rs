@@ -359,18 +359,19 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
         Some(bytes) => Source::Small(bytes),
         None => match tokio::fs::File::open(store.blob_path(&hash)).await {
             Ok(f) => Source::File(f),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && store.is_patched(&hash) => {
+            // Not a blob file: a patched content, or one written out just now.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let (s, h) = (store.clone(), hash.clone());
                 match tokio::task::spawn_blocking(move || s.open_content(&h)).await.map_err(std::io::Error::other).and_then(|r| r) {
                     Ok(crate::patched::ContentFile::Whole(f)) => Source::File(tokio::fs::File::from_std(f)),
                     Ok(c) => Source::Patched(Arc::new(c)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
                     Err(e) => {
-                        tracing::warn!("opening patched content {hash}: {e}");
+                        tracing::warn!("opening content {hash}: {e}");
                         return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
                     }
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return json_error(StatusCode::NOT_FOUND, "this node does not hold that content"),
             Err(e) => {
                 tracing::warn!("opening blob {hash}: {e}");
                 return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");

@@ -187,7 +187,9 @@ impl ContentStore {
         // Patched contents a previous run had not written out yet; one that lost its
         // patch or its base is gone (its files are pulled again).
         for (h, p, _) in s.patched.all() {
-            if s.blob_path(&p.base).exists() && s.patched.patch_path(&h).exists() {
+            if s.blob_path(&h).exists() {
+                s.patched.remove(&h);
+            } else if s.blob_path(&p.base).exists() && s.patched.patch_path(&h).exists() {
                 s.materialize_later(&h);
             } else {
                 tracing::warn!("patched content {h} lacks its patch or its base {}: dropped", p.base);
@@ -343,7 +345,9 @@ impl ContentStore {
     /// `patch` (a file of the store's work or tmp area, at `patch_path`), and the others
     /// from `basis`, a content of the store; `leaves` are its leaves. A patched basis is
     /// patched over its own base (its blocks the new content takes are copied into
-    /// `patch`). Fails, leaving `patch` where it is, if the basis is not here.
+    /// `patch`). Returns false, doing nothing, if the store has `h` already (whole or
+    /// patched: a patch never replaces another under its readers); fails, leaving
+    /// `patch` where it is, if the basis is not here.
     #[allow(clippy::too_many_arguments)]
     pub fn install_patched(
         &self,
@@ -355,8 +359,11 @@ impl ContentStore {
         mut from_patch: Vec<bool>,
         leaves: &[blake3::hazmat::ChainingValue],
         durable: bool,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<bool> {
         let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        if self.blob_path(h).exists() || self.patched.has(h) || self.small.has(h) {
+            return Ok(false);
+        }
         let base = match self.patched.header(basis).filter(|_| !self.blob_path(basis).exists()) {
             Some(b) => {
                 let (their_patch, n) = (File::open(self.patched.patch_path(basis))?, b.from_patch.len());
@@ -383,13 +390,21 @@ impl ContentStore {
         self.save_leaves(h, leaves);
         drop(_held);
         self.materialize_later(h);
-        Ok(())
+        Ok(true)
     }
 
     /// Writes patched content `h` out as a whole blob (copied outside the lock, renamed
     /// in under it) and removes its patch; true if `h` is a whole blob now.
+    /// The blob is checked against `h` before it is renamed in: a base file changed
+    /// under its descriptor (which the store never does to a blob it names) fails the
+    /// write-out instead of naming other bytes by `h`.
     pub fn materialize(&self, h: &ContentHash) -> std::io::Result<bool> {
         if self.blob_path(h).exists() {
+            // Kept both ways (a crash between the rename and the removal): the patch goes.
+            if self.patched.has(h) {
+                let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+                self.patched.remove(h);
+            }
             return Ok(true);
         }
         let c = match self.open_content(h) {
@@ -403,6 +418,17 @@ impl ContentStore {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
+        match hash_for_commit(&tmp) {
+            Ok(Hashed { hash, .. }) if hash == *h => {}
+            Ok(Hashed { hash, .. }) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("patched content {h} wrote out as {hash}: not installed")));
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(std::io::Error::other(format!("hashing the write-out of {h}: {e:#}")));
+            }
+        }
         let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
         if !self.patched.has(h) {
             // Removed meanwhile (GC), or written out by another pass.
@@ -410,6 +436,7 @@ impl ContentStore {
             return Ok(self.blob_path(h).exists());
         }
         std::fs::rename(&tmp, self.blob_path(h))?;
+        File::open(&self.blobs)?.sync_all()?;
         self.patched.remove(h);
         drop(_held);
         if let Ok(len) = c.size() {
@@ -507,8 +534,12 @@ impl ContentStore {
             self.save_leaves(&hash, &leaves);
             self.chunk_in_background(&hash, size);
         } else {
-            self.install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false)
+            let made = self
+                .install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false)
                 .with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
+            if !made {
+                return Ok(CommittedWork { hash, size, moved: false });
+            }
         }
         Ok(CommittedWork { hash, size, moved: true })
     }
@@ -640,7 +671,11 @@ impl ContentStore {
             if let Some(base) = self.patched.header(h).map(|p| p.base) {
                 self.sync_blob(&base)?;
             }
-            return self.patched.sync(h);
+            match self.patched.sync(h) {
+                // Written out meanwhile: the blob is flushed below.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                synced => return synced,
+            }
         }
         match File::open(self.blob_path(h)) {
             Ok(f) => f.sync_data()?,
@@ -880,7 +915,8 @@ impl ContentStore {
         if let Some(n) = self.small.remove(h) {
             return Some(n);
         }
-        loop {
+        // (a few rounds: a patch made over `h` meanwhile is written out in the next)
+        for _ in 0..3 {
             let over_it: Vec<ContentHash> = self.patched.all().into_iter().filter(|(_, p, _)| p.base == *h).map(|(c, _, _)| c).collect();
             if over_it.is_empty() {
                 break;

@@ -112,10 +112,10 @@ struct State {
     seeded: u64,
     /// Bytes an earlier stream had fetched (`resume`).
     resumed: u64,
-    /// A pull over an old version: that version (open) and which blocks it has at the
-    /// same offsets. Those are marked present without being copied: the content is
-    /// kept as a patch over the old version (`patched.rs`). Nobody reads such a stream.
-    basis: Option<(ContentHash, crate::patched::ContentFile, Vec<bool>)>,
+    /// A pull over an old version: that version and which blocks it has at the same
+    /// offsets. Those are marked present without being copied: the content is kept as
+    /// a patch over the old version (`patched.rs`). Nobody reads such a stream.
+    basis: Option<(ContentHash, Vec<bool>)>,
 }
 
 /// What a stream nobody read to the end had: its download file and which blocks are in
@@ -454,8 +454,9 @@ impl Stream {
         let same: Vec<bool> = (0..leaves.len())
             .map(|b| b < theirs.len() && theirs[b] == leaves[b] && leaves::block_len(basis_size, b) == leaves::block_len(self.size, b))
             .collect();
-        // Held open: its bytes stay readable whatever the store does meanwhile.
-        let src = store.open_content(basis)?;
+        if !store.has(basis) {
+            return Ok(0);
+        }
         let mut st = self.lock();
         let mut seeded = 0;
         for (b, &s) in same.iter().enumerate() {
@@ -466,27 +467,27 @@ impl Stream {
             }
         }
         st.seeded = seeded;
-        st.basis = Some((basis.clone(), src, same));
+        st.basis = Some((basis.clone(), same));
         Ok(seeded)
     }
 
     /// Keeps the whole download (checked) in the store: as a patch over the basis when
-    /// it was pulled over one, else as a blob. If the basis cannot be the base (it went
-    /// meanwhile), its blocks are copied in from the descriptor held open, and the file
-    /// is kept whole.
+    /// it was pulled over one (if the basis went meanwhile, the pull fails, and the
+    /// puller takes the content by chunks or whole), else as a blob.
     fn keep(&self, store: &ContentStore, leaves: &[ChainingValue]) -> anyhow::Result<()> {
         use anyhow::Context;
         let basis = self.lock().basis.take();
-        if let Some((basis, src, same)) = basis {
+        if let Some((basis, same)) = basis {
             self.file.sync_data().context("flushing the download")?;
             let from_patch: Vec<bool> = same.iter().map(|s| !s).collect();
-            match store.install_patched(&self.hash, self.size, &self.tmp, &self.file, &basis, from_patch, leaves, true) {
-                Ok(()) => return Ok(()),
-                Err(e) => tracing::info!(hash = %self.hash, "keeping the pull as a patch over {basis} did not work ({e}); copying its blocks in"),
+            let made = store
+                .install_patched(&self.hash, self.size, &self.tmp, &self.file, &basis, from_patch, leaves, true)
+                .with_context(|| format!("keeping the pull as a patch over {basis}"))?;
+            if !made {
+                // The store had it already (another pull of it landed first).
+                let _ = std::fs::remove_file(&self.tmp);
             }
-            for (b, _) in same.iter().enumerate().filter(|(_, s)| **s) {
-                src.copy_block_to(b, self.size, &self.file).context("copying a block of the old version")?;
-            }
+            return Ok(());
         }
         self.file.sync_data().context("flushing the download")?;
         store.install(&self.tmp, &self.hash).context("installing the download")?;

@@ -177,24 +177,26 @@ impl State {
         let detached = i.passthrough.is_some();
         let w = match &i.passthrough {
             Some(pt) => {
+                let key = pt.key;
                 let hash = i.hash.clone();
                 let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime))?;
                 self.passthrough_detaches += 1;
                 if let Some(j) = &mut self.journal {
                     j.detached.insert(ino);
                 }
-                // Inodes with the same content may read through a handle on the file
-                // that is now this inode's: they reopen the store's blob.
+                // Inodes with the same content, or a patch over it, may read through a
+                // handle on the file that is now this inode's: they reopen the store's.
                 let inodes = &mut self.inodes;
                 self.with_blob.retain(|o| match inodes.get_mut(o) {
                     Some(other) if other.blob.is_some() => {
-                        if other.hash.is_some() && other.hash == hash {
+                        if other.hash.is_some() && other.hash == hash || other.blob.as_ref().is_some_and(|b| b.uses_file(key)) {
                             other.blob = None;
                         }
                         other.blob.is_some()
                     }
                     _ => false,
                 });
+                self.reopen_overlay_bases(key, store)?;
                 w
             }
             None => {

@@ -395,9 +395,12 @@ impl Tree {
     /// than before (on a full disk, part of it may have landed past the end).
     pub(super) fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
         let work = st.work_up_to(ino, offset + data.len() as u64, &self.store)?;
-        st.overlay_before_write(ino, offset, data.len() as u64)?;
+        let covered_whole = st.overlay_before_write(ino, offset, data.len() as u64)?;
         let size = st.inode(ino)?.size;
         let written = work.write_all_at(data, offset);
+        if written.is_ok() {
+            st.overlay_wrote(ino, &covered_whole);
+        }
         if written.is_err() && offset + data.len() as u64 > size && !st.inode(ino)?.detached {
             let _ = work.set_len(size);
         }

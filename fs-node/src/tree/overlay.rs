@@ -50,12 +50,15 @@ impl Overlay {
     }
 
     /// Copies the base's blocks a write of `len` bytes at `offset` covers only in part
-    /// into the work file, and marks every block it touches present. A write past the
-    /// end of a base whose last block is short takes that block first (the bytes between
-    /// are zeros in the work file, as in the new file).
-    fn before_write(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+    /// into the work file and marks them present; returns the blocks it covers whole,
+    /// which are present once the write landed ([`Overlay::wrote`]: a write that fails
+    /// leaves them read from the base). A write past the end of a base whose last block
+    /// is short takes that block first (the bytes between are zeros in the work file, as
+    /// in the new file).
+    fn before_write(&mut self, offset: u64, len: u64) -> std::io::Result<Vec<usize>> {
+        let mut covered_whole = Vec::new();
         if len == 0 {
-            return Ok(());
+            return Ok(covered_whole);
         }
         let end = offset + len;
         let last_base = self.present.len().saturating_sub(1);
@@ -68,13 +71,21 @@ impl Overlay {
                 continue;
             }
             let (first, block_end) = (b as u64 * BLOCK, b as u64 * BLOCK + block_len(self.base_size, b));
-            let covered = offset <= first && end >= block_end;
-            if !covered {
-                self.base.copy_block_to(b, self.base_size, &self.work)?;
+            if offset <= first && end >= block_end {
+                covered_whole.push(b);
+                continue;
             }
+            self.base.copy_block_to(b, self.base_size, &self.work)?;
             self.present[b] = true;
         }
-        Ok(())
+        Ok(covered_whole)
+    }
+
+    /// A write covering `blocks` whole landed: they are in the work file.
+    fn wrote(&mut self, blocks: &[usize]) {
+        for b in blocks {
+            self.present[*b] = true;
+        }
     }
 
     /// Fills every block still read from the base into the work file.
@@ -194,10 +205,31 @@ impl State {
         Ok(Some(work))
     }
 
-    /// Readies the work file of `ino` for a write of `len` bytes at `offset`.
-    pub(super) fn overlay_before_write(&mut self, ino: u64, offset: u64, len: u64) -> FsResult<()> {
+    /// Readies the work file of `ino` for a write of `len` bytes at `offset`; returns
+    /// what to give `overlay_wrote` once the write landed.
+    pub(super) fn overlay_before_write(&mut self, ino: u64, offset: u64, len: u64) -> FsResult<Vec<usize>> {
+        match self.overlay_mut(ino) {
+            Some(o) => Ok(o.before_write(offset, len)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    /// A write into `ino`'s work file landed (see `overlay_before_write`).
+    pub(super) fn overlay_wrote(&mut self, ino: u64, covered_whole: &[usize]) {
         if let Some(o) = self.overlay_mut(ino) {
-            o.before_write(offset, len)?;
+            o.wrote(covered_whole);
+        }
+    }
+
+    /// The file `key` (st_dev, st_ino) stopped being a blob of the store (a passthrough
+    /// writer took it): overlays reading from it reopen their base from the store.
+    pub(super) fn reopen_overlay_bases(&mut self, key: (u64, u64), store: &ContentStore) -> FsResult<()> {
+        for o in self.overlays.values_mut() {
+            if o.base.uses_file(key) {
+                let base =
+                    store.open_content(&o.base_hash).map_err(|e| FsError::Io(anyhow::Error::new(e).context(format!("reopening content {}", o.base_hash))))?;
+                o.base = Arc::new(base);
+            }
         }
         Ok(())
     }
@@ -237,14 +269,25 @@ impl State {
         store: &ContentStore,
         prehashed: Option<(crate::store::Hashed, Vec<bool>)>,
     ) -> FsResult<crate::store::CommittedWork> {
-        let o = self.overlays.remove(&ino).expect("the caller found the overlay");
+        let o = self.overlays.get_mut(&ino).expect("the caller found the overlay");
         let size = work.metadata()?.len();
         let (hashed, from_patch) = match prehashed {
             Some(p) => p,
             None => o.view().hash(work, size)?,
         };
         let base = o.base_hash.clone();
+        let committed = match store.install_work_patched(ino, work, hashed.clone(), &base, from_patch) {
+            Ok(c) => c,
+            Err(e) => {
+                // (the base went, the disk is full...): kept whole instead, the blocks
+                // still read from the base copied in from the descriptors open.
+                tracing::info!(ino, "keeping a file written in place as a patch did not work ({e:#}); keeping it whole");
+                o.fill()?;
+                store.install_work_file(ino, work, hashed)?
+            }
+        };
+        let o = self.overlays.remove(&ino).expect("found above");
         self.record(|| Undo::Overlay(ino, o));
-        Ok(store.install_work_patched(ino, work, hashed, &base, from_patch)?)
+        Ok(committed)
     }
 }

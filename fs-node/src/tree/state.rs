@@ -55,6 +55,7 @@ impl State {
                 Undo::Inode(ino, None) => {
                     self.inodes.remove(&ino);
                     store.discard_work_file(ino);
+                    self.overlays.remove(&ino);
                 }
                 Undo::Inode(ino, Some(mut before)) => {
                     // Its work file may have changed in the transaction, and is not
@@ -81,6 +82,7 @@ impl State {
                                 // A work file the transaction made goes, also one it
                                 // committed and `Installed` gave back.
                                 store.discard_work_file(ino);
+                                self.overlays.remove(&ino);
                             }
                             let children = std::mem::take(&mut now.children);
                             **now = before;

@@ -969,3 +969,58 @@ fn the_kernel_keeps_a_large_files_pages_only_while_they_hold_its_content() {
     assert!(!cached_open(ino, false), "passthrough writes went past the kernel's pages");
     assert!(cached_open(ino, false), "dropped at the last open, they hold the content again");
 }
+
+/// A content kept both as a patch and whole (the node died between the write-out's
+/// rename and the removal of the patch): removing the base neither hangs nor loses it.
+#[test]
+fn a_content_kept_both_whole_and_as_a_patch_lets_its_base_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let base = patterned(4 << 20, 3);
+    let ino = closed_file(&t, ROOT, "big", &base);
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    t.write(fh, 70_000, b"edit").unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let mut want = base.clone();
+    want[70_000..70_004].copy_from_slice(b"edit");
+    let h = crate::store::hash_of(&want);
+    assert!(t.store().is_patched(&h));
+    std::fs::write(t.store().blob_path(&h), &want).unwrap();
+    assert!(t.store().remove_blob(&crate::store::hash_of(&base)).is_some(), "the base goes once the patch over it is dropped");
+    assert!(!t.store().has(&crate::store::hash_of(&base)));
+    assert!(read_whole_file(&t, ino) == want);
+}
+
+/// Two files with the same content: one written in place (its overlay reads the
+/// shared blob), the other's passthrough writer takes that very blob file as its own.
+/// The first file never gets the second's bytes.
+#[test]
+fn a_passthrough_writer_of_a_shared_content_never_shows_in_a_file_written_in_place() {
+    use crate::leaves::BLOCK;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let base = patterned(4 << 20, 5);
+    let f = closed_file(&t, ROOT, "f", &base);
+    let g = closed_file(&t, ROOT, "g", &base);
+    let (fw, _) = t.open(f, true, false, false).unwrap();
+    t.write(fw, 1, b"f").unwrap();
+    let (reader, io) = t.open(g, false, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Passthrough { register: Some(_) }));
+    let (gw, _) = t.open(g, true, false, true).unwrap();
+    // What the kernel's passthrough writes into g's backing file (the old blob file).
+    let g_file = t.lock().inodes[&g].work.clone().unwrap();
+    g_file.write_all_at(&vec![b'g'; BLOCK as usize], 5 * BLOCK).unwrap();
+    // f writes part of the same block: the rest of it must come from the content.
+    t.write(fw, 5 * BLOCK + 10, b"F").unwrap();
+    t.flush(fw).unwrap();
+    t.release(fw).unwrap();
+    let mut want = base.clone();
+    want[1] = b'f';
+    want[5 * BLOCK as usize + 10] = b'F';
+    assert!(read_whole_file(&t, f) == want, "f holds its own writes over the shared content, nothing of g's");
+    t.flush(gw).unwrap();
+    t.release(gw).unwrap();
+    t.release(reader).unwrap();
+    assert!(read_whole_file(&t, f) == want);
+}
