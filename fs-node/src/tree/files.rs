@@ -189,7 +189,7 @@ impl State {
                 let inodes = &mut self.inodes;
                 self.with_blob.retain(|o| match inodes.get_mut(o) {
                     Some(other) if other.blob.is_some() => {
-                        if other.hash.is_some() && other.hash == hash || other.blob.as_ref().is_some_and(|b| b.uses_file(key)) {
+                        if (other.hash.is_some() && other.hash == hash) || other.blob.as_ref().is_some_and(|b| b.uses_file(key)) {
                             other.blob = None;
                         }
                         other.blob.is_some()
