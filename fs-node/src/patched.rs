@@ -245,10 +245,10 @@ impl ContentFile {
         let offset = b as u64 * BLOCK;
         let len = crate::leaves::block_len(size, b);
         match self {
-            ContentFile::Whole(f) => crate::store::copy_range(f, dst, offset, len),
+            ContentFile::Whole(f) => copy_range(f, dst, offset, len),
             ContentFile::Patched { base, patch, header } => {
                 let from = if header.from_patch.get(b).copied().unwrap_or(false) { patch } else { base };
-                crate::store::copy_range(from, dst, offset, len)
+                copy_range(from, dst, offset, len)
             }
         }
     }
@@ -257,7 +257,7 @@ impl ContentFile {
     /// kernel).
     pub fn copy_all_to(&self, dst: &File) -> std::io::Result<()> {
         match self {
-            ContentFile::Whole(f) => crate::store::copy_range(f, dst, 0, f.metadata()?.len()),
+            ContentFile::Whole(f) => copy_range(f, dst, 0, f.metadata()?.len()),
             ContentFile::Patched { base, patch, header } => {
                 let n = header.from_patch.len();
                 let mut b = 0;
@@ -268,12 +268,46 @@ impl ContentFile {
                         b += 1;
                     }
                     let (from, to) = (first as u64 * BLOCK, (b as u64 * BLOCK).min(header.size));
-                    crate::store::copy_range(if p { patch } else { base }, dst, from, to - from)?;
+                    copy_range(if p { patch } else { base }, dst, from, to - from)?;
                 }
                 dst.set_len(header.size)
             }
         }
     }
+}
+
+/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`, in the kernel
+/// where it can (`copy_file_range`).
+pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
+    let end = offset + len;
+    while (off_out as u64) < end {
+        let want = (end - off_out as u64).min(1 << 30) as usize;
+        // SAFETY: valid descriptors and offsets owned by this frame.
+        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended early"));
+        }
+        let e = std::io::Error::last_os_error();
+        if !matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)) {
+            return Err(e);
+        }
+        // No copy_file_range between these two: through a buffer.
+        let mut buf = vec![0u8; 1 << 20];
+        while (off_out as u64) < end {
+            let n = (end - off_out as u64).min(buf.len() as u64) as usize;
+            src.read_exact_at(&mut buf[..n], off_in as u64)?;
+            dst.write_all_at(&buf[..n], off_out as u64)?;
+            off_in += n as libc::loff_t;
+            off_out += n as libc::loff_t;
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -282,7 +316,11 @@ mod tests {
 
     #[test]
     fn a_header_reads_back_and_a_damaged_one_does_not() {
-        let p = Patched { base: crate::store::hash_of(b"base"), size: 9 * BLOCK + 5, from_patch: (0..10).map(|b| b % 3 == 0).collect() };
+        let p = Patched {
+            base: ContentHash::from_bytes(*blake3::hash(b"base").as_bytes()),
+            size: 9 * BLOCK + 5,
+            from_patch: (0..10).map(|b| b % 3 == 0).collect(),
+        };
         let bytes = p.to_bytes();
         assert_eq!(Patched::from_bytes(&bytes), Some(p.clone()));
         assert_eq!(Patched::from_bytes(&bytes[..bytes.len() - 1]), None, "cut short");
@@ -308,7 +346,7 @@ mod tests {
             let (from, to) = (b as u64 * BLOCK, ((b as u64 + 1) * BLOCK).min(size));
             patch.write_all_at(&want[from as usize..to as usize], from).unwrap();
         }
-        let header = Patched { base: crate::store::hash_of(&base), size, from_patch: vec![false, true, false, true] };
+        let header = Patched { base: ContentHash::from_bytes(*blake3::hash(&base).as_bytes()), size, from_patch: vec![false, true, false, true] };
         let c = ContentFile::Patched { base: File::open(d.path().join("base")).unwrap(), patch, header };
         assert_eq!(c.size().unwrap(), size);
         let mut got = vec![0u8; size as usize + 10];

@@ -3,6 +3,7 @@
 //! written (in memory while small, `new_work_file`), and a tmp area for downloads. Local
 //! only: no network I/O, and it never decides anything about sync.
 
+pub use crate::patched::copy_range;
 use crate::patched::{ContentFile, Patched, PatchedDir};
 use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
@@ -1059,40 +1060,6 @@ pub fn hash_for_commit(p: &Path) -> anyhow::Result<Hashed> {
     let leaves = crate::leaves::leaves_in_parallel(&f, size).with_context(|| format!("hashing {}", p.display()))?;
     let hash = crate::leaves::root(&leaves, size).context("merging the leaves")?;
     Ok(Hashed { hash, size, leaves: Some(leaves) })
-}
-
-/// Copies `len` bytes at `offset` of `src` to the same offset of `dst`, in the kernel
-/// where it can (`copy_file_range`).
-pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::FileExt;
-    let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
-    let end = offset + len;
-    while (off_out as u64) < end {
-        let want = (end - off_out as u64).min(1 << 30) as usize;
-        // SAFETY: valid descriptors and offsets owned by this frame.
-        let n = unsafe { libc::copy_file_range(src.as_raw_fd(), &mut off_in, dst.as_raw_fd(), &mut off_out, want, 0) };
-        if n > 0 {
-            continue;
-        }
-        if n == 0 {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the source ended early"));
-        }
-        let e = std::io::Error::last_os_error();
-        if !matches!(e.raw_os_error(), Some(libc::EXDEV | libc::ENOSYS | libc::EINVAL | libc::EOPNOTSUPP)) {
-            return Err(e);
-        }
-        // No copy_file_range between these two: through a buffer.
-        let mut buf = vec![0u8; 1 << 20];
-        while (off_out as u64) < end {
-            let n = (end - off_out as u64).min(buf.len() as u64) as usize;
-            src.read_exact_at(&mut buf[..n], off_in as u64)?;
-            dst.write_all_at(&buf[..n], off_out as u64)?;
-            off_in += n as libc::loff_t;
-            off_out += n as libc::loff_t;
-        }
-    }
-    Ok(())
 }
 
 pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {
