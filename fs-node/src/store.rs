@@ -302,14 +302,19 @@ impl ContentStore {
     pub fn open_blob(&self, h: &ContentHash) -> std::io::Result<File> {
         match self.small_bytes(h)? {
             Some(bytes) => memory_file_with("content", &bytes),
-            None => match File::open(self.blob_path(h)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound && self.patched.has(h) => {
-                    self.materialize(h)?;
-                    File::open(self.blob_path(h))
-                }
-                opened => opened,
-            },
+            None => {
+                self.write_out_if_patched(h)?;
+                File::open(self.blob_path(h))
+            }
         }
+    }
+
+    /// Writes `h` out whole first if it is a patched content: for what reads one file.
+    fn write_out_if_patched(&self, h: &ContentHash) -> std::io::Result<()> {
+        if self.is_patched(h) {
+            self.materialize(h)?;
+        }
+        Ok(())
     }
 
     /// Content `h` opened for reading at offsets, as the store keeps it: a blob file (a
@@ -370,7 +375,7 @@ impl ContentStore {
                 let (their_patch, n) = (File::open(self.patched.patch_path(basis))?, b.from_patch.len());
                 for (i, mine) in from_patch.iter_mut().enumerate() {
                     if !*mine && i < n && b.from_patch[i] {
-                        crate::store::copy_range(&their_patch, patch, i as u64 * crate::leaves::BLOCK, crate::leaves::block_len(size, i))?;
+                        copy_range(&their_patch, patch, i as u64 * crate::leaves::BLOCK, crate::leaves::block_len(size, i))?;
                         *mine = true;
                     }
                 }
@@ -529,20 +534,13 @@ impl ContentStore {
             return Ok(CommittedWork { hash, size, moved: false });
         }
         let leaves = leaves.context("a work file with an overlay is hashed through its leaves")?;
-        let p = self.work_path(ino);
         if from_patch.iter().all(|p| *p) {
-            std::fs::rename(&p, self.blob_path(&hash)).with_context(|| format!("moving {} into the store", p.display()))?;
-            self.save_leaves(&hash, &leaves);
-            self.chunk_in_background(&hash, size);
-        } else {
-            let made = self
-                .install_patched(&hash, size, &p, work, basis, from_patch, &leaves, false)
-                .with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
-            if !made {
-                return Ok(CommittedWork { hash, size, moved: false });
-            }
+            return self.install_work_file(ino, work, Hashed { hash, size, leaves: Some(leaves) });
         }
-        Ok(CommittedWork { hash, size, moved: true })
+        let made = self
+            .install_patched(&hash, size, &self.work_path(ino), work, basis, from_patch, &leaves, false)
+            .with_context(|| format!("keeping {hash} as a patch over {basis}"))?;
+        Ok(CommittedWork { hash, size, moved: made })
     }
 
     /// Moves the in-memory work file `work` of `ino`, about to grow past `SMALL_MAX`, to
@@ -725,9 +723,7 @@ impl ContentStore {
         }
         // A blob that is not there fails below with `NotFound` (no list is cached for it);
         // a patched content is listed once written out.
-        if self.is_patched(h) {
-            self.materialize(h)?;
-        }
+        self.write_out_if_patched(h)?;
         let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;
         {
@@ -856,9 +852,7 @@ impl ContentStore {
         if let Some(bytes) = self.small_bytes(h)? {
             return crate::leaves::leaves_of(&bytes[..], bytes.len() as u64);
         }
-        if self.is_patched(h) {
-            self.materialize(h)?;
-        }
+        self.write_out_if_patched(h)?;
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
         self.save_leaves(h, &leaves);
         Ok(leaves)
@@ -879,7 +873,7 @@ impl ContentStore {
     pub fn is_whole(&self, h: &ContentHash) -> bool {
         match self.small_bytes(h) {
             Ok(Some(bytes)) => hash_of(&bytes) == *h,
-            Ok(None) => self.materialize(h).is_ok() && hash_file(&self.blob_path(h)).is_ok_and(|(real, _)| real == *h),
+            Ok(None) => self.write_out_if_patched(h).is_ok() && hash_file(&self.blob_path(h)).is_ok_and(|(real, _)| real == *h),
             Err(_) => false,
         }
     }

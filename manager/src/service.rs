@@ -125,9 +125,10 @@ impl Handle {
     /// Runs work the broker loop took up (a batch, a tick, a sync reply page) under the
     /// stall clock: the clock starts with the first piece of work not yet finished and
     /// stops only when one finishes having done something (`progressed` says so of its
-    /// result) or found it stopped and did nothing. A piece that fails (a locked database ends the session) leaves it
-    /// running, whichever kind of work the next session tries first; so does a look for
-    /// a sync page that found none to send (a read, which a locked database allows).
+    /// result) or found it stopped and did nothing. A piece that fails (a locked
+    /// database ends the session) leaves it running, whichever kind of work the next
+    /// session tries first; so does a look for a sync page that found none to send (a
+    /// read, which a locked database allows).
     async fn timed<T>(&self, work: impl std::future::Future<Output = anyhow::Result<T>>, progressed: impl FnOnce(&T) -> bool) -> anyhow::Result<T> {
         // Whether this piece started the clock (nothing was waiting before it).
         let started = self.busy_since_ms.compare_exchange(0, now_ms(), Ordering::Relaxed, Ordering::Relaxed).is_ok();

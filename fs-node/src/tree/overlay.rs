@@ -166,9 +166,13 @@ impl OverlayView {
 impl State {
     /// The overlay of `ino`'s current work file, if it has one (a stale entry goes).
     pub(super) fn overlay_mut(&mut self, ino: u64) -> Option<&mut Overlay> {
-        let work = self.inodes.get(&ino).and_then(|i| i.work.clone());
-        let current = match (&work, self.overlays.get(&ino)) {
-            (Some(w), Some(o)) => Arc::ptr_eq(w, &o.work),
+        // Every read and write asks: most nodes have no overlay at all.
+        if self.overlays.is_empty() {
+            return None;
+        }
+        let work = self.inodes.get(&ino).and_then(|i| i.work.as_ref());
+        let current = match (work, self.overlays.get(&ino)) {
+            (Some(w), Some(o)) => o.describes(w),
             (_, None) => return None,
             (None, Some(_)) => false,
         };

@@ -844,6 +844,16 @@ fn patterned(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| ((i * 131 + i / 4099) as u8).wrapping_add(seed)).collect()
 }
 
+/// Opens `ino` for writing without truncating it, writes `bytes` at `at` into it and
+/// into `want` (what the file should hold), and closes it.
+fn edit_in_place(t: &Tree, ino: u64, at: usize, bytes: &[u8], want: &mut [u8]) {
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    t.write(fh, at as u64, bytes).unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    want[at..at + bytes.len()].copy_from_slice(bytes);
+}
+
 /// A large file written in place (a page of a database, a byte of a disk image) gets
 /// no copy of the file for its writer: the blocks written go into a sparse work file,
 /// the close hashes only those, and the new version is kept as a patch over the old.
@@ -883,11 +893,7 @@ fn a_large_file_written_in_place_is_kept_as_a_patch_and_reads_right() {
     assert!(read_whole_file(&t, ino) == want);
 
     // A second edit before the first is written out: patched over the same base.
-    let (fh, _) = t.open(ino, true, false, false).unwrap();
-    t.write(fh, 10, b"again").unwrap();
-    want[10..15].copy_from_slice(b"again");
-    t.flush(fh).unwrap();
-    t.release(fh).unwrap();
+    edit_in_place(&t, ino, 10, b"again", &mut want);
     let h2 = crate::store::hash_of(&want);
     assert!(t.store().is_patched(&h2));
     t.gc();
@@ -978,12 +984,8 @@ fn a_content_kept_both_whole_and_as_a_patch_lets_its_base_go() {
     let t = tree_keeping_patches(dir.path());
     let base = patterned(4 << 20, 3);
     let ino = closed_file(&t, ROOT, "big", &base);
-    let (fh, _) = t.open(ino, true, false, false).unwrap();
-    t.write(fh, 70_000, b"edit").unwrap();
-    t.flush(fh).unwrap();
-    t.release(fh).unwrap();
     let mut want = base.clone();
-    want[70_000..70_004].copy_from_slice(b"edit");
+    edit_in_place(&t, ino, 70_000, b"edit", &mut want);
     let h = crate::store::hash_of(&want);
     assert!(t.store().is_patched(&h));
     std::fs::write(t.store().blob_path(&h), &want).unwrap();
