@@ -178,6 +178,7 @@ impl Fetcher {
     pub async fn fetch(self: &Arc<Self>, c: &RemoteContent) -> FsResult<()> {
         if c.size >= STREAM_MIN_BYTES {
             let s = self.stream(c)?;
+            s.fetch_everything();
             let r = s.finished().await;
             self.release_stream(&s);
             return r;

@@ -28,6 +28,9 @@ pub const STREAM_MIN_BYTES: u64 = 4 << 20;
 const RUN_BLOCKS: usize = 16;
 /// Range requests in flight to one holder.
 const REQUESTS_PER_HOLDER: usize = 4;
+/// How far a stream that programs read fetches ahead of the furthest block read (16 MiB):
+/// `head` of a large file, or a reader that stops, does not fetch the rest.
+const READ_AHEAD_BLOCKS: usize = 256;
 
 /// Why getting an on-demand content failed (a stream or a whole fetch), kept for every
 /// reader that waited on it.
@@ -103,6 +106,9 @@ struct State {
     /// Where the next run is looked for: after the last one handed out, or the block a
     /// reader waits for.
     cursor: usize,
+    /// Blocks before this one may be fetched: all of them for a pull, those up to
+    /// [`READ_AHEAD_BLOCKS`] past the furthest block read for a stream programs read.
+    fetch_to: usize,
     end: Option<End>,
     /// Holders dropped for this stream (they failed, stalled or lied).
     dropped: std::collections::HashSet<wire::NodeId>,
@@ -140,13 +146,19 @@ impl Partial {
 }
 
 impl Stream {
+    /// A stream that fetches the whole content (a pull nobody reads).
     pub fn new(store: &ContentStore, hash: ContentHash, size: u64) -> std::io::Result<Arc<Stream>> {
-        Self::resume(store, hash, size, None)
+        Self::open(store, hash, size, None, None)
     }
 
-    /// A stream of `hash` that starts from what `partial` (an earlier stream of it) had,
-    /// if it can be opened still; else from nothing.
+    /// A stream of `hash` that programs read, fetching ahead of them, that starts from
+    /// what `partial` (an earlier stream of it) had, if it can be opened still; else from
+    /// nothing.
     pub fn resume(store: &ContentStore, hash: ContentHash, size: u64, partial: Option<Partial>) -> std::io::Result<Arc<Stream>> {
+        Self::open(store, hash, size, partial, Some(READ_AHEAD_BLOCKS))
+    }
+
+    fn open(store: &ContentStore, hash: ContentHash, size: u64, partial: Option<Partial>, ahead: Option<usize>) -> std::io::Result<Arc<Stream>> {
         let n = leaves::blocks(size);
         // Read and written: readers take their blocks from it.
         let reopen = |p: &Partial| std::fs::OpenOptions::new().read(true).write(true).open(&p.tmp).ok().filter(|f| f.metadata().is_ok_and(|m| m.len() == size));
@@ -177,6 +189,7 @@ impl Stream {
                 in_flight: vec![false; n],
                 have,
                 cursor: 0,
+                fetch_to: ahead.map_or(n, |a| a.min(n)),
                 end: None,
                 dropped: Default::default(),
                 turn: 0,
@@ -234,6 +247,17 @@ impl Stream {
             return Ok(Vec::new());
         }
         let (first, last) = ((offset / BLOCK) as usize, ((end - 1) / BLOCK) as usize);
+        // A read further on lets the stream fetch further ahead.
+        let further = {
+            let mut st = self.lock();
+            let to = (last + 1 + READ_AHEAD_BLOCKS).min(st.present.len());
+            let further = to > st.fetch_to;
+            st.fetch_to = st.fetch_to.max(to);
+            further
+        };
+        if further {
+            self.changed.notify_waiters();
+        }
         loop {
             let notified = self.changed.notified();
             tokio::pin!(notified);
@@ -305,6 +329,16 @@ impl Stream {
         self.changed.notify_waiters();
     }
 
+    /// Lets the stream fetch the whole content, whatever its readers read (someone needs
+    /// it whole: a write, a pin).
+    pub fn fetch_everything(&self) {
+        {
+            let mut st = self.lock();
+            st.fetch_to = st.present.len();
+        }
+        self.changed.notify_waiters();
+    }
+
     /// Waits until the stream has ended: the content is in the store, or the error.
     pub async fn finished(&self) -> FsResult<()> {
         loop {
@@ -332,8 +366,10 @@ impl Stream {
             return Err(());
         }
         let start = st.cursor.min(n);
-        let Some(i) = (start..n).chain(0..start).find(|&b| !st.present[b] && !st.in_flight[b]) else {
-            return if st.in_flight.iter().any(|f| *f) { Ok(None) } else { Err(()) };
+        let Some(i) = (start..n).chain(0..start).find(|&b| !st.present[b] && !st.in_flight[b] && b < st.fetch_to) else {
+            // Blocks past what readers let it fetch wait for a read further on.
+            let waiting = st.in_flight.iter().any(|f| *f) || st.present[st.fetch_to..].iter().any(|p| !p);
+            return if waiting { Ok(None) } else { Err(()) };
         };
         let j = Self::take_run(&mut st, i);
         st.cursor = j;
