@@ -193,7 +193,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
         .context("consuming the update queue")?;
     tracing::info!("connected to the broker; consuming {}", topology::UPDATE_QUEUE);
     backoff.reset();
-    flush_outbox(handle, &ch).await?;
+    flush_outbox_timed(handle, &ch).await?;
     let mut tick = tokio::time::interval(TICK);
     // Whether a sync reply may have a page to send (one may be under way from before a
     // restart). Pages go out one per turn of this loop, between batches of deliveries.
@@ -218,9 +218,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
             }
             _ = std::future::ready(()), if sync_work => {
                 sync_work = handle.timed(handle.with_store(|s| s.sync_step(now_ms())), |sent| *sent).await?;
-                flush_outbox(handle, &ch).await?;
+                flush_outbox_timed(handle, &ch).await?;
             }
-            _ = handle.outbox_ready.notified() => flush_outbox(handle, &ch).await?,
+            _ = handle.outbox_ready.notified() => flush_outbox_timed(handle, &ch).await?,
             next = consumer.next() => {
                 let Some(first) = next else { anyhow::bail!("the broker cancelled the consumer") };
                 let mut deliveries = vec![first.context("receiving from the update queue")?];
@@ -413,13 +413,22 @@ async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason:
     Ok(())
 }
 
+/// [`flush_outbox`] as work of its own under the stall clock: removing what was
+/// published is a write, and a database locked between a decision's commit and that
+/// removal ended every broker session in this flush, at its start, before any other
+/// work could start the clock (the manager was stuck without saying so).
+async fn flush_outbox_timed(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()> {
+    handle.timed(flush_outbox(handle, ch), |published| *published).await.map(|_| ())
+}
+
 /// Publishes everything in the outbox, in order (runs of decisions as batches,
-/// `batch.rs`), pipelining the confirms.
-async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()> {
+/// `batch.rs`), pipelining the confirms. Returns whether there was anything to publish.
+async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bool> {
+    let mut published = false;
     loop {
         let batch = handle.with_store(|s| s.outbox(512)).await?;
         let Some(last) = batch.last().map(|o| o.seq) else {
-            return Ok(());
+            return Ok(published);
         };
         let messages = crate::batch::for_broker(batch);
         let sends = messages.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
@@ -427,6 +436,7 @@ async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()
             r?;
         }
         handle.with_store(move |s| s.remove_outbox(last)).await?;
+        published = true;
     }
 }
 

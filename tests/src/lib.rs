@@ -721,3 +721,78 @@ pub fn hold_until_closed(s: &mut std::net::TcpStream) {
     let mut b = [0u8; 4096];
     while matches!(s.read(&mut b), Ok(n) if n > 0) {}
 }
+
+/// Runs `cmd` to its end or for at most `limit`, whichever comes first, collecting its
+/// output. A command still running at the limit is killed and reported as
+/// `ErrorKind::TimedOut`, so that a hung `docker` or CLI call fails the test with its
+/// name instead of holding it until the runner's timeout.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::io::Result<std::process::Output> {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn()?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("piped stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("piped stderr")));
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("{cmd:?} still running after {limit:?}; killed")));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Ok(std::process::Output { status, stdout: out.join().unwrap_or_default(), stderr: err.join().unwrap_or_default() })
+}
+
+/// What the machine looks like when a test seems to hang: processes in uninterruptible
+/// sleep (a hung FUSE mount or device) and where they wait, the FUSE mounts, the
+/// containers and the end of dockerd's log. Each probe is itself bounded.
+pub fn hang_report() -> String {
+    let probe = |what: &str, cmd: &mut Command| -> String {
+        match output_within(cmd, Duration::from_secs(15)) {
+            Ok(o) => format!("--- {what} ---\n{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)),
+            Err(e) => format!("--- {what} --- {e}\n"),
+        }
+    };
+    let mut report = String::new();
+    report += &probe("processes in D state", Command::new("sh").args(["-c", "ps -eo pid,stat,wchan:32,etimes,args | awk 'NR==1 || $2 ~ /D/'"]));
+    report += &probe("fuse mounts", Command::new("sh").args(["-c", "grep fuse /proc/self/mounts | head -50"]));
+    report += &probe("docker ps", Command::new("docker").args(["ps", "-a", "--format", "{{.Names}} {{.Status}}"]));
+    report += &probe("dockerd log", Command::new("sh").args(["-c", "tail -n 40 /var/log/syncfs-dockerd.log"]));
+    report
+}
+
+/// Prints [`hang_report`] to stderr (which the test runner shows, also for a test it
+/// times out) if it is still alive `after` a while; dropped, it does nothing.
+pub struct HangWatch {
+    done: Option<std::sync::mpsc::Sender<()>>,
+}
+
+impl HangWatch {
+    pub fn start(what: &str, after: Duration) -> HangWatch {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let what = what.to_string();
+        std::thread::spawn(move || {
+            if let Err(std::sync::mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(after) {
+                eprintln!("===== {what}: still running after {after:?}; the machine now =====\n{}", hang_report());
+            }
+        });
+        HangWatch { done: Some(tx) }
+    }
+}
+
+impl Drop for HangWatch {
+    fn drop(&mut self) {
+        if let Some(tx) = self.done.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -35,6 +35,8 @@ impl Drop for Cluster {
 
 #[test]
 fn twenty_container_nodes_converge() {
+    // Before the runner's 300 s: if this hangs, the machine's state is in the output.
+    let _watch = system_tests::HangWatch::start("many_nodes", Duration::from_secs(200));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     build_node_image(dir);

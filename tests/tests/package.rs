@@ -8,7 +8,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
+use std::time::Duration;
 use system_tests::*;
+
+/// How long one `docker exec` or `docker rm` may take before the test fails naming it.
+const EXEC_LIMIT: Duration = Duration::from_secs(120);
 
 /// The package built from this workspace's test binaries, in `dir`.
 fn build_package(dir: &Path) -> PathBuf {
@@ -195,7 +199,8 @@ impl DebianBox {
 
     /// Runs `script` with sh in the container; returns (success, stdout + stderr).
     fn sh(&self, script: &str) -> (bool, String) {
-        let out = Command::new("docker").args(["exec", &self.name, "sh", "-c", script]).output().expect("docker exec runs");
+        let out = output_within(Command::new("docker").args(["exec", &self.name, "sh", "-c", script]), EXEC_LIMIT)
+            .unwrap_or_else(|e| panic!("in {}: {script}: {e}\n{}", self.name, hang_report()));
         (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
     }
 
@@ -218,12 +223,16 @@ impl Drop for DebianBox {
                 eprintln!("--- {} {unit} ---\n{}", self.name, self.sh(&format!("journalctl -u {unit} --no-pager | tail -40")).1);
             }
         }
-        let _ = Command::new("docker").args(["rm", "-f", &self.name]).output();
+        if let Err(e) = output_within(Command::new("docker").args(["rm", "-f", &self.name]), EXEC_LIMIT) {
+            eprintln!("removing container {}: {e}\n{}", self.name, hang_report());
+        }
     }
 }
 
 #[test]
 fn installed_with_dpkg_in_fresh_debian_containers_the_services_sync_a_file() {
+    // Before the runner's 300 s: if this hangs, the machine's state is in the output.
+    let _watch = HangWatch::start("the dpkg containers test", Duration::from_secs(200));
     let dir = tempfile::tempdir().unwrap();
     let deb = build_package(dir.path());
     let vhost = Vhost::new("pkgbox");

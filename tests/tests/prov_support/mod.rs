@@ -48,9 +48,14 @@ pub fn eventually<T>(deadline: Duration, what: &str, mut f: impl FnMut() -> Resu
     }
 }
 
-/// Runs a command, returning its output; panics with stdout+stderr if it fails.
+/// How long one CLI or docker command of these tests may take (20 containers created
+/// by one command take a few seconds here).
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(180);
+
+/// Runs a command, returning its output; panics with stdout+stderr if it fails, and
+/// with what the machine looks like if it hangs.
 pub fn run_ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+    let out = run(cmd);
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
@@ -62,7 +67,7 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 pub fn run(cmd: &mut Command) -> Output {
-    cmd.output().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"))
+    system_tests::output_within(cmd, COMMAND_LIMIT).unwrap_or_else(|e| panic!("running {cmd:?}: {e}\n{}", system_tests::hang_report()))
 }
 
 /// A child process killed (SIGTERM, then SIGKILL) on drop; its output goes to a log file.
@@ -180,7 +185,9 @@ pub fn docker() -> Command {
 
 /// Removes every container and volume of `cluster` (best effort), for Drop guards.
 pub fn purge_cluster(cluster: &str) {
-    let _ = manager(cluster).args(["node", "rm", "--all", "--purge"]).output();
+    if let Err(e) = system_tests::output_within(manager(cluster).args(["node", "rm", "--all", "--purge"]), COMMAND_LIMIT) {
+        eprintln!("removing the nodes of cluster {cluster}: {e}\n{}", system_tests::hang_report());
+    }
 }
 
 /// Names and states from `manager node list`.
