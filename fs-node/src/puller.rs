@@ -166,6 +166,9 @@ const LOCAL_BYTES_WORTH_IT: u64 = 1 << 20;
 /// Local blobs a pull by chunks keeps open at once to copy chunks from.
 const MOST_OPEN_SOURCES: usize = 64;
 
+/// Why a pull by chunks from one holder did not start: it had no chunk list at hand.
+const NOT_LISTED_YET: &str = "no holder has its chunk list at hand";
+
 /// A pull by chunks that would not pay (the content is pulled whole instead).
 #[derive(Debug, thiserror::Error)]
 #[error("not worth pulling by chunks: {0}")]
@@ -375,7 +378,7 @@ impl Puller {
         }
         self.learn_holders(holders);
         let _permit = self.limit.acquire().await.context("pull limiter closed")?;
-        let mut others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
+        let others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
         if others.is_empty() {
             return Err(anyhow::Error::new(Unreachable(hash.clone())).context("no other node holds it"));
         }
@@ -407,6 +410,9 @@ impl Puller {
             if let Some(worth) = worth {
                 match self.pull_chunked(hash, size, &others, basis, worth).await {
                     Ok(n) => return Ok(n),
+                    Err(e) if e.downcast_ref::<NotWorthIt>().is_some_and(|w| w.0 == NOT_LISTED_YET) => {
+                        return self.pull_whole_unless_listed(hash, size, others, basis).await;
+                    }
                     Err(e) if e.is::<NotWorthIt>() => tracing::debug!("{e:#}; pulling {hash} whole"),
                     Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
                 }
@@ -415,6 +421,56 @@ impl Puller {
                 }
             }
         }
+        self.pull_whole(hash, others).await
+    }
+
+    /// A content new to this path whose holder had no chunk list of it at hand (it
+    /// makes one in the background after the close; a puller is usually faster): pulled
+    /// whole at once, while the holder is asked to make the list. If the list comes
+    /// first and this node has enough of its chunks, the whole download is dropped and
+    /// the rest comes by chunks (a file saved as a new one, or a copy edited, over a
+    /// slow link moves what is new, not all of it); otherwise the whole pull goes on.
+    async fn pull_whole_unless_listed(&self, hash: &ContentHash, size: u64, others: Vec<&Holder>, basis: Option<&ContentHash>) -> anyhow::Result<u64> {
+        let whole = self.pull_whole(hash, others.clone());
+        tokio::pin!(whole);
+        let listed = async {
+            let list = self.chunk_list_from(hash, &others, &format!("chunks/{hash}")).await?;
+            let (store, l) = (self.store.clone(), list.clone());
+            let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.ok()?;
+            (indexed >= LOCAL_BYTES_WORTH_IT).then_some(list)
+        };
+        let list = tokio::select! {
+            biased;
+            done = &mut whole => return done,
+            list = listed => list,
+        };
+        // Switching pays only while most of the content has still to come.
+        let came = self.counter(hash).load(Ordering::Relaxed);
+        let Some(list) = list.filter(|_| came < size / 2) else {
+            return whole.await;
+        };
+        tracing::debug!(%hash, came, "the chunk list came first: pulling the rest by chunks");
+        drop(whole);
+        if self.store.has(hash) {
+            return Ok(0);
+        }
+        match self.assemble_and_install(hash, size, &others, basis, list, Chunked::IfMostlyLocal).await {
+            Ok(n) => Ok(n + came),
+            Err(e) => {
+                if self.store.has(hash) {
+                    return Ok(came);
+                }
+                tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole");
+                self.pull_whole(hash, others).await
+            }
+        }
+    }
+
+    /// Pulls `hash` whole from one of `others` at a time, a few rounds; a holder that
+    /// misbehaves is dropped. Returns the bytes transferred.
+    async fn pull_whole(&self, hash: &ContentHash, mut others: Vec<&Holder>) -> anyhow::Result<u64> {
+        let size = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.size);
+        let size = size.context("pulling a content that is not tracked")?;
         let mut last = None;
         // Whether any holder was reached at all (else the pull fails as `Unreachable`).
         let mut reached = false;
@@ -589,28 +645,9 @@ impl Puller {
             Chunked::Always => format!("chunks/{hash}"),
             Chunked::IfMostlyLocal => format!("chunks/{hash}?cached"),
         };
-        // The list, from the first holder that gives one that adds up.
-        let mut list = None;
-        for h in holders {
-            let got = async {
-                let bytes = self.fetch(h, self.get(h, &what)?, crate::chunks::max_list_bytes(size)).await?;
-                let json: crate::chunks::ChunkListJson =
-                    serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
-                crate::chunks::ChunkList::from_json(json, size)
-                    .map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
-            }
-            .await;
-            match got {
-                Ok(l) => {
-                    list = Some(l);
-                    break;
-                }
-                Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => tracing::debug!("no chunk list of {hash} from {}: {e:#}", h.node),
-            }
-        }
-        let list = match (list, worth) {
+        let list = match (self.chunk_list_from(hash, holders, &what).await, worth) {
             (Some(l), _) => l,
-            (None, Chunked::IfMostlyLocal) => return Err(NotWorthIt("no holder has its chunk list at hand").into()),
+            (None, Chunked::IfMostlyLocal) => return Err(NotWorthIt(NOT_LISTED_YET).into()),
             (None, Chunked::Always) => anyhow::bail!("no holder gave a chunk list"),
         };
         if worth == Chunked::IfMostlyLocal {
@@ -621,6 +658,41 @@ impl Puller {
                 return Err(NotWorthIt("too few of its chunks are here").into());
             }
         }
+        self.assemble_and_install(hash, size, holders, basis, list, worth).await
+    }
+
+    /// The chunk list of `hash` (asked for as `what`) from the first of `holders` that
+    /// gives one that adds up to `hash`'s size.
+    async fn chunk_list_from(&self, hash: &ContentHash, holders: &[&Holder], what: &str) -> Option<crate::chunks::ChunkList> {
+        let size = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.size)?;
+        for h in holders {
+            let got = async {
+                let bytes = self.fetch(h, self.get(h, what)?, crate::chunks::max_list_bytes(size)).await?;
+                let json: crate::chunks::ChunkListJson =
+                    serde_json::from_slice(&bytes).map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a malformed chunk list: {e}", h.node)))?;
+                crate::chunks::ChunkList::from_json(json, size)
+                    .map_err(|e| Attempt::Misbehaved(anyhow::anyhow!("{} sent a chunk list that does not fit: {e}", h.node)))
+            }
+            .await;
+            match got {
+                Ok(l) => return Some(l),
+                Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) => tracing::debug!("no chunk list of {hash} from {}: {e:#}", h.node),
+            }
+        }
+        None
+    }
+
+    /// Assembles `hash` from the chunks of `list` (those here copied, the others fetched
+    /// from `holders`), checks it and installs it; returns the bytes fetched.
+    async fn assemble_and_install(
+        &self,
+        hash: &ContentHash,
+        size: u64,
+        holders: &[&Holder],
+        basis: Option<&ContentHash>,
+        list: crate::chunks::ChunkList,
+        worth: Chunked,
+    ) -> anyhow::Result<u64> {
         tracing::debug!(target: "timing", %hash, "chunk list in");
         let (tmp, file) = self.store.tmp_file().context("creating a download file")?;
         let file = Arc::new(file);
@@ -871,9 +943,7 @@ impl Puller {
             Ok(n)
         }
         .await;
-        if let (Err(_), Download::File { tmp, .. }) = (&result, &download) {
-            let _ = std::fs::remove_file(tmp);
-        }
+        drop(download);
         result
     }
 }
@@ -917,10 +987,20 @@ pub(crate) fn parse_small_batch<'a>(answer: &'a [u8], wanted: &'a [(ContentHash,
     (taken, trailing)
 }
 
-/// Where a download lands until it is checked.
+/// Where a download lands until it is checked. A download file left when it is dropped
+/// (the pull failed, or was dropped half-way for a pull by chunks) is removed; one
+/// installed was renamed away already.
 enum Download {
     Memory(Vec<u8>),
     File { tmp: std::path::PathBuf, file: std::fs::File },
+}
+
+impl Drop for Download {
+    fn drop(&mut self) {
+        if let Download::File { tmp, .. } = self {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 #[cfg(test)]

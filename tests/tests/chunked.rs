@@ -120,6 +120,96 @@ fn a_new_file_sharing_most_chunks_with_another_moves_only_the_new_ones() {
     c.converged();
 }
 
+/// A TCP link to port `to` that carries at most `rate` bytes a second towards the side
+/// that connected (the way contents go) and counts them; returns its port and the count.
+fn slow_link(to: u16, rate: u64) -> (u16, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::io::Read;
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let crossed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let count = crossed.clone();
+    std::thread::spawn(move || {
+        for client in listener.incoming().flatten() {
+            let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", to)) else { continue };
+            let (mut up_from, mut up_to) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut up_from, &mut up_to);
+                let _ = up_to.shutdown(std::net::Shutdown::Write);
+            });
+            let count = count.clone();
+            std::thread::spawn(move || {
+                let (mut from, mut to) = (server, client);
+                let (start, mut sent) = (std::time::Instant::now(), 0u64);
+                let mut buf = vec![0u8; 16 << 10];
+                loop {
+                    let n = match from.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if to.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                    sent += n as u64;
+                    count.fetch_add(n as u64, Ordering::Relaxed);
+                    // Paced: the bytes sent so far may not have gone faster than `rate`.
+                    let due = std::time::Duration::from_secs_f64(sent as f64 / rate as f64);
+                    if let Some(ahead) = due.checked_sub(start.elapsed()) {
+                        std::thread::sleep(ahead);
+                    }
+                }
+                let _ = to.shutdown(std::net::Shutdown::Both);
+                let _ = from.shutdown(std::net::Shutdown::Both);
+            });
+        }
+    });
+    (port, crossed)
+}
+
+/// Online dedup before the holder has a chunk list: b is online when a writes a new file
+/// that is mostly the chunks of a file b made, and a's contents reach b only through a
+/// slow link (2 MiB/s, counted). a makes the new file's chunk list in the background
+/// after the close, after b first asked; b starts the whole pull and asks a to make the
+/// list, the list comes first, and b takes the rest by chunks: far fewer bytes cross the
+/// link than the file holds (all of them did before).
+#[test]
+fn a_new_file_sharing_most_chunks_comes_by_chunks_over_a_slow_link_before_its_holder_listed_it() {
+    let mut c = Cluster::start("chunked-online", 0);
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let (link, crossed) = slow_link(listen, 2 << 20);
+    let advertise = ["--listen".to_string(), format!("127.0.0.1:{listen}"), "--advertise".into(), format!("http://127.0.0.1:{link}")];
+    let a = NodeProc::start_opts(c.dir.path(), "n1", &c.vhost, NodeOpts { extra: advertise.to_vec(), ..Default::default() });
+    c.nodes.push(a);
+    c.add_node("n2");
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    // b makes the base itself (a pulls it over b's own, fast link), and b's chunk index
+    // has it once its chunk list is made.
+    let data = pseudo_random(16 << 20, 11);
+    write(&c.nodes[1].p("base.img"), &data);
+    c.converged();
+    let base = blake3::hash(&data).to_hex().to_string();
+    assert_eq!(http_get(&format!("{}/chunks/{base}", node_url(&c.nodes[1])), None).0, 200);
+    let before = crossed.load(std::sync::atomic::Ordering::Relaxed);
+    let mut copy = data.clone();
+    copy[5 << 20] ^= 0xff;
+    copy.extend(pseudo_random(1 << 20, 12));
+    write(&c.nodes[0].p("copy.img"), &copy);
+    let b = &c.nodes[1];
+    eventually("the copy to reach b", DEADLINE, || read(&b.p("copy.img")).as_deref() == Some(&copy[..]));
+    let moved = crossed.load(std::sync::atomic::Ordering::Relaxed) - before;
+    println!("the copy of 17 MiB moved {moved} bytes over the link");
+    // The new MiB, the chunks around the changed byte, the list, and what the whole pull
+    // took before the list came.
+    assert!(moved >= 1 << 20, "the new MiB did not cross the link? {moved} bytes");
+    assert!(moved <= 8 << 20, "a copy sharing 16 of its 17 MiB moved {moved} bytes over the link");
+    c.converged();
+    // The whole download dropped half-way left no file behind.
+    let left: Vec<_> = std::fs::read_dir(b.data.join("tmp")).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(left.is_empty(), "download files left in b's store: {left:?}");
+}
+
 fn pulled(n: &NodeProc) -> f64 {
     node_metrics(n).get("syncfs_node_bytes_pulled_total").copied().unwrap_or(0.0)
 }
