@@ -431,8 +431,8 @@ impl Puller {
     /// the rest comes by chunks (a file saved as a new one, or a copy edited, over a
     /// slow link moves what is new, not all of it); otherwise the whole pull goes on.
     async fn pull_whole_unless_listed(&self, hash: &ContentHash, size: u64, others: Vec<&Holder>, basis: Option<&ContentHash>) -> anyhow::Result<u64> {
-        let whole = self.pull_whole(hash, others.clone());
-        tokio::pin!(whole);
+        // Boxed, so that dropping it ends the download (its connection and file) at once.
+        let mut whole = Box::pin(self.pull_whole(hash, others.clone()));
         let listed = async {
             let list = self.chunk_list_from(hash, &others, &format!("chunks/{hash}")).await?;
             let (store, l) = (self.store.clone(), list.clone());

@@ -240,7 +240,7 @@ fn bad_holder(list_json: Vec<u8>, lies: bool) -> String {
                     let (x, y) = requested_range(&req);
                     let n = y - x + 1;
                     let head = format!("HTTP/1.1 206 Partial Content\r\nContent-Type: application/octet-stream\r\nContent-Length: {n}\r\n\r\n");
-                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&vec![0x42u8; n as usize])).is_err() {
+                    if s.write_all(head.as_bytes()).and_then(|_| s.write_all(&vec![0x42u8; n])).is_err() {
                         return;
                     }
                 }
