@@ -421,7 +421,7 @@ impl Puller {
                 }
             }
         }
-        self.pull_whole(hash, others).await
+        self.pull_whole(hash, size, others).await
     }
 
     /// A content new to this path whose holder had no chunk list of it at hand (it
@@ -432,9 +432,9 @@ impl Puller {
     /// slow link moves what is new, not all of it); otherwise the whole pull goes on.
     async fn pull_whole_unless_listed(&self, hash: &ContentHash, size: u64, others: Vec<&Holder>, basis: Option<&ContentHash>) -> anyhow::Result<u64> {
         // Boxed, so that dropping it ends the download (its connection and file) at once.
-        let mut whole = Box::pin(self.pull_whole(hash, others.clone()));
+        let mut whole = Box::pin(self.pull_whole(hash, size, others.clone()));
         let listed = async {
-            let list = self.chunk_list_from(hash, &others, &format!("chunks/{hash}")).await?;
+            let list = self.chunk_list_from(hash, size, &others, &format!("chunks/{hash}")).await?;
             let (store, l) = (self.store.clone(), list.clone());
             let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.ok()?;
             (indexed >= LOCAL_BYTES_WORTH_IT).then_some(list)
@@ -461,16 +461,14 @@ impl Puller {
                     return Ok(came);
                 }
                 tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole");
-                self.pull_whole(hash, others).await
+                self.pull_whole(hash, size, others).await
             }
         }
     }
 
-    /// Pulls `hash` whole from one of `others` at a time, a few rounds; a holder that
-    /// misbehaves is dropped. Returns the bytes transferred.
-    async fn pull_whole(&self, hash: &ContentHash, mut others: Vec<&Holder>) -> anyhow::Result<u64> {
-        let size = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.size);
-        let size = size.context("pulling a content that is not tracked")?;
+    /// Pulls `hash` (`size` bytes) whole from one of `others` at a time, a few rounds; a
+    /// holder that misbehaves is dropped. Returns the bytes transferred.
+    async fn pull_whole(&self, hash: &ContentHash, size: u64, mut others: Vec<&Holder>) -> anyhow::Result<u64> {
         let mut last = None;
         // Whether any holder was reached at all (else the pull fails as `Unreachable`).
         let mut reached = false;
@@ -645,7 +643,7 @@ impl Puller {
             Chunked::Always => format!("chunks/{hash}"),
             Chunked::IfMostlyLocal => format!("chunks/{hash}?cached"),
         };
-        let list = match (self.chunk_list_from(hash, holders, &what).await, worth) {
+        let list = match (self.chunk_list_from(hash, size, holders, &what).await, worth) {
             (Some(l), _) => l,
             (None, Chunked::IfMostlyLocal) => return Err(NotWorthIt(NOT_LISTED_YET).into()),
             (None, Chunked::Always) => anyhow::bail!("no holder gave a chunk list"),
@@ -662,9 +660,8 @@ impl Puller {
     }
 
     /// The chunk list of `hash` (asked for as `what`) from the first of `holders` that
-    /// gives one that adds up to `hash`'s size.
-    async fn chunk_list_from(&self, hash: &ContentHash, holders: &[&Holder], what: &str) -> Option<crate::chunks::ChunkList> {
-        let size = self.progress.lock().unwrap_or_else(|p| p.into_inner()).get(hash).map(|p| p.size)?;
+    /// gives one that adds up to its `size`.
+    async fn chunk_list_from(&self, hash: &ContentHash, size: u64, holders: &[&Holder], what: &str) -> Option<crate::chunks::ChunkList> {
         for h in holders {
             let got = async {
                 let bytes = self.fetch(h, self.get(h, what)?, crate::chunks::max_list_bytes(size)).await?;
