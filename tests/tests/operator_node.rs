@@ -73,9 +73,11 @@ fn every_terminating_signal_unmounts() {
 /// The manager's HTTP address and operator token, from its log and credentials file.
 fn manager_api(m: &ManagerProc) -> (String, String) {
     let log = std::fs::read_to_string(&m.log).unwrap();
+    // The last start's address (a restarted manager logs a new one).
     let url = log
         .lines()
-        .find_map(|l| l.split("dashboard and REST API on ").nth(1))
+        .filter_map(|l| l.split("dashboard and REST API on ").nth(1))
+        .last()
         .expect("the manager logged its address")
         .trim()
         .trim_end_matches('/')
@@ -118,4 +120,45 @@ fn a_stuck_manager_says_so_and_recovers_without_losing_anything() {
     eventually("n1 online again", DEADLINE, || c.manager.status().lines().any(|l| l.starts_with("n1 ") && l.contains(" online ")));
     assert_eq!(queue_depth(&c.vhost, wire::topology::DEAD_QUEUE), 0, "a message was dead-lettered because the database was locked");
     assert!(c.manager.status().contains("files: 1"), "{}", c.manager.status());
+}
+
+/// Publishing the outbox is work under the manager's stall clock. Here a decision waits in
+/// the outbox while the database is locked: each broker session starts by publishing it,
+/// and fails removing it (a write), before any other work can start; the manager must
+/// still say it is stuck, and once the lock goes it publishes and empties the outbox.
+/// (Before the outbox flush was timed, the clock never started and the manager said
+/// nothing; the test of a locked database above met this only by chance.)
+#[test]
+fn a_manager_stuck_publishing_its_outbox_says_so() {
+    let dir = tempfile::Builder::new().prefix("syncfs-stuck-outbox-").tempdir().unwrap();
+    let vhost = Vhost::new("stuck-outbox");
+    let proxy = BrokerProxy::start();
+    let mut m = ManagerProc::start(dir.path(), &format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat=5", proxy.port, vhost.name));
+    let log = |m: &ManagerProc| std::fs::read_to_string(&m.log).unwrap_or_default();
+    eventually("the manager to consume its queue", DEADLINE, || log(&m).contains("consuming sync.update"));
+    let (api, token) = manager_api(&m);
+    let health = || http_get(&format!("{api}/api/health"), Some(&token));
+    assert_eq!(health().0, 200);
+
+    // Away from the broker, the manager does no database work at all.
+    proxy.cut();
+    eventually("the manager to lose the broker", DEADLINE, || log(&m).contains("broker session ended"));
+    let db = rusqlite::Connection::open(&m.db).unwrap();
+    let id = wire::MessageId::try_from("stuck-outbox-0001".to_string()).unwrap();
+    let env = wire::Envelope::new(id, wire::NodeId::manager(), wire::ToNode::SyncRequested {});
+    db.execute("INSERT INTO outbox(key, id, payload) VALUES(?1, ?2, ?3)", rusqlite::params![wire::topology::BROADCAST_KEY, env.id.as_str(), env.encode()])
+        .unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    proxy.restore();
+    eventually("the manager to say it is stuck", Duration::from_secs(90), || {
+        let (status, body) = health();
+        status == 503 && String::from_utf8_lossy(&body).contains("\"ok\":false") && log(&m).contains("it is stuck")
+    });
+
+    db.execute_batch("COMMIT").unwrap();
+    drop(db);
+    eventually("the manager healthy again", DEADLINE, || health().0 == 200);
+    let outbox = || rusqlite::Connection::open(&m.db).unwrap().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)).unwrap();
+    eventually("the outbox published and emptied", DEADLINE, || outbox() == 0);
+    m.stop();
 }
