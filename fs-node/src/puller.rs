@@ -435,9 +435,7 @@ impl Puller {
         let mut whole = Box::pin(self.pull_whole(hash, size, others.clone()));
         let listed = async {
             let list = self.chunk_list_from(hash, size, &others, &format!("chunks/{hash}")).await?;
-            let (store, l) = (self.store.clone(), list.clone());
-            let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.ok()?;
-            (indexed >= LOCAL_BYTES_WORTH_IT).then_some(list)
+            self.enough_here(&list).await.ok()?.then_some(list)
         };
         let list = tokio::select! {
             biased;
@@ -650,13 +648,19 @@ impl Puller {
         };
         if worth == Chunked::IfMostlyLocal {
             // A first look in the index (no blob read) before any download file is made.
-            let (store, l) = (self.store.clone(), list.clone());
-            let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.context("the index lookup panicked")?;
-            if indexed < LOCAL_BYTES_WORTH_IT {
+            if !self.enough_here(&list).await? {
                 return Err(NotWorthIt("too few of its chunks are here").into());
             }
         }
         self.assemble_and_install(hash, size, holders, basis, list, worth).await
+    }
+
+    /// Whether the chunk index names local blobs for at least [`LOCAL_BYTES_WORTH_IT`] of
+    /// `list` (no blob is read).
+    async fn enough_here(&self, list: &crate::chunks::ChunkList) -> anyhow::Result<bool> {
+        let (store, l) = (self.store.clone(), list.clone());
+        let indexed = tokio::task::spawn_blocking(move || indexed_bytes(&store, &l)).await.context("the index lookup panicked")?;
+        Ok(indexed >= LOCAL_BYTES_WORTH_IT)
     }
 
     /// The chunk list of `hash` (asked for as `what`) from the first of `holders` that
@@ -940,7 +944,7 @@ impl Puller {
             Ok(n)
         }
         .await;
-        drop(download);
+        // `download` goes here (`Drop` removes a download file not installed).
         result
     }
 }
