@@ -28,20 +28,18 @@ struct Moto {
     _proc: Proc,
 }
 
-fn start_moto(dir: &Path) -> Moto {
+fn start_moto(dir: &Path, host: &str) -> Moto {
     let server = venv().join("bin/moto_server");
     assert!(server.is_file(), "{} missing: run scripts/setup-moto.sh", server.display());
-    let port = free_port();
+    let port = free_port_on(host);
     let mut cmd = Command::new(server);
-    cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .env("MOTO_ENABLE_AMI_VALIDATION", "true")
-        .env("INITIAL_NO_AUTH_ACTION_COUNT", NO_AUTH_ACTIONS.to_string());
+    cmd.args(["-H", host, "-p", &port.to_string()]).env("MOTO_ENABLE_AMI_VALIDATION", "true").env("INITIAL_NO_AUTH_ACTION_COUNT", NO_AUTH_ACTIONS.to_string());
     let mut proc = Proc::spawn("moto_server", &mut cmd, dir.join("moto.log"));
     eventually(Duration::from_secs(30), "moto_server to listen", || {
         proc.assert_alive();
-        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+        std::net::TcpStream::connect((host, port)).map(|_| ()).map_err(|e| e.to_string())
     });
-    Moto { url: format!("http://127.0.0.1:{port}"), _proc: proc }
+    Moto { url: format!("http://{host}:{port}"), _proc: proc }
 }
 
 /// Creates an IAM user with an access key in moto (the only unauthenticated calls) and
@@ -74,8 +72,11 @@ struct Vm<'a> {
 
 /// A moto EC2 endpoint with credentials and an image, and a manager database and a
 /// cluster name of their own: what every VM test starts from. (Moto stops before its
-/// directory goes: fields drop in order.)
+/// directory goes: fields drop in order.) Its servers listen on a loopback address of
+/// its own: two tests that found the same free port each talk to their own moto (CI once
+/// saw one test's IAM user appear in the other's).
 struct Cloud {
+    host: String,
     moto: Moto,
     tmp: tempfile::TempDir,
     key: String,
@@ -88,10 +89,11 @@ struct Cloud {
 impl Cloud {
     fn start(cluster_prefix: &str) -> Cloud {
         let tmp = tempfile::tempdir().unwrap();
-        let moto = start_moto(tmp.path());
+        let host = own_loopback();
+        let moto = start_moto(tmp.path(), &host);
         let (key, secret, ami) = credentials_and_ami(&moto.url);
         let db = tmp.path().join("manager.db");
-        Cloud { moto, tmp, key, secret, ami, db, cluster: unique(cluster_prefix) }
+        Cloud { host, moto, tmp, key, secret, ami, db, cluster: unique(cluster_prefix) }
     }
     fn vm(&self) -> Vm<'_> {
         Vm { cluster: &self.cluster, endpoint: &self.moto.url, db: &self.db, key: &self.key, secret: &self.secret }
@@ -235,16 +237,16 @@ fn vms_on_moto() {
 
 /// A web server that is not EC2 (python's http.server answers a POST with 501 and a
 /// page of HTML): what `--endpoint-url` reaches when it names the wrong port.
-fn start_web_server(dir: &Path) -> (String, Proc) {
-    let port = free_port();
+fn start_web_server(dir: &Path, host: &str) -> (String, Proc) {
+    let port = free_port_on(host);
     let mut cmd = Command::new(venv().join("bin/python"));
-    cmd.args(["-m", "http.server", &port.to_string(), "--bind", "127.0.0.1"]);
+    cmd.args(["-m", "http.server", &port.to_string(), "--bind", host]);
     let mut proc = Proc::spawn("http.server", &mut cmd, dir.join("http.log"));
     eventually(Duration::from_secs(30), "http.server to listen", || {
         proc.assert_alive();
-        std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| e.to_string())
+        std::net::TcpStream::connect((host, port)).map(|_| ()).map_err(|e| e.to_string())
     });
-    (format!("http://127.0.0.1:{port}"), proc)
+    (format!("http://{host}:{port}"), proc)
 }
 
 /// Regression: `vm create --endpoint-url 'not a url'` printed about 1,400 characters of
@@ -254,7 +256,7 @@ fn start_web_server(dir: &Path) -> (String, Proc) {
 #[test]
 fn vm_failures_are_one_clear_line() {
     let cloud = Cloud::start("vmerr");
-    let (web, _web) = start_web_server(cloud.tmp.path());
+    let (web, _web) = start_web_server(cloud.tmp.path(), &cloud.host);
     let (ami, db, cluster) = (cloud.ami.as_str(), cloud.db.as_path(), cloud.cluster.as_str());
     let vm = cloud.vm();
     let create = |image: &str| -> Vec<String> { ["create", "--image-id", image, "--broker-public", BROKER_PUBLIC].map(String::from).to_vec() };
@@ -274,7 +276,7 @@ fn vm_failures_are_one_clear_line() {
         check(&v, &list(), &["invalid --endpoint-url"], &[]);
     }
     // Nothing listens there.
-    let closed = format!("http://127.0.0.1:{}", free_port());
+    let closed = format!("http://{}:{}", cloud.host, free_port_on(&cloud.host));
     let v = Vm { endpoint: &closed, ..vm };
     for args in [create(ami), list()] {
         check(&v, &args, &["cannot reach the EC2 endpoint", &closed, "connection refused", "--endpoint-url"], &[]);

@@ -21,7 +21,22 @@ pub fn repo_root() -> PathBuf {
 pub use system_tests::{bin, ManagerProc, NodeProc, Vhost};
 
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    free_port_on("127.0.0.1")
+}
+
+/// A port free on `host` at the moment of asking (another process may take it before
+/// the caller binds it: on a shared address, check that what answers is the caller's own).
+pub fn free_port_on(host: &str) -> u16 {
+    std::net::TcpListener::bind((host, 0)).unwrap().local_addr().unwrap().port()
+}
+
+/// A loopback address of the calling test alone (127.x.y.z, chosen at random): servers it
+/// starts there cannot be confused with another test's that found the same free port,
+/// and a port nothing listens on stays so.
+pub fn own_loopback() -> String {
+    let r = uuid_like();
+    let byte = |i: usize| u8::from_str_radix(&r[2 * i..2 * i + 2], 16).unwrap() % 254 + 1;
+    format!("127.{}.{}.{}", byte(0), byte(1), byte(2))
 }
 
 pub fn unique(prefix: &str) -> String {
