@@ -22,6 +22,9 @@ pub(super) struct Outbox {
     pub(super) sent: HashSet<MessageId>,
     /// Rows with a seq up to this one were handed to the broker link in this session.
     pub(super) published_upto: i64,
+    /// Above every seq this run has seen (loaded or assigned): seqs only grow within a
+    /// run, which `published_upto` relies on.
+    next_seq: i64,
 }
 
 impl Outbox {
@@ -41,11 +44,19 @@ impl Outbox {
             }
         }
         if let Some(r) = row {
+            self.next_seq = self.next_seq.max(seq + 1);
             self.by_path.entry(r.change.path.clone()).or_default().insert(seq);
             self.by_msg.insert(r.msg.clone(), seq);
             self.rows.insert(seq, r);
         }
         old
+    }
+
+    /// The seq for a new row: after every row there is or was in this run.
+    pub(super) fn take_seq(&mut self) -> i64 {
+        let seq = self.next_seq.max(1);
+        self.next_seq = seq + 1;
+        seq
     }
 
     pub(super) fn rows(&self) -> &BTreeMap<i64, OutboxRow> {
@@ -136,13 +147,14 @@ impl State {
             // first) and of a put after a delete is kept.
             let row = self.set_outbox_row(seq, None).expect("found");
             tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
-            self.db.remove_outbox(&row.msg)?;
+            self.db.remove_outbox(seq)?;
         }
         let follows = self.outbox.of_path(&path).next_back().map(|r| r.msg.clone());
         let msg = self.env.new_id();
         let change = Change { path: path.clone(), base, follows, op };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
-        let seq = self.db.push_outbox(&msg, &change)?;
+        let seq = self.outbox.take_seq();
+        self.db.push_outbox(seq, &msg, &change)?;
         self.set_outbox_row(seq, Some(OutboxRow { seq, msg, change }));
         Ok(())
     }

@@ -54,7 +54,7 @@ impl Tree {
             let mut decided = false;
             if let Some(seq) = seq {
                 let row = st.set_outbox_row(seq, None).expect("found");
-                st.db.remove_outbox(msg)?;
+                st.db.remove_outbox(seq)?;
                 let was_sent = st.outbox.sent.remove(msg);
                 st.record(|| Undo::Sent(msg.clone(), was_sent));
                 if matches!(outcome, Outcome::Conflict { .. }) {
