@@ -60,7 +60,9 @@ CREATE TABLE IF NOT EXISTS writing(ino INTEGER PRIMARY KEY);
 /// 20): directory entries and revisions are stored in their primary key's B-tree
 /// (`WITHOUT ROWID`; before, each had a table and an index, and every change wrote a page
 /// of both), and an outbox row is found by its seq, which the tree assigns, so the
-/// message id needs no index of its own and the seqs no `sqlite_sequence` row.
+/// message id needs no index of its own and the seqs no `sqlite_sequence` row. Whether
+/// a file is being written is a column of its inode row (written in the same transactions
+/// anyway) instead of a table of its own.
 const SCHEMA_V5: &str = "
 CREATE TABLE dentries_v5(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL, PRIMARY KEY(parent, name)) WITHOUT ROWID;
 INSERT INTO dentries_v5(parent, name, ino) SELECT parent, name, ino FROM dentries;
@@ -74,6 +76,9 @@ CREATE TABLE outbox_v5(seq INTEGER PRIMARY KEY, msg TEXT NOT NULL, path TEXT NOT
 INSERT INTO outbox_v5(seq, msg, path, body) SELECT seq, msg, path, body FROM outbox;
 DROP TABLE outbox;
 ALTER TABLE outbox_v5 RENAME TO outbox;
+ALTER TABLE inodes ADD COLUMN writing INTEGER NOT NULL DEFAULT 0;
+UPDATE inodes SET writing = 1 WHERE ino IN (SELECT ino FROM writing);
+DROP TABLE writing;
 ";
 
 /// One content kept past GC.
@@ -262,8 +267,11 @@ impl Db {
     pub fn save_inode(&self, i: &InodeRow) -> rusqlite::Result<()> {
         self.conn
             .prepare_cached(
-                "INSERT OR REPLACE INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                "INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
+                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                 ON CONFLICT(ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm, uid = excluded.uid, gid = excluded.gid,
+                   atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, nlink = excluded.nlink, rdev = excluded.rdev,
+                   size = excluded.size, hash = excluded.hash, target = excluded.target",
             )?
             .execute(params![i.ino as i64, i.kind, i.perm, i.uid, i.gid, i.atime, i.mtime, i.ctime, i.nlink, i.rdev, i.size as i64, i.hash, i.target])?;
         Ok(())
@@ -271,21 +279,26 @@ impl Db {
 
     pub fn delete_inode(&self, ino: u64) -> rusqlite::Result<()> {
         self.conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([ino as i64])?;
-        self.set_writing(ino, false)
+        Ok(())
     }
 
-    /// Records that `ino` is being written (a work file was made for it), or no longer.
+    /// Records that `ino` is being written (a work file was made for it), or no longer,
+    /// in its saved row (an inode without one, removed while open, is not recorded).
+    /// Saving the row again leaves this as it is.
     pub fn set_writing(&self, ino: u64, writing: bool) -> rusqlite::Result<()> {
-        let sql = if writing { "INSERT OR IGNORE INTO writing(ino) VALUES (?1)" } else { "DELETE FROM writing WHERE ino = ?1" };
-        self.conn.prepare_cached(sql)?.execute([ino as i64])?;
+        self.conn.prepare_cached("UPDATE inodes SET writing = ?2 WHERE ino = ?1 AND writing != ?2")?.execute(params![ino as i64, writing])?;
         Ok(())
     }
 
     /// The files recorded as being written, and the record emptied (at start-up: no
     /// file is being written then).
     pub fn take_writing(&self) -> rusqlite::Result<Vec<u64>> {
-        let inos = self.conn.prepare("SELECT ino FROM writing")?.query_map([], |r| r.get::<_, i64>(0).map(|i| i as u64))?.collect::<Result<Vec<_>, _>>()?;
-        self.conn.execute("DELETE FROM writing", [])?;
+        let inos = self
+            .conn
+            .prepare("SELECT ino FROM inodes WHERE writing != 0")?
+            .query_map([], |r| r.get::<_, i64>(0).map(|i| i as u64))?
+            .collect::<Result<Vec<_>, _>>()?;
+        self.conn.execute("UPDATE inodes SET writing = 0 WHERE writing != 0", [])?;
         Ok(inos)
     }
 
@@ -386,19 +399,23 @@ mod tests {
     fn the_schema_is_versioned_and_a_newer_database_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
+        // From before versions were kept: the first tables, user_version 0.
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(SCHEMA_V1).unwrap();
+        old.execute("INSERT INTO meta(key, value) VALUES ('k', 'v')", []).unwrap();
+        drop(old);
         let db = Db::open(&path).unwrap();
-        db.set_meta("k", "v").unwrap();
+        assert_eq!(db.meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");
         assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 5);
         drop(db);
-        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 0").unwrap();
-        assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
         let err = format!("{:#}", Db::open(&path).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
     }
 
     /// A database from schema version 4 (directory entries and revisions with a table
-    /// and an index each, outbox seqs from `AUTOINCREMENT`) keeps every row in version 5.
+    /// and an index each, outbox seqs from `AUTOINCREMENT`, a table of the files being
+    /// written) keeps every row, and what was being written, in version 5.
     #[test]
     fn a_version_4_database_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
@@ -411,7 +428,10 @@ mod tests {
             "INSERT INTO dentries(parent, name, ino) VALUES (1, x'64', 2), (2, x'66ff', 3);
              INSERT INTO revs(path, rev) VALUES ('d', 4), ('d/f', 3);
              INSERT INTO outbox(msg, path, body) VALUES ('m1', 'd/f', '{body}'), ('m2', 'd/f', '{body}');
-             DELETE FROM outbox WHERE msg = 'm1';"
+             DELETE FROM outbox WHERE msg = 'm1';
+             INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
+               VALUES (3, 1, 420, 0, 0, 0, 0, 0, 1, 0, 5, NULL, NULL), (4, 1, 420, 0, 0, 0, 0, 0, 1, 0, 5, NULL, NULL);
+             INSERT INTO writing(ino) VALUES (4);"
         ))
         .unwrap();
         drop(conn);
@@ -422,5 +442,12 @@ mod tests {
         assert_eq!(rows.iter().map(|r| (r.seq, r.msg.to_string(), r.change.clone())).collect::<Vec<_>>(), vec![(2, "m2".to_string(), change)]);
         db.remove_outbox(2).unwrap();
         assert!(db.outbox().unwrap().is_empty());
+        assert_eq!(db.inodes().unwrap().iter().map(|i| i.ino).collect::<Vec<_>>(), vec![3, 4]);
+        // Being written: kept through a save of the row, until taken at start-up.
+        db.save_inode(&db.inodes().unwrap()[1]).unwrap();
+        db.set_writing(3, true).unwrap();
+        db.set_writing(3, false).unwrap();
+        assert_eq!(db.take_writing().unwrap(), vec![4]);
+        assert!(db.take_writing().unwrap().is_empty());
     }
 }

@@ -9,7 +9,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 use system_tests::*;
@@ -218,19 +218,24 @@ fn manager_progress(conn: &rusqlite::Connection) -> (u64, u64) {
 
 #[test]
 fn the_manager_killed_with_decisions_in_flight_loses_no_closed_file() {
-    // Enough that the writer is still writing at the first kill: a node sends a burst's
-    // changes in few messages, and the manager decides them in few batches.
-    const FILES: usize = 1000;
+    // The writer goes on until both kills are done (so it is still writing at the first
+    // kill however fast creates are), and writes at least this many files: a node sends a
+    // burst's changes in few messages, and the manager decides them in few batches.
+    const AT_LEAST: usize = 1000;
     let mut c = Cluster::start("crash-manager", 2);
-    let content = |i: usize| format!("file {i}: {}", "x".repeat(i)).into_bytes();
+    let content = |i: usize| format!("file {i}: {}", "x".repeat(i % 2000)).into_bytes();
     let closed = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (dir, closed) = (c.nodes[0].mount.clone(), closed.clone());
+        let (dir, closed, stop) = (c.nodes[0].mount.clone(), closed.clone(), stop.clone());
         std::thread::spawn(move || {
-            for i in 0..FILES {
+            let mut i = 0;
+            while i < AT_LEAST || !stop.load(SeqCst) {
                 write(&dir.join(format!("f{i:03}")), &content(i));
-                closed.store(i + 1, SeqCst);
+                i += 1;
+                closed.store(i, SeqCst);
             }
+            i
         })
     };
 
@@ -248,15 +253,15 @@ fn the_manager_killed_with_decisions_in_flight_loses_no_closed_file() {
         c.manager.kill9();
         decided_before = manager_progress(&db).0;
         let at_kill = closed.load(SeqCst);
-        assert!(round > 0 || at_kill < FILES, "the writer finished before the first kill; make FILES larger");
         // Let changes queue up while the manager is down.
-        eventually("more files closed while the manager is down", DEADLINE, || closed.load(SeqCst) >= (at_kill + 100).min(FILES));
+        eventually("more files closed while the manager is down", DEADLINE, || closed.load(SeqCst) >= at_kill + 100);
         c.manager.restart();
     }
-    writer.join().unwrap();
+    stop.store(true, SeqCst);
+    let files = writer.join().unwrap();
     c.converged();
     for n in &c.nodes {
-        for i in 0..FILES {
+        for i in 0..files {
             assert_same(&n.p(&format!("f{i:03}")), &content(i), &format!("f{i:03} on {}", n.id));
         }
     }
