@@ -208,8 +208,39 @@ impl<R> Engine<R> {
     /// A message from the node's queue, whose contents the driver has tried to pull.
     pub fn on_message(&mut self, env: Envelope<ToNode>, now: Now) -> EngineResult<Vec<Action<R>>> {
         let awaited = self.awaiting.is_some();
-        for body in env.body.into_parts_for(&self.node.id) {
-            self.handle(body, now)?;
+        // A batch's runs of decisions and of broadcast entries go to the tree a run at a
+        // time: one transaction each instead of one per path.
+        let mut parts = env.body.into_parts_for(&self.node.id).into_iter().peekable();
+        while let Some(body) = parts.next() {
+            match body {
+                ToNode::Decided { change, outcome, current } => {
+                    let mut run = vec![(change, outcome, current)];
+                    while run.len() < APPLY_AT_ONCE {
+                        match parts.next_if(|p| matches!(p, ToNode::Decided { .. })) {
+                            Some(ToNode::Decided { change, outcome, current }) => run.push((change, outcome, current)),
+                            _ => break,
+                        }
+                    }
+                    self.apply_decisions(run, now)?;
+                }
+                ToNode::Applied { entry, .. } => {
+                    let mut run = vec![entry];
+                    while run.len() < APPLY_AT_ONCE {
+                        match parts.next_if(|p| matches!(p, ToNode::Applied { .. })) {
+                            Some(ToNode::Applied { entry, .. }) => run.push(entry),
+                            _ => break,
+                        }
+                    }
+                    self.apply_entries(run, now)?;
+                }
+                ToNode::Keep { mut items } => {
+                    while let Some(ToNode::Keep { items: more }) = parts.next_if(|p| matches!(p, ToNode::Keep { .. })) {
+                        items.extend(more);
+                    }
+                    self.handle(ToNode::Keep { items }, now)?;
+                }
+                other => self.handle(other, now)?,
+            }
         }
         // The decision awaited came: what gathered meanwhile goes.
         let released = awaited && self.awaiting.is_none();
@@ -232,14 +263,7 @@ impl<R> Engine<R> {
                 self.apply_entry(entry, now)?;
             }
             ToNode::Decided { change, outcome, current } => {
-                if self.awaiting.as_ref() == Some(&change) {
-                    self.awaiting = None;
-                }
-                if let Outcome::Conflict { copy } = &outcome {
-                    tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
-                }
-                let a = self.tree.apply_decided(&change, &outcome, &current).map_err(fail(format!("applying the decision on {}", current.path)))?;
-                self.after_apply(&current, a, now);
+                self.apply_decisions(vec![(change, outcome, current)], now)?;
             }
             ToNode::SyncReply { request, head, entries, page, more } => {
                 self.sync_reply_page(request, head, entries, page, more, now)?;
@@ -262,6 +286,35 @@ impl<R> Engine<R> {
             ToNode::Answer { .. } => {}
             // `into_parts_for` took it apart; a batch inside a batch fails decoding.
             ToNode::Batch { .. } => {}
+        }
+        Ok(())
+    }
+
+    /// The manager's decisions on our changes, in order: in one transaction of the tree,
+    /// or, if that fails, one by one (so one that cannot be applied fails alone).
+    fn apply_decisions(&mut self, run: Vec<(MessageId, Outcome, Entry)>, now: Now) -> EngineResult<()> {
+        for (change, outcome, current) in &run {
+            if self.awaiting.as_ref() == Some(change) {
+                self.awaiting = None;
+            }
+            if let Outcome::Conflict { copy } = outcome {
+                tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
+            }
+        }
+        if run.len() > 1 {
+            match self.tree.apply_decided_all(&run) {
+                Ok(applied) => {
+                    for ((_, _, current), a) in run.iter().zip(applied) {
+                        self.after_apply(current, a, now);
+                    }
+                    return Ok(());
+                }
+                Err(e) => tracing::debug!("applying {} decisions at once failed ({e}); one by one", run.len()),
+            }
+        }
+        for (change, outcome, current) in &run {
+            let a = self.tree.apply_decided(change, outcome, current).map_err(fail(format!("applying the decision on {}", current.path)))?;
+            self.after_apply(current, a, now);
         }
         Ok(())
     }
@@ -520,7 +573,8 @@ impl<R> Engine<R> {
         Ok(result)
     }
 
-    /// [`Engine::apply_entry`] for many entries (a sync reply page), [`APPLY_AT_ONCE`]
+    /// [`Engine::apply_entry`] for many entries (a sync reply page, a batch's run of
+    /// broadcasts), [`APPLY_AT_ONCE`]
     /// to a transaction of the tree: a commit per group instead of one per path, and the
     /// tree's lock is let go between groups (file operations wait for one group at
     /// most). If a group's transaction fails, its entries are applied one by one (so one

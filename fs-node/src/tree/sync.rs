@@ -48,34 +48,13 @@ impl Tree {
     /// state, in one step. (Two steps would let a change made in between be based on the
     /// revision from before the decision, and conflict with our own earlier change.)
     pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
-        tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
-        self.atomically(|st, store| {
-            let seq = st.outbox.seq_of(msg);
-            let mut decided = false;
-            if let Some(seq) = seq {
-                let row = st.set_outbox_row(seq, None).expect("found");
-                st.db.remove_outbox(seq)?;
-                let was_sent = st.outbox.sent.remove(msg);
-                st.record(|| Undo::Sent(msg.clone(), was_sent));
-                if matches!(outcome, Outcome::Conflict { .. }) {
-                    st.conflicts_seen += 1;
-                }
-                // The path changed again on top of the version just decided (it is
-                // being written, or has later changes queued): `apply_remote` leaves
-                // it alone, but its next change must be based on the revision this one
-                // got. Otherwise a later change that no longer follows a queued one
-                // (that one was decided, or coalesced away before it was sent) goes
-                // out with an older base and looks like an edit of a stale version: a
-                // conflict, or, for the same bytes, a lost chmod.
-                let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
-                let changed_again = st.is_dirty(&current.path) || st.outbox.has(&current.path);
-                if kept && current.path == row.change.path && changed_again && st.env.past_bug() != Some(PastBug::DecidedBase) {
-                    st.set_rev(&current.path, current.rev)?;
-                }
-                decided = current.path == row.change.path;
-            }
-            st.apply_entry(current, store, decided)
-        })
+        self.atomically(|st, store| st.apply_decided(msg, outcome, current, store))
+    }
+
+    /// [`Tree::apply_decided`] for each of `decisions`, in order, in one transaction: all
+    /// or, if any fails, none.
+    pub fn apply_decided_all(&self, decisions: &[(MessageId, Outcome, Entry)]) -> FsResult<Vec<Applied>> {
+        self.atomically(|st, store| decisions.iter().map(|(msg, outcome, current)| st.apply_decided(msg, outcome, current, store)).collect())
     }
 
     /// The content `path` has in this node's tree now, if it is a committed file: what a
@@ -190,5 +169,37 @@ impl Tree {
     /// Inodes in use, for statfs.
     pub fn statfs_files(&self) -> u64 {
         self.lock().inodes.len() as u64
+    }
+}
+
+impl State {
+    /// See [`Tree::apply_decided`].
+    fn apply_decided(&mut self, msg: &MessageId, outcome: &Outcome, current: &Entry, store: &ContentStore) -> FsResult<Applied> {
+        tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
+        let seq = self.outbox.seq_of(msg);
+        let mut decided = false;
+        if let Some(seq) = seq {
+            let row = self.set_outbox_row(seq, None).expect("found");
+            self.db.remove_outbox(seq)?;
+            let was_sent = self.outbox.sent.remove(msg);
+            self.record(|| Undo::Sent(msg.clone(), was_sent));
+            if matches!(outcome, Outcome::Conflict { .. }) {
+                self.conflicts_seen += 1;
+            }
+            // The path changed again on top of the version just decided (it is
+            // being written, or has later changes queued): `apply_remote` leaves
+            // it alone, but its next change must be based on the revision this one
+            // got. Otherwise a later change that no longer follows a queued one
+            // (that one was decided, or coalesced away before it was sent) goes
+            // out with an older base and looks like an edit of a stale version: a
+            // conflict, or, for the same bytes, a lost chmod.
+            let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
+            let changed_again = self.is_dirty(&current.path) || self.outbox.has(&current.path);
+            if kept && current.path == row.change.path && changed_again && self.env.past_bug() != Some(PastBug::DecidedBase) {
+                self.set_rev(&current.path, current.rev)?;
+            }
+            decided = current.path == row.change.path;
+        }
+        self.apply_entry(current, store, decided)
     }
 }
