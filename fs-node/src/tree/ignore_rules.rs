@@ -159,6 +159,17 @@ impl State {
         }
     }
 
+    /// Reads again the rules of the rules files changed so far in this transaction
+    /// (`touch_rules`), sending what they stop ignoring. A transaction does this before
+    /// it commits, and a transaction of many entries after each one, so that every entry
+    /// is applied under the rules the entries before it made (as it would be alone).
+    pub(super) fn settle_rules(&mut self, store: &ContentStore) -> FsResult<()> {
+        while let Some(path) = self.journal.as_mut().and_then(|j| j.rules_touched.pop()) {
+            self.rules_changed(&path, store)?;
+        }
+        Ok(())
+    }
+
     /// The content of the rules file of directory `dir`, as the tree has it now (`None`
     /// when there is none, it is not a file, or its content is not here yet).
     fn rules_content(&self, dir: &str, store: &ContentStore) -> Option<Vec<u8>> {

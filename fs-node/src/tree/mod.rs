@@ -550,9 +550,7 @@ impl Tree {
         let result = f(st, &self.store).and_then(|v| {
             // Reading a rules file again may send changes (of paths no longer ignored):
             // in the same transaction.
-            while let Some(path) = st.journal.as_mut().and_then(|j| j.rules_touched.pop()) {
-                st.rules_changed(&path, &self.store)?;
-            }
+            st.settle_rules(&self.store)?;
             match st.env.persist_fault() {
                 None => st.db.commit()?,
                 Some(PersistFault::Io) => return Err(FsError::Io(anyhow::anyhow!("committing to the node database: injected I/O error"))),

@@ -54,7 +54,16 @@ impl Tree {
     /// [`Tree::apply_decided`] for each of `decisions`, in order, in one transaction: all
     /// or, if any fails, none.
     pub fn apply_decided_all(&self, decisions: &[(MessageId, Outcome, Entry)]) -> FsResult<Vec<Applied>> {
-        self.atomically(|st, store| decisions.iter().map(|(msg, outcome, current)| st.apply_decided(msg, outcome, current, store)).collect())
+        self.atomically(|st, store| {
+            decisions
+                .iter()
+                .map(|(msg, outcome, current)| {
+                    let applied = st.apply_decided(msg, outcome, current, store)?;
+                    st.settle_rules(store)?;
+                    Ok(applied)
+                })
+                .collect()
+        })
     }
 
     /// The content `path` has in this node's tree now, if it is a committed file: what a
@@ -86,9 +95,19 @@ impl Tree {
     }
 
     /// [`Tree::apply_remote`] for each of `entries`, in order, in one transaction: all
-    /// or, if any fails, none.
+    /// or, if any fails, none. A rules file among them takes effect for the entries
+    /// after it.
     pub fn apply_remote_all(&self, entries: &[Entry]) -> FsResult<Vec<Applied>> {
-        self.atomically(|st, store| entries.iter().map(|e| st.apply_remote(e, store)).collect())
+        self.atomically(|st, store| {
+            entries
+                .iter()
+                .map(|e| {
+                    let applied = st.apply_remote(e, store)?;
+                    st.settle_rules(store)?;
+                    Ok(applied)
+                })
+                .collect()
+        })
     }
 
     /// Paths this node has (synced kinds) that are not in `known`, with no pending change:

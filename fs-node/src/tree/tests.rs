@@ -1026,3 +1026,32 @@ fn a_passthrough_writer_of_a_shared_content_never_shows_in_a_file_written_in_pla
     t.release(reader).unwrap();
     assert!(read_whole_file(&t, f) == want);
 }
+
+/// Regression: entries applied together (a sync reply page, a batch of broadcasts) were
+/// all applied under the rules from before the group, so a path that a rules file in the
+/// same group stopped ignoring was skipped as ignored, and never came.
+#[test]
+fn a_rules_file_applied_with_other_entries_takes_effect_for_the_entries_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    closed_file(&t, ROOT, IGNORE_FILE, b"*.o\n");
+    assert_eq!(sent_paths(&t), [IGNORE_FILE]);
+    let other = ContentStore::open_with_small_max(dir.path(), 0).unwrap();
+    let entry = |path: &str, rev: u64, bytes: &[u8]| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version {
+            content: Content::File { hash: crate::store::put_bytes(&other, bytes).unwrap(), size: bytes.len() as u64 },
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            mtime_ns: 1,
+        }),
+        holders: vec![],
+    };
+    t.apply_remote_all(&[entry(IGNORE_FILE, 200, b"*.tmp\n"), entry("b.o", 201, b"theirs"), entry("c.tmp", 202, b"ignored now")]).unwrap();
+    let b_o = t.lookup(ROOT, OsStr::new("b.o")).expect("b.o is no longer ignored: applied").ino;
+    assert_eq!(read_all(&t, b_o).unwrap(), b"theirs");
+    assert!(t.lookup(ROOT, OsStr::new("c.tmp")).is_err(), "c.tmp is ignored by the new rules: not applied");
+    assert_memory_is_persisted(&t, "after the group");
+}
