@@ -57,7 +57,7 @@ CREATE TABLE IF NOT EXISTS writing(ino INTEGER PRIMARY KEY);
 ";
 
 /// Schema version 5: fewer B-trees written per operation (docs/benchmarks.md, session
-/// 20): directory entries and revisions are stored in their primary key's B-tree
+/// 20): directory entries, revisions and kept contents are stored in their primary key's B-tree
 /// (`WITHOUT ROWID`; before, each had a table and an index, and every change wrote a page
 /// of both), and an outbox row is found by its seq, which the tree assigns, so the
 /// message id needs no index of its own and the seqs no `sqlite_sequence` row. Whether
@@ -76,6 +76,10 @@ CREATE TABLE outbox_v5(seq INTEGER PRIMARY KEY, msg TEXT NOT NULL, path TEXT NOT
 INSERT INTO outbox_v5(seq, msg, path, body) SELECT seq, msg, path, body FROM outbox;
 DROP TABLE outbox;
 ALTER TABLE outbox_v5 RENAME TO outbox;
+CREATE TABLE kept_v5(hash TEXT PRIMARY KEY, size INTEGER NOT NULL, until_ms INTEGER NOT NULL, at_ms INTEGER NOT NULL) WITHOUT ROWID;
+INSERT INTO kept_v5(hash, size, until_ms, at_ms) SELECT hash, size, until_ms, at_ms FROM kept;
+DROP TABLE kept;
+ALTER TABLE kept_v5 RENAME TO kept;
 ALTER TABLE inodes ADD COLUMN writing INTEGER NOT NULL DEFAULT 0;
 UPDATE inodes SET writing = 1 WHERE ino IN (SELECT ino FROM writing);
 DROP TABLE writing;
@@ -424,6 +428,7 @@ mod tests {
         migrations().to_version(&mut conn, 4).unwrap();
         let change = Change { path: RelPath::new("d/f").unwrap(), base: Revision(3), follows: None, op: wire::ChangeOp::Delete };
         let body = serde_json::to_string(&change).unwrap();
+        let kept = ContentHash::from_bytes([7; 32]).to_hex().as_str().to_string();
         conn.execute_batch(&format!(
             "INSERT INTO dentries(parent, name, ino) VALUES (1, x'64', 2), (2, x'66ff', 3);
              INSERT INTO revs(path, rev) VALUES ('d', 4), ('d/f', 3);
@@ -431,7 +436,8 @@ mod tests {
              DELETE FROM outbox WHERE msg = 'm1';
              INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
                VALUES (3, 1, 420, 0, 0, 0, 0, 0, 1, 0, 5, NULL, NULL), (4, 1, 420, 0, 0, 0, 0, 0, 1, 0, 5, NULL, NULL);
-             INSERT INTO writing(ino) VALUES (4);"
+             INSERT INTO writing(ino) VALUES (4);
+             INSERT INTO kept(hash, size, until_ms, at_ms) VALUES ('{kept}', 7, 20, 10);"
         ))
         .unwrap();
         drop(conn);
@@ -449,5 +455,6 @@ mod tests {
         db.set_writing(3, false).unwrap();
         assert_eq!(db.take_writing().unwrap(), vec![4]);
         assert!(db.take_writing().unwrap().is_empty());
+        assert_eq!(db.kept().unwrap(), vec![KeptRow { hash: ContentHash::from_bytes([7; 32]), size: 7, until_ms: 20, at_ms: 10 }]);
     }
 }
