@@ -15,10 +15,11 @@ use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 /// (`locking_mode=EXCLUSIVE`, set before WAL so that the WAL index lives in the heap):
 /// a transaction takes no file locks, which were a third of a create's system calls
 /// (docs/benchmarks.md). A second node started on the same data directory is refused.
-/// The log is copied into the database (a checkpoint: two `fsync`s, under the tree's lock)
-/// every 8,192 pages rather than SQLite's 1,000: a checkpoint every 40 deletes was 7 % of
-/// a node's time in a `rm -r` (docs/benchmarks.md, session 20), and a longer log folds
-/// more writes of the same pages into one. The log file is cut back to 64 MiB after one.
+/// The log is copied into the database (a checkpoint: three `fsync`s, under the tree's
+/// lock) every 8,192 pages rather than SQLite's 1,000: a checkpoint every 50 or so deletes
+/// was 7 % of a node's time in a `rm -r` (docs/benchmarks.md, session 20), and a longer
+/// log folds more writes of the same pages into one. The log file is cut back to 64 MiB
+/// after one.
 const PRAGMAS: &str =
     "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864;";
 

@@ -76,8 +76,8 @@ fn manager_api(m: &ManagerProc) -> (String, String) {
     // The last start's address (a restarted manager logs a new one).
     let url = log
         .lines()
-        .filter_map(|l| l.split("dashboard and REST API on ").nth(1))
-        .last()
+        .rev()
+        .find_map(|l| l.split("dashboard and REST API on ").nth(1))
         .expect("the manager logged its address")
         .trim()
         .trim_end_matches('/')
