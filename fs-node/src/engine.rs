@@ -741,10 +741,22 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<Wanted> {
             ToNode::SyncRequested {} | ToNode::Batch { .. } | ToNode::Keep { .. } | ToNode::Release { .. } | ToNode::Answer { .. } => vec![],
         })
         .collect();
-    let mut seen = HashSet::new();
+    // The contents of this node's own changes being decided are here: an undecided
+    // change keeps its content from the GC. (Asking the store would be a `small.db` read
+    // per decision, which a close waits for.)
+    let own: Vec<&MessageId> = body
+        .parts_for(me)
+        .filter_map(|part| match part {
+            ToNode::Decided { change, .. } => Some(change),
+            _ => None,
+        })
+        .collect();
+    let here = tree.queued_contents(&own);
+    let mut seen = here.clone();
     let rules = tree.pin_rules();
     let mut wanted: Vec<Wanted> = entries
         .into_iter()
+        .filter(|e| !matches!(&e.version, Some(Version { content: Content::File { hash, .. }, .. }) if here.contains(hash)))
         .filter_map(|e| match (&e.version, tree.needs_content_under(e, &rules)) {
             (Some(Version { content: Content::File { size, .. }, .. }), Some(hash)) if seen.insert(hash.clone()) => {
                 let basis = (*size >= crate::puller::CHUNKED_MIN_BYTES).then(|| tree.local_hash(&e.path)).flatten();

@@ -80,6 +80,22 @@ impl Tree {
         self.needs_content_under(entry, &self.pin_rules())
     }
 
+    /// The file contents that the undecided changes `msgs` (of this node's outbox) put:
+    /// the store has them, since the GC keeps every content the outbox names.
+    pub fn queued_contents(&self, msgs: &[&MessageId]) -> HashSet<ContentHash> {
+        if msgs.is_empty() {
+            return HashSet::new();
+        }
+        let st = self.lock();
+        msgs.iter()
+            .filter_map(|m| st.outbox.seq_of(m).and_then(|seq| st.outbox.rows().get(&seq)))
+            .filter_map(|r| match &r.change.op {
+                ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } => Some(hash.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// [`Tree::needs_content`] with the pin rules taken once for many entries.
     pub fn needs_content_under(&self, entry: &Entry, rules: &PinRules) -> Option<ContentHash> {
         match &entry.version {
