@@ -247,9 +247,15 @@ impl Db {
         Ok(())
     }
 
-    pub fn inodes(&self) -> rusqlite::Result<Vec<InodeRow>> {
-        let mut st = self.conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target FROM inodes")?;
+    /// Every inode row, and the inodes among them marked as being written
+    /// ([`Db::set_writing`]), read in the one pass start-up makes over the table.
+    pub fn inodes(&self) -> rusqlite::Result<(Vec<InodeRow>, Vec<u64>)> {
+        let mut st = self.conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target, writing FROM inodes")?;
+        let mut writing = Vec::new();
         let rows = st.query_map([], |r| {
+            if r.get::<_, bool>(13)? {
+                writing.push(r.get::<_, i64>(0)? as u64);
+            }
             Ok(InodeRow {
                 ino: r.get::<_, i64>(0)? as u64,
                 kind: r.get(1)?,
@@ -266,7 +272,8 @@ impl Db {
                 target: r.get(12)?,
             })
         })?;
-        rows.collect()
+        let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok((rows, writing))
     }
 
     pub fn save_inode(&self, i: &InodeRow) -> rusqlite::Result<()> {
@@ -295,16 +302,13 @@ impl Db {
         Ok(())
     }
 
-    /// The files recorded as being written, and the record emptied (at start-up: no
-    /// file is being written then).
-    pub fn take_writing(&self) -> rusqlite::Result<Vec<u64>> {
-        let inos = self
-            .conn
-            .prepare("SELECT ino FROM inodes WHERE writing != 0")?
-            .query_map([], |r| r.get::<_, i64>(0).map(|i| i as u64))?
-            .collect::<Result<Vec<_>, _>>()?;
-        self.conn.execute("UPDATE inodes SET writing = 0 WHERE writing != 0", [])?;
-        Ok(inos)
+    /// Empties the record of files being written for `inos` (the ones [`Db::inodes`]
+    /// named, at start-up: no file is being written then).
+    pub fn clear_writing(&self, inos: &[u64]) -> rusqlite::Result<()> {
+        for &ino in inos {
+            self.set_writing(ino, false)?;
+        }
+        Ok(())
     }
 
     pub fn dentries(&self) -> rusqlite::Result<Vec<(u64, OsString, u64)>> {
@@ -449,13 +453,16 @@ mod tests {
         assert_eq!(rows.iter().map(|r| (r.seq, r.msg.to_string(), r.change.clone())).collect::<Vec<_>>(), vec![(2, "m2".to_string(), change)]);
         db.remove_outbox(2).unwrap();
         assert!(db.outbox().unwrap().is_empty());
-        assert_eq!(db.inodes().unwrap().iter().map(|i| i.ino).collect::<Vec<_>>(), vec![3, 4]);
-        // Being written: kept through a save of the row, until taken at start-up.
-        db.save_inode(&db.inodes().unwrap()[1]).unwrap();
+        let (rows, writing) = db.inodes().unwrap();
+        assert_eq!(rows.iter().map(|i| i.ino).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(writing, vec![4]);
+        // Being written: kept through a save of the row, until cleared at start-up.
+        db.save_inode(&rows[1]).unwrap();
         db.set_writing(3, true).unwrap();
         db.set_writing(3, false).unwrap();
-        assert_eq!(db.take_writing().unwrap(), vec![4]);
-        assert!(db.take_writing().unwrap().is_empty());
+        assert_eq!(db.inodes().unwrap().1, vec![4]);
+        db.clear_writing(&[4]).unwrap();
+        assert!(db.inodes().unwrap().1.is_empty());
         assert_eq!(db.kept().unwrap(), vec![KeptRow { hash: ContentHash::from_bytes([7; 32]), size: 7, until_ms: 20, at_ms: 10 }]);
     }
 }

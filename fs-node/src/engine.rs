@@ -34,6 +34,37 @@ pub type Now = Duration;
 /// Entries of a sync reply page applied in one transaction of the tree.
 const APPLY_AT_ONCE: usize = 1000;
 
+/// A decision on one of this node's changes: the change, what became of it, the path's
+/// state now.
+type Decision = (MessageId, Outcome, Entry);
+
+/// What a message's parts come to the engine as: runs of decisions, of broadcast
+/// entries and of keep requests that came one after the other (each run goes to the
+/// tree a group at a time), and any other part alone.
+enum Run {
+    Decisions(Vec<Decision>),
+    Entries(Vec<Entry>),
+    Keep(Vec<wire::KeepItem>),
+    One(ToNode),
+}
+
+/// `parts` gathered into [`Run`]s, in order.
+fn runs(parts: Vec<ToNode>) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for part in parts {
+        match (runs.last_mut(), part) {
+            (Some(Run::Decisions(d)), ToNode::Decided { change, outcome, current }) => d.push((change, outcome, current)),
+            (_, ToNode::Decided { change, outcome, current }) => runs.push(Run::Decisions(vec![(change, outcome, current)])),
+            (Some(Run::Entries(e)), ToNode::Applied { entry, .. }) => e.push(entry),
+            (_, ToNode::Applied { entry, .. }) => runs.push(Run::Entries(vec![entry])),
+            (Some(Run::Keep(k)), ToNode::Keep { items }) => k.extend(items),
+            (_, ToNode::Keep { items }) => runs.push(Run::Keep(items)),
+            (_, other) => runs.push(Run::One(other)),
+        }
+    }
+    runs
+}
+
 /// First and longest wait before pulling a missing content again.
 pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
@@ -208,39 +239,8 @@ impl<R> Engine<R> {
     /// A message from the node's queue, whose contents the driver has tried to pull.
     pub fn on_message(&mut self, env: Envelope<ToNode>, now: Now) -> EngineResult<Vec<Action<R>>> {
         let awaited = self.awaiting.is_some();
-        // A batch's runs of decisions and of broadcast entries go to the tree a run at a
-        // time: one transaction each instead of one per path.
-        let mut parts = env.body.into_parts_for(&self.node.id).into_iter().peekable();
-        while let Some(body) = parts.next() {
-            match body {
-                ToNode::Decided { change, outcome, current } => {
-                    let mut run = vec![(change, outcome, current)];
-                    while run.len() < APPLY_AT_ONCE {
-                        match parts.next_if(|p| matches!(p, ToNode::Decided { .. })) {
-                            Some(ToNode::Decided { change, outcome, current }) => run.push((change, outcome, current)),
-                            _ => break,
-                        }
-                    }
-                    self.apply_decisions(run, now)?;
-                }
-                ToNode::Applied { entry, .. } => {
-                    let mut run = vec![entry];
-                    while run.len() < APPLY_AT_ONCE {
-                        match parts.next_if(|p| matches!(p, ToNode::Applied { .. })) {
-                            Some(ToNode::Applied { entry, .. }) => run.push(entry),
-                            _ => break,
-                        }
-                    }
-                    self.apply_entries(run, now)?;
-                }
-                ToNode::Keep { mut items } => {
-                    while let Some(ToNode::Keep { items: more }) = parts.next_if(|p| matches!(p, ToNode::Keep { .. })) {
-                        items.extend(more);
-                    }
-                    self.handle(ToNode::Keep { items }, now)?;
-                }
-                other => self.handle(other, now)?,
-            }
+        for run in runs(env.body.into_parts_for(&self.node.id)) {
+            self.handle(run, now)?;
         }
         // The decision awaited came: what gathered meanwhile goes.
         let released = awaited && self.awaiting.is_none();
@@ -256,15 +256,18 @@ impl<R> Engine<R> {
         self.gathering.then(|| self.awaiting_since + GATHER_WAIT)
     }
 
-    /// One message for this node (a batch's item, or a message alone).
-    fn handle(&mut self, body: ToNode, now: Now) -> EngineResult<()> {
+    /// One message for this node (a batch's item, or a message alone), or a run of
+    /// decisions, broadcast entries or keep requests that came one after the other.
+    fn handle(&mut self, run: Run, now: Now) -> EngineResult<()> {
+        let body = match run {
+            Run::Decisions(decisions) => return self.apply_decisions(decisions, now),
+            Run::Entries(entries) => return self.apply_entries(entries, now).map(drop),
+            Run::Keep(items) => ToNode::Keep { items },
+            Run::One(body) => body,
+        };
         match body {
-            ToNode::Applied { entry, .. } => {
-                self.apply_entry(entry, now)?;
-            }
-            ToNode::Decided { change, outcome, current } => {
-                self.apply_decisions(vec![(change, outcome, current)], now)?;
-            }
+            // Runs (above).
+            ToNode::Applied { .. } | ToNode::Decided { .. } => unreachable!("`runs` gathers them"),
             ToNode::SyncReply { request, head, entries, page, more } => {
                 self.sync_reply_page(request, head, entries, page, more, now)?;
             }
@@ -290,10 +293,10 @@ impl<R> Engine<R> {
         Ok(())
     }
 
-    /// The manager's decisions on our changes, in order: in one transaction of the tree,
-    /// or, if that fails, one by one (so one that cannot be applied fails alone).
-    fn apply_decisions(&mut self, run: Vec<(MessageId, Outcome, Entry)>, now: Now) -> EngineResult<()> {
-        for (change, outcome, current) in &run {
+    /// The manager's decisions on our changes, in order, [`APPLY_AT_ONCE`] to a
+    /// transaction (`apply_grouped`).
+    fn apply_decisions(&mut self, decisions: Vec<Decision>, now: Now) -> EngineResult<()> {
+        for (change, outcome, current) in &decisions {
             if self.awaiting.as_ref() == Some(change) {
                 self.awaiting = None;
             }
@@ -301,22 +304,49 @@ impl<R> Engine<R> {
                 tracing::info!(path = %current.path, %copy, "conflict: our version was kept as a conflict file");
             }
         }
-        if run.len() > 1 {
-            match self.tree.apply_decided_all(&run) {
-                Ok(applied) => {
-                    for ((_, _, current), a) in run.iter().zip(applied) {
-                        self.after_apply(current, a, now);
+        self.apply_grouped(
+            &decisions,
+            |(_, _, current)| current,
+            Tree::apply_decided_all,
+            |tree, (change, outcome, current)| tree.apply_decided(change, outcome, current).map_err(fail(format!("applying the decision on {}", current.path))),
+            now,
+        )
+        .map(drop)
+    }
+
+    /// `items` to the tree [`APPLY_AT_ONCE`] at a time, each group in one transaction
+    /// (`all`: a commit per group instead of one per path, and the tree's lock let go
+    /// between groups, so file operations wait for one group at most); if a group's
+    /// transaction fails, its items are applied one by one (`one`), so one bad item fails
+    /// alone. Returns what each changed.
+    fn apply_grouped<T>(
+        &mut self,
+        items: &[T],
+        entry: impl Fn(&T) -> &Entry,
+        all: impl Fn(&Tree, &[T]) -> crate::tree::FsResult<Vec<Applied>>,
+        one: impl Fn(&Tree, &T) -> EngineResult<Applied>,
+        now: Now,
+    ) -> EngineResult<Vec<Applied>> {
+        let mut out = Vec::with_capacity(items.len());
+        for group in items.chunks(APPLY_AT_ONCE) {
+            let applied = match all(&self.tree, group) {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!("applying {} at once failed ({e}); one by one", group.len());
+                    for item in group {
+                        let applied = one(&self.tree, item)?;
+                        out.push(applied.summary());
+                        self.after_apply(entry(item), applied, now);
                     }
-                    return Ok(());
+                    continue;
                 }
-                Err(e) => tracing::debug!("applying {} decisions at once failed ({e}); one by one", run.len()),
+            };
+            for (item, applied) in group.iter().zip(applied) {
+                out.push(applied.summary());
+                self.after_apply(entry(item), applied, now);
             }
         }
-        for (change, outcome, current) in &run {
-            let a = self.tree.apply_decided(change, outcome, current).map_err(fail(format!("applying the decision on {}", current.path)))?;
-            self.after_apply(current, a, now);
-        }
-        Ok(())
+        Ok(out)
     }
 
     /// Tells the manager what this node keeps and lacks, in messages within the limit.
@@ -574,33 +604,12 @@ impl<R> Engine<R> {
     }
 
     /// [`Engine::apply_entry`] for many entries (a sync reply page, a batch's run of
-    /// broadcasts), [`APPLY_AT_ONCE`]
-    /// to a transaction of the tree: a commit per group instead of one per path, and the
-    /// tree's lock is let go between groups (file operations wait for one group at
-    /// most). If a group's transaction fails, its entries are applied one by one (so one
-    /// bad entry fails alone).
+    /// broadcasts), [`APPLY_AT_ONCE`] to a transaction (`apply_grouped`).
     fn apply_entries(&mut self, mut entries: Vec<Entry>, now: Now) -> EngineResult<Vec<Applied>> {
         for e in &mut entries {
             self.clear_setid(e);
         }
-        let mut out = Vec::with_capacity(entries.len());
-        for group in entries.chunks(APPLY_AT_ONCE) {
-            let applied = match self.tree.apply_remote_all(group) {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::debug!("applying {} entries at once failed ({e}); one by one", group.len());
-                    for entry in group {
-                        out.push(self.apply_entry(entry.clone(), now)?);
-                    }
-                    continue;
-                }
-            };
-            for (entry, applied) in group.iter().zip(applied) {
-                out.push(applied.summary());
-                self.after_apply(entry, applied, now);
-            }
-        }
-        Ok(out)
+        self.apply_grouped(&entries, |e| e, Tree::apply_remote_all, |tree, e| tree.apply_remote(e).map_err(fail(format!("applying {}", e.path))), now)
     }
 
     fn clear_setid(&self, entry: &mut Entry) {

@@ -357,7 +357,8 @@ impl Tree {
         let any_on_demand = residency.any_on_demand();
         let past_bug = env.past_bug();
         let mut inodes = HashMap::new();
-        for row in db.inodes()? {
+        let (rows, writing) = db.inodes()?;
+        for row in rows {
             let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
             i.atime = row.atime;
             i.mtime = row.mtime;
@@ -465,7 +466,8 @@ impl Tree {
         // Which files were being written: recorded in the database (a work file in memory
         // leaves nothing else behind), or with a work file left on the disk.
         tree.atomically(|st, _| {
-            let mut abandoned = st.db.take_writing()?;
+            st.db.clear_writing(&writing)?;
+            let mut abandoned = writing.clone();
             abandoned.extend_from_slice(&work_left);
             abandoned.sort_unstable();
             abandoned.dedup();

@@ -54,11 +54,17 @@ impl Tree {
     /// [`Tree::apply_decided`] for each of `decisions`, in order, in one transaction: all
     /// or, if any fails, none.
     pub fn apply_decided_all(&self, decisions: &[(MessageId, Outcome, Entry)]) -> FsResult<Vec<Applied>> {
+        self.apply_each(decisions, |st, store, (msg, outcome, current)| st.apply_decided(msg, outcome, current, store))
+    }
+
+    /// `apply` for each of `items`, in order, in one transaction; a rules file applied
+    /// takes effect for the items after it.
+    fn apply_each<T>(&self, items: &[T], mut apply: impl FnMut(&mut State, &ContentStore, &T) -> FsResult<Applied>) -> FsResult<Vec<Applied>> {
         self.atomically(|st, store| {
-            decisions
+            items
                 .iter()
-                .map(|(msg, outcome, current)| {
-                    let applied = st.apply_decided(msg, outcome, current, store)?;
+                .map(|item| {
+                    let applied = apply(st, store, item)?;
                     st.settle_rules(store)?;
                     Ok(applied)
                 })
@@ -114,16 +120,7 @@ impl Tree {
     /// or, if any fails, none. A rules file among them takes effect for the entries
     /// after it.
     pub fn apply_remote_all(&self, entries: &[Entry]) -> FsResult<Vec<Applied>> {
-        self.atomically(|st, store| {
-            entries
-                .iter()
-                .map(|e| {
-                    let applied = st.apply_remote(e, store)?;
-                    st.settle_rules(store)?;
-                    Ok(applied)
-                })
-                .collect()
-        })
+        self.apply_each(entries, |st, store, e| st.apply_remote(e, store))
     }
 
     /// Paths this node has (synced kinds) that are not in `known`, with no pending change:

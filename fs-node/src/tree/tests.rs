@@ -298,7 +298,7 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     // atime and ctime are local, and reads and writes change them without saving.
     let row = |r: &InodeRow| format!("{:?}", InodeRow { atime: 0, ctime: 0, ..r.clone() });
     let mem = sorted(st.inodes.values().filter(|i| i.nlink > 0).map(|i| row(&i.row())).collect());
-    let disk = sorted(st.db.inodes().unwrap().iter().map(row).collect());
+    let disk = sorted(st.db.inodes().unwrap().0.iter().map(row).collect());
     assert_eq!(mem, disk, "inodes, {when}");
     let mem = sorted(st.inodes.values().flat_map(|d| d.children.iter().map(|(n, c)| format!("{} {n:?} {c}", d.ino))).collect());
     let disk = sorted(st.db.dentries().unwrap().iter().map(|(p, n, c)| format!("{p} {n:?} {c}")).collect());
@@ -811,7 +811,7 @@ fn a_small_file_renamed_while_written_is_sent_after_a_crash() {
     assert_eq!(read_all(&t, t.lookup(ROOT, OsStr::new("b")).unwrap().ino).unwrap(), b"closed");
     assert_memory_is_persisted(&t, "after the restart");
     // The record of files being written is emptied by the restart.
-    assert!(t.lock().db.take_writing().unwrap().is_empty());
+    assert!(t.lock().db.inodes().unwrap().1.is_empty());
 }
 
 /// A tree whose store keeps new patched contents as patches until asked (`patched.rs`).
