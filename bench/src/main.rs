@@ -50,8 +50,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn drop_caches() {
+/// Writes every dirty page out (`sync`): a timed step that follows a big write then does
+/// not pay for that write's writeback.
+fn flush_writeback() {
     let _ = Command::new("sync").status();
+}
+
+fn drop_caches() {
+    flush_writeback();
     let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
 }
 

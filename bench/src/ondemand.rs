@@ -13,14 +13,14 @@ use system_tests::{eventually, node_metrics, Cluster, NodeProc};
 
 const PER_DIR: usize = 1000;
 
-/// Writes `size` bytes of fresh content (a nonce per MiB) to `p`.
+/// Writes `size` bytes of fresh content to `p`: every 1 MiB block its own pseudo-random
+/// bytes, so no chunk of one file is found in another (a pull of it copies nothing it
+/// already has, and pulls the whole size).
 fn write_big(p: &Path, size: usize, seed: u64) {
     use std::io::Write;
     let mut f = std::fs::File::create(p).unwrap();
-    let mut block = vec![0x5au8; 1 << 20];
-    for i in 0..size / block.len() {
-        block[..16].copy_from_slice(&[seed.to_le_bytes(), (i as u64).to_le_bytes()].concat());
-        f.write_all(&block).unwrap();
+    for i in 0..size >> 20 {
+        f.write_all(&system_tests::pseudo_random(1 << 20, seed << 32 | i as u64)).unwrap();
     }
     drop(f);
 }
@@ -73,12 +73,13 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
     let rounds = rounds.min(gib);
     let mut firsts = Vec::new();
     for g in 0..gib - rounds {
+        crate::flush_writeback();
         let t = Instant::now();
         let mut f = std::fs::File::open(on_d.join(format!("big{g}.bin"))).unwrap();
         let mut head = vec![0u8; 4096];
         f.read_exact(&mut head).unwrap();
         firsts.push(t.elapsed().as_secs_f64() * 1000.0);
-        assert_eq!(&head[8..16], &0u64.to_le_bytes(), "the first block's bytes");
+        assert!(head == system_tests::pseudo_random(4096, (g as u64) << 32), "the first block's bytes");
     }
     if !firsts.is_empty() {
         println!(
@@ -95,10 +96,14 @@ pub fn run(c: &mut Cluster, files: usize, gib: usize, rounds: usize) {
     let (mut reads, mut pulls) = (Vec::new(), Vec::new());
     for r in 0..rounds {
         let p = on_d.join(format!("big{}.bin", gib - rounds + r));
+        crate::flush_writeback();
         reads.push(crate::read_all(&p, 1 << 30));
+        crate::flush_writeback();
         let before = pulled(b);
         let t = Instant::now();
         write_big(&root.join(format!("pulled/fresh{r}.bin")), 1 << 30, 99 + r as u64);
+        // A's writeback of the new file overlaps B's pull, as after any write; the
+        // writeback of what came before (D's read) does not.
         let closed = t.elapsed();
         eventually("B to pull the new file", Duration::from_secs(600), || pulled(b) >= before + (1u64 << 30) as f64);
         pulls.push((1u64 << 30) as f64 / (t.elapsed() - closed).as_secs_f64() / 1e6);
