@@ -20,8 +20,23 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use wire::ContentHash;
 
-/// The first bytes of a header (and its format's version).
-const MAGIC: &[u8; 8] = b"SYNCPAT1";
+/// The first bytes of a header (its format's version), one for each [`Role`]; a
+/// header of version 1 (before roles) is a new version's.
+const MAGIC: [(&[u8; 8], Role); 3] = [(b"SYNCPAT1", Role::NewVersion), (b"SYNCPATW", Role::Rebased), (b"SYNCPATR", Role::AtRest)];
+
+/// What the store's background pass does with a patched content.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A new version over the one before it: written out whole, then that older one is
+    /// kept as a patch over it.
+    NewVersion,
+    /// Moved onto another content while it waited to be written out (that content may be
+    /// newer than it): written out whole, its base left as it is.
+    Rebased,
+    /// An older version kept as a patch over a newer one: it stays so (written out only
+    /// when something needs it whole).
+    AtRest,
+}
 
 /// Which blocks of a content of `size` bytes come from the patch file.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,13 +45,14 @@ pub struct Patched {
     pub size: u64,
     /// One per block: true when the block is in the patch file.
     pub from_patch: Vec<bool>,
+    pub role: Role,
 }
 
 impl Patched {
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.from_patch.len();
         let mut out = Vec::with_capacity(8 + 32 + 16 + n.div_ceil(8));
-        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(MAGIC.iter().find(|(_, r)| *r == self.role).expect("every role has a magic").0);
         out.extend_from_slice(self.base.as_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&(n as u64).to_le_bytes());
@@ -53,7 +69,7 @@ impl Patched {
     /// A header read back; `None` if it is not one (cut short, another format, a block
     /// count that does not fit the size).
     pub fn from_bytes(b: &[u8]) -> Option<Patched> {
-        let rest = b.strip_prefix(MAGIC.as_slice())?;
+        let (rest, role) = MAGIC.iter().find_map(|(m, role)| Some((b.strip_prefix(m.as_slice())?, *role)))?;
         let (base, rest) = rest.split_first_chunk::<32>()?;
         let (size, rest) = rest.split_first_chunk::<8>()?;
         let (n, bits) = rest.split_first_chunk::<8>()?;
@@ -62,7 +78,7 @@ impl Patched {
             return None;
         }
         let from_patch = (0..n).map(|b| bits[b / 8] & (1 << (b % 8)) != 0).collect();
-        Some(Patched { base: ContentHash::from_bytes(*base), size, from_patch })
+        Some(Patched { base: ContentHash::from_bytes(*base), size, from_patch, role })
     }
 
     pub fn patched_blocks(&self) -> usize {
@@ -151,6 +167,18 @@ impl PatchedDir {
             File::open(&self.dir)?.sync_all()?;
         }
         Ok(())
+    }
+
+    /// Gives patched content `h` a new header (another base), durably: its patch file
+    /// already holds every block the new header takes from it (blocks written into holes
+    /// the old header did not read), so a reader of either header reads the same bytes.
+    pub fn replace_header(&self, h: &ContentHash, header: &Patched, tmp_header: &Path) -> std::io::Result<()> {
+        File::open(self.patch_path(h))?.sync_data()?;
+        let mut f = File::create(tmp_header)?;
+        std::io::Write::write_all(&mut f, &header.to_bytes())?;
+        f.sync_data()?;
+        std::fs::rename(tmp_header, self.header_path(h))?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// Removes patched content `h` (header first: it is gone from then on).
@@ -320,9 +348,15 @@ mod tests {
             base: ContentHash::from_bytes(*blake3::hash(b"base").as_bytes()),
             size: 9 * BLOCK + 5,
             from_patch: (0..10).map(|b| b % 3 == 0).collect(),
+            role: Role::NewVersion,
         };
         let bytes = p.to_bytes();
         assert_eq!(Patched::from_bytes(&bytes), Some(p.clone()));
+        assert_eq!(&bytes[..8], b"SYNCPAT1", "a new version's header is what version 1 wrote");
+        for role in [Role::Rebased, Role::AtRest] {
+            let q = Patched { role, ..p.clone() };
+            assert_eq!(Patched::from_bytes(&q.to_bytes()), Some(q), "{role:?} reads back");
+        }
         assert_eq!(Patched::from_bytes(&bytes[..bytes.len() - 1]), None, "cut short");
         let mut other = bytes.clone();
         other[7] = b'2';
@@ -346,7 +380,12 @@ mod tests {
             let (from, to) = (b as u64 * BLOCK, ((b as u64 + 1) * BLOCK).min(size));
             patch.write_all_at(&want[from as usize..to as usize], from).unwrap();
         }
-        let header = Patched { base: ContentHash::from_bytes(*blake3::hash(&base).as_bytes()), size, from_patch: vec![false, true, false, true] };
+        let header = Patched {
+            base: ContentHash::from_bytes(*blake3::hash(&base).as_bytes()),
+            size,
+            from_patch: vec![false, true, false, true],
+            role: Role::NewVersion,
+        };
         let c = ContentFile::Patched { base: File::open(d.path().join("base")).unwrap(), patch, header };
         assert_eq!(c.size().unwrap(), size);
         let mut got = vec![0u8; size as usize + 10];

@@ -4,7 +4,7 @@
 //! only: no network I/O, and it never decides anything about sync.
 
 pub use crate::patched::copy_range;
-use crate::patched::{ContentFile, Patched, PatchedDir};
+use crate::patched::{ContentFile, Patched, PatchedDir, Role};
 use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
 use std::fs::File;
@@ -191,7 +191,9 @@ impl ContentStore {
             if s.blob_path(&h).exists() {
                 s.patched.remove(&h);
             } else if s.blob_path(&p.base).exists() && s.patched.patch_path(&h).exists() {
-                s.materialize_later(&h);
+                if p.role != Role::AtRest {
+                    s.materialize_later(&h);
+                }
             } else {
                 tracing::warn!("patched content {h} lacks its patch or its base {}: dropped", p.base);
                 s.patched.remove(&h);
@@ -331,9 +333,10 @@ impl ContentStore {
             let Some(header) = self.patched.header(h) else {
                 return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("content {h} is not in the store")));
             };
-            // Written out meanwhile (its files gone): the blob is there now.
+            // Written out meanwhile (its files gone): the blob is there now. Or given
+            // another base meanwhile (`keep_base_as_patch`): read the new header.
             let (Ok(patch), Ok(base)) = (File::open(self.patched.patch_path(h)), File::open(self.blob_path(&header.base))) else {
-                if self.blob_path(h).exists() {
+                if self.blob_path(h).exists() || self.patched.header(h).is_some_and(|now| now != header) {
                     continue;
                 }
                 return Err(std::io::Error::other(format!("patched content {h} lacks its patch or its base {}", header.base)));
@@ -388,7 +391,7 @@ impl ContentStore {
         }
         let (tmp, f) = self.tmp_file()?;
         drop(f);
-        let header = Patched { base, size, from_patch };
+        let header = Patched { base, size, from_patch, role: Role::NewVersion };
         if let Err(e) = self.patched.put(h, patch_path, &header, &tmp, durable) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -406,12 +409,18 @@ impl ContentStore {
     /// write-out instead of naming other bytes by `h`.
     pub fn materialize(&self, h: &ContentHash) -> std::io::Result<bool> {
         if self.blob_path(h).exists() {
-            // Kept both ways (a crash between the rename and the removal): the patch goes.
+            // Kept both ways (a crash between the rename and the removal, or a base being
+            // made a patch over its successor right now): the patch goes, if the blob is
+            // still there once the lock is held.
             if self.patched.has(h) {
                 let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
-                self.patched.remove(h);
+                if self.blob_path(h).exists() {
+                    self.patched.remove(h);
+                    return Ok(true);
+                }
+            } else {
+                return Ok(true);
             }
-            return Ok(true);
         }
         let c = match self.open_content(h) {
             Ok(c) => c,
@@ -451,6 +460,105 @@ impl ContentStore {
         Ok(true)
     }
 
+    /// Writes patched content `h` out whole (`materialize`), then keeps its base, the
+    /// version before it, as a patch over it (`keep_base_as_patch`): at rest, the
+    /// version a file has now is one whole blob (passthrough, chunk lists) and an older
+    /// one kept for its versions costs only the blocks where it differs. What the
+    /// background pass does; a write-out because something needs `h` whole now leaves
+    /// the base as it is.
+    /// A content's role (`Role`) says which of that it gets: an older version kept as
+    /// a patch stays one.
+    pub fn write_out_at_rest(&self, h: &ContentHash) -> std::io::Result<()> {
+        let Some(header) = self.patched.header(h) else {
+            return self.materialize(h).map(drop);
+        };
+        match header.role {
+            Role::AtRest => Ok(()),
+            Role::Rebased => self.materialize(h).map(drop),
+            Role::NewVersion => {
+                if self.materialize(h)? {
+                    self.keep_base_as_patch(h, &header)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Once patched content `h` (`header`: its blocks over `header.base`) is a whole
+    /// blob: its base becomes a patch over `h` (the base's bytes of the blocks `h`
+    /// changed), and so does every content patched over that base (the blocks they took
+    /// from it and `h` does not have are added to their patch files); then the base's
+    /// blob goes. Nothing is done when the base shares less than half of its blocks
+    /// with `h` (a patch would save little and cost a patched read), is not a whole
+    /// blob, or is gone. Every new patch and header is flushed before the blob is
+    /// removed, under the store's patching lock (which every removal of a patch and of a
+    /// blob under a patch takes too), so a crash or a concurrent write-out leaves the base
+    /// readable one way or the other.
+    fn keep_base_as_patch(&self, h: &ContentHash, header: &Patched) -> std::io::Result<()> {
+        use crate::leaves::{block_len, blocks, BLOCK};
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        let base = &header.base;
+        if base == h || !self.blob_path(h).exists() || self.patched.has(base) {
+            return Ok(());
+        }
+        let base_file = match File::open(self.blob_path(base)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let base_size = base_file.metadata()?.len();
+        // Block b of a content over the base reads the same from `h` where `h` took it
+        // from the base and is at least as long there.
+        let same_in_h = |b: usize, size: u64| !header.from_patch.get(b).copied().unwrap_or(true) && header.size >= b as u64 * BLOCK + block_len(size, b);
+        let differing = (0..blocks(base_size)).filter(|&b| !same_in_h(b, base_size)).count();
+        if differing * 2 > blocks(base_size) {
+            return Ok(());
+        }
+        // The blocks of `over` not in its patch and not the same in `h`, copied from the
+        // base into `patch`: its new header, over `h`.
+        let rebase = |over: &Patched, patch: &File| -> std::io::Result<Patched> {
+            let mut from_patch = over.from_patch.clone();
+            for (b, taken) in from_patch.iter_mut().enumerate() {
+                if !*taken && !same_in_h(b, over.size) {
+                    crate::patched::copy_range(&base_file, patch, b as u64 * BLOCK, block_len(over.size, b))?;
+                    *taken = true;
+                }
+            }
+            // One waiting to be written out still is; it must not make `h` a patch.
+            let role = if over.role == Role::AtRest { Role::AtRest } else { Role::Rebased };
+            Ok(Patched { base: h.clone(), size: over.size, from_patch, role })
+        };
+        for (c, p, _) in self.patched.all().into_iter().filter(|(c, p, _)| p.base == *base && c != h) {
+            let patch = std::fs::OpenOptions::new().write(true).open(self.patched.patch_path(&c))?;
+            let new_header = rebase(&p, &patch)?;
+            let (tmp, f) = self.tmp_file()?;
+            drop(f);
+            if let Err(e) = self.patched.replace_header(&c, &new_header, &tmp) {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(e);
+            }
+        }
+        let (tmp_patch, patch) = self.tmp_file()?;
+        let (tmp_header, f) = self.tmp_file()?;
+        drop(f);
+        let made = patch
+            .set_len(base_size)
+            .and_then(|()| rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest }, &patch))
+            .and_then(|new_header| self.patched.put(base, &tmp_patch, &new_header, &tmp_header, true));
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(&tmp_patch);
+            let _ = std::fs::remove_file(&tmp_header);
+            return Err(e);
+        }
+        std::fs::remove_file(self.blob_path(base))?;
+        File::open(&self.blobs)?.sync_all()?;
+        // Its chunks are no longer in a file of their own; its leaves and chunk list
+        // still describe its bytes and stay.
+        self.drop_from_chunk_index(base);
+        tracing::debug!(%base, over = %h, blocks = differing, "an older version kept as a patch over the newer one");
+        Ok(())
+    }
+
     /// The store, with new patched contents written out `after` they are made (`None`:
     /// only when something needs them whole).
     pub fn with_write_out_after(mut self, after: Option<std::time::Duration>) -> ContentStore {
@@ -471,7 +579,7 @@ impl ContentStore {
             std::thread::spawn(move || {
                 for (store, h, due) in rx {
                     std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
-                    if let Err(e) = store.materialize(&h) {
+                    if let Err(e) = store.write_out_at_rest(&h) {
                         tracing::warn!("writing out patched content {h}: {e} (it stays patched, and is read as such)");
                     }
                 }
@@ -944,8 +1052,12 @@ impl ContentStore {
     fn remove_cache_files(&self, h: &ContentHash) {
         let _ = std::fs::remove_file(self.chunk_lists.join(h.to_hex().as_str()));
         let _ = std::fs::remove_file(self.leaves_path(h));
-        // Opened for it if this node ever indexed anything (so no row of a removed blob
-        // stays behind for good).
+        self.drop_from_chunk_index(h);
+    }
+
+    /// Drops the chunk index's rows of blob `h`, opening the index for it if this node
+    /// ever indexed anything (so no row of a removed blob stays behind for good).
+    fn drop_from_chunk_index(&self, h: &ContentHash) {
         let index = match self.chunk_index.get() {
             Some(open) => open.as_ref(),
             None if self.chunk_lists.join("index.db").exists() => self.chunk_index(),

@@ -8,7 +8,7 @@ mod api_support;
 use api_support::*;
 use std::io::Write;
 use std::net::TcpListener;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use system_tests::*;
 use wire::{Held, RelPath, Revision, ToManager};
 
@@ -42,16 +42,30 @@ fn a_one_byte_edit_of_a_large_file_moves_a_few_chunks() {
     c.converged();
 }
 
-/// Patched contents (`fs-node/src/patched.rs`) of the files in `n`'s store.
+/// The headers of the patched contents (`fs-node/src/patched.rs`) in `n`'s store.
+fn patched_headers(n: &NodeProc) -> Vec<Vec<u8>> {
+    let Ok(dir) = std::fs::read_dir(n.data.join("patched")) else {
+        return Vec::new();
+    };
+    dir.flatten().filter(|e| !e.file_name().to_string_lossy().ends_with(".patch")).filter_map(|e| std::fs::read(e.path()).ok()).collect()
+}
+
 fn patched_contents(n: &NodeProc) -> usize {
-    std::fs::read_dir(n.data.join("patched")).map(|d| d.flatten().filter(|e| !e.file_name().to_string_lossy().ends_with(".patch")).count()).unwrap_or(0)
+    patched_headers(n).len()
+}
+
+/// Whether every patched content in `n`'s store is an older version kept at rest as a
+/// patch over a newer one (none waits to be written out whole).
+fn only_older_versions_patched(n: &NodeProc) -> bool {
+    patched_headers(n).iter().all(|h| h.starts_with(b"SYNCPATR"))
 }
 
 /// Edits in place of a large file, one after another and faster than a new version is
 /// written out whole: the writer keeps each as a patch over the same whole base, the
 /// other node pulls each over its old version and keeps it the same way; every version
-/// (one that grows the file too) reads right on both, and both stores end with whole
-/// blobs that hash to their names.
+/// (one that grows the file too) reads right on both, and both stores end with the last
+/// version a whole blob that hashes to its name; what stays a patch is an older version
+/// kept (for the cluster's versions) as a patch over a newer one, a few blocks on disk.
 #[test]
 fn edits_in_place_one_after_another_arrive_right_and_are_written_out_whole() {
     let c = Cluster::start("chunked-patches", 2);
@@ -77,10 +91,12 @@ fn edits_in_place_one_after_another_arrive_right_and_are_written_out_whole() {
     }
     assert!(patched_seen > 0, "a kept no edit as a patch");
     for n in [a, b] {
-        eventually(&format!("{}'s patched contents to be written out", n.id), DEADLINE, || patched_contents(n) == 0);
+        eventually(&format!("{}'s new versions to be written out", n.id), DEADLINE, || only_older_versions_patched(n));
         let h = blake3::hash(&data).to_hex().to_string();
         let blob = std::fs::read(n.data.join("blobs").join(&h)).unwrap_or_default();
         assert!(blob == data, "{}'s blob of the last version holds its bytes", n.id);
+        let patches: u64 = std::fs::read_dir(n.data.join("patched")).unwrap().flatten().map(|e| e.metadata().unwrap().blocks() * 512).sum();
+        assert!(patches <= 4 << 20, "{}'s older versions kept as patches take {patches} bytes, not whole copies", n.id);
     }
     c.converged();
 }

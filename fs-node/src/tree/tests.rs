@@ -910,6 +910,104 @@ fn a_large_file_written_in_place_is_kept_as_a_patch_and_reads_right() {
     assert!(read_whole_file(&t, ino) == want, "after the GC lets the base go");
 }
 
+/// At rest, an older version of a large file kept for its versions costs the blocks
+/// where it differs from the file's current version, not a second whole blob: the
+/// background write-out of a new version makes its base a patch over it, and moves
+/// what was patched over that base onto the new version. Every version reads the same
+/// bytes throughout: through a reader opened before, after the GC, after a crash, and
+/// once written out whole again because something needs it so.
+#[test]
+fn an_older_version_kept_at_rest_costs_only_its_differing_blocks() {
+    use crate::leaves::BLOCK;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 6 * (1 << 20) + 555;
+    let mut want = patterned(size, 3);
+    let ino = closed_file(&t, ROOT, "big", &want);
+    let mut versions = vec![(crate::store::hash_of(&want), want.clone())];
+    let on_disk = |t: &Tree, h: &ContentHash| -> u64 {
+        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
+        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    };
+    let now_ms = t.env().now_ns() / 1_000_000;
+    let reader_of_first = t.store().open_content(&versions[0].0).unwrap();
+    for (round, at) in [(1usize, 3 * BLOCK as usize + 10), (2, 40), (3, size - 3)] {
+        edit_in_place(&t, ino, at, format!("edit {round}").as_bytes().get(..3).unwrap(), &mut want);
+        let h = crate::store::hash_of(&want);
+        assert!(t.store().is_patched(&h));
+        let (kept, _) = t.keep(&versions.iter().map(|(h, b)| keep_item(h, b.len() as u64, now_ms + 3_600_000)).collect::<Vec<_>>()).unwrap();
+        assert_eq!(kept.len(), versions.len(), "every older version is kept");
+        t.store().write_out_at_rest(&h).unwrap();
+        assert!(!t.store().is_patched(&h), "the current version is one whole blob");
+        assert!(std::fs::read(t.store().blob_path(&h)).unwrap() == want);
+        versions.push((h, want.clone()));
+        for (i, (old, bytes)) in versions.iter().enumerate().take(versions.len() - 1) {
+            assert!(t.store().is_patched(old), "round {round}: version {i} is a patch");
+            assert!(on_disk(&t, old) <= 4 * BLOCK, "round {round}: version {i} takes {} bytes", on_disk(&t, old));
+            let mut got = vec![0u8; bytes.len()];
+            t.store().open_content(old).unwrap().read_full_at(&mut got, 0).unwrap();
+            assert!(got == *bytes, "round {round}: version {i} reads right");
+        }
+        t.gc();
+        assert!(versions.iter().all(|(h, _)| t.store().has(h)), "round {round}: the GC keeps every kept version");
+    }
+    let mut got = vec![0u8; size];
+    reader_of_first.read_full_at(&mut got, 0).unwrap();
+    assert!(got == versions[0].1, "a reader opened before reads the bytes it opened");
+
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    assert!(read_whole_file(&t, ino) == want, "after a crash");
+    for (old, _) in &versions[..versions.len() - 1] {
+        t.store().write_out_at_rest(old).unwrap();
+        assert!(t.store().is_patched(old), "an older version at rest stays a patch (also when a write-out pass comes by)");
+    }
+    for (i, (old, bytes)) in versions.iter().enumerate() {
+        let mut got = vec![0u8; bytes.len()];
+        t.store().open_content(old).unwrap().read_full_at(&mut got, 0).unwrap();
+        assert!(got == *bytes, "after a crash, version {i} reads right");
+    }
+    // Something needs the first version whole (a restore, a passthrough open): it is
+    // written out again and stays so.
+    let first = &versions[0];
+    assert!(t.store().materialize(&first.0).unwrap());
+    assert!(std::fs::read(t.store().blob_path(&first.0)).unwrap() == first.1);
+    assert!(!t.store().is_patched(&first.0));
+}
+
+/// Two edits before the first is written out are both patches over the same base.
+/// Whichever is written out first, the base ends as a patch and the file's current
+/// version ends whole: never a patch over an older version.
+#[test]
+fn two_edits_written_out_in_either_order_leave_the_current_version_whole() {
+    for newest_first in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree_keeping_patches(dir.path());
+        let mut want = patterned(5 * (1 << 20) + 1, 9);
+        let ino = closed_file(&t, ROOT, "big", &want);
+        let first = (crate::store::hash_of(&want), want.clone());
+        edit_in_place(&t, ino, 100, b"one", &mut want);
+        let second = (crate::store::hash_of(&want), want.clone());
+        edit_in_place(&t, ino, 200_000, b"two", &mut want);
+        let third = (crate::store::hash_of(&want), want.clone());
+        let now_ms = t.env().now_ns() / 1_000_000;
+        t.keep(&[keep_item(&first.0, first.1.len() as u64, now_ms + 3_600_000), keep_item(&second.0, second.1.len() as u64, now_ms + 3_600_000)]).unwrap();
+        let order = if newest_first { [&third.0, &second.0] } else { [&second.0, &third.0] };
+        for h in order {
+            t.store().write_out_at_rest(h).unwrap();
+        }
+        assert!(!t.store().is_patched(&third.0), "newest first {newest_first}: the current version is whole");
+        assert!(t.store().is_patched(&first.0), "newest first {newest_first}: the first version is a patch");
+        for (what, (h, bytes)) in [("first", &first), ("second", &second), ("third", &third)] {
+            let mut got = vec![0u8; bytes.len()];
+            t.store().open_content(h).unwrap().read_full_at(&mut got, 0).unwrap();
+            assert!(got == *bytes, "newest first {newest_first}: the {what} version reads right");
+        }
+        t.gc();
+        assert!(read_whole_file(&t, ino) == want);
+    }
+}
+
 /// A truncation of a file written through an overlay (shorter, longer, to nothing)
 /// fills the work file first, or drops it: the bytes are those of the truncated file.
 #[test]
