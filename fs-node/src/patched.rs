@@ -86,6 +86,15 @@ impl Patched {
     }
 }
 
+/// Now, or a nanosecond after the last time this gave if that is not earlier.
+fn next_made() -> std::time::SystemTime {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
+    let prev = LAST.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |last| Some(now.max(last + 1))).unwrap_or_else(|last| last);
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(now.max(prev + 1))
+}
+
 /// Where the patched contents of a store are.
 #[derive(Clone, Debug)]
 pub struct PatchedDir {
@@ -109,6 +118,14 @@ impl PatchedDir {
     /// The header of patched content `h`, if the store has it as one.
     pub fn header(&self, h: &ContentHash) -> Option<Patched> {
         Patched::from_bytes(&std::fs::read(self.header_path(h)).ok()?)
+    }
+
+    /// When patched content `h` was made: its header's mtime, set from `next_made` (a
+    /// clock that never gives one time twice, so two contents made within the file
+    /// system's timestamp granularity still have an order) and kept when the header is
+    /// replaced.
+    pub fn made(&self, h: &ContentHash) -> Option<std::time::SystemTime> {
+        std::fs::metadata(self.header_path(h)).and_then(|m| m.modified()).ok()
     }
 
     pub fn has(&self, h: &ContentHash) -> bool {
@@ -157,6 +174,7 @@ impl PatchedDir {
     pub fn put(&self, h: &ContentHash, patch: &Path, header: &Patched, tmp_header: &Path, durable: bool) -> std::io::Result<()> {
         let mut f = File::create(tmp_header)?;
         std::io::Write::write_all(&mut f, &header.to_bytes())?;
+        f.set_modified(next_made())?;
         if durable {
             f.sync_data()?;
             File::open(patch)?.sync_data()?;
@@ -174,8 +192,10 @@ impl PatchedDir {
     /// the old header did not read), so a reader of either header reads the same bytes.
     pub fn replace_header(&self, h: &ContentHash, header: &Patched, tmp_header: &Path) -> std::io::Result<()> {
         File::open(self.patch_path(h))?.sync_data()?;
+        let made = self.made(h).unwrap_or_else(next_made);
         let mut f = File::create(tmp_header)?;
         std::io::Write::write_all(&mut f, &header.to_bytes())?;
+        f.set_modified(made)?;
         f.sync_data()?;
         std::fs::rename(tmp_header, self.header_path(h))?;
         File::open(&self.dir)?.sync_all()

@@ -475,13 +475,54 @@ impl ContentStore {
         match header.role {
             Role::AtRest => Ok(()),
             Role::Rebased => self.materialize(h).map(drop),
+            // A newer version over the same base (edits one after another) is written
+            // out instead, and this one then becomes a patch over it.
+            Role::NewVersion if self.newer_over_same_base(h, &header).is_some() => Ok(()),
             Role::NewVersion => {
+                let made = self.patched.made(h);
                 if self.materialize(h)? {
-                    self.keep_base_as_patch(h, &header)?;
+                    self.keep_base_as_patch(h, &header, made)?;
                 }
                 Ok(())
             }
         }
+    }
+
+    /// A content waiting to be written out, patched over the same base as `h` and made
+    /// after it.
+    fn newer_over_same_base(&self, h: &ContentHash, header: &Patched) -> Option<ContentHash> {
+        let made = self.patched.made(h)?;
+        self.patched
+            .all()
+            .into_iter()
+            .find(|(c, p, _)| c != h && p.base == header.base && p.role != Role::AtRest && self.patched.made(c).is_some_and(|t| t > made))
+            .map(|(c, _, _)| c)
+    }
+
+    /// A program opens a file whose content is kept as an older version at rest (a
+    /// copy of a file edited since): the background pass writes it out whole (without
+    /// touching its base), so the opens after that pass through. Reads meanwhile go
+    /// through the patch.
+    pub fn write_out_for_reads(&self, h: &ContentHash) {
+        if self.patched.header(h).is_none_or(|p| p.role != Role::AtRest) {
+            return;
+        }
+        {
+            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(header) = self.patched.header(h).filter(|p| p.role == Role::AtRest) else {
+                return;
+            };
+            let Ok((tmp, f)) = self.tmp_file() else {
+                return;
+            };
+            drop(f);
+            if let Err(e) = self.patched.replace_header(h, &Patched { role: Role::Rebased, ..header }, &tmp) {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!("marking patched content {h} to be written out: {e}");
+                return;
+            }
+        }
+        self.materialize_later(h);
     }
 
     /// Once patched content `h` (`header`: its blocks over `header.base`) is a whole
@@ -494,7 +535,7 @@ impl ContentStore {
     /// removed, under the store's patching lock (which every removal of a patch and of a
     /// blob under a patch takes too), so a crash or a concurrent write-out leaves the base
     /// readable one way or the other.
-    fn keep_base_as_patch(&self, h: &ContentHash, header: &Patched) -> std::io::Result<()> {
+    fn keep_base_as_patch(&self, h: &ContentHash, header: &Patched, made: Option<std::time::SystemTime>) -> std::io::Result<()> {
         use crate::leaves::{block_len, blocks, BLOCK};
         let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
         let base = &header.base;
@@ -516,7 +557,7 @@ impl ContentStore {
         }
         // The blocks of `over` not in its patch and not the same in `h`, copied from the
         // base into `patch`: its new header, over `h`.
-        let rebase = |over: &Patched, patch: &File| -> std::io::Result<Patched> {
+        let rebase = |over: &Patched, role: Role, patch: &File| -> std::io::Result<Patched> {
             let mut from_patch = over.from_patch.clone();
             for (b, taken) in from_patch.iter_mut().enumerate() {
                 if !*taken && !same_in_h(b, over.size) {
@@ -524,13 +565,15 @@ impl ContentStore {
                     *taken = true;
                 }
             }
-            // One waiting to be written out still is; it must not make `h` a patch.
-            let role = if over.role == Role::AtRest { Role::AtRest } else { Role::Rebased };
             Ok(Patched { base: h.clone(), size: over.size, from_patch, role })
         };
         for (c, p, _) in self.patched.all().into_iter().filter(|(c, p, _)| p.base == *base && c != h) {
+            // One made before `h` (an earlier edit) is an older version now; one made
+            // after it still waits to be written out, and must not make `h` a patch.
+            let older = p.role == Role::AtRest || made.is_some_and(|h_made| self.patched.made(&c).is_some_and(|t| t <= h_made));
+            let role = if older { Role::AtRest } else { Role::Rebased };
             let patch = std::fs::OpenOptions::new().write(true).open(self.patched.patch_path(&c))?;
-            let new_header = rebase(&p, &patch)?;
+            let new_header = rebase(&p, role, &patch)?;
             let (tmp, f) = self.tmp_file()?;
             drop(f);
             if let Err(e) = self.patched.replace_header(&c, &new_header, &tmp) {
@@ -543,7 +586,9 @@ impl ContentStore {
         drop(f);
         let made = patch
             .set_len(base_size)
-            .and_then(|()| rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest }, &patch))
+            .and_then(|()| {
+                rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest }, Role::AtRest, &patch)
+            })
             .and_then(|new_header| self.patched.put(base, &tmp_patch, &new_header, &tmp_header, true));
         if let Err(e) = made {
             let _ = std::fs::remove_file(&tmp_patch);

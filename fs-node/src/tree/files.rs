@@ -95,8 +95,10 @@ impl State {
         let Some(hash) = i.hash.clone().filter(|_| passthrough && !write && committed && i.size > store.small_max()) else {
             return Ok(OpenIo::Cached);
         };
-        // A patched content is no one file to pass through to until it is written out.
+        // A patched content is no one file to pass through to until it is written out
+        // (an older version at rest is written out now: a program reads it).
         if store.is_patched(&hash) {
+            store.write_out_for_reads(&hash);
             return Ok(OpenIo::Cached);
         }
         let backing = match store.open_blob(&hash) {

@@ -998,6 +998,7 @@ fn two_edits_written_out_in_either_order_leave_the_current_version_whole() {
         }
         assert!(!t.store().is_patched(&third.0), "newest first {newest_first}: the current version is whole");
         assert!(t.store().is_patched(&first.0), "newest first {newest_first}: the first version is a patch");
+        assert!(t.store().is_patched(&second.0), "newest first {newest_first}: the second version is a patch (not written out whole on its way)");
         for (what, (h, bytes)) in [("first", &first), ("second", &second), ("third", &third)] {
             let mut got = vec![0u8; bytes.len()];
             t.store().open_content(h).unwrap().read_full_at(&mut got, 0).unwrap();
@@ -1006,6 +1007,34 @@ fn two_edits_written_out_in_either_order_leave_the_current_version_whole() {
         t.gc();
         assert!(read_whole_file(&t, ino) == want);
     }
+}
+
+/// A copy of a large file keeps the content the original had before an edit: that
+/// content becomes a patch over the edited one at rest, and the copy's first open for
+/// reading has it written out whole again (without making the edited one a patch), so
+/// later opens pass through.
+#[test]
+fn a_copy_of_an_edited_file_is_written_out_whole_when_it_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let mut want = patterned(4 * (1 << 20) + 77, 5);
+    let copy = want.clone();
+    let ino = closed_file(&t, ROOT, "big", &want);
+    let copy_ino = closed_file(&t, ROOT, "copy", &copy);
+    let old = crate::store::hash_of(&copy);
+    edit_in_place(&t, ino, 1000, b"new", &mut want);
+    let new = crate::store::hash_of(&want);
+    t.store().write_out_at_rest(&new).unwrap();
+    assert!(t.store().is_patched(&old), "the copy's content is kept as a patch over the edited one");
+    assert!(read_whole_file(&t, copy_ino) == copy, "the copy reads right through the patch");
+    let (fh, _) = t.open(copy_ino, false, false, true).unwrap();
+    t.release(fh).unwrap();
+    // What the background pass does with it (this tree's store runs no pass of its own).
+    t.store().write_out_at_rest(&old).unwrap();
+    assert!(!t.store().is_patched(&old), "opened for reading, it is written out whole");
+    assert!(std::fs::read(t.store().blob_path(&old)).unwrap() == copy);
+    assert!(!t.store().is_patched(&new), "the edited file's content stays whole");
+    assert!(read_whole_file(&t, ino) == want && read_whole_file(&t, copy_ino) == copy);
 }
 
 /// A truncation of a file written through an overlay (shorter, longer, to nothing)
