@@ -1,0 +1,40 @@
+#!/bin/bash
+# What a node's store holds once old versions of a large file are kept (docs/benchmarks.md,
+# session 21). For each build dir (holding fs-node, manager and syncctl): a fresh vhost,
+# manager (keeping old versions, its default) and two nodes A and B mounted under a temp
+# dir; a 256 MiB file of random bytes written on A until B has the same bytes, then edited
+# in place five times (one byte each), each edit once B has the one before and four
+# seconds later (a node writes a new version out whole two seconds after it is made); then
+# the size of each node's blobs/ and patched/ and the old versions it keeps.
+# Usage: bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
+set -eu
+[ $# -ge 1 ] || { echo "usage: $0 BIN_DIR..." >&2; exit 2; }
+waitfor() { for _ in $(seq 1200); do if "$@"; then return 0; fi; sleep 0.1; done; echo "timed out: $*" >&2; return 1; }
+for bin in "$@"; do
+  d=$(mktemp -d) vhost=at-rest-$$-$RANDOM pids=()
+  mkdir -p "$d/a" "$d/b"
+  rabbitmqctl -q add_vhost "$vhost" && rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*'
+  broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
+  RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids+=($!)
+  for n in a b; do
+    RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" >"$d/node-$n.log" 2>&1 & pids+=($!)
+  done
+  for n in a b; do waitfor mountpoint -q "$d/$n"; done
+  head -c $((256 << 20)) /dev/urandom > "$d/src.bin"
+  cp "$d/src.bin" "$d/a/big.img"
+  waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
+  for i in 1 2 3 4 5; do
+    python3 -c "import os; f = os.open('$d/a/big.img', os.O_WRONLY); os.pwrite(f, bytes([$i]), $i * 40 * 2**20 + $i); os.close(f)"
+    waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
+    sleep 4
+  done
+  sleep 5
+  echo "== $bin"
+  for n in a b; do
+    echo "node $n: blobs $(du -sm "$d/data-$n/blobs" | cut -f1) MiB, patched $(du -sm "$d/data-$n/patched" | cut -f1) MiB; $("$bin/syncctl" --data "$d/data-$n" status | grep '^versions:')"
+  done
+  for n in a b; do umount -l "$d/$n" || true; done
+  kill "${pids[@]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$d"
+done
