@@ -1058,10 +1058,16 @@ impl ContentStore {
 
     /// Removes blob `h` (and its chunk list); returns its size if it was there. Patched
     /// contents over it are written out first (they keep their bytes); a patched `h`
-    /// goes with its patch.
+    /// goes with its patch. A blob that older versions are kept over at rest stays
+    /// (`None`): writing each of them out whole to free one blob would take more room
+    /// than it frees; it goes with the GC once they have gone.
     pub fn remove_blob(&self, h: &ContentHash) -> Option<u64> {
         if let Some(n) = self.small.remove(h) {
             return Some(n);
+        }
+        if self.patched.all().iter().any(|(_, p, _)| p.base == *h && p.role == Role::AtRest) {
+            tracing::debug!("blob {h} stays: older versions are kept as patches over it");
+            return None;
         }
         // (a few rounds: a patch made over `h` meanwhile is written out in the next)
         for _ in 0..3 {

@@ -952,6 +952,9 @@ fn an_older_version_kept_at_rest_costs_only_its_differing_blocks() {
         t.gc();
         assert!(versions.iter().all(|(h, _)| t.store().has(h)), "round {round}: the GC keeps every kept version");
     }
+    let current = &versions.last().unwrap().0;
+    assert_eq!(t.store().remove_blob(current), None, "the blob older versions are kept over stays (eviction, a released retention)");
+    assert!(t.store().has(current) && read_whole_file(&t, ino) == want);
     let mut got = vec![0u8; size];
     reader_of_first.read_full_at(&mut got, 0).unwrap();
     assert!(got == versions[0].1, "a reader opened before reads the bytes it opened");
