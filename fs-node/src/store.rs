@@ -477,7 +477,12 @@ impl ContentStore {
             Role::Rebased => self.materialize(h).map(drop),
             // A newer version over the same base (edits one after another) is written
             // out instead, and this one then becomes a patch over it.
-            Role::NewVersion if self.newer_over_same_base(h, &header).is_some() => Ok(()),
+            // Looked at again later: by then it is a patch over that newer one (and
+            // nothing is left to do), or the newer one is gone.
+            Role::NewVersion if self.newer_over_same_base(h, &header).is_some() => {
+                self.materialize_later(h);
+                Ok(())
+            }
             Role::NewVersion => {
                 let made = self.patched.made(h);
                 if self.materialize(h)? {
@@ -507,6 +512,15 @@ impl ContentStore {
         if self.patched.header(h).is_none_or(|p| p.role != Role::AtRest) {
             return;
         }
+        // Not on the caller's thread (an open, under the tree's lock): the patching lock
+        // may be held by a background pass for a while, and the new header is flushed.
+        let (store, h) = (self.clone(), h.clone());
+        std::thread::spawn(move || store.mark_for_write_out(&h));
+    }
+
+    /// Makes an older version at rest one the background pass writes out (`Rebased`),
+    /// and queues it.
+    fn mark_for_write_out(&self, h: &ContentHash) {
         {
             let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
             let Some(header) = self.patched.header(h).filter(|p| p.role == Role::AtRest) else {
@@ -568,10 +582,15 @@ impl ContentStore {
             Ok(Patched { base: h.clone(), size: over.size, from_patch, role })
         };
         for (c, p, _) in self.patched.all().into_iter().filter(|(c, p, _)| p.base == *base && c != h) {
-            // One made before `h` (an earlier edit) is an older version now; one made
-            // after it still waits to be written out, and must not make `h` a patch.
-            let older = p.role == Role::AtRest || made.is_some_and(|h_made| self.patched.made(&c).is_some_and(|t| t <= h_made));
-            let role = if older { Role::AtRest } else { Role::Rebased };
+            // A new version made before `h` (an earlier edit) is an older version now;
+            // one made after it (or not known to be before) still waits to be written
+            // out, and must not make `h` a patch; the others keep their role (one a
+            // program opened stays to be written out).
+            let role = match p.role {
+                Role::NewVersion if made.is_some_and(|h_made| self.patched.made(&c).is_some_and(|t| t < h_made)) => Role::AtRest,
+                Role::NewVersion => Role::Rebased,
+                other => other,
+            };
             let patch = std::fs::OpenOptions::new().write(true).open(self.patched.patch_path(&c))?;
             let new_header = rebase(&p, role, &patch)?;
             let (tmp, f) = self.tmp_file()?;
@@ -763,11 +782,17 @@ impl ContentStore {
         use std::os::unix::fs::MetadataExt;
         let mine = backing.metadata().context("reading the backing file's metadata")?;
         if let Some(h) = hash {
+            // Under the patching lock: `keep_base_as_patch` copies blocks out of a blob,
+            // and must never read the file a writer is about to change.
+            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
             let bp = self.blob_path(h);
             if let Ok(named) = std::fs::metadata(&bp) {
                 if (named.dev(), named.ino()) == (mine.dev(), mine.ino()) {
                     let tmp = self.copy_to_tmp(&bp).with_context(|| format!("copying blob {h}"))?;
-                    self.install(&tmp, h).with_context(|| format!("replacing blob {h} with its copy"))?;
+                    if let Err(e) = self.install_blob_locked(&tmp, h) {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(anyhow::Error::new(e).context(format!("replacing blob {h} with its copy")));
+                    }
                 }
             }
         }
@@ -1017,6 +1042,17 @@ impl ContentStore {
         std::fs::read(self.leaves_path(h)).ok().and_then(|b| crate::leaves::from_bytes(&b)).filter(|l| l.len() == crate::leaves::blocks(size))
     }
 
+    /// The bytes content `h` takes on the store's disk: a blob's blocks, a patched
+    /// content's patch (its blocks that differ from its base), a small one's length;
+    /// 0 if it is not here.
+    pub fn footprint(&self, h: &ContentHash) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(n) = self.small.len(h) {
+            return n;
+        }
+        std::fs::metadata(self.blob_path(h)).or_else(|_| std::fs::metadata(self.patched.patch_path(h))).map_or(0, |m| m.blocks() * 512)
+    }
+
     /// The size of blob `h`, if the store has it.
     pub fn size_of(&self, h: &ContentHash) -> Option<u64> {
         self.small.len(h).or_else(|| std::fs::metadata(self.blob_path(h)).ok().map(|m| m.len())).or_else(|| self.patched.header(h).map(|p| p.size))
@@ -1129,10 +1165,16 @@ impl ContentStore {
             self.put_small(h, &bytes).map_err(std::io::Error::other)?;
             return std::fs::remove_file(tmp);
         }
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        self.install_blob_locked(tmp, h)
+    }
+
+    /// `install` of a blob, the caller holding the patching lock: the rename and the
+    /// removal of a patched content of the same bytes (not needed any more) are one step
+    /// for `keep_base_as_patch`, which may be making that content a patch right now.
+    fn install_blob_locked(&self, tmp: &Path, h: &ContentHash) -> std::io::Result<()> {
         std::fs::rename(tmp, self.blob_path(h))?;
-        // A patched content of the same bytes is not needed any more.
         if self.patched.has(h) {
-            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
             self.patched.remove(h);
         }
         Ok(())

@@ -117,8 +117,10 @@ impl Tree {
                 tracing::warn!(hash = %h, size, "dropping a kept version's content: the disk is below the free-space floor");
                 st.kept.remove(&h);
                 let _ = st.db.remove_kept(&h);
+                // What dropping it frees: an older version kept as a patch frees its
+                // patch, not its size.
+                short = short.saturating_sub(self.store.footprint(&h));
                 st.kept_dropped.push(h);
-                short = short.saturating_sub(size);
             }
         }
         st.kept.keys().cloned().collect()

@@ -281,8 +281,13 @@ impl Tree {
         }
         let mut freed = 0;
         for h in hashes.iter().filter(|h| !blocked.contains(*h)) {
-            freed += self.store.remove_blob(h).unwrap_or(0);
-            st.last_used.remove(h);
+            // One the store keeps (older versions are patches over it) stays in line
+            // where it was, not first.
+            let removed = self.store.remove_blob(h);
+            freed += removed.unwrap_or(0);
+            if removed.is_some() || !self.store.has(h) {
+                st.last_used.remove(h);
+            }
         }
         freed
     }

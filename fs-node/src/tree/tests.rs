@@ -1032,6 +1032,13 @@ fn a_copy_of_an_edited_file_is_written_out_whole_when_it_is_opened() {
     assert!(read_whole_file(&t, copy_ino) == copy, "the copy reads right through the patch");
     let (fh, _) = t.open(copy_ino, false, false, true).unwrap();
     t.release(fh).unwrap();
+    // The open marks it to be written out (on a thread of its own: the header says so).
+    let header = dir.path().join("patched").join(old.to_hex().as_str());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !std::fs::read(&header).unwrap().starts_with(b"SYNCPATW") {
+        assert!(std::time::Instant::now() < deadline, "the open did not mark the copy's content to be written out");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
     // What the background pass does with it (this tree's store runs no pass of its own).
     t.store().write_out_at_rest(&old).unwrap();
     assert!(!t.store().is_patched(&old), "opened for reading, it is written out whole");
