@@ -479,7 +479,7 @@ impl ContentStore {
             // out instead, and this one then becomes a patch over it.
             // Looked at again later: by then it is a patch over that newer one (and
             // nothing is left to do), or the newer one is gone.
-            Role::NewVersion if self.newer_over_same_base(h, &header).is_some() => {
+            Role::NewVersion if self.newer_over_same_base(h, &header) => {
                 self.materialize_later(h);
                 Ok(())
             }
@@ -495,13 +495,23 @@ impl ContentStore {
 
     /// A content waiting to be written out, patched over the same base as `h` and made
     /// after it.
-    fn newer_over_same_base(&self, h: &ContentHash, header: &Patched) -> Option<ContentHash> {
-        let made = self.patched.made(h)?;
-        self.patched
-            .all()
-            .into_iter()
-            .find(|(c, p, _)| c != h && p.base == header.base && p.role != Role::AtRest && self.patched.made(c).is_some_and(|t| t > made))
-            .map(|(c, _, _)| c)
+    fn newer_over_same_base(&self, h: &ContentHash, header: &Patched) -> bool {
+        let Some(made) = self.patched.made(h) else {
+            return false;
+        };
+        self.patched.all().iter().any(|(c, p, _)| c != h && p.base == header.base && p.role != Role::AtRest && self.patched.made(c).is_some_and(|t| t > made))
+    }
+
+    /// Gives patched content `h` a new header (`PatchedDir::replace_header`, through a
+    /// tmp file of the store's that does not outlive a failure).
+    fn replace_header(&self, h: &ContentHash, header: &Patched) -> std::io::Result<()> {
+        let (tmp, f) = self.tmp_file()?;
+        drop(f);
+        let replaced = self.patched.replace_header(h, header, &tmp);
+        if replaced.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        replaced
     }
 
     /// A program opens a file whose content is kept as an older version at rest (a
@@ -526,12 +536,7 @@ impl ContentStore {
             let Some(header) = self.patched.header(h).filter(|p| p.role == Role::AtRest) else {
                 return;
             };
-            let Ok((tmp, f)) = self.tmp_file() else {
-                return;
-            };
-            drop(f);
-            if let Err(e) = self.patched.replace_header(h, &Patched { role: Role::Rebased, ..header }, &tmp) {
-                let _ = std::fs::remove_file(&tmp);
+            if let Err(e) = self.replace_header(h, &Patched { role: Role::Rebased, ..header }) {
                 tracing::warn!("marking patched content {h} to be written out: {e}");
                 return;
             }
@@ -592,13 +597,7 @@ impl ContentStore {
                 other => other,
             };
             let patch = std::fs::OpenOptions::new().write(true).open(self.patched.patch_path(&c))?;
-            let new_header = rebase(&p, role, &patch)?;
-            let (tmp, f) = self.tmp_file()?;
-            drop(f);
-            if let Err(e) = self.patched.replace_header(&c, &new_header, &tmp) {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(e);
-            }
+            self.replace_header(&c, &rebase(&p, role, &patch)?)?;
         }
         let (tmp_patch, patch) = self.tmp_file()?;
         let (tmp_header, f) = self.tmp_file()?;
@@ -1101,17 +1100,17 @@ impl ContentStore {
         if let Some(n) = self.small.remove(h) {
             return Some(n);
         }
-        if self.patched.all().iter().any(|(_, p, _)| p.base == *h && p.role == Role::AtRest) {
-            tracing::debug!("blob {h} stays: older versions are kept as patches over it");
-            return None;
-        }
         // (a few rounds: a patch made over `h` meanwhile is written out in the next)
         for _ in 0..3 {
-            let over_it: Vec<ContentHash> = self.patched.all().into_iter().filter(|(_, p, _)| p.base == *h).map(|(c, _, _)| c).collect();
+            let over_it: Vec<(ContentHash, Patched)> = self.patched.all().into_iter().filter(|(_, p, _)| p.base == *h).map(|(c, p, _)| (c, p)).collect();
             if over_it.is_empty() {
                 break;
             }
-            for c in over_it {
+            if over_it.iter().any(|(_, p)| p.role == Role::AtRest) {
+                tracing::debug!("blob {h} stays: older versions are kept as patches over it");
+                return None;
+            }
+            for (c, _) in over_it {
                 if let Err(e) = self.materialize(&c) {
                     tracing::warn!("writing out patched content {c} before its base {h} goes: {e}; the base stays");
                     return None;
