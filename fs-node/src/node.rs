@@ -244,7 +244,8 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `period`: the store's GC, and, with a cache budget, the eviction of the least
+/// Every `period`: the store's GC, kept versions made patches over similar contents
+/// (`Tree::keep_versions_at_rest`), and, with a cache budget, the eviction of the least
 /// recently used on-demand contents (`Fetcher::evict_over_budget`).
 async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u64, period: Duration, cancel: CancellationToken) {
     let mut every = tokio::time::interval(period);
@@ -253,9 +254,9 @@ async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u6
             _ = cancel.cancelled() => return,
             _ = every.tick() => {
                 let t = tree.clone();
-                let removed = tokio::task::spawn_blocking(move || t.gc_with_floor(floor)).await.unwrap_or(0);
-                if removed > 0 {
-                    tracing::debug!("removed {removed} unreferenced blobs");
+                let (removed, at_rest) = tokio::task::spawn_blocking(move || (t.gc_with_floor(floor), t.keep_versions_at_rest())).await.unwrap_or((0, 0));
+                if removed > 0 || at_rest > 0 {
+                    tracing::debug!("removed {removed} unreferenced blobs; {at_rest} kept versions now patches over similar contents");
                 }
                 fetcher.evict_over_budget(&tree).await;
             }

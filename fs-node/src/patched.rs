@@ -8,10 +8,15 @@
 //! whole blob (`materialize`), after which it is an ordinary blob again (passthrough
 //! reads, chunk lists); until then its bytes are read through [`ContentFile`].
 //!
+//! An older version kept at rest may also be a patch over a content whose bytes moved
+//! (an insertion earlier in the file) or over another file sharing its chunks: its
+//! header then says, for runs of blocks, how far from their own offset the base holds
+//! them ([`Move`], found from the two chunk lists by `store.rs`).
+//!
 //! On the disk, in `patched/` of the data directory: `<hash>.patch` (the sparse file of
-//! the content's size) and `<hash>` (the header: [`MAGIC`], the base's hash, the size,
-//! one bit per block taken from the patch). The header is renamed in last: a content is
-//! there when its header is. This module owns that format and reading it; the store
+//! the content's size) and `<hash>` (the header: [`MAGIC`] or [`MAGIC_MOVED`], the base's
+//! hash, the size, one bit per block taken from the patch, and with [`MAGIC_MOVED`] the
+//! moves). The header is renamed in last: a content is there when its header is. This module owns that format and reading it; the store
 //! decides when to make, write out and remove one (`store.rs`).
 
 use crate::leaves::{blocks, BLOCK};
@@ -23,6 +28,17 @@ use wire::ContentHash;
 /// The first bytes of a header (its format's version), one for each [`Role`]; a
 /// header of version 1 (before roles) is a new version's.
 const MAGIC: [(&[u8; 8], Role); 3] = [(b"SYNCPAT1", Role::NewVersion), (b"SYNCPATW", Role::Rebased), (b"SYNCPATR", Role::AtRest)];
+/// The first bytes of a header with moves (format version 2): the moves follow the bits.
+const MAGIC_MOVED: [(&[u8; 8], Role); 3] = [(b"SYNCPM2N", Role::NewVersion), (b"SYNCPM2W", Role::Rebased), (b"SYNCPM2R", Role::AtRest)];
+
+/// Blocks `first..first + count` taken from the base are at `delta` bytes from their
+/// own offset there (block `b` is the base's bytes from `b * BLOCK + delta`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Move {
+    pub first: usize,
+    pub count: usize,
+    pub delta: i64,
+}
 
 /// What the store's background pass does with a patched content.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,13 +62,17 @@ pub struct Patched {
     /// One per block: true when the block is in the patch file.
     pub from_patch: Vec<bool>,
     pub role: Role,
+    /// Runs of blocks the base holds elsewhere than at their own offset (sorted, apart);
+    /// every other block taken from the base is at its own offset there.
+    pub moves: Vec<Move>,
 }
 
 impl Patched {
     pub fn to_bytes(&self) -> Vec<u8> {
         let n = self.from_patch.len();
-        let mut out = Vec::with_capacity(8 + 32 + 16 + n.div_ceil(8));
-        out.extend_from_slice(MAGIC.iter().find(|(_, r)| *r == self.role).expect("every role has a magic").0);
+        let mut out = Vec::with_capacity(8 + 32 + 16 + n.div_ceil(8) + 8 + self.moves.len() * 24);
+        let magics = if self.moves.is_empty() { &MAGIC } else { &MAGIC_MOVED };
+        out.extend_from_slice(magics.iter().find(|(_, r)| *r == self.role).expect("every role has a magic").0);
         out.extend_from_slice(self.base.as_bytes());
         out.extend_from_slice(&self.size.to_le_bytes());
         out.extend_from_slice(&(n as u64).to_le_bytes());
@@ -63,22 +83,82 @@ impl Patched {
             }
         }
         out.extend_from_slice(&bits);
+        if !self.moves.is_empty() {
+            out.extend_from_slice(&(self.moves.len() as u64).to_le_bytes());
+            for m in &self.moves {
+                out.extend_from_slice(&(m.first as u64).to_le_bytes());
+                out.extend_from_slice(&(m.count as u64).to_le_bytes());
+                out.extend_from_slice(&m.delta.to_le_bytes());
+            }
+        }
         out
     }
 
     /// A header read back; `None` if it is not one (cut short, another format, a block
     /// count that does not fit the size).
     pub fn from_bytes(b: &[u8]) -> Option<Patched> {
-        let (rest, role) = MAGIC.iter().find_map(|(m, role)| Some((b.strip_prefix(m.as_slice())?, *role)))?;
+        let find = |magics: &[(&[u8; 8], Role)]| magics.iter().find_map(|(m, role)| Some((b.strip_prefix(m.as_slice())?, *role)));
+        let (rest, role, moved) = match find(&MAGIC) {
+            Some((rest, role)) => (rest, role, false),
+            None => find(&MAGIC_MOVED).map(|(rest, role)| (rest, role, true))?,
+        };
         let (base, rest) = rest.split_first_chunk::<32>()?;
         let (size, rest) = rest.split_first_chunk::<8>()?;
-        let (n, bits) = rest.split_first_chunk::<8>()?;
+        let (n, rest) = rest.split_first_chunk::<8>()?;
         let (size, n) = (u64::from_le_bytes(*size), u64::from_le_bytes(*n) as usize);
-        if n != blocks(size) || bits.len() != n.div_ceil(8) {
+        if n != blocks(size) || rest.len() < n.div_ceil(8) {
             return None;
         }
+        let (bits, rest) = rest.split_at(n.div_ceil(8));
         let from_patch = (0..n).map(|b| bits[b / 8] & (1 << (b % 8)) != 0).collect();
-        Some(Patched { base: ContentHash::from_bytes(*base), size, from_patch, role })
+        let moves = if moved { Self::moves_from_bytes(rest, n)? } else { Vec::new() };
+        if !moved && !rest.is_empty() {
+            return None;
+        }
+        Some(Patched { base: ContentHash::from_bytes(*base), size, from_patch, role, moves })
+    }
+
+    /// The moves after the bits: sorted, apart, inside the `n` blocks, none before the
+    /// base's start, and nothing after them.
+    fn moves_from_bytes(b: &[u8], n: usize) -> Option<Vec<Move>> {
+        let (count, mut rest) = b.split_first_chunk::<8>()?;
+        let count = u64::from_le_bytes(*count) as usize;
+        if count == 0 || rest.len() != count.checked_mul(24)? {
+            return None;
+        }
+        let mut moves = Vec::with_capacity(count);
+        let mut next_free = 0usize;
+        for _ in 0..count {
+            let (first, r) = rest.split_first_chunk::<8>()?;
+            let (len, r) = r.split_first_chunk::<8>()?;
+            let (delta, r) = r.split_first_chunk::<8>()?;
+            rest = r;
+            let m = Move { first: u64::from_le_bytes(*first) as usize, count: u64::from_le_bytes(*len) as usize, delta: i64::from_le_bytes(*delta) };
+            let in_order = m.count > 0 && m.first >= next_free && m.first.checked_add(m.count)? <= n;
+            if !in_order || (m.first as i64).checked_mul(BLOCK as i64)?.checked_add(m.delta)? < 0 {
+                return None;
+            }
+            next_free = m.first + m.count;
+            moves.push(m);
+        }
+        Some(moves)
+    }
+
+    /// How far from its own offset the base holds block `b` (0 unless a move says).
+    pub fn delta(&self, b: usize) -> i64 {
+        let i = self.moves.partition_point(|m| m.first + m.count <= b);
+        self.moves.get(i).filter(|m| m.first <= b).map_or(0, |m| m.delta)
+    }
+
+    /// Where block `b` is read: in the patch file (at its own offset) or in the base (at
+    /// its own offset moved by [`Patched::delta`]).
+    pub fn source_of(&self, b: usize) -> (bool, u64) {
+        let own = b as u64 * BLOCK;
+        if self.from_patch.get(b).copied().unwrap_or(false) {
+            (true, own)
+        } else {
+            (false, own.wrapping_add_signed(self.delta(b)))
+        }
     }
 
     pub fn patched_blocks(&self) -> usize {
@@ -263,10 +343,11 @@ impl ContentFile {
         let b = (offset / BLOCK) as usize;
         let end = ((b as u64 + 1) * BLOCK).min(header.size);
         let n = buf.len().min((end - offset) as usize);
-        let from = if header.from_patch[b] { patch } else { base };
+        let (in_patch, at) = header.source_of(b);
+        let (from, at) = (if in_patch { patch } else { base }, at + offset % BLOCK);
         let mut done = 0;
         while done < n {
-            let got = from.read_at(&mut buf[done..n], offset + done as u64)?;
+            let got = from.read_at(&mut buf[done..n], at + done as u64)?;
             if got == 0 {
                 return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "a patched content's file ends early"));
             }
@@ -295,8 +376,8 @@ impl ContentFile {
         match self {
             ContentFile::Whole(f) => copy_range(f, dst, offset, len),
             ContentFile::Patched { base, patch, header } => {
-                let from = if header.from_patch.get(b).copied().unwrap_or(false) { patch } else { base };
-                copy_range(from, dst, offset, len)
+                let (in_patch, at) = header.source_of(b);
+                copy_range_at(if in_patch { patch } else { base }, at, dst, offset, len)
             }
         }
     }
@@ -307,16 +388,20 @@ impl ContentFile {
         match self {
             ContentFile::Whole(f) => copy_range(f, dst, 0, f.metadata()?.len()),
             ContentFile::Patched { base, patch, header } => {
+                // Runs of blocks read from one file, each at the same distance from its
+                // own offset.
                 let n = header.from_patch.len();
+                let source = |b: usize| (header.from_patch[b], header.delta(b));
                 let mut b = 0;
                 while b < n {
-                    let p = header.from_patch[b];
+                    let run = source(b);
                     let first = b;
-                    while b < n && header.from_patch[b] == p {
+                    while b < n && (source(b) == run || (run.0 && header.from_patch[b])) {
                         b += 1;
                     }
                     let (from, to) = (first as u64 * BLOCK, (b as u64 * BLOCK).min(header.size));
-                    copy_range(if p { patch } else { base }, dst, from, to - from)?;
+                    let (in_patch, at) = header.source_of(first);
+                    copy_range_at(if in_patch { patch } else { base }, at, dst, from, to - from)?;
                 }
                 dst.set_len(header.size)
             }
@@ -327,10 +412,16 @@ impl ContentFile {
 /// Copies `len` bytes at `offset` of `src` to the same offset of `dst`, in the kernel
 /// where it can (`copy_file_range`).
 pub fn copy_range(src: &File, dst: &File, offset: u64, len: u64) -> std::io::Result<()> {
+    copy_range_at(src, offset, dst, offset, len)
+}
+
+/// Copies `len` bytes at `src_offset` of `src` to `dst_offset` of `dst` (in the kernel
+/// where it can).
+pub fn copy_range_at(src: &File, src_offset: u64, dst: &File, dst_offset: u64, len: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileExt;
-    let (mut off_in, mut off_out) = (offset as libc::loff_t, offset as libc::loff_t);
-    let end = offset + len;
+    let (mut off_in, mut off_out) = (src_offset as libc::loff_t, dst_offset as libc::loff_t);
+    let end = dst_offset + len;
     while (off_out as u64) < end {
         let want = (end - off_out as u64).min(1 << 30) as usize;
         // SAFETY: valid descriptors and offsets owned by this frame.
@@ -369,6 +460,7 @@ mod tests {
             size: 9 * BLOCK + 5,
             from_patch: (0..10).map(|b| b % 3 == 0).collect(),
             role: Role::NewVersion,
+            moves: Vec::new(),
         };
         let bytes = p.to_bytes();
         assert_eq!(Patched::from_bytes(&bytes), Some(p.clone()));
@@ -383,6 +475,33 @@ mod tests {
         assert_eq!(Patched::from_bytes(&other), None, "another format");
         let wrong_count = Patched { from_patch: vec![true; 3], ..p };
         assert_eq!(Patched::from_bytes(&wrong_count.to_bytes()), None, "block count not the size's");
+    }
+
+    #[test]
+    fn a_header_with_moves_reads_back_and_impossible_moves_do_not() {
+        let p = Patched {
+            base: ContentHash::from_bytes(*blake3::hash(b"base").as_bytes()),
+            size: 20 * BLOCK,
+            from_patch: (0..20).map(|b| b == 4).collect(),
+            role: Role::AtRest,
+            moves: vec![Move { first: 5, count: 10, delta: 1000 }, Move { first: 15, count: 2, delta: -700 }],
+        };
+        let bytes = p.to_bytes();
+        assert_eq!(&bytes[..8], b"SYNCPM2R");
+        let back = Patched::from_bytes(&bytes).expect("reads back");
+        assert_eq!(back, p);
+        assert_eq!((back.delta(4), back.delta(5), back.delta(14), back.delta(15), back.delta(17)), (0, 1000, 1000, -700, 0));
+        assert_eq!(back.source_of(4), (true, 4 * BLOCK), "a patch block at its own offset");
+        assert_eq!(back.source_of(6), (false, 6 * BLOCK + 1000));
+        for (what, moves) in [
+            ("overlapping", vec![Move { first: 5, count: 10, delta: 1 }, Move { first: 14, count: 1, delta: 2 }]),
+            ("past the end", vec![Move { first: 19, count: 2, delta: 1 }]),
+            ("before the base's start", vec![Move { first: 0, count: 1, delta: -1 }]),
+            ("empty", vec![Move { first: 3, count: 0, delta: 1 }]),
+        ] {
+            assert_eq!(Patched::from_bytes(&Patched { moves, ..p.clone() }.to_bytes()), None, "{what}");
+        }
+        assert_eq!(Patched::from_bytes(&bytes[..bytes.len() - 1]), None, "cut short");
     }
 
     #[test]
@@ -405,6 +524,7 @@ mod tests {
             size,
             from_patch: vec![false, true, false, true],
             role: Role::NewVersion,
+            moves: Vec::new(),
         };
         let c = ContentFile::Patched { base: File::open(d.path().join("base")).unwrap(), patch, header };
         assert_eq!(c.size().unwrap(), size);

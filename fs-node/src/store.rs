@@ -4,13 +4,15 @@
 //! only: no network I/O, and it never decides anything about sync.
 
 pub use crate::patched::copy_range;
-use crate::patched::{ContentFile, Patched, PatchedDir, Role};
+use crate::patched::{ContentFile, Move, Patched, PatchedDir, Role};
 use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use wire::ContentHash;
+
+mod at_rest;
 
 /// Space kept free for the node database on the disk it shares with the store: room
 /// for a few hundred pages of its log, so that on a full disk deletes can still be
@@ -50,6 +52,8 @@ pub struct ContentStore {
     /// How long a new patched content rests before it is written out whole (`None`:
     /// only when something needs it whole; tests).
     write_out_after: Option<std::time::Duration>,
+    /// Kept contents `keep_at_rest_over_similar` looked at already (in this run).
+    at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<ContentHash>>>,
 }
 
 /// How long a patched content rests before it is written out whole.
@@ -166,6 +170,7 @@ impl ContentStore {
             patched: PatchedDir::open(data.join("patched")).with_context(|| format!("creating {}", data.join("patched").display()))?,
             patching: Default::default(),
             write_out_after: Some(MATERIALIZE_AFTER),
+            at_rest_looked_at: Default::default(),
         };
         for d in [&s.blobs, &s.work, &s.tmp, &s.chunk_lists] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
@@ -373,7 +378,12 @@ impl ContentStore {
         if self.blob_path(h).exists() || self.patched.has(h) || self.small.has(h) {
             return Ok(false);
         }
-        let base = match self.patched.header(basis).filter(|_| !self.blob_path(basis).exists()) {
+        // Over a patched basis, the blocks taken from the basis are where it has them:
+        // its patch's are copied in, its base's are read where the basis reads them (its
+        // moves). Over an older version at rest (or one moved onto another base), the
+        // base is not the version before this one (it is a newer content, maybe another
+        // file's): this one is only written out. (So a new version has no moves.)
+        let (base, role, moves) = match self.patched.header(basis).filter(|_| !self.blob_path(basis).exists()) {
             Some(b) => {
                 let (their_patch, n) = (File::open(self.patched.patch_path(basis))?, b.from_patch.len());
                 for (i, mine) in from_patch.iter_mut().enumerate() {
@@ -382,16 +392,18 @@ impl ContentStore {
                         *mine = true;
                     }
                 }
-                b.base
+                // Blocks past the basis's end are all in the patch (they differ from it).
+                let moves = b.moves.iter().filter(|m| m.first < from_patch.len()).map(|m| Move { count: m.count.min(from_patch.len() - m.first), ..*m }).collect();
+                (b.base, if b.role == Role::NewVersion { Role::NewVersion } else { Role::Rebased }, moves)
             }
-            None => basis.clone(),
+            None => (basis.clone(), Role::NewVersion, Vec::new()),
         };
         if !self.blob_path(&base).exists() {
             return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("the base {base} of a patched content is not here")));
         }
         let (tmp, f) = self.tmp_file()?;
         drop(f);
-        let header = Patched { base, size, from_patch, role: Role::NewVersion };
+        let header = Patched { base, size, from_patch, role, moves };
         if let Err(e) = self.patched.put(h, patch_path, &header, &tmp, durable) {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
@@ -567,24 +579,30 @@ impl ContentStore {
             Err(e) => return Err(e),
         };
         let base_size = base_file.metadata()?.len();
-        // Block b of a content over the base reads the same from `h` where `h` took it
-        // from the base and is at least as long there.
-        let same_in_h = |b: usize, size: u64| !header.from_patch.get(b).copied().unwrap_or(true) && header.size >= b as u64 * BLOCK + block_len(size, b);
-        let differing = (0..blocks(base_size)).filter(|&b| !same_in_h(b, base_size)).count();
+        // The base's bytes `at..at + len` are the same in `h`, at the same offsets, where
+        // `h` took every block they fall in from the base, unmoved, and is long enough.
+        let same_in_h = |at: u64, len: u64| {
+            let (first, last) = ((at / BLOCK) as usize, ((at + len.max(1) - 1) / BLOCK) as usize);
+            header.size >= at + len && (first..=last).all(|b| !header.from_patch.get(b).copied().unwrap_or(true) && header.delta(b) == 0)
+        };
+        let differing = (0..blocks(base_size)).filter(|&b| !same_in_h(b as u64 * BLOCK, block_len(base_size, b))).count();
         if differing * 2 > blocks(base_size) {
             return Ok(());
         }
-        // The blocks of `over` not in its patch and not the same in `h`, copied from the
-        // base into `patch`: its new header, over `h`.
+        // The blocks `over` reads from the base that are not the same in `h`, copied
+        // from the base into `patch`: its new header, over `h` (the others are read from
+        // `h` where they were read from the base, moves and all).
         let rebase = |over: &Patched, role: Role, patch: &File| -> std::io::Result<Patched> {
             let mut from_patch = over.from_patch.clone();
             for (b, taken) in from_patch.iter_mut().enumerate() {
-                if !*taken && !same_in_h(b, over.size) {
-                    crate::patched::copy_range(&base_file, patch, b as u64 * BLOCK, block_len(over.size, b))?;
+                let (in_patch, at) = over.source_of(b);
+                let len = block_len(over.size, b);
+                if !in_patch && !same_in_h(at, len) {
+                    crate::patched::copy_range_at(&base_file, at, patch, b as u64 * BLOCK, len)?;
                     *taken = true;
                 }
             }
-            Ok(Patched { base: h.clone(), size: over.size, from_patch, role })
+            Ok(Patched { base: h.clone(), size: over.size, from_patch, role, moves: over.moves.clone() })
         };
         for (c, p, _) in self.patched.all().into_iter().filter(|(c, p, _)| p.base == *base && c != h) {
             // A new version made before `h` (an earlier edit) is an older version now;
@@ -605,7 +623,7 @@ impl ContentStore {
         let made = patch
             .set_len(base_size)
             .and_then(|()| {
-                rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest }, Role::AtRest, &patch)
+                rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest, moves: Vec::new() }, Role::AtRest, &patch)
             })
             .and_then(|new_header| self.patched.put(base, &tmp_patch, &new_header, &tmp_header, true));
         if let Err(e) = made {

@@ -81,6 +81,28 @@ impl Tree {
         Ok(freed)
     }
 
+    /// Kept contents no file of the tree uses any more, each made a patch over the
+    /// content of a file of the tree sharing most of its chunks where that saves at least half of it
+    /// (`store/at_rest.rs`); returns how many became one. After the GC, outside the
+    /// tree's lock: a content restored meanwhile reads through its patch until it is
+    /// opened (then it is written out whole again).
+    pub fn keep_versions_at_rest(&self) -> usize {
+        let (only_kept, used): (Vec<ContentHash>, _) = {
+            let st = self.lock();
+            let used = Self::referenced(&st);
+            (st.kept.keys().filter(|h| !used.contains(*h)).cloned().collect(), used)
+        };
+        let mut made = 0;
+        for h in only_kept {
+            match self.store.keep_at_rest_over_similar(&h, &used) {
+                Ok(Some(_)) => made += 1,
+                Ok(None) => {}
+                Err(e) => tracing::warn!("keeping version content {h} as a patch: {e} (it stays whole)"),
+            }
+        }
+        made
+    }
+
     /// How many contents are kept for the manager, and their bytes.
     pub fn kept_usage(&self) -> (u64, u64) {
         Self::kept_usage_of(&self.lock())

@@ -1192,3 +1192,93 @@ fn a_rules_file_applied_with_other_entries_takes_effect_for_the_entries_after_it
     assert!(t.lookup(ROOT, OsStr::new("c.tmp")).is_err(), "c.tmp is ignored by the new rules: not applied");
     assert_memory_is_persisted(&t, "after the group");
 }
+
+/// Bytes that repeat nowhere (chunk boundaries as in real data).
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// A kept version that no file has any more costs only what is not found in a similar
+/// current content: the version before an insertion (its bytes moved) and a deleted
+/// file sharing most of its bytes with another become patches over it, found through
+/// the chunk index. They read right through the GC, a crash, an edit of their base (they
+/// move onto its new version) and a write-out; a content too different stays whole.
+#[test]
+fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_patch() {
+    use crate::leaves::BLOCK;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 6 * (1 << 20) + 555;
+    let v1 = noise(size, 1);
+    let ino = closed_file(&t, ROOT, "doc", &v1);
+    // A program saves the next version as a new file renamed over the old: 1,000 bytes
+    // inserted at 2 MiB.
+    let mut v2 = v1[..2 << 20].to_vec();
+    v2.extend_from_slice(&noise(1000, 2));
+    v2.extend_from_slice(&v1[2 << 20..]);
+    let ino2 = closed_file(&t, ROOT, "doc.new", &v2);
+    t.rename(ROOT, OsStr::new("doc.new"), ROOT, OsStr::new("doc"), false).unwrap();
+    // A copy of the first version, its last MiB changed, deleted since.
+    let mut copy = v1.clone();
+    copy[size - (1 << 20)..].copy_from_slice(&noise(1 << 20, 3));
+    closed_file(&t, ROOT, "copy", &copy);
+    t.unlink(ROOT, OsStr::new("copy")).unwrap();
+    // And a deleted file like nothing else.
+    let other = noise(5 << 20, 4);
+    closed_file(&t, ROOT, "other", &other);
+    t.unlink(ROOT, OsStr::new("other")).unwrap();
+    let contents = [(crate::store::hash_of(&v1), &v1), (crate::store::hash_of(&copy), &copy), (crate::store::hash_of(&other), &other)];
+    let now_ms = t.env().now_ns() / 1_000_000;
+    let (kept, _) = t.keep(&contents.iter().map(|(h, b)| keep_item(h, b.len() as u64, now_ms + 3_600_000)).collect::<Vec<_>>()).unwrap();
+    assert_eq!(kept.len(), 3);
+    let current = crate::store::hash_of(&v2);
+    for h in [&current, &contents[0].0, &contents[1].0, &contents[2].0] {
+        t.store().chunk_list(h).unwrap();
+    }
+    assert_eq!(t.keep_versions_at_rest(), 2, "the old version and the deleted copy become patches");
+    assert_eq!(t.keep_versions_at_rest(), 0, "looked at once");
+    let on_disk = |t: &Tree, h: &ContentHash| -> u64 {
+        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
+        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    };
+    assert!(t.store().is_patched(&contents[0].0) && on_disk(&t, &contents[0].0) <= 6 * BLOCK, "the old version: {} bytes", on_disk(&t, &contents[0].0));
+    assert!(t.store().is_patched(&contents[1].0) && on_disk(&t, &contents[1].0) <= (1 << 20) + 6 * BLOCK, "the copy: {} bytes", on_disk(&t, &contents[1].0));
+    assert!(!t.store().is_patched(&contents[2].0), "nothing similar: it stays whole");
+    let reads_right = |t: &Tree, when: &str| {
+        for (i, (h, bytes)) in contents.iter().enumerate() {
+            let mut got = vec![0u8; bytes.len()];
+            t.store().open_content(h).unwrap().read_full_at(&mut got, 0).unwrap();
+            assert!(got == **bytes, "{when}: content {i} reads right");
+        }
+    };
+    reads_right(&t, "made");
+    t.gc();
+    assert_eq!(t.store().remove_blob(&current), None, "the blob they are kept over stays");
+    reads_right(&t, "after the GC");
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    reads_right(&t, "after a crash");
+    assert!(read_whole_file(&t, ino2) == v2);
+    // The base is edited in place: it becomes an older version at rest over the new one,
+    // and what was kept over it moves there too.
+    let (kept, _) = t.keep(&[keep_item(&current, v2.len() as u64, now_ms + 3_600_000)]).unwrap();
+    assert_eq!(kept.len(), 1);
+    let mut v3 = v2.clone();
+    edit_in_place(&t, ino2, 4 << 20, b"edit", &mut v3);
+    let newest = crate::store::hash_of(&v3);
+    t.store().write_out_at_rest(&newest).unwrap();
+    assert!(t.store().is_patched(&current), "the version before the edit is a patch now");
+    reads_right(&t, "after their base was edited");
+    let _ = ino;
+    // Something needs the old version whole: written out, the right bytes.
+    assert!(t.store().materialize(&contents[0].0).unwrap());
+    assert!(std::fs::read(t.store().blob_path(&contents[0].0)).unwrap() == v1);
+}

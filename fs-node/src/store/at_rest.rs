@@ -1,0 +1,243 @@
+//! Older versions kept at rest over *similar* contents: a whole blob that no file of the
+//! tree has any more and that the manager asked this node to keep (an old version, a
+//! deleted file) becomes a patch (`patched.rs`, role `AtRest`) over the whole blob that
+//! shares most of its chunks: the version after an insertion (its bytes moved), or
+//! another file holding the same bytes. Only the 64 KiB blocks not found there are kept;
+//! the others are read from the base where its chunk list says they are (moves).
+//!
+//! The in-place case (a new version patched over the one before, the blocks at the same
+//! offsets) is `ContentStore::keep_base_as_patch`; this pass covers what it cannot see.
+//! It runs after the node's GC, outside the tree's lock, one content at a time, and
+//! checks the patch it made against the content's hash before the blob goes.
+
+use super::*;
+use crate::chunks::ChunkList;
+use crate::leaves::{block_len, blocks, BLOCK};
+use std::collections::HashMap;
+
+/// Contents smaller than this stay whole (a patch would save little).
+pub const AT_REST_MIN_BYTES: u64 = crate::chunks::CHUNKED_MIN_BYTES;
+
+/// Where the blocks of a content of `size` bytes described by `mine` are found in a base
+/// described by `base`: per block, whether it must be kept in the patch (no run of
+/// chunks found in the base covers it whole), and the moves of the others.
+pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>, Vec<Move>) {
+    let mut at: HashMap<(&ContentHash, u32), Vec<u64>> = HashMap::new();
+    for c in &base.chunks {
+        at.entry((&c.hash, c.len)).or_default().push(c.offset);
+    }
+    // Runs of `mine` found in the base at one distance: (start, end, delta), in order. A
+    // chunk found in several places is taken where it continues the run before it.
+    let mut runs: Vec<(u64, u64, i64)> = Vec::new();
+    for c in &mine.chunks {
+        let Some(offsets) = at.get(&(&c.hash, c.len)) else {
+            continue;
+        };
+        let end = c.offset + c.len as u64;
+        let continues = runs.last().filter(|r| r.1 == c.offset).map(|r| r.2).filter(|d| offsets.contains(&c.offset.wrapping_add_signed(*d)));
+        let delta = continues.unwrap_or(offsets[0] as i64 - c.offset as i64);
+        match runs.last_mut() {
+            Some(r) if r.1 == c.offset && r.2 == delta => r.1 = end,
+            _ => runs.push((c.offset, end, delta)),
+        }
+    }
+    let n = blocks(size);
+    let mut from_patch = vec![true; n];
+    let mut moves: Vec<Move> = Vec::new();
+    for (b, in_patch) in from_patch.iter_mut().enumerate() {
+        let (from, to) = (b as u64 * BLOCK, b as u64 * BLOCK + block_len(size, b));
+        let i = runs.partition_point(|r| r.0 <= from);
+        let Some(&(_, end, delta)) = i.checked_sub(1).map(|i| &runs[i]) else {
+            continue;
+        };
+        if to > end {
+            continue;
+        }
+        *in_patch = false;
+        if delta == 0 {
+            continue;
+        }
+        match moves.last_mut() {
+            Some(m) if m.first + m.count == b && m.delta == delta => m.count += 1,
+            _ => moves.push(Move { first: b, count: 1, delta }),
+        }
+    }
+    (from_patch, moves)
+}
+
+impl ContentStore {
+    /// Keeps whole blob `h` (no file of the tree uses it; it is kept as a version) as a
+    /// patch over the whole blob of `bases` (the contents files of the tree have now)
+    /// sharing most of its chunks, if that saves at least half of it. (A base that is
+    /// itself only kept would stay whole for good: a content patches are kept over is
+    /// never made a patch here.) Returns the base it now has, or `None` when it stays as it is (small,
+    /// patched already, the base of a patch, nothing similar indexed, too different).
+    /// Each content is looked at once per run of the node.
+    pub fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &std::collections::HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
+        if !self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner()).insert(h.clone()) {
+            return Ok(None);
+        }
+        let size = match std::fs::metadata(self.blob_path(h)) {
+            Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
+            _ => return Ok(None),
+        };
+        if self.is_base_of_a_patch(h) {
+            return Ok(None);
+        }
+        let mine = self.chunk_list(h)?;
+        let Some(base) = self.most_similar_whole_blob(h, &mine, bases) else {
+            return Ok(None);
+        };
+        let theirs = self.chunk_list(&base)?;
+        let (from_patch, moves) = layout_over(&mine, size, &theirs);
+        let kept = from_patch.iter().filter(|p| **p).count();
+        if kept * 2 > from_patch.len() {
+            return Ok(None);
+        }
+        let header = Patched { base: base.clone(), size, from_patch, role: Role::AtRest, moves };
+        let (tmp_patch, patch) = self.tmp_file()?;
+        let (tmp_header, f) = self.tmp_file()?;
+        drop(f);
+        let made = self.write_at_rest_patch(h, &header, &tmp_patch, &patch).and_then(|()| {
+            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+            // Still as it was looked at: `h` whole and no base, its base whole.
+            let still = self.blob_path(h).exists() && !self.patched.has(h) && !self.is_base_of_a_patch(h) && self.blob_path(&base).exists() && !self.patched.has(&base);
+            if !still {
+                return Ok(false);
+            }
+            self.patched.put(h, &tmp_patch, &header, &tmp_header, true)?;
+            std::fs::remove_file(self.blob_path(h))?;
+            File::open(&self.blobs)?.sync_all()?;
+            Ok(true)
+        });
+        let _ = std::fs::remove_file(&tmp_patch);
+        let _ = std::fs::remove_file(&tmp_header);
+        if !made? {
+            return Ok(None);
+        }
+        // Its chunks are no longer in a file of their own; its leaves and chunk list still
+        // describe its bytes and stay.
+        self.drop_from_chunk_index(h);
+        tracing::debug!(%h, over = %base, kept, "a kept version at rest over a similar content");
+        Ok(Some(base))
+    }
+
+    /// Fills `patch` (at `tmp_patch`) with the blocks of blob `h` that `header` keeps,
+    /// and checks that the patch over its base reads as `h`.
+    fn write_at_rest_patch(&self, h: &ContentHash, header: &Patched, tmp_patch: &Path, patch: &File) -> std::io::Result<()> {
+        let whole = File::open(self.blob_path(h))?;
+        patch.set_len(header.size)?;
+        for (b, _) in header.from_patch.iter().enumerate().filter(|(_, p)| **p) {
+            copy_range(&whole, patch, b as u64 * BLOCK, block_len(header.size, b))?;
+        }
+        patch.sync_data()?;
+        let check = ContentFile::Patched { base: File::open(self.blob_path(&header.base))?, patch: File::open(tmp_patch)?, header: header.clone() };
+        let mut hasher = blake3::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < header.size {
+            let n = check.read_full_at(&mut buf, at)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        if at != header.size || ContentHash::from_bytes(*hasher.finalize().as_bytes()) != *h {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("content {h} over {} does not read back as itself", header.base)));
+        }
+        Ok(())
+    }
+
+    /// Whether a patched content of the store reads from blob `h`.
+    fn is_base_of_a_patch(&self, h: &ContentHash) -> bool {
+        self.patched.all().iter().any(|(_, p, _)| p.base == *h)
+    }
+
+    /// The whole blob of `bases` (other than `h`) holding the most bytes of `mine`'s
+    /// chunks, by the chunk index.
+    fn most_similar_whole_blob(&self, h: &ContentHash, mine: &ChunkList, bases: &std::collections::HashSet<ContentHash>) -> Option<ContentHash> {
+        let index = self.chunk_index()?;
+        let mut shared: HashMap<ContentHash, u64> = HashMap::new();
+        for c in &mine.chunks {
+            let Ok(found) = index.find(&c.hash, c.len) else {
+                continue;
+            };
+            let mut seen = std::collections::HashSet::new();
+            for f in found.into_iter().filter(|f| f.blob != *h && bases.contains(&f.blob)) {
+                if seen.insert(f.blob.clone()) {
+                    *shared.entry(f.blob).or_default() += c.len as u64;
+                }
+            }
+        }
+        let mut by_shared: Vec<(u64, ContentHash)> = shared.into_iter().map(|(b, n)| (n, b)).collect();
+        by_shared.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        by_shared.into_iter().map(|(_, b)| b).find(|b| self.blob_path(b).exists() && !self.patched.has(b))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// Reads `size` bytes of a content laid out by `layout_over` over `base`, taking the
+    /// patch's blocks from `want`.
+    fn read_back(want: &[u8], base: &[u8], from_patch: &[bool], moves: &[Move]) -> Vec<u8> {
+        let header = Patched { base: hash_of(base), size: want.len() as u64, from_patch: from_patch.to_vec(), role: Role::AtRest, moves: moves.to_vec() };
+        let header = Patched::from_bytes(&header.to_bytes()).expect("the header reads back");
+        let mut out = vec![0u8; want.len()];
+        for b in 0..from_patch.len() {
+            let (in_patch, at) = header.source_of(b);
+            let (from, len) = (b * BLOCK as usize, block_len(want.len() as u64, b) as usize);
+            let src = if in_patch { &want[at as usize..at as usize + len] } else { &base[at as usize..at as usize + len] };
+            out[from..from + len].copy_from_slice(src);
+        }
+        out
+    }
+
+    #[test]
+    fn an_older_version_whose_bytes_moved_is_found_in_the_newer_one_but_for_the_blocks_around_the_change() {
+        let old = bytes(1, 8 << 20);
+        // The newer version: 1,000 bytes inserted at 3 MiB, and 300 bytes cut at 6 MiB.
+        let mut new = old[..3 << 20].to_vec();
+        new.extend_from_slice(&bytes(2, 1000));
+        new.extend_from_slice(&old[3 << 20..6 << 20]);
+        new.extend_from_slice(&old[(6 << 20) + 300..]);
+        let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&new[..]).unwrap());
+        let (from_patch, moves) = layout_over(&mine, old.len() as u64, &theirs);
+        let kept = from_patch.iter().filter(|p| **p).count();
+        assert!(kept <= 12, "only the blocks around the two changes are kept: {kept} of {}", from_patch.len());
+        assert!(!moves.is_empty() && moves.iter().any(|m| m.delta == 1000), "the blocks after the insertion are moved: {moves:?}");
+        assert!(read_back(&old, &new, &from_patch, &moves) == old, "every block reads as the older version's");
+    }
+
+    #[test]
+    fn a_content_found_nowhere_in_the_base_is_kept_whole_and_repeated_chunks_keep_their_run() {
+        let old = bytes(3, 4 << 20);
+        let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&bytes(4, 4 << 20)[..]).unwrap());
+        let (from_patch, moves) = layout_over(&mine, old.len() as u64, &theirs);
+        assert!(from_patch.iter().all(|p| *p) && moves.is_empty(), "nothing in common: all kept");
+        // A file of one repeated pattern, shifted: each chunk has several places in the
+        // base; the one continuing the run is taken.
+        let unit = bytes(5, 300 << 10);
+        let old: Vec<u8> = unit.iter().cycle().take(6 << 20).copied().collect();
+        let mut new = bytes(6, 5000);
+        new.extend_from_slice(&old);
+        let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&new[..]).unwrap());
+        let (from_patch, moves) = layout_over(&mine, old.len() as u64, &theirs);
+        assert!(read_back(&old, &new, &from_patch, &moves) == old, "reads back");
+        assert!(from_patch.iter().filter(|p| **p).count() <= 8, "the runs hold: {} kept", from_patch.iter().filter(|p| **p).count());
+    }
+}
