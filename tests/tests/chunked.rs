@@ -101,6 +101,46 @@ fn edits_in_place_one_after_another_arrive_right_and_are_written_out_whole() {
     c.converged();
 }
 
+/// A program that saves a large file as a new file renamed over the old one, with bytes
+/// inserted: the version before stays kept for the cluster's versions, on each node as a
+/// patch over the new version (its blocks found there moved by the insertion, through
+/// the chunk lists) instead of a whole copy; a restore of it gives every mount its bytes.
+#[test]
+fn an_older_version_whose_bytes_moved_is_kept_as_a_patch_over_the_new_one() {
+    let mut c = Cluster::start("chunked-moved", 0);
+    for id in ["n1", "n2"] {
+        let n = NodeProc::start_with(c.dir.path(), id, &c.vhost, &["--gc-every-secs", "1"]);
+        c.nodes.push(n);
+    }
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let old = pseudo_random(16 << 20, 21);
+    write(&a.p("doc.odt"), &old);
+    c.converged();
+    let mut new = old[..5 << 20].to_vec();
+    new.extend_from_slice(&pseudo_random(1000, 22));
+    new.extend_from_slice(&old[5 << 20..]);
+    write(&a.p(".doc.odt.tmp"), &new);
+    std::fs::rename(a.p(".doc.odt.tmp"), a.p("doc.odt")).unwrap();
+    eventually("the new version to reach b", DEADLINE, || read(&b.p("doc.odt")).as_deref() == Some(&new[..]));
+    let old_hash = blake3::hash(&old).to_hex().to_string();
+    for n in [a, b] {
+        let header = n.data.join("patched").join(&old_hash);
+        eventually(&format!("{} to keep the older version as a patch", n.id), DEADLINE, || std::fs::read(&header).is_ok_and(|h| h.starts_with(b"SYNCPM2R")));
+        assert!(!n.data.join("blobs").join(&old_hash).exists(), "{}: no whole copy left", n.id);
+        let patch = std::fs::metadata(n.data.join("patched").join(format!("{old_hash}.patch"))).unwrap().blocks() * 512;
+        assert!(patch <= 1 << 20, "{}: the older version takes {patch} bytes", n.id);
+    }
+    let (ok, out, err) = b.syncctl(&["restore", "doc.odt"]);
+    assert!(ok && out.contains("restored 1 path(s)"), "restore: {out} {err}");
+    for n in [a, b] {
+        eventually(&format!("the older version back on {}", n.id), DEADLINE, || read(&n.p("doc.odt")).as_deref() == Some(&old[..]));
+    }
+    c.converged();
+}
+
 /// Chunk dedup across files: a file new to a node, most of whose chunks the node has in
 /// another file (a copy edited, a new file sharing most of an old one), moves only what
 /// is new, found through the node's chunk index (kept across its restart).
