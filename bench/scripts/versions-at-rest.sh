@@ -6,8 +6,13 @@
 # in place five times (one byte each), each edit once B has the one before and four
 # seconds later (a node writes a new version out whole two seconds after it is made); then
 # the size of each node's blobs/ and patched/ and the old versions it keeps.
-# Usage: bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
+# With MODE=saved (session 22), each edit is instead a save as most programs do it: the
+# file read, 1,000 random bytes inserted at 40 MiB * i, written to a new file in the
+# mount and renamed over the old one (the bytes after the insertion move); the nodes run
+# their GC every second.
+# Usage: [MODE=saved] bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
 set -eu
+MODE=${MODE:-in-place}
 [ $# -ge 1 ] || { echo "usage: $0 BIN_DIR..." >&2; exit 2; }
 waitfor() { for _ in $(seq 1200); do if "$@"; then return 0; fi; sleep 0.1; done; echo "timed out: $*" >&2; return 1; }
 for bin in "$@"; do
@@ -17,24 +22,28 @@ for bin in "$@"; do
   broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
   RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids+=($!)
   for n in a b; do
-    RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" >"$d/node-$n.log" 2>&1 & pids+=($!)
+    RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" --gc-every-secs 1 >"$d/node-$n.log" 2>&1 & pids+=($!)
   done
   for n in a b; do waitfor mountpoint -q "$d/$n"; done
   head -c $((256 << 20)) /dev/urandom > "$d/src.bin"
   cp "$d/src.bin" "$d/a/big.img"
   waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
   for i in 1 2 3 4 5; do
-    python3 -c "import os; f = os.open('$d/a/big.img', os.O_WRONLY); os.pwrite(f, bytes([$i]), $i * 40 * 2**20 + $i); os.close(f)"
+    if [ "$MODE" = saved ]; then
+      python3 -c "import os; b = open('$d/a/big.img', 'rb').read(); at = $i * 40 * 2**20; open('$d/a/.big.img.tmp', 'wb').write(b[:at] + os.urandom(1000) + b[at:]); os.rename('$d/a/.big.img.tmp', '$d/a/big.img')"
+    else
+      python3 -c "import os; f = os.open('$d/a/big.img', os.O_WRONLY); os.pwrite(f, bytes([$i]), $i * 40 * 2**20 + $i); os.close(f)"
+    fi
     waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
     sleep 4
   done
   sleep 5
-  echo "== $bin"
+  echo "== $bin ($MODE)"
   for n in a b; do
     echo "node $n: blobs $(du -sm "$d/data-$n/blobs" | cut -f1) MiB, patched $(du -sm "$d/data-$n/patched" | cut -f1) MiB; $("$bin/syncctl" --data "$d/data-$n" status | grep '^versions:')"
   done
   for n in a b; do umount -l "$d/$n" || true; done
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
-  rm -rf "$d"
+  if [ -n "${KEEP_DIRS:-}" ]; then echo "kept $d"; else rm -rf "$d"; fi
 done

@@ -46,6 +46,9 @@ pub struct ChunkIndex {
     /// Whether any blob was ever indexed (kept without asking the database: a puller
     /// looks at it for every large pull).
     has_blobs: std::sync::atomic::AtomicBool,
+    /// Blobs indexed since the index was opened: what was looked up before may be found
+    /// now if this changed.
+    added: std::sync::atomic::AtomicU64,
 }
 
 /// Rows inserted per transaction: the connection is let go between them, so a lookup
@@ -74,11 +77,11 @@ impl ChunkIndex {
                 for suffix in ["", "-wal", "-shm"] {
                     let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
                 }
-                return Ok((ChunkIndex { conn: std::sync::Mutex::new(Self::connect(path)?), has_blobs: false.into() }, true));
+                return Ok((ChunkIndex { conn: std::sync::Mutex::new(Self::connect(path)?), has_blobs: false.into(), added: 0.into() }, true));
             }
         };
         let has_blobs = conn.query_row("SELECT EXISTS (SELECT 1 FROM blobs)", [], |r| r.get::<_, bool>(0)).context("reading the chunk index")?;
-        Ok((ChunkIndex { conn: std::sync::Mutex::new(conn), has_blobs: has_blobs.into() }, fresh))
+        Ok((ChunkIndex { conn: std::sync::Mutex::new(conn), has_blobs: has_blobs.into(), added: 0.into() }, fresh))
     }
 
     /// Whether any blob was indexed (cheap: no database access).
@@ -124,7 +127,13 @@ impl ChunkIndex {
             tx.commit()?;
         }
         self.has_blobs.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.added.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
+    }
+
+    /// How many blobs were indexed since the index was opened.
+    pub fn added(&self) -> u64 {
+        self.added.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Forgets blob `blob` (removed from the store).

@@ -150,6 +150,49 @@ impl Patched {
         self.moves.get(i).filter(|m| m.first <= b).map_or(0, |m| m.delta)
     }
 
+    /// Where the content's bytes `at..at + len` are in the base, when every block they
+    /// fall in is read from the base at one distance (and none lies past the content).
+    pub fn found_in_base(&self, at: u64, len: u64) -> Option<u64> {
+        if len == 0 || at + len > self.size {
+            return None;
+        }
+        let (first, last) = ((at / BLOCK) as usize, ((at + len - 1) / BLOCK) as usize);
+        let delta = self.delta(first);
+        let all = (first..=last).all(|b| !self.from_patch[b] && self.delta(b) == delta);
+        all.then(|| at.wrapping_add_signed(delta))
+    }
+
+    /// `self` over `new_base` instead of its base, which is going: each block read from
+    /// the old base at some offset is read from the new base where `locate` (offset and
+    /// length in the old base) finds those bytes, or else copied from `old_base` into
+    /// `patch` (this content's patch file) and read from there.
+    pub fn rebased(&self, new_base: &ContentHash, role: Role, old_base: &File, patch: &File, locate: impl Fn(u64, u64) -> Option<u64>) -> std::io::Result<Patched> {
+        let mut from_patch = self.from_patch.clone();
+        let mut moves: Vec<Move> = Vec::new();
+        for (b, in_patch) in from_patch.iter_mut().enumerate() {
+            if *in_patch {
+                continue;
+            }
+            let (_, at) = self.source_of(b);
+            let (own, len) = (b as u64 * BLOCK, crate::leaves::block_len(self.size, b));
+            match locate(at, len) {
+                Some(there) if there as i64 != own as i64 => {
+                    let delta = there as i64 - own as i64;
+                    match moves.last_mut() {
+                        Some(m) if m.first + m.count == b && m.delta == delta => m.count += 1,
+                        _ => moves.push(Move { first: b, count: 1, delta }),
+                    }
+                }
+                Some(_) => {}
+                None => {
+                    copy_range_at(old_base, at, patch, own, len)?;
+                    *in_patch = true;
+                }
+            }
+        }
+        Ok(Patched { base: new_base.clone(), size: self.size, from_patch, role, moves })
+    }
+
     /// Where block `b` is read: in the patch file (at its own offset) or in the base (at
     /// its own offset moved by [`Patched::delta`]).
     pub fn source_of(&self, b: usize) -> (bool, u64) {

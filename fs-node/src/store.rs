@@ -52,8 +52,9 @@ pub struct ContentStore {
     /// How long a new patched content rests before it is written out whole (`None`:
     /// only when something needs it whole; tests).
     write_out_after: Option<std::time::Duration>,
-    /// Kept contents `keep_at_rest_over_similar` looked at already (in this run).
-    at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<ContentHash>>>,
+    /// Kept contents `keep_at_rest_over_similar` looked at already (in this run), with
+    /// how many blobs the chunk index had indexed then.
+    at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<ContentHash, u64>>>,
 }
 
 /// How long a patched content rests before it is written out whole.
@@ -579,31 +580,16 @@ impl ContentStore {
             Err(e) => return Err(e),
         };
         let base_size = base_file.metadata()?.len();
-        // The base's bytes `at..at + len` are the same in `h`, at the same offsets, where
-        // `h` took every block they fall in from the base, unmoved, and is long enough.
-        let same_in_h = |at: u64, len: u64| {
-            let (first, last) = ((at / BLOCK) as usize, ((at + len.max(1) - 1) / BLOCK) as usize);
-            header.size >= at + len && (first..=last).all(|b| !header.from_patch.get(b).copied().unwrap_or(true) && header.delta(b) == 0)
-        };
-        let differing = (0..blocks(base_size)).filter(|&b| !same_in_h(b as u64 * BLOCK, block_len(base_size, b))).count();
+        // The base's bytes `at..at + len` are in `h` at the same offsets where `h` took
+        // every block they fall in from the base, unmoved.
+        let in_h = |at: u64, len: u64| header.found_in_base(at, len).filter(|there| *there == at);
+        let differing = (0..blocks(base_size)).filter(|&b| in_h(b as u64 * BLOCK, block_len(base_size, b)).is_none()).count();
         if differing * 2 > blocks(base_size) {
             return Ok(());
         }
-        // The blocks `over` reads from the base that are not the same in `h`, copied
-        // from the base into `patch`: its new header, over `h` (the others are read from
-        // `h` where they were read from the base, moves and all).
-        let rebase = |over: &Patched, role: Role, patch: &File| -> std::io::Result<Patched> {
-            let mut from_patch = over.from_patch.clone();
-            for (b, taken) in from_patch.iter_mut().enumerate() {
-                let (in_patch, at) = over.source_of(b);
-                let len = block_len(over.size, b);
-                if !in_patch && !same_in_h(at, len) {
-                    crate::patched::copy_range_at(&base_file, at, patch, b as u64 * BLOCK, len)?;
-                    *taken = true;
-                }
-            }
-            Ok(Patched { base: h.clone(), size: over.size, from_patch, role, moves: over.moves.clone() })
-        };
+        // `over`'s new header, over `h`: the blocks it reads from the base that are not in
+        // `h` are copied from the base into `patch`.
+        let rebase = |over: &Patched, role: Role, patch: &File| over.rebased(h, role, &base_file, patch, in_h);
         for (c, p, _) in self.patched.all().into_iter().filter(|(c, p, _)| p.base == *base && c != h) {
             // A new version made before `h` (an earlier edit) is an older version now;
             // one made after it (or not known to be before) still waits to be written

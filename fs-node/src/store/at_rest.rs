@@ -68,22 +68,30 @@ pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>,
 impl ContentStore {
     /// Keeps whole blob `h` (no file of the tree uses it; it is kept as a version) as a
     /// patch over the whole blob of `bases` (the contents files of the tree have now)
-    /// sharing most of its chunks, if that saves at least half of it. (A base that is
-    /// itself only kept would stay whole for good: a content patches are kept over is
-    /// never made a patch here.) Returns the base it now has, or `None` when it stays as it is (small,
-    /// patched already, the base of a patch, nothing similar indexed, too different).
-    /// Each content is looked at once per run of the node.
+    /// sharing most of its chunks, if that saves at least half of it. Older versions kept
+    /// as patches over `h` move onto that content too (their blocks found there are read
+    /// from there, the others copied into their patches). Returns the base it now has,
+    /// or `None` when it stays as it is (small, patched already, a new version waiting to
+    /// be written out over it, nothing similar indexed, too different).
+    /// A content is looked at again only once the chunk index has more blobs (the new
+    /// version's chunk list may be made after the old one is first looked at).
     pub fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &std::collections::HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
-        if !self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner()).insert(h.clone()) {
+        let Some(index) = self.chunk_index() else {
+            return Ok(None);
+        };
+        // A new version patched over it is written out first, and makes it a patch itself
+        // (`keep_base_as_patch`).
+        if self.waits_to_be_written_out_over(h) {
+            return Ok(None);
+        }
+        let indexed = index.added();
+        if self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner()).insert(h.clone(), indexed) == Some(indexed) {
             return Ok(None);
         }
         let size = match std::fs::metadata(self.blob_path(h)) {
             Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
             _ => return Ok(None),
         };
-        if self.is_base_of_a_patch(h) {
-            return Ok(None);
-        }
         let mine = self.chunk_list(h)?;
         let Some(base) = self.most_similar_whole_blob(h, &mine, bases) else {
             return Ok(None);
@@ -100,10 +108,15 @@ impl ContentStore {
         drop(f);
         let made = self.write_at_rest_patch(h, &header, &tmp_patch, &patch).and_then(|()| {
             let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
-            // Still as it was looked at: `h` whole and no base, its base whole.
-            let still = self.blob_path(h).exists() && !self.patched.has(h) && !self.is_base_of_a_patch(h) && self.blob_path(&base).exists() && !self.patched.has(&base);
+            // Still as it was looked at: `h` whole, its base whole.
+            let still = self.blob_path(h).exists() && !self.patched.has(h) && !self.waits_to_be_written_out_over(h) && self.blob_path(&base).exists() && !self.patched.has(&base);
             if !still {
                 return Ok(false);
+            }
+            let whole = File::open(self.blob_path(h))?;
+            for (c, p, _) in self.patched.all().into_iter().filter(|(_, p, _)| p.base == *h) {
+                let patch = std::fs::OpenOptions::new().write(true).open(self.patched.patch_path(&c))?;
+                self.replace_header(&c, &p.rebased(&base, p.role, &whole, &patch, |at, len| header.found_in_base(at, len))?)?;
             }
             self.patched.put(h, &tmp_patch, &header, &tmp_header, true)?;
             std::fs::remove_file(self.blob_path(h))?;
@@ -149,9 +162,9 @@ impl ContentStore {
         Ok(())
     }
 
-    /// Whether a patched content of the store reads from blob `h`.
-    fn is_base_of_a_patch(&self, h: &ContentHash) -> bool {
-        self.patched.all().iter().any(|(_, p, _)| p.base == *h)
+    /// Whether a patched content over blob `h` waits to be written out whole.
+    fn waits_to_be_written_out_over(&self, h: &ContentHash) -> bool {
+        self.patched.all().iter().any(|(_, p, _)| p.base == *h && p.role != Role::AtRest)
     }
 
     /// The whole blob of `bases` (other than `h`) holding the most bytes of `mine`'s

@@ -1278,6 +1278,27 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
     assert!(t.store().is_patched(&current), "the version before the edit is a patch now");
     reads_right(&t, "after their base was edited");
     let _ = ino;
+    // Saved once more with bytes inserted: the version just before (the base of all the
+    // others now) becomes a patch over the newest, and they all move onto it.
+    let mut v4 = v3[..1 << 20].to_vec();
+    v4.extend_from_slice(&noise(333, 5));
+    v4.extend_from_slice(&v3[1 << 20..]);
+    closed_file(&t, ROOT, "doc.new", &v4);
+    t.rename(ROOT, OsStr::new("doc.new"), ROOT, OsStr::new("doc"), false).unwrap();
+    let (kept, _) = t.keep(&[keep_item(&newest, v3.len() as u64, now_ms + 3_600_000)]).unwrap();
+    assert_eq!(kept.len(), 1);
+    t.store().chunk_list(&crate::store::hash_of(&v4)).unwrap();
+    assert_eq!(t.keep_versions_at_rest(), 1, "the version before the last save becomes a patch");
+    reads_right(&t, "after the last save");
+    for (h, bytes) in [(&current, &v2), (&newest, &v3)] {
+        let mut got = vec![0u8; bytes.len()];
+        t.store().open_content(h).unwrap().read_full_at(&mut got, 0).unwrap();
+        assert!(got == *bytes && t.store().is_patched(h), "an older version of the file reads right, as a patch");
+    }
+    let all_old = [&contents[0].0, &contents[1].0, &current, &newest];
+    assert!(all_old.iter().all(|h| !t.store().blob_path(h).exists()), "no older version of the file is a whole blob");
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    reads_right(&t, "after the last save and a crash");
     // Something needs the old version whole: written out, the right bytes.
     assert!(t.store().materialize(&contents[0].0).unwrap());
     assert!(std::fs::read(t.store().blob_path(&contents[0].0)).unwrap() == v1);
