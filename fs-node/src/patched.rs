@@ -166,7 +166,14 @@ impl Patched {
     /// the old base at some offset is read from the new base where `locate` (offset and
     /// length in the old base) finds those bytes, or else copied from `old_base` into
     /// `patch` (this content's patch file) and read from there.
-    pub fn rebased(&self, new_base: &ContentHash, role: Role, old_base: &File, patch: &File, locate: impl Fn(u64, u64) -> Option<u64>) -> std::io::Result<Patched> {
+    pub fn rebased(
+        &self,
+        new_base: &ContentHash,
+        role: Role,
+        old_base: &File,
+        patch: &File,
+        locate: impl Fn(u64, u64) -> Option<u64>,
+    ) -> std::io::Result<Patched> {
         let mut from_patch = self.from_patch.clone();
         let mut moves: Vec<Move> = Vec::new();
         for (b, in_patch) in from_patch.iter_mut().enumerate() {

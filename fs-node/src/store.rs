@@ -394,7 +394,8 @@ impl ContentStore {
                     }
                 }
                 // Blocks past the basis's end are all in the patch (they differ from it).
-                let moves = b.moves.iter().filter(|m| m.first < from_patch.len()).map(|m| Move { count: m.count.min(from_patch.len() - m.first), ..*m }).collect();
+                let moves =
+                    b.moves.iter().filter(|m| m.first < from_patch.len()).map(|m| Move { count: m.count.min(from_patch.len() - m.first), ..*m }).collect();
                 (b.base, if b.role == Role::NewVersion { Role::NewVersion } else { Role::Rebased }, moves)
             }
             None => (basis.clone(), Role::NewVersion, Vec::new()),
@@ -609,7 +610,11 @@ impl ContentStore {
         let made = patch
             .set_len(base_size)
             .and_then(|()| {
-                rebase(&Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest, moves: Vec::new() }, Role::AtRest, &patch)
+                rebase(
+                    &Patched { base: base.clone(), size: base_size, from_patch: vec![false; blocks(base_size)], role: Role::AtRest, moves: Vec::new() },
+                    Role::AtRest,
+                    &patch,
+                )
             })
             .and_then(|new_header| self.patched.put(base, &tmp_patch, &new_header, &tmp_header, true));
         if let Err(e) = made {

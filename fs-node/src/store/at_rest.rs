@@ -109,7 +109,11 @@ impl ContentStore {
         let made = self.write_at_rest_patch(h, &header, &tmp_patch, &patch).and_then(|()| {
             let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
             // Still as it was looked at: `h` whole, its base whole.
-            let still = self.blob_path(h).exists() && !self.patched.has(h) && !self.waits_to_be_written_out_over(h) && self.blob_path(&base).exists() && !self.patched.has(&base);
+            let still = self.blob_path(h).exists()
+                && !self.patched.has(h)
+                && !self.waits_to_be_written_out_over(h)
+                && self.blob_path(&base).exists()
+                && !self.patched.has(&base);
             if !still {
                 return Ok(false);
             }
