@@ -896,9 +896,13 @@ impl ContentStore {
     /// not there). A cache file that does not cover the blob exactly (cut short by a
     /// crash) does not count.
     pub fn cached_chunk_list(&self, h: &ContentHash) -> Option<crate::chunks::ChunkList> {
-        let blob_len = std::fs::metadata(self.blob_path(h)).ok()?.len();
+        self.cached_list_of_size(h, std::fs::metadata(self.blob_path(h)).ok()?.len())
+    }
+
+    /// The cached chunk list of `h`, if it covers `size` bytes.
+    fn cached_list_of_size(&self, h: &ContentHash, size: u64) -> Option<crate::chunks::ChunkList> {
         let bytes = std::fs::read(self.chunk_lists.join(h.to_hex().as_str())).ok()?;
-        crate::chunks::ChunkList::read_from(&bytes).filter(|l| l.size() == blob_len)
+        crate::chunks::ChunkList::read_from(&bytes).filter(|l| l.size() == size)
     }
 
     /// The chunk list of blob `h`: from its cache file, or computed (and cached).
@@ -907,8 +911,13 @@ impl ContentStore {
         if let Some(bytes) = self.small_bytes(h)? {
             return crate::chunks::ChunkList::of_reader(&bytes[..]);
         }
-        // A blob that is not there fails below with `NotFound` (no list is cached for it);
-        // a patched content is listed once written out.
+        // A patched content keeps the list it had as a blob (an older version at rest: a
+        // peer pulling it by chunks does not make it whole again here); one without a
+        // list is listed once written out. A blob that is not there fails below with
+        // `NotFound` (no list is cached for it).
+        if let Some(list) = self.patched.header(h).filter(|_| !self.blob_path(h).exists()).and_then(|p| self.cached_list_of_size(h, p.size)) {
+            return Ok(list);
+        }
         self.write_out_if_patched(h)?;
         let read_cached = || self.cached_chunk_list(h);
         let (busy, done) = &*self.chunking;

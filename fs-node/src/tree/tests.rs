@@ -1261,6 +1261,11 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
         }
     };
     reads_right(&t, "made");
+    let list = t.store().chunk_list(&contents[0].0).unwrap();
+    assert!(
+        list.size() == size as u64 && t.store().is_patched(&contents[0].0),
+        "its chunk list (a peer pulling it asks for it) is the one it had, and it stays a patch"
+    );
     t.gc();
     assert_eq!(t.store().remove_blob(&current), None, "the blob they are kept over stays");
     reads_right(&t, "after the GC");
