@@ -135,7 +135,8 @@ impl Patched {
             rest = r;
             let m = Move { first: u64::from_le_bytes(*first) as usize, count: u64::from_le_bytes(*len) as usize, delta: i64::from_le_bytes(*delta) };
             let in_order = m.count > 0 && m.first >= next_free && m.first.checked_add(m.count)? <= n;
-            if !in_order || (m.first as i64).checked_mul(BLOCK as i64)?.checked_add(m.delta)? < 0 {
+            // (A delta beyond any file's size is not one: it bounds every sum made of it.)
+            if !in_order || m.delta.unsigned_abs() >= 1 << 62 || (m.first as i64).checked_mul(BLOCK as i64)?.checked_add(m.delta)? < 0 {
                 return None;
             }
             next_free = m.first + m.count;

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use wire::ContentHash;
 
 mod at_rest;
+pub use at_rest::AT_REST_MIN_BYTES;
 
 /// Space kept free for the node database on the disk it shares with the store: room
 /// for a few hundred pages of its log, so that on a full disk deletes can still be
@@ -52,9 +53,9 @@ pub struct ContentStore {
     /// How long a new patched content rests before it is written out whole (`None`:
     /// only when something needs it whole; tests).
     write_out_after: Option<std::time::Duration>,
-    /// Kept contents `keep_at_rest_over_similar` looked at already (in this run), with
-    /// how many blobs the chunk index had indexed then.
-    at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<ContentHash, u64>>>,
+    /// Kept contents `keep_versions_at_rest` looked at already (in this run), with how
+    /// many blobs the chunk index had indexed then, and when.
+    at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<ContentHash, (u64, std::time::Instant)>>>,
 }
 
 /// How long a patched content rests before it is written out whole.
@@ -468,8 +469,19 @@ impl ContentStore {
         File::open(&self.blobs)?.sync_all()?;
         self.patched.remove(h);
         drop(_held);
-        if let Ok(len) = c.size() {
-            self.chunk_in_background(h, len);
+        // Its chunks are in a file of their own again: indexed (from the list it kept
+        // while patched, or made now).
+        match self.cached_chunk_list(h) {
+            Some(list) => {
+                if let Some(Err(e)) = self.chunk_index().map(|index| index.add(h, &list)) {
+                    tracing::debug!("indexing the chunks of {h}: {e}");
+                }
+            }
+            None => {
+                if let Ok(len) = c.size() {
+                    self.chunk_in_background(h, len);
+                }
+            }
         }
         Ok(true)
     }
@@ -686,9 +698,11 @@ impl ContentStore {
             if let Some(bytes) = self.small_bytes(h)? {
                 return memory_file_with("work", &bytes);
             }
-            let p = self.work_path(ino);
-            std::fs::copy(self.blob_path(h), &p)?;
-            return std::fs::OpenOptions::new().read(true).write(true).open(&p);
+            // (A patched content, an older version at rest restored, is read as it is.)
+            let content = self.open_content(h)?;
+            let work = File::options().read(true).write(true).create(true).truncate(true).open(self.work_path(ino))?;
+            content.copy_all_to(&work)?;
+            return Ok(work);
         }
         if self.small_max == 0 {
             return File::options().read(true).write(true).create(true).truncate(true).open(self.work_path(ino));

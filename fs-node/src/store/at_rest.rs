@@ -13,10 +13,18 @@
 use super::*;
 use crate::chunks::ChunkList;
 use crate::leaves::{block_len, blocks, BLOCK};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// Contents smaller than this stay whole (a patch would save little).
 pub const AT_REST_MIN_BYTES: u64 = crate::chunks::CHUNKED_MIN_BYTES;
+
+/// A content that stayed whole is looked at again once the chunk index has more blobs,
+/// and at most this often (each look reads its chunk list and queries the index).
+const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Bytes of contents one pass looks at, at most (each conversion reads its content
+/// and hashes it): the first pass after an upgrade spreads over several GCs.
+const BYTES_PER_PASS: u64 = 4 << 30;
 
 /// Where the blocks of a content of `size` bytes described by `mine` are found in a base
 /// described by `base`: per block, whether it must be kept in the patch (no run of
@@ -34,7 +42,7 @@ pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>,
             continue;
         };
         let end = c.offset + c.len as u64;
-        let continues = runs.last().filter(|r| r.1 == c.offset).map(|r| r.2).filter(|d| offsets.contains(&c.offset.wrapping_add_signed(*d)));
+        let continues = runs.last().filter(|r| r.1 == c.offset).map(|r| r.2).filter(|d| offsets.binary_search(&c.offset.wrapping_add_signed(*d)).is_ok());
         let delta = continues.unwrap_or(offsets[0] as i64 - c.offset as i64);
         match runs.last_mut() {
             Some(r) if r.1 == c.offset && r.2 == delta => r.1 = end,
@@ -66,28 +74,55 @@ pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>,
 }
 
 impl ContentStore {
-    /// Keeps whole blob `h` (no file of the tree uses it; it is kept as a version) as a
-    /// patch over the whole blob of `bases` (the contents files of the tree have now)
-    /// sharing most of its chunks, if that saves at least half of it. Older versions kept
-    /// as patches over `h` move onto that content too (their blocks found there are read
-    /// from there, the others copied into their patches). Returns the base it now has,
-    /// or `None` when it stays as it is (small, patched already, a new version waiting to
-    /// be written out over it, nothing similar indexed, too different).
-    /// A content is looked at again only once the chunk index has more blobs (the new
-    /// version's chunk list may be made after the old one is first looked at).
-    pub fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &std::collections::HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
+    /// One pass over `candidates` (kept contents no file uses): each whole one not looked
+    /// at since the chunk index grew (or for [`LOOK_AGAIN_AFTER`]) goes through
+    /// [`Self::keep_at_rest_over_similar`], up to [`BYTES_PER_PASS`]. Returns how many
+    /// became patches.
+    pub fn keep_versions_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> usize {
         let Some(index) = self.chunk_index() else {
-            return Ok(None);
+            return 0;
         };
-        // A new version patched over it is written out first, and makes it a patch itself
-        // (`keep_base_as_patch`).
-        if self.waits_to_be_written_out_over(h) {
-            return Ok(None);
+        let (indexed, now) = (index.added(), std::time::Instant::now());
+        let mut waiting: Option<HashSet<ContentHash>> = None;
+        let (mut budget, mut made) = (BYTES_PER_PASS, 0);
+        for h in candidates {
+            let size = match std::fs::metadata(self.blob_path(h)) {
+                Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
+                _ => continue,
+            };
+            {
+                let mut looked = self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner());
+                if looked.get(h).is_some_and(|(at, when)| *at == indexed || now.duration_since(*when) < LOOK_AGAIN_AFTER) {
+                    continue;
+                }
+                if size > budget {
+                    break;
+                }
+                looked.insert(h.clone(), (indexed, now));
+            }
+            // A new version patched over it is written out first, and makes it a patch
+            // itself (`keep_base_as_patch`): one listing of the patches per pass.
+            if waiting.get_or_insert_with(|| self.waiting_bases()).contains(h) {
+                continue;
+            }
+            budget -= size;
+            match self.keep_at_rest_over_similar(h, bases) {
+                Ok(Some(_)) => made += 1,
+                Ok(None) => {}
+                Err(e) => tracing::warn!("keeping version content {h} as a patch: {e} (it stays whole)"),
+            }
         }
-        let indexed = index.added();
-        if self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner()).insert(h.clone(), indexed) == Some(indexed) {
-            return Ok(None);
-        }
+        made
+    }
+
+    /// Keeps whole blob `h` (no file of the tree uses it; it is kept as a version) as a
+    /// patch over the whole blob of `bases` (contents of files of the tree) sharing most
+    /// of its chunks, if that saves at least half of it. Older versions kept as patches
+    /// over `h` move onto that content too (their blocks found there are read from there,
+    /// the others copied into their patches). Returns the base it now has, or `None`
+    /// when it stays as it is (small, patched already, a new version waiting to be
+    /// written out over it, nothing similar indexed, too different).
+    pub fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
         let size = match std::fs::metadata(self.blob_path(h)) {
             Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
             _ => return Ok(None),
@@ -102,6 +137,9 @@ impl ContentStore {
         if kept * 2 > from_patch.len() {
             return Ok(None);
         }
+        // Its leaves, while it is whole: what a peer pulling it over another version, or
+        // a writer opening it, asks for first (a patch would be written out to make them).
+        self.leaves(h)?;
         let header = Patched { base: base.clone(), size, from_patch, role: Role::AtRest, moves };
         let (tmp_patch, patch) = self.tmp_file()?;
         let (tmp_header, f) = self.tmp_file()?;
@@ -111,7 +149,7 @@ impl ContentStore {
             // Still as it was looked at: `h` whole, its base whole.
             let still = self.blob_path(h).exists()
                 && !self.patched.has(h)
-                && !self.waits_to_be_written_out_over(h)
+                && !self.waiting_bases().contains(h)
                 && self.blob_path(&base).exists()
                 && !self.patched.has(&base);
             if !still {
@@ -166,25 +204,27 @@ impl ContentStore {
         Ok(())
     }
 
-    /// Whether a patched content over blob `h` waits to be written out whole.
-    fn waits_to_be_written_out_over(&self, h: &ContentHash) -> bool {
-        self.patched.all().iter().any(|(_, p, _)| p.base == *h && p.role != Role::AtRest)
+    /// The blobs a patched content waiting to be written out whole is patched over.
+    fn waiting_bases(&self) -> HashSet<ContentHash> {
+        self.patched.all().into_iter().filter(|(_, p, _)| p.role != Role::AtRest).map(|(_, p, _)| p.base).collect()
     }
 
     /// The whole blob of `bases` (other than `h`) holding the most bytes of `mine`'s
-    /// chunks, by the chunk index.
-    fn most_similar_whole_blob(&self, h: &ContentHash, mine: &ChunkList, bases: &std::collections::HashSet<ContentHash>) -> Option<ContentHash> {
+    /// chunks, by the chunk index (asked once per distinct chunk).
+    fn most_similar_whole_blob(&self, h: &ContentHash, mine: &ChunkList, bases: &HashSet<ContentHash>) -> Option<ContentHash> {
         let index = self.chunk_index()?;
-        let mut shared: HashMap<ContentHash, u64> = HashMap::new();
+        let mut per_chunk: HashMap<(&ContentHash, u32), u64> = HashMap::new();
         for c in &mine.chunks {
-            let Ok(found) = index.find(&c.hash, c.len) else {
+            *per_chunk.entry((&c.hash, c.len)).or_default() += c.len as u64;
+        }
+        let mut shared: HashMap<ContentHash, u64> = HashMap::new();
+        for ((hash, len), bytes) in per_chunk {
+            let Ok(found) = index.find(hash, len) else {
                 continue;
             };
-            let mut seen = std::collections::HashSet::new();
-            for f in found.into_iter().filter(|f| f.blob != *h && bases.contains(&f.blob)) {
-                if seen.insert(f.blob.clone()) {
-                    *shared.entry(f.blob).or_default() += c.len as u64;
-                }
+            let blobs: HashSet<ContentHash> = found.into_iter().map(|f| f.blob).filter(|b| b != h && bases.contains(b)).collect();
+            for b in blobs {
+                *shared.entry(b).or_default() += bytes;
             }
         }
         let mut by_shared: Vec<(u64, ContentHash)> = shared.into_iter().map(|(b, n)| (n, b)).collect();

@@ -82,25 +82,27 @@ impl Tree {
     }
 
     /// Kept contents no file of the tree uses any more, each made a patch over the
-    /// content of a file of the tree sharing most of its chunks where that saves at least half of it
-    /// (`store/at_rest.rs`); returns how many became one. After the GC, outside the
-    /// tree's lock: a content restored meanwhile reads through its patch until it is
-    /// opened (then it is written out whole again).
+    /// content of a file of the tree sharing most of its chunks where that saves at least
+    /// half of it (`store/at_rest.rs`); returns how many became one. After the GC,
+    /// outside the tree's lock: a content restored meanwhile reads through its patch
+    /// until it is opened (then it is written out whole again). A base is the content of
+    /// a file kept local for good (not an on-demand file's, which the cache may evict:
+    /// a patch over it would hold it).
     pub fn keep_versions_at_rest(&self) -> usize {
-        let (only_kept, used): (Vec<ContentHash>, _) = {
+        let (only_kept, bases): (Vec<ContentHash>, HashSet<ContentHash>) = {
             let st = self.lock();
             let used = Self::referenced(&st);
-            (st.kept.keys().filter(|h| !used.contains(*h)).cloned().collect(), used)
+            let only_kept = st.kept.keys().filter(|h| !used.contains(*h)).cloned().collect();
+            let local_for_good = |i: &Inode| i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
+            let bases = st
+                .inodes
+                .values()
+                .filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size >= crate::store::AT_REST_MIN_BYTES && local_for_good(i))
+                .filter_map(|i| i.hash.clone())
+                .collect();
+            (only_kept, bases)
         };
-        let mut made = 0;
-        for h in only_kept {
-            match self.store.keep_at_rest_over_similar(&h, &used) {
-                Ok(Some(_)) => made += 1,
-                Ok(None) => {}
-                Err(e) => tracing::warn!("keeping version content {h} as a patch: {e} (it stays whole)"),
-            }
-        }
-        made
+        self.store.keep_versions_at_rest(&only_kept, &bases)
     }
 
     /// How many contents are kept for the manager, and their bytes.

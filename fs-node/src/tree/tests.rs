@@ -1261,6 +1261,13 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
         }
     };
     reads_right(&t, "made");
+    let work = t.store().new_work_file(9999, Some(&contents[0].0)).unwrap();
+    let mut got = vec![0u8; size + 1];
+    assert!(
+        std::os::unix::fs::FileExt::read_at(&work, &mut got, 0).unwrap() == size && got[..size] == v1[..],
+        "a work file made from it (a writer of the restored version) holds its bytes"
+    );
+    t.store().discard_work_file(9999);
     let list = t.store().chunk_list(&contents[0].0).unwrap();
     assert!(
         list.size() == size as u64 && t.store().is_patched(&contents[0].0),
