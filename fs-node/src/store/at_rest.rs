@@ -20,7 +20,7 @@ pub const AT_REST_MIN_BYTES: u64 = crate::chunks::CHUNKED_MIN_BYTES;
 
 /// A content that stayed whole is looked at again once the chunk index has more blobs,
 /// and at most this often (each look reads its chunk list and queries the index).
-const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(600);
+const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bytes of contents one pass looks at, at most (each conversion reads its content
 /// and hashes it): the first pass after an upgrade spreads over several GCs.
