@@ -228,7 +228,7 @@ impl ContentStore {
             }
         }
         let mut by_shared: Vec<(u64, ContentHash)> = shared.into_iter().map(|(b, n)| (n, b)).collect();
-        by_shared.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        by_shared.sort_unstable_by_key(|(n, _)| std::cmp::Reverse(*n));
         by_shared.into_iter().map(|(_, b)| b).find(|b| self.blob_path(b).exists() && !self.patched.has(b))
     }
 }
