@@ -787,11 +787,15 @@ impl ContentStore {
     /// Takes back a `commit_work_file` that moved the work file (the change could not be
     /// recorded): the blob is the work file of `ino` again.
     pub fn uncommit_work_file(&self, ino: u64, hash: &ContentHash) -> std::io::Result<()> {
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
         if self.is_patched(hash) {
-            let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
             std::fs::rename(self.patched.patch_path(hash), self.work_path(ino))?;
             self.patched.remove(hash);
             return Ok(());
+        }
+        // A blob something was patched over meanwhile stays (the work file is a copy).
+        if self.patched.all().iter().any(|(_, p, _)| p.base == *hash) {
+            return std::fs::copy(self.blob_path(hash), self.work_path(ino)).map(drop);
         }
         std::fs::rename(self.blob_path(hash), self.work_path(ino))
     }
