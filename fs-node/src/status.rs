@@ -33,6 +33,10 @@ pub struct NodeStatus {
     pub kept_contents: u64,
     #[serde(default)]
     pub kept_bytes: u64,
+    /// What keeping them takes on the disk beyond the files' own contents (older
+    /// versions at rest are patches).
+    #[serde(default)]
+    pub kept_disk_bytes: u64,
     pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
     /// Local and on-demand contents, and the pin rules (docs/on-demand.md).
@@ -77,6 +81,7 @@ impl Reporter {
             ignored: stats.ignored,
             kept_contents: stats.kept_contents,
             kept_bytes: stats.kept_bytes,
+            kept_disk_bytes: stats.kept_disk_bytes,
             bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.link.last_sync(),
             residency: self.tree.residency(),

@@ -132,6 +132,12 @@ fn an_older_version_whose_bytes_moved_is_kept_as_a_patch_over_the_new_one() {
         assert!(!n.data.join("blobs").join(&old_hash).exists(), "{}: no whole copy left", n.id);
         let patch = std::fs::metadata(n.data.join("patched").join(format!("{old_hash}.patch"))).unwrap().blocks() * 512;
         assert!(patch <= 1 << 20, "{}: the older version takes {patch} bytes", n.id);
+        let (ok, out, err) = n.syncctl(&["status", "--json"]);
+        assert!(ok, "{err}");
+        let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+        // (Also kept: the new version, as the content of the deleted temporary name.)
+        assert!(s["kept_bytes"].as_u64().unwrap() >= old.len() as u64, "{}: {out}", n.id);
+        assert!(s["kept_disk_bytes"].as_u64().unwrap() <= 1 << 20, "{}: status shows what the kept versions take on disk: {out}", n.id);
     }
     let (ok, out, err) = b.syncctl(&["restore", "doc.odt"]);
     assert!(ok && out.contains("restored 1 path(s)"), "restore: {out} {err}");

@@ -205,7 +205,12 @@ async fn main() -> anyhow::Result<()> {
                 println!("files:     {} ({} directories)", s.files, s.dirs);
                 println!("conflicts: {}", s.conflicts_seen);
                 println!("ignored:   {} path(s) kept to this node (syncctl ignored)", s.ignored);
-                println!("versions:  {} old content(s) kept for the cluster, {} bytes", s.kept_contents, s.kept_bytes);
+                println!(
+                    "versions:  {} old content(s) kept for the cluster, {} bytes ({} on disk besides the files)",
+                    s.kept_contents,
+                    s.kept_bytes,
+                    bytes(s.kept_disk_bytes)
+                );
                 let r = &s.residency;
                 println!(
                     "contents:  {} file(s) local ({}), {} on demand ({}){}",

@@ -207,6 +207,9 @@ pub struct TreeStats {
     /// Contents kept past GC for the manager's kept versions, and their bytes.
     pub kept_contents: u64,
     pub kept_bytes: u64,
+    /// What keeping them takes on the disk beyond the contents of the tree's files (an
+    /// older version at rest: its patch; one a file has too: nothing).
+    pub kept_disk_bytes: u64,
 }
 
 /// What a transaction changed in memory, recorded while it runs so that a failed one

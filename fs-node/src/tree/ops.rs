@@ -575,6 +575,8 @@ impl Tree {
         let mut s = Self::gauges_of(&st);
         s.ignored = st.ignored_below(ROOT).len() as u64;
         s.last_revision = Self::last_revision_of(&st);
+        let used = Self::referenced(&st);
+        s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(*h)).map(|h| self.store.footprint(h)).sum();
         for i in st.inodes.values() {
             if i.nlink == 0 {
                 continue;
