@@ -91,8 +91,12 @@ impl Tree {
     pub fn keep_versions_at_rest(&self) -> usize {
         let (only_kept, bases): (Vec<ContentHash>, HashSet<ContentHash>) = {
             let st = self.lock();
+            let large = |k: &&KeptRow| k.size >= crate::store::AT_REST_MIN_BYTES;
+            if !st.kept.values().any(|k| large(&k)) {
+                return 0;
+            }
             let used = Self::referenced(&st);
-            let only_kept = st.kept.keys().filter(|h| !used.contains(*h)).cloned().collect();
+            let only_kept = st.kept.values().filter(large).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned().collect();
             let local_for_good = |i: &Inode| i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
             let bases = st
                 .inodes
