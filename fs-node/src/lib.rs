@@ -20,3 +20,21 @@ pub mod status;
 pub mod store;
 pub mod stream;
 pub mod tree;
+
+/// Test data shared by the unit tests of several modules.
+#[cfg(test)]
+pub(crate) mod test_data {
+    /// `len` bytes that repeat nowhere (xorshift from `seed`): chunk boundaries as in real
+    /// data, the same for the same seed.
+    pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+}

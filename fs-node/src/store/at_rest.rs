@@ -122,7 +122,7 @@ impl ContentStore {
     /// the others copied into their patches). Returns the base it now has, or `None`
     /// when it stays as it is (small, patched already, a new version waiting to be
     /// written out over it, nothing similar indexed, too different).
-    pub fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
+    fn keep_at_rest_over_similar(&self, h: &ContentHash, bases: &HashSet<ContentHash>) -> std::io::Result<Option<ContentHash>> {
         let size = match std::fs::metadata(self.blob_path(h)) {
             Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
             _ => return Ok(None),
@@ -236,18 +236,7 @@ impl ContentStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn bytes(seed: u64, n: usize) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
+    use crate::test_data::noise;
 
     /// Reads `size` bytes of a content laid out by `layout_over` over `base`, taking the
     /// patch's blocks from `want`.
@@ -266,10 +255,10 @@ mod tests {
 
     #[test]
     fn an_older_version_whose_bytes_moved_is_found_in_the_newer_one_but_for_the_blocks_around_the_change() {
-        let old = bytes(1, 8 << 20);
+        let old = noise(8 << 20, 1);
         // The newer version: 1,000 bytes inserted at 3 MiB, and 300 bytes cut at 6 MiB.
         let mut new = old[..3 << 20].to_vec();
-        new.extend_from_slice(&bytes(2, 1000));
+        new.extend_from_slice(&noise(1000, 2));
         new.extend_from_slice(&old[3 << 20..6 << 20]);
         new.extend_from_slice(&old[(6 << 20) + 300..]);
         let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&new[..]).unwrap());
@@ -282,15 +271,15 @@ mod tests {
 
     #[test]
     fn a_content_found_nowhere_in_the_base_is_kept_whole_and_repeated_chunks_keep_their_run() {
-        let old = bytes(3, 4 << 20);
-        let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&bytes(4, 4 << 20)[..]).unwrap());
+        let old = noise(4 << 20, 3);
+        let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&noise(4 << 20, 4)[..]).unwrap());
         let (from_patch, moves) = layout_over(&mine, old.len() as u64, &theirs);
         assert!(from_patch.iter().all(|p| *p) && moves.is_empty(), "nothing in common: all kept");
         // A file of one repeated pattern, shifted: each chunk has several places in the
         // base; the one continuing the run is taken.
-        let unit = bytes(5, 300 << 10);
+        let unit = noise(300 << 10, 5);
         let old: Vec<u8> = unit.iter().cycle().take(6 << 20).copied().collect();
-        let mut new = bytes(6, 5000);
+        let mut new = noise(5000, 6);
         new.extend_from_slice(&old);
         let (mine, theirs) = (ChunkList::of_reader(&old[..]).unwrap(), ChunkList::of_reader(&new[..]).unwrap());
         let (from_patch, moves) = layout_over(&mine, old.len() as u64, &theirs);

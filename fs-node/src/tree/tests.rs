@@ -1193,18 +1193,7 @@ fn a_rules_file_applied_with_other_entries_takes_effect_for_the_entries_after_it
     assert_memory_is_persisted(&t, "after the group");
 }
 
-/// Bytes that repeat nowhere (chunk boundaries as in real data).
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+use crate::test_data::noise;
 
 /// A kept version that no file has any more costs only what is not found in a similar
 /// current content: the version before an insertion (its bytes moved) and a deleted
