@@ -70,6 +70,11 @@ struct Args {
     /// free-space floor).
     #[arg(long, env = "SYNC_GC_EVERY_SECS", default_value_t = fs_node::node::GC_EVERY.as_secs())]
     gc_every_secs: u64,
+    /// Seconds a large file (4 MiB or more) is neither opened nor changed before it may
+    /// keep on disk only the bytes a similar file's content does not hold (a near-copy:
+    /// docs/sync.md); its first open afterwards writes it out whole again.
+    #[arg(long, env = "SYNC_DEDUP_IDLE_SECS", default_value_t = fs_node::node::DEDUP_IDLE.as_secs())]
+    dedup_idle_secs: u64,
     /// Files on demand: every name, size and time appears at once, and a file's content
     /// is fetched when a program first opens it; `syncctl pin` keeps a path local
     /// (docs/on-demand.md).
@@ -129,6 +134,7 @@ fn run() -> anyhow::Result<()> {
         ignore: a.ignore,
         keep_min_free: a.keep_min_free_mib.saturating_mul(1 << 20),
         gc_every: std::time::Duration::from_secs(a.gc_every_secs.max(1)),
+        dedup_idle: std::time::Duration::from_secs(a.dedup_idle_secs),
         on_demand: a.on_demand,
         cache_size: a.cache_size,
     })

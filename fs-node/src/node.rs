@@ -24,6 +24,10 @@ use wire::NodeId;
 /// How often unreferenced blobs are removed from the store.
 /// How often the store's GC runs by default.
 pub const GC_EVERY: Duration = Duration::from_secs(60);
+/// How long a large file is left alone before it may share a similar file's bytes on
+/// disk: long enough that a file in use (passed through to its blob) is not made a
+/// patch between two uses.
+pub const DEDUP_IDLE: Duration = Duration::from_secs(600);
 
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -55,6 +59,9 @@ pub struct Config {
     pub keep_min_free: u64,
     /// How often the store's GC runs (and drops kept contents below the floor).
     pub gc_every: Duration,
+    /// A large file left alone this long may be kept as a patch over a similar file's
+    /// content (`Tree::keep_at_rest`).
+    pub dedup_idle: Duration,
     /// Paths without a pin rule get metadata only; contents come when first read.
     pub on_demand: bool,
     /// Bytes the contents of on-demand files may take here before the least recently
@@ -226,7 +233,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tracker.spawn(link.run(cancel.clone()));
     tree.set_keep_floor(cfg.keep_min_free);
     fetcher.set_budget(cfg.cache_size.unwrap_or(0));
-    tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.keep_min_free, cfg.gc_every, cancel.clone()));
+    tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.keep_min_free, (cfg.gc_every, cfg.dedup_idle), cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -244,19 +251,20 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `period`: the store's GC, kept versions made patches over similar contents
-/// (`Tree::keep_versions_at_rest`), and, with a cache budget, the eviction of the least
-/// recently used on-demand contents (`Fetcher::evict_over_budget`).
-async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u64, period: Duration, cancel: CancellationToken) {
+/// Every `period`: the store's GC, large contents that a similar one mostly holds (kept
+/// versions, files left alone for `idle`) made patches over it (`Tree::keep_at_rest`),
+/// and, with a cache budget, the eviction of the least recently used on-demand contents
+/// (`Fetcher::evict_over_budget`).
+async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u64, (period, idle): (Duration, Duration), cancel: CancellationToken) {
     let mut every = tokio::time::interval(period);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = every.tick() => {
                 let t = tree.clone();
-                let (removed, at_rest) = tokio::task::spawn_blocking(move || (t.gc_with_floor(floor), t.keep_versions_at_rest())).await.unwrap_or((0, 0));
+                let (removed, at_rest) = tokio::task::spawn_blocking(move || (t.gc_with_floor(floor), t.keep_at_rest(idle))).await.unwrap_or((0, 0));
                 if removed > 0 || at_rest > 0 {
-                    tracing::debug!("removed {removed} unreferenced blobs; {at_rest} kept versions now patches over similar contents");
+                    tracing::debug!("removed {removed} unreferenced blobs; {at_rest} contents now patches over similar contents");
                 }
                 fetcher.evict_over_budget(&tree).await;
             }

@@ -53,7 +53,7 @@ pub struct ContentStore {
     /// How long a new patched content rests before it is written out whole (`None`:
     /// only when something needs it whole; tests).
     write_out_after: Option<std::time::Duration>,
-    /// Kept contents `keep_versions_at_rest` looked at already (in this run), with how
+    /// Contents `keep_at_rest` looked at already (in this run), with how
     /// many blobs the chunk index had indexed then, and when.
     at_rest_looked_at: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<ContentHash, (u64, std::time::Instant)>>>,
 }
@@ -355,6 +355,11 @@ impl ContentStore {
     /// Whether content `h` is kept as a patch over another (`patched.rs`).
     pub fn is_patched(&self, h: &ContentHash) -> bool {
         self.patched.has(h) && !self.blob_path(h).exists()
+    }
+
+    /// What patched content `h` is waiting for, if it is one (`Role`).
+    pub fn patched_role(&self, h: &ContentHash) -> Option<Role> {
+        self.patched.header(h).map(|p| p.role)
     }
 
     /// Keeps content `h` of `size` bytes as the blocks `from_patch` names, taken from

@@ -147,6 +147,46 @@ fn an_older_version_whose_bytes_moved_is_kept_as_a_patch_over_the_new_one() {
     c.converged();
 }
 
+/// Two large files that are near-copies (a copy with 1,000 bytes inserted), both in the
+/// tree: once neither is used for a while, every node keeps one of them whole and the
+/// other as the blocks the first does not hold (a patch, header format 2 at rest), and
+/// both read right through every mount (an open writes the patched one out again).
+#[test]
+fn two_near_copies_left_alone_take_the_disk_of_one() {
+    let mut c = Cluster::start("chunked-twins", 0);
+    for id in ["n1", "n2"] {
+        let n = NodeProc::start_with(c.dir.path(), id, &c.vhost, &["--gc-every-secs", "1", "--dedup-idle-secs", "1"]);
+        c.nodes.push(n);
+    }
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let original = pseudo_random(16 << 20, 31);
+    let mut copy = original[..7 << 20].to_vec();
+    copy.extend_from_slice(&pseudo_random(1000, 32));
+    copy.extend_from_slice(&original[7 << 20..]);
+    write(&a.p("disk.img"), &original);
+    write(&a.p("disk-copy.img"), &copy);
+    c.converged();
+    let hashes = [blake3::hash(&original).to_hex().to_string(), blake3::hash(&copy).to_hex().to_string()];
+    let on_disk = |n: &NodeProc| -> u64 {
+        let files = hashes.iter().flat_map(|h| [n.data.join("blobs").join(h), n.data.join("patched").join(format!("{h}.patch"))]);
+        files.filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    };
+    for n in [a, b] {
+        eventually(&format!("{} to keep one of the near-copies as a patch over the other", n.id), DEADLINE, || {
+            let patched: Vec<bool> = hashes.iter().map(|h| std::fs::read(n.data.join("patched").join(h)).is_ok_and(|x| x.starts_with(b"SYNCPM2R"))).collect();
+            patched.iter().filter(|p| **p).count() == 1 && on_disk(n) <= (17 << 20)
+        });
+    }
+    for n in [a, b] {
+        assert!(read(&n.p("disk.img")).as_deref() == Some(&original[..]), "{}: the original reads right", n.id);
+        assert!(read(&n.p("disk-copy.img")).as_deref() == Some(&copy[..]), "{}: the copy reads right", n.id);
+    }
+    c.converged();
+}
+
 /// Chunk dedup across files: a file new to a node, most of whose chunks the node has in
 /// another file (a copy edited, a new file sharing most of an old one), moves only what
 /// is new, found through the node's chunk index (kept across its restart).

@@ -1,9 +1,11 @@
-//! Older versions kept at rest over *similar* contents: a whole blob that no file of the
-//! tree has any more and that the manager asked this node to keep (an old version, a
-//! deleted file) becomes a patch (`patched.rs`, role `AtRest`) over the whole blob that
-//! shares most of its chunks: the version after an insertion (its bytes moved), or
-//! another file holding the same bytes. Only the 64 KiB blocks not found there are kept;
-//! the others are read from the base where its chunk list says they are (moves).
+//! Contents at rest over *similar* contents: a whole blob that no file of the tree has
+//! any more and that the manager asked this node to keep (an old version, a deleted
+//! file), or the content of a file left alone for a while (`Tree::keep_at_rest`), becomes
+//! a patch (`patched.rs`, role `AtRest`) over the whole blob that shares most of its
+//! chunks: the version after an insertion (its bytes moved), or another file holding the
+//! same bytes (a near-copy). Only the 64 KiB blocks not found there are kept; the others
+//! are read from the base where its chunk list says they are (moves). A base is always a
+//! whole blob, so of two near-copies one stays whole.
 //!
 //! The in-place case (a new version patched over the one before, the blocks at the same
 //! offsets) is `ContentStore::keep_base_as_patch`; this pass covers what it cannot see.
@@ -74,11 +76,11 @@ pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>,
 }
 
 impl ContentStore {
-    /// One pass over `candidates` (kept contents no file uses): each whole one not looked
-    /// at since the chunk index grew (or for [`LOOK_AGAIN_AFTER`]) goes through
-    /// [`Self::keep_at_rest_over_similar`], up to [`BYTES_PER_PASS`]. Returns how many
-    /// became patches.
-    pub fn keep_versions_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> usize {
+    /// One pass over `candidates` (kept contents no file uses, contents of files left
+    /// alone): each whole one not looked at since the chunk index grew (or for
+    /// [`LOOK_AGAIN_AFTER`]) goes through [`Self::keep_at_rest_over_similar`], up to
+    /// [`BYTES_PER_PASS`]. Returns how many became patches.
+    pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> usize {
         let Some(index) = self.chunk_index() else {
             return 0;
         };
@@ -109,15 +111,15 @@ impl ContentStore {
             match self.keep_at_rest_over_similar(h, bases) {
                 Ok(Some(_)) => made += 1,
                 Ok(None) => {}
-                Err(e) => tracing::warn!("keeping version content {h} as a patch: {e} (it stays whole)"),
+                Err(e) => tracing::warn!("keeping content {h} as a patch over a similar one: {e} (it stays whole)"),
             }
         }
         made
     }
 
-    /// Keeps whole blob `h` (no file of the tree uses it; it is kept as a version) as a
-    /// patch over the whole blob of `bases` (contents of files of the tree) sharing most
-    /// of its chunks, if that saves at least half of it. Older versions kept as patches
+    /// Keeps whole blob `h` (a kept version no file uses, or a file's content left alone)
+    /// as a patch over the whole blob of `bases` (contents of files of the tree) sharing
+    /// most of its chunks, if that saves at least half of it. Older versions kept as patches
     /// over `h` move onto that content too (their blocks found there are read from there,
     /// the others copied into their patches). Returns the base it now has, or `None`
     /// when it stays as it is (small, patched already, a new version waiting to be
@@ -173,7 +175,7 @@ impl ContentStore {
         // Its chunks are no longer in a file of their own; its leaves and chunk list still
         // describe its bytes and stay.
         self.drop_from_chunk_index(h);
-        tracing::debug!(%h, over = %base, kept, "a kept version at rest over a similar content");
+        tracing::debug!(%h, over = %base, kept, "a content at rest over a similar one");
         Ok(Some(base))
     }
 
@@ -202,6 +204,12 @@ impl ContentStore {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("content {h} over {} does not read back as itself", header.base)));
         }
         Ok(())
+    }
+
+    /// Looks at every candidate again in the next pass (tests).
+    #[cfg(test)]
+    pub fn forget_at_rest_looks(&self) {
+        self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// The blobs a patched content waiting to be written out whole is patched over.

@@ -62,9 +62,11 @@ impl State {
         // A failure undoes the passthrough set-up with the rest of the transaction.
         self.prepare_write_open(ino, write, truncate, pt, store)?;
         let now = self.env.now_ns();
-        // When each content was last opened matters only to the cache of on-demand files.
-        let track = self.residency.in_use();
+        // When each content was last opened matters to the cache of on-demand files, and
+        // to whether a large one is left alone (`Tree::keep_at_rest`).
+        let in_use = self.residency.in_use();
         let i = self.inode_mut(ino)?;
+        let track = in_use || i.size >= crate::store::AT_REST_MIN_BYTES;
         i.open += 1;
         if write {
             i.writers += 1;

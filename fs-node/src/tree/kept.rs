@@ -81,32 +81,56 @@ impl Tree {
         Ok(freed)
     }
 
-    /// Kept contents no file of the tree uses any more, each made a patch over the
-    /// content of a file of the tree sharing most of its chunks where that saves at least
-    /// half of it (`store/at_rest.rs`); returns how many became one. After the GC,
-    /// outside the tree's lock: a content restored meanwhile reads through its patch
-    /// until it is opened (then it is written out whole again). A base is the content of
-    /// a file kept local for good (not an on-demand file's, which the cache may evict:
-    /// a patch over it would hold it).
-    pub fn keep_versions_at_rest(&self) -> usize {
-        let (only_kept, bases): (Vec<ContentHash>, HashSet<ContentHash>) = {
-            let st = self.lock();
-            let large = |k: &&KeptRow| k.size >= crate::store::AT_REST_MIN_BYTES;
-            if !st.kept.values().any(|k| large(&k)) {
+    /// Large contents kept whole that another whole content mostly holds, each made a
+    /// patch over the content of a file of the tree sharing most of its chunks where that
+    /// saves at least half of it (`store/at_rest.rs`); returns how many became one. Two
+    /// kinds: kept contents no file of the tree uses any more (older versions, deleted
+    /// files), and the contents of files left alone (neither opened nor changed) for at
+    /// least `idle`: of two near-copies, one then takes only the bytes it does not share.
+    /// After the GC, outside the tree's lock: a content opened meanwhile reads through
+    /// its patch, and an open that passes reads through to the disk has it written out
+    /// whole again (`ContentStore::write_out_for_reads`). A base is the content of a file
+    /// kept local for good (not an on-demand file's, which the cache may evict: a patch
+    /// over it would hold it); so is a current candidate (an evictable one goes whole).
+    pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
+        let (candidates, bases): (Vec<ContentHash>, HashSet<ContentHash>) = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
+            let large_file = |i: &Inode| i.kind == Kind::File && i.nlink > 0 && large(i.size) && i.hash.is_some();
+            let kept_large = st.kept.values().any(|k| large(k.size));
+            if !kept_large && !st.inodes.values().any(|i| large_file(i)) {
                 return 0;
             }
-            let used = Self::referenced(&st);
-            let only_kept = st.kept.values().filter(large).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned().collect();
+            let used = Self::referenced(st);
+            // When a content was last opened is kept for the large ones only (and for
+            // every one the cache of on-demand files counts): what no file has goes.
+            let track_all = st.residency.in_use();
+            st.last_used.retain(|h, _| track_all || used.contains(h));
+            let mut candidates: Vec<ContentHash> =
+                st.kept.values().filter(|k| large(k.size)).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned().collect();
             let local_for_good = |i: &Inode| i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
-            let bases = st
-                .inodes
-                .values()
-                .filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size >= crate::store::AT_REST_MIN_BYTES && local_for_good(i))
-                .filter_map(|i| i.hash.clone())
-                .collect();
-            (only_kept, bases)
+            let bases: HashSet<ContentHash> = st.inodes.values().filter(|i| large_file(i) && local_for_good(i)).filter_map(|i| i.hash.clone()).collect();
+            // Left alone: closed, not being written, neither opened nor changed for
+            // `idle` (a content never opened since the node started counts from then).
+            // The longest left alone first: of two near-copies, the one used last stays
+            // whole.
+            let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
+            let mut last_active: HashMap<&ContentHash, Option<i64>> = HashMap::new();
+            for i in st.inodes.values().filter(|i| i.hash.as_ref().is_some_and(|h| bases.contains(h))) {
+                let h = i.hash.as_ref().expect("filtered");
+                let opened = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
+                let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
+                let active = last_active.entry(h).or_insert(Some(i64::MIN));
+                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(opened));
+            }
+            let mut left_alone: Vec<(i64, &ContentHash)> =
+                last_active.into_iter().filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h))).collect();
+            left_alone.sort_unstable();
+            candidates.extend(left_alone.into_iter().map(|(_, h)| h.clone()));
+            (candidates, bases)
         };
-        self.store.keep_versions_at_rest(&only_kept, &bases)
+        self.store.keep_at_rest(&candidates, &bases)
     }
 
     /// How many contents are kept for the manager, and their bytes.

@@ -299,8 +299,11 @@ struct State {
     /// Which paths keep their contents local (`residency.rs`).
     residency: Residency,
     /// When each content was last opened (ns; since the node started): the cache
-    /// drops the least recently used first.
+    /// drops the least recently used first, and a large content left alone may be kept
+    /// as a patch over a similar one (`Tree::keep_at_rest`).
     last_used: HashMap<ContentHash, i64>,
+    /// When the tree was loaded (ns): what was not opened since counts as opened then.
+    loaded_ns: i64,
     /// Work files written in place over their committed content, by inode
     /// (`overlay.rs`).
     overlays: HashMap<u64, Box<Overlay>>,
@@ -354,6 +357,7 @@ impl Tree {
     }
 
     fn load_full(db: Db, store: ContentStore, env: Arc<dyn Env>, on_demand: bool) -> anyhow::Result<Tree> {
+        let loaded_ns = env.now_ns();
         // Where no path is on demand, a content missing from the store is lost and told
         // file by file; elsewhere most are just not here, and told in one line.
         let residency = Residency { on_demand, rules: db.pins()?.into_iter().collect() };
@@ -455,6 +459,7 @@ impl Tree {
             kept_floor: 0,
             residency,
             last_used: HashMap::new(),
+            loaded_ns,
             overlays: HashMap::new(),
         };
         let work_left = store.abandoned_work().to_vec();

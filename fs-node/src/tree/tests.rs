@@ -1233,8 +1233,8 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
     for h in [&current, &contents[0].0, &contents[1].0, &contents[2].0] {
         t.store().chunk_list(h).unwrap();
     }
-    assert_eq!(t.keep_versions_at_rest(), 2, "the old version and the deleted copy become patches");
-    assert_eq!(t.keep_versions_at_rest(), 0, "looked at once");
+    assert_eq!(t.keep_at_rest(std::time::Duration::MAX), 2, "the old version and the deleted copy become patches");
+    assert_eq!(t.keep_at_rest(std::time::Duration::MAX), 0, "looked at once");
     let on_disk = |t: &Tree, h: &ContentHash| -> u64 {
         let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
         files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
@@ -1289,7 +1289,7 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
     let (kept, _) = t.keep(&[keep_item(&newest, v3.len() as u64, now_ms + 3_600_000)]).unwrap();
     assert_eq!(kept.len(), 1);
     t.store().chunk_list(&crate::store::hash_of(&v4)).unwrap();
-    assert_eq!(t.keep_versions_at_rest(), 1, "the version before the last save becomes a patch");
+    assert_eq!(t.keep_at_rest(std::time::Duration::MAX), 1, "the version before the last save becomes a patch");
     reads_right(&t, "after the last save");
     for (h, bytes) in [(&current, &v2), (&newest, &v3)] {
         let mut got = vec![0u8; bytes.len()];
@@ -1303,4 +1303,71 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
     // Something needs the old version whole: written out, the right bytes.
     assert!(t.store().materialize(&contents[0].0).unwrap());
     assert!(std::fs::read(t.store().blob_path(&contents[0].0)).unwrap() == v1);
+}
+
+/// Two large files that are near-copies (1,000 bytes inserted into a copy), both current:
+/// once left alone, one keeps on disk only the blocks the other does not have, the other
+/// stays whole (a base is always whole); a file in use is never made a patch but may be a
+/// base. Both read right, also after a crash; an open that would pass reads through to
+/// the disk has the patched one written out whole again; a writer edits it as any file.
+#[test]
+fn a_large_file_left_alone_keeps_only_what_a_similar_file_does_not_have() {
+    use crate::leaves::BLOCK;
+    use std::os::unix::fs::MetadataExt;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 6 * (1 << 20) + 555;
+    let first = noise(size, 11);
+    let mut second = first[..3 << 20].to_vec();
+    second.extend_from_slice(&noise(1000, 12));
+    second.extend_from_slice(&first[3 << 20..]);
+    let other = noise(5 << 20, 13);
+    let a = closed_file(&t, ROOT, "a.img", &first);
+    let b = closed_file(&t, ROOT, "b.img", &second);
+    closed_file(&t, ROOT, "other.img", &other);
+    let (ha, hb, ho) = (crate::store::hash_of(&first), crate::store::hash_of(&second), crate::store::hash_of(&other));
+    for h in [&ha, &hb, &ho] {
+        t.store().chunk_list(h).unwrap();
+    }
+    assert_eq!(t.keep_at_rest(Duration::from_secs(3600)), 0, "just written: not left alone");
+    // `a` open (and `b` opened after it: `a` would go first): not made a patch, but the
+    // base of `b`.
+    let (fh, _) = t.open(a, false, false, false).unwrap();
+    let (fh_b, _) = t.open(b, false, false, false).unwrap();
+    t.release(fh_b).unwrap();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
+    t.release(fh).unwrap();
+    assert!(t.store().is_patched(&hb) && !t.store().is_patched(&ha) && !t.store().is_patched(&ho));
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 0, "`a`'s only similar content is a patch now: it stays whole");
+    let on_disk = |h: &ContentHash| -> u64 {
+        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
+        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+    };
+    assert!(on_disk(&hb) <= 8 * BLOCK, "the near-copy takes {} bytes", on_disk(&hb));
+    assert!(read_whole_file(&t, b) == second && read_whole_file(&t, a) == first);
+    assert!(t.store().is_patched(&hb), "a read that does not pass through leaves it a patch");
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    assert!(read_whole_file(&t, b) == second && read_whole_file(&t, a) == first, "after a crash");
+    // An open passing reads through: read through the patch now, written out whole.
+    let (fh, io) = t.open(b, false, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Cached));
+    assert!(read_through(&t, fh) == second);
+    t.release(fh).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while t.store().patched_role(&hb) == Some(crate::patched::Role::AtRest) {
+        assert!(std::time::Instant::now() < deadline, "marked to be written out");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    t.store().write_out_at_rest(&hb).unwrap();
+    assert!(!t.store().is_patched(&hb) && std::fs::read(t.store().blob_path(&hb)).unwrap() == second);
+    // Made a patch again, then edited by a writer.
+    t.store().forget_at_rest_looks();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
+    assert!(t.store().is_patched(&hb) || t.store().is_patched(&ha), "one of the two is a patch again");
+    let mut want = second.clone();
+    edit_in_place(&t, b, 5 << 20, b"edited", &mut want);
+    assert!(read_whole_file(&t, b) == want && read_whole_file(&t, a) == first);
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    assert!(read_whole_file(&t, b) == want && read_whole_file(&t, a) == first, "after the edit and a crash");
 }
