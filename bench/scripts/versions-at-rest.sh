@@ -10,7 +10,11 @@
 # file read, 1,000 random bytes inserted at 40 MiB * i, written to a new file in the
 # mount and renamed over the old one (the bytes after the insertion move); the nodes run
 # their GC every second, and the sizes are taken 70 s after the last edit.
-# Usage: [MODE=saved] bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
+# With MODE=twins (session 23), no edits: a copy of the file with 1,000 random bytes
+# inserted at 100 MiB is written next to it (two current near-copies); the nodes run with
+# SYNC_DEDUP_IDLE_SECS=${IDLE:-10}, the sizes are taken 80 s later, then (caches dropped)
+# each file is read whole through A's mount twice, timed.
+# Usage: [MODE=saved|twins] [IDLE=secs] bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
 set -eu
 MODE=${MODE:-in-place}
 [ $# -ge 1 ] || { echo "usage: $0 BIN_DIR..." >&2; exit 2; }
@@ -22,13 +26,30 @@ for bin in "$@"; do
   broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
   RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids+=($!)
   for n in a b; do
-    RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" --gc-every-secs 1 >"$d/node-$n.log" 2>&1 & pids+=($!)
+    SYNC_DEDUP_IDLE_SECS=${IDLE:-10} RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" --gc-every-secs 1 >"$d/node-$n.log" 2>&1 & pids+=($!)
   done
   for n in a b; do waitfor mountpoint -q "$d/$n"; done
   head -c $((256 << 20)) /dev/urandom > "$d/src.bin"
   cp "$d/src.bin" "$d/a/big.img"
   waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
+  if [ "$MODE" = twins ]; then
+    python3 -c "import os; b = open('$d/src.bin', 'rb').read(); at = 100 * 2**20; open('$d/a/copy.img', 'wb').write(b[:at] + os.urandom(1000) + b[at:])"
+    waitfor cmp -s "$d/a/copy.img" "$d/b/copy.img"
+    sleep 80
+    echo "== $bin ($MODE, idle ${IDLE:-10} s)"
+    for n in a b; do
+      echo "node $n: blobs $(du -sm "$d/data-$n/blobs" | cut -f1) MiB, patched $(du -sm "$d/data-$n/patched" | cut -f1) MiB"
+    done
+    for f in big.img copy.img; do
+      sync; echo 3 > /proc/sys/vm/drop_caches
+      for r in 1 2; do
+        s0=$(date +%s.%N); cat "$d/a/$f" > /dev/null; s1=$(date +%s.%N)
+        echo "read $f through A's mount, round $r: $(echo "$s1 - $s0" | bc) s"
+      done
+    done
+  fi
   for i in 1 2 3 4 5; do
+    [ "$MODE" = twins ] && break
     if [ "$MODE" = saved ]; then
       python3 -c "import os; b = open('$d/a/big.img', 'rb').read(); at = $i * 40 * 2**20; open('$d/a/.big.img.tmp', 'wb').write(b[:at] + os.urandom(1000) + b[at:]); os.rename('$d/a/.big.img.tmp', '$d/a/big.img')"
     else
@@ -39,9 +60,10 @@ for bin in "$@"; do
   done
   # (saved: a version looked at before the next one's chunk list was made is looked at
   # again a minute later)
-  if [ "$MODE" = saved ]; then sleep 70; else sleep 5; fi
-  echo "== $bin ($MODE)"
+  if [ "$MODE" = saved ]; then sleep 70; elif [ "$MODE" = in-place ]; then sleep 5; fi
+  [ "$MODE" = twins ] || echo "== $bin ($MODE)"
   for n in a b; do
+    [ "$MODE" = twins ] && break
     echo "node $n: blobs $(du -sm "$d/data-$n/blobs" | cut -f1) MiB, patched $(du -sm "$d/data-$n/patched" | cut -f1) MiB; $("$bin/syncctl" --data "$d/data-$n" status | grep '^versions:')"
   done
   for n in a b; do umount -l "$d/$n" || true; done
