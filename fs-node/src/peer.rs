@@ -330,13 +330,12 @@ enum Source {
     /// A small content's bytes (`small.rs`).
     Small(Vec<u8>),
     File(tokio::fs::File),
-    /// A content kept as a patch (`patched.rs`): a range of it is read into memory.
+    /// A content kept as a patch (`patched.rs`): read a piece at a time.
     Patched(Arc<crate::patched::ContentFile>),
 }
 
-/// The largest range of a patched content served from memory; a larger request waits
-/// until the content is written out whole.
-const PATCHED_RANGE_MAX: u64 = 16 << 20;
+/// How much of a patched content is read into memory at a time to serve it.
+const PATCHED_PIECE: u64 = 1 << 20;
 
 async fn content(State(served): State<Arc<Served>>, method: Method, headers: axum::http::HeaderMap, hash: Result<UrlPath<String>, PathRejection>) -> Response {
     if method != Method::GET {
@@ -398,21 +397,6 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
         Some((first, n)) => (StatusCode::PARTIAL_CONTENT, first, n),
         None => (StatusCode::OK, 0, len),
     };
-    // A large piece of a patched content: written out whole first, then served as a file.
-    let source = match source {
-        Source::Patched(_) if n > PATCHED_RANGE_MAX => {
-            let (s, h) = (store.clone(), hash.clone());
-            let opened = tokio::task::spawn_blocking(move || s.open_blob(&h)).await.map_err(std::io::Error::other).and_then(|r| r);
-            match opened {
-                Ok(f) => Source::File(tokio::fs::File::from_std(f)),
-                Err(e) => {
-                    tracing::warn!("writing out patched content {hash} to serve it: {e}");
-                    return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
-                }
-            }
-        }
-        other => other,
-    };
     let body = match source {
         Source::Small(mut bytes) => {
             bytes.truncate((first + n) as usize);
@@ -431,24 +415,49 @@ async fn content(State(served): State<Arc<Served>>, method: Method, headers: axu
             Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file.take(n), 256 * 1024))
         }
         Source::Patched(c) => {
-            let read = tokio::task::spawn_blocking(move || -> std::io::Result<Vec<u8>> {
-                let mut bytes = vec![0u8; n as usize];
-                let got = c.read_full_at(&mut bytes, first)?;
-                if got as u64 != n {
-                    return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the patched content ends early"));
-                }
-                Ok(bytes)
-            })
-            .await
-            .map_err(std::io::Error::other)
-            .and_then(|r| r);
-            match read {
-                Ok(bytes) => Body::from(bytes),
+            // Read a piece at a time (never written out whole for a peer: that would undo
+            // what keeping it as a patch saves); the first piece before the answer, so
+            // that a content that cannot be read is a 500, not a cut-off body.
+            let read_piece = |c: Arc<crate::patched::ContentFile>, at: u64, len: u64| async move {
+                tokio::task::spawn_blocking(move || -> std::io::Result<Bytes> {
+                    let mut bytes = vec![0u8; len as usize];
+                    let got = c.read_full_at(&mut bytes, at)?;
+                    if got as u64 != len {
+                        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the patched content ends early"));
+                    }
+                    Ok(Bytes::from(bytes))
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r)
+            };
+            let end = first + n;
+            let first_len = n.min(PATCHED_PIECE);
+            let head = match read_piece(c.clone(), first, first_len).await {
+                Ok(b) => b,
                 Err(e) => {
                     tracing::warn!("reading patched content {hash}: {e}");
                     return json_error(StatusCode::INTERNAL_SERVER_ERROR, "cannot read the content");
                 }
-            }
+            };
+            let rest = futures_util::stream::unfold(first + first_len, move |at| {
+                let (c, hash) = (c.clone(), hash.clone());
+                async move {
+                    if at >= end {
+                        return None;
+                    }
+                    let len = (end - at).min(PATCHED_PIECE);
+                    match read_piece(c, at, len).await {
+                        Ok(b) => Some((Ok(b), at + len)),
+                        Err(e) => {
+                            // The peer sees the body cut short, and takes the bytes elsewhere.
+                            tracing::warn!("reading patched content {hash}: {e}");
+                            Some((Err(e), end))
+                        }
+                    }
+                }
+            });
+            Body::from_stream(futures_util::StreamExt::chain(futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(head) }), rest))
         }
     };
     reporter.metrics.bytes_served.inc_by(n);

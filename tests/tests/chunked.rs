@@ -162,7 +162,7 @@ fn two_near_copies_left_alone_take_the_disk_of_one() {
         n.wait_connected();
     }
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    let original = pseudo_random(16 << 20, 31);
+    let original = pseudo_random(20 << 20, 31);
     let mut copy = original[..7 << 20].to_vec();
     copy.extend_from_slice(&pseudo_random(1000, 32));
     copy.extend_from_slice(&original[7 << 20..]);
@@ -177,9 +177,16 @@ fn two_near_copies_left_alone_take_the_disk_of_one() {
     for n in [a, b] {
         eventually(&format!("{} to keep one of the near-copies as a patch over the other", n.id), DEADLINE, || {
             let patched: Vec<bool> = hashes.iter().map(|h| std::fs::read(n.data.join("patched").join(h)).is_ok_and(|x| x.starts_with(b"SYNCPM2R"))).collect();
-            patched.iter().filter(|p| **p).count() == 1 && on_disk(n) <= (17 << 20)
+            patched.iter().filter(|p| **p).count() == 1 && on_disk(n) <= (21 << 20)
         });
     }
+    // A peer asking for the patched one whole gets its bytes, and it stays a patch.
+    let patched = |n: &NodeProc| hashes.iter().position(|h| n.data.join("patched").join(h).exists()).expect("one is a patch");
+    let i = patched(a);
+    let (status, body) = http_get(&format!("{}/content/{}", node_url(a), hashes[i]), None);
+    assert_eq!(status, 200);
+    assert!(body == [&original, &copy][i][..], "the patched content served whole reads right");
+    assert!(!a.data.join("blobs").join(&hashes[i]).exists(), "serving it did not write it out");
     for n in [a, b] {
         assert!(read(&n.p("disk.img")).as_deref() == Some(&original[..]), "{}: the original reads right", n.id);
         assert!(read(&n.p("disk-copy.img")).as_deref() == Some(&copy[..]), "{}: the copy reads right", n.id);

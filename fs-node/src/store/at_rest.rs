@@ -87,7 +87,14 @@ impl ContentStore {
         let (indexed, now) = (index.added(), std::time::Instant::now());
         let mut waiting: Option<HashSet<ContentHash>> = None;
         let (mut budget, mut made) = (BYTES_PER_PASS, 0);
-        for h in candidates {
+        // Those never looked at first (in their order), then the others: a content
+        // nothing resembles does not take every pass's budget from new ones.
+        let ordered: Vec<&ContentHash> = {
+            let looked = self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner());
+            let (old, new): (Vec<&ContentHash>, Vec<&ContentHash>) = candidates.iter().partition(|h| looked.contains_key(*h));
+            new.into_iter().chain(old).collect()
+        };
+        for h in ordered {
             let size = match std::fs::metadata(self.blob_path(h)) {
                 Ok(m) if m.len() >= AT_REST_MIN_BYTES => m.len(),
                 _ => continue,
@@ -97,8 +104,9 @@ impl ContentStore {
                 if looked.get(h).is_some_and(|(at, when)| *at == indexed || now.duration_since(*when) < LOOK_AGAIN_AFTER) {
                     continue;
                 }
-                if size > budget {
-                    break;
+                // (One larger than the whole budget goes alone, in a pass of its own.)
+                if size > budget && budget < BYTES_PER_PASS {
+                    continue;
                 }
                 looked.insert(h.clone(), (indexed, now));
             }
@@ -107,7 +115,7 @@ impl ContentStore {
             if waiting.get_or_insert_with(|| self.waiting_bases()).contains(h) {
                 continue;
             }
-            budget -= size;
+            budget = budget.saturating_sub(size);
             match self.keep_at_rest_over_similar(h, bases) {
                 Ok(Some(_)) => made += 1,
                 Ok(None) => {}
@@ -204,6 +212,37 @@ impl ContentStore {
             return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("content {h} over {} does not read back as itself", header.base)));
         }
         Ok(())
+    }
+
+    /// Bases nothing needs any more (no file has that content and it is not kept: the
+    /// last file with it deleted, its retention over) under contents at rest that files
+    /// have: one of those is written out whole and becomes the base instead (the old
+    /// base a patch over it, which the GC then takes, and every other patch over the old
+    /// base moved onto it), so the old base does not stay whole for as long as a file
+    /// is patched over it. Bases only kept versions are patched over stay until the GC
+    /// takes them (writing those out would take more room than it frees). Only with room
+    /// to spare (twice the content's size free). Returns how many bases were replaced.
+    pub fn replace_unneeded_bases(&self, current: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> usize {
+        let all = self.patched.all();
+        let unneeded: HashSet<&ContentHash> =
+            all.iter().map(|(_, p, _)| &p.base).filter(|b| !current.contains(*b) && !kept.contains(*b) && self.blob_path(b).exists()).collect();
+        let mut done = 0;
+        for b in unneeded {
+            let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && current.contains(c) && self.is_patched(c)) else {
+                continue;
+            };
+            if self.free_bytes().unwrap_or(0) < p.size.saturating_mul(2) {
+                tracing::debug!("content {c} stays a patch over {b}, which nothing needs: not enough free space to write it out");
+                continue;
+            }
+            let replaced = self.materialize(c).and_then(|_| self.keep_at_rest_over_similar(b, &HashSet::from([c.clone()])));
+            match replaced {
+                Ok(Some(_)) => done += 1,
+                Ok(None) => tracing::debug!("content {c}, written out, is not similar enough to {b} to be its base"),
+                Err(e) => tracing::warn!("making content {c} the base instead of {b}, which nothing needs: {e}"),
+            }
+        }
+        done
     }
 
     /// Looks at every candidate again in the next pass (tests).

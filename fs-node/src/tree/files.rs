@@ -61,20 +61,12 @@ impl State {
         let pt = matches!(io, OpenIo::Passthrough { .. });
         // A failure undoes the passthrough set-up with the rest of the transaction.
         self.prepare_write_open(ino, write, truncate, pt, store)?;
-        let now = self.env.now_ns();
-        // When each content was last opened matters to the cache of on-demand files, and
-        // to whether a large one is left alone (`Tree::keep_at_rest`).
-        let in_use = self.residency.in_use();
         let i = self.inode_mut(ino)?;
-        let track = in_use || i.size >= crate::store::AT_REST_MIN_BYTES;
         i.open += 1;
         if write {
             i.writers += 1;
         }
-        let hash = i.hash.clone().filter(|_| track);
-        if let Some(h) = hash {
-            self.last_used.insert(h, now);
-        }
+        self.note_used(ino);
         if pt {
             self.passthrough_opens += 1;
         }
@@ -83,6 +75,18 @@ impl State {
         self.handles.insert(fh, Handle { ino, write, passthrough: pt });
         self.record(|| Undo::Handle(fh, None));
         Ok((fh, io))
+    }
+
+    /// Notes that `ino`'s content is used now (an open, a close): when each content was
+    /// last used matters to the cache of on-demand files, and to whether a large one is
+    /// left alone (`Tree::keep_at_rest`).
+    pub(super) fn note_used(&mut self, ino: u64) {
+        let now = self.env.now_ns();
+        let track_all = self.residency.in_use();
+        let Some(i) = self.inodes.get(&ino) else { return };
+        if let Some(h) = i.hash.clone().filter(|_| track_all || i.size >= crate::store::AT_REST_MIN_BYTES) {
+            self.last_used.insert(h, now);
+        }
     }
 
     /// How the kernel is to do I/O on a new handle of `ino` (see `Passthrough`).

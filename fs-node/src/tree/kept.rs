@@ -93,43 +93,58 @@ impl Tree {
     /// kept local for good (not an on-demand file's, which the cache may evict: a patch
     /// over it would hold it); so is a current candidate (an evictable one goes whole).
     pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
-        let (candidates, bases): (Vec<ContentHash>, HashSet<ContentHash>) = {
+        let (candidates, bases, (current, kept)) = {
             let mut st = self.lock();
             let st = &mut *st;
             let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
             let large_file = |i: &Inode| i.kind == Kind::File && i.nlink > 0 && large(i.size) && i.hash.is_some();
             let kept_large = st.kept.values().any(|k| large(k.size));
-            if !kept_large && !st.inodes.values().any(|i| large_file(i)) {
+            let current: HashSet<ContentHash> = st.inodes.values().filter(|i| large_file(i)).filter_map(|i| i.hash.clone()).collect();
+            if !kept_large && current.is_empty() {
                 return 0;
             }
-            let used = Self::referenced(st);
-            // When a content was last opened is kept for the large ones only (and for
+            // When a content was last used is kept for the large ones only (and for
             // every one the cache of on-demand files counts): what no file has goes.
             let track_all = st.residency.in_use();
-            st.last_used.retain(|h, _| track_all || used.contains(h));
-            let mut candidates: Vec<ContentHash> =
-                st.kept.values().filter(|k| large(k.size)).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned().collect();
-            let local_for_good = |i: &Inode| i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
+            st.last_used.retain(|h, _| track_all || current.contains(h));
+            let mut candidates: Vec<ContentHash> = Vec::new();
+            if kept_large {
+                let used = Self::referenced(st);
+                candidates.extend(st.kept.values().filter(|k| large(k.size)).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned());
+            }
+            // (Without pin rules, and not on demand, every path is local for good.)
+            let local_for_good =
+                |i: &Inode| !track_all || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
             let bases: HashSet<ContentHash> = st.inodes.values().filter(|i| large_file(i) && local_for_good(i)).filter_map(|i| i.hash.clone()).collect();
             // Left alone: closed, not being written, neither opened nor changed for
-            // `idle` (a content never opened since the node started counts from then).
+            // `idle` (a content never used since the node started counts from then).
             // The longest left alone first: of two near-copies, the one used last stays
-            // whole.
+            // whole. A file left alone lets go of the handle its reads kept on its
+            // content (reopened at its next read): a blob made a patch is then no longer
+            // held on the disk by it.
             let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
-            let mut last_active: HashMap<&ContentHash, Option<i64>> = HashMap::new();
-            for i in st.inodes.values().filter(|i| i.hash.as_ref().is_some_and(|h| bases.contains(h))) {
+            let mut last_active: HashMap<ContentHash, Option<i64>> = HashMap::new();
+            for i in st.inodes.values_mut().filter(|i| i.hash.as_ref().is_some_and(|h| bases.contains(h))) {
                 let h = i.hash.as_ref().expect("filtered");
-                let opened = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
+                let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
                 let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
-                let active = last_active.entry(h).or_insert(Some(i64::MIN));
-                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(opened));
+                let active = last_active.entry(h.clone()).or_insert(Some(i64::MIN));
+                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
+                if !in_use && i.ctime.max(used) <= idle_before {
+                    i.blob = None;
+                }
             }
-            let mut left_alone: Vec<(i64, &ContentHash)> =
+            let mut left_alone: Vec<(i64, ContentHash)> =
                 last_active.into_iter().filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h))).collect();
             left_alone.sort_unstable();
-            candidates.extend(left_alone.into_iter().map(|(_, h)| h.clone()));
-            (candidates, bases)
+            candidates.extend(left_alone.into_iter().map(|(_, h)| h));
+            let kept: HashSet<ContentHash> = st.kept.keys().cloned().collect();
+            (candidates, bases, (current, kept))
         };
+        let replaced = self.store.replace_unneeded_bases(&current, &kept);
+        if replaced > 0 {
+            tracing::debug!("{replaced} bases nothing needs any more replaced by a file's content patched over them");
+        }
         self.store.keep_at_rest(&candidates, &bases)
     }
 

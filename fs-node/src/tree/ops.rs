@@ -488,6 +488,7 @@ impl Tree {
         if h.write {
             i.writers = i.writers.saturating_sub(1);
         }
+        st.note_used(h.ino);
         let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
         let ino = h.ino;
         let committed = self.atomically_locked(st, |st, store| {

@@ -1371,3 +1371,49 @@ fn a_large_file_left_alone_keeps_only_what_a_similar_file_does_not_have() {
     let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
     assert!(read_whole_file(&t, b) == want && read_whole_file(&t, a) == first, "after the edit and a crash");
 }
+
+/// The file a near-copy is patched over is deleted (and no version of it kept): the
+/// near-copy becomes whole and the base goes with the GC, instead of staying whole on
+/// the disk for as long as the near-copy is a patch over it.
+#[test]
+fn a_near_copy_whose_base_file_is_deleted_becomes_whole_and_the_base_goes() {
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let first = noise(5 << 20, 21);
+    let mut second = first.clone();
+    second[1 << 20..(1 << 20) + 100].copy_from_slice(&noise(100, 22));
+    let third = {
+        let mut x = first.clone();
+        x[4 << 20..(4 << 20) + 100].copy_from_slice(&noise(100, 23));
+        x
+    };
+    closed_file(&t, ROOT, "a.img", &first);
+    let b = closed_file(&t, ROOT, "b.img", &second);
+    let c = closed_file(&t, ROOT, "c.img", &third);
+    let (ha, hb, hc) = (crate::store::hash_of(&first), crate::store::hash_of(&second), crate::store::hash_of(&third));
+    for h in [&ha, &hb, &hc] {
+        t.store().chunk_list(h).unwrap();
+    }
+    // `a` in use: `b` and `c` become patches over it.
+    let (fh, _) = t.open(t.lookup(ROOT, OsStr::new("a.img")).unwrap().ino, false, false, false).unwrap();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 2);
+    t.release(fh).unwrap();
+    assert!(t.store().is_patched(&hb) && t.store().is_patched(&hc) && !t.store().is_patched(&ha));
+    // (The GC now, not only of what is older than its grace period.)
+    let gc_now = |t: &Tree| {
+        let keep = Tree::referenced(&t.lock());
+        t.store().gc(&keep, Duration::ZERO)
+    };
+    t.unlink(ROOT, OsStr::new("a.img")).unwrap();
+    gc_now(&t);
+    assert!(t.store().blob_path(&ha).exists(), "the base stays while patches are over it");
+    t.keep_at_rest(Duration::from_secs(3600));
+    gc_now(&t);
+    assert!(!t.store().has(&ha), "the base nothing needs is gone");
+    let whole: Vec<bool> = [&hb, &hc].iter().map(|h| !t.store().is_patched(h)).collect();
+    assert_eq!(whole.iter().filter(|w| **w).count(), 1, "one near-copy is whole, the other a patch over it");
+    assert!(read_whole_file(&t, b) == second && read_whole_file(&t, c) == third);
+    let t = crash_and_reload_with(t, dir.path(), tree_keeping_patches);
+    assert!(read_whole_file(&t, b) == second && read_whole_file(&t, c) == third, "after a crash");
+}
