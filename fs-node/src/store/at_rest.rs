@@ -214,21 +214,23 @@ impl ContentStore {
         Ok(())
     }
 
-    /// Bases nothing needs any more (no file has that content and it is not kept: the
-    /// last file with it deleted, its retention over) under contents at rest that files
-    /// have: one of those is written out whole and becomes the base instead (the old
-    /// base a patch over it, which the GC then takes, and every other patch over the old
-    /// base moved onto it), so the old base does not stay whole for as long as a file
-    /// is patched over it. Bases only kept versions are patched over stay until the GC
-    /// takes them (writing those out would take more room than it frees). Only with room
-    /// to spare (twice the content's size free). Returns how many bases were replaced.
-    pub fn replace_unneeded_bases(&self, current: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> usize {
+    /// Bases nothing keeps for good any more (no file kept local for good has that
+    /// content and it is not kept: the last such file deleted or made evictable, its
+    /// retention over) under contents at rest of files kept local for good (`bases`):
+    /// one of those is written out whole and becomes the base instead (the old base a
+    /// patch over it, which the GC or the cache then takes, and every other patch over
+    /// the old base moved onto it), so the old base does not stay whole for as long as a
+    /// file is patched over it. Bases only kept versions are patched over stay until the
+    /// GC takes them (writing those out would take more room than it frees). Only with
+    /// room to spare (twice the content's size free). Returns how many bases were
+    /// replaced.
+    pub fn replace_unneeded_bases(&self, bases: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> usize {
         let all = self.patched.all();
         let unneeded: HashSet<&ContentHash> =
-            all.iter().map(|(_, p, _)| &p.base).filter(|b| !current.contains(*b) && !kept.contains(*b) && self.blob_path(b).exists()).collect();
+            all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.contains(*b) && !kept.contains(*b) && self.blob_path(b).exists()).collect();
         let mut done = 0;
         for b in unneeded {
-            let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && current.contains(c) && self.is_patched(c)) else {
+            let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && bases.contains(c) && self.is_patched(c)) else {
                 continue;
             };
             if self.free_bytes().unwrap_or(0) < p.size.saturating_mul(2) {

@@ -93,7 +93,7 @@ impl Tree {
     /// kept local for good (not an on-demand file's, which the cache may evict: a patch
     /// over it would hold it); so is a current candidate (an evictable one goes whole).
     pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
-        let (candidates, bases, (current, kept)) = {
+        let (candidates, bases, kept) = {
             let mut st = self.lock();
             let st = &mut *st;
             let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
@@ -139,11 +139,11 @@ impl Tree {
             left_alone.sort_unstable();
             candidates.extend(left_alone.into_iter().map(|(_, h)| h));
             let kept: HashSet<ContentHash> = st.kept.keys().cloned().collect();
-            (candidates, bases, (current, kept))
+            (candidates, bases, kept)
         };
-        let replaced = self.store.replace_unneeded_bases(&current, &kept);
+        let replaced = self.store.replace_unneeded_bases(&bases, &kept);
         if replaced > 0 {
-            tracing::debug!("{replaced} bases nothing needs any more replaced by a file's content patched over them");
+            tracing::debug!("{replaced} bases nothing keeps for good any more replaced by a file's content patched over them");
         }
         self.store.keep_at_rest(&candidates, &bases)
     }
