@@ -79,14 +79,14 @@ impl ContentStore {
     /// One pass over `candidates` (kept contents no file uses, contents of files left
     /// alone): each whole one not looked at since the chunk index grew (or for
     /// [`LOOK_AGAIN_AFTER`]) goes through [`Self::keep_at_rest_over_similar`], up to
-    /// [`BYTES_PER_PASS`]. Returns how many became patches.
-    pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> usize {
+    /// [`BYTES_PER_PASS`]. Returns those that became patches.
+    pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> Vec<ContentHash> {
         let Some(index) = self.chunk_index() else {
-            return 0;
+            return Vec::new();
         };
         let (indexed, now) = (index.added(), std::time::Instant::now());
         let mut waiting: Option<HashSet<ContentHash>> = None;
-        let (mut budget, mut made) = (BYTES_PER_PASS, 0);
+        let (mut budget, mut made) = (BYTES_PER_PASS, Vec::new());
         // Those never looked at first (in their order), then the others: a content
         // nothing resembles does not take every pass's budget from new ones.
         let ordered: Vec<&ContentHash> = {
@@ -117,7 +117,7 @@ impl ContentStore {
             }
             budget = budget.saturating_sub(size);
             match self.keep_at_rest_over_similar(h, bases) {
-                Ok(Some(_)) => made += 1,
+                Ok(Some(_)) => made.push(h.clone()),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("keeping content {h} as a patch over a similar one: {e} (it stays whole)"),
             }
@@ -141,12 +141,25 @@ impl ContentStore {
         let Some(base) = self.most_similar_whole_blob(h, &mine, bases) else {
             return Ok(None);
         };
-        let theirs = self.chunk_list(&base)?;
-        let (from_patch, moves) = layout_over(&mine, size, &theirs);
+        self.keep_at_rest_over(h, size, &mine, &base)
+    }
+
+    /// Where whole blob `h` (of `size` bytes, chunk list `mine`) would be kept over
+    /// `base`: `None` when that would not save at least half of it.
+    fn layout_saving_half(&self, mine: &ChunkList, size: u64, base: &ContentHash) -> std::io::Result<Option<(Vec<bool>, Vec<Move>)>> {
+        let theirs = self.chunk_list(base)?;
+        let (from_patch, moves) = layout_over(mine, size, &theirs);
         let kept = from_patch.iter().filter(|p| **p).count();
-        if kept * 2 > from_patch.len() {
+        Ok((kept * 2 <= from_patch.len()).then_some((from_patch, moves)))
+    }
+
+    /// [`Self::keep_at_rest_over_similar`] over `base`, chosen.
+    fn keep_at_rest_over(&self, h: &ContentHash, size: u64, mine: &ChunkList, base: &ContentHash) -> std::io::Result<Option<ContentHash>> {
+        let Some((from_patch, moves)) = self.layout_saving_half(mine, size, base)? else {
             return Ok(None);
-        }
+        };
+        let kept = from_patch.iter().filter(|p| **p).count();
+        let base = base.clone();
         // Its leaves, while it is whole: what a peer pulling it over another version, or
         // a writer opening it, asks for first (a patch would be written out to make them).
         self.leaves(h)?;
@@ -222,29 +235,48 @@ impl ContentStore {
     /// the old base moved onto it), so the old base does not stay whole for as long as a
     /// file is patched over it. Bases only kept versions are patched over stay until the
     /// GC takes them (writing those out would take more room than it frees). Only with
-    /// room to spare (twice the content's size free). Returns how many bases were
-    /// replaced.
-    pub fn replace_unneeded_bases(&self, bases: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> usize {
+    /// room to spare (twice the content's size free). Returns the old bases
+    /// replaced (patches now).
+    pub fn replace_unneeded_bases(&self, bases: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> Vec<ContentHash> {
         let all = self.patched.all();
         let unneeded: HashSet<&ContentHash> =
             all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.contains(*b) && !kept.contains(*b) && self.blob_path(b).exists()).collect();
-        let mut done = 0;
+        let (mut budget, now) = (BYTES_PER_PASS, std::time::Instant::now());
+        let mut replaced = Vec::new();
         for b in unneeded {
             let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && bases.contains(c) && self.is_patched(c)) else {
                 continue;
             };
+            {
+                // One that could not be replaced is tried again a while later.
+                let mut looked = self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner());
+                if looked.get(b).is_some_and(|(_, when)| now.duration_since(*when) < LOOK_AGAIN_AFTER) || (p.size > budget && budget < BYTES_PER_PASS) {
+                    continue;
+                }
+                looked.insert((*b).clone(), (0, now));
+            }
             if self.free_bytes().unwrap_or(0) < p.size.saturating_mul(2) {
                 tracing::debug!("content {c} stays a patch over {b}, which nothing needs: not enough free space to write it out");
                 continue;
             }
-            let replaced = self.materialize(c).and_then(|_| self.keep_at_rest_over_similar(b, &HashSet::from([c.clone()])));
-            match replaced {
-                Ok(Some(_)) => done += 1,
-                Ok(None) => tracing::debug!("content {c}, written out, is not similar enough to {b} to be its base"),
+            budget = budget.saturating_sub(p.size);
+            // Written out only if the old base can then be kept over it.
+            let done = (|| -> std::io::Result<bool> {
+                let size = std::fs::metadata(self.blob_path(b))?.len();
+                let mine = self.chunk_list(b)?;
+                if self.waiting_bases().contains(b) || self.layout_saving_half(&mine, size, c)?.is_none() {
+                    return Ok(false);
+                }
+                self.materialize(c)?;
+                Ok(self.keep_at_rest_over(b, size, &mine, c)?.is_some())
+            })();
+            match done {
+                Ok(true) => replaced.push((*b).clone()),
+                Ok(false) => tracing::debug!("content {c} is not made the base instead of {b}: it would not save half of {b}, or {b} is waited on"),
                 Err(e) => tracing::warn!("making content {c} the base instead of {b}, which nothing needs: {e}"),
             }
         }
-        done
+        replaced
     }
 
     /// Looks at every candidate again in the next pass (tests).

@@ -141,11 +141,21 @@ impl Tree {
             let kept: HashSet<ContentHash> = st.kept.keys().cloned().collect();
             (candidates, bases, kept)
         };
-        let replaced = self.store.replace_unneeded_bases(&bases, &kept);
-        if replaced > 0 {
-            tracing::debug!("{replaced} bases nothing keeps for good any more replaced by a file's content patched over them");
+        let mut made = self.store.replace_unneeded_bases(&bases, &kept);
+        if !made.is_empty() {
+            tracing::debug!("{} bases nothing keeps for good any more replaced by a file's content patched over them", made.len());
         }
-        self.store.keep_at_rest(&candidates, &bases)
+        made.extend(self.store.keep_at_rest(&candidates, &bases));
+        // A file not open lets go of a handle its reads kept on a blob made a patch
+        // just now (the blob's space is then given back; its next read reopens).
+        if !made.is_empty() {
+            let made: HashSet<&ContentHash> = made.iter().collect();
+            let mut st = self.lock();
+            for i in st.inodes.values_mut().filter(|i| i.open == 0 && i.blob.is_some() && i.hash.as_ref().is_some_and(|h| made.contains(h))) {
+                i.blob = None;
+            }
+        }
+        made.len()
     }
 
     /// How many contents are kept for the manager, and their bytes.

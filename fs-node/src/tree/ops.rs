@@ -487,15 +487,20 @@ impl Tree {
         i.open = i.open.saturating_sub(1);
         if h.write {
             i.writers = i.writers.saturating_sub(1);
+        } else {
+            st.note_used(h.ino);
         }
-        st.note_used(h.ino);
         let backing_unused = h.passthrough && st.end_passthrough_handle(h.ino);
-        let ino = h.ino;
+        let (ino, write) = (h.ino, h.write);
         let committed = self.atomically_locked(st, |st, store| {
             let i = st.inode(ino)?;
             // The last writer closed: commit (a removed file has nothing to commit).
             if i.writers == 0 && i.work.is_some() && i.nlink > 0 {
                 st.commit_work(ino, store, None)?;
+            }
+            // A writer's close: its content (the new one, once committed) used now.
+            if write {
+                st.note_used(ino);
             }
             st.maybe_drop(ino, store);
             Ok(())

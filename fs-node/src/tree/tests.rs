@@ -1419,8 +1419,11 @@ fn a_near_copy_whose_base_file_is_deleted_becomes_whole_and_the_base_goes() {
     // The whole one's path made evictable (unpinned): the other, kept local for good,
     // becomes the base, and the evictable one a patch over it.
     let (new_base, evictable) = if t.store().is_patched(&hc) { (&hc, "b.img") } else { (&hb, "c.img") };
+    let evictable_ino = if evictable == "b.img" { b } else { c };
+    read_whole_file(&t, evictable_ino);
     t.set_pin(evictable, Some(false)).unwrap();
     t.keep_at_rest(Duration::from_secs(3600));
+    assert!(t.lock().inodes[&evictable_ino].blob.is_none(), "the handle its reads kept on the old blob is let go");
     assert!(!t.store().is_patched(new_base), "the pinned near-copy is whole");
     assert!([&hb, &hc].into_iter().filter(|h| *h != new_base).all(|h| t.store().is_patched(h)), "the unpinned one is a patch");
     assert!(read_whole_file(&t, b) == second && read_whole_file(&t, c) == third);
