@@ -357,7 +357,8 @@ impl ContentStore {
         self.patched.has(h) && !self.blob_path(h).exists()
     }
 
-    /// What patched content `h` is waiting for, if it is one (`Role`).
+    /// What patched content `h` is waiting for, if it is one (`Role`; tests).
+    #[cfg(test)]
     pub fn patched_role(&self, h: &ContentHash) -> Option<Role> {
         self.patched.header(h).map(|p| p.role)
     }

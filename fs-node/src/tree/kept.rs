@@ -93,69 +93,76 @@ impl Tree {
     /// kept local for good (not an on-demand file's, which the cache may evict: a patch
     /// over it would hold it); so is a current candidate (an evictable one goes whole).
     pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
-        let (candidates, bases, kept) = {
+        let (candidates, left_alone, bases, kept) = {
             let mut st = self.lock();
             let st = &mut *st;
             let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
-            let large_file = |i: &Inode| i.kind == Kind::File && i.nlink > 0 && large(i.size) && i.hash.is_some();
+            let track_all = st.residency.in_use();
+            // (Without pin rules, and not on demand, every path is local for good.)
+            let local_for_good =
+                |i: &Inode| !track_all || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
+            // One pass over the files: the large contents files have, those of files kept
+            // local for good (the bases), and when each was last active, `None` while a
+            // file with it is in use (open, being written, passed through; a removed
+            // file still open counts). A content never used since the node started
+            // counts from then.
+            let (mut current, mut bases) = (HashSet::new(), HashSet::new());
+            let mut last_active: HashMap<&ContentHash, Option<i64>> = HashMap::new();
+            for i in st.inodes.values().filter(|i| i.kind == Kind::File && large(i.size)) {
+                let Some(h) = &i.hash else { continue };
+                if i.nlink > 0 {
+                    current.insert(h.clone());
+                    if local_for_good(i) {
+                        bases.insert(h.clone());
+                    }
+                }
+                let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
+                let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
+                let active = last_active.entry(h).or_insert(Some(i64::MIN));
+                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
+            }
             let kept_large = st.kept.values().any(|k| large(k.size));
-            let current: HashSet<ContentHash> = st.inodes.values().filter(|i| large_file(i)).filter_map(|i| i.hash.clone()).collect();
             if !kept_large && current.is_empty() {
                 return 0;
             }
+            // Left alone: neither used nor changed for `idle`, the longest left alone
+            // first (of two near-copies, the one used last stays whole).
+            let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
+            let mut left_alone: Vec<(i64, ContentHash)> = last_active
+                .into_iter()
+                .filter(|(h, _)| bases.contains(*h))
+                .filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h.clone())))
+                .collect();
+            left_alone.sort_unstable();
+            let left_alone: Vec<ContentHash> = left_alone.into_iter().map(|(_, h)| h).collect();
             // When a content was last used is kept for the large ones only (and for
             // every one the cache of on-demand files counts): what no file has goes.
-            let track_all = st.residency.in_use();
             st.last_used.retain(|h, _| track_all || current.contains(h));
             let mut candidates: Vec<ContentHash> = Vec::new();
             if kept_large {
                 let used = Self::referenced(st);
                 candidates.extend(st.kept.values().filter(|k| large(k.size)).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned());
             }
-            // (Without pin rules, and not on demand, every path is local for good.)
-            let local_for_good =
-                |i: &Inode| !track_all || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
-            let bases: HashSet<ContentHash> = st.inodes.values().filter(|i| large_file(i) && local_for_good(i)).filter_map(|i| i.hash.clone()).collect();
-            // Left alone: closed, not being written, neither opened nor changed for
-            // `idle` (a content never used since the node started counts from then).
-            // The longest left alone first: of two near-copies, the one used last stays
-            // whole. A file left alone lets go of the handle its reads kept on its
-            // content (reopened at its next read): a blob made a patch is then no longer
-            // held on the disk by it.
-            let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
-            let mut last_active: HashMap<ContentHash, Option<i64>> = HashMap::new();
-            for i in st.inodes.values_mut().filter(|i| i.hash.as_ref().is_some_and(|h| bases.contains(h))) {
-                let h = i.hash.as_ref().expect("filtered");
-                let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
-                let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
-                let active = last_active.entry(h.clone()).or_insert(Some(i64::MIN));
-                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
-                if !in_use && i.ctime.max(used) <= idle_before {
-                    i.blob = None;
-                }
-            }
-            let mut left_alone: Vec<(i64, ContentHash)> =
-                last_active.into_iter().filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h))).collect();
-            left_alone.sort_unstable();
-            candidates.extend(left_alone.into_iter().map(|(_, h)| h));
+            candidates.extend(left_alone.iter().cloned());
             let kept: HashSet<ContentHash> = st.kept.keys().cloned().collect();
-            (candidates, bases, kept)
+            (candidates, left_alone, bases, kept)
         };
         let mut made = self.store.replace_unneeded_bases(&bases, &kept);
         if !made.is_empty() {
             tracing::debug!("{} bases nothing keeps for good any more replaced by a file's content patched over them", made.len());
         }
         made.extend(self.store.keep_at_rest(&candidates, &bases));
-        // A file not open lets go of a handle its reads kept on a blob made a patch
-        // just now (the blob's space is then given back; its next read reopens).
-        if !made.is_empty() {
-            let made: HashSet<&ContentHash> = made.iter().collect();
-            let mut st = self.lock();
-            for i in st.inodes.values_mut().filter(|i| i.open == 0 && i.blob.is_some() && i.hash.as_ref().is_some_and(|h| made.contains(h))) {
-                i.blob = None;
-            }
+        let changed = made.len();
+        // A file not open lets go of the handle its reads kept on a content left alone
+        // or made a patch just now (reopened at its next read): a blob made a patch is
+        // then no longer held on the disk by it.
+        made.extend(left_alone);
+        let let_go: HashSet<&ContentHash> = made.iter().collect();
+        let mut st = self.lock();
+        for i in st.inodes.values_mut().filter(|i| i.open == 0 && i.blob.is_some() && i.hash.as_ref().is_some_and(|h| let_go.contains(h))) {
+            i.blob = None;
         }
-        made.len()
+        changed
     }
 
     /// How many contents are kept for the manager, and their bytes.

@@ -840,6 +840,14 @@ fn read_whole_file(t: &Tree, ino: u64) -> Vec<u8> {
     bytes
 }
 
+/// The disk a content takes in the store of `t` (data directory `dir`): its blob and its
+/// patch file, as allocated.
+fn disk_bytes(t: &Tree, dir: &std::path::Path, h: &ContentHash) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let files = [t.store().blob_path(h), dir.join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
+    files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
+}
+
 fn patterned(len: usize, seed: u8) -> Vec<u8> {
     (0..len).map(|i| ((i * 131 + i / 4099) as u8).wrapping_add(seed)).collect()
 }
@@ -919,17 +927,13 @@ fn a_large_file_written_in_place_is_kept_as_a_patch_and_reads_right() {
 #[test]
 fn an_older_version_kept_at_rest_costs_only_its_differing_blocks() {
     use crate::leaves::BLOCK;
-    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let t = tree_keeping_patches(dir.path());
     let size = 6 * (1 << 20) + 555;
     let mut want = patterned(size, 3);
     let ino = closed_file(&t, ROOT, "big", &want);
     let mut versions = vec![(crate::store::hash_of(&want), want.clone())];
-    let on_disk = |t: &Tree, h: &ContentHash| -> u64 {
-        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
-        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
-    };
+    let on_disk = |t: &Tree, h: &ContentHash| disk_bytes(t, dir.path(), h);
     let now_ms = t.env().now_ns() / 1_000_000;
     let reader_of_first = t.store().open_content(&versions[0].0).unwrap();
     for (round, at) in [(1usize, 3 * BLOCK as usize + 10), (2, 40), (3, size - 3)] {
@@ -1203,7 +1207,6 @@ use crate::test_data::noise;
 #[test]
 fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_patch() {
     use crate::leaves::BLOCK;
-    use std::os::unix::fs::MetadataExt;
     let dir = tempfile::tempdir().unwrap();
     let t = tree_keeping_patches(dir.path());
     let size = 6 * (1 << 20) + 555;
@@ -1235,10 +1238,7 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
     }
     assert_eq!(t.keep_at_rest(std::time::Duration::MAX), 2, "the old version and the deleted copy become patches");
     assert_eq!(t.keep_at_rest(std::time::Duration::MAX), 0, "looked at once");
-    let on_disk = |t: &Tree, h: &ContentHash| -> u64 {
-        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
-        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
-    };
+    let on_disk = |t: &Tree, h: &ContentHash| disk_bytes(t, dir.path(), h);
     assert!(t.store().is_patched(&contents[0].0) && on_disk(&t, &contents[0].0) <= 6 * BLOCK, "the old version: {} bytes", on_disk(&t, &contents[0].0));
     assert!(t.store().is_patched(&contents[1].0) && on_disk(&t, &contents[1].0) <= (1 << 20) + 6 * BLOCK, "the copy: {} bytes", on_disk(&t, &contents[1].0));
     assert!(!t.store().is_patched(&contents[2].0), "nothing similar: it stays whole");
@@ -1313,7 +1313,6 @@ fn a_kept_version_whose_bytes_moved_or_that_another_file_shares_is_kept_as_a_pat
 #[test]
 fn a_large_file_left_alone_keeps_only_what_a_similar_file_does_not_have() {
     use crate::leaves::BLOCK;
-    use std::os::unix::fs::MetadataExt;
     use std::time::Duration;
     let dir = tempfile::tempdir().unwrap();
     let t = tree_keeping_patches(dir.path());
@@ -1340,10 +1339,7 @@ fn a_large_file_left_alone_keeps_only_what_a_similar_file_does_not_have() {
     t.release(fh).unwrap();
     assert!(t.store().is_patched(&hb) && !t.store().is_patched(&ha) && !t.store().is_patched(&ho));
     assert_eq!(t.keep_at_rest(Duration::ZERO), 0, "`a`'s only similar content is a patch now: it stays whole");
-    let on_disk = |h: &ContentHash| -> u64 {
-        let files = [t.store().blob_path(h), dir.path().join("patched").join(format!("{}.patch", h.to_hex().as_str()))];
-        files.iter().filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.blocks() * 512).sum()
-    };
+    let on_disk = |h: &ContentHash| disk_bytes(&t, dir.path(), h);
     assert!(on_disk(&hb) <= 8 * BLOCK, "the near-copy takes {} bytes", on_disk(&hb));
     assert!(read_whole_file(&t, b) == second && read_whole_file(&t, a) == first);
     assert!(t.store().is_patched(&hb), "a read that does not pass through leaves it a patch");
