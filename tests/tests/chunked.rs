@@ -128,8 +128,11 @@ fn an_older_version_whose_bytes_moved_is_kept_as_a_patch_over_the_new_one() {
     let old_hash = blake3::hash(&old).to_hex().to_string();
     for n in [a, b] {
         let header = n.data.join("patched").join(&old_hash);
-        eventually(&format!("{} to keep the older version as a patch", n.id), DEADLINE, || std::fs::read(&header).is_ok_and(|h| h.starts_with(b"SYNCPM2R")));
-        assert!(!n.data.join("blobs").join(&old_hash).exists(), "{}: no whole copy left", n.id);
+        // (The header is renamed in before the whole blob goes: both are waited for.)
+        let whole = n.data.join("blobs").join(&old_hash);
+        eventually(&format!("{} to keep the older version as a patch, no whole copy left", n.id), DEADLINE, || {
+            std::fs::read(&header).is_ok_and(|h| h.starts_with(b"SYNCPM2R")) && !whole.exists()
+        });
         let patch = std::fs::metadata(n.data.join("patched").join(format!("{old_hash}.patch"))).unwrap().blocks() * 512;
         assert!(patch <= 1 << 20, "{}: the older version takes {patch} bytes", n.id);
         let (ok, out, err) = n.syncctl(&["status", "--json"]);
