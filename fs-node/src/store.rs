@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use wire::ContentHash;
 
 mod at_rest;
-pub use at_rest::AT_REST_MIN_BYTES;
+pub use at_rest::{AtRestBases, AT_REST_MIN_BYTES};
 
 /// Space kept free for the node database on the disk it shares with the store: room
 /// for a few hundred pages of its log, so that on a full disk deletes can still be

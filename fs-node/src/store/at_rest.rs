@@ -28,6 +28,33 @@ const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60)
 /// and hashes it): the first pass after an upgrade spreads over several GCs.
 const BYTES_PER_PASS: u64 = 4 << 30;
 
+/// What the tree says of the contents of its files, for the at-rest pass: which may be
+/// the base of which.
+#[derive(Default)]
+pub struct AtRestBases {
+    /// Contents of files kept local for good: a base for any content.
+    pub for_good: HashSet<ContentHash>,
+    /// Every content a file with a name has, on-demand (evictable) files' included: a
+    /// base for the contents of on-demand files only. The cache evicts such a base only
+    /// with the contents over it (`Tree::eviction_candidates`); a content kept local
+    /// for good, or kept for the manager, is never patched over one.
+    pub current: HashSet<ContentHash>,
+    /// Contents kept for the manager (older versions).
+    pub kept: HashSet<ContentHash>,
+}
+
+impl AtRestBases {
+    /// The contents `h` may be patched over.
+    fn for_content(&self, h: &ContentHash) -> &HashSet<ContentHash> {
+        let evictable = self.current.contains(h) && !self.for_good.contains(h) && !self.kept.contains(h);
+        if evictable {
+            &self.current
+        } else {
+            &self.for_good
+        }
+    }
+}
+
 /// Where the blocks of a content of `size` bytes described by `mine` are found in a base
 /// described by `base`: per block, whether it must be kept in the patch (no run of
 /// chunks found in the base covers it whole), and the moves of the others.
@@ -80,7 +107,7 @@ impl ContentStore {
     /// alone): each whole one not looked at since the chunk index grew (or for
     /// [`LOOK_AGAIN_AFTER`]) goes through [`Self::keep_at_rest_over_similar`], up to
     /// [`BYTES_PER_PASS`]. Returns those that became patches.
-    pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &HashSet<ContentHash>) -> Vec<ContentHash> {
+    pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &AtRestBases) -> Vec<ContentHash> {
         let Some(index) = self.chunk_index() else {
             return Vec::new();
         };
@@ -116,7 +143,7 @@ impl ContentStore {
                 continue;
             }
             budget = budget.saturating_sub(size);
-            match self.keep_at_rest_over_similar(h, bases) {
+            match self.keep_at_rest_over_similar(h, bases.for_content(h)) {
                 Ok(Some(_)) => made.push(h.clone()),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("keeping content {h} as a patch over a similar one: {e} (it stays whole)"),
@@ -227,24 +254,27 @@ impl ContentStore {
         Ok(())
     }
 
-    /// Bases nothing keeps for good any more (no file kept local for good has that
-    /// content and it is not kept: the last such file deleted or made evictable, its
-    /// retention over) under contents at rest of files kept local for good (`bases`):
-    /// one of those is written out whole and becomes the base instead (the old base a
-    /// patch over it, which the GC or the cache then takes, and every other patch over
-    /// the old base moved onto it), so the old base does not stay whole for as long as a
-    /// file is patched over it. Bases only kept versions are patched over stay until the
-    /// GC takes them (writing those out would take more room than it frees). Only with
-    /// room to spare (twice the content's size free). Returns the old bases
-    /// replaced (patches now).
-    pub fn replace_unneeded_bases(&self, bases: &HashSet<ContentHash>, kept: &HashSet<ContentHash>) -> Vec<ContentHash> {
+    /// Bases no longer needed as such: one that no file kept local for good has and
+    /// that is not kept, under a content at rest of a file kept local for good (the last
+    /// file kept local with it deleted or made evictable, its retention over); or one no
+    /// file has at all, under the content of an on-demand file. Such a content is written
+    /// out whole and becomes the base instead (the old base a patch over it, which the GC
+    /// or the cache then takes, and every other patch over the old base moved onto it),
+    /// so the old base does not stay whole for as long as a file is patched over it.
+    /// Bases only kept versions are patched over stay until the GC takes them (writing
+    /// those out would take more room than it frees). Only with room to spare (twice the
+    /// content's size free). Returns the old bases replaced (patches now).
+    pub fn replace_unneeded_bases(&self, bases: &AtRestBases) -> Vec<ContentHash> {
         let all = self.patched.all();
         let unneeded: HashSet<&ContentHash> =
-            all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.contains(*b) && !kept.contains(*b) && self.blob_path(b).exists()).collect();
+            all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.for_good.contains(*b) && !bases.kept.contains(*b) && self.blob_path(b).exists()).collect();
+        // The content that takes its place: kept local for good, or any current one for a
+        // base no file has.
+        let takes_place_of = |c: &ContentHash, b: &ContentHash| bases.for_good.contains(c) || (!bases.current.contains(b) && bases.current.contains(c));
         let (mut budget, now) = (BYTES_PER_PASS, std::time::Instant::now());
         let mut replaced = Vec::new();
         for b in unneeded {
-            let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && bases.contains(c) && self.is_patched(c)) else {
+            let Some((c, p, _)) = all.iter().find(|(c, p, _)| p.base == *b && p.role == Role::AtRest && takes_place_of(c, b) && self.is_patched(c)) else {
                 continue;
             };
             {
@@ -277,6 +307,11 @@ impl ContentStore {
             }
         }
         replaced
+    }
+
+    /// The contents kept at rest as patches, each with the base it is patched over.
+    pub fn at_rest_patches(&self) -> HashMap<ContentHash, ContentHash> {
+        self.patched.all().into_iter().filter(|(c, p, _)| p.role == Role::AtRest && !self.blob_path(c).exists()).map(|(c, p, _)| (c, p.base)).collect()
     }
 
     /// Looks at every candidate again in the next pass (tests).

@@ -7,6 +7,7 @@
 
 use super::*;
 use crate::db::KeptRow;
+use crate::store::AtRestBases;
 use wire::KeepItem;
 
 /// A node forgets a kept content by itself only this long after the end it was told:
@@ -90,10 +91,10 @@ impl Tree {
     /// After the GC, outside the tree's lock: a content opened meanwhile reads through
     /// its patch, and an open that passes reads through to the disk has it written out
     /// whole again (`ContentStore::write_out_for_reads`). A base is the content of a file
-    /// kept local for good (not an on-demand file's, which the cache may evict: a patch
-    /// over it would hold it); so is a current candidate (an evictable one goes whole).
+    /// kept local for good, or for an on-demand file's content also another on-demand
+    /// file's (`AtRestBases`: the cache evicts a base only with what is over it).
     pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
-        let (candidates, left_alone, bases, kept) = {
+        let (candidates, left_alone, bases) = {
             let mut st = self.lock();
             let st = &mut *st;
             let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
@@ -102,18 +103,17 @@ impl Tree {
             let local_for_good =
                 |i: &Inode| !track_all || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
             // One pass over the files: the large contents files have, those of files kept
-            // local for good (the bases), and when each was last active, `None` while a
-            // file with it is in use (open, being written, passed through; a removed
-            // file still open counts). A content never used since the node started
-            // counts from then.
-            let (mut current, mut bases) = (HashSet::new(), HashSet::new());
+            // local for good, and when each was last active, `None` while a file with it
+            // is in use (open, being written, passed through; a removed file still open
+            // counts). A content never used since the node started counts from then.
+            let mut bases = AtRestBases::default();
             let mut last_active: HashMap<&ContentHash, Option<i64>> = HashMap::new();
             for i in st.inodes.values().filter(|i| i.kind == Kind::File && large(i.size)) {
                 let Some(h) = &i.hash else { continue };
                 if i.nlink > 0 {
-                    current.insert(h.clone());
+                    bases.current.insert(h.clone());
                     if local_for_good(i) {
-                        bases.insert(h.clone());
+                        bases.for_good.insert(h.clone());
                     }
                 }
                 let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
@@ -122,7 +122,7 @@ impl Tree {
                 *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
             }
             let kept_large = st.kept.values().any(|k| large(k.size));
-            if !kept_large && current.is_empty() {
+            if !kept_large && bases.current.is_empty() {
                 return 0;
             }
             // Left alone: neither used nor changed for `idle`, the longest left alone
@@ -130,24 +130,24 @@ impl Tree {
             let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
             let mut left_alone: Vec<(i64, ContentHash)> = last_active
                 .into_iter()
-                .filter(|(h, _)| bases.contains(*h))
+                .filter(|(h, _)| bases.current.contains(*h))
                 .filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h.clone())))
                 .collect();
             left_alone.sort_unstable();
             let left_alone: Vec<ContentHash> = left_alone.into_iter().map(|(_, h)| h).collect();
             // When a content was last used is kept for the large ones only (and for
             // every one the cache of on-demand files counts): what no file has goes.
-            st.last_used.retain(|h, _| track_all || current.contains(h));
+            st.last_used.retain(|h, _| track_all || bases.current.contains(h));
             let mut candidates: Vec<ContentHash> = Vec::new();
             if kept_large {
                 let used = Self::referenced(st);
                 candidates.extend(st.kept.values().filter(|k| large(k.size)).map(|k| &k.hash).filter(|h| !used.contains(*h)).cloned());
             }
             candidates.extend(left_alone.iter().cloned());
-            let kept: HashSet<ContentHash> = st.kept.keys().cloned().collect();
-            (candidates, left_alone, bases, kept)
+            bases.kept = st.kept.keys().cloned().collect();
+            (candidates, left_alone, bases)
         };
-        let mut made = self.store.replace_unneeded_bases(&bases, &kept);
+        let mut made = self.store.replace_unneeded_bases(&bases);
         if !made.is_empty() {
             tracing::debug!("{} bases nothing keeps for good any more replaced by a file's content patched over them", made.len());
         }

@@ -206,6 +206,7 @@ impl Tree {
 #[derive(Clone, Debug)]
 pub struct Evictable {
     pub hash: ContentHash,
+    /// The bytes it takes on the disk here (a content at rest over another: its patch).
     pub size: u64,
     /// Every path of it here, with the revision this node has of it.
     pub paths: Vec<wire::Held>,
@@ -213,12 +214,18 @@ pub struct Evictable {
 
 impl Tree {
     /// What to drop so that the contents of on-demand (unpinned) files fit in `budget`
-    /// bytes: the least recently opened first, only contents every path of which is on
-    /// demand and closed, and none kept for an old version. Returns the candidates, in
-    /// the order to drop them, and the cache's bytes now.
+    /// bytes of disk: the least recently opened first, only contents every path of which
+    /// is on demand and closed, and none kept for an old version. A content at rest over
+    /// another counts the bytes of its patch; a base goes only together with the
+    /// contents patched over it, which come just before it in the list (the store keeps
+    /// a base while a patch is over it), and stays if one of them may not go. Returns the
+    /// candidates, in the order to drop them, and the cache's bytes now.
     pub fn eviction_candidates(&self, budget: u64) -> (Vec<Evictable>, u64) {
+        // (A listing of the patches, before the tree's lock.)
+        let at_rest = self.store.at_rest_patches();
         let st = self.lock();
-        // Per content: its size, whether it can go, its paths.
+        let disk = |h: &ContentHash, size: u64| if at_rest.contains_key(h) { self.store.footprint(h) } else { size };
+        // Per content: its bytes on the disk, whether it can go, its paths.
         let mut by_hash: HashMap<&ContentHash, (u64, bool, Vec<wire::Held>)> = HashMap::new();
         for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) {
             let Some(h) = &i.hash else { continue };
@@ -226,7 +233,7 @@ impl Tree {
                 continue;
             }
             let busy = i.open > 0 || i.passthrough.is_some() || st.kept.contains_key(h);
-            let e = by_hash.entry(h).or_insert((i.size, true, Vec::new()));
+            let e = by_hash.entry(h).or_insert_with(|| (disk(h, i.size), true, Vec::new()));
             e.1 &= !busy;
             for (parent, name) in &i.links {
                 let Some(p) = st.path_of(*parent, name) else { continue };
@@ -246,14 +253,27 @@ impl Tree {
             .map(|(h, (size, _, paths))| (st.last_used.get(h).copied().unwrap_or(0), Evictable { hash: h.clone(), size, paths }))
             .collect();
         candidates.sort_by_key(|(used, e)| (*used, e.hash.to_hex().as_str().to_string()));
+        let at: HashMap<&ContentHash, usize> = candidates.iter().enumerate().map(|(n, (_, e))| (&e.hash, n)).collect();
+        let mut over_base: HashMap<&ContentHash, Vec<&ContentHash>> = HashMap::new();
+        for (c, b) in &at_rest {
+            over_base.entry(b).or_default().push(c);
+        }
         let mut over = cached - budget;
+        let mut taken = vec![false; candidates.len()];
         let mut out = Vec::new();
-        for (_, e) in candidates {
+        for n in 0..candidates.len() {
             if over == 0 {
                 break;
             }
-            over = over.saturating_sub(e.size);
-            out.push(e);
+            // The contents over it first, all of them or none (then it stays too).
+            let with: Option<Vec<usize>> = over_base.get(&candidates[n].1.hash).map_or(Some(Vec::new()), |cs| cs.iter().map(|c| at.get(*c).copied()).collect());
+            let Some(with) = with else { continue };
+            for m in with.into_iter().chain([n]) {
+                if !std::mem::replace(&mut taken[m], true) {
+                    over = over.saturating_sub(candidates[m].1.size);
+                    out.push(candidates[m].1.clone());
+                }
+            }
         }
         (out, cached)
     }

@@ -1424,3 +1424,89 @@ fn a_near_copy_whose_base_file_is_deleted_becomes_whole_and_the_base_goes() {
     assert!([&hb, &hc].into_iter().filter(|h| *h != new_base).all(|h| t.store().is_patched(h)), "the unpinned one is a patch");
     assert!(read_whole_file(&t, b) == second && read_whole_file(&t, c) == third);
 }
+
+/// An on-demand node's near-copies: the content of an on-demand file left alone is kept
+/// as a patch over another on-demand file's content, never a pinned file's over one; the
+/// cache counts the patch's bytes and evicts such a base only with the contents over it
+/// (just before it), never while one of them must stay. A base no file has any more
+/// gives way to the near-copy over it, which becomes whole.
+#[test]
+fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
+    use crate::leaves::BLOCK;
+    use std::time::Duration;
+    let dir = tempfile::tempdir().unwrap();
+    let open_on_demand = |dir: &std::path::Path| {
+        let db = Db::open(&dir.join("node.db")).unwrap();
+        let store = ContentStore::open_with_small_max(dir, 0).unwrap().with_write_out_after(None);
+        Tree::load_on_demand(db, store, true).unwrap()
+    };
+    let t = open_on_demand(dir.path());
+    let size = 5 << 20;
+    let base = noise(size, 31);
+    let changed_at = |at: usize, seed: u64| {
+        let mut x = base.clone();
+        x[at..at + 100].copy_from_slice(&noise(100, seed));
+        x
+    };
+    let (near, pinned_near, other) = (changed_at(1 << 20, 32), changed_at(4 << 20, 33), noise(size, 34));
+    let a = closed_file(&t, ROOT, "a.img", &base);
+    let b = closed_file(&t, ROOT, "b.img", &near);
+    let x = closed_file(&t, ROOT, "x.img", &other);
+    let p = closed_file(&t, ROOT, "p.img", &pinned_near);
+    t.set_pin("p.img", Some(true)).unwrap();
+    let hash = crate::store::hash_of;
+    let (ha, hb, hx, hp) = (hash(&base), hash(&near), hash(&other), hash(&pinned_near));
+    for h in [&ha, &hb, &hx, &hp] {
+        t.store().chunk_list(h).unwrap();
+    }
+    // `a` in use: the base of `b`; `p`, pinned, has no base it may be patched over.
+    let (fh, _) = t.open(a, false, false, false).unwrap();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 1, "the on-demand near-copy becomes a patch");
+    t.release(fh).unwrap();
+    assert!(t.store().is_patched(&hb) && !t.store().is_patched(&hp) && !t.store().is_patched(&ha));
+    assert!(disk_bytes(&t, dir.path(), &hb) <= 8 * BLOCK, "the near-copy takes {} bytes", disk_bytes(&t, dir.path(), &hb));
+    assert!(read_whole_file(&t, b) == near && read_whole_file(&t, a) == base);
+    // Least recently used: `a` (read first), then `x`, then `b`.
+    read_whole_file(&t, a);
+    read_whole_file(&t, x);
+    read_whole_file(&t, b);
+    let (_, cached) = t.eviction_candidates(u64::MAX);
+    assert_eq!(cached, 2 * size as u64 + disk_bytes(&t, dir.path(), &hb), "the cache counts the near-copy's patch");
+    // `b` open: `a` may not go (it would stay for `b`); `x` goes instead.
+    let (fh, _) = t.open(b, false, false, false).unwrap();
+    let (chosen, _) = t.eviction_candidates(cached - 1);
+    let chosen: Vec<&ContentHash> = chosen.iter().map(|e| &e.hash).collect();
+    assert_eq!(chosen, vec![&hx], "the base stays while the content over it is in use");
+    t.release(fh).unwrap();
+    let (chosen, _) = t.eviction_candidates(cached - 1);
+    let chosen: Vec<ContentHash> = chosen.into_iter().map(|e| e.hash).collect();
+    assert_eq!(chosen, vec![hb.clone(), ha.clone()], "the base goes with the content over it, after it");
+    t.evict(&chosen);
+    assert!(!t.store().has(&ha) && !t.store().has(&hb) && t.store().has(&hx) && t.store().has(&hp), "both went");
+    // A base whose file is deleted: the near-copy over it becomes whole, the base goes.
+    let d = noise(size, 35);
+    let mut e_bytes = d.clone();
+    e_bytes[2 << 20..(2 << 20) + 100].copy_from_slice(&noise(100, 36));
+    let di = closed_file(&t, ROOT, "d.img", &d);
+    let ei = closed_file(&t, ROOT, "e.img", &e_bytes);
+    let (hd, he) = (hash(&d), hash(&e_bytes));
+    for h in [&hd, &he] {
+        t.store().chunk_list(h).unwrap();
+    }
+    let (fh, _) = t.open(di, false, false, false).unwrap();
+    t.store().forget_at_rest_looks();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
+    t.release(fh).unwrap();
+    assert!(t.store().is_patched(&he));
+    t.unlink(ROOT, OsStr::new("d.img")).unwrap();
+    t.keep_at_rest(Duration::from_secs(3600));
+    let keep = Tree::referenced(&t.lock());
+    t.store().gc(&keep, Duration::ZERO);
+    assert!(!t.store().has(&hd), "the base no file has is gone");
+    assert!(!t.store().is_patched(&he) && read_whole_file(&t, ei) == e_bytes, "the near-copy is whole");
+    let t = crash_and_reload_with(t, dir.path(), |dir| {
+        let db = Db::open(&dir.join("node.db")).unwrap();
+        Tree::load_on_demand(db, ContentStore::open_with_small_max(dir, 0).unwrap().with_write_out_after(None), true).unwrap()
+    });
+    assert!(read_whole_file(&t, ei) == e_bytes && read_whole_file(&t, x) == other && read_whole_file(&t, p) == pinned_near, "after a crash");
+}
