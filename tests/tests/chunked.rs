@@ -156,9 +156,24 @@ fn an_older_version_whose_bytes_moved_is_kept_as_a_patch_over_the_new_one() {
 /// both read right through every mount (an open writes the patched one out again).
 #[test]
 fn two_near_copies_left_alone_take_the_disk_of_one() {
-    let mut c = Cluster::start("chunked-twins", 0);
-    for id in ["n1", "n2"] {
-        let n = NodeProc::start_with(c.dir.path(), id, &c.vhost, &["--gc-every-secs", "1", "--dedup-idle-secs", "1"]);
+    near_copies_left_alone_take_the_disk_of_one("chunked-twins", &[]);
+}
+
+/// The same in the cache of a node with files on demand (`--on-demand`): the two,
+/// fetched when read, are two evictable contents, and one becomes a patch over the other.
+#[test]
+fn near_copies_in_an_on_demand_nodes_cache_take_the_disk_of_one() {
+    near_copies_left_alone_take_the_disk_of_one("chunked-twins-on-demand", &["--on-demand"]);
+}
+
+/// Two nodes (the second started with `second_args` too); a writes two 20 MiB
+/// near-copies, both nodes read them, and each keeps one of them as a patch.
+fn near_copies_left_alone_take_the_disk_of_one(name: &str, second_args: &[&str]) {
+    let mut c = Cluster::start(name, 0);
+    let quick = ["--gc-every-secs", "1", "--dedup-idle-secs", "1"];
+    for (id, more) in [("n1", &[][..]), ("n2", second_args)] {
+        let args: Vec<&str> = quick.iter().chain(more).copied().collect();
+        let n = NodeProc::start_with(c.dir.path(), id, &c.vhost, &args);
         c.nodes.push(n);
     }
     for n in &c.nodes {
@@ -172,6 +187,11 @@ fn two_near_copies_left_alone_take_the_disk_of_one() {
     write(&a.p("disk.img"), &original);
     write(&a.p("disk-copy.img"), &copy);
     c.converged();
+    // (On demand, a read fetches them.)
+    for n in [a, b] {
+        assert!(read(&n.p("disk.img")).as_deref() == Some(&original[..]), "{}: the original reads right", n.id);
+        assert!(read(&n.p("disk-copy.img")).as_deref() == Some(&copy[..]), "{}: the copy reads right", n.id);
+    }
     let hashes = [blake3::hash(&original).to_hex().to_string(), blake3::hash(&copy).to_hex().to_string()];
     let on_disk = |n: &NodeProc| -> u64 {
         let files = hashes.iter().flat_map(|h| [n.data.join("blobs").join(h), n.data.join("patched").join(format!("{h}.patch"))]);
@@ -184,12 +204,13 @@ fn two_near_copies_left_alone_take_the_disk_of_one() {
         });
     }
     // A peer asking for the patched one whole gets its bytes, and it stays a patch.
-    let patched = |n: &NodeProc| hashes.iter().position(|h| n.data.join("patched").join(h).exists()).expect("one is a patch");
-    let i = patched(a);
-    let (status, body) = http_get(&format!("{}/content/{}", node_url(a), hashes[i]), None);
-    assert_eq!(status, 200);
-    assert!(body == [&original, &copy][i][..], "the patched content served whole reads right");
-    assert!(!a.data.join("blobs").join(&hashes[i]).exists(), "serving it did not write it out");
+    for n in [a, b] {
+        let i = hashes.iter().position(|h| n.data.join("patched").join(h).exists()).expect("one is a patch");
+        let (status, body) = http_get(&format!("{}/content/{}", node_url(n), hashes[i]), None);
+        assert_eq!(status, 200);
+        assert!(body == [&original, &copy][i][..], "{}: the patched content served whole reads right", n.id);
+        assert!(!n.data.join("blobs").join(&hashes[i]).exists(), "{}: serving it did not write it out", n.id);
+    }
     for n in [a, b] {
         assert!(read(&n.p("disk.img")).as_deref() == Some(&original[..]), "{}: the original reads right", n.id);
         assert!(read(&n.p("disk-copy.img")).as_deref() == Some(&copy[..]), "{}: the copy reads right", n.id);
