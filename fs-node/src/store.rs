@@ -964,14 +964,17 @@ impl ContentStore {
         list
     }
 
-    /// Starts computing the chunk list of a new large blob in the background, so that
-    /// the first peer to pull it by chunks (or this node's next pull of its path) finds it
-    /// ready.
+    /// Starts computing the chunk list of a new blob of [`AT_REST_MIN_BYTES`] or more in
+    /// the background, so that the first peer to pull it by chunks (or this node's next
+    /// pull of its path) finds it ready, and the at-rest pass finds it in the chunk index;
+    /// a large one's leaves too.
     pub fn chunk_in_background(&self, h: &ContentHash, size: u64) {
-        if size < crate::chunks::CHUNKED_MIN_BYTES {
+        if size < AT_REST_MIN_BYTES {
             return;
         }
-        self.leaves_in_background(h);
+        if size >= crate::chunks::CHUNKED_MIN_BYTES {
+            self.leaves_in_background(h);
+        }
         // At most two at once: a tree of many large files is chunked when asked instead.
         static RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         if RUNNING.fetch_add(1, std::sync::atomic::Ordering::Relaxed) >= 2 {

@@ -17,8 +17,11 @@ use crate::chunks::ChunkList;
 use crate::leaves::{block_len, blocks, BLOCK};
 use std::collections::{HashMap, HashSet};
 
-/// Contents smaller than this stay whole (a patch would save little).
-pub const AT_REST_MIN_BYTES: u64 = crate::chunks::CHUNKED_MIN_BYTES;
+/// Contents smaller than this stay whole (a patch would save little: at most a MiB, for
+/// a chunk list and index rows per content). Below the size pulls go by chunks (4 MiB):
+/// older versions of a document of a few MiB saved again and again, or copies of one,
+/// are what users keep most of.
+pub const AT_REST_MIN_BYTES: u64 = 1 << 20;
 
 /// A content that stayed whole is looked at again once the chunk index has more blobs,
 /// and at most this often (each look reads its chunk list and queries the index).

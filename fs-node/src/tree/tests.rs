@@ -1429,7 +1429,8 @@ fn a_near_copy_whose_base_file_is_deleted_becomes_whole_and_the_base_goes() {
 /// as a patch over another on-demand file's content, never a pinned file's over one; the
 /// cache counts the patch's bytes and evicts such a base only with the contents over it
 /// (just before it), never while one of them must stay. A base no file has any more
-/// gives way to the near-copy over it, which becomes whole.
+/// gives way to the near-copy over it, which becomes whole. (Files of 2 MiB: below the
+/// size pulls go by chunks, not below the one the store keeps near-copies once.)
 #[test]
 fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
     use crate::leaves::BLOCK;
@@ -1441,14 +1442,14 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
         Tree::load_on_demand(db, store, true).unwrap()
     };
     let t = open_on_demand(dir.path());
-    let size = 5 << 20;
+    let size = 2 << 20;
     let base = noise(size, 31);
     let changed_at = |at: usize, seed: u64| {
         let mut x = base.clone();
         x[at..at + 100].copy_from_slice(&noise(100, seed));
         x
     };
-    let (near, pinned_near, other) = (changed_at(1 << 20, 32), changed_at(4 << 20, 33), noise(size, 34));
+    let (near, pinned_near, other) = (changed_at(1 << 20, 32), changed_at(3 << 19, 33), noise(size, 34));
     let a = closed_file(&t, ROOT, "a.img", &base);
     let b = closed_file(&t, ROOT, "b.img", &near);
     let x = closed_file(&t, ROOT, "x.img", &other);
@@ -1486,7 +1487,7 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
     // A base whose file is deleted: the near-copy over it becomes whole, the base goes.
     let d = noise(size, 35);
     let mut e_bytes = d.clone();
-    e_bytes[2 << 20..(2 << 20) + 100].copy_from_slice(&noise(100, 36));
+    e_bytes[1 << 19..(1 << 19) + 100].copy_from_slice(&noise(100, 36));
     let di = closed_file(&t, ROOT, "d.img", &d);
     let ei = closed_file(&t, ROOT, "e.img", &e_bytes);
     let (hd, he) = (hash(&d), hash(&e_bytes));
