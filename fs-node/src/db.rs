@@ -20,14 +20,8 @@ use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 /// was 7 % of a node's time in a `rm -r` (docs/benchmarks.md, session 20), and a longer
 /// log folds more writes of the same pages into one. The log file is cut back to 64 MiB
 /// after one.
-/// A new database has pages of 1 KiB instead of 4 (an existing one keeps its own: the page
-/// size of a database in WAL mode is fixed): every transaction writes each page it
-/// changes whole into the log, and an unlink changes four (the file's inode, its parent's,
-/// the directory entry, the outbox row): 4 KiB of log instead of 16. Measured side by
-/// side (docs/benchmarks.md, session 24): a fifth more unlinks a second, creates as
-/// before.
 const PRAGMAS: &str =
-    "PRAGMA page_size=1024; PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864;";
+    "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864;";
 
 /// Schema version 1: the tables every node had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
@@ -406,25 +400,6 @@ mod tests {
         assert!(err.contains("another node is using this data directory"), "{err}");
         drop(first);
         assert_eq!(Db::open(&path).unwrap().meta("k").unwrap().as_deref(), Some("v"));
-    }
-
-    /// A new database has pages of 1 KiB; one made with SQLite's default 4 KiB keeps them
-    /// (and works as before).
-    #[test]
-    fn a_new_database_has_small_pages_and_an_old_one_keeps_its_own() {
-        let dir = tempfile::tempdir().unwrap();
-        let page_size = |db: &Db| db.conn().query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0)).unwrap();
-        let db = Db::open(&dir.path().join("new.db")).unwrap();
-        assert_eq!(page_size(&db), 1024);
-        let path = dir.path().join("old.db");
-        let old = Connection::open(&path).unwrap();
-        old.execute_batch("PRAGMA page_size=4096; PRAGMA journal_mode=WAL;").unwrap();
-        old.execute_batch(SCHEMA_V1).unwrap();
-        drop(old);
-        let db = Db::open(&path).unwrap();
-        assert_eq!(page_size(&db), 4096);
-        db.set_meta("k", "v").unwrap();
-        assert_eq!(db.meta("k").unwrap().as_deref(), Some("v"));
     }
 
     /// A node.db gets a schema version; one from before versions were kept is taken as

@@ -40,17 +40,29 @@ pub struct AtRestBases {
     /// Every content a file with a name has, on-demand (evictable) files' included: a
     /// base for the contents of on-demand files only. The cache evicts such a base only
     /// with the contents over it (`Tree::eviction_candidates`); a content kept local
-    /// for good, or kept for the manager, is never patched over one.
+    /// for good, or kept for the manager, is not made a patch over one, and one that
+    /// becomes such while patched over one is written out and made the base instead
+    /// (`ContentStore::replace_unneeded_bases`).
     pub current: HashSet<ContentHash>,
     /// Contents kept for the manager (older versions).
     pub kept: HashSet<ContentHash>,
 }
 
 impl AtRestBases {
-    /// The contents `h` may be patched over.
-    fn for_content(&self, h: &ContentHash) -> &HashSet<ContentHash> {
-        let evictable = self.current.contains(h) && !self.for_good.contains(h) && !self.kept.contains(h);
-        if evictable {
+    fn evictable(&self, h: &ContentHash) -> bool {
+        self.current.contains(h) && !self.for_good.contains(h) && !self.kept.contains(h)
+    }
+
+    /// Whether `h` must stay here, so that a content it is patched over must too.
+    fn stays(&self, h: &ContentHash) -> bool {
+        self.for_good.contains(h) || self.kept.contains(h)
+    }
+
+    /// The contents `h` may be patched over, `over_it` the contents patched over `h`
+    /// (they move onto its base with it): an evictable base only if they are all
+    /// evictable too.
+    fn for_content<'a>(&self, h: &ContentHash, mut over_it: impl Iterator<Item = &'a ContentHash>) -> &HashSet<ContentHash> {
+        if self.evictable(h) && over_it.all(|c| self.evictable(c)) {
             &self.current
         } else {
             &self.for_good
@@ -117,6 +129,7 @@ impl ContentStore {
         let (indexed, now) = (index.added(), std::time::Instant::now());
         let mut waiting: Option<HashSet<ContentHash>> = None;
         let (mut budget, mut made) = (BYTES_PER_PASS, Vec::new());
+        let mut over: Option<HashMap<ContentHash, Vec<ContentHash>>> = None;
         // Those never looked at first (in their order), then the others: a content
         // nothing resembles does not take every pass's budget from new ones.
         let ordered: Vec<&ContentHash> = {
@@ -146,7 +159,8 @@ impl ContentStore {
                 continue;
             }
             budget = budget.saturating_sub(size);
-            match self.keep_at_rest_over_similar(h, bases.for_content(h)) {
+            let over = over.get_or_insert_with(|| self.patched_over());
+            match self.keep_at_rest_over_similar(h, bases.for_content(h, over.get(h).into_iter().flatten())) {
                 Ok(Some(_)) => made.push(h.clone()),
                 Ok(None) => {}
                 Err(e) => tracing::warn!("keeping content {h} as a patch over a similar one: {e} (it stays whole)"),
@@ -258,9 +272,11 @@ impl ContentStore {
     }
 
     /// Bases no longer needed as such: one that no file kept local for good has and
-    /// that is not kept, under a content at rest of a file kept local for good (the last
-    /// file kept local with it deleted or made evictable, its retention over); or one no
-    /// file has at all, under the content of an on-demand file. Such a content is written
+    /// that is not kept, under a content at rest that must stay (of a file kept local
+    /// for good, or kept for the manager: the last file kept local with the base deleted
+    /// or made evictable, its retention over, or the content over it pinned or kept since
+    /// it was made a patch); or one no file has at all, under the content of an on-demand
+    /// file. Such a content is written
     /// out whole and becomes the base instead (the old base a patch over it, which the GC
     /// or the cache then takes, and every other patch over the old base moved onto it),
     /// so the old base does not stay whole for as long as a file is patched over it.
@@ -269,11 +285,10 @@ impl ContentStore {
     /// content's size free). Returns the old bases replaced (patches now).
     pub fn replace_unneeded_bases(&self, bases: &AtRestBases) -> Vec<ContentHash> {
         let all = self.patched.all();
-        let unneeded: HashSet<&ContentHash> =
-            all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.for_good.contains(*b) && !bases.kept.contains(*b) && self.blob_path(b).exists()).collect();
-        // The content that takes its place: kept local for good, or any current one for a
-        // base no file has.
-        let takes_place_of = |c: &ContentHash, b: &ContentHash| bases.for_good.contains(c) || (!bases.current.contains(b) && bases.current.contains(c));
+        let unneeded: HashSet<&ContentHash> = all.iter().map(|(_, p, _)| &p.base).filter(|b| !bases.stays(b) && self.blob_path(b).exists()).collect();
+        // The content that takes its place: one that must stay here (kept local for good,
+        // kept for the manager), or any current one for a base no file has.
+        let takes_place_of = |c: &ContentHash, b: &ContentHash| bases.stays(c) || (!bases.current.contains(b) && bases.current.contains(c));
         let (mut budget, now) = (BYTES_PER_PASS, std::time::Instant::now());
         let mut replaced = Vec::new();
         for b in unneeded {
@@ -312,9 +327,14 @@ impl ContentStore {
         replaced
     }
 
-    /// The contents kept at rest as patches, each with the base it is patched over.
-    pub fn at_rest_patches(&self) -> HashMap<ContentHash, ContentHash> {
-        self.patched.all().into_iter().filter(|(c, p, _)| p.role == Role::AtRest && !self.blob_path(c).exists()).map(|(c, p, _)| (c, p.base)).collect()
+    /// The contents kept as patches (at rest, or waiting to be written out), listed
+    /// under the base each is patched over.
+    pub fn patched_over(&self) -> HashMap<ContentHash, Vec<ContentHash>> {
+        let mut over: HashMap<ContentHash, Vec<ContentHash>> = HashMap::new();
+        for (c, p, _) in self.patched.all().into_iter().filter(|(c, _, _)| !self.blob_path(c).exists()) {
+            over.entry(p.base).or_default().push(c);
+        }
+        over
     }
 
     /// Looks at every candidate again in the next pass (tests).

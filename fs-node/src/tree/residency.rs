@@ -215,16 +215,18 @@ pub struct Evictable {
 impl Tree {
     /// What to drop so that the contents of on-demand (unpinned) files fit in `budget`
     /// bytes of disk: the least recently opened first, only contents every path of which
-    /// is on demand and closed, and none kept for an old version. A content at rest over
-    /// another counts the bytes of its patch; a base goes only together with the
-    /// contents patched over it, which come just before it in the list (the store keeps
-    /// a base while a patch is over it), and stays if one of them may not go. Returns the
-    /// candidates, in the order to drop them, and the cache's bytes now.
+    /// is on demand and closed, and none kept for an old version. A content kept as a
+    /// patch counts the bytes of its patch; a base goes only together with the contents
+    /// patched over it, which come just before it in the list (the store keeps a base
+    /// while a patch is over it), and stays if one of them may not go; the group goes
+    /// when the most recently opened of them would. Returns the candidates, in the order
+    /// to drop them, and the cache's bytes now.
     pub fn eviction_candidates(&self, budget: u64) -> (Vec<Evictable>, u64) {
         // (A listing of the patches, before the tree's lock.)
-        let at_rest = self.store.at_rest_patches();
+        let over_base = self.store.patched_over();
+        let patched: HashSet<&ContentHash> = over_base.values().flatten().collect();
         let st = self.lock();
-        let disk = |h: &ContentHash, size: u64| if at_rest.contains_key(h) { self.store.footprint(h) } else { size };
+        let disk = |h: &ContentHash, size: u64| if patched.contains(h) { self.store.footprint(h) } else { size };
         // Per content: its bytes on the disk, whether it can go, its paths.
         let mut by_hash: HashMap<&ContentHash, (u64, bool, Vec<wire::Held>)> = HashMap::new();
         for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) {
@@ -247,17 +249,16 @@ impl Tree {
         if cached <= budget {
             return (Vec::new(), cached);
         }
+        let used = |h: &ContentHash| st.last_used.get(h).copied().unwrap_or(0);
+        // A base counts as used when the last of the contents over it was.
+        let group_used = |h: &ContentHash| over_base.get(h).into_iter().flatten().map(used).fold(used(h), i64::max);
         let mut candidates: Vec<(i64, Evictable)> = by_hash
             .into_iter()
             .filter(|(_, (_, ok, paths))| *ok && !paths.is_empty())
-            .map(|(h, (size, _, paths))| (st.last_used.get(h).copied().unwrap_or(0), Evictable { hash: h.clone(), size, paths }))
+            .map(|(h, (size, _, paths))| (group_used(h), Evictable { hash: h.clone(), size, paths }))
             .collect();
         candidates.sort_by_key(|(used, e)| (*used, e.hash.to_hex().as_str().to_string()));
         let at: HashMap<&ContentHash, usize> = candidates.iter().enumerate().map(|(n, (_, e))| (&e.hash, n)).collect();
-        let mut over_base: HashMap<&ContentHash, Vec<&ContentHash>> = HashMap::new();
-        for (c, b) in &at_rest {
-            over_base.entry(b).or_default().push(c);
-        }
         let mut over = cached - budget;
         let mut taken = vec![false; candidates.len()];
         let mut out = Vec::new();
@@ -266,7 +267,7 @@ impl Tree {
                 break;
             }
             // The contents over it first, all of them or none (then it stays too).
-            let with: Option<Vec<usize>> = over_base.get(&candidates[n].1.hash).map_or(Some(Vec::new()), |cs| cs.iter().map(|c| at.get(*c).copied()).collect());
+            let with: Option<Vec<usize>> = over_base.get(&candidates[n].1.hash).map_or(Some(Vec::new()), |cs| cs.iter().map(|c| at.get(c).copied()).collect());
             let Some(with) = with else { continue };
             for m in with.into_iter().chain([n]) {
                 if !std::mem::replace(&mut taken[m], true) {

@@ -1467,23 +1467,44 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
     assert!(t.store().is_patched(&hb) && !t.store().is_patched(&hp) && !t.store().is_patched(&ha));
     assert!(disk_bytes(&t, dir.path(), &hb) <= 8 * BLOCK, "the near-copy takes {} bytes", disk_bytes(&t, dir.path(), &hb));
     assert!(read_whole_file(&t, b) == near && read_whole_file(&t, a) == base);
-    // Least recently used: `a` (read first), then `x`, then `b`.
+    // Read in this order: `a`, `x`, `b`; `a` and `b` go together, when `b` would.
     read_whole_file(&t, a);
     read_whole_file(&t, x);
     read_whole_file(&t, b);
     let (_, cached) = t.eviction_candidates(u64::MAX);
     assert_eq!(cached, 2 * size as u64 + disk_bytes(&t, dir.path(), &hb), "the cache counts the near-copy's patch");
-    // `b` open: `a` may not go (it would stay for `b`); `x` goes instead.
+    let (chosen, _) = t.eviction_candidates(cached - 1);
+    assert_eq!(chosen.iter().map(|e| &e.hash).collect::<Vec<_>>(), vec![&hx], "the base counts as used when the content over it was");
+    // `b` open: `a` may not go (it would stay for `b`): only `x` goes.
     let (fh, _) = t.open(b, false, false, false).unwrap();
-    let (chosen, _) = t.eviction_candidates(cached - 1);
-    let chosen: Vec<&ContentHash> = chosen.iter().map(|e| &e.hash).collect();
-    assert_eq!(chosen, vec![&hx], "the base stays while the content over it is in use");
+    let (chosen, _) = t.eviction_candidates(cached - size as u64 - 1);
+    assert_eq!(chosen.iter().map(|e| &e.hash).collect::<Vec<_>>(), vec![&hx], "the base stays while the content over it is in use");
     t.release(fh).unwrap();
-    let (chosen, _) = t.eviction_candidates(cached - 1);
+    let (chosen, _) = t.eviction_candidates(cached - size as u64 - 1);
     let chosen: Vec<ContentHash> = chosen.into_iter().map(|e| e.hash).collect();
-    assert_eq!(chosen, vec![hb.clone(), ha.clone()], "the base goes with the content over it, after it");
+    assert_eq!(chosen, vec![hx.clone(), hb.clone(), ha.clone()], "the base goes with the content over it, after it");
     t.evict(&chosen);
-    assert!(!t.store().has(&ha) && !t.store().has(&hb) && t.store().has(&hx) && t.store().has(&hp), "both went");
+    assert!(![&ha, &hb, &hx].iter().any(|h| t.store().has(h)) && t.store().has(&hp), "all three went, the pinned one stays");
+    // A content over an on-demand base kept for the manager since (its file changed):
+    // it must stay, so it is written out and becomes the base instead.
+    let f = noise(size, 37);
+    let mut g_bytes = f.clone();
+    g_bytes[1 << 19..(1 << 19) + 100].copy_from_slice(&noise(100, 38));
+    let fi = closed_file(&t, ROOT, "f.img", &f);
+    let gi = closed_file(&t, ROOT, "g.img", &g_bytes);
+    let (hf, hg) = (hash(&f), hash(&g_bytes));
+    for h in [&hf, &hg] {
+        t.store().chunk_list(h).unwrap();
+    }
+    let (fh, _) = t.open(fi, false, false, false).unwrap();
+    t.store().forget_at_rest_looks();
+    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
+    t.release(fh).unwrap();
+    assert!(t.store().is_patched(&hg));
+    t.keep(&[keep_item(&hg, size as u64, i64::MAX / 2)]).unwrap();
+    t.keep_at_rest(Duration::from_secs(3600));
+    assert!(!t.store().is_patched(&hg) && t.store().is_patched(&hf), "the kept content is the base now");
+    assert!(read_whole_file(&t, gi) == g_bytes && read_whole_file(&t, fi) == f);
     // A base whose file is deleted: the near-copy over it becomes whole, the base goes.
     let d = noise(size, 35);
     let mut e_bytes = d.clone();
@@ -1509,5 +1530,5 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
         let db = Db::open(&dir.join("node.db")).unwrap();
         Tree::load_on_demand(db, ContentStore::open_with_small_max(dir, 0).unwrap().with_write_out_after(None), true).unwrap()
     });
-    assert!(read_whole_file(&t, ei) == e_bytes && read_whole_file(&t, x) == other && read_whole_file(&t, p) == pinned_near, "after a crash");
+    assert!(read_whole_file(&t, ei) == e_bytes && read_whole_file(&t, fi) == f && read_whole_file(&t, p) == pinned_near, "after a crash");
 }
