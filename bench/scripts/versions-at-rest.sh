@@ -13,10 +13,13 @@
 # With MODE=twins (session 23), no edits: a copy of the file with 1,000 random bytes
 # inserted at 100 MiB is written next to it (two current near-copies); the nodes run with
 # SYNC_DEDUP_IDLE_SECS=${IDLE:-10}, the sizes are taken 80 s later, then (caches dropped)
-# each file is read whole through A's mount twice, timed.
-# Usage: [MODE=saved|twins] [IDLE=secs] bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
+# each file is read whole through A's mount twice, timed. (Session 24:) SIZE_MIB sets the
+# file's size (default 256; the insertion is then at a third of it), and ON_DEMAND=1
+# starts B with --on-demand and reads both files through B's mount before the wait (B
+# fetches them into its cache).
+# Usage: [MODE=saved|twins] [IDLE=secs] [SIZE_MIB=n] [ON_DEMAND=1] bench/scripts/versions-at-rest.sh BIN_DIR...   (needs scripts/setup.sh run)
 set -eu
-MODE=${MODE:-in-place}
+MODE=${MODE:-in-place} SIZE_MIB=${SIZE_MIB:-256}
 [ $# -ge 1 ] || { echo "usage: $0 BIN_DIR..." >&2; exit 2; }
 waitfor() { for _ in $(seq 1200); do if "$@"; then return 0; fi; sleep 0.1; done; echo "timed out: $*" >&2; return 1; }
 for bin in "$@"; do
@@ -26,17 +29,18 @@ for bin in "$@"; do
   broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
   RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids+=($!)
   for n in a b; do
-    SYNC_DEDUP_IDLE_SECS=${IDLE:-10} RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" --gc-every-secs 1 >"$d/node-$n.log" 2>&1 & pids+=($!)
+    more=(); [ "$n" = b ] && [ -n "${ON_DEMAND:-}" ] && more=(--on-demand)
+    SYNC_DEDUP_IDLE_SECS=${IDLE:-10} RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" --gc-every-secs 1 "${more[@]}" >"$d/node-$n.log" 2>&1 & pids+=($!)
   done
   for n in a b; do waitfor mountpoint -q "$d/$n"; done
-  head -c $((256 << 20)) /dev/urandom > "$d/src.bin"
+  head -c $((SIZE_MIB << 20)) /dev/urandom > "$d/src.bin"
   cp "$d/src.bin" "$d/a/big.img"
   waitfor cmp -s "$d/a/big.img" "$d/b/big.img"
   if [ "$MODE" = twins ]; then
-    python3 -c "import os; b = open('$d/src.bin', 'rb').read(); at = 100 * 2**20; open('$d/a/copy.img', 'wb').write(b[:at] + os.urandom(1000) + b[at:])"
+    python3 -c "import os; b = open('$d/src.bin', 'rb').read(); at = 100 * 2**20 if $SIZE_MIB == 256 else $SIZE_MIB * 2**20 // 3; open('$d/a/copy.img', 'wb').write(b[:at] + os.urandom(1000) + b[at:])"
     waitfor cmp -s "$d/a/copy.img" "$d/b/copy.img"
     sleep 80
-    echo "== $bin ($MODE, idle ${IDLE:-10} s)"
+    echo "== $bin ($MODE, idle ${IDLE:-10} s, $SIZE_MIB MiB${ON_DEMAND:+, B on demand})"
     for n in a b; do
       echo "node $n: blobs $(du -sm "$d/data-$n/blobs" | cut -f1) MiB, patched $(du -sm "$d/data-$n/patched" | cut -f1) MiB"
     done
