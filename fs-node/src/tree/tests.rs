@@ -1485,50 +1485,39 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
     assert_eq!(chosen, vec![hx.clone(), hb.clone(), ha.clone()], "the base goes with the content over it, after it");
     t.evict(&chosen);
     assert!(![&ha, &hb, &hx].iter().any(|h| t.store().has(h)) && t.store().has(&hp), "all three went, the pinned one stays");
+    // Two more on-demand near-copies `base_name` and `copy_name` (bytes from `seed`),
+    // the copy made a patch over the base (open meanwhile): (inode, bytes, hash) of each.
+    let patched_pair = |t: &Tree, base_name: &str, copy_name: &str, seed: u64| {
+        let base = noise(size, seed);
+        let mut copy = base.clone();
+        copy[1 << 19..(1 << 19) + 100].copy_from_slice(&noise(100, seed + 1));
+        let (base_ino, copy_ino) = (closed_file(t, ROOT, base_name, &base), closed_file(t, ROOT, copy_name, &copy));
+        let (base_hash, copy_hash) = (hash(&base), hash(&copy));
+        for h in [&base_hash, &copy_hash] {
+            t.store().chunk_list(h).unwrap();
+        }
+        let (fh, _) = t.open(base_ino, false, false, false).unwrap();
+        t.store().forget_at_rest_looks();
+        assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
+        t.release(fh).unwrap();
+        assert!(t.store().is_patched(&copy_hash));
+        ((base_ino, base, base_hash), (copy_ino, copy, copy_hash))
+    };
     // A content over an on-demand base kept for the manager since (its file changed):
     // it must stay, so it is written out and becomes the base instead.
-    let f = noise(size, 37);
-    let mut g_bytes = f.clone();
-    g_bytes[1 << 19..(1 << 19) + 100].copy_from_slice(&noise(100, 38));
-    let fi = closed_file(&t, ROOT, "f.img", &f);
-    let gi = closed_file(&t, ROOT, "g.img", &g_bytes);
-    let (hf, hg) = (hash(&f), hash(&g_bytes));
-    for h in [&hf, &hg] {
-        t.store().chunk_list(h).unwrap();
-    }
-    let (fh, _) = t.open(fi, false, false, false).unwrap();
-    t.store().forget_at_rest_looks();
-    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
-    t.release(fh).unwrap();
-    assert!(t.store().is_patched(&hg));
+    let ((fi, f, hf), (gi, g_bytes, hg)) = patched_pair(&t, "f.img", "g.img", 37);
     t.keep(&[keep_item(&hg, size as u64, i64::MAX / 2)]).unwrap();
     t.keep_at_rest(Duration::from_secs(3600));
     assert!(!t.store().is_patched(&hg) && t.store().is_patched(&hf), "the kept content is the base now");
     assert!(read_whole_file(&t, gi) == g_bytes && read_whole_file(&t, fi) == f);
     // A base whose file is deleted: the near-copy over it becomes whole, the base goes.
-    let d = noise(size, 35);
-    let mut e_bytes = d.clone();
-    e_bytes[1 << 19..(1 << 19) + 100].copy_from_slice(&noise(100, 36));
-    let di = closed_file(&t, ROOT, "d.img", &d);
-    let ei = closed_file(&t, ROOT, "e.img", &e_bytes);
-    let (hd, he) = (hash(&d), hash(&e_bytes));
-    for h in [&hd, &he] {
-        t.store().chunk_list(h).unwrap();
-    }
-    let (fh, _) = t.open(di, false, false, false).unwrap();
-    t.store().forget_at_rest_looks();
-    assert_eq!(t.keep_at_rest(Duration::ZERO), 1);
-    t.release(fh).unwrap();
-    assert!(t.store().is_patched(&he));
+    let ((_, _, hd), (ei, e_bytes, he)) = patched_pair(&t, "d.img", "e.img", 35);
     t.unlink(ROOT, OsStr::new("d.img")).unwrap();
     t.keep_at_rest(Duration::from_secs(3600));
     let keep = Tree::referenced(&t.lock());
     t.store().gc(&keep, Duration::ZERO);
     assert!(!t.store().has(&hd), "the base no file has is gone");
     assert!(!t.store().is_patched(&he) && read_whole_file(&t, ei) == e_bytes, "the near-copy is whole");
-    let t = crash_and_reload_with(t, dir.path(), |dir| {
-        let db = Db::open(&dir.join("node.db")).unwrap();
-        Tree::load_on_demand(db, ContentStore::open_with_small_max(dir, 0).unwrap().with_write_out_after(None), true).unwrap()
-    });
+    let t = crash_and_reload_with(t, dir.path(), open_on_demand);
     assert!(read_whole_file(&t, ei) == e_bytes && read_whole_file(&t, fi) == f && read_whole_file(&t, p) == pinned_near, "after a crash");
 }
