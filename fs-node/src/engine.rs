@@ -77,13 +77,6 @@ pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
 /// broker a replicated write, the manager a commit and every node a step. A change made
 /// while nothing is awaited goes at once.
 pub const GATHER_WAIT: Duration = Duration::from_millis(50);
-/// Contents taken are told to the manager (`Holding`) when this long has passed since the
-/// first of them, or as soon as they fill a message: under a stream of broadcasts a node
-/// sends a few full `Holding` messages instead of one per message it took in (each a
-/// replicated write at the broker and a commit at the manager). Only the manager's list
-/// of holders waits: the contents are in the mount already, and the node that sent them
-/// holds them too.
-pub const HOLD_WAIT: Duration = Duration::from_millis(100);
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -185,12 +178,8 @@ pub struct Engine<R> {
     last_sync_start: Option<Now>,
     missing: BTreeMap<RelPath, Missing>,
     out: Vec<Action<R>>,
-    /// Contents taken and not yet told to the manager, with their encoded size and when
-    /// the first of them was taken: told together (`take`) once they fill a `Holding`
-    /// message or [`HOLD_WAIT`] has passed.
+    /// Contents taken in this step, told to the manager together at its end (`take`).
     held: Vec<Held>,
-    held_bytes: usize,
-    held_since: Now,
     /// Contents asked to be kept in this step: kept (true) or lacking; told together at
     /// its end (`take`).
     kept: Vec<(ContentHash, bool)>,
@@ -221,8 +210,6 @@ impl<R> Engine<R> {
             missing: BTreeMap::new(),
             out: Vec::new(),
             held: Vec::new(),
-            held_bytes: 0,
-            held_since: now,
             kept: Vec::new(),
             batch_changes: false,
             awaiting: None,
@@ -231,7 +218,7 @@ impl<R> Engine<R> {
         };
         e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
-        let out = e.take(now);
+        let out = e.take();
         (e, out)
     }
 
@@ -260,22 +247,13 @@ impl<R> Engine<R> {
         if released {
             self.publish_outbox_gathered(now);
         }
-        Ok(self.take(now))
+        Ok(self.take())
     }
 
-    /// When what waits to go goes even if nothing else happens: changes gathering
-    /// ([`GATHER_WAIT`]) and contents taken ([`HOLD_WAIT`]). The driver calls
-    /// [`Engine::on_outbox_ready`] then.
+    /// When the changes waiting to go (`GATHER_WAIT`) go even if no decision comes: the
+    /// driver calls [`Engine::on_outbox_ready`] then.
     pub fn publish_due(&self) -> Option<Now> {
-        let changes = self.gathering.then(|| self.awaiting_since + GATHER_WAIT);
-        let held = (!self.held.is_empty()).then(|| self.held_since + HOLD_WAIT);
-        changes.into_iter().chain(held).min()
-    }
-
-    /// Whether new changes wait for the decision awaited (or [`GATHER_WAIT`]) anyway:
-    /// then telling the engine of them changes nothing.
-    pub fn gathering_changes(&self) -> bool {
-        self.gathering
+        self.gathering.then(|| self.awaiting_since + GATHER_WAIT)
     }
 
     /// One message for this node (a batch's item, or a message alone), or a run of
@@ -388,13 +366,13 @@ impl<R> Engine<R> {
         self.kept.extend(dropped.into_iter().map(|h| (h, false)));
         self.heartbeat(pending_pulls, residency);
         self.publish_outbox_gathered(now);
-        self.take(now)
+        self.take()
     }
 
     /// The tree has new changes to send (or the time to gather them is up).
     pub fn on_outbox_ready(&mut self, now: Now) -> Vec<Action<R>> {
         self.publish_outbox_gathered(now);
-        self.take(now)
+        self.take()
     }
 
     /// Sends the outbox now unless changes sent before are still awaited and were sent
@@ -412,7 +390,7 @@ impl<R> Engine<R> {
     /// failing). It starts now, or after the one in flight.
     pub fn on_sync_requested(&mut self, responder: Option<R>, now: Now) -> Vec<Action<R>> {
         self.request_sync(responder, now);
-        self.take(now)
+        self.take()
     }
 
     /// Retry time: starts a pull for every missing content due for another try, gives up
@@ -434,7 +412,7 @@ impl<R> Engine<R> {
             }
         }
         self.start_next_sync(now);
-        self.take(now)
+        self.take()
     }
 
     /// A background pull asked for by [`Action::Pull`] ended: the entry is applied if
@@ -442,38 +420,25 @@ impl<R> Engine<R> {
     /// sync (coalesced) brings the current holders.
     pub fn pull_finished(&mut self, path: &RelPath, rev: Revision, ok: bool, now: Now) -> EngineResult<Vec<Action<R>>> {
         let Some(m) = self.missing.get_mut(path).filter(|m| m.entry.rev == rev) else {
-            return Ok(self.take(now));
+            return Ok(self.take());
         };
         m.in_flight = false;
         if ok {
             let entry = m.entry.clone();
             self.apply_entry(entry, now)?;
-            return Ok(self.take(now));
+            return Ok(self.take());
         }
         m.backoff = (m.backoff * 2).min(RETRY_MAX);
         m.next_try = now + m.backoff;
         if m.backoff == RETRY_MAX {
             self.request_sync(None, now);
         }
-        Ok(self.take(now))
+        Ok(self.take())
     }
 
-    /// The step's actions; what was taken is told to the manager last, in as few
-    /// `Holding` messages as fit the size limits, once it fills one or has waited
-    /// [`HOLD_WAIT`].
-    fn take(&mut self, now: Now) -> Vec<Action<R>> {
-        let full = self.held.len() >= MAX_HELD || self.held_bytes >= HOLDING_BYTES;
-        if !self.held.is_empty() && (full || now >= self.held_since + HOLD_WAIT) {
-            self.tell_held();
-        }
-        let kept = std::mem::take(&mut self.kept);
-        self.report_kept(kept);
-        std::mem::take(&mut self.out)
-    }
-
-    /// Publishes every content taken and not yet told, in as few messages as fit.
-    fn tell_held(&mut self) {
-        self.held_bytes = 0;
+    /// The step's actions; what it took is told to the manager last, in as few
+    /// `Holding` messages as fit the size limits.
+    fn take(&mut self) -> Vec<Action<R>> {
         let mut items = Vec::new();
         let mut bytes = 0;
         for held in std::mem::take(&mut self.held) {
@@ -488,6 +453,9 @@ impl<R> Engine<R> {
         if !items.is_empty() {
             self.publish_holding(items);
         }
+        let kept = std::mem::take(&mut self.kept);
+        self.report_kept(kept);
+        std::mem::take(&mut self.out)
     }
 
     fn publish_holding(&mut self, items: Vec<Held>) {
@@ -678,12 +646,7 @@ impl<R> Engine<R> {
         // A path applied without its content (on demand here) is not held.
         if applied.changed && !applied.remote {
             if let Some(Version { content: Content::File { hash, .. }, .. }) = &entry.version {
-                if self.held.is_empty() {
-                    self.held_since = now;
-                }
-                let held = Held { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() };
-                self.held_bytes += held.encoded_len();
-                self.held.push(held);
+                self.held.push(Held { path: entry.path.clone(), rev: entry.rev, hash: hash.clone() });
             }
         }
     }
@@ -879,48 +842,6 @@ mod tests {
         assert_eq!(messages, names.len().div_ceil(HOLDING_BYTES / len));
         assert!(messages > 1);
         assert_eq!(told, names);
-    }
-
-    /// Contents taken a message at a time wait to be told to the manager: one `Holding`
-    /// names them all once [`HOLD_WAIT`] has passed since the first was taken (the driver
-    /// is told when), not one message per message taken in.
-    #[test]
-    fn contents_taken_message_by_message_are_told_together_after_the_wait() {
-        let dir = tempfile::tempdir().unwrap();
-        let (hash, _tree, _me, mut engine) = engine_with(dir.path(), b"x");
-        let ms = Duration::from_millis;
-        let broadcast = |id: &str, path: &str, rev: u64| {
-            let entry = Entry {
-                path: RelPath::new(path.to_string()).unwrap(),
-                rev: Revision(rev),
-                version: Some(Version { content: Content::File { hash: hash.clone(), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
-                holders: vec![],
-            };
-            Envelope::new(id.parse().unwrap(), NodeId::manager(), ToNode::Applied { entry, origin: "n1".parse().unwrap() })
-        };
-        let told = |actions: Vec<Action<()>>| -> Vec<Vec<String>> {
-            actions
-                .into_iter()
-                .filter_map(|a| match a {
-                    Action::Publish { env: Envelope { body: ToManager::Holding { items }, .. }, .. } => {
-                        Some(items.iter().map(|h| h.path.to_string()).collect())
-                    }
-                    _ => None,
-                })
-                .collect()
-        };
-        assert_eq!(engine.publish_due(), None);
-        assert!(told(engine.on_message(broadcast("m1", "a", 1), ms(10)).unwrap()).is_empty());
-        assert_eq!(engine.publish_due(), Some(ms(10) + HOLD_WAIT));
-        assert!(told(engine.on_message(broadcast("m2", "b", 2), ms(20)).unwrap()).is_empty());
-        assert_eq!(engine.publish_due(), Some(ms(10) + HOLD_WAIT), "the first content taken sets the time");
-        assert!(told(engine.on_outbox_ready(ms(10) + HOLD_WAIT - ms(1))).is_empty());
-        assert_eq!(told(engine.on_outbox_ready(ms(10) + HOLD_WAIT)), vec![vec!["a".to_string(), "b".to_string()]]);
-        assert_eq!(engine.publish_due(), None);
-        // The next content taken waits from its own time.
-        assert!(told(engine.on_message(broadcast("m3", "c", 3), ms(500)).unwrap()).is_empty());
-        assert_eq!(engine.publish_due(), Some(ms(500) + HOLD_WAIT));
-        assert_eq!(told(engine.on_heartbeat(0, None, ms(500) + HOLD_WAIT)), vec![vec!["c".to_string()]]);
     }
 
     /// Local changes made while the engine was busy go out several to a message, in the

@@ -488,7 +488,6 @@ impl Link {
         let mut residency_counted = ResidencyCount::default();
         loop {
             let gather_due = s.engine.as_ref().and_then(|e| e.publish_due()).map(|due| tokio::time::Instant::from_std(clock + due));
-            let gathering_changes = s.engine.as_ref().is_some_and(|e| e.gathering_changes());
             tokio::select! {
                 _ = cancel.cancelled() => {
                     let _ = conn.close(200, "node shutting down".into()).await;
@@ -498,12 +497,11 @@ impl Link {
                 // comes or the wait is up: new changes need not wake it, one wake per
                 // change (a worker, a blocking thread, back) cost more than the change.
                 // A notification meanwhile is kept by `Notify` and taken after.
-                _ = outbox_ready.notified(), if !gathering_changes => {
+                _ = outbox_ready.notified(), if gather_due.is_none() => {
                     let now = s.now();
                     s.step(move |e| Ok(e.on_outbox_ready(now))).await?;
                 }
-                // Changes gathered while others await their decisions, or contents taken
-                // and not yet told: the wait is up.
+                // Changes gathered while others await their decisions: the wait is up.
                 _ = tokio::time::sleep_until(gather_due.unwrap_or_else(tokio::time::Instant::now)), if gather_due.is_some() => {
                     let now = s.now();
                     s.step(move |e| Ok(e.on_outbox_ready(now))).await?;
