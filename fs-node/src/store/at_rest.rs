@@ -24,8 +24,14 @@ use std::collections::{HashMap, HashSet};
 pub const AT_REST_MIN_BYTES: u64 = 1 << 20;
 
 /// A content that stayed whole is looked at again once the chunk index has more blobs,
-/// and at most this often (each look reads its chunk list and queries the index).
-const LOOK_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
+/// and at most this often (each look reads its chunk list and queries the index; the
+/// GC's period, a minute by default, spaces the passes anyway). It was a minute: with
+/// a GC every second, an older version looked at just before its new version's chunks
+/// were indexed stayed whole for that minute.
+const LOOK_AGAIN_AFTER_GROWTH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// A base that could not be replaced is tried again after this long.
+const TRY_REPLACING_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Bytes of contents one pass looks at, at most (each conversion reads its content
 /// and hashes it): the first pass after an upgrade spreads over several GCs.
@@ -120,7 +126,7 @@ pub fn layout_over(mine: &ChunkList, size: u64, base: &ChunkList) -> (Vec<bool>,
 impl ContentStore {
     /// One pass over `candidates` (kept contents no file uses, contents of files left
     /// alone): each whole one not looked at since the chunk index grew (or for
-    /// [`LOOK_AGAIN_AFTER`]) goes through [`Self::keep_at_rest_over_similar`], up to
+    /// [`LOOK_AGAIN_AFTER_GROWTH`]) goes through [`Self::keep_at_rest_over_similar`], up to
     /// [`BYTES_PER_PASS`]. Returns those that became patches.
     pub fn keep_at_rest(&self, candidates: &[ContentHash], bases: &AtRestBases) -> Vec<ContentHash> {
         let Some(index) = self.chunk_index() else {
@@ -144,7 +150,7 @@ impl ContentStore {
             };
             {
                 let mut looked = self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner());
-                if looked.get(h).is_some_and(|(at, when)| *at == indexed || now.duration_since(*when) < LOOK_AGAIN_AFTER) {
+                if looked.get(h).is_some_and(|(at, when)| *at == indexed || now.duration_since(*when) < LOOK_AGAIN_AFTER_GROWTH) {
                     continue;
                 }
                 // (One larger than the whole budget goes alone, in a pass of its own.)
@@ -298,7 +304,8 @@ impl ContentStore {
             {
                 // One that could not be replaced is tried again a while later.
                 let mut looked = self.at_rest_looked_at.lock().unwrap_or_else(|p| p.into_inner());
-                if looked.get(b).is_some_and(|(_, when)| now.duration_since(*when) < LOOK_AGAIN_AFTER) || (p.size > budget && budget < BYTES_PER_PASS) {
+                if looked.get(b).is_some_and(|(_, when)| now.duration_since(*when) < TRY_REPLACING_AGAIN_AFTER) || (p.size > budget && budget < BYTES_PER_PASS)
+                {
                     continue;
                 }
                 looked.insert((*b).clone(), (0, now));
