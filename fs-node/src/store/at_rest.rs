@@ -25,9 +25,9 @@ pub const AT_REST_MIN_BYTES: u64 = 1 << 20;
 
 /// A content that stayed whole is looked at again once the chunk index has more blobs,
 /// and at most this often (each look reads its chunk list and queries the index; the
-/// GC's period, a minute by default, spaces the passes anyway). It was a minute: with
-/// a GC every second, an older version looked at just before its new version's chunks
-/// were indexed stayed whole for that minute.
+/// GC's period, a minute by default, spaces the passes anyway). Short, so that an older
+/// version looked at just before its new version's chunks were indexed does not stay
+/// whole long when the GC runs often.
 const LOOK_AGAIN_AFTER_GROWTH: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A base that could not be replaced is tried again after this long.
