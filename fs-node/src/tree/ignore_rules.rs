@@ -286,9 +286,9 @@ impl State {
         let mut stack = vec![dir];
         while let Some(d) = stack.pop() {
             let Some(node) = self.inodes.get(&d) else { continue };
-            for (name, &ino) in &node.children {
+            for (name, e) in &node.children {
                 let Some(p) = self.path_of(d, name) else { continue };
-                let is_dir = self.is_dir(ino) == Some(true);
+                let (ino, is_dir) = (e.ino, e.kind == Kind::Dir);
                 if self.ignore.is_ignored(p.as_str(), Some(is_dir)) {
                     out.push(p);
                 } else if is_dir {

@@ -17,7 +17,7 @@ pub(super) struct Inode {
     pub(super) size: u64,
     pub(super) hash: Option<ContentHash>,
     pub(super) target: Option<Box<[u8]>>,
-    pub(super) children: BTreeMap<OsString, u64>,
+    pub(super) children: BTreeMap<OsString, DirEntry>,
     /// Directory entries naming this inode (a directory has one; hard links add more).
     pub(super) links: Vec<(u64, OsString)>,
     /// Uncommitted content being written (copy-on-write of the blob).
@@ -48,6 +48,15 @@ pub(super) struct Inode {
     pub(super) writers: u32,
     pub(super) open: u32,
     pub(super) lookups: u64,
+}
+
+/// What a directory keeps of each entry: the inode it names and that inode's kind (which
+/// never changes), so that a listing reads neither from the inode table (in a large tree
+/// each lookup there is a cache miss, and listing a directory of 1,000 files did 1,000).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct DirEntry {
+    pub(super) ino: u64,
+    pub(super) kind: Kind,
 }
 
 /// Size and mtime of a file's committed version (see `Inode::committed`).

@@ -42,7 +42,7 @@ mod sync;
 mod tests;
 
 pub use error::{FsError, FsResult};
-use inode::{Inode, Passthrough};
+use inode::{DirEntry, Inode, Passthrough};
 pub use ops::CreateOpen;
 
 pub const ROOT: u64 = 1;
@@ -223,7 +223,7 @@ enum Undo {
     Child {
         parent: u64,
         name: OsString,
-        old: Option<u64>,
+        old: Option<DirEntry>,
     },
     Rev(RelPath, Option<Revision>),
     Outbox(i64, Option<OutboxRow>),
@@ -384,8 +384,10 @@ impl Tree {
         }
         for (parent, name, ino) in db.dentries()? {
             if inodes.contains_key(&parent) && inodes.contains_key(&ino) {
-                inodes.get_mut(&parent).expect("checked").children.insert(name.clone(), ino);
-                inodes.get_mut(&ino).expect("checked").links.push((parent, name));
+                let child = inodes.get_mut(&ino).expect("checked");
+                let entry = DirEntry { ino, kind: child.kind };
+                child.links.push((parent, name.clone()));
+                inodes.get_mut(&parent).expect("checked").children.insert(name, entry);
             }
         }
         // A committed file whose content is missing from the store, or whose blob has

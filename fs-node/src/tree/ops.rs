@@ -195,7 +195,7 @@ impl Tree {
             if moving_dir && (newparent == ino || st.is_ancestor(ino, newparent)) {
                 return Err(FsError::Invalid);
             }
-            if let Some(&target) = st.inode(newparent)?.children.get(newname) {
+            if let Some(target) = st.inode(newparent)?.children.get(newname).map(|e| e.ino) {
                 if target == ino {
                     return Ok(());
                 }
@@ -522,9 +522,8 @@ impl Tree {
         }
         let parent = d.links.first().map(|(p, _)| *p).unwrap_or(ROOT);
         let mut all = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
-        for (name, &c) in &d.children {
-            let kind = st.inodes.get(&c).map(|i| i.kind).unwrap_or(Kind::File);
-            all.push((c, kind, name.clone()));
+        for (name, e) in &d.children {
+            all.push((e.ino, e.kind, name.clone()));
         }
         Ok(all.into_iter().enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name)).collect())
     }

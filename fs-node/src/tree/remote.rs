@@ -28,7 +28,7 @@ impl State {
     }
 
     fn has_unsaved_within(&self, ino: u64) -> bool {
-        self.inodes.get(&ino).is_some_and(|i| i.work.is_some() || i.children.values().any(|c| self.has_unsaved_within(*c)))
+        self.inodes.get(&ino).is_some_and(|i| i.work.is_some() || i.children.values().any(|e| self.has_unsaved_within(e.ino)))
     }
 
     pub(super) fn apply_remote(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
@@ -144,7 +144,7 @@ impl State {
         for anc in path.ancestors() {
             let name = OsString::from(anc.name());
             match self.inode(dir)?.children.get(&name).copied() {
-                Some(ino) if self.inode(ino)?.kind == Kind::Dir => dir = ino,
+                Some(e) if e.kind == Kind::Dir => dir = e.ino,
                 Some(_) => return Ok(None),
                 None => {
                     let ino = self.next_ino;

@@ -96,7 +96,7 @@ impl State {
                 Undo::Child { parent, name, old } => {
                     if let Some(p) = self.inodes.get_mut(&parent) {
                         match old {
-                            Some(ino) => p.children.insert(name, ino),
+                            Some(e) => p.children.insert(name, e),
                             None => p.children.remove(&name),
                         };
                     }
@@ -148,10 +148,10 @@ impl State {
         self.passthrough_detaches = c.passthrough_detaches;
     }
 
-    pub(super) fn set_child(&mut self, parent: u64, name: &OsStr, ino: Option<u64>) -> FsResult<()> {
+    pub(super) fn set_child(&mut self, parent: u64, name: &OsStr, entry: Option<DirEntry>) -> FsResult<()> {
         let p = self.inode_mut(parent)?;
-        let old = match ino {
-            Some(ino) => p.children.insert(name.to_owned(), ino),
+        let old = match entry {
+            Some(e) => p.children.insert(name.to_owned(), e),
             None => p.children.remove(name),
         };
         self.record(|| Undo::Child { parent, name: name.to_owned(), old });
@@ -179,7 +179,7 @@ impl State {
         if name.len() > wire::MAX_NAME_BYTES {
             return Err(FsError::NameTooLong);
         }
-        p.children.get(name).copied().ok_or(FsError::NotFound)
+        p.children.get(name).map(|e| e.ino).ok_or(FsError::NotFound)
     }
     pub(super) fn save(&self, ino: u64) -> FsResult<()> {
         let i = self.inode(ino)?;
@@ -223,7 +223,7 @@ impl State {
         let mut dir = ROOT;
         let mut comps = path.as_str().split('/').peekable();
         while let Some(c) = comps.next() {
-            let ino = *self.inodes.get(&dir)?.children.get(OsStr::new(c))?;
+            let ino = self.inodes.get(&dir)?.children.get(OsStr::new(c))?.ino;
             if comps.peek().is_none() {
                 return Some((dir, OsString::from(c), ino));
             }
@@ -234,8 +234,9 @@ impl State {
 
     pub(super) fn link_into(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
         let now = self.env.now_ns();
-        let is_dir = self.inode(ino)?.kind == Kind::Dir;
-        self.set_child(parent, name, Some(ino))?;
+        let kind = self.inode(ino)?.kind;
+        let is_dir = kind == Kind::Dir;
+        self.set_child(parent, name, Some(DirEntry { ino, kind }))?;
         let p = self.inode_mut(parent)?;
         p.mtime = now;
         p.ctime = now;
@@ -360,12 +361,12 @@ impl State {
         let Some(d) = self.inodes.get(&dir) else {
             return;
         };
-        for (name, &ino) in &d.children {
+        for (name, e) in &d.children {
             if let Some(p) = self.path_of(dir, name) {
-                out.push((p, dir, name.clone(), ino));
+                out.push((p, dir, name.clone(), e.ino));
             }
-            if self.inodes.get(&ino).map(|i| i.kind == Kind::Dir).unwrap_or(false) {
-                self.collect_paths(ino, None, out);
+            if e.kind == Kind::Dir {
+                self.collect_paths(e.ino, None, out);
             }
         }
     }

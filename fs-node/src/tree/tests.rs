@@ -300,11 +300,16 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     let mem = sorted(st.inodes.values().filter(|i| i.nlink > 0).map(|i| row(&i.row())).collect());
     let disk = sorted(st.db.inodes().unwrap().0.iter().map(row).collect());
     assert_eq!(mem, disk, "inodes, {when}");
-    let mem = sorted(st.inodes.values().flat_map(|d| d.children.iter().map(|(n, c)| format!("{} {n:?} {c}", d.ino))).collect());
+    let mem = sorted(st.inodes.values().flat_map(|d| d.children.iter().map(|(n, e)| format!("{} {n:?} {}", d.ino, e.ino))).collect());
     let disk = sorted(st.db.dentries().unwrap().iter().map(|(p, n, c)| format!("{p} {n:?} {c}")).collect());
     assert_eq!(mem, disk, "directory entries, {when}");
     let links = sorted(st.inodes.values().flat_map(|i| i.links.iter().map(|(p, n)| format!("{p} {n:?} {}", i.ino))).collect());
     assert_eq!(links, disk, "links, {when}");
+    for d in st.inodes.values() {
+        for (n, e) in &d.children {
+            assert_eq!(Some(e.kind), st.inodes.get(&e.ino).map(|i| i.kind), "the kind kept in {}'s entry {n:?}, {when}", d.ino);
+        }
+    }
     assert!(st.inodes.keys().all(|&i| i < st.next_ino), "next_ino, {when}");
     let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
     let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
