@@ -11,33 +11,8 @@
 # For an A/B, alternate two BIN_DIRs: for r in 1 2 3; do ... OLD old; ... NEW new; done
 set -euo pipefail
 BIN=$(realpath "$1") TAG=$2 N=${3:-10000}
-W=$(mktemp -d /tmp/ops-cpu.XXXXXX)
-VH=ops-cpu-$$
-pids=()
-cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
-  for m in "$W/a" "$W/b"; do mountpoint -q "$m" && umount -l "$m"; done
-  rabbitmqctl -q delete_vhost "$VH" >/dev/null 2>&1 || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-rabbitmqctl -q add_vhost "$VH" >/dev/null
-rabbitmqctl -q set_permissions -p "$VH" guest '.*' '.*' '.*' >/dev/null
-B="amqp://guest:guest@127.0.0.1:5672/$VH?heartbeat=10"
-"$BIN/manager" serve --broker "$B" --db "$W/manager.db" --http 127.0.0.1:0 >"$W/manager.log" 2>&1 &
-pids+=($!)
-for n in a b; do
-  mkdir -p "$W/$n"
-  "$BIN/fs-node" --id "node-$n" --mount "$W/$n" --data "$W/data-$n" --broker "$B" >"$W/node-$n.log" 2>&1 &
-  pids+=($!)
-done
-wait_for() { # what, deadline in tenths, condition...
-  local what=$1 tenths=$2; shift 2
-  for _ in $(seq "$tenths"); do "$@" && return 0; sleep 0.1; done
-  echo "timed out waiting for $what" >&2; exit 1
-}
-for n in a b; do wait_for "node $n" 300 test -f "$W/data-$n/node.url"; done
+source "$(dirname "$0")/two-nodes.sh"
+start_two_nodes "$BIN" ops-cpu
 mkdir "$W/a/d"
 procs="${pids[*]} $(pgrep -x beam.smp | head -n1)"
 snap() { for p in $procs; do awk '{printf "%d ", $14+$15}' "/proc/$p/stat"; done; }
