@@ -51,8 +51,8 @@ pub(super) struct Inode {
 }
 
 /// What a directory keeps of each entry: the inode it names and that inode's kind (which
-/// never changes), so that a listing reads neither from the inode table (in a large tree
-/// each lookup there is a cache miss, and listing a directory of 1,000 files did 1,000).
+/// never changes), so that a listing need not look in the inode table (in a large tree
+/// each look there is a cache miss, and a directory of 1,000 files cost 1,000 of them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct DirEntry {
     pub(super) ino: u64,
