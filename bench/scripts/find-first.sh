@@ -2,10 +2,10 @@
 # `find` over a tree whose listings the kernel has not cached yet, through node A's mount
 # against the same tree on the native disk (docs/benchmarks.md, session 26).
 # Usage: bench/scripts/find-first.sh BIN_DIR [FILES] [ROUNDS]
-#   BIN_DIR holds manager, fs-node and syncctl. Starts the manager and nodes a and b on a fresh
-#   vhost of the local broker (scripts/setup.sh), writes FILES files of 1 KiB in
-#   directories of 1,000 through a's mount (b syncs them) and the same tree on the native
-#   disk, then ROUNDS times: creates and deletes one file in every directory of both trees
+#   BIN_DIR holds manager, fs-node and syncctl. Starts the manager and nodes a and b on
+#   a fresh vhost of the local broker (scripts/setup.sh), writes FILES files of 1 KiB in
+#   directories of 1,000 through a's mount (b syncs them) and the same tree on the
+#   native disk, then ROUNDS times: creates and deletes one file in every directory of both trees
 #   (which drops the kernel's cached listings of the mount, as any local change does),
 #   and times `find -type f` on the mount (the first listing of each directory, from the
 #   node), on the mount again (from the kernel's cache) and on the native tree.

@@ -521,11 +521,9 @@ impl Tree {
             return Err(FsError::NotDir);
         }
         let parent = d.links.first().map(|(p, _)| *p).unwrap_or(ROOT);
-        let mut all = vec![(ino, Kind::Dir, OsString::from(".")), (parent, Kind::Dir, OsString::from(".."))];
-        for (name, e) in &d.children {
-            all.push((e.ino, e.kind, name.clone()));
-        }
-        Ok(all.into_iter().enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name)).collect())
+        let dots = [(ino, OsStr::new(".")), (parent, OsStr::new(".."))].map(|(i, name)| (i, Kind::Dir, name));
+        let entries = dots.into_iter().chain(d.children.iter().map(|(name, e)| (e.ino, e.kind, name.as_os_str())));
+        Ok(entries.enumerate().skip(offset as usize).map(|(n, (i, k, name))| (i, n as u64 + 1, k, name.to_owned())).collect())
     }
 
     /// The node's own ignore rules (gitignore lines), from its configuration; call once
