@@ -212,14 +212,18 @@ async fn main() -> anyhow::Result<()> {
                     bytes(s.kept_disk_bytes)
                 );
                 let r = &s.residency;
-                println!(
-                    "contents:  {} file(s) local ({}), {} on demand ({}){}",
-                    r.local_files,
-                    bytes(r.local_bytes),
-                    r.remote_files,
-                    bytes(r.remote_bytes),
-                    if r.on_demand { "; new files come on demand" } else { "" }
-                );
+                if r.counted {
+                    println!(
+                        "contents:  {} file(s) local ({}), {} on demand ({}){}",
+                        r.local_files,
+                        bytes(r.local_bytes),
+                        r.remote_files,
+                        bytes(r.remote_bytes),
+                        if r.on_demand { "; new files come on demand" } else { "" }
+                    );
+                } else {
+                    println!("contents:  every file's content kept here (no path on demand)");
+                }
                 if s.cache.budget > 0 {
                     println!(
                         "cache:     budget {}; {} content(s) evicted ({}); {} last cop(ies) kept",

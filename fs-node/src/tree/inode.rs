@@ -59,6 +59,37 @@ pub(super) struct DirEntry {
     pub(super) kind: Kind,
 }
 
+/// The directory entries of the whole tree that name directories and that name anything
+/// else (files, symbolic links, special files; a file with two names counts twice, as
+/// `find` counts it). Kept as entries come and go (`State::set_child`, its undo, the
+/// load), so that `syncctl status` costs the same at a million files as at ten.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct EntryCounts {
+    pub(super) files: u64,
+    pub(super) dirs: u64,
+}
+
+impl EntryCounts {
+    /// Counts `new` in and `old` out (an entry replaced, added or removed).
+    pub(super) fn replaced(&mut self, old: Option<&DirEntry>, new: Option<&DirEntry>) {
+        if let Some(e) = new {
+            *self.of_kind(e.kind) += 1;
+        }
+        if let Some(e) = old {
+            let n = self.of_kind(e.kind);
+            *n = n.checked_sub(1).expect("an entry counted out was counted in");
+        }
+    }
+
+    fn of_kind(&mut self, kind: Kind) -> &mut u64 {
+        if kind == Kind::Dir {
+            &mut self.dirs
+        } else {
+            &mut self.files
+        }
+    }
+}
+
 /// Size and mtime of a file's committed version (see `Inode::committed`).
 #[derive(Clone, Debug)]
 pub(super) struct Committed {

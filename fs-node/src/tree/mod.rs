@@ -42,7 +42,7 @@ mod sync;
 mod tests;
 
 pub use error::{FsError, FsResult};
-use inode::{DirEntry, Inode, Passthrough};
+use inode::{DirEntry, EntryCounts, Inode, Passthrough};
 pub use ops::CreateOpen;
 
 pub const ROOT: u64 = 1;
@@ -274,6 +274,10 @@ struct State {
     inodes: HashMap<u64, Box<Inode>>,
     next_ino: u64,
     revs: HashMap<RelPath, Revision>,
+    /// The highest of `revs`: the last revision this node took.
+    last_rev: u64,
+    /// Directory entries by kind, over the whole tree (`EntryCounts`).
+    entry_counts: EntryCounts,
     outbox: Outbox,
     handles: HashMap<u64, Handle>,
     next_fh: u64,
@@ -329,6 +333,11 @@ pub struct Tree {
     lost_at_load: Vec<u64>,
 }
 
+/// The highest revision in `revs` (0 for none).
+fn last_revision_in(revs: &HashMap<RelPath, Revision>) -> u64 {
+    revs.values().map(|r| r.0).max().unwrap_or(0)
+}
+
 fn check_name(name: &OsStr) -> FsResult<&str> {
     if name.len() > wire::MAX_NAME_BYTES {
         return Err(FsError::NameTooLong);
@@ -382,12 +391,14 @@ impl Tree {
             db.save_inode(&root.row())?;
             slot.insert(Box::new(root));
         }
+        let mut entry_counts = EntryCounts::default();
         for (parent, name, ino) in db.dentries()? {
             if inodes.contains_key(&parent) && inodes.contains_key(&ino) {
                 let child = inodes.get_mut(&ino).expect("checked");
                 let entry = DirEntry { ino, kind: child.kind };
                 child.links.push((parent, name.clone()));
-                inodes.get_mut(&parent).expect("checked").children.insert(name, entry);
+                let old = inodes.get_mut(&parent).expect("checked").children.insert(name, entry);
+                entry_counts.replaced(old.as_ref(), Some(&entry));
             }
         }
         // A committed file whose content is missing from the store, or whose blob has
@@ -434,6 +445,7 @@ impl Tree {
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
+        let last_rev = last_revision_in(&revs);
         let mut outbox = Outbox::default();
         for row in db.outbox()? {
             outbox.sent.insert(row.msg.clone());
@@ -446,6 +458,8 @@ impl Tree {
             inodes,
             next_ino,
             revs,
+            last_rev,
+            entry_counts,
             outbox,
             handles: HashMap::new(),
             next_fh: 1,

@@ -542,14 +542,9 @@ impl Tree {
         self.lock().conflicts_seen
     }
 
-    /// The highest revision this node has taken from the manager (one pass over the
-    /// paths' revisions, not over the whole tree as `stats`).
+    /// The highest revision this node has taken from the manager.
     pub fn last_revision(&self) -> u64 {
-        Self::last_revision_of(&self.lock())
-    }
-
-    fn last_revision_of(st: &State) -> u64 {
-        st.revs.values().map(|r| r.0).max().unwrap_or(0)
+        self.lock().last_rev
     }
 
     /// The gauges that cost nothing to read (queued changes, conflicts, passthrough
@@ -571,24 +566,22 @@ impl Tree {
         }
     }
 
-    /// `gauges` and the counts of the whole tree (files, directories, ignored paths, the
-    /// last revision): one pass over it, for `syncctl status`, under one lock.
+    /// `gauges`, the counts of the tree's entries and the last revision (kept as they
+    /// change), what the kept versions take on disk and the ignored paths, for `syncctl
+    /// status`. Proportional to the tree's size only where versions are kept (a look in
+    /// the kept table per file, to leave out what files use) or rules ignore paths.
     pub fn stats(&self) -> TreeStats {
         let st = self.lock();
         let mut s = Self::gauges_of(&st);
         s.ignored = st.ignored_below(ROOT).len() as u64;
-        s.last_revision = Self::last_revision_of(&st);
-        let used = Self::referenced(&st);
-        s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(*h)).map(|h| self.store.footprint(h)).sum();
-        for i in st.inodes.values() {
-            if i.nlink == 0 {
-                continue;
-            }
-            match i.kind {
-                Kind::Dir => s.dirs += 1,
-                _ => s.files += 1,
-            }
+        s.last_revision = st.last_rev;
+        if !st.kept.is_empty() {
+            let used: HashSet<&ContentHash> = Self::live_hashes(&st).filter(|h| st.kept.contains_key(*h)).collect();
+            s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(h)).map(|h| self.store.footprint(h)).sum();
         }
+        s.files = st.entry_counts.files;
+        // The root has no entry.
+        s.dirs = st.entry_counts.dirs + 1;
         s
     }
 }

@@ -13,6 +13,7 @@ impl State {
         let cur = self.revs.get(path).copied().unwrap_or_default();
         if rev > cur {
             let old = self.revs.insert(path.clone(), rev);
+            self.last_rev = self.last_rev.max(rev.0);
             self.record(|| Undo::Rev(path.clone(), old));
             self.db.set_rev(path, rev)?;
         }

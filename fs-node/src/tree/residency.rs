@@ -71,6 +71,12 @@ pub struct RemoteContent {
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct ResidencyReport {
     pub on_demand: bool,
+    /// Whether the files below were counted: only where some path is on demand. A node
+    /// without is a full copy (every file's content is here once pulled; the pulls under
+    /// way are in the status), and counting would take a pass over the whole tree and a
+    /// look in the store per file.
+    #[serde(default)]
+    pub counted: bool,
     /// Files whose content is here, and their bytes (a content two paths share counts
     /// for each).
     pub local_files: u64,
@@ -178,17 +184,20 @@ impl Tree {
         self.lock().residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect()
     }
 
-    /// Local and remote files and bytes, and the pin rules: one pass over the tree
-    /// under its lock to list the contents, then the store is asked about each one
-    /// outside it (a stat per content, which a large tree must not hold the lock for).
+    /// The pin rules and, where some path is on demand, the local and remote files and
+    /// bytes: one pass over the tree under its lock to list the contents, then the store
+    /// is asked about each one outside it (a stat per content, which a large tree must
+    /// not hold the lock for).
     pub fn residency(&self) -> ResidencyReport {
         let (on_demand, pins, files) = {
             let st = self.lock();
-            let files: Vec<(Option<ContentHash>, u64)> =
-                st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0).map(|i| (i.hash.clone().filter(|_| i.work.is_none()), i.size)).collect();
+            let files: Option<Vec<(Option<ContentHash>, u64)>> = st.residency.any_on_demand().then(|| {
+                st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0).map(|i| (i.hash.clone().filter(|_| i.work.is_none()), i.size)).collect()
+            });
             (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), files)
         };
-        let mut r = ResidencyReport { on_demand, pins, ..Default::default() };
+        let mut r = ResidencyReport { on_demand, counted: files.is_some(), pins, ..Default::default() };
+        let files = files.unwrap_or_default();
         for (hash, size) in files {
             if hash.is_some_and(|h| !self.store.has(&h)) {
                 r.remote_files += 1;

@@ -50,6 +50,7 @@ impl State {
     /// Undoes in memory what a failed transaction did (see `Undo`).
     pub(super) fn undo(&mut self, j: Journal, store: &ContentStore) {
         let detached = j.detached;
+        let mut revs_undone = false;
         for u in j.undo.into_iter().rev() {
             match u {
                 Undo::Inode(ino, None) => {
@@ -95,10 +96,11 @@ impl State {
                 }
                 Undo::Child { parent, name, old } => {
                     if let Some(p) = self.inodes.get_mut(&parent) {
-                        match old {
+                        let now = match old {
                             Some(e) => p.children.insert(name, e),
                             None => p.children.remove(&name),
                         };
+                        self.entry_counts.replaced(now.as_ref(), old.as_ref());
                     }
                 }
                 Undo::IgnoreRules(dir, old) => self.ignore.restore_dir(&dir, old),
@@ -107,6 +109,7 @@ impl State {
                         Some(r) => self.revs.insert(path, r),
                         None => self.revs.remove(&path),
                     };
+                    revs_undone = true;
                 }
                 Undo::Outbox(seq, old) => {
                     self.outbox.set(seq, old);
@@ -140,6 +143,10 @@ impl State {
                 }
             }
         }
+        if revs_undone {
+            // Rare (a failed transaction that took a revision): counted again.
+            self.last_rev = last_revision_in(&self.revs);
+        }
         let c = j.counters;
         self.next_ino = c.next_ino;
         self.next_fh = c.next_fh;
@@ -154,6 +161,7 @@ impl State {
             Some(e) => p.children.insert(name.to_owned(), e),
             None => p.children.remove(name),
         };
+        self.entry_counts.replaced(old.as_ref(), entry.as_ref());
         self.record(|| Undo::Child { parent, name: name.to_owned(), old });
         Ok(())
     }

@@ -187,15 +187,19 @@ impl Tree {
     }
 
     pub(super) fn referenced(st: &State) -> HashSet<ContentHash> {
+        Self::live_hashes(st).cloned().collect()
+    }
+
+    /// The contents files use or queued changes name (a content may come more than once).
+    pub(super) fn live_hashes(st: &State) -> impl Iterator<Item = &ContentHash> {
         // A removed file still known to the kernel (it has not sent FORGET yet) but open
         // nowhere can never be read again: its content is not kept for it.
-        let mut keep: HashSet<ContentHash> = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.clone()).collect();
-        for r in st.outbox.rows().values() {
-            if let ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } = &r.change.op {
-                keep.insert(hash.clone());
-            }
-        }
-        keep
+        let files = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.as_ref());
+        let queued = st.outbox.rows().values().filter_map(|r| match &r.change.op {
+            ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } => Some(hash),
+            _ => None,
+        });
+        files.chain(queued)
     }
 
     /// Inodes in use, for statfs.

@@ -305,15 +305,19 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     assert_eq!(mem, disk, "directory entries, {when}");
     let links = sorted(st.inodes.values().flat_map(|i| i.links.iter().map(|(p, n)| format!("{p} {n:?} {}", i.ino))).collect());
     assert_eq!(links, disk, "links, {when}");
+    let mut counted = EntryCounts::default();
     for d in st.inodes.values() {
         for (n, e) in &d.children {
             assert_eq!(Some(e.kind), st.inodes.get(&e.ino).map(|i| i.kind), "the kind kept in {}'s entry {n:?}, {when}", d.ino);
+            counted.replaced(None, Some(e));
         }
     }
+    assert_eq!(st.entry_counts, counted, "the entries counted as they came and went, {when}");
     assert!(st.inodes.keys().all(|&i| i < st.next_ino), "next_ino, {when}");
     let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
     let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
     assert_eq!(mem, disk, "revisions, {when}");
+    assert_eq!(st.last_rev, last_revision_in(&st.revs), "the last revision, kept as revisions came, {when}");
     let mem: Vec<String> = st.outbox.rows().values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     let disk: Vec<String> = st.db.outbox().unwrap().iter().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     assert_eq!(mem, disk, "outbox, {when}");
