@@ -23,6 +23,24 @@ fn metrics_move_when_files_sync() {
     let (_, body) = http_get(&format!("{}/metrics", node_url(&c.nodes[0])), None);
     let served = parse_metrics(&String::from_utf8(body).unwrap());
     assert!(served["syncfs_node_bytes_served_total"] >= 300_000.0, "{served:?}");
+    // The status counts entries as they come and go: one file, and the root.
+    for n in &c.nodes {
+        let s = n.status();
+        assert_eq!((s["files"].as_u64(), s["dirs"].as_u64()), (Some(1), Some(1)), "{}: {s}", n.id);
+    }
+    // Its output into a pipe closed at once ends it quietly, not with a panic.
+    let mut status = Command::new(bin("syncctl"))
+        .arg("--data")
+        .arg(&c.nodes[1].data)
+        .args(["status", "--json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(status.stdout.take());
+    let out = status.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "syncctl status into a closed pipe: {err}");
 }
 
 #[test]

@@ -185,6 +185,12 @@ async fn call(cli: &Cli, method: reqwest::Method, path: &str, body: Option<Vec<u
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    // Output into a pipe closed early (`syncctl status | head -1`, `grep -q`) ends the
+    // process quietly, as it does other command-line tools, not with a panic of `println!`.
+    // SAFETY: called before any other thread runs; SIG_DFL is a valid disposition.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     if cli_support::generate_if_asked(Cli::command())? {
         return Ok(());
     }
