@@ -91,6 +91,7 @@ pub fn router(reporter: Arc<Reporter>, token: Option<String>) -> Router {
         .route("/chunks/{hash}", only(Method::GET, get(chunks)))
         .route("/leaves/{hash}", only(Method::GET, get(leaves)))
         .route("/status", only(Method::GET, get(status)))
+        .route("/status/brief", only(Method::GET, get(brief_status)))
         .route("/ignored", only(Method::GET, get(ignored)))
         .route("/metrics", only(Method::GET, get(metrics)))
         .route("/sync", only(Method::POST, post(sync)))
@@ -130,6 +131,10 @@ async fn no_such_endpoint() -> Response {
 
 async fn status(State(served): State<Arc<Served>>) -> Response {
     full(StatusCode::OK, "application/json", serde_json::to_vec(&served.reporter.status()).unwrap_or_default())
+}
+
+async fn brief_status(State(served): State<Arc<Served>>) -> Response {
+    full(StatusCode::OK, "application/json", serde_json::to_vec(&served.reporter.brief()).unwrap_or_default())
 }
 
 /// Every path the node ignores, as a JSON list of paths relative to the mount.
@@ -532,7 +537,7 @@ mod tests {
         let content = format!("/content/{hash}");
 
         // The token is needed everywhere, unknown paths included.
-        for (path, token) in [(content.as_str(), None), ("/status", Some("wrong")), ("/ignored", None), ("/no/such/thing", None)] {
+        for (path, token) in [(content.as_str(), None), ("/status", Some("wrong")), ("/status/brief", None), ("/ignored", None), ("/no/such/thing", None)] {
             let (status, _, body) = call(&router, "GET", path, token).await;
             assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
             assert_eq!(&body[..], br#"{"error":"a valid cluster token is required (Authorization: Bearer ...)"}"#);
@@ -556,6 +561,7 @@ mod tests {
             ("GET", "/content".to_string(), StatusCode::NOT_FOUND),
             ("GET", "/nope".to_string(), StatusCode::NOT_FOUND),
             ("GET", "/status".to_string(), StatusCode::OK),
+            ("GET", "/status/brief".to_string(), StatusCode::OK),
             ("GET", "/metrics".to_string(), StatusCode::OK),
             ("POST", "/sync".to_string(), StatusCode::SERVICE_UNAVAILABLE),
             ("POST", "/status".to_string(), StatusCode::METHOD_NOT_ALLOWED),

@@ -1,5 +1,5 @@
 //! What a node says about itself to `syncctl` and operators: [`NodeStatus`] (`GET
-//! /status`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
+//! /status`), [`BriefStatus`] (`GET /status/brief`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
 //! [`Reporter`] reads the tree, the broker link's handle and the metrics when asked.
 
 use crate::fetch::{CacheReport, Fetcher};
@@ -12,18 +12,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use wire::NodeId;
 
-/// What `GET /status` returns and `syncctl status` shows.
+/// What a node is doing right now (`GET /status/brief`): read from counters, so it costs
+/// the same at any tree size; what `syncctl status --watch` and the progress of `syncctl
+/// sync` poll several times a second.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct NodeStatus {
+pub struct BriefStatus {
     pub id: String,
     pub mount: String,
     pub url: String,
     pub connected: bool,
     pub pending_changes: u64,
     pub pending_pulls: u64,
+    pub conflicts_seen: u64,
+    pub bytes_pulled: u64,
+}
+
+/// What `GET /status` returns and `syncctl status` shows: the brief status and what
+/// the tree holds. Where versions are kept, ignore rules apply or paths are on demand,
+/// some of it takes a pass over the tree.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatus {
+    #[serde(flatten)]
+    pub brief: BriefStatus,
     pub files: u64,
     pub dirs: u64,
-    pub conflicts_seen: u64,
     pub last_revision: u64,
     /// Paths this node keeps to itself (`syncctl ignored` lists them).
     #[serde(default)]
@@ -37,7 +49,6 @@ pub struct NodeStatus {
     /// versions at rest are patches).
     #[serde(default)]
     pub kept_disk_bytes: u64,
-    pub bytes_pulled: u64,
     pub last_sync: Option<SyncReport>,
     /// Local and on-demand contents, and the pin rules (docs/on-demand.md).
     #[serde(default)]
@@ -65,24 +76,30 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub fn status(&self) -> NodeStatus {
-        let stats = self.tree.stats();
-        NodeStatus {
+    pub fn brief(&self) -> BriefStatus {
+        BriefStatus {
             id: self.id.to_string(),
             mount: self.mount.display().to_string(),
             url: self.url.clone(),
             connected: self.link.connected(),
-            pending_changes: stats.pending_changes,
+            pending_changes: self.tree.pending_changes(),
             pending_pulls: self.link.pulls_in_progress(),
+            conflicts_seen: self.tree.conflicts_seen(),
+            bytes_pulled: self.metrics.bytes_pulled.get(),
+        }
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let stats = self.tree.stats();
+        NodeStatus {
+            brief: self.brief(),
             files: stats.files,
             dirs: stats.dirs,
-            conflicts_seen: stats.conflicts_seen,
             last_revision: stats.last_revision,
             ignored: stats.ignored,
             kept_contents: stats.kept_contents,
             kept_bytes: stats.kept_bytes,
             kept_disk_bytes: stats.kept_disk_bytes,
-            bytes_pulled: self.metrics.bytes_pulled.get(),
             last_sync: self.link.last_sync(),
             residency: self.tree.residency(),
             pulls: self.fetcher.in_progress(),

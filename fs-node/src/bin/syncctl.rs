@@ -3,7 +3,7 @@
 use anyhow::{bail, Context};
 use clap::{CommandFactory, Parser, Subcommand};
 use fs_node::link::SyncReport;
-use fs_node::status::NodeStatus;
+use fs_node::status::{BriefStatus, NodeStatus};
 use std::path::{Path, PathBuf};
 
 #[derive(Parser)]
@@ -202,14 +202,14 @@ async fn main() -> anyhow::Result<()> {
             if *json {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
-                println!("node:      {}", s.id);
-                println!("state:     {}", if s.connected { "online" } else { "offline" });
-                println!("mount:     {}", s.mount);
+                println!("node:      {}", s.brief.id);
+                println!("state:     {}", if s.brief.connected { "online" } else { "offline" });
+                println!("mount:     {}", s.brief.mount);
                 println!("revision:  {} (last seen from the manager)", s.last_revision);
-                println!("uploads:   {} local change(s) waiting for the manager", s.pending_changes);
-                println!("downloads: {} pull(s) in progress", s.pending_pulls);
+                println!("uploads:   {} local change(s) waiting for the manager", s.brief.pending_changes);
+                println!("downloads: {} pull(s) in progress", s.brief.pending_pulls);
                 println!("files:     {} ({} directories)", s.files, s.dirs);
-                println!("conflicts: {}", s.conflicts_seen);
+                println!("conflicts: {}", s.brief.conflicts_seen);
                 println!("ignored:   {} path(s) kept to this node (syncctl ignored)", s.ignored);
                 println!(
                     "versions:  {} old content(s) kept for the cluster, {} bytes ({} on disk besides the files)",
@@ -259,7 +259,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Pin { path } | Cmd::Unpin { path } => {
             let pinned = matches!(cli.cmd, Cmd::Pin { .. });
-            let s = status(&cli).await?;
+            let s = brief_status(&cli).await?;
             let rel = in_mount(path, &s.mount)?;
             let body = serde_json::json!({ "path": rel, "pinned": pinned });
             let r: serde_json::Value =
@@ -283,7 +283,7 @@ async fn main() -> anyhow::Result<()> {
             );
         }
         Cmd::Ignored { dir } => {
-            let s: NodeStatus = status(&cli).await?;
+            let s = brief_status(&cli).await?;
             let paths: Vec<String> = request(&cli, reqwest::Method::GET, "/ignored").await?.json().await.context("decoding the ignored paths")?;
             let below = match dir {
                 Some(d) => in_mount(d, &s.mount)?,
@@ -294,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Versions { path, json } => {
-            let s = status(&cli).await?;
+            let s = brief_status(&cli).await?;
             let wire::Answer::Versions { versions, .. } = ask(&cli, &wire::Query::Versions { path: rel_path(path, &s.mount)? }).await? else {
                 bail!("the manager answered something else")
             };
@@ -321,7 +321,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Trash { dir, json } => {
-            let s = status(&cli).await?;
+            let s = brief_status(&cli).await?;
             let dir = dir.as_deref().map(|d| rel_path(d, &s.mount)).transpose()?;
             let wire::Answer::Trash { items } = ask(&cli, &wire::Query::Trash { dir }).await? else { bail!("the manager answered something else") };
             if *json {
@@ -347,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Restore { path, rev, to } => {
-            let s = status(&cli).await?;
+            let s = brief_status(&cli).await?;
             let query = wire::Query::Restore {
                 path: rel_path(path, &s.mount)?,
                 rev: rev.map(wire::Revision),
@@ -370,7 +370,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Conflicts => {
-            let s: NodeStatus = request(&cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")?;
+            let s = brief_status(&cli).await?;
             let mut files = Vec::new();
             conflict_files(Path::new(&s.mount), &mut files);
             files.sort();
@@ -385,8 +385,9 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(cli: &Cli) -> anyhow::Result<NodeStatus> {
-    request(cli, reqwest::Method::GET, "/status").await?.json().await.context("decoding the status")
+/// The node's brief status: cheap at any tree size, for what polls it.
+async fn brief_status(cli: &Cli) -> anyhow::Result<BriefStatus> {
+    request(cli, reqwest::Method::GET, "/status/brief").await?.json().await.context("decoding the status")
 }
 
 /// Transfers as a bar: the longest queue of pulls seen is the length, what is done of it
@@ -415,7 +416,7 @@ impl Transfers {
         Transfers { bar, most: 0, last_line: String::new(), lines_to_stderr }
     }
 
-    fn show(&mut self, s: &NodeStatus) {
+    fn show(&mut self, s: &BriefStatus) {
         if s.pending_pulls == 0 {
             self.most = 0;
         }
@@ -447,7 +448,7 @@ impl Transfers {
 async fn watch(cli: &Cli) -> anyhow::Result<()> {
     let mut t = Transfers::new(false);
     loop {
-        t.show(&status(cli).await?);
+        t.show(&brief_status(cli).await?);
         // Often enough that a transfer of a second or less still shows up.
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
@@ -467,7 +468,7 @@ async fn with_progress<T>(cli: &Cli, fut: impl std::future::Future<Output = anyh
                 return r;
             }
             _ = tick.tick() => {
-                if let Ok(s) = status(cli).await {
+                if let Ok(s) = brief_status(cli).await {
                     t.show(&s);
                 }
             }
