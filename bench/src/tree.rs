@@ -45,10 +45,10 @@ pub(crate) fn files_so_far(root: &Path) -> usize {
 
 /// Waits until `node` has every file `writer` has, `n` of them below `tree` (its status
 /// counts them all and has no pull under way, and `writer` has nothing left to send),
-/// and returns how long after `since` that was; then `find` on `node`'s mount must count the `n`. A
-/// node's tree takes in a file only once its content is here, and its status costs the
-/// same at any size, while a `find` over a million files takes seconds and would make
-/// each look that much later.
+/// and returns how long after `since` that was; then `find` on `node`'s mount must
+/// count the `n`. A node's tree takes in a file only once its content is here, and its
+/// status costs the same at any size, while a `find` over a million files takes
+/// seconds and would make each look that much later.
 fn has_every_file(node: &NodeProc, writer: &NodeProc, tree: &Path, n: usize, since: Instant) -> Duration {
     let count = |s: &serde_json::Value| s["files"].as_u64().unwrap_or(0);
     eventually(&format!("node {} to have every file", node.id), Duration::from_secs(3600), || {

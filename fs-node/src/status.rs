@@ -1,6 +1,7 @@
 //! What a node says about itself to `syncctl` and operators: [`NodeStatus`] (`GET
-//! /status`), [`BriefStatus`] (`GET /status/brief`) and the metrics text (`GET /metrics`). Owns nothing that changes: a
-//! [`Reporter`] reads the tree, the broker link's handle and the metrics when asked.
+//! /status`), [`BriefStatus`] (`GET /status/brief`) and the metrics text (`GET
+//! /metrics`). Owns nothing that changes: a [`Reporter`] reads the tree, the broker
+//! link's handle and the metrics when asked.
 
 use crate::fetch::{CacheReport, Fetcher};
 use crate::link::{LinkHandle, SyncReport};

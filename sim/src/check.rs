@@ -3,6 +3,7 @@
 //! - **Converged**: every node's tree (what a user sees: kinds, permission bits, bytes,
 //!   symlink targets) equals the manager's current state, and no node has a change
 //!   left undecided.
+//!   Its status counts as many files and directories as its tree has.
 //! - **Verified bytes**: every file reads back whole, and its bytes hash to the version
 //!   the manager holds (the tree equality above compares hashes of the bytes read).
 //! - **No lost write**: every version a node's user closed either reached the manager
@@ -40,6 +41,13 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         let view = snapshot(tree).map_err(|e| anyhow::anyhow!("{}: {e}", n.id))?;
         if view != manager_view {
             bail!("{} did not converge with the manager:\n{}", n.id, diff(&view, &manager_view));
+        }
+        // The status's counts, kept as entries came and went, against the tree walked.
+        let dirs = view.values().filter(|s| s.kind == Kind::Dir).count() as u64 + 1;
+        let files = view.len() as u64 + 1 - dirs;
+        let stats = tree.stats();
+        if (stats.files, stats.dirs) != (files, dirs) {
+            bail!("{} counts {} file(s) and {} directories; its tree has {files} and {dirs}", n.id, stats.files, stats.dirs);
         }
     }
 
