@@ -16,7 +16,6 @@
 
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use wire::ContentHash;
@@ -208,37 +207,42 @@ impl SmallContents {
         self.size_from("removing", "DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)", h)
     }
 
-    /// Removes every content not in `keep` put more than `min_age` ago; returns how many.
-    pub fn sweep(&self, keep: &HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
+    /// The contents put more than `min_age` ago that `unused` says go: removed if
+    /// `remove` (each only if it is still that old), else only listed.
+    pub fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, remove: bool) -> Vec<ContentHash> {
         let before = now_ms() - min_age.as_millis() as i64;
         let mut after: Vec<u8> = Vec::new();
-        let mut removed = 0;
+        let mut out = Vec::new();
         loop {
             let step = self.with(false, |c| {
                 let rows: Vec<(Vec<u8>, i64)> = c
                     .prepare_cached("SELECT hash, at_ms FROM contents WHERE hash > ?1 ORDER BY hash LIMIT ?2")?
                     .query_map(params![after, SWEEP_STEP as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
                     .collect::<Result<_, _>>()?;
-                let mut gone = 0;
+                let mut gone = Vec::new();
                 for (hash, at) in &rows {
                     let Ok(bytes) = <[u8; 32]>::try_from(hash.as_slice()) else {
                         continue;
                     };
-                    if *at <= before && !keep.contains(&ContentHash::from_bytes(bytes)) {
-                        gone += c.prepare_cached("DELETE FROM contents WHERE hash = ?1")?.execute([hash])?;
+                    let h = ContentHash::from_bytes(bytes);
+                    if *at > before || !unused(&h) {
+                        continue;
+                    }
+                    if !remove || c.prepare_cached("DELETE FROM contents WHERE hash = ?1 AND at_ms <= ?2")?.execute(params![hash, before])? > 0 {
+                        gone.push(h);
                     }
                 }
                 Ok((rows.last().map(|(h, _)| h.clone()), gone))
             });
             match step {
                 Ok(Some((Some(last), gone))) => {
-                    removed += gone;
+                    out.extend(gone);
                     after = last;
                 }
-                Ok(Some((None, _))) | Ok(None) => return removed,
+                Ok(Some((None, _))) | Ok(None) => return out,
                 Err(e) => {
                     tracing::warn!("sweeping small contents: {e:#}");
-                    return removed;
+                    return out;
                 }
             }
         }
@@ -269,6 +273,7 @@ impl SmallContents {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn hash(b: &[u8]) -> ContentHash {
         ContentHash::from_bytes(*blake3::hash(b).as_bytes())
@@ -288,9 +293,9 @@ mod tests {
         assert_eq!(s.len(&hash(&b)), Some(SMALL_MAX));
         assert_eq!(s.get(&hash(b"other")).unwrap(), None);
         // Young contents stay; old ones not kept go.
-        assert_eq!(s.sweep(&HashSet::new(), std::time::Duration::from_secs(60)), 0);
+        assert_eq!(s.sweep(&|_| true, std::time::Duration::from_secs(60), true).len(), 0);
         let keep: HashSet<_> = [hash(&a)].into();
-        assert_eq!(s.sweep(&keep, std::time::Duration::ZERO), 1);
+        assert_eq!(s.sweep(&|h| !keep.contains(h), std::time::Duration::ZERO, true).len(), 1);
         assert!(s.has(&hash(&a)) && !s.has(&hash(&b)));
         assert_eq!(s.remove(&hash(&a)), Some(a.len() as u64));
         assert_eq!(s.remove(&hash(&a)), None);
@@ -310,7 +315,7 @@ mod tests {
             s.put(&hash(b), b).unwrap();
         }
         let keep: HashSet<_> = all.iter().step_by(3).map(|b| hash(b)).collect();
-        assert_eq!(s.sweep(&keep, std::time::Duration::ZERO), all.len() - keep.len());
+        assert_eq!(s.sweep(&|h| !keep.contains(h), std::time::Duration::ZERO, true).len(), all.len() - keep.len());
         assert_eq!(s.hashes().unwrap().len(), keep.len());
     }
 }

@@ -7,6 +7,7 @@ pub use crate::patched::copy_range;
 use crate::patched::{ContentFile, Move, Patched, PatchedDir, Role};
 use crate::small::{SmallContents, SMALL_MAX};
 use anyhow::Context;
+use std::collections::HashSet;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -1228,35 +1229,67 @@ impl ContentStore {
     /// not be in the tree yet); returns how many were removed.
     /// Patched contents go the same way; a blob that is the base of one that stays,
     /// stays.
-    pub fn gc(&self, keep: &std::collections::HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
-        let mut removed = 0;
+    pub fn gc(&self, keep: &HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
+        self.sweep(&|h| !keep.contains(h), min_age, Sweep::Remove).len()
+    }
+
+    /// What `gc` would remove now, removing nothing: the caller checks them again
+    /// (`Tree::gc_with_floor` lists them outside the tree's lock).
+    pub fn gc_candidates(&self, keep: &HashSet<ContentHash>, min_age: std::time::Duration) -> Vec<ContentHash> {
+        self.sweep(&|h| !keep.contains(h), min_age, Sweep::List)
+    }
+
+    /// Removes those of `gone` that `gc` may remove (older than `min_age`; a blob under a
+    /// patched content that stays, stays); returns how many were removed.
+    pub fn remove_unused(&self, gone: &HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
+        self.sweep(&|h| gone.contains(h), min_age, Sweep::Remove).len()
+    }
+
+    /// The contents older than `min_age` that `unused` says go, but a blob that is the
+    /// base of a patched content that stays: removed (`Sweep::Remove`) or only listed.
+    fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, how: Sweep) -> Vec<ContentHash> {
+        let remove = how == Sweep::Remove;
+        let mut out = Vec::new();
         let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
-        let mut bases = std::collections::HashSet::new();
+        let mut bases = HashSet::new();
         for (h, p, age) in self.patched.all() {
-            if age >= min_age && !keep.contains(&h) && self.patched.remove(&h) {
-                self.remove_cache_files(&h);
-                removed += 1;
+            if age >= min_age && unused(&h) && (!remove || self.patched.remove(&h)) {
+                if remove {
+                    self.remove_cache_files(&h);
+                }
+                out.push(h);
             } else {
                 bases.insert(p.base);
             }
         }
-        self.patched.remove_orphans(min_age);
-        let Ok(dir) = std::fs::read_dir(&self.blobs) else {
-            return removed;
-        };
-        for e in dir.flatten() {
-            let name = e.file_name();
-            let Some(h) = name.to_str().and_then(|s| s.parse::<ContentHash>().ok()) else {
-                continue;
-            };
-            let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
-            if h != Self::empty_hash() && !young && !keep.contains(&h) && !bases.contains(&h) && std::fs::remove_file(e.path()).is_ok() {
-                self.remove_cache_files(&h);
-                removed += 1;
+        if remove {
+            self.patched.remove_orphans(min_age);
+        }
+        if let Ok(dir) = std::fs::read_dir(&self.blobs) {
+            for e in dir.flatten() {
+                let name = e.file_name();
+                let Some(h) = name.to_str().and_then(|s| s.parse::<ContentHash>().ok()) else {
+                    continue;
+                };
+                let young = e.metadata().and_then(|m| m.modified()).map(|t| t.elapsed().unwrap_or_default() < min_age).unwrap_or(true);
+                if h != Self::empty_hash() && !young && unused(&h) && !bases.contains(&h) && (!remove || std::fs::remove_file(e.path()).is_ok()) {
+                    if remove {
+                        self.remove_cache_files(&h);
+                    }
+                    out.push(h);
+                }
             }
         }
-        removed + self.small.sweep(keep, min_age)
+        out.extend(self.small.sweep(unused, min_age, remove));
+        out
     }
+}
+
+/// Whether `ContentStore::sweep` removes what it finds or only lists it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Sweep {
+    Remove,
+    List,
 }
 
 /// A file in memory (`memfd_create`) holding `bytes`, open for reading and writing.

@@ -182,7 +182,7 @@ impl Tree {
     /// Under the GC's lock: forgets kept contents past their `until_ms`, and drops the
     /// oldest while the store's disk has less than `floor` bytes free (those no file in
     /// the tree uses: dropping them frees their bytes). Returns what stays kept.
-    pub(super) fn kept_for_gc(&self, st: &mut State, referenced: &HashSet<ContentHash>, floor: u64) -> HashSet<ContentHash> {
+    pub(super) fn kept_for_gc(&self, st: &mut State, floor: u64) -> Vec<ContentHash> {
         let now_ms = st.env.now_ns() / 1_000_000;
         let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms.saturating_add(FORGET_AFTER_MS) < now_ms).map(|k| k.hash.clone()).collect();
         for h in expired {
@@ -191,8 +191,10 @@ impl Tree {
         }
         let mut short = floor.saturating_sub(self.store.free_bytes().unwrap_or(u64::MAX));
         if short > 0 {
+            // (Those a file or a queued change uses free nothing.)
+            let used: HashSet<ContentHash> = Self::live_hashes(st).filter(|h| st.kept.contains_key(*h)).cloned().collect();
             let mut oldest: Vec<(i64, ContentHash, u64)> =
-                st.kept.values().filter(|k| !referenced.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
+                st.kept.values().filter(|k| !used.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
             oldest.sort();
             for (_, h, size) in oldest {
                 if short == 0 {

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// How old an unused content must be before the GC removes it: a content downloaded a
+/// moment ago may not be in the tree yet.
+const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Tree {
     /// Outbox rows not yet handed to the broker link in this session, in order; marks
     /// them handed over.
@@ -150,23 +154,51 @@ impl Tree {
 
     /// Removes blobs nothing refers to, after trying again the commits that failed when
     /// a file's last writer closed and setting aside the node database's reserve again
-    /// if it was used (`ContentStore::ensure_reserve`). Runs under the tree lock so that
-    /// a commit cannot add a reference between the scan and the removal.
+    /// if it was used (`ContentStore::ensure_reserve`). A content is removed under the
+    /// tree lock, after a look that nothing uses it then, so that a commit cannot add a
+    /// reference between the look and the removal.
     pub fn gc(&self) -> usize {
         self.gc_with_floor(0)
     }
 
     /// [`Tree::gc`], dropping kept versions' contents, oldest first, while the store's
     /// disk has less than `floor` bytes free (`kept.rs`).
+    ///
+    /// The tree's lock is held for two short passes, not for the whole GC: the contents
+    /// in use are listed under it (a list is cheap to take; a set of a million is not, a
+    /// cache miss per insert), the set is made and the store walked outside it for what
+    /// nothing uses, and under the lock again those candidates alone are looked for
+    /// among the contents in use (a content a file took meanwhile stays) before they go.
     pub fn gc_with_floor(&self, floor: u64) -> usize {
         self.commit_unsaved();
         self.store.ensure_reserve();
-        let mut st = self.lock();
-        st.close_unreachable_blobs();
-        let mut keep = Self::referenced(&st);
-        let kept = self.kept_for_gc(&mut st, &keep, floor);
-        keep.extend(kept);
-        self.store.gc(&keep, std::time::Duration::from_secs(300))
+        let candidates = self.gc_candidates(floor);
+        self.gc_remove(&candidates)
+    }
+
+    /// The first phase of `gc_with_floor`: what nothing used when it looked.
+    pub(super) fn gc_candidates(&self, floor: u64) -> HashSet<ContentHash> {
+        let keep: HashSet<ContentHash> = {
+            let mut st = self.lock();
+            st.close_unreachable_blobs();
+            let mut listed: Vec<ContentHash> = Self::live_hashes(&st).cloned().collect();
+            listed.extend(self.kept_for_gc(&mut st, floor));
+            listed
+        }
+        .into_iter()
+        .collect();
+        self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect()
+    }
+
+    /// The second phase: removes the candidates that nothing uses now.
+    pub(super) fn gc_remove(&self, candidates: &HashSet<ContentHash>) -> usize {
+        if candidates.is_empty() {
+            return 0;
+        }
+        let st = self.lock();
+        let taken: HashSet<&ContentHash> = Self::live_hashes(&st).chain(st.kept.keys()).filter(|h| candidates.contains(*h)).collect();
+        let gone: HashSet<ContentHash> = candidates.iter().filter(|h| !taken.contains(h)).cloned().collect();
+        self.store.remove_unused(&gone, GC_MIN_AGE)
     }
 
     /// Commits the files whose last writer closed while their content could not be

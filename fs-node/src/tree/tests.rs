@@ -643,6 +643,27 @@ fn old_blob(t: &Tree, bytes: &[u8]) -> ContentHash {
     h
 }
 
+/// The GC looks for unused contents outside the tree's lock: a content a file takes
+/// between that look and the removal stays (it is looked for again under the lock).
+#[test]
+fn a_content_a_file_takes_while_the_gc_looks_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let h = old_blob(&t, b"nobody's yet");
+    let candidates = t.gc_candidates(0);
+    assert!(candidates.contains(&h), "old and unused: a candidate");
+    let version = Version { content: Content::File { hash: h.clone(), size: 12 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
+    t.apply_remote(&Entry { path: RelPath::new("taken").unwrap(), rev: Revision(5), version: Some(version), holders: vec![] }).unwrap();
+    assert_eq!(t.gc_remove(&candidates), 0);
+    assert!(t.store.has(&h), "the content a file took meanwhile stays");
+    let ino = t.lookup(ROOT, OsStr::new("taken")).unwrap().ino;
+    assert_eq!(read_all(&t, ino).unwrap(), b"nobody's yet");
+    // Unused again: the next GC takes it.
+    t.unlink(ROOT, OsStr::new("taken")).unwrap();
+    t.gc();
+    assert!(!t.store.has(&h), "an old content nothing uses goes");
+}
+
 fn keep_item(h: &ContentHash, size: u64, until_ms: i64) -> wire::KeepItem {
     wire::KeepItem { hash: h.clone(), size, until_ms, holders: vec![] }
 }
