@@ -192,7 +192,7 @@ impl Tree {
         let mut short = floor.saturating_sub(self.store.free_bytes().unwrap_or(u64::MAX));
         if short > 0 {
             // (Those a file or a queued change uses free nothing.)
-            let used: HashSet<ContentHash> = Self::live_hashes(st).filter(|h| st.kept.contains_key(*h)).cloned().collect();
+            let used = Self::kept_in_use(st);
             let mut oldest: Vec<(i64, ContentHash, u64)> =
                 st.kept.values().filter(|k| !used.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
             oldest.sort();

@@ -576,8 +576,8 @@ impl Tree {
         s.ignored = st.ignored_below(ROOT).len() as u64;
         s.last_revision = st.last_rev;
         if !st.kept.is_empty() {
-            let used: HashSet<&ContentHash> = Self::live_hashes(&st).filter(|h| st.kept.contains_key(*h)).collect();
-            s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(h)).map(|h| self.store.footprint(h)).sum();
+            let used = Self::kept_in_use(&st);
+            s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(*h)).map(|h| self.store.footprint(h)).sum();
         }
         s.files = st.entry_counts.files;
         // The root has no entry.

@@ -222,6 +222,12 @@ impl Tree {
         Self::live_hashes(st).cloned().collect()
     }
 
+    /// The kept contents that a file uses or a queued change names (keeping them takes no
+    /// room of its own).
+    pub(super) fn kept_in_use(st: &State) -> HashSet<ContentHash> {
+        Self::live_hashes(st).filter(|h| st.kept.contains_key(*h)).cloned().collect()
+    }
+
     /// The contents files use or queued changes name (a content may come more than once).
     pub(super) fn live_hashes(st: &State) -> impl Iterator<Item = &ContentHash> {
         // A removed file still known to the kernel (it has not sent FORGET yet) but open
