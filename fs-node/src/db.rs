@@ -234,17 +234,38 @@ impl Db {
         }
         Ok(out)
     }
-    pub fn put_kept(&self, k: &KeptRow) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached(
+    /// Records kept contents, all or none (one transaction).
+    pub fn put_kept_all(&self, rows: &[KeptRow]) -> rusqlite::Result<()> {
+        self.all_or_none(|db| {
+            let mut put = db.conn.prepare_cached(
                 "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
-            )?
-            .execute(params![k.hash.to_hex().as_str(), k.size as i64, k.until_ms, k.at_ms])?;
-        Ok(())
+            )?;
+            for k in rows {
+                put.execute(params![k.hash.to_hex().as_str(), k.size as i64, k.until_ms, k.at_ms])?;
+            }
+            Ok(())
+        })
     }
-    pub fn remove_kept(&self, hash: &ContentHash) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?.execute([hash.to_hex().as_str()])?;
-        Ok(())
+    /// Forgets kept contents, all or none (one transaction).
+    pub fn remove_kept_all<'a>(&self, hashes: impl IntoIterator<Item = &'a ContentHash>) -> rusqlite::Result<()> {
+        self.all_or_none(|db| {
+            let mut remove = db.conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?;
+            for h in hashes {
+                remove.execute([h.to_hex().as_str()])?;
+            }
+            Ok(())
+        })
+    }
+    /// Runs `f` in a transaction of its own, committed if it succeeds, rolled back if not.
+    fn all_or_none(&self, f: impl FnOnce(&Self) -> rusqlite::Result<()>) -> rusqlite::Result<()> {
+        self.begin()?;
+        match f(self).and_then(|()| self.commit()) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.rollback();
+                Err(e)
+            }
+        }
     }
 
     /// Every inode row, and the inodes among them marked as being written

@@ -38,25 +38,23 @@ impl Tree {
     pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
         let mut st = self.lock();
         let now_ms = st.env.now_ns() / 1_000_000;
-        let (mut keeping, mut lacking) = (Vec::new(), Vec::new());
+        let (mut rows, mut lacking) = (Vec::new(), Vec::new());
         let short_of_space = !Self::room_above_floor(st.kept_floor, &self.store, 0);
         for item in items {
-            if short_of_space && !st.kept.contains_key(&item.hash) {
+            if (short_of_space && !st.kept.contains_key(&item.hash)) || !self.store.has(&item.hash) {
                 lacking.push(item.hash.clone());
                 continue;
             }
-            if !self.store.has(&item.hash) {
-                lacking.push(item.hash.clone());
-                continue;
-            }
-            let row = match st.kept.get(&item.hash) {
+            rows.push(match st.kept.get(&item.hash) {
                 Some(k) => KeptRow { until_ms: k.until_ms.max(item.until_ms), ..k.clone() },
                 None => KeptRow { hash: item.hash.clone(), size: item.size, until_ms: item.until_ms, at_ms: now_ms },
-            };
-            st.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording a kept content")))?;
-            st.kept.insert(item.hash.clone(), row);
-            keeping.push(item.hash.clone());
+            });
         }
+        // One transaction for the whole request (a delete of many files asks to keep
+        // each of their contents); memory follows once it is committed.
+        st.db.put_kept_all(&rows).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording kept contents")))?;
+        let keeping = rows.iter().map(|r| r.hash.clone()).collect();
+        st.kept.extend(rows.into_iter().map(|r| (r.hash.clone(), r)));
         Ok((keeping, lacking))
     }
 
@@ -64,17 +62,17 @@ impl Tree {
     /// tree uses it (then it stays while that file does). Returns the bytes freed.
     pub fn release_kept(&self, hashes: &[ContentHash]) -> FsResult<u64> {
         let mut st = self.lock();
-        let mut released = Vec::new();
-        for h in hashes {
-            if st.kept.remove(h).is_some() {
-                st.db.remove_kept(h).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing a kept content")))?;
-                released.push(h);
-            }
-        }
+        let released: HashSet<&ContentHash> = hashes.iter().filter(|h| st.kept.contains_key(*h)).collect();
         if released.is_empty() {
             return Ok(0);
         }
-        let used = Self::referenced(&st);
+        st.db.remove_kept_all(released.iter().copied()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing kept contents")))?;
+        for h in &released {
+            st.kept.remove(*h);
+        }
+        // Which of the released a file or a queued change still uses: one look at each
+        // content in use, against the few released (no set of every content).
+        let used: HashSet<&ContentHash> = Self::live_hashes(&st).filter(|h| released.contains(*h)).collect();
         let mut freed = 0;
         for h in released.into_iter().filter(|h| !used.contains(*h) && **h != ContentStore::empty_hash()) {
             freed += self.store.remove_blob(h).unwrap_or(0);
@@ -185,10 +183,10 @@ impl Tree {
     pub(super) fn kept_for_gc(&self, st: &mut State, floor: u64) -> Vec<ContentHash> {
         let now_ms = st.env.now_ns() / 1_000_000;
         let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms.saturating_add(FORGET_AFTER_MS) < now_ms).map(|k| k.hash.clone()).collect();
-        for h in expired {
-            st.kept.remove(&h);
-            let _ = st.db.remove_kept(&h);
+        for h in &expired {
+            st.kept.remove(h);
         }
+        let _ = st.db.remove_kept_all(&expired);
         let mut short = floor.saturating_sub(self.store.free_bytes().unwrap_or(u64::MAX));
         if short > 0 {
             // (Those a file or a queued change uses free nothing.)
@@ -196,18 +194,19 @@ impl Tree {
             let mut oldest: Vec<(i64, ContentHash, u64)> =
                 st.kept.values().filter(|k| !used.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
             oldest.sort();
+            let first_dropped = st.kept_dropped.len();
             for (_, h, size) in oldest {
                 if short == 0 {
                     break;
                 }
                 tracing::warn!(hash = %h, size, "dropping a kept version's content: the disk is below the free-space floor");
                 st.kept.remove(&h);
-                let _ = st.db.remove_kept(&h);
                 // What dropping it frees: an older version kept as a patch frees its
                 // patch, not its size.
                 short = short.saturating_sub(self.store.footprint(&h));
                 st.kept_dropped.push(h);
             }
+            let _ = st.db.remove_kept_all(&st.kept_dropped[first_dropped..]);
         }
         st.kept.keys().cloned().collect()
     }
