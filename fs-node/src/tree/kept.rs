@@ -38,13 +38,21 @@ impl Tree {
     pub fn keep(&self, items: &[KeepItem]) -> FsResult<(Vec<ContentHash>, Vec<ContentHash>)> {
         let mut st = self.lock();
         let now_ms = st.env.now_ns() / 1_000_000;
-        let (mut rows, mut lacking) = (Vec::new(), Vec::new());
+        let (mut rows, mut lacking) = (Vec::<KeptRow>::new(), Vec::new());
+        let mut row_of: HashMap<&ContentHash, usize> = HashMap::new();
         let short_of_space = !Self::room_above_floor(st.kept_floor, &self.store, 0);
         for item in items {
+            // A content asked for twice in one request (two deleted files with the same
+            // bytes) is one row, kept until the later of the two.
+            if let Some(&i) = row_of.get(&item.hash) {
+                rows[i].until_ms = rows[i].until_ms.max(item.until_ms);
+                continue;
+            }
             if (short_of_space && !st.kept.contains_key(&item.hash)) || !self.store.has(&item.hash) {
                 lacking.push(item.hash.clone());
                 continue;
             }
+            row_of.insert(&item.hash, rows.len());
             rows.push(match st.kept.get(&item.hash) {
                 Some(k) => KeptRow { until_ms: k.until_ms.max(item.until_ms), ..k.clone() },
                 None => KeptRow { hash: item.hash.clone(), size: item.size, until_ms: item.until_ms, at_ms: now_ms },

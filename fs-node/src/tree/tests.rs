@@ -695,6 +695,26 @@ fn kept_contents_outlive_the_gc_and_restarts_until_released_or_expired() {
     assert_eq!(t.kept_usage(), (0, 0));
 }
 
+/// One request may name a content twice (two deleted files with the same bytes): it is
+/// kept until the later end, whatever the order, in memory and in node.db.
+#[test]
+fn a_content_named_twice_in_one_keep_is_kept_until_the_later_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let now_ms;
+    let same;
+    {
+        let t = tree(dir.path());
+        now_ms = t.env().now_ns() / 1_000_000;
+        same = old_blob(&t, b"two files, one content");
+        let (later, sooner) = (now_ms + 3_600_000, now_ms + 60_000);
+        let (keeping, lacking) = t.keep(&[keep_item(&same, 22, later), keep_item(&same, 22, sooner)]).unwrap();
+        assert_eq!(t.lock().kept[&same].until_ms, later);
+        assert_eq!((keeping, lacking), (vec![same.clone()], vec![]), "one row, told once");
+    }
+    let t = tree(dir.path());
+    assert_eq!(t.lock().kept[&same].until_ms, now_ms + 3_600_000, "node.db holds the later end");
+}
+
 #[test]
 fn below_the_free_space_floor_kept_contents_go_oldest_first_and_are_reported() {
     let dir = tempfile::tempdir().unwrap();
