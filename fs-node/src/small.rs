@@ -183,8 +183,11 @@ impl SmallContents {
         self.with(true, |c| {
             if self.finish_checkpoint.swap(false, Ordering::Relaxed) {
                 // Copies what came since the thread's pass; this put's transaction then
-                // finds the log all copied and writes it from its start.
-                c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+                // finds the log all copied and writes it from its start. A checkpoint
+                // that fails (a full disk) leaves the log as it was: the put goes on.
+                if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!("small contents: finishing checkpoint: {e}");
+                }
             }
             let tx = (items.len() > 1).then(|| c.unchecked_transaction()).transpose()?;
             let mut q = c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?;
