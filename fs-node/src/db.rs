@@ -236,6 +236,9 @@ impl Db {
     }
     /// Records kept contents, all or none (one transaction).
     pub fn put_kept_all(&self, rows: &[KeptRow]) -> rusqlite::Result<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
         self.all_or_none(|db| {
             let mut put = db.conn.prepare_cached(
                 "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
@@ -248,6 +251,11 @@ impl Db {
     }
     /// Forgets kept contents, all or none (one transaction).
     pub fn remove_kept_all<'a>(&self, hashes: impl IntoIterator<Item = &'a ContentHash>) -> rusqlite::Result<()> {
+        let mut hashes = hashes.into_iter().peekable();
+        if hashes.peek().is_none() {
+            // (The GC asks on every pass, mostly with nothing expired.)
+            return Ok(());
+        }
         self.all_or_none(|db| {
             let mut remove = db.conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?;
             for h in hashes {

@@ -185,7 +185,7 @@ impl SmallContents {
                 // Copies what came since the thread's pass; this put's transaction then
                 // finds the log all copied and writes it from its start. A checkpoint
                 // that fails (a full disk) leaves the log as it was: the put goes on.
-                if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                if let Err(e) = checkpoint(c) {
                     tracing::debug!("small contents: finishing checkpoint: {e}");
                 }
             }
@@ -226,7 +226,7 @@ impl SmallContents {
                         // The second pass copies what was appended during the first
                         // (less), so that what the finishing put copies is little.
                         for _ in 0..2 {
-                            if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                            if let Err(e) = checkpoint(c) {
                                 tracing::debug!("small contents: checkpoint: {e}");
                             }
                         }
@@ -307,9 +307,16 @@ impl SmallContents {
     /// copied into the database (with `synchronous=NORMAL`, commits alone are durable
     /// against a crash of the process only).
     pub fn sync(&self) -> anyhow::Result<()> {
-        self.with(false, |c| c.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(())))?;
+        self.with(false, checkpoint)?;
         Ok(())
     }
+}
+
+/// Copies the log into the database as far as no reader holds it back (a passive
+/// checkpoint: it never waits for one, and one that finds another checkpoint under way
+/// reports it in its row instead of failing).
+fn checkpoint(c: &Connection) -> rusqlite::Result<()> {
+    c.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(()))
 }
 
 #[cfg(test)]
