@@ -46,6 +46,8 @@ pub struct Gauges {
     pub passthrough: bool,
     pub passthrough_opens: u64,
     pub passthrough_detaches: u64,
+    /// Transactions committed to the node database.
+    pub db_commits: u64,
     /// Bytes of contents kept for the cluster's old versions.
     pub kept_bytes: u64,
     pub connected: bool,
@@ -88,6 +90,7 @@ impl Metrics {
         r.register("syncfs_node_passthrough", "1 while the kernel does passthrough I/O for this mount.", gauge(g.passthrough as u64));
         r.register("syncfs_node_passthrough_opens", "Opens whose I/O the kernel did on a backing file by itself.", ConstCounter::new(g.passthrough_opens));
         r.register("syncfs_node_passthrough_detaches", "Backing files a writer made into a file's own work file.", ConstCounter::new(g.passthrough_detaches));
+        r.register("syncfs_node_db_commits", "Transactions committed to the node database.", ConstCounter::new(g.db_commits));
         r.register("syncfs_node_kept_bytes", "Bytes of contents kept for the cluster's old versions (retention).", gauge(g.kept_bytes));
         r.register("syncfs_node_connected", "1 when connected to the broker.", gauge(g.connected as u64));
         r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.clone());

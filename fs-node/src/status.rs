@@ -117,6 +117,7 @@ impl Reporter {
             passthrough: self.passthrough.load(Ordering::Relaxed),
             passthrough_opens: stats.passthrough_opens,
             passthrough_detaches: stats.passthrough_detaches,
+            db_commits: stats.db_commits,
             kept_bytes: stats.kept_bytes,
             connected: self.link.connected(),
         })

@@ -154,6 +154,26 @@ impl Applied {
     }
 }
 
+/// A message from the manager that changes the tree, as [`Tree::apply_incoming_all`]
+/// takes it.
+#[derive(Clone, Debug)]
+pub enum Incoming {
+    /// The manager decided one of this node's changes (`ToNode::Decided`).
+    Decided { change: MessageId, outcome: Outcome, current: Entry },
+    /// A path's new state, another node's change or ours (`ToNode::Applied`).
+    Entry(Entry),
+}
+
+impl Incoming {
+    /// The path's state the item brings.
+    pub fn entry(&self) -> &Entry {
+        match self {
+            Incoming::Decided { current, .. } => current,
+            Incoming::Entry(e) => e,
+        }
+    }
+}
+
 /// `node.db` meta key of [`Tree::synced_head`].
 const SYNCED_HEAD_KEY: &str = "synced_head";
 
@@ -202,6 +222,8 @@ pub struct TreeStats {
     pub passthrough_opens: u64,
     /// Backing files a writer made into an inode's own work file.
     pub passthrough_detaches: u64,
+    /// Transactions committed to the node database since the node started.
+    pub db_commits: u64,
     /// Paths this node keeps to itself (an ignored directory counts once).
     pub ignored: u64,
     /// Contents kept past GC for the manager's kept versions, and their bytes.

@@ -560,6 +560,7 @@ impl Tree {
             conflicts_seen: st.conflicts_seen,
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,
+            db_commits: st.db.commits(),
             kept_contents,
             kept_bytes,
             ..Default::default()

@@ -55,10 +55,17 @@ impl Tree {
         self.atomically(|st, store| st.apply_decided(msg, outcome, current, store))
     }
 
-    /// [`Tree::apply_decided`] for each of `decisions`, in order, in one transaction: all
-    /// or, if any fails, none.
-    pub fn apply_decided_all(&self, decisions: &[(MessageId, Outcome, Entry)]) -> FsResult<Vec<Applied>> {
-        self.apply_each(decisions, |st, store, (msg, outcome, current)| st.apply_decided(msg, outcome, current, store))
+    /// Each of `items` (a decision on one of our changes, or another node's change),
+    /// in order, in one transaction: all or, if any fails, none. A burst of changes
+    /// comes back as decisions and broadcasts one after the other; one commit for them
+    /// all instead of one per run of each kind.
+    pub fn apply_incoming_all(&self, items: &[Incoming]) -> FsResult<Vec<Applied>> {
+        self.apply_each(items, |st, store, item| st.apply_incoming(item, store))
+    }
+
+    /// One of [`Tree::apply_incoming_all`]'s items in a transaction of its own.
+    pub fn apply_incoming(&self, item: &Incoming) -> FsResult<Applied> {
+        self.atomically(|st, store| st.apply_incoming(item, store))
     }
 
     /// `apply` for each of `items`, in order, in one transaction; a rules file applied
@@ -247,6 +254,13 @@ impl Tree {
 }
 
 impl State {
+    fn apply_incoming(&mut self, item: &Incoming, store: &ContentStore) -> FsResult<Applied> {
+        match item {
+            Incoming::Decided { change, outcome, current } => self.apply_decided(change, outcome, current, store),
+            Incoming::Entry(e) => self.apply_remote(e, store),
+        }
+    }
+
     /// See [`Tree::apply_decided`].
     fn apply_decided(&mut self, msg: &MessageId, outcome: &Outcome, current: &Entry, store: &ContentStore) -> FsResult<Applied> {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
