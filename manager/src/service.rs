@@ -426,10 +426,13 @@ async fn flush_outbox_timed(handle: &Handle, ch: &lapin::Channel) -> anyhow::Res
 async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bool> {
     let mut published = false;
     loop {
-        let batch = handle.with_store(|s| s.outbox(512)).await?;
+        let batch = handle.with_store(|s| s.outbox(OUTBOX_READ)).await?;
         let Some(last) = batch.last().map(|o| o.seq) else {
             return Ok(published);
         };
+        // Rows are added by this task (between flushes) and by the REST API, which wakes
+        // it (`outbox_ready`): a short read was the whole outbox.
+        let whole = batch.len() < OUTBOX_READ;
         let messages = crate::batch::for_broker(batch);
         let sends = messages.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
         for r in futures_util::future::join_all(sends).await {
@@ -437,8 +440,14 @@ async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bo
         }
         handle.with_store(move |s| s.remove_outbox(last)).await?;
         published = true;
+        if whole {
+            return Ok(published);
+        }
     }
 }
+
+/// Outbox rows read (and published) at a time.
+const OUTBOX_READ: usize = 512;
 
 #[cfg(test)]
 mod sender_tests {
