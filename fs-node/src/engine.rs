@@ -97,6 +97,14 @@ pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
 /// broker a replicated write, the manager a commit and every node a step. A change made
 /// while nothing is awaited goes at once.
 pub const GATHER_WAIT: Duration = Duration::from_millis(50);
+/// A burst: when the awaited decision comes and at least this many changes gathered
+/// meanwhile, they keep gathering until [`GATHER_WAIT`] after the last publish is up
+/// instead of going at once. Under a steady stream of operations (an unpacked archive,
+/// a clone) messages then carry tens of changes rather than the handful made during one
+/// decision's round trip, which took the broker's, the manager's and the other node's
+/// CPU per change down by about a third (docs/benchmarks.md, session 30). An editor's
+/// save (two or three changes) is below it and goes when its decision comes, as before.
+pub const BURST_CHANGES: usize = 8;
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
@@ -399,11 +407,13 @@ impl<R> Engine<R> {
         self.take()
     }
 
-    /// Sends the outbox now unless changes sent before are still awaited and were sent
-    /// less than [`GATHER_WAIT`] ago: then the new ones wait to go together, when the
-    /// last decision comes or the wait is up.
+    /// Sends the outbox now unless the last publish was less than [`GATHER_WAIT`] ago
+    /// and its changes are still awaited, or a burst ([`BURST_CHANGES`]) gathered: then
+    /// the new ones wait to go together, when the last decision comes (and no burst
+    /// gathered) or the wait is up.
     fn publish_outbox_gathered(&mut self, now: Now) {
-        if self.awaiting.is_some() && now.saturating_sub(self.awaiting_since) < GATHER_WAIT {
+        let held = self.awaiting.is_some() || self.tree.unpublished_at_least(BURST_CHANGES);
+        if held && now.saturating_sub(self.awaiting_since) < GATHER_WAIT {
             self.gathering = true;
             return;
         }
@@ -1025,8 +1035,8 @@ mod tests {
 
     /// While the last change sent waits for its decision, new changes wait too and then
     /// go together: when that decision comes, or when `GATHER_WAIT` is up (a decision
-    /// that never comes holds nothing back for longer). A change made while nothing is
-    /// awaited goes at once.
+    /// that never comes holds nothing back for longer; nor does a burst). A change made
+    /// while nothing is awaited goes at once.
     #[test]
     fn changes_made_while_one_awaits_its_decision_go_together_when_it_comes() {
         let dir = tempfile::tempdir().unwrap();
@@ -1084,6 +1094,18 @@ mod tests {
         let d_id = late[0][0].0.clone();
         let e = sent(&engine.on_message(decided(&d_id, "d", 4), t + ms(2)).unwrap());
         assert_eq!(e.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["e"]]);
+        // A burst gathered while e awaited: its decision releases nothing, the burst
+        // goes as one message when the wait is up.
+        let burst: Vec<String> = (0..BURST_CHANGES).map(|i| format!("burst-{i}")).collect();
+        for n in &burst {
+            mkdir(n);
+        }
+        assert!(sent(&engine.on_outbox_ready(t + ms(3))).is_empty());
+        assert!(sent(&engine.on_message(decided(&e[0][0].0, "e", 5), t + ms(4)).unwrap()).is_empty(), "a burst keeps gathering");
+        assert_eq!(engine.publish_due(), Some(t + ms(2) + GATHER_WAIT));
+        assert!(sent(&engine.on_outbox_ready(t + ms(2) + GATHER_WAIT - ms(1))).is_empty());
+        let went = sent(&engine.on_outbox_ready(t + ms(2) + GATHER_WAIT));
+        assert_eq!(went.iter().map(|m| paths(m)).collect::<Vec<_>>(), [burst]);
     }
 
     /// A `Keep` is answered with what the node keeps and lacks; a content it lacks that

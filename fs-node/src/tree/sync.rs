@@ -44,6 +44,13 @@ impl Tree {
         self.lock().revs.get(path).copied().unwrap_or_default()
     }
 
+    /// Whether at least `n` outbox rows wait to be handed to the broker link (counts no
+    /// further than `n`).
+    pub fn unpublished_at_least(&self, n: usize) -> bool {
+        let st = self.lock();
+        st.outbox.rows().range(st.outbox.published_upto + 1..).take(n).count() >= n
+    }
+
     pub fn pending_changes(&self) -> u64 {
         self.lock().outbox.len() as u64
     }
