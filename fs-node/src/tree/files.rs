@@ -303,7 +303,7 @@ impl State {
             if c.moved {
                 self.record(|| Undo::Installed(ino, c.hash.clone()));
             } else {
-                self.discard_work_file(ino, store);
+                self.discard_work_file(ino, &work, store);
             }
             (c.hash, c.size)
         };

@@ -277,8 +277,9 @@ struct Journal {
     saved: HashSet<u64>,
     counters: Counters,
     /// Work files to remove once the transaction is committed (removed before, a failed
-    /// transaction could not give them back).
-    discard_after_commit: Vec<u64>,
+    /// transaction could not give them back): the inode, and whether its work file is
+    /// on the disk (else only its overlay goes).
+    discard_after_commit: Vec<(u64, bool)>,
     /// Inodes whose passthrough backing file became their work file (see `undo`).
     detached: HashSet<u64>,
     /// Rules files the transaction changed: read again before it commits.
@@ -609,8 +610,10 @@ impl Tree {
         let journal = st.journal.take().expect("set above");
         match result {
             Ok(v) => {
-                for ino in journal.discard_after_commit {
-                    self.store.discard_work_file(ino);
+                for (ino, on_disk) in journal.discard_after_commit {
+                    if on_disk {
+                        self.store.discard_work_file(ino);
+                    }
                     // Its overlay goes with it (unless the inode has a work file again).
                     let _ = st.overlay_mut(ino);
                 }

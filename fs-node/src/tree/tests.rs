@@ -796,6 +796,36 @@ fn a_small_file_is_a_row_and_its_work_file_is_in_memory() {
     assert_memory_is_persisted(&t, "after a restart");
 }
 
+/// A work file on the disk that is not moved into the store (its content is there
+/// already, or its file was removed while open) is removed from `work/`; one in memory
+/// leaves nothing there.
+#[test]
+fn work_files_on_the_disk_are_removed_when_not_moved_into_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_small_rows(dir.path());
+    let big = vec![7u8; t.store().small_max() as usize + 1];
+    closed_file(&t, ROOT, "first", &big);
+    // The same bytes again: the blob is there, the second work file is not moved.
+    let (again, fh) = t.create(ROOT, OsStr::new("again"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, &big).unwrap();
+    assert!(t.store().work_path(again.ino).exists(), "written on the disk");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    assert!(!t.store().work_path(again.ino).exists(), "a content already kept: its work file is removed");
+    assert_memory_is_persisted(&t, "after the same content twice");
+    // Removed while open for writing: its work file goes with its last close.
+    let (gone, fh) = t.create(ROOT, OsStr::new("gone"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, &[9u8; 100_000]).unwrap();
+    t.unlink(ROOT, OsStr::new("gone")).unwrap();
+    t.release(fh).unwrap();
+    t.forget(gone.ino, 1);
+    assert!(!t.store().work_path(gone.ino).exists(), "a removed file's work file is removed");
+    // A small file's work file is in memory: nothing under `work/`, before or after.
+    closed_file(&t, ROOT, "small", b"small");
+    assert_eq!(std::fs::read_dir(t.store().work_path(0).parent().unwrap()).unwrap().count(), 0);
+    assert_memory_is_persisted(&t, "at the end");
+}
+
 /// A work file in memory that grows past the largest small content moves to the disk
 /// (by a write or a truncation) with its bytes, and its content becomes a blob file; one
 /// truncated back to small becomes a row again.
