@@ -420,10 +420,19 @@ impl Filesystem for SyncFs {
         }
     }
 
+    /// A close commits what was written; hashing a large file takes long, so that one is
+    /// answered from the blocking pool and the FUSE threads stay free for the mount's
+    /// other operations (there are few of them: `node.rs`).
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        match self.tree.flush(fh.0) {
+        let answer = move |tree: &Tree| match tree.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("flush", e)),
+        };
+        if self.tree.flush_may_take_long(fh.0) {
+            let tree = self.tree.clone();
+            self.rt.spawn_blocking(move || answer(&tree));
+        } else {
+            answer(&self.tree)
         }
     }
 
@@ -443,11 +452,14 @@ impl Filesystem for SyncFs {
         }
     }
 
+    /// Flushing to the disk takes long: answered from the blocking pool, as a large
+    /// file's close is.
     fn fsync(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        match self.tree.fsync(fh.0) {
+        let tree = self.tree.clone();
+        self.rt.spawn_blocking(move || match tree.fsync(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("fsync", e)),
-        }
+        });
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {

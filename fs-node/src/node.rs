@@ -207,7 +207,11 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             fuser::MountOption::NoDev,
         ];
     fcfg.acl = fuser::SessionACL::All;
-    fcfg.n_threads = Some(4);
+    // Two threads read requests: the kernel wakes the one that waited longest, so with
+    // more every request found a colder thread (four made creates 15 % slower:
+    // docs/benchmarks.md, session 30). What takes long (a fetch, a large file's close,
+    // an fsync) is answered from the blocking pool, so two are enough not to stall.
+    fcfg.n_threads = Some(2);
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
     let notifier = Arc::new(OnceLock::new());
     let _ = notifier.set(session.notifier());
