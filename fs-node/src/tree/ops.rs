@@ -408,14 +408,15 @@ impl Tree {
     }
 
     /// Whether the close of handle `fh` has a large file to hash (its work file is
-    /// larger than a small content, so on the disk), which the FUSE layer does not do
-    /// on its own few threads.
+    /// larger than a small content, so on the disk, or a passthrough backing file the
+    /// kernel wrote, whose size the tree learns only at the commit), which the FUSE
+    /// layer does not do on its own few threads.
     pub fn flush_may_take_long(&self, fh: u64) -> bool {
         let st = self.lock();
         let Some(h) = st.handles.get(&fh).filter(|h| h.write) else {
             return false;
         };
-        st.inode(h.ino).is_ok_and(|i| i.work.is_some() && i.size > self.store.small_max())
+        st.inode(h.ino).is_ok_and(|i| i.work.is_some() && (i.detached || i.size > self.store.small_max()))
     }
 
     /// close(2) of one descriptor: commit what was written through it. The content is

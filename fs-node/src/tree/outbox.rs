@@ -59,6 +59,11 @@ impl Outbox {
         seq
     }
 
+    /// The rows not yet handed to the broker link in this session, in order.
+    pub(super) fn unpublished(&self) -> impl Iterator<Item = &OutboxRow> {
+        self.rows.range(self.published_upto + 1..).map(|(_, r)| r)
+    }
+
     pub(super) fn rows(&self) -> &BTreeMap<i64, OutboxRow> {
         &self.rows
     }

@@ -13,8 +13,7 @@ impl Tree {
     /// them handed over.
     pub fn take_unpublished(&self) -> Vec<OutboxRow> {
         let mut st = self.lock();
-        let from = st.outbox.published_upto;
-        let rows: Vec<OutboxRow> = st.outbox.rows().range(from + 1..).map(|(_, r)| r.clone()).collect();
+        let rows: Vec<OutboxRow> = st.outbox.unpublished().cloned().collect();
         if let Some(last) = rows.last() {
             st.outbox.published_upto = last.seq;
         }
@@ -47,8 +46,7 @@ impl Tree {
     /// Whether at least `n` outbox rows wait to be handed to the broker link (counts no
     /// further than `n`).
     pub fn unpublished_at_least(&self, n: usize) -> bool {
-        let st = self.lock();
-        st.outbox.rows().range(st.outbox.published_upto + 1..).take(n).count() >= n
+        self.lock().outbox.unpublished().take(n).count() >= n
     }
 
     pub fn pending_changes(&self) -> u64 {
