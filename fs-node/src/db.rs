@@ -2,12 +2,23 @@
 //! revision the manager gave each path, and the outbox of changes not yet decided.
 //! Plain row access; the tree (`tree/`) owns the one connection and decides what to
 //! write. Never talks to the network.
+//!
+//! A transaction of the tree is not a SQLite transaction: its writes are kept as
+//! [`Op`]s and committed as one frame of the redo log ([`crate::redo`]), one `write` of a
+//! few hundred bytes where a SQLite commit wrote a log frame of 4 KiB for every page it
+//! touched (most of a delete's time, docs/benchmarks.md, session 31). Every
+//! [`FOLD_OPS`] writes, the ones logged since the last fold are applied to SQLite in one
+//! transaction, committed to disk, and the log starts again (a new epoch, recorded in
+//! that same transaction). Opening the database folds what the log holds of its epoch.
+//! The tree never reads the database except at start-up (and tests), so a read folds
+//! first and always sees every committed write.
 
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
+use crate::redo::RedoLog;
 use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 
 /// Set on every connection.
@@ -20,8 +31,16 @@ use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 /// was 7 % of a node's time in a `rm -r` (docs/benchmarks.md, session 20), and a longer
 /// log folds more writes of the same pages into one. The log file is cut back to 64 MiB
 /// after one.
+/// SQLite commits only at a fold, and a fold's commit is flushed to disk
+/// (`synchronous=FULL`) before the redo log is cut back.
 const PRAGMAS: &str =
-    "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864;";
+    "PRAGMA locking_mode=EXCLUSIVE; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA wal_autocheckpoint=8192; PRAGMA journal_size_limit=67108864;";
+
+/// Writes logged before they are folded into SQLite (a fold of this many takes a few
+/// tens of milliseconds under the tree's lock, and the log holds about 1 MiB).
+pub const FOLD_OPS: usize = 4096;
+/// The `meta` key of the number of folds committed: the epoch of the redo log's frames.
+const REDO_EPOCH_KEY: &str = "redo_epoch";
 
 /// Schema version 1: the tables every node had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
@@ -96,7 +115,7 @@ pub struct KeptRow {
 }
 
 /// One inode row.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct InodeRow {
     pub ino: u64,
     pub kind: u8,
@@ -121,10 +140,115 @@ pub struct OutboxRow {
     pub change: Change,
 }
 
+/// One write of the tree, as the redo log keeps it until it is folded into SQLite.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+enum Op {
+    SaveInode(InodeRow),
+    DeleteInode(u64),
+    SetWriting(u64, bool),
+    SaveDentry(u64, Vec<u8>, u64),
+    DeleteDentry(u64, Vec<u8>),
+    SetRev(String, u64),
+    PushOutbox { seq: i64, msg: String, path: String, body: String },
+    ReplaceOutbox { seq: i64, path: String, body: String },
+    RemoveOutbox(i64),
+    SetMeta(String, String),
+    SetPin(String, Option<bool>),
+    PutKept { hash: String, size: i64, until_ms: i64, at_ms: i64 },
+    RemoveKept(String),
+}
+
+impl Op {
+    fn apply(&self, conn: &Connection) -> rusqlite::Result<()> {
+        match self {
+            Op::SaveInode(i) => conn
+                .prepare_cached(
+                    "INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                     ON CONFLICT(ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm, uid = excluded.uid, gid = excluded.gid,
+                       atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, nlink = excluded.nlink, rdev = excluded.rdev,
+                       size = excluded.size, hash = excluded.hash, target = excluded.target",
+                )?
+                .execute(params![i.ino as i64, i.kind, i.perm, i.uid, i.gid, i.atime, i.mtime, i.ctime, i.nlink, i.rdev, i.size as i64, i.hash, i.target])?,
+            Op::DeleteInode(ino) => conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([*ino as i64])?,
+            Op::SetWriting(ino, writing) => {
+                conn.prepare_cached("UPDATE inodes SET writing = ?2 WHERE ino = ?1 AND writing != ?2")?.execute(params![*ino as i64, writing])?
+            }
+            Op::SaveDentry(parent, name, ino) => {
+                conn.prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?.execute(params![*parent as i64, name, *ino as i64])?
+            }
+            Op::DeleteDentry(parent, name) => conn.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?.execute(params![*parent as i64, name])?,
+            Op::SetRev(path, rev) => conn
+                .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
+                .execute(params![path, *rev as i64])?,
+            // A fold applied again after a crash (before the log was cut) finds its rows.
+            Op::PushOutbox { seq, msg, path, body } => {
+                conn.prepare_cached("INSERT OR REPLACE INTO outbox(seq, msg, path, body) VALUES(?1, ?2, ?3, ?4)")?.execute(params![seq, msg, path, body])?
+            }
+            Op::ReplaceOutbox { seq, path, body } => conn.prepare_cached("UPDATE outbox SET path = ?2, body = ?3 WHERE seq = ?1")?.execute(params![seq, path, body])?,
+            Op::RemoveOutbox(seq) => conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?.execute([seq])?,
+            Op::SetMeta(key, value) => conn
+                .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+                .execute([key, value])?,
+            Op::SetPin(path, Some(p)) => conn
+                .prepare_cached("INSERT INTO pins(path, pinned) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET pinned = excluded.pinned")?
+                .execute(params![path, p])?,
+            Op::SetPin(path, None) => conn.prepare_cached("DELETE FROM pins WHERE path = ?1")?.execute([path])?,
+            Op::PutKept { hash, size, until_ms, at_ms } => conn
+                .prepare_cached(
+                    "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
+                )?
+                .execute(params![hash, size, until_ms, at_ms])?,
+            Op::RemoveKept(hash) => conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?.execute([hash])?,
+        };
+        Ok(())
+    }
+}
+
+/// The writes not yet in SQLite: those of the transaction being made, and those
+/// committed to the redo log since the last fold.
+struct Redo {
+    log: RedoLog,
+    /// The writes of the transaction being made (`Some` between `begin` and its end).
+    pending: Option<Vec<Op>>,
+    /// Committed to the log, not yet folded, in order.
+    unfolded: Vec<Op>,
+    /// A fold is tried once this many writes are unfolded (more after one failed).
+    fold_at: usize,
+    folds: u64,
+    #[cfg(test)]
+    injected: Option<Injected>,
+}
+
+/// A failure a test asked for: at the `n`th write from now, or at the commit of the
+/// transaction that makes it; `full`: as on a full disk.
+#[cfg(test)]
+#[derive(Clone, Copy, Debug)]
+struct Injected {
+    n: i64,
+    at_commit: bool,
+    full: bool,
+}
+
+fn sqlite_failure(code: i32, what: String) -> rusqlite::Error {
+    rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), Some(what))
+}
+
+/// A failed append to the redo log, as the database error the tree maps to an errno
+/// (a full disk is `SQLITE_FULL`, which the tree answers with `ENOSPC`).
+fn log_failure(e: std::io::Error) -> rusqlite::Error {
+    let code = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => rusqlite::ffi::SQLITE_FULL,
+        _ => rusqlite::ffi::SQLITE_IOERR,
+    };
+    sqlite_failure(code, format!("appending to the node database's redo log: {e}"))
+}
+
 pub struct Db {
     conn: Connection,
     /// Transactions committed since the database was opened (`Db::commits`).
     commits: std::cell::Cell<u64>,
+    redo: std::cell::RefCell<Redo>,
 }
 
 /// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
@@ -164,29 +288,144 @@ impl Db {
             }
         })?;
         migrate(&mut conn, path, "the node database")?;
-        Ok(Db { conn, commits: Default::default() })
+        let epoch: u64 = conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [REDO_EPOCH_KEY], |r| r.get::<_, String>(0))
+            .optional()?
+            .map(|v| v.parse().context("corrupt redo epoch in the node database"))
+            .transpose()?
+            .unwrap_or(0);
+        let log_path = RedoLog::path_for(path);
+        let (log, frames) = RedoLog::open(&log_path, epoch).with_context(|| format!("reading {}", log_path.display()))?;
+        let mut unfolded = Vec::new();
+        for (i, frame) in frames.iter().enumerate() {
+            let ops: Vec<Op> = serde_json::from_slice(frame).with_context(|| format!("frame {i} of {}", log_path.display()))?;
+            unfolded.extend(ops);
+        }
+        let redo = Redo {
+            log,
+            pending: None,
+            unfolded,
+            fold_at: FOLD_OPS,
+            folds: 0,
+            #[cfg(test)]
+            injected: None,
+        };
+        let db = Db { conn, commits: Default::default(), redo: std::cell::RefCell::new(redo) };
+        // What the last run committed to the log goes into SQLite before anything is read.
+        db.fold().with_context(|| format!("applying {} to {}", log_path.display(), path.display()))?;
+        Ok(db)
     }
 
-    // Transaction control goes through the statement cache like every other statement:
-    // `execute_batch` would parse it again on every transaction.
+    /// Starts a transaction: the writes until `commit` or `rollback` are kept together.
     pub fn begin(&self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("BEGIN")?.execute([]).map(drop)
-    }
-    pub fn commit(&self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("COMMIT")?.execute([])?;
-        self.commits.set(self.commits.get() + 1);
+        let mut r = self.redo.borrow_mut();
+        if r.pending.is_some() {
+            return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "a node database transaction is already open".into()));
+        }
+        r.pending = Some(Vec::new());
         Ok(())
     }
-    /// Transactions committed since the database was opened: each writes the pages it
-    /// changed to the log, so fewer of them for the same work is what keeps a burst of
-    /// file operations cheap (the `syncfs_node_db_commits` metric).
+
+    /// Commits the open transaction: its writes, as one frame appended to the redo log.
+    /// Once enough writes are logged, they are folded into SQLite (a fold that fails is
+    /// tried again later: what it would have written is safe in the log).
+    pub fn commit(&self) -> rusqlite::Result<()> {
+        let mut r = self.redo.borrow_mut();
+        let ops = r.pending.take().ok_or_else(|| sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "no node database transaction is open".into()))?;
+        #[cfg(test)]
+        if let Some(Injected { n: 0, at_commit: true, full }) = r.injected {
+            if !ops.is_empty() {
+                return Err(injected_failure(full));
+            }
+        }
+        if !ops.is_empty() {
+            let payload = serde_json::to_vec(&ops).expect("database writes serialize");
+            r.log.append(&payload).map_err(log_failure)?;
+            r.unfolded.extend(ops);
+        }
+        self.commits.set(self.commits.get() + 1);
+        if r.unfolded.len() >= r.fold_at {
+            if let Err(e) = Self::fold_into(&self.conn, &mut r) {
+                tracing::warn!(unfolded = r.unfolded.len(), "folding the redo log into the node database (tried again later): {e}");
+                r.fold_at = r.unfolded.len() + FOLD_OPS;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn rollback(&self) {
+        self.redo.borrow_mut().pending = None;
+    }
+
+    /// Keeps one write in the open transaction, or commits it alone if none is open.
+    fn record(&self, op: Op) -> rusqlite::Result<()> {
+        let mut r = self.redo.borrow_mut();
+        #[cfg(test)]
+        if let Some(inj) = &mut r.injected {
+            inj.n = (inj.n - 1).max(0);
+            if inj.n == 0 && !inj.at_commit {
+                return Err(injected_failure(inj.full));
+            }
+        }
+        match &mut r.pending {
+            Some(ops) => {
+                ops.push(op);
+                Ok(())
+            }
+            None => {
+                r.pending = Some(vec![op]);
+                drop(r);
+                self.commit()
+            }
+        }
+    }
+
+    /// Applies every logged write to SQLite in one transaction, flushed to disk, and
+    /// starts the log again (for a new epoch, recorded in that transaction). Nothing is
+    /// folded while a transaction is open.
+    fn fold(&self) -> rusqlite::Result<()> {
+        let mut r = self.redo.borrow_mut();
+        if r.pending.is_some() {
+            return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "the node database is read inside a transaction".into()));
+        }
+        Self::fold_into(&self.conn, &mut r)
+    }
+
+    fn fold_into(conn: &Connection, r: &mut Redo) -> rusqlite::Result<()> {
+        if r.unfolded.is_empty() {
+            return Ok(());
+        }
+        let epoch = r.folds_epoch() + 1;
+        conn.prepare_cached("BEGIN")?.execute([])?;
+        let applied = r.unfolded.iter().try_for_each(|op| op.apply(conn)).and_then(|()| {
+            Op::SetMeta(REDO_EPOCH_KEY.into(), epoch.to_string()).apply(conn)?;
+            conn.prepare_cached("COMMIT")?.execute([]).map(drop)
+        });
+        if let Err(e) = applied {
+            let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+            return Err(e);
+        }
+        r.log.restart(epoch);
+        r.unfolded.clear();
+        r.fold_at = FOLD_OPS;
+        r.folds += 1;
+        Ok(())
+    }
+
+    /// Transactions committed since the database was opened: each is one append to the
+    /// redo log, so fewer of them for the same work is what keeps a burst of file
+    /// operations cheap (the `syncfs_node_db_commits` metric).
     pub fn commits(&self) -> u64 {
         self.commits.get()
     }
-    /// Makes every committed transaction durable: a checkpoint flushes the WAL to disk
-    /// first (with `synchronous=NORMAL`, commits alone do not).
+    /// Folds of the redo log into SQLite since the database was opened.
+    pub fn folds(&self) -> u64 {
+        self.redo.borrow().folds
+    }
+    /// Makes every committed transaction durable against a power loss: what was folded
+    /// is (a fold's commit is flushed), and the redo log is flushed.
     pub fn sync(&self) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(()))
+        self.redo.borrow().log.sync().map_err(log_failure)
     }
 
     /// Closes the database file as a dead process would leave it (committed
@@ -196,43 +435,53 @@ impl Db {
         let _ = std::mem::replace(&mut self.conn, Connection::open_in_memory().unwrap());
     }
 
-    /// The connection itself, for tests that make the database fail on purpose.
+    /// The connection itself, for tests that read it directly (after a fold).
     #[cfg(test)]
     pub fn conn(&self) -> &Connection {
+        self.fold().unwrap();
         &self.conn
     }
 
-    pub fn rollback(&self) {
-        let _ = self.conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+    /// Makes the `n`th write from now and every one after it fail (`at_commit`: the
+    /// commits of the transactions that make them), as an I/O error or (`full`) as on a
+    /// full disk, until the next call; `n` 0 or less: no failure.
+    #[cfg(test)]
+    pub fn inject_failure_for_test(&self, n: i64, at_commit: bool, full: bool) {
+        self.redo.borrow_mut().injected = (n > 0).then_some(Injected { n, at_commit, full });
     }
 
     pub fn meta(&self, key: &str) -> rusqlite::Result<Option<String>> {
+        // The newest write of the key, also one of the open transaction.
+        {
+            let r = self.redo.borrow();
+            let written = r.pending.iter().flatten().rev().chain(r.unfolded.iter().rev()).find_map(|op| match op {
+                Op::SetMeta(k, v) if k == key => Some(v.clone()),
+                _ => None,
+            });
+            if written.is_some() {
+                return Ok(written);
+            }
+        }
         self.conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
     }
     pub fn set_meta(&self, key: &str, value: &str) -> rusqlite::Result<()> {
-        self.conn.execute("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])?;
-        Ok(())
+        self.record(Op::SetMeta(key.into(), value.into()))
     }
 
     /// Every pin rule: (path, "" for the root, and whether it keeps contents local).
     pub fn pins(&self) -> rusqlite::Result<Vec<(String, bool)>> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT path, pinned FROM pins")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)))?;
         rows.collect()
     }
 
     pub fn set_pin(&self, path: &str, pinned: Option<bool>) -> rusqlite::Result<()> {
-        match pinned {
-            Some(p) => self
-                .conn
-                .prepare_cached("INSERT INTO pins(path, pinned) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET pinned = excluded.pinned")?
-                .execute(params![path, p])?,
-            None => self.conn.prepare_cached("DELETE FROM pins WHERE path = ?1")?.execute([path])?,
-        };
-        Ok(())
+        self.record(Op::SetPin(path.into(), pinned))
     }
 
     pub fn kept(&self) -> rusqlite::Result<Vec<KeptRow>> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT hash, size, until_ms, at_ms FROM kept")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
         let mut out = Vec::new();
@@ -250,13 +499,9 @@ impl Db {
             return Ok(());
         }
         self.all_or_none(|db| {
-            let mut put = db.conn.prepare_cached(
-                "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
-            )?;
-            for k in rows {
-                put.execute(params![k.hash.to_hex().as_str(), k.size as i64, k.until_ms, k.at_ms])?;
-            }
-            Ok(())
+            rows.iter().try_for_each(|k| {
+                db.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms })
+            })
         })
     }
     /// Forgets kept contents, all or none (one transaction).
@@ -266,13 +511,7 @@ impl Db {
             // (The GC asks on every pass, mostly with nothing expired.)
             return Ok(());
         }
-        self.all_or_none(|db| {
-            let mut remove = db.conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?;
-            for h in hashes {
-                remove.execute([h.to_hex().as_str()])?;
-            }
-            Ok(())
-        })
+        self.all_or_none(|db| hashes.try_for_each(|h| db.record(Op::RemoveKept(h.to_hex().to_string()))))
     }
     /// Runs `f` in a transaction of its own, committed if it succeeds, rolled back if not.
     fn all_or_none(&self, f: impl FnOnce(&Self) -> rusqlite::Result<()>) -> rusqlite::Result<()> {
@@ -289,6 +528,7 @@ impl Db {
     /// Every inode row, and the inodes among them marked as being written
     /// ([`Db::set_writing`]), read in the one pass start-up makes over the table.
     pub fn inodes(&self) -> rusqlite::Result<(Vec<InodeRow>, Vec<u64>)> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target, writing FROM inodes")?;
         let mut writing = Vec::new();
         let rows = st.query_map([], |r| {
@@ -316,29 +556,18 @@ impl Db {
     }
 
     pub fn save_inode(&self, i: &InodeRow) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached(
-                "INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
-                 VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
-                 ON CONFLICT(ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm, uid = excluded.uid, gid = excluded.gid,
-                   atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, nlink = excluded.nlink, rdev = excluded.rdev,
-                   size = excluded.size, hash = excluded.hash, target = excluded.target",
-            )?
-            .execute(params![i.ino as i64, i.kind, i.perm, i.uid, i.gid, i.atime, i.mtime, i.ctime, i.nlink, i.rdev, i.size as i64, i.hash, i.target])?;
-        Ok(())
+        self.record(Op::SaveInode(i.clone()))
     }
 
     pub fn delete_inode(&self, ino: u64) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([ino as i64])?;
-        Ok(())
+        self.record(Op::DeleteInode(ino))
     }
 
     /// Records that `ino` is being written (a work file was made for it), or no longer,
     /// in its saved row (an inode without one, removed while open, is not recorded).
     /// Saving the row again leaves this as it is.
     pub fn set_writing(&self, ino: u64, writing: bool) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("UPDATE inodes SET writing = ?2 WHERE ino = ?1 AND writing != ?2")?.execute(params![ino as i64, writing])?;
-        Ok(())
+        self.record(Op::SetWriting(ino, writing))
     }
 
     /// Empties the record of files being written for `inos` (the ones [`Db::inodes`]
@@ -351,39 +580,33 @@ impl Db {
     }
 
     pub fn dentries(&self) -> rusqlite::Result<Vec<(u64, OsString, u64)>> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT parent, name, ino FROM dentries")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, OsString::from_vec(r.get(1)?), r.get::<_, i64>(2)? as u64)))?;
         rows.collect()
     }
 
     pub fn save_dentry(&self, parent: u64, name: &std::ffi::OsStr, ino: u64) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?.execute(params![
-            parent as i64,
-            name.as_bytes(),
-            ino as i64
-        ])?;
-        Ok(())
+        self.record(Op::SaveDentry(parent, name.as_bytes().to_vec(), ino))
     }
 
     pub fn delete_dentry(&self, parent: u64, name: &std::ffi::OsStr) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?.execute(params![parent as i64, name.as_bytes()])?;
-        Ok(())
+        self.record(Op::DeleteDentry(parent, name.as_bytes().to_vec()))
     }
 
     pub fn revs(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT path, rev FROM revs")?;
         let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
         rows.collect()
     }
 
     pub fn set_rev(&self, path: &RelPath, rev: Revision) -> rusqlite::Result<()> {
-        self.conn
-            .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
-            .execute(params![path.as_str(), rev.0 as i64])?;
-        Ok(())
+        self.record(Op::SetRev(path.as_str().into(), rev.0))
     }
 
     pub fn outbox(&self) -> anyhow::Result<Vec<OutboxRow>> {
+        self.fold()?;
         let mut st = self.conn.prepare("SELECT seq, msg, body FROM outbox ORDER BY seq")?;
         let rows = st.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?)))?;
         let mut out = Vec::new();
@@ -400,26 +623,37 @@ impl Db {
 
     /// Adds a row at `seq` (the tree assigns seqs: `Outbox::take_seq`).
     pub fn push_outbox(&self, seq: i64, msg: &MessageId, change: &Change) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("INSERT INTO outbox(seq, msg, path, body) VALUES(?1, ?2, ?3, ?4)")?.execute(params![
+        self.record(Op::PushOutbox {
             seq,
-            msg.as_str(),
-            change.path.as_str(),
-            serde_json::to_string(change).expect("wire types serialize")
-        ])?;
-        Ok(())
+            msg: msg.as_str().into(),
+            path: change.path.as_str().into(),
+            body: serde_json::to_string(change).expect("wire types serialize"),
+        })
     }
 
     /// Replaces the change of a row that was never sent; the row keeps its place.
-    pub fn replace_outbox(&self, seq: i64, change: &Change) -> rusqlite::Result<usize> {
-        self.conn.prepare_cached("UPDATE outbox SET path = ?2, body = ?3 WHERE seq = ?1")?.execute(params![
-            seq,
-            change.path.as_str(),
-            serde_json::to_string(change).expect("wire types serialize")
-        ])
+    pub fn replace_outbox(&self, seq: i64, change: &Change) -> rusqlite::Result<()> {
+        self.record(Op::ReplaceOutbox { seq, path: change.path.as_str().into(), body: serde_json::to_string(change).expect("wire types serialize") })
     }
 
-    pub fn remove_outbox(&self, seq: i64) -> rusqlite::Result<usize> {
-        self.conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?.execute([seq])
+    pub fn remove_outbox(&self, seq: i64) -> rusqlite::Result<()> {
+        self.record(Op::RemoveOutbox(seq))
+    }
+}
+
+#[cfg(test)]
+fn injected_failure(full: bool) -> rusqlite::Error {
+    if full {
+        sqlite_failure(rusqlite::ffi::SQLITE_FULL, "injected: the disk is full".into())
+    } else {
+        sqlite_failure(rusqlite::ffi::SQLITE_IOERR, "injected failure".into())
+    }
+}
+
+impl Redo {
+    /// The epoch of the frames being logged now.
+    fn folds_epoch(&self) -> u64 {
+        self.log.epoch()
     }
 }
 

@@ -15,6 +15,7 @@ pub mod node;
 pub mod patched;
 pub mod peer;
 pub mod puller;
+pub mod redo;
 pub mod small;
 pub mod status;
 pub mod store;

@@ -172,14 +172,24 @@ fn raise_fd_limit() {
     }
 }
 
+fn is_disk_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| matches!(c.downcast_ref::<rusqlite::Error>(), Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull))
+}
+
 /// Runs a node until SIGINT/SIGTERM.
 pub fn run(cfg: Config) -> anyhow::Result<()> {
     prepare_mount_point(&cfg.mount, &cfg.id)?;
     prepare_data_dir(&cfg.data)?;
     raise_fd_limit();
     let _ = std::fs::remove_file(cfg.data.join("node.url"));
-    let db = Db::open(&cfg.data.join("node.db"))?;
     let store = ContentStore::open(&cfg.data)?;
+    let db_path = cfg.data.join("node.db");
+    let db = match Db::open(&db_path) {
+        // Opening folds what the redo log holds into the database: on a full disk, the
+        // space set aside for the node database makes room for it.
+        Err(e) if is_disk_full(&e) && store.release_reserve() => Db::open(&db_path)?,
+        opened => opened?,
+    };
     let tree = Arc::new(Tree::load_on_demand(db, store.clone(), cfg.on_demand)?);
     tree.set_node_ignore_rules(&cfg.ignore).map_err(|e| anyhow::anyhow!("taking the node's ignore rules: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;

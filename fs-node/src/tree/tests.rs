@@ -226,43 +226,19 @@ fn a_row_with_a_wrong_size_keeps_a_whole_blob() {
     assert_eq!(t.getattr(ino).unwrap().size, 11, "the corrected size was saved");
 }
 
-/// Makes the node database fail at its `n`th write from now, through triggers on
-/// every table the tree writes: at that statement, or (`at_commit`) at the COMMIT,
-/// through a deferred foreign key.
-/// It works through the tree's own connection: the node holds its database exclusively.
+/// Makes the node database fail at its `n`th write from now: at that write, or
+/// (`at_commit`) at the commit of the transaction that makes it.
 struct Chaos<'t> {
     t: &'t Tree,
 }
 
 impl<'t> Chaos<'t> {
     fn install(t: &'t Tree) -> Chaos<'t> {
-        let st = t.lock();
-        let conn = st.db.conn();
-        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
-        conn.execute_batch(
-            "CREATE TABLE chaos(n INTEGER NOT NULL, at_commit INTEGER NOT NULL); INSERT INTO chaos VALUES(-1, 0);
-             CREATE TABLE chaos_parent(id INTEGER PRIMARY KEY);
-             CREATE TABLE chaos_orphan(parent INTEGER REFERENCES chaos_parent(id) DEFERRABLE INITIALLY DEFERRED);",
-        )
-        .unwrap();
-        for table in ["inodes", "dentries", "revs", "outbox"] {
-            for op in ["INSERT", "UPDATE", "DELETE"] {
-                conn.execute_batch(&format!(
-                    "CREATE TRIGGER chaos_{table}_{op} BEFORE {op} ON {table} BEGIN
-                       UPDATE chaos SET n = n - 1 WHERE n > 0;
-                       SELECT RAISE(ABORT, 'injected failure') WHERE (SELECT n = 0 AND NOT at_commit FROM chaos);
-                       INSERT INTO chaos_orphan(parent) SELECT 1 WHERE (SELECT n = 0 AND at_commit FROM chaos);
-                     END;"
-                ))
-                .unwrap();
-            }
-        }
-        drop(st);
         Chaos { t }
     }
 
     fn arm(&self, n: i64, at_commit: bool) {
-        self.t.lock().db.conn().execute("UPDATE chaos SET n = ?1, at_commit = ?2", rusqlite::params![n, at_commit]).unwrap();
+        self.t.lock().db.inject_failure_for_test(n, at_commit, false);
     }
 
     /// Runs `op` with the database failing at its first write, then its second, and
@@ -466,14 +442,14 @@ fn a_full_database_fails_with_enospc_and_changes_nothing() {
     }
     let reserve = dir.path().join("reserve");
     assert_eq!(std::fs::metadata(&reserve).unwrap().len(), crate::store::DB_RESERVE_BYTES);
-    // SQLite reports SQLITE_FULL, as on a full disk, once the database would grow.
-    t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1").unwrap();
+    // The node database's log cannot grow any more: the disk is full.
+    t.lock().db.inject_failure_for_test(1, true, true);
     let e = (0..1000).find_map(|i| closed_file_or_error(&t, &format!("f{i}"))).expect("the database filled up");
     assert!(matches!(e, FsError::DbFull), "{e:?}");
     assert_eq!(e.errno(), libc::ENOSPC);
     assert_memory_is_persisted(&t, "after the database filled up");
     assert!(!reserve.exists(), "the reserve was given to the database");
-    t.lock().db.conn().execute_batch("PRAGMA max_page_count = 1073741823").unwrap();
+    t.lock().db.inject_failure_for_test(0, false, false);
     t.mkdir(ROOT, OsStr::new("room again"), 0o755, 0, 0).unwrap();
     t.gc();
     assert!(reserve.exists(), "the reserve is set aside again");
