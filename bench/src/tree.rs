@@ -67,7 +67,8 @@ fn mib(bytes: u64) -> f64 {
 
 fn db_size(p: &Path) -> u64 {
     let file = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-    file(p) + file(&p.with_file_name(format!("{}-wal", p.file_name().unwrap().to_string_lossy())))
+    // The database, its SQLite log and (a node's) redo log files.
+    ["", "-wal", "-redo0", "-redo1"].iter().map(|end| file(&p.with_file_name(format!("{}{end}", p.file_name().unwrap().to_string_lossy())))).sum()
 }
 
 /// Runs the rows on cluster `c` (nodes A and B running); adds node C.

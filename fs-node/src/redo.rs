@@ -1,13 +1,14 @@
-//! The node database's redo log (`node.db-redo` beside `node.db`): the file a committed
-//! transaction of the tree is appended to, one frame per transaction, with one `write`.
-//! [`crate::db::Db`] owns it; it applies the logged writes to SQLite a batch at a time
-//! (a fold) and then starts the log again. This module only knows frames and the file.
+//! A redo log file of the node database (`node.db-redo0` and `node.db-redo1` beside
+//! `node.db`): a committed transaction of the tree is appended to one, one frame per
+//! transaction, with one `write`. [`crate::db::Db`] owns them; it applies the logged
+//! writes to SQLite a batch at a time (a fold), while new frames go to the other file,
+//! and then starts the folded one again. This module only knows frames and one file.
 //!
 //! A frame: `SRDO`, the payload's length (u32 LE), the epoch it belongs to (u64 LE), the
 //! first 8 bytes of the BLAKE3 hash of epoch and payload, the payload. The epoch is the
-//! number of folds the database has committed: a frame of an older epoch was folded
-//! already (the file could not be cut back, or a power loss took back the cut) and is
-//! skipped; reading stops at the first frame that is torn or does not check (a crash in
+//! generation of the file: a frame of an epoch older than the one the database records
+//! was folded already (the file could not be cut back, or a power loss took back the
+//! cut) and is skipped; reading stops at the first frame that is torn or does not check (a crash in
 //! the middle of an append, or a power loss that kept a later page and not an earlier
 //! one), so what is read back is always a prefix of what was committed.
 
@@ -43,16 +44,18 @@ fn check(epoch: u64, payload: &[u8]) -> [u8; 8] {
 }
 
 impl RedoLog {
-    /// The log beside the database at `db_path`, made if missing.
-    pub fn path_for(db_path: &Path) -> PathBuf {
+    /// Log file `i` (0 or 1) of the database at `db_path`.
+    pub fn path_for(db_path: &Path, i: usize) -> PathBuf {
         let mut p = db_path.as_os_str().to_owned();
-        p.push("-redo");
+        p.push(format!("-redo{i}"));
         PathBuf::from(p)
     }
 
-    /// Opens (or makes) the log and returns it with the payloads of its frames of
-    /// `epoch`, in order. New frames are appended after what is there.
-    pub fn open(path: &Path, epoch: u64) -> std::io::Result<(RedoLog, Vec<Vec<u8>>)> {
+    /// Opens (or makes) the log and returns it with its frames of epoch `epoch` or
+    /// later, in order, as (epoch, payload). New frames, of `epoch` until the next
+    /// [`RedoLog::restart`], are appended after what is there.
+    #[allow(clippy::type_complexity)]
+    pub fn open(path: &Path, epoch: u64) -> std::io::Result<(RedoLog, Vec<(u64, Vec<u8>)>)> {
         let made = !path.exists();
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         if made {
@@ -75,8 +78,8 @@ impl RedoLog {
             if bytes[at + 16..at + 24] != check(frame_epoch, payload) {
                 break;
             }
-            if frame_epoch == epoch {
-                payloads.push(payload.to_vec());
+            if frame_epoch >= epoch {
+                payloads.push((frame_epoch, payload.to_vec()));
             }
             at += HEADER + len;
         }
@@ -133,6 +136,12 @@ impl RedoLog {
         }
     }
 
+    /// New frames belong to `epoch` (no later than the frames already in the file
+    /// that are kept); nothing is cut.
+    pub fn continue_at(&mut self, epoch: u64) {
+        self.epoch = epoch;
+    }
+
     /// Flushes the log to the disk.
     pub fn sync(&self) -> std::io::Result<()> {
         self.file.sync_data()
@@ -158,11 +167,11 @@ mod tests {
     use super::*;
 
     fn reopen(path: &Path, epoch: u64) -> Vec<Vec<u8>> {
-        RedoLog::open(path, epoch).unwrap().1
+        RedoLog::open(path, epoch).unwrap().1.into_iter().map(|(_, p)| p).collect()
     }
 
     #[test]
-    fn frames_come_back_in_order_and_only_those_of_the_epoch() {
+    fn frames_come_back_in_order_and_only_those_of_the_epoch_or_later() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let (mut log, none) = RedoLog::open(&path, 3).unwrap();
@@ -172,6 +181,7 @@ mod tests {
         drop(log);
         assert_eq!(reopen(&path, 3), vec![b"one".to_vec(), b"two".to_vec()]);
         assert!(reopen(&path, 4).is_empty(), "frames of an older epoch are skipped");
+        assert_eq!(RedoLog::open(&path, 2).unwrap().1, vec![(3, b"one".to_vec()), (3, b"two".to_vec())]);
     }
 
     /// A crash in the middle of an append leaves a torn frame: it and anything after
@@ -187,7 +197,7 @@ mod tests {
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 3]).unwrap();
         let (mut log, back) = RedoLog::open(&path, 0).unwrap();
-        assert_eq!(back, vec![b"whole".to_vec()]);
+        assert_eq!(back, vec![(0, b"whole".to_vec())]);
         log.append(b"after").unwrap();
         drop(log);
         assert_eq!(reopen(&path, 0), vec![b"whole".to_vec(), b"after".to_vec()]);
