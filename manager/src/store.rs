@@ -402,6 +402,11 @@ fn holders(conn: &rusqlite::Connection, path: &str, rev: i64) -> anyhow::Result<
     Ok(out)
 }
 
+/// The first of `ancestors` ([`Tx::ancestors_live`]) that is live and not a directory.
+fn first_non_dir(ancestors: &[(RelPath, Option<Version>)]) -> Option<RelPath> {
+    ancestors.iter().find(|(_, v)| v.as_ref().is_some_and(|v| !matches!(v.content, Content::Dir))).map(|(a, _)| a.clone())
+}
+
 fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<Entry>> {
     let row: Option<(i64, Option<String>)> =
         conn.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
@@ -917,20 +922,25 @@ impl Tx<'_> {
             .tx
             .prepare_cached("SELECT count(*) FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND p.version IS NOT NULL")?
             .query_row([change.path.as_str()], |r| r.get(0))?;
-        let file_above = match &change.op {
-            ChangeOp::Put { .. } => self.first_non_dir_ancestor(&change.path)?,
-            ChangeOp::Delete => None,
+        // A put's ancestors, read once: for the file above it, and for the directories
+        // to restore if it is accepted.
+        let ancestors = match &change.op {
+            ChangeOp::Put { .. } => self.ancestors_live(&change.path)?,
+            ChangeOp::Delete => Vec::new(),
         };
+        let file_above = first_non_dir(&ancestors);
         let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize, file_above.as_ref());
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
+        // The path's state once accepted (read back by `set` already).
+        let mut accepted = None;
         let outcome = match (decision, &change.op) {
             (Decision::Accept, ChangeOp::Put { version }) => {
-                self.restore_ancestors(&change.path, now_ms)?;
-                self.set(&change.path, Some(version), from, now_ms)?;
+                self.restore_dirs(&ancestors, now_ms)?;
+                accepted = Some(self.set(&change.path, Some(version), from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Accept, ChangeOp::Delete) => {
-                self.set(&change.path, None, from, now_ms)?;
+                accepted = Some(self.set(&change.path, None, from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Unchanged, _) => Outcome::Unchanged,
@@ -951,14 +961,23 @@ impl Tx<'_> {
             }
         };
         tracing::debug!(target: "changes", %msg, path = %change.path, sent_base = change.base.0, base = base.0, "based on");
-        self.decided(msg, from, &change.path, outcome, base)
+        match accepted {
+            Some(entry) => self.decided_with(msg, from, entry, outcome, base),
+            None => self.decided(msg, from, &change.path, outcome, base),
+        }
     }
 
     /// Records how a change was decided and queues the decision for its sender, with the
     /// path's state now.
     fn decided(&mut self, msg: MessageId, from: &NodeId, path: &RelPath, outcome: Outcome, base: Revision) -> anyhow::Result<()> {
-        let reply_key = topology::node_key(from);
         let current = self.entry_or_absent(path)?;
+        self.decided_with(msg, from, current, outcome, base)
+    }
+
+    /// [`Tx::decided`] with the path's state now already known (the entry a `set` made).
+    fn decided_with(&mut self, msg: MessageId, from: &NodeId, current: Entry, outcome: Outcome, base: Revision) -> anyhow::Result<()> {
+        let reply_key = topology::node_key(from);
+        let path = &current.path;
         tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, "decided");
         self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
             msg.as_str(),
@@ -1016,24 +1035,37 @@ impl Tx<'_> {
 
     /// The highest ancestor of `path` that is live and not a directory, if any.
     pub(crate) fn first_non_dir_ancestor(&mut self, path: &RelPath) -> anyhow::Result<Option<RelPath>> {
-        for anc in path.ancestors() {
-            if self.live_version(&anc)?.is_some_and(|v| !matches!(v.content, Content::Dir)) {
-                return Ok(Some(anc));
+        Ok(first_non_dir(&self.ancestors_live(path)?))
+    }
+
+    /// Each ancestor of `path`, in the order `RelPath::ancestors` gives, with its live
+    /// version.
+    fn ancestors_live(&self, path: &RelPath) -> anyhow::Result<Vec<(RelPath, Option<Version>)>> {
+        path.ancestors()
+            .into_iter()
+            .map(|anc| {
+                let live = self.live_version(&anc)?;
+                Ok((anc, live))
+            })
+            .collect()
+    }
+
+    /// [`Tx::restore_ancestors`] over ancestors already read ([`Tx::ancestors_live`]).
+    fn restore_dirs(&mut self, ancestors: &[(RelPath, Option<Version>)], now_ms: i64) -> anyhow::Result<()> {
+        for (anc, live) in ancestors {
+            if live.is_none() {
+                self.set(anc, Some(&rule::restored_dir(now_ms)), &NodeId::manager(), now_ms)?;
             }
         }
-        Ok(None)
+        Ok(())
     }
 
     /// Every ancestor of an accepted path must be a live directory: ancestors deleted
     /// elsewhere are brought back (nothing added to a directory is lost because someone
     /// removed the directory). The caller has made sure none is a file.
     pub(crate) fn restore_ancestors(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
-        for anc in path.ancestors() {
-            if self.live_version(&anc)?.is_none() {
-                self.set(&anc, Some(&rule::restored_dir(now_ms)), &NodeId::manager(), now_ms)?;
-            }
-        }
-        Ok(())
+        let ancestors = self.ancestors_live(path)?;
+        self.restore_dirs(&ancestors, now_ms)
     }
 
     /// Keeps `version`, a change of `path` based on a stale revision, as a conflict file
