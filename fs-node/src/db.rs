@@ -505,7 +505,7 @@ impl Db {
     /// Applies every logged write to SQLite (after the fold under way, if any) in one
     /// transaction, flushed to disk, and starts both log files again, for a new epoch
     /// recorded in that transaction. Nothing is folded while a transaction is open.
-    fn fold(&self) -> rusqlite::Result<()> {
+    pub fn fold(&self) -> rusqlite::Result<()> {
         let mut r = self.redo.borrow_mut();
         if r.pending.is_some() {
             return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "the node database is read inside a transaction".into()));

@@ -261,6 +261,9 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     rt.block_on(async {
         let _ = tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await;
     });
+    if let Err(e) = tree.fold_database() {
+        tracing::warn!("folding the node database's redo log at the stop (the next start does): {e}");
+    }
     let _ = std::fs::remove_file(cfg.data.join("node.url"));
     Ok(())
 }

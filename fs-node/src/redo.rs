@@ -84,8 +84,13 @@ impl RedoLog {
             at += HEADER + len;
         }
         let len = bytes.len() as u64;
-        // Whatever follows the last good frame is cut before anything is appended.
+        // Whatever follows the last good frame is cut before anything is appended: a
+        // frame torn by a crash mid-append (never committed), or a damaged one, and what
+        // came after it.
         let torn = at as u64 != len;
+        if torn {
+            tracing::warn!(path = %path.display(), kept = at, dropped = len - at as u64, "the redo log ends in a torn or damaged frame; reading stops there");
+        }
         let mut log = RedoLog { file, path: path.to_owned(), len: at as u64, epoch, torn };
         if torn {
             log.cut_back()?;

@@ -490,6 +490,12 @@ impl Tree {
         Ok(())
     }
 
+    /// Folds the node database's redo log into it (a clean stop: the next start, perhaps
+    /// of a newer version, finds nothing to replay).
+    pub fn fold_database(&self) -> FsResult<()> {
+        Ok(self.lock().db.fold()?)
+    }
+
     pub fn release(&self, fh: u64) -> FsResult<Released> {
         // The kernel forgets the handle whatever the answer, so forgetting it here is
         // done before, and apart from, the transaction: a failed commit never undoes it.
