@@ -184,7 +184,8 @@ impl Op {
             Op::SetRev(path, rev) => conn
                 .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
                 .execute(params![path, *rev as i64])?,
-            // A fold applied again after a crash (before the log was cut) finds its rows.
+            // The tree's seqs are unique; a row that was there anyway (a tree bug) would
+            // otherwise stop every fold after it, and the log would grow without end.
             Op::PushOutbox { seq, msg, path, body } => {
                 conn.prepare_cached("INSERT OR REPLACE INTO outbox(seq, msg, path, body) VALUES(?1, ?2, ?3, ?4)")?.execute(params![seq, msg, path, body])?
             }
@@ -435,6 +436,13 @@ impl Db {
         }
         match &mut r.folding {
             None => {
+                // What is replayed after a power loss must be a prefix of what was
+                // committed: the file's frames reach the disk before any of the next
+                // epoch's can (a fold's start, every 4,096 writes).
+                if let Err(e) = r.logs[r.current].sync() {
+                    tracing::warn!("flushing the redo log before a fold (tried again at the next commit): {e}");
+                    return;
+                }
                 let ops = Arc::new(std::mem::take(&mut r.unfolded));
                 let epoch = r.logs[r.current].epoch() + 1;
                 r.current = 1 - r.current;
@@ -442,20 +450,22 @@ impl Db {
                 r.logs[current].restart(epoch);
                 r.fold_at = FOLD_OPS;
                 let thread = self.spawn_fold(ops.clone(), epoch, r);
-                r.folding = Some(Fold { thread: Some(thread), ops, epoch });
+                r.folding = Some(Fold { thread, ops, epoch });
             }
             // A failed fold goes again (the file being appended to keeps growing).
             Some(fold) if fold.thread.is_none() => {
                 let (ops, epoch) = (fold.ops.clone(), fold.epoch);
                 let thread = self.spawn_fold(ops, epoch, r);
-                r.folding.as_mut().expect("matched").thread = Some(thread);
+                r.folding.as_mut().expect("matched").thread = thread;
                 r.fold_at = r.unfolded.len() + FOLD_OPS;
             }
             Some(_) => {}
         }
     }
 
-    fn spawn_fold(&self, ops: Arc<Vec<Op>>, epoch: u64, _r: &mut Redo) -> std::thread::JoinHandle<rusqlite::Result<()>> {
+    /// The thread of a fold; `None` if it could not be started (the fold counts as
+    /// failed, and is tried again later).
+    fn spawn_fold(&self, ops: Arc<Vec<Op>>, epoch: u64, _r: &mut Redo) -> Option<std::thread::JoinHandle<rusqlite::Result<()>>> {
         let conn = self.conn.clone();
         #[cfg(test)]
         let fail = {
@@ -472,7 +482,8 @@ impl Db {
                 }
                 apply_all(&lock(&conn), ops.iter(), epoch).map(drop)
             })
-            .expect("starting a thread")
+            .inspect_err(|e| tracing::warn!("starting a thread to fold the redo log (tried again later): {e}"))
+            .ok()
     }
 
     pub fn rollback(&self) {
@@ -780,8 +791,17 @@ fn injected_failure(full: bool) -> rusqlite::Error {
     }
 }
 
+/// The connection, also after a fold's thread panicked holding it (its transaction,
+/// if one was left open, is rolled back).
 fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    conn.lock().unwrap_or_else(|poisoned| {
+        conn.clear_poison();
+        let c = poisoned.into_inner();
+        if !c.is_autocommit() {
+            let _ = c.execute_batch("ROLLBACK");
+        }
+        c
+    })
 }
 
 impl Drop for Db {
@@ -796,6 +816,18 @@ impl Drop for Db {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A full disk under the redo log is a full node database to the tree: `ENOSPC`,
+    /// after the reserve is given up (`FsError::DbFull`); other failures are I/O errors.
+    #[test]
+    fn a_full_disk_under_the_redo_log_is_a_full_database() {
+        use crate::tree::FsError;
+        for errno in [libc::ENOSPC, libc::EDQUOT] {
+            let e = FsError::from(log_failure(std::io::Error::from_raw_os_error(errno)));
+            assert!(matches!(e, FsError::DbFull), "{errno}: {e:?}");
+        }
+        assert!(matches!(FsError::from(log_failure(std::io::Error::from_raw_os_error(libc::EIO))), FsError::Io(_)));
+    }
 
     /// Writes committed across several folds (made in the background while new frames
     /// go to the other log file) come back after a crash, the last write of each row

@@ -173,7 +173,10 @@ fn raise_fd_limit() {
 }
 
 fn is_disk_full(e: &anyhow::Error) -> bool {
-    e.chain().any(|c| matches!(c.downcast_ref::<rusqlite::Error>(), Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull))
+    e.chain().any(|c| {
+        matches!(c.downcast_ref::<rusqlite::Error>(), Some(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DiskFull)
+            || matches!(c.downcast_ref::<std::io::Error>().and_then(|e| e.raw_os_error()), Some(libc::ENOSPC | libc::EDQUOT))
+    })
 }
 
 /// Runs a node until SIGINT/SIGTERM.
@@ -182,14 +185,16 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     prepare_data_dir(&cfg.data)?;
     raise_fd_limit();
     let _ = std::fs::remove_file(cfg.data.join("node.url"));
-    let store = ContentStore::open(&cfg.data)?;
+    // The database first: its lock refuses a second node on this data directory before
+    // the store's opening clears the work files of the previous run.
     let db_path = cfg.data.join("node.db");
     let db = match Db::open(&db_path) {
         // Opening folds what the redo log holds into the database: on a full disk, the
         // space set aside for the node database makes room for it.
-        Err(e) if is_disk_full(&e) && store.release_reserve() => Db::open(&db_path)?,
+        Err(e) if is_disk_full(&e) && ContentStore::release_reserve_of(&cfg.data) => Db::open(&db_path)?,
         opened => opened?,
     };
+    let store = ContentStore::open(&cfg.data)?;
     let tree = Arc::new(Tree::load_on_demand(db, store.clone(), cfg.on_demand)?);
     tree.set_node_ignore_rules(&cfg.ignore).map_err(|e| anyhow::anyhow!("taking the node's ignore rules: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;

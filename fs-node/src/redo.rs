@@ -108,6 +108,10 @@ impl RedoLog {
     /// once it returns; [`RedoLog::sync`] makes it durable against a power loss). If the
     /// write fails, the file is cut back to its last whole frame.
     pub fn append(&mut self, payload: &[u8]) -> std::io::Result<()> {
+        // Reading back would take a larger frame for garbage and stop there.
+        if payload.len() > MAX_PAYLOAD {
+            return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
+        }
         if self.torn {
             self.cut_back()?;
         }

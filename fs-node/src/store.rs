@@ -21,6 +21,11 @@ pub use at_rest::{AtRestBases, AT_REST_MIN_BYTES};
 /// recorded, and free space.
 pub const DB_RESERVE_BYTES: u64 = 1 << 20;
 
+/// The file that holds `DB_RESERVE_BYTES` of the data directory `data`.
+fn reserve_path(data: &Path) -> PathBuf {
+    data.join("reserve")
+}
+
 /// The store's three directories under the node's data directory, and the file holding
 /// the node database's reserve.
 #[derive(Clone, Debug)]
@@ -165,7 +170,7 @@ impl ContentStore {
             dev: std::fs::metadata(data).with_context(|| format!("reading {}", data.display()))?.dev(),
             work: data.join("work"),
             tmp: data.join("tmp"),
-            reserve: data.join("reserve"),
+            reserve: reserve_path(data),
             chunk_lists: data.join("chunks"),
             chunking: Default::default(),
             chunk_index: Default::default(),
@@ -231,6 +236,13 @@ impl ContentStore {
     /// was held.
     pub fn release_reserve(&self) -> bool {
         std::fs::remove_file(&self.reserve).is_ok()
+    }
+
+    /// [`ContentStore::release_reserve`] of the data directory `data`, before the store
+    /// is opened (the node database is opened first: its lock refuses a second node on
+    /// the directory, which would otherwise clear the first one's work files).
+    pub fn release_reserve_of(data: &Path) -> bool {
+        std::fs::remove_file(reserve_path(data)).is_ok()
     }
 
     fn ensure_empty_blob(&self) -> anyhow::Result<()> {
