@@ -15,12 +15,12 @@
 //! a read waits for the fold under way and folds the rest first: it always sees every
 //! committed write.
 
+use crate::redo::RedoLog;
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use crate::redo::RedoLog;
 use std::sync::{Arc, Mutex, MutexGuard};
 use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 
@@ -177,10 +177,12 @@ impl Op {
             Op::SetWriting(ino, writing) => {
                 conn.prepare_cached("UPDATE inodes SET writing = ?2 WHERE ino = ?1 AND writing != ?2")?.execute(params![*ino as i64, writing])?
             }
-            Op::SaveDentry(parent, name, ino) => {
-                conn.prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?.execute(params![*parent as i64, name, *ino as i64])?
+            Op::SaveDentry(parent, name, ino) => conn
+                .prepare_cached("INSERT OR REPLACE INTO dentries(parent, name, ino) VALUES(?1, ?2, ?3)")?
+                .execute(params![*parent as i64, name, *ino as i64])?,
+            Op::DeleteDentry(parent, name) => {
+                conn.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?.execute(params![*parent as i64, name])?
             }
-            Op::DeleteDentry(parent, name) => conn.prepare_cached("DELETE FROM dentries WHERE parent = ?1 AND name = ?2")?.execute(params![*parent as i64, name])?,
             Op::SetRev(path, rev) => conn
                 .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
                 .execute(params![path, *rev as i64])?,
@@ -189,7 +191,9 @@ impl Op {
             Op::PushOutbox { seq, msg, path, body } => {
                 conn.prepare_cached("INSERT OR REPLACE INTO outbox(seq, msg, path, body) VALUES(?1, ?2, ?3, ?4)")?.execute(params![seq, msg, path, body])?
             }
-            Op::ReplaceOutbox { seq, path, body } => conn.prepare_cached("UPDATE outbox SET path = ?2, body = ?3 WHERE seq = ?1")?.execute(params![seq, path, body])?,
+            Op::ReplaceOutbox { seq, path, body } => {
+                conn.prepare_cached("UPDATE outbox SET path = ?2, body = ?3 WHERE seq = ?1")?.execute(params![seq, path, body])?
+            }
             Op::RemoveOutbox(seq) => conn.prepare_cached("DELETE FROM outbox WHERE seq = ?1")?.execute([seq])?,
             Op::SetMeta(key, value) => conn
                 .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
@@ -636,9 +640,8 @@ impl Db {
             return Ok(());
         }
         self.all_or_none(|db| {
-            rows.iter().try_for_each(|k| {
-                db.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms })
-            })
+            rows.iter()
+                .try_for_each(|k| db.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms }))
         })
     }
     /// Forgets kept contents, all or none (one transaction).
