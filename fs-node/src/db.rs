@@ -423,18 +423,7 @@ impl Db {
     /// logged: the file being appended to is handed to it, and new frames go to the other
     /// file (whose frames the fold before folded), for the next epoch.
     fn fold_in_background(&self, r: &mut Redo) {
-        if let Some(fold) = &mut r.folding {
-            if fold.thread.as_ref().is_some_and(|t| t.is_finished()) {
-                match fold.thread.take().expect("checked").join() {
-                    Ok(Ok(())) => {
-                        r.folding = None;
-                        r.folds += 1;
-                    }
-                    Ok(Err(e)) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database (tried again later): {e}"),
-                    Err(_) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database panicked (tried again later)"),
-                }
-            }
-        }
+        Self::finish_fold(r, false);
         if r.unfolded.len() < r.fold_at {
             return;
         }
@@ -464,6 +453,23 @@ impl Db {
                 r.fold_at = r.unfolded.len() + FOLD_OPS;
             }
             Some(_) => {}
+        }
+    }
+
+    /// Joins the thread of the fold under way if it is done (or, with `wait`, once it
+    /// is): a fold that committed is over; one that failed stays, to be tried again.
+    fn finish_fold(r: &mut Redo, wait: bool) {
+        let Some(fold) = &mut r.folding else { return };
+        if !fold.thread.as_ref().is_some_and(|t| wait || t.is_finished()) {
+            return;
+        }
+        match fold.thread.take().expect("checked").join() {
+            Ok(Ok(())) => {
+                r.folding = None;
+                r.folds += 1;
+            }
+            Ok(Err(e)) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database (tried again later): {e}"),
+            Err(_) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database panicked (tried again later)"),
         }
     }
 
@@ -525,12 +531,7 @@ impl Db {
         if r.pending.is_some() {
             return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "the node database is read inside a transaction".into()));
         }
-        if let Some(fold) = &mut r.folding {
-            if let Some(Ok(Ok(()))) = fold.thread.take().map(|t| t.join()) {
-                r.folding = None;
-                r.folds += 1;
-            }
-        }
+        Self::finish_fold(&mut r, true);
         if r.unfolded.is_empty() && r.folding.is_none() {
             return Ok(());
         }

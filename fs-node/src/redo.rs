@@ -175,16 +175,22 @@ impl RedoLog {
 mod tests {
     use super::*;
 
+    /// A new, empty log file of `epoch` in a temporary directory.
+    fn new_log(epoch: u64) -> (tempfile::TempDir, PathBuf, RedoLog) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let (log, frames) = RedoLog::open(&path, epoch).unwrap();
+        assert!(frames.is_empty());
+        (dir, path, log)
+    }
+
     fn reopen(path: &Path, epoch: u64) -> Vec<Vec<u8>> {
         RedoLog::open(path, epoch).unwrap().1.into_iter().map(|(_, p)| p).collect()
     }
 
     #[test]
     fn frames_come_back_in_order_and_only_those_of_the_epoch_or_later() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let (mut log, none) = RedoLog::open(&path, 3).unwrap();
-        assert!(none.is_empty());
+        let (_dir, path, mut log) = new_log(3);
         log.append(b"one").unwrap();
         log.append(b"two").unwrap();
         drop(log);
@@ -197,9 +203,7 @@ mod tests {
     /// it is never read back, and the next append replaces it.
     #[test]
     fn a_torn_or_damaged_frame_ends_what_is_read_back() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let (mut log, _) = RedoLog::open(&path, 0).unwrap();
+        let (_dir, path, mut log) = new_log(0);
         log.append(b"whole").unwrap();
         log.append(b"torn frame").unwrap();
         drop(log);
@@ -223,9 +227,7 @@ mod tests {
     /// could not be cut) are skipped, and the new ones after them are read.
     #[test]
     fn frames_of_an_older_epoch_before_new_ones_are_skipped() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        let (mut log, _) = RedoLog::open(&path, 0).unwrap();
+        let (_dir, path, mut log) = new_log(0);
         log.append(b"folded").unwrap();
         // As if the cut had failed: the epoch moves on, the old frame stays.
         log.epoch = 1;
