@@ -414,8 +414,18 @@ impl Filesystem for SyncFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.tree.write(fh.0, offset, data) {
+        match self.tree.write_without_waiting(fh.0, offset, data) {
             Ok(n) => reply.written(n),
+            // A full disk: what was removed to make room frees its space when its last
+            // holder lets go, perhaps a release queued behind this request. That wait
+            // happens on the blocking pool, so this thread can answer the release.
+            Err(FsError::NoSpace) => {
+                let (tree, data) = (self.tree.clone(), data.to_vec());
+                self.rt.spawn_blocking(move || match tree.write(fh.0, offset, &data) {
+                    Ok(n) => reply.written(n),
+                    Err(e) => reply.error(fail("write", e)),
+                });
+            }
             Err(e) => reply.error(fail("write", e)),
         }
     }

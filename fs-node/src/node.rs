@@ -67,7 +67,18 @@ pub struct Config {
     /// Bytes the contents of on-demand files may take here before the least recently
     /// used are dropped (`None`: no limit).
     pub cache_size: Option<u64>,
+    /// Threads reading the kernel's requests (at least one).
+    pub fuse_threads: usize,
 }
+
+/// One thread answers the mount's requests unless told otherwise. A program's file
+/// operations come one at a time, and each one had to wake a sleeping thread; with one
+/// thread that goes back to reading the next request at once, a cluster made 30 % more
+/// creates and deletes per second and node A spent a fifth less CPU on each
+/// (`bench/scripts/ab-ticks.sh`, docs/benchmarks.md, session 32); four were slower than
+/// two before (session 30). What takes long (a fetch, a large file's close, an fsync) is
+/// answered from the blocking pool, so one thread is not held by it.
+pub const DEFAULT_FUSE_THREADS: u16 = 1;
 
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -222,11 +233,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             fuser::MountOption::NoDev,
         ];
     fcfg.acl = fuser::SessionACL::All;
-    // Two threads read requests: the kernel wakes the one that waited longest, so with
-    // more every request found a colder thread (four made creates 15 % slower:
-    // docs/benchmarks.md, session 30). What takes long (a fetch, a large file's close,
-    // an fsync) is answered from the blocking pool, so two are enough not to stall.
-    fcfg.n_threads = Some(2);
+    fcfg.n_threads = Some(cfg.fuse_threads.max(1));
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
     let notifier = Arc::new(OnceLock::new());
     let _ = notifier.set(session.notifier());

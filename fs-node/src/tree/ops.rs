@@ -362,6 +362,18 @@ impl Tree {
     /// tree lock so that a commit (another descriptor's close) never hashes and installs
     /// a work file while a write into it is still landing: blobs stay true to their hash.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_may_wait(fh, offset, data, true)
+    }
+
+    /// As [`Self::write`], but on a full disk whose freed space has not come back yet it
+    /// fails with `NoSpace` at once instead of waiting for it: for a thread that answers
+    /// the kernel's requests, which must stay free to answer the release that lets go of
+    /// that space (the caller then writes again elsewhere, waiting).
+    pub fn write_without_waiting(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.write_may_wait(fh, offset, data, false)
+    }
+
+    fn write_may_wait(&self, fh: u64, offset: u64, data: &[u8], may_wait: bool) -> FsResult<u32> {
         let mut st = self.lock();
         let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
         if !h.write {
@@ -371,7 +383,7 @@ impl Tree {
         let mut written = self.write_at(&mut st, ino, offset, data);
         if matches!(written, Err(FsError::NoSpace)) && self.make_room(&mut st, false) {
             written = self.write_at(&mut st, ino, offset, data);
-            if matches!(written, Err(FsError::NoSpace)) {
+            if matches!(written, Err(FsError::NoSpace)) && may_wait {
                 // What was removed frees its space when the last holder of it lets go
                 // (a release the kernel has queued still holds a passthrough backing
                 // file, a peer is being served it): wait for the room a moment, without
