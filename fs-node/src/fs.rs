@@ -6,7 +6,7 @@
 
 use crate::fetch::Fetcher;
 use crate::stream::{Stream, STREAM_MIN_BYTES};
-use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, RemoteContent, SetAttr, SetTime, Tree};
+use crate::tree::{system_time, Attr, CreateOpen, FsError, Kind, OpenIo, RemoteContent, SetAttr, SetTime, Tree, Written};
 use fuser::{
     BackingId, CopyFileRangeFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
     LockOwner, OpenAccMode, OpenFlags, PollEvents, PollFlags, PollNotifier, RenameFlags, ReplyAttr, ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory,
@@ -415,13 +415,13 @@ impl Filesystem for SyncFs {
         reply: ReplyWrite,
     ) {
         match self.tree.write_without_waiting(fh.0, offset, data) {
-            Ok(n) => reply.written(n),
+            Ok(Written::Done(n)) => reply.written(n),
             // A full disk: what was removed to make room frees its space when its last
             // holder lets go, perhaps a release queued behind this request. That wait
             // happens on the blocking pool, so this thread can answer the release.
-            Err(FsError::NoSpace) => {
+            Ok(Written::RoomComing) => {
                 let (tree, data) = (self.tree.clone(), data.to_vec());
-                self.rt.spawn_blocking(move || match tree.write(fh.0, offset, &data) {
+                self.rt.spawn_blocking(move || match tree.write_after_room(fh.0, offset, &data) {
                     Ok(n) => reply.written(n),
                     Err(e) => reply.error(fail("write", e)),
                 });

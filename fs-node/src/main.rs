@@ -85,11 +85,12 @@ struct Args {
     /// a current version. Default: no limit.
     #[arg(long, env = "SYNC_CACHE_SIZE", value_parser = parse_size)]
     cache_size: Option<u64>,
-    /// Threads that answer the kernel's requests on the mount. One is fastest for what
-    /// one program at a time does (docs/benchmarks.md, session 32); what takes long
-    /// never holds them (it is answered from a pool).
-    #[arg(long, env = "SYNC_FUSE_THREADS", default_value_t = fs_node::node::DEFAULT_FUSE_THREADS, value_parser = clap::value_parser!(u16).range(1..=64))]
-    fuse_threads: u16,
+    /// Threads that answer the kernel's requests on the mount. Default: one where the
+    /// kernel reads committed files itself (passthrough, as root), which is fastest for
+    /// file operations (docs/benchmarks.md, session 32); two otherwise, so that reading
+    /// a file's bytes does not hold up every other operation.
+    #[arg(long, env = "SYNC_FUSE_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
+    fuse_threads: Option<u16>,
 }
 
 /// A size with an optional binary unit: 1048576, 512KiB, 20GiB (K, M, G, T also).
@@ -142,6 +143,6 @@ fn run() -> anyhow::Result<()> {
         dedup_idle: std::time::Duration::from_secs(a.dedup_idle_secs),
         on_demand: a.on_demand,
         cache_size: a.cache_size,
-        fuse_threads: a.fuse_threads.into(),
+        fuse_threads: a.fuse_threads.map(usize::from),
     })
 }

@@ -67,18 +67,28 @@ pub struct Config {
     /// Bytes the contents of on-demand files may take here before the least recently
     /// used are dropped (`None`: no limit).
     pub cache_size: Option<u64>,
-    /// Threads reading the kernel's requests (at least one).
-    pub fuse_threads: usize,
+    /// Threads reading the kernel's requests (`None`: [`default_fuse_threads`]).
+    pub fuse_threads: Option<usize>,
 }
 
-/// One thread answers the mount's requests unless told otherwise. A program's file
-/// operations come one at a time, and each one had to wake a sleeping thread; with one
-/// thread that goes back to reading the next request at once, a cluster made 30 % more
-/// creates and deletes per second and node A spent a fifth less CPU on each
-/// (`bench/scripts/ab-ticks.sh`, docs/benchmarks.md, session 32); four were slower than
-/// two before (session 30). What takes long (a fetch, a large file's close, an fsync) is
-/// answered from the blocking pool, so one thread is not held by it.
-pub const DEFAULT_FUSE_THREADS: u16 = 1;
+/// The threads that answer the mount's requests unless told otherwise: one where the
+/// kernel may read committed files by passthrough (asked for, and this process is root,
+/// which registering a backing file needs). A program's file operations come one at a
+/// time, and each one had to wake a sleeping thread; with one thread that goes back to
+/// reading the next request at once, a cluster made 30 % more creates and deletes per
+/// second and node A spent a fifth less CPU on each (`bench/scripts/ab-ticks.sh`,
+/// docs/benchmarks.md, session 32; four were slower than two before, session 30). What
+/// takes long or waits (a fetch, a large file's close, an fsync, a write waiting for
+/// freed space) is answered from the blocking pool. Without passthrough every read's
+/// bytes go through these threads: two, so that a read does not hold up the rest.
+pub fn default_fuse_threads(passthrough: bool) -> usize {
+    // SAFETY: geteuid has no preconditions.
+    if passthrough && unsafe { libc::geteuid() } == 0 {
+        1
+    } else {
+        2
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
@@ -233,7 +243,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
             fuser::MountOption::NoDev,
         ];
     fcfg.acl = fuser::SessionACL::All;
-    fcfg.n_threads = Some(cfg.fuse_threads.max(1));
+    fcfg.n_threads = Some(cfg.fuse_threads.unwrap_or_else(|| default_fuse_threads(cfg.passthrough)).max(1));
     let session = fuser::spawn_mount(fs, &cfg.mount, &fcfg).with_context(|| format!("mounting FUSE at {}", cfg.mount.display()))?;
     let notifier = Arc::new(OnceLock::new());
     let _ = notifier.set(session.notifier());

@@ -1342,7 +1342,7 @@ pub fn hash_for_commit(p: &Path) -> anyhow::Result<Hashed> {
     let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let size = f.metadata().with_context(|| format!("reading the size of {}", p.display()))?.len();
     if size < crate::chunks::CHUNKED_MIN_BYTES {
-        let (hash, size) = hash_file(p)?;
+        let (hash, size) = hash_path(p, size >= PARALLEL_HASH_MIN_BYTES)?;
         return Ok(Hashed { hash, size, leaves: None });
     }
     let leaves = crate::leaves::leaves_in_parallel(&f, size).with_context(|| format!("hashing {}", p.display()))?;
@@ -1350,10 +1350,21 @@ pub fn hash_for_commit(p: &Path) -> anyhow::Result<Hashed> {
     Ok(Hashed { hash, size, leaves: Some(leaves) })
 }
 
+/// Below this a file is hashed on the calling thread: handing a few hundred KiB to the
+/// other cores costs more than it saves, and the pool's threads spin a while after each
+/// job (rayon's `sched_yield`, 2.5 % of a node's samples in a `tar x` of sources,
+/// docs/benchmarks.md, session 32).
+const PARALLEL_HASH_MIN_BYTES: u64 = 1 << 20;
+
 pub fn hash_file(p: &Path) -> anyhow::Result<(ContentHash, u64)> {
+    hash_path(p, true)
+}
+
+/// Memory-mapped (blake3 reads a small file instead), and hashed on all cores if
+/// `parallel`.
+fn hash_path(p: &Path, parallel: bool) -> anyhow::Result<(ContentHash, u64)> {
     let mut hasher = blake3::Hasher::new();
-    // Memory-mapped and hashed on all cores for large files (blake3 reads small ones).
-    hasher.update_mmap_rayon(p).with_context(|| format!("hashing {}", p.display()))?;
+    if parallel { hasher.update_mmap_rayon(p) } else { hasher.update_mmap(p) }.with_context(|| format!("hashing {}", p.display()))?;
     Ok((ContentHash::from_bytes(*hasher.finalize().as_bytes()), hasher.count()))
 }
 

@@ -203,6 +203,16 @@ pub struct Released {
     pub backing_unused: bool,
 }
 
+/// What `Tree::write_without_waiting` did.
+pub enum Written {
+    /// This many bytes were written.
+    Done(u32),
+    /// The disk is full, and contents nobody uses were removed to make room that has
+    /// not come back yet (a holder of one still has to let go): `Tree::write_after_room`
+    /// waits for it, elsewhere.
+    RoomComing,
+}
+
 struct Handle {
     ino: u64,
     write: bool,

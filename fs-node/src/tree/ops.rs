@@ -362,45 +362,58 @@ impl Tree {
     /// tree lock so that a commit (another descriptor's close) never hashes and installs
     /// a work file while a write into it is still landing: blobs stay true to their hash.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_may_wait(fh, offset, data, true)
-    }
-
-    /// As [`Self::write`], but on a full disk whose freed space has not come back yet it
-    /// fails with `NoSpace` at once instead of waiting for it: for a thread that answers
-    /// the kernel's requests, which must stay free to answer the release that lets go of
-    /// that space (the caller then writes again elsewhere, waiting).
-    pub fn write_without_waiting(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
-        self.write_may_wait(fh, offset, data, false)
-    }
-
-    fn write_may_wait(&self, fh: u64, offset: u64, data: &[u8], may_wait: bool) -> FsResult<u32> {
-        let mut st = self.lock();
-        let h = st.handles.get(&fh).ok_or(FsError::BadHandle)?;
-        if !h.write {
-            return Err(FsError::BadHandle);
+        match self.write_without_waiting(fh, offset, data)? {
+            Written::Done(n) => Ok(n),
+            Written::RoomComing => self.write_after_room(fh, offset, data),
         }
-        let ino = h.ino;
+    }
+
+    /// As [`Self::write`], but on a full disk where removing unused contents made room
+    /// that has not come back yet, it answers [`Written::RoomComing`] at once instead of
+    /// waiting: for the thread that answers the kernel's requests, which must stay free
+    /// to answer the release that may be what lets go of that space.
+    pub fn write_without_waiting(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<Written> {
+        let mut st = self.lock();
+        let ino = Self::writer_ino(&st, fh)?;
         let mut written = self.write_at(&mut st, ino, offset, data);
         if matches!(written, Err(FsError::NoSpace)) && self.make_room(&mut st, false) {
             written = self.write_at(&mut st, ino, offset, data);
-            if matches!(written, Err(FsError::NoSpace)) && may_wait {
-                // What was removed frees its space when the last holder of it lets go
-                // (a release the kernel has queued still holds a passthrough backing
-                // file, a peer is being served it): wait for the room a moment, without
-                // the lock those holders may need, and try once more.
-                drop(st);
-                self.store.wait_for_free(data.len() as u64, std::time::Duration::from_secs(2));
-                st = self.lock();
-                written = self.write_at(&mut st, ino, offset, data);
+            if matches!(written, Err(FsError::NoSpace)) {
+                return Ok(Written::RoomComing);
             }
         }
         written?;
+        Self::wrote(&mut st, ino, offset, data.len()).map(Written::Done)
+    }
+
+    /// The write after [`Written::RoomComing`]: what was removed frees its space when the
+    /// last holder of it lets go (a release the kernel has queued still holds a
+    /// passthrough backing file, a peer is being served it), so this waits for the room
+    /// a moment, without the lock those holders may need, and tries once more.
+    pub fn write_after_room(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        self.store.wait_for_free(data.len() as u64, std::time::Duration::from_secs(2));
+        let mut st = self.lock();
+        let ino = Self::writer_ino(&st, fh)?;
+        self.write_at(&mut st, ino, offset, data)?;
+        Self::wrote(&mut st, ino, offset, data.len())
+    }
+
+    /// The inode handle `fh` writes to.
+    fn writer_ino(st: &State, fh: u64) -> FsResult<u64> {
+        match st.handles.get(&fh) {
+            Some(h) if h.write => Ok(h.ino),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
+    /// A write of `len` bytes at `offset` landed: the size and times follow.
+    fn wrote(st: &mut State, ino: u64, offset: u64, len: usize) -> FsResult<u32> {
         let now = st.env.now_ns();
         let i = st.inode_mut(ino)?;
-        i.size = i.size.max(offset + data.len() as u64);
+        i.size = i.size.max(offset + len as u64);
         i.mtime = now;
         i.ctime = i.mtime;
-        Ok(data.len() as u32)
+        Ok(len as u32)
     }
 
     /// Writes into the work file of `ino`. A write that fails leaves the file no longer
