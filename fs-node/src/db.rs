@@ -4,18 +4,15 @@
 //! write. Never talks to the network.
 //!
 //! A transaction of the tree is not a SQLite transaction: its writes are kept as
-//! [`Op`]s and committed as one frame of a redo log file ([`crate::redo`]), one `write`
-//! of a few hundred bytes where a SQLite commit wrote a log frame of 4 KiB for every page
-//! it touched (most of a delete's time, docs/benchmarks.md, session 31). Once
-//! [`FOLD_OPS`] writes are logged, a thread of its own applies them to SQLite in one
-//! transaction, committed and flushed, that also records the next epoch (a fold), while
-//! new frames go to the other log file; that file is started again at the next fold, so
-//! only once the fold of its frames committed. Opening the database folds what both
-//! files hold. The tree never reads the database except at start-up (and in tests), so
-//! a read waits for the fold under way and folds the rest first: it always sees every
-//! committed write.
+//! [`Op`]s and committed as one frame of the database's redo log ([`crate::journal`]),
+//! one `write` of a few hundred bytes where a SQLite commit wrote a log frame of 4 KiB
+//! for every page it touched (most of a delete's time, docs/benchmarks.md, session 31).
+//! Once [`FOLD_OPS`] writes are logged, a thread of its own folds them into SQLite.
+//! Opening the database folds what the log holds. The tree never reads the database
+//! except at start-up (and in tests), so a read waits for the fold under way and folds
+//! the rest first: it always sees every committed write.
 
-use crate::redo::RedoLog;
+use crate::journal::Journal;
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::ffi::OsString;
@@ -213,29 +210,14 @@ impl Op {
     }
 }
 
-/// The writes not yet in SQLite: those of the transaction being made, those committed
-/// to the redo log file being appended to, and those of a fold under way (the other
-/// file's).
+/// The writes not yet in SQLite: those of the transaction being made, and the
+/// committed ones in the redo log.
 struct Redo {
-    logs: [RedoLog; 2],
-    /// The log file new frames go to; the other one's frames are folded (or being).
-    current: usize,
+    journal: Journal<Op>,
     /// The writes of the transaction being made (`Some` between `begin` and its end).
     pending: Option<Vec<Op>>,
-    /// Committed to `logs[current]`, not handed to a fold, in order.
-    unfolded: Vec<Op>,
-    /// The fold of the other file's writes, under way or failed (to be tried again).
-    folding: Option<Fold>,
-    /// A fold is started once this many writes are unfolded (more after one failed).
-    fold_at: usize,
-    folds: u64,
     #[cfg(test)]
     injected: Option<Injected>,
-    /// Folds started in the background after this many fail (before they commit).
-    #[cfg(test)]
-    fail_folds_after: Option<u64>,
-    #[cfg(test)]
-    folds_started: u64,
 }
 
 /// A failure a test asked for: at the `n`th write from now, or at the commit of the
@@ -260,15 +242,6 @@ fn log_failure(e: std::io::Error) -> rusqlite::Error {
         _ => rusqlite::ffi::SQLITE_IOERR,
     };
     sqlite_failure(code, format!("appending to the node database's redo log: {e}"))
-}
-
-/// The writes of one log file being applied to SQLite by a thread of its own; once
-/// committed, the database says `epoch` (that file's frames are older).
-struct Fold {
-    ops: Arc<Vec<Op>>,
-    epoch: u64,
-    /// `None` once it failed (it is started again later).
-    thread: Option<std::thread::JoinHandle<rusqlite::Result<()>>>,
 }
 
 /// Applies `ops` to SQLite in one transaction that also records `epoch`, committed and
@@ -340,47 +313,23 @@ impl Db {
             .map(|v| v.parse().context("corrupt redo epoch in the node database"))
             .transpose()?
             .unwrap_or(0);
-        // Frames of both files not folded yet, oldest epoch first (each file holds one
-        // epoch's, apart from older ones that are skipped).
-        let mut frames = Vec::new();
-        let mut logs = Vec::new();
-        for i in 0..2 {
-            let log_path = RedoLog::path_for(path, i);
-            let (log, read) = RedoLog::open(&log_path, epoch).with_context(|| format!("reading {}", log_path.display()))?;
-            logs.push(log);
-            for (n, (e, frame)) in read.into_iter().enumerate() {
-                frames.push((e, i, n, frame));
-            }
-        }
-        frames.sort_by_key(|&(e, i, n, _)| (e, i, n));
-        let mut unfolded = Vec::new();
-        for (e, i, n, frame) in &frames {
-            let ops: Vec<Op> = serde_json::from_slice(frame).with_context(|| format!("frame {n} (epoch {e}) of {}", RedoLog::path_for(path, *i).display()))?;
-            unfolded.extend(ops);
-        }
-        let mut logs: [RedoLog; 2] = logs.try_into().map_err(|_| anyhow::anyhow!("two redo logs"))?;
-        // The next epoch is newer than any frame read (the fold below starts both files
-        // again for it).
-        let newest = frames.last().map(|&(e, ..)| e).unwrap_or(epoch);
-        for log in &mut logs {
-            log.continue_at(newest);
-        }
+        let conn = Arc::new(Mutex::new(conn));
+        let folder = conn.clone();
+        let journal = Journal::open(
+            path,
+            epoch,
+            FOLD_OPS,
+            "the node database",
+            Arc::new(move |ops: &mut dyn Iterator<Item = &Op>, epoch| apply_all(&lock(&folder), ops, epoch).map(drop)),
+            |frame| Ok(serde_json::from_slice::<Vec<Op>>(frame)?),
+        )?;
         let redo = Redo {
-            logs,
-            current: 0,
+            journal,
             pending: None,
-            unfolded,
-            folding: None,
-            fold_at: FOLD_OPS,
-            folds: 0,
             #[cfg(test)]
             injected: None,
-            #[cfg(test)]
-            fail_folds_after: None,
-            #[cfg(test)]
-            folds_started: 0,
         };
-        let db = Db { conn: Arc::new(Mutex::new(conn)), commits: Default::default(), redo: std::cell::RefCell::new(redo) };
+        let db = Db { conn, commits: Default::default(), redo: std::cell::RefCell::new(redo) };
         // What the last run committed to the log goes into SQLite before anything is read.
         db.fold().with_context(|| format!("applying the redo log to {}", path.display()))?;
         Ok(db)
@@ -410,90 +359,12 @@ impl Db {
         }
         if !ops.is_empty() {
             let payload = serde_json::to_vec(&ops).expect("database writes serialize");
-            let current = r.current;
-            r.logs[current].append(&payload).map_err(log_failure)?;
-            r.unfolded.extend(ops);
+            let n = ops.len();
+            r.journal.append(&payload, ops, n).map_err(log_failure)?;
         }
         self.commits.set(self.commits.get() + 1);
-        self.fold_in_background(&mut r);
+        r.journal.maybe_fold();
         Ok(())
-    }
-
-    /// Sees whether the fold under way is done, and starts one once enough writes are
-    /// logged: the file being appended to is handed to it, and new frames go to the other
-    /// file (whose frames the fold before folded), for the next epoch.
-    fn fold_in_background(&self, r: &mut Redo) {
-        Self::finish_fold(r, false);
-        if r.unfolded.len() < r.fold_at {
-            return;
-        }
-        match &mut r.folding {
-            None => {
-                // What is replayed after a power loss must be a prefix of what was
-                // committed: the file's frames reach the disk before any of the next
-                // epoch's can (a fold's start, every 4,096 writes).
-                if let Err(e) = r.logs[r.current].sync() {
-                    tracing::warn!("flushing the redo log before a fold (tried again at the next commit): {e}");
-                    return;
-                }
-                let ops = Arc::new(std::mem::take(&mut r.unfolded));
-                let epoch = r.logs[r.current].epoch() + 1;
-                r.current = 1 - r.current;
-                let current = r.current;
-                r.logs[current].restart(epoch);
-                r.fold_at = FOLD_OPS;
-                let thread = self.spawn_fold(ops.clone(), epoch, r);
-                r.folding = Some(Fold { thread, ops, epoch });
-            }
-            // A failed fold goes again (the file being appended to keeps growing).
-            Some(fold) if fold.thread.is_none() => {
-                let (ops, epoch) = (fold.ops.clone(), fold.epoch);
-                let thread = self.spawn_fold(ops, epoch, r);
-                r.folding.as_mut().expect("matched").thread = thread;
-                r.fold_at = r.unfolded.len() + FOLD_OPS;
-            }
-            Some(_) => {}
-        }
-    }
-
-    /// Joins the thread of the fold under way if it is done (or, with `wait`, once it
-    /// is): a fold that committed is over; one that failed stays, to be tried again.
-    fn finish_fold(r: &mut Redo, wait: bool) {
-        let Some(fold) = &mut r.folding else { return };
-        if !fold.thread.as_ref().is_some_and(|t| wait || t.is_finished()) {
-            return;
-        }
-        match fold.thread.take().expect("checked").join() {
-            Ok(Ok(())) => {
-                r.folding = None;
-                r.folds += 1;
-            }
-            Ok(Err(e)) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database (tried again later): {e}"),
-            Err(_) => tracing::warn!(writes = fold.ops.len(), "folding the redo log into the node database panicked (tried again later)"),
-        }
-    }
-
-    /// The thread of a fold; `None` if it could not be started (the fold counts as
-    /// failed, and is tried again later).
-    fn spawn_fold(&self, ops: Arc<Vec<Op>>, epoch: u64, _r: &mut Redo) -> Option<std::thread::JoinHandle<rusqlite::Result<()>>> {
-        let conn = self.conn.clone();
-        #[cfg(test)]
-        let fail = {
-            _r.folds_started += 1;
-            _r.fail_folds_after.is_some_and(|n| _r.folds_started > n)
-        };
-        #[cfg(not(test))]
-        let fail = false;
-        std::thread::Builder::new()
-            .name("db-fold".into())
-            .spawn(move || {
-                if fail {
-                    return Err(sqlite_failure(rusqlite::ffi::SQLITE_IOERR, "injected: the fold fails".into()));
-                }
-                apply_all(&lock(&conn), ops.iter(), epoch).map(drop)
-            })
-            .inspect_err(|e| tracing::warn!("starting a thread to fold the redo log (tried again later): {e}"))
-            .ok()
     }
 
     pub fn rollback(&self) {
@@ -531,20 +402,7 @@ impl Db {
         if r.pending.is_some() {
             return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "the node database is read inside a transaction".into()));
         }
-        Self::finish_fold(&mut r, true);
-        if r.unfolded.is_empty() && r.folding.is_none() {
-            return Ok(());
-        }
-        let epoch = r.logs[r.current].epoch() + 1;
-        let failed = r.folding.as_ref().map(|f| f.ops.clone()).unwrap_or_default();
-        apply_all(&lock(&self.conn), failed.iter().chain(r.unfolded.iter()), epoch)?;
-        r.folding = None;
-        r.unfolded.clear();
-        r.logs[0].restart(epoch);
-        r.logs[1].restart(epoch);
-        r.fold_at = FOLD_OPS;
-        r.folds += 1;
-        Ok(())
+        r.journal.fold_now()
     }
 
     /// Transactions committed since the database was opened: each is one append to the
@@ -555,22 +413,20 @@ impl Db {
     }
     /// Folds of the redo log into SQLite since the database was opened.
     pub fn folds(&self) -> u64 {
-        self.redo.borrow().folds
+        self.redo.borrow().journal.folds()
     }
     /// Makes every committed transaction durable against a power loss: what was folded
     /// is (a fold's commit is flushed), and both log files are flushed (the other one
     /// holds the writes of a fold under way, or folded ones).
     pub fn sync(&self) -> rusqlite::Result<()> {
-        self.redo.borrow().logs.iter().try_for_each(|log| log.sync()).map_err(log_failure)
+        self.redo.borrow().journal.sync().map_err(log_failure)
     }
 
     /// Closes the database file as a dead process would leave it (committed
     /// transactions in it, its lock gone); the `Db` is unusable afterwards.
     #[cfg(test)]
     pub fn let_go_for_test(&mut self) {
-        if let Some(t) = self.redo.get_mut().folding.as_mut().and_then(|f| f.thread.take()) {
-            let _ = t.join();
-        }
+        self.redo.get_mut().journal.join_fold();
         let _ = std::mem::replace(&mut *lock(&self.conn), Connection::open_in_memory().unwrap());
     }
 
@@ -593,8 +449,7 @@ impl Db {
         // The newest write of the key, also one of the open transaction.
         {
             let r = self.redo.borrow();
-            let folding = r.folding.iter().flat_map(|f| f.ops.iter().rev());
-            let written = r.pending.iter().flatten().rev().chain(r.unfolded.iter().rev()).chain(folding).find_map(|op| match op {
+            let written = r.pending.iter().flatten().rev().chain(r.journal.newest_first()).find_map(|op| match op {
                 Op::SetMeta(k, v) if k == key => Some(v.clone()),
                 _ => None,
             });
@@ -811,9 +666,7 @@ fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
 impl Drop for Db {
     /// A fold under way finishes (it is short) before the connection closes.
     fn drop(&mut self) {
-        if let Some(t) = self.redo.get_mut().folding.as_mut().and_then(|f| f.thread.take()) {
-            let _ = t.join();
-        }
+        self.redo.get_mut().journal.join_fold();
     }
 }
 
@@ -843,10 +696,10 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("node.db");
             let mut db = Db::open(&path).unwrap();
-            db.redo.get_mut().fail_folds_after = fail_folds.then_some(1);
+            db.redo.get_mut().journal.fail_folds_after = fail_folds.then_some(1);
             let mut n = 0;
             // Until both folds began (the first one runs on a thread of its own).
-            while n < 3 * FOLD_OPS as u64 + 17 || (fail_folds && db.redo.get_mut().folds_started < 2) {
+            while n < 3 * FOLD_OPS as u64 + 17 || (fail_folds && db.redo.get_mut().journal.folds_started < 2) {
                 let i = n;
                 db.begin().unwrap();
                 db.save_dentry(1, std::ffi::OsStr::new(&format!("f{}", i % 1000)), i).unwrap();
@@ -854,11 +707,11 @@ mod tests {
                 db.commit().unwrap();
                 n += 1;
             }
-            let both_files = [0, 1].map(|i| std::fs::metadata(RedoLog::path_for(&path, i)).unwrap().len() > 0);
+            let both_files = [0, 1].map(|i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() > 0);
             if fail_folds {
                 assert_eq!(both_files, [true, true], "the failed fold's file and the one appended to since");
-                let r = db.redo.get_mut();
-                assert_eq!((r.current, r.folds), (0, 1), "one fold made, the next one (of the second file) failed");
+                let j = &db.redo.get_mut().journal;
+                assert_eq!((j.current(), j.folds()), (0, 1), "one fold made, the next one (of the second file) failed");
             }
             assert_eq!(db.meta("last").unwrap(), Some((n - 1).to_string()));
             db.let_go_for_test();
@@ -873,7 +726,7 @@ mod tests {
                 assert_eq!((parent, ino), (1, k + (n - 1 - k) / 1000 * 1000), "{name:?}, fail_folds {fail_folds}");
             }
             assert_eq!(db.meta("last").unwrap(), Some((n - 1).to_string()));
-            assert!([0, 1].iter().all(|&i| std::fs::metadata(RedoLog::path_for(&path, i)).unwrap().len() == 0), "opening folded both files");
+            assert!([0, 1].iter().all(|&i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() == 0), "opening folded both files");
         }
     }
 

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod env;
 pub mod fetch;
 pub mod fs;
+pub mod journal;
 pub mod leaves;
 pub mod link;
 pub mod metrics;

@@ -5,8 +5,17 @@
 //! is the dearest part of a create on ext4 without a journal (it scans the inode table
 //! for recently freed slots, docs/benchmarks.md), every blob costs an open per read and
 //! per serve, and a million files are a million inodes in one directory. Here a small
-//! content is a row, written in one transaction (durable against a crash of the process
-//! like the node database; `sync` makes it durable against power loss).
+//! content is a row.
+//!
+//! A put is one frame appended to the database's redo log (`small.db-redo0` and
+//! `-redo1`, [`crate::journal`]), one `write`, where a row written by SQLite wrote a log
+//! frame for every page it touched (the table's, its overflow page's, the hash index's):
+//! a sixth of a node's CPU per create (docs/benchmarks.md, session 32). It outlives a
+//! crash of the process once the put returns, like the node database's writes; `sync`
+//! makes it outlive a power loss. The contents in the log are also kept in memory
+//! (`Logged::pending`), until a thread of its own folds them into the table, about
+//! [`FOLD_BYTES`] at a time, in one transaction flushed to disk, and copies SQLite's log
+//! into the database after it (a checkpoint): puts never write SQLite themselves.
 //!
 //! Owned by the content store (`store.rs`), which decides what goes here: every content
 //! of at most `SMALL_MAX` bytes it keeps from now on. Blob files of small contents from
@@ -14,10 +23,12 @@
 //! and named by their hash, as blob files are. The database is made on the first put:
 //! a node that never keeps a small content never has one.
 
+use crate::journal::Journal;
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use wire::ContentHash;
 
 /// The largest content kept here. SQLite reads and writes blobs of this size faster than
@@ -25,30 +36,28 @@ use wire::ContentHash;
 /// cross-over near 100 KiB); larger ones are files, which the kernel can pass through.
 pub const SMALL_MAX: u64 = 64 * 1024;
 
-/// A page cache of 16 MiB keeps the hash index of about 300,000 contents in memory. The
-/// log is copied into the database (a checkpoint, which flushes both to the disk) by a
-/// thread of its own (`ask_checkpoint`), not by a put: a put runs where a file is closed
-/// or a pull lands, and copying megabytes there would stall them. So the connections do
-/// not hold the database exclusively as the node database does (the node database's lock
-/// already refuses a second node on the data directory).
-///
-/// The log starts over from its beginning only after a checkpoint that copied all of it,
-/// and while puts keep coming the thread's never does (more is appended as it copies):
-/// the log then grew without end (365 MB for 20,000 files of 4 KiB, each new page of it
-/// zeroed by the kernel: 12 % of a node's time per create). So once the thread has
-/// copied, the next put copies the few pages appended since, on its own connection while
-/// nothing else writes (`finish_checkpoint`), and the put after it writes the log from
-/// its start again.
+/// A page cache of 16 MiB keeps the hash index of about 300,000 contents in memory.
+/// SQLite's log is copied into the database by the thread that folds, after each fold
+/// (`PRAGMA wal_checkpoint(PASSIVE)`: it never waits for a reader), not automatically;
+/// the next fold then writes the log from its start again. The connection of folds
+/// flushes each commit (`synchronous=FULL`): the redo log's file is started again once
+/// its fold committed.
 const PRAGMAS: &str =
     "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-16384; PRAGMA wal_autocheckpoint=0; PRAGMA journal_size_limit=67108864;";
 
-/// Pages written to the log after which the checkpoint thread is asked to run.
-const CHECKPOINT_PAGES: u64 = 4096;
+/// Bytes of contents (and [`ROW_WEIGHT`] per content) appended before they are folded
+/// into the table: what the log holds in memory, and a fold's transaction.
+const FOLD_BYTES: usize = 8 << 20;
+/// What a content weighs besides its bytes (its row and index entry), so that many tiny
+/// ones are folded too.
+const ROW_WEIGHT: usize = 512;
+/// The `meta` key of the number of folds committed: the epoch of the redo log's frames.
+const EPOCH_KEY: &str = "redo_epoch";
 
 /// Rows in the order they come (new bytes are appended to the file, not put between
 /// others by their random hash), found by an index of the 32-byte hashes alone: a small
 /// tree that stays in the cache, where a table keyed by the hash would put every new
-/// content in a random page of a table of gigabytes.
+/// content in a random page of a table of gigabytes. `meta` holds the redo epoch.
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS contents (
     id INTEGER PRIMARY KEY,
@@ -56,25 +65,69 @@ CREATE TABLE IF NOT EXISTS contents (
     at_ms INTEGER NOT NULL,    -- when it was put (a fresh download is not swept at once)
     bytes BLOB NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 ";
 
 /// Rows looked at per step of a sweep: the connection is let go between steps, so a
 /// read waits for one step at most, never for a sweep of a million rows.
 const SWEEP_STEP: usize = 2_000;
 
+/// One content put, as the redo log keeps it until it is folded into the table.
+#[derive(Clone)]
+struct Put {
+    hash: ContentHash,
+    at_ms: i64,
+    bytes: Arc<[u8]>,
+}
+
+/// A frame: for each put its hash (32 bytes), `at_ms` (i64 LE), length (u32 LE), bytes.
+fn encode(puts: &[Put]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(puts.iter().map(|p| 44 + p.bytes.len()).sum());
+    for p in puts {
+        out.extend_from_slice(p.hash.as_bytes());
+        out.extend_from_slice(&p.at_ms.to_le_bytes());
+        out.extend_from_slice(&(p.bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&p.bytes);
+    }
+    out
+}
+
+fn decode(mut frame: &[u8]) -> anyhow::Result<Vec<Put>> {
+    let mut out = Vec::new();
+    while !frame.is_empty() {
+        anyhow::ensure!(frame.len() >= 44, "a put cut short");
+        let hash = ContentHash::from_bytes(frame[..32].try_into().expect("32 bytes"));
+        let at_ms = i64::from_le_bytes(frame[32..40].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(frame[40..44].try_into().expect("4 bytes")) as usize;
+        anyhow::ensure!(len as u64 <= SMALL_MAX && frame.len() - 44 >= len, "a put of {len} bytes does not fit");
+        out.push(Put { hash, at_ms, bytes: Arc::from(&frame[44..44 + len]) });
+        frame = &frame[44 + len..];
+    }
+    Ok(out)
+}
+
+/// The redo log, and the bytes of every content in it that is not in the table yet.
+struct Logged {
+    journal: Journal<Put>,
+    pending: HashMap<ContentHash, Arc<[u8]>>,
+}
+
+impl Logged {
+    /// Everything logged goes into the table now.
+    fn fold_all(&mut self) -> rusqlite::Result<()> {
+        self.journal.fold_now()?;
+        self.pending.clear();
+        Ok(())
+    }
+}
+
 pub struct SmallContents {
     path: PathBuf,
-    /// `None` until the database exists (made by the first put).
+    /// Reads, removals and sweeps; `None` until the database exists (made by the first
+    /// put).
     conn: Mutex<Option<Connection>>,
-    /// Pages (about) written to the log since a checkpoint was last asked for.
-    unchecked: std::sync::atomic::AtomicU64,
-    /// Wakes the checkpoint thread (started on first use; it ends with this).
-    checkpointer: std::sync::OnceLock<std::sync::mpsc::SyncSender<()>>,
-    /// Set by the checkpoint thread once it has copied the log: the next put finishes.
-    finish_checkpoint: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// Checkpoints asked for, for tests.
-    #[cfg(test)]
-    asked: std::sync::atomic::AtomicU64,
+    /// `None` until the database exists. Taken before `conn` when both are.
+    logged: Mutex<Option<Logged>>,
 }
 
 impl std::fmt::Debug for SmallContents {
@@ -87,20 +140,52 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
+/// A connection's lock; one poisoned by a panic in the middle of a fold has its
+/// transaction rolled back.
+fn lock_conn(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|poisoned| {
+        conn.clear_poison();
+        let c = poisoned.into_inner();
+        if !c.is_autocommit() {
+            let _ = c.execute_batch("ROLLBACK");
+        }
+        c
+    })
+}
+
+/// Inserts `puts` in one transaction that also records `epoch`, flushed to disk (the
+/// connection's `synchronous=FULL`), then copies SQLite's log into the database.
+fn fold_into(conn: &Connection, puts: &mut dyn Iterator<Item = &Put>, epoch: u64) -> rusqlite::Result<()> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let inserted = (|| {
+        let mut q = conn.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?;
+        for p in puts {
+            q.execute(params![p.hash.as_bytes(), &p.bytes[..], p.at_ms])?;
+        }
+        conn.prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute(params![EPOCH_KEY, epoch.to_string()])?;
+        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
+    })();
+    if let Err(e) = inserted {
+        let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+        return Err(e);
+    }
+    if let Err(e) = checkpoint(conn) {
+        tracing::debug!("small contents: checkpoint after a fold: {e}");
+    }
+    Ok(())
+}
+
 impl SmallContents {
-    /// The small contents at `path`; opened now if the file exists (so that a damaged
-    /// one stops the node at start, with its name), made by the first put otherwise.
+    /// The small contents at `path`; opened now if the database or its redo log exists
+    /// (so that a damaged one stops the node at start, with its name, and what the log
+    /// holds goes into the table first), made by the first put otherwise.
     pub fn open(path: &Path) -> anyhow::Result<SmallContents> {
-        let conn = if path.exists() { Some(Self::connect(path)?) } else { None };
-        Ok(SmallContents {
-            path: path.to_owned(),
-            conn: Mutex::new(conn),
-            unchecked: 0.into(),
-            checkpointer: Default::default(),
-            finish_checkpoint: Default::default(),
-            #[cfg(test)]
-            asked: 0.into(),
-        })
+        let s = SmallContents { path: path.to_owned(), conn: Mutex::new(None), logged: Mutex::new(None) };
+        if path.exists() || (0..2).any(|i| crate::redo::RedoLog::path_for(path, i).exists()) {
+            drop(s.logged()?);
+        }
+        Ok(s)
     }
 
     fn connect(path: &Path) -> anyhow::Result<Connection> {
@@ -111,18 +196,57 @@ impl SmallContents {
         Ok(conn)
     }
 
-    /// Runs `f` on the connection; `None` if the database does not exist yet and
-    /// `make` is false.
-    fn with<T>(&self, make: bool, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<Option<T>> {
-        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        if conn.is_none() {
-            if !make {
-                return Ok(None);
+    /// The redo log, opened (and the database made) if it was not yet; what an earlier
+    /// run left in it is folded first.
+    fn logged(&self) -> anyhow::Result<MutexGuard<'_, Option<Logged>>> {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if logged.is_none() {
+            let folder = Self::connect(&self.path)?;
+            folder.execute_batch("PRAGMA synchronous=FULL").with_context(|| format!("setting up {}", self.path.display()))?;
+            let epoch: u64 = folder
+                .query_row("SELECT value FROM meta WHERE key = ?1", [EPOCH_KEY], |r| r.get::<_, String>(0))
+                .optional()?
+                .map(|v| v.parse().with_context(|| format!("corrupt redo epoch in {}", self.path.display())))
+                .transpose()?
+                .unwrap_or(0);
+            let folder = Mutex::new(folder);
+            let apply = Arc::new(move |puts: &mut dyn Iterator<Item = &Put>, epoch| fold_into(&lock_conn(&folder), puts, epoch));
+            let journal = Journal::open(&self.path, epoch, FOLD_BYTES, "the small contents", apply, decode)?;
+            let mut l = Logged { journal, pending: HashMap::new() };
+            l.fold_all().with_context(|| format!("applying the redo log to {}", self.path.display()))?;
+            let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if conn.is_none() {
+                *conn = Some(Self::connect(&self.path)?);
             }
-            *conn = Some(Self::connect(&self.path)?);
+            *logged = Some(l);
         }
-        let c = conn.as_ref().expect("opened above");
+        Ok(logged)
+    }
+
+    /// Runs `f` on the connection; `None` if the database does not exist yet.
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> anyhow::Result<Option<T>> {
+        let conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = conn.as_ref() else {
+            return Ok(None);
+        };
         f(c).map(Some).with_context(|| format!("small contents ({})", self.path.display()))
+    }
+
+    /// The bytes of those of `hashes` that are in the redo log, not yet in the table.
+    fn logged_bytes(&self, hashes: &[ContentHash]) -> Vec<Option<Arc<[u8]>>> {
+        let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        hashes.iter().map(|h| logged.as_ref().and_then(|l| l.pending.get(h).cloned())).collect()
+    }
+
+    /// Folds everything logged into the table (before a read of the whole table, and at
+    /// a clean stop: the next start, perhaps of an older version, finds nothing to
+    /// replay).
+    pub fn fold(&self) -> anyhow::Result<()> {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = logged.as_mut() {
+            l.fold_all().with_context(|| format!("folding the redo log into {}", self.path.display()))?;
+        }
+        Ok(())
     }
 
     /// The bytes of `h`, if they are here.
@@ -132,13 +256,16 @@ impl SmallContents {
 
     /// The size of `h`, if it is here.
     pub fn len(&self, h: &ContentHash) -> Option<u64> {
+        if let Some(Some(b)) = self.logged_bytes(std::slice::from_ref(h)).pop() {
+            return Some(b.len() as u64);
+        }
         self.size_from("looking up", "SELECT length(bytes) FROM contents WHERE hash = ?1", h)
     }
 
     /// Runs `sql` (one row at most, a content's size, for the hash `?1`); a failure is
     /// logged as `doing` `h` and taken for no row.
     fn size_from(&self, doing: &str, sql: &str, h: &ContentHash) -> Option<u64> {
-        match self.with(false, |c| c.prepare_cached(sql)?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()) {
+        match self.with(|c| c.prepare_cached(sql)?.query_row([h.as_bytes()], |r| r.get::<_, i64>(0)).optional()) {
             Ok(size) => size.flatten().map(|n| n as u64),
             Err(e) => {
                 tracing::warn!("{doing} {h}: {e:#}");
@@ -151,15 +278,17 @@ impl SmallContents {
         self.len(h).is_some()
     }
 
-    /// The bytes of each of `hashes` that is here, in order (`None` for one that is not),
-    /// within `budget` bytes in all: one that would pass it is `None` too (a smaller one
-    /// after it may still fit).
     pub fn get_many(&self, hashes: &[ContentHash], mut budget: usize) -> anyhow::Result<Vec<Option<Vec<u8>>>> {
-        let got = self.with(false, |c| {
+        let logged = self.logged_bytes(hashes);
+        let got = self.with(|c| {
             let mut q = c.prepare_cached("SELECT bytes FROM contents WHERE hash = ?1")?;
             let mut out = Vec::with_capacity(hashes.len());
-            for h in hashes {
-                let bytes: Option<Vec<u8>> = if budget == 0 { None } else { q.query_row([h.as_bytes()], |r| r.get(0)).optional()? };
+            for (h, in_log) in hashes.iter().zip(logged) {
+                let bytes: Option<Vec<u8>> = match in_log {
+                    _ if budget == 0 => None,
+                    Some(b) => Some(b.to_vec()),
+                    None => q.query_row([h.as_bytes()], |r| r.get(0)).optional()?,
+                };
                 let bytes = bytes.filter(|b| b.len() <= budget);
                 budget -= bytes.as_ref().map_or(0, |b| b.len());
                 out.push(bytes);
@@ -169,94 +298,62 @@ impl SmallContents {
         Ok(got.unwrap_or_else(|| vec![None; hashes.len()]))
     }
 
-    /// Keeps `bytes` as content `h` (the caller checked that they hash to it); a content
-    /// already here stays as it is.
     pub fn put(&self, h: &ContentHash, bytes: &[u8]) -> anyhow::Result<()> {
         self.put_many(&[(h, bytes)])
     }
 
-    /// [`SmallContents::put`] of several contents in one transaction (one commit for a
-    /// batch of pulled contents).
+    /// Keeps these contents: one frame appended to the redo log.
     pub fn put_many(&self, items: &[(&ContentHash, &[u8])]) -> anyhow::Result<()> {
         debug_assert!(items.iter().all(|(_, b)| b.len() as u64 <= SMALL_MAX));
-        use std::sync::atomic::Ordering;
-        self.with(true, |c| {
-            if self.finish_checkpoint.swap(false, Ordering::Relaxed) {
-                // Copies what came since the thread's pass; this put's transaction then
-                // finds the log all copied and writes it from its start. A checkpoint
-                // that fails (a full disk) leaves the log as it was: the put goes on.
-                if let Err(e) = checkpoint(c) {
-                    tracing::debug!("small contents: finishing checkpoint: {e}");
-                }
+        let at_ms = now_ms();
+        let puts: Vec<Put> = items.iter().map(|(h, b)| Put { hash: (*h).clone(), at_ms, bytes: Arc::from(*b) }).collect();
+        let payload = encode(&puts);
+        let weight = puts.iter().map(|p| p.bytes.len() + ROW_WEIGHT).sum();
+        let mut logged = self.logged()?;
+        let l = logged.as_mut().expect("opened by logged()");
+        l.journal.append(&payload, puts.iter().cloned(), weight).with_context(|| format!("appending to the redo log of {}", self.path.display()))?;
+        l.pending.extend(puts.into_iter().map(|p| (p.hash, p.bytes)));
+        // What a fold committed is in the table now (also a content put again since:
+        // its row is there).
+        if let Some(folded) = l.journal.maybe_fold() {
+            for p in folded.iter() {
+                l.pending.remove(&p.hash);
             }
-            let tx = (items.len() > 1).then(|| c.unchecked_transaction()).transpose()?;
-            let mut q = c.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?;
-            let at = now_ms();
-            for (h, bytes) in items {
-                q.execute(params![h.as_bytes(), bytes, at])?;
-            }
-            tx.map_or(Ok(()), |tx| tx.commit())
-        })?;
-        let pages = items.iter().map(|(_, b)| b.len() as u64 / 4096 + 2).sum::<u64>();
-        if self.unchecked.fetch_add(pages, Ordering::Relaxed) + pages >= CHECKPOINT_PAGES {
-            self.unchecked.store(0, Ordering::Relaxed);
-            self.ask_checkpoint();
         }
         Ok(())
     }
 
-    /// Asks the checkpoint thread to copy the log into the database (a passive
-    /// checkpoint: it never blocks a put); one request waiting is enough.
-    fn ask_checkpoint(&self) {
-        #[cfg(test)]
-        self.asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tx = self.checkpointer.get_or_init(|| {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<()>(1);
-            let path = self.path.clone();
-            let finish = self.finish_checkpoint.clone();
-            std::thread::spawn(move || {
-                let mut conn = None;
-                for () in rx {
-                    if conn.is_none() {
-                        conn = Self::connect(&path)
-                            .map_err(|e| tracing::warn!("small contents: the checkpoint thread cannot open {}: {e:#}", path.display()))
-                            .ok();
-                    }
-                    if let Some(c) = &conn {
-                        // The second pass copies what was appended during the first
-                        // (less), so that what the finishing put copies is little.
-                        for _ in 0..2 {
-                            if let Err(e) = checkpoint(c) {
-                                tracing::debug!("small contents: checkpoint: {e}");
-                            }
-                        }
-                        finish.store(true, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-            });
-            tx
-        });
-        let _ = tx.try_send(());
-    }
-
     #[cfg(test)]
-    fn checkpoints_asked(&self) -> u64 {
-        self.asked.load(std::sync::atomic::Ordering::Relaxed)
+    pub fn let_go_for_test(&self) {
+        if let Some(mut l) = self.logged.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            l.journal.join_fold();
+        }
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
-    /// Removes `h`; returns its size if it was here.
     pub fn remove(&self, h: &ContentHash) -> Option<u64> {
+        // A content still in the log goes into the table first, so that a later fold
+        // cannot bring it back.
+        let logged = self.logged_bytes(std::slice::from_ref(h)).pop().flatten().is_some();
+        if logged {
+            if let Err(e) = self.fold() {
+                tracing::warn!("removing {h}: {e:#}");
+                return None;
+            }
+        }
         self.size_from("removing", "DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)", h)
     }
 
-    /// The contents put more than `min_age` ago that `unused` says go: removed if
-    /// `remove` (each only if it is still that old), else only listed.
     pub fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, remove: bool) -> Vec<ContentHash> {
+        if let Err(e) = self.fold() {
+            tracing::warn!("sweeping small contents: {e:#}");
+            return Vec::new();
+        }
         let before = now_ms() - min_age.as_millis() as i64;
         let mut after: Vec<u8> = Vec::new();
         let mut out = Vec::new();
         loop {
-            let step = self.with(false, |c| {
+            let step = self.with(|c| {
                 let rows: Vec<(Vec<u8>, i64)> = c
                     .prepare_cached("SELECT hash, at_ms FROM contents WHERE hash > ?1 ORDER BY hash LIMIT ?2")?
                     .query_map(params![after, SWEEP_STEP as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
@@ -290,31 +387,32 @@ impl SmallContents {
         }
     }
 
-    /// Closes the database as a dead process would leave it (its lock gone).
-    #[cfg(test)]
-    pub fn let_go_for_test(&self) {
-        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// Every content here (for a check of the whole store; a million small files are
-    /// 32 MB of hashes).
     pub fn hashes(&self) -> anyhow::Result<Vec<ContentHash>> {
-        let rows = self.with(false, |c| c.prepare("SELECT hash FROM contents")?.query_map([], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>())?;
+        self.fold()?;
+        let rows = self.with(|c| c.prepare("SELECT hash FROM contents")?.query_map([], |r| r.get::<_, Vec<u8>>(0))?.collect::<Result<Vec<_>, _>>())?;
         Ok(rows.unwrap_or_default().into_iter().filter_map(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(ContentHash::from_bytes).collect())
     }
 
-    /// Makes every put so far survive a power loss: the log is flushed to disk and
-    /// copied into the database (with `synchronous=NORMAL`, commits alone are durable
-    /// against a crash of the process only).
+    /// Makes every put durable against a power loss: folded ones are (a fold's commit is
+    /// flushed); the redo log's files are flushed.
     pub fn sync(&self) -> anyhow::Result<()> {
-        self.with(false, checkpoint)?;
+        let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(l) = logged.as_ref() {
+            l.journal.sync().with_context(|| format!("flushing the redo log of {}", self.path.display()))?;
+        }
         Ok(())
     }
 }
 
-/// Copies the log into the database as far as no reader holds it back (a passive
-/// checkpoint: it never waits for one, and one that finds another checkpoint under way
-/// reports it in its row instead of failing).
+impl Drop for SmallContents {
+    /// A fold under way finishes (it is short) before the connections close.
+    fn drop(&mut self) {
+        if let Some(l) = self.logged.get_mut().unwrap_or_else(|p| p.into_inner()).as_mut() {
+            l.journal.join_fold();
+        }
+    }
+}
+
 fn checkpoint(c: &Connection) -> rusqlite::Result<()> {
     c.prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?.query_row([], |_| Ok(()))
 }
@@ -368,46 +466,76 @@ mod tests {
         assert_eq!(s.hashes().unwrap().len(), keep.len());
     }
 
-    /// Puts that never stop must not make the log grow without end: after each
-    /// checkpoint the log is written from its start again.
+    fn numbered(n: u32, len: usize) -> Vec<u8> {
+        let mut b = vec![0u8; len];
+        b[..4].copy_from_slice(&n.to_le_bytes());
+        b
+    }
+
+    /// Puts read back at once, from the log; after a crash (the process gone without a
+    /// fold), across folds made in the background and folds that failed (so that both
+    /// log files hold puts), every content comes back, and opening folded both files.
     #[test]
-    fn the_log_starts_over_while_puts_keep_coming() {
+    fn puts_come_back_after_a_crash_across_folds() {
+        for fail_folds in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("small.db");
+            let s = SmallContents::open(&path).unwrap();
+            let first = numbered(0, 100);
+            s.put(&hash(&first), &first).unwrap();
+            assert_eq!(s.get(&hash(&first)).unwrap(), Some(first.clone()), "a put reads back before any fold");
+            s.logged.lock().unwrap().as_mut().unwrap().journal.fail_folds_after = fail_folds.then_some(1);
+            let mut n = 1;
+            let started = |s: &SmallContents| s.logged.lock().unwrap().as_ref().unwrap().journal.folds_started;
+            while (n as usize) * (40 * 1024 + ROW_WEIGHT) < 3 * FOLD_BYTES || (fail_folds && started(&s) < 2) {
+                let b = numbered(n, 40 * 1024);
+                s.put(&hash(&b), &b).unwrap();
+                n += 1;
+            }
+            // One more after the last switch of files.
+            let last = numbered(n, 40 * 1024);
+            s.put(&hash(&last), &last).unwrap();
+            n += 1;
+            if fail_folds {
+                let on_disk = [0, 1].map(|i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() > 0);
+                assert_eq!(on_disk, [true, true], "the failed fold's file and the one appended to since");
+            }
+            s.let_go_for_test();
+            std::mem::forget(s);
+
+            let s = SmallContents::open(&path).unwrap();
+            assert!([0, 1].iter().all(|&i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() == 0), "opening folded both files");
+            assert_eq!(s.get(&hash(&first)).unwrap(), Some(first.clone()), "fail_folds {fail_folds}");
+            for k in 1..n {
+                let b = numbered(k, 40 * 1024);
+                assert_eq!(s.len(&hash(&b)), Some(b.len() as u64), "content {k}, fail_folds {fail_folds}");
+            }
+            assert_eq!(s.hashes().unwrap().len(), n as usize);
+        }
+    }
+
+    /// A removed content that was still in the log stays removed (a later fold does not
+    /// bring it back), and puts that never stop do not make SQLite's log grow without
+    /// end: each fold's checkpoint lets the next fold write it from its start again.
+    #[test]
+    fn removals_hold_and_the_sqlite_log_starts_over() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("small.db");
-        let wal = dir.path().join("small.db-wal");
         let s = SmallContents::open(&path).unwrap();
-        let mut n = 0u32;
-        let mut put = |s: &SmallContents| {
-            n += 1;
-            let mut b = vec![0u8; 60 * 1024];
-            b[..4].copy_from_slice(&n.to_le_bytes());
+        let gone = numbered(u32::MAX, 1000);
+        s.put(&hash(&gone), &gone).unwrap();
+        assert_eq!(s.remove(&hash(&gone)), Some(1000));
+        assert!(!s.has(&hash(&gone)));
+        let folds = |s: &SmallContents| s.logged.lock().unwrap().as_ref().unwrap().journal.folds();
+        let mut n = 0;
+        while folds(&s) < 6 {
+            let b = numbered(n, 60 * 1024);
             s.put(&hash(&b), &b).unwrap();
-        };
-        // One checkpoint's worth of pages at a time, then the thread's pass is awaited
-        // (the puts that come while it copies are what the node sees under load).
-        let mut sizes = Vec::new();
-        for _ in 0..4 {
-            let asked = s.checkpoints_asked();
-            while s.checkpoints_asked() == asked {
-                put(&s);
-            }
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-            while !s.finish_checkpoint.load(std::sync::atomic::Ordering::Relaxed) {
-                assert!(std::time::Instant::now() < deadline, "the checkpoint thread never finished its pass");
-                put(&s);
-                std::thread::sleep(std::time::Duration::from_millis(1));
-            }
-            put(&s);
-            sizes.push(std::fs::metadata(&wal).unwrap().len());
+            n += 1;
         }
-        // Each round appends a checkpoint's worth (16 MiB) and more; without starting
-        // over the log would be four times that by now.
-        let one_round = CHECKPOINT_PAGES * 4096;
-        assert!(sizes.iter().all(|&n| n < 2 * one_round), "the log grew round after round: {sizes:?}");
-        for h in [1u32, n / 2, n] {
-            let mut b = vec![0u8; 60 * 1024];
-            b[..4].copy_from_slice(&h.to_le_bytes());
-            assert_eq!(s.get(&hash(&b)).unwrap().as_deref(), Some(&b[..]), "content {h} reads back");
-        }
+        s.fold().unwrap();
+        assert!(!s.has(&hash(&gone)), "a fold brought a removed content back");
+        let wal = std::fs::metadata(dir.path().join("small.db-wal")).unwrap().len();
+        assert!(wal < 3 * FOLD_BYTES as u64, "SQLite's log grew fold after fold: {wal} bytes after {} folds", folds(&s));
     }
 }

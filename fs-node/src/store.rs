@@ -265,6 +265,11 @@ impl ContentStore {
         self.small.has(h) || self.blob_path(h).exists() || self.patched.has(h)
     }
 
+    /// Folds the small contents' redo log into their database (a clean stop).
+    pub fn fold_small(&self) -> std::io::Result<()> {
+        self.small.fold().map_err(std::io::Error::other)
+    }
+
     /// Lets go of the small contents' database as a dead process would.
     #[cfg(test)]
     pub fn let_go_for_test(&self) {

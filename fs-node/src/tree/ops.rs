@@ -515,9 +515,10 @@ impl Tree {
         Ok(())
     }
 
-    /// Folds the node database's redo log into it (a clean stop: the next start, perhaps
-    /// of a newer version, finds nothing to replay).
+    /// Folds the redo logs of the node database and of the small contents into them (a
+    /// clean stop: the next start, perhaps of another version, finds nothing to replay).
     pub fn fold_database(&self) -> FsResult<()> {
+        self.store.fold_small()?;
         Ok(self.lock().db.fold()?)
     }
 

@@ -1,0 +1,270 @@
+//! Writes to a SQLite database that go first to a redo log pair beside it (`<db>-redo0`
+//! and `<db>-redo1`, frames of [`crate::redo`]) and into SQLite later, a batch at a time:
+//! the node database (`db.rs`, its tree's transactions) and the small contents
+//! (`small.rs`, the bytes of closed files) both write this way. An append is one `write`
+//! where a SQLite commit wrote a 4 KiB log frame for every page it touched (most of a
+//! delete's time, and the small-content row a sixth of a create's, docs/benchmarks.md,
+//! sessions 31 and 32).
+//!
+//! Once the writes appended weigh enough, a thread of its own applies them to SQLite in
+//! one transaction, committed and flushed, that also records the next epoch (a fold),
+//! while new frames go to the other file; that file is started again at the next fold,
+//! so only once the fold of its frames committed. Opening reads back what both files
+//! hold, oldest epoch first; the owner folds it before anything else. A [`Journal`] owns
+//! the two files and the writes not yet in SQLite; its owner decides what a write is
+//! (`T`), how a frame encodes it, and how a batch is applied.
+
+use crate::redo::RedoLog;
+use anyhow::Context;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Applies a batch of writes (oldest first) to the database in one transaction that
+/// also records the epoch given, committed and flushed to disk before it returns.
+pub type Apply<T> = Arc<dyn Fn(&mut dyn Iterator<Item = &T>, u64) -> rusqlite::Result<()> + Send + Sync>;
+
+/// An append waits for the fold under way once this many batches wait behind it.
+const BACKLOG_BATCHES: usize = 2;
+
+/// The writes not yet in SQLite: those appended to the file being appended to, and
+/// those of a fold under way (the other file's).
+pub struct Journal<T> {
+    logs: [RedoLog; 2],
+    /// The log file new frames go to; the other one's frames are folded (or being).
+    current: usize,
+    /// Appended to `logs[current]`, not handed to a fold, in order.
+    unfolded: Vec<T>,
+    /// What `unfolded` weighs (as its appends said).
+    unfolded_weight: usize,
+    /// The fold of the other file's writes, under way or failed (to be tried again).
+    folding: Option<Fold<T>>,
+    /// A fold starts once `unfolded` weighs this much (more after one failed).
+    fold_at: usize,
+    /// `fold_at` after a fold: what a batch weighs.
+    batch_weight: usize,
+    folds: u64,
+    apply: Apply<T>,
+    /// The database, in log messages ("the node database").
+    what: &'static str,
+    /// Folds started in the background after this many fail (before they commit).
+    #[cfg(test)]
+    pub fail_folds_after: Option<u64>,
+    #[cfg(test)]
+    pub folds_started: u64,
+}
+
+/// The writes of one log file being applied to SQLite by a thread of its own; once
+/// committed, the database says `epoch` (that file's frames are older).
+struct Fold<T> {
+    items: Arc<Vec<T>>,
+    epoch: u64,
+    /// `None` once it failed (it is started again later).
+    thread: Option<std::thread::JoinHandle<rusqlite::Result<()>>>,
+}
+
+impl<T: Send + Sync + 'static> Journal<T> {
+    /// Opens (or makes) the log files of the database at `db_path`, whose last fold
+    /// recorded `epoch`, with what they hold that was not folded: every frame of `epoch`
+    /// or later, oldest epoch first, turned into writes by `decode`. A fold starts once
+    /// the writes appended weigh `batch_weight`.
+    pub fn open(
+        db_path: &Path,
+        epoch: u64,
+        batch_weight: usize,
+        what: &'static str,
+        apply: Apply<T>,
+        mut decode: impl FnMut(&[u8]) -> anyhow::Result<Vec<T>>,
+    ) -> anyhow::Result<Journal<T>> {
+        // Frames of both files not folded yet, oldest epoch first (each file holds one
+        // epoch's, apart from older ones that are skipped).
+        let mut frames = Vec::new();
+        let mut logs = Vec::new();
+        for i in 0..2 {
+            let log_path = RedoLog::path_for(db_path, i);
+            let (log, read) = RedoLog::open(&log_path, epoch).with_context(|| format!("reading {}", log_path.display()))?;
+            logs.push(log);
+            for (n, (e, frame)) in read.into_iter().enumerate() {
+                frames.push((e, i, n, frame));
+            }
+        }
+        frames.sort_by_key(|&(e, i, n, _)| (e, i, n));
+        let mut unfolded = Vec::new();
+        for (e, i, n, frame) in &frames {
+            unfolded.extend(decode(frame).with_context(|| format!("frame {n} (epoch {e}) of {}", RedoLog::path_for(db_path, *i).display()))?);
+        }
+        let mut logs: [RedoLog; 2] = logs.try_into().map_err(|_| anyhow::anyhow!("two redo logs"))?;
+        // The next epoch is newer than any frame read (the owner's fold at opening starts
+        // both files again for it).
+        let newest = frames.last().map(|&(e, ..)| e).unwrap_or(epoch);
+        for log in &mut logs {
+            log.continue_at(newest);
+        }
+        Ok(Journal {
+            logs,
+            current: 0,
+            unfolded,
+            unfolded_weight: 0,
+            folding: None,
+            fold_at: batch_weight,
+            batch_weight,
+            folds: 0,
+            apply,
+            what,
+            #[cfg(test)]
+            fail_folds_after: None,
+            #[cfg(test)]
+            folds_started: 0,
+        })
+    }
+
+    /// Appends one frame (`payload`, which encodes `items`, weighing `weight`): once it
+    /// returns, the writes outlive a crash of the process.
+    pub fn append(&mut self, payload: &[u8], items: impl IntoIterator<Item = T>, weight: usize) -> std::io::Result<()> {
+        let current = self.current;
+        self.logs[current].append(payload)?;
+        self.unfolded.extend(items);
+        self.unfolded_weight += weight;
+        Ok(())
+    }
+
+    /// Sees whether the fold under way is done, and starts one once the appended writes
+    /// weigh enough: the file being appended to is handed to it, and new frames go to
+    /// the other file (whose frames the fold before folded), for the next epoch. Returns
+    /// the writes of a fold that committed since the last call.
+    pub fn maybe_fold(&mut self) -> Option<Arc<Vec<T>>> {
+        let mut folded = self.finish_fold(false);
+        if self.unfolded_weight < self.fold_at {
+            return folded;
+        }
+        // Appends that outpace the folds wait for the one under way: what is not folded
+        // is held in memory and goes into the next fold's one transaction.
+        if self.unfolded_weight >= BACKLOG_BATCHES * self.batch_weight && self.folding.as_ref().is_some_and(|f| f.thread.is_some()) {
+            folded = self.finish_fold(true);
+        }
+        match &mut self.folding {
+            None => {
+                // What is replayed after a power loss must be a prefix of what was
+                // appended: the file's frames reach the disk before any of the next
+                // epoch's can (once per fold).
+                if let Err(e) = self.logs[self.current].sync() {
+                    tracing::warn!("flushing the redo log of {} before a fold (tried again at the next append): {e}", self.what);
+                    return folded;
+                }
+                let items = Arc::new(std::mem::take(&mut self.unfolded));
+                self.unfolded_weight = 0;
+                let epoch = self.logs[self.current].epoch() + 1;
+                self.current = 1 - self.current;
+                let current = self.current;
+                self.logs[current].restart(epoch);
+                self.fold_at = self.batch_weight;
+                let thread = self.spawn_fold(items.clone(), epoch);
+                self.folding = Some(Fold { thread, items, epoch });
+            }
+            // A failed fold goes again (the file being appended to keeps growing).
+            Some(fold) if fold.thread.is_none() => {
+                let (items, epoch) = (fold.items.clone(), fold.epoch);
+                let thread = self.spawn_fold(items, epoch);
+                self.folding.as_mut().expect("matched").thread = thread;
+                self.fold_at = self.unfolded_weight + self.batch_weight;
+            }
+            Some(_) => {}
+        }
+        folded
+    }
+
+    /// Joins the thread of the fold under way if it is done (or, with `wait`, once it
+    /// is): a fold that committed is over, and its writes are returned; one that failed
+    /// stays, to be tried again.
+    fn finish_fold(&mut self, wait: bool) -> Option<Arc<Vec<T>>> {
+        let fold = self.folding.as_mut()?;
+        if !fold.thread.as_ref().is_some_and(|t| wait || t.is_finished()) {
+            return None;
+        }
+        match fold.thread.take().expect("checked").join() {
+            Ok(Ok(())) => {
+                self.folds += 1;
+                return self.folding.take().map(|f| f.items);
+            }
+            Ok(Err(e)) => tracing::warn!(writes = fold.items.len(), "folding the redo log into {} (tried again later): {e}", self.what),
+            Err(_) => tracing::warn!(writes = fold.items.len(), "folding the redo log into {} panicked (tried again later)", self.what),
+        }
+        None
+    }
+
+    /// The thread of a fold; `None` if it could not be started (the fold counts as
+    /// failed, and is tried again later).
+    fn spawn_fold(&mut self, items: Arc<Vec<T>>, epoch: u64) -> Option<std::thread::JoinHandle<rusqlite::Result<()>>> {
+        let apply = self.apply.clone();
+        #[cfg(test)]
+        let fail = {
+            self.folds_started += 1;
+            self.fail_folds_after.is_some_and(|n| self.folds_started > n)
+        };
+        #[cfg(not(test))]
+        let fail = false;
+        std::thread::Builder::new()
+            .name("db-fold".into())
+            .spawn(move || {
+                if fail {
+                    return Err(rusqlite::Error::SqliteFailure(
+                        rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+                        Some("injected: the fold fails".into()),
+                    ));
+                }
+                apply(&mut items.iter(), epoch)
+            })
+            .inspect_err(|e| tracing::warn!("starting a thread to fold the redo log of {} (tried again later): {e}", self.what))
+            .ok()
+    }
+
+    /// Applies every write not yet in SQLite (after the fold under way, if any) in one
+    /// transaction, flushed to disk, and starts both log files again, for a new epoch
+    /// recorded in that transaction. Afterwards everything appended is in SQLite.
+    pub fn fold_now(&mut self) -> rusqlite::Result<()> {
+        self.finish_fold(true);
+        if self.unfolded.is_empty() && self.folding.is_none() {
+            return Ok(());
+        }
+        let epoch = self.logs[self.current].epoch() + 1;
+        let failed = self.folding.as_ref().map(|f| f.items.clone()).unwrap_or_default();
+        (self.apply)(&mut failed.iter().chain(self.unfolded.iter()), epoch)?;
+        self.folding = None;
+        self.unfolded.clear();
+        self.unfolded_weight = 0;
+        self.logs[0].restart(epoch);
+        self.logs[1].restart(epoch);
+        self.fold_at = self.batch_weight;
+        self.folds += 1;
+        Ok(())
+    }
+
+    /// The writes not in SQLite yet, newest first.
+    pub fn newest_first(&self) -> impl Iterator<Item = &T> {
+        self.unfolded.iter().rev().chain(self.folding.iter().flat_map(|f| f.items.iter().rev()))
+    }
+
+    /// Folds committed since the journal was opened.
+    pub fn folds(&self) -> u64 {
+        self.folds
+    }
+
+    /// Makes every append durable against a power loss: what was folded is (a fold's
+    /// commit is flushed), and both log files are flushed (the other one holds the
+    /// writes of a fold under way, or folded ones).
+    pub fn sync(&self) -> std::io::Result<()> {
+        self.logs.iter().try_for_each(|log| log.sync())
+    }
+
+    /// Waits for the fold under way, if any, to end (its outcome is not looked at).
+    pub fn join_fold(&mut self) {
+        if let Some(t) = self.folding.as_mut().and_then(|f| f.thread.take()) {
+            let _ = t.join();
+        }
+    }
+
+    /// The log file being appended to (0 or 1), for tests.
+    #[cfg(test)]
+    pub fn current(&self) -> usize {
+        self.current
+    }
+}
