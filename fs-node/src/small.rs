@@ -345,11 +345,15 @@ impl SmallContents {
     }
 
     pub fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, remove: bool) -> Vec<ContentHash> {
-        if let Err(e) = self.fold() {
-            tracing::warn!("sweeping small contents: {e:#}");
-            return Vec::new();
-        }
         let before = now_ms() - min_age.as_millis() as i64;
+        // Contents still in the redo log old enough to be swept go into the table first
+        // (a fold that fails, on a full disk, leaves them to a later sweep).
+        let stale = self.logged.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| l.journal.newest_first().any(|p| p.at_ms <= before));
+        if stale {
+            if let Err(e) = self.fold() {
+                tracing::warn!("sweeping small contents: {e:#}");
+            }
+        }
         let mut after: Vec<u8> = Vec::new();
         let mut out = Vec::new();
         loop {
