@@ -397,13 +397,17 @@ impl SmallContents {
         Ok(rows.unwrap_or_default().into_iter().filter_map(|h| <[u8; 32]>::try_from(h.as_slice()).ok()).map(ContentHash::from_bytes).collect())
     }
 
-    /// Makes every put durable against a power loss: folded ones are (a fold's commit is
-    /// flushed); the redo log's files are flushed.
+    /// Makes every put durable against a power loss: the redo log's files are flushed,
+    /// and folded puts are (a fold's commit is flushed; the checkpoint flushes rows an
+    /// older version wrote without flushing).
     pub fn sync(&self) -> anyhow::Result<()> {
-        let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(l) = logged.as_ref() {
-            l.journal.sync().with_context(|| format!("flushing the redo log of {}", self.path.display()))?;
+        {
+            let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(l) = logged.as_ref() {
+                l.journal.sync().with_context(|| format!("flushing the redo log of {}", self.path.display()))?;
+            }
         }
+        self.with(checkpoint)?;
         Ok(())
     }
 }
