@@ -322,6 +322,7 @@ impl Db {
             "the node database",
             Arc::new(move |ops: &mut dyn Iterator<Item = &Op>, epoch| apply_all(&lock(&folder), ops, epoch).map(drop)),
             |frame| Ok(serde_json::from_slice::<Vec<Op>>(frame)?),
+            |_| 1,
         )?;
         let redo = Redo {
             journal,
@@ -402,7 +403,7 @@ impl Db {
         if r.pending.is_some() {
             return Err(sqlite_failure(rusqlite::ffi::SQLITE_MISUSE, "the node database is read inside a transaction".into()));
         }
-        r.journal.fold_now()
+        r.journal.fold_now().1
     }
 
     /// Transactions committed since the database was opened: each is one append to the

@@ -65,8 +65,8 @@ struct Fold<T> {
 impl<T: Send + Sync + 'static> Journal<T> {
     /// Opens (or makes) the log files of the database at `db_path`, whose last fold
     /// recorded `epoch`, with what they hold that was not folded: every frame of `epoch`
-    /// or later, oldest epoch first, turned into writes by `decode`. A fold starts once
-    /// the writes appended weigh `batch_weight`.
+    /// or later, oldest epoch first, turned into writes by `decode` (each weighing what
+    /// `weigh` says). A fold starts once the writes appended weigh `batch_weight`.
     pub fn open(
         db_path: &Path,
         epoch: u64,
@@ -74,6 +74,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
         what: &'static str,
         apply: Apply<T>,
         mut decode: impl FnMut(&[u8]) -> anyhow::Result<Vec<T>>,
+        weigh: impl Fn(&T) -> usize,
     ) -> anyhow::Result<Journal<T>> {
         // Frames of both files not folded yet, oldest epoch first (each file holds one
         // epoch's, apart from older ones that are skipped).
@@ -99,11 +100,12 @@ impl<T: Send + Sync + 'static> Journal<T> {
         for log in &mut logs {
             log.continue_at(newest);
         }
+        let unfolded_weight = unfolded.iter().map(weigh).sum();
         Ok(Journal {
             logs,
             current: 0,
             unfolded,
-            unfolded_weight: 0,
+            unfolded_weight,
             folding: None,
             fold_at: batch_weight,
             batch_weight,
@@ -219,9 +221,15 @@ impl<T: Send + Sync + 'static> Journal<T> {
 
     /// Applies every write not yet in SQLite (after the fold under way, if any) in one
     /// transaction, flushed to disk, and starts both log files again, for a new epoch
-    /// recorded in that transaction. Afterwards everything appended is in SQLite.
-    pub fn fold_now(&mut self) -> rusqlite::Result<()> {
-        self.finish_fold(true);
+    /// recorded in that transaction: once it returns `Ok`, everything appended is in
+    /// SQLite. Also returns the writes of the fold under way if it committed (they are
+    /// in SQLite whatever the rest did).
+    pub fn fold_now(&mut self) -> (Option<Arc<Vec<T>>>, rusqlite::Result<()>) {
+        let joined = self.finish_fold(true);
+        (joined, self.fold_rest())
+    }
+
+    fn fold_rest(&mut self) -> rusqlite::Result<()> {
         if self.unfolded.is_empty() && self.folding.is_none() {
             return Ok(());
         }
@@ -236,6 +244,13 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.fold_at = self.batch_weight;
         self.folds += 1;
         Ok(())
+    }
+
+    /// Whether the fold of the other file failed (it is tried again) and the writes
+    /// appended since weigh `batches` batches or more: an owner that holds its writes in
+    /// memory refuses more.
+    pub fn stuck(&self, batches: usize) -> bool {
+        self.folding.as_ref().is_some_and(|f| f.thread.is_none()) && self.unfolded_weight >= batches * self.batch_weight
     }
 
     /// The writes not in SQLite yet, newest first.
@@ -260,6 +275,12 @@ impl<T: Send + Sync + 'static> Journal<T> {
         if let Some(t) = self.folding.as_mut().and_then(|f| f.thread.take()) {
             let _ = t.join();
         }
+    }
+
+    /// Whether the fold under way, if any, has ended (committed or failed), for tests.
+    #[cfg(test)]
+    pub fn fold_ended_for_test(&self) -> bool {
+        self.folding.as_ref().is_none_or(|f| f.thread.as_ref().is_none_or(|t| t.is_finished()))
     }
 
     /// The log file being appended to (0 or 1), for tests.

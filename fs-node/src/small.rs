@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 /// read waits for one step at most, never for a sweep of a million rows.
 const SWEEP_STEP: usize = 2_000;
 
+/// What a put weighs against [`FOLD_BYTES`].
+fn weigh(p: &Put) -> usize {
+    p.bytes.len() + ROW_WEIGHT
+}
+
 /// One content put, as the redo log keeps it until it is folded into the table.
 #[derive(Clone)]
 struct Put {
@@ -109,17 +114,53 @@ fn decode(mut frame: &[u8]) -> anyhow::Result<Vec<Put>> {
 /// The redo log, and the bytes of every content in it that is not in the table yet.
 struct Logged {
     journal: Journal<Put>,
-    pending: HashMap<ContentHash, Arc<[u8]>>,
+    /// Each content the journal holds (appended, or being folded and not yet seen to
+    /// have committed), with the number of its puts there: it leaves only once every
+    /// one of them is folded. A sweep never deletes a row of a content here.
+    pending: HashMap<ContentHash, (Arc<[u8]>, usize)>,
 }
 
 impl Logged {
+    fn add(&mut self, puts: &[Put]) {
+        for p in puts {
+            self.pending.entry(p.hash.clone()).or_insert_with(|| (p.bytes.clone(), 0)).1 += 1;
+        }
+    }
+
+    /// These puts are in the table now.
+    fn folded(&mut self, puts: &[Put]) {
+        for p in puts {
+            if let std::collections::hash_map::Entry::Occupied(mut e) = self.pending.entry(p.hash.clone()) {
+                e.get_mut().1 -= 1;
+                if e.get().1 == 0 {
+                    e.remove();
+                }
+            }
+        }
+    }
+
+    /// Sees whether a fold committed, and starts one if enough is appended.
+    fn maybe_fold(&mut self) {
+        if let Some(done) = self.journal.maybe_fold() {
+            self.folded(&done);
+        }
+    }
+
     /// Everything logged goes into the table now.
     fn fold_all(&mut self) -> rusqlite::Result<()> {
-        self.journal.fold_now()?;
+        let (joined, rest) = self.journal.fold_now();
+        if let Some(done) = joined {
+            self.folded(&done);
+        }
+        rest?;
         self.pending.clear();
         Ok(())
     }
 }
+
+/// Puts are refused once a fold failed and this many batches wait behind it (their
+/// bytes are held in memory until a fold takes them).
+const STUCK_BATCHES: usize = 8;
 
 pub struct SmallContents {
     path: PathBuf,
@@ -128,6 +169,8 @@ pub struct SmallContents {
     conn: Mutex<Option<Connection>>,
     /// `None` until the database exists. Taken before `conn` when both are.
     logged: Mutex<Option<Logged>>,
+    /// What a fold takes ([`FOLD_BYTES`]).
+    batch: usize,
 }
 
 impl std::fmt::Debug for SmallContents {
@@ -181,7 +224,12 @@ impl SmallContents {
     /// (so that a damaged one stops the node at start, with its name, and what the log
     /// holds goes into the table first), made by the first put otherwise.
     pub fn open(path: &Path) -> anyhow::Result<SmallContents> {
-        let s = SmallContents { path: path.to_owned(), conn: Mutex::new(None), logged: Mutex::new(None) };
+        Self::open_with_batch(path, FOLD_BYTES)
+    }
+
+    /// [`Self::open`], folding every `batch` bytes.
+    fn open_with_batch(path: &Path, batch: usize) -> anyhow::Result<SmallContents> {
+        let s = SmallContents { path: path.to_owned(), conn: Mutex::new(None), logged: Mutex::new(None), batch };
         if path.exists() || (0..2).any(|i| crate::redo::RedoLog::path_for(path, i).exists()) {
             drop(s.logged()?);
         }
@@ -211,9 +259,15 @@ impl SmallContents {
                 .unwrap_or(0);
             let folder = Mutex::new(folder);
             let apply = Arc::new(move |puts: &mut dyn Iterator<Item = &Put>, epoch| fold_into(&lock_conn(&folder), puts, epoch));
-            let journal = Journal::open(&self.path, epoch, FOLD_BYTES, "the small contents", apply, decode)?;
+            let journal = Journal::open(&self.path, epoch, self.batch, "the small contents", apply, decode, weigh)?;
             let mut l = Logged { journal, pending: HashMap::new() };
-            l.fold_all().with_context(|| format!("applying the redo log to {}", self.path.display()))?;
+            let replayed: Vec<Put> = l.journal.newest_first().cloned().collect();
+            l.add(&replayed);
+            // What the last run left goes into the table; should that fail (a full
+            // disk), it stays in the log and in memory, for a later fold.
+            if let Err(e) = l.fold_all() {
+                tracing::warn!(puts = replayed.len(), "applying the redo log to {} (tried again later): {e}", self.path.display());
+            }
             let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
             if conn.is_none() {
                 *conn = Some(Self::connect(&self.path)?);
@@ -235,7 +289,7 @@ impl SmallContents {
     /// The bytes of those of `hashes` that are in the redo log, not yet in the table.
     fn logged_bytes(&self, hashes: &[ContentHash]) -> Vec<Option<Arc<[u8]>>> {
         let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-        hashes.iter().map(|h| logged.as_ref().and_then(|l| l.pending.get(h).cloned())).collect()
+        hashes.iter().map(|h| logged.as_ref().and_then(|l| l.pending.get(h).map(|(b, _)| b.clone()))).collect()
     }
 
     /// Folds everything logged into the table (before a read of the whole table, and at
@@ -304,22 +358,18 @@ impl SmallContents {
 
     /// Keeps these contents: one frame appended to the redo log.
     pub fn put_many(&self, items: &[(&ContentHash, &[u8])]) -> anyhow::Result<()> {
-        debug_assert!(items.iter().all(|(_, b)| b.len() as u64 <= SMALL_MAX));
+        anyhow::ensure!(items.iter().all(|(_, b)| b.len() as u64 <= SMALL_MAX), "a small content of more than {SMALL_MAX} bytes");
         let at_ms = now_ms();
         let puts: Vec<Put> = items.iter().map(|(h, b)| Put { hash: (*h).clone(), at_ms, bytes: Arc::from(*b) }).collect();
         let payload = encode(&puts);
-        let weight = puts.iter().map(|p| p.bytes.len() + ROW_WEIGHT).sum();
+        let weight = puts.iter().map(weigh).sum();
         let mut logged = self.logged()?;
         let l = logged.as_mut().expect("opened by logged()");
+        l.maybe_fold();
+        anyhow::ensure!(!l.journal.stuck(STUCK_BATCHES), "{}: folding its redo log keeps failing (see the warnings before)", self.path.display());
         l.journal.append(&payload, puts.iter().cloned(), weight).with_context(|| format!("appending to the redo log of {}", self.path.display()))?;
-        l.pending.extend(puts.into_iter().map(|p| (p.hash, p.bytes)));
-        // What a fold committed is in the table now (also a content put again since:
-        // its row is there).
-        if let Some(folded) = l.journal.maybe_fold() {
-            for p in folded.iter() {
-                l.pending.remove(&p.hash);
-            }
-        }
+        l.add(&puts);
+        l.maybe_fold();
         Ok(())
     }
 
@@ -347,13 +397,23 @@ impl SmallContents {
     pub fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, remove: bool) -> Vec<ContentHash> {
         let before = now_ms() - min_age.as_millis() as i64;
         // Contents still in the redo log old enough to be swept go into the table first
-        // (a fold that fails, on a full disk, leaves them to a later sweep).
-        let stale = self.logged.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|l| l.journal.newest_first().any(|p| p.at_ms <= before));
-        if stale {
-            if let Err(e) = self.fold() {
-                tracing::warn!("sweeping small contents: {e:#}");
+        // (a fold that fails, on a full disk, leaves them to a later sweep). A content
+        // the log holds then is not swept: its row may be a fold's that committed
+        // unseen, and the log's memory answers for it until that fold is seen.
+        let in_log: std::collections::HashSet<ContentHash> = {
+            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+            match logged.as_mut() {
+                Some(l) => {
+                    if l.journal.newest_first().any(|p| p.at_ms <= before) {
+                        if let Err(e) = l.fold_all() {
+                            tracing::warn!("sweeping small contents: folding their redo log: {e}");
+                        }
+                    }
+                    l.pending.keys().cloned().collect()
+                }
+                None => Default::default(),
             }
-        }
+        };
         let mut after: Vec<u8> = Vec::new();
         let mut out = Vec::new();
         loop {
@@ -368,7 +428,7 @@ impl SmallContents {
                         continue;
                     };
                     let h = ContentHash::from_bytes(bytes);
-                    if *at > before || !unused(&h) {
+                    if *at > before || in_log.contains(&h) || !unused(&h) {
                         continue;
                     }
                     if !remove || c.prepare_cached("DELETE FROM contents WHERE hash = ?1 AND at_ms <= ?2")?.execute(params![hash, before])? > 0 {
@@ -447,7 +507,8 @@ mod tests {
         assert_eq!(s.get(&hash(&a)).unwrap(), Some(a.clone()));
         assert_eq!(s.len(&hash(&b)), Some(SMALL_MAX));
         assert_eq!(s.get(&hash(b"other")).unwrap(), None);
-        // Young contents stay; old ones not kept go.
+        // Young contents stay (in the table too); old ones not kept go.
+        s.fold().unwrap();
         assert_eq!(s.sweep(&|_| true, std::time::Duration::from_secs(60), true).len(), 0);
         let keep: HashSet<_> = [hash(&a)].into();
         assert_eq!(s.sweep(&|h| !keep.contains(h), std::time::Duration::ZERO, true).len(), 1);
@@ -545,5 +606,48 @@ mod tests {
         assert!(!s.has(&hash(&gone)), "a fold brought a removed content back");
         let wal = std::fs::metadata(dir.path().join("small.db-wal")).unwrap().len();
         assert!(wal < 3 * FOLD_BYTES as u64, "SQLite's log grew fold after fold: {wal} bytes after {} folds", folds(&s));
+    }
+
+    /// A content put again after its first put was folded stays in the log's memory
+    /// until its second put is folded too, so a removal folds first and no fold brings
+    /// it back; and a sweep leaves a content the log holds, even when a fold that put
+    /// its row in the table committed unseen: that fold being seen later must not leave
+    /// it with neither a row nor a place in memory.
+    #[test]
+    fn the_log_answers_for_a_content_until_its_every_put_is_folded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("small.db");
+        // Every put starts a fold.
+        let s = SmallContents::open_with_batch(&path, 1).unwrap();
+        let twice = numbered(1, 2000);
+        s.put(&hash(&twice), &twice).unwrap();
+        s.put(&hash(&twice), &twice).unwrap();
+        let pending = |s: &SmallContents, h: &ContentHash| s.logged.lock().unwrap().as_ref().unwrap().pending.get(h).map(|(_, n)| *n);
+        let wait_for_fold = |s: &SmallContents| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while !s.logged.lock().unwrap().as_ref().unwrap().journal.fold_ended_for_test() {
+                assert!(std::time::Instant::now() < deadline, "the fold never ended");
+                std::thread::yield_now();
+            }
+        };
+        wait_for_fold(&s);
+        assert!(pending(&s, &hash(&twice)).is_some(), "the second put is not folded yet");
+        assert_eq!(s.remove(&hash(&twice)), Some(2000));
+        s.fold().unwrap();
+        assert!(!s.has(&hash(&twice)), "a fold brought a removed content back");
+
+        // A fold of `old` commits; nothing has looked at it yet when the sweep comes.
+        let old = numbered(2, 3000);
+        s.put(&hash(&old), &old).unwrap();
+        wait_for_fold(&s);
+        s.with(|c| c.execute("UPDATE contents SET at_ms = 0", [])).unwrap();
+        assert_eq!(pending(&s, &hash(&old)), Some(1));
+        let swept = s.sweep(&|_| true, std::time::Duration::from_secs(60), true);
+        assert!(!swept.contains(&hash(&old)), "swept a content the log still answers for");
+        // The next put sees the fold: `old` leaves the log's memory, its row stays.
+        let other = numbered(3, 100);
+        s.put(&hash(&other), &other).unwrap();
+        assert_eq!(pending(&s, &hash(&old)), None);
+        assert_eq!(s.get(&hash(&old)).unwrap(), Some(old.clone()));
     }
 }

@@ -518,8 +518,9 @@ impl Tree {
     /// Folds the redo logs of the node database and of the small contents into them (a
     /// clean stop: the next start, perhaps of another version, finds nothing to replay).
     pub fn fold_database(&self) -> FsResult<()> {
-        self.store.fold_small()?;
-        Ok(self.lock().db.fold()?)
+        let small = self.store.fold_small();
+        self.lock().db.fold()?;
+        Ok(small?)
     }
 
     pub fn release(&self, fh: u64) -> FsResult<Released> {
