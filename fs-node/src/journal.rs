@@ -270,6 +270,12 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.logs.iter().try_for_each(|log| log.sync())
     }
 
+    /// Handles of both log files: flushing them (`sync_data`) later, without holding the
+    /// journal, makes durable every append made before this call.
+    pub fn handles(&self) -> std::io::Result<[std::fs::File; 2]> {
+        Ok([self.logs[0].handle()?, self.logs[1].handle()?])
+    }
+
     /// Waits for the fold under way, if any, to end (its outcome is not looked at).
     pub fn join_fold(&mut self) {
         if let Some(t) = self.folding.as_mut().and_then(|f| f.thread.take()) {

@@ -156,6 +156,11 @@ impl RedoLog {
         self.file.sync_data()
     }
 
+    /// A second handle of the file, to flush it without holding the log.
+    pub fn handle(&self) -> std::io::Result<File> {
+        self.file.try_clone()
+    }
+
     /// The epoch new frames belong to.
     pub fn epoch(&self) -> u64 {
         self.epoch

@@ -461,11 +461,10 @@ impl SmallContents {
     /// and folded puts are (a fold's commit is flushed; the checkpoint flushes rows an
     /// older version wrote without flushing).
     pub fn sync(&self) -> anyhow::Result<()> {
-        {
-            let logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(l) = logged.as_ref() {
-                l.journal.sync().with_context(|| format!("flushing the redo log of {}", self.path.display()))?;
-            }
+        // Flushed without holding the log: reads and puts go on meanwhile.
+        let handles = self.logged.lock().unwrap_or_else(|p| p.into_inner()).as_ref().map(|l| l.journal.handles()).transpose();
+        for f in handles.with_context(|| format!("opening the redo log of {}", self.path.display()))?.into_iter().flatten() {
+            f.sync_data().with_context(|| format!("flushing the redo log of {}", self.path.display()))?;
         }
         self.with(checkpoint)?;
         Ok(())
