@@ -12,13 +12,13 @@
 //! except at start-up (and in tests), so a read waits for the fold under way and folds
 //! the rest first: it always sees every committed write.
 
-use crate::journal::Journal;
+use crate::journal::{lock_conn as lock, Journal};
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::ffi::OsString;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use wire::{Change, ContentHash, MessageId, RelPath, Revision};
 
 /// Set on every connection.
@@ -39,8 +39,6 @@ const PRAGMAS: &str =
 /// Writes logged before they are folded into SQLite (a fold of this many takes a few
 /// tens of milliseconds under the tree's lock, and the log holds about 1 MiB).
 pub const FOLD_OPS: usize = 4096;
-/// The `meta` key of the number of folds committed: the epoch of the redo log's frames.
-const REDO_EPOCH_KEY: &str = "redo_epoch";
 
 /// Schema version 1: the tables every node had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
@@ -248,16 +246,8 @@ fn log_failure(e: std::io::Error) -> rusqlite::Error {
 /// flushed to disk (`synchronous=FULL`).
 fn apply_all<'a>(conn: &Connection, ops: impl Iterator<Item = &'a Op>, epoch: u64) -> rusqlite::Result<usize> {
     let started = std::time::Instant::now();
-    conn.prepare_cached("BEGIN")?.execute([])?;
     let mut n = 0;
-    let applied = ops.inspect(|_| n += 1).try_for_each(|op| op.apply(conn)).and_then(|()| {
-        Op::SetMeta(REDO_EPOCH_KEY.into(), epoch.to_string()).apply(conn)?;
-        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
-    });
-    if let Err(e) = applied {
-        let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-        return Err(e);
-    }
+    crate::journal::fold_transaction(conn, epoch, |conn| ops.inspect(|_| n += 1).try_for_each(|op| op.apply(conn)))?;
     tracing::debug!(target: "timing", writes = n, ms = started.elapsed().as_secs_f64() * 1e3, "redo log folded");
     Ok(n)
 }
@@ -307,12 +297,7 @@ impl Db {
             }
         })?;
         migrate(&mut conn, path, "the node database")?;
-        let epoch: u64 = conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [REDO_EPOCH_KEY], |r| r.get::<_, String>(0))
-            .optional()?
-            .map(|v| v.parse().context("corrupt redo epoch in the node database"))
-            .transpose()?
-            .unwrap_or(0);
+        let epoch = crate::journal::recorded_epoch(&conn).with_context(|| format!("reading {}", path.display()))?;
         let conn = Arc::new(Mutex::new(conn));
         let folder = conn.clone();
         let journal = Journal::open(
@@ -433,7 +418,7 @@ impl Db {
 
     /// The connection itself, for tests that read it directly (after a fold).
     #[cfg(test)]
-    pub fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.fold().unwrap();
         lock(&self.conn)
     }
@@ -649,19 +634,6 @@ fn injected_failure(full: bool) -> rusqlite::Error {
     } else {
         sqlite_failure(rusqlite::ffi::SQLITE_IOERR, "injected failure".into())
     }
-}
-
-/// The connection, also after a fold's thread panicked holding it (its transaction,
-/// if one was left open, is rolled back).
-fn lock(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(|poisoned| {
-        conn.clear_poison();
-        let c = poisoned.into_inner();
-        if !c.is_autocommit() {
-            let _ = c.execute_batch("ROLLBACK");
-        }
-        c
-    })
 }
 
 impl Drop for Db {

@@ -16,8 +16,50 @@
 
 use crate::redo::RedoLog;
 use anyhow::Context;
+use rusqlite::{Connection, OptionalExtension};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The key, in the database's `meta(key, value)` table, of the epoch its last fold
+/// recorded.
+const EPOCH_KEY: &str = "redo_epoch";
+
+/// The epoch the database's last fold recorded (0 before the first).
+pub fn recorded_epoch(conn: &Connection) -> anyhow::Result<u64> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [EPOCH_KEY], |r| r.get::<_, String>(0))
+        .optional()?
+        .map(|v| v.parse().context("corrupt redo epoch"))
+        .transpose()
+        .map(|e| e.unwrap_or(0))
+}
+
+/// A fold's transaction: what `apply` writes, and `epoch` recorded, committed together
+/// (flushed to disk by a connection with `synchronous=FULL`), or rolled back.
+pub fn fold_transaction(conn: &Connection, epoch: u64, apply: impl FnOnce(&Connection) -> rusqlite::Result<()>) -> rusqlite::Result<()> {
+    conn.prepare_cached("BEGIN")?.execute([])?;
+    let applied = apply(conn).and_then(|()| {
+        conn.prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute([EPOCH_KEY, &epoch.to_string()])?;
+        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
+    });
+    if applied.is_err() {
+        let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
+    }
+    applied
+}
+
+/// A connection's lock, also after a fold's thread panicked holding it (its
+/// transaction, if one was left open, is rolled back).
+pub fn lock_conn(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
+    conn.lock().unwrap_or_else(|poisoned| {
+        conn.clear_poison();
+        let c = poisoned.into_inner();
+        if !c.is_autocommit() {
+            let _ = c.execute_batch("ROLLBACK");
+        }
+        c
+    })
+}
 
 /// Applies a batch of writes (oldest first) to the database in one transaction that
 /// also records the epoch given, committed and flushed to disk before it returns.

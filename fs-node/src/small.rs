@@ -23,7 +23,7 @@
 //! and named by their hash, as blob files are. The database is made on the first put:
 //! a node that never keeps a small content never has one.
 
-use crate::journal::Journal;
+use crate::journal::{lock_conn, Journal};
 use anyhow::Context;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::collections::HashMap;
@@ -51,8 +51,6 @@ const FOLD_BYTES: usize = 8 << 20;
 /// What a content weighs besides its bytes (its row and index entry), so that many tiny
 /// ones are folded too.
 const ROW_WEIGHT: usize = 512;
-/// The `meta` key of the number of folds committed: the epoch of the redo log's frames.
-const EPOCH_KEY: &str = "redo_epoch";
 
 /// Rows in the order they come (new bytes are appended to the file, not put between
 /// others by their random hash), found by an index of the 32-byte hashes alone: a small
@@ -183,36 +181,16 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// A connection's lock; one poisoned by a panic in the middle of a fold has its
-/// transaction rolled back.
-fn lock_conn(conn: &Mutex<Connection>) -> MutexGuard<'_, Connection> {
-    conn.lock().unwrap_or_else(|poisoned| {
-        conn.clear_poison();
-        let c = poisoned.into_inner();
-        if !c.is_autocommit() {
-            let _ = c.execute_batch("ROLLBACK");
-        }
-        c
-    })
-}
-
 /// Inserts `puts` in one transaction that also records `epoch`, flushed to disk (the
 /// connection's `synchronous=FULL`), then copies SQLite's log into the database.
 fn fold_into(conn: &Connection, puts: &mut dyn Iterator<Item = &Put>, epoch: u64) -> rusqlite::Result<()> {
-    conn.prepare_cached("BEGIN")?.execute([])?;
-    let inserted = (|| {
+    crate::journal::fold_transaction(conn, epoch, |conn| {
         let mut q = conn.prepare_cached("INSERT OR IGNORE INTO contents (hash, bytes, at_ms) VALUES (?1, ?2, ?3)")?;
         for p in puts {
             q.execute(params![p.hash.as_bytes(), &p.bytes[..], p.at_ms])?;
         }
-        conn.prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-            .execute(params![EPOCH_KEY, epoch.to_string()])?;
-        conn.prepare_cached("COMMIT")?.execute([]).map(drop)
-    })();
-    if let Err(e) = inserted {
-        let _ = conn.prepare_cached("ROLLBACK").and_then(|mut s| s.execute([]));
-        return Err(e);
-    }
+        Ok(())
+    })?;
     if let Err(e) = checkpoint(conn) {
         tracing::debug!("small contents: checkpoint after a fold: {e}");
     }
@@ -251,12 +229,7 @@ impl SmallContents {
         if logged.is_none() {
             let folder = Self::connect(&self.path)?;
             folder.execute_batch("PRAGMA synchronous=FULL").with_context(|| format!("setting up {}", self.path.display()))?;
-            let epoch: u64 = folder
-                .query_row("SELECT value FROM meta WHERE key = ?1", [EPOCH_KEY], |r| r.get::<_, String>(0))
-                .optional()?
-                .map(|v| v.parse().with_context(|| format!("corrupt redo epoch in {}", self.path.display())))
-                .transpose()?
-                .unwrap_or(0);
+            let epoch = crate::journal::recorded_epoch(&folder).with_context(|| format!("reading {}", self.path.display()))?;
             let folder = Mutex::new(folder);
             let apply = Arc::new(move |puts: &mut dyn Iterator<Item = &Put>, epoch| fold_into(&lock_conn(&folder), puts, epoch));
             let journal = Journal::open(&self.path, epoch, self.batch, "the small contents", apply, decode, weigh)?;
