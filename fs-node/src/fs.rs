@@ -38,7 +38,7 @@ pub struct SyncFs {
     /// The registered backing file of each inode with passthrough handles. Locked
     /// around the tree call that decides an open or release, so that a registration is
     /// never dropped while an open reuses it.
-    backings: Mutex<HashMap<u64, BackingId>>,
+    backings: Arc<Mutex<HashMap<u64, BackingId>>>,
     listings: Listings,
     /// Fetches the content of an on-demand file its first open needs, on the runtime
     /// (the FUSE thread does not wait: the open is answered when the fetch ends).
@@ -93,7 +93,7 @@ impl SyncFs {
     /// `passthrough` starts as what the operator asked for; `init` and `open` switch it off
     /// when the kernel says no (shown in the node's metrics).
     pub fn new(tree: Arc<Tree>, data_dir: std::path::PathBuf, passthrough: Arc<AtomicBool>, fetcher: Arc<Fetcher>, rt: tokio::runtime::Handle) -> SyncFs {
-        SyncFs { tree, data_dir, passthrough, backings: Mutex::new(HashMap::new()), listings: Listings::default(), fetcher, rt, streams: Mutex::default() }
+        SyncFs { tree, data_dir, passthrough, backings: Arc::default(), listings: Listings::default(), fetcher, rt, streams: Mutex::default() }
     }
 
     /// Runs `then` (which replies) once `content` (what the inode lacks, from
@@ -123,9 +123,61 @@ impl SyncFs {
         Ok(())
     }
 
-    fn backings(&self) -> MutexGuard<'_, HashMap<u64, BackingId>> {
-        self.backings.lock().unwrap_or_else(|p| p.into_inner())
+    /// Runs `answer` (which replies) on this FUSE thread, or on the blocking pool when
+    /// it `may_take_long`: the mount has one FUSE thread (`node.rs`), and what holds it
+    /// holds every request. The kernel orders nothing between requests in flight but a
+    /// program's own (each waits for its answer), so answering one later is safe.
+    fn answer(&self, may_take_long: bool, answer: impl FnOnce(&Tree) + Send + 'static) {
+        if may_take_long {
+            let tree = self.tree.clone();
+            self.rt.spawn_blocking(move || answer(&tree));
+        } else {
+            answer(&self.tree)
+        }
     }
+}
+
+/// Opens `ino` in the tree and answers the kernel: a cached handle, or one passing
+/// through to the backing file registered for the inode (registered now if it is the
+/// first). The registrations are locked around the tree's decision.
+fn open_and_answer(tree: &Tree, backings: &Mutex<HashMap<u64, BackingId>>, passthrough: &AtomicBool, ino: u64, write: bool, truncate: bool, reply: ReplyOpen) {
+    // What takes long is done before the registrations are locked.
+    let ahead = if write { tree.copy_ahead_of_detach(ino) } else { None };
+    let mut backings = lock_backings(backings);
+    let fh = match tree.open_after_copy(ino, write, truncate, passthrough.load(Ordering::Relaxed), ahead) {
+        Ok((fh, OpenIo::Cached)) => {
+            let keep = if tree.keep_pages_at_open(ino) { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
+            return reply.opened(FileHandle(fh), keep);
+        }
+        Ok((fh, OpenIo::Passthrough { register: Some(file) })) => match reply.open_backing(&*file) {
+            Ok(id) => {
+                backings.insert(ino, id);
+                fh
+            }
+            Err(e) => {
+                tracing::warn!("the kernel refused a passthrough backing file ({e}); all reads go through this process from now on");
+                passthrough.store(false, Ordering::Relaxed);
+                tree.passthrough_refused(fh);
+                return reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+        },
+        Ok((fh, OpenIo::Passthrough { register: None })) => fh,
+        Err(e) => return reply.error(fail("open", e)),
+    };
+    match backings.get(&ino) {
+        Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
+        None => {
+            // The tree and this table disagree: a bug. Fail this open, not the inode.
+            tracing::error!(ino = ino, "passthrough handle without a registered backing file");
+            drop(backings);
+            let _ = tree.release(fh);
+            reply.error(Errno::EIO)
+        }
+    }
+}
+
+fn lock_backings(backings: &Mutex<HashMap<u64, BackingId>>) -> MutexGuard<'_, HashMap<u64, BackingId>> {
+    backings.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -250,7 +302,9 @@ impl Filesystem for SyncFs {
             let Err(r) = self.after_fetch("setattr", missing, reply, |r, e| r.error(e), move |tree, reply| set(&tree, later, reply)) else { return };
             reply = r;
         }
-        set(&self.tree, a, reply)
+        // A truncation may copy a large file (`Tree::change_detaches`).
+        let long = size.is_some() && self.tree.change_detaches(ino);
+        self.answer(long, move |tree| set(tree, a, reply))
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -349,37 +403,10 @@ impl Filesystem for SyncFs {
             },
         );
         let Err(reply) = fetching else { return };
-        let mut backings = self.backings();
-        let fh = match self.tree.open(ino.0, write, truncate, self.passthrough.load(Ordering::Relaxed)) {
-            Ok((fh, OpenIo::Cached)) => {
-                let keep = if self.tree.keep_pages_at_open(ino.0) { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
-                return reply.opened(FileHandle(fh), keep);
-            }
-            Ok((fh, OpenIo::Passthrough { register: Some(file) })) => match reply.open_backing(&*file) {
-                Ok(id) => {
-                    backings.insert(ino.0, id);
-                    fh
-                }
-                Err(e) => {
-                    tracing::warn!("the kernel refused a passthrough backing file ({e}); all reads go through this process from now on");
-                    self.passthrough.store(false, Ordering::Relaxed);
-                    self.tree.passthrough_refused(fh);
-                    return reply.opened(FileHandle(fh), FopenFlags::empty());
-                }
-            },
-            Ok((fh, OpenIo::Passthrough { register: None })) => fh,
-            Err(e) => return reply.error(fail("open", e)),
-        };
-        match backings.get(&ino.0) {
-            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
-            None => {
-                // The tree and this table disagree: a bug. Fail this open, not the inode.
-                tracing::error!(ino = ino.0, "passthrough handle without a registered backing file");
-                drop(backings);
-                let _ = self.tree.release(fh);
-                reply.error(Errno::EIO)
-            }
-        }
+        // An open for writing may copy a large file (`Tree::change_detaches`).
+        let long = write && self.tree.change_detaches(ino.0);
+        let (backings, passthrough) = (self.backings.clone(), self.passthrough.clone());
+        self.answer(long, move |tree| open_and_answer(tree, &backings, &passthrough, ino.0, write, truncate, reply));
     }
 
     fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {
@@ -434,32 +461,32 @@ impl Filesystem for SyncFs {
     /// answered from the blocking pool and the FUSE threads stay free for the mount's
     /// other operations (there are few of them: `node.rs`).
     fn flush(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _lock: LockOwner, reply: ReplyEmpty) {
-        let answer = move |tree: &Tree| match tree.flush(fh.0) {
+        self.answer(self.tree.flush_may_take_long(fh.0), move |tree| match tree.flush(fh.0) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("flush", e)),
-        };
-        if self.tree.flush_may_take_long(fh.0) {
-            let tree = self.tree.clone();
-            self.rt.spawn_blocking(move || answer(&tree));
-        } else {
-            answer(&self.tree)
-        }
+        })
     }
 
     fn release(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, _lock: Option<LockOwner>, _flush: bool, reply: ReplyEmpty) {
         if let Some(s) = self.streams.lock().unwrap_or_else(|p| p.into_inner()).remove(&fh.0) {
             self.fetcher.release_stream(&s);
         }
-        let mut backings = self.backings();
-        match self.tree.release(fh.0) {
-            Ok(r) => {
-                if r.backing_unused {
-                    backings.remove(&r.ino);
+        // The last writer's close of a file passthrough readers share commits it: its
+        // snapshot is taken before the registrations and the tree are locked.
+        let backings = self.backings.clone();
+        self.answer(self.tree.release_may_take_long(fh.0), move |tree| {
+            let prehashed = tree.hash_before_release(fh.0);
+            let mut backings = lock_backings(&backings);
+            match tree.release_hashed(fh.0, prehashed) {
+                Ok(r) => {
+                    if r.backing_unused {
+                        backings.remove(&r.ino);
+                    }
+                    reply.ok()
                 }
-                reply.ok()
+                Err(e) => reply.error(fail("release", e)),
             }
-            Err(e) => reply.error(fail("release", e)),
-        }
+        })
     }
 
     /// Flushing to the disk takes long: answered from the blocking pool, as a large

@@ -125,6 +125,16 @@ impl BlobReader {
     }
 }
 
+/// A file in the store's tmp area, removed when dropped (unless installed by then: its
+/// name is gone).
+pub struct TmpCopy(PathBuf);
+
+impl Drop for TmpCopy {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 impl Drop for BlobReader {
     fn drop(&mut self) {
         let mut open = OPEN_READERS.0.lock().unwrap_or_else(|p| p.into_inner());
@@ -828,7 +838,7 @@ impl ContentStore {
     /// from this store) the inode's own work file, so that writes can go to it: if the
     /// store still names that very file as blob `hash`, the store gets a copy of its
     /// own first. Returns the file opened for writing, its mtime set to `mtime`.
-    pub fn detach_for_work(&self, backing: &File, hash: Option<&ContentHash>, mtime: std::time::SystemTime) -> anyhow::Result<File> {
+    pub fn detach_for_work(&self, backing: &File, hash: Option<&ContentHash>, mtime: std::time::SystemTime, ahead: Option<TmpCopy>) -> anyhow::Result<File> {
         use std::os::unix::fs::MetadataExt;
         let mine = backing.metadata().context("reading the backing file's metadata")?;
         if let Some(h) = hash {
@@ -838,11 +848,11 @@ impl ContentStore {
             let bp = self.blob_path(h);
             if let Ok(named) = std::fs::metadata(&bp) {
                 if (named.dev(), named.ino()) == (mine.dev(), mine.ino()) {
-                    let tmp = self.copy_to_tmp(&bp).with_context(|| format!("copying blob {h}"))?;
-                    if let Err(e) = self.install_blob_locked(&tmp, h) {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(anyhow::Error::new(e).context(format!("replacing blob {h} with its copy")));
-                    }
+                    let copy = match ahead {
+                        Some(c) => c,
+                        None => TmpCopy(self.copy_to_tmp(&bp).with_context(|| format!("copying blob {h}"))?),
+                    };
+                    self.install_blob_locked(&copy.0, h).with_context(|| format!("replacing blob {h} with its copy"))?;
                 }
             }
         }
@@ -855,17 +865,46 @@ impl ContentStore {
     /// is copied out, hashed, and installed as a blob (unless the store has it).
     /// Returns the snapshot's hash and size.
     pub fn commit_snapshot(&self, work: &File) -> anyhow::Result<(ContentHash, u64)> {
-        let tmp = self.copy_to_tmp(&fd_path(work)).context("copying the work file")?;
-        let Hashed { hash, size, leaves } = hash_for_commit(&tmp)?;
-        if self.has(&hash) {
-            let _ = std::fs::remove_file(&tmp);
-        } else {
-            self.install(&tmp, &hash).with_context(|| format!("installing blob {hash}"))?;
+        let (copy, hashed) = self.snapshot(work)?;
+        self.install_snapshot(&copy, &hashed)
+    }
+
+    /// The first half of `commit_snapshot`, which takes long and needs no lock: the
+    /// copy of `work` in the tmp area, and its hash.
+    pub fn snapshot(&self, work: &File) -> anyhow::Result<(TmpCopy, Hashed)> {
+        let copy = TmpCopy(self.copy_to_tmp(&fd_path(work)).context("copying the work file")?);
+        let hashed = hash_for_commit(&copy.0)?;
+        Ok((copy, hashed))
+    }
+
+    /// The second half: the copy installed as a blob, unless the store has its content.
+    pub fn install_snapshot(&self, copy: &TmpCopy, hashed: &Hashed) -> anyhow::Result<(ContentHash, u64)> {
+        let Hashed { hash, size, leaves } = hashed;
+        if !self.has(hash) {
+            self.install(&copy.0, hash).with_context(|| format!("installing blob {hash}"))?;
             if let Some(l) = leaves {
-                self.save_leaves(&hash, &l);
+                self.save_leaves(hash, l);
             }
         }
-        Ok((hash, size))
+        Ok((hash.clone(), *size))
+    }
+
+    /// A copy of blob `h` in the tmp area, made without any lock for a detach about to
+    /// come (`detach_for_work` takes it instead of copying then). None if `h` is no
+    /// plain blob, or if the blob was detached while it was copied: a writer may have
+    /// written into the file the copy read (a detach renames the copy it made over the
+    /// blob's name before anything writes the old file, so a blob still named by its
+    /// path after the copy was never written).
+    pub fn copy_blob_ahead(&self, h: &ContentHash) -> Option<TmpCopy> {
+        use std::os::unix::fs::MetadataExt;
+        let bp = self.blob_path(h);
+        let mut from = File::open(&bp).ok()?;
+        let id = |m: std::fs::Metadata| (m.dev(), m.ino());
+        let read = id(from.metadata().ok()?);
+        let (tmp, mut to) = self.tmp_file().ok()?;
+        let copy = TmpCopy(tmp);
+        std::io::copy(&mut from, &mut to).ok()?;
+        std::fs::metadata(&bp).is_ok_and(|m| id(m) == read).then_some(copy)
     }
 
     /// A copy of the file at `src` in the tmp area (copy_file_range where the kernel can).

@@ -149,3 +149,83 @@ fn no_passthrough_flag_keeps_every_read_in_the_node() {
     assert_eq!(metric(&n, "syncfs_node_passthrough"), 0.0);
     assert_eq!(metric(&n, "syncfs_node_passthrough_opens_total"), 0.0);
 }
+
+/// Writes `mib` MiB of distinct bytes to `p` (through the mount: one change).
+fn write_large(p: &std::path::Path, mib: usize) -> Vec<u8> {
+    let mut all = Vec::with_capacity(mib << 20);
+    let mut f = std::fs::File::create(p).unwrap();
+    for i in 0..mib {
+        let chunk = pattern(1 << 20, i as u8);
+        f.write_all(&chunk).unwrap();
+        all.extend_from_slice(&chunk);
+    }
+    all
+}
+
+/// Waits until node `n` copies a file of `full` bytes into its tmp area (the copy a
+/// detach of a passthrough backing file keeps, or a snapshot of one to hash), and
+/// returns the copy's path.
+fn copy_under_way(n: &NodeProc, full: u64) -> std::path::PathBuf {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let tmp = std::fs::read_dir(n.data.join("tmp")).unwrap();
+        if let Some(e) = tmp.flatten().find(|e| e.metadata().is_ok_and(|m| m.len() < full)) {
+            return e.path();
+        }
+        assert!(std::time::Instant::now() < deadline, "the node never copied the file");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether the copy at `p` is still being made.
+fn still_copying(p: &std::path::Path, full: u64) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.len() < full)
+}
+
+/// With one thread answering the kernel, whatever that thread or the tree's lock waits
+/// for, every operation of the mount waits for. A writer's open of a large file that
+/// passthrough readers share copies the content first (the readers' file becomes the
+/// writer's), and the last writer's close copies a snapshot to hash: the mount must go
+/// on answering while those copies run.
+#[test]
+fn the_mount_answers_while_a_large_shared_file_is_copied() {
+    let c = Cluster::start("pt-busy", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let mut expected = write_large(&a.p("big.bin"), 768);
+    if !kernel_passes_through(a) {
+        eprintln!("NOTE: without passthrough nothing here copies a file: the test has nothing to check");
+        return;
+    }
+    let full = expected.len() as u64;
+    let reader = std::fs::File::open(a.p("big.bin")).unwrap();
+    let probe = |name: &str| {
+        write(&a.p(name), name.as_bytes());
+        assert_eq!(read(&a.p(name)).as_deref(), Some(name.as_bytes()));
+    };
+    let writer = std::thread::scope(|s| {
+        let writer = s.spawn(|| std::fs::OpenOptions::new().write(true).open(a.p("big.bin")).unwrap());
+        let copy = copy_under_way(a, full);
+        probe("during-open.txt");
+        assert!(still_copying(&copy, full), "the mount answered only once the copy for the writer's open had ended: the copy held it");
+        writer.join().unwrap()
+    });
+    writer.write_all_at(b"written by the writer", 1 << 20).unwrap();
+    expected[1 << 20..(1 << 20) + 21].copy_from_slice(b"written by the writer");
+    assert!(read_all(&reader) == expected, "the reader does not see the writer's bytes");
+    // The close: the writer's flush and then its release each commit a snapshot.
+    std::thread::scope(|s| {
+        let closing = s.spawn(move || drop(writer));
+        let copy = copy_under_way(a, full);
+        probe("during-flush.txt");
+        assert!(still_copying(&copy, full), "the mount answered only once the flush's snapshot was copied: the copy held it");
+        closing.join().unwrap();
+    });
+    let copy = copy_under_way(a, full);
+    probe("during-release.txt");
+    assert!(still_copying(&copy, full), "the mount answered only once the release's snapshot was copied: the copy held it");
+    drop(reader);
+    eventually("the writer's bytes to reach B", Duration::from_secs(120), || read(&b.p("big.bin")).is_some_and(|d| d == expected));
+    c.converged();
+    assert_eq!(read(&a.p("big.bin")).map(|d| d == expected), Some(true));
+    assert_eq!(conflict_files(&a.mount), Vec::<String>::new());
+}

@@ -89,6 +89,13 @@ impl State {
         }
     }
 
+    /// The content whose backing file the next change of `ino` detaches (passthrough
+    /// readers share it, and no work file was made yet): see `ensure_work`.
+    pub(super) fn content_to_detach(&self, ino: u64) -> Option<ContentHash> {
+        let i = self.inode(ino).ok()?;
+        i.hash.clone().filter(|_| i.passthrough.is_some() && i.work.is_none())
+    }
+
     /// How the kernel is to do I/O on a new handle of `ino` (see `Passthrough`).
     pub(super) fn choose_io(&mut self, ino: u64, write: bool, passthrough: bool, store: &ContentStore) -> FsResult<OpenIo> {
         let i = self.inode_mut(ino)?;
@@ -189,11 +196,14 @@ impl State {
             return Ok(w.clone());
         }
         let detached = i.passthrough.is_some();
+        let hash = i.hash.clone();
+        // A copy made ahead, outside the lock, of the content a detach keeps.
+        let ahead = self.copy_ahead.take().filter(|CopyAhead(h, _)| detached && Some(h) == hash.as_ref()).map(|CopyAhead(_, copy)| copy);
+        let i = self.inode_mut(ino)?;
         let w = match &i.passthrough {
             Some(pt) => {
                 let key = pt.key;
-                let hash = i.hash.clone();
-                let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime))?;
+                let w = store.detach_for_work(&pt.backing, hash.as_ref(), system_time(i.mtime), ahead)?;
                 self.passthrough_detaches += 1;
                 if let Some(j) = &mut self.journal {
                     j.detached.insert(ino);
@@ -251,12 +261,15 @@ impl State {
 
     /// The work file of `ino` to hash outside the tree lock before a commit, with its
     /// stamp; `None` for a passthrough work file (the kernel writes it without passing
-    /// here: it is committed from a snapshot).
-    pub(super) fn work_to_hash(&mut self, ino: u64) -> Option<(Arc<File>, u64, Option<overlay::OverlayView>)> {
+    /// here: it is committed from a snapshot) that another writer than the closing one
+    /// holds.
+    pub(super) fn work_to_hash(&mut self, ino: u64) -> Option<WorkToHash> {
         let i = self.inode(ino).ok()?;
-        let work = i.work.clone().filter(|_| !i.detached)?;
-        let stamp = i.work_stamp;
-        Some((work, stamp, self.overlay_view(ino)))
+        // A detached work file (passthrough writers write it) only while one writer has
+        // it: the one closing. (Another could write past the snapshot the commit needs.)
+        let work = i.work.clone().filter(|_| !i.detached || i.writers == 1)?;
+        let (stamp, detached) = (i.work_stamp, i.detached);
+        Some(WorkToHash { work, stamp, detached, overlay: self.overlay_view(ino) })
     }
 
     pub(super) fn new_work_stamp(&mut self) -> u64 {
@@ -272,7 +285,9 @@ impl State {
         let Some(work) = i.work.take() else {
             return Ok(());
         };
-        let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && !i.detached);
+        // A snapshot of a detached work file, as one of any work file, is good while
+        // nothing changed the file's stamp: any new writer's open does (`ensure_work`).
+        let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && p.snapshot.is_some() == i.detached);
         i.blob = None;
         // Passthrough writes went past the kernel's pages: they are not the new content's.
         if i.detached {
@@ -283,7 +298,10 @@ impl State {
             // is still open the file stays dirty (its writes do not pass here).
             i.work = Some(work.clone());
             i.take_passthrough_writes()?;
-            let committed = store.commit_snapshot(&work)?;
+            let committed = match prehashed.and_then(|p| Some((p.snapshot.as_ref()?, &p.hashed))) {
+                Some((copy, hashed)) => store.install_snapshot(copy, hashed)?,
+                None => store.commit_snapshot(&work)?,
+            };
             let i = self.inode_mut(ino)?;
             if i.writers == 0 {
                 i.work = None;

@@ -344,16 +344,33 @@ struct State {
     /// Work files written in place over their committed content, by inode
     /// (`overlay.rs`).
     overlays: HashMap<u64, Box<Overlay>>,
+    /// The copy of a blob a detach is about to make (`ContentStore::copy_blob_ahead`),
+    /// made by the tree outside its lock, for the one transaction that may detach.
+    copy_ahead: Option<CopyAhead>,
 }
+
+/// A copy of content `.0` made ahead of the detach that needs it (`State::copy_ahead`).
+pub struct CopyAhead(ContentHash, crate::store::TmpCopy);
 
 /// A work file's hash and size, taken outside the tree lock; good for its commit only if
 /// the file's stamp is still `stamp` (nothing wrote or truncated it since).
-pub(super) struct Prehashed {
+/// What `State::work_to_hash` gives to hash outside the lock.
+pub(super) struct WorkToHash {
+    work: Arc<File>,
+    stamp: u64,
+    detached: bool,
+    overlay: Option<overlay::OverlayView>,
+}
+
+pub struct Prehashed {
     work: Arc<File>,
     stamp: u64,
     hashed: crate::store::Hashed,
     /// With an overlay (`overlay.rs`): which blocks are in the work file.
     from_patch: Option<Vec<bool>>,
+    /// Of a work file passthrough writers may write (detached): the copy that was
+    /// hashed, to install.
+    snapshot: Option<crate::store::TmpCopy>,
 }
 
 pub struct Tree {
@@ -510,6 +527,7 @@ impl Tree {
             last_used: HashMap::new(),
             loaded_ns,
             overlays: HashMap::new(),
+            copy_ahead: None,
         };
         let work_left = store.abandoned_work().to_vec();
         let mut state = state;

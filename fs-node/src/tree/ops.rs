@@ -28,7 +28,7 @@ impl Tree {
     }
 
     pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
-        self.atomically(|st, store| {
+        let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
             // Start from what passthrough writes made of the file, not from older values.
@@ -87,7 +87,11 @@ impl Tree {
                 st.record_put_all_links(ino)?;
             }
             Ok(st.inode(ino)?.attr())
-        })
+        };
+        if a.size.is_some() {
+            return self.atomically_copying_ahead(ino, change);
+        }
+        self.atomically(change)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -269,13 +273,27 @@ impl Tree {
     }
 
     pub fn open(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
+        let ahead = if write { self.copy_ahead_of_detach(ino) } else { None };
+        self.open_after_copy(ino, write, truncate, passthrough, ahead)
+    }
+
+    /// `open`, with what `copy_ahead_of_detach` made for an open for writing (a
+    /// caller that holds a lock of its own while it opens takes that copy first);
+    /// `passthrough` says whether the kernel can do passthrough I/O.
+    pub fn open_after_copy(&self, ino: u64, write: bool, truncate: bool, passthrough: bool, ahead: Option<CopyAhead>) -> FsResult<(u64, OpenIo)> {
         let kind = self.lock().inode(ino)?.kind;
         match kind {
             Kind::Dir if write => return Err(FsError::IsDir),
             Kind::File | Kind::Dir => {}
             _ => return Err(FsError::NotSupported),
         }
-        self.open_handle(ino, write, truncate, passthrough)
+        let mut ahead = ahead;
+        self.atomically(|st, store| {
+            st.copy_ahead = ahead.take();
+            let opened = st.open_handle(ino, write, truncate, passthrough, store);
+            st.copy_ahead = None;
+            opened
+        })
     }
 
     /// Whether the kernel may keep its pages of `ino` at a cached open just made (see
@@ -289,11 +307,6 @@ impl Tree {
         let keep = i.kernel_pages && i.kind == Kind::File && i.work.is_none() && i.passthrough.is_none() && i.size >= KEEP_PAGES_MIN;
         i.kernel_pages = i.passthrough.is_none();
         keep
-    }
-
-    /// Opens a handle; `passthrough` says whether the kernel can do passthrough I/O.
-    pub(super) fn open_handle(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
-        self.atomically(|st, store| st.open_handle(ino, write, truncate, passthrough, store))
     }
 
     /// The kernel would not take the backing file `open` offered for handle `fh` (no
@@ -444,6 +457,44 @@ impl Tree {
         st.inode(h.ino).is_ok_and(|i| i.work.is_some() && (i.detached || i.size > self.store.small_max()))
     }
 
+    /// Whether changing `ino` (an open for writing, a truncation) detaches the backing
+    /// file its passthrough readers share, which copies the content first: outside
+    /// the tree lock (`copy_ahead_of_detach`), but long all the same, so the FUSE
+    /// layer does not do it on its one thread.
+    pub fn change_detaches(&self, ino: u64) -> bool {
+        self.lock().content_to_detach(ino).is_some()
+    }
+
+    /// The copy that detaching `ino` would make (`ensure_work`), made now, outside the
+    /// tree lock (`ContentStore::copy_blob_ahead`).
+    pub fn copy_ahead_of_detach(&self, ino: u64) -> Option<CopyAhead> {
+        let hash = self.lock().content_to_detach(ino)?;
+        let copy = self.store.copy_blob_ahead(&hash)?;
+        Some(CopyAhead(hash, copy))
+    }
+
+    /// `atomically`, with the copy a detach of `ino` would make taken ahead.
+    fn atomically_copying_ahead<T>(&self, ino: u64, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        let mut ahead = self.copy_ahead_of_detach(ino);
+        self.atomically(|st, store| {
+            st.copy_ahead = ahead.take();
+            let done = f(st, store);
+            st.copy_ahead = None;
+            done
+        })
+    }
+
+    /// Whether the release of `fh` commits a large file: the close of the last writer
+    /// of a file whose work file passthrough readers share (its snapshot is copied and
+    /// hashed), or of one whose commit at the close failed (hashed again).
+    pub fn release_may_take_long(&self, fh: u64) -> bool {
+        let st = self.lock();
+        let Some(h) = st.handles.get(&fh).filter(|h| h.write) else {
+            return false;
+        };
+        st.inode(h.ino).is_ok_and(|i| i.writers == 1 && i.nlink > 0 && i.work.is_some() && (i.detached || i.size > self.store.small_max()))
+    }
+
     /// close(2) of one descriptor: commit what was written through it. The content is
     /// hashed before the tree lock is taken for the commit, so other operations on the
     /// mount do not wait for a large file's hash.
@@ -468,15 +519,19 @@ impl Tree {
     /// lock. `None` if there is nothing to hash or hashing failed (the commit then hashes
     /// under the lock, and reports the error if there is one).
     pub(super) fn hash_work_outside_lock(&self, fh: u64) -> Option<Prehashed> {
-        let (work, stamp, overlay) = {
+        let WorkToHash { work, stamp, detached, overlay } = {
             let mut st = self.lock();
             let ino = st.handles.get(&fh).filter(|h| h.write)?.ino;
             st.work_to_hash(ino)?
         };
+        if detached {
+            let (copy, hashed) = self.store.snapshot(&work).ok()?;
+            return Some(Prehashed { work, stamp, hashed, from_patch: None, snapshot: Some(copy) });
+        }
         let size = work.metadata().ok()?.len();
         if let Some(view) = overlay {
             let (hashed, from_patch) = view.hash(&work, size).ok()?;
-            return Some(Prehashed { work, stamp, hashed, from_patch: Some(from_patch) });
+            return Some(Prehashed { work, stamp, hashed, from_patch: Some(from_patch), snapshot: None });
         }
         // A small content is read once, hashed and kept as a row here, outside the lock
         // (the commit then finds it kept). Should a write land meanwhile, the stamp
@@ -486,10 +541,10 @@ impl Tree {
             work.read_exact_at(&mut bytes, 0).ok()?;
             let hash = crate::store::hash_of(&bytes);
             self.store.put_small(&hash, &bytes).ok()?;
-            return Some(Prehashed { work, stamp, hashed: crate::store::Hashed { hash, size, leaves: None }, from_patch: None });
+            return Some(Prehashed { work, stamp, hashed: crate::store::Hashed { hash, size, leaves: None }, from_patch: None, snapshot: None });
         }
         let hashed = crate::store::hash_for_commit(&crate::store::fd_path(&work)).ok()?;
-        Some(Prehashed { work, stamp, hashed, from_patch: None })
+        Some(Prehashed { work, stamp, hashed, from_patch: None, snapshot: None })
     }
 
     /// Makes the file's current content and metadata durable: commits pending writes,
@@ -524,6 +579,22 @@ impl Tree {
     }
 
     pub fn release(&self, fh: u64) -> FsResult<Released> {
+        let prehashed = self.hash_before_release(fh);
+        self.release_hashed(fh, prehashed)
+    }
+
+    /// What the release of `fh` commits, hashed outside the tree lock (see
+    /// `release_may_take_long`), for `release_hashed`.
+    pub fn hash_before_release(&self, fh: u64) -> Option<Prehashed> {
+        if self.release_may_take_long(fh) {
+            self.hash_work_outside_lock(fh)
+        } else {
+            None
+        }
+    }
+
+    /// `release`, with what `hash_before_release` took.
+    pub fn release_hashed(&self, fh: u64, prehashed: Option<Prehashed>) -> FsResult<Released> {
         // The kernel forgets the handle whatever the answer, so forgetting it here is
         // done before, and apart from, the transaction: a failed commit never undoes it.
         let mut st = self.lock();
@@ -541,7 +612,7 @@ impl Tree {
             let i = st.inode(ino)?;
             // The last writer closed: commit (a removed file has nothing to commit).
             if i.writers == 0 && i.work.is_some() && i.nlink > 0 {
-                st.commit_work(ino, store, None)?;
+                st.commit_work(ino, store, prehashed.as_ref())?;
             }
             // A writer's close: its content (the new one, once committed) used now.
             if write {

@@ -70,7 +70,7 @@ impl State {
                                 // and it may have changed already. It is committed like any
                                 // other (at the next close, or by `gc`).
                                 let reopened =
-                                    || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime)).ok().map(Arc::new);
+                                    || store.detach_for_work(&before.passthrough.as_ref()?.backing, None, system_time(before.mtime), None).ok().map(Arc::new);
                                 match now.work.clone().or_else(reopened) {
                                     Some(w) => {
                                         before.committed = Some(before.current());

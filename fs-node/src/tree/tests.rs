@@ -169,6 +169,38 @@ fn a_hash_taken_outside_the_lock_is_not_used_after_a_write() {
     }
 }
 
+/// A passthrough writer's bytes reach its work file without passing here, so the
+/// snapshot its close takes outside the lock is good only while no other writer came:
+/// another open for writing gives the file a new stamp, and the commit takes a fresh
+/// snapshot under the lock.
+#[test]
+fn a_snapshot_taken_outside_the_lock_is_not_used_after_another_writer_came() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let (a, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"first").unwrap();
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    let (reader, _) = t.open(a.ino, false, false, true).unwrap();
+    let (writer, io) = t.open(a.ino, true, false, true).unwrap();
+    assert!(matches!(io, OpenIo::Passthrough { register: None }));
+    let backing = t.lock().inode(a.ino).unwrap().work.clone().expect("the detached backing file");
+    backing.write_all_at(b"FIRST", 0).unwrap();
+    let pre = t.hash_work_outside_lock(writer).expect("a snapshot while one writer has the file");
+    assert_eq!(pre.hashed.hash, crate::store::hash_of(b"FIRST"));
+    let (second, _) = t.open(a.ino, true, false, true).unwrap();
+    assert!(t.hash_work_outside_lock(second).is_none(), "no snapshot outside the lock while two writers have the file");
+    backing.write_all_at(b" and more", 5).unwrap();
+    t.commit_written(writer, Some(pre)).unwrap();
+    let committed = t.lock().inode(a.ino).unwrap().hash.clone();
+    assert_eq!(committed, Some(crate::store::hash_of(b"FIRST and more")), "the stale snapshot was committed");
+    for h in [writer, second, reader] {
+        t.release(h).unwrap();
+    }
+    assert_eq!(read_all(&t, a.ino).unwrap(), b"FIRST and more");
+    assert_memory_is_persisted(&t, "after the writers closed");
+}
+
 /// Found by the simulator (seed 407 of `sim`): a file open for writing was renamed
 /// over a synced path and the node died before the last close. The put of the new
 /// path waited for that close and never came: the node showed the renamed file and
