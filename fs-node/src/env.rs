@@ -50,6 +50,7 @@ impl Env for SystemEnv {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
     }
     fn new_id(&self) -> MessageId {
-        uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids")
+        // fast-rng: a user-space generator, seeded from the OS (no system call per id).
+        MessageId::try_from(uuid::Uuid::new_v4().to_string()).expect("uuids are valid message ids")
     }
 }

@@ -137,14 +137,22 @@ impl SyncFs {
     }
 }
 
+/// What an open asks for, and who asks.
+struct OpenAsked {
+    write: bool,
+    truncate: bool,
+    caller_uid: u32,
+}
+
 /// Opens `ino` in the tree and answers the kernel: a cached handle, or one passing
 /// through to the backing file registered for the inode (registered now if it is the
 /// first). The registrations are locked around the tree's decision.
-fn open_and_answer(tree: &Tree, backings: &Mutex<HashMap<u64, BackingId>>, passthrough: &AtomicBool, ino: u64, write: bool, truncate: bool, reply: ReplyOpen) {
+fn open_and_answer(tree: &Tree, backings: &Mutex<HashMap<u64, BackingId>>, passthrough: &AtomicBool, ino: u64, open: OpenAsked, reply: ReplyOpen) {
+    let OpenAsked { write, truncate, caller_uid } = open;
     // What takes long is done before the registrations are locked.
     let ahead = if write { tree.copy_ahead_of_detach(ino) } else { None };
     let mut backings = lock_backings(backings);
-    let fh = match tree.open_after_copy(ino, write, truncate, passthrough.load(Ordering::Relaxed), ahead) {
+    let fh = match tree.open_after_copy(ino, write, truncate, passthrough.load(Ordering::Relaxed), ahead, caller_uid) {
         Ok((fh, OpenIo::Cached)) => {
             let keep = if tree.keep_pages_at_open(ino) { FopenFlags::FOPEN_KEEP_CACHE } else { FopenFlags::empty() };
             return reply.opened(FileHandle(fh), keep);
@@ -236,6 +244,9 @@ fn fail(op: &str, e: FsError) -> Errno {
 impl Filesystem for SyncFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_ATOMIC_O_TRUNC);
+        // Set-id bits are cleared here (`SetAttr::kills_set_id`): otherwise the kernel
+        // asks for the attributes before every chown, to compute the new mode itself.
+        let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV);
         let _ = config.set_max_write(MAX_WRITE);
         if self.passthrough.load(Ordering::Relaxed) {
             // Depth 2: the store may itself be on a stacked file system (overlayfs in a
@@ -366,7 +377,7 @@ impl Filesystem for SyncFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
         let truncate = flags.0 & libc::O_TRUNC != 0;
         // A large on-demand file opened for reading streams in: the open returns at once
@@ -406,7 +417,8 @@ impl Filesystem for SyncFs {
         // An open for writing may copy a large file (`Tree::change_detaches`).
         let long = write && self.tree.change_detaches(ino.0);
         let (backings, passthrough) = (self.backings.clone(), self.passthrough.clone());
-        self.answer(long, move |tree| open_and_answer(tree, &backings, &passthrough, ino.0, write, truncate, reply));
+        let open = OpenAsked { write, truncate, caller_uid: req.uid() };
+        self.answer(long, move |tree| open_and_answer(tree, &backings, &passthrough, ino.0, open, reply));
     }
 
     fn read(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, offset: u64, size: u32, _flags: OpenFlags, _lock: Option<LockOwner>, reply: ReplyData) {

@@ -90,6 +90,52 @@ fn set_id_bits_from_other_nodes_are_cleared_and_the_mount_is_nosuid() {
     assert!(opts.split(',').any(|o| o == "nosuid") && opts.split(',').any(|o| o == "nodev"), "{line}");
 }
 
+/// The mount clears set-id bits as the local disk does (Linux's rules: the kernel
+/// leaves them to the node, which spares it a GETATTR before every chown): a change of
+/// owner or group clears them, a truncation or a write by anyone but root too, and an
+/// open with O_TRUNC by anyone but root; root's truncations and writes keep them, and
+/// set-group-ID without group execute stays. Each step runs on a file of the mount and
+/// on one of a local directory, and the two modes must agree.
+#[test]
+fn set_id_bits_go_as_on_the_local_disk() {
+    let c = Cluster::start("setid-rules", 1);
+    let native = tempfile::tempdir().unwrap();
+    let mount = c.nodes[0].p("rules");
+    std::fs::create_dir(&mount).unwrap();
+    // The other user must reach both files.
+    for d in [native.path(), c.nodes[0].mount.parent().unwrap()] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"];
+    let root: [&str; 0] = [];
+    let cases: [(&str, u32, &[&str], &[&str]); 10] = [
+        ("chown by root", 0o6777, &root, &["chown", "1000:1000"]),
+        ("chgrp by the owner", 0o6777, &nobody, &["chgrp", "65534"]),
+        ("chown keeps set-group-ID without group execute", 0o2767, &root, &["chown", "1000:1000"]),
+        ("truncate by another user", 0o6777, &nobody, &["truncate", "-s", "3"]),
+        ("truncate by root", 0o6777, &root, &["truncate", "-s", "3"]),
+        ("write by another user", 0o6777, &nobody, &["sh", "-c", "echo more >> \"$0\""]),
+        ("write by root", 0o6777, &root, &["sh", "-c", "echo more >> \"$0\""]),
+        ("O_TRUNC by another user", 0o6777, &nobody, &["sh", "-c", ": > \"$0\""]),
+        ("O_TRUNC by root", 0o6777, &root, &["sh", "-c", ": > \"$0\""]),
+        ("chmod by root", 0o6777, &root, &["chmod", "6755"]),
+    ];
+    for (i, (what, mode, who, cmd)) in cases.iter().enumerate() {
+        let after = |dir: &Path| {
+            let f = dir.join(format!("f{i}"));
+            write(&f, b"0123456789");
+            std::os::unix::fs::chown(&f, Some(65534), Some(65534)).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(*mode)).unwrap();
+            let argv: Vec<&str> = who.iter().chain(cmd.iter()).copied().collect();
+            let out = Command::new(argv[0]).args(&argv[1..]).arg(&f).output().unwrap();
+            assert!(out.status.success(), "{what} in {}: {}", dir.display(), String::from_utf8_lossy(&out.stderr));
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777
+        };
+        let (on_disk, on_mount) = (after(native.path()), after(&mount));
+        assert_eq!(format!("{on_mount:o}"), format!("{on_disk:o}"), "{what}: the mount's mode differs from the local disk's");
+    }
+}
+
 /// A blob lost or damaged while the node was down (a bad disk block, someone deleting
 /// files in the data dir) never shows as an empty or wrong file: reads fail until the
 /// content is pulled again from another holder, which happens by itself.

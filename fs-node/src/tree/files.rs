@@ -163,6 +163,17 @@ impl State {
         Ok(())
     }
 
+    /// An open with O_TRUNC by `caller_uid` emptied `ino`: the set-id bits go as for any
+    /// truncation (`SetAttr::kills_set_id`); the writer's close records the new mode.
+    pub(super) fn truncated_by(&mut self, ino: u64, caller_uid: u32) -> FsResult<()> {
+        let truncation = SetAttr { size: Some(0), ..Default::default() };
+        if truncation.kills_set_id(caller_uid) {
+            let i = self.inode_mut(ino)?;
+            i.perm = without_set_id(i.perm);
+        }
+        Ok(())
+    }
+
     /// One passthrough handle of `ino` closed; true when it was the last one.
     pub(super) fn end_passthrough_handle(&mut self, ino: u64) -> bool {
         if self.inodes.get(&ino).is_none_or(|i| i.passthrough.is_none()) {

@@ -126,6 +126,31 @@ pub struct SetAttr {
     pub fh: Option<u64>,
 }
 
+impl SetAttr {
+    /// Whether this change clears the file's set-id bits. The kernel leaves that to the
+    /// file system (FUSE_HANDLE_KILLPRIV, asked for in `fs.rs`: it spares a GETATTR
+    /// before every chown), and Linux's rule is: a change of owner or group, even to
+    /// the same ones (`chown(f, -1, -1)` comes as a change of nothing), and a
+    /// truncation by a caller without CAP_FSETID (here: not root); the kernel also
+    /// sends a change of nothing before such a caller's write, and for an open with
+    /// O_TRUNC (`Tree::open`) the tree applies the truncation's rule.
+    pub fn kills_set_id(&self, caller_uid: u32) -> bool {
+        let owner = self.uid.is_some() || self.gid.is_some();
+        let nothing = self.mode.is_none() && !owner && self.size.is_none() && self.atime.is_none() && self.mtime.is_none();
+        self.mode.is_none() && (owner || nothing || (self.size.is_some() && caller_uid != 0))
+    }
+}
+
+/// `perm` without set-user-ID, and without set-group-ID where group execute is set
+/// (without it, set-group-ID means mandatory locking, and stays).
+pub fn without_set_id(perm: u32) -> u32 {
+    let mut p = perm & !libc::S_ISUID;
+    if p & (libc::S_ISGID | libc::S_IXGRP) == libc::S_ISGID | libc::S_IXGRP {
+        p &= !libc::S_ISGID;
+    }
+    p
+}
+
 /// Kernel cache entries to drop after a remote change (done by the caller, outside
 /// FUSE callbacks, because invalidating from inside one can deadlock the kernel).
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ impl Tree {
         Ok(i.attr())
     }
 
-    pub fn setattr(&self, ino: u64, _req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+    pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
@@ -36,16 +36,14 @@ impl Tree {
             if let Some(mode) = a.mode {
                 i.perm = mode & 0o7777;
             }
-            if a.uid.is_some() || a.gid.is_some() {
-                if let Some(u) = a.uid {
-                    i.uid = u;
-                }
-                if let Some(g) = a.gid {
-                    i.gid = g;
-                }
-                // Set-id bits are cleared by the kernel: without FUSE_HANDLE_KILLPRIV it
-                // sends the new mode with the chown (and with writes), so the rule is
-                // exactly the kernel's.
+            if let Some(u) = a.uid {
+                i.uid = u;
+            }
+            if let Some(g) = a.gid {
+                i.gid = g;
+            }
+            if i.kind != Kind::Dir && a.kills_set_id(req_uid) {
+                i.perm = without_set_id(i.perm);
             }
             if let Some(size) = a.size {
                 match i.kind {
@@ -152,6 +150,9 @@ impl Tree {
                     return Err(FsError::AccessDenied);
                 }
                 let (fh, _) = st.open_handle(ino, open.write, open.truncate, false, store)?;
+                if open.truncate {
+                    st.truncated_by(ino, uid)?;
+                }
                 // The kernel takes the answer as a new lookup of the inode.
                 st.inode_mut(ino)?.lookups += 1;
                 return Ok((st.inode(ino)?.attr(), fh));
@@ -274,13 +275,22 @@ impl Tree {
 
     pub fn open(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
         let ahead = if write { self.copy_ahead_of_detach(ino) } else { None };
-        self.open_after_copy(ino, write, truncate, passthrough, ahead)
+        self.open_after_copy(ino, write, truncate, passthrough, ahead, 0)
     }
 
     /// `open`, with what `copy_ahead_of_detach` made for an open for writing (a
     /// caller that holds a lock of its own while it opens takes that copy first);
-    /// `passthrough` says whether the kernel can do passthrough I/O.
-    pub fn open_after_copy(&self, ino: u64, write: bool, truncate: bool, passthrough: bool, ahead: Option<CopyAhead>) -> FsResult<(u64, OpenIo)> {
+    /// `passthrough` says whether the kernel can do passthrough I/O, `caller_uid` who
+    /// opens (`open` is root's).
+    pub fn open_after_copy(
+        &self,
+        ino: u64,
+        write: bool,
+        truncate: bool,
+        passthrough: bool,
+        ahead: Option<CopyAhead>,
+        caller_uid: u32,
+    ) -> FsResult<(u64, OpenIo)> {
         let kind = self.lock().inode(ino)?.kind;
         match kind {
             Kind::Dir if write => return Err(FsError::IsDir),
@@ -292,6 +302,9 @@ impl Tree {
             st.copy_ahead = ahead.take();
             let opened = st.open_handle(ino, write, truncate, passthrough, store);
             st.copy_ahead = None;
+            if truncate && opened.is_ok() {
+                st.truncated_by(ino, caller_uid)?;
+            }
             opened
         })
     }
