@@ -1,0 +1,59 @@
+#!/bin/bash
+# The floor of any FUSE file system here, beside the node (docs/benchmarks.md, session
+# 33): the same small-file work on the native disk, through `nullfs` (bench/src/bin:
+# names and attributes in memory, contents dropped, one thread answering at once),
+# through bindfs, and through node A's mount of a two-node cluster (syncing to B).
+# Per system: N files of 4 KiB created, written and closed, stat'ed, deleted (rates per
+# second), then `tar x` of ARCHIVE (seconds). Systems take turns in each round.
+# Usage: bench/scripts/fuse-floor.sh [-n N] [-r ROUNDS] [-a ARCHIVE] BIN_DIR
+#   (BIN_DIR holds fs-node, manager and nullfs; needs scripts/setup.sh and setup-bench.sh)
+set -u
+N=5000 ROUNDS=2 ARCHIVE=
+while getopts n:r:a: o; do case $o in n) N=$OPTARG ;; r) ROUNDS=$OPTARG ;; a) ARCHIVE=$OPTARG ;; *) exit 2 ;; esac; done
+shift $((OPTIND - 1))
+[ $# -eq 1 ] || { echo "usage: $0 [-n N] [-r ROUNDS] [-a ARCHIVE] BIN_DIR" >&2; exit 2; }
+bin=$(realpath "$1") d=$(mktemp -d /var/tmp/fuse-floor.XXXXXX)
+if [ -z "$ARCHIVE" ]; then
+  ARCHIVE=$d/src.tar
+  tar cf "$ARCHIVE" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
+fi
+mkdir -p "$d/native" "$d/null" "$d/bind-src" "$d/bind" "$d/a" "$d/b"
+"$bin/nullfs" "$d/null" >"$d/nullfs.log" 2>&1 & nullpid=$!
+bindfs --no-allow-other "$d/bind-src" "$d/bind"
+vhost=floor-$$-$RANDOM
+rabbitmqctl -q add_vhost "$vhost" && rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*'
+broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
+RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids=($!)
+for n in a b; do
+  RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" >"$d/node-$n.log" 2>&1 & pids+=($!)
+done
+for n in a b; do for _ in $(seq 300); do [ -f "$d/data-$n/node.url" ] && break; sleep 0.1; done; done
+for _ in $(seq 100); do mountpoint -q "$d/null" && break; sleep 0.1; done
+for r in $(seq "$ROUNDS"); do
+  for sys in native null bind a; do
+    w=$d/$sys/r$r
+    mkdir "$w"
+    small=$(python3 - "$w" "$N" <<'PY'
+import os, sys, time
+d, n = sys.argv[1], int(sys.argv[2])
+blk = bytearray(b'\x5a' * 4096)
+t = time.time()
+for i in range(n):
+    blk[:8] = i.to_bytes(8, 'little')
+    with open(f"{d}/f{i:06}", "wb") as f: f.write(blk)
+c = n / (time.time() - t); t = time.time()
+for i in range(n): os.stat(f"{d}/f{i:06}")
+s = n / (time.time() - t); t = time.time()
+for i in range(n): os.unlink(f"{d}/f{i:06}")
+print(f"creates {c:7.0f}/s  stat {s:8.0f}/s  deletes {n / (time.time() - t):7.0f}/s")
+PY
+)
+    mkdir "$w/t"
+    t0=$(date +%s.%N); tar xf "$ARCHIVE" -C "$w/t"; t1=$(date +%s.%N)
+    printf 'round %d %-7s %s  tar x %6.2f s\n' "$r" "$sys" "$small" "$(echo "$t1 - $t0" | bc)"
+  done
+done
+kill "${pids[@]}" "$nullpid" 2>/dev/null; wait "${pids[@]}" "$nullpid" 2>/dev/null
+umount "$d/a" "$d/b" "$d/bind" "$d/null" 2>/dev/null
+rabbitmqctl -q delete_vhost "$vhost"
+rm -rf "$d"
