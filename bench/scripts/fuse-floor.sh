@@ -8,6 +8,7 @@
 # Usage: bench/scripts/fuse-floor.sh [-n N] [-r ROUNDS] [-a ARCHIVE] BIN_DIR
 #   (BIN_DIR holds fs-node, manager and nullfs; needs scripts/setup.sh and setup-bench.sh)
 set -u
+. "$(dirname "$0")/cluster.sh"
 N=5000 ROUNDS=2 ARCHIVE=
 while getopts n:r:a: o; do case $o in n) N=$OPTARG ;; r) ROUNDS=$OPTARG ;; a) ARCHIVE=$OPTARG ;; *) exit 2 ;; esac; done
 shift $((OPTIND - 1))
@@ -17,17 +18,10 @@ if [ -z "$ARCHIVE" ]; then
   ARCHIVE=$d/src.tar
   tar cf "$ARCHIVE" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
 fi
-mkdir -p "$d/native" "$d/null" "$d/bind-src" "$d/bind" "$d/a" "$d/b"
+mkdir -p "$d/native" "$d/null" "$d/bind-src" "$d/bind"
 "$bin/nullfs" "$d/null" >"$d/nullfs.log" 2>&1 & nullpid=$!
 bindfs --no-allow-other "$d/bind-src" "$d/bind"
-vhost=floor-$$-$RANDOM
-rabbitmqctl -q add_vhost "$vhost" && rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*'
-broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
-RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids=($!)
-for n in a b; do
-  RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" >"$d/node-$n.log" 2>&1 & pids+=($!)
-done
-for n in a b; do for _ in $(seq 300); do [ -f "$d/data-$n/node.url" ] && break; sleep 0.1; done; done
+cluster_start "$bin" "$d" a b
 for _ in $(seq 100); do mountpoint -q "$d/null" && break; sleep 0.1; done
 for r in $(seq "$ROUNDS"); do
   for sys in native null bind a; do
@@ -53,7 +47,7 @@ PY
     printf 'round %d %-7s %s  tar x %6.2f s\n' "$r" "$sys" "$small" "$(echo "$t1 - $t0" | bc)"
   done
 done
-kill "${pids[@]}" "$nullpid" 2>/dev/null; wait "${pids[@]}" "$nullpid" 2>/dev/null
-umount "$d/a" "$d/b" "$d/bind" "$d/null" 2>/dev/null
-rabbitmqctl -q delete_vhost "$vhost"
+cluster_stop "$d"
+kill "$nullpid" 2>/dev/null; wait "$nullpid" 2>/dev/null
+umount "$d/bind" "$d/null" 2>/dev/null
 rm -rf "$d"

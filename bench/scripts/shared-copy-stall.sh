@@ -8,18 +8,14 @@
 # Prints how long the writer's open and close took and how long each small file took.
 # Usage: bench/scripts/shared-copy-stall.sh [-s SIZE_MIB] BIN_DIR...   (needs scripts/setup.sh run)
 set -u
+. "$(dirname "$0")/cluster.sh"
 SIZE=1024
 while getopts s: o; do case $o in s) SIZE=$OPTARG ;; *) exit 2 ;; esac; done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-s SIZE_MIB] BIN_DIR..." >&2; exit 2; }
 for bin in "$@"; do
-  bin=$(realpath "$bin") d=$(mktemp -d) vhost=stall-$$-$RANDOM
-  mkdir -p "$d/a"
-  rabbitmqctl -q add_vhost "$vhost" && rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*'
-  broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
-  RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & m=$!
-  RUST_LOG=warn "$bin/fs-node" --id node-a --mount "$d/a" --data "$d/data-a" --broker "$broker" >"$d/node-a.log" 2>&1 & n=$!
-  for _ in $(seq 300); do [ -f "$d/data-a/node.url" ] && break; sleep 0.1; done
+  bin=$(realpath "$bin") d=$(mktemp -d)
+  cluster_start "$bin" "$d" a
   echo "$bin: $(python3 - "$d/a" "$d/data-a/tmp" "$SIZE" <<'PY'
 import os, sys, threading, time
 mnt, tmp, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -52,8 +48,6 @@ th.start(); copying(); s2 = small("during-close"); th.join()
 print(f"writer's open {out['open']:.3f} s, a small file meanwhile {s1 * 1000:.1f} ms; writer's close {out['close']:.3f} s, a small file meanwhile {s2 * 1000:.1f} ms")
 PY
 )"
-  kill $n $m; wait $n $m 2>/dev/null
-  umount "$d/a" 2>/dev/null
-  rabbitmqctl -q delete_vhost "$vhost"
+  cluster_stop "$d"
   rm -rf "$d"
 done

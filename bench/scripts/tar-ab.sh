@@ -4,6 +4,7 @@
 # local cargo registry's unpacked crates.
 # Usage: bench/scripts/tar-ab.sh [-r ROUNDS] [-a ARCHIVE] BIN_DIR...   (needs scripts/setup.sh run)
 set -u
+. "$(dirname "$0")/cluster.sh"
 ROUNDS=3 ARCHIVE=
 while getopts r:a: o; do case $o in r) ROUNDS=$OPTARG ;; a) ARCHIVE=$OPTARG ;; *) exit 2 ;; esac; done
 shift $((OPTIND - 1))
@@ -15,23 +16,14 @@ fi
 files=$(tar tf "$ARCHIVE" | grep -vc '/$')
 for r in $(seq "$ROUNDS"); do
   for bin in "$@"; do
-    bin=$(realpath "$bin") d=$(mktemp -d) vhost=tar-ab-$$-$RANDOM
-    mkdir -p "$d/a" "$d/b"
-    rabbitmqctl -q add_vhost "$vhost" && rabbitmqctl -q set_permissions -p "$vhost" guest '.*' '.*' '.*'
-    broker="amqp://guest:guest@127.0.0.1:5672/$vhost?heartbeat=10"
-    RUST_LOG=warn "$bin/manager" serve --broker "$broker" --db "$d/manager.db" >"$d/manager.log" 2>&1 & pids=($!)
-    for n in a b; do
-      RUST_LOG=warn "$bin/fs-node" --id "node-$n" --mount "$d/$n" --data "$d/data-$n" --broker "$broker" >"$d/node-$n.log" 2>&1 & pids+=($!)
-    done
-    for n in a b; do for _ in $(seq 300); do [ -f "$d/data-$n/node.url" ] && break; sleep 0.1; done; done
+    bin=$(realpath "$bin") d=$(mktemp -d)
+    cluster_start "$bin" "$d" a b
     mkdir "$d/a/t"; sync
     t0=$(date +%s.%N); tar xf "$ARCHIVE" -C "$d/a/t"; t1=$(date +%s.%N)
     while [ "$(find "$d/b/t" -type f 2>/dev/null | wc -l)" -lt "$files" ] && [ "$(echo "$(date +%s) - ${t1%.*} < 300" | bc)" = 1 ]; do sleep 0.2; done
     t2=$(date +%s.%N)
     printf 'round %d %s: tar x %.2f s, all %d files on B %.2f s after the start\n' "$r" "$bin" "$(echo "$t1 - $t0" | bc)" "$files" "$(echo "$t2 - $t0" | bc)"
-    kill "${pids[@]}" 2>/dev/null; wait "${pids[@]}" 2>/dev/null
-    umount "$d/a" "$d/b" 2>/dev/null
-    rabbitmqctl -q delete_vhost "$vhost"
+    cluster_stop "$d"
     rm -rf "$d"
   done
 done

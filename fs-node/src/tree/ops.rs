@@ -297,15 +297,12 @@ impl Tree {
             Kind::File | Kind::Dir => {}
             _ => return Err(FsError::NotSupported),
         }
-        let mut ahead = ahead;
-        self.atomically(|st, store| {
-            st.copy_ahead = ahead.take();
-            let opened = st.open_handle(ino, write, truncate, passthrough, store);
-            st.copy_ahead = None;
-            if truncate && opened.is_ok() {
+        self.atomically_with_copy(ahead, |st, store| {
+            let opened = st.open_handle(ino, write, truncate, passthrough, store)?;
+            if truncate {
                 st.truncated_by(ino, caller_uid)?;
             }
-            opened
+            Ok(opened)
         })
     }
 
@@ -487,8 +484,13 @@ impl Tree {
     }
 
     /// `atomically`, with the copy a detach of `ino` would make taken ahead.
-    fn atomically_copying_ahead<T>(&self, ino: u64, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
-        let mut ahead = self.copy_ahead_of_detach(ino);
+    fn atomically_copying_ahead<T>(&self, ino: u64, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        self.atomically_with_copy(self.copy_ahead_of_detach(ino), f)
+    }
+
+    /// `atomically`, `ahead` (a copy made for a detach) at hand for the transaction's
+    /// first try (`State::copy_ahead`), dropped after it if unused.
+    fn atomically_with_copy<T>(&self, mut ahead: Option<CopyAhead>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         self.atomically(|st, store| {
             st.copy_ahead = ahead.take();
             let done = f(st, store);
