@@ -150,7 +150,7 @@ struct OpenAsked {
 fn open_and_answer(tree: &Tree, backings: &Mutex<HashMap<u64, BackingId>>, passthrough: &AtomicBool, ino: u64, open: OpenAsked, reply: ReplyOpen) {
     let OpenAsked { write, truncate, caller_uid } = open;
     // What takes long is done before the registrations are locked.
-    let ahead = if write { tree.copy_ahead_of_detach(ino) } else { None };
+    let ahead = if write { tree.ready_for_change(ino, !truncate) } else { None };
     let mut backings = lock_backings(backings);
     let fh = match tree.open_after_copy(ino, write, truncate, passthrough.load(Ordering::Relaxed), ahead, caller_uid) {
         Ok((fh, OpenIo::Cached)) => {
@@ -313,8 +313,9 @@ impl Filesystem for SyncFs {
             let Err(r) = self.after_fetch("setattr", missing, reply, |r, e| r.error(e), move |tree, reply| set(&tree, later, reply)) else { return };
             reply = r;
         }
-        // A truncation may copy a large file (`Tree::change_detaches`).
-        let long = size.is_some() && self.tree.change_detaches(ino);
+        // A truncation may copy a large file, or hash one (`Tree::change_may_take_long`,
+        // `Tree::truncation_commits_large`).
+        let long = size.is_some_and(|n| self.tree.change_may_take_long(ino, n > 0) || self.tree.truncation_commits_large(ino, n));
         self.answer(long, move |tree| set(tree, a, reply))
     }
 
@@ -414,8 +415,8 @@ impl Filesystem for SyncFs {
             },
         );
         let Err(reply) = fetching else { return };
-        // An open for writing may copy a large file (`Tree::change_detaches`).
-        let long = write && self.tree.change_detaches(ino.0);
+        // An open for writing may copy a large file (`Tree::change_may_take_long`).
+        let long = write && self.tree.change_may_take_long(ino.0, !truncate);
         let (backings, passthrough) = (self.backings.clone(), self.passthrough.clone());
         let open = OpenAsked { write, truncate, caller_uid: req.uid() };
         self.answer(long, move |tree| open_and_answer(tree, &backings, &passthrough, ino.0, open, reply));

@@ -1143,6 +1143,12 @@ impl ContentStore {
         std::fs::read(self.leaves_path(h)).ok().and_then(|b| crate::leaves::from_bytes(&b)).filter(|l| l.len() == crate::leaves::blocks(size))
     }
 
+    /// Whether the leaves of blob `h`, `size` bytes, are cached (as `cached_leaves`
+    /// finds them, without reading them).
+    pub fn has_cached_leaves(&self, h: &ContentHash, size: u64) -> bool {
+        std::fs::metadata(self.leaves_path(h)).is_ok_and(|m| m.len() == crate::leaves::blocks(size) as u64 * 32)
+    }
+
     /// The bytes content `h` takes on the store's disk: a blob's blocks, a patched
     /// content's patch (its blocks that differ from its base), a small one's length;
     /// 0 if it is not here.

@@ -101,6 +101,41 @@ fn edits_in_place_one_after_another_arrive_right_and_are_written_out_whole() {
     c.converged();
 }
 
+/// truncate(2) of a large file by its name (no descriptor open) commits the new size at
+/// once, and its hash (of the new zeros past the old end, here 1 GiB less 16 MiB)
+/// takes long: taken under the tree's lock, every operation of the mount would wait
+/// for it. The mount must go on answering while the node still holds the truncated
+/// file's work file, and every node must end with the truncated bytes.
+#[test]
+fn a_large_file_truncated_by_its_name_leaves_the_mount_answering() {
+    let c = Cluster::start("chunked-truncate", 2);
+    let (a, b) = (&c.nodes[0], &c.nodes[1]);
+    let mut data = pseudo_random(16 << 20, 5);
+    write(&a.p("disk.img"), &data);
+    c.converged();
+    let to: u64 = 1 << 30;
+    // (not truncate(1): it opens the file and truncates the descriptor)
+    let path = std::ffi::CString::new(a.p("disk.img").into_os_string().into_encoded_bytes()).unwrap();
+    let truncating = std::thread::spawn(move || unsafe { libc::truncate(path.as_ptr(), to as libc::off_t) });
+    let work = a.data.join("work");
+    eventually("the node's work file of the truncated size", DEADLINE, || {
+        std::fs::read_dir(&work).unwrap().flatten().any(|e| e.metadata().is_ok_and(|m| m.len() == to))
+    });
+    write(&a.p("probe.txt"), b"answered");
+    assert_eq!(read(&a.p("probe.txt")).as_deref(), Some(&b"answered"[..]));
+    let still_hashing = std::fs::read_dir(&work).unwrap().flatten().any(|e| e.metadata().is_ok_and(|m| m.len() == to));
+    assert!(still_hashing, "the mount answered only once the truncated file was committed: its hash held it");
+    assert_eq!(truncating.join().unwrap(), 0, "truncate(2) failed");
+    data.resize(to as usize, 0);
+    let want = blake3::hash(&data).to_hex().to_string();
+    for n in [a, b] {
+        eventually(&format!("the truncated file on {}", n.id), DEADLINE, || {
+            std::fs::read(n.p("disk.img")).is_ok_and(|d| blake3::hash(&d).to_hex().to_string() == want)
+        });
+    }
+    c.converged();
+}
+
 /// A program that saves a large file as a new file renamed over the old one, with bytes
 /// inserted: the version before stays kept for the cluster's versions, on each node as a
 /// patch over the new version (its blocks found there moved by the insertion, through

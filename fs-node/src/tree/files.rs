@@ -151,8 +151,7 @@ impl State {
         let i = self.inode(ino)?;
         if truncate && (i.size != 0 || i.work.is_none()) {
             let w = self.ensure_work(ino, false, store)?;
-            self.overlay_before_set_len(ino, 0)?;
-            w.set_len(0)?;
+            self.set_work_len(ino, &w, 0)?;
             let now = self.env.now_ns();
             let i = self.inode_mut(ino)?;
             i.size = 0;

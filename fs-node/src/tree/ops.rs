@@ -28,6 +28,36 @@ impl Tree {
     }
 
     pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+        match a.size {
+            Some(size) if self.truncation_commits_large(ino, size) => self.truncate_as_a_writer(ino, req_uid, a),
+            _ => self.set_attributes(ino, req_uid, a),
+        }
+    }
+
+    /// Whether a truncation of `ino` to `size` bytes with no descriptor open for writing
+    /// (truncate(2)) commits a large file, whose hash (through an overlay: of the blocks
+    /// the truncation changed and those past the old end) takes long: see
+    /// `truncate_as_a_writer`.
+    pub fn truncation_commits_large(&self, ino: u64, size: u64) -> bool {
+        size > self.store.small_max() && self.lock().inode(ino).is_ok_and(|i| i.kind == Kind::File && i.writers == 0 && i.nlink > 0)
+    }
+
+    /// truncate(2) of a large file, done as a writer would: open, truncation, close. The
+    /// close hashes outside the tree lock (`flush`); `set_attributes`, with no writer,
+    /// would commit at once, and so hash under it.
+    fn truncate_as_a_writer(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+        // (what the truncation makes ahead, it makes itself: the open leaves it unused)
+        let (fh, _) = self.open_after_copy(ino, true, false, false, None, req_uid)?;
+        let truncated = self.set_attributes(ino, req_uid, a).and_then(|_| self.flush(fh));
+        let released = self.release(fh);
+        truncated?;
+        released?;
+        self.getattr(ino)
+    }
+
+    /// `setattr`: every change of the attributes in one transaction; with no writer, a
+    /// truncation is committed in it.
+    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
@@ -52,8 +82,7 @@ impl Tree {
                     _ => return Err(FsError::Invalid),
                 }
                 let work = if size == 0 { st.ensure_work(ino, false, store)? } else { st.work_up_to(ino, size, store)? };
-                st.overlay_before_set_len(ino, size)?;
-                work.set_len(size)?;
+                st.set_work_len(ino, &work, size)?;
                 let i = st.inode_mut(ino)?;
                 i.size = size;
                 i.mtime = now;
@@ -86,10 +115,10 @@ impl Tree {
             }
             Ok(st.inode(ino)?.attr())
         };
-        if a.size.is_some() {
-            return self.atomically_copying_ahead(ino, change);
+        match a.size {
+            Some(size) => self.atomically_with_copy(self.ready_for_change(ino, size > 0), change),
+            None => self.atomically(change),
         }
-        self.atomically(change)
     }
 
     pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
@@ -274,11 +303,11 @@ impl Tree {
     }
 
     pub fn open(&self, ino: u64, write: bool, truncate: bool, passthrough: bool) -> FsResult<(u64, OpenIo)> {
-        let ahead = if write { self.copy_ahead_of_detach(ino) } else { None };
+        let ahead = if write { self.ready_for_change(ino, !truncate) } else { None };
         self.open_after_copy(ino, write, truncate, passthrough, ahead, 0)
     }
 
-    /// `open`, with what `copy_ahead_of_detach` made for an open for writing (a
+    /// `open`, with what `ready_for_change` made for an open for writing (a
     /// caller that holds a lock of its own while it opens takes that copy first);
     /// `passthrough` says whether the kernel can do passthrough I/O, `caller_uid` who
     /// opens (`open` is root's).
@@ -467,25 +496,35 @@ impl Tree {
         st.inode(h.ino).is_ok_and(|i| i.work.is_some() && (i.detached || i.size > self.store.small_max()))
     }
 
-    /// Whether changing `ino` (an open for writing, a truncation) detaches the backing
-    /// file its passthrough readers share, which copies the content first: outside
-    /// the tree lock (`copy_ahead_of_detach`), but long all the same, so the FUSE
-    /// layer does not do it on its one thread.
-    pub fn change_detaches(&self, ino: u64) -> bool {
-        self.lock().content_to_detach(ino).is_some()
+    /// Whether changing `ino` (an open for writing, a truncation; `keeps_content`: not
+    /// to nothing) first makes something long, outside the tree lock
+    /// (`ready_for_change`): long all the same, so the FUSE layer does not wait for it
+    /// on its one thread.
+    pub fn change_may_take_long(&self, ino: u64, keeps_content: bool) -> bool {
+        let st = self.lock();
+        st.content_to_detach(ino).is_some() || (keeps_content && st.overlay_base_without_leaves(ino, &self.store).is_some())
     }
 
-    /// The copy that detaching `ino` would make (`ensure_work`), made now, outside the
-    /// tree lock (`ContentStore::copy_blob_ahead`).
-    pub fn copy_ahead_of_detach(&self, ino: u64) -> Option<CopyAhead> {
-        let hash = self.lock().content_to_detach(ino)?;
+    /// Makes now, outside the tree lock, what the next change of `ino` would otherwise
+    /// make under it: the copy that detaching the backing file its passthrough readers
+    /// share keeps (`ContentStore::copy_blob_ahead`; returned, for the change's
+    /// transaction: `atomically_with_copy`), and, for a change that keeps the content,
+    /// the leaves of a large content when they are not cached: without them its first
+    /// write or truncation copies the whole file instead of writing in place
+    /// (`overlay.rs`).
+    pub fn ready_for_change(&self, ino: u64, keeps_content: bool) -> Option<CopyAhead> {
+        let (detach, no_leaves) = {
+            let st = self.lock();
+            (st.content_to_detach(ino), st.overlay_base_without_leaves(ino, &self.store).filter(|_| keeps_content))
+        };
+        if let Some(h) = no_leaves {
+            if let Err(e) = self.store.leaves(&h) {
+                tracing::debug!(ino, "the leaves of {h}: {e} (its first write copies the file)");
+            }
+        }
+        let hash = detach?;
         let copy = self.store.copy_blob_ahead(&hash)?;
         Some(CopyAhead(hash, copy))
-    }
-
-    /// `atomically`, with the copy a detach of `ino` would make taken ahead.
-    fn atomically_copying_ahead<T>(&self, ino: u64, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
-        self.atomically_with_copy(self.copy_ahead_of_detach(ino), f)
     }
 
     /// `atomically`, `ahead` (a copy made for a detach) at hand for the transaction's

@@ -7,9 +7,12 @@
 //! (`patched.rs`): an edit of one byte costs a block, not the file, twice.
 //!
 //! The overlay belongs to one work file (`work`): an entry whose work file is no longer
-//! the inode's is stale and dropped when found. A truncation, or any other change of
-//! the size but a write past the end, first fills the work file from the content
-//! (`fill`) and drops the overlay: the file is then an ordinary work file.
+//! the inode's is stale and dropped when found. A truncation keeps it (`set_len`): the
+//! block the new size cuts short (and the base's short last block, when the file grows
+//! past it) is copied in first, and the blocks past the new end stop being the base's
+//! (should the file grow again, they are the zeros of the work file). Invariant: every
+//! block still read from the base lies whole in the file, with the extent it has in the
+//! base, so its cached leaf is its leaf in the file.
 
 use super::*;
 use crate::leaves::{block_len, blocks, BLOCK};
@@ -88,13 +91,32 @@ impl Overlay {
         }
     }
 
+    /// Sets the work file to `len` bytes (more than a block), keeping the invariant of the
+    /// module: of the blocks read from the base, only the new last one and the base's
+    /// last one can change extent; those are copied in first.
+    fn set_len(&mut self, len: u64) -> std::io::Result<()> {
+        let n = blocks(len);
+        for b in [n - 1, self.present.len().saturating_sub(1)] {
+            if b < n && block_len(len, b) != block_len(self.base_size, b) {
+                self.fill_block(b)?;
+            }
+        }
+        self.work.set_len(len)?;
+        // (once the work file is cut: should that fail, the blocks stay the base's)
+        self.present.truncate(n);
+        Ok(())
+    }
+
     /// Fills every block still read from the base into the work file.
     fn fill(&mut self) -> std::io::Result<()> {
-        for b in 0..self.present.len() {
-            if self.read_from_base(b) {
-                self.base.copy_block_to(b, self.base_size, &self.work)?;
-                self.present[b] = true;
-            }
+        (0..self.present.len()).try_for_each(|b| self.fill_block(b))
+    }
+
+    /// Copies block `b` into the work file if it is still read from the base.
+    fn fill_block(&mut self, b: usize) -> std::io::Result<()> {
+        if self.read_from_base(b) {
+            self.base.copy_block_to(b, self.base_size, &self.work)?;
+            self.present[b] = true;
         }
         Ok(())
     }
@@ -183,6 +205,15 @@ impl State {
         self.overlays.get_mut(&ino).map(|o| &mut **o)
     }
 
+    /// The committed content of `ino` that its next change would write through an
+    /// overlay (`ensure_work`) were its leaves cached, if they are not.
+    pub(super) fn overlay_base_without_leaves(&self, ino: u64, store: &ContentStore) -> Option<ContentHash> {
+        let i = self.inode(ino).ok()?;
+        let hash = i.hash.as_ref().filter(|_| i.kind == Kind::File && i.work.is_none() && i.passthrough.is_none())?;
+        let large = i.size >= OVERLAY_MIN_BYTES && i.size > store.small_max();
+        (large && !store.has_cached_leaves(hash, i.size)).then(|| hash.clone())
+    }
+
     /// A sparse work file for `ino` over its committed content `hash` (`size` bytes)
     /// and its overlay, if the content is large enough and its leaves are at hand.
     pub(super) fn start_overlay(&mut self, ino: u64, hash: &ContentHash, store: &ContentStore) -> FsResult<Option<Arc<File>>> {
@@ -238,17 +269,21 @@ impl State {
         Ok(())
     }
 
-    /// Before the work file of `ino` is set to `len` bytes: an overlay is filled in
-    /// and dropped (to nothing at all, it is just dropped).
-    pub(super) fn overlay_before_set_len(&mut self, ino: u64, len: u64) -> FsResult<()> {
-        let Some(o) = self.overlay_mut(ino) else {
-            return Ok(());
-        };
-        if len > 0 {
-            o.fill()?;
+    /// Sets `ino`'s work file `work` to `len` bytes: through its overlay, which stays
+    /// (`Overlay::set_len`), or, to one block or none (whose hash merges no leaves),
+    /// without it: the block kept is copied in, and the overlay goes.
+    pub(super) fn set_work_len(&mut self, ino: u64, work: &File, len: u64) -> FsResult<()> {
+        match self.overlay_mut(ino) {
+            Some(o) if len > BLOCK => return Ok(o.set_len(len)?),
+            Some(o) => {
+                if len > 0 {
+                    o.fill_block(0)?;
+                }
+                self.overlays.remove(&ino);
+            }
+            None => {}
         }
-        self.overlays.remove(&ino);
-        Ok(())
+        Ok(work.set_len(len)?)
     }
 
     /// Reads `ino`'s file through its overlay, if its work file has one.

@@ -1139,22 +1139,48 @@ fn a_copy_of_an_edited_file_is_written_out_whole_when_it_is_opened() {
     assert!(read_whole_file(&t, ino) == want && read_whole_file(&t, copy_ino) == copy);
 }
 
-/// A truncation of a file written through an overlay (shorter, longer, to nothing)
-/// fills the work file first, or drops it: the bytes are those of the truncated file.
+/// The disk a work file takes, as allocated.
+fn allocated(work: &File) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    work.metadata().unwrap().blocks() * 512
+}
+
+/// A truncation of a file written through an overlay (shorter, cut inside a block or at
+/// one's end, longer, to nothing, and again after another) keeps the overlay: the work
+/// file holds the blocks written and the one a cut shortens, not a copy of the file,
+/// and the bytes are those of the truncated file, before and after the close.
 #[test]
 fn a_truncation_while_a_large_file_is_written_in_place_keeps_the_right_bytes() {
+    use crate::leaves::BLOCK;
     let dir = tempfile::tempdir().unwrap();
     let t = tree_keeping_patches(dir.path());
     let size = 4 * (1 << 20) + 99;
     let base = patterned(size, 7);
-    for (name, to) in [("shorter", size - 70_000), ("longer", size + 70_000), ("empty", 0)] {
+    let cases: [(&str, &[usize]); 8] = [
+        ("shorter", &[size - 70_000]),
+        ("at a block's end", &[3 * BLOCK as usize]),
+        ("longer", &[size + 70_000]),
+        ("empty", &[0]),
+        ("shorter, then longer", &[size - 200_000, size + 5]),
+        ("longer, then shorter", &[size + 300_000, 2 * BLOCK as usize + 1]),
+        ("to a block", &[BLOCK as usize]),
+        ("into the first block, then longer", &[100, size]),
+    ];
+    for (name, sizes) in cases {
         let ino = closed_file(&t, ROOT, name, &base);
         let (fh, _) = t.open(ino, true, false, false).unwrap();
         t.write(fh, 5, b"edit").unwrap();
         let mut want = base.clone();
         want[5..9].copy_from_slice(b"edit");
-        truncate(&t, ino, to as u64, Some(fh));
-        want.resize(to, 0);
+        for to in sizes {
+            truncate(&t, ino, *to as u64, Some(fh));
+            want.resize(*to, 0);
+            assert!(read_through(&t, fh) == want, "{name}: a read after the truncation to {to}");
+        }
+        if want.len() > 0 {
+            let work = t.lock().inodes[&ino].work.clone().unwrap();
+            assert!(allocated(&work) <= 4 * BLOCK, "{name}: the work file holds a few blocks, not a copy of the file");
+        }
         t.write(fh, 1, b"z").unwrap();
         if want.len() < 2 {
             want.resize(2, 0);
@@ -1164,8 +1190,68 @@ fn a_truncation_while_a_large_file_is_written_in_place_keeps_the_right_bytes() {
         t.release(fh).unwrap();
         assert!(read_whole_file(&t, ino) == want, "{name}");
         let h = crate::store::hash_of(&want);
-        assert_eq!(t.lock().inode(ino).unwrap().version().unwrap().content, Content::File { hash: h, size: want.len() as u64 }, "{name}");
+        assert_eq!(t.lock().inode(ino).unwrap().version().unwrap().content, Content::File { hash: h.clone(), size: want.len() as u64 }, "{name}");
+        // (cut to a block or less, it is an ordinary work file: kept whole)
+        if sizes.iter().all(|to| *to as u64 > BLOCK) {
+            assert!(t.store().is_patched(&h), "{name}: kept as a patch over the old content");
+        }
     }
+}
+
+/// truncate(2) of a large file (no descriptor open) commits as a writer's close does:
+/// through an overlay, kept as a patch, the bytes those of the truncated file. Its hash
+/// is taken outside the tree lock (`Tree::truncate_as_a_writer`).
+#[test]
+fn a_large_file_truncated_by_its_name_keeps_the_right_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let size = 4 * (1 << 20) + 99;
+    let base = patterned(size, 3);
+    let one_block = crate::leaves::BLOCK as usize;
+    for (name, to) in [("shorter", size - 70_000), ("longer", size + 700_000), ("a block", one_block), ("small", 1000), ("empty", 0)] {
+        let ino = closed_file(&t, ROOT, name, &base);
+        let attr = t.setattr(ino, 0, SetAttr { size: Some(to as u64), ..Default::default() }).unwrap();
+        assert_eq!(attr.size, to as u64, "{name}");
+        let mut want = base.clone();
+        want.resize(to, 0);
+        let h = crate::store::hash_of(&want);
+        {
+            let st = t.lock();
+            let i = st.inode(ino).unwrap();
+            assert_eq!((i.writers, i.open, i.work.is_some()), (0, 0, false), "{name}: committed, no handle left");
+            assert_eq!(i.version().unwrap().content, Content::File { hash: h.clone(), size: to as u64 }, "{name}");
+        }
+        assert!(read_whole_file(&t, ino) == want, "{name}");
+        if to > one_block {
+            assert!(t.store().is_patched(&h), "{name}: kept as a patch over the old content");
+        }
+    }
+}
+
+/// A large file whose leaves are not cached (computed in the background after a pull,
+/// or lost) is written in place all the same: the open for writing computes them, out
+/// of the tree lock, so the first write does not copy the whole file under it.
+#[test]
+fn a_large_file_with_no_cached_leaves_is_written_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree_keeping_patches(dir.path());
+    let mut want = patterned(6 << 20, 9);
+    let ino = closed_file(&t, ROOT, "big", &want);
+    let h = crate::store::hash_of(&want);
+    let leaves = dir.path().join("chunks").join(format!("{}.leaves", h.to_hex().as_str()));
+    std::fs::remove_file(&leaves).unwrap();
+    assert!(t.change_may_take_long(ino, true), "the change computes the leaves first");
+    assert!(!t.change_may_take_long(ino, false), "not a change to nothing");
+    let (fh, _) = t.open(ino, true, false, false).unwrap();
+    assert!(leaves.exists(), "the open cached the leaves");
+    t.write(fh, 3 << 20, b"in place").unwrap();
+    want[3 << 20..(3 << 20) + 8].copy_from_slice(b"in place");
+    let work = t.lock().inodes[&ino].work.clone().unwrap();
+    assert!(allocated(&work) <= 2 * crate::leaves::BLOCK, "the first write copied the file");
+    t.flush(fh).unwrap();
+    t.release(fh).unwrap();
+    assert!(read_whole_file(&t, ino) == want);
+    assert!(t.store().is_patched(&crate::store::hash_of(&want)));
 }
 
 /// The kernel keeps its pages of a large file across cached opens while they hold the
