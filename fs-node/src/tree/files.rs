@@ -270,14 +270,13 @@ impl State {
     }
 
     /// The work file of `ino` to hash outside the tree lock before a commit, with its
-    /// stamp; `None` for a passthrough work file (the kernel writes it without passing
-    /// here: it is committed from a snapshot) that another writer than the closing one
-    /// holds.
+    /// stamp. A passthrough work file (the kernel writes it without passing here) is
+    /// committed from a snapshot: one taken outside the lock while another passthrough
+    /// writer writes is as good as one taken under it, which does not stop that writer
+    /// either; a writer who opened since makes it stale (a new stamp).
     pub(super) fn work_to_hash(&mut self, ino: u64) -> Option<WorkToHash> {
         let i = self.inode(ino).ok()?;
-        // A detached work file (passthrough writers write it) only while one writer has
-        // it: the one closing. (Another could write past the snapshot the commit needs.)
-        let work = i.work.clone().filter(|_| !i.detached || i.writers == 1)?;
+        let work = i.work.clone()?;
         let (stamp, detached) = (i.work_stamp, i.detached);
         Some(WorkToHash { work, stamp, detached, overlay: self.overlay_view(ino) })
     }

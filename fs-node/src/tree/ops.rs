@@ -29,35 +29,39 @@ impl Tree {
 
     pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         match a.size {
-            Some(size) if self.truncation_commits_large(ino, size) => self.truncate_as_a_writer(ino, req_uid, a),
-            _ => self.set_attributes(ino, req_uid, a),
+            Some(size) if self.truncation_commits_large(ino, size) => self.truncate_hashing_outside_lock(ino, req_uid, a),
+            _ => self.set_attributes(ino, req_uid, a, CommitNow::Yes),
         }
     }
 
     /// Whether a truncation of `ino` to `size` bytes with no descriptor open for writing
     /// (truncate(2)) commits a large file, whose hash (through an overlay: of the blocks
     /// the truncation changed and those past the old end) takes long: see
-    /// `truncate_as_a_writer`.
+    /// `truncate_hashing_outside_lock`.
     pub fn truncation_commits_large(&self, ino: u64, size: u64) -> bool {
         size > self.store.small_max() && self.lock().inode(ino).is_ok_and(|i| i.kind == Kind::File && i.writers == 0 && i.nlink > 0)
     }
 
-    /// truncate(2) of a large file, done as a writer would: open, truncation, close. The
-    /// close hashes outside the tree lock (`flush`); `set_attributes`, with no writer,
-    /// would commit at once, and so hash under it.
-    fn truncate_as_a_writer(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
-        // (what the truncation makes ahead, it makes itself: the open leaves it unused)
-        let (fh, _) = self.open_after_copy(ino, true, false, false, None, req_uid)?;
-        let truncated = self.set_attributes(ino, req_uid, a).and_then(|_| self.flush(fh));
-        let released = self.release(fh);
-        truncated?;
-        released?;
-        self.getattr(ino)
+    /// truncate(2) of a large file: truncated in one transaction, left uncommitted (as
+    /// a writer's file is until its close), hashed outside the tree lock, and committed
+    /// with that hash in another transaction, as a close is (`flush`). A writer who
+    /// opened the file meanwhile commits it at its own close instead; should the commit
+    /// fail, the error is the caller's, and `gc` tries it again.
+    fn truncate_hashing_outside_lock(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+        self.set_attributes(ino, req_uid, a, CommitNow::No)?;
+        let prehashed = self.hash_outside_lock(|st| st.work_to_hash(ino));
+        self.atomically(|st, store| {
+            let i = st.inode(ino)?;
+            if i.writers == 0 && i.nlink > 0 && i.work.is_some() {
+                st.commit_work(ino, store, prehashed.as_ref())?;
+            }
+            Ok(st.inode(ino)?.attr())
+        })
     }
 
     /// `setattr`: every change of the attributes in one transaction; with no writer, a
-    /// truncation is committed in it.
-    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
+    /// truncation is committed in it unless `commit` says not yet.
+    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<Attr> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
@@ -103,11 +107,12 @@ impl Tree {
             i.ctime = now;
             i.give_mtime_to_work()?;
             let (writers, dirty) = (i.writers, i.work.is_some());
-            if dirty && writers == 0 {
+            if dirty && writers == 0 && commit == CommitNow::Yes {
                 // truncate(2) with no descriptor open: committed at once.
                 st.commit_work(ino, store, None)?;
             } else if dirty {
-                // Sent with the content when the writer closes the file.
+                // Sent with the content when the writer closes the file (or when the
+                // caller commits it).
                 st.save(ino)?;
             } else {
                 st.save(ino)?;
@@ -573,11 +578,16 @@ impl Tree {
     /// lock. `None` if there is nothing to hash or hashing failed (the commit then hashes
     /// under the lock, and reports the error if there is one).
     pub(super) fn hash_work_outside_lock(&self, fh: u64) -> Option<Prehashed> {
-        let WorkToHash { work, stamp, detached, overlay } = {
-            let mut st = self.lock();
+        self.hash_outside_lock(|st| {
             let ino = st.handles.get(&fh).filter(|h| h.write)?.ino;
-            st.work_to_hash(ino)?
-        };
+            st.work_to_hash(ino)
+        })
+    }
+
+    /// The hash of the work file `which` picks (under the tree lock), taken without the
+    /// lock (see `hash_work_outside_lock`).
+    fn hash_outside_lock(&self, which: impl FnOnce(&mut State) -> Option<WorkToHash>) -> Option<Prehashed> {
+        let WorkToHash { work, stamp, detached, overlay } = which(&mut self.lock())?;
         if detached {
             let (copy, hashed) = self.store.snapshot(&work).ok()?;
             return Some(Prehashed { work, stamp, hashed, from_patch: None, snapshot: Some(copy) });
@@ -786,4 +796,12 @@ fn may_open(perm: u32, owner: u32, group: u32, uid: u32, gid: u32, write: bool) 
         perm
     } & 0o7;
     bits & 0o4 != 0 && (!write || bits & 0o2 != 0)
+}
+
+/// Whether `Tree::set_attributes` commits a truncated file that has no writer in its
+/// own transaction (`No`: the caller hashes it outside the lock first).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CommitNow {
+    Yes,
+    No,
 }

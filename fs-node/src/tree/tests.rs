@@ -170,9 +170,9 @@ fn a_hash_taken_outside_the_lock_is_not_used_after_a_write() {
 }
 
 /// A passthrough writer's bytes reach its work file without passing here, so the
-/// snapshot its close takes outside the lock is good only while no other writer came:
-/// another open for writing gives the file a new stamp, and the commit takes a fresh
-/// snapshot under the lock.
+/// snapshot its close takes outside the lock is good only while no other writer came
+/// since: another open for writing gives the file a new stamp, and the commit takes a
+/// fresh snapshot under the lock.
 #[test]
 fn a_snapshot_taken_outside_the_lock_is_not_used_after_another_writer_came() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,7 +189,8 @@ fn a_snapshot_taken_outside_the_lock_is_not_used_after_another_writer_came() {
     let pre = t.hash_work_outside_lock(writer).expect("a snapshot while one writer has the file");
     assert_eq!(pre.hashed.hash, crate::store::hash_of(b"FIRST"));
     let (second, _) = t.open(a.ino, true, false, true).unwrap();
-    assert!(t.hash_work_outside_lock(second).is_none(), "no snapshot outside the lock while two writers have the file");
+    // (taken under the lock, it would not stop the other writer either)
+    assert!(t.hash_work_outside_lock(second).is_some(), "a snapshot outside the lock also while two writers have the file");
     backing.write_all_at(b" and more", 5).unwrap();
     t.commit_written(writer, Some(pre)).unwrap();
     let committed = t.lock().inode(a.ino).unwrap().hash.clone();
@@ -1198,9 +1199,11 @@ fn a_truncation_while_a_large_file_is_written_in_place_keeps_the_right_bytes() {
     }
 }
 
-/// truncate(2) of a large file (no descriptor open) commits as a writer's close does:
-/// through an overlay, kept as a patch, the bytes those of the truncated file. Its hash
-/// is taken outside the tree lock (`Tree::truncate_as_a_writer`).
+/// truncate(2) of a large file (no descriptor open) is committed before it returns, as
+/// a writer's close is: through an overlay, kept as a patch, the bytes those of the
+/// truncated file; one that a passthrough reader shares, from a snapshot, the reader
+/// seeing the truncation. Its hash is taken outside the tree lock
+/// (`Tree::truncate_hashing_outside_lock`).
 #[test]
 fn a_large_file_truncated_by_its_name_keeps_the_right_bytes() {
     let dir = tempfile::tempdir().unwrap();
@@ -1208,8 +1211,14 @@ fn a_large_file_truncated_by_its_name_keeps_the_right_bytes() {
     let size = 4 * (1 << 20) + 99;
     let base = patterned(size, 3);
     let one_block = crate::leaves::BLOCK as usize;
-    for (name, to) in [("shorter", size - 70_000), ("longer", size + 700_000), ("a block", one_block), ("small", 1000), ("empty", 0)] {
+    let cases = [("shorter", size - 70_000), ("longer", size + 700_000), ("a block", one_block), ("small", 1000), ("empty", 0)];
+    for (name, to) in cases.into_iter().chain([("shared", size - 70_000), ("shared, longer", size + 700_000)]) {
         let ino = closed_file(&t, ROOT, name, &base);
+        let shared = name.starts_with("shared");
+        let reader = shared.then(|| match t.open(ino, false, false, true).unwrap() {
+            (fh, OpenIo::Passthrough { register: Some(backing) }) => (fh, backing),
+            _ => panic!("{name}: the reader's open did not pass through"),
+        });
         let attr = t.setattr(ino, 0, SetAttr { size: Some(to as u64), ..Default::default() }).unwrap();
         assert_eq!(attr.size, to as u64, "{name}");
         let mut want = base.clone();
@@ -1218,11 +1227,16 @@ fn a_large_file_truncated_by_its_name_keeps_the_right_bytes() {
         {
             let st = t.lock();
             let i = st.inode(ino).unwrap();
-            assert_eq!((i.writers, i.open, i.work.is_some()), (0, 0, false), "{name}: committed, no handle left");
+            assert_eq!((i.writers, i.open, i.work.is_some()), (0, shared as u32, false), "{name}: committed, no handle left but the reader's");
             assert_eq!(i.version().unwrap().content, Content::File { hash: h.clone(), size: to as u64 }, "{name}");
         }
         assert!(read_whole_file(&t, ino) == want, "{name}");
-        if to > one_block {
+        if let Some((fh, backing)) = reader {
+            let mut seen = Vec::new();
+            std::io::Read::read_to_end(&mut &*backing, &mut seen).unwrap();
+            assert!(seen == want, "{name}: the passthrough reader sees the truncated file");
+            t.release(fh).unwrap();
+        } else if to > one_block {
             assert!(t.store().is_patched(&h), "{name}: kept as a patch over the old content");
         }
     }
