@@ -1133,6 +1133,11 @@ impl ContentStore {
         }
         self.write_out_if_patched(h)?;
         let leaves = crate::leaves::leaves_of_file(&self.blob_path(h))?;
+        // A blob a writer took meanwhile (`detach_for_work`) was read in part as other
+        // bytes: leaves cached wrong would name every version written over them wrongly.
+        if !self.size_of(h).is_some_and(|size| crate::leaves::verify(&leaves, size, h)) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("the leaves read from blob {h} do not make its hash")));
+        }
         self.save_leaves(h, &leaves);
         Ok(leaves)
     }

@@ -281,6 +281,25 @@ impl State {
         Some(WorkToHash { work, stamp, detached, overlay: self.overlay_view(ino) })
     }
 
+    /// Forgets the uncommitted work file of `ino` and takes the committed version's size
+    /// and mtime back (what the database holds for a file being written: `Inode::row`),
+    /// if no writer has it and it is not a detached passthrough file (its readers read
+    /// those bytes: they stay, and `gc` commits them). The committed content is still in
+    /// the store. In memory only: the file's record of being written stays until its
+    /// next commit (a restart sends its committed version again: harmless).
+    pub(super) fn forget_uncommitted(&mut self, ino: u64, store: &ContentStore) {
+        let Some(i) = self.inodes.get_mut(&ino).filter(|i| i.writers == 0 && !i.detached) else {
+            return;
+        };
+        let Some(work) = i.work.take() else {
+            return;
+        };
+        if let Some(c) = i.committed.take() {
+            (i.size, i.mtime) = (c.size, c.mtime);
+        }
+        self.discard_work_file(ino, &work, store);
+    }
+
     pub(super) fn new_work_stamp(&mut self) -> u64 {
         self.last_work_stamp += 1;
         self.last_work_stamp

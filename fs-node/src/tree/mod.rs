@@ -620,22 +620,46 @@ impl Tree {
         self.atomically_locked(self.lock(), f)
     }
 
-    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         let before = st.outbox.len();
-        let mut result = self.transaction(&mut st, &mut f);
-        // A full disk: once room is made, the operation is tried once more.
+        let result = self.transaction_making_room(&mut st, f);
+        self.let_go(st, before);
+        result
+    }
+
+    /// `atomically`, and should `f` fail, `undo` under the same hold of the lock (nothing
+    /// else changes the tree between them) and outside any transaction: what `undo`
+    /// changes is the tree in memory only, back to what the database still holds.
+    fn atomically_or_undo<T>(&self, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>, undo: impl FnOnce(&mut State, &ContentStore)) -> FsResult<T> {
+        let mut st = self.lock();
+        let before = st.outbox.len();
+        let result = self.transaction_making_room(&mut st, f);
+        if result.is_err() {
+            undo(&mut st, &self.store);
+        }
+        self.let_go(st, before);
+        result
+    }
+
+    /// `transaction`; on a full disk, once room is made, `f` is tried once more.
+    fn transaction_making_room<T>(&self, st: &mut State, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+        let result = self.transaction(st, &mut f);
         if let Err(e @ (FsError::NoSpace | FsError::DbFull)) = &result {
-            if self.make_room(&mut st, matches!(e, FsError::DbFull)) {
-                result = self.transaction(&mut st, &mut f);
+            if self.make_room(st, matches!(e, FsError::DbFull)) {
+                return self.transaction(st, &mut f);
             }
         }
+        result
+    }
+
+    /// Lets go of the tree lock; wakes the broker link if the outbox grew past `before`.
+    fn let_go(&self, st: MutexGuard<'_, State>, before: usize) {
         let grew = st.outbox.len() > before;
         drop(st);
         if grew {
             tracing::debug!(target: "timing", "outbox grew");
             self.outbox_ready.notify_one();
         }
-        result
     }
 
     fn transaction<T>(&self, st: &mut State, f: &mut impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {

@@ -30,7 +30,7 @@ impl Tree {
     pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         match a.size {
             Some(size) if self.truncation_commits_large(ino, size) => self.truncate_hashing_outside_lock(ino, req_uid, a),
-            _ => self.set_attributes(ino, req_uid, a, CommitNow::Yes),
+            _ => Ok(self.set_attributes(ino, req_uid, a, CommitNow::Yes)?.0),
         }
     }
 
@@ -45,23 +45,29 @@ impl Tree {
     /// truncate(2) of a large file: truncated in one transaction, left uncommitted (as
     /// a writer's file is until its close), hashed outside the tree lock, and committed
     /// with that hash in another transaction, as a close is (`flush`). A writer who
-    /// opened the file meanwhile commits it at its own close instead; should the commit
-    /// fail, the error is the caller's, and `gc` tries it again.
+    /// opened the file meanwhile commits it at its own close instead. Should the commit
+    /// fail, the truncation is undone, as the one transaction it was once would have
+    /// been (`State::forget_uncommitted`), and the caller gets the error.
     fn truncate_hashing_outside_lock(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
-        self.set_attributes(ino, req_uid, a, CommitNow::No)?;
+        let (_, stamp) = self.set_attributes(ino, req_uid, a, CommitNow::No)?;
         let prehashed = self.hash_outside_lock(|st| st.work_to_hash(ino));
-        self.atomically(|st, store| {
-            let i = st.inode(ino)?;
-            if i.writers == 0 && i.nlink > 0 && i.work.is_some() {
-                st.commit_work(ino, store, prehashed.as_ref())?;
-            }
-            Ok(st.inode(ino)?.attr())
-        })
+        self.atomically_or_undo(
+            |st, store| {
+                let i = st.inode(ino)?;
+                // (written since by a writer come meanwhile: that writer's to commit)
+                if i.work_stamp == stamp && i.writers == 0 && i.nlink > 0 && i.work.is_some() {
+                    st.commit_work(ino, store, prehashed.as_ref())?;
+                }
+                Ok(st.inode(ino)?.attr())
+            },
+            |st, store| st.forget_uncommitted(ino, store),
+        )
     }
 
     /// `setattr`: every change of the attributes in one transaction; with no writer, a
-    /// truncation is committed in it unless `commit` says not yet.
-    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<Attr> {
+    /// truncation is committed in it unless `commit` says not yet. Also returns the work
+    /// file's stamp once it ended.
+    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<(Attr, u64)> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
@@ -118,7 +124,8 @@ impl Tree {
                 st.save(ino)?;
                 st.record_put_all_links(ino)?;
             }
-            Ok(st.inode(ino)?.attr())
+            let i = st.inode(ino)?;
+            Ok((i.attr(), i.work_stamp))
         };
         match a.size {
             Some(size) => self.atomically_with_copy(self.ready_for_change(ino, size > 0), change),

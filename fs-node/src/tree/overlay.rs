@@ -274,16 +274,18 @@ impl State {
     /// without it: the block kept is copied in, and the overlay goes.
     pub(super) fn set_work_len(&mut self, ino: u64, work: &File, len: u64) -> FsResult<()> {
         match self.overlay_mut(ino) {
-            Some(o) if len > BLOCK => return Ok(o.set_len(len)?),
+            Some(o) if len > BLOCK => Ok(o.set_len(len)?),
             Some(o) => {
                 if len > 0 {
                     o.fill_block(0)?;
                 }
+                // (cut first: should that fail, the overlay still reads the other blocks)
+                work.set_len(len)?;
                 self.overlays.remove(&ino);
+                Ok(())
             }
-            None => {}
+            None => Ok(work.set_len(len)?),
         }
-        Ok(work.set_len(len)?)
     }
 
     /// Reads `ino`'s file through its overlay, if its work file has one.
