@@ -367,26 +367,56 @@ impl SmallContents {
         self.size_from("removing", "DELETE FROM contents WHERE hash = ?1 RETURNING length(bytes)", h)
     }
 
+    /// The contents written before `before` (ms) that the redo log holds: they go into
+    /// the table first (a fold that fails, on a full disk, leaves them to a later
+    /// sweep). A content the log holds then is not swept: its row may be a fold's that
+    /// committed unseen, and the log's memory answers for it until that fold is seen.
+    fn in_log_folding_old(&self, before: i64) -> std::collections::HashSet<ContentHash> {
+        let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
+        match logged.as_mut() {
+            Some(l) => {
+                if l.journal.newest_first().any(|p| p.at_ms <= before) {
+                    if let Err(e) = l.fold_all() {
+                        tracing::warn!("sweeping small contents: folding their redo log: {e}");
+                    }
+                }
+                l.pending.keys().cloned().collect()
+            }
+            None => Default::default(),
+        }
+    }
+
+    /// Removes those of `candidates` written at least `min_age` ago (as `sweep` would):
+    /// a look for each, not a walk of the table; returns what went.
+    pub fn remove_old(&self, candidates: &std::collections::HashSet<ContentHash>, min_age: std::time::Duration) -> Vec<ContentHash> {
+        let before = now_ms() - min_age.as_millis() as i64;
+        let in_log = self.in_log_folding_old(before);
+        let removed = self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut gone = Vec::new();
+            {
+                let mut delete = tx.prepare_cached("DELETE FROM contents WHERE hash = ?1 AND at_ms <= ?2")?;
+                for h in candidates.iter().filter(|h| !in_log.contains(*h)) {
+                    if delete.execute(params![h.as_bytes(), before])? > 0 {
+                        gone.push(h.clone());
+                    }
+                }
+            }
+            tx.commit()?;
+            Ok(gone)
+        });
+        match removed {
+            Ok(gone) => gone.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!("removing small contents: {e:#}");
+                Vec::new()
+            }
+        }
+    }
+
     pub fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, remove: bool) -> Vec<ContentHash> {
         let before = now_ms() - min_age.as_millis() as i64;
-        // Contents still in the redo log old enough to be swept go into the table first
-        // (a fold that fails, on a full disk, leaves them to a later sweep). A content
-        // the log holds then is not swept: its row may be a fold's that committed
-        // unseen, and the log's memory answers for it until that fold is seen.
-        let in_log: std::collections::HashSet<ContentHash> = {
-            let mut logged = self.logged.lock().unwrap_or_else(|p| p.into_inner());
-            match logged.as_mut() {
-                Some(l) => {
-                    if l.journal.newest_first().any(|p| p.at_ms <= before) {
-                        if let Err(e) = l.fold_all() {
-                            tracing::warn!("sweeping small contents: folding their redo log: {e}");
-                        }
-                    }
-                    l.pending.keys().cloned().collect()
-                }
-                None => Default::default(),
-            }
-        };
+        let in_log = self.in_log_folding_old(before);
         let mut after: Vec<u8> = Vec::new();
         let mut out = Vec::new();
         loop {

@@ -1306,18 +1306,36 @@ impl ContentStore {
         self.sweep(&|h| !keep.contains(h), min_age, Sweep::List)
     }
 
-    /// Removes those of `gone` that `gc` may remove (older than `min_age`; a blob under a
-    /// patched content that stays, stays); returns how many were removed.
+    /// Removes those of `gone` older than `min_age` (but a blob that is the base of a
+    /// patched content that stays), as a sweep would: the GC's second pass, under the
+    /// tree's lock, so it looks at `gone` and at the patched contents (those of large
+    /// files written in place, and kept versions), never at the whole store.
     pub fn remove_unused(&self, gone: &HashSet<ContentHash>, min_age: std::time::Duration) -> usize {
-        self.sweep(&|h| gone.contains(h), min_age, Sweep::Remove).len()
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        let bases = self.sweep_patched(&|h| gone.contains(h), min_age, Sweep::Remove, &mut Vec::new());
+        let mut removed = 0;
+        for h in gone.iter().filter(|h| **h != Self::empty_hash() && !bases.contains(*h)) {
+            let path = self.blob_path(h);
+            let old = std::fs::metadata(&path).and_then(|m| m.modified()).is_ok_and(|t| t.elapsed().unwrap_or_default() >= min_age);
+            if old && std::fs::remove_file(&path).is_ok() {
+                self.remove_cache_files(h);
+                removed += 1;
+            }
+        }
+        removed + self.small.remove_old(gone, min_age).len()
     }
 
-    /// The contents older than `min_age` that `unused` says go, but a blob that is the
-    /// base of a patched content that stays: removed (`Sweep::Remove`) or only listed.
-    fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, how: Sweep) -> Vec<ContentHash> {
+    /// The patched contents older than `min_age` that `unused` says go: pushed to
+    /// `out`, and removed with their cache files (`Sweep::Remove`). Returns the bases of
+    /// those that stay (the caller holds the patching lock).
+    fn sweep_patched(
+        &self,
+        unused: &dyn Fn(&ContentHash) -> bool,
+        min_age: std::time::Duration,
+        how: Sweep,
+        out: &mut Vec<ContentHash>,
+    ) -> HashSet<ContentHash> {
         let remove = how == Sweep::Remove;
-        let mut out = Vec::new();
-        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
         let mut bases = HashSet::new();
         for (h, p, age) in self.patched.all() {
             if age >= min_age && unused(&h) && (!remove || self.patched.remove(&h)) {
@@ -1332,6 +1350,16 @@ impl ContentStore {
         if remove {
             self.patched.remove_orphans(min_age);
         }
+        bases
+    }
+
+    /// The contents older than `min_age` that `unused` says go, but a blob that is the
+    /// base of a patched content that stays: removed (`Sweep::Remove`) or only listed.
+    fn sweep(&self, unused: &dyn Fn(&ContentHash) -> bool, min_age: std::time::Duration, how: Sweep) -> Vec<ContentHash> {
+        let remove = how == Sweep::Remove;
+        let mut out = Vec::new();
+        let _held = self.patching.lock().unwrap_or_else(|p| p.into_inner());
+        let bases = self.sweep_patched(unused, min_age, how, &mut out);
         if let Ok(dir) = std::fs::read_dir(&self.blobs) {
             for e in dir.flatten() {
                 let name = e.file_name();
@@ -1465,5 +1493,30 @@ mod tests {
         });
         assert!(BlobReader::wait_for_removed(std::time::Duration::from_secs(10)), "the wait ends when the reader closes");
         closer.join().unwrap();
+    }
+
+    /// The GC's second pass removes, of what it is given, what a sweep would (old enough,
+    /// whole or as a row), and nothing else: an unused content it was not given stays.
+    #[test]
+    fn removing_unused_contents_takes_only_the_old_ones_it_is_given() {
+        use std::time::{Duration, SystemTime};
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let hour_old = |h: &ContentHash| {
+            let f = File::options().write(true).open(store.blob_path(h)).unwrap();
+            f.set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
+        };
+        let [old_blob, young_blob, old_blob_not_given] = [1u8, 2, 3].map(|n| put_bytes(&store, &vec![n; 100_000]).unwrap());
+        hour_old(&old_blob);
+        hour_old(&old_blob_not_given);
+        let [row, row_not_given] = [b"one small".as_slice(), b"another small"].map(|b| put_bytes(&store, b).unwrap());
+        assert!(store.is_small(&row));
+        let given: HashSet<ContentHash> = [&old_blob, &young_blob, &row].into_iter().cloned().collect();
+        assert_eq!(store.remove_unused(&given, Duration::from_secs(60)), 1, "only the old blob: the row is new too");
+        assert!(!store.has(&old_blob));
+        assert!(store.has(&young_blob) && store.has(&old_blob_not_given) && store.has(&row));
+        assert_eq!(store.remove_unused(&given, Duration::ZERO), 2, "with no minimum age: the young blob and the row");
+        assert!(!store.has(&young_blob) && !store.has(&row));
+        assert!(store.has(&old_blob_not_given) && store.has(&row_not_given), "what it was not given stays");
     }
 }
