@@ -401,11 +401,12 @@ impl Db {
     pub fn folds(&self) -> u64 {
         self.redo.borrow().journal.folds()
     }
-    /// Makes every committed transaction durable against a power loss: what was folded
-    /// is (a fold's commit is flushed), and both log files are flushed (the other one
-    /// holds the writes of a fold under way, or folded ones).
-    pub fn sync(&self) -> rusqlite::Result<()> {
-        self.redo.borrow().journal.sync().map_err(log_failure)
+    /// Handles of the redo log's files: flushing both (`sync_data`), also later and
+    /// without the database (or the tree's lock), makes durable against a power loss
+    /// every transaction committed before this call (what was folded is: a fold's
+    /// commit is flushed; the other file holds the writes of a fold under way).
+    pub fn log_handles(&self) -> std::io::Result<[std::fs::File; 2]> {
+        self.redo.borrow().journal.handles()
     }
 
     /// Closes the database file as a dead process would leave it (committed

@@ -305,15 +305,10 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.folds
     }
 
-    /// Makes every append durable against a power loss: what was folded is (a fold's
-    /// commit is flushed), and both log files are flushed (the other one holds the
-    /// writes of a fold under way, or folded ones).
-    pub fn sync(&self) -> std::io::Result<()> {
-        self.logs.iter().try_for_each(|log| log.sync())
-    }
-
-    /// Handles of both log files: flushing them (`sync_data`) later, without holding the
-    /// journal, makes durable every append made before this call.
+    /// Handles of both log files: flushing them (`sync_data`), also later and without
+    /// holding the journal, makes durable against a power loss every append made before
+    /// this call (what was folded is: a fold's commit is flushed; the other file holds
+    /// the writes of a fold under way, or folded ones).
     pub fn handles(&self) -> std::io::Result<[std::fs::File; 2]> {
         Ok([self.logs[0].handle()?, self.logs[1].handle()?])
     }

@@ -637,7 +637,12 @@ impl Tree {
         if let Some(h) = hash {
             self.store.sync_blob(&h)?;
         }
-        self.lock().db.sync()?;
+        // The node database's redo log, flushed without the lock too (a flush can wait
+        // long for a busy disk; the mount goes on meanwhile).
+        let logs = self.lock().db.log_handles()?;
+        for log in logs {
+            log.sync_data()?;
+        }
         Ok(())
     }
 
