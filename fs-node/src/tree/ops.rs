@@ -539,15 +539,19 @@ impl Tree {
         Some(CopyAhead(hash, copy))
     }
 
-    /// `atomically`, `ahead` (a copy made for a detach) at hand for the transaction's
-    /// first try (`State::copy_ahead`), dropped after it if unused.
+    /// `atomically`, `ahead` (a copy made for a detach) at hand for the transaction
+    /// (`State::copy_ahead`; also for its second try, on a full disk, if the first left
+    /// it unused). One left unused is removed after the lock is let go: a large file's
+    /// removal takes its time.
     fn atomically_with_copy<T>(&self, mut ahead: Option<CopyAhead>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
-        self.atomically(|st, store| {
+        let done = self.atomically(|st, store| {
             st.copy_ahead = ahead.take();
             let done = f(st, store);
-            st.copy_ahead = None;
+            ahead = st.copy_ahead.take();
             done
-        })
+        });
+        drop(ahead);
+        done
     }
 
     /// Whether the release of `fh` commits a large file: the close of the last writer
