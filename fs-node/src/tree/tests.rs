@@ -566,6 +566,31 @@ fn sent_paths(t: &Tree) -> Vec<String> {
     rows.iter().map(|r| r.change.path.to_string()).collect()
 }
 
+/// A sync sends the paths the manager did not name and no change of this node queues,
+/// parents before what they hold; a path the manager named, one queued, a file being
+/// written and a FIFO (local only) are not sent.
+#[test]
+fn a_sync_sends_the_unknown_paths_outermost_first() {
+    let (_dir, t, d) = tree_with_dir();
+    let e = t.mkdir(d, OsStr::new("e"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, e, "deep", b"deep");
+    closed_file(&t, d, "known", b"known");
+    closed_file(&t, ROOT, "top", b"top");
+    t.mknod(ROOT, OsStr::new("fifo"), libc::S_IFIFO | 0o644, 0, 0, 0).unwrap();
+    let (_, writing) = t.create(ROOT, OsStr::new("writing"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    sent_paths(&t);
+    closed_file(&t, ROOT, "queued", b"queued");
+    let known: HashSet<RelPath> = ["d/known"].iter().map(|p| RelPath::new(p.to_string()).unwrap()).collect();
+    assert_eq!(t.push_unknown(&known).unwrap(), 4, "d, d/e, d/e/deep and top");
+    let sent = sent_paths(&t);
+    let at = |p: &str| sent.iter().position(|s| s == p).unwrap_or_else(|| panic!("{p} not sent: {sent:?}"));
+    assert!(at("d") < at("d/e") && at("d/e") < at("d/e/deep"), "outermost first: {sent:?}");
+    at("top");
+    at("queued");
+    assert_eq!(sent.len(), 5, "nothing else: {sent:?}");
+    t.release(writing).unwrap();
+}
+
 /// An ignored path is never sent and never overwritten or removed by the manager's
 /// state; a rule added later leaves what it now ignores where it is; a rule removed
 /// later sends what it ignored, based on the revision it had; the rules survive a
