@@ -2,7 +2,9 @@
 //! 100,000): files of 1 KiB in directories of 1,000, written through node A's mount; the
 //! create rate per tenth of the tree (it must not fall as the tree grows); how long after
 //! the last close node B has every file; `find` over the whole tree on the mount and on
-//! a native copy; a new node C joining, until its mount shows every file; and the
+//! a native copy; a new node C joining, until its mount shows every file; a sync of node
+//! A over the whole tree (`syncctl sync`) while small files are written on its mount one
+//! after another (the longest of them: how long the sync held the mount); and the
 //! memory and database size each file costs the nodes and the manager.
 
 use std::path::Path;
@@ -129,6 +131,7 @@ pub fn run(c: &mut Cluster, n: usize) {
         joined.elapsed().as_secs_f64()
     );
     let c_rss = cnode.rss().unwrap_or_default();
+    sync_while_writing(&c.nodes[0]);
     println!("| at rest, {n} files | before the tree | with the tree | per file |");
     println!("|---|---|---|---|");
     let rows = [
@@ -143,4 +146,33 @@ pub fn run(c: &mut Cluster, n: usize) {
     for (what, before, after) in rows {
         println!("| {what} | {:.1} MiB | {:.1} MiB | {:.0} bytes |", mib(before), mib(after), (after as f64 - before as f64) / n as f64);
     }
+}
+
+/// `syncctl sync` on node `n`, timed, while small files are created, written and closed
+/// on its mount one after another; prints the sync's time and the slowest small file.
+fn sync_while_writing(n: &NodeProc) {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let (took, probes) = std::thread::scope(|s| {
+        let sync = s.spawn(|| {
+            let t = Instant::now();
+            let (ok, _, err) = n.syncctl(&["sync"]);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            assert!(ok, "syncctl sync: {err}");
+            t.elapsed()
+        });
+        let mut probes = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::SeqCst) {
+            let t = Instant::now();
+            std::fs::write(n.mount.join(format!("probe-{}", probes.len())), [1u8; 4096]).expect("a small file");
+            probes.push(t.elapsed());
+        }
+        (sync.join().unwrap(), probes)
+    });
+    let longest = probes.iter().max().copied().unwrap_or_default();
+    println!(
+        "- a sync of node A over the whole tree took {:.2} s; {} small files written on A meanwhile, the longest {:.1} ms",
+        took.as_secs_f64(),
+        probes.len(),
+        longest.as_secs_f64() * 1e3
+    );
 }
