@@ -2,7 +2,8 @@
 # cluster_start BIN DIR NODE... starts a fresh vhost, the manager of BIN and a node per
 # name (mounted at DIR/NAME, data in DIR/data-NAME) and waits until each serves; the
 # pids go to CLUSTER_PIDS (manager first, then the nodes in order). cluster_stop DIR
-# stops them, unmounts and removes the vhost.
+# stops them, unmounts and removes the vhost. on_one_node_clusters FN BIN_DIR... runs
+# `FN BIN DIR` for each build dir against a fresh cluster of one node (a) of its own.
 cluster_start() {
   local bin=$1 dir=$2 n
   shift 2
@@ -24,4 +25,16 @@ cluster_stop() {
   kill "${CLUSTER_PIDS[@]}" 2>/dev/null; wait "${CLUSTER_PIDS[@]}" 2>/dev/null
   for n in "${CLUSTER_NODES[@]}"; do umount "$dir/$n" 2>/dev/null; done
   rabbitmqctl -q delete_vhost "$CLUSTER_VHOST"
+}
+
+on_one_node_clusters() {
+  local fn=$1 bin d
+  shift
+  for bin in "$@"; do
+    bin=$(realpath "$bin") d=$(mktemp -d)
+    cluster_start "$bin" "$d" a
+    "$fn" "$bin" "$d"
+    cluster_stop "$d"
+    rm -rf "$d"
+  done
 }

@@ -17,9 +17,8 @@ SIZE=1024
 while getopts s: o; do case $o in s) SIZE=$OPTARG ;; *) exit 2 ;; esac; done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-s SIZE_MIB] BIN_DIR..." >&2; exit 2; }
-for bin in "$@"; do
-  bin=$(realpath "$bin") d=$(mktemp -d)
-  cluster_start "$bin" "$d" a
+stall() {
+  local bin=$1 d=$2
   echo "$bin:"
   python3 - "$d/a" "$d/data-a" "$SIZE" <<'PY'
 import glob, os, sys, threading, time
@@ -59,6 +58,5 @@ for p in glob.glob(f"{data}/chunks/*.leaves"):
     os.remove(p)
 measured("no-leaves", lambda: write_in_middle(big))
 PY
-  cluster_stop "$d"
-  rm -rf "$d"
-done
+}
+on_one_node_clusters stall "$@"

@@ -13,9 +13,8 @@ SIZE=1024
 while getopts s: o; do case $o in s) SIZE=$OPTARG ;; *) exit 2 ;; esac; done
 shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-s SIZE_MIB] BIN_DIR..." >&2; exit 2; }
-for bin in "$@"; do
-  bin=$(realpath "$bin") d=$(mktemp -d)
-  cluster_start "$bin" "$d" a
+stall() {
+  local bin=$1 d=$2
   echo "$bin: $(python3 - "$d/a" "$d/data-a/tmp" "$SIZE" <<'PY'
 import os, sys, threading, time
 mnt, tmp, size = sys.argv[1], sys.argv[2], int(sys.argv[3])
@@ -48,6 +47,5 @@ th.start(); copying(); s2 = small("during-close"); th.join()
 print(f"writer's open {out['open']:.3f} s, a small file meanwhile {s1 * 1000:.1f} ms; writer's close {out['close']:.3f} s, a small file meanwhile {s2 * 1000:.1f} ms")
 PY
 )"
-  cluster_stop "$d"
-  rm -rf "$d"
-done
+}
+on_one_node_clusters stall "$@"
