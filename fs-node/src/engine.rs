@@ -361,6 +361,7 @@ impl<R> Engine<R> {
     ) -> EngineResult<Vec<Applied>> {
         let mut out = Vec::with_capacity(items.len());
         for group in items.chunks(APPLY_AT_ONCE) {
+            self.tree.yield_to_waiters();
             let applied = match all(&self.tree, group) {
                 Ok(a) => a,
                 Err(e) => {

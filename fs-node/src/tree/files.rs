@@ -47,7 +47,7 @@ impl State {
         self.save(ino)?;
         if kind == Kind::File {
             let w = Arc::new(store.new_work_file(ino, None)?);
-            self.inode_mut(ino)?.set_work(w, false);
+            self.set_work(ino, w, false)?;
             self.db.set_writing(ino, true)?;
         } else if kind.synced() {
             self.record_put(parent, name, ino)?;
@@ -242,7 +242,7 @@ impl State {
                 };
                 match over {
                     Some(w) => {
-                        self.inode_mut(ino)?.set_work(w.clone(), false);
+                        self.set_work(ino, w.clone(), false)?;
                         self.db.set_writing(ino, true)?;
                         return Ok(w);
                     }
@@ -251,7 +251,7 @@ impl State {
             }
         };
         let w = Arc::new(w);
-        self.inode_mut(ino)?.set_work(w.clone(), detached);
+        self.set_work(ino, w.clone(), detached)?;
         self.db.set_writing(ino, true)?;
         Ok(w)
     }
@@ -297,6 +297,7 @@ impl State {
         if let Some(c) = i.committed.take() {
             (i.size, i.mtime) = (c.size, c.mtime);
         }
+        self.with_work.remove(&ino);
         self.discard_work_file(ino, &work, store);
     }
 
@@ -356,12 +357,17 @@ impl State {
         if self.inode(ino)?.work.is_none() {
             self.db.set_writing(ino, false)?;
         }
+        self.note_taken(&hash);
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;
         // A passthrough writer still open keeps writing: what was just committed is
         // the version a crash would come back to.
         i.committed = i.work.is_some().then(|| i.current());
+        if i.work.is_none() {
+            self.with_work.remove(&ino);
+        }
+        let i = self.inode(ino)?;
         if i.nlink == 0 {
             return Ok(());
         }

@@ -352,6 +352,17 @@ struct State {
     /// pruned when walked, so that dropping the handles on one content does not walk
     /// every inode.
     with_blob: HashSet<u64>,
+    /// Inodes that may have a work file (`Inode::work`): a superset (an inode goes when a
+    /// commit or `forget_uncommitted` drops its work file, and the rest when walked,
+    /// in `Tree::commit_unsaved`), so that looking for files a failed commit left
+    /// unsaved does not walk every inode.
+    with_work: HashSet<u64>,
+    /// The GC round under way, if any (`Tree::gc_candidates`): it lists the contents in
+    /// use a part of the tree at a time, and spares at its removal what files and queued
+    /// changes took meanwhile.
+    gc_round: Option<sync::GcRound>,
+    /// The last GC round's number (`gc_round`).
+    last_gc_round: u64,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -400,6 +411,9 @@ pub struct Prehashed {
 
 pub struct Tree {
     state: Mutex<State>,
+    /// Threads waiting for `state`'s lock (`lock`): a long pass that takes the lock a
+    /// part at a time lets them have it between its parts (`yield_to_waiters`).
+    lock_waiters: std::sync::atomic::AtomicUsize,
     store: ContentStore,
     /// Woken whenever the outbox grows.
     pub outbox_ready: Arc<tokio::sync::Notify>,
@@ -545,6 +559,9 @@ impl Tree {
             last_work_stamp: 0,
             ignore: IgnoreRules::default(),
             with_blob: HashSet::new(),
+            with_work: HashSet::new(),
+            gc_round: None,
+            last_gc_round: 0,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,
@@ -558,7 +575,7 @@ impl Tree {
         let mut state = state;
         state.load_ignore_rules(&store);
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
-        let tree = Tree { state: Mutex::new(state), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
+        let tree = Tree { state: Mutex::new(state), lock_waiters: Default::default(), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over
         // another path above all, while its put waited for the last close that never
@@ -609,7 +626,29 @@ impl Tree {
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        use std::sync::{atomic::Ordering, TryLockError};
+        match self.state.try_lock() {
+            Ok(st) => st,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                self.lock_waiters.fetch_add(1, Ordering::SeqCst);
+                let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
+                st
+            }
+        }
+    }
+
+    /// Called by a long pass between its parts, the lock let go: lets the threads that
+    /// wait for the lock have it first (for a few milliseconds at most). The lock is not
+    /// fair: without this, the pass takes it back at once, before a woken waiter runs,
+    /// and holds the mount as long as if it never let go.
+    pub(crate) fn yield_to_waiters(&self) {
+        use std::sync::atomic::Ordering;
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(5);
+        while self.lock_waiters.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
+            std::thread::yield_now();
+        }
     }
 
     /// Runs `f` in one database transaction; wakes the broker link if the outbox grew.

@@ -20,9 +20,19 @@ impl State {
         self.inodes.get_mut(&ino).map(|i| &mut **i).ok_or(FsError::NotFound)
     }
 
+    /// Makes `w` the work file of `ino` (`Inode::set_work`).
+    pub(super) fn set_work(&mut self, ino: u64, w: Arc<File>, detached: bool) -> FsResult<()> {
+        self.inode_mut(ino)?.set_work(w, detached);
+        self.with_work.insert(ino);
+        Ok(())
+    }
+
     /// Adds an inode the transaction made.
     pub(super) fn add_inode(&mut self, i: Inode) {
         let ino = i.ino;
+        if let Some(h) = &i.hash {
+            self.note_taken(h);
+        }
         if let Some(j) = &mut self.journal {
             j.saved.insert(ino);
             j.undo.push(Undo::Inode(ino, None));
@@ -92,6 +102,9 @@ impl State {
                         None => {
                             self.inodes.insert(ino, Box::new(before));
                         }
+                    }
+                    if self.inodes.get(&ino).is_some_and(|i| i.work.is_some()) {
+                        self.with_work.insert(ino);
                     }
                 }
                 Undo::Child { parent, name, old } => {
@@ -167,6 +180,9 @@ impl State {
     }
 
     pub(super) fn set_outbox_row(&mut self, seq: i64, row: Option<OutboxRow>) -> Option<OutboxRow> {
+        if let Some(h) = row.as_ref().and_then(|r| sync::queued_content(&r.change.op)) {
+            self.note_taken(h);
+        }
         let old = self.outbox.set(seq, row);
         self.record(|| Undo::Outbox(seq, old.clone()));
         old

@@ -8,6 +8,47 @@ use super::*;
 /// moment ago may not be in the tree yet.
 const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// How many inodes (or queued changes) the GC lists per hold of the tree's lock.
+const GC_LIST_PART: usize = 8_192;
+
+/// A GC round under way (`State::gc_round`).
+pub(super) struct GcRound {
+    id: u64,
+    /// The contents files and queued changes took since the round began listing.
+    taken: HashSet<ContentHash>,
+}
+
+/// What a GC round found unused, for its removal (`Tree::gc_remove`).
+pub(super) struct GcCandidates {
+    round: u64,
+    pub(super) hashes: HashSet<ContentHash>,
+}
+
+/// Whether an inode's content is in use. A removed file still known to the kernel (it
+/// has not sent FORGET yet) but open nowhere can never be read again: its content is not
+/// kept for it.
+fn live_file(i: &Inode) -> bool {
+    i.nlink > 0 || i.open > 0
+}
+
+/// The content a queued change puts, if it puts a file.
+pub(super) fn queued_content(op: &ChangeOp) -> Option<&ContentHash> {
+    match op {
+        ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } => Some(hash),
+        _ => None,
+    }
+}
+
+impl State {
+    /// A file or a queued change now uses `h`: a GC round under way must not remove it
+    /// (called wherever an inode or an outbox row gets a content).
+    pub(super) fn note_taken(&mut self, h: &ContentHash) {
+        if let Some(r) = &mut self.gc_round {
+            r.taken.insert(h.clone());
+        }
+    }
+}
+
 impl Tree {
     /// Outbox rows not yet handed to the broker link in this session, in order; marks
     /// them handed over.
@@ -159,6 +200,7 @@ impl Tree {
         };
         let (mut dirs, mut pushed) = (vec![ROOT], 0);
         while let Some(dir) = dirs.pop() {
+            self.yield_to_waiters();
             let to_push: Vec<(OsString, u64)> = {
                 let st = self.lock();
                 let Some(d) = st.inodes.get(&dir) else { continue };
@@ -194,11 +236,13 @@ impl Tree {
     /// [`Tree::gc`], dropping kept versions' contents, oldest first, while the store's
     /// disk has less than `floor` bytes free (`kept.rs`).
     ///
-    /// The tree's lock is held for two short passes, not for the whole GC: the contents
-    /// in use are listed under it (a list is cheap to take; a set of a million is not, a
-    /// cache miss per insert), the set is made and the store walked outside it for what
-    /// nothing uses, and under the lock again those candidates alone are looked for
-    /// among the contents in use (a content a file took meanwhile stays) before they go.
+    /// The tree's lock is never held for a walk of the whole tree (at a million files, a
+    /// walk held the mount for about 0.1 s every minute): the contents in use are listed
+    /// a part of the tree at a time, the lock let go between; the set is made and the
+    /// store walked outside it for what nothing uses; and under the lock again those
+    /// candidates go, but for those a file or a queued change took since the listing
+    /// began (`State::note_taken`: a content taken meanwhile may have moved from a part
+    /// not listed yet into one listed already).
     pub fn gc_with_floor(&self, floor: u64) -> usize {
         self.commit_unsaved();
         self.store.ensure_reserve();
@@ -207,27 +251,73 @@ impl Tree {
     }
 
     /// The first phase of `gc_with_floor`: what nothing used when it looked.
-    pub(super) fn gc_candidates(&self, floor: u64) -> HashSet<ContentHash> {
-        let keep: HashSet<ContentHash> = {
+    pub(super) fn gc_candidates(&self, floor: u64) -> GcCandidates {
+        self.gc_candidates_in_parts(floor, GC_LIST_PART, || {})
+    }
+
+    /// `gc_candidates`, listing `part` inodes or queued changes per hold of the lock and
+    /// calling `between` after each (the tests change the tree there).
+    pub(super) fn gc_candidates_in_parts(&self, floor: u64, part: usize, mut between: impl FnMut()) -> GcCandidates {
+        let (round, mut inos, mut seqs) = {
             let mut st = self.lock();
             st.close_unreachable_blobs();
-            let mut listed: Vec<ContentHash> = Self::live_hashes(&st).cloned().collect();
-            listed.extend(self.kept_for_gc(&mut st, floor));
-            listed
+            st.last_gc_round += 1;
+            let round = st.last_gc_round;
+            st.gc_round = Some(GcRound { id: round, taken: HashSet::new() });
+            let inos: Vec<u64> = st.inodes.keys().copied().collect();
+            let seqs: Vec<i64> = st.outbox.rows().keys().copied().collect();
+            (round, inos, seqs)
+        };
+        inos.sort_unstable();
+        seqs.sort_unstable();
+        let mut listed: Vec<ContentHash> = Vec::new();
+        let (mut inos, mut seqs) = (inos.chunks(part.max(1)), seqs.chunks(part.max(1)));
+        loop {
+            let mut st = self.lock();
+            if let Some(part) = inos.next() {
+                listed.extend(part.iter().filter_map(|ino| st.inodes.get(ino)).filter(|i| live_file(i)).filter_map(|i| i.hash.clone()));
+            } else if let Some(part) = seqs.next() {
+                listed.extend(part.iter().filter_map(|seq| st.outbox.rows().get(seq)).filter_map(|r| queued_content(&r.change.op)).cloned());
+            } else {
+                listed.extend(self.kept_for_gc(&mut st, floor));
+                break;
+            }
+            drop(st);
+            self.yield_to_waiters();
+            between();
         }
-        .into_iter()
-        .collect();
-        self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect()
+        let keep: HashSet<ContentHash> = listed.into_iter().collect();
+        GcCandidates { round, hashes: self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect() }
     }
 
     /// The second phase: removes the candidates that nothing uses now.
-    pub(super) fn gc_remove(&self, candidates: &HashSet<ContentHash>) -> usize {
-        if candidates.is_empty() {
+    pub(super) fn gc_remove(&self, candidates: &GcCandidates) -> usize {
+        let mut st = self.lock();
+        let taken = match st.gc_round.take() {
+            Some(r) if r.id == candidates.round => Some(r.taken),
+            other => {
+                // Another round began since (two GCs at once): what this one's listing
+                // missed is not known; looked for in the whole tree, as it was before.
+                st.gc_round = other;
+                None
+            }
+        };
+        if candidates.hashes.is_empty() {
             return 0;
         }
-        let st = self.lock();
-        let taken: HashSet<&ContentHash> = Self::live_hashes(&st).chain(st.kept.keys()).filter(|h| candidates.contains(*h)).collect();
-        let gone: HashSet<ContentHash> = candidates.iter().filter(|h| !taken.contains(h)).cloned().collect();
+        let gone: HashSet<ContentHash> = match taken {
+            Some(taken) => candidates.hashes.iter().filter(|h| !taken.contains(*h) && !st.kept.contains_key(*h)).cloned().collect(),
+            None => {
+                let in_use: HashSet<&ContentHash> = Self::live_hashes(&st).chain(st.kept.keys()).filter(|h| candidates.hashes.contains(*h)).collect();
+                candidates.hashes.iter().filter(|h| !in_use.contains(h)).cloned().collect()
+            }
+        };
+        // (A walk of the whole tree, in debug builds only: the tests' check that every
+        // place a content is taken notes it.)
+        debug_assert!(
+            !Self::live_hashes(&st).any(|h| gone.contains(h)),
+            "the GC would remove a content in use: a place where a file or a queued change takes a content does not call `note_taken`"
+        );
         self.store.remove_unused(&gone, GC_MIN_AGE)
     }
 
@@ -235,7 +325,15 @@ impl Tree {
     /// committed (a full disk, a failing database: see `release`).
     pub(super) fn commit_unsaved(&self) {
         let unsaved = |i: &Inode| i.work.is_some() && i.writers == 0 && i.nlink > 0;
-        let inos: Vec<u64> = self.lock().inodes.values().filter(|i| unsaved(i)).map(|i| i.ino).collect();
+        let inos: Vec<u64> = {
+            let mut st = self.lock();
+            let st = &mut *st;
+            let inodes = &st.inodes;
+            st.with_work.retain(|ino| inodes.get(ino).is_some_and(|i| i.work.is_some()));
+            let mut inos: Vec<u64> = st.with_work.iter().copied().filter(|ino| inodes.get(ino).is_some_and(|i| unsaved(i))).collect();
+            inos.sort_unstable();
+            inos
+        };
         for ino in inos {
             let committed = self.atomically(|st, store| match st.inodes.get(&ino) {
                 Some(i) if unsaved(i) => st.commit_work(ino, store, None),
@@ -260,13 +358,8 @@ impl Tree {
 
     /// The contents files use or queued changes name (a content may come more than once).
     pub(super) fn live_hashes(st: &State) -> impl Iterator<Item = &ContentHash> {
-        // A removed file still known to the kernel (it has not sent FORGET yet) but open
-        // nowhere can never be read again: its content is not kept for it.
-        let files = st.inodes.values().filter(|i| i.nlink > 0 || i.open > 0).filter_map(|i| i.hash.as_ref());
-        let queued = st.outbox.rows().values().filter_map(|r| match &r.change.op {
-            ChangeOp::Put { version: Version { content: Content::File { hash, .. }, .. } } => Some(hash),
-            _ => None,
-        });
+        let files = st.inodes.values().filter(|i| live_file(i)).filter_map(|i| i.hash.as_ref());
+        let queued = st.outbox.rows().values().filter_map(|r| queued_content(&r.change.op));
         files.chain(queued)
     }
 

@@ -685,7 +685,7 @@ fn a_content_a_file_takes_while_the_gc_looks_stays() {
     let t = tree(dir.path());
     let h = old_blob(&t, b"nobody's yet");
     let candidates = t.gc_candidates(0);
-    assert!(candidates.contains(&h), "old and unused: a candidate");
+    assert!(candidates.hashes.contains(&h), "old and unused: a candidate");
     let version = Version { content: Content::File { hash: h.clone(), size: 12 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
     t.apply_remote(&Entry { path: RelPath::new("taken").unwrap(), rev: Revision(5), version: Some(version), holders: vec![] }).unwrap();
     assert_eq!(t.gc_remove(&candidates), 0);
@@ -696,6 +696,44 @@ fn a_content_a_file_takes_while_the_gc_looks_stays() {
     t.unlink(ROOT, OsStr::new("taken")).unwrap();
     t.gc();
     assert!(!t.store.has(&h), "an old content nothing uses goes");
+}
+
+/// The GC lists the contents in use a part of the tree at a time, the lock let go
+/// between: a content that moves meanwhile from a file not listed yet into one listed
+/// already (here `q`'s becomes `p`'s, and `q` goes) is missed by the listing, and stays.
+#[test]
+fn a_content_moving_between_files_while_the_gc_lists_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let moving = old_blob(&t, b"from q to p");
+    let first = old_blob(&t, b"p's first");
+    let file = |path: &str, rev: u64, hash: &ContentHash, size: u64| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { content: Content::File { hash: hash.clone(), size }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
+        holders: vec![],
+    };
+    t.apply_remote(&file("p", 1, &first, 9)).unwrap();
+    t.apply_remote(&file("q", 2, &moving, 11)).unwrap();
+    let ino = |name: &str| t.lookup(ROOT, OsStr::new(name)).unwrap().ino;
+    let (p, q) = (ino("p"), ino("q"));
+    assert!(ROOT < p && p < q, "listed in the order root, p, q");
+    let mut parts = 0;
+    let candidates = t.gc_candidates_in_parts(0, 1, || {
+        parts += 1;
+        if parts == 2 {
+            // p is listed (with its first content), q is not yet.
+            t.apply_remote(&file("p", 3, &moving, 11)).unwrap();
+            t.apply_remote(&Entry { path: RelPath::new("q").unwrap(), rev: Revision(4), version: None, holders: vec![] }).unwrap();
+        }
+    });
+    assert!(candidates.hashes.contains(&moving), "the listing saw the moving content in neither file");
+    assert_eq!(t.gc_remove(&candidates), 0, "p's first content was listed in use; the moving one is spared");
+    assert!(t.store.has(&moving), "the content p took meanwhile stays");
+    assert_eq!(read_all(&t, ino("p")).unwrap(), b"from q to p");
+    // The next round, listed at once, takes what nothing uses.
+    assert_eq!(t.gc(), 1);
+    assert!(!t.store.has(&first) && t.store.has(&moving));
 }
 
 fn keep_item(h: &ContentHash, size: u64, until_ms: i64) -> wire::KeepItem {
