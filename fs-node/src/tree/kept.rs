@@ -100,33 +100,35 @@ impl Tree {
     /// kept local for good, or for an on-demand file's content also another on-demand
     /// file's (`AtRestBases`: the cache evicts a base only with what is over it).
     pub fn keep_at_rest(&self, idle: std::time::Duration) -> usize {
-        let (candidates, left_alone, bases) = {
-            let mut st = self.lock();
-            let st = &mut *st;
-            let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
-            let track_all = st.residency.in_use();
+        let large = |size: u64| size >= crate::store::AT_REST_MIN_BYTES;
+        // One pass over the files, a part at a time (`visit_in_parts`): the large
+        // contents files have, those of files kept local for good, and when each was
+        // last active, `None` while a file with it is in use (open, being written,
+        // passed through; a removed file still open counts). A content never used since
+        // the node started counts from then.
+        let mut bases = AtRestBases::default();
+        let mut last_active: HashMap<ContentHash, Option<i64>> = HashMap::new();
+        let inos = self.lock().inodes.keys().copied().collect();
+        self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
+            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && large(i.size)) else { return };
+            let Some(h) = &i.hash else { return };
             // (Without pin rules, and not on demand, every path is local for good.)
             let local_for_good =
-                |i: &Inode| !track_all || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
-            // One pass over the files: the large contents files have, those of files kept
-            // local for good, and when each was last active, `None` while a file with it
-            // is in use (open, being written, passed through; a removed file still open
-            // counts). A content never used since the node started counts from then.
-            let mut bases = AtRestBases::default();
-            let mut last_active: HashMap<&ContentHash, Option<i64>> = HashMap::new();
-            for i in st.inodes.values().filter(|i| i.kind == Kind::File && large(i.size)) {
-                let Some(h) = &i.hash else { continue };
-                if i.nlink > 0 {
-                    bases.current.insert(h.clone());
-                    if local_for_good(i) {
-                        bases.for_good.insert(h.clone());
-                    }
+                || !st.residency.in_use() || i.links.iter().any(|(parent, name)| st.path_of(*parent, name).is_some_and(|p| st.residency.pinned(p.as_str())));
+            if i.nlink > 0 {
+                bases.current.insert(h.clone());
+                if local_for_good() {
+                    bases.for_good.insert(h.clone());
                 }
-                let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
-                let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
-                let active = last_active.entry(h).or_insert(Some(i64::MIN));
-                *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
             }
+            let used = st.last_used.get(h).copied().unwrap_or(st.loaded_ns);
+            let in_use = i.open > 0 || i.work.is_some() || i.passthrough.is_some();
+            let active = last_active.entry(h.clone()).or_insert(Some(i64::MIN));
+            *active = active.filter(|_| !in_use).map(|t| t.max(i.ctime).max(used));
+        });
+        let (candidates, left_alone) = {
+            let mut st = self.lock();
+            let st = &mut *st;
             let kept_large = st.kept.values().any(|k| large(k.size));
             if !kept_large && bases.current.is_empty() {
                 return 0;
@@ -136,13 +138,14 @@ impl Tree {
             let idle_before = st.env.now_ns().saturating_sub(i64::try_from(idle.as_nanos()).unwrap_or(i64::MAX));
             let mut left_alone: Vec<(i64, ContentHash)> = last_active
                 .into_iter()
-                .filter(|(h, _)| bases.current.contains(*h))
-                .filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h.clone())))
+                .filter(|(h, _)| bases.current.contains(h))
+                .filter_map(|(h, t)| t.filter(|t| *t <= idle_before).map(|t| (t, h)))
                 .collect();
             left_alone.sort_unstable();
             let left_alone: Vec<ContentHash> = left_alone.into_iter().map(|(_, h)| h).collect();
             // When a content was last used is kept for the large ones only (and for
             // every one the cache of on-demand files counts): what no file has goes.
+            let track_all = st.residency.in_use();
             st.last_used.retain(|h, _| track_all || bases.current.contains(h));
             let mut candidates: Vec<ContentHash> = Vec::new();
             if kept_large {
@@ -151,7 +154,7 @@ impl Tree {
             }
             candidates.extend(left_alone.iter().cloned());
             bases.kept = st.kept.keys().cloned().collect();
-            (candidates, left_alone, bases)
+            (candidates, left_alone)
         };
         let mut made = self.store.replace_unneeded_bases(&bases);
         if !made.is_empty() {
@@ -165,9 +168,17 @@ impl Tree {
         made.extend(left_alone);
         let let_go: HashSet<&ContentHash> = made.iter().collect();
         let mut st = self.lock();
-        for i in st.inodes.values_mut().filter(|i| i.open == 0 && i.blob.is_some() && i.hash.as_ref().is_some_and(|h| let_go.contains(h))) {
-            i.blob = None;
-        }
+        let st = &mut *st;
+        let inodes = &mut st.inodes;
+        st.with_blob.retain(|o| match inodes.get_mut(o) {
+            Some(i) if i.blob.is_some() => {
+                if i.open == 0 && i.hash.as_ref().is_some_and(|h| let_go.contains(h)) {
+                    i.blob = None;
+                }
+                i.blob.is_some()
+            }
+            _ => false,
+        });
         changed
     }
 

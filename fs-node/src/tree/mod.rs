@@ -422,6 +422,10 @@ pub struct Tree {
     lost_at_load: Vec<u64>,
 }
 
+/// How many inodes (or queued changes) a pass over the whole tree looks at per hold of
+/// the tree's lock (`Tree::visit_in_parts`): about 2 ms.
+const WALK_PART: usize = 8_192;
+
 /// The highest revision in `revs` (0 for none).
 fn last_revision_in(revs: &HashMap<RelPath, Revision>) -> u64 {
     revs.values().map(|r| r.0).max().unwrap_or(0)
@@ -636,6 +640,24 @@ impl Tree {
                 self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
                 st
             }
+        }
+    }
+
+    /// Calls `visit` for each of `keys` (inodes or outbox seqs there were when the
+    /// caller listed them, looked up again by `visit`), in their order, `part` of them
+    /// per hold of the lock; between holds, lets the threads waiting for the lock have it
+    /// (`yield_to_waiters`) and calls `between`. For passes over the whole tree that must
+    /// not hold the mount for as long as they take.
+    fn visit_in_parts<K: Copy + Ord>(&self, mut keys: Vec<K>, part: usize, between: &mut impl FnMut(), mut visit: impl FnMut(&State, K)) {
+        keys.sort_unstable();
+        for part in keys.chunks(part.max(1)) {
+            let st = self.lock();
+            for k in part {
+                visit(&st, *k);
+            }
+            drop(st);
+            self.yield_to_waiters();
+            between();
         }
     }
 

@@ -8,9 +8,6 @@ use super::*;
 /// moment ago may not be in the tree yet.
 const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// How many inodes (or queued changes) the GC lists per hold of the tree's lock.
-const GC_LIST_PART: usize = 8_192;
-
 /// A GC round under way (`State::gc_round`).
 pub(super) struct GcRound {
     id: u64,
@@ -252,40 +249,32 @@ impl Tree {
 
     /// The first phase of `gc_with_floor`: what nothing used when it looked.
     pub(super) fn gc_candidates(&self, floor: u64) -> GcCandidates {
-        self.gc_candidates_in_parts(floor, GC_LIST_PART, || {})
+        self.gc_candidates_in_parts(floor, WALK_PART, || {})
     }
 
     /// `gc_candidates`, listing `part` inodes or queued changes per hold of the lock and
     /// calling `between` after each (the tests change the tree there).
     pub(super) fn gc_candidates_in_parts(&self, floor: u64, part: usize, mut between: impl FnMut()) -> GcCandidates {
-        let (round, mut inos, mut seqs) = {
+        let (round, inos, seqs) = {
             let mut st = self.lock();
             st.close_unreachable_blobs();
             st.last_gc_round += 1;
             let round = st.last_gc_round;
             st.gc_round = Some(GcRound { id: round, taken: HashSet::new() });
-            let inos: Vec<u64> = st.inodes.keys().copied().collect();
-            let seqs: Vec<i64> = st.outbox.rows().keys().copied().collect();
-            (round, inos, seqs)
+            (round, st.inodes.keys().copied().collect(), st.outbox.rows().keys().copied().collect())
         };
-        inos.sort_unstable();
-        seqs.sort_unstable();
         let mut listed: Vec<ContentHash> = Vec::new();
-        let (mut inos, mut seqs) = (inos.chunks(part.max(1)), seqs.chunks(part.max(1)));
-        loop {
-            let mut st = self.lock();
-            if let Some(part) = inos.next() {
-                listed.extend(part.iter().filter_map(|ino| st.inodes.get(ino)).filter(|i| live_file(i)).filter_map(|i| i.hash.clone()));
-            } else if let Some(part) = seqs.next() {
-                listed.extend(part.iter().filter_map(|seq| st.outbox.rows().get(seq)).filter_map(|r| queued_content(&r.change.op)).cloned());
-            } else {
-                listed.extend(self.kept_for_gc(&mut st, floor));
-                break;
+        self.visit_in_parts(inos, part, &mut between, |st, ino| {
+            if let Some(h) = st.inodes.get(&ino).filter(|i| live_file(i)).and_then(|i| i.hash.clone()) {
+                listed.push(h);
             }
-            drop(st);
-            self.yield_to_waiters();
-            between();
-        }
+        });
+        self.visit_in_parts(seqs, part, &mut between, |st, seq| {
+            if let Some(h) = st.outbox.rows().get(&seq).and_then(|r| queued_content(&r.change.op)) {
+                listed.push(h.clone());
+            }
+        });
+        listed.extend(self.kept_for_gc(&mut self.lock(), floor));
         let keep: HashSet<ContentHash> = listed.into_iter().collect();
         GcCandidates { round, hashes: self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect() }
     }
