@@ -185,19 +185,22 @@ impl Tree {
     }
 
     /// The pin rules and, where some path is on demand, the local and remote files and
-    /// bytes: one pass over the tree under its lock to list the contents, then the store
-    /// is asked about each one outside it (a stat per content, which a large tree must
-    /// not hold the lock for).
+    /// bytes: the contents are listed a part of the tree at a time (`visit_in_parts`),
+    /// then the store is asked about each one outside the lock (a stat per content, which
+    /// a large tree must not hold the lock for).
     pub fn residency(&self) -> ResidencyReport {
-        let (on_demand, pins, files) = {
+        let (on_demand, pins, inos) = {
             let st = self.lock();
-            let files: Option<Vec<(Option<ContentHash>, u64)>> = st.residency.any_on_demand().then(|| {
-                st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0).map(|i| (i.hash.clone().filter(|_| i.work.is_none()), i.size)).collect()
-            });
-            (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), files)
+            let inos: Option<Vec<u64>> = st.residency.any_on_demand().then(|| st.inodes.keys().copied().collect());
+            (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), inos)
         };
-        let mut r = ResidencyReport { on_demand, counted: files.is_some(), pins, ..Default::default() };
-        let files = files.unwrap_or_default();
+        let mut r = ResidencyReport { on_demand, counted: inos.is_some(), pins, ..Default::default() };
+        let mut files: Vec<(Option<ContentHash>, u64)> = Vec::new();
+        self.visit_in_parts(inos.unwrap_or_default(), WALK_PART, &mut || {}, |st, ino| {
+            if let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && i.nlink > 0) {
+                files.push((i.hash.clone().filter(|_| i.work.is_none()), i.size));
+            }
+        });
         for (hash, size) in files {
             if hash.is_some_and(|h| !self.store.has(&h)) {
                 r.remote_files += 1;
@@ -234,37 +237,49 @@ impl Tree {
         // (A listing of the patches, before the tree's lock.)
         let over_base = self.store.patched_over();
         let patched: HashSet<&ContentHash> = over_base.values().flatten().collect();
-        let st = self.lock();
         let disk = |h: &ContentHash, size: u64| if patched.contains(h) { self.store.footprint(h) } else { size };
-        // Per content: its bytes on the disk, whether it can go, its paths.
-        let mut by_hash: HashMap<&ContentHash, (u64, bool, Vec<wire::Held>)> = HashMap::new();
-        for i in st.inodes.values().filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) {
-            let Some(h) = &i.hash else { continue };
+        // Per content: its bytes on the disk, whether it can go, whether every path of it
+        // is on demand, its paths. The files are looked at a part of the tree at a time
+        // (a store lookup each); `evict` looks again under the lock at what it drops.
+        struct Cached {
+            bytes: u64,
+            may_go: bool,
+            on_demand: bool,
+            paths: Vec<wire::Held>,
+        }
+        let mut by_hash: HashMap<ContentHash, Cached> = HashMap::new();
+        let inos = self.lock().inodes.keys().copied().collect();
+        self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
+            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) else { return };
+            let Some(h) = &i.hash else { return };
             if i.work.is_some() || !self.store.has(h) {
-                continue;
+                return;
             }
             let busy = i.open > 0 || i.passthrough.is_some() || st.kept.contains_key(h);
-            let e = by_hash.entry(h).or_insert_with(|| (disk(h, i.size), true, Vec::new()));
-            e.1 &= !busy;
+            let e = by_hash.entry(h.clone()).or_insert_with(|| Cached { bytes: disk(h, i.size), may_go: true, on_demand: true, paths: Vec::new() });
+            e.may_go &= !busy;
             for (parent, name) in &i.links {
                 let Some(p) = st.path_of(*parent, name) else { continue };
-                e.1 &= !st.residency.pinned(p.as_str());
+                let pinned = st.residency.pinned(p.as_str());
+                e.may_go &= !pinned;
+                e.on_demand &= !pinned;
                 let rev = st.revs.get(&p).copied().unwrap_or_default();
-                e.2.push(wire::Held { path: p, rev, hash: h.clone() });
+                e.paths.push(wire::Held { path: p, rev, hash: h.clone() });
             }
-        }
+        });
         // The cache is what on-demand files hold here; a pinned content is not in it.
-        let cached: u64 = by_hash.values().filter(|(_, _, paths)| paths.iter().all(|p| !st.residency.pinned(p.path.as_str()))).map(|(n, _, _)| *n).sum();
+        let cached: u64 = by_hash.values().filter(|c| c.on_demand).map(|c| c.bytes).sum();
         if cached <= budget {
             return (Vec::new(), cached);
         }
+        let st = self.lock();
         let used = |h: &ContentHash| st.last_used.get(h).copied().unwrap_or(0);
         // A base counts as used when the last of the contents over it was.
         let group_used = |h: &ContentHash| over_base.get(h).into_iter().flatten().map(used).fold(used(h), i64::max);
         let mut candidates: Vec<(i64, Evictable)> = by_hash
             .into_iter()
-            .filter(|(_, (_, ok, paths))| *ok && !paths.is_empty())
-            .map(|(h, (size, _, paths))| (group_used(h), Evictable { hash: h.clone(), size, paths }))
+            .filter(|(_, c)| c.may_go && !c.paths.is_empty())
+            .map(|(h, c)| (group_used(&h), Evictable { hash: h, size: c.bytes, paths: c.paths }))
             .collect();
         candidates.sort_by_key(|(used, e)| (*used, e.hash.to_hex().as_str().to_string()));
         let at: HashMap<&ContentHash, usize> = candidates.iter().enumerate().map(|(n, (_, e))| (&e.hash, n)).collect();
