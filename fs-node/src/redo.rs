@@ -5,7 +5,10 @@
 //! and then starts the folded one again. This module only knows frames and one file.
 //!
 //! A frame: `SRDO`, the payload's length (u32 LE), the epoch it belongs to (u64 LE), the
-//! first 8 bytes of the BLAKE3 hash of epoch and payload, the payload. The epoch is the
+//! first 8 bytes of the BLAKE3 hash of epoch and payload, the payload. A transaction
+//! larger than [`FRAME_MAX`] (a rename of a directory of a million files queues two
+//! million changes) is written as several frames: all but the last begin with `SRDC`
+//! (continued), and it is read back only with its last frame, whole. The epoch is the
 //! generation of the file: a frame of an epoch older than the one the database records
 //! was folded already (the file could not be cut back, or a power loss took back the
 //! cut) and is skipped; reading stops at the first frame that is torn or does not check (a crash in
@@ -16,11 +19,21 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
+/// A transaction's last (or only) frame.
 const MAGIC: &[u8; 4] = b"SRDO";
+/// A frame of a transaction whose next frame follows.
+const CONTINUED: &[u8; 4] = b"SRDC";
 const HEADER: usize = 4 + 4 + 8 + 8;
 /// A frame larger than this is taken for garbage (a transaction of the tree writes a few
 /// rows; a sync page a few thousand).
 const MAX_PAYLOAD: usize = 256 << 20;
+/// A transaction is cut into frames of at most this many bytes of payload.
+#[cfg(not(test))]
+const FRAME_MAX: usize = 64 << 20;
+#[cfg(test)]
+const FRAME_MAX: usize = 16;
+/// A transaction larger than this fails (`EFBIG`): reading it back needs it in memory.
+const MAX_TRANSACTION: usize = 4 << 30;
 
 pub struct RedoLog {
     file: File,
@@ -67,21 +80,33 @@ impl RedoLog {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let mut payloads = Vec::new();
-        let mut at = 0usize;
-        while bytes.len() - at >= HEADER && &bytes[at..at + 4] == MAGIC {
-            let len = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().expect("4 bytes")) as usize;
-            let frame_epoch = u64::from_le_bytes(bytes[at + 8..at + 16].try_into().expect("8 bytes"));
-            if len > MAX_PAYLOAD || bytes.len() - at - HEADER < len {
+        // `at`: the end of the last whole transaction; `next`: of the last good frame.
+        let (mut at, mut next) = (0usize, 0usize);
+        let mut transaction: Vec<u8> = Vec::new();
+        while bytes.len() - next >= HEADER {
+            let last = match &bytes[next..next + 4] {
+                m if m == MAGIC => true,
+                m if m == CONTINUED => false,
+                _ => break,
+            };
+            let len = u32::from_le_bytes(bytes[next + 4..next + 8].try_into().expect("4 bytes")) as usize;
+            let frame_epoch = u64::from_le_bytes(bytes[next + 8..next + 16].try_into().expect("8 bytes"));
+            if len > MAX_PAYLOAD || bytes.len() - next - HEADER < len {
                 break;
             }
-            let payload = &bytes[at + HEADER..at + HEADER + len];
-            if bytes[at + 16..at + 24] != check(frame_epoch, payload) {
+            let payload = &bytes[next + HEADER..next + HEADER + len];
+            if bytes[next + 16..next + 24] != check(frame_epoch, payload) {
                 break;
             }
-            if frame_epoch >= epoch {
-                payloads.push((frame_epoch, payload.to_vec()));
+            next += HEADER + len;
+            transaction.extend_from_slice(payload);
+            if last {
+                let whole = std::mem::take(&mut transaction);
+                if frame_epoch >= epoch {
+                    payloads.push((frame_epoch, whole));
+                }
+                at = next;
             }
-            at += HEADER + len;
         }
         let len = bytes.len() as u64;
         // Whatever follows the last good frame is cut before anything is appended: a
@@ -104,26 +129,36 @@ impl RedoLog {
         Ok(())
     }
 
-    /// Appends one frame with a single `write` (durable against a crash of the process
-    /// once it returns; [`RedoLog::sync`] makes it durable against a power loss). If the
-    /// write fails, the file is cut back to its last whole frame.
+    /// Appends one transaction, as one frame with a single `write` up to [`FRAME_MAX`]
+    /// bytes, as several frames above (durable against a crash of the process once it
+    /// returns; [`RedoLog::sync`] makes it durable against a power loss). If a write
+    /// fails, the file is cut back to the end of the last whole transaction.
     pub fn append(&mut self, payload: &[u8]) -> std::io::Result<()> {
-        // Reading back would take a larger frame for garbage and stop there.
-        if payload.len() > MAX_PAYLOAD {
+        if payload.len() > MAX_TRANSACTION {
             return Err(std::io::Error::from_raw_os_error(libc::EFBIG));
         }
         if self.torn {
             self.cut_back()?;
         }
-        let mut frame = Vec::with_capacity(HEADER + payload.len());
-        frame.extend_from_slice(MAGIC);
-        frame.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        frame.extend_from_slice(&self.epoch.to_le_bytes());
-        frame.extend_from_slice(&check(self.epoch, payload));
-        frame.extend_from_slice(payload);
-        match self.file.write_all(&frame) {
+        let parts = payload.len().div_ceil(FRAME_MAX).max(1);
+        let mut written = 0;
+        let mut result = Ok(());
+        for (n, part) in payload.chunks(FRAME_MAX).chain(payload.is_empty().then_some(&[][..])).enumerate() {
+            let mut frame = Vec::with_capacity(HEADER + part.len());
+            frame.extend_from_slice(if n + 1 == parts { MAGIC } else { CONTINUED });
+            frame.extend_from_slice(&(part.len() as u32).to_le_bytes());
+            frame.extend_from_slice(&self.epoch.to_le_bytes());
+            frame.extend_from_slice(&check(self.epoch, part));
+            frame.extend_from_slice(part);
+            result = self.file.write_all(&frame);
+            if result.is_err() {
+                break;
+            }
+            written += frame.len() as u64;
+        }
+        match result {
             Ok(()) => {
-                self.len += frame.len() as u64;
+                self.len += written;
                 Ok(())
             }
             Err(e) => {
@@ -202,6 +237,48 @@ mod tests {
         assert_eq!(reopen(&path, 3), vec![b"one".to_vec(), b"two".to_vec()]);
         assert!(reopen(&path, 4).is_empty(), "frames of an older epoch are skipped");
         assert_eq!(RedoLog::open(&path, 2).unwrap().1, vec![(3, b"one".to_vec()), (3, b"two".to_vec())]);
+    }
+
+    /// A transaction larger than a frame (16 bytes in the tests) is written as several
+    /// frames and read back as one payload, in its place among the others.
+    #[test]
+    fn a_transaction_larger_than_a_frame_comes_back_whole() {
+        let (_dir, path, mut log) = new_log(1);
+        let big: Vec<u8> = (0..100u8).collect();
+        log.append(b"before").unwrap();
+        log.append(&big).unwrap();
+        log.append(b"").unwrap();
+        log.append(&big[..FRAME_MAX]).unwrap();
+        drop(log);
+        assert_eq!(reopen(&path, 1), vec![b"before".to_vec(), big.clone(), Vec::new(), big[..FRAME_MAX].to_vec()]);
+        let frames = 1 + 7 + 1 + 1;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len() as usize,
+            frames * HEADER + 6 + 100 + FRAME_MAX,
+            "the large one in seven frames, the empty one in one"
+        );
+    }
+
+    /// A crash between the frames of a transaction: none of it is read back, and the
+    /// next append replaces it.
+    #[test]
+    fn a_transaction_torn_between_its_frames_is_not_read_back() {
+        let (_dir, path, mut log) = new_log(0);
+        log.append(b"whole").unwrap();
+        log.append(&[7u8; 100]).unwrap();
+        drop(log);
+        let whole = HEADER + 5;
+        let full = std::fs::read(&path).unwrap();
+        assert_eq!(full.len(), whole + 7 * HEADER + 100, "seven frames");
+        for cut in [whole + HEADER + FRAME_MAX, whole + 3 * (HEADER + FRAME_MAX), whole + 6 * (HEADER + FRAME_MAX) + HEADER] {
+            std::fs::write(&path, &full[..cut]).unwrap();
+            let (mut log, frames) = RedoLog::open(&path, 0).unwrap();
+            assert_eq!(frames, vec![(0, b"whole".to_vec())], "cut at {cut}");
+            assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, whole, "cut back to the whole transaction");
+            log.append(b"next").unwrap();
+            drop(log);
+            assert_eq!(reopen(&path, 0), vec![b"whole".to_vec(), b"next".to_vec()]);
+        }
     }
 
     /// A crash in the middle of an append leaves a torn frame: it and anything after
