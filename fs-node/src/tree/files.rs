@@ -66,6 +66,7 @@ impl State {
         if write {
             i.writers += 1;
         }
+        self.note_in_use(ino);
         self.note_used(ino);
         if pt {
             self.passthrough_opens += 1;

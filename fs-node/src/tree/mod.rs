@@ -662,12 +662,12 @@ impl Tree {
     }
 
     /// Called by a long pass between its parts, the lock let go: lets the threads that
-    /// wait for the lock have it first (for a few milliseconds at most). The lock is not
+    /// wait for the lock have it first (for 2 ms at most). The lock is not
     /// fair: without this, the pass takes it back at once, before a woken waiter runs,
     /// and holds the mount as long as if it never let go.
     pub(crate) fn yield_to_waiters(&self) {
         use std::sync::atomic::Ordering;
-        let until = std::time::Instant::now() + std::time::Duration::from_millis(5);
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(2);
         while self.lock_waiters.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < until {
             std::thread::yield_now();
         }

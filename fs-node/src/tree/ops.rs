@@ -306,6 +306,7 @@ impl Tree {
             i.lookups += 1;
             let kind = i.kind;
             let dirty = i.work.is_some();
+            st.note_in_use(ino);
             st.save(ino)?;
             if kind.synced() && !dirty {
                 st.record_put(newparent, newname, ino)?;

@@ -103,8 +103,15 @@ impl State {
                             self.inodes.insert(ino, Box::new(before));
                         }
                     }
-                    if self.inodes.get(&ino).is_some_and(|i| i.work.is_some()) {
-                        self.with_work.insert(ino);
+                    // (The sets of inodes that may have a work file or a blob handle
+                    // are supersets: the restored inode goes back in.)
+                    if let Some(i) = self.inodes.get(&ino) {
+                        if i.work.is_some() {
+                            self.with_work.insert(ino);
+                        }
+                        if i.blob.is_some() {
+                            self.with_blob.insert(ino);
+                        }
                     }
                 }
                 Undo::Child { parent, name, old } => {

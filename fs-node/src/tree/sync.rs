@@ -44,6 +44,15 @@ impl State {
             r.taken.insert(h.clone());
         }
     }
+
+    /// Inode `ino` may have just come back into use (an open or a link of a file that
+    /// was removed, through a name the kernel still had): a round that listed it unused
+    /// must spare its content.
+    pub(super) fn note_in_use(&mut self, ino: u64) {
+        if let Some(h) = self.gc_round.as_ref().and(self.inodes.get(&ino)).and_then(|i| i.hash.clone()) {
+            self.note_taken(&h);
+        }
+    }
 }
 
 impl Tree {
