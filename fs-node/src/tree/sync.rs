@@ -57,17 +57,31 @@ impl State {
 
 impl Tree {
     /// Outbox rows not yet handed to the broker link in this session, in order; marks
-    /// them handed over.
+    /// them handed over. Taken `WALK_PART` rows per hold of the lock: while the link is
+    /// busy (a sync's reply applied) a burst of writes queues hundreds of thousands.
     pub fn take_unpublished(&self) -> Vec<OutboxRow> {
-        let mut st = self.lock();
-        let rows: Vec<OutboxRow> = st.outbox.unpublished().cloned().collect();
-        if let Some(last) = rows.last() {
-            st.outbox.published_upto = last.seq;
+        self.take_unpublished_in_parts(WALK_PART)
+    }
+
+    pub(super) fn take_unpublished_in_parts(&self, part: usize) -> Vec<OutboxRow> {
+        let mut rows = Vec::new();
+        loop {
+            let mut st = self.lock();
+            let taken: Vec<OutboxRow> = st.outbox.unpublished().take(part.max(1)).cloned().collect();
+            if let Some(last) = taken.last() {
+                st.outbox.published_upto = last.seq;
+            }
+            for r in &taken {
+                st.outbox.sent.insert(r.msg.clone());
+            }
+            let more = st.outbox.unpublished().next().is_some() && taken.len() == part.max(1);
+            drop(st);
+            rows.extend(taken);
+            if !more {
+                return rows;
+            }
+            self.yield_to_waiters();
         }
-        for r in &rows {
-            st.outbox.sent.insert(r.msg.clone());
-        }
-        rows
     }
 
     /// The head of the last sync that completed on this node, kept in `node.db` across

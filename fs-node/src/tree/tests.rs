@@ -771,6 +771,24 @@ fn a_removed_file_used_again_while_the_gc_lists_keeps_its_content() {
     }
 }
 
+/// The outbox is handed to the link a part at a time: every row once, in order, and
+/// the rows a part coalesces with later are the ones not handed over yet.
+#[test]
+fn unpublished_rows_are_taken_a_part_at_a_time_in_order() {
+    let (_dir, t, d) = tree_with_dir();
+    t.take_unpublished();
+    for n in 0..5 {
+        closed_file(&t, d, &format!("f{n}"), b"x");
+    }
+    let rows = t.take_unpublished_in_parts(2);
+    let paths: Vec<&str> = rows.iter().map(|r| r.change.path.as_str()).collect();
+    assert_eq!(paths, ["d/f0", "d/f1", "d/f2", "d/f3", "d/f4"]);
+    assert!(t.take_unpublished_in_parts(2).is_empty(), "each row is handed over once");
+    closed_file(&t, d, "f5", b"y");
+    let rows = t.take_unpublished_in_parts(2);
+    assert_eq!(rows.iter().map(|r| r.change.path.as_str()).collect::<Vec<_>>(), ["d/f5"]);
+}
+
 fn keep_item(h: &ContentHash, size: u64, until_ms: i64) -> wire::KeepItem {
     wire::KeepItem { hash: h.clone(), size, until_ms, holders: vec![] }
 }
