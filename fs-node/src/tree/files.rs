@@ -48,7 +48,6 @@ impl State {
         if kind == Kind::File {
             let w = Arc::new(store.new_work_file(ino, None)?);
             self.set_work(ino, w, false)?;
-            self.db.set_writing(ino, true)?;
         } else if kind.synced() {
             self.record_put(parent, name, ino)?;
         }
@@ -221,16 +220,7 @@ impl State {
                 }
                 // Inodes with the same content, or a patch over it, may read through a
                 // handle on the file that is now this inode's: they reopen the store's.
-                let inodes = &mut self.inodes;
-                self.with_blob.retain(|o| match inodes.get_mut(o) {
-                    Some(other) if other.blob.is_some() => {
-                        if (other.hash.is_some() && other.hash == hash) || other.blob.as_ref().is_some_and(|b| b.uses_file(key)) {
-                            other.blob = None;
-                        }
-                        other.blob.is_some()
-                    }
-                    _ => false,
-                });
+                self.drop_blob_handles(|other| (other.hash.is_some() && other.hash == hash) || other.blob.as_ref().is_some_and(|b| b.uses_file(key)));
                 self.reopen_overlay_bases(key, store)?;
                 w
             }
@@ -244,7 +234,6 @@ impl State {
                 match over {
                     Some(w) => {
                         self.set_work(ino, w.clone(), false)?;
-                        self.db.set_writing(ino, true)?;
                         return Ok(w);
                     }
                     None => store.new_work_file(ino, hash.as_ref())?,
@@ -253,7 +242,6 @@ impl State {
         };
         let w = Arc::new(w);
         self.set_work(ino, w.clone(), detached)?;
-        self.db.set_writing(ino, true)?;
         Ok(w)
     }
 

@@ -108,9 +108,10 @@ impl Tree {
         // the node started counts from then.
         let mut bases = AtRestBases::default();
         let mut last_active: HashMap<ContentHash, Option<i64>> = HashMap::new();
-        let inos = self.lock().inodes.keys().copied().collect();
-        self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
-            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && large(i.size)) else { return };
+        self.visit_inodes_in_parts(|st, i| {
+            if i.kind != Kind::File || !large(i.size) {
+                return;
+            }
             let Some(h) = &i.hash else { return };
             // (Without pin rules, and not on demand, every path is local for good.)
             let local_for_good =
@@ -167,18 +168,7 @@ impl Tree {
         // then no longer held on the disk by it.
         made.extend(left_alone);
         let let_go: HashSet<&ContentHash> = made.iter().collect();
-        let mut st = self.lock();
-        let st = &mut *st;
-        let inodes = &mut st.inodes;
-        st.with_blob.retain(|o| match inodes.get_mut(o) {
-            Some(i) if i.blob.is_some() => {
-                if i.open == 0 && i.hash.as_ref().is_some_and(|h| let_go.contains(h)) {
-                    i.blob = None;
-                }
-                i.blob.is_some()
-            }
-            _ => false,
-        });
+        self.lock().drop_blob_handles(|i| i.open == 0 && i.hash.as_ref().is_some_and(|h| let_go.contains(h)));
         changed
     }
 

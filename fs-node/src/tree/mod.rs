@@ -661,6 +661,17 @@ impl Tree {
         }
     }
 
+    /// `visit_in_parts` over the inodes there are now, each still there when its part
+    /// comes.
+    fn visit_inodes_in_parts(&self, mut visit: impl FnMut(&State, &Inode)) {
+        let inos = self.lock().inodes.keys().copied().collect();
+        self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
+            if let Some(i) = st.inodes.get(&ino) {
+                visit(st, i)
+            }
+        });
+    }
+
     /// Called by a long pass between its parts, the lock let go: lets the threads that
     /// wait for the lock have it first (for 2 ms at most). The lock is not
     /// fair: without this, the pass takes it back at once, before a woken waiter runs,

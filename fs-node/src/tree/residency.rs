@@ -189,18 +189,19 @@ impl Tree {
     /// then the store is asked about each one outside the lock (a stat per content, which
     /// a large tree must not hold the lock for).
     pub fn residency(&self) -> ResidencyReport {
-        let (on_demand, pins, inos) = {
+        let (on_demand, pins, counted) = {
             let st = self.lock();
-            let inos: Option<Vec<u64>> = st.residency.any_on_demand().then(|| st.inodes.keys().copied().collect());
-            (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), inos)
+            (st.residency.on_demand, st.residency.rules.iter().map(|(p, v)| (p.clone(), *v)).collect(), st.residency.any_on_demand())
         };
-        let mut r = ResidencyReport { on_demand, counted: inos.is_some(), pins, ..Default::default() };
+        let mut r = ResidencyReport { on_demand, counted, pins, ..Default::default() };
         let mut files: Vec<(Option<ContentHash>, u64)> = Vec::new();
-        self.visit_in_parts(inos.unwrap_or_default(), WALK_PART, &mut || {}, |st, ino| {
-            if let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && i.nlink > 0) {
-                files.push((i.hash.clone().filter(|_| i.work.is_none()), i.size));
-            }
-        });
+        if counted {
+            self.visit_inodes_in_parts(|_, i| {
+                if i.kind == Kind::File && i.nlink > 0 {
+                    files.push((i.hash.clone().filter(|_| i.work.is_none()), i.size));
+                }
+            });
+        }
         for (hash, size) in files {
             if hash.is_some_and(|h| !self.store.has(&h)) {
                 r.remote_files += 1;
@@ -248,9 +249,10 @@ impl Tree {
             paths: Vec<wire::Held>,
         }
         let mut by_hash: HashMap<ContentHash, Cached> = HashMap::new();
-        let inos = self.lock().inodes.keys().copied().collect();
-        self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
-            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File && i.nlink > 0 && i.size > 0) else { return };
+        self.visit_inodes_in_parts(|st, i| {
+            if i.kind != Kind::File || i.nlink == 0 || i.size == 0 {
+                return;
+            }
             let Some(h) = &i.hash else { return };
             if i.work.is_some() || !self.store.has(h) {
                 return;

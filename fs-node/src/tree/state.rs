@@ -20,10 +20,12 @@ impl State {
         self.inodes.get_mut(&ino).map(|i| &mut **i).ok_or(FsError::NotFound)
     }
 
-    /// Makes `w` the work file of `ino` (`Inode::set_work`).
+    /// Makes `w` the work file of `ino` (`Inode::set_work`) and records that it is being
+    /// written.
     pub(super) fn set_work(&mut self, ino: u64, w: Arc<File>, detached: bool) -> FsResult<()> {
         self.inode_mut(ino)?.set_work(w, detached);
         self.with_work.insert(ino);
+        self.db.set_writing(ino, true)?;
         Ok(())
     }
 
@@ -324,10 +326,16 @@ impl State {
     /// open (the kernel may not have forgotten them yet): nothing can read them again,
     /// and such a handle keeps a removed blob's space from coming back.
     pub(super) fn close_unreachable_blobs(&mut self) {
+        self.drop_blob_handles(|i| i.nlink == 0 && i.open == 0);
+    }
+
+    /// Drops the read handle on its blob of every inode that has one and `drop` picks,
+    /// through `with_blob` (which it prunes), not a walk of every inode.
+    pub(super) fn drop_blob_handles(&mut self, drop: impl Fn(&Inode) -> bool) {
         let inodes = &mut self.inodes;
         self.with_blob.retain(|o| match inodes.get_mut(o) {
             Some(i) if i.blob.is_some() => {
-                if i.nlink == 0 && i.open == 0 {
+                if drop(i) {
                     i.blob = None;
                 }
                 i.blob.is_some()
