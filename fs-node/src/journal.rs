@@ -8,13 +8,17 @@
 //!
 //! Once the writes appended weigh enough, a thread of its own applies them to SQLite in
 //! one transaction, committed and flushed, that also records the next epoch (a fold),
-//! while new frames go to the other file; that file is started again at the next fold,
-//! so only once the fold of its frames committed. Opening reads back what both files
-//! hold, oldest epoch first; the owner folds it before anything else. A [`Journal`] owns
+//! while new frames go to the other file; that file is emptied by the fold's thread once
+//! the fold of its frames committed, and started again (with a mark of what the other
+//! file holds, `redo::Prior`) at the next fold. Opening reads back what both files hold,
+//! oldest epoch first, and leaves out a file's frames after a mark the other file does
+//! not live up to (a power loss kept them and not all of the other's); the owner folds
+//! what it read before anything else. Nothing at the switch of files waits for the disk:
+//! it happens in an append, under the owner's lock (the tree's, for the node database). A [`Journal`] owns
 //! the two files and the writes not yet in SQLite; its owner decides what a write is
 //! (`T`), how a frame encodes it, and how a batch is applied.
 
-use crate::redo::RedoLog;
+use crate::redo::{Prior, RedoLog};
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension};
 use std::path::Path;
@@ -80,6 +84,9 @@ pub struct Journal<T> {
     unfolded_weight: usize,
     /// The fold of the other file's writes, under way or failed (to be tried again).
     folding: Option<Fold<T>>,
+    /// Which files a fold's thread emptied after its commit (`RedoLog::empty`): they
+    /// are not cut again when started.
+    emptied: [bool; 2],
     /// A fold starts once `unfolded` weighs this much (more after one failed).
     fold_at: usize,
     /// `fold_at` after a fold: what a batch weighs.
@@ -100,8 +107,11 @@ pub struct Journal<T> {
 struct Fold<T> {
     items: Arc<Vec<T>>,
     epoch: u64,
-    /// `None` once it failed (it is started again later).
-    thread: Option<std::thread::JoinHandle<rusqlite::Result<()>>>,
+    /// The log file whose frames these are (0 or 1).
+    file: usize,
+    /// `None` once it failed (it is started again later). Its result says whether it
+    /// emptied the file too.
+    thread: Option<std::thread::JoinHandle<rusqlite::Result<bool>>>,
 }
 
 impl<T: Send + Sync + 'static> Journal<T> {
@@ -120,13 +130,35 @@ impl<T: Send + Sync + 'static> Journal<T> {
     ) -> anyhow::Result<Journal<T>> {
         // Frames of both files not folded yet, oldest epoch first (each file holds one
         // epoch's, apart from older ones that are skipped).
-        let mut frames = Vec::new();
         let mut logs = Vec::new();
+        let mut reads = Vec::new();
         for i in 0..2 {
             let log_path = RedoLog::path_for(db_path, i);
             let (log, read) = RedoLog::open(&log_path, epoch).with_context(|| format!("reading {}", log_path.display()))?;
             logs.push(log);
-            for (n, (e, frame)) in read.into_iter().enumerate() {
+            reads.push(read);
+        }
+        // A file started for a new epoch marked how long the other file was, whose frames
+        // were not flushed then: if it is shorter now (a power loss kept the later file's
+        // frames and not all of the earlier one's), what follows the mark is not a
+        // prefix of what was appended, and is left out (it is cut at the fold that
+        // follows the opening). A mark of an epoch the database folded says nothing.
+        for i in 0..2 {
+            let other_len = reads[1 - i].len;
+            let short = reads[i].priors.iter().filter(|(_, p)| p.epoch >= epoch && other_len < p.len).map(|&(from, _)| from).min();
+            if let Some(from) = short {
+                let dropped = reads[i].frames.iter().filter(|(e, _)| *e >= from).count();
+                tracing::warn!(
+                    log = %RedoLog::path_for(db_path, i).display(),
+                    dropped,
+                    "the other redo log of {what} lost frames that came before these (a power loss before they reached the disk): these are left out too",
+                );
+                reads[i].frames.retain(|(e, _)| *e < from);
+            }
+        }
+        let mut frames = Vec::new();
+        for (i, read) in reads.into_iter().enumerate() {
+            for (n, (e, frame)) in read.frames.into_iter().enumerate() {
                 frames.push((e, i, n, frame));
             }
         }
@@ -149,6 +181,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
             unfolded,
             unfolded_weight,
             folding: None,
+            emptied: [false; 2],
             fold_at: batch_weight,
             batch_weight,
             folds: 0,
@@ -176,6 +209,16 @@ impl<T: Send + Sync + 'static> Journal<T> {
     /// the other file (whose frames the fold before folded), for the next epoch. Returns
     /// the writes of a fold that committed since the last call.
     pub fn maybe_fold(&mut self) -> Option<Arc<Vec<T>>> {
+        let started = std::time::Instant::now();
+        let folded = self.maybe_fold_timed();
+        let took = started.elapsed();
+        if took >= std::time::Duration::from_millis(5) {
+            tracing::debug!(target: "timing", what = self.what, took_us = took.as_micros() as u64, "maybe_fold");
+        }
+        folded
+    }
+
+    fn maybe_fold_timed(&mut self) -> Option<Arc<Vec<T>>> {
         let mut folded = self.finish_fold(false);
         if self.unfolded_weight < self.fold_at {
             return folded;
@@ -183,31 +226,36 @@ impl<T: Send + Sync + 'static> Journal<T> {
         // Appends that outpace the folds wait for the one under way: what is not folded
         // is held in memory and goes into the next fold's one transaction.
         if self.unfolded_weight >= BACKLOG_BATCHES * self.batch_weight && self.folding.as_ref().is_some_and(|f| f.thread.is_some()) {
+            let t = std::time::Instant::now();
             folded = self.finish_fold(true);
+            tracing::debug!(target: "timing", what = self.what, took_us = t.elapsed().as_micros() as u64, "maybe_fold: waited for the fold");
         }
         match &mut self.folding {
             None => {
                 // What is replayed after a power loss must be a prefix of what was
-                // appended: the file's frames reach the disk before any of the next
-                // epoch's can (once per fold).
-                if let Err(e) = self.logs[self.current].sync() {
-                    tracing::warn!("flushing the redo log of {} before a fold (tried again at the next append): {e}", self.what);
+                // appended: the next epoch's file begins with a mark of how long this
+                // one is (a reader that finds this one shorter leaves the next one's
+                // frames out), so that this one need not reach the disk first.
+                let handed = self.current;
+                let prior = Prior { epoch: self.logs[handed].epoch(), len: self.logs[handed].len() };
+                let epoch = prior.epoch + 1;
+                let next = 1 - handed;
+                if let Err(e) = self.logs[next].start(epoch, Some(prior), self.emptied[next]) {
+                    tracing::warn!("starting the other redo log of {} for a fold (tried again at the next append): {e}", self.what);
                     return folded;
                 }
+                self.emptied[next] = false;
+                self.current = next;
                 let items = Arc::new(std::mem::take(&mut self.unfolded));
                 self.unfolded_weight = 0;
-                let epoch = self.logs[self.current].epoch() + 1;
-                self.current = 1 - self.current;
-                let current = self.current;
-                self.logs[current].restart(epoch);
                 self.fold_at = self.batch_weight;
-                let thread = self.spawn_fold(items.clone(), epoch);
-                self.folding = Some(Fold { thread, items, epoch });
+                let thread = self.spawn_fold(items.clone(), epoch, handed);
+                self.folding = Some(Fold { thread, items, epoch, file: handed });
             }
             // A failed fold goes again (the file being appended to keeps growing).
             Some(fold) if fold.thread.is_none() => {
-                let (items, epoch) = (fold.items.clone(), fold.epoch);
-                let thread = self.spawn_fold(items, epoch);
+                let (items, epoch, file) = (fold.items.clone(), fold.epoch, fold.file);
+                let thread = self.spawn_fold(items, epoch, file);
                 self.folding.as_mut().expect("matched").thread = thread;
                 self.fold_at = self.unfolded_weight + self.batch_weight;
             }
@@ -225,8 +273,9 @@ impl<T: Send + Sync + 'static> Journal<T> {
             return None;
         }
         match fold.thread.take().expect("checked").join() {
-            Ok(Ok(())) => {
+            Ok(Ok(emptied)) => {
                 self.folds += 1;
+                self.emptied[fold.file] = emptied;
                 return self.folding.take().map(|f| f.items);
             }
             Ok(Err(e)) => tracing::warn!(writes = fold.items.len(), "folding the redo log into {} (tried again later): {e}", self.what),
@@ -237,8 +286,12 @@ impl<T: Send + Sync + 'static> Journal<T> {
 
     /// The thread of a fold; `None` if it could not be started (the fold counts as
     /// failed, and is tried again later).
-    fn spawn_fold(&mut self, items: Arc<Vec<T>>, epoch: u64) -> Option<std::thread::JoinHandle<rusqlite::Result<()>>> {
+    /// Once committed, it empties `file`, whose frames these are (a failure to is only
+    /// logged: the file is cut when it is started again).
+    fn spawn_fold(&mut self, items: Arc<Vec<T>>, epoch: u64, file: usize) -> Option<std::thread::JoinHandle<rusqlite::Result<bool>>> {
         let apply = self.apply.clone();
+        let what = self.what;
+        let handle = self.logs[file].handle().inspect_err(|e| tracing::warn!("a handle of the redo log of {what} for its fold: {e}")).ok();
         #[cfg(test)]
         let fail = {
             self.folds_started += 1;
@@ -255,7 +308,8 @@ impl<T: Send + Sync + 'static> Journal<T> {
                         Some("injected: the fold fails".into()),
                     ));
                 }
-                apply(&mut items.iter(), epoch)
+                apply(&mut items.iter(), epoch)?;
+                Ok(handle.is_some_and(|h| RedoLog::empty(&h).inspect_err(|e| tracing::warn!("emptying the redo log of {what} after its fold: {e}")).is_ok()))
             })
             .inspect_err(|e| tracing::warn!("starting a thread to fold the redo log of {} (tried again later): {e}", self.what))
             .ok()
@@ -281,8 +335,10 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.folding = None;
         self.unfolded.clear();
         self.unfolded_weight = 0;
-        self.logs[0].restart(epoch);
-        self.logs[1].restart(epoch);
+        for (log, emptied) in self.logs.iter_mut().zip(&mut self.emptied) {
+            // Without a mark: both files start empty, and everything is in the database.
+            let _ = log.start(epoch, None, std::mem::take(emptied));
+        }
         self.fold_at = self.batch_weight;
         self.folds += 1;
         Ok(())
@@ -330,5 +386,103 @@ impl<T: Send + Sync + 'static> Journal<T> {
     #[cfg(test)]
     pub fn current(&self) -> usize {
         self.current
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A journal of numbers on a database at `db` whose folds do what `apply` does
+    /// (nothing is written to SQLite: what the files hold is what is looked at).
+    fn open(db: &Path, epoch: u64, apply: Apply<u64>) -> Journal<u64> {
+        let decode = |b: &[u8]| -> anyhow::Result<Vec<u64>> { Ok(vec![u64::from_le_bytes(b.try_into()?)]) };
+        Journal::open(db, epoch, 4, "the test database", apply, decode, |_| 1).unwrap()
+    }
+
+    fn failing() -> Apply<u64> {
+        Arc::new(|_, _| Err(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR), Some("the test's folds fail".into()))))
+    }
+
+    fn unfolded(j: &Journal<u64>) -> Vec<u64> {
+        let mut v: Vec<u64> = j.newest_first().copied().collect();
+        v.reverse();
+        v
+    }
+
+    fn append(j: &mut Journal<u64>, n: u64) {
+        j.append(&n.to_le_bytes(), [n], 1).unwrap();
+        j.maybe_fold();
+    }
+
+    /// The switch to the second file does not flush the first: a power loss may keep
+    /// the second's frames and lose the end of the first. The second begins with a mark
+    /// of how long the first was, and its frames are left out when the first is
+    /// shorter, so that what comes back is a prefix of what was appended; a mark of an
+    /// epoch the database folded already says nothing.
+    #[test]
+    fn frames_after_a_mark_the_other_file_does_not_live_up_to_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("test.db");
+        let mut j = open(&db, 0, failing());
+        for n in 0..10 {
+            append(&mut j, n);
+        }
+        assert_eq!(j.current(), 1, "the fourth append moved on to the second file");
+        j.join_fold();
+        drop(j);
+        assert_eq!(unfolded(&open(&db, 0, failing())), (0..10).collect::<Vec<_>>(), "both files whole: everything, in order");
+
+        let first = RedoLog::path_for(&db, 0);
+        let len = std::fs::metadata(&first).unwrap().len();
+        std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(len - 1).unwrap();
+        let j = open(&db, 0, failing());
+        assert_eq!(unfolded(&j), vec![0, 1, 2], "the first file lost its last frame: nothing of the second comes back");
+        drop(j);
+
+        // Again, with the first file's epoch folded into the database: the second's
+        // frames are all that is unfolded, whatever became of the first.
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("test.db");
+        let mut j = open(&db, 0, failing());
+        for n in 0..10 {
+            append(&mut j, n);
+        }
+        j.join_fold();
+        drop(j);
+        std::fs::OpenOptions::new().write(true).open(RedoLog::path_for(&db, 0)).unwrap().set_len(0).unwrap();
+        assert_eq!(unfolded(&open(&db, 1, failing())), (4..10).collect::<Vec<_>>());
+    }
+
+    /// A fold's thread empties the file it folded once it committed; the switch back to
+    /// that file does not cut it again, and writes the mark first.
+    #[test]
+    fn a_fold_empties_its_file_and_the_next_switch_starts_it_with_a_mark() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("test.db");
+        let mut j = open(&db, 0, Arc::new(|_, _| Ok(())));
+        for n in 0..4 {
+            append(&mut j, n);
+        }
+        assert_eq!(j.current(), 1);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !j.fold_ended_for_test() {
+            assert!(std::time::Instant::now() < deadline, "the fold did not end");
+            std::thread::yield_now();
+        }
+        let first = RedoLog::path_for(&db, 0);
+        assert_eq!(std::fs::metadata(&first).unwrap().len(), 0, "emptied by the fold");
+        for n in 4..8 {
+            append(&mut j, n);
+        }
+        assert_eq!((j.current(), j.folds()), (0, 1), "back on the first file once the first fold was joined");
+        j.join_fold();
+        drop(j);
+        let (_, read) = RedoLog::open(&first, 0).unwrap();
+        // The second file then held its mark and four numbers: 24 bytes of header per
+        // frame, 16 of mark, 8 per number (its fold has emptied it since).
+        let second = (24 + 16) + 4 * (24 + 8);
+        assert_eq!(read.priors, vec![(2, Prior { epoch: 1, len: second })], "the mark: the second file's epoch and length");
+        assert!(read.frames.is_empty());
     }
 }

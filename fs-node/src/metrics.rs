@@ -51,6 +51,8 @@ pub struct Gauges {
     /// Bytes of contents kept for the cluster's old versions.
     pub kept_bytes: u64,
     pub connected: bool,
+    /// How long the holds of the tree's lock lasted (a hold stalls the mount).
+    pub tree_holds: crate::tree::HoldReport,
 }
 
 impl Metrics {
@@ -93,6 +95,16 @@ impl Metrics {
         r.register("syncfs_node_db_commits", "Transactions committed to the node database.", ConstCounter::new(g.db_commits));
         r.register("syncfs_node_kept_bytes", "Bytes of contents kept for the cluster's old versions (retention).", gauge(g.kept_bytes));
         r.register("syncfs_node_connected", "1 when connected to the broker.", gauge(g.connected as u64));
+        r.register(
+            "syncfs_node_tree_long_holds",
+            "Holds of the tree's lock of 100 ms or more (the mount waited meanwhile).",
+            ConstCounter::new(g.tree_holds.long_holds),
+        );
+        r.register(
+            "syncfs_node_tree_longest_hold_seconds",
+            "The longest hold of the tree's lock since the node started (counted from 10 ms).",
+            ConstGauge::new(g.tree_holds.longest_ns as f64 / 1e9),
+        );
         r.register("syncfs_node_pull_seconds", "Time to pull one content.", self.pull_seconds.clone());
         let mut o = String::new();
         prometheus_client::encoding::text::encode(&mut o, &r).expect("writing to a String cannot fail");

@@ -14,6 +14,13 @@
 //! cut) and is skipped; reading stops at the first frame that is torn or does not check (a crash in
 //! the middle of an append, or a power loss that kept a later page and not an earlier
 //! one), so what is read back is always a prefix of what was committed.
+//!
+//! When the owner moves on to the other file for a new epoch, that file's first frame is
+//! a mark (`SRDP`, [`Prior`]): the epoch the first file was appended for and its length
+//! then. The first file is not flushed at that moment (it was, under the tree's lock,
+//! before session 36): a power loss may keep the second file's frames and not all of the
+//! first's, and the mark is how the reader (`crate::journal`) tells, and drops the
+//! second's, so that what comes back across both files is still a prefix.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -23,6 +30,8 @@ use std::path::{Path, PathBuf};
 const MAGIC: &[u8; 4] = b"SRDO";
 /// A frame of a transaction whose next frame follows.
 const CONTINUED: &[u8; 4] = b"SRDC";
+/// A mark: what the other file held when this one was started ([`Prior`]).
+const PRIOR: &[u8; 4] = b"SRDP";
 const HEADER: usize = 4 + 4 + 8 + 8;
 /// A frame larger than this is taken for garbage (a transaction of the tree writes a few
 /// rows; a sync page a few thousand).
@@ -34,6 +43,38 @@ const FRAME_MAX: usize = 64 << 20;
 const FRAME_MAX: usize = 16;
 /// A transaction larger than this fails (`EFBIG`): reading it back needs it in memory.
 const MAX_TRANSACTION: usize = 4 << 30;
+
+/// What the other log file held when this one was started for a new epoch (the mark
+/// [`RedoLog::start`] writes first): the epoch it was appended for and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prior {
+    pub epoch: u64,
+    pub len: u64,
+}
+
+impl Prior {
+    fn encode(&self) -> [u8; 16] {
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.epoch.to_le_bytes());
+        b[8..].copy_from_slice(&self.len.to_le_bytes());
+        b
+    }
+
+    fn decode(b: &[u8]) -> Option<Prior> {
+        (b.len() == 16).then(|| Prior { epoch: u64::from_le_bytes(b[..8].try_into().expect("8")), len: u64::from_le_bytes(b[8..].try_into().expect("8")) })
+    }
+}
+
+/// What [`RedoLog::open`] read back from a file.
+#[derive(Debug, Default)]
+pub struct ReadBack {
+    /// The transactions of the epoch asked for or later, in order, as (epoch, payload).
+    pub frames: Vec<(u64, Vec<u8>)>,
+    /// The marks of those epochs, as (the epoch the mark began, what it says).
+    pub priors: Vec<(u64, Prior)>,
+    /// The bytes of whole frames read (where the file is cut back to).
+    pub len: u64,
+}
 
 pub struct RedoLog {
     file: File,
@@ -64,11 +105,10 @@ impl RedoLog {
         PathBuf::from(p)
     }
 
-    /// Opens (or makes) the log and returns it with its frames of epoch `epoch` or
-    /// later, in order, as (epoch, payload). New frames, of `epoch` until the next
-    /// [`RedoLog::restart`], are appended after what is there.
-    #[allow(clippy::type_complexity)]
-    pub fn open(path: &Path, epoch: u64) -> std::io::Result<(RedoLog, Vec<(u64, Vec<u8>)>)> {
+    /// Opens (or makes) the log and returns it with what it holds of epoch `epoch` or
+    /// later. New frames, of `epoch` until the next [`RedoLog::start`], are appended
+    /// after what is there.
+    pub fn open(path: &Path, epoch: u64) -> std::io::Result<(RedoLog, ReadBack)> {
         let made = !path.exists();
         let mut file = OpenOptions::new().read(true).append(true).create(true).open(path)?;
         if made {
@@ -80,13 +120,16 @@ impl RedoLog {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
         let mut payloads = Vec::new();
+        let mut priors = Vec::new();
         // `at`: the end of the last whole transaction; `next`: of the last good frame.
         let (mut at, mut next) = (0usize, 0usize);
         let mut transaction: Vec<u8> = Vec::new();
         while bytes.len() - next >= HEADER {
-            let last = match &bytes[next..next + 4] {
-                m if m == MAGIC => true,
-                m if m == CONTINUED => false,
+            let (last, mark) = match &bytes[next..next + 4] {
+                m if m == MAGIC => (true, false),
+                m if m == CONTINUED => (false, false),
+                // A mark is a frame of its own, never inside a transaction.
+                m if m == PRIOR && transaction.is_empty() => (true, true),
                 _ => break,
             };
             let len = u32::from_le_bytes(bytes[next + 4..next + 8].try_into().expect("4 bytes")) as usize;
@@ -97,6 +140,15 @@ impl RedoLog {
             let payload = &bytes[next + HEADER..next + HEADER + len];
             if bytes[next + 16..next + 24] != check(frame_epoch, payload) {
                 break;
+            }
+            if mark {
+                let Some(prior) = Prior::decode(payload) else { break };
+                if frame_epoch >= epoch {
+                    priors.push((frame_epoch, prior));
+                }
+                next += HEADER + len;
+                at = next;
+                continue;
             }
             next += HEADER + len;
             transaction.extend_from_slice(payload);
@@ -120,7 +172,7 @@ impl RedoLog {
         if torn {
             log.cut_back()?;
         }
-        Ok((log, payloads))
+        Ok((log, ReadBack { frames: payloads, priors, len: at as u64 }))
     }
 
     fn cut_back(&mut self) -> std::io::Result<()> {
@@ -141,11 +193,18 @@ impl RedoLog {
             self.cut_back()?;
         }
         let parts = payload.len().div_ceil(FRAME_MAX).max(1);
+        let frames = payload.chunks(FRAME_MAX).chain(payload.is_empty().then_some(&[][..])).enumerate();
+        self.write_frames(frames.map(|(n, part)| (if n + 1 == parts { MAGIC } else { CONTINUED }, part)))
+    }
+
+    /// Appends frames of the given kinds and payloads, each with a `write` of its own;
+    /// if one fails, the file is cut back to where it was.
+    fn write_frames<'a>(&mut self, frames: impl Iterator<Item = (&'static [u8; 4], &'a [u8])>) -> std::io::Result<()> {
         let mut written = 0;
         let mut result = Ok(());
-        for (n, part) in payload.chunks(FRAME_MAX).chain(payload.is_empty().then_some(&[][..])).enumerate() {
+        for (kind, part) in frames {
             let mut frame = Vec::with_capacity(HEADER + part.len());
-            frame.extend_from_slice(if n + 1 == parts { MAGIC } else { CONTINUED });
+            frame.extend_from_slice(kind);
             frame.extend_from_slice(&(part.len() as u32).to_le_bytes());
             frame.extend_from_slice(&self.epoch.to_le_bytes());
             frame.extend_from_slice(&check(self.epoch, part));
@@ -170,14 +229,39 @@ impl RedoLog {
     }
 
     /// Starts the log again for `epoch` (its frames so far were folded into the
-    /// database, which now says `epoch`). If the file cannot be cut, new frames follow the
-    /// old ones, which are skipped when read back (they belong to an older epoch).
-    pub fn restart(&mut self, epoch: u64) {
+    /// database, which now says an epoch before `epoch` or `epoch` itself): cuts it, unless
+    /// `emptied` says the fold of its frames did ([`RedoLog::empty`]), and writes `prior`,
+    /// what the other file holds, as its first frame. If the file cannot be cut, new
+    /// frames follow the old ones, which are skipped when read back (they belong to an
+    /// older epoch). Fails only if the mark cannot be written.
+    pub fn start(&mut self, epoch: u64, prior: Option<Prior>, emptied: bool) -> std::io::Result<()> {
         self.epoch = epoch;
-        match self.file.set_len(0) {
-            Ok(()) => self.len = 0,
-            Err(e) => tracing::warn!(path = %self.path.display(), "cutting back the redo log after a fold: {e}"),
+        if emptied {
+            self.len = 0;
+            self.torn = false;
+        } else {
+            match self.file.set_len(0) {
+                Ok(()) => {
+                    self.len = 0;
+                    self.torn = false;
+                }
+                Err(e) => tracing::warn!(path = %self.path.display(), "cutting back the redo log after a fold: {e}"),
+            }
         }
+        if self.torn {
+            self.cut_back()?;
+        }
+        match prior {
+            Some(prior) => self.write_frames(std::iter::once((PRIOR, &prior.encode()[..]))),
+            None => Ok(()),
+        }
+    }
+
+    /// Empties the file through `handle` (a handle of it, [`RedoLog::handle`]), once
+    /// its frames are folded: what [`RedoLog::start`] would do, done by the fold's own
+    /// thread so that the appender does not wait for it.
+    pub fn empty(handle: &File) -> std::io::Result<()> {
+        handle.set_len(0)
     }
 
     /// New frames belong to `epoch` (no later than the frames already in the file
@@ -220,12 +304,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("log");
         let (log, frames) = RedoLog::open(&path, epoch).unwrap();
-        assert!(frames.is_empty());
+        assert!(frames.frames.is_empty());
         (dir, path, log)
     }
 
     fn reopen(path: &Path, epoch: u64) -> Vec<Vec<u8>> {
-        RedoLog::open(path, epoch).unwrap().1.into_iter().map(|(_, p)| p).collect()
+        RedoLog::open(path, epoch).unwrap().1.frames.into_iter().map(|(_, p)| p).collect()
     }
 
     #[test]
@@ -236,7 +320,7 @@ mod tests {
         drop(log);
         assert_eq!(reopen(&path, 3), vec![b"one".to_vec(), b"two".to_vec()]);
         assert!(reopen(&path, 4).is_empty(), "frames of an older epoch are skipped");
-        assert_eq!(RedoLog::open(&path, 2).unwrap().1, vec![(3, b"one".to_vec()), (3, b"two".to_vec())]);
+        assert_eq!(RedoLog::open(&path, 2).unwrap().1.frames, vec![(3, b"one".to_vec()), (3, b"two".to_vec())]);
     }
 
     /// A transaction larger than a frame (16 bytes in the tests) is written as several
@@ -273,7 +357,7 @@ mod tests {
         for cut in [whole + HEADER + FRAME_MAX, whole + 3 * (HEADER + FRAME_MAX), whole + 6 * (HEADER + FRAME_MAX) + HEADER] {
             std::fs::write(&path, &full[..cut]).unwrap();
             let (mut log, frames) = RedoLog::open(&path, 0).unwrap();
-            assert_eq!(frames, vec![(0, b"whole".to_vec())], "cut at {cut}");
+            assert_eq!(frames.frames, vec![(0, b"whole".to_vec())], "cut at {cut}");
             assert_eq!(std::fs::metadata(&path).unwrap().len() as usize, whole, "cut back to the whole transaction");
             log.append(b"next").unwrap();
             drop(log);
@@ -292,7 +376,7 @@ mod tests {
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 3]).unwrap();
         let (mut log, back) = RedoLog::open(&path, 0).unwrap();
-        assert_eq!(back, vec![(0, b"whole".to_vec())]);
+        assert_eq!(back.frames, vec![(0, b"whole".to_vec())]);
         log.append(b"after").unwrap();
         drop(log);
         assert_eq!(reopen(&path, 0), vec![b"whole".to_vec(), b"after".to_vec()]);
@@ -317,7 +401,7 @@ mod tests {
         drop(log);
         assert_eq!(reopen(&path, 1), vec![b"new".to_vec()]);
         let (mut log, _) = RedoLog::open(&path, 1).unwrap();
-        log.restart(2);
+        log.start(2, None, false).unwrap();
         assert!(log.is_empty());
         log.append(b"newer").unwrap();
         drop(log);

@@ -120,6 +120,7 @@ impl Reporter {
             db_commits: stats.db_commits,
             kept_bytes: stats.kept_bytes,
             connected: self.link.connected(),
+            tree_holds: self.tree.holds().0,
         })
     }
 }

@@ -17,11 +17,14 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, RelPath, Revision, Version};
 
 mod error;
 mod files;
+mod hold;
+use hold::{HoldRecord, TreeGuard};
+pub use hold::{HoldReport, LONG_HOLD};
 mod ignore_rules;
 use ignore_rules::IgnoreRules;
 pub use ignore_rules::IGNORE_FILE;
@@ -414,6 +417,8 @@ pub struct Tree {
     /// Threads waiting for `state`'s lock (`lock`): a long pass that takes the lock a
     /// part at a time lets them have it between its parts (`yield_to_waiters`).
     lock_waiters: std::sync::atomic::AtomicUsize,
+    /// How long the holds of `state`'s lock lasted.
+    holds: HoldRecord,
     store: ContentStore,
     /// Woken whenever the outbox grows.
     pub outbox_ready: Arc<tokio::sync::Notify>,
@@ -579,7 +584,14 @@ impl Tree {
         let mut state = state;
         state.load_ignore_rules(&store);
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
-        let tree = Tree { state: Mutex::new(state), lock_waiters: Default::default(), store, outbox_ready: Arc::new(tokio::sync::Notify::new()), lost_at_load };
+        let tree = Tree {
+            state: Mutex::new(state),
+            lock_waiters: Default::default(),
+            holds: HoldRecord::default(),
+            store,
+            outbox_ready: Arc::new(tokio::sync::Notify::new()),
+            lost_at_load,
+        };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over
         // another path above all, while its put waited for the last close that never
@@ -629,9 +641,12 @@ impl Tree {
         out
     }
 
-    fn lock(&self) -> MutexGuard<'_, State> {
+    /// Takes the tree's lock; the hold is recorded, with the caller's place, when it ends.
+    #[track_caller]
+    fn lock(&self) -> TreeGuard<'_> {
         use std::sync::{atomic::Ordering, TryLockError};
-        match self.state.try_lock() {
+        let at = std::panic::Location::caller();
+        let st = match self.state.try_lock() {
             Ok(st) => st,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
             Err(TryLockError::WouldBlock) => {
@@ -640,7 +655,13 @@ impl Tree {
                 self.lock_waiters.fetch_sub(1, Ordering::SeqCst);
                 st
             }
-        }
+        };
+        TreeGuard::new(st, at, &self.holds)
+    }
+
+    /// How long the holds of the tree's lock lasted since the node started.
+    pub fn holds(&self) -> (HoldReport, Option<&'static std::panic::Location<'static>>) {
+        (self.holds.report(), self.holds.longest_at())
     }
 
     /// Calls `visit` for each of `keys` (inodes or outbox seqs there were when the
@@ -648,6 +669,7 @@ impl Tree {
     /// per hold of the lock; between holds, lets the threads waiting for the lock have it
     /// (`yield_to_waiters`) and calls `between`. For passes over the whole tree that must
     /// not hold the mount for as long as they take.
+    #[track_caller]
     fn visit_in_parts<K: Copy + Ord>(&self, mut keys: Vec<K>, part: usize, between: &mut impl FnMut(), mut visit: impl FnMut(&State, K)) {
         keys.sort_unstable();
         for part in keys.chunks(part.max(1)) {
@@ -663,6 +685,7 @@ impl Tree {
 
     /// `visit_in_parts` over the inodes there are now, each still there when its part
     /// comes.
+    #[track_caller]
     fn visit_inodes_in_parts(&self, mut visit: impl FnMut(&State, &Inode)) {
         let inos = self.lock().inodes.keys().copied().collect();
         self.visit_in_parts(inos, WALK_PART, &mut || {}, |st, ino| {
@@ -688,11 +711,12 @@ impl Tree {
     /// If anything fails, the commit included, the transaction is rolled back and what
     /// `f` changed in memory is undone (`Undo`): the tree stays what the database holds.
     /// On a full disk, room is made (`make_room`) and `f` runs once more.
+    #[track_caller]
     fn atomically<T>(&self, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         self.atomically_locked(self.lock(), f)
     }
 
-    fn atomically_locked<T>(&self, mut st: MutexGuard<'_, State>, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
+    fn atomically_locked<T>(&self, mut st: TreeGuard<'_>, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         let before = st.outbox.len();
         let result = self.transaction_making_room(&mut st, f);
         self.let_go(st, before);
@@ -702,6 +726,7 @@ impl Tree {
     /// `atomically`, and should `f` fail, `undo` under the same hold of the lock (nothing
     /// else changes the tree between them) and outside any transaction: what `undo`
     /// changes is the tree in memory only, back to what the database still holds.
+    #[track_caller]
     fn atomically_or_undo<T>(&self, f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>, undo: impl FnOnce(&mut State, &ContentStore)) -> FsResult<T> {
         let mut st = self.lock();
         let before = st.outbox.len();
@@ -725,7 +750,7 @@ impl Tree {
     }
 
     /// Lets go of the tree lock; wakes the broker link if the outbox grew past `before`.
-    fn let_go(&self, st: MutexGuard<'_, State>, before: usize) {
+    fn let_go(&self, st: TreeGuard<'_>, before: usize) {
         let grew = st.outbox.len() > before;
         drop(st);
         if grew {

@@ -544,6 +544,7 @@ impl Tree {
     /// (`State::copy_ahead`; also for its second try, on a full disk, if the first left
     /// it unused). One left unused is removed after the lock is let go: a large file's
     /// removal takes its time.
+    #[track_caller]
     fn atomically_with_copy<T>(&self, mut ahead: Option<CopyAhead>, mut f: impl FnMut(&mut State, &ContentStore) -> FsResult<T>) -> FsResult<T> {
         let done = self.atomically(|st, store| {
             st.copy_ahead = ahead.take();
