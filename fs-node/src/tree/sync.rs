@@ -205,13 +205,19 @@ impl Tree {
     /// commits again the files whose last close could not commit them (a disk fault),
     /// so that a sync sends them instead of leaving them to the next GC.
     ///
-    /// A directory at a time: its entries are looked at under the tree's lock, which is
-    /// then let go, and those to send are looked at again and sent in a transaction of
-    /// their own. The lock is never held for a walk of the whole tree (at a million
+    /// A directory at a time (a large one `WALK_PART` entries at a time): its entries are
+    /// looked at under the tree's lock, which is then let go, and those to send are
+    /// looked at again and sent in a transaction of their own. The lock is never held for a walk of the whole tree (at a million
     /// files, that held the mount for about a second at every sync). An entry moved
     /// meanwhile from a directory not looked at yet into one already looked at is not
     /// seen here; its rename queued it.
     pub fn push_unknown(&self, known: &HashSet<RelPath>) -> FsResult<usize> {
+        self.push_unknown_in_parts(known, WALK_PART)
+    }
+
+    /// `push_unknown`, looking at `part` entries of a directory per hold of the lock.
+    pub(super) fn push_unknown_in_parts(&self, known: &HashSet<RelPath>, part_len: usize) -> FsResult<usize> {
+        let part_len = part_len.max(1);
         self.commit_unsaved();
         let unknown = |st: &State, dir: u64, name: &OsStr, ino: u64| {
             let Some(i) = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none()) else { return false };
@@ -219,13 +225,31 @@ impl Tree {
             here && st.path_of(dir, name).is_some_and(|p| !known.contains(&p) && !st.outbox.has(&p))
         };
         let (mut dirs, mut pushed) = (vec![ROOT], 0);
-        while let Some(dir) = dirs.pop() {
+        // The directory being looked at and the last name looked at in it: a large
+        // directory is looked at `WALK_PART` entries per hold of the lock.
+        let mut part: Option<(u64, Option<OsString>)> = None;
+        loop {
+            let (dir, after) = match part.take() {
+                Some(p) => p,
+                None => match dirs.pop() {
+                    Some(dir) => (dir, None),
+                    None => break,
+                },
+            };
             self.yield_to_waiters();
             let to_push: Vec<(OsString, u64)> = {
                 let st = self.lock();
                 let Some(d) = st.inodes.get(&dir) else { continue };
-                dirs.extend(d.children.values().filter(|e| e.kind == Kind::Dir).map(|e| e.ino));
-                d.children.iter().filter(|(name, e)| unknown(&st, dir, name, e.ino)).map(|(name, e)| (name.clone(), e.ino)).collect()
+                let from = match &after {
+                    Some(name) => std::ops::Bound::Excluded(name.as_os_str()),
+                    None => std::ops::Bound::Unbounded,
+                };
+                let entries: Vec<(&OsString, &DirEntry)> = d.children.range::<OsStr, _>((from, std::ops::Bound::Unbounded)).take(part_len).collect();
+                if entries.len() == part_len {
+                    part = entries.last().map(|(name, _)| (dir, Some((*name).clone())));
+                }
+                dirs.extend(entries.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(_, e)| e.ino));
+                entries.into_iter().filter(|(name, e)| unknown(&st, dir, name, e.ino)).map(|(name, e)| (name.clone(), e.ino)).collect()
             };
             if to_push.is_empty() {
                 continue;

@@ -568,9 +568,16 @@ fn sent_paths(t: &Tree) -> Vec<String> {
 
 /// A sync sends the paths the manager did not name and no change of this node queues,
 /// parents before what they hold; a path the manager named, one queued, a file being
-/// written and a FIFO (local only) are not sent.
+/// written and a FIFO (local only) are not sent. Also when a directory is looked at a
+/// few entries per hold of the lock.
 #[test]
 fn a_sync_sends_the_unknown_paths_outermost_first() {
+    for part in [1, 2, 3, super::WALK_PART] {
+        sends_the_unknown_paths_outermost_first(part);
+    }
+}
+
+fn sends_the_unknown_paths_outermost_first(part: usize) {
     let (_dir, t, d) = tree_with_dir();
     let e = t.mkdir(d, OsStr::new("e"), 0o755, 0, 0).unwrap().ino;
     closed_file(&t, e, "deep", b"deep");
@@ -581,13 +588,13 @@ fn a_sync_sends_the_unknown_paths_outermost_first() {
     sent_paths(&t);
     closed_file(&t, ROOT, "queued", b"queued");
     let known: HashSet<RelPath> = ["d/known"].iter().map(|p| RelPath::new(p.to_string()).unwrap()).collect();
-    assert_eq!(t.push_unknown(&known).unwrap(), 4, "d, d/e, d/e/deep and top");
+    assert_eq!(t.push_unknown_in_parts(&known, part).unwrap(), 4, "d, d/e, d/e/deep and top; part {part}");
     let sent = sent_paths(&t);
-    let at = |p: &str| sent.iter().position(|s| s == p).unwrap_or_else(|| panic!("{p} not sent: {sent:?}"));
-    assert!(at("d") < at("d/e") && at("d/e") < at("d/e/deep"), "outermost first: {sent:?}");
+    let at = |p: &str| sent.iter().position(|s| s == p).unwrap_or_else(|| panic!("{p} not sent: {sent:?}, part {part}"));
+    assert!(at("d") < at("d/e") && at("d/e") < at("d/e/deep"), "outermost first: {sent:?}, part {part}");
     at("top");
     at("queued");
-    assert_eq!(sent.len(), 5, "nothing else: {sent:?}");
+    assert_eq!(sent.len(), 5, "nothing else: {sent:?}, part {part}");
     t.release(writing).unwrap();
 }
 
