@@ -360,12 +360,12 @@ struct State {
     /// in `Tree::commit_unsaved`), so that looking for files a failed commit left
     /// unsaved does not walk every inode.
     with_work: HashSet<u64>,
-    /// The GC round under way, if any (`Tree::gc_candidates`): it lists the contents in
-    /// use a part of the tree at a time, and spares at its removal what files and queued
-    /// changes took meanwhile.
-    gc_round: Option<sync::GcRound>,
-    /// The last GC round's number (`gc_round`).
-    last_gc_round: u64,
+    /// The rounds under way (`sync::UseRound`): the GC's (`Tree::gc_candidates`) lists
+    /// the contents in use a part of the tree at a time and spares at its removal what
+    /// files and queued changes took meanwhile; `Tree::evict`'s likewise.
+    rounds: Vec<sync::UseRound>,
+    /// The last round's number (`rounds`).
+    last_round: u64,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -569,8 +569,8 @@ impl Tree {
             ignore: IgnoreRules::default(),
             with_blob: HashSet::new(),
             with_work: HashSet::new(),
-            gc_round: None,
-            last_gc_round: 0,
+            rounds: Vec::new(),
+            last_round: 0,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

@@ -247,6 +247,8 @@ impl Tree {
             may_go: bool,
             on_demand: bool,
             paths: Vec<wire::Held>,
+            /// When it was last opened (`State::last_used`), as its part saw it.
+            used: i64,
         }
         let mut by_hash: HashMap<ContentHash, Cached> = HashMap::new();
         self.visit_inodes_in_parts(|st, i| {
@@ -258,7 +260,13 @@ impl Tree {
                 return;
             }
             let busy = i.open > 0 || i.passthrough.is_some() || st.kept.contains_key(h);
-            let e = by_hash.entry(h.clone()).or_insert_with(|| Cached { bytes: disk(h, i.size), may_go: true, on_demand: true, paths: Vec::new() });
+            let e = by_hash.entry(h.clone()).or_insert_with(|| Cached {
+                bytes: disk(h, i.size),
+                may_go: true,
+                on_demand: true,
+                paths: Vec::new(),
+                used: st.last_used.get(h).copied().unwrap_or(0),
+            });
             e.may_go &= !busy;
             for (parent, name) in &i.links {
                 let Some(p) = st.path_of(*parent, name) else { continue };
@@ -274,16 +282,20 @@ impl Tree {
         if cached <= budget {
             return (Vec::new(), cached);
         }
-        let st = self.lock();
-        let used = |h: &ContentHash| st.last_used.get(h).copied().unwrap_or(0);
+        // When the contents patched over a base were last opened (few; those no file
+        // has are not in `by_hash`), under the lock once more; the rest without it.
+        let over_used: HashMap<&ContentHash, i64> = {
+            let st = self.lock();
+            over_base.values().flatten().map(|c| (c, st.last_used.get(c).copied().unwrap_or(0))).collect()
+        };
+        let used = |h: &ContentHash| by_hash.get(h).map(|c| c.used).or_else(|| over_used.get(h).copied()).unwrap_or(0);
         // A base counts as used when the last of the contents over it was.
         let group_used = |h: &ContentHash| over_base.get(h).into_iter().flatten().map(used).fold(used(h), i64::max);
-        let mut candidates: Vec<(i64, Evictable)> = by_hash
-            .into_iter()
-            .filter(|(_, c)| c.may_go && !c.paths.is_empty())
-            .map(|(h, c)| (group_used(&h), Evictable { hash: h, size: c.bytes, paths: c.paths }))
-            .collect();
-        candidates.sort_by_key(|(used, e)| (*used, e.hash.to_hex().as_str().to_string()));
+        let times: Vec<(ContentHash, i64)> = by_hash.iter().filter(|(_, c)| c.may_go && !c.paths.is_empty()).map(|(h, _)| (h.clone(), group_used(h))).collect();
+        let mut candidates: Vec<(i64, Evictable)> =
+            times.into_iter().filter_map(|(h, used)| by_hash.remove(&h).map(|c| (used, Evictable { hash: h, size: c.bytes, paths: c.paths }))).collect();
+        // The least recently used first; the same time in the order of their hashes.
+        candidates.sort_unstable_by(|(a, x), (b, y)| a.cmp(b).then_with(|| x.hash.as_bytes().cmp(y.hash.as_bytes())));
         let at: HashMap<&ContentHash, usize> = candidates.iter().enumerate().map(|(n, (_, e))| (&e.hash, n)).collect();
         let mut over = cached - budget;
         let mut taken = vec![false; candidates.len()];
@@ -307,38 +319,85 @@ impl Tree {
 
     /// Drops these contents from the store, each only if it still may go (nothing
     /// opened or pinned it since it was chosen). Returns the bytes freed.
+    ///
+    /// The tree's lock is never held for a walk of the whole tree: which files have
+    /// these contents is listed a part of the tree at a time (`WALK_PART` inodes per
+    /// hold), in a round (`State::begin_round`) that notes what files and queued changes
+    /// take meanwhile; the contents go `EVICT_PART` per hold, each after a look again
+    /// at the files listed with it, at what the round noted and at the kept versions.
     pub fn evict(&self, hashes: &[ContentHash]) -> u64 {
-        let mut st = self.lock();
+        self.evict_in_parts(hashes, WALK_PART, EVICT_PART, || {})
+    }
+
+    /// `evict`, listing `part` inodes and dropping `drop_part` contents per hold of the
+    /// lock, calling `between` between holds (the tests change the tree there).
+    pub(super) fn evict_in_parts(&self, hashes: &[ContentHash], part: usize, drop_part: usize, mut between: impl FnMut()) -> u64 {
+        // Whether file `i`'s content must stay for it.
+        let needed = |st: &State, i: &Inode| {
+            i.open > 0
+                || i.work.is_some()
+                || i.passthrough.is_some()
+                || i.links.iter().filter_map(|(p, n)| st.path_of(*p, n)).any(|p| st.residency.pinned(p.as_str()))
+        };
         let wanted: HashSet<&ContentHash> = hashes.iter().collect();
-        let mut blocked: HashSet<ContentHash> = HashSet::new();
-        let mut readers = Vec::new();
-        for i in st.inodes.values().filter(|i| i.kind == Kind::File) {
-            let Some(h) = i.hash.as_ref().filter(|h| wanted.contains(h)) else { continue };
-            let pinned = i.links.iter().filter_map(|(p, n)| st.path_of(*p, n)).any(|p| st.residency.pinned(p.as_str()));
-            if i.open > 0 || i.work.is_some() || i.passthrough.is_some() || pinned || st.kept.contains_key(h) {
-                blocked.insert(h.clone());
-            } else if i.blob.is_some() {
-                readers.push(i.ino);
+        let (round, inos) = {
+            let mut st = self.lock();
+            (st.begin_round(), st.inodes.keys().copied().collect())
+        };
+        // The round ends however this ends.
+        struct EndRound<'a>(&'a Tree, u64);
+        impl Drop for EndRound<'_> {
+            fn drop(&mut self) {
+                self.0.lock().end_round(self.1);
             }
         }
-        for ino in readers {
-            if let Some(i) = st.inodes.get_mut(&ino) {
-                i.blob = None;
+        let _end = EndRound(self, round);
+        // Per content: the files that had it when listed (looked at again before it
+        // goes), or that one of them needed it then.
+        let mut holders: HashMap<&ContentHash, Vec<u64>> = HashMap::new();
+        let mut blocked: HashSet<&ContentHash> = HashSet::new();
+        self.visit_in_parts(inos, part, &mut between, |st, ino| {
+            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind == Kind::File) else { return };
+            let Some(h) = i.hash.as_ref().and_then(|h| wanted.get(h).copied()) else { return };
+            if needed(st, i) {
+                blocked.insert(h);
+            } else {
+                holders.entry(h).or_default().push(ino);
             }
-        }
+        });
         let mut freed = 0;
-        for h in hashes.iter().filter(|h| !blocked.contains(*h)) {
-            // One the store keeps (older versions are patches over it) stays in line
-            // where it was, not first.
-            let removed = self.store.remove_blob(h);
-            freed += removed.unwrap_or(0);
-            if removed.is_some() || !self.store.has(h) {
-                st.last_used.remove(h);
+        let candidates: Vec<&ContentHash> = hashes.iter().filter(|h| !blocked.contains(h)).collect();
+        for chunk in candidates.chunks(drop_part.max(1)) {
+            between();
+            self.yield_to_waiters();
+            let mut st = self.lock();
+            let gone: HashSet<ContentHash> = chunk
+                .iter()
+                .filter(|&&h| {
+                    let taken = st.taken_in_round(round).is_some_and(|t| t.contains(h));
+                    let held = holders.get(h).into_iter().flatten().any(|ino| st.inodes.get(ino).is_some_and(|i| i.hash.as_ref() == Some(h) && needed(&st, i)));
+                    !taken && !held && !st.kept.contains_key(h)
+                })
+                .map(|&h| h.clone())
+                .collect();
+            st.drop_blob_handles(|i| i.hash.as_ref().is_some_and(|h| gone.contains(h)));
+            // In the order given: one the store keeps (older versions are patches over
+            // it) stays in line where it was, not first.
+            for h in chunk.iter().filter(|h| gone.contains(**h)) {
+                let removed = self.store.remove_blob(h);
+                freed += removed.unwrap_or(0);
+                if removed.is_some() || !self.store.has(h) {
+                    st.last_used.remove(*h);
+                }
             }
         }
         freed
     }
 }
+
+/// How many contents `Tree::evict` drops per hold of the tree's lock (a removal of a
+/// file each).
+const EVICT_PART: usize = 256;
 
 #[cfg(test)]
 mod tests {

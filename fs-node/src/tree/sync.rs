@@ -8,8 +8,10 @@ use super::*;
 /// moment ago may not be in the tree yet.
 const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// A GC round under way (`State::gc_round`).
-pub(super) struct GcRound {
+/// A round under way (`State::rounds`): a pass that lists a part of the tree at a time
+/// what uses which content (the GC's listing, `Tree::evict`'s check), and must know what
+/// files and queued changes took meanwhile.
+pub(super) struct UseRound {
     id: u64,
     /// The contents files and queued changes took since the round began listing.
     taken: HashSet<ContentHash>,
@@ -40,16 +42,35 @@ impl State {
     /// A file or a queued change now uses `h`: a GC round under way must not remove it
     /// (called wherever an inode or an outbox row gets a content).
     pub(super) fn note_taken(&mut self, h: &ContentHash) {
-        if let Some(r) = &mut self.gc_round {
+        for r in &mut self.rounds {
             r.taken.insert(h.clone());
         }
+    }
+
+    /// Begins a round (`UseRound`); returns its id, for `end_round`.
+    pub(super) fn begin_round(&mut self) -> u64 {
+        self.last_round += 1;
+        self.rounds.push(UseRound { id: self.last_round, taken: HashSet::new() });
+        self.last_round
+    }
+
+    /// What files and queued changes took since round `id` began, so far.
+    pub(super) fn taken_in_round(&self, id: u64) -> Option<&HashSet<ContentHash>> {
+        self.rounds.iter().find(|r| r.id == id).map(|r| &r.taken)
+    }
+
+    /// Ends round `id`: what files and queued changes took since it began (`None`: no
+    /// such round).
+    pub(super) fn end_round(&mut self, id: u64) -> Option<HashSet<ContentHash>> {
+        let at = self.rounds.iter().position(|r| r.id == id)?;
+        Some(self.rounds.swap_remove(at).taken)
     }
 
     /// Inode `ino` may have just come back into use (an open or a link of a file that
     /// was removed, through a name the kernel still had): a round that listed it unused
     /// must spare its content.
     pub(super) fn note_in_use(&mut self, ino: u64) {
-        if let Some(h) = self.gc_round.as_ref().and(self.inodes.get(&ino)).and_then(|i| i.hash.clone()) {
+        if let Some(h) = (!self.rounds.is_empty()).then(|| self.inodes.get(&ino)).flatten().and_then(|i| i.hash.clone()) {
             self.note_taken(&h);
         }
     }
@@ -305,9 +326,7 @@ impl Tree {
         let (round, inos, seqs) = {
             let mut st = self.lock();
             st.close_unreachable_blobs();
-            st.last_gc_round += 1;
-            let round = st.last_gc_round;
-            st.gc_round = Some(GcRound { id: round, taken: HashSet::new() });
+            let round = st.begin_round();
             (round, st.inodes.keys().copied().collect(), st.outbox.rows().keys().copied().collect())
         };
         let mut listed: Vec<ContentHash> = Vec::new();
@@ -329,15 +348,9 @@ impl Tree {
     /// The second phase: removes the candidates that nothing uses now.
     pub(super) fn gc_remove(&self, candidates: &GcCandidates) -> usize {
         let mut st = self.lock();
-        let taken = match st.gc_round.take() {
-            Some(r) if r.id == candidates.round => Some(r.taken),
-            other => {
-                // Another round began since (two GCs at once): what this one's listing
-                // missed is not known; looked for in the whole tree, as it was before.
-                st.gc_round = other;
-                None
-            }
-        };
+        // (Never `None`: a round ends only here. Were it, what the listing missed would
+        // not be known, and it is looked for in the whole tree.)
+        let taken = st.end_round(candidates.round);
         if candidates.hashes.is_empty() {
             return 0;
         }

@@ -778,6 +778,42 @@ fn a_removed_file_used_again_while_the_gc_lists_keeps_its_content() {
     }
 }
 
+/// `evict` lists which files have the contents it drops a part of the tree at a time,
+/// the lock let go between: a file listed as not needing its content, then opened,
+/// pinned, or joined by a new file with that content before the content goes, keeps it;
+/// with nothing of that, it goes.
+#[test]
+fn a_content_used_again_while_evict_lists_stays() {
+    for what in ["open", "pin", "new file", "nothing"] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("node.db")).unwrap();
+        let t = Tree::load_on_demand(db, ContentStore::open(dir.path()).unwrap(), true).unwrap();
+        let bytes = b"evicted unless used again";
+        let a = closed_file(&t, ROOT, "a", bytes);
+        let h = crate::store::hash_of(bytes);
+        assert_eq!(t.lock().inodes.keys().copied().max(), Some(a), "listed last");
+        let (mut calls, mut fh) = (0, None);
+        t.evict_in_parts(std::slice::from_ref(&h), 1, 1, || {
+            calls += 1;
+            // After the part that listed `a`, before the content goes.
+            if calls == 2 {
+                match what {
+                    "open" => fh = Some(t.open(a, false, false, false).unwrap().0),
+                    "pin" => drop(t.set_pin("a", Some(true)).unwrap()),
+                    "new file" => drop(closed_file(&t, ROOT, "b", bytes)),
+                    _ => {}
+                }
+            }
+        });
+        assert_eq!(t.store.has(&h), what != "nothing", "{what}");
+        if let Some(fh) = fh {
+            assert_eq!(t.read(fh, 0, 100).unwrap(), bytes);
+            t.release(fh).unwrap();
+        }
+        assert!(t.lock().rounds.is_empty(), "the round ended ({what})");
+    }
+}
+
 /// The outbox is handed to the link a part at a time: every row once, in order, and
 /// the rows a part coalesces with later are the ones not handed over yet.
 #[test]
