@@ -275,27 +275,38 @@ impl State {
         self.collect_paths(ino, None, &mut below);
         below.iter().any(|(p, _, _, i)| self.ignore.is_ignored(p.as_str(), self.is_dir(*i)))
     }
+}
 
-    /// Every ignored path below directory `dir` (an ignored directory is named, not what
-    /// it holds).
-    pub(super) fn ignored_below(&self, dir: u64) -> Vec<RelPath> {
+impl Tree {
+    /// Every path this node ignores, an ignored directory named once (not what it
+    /// holds), in order. A directory part at a time (`Tree::walk_dirs_in_parts`): the
+    /// mount is not held for a walk of the whole tree.
+    pub fn ignored(&self) -> Vec<RelPath> {
         let mut out = Vec::new();
-        if self.ignore.is_empty() {
+        if self.lock().ignore.is_empty() {
             return out;
         }
-        let mut stack = vec![dir];
-        while let Some(d) = stack.pop() {
-            let Some(node) = self.inodes.get(&d) else { continue };
-            for (name, e) in &node.children {
-                let Some(p) = self.path_of(d, name) else { continue };
-                let (ino, is_dir) = (e.ino, e.kind == Kind::Dir);
-                if self.ignore.is_ignored(p.as_str(), Some(is_dir)) {
-                    out.push(p);
-                } else if is_dir {
-                    stack.push(ino);
+        let walked = self.walk_dirs_in_parts(
+            ROOT,
+            WALK_PART,
+            |st, dir, entries| {
+                let (mut into, mut found) = (Vec::new(), Vec::new());
+                for (name, e) in entries {
+                    let Some(p) = st.path_of(dir, name) else { continue };
+                    if st.ignore.is_ignored(p.as_str(), Some(e.kind == Kind::Dir)) {
+                        found.push(p);
+                    } else if e.kind == Kind::Dir {
+                        into.push(e.ino);
+                    }
                 }
-            }
-        }
+                (into, found)
+            },
+            |_, found| {
+                out.extend(found);
+                Ok(())
+            },
+        );
+        debug_assert!(walked.is_ok(), "nothing fails after a part");
         out.sort();
         out
     }

@@ -68,21 +68,34 @@ impl Tree {
 
     /// The manager no longer needs these kept: each is removed now unless a file of the
     /// tree uses it (then it stays while that file does). Returns the bytes freed.
+    ///
+    /// Which of them a file or a queued change still uses is listed a part of the tree
+    /// at a time (`used_in_parts`), in a round begun when they stopped being kept: what
+    /// is taken meanwhile (or kept again) stays too.
     pub fn release_kept(&self, hashes: &[ContentHash]) -> FsResult<u64> {
+        self.release_kept_in_parts(hashes, WALK_PART, || {})
+    }
+
+    /// `release_kept`, listing `part` inodes or queued changes per hold of the lock and
+    /// calling `between` after each (the tests change the tree there).
+    pub(super) fn release_kept_in_parts(&self, hashes: &[ContentHash], part: usize, mut between: impl FnMut()) -> FsResult<u64> {
+        let (released, round) = {
+            let mut st = self.lock();
+            let released: HashSet<ContentHash> = hashes.iter().filter(|h| st.kept.contains_key(*h)).cloned().collect();
+            if released.is_empty() {
+                return Ok(0);
+            }
+            st.db.remove_kept_all(released.iter()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing kept contents")))?;
+            for h in &released {
+                st.kept.remove(h);
+            }
+            (released, st.begin_round())
+        };
+        let used = self.used_in_parts(part, &mut between, |h| released.contains(h));
         let mut st = self.lock();
-        let released: HashSet<&ContentHash> = hashes.iter().filter(|h| st.kept.contains_key(*h)).collect();
-        if released.is_empty() {
-            return Ok(0);
-        }
-        st.db.remove_kept_all(released.iter().copied()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing kept contents")))?;
-        for h in &released {
-            st.kept.remove(*h);
-        }
-        // Which of the released a file or a queued change still uses: one look at each
-        // content in use, against the few released (no set of every content).
-        let used: HashSet<&ContentHash> = Self::live_hashes(&st).filter(|h| released.contains(*h)).collect();
+        let taken = st.end_round(round).unwrap_or_default();
         let mut freed = 0;
-        for h in released.into_iter().filter(|h| !used.contains(*h) && **h != ContentStore::empty_hash()) {
+        for h in released.iter().filter(|h| !used.contains(*h) && !taken.contains(*h) && !st.kept.contains_key(*h) && **h != ContentStore::empty_hash()) {
             freed += self.store.remove_blob(h).unwrap_or(0);
         }
         Ok(freed)
@@ -188,8 +201,10 @@ impl Tree {
 
     /// Under the GC's lock: forgets kept contents past their `until_ms`, and drops the
     /// oldest while the store's disk has less than `floor` bytes free (those no file in
-    /// the tree uses: dropping them frees their bytes). Returns what stays kept.
-    pub(super) fn kept_for_gc(&self, st: &mut State, floor: u64) -> Vec<ContentHash> {
+    /// the tree uses: dropping them frees their bytes; `in_use` says what the GC's round
+    /// `round` listed in use, and the round notes what was taken since). Returns what
+    /// stays kept.
+    pub(super) fn kept_for_gc(&self, st: &mut State, floor: u64, round: u64, in_use: &impl Fn(&ContentHash) -> bool) -> Vec<ContentHash> {
         let now_ms = st.env.now_ns() / 1_000_000;
         let expired: Vec<ContentHash> = st.kept.values().filter(|k| k.until_ms.saturating_add(FORGET_AFTER_MS) < now_ms).map(|k| k.hash.clone()).collect();
         for h in &expired {
@@ -199,9 +214,9 @@ impl Tree {
         let mut short = floor.saturating_sub(self.store.free_bytes().unwrap_or(u64::MAX));
         if short > 0 {
             // (Those a file or a queued change uses free nothing.)
-            let used = Self::kept_in_use(st);
-            let mut oldest: Vec<(i64, ContentHash, u64)> =
-                st.kept.values().filter(|k| !used.contains(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
+            let taken = st.taken_in_round(round);
+            let used = |h: &ContentHash| in_use(h) || taken.is_some_and(|t| t.contains(h));
+            let mut oldest: Vec<(i64, ContentHash, u64)> = st.kept.values().filter(|k| !used(&k.hash)).map(|k| (k.at_ms, k.hash.clone(), k.size)).collect();
             oldest.sort();
             let first_dropped = st.kept_dropped.len();
             for (_, h, size) in oldest {

@@ -695,6 +695,52 @@ impl Tree {
         });
     }
 
+    /// Visits the directories below `top` (and `top`), outermost first, `part` entries
+    /// of a directory per hold of the lock: `visit` gets a directory and a part of its
+    /// entries under the lock and says which of them are directories to go into, and
+    /// what to hand to `after`, called with it once the lock is let go. A directory
+    /// moved meanwhile from one not visited yet into one visited already is not
+    /// visited. Stops at the first error of `after`.
+    #[allow(clippy::type_complexity)]
+    fn walk_dirs_in_parts<T>(
+        &self,
+        top: u64,
+        part: usize,
+        mut visit: impl FnMut(&State, u64, &[(&OsString, &DirEntry)]) -> (Vec<u64>, T),
+        mut after: impl FnMut(u64, T) -> FsResult<()>,
+    ) -> FsResult<()> {
+        let part = part.max(1);
+        let mut dirs = vec![top];
+        // The directory being visited and the last name visited in it.
+        let mut going: Option<(u64, Option<OsString>)> = None;
+        loop {
+            let (dir, last) = match going.take() {
+                Some(g) => g,
+                None => match dirs.pop() {
+                    Some(dir) => (dir, None),
+                    None => return Ok(()),
+                },
+            };
+            self.yield_to_waiters();
+            let handed = {
+                let st = self.lock();
+                let Some(d) = st.inodes.get(&dir) else { continue };
+                let from = match &last {
+                    Some(name) => std::ops::Bound::Excluded(name.as_os_str()),
+                    None => std::ops::Bound::Unbounded,
+                };
+                let entries: Vec<(&OsString, &DirEntry)> = d.children.range::<OsStr, _>((from, std::ops::Bound::Unbounded)).take(part).collect();
+                if entries.len() == part {
+                    going = entries.last().map(|(name, _)| (dir, Some((*name).clone())));
+                }
+                let (into, handed) = visit(&st, dir, &entries);
+                dirs.extend(into);
+                handed
+            };
+            after(dir, handed)?;
+        }
+    }
+
     /// Called by a long pass between its parts, the lock let go: lets the threads that
     /// wait for the lock have it first (for 2 ms at most). The lock is not
     /// fair: without this, the pass takes it back at once, before a woken waiter runs,

@@ -730,11 +730,6 @@ impl Tree {
         self.atomically(|st, _| st.set_node_ignore_rules(rules))
     }
 
-    /// Every path this node ignores, an ignored directory named once (not what it holds).
-    pub fn ignored(&self) -> Vec<RelPath> {
-        self.lock().ignored_below(ROOT)
-    }
-
     /// Conflicts this node's changes became (cheap, unlike `stats`).
     pub fn conflicts_seen(&self) -> u64 {
         self.lock().conflicts_seen
@@ -768,19 +763,24 @@ impl Tree {
     /// `gauges`, the counts of the tree's entries and the last revision (kept as they
     /// change), what the kept versions take on disk and the ignored paths, for `syncctl
     /// status`. Proportional to the tree's size only where versions are kept (a look in
-    /// the kept table per file, to leave out what files use) or rules ignore paths.
+    /// the kept table per file, to leave out what files use) or rules ignore paths, and
+    /// then a part of the tree per hold of the lock.
     pub fn stats(&self) -> TreeStats {
-        let st = self.lock();
-        let mut s = Self::gauges_of(&st);
-        s.ignored = st.ignored_below(ROOT).len() as u64;
-        s.last_revision = st.last_rev;
-        if !st.kept.is_empty() {
-            let used = Self::kept_in_use(&st);
-            s.kept_disk_bytes = st.kept.keys().filter(|h| !used.contains(*h)).map(|h| self.store.footprint(h)).sum();
+        let mut s = {
+            let st = self.lock();
+            let mut s = Self::gauges_of(&st);
+            s.last_revision = st.last_rev;
+            s.files = st.entry_counts.files;
+            // The root has no entry.
+            s.dirs = st.entry_counts.dirs + 1;
+            s
+        };
+        s.ignored = self.ignored().len() as u64;
+        let kept: HashSet<ContentHash> = self.lock().kept.keys().cloned().collect();
+        if !kept.is_empty() {
+            let used = self.used_in_parts(WALK_PART, &mut || {}, |h| kept.contains(h));
+            s.kept_disk_bytes = kept.iter().filter(|h| !used.contains(*h)).map(|h| self.store.footprint(h)).sum();
         }
-        s.files = st.entry_counts.files;
-        // The root has no entry.
-        s.dirs = st.entry_counts.dirs + 1;
         s
     }
 }

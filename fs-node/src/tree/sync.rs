@@ -245,47 +245,33 @@ impl Tree {
             let here = st.inodes.get(&dir).and_then(|d| d.children.get(name)).is_some_and(|e| e.ino == i.ino);
             here && st.path_of(dir, name).is_some_and(|p| !known.contains(&p) && !st.outbox.has(&p))
         };
-        let (mut dirs, mut pushed) = (vec![ROOT], 0);
-        // The directory being looked at and the last name looked at in it: a large
-        // directory is looked at `WALK_PART` entries per hold of the lock.
-        let mut part: Option<(u64, Option<OsString>)> = None;
-        loop {
-            let (dir, after) = match part.take() {
-                Some(p) => p,
-                None => match dirs.pop() {
-                    Some(dir) => (dir, None),
-                    None => break,
-                },
-            };
-            self.yield_to_waiters();
-            let to_push: Vec<(OsString, u64)> = {
-                let st = self.lock();
-                let Some(d) = st.inodes.get(&dir) else { continue };
-                let from = match &after {
-                    Some(name) => std::ops::Bound::Excluded(name.as_os_str()),
-                    None => std::ops::Bound::Unbounded,
-                };
-                let entries: Vec<(&OsString, &DirEntry)> = d.children.range::<OsStr, _>((from, std::ops::Bound::Unbounded)).take(part_len).collect();
-                if entries.len() == part_len {
-                    part = entries.last().map(|(name, _)| (dir, Some((*name).clone())));
+        let mut pushed = 0;
+        self.walk_dirs_in_parts(
+            ROOT,
+            part_len,
+            |st, dir, entries| {
+                let dirs = entries.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(_, e)| e.ino).collect();
+                let to_push: Vec<(OsString, u64)> =
+                    entries.iter().filter(|(name, e)| unknown(st, dir, name, e.ino)).map(|(name, e)| ((*name).clone(), e.ino)).collect();
+                (dirs, to_push)
+            },
+            |dir, to_push| {
+                if to_push.is_empty() {
+                    return Ok(());
                 }
-                dirs.extend(entries.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(_, e)| e.ino));
-                entries.into_iter().filter(|(name, e)| unknown(&st, dir, name, e.ino)).map(|(name, e)| (name.clone(), e.ino)).collect()
-            };
-            if to_push.is_empty() {
-                continue;
-            }
-            pushed += self.atomically(|st, _| {
-                let mut n = 0;
-                for (name, ino) in &to_push {
-                    if unknown(st, dir, name, *ino) {
-                        st.record_put(dir, name, *ino)?;
-                        n += 1;
+                pushed += self.atomically(|st, _| {
+                    let mut n = 0;
+                    for (name, ino) in &to_push {
+                        if unknown(st, dir, name, *ino) {
+                            st.record_put(dir, name, *ino)?;
+                            n += 1;
+                        }
                     }
-                }
-                Ok(n)
-            })?;
-        }
+                    Ok(n)
+                })?;
+                Ok(())
+            },
+        )?;
         Ok(pushed)
     }
 
@@ -323,26 +309,39 @@ impl Tree {
     /// `gc_candidates`, listing `part` inodes or queued changes per hold of the lock and
     /// calling `between` after each (the tests change the tree there).
     pub(super) fn gc_candidates_in_parts(&self, floor: u64, part: usize, mut between: impl FnMut()) -> GcCandidates {
-        let (round, inos, seqs) = {
+        let round = {
             let mut st = self.lock();
             st.close_unreachable_blobs();
-            let round = st.begin_round();
-            (round, st.inodes.keys().copied().collect(), st.outbox.rows().keys().copied().collect())
+            st.begin_round()
         };
-        let mut listed: Vec<ContentHash> = Vec::new();
-        self.visit_in_parts(inos, part, &mut between, |st, ino| {
-            if let Some(h) = st.inodes.get(&ino).filter(|i| live_file(i)).and_then(|i| i.hash.clone()) {
-                listed.push(h);
-            }
-        });
-        self.visit_in_parts(seqs, part, &mut between, |st, seq| {
-            if let Some(h) = st.outbox.rows().get(&seq).and_then(|r| queued_content(&r.change.op)) {
-                listed.push(h.clone());
-            }
-        });
-        listed.extend(self.kept_for_gc(&mut self.lock(), floor));
-        let keep: HashSet<ContentHash> = listed.into_iter().collect();
+        let mut keep = self.used_in_parts(part, &mut between, |_| true);
+        let in_use = |h: &ContentHash| keep.contains(h);
+        let kept = self.kept_for_gc(&mut self.lock(), floor, round, &in_use);
+        keep.extend(kept);
         GcCandidates { round, hashes: self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect() }
+    }
+
+    /// The contents files (live ones) or queued changes use, of those `among` takes,
+    /// listed `part` inodes or queued changes per hold of the lock (`visit_in_parts`);
+    /// a content taken meanwhile may be missed: a caller that acts on what is not listed
+    /// began a round first (`State::begin_round`) and looks at what it noted.
+    pub(super) fn used_in_parts(&self, part: usize, between: &mut impl FnMut(), among: impl Fn(&ContentHash) -> bool) -> HashSet<ContentHash> {
+        let (inos, seqs) = {
+            let st = self.lock();
+            (st.inodes.keys().copied().collect(), st.outbox.rows().keys().copied().collect())
+        };
+        let mut used = HashSet::new();
+        self.visit_in_parts(inos, part, between, |st, ino| {
+            if let Some(h) = st.inodes.get(&ino).filter(|i| live_file(i)).and_then(|i| i.hash.as_ref()).filter(|h| among(h)) {
+                used.insert(h.clone());
+            }
+        });
+        self.visit_in_parts(seqs, part, between, |st, seq| {
+            if let Some(h) = st.outbox.rows().get(&seq).and_then(|r| queued_content(&r.change.op)).filter(|h| among(h)) {
+                used.insert(h.clone());
+            }
+        });
+        used
     }
 
     /// The second phase: removes the candidates that nothing uses now.
@@ -401,10 +400,6 @@ impl Tree {
 
     /// The kept contents that a file uses or a queued change names (keeping them takes no
     /// room of its own).
-    pub(super) fn kept_in_use(st: &State) -> HashSet<ContentHash> {
-        Self::live_hashes(st).filter(|h| st.kept.contains_key(*h)).cloned().collect()
-    }
-
     /// The contents files use or queued changes name (a content may come more than once).
     pub(super) fn live_hashes(st: &State) -> impl Iterator<Item = &ContentHash> {
         let files = st.inodes.values().filter(|i| live_file(i)).filter_map(|i| i.hash.as_ref());

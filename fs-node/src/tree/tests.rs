@@ -863,6 +863,35 @@ fn kept_contents_outlive_the_gc_and_restarts_until_released_or_expired() {
     assert_eq!(t.kept_usage(), (0, 0));
 }
 
+/// A released content is removed unless a file or a queued change uses it, which is
+/// listed a part of the tree at a time: a file that takes it while the listing goes on
+/// (after the part that would have seen it) keeps it; so does a keep of it again.
+#[test]
+fn a_released_content_taken_or_kept_again_while_listed_stays() {
+    for what in ["taken", "kept again", "nothing"] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let now_ms = t.env().now_ns() / 1_000_000;
+        let bytes = b"kept, then released";
+        let h = old_blob(&t, bytes);
+        t.keep(&[keep_item(&h, bytes.len() as u64, now_ms + 3_600_000)]).unwrap();
+        let mut calls = 0;
+        t.release_kept_in_parts(std::slice::from_ref(&h), 1, || {
+            calls += 1;
+            if calls == 1 {
+                match what {
+                    "taken" => drop(closed_file(&t, ROOT, "late", bytes)),
+                    "kept again" => drop(t.keep(&[keep_item(&h, bytes.len() as u64, now_ms + 3_600_000)]).unwrap()),
+                    _ => {}
+                }
+            }
+        })
+        .unwrap();
+        assert_eq!(t.store.has(&h), what != "nothing", "{what}");
+        assert!(t.lock().rounds.is_empty(), "{what}: the round ended");
+    }
+}
+
 /// One request may name a content twice (two deleted files with the same bytes): it is
 /// kept until the later end, whatever the order, in memory and in node.db.
 #[test]
