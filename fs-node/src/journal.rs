@@ -207,10 +207,11 @@ impl<T: Send + Sync + 'static> Journal<T> {
     /// Sees whether the fold under way is done, and starts one once the appended writes
     /// weigh enough: the file being appended to is handed to it, and new frames go to
     /// the other file (whose frames the fold before folded), for the next epoch. Returns
-    /// the writes of a fold that committed since the last call.
+    /// the writes of a fold that committed since the last call. (One that took 5 ms or
+    /// more is logged at debug level, target `timing`: it runs under its owner's lock.)
     pub fn maybe_fold(&mut self) -> Option<Arc<Vec<T>>> {
         let started = std::time::Instant::now();
-        let folded = self.maybe_fold_timed();
+        let folded = self.fold_if_due();
         let took = started.elapsed();
         if took >= std::time::Duration::from_millis(5) {
             tracing::debug!(target: "timing", what = self.what, took_us = took.as_micros() as u64, "maybe_fold");
@@ -218,7 +219,8 @@ impl<T: Send + Sync + 'static> Journal<T> {
         folded
     }
 
-    fn maybe_fold_timed(&mut self) -> Option<Arc<Vec<T>>> {
+    /// `maybe_fold`'s work.
+    fn fold_if_due(&mut self) -> Option<Arc<Vec<T>>> {
         let mut folded = self.finish_fold(false);
         if self.unfolded_weight < self.fold_at {
             return folded;
