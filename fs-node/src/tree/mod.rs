@@ -386,6 +386,13 @@ struct State {
     /// The copy of a blob a detach is about to make (`ContentStore::copy_blob_ahead`),
     /// made by the tree outside its lock, for the one transaction that may detach.
     copy_ahead: Option<CopyAhead>,
+    /// Transactions committed since the tree was loaded: what may have freed room on a
+    /// full disk (`Tree::make_room`).
+    commits: u64,
+    /// When room-making last found nothing to free (ns) and `commits` then: until a
+    /// commit or `ROOM_LOOK_AGAIN`, a full disk fails at once instead of walking the
+    /// tree and the store again under the lock.
+    futile_room: Option<(i64, u64)>,
 }
 
 /// A copy of content `.0` made ahead of the detach that needs it (`State::copy_ahead`).
@@ -411,6 +418,10 @@ pub struct Prehashed {
     /// hashed, to install.
     snapshot: Option<crate::store::TmpCopy>,
 }
+
+/// How long a full disk's room-making, having found nothing to remove, is not tried
+/// again unless a transaction commits (`Tree::make_room`).
+const ROOM_LOOK_AGAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub struct Tree {
     state: Mutex<State>,
@@ -579,6 +590,8 @@ impl Tree {
             loaded_ns,
             overlays: HashMap::new(),
             copy_ahead: None,
+            commits: 0,
+            futile_room: None,
         };
         let work_left = store.abandoned_work().to_vec();
         let mut state = state;
@@ -821,7 +834,10 @@ impl Tree {
             // in the same transaction.
             st.settle_rules(&self.store)?;
             match st.env.persist_fault() {
-                None => st.db.commit()?,
+                None => {
+                    st.db.commit()?;
+                    st.commits += 1;
+                }
                 Some(PersistFault::Io) => return Err(FsError::Io(anyhow::anyhow!("committing to the node database: injected I/O error"))),
                 Some(PersistFault::NoSpace) => return Err(FsError::NoSpace),
             }
@@ -852,19 +868,28 @@ impl Tree {
     /// deleted a moment ago frees its space now, not at the next `gc`) and, when that
     /// freed nothing and the node database needs room (`for_db`), gives it the space
     /// kept in reserve for it (`ContentStore::release_reserve`). Returns whether
-    /// anything was freed.
+    /// anything was freed. The removal walks the tree and the store under the lock:
+    /// once it found nothing, it is not tried again before a transaction commits (a
+    /// delete, a decision that lets go of a queued content) or `ROOM_LOOK_AGAIN` has
+    /// passed, so that a writer retrying on a full disk does not hold the mount.
     fn make_room(&self, st: &mut State, for_db: bool) -> bool {
-        // A removed file's blob may still be held open for reads it can no longer get.
-        st.close_unreachable_blobs();
-        // A blob downloaded and not yet applied may go too; it is pulled again.
-        let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
-        if removed > 0 {
-            tracing::info!("the disk is full: removed {removed} blobs nothing refers to");
-            // Their space comes back once a background pass reading one lets go of it.
-            if !crate::store::BlobReader::wait_for_removed(std::time::Duration::from_secs(2)) {
-                tracing::warn!("the disk is full: a background pass still holds a removed blob");
+        let now = st.env.now_ns();
+        let looked_in_vain = st.futile_room.is_some_and(|(at, commits)| commits == st.commits && now.saturating_sub(at) < ROOM_LOOK_AGAIN.as_nanos() as i64);
+        if !looked_in_vain {
+            // A removed file's blob may still be held open for reads it can no longer get.
+            st.close_unreachable_blobs();
+            // A blob downloaded and not yet applied may go too; it is pulled again.
+            let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
+            if removed > 0 {
+                st.futile_room = None;
+                tracing::info!("the disk is full: removed {removed} blobs nothing refers to");
+                // Their space comes back once a background pass reading one lets go of it.
+                if !crate::store::BlobReader::wait_for_removed(std::time::Duration::from_secs(2)) {
+                    tracing::warn!("the disk is full: a background pass still holds a removed blob");
+                }
+                return true;
             }
-            return true;
+            st.futile_room = Some((now, st.commits));
         }
         if for_db && self.store.release_reserve() {
             tracing::warn!("the disk is full: the node database now uses the space kept in reserve for it; free some space");

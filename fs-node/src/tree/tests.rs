@@ -961,6 +961,42 @@ fn a_removed_files_blob_handle_is_closed_for_the_gc() {
     drop(dir);
 }
 
+/// A full disk's room-making walks the tree and the store under the lock: once it found
+/// nothing to remove, a writer retrying on the full disk must not make it walk again
+/// until something could have freed room (a commit) or `ROOM_LOOK_AGAIN` has passed.
+#[test]
+fn room_making_that_found_nothing_waits_for_a_commit() {
+    let (_dir, t, d) = tree_with_dir();
+    let bytes = b"a content deleted, then its blob put back behind the tree's back";
+    let ino = closed_file(&t, d, "gone", bytes);
+    let hash = t.lock().inodes[&ino].hash.clone().unwrap();
+    let blob = t.store.blob_path(&hash);
+    let blob_bytes = std::fs::read(&blob).unwrap();
+    t.unlink(d, OsStr::new("gone")).unwrap();
+    t.forget(ino, 1);
+    let make_room = || {
+        let mut st = t.lock();
+        t.make_room(&mut st, false)
+    };
+    assert!(make_room(), "the deleted file's blob is removed");
+    assert!(!blob.exists());
+    assert!(!make_room(), "nothing more to remove");
+    // An unreferenced blob appears without a commit (as a download not yet applied
+    // would): the next room-making, right after one that found nothing, does not look.
+    std::fs::write(&blob, &blob_bytes).unwrap();
+    assert!(!make_room(), "no commit since the last look: not looked again");
+    assert!(blob.exists());
+    t.mkdir(ROOT, OsStr::new("a commit"), 0o755, 0, 0).unwrap();
+    assert!(make_room(), "after a commit it looks again");
+    assert!(!blob.exists());
+    // And after a while without commits.
+    assert!(!make_room());
+    std::fs::write(&blob, &blob_bytes).unwrap();
+    t.lock().futile_room.as_mut().unwrap().0 -= ROOM_LOOK_AGAIN.as_nanos() as i64;
+    assert!(make_room(), "ROOM_LOOK_AGAIN after the last look it looks again");
+    assert!(!blob.exists());
+}
+
 /// Small contents are rows of the store (`small.rs`), their work files in memory: a
 /// small file written and closed leaves no file under `work/` or `blobs/`, reads back,
 /// and outlives the process; an edit starts from the row's bytes.
