@@ -18,7 +18,7 @@
 //! the two files and the writes not yet in SQLite; its owner decides what a write is
 //! (`T`), how a frame encodes it, and how a batch is applied.
 
-use crate::redo::{Prior, RedoLog};
+use crate::redo::{Prior, ReadBack, RedoLog};
 use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension};
 use std::path::Path;
@@ -87,6 +87,10 @@ pub struct Journal<T> {
     /// Which files a fold's thread emptied after its commit (`RedoLog::empty`): they
     /// are not cut again when started.
     emptied: [bool; 2],
+    /// Frames were left out at opening (after a mark the other file did not live up
+    /// to): the fold at opening runs even with nothing to fold, to record an epoch
+    /// newer than theirs.
+    left_out: bool,
     /// A fold starts once `unfolded` weighs this much (more after one failed).
     fold_at: usize,
     /// `fold_at` after a fold: what a batch weighs.
@@ -138,15 +142,20 @@ impl<T: Send + Sync + 'static> Journal<T> {
             logs.push(log);
             reads.push(read);
         }
+        // The next epoch is newer than any whole frame read, also those left out below:
+        // the fold at opening records it, so that a frame left out can never be taken
+        // for an unfolded one later (were its cut below lost, or never made).
+        let newest = reads.iter().filter_map(ReadBack::newest).fold(epoch, u64::max);
         // A file started for a new epoch marked how long the other file was, whose frames
-        // were not flushed then: if it is shorter now (a power loss kept the later file's
-        // frames and not all of the earlier one's), what follows the mark is not a
-        // prefix of what was appended, and is left out (it is cut at the fold that
-        // follows the opening). A mark of an epoch the database folded says nothing.
+        // were not flushed then: if the other file now ends its frames of that epoch
+        // earlier (a power loss kept the later file's frames and not all of the earlier
+        // one's), what follows the mark is not a prefix of what was appended, and is
+        // left out, and cut for good. A mark of an epoch the database folded says nothing.
+        let mut left_out = false;
         for i in 0..2 {
-            let other_len = reads[1 - i].len;
-            let short = reads[i].priors.iter().filter(|(_, p)| p.epoch >= epoch && other_len < p.len).map(|&(from, _)| from).min();
-            if let Some(from) = short {
+            let short =
+                reads[i].priors.iter().filter(|(_, p, _)| p.epoch >= epoch && reads[1 - i].end_of(p.epoch) < p.len).min_by_key(|(from, ..)| *from).copied();
+            if let Some((from, _, at)) = short {
                 let dropped = reads[i].frames.iter().filter(|(e, _)| *e >= from).count();
                 tracing::warn!(
                     log = %RedoLog::path_for(db_path, i).display(),
@@ -154,6 +163,10 @@ impl<T: Send + Sync + 'static> Journal<T> {
                     "the other redo log of {what} lost frames that came before these (a power loss before they reached the disk): these are left out too",
                 );
                 reads[i].frames.retain(|(e, _)| *e < from);
+                if let Err(e) = logs[i].cut_for_good(at) {
+                    tracing::warn!(log = %RedoLog::path_for(db_path, i).display(), "cutting the frames left out of the redo log of {what} (the fold at opening skips them): {e}");
+                }
+                left_out = true;
             }
         }
         let mut frames = Vec::new();
@@ -168,9 +181,6 @@ impl<T: Send + Sync + 'static> Journal<T> {
             unfolded.extend(decode(frame).with_context(|| format!("frame {n} (epoch {e}) of {}", RedoLog::path_for(db_path, *i).display()))?);
         }
         let mut logs: [RedoLog; 2] = logs.try_into().map_err(|_| anyhow::anyhow!("two redo logs"))?;
-        // The next epoch is newer than any frame read (the owner's fold at opening starts
-        // both files again for it).
-        let newest = frames.last().map(|&(e, ..)| e).unwrap_or(epoch);
         for log in &mut logs {
             log.continue_at(newest);
         }
@@ -182,6 +192,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
             unfolded_weight,
             folding: None,
             emptied: [false; 2],
+            left_out,
             fold_at: batch_weight,
             batch_weight,
             folds: 0,
@@ -243,8 +254,12 @@ impl<T: Send + Sync + 'static> Journal<T> {
                 let epoch = prior.epoch + 1;
                 let next = 1 - handed;
                 if let Err(e) = self.logs[next].start(epoch, Some(prior), self.emptied[next]) {
-                    tracing::warn!("starting the other redo log of {} for a fold (tried again at the next append): {e}", self.what);
-                    return folded;
+                    // (A full disk.) Without the mark, the file handed to the fold must
+                    // reach the disk before the other one gets a frame.
+                    if let Err(e2) = self.logs[handed].sync().and_then(|()| self.logs[next].start(epoch, None, false)) {
+                        tracing::warn!("starting the other redo log of {} for a fold (tried again at the next append): {e}; {e2}", self.what);
+                        return folded;
+                    }
                 }
                 self.emptied[next] = false;
                 self.current = next;
@@ -328,7 +343,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
     }
 
     fn fold_rest(&mut self) -> rusqlite::Result<()> {
-        if self.unfolded.is_empty() && self.folding.is_none() {
+        if self.unfolded.is_empty() && self.folding.is_none() && !self.left_out {
             return Ok(());
         }
         let epoch = self.logs[self.current].epoch() + 1;
@@ -337,6 +352,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.folding = None;
         self.unfolded.clear();
         self.unfolded_weight = 0;
+        self.left_out = false;
         for (log, emptied) in self.logs.iter_mut().zip(&mut self.emptied) {
             // Without a mark: both files start empty, and everything is in the database.
             let _ = log.start(epoch, None, std::mem::take(emptied));
@@ -456,6 +472,52 @@ mod tests {
         assert_eq!(unfolded(&open(&db, 1, failing())), (4..10).collect::<Vec<_>>());
     }
 
+    /// Frames left out at opening (after a mark the other file did not live up to) never
+    /// come back: their file is cut at the mark, and the fold at opening, which runs even
+    /// with nothing to fold, records an epoch newer than theirs, so that they are skipped
+    /// even were the cut and the fold's emptying lost (found by a review: the fold used to
+    /// record the left-out frames' own epoch, or, with nothing else unfolded, nothing).
+    #[test]
+    fn frames_left_out_at_opening_never_come_back() {
+        for lost_of_the_first in [1, u64::MAX] {
+            let dir = tempfile::tempdir().unwrap();
+            let db = dir.path().join("test.db");
+            let mut j = open(&db, 0, failing());
+            for n in 0..10 {
+                append(&mut j, n);
+            }
+            j.join_fold();
+            drop(j);
+            let (first, second) = (RedoLog::path_for(&db, 0), RedoLog::path_for(&db, 1));
+            let len = std::fs::metadata(&first).unwrap().len();
+            std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(len.saturating_sub(lost_of_the_first)).unwrap();
+            let (first_bytes, second_bytes) = (std::fs::read(&first).unwrap(), std::fs::read(&second).unwrap());
+
+            // The folds' (epoch, numbers).
+            type Folds = Arc<Mutex<Vec<(u64, Vec<u64>)>>>;
+            let folds: Folds = Default::default();
+            let recorded = folds.clone();
+            let recording: Apply<u64> = Arc::new(move |items, epoch| {
+                recorded.lock().unwrap().push((epoch, items.copied().collect()));
+                Ok(())
+            });
+            let mut j = open(&db, 0, recording);
+            let kept: Vec<u64> = if lost_of_the_first == 1 { vec![0, 1, 2] } else { vec![] };
+            assert_eq!(unfolded(&j), kept);
+            assert_eq!(std::fs::metadata(&second).unwrap().len(), 0, "the second file is cut at its mark");
+            j.fold_now().1.unwrap();
+            let (epoch, folded) = folds.lock().unwrap().pop().expect("the fold at opening runs, also with nothing to fold");
+            assert_eq!(folded, kept);
+            assert!(epoch > 1, "the fold records an epoch newer than the left-out frames' (1): {epoch}");
+            drop(j);
+
+            // The cut and the fold's emptying lost: the files as they were found.
+            std::fs::write(&first, &first_bytes).unwrap();
+            std::fs::write(&second, &second_bytes).unwrap();
+            assert_eq!(unfolded(&open(&db, epoch, failing())), Vec::<u64>::new(), "nothing left out comes back");
+        }
+    }
+
     /// A fold's thread empties the file it folded once it committed; the switch back to
     /// that file does not cut it again, and writes the mark first.
     #[test]
@@ -484,7 +546,7 @@ mod tests {
         // The second file then held its mark and four numbers: 24 bytes of header per
         // frame, 16 of mark, 8 per number (its fold has emptied it since).
         let second = (24 + 16) + 4 * (24 + 8);
-        assert_eq!(read.priors, vec![(2, Prior { epoch: 1, len: second })], "the mark: the second file's epoch and length");
+        assert_eq!(read.priors, vec![(2, Prior { epoch: 1, len: second }, 0)], "the mark: the second file's epoch and length");
         assert!(read.frames.is_empty());
     }
 }

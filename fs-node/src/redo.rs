@@ -1,8 +1,9 @@
 //! A redo log file of the node database (`node.db-redo0` and `node.db-redo1` beside
 //! `node.db`): a committed transaction of the tree is appended to one, one frame per
-//! transaction, with one `write`. [`crate::db::Db`] owns them; it applies the logged
-//! writes to SQLite a batch at a time (a fold), while new frames go to the other file,
-//! and then starts the folded one again. This module only knows frames and one file.
+//! transaction, with one `write`. [`crate::journal::Journal`] owns them (for
+//! [`crate::db::Db`] and the small contents); it applies the logged writes to SQLite a
+//! batch at a time (a fold), while new frames go to the other file, and then starts the
+//! folded one again. This module only knows frames and one file.
 //!
 //! A frame: `SRDO`, the payload's length (u32 LE), the epoch it belongs to (u64 LE), the
 //! first 8 bytes of the BLAKE3 hash of epoch and payload, the payload. A transaction
@@ -70,10 +71,35 @@ impl Prior {
 pub struct ReadBack {
     /// The transactions of the epoch asked for or later, in order, as (epoch, payload).
     pub frames: Vec<(u64, Vec<u8>)>,
-    /// The marks of those epochs, as (the epoch the mark began, what it says).
-    pub priors: Vec<(u64, Prior)>,
+    /// The marks of those epochs, as (the epoch the mark began, what it says, where in
+    /// the file the mark begins).
+    pub priors: Vec<(u64, Prior, u64)>,
     /// The bytes of whole frames read (where the file is cut back to).
     pub len: u64,
+    /// For each epoch with a whole frame in the file (a mark or a transaction's last
+    /// frame), older ones too: where its last such frame ends.
+    pub ends: Vec<(u64, u64)>,
+}
+
+impl ReadBack {
+    /// Where the last whole frame of `epoch` ends (0 if the file has none): what a mark
+    /// of the other file, naming `epoch`, says this file held ([`Prior::len`]). Bytes of
+    /// other epochs (older frames a lost cut left) do not count.
+    pub fn end_of(&self, epoch: u64) -> u64 {
+        self.ends.iter().find(|(e, _)| *e == epoch).map_or(0, |&(_, end)| end)
+    }
+
+    /// The newest epoch of a whole frame in the file, if any.
+    pub fn newest(&self) -> Option<u64> {
+        self.ends.iter().map(|&(e, _)| e).max()
+    }
+
+    fn ended(&mut self, epoch: u64, end: usize) {
+        match self.ends.iter_mut().find(|(e, _)| *e == epoch) {
+            Some(slot) => slot.1 = end as u64,
+            None => self.ends.push((epoch, end as u64)),
+        }
+    }
 }
 
 pub struct RedoLog {
@@ -119,8 +145,7 @@ impl RedoLog {
         }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
-        let mut payloads = Vec::new();
-        let mut priors = Vec::new();
+        let mut read = ReadBack::default();
         // `at`: the end of the last whole transaction; `next`: of the last good frame.
         let (mut at, mut next) = (0usize, 0usize);
         let mut transaction: Vec<u8> = Vec::new();
@@ -144,10 +169,11 @@ impl RedoLog {
             if mark {
                 let Some(prior) = Prior::decode(payload) else { break };
                 if frame_epoch >= epoch {
-                    priors.push((frame_epoch, prior));
+                    read.priors.push((frame_epoch, prior, next as u64));
                 }
                 next += HEADER + len;
                 at = next;
+                read.ended(frame_epoch, at);
                 continue;
             }
             next += HEADER + len;
@@ -155,9 +181,10 @@ impl RedoLog {
             if last {
                 let whole = std::mem::take(&mut transaction);
                 if frame_epoch >= epoch {
-                    payloads.push((frame_epoch, whole));
+                    read.frames.push((frame_epoch, whole));
                 }
                 at = next;
+                read.ended(frame_epoch, at);
             }
         }
         let len = bytes.len() as u64;
@@ -172,7 +199,18 @@ impl RedoLog {
         if torn {
             log.cut_back()?;
         }
-        Ok((log, ReadBack { frames: payloads, priors, len: at as u64 }))
+        read.len = at as u64;
+        Ok((log, read))
+    }
+
+    /// Cuts the file at `at` (the start of a frame) and flushes the cut: what followed
+    /// can never be read back, even after a power loss.
+    pub fn cut_for_good(&mut self, at: u64) -> std::io::Result<()> {
+        self.file.set_len(at)?;
+        self.file.sync_all()?;
+        self.len = at;
+        self.torn = false;
+        Ok(())
     }
 
     fn cut_back(&mut self) -> std::io::Result<()> {
@@ -310,6 +348,28 @@ mod tests {
 
     fn reopen(path: &Path, epoch: u64) -> Vec<Vec<u8>> {
         RedoLog::open(path, epoch).unwrap().1.frames.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// What a mark of the other file is checked against is where this file's frames of
+    /// the mark's epoch end: frames of an older epoch that a lost cut left behind do not
+    /// count, however long they are (found by a review: the whole length counted).
+    #[test]
+    fn the_end_of_an_epoch_counts_only_its_own_frames() {
+        let (_dir, path, mut log) = new_log(0);
+        for n in 0..5u8 {
+            log.append(&[n; 8]).unwrap();
+        }
+        let read = RedoLog::open(&path, 0).unwrap().1;
+        assert_eq!((read.end_of(0), read.end_of(1), read.newest()), (5 * (HEADER as u64 + 8), 0, Some(0)));
+        let (mut log, _) = RedoLog::open(&path, 0).unwrap();
+        log.continue_at(1);
+        log.write_frames(std::iter::once((PRIOR, &Prior { epoch: 0, len: 7 }.encode()[..]))).unwrap();
+        log.append(&[9; 8]).unwrap();
+        let read = RedoLog::open(&path, 1).unwrap().1;
+        let after_old = 5 * (HEADER as u64 + 8);
+        assert_eq!(read.end_of(1), after_old + (HEADER as u64 + 16) + (HEADER as u64 + 8));
+        assert_eq!(read.priors, vec![(1, Prior { epoch: 0, len: 7 }, after_old)], "the mark, and where it begins");
+        assert_eq!(read.newest(), Some(1));
     }
 
     #[test]
