@@ -307,7 +307,10 @@ impl Tree {
             },
         );
         debug_assert!(walked.is_ok(), "nothing fails after a part");
+        // (A directory renamed during the walk from a part not walked yet into one walked
+        // may be seen twice.)
         out.sort();
+        out.dedup();
         out
     }
 }

@@ -8,6 +8,7 @@
 use super::*;
 use crate::db::KeptRow;
 use crate::store::AtRestBases;
+use sync::RoundEnd;
 use wire::KeepItem;
 
 /// A node forgets a kept content by itself only this long after the end it was told:
@@ -91,6 +92,7 @@ impl Tree {
             }
             (released, st.begin_round())
         };
+        let _end = RoundEnd::new(self, round);
         let used = self.used_in_parts(part, &mut between, |h| released.contains(h));
         let mut st = self.lock();
         let taken = st.end_round(round).unwrap_or_default();

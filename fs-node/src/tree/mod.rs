@@ -386,12 +386,9 @@ struct State {
     /// The copy of a blob a detach is about to make (`ContentStore::copy_blob_ahead`),
     /// made by the tree outside its lock, for the one transaction that may detach.
     copy_ahead: Option<CopyAhead>,
-    /// Transactions committed since the tree was loaded: what may have freed room on a
-    /// full disk (`Tree::make_room`).
-    commits: u64,
-    /// When room-making last found nothing to free (ns) and `commits` then: until a
-    /// commit or `ROOM_LOOK_AGAIN`, a full disk fails at once instead of walking the
-    /// tree and the store again under the lock.
+    /// When room-making last found nothing to free (ns) and the node database's count
+    /// of commits then (`Db::commits`): until a commit or `ROOM_LOOK_AGAIN`, a full disk
+    /// fails at once instead of walking the tree and the store again under the lock.
     futile_room: Option<(i64, u64)>,
 }
 
@@ -590,7 +587,6 @@ impl Tree {
             loaded_ns,
             overlays: HashMap::new(),
             copy_ahead: None,
-            commits: 0,
             futile_room: None,
         };
         let work_left = store.abandoned_work().to_vec();
@@ -834,10 +830,7 @@ impl Tree {
             // in the same transaction.
             st.settle_rules(&self.store)?;
             match st.env.persist_fault() {
-                None => {
-                    st.db.commit()?;
-                    st.commits += 1;
-                }
+                None => st.db.commit()?,
                 Some(PersistFault::Io) => return Err(FsError::Io(anyhow::anyhow!("committing to the node database: injected I/O error"))),
                 Some(PersistFault::NoSpace) => return Err(FsError::NoSpace),
             }
@@ -874,7 +867,9 @@ impl Tree {
     /// passed, so that a writer retrying on a full disk does not hold the mount.
     fn make_room(&self, st: &mut State, for_db: bool) -> bool {
         let now = st.env.now_ns();
-        let looked_in_vain = st.futile_room.is_some_and(|(at, commits)| commits == st.commits && now.saturating_sub(at) < ROOM_LOOK_AGAIN.as_nanos() as i64);
+        // (A clock set back counts as time passed.)
+        let looked_in_vain =
+            st.futile_room.is_some_and(|(at, commits)| commits == st.db.commits() && (0..ROOM_LOOK_AGAIN.as_nanos() as i64).contains(&now.saturating_sub(at)));
         if !looked_in_vain {
             // A removed file's blob may still be held open for reads it can no longer get.
             st.close_unreachable_blobs();
@@ -889,7 +884,7 @@ impl Tree {
                 }
                 return true;
             }
-            st.futile_room = Some((now, st.commits));
+            st.futile_room = Some((now, st.db.commits()));
         }
         if for_db && self.store.release_reserve() {
             tracing::warn!("the disk is full: the node database now uses the space kept in reserve for it; free some space");

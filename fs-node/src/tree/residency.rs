@@ -7,6 +7,7 @@
 //! they hold are read by the node itself.
 
 use super::*;
+use sync::RoundEnd;
 
 /// The pin rules and the default, owned by the tree's state.
 #[derive(Clone, Debug, Default)]
@@ -344,14 +345,7 @@ impl Tree {
             let mut st = self.lock();
             (st.begin_round(), st.inodes.keys().copied().collect())
         };
-        // The round ends however this ends.
-        struct EndRound<'a>(&'a Tree, u64);
-        impl Drop for EndRound<'_> {
-            fn drop(&mut self) {
-                self.0.lock().end_round(self.1);
-            }
-        }
-        let _end = EndRound(self, round);
+        let _end = RoundEnd::new(self, round);
         // Per content: the files that had it when listed (looked at again before it
         // goes), or that one of them needed it then.
         let mut holders: HashMap<&ContentHash, Vec<u64>> = HashMap::new();

@@ -38,9 +38,37 @@ pub(super) fn queued_content(op: &ChangeOp) -> Option<&ContentHash> {
     }
 }
 
+/// Ends a round (`State::begin_round`) however the pass that began it ends, a panic
+/// included: a round left open would note every content taken from then on, for good.
+pub(super) struct RoundEnd<'a> {
+    tree: &'a Tree,
+    id: u64,
+}
+
+impl<'a> RoundEnd<'a> {
+    pub(super) fn new(tree: &'a Tree, id: u64) -> RoundEnd<'a> {
+        RoundEnd { tree, id }
+    }
+
+    /// The round goes on past this guard: another one ends it (the GC's two phases).
+    pub(super) fn hand_on(self) -> u64 {
+        let id = self.id;
+        std::mem::forget(self);
+        id
+    }
+}
+
+impl Drop for RoundEnd<'_> {
+    fn drop(&mut self) {
+        // (A round ended already is not there: nothing happens.)
+        self.tree.lock().end_round(self.id);
+    }
+}
+
 impl State {
-    /// A file or a queued change now uses `h`: a GC round under way must not remove it
-    /// (called wherever an inode or an outbox row gets a content).
+    /// A file or a queued change now uses `h`: a round under way (the GC's, `evict`'s,
+    /// `release_kept`'s) must not drop it (called wherever an inode or an outbox row
+    /// gets a content).
     pub(super) fn note_taken(&mut self, h: &ContentHash) {
         for r in &mut self.rounds {
             r.taken.insert(h.clone());
@@ -298,6 +326,7 @@ impl Tree {
         self.commit_unsaved();
         self.store.ensure_reserve();
         let candidates = self.gc_candidates(floor);
+        let _end = RoundEnd::new(self, candidates.round);
         self.gc_remove(&candidates)
     }
 
@@ -314,11 +343,14 @@ impl Tree {
             st.close_unreachable_blobs();
             st.begin_round()
         };
+        let end = RoundEnd::new(self, round);
         let mut keep = self.used_in_parts(part, &mut between, |_| true);
         let in_use = |h: &ContentHash| keep.contains(h);
         let kept = self.kept_for_gc(&mut self.lock(), floor, round, &in_use);
         keep.extend(kept);
-        GcCandidates { round, hashes: self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect() }
+        let hashes = self.store.gc_candidates(&keep, GC_MIN_AGE).into_iter().collect();
+        // The round goes on until `gc_remove`.
+        GcCandidates { round: end.hand_on(), hashes }
     }
 
     /// The contents files (live ones) or queued changes use, of those `among` takes,
@@ -398,8 +430,6 @@ impl Tree {
         Self::live_hashes(st).cloned().collect()
     }
 
-    /// The kept contents that a file uses or a queued change names (keeping them takes no
-    /// room of its own).
     /// The contents files use or queued changes name (a content may come more than once).
     pub(super) fn live_hashes(st: &State) -> impl Iterator<Item = &ContentHash> {
         let files = st.inodes.values().filter(|i| live_file(i)).filter_map(|i| i.hash.as_ref());
