@@ -148,7 +148,7 @@ async fn metrics(State(served): State<Arc<Served>>) -> Response {
 }
 
 async fn sync(State(served): State<Arc<Served>>) -> Response {
-    match served.reporter.link.sync_now(Duration::from_secs(120)).await {
+    match served.reporter.link.sync_now().await {
         Ok(report) => full(StatusCode::OK, "application/json", serde_json::to_vec(&report).unwrap_or_default()),
         Err(e) => json_error(StatusCode::SERVICE_UNAVAILABLE, &format!("{e:#}")),
     }
