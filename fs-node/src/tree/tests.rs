@@ -1971,3 +1971,42 @@ fn on_demand_near_copies_share_a_base_the_cache_takes_only_with_them() {
     let t = crash_and_reload_with(t, dir.path(), open_on_demand);
     assert!(read_whole_file(&t, ei) == e_bytes && read_whole_file(&t, fi) == f && read_whole_file(&t, p) == pinned_near, "after a crash");
 }
+
+/// A directory is listed a part at a time (`Tree::readdir_in_parts`): an entry there
+/// throughout the listing is in it exactly once, whatever is added or removed between
+/// the parts; the offsets follow each other from the dots.
+#[test]
+fn a_directory_listed_in_parts_has_every_lasting_entry_once() {
+    let (_dir, t, d) = tree_with_dir();
+    for n in 0..10 {
+        closed_file(&t, d, &format!("f{n}"), b"x");
+    }
+    let mut changed = false;
+    let listing = t
+        .readdir_in_parts(d, 0, 3, |_| {
+            if !changed {
+                changed = true;
+                t.unlink(d, OsStr::new("f0")).unwrap();
+                t.unlink(d, OsStr::new("f8")).unwrap();
+                closed_file(&t, d, "f05", b"x");
+                closed_file(&t, d, "zz", b"x");
+            }
+        })
+        .unwrap();
+    assert!(changed, "the directory changed between parts");
+    let names: Vec<String> = listing.iter().map(|(_, _, _, n)| n.to_string_lossy().into_owned()).collect();
+    assert_eq!(&names[..2], [".", ".."]);
+    assert_eq!(listing.iter().map(|(_, next, ..)| *next).collect::<Vec<_>>(), (1..=listing.len() as u64).collect::<Vec<_>>());
+    for lasting in ["f1", "f2", "f3", "f4", "f5", "f6", "f7", "f9"] {
+        assert_eq!(names.iter().filter(|n| *n == lasting).count(), 1, "{lasting} in {names:?}");
+    }
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "no name twice: {names:?}");
+    assert!(names.contains(&"zz".to_string()), "added after the cursor: listed");
+    assert!(!names.contains(&"f8".to_string()), "removed before its part: not listed");
+    // From an offset: the same listing, without what came before.
+    let tail = t.readdir(d, 4).unwrap();
+    assert_eq!(tail.first().map(|e| e.1), Some(5));
+}
