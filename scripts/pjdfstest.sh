@@ -23,7 +23,7 @@ for tool in autoreconf:autoconf automake:automake libtoolize:libtool prove:perl 
 done
 if [ ${#missing[@]} -gt 0 ]; then
   log "installing ${missing[*]}"
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 if [ ! -x "$src/pjdfstest" ]; then
   log "building pjdfstest in $src"

@@ -13,7 +13,7 @@ fi
 if ! command -v debootstrap >/dev/null 2>&1; then
   log "installing Debian package debootstrap"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y -qq debootstrap >/dev/null || { apt-get update -qq && apt-get install -y -qq debootstrap >/dev/null; }
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq debootstrap >/dev/null || { apt-get -o DPkg::Lock::Timeout=600 update -qq && apt-get -o DPkg::Lock::Timeout=600 install -y -qq debootstrap >/dev/null; }
 fi
 MIRROR=$(sed -n 's/^URIs: *\(http[^ ]*debian\)$/\1/p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -1)
 MIRROR=${MIRROR:-http://deb.debian.org/debian}

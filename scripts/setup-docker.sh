@@ -13,10 +13,10 @@ LOG_FILE=${SYNC_DOCKERD_LOG:-/var/log/syncfs-dockerd.log}
 if ! command -v dockerd >/dev/null 2>&1; then
   log "installing Debian package docker.io"
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
   # The package's post-install may try to start the service through systemd; without
   # systemd that fails harmlessly and we start dockerd ourselves below.
-  apt-get install -y -qq --no-install-recommends docker.io iptables >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends docker.io iptables >/dev/null
 fi
 
 # Prefer a docker client that matches the daemon when Debian's is installed.

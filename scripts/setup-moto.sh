@@ -14,8 +14,8 @@ if ! "$VENV/bin/python" -c 'import moto, boto3' >/dev/null 2>&1; then
   if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then
     log "installing Debian package python3-venv"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
+    apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends python3-venv >/dev/null
   fi
   log "creating virtualenv $VENV with $MOTO_SPEC"
   python3 -m venv "$VENV"

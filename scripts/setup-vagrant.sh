@@ -5,7 +5,7 @@ set -euo pipefail
 if ! command -v vagrant >/dev/null 2>&1; then
   printf '[setup-vagrant] installing Debian package vagrant\n' >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends vagrant >/dev/null
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends vagrant >/dev/null
 fi
 printf '[setup-vagrant] %s\n' "$(vagrant --version)" >&2
