@@ -22,8 +22,9 @@ const NOTED_HOLD: Duration = Duration::from_millis(10);
 #[derive(Default)]
 pub struct HoldRecord {
     long_holds: AtomicU64,
-    longest_ns: AtomicU64,
-    longest_at: Mutex<Option<&'static Location<'static>>>,
+    /// The longest hold (ns) and where it was taken, together (holds of `NOTED_HOLD`
+    /// or more are rare: a mutex costs nothing here).
+    longest: Mutex<(u64, Option<&'static Location<'static>>)>,
 }
 
 /// What `HoldRecord` has seen, for `/metrics` and the status page.
@@ -40,8 +41,11 @@ impl HoldRecord {
             return;
         }
         let ns = held.as_nanos().min(u64::MAX as u128) as u64;
-        if self.longest_ns.fetch_max(ns, Ordering::Relaxed) < ns {
-            *self.longest_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        {
+            let mut longest = self.longest.lock().unwrap_or_else(|p| p.into_inner());
+            if longest.0 < ns {
+                *longest = (ns, Some(at));
+            }
         }
         if held >= LONG_HOLD {
             self.long_holds.fetch_add(1, Ordering::Relaxed);
@@ -52,12 +56,12 @@ impl HoldRecord {
     }
 
     pub fn report(&self) -> HoldReport {
-        HoldReport { long_holds: self.long_holds.load(Ordering::Relaxed), longest_ns: self.longest_ns.load(Ordering::Relaxed) }
+        HoldReport { long_holds: self.long_holds.load(Ordering::Relaxed), longest_ns: self.longest.lock().unwrap_or_else(|p| p.into_inner()).0 }
     }
 
     /// Where the longest hold so far was taken.
     pub fn longest_at(&self) -> Option<&'static Location<'static>> {
-        *self.longest_at.lock().unwrap_or_else(|p| p.into_inner())
+        self.longest.lock().unwrap_or_else(|p| p.into_inner()).1
     }
 }
 
