@@ -45,6 +45,13 @@ impl Setup {
     }
 
     /// The nodes that keep the newest old version of `path`, sorted.
+    /// The keepers of `path`'s old version once there are `n` of them: each keeper
+    /// confirms on its own, and the version is available with the first.
+    fn old_keepers_once(&self, path: &str, n: usize) -> Vec<String> {
+        eventually(&format!("{n} keepers of the old version of {path}"), DEADLINE, || self.old_keepers(path).len() >= n);
+        self.old_keepers(path)
+    }
+
     fn old_keepers(&self, path: &str) -> Vec<String> {
         let mut k: Vec<String> = self.versions(path)[1]["keepers"].as_array().unwrap().iter().map(|k| k.as_str().unwrap().to_string()).collect();
         k.sort();
@@ -186,7 +193,7 @@ fn a_version_whose_keepers_are_all_offline_is_shown_unavailable() {
     write(&s.nodes[0].p("plan.txt"), b"second plan");
     s.converged();
     s.old_versions_kept("plan.txt", 1);
-    let keepers = s.old_keepers("plan.txt");
+    let keepers = s.old_keepers_once("plan.txt", 2);
     assert_eq!(keepers.len(), 2, "two copies kept: {keepers:?}");
     let old = s.versions("plan.txt")[1]["rev"].as_u64().unwrap();
     for n in s.nodes.iter_mut().filter(|n| keepers.contains(&n.id)) {
@@ -252,7 +259,7 @@ fn a_keeper_short_of_disk_drops_its_copy_and_another_node_fetches_it_from_a_keep
     s.converged();
     s.old_versions_kept("plan.bin", 1);
     let keepers = |s: &Setup| s.old_keepers("plan.bin");
-    assert_eq!(keepers(&s), ["n2", "n3"], "the nodes that pulled it keep it, not the one that overwrote it");
+    assert_eq!(s.old_keepers_once("plan.bin", 2), ["n2", "n3"], "the nodes that pulled it keep it, not the one that overwrote it");
     // n4 joins later: it never had the old version. n1 (which may still have its bytes)
     // goes away, so n4 is the only node that can take over a copy.
     let dir = s._dir.path().to_path_buf();
@@ -317,7 +324,7 @@ fn a_keeper_that_lost_a_content_while_stopped_says_so_when_it_returns_and_anothe
     s.converged();
     s.old_versions_kept("notes.bin", 1);
     let keepers = |s: &Setup| s.old_keepers("notes.bin");
-    assert_eq!(keepers(&s), ["n2", "n3"]);
+    assert_eq!(s.old_keepers_once("notes.bin", 2), ["n2", "n3"]);
     // n2 stops, and its copy is lost meanwhile (a data directory restored from an old
     // backup, a disk swapped): it never got to say so.
     s.nodes[1].stop();
