@@ -433,13 +433,10 @@ mod tests {
         j.maybe_fold();
     }
 
-    /// The switch to the second file does not flush the first: a power loss may keep
-    /// the second's frames and lose the end of the first. The second begins with a mark
-    /// of how long the first was, and its frames are left out when the first is
-    /// shorter, so that what comes back is a prefix of what was appended; a mark of an
-    /// epoch the database folded already says nothing.
-    #[test]
-    fn frames_after_a_mark_the_other_file_does_not_live_up_to_are_left_out() {
+    /// A new database's journal, whose folds fail, given 0..10 and dropped: 0..4 in the
+    /// first file, then a mark and the rest in the second. Returns the temporary
+    /// directory (to keep) and the database's path.
+    fn ten_across_both_files() -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().unwrap();
         let db = dir.path().join("test.db");
         let mut j = open(&db, 0, failing());
@@ -449,6 +446,17 @@ mod tests {
         assert_eq!(j.current(), 1, "the fourth append moved on to the second file");
         j.join_fold();
         drop(j);
+        (dir, db)
+    }
+
+    /// The switch to the second file does not flush the first: a power loss may keep
+    /// the second's frames and lose the end of the first. The second begins with a mark
+    /// of how long the first was, and its frames are left out when the first is
+    /// shorter, so that what comes back is a prefix of what was appended; a mark of an
+    /// epoch the database folded already says nothing.
+    #[test]
+    fn frames_after_a_mark_the_other_file_does_not_live_up_to_are_left_out() {
+        let (_dir, db) = ten_across_both_files();
         assert_eq!(unfolded(&open(&db, 0, failing())), (0..10).collect::<Vec<_>>(), "both files whole: everything, in order");
 
         let first = RedoLog::path_for(&db, 0);
@@ -460,14 +468,7 @@ mod tests {
 
         // Again, with the first file's epoch folded into the database: the second's
         // frames are all that is unfolded, whatever became of the first.
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("test.db");
-        let mut j = open(&db, 0, failing());
-        for n in 0..10 {
-            append(&mut j, n);
-        }
-        j.join_fold();
-        drop(j);
+        let (_dir, db) = ten_across_both_files();
         std::fs::OpenOptions::new().write(true).open(RedoLog::path_for(&db, 0)).unwrap().set_len(0).unwrap();
         assert_eq!(unfolded(&open(&db, 1, failing())), (4..10).collect::<Vec<_>>());
     }
@@ -480,14 +481,7 @@ mod tests {
     #[test]
     fn frames_left_out_at_opening_never_come_back() {
         for lost_of_the_first in [1, u64::MAX] {
-            let dir = tempfile::tempdir().unwrap();
-            let db = dir.path().join("test.db");
-            let mut j = open(&db, 0, failing());
-            for n in 0..10 {
-                append(&mut j, n);
-            }
-            j.join_fold();
-            drop(j);
+            let (_dir, db) = ten_across_both_files();
             let (first, second) = (RedoLog::path_for(&db, 0), RedoLog::path_for(&db, 1));
             let len = std::fs::metadata(&first).unwrap().len();
             std::fs::OpenOptions::new().write(true).open(&first).unwrap().set_len(len.saturating_sub(lost_of_the_first)).unwrap();
