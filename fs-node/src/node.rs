@@ -290,8 +290,10 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `period`: the store's GC, large contents that a similar one mostly holds (kept
-/// versions, files left alone for `idle`) made patches over it (`Tree::keep_at_rest`),
+/// Every `period` (the first at once): what a large rename left to queue
+/// (`Tree::expand_moves`, finishing one a crash cut short), the store's GC, large
+/// contents that a similar one mostly holds (kept versions, files left alone for
+/// `idle`) made patches over it (`Tree::keep_at_rest`),
 /// and, with a cache budget, the eviction of the least recently used on-demand contents
 /// (`Fetcher::evict_over_budget`).
 async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u64, (period, idle): (Duration, Duration), cancel: CancellationToken) {
@@ -301,7 +303,10 @@ async fn gc_loop(tree: Arc<Tree>, fetcher: Arc<crate::fetch::Fetcher>, floor: u6
             _ = cancel.cancelled() => return,
             _ = every.tick() => {
                 let t = tree.clone();
-                let (removed, at_rest) = tokio::task::spawn_blocking(move || (t.gc_with_floor(floor), t.keep_at_rest(idle))).await.unwrap_or((0, 0));
+                let (removed, at_rest) = tokio::task::spawn_blocking(move || {
+                    t.expand_moves_or_warn();
+                    (t.gc_with_floor(floor), t.keep_at_rest(idle))
+                }).await.unwrap_or((0, 0));
                 if removed > 0 || at_rest > 0 {
                     tracing::debug!("removed {removed} unreferenced blobs; {at_rest} contents now patches over similar contents");
                 }

@@ -41,11 +41,15 @@ pub struct Config {
     pub stalling_holders: bool,
     /// A past bug put back into the nodes (to show the simulator finds it).
     pub bug: Option<fs_node::env::PastBug>,
+    /// Half of the nodes queue a rename of a directory with more than 0 to 2 entries
+    /// below it in parts (`fs_node::tree::MOVE_IN_ONE_HOLD`), at a later tick. Drawn
+    /// from a random stream of its own, like `stalling_holders`.
+    pub large_moves: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None }
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None, large_moves: true }
     }
 }
 
@@ -90,6 +94,8 @@ pub struct World {
     pub rng: ChaCha8Rng,
     /// The random stream of the faults added later (`Config::stalling_holders`).
     late_rng: ChaCha8Rng,
+    /// The random stream of the large renames (`Config::large_moves`).
+    move_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -168,16 +174,19 @@ impl World {
         let manager = SimManager::start(dir.path().join("manager.db"))?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
+        let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d4f_5645_53);
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
             let node_dir = dir.path().join(format!("n{}", i + 1));
             fresh_node_database(&node_dir.join("node.db"))?;
-            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug)?);
+            let move_in_one_hold = (cfg.large_moves && move_rng.random_bool(0.5)).then(|| move_rng.random_range(0..3));
+            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug, move_in_one_hold)?);
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
+            move_rng,
             cfg,
             broker,
             manager,
@@ -341,6 +350,18 @@ impl World {
             self.nodes[i].stalls = !self.nodes[i].stalls;
             let what = if self.nodes[i].stalls { "freezes as a holder: pulls from it stall" } else { "sends contents again" };
             self.log(format!("n{} {what}", i + 1));
+        }
+        // What the FUSE layer does right after a rename's answer happens here, later.
+        if self.cfg.large_moves {
+            for i in 0..self.nodes.len() {
+                let Some(tree) = self.nodes[i].tree().cloned().filter(|t| t.has_pending_moves()) else { continue };
+                if self.move_rng.random_bool(0.5) {
+                    let r = tree.expand_moves();
+                    self.log(format!("n{} queues what its large renames left to queue: {r:?}", i + 1));
+                    let now = self.now();
+                    self.nodes[i].outbox_ready(&mut self.broker, now);
+                }
+            }
         }
         if !self.manager.is_up() && self.rng.random_bool(0.5) {
             self.log("manager restarts".into());
@@ -514,6 +535,17 @@ impl World {
             67..=69 => (format!("rm -rf {path}"), node::remove_all(&tree, &path), vec![path.clone()]),
             70..=78 => {
                 let to = self.random_path();
+                // A node that queues renames in parts renames a directory it has, often, to a
+                // name in the root or in another directory it has.
+                let dirs = if self.nodes[i].moves_in_parts() && self.move_rng.random_bool(0.8) { node::dirs_holding_entries(&tree) } else { Vec::new() };
+                let (path, to) = if dirs.is_empty() {
+                    (path, to)
+                } else {
+                    let name = NAMES[self.move_rng.random_range(0..NAMES.len())];
+                    let into = self.move_rng.random_range(0..=dirs.len());
+                    let to = dirs.get(into).and_then(|d| d.join(name).ok()).unwrap_or_else(|| RelPath::new(name).expect("a name"));
+                    (dirs[self.move_rng.random_range(0..dirs.len())].clone(), to)
+                };
                 let r = node::rename(&tree, &path, &to);
                 (format!("rename {path} -> {to}"), r, vec![path.clone(), to])
             }

@@ -86,10 +86,14 @@ pub struct SimNode {
     pub held: Vec<(u64, u64, RelPath)>,
     /// Results of syncs this node ran (errors only matter).
     pub sync_errors: Vec<String>,
+    /// Above how many entries its renames of directories are queued in parts.
+    move_in_one_hold: Option<usize>,
 }
 
 impl SimNode {
-    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>) -> anyhow::Result<SimNode> {
+    /// `move_in_one_hold`: above how many entries a rename of a directory is queued in
+    /// parts (`Tree::set_move_in_one_hold`; `None`: the node's default).
+    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>, move_in_one_hold: Option<usize>) -> anyhow::Result<SimNode> {
         std::fs::create_dir_all(&dir)?;
         let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1), bug, fault: Default::default() });
         let mut n = SimNode {
@@ -105,6 +109,7 @@ impl SimNode {
             pulls: Vec::new(),
             held: Vec::new(),
             sync_errors: Vec::new(),
+            move_in_one_hold,
         };
         n.load()?;
         Ok(n)
@@ -113,7 +118,11 @@ impl SimNode {
     fn load(&mut self) -> anyhow::Result<()> {
         let db = Db::open(&self.dir.join("node.db"))?;
         let store = ContentStore::open(&self.dir)?;
-        self.tree = Some(Arc::new(Tree::load_with(db, store, self.env.clone())?));
+        let tree = Tree::load_with(db, store, self.env.clone())?;
+        if let Some(n) = self.move_in_one_hold {
+            tree.set_move_in_one_hold(n);
+        }
+        self.tree = Some(Arc::new(tree));
         Ok(())
     }
 
@@ -129,6 +138,10 @@ impl SimNode {
     /// Anything still to do: an engine busy, pulls under way.
     pub fn busy(&self) -> bool {
         self.engine.as_ref().is_some_and(|e| e.busy()) || !self.pulls.is_empty()
+    }
+    /// Whether this node queues its renames of directories in parts (most of them).
+    pub fn moves_in_parts(&self) -> bool {
+        self.move_in_one_hold.is_some()
     }
     pub fn url(&self) -> String {
         format!("sim://{}", self.id)
@@ -281,9 +294,11 @@ impl SimNode {
     /// One second passed: heartbeat, retries due, background pulls finish.
     pub fn tick(&mut self, broker: &mut Broker, peers: &dyn Peers, now: Duration) -> anyhow::Result<()> {
         // The node's periodic GC (`fs_node::node`, every 60 s): it also commits again the
-        // files whose last close could not commit them (a disk fault).
+        // files whose last close could not commit them (a disk fault), after queuing what
+        // large renames left to queue.
         if now.as_secs().is_multiple_of(60) {
             if let Some(tree) = &self.tree {
+                tree.expand_moves_or_warn();
                 tree.gc();
                 if let Some(e) = self.engine.as_mut() {
                     let actions = e.on_outbox_ready(now);
@@ -392,6 +407,31 @@ pub fn snapshot(tree: &Tree) -> Result<BTreeMap<String, Seen>, String> {
         }
     }
     Ok(out)
+}
+
+/// The directories of the tree that hold something, outermost first.
+pub fn dirs_holding_entries(tree: &Tree) -> Vec<RelPath> {
+    let mut out = Vec::new();
+    let mut stack: Vec<(u64, Option<RelPath>)> = vec![(ROOT, None)];
+    while let Some((dir, path)) = stack.pop() {
+        let Ok(entries) = tree.readdir(dir, 0) else { continue };
+        let mut holds = false;
+        for (ino, _, kind, name) in entries {
+            let Some(name) = name.to_str().filter(|n| *n != "." && *n != "..") else { continue };
+            holds = true;
+            if kind == Kind::Dir {
+                let child = match &path {
+                    Some(p) => p.join(name),
+                    None => RelPath::new(name),
+                };
+                stack.extend(child.ok().map(|c| (ino, Some(c))));
+            }
+        }
+        if let (true, Some(p)) = (holds, path) {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// How a write changes a file.

@@ -32,7 +32,7 @@ const KEPT: &[(u64, &str)] = &[
 fn seeds_that_once_failed_pass() {
     for (seed, found) in KEPT {
         // As they were found: before frozen holders were simulated.
-        if let Err(e) = run_with(*seed, sim::Config { stalling_holders: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, ..Default::default() }) {
             panic!("kept seed {seed} ({found}) fails again: {e}");
         }
         if let Err(e) = run(*seed, None) {

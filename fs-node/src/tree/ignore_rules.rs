@@ -75,6 +75,12 @@ impl IgnoreRules {
         };
     }
 
+    /// Whether directory `dir` or one below it has a rules file.
+    pub(super) fn has_rules_within(&self, dir: &str) -> bool {
+        let below = format!("{dir}/");
+        self.by_dir.keys().any(|d| d == dir || d.starts_with(&below))
+    }
+
     /// The node's own rules (gitignore lines), replacing any before.
     pub(super) fn set_node_rules(&mut self, rules: &[String]) {
         self.node = (!rules.is_empty()).then(|| parse(&rules.join("\n"), "the node's --ignore rules"));

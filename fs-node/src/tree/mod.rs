@@ -30,6 +30,8 @@ use ignore_rules::IgnoreRules;
 pub use ignore_rules::IGNORE_FILE;
 mod inode;
 mod kept;
+mod moves;
+pub use moves::{MOVE_IN_ONE_HOLD, MOVE_PART};
 mod ops;
 mod outbox;
 use outbox::Outbox;
@@ -296,6 +298,8 @@ enum Undo {
     Overlay(u64, Box<Overlay>),
     /// A directory's ignore rules before the transaction read them again.
     IgnoreRules(String, Option<ignore_rules::DirRules>),
+    /// A change of the pending moves (`moves.rs`).
+    Move(moves::MoveUndo),
 }
 
 /// Counters a transaction may move, restored whole when it fails.
@@ -390,6 +394,13 @@ struct State {
     /// of commits then (`Db::commits`): until a commit or `ROOM_LOOK_AGAIN`, a full disk
     /// fails at once instead of walking the tree and the store again under the lock.
     futile_room: Option<(i64, u64)>,
+    /// Renames of large directories whose changes are being queued (`moves.rs`), the
+    /// last one's number, and above how many entries a rename is queued in parts.
+    moves: Vec<moves::PendingMove>,
+    last_move: u64,
+    move_in_one_hold: usize,
+    /// Set while a pending move queues its own changes (`moves.rs`).
+    queuing_move: bool,
 }
 
 /// A copy of content `.0` made ahead of the detach that needs it (`State::copy_ahead`).
@@ -433,6 +444,8 @@ pub struct Tree {
     /// Files whose committed content `load` found missing or damaged: the only ones
     /// `damaged` looks at (a referenced blob is never removed while the node runs).
     lost_at_load: Vec<u64>,
+    /// Held by the one thread queuing the pending moves' changes (`Tree::expand_moves`).
+    expanding: Mutex<()>,
 }
 
 /// How many inodes (or queued changes) a pass over the whole tree looks at per hold of
@@ -588,11 +601,16 @@ impl Tree {
             overlays: HashMap::new(),
             copy_ahead: None,
             futile_room: None,
+            moves: Vec::new(),
+            last_move: 0,
+            move_in_one_hold: MOVE_IN_ONE_HOLD,
+            queuing_move: false,
         };
         let work_left = store.abandoned_work().to_vec();
         let mut state = state;
         state.load_ignore_rules(&store);
         state.kept = state.db.kept()?.into_iter().map(|k| (k.hash.clone(), k)).collect();
+        state.load_moves()?;
         let tree = Tree {
             state: Mutex::new(state),
             lock_waiters: Default::default(),
@@ -600,6 +618,7 @@ impl Tree {
             store,
             outbox_ready: Arc::new(tokio::sync::Notify::new()),
             lost_at_load,
+            expanding: Mutex::new(()),
         };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over

@@ -259,8 +259,11 @@ impl Tree {
                 st.remove_entry(newparent, newname, false, store)?;
             }
             // Old paths are deleted (deepest first) after the new ones are put (outermost
-            // first), so the manager never sees a child without its parent.
+            // first), so the manager never sees a child without its parent. Below a large
+            // directory, both are queued in parts after this transaction (`moves.rs`).
             let old_paths = st.subtree_paths(parent, name);
+            let from = st.path_of(parent, name);
+            let in_parts = moving_dir && st.move_in_parts(ino, from.as_ref(), st.move_in_one_hold);
             st.unlink_from(parent, name)?;
             st.link_into(newparent, newname, ino)?;
             {
@@ -271,6 +274,11 @@ impl Tree {
                 i.ctime = now;
             }
             st.save(ino)?;
+            if let (true, Some(from)) = (in_parts, from) {
+                st.record_put(newparent, newname, ino)?;
+                let synced = old_paths.into_iter().filter(|(_, kind_synced)| *kind_synced).map(|(p, _)| p).collect();
+                return st.start_move(from, ino, synced);
+            }
             st.record_put_subtree(newparent, newname)?;
             for (path, kind_synced) in old_paths.into_iter().rev() {
                 if kind_synced {
@@ -769,7 +777,7 @@ impl Tree {
     fn gauges_of(st: &State) -> TreeStats {
         let (kept_contents, kept_bytes) = Self::kept_usage_of(st);
         TreeStats {
-            pending_changes: st.outbox.len() as u64,
+            pending_changes: (st.outbox.len() + st.moves.len()) as u64,
             conflicts_seen: st.conflicts_seen,
             passthrough_opens: st.passthrough_opens,
             passthrough_detaches: st.passthrough_detaches,

@@ -79,10 +79,17 @@ impl Outbox {
     }
     /// Whether `path` or anything below it has an undecided change.
     pub(super) fn has_within(&self, path: &RelPath) -> bool {
+        self.has(path) || self.paths_below(path).next().is_some()
+    }
+    /// `path` and the paths below it that have an undecided change.
+    pub(super) fn paths_within<'a>(&'a self, path: &'a RelPath) -> impl Iterator<Item = RelPath> + 'a {
+        self.by_path.get_key_value(path).map(|(p, _)| p).into_iter().chain(self.paths_below(path)).cloned()
+    }
+    fn paths_below<'a>(&'a self, path: &RelPath) -> impl Iterator<Item = &'a RelPath> + 'a {
         let p: &str = std::borrow::Borrow::borrow(path);
         // Below `p` is exactly the range from `p/` up to `p0` ('0' follows '/').
         let (from, to) = (format!("{p}/"), format!("{p}0"));
-        self.has(path) || self.by_path.range::<str, _>((Bound::Included(from.as_str()), Bound::Excluded(to.as_str()))).next().is_some()
+        self.by_path.range::<str, _>((Bound::Included(from.as_str()), Bound::Excluded(to.as_str()))).map(|(p, _)| p)
     }
     /// Panics unless the indexes list exactly the rows (the tree's tests call it after
     /// every step).
@@ -110,6 +117,7 @@ impl State {
     /// Queues a local change for the manager, unless its path is ignored here; a change
     /// of a rules file has its directory's rules read again before the transaction ends.
     pub(super) fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
+        self.before_change_near_moves(&path)?;
         self.touch_rules(&path);
         let is_dir = match &op {
             ChangeOp::Put { version } => Some(matches!(version.content, Content::Dir)),

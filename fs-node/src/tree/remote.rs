@@ -22,10 +22,14 @@ impl State {
 
     /// Whether `path` or anything below it has a local change the manager has not
     /// decided: a queued change, a file being written whose change is not queued yet
-    /// (it is queued when its last writer closes), or an ignored path. Applying the
+    /// (it is queued when its last writer closes), an ignored path, or an entry a rename
+    /// moved whose put is not queued yet (`moves.rs`). Applying the
     /// manager's state must not remove any of them.
     pub(super) fn has_local_change_below(&self, path: &RelPath) -> bool {
-        self.outbox.has_within(path) || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino)) || self.has_ignored_within(path)
+        self.outbox.has_within(path)
+            || self.resolve(path).is_some_and(|(_, _, ino)| self.has_unsaved_within(ino))
+            || self.has_ignored_within(path)
+            || self.move_below(path)
     }
 
     fn has_unsaved_within(&self, ino: u64) -> bool {

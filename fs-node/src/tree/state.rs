@@ -126,6 +126,7 @@ impl State {
                     }
                 }
                 Undo::IgnoreRules(dir, old) => self.ignore.restore_dir(&dir, old),
+                Undo::Move(u) => self.undo_move(u),
                 Undo::Rev(path, old) => {
                     match old {
                         Some(r) => self.revs.insert(path, r),
@@ -400,17 +401,42 @@ impl State {
         out
     }
 
-    /// Every entry below directory `dir` as (path, parent, name, ino), outermost first.
-    pub(super) fn collect_paths(&self, dir: u64, _prefix: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
+    /// Every entry below directory `dir` as (path, parent, name, ino), outermost first;
+    /// `path` is `dir`'s, if the caller has it. An entry without a path (a name that is
+    /// not UTF-8 on the way) is left out, and so is everything below it.
+    pub(super) fn collect_paths(&self, dir: u64, path: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
+        let looked_up;
+        let path = match path {
+            Some(p) => Some(p),
+            None if dir == ROOT => None,
+            None => {
+                let Some((parent, name)) = self.inodes.get(&dir).and_then(|d| d.links.first()) else { return };
+                let Some(p) = self.path_of(*parent, name) else { return };
+                looked_up = p;
+                Some(&looked_up)
+            }
+        };
+        self.collect_paths_below(dir, path, out);
+    }
+
+    /// `collect_paths` with `dir`'s path known (`None`: the root): each path is its
+    /// parent's and a name, not walked up to the root again.
+    fn collect_paths_below(&self, dir: u64, path: Option<&RelPath>, out: &mut Vec<(RelPath, u64, OsString, u64)>) {
         let Some(d) = self.inodes.get(&dir) else {
             return;
         };
         for (name, e) in &d.children {
-            if let Some(p) = self.path_of(dir, name) {
-                out.push((p, dir, name.clone(), e.ino));
-            }
+            let Some(name_str) = name.to_str() else { continue };
+            let Ok(p) = (match path {
+                Some(dir_path) => dir_path.join(name_str),
+                None => RelPath::new(name_str),
+            }) else {
+                continue;
+            };
+            out.push((p, dir, name.clone(), e.ino));
             if e.kind == Kind::Dir {
-                self.collect_paths(e.ino, None, out);
+                let p = out.last().map(|(p, ..)| p.clone());
+                self.collect_paths_below(e.ino, p.as_ref(), out);
             }
         }
     }

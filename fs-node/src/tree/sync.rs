@@ -159,8 +159,11 @@ impl Tree {
         self.lock().outbox.unpublished().take(n).count() >= n
     }
 
+    /// Local changes not decided yet: queued ones, and renames of large directories
+    /// whose changes are still being queued (`moves.rs`).
     pub fn pending_changes(&self) -> u64 {
-        self.lock().outbox.len() as u64
+        let st = self.lock();
+        (st.outbox.len() + st.moves.len()) as u64
     }
 
     /// The manager decided one of our changes: forget it and take the path's current

@@ -2010,3 +2010,191 @@ fn a_directory_listed_in_parts_has_every_lasting_entry_once() {
     let tail = t.readdir(d, 4).unwrap();
     assert_eq!(tail.first().map(|e| e.1), Some(5));
 }
+
+/// The manager as the rename tests need it: each path's version, the changes a tree
+/// queued taken in order and accepted, each checked the way the manager needs them
+/// (a put after its parent's, a directory deleted after what it held).
+#[derive(Default)]
+struct ManagerModel {
+    paths: BTreeMap<String, Version>,
+    rev: u64,
+}
+
+impl ManagerModel {
+    /// Takes and decides every change `t` queued; returns how many.
+    fn take(&mut self, t: &Tree) -> usize {
+        let rows = t.take_unpublished();
+        for r in &rows {
+            let p = r.change.path.to_string();
+            self.rev += 1;
+            let version = match &r.change.op {
+                ChangeOp::Put { version } => {
+                    if let Some(parent) = r.change.path.parent() {
+                        let parent_is_dir = matches!(self.paths.get(parent.as_str()).map(|v| &v.content), Some(Content::Dir));
+                        assert!(parent_is_dir, "{p} was put before its directory");
+                    }
+                    if !matches!(version.content, Content::Dir) {
+                        let below = format!("{p}/");
+                        assert!(!self.paths.keys().any(|q| q.starts_with(&below)), "{p} was made a file while it held paths");
+                    }
+                    self.paths.insert(p.clone(), version.clone());
+                    Some(version.clone())
+                }
+                ChangeOp::Delete => {
+                    let below = format!("{p}/");
+                    assert!(!self.paths.keys().any(|q| q.starts_with(&below)), "{p} was deleted before what it holds");
+                    self.paths.remove(&p);
+                    None
+                }
+            };
+            t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(self.rev), version, holders: vec![] }).unwrap();
+        }
+        rows.len()
+    }
+
+    /// Panics unless the manager has exactly the tree's synced paths and versions.
+    fn assert_has_the_tree_of(&self, t: &Tree, when: &str) {
+        let st = t.lock();
+        let mut all = Vec::new();
+        st.collect_paths(ROOT, None, &mut all);
+        let tree: BTreeMap<String, Version> =
+            all.iter().filter_map(|(p, _, _, ino)| st.inodes.get(ino).and_then(|i| i.version()).map(|v| (p.to_string(), v))).collect();
+        let differ: Vec<&String> = self.paths.keys().chain(tree.keys()).filter(|p| self.paths.get(*p) != tree.get(*p)).collect();
+        assert!(differ.is_empty(), "{when}: the manager and the tree differ at {differ:?}");
+    }
+}
+
+/// `top` with `dirs` directories of `files` files each, and a file of its own.
+fn tree_to_move(t: &Tree, top: &str, dirs: usize, files: usize) -> u64 {
+    let top = t.mkdir(ROOT, OsStr::new(top), 0o755, 0, 0).unwrap().ino;
+    closed_file(t, top, "own", b"own");
+    for d in 0..dirs {
+        let dir = t.mkdir(top, OsStr::new(&format!("d{d}")), 0o750, 0, 0).unwrap().ino;
+        for f in 0..files {
+            closed_file(t, dir, &format!("f{f}"), format!("{d}/{f}").as_bytes());
+        }
+    }
+    top
+}
+
+/// A rename of a directory with more entries below it than the rename queues in its own
+/// transaction queues only the directory's put there; the rest (puts of the new paths,
+/// then deletes of the old, children first) is queued in parts, and the manager ends
+/// with the tree, as after a rename queued in one step. With a part of the changes
+/// decided before the rest is queued too.
+#[test]
+fn a_large_rename_is_queued_in_parts_and_the_manager_ends_with_the_tree() {
+    for (in_one_hold, take_between) in [(MOVE_IN_ONE_HOLD, false), (0, false), (5, false), (0, true)] {
+        let when = format!("moved in one hold up to {in_one_hold} entries, decisions taken between: {take_between}");
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let mut manager = ManagerModel::default();
+        tree_to_move(&t, "top", 3, 4);
+        manager.take(&t);
+        t.set_move_in_one_hold(in_one_hold);
+        t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+        let in_parts = in_one_hold < 16;
+        assert_eq!(t.has_pending_moves(), in_parts, "{when}");
+        if in_parts {
+            assert_eq!(t.pending_changes(), 2, "the directory's put and the move: {when}");
+            let first = t.take_unpublished();
+            assert_eq!(queued(&first), vec![("moved".into(), Some(0o755))], "{when}");
+            if take_between {
+                t.apply_decided(&first[0].msg, &Outcome::Accepted, &dir_entry("moved", 1000, 0o755)).unwrap();
+                manager.paths.insert("moved".into(), Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 });
+            } else {
+                t.lock().outbox.published_upto = 0;
+            }
+            assert_eq!(t.expand_moves().unwrap(), 16 + 17, "16 puts and 17 deletes: {when}");
+            assert!(!t.has_pending_moves(), "{when}");
+        }
+        manager.take(&t);
+        manager.assert_has_the_tree_of(&t, &when);
+        assert_eq!(t.pending_changes(), 0, "{when}");
+    }
+}
+
+/// While a move's puts are being queued, the manager's state does not land over a
+/// moved entry whose put is not queued yet, nor does a delete from the manager remove
+/// it (for this node it is a local change): the moved files stay, and their puts
+/// meet the manager's state there.
+#[test]
+fn the_managers_state_does_not_land_on_moved_entries_before_their_puts() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    let top = tree_to_move(&t, "top", 2, 2);
+    manager.take(&t);
+    t.set_move_in_one_hold(0);
+    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    manager.take(&t);
+    let file = |path: &str| {
+        let ino = t.lock().resolve(&RelPath::new(path).unwrap()).map(|(_, _, ino)| ino);
+        ino.map(|ino| t.getattr(ino).unwrap().kind)
+    };
+    // Another node made moved/d0/f0 a directory, then removed all of moved.
+    t.apply_remote(&dir_entry("moved/d0/f0", manager.rev + 1, 0o700)).unwrap();
+    assert_eq!(file("moved/d0/f0"), Some(Kind::File), "a moved file not sent yet was replaced");
+    t.apply_remote(&Entry { path: RelPath::new("moved").unwrap(), rev: Revision(manager.rev + 2), version: None, holders: vec![] }).unwrap();
+    assert_eq!(file("moved/d1/f1"), Some(Kind::File), "a moved file not sent yet was removed");
+    assert_eq!(t.lock().inodes.get(&top).map(|i| i.children.len()), Some(3));
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
+
+/// A node that dies before a large rename's changes are all queued (before the first,
+/// or after a part of them failed to commit) queues the rest after its restart, from
+/// what its database holds: the manager ends with the tree.
+#[test]
+fn a_large_rename_cut_short_by_a_crash_is_finished_after_the_restart() {
+    for fail_at_write in [None, Some(3), Some(20)] {
+        let when = format!("the expansion failing at write {fail_at_write:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let mut manager = ManagerModel::default();
+        tree_to_move(&t, "top", 3, 4);
+        closed_file(&t, t.lookup(ROOT, OsStr::new("top")).unwrap().ino, "unsent", b"queued when the rename came");
+        manager.take(&t);
+        let top = t.lookup(ROOT, OsStr::new("top")).unwrap().ino;
+        closed_file(&t, top, "queued", b"not sent yet");
+        t.set_move_in_one_hold(0);
+        t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+        if let Some(n) = fail_at_write {
+            t.lock().db.inject_failure_for_test(n, false, false);
+            assert!(t.expand_moves().is_err(), "{when}");
+            t.lock().db.inject_failure_for_test(-1, false, false);
+            assert_memory_is_persisted(&t, &when);
+        }
+        let t = crash_and_reload(t, dir.path());
+        assert!(t.has_pending_moves(), "{when}");
+        t.expand_moves().unwrap();
+        assert!(!t.has_pending_moves(), "{when}");
+        t.lock().outbox.published_upto = 0;
+        manager.take(&t);
+        manager.assert_has_the_tree_of(&t, &when);
+    }
+}
+
+/// Changes made while a large rename's changes are still being queued reach the
+/// manager after what they need: a file made below the moved directory after the puts
+/// of the directories above it, a file made where the moved directory was after the
+/// deletes of what that held.
+#[test]
+fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 2, 2);
+    manager.take(&t);
+    t.set_move_in_one_hold(0);
+    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    let moved = t.lookup(ROOT, OsStr::new("moved")).unwrap().ino;
+    let d1 = t.lookup(moved, OsStr::new("d1")).unwrap().ino;
+    closed_file(&t, d1, "new", b"made below the moved directory");
+    closed_file(&t, ROOT, "top", b"made where the moved directory was");
+    manager.take(&t);
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
