@@ -26,6 +26,9 @@ const KEPT: &[(u64, &str)] = &[
     (49537, "a deleted directory kept for pending children stayed for good once those children were kept elsewhere"),
     (63011, "a directory replaced by the manager's file took with it a file still being written below it"),
     (68594, "a file whose last close could not commit (a database fault) was not sent by the next sync, only by a GC a minute later"),
+    (3305, "a file made where a directory renamed in parts had been reached the manager before the deletes of what it held: refused, and the node kept its file"),
+    (11280, "a directory made again for another node's entry where a directory renamed in parts had been, before the deletes of its old paths were queued, kept a default mode"),
+    (22442, "the delete of a directory renamed in parts, queued when its mkdir was decided, was based on the revision from before: refused, and the node's next file there conflicted with its own change"),
 ];
 
 #[test]

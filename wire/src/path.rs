@@ -66,9 +66,29 @@ impl RelPath {
     pub fn name(&self) -> &str {
         self.0.rsplit('/').next().unwrap_or(&self.0)
     }
-    /// `self/name`, validated.
+    /// `self/name`, validated (as `RelPath::new` would; only `name` and the length are
+    /// looked at, `self` being valid already: a walk of a large tree joins every path).
     pub fn join(&self, name: &str) -> Result<RelPath, PathError> {
-        RelPath::new(format!("{}/{}", self.0, name))
+        let joined = || format!("{}/{}", self.0, name);
+        if self.0.len() + 1 + name.len() > MAX_PATH_BYTES {
+            return Err(PathError::PathTooLong);
+        }
+        if name.contains('\0') {
+            return Err(PathError::Nul(joined()));
+        }
+        for c in name.split('/') {
+            if c.is_empty() || c == "." || c == ".." {
+                return Err(PathError::BadComponent(joined()));
+            }
+            if c.len() > MAX_NAME_BYTES {
+                return Err(PathError::NameTooLong(joined()));
+            }
+        }
+        let mut s = String::with_capacity(self.0.len() + 1 + name.len());
+        s.push_str(&self.0);
+        s.push('/');
+        s.push_str(name);
+        Ok(RelPath(s))
     }
     /// Whether `self` is `other` or lies below it.
     pub fn is_within(&self, other: &RelPath) -> bool {
@@ -156,6 +176,14 @@ mod tests {
                 let back: RelPath = serde_json::from_str(&json).unwrap();
                 prop_assert_eq!(back.as_str(), s.as_str());
             }
+        }
+
+        /// `join` looks at the name only; it must agree with validating the whole path.
+        #[test]
+        fn join_agrees_with_the_whole_path_validated(base in "[a-z]{1,8}(/[a-z.]{1,3}){0,3}", name in "[a-z./\\x00]{0,6}|x{250,260}", long_parts in 0usize..17) {
+            let Ok(base) = RelPath::new(base) else { return Ok(()) };
+            let base = (0..long_parts).fold(base, |p, _| p.join(&"l".repeat(250)).unwrap_or(p));
+            prop_assert_eq!(base.join(&name), RelPath::new(format!("{}/{}", base.as_str(), name)));
         }
     }
 }

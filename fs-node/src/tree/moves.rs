@@ -23,10 +23,15 @@
 //!   there again; deletes go children first, and a move's puts before its deletes.
 //! - A local change queued meanwhile never reaches the manager before what it depends
 //!   on (`State::before_change_near_moves`): a change below the moved directory comes
-//!   after the puts of the directories above it, and a change at or above an old path
-//!   (a file made where the moved directory was, the removal of its old parent) after
-//!   the deletes of the old paths below it. The manager never sees a child without its
+//!   after the puts of the directories above it, and a change at, above or below an old
+//!   path (a file made where the moved directory was, the removal of its old parent)
+//!   after the deletes of all the old paths. The manager never sees a child without its
 //!   parent, nor a directory replaced or removed while it still holds old paths.
+//! - The manager's state of a path at, above or below an old path is applied only once
+//!   the deletes of all the old paths are queued (`State::delete_old_paths_near`), as
+//!   after a rename in one transaction: what is applied there meets them as it would
+//!   have then (a directory made again for an entry below it, say, is not taken for the
+//!   user's).
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
 //!   not remove an entry below the moved directory whose put is not queued yet
 //!   (`State::move_below`): it is a local change, like a queued one. (A change of its
@@ -146,22 +151,24 @@ impl State {
 
     /// Before a local change of `path` is queued while moves are pending: queues first
     /// what the manager needs before it (see the module's invariants): the puts of the
-    /// moved directories above `path` not queued yet, and the deletes of the old paths
-    /// below `path`.
+    /// moved directories above `path` not queued yet, and, near an old path, the deletes
+    /// of the old paths (`delete_old_paths_near`).
     pub(super) fn before_change_near_moves(&mut self, path: &RelPath) -> FsResult<()> {
         if self.queuing_move || self.moves.is_empty() {
             return Ok(());
         }
-        self.queuing_move(|st| {
-            st.put_moved_dirs_above(path)?;
-            st.delete_old_paths_below(path)
-        })
+        self.queuing_move(|st| st.put_moved_dirs_above(path))?;
+        self.delete_old_paths_near(path)?;
+        Ok(())
     }
 
     /// The puts of the directories between a moved directory and `path`, outermost
-    /// first, that its move has not queued yet.
+    /// first, that its move has not queued yet; the entry at `path`, if there is one
+    /// below a moved directory, is noted as put (the change about to be queued is its
+    /// own, of what it is now).
     fn put_moved_dirs_above(&mut self, path: &RelPath) -> FsResult<()> {
         let Some((_, _, dir)) = path.parent().and_then(|p| self.resolve(&p)) else { return Ok(()) };
+        let entry = self.resolve(path).map(|(_, _, ino)| ino);
         for at in 0..self.moves.len() {
             let (id, top) = (self.moves[at].id, self.moves[at].ino);
             if self.moves[at].puts_done || !self.dir_within(dir, top) {
@@ -177,45 +184,52 @@ impl State {
                 d = parent;
             }
             for (parent, name, d) in chain.into_iter().rev() {
-                if self.path_of(parent, &name).is_some_and(|p| !self.outbox.has(&p)) {
-                    self.record_put(parent, &name, d)?;
-                }
-                if let Some(m) = self.pending_move(id) {
-                    m.put.insert(d);
-                }
-                self.record(|| Undo::Move(MoveUndo::Put(id, d)));
+                self.record_put(parent, &name, d)?;
+                self.note_move_put(id, d);
+            }
+            if let Some(ino) = entry {
+                self.note_move_put(id, ino);
             }
         }
         Ok(())
     }
 
-    /// The deletes of the old paths of pending moves strictly below `path` (children
-    /// first), taken off their moves' lists.
-    fn delete_old_paths_below(&mut self, path: &RelPath) -> FsResult<()> {
+    /// Notes that entry `ino`'s put is queued, for move `id`.
+    fn note_move_put(&mut self, id: u64, ino: u64) {
+        if let Some(m) = self.pending_move(id) {
+            if m.put.insert(ino) {
+                self.record(|| Undo::Move(MoveUndo::Put(id, ino)));
+            }
+        }
+    }
+
+    /// When `path` is at, above or below the old path of a pending move: the deletes of
+    /// every old path that move has left (children first), queued now, as a rename in one
+    /// transaction would have queued them. Returns whether it queued any.
+    pub(super) fn delete_old_paths_near(&mut self, path: &RelPath) -> FsResult<bool> {
+        let mut queued = false;
         for at in 0..self.moves.len() {
             let m = &self.moves[at];
             if m.left == 0 || !(path.is_within(&m.from) || m.from.is_within(path)) {
                 continue;
             }
-            let below = |p: &RelPath| p != path && p.is_within(path);
-            if !m.old_paths[..m.left].iter().any(below) {
-                continue;
-            }
             let (id, left) = (m.id, m.left);
             let old_paths = std::mem::take(&mut self.moves[at].old_paths);
-            let (now, later): (Vec<&RelPath>, Vec<&RelPath>) = old_paths[..left].iter().partition(|p| below(p));
-            for p in now.iter().rev() {
-                if self.resolve(p).is_none() {
-                    self.record_delete((*p).clone())?;
+            let r = self.queuing_move(|st| {
+                for p in old_paths[..left].iter().rev() {
+                    if st.resolve(p).is_none() {
+                        st.record_delete(p.clone())?;
+                    }
                 }
-            }
-            let kept: Vec<RelPath> = later.into_iter().chain(&old_paths[left..]).cloned().collect();
-            let m = &mut self.moves[at];
-            m.left = left - now.len();
-            m.old_paths = kept;
-            self.record(|| Undo::Move(MoveUndo::OldPaths(id, old_paths, left)));
+                Ok(())
+            });
+            self.moves[at].old_paths = old_paths;
+            r?;
+            self.moves[at].left = 0;
+            self.record(|| Undo::Move(MoveUndo::Left(id, left)));
+            queued = true;
         }
-        Ok(())
+        Ok(queued)
     }
 
     /// Whether directory `ino` is `top` or lies below it.
@@ -263,12 +277,6 @@ impl State {
                     m.left = left;
                 }
             }
-            MoveUndo::OldPaths(id, old_paths, left) => {
-                if let Some(m) = self.pending_move(id) {
-                    m.old_paths = old_paths;
-                    m.left = left;
-                }
-            }
             MoveUndo::Ended(m) => self.moves.push(*m),
         }
     }
@@ -279,7 +287,6 @@ pub(super) enum MoveUndo {
     Started(u64),
     Put(u64, u64),
     Left(u64, usize),
-    OldPaths(u64, Vec<RelPath>, usize),
     Ended(Box<PendingMove>),
 }
 
@@ -331,14 +338,17 @@ impl Tree {
         }
     }
 
-    /// The puts of move `id`: each synced entry below `top` without a queued change,
-    /// outermost first.
+    /// The puts of move `id`: each synced entry below `top` not put yet, outermost
+    /// first.
     fn queue_move_puts(&self, id: u64, top: u64) -> FsResult<usize> {
+        // (Not skipped for a queued change of its path: that may be from before the
+        // rename, of what was there then. A change queued since is the entry's own, and
+        // `before_change_near_moves` noted it as put.)
         let wanted = |st: &State, dir: u64, name: &OsStr, ino: u64| {
             let Some(i) = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none()) else { return false };
             let here = st.inodes.get(&dir).and_then(|d| d.children.get(name)).is_some_and(|e| e.ino == i.ino);
             let done = st.moves.iter().find(|m| m.id == id).is_none_or(|m| m.put.contains(&ino));
-            here && !done && st.path_of(dir, name).is_some_and(|p| !st.outbox.has(&p))
+            here && !done
         };
         let mut queued = 0;
         self.walk_dirs_in_parts(
@@ -358,10 +368,7 @@ impl Tree {
                     for (name, ino) in &to_put {
                         if wanted(st, dir, name, *ino) {
                             st.queuing_move(|st| st.record_put(dir, name, *ino))?;
-                            if let Some(m) = st.pending_move(id) {
-                                m.put.insert(*ino);
-                            }
-                            st.record(|| Undo::Move(MoveUndo::Put(id, *ino)));
+                            st.note_move_put(id, *ino);
                             n += 1;
                         }
                     }

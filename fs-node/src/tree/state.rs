@@ -385,20 +385,26 @@ impl State {
     /// (path, synced kind) of an entry and everything below it, outermost first.
     pub(super) fn subtree_paths(&self, parent: u64, name: &OsStr) -> Vec<(RelPath, bool)> {
         let mut out = Vec::new();
-        let Ok(ino) = self.child(parent, name) else {
-            return out;
-        };
-        let Some(path) = self.path_of(parent, name) else {
+        let (Ok(ino), Some(path)) = (self.child(parent, name), self.path_of(parent, name)) else {
             return out;
         };
         let synced = self.inodes.get(&ino).map(|i| i.kind.synced()).unwrap_or(false);
-        out.push((path, synced));
-        let mut all = Vec::new();
-        self.collect_paths(ino, None, &mut all);
-        for (p, _, _, i) in all {
-            out.push((p, self.inodes.get(&i).map(|i| i.kind.synced()).unwrap_or(false)));
-        }
+        out.push((path.clone(), synced));
+        self.subtree_paths_below(ino, &path, &mut out);
         out
+    }
+
+    fn subtree_paths_below(&self, dir: u64, path: &RelPath, out: &mut Vec<(RelPath, bool)>) {
+        let Some(d) = self.inodes.get(&dir) else { return };
+        for (name, e) in &d.children {
+            let Some(p) = name.to_str().and_then(|n| path.join(n).ok()) else { continue };
+            if e.kind == Kind::Dir {
+                out.push((p.clone(), true));
+                self.subtree_paths_below(e.ino, &p, out);
+            } else {
+                out.push((p, e.kind.synced()));
+            }
+        }
     }
 
     /// Every entry below directory `dir` as (path, parent, name, ino), outermost first;

@@ -460,6 +460,12 @@ impl State {
         let seq = self.outbox.seq_of(msg);
         let mut decided = false;
         if let Some(seq) = seq {
+            // Near a large rename's old paths, their deletes are queued before the
+            // decided change goes: they follow it, as if queued by the rename itself
+            // (`moves.rs`); queued after, the old path's would be based on the revision
+            // from before the decision.
+            let path = self.outbox.rows()[&seq].change.path.clone();
+            self.delete_old_paths_near(&path)?;
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;
             let was_sent = self.outbox.sent.remove(msg);

@@ -2023,8 +2023,12 @@ struct ManagerModel {
 impl ManagerModel {
     /// Takes and decides every change `t` queued; returns how many.
     fn take(&mut self, t: &Tree) -> usize {
-        let rows = t.take_unpublished();
-        for r in &rows {
+        self.decide(t, &t.take_unpublished())
+    }
+
+    /// Decides `rows` (taken from `t` earlier), in order; returns how many.
+    fn decide(&mut self, t: &Tree, rows: &[OutboxRow]) -> usize {
+        for r in rows {
             let p = r.change.path.to_string();
             self.rev += 1;
             let version = match &r.change.op {
@@ -2195,6 +2199,33 @@ fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need(
     closed_file(&t, ROOT, "top", b"made where the moved directory was");
     manager.take(&t);
     t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
+
+/// The new paths of a large rename had changes queued from before it, of what was there
+/// then (sent, not decided: a directory made and removed): the moved entries are still
+/// put after them, and the manager ends with the tree.
+#[test]
+fn a_large_rename_puts_its_new_paths_over_changes_queued_there_before() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 2, 2);
+    manager.take(&t);
+    let was = tree_to_move(&t, "moved", 2, 1);
+    for d in ["d0", "d1"] {
+        let sub = t.lookup(was, OsStr::new(d)).unwrap().ino;
+        t.unlink(sub, OsStr::new("f0")).unwrap();
+        t.rmdir(was, OsStr::new(d)).unwrap();
+    }
+    t.unlink(was, OsStr::new("own")).unwrap();
+    t.rmdir(ROOT, OsStr::new("moved")).unwrap();
+    let sent_before = t.take_unpublished();
+    t.set_move_in_one_hold(0);
+    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    t.expand_moves().unwrap();
+    manager.decide(&t, &sent_before);
     manager.take(&t);
     manager.assert_has_the_tree_of(&t, "after the move's changes");
 }
