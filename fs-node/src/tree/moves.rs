@@ -217,7 +217,7 @@ impl State {
             let old_paths = std::mem::take(&mut self.moves[at].old_paths);
             let r = self.queuing_move(|st| {
                 for p in old_paths[..left].iter().rev() {
-                    if st.resolve(p).is_none() {
+                    if st.old_path_to_delete(p) {
                         st.record_delete(p.clone())?;
                     }
                 }
@@ -230,6 +230,13 @@ impl State {
             queued = true;
         }
         Ok(queued)
+    }
+
+    /// Whether a move's old path gets a delete: nothing is there now, and no delete of
+    /// it is queued already (one from before a crash: the old paths of a move finished
+    /// after a restart include those the outbox names).
+    fn old_path_to_delete(&self, path: &RelPath) -> bool {
+        self.resolve(path).is_none() && !self.outbox.deletes_last(path)
     }
 
     /// Whether directory `ino` is `top` or lies below it.
@@ -395,7 +402,7 @@ impl Tree {
                 let part: Vec<RelPath> = m.old_paths[from..left].to_vec();
                 let mut n = 0;
                 for path in part.into_iter().rev() {
-                    if st.resolve(&path).is_none() {
+                    if st.old_path_to_delete(&path) {
                         st.queuing_move(|st| st.record_delete(path))?;
                         n += 1;
                     }

@@ -77,6 +77,10 @@ impl Outbox {
     pub(super) fn has(&self, path: &RelPath) -> bool {
         self.by_path.contains_key(path)
     }
+    /// Whether the last undecided change of `path` is its delete.
+    pub(super) fn deletes_last(&self, path: &RelPath) -> bool {
+        self.of_path(path).next_back().is_some_and(|r| matches!(r.change.op, ChangeOp::Delete))
+    }
     /// Whether `path` or anything below it has an undecided change.
     pub(super) fn has_within(&self, path: &RelPath) -> bool {
         self.has(path) || self.paths_below(path).next().is_some()
