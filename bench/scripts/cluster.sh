@@ -3,7 +3,8 @@
 # name (mounted at DIR/NAME, data in DIR/data-NAME) and waits until each serves; the
 # pids go to CLUSTER_PIDS (manager first, then the nodes in order). cluster_stop DIR
 # stops them, unmounts and removes the vhost. on_one_node_clusters FN BIN_DIR... runs
-# `FN BIN DIR` for each build dir against a fresh cluster of one node (a) of its own.
+# `FN BIN DIR` for each build dir against a fresh cluster of one node (a) of its own;
+# KEEP_LOGS=DIR keeps each run's manager and node logs in DIR/<build dir's parent>/.
 cluster_start() {
   local bin=$1 dir=$2 n
   shift 2
@@ -35,6 +36,9 @@ on_one_node_clusters() {
     cluster_start "$bin" "$d" a
     "$fn" "$bin" "$d"
     cluster_stop "$d"
+    if [ -n "${KEEP_LOGS:-}" ]; then
+      mkdir -p "$KEEP_LOGS/$(basename "$(dirname "$bin")")" && cp "$d"/*.log "$KEEP_LOGS/$(basename "$(dirname "$bin")")/"
+    fi
     rm -rf "$d"
   done
 }

@@ -7,6 +7,7 @@
 #   idle    for IDLE seconds (the GC, keep_at_rest and the rest of the node's minute)
 #   sync    while `syncctl sync` runs
 #   rename  while the directory holding the whole tree is renamed
+#   sent    after the rename, until the node has sent its changes (none pending)
 # Prints, per phase, the probes' median, 99th percentile and longest, and each probe
 # over 30 ms with its time. PERF=FILE records the node with `perf record -g` during the
 # idle phase.
@@ -72,6 +73,17 @@ t0 = time.time()
 probe("idle", lambda: time.time() - t0 > idle)
 during("sync", lambda: subprocess.run([f"{bin}/syncctl", "--data", data, "sync"], capture_output=True, check=True))
 during("rename", lambda: os.rename(f"{mnt}/tree", f"{mnt}/tree-renamed"))
+# A large rename's changes are queued and sent after its answer (fs-node's tree/moves.rs):
+# the mount is probed until the node has no pending change left (at most 300 s).
+def pending():
+    import json
+    out = subprocess.run([f"{bin}/syncctl", "--data", data, "status", "--json"], capture_output=True, check=True).stdout
+    return json.loads(out)["pending_changes"]
+def settle():
+    t = time.time()
+    while pending() > 0 and time.time() - t < 300:
+        time.sleep(0.1)
+during("sent", settle)
 PY
   [ -z "$perf_pid" ] || wait "$perf_pid"
 }

@@ -397,6 +397,11 @@ impl Db {
     pub fn commits(&self) -> u64 {
         self.commits.get()
     }
+    /// The end of the fold under way, if the appends outpace the folds
+    /// ([`crate::journal::Journal::behind`]).
+    pub fn fold_behind(&self) -> Option<std::sync::Arc<crate::journal::FoldEnd>> {
+        self.redo.borrow().journal.behind()
+    }
     /// Folds of the redo log into SQLite since the database was opened.
     pub fn folds(&self) -> u64 {
         self.redo.borrow().journal.folds()

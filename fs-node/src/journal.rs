@@ -106,6 +106,36 @@ pub struct Journal<T> {
     pub folds_started: u64,
 }
 
+/// Told when a fold's thread ends, committed or failed: what a long pass that would
+/// otherwise outpace the folds waits for, without holding anything ([`Journal::behind`]).
+#[derive(Default)]
+pub struct FoldEnd {
+    ended: Mutex<bool>,
+    cv: std::sync::Condvar,
+}
+
+impl FoldEnd {
+    fn end(&self) {
+        *self.ended.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.cv.notify_all();
+    }
+
+    /// Waits until the fold ended, `limit` at most.
+    pub fn wait(&self, limit: std::time::Duration) {
+        let ended = self.ended.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = self.cv.wait_timeout_while(ended, limit, |ended| !*ended);
+    }
+}
+
+/// Ends a fold's `FoldEnd` when its thread ends, however it ends.
+struct EndsFold(Arc<FoldEnd>);
+
+impl Drop for EndsFold {
+    fn drop(&mut self) {
+        self.0.end();
+    }
+}
+
 /// The writes of one log file being applied to SQLite by a thread of its own; once
 /// committed, the database says `epoch` (that file's frames are older).
 struct Fold<T> {
@@ -116,6 +146,8 @@ struct Fold<T> {
     /// `None` once it failed (it is started again later). Its result says whether it
     /// emptied the file too.
     thread: Option<std::thread::JoinHandle<rusqlite::Result<bool>>>,
+    /// Told when `thread` ends.
+    end: Arc<FoldEnd>,
 }
 
 impl<T: Send + Sync + 'static> Journal<T> {
@@ -266,14 +298,17 @@ impl<T: Send + Sync + 'static> Journal<T> {
                 let items = Arc::new(std::mem::take(&mut self.unfolded));
                 self.unfolded_weight = 0;
                 self.fold_at = self.batch_weight;
-                let thread = self.spawn_fold(items.clone(), epoch, handed);
-                self.folding = Some(Fold { thread, items, epoch, file: handed });
+                let end = Arc::new(FoldEnd::default());
+                let thread = self.spawn_fold(items.clone(), epoch, handed, end.clone());
+                self.folding = Some(Fold { thread, items, epoch, file: handed, end });
             }
             // A failed fold goes again (the file being appended to keeps growing).
             Some(fold) if fold.thread.is_none() => {
                 let (items, epoch, file) = (fold.items.clone(), fold.epoch, fold.file);
-                let thread = self.spawn_fold(items, epoch, file);
-                self.folding.as_mut().expect("matched").thread = thread;
+                let end = Arc::new(FoldEnd::default());
+                let thread = self.spawn_fold(items, epoch, file, end.clone());
+                let fold = self.folding.as_mut().expect("matched");
+                (fold.thread, fold.end) = (thread, end);
                 self.fold_at = self.unfolded_weight + self.batch_weight;
             }
             Some(_) => {}
@@ -305,7 +340,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
     /// failed, and is tried again later).
     /// Once committed, it empties `file`, whose frames these are (a failure to is only
     /// logged: the file is cut when it is started again).
-    fn spawn_fold(&mut self, items: Arc<Vec<T>>, epoch: u64, file: usize) -> Option<std::thread::JoinHandle<rusqlite::Result<bool>>> {
+    fn spawn_fold(&mut self, items: Arc<Vec<T>>, epoch: u64, file: usize, end: Arc<FoldEnd>) -> Option<std::thread::JoinHandle<rusqlite::Result<bool>>> {
         let apply = self.apply.clone();
         let what = self.what;
         let handle = self.logs[file].handle().inspect_err(|e| tracing::warn!("a handle of the redo log of {what} for its fold: {e}")).ok();
@@ -319,6 +354,7 @@ impl<T: Send + Sync + 'static> Journal<T> {
         std::thread::Builder::new()
             .name("db-fold".into())
             .spawn(move || {
+                let _ends = EndsFold(end);
                 if fail {
                     return Err(rusqlite::Error::SqliteFailure(
                         rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
@@ -365,6 +401,13 @@ impl<T: Send + Sync + 'static> Journal<T> {
     /// Whether the fold of the other file failed (it is tried again) and the writes
     /// appended since weigh `batches` batches or more: an owner that holds its writes in
     /// memory refuses more.
+    /// The end of the fold under way, if a whole batch waits behind it already: the
+    /// next appends would soon wait for that fold (under their caller's locks), and a
+    /// long pass that can wait lets it end first.
+    pub fn behind(&self) -> Option<Arc<FoldEnd>> {
+        self.folding.as_ref().filter(|f| f.thread.is_some() && self.unfolded_weight >= self.batch_weight).map(|f| f.end.clone())
+    }
+
     pub fn stuck(&self, batches: usize) -> bool {
         self.folding.as_ref().is_some_and(|f| f.thread.is_none()) && self.unfolded_weight >= batches * self.batch_weight
     }
@@ -542,5 +585,58 @@ mod tests {
         let second = (24 + 16) + 4 * (24 + 8);
         assert_eq!(read.priors, vec![(2, Prior { epoch: 1, len: second }, 0)], "the mark: the second file's epoch and length");
         assert!(read.frames.is_empty());
+    }
+
+    /// While a fold is under way with a whole batch appended behind it, `behind` hands
+    /// out its end: a pass waiting on it outside any lock wakes when the fold ends.
+    #[test]
+    fn a_pass_can_wait_for_a_fold_the_appends_outpace() {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        let apply: Apply<u64> = Arc::new(move |_, _| {
+            let _ = held.lock().unwrap().recv();
+            Ok(())
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let mut j = open(&dir.path().join("test.db"), 0, apply);
+        for n in 0..4 {
+            append(&mut j, n);
+        }
+        assert!(j.behind().is_none(), "a fold under way, nothing behind it yet");
+        for n in 4..8 {
+            append(&mut j, n);
+        }
+        let end = j.behind().expect("a whole batch behind the fold");
+        let limit = std::time::Duration::from_secs(60);
+        let waiter = std::thread::spawn(move || {
+            let t = std::time::Instant::now();
+            end.wait(limit);
+            t.elapsed()
+        });
+        release.send(()).unwrap();
+        assert!(waiter.join().unwrap() < limit, "woken by the fold's end, not by the limit");
+        drop(release);
+        j.join_fold();
+    }
+
+    /// A switch whose mark cannot be written (a full disk) flushes the file it hands to
+    /// the fold and starts the other without a mark: appends go on, the other file has
+    /// no mark, and everything appended comes back, in order.
+    #[test]
+    fn a_switch_that_cannot_write_its_mark_goes_on_without_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("test.db");
+        let mut j = open(&db, 0, failing());
+        j.logs[1].marks_fail = true;
+        for n in 0..10 {
+            append(&mut j, n);
+        }
+        assert_eq!(j.current(), 1, "the fourth append moved on to the second file");
+        j.join_fold();
+        drop(j);
+        let (_, read) = RedoLog::open(&RedoLog::path_for(&db, 1), 0).unwrap();
+        assert!(read.priors.is_empty(), "no mark: {:?}", read.priors);
+        assert_eq!(read.frames.len(), 6, "the numbers after the switch");
+        assert_eq!(unfolded(&open(&db, 0, failing())), (0..10).collect::<Vec<_>>(), "everything, in order");
     }
 }

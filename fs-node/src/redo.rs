@@ -112,6 +112,9 @@ pub struct RedoLog {
     /// An append failed and the file could not be cut back to its last whole frame: it
     /// is cut back before the next one.
     torn: bool,
+    /// Marks fail to be written, as on a full disk (tests of the journal's fallback).
+    #[cfg(test)]
+    pub(crate) marks_fail: bool,
 }
 
 fn check(epoch: u64, payload: &[u8]) -> [u8; 8] {
@@ -195,7 +198,15 @@ impl RedoLog {
         if torn {
             tracing::warn!(path = %path.display(), kept = at, dropped = len - at as u64, "the redo log ends in a torn or damaged frame; reading stops there");
         }
-        let mut log = RedoLog { file, path: path.to_owned(), len: at as u64, epoch, torn };
+        let mut log = RedoLog {
+            file,
+            path: path.to_owned(),
+            len: at as u64,
+            epoch,
+            torn,
+            #[cfg(test)]
+            marks_fail: false,
+        };
         if torn {
             log.cut_back()?;
         }
@@ -290,6 +301,8 @@ impl RedoLog {
             self.cut_back()?;
         }
         match prior {
+            #[cfg(test)]
+            Some(_) if self.marks_fail => Err(std::io::Error::other("the test's marks cannot be written")),
             Some(prior) => self.write_frames(std::iter::once((PRIOR, &prior.encode()[..]))),
             None => Ok(()),
         }

@@ -345,6 +345,17 @@ impl Tree {
         }
     }
 
+    /// Before a part of a move: lets the node database's fold under way end first if
+    /// the appends outpace it (`Db::fold_behind`). Hundreds of thousands of changes
+    /// queued as fast as they go would otherwise make the next transaction wait for
+    /// the fold under the tree's lock: a user's, as likely as the move's.
+    fn let_folds_catch_up(&self) {
+        let behind = self.lock().db.fold_behind();
+        if let Some(fold) = behind {
+            fold.wait(std::time::Duration::from_secs(30));
+        }
+    }
+
     /// The puts of move `id`: each synced entry below `top` not put yet, outermost
     /// first.
     fn queue_move_puts(&self, id: u64, top: u64) -> FsResult<usize> {
@@ -370,6 +381,7 @@ impl Tree {
                 if to_put.is_empty() {
                     return Ok(());
                 }
+                self.let_folds_catch_up();
                 queued += self.atomically(|st, _| {
                     let mut n = 0;
                     for (name, ino) in &to_put {
@@ -392,6 +404,7 @@ impl Tree {
         let mut queued = 0;
         loop {
             self.yield_to_waiters();
+            self.let_folds_catch_up();
             let done = self.atomically(|st, _| {
                 let Some(m) = st.moves.iter().find(|m| m.id == id) else { return Ok(None) };
                 let left = m.left;
