@@ -366,15 +366,9 @@ impl Filesystem for SyncFs {
             return reply.error(Errno::EINVAL);
         }
         match self.tree.rename(parent.0, name, newparent.0, newname, flags.contains(RenameFlags::RENAME_NOREPLACE)) {
-            Ok(()) => {
-                reply.ok();
-                // A large directory's changes are queued after the answer, a part at a
-                // time (`Tree::expand_moves`).
-                if self.tree.has_pending_moves() {
-                    let tree = self.tree.clone();
-                    self.rt.spawn_blocking(move || tree.expand_moves_or_warn());
-                }
-            }
+            // (A large directory's changes are queued after the answer, a part at a
+            // time, by the node's task for them: `node::expand_moves_loop`.)
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(fail("rename", e)),
         }
     }

@@ -398,9 +398,6 @@ impl<T: Send + Sync + 'static> Journal<T> {
         Ok(())
     }
 
-    /// Whether the fold of the other file failed (it is tried again) and the writes
-    /// appended since weigh `batches` batches or more: an owner that holds its writes in
-    /// memory refuses more.
     /// The end of the fold under way, if a whole batch waits behind it already: the
     /// next appends would soon wait for that fold (under their caller's locks), and a
     /// long pass that can wait lets it end first.
@@ -408,6 +405,9 @@ impl<T: Send + Sync + 'static> Journal<T> {
         self.folding.as_ref().filter(|f| f.thread.is_some() && self.unfolded_weight >= self.batch_weight).map(|f| f.end.clone())
     }
 
+    /// Whether the fold of the other file failed (it is tried again) and the writes
+    /// appended since weigh `batches` batches or more: an owner that holds its writes in
+    /// memory refuses more.
     pub fn stuck(&self, batches: usize) -> bool {
         self.folding.as_ref().is_some_and(|f| f.thread.is_none()) && self.unfolded_weight >= batches * self.batch_weight
     }

@@ -270,6 +270,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     tree.set_keep_floor(cfg.keep_min_free);
     fetcher.set_budget(cfg.cache_size.unwrap_or(0));
     tracker.spawn(gc_loop(tree.clone(), fetcher.clone(), cfg.keep_min_free, (cfg.gc_every, cfg.dedup_idle), cancel.clone()));
+    tracker.spawn(expand_moves_loop(tree.clone(), cancel.clone()));
     broker_link::cancel_on_signals(cancel.clone());
     std::fs::write(cfg.data.join("node.url"), &url).context("writing node.url")?;
 
@@ -290,8 +291,22 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Every `period` (the first at once): what a large rename left to queue
-/// (`Tree::expand_moves`, finishing one a crash cut short), the store's GC, large
+/// Queues what large renames left to queue (`Tree::expand_moves`): at start (a move a
+/// crash cut short), then each time a rename leaves some (`Tree::moves_ready`), one pass
+/// at a time on a blocking thread; a rename during a pass wakes it once more after.
+async fn expand_moves_loop(tree: Arc<Tree>, cancel: CancellationToken) {
+    loop {
+        let t = tree.clone();
+        let _ = tokio::task::spawn_blocking(move || t.expand_moves_or_warn()).await;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tree.moves_ready.notified() => {}
+        }
+    }
+}
+
+/// Every `period` (the first at once): what a large rename left to queue, should
+/// `expand_moves_loop`'s pass have failed (`Tree::expand_moves`), the store's GC, large
 /// contents that a similar one mostly holds (kept versions, files left alone for
 /// `idle`) made patches over it (`Tree::keep_at_rest`),
 /// and, with a cache budget, the eviction of the least recently used on-demand contents

@@ -446,6 +446,9 @@ pub struct Tree {
     lost_at_load: Vec<u64>,
     /// Held by the one thread queuing the pending moves' changes (`Tree::expand_moves`).
     expanding: Mutex<()>,
+    /// Woken when a rename leaves changes to queue in parts (`moves.rs`): the node's
+    /// task that queues them waits for it.
+    pub moves_ready: Arc<tokio::sync::Notify>,
 }
 
 /// How many inodes (or queued changes) a pass over the whole tree looks at per hold of
@@ -619,6 +622,7 @@ impl Tree {
             outbox_ready: Arc::new(tokio::sync::Notify::new()),
             lost_at_load,
             expanding: Mutex::new(()),
+            moves_ready: Arc::new(tokio::sync::Notify::new()),
         };
         // A file still open for writing when the node died keeps what was last committed
         // (or nothing), but what happened to it meanwhile was recorded, a rename over

@@ -8,19 +8,23 @@
 //! therefore one short transaction that changes the namespace, queues the put of the
 //! directory itself and records a *pending move*; [`Tree::expand_moves`] then queues the
 //! puts of what is below the new name, and after them the deletes of the old paths,
-//! [`MOVE_PART`] to a transaction, letting go of the lock between them. The caller (the
-//! FUSE layer, after answering the rename; the node at start and at each GC) runs it.
+//! [`MOVE_PART`] to a transaction, letting go of the lock between them. The node runs
+//! it on a task of its own, woken by such a rename ([`Tree::moves_ready`]) and at start,
+//! and at each GC should a pass have failed.
 //!
 //! This module owns `State::moves`. Each pending move is also in the node database
-//! (its old path and the moved inode, in the meta table, written in the rename's own
-//! transaction), so a move a crash cut short is finished after the next start; the
-//! old paths are then those the manager or the outbox knows below the old name, and
-//! puts already queued or decided are sent again (the manager answers `unchanged`).
+//! (its old path, the moved inode and the node's last revision then, in the meta table,
+//! written in the rename's own transaction), so a move a crash cut short is finished
+//! after the next start; the old paths are then those the manager or the outbox knows
+//! below the old name, and an entry below the new name is put again unless its path
+//! has a revision taken since the rename (the manager has it; a put based on that
+//! revision could undo another node's change made since).
 //!
 //! Invariants:
 //! - Every entry below a moved directory gets its put (or is changed again by the user,
 //!   which queues its own), and every old path gets its delete unless something is
-//!   there again; deletes go children first, and a move's puts before its deletes.
+//!   there again; deletes go children first, and a move's puts before its deletes
+//!   (unless a change near the old paths needs the deletes first, below).
 //! - A local change queued meanwhile never reaches the manager before what it depends
 //!   on (`State::before_change_near_moves`): a change below the moved directory comes
 //!   after the puts of the directories above it, and a change at, above or below an old
@@ -33,9 +37,10 @@
 //!   have then (a directory made again for an entry below it, say, is not taken for the
 //!   user's).
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
-//!   not remove an entry below the moved directory whose put is not queued yet
-//!   (`State::move_below`): it is a local change, like a queued one. (A change of its
-//!   mode or times is taken: its put then carries it.)
+//!   not remove an entry below the moved directory whose put is not queued yet, nor a
+//!   directory holding one (`State::move_below`): it is a local change, like a queued
+//!   one. (A change of its mode or times is taken: its put then carries it.)
+//! - A file of several links is put at each of its paths below the moved directory.
 
 use super::*;
 use serde::{Deserialize, Serialize};
@@ -60,9 +65,14 @@ pub(super) struct PendingMove {
     /// The old paths to delete, outermost first; those from `left` on are done.
     old_paths: Vec<RelPath>,
     left: usize,
-    /// The entries below `ino` whose put the move queued.
+    /// The entries below `ino` whose put the move queued (directories and files of one
+    /// link: a file of several is put at each of its paths).
     put: HashSet<u64>,
     puts_done: bool,
+    /// The last revision the node had taken at the rename: a path below the new name
+    /// whose revision is later was put since (or changed by another node and taken),
+    /// and the manager has what the node has there (`State::move_has_put`).
+    since_rev: u64,
 }
 
 /// What the database keeps of a pending move.
@@ -71,6 +81,8 @@ struct MoveRecord {
     id: u64,
     from: RelPath,
     ino: u64,
+    #[serde(default)]
+    since_rev: u64,
 }
 
 impl State {
@@ -109,14 +121,16 @@ impl State {
         let id = self.last_move;
         let left = old_paths.len();
         tracing::info!(from = %from, entries = left, "a large directory renamed: its changes are queued in parts");
-        self.moves.push(PendingMove { id, from, ino, old_paths, left, put: HashSet::from([ino]), puts_done: false });
+        let since_rev = self.last_rev;
+        self.moves.push(PendingMove { id, from, ino, old_paths, left, put: HashSet::from([ino]), puts_done: false, since_rev });
         self.record(|| Undo::Move(MoveUndo::Started(id)));
         self.save_moves()
     }
 
     /// Writes the pending moves to the database (in the open transaction).
     fn save_moves(&self) -> FsResult<()> {
-        let records: Vec<MoveRecord> = self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino }).collect();
+        let records: Vec<MoveRecord> =
+            self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev }).collect();
         let json = serde_json::to_string(&records).map_err(|e| FsError::Io(e.into()))?;
         self.db.set_meta(MOVES_KEY, &json)?;
         Ok(())
@@ -135,7 +149,8 @@ impl State {
             tracing::info!(from = %r.from, old_paths = old_paths.len(), "finishing the queuing of a large rename cut short");
             self.last_move = self.last_move.max(r.id);
             let left = old_paths.len();
-            self.moves.push(PendingMove { id: r.id, from: r.from, ino: r.ino, old_paths, left, put: HashSet::new(), puts_done });
+            let since_rev = r.since_rev;
+            self.moves.push(PendingMove { id: r.id, from: r.from, ino: r.ino, old_paths, left, put: HashSet::new(), puts_done, since_rev });
         }
         Ok(())
     }
@@ -157,18 +172,18 @@ impl State {
         if self.queuing_move || self.moves.is_empty() {
             return Ok(());
         }
-        self.queuing_move(|st| st.put_moved_dirs_above(path))?;
+        if let Some((_, _, dir)) = path.parent().and_then(|p| self.resolve(&p)) {
+            let entry = self.resolve(path).map(|(_, _, ino)| ino);
+            self.queuing_move(|st| st.put_moved_dirs_from(dir, entry))?;
+        }
         self.delete_old_paths_near(path)?;
         Ok(())
     }
 
-    /// The puts of the directories between a moved directory and `path`, outermost
-    /// first, that its move has not queued yet; the entry at `path`, if there is one
-    /// below a moved directory, is noted as put (the change about to be queued is its
-    /// own, of what it is now).
-    fn put_moved_dirs_above(&mut self, path: &RelPath) -> FsResult<()> {
-        let Some((_, _, dir)) = path.parent().and_then(|p| self.resolve(&p)) else { return Ok(()) };
-        let entry = self.resolve(path).map(|(_, _, ino)| ino);
+    /// The puts of the directories from a moved directory down to `dir`, outermost
+    /// first, that their move has not queued yet; `entry`, below `dir`, is noted as put
+    /// (the change about to be queued is its own, of what it is now).
+    fn put_moved_dirs_from(&mut self, dir: u64, entry: Option<u64>) -> FsResult<()> {
         for at in 0..self.moves.len() {
             let (id, top) = (self.moves[at].id, self.moves[at].ino);
             if self.moves[at].puts_done || !self.dir_within(dir, top) {
@@ -194,8 +209,12 @@ impl State {
         Ok(())
     }
 
-    /// Notes that entry `ino`'s put is queued, for move `id`.
+    /// Notes that entry `ino`'s put is queued, for move `id` (not for a file of several
+    /// links: its put at one path is not its put at the others).
     fn note_move_put(&mut self, id: u64, ino: u64) {
+        if self.inodes.get(&ino).is_some_and(|i| i.kind != Kind::Dir && i.nlink > 1) {
+            return;
+        }
         if let Some(m) = self.pending_move(id) {
             if m.put.insert(ino) {
                 self.record(|| Undo::Move(MoveUndo::Put(id, ino)));
@@ -205,15 +224,19 @@ impl State {
 
     /// When `path` is at, above or below the old path of a pending move: the deletes of
     /// every old path that move has left (children first), queued now, as a rename in one
-    /// transaction would have queued them. Returns whether it queued any.
+    /// transaction would have queued them; and so for the moves whose old paths are at,
+    /// above or below those, deeper ones first. Returns whether it queued any.
     pub(super) fn delete_old_paths_near(&mut self, path: &RelPath) -> FsResult<bool> {
-        let mut queued = false;
-        for at in 0..self.moves.len() {
-            let m = &self.moves[at];
-            if m.left == 0 || !(path.is_within(&m.from) || m.from.is_within(path)) {
-                continue;
-            }
-            let (id, left) = (m.id, m.left);
+        let near = |a: &RelPath, b: &RelPath| a.is_within(b) || b.is_within(a);
+        let mut region = vec![path.clone()];
+        let mut due: Vec<usize> = Vec::new();
+        while let Some(at) = (0..self.moves.len()).find(|at| !due.contains(at) && self.moves[*at].left > 0 && region.iter().any(|p| near(p, &self.moves[*at].from))) {
+            region.push(self.moves[at].from.clone());
+            due.push(at);
+        }
+        due.sort_by_key(|at| std::cmp::Reverse(self.moves[*at].from.as_str().split('/').count()));
+        for &at in &due {
+            let (id, left) = (self.moves[at].id, self.moves[at].left);
             let old_paths = std::mem::take(&mut self.moves[at].old_paths);
             let r = self.queuing_move(|st| {
                 for p in old_paths[..left].iter().rev() {
@@ -227,9 +250,8 @@ impl State {
             r?;
             self.moves[at].left = 0;
             self.record(|| Undo::Move(MoveUndo::Left(id, left)));
-            queued = true;
         }
-        Ok(queued)
+        Ok(!due.is_empty())
     }
 
     /// Whether a move's old path gets a delete: nothing is there now, and no delete of
@@ -252,8 +274,16 @@ impl State {
         }
     }
 
+    /// Whether move `m` has queued the put of entry `ino` at `path` (or the manager has
+    /// had it from the node since: a revision taken after the rename).
+    fn move_has_put(&self, m: &PendingMove, ino: u64, path: &RelPath) -> bool {
+        m.put.contains(&ino) || self.revs.get(path).is_some_and(|r| r.0 > m.since_rev)
+    }
+
     /// Whether `path` is, or holds, an entry below a moved directory whose put the move
     /// has not queued yet: what a delete or a replacement from the manager must keep.
+    /// (Below a directory put early, for a change under it, a whole subtree may still
+    /// wait for its puts: it is walked, here only.)
     pub(super) fn move_below(&self, path: &RelPath) -> bool {
         if self.moves.iter().all(|m| m.puts_done) {
             return false;
@@ -261,9 +291,25 @@ impl State {
         let Some((parent, _, ino)) = self.resolve(path) else { return false };
         self.moves.iter().filter(|m| !m.puts_done).any(|m| {
             let holds_the_move = self.dir_within(m.ino, ino);
-            let moved_unput = !m.put.contains(&ino) && self.dir_within(parent, m.ino);
-            holds_the_move || moved_unput
+            holds_the_move || (self.dir_within(parent, m.ino) && self.unput_within(m, ino, path))
         })
+    }
+
+    /// Whether entry `ino` at `path`, or anything below it, waits for move `m`'s put.
+    fn unput_within(&self, m: &PendingMove, ino: u64, path: &RelPath) -> bool {
+        let mut todo = vec![(ino, path.clone())];
+        while let Some((ino, path)) = todo.pop() {
+            if !self.move_has_put(m, ino, &path) {
+                return true;
+            }
+            let Some(i) = self.inodes.get(&ino) else { continue };
+            for (name, e) in &i.children {
+                if let Some(p) = name.to_str().and_then(|n| path.join(n).ok()) {
+                    todo.push((e.ino, p));
+                }
+            }
+        }
+        false
     }
 
     fn pending_move(&mut self, id: u64) -> Option<&mut PendingMove> {
@@ -334,15 +380,24 @@ impl Tree {
         }
     }
 
-    /// [`Tree::expand_moves`] for callers that do not wait for it (the FUSE layer after
-    /// a rename, the node's GC): an error is logged, and the move stays pending for the
-    /// next call (at the latest the next GC).
+    /// [`Tree::expand_moves`] for callers that do not wait for it (the node's task for
+    /// it, its GC): an error is logged, and the move stays pending for the next call (at
+    /// the latest the next GC).
     pub fn expand_moves_or_warn(&self) {
         if self.has_pending_moves() {
             if let Err(e) = self.expand_moves() {
                 tracing::warn!("queuing the changes of a large rename: {e}; the rest is queued at the next GC");
             }
         }
+    }
+
+    /// The puts of the first pending move, alone (tests: a crash between a move's puts
+    /// and its deletes).
+    #[cfg(test)]
+    pub(super) fn queue_first_move_puts_for_test(&self) {
+        let (id, ino) = self.lock().moves.first().map(|m| (m.id, m.ino)).expect("a pending move");
+        self.queue_move_puts(id, ino).unwrap();
+        self.lock().pending_move(id).expect("still pending").puts_done = true;
     }
 
     /// Before a part of a move: lets the node database's fold under way end first if
@@ -365,8 +420,8 @@ impl Tree {
         let wanted = |st: &State, dir: u64, name: &OsStr, ino: u64| {
             let Some(i) = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none()) else { return false };
             let here = st.inodes.get(&dir).and_then(|d| d.children.get(name)).is_some_and(|e| e.ino == i.ino);
-            let done = st.moves.iter().find(|m| m.id == id).is_none_or(|m| m.put.contains(&ino));
-            here && !done
+            let Some(m) = st.moves.iter().find(|m| m.id == id) else { return false };
+            here && st.path_of(dir, name).is_some_and(|p| !st.move_has_put(m, ino, &p))
         };
         let mut queued = 0;
         self.walk_dirs_in_parts(
@@ -383,6 +438,9 @@ impl Tree {
                 }
                 self.let_folds_catch_up();
                 queued += self.atomically(|st, _| {
+                    // A directory above that another move (of a directory above this
+                    // one's, renamed since) has not put yet goes first.
+                    st.queuing_move(|st| st.put_moved_dirs_from(dir, None))?;
                     let mut n = 0;
                     for (name, ino) in &to_put {
                         if wanted(st, dir, name, *ino) {

@@ -232,7 +232,7 @@ impl Tree {
 
     pub fn rename(&self, parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, noreplace: bool) -> FsResult<()> {
         check_name(newname)?;
-        self.atomically(|st, store| {
+        let moved_in_parts = self.atomically(|st, store| {
             let ino = st.child(parent, name)?;
             if st.inode(newparent)?.kind != Kind::Dir {
                 return Err(FsError::NotDir);
@@ -243,7 +243,7 @@ impl Tree {
             }
             if let Some(target) = st.inode(newparent)?.children.get(newname).map(|e| e.ino) {
                 if target == ino {
-                    return Ok(());
+                    return Ok(false);
                 }
                 if noreplace {
                     return Err(FsError::Exists);
@@ -277,7 +277,8 @@ impl Tree {
             if let (true, Some(from)) = (in_parts, from) {
                 st.record_put(newparent, newname, ino)?;
                 let synced = old_paths.into_iter().filter(|(_, kind_synced)| *kind_synced).map(|(p, _)| p).collect();
-                return st.start_move(from, ino, synced);
+                st.start_move(from, ino, synced)?;
+                return Ok(true);
             }
             st.record_put_subtree(newparent, newname)?;
             for (path, kind_synced) in old_paths.into_iter().rev() {
@@ -285,8 +286,12 @@ impl Tree {
                     st.record_delete(path)?;
                 }
             }
-            Ok(())
-        })
+            Ok(false)
+        })?;
+        if moved_in_parts {
+            self.moves_ready.notify_one();
+        }
+        Ok(())
     }
 
     pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<Attr> {

@@ -463,9 +463,13 @@ impl State {
             // Near a large rename's old paths, their deletes are queued before the
             // decided change goes: they follow it, as if queued by the rename itself
             // (`moves.rs`); queued after, the old path's would be based on the revision
-            // from before the decision.
-            let path = self.outbox.rows()[&seq].change.path.clone();
-            self.delete_old_paths_near(&path)?;
+            // from before the decision. (Not for a decided delete: the move's own, most
+            // often, whose path is gone and whose siblings' deletes need nothing of it.)
+            let row = &self.outbox.rows()[&seq].change;
+            if matches!(row.op, ChangeOp::Put { .. }) {
+                let path = row.path.clone();
+                self.delete_old_paths_near(&path)?;
+            }
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;
             let was_sent = self.outbox.sent.remove(msg);
