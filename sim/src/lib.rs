@@ -174,7 +174,7 @@ impl World {
         let manager = SimManager::start(dir.path().join("manager.db"))?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
-        let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d4f_5645_53);
+        let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d_4f56_4553);
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
