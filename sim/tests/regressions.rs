@@ -30,6 +30,7 @@ const KEPT: &[(u64, &str)] = &[
     (11280, "a directory made again for another node's entry where a directory renamed in parts had been, before the deletes of its old paths were queued, kept a default mode"),
     (22442, "the delete of a directory renamed in parts, queued when its mkdir was decided, was based on the revision from before: refused, and the node's next file there conflicted with its own change"),
     (7502, "a directory renamed in parts by a node that died: finished after its restart, the delete of an old path already queued before was queued again, and the node kept its file where the manager had put the directory back"),
+    (170857, "a file made where a directory renamed in parts had been took the place of the directory's unsent chmod, ahead of the deletes of what it held: refused, and the node kept its file"),
 ];
 
 #[test]

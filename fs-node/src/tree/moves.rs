@@ -176,7 +176,7 @@ impl State {
             let entry = self.resolve(path).map(|(_, _, ino)| ino);
             self.queuing_move(|st| st.put_moved_dirs_from(dir, entry))?;
         }
-        self.delete_old_paths_near(path)?;
+        self.delete_old_paths_near(path, true)?;
         Ok(())
     }
 
@@ -226,7 +226,11 @@ impl State {
     /// every old path that move has left (children first), queued now, as a rename in one
     /// transaction would have queued them; and so for the moves whose old paths are at,
     /// above or below those, deeper ones first. Returns whether it queued any.
-    pub(super) fn delete_old_paths_near(&mut self, path: &RelPath) -> FsResult<bool> {
+    /// `made_here`: `path` is changed by a local operation, which may have just made
+    /// something there; if it is an old path, its delete goes first all the same (the
+    /// operation's own change then replaces it, after the deletes below it, as after a
+    /// rename in one transaction).
+    pub(super) fn delete_old_paths_near(&mut self, path: &RelPath, made_here: bool) -> FsResult<bool> {
         let near = |a: &RelPath, b: &RelPath| a.is_within(b) || b.is_within(a);
         let mut region = vec![path.clone()];
         let mut due: Vec<usize> = Vec::new();
@@ -240,7 +244,8 @@ impl State {
             let old_paths = std::mem::take(&mut self.moves[at].old_paths);
             let r = self.queuing_move(|st| {
                 for p in old_paths[..left].iter().rev() {
-                    if st.old_path_to_delete(p) {
+                    let made = made_here && p == path && !st.outbox.deletes_last(p);
+                    if made || st.old_path_to_delete(p) {
                         st.record_delete(p.clone())?;
                     }
                 }

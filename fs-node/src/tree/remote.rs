@@ -71,7 +71,7 @@ impl State {
         if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
             return Ok(out);
         }
-        if self.delete_old_paths_near(path)? && self.outbox.has(path) {
+        if self.delete_old_paths_near(path, false)? && self.outbox.has(path) {
             return Ok(out);
         }
         tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, local_rev = local_rev.0, "applying the manager's state");

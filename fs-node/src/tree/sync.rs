@@ -468,7 +468,7 @@ impl State {
             let row = &self.outbox.rows()[&seq].change;
             if matches!(row.op, ChangeOp::Put { .. }) {
                 let path = row.path.clone();
-                self.delete_old_paths_near(&path)?;
+                self.delete_old_paths_near(&path, false)?;
             }
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;

@@ -2189,8 +2189,11 @@ fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need(
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
     let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 2, 2);
+    let top = tree_to_move(&t, "top", 2, 2);
     manager.take(&t);
+    // A chmod of the directory not sent yet when it is renamed: the file made where it
+    // was must not take that change's place, ahead of the deletes (sim seed 170857).
+    chmod(&t, top, 0o700);
     t.set_move_in_one_hold(0);
     t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
     let moved = t.lookup(ROOT, OsStr::new("moved")).unwrap().ino;
