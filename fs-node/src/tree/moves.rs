@@ -129,8 +129,7 @@ impl State {
 
     /// Writes the pending moves to the database (in the open transaction).
     fn save_moves(&self) -> FsResult<()> {
-        let records: Vec<MoveRecord> =
-            self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev }).collect();
+        let records: Vec<MoveRecord> = self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev }).collect();
         let json = serde_json::to_string(&records).map_err(|e| FsError::Io(e.into()))?;
         self.db.set_meta(MOVES_KEY, &json)?;
         Ok(())
@@ -234,7 +233,9 @@ impl State {
         let near = |a: &RelPath, b: &RelPath| a.is_within(b) || b.is_within(a);
         let mut region = vec![path.clone()];
         let mut due: Vec<usize> = Vec::new();
-        while let Some(at) = (0..self.moves.len()).find(|at| !due.contains(at) && self.moves[*at].left > 0 && region.iter().any(|p| near(p, &self.moves[*at].from))) {
+        while let Some(at) =
+            (0..self.moves.len()).find(|at| !due.contains(at) && self.moves[*at].left > 0 && region.iter().any(|p| near(p, &self.moves[*at].from)))
+        {
             region.push(self.moves[at].from.clone());
             due.push(at);
         }
@@ -434,7 +435,8 @@ impl Tree {
             MOVE_PART,
             |st, dir, entries| {
                 let dirs = entries.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(_, e)| e.ino).collect();
-                let to_put: Vec<(OsString, u64)> = entries.iter().filter(|(name, e)| wanted(st, dir, name, e.ino)).map(|(name, e)| ((*name).clone(), e.ino)).collect();
+                let to_put: Vec<(OsString, u64)> =
+                    entries.iter().filter(|(name, e)| wanted(st, dir, name, e.ino)).map(|(name, e)| ((*name).clone(), e.ino)).collect();
                 (dirs, to_put)
             },
             |dir, to_put| {

@@ -2306,7 +2306,11 @@ fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
     t.expand_moves().unwrap();
     t.lock().outbox.published_upto = 0;
     let rows = t.take_unpublished();
-    assert!(!rows.iter().any(|r| r.change.path.as_str().starts_with("moved/") && matches!(r.change.op, ChangeOp::Put { .. })), "put again: {:?}", queued(&rows));
+    assert!(
+        !rows.iter().any(|r| r.change.path.as_str().starts_with("moved/") && matches!(r.change.op, ChangeOp::Put { .. })),
+        "put again: {:?}",
+        queued(&rows)
+    );
     manager.decide(&t, &rows);
     manager.assert_has_the_tree_of(&t, "after the move's changes");
 }
