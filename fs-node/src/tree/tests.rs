@@ -2068,6 +2068,12 @@ impl ManagerModel {
     }
 }
 
+/// Renames `top` to `moved`, its changes to be queued in parts (`moves.rs`).
+fn rename_top_in_parts(t: &Tree) {
+    t.set_move_in_one_hold(0);
+    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+}
+
 /// `top` with `dirs` directories of `files` files each, and a file of its own.
 fn tree_to_move(t: &Tree, top: &str, dirs: usize, files: usize) -> u64 {
     let top = t.mkdir(ROOT, OsStr::new(top), 0o755, 0, 0).unwrap().ino;
@@ -2129,8 +2135,7 @@ fn the_managers_state_does_not_land_on_moved_entries_before_their_puts() {
     let mut manager = ManagerModel::default();
     let top = tree_to_move(&t, "top", 2, 2);
     manager.take(&t);
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     manager.take(&t);
     let file = |path: &str| {
         let ino = t.lock().resolve(&RelPath::new(path).unwrap()).map(|(_, _, ino)| ino);
@@ -2162,8 +2167,7 @@ fn a_large_rename_cut_short_by_a_crash_is_finished_after_the_restart() {
         manager.take(&t);
         let top = t.lookup(ROOT, OsStr::new("top")).unwrap().ino;
         closed_file(&t, top, "queued", b"not sent yet");
-        t.set_move_in_one_hold(0);
-        t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+        rename_top_in_parts(&t);
         if let Some(n) = fail_at_write {
             t.lock().db.inject_failure_for_test(n, false, false);
             assert!(t.expand_moves().is_err(), "{when}");
@@ -2194,8 +2198,7 @@ fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need(
     // A chmod of the directory not sent yet when it is renamed: the file made where it
     // was must not take that change's place, ahead of the deletes (sim seed 170857).
     chmod(&t, top, 0o700);
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     let moved = t.lookup(ROOT, OsStr::new("moved")).unwrap().ino;
     let d1 = t.lookup(moved, OsStr::new("d1")).unwrap().ino;
     closed_file(&t, d1, "new", b"made below the moved directory");
@@ -2225,8 +2228,7 @@ fn a_large_rename_puts_its_new_paths_over_changes_queued_there_before() {
     t.unlink(was, OsStr::new("own")).unwrap();
     t.rmdir(ROOT, OsStr::new("moved")).unwrap();
     let sent_before = t.take_unpublished();
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     t.expand_moves().unwrap();
     manager.decide(&t, &sent_before);
     manager.take(&t);
@@ -2248,8 +2250,7 @@ fn a_directory_put_early_keeps_the_moved_files_below_it_from_a_remote_delete() {
     let mut manager = ManagerModel::default();
     tree_to_move(&t, "top", 2, 2);
     manager.take(&t);
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     let d0 = t.lookup(t.lookup(ROOT, OsStr::new("moved")).unwrap().ino, OsStr::new("d0")).unwrap().ino;
     closed_file(&t, d0, "new", b"made below the moved directory");
     manager.take(&t);
@@ -2275,8 +2276,7 @@ fn a_file_of_two_links_is_put_at_both_new_paths() {
     let f0 = t.lookup(d0, OsStr::new("f0")).unwrap().ino;
     t.link(f0, d1, OsStr::new("also")).unwrap();
     manager.take(&t);
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     t.expand_moves().unwrap();
     manager.take(&t);
     manager.assert_has_the_tree_of(&t, "after the move's changes");
@@ -2292,8 +2292,7 @@ fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
     let mut manager = ManagerModel::default();
     tree_to_move(&t, "top", 2, 2);
     manager.take(&t);
-    t.set_move_in_one_hold(0);
-    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    rename_top_in_parts(&t);
     t.queue_first_move_puts_for_test();
     manager.take(&t);
     let t = crash_and_reload(t, dir.path());
