@@ -27,15 +27,21 @@
 //!   (unless a change near the old paths needs the deletes first, below).
 //! - A local change queued meanwhile never reaches the manager before what it depends
 //!   on (`State::before_change_near_moves`): a change below the moved directory comes
-//!   after the puts of the directories above it, and a change at, above or below an old
-//!   path (a file made where the moved directory was, the removal of its old parent)
-//!   after the deletes of all the old paths. The manager never sees a child without its
-//!   parent, nor a directory replaced or removed while it still holds old paths.
-//! - The manager's state of a path at, above or below an old path is applied only once
-//!   the deletes of all the old paths are queued (`State::delete_old_paths_near`), as
-//!   after a rename in one transaction: what is applied there meets them as it would
-//!   have then (a directory made again for an entry below it, say, is not taken for the
-//!   user's).
+//!   after the puts of the directories above it, and a change at or above old paths
+//!   (a file made where the moved directory was, the removal of its old parent) after
+//!   the deletes of the old paths at or below it (`State::delete_old_paths_near`). A
+//!   directory made or changed there needs none of them: it is put over the manager's
+//!   directory, which keeps the old paths below it until their deletes come in parts
+//!   (`mv d d.old && mkdir d` queues no delete in the mkdir's hold). The manager never
+//!   sees a child without its parent, nor a directory replaced by a file or removed
+//!   while it still holds old paths.
+//! - The manager's state of a path at or above old paths is applied only once their
+//!   deletes are queued, as after a rename in one transaction: what is applied there
+//!   meets them as it would have then (a directory made again for an entry below it,
+//!   say, is not taken for the user's). So for a decision of the node's own put there,
+//!   unless it is a directory's put over the directory the node has there.
+//! - The moves are queued in the order they were made: a move's puts onto the old
+//!   paths of an earlier one (`mv a a.old && mv b a`) come after that one's deletes.
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
 //!   not remove an entry below the moved directory whose put is not queued yet, nor a
 //!   directory holding one (`State::move_below`): it is a local change, like a queued
@@ -62,9 +68,13 @@ pub(super) struct PendingMove {
     from: RelPath,
     /// The moved directory.
     ino: u64,
-    /// The old paths to delete, outermost first; those from `left` on are done.
+    /// The old paths to delete, in the order of their components (`cmp_components`: a
+    /// directory right before what it held, so a range holds a subtree and the deletes
+    /// go from the end, children first); those from `left` on are done, and so are
+    /// those at `flushed`, whose deletes a change near them queued early.
     old_paths: Vec<RelPath>,
     left: usize,
+    flushed: HashSet<usize>,
     /// The entries below `ino` whose put the move queued (directories and files of one
     /// link: a file of several is put at each of its paths).
     put: HashSet<u64>,
@@ -120,9 +130,10 @@ impl State {
         self.last_move = self.last_move.max(self.moves.iter().map(|m| m.id).max().unwrap_or(0)) + 1;
         let id = self.last_move;
         let left = old_paths.len();
+        debug_assert!(old_paths.windows(2).all(|w| cmp_components(&w[0], &w[1]).is_lt()), "a subtree's paths come in the order of their components");
         tracing::info!(from = %from, entries = left, "a large directory renamed: its changes are queued in parts");
         let since_rev = self.last_rev;
-        self.moves.push(PendingMove { id, from, ino, old_paths, left, put: HashSet::from([ino]), puts_done: false, since_rev });
+        self.moves.push(PendingMove { id, from, ino, old_paths, left, flushed: HashSet::new(), put: HashSet::from([ino]), puts_done: false, since_rev });
         self.record(|| Undo::Move(MoveUndo::Started(id)));
         self.save_moves()
     }
@@ -142,14 +153,24 @@ impl State {
         let records: Vec<MoveRecord> = serde_json::from_str(&json).map_err(|e| anyhow::anyhow!("the pending moves in the node database: {e}"))?;
         for r in records {
             let mut old_paths: Vec<RelPath> = self.revs.keys().filter(|p| p.is_within(&r.from)).cloned().chain(self.outbox.paths_within(&r.from)).collect();
-            old_paths.sort_unstable();
+            old_paths.sort_unstable_by(cmp_components);
             old_paths.dedup();
             let puts_done = self.inodes.get(&r.ino).is_none_or(|i| i.kind != Kind::Dir);
             tracing::info!(from = %r.from, old_paths = old_paths.len(), "finishing the queuing of a large rename cut short");
             self.last_move = self.last_move.max(r.id);
             let left = old_paths.len();
             let since_rev = r.since_rev;
-            self.moves.push(PendingMove { id: r.id, from: r.from, ino: r.ino, old_paths, left, put: HashSet::new(), puts_done, since_rev });
+            self.moves.push(PendingMove {
+                id: r.id,
+                from: r.from,
+                ino: r.ino,
+                old_paths,
+                left,
+                flushed: HashSet::new(),
+                put: HashSet::new(),
+                puts_done,
+                since_rev,
+            });
         }
         Ok(())
     }
@@ -175,7 +196,7 @@ impl State {
             let entry = self.resolve(path).map(|(_, _, ino)| ino);
             self.queuing_move(|st| st.put_moved_dirs_from(dir, entry))?;
         }
-        self.delete_old_paths_near(path, true)?;
+        self.delete_old_paths_near(path, true, self.dir_at(path))?;
         Ok(())
     }
 
@@ -221,43 +242,80 @@ impl State {
         }
     }
 
-    /// When `path` is at, above or below the old path of a pending move: the deletes of
-    /// every old path that move has left (children first), queued now, as a rename in one
-    /// transaction would have queued them; and so for the moves whose old paths are at,
-    /// above or below those, deeper ones first. Returns whether it queued any.
+    /// When old paths of pending moves are at or below `path`: their deletes, queued now
+    /// (children first, across moves), as a rename in one transaction would have queued
+    /// them before a change there. Returns whether it queued any.
+    ///
+    /// `dir_there`: after the change, `path` is a directory for the manager (a directory
+    /// made where an old one was, a chmod of a directory above the old paths). A
+    /// directory put over a directory needs none of the deletes below it: they go in
+    /// parts, and nothing is queued unless the old path there had nothing below it left
+    /// (then it may have been a file, and its delete goes first). So `mv d d.old && mkdir
+    /// d` does not queue every delete of `d.old`'s old paths in the mkdir's hold.
+    ///
     /// `made_here`: `path` is changed by a local operation, which may have just made
     /// something there; if it is an old path, its delete goes first all the same (the
     /// operation's own change then replaces it, after the deletes below it, as after a
     /// rename in one transaction).
-    pub(super) fn delete_old_paths_near(&mut self, path: &RelPath, made_here: bool) -> FsResult<bool> {
-        let near = |a: &RelPath, b: &RelPath| a.is_within(b) || b.is_within(a);
-        let mut region = vec![path.clone()];
-        let mut due: Vec<usize> = Vec::new();
-        while let Some(at) =
-            (0..self.moves.len()).find(|at| !due.contains(at) && self.moves[*at].left > 0 && region.iter().any(|p| near(p, &self.moves[*at].from)))
-        {
-            region.push(self.moves[at].from.clone());
-            due.push(at);
+    pub(super) fn delete_old_paths_near(&mut self, path: &RelPath, made_here: bool, dir_there: bool) -> FsResult<bool> {
+        // (the move's index, the old path's index)
+        let mut due: Vec<(usize, usize)> = Vec::new();
+        // The moves whose every old path left is due.
+        let mut all_due = Vec::new();
+        for (at, m) in self.moves.iter().enumerate() {
+            let within = old_paths_within(m, path);
+            let whole = within.start == 0 && within.end == m.left;
+            let undone = within.filter(|i| !m.flushed.contains(i));
+            if dir_there && undone.clone().any(|i| m.old_paths[i] != *path) {
+                continue;
+            }
+            let before = due.len();
+            due.extend(undone.map(|i| (at, i)));
+            if whole && due.len() > before {
+                all_due.push(at);
+            }
         }
-        due.sort_by_key(|at| std::cmp::Reverse(self.moves[*at].from.as_str().split('/').count()));
-        for &at in &due {
-            let (id, left) = (self.moves[at].id, self.moves[at].left);
-            let old_paths = std::mem::take(&mut self.moves[at].old_paths);
-            let r = self.queuing_move(|st| {
-                for p in old_paths[..left].iter().rev() {
-                    let made = made_here && p == path && !st.outbox.deletes_last(p);
-                    if made || st.old_path_to_delete(p) {
-                        st.record_delete(p.clone())?;
-                    }
-                }
-                Ok(())
-            });
-            self.moves[at].old_paths = old_paths;
-            r?;
-            self.moves[at].left = 0;
-            self.record(|| Undo::Move(MoveUndo::Left(id, left)));
+        if due.is_empty() {
+            return Ok(false);
         }
-        Ok(!due.is_empty())
+        let depth = |p: &RelPath| p.as_str().bytes().filter(|b| *b == b'/').count();
+        due.sort_by_key(|&(at, i)| std::cmp::Reverse((depth(&self.moves[at].old_paths[i]), i)));
+        for &(at, i) in &due {
+            let p = self.moves[at].old_paths[i].clone();
+            let made = made_here && p == *path && !self.outbox.deletes_last(&p);
+            if made || self.old_path_to_delete(&p) {
+                self.queuing_move(|st| st.record_delete(p))?;
+            }
+        }
+        for at in 0..self.moves.len() {
+            let mine: Vec<usize> = due.iter().filter(|(a, _)| *a == at).map(|(_, i)| *i).collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let m = &mut self.moves[at];
+            let (id, left) = (m.id, m.left);
+            if all_due.contains(&at) {
+                // Every old path left: the move has no deletes to queue in parts.
+                m.left = 0;
+                self.record(|| Undo::Move(MoveUndo::Left(id, left)));
+            } else {
+                m.flushed.extend(mine.iter().copied());
+                self.record(|| Undo::Move(MoveUndo::Flushed(id, mine)));
+            }
+        }
+        Ok(true)
+    }
+
+    /// The outermost old name of a pending move (with deletes left) at or above `path`,
+    /// or `path` itself if there is none.
+    pub(super) fn outermost_old_name_above(&self, path: &RelPath) -> RelPath {
+        let above = self.moves.iter().filter(|m| m.left > 0 && path.is_within(&m.from)).map(|m| &m.from);
+        above.min_by_key(|from| from.as_str().len()).unwrap_or(path).clone()
+    }
+
+    /// Whether a directory is at `path` here.
+    pub(super) fn dir_at(&self, path: &RelPath) -> bool {
+        self.resolve(path).is_some_and(|(_, _, ino)| self.inodes.get(&ino).is_some_and(|i| i.kind == Kind::Dir))
     }
 
     /// Whether a move's old path gets a delete: nothing is there now, and no delete of
@@ -336,6 +394,13 @@ impl State {
                     m.left = left;
                 }
             }
+            MoveUndo::Flushed(id, paths) => {
+                if let Some(m) = self.pending_move(id) {
+                    for i in paths {
+                        m.flushed.remove(&i);
+                    }
+                }
+            }
             MoveUndo::Ended(m) => self.moves.push(*m),
         }
     }
@@ -346,7 +411,23 @@ pub(super) enum MoveUndo {
     Started(u64),
     Put(u64, u64),
     Left(u64, usize),
+    Flushed(u64, Vec<usize>),
     Ended(Box<PendingMove>),
+}
+
+/// Paths compared component by component ('/' below every byte of a name): a
+/// directory's path comes right before the paths below it, and these right after it.
+fn cmp_components(a: &RelPath, b: &RelPath) -> std::cmp::Ordering {
+    let key = |p: &RelPath| p.as_str().bytes().map(|c| if c == b'/' { 0 } else { c }).collect::<Vec<u8>>();
+    key(a).cmp(&key(b))
+}
+
+/// The indexes of move `m`'s old paths not done yet that are at or below `path` (a
+/// range: they are in the order of their components).
+fn old_paths_within(m: &PendingMove, path: &RelPath) -> std::ops::Range<usize> {
+    let paths = &m.old_paths[..m.left];
+    let from = paths.partition_point(|q| cmp_components(q, path).is_lt());
+    from..from + paths[from..].partition_point(|q| q.is_within(path))
 }
 
 impl Tree {
@@ -477,7 +558,7 @@ impl Tree {
                     return Ok(None);
                 }
                 let from = left.saturating_sub(MOVE_PART);
-                let part: Vec<RelPath> = m.old_paths[from..left].to_vec();
+                let part: Vec<RelPath> = (from..left).filter(|i| !m.flushed.contains(i)).map(|i| m.old_paths[i].clone()).collect();
                 let mut n = 0;
                 for path in part.into_iter().rev() {
                     if st.old_path_to_delete(&path) {

@@ -71,7 +71,11 @@ impl State {
         if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
             return Ok(out);
         }
-        if self.delete_old_paths_near(path, false)? && self.outbox.has(path) {
+        // Below a moved directory's old name, every delete of its old paths goes first:
+        // applied before them, an entry there would make the old directories again
+        // (`ensure_dirs`) where the moved one's deletes are still to come.
+        let outermost = self.outermost_old_name_above(path);
+        if self.delete_old_paths_near(&outermost, false, false)? && self.outbox.has(path) {
             return Ok(out);
         }
         tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, local_rev = local_rev.0, "applying the manager's state");

@@ -466,9 +466,12 @@ impl State {
             // from before the decision. (Not for a decided delete: the move's own, most
             // often, whose path is gone and whose siblings' deletes need nothing of it.)
             let row = &self.outbox.rows()[&seq].change;
-            if matches!(row.op, ChangeOp::Put { .. }) {
+            if let ChangeOp::Put { version } = &row.op {
+                // A directory put over the local directory there needs none of the
+                // deletes below it (`delete_old_paths_near`).
                 let path = row.path.clone();
-                self.delete_old_paths_near(&path, false)?;
+                let dir_there = matches!(version.content, Content::Dir) && self.dir_at(&path);
+                self.delete_old_paths_near(&path, false, dir_there)?;
             }
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;

@@ -2313,3 +2313,83 @@ fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
     manager.decide(&t, &rows);
     manager.assert_has_the_tree_of(&t, "after the move's changes");
 }
+
+/// `mv top moved && mkdir top` with a large `top`: the directory made where it was is
+/// put over the old one, and queues none of the deletes of the old paths below it
+/// (they go in parts); a file made at an old path queues that path's delete only. The
+/// manager ends with the tree.
+#[test]
+fn a_directory_made_where_a_large_one_was_queues_none_of_its_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 3, 4);
+    manager.take(&t);
+    rename_top_in_parts(&t);
+    let top = t.mkdir(ROOT, OsStr::new("top"), 0o700, 0, 0).unwrap().ino;
+    let rows = t.take_unpublished();
+    assert_eq!(queued(&rows), vec![("moved".into(), Some(0o755)), ("top".into(), Some(0o700))], "no delete queued with the mkdir");
+    manager.decide(&t, &rows);
+    // An old file's path, an old directory's, and a file below that.
+    closed_file(&t, top, "own", b"new own");
+    let d0 = t.mkdir(top, OsStr::new("d0"), 0o700, 0, 0).unwrap().ino;
+    closed_file(&t, d0, "f1", b"new f1");
+    let rows = t.take_unpublished();
+    assert_eq!(
+        queued(&rows),
+        vec![("top/own".into(), Some(0o644)), ("top/d0".into(), Some(0o700)), ("top/d0/f1".into(), Some(0o644))],
+        "each new entry put over its old path (whose delete, queued first, it replaced), nothing else"
+    );
+    manager.decide(&t, &rows);
+    // The rest: the puts below `moved`, then the deletes of the old paths nothing is at.
+    assert_eq!(t.expand_moves().unwrap(), 16 + 3 + 5 + 5, "16 puts; deletes of top/d0/f0, f2, f3, and of top/d1 and top/d2 with their four files each");
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
+
+/// A chmod of the directory above a large rename's old path needs none of its deletes.
+#[test]
+fn a_chmod_above_the_old_paths_queues_none_of_their_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 2, 2);
+    let above = t.mkdir(ROOT, OsStr::new("above"), 0o755, 0, 0).unwrap().ino;
+    t.rename(ROOT, OsStr::new("top"), above, OsStr::new("top"), false).unwrap();
+    manager.take(&t);
+    t.set_move_in_one_hold(0);
+    t.rename(above, OsStr::new("top"), ROOT, OsStr::new("moved"), false).unwrap();
+    chmod(&t, above, 0o700);
+    let rows = t.take_unpublished();
+    assert_eq!(queued(&rows), vec![("moved".into(), Some(0o755)), ("above".into(), Some(0o700))], "no delete queued with the chmod");
+    manager.decide(&t, &rows);
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
+
+/// A large rename onto old paths of another large rename still pending: its puts below
+/// the new name are queued as the move's own, without a look at the other move's old
+/// paths there, and must still reach the manager after their deletes (the moves are
+/// queued in the order they were made). Here a file takes the path of a directory that
+/// held files.
+#[test]
+fn a_large_rename_onto_another_ones_old_paths_puts_after_their_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 2, 3);
+    let x = t.mkdir(ROOT, OsStr::new("x"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, x, "d0", b"a file where a directory of files was");
+    closed_file(&t, x, "other", b"other");
+    manager.take(&t);
+    rename_top_in_parts(&t);
+    t.mkdir(ROOT, OsStr::new("top"), 0o755, 0, 0).unwrap();
+    manager.take(&t);
+    // Onto the empty directory made where `top` was.
+    t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("top"), false).unwrap();
+    manager.take(&t);
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+}
