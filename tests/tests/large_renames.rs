@@ -61,3 +61,26 @@ fn a_node_killed_right_after_a_large_rename_sends_it_whole_after_its_restart() {
         if log.contains("finishing the queuing of a large rename cut short") { "finished" } else { "had nothing left of" }
     );
 }
+
+/// `mv top top.old && mkdir top`, then files made in the new `top`, one of them where an
+/// old file was: the other node ends with both trees, the new `top` holding only what
+/// was made in it, and no conflict.
+#[test]
+fn a_directory_made_where_a_large_one_was_holds_only_what_is_made_in_it() {
+    let c = Cluster::start("large-mv-mkdir", 2);
+    fill(&c, "top");
+    c.converged();
+    std::fs::rename(c.nodes[0].p("top"), c.nodes[0].p("top.old")).unwrap();
+    std::fs::create_dir(c.nodes[0].p("top")).unwrap();
+    std::fs::create_dir(c.nodes[0].p("top/d3")).unwrap();
+    write(&c.nodes[0].p("top/d3/f5"), b"made where an old file was");
+    write(&c.nodes[0].p("top/new"), b"made in the new directory");
+    c.converged();
+    assert_moved(&c, 1, "top.old");
+    let tree = snapshot(&c.nodes[1].mount);
+    let below: Vec<&str> = tree.keys().map(|p| p.as_str()).filter(|p| p.starts_with("top/")).collect();
+    assert_eq!(below, ["top/d3", "top/d3/f5", "top/new"], "the new top holds only what was made in it");
+    assert_eq!(read(&c.nodes[1].p("top/d3/f5")).as_deref(), Some(&b"made where an old file was"[..]));
+    assert_eq!(read(&c.nodes[1].p("top.old/d3/f5")).as_deref(), Some(&b"3/5"[..]));
+    assert!(conflict_files(&c.nodes[1].mount).is_empty(), "no conflict: {:?}", conflict_files(&c.nodes[1].mount));
+}
