@@ -7,6 +7,7 @@
 #   idle    for IDLE seconds (the GC, keep_at_rest and the rest of the node's minute)
 #   sync    while `syncctl sync` runs
 #   rename  while the directory holding the whole tree is renamed
+#   mkdir   while a directory is made where it was, right after
 #   sent    after the rename, until the node has sent its changes (none pending)
 # Prints, per phase, the probes' median, 99th percentile and longest, and each probe
 # over 30 ms with its time. PERF=FILE records the node with `perf record -g` during the
@@ -73,6 +74,9 @@ t0 = time.time()
 probe("idle", lambda: time.time() - t0 > idle)
 during("sync", lambda: subprocess.run([f"{bin}/syncctl", "--data", data, "sync"], capture_output=True, check=True))
 during("rename", lambda: os.rename(f"{mnt}/tree", f"{mnt}/tree-renamed"))
+# `mv tree tree-renamed && mkdir tree`: a directory made where the renamed one was, while
+# the rename's changes are still being queued.
+during("mkdir", lambda: os.mkdir(f"{mnt}/tree"))
 # A large rename's changes are queued and sent after its answer (fs-node's tree/moves.rs):
 # the mount is probed until the node has no pending change left (at most 300 s).
 def pending():

@@ -96,9 +96,13 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
 
     // A node's own changes are ordered: none may be taken for an edit of a stale version
     // when the newer version is the node's own. (A file put over a directory that got
-    // files elsewhere is kept as a conflict file at the current revision: not stale.)
-    let mut st = conn
-        .prepare("SELECT c.path, c.copy, c.node FROM conflicts c JOIN history h ON h.rev = c.current_rev WHERE h.origin = c.node AND c.base < c.current_rev")?;
+    // files elsewhere is kept as a conflict file at the current revision: not stale.
+    // Nor is a newer version the manager put there as a conflict copy of the node's
+    // change of another path: the node made nothing at this path to follow.)
+    let mut st = conn.prepare(
+        "SELECT c.path, c.copy, c.node FROM conflicts c JOIN history h ON h.rev = c.current_rev WHERE h.origin = c.node AND c.base < c.current_rev
+         AND NOT EXISTS (SELECT 1 FROM conflicts k WHERE k.copy = c.path AND k.copy_rev = c.current_rev)",
+    )?;
     let own: Vec<(String, String, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
     if let Some((path, copy, node)) = own.first() {
         bail!("a conflict of {node} with its own change: {path} kept as {copy}");

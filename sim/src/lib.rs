@@ -45,11 +45,15 @@ pub struct Config {
     /// below it in parts (`fs_node::tree::MOVE_IN_ONE_HOLD`), at a later tick. Drawn
     /// from a random stream of its own, like `stalling_holders`.
     pub large_moves: bool,
+    /// After such a rename, now and then a directory made where the renamed one was,
+    /// with a file in it (`mv d d.old && mkdir d`), from a random stream of its own; off,
+    /// the seeds kept from before replay as they did.
+    pub remade_dirs: bool,
 }
 
 impl Default for Config {
     fn default() -> Self {
-        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None, large_moves: true }
+        Config { nodes: 3, steps: 200, settle_steps: 3_000, faults: true, stalling_holders: true, bug: None, large_moves: true, remade_dirs: true }
     }
 }
 
@@ -96,6 +100,8 @@ pub struct World {
     late_rng: ChaCha8Rng,
     /// The random stream of the large renames (`Config::large_moves`).
     move_rng: ChaCha8Rng,
+    /// The random stream of the directories made again (`Config::remade_dirs`).
+    remake_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -187,6 +193,7 @@ impl World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
             move_rng,
+            remake_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_4d41_4b45),
             cfg,
             broker,
             manager,
@@ -547,7 +554,21 @@ impl World {
                     (dirs[self.move_rng.random_range(0..dirs.len())].clone(), to)
                 };
                 let r = node::rename(&tree, &path, &to);
-                (format!("rename {path} -> {to}"), r, vec![path.clone(), to])
+                let mut what = format!("rename {path} -> {to}");
+                if r.is_ok() && !dirs.is_empty() && self.cfg.remade_dirs && self.remake_rng.random_bool(0.5) {
+                    let made = node::mkdir(&tree, &path);
+                    what += &format!(", then mkdir {path}: {made:?}");
+                    let name = NAMES[self.remake_rng.random_range(0..NAMES.len())];
+                    if let (Ok(()), Ok(file)) = (made, path.join(name)) {
+                        let bytes = self.content(i);
+                        let wrote = node::write_file(&tree, &file, WriteHow::Overwrite, &bytes).map(|_| ());
+                        what += &format!(", then write {file}: {wrote:?}");
+                        if wrote.is_ok() {
+                            self.record_closed(i, &file);
+                        }
+                    }
+                }
+                (what, r, vec![path.clone(), to])
             }
             79..=84 => {
                 let mode = [0o644, 0o600, 0o755, 0o700][self.rng.random_range(0..4)];

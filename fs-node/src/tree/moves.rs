@@ -415,6 +415,14 @@ pub(super) enum MoveUndo {
     Ended(Box<PendingMove>),
 }
 
+impl PendingMove {
+    /// Whether `path` is one of the old paths whose delete this move has yet to queue.
+    fn lists_undone(&self, path: &RelPath) -> bool {
+        let within = old_paths_within(self, path);
+        !within.is_empty() && self.old_paths[within.start] == *path && !self.flushed.contains(&within.start)
+    }
+}
+
 /// Paths compared component by component ('/' below every byte of a name): a
 /// directory's path comes right before the paths below it, and these right after it.
 fn cmp_components(a: &RelPath, b: &RelPath) -> std::cmp::Ordering {
@@ -545,7 +553,9 @@ impl Tree {
         Ok(queued)
     }
 
-    /// The deletes of move `id`: each old path nothing is at now, children first.
+    /// The deletes of move `id`: each old path nothing is at now, children first. An old
+    /// path that a later move lists too (a directory made where this move's was, then
+    /// renamed itself) is left to that move: it deletes it after what it held then.
     fn queue_move_deletes(&self, id: u64) -> FsResult<usize> {
         let mut queued = 0;
         loop {
@@ -558,7 +568,12 @@ impl Tree {
                     return Ok(None);
                 }
                 let from = left.saturating_sub(MOVE_PART);
-                let part: Vec<RelPath> = (from..left).filter(|i| !m.flushed.contains(i)).map(|i| m.old_paths[i].clone()).collect();
+                let later: Vec<&PendingMove> = st.moves.iter().skip_while(|l| l.id != id).skip(1).collect();
+                let part: Vec<RelPath> = (from..left)
+                    .filter(|i| !m.flushed.contains(i))
+                    .map(|i| m.old_paths[i].clone())
+                    .filter(|p| !later.iter().any(|l| l.lists_undone(p)))
+                    .collect();
                 let mut n = 0;
                 for path in part.into_iter().rev() {
                     if st.old_path_to_delete(&path) {

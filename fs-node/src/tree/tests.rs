@@ -2393,3 +2393,48 @@ fn a_large_rename_onto_another_ones_old_paths_puts_after_their_deletes() {
     manager.take(&t);
     manager.assert_has_the_tree_of(&t, "after both moves' changes");
 }
+
+/// `mv top moved && mkdir top`, files made in the new `top`, and the new `top` renamed in
+/// parts too, all before the first move's deletes are queued: the old `top` is deleted
+/// once, after what both held (found by a review: the first move deleted it while the
+/// second's old paths were still below it).
+#[test]
+fn a_directory_made_where_a_large_one_was_and_renamed_in_parts_too_is_deleted_after_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 3, 4);
+    manager.take(&t);
+    rename_top_in_parts(&t);
+    let top = t.mkdir(ROOT, OsStr::new("top"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, top, "new", b"made in the new top");
+    manager.take(&t);
+    t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("top.b"), false).unwrap();
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+    assert_eq!(kind_at(&t, "top"), None, "the old top stays gone");
+}
+
+/// The same with the directory above renamed: `mv proj/d proj/d.old && mkdir proj/d &&
+/// touch proj/d/x && mv proj proj2`, both renames in parts.
+#[test]
+fn a_directory_made_where_a_large_one_was_and_moved_with_its_parent_is_deleted_after_what_it_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    let proj = t.mkdir(ROOT, OsStr::new("proj"), 0o755, 0, 0).unwrap().ino;
+    tree_to_move(&t, "d", 3, 4);
+    t.rename(ROOT, OsStr::new("d"), proj, OsStr::new("d"), false).unwrap();
+    manager.take(&t);
+    t.set_move_in_one_hold(0);
+    t.rename(proj, OsStr::new("d"), proj, OsStr::new("d.old"), false).unwrap();
+    let d = t.mkdir(proj, OsStr::new("d"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, d, "x", b"made in the new d");
+    manager.take(&t);
+    t.rename(ROOT, OsStr::new("proj"), ROOT, OsStr::new("proj2"), false).unwrap();
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+    assert_eq!(kind_at(&t, "proj"), None, "the old proj stays gone");
+}
