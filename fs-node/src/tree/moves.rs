@@ -41,7 +41,9 @@
 //!   say, is not taken for the user's). So for a decision of the node's own put there,
 //!   unless it is a directory's put over the directory the node has there.
 //! - The moves are queued in the order they were made: a move's puts onto the old
-//!   paths of an earlier one (`mv a a.old && mv b a`) come after that one's deletes.
+//!   paths of an earlier one (`mv a a.old && mv b a`) come after that one's deletes,
+//!   and an old path that a later move lists too (`mv a a.old && mkdir a && touch a/x
+//!   && mv a b`) is deleted by the later move, after what it held then.
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
 //!   not remove an entry below the moved directory whose put is not queued yet, nor a
 //!   directory holding one (`State::move_below`): it is a local change, like a queued
