@@ -249,17 +249,22 @@ impl State {
     /// them before a change there. Returns whether it queued any.
     ///
     /// `dir_there`: after the change, `path` is a directory for the manager (a directory
-    /// made where an old one was, a chmod of a directory above the old paths). A
-    /// directory put over a directory needs none of the deletes below it: they go in
-    /// parts, and nothing is queued unless the old path there had nothing below it left
-    /// (then it may have been a file, and its delete goes first). So `mv d d.old && mkdir
-    /// d` does not queue every delete of `d.old`'s old paths in the mkdir's hold.
+    /// made where an old one was, a chmod of a directory above the old paths). Then
+    /// nothing is queued: the manager takes a directory put over what it has there (a
+    /// directory, whose old paths below then keep coming in parts, or a file) when it is
+    /// based on its revision. So `mv d d.old && mkdir d` does not queue every delete of
+    /// `d.old`'s old paths in the mkdir's hold. (A delete of the old path itself, queued
+    /// first, would even go after the puts of what the node made below it since: the
+    /// directory's unsent put it replaces would be taken out of its place.)
     ///
     /// `made_here`: `path` is changed by a local operation, which may have just made
     /// something there; if it is an old path, its delete goes first all the same (the
     /// operation's own change then replaces it, after the deletes below it, as after a
     /// rename in one transaction).
     pub(super) fn delete_old_paths_near(&mut self, path: &RelPath, made_here: bool, dir_there: bool) -> FsResult<bool> {
+        if dir_there {
+            return Ok(false);
+        }
         // (the move's index, the old path's index)
         let mut due: Vec<(usize, usize)> = Vec::new();
         // The moves whose every old path left is due.
@@ -268,9 +273,6 @@ impl State {
             let within = old_paths_within(m, path);
             let whole = within.start == 0 && within.end == m.left;
             let undone = within.filter(|i| !m.flushed.contains(i));
-            if dir_there && undone.clone().any(|i| m.old_paths[i] != *path) {
-                continue;
-            }
             let before = due.len();
             due.extend(undone.map(|i| (at, i)));
             if whole && due.len() > before {

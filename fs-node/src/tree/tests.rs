@@ -2438,3 +2438,38 @@ fn a_directory_made_where_a_large_one_was_and_moved_with_its_parent_is_deleted_a
     manager.assert_has_the_tree_of(&t, "after both moves' changes");
     assert_eq!(kind_at(&t, "proj"), None, "the old proj stays gone");
 }
+
+/// A directory made where an old one was, files made at each of its old files' paths,
+/// then a chmod of it: still no delete of it (queued first, it took the directory's
+/// unsent put out of its place, and the chmod's put then went after the files' puts;
+/// found by a review).
+#[test]
+fn a_directory_made_where_an_old_one_was_is_never_deleted_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", 1, 2);
+    manager.take(&t);
+    rename_top_in_parts(&t);
+    let top = t.mkdir(ROOT, OsStr::new("top"), 0o755, 0, 0).unwrap().ino;
+    let d0 = t.mkdir(top, OsStr::new("d0"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, d0, "f0", b"new f0");
+    closed_file(&t, d0, "f1", b"new f1");
+    chmod(&t, d0, 0o700);
+    let rows = t.take_unpublished();
+    assert_eq!(
+        queued(&rows),
+        vec![
+            ("moved".into(), Some(0o755)),
+            ("top".into(), Some(0o755)),
+            ("top/d0".into(), Some(0o700)),
+            ("top/d0/f0".into(), Some(0o644)),
+            ("top/d0/f1".into(), Some(0o644))
+        ],
+        "no delete, and the directory's put before its files'"
+    );
+    manager.decide(&t, &rows);
+    t.expand_moves().unwrap();
+    manager.take(&t);
+    manager.assert_has_the_tree_of(&t, "after the move's changes");
+}
