@@ -430,8 +430,10 @@ impl PendingMove {
 /// Paths compared component by component ('/' below every byte of a name): a
 /// directory's path comes right before the paths below it, and these right after it.
 fn cmp_components(a: &RelPath, b: &RelPath) -> std::cmp::Ordering {
-    let key = |p: &RelPath| p.as_str().bytes().map(|c| if c == b'/' { 0 } else { c }).collect::<Vec<u8>>();
-    key(a).cmp(&key(b))
+    fn key(p: &RelPath) -> impl Iterator<Item = u8> + '_ {
+        p.as_str().bytes().map(|c| if c == b'/' { 0 } else { c })
+    }
+    key(a).cmp(key(b))
 }
 
 /// The indexes of move `m`'s old paths not done yet that are at or below `path` (a

@@ -2056,6 +2056,14 @@ impl ManagerModel {
         rows.len()
     }
 
+    /// Queues what the tree's pending moves left, decides it all, and panics unless the
+    /// manager then has the tree.
+    fn take_the_moves(&mut self, t: &Tree, when: &str) {
+        t.expand_moves().unwrap();
+        self.take(t);
+        self.assert_has_the_tree_of(t, when);
+    }
+
     /// Panics unless the manager has exactly the tree's synced paths and versions.
     fn assert_has_the_tree_of(&self, t: &Tree, when: &str) {
         let st = t.lock();
@@ -2085,6 +2093,16 @@ fn tree_to_move(t: &Tree, top: &str, dirs: usize, files: usize) -> u64 {
         }
     }
     top
+}
+
+/// A tree in `dir` with `top` as `tree_to_move` makes it, and a manager that has decided
+/// all of it.
+fn synced_tree_to_move(dir: &std::path::Path, dirs: usize, files: usize) -> (Tree, ManagerModel) {
+    let t = tree(dir);
+    let mut manager = ManagerModel::default();
+    tree_to_move(&t, "top", dirs, files);
+    manager.take(&t);
+    (t, manager)
 }
 
 /// A rename of a directory with more entries below it than the rename queues in its own
@@ -2147,9 +2165,7 @@ fn the_managers_state_does_not_land_on_moved_entries_before_their_puts() {
     t.apply_remote(&Entry { path: RelPath::new("moved").unwrap(), rev: Revision(manager.rev + 2), version: None, holders: vec![] }).unwrap();
     assert_eq!(file("moved/d1/f1"), Some(Kind::File), "a moved file not sent yet was removed");
     assert_eq!(t.lock().inodes.get(&top).map(|i| i.children.len()), Some(3));
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after the move's changes");
+    manager.take_the_moves(&t, "after the move's changes");
 }
 
 /// A node that dies before a large rename's changes are all queued (before the first,
@@ -2204,9 +2220,7 @@ fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need(
     closed_file(&t, d1, "new", b"made below the moved directory");
     closed_file(&t, ROOT, "top", b"made where the moved directory was");
     manager.take(&t);
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after the move's changes");
+    manager.take_the_moves(&t, "after the move's changes");
 }
 
 /// The new paths of a large rename had changes queued from before it, of what was there
@@ -2215,10 +2229,7 @@ fn changes_made_while_a_rename_is_queued_reach_the_manager_after_what_they_need(
 #[test]
 fn a_large_rename_puts_its_new_paths_over_changes_queued_there_before() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 2, 2);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 2, 2);
     let was = tree_to_move(&t, "moved", 2, 1);
     for d in ["d0", "d1"] {
         let sub = t.lookup(was, OsStr::new(d)).unwrap().ino;
@@ -2246,10 +2257,7 @@ fn kind_at(t: &Tree, path: &str) -> Option<Kind> {
 #[test]
 fn a_directory_put_early_keeps_the_moved_files_below_it_from_a_remote_delete() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 2, 2);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 2, 2);
     rename_top_in_parts(&t);
     let d0 = t.lookup(t.lookup(ROOT, OsStr::new("moved")).unwrap().ino, OsStr::new("d0")).unwrap().ino;
     closed_file(&t, d0, "new", b"made below the moved directory");
@@ -2277,9 +2285,7 @@ fn a_file_of_two_links_is_put_at_both_new_paths() {
     t.link(f0, d1, OsStr::new("also")).unwrap();
     manager.take(&t);
     rename_top_in_parts(&t);
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after the move's changes");
+    manager.take_the_moves(&t, "after the move's changes");
 }
 
 /// A move finished after a crash does not put again what the manager had from this node
@@ -2288,10 +2294,7 @@ fn a_file_of_two_links_is_put_at_both_new_paths() {
 #[test]
 fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 2, 2);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 2, 2);
     rename_top_in_parts(&t);
     t.queue_first_move_puts_for_test();
     manager.take(&t);
@@ -2321,10 +2324,7 @@ fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
 #[test]
 fn a_directory_made_where_a_large_one_was_queues_none_of_its_deletes() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 3, 4);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 3, 4);
     rename_top_in_parts(&t);
     let top = t.mkdir(ROOT, OsStr::new("top"), 0o700, 0, 0).unwrap().ino;
     let rows = t.take_unpublished();
@@ -2363,9 +2363,7 @@ fn a_chmod_above_the_old_paths_queues_none_of_their_deletes() {
     let rows = t.take_unpublished();
     assert_eq!(queued(&rows), vec![("moved".into(), Some(0o755)), ("above".into(), Some(0o700))], "no delete queued with the chmod");
     manager.decide(&t, &rows);
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after the move's changes");
+    manager.take_the_moves(&t, "after the move's changes");
 }
 
 /// A large rename onto old paths of another large rename still pending: its puts below
@@ -2389,9 +2387,7 @@ fn a_large_rename_onto_another_ones_old_paths_puts_after_their_deletes() {
     // Onto the empty directory made where `top` was.
     t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("top"), false).unwrap();
     manager.take(&t);
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+    manager.take_the_moves(&t, "after both moves' changes");
 }
 
 /// `mv top moved && mkdir top`, files made in the new `top`, and the new `top` renamed in
@@ -2401,18 +2397,13 @@ fn a_large_rename_onto_another_ones_old_paths_puts_after_their_deletes() {
 #[test]
 fn a_directory_made_where_a_large_one_was_and_renamed_in_parts_too_is_deleted_after_what_it_held() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 3, 4);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 3, 4);
     rename_top_in_parts(&t);
     let top = t.mkdir(ROOT, OsStr::new("top"), 0o755, 0, 0).unwrap().ino;
     closed_file(&t, top, "new", b"made in the new top");
     manager.take(&t);
     t.rename(ROOT, OsStr::new("top"), ROOT, OsStr::new("top.b"), false).unwrap();
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+    manager.take_the_moves(&t, "after both moves' changes");
     assert_eq!(kind_at(&t, "top"), None, "the old top stays gone");
 }
 
@@ -2433,9 +2424,7 @@ fn a_directory_made_where_a_large_one_was_and_moved_with_its_parent_is_deleted_a
     closed_file(&t, d, "x", b"made in the new d");
     manager.take(&t);
     t.rename(ROOT, OsStr::new("proj"), ROOT, OsStr::new("proj2"), false).unwrap();
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+    manager.take_the_moves(&t, "after both moves' changes");
     assert_eq!(kind_at(&t, "proj"), None, "the old proj stays gone");
 }
 
@@ -2446,10 +2435,7 @@ fn a_directory_made_where_a_large_one_was_and_moved_with_its_parent_is_deleted_a
 #[test]
 fn a_directory_made_where_an_old_one_was_is_never_deleted_first() {
     let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let mut manager = ManagerModel::default();
-    tree_to_move(&t, "top", 1, 2);
-    manager.take(&t);
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 1, 2);
     rename_top_in_parts(&t);
     let top = t.mkdir(ROOT, OsStr::new("top"), 0o755, 0, 0).unwrap().ino;
     let d0 = t.mkdir(top, OsStr::new("d0"), 0o755, 0, 0).unwrap().ino;
@@ -2469,7 +2455,5 @@ fn a_directory_made_where_an_old_one_was_is_never_deleted_first() {
         "no delete, and the directory's put before its files'"
     );
     manager.decide(&t, &rows);
-    t.expand_moves().unwrap();
-    manager.take(&t);
-    manager.assert_has_the_tree_of(&t, "after the move's changes");
+    manager.take_the_moves(&t, "after the move's changes");
 }
