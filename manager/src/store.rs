@@ -1099,6 +1099,35 @@ impl Tx<'_> {
         Ok(Some(copy))
     }
 
+    /// Whether `version` of `path` can go below `dir_copy`, a conflict directory `from`
+    /// already has for `blocker`, without replacing anything but its own earlier copy of
+    /// `path`: every directory between them is absent or a live directory, and the place
+    /// itself is free, a directory a directory is put over, or the copy this node made of
+    /// `path` there that nobody changed since. The node may have made or moved something
+    /// into its conflict directory since (a directory with files in it, found by the
+    /// simulator, seed 252083); a file put over that would leave the files below a file.
+    fn fits_below_conflict_dir(&mut self, path: &RelPath, blocker: &RelPath, dir_copy: &RelPath, version: &Version, from: &NodeId) -> anyhow::Result<bool> {
+        let Some(moved) = rule::moved_below(path, blocker, dir_copy) else { return Ok(true) };
+        let between_are_dirs = self
+            .ancestors_live(&moved)?
+            .iter()
+            .filter(|(anc, _)| anc.as_str().len() > dir_copy.as_str().len())
+            .all(|(_, live)| matches!(live, None | Some(Version { content: Content::Dir, .. })));
+        if !between_are_dirs {
+            return Ok(false);
+        }
+        let Some(current) = self.current(&moved)? else { return Ok(true) };
+        Ok(match (&current.version, &version.content) {
+            (None, _) => true,
+            (Some(Version { content: Content::Dir, .. }), Content::Dir) => true,
+            (Some(Version { content: Content::Dir, .. }), _) => false,
+            (Some(_), _) => self
+                .tx
+                .prepare_cached("SELECT 1 FROM conflicts WHERE path = ?1 AND copy = ?2 AND node = ?3 AND copy_rev = ?4")?
+                .exists(params![path.as_str(), moved.as_str(), from.as_str(), current.rev.0 as i64])?,
+        })
+    }
+
     /// `path` is below `blocker`, which is a file on the manager (made one elsewhere
     /// while `from` wrote below it as a directory). The version goes to the same place
     /// below a conflict directory beside `blocker`: the one `from` already has for it (so
@@ -1122,6 +1151,11 @@ impl Tx<'_> {
             if matches!(self.live_version(&copy)?, Some(Version { content: Content::Dir, .. })) {
                 reuse = Some(copy);
                 break;
+            }
+        }
+        if let Some(copy) = &reuse {
+            if !self.fits_below_conflict_dir(path, blocker, copy, version, from)? {
+                reuse = None;
             }
         }
         let dir_copy = match reuse {
@@ -1496,6 +1530,47 @@ mod tests {
         assert_eq!(c.as_str(), format!("{d}/b/c"));
         assert_eq!(s.entry(c).unwrap().unwrap().version, Some(file(2)));
         assert_eq!(s.entry(&p("e")).unwrap().unwrap().version, Some(file(9)), "the file stays");
+    }
+
+    /// Found by the simulator (seed 252083): a node's conflict directory is reused for
+    /// what it writes below the blocking file only where that replaces nothing but its
+    /// own earlier copy; a directory it made there since, with files in it, or a file
+    /// above the place, sends the version to a new conflict directory.
+    #[test]
+    fn regression_a_conflict_directory_is_reused_only_where_the_copy_replaces_nothing_else() {
+        let current = |s: &Store, path: &RelPath| s.entry(path).unwrap().unwrap().rev.0;
+        // n1's `e` became a file on n2; n1 writes `e/a` twice (as a node that learnt
+        // nothing between does), then makes a directory
+        // with a file in it, and a file, in its conflict directory `d`.
+        let setup = || {
+            let (dir, mut s) = fresh_store();
+            send(&mut s, "n2", "x1", put("e", 0, file(9)));
+            send(&mut s, "n1", "m1", put("e", 0, dir_version()));
+            send(&mut s, "n1", "m2", put("e/a", 0, file(1)));
+            send(&mut s, "n1", "m3", put("e/a", 0, file(2)));
+            let out = decided(&s);
+            let [Outcome::Conflict { copy: d }, Outcome::Conflict { copy: a1 }, Outcome::Conflict { copy: a2 }] = &out[1..] else { panic!("{out:?}") };
+            assert_eq!((a1.as_str(), a2.as_str()), (format!("{d}/a").as_str(), format!("{d}/a").as_str()), "its own copy is replaced in place");
+            assert_eq!(s.entry(a2).unwrap().unwrap().version, Some(file(2)));
+            let made = [p(&format!("{d}/x")), p(&format!("{d}/x/f")), p(&format!("{d}/y"))];
+            send(&mut s, "n1", "m4", put(made[0].as_str(), 0, dir_version()));
+            send(&mut s, "n1", "m5", put(made[1].as_str(), 0, file(3)));
+            send(&mut s, "n1", "m6", put(made[2].as_str(), 0, file(4)));
+            let seen = made.clone().map(|m| current(&s, &m));
+            (dir, s, d.clone(), made, seen)
+        };
+        // A file where it made a directory with a file in it, and a file below a file
+        // it made: each goes to a new conflict directory, and what it made stays.
+        for (path, ends) in [("e/x", "/x"), ("e/y/z", "/y/z")] {
+            let (_dir, mut s, d, made, seen) = setup();
+            send(&mut s, "n1", "m7", put(path, 0, file(5)));
+            let out = decided(&s);
+            let [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Conflict { copy }] = &out[4..] else { panic!("{path}: {out:?}") };
+            assert!(!copy.as_str().starts_with(&format!("{d}/")) && copy.as_str().ends_with(ends), "{path} went to {copy}, not to a new conflict directory");
+            assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(5)));
+            assert_eq!(made.clone().map(|m| current(&s, &m)), seen, "{path}: what the node made in its conflict directory stays");
+            assert_eq!(s.entry(&made[1]).unwrap().unwrap().version, Some(file(3)));
+        }
     }
 
     #[test]

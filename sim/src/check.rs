@@ -11,6 +11,8 @@
 //!   was replaced by that same node's later operation on the path (a later write,
 //!   truncate, delete or rename of it or of a directory above it). docs/sync.md says
 //!   why this is the definition.
+//! - **A tree**: every path the manager holds is below a directory it holds (never
+//!   below a file, never orphaned).
 //! - **Conflicts**: no conflict file of a conflict file, and never more conflict files
 //!   of one path than `MAX_CONFLICT_COPIES`.
 
@@ -31,6 +33,16 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         let (path, version) = row?;
         let v: Version = serde_json::from_str(&version)?;
         manager_view.insert(path, seen_of(&v));
+    }
+    // The manager's tree is a tree: each live path's parent is a live directory.
+    for path in manager_view.keys() {
+        if let Some((parent, _)) = path.rsplit_once('/') {
+            match manager_view.get(parent) {
+                Some(p) if p.kind == Kind::Dir => {}
+                Some(p) => bail!("the manager has {path} below {parent}, a {:?}", p.kind),
+                None => bail!("the manager has {path} below {parent}, which it does not have"),
+            }
+        }
     }
     for n in &w.nodes {
         let tree = n.tree().context("every node is up after healing")?;
