@@ -161,7 +161,9 @@ struct ActiveSync<R> {
     conflicts_before: u64,
     /// The page of the reply that comes next.
     next_page: u32,
-    /// Every path the reply has named so far. Paths only: each page's entries are
+    /// Every path the reply has named so far, and every path heard of on the queue
+    /// since the request was sent (the reply is a snapshot: it leaves out what changed
+    /// after it started, which comes on the queue). Paths only: each page's entries are
     /// applied when it comes and not kept.
     known: HashSet<RelPath>,
     pulled: u64,
@@ -323,6 +325,10 @@ impl<R> Engine<R> {
     /// The manager's decisions on our changes and other nodes' changes, in order,
     /// [`APPLY_AT_ONCE`] to a transaction (`apply_grouped`).
     fn apply_changes(&mut self, mut items: Vec<Incoming>, now: Now) -> EngineResult<()> {
+        // The manager has each of these paths: a sync under way counts them as named.
+        for sync in self.syncs.values_mut() {
+            sync.known.extend(items.iter().map(|item| Incoming::entry(item).path.clone()));
+        }
         for item in &mut items {
             match item {
                 Incoming::Decided { change, outcome, current } => {
@@ -590,7 +596,7 @@ impl<R> Engine<R> {
         let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
         let since = self.sync_since();
-        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true });
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot: true });
         self.out.push(Action::Publish { env, confirmed: true });
         let conflicts_before = self.tree.conflicts_seen();
         let sync = ActiveSync {
@@ -877,6 +883,52 @@ mod tests {
         assert_eq!(messages, names.len().div_ceil(HOLDING_BYTES / len));
         assert!(messages > 1);
         assert_eq!(told, names);
+    }
+
+    /// A sync's reply is a snapshot as of its first page's revision: a path the node
+    /// hears of on its queue while the reply is under way, and the reply does not name,
+    /// is not pushed as new; a path it had before and the reply does not name is.
+    #[test]
+    fn a_path_heard_of_while_the_sync_reply_is_under_way_is_not_pushed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (hash, tree, _me, _) = engine_with(dir.path(), b"x");
+        let entry = |path: &str, rev: u64| Entry {
+            path: RelPath::new(path.to_string()).unwrap(),
+            rev: Revision(rev),
+            version: Some(Version { content: Content::File { hash: hash.clone(), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
+            holders: vec![],
+        };
+        tree.apply_remote(&entry("had.txt", 2)).unwrap();
+        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let request = first
+            .iter()
+            .find_map(|a| match a {
+                Action::Publish { env, .. } => match &env.body {
+                    ToManager::Sync { request, snapshot: true, .. } => Some(request.clone()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .expect("a sync that takes a snapshot is sent at connection");
+        let to_node = |body| Envelope::new(tree.env().new_id(), NodeId::manager(), body);
+        let page = |n: u32, more: bool| to_node(ToNode::SyncReply { request: request.clone(), head: Revision(3), entries: vec![], page: n, more });
+        engine.on_message(page(0, true), Duration::ZERO).unwrap();
+        engine.on_message(to_node(ToNode::Applied { entry: entry("heard.txt", 5), origin: "n1".parse().unwrap() }), Duration::ZERO).unwrap();
+        let actions = engine.on_message(page(1, false), Duration::ZERO).unwrap();
+        let pushed: Vec<String> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Publish { env, .. } => match &env.body {
+                    ToManager::Change(c) => Some(vec![c.path.to_string()]),
+                    ToManager::Changes { items } => Some(items.iter().map(|i| i.change.path.to_string()).collect()),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(pushed, ["had.txt"], "the path the node had is pushed, the one it heard of meanwhile is not");
     }
 
     /// Keeps go before the decisions and broadcasts around them, never past a release.

@@ -64,6 +64,14 @@ CREATE TABLE kept(hash TEXT NOT NULL, node TEXT NOT NULL, size INTEGER NOT NULL,
 /// heartbeat (JSON `NodeResidency`; NULL for other nodes), for the dashboard.
 const SCHEMA_V4: &str = "ALTER TABLE nodes ADD COLUMN residency TEXT;";
 
+/// Schema version 5: a sync request and its reply say whether the node counts what it
+/// hears meanwhile as named (`ToManager::Sync::snapshot`); a reply of such a node is a
+/// snapshot at the revision its walk started from (`caught_up`, which then stays put).
+const SCHEMA_V5: &str = "
+ALTER TABLE sync_requests ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE sync_replies ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -156,6 +164,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V2),
             rusqlite_migration::M::up(SCHEMA_V3),
             rusqlite_migration::M::up(SCHEMA_V4),
+            rusqlite_migration::M::up(SCHEMA_V5),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -302,16 +311,22 @@ impl Store {
 }
 
 /// A sync reply being sent, one row of `sync_replies`. The reply walks the paths in
-/// order (`cursor`: the last one sent); changes made while it is under way to paths
-/// already walked are sent again from the history (`caught_up`: the revision up to which
-/// they are), so that when the last page goes out, every path the node was told about on
-/// its queue before it is in the reply.
+/// order (`cursor`: the last one sent). Every path the node was told about on its queue
+/// before the last page must be named by the reply or counted as named by the node:
+/// - a node that counts what it hears meanwhile (`snapshot`) gets the paths as of the
+///   revision the walk started from (`caught_up`, which stays put): a path changed later
+///   is skipped by the walk and comes on its queue, so a tree that grows faster than the
+///   walk does not keep the reply going;
+/// - to an older node, changes made while the reply is under way to paths already
+///   walked are sent again from the history (`caught_up`: the revision up to which they
+///   are), and the walk takes every path changed ahead of it.
 #[derive(Debug)]
 struct Reply {
     node: NodeId,
     request: MessageId,
     since: Revision,
     paged: bool,
+    snapshot: bool,
     /// How many requests of the node this reply answers.
     merged: i64,
     cursor: String,
@@ -585,9 +600,9 @@ impl Tx<'_> {
                     self.holds(&from, held)?;
                 }
             }
-            ToManager::Sync { request, url, since, paged } => {
+            ToManager::Sync { request, url, since, paged, snapshot } => {
                 self.seen(&from, Some(&url), now_ms)?;
-                self.queue_sync(&from, &request, since, paged, now_ms)?;
+                self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
                 self.seen(&from, None, now_ms)?;
@@ -700,7 +715,7 @@ impl Tx<'_> {
     /// Records a node's sync request; [`Store::sync_step`] answers it. A request still
     /// waiting is replaced: the newer reply answers both (a node has one sync in flight,
     /// so an older request is one it no longer waits for).
-    fn queue_sync(&mut self, node: &NodeId, request: &MessageId, since: Revision, paged: bool, now_ms: i64) -> anyhow::Result<()> {
+    fn queue_sync(&mut self, node: &NodeId, request: &MessageId, since: Revision, paged: bool, snapshot: bool, now_ms: i64) -> anyhow::Result<()> {
         let waiting: Option<String> =
             self.tx.prepare_cached("SELECT request FROM sync_requests WHERE node = ?1")?.query_row([node.as_str()], |r| r.get(0)).optional()?;
         if let Some(older) = waiting {
@@ -708,13 +723,13 @@ impl Tx<'_> {
         }
         self.tx
             .prepare_cached(
-                "INSERT INTO sync_requests(node, request, since, paged, merged, at_ms) VALUES(?1, ?2, ?3, ?4, 1, ?5)
+                "INSERT INTO sync_requests(node, request, since, paged, snapshot, merged, at_ms) VALUES(?1, ?2, ?3, ?4, ?5, 1, ?6)
              ON CONFLICT(node) DO UPDATE SET request = excluded.request, since = excluded.since, paged = excluded.paged,
-               merged = sync_requests.merged + 1",
+               snapshot = excluded.snapshot, merged = sync_requests.merged + 1",
             )?
             .execute(
                 // A node that needs no deleted path says so with the largest revision.
-                params![node.as_str(), request.as_str(), since.0.min(i64::MAX as u64) as i64, paged, now_ms],
+                params![node.as_str(), request.as_str(), since.0.min(i64::MAX as u64) as i64, paged, snapshot, now_ms],
             )?;
         Ok(())
     }
@@ -722,30 +737,30 @@ impl Tx<'_> {
     /// Starts the reply of the longest-waiting request whose node has no reply under way
     /// and had none started within [`SYNC_MIN_INTERVAL_MS`]; returns whether it did.
     fn start_due_reply(&mut self, now_ms: i64) -> anyhow::Result<bool> {
-        let due: Option<(String, String, i64, bool, i64)> = self
+        let due: Option<(String, String, i64, (bool, bool), i64)> = self
             .tx
             .query_row(
                 // A start time in the future means the clock went back: do not wait for it.
-                "SELECT q.node, q.request, q.since, q.paged, q.merged FROM sync_requests q LEFT JOIN sync_replies r ON r.node = q.node
+                "SELECT q.node, q.request, q.since, q.paged, q.snapshot, q.merged FROM sync_requests q LEFT JOIN sync_replies r ON r.node = q.node
                  WHERE r.node IS NULL OR (r.request IS NULL AND (r.started_ms <= ?1 OR r.started_ms > ?2))
                  ORDER BY q.at_ms, q.node LIMIT 1",
                 params![now_ms - SYNC_MIN_INTERVAL_MS, now_ms],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, (r.get(3)?, r.get(4)?), r.get(5)?)),
             )
             .optional()?;
-        let Some((node, request, since, paged, merged)) = due else {
+        let Some((node, request, since, (paged, snapshot), merged)) = due else {
             return Ok(false);
         };
         self.tx.prepare_cached("DELETE FROM sync_requests WHERE node = ?1")?.execute([&node])?;
         self.tx
             .prepare_cached(
-                "INSERT INTO sync_replies(node, started_ms, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest)
-             VALUES(?1, ?2, ?3, ?4, ?5, ?6, '', 0, ?7, 0, 0, 0, 0)
+                "INSERT INTO sync_replies(node, started_ms, request, since, paged, snapshot, merged, cursor, walk_done, caught_up, page, entries, bytes, largest)
+             VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, '', 0, ?8, 0, 0, 0, 0)
              ON CONFLICT(node) DO UPDATE SET started_ms = excluded.started_ms, request = excluded.request, since = excluded.since,
-               paged = excluded.paged, merged = excluded.merged, cursor = '', walk_done = 0, caught_up = excluded.caught_up,
-               page = 0, entries = 0, bytes = 0, largest = 0",
+               paged = excluded.paged, snapshot = excluded.snapshot, merged = excluded.merged, cursor = '', walk_done = 0,
+               caught_up = excluded.caught_up, page = 0, entries = 0, bytes = 0, largest = 0",
             )?
-            .execute(params![node, now_ms, request, since, paged, merged, head(self.tx)?.0 as i64])?;
+            .execute(params![node, now_ms, request, since, paged, snapshot, merged, head(self.tx)?.0 as i64])?;
         // A node syncs whenever it (re)connects: with each reply it is asked again to keep
         // what it keeps, and says what it lacks (a drop it could not report before it
         // stopped, a data directory emptied meanwhile). Here, not per request: replies
@@ -760,7 +775,7 @@ impl Tx<'_> {
         let row = self
             .tx
             .prepare_cached(
-                "SELECT node, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest, started_ms
+                "SELECT node, request, since, paged, merged, cursor, walk_done, caught_up, page, entries, bytes, largest, started_ms, snapshot
                  FROM sync_replies WHERE request IS NOT NULL ORDER BY page, node LIMIT 1",
             )?
             .query_row([], |r| {
@@ -769,10 +784,11 @@ impl Tx<'_> {
                     r.get::<_, String>(1)?,
                     (r.get::<_, i64>(2)?, r.get::<_, bool>(3)?, r.get::<_, i64>(4)?, r.get::<_, String>(5)?, r.get::<_, bool>(6)?),
                     (r.get::<_, i64>(7)?, r.get::<_, i64>(8)?, r.get::<_, i64>(9)?, r.get::<_, i64>(10)?, r.get::<_, i64>(11)?, r.get::<_, i64>(12)?),
+                    r.get::<_, bool>(13)?,
                 ))
             })
             .optional()?;
-        let Some((node, request, (since, paged, merged, cursor, walk_done), (caught_up, page, entries, bytes, largest, started_ms))) = row else {
+        let Some((node, request, (since, paged, merged, cursor, walk_done), (caught_up, page, entries, bytes, largest, started_ms), snapshot)) = row else {
             return Ok(None);
         };
         Ok(Some(Reply {
@@ -780,6 +796,7 @@ impl Tx<'_> {
             request: request.parse().context("corrupt request id in sync_replies")?,
             since: Revision(since as u64),
             paged,
+            snapshot,
             merged,
             cursor,
             walk_done,
@@ -796,7 +813,11 @@ impl Tx<'_> {
     /// among the paths already walked, then the walk goes on. The last page is the one
     /// after which nothing is left to walk or to catch up, in this same transaction.
     fn send_page(&mut self, mut r: Reply, now_ms: i64) -> anyhow::Result<()> {
-        let head = head(self.tx)?;
+        // A snapshot stays at the revision it started from: nothing to catch up, and its
+        // pages say that revision, so the node asks for the deletes after it in its next
+        // sync (those it heard of meanwhile came on its queue, but a queue may drop its
+        // oldest messages).
+        let head = if r.snapshot { r.caught_up } else { head(self.tx)? };
         let id = new_message_id();
         let empty = |page: u32, more: bool| ToNode::SyncReply { request: r.request.clone(), head, entries: Vec::new(), page, more };
         // The envelope without entries, in its longer form (`more` written out).
@@ -822,12 +843,15 @@ impl Tx<'_> {
             }
             r.caught_up = if page.full { done } else { head };
         }
+        // A snapshot's walk leaves out paths changed after it started (they came on the
+        // node's queue); any other walk takes them.
+        let walk_upto = if r.snapshot { r.caught_up.0 as i64 } else { i64::MAX };
         while !page.full && !r.walk_done {
             let mut st = self.tx.prepare_cached(&format!(
-                "SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) ORDER BY path LIMIT {SYNC_READ_ROWS}"
+                "SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) AND rev <= ?3 ORDER BY path LIMIT {SYNC_READ_ROWS}"
             ))?;
             let rows: Vec<(String, i64, Option<String>)> =
-                st.query_map(params![r.cursor, r.since.0 as i64], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.collect::<Result<_, _>>()?;
+                st.query_map(params![r.cursor, r.since.0 as i64, walk_upto], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.collect::<Result<_, _>>()?;
             let read = rows.len() as i64;
             for (path, rev, version) in rows {
                 let version = parse_version(version)?;
@@ -1233,7 +1257,7 @@ mod tests {
     }
 
     fn sync(request: &str, since: u64, paged: bool) -> ToManager {
-        ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged }
+        ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged, snapshot: false }
     }
 
     /// Every sync reply page in the outbox, in order, with its encoded size (and removes
@@ -1392,6 +1416,59 @@ mod tests {
         assert_eq!(all, live_paths(&s));
     }
 
+    /// A node that counts what it hears meanwhile gets a snapshot: the paths as of the
+    /// revision the reply started from, every page saying that revision, nothing changed
+    /// later (behind the walk or ahead of it: those come on its queue), and a reply as
+    /// long as the tree was however fast it grows meanwhile.
+    #[test]
+    fn a_snapshot_reply_leaves_out_what_changed_after_it_started_and_ends() {
+        let (_dir, mut s) = fresh_store();
+        big_tree(&mut s);
+        let at_start = live_paths(&s);
+        let start = s.head().unwrap();
+        let (ahead_changed, ahead_deleted) = {
+            let mut last = at_start.iter().rev();
+            (last.next().unwrap().clone(), last.next().unwrap().clone())
+        };
+        let snapshot = |request: &str| ToManager::Sync {
+            request: request.parse().unwrap(),
+            url: "http://127.0.0.1:1".into(),
+            since: Revision(0),
+            paged: true,
+            snapshot: true,
+        };
+        send(&mut s, "n2", "s1", snapshot("r1"));
+        let mut pages = Vec::new();
+        let mut made = 0;
+        while s.sync_step(10_000).unwrap() {
+            pages.extend(take_pages(&mut s));
+            if made == 0 {
+                let rev = |s: &Store, path: &str| s.entry(&p(path)).unwrap().unwrap().rev.0;
+                send(&mut s, "n1", "behind", put("a-new.txt", 0, file(2)));
+                let (changed_rev, deleted_rev) = (rev(&s, &ahead_changed), rev(&s, &ahead_deleted));
+                send(&mut s, "n1", "changed", put(&ahead_changed, changed_rev, file(3)));
+                let deleted = ToManager::Change(Change { path: p(&ahead_deleted), base: Revision(deleted_rev), follows: None, op: ChangeOp::Delete });
+                send(&mut s, "n1", "deleted", deleted);
+            }
+            // The tree grows ahead of the walk after every page.
+            made += 1;
+            send(&mut s, "n1", &format!("grow{made}"), put(&format!("zz-{made:04}.txt"), 0, file(4)));
+            assert!(made < 20, "the reply goes on while the tree grows");
+        }
+        pages.extend(take_pages(&mut s));
+        assert_eq!(pages.iter().map(|p| p.4).collect::<Vec<_>>(), (0..pages.len() as u32).collect::<Vec<_>>());
+        assert_eq!(pages.iter().filter(|p| !p.5).count(), 1, "one last page");
+        assert!(!pages.last().unwrap().5, "the last page says so");
+        assert!(pages.iter().all(|p| p.2 == start), "every page says the snapshot's revision");
+        let named: std::collections::BTreeSet<String> = pages.iter().flat_map(|p| &p.3).map(|e| e.path.to_string()).collect();
+        let mut expected = at_start.clone();
+        expected.remove(&ahead_changed);
+        expected.remove(&ahead_deleted);
+        assert_eq!(named, expected, "the paths as of the start, but those changed since");
+        assert!(pages.iter().flat_map(|p| &p.3).all(|e| e.rev <= start));
+        assert!(s.head().unwrap() > start);
+    }
+
     /// Syncs queued together are answered once, for the newest request; the next reply
     /// of the same node waits out the interval.
     #[test]
@@ -1469,7 +1546,7 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 4);
+        assert_eq!(version, 5);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));

@@ -937,7 +937,7 @@ mod tests {
         let sent = c.sent();
         assert_eq!(keeps_to(&sent), ["n2"]);
         c.confirm_keeps(&sent);
-        c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true });
+        c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true, snapshot: true });
         let now = c.now;
         c.s.sync_step(now).unwrap();
         let sent = c.sent();

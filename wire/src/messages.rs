@@ -328,6 +328,14 @@ pub enum ToManager {
         /// fit in one, none.
         #[serde(default)]
         paged: bool,
+        /// The node counts every path it hears of on its queue while the reply is under
+        /// way (a broadcast, a decision) as named by the reply, so the reply may be a
+        /// snapshot: the paths as of its first page's `head`, none changed later (those
+        /// come on the queue). Without it (an older node) the reply also sends again the
+        /// paths changed behind its walk meanwhile, and a tree that grows faster than
+        /// the walk keeps it going.
+        #[serde(default, skip_serializing_if = "is_false")]
+        snapshot: bool,
     },
     /// What became of `ToNode::Keep` and `Release`: contents the node now keeps, and
     /// contents it was asked to keep but lacks or had to drop (its disk fell below its
@@ -619,7 +627,13 @@ mod tests {
             ("ask_versions", ToManager::Ask { query: Query::Versions { path: path("docs/report.txt") } }),
             (
                 "sync",
-                ToManager::Sync { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), url: "http://127.0.0.1:7001".into(), since: Revision(40), paged: true },
+                ToManager::Sync {
+                    request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"),
+                    url: "http://127.0.0.1:7001".into(),
+                    since: Revision(40),
+                    paged: true,
+                    snapshot: true,
+                },
             ),
         ]
     }
@@ -756,7 +770,7 @@ mod tests {
     fn older_peers_sync_messages_still_decode() {
         let old_sync = r#"{"v":1,"id":"a-1","from":"n1","body":{"type":"sync","request":"r-1","url":"http://127.0.0.1:7001"}}"#;
         let env = Envelope::<ToManager>::decode(old_sync.as_bytes()).unwrap();
-        assert_eq!(env.body, ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false });
+        assert_eq!(env.body, ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false, snapshot: false });
         let old_reply = r#"{"v":1,"id":"a-2","from":"manager","body":{"type":"sync_reply","request":"r-1","head":7,"entries":[]}}"#;
         let env = Envelope::<ToNode>::decode(old_reply.as_bytes()).unwrap();
         assert_eq!(env.body, ToNode::SyncReply { request: id("r-1"), head: Revision(7), entries: vec![], page: 0, more: false });
