@@ -111,6 +111,8 @@ pub struct Store {
     /// Whether commits are flushed to disk (`synchronous=FULL`, unless the benchmark
     /// setting turned it off).
     durable: bool,
+    /// The most bytes a sync reply page takes, envelope included.
+    sync_page_bytes: usize,
 }
 
 /// A message waiting in the outbox.
@@ -174,9 +176,9 @@ impl Store {
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
             conn.execute_batch("PRAGMA synchronous=NORMAL;")?;
-            return Ok(Store { conn, retention: Default::default(), durable: false });
+            return Ok(Store { conn, retention: Default::default(), durable: false, sync_page_bytes: wire::SYNC_PAGE_BYTES });
         }
-        Ok(Store { conn, retention: Default::default(), durable: true })
+        Ok(Store { conn, retention: Default::default(), durable: true, sync_page_bytes: wire::SYNC_PAGE_BYTES })
     }
 
     /// How long, how many and in how many copies overwritten and deleted versions are kept.
@@ -185,6 +187,13 @@ impl Store {
     }
     pub fn retention(&self) -> crate::versions::Retention {
         self.retention
+    }
+
+    /// Sync reply pages of at most `bytes` instead of `wire::SYNC_PAGE_BYTES` (never
+    /// more): the simulator's trees are small, and with small pages its replies come in
+    /// several, with broadcasts, decisions, crashes and cuts between them.
+    pub fn set_sync_page_bytes(&mut self, bytes: usize) {
+        self.sync_page_bytes = bytes.min(wire::SYNC_PAGE_BYTES);
     }
 
     /// Read-only access for status queries.
@@ -201,7 +210,7 @@ impl Store {
         // rusqlite's `Transaction` uses) parses it again for every batch.
         run_cached(&self.conn, "BEGIN IMMEDIATE").context("taking the manager database's write lock (is another process writing it?)")?;
         let open = OpenTransaction(&self.conn);
-        let mut t = Tx { tx: &self.conn, retention: self.retention };
+        let mut t = Tx { tx: &self.conn, retention: self.retention, sync_page_bytes: self.sync_page_bytes };
         let out = f(&mut t)?;
         run_cached(&self.conn, "COMMIT").context("committing to the manager database")?;
         std::mem::forget(open);
@@ -344,6 +353,8 @@ struct Page {
     entries: Vec<Entry>,
     paths: std::collections::HashSet<RelPath>,
     bytes: usize,
+    /// The most bytes the page may take (`Store::set_sync_page_bytes`).
+    budget: usize,
     full: bool,
 }
 
@@ -359,7 +370,7 @@ impl Page {
         }
         let mut size = entry_bytes(&entry);
         if self.entries.is_empty() {
-            let room = wire::SYNC_PAGE_BYTES.saturating_sub(self.bytes);
+            let room = self.budget.saturating_sub(self.bytes);
             if size > room {
                 tracing::warn!(path = %entry.path, holders = entry.holders.len(), "a sync reply entry is too large for one page; sending it with fewer holders");
             }
@@ -369,7 +380,7 @@ impl Page {
         }
         // The comma before every entry but the first.
         let added = size + usize::from(!self.entries.is_empty());
-        if self.bytes + added > wire::SYNC_PAGE_BYTES {
+        if self.bytes + added > self.budget {
             if self.entries.is_empty() {
                 // Cannot happen within the wire's bounds (a path and a symlink target
                 // take at most ~50 KB even escaped), but a page must always make
@@ -437,6 +448,7 @@ fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<E
 pub struct Tx<'a> {
     pub(crate) tx: &'a rusqlite::Connection,
     pub(crate) retention: crate::versions::Retention,
+    sync_page_bytes: usize,
 }
 
 /// Runs one statement without parameters through the connection's statement cache.
@@ -822,7 +834,7 @@ impl Tx<'_> {
         let empty = |page: u32, more: bool| ToNode::SyncReply { request: r.request.clone(), head, entries: Vec::new(), page, more };
         // The envelope without entries, in its longer form (`more` written out).
         let overhead = Envelope::new(id.clone(), NodeId::manager(), empty(r.page, true)).encode().len();
-        let mut page = Page { entries: Vec::new(), paths: Default::default(), bytes: overhead, full: false };
+        let mut page = Page { entries: Vec::new(), paths: Default::default(), bytes: overhead, budget: self.sync_page_bytes, full: false };
 
         let walked = |r: &Reply, path: &str| r.walk_done || path <= r.cursor.as_str();
         if r.caught_up < head {
@@ -871,12 +883,12 @@ impl Tx<'_> {
         let body = ToNode::SyncReply { request: r.request.clone(), head, entries: page.entries, page: r.page, more: !last };
         if !r.paged && !last {
             // An older node takes one reply and would stop at the first page.
-            tracing::warn!(node = %r.node, request = %r.request, "a node of an older version asked for a sync whose reply does not fit in one message of {} bytes; it is not answered: upgrade the node", wire::SYNC_PAGE_BYTES);
+            tracing::warn!(node = %r.node, request = %r.request, "a node of an older version asked for a sync whose reply does not fit in one message of {} bytes; it is not answered: upgrade the node", self.sync_page_bytes);
             self.tx.prepare_cached("UPDATE sync_replies SET request = NULL WHERE node = ?1")?.execute([r.node.as_str()])?;
             return Ok(());
         }
         let size = self.enqueue_envelope(&topology::node_key(&r.node), Envelope::new(id, NodeId::manager(), body))?;
-        debug_assert!(size <= wire::SYNC_PAGE_BYTES, "a sync page of {size} bytes");
+        debug_assert!(size <= self.sync_page_bytes, "a sync page of {size} bytes");
         tracing::debug!(node = %r.node, request = %r.request, page = r.page, entries = n, bytes = size, last, "sync reply page");
         r.page += 1;
         r.entries += n;

@@ -33,6 +33,10 @@ struct Args {
     /// Print the trace of a replayed seed even when it passes.
     #[arg(long)]
     trace: bool,
+    /// Sync reply pages as large as the wire allows (4 MiB: one page for any tree of the
+    /// simulation), as the seeds found before small pages ran.
+    #[arg(long)]
+    one_page_syncs: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -45,7 +49,10 @@ fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
 
 fn main() {
     let args = Args::parse();
-    let cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
+    let mut cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
+    if args.one_page_syncs {
+        cfg.sync_page_bytes = None;
+    }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {
             (Ok(stats), trace) => {

@@ -23,12 +23,23 @@ pub enum CrashPoint {
 pub struct SimManager {
     db: PathBuf,
     store: Option<Store>,
+    sync_page_bytes: Option<usize>,
 }
 
 impl SimManager {
-    pub fn start(db: PathBuf) -> anyhow::Result<SimManager> {
-        let store = Store::open(&db)?;
-        Ok(SimManager { db, store: Some(store) })
+    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>) -> anyhow::Result<SimManager> {
+        let mut m = SimManager { db, store: None, sync_page_bytes };
+        m.open()?;
+        Ok(m)
+    }
+
+    fn open(&mut self) -> anyhow::Result<()> {
+        let mut store = Store::open(&self.db)?;
+        if let Some(bytes) = self.sync_page_bytes {
+            store.set_sync_page_bytes(bytes);
+        }
+        self.store = Some(store);
+        Ok(())
     }
 
     pub fn is_up(&self) -> bool {
@@ -48,7 +59,7 @@ impl SimManager {
 
     /// Starts again over the same database and publishes what a crash left in the outbox.
     pub fn restart(&mut self, broker: &mut Broker) -> anyhow::Result<()> {
-        self.store = Some(Store::open(&self.db)?);
+        self.open()?;
         self.flush_outbox(broker)
     }
 

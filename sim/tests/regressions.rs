@@ -39,16 +39,20 @@ const KEPT: &[(u64, &str)] = &[
 fn seeds_that_once_failed_pass() {
     for (seed, found) in KEPT {
         // As they were found: before frozen holders were simulated.
-        if let Err(e) = run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, ..Default::default() }) {
             panic!("kept seed {seed} ({found}) fails again: {e}");
         }
         // As the later ones were found: before directories were made again where a large
         // rename's had been.
-        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with frozen holders: {e}");
         }
-        if let Err(e) = run(*seed, None) {
+        // As those found before sync replies came in small pages.
+        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with directories made again: {e}");
+        }
+        if let Err(e) = run(*seed, None) {
+            panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
         }
     }
 }
