@@ -162,10 +162,12 @@ struct ActiveSync<R> {
     /// The page of the reply that comes next.
     next_page: u32,
     /// Every path the reply has named so far, and every path heard of on the queue
-    /// since the request was sent (the reply is a snapshot: it leaves out what changed
-    /// after it started, which comes on the queue). Paths only: each page's entries are
-    /// applied when it comes and not kept.
+    /// since the request was sent (a snapshot reply leaves out what changed after it
+    /// started, which comes on the queue). Paths only: each page's entries are applied
+    /// when it comes and not kept.
     known: HashSet<RelPath>,
+    /// The reply is a snapshot (`ToManager::Sync::snapshot`).
+    snapshot: bool,
     pulled: u64,
     failed: u64,
     /// Files whose committed content this node lost (found at start-up), with the hash
@@ -206,6 +208,9 @@ pub struct Engine<R> {
     /// Callers (and manager requests) waiting for the sync after the one in flight.
     next_sync: Option<Vec<R>>,
     last_sync_start: Option<Now>,
+    /// The next sync asks for the catch-up form of reply, not a snapshot: the last one
+    /// held back paths the manager had and neither named nor told of (`sync_reply_page`).
+    catch_up_next: bool,
     missing: BTreeMap<RelPath, Missing>,
     out: Vec<Action<R>>,
     /// Contents taken in this step, told to the manager together at its end (`take`).
@@ -237,6 +242,7 @@ impl<R> Engine<R> {
             syncs: BTreeMap::new(),
             next_sync: None,
             last_sync_start: None,
+            catch_up_next: false,
             missing: BTreeMap::new(),
             out: Vec::new(),
             held: Vec::new(),
@@ -596,7 +602,8 @@ impl<R> Engine<R> {
         let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
         let since = self.sync_since();
-        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot: true });
+        let snapshot = !std::mem::take(&mut self.catch_up_next);
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot });
         self.out.push(Action::Publish { env, confirmed: true });
         let conflicts_before = self.tree.conflicts_seen();
         let sync = ActiveSync {
@@ -607,6 +614,7 @@ impl<R> Engine<R> {
             conflicts_before,
             next_page: 0,
             known: HashSet::new(),
+            snapshot,
             pulled: 0,
             failed: 0,
             damaged: HashMap::new(),
@@ -733,7 +741,16 @@ impl<R> Engine<R> {
             self.syncs.insert(request, s);
             return Ok(());
         }
-        let unknown = self.tree.push_unknown(&s.known).map_err(fail("pushing local paths"))? as u64;
+        let unknown = self.tree.push_unknown(&s.known, s.snapshot).map_err(fail("pushing local paths"))?;
+        if unknown.held_back > 0 {
+            tracing::warn!(
+                paths = unknown.held_back,
+                "paths this node took from the manager are neither in the sync's snapshot nor were told of meanwhile (a message this node's queue dropped?); not sending them, syncing again in the catch-up form"
+            );
+            self.catch_up_next = true;
+            self.next_sync.get_or_insert_with(Vec::new);
+        }
+        let unknown = unknown.pushed as u64;
         self.publish_outbox_at(now);
         let report = SyncReport {
             pushed: s.pushed + unknown,
@@ -885,11 +902,14 @@ mod tests {
         assert_eq!(told, names);
     }
 
-    /// A sync's reply is a snapshot as of its first page's revision: a path the node
+    /// A sync's reply is a snapshot as of the revision it started from: a path the node
     /// hears of on its queue while the reply is under way, and the reply does not name,
-    /// is not pushed as new; a path it had before and the reply does not name is.
+    /// is not pushed as new. Nor is a path it took from the manager before and neither
+    /// named nor told of (a message its queue dropped: pushed, a clean copy could bring
+    /// back a path deleted meanwhile): the next sync asks for the catch-up form, and what
+    /// that one does not name is pushed.
     #[test]
-    fn a_path_heard_of_while_the_sync_reply_is_under_way_is_not_pushed() {
+    fn a_snapshot_sync_pushes_neither_what_it_heard_of_nor_what_the_manager_had() {
         let dir = tempfile::tempdir().unwrap();
         let (hash, tree, _me, _) = engine_with(dir.path(), b"x");
         let entry = |path: &str, rev: u64| Entry {
@@ -901,34 +921,35 @@ mod tests {
         tree.apply_remote(&entry("had.txt", 2)).unwrap();
         let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
         let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
-        let request = first
-            .iter()
-            .find_map(|a| match a {
-                Action::Publish { env, .. } => match &env.body {
-                    ToManager::Sync { request, snapshot: true, .. } => Some(request.clone()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .expect("a sync that takes a snapshot is sent at connection");
+        let sent = |actions: &[Action<()>]| -> (Option<(MessageId, bool)>, Vec<String>) {
+            let mut sync = None;
+            let mut pushed = Vec::new();
+            for a in actions {
+                if let Action::Publish { env, .. } = a {
+                    match &env.body {
+                        ToManager::Sync { request, snapshot, .. } => sync = Some((request.clone(), *snapshot)),
+                        ToManager::Change(c) => pushed.push(c.path.to_string()),
+                        ToManager::Changes { items } => pushed.extend(items.iter().map(|i| i.change.path.to_string())),
+                        _ => {}
+                    }
+                }
+            }
+            (sync, pushed)
+        };
+        let (Some((request, true)), _) = sent(&first) else { panic!("a sync that takes a snapshot is sent at connection") };
         let to_node = |body| Envelope::new(tree.env().new_id(), NodeId::manager(), body);
-        let page = |n: u32, more: bool| to_node(ToNode::SyncReply { request: request.clone(), head: Revision(3), entries: vec![], page: n, more });
-        engine.on_message(page(0, true), Duration::ZERO).unwrap();
+        let page = |request: &MessageId, n: u32, more: bool| {
+            to_node(ToNode::SyncReply { request: request.clone(), head: Revision(3), entries: vec![], page: n, more })
+        };
+        engine.on_message(page(&request, 0, true), Duration::ZERO).unwrap();
         engine.on_message(to_node(ToNode::Applied { entry: entry("heard.txt", 5), origin: "n1".parse().unwrap() }), Duration::ZERO).unwrap();
-        let actions = engine.on_message(page(1, false), Duration::ZERO).unwrap();
-        let pushed: Vec<String> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Publish { env, .. } => match &env.body {
-                    ToManager::Change(c) => Some(vec![c.path.to_string()]),
-                    ToManager::Changes { items } => Some(items.iter().map(|i| i.change.path.to_string()).collect()),
-                    _ => None,
-                },
-                _ => None,
-            })
-            .flatten()
-            .collect();
-        assert_eq!(pushed, ["had.txt"], "the path the node had is pushed, the one it heard of meanwhile is not");
+        let (_, pushed) = sent(&engine.on_message(page(&request, 1, false), Duration::ZERO).unwrap());
+        assert_eq!(pushed, Vec::<String>::new(), "neither the path heard of meanwhile nor the one the manager had");
+        let (Some((again, false)), _) = sent(&engine.on_retry_tick(MIN_SYNC_INTERVAL)) else { panic!("a sync in the catch-up form follows") };
+        let catch_up = to_node(ToNode::SyncReply { request: again, head: Revision(5), entries: vec![entry("heard.txt", 5)], page: 0, more: false });
+        let (_, pushed) = sent(&engine.on_message(catch_up, MIN_SYNC_INTERVAL).unwrap());
+        assert_eq!(pushed, ["had.txt"], "what the catch-up reply does not name is pushed");
+        assert_eq!(sent(&engine.on_retry_tick(MIN_SYNC_INTERVAL * 3)).0, None, "and no sync after that one");
     }
 
     /// Keeps go before the decisions and broadcasts around them, never past a release.

@@ -382,8 +382,9 @@ impl Page {
         let added = size + usize::from(!self.entries.is_empty());
         if self.bytes + added > self.budget {
             if self.entries.is_empty() {
-                // Cannot happen within the wire's bounds (a path and a symlink target
-                // take at most ~50 KB even escaped), but a page must always make
+                // Cannot happen with the wire's page size (a path and a symlink target
+                // take at most ~50 KB even escaped; a smaller budget, the simulator's
+                // 1,200 bytes, only with a name of ~800), but a page must always make
                 // progress: leave the entry out rather than send empty pages for ever.
                 tracing::error!(path = %entry.path, bytes = size, "a sync reply entry does not fit in a page even alone; left out");
                 return true;
@@ -1139,7 +1140,7 @@ impl Tx<'_> {
     /// already has for `blocker`, without replacing anything but its own earlier copy of
     /// `path`: every directory between them is absent or a live directory, and the place
     /// itself is free, a directory a directory is put over, or the copy this node made of
-    /// `path` there that nobody changed since. The node may have made or moved something
+    /// `path` there that nobody else changed since. The node may have made or moved something
     /// into its conflict directory since (a directory with files in it, found by the
     /// simulator, seed 252083); a file put over that would leave the files below a file.
     fn fits_below_conflict_dir(&mut self, path: &RelPath, blocker: &RelPath, dir_copy: &RelPath, version: &Version, from: &NodeId) -> anyhow::Result<bool> {
@@ -1157,10 +1158,14 @@ impl Tx<'_> {
             (None, _) => true,
             (Some(Version { content: Content::Dir, .. }), Content::Dir) => true,
             (Some(Version { content: Content::Dir, .. }), _) => false,
+            // Its own copy of `path`, last written by it (a later edit of the copy, which
+            // follows it, updates it in place without a new `conflicts` row).
             (Some(_), _) => self
                 .tx
-                .prepare_cached("SELECT 1 FROM conflicts WHERE path = ?1 AND copy = ?2 AND node = ?3 AND copy_rev = ?4")?
-                .exists(params![path.as_str(), moved.as_str(), from.as_str(), current.rev.0 as i64])?,
+                .prepare_cached(
+                    "SELECT 1 FROM conflicts c JOIN paths p ON p.path = c.copy WHERE c.path = ?1 AND c.copy = ?2 AND c.node = ?3 AND p.origin = ?3",
+                )?
+                .exists(params![path.as_str(), moved.as_str(), from.as_str()])?,
         })
     }
 
@@ -1637,10 +1642,16 @@ mod tests {
             send(&mut s, "n1", "m1", put("e", 0, dir_version()));
             send(&mut s, "n1", "m2", put("e/a", 0, file(1)));
             send(&mut s, "n1", "m3", put("e/a", 0, file(2)));
+            // An edit following that one updates the copy in place; one that does not
+            // follow it (made while other changes below `e` were pending) replaces it.
+            let follows = Change { path: p("e/a"), base: Revision(0), follows: Some("m3".parse().unwrap()), op: ChangeOp::Put { version: file(7) } };
+            send(&mut s, "n1", "m3f", ToManager::Change(follows));
+            send(&mut s, "n1", "m3n", put("e/a", 0, file(8)));
             let out = decided(&s);
-            let [Outcome::Conflict { copy: d }, Outcome::Conflict { copy: a1 }, Outcome::Conflict { copy: a2 }] = &out[1..] else { panic!("{out:?}") };
-            assert_eq!((a1.as_str(), a2.as_str()), (format!("{d}/a").as_str(), format!("{d}/a").as_str()), "its own copy is replaced in place");
-            assert_eq!(s.entry(a2).unwrap().unwrap().version, Some(file(2)));
+            let [Outcome::Conflict { copy: d }, copies @ ..] = &out[1..] else { panic!("{out:?}") };
+            let copies: Vec<String> = copies.iter().map(|o| if let Outcome::Conflict { copy } = o { copy.to_string() } else { format!("{o:?}") }).collect();
+            assert_eq!(copies, vec![format!("{d}/a"); 4], "its own copy is replaced in place");
+            assert_eq!(s.entry(&p(&copies[3])).unwrap().unwrap().version, Some(file(8)));
             let made = [p(&format!("{d}/x")), p(&format!("{d}/x/f")), p(&format!("{d}/y"))];
             send(&mut s, "n1", "m4", put(made[0].as_str(), 0, dir_version()));
             send(&mut s, "n1", "m5", put(made[1].as_str(), 0, file(3)));
@@ -1654,7 +1665,7 @@ mod tests {
             let (_dir, mut s, d, made, seen) = setup();
             send(&mut s, "n1", "m7", put(path, 0, file(5)));
             let out = decided(&s);
-            let [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Conflict { copy }] = &out[4..] else { panic!("{path}: {out:?}") };
+            let [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Conflict { copy }] = &out[6..] else { panic!("{path}: {out:?}") };
             assert!(!copy.as_str().starts_with(&format!("{d}/")) && copy.as_str().ends_with(ends), "{path} went to {copy}, not to a new conflict directory");
             assert_eq!(s.entry(copy).unwrap().unwrap().version, Some(file(5)));
             assert_eq!(made.clone().map(|m| current(&s, &m)), seen, "{path}: what the node made in its conflict directory stays");

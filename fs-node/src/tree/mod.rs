@@ -43,6 +43,7 @@ use residency::Residency;
 pub use residency::{Evictable, PinRules, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
+pub use sync::PushedUnknown;
 #[cfg(test)]
 mod tests;
 

@@ -104,6 +104,15 @@ impl State {
     }
 }
 
+/// What [`Tree::push_unknown`] did with the local paths a sync reply did not name.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PushedUnknown {
+    /// Sent to the manager as new.
+    pub pushed: usize,
+    /// Taken from the manager once, so held back (`hold_back_known`).
+    pub held_back: usize,
+}
+
 impl Tree {
     /// Outbox rows not yet handed to the broker link in this session, in order; marks
     /// them handed over. Taken `WALK_PART` rows per hold of the lock: while the link is
@@ -253,9 +262,16 @@ impl Tree {
     }
 
     /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
-    /// they are sent to the manager as new, outermost first. Returns how many. First
-    /// commits again the files whose last close could not commit them (a disk fault),
-    /// so that a sync sends them instead of leaving them to the next GC.
+    /// they are sent to the manager as new, outermost first. First commits again the
+    /// files whose last close could not commit them (a disk fault), so that a sync sends
+    /// them instead of leaving them to the next GC.
+    ///
+    /// `hold_back_known`: the paths among them that this node took from the manager (a
+    /// revision above 0) are counted, not sent. After a snapshot reply such a path is
+    /// one whose change after the snapshot never reached this node (its queue dropped
+    /// it), or one the manager lost: sent now, a clean copy would bring back a path
+    /// deleted meanwhile, or conflict with an edit; the engine syncs again in the
+    /// catch-up form, which names every path, and sends what that leaves unnamed.
     ///
     /// A directory at a time (a large one `WALK_PART` entries at a time): its entries are
     /// looked at under the tree's lock, which is then let go, and those to send are
@@ -263,27 +279,36 @@ impl Tree {
     /// files, that held the mount for about a second at every sync). An entry moved
     /// meanwhile from a directory not looked at yet into one already looked at is not
     /// seen here; its rename queued it.
-    pub fn push_unknown(&self, known: &HashSet<RelPath>) -> FsResult<usize> {
-        self.push_unknown_in_parts(known, WALK_PART)
+    pub fn push_unknown(&self, known: &HashSet<RelPath>, hold_back_known: bool) -> FsResult<PushedUnknown> {
+        self.push_unknown_in_parts(known, hold_back_known, WALK_PART)
     }
 
     /// `push_unknown`, looking at `part` entries of a directory per hold of the lock.
-    pub(super) fn push_unknown_in_parts(&self, known: &HashSet<RelPath>, part_len: usize) -> FsResult<usize> {
+    pub(super) fn push_unknown_in_parts(&self, known: &HashSet<RelPath>, hold_back_known: bool, part_len: usize) -> FsResult<PushedUnknown> {
         let part_len = part_len.max(1);
         self.commit_unsaved();
+        // `None`: not unknown; `Some(true)`: to send; `Some(false)`: to hold back.
         let unknown = |st: &State, dir: u64, name: &OsStr, ino: u64| {
-            let Some(i) = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none()) else { return false };
+            let i = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none())?;
             let here = st.inodes.get(&dir).and_then(|d| d.children.get(name)).is_some_and(|e| e.ino == i.ino);
-            here && st.path_of(dir, name).is_some_and(|p| !known.contains(&p) && !st.outbox.has(&p))
+            let p = st.path_of(dir, name).filter(|p| here && !known.contains(p) && !st.outbox.has(p))?;
+            Some(!(hold_back_known && st.revs.get(&p).is_some_and(|r| r.0 > 0)))
         };
+        let held_back = std::cell::Cell::new(0);
         let mut pushed = 0;
         self.walk_dirs_in_parts(
             ROOT,
             part_len,
             |st, dir, entries| {
                 let dirs = entries.iter().filter(|(_, e)| e.kind == Kind::Dir).map(|(_, e)| e.ino).collect();
-                let to_push: Vec<(OsString, u64)> =
-                    entries.iter().filter(|(name, e)| unknown(st, dir, name, e.ino)).map(|(name, e)| ((*name).clone(), e.ino)).collect();
+                let mut to_push: Vec<(OsString, u64)> = Vec::new();
+                for (name, e) in entries {
+                    match unknown(st, dir, name, e.ino) {
+                        Some(true) => to_push.push(((*name).clone(), e.ino)),
+                        Some(false) => held_back.set(held_back.get() + 1),
+                        None => {}
+                    }
+                }
                 (dirs, to_push)
             },
             |dir, to_push| {
@@ -293,7 +318,7 @@ impl Tree {
                 pushed += self.atomically(|st, _| {
                     let mut n = 0;
                     for (name, ino) in &to_push {
-                        if unknown(st, dir, name, *ino) {
+                        if unknown(st, dir, name, *ino) == Some(true) {
                             st.record_put(dir, name, *ino)?;
                             n += 1;
                         }
@@ -303,7 +328,7 @@ impl Tree {
                 Ok(())
             },
         )?;
-        Ok(pushed)
+        Ok(PushedUnknown { pushed, held_back: held_back.get() })
     }
 
     /// Removes blobs nothing refers to, after trying again the commits that failed when

@@ -588,7 +588,7 @@ fn sends_the_unknown_paths_outermost_first(part: usize) {
     sent_paths(&t);
     closed_file(&t, ROOT, "queued", b"queued");
     let known: HashSet<RelPath> = ["d/known"].iter().map(|p| RelPath::new(p.to_string()).unwrap()).collect();
-    assert_eq!(t.push_unknown_in_parts(&known, part).unwrap(), 4, "d, d/e, d/e/deep and top; part {part}");
+    assert_eq!(t.push_unknown_in_parts(&known, false, part).unwrap().pushed, 4, "d, d/e, d/e/deep and top; part {part}");
     let sent = sent_paths(&t);
     let at = |p: &str| sent.iter().position(|s| s == p).unwrap_or_else(|| panic!("{p} not sent: {sent:?}, part {part}"));
     assert!(at("d") < at("d/e") && at("d/e") < at("d/e/deep"), "outermost first: {sent:?}, part {part}");
