@@ -149,9 +149,12 @@ pub fn run(c: &mut Cluster, n: usize) {
 }
 
 /// `syncctl sync` on node `n`, timed, while small files are created, written and closed
-/// on its mount one after another; prints the sync's time and the slowest small file.
+/// on its mount one after another; prints the sync's time, the slowest small file, and
+/// the node's largest resident memory seen meanwhile (every 64 files).
 fn sync_while_writing(n: &NodeProc) {
     let done = std::sync::atomic::AtomicBool::new(false);
+    let before = n.rss().unwrap_or_default();
+    let mut peak = before;
     let (took, probes) = std::thread::scope(|s| {
         let sync = s.spawn(|| {
             let t = Instant::now();
@@ -165,14 +168,19 @@ fn sync_while_writing(n: &NodeProc) {
             let t = Instant::now();
             std::fs::write(n.mount.join(format!("probe-{}", probes.len())), [1u8; 4096]).expect("a small file");
             probes.push(t.elapsed());
+            if probes.len() % 64 == 0 {
+                peak = peak.max(n.rss().unwrap_or_default());
+            }
         }
         (sync.join().unwrap(), probes)
     });
     let longest = probes.iter().max().copied().unwrap_or_default();
     println!(
-        "- a sync of node A over the whole tree took {:.2} s; {} small files written on A meanwhile, the longest {:.1} ms",
+        "- a sync of node A over the whole tree took {:.2} s; {} small files written on A meanwhile, the longest {:.1} ms; A's memory {:.1} MiB before, at most {:.1} MiB during it",
         took.as_secs_f64(),
         probes.len(),
-        longest.as_secs_f64() * 1e3
+        longest.as_secs_f64() * 1e3,
+        mib(before),
+        mib(peak)
     );
 }

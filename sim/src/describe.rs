@@ -47,7 +47,7 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
         }
         ToManager::Have { path, rev, .. } => format!("have {path} r{}", rev.0),
         ToManager::Holding { items } => format!("holding {}", items.iter().map(|h| format!("{} r{}", h.path, h.rev.0)).collect::<Vec<_>>().join(", ")),
-        ToManager::Sync { since, .. } => format!("sync since r{}", since.0),
+        ToManager::Sync { since, snapshot, .. } => format!("sync since r{}{}", since.0, if *snapshot { "" } else { " (catch-up form)" }),
         ToManager::Kept { keeping, lacking } => format!("kept {} lacking {}", short_hashes(keeping), short_hashes(lacking)),
         ToManager::Ask { query } => format!("ask {query:?}"),
     };
