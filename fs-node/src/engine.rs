@@ -675,7 +675,10 @@ impl<R> Engine<R> {
     /// Passes on what the kernel must forget, tells the manager we can serve what we just
     /// took, and keeps an entry whose content was not there for a retry (a newer entry of
     /// the path replaces it).
-    fn after_apply(&mut self, entry: &Entry, applied: Applied, now: Now) {
+    fn after_apply(&mut self, entry: &Entry, mut applied: Applied, now: Now) {
+        for (other, its) in std::mem::take(&mut applied.also) {
+            self.after_apply(&other, its, now);
+        }
         if !applied.invals.is_empty() {
             self.out.push(Action::Invalidate(applied.invals));
         }

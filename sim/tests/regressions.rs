@@ -33,6 +33,7 @@ const KEPT: &[(u64, &str)] = &[
     (170857, "a file made where a directory renamed in parts had been took the place of the directory's unsent chmod, ahead of the deletes of what it held: refused, and the node kept its file"),
     (5418, "a wrong check: a file the manager put into a conflict directory as the copy of the node's change of another path was taken for the node's own change there, which a directory the node renamed to that path (not knowing) was said to conflict with"),
     (252083, "a file written below a directory that had become a file elsewhere was put into the node's conflict directory for it over a directory the node had made there since, leaving a file below a file on the manager"),
+    (266439, "the manager's file over a directory that a node kept for a change below it, then kept as a conflict, was never applied: the node kept the directory until some later sync"),
 ];
 
 #[test]

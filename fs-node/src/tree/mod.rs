@@ -176,12 +176,15 @@ pub struct Applied {
     /// content comes when a program first opens it.
     pub remote: bool,
     pub invals: Vec<Inval>,
+    /// States of other paths applied with it (the manager's states deferred above a
+    /// decided change, `remote.rs`), each with what it did.
+    pub also: Vec<(Entry, Applied)>,
 }
 
 impl Applied {
     /// What it did, without the kernel invalidations (which go to the link).
     pub fn summary(&self) -> Applied {
-        Applied { changed: self.changed, missing_content: self.missing_content, remote: self.remote, invals: Vec::new() }
+        Applied { changed: self.changed, missing_content: self.missing_content, remote: self.remote, invals: Vec::new(), also: Vec::new() }
     }
 }
 
@@ -340,6 +343,11 @@ struct State {
     inodes: HashMap<u64, Box<Inode>>,
     next_ino: u64,
     revs: HashMap<RelPath, Revision>,
+    /// The manager's latest state of paths where it was not applied because something
+    /// below had a local change (`remote.rs`): applied once a decision of this node's
+    /// leaves nothing below with one. In memory only: after a restart, the sync at
+    /// connection brings them again.
+    deferred: BTreeMap<RelPath, Entry>,
     /// The highest of `revs`: the last revision this node took.
     last_rev: u64,
     /// Directory entries by kind, over the whole tree (`EntryCounts`).
@@ -581,6 +589,7 @@ impl Tree {
             inodes,
             next_ino,
             revs,
+            deferred: BTreeMap::new(),
             last_rev,
             entry_counts,
             outbox,

@@ -519,6 +519,10 @@ impl State {
             }
             decided = current.path == row.change.path;
         }
-        self.apply_entry(current, store, decided)
+        let mut out = self.apply_entry(current, store, decided)?;
+        if seq.is_some() {
+            self.apply_deferred_above(&current.path, store, &mut out)?;
+        }
+        Ok(out)
     }
 }

@@ -2018,6 +2018,9 @@ fn a_directory_listed_in_parts_has_every_lasting_entry_once() {
 struct ManagerModel {
     paths: BTreeMap<String, Version>,
     rev: u64,
+    /// Paths another node deleted (`deleted_elsewhere`): a put below one brings it back
+    /// as a directory, broadcast before the decision, as the manager does.
+    deleted: std::collections::BTreeSet<String>,
 }
 
 impl ManagerModel {
@@ -2033,6 +2036,15 @@ impl ManagerModel {
             self.rev += 1;
             let version = match &r.change.op {
                 ChangeOp::Put { version } => {
+                    for anc in r.change.path.ancestors() {
+                        if self.deleted.remove(anc.as_str()) && !self.paths.contains_key(anc.as_str()) {
+                            let dir = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 };
+                            self.paths.insert(anc.to_string(), dir.clone());
+                            let rev = self.rev;
+                            self.rev += 1;
+                            t.apply_remote(&Entry { path: anc, rev: Revision(rev), version: Some(dir), holders: vec![] }).unwrap();
+                        }
+                    }
                     if let Some(parent) = r.change.path.parent() {
                         let parent_is_dir = matches!(self.paths.get(parent.as_str()).map(|v| &v.content), Some(Content::Dir));
                         assert!(parent_is_dir, "{p} was put before its directory");
@@ -2054,6 +2066,18 @@ impl ManagerModel {
             t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(self.rev), version, holders: vec![] }).unwrap();
         }
         rows.len()
+    }
+
+    /// Another node deleted `path` and all below it: broadcast to `t`.
+    fn deleted_elsewhere(&mut self, t: &Tree, path: &str) {
+        let below = format!("{path}/");
+        let gone: Vec<String> = self.paths.keys().filter(|p| *p == path || p.starts_with(&below)).cloned().collect();
+        for p in gone {
+            self.paths.remove(&p);
+            self.deleted.insert(p);
+        }
+        self.rev += 1;
+        t.apply_remote(&Entry { path: RelPath::new(path).unwrap(), rev: Revision(self.rev), version: None, holders: vec![] }).unwrap();
     }
 
     /// Queues what the tree's pending moves left, decides it all, and panics unless the
@@ -2160,9 +2184,10 @@ fn the_managers_state_does_not_land_on_moved_entries_before_their_puts() {
         ino.map(|ino| t.getattr(ino).unwrap().kind)
     };
     // Another node made moved/d0/f0 a directory, then removed all of moved.
-    t.apply_remote(&dir_entry("moved/d0/f0", manager.rev + 1, 0o700)).unwrap();
+    manager.rev += 1;
+    t.apply_remote(&dir_entry("moved/d0/f0", manager.rev, 0o700)).unwrap();
     assert_eq!(file("moved/d0/f0"), Some(Kind::File), "a moved file not sent yet was replaced");
-    t.apply_remote(&Entry { path: RelPath::new("moved").unwrap(), rev: Revision(manager.rev + 2), version: None, holders: vec![] }).unwrap();
+    manager.deleted_elsewhere(&t, "moved");
     assert_eq!(file("moved/d1/f1"), Some(Kind::File), "a moved file not sent yet was removed");
     assert_eq!(t.lock().inodes.get(&top).map(|i| i.children.len()), Some(3));
     manager.take_the_moves(&t, "after the move's changes");
@@ -2456,4 +2481,38 @@ fn a_directory_made_where_an_old_one_was_is_never_deleted_first() {
     );
     manager.decide(&t, &rows);
     manager.take_the_moves(&t, "after the move's changes");
+}
+
+/// The manager's file over a local directory waits while something below has a local
+/// change, and is applied once that change is decided and leaves nothing below (found by
+/// the simulator, seed 266439: the change below was kept as a conflict, and the
+/// directory stayed here instead of the manager's file until some later sync).
+#[test]
+fn a_remote_file_over_a_directory_waits_for_the_change_below_then_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let b = t.mkdir(ROOT, OsStr::new("b"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, b, "a", b"written below");
+    let rows = t.take_unpublished();
+    let below = rows.iter().find(|r| r.change.path.as_str() == "b/a").expect("b/a queued").msg.clone();
+    let mkdir = rows.iter().find(|r| r.change.path.as_str() == "b").expect("b queued").msg.clone();
+    let dir_b = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 };
+    t.apply_decided(&mkdir, &Outcome::Accepted, &Entry { path: RelPath::new("b").unwrap(), rev: Revision(1), version: Some(dir_b), holders: vec![] }).unwrap();
+    let theirs = old_blob(&t, b"their b");
+    let their_b = Entry {
+        path: RelPath::new("b").unwrap(),
+        rev: Revision(12),
+        version: Some(Version { content: Content::File { hash: theirs.clone(), size: 7 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
+        holders: vec![],
+    };
+    t.apply_remote(&their_b).unwrap();
+    assert_eq!(t.lookup(ROOT, OsStr::new("b")).unwrap().kind, Kind::Dir, "not over the change below");
+    // b/a is kept below a conflict directory; here it goes, and with it what kept b.
+    let copy = RelPath::new("b (conflict from n1 r13)/a").unwrap();
+    let gone = Entry { path: RelPath::new("b/a").unwrap(), rev: Revision(0), version: None, holders: vec![] };
+    let applied = t.apply_decided(&below, &Outcome::Conflict { copy }, &gone).unwrap();
+    let attr = t.lookup(ROOT, OsStr::new("b")).unwrap();
+    assert_eq!(attr.kind, Kind::File, "the manager's file, once nothing below has a change");
+    assert_eq!(t.revision_of(&RelPath::new("b").unwrap()), Revision(12));
+    assert_eq!(applied.also.iter().map(|(e, _)| e.path.to_string()).collect::<Vec<_>>(), ["b"], "told to the engine as applied");
 }
