@@ -78,10 +78,13 @@ fn set_id_bits_from_other_nodes_are_cleared_and_the_mount_is_nosuid() {
     write(&f, b"#!/bin/sh\necho hi\n");
     std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o6755)).unwrap();
     let other = c.nodes[1].p("tool");
-    eventually("tool on n2", DEADLINE, || read(&other).is_some());
+    // The file comes as 0644 first (the write), then the chmod: wait for the chmod's
+    // execute bits, whatever became of the set-id bits.
+    let mode_on = |p: &Path| std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o7777);
+    eventually("tool's chmod on n2", DEADLINE, || mode_on(&other).is_some_and(|m| m & 0o755 == 0o755));
     let local = std::fs::metadata(&f).unwrap().permissions().mode() & 0o7777;
     assert_eq!(local, 0o6755, "the writer's own file keeps its bits");
-    let remote = std::fs::metadata(&other).unwrap().permissions().mode() & 0o7777;
+    let remote = mode_on(&other).unwrap();
     assert_eq!(remote, 0o755, "set-id bits arrived on n2: {remote:o}");
     let want = c.nodes[0].mount.to_string_lossy().to_string();
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
