@@ -68,12 +68,16 @@ pub enum Basis {
 /// the manager decided).
 pub fn basis(sent: Revision, prior: Option<&Prior>, op: &ChangeOp) -> Basis {
     let Some(prior) = prior else { return Basis::Base(sent) };
+    // A sender that names a later revision than the one `prior` left learned of it from
+    // the decision of another own change of the path made after `prior` (whose own
+    // decision its queue lost while it was away, or has not brought yet): its version is
+    // derived from that later state.
     match &prior.outcome {
         // Made on top of the sender's own change: based on the revision it got.
-        Outcome::Accepted | Outcome::Unchanged => Basis::Base(prior.rev),
+        Outcome::Accepted | Outcome::Unchanged => Basis::Base(prior.rev.max(sent)),
         // It changed nothing: the path is still at what it was based on (a delete
         // refused because files were added below, say).
-        Outcome::Refused { .. } if prior.base.0 > 0 => Basis::Base(prior.base),
+        Outcome::Refused { .. } if prior.base.0 > 0 => Basis::Base(prior.base.max(sent)),
         Outcome::Conflict { copy } if prior.copy_still_own && matches!(op, ChangeOp::Put { .. }) => Basis::UpdateConflictFile(copy.clone()),
         _ => Basis::Base(sent),
     }
@@ -385,6 +389,11 @@ mod tests {
         assert_eq!(basis(Revision(1), Some(&prior(Outcome::Unchanged, false)), &edit), Basis::Base(Revision(7)));
         // Refused: the path is still at the base that change had.
         assert_eq!(basis(Revision(1), Some(&prior(Outcome::Refused { reason: "no".into() }, false)), &edit), Basis::Base(Revision(3)));
+        // Sent with a later revision than the one its earlier change left (seed 1851:
+        // the sender's queue lost that change's decision, then brought the decision of
+        // a second change following it): based on that later revision.
+        assert_eq!(basis(Revision(9), Some(&prior(Outcome::Accepted, false)), &edit), Basis::Base(Revision(9)));
+        assert_eq!(basis(Revision(9), Some(&prior(Outcome::Refused { reason: "no".into() }, false)), &edit), Basis::Base(Revision(9)));
         let copy = p("a (conflict from n2 r8)");
         let conflict = Outcome::Conflict { copy: copy.clone() };
         assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), true)), &edit), Basis::UpdateConflictFile(copy));

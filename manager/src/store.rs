@@ -937,6 +937,16 @@ impl Tx<'_> {
         if let Some(outcome) = done {
             let outcome: Outcome = serde_json::from_str(&outcome).context("corrupt outcome")?;
             let current = self.entry_or_absent(&change.path)?;
+            // The first answer followed the broadcast of the conflict file with the
+            // sender's version; a node asks again when its queue lost that answer (its
+            // oldest messages dropped while it was away), most likely with that broadcast.
+            // The sender may be the only one holding the content, and once the decision
+            // is applied nothing of its own refers to it any more: the conflict file's
+            // state goes first again, so that the node takes it from its own store.
+            if let Outcome::Conflict { copy } = &outcome {
+                let entry = self.entry_or_absent(copy)?;
+                self.enqueue(&reply_key, ToNode::Applied { entry, origin: from.clone() })?;
+            }
             return self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current });
         }
         let prior = match &change.follows {
@@ -1683,6 +1693,47 @@ mod tests {
         send(&mut s, "n1", "m1", put("a/b.txt", 0, file(1)));
         assert_eq!(s.head().unwrap(), Revision(2));
         assert_eq!(decided(&s), vec![Outcome::Accepted, Outcome::Accepted]);
+    }
+
+    /// Found by the simulator (seed 1851, with node queues that drop their oldest
+    /// messages while their node is away): the decision of a node's first edit was lost,
+    /// the second's came, and its third edit, made on top of the second's revision, still
+    /// followed the first. It was decided against the first's revision: a conflict with
+    /// the node's own second edit.
+    #[test]
+    fn regression_a_follow_up_sent_with_a_later_own_revision_is_based_on_it() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("f", 0, file(1)));
+        send(&mut s, "n1", "m2", change("f", 0, Some("m1"), ChangeOp::Put { version: file(2) }));
+        let second = s.entry(&p("f")).unwrap().unwrap().rev.0;
+        send(&mut s, "n1", "m3", change("f", second, Some("m1"), ChangeOp::Put { version: file(3) }));
+        assert_eq!(decided(&s), vec![Outcome::Accepted, Outcome::Accepted, Outcome::Accepted]);
+        assert_eq!(s.entry(&p("f")).unwrap().unwrap().version, Some(file(3)));
+        assert_eq!(s.conflict_count().unwrap(), 0);
+    }
+
+    /// Found by the simulator (seed 17468, with node queues that drop their oldest
+    /// messages while their node is away): a node's queue lost the broadcast of its
+    /// change's conflict file and the decision; the node sent the change again, and the
+    /// answer (the decision alone) let it forget the content, which no other node had
+    /// fetched yet: every node tried to fetch it for good. A repeat of a change kept as a
+    /// conflict file is answered with that file's state first.
+    #[test]
+    fn regression_a_repeated_conflict_is_answered_with_its_conflict_file_first() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("f", 0, file(1)));
+        send(&mut s, "n2", "x1", put("f", 0, file(2)));
+        let Outcome::Conflict { copy } = decided(&s).pop().unwrap() else { panic!("a conflict") };
+        let before = s.outbox(1000).unwrap().len();
+        send(&mut s, "n2", "x1", put("f", 0, file(2)));
+        let answer: Vec<(String, ToNode)> =
+            s.outbox(1000).unwrap().into_iter().skip(before).map(|o| (o.key, Envelope::<ToNode>::decode(&o.payload).unwrap().body)).collect();
+        let to_n2 = topology::node_key(&node("n2"));
+        let [(k1, ToNode::Applied { entry, .. }), (k2, ToNode::Decided { change, outcome: Outcome::Conflict { copy: again }, .. })] = &answer[..] else {
+            panic!("{answer:?}")
+        };
+        assert_eq!((k1, k2), (&to_n2, &to_n2));
+        assert_eq!((&entry.path, &entry.version, change.as_str(), again), (&copy, &Some(file(2)), "x1", &copy));
     }
 
     #[test]

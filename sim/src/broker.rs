@@ -2,7 +2,9 @@
 //! stays unacked until its consumer acks it, and a consumer whose connection is lost
 //! (a partition, a crash) gets its unacked deliveries back at the head of the queue,
 //! marked redelivered. `sync.master` routes `all` to every node queue and `node.<id>` to
-//! one. Queues are durable: they keep their messages while their consumer is away.
+//! one. Queues are durable: they keep their messages while their consumer is away, up to
+//! a length limit past which the oldest go (a node queue's `drop-head` policy,
+//! `manager::api::broker_user::NODE_QUEUE_MAX_BYTES`; see [`Queue::away_limit`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use wire::{topology, NodeId};
@@ -17,11 +19,28 @@ pub struct Message {
 pub struct Queue {
     ready: VecDeque<Message>,
     unacked: Vec<Message>,
+    /// Most ready messages kept while the consumer is away; past it a publish drops the
+    /// oldest (RabbitMQ's `drop-head`, which counts ready messages only). The real limit
+    /// is a gigabyte, reached only by a queue whose node is away for long, so the
+    /// simulation sets a small one only while the node is away (`None`: no limit).
+    pub away_limit: Option<usize>,
+    /// Bodies dropped by the limit, for the trace (taken by [`Queue::take_dropped`]).
+    dropped: Vec<Vec<u8>>,
 }
 
 impl Queue {
     pub fn publish(&mut self, body: Vec<u8>) {
         self.ready.push_back(Message { body, redelivered: false });
+        if let Some(limit) = self.away_limit {
+            while self.ready.len() > limit {
+                let oldest = self.ready.pop_front().expect("longer than the limit");
+                self.dropped.push(oldest.body);
+            }
+        }
+    }
+    /// What the length limit dropped since the last call, oldest first.
+    pub fn take_dropped(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.dropped)
     }
     /// The next message, now unacked.
     pub fn deliver(&mut self) -> Option<Message> {

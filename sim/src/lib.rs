@@ -23,7 +23,7 @@ use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use wire::{ContentHash, NodeId, RelPath};
+use wire::{ContentHash, Envelope, NodeId, RelPath, ToNode};
 
 /// How big a run is.
 #[derive(Clone, Debug)]
@@ -54,6 +54,11 @@ pub struct Config {
     /// several pages, with broadcasts, decisions, crashes and cuts between them (the
     /// node counts what it hears meanwhile as named: a snapshot reply). Draws nothing.
     pub sync_page_bytes: Option<usize>,
+    /// Now and then a node queue drops its oldest messages while its node is away (cut
+    /// off or crashed), as the length limit of a real node queue does
+    /// (`broker::Queue::away_limit`). From a random stream of its own; off, the seeds kept
+    /// from before replay as they did.
+    pub queue_drops: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -73,6 +78,7 @@ impl Default for Config {
             large_moves: true,
             remade_dirs: true,
             sync_page_bytes: Some(SMALL_SYNC_PAGE_BYTES),
+            queue_drops: true,
         }
     }
 }
@@ -112,6 +118,8 @@ pub struct RunStats {
     pub crashes: usize,
     /// Pulls that waited out a frozen holder.
     pub stalled_pulls: usize,
+    /// Messages node queues dropped while their node was away.
+    pub dropped: usize,
 }
 
 pub struct World {
@@ -122,6 +130,8 @@ pub struct World {
     move_rng: ChaCha8Rng,
     /// The random stream of the directories made again (`Config::remade_dirs`).
     remake_rng: ChaCha8Rng,
+    /// The random stream of the queue length limits (`Config::queue_drops`).
+    drop_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -214,6 +224,7 @@ impl World {
             late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
             move_rng,
             remake_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_4d41_4b45),
+            drop_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4452_4f50_5321),
             cfg,
             broker,
             manager,
@@ -239,7 +250,9 @@ impl World {
         self.clock_ns.load(Ordering::Relaxed) / 1_000_000
     }
     fn log(&mut self, what: String) {
-        self.trace.push(format!("{:>5} t={:>6}ms {what}", self.step, self.now().as_millis()));
+        let line = format!("{:>5} t={:>6}ms {what}", self.step, self.now().as_millis());
+        tracing::debug!(target: "sim", "{line}");
+        self.trace.push(line);
     }
 
     /// Runs node `i`'s method with the other nodes as its peers.
@@ -254,7 +267,40 @@ impl World {
         self.with_node(i, |n, b, _, now| {
             n.connect(b, now);
             Ok(())
-        })
+        })?;
+        if self.nodes[i].is_connected() {
+            self.queue_of(i).away_limit = None;
+        }
+        Ok(())
+    }
+
+    fn queue_of(&mut self, i: usize) -> &mut broker::Queue {
+        let id = self.nodes[i].id.clone();
+        self.broker.nodes.get_mut(&id).expect("every node's queue is declared")
+    }
+
+    /// Node `i` went away (cut off, crashed): now and then its queue gets a small length
+    /// limit until it is back, so that it drops its oldest messages meanwhile.
+    fn maybe_limit_queue(&mut self, i: usize) {
+        if self.cfg.queue_drops && self.drop_rng.random_bool(0.5) {
+            let limit = self.drop_rng.random_range(1..=6);
+            self.log(format!("n{}'s queue keeps at most {limit} messages while n{} is away", i + 1, i + 1));
+            self.queue_of(i).away_limit = Some(limit);
+        }
+    }
+
+    /// Logs what the node queues' length limits dropped.
+    fn log_dropped(&mut self) {
+        for i in 0..self.nodes.len() {
+            for body in self.queue_of(i).take_dropped() {
+                self.stats.dropped += 1;
+                let what = match Envelope::<ToNode>::decode(&body) {
+                    Ok(env) => describe::to_node(&env.body, false),
+                    Err(e) => format!("an undecodable message ({e})"),
+                };
+                self.log(format!("n{}'s queue drops its oldest message: {what}", i + 1));
+            }
+        }
     }
 
     /// The whole run: random steps with faults, then heal and settle, then the checks.
@@ -262,6 +308,7 @@ impl World {
         for _ in 0..self.cfg.steps {
             self.step += 1;
             self.random_step()?;
+            self.log_dropped();
         }
         self.heal_all()?;
         self.settle()?;
@@ -316,6 +363,7 @@ impl World {
                 if delivered && crash {
                     self.stats.crashes += 1;
                     self.log(format!("n{} crashes after applying a message, before its ack", i + 1));
+                    self.maybe_limit_queue(i);
                 }
                 Ok(())
             }
@@ -330,6 +378,7 @@ impl World {
                     self.log(format!("n{} is cut off from the broker", i + 1));
                     self.nodes[i].partitioned = true;
                     self.nodes[i].disconnect(&mut self.broker);
+                    self.maybe_limit_queue(i);
                     Ok(())
                 }
             }
@@ -346,6 +395,7 @@ impl World {
                     self.log(format!("n{} crashes", i + 1));
                     self.stats.crashes += 1;
                     self.nodes[i].crash(&mut self.broker);
+                    self.maybe_limit_queue(i);
                     Ok(())
                 } else {
                     self.log(format!("n{} restarts", i + 1));

@@ -33,6 +33,10 @@ struct Args {
     /// Print the trace of a replayed seed even when it passes.
     #[arg(long)]
     trace: bool,
+    /// The nodes' and the manager's own log lines, interleaved with the trace on standard
+    /// error (a `tracing` filter such as `sim=debug,changes=debug`; the `SIM_LOG` variable works too).
+    #[arg(long, env = "SIM_LOG")]
+    log: Option<String>,
     /// Sync reply pages as large as the wire allows (4 MiB: one page for any tree of the
     /// simulation), as the seeds found before small pages ran.
     #[arg(long)]
@@ -49,6 +53,9 @@ fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
 
 fn main() {
     let args = Args::parse();
+    if let Some(filter) = &args.log {
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).without_time().init();
+    }
     let mut cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if args.one_page_syncs {
         cfg.sync_page_bytes = None;
@@ -89,7 +96,7 @@ fn main() {
     let next = AtomicU64::new(start);
     let done = AtomicUsize::new(0);
     let steps = AtomicU64::new(0);
-    let (crashes, stalled) = (AtomicU64::new(0), AtomicU64::new(0));
+    let (crashes, stalled, dropped) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -104,6 +111,7 @@ fn main() {
                         steps.fetch_add(stats.steps as u64, Ordering::Relaxed);
                         crashes.fetch_add(stats.crashes as u64, Ordering::Relaxed);
                         stalled.fetch_add(stats.stalled_pulls as u64, Ordering::Relaxed);
+                        dropped.fetch_add(stats.dropped as u64, Ordering::Relaxed);
                     }
                     Err((what, _)) => {
                         eprintln!("seed {seed} FAILED: {}", what.lines().next().unwrap_or(""));
@@ -121,11 +129,12 @@ fn main() {
     let n = done.load(Ordering::Relaxed);
     let failures = failures.into_inner().unwrap();
     println!(
-        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} crashes, {} pulls waited out a frozen holder; {} failed",
+        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} crashes, {} pulls waited out a frozen holder, {} messages dropped by away queues; {} failed",
         n as f64 / secs,
         steps.load(Ordering::Relaxed) as f64 / secs,
         crashes.load(Ordering::Relaxed),
         stalled.load(Ordering::Relaxed),
+        dropped.load(Ordering::Relaxed),
         failures.len()
     );
     if let Some((seed, what)) = failures.iter().min_by_key(|(s, _)| *s) {

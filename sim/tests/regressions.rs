@@ -34,26 +34,36 @@ const KEPT: &[(u64, &str)] = &[
     (5418, "a wrong check: a file the manager put into a conflict directory as the copy of the node's change of another path was taken for the node's own change there, which a directory the node renamed to that path (not knowing) was said to conflict with"),
     (252083, "a file written below a directory that had become a file elsewhere was put into the node's conflict directory for it over a directory the node had made there since, leaving a file below a file on the manager"),
     (266439, "the manager's file over a directory that a node kept for a change below it, then kept as a conflict, was never applied: the node kept the directory until some later sync"),
+    (1851, "the decision of a node's edit was lost with its queue's oldest messages, the next edit's came: the node's third edit, based on the second's revision, still followed the first and was decided against the first's revision, a conflict with its own second edit"),
+    (2023, "the decision of a node's edit, sent again after its queue lost the first, came with another node's later version: the node took that revision for its own, and when its next edit was kept as a conflict, it kept its own version at the path for good"),
+    (17468, "a change kept as a conflict file, sent again after its node's queue lost the decision and the conflict file's broadcast, was answered with the decision alone: the node let go of the content, which no other node had, and every node tried to fetch it for good"),
+    (13574, "a node's file over its own earlier directory, decided out of order, was kept as a conflict while a delete below was undecided: the manager's directory, deferred, was dropped by a sync reply that named it again and was skipped; the node kept its file"),
 ];
 
 #[test]
 fn seeds_that_once_failed_pass() {
     for (seed, found) in KEPT {
         // As they were found: before frozen holders were simulated.
-        if let Err(e) = run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, ..Default::default() }) {
+        if let Err(e) =
+            run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, queue_drops: false, ..Default::default() })
+        {
             panic!("kept seed {seed} ({found}) fails again: {e}");
         }
         // As the later ones were found: before directories were made again where a large
         // rename's had been.
-        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with frozen holders: {e}");
         }
         // As those found before sync replies came in small pages.
-        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with directories made again: {e}");
         }
-        if let Err(e) = run(*seed, None) {
+        // As those found before node queues dropped their oldest messages.
+        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
+        }
+        if let Err(e) = run(*seed, None) {
+            panic!("seed {seed} ({found}) fails with node queues that drop their oldest messages: {e}");
         }
     }
 }

@@ -44,14 +44,15 @@ impl State {
     /// the entry answers this node's own change, which was just decided and is the last
     /// one of the path; the node takes it even at a revision it already had (a refused or
     /// conflicting change leaves the path at the revision it was based on, and the node
-    /// must drop what it had there).
+    /// must drop what it had there), and so it takes a state deferred for a change below
+    /// (`apply_deferred_above`).
     pub(super) fn apply_entry(&mut self, entry: &Entry, store: &ContentStore, decided: bool) -> FsResult<Applied> {
         let mut out = Applied::default();
         let path = &entry.path;
-        // A newer state than one deferred here (or the same again) takes its place.
-        if self.deferred.get(path).is_some_and(|d| d.rev <= entry.rev) {
-            self.deferred.remove(path);
-        }
+        // A newer state than one deferred here (or the same again) takes its place once
+        // it is applied or deferred itself; one skipped (at a revision the node has)
+        // leaves it.
+        let replaces_deferred = self.deferred.get(path).is_some_and(|d| d.rev <= entry.rev);
         let is_dir = entry.version.as_ref().map(|v| matches!(v.content, Content::Dir));
         // A path here of another kind than the entry's counts too; the tree is walked for
         // it only when some rule names the path (never when there are no rules).
@@ -68,12 +69,18 @@ impl State {
         let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
         let local_dirty = self.is_dirty(path);
         if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {
+            if replaces_deferred {
+                self.deferred.remove(path);
+            }
             self.set_rev(path, entry.rev)?;
             return Ok(out);
         }
         let local_rev = self.revs.get(path).copied().unwrap_or_default();
         if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
             return Ok(out);
+        }
+        if replaces_deferred {
+            self.deferred.remove(path);
         }
         // Below a moved directory's old name, every delete of its old paths goes first:
         // applied before them, an entry there would make the old directories again
@@ -172,7 +179,11 @@ impl State {
             }
             let Some(entry) = self.deferred.remove(&anc) else { continue };
             tracing::debug!(target: "changes", path = %anc, rev = entry.rev.0, "applying the manager's state deferred for a local change below");
-            let applied = self.apply_entry(&entry, store, false)?;
+            // Taken even at a revision the node had: it passed that check when it was
+            // deferred, and the revision may be the one the node's own change there was
+            // based on (seed 13574: a directory the node had made, then replaced by a
+            // file kept as a conflict, stayed a file).
+            let applied = self.apply_entry(&entry, store, true)?;
             out.also.push((entry, applied));
         }
         Ok(())

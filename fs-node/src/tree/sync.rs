@@ -512,9 +512,18 @@ impl State {
             // (that one was decided, or coalesced away before it was sent) goes
             // out with an older base and looks like an edit of a stale version: a
             // conflict, or, for the same bytes, a lost chmod.
+            // Only when `current` is the state this change left: the decision of a change
+            // sent again (its first decision lost with the queue's oldest messages while
+            // the node was away) comes with the path's state now, which may be another
+            // node's later version; based on that, the node's next change would pass for
+            // an edit of it (and its own version would stay when that change conflicts).
             let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
+            let left_by_it = match &row.change.op {
+                ChangeOp::Put { version } => current.version.as_ref() == Some(version),
+                ChangeOp::Delete => current.version.is_none(),
+            };
             let changed_again = self.is_dirty(&current.path) || self.outbox.has(&current.path);
-            if kept && current.path == row.change.path && changed_again && self.env.past_bug() != Some(PastBug::DecidedBase) {
+            if kept && left_by_it && current.path == row.change.path && changed_again && self.env.past_bug() != Some(PastBug::DecidedBase) {
                 self.set_rev(&current.path, current.rev)?;
             }
             decided = current.path == row.change.path;

@@ -72,6 +72,86 @@ fn a_sent_change_keeps_following_the_one_before() {
     assert_eq!(t.getattr(d).unwrap().perm, 0o755);
 }
 
+/// Found by the simulator (seed 2023, with node queues that drop their oldest messages
+/// while their node is away): the decision of a node's first write was lost, so the
+/// node sent the write again after reconnecting; the manager's answer to a repeat comes
+/// with the path's state now, here another node's later version. The node took that
+/// revision for the one its write left; when its second write was then kept as a
+/// conflict, the other node's version, pulled first, was taken for one the node already
+/// had, and the node kept its own version at the path for good.
+#[test]
+fn a_decision_that_comes_with_another_nodes_later_version_gives_no_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let write = |bytes: &[u8]| {
+        let (e, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen { write: true, exclusive: false, truncate: true }).unwrap();
+        t.write(fh, 0, bytes).unwrap();
+        t.release(fh).unwrap();
+        e.ino
+    };
+    write(b"first");
+    let first = t.take_unpublished();
+    let f = write(b"second");
+    let second = t.take_unpublished();
+    assert_eq!(second[0].change.follows.as_ref(), Some(&first[0].msg));
+    // Not here yet: the conflict's decision cannot apply it, the node pulls it and
+    // applies the entry again once it came.
+    let theirs = crate::store::hash_of(b"another node's");
+    let now = Entry {
+        path: RelPath::new("f").unwrap(),
+        rev: Revision(5),
+        version: Some(Version { content: Content::File { hash: theirs, size: 14 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 9 }),
+        holders: vec![],
+    };
+    t.apply_decided(&first[0].msg, &Outcome::Accepted, &now).unwrap();
+    assert_eq!(read_all(&t, f).unwrap(), b"second", "a change is still queued: the node's version stays");
+    let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
+    assert!(t.apply_decided(&second[0].msg, &Outcome::Conflict { copy }, &now).unwrap().missing_content);
+    crate::store::put_bytes(&t.store, b"another node's").unwrap();
+    t.apply_remote(&now).unwrap();
+    let f = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+    assert_eq!(read_all(&t, f).unwrap(), b"another node's", "kept as a conflict: the path takes the manager's version");
+}
+
+/// Found by the simulator (seed 13574, with node queues that drop their oldest messages
+/// while their node is away, so that decisions come in another order than the changes):
+/// a directory the node had made was replaced by a file, which was kept as a conflict
+/// while the delete of a directory below was still undecided. The manager's directory
+/// was deferred for that delete; a sync reply naming it again took its place and was
+/// skipped, and so was the deferred state itself once applied: the node had the
+/// directory's revision already, as the base of its own change. The node kept its file.
+#[test]
+fn a_state_deferred_at_the_revision_the_node_had_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let a = t.mkdir(ROOT, OsStr::new("a"), 0o755, 0, 0).unwrap().ino;
+    t.mkdir(a, OsStr::new("b"), 0o755, 0, 0).unwrap();
+    let made = t.take_unpublished();
+    let a_dir = dir_entry("a", 1, 0o755);
+    t.apply_decided(&made[0].msg, &Outcome::Accepted, &a_dir).unwrap();
+    t.apply_decided(&made[1].msg, &Outcome::Accepted, &dir_entry("a/b", 2, 0o755)).unwrap();
+    t.rmdir(a, OsStr::new("b")).unwrap();
+    let delete_below = t.take_unpublished();
+    t.rmdir(ROOT, OsStr::new("a")).unwrap();
+    let delete_a = t.take_unpublished();
+    let (_, fh) = t.create(ROOT, OsStr::new("a"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.release(fh).unwrap();
+    let file_a = t.take_unpublished();
+    assert_eq!((delete_below.len(), delete_a.len(), file_a.len()), (1, 1, 1));
+    // Decided out of order: the delete of `a` refused, the file kept as a conflict, then
+    // the delete below accepted.
+    t.apply_decided(&delete_a[0].msg, &Outcome::Refused { reason: "files below".into() }, &a_dir).unwrap();
+    let copy = RelPath::new("a (conflict from n1 2026-01-01 00.00.00)").unwrap();
+    t.apply_decided(&file_a[0].msg, &Outcome::Conflict { copy }, &a_dir).unwrap();
+    assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::File, "deferred while the delete below is undecided");
+    // A sync reply names the same state meanwhile: skipped again, it stays deferred.
+    t.apply_remote(&a_dir).unwrap();
+    assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::File);
+    let gone = Entry { path: RelPath::new("a/b").unwrap(), rev: Revision(3), version: None, holders: vec![] };
+    t.apply_decided(&delete_below[0].msg, &Outcome::Accepted, &gone).unwrap();
+    assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::Dir, "the manager's directory once nothing below waits");
+}
+
 fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
     rows.iter()
         .map(|r| {
