@@ -78,6 +78,13 @@ impl Vhost {
         all.extend_from_slice(args);
         all
     }
+    /// Sets a policy on the vhost's queues whose names match `pattern` (`definition` is
+    /// its JSON); of several policies on a queue, the one with the highest `priority`
+    /// applies.
+    pub fn set_policy(&self, name: &str, pattern: &str, definition: &str, priority: u32) {
+        let priority = priority.to_string();
+        rabbitmqctl(&self.ctl_args(&["set_policy", "-p", &self.name, "--apply-to", "queues", "--priority", &priority, name, pattern, definition]));
+    }
     pub fn url_via(&self, port: u16) -> String {
         format!("amqp://guest:guest@127.0.0.1:{port}/{}?heartbeat=5", self.name)
     }

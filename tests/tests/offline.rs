@@ -77,6 +77,64 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     assert!(c.manager.status().contains("conflicts: 1"), "{}", c.manager.status());
 }
 
+/// A node's queue drops its oldest messages past its length limit (a gigabyte, the
+/// manager's policy; three messages here, by a policy that takes precedence) while the
+/// node is away. What the node missed so (new files, edits, deletes, a renamed directory)
+/// comes with the sync it runs when it reconnects, and what it wrote meanwhile goes out.
+#[test]
+fn a_node_whose_queue_dropped_messages_while_it_was_away_converges() {
+    let c = Cluster::start("queue-drops", 2);
+    let (a, away) = (&c.nodes[0], &c.nodes[1]);
+    for i in 0..6 {
+        write(&a.p(&format!("old{i}.txt")), b"v1");
+    }
+    std::fs::create_dir(a.p("dir")).unwrap();
+    write(&a.p("dir/inside.txt"), b"inside");
+    c.converged();
+    let queue = format!("sync.node.{}", away.id);
+    c.vhost.set_policy("test-tiny-node-queue", &format!("^{}$", queue.replace('.', "\\.")), r#"{"max-length":3,"overflow":"drop-head"}"#, 10);
+
+    away.proxy.cut();
+    wait_offline(&c, away);
+    write(&away.p("written while away.txt"), b"from the node that was away");
+    // One change at a time, each decided before the next: a message each on the queue
+    // of the node away (changes together would go in a few).
+    let decided = || eventually("the manager to decide a's change", DEADLINE, || a.pending() == 0);
+    for i in 0..20 {
+        write(&a.p(&format!("new{i}.txt")), format!("new {i}").as_bytes());
+        decided();
+    }
+    write(&a.p("old0.txt"), b"edited");
+    decided();
+    std::fs::remove_file(a.p("old2.txt")).unwrap();
+    decided();
+    std::fs::remove_file(a.p("old3.txt")).unwrap();
+    decided();
+    std::fs::rename(a.p("dir"), a.p("moved")).unwrap();
+    decided();
+    // The broadcasts of a's changes went out before the decisions a waited for: at least
+    // 24 messages were published to the queue of the node away, which kept three.
+    // (The broker's message counts lag behind by a few seconds.)
+    let kept_three = || (1..=3).contains(&queue_depth(&c.vhost, &queue));
+    eventually(
+        "the queue of the node away to hold at most its last three messages (else the policy did not apply, and this test shows nothing)",
+        DEADLINE,
+        kept_three,
+    );
+
+    away.proxy.restore();
+    away.wait_connected();
+    c.converged();
+    for n in &c.nodes {
+        assert_eq!(text(n, "old0.txt"), "edited", "on {}", n.id);
+        assert_eq!(text(n, "new0.txt"), "new 0", "on {}", n.id);
+        assert_eq!(text(n, "new19.txt"), "new 19", "on {}", n.id);
+        assert!(!n.p("old2.txt").exists() && !n.p("old3.txt").exists(), "deletes the queue dropped came with the sync on {}", n.id);
+        assert!(!n.p("dir").exists() && text(n, "moved/inside.txt") == "inside", "the rename on {}", n.id);
+        assert_eq!(text(n, "written while away.txt"), "from the node that was away", "on {}", n.id);
+    }
+}
+
 #[test]
 fn a_node_restarted_while_offline_keeps_its_changes() {
     let mut c = Cluster::start("restart-offline", 2);
