@@ -131,7 +131,9 @@ pub fn run(c: &mut Cluster, n: usize) {
         joined.elapsed().as_secs_f64()
     );
     let c_rss = cnode.rss().unwrap_or_default();
+    let profiles = Profiles::start(&[("manager", c.manager.pid()), ("node-a", c.nodes[0].pid())]);
     sync_while_writing(&c.nodes[0]);
+    drop(profiles);
     println!("| at rest, {n} files | before the tree | with the tree | per file |");
     println!("|---|---|---|---|");
     let rows = [
@@ -145,6 +147,43 @@ pub fn run(c: &mut Cluster, n: usize) {
     ];
     for (what, before, after) in rows {
         println!("| {what} | {:.1} MiB | {:.1} MiB | {:.0} bytes |", mib(before), mib(after), (after as f64 - before as f64) / n as f64);
+    }
+}
+
+/// `perf record -g` of some processes while it lives, when `BENCH_PERF` names a
+/// directory: `<name>.perf.data` in it for each (read them with `perf report -i`).
+struct Profiles(Vec<std::process::Child>);
+
+impl Profiles {
+    fn start(procs: &[(&str, Option<u32>)]) -> Profiles {
+        let Some(dir) = std::env::var_os("BENCH_PERF").map(std::path::PathBuf::from) else { return Profiles(Vec::new()) };
+        std::fs::create_dir_all(&dir).expect("BENCH_PERF directory");
+        let children = procs
+            .iter()
+            .filter_map(|(name, pid)| {
+                let out = dir.join(format!("{name}.perf.data"));
+                let pid = (*pid)?.to_string();
+                std::process::Command::new("perf")
+                    .args(["record", "-q", "-F", "499", "-g", "-p", &pid, "-o"])
+                    .arg(&out)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| eprintln!("perf record of {name}: {e}"))
+                    .ok()
+            })
+            .collect();
+        Profiles(children)
+    }
+}
+
+impl Drop for Profiles {
+    /// `perf record` writes its file on SIGINT.
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = std::process::Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
     }
 }
 

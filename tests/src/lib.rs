@@ -672,6 +672,11 @@ impl NodeProc {
 }
 
 impl ManagerProc {
+    /// The running manager's process id.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.as_ref()?.id())
+    }
+
     /// Kills the manager with SIGKILL, as a crash would, and waits for it to exit.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -687,6 +692,11 @@ impl ManagerProc {
 }
 
 impl NodeProc {
+    /// The running node's process id.
+    pub fn pid(&self) -> Option<u32> {
+        Some(self.child.as_ref()?.id())
+    }
+
     /// Resident memory of the running node, in bytes.
     pub fn rss(&self) -> Option<u64> {
         rss_of(self.child.as_ref()?.id())
