@@ -518,9 +518,11 @@ impl State {
             // node's later version; based on that, the node's next change would pass for
             // an edit of it (and its own version would stay when that change conflicts).
             let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
-            let left_by_it = match &row.change.op {
-                ChangeOp::Put { version } => current.version.as_ref() == Some(version),
-                ChangeOp::Delete => current.version.is_none(),
+            // (`Unchanged` keeps the manager's metadata over the same bytes.)
+            let left_by_it = match (&row.change.op, outcome) {
+                (ChangeOp::Put { version }, Outcome::Unchanged) => current.version.as_ref().is_some_and(|v| v.content == version.content),
+                (ChangeOp::Put { version }, _) => current.version.as_ref() == Some(version),
+                (ChangeOp::Delete, _) => current.version.is_none(),
             };
             let changed_again = self.is_dirty(&current.path) || self.outbox.has(&current.path);
             if kept && left_by_it && current.path == row.change.path && changed_again && self.env.past_bug() != Some(PastBug::DecidedBase) {

@@ -55,6 +55,32 @@ fn a_change_queued_after_an_own_decided_one_is_based_on_its_revision() {
     assert!(matches!(&c.op, ChangeOp::Put { version } if version.mode == 0o755));
 }
 
+/// The same when the change was decided `Unchanged` with the manager's metadata kept
+/// over the same bytes (another node's chmod came first): the state is not the node's
+/// version to the byte, but its next change is based on that revision all the same.
+#[test]
+fn a_change_queued_after_an_own_unchanged_one_is_based_on_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let write = |bytes: &[u8]| {
+        let (e, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen { write: true, exclusive: false, truncate: true }).unwrap();
+        t.write(fh, 0, bytes).unwrap();
+        t.release(fh).unwrap();
+        e.ino
+    };
+    write(b"one");
+    let sent = t.take_unpublished();
+    write(b"two"); // queued, not sent: follows the first
+    let ChangeOp::Put { version } = &sent[0].change.op else { panic!("a put") };
+    let theirs = Version { mode: 0o600, ..version.clone() };
+    let current = Entry { path: RelPath::new("f").unwrap(), rev: Revision(5), version: Some(theirs), holders: vec![] };
+    t.apply_decided(&sent[0].msg, &Outcome::Unchanged, &current).unwrap();
+    write(b"three"); // replaces the unsent change; nothing queued is left to follow
+    let rows = t.take_unpublished();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!((rows[0].change.base, &rows[0].change.follows), (Revision(5), &None), "based on the revision the unchanged put got");
+}
+
 /// An own change decided while the same path still has a sent, undecided change
 /// queued: the later change keeps following it (the manager resolves its base).
 #[test]
