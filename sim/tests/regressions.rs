@@ -38,6 +38,7 @@ const KEPT: &[(u64, &str)] = &[
     (2023, "the decision of a node's edit, sent again after its queue lost the first, came with another node's later version: the node took that revision for its own, and when its next edit was kept as a conflict, it kept its own version at the path for good"),
     (17468, "a change kept as a conflict file, sent again after its node's queue lost the decision and the conflict file's broadcast, was answered with the decision alone: the node let go of the content, which no other node had, and every node tried to fetch it for good"),
     (13574, "a node's file over its own earlier directory, decided out of order, was kept as a conflict while a delete below was undecided: the manager's directory, deferred, was dropped by a sync reply that named it again and was skipped; the node kept its file"),
+    (50926, "a delete deferred for a node's mkdir below it outlived the directory the manager brought back for that mkdir (lost with the node queue's oldest messages): applied once the mkdir was decided, it took the directory away with newer paths below it"),
 ];
 
 #[test]

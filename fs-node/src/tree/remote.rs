@@ -53,6 +53,9 @@ impl State {
         // it is applied or deferred itself; one skipped (at a revision the node has)
         // leaves it.
         let replaces_deferred = self.deferred.get(path).is_some_and(|d| d.rev <= entry.rev);
+        if entry.version.is_some() {
+            self.drop_deferred_deletes_above(entry);
+        }
         let is_dir = entry.version.as_ref().map(|v| matches!(v.content, Content::Dir));
         // A path here of another kind than the entry's counts too; the tree is walked for
         // it only when some rule names the path (never when there are no rules).
@@ -164,6 +167,23 @@ impl State {
         }
         self.set_rev(path, entry.rev)?;
         Ok(out)
+    }
+
+    /// The manager holds `entry`, a live path, so every ancestor of it was a directory
+    /// there at its revision: a delete of one deferred here from before is stale (found
+    /// by the simulator, seed 50926: the node's queue lost the directory the manager
+    /// brought back for a put below it, and the deferred delete, applied once that put
+    /// was decided, took the whole directory away, newer entries below it too).
+    fn drop_deferred_deletes_above(&mut self, entry: &Entry) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        for anc in entry.path.ancestors() {
+            if self.deferred.get(&anc).is_some_and(|d| d.version.is_none() && d.rev < entry.rev) {
+                tracing::debug!(target: "changes", path = %anc, below = %entry.path, rev = entry.rev.0, "a deferred delete is older than a live path below it: dropped");
+                self.deferred.remove(&anc);
+            }
+        }
     }
 
     /// The deferred states of `path`'s ancestors (innermost first) that nothing below has

@@ -178,6 +178,34 @@ fn a_state_deferred_at_the_revision_the_node_had_is_applied() {
     assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::Dir, "the manager's directory once nothing below waits");
 }
 
+/// Found by the simulator (seed 50926, with node queues that drop their oldest messages
+/// while their node is away): the manager's delete of a directory was deferred for the
+/// node's mkdir below it; the directory the manager brought back for that mkdir was lost
+/// with the queue's oldest messages, and newer paths below it came (a sync reply, a
+/// broadcast). Once the mkdir was decided, the deferred delete took the whole directory
+/// away, those newer paths too. A live path below a deferred delete's path that is newer
+/// than the delete now drops it.
+#[test]
+fn a_deferred_delete_older_than_a_live_path_below_it_is_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let e = t.mkdir(ROOT, OsStr::new("e"), 0o755, 0, 0).unwrap().ino;
+    let made = t.take_unpublished();
+    t.apply_decided(&made[0].msg, &Outcome::Accepted, &dir_entry("e", 1, 0o755)).unwrap();
+    t.mkdir(e, OsStr::new("d"), 0o755, 0, 0).unwrap();
+    let below = t.take_unpublished();
+    // Deleted elsewhere at r6: kept for the mkdir below, the delete deferred.
+    t.apply_remote(&Entry { path: RelPath::new("e").unwrap(), rev: Revision(6), version: None, holders: vec![] }).unwrap();
+    // The manager brought `e` back for the mkdir (r8, lost), and another node put a file
+    // in it (r15).
+    let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
+    let file = Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
+    t.apply_remote(&Entry { path: RelPath::new("e/b").unwrap(), rev: Revision(15), version: Some(file), holders: vec![] }).unwrap();
+    t.apply_decided(&below[0].msg, &Outcome::Accepted, &dir_entry("e/d", 9, 0o755)).unwrap();
+    let e = t.lookup(ROOT, OsStr::new("e")).expect("the directory stays").ino;
+    assert!(t.lookup(e, OsStr::new("b")).is_ok() && t.lookup(e, OsStr::new("d")).is_ok(), "the paths below stay");
+}
+
 fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
     rows.iter()
         .map(|r| {
