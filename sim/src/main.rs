@@ -41,6 +41,10 @@ struct Args {
     /// simulation), as the seeds found before small pages ran.
     #[arg(long)]
     one_page_syncs: bool,
+    /// Node queues keep every message while their node is away (as the seeds found
+    /// before queues dropped their oldest messages ran).
+    #[arg(long)]
+    no_queue_drops: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -59,6 +63,9 @@ fn main() {
     let mut cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if args.one_page_syncs {
         cfg.sync_page_bytes = None;
+    }
+    if args.no_queue_drops {
+        cfg.queue_drops = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {
