@@ -36,6 +36,14 @@ fn dir_entry(path: &str, rev: u64, mode: u32) -> Entry {
     }
 }
 
+/// Writes `bytes` to file `f` at the root (created or truncated) and closes it; its inode.
+fn write_f(t: &Tree, bytes: &[u8]) -> u64 {
+    let (e, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen { write: true, exclusive: false, truncate: true }).unwrap();
+    t.write(fh, 0, bytes).unwrap();
+    t.release(fh).unwrap();
+    e.ino
+}
+
 /// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
 /// while a later change of the directory was still queued, and that queued change was
 /// then replaced by the final chmod before it was sent, the chmod must be based on the
@@ -62,12 +70,7 @@ fn a_change_queued_after_an_own_decided_one_is_based_on_its_revision() {
 fn a_change_queued_after_an_own_unchanged_one_is_based_on_its_revision() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let write = |bytes: &[u8]| {
-        let (e, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen { write: true, exclusive: false, truncate: true }).unwrap();
-        t.write(fh, 0, bytes).unwrap();
-        t.release(fh).unwrap();
-        e.ino
-    };
+    let write = |bytes: &[u8]| write_f(&t, bytes);
     write(b"one");
     let sent = t.take_unpublished();
     write(b"two"); // queued, not sent: follows the first
@@ -109,12 +112,7 @@ fn a_sent_change_keeps_following_the_one_before() {
 fn a_decision_that_comes_with_another_nodes_later_version_gives_no_base() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let write = |bytes: &[u8]| {
-        let (e, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen { write: true, exclusive: false, truncate: true }).unwrap();
-        t.write(fh, 0, bytes).unwrap();
-        t.release(fh).unwrap();
-        e.ino
-    };
+    let write = |bytes: &[u8]| write_f(&t, bytes);
     write(b"first");
     let first = t.take_unpublished();
     let f = write(b"second");
