@@ -484,6 +484,7 @@ impl State {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         let seq = self.outbox.seq_of(msg);
         let mut decided = false;
+        let mut kept_copy = None;
         if let Some(seq) = seq {
             // Near a large rename's old paths, their deletes are queued before the
             // decided change goes: they follow it, as if queued by the rename itself
@@ -500,6 +501,19 @@ impl State {
             }
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;
+            // The node's version kept as a conflict file, at a path of which the node has
+            // seen no state (the broadcast lost with its queue's oldest messages, seed
+            // 63226): the node puts it there itself, from its own store, so that it does
+            // not let go of what may be the only copy of the content. The manager's entry
+            // for that path, when it comes, finds it in place.
+            if let (Outcome::Conflict { copy }, ChangeOp::Put { version }) = (outcome, &row.change.op) {
+                if !self.revs.contains_key(copy) && self.resolve(copy).is_none() {
+                    let own = Entry { path: copy.clone(), rev: Revision(0), version: Some(version.clone()), holders: vec![] };
+                    tracing::debug!(target: "changes", path = %copy, "the node's version kept as a conflict file, put there from its own store");
+                    let applied = self.apply_entry(&own, store, true)?;
+                    kept_copy = Some((own, applied));
+                }
+            }
             let was_sent = self.outbox.sent.remove(msg);
             self.record(|| Undo::Sent(msg.clone(), was_sent));
             if matches!(outcome, Outcome::Conflict { .. }) {
@@ -531,6 +545,7 @@ impl State {
             decided = current.path == row.change.path;
         }
         let mut out = self.apply_entry(current, store, decided)?;
+        out.also.extend(kept_copy);
         if seq.is_some() {
             self.apply_deferred_above(&current.path, store, &mut out)?;
         }

@@ -204,6 +204,36 @@ fn a_deferred_delete_older_than_a_live_path_below_it_is_dropped() {
     assert!(t.lookup(e, OsStr::new("b")).is_ok() && t.lookup(e, OsStr::new("d")).is_ok(), "the paths below stay");
 }
 
+/// Found by the simulator (seed 63226, with node queues that drop their oldest messages
+/// while their node is away): the node's write was kept as a conflict file, and the
+/// node got the decision without the conflict file's state (lost with its queue's
+/// oldest messages). It let go of the content, which no other node had: every node
+/// tried to fetch it for good. The node now puts its version at the conflict file's
+/// path itself.
+#[test]
+fn a_conflict_decision_without_its_conflict_files_state_keeps_the_version_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"only here").unwrap();
+    t.release(fh).unwrap();
+    let sent = t.take_unpublished();
+    let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
+    let now = Entry {
+        path: RelPath::new("f").unwrap(),
+        rev: Revision(3),
+        version: Some(Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
+        holders: vec![],
+    };
+    let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
+    t.apply_decided(&sent[0].msg, &Outcome::Conflict { copy: copy.clone() }, &now).unwrap();
+    t.gc();
+    let at_copy = t.lookup(ROOT, OsStr::new(copy.as_str())).expect("the node's version at the conflict file's path").ino;
+    assert_eq!(read_all(&t, at_copy).unwrap(), b"only here");
+    let f = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+    assert_eq!(read_all(&t, f).unwrap(), b"theirs");
+}
+
 fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
     rows.iter()
         .map(|r| {
@@ -2646,5 +2676,10 @@ fn a_remote_file_over_a_directory_waits_for_the_change_below_then_is_applied() {
     let attr = t.lookup(ROOT, OsStr::new("b")).unwrap();
     assert_eq!(attr.kind, Kind::File, "the manager's file, once nothing below has a change");
     assert_eq!(t.revision_of(&RelPath::new("b").unwrap()), Revision(12));
-    assert_eq!(applied.also.iter().map(|(e, _)| e.path.to_string()).collect::<Vec<_>>(), ["b"], "told to the engine as applied");
+    // No state of the conflict file came before the decision (as when its broadcast is
+    // lost): the node keeps its own version there, and tells the engine of both.
+    assert_eq!(applied.also.iter().map(|(e, _)| e.path.to_string()).collect::<Vec<_>>(), ["b (conflict from n1 r13)/a", "b"], "told to the engine as applied");
+    let kept = t.lookup(ROOT, OsStr::new("b (conflict from n1 r13)")).unwrap().ino;
+    let kept = t.lookup(kept, OsStr::new("a")).unwrap().ino;
+    assert_eq!(read_all(&t, kept).unwrap(), b"written below");
 }
