@@ -40,6 +40,7 @@ const KEPT: &[(u64, &str)] = &[
     (13574, "a node's file over its own earlier directory, decided out of order, was kept as a conflict while a delete below was undecided: the manager's directory, deferred, was dropped by a sync reply that named it again and was skipped; the node kept its file"),
     (50926, "a delete deferred for a node's mkdir below it outlived the directory the manager brought back for that mkdir (lost with the node queue's oldest messages): applied once the mkdir was decided, it took the directory away with newer paths below it"),
     (63226, "the answer to a repeat of a change kept as a conflict file lost its first half (the conflict file's state) to the node queue's limit and kept the decision: the node let go of the only copy of its content, and every node tried to fetch it for good"),
+    (60097, "a file written in a directory, then the directory renamed in parts and another renamed in parts to its name, before the file's put was decided: the second move's directory at the file's path was put later with the revision from before, a conflict of the node with its own file"),
 ];
 
 #[test]

@@ -43,7 +43,11 @@
 //! - The moves are queued in the order they were made: a move's puts onto the old
 //!   paths of an earlier one (`mv a a.old && mv b a`) come after that one's deletes,
 //!   and an old path that a later move lists too (`mv a a.old && mkdir a && touch a/x
-//!   && mv a b`) is deleted by the later move, after what it held then.
+//!   && mv a b`) is deleted by the later move, after what it held then. An old path
+//!   that a later move's entry took before the node's own change there was decided
+//!   gets no delete (something is there): once that change is decided, the entry is
+//!   put over it at once, based on the decision, as a rename in one hold would have
+//!   followed the change (`State::move_put_waiting_at`).
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
 //!   not remove an entry below the moved directory whose put is not queued yet, nor a
 //!   directory holding one (`State::move_below`): it is a local change, like a queued
@@ -346,6 +350,14 @@ impl State {
     /// had it from the node since: a revision taken after the rename).
     fn move_has_put(&self, m: &PendingMove, ino: u64, path: &RelPath) -> bool {
         m.put.contains(&ino) || self.revs.get(path).is_some_and(|r| r.0 > m.since_rev)
+    }
+
+    /// The entry at `path` if it lies below a pending move that has not queued its put
+    /// yet (nor has a change of it queued otherwise): (its directory, its name, itself).
+    pub(super) fn move_put_waiting_at(&self, path: &RelPath) -> Option<(u64, OsString, u64)> {
+        let (parent, name, ino) = self.resolve(path)?;
+        let waits = self.moves.iter().any(|m| !m.puts_done && self.dir_within(parent, m.ino) && !self.move_has_put(m, ino, path));
+        (waits && self.inodes.get(&ino).is_some_and(|i| i.kind.synced() && i.work.is_none())).then_some((parent, name, ino))
     }
 
     /// Whether `path` is, or holds, an entry below a moved directory whose put the move

@@ -539,8 +539,23 @@ impl State {
                 (ChangeOp::Delete, _) => current.version.is_none(),
             };
             let changed_again = self.is_dirty(&current.path) || self.outbox.has(&current.path);
-            if kept && left_by_it && current.path == row.change.path && changed_again && self.env.past_bug() != Some(PastBug::DecidedBase) {
+            // What a later large rename brought to the path since this change was queued
+            // (`mv d d.old && mv e d`, both in parts) waits for its move's put, which a
+            // rename in one hold would have queued right then, after this change: it is
+            // queued now, based on this decision, as a change of it made now would be.
+            // Queued later with the revision from before, it would pass for an edit of a
+            // version the node never saw (seed 60097: a conflict of the node with itself).
+            let moved_here = if kept && left_by_it && !changed_again { self.move_put_waiting_at(&current.path) } else { None };
+            if kept
+                && left_by_it
+                && current.path == row.change.path
+                && (changed_again || moved_here.is_some())
+                && self.env.past_bug() != Some(PastBug::DecidedBase)
+            {
                 self.set_rev(&current.path, current.rev)?;
+                if let Some((parent, name, ino)) = moved_here {
+                    self.record_put(parent, &name, ino)?;
+                }
             }
             decided = current.path == row.change.path;
         }

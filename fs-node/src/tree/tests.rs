@@ -2577,6 +2577,38 @@ fn a_large_rename_onto_another_ones_old_paths_puts_after_their_deletes() {
     manager.take_the_moves(&t, "after both moves' changes");
 }
 
+/// Found by the simulator (seed 60097): a file written in `top`, then `mv top moved && mv
+/// x top`, both in parts, before the file's put was decided, and `x` held a directory of
+/// the file's name. The first move queues no delete of that path (something is there).
+/// Once the file's put is decided, the directory now at its path is put over it, based
+/// on that decision. Queued later by its move, the put went with the revision from
+/// before, and the manager kept it as a conflict of the node with its own file.
+#[test]
+fn a_large_rename_onto_the_path_of_an_undecided_put_puts_there_based_on_its_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, mut manager) = synced_tree_to_move(dir.path(), 2, 2);
+    let x = t.mkdir(ROOT, OsStr::new("x"), 0o755, 0, 0).unwrap().ino;
+    let fresh = t.mkdir(x, OsStr::new("fresh"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, fresh, "inner", b"inner");
+    manager.take(&t);
+    let top = t.lookup(ROOT, OsStr::new("top")).unwrap().ino;
+    closed_file(&t, top, "fresh", b"written before the renames");
+    let written = t.take_unpublished();
+    rename_top_in_parts(&t);
+    t.rename(ROOT, OsStr::new("x"), ROOT, OsStr::new("top"), false).unwrap();
+    let renames = t.take_unpublished();
+    manager.decide(&t, &written);
+    let decided = Revision(manager.rev);
+    manager.decide(&t, &renames);
+    t.expand_moves().unwrap();
+    let rest = t.take_unpublished();
+    let put = rest.iter().find(|r| r.change.path.as_str() == "top/fresh").expect("the put of the directory now at top/fresh");
+    assert!(matches!(&put.change.op, ChangeOp::Put { version } if version.content == Content::Dir), "{:?}", put.change.op);
+    assert_eq!(put.change.base, decided, "based on the decision of the file's put");
+    manager.decide(&t, &rest);
+    manager.assert_has_the_tree_of(&t, "after both moves' changes");
+}
+
 /// `mv top moved && mkdir top`, files made in the new `top`, and the new `top` renamed in
 /// parts too, all before the first move's deletes are queued: the old `top` is deleted
 /// once, after what both held (found by a review: the first move deleted it while the
