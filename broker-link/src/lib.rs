@@ -129,6 +129,11 @@ pub async fn declare_common(conn: &Connection) -> anyhow::Result<()> {
     ch.queue_bind(topology::DEAD_QUEUE.into(), topology::DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .context("binding the dead-letter queue")?;
+    // No dead-letter exchange of its own: what it drops must not come back to it.
+    declare_queue(conn, &mut ch, topology::DROPS_QUEUE, FieldTable::default()).await?;
+    ch.queue_bind(topology::DROPS_QUEUE.into(), topology::DEAD_EXCHANGE.into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .context("binding the queue of dropped messages")?;
     ch.exchange_declare(topology::MASTER_EXCHANGE.into(), ExchangeKind::Direct, durable, FieldTable::default())
         .await
         .context("declaring the master exchange")?;

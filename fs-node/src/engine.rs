@@ -229,6 +229,8 @@ pub struct Engine<R> {
     awaiting_since: Now,
     /// Changes are waiting to go (`publish_due`).
     gathering: bool,
+    /// The next sync sends again every undecided change first (`ToNode::SyncRequested`).
+    resend_undecided_next: bool,
 }
 
 impl<R> Engine<R> {
@@ -251,6 +253,7 @@ impl<R> Engine<R> {
             awaiting: None,
             awaiting_since: now,
             gathering: false,
+            resend_undecided_next: false,
         };
         e.heartbeat(pending_pulls, None);
         e.start_sync(Vec::new(), now);
@@ -307,7 +310,11 @@ impl<R> Engine<R> {
                 self.sync_reply_page(request, head, entries, page, more, now)?;
             }
             ToNode::SyncRequested {} => {
+                // Also when this node's queue dropped messages past its length limit
+                // (the manager hears of each): decisions of its changes may be among
+                // them, so the sync sends again what is undecided, as a new session does.
                 tracing::info!("the manager asked for a sync");
+                self.resend_undecided_next = true;
                 self.request_sync(None, now);
             }
             ToNode::Keep { items } => {
@@ -599,6 +606,11 @@ impl<R> Engine<R> {
     /// every change sent before it.
     fn start_sync(&mut self, responders: Vec<R>, now: Now) {
         self.last_sync_start = Some(now);
+        if std::mem::take(&mut self.resend_undecided_next) {
+            // Each alone, as in a new session (`publish_outbox_at`).
+            self.tree.republish_all();
+            self.batch_changes = false;
+        }
         let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
         let since = self.sync_since();
@@ -953,6 +965,51 @@ mod tests {
         let (_, pushed) = sent(&engine.on_message(catch_up, MIN_SYNC_INTERVAL).unwrap());
         assert_eq!(pushed, ["had.txt"], "what the catch-up reply does not name is pushed");
         assert_eq!(sent(&engine.on_retry_tick(MIN_SYNC_INTERVAL * 3)).0, None, "and no sync after that one");
+    }
+
+    /// The manager asks a node to sync when the node's queue dropped messages past its
+    /// length limit. The decisions of its changes may have been among them: the sync
+    /// sends again what is undecided first (each alone, as in a new session), and a sync
+    /// the node starts for itself does not.
+    #[test]
+    fn a_sync_the_manager_asks_for_sends_again_what_is_undecided() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, tree, me, _) = engine_with(dir.path(), b"x");
+        let info = NodeInfo { id: me, url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let to_node = |body| Envelope::new(tree.env().new_id(), NodeId::manager(), body);
+        let reply = |actions: &[Action<()>]| {
+            let request = actions.iter().find_map(|a| match a {
+                Action::Publish { env: Envelope { body: ToManager::Sync { request, .. }, .. }, .. } => Some(request.clone()),
+                _ => None,
+            });
+            to_node(ToNode::SyncReply { request: request.expect("a sync sent"), head: Revision(0), entries: vec![], page: 0, more: false })
+        };
+        engine.on_message(reply(&first), Duration::ZERO).unwrap();
+        let changes = |actions: &[Action<()>]| -> Vec<String> {
+            let mut out = Vec::new();
+            for a in actions {
+                if let Action::Publish { env, .. } = a {
+                    match &env.body {
+                        ToManager::Change(c) => out.push(c.path.to_string()),
+                        ToManager::Changes { items } => out.extend(items.iter().map(|i| format!("{} (batched)", i.change.path))),
+                        ToManager::Sync { .. } => out.push("sync".into()),
+                        _ => {}
+                    }
+                }
+            }
+            out
+        };
+        for name in ["a", "b"] {
+            tree.mkdir(crate::tree::ROOT, std::ffi::OsStr::new(name), 0o755, 0, 0).unwrap();
+        }
+        assert_eq!(changes(&engine.on_outbox_ready(Duration::ZERO)), ["a (batched)", "b (batched)"], "sent, and no decision comes");
+        let later = MIN_SYNC_INTERVAL * 2;
+        let own = engine.on_sync_requested(None, later);
+        assert_eq!(changes(&own), ["sync"], "a sync of its own sends nothing again");
+        engine.on_message(reply(&own), later).unwrap();
+        let asked = engine.on_message(to_node(ToNode::SyncRequested {}), later * 2).unwrap();
+        assert_eq!(changes(&asked), ["a", "b", "sync"], "the sync asked for sends them again first");
     }
 
     /// Keeps go before the decisions and broadcasts around them, never past a release.

@@ -90,6 +90,9 @@ pub struct Handle {
     pub dead_lettered: Arc<AtomicU64>,
     /// Of those, messages refused because of their sender (`check_sender`).
     pub refused_senders: Arc<AtomicU64>,
+    /// Messages node queues dropped past their length limit, told to this process
+    /// (`dropped_from_node_queue`).
+    pub queue_drops: Arc<AtomicU64>,
     /// When the broker loop took up work it has not finished since (ms since the
     /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
     /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
@@ -118,6 +121,7 @@ impl Handle {
             messages_in: Default::default(),
             dead_lettered: Default::default(),
             refused_senders: Default::default(),
+            queue_drops: Default::default(),
             busy_since_ms: Default::default(),
         })
     }
@@ -191,7 +195,11 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
         .basic_consume(topology::UPDATE_QUEUE.into(), "manager".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .context("consuming the update queue")?;
-    tracing::info!("connected to the broker; consuming {}", topology::UPDATE_QUEUE);
+    let mut drops = ch
+        .basic_consume(topology::DROPS_QUEUE.into(), "manager-drops".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .context("consuming the queue of dropped messages")?;
+    tracing::info!("connected to the broker; consuming {} and {}", topology::UPDATE_QUEUE, topology::DROPS_QUEUE);
     backoff.reset();
     flush_outbox_timed(handle, &ch).await?;
     let mut tick = tokio::time::interval(TICK);
@@ -234,6 +242,14 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 tracing::debug!(target: "timing", "batch of {} received", deliveries.len());
                 handle.timed(handle_batch(handle, &ch, cancel, deliveries, cfg.require_node_users), |_| true).await?;
                 sync_work = true;
+            }
+            next = drops.next() => {
+                let Some(first) = next else { anyhow::bail!("the broker cancelled the consumer of dropped messages") };
+                let mut deliveries = vec![first.context("receiving from the queue of dropped messages")?];
+                while let Some(Some(d)) = drops.next().now_or_never() {
+                    deliveries.push(d.context("receiving from the queue of dropped messages")?);
+                }
+                handle.timed(ask_to_sync_after_drops(handle, &ch, deliveries), |_| true).await?;
             }
         }
     }
@@ -316,6 +332,54 @@ async fn handle_batch(
         decide_with_retries(handle, ch, cancel, vec![(d, env)]).await?;
     }
     decide_with_retries(handle, ch, cancel, rest).await
+}
+
+/// The node whose queue dropped this message, if it is one of the manager's own messages
+/// that the broker dead-lettered from a node queue past the queue's length limit (its
+/// `x-death` header says `maxlen` and the queue). Node queues dead-letter into
+/// `sync.dead`, whose copies in `sync.drops` come here.
+pub fn dropped_from_node_queue(d: &Delivery) -> Option<wire::NodeId> {
+    let field = |t: &FieldTable, key: &str| t.inner().iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v.clone());
+    let headers = d.properties.headers().as_ref()?;
+    // What the manager itself gave up (it may carry a sender's forged `x-death`).
+    if field(headers, REASON_HEADER).is_some() {
+        return None;
+    }
+    let AMQPValue::FieldArray(deaths) = field(headers, "x-death")? else { return None };
+    // The first is the latest death.
+    let AMQPValue::FieldTable(death) = deaths.as_slice().first()?.clone() else { return None };
+    let text = |key: &str| match field(&death, key) {
+        Some(AMQPValue::LongString(v)) => Some(v.to_string()),
+        _ => None,
+    };
+    if text("reason")? != "maxlen" {
+        return None;
+    }
+    let node = text("queue")?.strip_prefix("sync.node.")?.parse().ok()?;
+    // A node can publish any headers; what its queue holds comes from the manager. (A
+    // forged notice costs the node it names one sync, nothing more.)
+    Envelope::<wire::ToNode>::decode(&d.data).ok().filter(|e| e.from == wire::NodeId::manager())?;
+    Some(node)
+}
+
+/// Answers what came on `sync.drops`: each node whose queue dropped a message there
+/// (`dropped_from_node_queue`) is asked to sync, behind everything its queue holds now.
+/// It then sends again what it has not seen decided and takes the manager's whole tree,
+/// which brings back whatever the dropped messages said. Everything is acked once the
+/// requests are published (the other dead letters stay in `sync.dead`). A request
+/// dropped in turn comes back here as a notice of its own.
+async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+    let nodes: std::collections::BTreeSet<wire::NodeId> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
+    if !nodes.is_empty() {
+        tracing::warn!(?nodes, "node queues dropped their oldest messages past their length limit; asking those nodes to sync");
+        handle.queue_drops.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
+        handle.with_store(move |s| s.transaction(|tx| nodes.iter().try_for_each(|n| tx.request_sync(n)))).await?;
+        flush_outbox(handle, ch).await?;
+    }
+    for d in deliveries {
+        broker_link::bounded("acking a dropped message's notice", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+    }
+    Ok(())
 }
 
 /// Decides messages in one transaction, acks those decided, and tries the failed ones

@@ -135,6 +135,78 @@ fn a_node_whose_queue_dropped_messages_while_it_was_away_converges() {
     }
 }
 
+/// (ready, unacknowledged) messages in a queue of the vhost.
+fn ready_and_unacked(c: &Cluster, queue: &str) -> (u64, u64) {
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_queues", "-p", &c.vhost.name, "name", "messages_ready", "messages_unacknowledged"])
+        .output()
+        .expect("rabbitmqctl");
+    let counts = String::from_utf8_lossy(&out.stdout).lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() == 3 && f[0] == queue).then(|| Some((f[1].parse().ok()?, f[2].parse().ok()?)))?
+    });
+    counts.unwrap_or((0, 0))
+}
+
+/// A node's queue drops its oldest messages while the node is still connected (frozen,
+/// or too slow to keep up: a real queue's limit is a gigabyte). The broker dead-letters
+/// each into `sync.dead`, and a copy reaches the manager on `sync.drops`: it asks the
+/// node to sync; the node sends again what it has not seen decided, and takes
+/// what it missed.
+#[test]
+fn a_connected_node_whose_queue_dropped_messages_is_asked_to_sync_and_converges() {
+    let c = Cluster::start("queue-drops-connected", 2);
+    let (a, slow) = (&c.nodes[0], &c.nodes[1]);
+    write(&a.p("old.txt"), b"v1");
+    write(&a.p("gone.txt"), b"to be deleted");
+    c.converged();
+    let queue = format!("sync.node.{}", slow.id);
+    c.vhost.set_policy("test-tiny-node-queue", &format!("^{}$", queue.replace('.', "\\.")), r#"{"max-length":3,"overflow":"drop-head"}"#, 10);
+
+    let pid = slow.pid().expect("running") as i32;
+    // Frozen, its connection stays open: the broker hands it up to its prefetch (64)
+    // and keeps the rest ready, where the limit applies. (Nothing may look at its
+    // mount until it thaws.)
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let thaw = Thaw(pid);
+    let decided = || eventually("the manager to decide a's change", DEADLINE, || a.pending() == 0);
+    const FILES: usize = 80;
+    for i in 0..FILES {
+        write(&a.p(&format!("new{i}.txt")), format!("new {i}").as_bytes());
+        decided();
+    }
+    write(&a.p("old.txt"), b"edited");
+    decided();
+    std::fs::remove_file(a.p("gone.txt")).unwrap();
+    decided();
+    eventually(
+        "the frozen node's queue to hold at most three ready messages beyond what it was handed (else the policy did not apply, and this test shows nothing)",
+        DEADLINE,
+        || {
+            let (ready, unacked) = ready_and_unacked(&c, &queue);
+            (1..=3).contains(&ready) && unacked > 0 && ready + unacked < FILES as u64
+        },
+    );
+    drop(thaw);
+    c.converged();
+    for n in &c.nodes {
+        assert_eq!(text(n, "old.txt"), "edited", "on {}", n.id);
+        for i in [0, FILES / 2, FILES - 1] {
+            assert_eq!(text(n, &format!("new{i}.txt")), format!("new {i}"), "on {}", n.id);
+        }
+        assert!(!n.p("gone.txt").exists(), "the delete on {}", n.id);
+    }
+}
+
+/// Sends SIGCONT to a process when dropped (also when the test fails).
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
 #[test]
 fn a_node_restarted_while_offline_keeps_its_changes() {
     let mut c = Cluster::start("restart-offline", 2);

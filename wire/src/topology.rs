@@ -5,7 +5,11 @@
 //! - `sync.master`: durable direct exchange (the *master* channel). Each node has its own
 //!   durable queue `sync.node.<id>` bound with the keys `all` (broadcasts) and
 //!   `node.<id>` (messages for that node only).
-//! - `sync.dead`: fanout exchange and queue where undecodable messages are dead-lettered.
+//! - `sync.dead`: fanout exchange and queue where undecodable messages are dead-lettered,
+//!   and where a node queue's oldest messages go past its length limit.
+//! - `sync.drops`: a second queue on `sync.dead`, which only the manager consumes: of what
+//!   comes there it looks at the messages a node queue dropped, and asks that node to
+//!   sync (the rest is for operators, in `sync.dead`).
 //! - `sync.updates`: durable fanout exchange bound to `sync.update`; nodes publish their
 //!   messages there. A node's own broker user (`sync-node-<id>`) may write only to this
 //!   exchange and read only its own queue, so it can neither publish on `sync.master`,
@@ -18,6 +22,7 @@ pub const UPDATE_QUEUE: &str = "sync.update";
 pub const MASTER_EXCHANGE: &str = "sync.master";
 pub const DEAD_EXCHANGE: &str = "sync.dead";
 pub const DEAD_QUEUE: &str = "sync.dead";
+pub const DROPS_QUEUE: &str = "sync.drops";
 pub const BROADCAST_KEY: &str = "all";
 pub const UPDATE_EXCHANGE: &str = "sync.updates";
 /// Prefix of a node's own broker user: `sync-node-<id>`.

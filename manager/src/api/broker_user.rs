@@ -77,15 +77,21 @@ pub fn add_node_user(vhost: &str, node: &wire::NodeId) -> anyhow::Result<Secret>
     Ok(password)
 }
 
-/// Most a node's queue holds (bytes) while the node is away; past it the oldest
-/// messages go. That loses nothing: a node runs a full sync whenever it reconnects, and a
-/// decision of its own change is sent again when it republishes the change.
+/// Most a node's queue holds (bytes) while the node is away (or falls behind); past it
+/// the oldest messages go. That loses nothing: a node runs a full sync whenever it
+/// reconnects, and a decision of its own change is sent again when it republishes the
+/// change; a node still connected is asked to do both, as each dropped message comes
+/// back to the manager (dead-lettered into `sync.dead`, whence `sync.drops`;
+/// `service::dropped_from_node_queue`).
 pub const NODE_QUEUE_MAX_BYTES: u64 = 1 << 30;
 /// Most messages waiting in `sync.update`; past it the broker refuses publishes (the
 /// nodes keep their changes and retry), so a flood cannot fill the broker's disk.
 pub const UPDATE_QUEUE_MAX_LENGTH: u64 = 1_000_000;
 /// Most `sync.dead` keeps (bytes); the oldest dead letters go first.
 pub const DEAD_QUEUE_MAX_BYTES: u64 = 256 << 20;
+/// Most `sync.drops` keeps (bytes) while the manager is away; the oldest go first (the
+/// newest notice of a node is the one that matters).
+pub const DROPS_QUEUE_MAX_BYTES: u64 = 64 << 20;
 
 /// Length limits on the vhost's queues, as broker policies (they apply to existing
 /// queues without redeclaring them). Idempotent.
@@ -93,7 +99,13 @@ pub fn set_queue_limits(vhost: &str) -> anyhow::Result<()> {
     let node = format!(r#"{{"max-length-bytes":{NODE_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
     let update = format!(r#"{{"max-length":{UPDATE_QUEUE_MAX_LENGTH},"overflow":"reject-publish"}}"#);
     let dead = format!(r#"{{"max-length-bytes":{DEAD_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
-    let policies = [("sync-node-queues", r"^sync\.node\.", node), ("sync-update-queue", r"^sync\.update$", update), ("sync-dead-queue", r"^sync\.dead$", dead)];
+    let drops = format!(r#"{{"max-length-bytes":{DROPS_QUEUE_MAX_BYTES},"overflow":"drop-head"}}"#);
+    let policies = [
+        ("sync-node-queues", r"^sync\.node\.", node),
+        ("sync-update-queue", r"^sync\.update$", update),
+        ("sync-dead-queue", r"^sync\.dead$", dead),
+        ("sync-drops-queue", r"^sync\.drops$", drops),
+    ];
     for (name, pattern, definition) in policies {
         rabbitmqctl(&["set_policy", "-p", vhost, "--apply-to", "queues", name, pattern, &definition], None)
             .with_context(|| format!("setting the queue limit policy {name} on {vhost}"))?;

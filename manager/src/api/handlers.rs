@@ -38,6 +38,7 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
                 "stalled_seconds": stalled.map(|d| d.as_secs()),
                 "dead_lettered": state.handle.dead_lettered.load(Ordering::Relaxed),
                 "refused_senders": state.handle.refused_senders.load(Ordering::Relaxed),
+                "queue_drops": state.handle.queue_drops.load(Ordering::Relaxed),
             });
             Ok(json_response(if stalled.is_some() { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK }, &body))
         }
