@@ -54,7 +54,7 @@ impl State {
         // leaves it.
         let replaces_deferred = self.deferred.get(path).is_some_and(|d| d.rev <= entry.rev);
         if entry.version.is_some() {
-            self.drop_deferred_deletes_above(entry);
+            self.drop_stale_deferred_above(entry);
         }
         let is_dir = entry.version.as_ref().map(|v| matches!(v.content, Content::Dir));
         // A path here of another kind than the entry's counts too; the tree is walked for
@@ -170,17 +170,20 @@ impl State {
     }
 
     /// The manager holds `entry`, a live path, so every ancestor of it was a directory
-    /// there at its revision: a delete of one deferred here from before is stale (found
-    /// by the simulator, seed 50926: the node's queue lost the directory the manager
-    /// brought back for a put below it, and the deferred delete, applied once that put
-    /// was decided, took the whole directory away, newer entries below it too).
-    fn drop_deferred_deletes_above(&mut self, entry: &Entry) {
+    /// there at its revision: a delete of one, or a file or a symlink put there, deferred
+    /// here from before is stale (found by the simulator, seed 50926: the node's queue
+    /// lost the directory the manager brought back for a put below it, and the deferred
+    /// delete, applied once that put was decided, took the whole directory away, newer
+    /// entries below it too; seed 88393: the same with another node's symlink from
+    /// before the delete).
+    fn drop_stale_deferred_above(&mut self, entry: &Entry) {
         if self.deferred.is_empty() {
             return;
         }
+        let not_a_dir = |d: &Entry| !matches!(d.version, Some(Version { content: Content::Dir, .. }));
         for anc in entry.path.ancestors() {
-            if self.deferred.get(&anc).is_some_and(|d| d.version.is_none() && d.rev < entry.rev) {
-                tracing::debug!(target: "changes", path = %anc, below = %entry.path, rev = entry.rev.0, "a deferred delete is older than a live path below it: dropped");
+            if self.deferred.get(&anc).is_some_and(|d| not_a_dir(d) && d.rev < entry.rev) {
+                tracing::debug!(target: "changes", path = %anc, below = %entry.path, rev = entry.rev.0, "a deferred state that is no directory is older than a live path below it: dropped");
                 self.deferred.remove(&anc);
             }
         }

@@ -182,26 +182,31 @@ fn a_state_deferred_at_the_revision_the_node_had_is_applied() {
 /// with the queue's oldest messages, and newer paths below it came (a sync reply, a
 /// broadcast). Once the mkdir was decided, the deferred delete took the whole directory
 /// away, those newer paths too. A live path below a deferred delete's path that is newer
-/// than the delete now drops it.
+/// than the delete now drops it. The same for another node's symlink or file put there
+/// before (seed 88393).
 #[test]
-fn a_deferred_delete_older_than_a_live_path_below_it_is_dropped() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let e = t.mkdir(ROOT, OsStr::new("e"), 0o755, 0, 0).unwrap().ino;
-    let made = t.take_unpublished();
-    t.apply_decided(&made[0].msg, &Outcome::Accepted, &dir_entry("e", 1, 0o755)).unwrap();
-    t.mkdir(e, OsStr::new("d"), 0o755, 0, 0).unwrap();
-    let below = t.take_unpublished();
-    // Deleted elsewhere at r6: kept for the mkdir below, the delete deferred.
-    t.apply_remote(&Entry { path: RelPath::new("e").unwrap(), rev: Revision(6), version: None, holders: vec![] }).unwrap();
-    // The manager brought `e` back for the mkdir (r8, lost), and another node put a file
-    // in it (r15).
-    let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
-    let file = Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
-    t.apply_remote(&Entry { path: RelPath::new("e/b").unwrap(), rev: Revision(15), version: Some(file), holders: vec![] }).unwrap();
-    t.apply_decided(&below[0].msg, &Outcome::Accepted, &dir_entry("e/d", 9, 0o755)).unwrap();
-    let e = t.lookup(ROOT, OsStr::new("e")).expect("the directory stays").ino;
-    assert!(t.lookup(e, OsStr::new("b")).is_ok() && t.lookup(e, OsStr::new("d")).is_ok(), "the paths below stay");
+fn a_deferred_state_that_is_no_directory_older_than_a_live_path_below_it_is_dropped() {
+    let symlink = Version { content: Content::Symlink { target: "a".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 1 };
+    for (what, there) in [("a delete", None), ("a symlink", Some(symlink))] {
+        let dir = tempfile::tempdir().unwrap();
+        let t = tree(dir.path());
+        let e = t.mkdir(ROOT, OsStr::new("e"), 0o755, 0, 0).unwrap().ino;
+        let made = t.take_unpublished();
+        t.apply_decided(&made[0].msg, &Outcome::Accepted, &dir_entry("e", 1, 0o755)).unwrap();
+        t.mkdir(e, OsStr::new("d"), 0o755, 0, 0).unwrap();
+        let below = t.take_unpublished();
+        // Changed elsewhere at r6: kept for the mkdir below, the manager's state deferred.
+        t.apply_remote(&Entry { path: RelPath::new("e").unwrap(), rev: Revision(6), version: there, holders: vec![] }).unwrap();
+        // The manager brought `e` back for the mkdir (r8, lost), and another node put a
+        // file in it (r15).
+        let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
+        let file = Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
+        t.apply_remote(&Entry { path: RelPath::new("e/b").unwrap(), rev: Revision(15), version: Some(file), holders: vec![] }).unwrap();
+        t.apply_decided(&below[0].msg, &Outcome::Accepted, &dir_entry("e/d", 9, 0o755)).unwrap();
+        let e = t.lookup(ROOT, OsStr::new("e")).unwrap_or_else(|_| panic!("{what}: the directory stays")).ino;
+        assert_eq!(t.lookup(ROOT, OsStr::new("e")).unwrap().kind, Kind::Dir, "{what}");
+        assert!(t.lookup(e, OsStr::new("b")).is_ok() && t.lookup(e, OsStr::new("d")).is_ok(), "{what}: the paths below stay");
+    }
 }
 
 /// Found by the simulator (seed 63226, with node queues that drop their oldest messages
