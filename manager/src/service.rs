@@ -373,7 +373,7 @@ async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliverie
     if !nodes.is_empty() {
         tracing::warn!(?nodes, "node queues dropped their oldest messages past their length limit; asking those nodes to sync");
         handle.queue_drops.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
-        handle.with_store(move |s| s.transaction(|tx| nodes.iter().try_for_each(|n| tx.request_sync(n)))).await?;
+        handle.with_store(move |s| s.ask_to_sync(&nodes)).await?;
         flush_outbox(handle, ch).await?;
     }
     for d in deliveries {

@@ -304,6 +304,12 @@ impl Store {
         entry(&self.conn, path)
     }
 
+    /// Asks each of `nodes` to sync, in one transaction (their queues dropped messages:
+    /// `service::ask_to_sync_after_drops`).
+    pub fn ask_to_sync(&mut self, nodes: &std::collections::BTreeSet<NodeId>) -> anyhow::Result<()> {
+        self.transaction(|tx| nodes.iter().try_for_each(|n| tx.request_sync(n)))
+    }
+
     /// Sends the next page of a sync reply, in a transaction of its own, after starting
     /// the replies of the requests that are due. Returns whether it sent one (there may
     /// be more to send); `false` when nothing is due now.

@@ -4,7 +4,9 @@
 //! marked redelivered. `sync.master` routes `all` to every node queue and `node.<id>` to
 //! one. Queues are durable: they keep their messages while their consumer is away, up to
 //! a length limit past which the oldest go (a node queue's `drop-head` policy,
-//! `manager::api::broker_user::NODE_QUEUE_MAX_BYTES`; see [`Queue::away_limit`]).
+//! `manager::api::broker_user::NODE_QUEUE_MAX_BYTES`; see [`Queue::limit`]), each
+//! dead-lettered into `sync.dead`, whose copy on `sync.drops` tells the manager
+//! ([`Broker::drops`]).
 
 use std::collections::{BTreeMap, VecDeque};
 use wire::{topology, NodeId};
@@ -19,11 +21,11 @@ pub struct Message {
 pub struct Queue {
     ready: VecDeque<Message>,
     unacked: Vec<Message>,
-    /// Most ready messages kept while the consumer is away; past it a publish drops the
-    /// oldest (RabbitMQ's `drop-head`, which counts ready messages only). The real limit
-    /// is a gigabyte, reached only by a queue whose node is away for long, so the
-    /// simulation sets a small one only while the node is away (`None`: no limit).
-    pub away_limit: Option<usize>,
+    /// Most ready messages kept; past it a publish drops the oldest (RabbitMQ's
+    /// `drop-head`, which counts ready messages only). The real limit is a gigabyte,
+    /// reached by a queue whose node is away for long or falls far behind, so the
+    /// simulation sets a small one only for a while then (`None`: no limit).
+    pub limit: Option<usize>,
     /// Bodies dropped by the limit, for the trace (taken by [`Queue::take_dropped`]).
     dropped: Vec<Vec<u8>>,
 }
@@ -31,7 +33,7 @@ pub struct Queue {
 impl Queue {
     pub fn publish(&mut self, body: Vec<u8>) {
         self.ready.push_back(Message { body, redelivered: false });
-        if let Some(limit) = self.away_limit {
+        if let Some(limit) = self.limit {
             while self.ready.len() > limit {
                 let oldest = self.ready.pop_front().expect("longer than the limit");
                 self.dropped.push(oldest.body);
@@ -73,6 +75,9 @@ impl Queue {
 pub struct Broker {
     pub update: Queue,
     pub nodes: BTreeMap<NodeId, Queue>,
+    /// `sync.drops`: for each message a node queue dropped, the node (the manager reads
+    /// the queue from the dead letter's `x-death` header).
+    pub drops: Vec<NodeId>,
 }
 
 impl Broker {

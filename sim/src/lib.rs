@@ -56,9 +56,14 @@ pub struct Config {
     pub sync_page_bytes: Option<usize>,
     /// Now and then a node queue drops its oldest messages while its node is away (cut
     /// off or crashed), as the length limit of a real node queue does
-    /// (`broker::Queue::away_limit`). From a random stream of its own; off, the seeds kept
+    /// (`broker::Queue::limit`). From a random stream of its own; off, the seeds kept
     /// from before replay as they did.
     pub queue_drops: bool,
+    /// The manager hears of each message a node queue drops (`sync.drops`) and asks the
+    /// node to sync; and now and then a connected node falls behind, its queue dropping
+    /// its oldest messages for a while. From a random stream of its own; off, the seeds
+    /// found with `queue_drops` alone replay as they did.
+    pub connected_drops: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -79,6 +84,7 @@ impl Default for Config {
             remade_dirs: true,
             sync_page_bytes: Some(SMALL_SYNC_PAGE_BYTES),
             queue_drops: true,
+            connected_drops: true,
         }
     }
 }
@@ -132,6 +138,8 @@ pub struct World {
     remake_rng: ChaCha8Rng,
     /// The random stream of the queue length limits (`Config::queue_drops`).
     drop_rng: ChaCha8Rng,
+    /// The random stream of connected nodes falling behind (`Config::connected_drops`).
+    lag_rng: ChaCha8Rng,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -225,6 +233,7 @@ impl World {
             move_rng,
             remake_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_4d41_4b45),
             drop_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4452_4f50_5321),
+            lag_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4c41_4747_494e),
             cfg,
             broker,
             manager,
@@ -269,7 +278,7 @@ impl World {
             Ok(())
         })?;
         if self.nodes[i].is_connected() {
-            self.queue_of(i).away_limit = None;
+            self.queue_of(i).limit = None;
         }
         Ok(())
     }
@@ -285,7 +294,28 @@ impl World {
         if self.cfg.queue_drops && self.drop_rng.random_bool(0.5) {
             let limit = self.drop_rng.random_range(1..=6);
             self.log(format!("n{}'s queue keeps at most {limit} messages while n{} is away", i + 1, i + 1));
-            self.queue_of(i).away_limit = Some(limit);
+            self.queue_of(i).limit = Some(limit);
+        }
+    }
+
+    /// Now and then a connected node falls behind: its queue gets a small length limit
+    /// for a while (until it catches up, is cut off, or everything heals).
+    fn maybe_fall_behind(&mut self) {
+        if !self.cfg.queue_drops || !self.cfg.connected_drops || !self.cfg.faults {
+            return;
+        }
+        let i = self.lag_rng.random_range(0..self.nodes.len());
+        if !self.nodes[i].is_connected() {
+            return;
+        }
+        let limited = self.queue_of(i).limit.is_some();
+        if !limited && self.lag_rng.random_range(0..150) == 0 {
+            let limit = self.lag_rng.random_range(1..=4);
+            self.log(format!("n{} falls behind: its queue keeps at most {limit} messages ready", i + 1));
+            self.queue_of(i).limit = Some(limit);
+        } else if limited && self.lag_rng.random_range(0..20) == 0 {
+            self.log(format!("n{} catches up: its queue has no limit", i + 1));
+            self.queue_of(i).limit = None;
         }
     }
 
@@ -294,6 +324,10 @@ impl World {
         for i in 0..self.nodes.len() {
             for body in self.queue_of(i).take_dropped() {
                 self.stats.dropped += 1;
+                if self.cfg.connected_drops {
+                    let id = self.nodes[i].id.clone();
+                    self.broker.drops.push(id);
+                }
                 let what = match Envelope::<ToNode>::decode(&body) {
                     Ok(env) => describe::to_node(&env.body, false),
                     Err(e) => format!("an undecodable message ({e})"),
@@ -308,6 +342,7 @@ impl World {
         for _ in 0..self.cfg.steps {
             self.step += 1;
             self.random_step()?;
+            self.maybe_fall_behind();
             self.log_dropped();
         }
         self.heal_all()?;
@@ -465,6 +500,7 @@ impl World {
             self.nodes[i].peer_cut = false;
             self.nodes[i].stalls = false;
             self.nodes[i].partitioned = false;
+            self.queue_of(i).limit = None;
             if !self.nodes[i].is_up() {
                 self.nodes[i].restart()?;
             }

@@ -45,6 +45,10 @@ struct Args {
     /// before queues dropped their oldest messages ran).
     #[arg(long)]
     no_queue_drops: bool,
+    /// Connected nodes never fall behind far enough for their queues to drop messages
+    /// (as the seeds found before that ran)
+    #[arg(long)]
+    no_connected_drops: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -63,6 +67,9 @@ fn main() {
     let mut cfg = sim::Config { nodes: args.nodes, steps: args.steps, bug: args.bug, ..Default::default() };
     if args.one_page_syncs {
         cfg.sync_page_bytes = None;
+    }
+    if args.no_connected_drops {
+        cfg.connected_drops = false;
     }
     if args.no_queue_drops {
         cfg.queue_drops = false;

@@ -7,7 +7,7 @@
 use crate::broker::Broker;
 use manager::store::Store;
 use std::path::PathBuf;
-use wire::{Envelope, ToManager};
+use wire::{Envelope, NodeId, ToManager};
 
 /// Where a crash of the manager may come while it handles a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,8 +67,19 @@ impl SimManager {
     /// that point of the batch. Returns what it took, a line each (heartbeats left out).
     pub fn handle_batch(&mut self, broker: &mut Broker, batch: usize, now_ms: i64, crash: Option<CrashPoint>) -> anyhow::Result<Vec<String>> {
         let Some(store) = self.store.as_mut() else { return Ok(Vec::new()) };
-        let mut envs = Vec::new();
         let mut taken = Vec::new();
+        // The copies on `sync.drops` of what node queues dropped (the real manager
+        // consumes that queue beside the update queue: `service::ask_to_sync_after_drops`).
+        if !broker.drops.is_empty() {
+            let nodes: std::collections::BTreeSet<NodeId> = broker.drops.iter().cloned().collect();
+            store.ask_to_sync(&nodes)?;
+            let names: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+            taken.push(format!("manager asks {} to sync: their queues dropped messages", names.join(", ")));
+            self.flush_outbox(broker)?;
+            broker.drops.clear();
+        }
+        let Some(store) = self.store.as_mut() else { return Ok(taken) };
+        let mut envs = Vec::new();
         while envs.len() < batch {
             let Some(m) = broker.update.deliver() else { break };
             match Envelope::<ToManager>::decode(&m.body) {
