@@ -87,7 +87,7 @@ fn node_users_may_do_only_what_a_node_does() {
     }
     // Admitting nodes set length limits on the vhost's queues.
     let policies = String::from_utf8_lossy(&Command::new("rabbitmqctl").args(["-q", "list_policies", "-p", &vhost.name]).output().unwrap().stdout).to_string();
-    for p in ["sync-node-queues", "sync-update-queue", "sync-dead-queue"] {
+    for p in ["sync-node-queues", "sync-update-queue", "sync-dead-queue", "sync-drops-queue"] {
         assert!(policies.contains(p), "no policy {p}: {policies}");
     }
     // The cluster works with its least-privilege users.
