@@ -336,9 +336,9 @@ async fn handle_batch(
 
 /// The node whose queue dropped this message, if it is one of the manager's own messages
 /// that the broker dead-lettered from a node queue past the queue's length limit (its
-/// `x-death` header says `maxlen` and the queue). Node queues dead-letter into
-/// `sync.dead`, whose copies in `sync.drops` come here.
-pub fn dropped_from_node_queue(d: &Delivery) -> Option<wire::NodeId> {
+/// `x-death` header says `maxlen` and the queue), and whether it was a request to sync.
+/// Node queues dead-letter into `sync.dead`, whose copies in `sync.drops` come here.
+pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, bool)> {
     let field = |t: &FieldTable, key: &str| t.inner().iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v.clone());
     let headers = d.properties.headers().as_ref()?;
     // What the manager itself gave up (it may carry a sender's forged `x-death`).
@@ -358,23 +358,26 @@ pub fn dropped_from_node_queue(d: &Delivery) -> Option<wire::NodeId> {
     let node = text("queue")?.strip_prefix("sync.node.")?.parse().ok()?;
     // A node can publish any headers; what its queue holds comes from the manager. (A
     // forged notice costs the node it names one sync, nothing more.)
-    Envelope::<wire::ToNode>::decode(&d.data).ok().filter(|e| e.from == wire::NodeId::manager())?;
-    Some(node)
+    let env = Envelope::<wire::ToNode>::decode(&d.data).ok().filter(|e| e.from == wire::NodeId::manager())?;
+    Some((node, matches!(env.body, wire::ToNode::SyncRequested {})))
 }
 
 /// Answers what came on `sync.drops`: each node whose queue dropped a message there
-/// (`dropped_from_node_queue`) is asked to sync, behind everything its queue holds now.
-/// It then sends again what it has not seen decided and takes the manager's whole tree,
-/// which brings back whatever the dropped messages said. Everything is acked once the
-/// requests are published (the other dead letters stay in `sync.dead`). A request
-/// dropped in turn comes back here as a notice of its own.
+/// (`dropped_from_node_queue`) is asked to sync, behind everything its queue holds now,
+/// unless it was asked already and that request is still there
+/// (`Store::ask_to_sync_after_drops`). The node then sends again what it has not seen
+/// decided and takes the manager's whole tree, which brings back whatever the dropped
+/// messages said. Everything is acked once the requests are published (the other dead
+/// letters stay in `sync.dead`).
 async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
-    let nodes: std::collections::BTreeSet<wire::NodeId> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
-    if !nodes.is_empty() {
-        tracing::warn!(?nodes, "node queues dropped their oldest messages past their length limit; asking those nodes to sync");
-        handle.queue_drops.fetch_add(deliveries.len() as u64, Ordering::Relaxed);
-        handle.with_store(move |s| s.ask_to_sync(&nodes)).await?;
-        flush_outbox(handle, ch).await?;
+    let drops: Vec<(wire::NodeId, bool)> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
+    if !drops.is_empty() {
+        handle.queue_drops.fetch_add(drops.len() as u64, Ordering::Relaxed);
+        let asked = handle.with_store(move |s| s.ask_to_sync_after_drops(&drops)).await?;
+        if !asked.is_empty() {
+            tracing::warn!(?asked, "node queues dropped their oldest messages past their length limit; asking those nodes to sync");
+            flush_outbox(handle, ch).await?;
+        }
     }
     for d in deliveries {
         broker_link::bounded("acking a dropped message's notice", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;

@@ -72,6 +72,12 @@ ALTER TABLE sync_requests ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sync_replies ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Schema version 6: the nodes asked to sync because their queues dropped messages, and
+/// not heard syncing since (`Tx::ask_to_sync_after_drop`).
+const SCHEMA_V6: &str = "
+CREATE TABLE IF NOT EXISTS sync_asks (node TEXT PRIMARY KEY);
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -167,6 +173,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V3),
             rusqlite_migration::M::up(SCHEMA_V4),
             rusqlite_migration::M::up(SCHEMA_V5),
+            rusqlite_migration::M::up(SCHEMA_V6),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -304,10 +311,19 @@ impl Store {
         entry(&self.conn, path)
     }
 
-    /// Asks each of `nodes` to sync, in one transaction (their queues dropped messages:
-    /// `service::ask_to_sync_after_drops`).
-    pub fn ask_to_sync(&mut self, nodes: &std::collections::BTreeSet<NodeId>) -> anyhow::Result<()> {
-        self.transaction(|tx| nodes.iter().try_for_each(|n| tx.request_sync(n)))
+    /// Answers messages node queues dropped, in one transaction: `drops` names, for each,
+    /// the node and whether the message was itself a request to sync
+    /// (`Tx::ask_to_sync_after_drop`). Returns the nodes asked.
+    pub fn ask_to_sync_after_drops(&mut self, drops: &[(NodeId, bool)]) -> anyhow::Result<Vec<NodeId>> {
+        self.transaction(|tx| {
+            let mut asked = Vec::new();
+            for (node, was_an_ask) in drops {
+                if tx.ask_to_sync_after_drop(node, *was_an_ask)? {
+                    asked.push(node.clone());
+                }
+            }
+            Ok(asked)
+        })
     }
 
     /// Sends the next page of a sync reply, in a transaction of its own, after starting
@@ -599,6 +615,22 @@ impl Tx<'_> {
         self.enqueue(&topology::node_key(node), ToNode::SyncRequested {})
     }
 
+    /// Node `node`'s queue dropped a message (`was_an_ask`: a request to sync): asks the
+    /// node to sync, unless a request is still in its queue, behind the drop (asked
+    /// since the node last sent a `sync`, and not dropped itself). Returns whether it
+    /// asked. Without that, each request published to a full queue would push out the
+    /// oldest message, whose notice would ask again: for as long as the node is away.
+    pub(crate) fn ask_to_sync_after_drop(&mut self, node: &NodeId, was_an_ask: bool) -> anyhow::Result<bool> {
+        if was_an_ask {
+            self.tx.prepare_cached("DELETE FROM sync_asks WHERE node = ?1")?.execute([node.as_str()])?;
+        }
+        if self.tx.prepare_cached("INSERT OR IGNORE INTO sync_asks(node) VALUES(?1)")?.execute([node.as_str()])? == 0 {
+            return Ok(false);
+        }
+        self.request_sync(node)?;
+        Ok(true)
+    }
+
     /// Handles one message from a node.
     pub fn handle(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<()> {
         let from = env.from.clone();
@@ -621,6 +653,9 @@ impl Tx<'_> {
             }
             ToManager::Sync { request, url, since, paged, snapshot } => {
                 self.seen(&from, Some(&url), now_ms)?;
+                // A request to sync after a drop is answered (or overtaken): the next
+                // drop asks again.
+                self.tx.prepare_cached("DELETE FROM sync_asks WHERE node = ?1")?.execute([from.as_str()])?;
                 self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
@@ -1291,6 +1326,29 @@ mod tests {
 
     fn sync(request: &str, since: u64, paged: bool) -> ToManager {
         ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged, snapshot: false }
+    }
+
+    /// A node whose queue drops messages is asked to sync once per drop while no request
+    /// is in its queue: asked again only when the request itself was dropped, or after
+    /// the node sent a `sync`. (Asking on every drop made a full queue of a node away
+    /// drop a request for each request published: for as long as the node was away.)
+    #[test]
+    fn a_node_whose_queue_drops_messages_is_asked_to_sync_once_until_it_syncs() {
+        let (_dir, mut s) = fresh_store();
+        let asks = |s: &mut Store| -> usize {
+            let out = s.outbox(1000).unwrap();
+            if let Some(last) = out.last() {
+                s.remove_outbox(last.seq).unwrap();
+            }
+            out.iter().filter(|o| matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {})).count()
+        };
+        let (n1, n2) = (node("n1"), node("n2"));
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), false), (n1.clone(), false), (n2.clone(), false)]).unwrap(), [n1.clone(), n2.clone()]);
+        assert_eq!(asks(&mut s), 2, "one request each");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), false)]).unwrap(), Vec::<NodeId>::new(), "its request is still queued behind the drop");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), true)]).unwrap(), [n1.clone()], "the request itself was dropped");
+        send(&mut s, "n2", "s1", sync("r-1", 0, true));
+        assert_eq!(s.ask_to_sync_after_drops(&[(n2.clone(), false), (n1.clone(), false)]).unwrap(), [n2], "n2 synced since its request");
     }
 
     /// Every sync reply page in the outbox, in order, with its encoded size (and removes

@@ -66,6 +66,9 @@ impl Queue {
     pub fn len(&self) -> usize {
         self.ready.len() + self.unacked.len()
     }
+    pub fn unacked(&self) -> usize {
+        self.unacked.len()
+    }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -76,8 +79,9 @@ pub struct Broker {
     pub update: Queue,
     pub nodes: BTreeMap<NodeId, Queue>,
     /// `sync.drops`: for each message a node queue dropped, the node (the manager reads
-    /// the queue from the dead letter's `x-death` header).
-    pub drops: Vec<NodeId>,
+    /// the queue from the dead letter's `x-death` header) and whether the message was a
+    /// request to sync.
+    pub drops: Vec<(NodeId, bool)>,
 }
 
 impl Broker {

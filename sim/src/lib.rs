@@ -324,11 +324,13 @@ impl World {
         for i in 0..self.nodes.len() {
             for body in self.queue_of(i).take_dropped() {
                 self.stats.dropped += 1;
+                let decoded = Envelope::<ToNode>::decode(&body);
                 if self.cfg.connected_drops {
                     let id = self.nodes[i].id.clone();
-                    self.broker.drops.push(id);
+                    let was_an_ask = matches!(&decoded, Ok(env) if matches!(env.body, ToNode::SyncRequested {}));
+                    self.broker.drops.push((id, was_an_ask));
                 }
-                let what = match Envelope::<ToNode>::decode(&body) {
+                let what = match decoded {
                     Ok(env) => describe::to_node(&env.body, false),
                     Err(e) => format!("an undecodable message ({e})"),
                 };
@@ -346,6 +348,7 @@ impl World {
             self.log_dropped();
         }
         self.heal_all()?;
+        self.log_dropped();
         self.settle()?;
         // A final sync everywhere, as after a reconnection, then quiet again.
         for i in 0..self.nodes.len() {
@@ -489,6 +492,10 @@ impl World {
 
     fn heal_all(&mut self) -> anyhow::Result<()> {
         self.log("everything heals".into());
+        // First, so that nothing the manager publishes from here on is dropped.
+        for i in 0..self.nodes.len() {
+            self.queue_of(i).limit = None;
+        }
         if !self.manager.is_up() {
             self.manager.restart(&mut self.broker)?;
         }
@@ -500,7 +507,6 @@ impl World {
             self.nodes[i].peer_cut = false;
             self.nodes[i].stalls = false;
             self.nodes[i].partitioned = false;
-            self.queue_of(i).limit = None;
             if !self.nodes[i].is_up() {
                 self.nodes[i].restart()?;
             }
@@ -538,9 +544,29 @@ impl World {
                 self.tick()?;
             }
         }
-        let busy: Vec<String> =
-            self.nodes.iter().map(|n| format!("{}: busy {}, pending {}", n.id, n.busy(), n.tree().map(|t| t.pending_changes()).unwrap_or(0))).collect();
-        anyhow::bail!("no quiescence within {} steps after healing: {} messages in flight; {}", self.cfg.settle_steps, self.broker.in_flight(), busy.join("; "))
+        let busy: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}: busy {}, pending {}, queue {}, connected {}",
+                    n.id,
+                    n.busy(),
+                    n.tree().map(|t| t.pending_changes()).unwrap_or(0),
+                    self.broker.nodes.get(&n.id).map_or(0, |q| q.len()),
+                    n.is_connected()
+                )
+            })
+            .collect();
+        anyhow::bail!(
+            "no quiescence within {} steps after healing: {} messages in flight ({} on the update queue, {} unacked, manager up {}); {}",
+            self.cfg.settle_steps,
+            self.broker.in_flight(),
+            self.broker.update.len(),
+            self.broker.update.unacked(),
+            self.manager.is_up(),
+            busy.join("; ")
+        )
     }
 
     fn random_path(&mut self) -> RelPath {

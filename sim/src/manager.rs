@@ -7,7 +7,7 @@
 use crate::broker::Broker;
 use manager::store::Store;
 use std::path::PathBuf;
-use wire::{Envelope, NodeId, ToManager};
+use wire::{Envelope, ToManager};
 
 /// Where a crash of the manager may come while it handles a batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,10 +71,11 @@ impl SimManager {
         // The copies on `sync.drops` of what node queues dropped (the real manager
         // consumes that queue beside the update queue: `service::ask_to_sync_after_drops`).
         if !broker.drops.is_empty() {
-            let nodes: std::collections::BTreeSet<NodeId> = broker.drops.iter().cloned().collect();
-            store.ask_to_sync(&nodes)?;
-            let names: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
-            taken.push(format!("manager asks {} to sync: their queues dropped messages", names.join(", ")));
+            let asked = store.ask_to_sync_after_drops(&broker.drops)?;
+            if !asked.is_empty() {
+                let names: Vec<String> = asked.iter().map(|n| n.to_string()).collect();
+                taken.push(format!("manager asks {} to sync: their queues dropped messages", names.join(", ")));
+            }
             self.flush_outbox(broker)?;
             broker.drops.clear();
         }
