@@ -276,8 +276,17 @@ pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str
 
 /// [`publish_confirmed`] with the AMQP `user_id` set to `user`.
 pub async fn publish_confirmed_as(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], user: Option<&str>) -> anyhow::Result<()> {
+    publish_confirmed_props(ch, exchange, key, id, payload, message_properties(id, user)).await
+}
+
+/// [`publish_confirmed`] with these headers.
+pub async fn publish_confirmed_with(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], headers: FieldTable) -> anyhow::Result<()> {
+    publish_confirmed_props(ch, exchange, key, id, payload, message_properties(id, None).with_headers(headers)).await
+}
+
+async fn publish_confirmed_props(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], props: BasicProperties) -> anyhow::Result<()> {
     let confirm = bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
-        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, message_properties(id, user))
+        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, props)
             .await
             .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
             .await

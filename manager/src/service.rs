@@ -47,6 +47,9 @@ pub const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub const REASON_HEADER: &str = "x-sync-reason";
 /// Header of a dead letter: the broker user it came over (its AMQP `user_id`).
 pub const SENDER_HEADER: &str = "x-sync-user";
+/// Header of every message the manager publishes: its outbox row (the last one, for a
+/// batch). A dead letter keeps it, so the manager knows where a dropped message stood.
+pub const SEQ_HEADER: &str = "x-sync-seq";
 /// Header of a dead letter: how many times the manager tried to handle it.
 pub const ATTEMPTS_HEADER: &str = "x-sync-attempts";
 /// Longest reason put in the header: a header must fit in one AMQP frame, and an error
@@ -336,9 +339,10 @@ async fn handle_batch(
 
 /// The node whose queue dropped this message, if it is one of the manager's own messages
 /// that the broker dead-lettered from a node queue past the queue's length limit (its
-/// `x-death` header says `maxlen` and the queue), and whether it was a request to sync.
-/// Node queues dead-letter into `sync.dead`, whose copies in `sync.drops` come here.
-pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, bool)> {
+/// `x-death` header says `maxlen` and the queue), and the outbox row it came from (its
+/// [`SEQ_HEADER`]). Node queues dead-letter into `sync.dead`, whose copies in
+/// `sync.drops` come here.
+pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, Option<i64>)> {
     let field = |t: &FieldTable, key: &str| t.inner().iter().find(|(k, _)| k.as_str() == key).map(|(_, v)| v.clone());
     let headers = d.properties.headers().as_ref()?;
     // What the manager itself gave up (it may carry a sender's forged `x-death`).
@@ -358,19 +362,25 @@ pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, bool)> {
     let node = text("queue")?.strip_prefix("sync.node.")?.parse().ok()?;
     // A node can publish any headers; what its queue holds comes from the manager. (A
     // forged notice costs the node it names one sync, nothing more.)
-    let env = Envelope::<wire::ToNode>::decode(&d.data).ok().filter(|e| e.from == wire::NodeId::manager())?;
-    Some((node, matches!(env.body, wire::ToNode::SyncRequested {})))
+    Envelope::<wire::ToNode>::decode(&d.data).ok().filter(|e| e.from == wire::NodeId::manager())?;
+    let seq = match field(headers, SEQ_HEADER) {
+        Some(AMQPValue::LongLongInt(seq)) => Some(seq),
+        Some(AMQPValue::LongInt(seq)) => Some(seq.into()),
+        Some(AMQPValue::LongUInt(seq)) => Some(seq.into()),
+        _ => None,
+    };
+    Some((node, seq))
 }
 
 /// Answers what came on `sync.drops`: each node whose queue dropped a message there
 /// (`dropped_from_node_queue`) is asked to sync, behind everything its queue holds now,
-/// unless it was asked already and that request is still there
+/// unless a request sent for an earlier drop follows the message in that queue
 /// (`Store::ask_to_sync_after_drops`). The node then sends again what it has not seen
 /// decided and takes the manager's whole tree, which brings back whatever the dropped
 /// messages said. Everything is acked once the requests are published (the other dead
 /// letters stay in `sync.dead`).
 async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
-    let drops: Vec<(wire::NodeId, bool)> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
+    let drops: Vec<(wire::NodeId, Option<i64>)> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
     if !drops.is_empty() {
         handle.queue_drops.fetch_add(drops.len() as u64, Ordering::Relaxed);
         let asked = handle.with_store(move |s| s.ask_to_sync_after_drops(&drops)).await?;
@@ -501,7 +511,11 @@ async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bo
         // it (`outbox_ready`): a short read was the whole outbox.
         let whole = batch.len() < OUTBOX_READ;
         let messages = crate::batch::for_broker(batch);
-        let sends = messages.iter().map(|o| broker_link::publish_confirmed(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload));
+        let sends = messages.iter().map(|o| {
+            let mut headers = FieldTable::default();
+            headers.insert(SEQ_HEADER.into(), AMQPValue::LongLongInt(o.seq));
+            broker_link::publish_confirmed_with(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload, headers)
+        });
         for r in futures_util::future::join_all(sends).await {
             r?;
         }

@@ -72,10 +72,10 @@ ALTER TABLE sync_requests ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE sync_replies ADD COLUMN snapshot INTEGER NOT NULL DEFAULT 0;
 ";
 
-/// Schema version 6: the nodes asked to sync because their queues dropped messages, and
-/// not heard syncing since (`Tx::ask_to_sync_after_drop`).
+/// Schema version 6: the last request to sync sent to a node because its queue dropped
+/// messages, by its outbox `seq` (`Tx::ask_to_sync_after_drop`).
 const SCHEMA_V6: &str = "
-CREATE TABLE IF NOT EXISTS sync_asks (node TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS sync_asks (node TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 ";
 
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
@@ -312,13 +312,13 @@ impl Store {
     }
 
     /// Answers messages node queues dropped, in one transaction: `drops` names, for each,
-    /// the node and whether the message was itself a request to sync
-    /// (`Tx::ask_to_sync_after_drop`). Returns the nodes asked.
-    pub fn ask_to_sync_after_drops(&mut self, drops: &[(NodeId, bool)]) -> anyhow::Result<Vec<NodeId>> {
+    /// the node and the message's outbox `seq` (`Tx::ask_to_sync_after_drop`). Returns
+    /// the nodes asked.
+    pub fn ask_to_sync_after_drops(&mut self, drops: &[(NodeId, Option<i64>)]) -> anyhow::Result<Vec<NodeId>> {
         self.transaction(|tx| {
             let mut asked = Vec::new();
-            for (node, was_an_ask) in drops {
-                if tx.ask_to_sync_after_drop(node, *was_an_ask)? {
+            for (node, seq) in drops {
+                if tx.ask_to_sync_after_drop(node, *seq)? {
                     asked.push(node.clone());
                 }
             }
@@ -615,19 +615,26 @@ impl Tx<'_> {
         self.enqueue(&topology::node_key(node), ToNode::SyncRequested {})
     }
 
-    /// Node `node`'s queue dropped a message (`was_an_ask`: a request to sync): asks the
-    /// node to sync, unless a request is still in its queue, behind the drop (asked
-    /// since the node last sent a `sync`, and not dropped itself). Returns whether it
-    /// asked. Without that, each request published to a full queue would push out the
-    /// oldest message, whose notice would ask again: for as long as the node is away.
-    pub(crate) fn ask_to_sync_after_drop(&mut self, node: &NodeId, was_an_ask: bool) -> anyhow::Result<bool> {
-        if was_an_ask {
-            self.tx.prepare_cached("DELETE FROM sync_asks WHERE node = ?1")?.execute([node.as_str()])?;
-        }
-        if self.tx.prepare_cached("INSERT OR IGNORE INTO sync_asks(node) VALUES(?1)")?.execute([node.as_str()])? == 0 {
-            return Ok(false);
+    /// Node `node`'s queue dropped the message of outbox row `seq` (`None`: one sent
+    /// without it): asks the node to sync, unless the last request sent for a drop is
+    /// later than that message. A queue is FIFO and drops its oldest: such a request is
+    /// still in the queue, behind the drop, and its sync will cover it. A drop of that
+    /// request, or of anything after it, means it is gone (consumed, or dropped), and the
+    /// node is asked again. Returns whether it asked. (Asking on every drop, each request
+    /// published to a full queue pushed out the oldest message, whose notice asked again:
+    /// for as long as the node was away.)
+    pub(crate) fn ask_to_sync_after_drop(&mut self, node: &NodeId, seq: Option<i64>) -> anyhow::Result<bool> {
+        let asked: Option<i64> = self.tx.prepare_cached("SELECT seq FROM sync_asks WHERE node = ?1")?.query_row([node.as_str()], |r| r.get(0)).optional()?;
+        if let (Some(asked), Some(seq)) = (asked, seq) {
+            if seq < asked {
+                return Ok(false);
+            }
         }
         self.request_sync(node)?;
+        let ask = self.tx.last_insert_rowid();
+        self.tx
+            .prepare_cached("INSERT INTO sync_asks(node, seq) VALUES(?1, ?2) ON CONFLICT(node) DO UPDATE SET seq = excluded.seq")?
+            .execute(params![node.as_str(), ask])?;
         Ok(true)
     }
 
@@ -653,9 +660,6 @@ impl Tx<'_> {
             }
             ToManager::Sync { request, url, since, paged, snapshot } => {
                 self.seen(&from, Some(&url), now_ms)?;
-                // A request to sync after a drop is answered (or overtaken): the next
-                // drop asks again.
-                self.tx.prepare_cached("DELETE FROM sync_asks WHERE node = ?1")?.execute([from.as_str()])?;
                 self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
@@ -1328,27 +1332,31 @@ mod tests {
         ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged, snapshot: false }
     }
 
-    /// A node whose queue drops messages is asked to sync once per drop while no request
-    /// is in its queue: asked again only when the request itself was dropped, or after
-    /// the node sent a `sync`. (Asking on every drop made a full queue of a node away
-    /// drop a request for each request published: for as long as the node was away.)
+    /// A node whose queue drops messages is asked to sync, unless the last request sent
+    /// for a drop came after the message dropped (it is then still in the queue, behind
+    /// it): asked again when that request itself, or anything after it, is dropped.
     #[test]
-    fn a_node_whose_queue_drops_messages_is_asked_to_sync_once_until_it_syncs() {
+    fn a_node_whose_queue_drops_messages_is_asked_to_sync_unless_a_request_follows_the_drop() {
         let (_dir, mut s) = fresh_store();
-        let asks = |s: &mut Store| -> usize {
+        // The outbox seq of each request to sync.
+        let asks = |s: &mut Store| -> Vec<i64> {
             let out = s.outbox(1000).unwrap();
             if let Some(last) = out.last() {
                 s.remove_outbox(last.seq).unwrap();
             }
-            out.iter().filter(|o| matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {})).count()
+            out.iter().filter(|o| matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {})).map(|o| o.seq).collect()
         };
         let (n1, n2) = (node("n1"), node("n2"));
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), false), (n1.clone(), false), (n2.clone(), false)]).unwrap(), [n1.clone(), n2.clone()]);
-        assert_eq!(asks(&mut s), 2, "one request each");
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), false)]).unwrap(), Vec::<NodeId>::new(), "its request is still queued behind the drop");
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), true)]).unwrap(), [n1.clone()], "the request itself was dropped");
-        send(&mut s, "n2", "s1", sync("r-1", 0, true));
-        assert_eq!(s.ask_to_sync_after_drops(&[(n2.clone(), false), (n1.clone(), false)]).unwrap(), [n2], "n2 synced since its request");
+        send(&mut s, "n3", "m1", put("a", 0, file(1)));
+        let before = s.outbox(1000).unwrap().last().unwrap().seq;
+        asks(&mut s);
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(before)), (n1.clone(), Some(before)), (n2.clone(), None)]).unwrap(), [n1.clone(), n2.clone()]);
+        let sent = asks(&mut s);
+        assert_eq!(sent.len(), 2, "one request each");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(before))]).unwrap(), Vec::<NodeId>::new(), "its request follows the drop");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(sent[0]))]).unwrap(), [n1.clone()], "the request itself was dropped");
+        let again = asks(&mut s)[0];
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
     }
 
     /// Every sync reply page in the outbox, in order, with its encoded size (and removes
@@ -1637,7 +1645,7 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 5);
+        assert_eq!(version, 6);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));

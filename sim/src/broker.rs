@@ -15,6 +15,8 @@ use wire::{topology, NodeId};
 pub struct Message {
     pub body: Vec<u8>,
     pub redelivered: bool,
+    /// The manager's outbox row (its `x-sync-seq` header).
+    pub seq: Option<i64>,
 }
 
 #[derive(Default)]
@@ -26,22 +28,25 @@ pub struct Queue {
     /// reached by a queue whose node is away for long or falls far behind, so the
     /// simulation sets a small one only for a while then (`None`: no limit).
     pub limit: Option<usize>,
-    /// Bodies dropped by the limit, for the trace (taken by [`Queue::take_dropped`]).
-    dropped: Vec<Vec<u8>>,
+    /// Messages dropped by the limit (taken by [`Queue::take_dropped`]).
+    dropped: Vec<Message>,
 }
 
 impl Queue {
     pub fn publish(&mut self, body: Vec<u8>) {
-        self.ready.push_back(Message { body, redelivered: false });
+        self.publish_seq(body, None);
+    }
+    pub fn publish_seq(&mut self, body: Vec<u8>, seq: Option<i64>) {
+        self.ready.push_back(Message { body, redelivered: false, seq });
         if let Some(limit) = self.limit {
             while self.ready.len() > limit {
                 let oldest = self.ready.pop_front().expect("longer than the limit");
-                self.dropped.push(oldest.body);
+                self.dropped.push(oldest);
             }
         }
     }
     /// What the length limit dropped since the last call, oldest first.
-    pub fn take_dropped(&mut self) -> Vec<Vec<u8>> {
+    pub fn take_dropped(&mut self) -> Vec<Message> {
         std::mem::take(&mut self.dropped)
     }
     /// The next message, now unacked.
@@ -79,9 +84,9 @@ pub struct Broker {
     pub update: Queue,
     pub nodes: BTreeMap<NodeId, Queue>,
     /// `sync.drops`: for each message a node queue dropped, the node (the manager reads
-    /// the queue from the dead letter's `x-death` header) and whether the message was a
-    /// request to sync.
-    pub drops: Vec<(NodeId, bool)>,
+    /// the queue from the dead letter's `x-death` header) and the manager's
+    /// outbox row it came from.
+    pub drops: Vec<(NodeId, Option<i64>)>,
 }
 
 impl Broker {
@@ -89,10 +94,10 @@ impl Broker {
         self.nodes.entry(id.clone()).or_default();
     }
     /// A publish on `sync.master` with routing key `key`.
-    pub fn publish_master(&mut self, key: &str, body: &[u8]) {
+    pub fn publish_master(&mut self, key: &str, body: &[u8], seq: i64) {
         for (id, q) in self.nodes.iter_mut() {
             if key == topology::BROADCAST_KEY || key == topology::node_key(id) {
-                q.publish(body.to_vec());
+                q.publish_seq(body.to_vec(), Some(seq));
             }
         }
     }

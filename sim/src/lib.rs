@@ -322,15 +322,13 @@ impl World {
     /// Logs what the node queues' length limits dropped.
     fn log_dropped(&mut self) {
         for i in 0..self.nodes.len() {
-            for body in self.queue_of(i).take_dropped() {
+            for dropped in self.queue_of(i).take_dropped() {
                 self.stats.dropped += 1;
-                let decoded = Envelope::<ToNode>::decode(&body);
                 if self.cfg.connected_drops {
                     let id = self.nodes[i].id.clone();
-                    let was_an_ask = matches!(&decoded, Ok(env) if matches!(env.body, ToNode::SyncRequested {}));
-                    self.broker.drops.push((id, was_an_ask));
+                    self.broker.drops.push((id, dropped.seq));
                 }
-                let what = match decoded {
+                let what = match Envelope::<ToNode>::decode(&dropped.body) {
                     Ok(env) => describe::to_node(&env.body, false),
                     Err(e) => format!("an undecodable message ({e})"),
                 };

@@ -144,7 +144,7 @@ impl SimManager {
             let out = store.outbox(512)?;
             let Some(last) = out.last().map(|o| o.seq) else { return Ok(()) };
             for o in manager::batch::for_broker(out) {
-                broker.publish_master(&o.key, &o.payload);
+                broker.publish_master(&o.key, &o.payload, o.seq);
             }
             store.remove_outbox(last)?;
         }
