@@ -42,6 +42,7 @@ const KEPT: &[(u64, &str)] = &[
     (63226, "the answer to a repeat of a change kept as a conflict file lost its first half (the conflict file's state) to the node queue's limit and kept the decision: the node let go of the only copy of its content, and every node tried to fetch it for good"),
     (60097, "a file written in a directory, then the directory renamed in parts and another renamed in parts to its name, before the file's put was decided: the second move's directory at the file's path was put later with the revision from before, a conflict of the node with its own file"),
     (88393, "another node's symlink over a directory, deferred for the node's change below it, outlived the delete and the directory brought back after it (both lost with the node queue's oldest messages): applied once the change below was decided, it took the directory away with newer paths below it"),
+    (13755, "a connected node's queue dropped the answers to the changes it sent again for the manager's request to sync, before its sync reached the manager, which took the request for still queued and did not ask again: the changes stayed undecided for good"),
 ];
 
 #[test]
