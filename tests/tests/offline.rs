@@ -100,10 +100,7 @@ fn a_node_whose_queue_dropped_messages_while_it_was_away_converges() {
     // One change at a time, each decided before the next: a message each on the queue
     // of the node away (changes together would go in a few).
     let decided = || eventually("the manager to decide a's change", DEADLINE, || a.pending() == 0);
-    for i in 0..20 {
-        write(&a.p(&format!("new{i}.txt")), format!("new {i}").as_bytes());
-        decided();
-    }
+    new_files_one_by_one(a, 20);
     write(&a.p("old0.txt"), b"edited");
     decided();
     std::fs::remove_file(a.p("old2.txt")).unwrap();
@@ -132,6 +129,15 @@ fn a_node_whose_queue_dropped_messages_while_it_was_away_converges() {
         assert!(!n.p("old2.txt").exists() && !n.p("old3.txt").exists(), "deletes the queue dropped came with the sync on {}", n.id);
         assert!(!n.p("dir").exists() && text(n, "moved/inside.txt") == "inside", "the rename on {}", n.id);
         assert_eq!(text(n, "written while away.txt"), "from the node that was away", "on {}", n.id);
+    }
+}
+
+/// Writes `new0.txt` .. `new{n-1}.txt` ("new i") on `a`, each decided before the next:
+/// a message each on the other nodes' queues (changes together would go in a few).
+fn new_files_one_by_one(a: &NodeProc, n: usize) {
+    for i in 0..n {
+        write(&a.p(&format!("new{i}.txt")), format!("new {i}").as_bytes());
+        eventually("the manager to decide a's change", DEADLINE, || a.pending() == 0);
     }
 }
 
@@ -171,10 +177,7 @@ fn a_connected_node_whose_queue_dropped_messages_is_asked_to_sync_and_converges(
     let thaw = Thaw(pid);
     let decided = || eventually("the manager to decide a's change", DEADLINE, || a.pending() == 0);
     const FILES: usize = 80;
-    for i in 0..FILES {
-        write(&a.p(&format!("new{i}.txt")), format!("new {i}").as_bytes());
-        decided();
-    }
+    new_files_one_by_one(a, FILES);
     write(&a.p("old.txt"), b"edited");
     decided();
     std::fs::remove_file(a.p("gone.txt")).unwrap();
