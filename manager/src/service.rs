@@ -100,6 +100,10 @@ pub struct Handle {
     /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
     /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
     pub busy_since_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Why the last broker session ended, with its error's chain (a full disk, a locked
+    /// database, a lost broker), until the manager makes progress again: what an
+    /// operator needs to know about a stuck manager (`/api/health`, the watchdog's log).
+    pub last_failure: Arc<Mutex<Option<String>>>,
 }
 
 /// Work unfinished for this long means the manager is stuck (it logs it, `/api/health`
@@ -125,6 +129,7 @@ impl Handle {
             dead_lettered: Default::default(),
             refused_senders: Default::default(),
             queue_drops: Default::default(),
+            last_failure: Default::default(),
             busy_since_ms: Default::default(),
         })
     }
@@ -142,8 +147,16 @@ impl Handle {
         let out = work.await;
         if out.as_ref().is_ok_and(|v| started || progressed(v)) {
             self.busy_since_ms.store(0, Ordering::Relaxed);
+            self.set_last_failure(None);
         }
         out
+    }
+    fn set_last_failure(&self, failure: Option<String>) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    }
+    /// Why the last broker session ended, if the manager has made no progress since.
+    pub fn last_failure(&self) -> Option<String> {
+        self.last_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     /// How long unfinished work has been waiting, if longer than [`STALLED_AFTER`].
     pub fn stalled_for(&self, now_ms: i64) -> Option<Duration> {
@@ -181,7 +194,10 @@ pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) ->
     loop {
         match session(&cfg, &handle, &cancel, &mut backoff).await {
             Ok(()) => return Ok(()),
-            Err(e) => tracing::warn!("broker session ended: {e:#}; reconnecting"),
+            Err(e) => {
+                tracing::warn!("broker session ended: {e:#}; reconnecting");
+                handle.set_last_failure(Some(format!("{e:#}")));
+            }
         }
         if !backoff.wait(&cancel).await {
             return Ok(());
@@ -275,8 +291,9 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
         }
         match handle.stalled_for(now_ms()) {
             Some(d) => tracing::error!(
-                "the manager has not finished the work it took up {}s ago: it is stuck (a locked database? a full disk?); nodes' changes wait",
-                d.as_secs()
+                "the manager has not finished the work it took up {}s ago: it is stuck (last failure: {}); nodes' changes wait",
+                d.as_secs(),
+                handle.last_failure().as_deref().unwrap_or("none; a database locked by another process, a disk too slow?")
             ),
             None => {
                 let touched = std::fs::OpenOptions::new()

@@ -244,6 +244,21 @@ impl ManagerProc {
             stop_child(&mut c);
         }
     }
+    /// The manager's HTTP address and operator token, from its log and credentials file.
+    pub fn api(&self) -> (String, String) {
+        let log = std::fs::read_to_string(&self.log).unwrap();
+        // The last start's address (a restarted manager logs a new one).
+        let url = log
+            .lines()
+            .rev()
+            .find_map(|l| l.split("dashboard and REST API on ").nth(1))
+            .expect("the manager logged its address")
+            .trim()
+            .trim_end_matches('/')
+            .to_string();
+        let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(self.db.with_file_name("credentials.json")).unwrap()).unwrap();
+        (url, creds["operator_token"].as_str().unwrap().to_string())
+    }
     /// `manager status` output.
     pub fn status(&self) -> String {
         let out = Command::new(bin("manager")).args(["status", "--db"]).arg(&self.db).output().expect("manager status");

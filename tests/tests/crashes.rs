@@ -2,7 +2,8 @@
 //! a node mid-write, mid-pull and right after an ftruncate, and of the manager with
 //! decisions in flight; after a restart everything converges. A full disk on a node fails
 //! writes with ENOSPC, keeps what was written before, and syncing resumes once space is
-//! freed. Real broker, real mounts, real processes (docs/SEMANTICS.md, "Crashes and full
+//! freed; a full disk under the manager's database gives up no node's change, and
+//! deciding resumes once space is freed. Real broker, real mounts, real processes (docs/SEMANTICS.md, "Crashes and full
 //! disks").
 
 use std::io::{Read, Write};
@@ -267,26 +268,45 @@ fn the_manager_killed_with_decisions_in_flight_loses_no_closed_file() {
     }
 }
 
-/// A tmpfs of its own for a node's data directory, unmounted on drop (after the node:
-/// declare it before the cluster).
+/// A tmpfs of its own at `sub` in a temporary directory (a node's data directory, a
+/// manager's database), unmounted on drop (after its user: declare it before).
 struct SmallDisk {
     dir: tempfile::TempDir,
+    sub: &'static str,
 }
 
 impl SmallDisk {
-    fn new(size: &str) -> SmallDisk {
+    fn new(size: &str, sub: &'static str) -> SmallDisk {
         let dir = tempfile::Builder::new().prefix("syncfs-small-").tempdir().unwrap();
-        let data = dir.path().join("data-n2");
+        let data = dir.path().join(sub);
         std::fs::create_dir(&data).unwrap();
         let out = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"]).arg(&data).output().unwrap();
         assert!(out.status.success(), "mounting a tmpfs: {}", String::from_utf8_lossy(&out.stderr));
-        SmallDisk { dir }
+        SmallDisk { dir, sub }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join(self.sub)
+    }
+
+    /// Writes a file of zeros until the disk is full.
+    fn fill(&self) -> PathBuf {
+        let p = self.path().join("filler");
+        let mut f = std::fs::File::create(&p).unwrap();
+        let chunk = vec![0u8; 64 << 10];
+        let e = loop {
+            if let Err(e) = f.write_all(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling {}: {e}", p.display());
+        p
     }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        unmount(&self.dir.path().join("data-n2"));
+        unmount(&self.path());
     }
 }
 
@@ -299,7 +319,7 @@ fn try_write(p: &Path, bytes: &[u8]) -> std::io::Result<()> {
 
 #[test]
 fn a_full_disk_fails_writes_with_enospc_and_syncing_resumes_when_space_is_freed() {
-    let disk = SmallDisk::new("24m");
+    let disk = SmallDisk::new("24m", "data-n2");
     let mut c = Cluster::start("crash-full", 1);
     let n2 = NodeProc::start(disk.dir.path(), "n2", &c.vhost);
     c.nodes.push(n2);
@@ -350,4 +370,64 @@ fn a_full_disk_fails_writes_with_enospc_and_syncing_resumes_when_space_is_freed(
             assert_same(&n.p(&format!("kept{i}")), b, &format!("kept{i} on {}", n.id));
         }
     }
+}
+
+/// `manager::service::MAX_STOPS`: times a message may be in hand when the manager stops
+/// before it is given up.
+const MANAGER_MAX_STOPS: usize = 3;
+
+/// Lines of the manager's log that say a session ended on a full disk.
+fn full_disk_sessions(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains("session ended") && l.contains("full")).count()
+}
+
+#[test]
+fn a_full_disk_under_the_manager_gives_up_no_change_and_deciding_resumes_when_space_is_freed() {
+    let disk = SmallDisk::new("16m", "manager");
+    let dir = tempfile::Builder::new().prefix("syncfs-crash-manager-full-").tempdir().unwrap();
+    let vhost = Vhost::new("crash-manager-full");
+    let manager = ManagerProc::start(&disk.path(), &vhost.url());
+    let mut c = Cluster { nodes: Vec::new(), manager, vhost, dir };
+    c.add_node("n1");
+    c.add_node("n2");
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    let content = |name: &str| format!("{name}: {}", "y".repeat(3000)).into_bytes();
+    // Some history, so the database and its log hold pages that small writes can reuse
+    // while the disk is full (the case where a redelivered message's start is recorded
+    // and its decision then fails).
+    for i in 0..300 {
+        write(&c.nodes[0].p(&format!("before{i:03}")), &content(&format!("before{i:03}")));
+    }
+    c.converged();
+
+    let filler = disk.fill();
+    let edited = content("edited on n2");
+    write(&c.nodes[1].p("before000"), &edited);
+    for i in 0..20 {
+        write(&c.nodes[0].p(&format!("during{i:02}")), &content(&format!("during{i:02}")));
+    }
+    // The manager tries again and again, each time more than the stops after which it
+    // gives up a message that keeps stopping it.
+    let tries = MANAGER_MAX_STOPS + 2;
+    eventually(&format!("{tries} sessions of the manager ended on its full disk"), DEADLINE, || full_disk_sessions(&c.manager.log) >= tries);
+    assert_eq!(queue_depth(&c.vhost, wire::topology::DEAD_QUEUE), 0, "changes given up while the manager's disk was full");
+
+    let (api, token) = c.manager.api();
+    let health = || serde_json::from_slice::<serde_json::Value>(&http_get(&format!("{api}/api/health"), Some(&token)).1).unwrap();
+    let failure = health()["last_failure"].as_str().unwrap_or_default().to_string();
+    assert!(failure.contains("disk is full"), "/api/health says why the manager is not deciding: {failure:?}");
+    std::fs::remove_file(&filler).unwrap();
+    c.converged();
+    assert_eq!(queue_depth(&c.vhost, wire::topology::DEAD_QUEUE), 0, "changes given up after the manager's disk was full");
+    assert!(health()["last_failure"].is_null(), "the failure is still reported after deciding resumed: {}", health());
+    for n in &c.nodes {
+        assert_same(&n.p("before000"), &edited, &format!("before000 on {}", n.id));
+        for i in 0..20 {
+            let name = format!("during{i:02}");
+            assert_same(&n.p(&name), &content(&name), &format!("{name} on {}", n.id));
+        }
+    }
+    assert!(conflict_files(&c.nodes[0].mount).is_empty(), "conflicts: {:?}", conflict_files(&c.nodes[0].mount));
 }

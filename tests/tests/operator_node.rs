@@ -70,22 +70,6 @@ fn every_terminating_signal_unmounts() {
     }
 }
 
-/// The manager's HTTP address and operator token, from its log and credentials file.
-fn manager_api(m: &ManagerProc) -> (String, String) {
-    let log = std::fs::read_to_string(&m.log).unwrap();
-    // The last start's address (a restarted manager logs a new one).
-    let url = log
-        .lines()
-        .rev()
-        .find_map(|l| l.split("dashboard and REST API on ").nth(1))
-        .expect("the manager logged its address")
-        .trim()
-        .trim_end_matches('/')
-        .to_string();
-    let creds: serde_json::Value = serde_json::from_slice(&std::fs::read(m.db.with_file_name("credentials.json")).unwrap()).unwrap();
-    (url, creds["operator_token"].as_str().unwrap().to_string())
-}
-
 /// A manager that cannot make progress (here: its database is locked by another process)
 /// says so — log, `/api/health`, `manager status` — and its nodes do not look online on
 /// the strength of old heartbeats; once the lock goes, it catches up and loses nothing.
@@ -93,7 +77,7 @@ fn manager_api(m: &ManagerProc) -> (String, String) {
 fn a_stuck_manager_says_so_and_recovers_without_losing_anything() {
     let c = Cluster::start("stuck", 1);
     let n = &c.nodes[0];
-    let (api, token) = manager_api(&c.manager);
+    let (api, token) = c.manager.api();
     eventually("the manager's liveness file", DEADLINE, || c.manager.status().contains("manager: making progress"));
     assert_eq!(http_get(&format!("{api}/api/health"), Some(&token)).0, 200);
     eventually("n1 online", DEADLINE, || c.manager.status().lines().any(|l| l.starts_with("n1 ") && l.contains(" online ")));
@@ -108,6 +92,7 @@ fn a_stuck_manager_says_so_and_recovers_without_losing_anything() {
         let (status, body) = http_get(&format!("{api}/api/health"), Some(&token));
         status == 503
             && String::from_utf8_lossy(&body).contains("\"ok\":false")
+            && String::from_utf8_lossy(&body).contains("database is locked")
             && c.manager.status().contains("WARNING: no progress")
             && std::fs::read_to_string(&c.manager.log).unwrap().contains("it is stuck")
     });
@@ -136,7 +121,7 @@ fn a_manager_stuck_publishing_its_outbox_says_so() {
     let mut m = ManagerProc::start(dir.path(), &format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat=5", proxy.port, vhost.name));
     let log = |m: &ManagerProc| std::fs::read_to_string(&m.log).unwrap_or_default();
     eventually("the manager to consume its queue", DEADLINE, || log(&m).contains("consuming sync.update"));
-    let (api, token) = manager_api(&m);
+    let (api, token) = m.api();
     let health = || http_get(&format!("{api}/api/health"), Some(&token));
     assert_eq!(health().0, 200);
 

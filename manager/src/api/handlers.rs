@@ -36,6 +36,7 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
             let body = json!({
                 "ok": stalled.is_none(),
                 "stalled_seconds": stalled.map(|d| d.as_secs()),
+                "last_failure": state.handle.last_failure(),
                 "dead_lettered": state.handle.dead_lettered.load(Ordering::Relaxed),
                 "refused_senders": state.handle.refused_senders.load(Ordering::Relaxed),
                 "queue_drops": state.handle.queue_drops.load(Ordering::Relaxed),
