@@ -7,10 +7,14 @@
 #   scripts/broker-cluster.sh start     start the three and join them (idempotent)
 #   scripts/broker-cluster.sh stop      stop all three
 #   scripts/broker-cluster.sh reset     stop, remove their data, start afresh
+#   scripts/broker-cluster.sh alone     start a fourth broker node, syncfs-rmq4@localhost on
+#                                       127.0.0.1:5684, in no cluster: for the tests that set
+#                                       off its memory alarm (tests/tests/broker_alarm.rs),
+#                                       which would block every other test's broker
 set -euo pipefail
 
 base=/var/lib/rabbitmq/syncfs-cluster
-ports=(5681 5682 5683)
+ports=(5681 5682 5683 5684)
 name() { echo "syncfs-rmq$1@localhost"; }
 ctl() { local i=$1; shift; rabbitmqctl -q -n "$(name "$i")" "$@"; }
 up() { ctl "$1" status >/dev/null 2>&1; }
@@ -77,8 +81,17 @@ start() {
   log "running: $(members)"
 }
 
+# The fourth broker node, alone (idempotent).
+start_alone() {
+  command -v rabbitmq-server >/dev/null || { log "rabbitmq-server is not installed: run scripts/setup.sh first"; exit 1; }
+  exec 9>/run/syncfs-broker-alone.lock
+  flock 9
+  launch_node 4
+  wait_node 4
+}
+
 stop() {
-  for i in 3 2 1; do
+  for i in 4 3 2 1; do
     if up "$i"; then ctl "$i" stop >/dev/null 2>&1 || true; fi
   done
 }
@@ -87,5 +100,6 @@ case "${1:-start}" in
   start) start ;;
   stop) stop ;;
   reset) stop; rm -rf "$base"; start ;;
-  *) echo "usage: $0 start|stop|reset" >&2; exit 2 ;;
+  alone) start_alone ;;
+  *) echo "usage: $0 start|stop|reset|alone" >&2; exit 2 ;;
 esac

@@ -6,7 +6,7 @@ use anyhow::{bail, Context};
 use lapin::{
     options::{BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable},
-    BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind,
+    BasicProperties, Channel, Connection, ConnectionProperties, ConnectionStatus, ExchangeKind,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -109,6 +109,74 @@ pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
     let ch = conn.create_channel().await.context("opening an AMQP channel")?;
     ch.confirm_select(ConfirmSelectOptions::default()).await.context("enabling publisher confirms")?;
     Ok(ch)
+}
+
+/// A channel with publisher confirms on, and the state of its connection. Operations
+/// through it are bounded like [`bounded`], except while the broker blocks the
+/// connection: a broker short of memory or disk (a RabbitMQ resource alarm) blocks every
+/// connection that publishes, reads nothing from it until it has room again, and keeps
+/// it open. Reconnecting would not help (the new connection is blocked at its first
+/// publish) and would send everything again, so such a wait lasts as long as the block
+/// does, for as long as the connection stays up (lapin closes it when the broker's own
+/// heartbeats stop).
+#[derive(Clone)]
+pub struct Confirmed {
+    pub ch: Channel,
+    conn: ConnectionStatus,
+}
+
+impl Confirmed {
+    pub async fn open(conn: &Connection) -> anyhow::Result<Confirmed> {
+        Ok(Confirmed { ch: confirmed_channel(conn).await?, conn: conn.status().clone() })
+    }
+
+    /// Whether the broker has blocked the connection (`connection.blocked`).
+    pub fn blocked(&self) -> bool {
+        self.conn.blocked()
+    }
+
+    /// Runs one operation on this connection: [`bounded`], but waiting on while the
+    /// broker blocks the connection.
+    pub async fn bounded<T>(&self, what: impl std::fmt::Display, op: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        bounded_unless_blocked(Some(&self.conn), what, op).await
+    }
+
+    /// Publishes and waits for the broker's confirm, with these headers; a nack is an error.
+    pub async fn publish_with(&self, exchange: &str, key: &str, id: &str, payload: &[u8], headers: FieldTable) -> anyhow::Result<()> {
+        publish_confirmed_props(&self.ch, Some(&self.conn), exchange, key, id, payload, message_properties(id, None).with_headers(headers)).await
+    }
+}
+
+/// Follows the broker's blocks of `conn` (`connection.blocked` with its reason, such as
+/// "low on memory", and `connection.unblocked`): logs each and hands it to `on_change`
+/// (`Some(reason)` while blocked). Stops when the returned guard is dropped.
+pub fn watch_blocks(conn: &Connection, on_change: impl Fn(Option<&str>) + Send + 'static) -> AbortOnDrop {
+    use futures_util::StreamExt;
+    let mut events = conn.events_listener();
+    AbortOnDrop(tokio::spawn(async move {
+        while let Some(event) = events.next().await {
+            match event {
+                lapin::Event::ConnectionBlocked(reason) => {
+                    tracing::warn!("the broker blocked this connection: {reason} (a memory or disk alarm); nothing is sent or acked until it has room again");
+                    on_change(Some(&reason));
+                }
+                lapin::Event::ConnectionUnblocked => {
+                    tracing::info!("the broker unblocked this connection");
+                    on_change(None);
+                }
+                _ => {}
+            }
+        }
+    }))
+}
+
+/// A task aborted when this is dropped.
+pub struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 fn dead_letter_args() -> FieldTable {
@@ -276,16 +344,19 @@ pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str
 
 /// [`publish_confirmed`] with the AMQP `user_id` set to `user`.
 pub async fn publish_confirmed_as(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], user: Option<&str>) -> anyhow::Result<()> {
-    publish_confirmed_props(ch, exchange, key, id, payload, message_properties(id, user)).await
+    publish_confirmed_props(ch, None, exchange, key, id, payload, message_properties(id, user)).await
 }
 
-/// [`publish_confirmed`] with these headers.
-pub async fn publish_confirmed_with(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], headers: FieldTable) -> anyhow::Result<()> {
-    publish_confirmed_props(ch, exchange, key, id, payload, message_properties(id, None).with_headers(headers)).await
-}
-
-async fn publish_confirmed_props(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], props: BasicProperties) -> anyhow::Result<()> {
-    let confirm = bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
+async fn publish_confirmed_props(
+    ch: &Channel,
+    conn: Option<&ConnectionStatus>,
+    exchange: &str,
+    key: &str,
+    id: &str,
+    payload: &[u8],
+    props: BasicProperties,
+) -> anyhow::Result<()> {
+    let confirm = bounded_unless_blocked(conn, format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
         ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, props)
             .await
             .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
@@ -307,9 +378,27 @@ pub const BROKER_OP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs one broker operation, failing it when it takes longer than `BROKER_OP_TIMEOUT`.
 pub async fn bounded<T>(what: impl std::fmt::Display, op: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    match tokio::time::timeout(BROKER_OP_TIMEOUT, op).await {
-        Ok(r) => r,
-        Err(_) => bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead"),
+    bounded_unless_blocked(None, what, op).await
+}
+
+/// [`bounded`], except that each time the limit is up while the broker blocks `conn`
+/// (and it is still connected) the operation gets as long again ([`Confirmed`]).
+async fn bounded_unless_blocked<T>(
+    conn: Option<&ConnectionStatus>,
+    what: impl std::fmt::Display,
+    op: impl std::future::Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    let mut op = std::pin::pin!(op);
+    let mut waited = Duration::ZERO;
+    loop {
+        match tokio::time::timeout(BROKER_OP_TIMEOUT, &mut op).await {
+            Ok(r) => return r,
+            Err(_) if conn.is_some_and(|c| c.blocked() && c.connected()) => {
+                waited += BROKER_OP_TIMEOUT;
+                tracing::info!("{what}: the broker still blocks the connection after {waited:?}; waiting on");
+            }
+            Err(_) => bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead"),
+        }
     }
 }
 

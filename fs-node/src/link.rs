@@ -50,6 +50,9 @@ type RetryDone = (RelPath, wire::Revision, bool);
 #[derive(Default)]
 struct LinkState {
     connected: AtomicBool,
+    /// Why the broker blocks this node's connection (a memory or disk alarm), while it
+    /// does: nothing the node sends gets through meanwhile.
+    broker_blocked: Mutex<Option<String>>,
     pulls_in_progress: AtomicU64,
     last_sync: Mutex<Option<SyncReport>>,
 }
@@ -65,6 +68,10 @@ pub struct LinkHandle {
 impl LinkHandle {
     pub fn connected(&self) -> bool {
         self.state.connected.load(Ordering::Relaxed)
+    }
+    /// Why the broker blocks the node's connection, while it does.
+    pub fn broker_blocked(&self) -> Option<String> {
+        self.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     pub fn pulls_in_progress(&self) -> u64 {
         self.state.pulls_in_progress.load(Ordering::Relaxed)
@@ -149,6 +156,7 @@ impl LinkTask {
         loop {
             let r = link.session(&mut sync_rx, &mut ask_rx, &cancel, &mut backoff, clock).await;
             link.state.connected.store(false, Ordering::Relaxed);
+            *link.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()) = None;
             match r {
                 Ok(()) => return,
                 Err(e) => tracing::warn!("broker link down: {e:#}; working offline and reconnecting"),
@@ -191,7 +199,9 @@ struct Session<'a> {
     /// which the broker checks and the manager matches against the sender.
     user: Option<String>,
     pulls: Pulls,
-    ch: lapin::Channel,
+    /// The channel changes go out on; its operations wait while the broker blocks the
+    /// connection (`broker_link::Confirmed`).
+    ch: broker_link::Confirmed,
     /// The engine; out only while it works on a blocking thread.
     engine: Option<Engine<Responder>>,
     clock: Instant,
@@ -239,13 +249,16 @@ impl Session<'_> {
                     let id = env.id.to_string();
                     let props = broker_link::message_properties(&id, self.user.as_deref());
                     let payload = env.encode();
-                    let confirm = broker_link::bounded(format!("publishing {id}"), async {
-                        self.ch
-                            .basic_publish(topology::UPDATE_EXCHANGE.into(), "".into(), BasicPublishOptions::default(), &payload, props)
-                            .await
-                            .context("publishing")
-                    })
-                    .await?;
+                    let confirm = self
+                        .ch
+                        .bounded(format!("publishing {id}"), async {
+                            self.ch
+                                .ch
+                                .basic_publish(topology::UPDATE_EXCHANGE.into(), "".into(), BasicPublishOptions::default(), &payload, props)
+                                .await
+                                .context("publishing")
+                        })
+                        .await?;
                     self.link.metrics.messages_out.inc();
                     if confirmed {
                         confirms.push((id, confirm));
@@ -272,7 +285,7 @@ impl Session<'_> {
         }
         let n = confirms.len();
         for (id, confirm) in confirms {
-            let c = broker_link::bounded(format!("waiting for the confirm of {id}"), async { confirm.await.context("waiting for a confirm") }).await?;
+            let c = self.ch.bounded(format!("waiting for the confirm of {id}"), async { confirm.await.context("waiting for a confirm") }).await?;
             anyhow::ensure!(c.is_ack(), "the broker refused message {id}");
         }
         if n > 0 {
@@ -462,7 +475,11 @@ impl Link {
     ) -> anyhow::Result<()> {
         let broker = self.broker.as_str();
         let conn = broker_link::connect(broker).await?;
-        let ch = broker_link::confirmed_channel(&conn).await?;
+        let ch = broker_link::Confirmed::open(&conn).await?;
+        let state = self.state.clone();
+        let _blocks = broker_link::watch_blocks(&conn, move |reason| {
+            *state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()) = reason.map(str::to_string);
+        });
         let own_user = broker_link::url_user(broker).is_some_and(|u| wire::topology::node_of_user(&u).is_some());
         let queue = broker_link::prepare_node_topology(&conn, &self.info.id, own_user).await?;
         let cons = conn.create_channel().await.context("opening the consumer channel")?;
@@ -540,7 +557,7 @@ impl Link {
                         Some(Err(e)) => return Err(e),
                         Some(Ok(Prepared::Bad(d, e))) => {
                             tracing::warn!("dead-lettering an undecodable message: {e}");
-                            broker_link::bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
+                            s.ch.bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                         }
                         Some(Ok(Prepared::Ready(d, env))) => {
                             if let ToNode::Answer { request, answer } = &env.body {
@@ -550,7 +567,7 @@ impl Link {
                             }
                             let now = s.now();
                             s.step(move |e| e.on_message(env, now)).await?;
-                            broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+                            s.ch.bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
                             tracing::debug!(target: "timing", "delivery applied and acked");
                         }
                     }

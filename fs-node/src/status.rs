@@ -22,10 +22,26 @@ pub struct BriefStatus {
     pub mount: String,
     pub url: String,
     pub connected: bool,
+    /// Why the broker blocks the node's connection, while it does (a memory or disk
+    /// alarm of the broker: the node's changes wait until it has room again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_blocked: Option<String>,
     pub pending_changes: u64,
     pub pending_pulls: u64,
     pub conflicts_seen: u64,
     pub bytes_pulled: u64,
+}
+
+impl BriefStatus {
+    /// The node's link as a word or two for people: online, offline, or blocked by the
+    /// broker and why.
+    pub fn state(&self) -> String {
+        match (&self.broker_blocked, self.connected) {
+            (Some(reason), true) => format!("online, but the broker blocks its connection ({reason}): changes wait"),
+            (_, true) => "online".into(),
+            (_, false) => "offline".into(),
+        }
+    }
 }
 
 /// What `GET /status` returns and `syncctl status` shows: the brief status and what
@@ -83,6 +99,7 @@ impl Reporter {
             mount: self.mount.display().to_string(),
             url: self.url.clone(),
             connected: self.link.connected(),
+            broker_blocked: self.link.broker_blocked(),
             pending_changes: self.tree.pending_changes(),
             pending_pulls: self.link.pulls_in_progress(),
             conflicts_seen: self.tree.conflicts_seen(),

@@ -207,14 +207,22 @@ pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) ->
 
 async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, backoff: &mut broker_link::Backoff) -> anyhow::Result<()> {
     let conn = broker_link::connect(&cfg.broker).await?;
-    let ch = broker_link::confirmed_channel(&conn).await?;
+    let ch = broker_link::Confirmed::open(&conn).await?;
+    let blocks = handle.clone();
+    let _blocks = broker_link::watch_blocks(&conn, move |reason| {
+        if let Some(reason) = reason {
+            blocks.set_last_failure(Some(format!("the broker blocked the manager's connection: {reason} (a memory or disk alarm of the broker)")));
+        }
+    });
     broker_link::declare_common(&conn).await?;
-    ch.basic_qos(BATCH as u16, BasicQosOptions::default()).await?;
+    ch.ch.basic_qos(BATCH as u16, BasicQosOptions::default()).await?;
     let mut consumer = ch
+        .ch
         .basic_consume(topology::UPDATE_QUEUE.into(), "manager".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .context("consuming the update queue")?;
     let mut drops = ch
+        .ch
         .basic_consume(topology::DROPS_QUEUE.into(), "manager-drops".into(), BasicConsumeOptions::default(), FieldTable::default())
         .await
         .context("consuming the queue of dropped messages")?;
@@ -312,7 +320,7 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
 
 async fn handle_batch(
     handle: &Handle,
-    ch: &lapin::Channel,
+    ch: &broker_link::Confirmed,
     cancel: &CancellationToken,
     deliveries: Vec<Delivery>,
     require_node_users: bool,
@@ -396,7 +404,7 @@ pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, Option<i64
 /// decided and takes the manager's whole tree, which brings back whatever the dropped
 /// messages said. Everything is acked once the requests are published (the other dead
 /// letters stay in `sync.dead`).
-async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+async fn ask_to_sync_after_drops(handle: &Handle, ch: &broker_link::Confirmed, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
     let drops: Vec<(wire::NodeId, Option<i64>)> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
     if !drops.is_empty() {
         handle.queue_drops.fetch_add(drops.len() as u64, Ordering::Relaxed);
@@ -407,7 +415,7 @@ async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliverie
         }
     }
     for d in deliveries {
-        broker_link::bounded("acking a dropped message's notice", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+        ch.bounded("acking a dropped message's notice", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
     }
     Ok(())
 }
@@ -416,7 +424,7 @@ async fn ask_to_sync_after_drops(handle: &Handle, ch: &lapin::Channel, deliverie
 /// again alone, up to [`MAX_ATTEMPTS`], before dead-lettering them.
 async fn decide_with_retries(
     handle: &Handle,
-    ch: &lapin::Channel,
+    ch: &broker_link::Confirmed,
     cancel: &CancellationToken,
     mut pending: Vec<(Delivery, Envelope<ToManager>)>,
 ) -> anyhow::Result<()> {
@@ -438,7 +446,7 @@ async fn decide_with_retries(
         for ((d, env), result) in pending.into_iter().zip(results) {
             match result {
                 Ok(()) => {
-                    broker_link::bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+                    ch.bounded("acking", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
                 }
                 Err(reason) => {
                     tracing::warn!(msg = %env.id, node = %env.from, attempt, %reason, "handling a message failed; its changes were rolled back");
@@ -473,7 +481,7 @@ async fn decide_with_retries(
 /// Gives a message up: publishes a copy with the reason to the dead-letter exchange,
 /// waits for the broker's confirm, then acks the original. A failure to do so ends the
 /// session like any broker failure, and the message is redelivered.
-async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason: &str, attempts: u32) -> anyhow::Result<()> {
+async fn dead_letter(handle: &Handle, ch: &broker_link::Confirmed, d: &Delivery, reason: &str, attempts: u32) -> anyhow::Result<()> {
     let mut cut = reason.len().min(MAX_REASON_BYTES);
     while !reason.is_char_boundary(cut) {
         cut -= 1;
@@ -491,18 +499,20 @@ async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason:
         headers.insert(SENDER_HEADER.into(), AMQPValue::LongString(user.as_str().into()));
     }
     let props = broker_link::message_properties(&msg_id, None).with_headers(headers);
-    let confirm = broker_link::bounded("dead-lettering a message and its confirm", async {
-        ch.basic_publish(topology::DEAD_EXCHANGE.into(), topology::UPDATE_QUEUE.into(), BasicPublishOptions::default(), &d.data, props)
-            .await
-            .context("dead-lettering a message")?
-            .await
-            .context("waiting for the confirm of a dead letter")
-    })
-    .await?;
+    let confirm = ch
+        .bounded("dead-lettering a message and its confirm", async {
+            ch.ch
+                .basic_publish(topology::DEAD_EXCHANGE.into(), topology::UPDATE_QUEUE.into(), BasicPublishOptions::default(), &d.data, props)
+                .await
+                .context("dead-lettering a message")?
+                .await
+                .context("waiting for the confirm of a dead letter")
+        })
+        .await?;
     if !confirm.is_ack() {
         bail!("the broker refused a dead letter");
     }
-    broker_link::bounded("acking a dead-lettered message", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
+    ch.bounded("acking a dead-lettered message", async { d.ack(BasicAckOptions::default()).await.context("acking") }).await?;
     handle.dead_lettered.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }
@@ -511,13 +521,13 @@ async fn dead_letter(handle: &Handle, ch: &lapin::Channel, d: &Delivery, reason:
 /// published is a write, and a database locked between a decision's commit and that
 /// removal ended every broker session in this flush, at its start, before any other
 /// work could start the clock (the manager was stuck without saying so).
-async fn flush_outbox_timed(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<()> {
+async fn flush_outbox_timed(handle: &Handle, ch: &broker_link::Confirmed) -> anyhow::Result<()> {
     handle.timed(flush_outbox(handle, ch), |published| *published).await.map(|_| ())
 }
 
 /// Publishes everything in the outbox, in order (runs of decisions as batches,
 /// `batch.rs`), pipelining the confirms. Returns whether there was anything to publish.
-async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bool> {
+async fn flush_outbox(handle: &Handle, ch: &broker_link::Confirmed) -> anyhow::Result<bool> {
     let mut published = false;
     loop {
         let batch = handle.with_store(|s| s.outbox(OUTBOX_READ)).await?;
@@ -531,7 +541,7 @@ async fn flush_outbox(handle: &Handle, ch: &lapin::Channel) -> anyhow::Result<bo
         let sends = messages.iter().map(|o| {
             let mut headers = FieldTable::default();
             headers.insert(SEQ_HEADER.into(), AMQPValue::LongLongInt(o.seq));
-            broker_link::publish_confirmed_with(ch, topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload, headers)
+            ch.publish_with(topology::MASTER_EXCHANGE, &o.key, &o.id, &o.payload, headers)
         });
         for r in futures_util::future::join_all(sends).await {
             r?;

@@ -617,7 +617,7 @@ pub fn publish_raw(vhost: &Vhost, exchange: &str, key: &str, bytes: &[u8]) {
 
 /// Messages waiting in a queue of the vhost.
 pub fn queue_depth(vhost: &Vhost, queue: &str) -> u64 {
-    let out = Command::new("rabbitmqctl").args(["-q", "list_queues", "-p", &vhost.name, "name", "messages"]).output().expect("rabbitmqctl");
+    let out = Command::new("rabbitmqctl").args(vhost.ctl_args(&["list_queues", "-p", &vhost.name, "name", "messages"])).output().expect("rabbitmqctl");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {

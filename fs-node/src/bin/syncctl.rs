@@ -203,7 +203,7 @@ async fn main() -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 println!("node:      {}", s.brief.id);
-                println!("state:     {}", if s.brief.connected { "online" } else { "offline" });
+                println!("state:     {}", s.brief.state());
                 println!("mount:     {}", s.brief.mount);
                 println!("revision:  {} (last seen from the manager)", s.last_revision);
                 println!("uploads:   {} local change(s) waiting for the manager", s.brief.pending_changes);
@@ -421,7 +421,7 @@ impl Transfers {
             self.most = 0;
         }
         self.most = self.most.max(s.pending_pulls);
-        let state = if s.connected { "online" } else { "offline" };
+        let state = s.state();
         let msg = format!("{} pending change(s), {} MB pulled, {} conflict(s)", s.pending_changes, s.bytes_pulled / 1_000_000, s.conflicts_seen);
         match &self.bar {
             Some(b) => {
