@@ -432,16 +432,21 @@ pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,lapin=warn".into());
     // Colour only on a terminal: log files and `docker logs` get plain text.
     let ansi = std::io::stderr().is_terminal();
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).try_init();
+    // A line that cannot be written (its file's disk is full) is lost, and that is all:
+    // the library's fallback, printing the error to stderr, panics when that fails too,
+    // which killed the process (and a node's mount) at its first line on a full disk.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).log_internal_errors(false).try_init();
 }
 
 /// Ends a command: success, or its error and causes on one line (`Error: what: why`),
 /// with exit status 1 and no backtrace, whatever RUST_BACKTRACE says.
 pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    use std::io::Write;
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("Error: {}", format!("{e:#}").replace('\n', " "));
+            // Not `eprintln!`: it panics when stderr cannot be written (a full disk).
+            let _ = writeln!(std::io::stderr(), "Error: {}", format!("{e:#}").replace('\n', " "));
             std::process::ExitCode::FAILURE
         }
     }

@@ -220,9 +220,13 @@ impl ManagerProc {
     }
     /// With extra `manager serve` arguments.
     pub fn start_with(dir: &Path, broker: &str, extra: &[&str]) -> ManagerProc {
+        Self::start_logged(dir, &dir.join("manager.log"), broker, extra)
+    }
+    /// With its database in `dir` and its log at `log`.
+    pub fn start_logged(dir: &Path, log: &Path, broker: &str, extra: &[&str]) -> ManagerProc {
         let mut m = ManagerProc {
             db: dir.join("manager.db"),
-            log: dir.join("manager.log"),
+            log: log.to_path_buf(),
             broker: broker.to_string(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
             child: None,

@@ -386,7 +386,8 @@ fn a_full_disk_under_the_manager_gives_up_no_change_and_deciding_resumes_when_sp
     let disk = SmallDisk::new("16m", "manager");
     let dir = tempfile::Builder::new().prefix("syncfs-crash-manager-full-").tempdir().unwrap();
     let vhost = Vhost::new("crash-manager-full");
-    let manager = ManagerProc::start(&disk.path(), &vhost.url());
+    // Its log elsewhere, so that it says what happened.
+    let manager = ManagerProc::start_logged(&disk.path(), &dir.path().join("manager.log"), &vhost.url(), &[]);
     let mut c = Cluster { nodes: Vec::new(), manager, vhost, dir };
     c.add_node("n1");
     c.add_node("n2");
@@ -430,4 +431,54 @@ fn a_full_disk_under_the_manager_gives_up_no_change_and_deciding_resumes_when_sp
         }
     }
     assert!(conflict_files(&c.nodes[0].mount).is_empty(), "conflicts: {:?}", conflict_files(&c.nodes[0].mount));
+}
+
+/// A node's and the manager's logs on a disk that is full (logs written to a file, as
+/// `fs-node … 2>>/var/log/…` would): what they cannot log is lost, nothing else. (The
+/// logging library's fallback for a failed write printed to stderr again, and Rust's
+/// `eprintln!` panics when that fails: the first line logged on a full disk killed the
+/// process, and a node's mount with it.)
+#[test]
+fn a_full_disk_under_the_logs_stops_neither_the_nodes_nor_the_manager() {
+    let disk = SmallDisk::new("4m", "logs");
+    let dir = tempfile::Builder::new().prefix("syncfs-crash-logs-full-").tempdir().unwrap();
+    let vhost = Vhost::new("crash-logs-full");
+    let manager = ManagerProc::start_logged(dir.path(), &disk.path().join("manager.log"), &vhost.url(), &[]);
+    let mut c = Cluster { nodes: Vec::new(), manager, vhost, dir };
+    for id in ["n1", "n2"] {
+        std::os::unix::fs::symlink(disk.path().join(format!("node-{id}.log")), c.dir.path().join(format!("node-{id}.log"))).unwrap();
+        c.add_node(id);
+    }
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    write(&c.nodes[0].p("before"), b"before the logs' disk filled up");
+    c.converged();
+
+    disk.fill();
+    // And the room left in the last page of each log.
+    for log in std::fs::read_dir(disk.path()).unwrap().map(|e| e.unwrap().path()).filter(|p| p.extension().is_some_and(|e| e == "log")) {
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        let e = f.write_all(&[b'\n'; 8192]).expect_err("the disk is full");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "filling {}: {e}", log.display());
+    }
+    // Each sync is logged at `info`, on the node and on the manager.
+    for n in &c.nodes {
+        let (ok, out, err) = n.syncctl(&["sync"]);
+        assert!(ok, "syncctl sync on {} with its log's disk full: {out}{err}", n.id);
+    }
+    for i in 0..20 {
+        write(&c.nodes[0].p(&format!("after{i:02}")), format!("after {i}").as_bytes());
+    }
+    write(&c.nodes[1].p("before"), b"edited on n2");
+    c.converged();
+    for n in &c.nodes {
+        assert!(is_mounted(&n.mount), "{}'s mount is gone", n.id);
+        assert_eq!(read(&n.p("before")).as_deref(), Some(&b"edited on n2"[..]), "the edit on {}", n.id);
+        for i in 0..20 {
+            assert_eq!(read(&n.p(&format!("after{i:02}"))), Some(format!("after {i}").into_bytes()), "after{i:02} on {}", n.id);
+        }
+    }
+    let (api, token) = c.manager.api();
+    assert_eq!(http_get(&format!("{api}/api/health"), Some(&token)).0, 200, "the manager answers");
 }
