@@ -399,8 +399,10 @@ fn main() {
         let n: usize = std::env::var("BENCH_META_FILES").ok().and_then(|s| s.parse().ok()).unwrap_or(10_000);
         let on_mount = a.mount.join("meta");
         std::fs::create_dir(&on_mount).unwrap();
+        // BENCH_META_ROUNDS (3) rounds, each system in turn within each.
+        let rounds: usize = std::env::var("BENCH_META_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3).max(1);
         let side = metadata::SideBySide::new(c.dir.path(), on_mount.clone());
-        let rates = metadata::run(&side.systems, n);
+        let rates: Vec<_> = (0..rounds).map(|_| metadata::run(&side.systems, n)).collect();
         metadata::print(&side.systems, &rates, n);
         drop(side);
         std::fs::remove_dir(&on_mount).unwrap();

@@ -86,14 +86,37 @@ pub fn run(systems: &[(&str, PathBuf)], n: usize) -> Vec<Rates> {
     out
 }
 
-pub fn print(systems: &[(&str, PathBuf)], rates: &[Rates], n: usize) {
-    println!("{n} files of 4 KiB in one directory (rates per second; the mount syncs to a second node meanwhile):");
-    print_header("operation", systems);
-    let row = |name: &str, f: fn(&Rates) -> f64| print_row(name, &rates.iter().map(f).collect::<Vec<_>>(), 0);
+/// Prints the rows over `rounds` runs of [`run`]: each system's median rate, the median
+/// of the rounds' ratios (each round's systems met the machine in the same state; the
+/// baselines swing by up to 3x between runs minutes apart, session 40), and every round's
+/// ratio to bindfs.
+pub fn print(systems: &[(&str, PathBuf)], rounds: &[Vec<Rates>], n: usize) {
+    println!("{n} files of 4 KiB in one directory, {} round(s), medians (rates per second; the mount syncs to a second node meanwhile):", rounds.len());
+    println!(
+        "| operation | {} | mount / native | mount / bindfs | mount / bindfs, each round |",
+        systems.iter().map(|(s, _)| *s).collect::<Vec<_>>().join(" | ")
+    );
+    let row = |name: &str, f: fn(&Rates) -> f64| {
+        let rates: Vec<f64> = (0..systems.len()).map(|i| median(rounds.iter().map(|r| f(&r[i])).collect())).collect();
+        let ratios = |i: usize| -> Vec<f64> { rounds.iter().filter(|r| r.len() > i).map(|r| f(&r[0]) / f(&r[i])).collect() };
+        let ratio = |i: usize| if systems.len() > i { format!("{:.2}", median(ratios(i))) } else { "—".into() };
+        let each: Vec<String> = ratios(2).iter().map(|x| format!("{x:.2}")).collect();
+        let cells: Vec<String> = rates.iter().map(|x| format!("{x:.0}")).collect();
+        println!("| {name} | {} | {} | {} | {} |", cells.join(" | "), ratio(1), ratio(2), if each.is_empty() { "—".into() } else { each.join(", ") });
+    };
     row("create + write 4 KiB + close", |r| r.create);
     row("stat (warm)", |r| r.stat);
     row("readdir (entries)", |r| r.readdir);
     row("delete", |r| r.delete);
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The header of a side-by-side table: `what`, each system, and the two ratios.
