@@ -16,8 +16,8 @@
 //! coalesced: at most one sync is in flight and one more waits. A sync reply comes in
 //! pages, applied as they arrive; the sync completes on the last one.
 
-use crate::tree::{Applied, FsError, Incoming, Inval, Tree};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use crate::tree::{Applied, FsError, Incoming, Inval, NamedPaths, Tree};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 use wire::{
@@ -165,7 +165,7 @@ struct ActiveSync<R> {
     /// since the request was sent (a snapshot reply leaves out what changed after it
     /// started, which comes on the queue). Paths only: each page's entries are applied
     /// when it comes and not kept.
-    known: HashSet<RelPath>,
+    known: NamedPaths,
     /// The reply is a snapshot (`ToManager::Sync::snapshot`).
     snapshot: bool,
     pulled: u64,
@@ -340,7 +340,7 @@ impl<R> Engine<R> {
     fn apply_changes(&mut self, mut items: Vec<Incoming>, now: Now) -> EngineResult<()> {
         // The manager has each of these paths: a sync under way counts them as named.
         for sync in self.syncs.values_mut() {
-            sync.known.extend(items.iter().map(|item| Incoming::entry(item).path.clone()));
+            sync.known.extend(items.iter().map(|item| &Incoming::entry(item).path));
         }
         for item in &mut items {
             match item {
@@ -625,7 +625,7 @@ impl<R> Engine<R> {
             pushed,
             conflicts_before,
             next_page: 0,
-            known: HashSet::new(),
+            known: NamedPaths::default(),
             snapshot,
             pulled: 0,
             failed: 0,
@@ -740,7 +740,7 @@ impl<R> Engine<R> {
         }
         let mut heal = Vec::new();
         for entry in &entries {
-            s.known.insert(entry.path.clone());
+            s.known.insert(&entry.path);
             if matches!((&entry.version, s.damaged.get(&entry.path)), (Some(Version { content: Content::File { hash, .. }, .. }), Some(lost)) if hash == lost) {
                 heal.push(entry.clone());
             }

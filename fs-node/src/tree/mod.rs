@@ -43,7 +43,7 @@ use residency::Residency;
 pub use residency::{Evictable, PinRules, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
-pub use sync::PushedUnknown;
+pub use sync::{NamedPaths, PushedUnknown};
 #[cfg(test)]
 mod tests;
 

@@ -104,6 +104,42 @@ impl State {
     }
 }
 
+/// The paths a sync reply and the node's queue named while it came: what
+/// [`Tree::push_unknown`] leaves alone. A sync holds every path of the tree here at once,
+/// so each is kept as a 128-bit digest (BLAKE3's first 16 bytes), not as the path: about
+/// 100 bytes a path became 16 and the set's own (at a million paths, about 75 MB less
+/// for the length of the sync). Two paths taken for one another need two equal digests:
+/// with n paths a chance of about n²/2¹²⁹ (10⁻²⁷ at a million).
+#[derive(Debug, Default)]
+pub struct NamedPaths(HashSet<u128>);
+
+impl NamedPaths {
+    fn digest(p: &RelPath) -> u128 {
+        let h = blake3::hash(p.as_str().as_bytes());
+        u128::from_le_bytes(h.as_bytes()[..16].try_into().expect("16 bytes"))
+    }
+    pub fn insert(&mut self, p: &RelPath) {
+        self.0.insert(Self::digest(p));
+    }
+    pub fn contains(&self, p: &RelPath) -> bool {
+        self.0.contains(&Self::digest(p))
+    }
+}
+
+impl<'a> FromIterator<&'a RelPath> for NamedPaths {
+    fn from_iter<I: IntoIterator<Item = &'a RelPath>>(iter: I) -> Self {
+        let mut named = NamedPaths::default();
+        named.extend(iter);
+        named
+    }
+}
+
+impl<'a> Extend<&'a RelPath> for NamedPaths {
+    fn extend<I: IntoIterator<Item = &'a RelPath>>(&mut self, iter: I) {
+        self.0.extend(iter.into_iter().map(Self::digest));
+    }
+}
+
 /// What [`Tree::push_unknown`] did with the local paths a sync reply did not name.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PushedUnknown {
@@ -261,7 +297,7 @@ impl Tree {
         self.apply_each(entries, |st, store, e| st.apply_remote(e, store))
     }
 
-    /// Paths this node has (synced kinds) that are not in `known`, with no pending change:
+    /// Paths this node has (synced kinds) that `known` does not name, with no pending change:
     /// they are sent to the manager as new, outermost first. First commits again the
     /// files whose last close could not commit them (a disk fault), so that a sync sends
     /// them instead of leaving them to the next GC.
@@ -279,12 +315,12 @@ impl Tree {
     /// files, that held the mount for about a second at every sync). An entry moved
     /// meanwhile from a directory not looked at yet into one already looked at is not
     /// seen here; its rename queued it.
-    pub fn push_unknown(&self, known: &HashSet<RelPath>, hold_back_known: bool) -> FsResult<PushedUnknown> {
+    pub fn push_unknown(&self, known: &NamedPaths, hold_back_known: bool) -> FsResult<PushedUnknown> {
         self.push_unknown_in_parts(known, hold_back_known, WALK_PART)
     }
 
     /// `push_unknown`, looking at `part` entries of a directory per hold of the lock.
-    pub(super) fn push_unknown_in_parts(&self, known: &HashSet<RelPath>, hold_back_known: bool, part_len: usize) -> FsResult<PushedUnknown> {
+    pub(super) fn push_unknown_in_parts(&self, known: &NamedPaths, hold_back_known: bool, part_len: usize) -> FsResult<PushedUnknown> {
         let part_len = part_len.max(1);
         self.commit_unsaved();
         // `None`: not unknown; `Some(true)`: to send; `Some(false)`: to hold back.

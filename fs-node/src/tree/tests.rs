@@ -754,7 +754,8 @@ fn sends_the_unknown_paths_outermost_first(part: usize) {
     let (_, writing) = t.create(ROOT, OsStr::new("writing"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
     sent_paths(&t);
     closed_file(&t, ROOT, "queued", b"queued");
-    let known: HashSet<RelPath> = ["d/known"].iter().map(|p| RelPath::new(p.to_string()).unwrap()).collect();
+    let known_path = RelPath::new("d/known").unwrap();
+    let known: crate::tree::NamedPaths = std::iter::once(&known_path).collect();
     assert_eq!(t.push_unknown_in_parts(&known, false, part).unwrap().pushed, 4, "d, d/e, d/e/deep and top; part {part}");
     let sent = sent_paths(&t);
     let at = |p: &str| sent.iter().position(|s| s == p).unwrap_or_else(|| panic!("{p} not sent: {sent:?}, part {part}"));
