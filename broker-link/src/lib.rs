@@ -9,6 +9,7 @@ use lapin::{
     BasicProperties, Channel, Connection, ConnectionProperties, ConnectionStatus, ExchangeKind,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use wire::{topology, NodeId};
@@ -116,35 +117,78 @@ pub async fn confirmed_channel(conn: &Connection) -> anyhow::Result<Channel> {
 /// connection: a broker short of memory or disk (a RabbitMQ resource alarm) blocks every
 /// connection that publishes, reads nothing from it until it has room again, and keeps
 /// it open. Reconnecting would not help (the new connection is blocked at its first
-/// publish) and would send everything again, so such a wait lasts as long as the block
-/// does, for as long as the connection stays up (lapin closes it when the broker's own
-/// heartbeats stop).
+/// publish) and would send everything again, so an operation's limit counts from the
+/// last moment the connection was seen blocked, for as long as it stays up (lapin closes
+/// it when the broker's heartbeats stop; without negotiated heartbeats nothing would
+/// notice a dead peer, so then a block gets no extra time). Every operation ends when
+/// `cancel` fires (a shutdown during a block).
 #[derive(Clone)]
 pub struct Confirmed {
     pub ch: Channel,
     conn: ConnectionStatus,
+    heartbeats: bool,
+    cancel: CancellationToken,
+    /// When a wait on a blocked connection was last logged: once per
+    /// [`BROKER_OP_TIMEOUT`] for the whole connection, however many wait.
+    said: Arc<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
 impl Confirmed {
-    pub async fn open(conn: &Connection) -> anyhow::Result<Confirmed> {
-        Ok(Confirmed { ch: confirmed_channel(conn).await?, conn: conn.status().clone() })
+    pub async fn open(conn: &Connection, cancel: CancellationToken) -> anyhow::Result<Confirmed> {
+        Ok(Confirmed {
+            ch: confirmed_channel(conn).await?,
+            conn: conn.status().clone(),
+            heartbeats: conn.configuration().heartbeat() != 0,
+            cancel,
+            said: Default::default(),
+        })
     }
 
-    /// Whether the broker has blocked the connection (`connection.blocked`).
-    pub fn blocked(&self) -> bool {
-        self.conn.blocked()
+    /// Whether the broker blocks the connection (`connection.blocked`) and it is up.
+    fn blocked(&self) -> bool {
+        self.heartbeats && self.conn.blocked() && self.conn.connected()
     }
 
-    /// Runs one operation on this connection: [`bounded`], but waiting on while the
-    /// broker blocks the connection.
+    /// Runs one operation on this connection: [`bounded`], but with its limit counted
+    /// from the last moment the broker was seen blocking the connection.
     pub async fn bounded<T>(&self, what: impl std::fmt::Display, op: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-        bounded_unless_blocked(Some(&self.conn), what, op).await
+        let mut op = std::pin::pin!(op);
+        let start = std::time::Instant::now();
+        let mut deadline = start + BROKER_OP_TIMEOUT;
+        loop {
+            tokio::select! {
+                r = &mut op => return r,
+                _ = self.cancel.cancelled() => bail!("{what}: shutting down"),
+                _ = tokio::time::sleep(BLOCK_POLL) => {}
+            }
+            let now = std::time::Instant::now();
+            if self.blocked() {
+                deadline = now + BROKER_OP_TIMEOUT;
+                let mut said = self.said.lock().unwrap_or_else(|p| p.into_inner());
+                if now.duration_since(start) >= BROKER_OP_TIMEOUT && said.is_none_or(|t| now.duration_since(t) >= BROKER_OP_TIMEOUT) {
+                    *said = Some(now);
+                    tracing::info!("{what}: the broker still blocks the connection after {:?}; waiting on", now.duration_since(start));
+                }
+            } else if now >= deadline {
+                bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead");
+            }
+        }
     }
 
     /// Publishes and waits for the broker's confirm, with these headers; a nack is an error.
     pub async fn publish_with(&self, exchange: &str, key: &str, id: &str, payload: &[u8], headers: FieldTable) -> anyhow::Result<()> {
-        publish_confirmed_props(&self.ch, Some(&self.conn), exchange, key, id, payload, message_properties(id, None).with_headers(headers)).await
+        let props = message_properties(id, None).with_headers(headers);
+        self.bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), publish_and_confirm(&self.ch, exchange, key, id, payload, props)).await
     }
+}
+
+/// How often an operation on a [`Confirmed`] channel looks whether the broker blocks it.
+const BLOCK_POLL: Duration = Duration::from_secs(1);
+
+/// Closes a connection, waiting for the broker's answer at most a few seconds (a blocked
+/// connection sends nothing, so its close would wait for the alarm to clear).
+pub async fn close(conn: &Connection, reason: &str) {
+    let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, reason.into())).await;
 }
 
 /// Follows the broker's blocks of `conn` (`connection.blocked` with its reason, such as
@@ -344,26 +388,21 @@ pub async fn publish_confirmed(ch: &Channel, exchange: &str, key: &str, id: &str
 
 /// [`publish_confirmed`] with the AMQP `user_id` set to `user`.
 pub async fn publish_confirmed_as(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], user: Option<&str>) -> anyhow::Result<()> {
-    publish_confirmed_props(ch, None, exchange, key, id, payload, message_properties(id, user)).await
+    publish_confirmed_props(ch, exchange, key, id, payload, message_properties(id, user)).await
 }
 
-async fn publish_confirmed_props(
-    ch: &Channel,
-    conn: Option<&ConnectionStatus>,
-    exchange: &str,
-    key: &str,
-    id: &str,
-    payload: &[u8],
-    props: BasicProperties,
-) -> anyhow::Result<()> {
-    let confirm = bounded_unless_blocked(conn, format!("publishing {id} to {exchange:?}/{key} and its confirm"), async {
-        ch.basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, props)
-            .await
-            .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
-            .await
-            .with_context(|| format!("waiting for the confirm of {id}"))
-    })
-    .await?;
+async fn publish_confirmed_props(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], props: BasicProperties) -> anyhow::Result<()> {
+    bounded(format!("publishing {id} to {exchange:?}/{key} and its confirm"), publish_and_confirm(ch, exchange, key, id, payload, props)).await
+}
+
+/// Publishes and waits for the broker's confirm; a nack is an error.
+async fn publish_and_confirm(ch: &Channel, exchange: &str, key: &str, id: &str, payload: &[u8], props: BasicProperties) -> anyhow::Result<()> {
+    let confirm = ch
+        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), payload, props)
+        .await
+        .with_context(|| format!("publishing {id} to {exchange:?}/{key}"))?
+        .await
+        .with_context(|| format!("waiting for the confirm of {id}"))?;
     if !confirm.is_ack() {
         bail!("the broker refused message {id} ({key})");
     }
@@ -378,27 +417,9 @@ pub const BROKER_OP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Runs one broker operation, failing it when it takes longer than `BROKER_OP_TIMEOUT`.
 pub async fn bounded<T>(what: impl std::fmt::Display, op: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    bounded_unless_blocked(None, what, op).await
-}
-
-/// [`bounded`], except that each time the limit is up while the broker blocks `conn`
-/// (and it is still connected) the operation gets as long again ([`Confirmed`]).
-async fn bounded_unless_blocked<T>(
-    conn: Option<&ConnectionStatus>,
-    what: impl std::fmt::Display,
-    op: impl std::future::Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<T> {
-    let mut op = std::pin::pin!(op);
-    let mut waited = Duration::ZERO;
-    loop {
-        match tokio::time::timeout(BROKER_OP_TIMEOUT, &mut op).await {
-            Ok(r) => return r,
-            Err(_) if conn.is_some_and(|c| c.blocked() && c.connected()) => {
-                waited += BROKER_OP_TIMEOUT;
-                tracing::info!("{what}: the broker still blocks the connection after {waited:?}; waiting on");
-            }
-            Err(_) => bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead"),
-        }
+    match tokio::time::timeout(BROKER_OP_TIMEOUT, op).await {
+        Ok(r) => r,
+        Err(_) => bail!("{what}: no answer from the broker in {BROKER_OP_TIMEOUT:?}; taking the connection for dead"),
     }
 }
 

@@ -51,8 +51,10 @@ type RetryDone = (RelPath, wire::Revision, bool);
 struct LinkState {
     connected: AtomicBool,
     /// Why the broker blocks this node's connection (a memory or disk alarm), while it
-    /// does: nothing the node sends gets through meanwhile.
-    broker_blocked: Mutex<Option<String>>,
+    /// does: nothing the node sends gets through meanwhile. With the session it is
+    /// about (a count of sessions): a late word from an ended session's watcher is
+    /// not taken for the next one's.
+    broker_blocked: Mutex<(u64, Option<String>)>,
     pulls_in_progress: AtomicU64,
     last_sync: Mutex<Option<SyncReport>>,
 }
@@ -71,7 +73,20 @@ impl LinkHandle {
     }
     /// Why the broker blocks the node's connection, while it does.
     pub fn broker_blocked(&self) -> Option<String> {
-        self.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
+
+    /// Fails at once where a request could not go out: offline, or blocked by the broker.
+    fn check_can_send(&self, offline: &str) -> anyhow::Result<()> {
+        if !self.connected() {
+            anyhow::bail!("not connected to the broker: {offline}");
+        }
+        if let Some(reason) = self.broker_blocked() {
+            anyhow::bail!(
+                "the broker blocks this node's connection ({reason}: a memory or disk alarm of the broker); nothing goes out until it has room again"
+            );
+        }
+        Ok(())
     }
     pub fn pulls_in_progress(&self) -> u64 {
         self.state.pulls_in_progress.load(Ordering::Relaxed)
@@ -86,9 +101,7 @@ impl LinkHandle {
     /// fixed limit failed the sync of a million-file node while small files were
     /// written on its mount: the reply was still coming, page after page.)
     pub async fn sync_now(&self) -> anyhow::Result<SyncReport> {
-        if !self.connected() {
-            anyhow::bail!("not connected to the broker: the node is offline; its changes are kept and will be sent when it reconnects");
-        }
+        self.check_can_send("the node is offline; its changes are kept and will be sent when it reconnects")?;
         let (tx, rx) = oneshot::channel();
         self.sync_requests.send(tx).await.context("the broker link is not running")?;
         match rx.await {
@@ -100,9 +113,7 @@ impl LinkHandle {
     /// Asks the manager a question (kept versions, the trash, a restore) and waits for
     /// its answer.
     pub async fn ask(&self, query: wire::Query, timeout: Duration) -> anyhow::Result<wire::Answer> {
-        if !self.connected() {
-            anyhow::bail!("not connected to the broker: the node is offline, and only the manager knows the kept versions");
-        }
+        self.check_can_send("the node is offline, and only the manager knows the kept versions")?;
         let (tx, rx) = oneshot::channel();
         self.asks.send((query, tx)).await.context("the broker link is not running")?;
         match tokio::time::timeout(timeout, rx).await {
@@ -156,7 +167,10 @@ impl LinkTask {
         loop {
             let r = link.session(&mut sync_rx, &mut ask_rx, &cancel, &mut backoff, clock).await;
             link.state.connected.store(false, Ordering::Relaxed);
-            *link.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            {
+                let mut blocked = link.state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner());
+                *blocked = (blocked.0 + 1, None);
+            }
             match r {
                 Ok(()) => return,
                 Err(e) => tracing::warn!("broker link down: {e:#}; working offline and reconnecting"),
@@ -475,10 +489,14 @@ impl Link {
     ) -> anyhow::Result<()> {
         let broker = self.broker.as_str();
         let conn = broker_link::connect(broker).await?;
-        let ch = broker_link::Confirmed::open(&conn).await?;
+        let ch = broker_link::Confirmed::open(&conn, cancel.clone()).await?;
         let state = self.state.clone();
+        let this_session = state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()).0;
         let _blocks = broker_link::watch_blocks(&conn, move |reason| {
-            *state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner()) = reason.map(str::to_string);
+            let mut blocked = state.broker_blocked.lock().unwrap_or_else(|p| p.into_inner());
+            if blocked.0 == this_session {
+                blocked.1 = reason.map(str::to_string);
+            }
         });
         let own_user = broker_link::url_user(broker).is_some_and(|u| wire::topology::node_of_user(&u).is_some());
         let queue = broker_link::prepare_node_topology(&conn, &self.info.id, own_user).await?;
@@ -510,7 +528,7 @@ impl Link {
             let gather_due = s.engine.as_ref().and_then(|e| e.publish_due()).map(|due| tokio::time::Instant::from_std(clock + due));
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    let _ = conn.close(200, "node shutting down".into()).await;
+                    broker_link::close(&conn, "node shutting down").await;
                     return Ok(());
                 }
                 // While changes gather (a decision awaited), the engine sends them when it

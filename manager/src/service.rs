@@ -100,10 +100,12 @@ pub struct Handle {
     /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
     /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
     pub busy_since_ms: Arc<std::sync::atomic::AtomicI64>,
-    /// Why the last broker session ended, with its error's chain (a full disk, a locked
-    /// database, a lost broker), until the manager makes progress again: what an
-    /// operator needs to know about a stuck manager (`/api/health`, the watchdog's log).
-    pub last_failure: Arc<Mutex<Option<String>>>,
+    /// When (ms since the epoch) and why the last broker session ended, with its
+    /// error's chain (a full disk, a locked database, a lost broker), or the broker
+    /// blocked the manager's connection: what an operator needs to know about a stuck
+    /// manager (`/api/health`, the dashboard's banner, the watchdog's log). Kept, not
+    /// cleared: its time says whether it is still news.
+    pub last_failure: Arc<Mutex<Option<(i64, String)>>>,
 }
 
 /// Work unfinished for this long means the manager is stuck (it logs it, `/api/health`
@@ -147,15 +149,14 @@ impl Handle {
         let out = work.await;
         if out.as_ref().is_ok_and(|v| started || progressed(v)) {
             self.busy_since_ms.store(0, Ordering::Relaxed);
-            self.set_last_failure(None);
         }
         out
     }
-    fn set_last_failure(&self, failure: Option<String>) {
-        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = failure;
+    fn set_last_failure(&self, failure: String) {
+        *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms(), failure));
     }
-    /// Why the last broker session ended, if the manager has made no progress since.
-    pub fn last_failure(&self) -> Option<String> {
+    /// When (ms since the epoch) and why the last broker session ended, if one did.
+    pub fn last_failure(&self) -> Option<(i64, String)> {
         self.last_failure.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
     /// How long unfinished work has been waiting, if longer than [`STALLED_AFTER`].
@@ -196,7 +197,7 @@ pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) ->
             Ok(()) => return Ok(()),
             Err(e) => {
                 tracing::warn!("broker session ended: {e:#}; reconnecting");
-                handle.set_last_failure(Some(format!("{e:#}")));
+                handle.set_last_failure(format!("{e:#}"));
             }
         }
         if !backoff.wait(&cancel).await {
@@ -207,11 +208,11 @@ pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) ->
 
 async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, backoff: &mut broker_link::Backoff) -> anyhow::Result<()> {
     let conn = broker_link::connect(&cfg.broker).await?;
-    let ch = broker_link::Confirmed::open(&conn).await?;
+    let ch = broker_link::Confirmed::open(&conn, cancel.clone()).await?;
     let blocks = handle.clone();
     let _blocks = broker_link::watch_blocks(&conn, move |reason| {
         if let Some(reason) = reason {
-            blocks.set_last_failure(Some(format!("the broker blocked the manager's connection: {reason} (a memory or disk alarm of the broker)")));
+            blocks.set_last_failure(format!("the broker blocked the manager's connection: {reason} (a memory or disk alarm of the broker)"));
         }
     });
     broker_link::declare_common(&conn).await?;
@@ -236,7 +237,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                let _ = conn.close(200, "manager shutting down".into()).await;
+                broker_link::close(&conn, "manager shutting down").await;
                 return Ok(());
             }
             _ = tick.tick() => {
@@ -299,9 +300,12 @@ async fn watchdog(handle: Handle, alive: PathBuf, cancel: CancellationToken) {
         }
         match handle.stalled_for(now_ms()) {
             Some(d) => tracing::error!(
-                "the manager has not finished the work it took up {}s ago: it is stuck (last failure: {}); nodes' changes wait",
+                "the manager has not finished the work it took up {}s ago: it is stuck ({}); nodes' changes wait",
                 d.as_secs(),
-                handle.last_failure().as_deref().unwrap_or("none; a database locked by another process, a disk too slow?")
+                match handle.last_failure() {
+                    Some((at, why)) => format!("last failure {}s ago: {why}", (now_ms() - at).max(0) / 1000),
+                    None => "no failure seen: a database locked by another process? a disk too slow?".into(),
+                }
             ),
             None => {
                 let touched = std::fs::OpenOptions::new()

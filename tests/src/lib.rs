@@ -248,6 +248,19 @@ impl ManagerProc {
             stop_child(&mut c);
         }
     }
+    /// Sends `signal` and waits (deadline) for the manager to exit; its exit status.
+    pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the manager is running");
+        unsafe {
+            libc::kill(child.id() as i32, signal);
+        }
+        let mut status = None;
+        eventually(&format!("the manager to exit after signal {signal}"), DEADLINE, || {
+            status = child.try_wait().ok().flatten();
+            status.is_some()
+        });
+        status.expect("exited")
+    }
     /// The manager's HTTP address and operator token, from its log and credentials file.
     pub fn api(&self) -> (String, String) {
         let log = std::fs::read_to_string(&self.log).unwrap();

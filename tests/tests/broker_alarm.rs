@@ -76,12 +76,34 @@ fn a_broker_out_of_memory_blocks_nodes_that_stay_connected_and_lose_nothing() {
     // blocked: a blocked one is not taken for dead.
     eventually("n1 to wait on through a whole operation's limit", Duration::from_secs(60), || log_has(&n1.log, "the broker still blocks the connection"));
     assert!(n1.connected(), "n1 went offline while the broker blocked it");
-    assert!(!log_has(&n1.log, "taking the connection for dead"), "n1 took a blocked connection for dead");
     assert!(n1.pending() > 0, "n1's changes were decided while the broker was blocked");
     assert!(read(&n2.p("during00")).is_none(), "a change arrived through a blocked broker");
+    // A sync cannot go out: it says why at once instead of waiting for the alarm.
+    let (ok, out, err) = n1.syncctl(&["sync"]);
+    assert!(!ok && err.contains("the broker blocks this node's connection"), "syncctl sync during the alarm: {out}{err}");
+
+    // The manager, blocked too once it publishes (a sync it is asked for), says so.
+    let (api, token) = c.manager.api();
+    let r = http_client().post(format!("{api}/api/nodes/n2/sync")).bearer_auth(&token).send().expect("POST /api/nodes/n2/sync");
+    assert_eq!(r.status().as_u16(), 202, "asking n2 to sync");
+    let health = || serde_json::from_slice::<serde_json::Value>(&http_get(&format!("{api}/api/health"), Some(&token)).1).unwrap();
+    eventually("the manager's health to say the broker blocks it", DEADLINE, || {
+        health()["last_failure"].as_str().is_some_and(|f| f.contains("the broker blocked the manager's connection"))
+    });
+    // A blocked node and a blocked manager still stop at once when asked to.
+    assert!(c.nodes[1].signal_and_wait(libc::SIGTERM).success(), "n2 stopped while the broker blocked it");
+    assert!(!is_mounted(&c.nodes[1].mount), "n2's mount is still there");
+    assert!(c.manager.signal_and_wait(libc::SIGTERM).success(), "the manager stopped while the broker blocked it");
 
     drop(alarm);
+    c.manager.restart();
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
     c.converged();
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    for log in [&n1.log, &n2.log, &c.manager.log] {
+        assert!(!log_has(log, "taking the connection for dead"), "a blocked connection was taken for dead: {}", log.display());
+    }
     for n in [n1, n2] {
         assert!(n.status()["broker_blocked"].is_null(), "{} still says the broker blocks it: {}", n.id, n.status());
         for i in 0..30 {

@@ -33,10 +33,12 @@ pub(crate) async fn dispatch(state: &State, op: Op, call: Call) -> ApiResult<Res
         Op::OpenApi => ok(openapi::document()),
         Op::Health => {
             let stalled = state.handle.stalled_for(crate::service::now_ms());
+            let last_failure = state.handle.last_failure();
             let body = json!({
                 "ok": stalled.is_none(),
                 "stalled_seconds": stalled.map(|d| d.as_secs()),
-                "last_failure": state.handle.last_failure(),
+                "last_failure": last_failure.as_ref().map(|(_, why)| why),
+                "last_failure_ms": last_failure.as_ref().map(|(at, _)| at),
                 "dead_lettered": state.handle.dead_lettered.load(Ordering::Relaxed),
                 "refused_senders": state.handle.refused_senders.load(Ordering::Relaxed),
                 "queue_drops": state.handle.queue_drops.load(Ordering::Relaxed),

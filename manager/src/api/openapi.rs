@@ -51,7 +51,8 @@ fn schemas() -> Value {
             "properties": {
                 "ok": {"type": "boolean", "description": "False while the manager is stuck on work it took up (also answered with 503)."},
                 "stalled_seconds": {"type": ["integer", "null"], "description": "How long the unfinished work has waited, when stuck."},
-                "last_failure": {"type": ["string", "null"], "description": "Why the manager's last broker session ended (a full disk, a locked database, a lost broker), until it makes progress again."},
+                "last_failure": {"type": ["string", "null"], "description": "Why the manager's last broker session ended (a full disk, a locked database, a lost broker), or the broker blocked its connection (a memory or disk alarm), since it started."},
+                "last_failure_ms": {"type": ["integer", "null"], "description": "When that was, in milliseconds since the Unix epoch."},
                 "dead_lettered": int, "refused_senders": int,
                 "queue_drops": {"type": "integer", "description": "Messages node queues dropped past their length limit since the manager started; each node named was asked to sync."}
             }
