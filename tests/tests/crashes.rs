@@ -420,6 +420,8 @@ fn a_full_disk_under_the_manager_gives_up_no_change_and_deciding_resumes_when_sp
     eventually("/api/health to say why the manager is not deciding", DEADLINE, || {
         health()["last_failure"].as_str().is_some_and(|f| f.contains("disk is full"))
     });
+    // And that it is stuck, once its work has waited `STALLED_AFTER` (30 s).
+    eventually("/api/health to say the manager is stuck", Duration::from_secs(90), || health()["ok"] == false);
     std::fs::remove_file(&filler).unwrap();
     c.converged();
     assert_eq!(queue_depth(&c.vhost, wire::topology::DEAD_QUEUE), 0, "changes given up after the manager's disk was full");
