@@ -37,8 +37,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const MAX_ATTEMPTS: u32 = 3;
 /// Times a message may be in hand when the manager stops (crashes, is killed, runs out
 /// of memory) before it is given up. A stop is seen as the message coming back from the
-/// broker marked redelivered; an operator's restart or a lost broker connection counts
-/// too, which is why it takes more than one.
+/// broker marked redelivered; an operator's restart counts too, which is why it takes
+/// more than one. A failure this process survives (the database or the broker failing
+/// while the message was in hand) does not count (`Handle::stops_before`).
 pub const MAX_STOPS: u32 = 3;
 /// Pause before the second attempt, doubled before each further one: 0.6 s in all per
 /// batch, short enough not to hold up the messages behind it for long.
@@ -106,6 +107,11 @@ pub struct Handle {
     /// manager (`/api/health`, the dashboard's banner, the watchdog's log). Kept, not
     /// cleared: its time says whether it is still news.
     pub last_failure: Arc<Mutex<Option<(i64, String)>>>,
+    /// Starts of redelivered messages (`Store::start_suspect`) whose handling this
+    /// process survived: it failed with an error that ended the broker session (the
+    /// database, the broker), not with a stop. They do not count towards
+    /// [`MAX_STOPS`]; stops of earlier processes do.
+    survived_starts: Arc<Mutex<std::collections::HashMap<wire::MessageId, u32>>>,
 }
 
 /// Work unfinished for this long means the manager is stuck (it logs it, `/api/health`
@@ -132,6 +138,7 @@ impl Handle {
             refused_senders: Default::default(),
             queue_drops: Default::default(),
             last_failure: Default::default(),
+            survived_starts: Default::default(),
             busy_since_ms: Default::default(),
         })
     }
@@ -151,6 +158,21 @@ impl Handle {
             self.busy_since_ms.store(0, Ordering::Relaxed);
         }
         out
+    }
+    /// Of `recorded` earlier starts of a redelivered message, those that stopped a
+    /// process (this one survived the others).
+    pub fn stops_before(&self, msg: &wire::MessageId, recorded: u32) -> u32 {
+        recorded.saturating_sub(self.survived_starts.lock().unwrap_or_else(|p| p.into_inner()).get(msg).copied().unwrap_or(0))
+    }
+    /// The handling of a redelivered message ended: survived (an error that ended the
+    /// session), or finished (it no longer needs counting).
+    pub fn suspect_ended(&self, msg: &wire::MessageId, survived: bool) {
+        let mut starts = self.survived_starts.lock().unwrap_or_else(|p| p.into_inner());
+        if survived {
+            *starts.entry(msg.clone()).or_default() += 1;
+        } else {
+            starts.remove(msg);
+        }
     }
     fn set_last_failure(&self, failure: String) {
         *self.last_failure.lock().unwrap_or_else(|p| p.into_inner()) = Some((now_ms(), failure));
@@ -353,7 +375,8 @@ async fn handle_batch(
     let rest = pending.split_off(fresh);
     for (d, env) in pending {
         let id = env.id.clone();
-        let earlier = handle.with_store(move |s| s.start_suspect(&id)).await?;
+        let recorded = handle.with_store(move |s| s.start_suspect(&id)).await?;
+        let earlier = handle.stops_before(&env.id, recorded);
         if earlier >= MAX_STOPS {
             let id = env.id.clone();
             handle.with_store(move |s| s.give_up_suspect(&id)).await?;
@@ -361,7 +384,10 @@ async fn handle_batch(
             dead_letter(handle, ch, &d, &reason, earlier).await?;
             continue;
         }
-        decide_with_retries(handle, ch, cancel, vec![(d, env)]).await?;
+        let id = env.id.clone();
+        let handled = decide_with_retries(handle, ch, cancel, vec![(d, env)]).await;
+        handle.suspect_ended(&id, handled.is_err());
+        handled?;
     }
     decide_with_retries(handle, ch, cancel, rest).await
 }

@@ -39,6 +39,28 @@ fn test_abort_on_path() -> Option<&'static str> {
     PATH.get_or_init(|| std::env::var("SYNC_TEST_ABORT_ON_PATH").ok().filter(|p| !p.is_empty())).as_deref()
 }
 
+/// Test-only fault: with `SYNC_TEST_DB_FAULT_ON_PATH=PATH:N`, the first N times a
+/// message changing exactly PATH is handled, handling fails as a failing database would
+/// (an error outside the message's savepoint, which ends the broker session; tests of
+/// what the manager does with a message in hand when the database fails, not the
+/// message). Never set in production; read once.
+fn test_db_fault(env: &Envelope<ToManager>) -> bool {
+    static FAULT: std::sync::OnceLock<Option<(String, std::sync::atomic::AtomicU32)>> = std::sync::OnceLock::new();
+    let fault = FAULT.get_or_init(|| {
+        let v = std::env::var("SYNC_TEST_DB_FAULT_ON_PATH").ok()?;
+        let (path, n) = v.rsplit_once(':')?;
+        Some((path.to_string(), std::sync::atomic::AtomicU32::new(n.parse().ok()?)))
+    });
+    let Some((path, left)) = fault else { return false };
+    let names = |c: &Change| c.path.as_str() == path;
+    let hit = match &env.body {
+        ToManager::Change(c) => names(c),
+        ToManager::Changes { items } => items.iter().any(|i| names(&i.change)),
+        _ => false,
+    };
+    hit && left.fetch_update(std::sync::atomic::Ordering::SeqCst, std::sync::atomic::Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+}
+
 /// Schema version 2: the base each change was decided on, so that a change following a
 /// refused one keeps that base (rows from before have 0: no base passed on).
 const SCHEMA_V2: &str = "ALTER TABLE applied ADD COLUMN base INTEGER NOT NULL DEFAULT 0;";
@@ -738,6 +760,9 @@ impl Tx<'_> {
     /// wrote is rolled back and the reason is returned. Only a failure of the database
     /// itself (the savepoint cannot be opened, released or rolled back) is an error.
     pub fn handle_isolated(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<Result<(), String>> {
+        if test_db_fault(&env) {
+            anyhow::bail!("SYNC_TEST_DB_FAULT_ON_PATH: the database failed (a test fault)");
+        }
         let given_up: Option<bool> = self
             .tx
             .prepare_cached("SELECT given_up FROM suspects WHERE msg = ?1")?

@@ -164,14 +164,21 @@ struct ManagerProcess {
 
 impl ManagerProcess {
     fn start(broker: &str, db: &std::path::Path) -> ManagerProcess {
-        let args = ["serve", "--http", "127.0.0.1:0", "--broker", broker, "--db", db.to_str().unwrap()].map(String::from).to_vec();
+        Self::start_with_fault(broker, db, ("SYNC_TEST_ABORT_ON_PATH", "poison.txt"))
+    }
+    /// With this test-only fault (`manager::store`) set.
+    fn start_with_fault(broker: &str, db: &std::path::Path, fault: (&str, &str)) -> ManagerProcess {
+        let mut args = ["serve", "--http", "127.0.0.1:0", "--broker", broker, "--db", db.to_str().unwrap()].map(String::from).to_vec();
+        args.extend([fault.0.to_string(), fault.1.to_string()]);
         let child = Self::spawn(&args);
         ManagerProcess { child, args, starts: 1 }
     }
+    /// `args`: the manager's, then the fault's variable and value.
     fn spawn(args: &[String]) -> std::process::Child {
+        let (args, fault) = args.split_at(args.len() - 2);
         Command::new(env!("CARGO_BIN_EXE_manager"))
             .args(args)
-            .env("SYNC_TEST_ABORT_ON_PATH", "poison.txt")
+            .env(&fault[0], &fault[1])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -270,5 +277,43 @@ async fn a_message_that_kills_the_manager_is_given_up_after_a_few_restarts() {
     }
     again.extend(take_dead_letters(&ch).await);
     assert!(again.len() == 1 && again[0].0 == "m2" && again[0].1.starts_with("given up"), "{again:?}");
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// A message in hand when the database fails (an error that ends the broker session,
+/// not the process) is not taken for one that stops the manager: failing more times in
+/// a row than a poison message may stop it, it is decided once the database works
+/// again, and nothing is dead-lettered. (Such failures counted as stops: a full disk
+/// under the database for a minute gave up every change that came meanwhile.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_in_hand_when_the_database_fails_is_not_given_up() {
+    let vhost = Vhost::new();
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("m.db");
+    let failures = (service::MAX_STOPS + 3).to_string();
+    let mut manager = ManagerProcess::start_with_fault(&vhost.url(), &db, ("SYNC_TEST_DB_FAULT_ON_PATH", &format!("flaky.txt:{failures}")));
+
+    let conn = broker_link::connect(&vhost.url()).await.unwrap();
+    let ch = broker_link::confirmed_channel(&conn).await.unwrap();
+    broker_link::declare_common(&conn).await.unwrap();
+    for (id, path) in [("m1", "before.txt"), ("m2", "flaky.txt"), ("m3", "after.txt")] {
+        broker_link::publish_confirmed(&ch, "", topology::UPDATE_QUEUE, id, &put(id, path).encode()).await.unwrap();
+    }
+    let decided = |msg: &str| -> bool {
+        let Ok(c) = rusqlite::Connection::open_with_flags(&db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else { return false };
+        c.query_row("SELECT count(*) FROM applied WHERE msg = ?1", [msg], |r| r.get::<_, i64>(0)).unwrap_or(0) == 1
+    };
+    let mut dead = Vec::new();
+    let start = Instant::now();
+    while !(decided("m1") && decided("m2") && decided("m3")) {
+        assert!(start.elapsed() < Duration::from_secs(90), "timed out waiting for every message to be decided; dead letters: {dead:?}");
+        assert!(manager.keep_running(), "the manager stopped");
+        dead.extend(take_dead_letters(&ch).await);
+        assert!(dead.is_empty(), "a message was given up: {dead:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    dead.extend(take_dead_letters(&ch).await);
+    assert!(dead.is_empty(), "a message was given up: {dead:?}");
+    assert_eq!(manager.starts, 1, "the manager was restarted");
     let _ = conn.close(200, "done".into()).await;
 }
