@@ -191,6 +191,26 @@ pub async fn close(conn: &Connection, reason: &str) {
     let _ = tokio::time::timeout(Duration::from_secs(5), conn.close(200, reason.into())).await;
 }
 
+/// Fails when `queue` has a consumer already: a second process with the same role (a
+/// node started twice with one id, a second manager) would take every other message and
+/// diverge. `who` says what the other one probably is. Checked before consuming (quorum
+/// queues do not enforce an exclusive consumer; classic ones refuse the second too); a
+/// consumer of this process's own previous connection, not yet closed, fails it as
+/// well, and the next attempt after the backoff succeeds.
+pub async fn refuse_if_consumed(conn: &Connection, queue: &str, who: &str) -> anyhow::Result<()> {
+    let ch = conn.create_channel().await.context("opening a channel")?;
+    let passive = QueueDeclareOptions { passive: true, ..Default::default() };
+    let q = bounded(format!("looking at queue {queue}"), async {
+        ch.queue_declare(queue.into(), passive, FieldTable::default()).await.with_context(|| format!("looking at queue {queue}"))
+    })
+    .await?;
+    let _ = ch.close(200, "looked".into()).await;
+    if q.consumer_count() > 0 {
+        bail!("queue {queue} already has a consumer: {who}; waiting until it is gone");
+    }
+    Ok(())
+}
+
 /// Follows the broker's blocks of `conn` (`connection.blocked` with its reason, such as
 /// "low on memory", and `connection.unblocked`): logs each and hands it to `on_change`
 /// (`Some(reason)` while blocked). Stops when the returned guard is dropped.

@@ -55,6 +55,8 @@ struct LinkState {
     /// about (a count of sessions): a late word from an ended session's watcher is
     /// not taken for the next one's.
     broker_blocked: Mutex<(u64, Option<String>)>,
+    /// Why the last session with the broker ended, while the node is offline.
+    offline_because: Mutex<Option<String>>,
     pulls_in_progress: AtomicU64,
     last_sync: Mutex<Option<SyncReport>>,
 }
@@ -87,6 +89,10 @@ impl LinkHandle {
             );
         }
         Ok(())
+    }
+    /// Why the node is offline: how its last session with the broker ended.
+    pub fn offline_because(&self) -> Option<String> {
+        self.state.offline_because.lock().unwrap_or_else(|p| p.into_inner()).clone().filter(|_| !self.connected())
     }
     pub fn pulls_in_progress(&self) -> u64 {
         self.state.pulls_in_progress.load(Ordering::Relaxed)
@@ -173,7 +179,10 @@ impl LinkTask {
             }
             match r {
                 Ok(()) => return,
-                Err(e) => tracing::warn!("broker link down: {e:#}; working offline and reconnecting"),
+                Err(e) => {
+                    tracing::warn!("broker link down: {e:#}; working offline and reconnecting");
+                    *link.state.offline_because.lock().unwrap_or_else(|p| p.into_inner()) = Some(format!("{e:#}"));
+                }
             }
             // Sync requests made while offline fail at once with a clear reason.
             while let Ok(r) = sync_rx.try_recv() {
@@ -502,10 +511,14 @@ impl Link {
         let queue = broker_link::prepare_node_topology(&conn, &self.info.id, own_user).await?;
         let cons = conn.create_channel().await.context("opening the consumer channel")?;
         cons.basic_qos(PREFETCH, BasicQosOptions::default()).await?;
-        let consumer = cons
-            .basic_consume(queue.as_str().into(), self.info.id.as_str().into(), BasicConsumeOptions::default(), FieldTable::default())
-            .await
-            .context("consuming")?;
+        // Exclusively: a second node with this id (a cloned machine, a second mount
+        // started by mistake) would take every other message of this queue and diverge.
+        // The broker refuses it; it stays offline and says why until this one is gone.
+        broker_link::refuse_if_consumed(&conn, &queue, &format!("is node {} running elsewhere too?", self.info.id)).await?;
+        let exclusive = BasicConsumeOptions { exclusive: true, ..Default::default() };
+        let consumer = cons.basic_consume(queue.as_str().into(), self.info.id.as_str().into(), exclusive, FieldTable::default()).await.with_context(|| {
+            format!("consuming {queue}, exclusively (the broker refuses a second consumer: is node {} running elsewhere too?)", self.info.id)
+        })?;
         let info = self.info.clone();
         let (tree, pulls, now) = (self.tree.clone(), self.state.pulls_in_progress.load(Ordering::Relaxed), clock.elapsed());
         let (engine, first) = tokio::task::spawn_blocking(move || Engine::connected(tree, info, pulls, now)).await?;

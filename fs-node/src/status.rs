@@ -26,6 +26,9 @@ pub struct BriefStatus {
     /// alarm of the broker: the node's changes wait until it has room again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker_blocked: Option<String>,
+    /// Why the node is offline: how its last session with the broker ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_because: Option<String>,
     pub pending_changes: u64,
     pub pending_pulls: u64,
     pub conflicts_seen: u64,
@@ -39,7 +42,10 @@ impl BriefStatus {
         match (&self.broker_blocked, self.connected) {
             (Some(reason), true) => format!("online, but the broker blocks its connection ({reason}): changes wait"),
             (_, true) => "online".into(),
-            (_, false) => "offline".into(),
+            (_, false) => match &self.offline_because {
+                Some(why) => format!("offline ({why})"),
+                None => "offline".into(),
+            },
         }
     }
 }
@@ -100,6 +106,7 @@ impl Reporter {
             url: self.url.clone(),
             connected: self.link.connected(),
             broker_blocked: self.link.broker_blocked(),
+            offline_because: self.link.offline_because(),
             pending_changes: self.tree.pending_changes(),
             pending_pulls: self.link.pulls_in_progress(),
             conflicts_seen: self.tree.conflicts_seen(),

@@ -239,16 +239,22 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     });
     broker_link::declare_common(&conn).await?;
     ch.ch.basic_qos(BATCH as u16, BasicQosOptions::default()).await?;
+    // Exclusively: a second manager (another database) would decide every other change
+    // and assign the same revisions. The broker refuses it; it decides nothing and says
+    // why until this one is gone (a standby taking over, docs/deploy.md).
+    broker_link::refuse_if_consumed(&conn, topology::UPDATE_QUEUE, "is another manager running on this broker?").await?;
+    let exclusive = BasicConsumeOptions { exclusive: true, ..Default::default() };
+    const ANOTHER: &str = "exclusively (the broker refuses a second consumer: is another manager running on this broker?)";
     let mut consumer = ch
         .ch
-        .basic_consume(topology::UPDATE_QUEUE.into(), "manager".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(topology::UPDATE_QUEUE.into(), "manager".into(), exclusive, FieldTable::default())
         .await
-        .context("consuming the update queue")?;
+        .with_context(|| format!("consuming the update queue, {ANOTHER}"))?;
     let mut drops = ch
         .ch
-        .basic_consume(topology::DROPS_QUEUE.into(), "manager-drops".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(topology::DROPS_QUEUE.into(), "manager-drops".into(), exclusive, FieldTable::default())
         .await
-        .context("consuming the queue of dropped messages")?;
+        .with_context(|| format!("consuming the queue of dropped messages, {ANOTHER}"))?;
     tracing::info!("connected to the broker; consuming {} and {}", topology::UPDATE_QUEUE, topology::DROPS_QUEUE);
     backoff.reset();
     flush_outbox_timed(handle, &ch).await?;

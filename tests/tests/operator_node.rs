@@ -1,5 +1,7 @@
 //! What an operator running a node sees: quiet logs for operations the node does not
-//! implement, plain-text log files, and a clean unmount on every terminating signal.
+//! implement, plain-text log files, a clean unmount on every terminating signal, a stuck
+//! manager that says so, and a node or manager started twice by mistake that stays out
+//! of the way and says why.
 
 use std::process::Command;
 use std::time::Duration;
@@ -146,4 +148,61 @@ fn a_manager_stuck_publishing_its_outbox_says_so() {
     let outbox = || rusqlite::Connection::open(&m.db).unwrap().query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0)).unwrap();
     eventually("the outbox published and emptied", DEADLINE, || outbox() == 0);
     m.stop();
+}
+
+/// A second node with the same id (a cloned machine, a second mount started by mistake)
+/// would take every other message of the node's queue, and both would diverge. The
+/// broker refuses its consumer: it works offline and says why, the first one goes on
+/// unharmed, and once the first is gone the second takes its place.
+#[test]
+fn a_node_started_twice_stays_offline_and_says_why() {
+    let mut c = Cluster::start("twice-node", 2);
+    let other = tempfile::Builder::new().prefix("syncfs-twice-node-").tempdir().unwrap();
+    let twin = NodeProc::start(other.path(), "n1", &c.vhost);
+    eventually("the second n1 to say why it is offline", DEADLINE, || {
+        twin.status()["offline_because"].as_str().is_some_and(|why| why.contains("is node n1 running elsewhere too?"))
+    });
+    assert!(!twin.connected(), "two n1 consume one queue");
+
+    // The first n1 misses nothing meanwhile.
+    for i in 0..30 {
+        write(&c.nodes[1].p(&format!("from-n2-{i:02}")), format!("{i}").as_bytes());
+    }
+    write(&c.nodes[0].p("from-n1"), b"n1");
+    c.converged();
+    for i in 0..30 {
+        assert_eq!(read(&c.nodes[0].p(&format!("from-n2-{i:02}"))), Some(format!("{i}").into_bytes()), "from-n2-{i:02} on the first n1");
+    }
+    assert!(!twin.connected(), "the second n1 got in while the first ran");
+
+    // The first one stops: the second takes its place and gets the tree.
+    c.nodes[0].stop();
+    twin.wait_connected();
+    eventually("the second n1 to show the tree", DEADLINE, || read(&twin.p("from-n2-29")).is_some() && read(&twin.p("from-n1")).is_some());
+}
+
+/// A second manager on the same broker (another database) would decide every other
+/// change and assign the same revisions. The broker refuses its consumer: it decides
+/// nothing and says why; the first goes on unharmed.
+#[test]
+fn a_second_manager_decides_nothing_and_says_why() {
+    let c = Cluster::start("twice-manager", 2);
+    let other = tempfile::Builder::new().prefix("syncfs-twice-manager-").tempdir().unwrap();
+    let second = ManagerProc::start(other.path(), &c.vhost.url());
+    eventually("the second manager to say why it decides nothing", DEADLINE, || {
+        std::fs::read_to_string(&second.log).unwrap_or_default().contains("is another manager running on this broker?")
+    });
+    for i in 0..30 {
+        write(&c.nodes[0].p(&format!("f{i:02}")), format!("{i}").as_bytes());
+    }
+    c.converged();
+    for i in 0..30 {
+        assert_eq!(read(&c.nodes[1].p(&format!("f{i:02}"))), Some(format!("{i}").into_bytes()), "f{i:02} on n2");
+    }
+    let db = rusqlite::Connection::open_with_flags(&second.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let decided: i64 = db.query_row("SELECT count(*) FROM applied", [], |r| r.get(0)).unwrap();
+    assert_eq!(decided, 0, "the second manager decided changes");
+    let (api, token) = second.api();
+    let health: serde_json::Value = serde_json::from_slice(&http_get(&format!("{api}/api/health"), Some(&token)).1).unwrap();
+    assert!(health["last_failure"].as_str().is_some_and(|f| f.contains("another manager")), "{health}");
 }
