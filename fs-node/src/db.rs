@@ -487,10 +487,11 @@ impl Db {
         if rows.is_empty() {
             return Ok(());
         }
-        self.all_or_none(|db| {
-            rows.iter()
-                .try_for_each(|k| db.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms }))
-        })
+        self.all_or_none(|db| rows.iter().try_for_each(|k| db.put_kept(k)))
+    }
+    /// Records a kept content, in the transaction open (the tree's).
+    pub fn put_kept(&self, k: &KeptRow) -> rusqlite::Result<()> {
+        self.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms })
     }
     /// Forgets kept contents, all or none (one transaction).
     pub fn remove_kept_all<'a>(&self, hashes: impl IntoIterator<Item = &'a ContentHash>) -> rusqlite::Result<()> {

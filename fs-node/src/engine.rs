@@ -88,6 +88,11 @@ fn runs(parts: Vec<ToNode>) -> Vec<Run> {
 /// First and longest wait before pulling a missing content again.
 pub const RETRY_FIRST: Duration = Duration::from_secs(2);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// A content still missing after its wait has grown to this (three pulls failed, about
+/// 14 s) asks for a sync, and so does each failure after: the reply brings the current
+/// holders and their addresses. (At `RETRY_MAX` only, a node that came back at another
+/// address left the others pulling from the old one for over a minute.)
+pub const SYNC_AFTER_BACKOFF: Duration = Duration::from_secs(16);
 /// A sync whose reply has not come on (no page) within this is taken for lost (its
 /// callers are told).
 pub const SYNC_GIVE_UP: Duration = Duration::from_secs(120);
@@ -484,7 +489,7 @@ impl<R> Engine<R> {
         }
         m.backoff = (m.backoff * 2).min(RETRY_MAX);
         m.next_try = now + m.backoff;
-        if m.backoff == RETRY_MAX {
+        if m.backoff >= SYNC_AFTER_BACKOFF {
             self.request_sync(None, now);
         }
         Ok(self.take())

@@ -43,6 +43,7 @@ const KEPT: &[(u64, &str)] = &[
     (60097, "a file written in a directory, then the directory renamed in parts and another renamed in parts to its name, before the file's put was decided: the second move's directory at the file's path was put later with the revision from before, a conflict of the node with its own file"),
     (88393, "another node's symlink over a directory, deferred for the node's change below it, outlived the delete and the directory brought back after it (both lost with the node queue's oldest messages): applied once the change below was decided, it took the directory away with newer paths below it"),
     (13755, "a connected node's queue dropped the answers to the changes it sent again for the manager's request to sync, before its sync reached the manager, which took the request for still queued and did not ask again: the changes stayed undecided for good"),
+    (86668, "a node's offline edit went, by the manager's rule, into its own earlier conflict file, whose new state the node lost with its queue's oldest messages; holding the older state, it let go of the content, and room made on a full disk took it: no node could ever fetch the conflict file"),
 ];
 
 #[test]

@@ -304,6 +304,8 @@ enum Undo {
     IgnoreRules(String, Option<ignore_rules::DirRules>),
     /// A change of the pending moves (`moves.rs`).
     Move(moves::MoveUndo),
+    /// A kept content's row before the transaction changed it (`None`: it made it).
+    Kept(ContentHash, Option<crate::db::KeptRow>),
 }
 
 /// Counters a transaction may move, restored whole when it fails.
@@ -890,7 +892,8 @@ impl Tree {
         }
     }
 
-    /// Makes room on a full disk: removes the blobs nothing refers to any more (a file
+    /// Makes room on a full disk: removes the blobs nothing refers to any more and that
+    /// are not kept for the manager (a file
     /// deleted a moment ago frees its space now, not at the next `gc`) and, when that
     /// freed nothing and the node database needs room (`for_db`), gives it the space
     /// kept in reserve for it (`ContentStore::release_reserve`). Returns whether
@@ -906,8 +909,13 @@ impl Tree {
         if !looked_in_vain {
             // A removed file's blob may still be held open for reads it can no longer get.
             st.close_unreachable_blobs();
-            // A blob downloaded and not yet applied may go too; it is pulled again.
-            let removed = self.store.gc(&Self::referenced(st), std::time::Duration::ZERO);
+            // A blob downloaded and not yet applied may go too; it is pulled again. Kept
+            // contents stay: the manager counts on them (a kept version, a node's own
+            // version decided into a conflict file it has not seen yet, seed 86668);
+            // the GC drops the oldest below the free-space floor and tells it.
+            let mut keep = Self::referenced(st);
+            keep.extend(st.kept.keys().cloned());
+            let removed = self.store.gc(&keep, std::time::Duration::ZERO);
             if removed > 0 {
                 st.futile_room = None;
                 tracing::info!("the disk is full: removed {removed} blobs nothing refers to");

@@ -127,6 +127,12 @@ impl State {
                 }
                 Undo::IgnoreRules(dir, old) => self.ignore.restore_dir(&dir, old),
                 Undo::Move(u) => self.undo_move(u),
+                Undo::Kept(hash, old) => {
+                    match old {
+                        Some(row) => self.kept.insert(hash, row),
+                        None => self.kept.remove(&hash),
+                    };
+                }
                 Undo::Rev(path, old) => {
                     match old {
                         Some(r) => self.revs.insert(path, r),

@@ -7,6 +7,10 @@ use super::*;
 /// How old an unused content must be before the GC removes it: a content downloaded a
 /// moment ago may not be in the tree yet.
 const GC_MIN_AGE: std::time::Duration = std::time::Duration::from_secs(300);
+/// How long a node keeps the content of its own version that the manager decided into a
+/// conflict file the node has an older state of (`State::keep_own_content_at`): until
+/// the conflict file's state comes, it is what other nodes pull it from.
+const OWN_CONFLICT_KEEP_MS: i64 = 24 * 3600 * 1000;
 
 /// A round under way (`State::rounds`): a pass that lists a part of the tree at a time
 /// what uses which content (the GC's listing, `Tree::evict`'s check), and must know what
@@ -516,6 +520,29 @@ impl State {
     }
 
     /// See [`Tree::apply_decided`].
+    /// Keeps `hash`, the node's own version decided into the conflict file `copy`, as a
+    /// kept content for [`OWN_CONFLICT_KEEP_MS`], unless the file at `copy` has it
+    /// already or the store lacks it.
+    fn keep_own_content_at(&mut self, copy: &RelPath, hash: &ContentHash, size: u64, store: &ContentStore) -> FsResult<()> {
+        let there = self.resolve(copy).and_then(|(_, _, ino)| self.inodes.get(&ino)).and_then(|i| i.hash.as_ref()) == Some(hash);
+        if there || !store.has(hash) {
+            return Ok(());
+        }
+        let now_ms = self.env.now_ns() / 1_000_000;
+        let until_ms = now_ms + OWN_CONFLICT_KEEP_MS;
+        let old = self.kept.get(hash).cloned();
+        let row = match &old {
+            Some(k) => crate::db::KeptRow { until_ms: k.until_ms.max(until_ms), ..k.clone() },
+            None => crate::db::KeptRow { hash: hash.clone(), size, until_ms, at_ms: now_ms },
+        };
+        self.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("keeping a conflict file's content")))?;
+        tracing::debug!(target: "changes", path = %copy, %hash, "the node's version decided into a conflict file it has an older state of: its content kept");
+        self.record(|| Undo::Kept(hash.clone(), old));
+        self.kept.insert(hash.clone(), row);
+        self.note_taken(hash);
+        Ok(())
+    }
+
     fn apply_decided(&mut self, msg: &MessageId, outcome: &Outcome, current: &Entry, store: &ContentStore) -> FsResult<Applied> {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         let seq = self.outbox.seq_of(msg);
@@ -548,6 +575,14 @@ impl State {
                     tracing::debug!(target: "changes", path = %copy, "the node's version kept as a conflict file, put there from its own store");
                     let applied = self.apply_entry(&own, store, true)?;
                     kept_copy = Some((own, applied));
+                } else if let Content::File { hash, size } = &version.content {
+                    // The node has seen an older state of the conflict file (its own
+                    // earlier copy, which the manager updates with this version: seed
+                    // 86668), not this one's: until the conflict file's state comes
+                    // (a broadcast, a sync reply), nothing of the node refers to the
+                    // content, which may be the only copy. Kept for a while, as a kept
+                    // version is, so that neither the GC nor a failed apply loses it.
+                    self.keep_own_content_at(copy, hash, *size, store)?;
                 }
             }
             let was_sent = self.outbox.sent.remove(msg);

@@ -239,6 +239,51 @@ fn a_conflict_decision_without_its_conflict_files_state_keeps_the_version_there(
     assert_eq!(read_all(&t, f).unwrap(), b"theirs");
 }
 
+/// Found by the simulator (seed 86668): the node's second edit of a file whose first
+/// edit was kept as its conflict file went, by the manager's rule, into that conflict
+/// file; the node, offline, had deleted the file meanwhile, and got the decision without
+/// the conflict file's new state (lost with its queue's oldest messages). Holding the
+/// conflict file's older state, it let go of the content, which only it had; the GC
+/// took it, and no node could ever fetch the conflict file. The content is now kept
+/// until the conflict file's state comes.
+#[test]
+fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let file = |hash: ContentHash, size: u64| Some(Version { content: Content::File { hash, size }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 });
+    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"first edit").unwrap();
+    t.release(fh).unwrap();
+    let first = t.take_unpublished();
+    let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
+    let f_now = Entry { path: RelPath::new("f").unwrap(), rev: Revision(2), version: file(theirs.clone(), 6), holders: vec![] };
+    let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
+    t.apply_decided(&first[0].msg, &Outcome::Conflict { copy: copy.clone() }, &f_now).unwrap();
+    let ChangeOp::Put { version: first_version } = &first[0].change.op else { panic!("a put") };
+    t.apply_remote(&Entry { path: copy.clone(), rev: Revision(3), version: Some(first_version.clone()), holders: vec![] }).unwrap();
+
+    // The second edit, then the file deleted, before the edit is decided.
+    let f = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
+    let (fh, _) = t.open(f, true, true, false).unwrap();
+    t.write(fh, 0, b"second edit").unwrap();
+    t.release(fh).unwrap();
+    let second = t.take_unpublished();
+    let ChangeOp::Put { version: second_version } = &second[0].change.op else { panic!("a put") };
+    let Content::File { hash: second_hash, .. } = second_version.content.clone() else { panic!("a file") };
+    t.unlink(ROOT, OsStr::new("f")).unwrap();
+    assert_eq!(t.kept_usage().0, 0);
+    t.apply_decided(&second[0].msg, &Outcome::Conflict { copy: copy.clone() }, &f_now).unwrap();
+    assert_eq!(t.kept_usage(), (1, 11), "the second edit's content is kept");
+    t.gc();
+    assert!(t.store.has(&second_hash), "the GC took the content");
+
+    // The conflict file's state comes: taken from the node's own store, nothing to fetch.
+    let applied = t.apply_remote(&Entry { path: copy.clone(), rev: Revision(7), version: Some(second_version.clone()), holders: vec![] }).unwrap();
+    assert!(!applied.missing_content, "the content had to be fetched");
+    let at_copy = t.lookup(ROOT, OsStr::new(copy.as_str())).unwrap().ino;
+    assert_eq!(read_all(&t, at_copy).unwrap(), b"second edit");
+}
+
 fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
     rows.iter()
         .map(|r| {
@@ -1127,6 +1172,30 @@ fn a_removed_files_blob_handle_is_closed_for_the_gc() {
     assert!(!open_on(&gone_blob), "the removed file's blob is not held open any more");
     assert!(open_on(&kept_blob), "a file with a name keeps its handle");
     drop(dir);
+}
+
+/// A full disk's room-making removes what nothing refers to, but not what the node keeps
+/// for the manager: a deleted file's content the manager asked it to keep (a version
+/// it can restore) stays, and so does a version of its own decided into a conflict file
+/// (seed 86668: room made on a full disk took the only copy of it).
+#[test]
+fn room_making_leaves_kept_contents_alone() {
+    let (_dir, t, d) = tree_with_dir();
+    let ino = closed_file(&t, d, "kept", b"a deleted file's content the manager asked to keep");
+    let hash = t.lock().inodes[&ino].hash.clone().unwrap();
+    let other = closed_file(&t, d, "gone", b"a deleted file's content nobody keeps");
+    let other_hash = t.lock().inodes[&other].hash.clone().unwrap();
+    let (keeping, _) = t.keep(&[wire::KeepItem { hash: hash.clone(), size: 51, until_ms: i64::MAX, holders: vec![] }]).unwrap();
+    assert_eq!(keeping, vec![hash.clone()]);
+    for (name, ino) in [("kept", ino), ("gone", other)] {
+        t.unlink(d, OsStr::new(name)).unwrap();
+        t.forget(ino, 1);
+    }
+    let mut st = t.lock();
+    assert!(t.make_room(&mut st, false), "the content nobody keeps is removed");
+    drop(st);
+    assert!(!t.store.has(&other_hash));
+    assert!(t.store.has(&hash), "room-making removed a kept content");
 }
 
 /// A full disk's room-making walks the tree and the store under the lock: once it found
