@@ -182,6 +182,19 @@ impl Drop for BrokerProxy {
     }
 }
 
+/// Sends `signal` to `child` and waits (deadline) for it to exit; its exit status.
+pub fn signal_and_wait(mut child: Child, signal: i32, what: &str) -> std::process::ExitStatus {
+    unsafe {
+        libc::kill(child.id() as i32, signal);
+    }
+    let mut status = None;
+    eventually(&format!("{what} to exit after signal {signal}"), DEADLINE, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    status.expect("exited")
+}
+
 pub fn stop_child(child: &mut Child) {
     unsafe {
         libc::kill(child.id() as i32, libc::SIGTERM);
@@ -250,16 +263,7 @@ impl ManagerProc {
     }
     /// Sends `signal` and waits (deadline) for the manager to exit; its exit status.
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("the manager is running");
-        unsafe {
-            libc::kill(child.id() as i32, signal);
-        }
-        let mut status = None;
-        eventually(&format!("the manager to exit after signal {signal}"), DEADLINE, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status.expect("exited")
+        signal_and_wait(self.child.take().expect("the manager is running"), signal, "the manager")
     }
     /// The manager's HTTP address and operator token, from its log and credentials file.
     pub fn api(&self) -> (String, String) {
@@ -362,16 +366,7 @@ impl NodeProc {
     /// Sends `signal` to the node process and waits (with the harness deadline) for it to
     /// exit; returns how it exited. The mount is left as the process left it.
     pub fn signal_and_wait(&mut self, signal: i32) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("the node is running");
-        unsafe {
-            libc::kill(child.id() as i32, signal);
-        }
-        let mut status = None;
-        eventually(&format!("node {} to exit after signal {signal}", self.id), DEADLINE, || {
-            status = child.try_wait().ok().flatten();
-            status.is_some()
-        });
-        status.expect("exited")
+        signal_and_wait(self.child.take().expect("the node is running"), signal, &format!("node {}", self.id))
     }
 
     /// `syncctl` with arguments; returns (success, stdout, stderr).
