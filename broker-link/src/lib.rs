@@ -156,7 +156,9 @@ impl Confirmed {
         let start = std::time::Instant::now();
         let mut deadline = start + BROKER_OP_TIMEOUT;
         loop {
+            // The operation first: most answer at once, and the timers need no look.
             tokio::select! {
+                biased;
                 r = &mut op => return r,
                 _ = self.cancel.cancelled() => bail!("{what}: shutting down"),
                 _ = tokio::time::sleep(BLOCK_POLL) => {}
