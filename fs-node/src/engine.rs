@@ -173,6 +173,9 @@ struct ActiveSync<R> {
     known: NamedPaths,
     /// The reply is a snapshot (`ToManager::Sync::snapshot`).
     snapshot: bool,
+    /// The head of the reply's first page: the reply names every path at its revision
+    /// then or later (`Tree::send_states_the_manager_lost`).
+    head: Revision,
     pulled: u64,
     failed: u64,
     /// Files whose committed content this node lost (found at start-up), with the hash
@@ -533,6 +536,7 @@ impl<R> Engine<R> {
             pending_pulls,
             software: self.node.software.clone(),
             residency,
+            taken: Revision(self.tree.last_revision()),
         };
         let env = self.envelope(body);
         self.out.push(Action::Publish { env, confirmed: false });
@@ -620,7 +624,8 @@ impl<R> Engine<R> {
         let request = self.tree.env().new_id();
         let since = self.sync_since();
         let snapshot = !std::mem::take(&mut self.catch_up_next);
-        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot });
+        let taken = Revision(self.tree.last_revision());
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot, taken });
         self.out.push(Action::Publish { env, confirmed: true });
         let conflicts_before = self.tree.conflicts_seen();
         let sync = ActiveSync {
@@ -632,6 +637,7 @@ impl<R> Engine<R> {
             next_page: 0,
             known: NamedPaths::default(),
             snapshot,
+            head: Revision(0),
             pulled: 0,
             failed: 0,
             damaged: HashMap::new(),
@@ -742,6 +748,12 @@ impl<R> Engine<R> {
         };
         if page == 0 {
             s.damaged = self.tree.damaged().into_iter().collect();
+            s.head = head;
+        }
+        let resent = self.tree.send_states_the_manager_lost(&entries, s.head).map_err(fail("sending states the manager lost"))?;
+        if resent > 0 {
+            tracing::warn!(paths = resent, "the manager names paths at older revisions than this node took from it (its database lost decisions: restored from an older copy?); sending it this node's later states");
+            s.pushed += resent as u64;
         }
         let mut heal = Vec::new();
         for entry in &entries {

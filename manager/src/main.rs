@@ -140,6 +140,10 @@ fn run() -> anyhow::Result<()> {
             println!("files: {}", store.live_file_count()?);
             println!("conflicts: {}", store.conflict_count()?);
             println!("revision: {}", store.head()?.0);
+            if let Some(c) = store.caught_up()? {
+                let ago = (now - c.at_ms).max(0) / 1000;
+                println!("{c} ({ago}s ago)");
+            }
             Ok(())
         }
     }

@@ -133,7 +133,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
                 return Decision::Accept;
             }
             let replaces_full_dir = matches!(cv.content, Content::Dir) && !matches!(version.content, Content::Dir) && cur.has_children;
-            if cur.rev == base {
+            if based_on_current(cur, base) {
                 if replaces_full_dir {
                     // The node replaced the directory with a file, but files were added
                     // to it elsewhere that the node never saw: both are kept, the
@@ -167,7 +167,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
             }
         }
         (ChangeOp::Delete, Some((cur, cv))) => {
-            if cur.rev != base {
+            if !based_on_current(cur, base) {
                 Decision::Refuse("changed elsewhere since this node saw it; nothing that was edited is deleted".into())
             } else if matches!(cv.content, Content::Dir) && cur.has_children {
                 Decision::Refuse("the directory has files added elsewhere".into())
@@ -176,6 +176,14 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
             }
         }
     }
+}
+
+/// Whether a change sent with `base` was made on the path's current state. A base above
+/// the current revision is a later state the manager lost (its database was brought
+/// back from an older copy; the node took that state from the manager before): the
+/// change is newer than anything the manager has of the path.
+fn based_on_current(cur: &Current, base: Revision) -> bool {
+    base >= cur.rev
 }
 
 /// Marker that every conflict file name carries.
@@ -341,6 +349,17 @@ mod tests {
         // Edited elsewhere, deleted here: the delete is refused.
         assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), &ChangeOp::Delete, 0, None), Decision::Accept);
+    }
+
+    /// A base above the path's revision is a later state the manager lost (its database
+    /// brought back from an older copy): the change was made on the newest state there
+    /// is, and is taken as made on the current one.
+    #[test]
+    fn a_change_made_on_a_state_the_manager_lost_is_made_on_the_current_one() {
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &ChangeOp::Delete, 0, None), Decision::Accept);
+        let full = Current { rev: Revision(3), version: Some(dir()), has_children: true, made_by_manager: false };
+        assert!(matches!(decide(&p("d"), Some(&full), Revision(9), &ChangeOp::Delete, 0, None), Decision::Refuse(_)), "still not over files added");
     }
 
     #[test]

@@ -299,6 +299,12 @@ impl Store {
         head(&self.conn)
     }
 
+    /// The last time the database was found behind its nodes ([`Tx::catch_up_with`]).
+    pub fn caught_up(&self) -> anyhow::Result<Option<CaughtUp>> {
+        let note: Option<String> = self.conn.prepare_cached("SELECT value FROM meta WHERE key = 'caught_up'")?.query_row([], |r| r.get(0)).optional()?;
+        note.map(|n| serde_json::from_str(&n).context("reading the last catch-up's note")).transpose()
+    }
+
     pub fn nodes(&self) -> anyhow::Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, url, online, last_seen_ms, pending_changes, pending_pulls, software,
@@ -450,6 +456,37 @@ fn entry_bytes(e: &Entry) -> usize {
 fn new_message_id() -> MessageId {
     uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids")
 }
+
+/// The database was found behind its nodes: `node` had taken revision `seen`, the head
+/// was `head`; revisions went on after `to`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CaughtUp {
+    pub at_ms: i64,
+    pub node: String,
+    pub seen: u64,
+    pub head: u64,
+    pub to: u64,
+}
+
+impl std::fmt::Display for CaughtUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "caught up with its nodes: {} had taken revision {} while this database ended at {} (brought back from an older copy?); revisions went on after {}",
+            self.node, self.seen, self.head, self.to
+        )
+    }
+}
+
+/// How far past the revision a node names the head goes when the database is found
+/// behind its nodes ([`Tx::catch_up_with`]): other nodes may have taken later revisions
+/// of the lost ones, up to as many decisions as the cluster made after the older copy.
+const CATCH_UP_MARGIN: u64 = 1 << 24;
+/// The largest jump at once beyond the head.
+const CATCH_UP_MAX: u64 = 1 << 32;
+/// The highest head a catch-up may set: revisions are SQLite integers, and the dashboard
+/// shows them as JavaScript numbers (exact up to 2^53).
+const REV_LIMIT: u64 = 1 << 53;
 
 fn head(conn: &rusqlite::Connection) -> anyhow::Result<Revision> {
     let v: Option<i64> = conn.prepare_cached("SELECT value FROM meta WHERE key='head'")?.query_row([], |r| r.get(0)).optional()?;
@@ -664,8 +701,9 @@ impl Tx<'_> {
     pub fn handle(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<()> {
         let from = env.from.clone();
         match env.body {
-            ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency } => {
+            ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency, taken } => {
                 self.seen(&from, Some(&url), now_ms)?;
+                self.catch_up_with(&from, taken, "its heartbeat", now_ms)?;
                 self.tx
                     .prepare_cached("UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5 WHERE id = ?1")?
                     .execute(params![from.as_str(), pending_changes as i64, pending_pulls as i64, software, residency.as_ref().map(json)])?;
@@ -680,8 +718,9 @@ impl Tx<'_> {
                     self.holds(&from, held)?;
                 }
             }
-            ToManager::Sync { request, url, since, paged, snapshot } => {
+            ToManager::Sync { request, url, since, paged, snapshot, taken } => {
                 self.seen(&from, Some(&url), now_ms)?;
+                self.catch_up_with(&from, taken, "its sync request", now_ms)?;
                 self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
@@ -731,7 +770,49 @@ impl Tx<'_> {
             tracing::error!(path = %change.path, "SYNC_TEST_ABORT_ON_PATH: aborting the process");
             std::process::abort();
         }
+        self.catch_up_with(from, change.base, &format!("the base of its change of {}", change.path), now_ms)?;
         self.change(id, from, change, now_ms)
+    }
+
+    /// `node` names revision `seen` as one it took (its highest, or the base of a
+    /// change). Nodes have only revisions this manager gave, so one above the head means
+    /// that the database lost decisions: it was brought back from an older copy (a
+    /// backup restored after a disk failure), or started anew. The nodes still have what
+    /// it lost. Revisions then go on from well past `seen` (`CATCH_UP_MARGIN`: past what
+    /// other nodes took of the lost ones too, so that every later decision is newer than
+    /// any of them and no node takes one for stale), and every node is asked to sync,
+    /// which sends the manager the states it lost (docs/protocol.md, *A manager behind
+    /// its nodes*). A jump is at most `CATCH_UP_MAX` beyond the head (a lying node cannot
+    /// use up the revisions at once); a node still ahead after it makes the next one.
+    fn catch_up_with(&mut self, node: &NodeId, seen: Revision, what: &str, now_ms: i64) -> anyhow::Result<()> {
+        let head = head(self.tx)?;
+        if seen <= head {
+            return Ok(());
+        }
+        let to = Revision(seen.0.min(head.0.saturating_add(CATCH_UP_MAX)).saturating_add(CATCH_UP_MARGIN));
+        anyhow::ensure!(
+            to.0 <= REV_LIMIT,
+            "{node} names revision {} in {what}, and revisions cannot go on past it (at most {REV_LIMIT}); not caught up",
+            seen.0
+        );
+        tracing::error!(
+            %node,
+            seen = seen.0,
+            head = head.0,
+            to = to.0,
+            "{node} took revision {} ({what}), above this manager's last one, {}: its database lost decisions (restored from an older copy?). Revisions go on from {}; every node is asked to sync and sends the states the manager lost",
+            seen.0,
+            head.0,
+            to.0 + 1
+        );
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute([to.0 as i64])?;
+        let note = CaughtUp { at_ms: now_ms, node: node.to_string(), seen: seen.0, head: head.0, to: to.0 };
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES('caught_up', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute([json(&note)])?;
+        self.enqueue(topology::BROADCAST_KEY, ToNode::SyncRequested {})
     }
 
     /// `node` no longer holds the path's content (it dropped it from its cache).
@@ -1354,7 +1435,14 @@ mod tests {
     }
 
     fn sync(request: &str, since: u64, paged: bool) -> ToManager {
-        ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1".into(), since: Revision(since), paged, snapshot: false }
+        ToManager::Sync {
+            request: request.parse().unwrap(),
+            url: "http://127.0.0.1:1".into(),
+            since: Revision(since),
+            paged,
+            snapshot: false,
+            taken: Revision(0),
+        }
     }
 
     /// A node whose queue drops messages is asked to sync, unless the last request sent
@@ -1382,6 +1470,76 @@ mod tests {
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(sent[0]))]).unwrap(), [n1.clone()], "the request itself was dropped");
         let again = asks(&mut s)[0];
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
+    }
+
+    /// A database brought back from an older copy: a node names a revision above its
+    /// head (in a heartbeat, a sync request, a change's base). Revisions go on from well
+    /// past it, every node is asked to sync, and the note says so; a node's change based
+    /// on the lost later state is taken as made on the current one. A lying node moves the
+    /// head at most `CATCH_UP_MAX` at a time, and never past `REV_LIMIT`.
+    #[test]
+    fn a_node_ahead_of_the_database_moves_revisions_past_it_and_everyone_syncs() {
+        let heartbeat = |taken: u64| ToManager::Heartbeat {
+            url: "http://n2".into(),
+            pending_changes: 0,
+            pending_pulls: 0,
+            software: String::new(),
+            residency: None,
+            taken: Revision(taken),
+        };
+        let requests = |s: &mut Store| {
+            let out = s.outbox(1000).unwrap();
+            if let Some(last) = out.last() {
+                s.remove_outbox(last.seq).unwrap();
+            }
+            out.iter()
+                .filter(|o| o.key == topology::BROADCAST_KEY && matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {}))
+                .count()
+        };
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        send(&mut s, "n2", "h1", heartbeat(1));
+        assert_eq!((s.head().unwrap(), requests(&mut s), s.caught_up().unwrap()), (Revision(1), 0, None), "a node at the head");
+
+        send(&mut s, "n2", "h2", heartbeat(40));
+        let to = 40 + CATCH_UP_MARGIN;
+        assert_eq!(s.head().unwrap(), Revision(to));
+        assert_eq!(requests(&mut s), 1, "every node is asked to sync, in one broadcast");
+        assert_eq!(s.caught_up().unwrap(), Some(CaughtUp { at_ms: 1_000, node: "n2".into(), seen: 40, head: 1, to }));
+        send(&mut s, "n2", "h3", heartbeat(40));
+        assert_eq!((s.head().unwrap(), requests(&mut s)), (Revision(to), 0), "once past it, nothing more");
+
+        // `a` was changed at revision 30 after the copy: a change made on that state is
+        // made on the current one, and its revision is newer than any the node took.
+        send(&mut s, "n2", "m2", put("a", 30, file(2)));
+        assert_eq!(decided(&s), [Outcome::Accepted]);
+        assert_eq!(s.head().unwrap(), Revision(to + 1));
+
+        // A change's base and a sync request name revisions too.
+        send(&mut s, "n3", "m3", put("b", to + 10, file(3)));
+        assert_eq!(s.head().unwrap(), Revision(to + 10 + CATCH_UP_MARGIN + 1), "past the base, then the change's own revision");
+        let sync = ToManager::Sync {
+            request: "r1".parse().unwrap(),
+            url: "http://n3".into(),
+            since: Revision(0),
+            paged: true,
+            snapshot: true,
+            taken: Revision(1 << 40),
+        };
+        let head = s.head().unwrap().0;
+        send(&mut s, "n3", "s1", sync);
+        assert_eq!(s.head().unwrap(), Revision(head + CATCH_UP_MAX + CATCH_UP_MARGIN), "a jump of at most CATCH_UP_MAX");
+        // Past the limit: refused, the head stays.
+        let (_dir2, mut s2) = fresh_store();
+        s2.transaction(|tx| {
+            tx.tx.execute("INSERT INTO meta(key, value) VALUES('head', ?1)", [(REV_LIMIT - 10) as i64])?;
+            Ok(())
+        })
+        .unwrap();
+        let env = Envelope::new("h5".parse().unwrap(), node("n4"), heartbeat(REV_LIMIT));
+        let refused = s2.transaction(|tx| tx.handle_isolated(env, 2_000)).unwrap();
+        assert!(refused.is_err_and(|e| e.contains("cannot go on past it")), "a revision past the limit is refused");
+        assert_eq!(s2.head().unwrap(), Revision(REV_LIMIT - 10));
     }
 
     /// Every sync reply page in the outbox, in order, with its encoded size (and removes
@@ -1560,6 +1718,7 @@ mod tests {
             since: Revision(0),
             paged: true,
             snapshot: true,
+            taken: Revision(0),
         };
         send(&mut s, "n2", "s1", snapshot("r1"));
         let mut pages = Vec::new();

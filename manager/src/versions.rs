@@ -707,7 +707,14 @@ mod tests {
         fn heartbeat(&mut self, from: &str) {
             self.send(
                 from,
-                ToManager::Heartbeat { url: format!("http://{from}"), pending_changes: 0, pending_pulls: 0, software: String::new(), residency: None },
+                ToManager::Heartbeat {
+                    url: format!("http://{from}"),
+                    pending_changes: 0,
+                    pending_pulls: 0,
+                    software: String::new(),
+                    residency: None,
+                    taken: Revision(0),
+                },
             );
         }
         fn put(&mut self, from: &str, path: &str, v: Version) -> Revision {
@@ -937,7 +944,10 @@ mod tests {
         let sent = c.sent();
         assert_eq!(keeps_to(&sent), ["n2"]);
         c.confirm_keeps(&sent);
-        c.send("n2", ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true, snapshot: true });
+        c.send(
+            "n2",
+            ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true, snapshot: true, taken: Revision(0) },
+        );
         let now = c.now;
         c.s.sync_step(now).unwrap();
         let sent = c.sent();

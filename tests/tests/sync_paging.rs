@@ -105,7 +105,14 @@ fn put(path: &str) -> ToManager {
 }
 
 fn sync(request: &str) -> ToManager {
-    ToManager::Sync { request: request.parse().unwrap(), url: "http://127.0.0.1:1/fake".into(), since: Revision(0), paged: true, snapshot: true }
+    ToManager::Sync {
+        request: request.parse().unwrap(),
+        url: "http://127.0.0.1:1/fake".into(),
+        since: Revision(0),
+        paged: true,
+        snapshot: true,
+        taken: Revision(0),
+    }
 }
 
 /// The directory holding the files of group `d`, three levels down.

@@ -69,6 +69,10 @@ fn is_zero(n: &u32) -> bool {
     *n == 0
 }
 
+fn is_zero_rev(r: &Revision) -> bool {
+    *r == Revision::NONE
+}
+
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -293,6 +297,11 @@ pub enum ToManager {
         /// way (the dashboard shows them). Absent on other nodes.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         residency: Option<NodeResidency>,
+        /// The highest revision the node has taken. Above the manager's head, it tells
+        /// the manager that its database lost decisions (restored from an older copy):
+        /// docs/protocol.md, *A manager behind its nodes*. 0 (absent): not said.
+        #[serde(default, skip_serializing_if = "is_zero_rev")]
+        taken: Revision,
     },
     Change(Change),
     /// Several changes in one message, in the order they were made: each keeps its own
@@ -336,6 +345,9 @@ pub enum ToManager {
         /// the walk keeps it going.
         #[serde(default, skip_serializing_if = "is_false")]
         snapshot: bool,
+        /// The highest revision the node has taken (as in `Heartbeat`).
+        #[serde(default, skip_serializing_if = "is_zero_rev")]
+        taken: Revision,
     },
     /// What became of `ToNode::Keep` and `Release`: contents the node now keeps, and
     /// contents it was asked to keep but lacks or had to drop (its disk fell below its
@@ -554,7 +566,14 @@ mod tests {
         vec![
             (
                 "heartbeat",
-                ToManager::Heartbeat { url: "http://127.0.0.1:7001".into(), pending_changes: 0, pending_pulls: 1, software: "0.1.0".into(), residency: None },
+                ToManager::Heartbeat {
+                    url: "http://127.0.0.1:7001".into(),
+                    pending_changes: 0,
+                    pending_pulls: 1,
+                    software: "0.1.0".into(),
+                    residency: None,
+                    taken: Revision(0),
+                },
             ),
             (
                 "change_put",
@@ -633,6 +652,7 @@ mod tests {
                     since: Revision(40),
                     paged: true,
                     snapshot: true,
+                    taken: Revision(0),
                 },
             ),
         ]
@@ -770,7 +790,10 @@ mod tests {
     fn older_peers_sync_messages_still_decode() {
         let old_sync = r#"{"v":1,"id":"a-1","from":"n1","body":{"type":"sync","request":"r-1","url":"http://127.0.0.1:7001"}}"#;
         let env = Envelope::<ToManager>::decode(old_sync.as_bytes()).unwrap();
-        assert_eq!(env.body, ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false, snapshot: false });
+        assert_eq!(
+            env.body,
+            ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false, snapshot: false, taken: Revision(0) }
+        );
         let old_reply = r#"{"v":1,"id":"a-2","from":"manager","body":{"type":"sync_reply","request":"r-1","head":7,"entries":[]}}"#;
         let env = Envelope::<ToNode>::decode(old_reply.as_bytes()).unwrap();
         assert_eq!(env.body, ToNode::SyncReply { request: id("r-1"), head: Revision(7), entries: vec![], page: 0, more: false });
@@ -794,7 +817,7 @@ mod tests {
             Envelope::new(
                 id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"),
                 node("n1"),
-                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into(), residency: None },
+                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into(), residency: None, taken: Revision(0) },
             )
             .encode()
         };

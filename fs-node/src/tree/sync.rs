@@ -371,6 +371,50 @@ impl Tree {
         Ok(PushedUnknown { pushed, held_back: held_back.get() })
     }
 
+    /// Sends again the states of paths the manager lost: those `entries` (a page of a sync
+    /// reply whose first page had head `head`) name at an older revision than this node
+    /// took, when the node took that revision before `head`. A path's revision never goes
+    /// back on the manager, so its reply as of `head` names the path at that revision or
+    /// a later one; an older one means the manager's database lost the decisions after it
+    /// (it was brought back from an older copy, or started anew: docs/protocol.md, *A
+    /// manager behind its nodes*). What this node has there is then the later state,
+    /// and goes to the manager as a change based on the revision it had it at (the rule
+    /// takes a base above the path's revision for the current state), unless that is what
+    /// the entry says already. A path with a change of this node's own is left to that
+    /// change. Returns how many were sent.
+    pub fn send_states_the_manager_lost(&self, entries: &[Entry], head: Revision) -> FsResult<usize> {
+        let lost = |st: &State, e: &Entry| {
+            let taken = st.revs.get(&e.path).copied().unwrap_or_default();
+            e.rev < taken && taken <= head && !st.outbox.has(&e.path) && !st.is_dirty(&e.path) && !st.move_below(&e.path)
+        };
+        {
+            let st = self.lock();
+            if !entries.iter().any(|e| lost(&st, e)) {
+                return Ok(0);
+            }
+        }
+        self.atomically(|st, _| {
+            let mut sent = 0;
+            for e in entries {
+                if !lost(st, e) {
+                    continue;
+                }
+                let local = st.resolve(&e.path);
+                let version = local.as_ref().and_then(|(_, _, ino)| st.inodes.get(ino)).and_then(|i| i.version());
+                if version == e.version {
+                    continue;
+                }
+                tracing::debug!(target: "changes", path = %e.path, rev = e.rev.0, taken = st.revs.get(&e.path).map(|r| r.0), "the manager lost this path's later state: sending it again");
+                match local {
+                    Some((parent, name, ino)) => st.record_put(parent, &name, ino)?,
+                    None => st.record_delete(e.path.clone())?,
+                }
+                sent += st.outbox.has(&e.path) as usize;
+            }
+            Ok(sent)
+        })
+    }
+
     /// Removes blobs nothing refers to, after trying again the commits that failed when
     /// a file's last writer closed and setting aside the node database's reserve again
     /// if it was used (`ContentStore::ensure_reserve`). A content is removed under the

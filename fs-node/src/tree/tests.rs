@@ -2790,3 +2790,61 @@ fn a_remote_file_over_a_directory_waits_for_the_change_below_then_is_applied() {
     let kept = t.lookup(kept, OsStr::new("a")).unwrap().ino;
     assert_eq!(read_all(&t, kept).unwrap(), b"written below");
 }
+
+/// Each change sent since the last call decided as accepted at the next of `revs`; the
+/// version each put.
+fn decide_sent_at(t: &Tree, revs: &mut impl Iterator<Item = u64>) -> HashMap<String, (u64, Option<Version>)> {
+    let mut out = HashMap::new();
+    for r in t.take_unpublished() {
+        let rev = revs.next().unwrap();
+        let version = match &r.change.op {
+            ChangeOp::Put { version } => Some(version.clone()),
+            ChangeOp::Delete => None,
+        };
+        t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(rev), version: version.clone(), holders: vec![] })
+            .unwrap();
+        out.insert(r.change.path.to_string(), (rev, version));
+    }
+    out
+}
+
+/// A sync reply that names a path at an older revision than this node took before the
+/// reply's head comes from a manager that lost the later decisions (its database brought
+/// back from an older copy): the node sends what it has there, based on the revision it
+/// took, unless it is what the reply says. Not a path it took after the head (a newer
+/// broadcast, which the reply need not name), nor one with a change of its own queued.
+#[test]
+fn states_the_manager_lost_are_sent_again_and_only_those() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut revs = 100..;
+    for name in ["edited", "same", "deleted", "queued"] {
+        closed_file(&t, ROOT, name, name.as_bytes());
+    }
+    let v = decide_sent_at(&t, &mut revs);
+    t.unlink(ROOT, OsStr::new("deleted")).unwrap();
+    decide_sent_at(&t, &mut revs);
+    let ino = |name: &str| t.lookup(ROOT, OsStr::new(name)).unwrap().ino;
+    rewrite(&t, ino("edited"), b"edited later");
+    decide_sent_at(&t, &mut revs);
+    t.mkdir(ROOT, OsStr::new("newer"), 0o755, 0, 0).unwrap();
+    let newer = decide_sent_at(&t, &mut (500..));
+    assert_eq!(newer["newer"].0, 500);
+    rewrite(&t, ino("queued"), b"not sent yet");
+
+    let old = |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![] };
+    let head = Revision(200);
+    let reply = [old("edited", 3), old("same", 4), old("deleted", 5), old("queued", 6), dir_entry("newer", 7, 0o700), old("same", 101)];
+    let pending = t.pending_changes();
+    assert_eq!(t.send_states_the_manager_lost(&reply, head).unwrap(), 2);
+    assert_eq!(t.pending_changes(), pending + 2);
+    let sent: Vec<(String, Revision, bool)> =
+        t.take_unpublished().into_iter().map(|r| (r.change.path.to_string(), r.change.base, matches!(r.change.op, ChangeOp::Put { .. }))).collect();
+    assert!(sent.contains(&("edited".into(), Revision(105), true)), "the later edit, on the revision it was taken at: {sent:?}");
+    assert!(sent.contains(&("deleted".into(), Revision(104), false)), "the later delete: {sent:?}");
+    assert!(!sent.iter().any(|(p, ..)| p == "same" || p == "newer"), "{sent:?}");
+    // Once sent, nothing more to send.
+    assert_eq!(t.send_states_the_manager_lost(&reply, head).unwrap(), 0);
+    // A reply as of a head before what the node took names older revisions rightly.
+    assert_eq!(t.send_states_the_manager_lost(&[dir_entry("newer", 7, 0o700)], Revision(499)).unwrap(), 0);
+}

@@ -62,7 +62,12 @@ fn schemas() -> Value {
             "properties": {
                 "head": int, "files": int, "conflicts": int, "nodes": int, "nodes_online": int, "pending_changes": int,
                 "pending_pulls": int, "outbox": int, "messages_published": int,
-                "changes_decided": {"type": "object", "additionalProperties": int}
+                "changes_decided": {"type": "object", "additionalProperties": int},
+                "caught_up": {
+                    "type": ["object", "null"],
+                    "description": "The last time the database was found behind its nodes (brought back from an older copy): a node had taken revision `seen` while the database ended at `head`; revisions went on after `to`, and every node was asked to sync.",
+                    "properties": {"at_ms": int, "node": string, "seen": int, "head": int, "to": int}
+                }
             }
         },
         "Change": change,

@@ -172,6 +172,8 @@ pub struct Counts {
     /// message ever queued (SQLite's AUTOINCREMENT high-water mark) minus those still
     /// waiting.
     pub published: u64,
+    /// The last time the database was found behind its nodes.
+    pub caught_up: Option<crate::store::CaughtUp>,
     /// Change messages decided, by outcome (`accepted`, `unchanged`, `conflict`, `refused`).
     pub decided: Vec<(String, u64)>,
 }
@@ -195,6 +197,7 @@ pub fn counts(store: &Store) -> anyhow::Result<Counts> {
         pending_pulls: one("SELECT sum(pending_pulls) FROM nodes")?,
         outbox,
         published: (queued.unwrap_or(0) as u64).saturating_sub(outbox),
+        caught_up: store.caught_up()?,
         decided,
     })
 }
@@ -212,6 +215,7 @@ pub fn counts_json(c: &Counts) -> Value {
         "outbox": c.outbox,
         "messages_published": c.published,
         "changes_decided": decided,
+        "caught_up": c.caught_up,
     })
 }
 

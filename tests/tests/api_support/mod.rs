@@ -277,6 +277,7 @@ impl FakeNode {
             pending_pulls,
             software: "fake-node 0.0.1".into(),
             residency: None,
+            taken: Revision(0),
         });
     }
 
@@ -293,7 +294,14 @@ impl FakeNode {
             for n in 0u64.. {
                 tick.tick().await;
                 let msg = format!("{id}-hb-{}-{n}", std::process::id());
-                let body = ToManager::Heartbeat { url: url.clone(), pending_changes, pending_pulls, software: "fake-node 0.0.1".into(), residency: None };
+                let body = ToManager::Heartbeat {
+                    url: url.clone(),
+                    pending_changes,
+                    pending_pulls,
+                    software: "fake-node 0.0.1".into(),
+                    residency: None,
+                    taken: Revision(0),
+                };
                 let env = Envelope::new(msg.parse().unwrap(), id.clone(), body);
                 if broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, &msg, &env.encode()).await.is_err() {
                     return;

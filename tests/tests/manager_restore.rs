@@ -1,0 +1,105 @@
+//! The manager's database brought back from an older copy (a backup restored after its
+//! disk failed) while the nodes stay up: it lost every decision made after the copy, but
+//! the nodes have them. Nothing the nodes have is lost or reverted, the manager learns
+//! the lost states from them, and what is changed afterwards reaches every node, a node
+//! that joins afterwards included (docs/protocol.md, *A manager behind its nodes*). Real
+//! broker, real mounts, real processes.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::Duration;
+use system_tests::*;
+
+const DEADLINE: Duration = Duration::from_secs(90);
+
+/// The manager's database files (`manager.db` and its WAL, if any) copied to `to`.
+fn copy_database(db: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let from = Path::new(&format!("{}{suffix}", db.display())).to_path_buf();
+        let target = to.join(format!("manager.db{suffix}"));
+        let _ = std::fs::remove_file(&target);
+        if from.exists() {
+            std::fs::copy(&from, &target).unwrap_or_else(|e| panic!("copying {}: {e}", from.display()));
+        }
+    }
+}
+
+/// The copy at `from` put back in place of the manager's database.
+fn restore_database(from: &Path, db: &Path) {
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    copy_database(&from.join("manager.db"), db.parent().unwrap());
+}
+
+fn text(p: &Path) -> Option<String> {
+    read(p).map(|b| String::from_utf8_lossy(&b).into_owned())
+}
+
+#[test]
+fn a_manager_brought_back_from_an_older_copy_of_its_database_loses_nothing_and_decides_on() {
+    let mut c = Cluster::start("restore", 2);
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    write(&n1.p("edited.txt"), b"v1");
+    write(&n1.p("deleted.txt"), b"to be deleted");
+    write(&n1.p("kept.txt"), b"never changed");
+    std::fs::create_dir(n1.p("dir")).unwrap();
+    write(&n1.p("dir/x.txt"), b"x1");
+    c.converged();
+
+    // The copy (a backup), taken while the manager is stopped.
+    let backup = c.dir.path().join("backup");
+    c.manager.stop();
+    copy_database(&c.manager.db, &backup);
+    c.manager.restart();
+
+    // What the cluster does after the copy: decided by the manager, then lost with it.
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    write(&n1.p("edited.txt"), b"v2");
+    std::fs::remove_file(n1.p("deleted.txt")).unwrap();
+    write(&n1.p("created.txt"), b"created after the copy");
+    std::fs::create_dir(n1.p("later")).unwrap();
+    write(&n1.p("later/y.txt"), b"y");
+    write(&n2.p("dir/x.txt"), b"x2");
+    std::fs::set_permissions(n2.p("dir"), std::fs::Permissions::from_mode(0o750)).unwrap();
+    c.converged();
+    let before = snapshot(&c.nodes[0].mount);
+
+    // The disk fails; the copy comes back. The nodes stay up and connected throughout.
+    c.manager.stop();
+    restore_database(&backup, &c.manager.db);
+    c.manager.restart();
+
+    // The manager finds out from the nodes (their heartbeats name revisions it never
+    // gave) and asks them to sync; they send what it lost. Nothing reverts on them.
+    eventually("the manager says it caught up with its nodes", DEADLINE, || c.manager.status().contains("caught up"));
+    c.converged_within(DEADLINE);
+    assert_eq!(snapshot(&c.nodes[0].mount), before, "the nodes keep every state decided after the copy");
+
+    // Changes made after the restore go everywhere, on paths the copy had at older
+    // states, on paths it never had, and on paths it has that were deleted since.
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    write(&n2.p("edited.txt"), b"v3");
+    write(&n1.p("created.txt"), b"created, then edited after the restore");
+    write(&n2.p("later/y.txt"), b"y2");
+    write(&n1.p("deleted.txt"), b"made again");
+    c.converged_within(DEADLINE);
+
+    // A node that joins now sees what the others see: the manager has every lost state.
+    let n3 = c.add_node("n3");
+    c.nodes[n3].wait_connected();
+    c.converged_within(DEADLINE);
+    for n in &c.nodes {
+        let at = |p: &str| text(&n.p(p));
+        assert_eq!(at("edited.txt").as_deref(), Some("v3"), "on {}", n.id);
+        assert_eq!(at("created.txt").as_deref(), Some("created, then edited after the restore"), "on {}", n.id);
+        assert_eq!(at("later/y.txt").as_deref(), Some("y2"), "on {}", n.id);
+        assert_eq!(at("deleted.txt").as_deref(), Some("made again"), "on {}", n.id);
+        assert_eq!(at("kept.txt").as_deref(), Some("never changed"), "on {}", n.id);
+        assert_eq!(at("dir/x.txt").as_deref(), Some("x2"), "on {}", n.id);
+        let mode = std::fs::metadata(n.p("dir")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o750, "dir's mode on {}", n.id);
+        assert_eq!(conflict_files(&n.mount), Vec::<String>::new(), "no conflict on {}", n.id);
+    }
+}
