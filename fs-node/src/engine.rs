@@ -468,9 +468,14 @@ impl<R> Engine<R> {
         let lost: Vec<MessageId> = self.syncs.iter().filter(|(_, s)| now.saturating_sub(s.progress) > SYNC_GIVE_UP).map(|(id, _)| id.clone()).collect();
         for id in lost {
             if let Some(s) = self.syncs.remove(&id) {
-                tracing::warn!("the manager did not answer a sync within {SYNC_GIVE_UP:?}");
+                tracing::warn!("the manager did not answer a sync within {SYNC_GIVE_UP:?}; syncing again");
                 let reason = format!("the manager did not answer within {}s", SYNC_GIVE_UP.as_secs());
                 self.out.push(Action::SyncDone { responders: s.responders, result: Err(reason) });
+                // What the sync was for (sending the paths the manager does not know)
+                // is still to do: the request may be lost with the manager's database
+                // (brought back from an older copy; simulator seed 1116).
+                self.catch_up_next |= !s.snapshot;
+                self.next_sync.get_or_insert_with(Vec::new);
             }
         }
         self.start_next_sync(now);

@@ -121,6 +121,9 @@ fn run() -> anyhow::Result<()> {
         Cmd::Vm(cmd) => cli_provision::vm(&cli.cluster, cmd),
         Cmd::Credentials(cmd) => cli_api::credentials(cmd),
         Cmd::Status { db } => {
+            // Not a new, empty database where none is (a mistyped path), nor one made
+            // while the manager is making its own.
+            anyhow::ensure!(db.exists(), "no manager database at {}", db.display());
             let store = manager::store::Store::open(&db)?;
             let now = manager::service::now_ms();
             println!("{:<20} {:<8} {:>10} {:>8} {:>7}  url", "node", "state", "last seen", "pending", "pulls");

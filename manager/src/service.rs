@@ -212,6 +212,8 @@ pub async fn run(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
 }
 
 pub async fn run_with(cfg: Config, handle: Handle, cancel: CancellationToken) -> anyhow::Result<()> {
+    let head = handle.store.lock().unwrap_or_else(|p| p.into_inner()).start_serving(now_ms())?;
+    tracing::info!("revisions go on after {}", head.0);
     tokio::spawn(watchdog(handle.clone(), alive_file(&cfg.db), cancel.clone()));
     let mut backoff = broker_link::Backoff::default();
     loop {
@@ -467,14 +469,7 @@ async fn decide_with_retries(
     let mut attempt = 1;
     while !pending.is_empty() {
         let envs: Vec<_> = pending.iter().map(|(_, env)| env.clone()).collect();
-        let results = handle
-            .with_store(move |s| {
-                s.transaction(|tx| {
-                    let now = now_ms();
-                    envs.into_iter().map(|env| tx.handle_isolated(env, now)).collect::<anyhow::Result<Vec<_>>>()
-                })
-            })
-            .await?;
+        let results = handle.with_store(move |s| s.transaction(|tx| tx.handle_batch(envs, now_ms()))).await?;
         tracing::debug!(target: "timing", "batch committed");
         flush_outbox(handle, ch).await?;
         tracing::debug!(target: "timing", "outbox published, confirmed");

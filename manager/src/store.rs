@@ -299,6 +299,32 @@ impl Store {
         head(&self.conn)
     }
 
+    /// A manager starts serving: its revisions go on from at least the time of the start,
+    /// in microseconds since the Unix epoch. A database brought back from an older copy
+    /// then never gives again a revision that the lost one gave (those are all older than
+    /// this start, unless the lost one decided a million changes a second), so no node
+    /// takes a new decision for one it already has. A node ahead of the copy is caught
+    /// up with besides ([`Tx::catch_up_with`]); this covers the decisions made before the
+    /// first message that says so. Not past [`REV_LIMIT`]` / 2` (a clock far ahead).
+    pub fn start_serving(&mut self, now_ms: i64) -> anyhow::Result<Revision> {
+        let floor = Revision(((now_ms.max(0) as u64).saturating_mul(1000)).min(REV_LIMIT / 2));
+        self.transaction(|tx| {
+            let head = head(tx.tx)?;
+            if head < floor {
+                tx.set_head(floor)?;
+                // A node that names a revision in the range skipped has it from a
+                // database this one does not know of (`Tx::catch_up_with`).
+                let mut ranges = skipped(tx.tx)?;
+                ranges.push((head.0, floor.0));
+                let keep = ranges.len().saturating_sub(SKIPPED_KEPT);
+                tx.tx
+                    .prepare_cached("INSERT INTO meta(key, value) VALUES('skipped', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+                    .execute([json(&&ranges[keep..])])?;
+            }
+            Ok(head.max(floor))
+        })
+    }
+
     /// The last time the database was found behind its nodes ([`Tx::catch_up_with`]).
     pub fn caught_up(&self) -> anyhow::Result<Option<CaughtUp>> {
         let note: Option<String> = self.conn.prepare_cached("SELECT value FROM meta WHERE key = 'caught_up'")?.query_row([], |r| r.get(0)).optional()?;
@@ -457,8 +483,8 @@ fn new_message_id() -> MessageId {
     uuid::Uuid::new_v4().to_string().parse().expect("uuids are valid message ids")
 }
 
-/// The database was found behind its nodes: `node` had taken revision `seen`, the head
-/// was `head`; revisions went on after `to`.
+/// The database was found behind its nodes: `node` had taken revision `seen`, which it
+/// never gave; the head was `head`, and revisions went on after `to`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CaughtUp {
     pub at_ms: i64,
@@ -472,10 +498,33 @@ impl std::fmt::Display for CaughtUp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "caught up with its nodes: {} had taken revision {} while this database ended at {} (brought back from an older copy?); revisions went on after {}",
-            self.node, self.seen, self.head, self.to
+            "caught up with its nodes: {} had taken revision {}, which this database never gave (brought back from an older copy?); every node was asked to sync, and revisions went on after {}",
+            self.node, self.seen, self.to
         )
     }
+}
+
+/// The highest revision a message from a node says it took, if it names one
+/// ([`Tx::catch_up_with`]).
+fn named_revision(body: &ToManager) -> Option<Revision> {
+    match body {
+        ToManager::Heartbeat { taken, .. } | ToManager::Sync { taken, .. } => Some(*taken),
+        ToManager::Change(c) => Some(c.base),
+        ToManager::Changes { items } => items.iter().map(|i| i.change.base).max(),
+        _ => None,
+    }
+}
+
+/// How many of the last starts' skipped ranges of revisions are kept
+/// (`Store::start_serving`): a restored database that starts again this many times
+/// before a node says anything no longer sees that it is behind from a heartbeat (the
+/// nodes still sync after their next reconnection).
+const SKIPPED_KEPT: usize = 16;
+
+/// The ranges of revisions (from, to] the last starts of the database skipped.
+fn skipped(conn: &rusqlite::Connection) -> anyhow::Result<Vec<(u64, u64)>> {
+    let v: Option<String> = conn.prepare_cached("SELECT value FROM meta WHERE key = 'skipped'")?.query_row([], |r| r.get(0)).optional()?;
+    v.map_or(Ok(Vec::new()), |v| serde_json::from_str(&v).context("reading the ranges of revisions skipped at start"))
 }
 
 /// How far past the revision a node names the head goes when the database is found
@@ -553,10 +602,15 @@ impl Drop for OpenTransaction<'_> {
 impl Tx<'_> {
     pub(crate) fn next_rev(&mut self) -> anyhow::Result<Revision> {
         let rev = head(self.tx)?.next();
+        self.set_head(rev)?;
+        Ok(rev)
+    }
+
+    fn set_head(&mut self, rev: Revision) -> anyhow::Result<()> {
         self.tx
             .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
             .execute([rev.0 as i64])?;
-        Ok(rev)
+        Ok(())
     }
 
     pub(crate) fn enqueue(&mut self, key: &str, body: ToNode) -> anyhow::Result<()> {
@@ -775,44 +829,56 @@ impl Tx<'_> {
     }
 
     /// `node` names revision `seen` as one it took (its highest, or the base of a
-    /// change). Nodes have only revisions this manager gave, so one above the head means
-    /// that the database lost decisions: it was brought back from an older copy (a
-    /// backup restored after a disk failure), or started anew. The nodes still have what
-    /// it lost. Revisions then go on from well past `seen` (`CATCH_UP_MARGIN`: past what
+    /// change). Nodes have only revisions this manager gave, so one that this database
+    /// never gave means that it lost decisions: it was brought back from an older copy
+    /// (a backup restored after a disk failure), or started anew, and the nodes still
+    /// have what it lost. Such a revision is above the head, or in a range a start of
+    /// this database skipped ([`Store::start_serving`]) while the lost one gave it.
+    /// Every node is then asked to sync, which sends the manager the states it lost
+    /// (docs/protocol.md, *A manager behind its nodes*), and the note says so. Above the
+    /// head, revisions also go on from well past `seen` (`CATCH_UP_MARGIN`: past what
     /// other nodes took of the lost ones too, so that every later decision is newer than
-    /// any of them and no node takes one for stale), and every node is asked to sync,
-    /// which sends the manager the states it lost (docs/protocol.md, *A manager behind
-    /// its nodes*). A jump is at most `CATCH_UP_MAX` beyond the head (a lying node cannot
-    /// use up the revisions at once); a node still ahead after it makes the next one.
+    /// any of them). A jump is at most `CATCH_UP_MAX` beyond the head (a lying node
+    /// cannot use up the revisions at once); a node still ahead after it makes the next.
     fn catch_up_with(&mut self, node: &NodeId, seen: Revision, what: &str, now_ms: i64) -> anyhow::Result<()> {
         let head = head(self.tx)?;
-        if seen <= head {
+        let skipped = self.skipped()?;
+        let to = if seen > head {
+            let to = Revision(seen.0.min(head.0.saturating_add(CATCH_UP_MAX)).saturating_add(CATCH_UP_MARGIN));
+            anyhow::ensure!(
+                to.0 <= REV_LIMIT,
+                "{node} names revision {} in {what}, and revisions cannot go on past it (at most {REV_LIMIT}); not caught up",
+                seen.0
+            );
+            self.set_head(to)?;
+            to
+        } else if skipped.iter().any(|&(from, to)| from < seen.0 && seen.0 <= to) {
+            head
+        } else {
             return Ok(());
-        }
-        let to = Revision(seen.0.min(head.0.saturating_add(CATCH_UP_MAX)).saturating_add(CATCH_UP_MARGIN));
-        anyhow::ensure!(
-            to.0 <= REV_LIMIT,
-            "{node} names revision {} in {what}, and revisions cannot go on past it (at most {REV_LIMIT}); not caught up",
-            seen.0
-        );
+        };
         tracing::error!(
             %node,
             seen = seen.0,
             head = head.0,
             to = to.0,
-            "{node} took revision {} ({what}), above this manager's last one, {}: its database lost decisions (restored from an older copy?). Revisions go on from {}; every node is asked to sync and sends the states the manager lost",
+            "{node} took revision {} ({what}), which this database never gave (its last one before this start was {}): it lost decisions (restored from an older copy?). Revisions go on after {}; every node is asked to sync and sends the states the manager lost",
             seen.0,
-            head.0,
-            to.0 + 1
+            skipped.last().map_or(head.0, |&(from, _)| from),
+            to.0
         );
-        self.tx
-            .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-            .execute([to.0 as i64])?;
+        // Every node syncs now: no range skipped before tells anything more.
+        self.tx.prepare_cached("DELETE FROM meta WHERE key = 'skipped'")?.execute([])?;
         let note = CaughtUp { at_ms: now_ms, node: node.to_string(), seen: seen.0, head: head.0, to: to.0 };
         self.tx
             .prepare_cached("INSERT INTO meta(key, value) VALUES('caught_up', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
             .execute([json(&note)])?;
         self.enqueue(topology::BROADCAST_KEY, ToNode::SyncRequested {})
+    }
+
+    /// The ranges of revisions (from, to] the last starts of this database skipped.
+    fn skipped(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        skipped(self.tx)
     }
 
     /// `node` no longer holds the path's content (it dropped it from its cache).
@@ -834,6 +900,22 @@ impl Tx<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Handles a batch of messages, each under a savepoint ([`Tx::handle_isolated`]).
+    /// First the manager catches up with the highest revision any of them names
+    /// ([`Tx::catch_up_with`]): after its database was brought back from an older copy,
+    /// the first batch holds the heartbeats that queued up while it was down, and no
+    /// change of that batch gets a revision a node took from the lost ones before it.
+    pub fn handle_batch(&mut self, envs: Vec<Envelope<ToManager>>, now_ms: i64) -> anyhow::Result<Vec<Result<(), String>>> {
+        let highest = envs.iter().filter_map(|env| Some((named_revision(&env.body)?, &env.from))).max_by_key(|(rev, _)| *rev);
+        if let Some((rev, from)) = highest {
+            if let Err(e) = self.catch_up_with(&from.clone(), rev, "a message of its, ahead of the others of the batch", now_ms) {
+                // That message fails alone when it is handled.
+                tracing::debug!("not caught up before the batch: {e:#}");
+            }
+        }
+        envs.into_iter().map(|env| self.handle_isolated(env, now_ms)).collect()
     }
 
     /// Handles one message under a savepoint, so that one bad message does not undo the
@@ -1540,6 +1622,63 @@ mod tests {
         let refused = s2.transaction(|tx| tx.handle_isolated(env, 2_000)).unwrap();
         assert!(refused.is_err_and(|e| e.contains("cannot go on past it")), "a revision past the limit is refused");
         assert_eq!(s2.head().unwrap(), Revision(REV_LIMIT - 10));
+    }
+
+    /// Each start goes on from the time of the start (µs): a copy brought back never
+    /// gives again a revision the lost database gave. A node that names one of those
+    /// (in the range the start skipped) shows the database behind: every node is asked
+    /// to sync, once; a node at a revision this database gave shows nothing.
+    #[test]
+    fn a_start_skips_to_its_time_and_a_node_in_the_skipped_range_shows_the_database_behind() {
+        let heartbeat = |taken: u64| ToManager::Heartbeat {
+            url: "http://n2".into(),
+            pending_changes: 0,
+            pending_pulls: 0,
+            software: String::new(),
+            residency: None,
+            taken: Revision(taken),
+        };
+        let asked = |s: &mut Store| {
+            let out = s.outbox(1000).unwrap();
+            if let Some(last) = out.last() {
+                s.remove_outbox(last.seq).unwrap();
+            }
+            out.iter().filter(|o| matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {})).count()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (db, copy) = (dir.path().join("m.db"), dir.path().join("copy.db"));
+        let mut s = Store::open(&db).unwrap();
+        assert_eq!(s.start_serving(1_000).unwrap(), Revision(1_000_000), "the time of the start, in µs");
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        assert_eq!(s.head().unwrap(), Revision(1_000_001));
+        asked(&mut s);
+        s.conn().execute("VACUUM INTO ?1", [copy.to_string_lossy()]).unwrap();
+        // A restart: on from its own later time; nodes at revisions it gave show nothing.
+        assert_eq!(s.start_serving(2_000).unwrap(), Revision(2_000_000));
+        send(&mut s, "n1", "m2", put("a", 1_000_001, file(2)));
+        assert_eq!(s.head().unwrap(), Revision(2_000_001));
+        send(&mut s, "n2", "h1", heartbeat(2_000_001));
+        send(&mut s, "n2", "h2", heartbeat(1_000_001));
+        assert_eq!((asked(&mut s), s.caught_up().unwrap()), (0, None));
+        drop(s);
+
+        // The copy comes back: it ends at 1,000,001, and never gave 2,000,001.
+        std::fs::remove_file(&db).unwrap();
+        std::fs::copy(&copy, &db).unwrap();
+        let mut s = Store::open(&db).unwrap();
+        assert_eq!(s.start_serving(3_000).unwrap(), Revision(3_000_000), "above anything the lost one gave");
+        send(&mut s, "n2", "h3", heartbeat(1_000_001));
+        assert_eq!(asked(&mut s), 0, "a revision the copy gave");
+        send(&mut s, "n2", "h4", heartbeat(2_000_001));
+        assert_eq!(asked(&mut s), 1, "every node is asked to sync");
+        let note = s.caught_up().unwrap().unwrap();
+        assert_eq!((note.node.as_str(), note.seen, note.to), ("n2", 2_000_001, 3_000_000));
+        assert_eq!(s.head().unwrap(), Revision(3_000_000), "no jump: the start is past it already");
+        send(&mut s, "n3", "h5", heartbeat(2_000_001));
+        assert_eq!(asked(&mut s), 0, "once");
+        // The lost state of `a` (taken at 2,000,001) is the current one for the rule.
+        send(&mut s, "n2", "m3", put("a", 2_000_001, file(3)));
+        assert_eq!(decided(&s), [Outcome::Accepted]);
     }
 
     /// Every sync reply page in the outbox, in order, with its encoded size (and removes

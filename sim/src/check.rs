@@ -14,7 +14,13 @@
 //! - **A tree**: every path the manager holds is below a directory it holds (never
 //!   below a file, never orphaned).
 //! - **Conflicts**: no conflict file of a conflict file, and never more conflict files
-//!   of one path than `MAX_CONFLICT_COPIES`.
+//!   of one path than `MAX_CONFLICT_COPIES`; no conflict of a node with its own change
+//!   (but after a restore of the manager's database, which decides again, maybe
+//!   otherwise, the changes whose decisions it lost).
+//! - **Restores**: the versions that reached the manager before its database was
+//!   brought back from an older copy count as having reached it (its history then is
+//!   that of the copy); a run without a restore never has the manager find a node ahead
+//!   of it.
 
 use crate::node::{snapshot, Seen};
 use crate::{Made, World};
@@ -63,13 +69,15 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         }
     }
 
-    // (path, version, origin, rev) of every revision.
-    let mut history: Vec<(String, Option<Version>, String, i64)> = Vec::new();
-    let mut st = conn.prepare("SELECT path, version, origin, rev FROM history ORDER BY rev")?;
-    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))? {
-        let (path, version, origin, at) = row?;
-        history.push((path, version.map(|v| serde_json::from_str(&v)).transpose()?, origin, at));
+    // Without a restore, no node ever names a revision the manager did not give.
+    if w.stats.restores == 0 {
+        if let Some(c) = store.caught_up()? {
+            bail!("the manager was never restored, yet it {c}");
+        }
     }
+    // Every revision, also those a restore lost: what reached the manager then reached it.
+    let mut history = history(conn)?;
+    history.extend(w.lost_history.iter().cloned());
     let in_history: HashSet<&ContentHash> = history
         .iter()
         .filter_map(|(_, v, _, _)| match v.as_ref().map(|v| &v.content) {
@@ -116,7 +124,9 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
          AND NOT EXISTS (SELECT 1 FROM conflicts k WHERE k.copy = c.path AND k.copy_rev = c.current_rev)",
     )?;
     let own: Vec<(String, String, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
-    if let Some((path, copy, node)) = own.first() {
+    // (Not after a restore: a change whose decision the manager lost is decided again,
+    // maybe otherwise, after the node acted on the first decision.)
+    if let Some((path, copy, node)) = own.first().filter(|_| w.stats.restores == 0) {
         bail!("a conflict of {node} with its own change: {path} kept as {copy}");
     }
 
@@ -137,6 +147,20 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         bail!("{n} conflict files of {path}, more than the cap");
     }
     Ok(())
+}
+
+/// (path, version, origin, rev) of a revision of the manager's history.
+pub type HistoryRow = (String, Option<Version>, String, i64);
+
+/// Every revision in the manager's history.
+pub fn history(conn: &rusqlite::Connection) -> anyhow::Result<Vec<HistoryRow>> {
+    let mut out = Vec::new();
+    let mut st = conn.prepare("SELECT path, version, origin, rev FROM history ORDER BY rev")?;
+    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))? {
+        let (path, version, origin, at) = row?;
+        out.push((path, version.map(|v| serde_json::from_str(&v)).transpose()?, origin, at));
+    }
+    Ok(out)
 }
 
 fn seen_of(v: &Version) -> Seen {

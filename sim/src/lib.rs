@@ -64,6 +64,12 @@ pub struct Config {
     /// its oldest messages for a while. From a random stream of its own; off, the seeds
     /// found with `queue_drops` alone replay as they did.
     pub connected_drops: bool,
+    /// Now and then the manager's database is copied (a backup), and later its disk fails
+    /// and the copy is brought back (or, now and then, nothing: it starts on an empty
+    /// database), while the nodes go on: the decisions made since are lost to it and
+    /// only the nodes have them. From a random stream of its own; off, the seeds kept
+    /// from before replay as they did.
+    pub restores: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -85,6 +91,7 @@ impl Default for Config {
             sync_page_bytes: Some(SMALL_SYNC_PAGE_BYTES),
             queue_drops: true,
             connected_drops: true,
+            restores: true,
         }
     }
 }
@@ -126,6 +133,8 @@ pub struct RunStats {
     pub stalled_pulls: usize,
     /// Messages node queues dropped while their node was away.
     pub dropped: usize,
+    /// Times the manager's database was brought back from an older copy (or lost).
+    pub restores: usize,
 }
 
 pub struct World {
@@ -140,6 +149,13 @@ pub struct World {
     drop_rng: ChaCha8Rng,
     /// The random stream of connected nodes falling behind (`Config::connected_drops`).
     lag_rng: ChaCha8Rng,
+    /// The random stream of the manager's backups and restores (`Config::restores`).
+    restore_rng: ChaCha8Rng,
+    /// The step of the manager database's last copy, if one was made.
+    backup_step: Option<usize>,
+    /// Every revision of the manager's history that a restore lost: the versions that
+    /// reached the manager, for the check that no write was lost.
+    pub lost_history: Vec<check::HistoryRow>,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -199,7 +215,7 @@ fn fresh_database(
     Ok(())
 }
 
-fn fresh_manager_database(path: &std::path::Path) -> anyhow::Result<()> {
+pub(crate) fn fresh_manager_database(path: &std::path::Path) -> anyhow::Result<()> {
     static TEMPLATE: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
     fresh_database(path, &TEMPLATE, |p| ::manager::store::Store::open(p).map(drop))
 }
@@ -215,7 +231,7 @@ impl World {
         let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
         let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
         fresh_manager_database(&dir.path().join("manager.db"))?;
-        let manager = SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes)?;
+        let manager = SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes, cfg.restores.then(|| clock_ns.clone()))?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d_4f56_4553);
@@ -234,6 +250,9 @@ impl World {
             remake_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_4d41_4b45),
             drop_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4452_4f50_5321),
             lag_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4c41_4747_494e),
+            restore_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_5354_4f52),
+            backup_step: None,
+            lost_history: Vec::new(),
             cfg,
             broker,
             manager,
@@ -317,6 +336,31 @@ impl World {
             self.log(format!("n{} catches up: its queue has no limit", i + 1));
             self.queue_of(i).limit = None;
         }
+    }
+
+    /// Now and then a copy of the manager's database is made; later, now and then, the
+    /// manager's disk fails and the copy comes back (one time in four, no copy: an
+    /// empty database), while the nodes go on.
+    fn maybe_restore_the_manager(&mut self) -> anyhow::Result<()> {
+        if !self.cfg.restores || !self.cfg.faults {
+            return Ok(());
+        }
+        if self.manager.is_up() && self.restore_rng.random_range(0..40) == 0 {
+            self.manager.back_up()?;
+            self.backup_step = Some(self.step);
+            self.log("the manager's database is copied (a backup)".into());
+        } else if let Some(at) = self.backup_step.filter(|_| self.restore_rng.random_range(0..150) == 0) {
+            let empty = self.restore_rng.random_range(0..4) == 0;
+            self.lost_history.extend(self.manager.history()?);
+            self.stats.restores += 1;
+            if empty {
+                self.log("the manager's disk fails: it starts again on an empty database".into());
+            } else {
+                self.log(format!("the manager's disk fails: its database is brought back from the copy of step {at}"));
+            }
+            self.manager.restore(&mut self.broker, !empty)?;
+        }
+        Ok(())
     }
 
     /// Logs what the node queues' length limits dropped.
@@ -476,6 +520,7 @@ impl World {
                 }
             }
         }
+        self.maybe_restore_the_manager()?;
         if !self.manager.is_up() && self.rng.random_bool(0.5) {
             self.log("manager restarts".into());
             self.manager.restart(&mut self.broker)?;

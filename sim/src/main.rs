@@ -110,7 +110,7 @@ fn main() {
     let next = AtomicU64::new(start);
     let done = AtomicUsize::new(0);
     let steps = AtomicU64::new(0);
-    let (crashes, stalled, dropped) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let (crashes, stalled, dropped, restores) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
     let failures: Mutex<Vec<(u64, String)>> = Mutex::new(Vec::new());
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -126,6 +126,7 @@ fn main() {
                         crashes.fetch_add(stats.crashes as u64, Ordering::Relaxed);
                         stalled.fetch_add(stats.stalled_pulls as u64, Ordering::Relaxed);
                         dropped.fetch_add(stats.dropped as u64, Ordering::Relaxed);
+                        restores.fetch_add(stats.restores as u64, Ordering::Relaxed);
                     }
                     Err((what, _)) => {
                         eprintln!("seed {seed} FAILED: {}", what.lines().next().unwrap_or(""));
@@ -143,12 +144,13 @@ fn main() {
     let n = done.load(Ordering::Relaxed);
     let failures = failures.into_inner().unwrap();
     println!(
-        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} crashes, {} pulls waited out a frozen holder, {} messages dropped by away queues; {} failed",
+        "{n} seeds ({range}) in {secs:.1}s on {threads} threads: {:.1} seeds/s, {:.0} steps/s; {} crashes, {} pulls waited out a frozen holder, {} messages dropped by away queues, {} manager databases brought back from a copy or lost; {} failed",
         n as f64 / secs,
         steps.load(Ordering::Relaxed) as f64 / secs,
         crashes.load(Ordering::Relaxed),
         stalled.load(Ordering::Relaxed),
         dropped.load(Ordering::Relaxed),
+        restores.load(Ordering::Relaxed),
         failures.len()
     );
     if let Some((seed, what)) = failures.iter().min_by_key(|(s, _)| *s) {

@@ -7,6 +7,8 @@
 use crate::broker::Broker;
 use manager::store::Store;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use wire::{Envelope, ToManager};
 
 /// Where a crash of the manager may come while it handles a batch.
@@ -24,11 +26,15 @@ pub struct SimManager {
     db: PathBuf,
     store: Option<Store>,
     sync_page_bytes: Option<usize>,
+    /// The virtual clock (ns since the epoch), when each start begins its revisions at
+    /// the time of the start (`Store::start_serving`, as `manager serve` does). Only with
+    /// `Config::restores`: the seeds kept from before replay with the revisions they had.
+    start_clock: Option<Arc<AtomicI64>>,
 }
 
 impl SimManager {
-    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>) -> anyhow::Result<SimManager> {
-        let mut m = SimManager { db, store: None, sync_page_bytes };
+    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>, start_clock: Option<Arc<AtomicI64>>) -> anyhow::Result<SimManager> {
+        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock };
         m.open()?;
         Ok(m)
     }
@@ -37,6 +43,9 @@ impl SimManager {
         let mut store = Store::open(&self.db)?;
         if let Some(bytes) = self.sync_page_bytes {
             store.set_sync_page_bytes(bytes);
+        }
+        if let Some(clock) = &self.start_clock {
+            store.start_serving(clock.load(Ordering::Relaxed) / 1_000_000)?;
         }
         self.store = Some(store);
         Ok(())
@@ -55,6 +64,46 @@ impl SimManager {
     pub fn crash(&mut self, broker: &mut Broker) {
         self.store = None;
         broker.update.connection_lost();
+    }
+
+    /// Where [`SimManager::back_up`] puts its copy.
+    fn backup_path(&self) -> PathBuf {
+        self.db.with_extension("backup")
+    }
+
+    /// Copies the database, as a backup would (`VACUUM INTO`: a consistent copy of what
+    /// is committed).
+    pub fn back_up(&self) -> anyhow::Result<()> {
+        let store = self.store.as_ref().ok_or_else(|| anyhow::anyhow!("the manager is down"))?;
+        let to = self.backup_path();
+        let _ = std::fs::remove_file(&to);
+        store.conn().execute("VACUUM INTO ?1", [to.to_string_lossy()])?;
+        Ok(())
+    }
+
+    /// Every revision in the manager's history (its database read even while it is down).
+    pub fn history(&self) -> anyhow::Result<Vec<crate::check::HistoryRow>> {
+        match &self.store {
+            Some(store) => crate::check::history(store.conn()),
+            None => crate::check::history(&rusqlite::Connection::open(&self.db)?),
+        }
+    }
+
+    /// The manager's disk fails and the database comes back from the last copy
+    /// (`from_copy`), or starts empty; the process restarts on it. The broker takes back
+    /// what it had not acked.
+    pub fn restore(&mut self, broker: &mut Broker, from_copy: bool) -> anyhow::Result<()> {
+        self.crash(broker);
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db.display()));
+        }
+        std::fs::remove_file(&self.db)?;
+        if from_copy {
+            std::fs::copy(self.backup_path(), &self.db)?;
+        } else {
+            crate::fresh_manager_database(&self.db)?;
+        }
+        self.restart(broker)
     }
 
     /// Starts again over the same database and publishes what a crash left in the outbox.
@@ -100,7 +149,7 @@ impl SimManager {
             self.crash(broker);
             return Ok(taken);
         }
-        let results = store.transaction(|tx| envs.into_iter().map(|env| tx.handle_isolated(env, now_ms)).collect::<anyhow::Result<Vec<_>>>())?;
+        let results = store.transaction(|tx| tx.handle_batch(envs, now_ms))?;
         for r in results {
             if let Err(reason) = r {
                 anyhow::bail!("the manager failed to handle a message: {reason}");

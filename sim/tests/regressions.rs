@@ -43,6 +43,9 @@ const KEPT: &[(u64, &str)] = &[
     (60097, "a file written in a directory, then the directory renamed in parts and another renamed in parts to its name, before the file's put was decided: the second move's directory at the file's path was put later with the revision from before, a conflict of the node with its own file"),
     (88393, "another node's symlink over a directory, deferred for the node's change below it, outlived the delete and the directory brought back after it (both lost with the node queue's oldest messages): applied once the change below was decided, it took the directory away with newer paths below it"),
     (13755, "a connected node's queue dropped the answers to the changes it sent again for the manager's request to sync, before its sync reached the manager, which took the request for still queued and did not ask again: the changes stayed undecided for good"),
+    (479, "the manager's database was lost and started anew, and decided again a change of another node before any node said it had later revisions: the node whose later state the manager lacked sent it again, it was decided as a conflict at the path's older revision, and the node, holding a higher one, never took the decision"),
+    (1116, "the manager's database was brought back from a copy made after it had asked every node to sync: the nodes' sync requests were lost with it, each node gave up its sync after 120 s and never synced again, and the manager never learned of the paths"),
+    (3777, "the manager's database was brought back from an older copy and gave again a revision the lost one had given, to another version of the same path: the nodes holding that revision took the new decision for one they had"),
     (86668, "a node's offline edit went, by the manager's rule, into its own earlier conflict file, whose new state the node lost with its queue's oldest messages; holding the older state, it let go of the content, and room made on a full disk took it: no node could ever fetch the conflict file"),
 ];
 
@@ -50,30 +53,35 @@ const KEPT: &[(u64, &str)] = &[
 fn seeds_that_once_failed_pass() {
     for (seed, found) in KEPT {
         // As they were found: before frozen holders were simulated.
-        if let Err(e) =
-            run_with(*seed, sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, queue_drops: false, ..Default::default() })
-        {
+        if let Err(e) = run_with(
+            *seed,
+            sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() },
+        ) {
             panic!("kept seed {seed} ({found}) fails again: {e}");
         }
         // As the later ones were found: before directories were made again where a large
         // rename's had been.
-        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with frozen holders: {e}");
         }
         // As those found before sync replies came in small pages.
-        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with directories made again: {e}");
         }
         // As those found before node queues dropped their oldest messages.
-        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, restores: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
         }
         // As those found before connected nodes fell behind.
-        if let Err(e) = run_with(*seed, sim::Config { connected_drops: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { connected_drops: false, restores: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with node queues that drop their oldest messages: {e}");
         }
-        if let Err(e) = run(*seed, None) {
+        // As those found before the manager's database was brought back from copies.
+        if let Err(e) = run_with(*seed, sim::Config { restores: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with connected nodes whose queues drop messages: {e}");
+        }
+        if let Err(e) = run(*seed, None) {
+            panic!("seed {seed} ({found}) fails with the manager's database brought back from copies: {e}");
         }
     }
 }

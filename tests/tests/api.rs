@@ -17,7 +17,7 @@ fn manager_with_a_node(name: &str) -> (Manager, FakeNode) {
     let n1 = FakeNode::connect(&m.vhost, "n1");
     n1.heartbeat(2, 1);
     n1.put_file("docs/a.txt", b"hello");
-    eventually("the change to be decided", DEADLINE, || m.get_json("/api/status")["head"].as_u64() == Some(2));
+    eventually("the change to be decided", DEADLINE, || m.get_json("/api/status")["head"].as_u64() == Some(m.first_head() + 2));
     (m, n1)
 }
 
@@ -70,7 +70,7 @@ fn files_history_changes_conflicts_and_paging() {
     n2.put_file("docs/a.txt", b"other");
     eventually("7 changes and a conflict", DEADLINE, || {
         let s = m.get_json("/api/status");
-        s["head"].as_u64() == Some(8) && s["conflicts"].as_u64() == Some(1)
+        s["head"].as_u64() == Some(m.first_head() + 8) && s["conflicts"].as_u64() == Some(1)
     });
 
     let all = m.get_json("/api/files");
@@ -93,9 +93,10 @@ fn files_history_changes_conflicts_and_paging() {
     let copy_history = m.get_json(&format!("/api/files/history?path={}", urlencode(copy)));
     assert_eq!(copy_history["revisions"][0]["origin"], "n2");
 
-    let ch = m.get_json("/api/changes?since=6");
+    let first = m.first_head();
+    let ch = m.get_json(&format!("/api/changes?since={}", first + 6));
     let revs: Vec<u64> = ch["changes"].as_array().unwrap().iter().map(|c| c["rev"].as_u64().unwrap()).collect();
-    assert_eq!((ch["head"].as_u64(), revs), (Some(8), vec![7, 8]));
+    assert_eq!((ch["head"].as_u64(), revs), (Some(first + 8), vec![first + 7, first + 8]));
     assert_eq!(m.get_json("/api/changes?limit=3")["changes"].as_array().unwrap().len(), 3);
 
     // Bad input: a clear JSON error with the right status.
@@ -108,7 +109,6 @@ fn files_history_changes_conflicts_and_paging() {
         ("/api/files?colour=blue", 400, "unknown query parameter"),
         ("/api/files?limit=1&limit=2", 400, "twice"),
         ("/api/conflicts?offset=1", 422, "past the end"),
-        ("/api/changes?since=99", 422, "beyond the head revision 8"),
         ("/api/files/history", 400, "missing query parameter path"),
         ("/api/files/history?path=../etc/passwd", 400, "invalid path"),
         ("/api/files/history?path=docs/none.txt", 404, "never seen"),
@@ -117,6 +117,10 @@ fn files_history_changes_conflicts_and_paging() {
         assert_eq!(r.status, status, "GET {path}: {}", r.text());
         assert!(r.error().contains(needle), "GET {path}: {}", r.text());
     }
+    let beyond = format!("/api/changes?since={}", first + 99);
+    let r = m.call("GET", &beyond, None);
+    assert_eq!(r.status, 422, "GET {beyond}: {}", r.text());
+    assert!(r.error().contains(&format!("beyond the head revision {}", first + 8)), "GET {beyond}: {}", r.text());
 }
 
 fn urlencode(s: &str) -> String {
@@ -279,8 +283,9 @@ fn metrics_parse_and_counters_move_when_changes_arrive() {
         assert!(r.header("content-type").unwrap().starts_with("application/openmetrics-text; version=1.0.0"));
         parse_prometheus(&r.text())
     };
+    let first = m.first_head() as f64;
     let before = scrape();
-    assert_eq!(before["sync_manager_head_revision"], 0.0);
+    assert_eq!(before["sync_manager_head_revision"], first);
     assert_eq!(before["sync_manager_nodes_online"], 0.0);
     let n1 = FakeNode::connect(&m.vhost, "n1");
     n1.heartbeat(0, 0);
@@ -288,7 +293,7 @@ fn metrics_parse_and_counters_move_when_changes_arrive() {
     n1.put_file("b.txt", b"b");
     eventually("the counters to move", DEADLINE, || {
         let s = scrape();
-        s["sync_manager_head_revision"] == 2.0
+        s["sync_manager_head_revision"] == first + 2.0
             && s.get("sync_manager_changes_in_total{outcome=\"accepted\"}") == Some(&2.0)
             // Two broadcasts (Applied) and two replies (Decided).
             && s["sync_manager_messages_out_total"] >= 4.0
@@ -314,8 +319,8 @@ fn event_stream_pushes_nodes_transfers_and_changes() {
     ev.wait_for("transfers", "n1 pulling 3", |v| v[0]["node"] == "n1" && v[0]["pending_pulls"] == 3);
     n1.put_file("live.txt", b"live");
     let c = ev.wait_for("changes", "live.txt", |v| v["changes"].as_array().unwrap().iter().any(|c| c["path"] == "live.txt"));
-    assert_eq!(c["head"], 1);
-    ev.wait_for("status", "head 1", |v| v["head"] == 1);
+    assert_eq!(c["head"], m.first_head() + 1);
+    ev.wait_for("status", "the head one past the first", |v| v["head"] == m.first_head() + 1);
     n1.heartbeat(0, 0);
     ev.wait_for("transfers", "the transfer to finish", |v| v.as_array().is_some_and(|a| a.is_empty()));
 }
@@ -341,7 +346,7 @@ fn https_with_a_self_signed_certificate() {
     let auth = format!("Authorization: Bearer {}", m.token);
     let (ok, out, err) = curl(&["--cacert", cert_pem.to_str().unwrap(), "-H", &auth]);
     assert!(ok, "{err}");
-    assert!(out.ends_with("\n200") && out.contains("\"head\":0"), "{out}");
+    assert!(out.ends_with("\n200") && out.contains("\"head\":") && out.contains("\"files\":0"), "{out}");
     let (ok, out, _) = curl(&["--cacert", cert_pem.to_str().unwrap()]);
     assert!(ok && out.ends_with("\n401"), "{out}");
     // Without trusting the certificate, the client refuses the server.

@@ -71,7 +71,7 @@ fn a_lying_holder_corrupts_nothing() {
     };
     let entry = Entry {
         path: RelPath::new("lie.txt").unwrap(),
-        rev: Revision(1_000_000),
+        rev: Revision(1 << 52),
         version: Some(version),
         holders: vec![Holder { node: "liar".parse().unwrap(), url: liar_url }],
     };
@@ -142,7 +142,7 @@ fn a_holder_lying_about_a_batch_of_small_contents_corrupts_nothing() {
         .enumerate()
         .map(|(i, (path, bytes))| {
             let version = Version { content: Content::File { hash: hash(bytes), size: bytes.len() as u64 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
-            let entry = Entry { path: RelPath::new(*path).unwrap(), rev: Revision(1_000_000 + i as u64), version: Some(version), holders: holders.clone() };
+            let entry = Entry { path: RelPath::new(*path).unwrap(), rev: Revision((1 << 52) + i as u64), version: Some(version), holders: holders.clone() };
             BatchItem { to: None, msg: ToNode::Applied { entry, origin: "honest".parse().unwrap() } }
         })
         .collect();

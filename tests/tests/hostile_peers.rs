@@ -140,7 +140,14 @@ fn stuck_and_lying_holders_are_dropped_and_other_paths_keep_syncing() {
     let plan = files.iter().map(|(_, b, k)| (blake3::hash(b).to_hex().to_string(), (*k, size))).collect();
     let url = hostile_server(plan);
     let evil = FakeNode::connect(&c.vhost, "evil");
-    evil.send(ToManager::Heartbeat { url: url.clone(), pending_changes: 0, pending_pulls: 0, software: "evil 1".into(), residency: None, taken: Revision(0) });
+    evil.send(ToManager::Heartbeat {
+        url: url.clone(),
+        pending_changes: 0,
+        pending_pulls: 0,
+        software: "evil 1".into(),
+        residency: None,
+        taken: wire::Revision(0),
+    });
     for (path, bytes, _) in &files {
         evil.put_file(path, bytes);
     }

@@ -40,7 +40,7 @@ fn text(p: &Path) -> Option<String> {
 #[test]
 fn a_manager_brought_back_from_an_older_copy_of_its_database_loses_nothing_and_decides_on() {
     let mut c = Cluster::start("restore", 2);
-    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let n1 = &c.nodes[0];
     write(&n1.p("edited.txt"), b"v1");
     write(&n1.p("deleted.txt"), b"to be deleted");
     write(&n1.p("kept.txt"), b"never changed");
@@ -102,4 +102,42 @@ fn a_manager_brought_back_from_an_older_copy_of_its_database_loses_nothing_and_d
         assert_eq!(mode, 0o750, "dir's mode on {}", n.id);
         assert_eq!(conflict_files(&n.mount), Vec::<String>::new(), "no conflict on {}", n.id);
     }
+}
+
+/// The manager's database lost altogether (no copy at all): a manager started on a new,
+/// empty database learns the whole tree from the nodes, and a node that joins then
+/// gets all of it.
+#[test]
+fn a_manager_started_anew_on_an_empty_database_learns_the_tree_from_its_nodes() {
+    let mut c = Cluster::start("anew", 2);
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    std::fs::create_dir_all(n1.p("a/b")).unwrap();
+    for i in 0..20 {
+        write(&n1.p(&format!("a/b/f{i}")), format!("file {i}").as_bytes());
+    }
+    write(&n2.p("top.txt"), b"top");
+    std::fs::remove_file(n1.p("a/b/f7")).unwrap();
+    std::os::unix::fs::symlink("a/b/f1", n2.p("link")).unwrap();
+    c.converged();
+    let before = snapshot(&c.nodes[0].mount);
+
+    c.manager.stop();
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", c.manager.db.display()));
+    }
+    c.manager.restart();
+    // (`manager status` opens the database: not while the manager makes it.)
+    eventually("the manager to start", DEADLINE, || std::fs::read_to_string(&c.manager.log).unwrap_or_default().contains("revisions go on after"));
+    eventually("the manager says it caught up", DEADLINE, || c.manager.status().contains("caught up"));
+    c.converged_within(DEADLINE);
+    assert_eq!(snapshot(&c.nodes[0].mount), before, "nothing reverts or goes away on the nodes");
+
+    write(&c.nodes[1].p("a/b/f3"), b"edited after");
+    let n3 = c.add_node("n3");
+    c.nodes[n3].wait_connected();
+    c.converged_within(DEADLINE);
+    assert_eq!(text(&c.nodes[n3].p("a/b/f3")).as_deref(), Some("edited after"));
+    assert_eq!(text(&c.nodes[n3].p("a/b/f0")).as_deref(), Some("file 0"));
+    assert!(!c.nodes[n3].p("a/b/f7").exists(), "a file deleted before stays deleted");
+    assert_eq!(conflict_files(&c.nodes[n3].mount), Vec::<String>::new());
 }

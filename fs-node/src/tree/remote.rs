@@ -20,6 +20,16 @@ impl State {
         Ok(())
     }
 
+    /// Sets the path's revision back to `rev`, the manager's, when it lost the later
+    /// one the node took (`Tree::send_states_the_manager_lost`): whatever it decides of
+    /// the node's state there comes at that revision or later, and is applied.
+    pub(super) fn set_rev_back(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
+        let old = self.revs.insert(path.clone(), rev);
+        self.record(|| Undo::Rev(path.clone(), old));
+        self.db.set_rev(path, rev)?;
+        Ok(())
+    }
+
     /// Whether `path` or anything below it has a local change the manager has not
     /// decided: a queued change, a file being written whose change is not queued yet
     /// (it is queued when its last writer closes), an ignored path, or an entry a rename

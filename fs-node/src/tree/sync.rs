@@ -380,8 +380,11 @@ impl Tree {
     /// manager behind its nodes*). What this node has there is then the later state,
     /// and goes to the manager as a change based on the revision it had it at (the rule
     /// takes a base above the path's revision for the current state), unless that is what
-    /// the entry says already. A path with a change of this node's own is left to that
-    /// change. Returns how many were sent.
+    /// the entry says already; the path's revision here goes back to the entry's, so that
+    /// the decision is taken whatever it is (another node's change decided before the
+    /// manager found out it was behind has a revision below the lost one: simulator seed
+    /// 479). A path with a change of this node's own is left to that change. Returns how
+    /// many were sent.
     pub fn send_states_the_manager_lost(&self, entries: &[Entry], head: Revision) -> FsResult<usize> {
         let lost = |st: &State, e: &Entry| {
             let taken = st.revs.get(&e.path).copied().unwrap_or_default();
@@ -409,6 +412,10 @@ impl Tree {
                     Some((parent, name, ino)) => st.record_put(parent, &name, ino)?,
                     None => st.record_delete(e.path.clone())?,
                 }
+                // Queued on the revision the node took (the rule takes it for the
+                // current state); the decision, whatever it is, comes at the manager's
+                // revision or a later one, and the node must take it.
+                st.set_rev_back(&e.path, e.rev)?;
                 sent += st.outbox.has(&e.path) as usize;
             }
             Ok(sent)

@@ -81,6 +81,17 @@ impl Manager {
         panic!("the manager could not bind a free port in five tries");
     }
 
+    /// The head when it started (it says so in its log): its revisions go on from the
+    /// time of its start (`Store::start_serving`), so those it gives are counted from it.
+    pub fn first_head(&self) -> u64 {
+        const SAYS: &str = "revisions go on after ";
+        let log = || std::fs::read_to_string(&self.log).unwrap_or_default();
+        eventually("the manager to log its first revision", DEADLINE, || log().contains(SAYS));
+        let log = log();
+        let after = log.split(SAYS).nth(1).expect("just seen");
+        after.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().expect("a revision")
+    }
+
     fn assert_running(&mut self) {
         if let Some(Ok(Some(status))) = self.child.as_mut().map(|c| c.try_wait()) {
             panic!("manager exited with {status}: {}", std::fs::read_to_string(&self.log).unwrap_or_default());
