@@ -176,6 +176,8 @@ struct ActiveSync<R> {
     /// The head of the reply's first page: the reply names every path at its revision
     /// then or later (`Tree::send_states_the_manager_lost`).
     head: Revision,
+    /// Deletes the manager lost, sent once the reply is in (deepest first).
+    lost_deletes: Vec<(RelPath, Revision)>,
     pulled: u64,
     failed: u64,
     /// Files whose committed content this node lost (found at start-up), with the hash
@@ -643,6 +645,7 @@ impl<R> Engine<R> {
             known: NamedPaths::default(),
             snapshot,
             head: Revision(0),
+            lost_deletes: Vec::new(),
             pulled: 0,
             failed: 0,
             damaged: HashMap::new(),
@@ -755,7 +758,7 @@ impl<R> Engine<R> {
             s.damaged = self.tree.damaged().into_iter().collect();
             s.head = head;
         }
-        let resent = self.tree.send_states_the_manager_lost(&entries, s.head).map_err(fail("sending states the manager lost"))?;
+        let resent = self.tree.send_states_the_manager_lost(&entries, s.head, &mut s.lost_deletes).map_err(fail("sending states the manager lost"))?;
         if resent > 0 {
             tracing::warn!(paths = resent, "the manager names paths at older revisions than this node took from it (its database lost decisions: restored from an older copy?); sending it this node's later states");
             s.pushed += resent as u64;
@@ -777,6 +780,11 @@ impl<R> Engine<R> {
             s.next_page += 1;
             self.syncs.insert(request, s);
             return Ok(());
+        }
+        let deleted = self.tree.send_deletes_the_manager_lost(std::mem::take(&mut s.lost_deletes), s.head).map_err(fail("sending deletes the manager lost"))?;
+        if deleted > 0 {
+            tracing::warn!(paths = deleted, "the manager names paths this node took as deleted later (its database lost decisions); sending it the deletes");
+            s.pushed += deleted as u64;
         }
         let unknown = self.tree.push_unknown(&s.known, s.snapshot).map_err(fail("pushing local paths"))?;
         if unknown.held_back > 0 {

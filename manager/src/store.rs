@@ -317,9 +317,7 @@ impl Store {
                 let mut ranges = skipped(tx.tx)?;
                 ranges.push((head.0, floor.0));
                 let keep = ranges.len().saturating_sub(SKIPPED_KEPT);
-                tx.tx
-                    .prepare_cached("INSERT INTO meta(key, value) VALUES('skipped', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-                    .execute([json(&&ranges[keep..])])?;
+                tx.set_meta("skipped", &json(&&ranges[keep..]))?;
             }
             Ok(head.max(floor))
         })
@@ -327,8 +325,7 @@ impl Store {
 
     /// The last time the database was found behind its nodes ([`Tx::catch_up_with`]).
     pub fn caught_up(&self) -> anyhow::Result<Option<CaughtUp>> {
-        let note: Option<String> = self.conn.prepare_cached("SELECT value FROM meta WHERE key = 'caught_up'")?.query_row([], |r| r.get(0)).optional()?;
-        note.map(|n| serde_json::from_str(&n).context("reading the last catch-up's note")).transpose()
+        caught_up(&self.conn)
     }
 
     pub fn nodes(&self) -> anyhow::Result<Vec<NodeRow>> {
@@ -521,6 +518,15 @@ fn named_revision(body: &ToManager) -> Option<Revision> {
 /// nodes still sync after their next reconnection).
 const SKIPPED_KEPT: usize = 16;
 
+/// How long after every node was asked to sync for a database found behind it is not
+/// asked again ([`Tx::catch_up_with`]).
+const CATCH_UP_QUIET_MS: i64 = 60_000;
+
+fn caught_up(conn: &rusqlite::Connection) -> anyhow::Result<Option<CaughtUp>> {
+    let note: Option<String> = conn.prepare_cached("SELECT value FROM meta WHERE key = 'caught_up'")?.query_row([], |r| r.get(0)).optional()?;
+    note.map(|n| serde_json::from_str(&n).context("reading the last catch-up's note")).transpose()
+}
+
 /// The ranges of revisions (from, to] the last starts of the database skipped.
 fn skipped(conn: &rusqlite::Connection) -> anyhow::Result<Vec<(u64, u64)>> {
     let v: Option<String> = conn.prepare_cached("SELECT value FROM meta WHERE key = 'skipped'")?.query_row([], |r| r.get(0)).optional()?;
@@ -607,10 +613,7 @@ impl Tx<'_> {
     }
 
     fn set_head(&mut self, rev: Revision) -> anyhow::Result<()> {
-        self.tx
-            .prepare_cached("INSERT INTO meta(key, value) VALUES('head', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-            .execute([rev.0 as i64])?;
-        Ok(())
+        self.set_meta("head", &(rev.0 as i64))
     }
 
     pub(crate) fn enqueue(&mut self, key: &str, body: ToNode) -> anyhow::Result<()> {
@@ -867,13 +870,28 @@ impl Tx<'_> {
             skipped.last().map_or(head.0, |&(from, _)| from),
             to.0
         );
-        // Every node syncs now: no range skipped before tells anything more.
+        // Every node syncs now: no range skipped before tells anything more. Not again
+        // within a minute (a node that keeps naming revisions above the head, a lie,
+        // moves the head each time, but does not make every node sync each time).
         self.tx.prepare_cached("DELETE FROM meta WHERE key = 'skipped'")?.execute([])?;
+        if self.caught_up()?.is_some_and(|last| now_ms.saturating_sub(last.at_ms) < CATCH_UP_QUIET_MS) {
+            return Ok(());
+        }
         let note = CaughtUp { at_ms: now_ms, node: node.to_string(), seen: seen.0, head: head.0, to: to.0 };
-        self.tx
-            .prepare_cached("INSERT INTO meta(key, value) VALUES('caught_up', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
-            .execute([json(&note)])?;
+        self.set_meta("caught_up", &json(&note))?;
         self.enqueue(topology::BROADCAST_KEY, ToNode::SyncRequested {})
+    }
+
+    /// The last time the database was found behind its nodes.
+    fn caught_up(&self) -> anyhow::Result<Option<CaughtUp>> {
+        caught_up(self.tx)
+    }
+
+    fn set_meta(&mut self, key: &str, value: &dyn rusqlite::ToSql) -> anyhow::Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
+            .execute(params![key, value])?;
+        Ok(())
     }
 
     /// The ranges of revisions (from, to] the last starts of this database skipped.
@@ -910,9 +928,16 @@ impl Tx<'_> {
     pub fn handle_batch(&mut self, envs: Vec<Envelope<ToManager>>, now_ms: i64) -> anyhow::Result<Vec<Result<(), String>>> {
         let highest = envs.iter().filter_map(|env| Some((named_revision(&env.body)?, &env.from))).max_by_key(|(rev, _)| *rev);
         if let Some((rev, from)) = highest {
-            if let Err(e) = self.catch_up_with(&from.clone(), rev, "a message of its, ahead of the others of the batch", now_ms) {
-                // That message fails alone when it is handled.
-                tracing::debug!("not caught up before the batch: {e:#}");
+            // Under a savepoint: a failure leaves nothing half done, and that message
+            // fails alone when it is handled.
+            run_cached(self.tx, "SAVEPOINT catch_up").context("opening a savepoint in the manager database")?;
+            let from = from.clone();
+            match self.catch_up_with(&from, rev, "a message of its, ahead of the others of the batch", now_ms) {
+                Ok(()) => run_cached(self.tx, "RELEASE catch_up")?,
+                Err(e) => {
+                    tracing::warn!("not caught up before the batch: {e:#}");
+                    run_cached(self.tx, "ROLLBACK TO catch_up").and_then(|()| run_cached(self.tx, "RELEASE catch_up"))?;
+                }
             }
         }
         envs.into_iter().map(|env| self.handle_isolated(env, now_ms)).collect()

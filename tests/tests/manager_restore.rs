@@ -1,6 +1,6 @@
 //! The manager's database brought back from an older copy (a backup restored after its
 //! disk failed) while the nodes stay up: it lost every decision made after the copy, but
-//! the nodes have them. Nothing the nodes have is lost or reverted, the manager learns
+//! the nodes have them. Nothing the nodes have here is lost or reverted, the manager learns
 //! the lost states from them, and what is changed afterwards reaches every node, a node
 //! that joins afterwards included (docs/protocol.md, *A manager behind its nodes*). Real
 //! broker, real mounts, real processes.

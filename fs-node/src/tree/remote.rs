@@ -20,6 +20,14 @@ impl State {
         Ok(())
     }
 
+    /// Whether the manager, naming `path` at `rev` in a sync reply whose first page had
+    /// head `head`, lost a later state of it that this node took
+    /// (`Tree::send_states_the_manager_lost`), and this node has no change of its own there.
+    pub(super) fn lost_by_the_manager(&self, path: &RelPath, rev: Revision, head: Revision) -> bool {
+        let taken = self.revs.get(path).copied().unwrap_or_default();
+        rev < taken && taken <= head && !self.outbox.has(path) && !self.is_dirty(path) && !self.move_below(path)
+    }
+
     /// Sets the path's revision back to `rev`, the manager's, when it lost the later
     /// one the node took (`Tree::send_states_the_manager_lost`): whatever it decides of
     /// the node's state there comes at that revision or later, and is applied.

@@ -385,21 +385,23 @@ impl Tree {
     /// manager found out it was behind has a revision below the lost one: simulator seed
     /// 479). A path with a change of this node's own is left to that change. Returns how
     /// many were sent.
-    pub fn send_states_the_manager_lost(&self, entries: &[Entry], head: Revision) -> FsResult<usize> {
-        let lost = |st: &State, e: &Entry| {
-            let taken = st.revs.get(&e.path).copied().unwrap_or_default();
-            e.rev < taken && taken <= head && !st.outbox.has(&e.path) && !st.is_dirty(&e.path) && !st.move_below(&e.path)
-        };
+    ///
+    /// A delete is not sent here but added to `deletes`, for
+    /// [`Tree::send_deletes_the_manager_lost`] once the whole reply is in: a directory's
+    /// delete sent before its children's would be refused (it has children on the
+    /// manager) and the directory would come back. A file whose content this node lacks
+    /// (files on demand) is left to a node that has it.
+    pub fn send_states_the_manager_lost(&self, entries: &[Entry], head: Revision, deletes: &mut Vec<(RelPath, Revision)>) -> FsResult<usize> {
         {
             let st = self.lock();
-            if !entries.iter().any(|e| lost(&st, e)) {
+            if !entries.iter().any(|e| st.lost_by_the_manager(&e.path, e.rev, head)) {
                 return Ok(0);
             }
         }
-        self.atomically(|st, _| {
+        self.atomically(|st, store| {
             let mut sent = 0;
             for e in entries {
-                if !lost(st, e) {
+                if !st.lost_by_the_manager(&e.path, e.rev, head) {
                     continue;
                 }
                 let local = st.resolve(&e.path);
@@ -407,16 +409,42 @@ impl Tree {
                 if version == e.version {
                     continue;
                 }
-                tracing::debug!(target: "changes", path = %e.path, rev = e.rev.0, taken = st.revs.get(&e.path).map(|r| r.0), "the manager lost this path's later state: sending it again");
-                match local {
-                    Some((parent, name, ino)) => st.record_put(parent, &name, ino)?,
-                    None => st.record_delete(e.path.clone())?,
+                let Some((parent, name, ino)) = local else {
+                    deletes.push((e.path.clone(), e.rev));
+                    continue;
+                };
+                if matches!(&version, Some(Version { content: Content::File { hash, .. }, .. }) if !store.has(hash)) {
+                    continue;
                 }
+                tracing::debug!(target: "changes", path = %e.path, rev = e.rev.0, taken = st.revs.get(&e.path).map(|r| r.0), "the manager lost this path's later state: sending it again");
+                st.record_put(parent, &name, ino)?;
                 // Queued on the revision the node took (the rule takes it for the
                 // current state); the decision, whatever it is, comes at the manager's
                 // revision or a later one, and the node must take it.
                 st.set_rev_back(&e.path, e.rev)?;
                 sent += st.outbox.has(&e.path) as usize;
+            }
+            Ok(sent)
+        })
+    }
+
+    /// Sends the deletes [`Tree::send_states_the_manager_lost`] set aside, of paths still
+    /// absent here with nothing of this node's own there, deepest first.
+    pub fn send_deletes_the_manager_lost(&self, mut deletes: Vec<(RelPath, Revision)>, head: Revision) -> FsResult<usize> {
+        if deletes.is_empty() {
+            return Ok(0);
+        }
+        deletes.sort_by_key(|(p, _)| std::cmp::Reverse(p.as_str().matches('/').count()));
+        self.atomically(|st, _| {
+            let mut sent = 0;
+            for (path, rev) in &deletes {
+                if !st.lost_by_the_manager(path, *rev, head) || st.resolve(path).is_some() {
+                    continue;
+                }
+                tracing::debug!(target: "changes", %path, rev = rev.0, "the manager lost this path's delete: sending it again");
+                st.record_delete(path.clone())?;
+                st.set_rev_back(path, *rev)?;
+                sent += st.outbox.has(path) as usize;
             }
             Ok(sent)
         })

@@ -2836,7 +2836,10 @@ fn states_the_manager_lost_are_sent_again_and_only_those() {
     let head = Revision(200);
     let reply = [old("edited", 3), old("same", 4), old("deleted", 5), old("queued", 6), dir_entry("newer", 7, 0o700), old("same", 101)];
     let pending = t.pending_changes();
-    assert_eq!(t.send_states_the_manager_lost(&reply, head).unwrap(), 2);
+    let mut deletes = Vec::new();
+    assert_eq!(t.send_states_the_manager_lost(&reply, head, &mut deletes).unwrap(), 1, "the edit");
+    assert_eq!(deletes, [(RelPath::new("deleted").unwrap(), Revision(5))], "the delete, set aside");
+    assert_eq!(t.send_deletes_the_manager_lost(deletes, head).unwrap(), 1);
     assert_eq!(t.pending_changes(), pending + 2);
     let sent: Vec<(String, Revision, bool)> =
         t.take_unpublished().into_iter().map(|r| (r.change.path.to_string(), r.change.base, matches!(r.change.op, ChangeOp::Put { .. }))).collect();
@@ -2844,7 +2847,29 @@ fn states_the_manager_lost_are_sent_again_and_only_those() {
     assert!(sent.contains(&("deleted".into(), Revision(104), false)), "the later delete: {sent:?}");
     assert!(!sent.iter().any(|(p, ..)| p == "same" || p == "newer"), "{sent:?}");
     // Once sent, nothing more to send.
-    assert_eq!(t.send_states_the_manager_lost(&reply, head).unwrap(), 0);
+    let mut deletes = Vec::new();
+    assert_eq!(t.send_states_the_manager_lost(&reply, head, &mut deletes).unwrap(), 0);
+    assert_eq!(deletes, []);
     // A reply as of a head before what the node took names older revisions rightly.
-    assert_eq!(t.send_states_the_manager_lost(&[dir_entry("newer", 7, 0o700)], Revision(499)).unwrap(), 0);
+    assert_eq!(t.send_states_the_manager_lost(&[dir_entry("newer", 7, 0o700)], Revision(499), &mut deletes).unwrap(), 0);
+}
+
+/// The deletes a manager lost go deepest first: a directory's delete before its
+/// children's would be refused (it has children there), and it would come back.
+#[test]
+fn deletes_the_manager_lost_go_deepest_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let d = t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0).unwrap().ino;
+    closed_file(&t, d, "x", b"x");
+    let v = decide_sent_at(&t, &mut (100..));
+    t.unlink(d, OsStr::new("x")).unwrap();
+    t.rmdir(ROOT, OsStr::new("d")).unwrap();
+    decide_sent_at(&t, &mut (200..));
+    let old = |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![] };
+    let mut deletes = Vec::new();
+    assert_eq!(t.send_states_the_manager_lost(&[old("d", 1), old("d/x", 2)], Revision(300), &mut deletes).unwrap(), 0);
+    assert_eq!(t.send_deletes_the_manager_lost(deletes, Revision(300)).unwrap(), 2);
+    let sent: Vec<(String, bool)> = t.take_unpublished().into_iter().map(|r| (r.change.path.to_string(), r.change.op == ChangeOp::Delete)).collect();
+    assert_eq!(sent, [("d/x".to_string(), true), ("d".to_string(), true)]);
 }
