@@ -62,6 +62,7 @@ fn local(n: usize) -> (usize, Tree) {
                     _ => None,
                 },
                 holders: vec![],
+                from_lost: None,
             };
             t.apply_decided(&row.msg, &Outcome::Accepted, &entry).unwrap();
         }
@@ -94,7 +95,8 @@ fn remote(n: usize) -> (usize, Tree) {
     for i in 0..n {
         let mut apply = |path: String, content| {
             rev += 1;
-            t.apply_remote(&Entry { path: RelPath::new(path).unwrap(), rev: Revision(rev), version: version(content), holders: vec![] }).unwrap();
+            t.apply_remote(&Entry { path: RelPath::new(path).unwrap(), rev: Revision(rev), version: version(content), holders: vec![], from_lost: None })
+                .unwrap();
         };
         if i % PER_DIR == 0 {
             apply(format!("d{:04}", i / PER_DIR), Content::Dir);

@@ -920,6 +920,7 @@ mod tests {
                 rev: Revision(rev),
                 version: Some(Version { content, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
                 holders: vec![],
+                from_lost: None,
             },
             origin: "n1".parse().unwrap(),
         };
@@ -962,6 +963,7 @@ mod tests {
             rev: Revision(rev),
             version: Some(Version { content: Content::File { hash: hash.clone(), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
             holders: vec![],
+            from_lost: None,
         };
         tree.apply_remote(&entry("had.txt", 2)).unwrap();
         let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
@@ -1047,7 +1049,7 @@ mod tests {
     fn keeps_go_first_but_never_past_a_release() {
         let h = |b: u8| ContentHash::from_bytes([b; 32]);
         let keep = |b: u8| ToNode::Keep { items: vec![wire::KeepItem { hash: h(b), size: 1, until_ms: 1, holders: vec![] }] };
-        let entry = |p: &str| Entry { path: RelPath::new(p.to_string()).unwrap(), rev: Revision(1), version: None, holders: vec![] };
+        let entry = |p: &str| Entry { path: RelPath::new(p.to_string()).unwrap(), rev: Revision(1), version: None, holders: vec![], from_lost: None };
         let applied = |p: &str| ToNode::Applied { entry: entry(p), origin: "n1".parse().unwrap() };
         let parts = vec![applied("a"), keep(1), applied("b"), ToNode::Release { hashes: vec![h(1)] }, applied("c"), keep(1), keep(2)];
         let shape: Vec<String> = runs(parts)
@@ -1083,7 +1085,13 @@ mod tests {
             tree.release(fh).unwrap();
             hashes.push((crate::store::hash_of(&bytes), bytes.len() as u64));
         }
-        let entry = |i: usize, rev: u64, version: Option<Version>| Entry { path: RelPath::new(name(i)).unwrap(), rev: Revision(rev), version, holders: vec![] };
+        let entry = |i: usize, rev: u64, version: Option<Version>| Entry {
+            path: RelPath::new(name(i)).unwrap(),
+            rev: Revision(rev),
+            version,
+            holders: vec![],
+            from_lost: None,
+        };
         let to_me = |msg: ToNode| BatchItem { to: Some(me.clone()), msg };
         let batch = |items: Vec<BatchItem>| Envelope::new(tree.env().new_id(), NodeId::manager(), ToNode::Batch { items });
         // The creates, decided.
@@ -1238,6 +1246,7 @@ mod tests {
                 rev: Revision(rev),
                 version: Some(Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 }),
                 holders: vec![],
+                from_lost: None,
             };
             Envelope::new(tree.env().new_id(), "manager".parse().unwrap(), ToNode::Decided { change: id.clone(), outcome: Outcome::Accepted, current })
         };

@@ -102,7 +102,7 @@ mod tests {
         Outgoing { seq, key: key.to_string(), id, payload }
     }
     fn entry(p: &str, rev: u64) -> Entry {
-        Entry { path: RelPath::new(p).unwrap(), rev: Revision(rev), version: None, holders: vec![] }
+        Entry { path: RelPath::new(p).unwrap(), rev: Revision(rev), version: None, holders: vec![], from_lost: None }
     }
     fn node(n: &str) -> NodeId {
         n.parse().unwrap()

@@ -18,6 +18,21 @@ pub struct Current {
     /// The manager made this version itself: a directory brought back for a path put
     /// below it (no user chose its mode).
     pub made_by_manager: bool,
+    /// The path's states come from states the manager lost.
+    pub from_lost: Option<TakenIn>,
+}
+
+/// States of a path that the manager lost (its database brought back from an older
+/// copy) and took in again from the nodes that had them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TakenIn {
+    /// The lost revision of the latest state taken in.
+    pub base: Revision,
+    /// The revision the first one got: every revision of the path before it that a node
+    /// has above `base` is a later lost state (`wire::FromLost::at`).
+    pub first: Revision,
+    /// The revision the latest one got.
+    pub last: Revision,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -181,9 +196,19 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
 /// Whether a change sent with `base` was made on the path's current state. A base above
 /// the current revision is a later state the manager lost (its database was brought
 /// back from an older copy; the node took that state from the manager before): the
-/// change is newer than anything the manager has of the path.
+/// change is newer than anything the manager has of the path. So is one made on the
+/// lost state the current one was taken in from, or on a later lost one, while the path
+/// is still at that state ([`from_a_later_lost_state`]).
 fn based_on_current(cur: &Current, base: Revision) -> bool {
-    base >= cur.rev
+    base >= cur.rev || cur.from_lost.is_some_and(|l| l.last == cur.rev && base >= l.base)
+}
+
+/// Whether a change with `base`, if accepted, takes in a state the manager lost that is
+/// later than what the path's states come from: its base is above the current revision,
+/// or above the lost revision the current state was taken in from (the path still at
+/// it). The states from it on are then marked as coming from `base`.
+pub fn from_a_later_lost_state(cur: &Current, base: Revision) -> bool {
+    base > cur.rev || cur.from_lost.is_some_and(|l| l.last == cur.rev && base > l.base)
 }
 
 /// Marker that every conflict file name carries.
@@ -322,7 +347,7 @@ mod tests {
         Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 }
     }
     fn cur(rev: u64, v: Option<Version>) -> Current {
-        Current { rev: Revision(rev), version: v, has_children: false, made_by_manager: false }
+        Current { rev: Revision(rev), version: v, has_children: false, made_by_manager: false, from_lost: None }
     }
     fn put(v: Version) -> ChangeOp {
         ChangeOp::Put { version: v }
@@ -358,13 +383,21 @@ mod tests {
     fn a_change_made_on_a_state_the_manager_lost_is_made_on_the_current_one() {
         assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &put(file(2)), 0, None), Decision::Accept);
         assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &ChangeOp::Delete, 0, None), Decision::Accept);
-        let full = Current { rev: Revision(3), version: Some(dir()), has_children: true, made_by_manager: false };
+        let full = Current { rev: Revision(3), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
         assert!(matches!(decide(&p("d"), Some(&full), Revision(9), &ChangeOp::Delete, 0, None), Decision::Refuse(_)), "still not over files added");
+        // Taken in at 100 from lost revision 9: a later lost state (12) or one made on
+        // it (9) is on the current state while the path is still there; an older (7)
+        // is not, nor anything once the path has moved on.
+        let taken_in = |rev| Current { from_lost: Some(TakenIn { base: Revision(9), first: Revision(90), last: Revision(100) }), ..cur(rev, Some(file(1))) };
+        for (rev, base, d) in [(100, 12, Decision::Accept), (100, 9, Decision::Accept), (100, 7, Decision::Conflict), (101, 12, Decision::Conflict)] {
+            assert_eq!(decide(&p("a"), Some(&taken_in(rev)), Revision(base), &put(file(2)), 0, None), d, "at {rev}, base {base}");
+        }
+        assert!(from_a_later_lost_state(&taken_in(100), Revision(12)) && !from_a_later_lost_state(&taken_in(100), Revision(9)));
     }
 
     #[test]
     fn directories_with_new_children_are_not_deleted() {
-        let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false };
+        let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
         assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
         assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0, None), Decision::Conflict);
@@ -376,7 +409,7 @@ mod tests {
     /// manager had brought the directory back (mode 755) for one of those children.
     #[test]
     fn regression_a_directory_the_manager_brought_back_takes_the_nodes_mode() {
-        let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true };
+        let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true, from_lost: None };
         let mut mine = dir();
         mine.mode = 0o700;
         assert_eq!(decide(&p("d"), Some(&restored), Revision(2), &put(mine), 0, None), Decision::Accept);

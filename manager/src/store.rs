@@ -100,6 +100,16 @@ const SCHEMA_V6: &str = "
 CREATE TABLE IF NOT EXISTS sync_asks (node TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 ";
 
+/// Schema version 7: where a path's states come from when some were states the manager
+/// lost (`rule::TakenIn`: the lost revision of the latest one taken in again, the
+/// revisions the first and the latest got), kept by every later state of the path
+/// (`Tx::mark_taken_in`).
+const SCHEMA_V7: &str = "
+ALTER TABLE paths ADD COLUMN lost_base INTEGER;
+ALTER TABLE paths ADD COLUMN lost_first INTEGER;
+ALTER TABLE paths ADD COLUMN lost_last INTEGER;
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -196,6 +206,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V4),
             rusqlite_migration::M::up(SCHEMA_V5),
             rusqlite_migration::M::up(SCHEMA_V6),
+            rusqlite_migration::M::up(SCHEMA_V7),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -571,14 +582,21 @@ fn first_non_dir(ancestors: &[(RelPath, Option<Version>)]) -> Option<RelPath> {
 }
 
 fn entry(conn: &rusqlite::Connection, path: &RelPath) -> anyhow::Result<Option<Entry>> {
-    let row: Option<(i64, Option<String>)> =
-        conn.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    let Some((rev, version)) = row else {
+    let row: Option<(i64, Option<String>, Option<i64>, Option<i64>)> = conn
+        .prepare_cached("SELECT rev, version, lost_base, lost_first FROM paths WHERE path = ?1")?
+        .query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+        .optional()?;
+    let Some((rev, version, lost_base, lost_first)) = row else {
         return Ok(None);
     };
     let version = parse_version(version)?;
     let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(conn, path.as_str(), rev)? } else { Vec::new() };
-    Ok(Some(Entry { path: path.clone(), rev: Revision(rev as u64), version, holders }))
+    Ok(Some(Entry { path: path.clone(), rev: Revision(rev as u64), version, holders, from_lost: from_lost(lost_base, lost_first) }))
+}
+
+/// The `lost_base` and `lost_first` columns of a path's row, as nodes are told them.
+fn from_lost(base: Option<i64>, first: Option<i64>) -> Option<wire::FromLost> {
+    Some(wire::FromLost { base: Revision(base? as u64), at: Revision(first? as u64) })
 }
 
 /// One transaction over the store; every handler of a message runs inside one.
@@ -637,17 +655,41 @@ impl Tx<'_> {
     }
 
     fn current(&self, path: &RelPath) -> anyhow::Result<Option<Current>> {
-        let row: Option<(i64, Option<String>, String)> = self
+        type Row = (i64, Option<String>, String, [Option<i64>; 3]);
+        let row: Option<Row> = self
             .tx
-            .prepare_cached("SELECT rev, version, origin FROM paths WHERE path = ?1")?
-            .query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .prepare_cached("SELECT rev, version, origin, lost_base, lost_first, lost_last FROM paths WHERE path = ?1")?
+            .query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, [r.get(3)?, r.get(4)?, r.get(5)?])))
             .optional()?;
-        let Some((rev, version, origin)) = row else {
+        let Some((rev, version, origin, [lost_base, lost_first, lost_last])) = row else {
             return Ok(None);
         };
         let version = parse_version(version)?;
         let has_children = matches!(version, Some(Version { content: Content::Dir, .. })) && self.has_live_children(path)?;
-        Ok(Some(Current { rev: Revision(rev as u64), version, has_children, made_by_manager: origin == NodeId::manager().as_str() }))
+        Ok(Some(Current {
+            rev: Revision(rev as u64),
+            version,
+            has_children,
+            made_by_manager: origin == NodeId::manager().as_str(),
+            from_lost: (|| Some(rule::TakenIn { base: Revision(lost_base? as u64), first: Revision(lost_first? as u64), last: Revision(lost_last? as u64) }))(),
+        }))
+    }
+
+    /// A change made on a state the manager lost, later than any of the path it took in
+    /// before, is accepted at the next revision (`rule::from_a_later_lost_state`): the
+    /// path's states from it on are marked as coming from it (`rule::TakenIn`; nodes are
+    /// told `wire::FromLost`), so that a node holding a later lost state sends it
+    /// instead of taking one made from an older. The first revision taken in stays: the
+    /// nodes' revisions of the path below it and above the base are lost ones. Called
+    /// just before the state is set (its revision is the next one).
+    fn mark_taken_in(&mut self, path: &RelPath, base: Revision) -> anyhow::Result<()> {
+        let at = head(self.tx)?.next();
+        self.tx.prepare_cached("UPDATE paths SET lost_base = ?2, lost_first = coalesce(lost_first, ?3), lost_last = ?3 WHERE path = ?1")?.execute(params![
+            path.as_str(),
+            base.0 as i64,
+            at.0 as i64
+        ])?;
+        Ok(())
     }
 
     fn has_live_children(&self, path: &RelPath) -> anyhow::Result<bool> {
@@ -1119,16 +1161,23 @@ impl Tx<'_> {
         let walk_upto = if r.snapshot { r.caught_up.0 as i64 } else { i64::MAX };
         while !page.full && !r.walk_done {
             let mut st = self.tx.prepare_cached(&format!(
-                "SELECT path, rev, version FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) AND rev <= ?3 ORDER BY path LIMIT {SYNC_READ_ROWS}"
+                "SELECT path, rev, version, lost_base, lost_first FROM paths WHERE path > ?1 AND (version IS NOT NULL OR rev > ?2) AND rev <= ?3 ORDER BY path LIMIT {SYNC_READ_ROWS}"
             ))?;
-            let rows: Vec<(String, i64, Option<String>)> =
-                st.query_map(params![r.cursor, r.since.0 as i64, walk_upto], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?.collect::<Result<_, _>>()?;
+            type Row = (String, i64, Option<String>, Option<i64>, Option<i64>);
+            let rows: Vec<Row> = st
+                .query_map(params![r.cursor, r.since.0 as i64, walk_upto], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))?
+                .collect::<Result<_, _>>()?;
             let read = rows.len() as i64;
-            for (path, rev, version) in rows {
+            for (path, rev, version, lost_base, lost_first) in rows {
                 let version = parse_version(version)?;
                 let holders = if matches!(version, Some(Version { content: Content::File { .. }, .. })) { holders(self.tx, &path, rev)? } else { Vec::new() };
-                let e =
-                    Entry { path: RelPath::new(path.clone()).context("corrupt path in the manager database")?, rev: Revision(rev as u64), version, holders };
+                let e = Entry {
+                    path: RelPath::new(path.clone()).context("corrupt path in the manager database")?,
+                    rev: Revision(rev as u64),
+                    version,
+                    holders,
+                    from_lost: from_lost(lost_base, lost_first),
+                };
                 if !page.add(e) {
                     break;
                 }
@@ -1238,13 +1287,20 @@ impl Tx<'_> {
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         // The path's state once accepted (read back by `set` already).
         let mut accepted = None;
+        let from_lost = current.as_ref().is_some_and(|c| rule::from_a_later_lost_state(c, base));
         let outcome = match (decision, &change.op) {
             (Decision::Accept, ChangeOp::Put { version }) => {
                 self.restore_dirs(&ancestors, now_ms)?;
+                if from_lost {
+                    self.mark_taken_in(&change.path, base)?;
+                }
                 accepted = Some(self.set(&change.path, Some(version), from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Accept, ChangeOp::Delete) => {
+                if from_lost {
+                    self.mark_taken_in(&change.path, base)?;
+                }
                 accepted = Some(self.set(&change.path, None, from, now_ms)?);
                 Outcome::Accepted
             }
@@ -1327,7 +1383,7 @@ impl Tx<'_> {
 
     /// The path's state as a decision reports it: absent (revision 0) if never known.
     pub(crate) fn entry_or_absent(&self, path: &RelPath) -> anyhow::Result<Entry> {
-        Ok(entry(self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![] }))
+        Ok(entry(self.tx, path)?.unwrap_or(Entry { path: path.clone(), rev: Revision(0), version: None, holders: vec![], from_lost: None }))
     }
 
     /// The path's live version, if it has one (no more: what `current` adds is not
@@ -1993,12 +2049,12 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 6);
+        assert_eq!(version, 7);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);
-        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 8").unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
     }

@@ -74,6 +74,7 @@ fn a_lying_holder_corrupts_nothing() {
         rev: Revision(1 << 52),
         version: Some(version),
         holders: vec![Holder { node: "liar".parse().unwrap(), url: liar_url }],
+        from_lost: None,
     };
     let env = Envelope::new("lie-1".parse().unwrap(), "manager".parse().unwrap(), ToNode::Applied { entry, origin: "liar".parse().unwrap() });
     publish_raw(&c.vhost, wire::topology::MASTER_EXCHANGE, "node.n1", &env.encode());
@@ -142,7 +143,13 @@ fn a_holder_lying_about_a_batch_of_small_contents_corrupts_nothing() {
         .enumerate()
         .map(|(i, (path, bytes))| {
             let version = Version { content: Content::File { hash: hash(bytes), size: bytes.len() as u64 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
-            let entry = Entry { path: RelPath::new(*path).unwrap(), rev: Revision((1 << 52) + i as u64), version: Some(version), holders: holders.clone() };
+            let entry = Entry {
+                path: RelPath::new(*path).unwrap(),
+                rev: Revision((1 << 52) + i as u64),
+                version: Some(version),
+                holders: holders.clone(),
+                from_lost: None,
+            };
             BatchItem { to: None, msg: ToNode::Applied { entry, origin: "honest".parse().unwrap() } }
         })
         .collect();

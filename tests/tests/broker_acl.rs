@@ -96,7 +96,7 @@ fn node_users_may_do_only_what_a_node_does() {
 
     let a_url = &urls[&a];
     let forged_entry = |path: &str| {
-        let entry = Entry { path: RelPath::new(path).unwrap(), rev: Revision(1 << 52), version: None, holders: vec![] };
+        let entry = Entry { path: RelPath::new(path).unwrap(), rev: Revision(1 << 52), version: None, holders: vec![], from_lost: None };
         Envelope::new("forged-1".parse().unwrap(), "manager".parse().unwrap(), ToNode::Applied { entry, origin: "manager".parse().unwrap() }).encode()
     };
     // A decision on sync.master: refused by the broker.

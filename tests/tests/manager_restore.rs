@@ -141,3 +141,45 @@ fn a_manager_started_anew_on_an_empty_database_learns_the_tree_from_its_nodes() 
     assert!(!c.nodes[n3].p("a/b/f7").exists(), "a file deleted before stays deleted");
     assert_eq!(conflict_files(&c.nodes[n3].mount), Vec::<String>::new());
 }
+
+/// Two nodes hold different lost states of one path: n1 the older (it missed the later
+/// one's broadcast: its queue dropped it, as past its length limit) and syncs first. The
+/// state it sends is marked as coming from its lost revision; n2, holding a later one,
+/// sends that instead of taking n1's, and it wins, as it had on the lost database.
+#[test]
+fn a_later_lost_state_wins_over_an_older_one_sent_first() {
+    let mut c = Cluster::start("restore-two", 2);
+    write(&c.nodes[0].p("p.txt"), b"v0");
+    c.converged();
+    let backup = c.dir.path().join("backup");
+    c.manager.stop();
+    copy_database(&c.manager.db, &backup);
+    c.manager.restart();
+
+    write(&c.nodes[0].p("p.txt"), b"older, from n1");
+    c.converged();
+    c.nodes[0].stop();
+    write(&c.nodes[1].p("p.txt"), b"later, from n2");
+    eventually("n2's edit decided", DEADLINE, || c.nodes[1].pending() == 0);
+    // n1's queue loses the broadcast of n2's edit.
+    let out = std::process::Command::new("rabbitmqctl")
+        .args(["-q", "purge_queue", "-p", &c.vhost.name, &wire::topology::node_queue(&"n1".parse().unwrap())])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    c.nodes[1].stop();
+
+    c.manager.stop();
+    restore_database(&backup, &c.manager.db);
+    c.manager.restart();
+    c.nodes[0].restart();
+    c.nodes[0].wait_connected();
+    eventually("n1 sent its lost state", DEADLINE, || c.nodes[0].pending() == 0 && c.manager.status().contains("caught up"));
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
+    c.converged_within(DEADLINE);
+    for n in &c.nodes {
+        assert_eq!(text(&n.p("p.txt")).as_deref(), Some("later, from n2"), "on {}", n.id);
+        assert_eq!(conflict_files(&n.mount), Vec::<String>::new(), "on {}", n.id);
+    }
+}

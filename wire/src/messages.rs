@@ -255,6 +255,23 @@ pub struct Entry {
     /// Nodes that hold the content (files only), best first.
     #[serde(default)]
     pub holders: Vec<Holder>,
+    /// This path's states since `at` come from a state the manager lost (its database
+    /// brought back from an older copy) that a node had at lost revision `base`: a node
+    /// that took a revision of the path between the two holds a later lost state, and
+    /// sends it (docs/protocol.md, *A manager behind its nodes*). Absent otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_lost: Option<FromLost>,
+}
+
+/// Where a path's states come from when one was a state the manager lost
+/// ([`Entry::from_lost`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromLost {
+    /// The lost revision the node that sent it had.
+    pub base: Revision,
+    /// The revision the manager gave it.
+    pub at: Revision,
 }
 
 /// A change a node made to one path, based on the revision it last saw there.
@@ -559,6 +576,7 @@ mod tests {
             rev: Revision(42),
             version: Some(file_version()),
             holders: vec![Holder { node: node("n1"), url: "http://127.0.0.1:7001".into() }],
+            from_lost: None,
         }
     }
 
@@ -679,7 +697,7 @@ mod tests {
                 ToNode::SyncReply {
                     request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"),
                     head: Revision(42),
-                    entries: vec![Entry { path: path("old.txt"), rev: Revision(41), version: None, holders: vec![] }, entry()],
+                    entries: vec![Entry { path: path("old.txt"), rev: Revision(41), version: None, holders: vec![], from_lost: None }, entry()],
                     page: 3,
                     more: true,
                 },

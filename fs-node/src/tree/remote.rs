@@ -28,10 +28,35 @@ impl State {
         rev < taken && taken <= head && !self.outbox.has(path) && !self.is_dirty(path) && !self.move_below(path)
     }
 
-    /// Sets the path's revision back to `rev`, the manager's, when it lost the later
-    /// one the node took (`Tree::send_states_the_manager_lost`): whatever it decides of
-    /// the node's state there comes at that revision or later, and is applied.
-    pub(super) fn set_rev_back(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
+    /// The manager's state `entry` comes from states it lost that it took in again, the
+    /// first at revision `at`, the latest from lost revision `base` (`wire::FromLost`);
+    /// this node took revision `local_rev` of the path between the two, one the manager
+    /// no longer has: a later lost state than the one taken in. Unless it is what the
+    /// entry says, the node sends it (a put or a delete, based on that revision)
+    /// instead of taking the entry, and takes the decision, whatever it is. Returns
+    /// whether it did. (A file on demand whose content the node lacks is left to a node
+    /// that has it.)
+    fn send_later_lost_state(&mut self, entry: &Entry, local_rev: Revision, local_version: Option<&Version>, store: &ContentStore) -> FsResult<bool> {
+        let Some(lost) = entry.from_lost else { return Ok(false) };
+        if !(lost.base < local_rev && local_rev < lost.at) || local_version == entry.version.as_ref() || self.move_below(&entry.path) {
+            return Ok(false);
+        }
+        match self.resolve(&entry.path) {
+            Some(_) if local_version.is_none() => return Ok(false),
+            Some(_) if matches!(local_version, Some(Version { content: Content::File { hash, .. }, .. }) if !store.has(hash)) => return Ok(false),
+            Some((parent, name, ino)) => self.record_put(parent, &name, ino)?,
+            None => self.record_delete(entry.path.clone())?,
+        }
+        tracing::debug!(target: "changes", path = %entry.path, rev = entry.rev.0, local_rev = local_rev.0, lost_base = lost.base.0, "a later state the manager lost: sending it instead");
+        self.set_rev_to(&entry.path, entry.rev)?;
+        Ok(true)
+    }
+
+    /// Sets the path's revision to `rev`, the manager's, when it lost the later state the
+    /// node took (`Tree::send_states_the_manager_lost`, `send_later_lost_state`):
+    /// whatever it decides of the node's state there comes at that revision or later,
+    /// and is applied.
+    pub(super) fn set_rev_to(&mut self, path: &RelPath, rev: Revision) -> FsResult<()> {
         let old = self.revs.insert(path.clone(), rev);
         self.record(|| Undo::Rev(path.clone(), old));
         self.db.set_rev(path, rev)?;
@@ -98,6 +123,9 @@ impl State {
         }
         let local_rev = self.revs.get(path).copied().unwrap_or_default();
         if (entry.rev <= local_rev && !decided) || entry.rev < local_rev || local_dirty {
+            return Ok(out);
+        }
+        if !decided && self.send_later_lost_state(entry, local_rev, local_version.as_ref(), store)? {
             return Ok(out);
         }
         if replaces_deferred {

@@ -421,7 +421,7 @@ impl Tree {
                 // Queued on the revision the node took (the rule takes it for the
                 // current state); the decision, whatever it is, comes at the manager's
                 // revision or a later one, and the node must take it.
-                st.set_rev_back(&e.path, e.rev)?;
+                st.set_rev_to(&e.path, e.rev)?;
                 sent += st.outbox.has(&e.path) as usize;
             }
             Ok(sent)
@@ -443,7 +443,7 @@ impl Tree {
                 }
                 tracing::debug!(target: "changes", %path, rev = rev.0, "the manager lost this path's delete: sending it again");
                 st.record_delete(path.clone())?;
-                st.set_rev_back(path, *rev)?;
+                st.set_rev_to(path, *rev)?;
                 sent += st.outbox.has(path) as usize;
             }
             Ok(sent)
@@ -650,7 +650,7 @@ impl State {
             // for that path, when it comes, finds it in place.
             if let (Outcome::Conflict { copy }, ChangeOp::Put { version }) = (outcome, &row.change.op) {
                 if !self.revs.contains_key(copy) && self.resolve(copy).is_none() {
-                    let own = Entry { path: copy.clone(), rev: Revision(0), version: Some(version.clone()), holders: vec![] };
+                    let own = Entry { path: copy.clone(), rev: Revision(0), version: Some(version.clone()), holders: vec![], from_lost: None };
                     tracing::debug!(target: "changes", path = %copy, "the node's version kept as a conflict file, put there from its own store");
                     let applied = self.apply_entry(&own, store, true)?;
                     kept_copy = Some((own, applied));

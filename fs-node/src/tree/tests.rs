@@ -33,6 +33,7 @@ fn dir_entry(path: &str, rev: u64, mode: u32) -> Entry {
         rev: Revision(rev),
         version: Some(Version { content: Content::Dir, mode, uid: 0, gid: 0, mtime_ns: 0 }),
         holders: vec![],
+        from_lost: None,
     }
 }
 
@@ -76,7 +77,7 @@ fn a_change_queued_after_an_own_unchanged_one_is_based_on_its_revision() {
     write(b"two"); // queued, not sent: follows the first
     let ChangeOp::Put { version } = &sent[0].change.op else { panic!("a put") };
     let theirs = Version { mode: 0o600, ..version.clone() };
-    let current = Entry { path: RelPath::new("f").unwrap(), rev: Revision(5), version: Some(theirs), holders: vec![] };
+    let current = Entry { path: RelPath::new("f").unwrap(), rev: Revision(5), version: Some(theirs), holders: vec![], from_lost: None };
     t.apply_decided(&sent[0].msg, &Outcome::Unchanged, &current).unwrap();
     write(b"three"); // replaces the unsent change; nothing queued is left to follow
     let rows = t.take_unpublished();
@@ -126,6 +127,7 @@ fn a_decision_that_comes_with_another_nodes_later_version_gives_no_base() {
         rev: Revision(5),
         version: Some(Version { content: Content::File { hash: theirs, size: 14 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 9 }),
         holders: vec![],
+        from_lost: None,
     };
     t.apply_decided(&first[0].msg, &Outcome::Accepted, &now).unwrap();
     assert_eq!(read_all(&t, f).unwrap(), b"second", "a change is still queued: the node's version stays");
@@ -171,7 +173,7 @@ fn a_state_deferred_at_the_revision_the_node_had_is_applied() {
     // A sync reply names the same state meanwhile: skipped again, it stays deferred.
     t.apply_remote(&a_dir).unwrap();
     assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::File);
-    let gone = Entry { path: RelPath::new("a/b").unwrap(), rev: Revision(3), version: None, holders: vec![] };
+    let gone = Entry { path: RelPath::new("a/b").unwrap(), rev: Revision(3), version: None, holders: vec![], from_lost: None };
     t.apply_decided(&delete_below[0].msg, &Outcome::Accepted, &gone).unwrap();
     assert_eq!(t.lookup(ROOT, OsStr::new("a")).unwrap().kind, Kind::Dir, "the manager's directory once nothing below waits");
 }
@@ -196,12 +198,12 @@ fn a_deferred_state_that_is_no_directory_older_than_a_live_path_below_it_is_drop
         t.mkdir(e, OsStr::new("d"), 0o755, 0, 0).unwrap();
         let below = t.take_unpublished();
         // Changed elsewhere at r6: kept for the mkdir below, the manager's state deferred.
-        t.apply_remote(&Entry { path: RelPath::new("e").unwrap(), rev: Revision(6), version: there, holders: vec![] }).unwrap();
+        t.apply_remote(&Entry { path: RelPath::new("e").unwrap(), rev: Revision(6), version: there, holders: vec![], from_lost: None }).unwrap();
         // The manager brought `e` back for the mkdir (r8, lost), and another node put a
         // file in it (r15).
         let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
         let file = Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
-        t.apply_remote(&Entry { path: RelPath::new("e/b").unwrap(), rev: Revision(15), version: Some(file), holders: vec![] }).unwrap();
+        t.apply_remote(&Entry { path: RelPath::new("e/b").unwrap(), rev: Revision(15), version: Some(file), holders: vec![], from_lost: None }).unwrap();
         t.apply_decided(&below[0].msg, &Outcome::Accepted, &dir_entry("e/d", 9, 0o755)).unwrap();
         let e = t.lookup(ROOT, OsStr::new("e")).unwrap_or_else(|_| panic!("{what}: the directory stays")).ino;
         assert_eq!(t.lookup(ROOT, OsStr::new("e")).unwrap().kind, Kind::Dir, "{what}");
@@ -229,6 +231,7 @@ fn a_conflict_decision_without_its_conflict_files_state_keeps_the_version_there(
         rev: Revision(3),
         version: Some(Version { content: Content::File { hash: theirs, size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
         holders: vec![],
+        from_lost: None,
     };
     let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
     t.apply_decided(&sent[0].msg, &Outcome::Conflict { copy: copy.clone() }, &now).unwrap();
@@ -256,11 +259,11 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
     t.release(fh).unwrap();
     let first = t.take_unpublished();
     let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
-    let f_now = Entry { path: RelPath::new("f").unwrap(), rev: Revision(2), version: file(theirs.clone(), 6), holders: vec![] };
+    let f_now = Entry { path: RelPath::new("f").unwrap(), rev: Revision(2), version: file(theirs.clone(), 6), holders: vec![], from_lost: None };
     let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
     t.apply_decided(&first[0].msg, &Outcome::Conflict { copy: copy.clone() }, &f_now).unwrap();
     let ChangeOp::Put { version: first_version } = &first[0].change.op else { panic!("a put") };
-    t.apply_remote(&Entry { path: copy.clone(), rev: Revision(3), version: Some(first_version.clone()), holders: vec![] }).unwrap();
+    t.apply_remote(&Entry { path: copy.clone(), rev: Revision(3), version: Some(first_version.clone()), holders: vec![], from_lost: None }).unwrap();
 
     // The second edit, then the file deleted, before the edit is decided.
     let f = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
@@ -278,7 +281,8 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
     assert!(t.store.has(&second_hash), "the GC took the content");
 
     // The conflict file's state comes: taken from the node's own store, nothing to fetch.
-    let applied = t.apply_remote(&Entry { path: copy.clone(), rev: Revision(7), version: Some(second_version.clone()), holders: vec![] }).unwrap();
+    let applied =
+        t.apply_remote(&Entry { path: copy.clone(), rev: Revision(7), version: Some(second_version.clone()), holders: vec![], from_lost: None }).unwrap();
     assert!(!applied.missing_content, "the content had to be fetched");
     let at_copy = t.lookup(ROOT, OsStr::new(copy.as_str())).unwrap().ino;
     assert_eq!(read_all(&t, at_copy).unwrap(), b"second edit");
@@ -616,11 +620,12 @@ fn regression_a_failed_transaction_changes_nothing_in_memory() {
         rev: Revision(rev),
         version: Some(Version { content: Content::File { hash: remote.clone(), size: 14 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
         holders: vec![],
+        from_lost: None,
     };
     c("a remote file in new directories", &mut |t| t.apply_remote(&file_entry("r/s/x", 10)).map(|_| ()));
     c("a remote file over a local one", &mut |t| t.apply_remote(&file_entry("r/s/x", 11)).map(|_| ()));
     c("a remote delete of a directory", &mut |t| {
-        t.apply_remote(&Entry { path: RelPath::new("r").unwrap(), rev: Revision(12), version: None, holders: vec![] }).map(|_| ())
+        t.apply_remote(&Entry { path: RelPath::new("r").unwrap(), rev: Revision(12), version: None, holders: vec![], from_lost: None }).map(|_| ())
     });
     c("unlink", &mut |t| t.unlink(d, OsStr::new("h")));
     c("unlink of the last name", &mut |t| t.unlink(ROOT, OsStr::new("g")));
@@ -773,7 +778,8 @@ fn sent_paths(t: &Tree) -> Vec<String> {
             ChangeOp::Put { version } => Some(version.clone()),
             ChangeOp::Delete => None,
         };
-        t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(rev), version, holders: vec![] }).unwrap();
+        t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(rev), version, holders: vec![], from_lost: None })
+            .unwrap();
     }
     rows.iter().map(|r| r.change.path.to_string()).collect()
 }
@@ -838,9 +844,10 @@ fn ignored_paths_stay_local_and_are_sent_once_no_rule_ignores_them() {
         rev: Revision(rev),
         version: Some(Version { content: Content::File { hash: other.clone(), size: 6 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
         holders: vec![],
+        from_lost: None,
     };
     t.apply_remote(&file_entry("d/a.o", 200)).unwrap();
-    t.apply_remote(&Entry { path: RelPath::new("d").unwrap(), rev: Revision(201), version: None, holders: vec![] }).unwrap();
+    t.apply_remote(&Entry { path: RelPath::new("d").unwrap(), rev: Revision(201), version: None, holders: vec![], from_lost: None }).unwrap();
     let a_o = t.lookup(t.lookup(ROOT, OsStr::new("d")).unwrap().ino, OsStr::new("a.o")).unwrap().ino;
     assert_eq!(read_all(&t, a_o).unwrap(), b"object");
     assert!(t.lookup(d, OsStr::new("a.c")).is_err(), "what is not ignored goes with the delete");
@@ -907,7 +914,7 @@ fn a_content_a_file_takes_while_the_gc_looks_stays() {
     let candidates = t.gc_candidates(0);
     assert!(candidates.hashes.contains(&h), "old and unused: a candidate");
     let version = Version { content: Content::File { hash: h.clone(), size: 12 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
-    t.apply_remote(&Entry { path: RelPath::new("taken").unwrap(), rev: Revision(5), version: Some(version), holders: vec![] }).unwrap();
+    t.apply_remote(&Entry { path: RelPath::new("taken").unwrap(), rev: Revision(5), version: Some(version), holders: vec![], from_lost: None }).unwrap();
     assert_eq!(t.gc_remove(&candidates), 0);
     assert!(t.store.has(&h), "the content a file took meanwhile stays");
     let ino = t.lookup(ROOT, OsStr::new("taken")).unwrap().ino;
@@ -932,6 +939,7 @@ fn a_content_moving_between_files_while_the_gc_lists_stays() {
         rev: Revision(rev),
         version: Some(Version { content: Content::File { hash: hash.clone(), size }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
         holders: vec![],
+        from_lost: None,
     };
     t.apply_remote(&file("p", 1, &first, 9)).unwrap();
     t.apply_remote(&file("q", 2, &moving, 11)).unwrap();
@@ -944,7 +952,7 @@ fn a_content_moving_between_files_while_the_gc_lists_stays() {
         if parts == 2 {
             // p is listed (with its first content), q is not yet.
             t.apply_remote(&file("p", 3, &moving, 11)).unwrap();
-            t.apply_remote(&Entry { path: RelPath::new("q").unwrap(), rev: Revision(4), version: None, holders: vec![] }).unwrap();
+            t.apply_remote(&Entry { path: RelPath::new("q").unwrap(), rev: Revision(4), version: None, holders: vec![], from_lost: None }).unwrap();
         }
     });
     assert!(candidates.hashes.contains(&moving), "the listing saw the moving content in neither file");
@@ -966,7 +974,8 @@ fn a_removed_file_used_again_while_the_gc_lists_keeps_its_content() {
         let t = tree(dir.path());
         closed_file(&t, ROOT, IGNORE_FILE, b"ign*\n");
         let h = old_blob(&t, b"used again");
-        let file = |rev: u64, version: Option<Version>| Entry { path: RelPath::new("f").unwrap(), rev: Revision(rev), version, holders: vec![] };
+        let file =
+            |rev: u64, version: Option<Version>| Entry { path: RelPath::new("f").unwrap(), rev: Revision(rev), version, holders: vec![], from_lost: None };
         let v = Version { content: Content::File { hash: h.clone(), size: 10 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 };
         t.apply_remote(&file(1, Some(v))).unwrap();
         let ino = t.lookup(ROOT, OsStr::new("f")).unwrap().ino;
@@ -1876,6 +1885,7 @@ fn a_rules_file_applied_with_other_entries_takes_effect_for_the_entries_after_it
             mtime_ns: 1,
         }),
         holders: vec![],
+        from_lost: None,
     };
     t.apply_remote_all(&[entry(IGNORE_FILE, 200, b"*.tmp\n"), entry("b.o", 201, b"theirs"), entry("c.tmp", 202, b"ignored now")]).unwrap();
     let b_o = t.lookup(ROOT, OsStr::new("b.o")).expect("b.o is no longer ignored: applied").ino;
@@ -2279,7 +2289,7 @@ impl ManagerModel {
                             self.paths.insert(anc.to_string(), dir.clone());
                             let rev = self.rev;
                             self.rev += 1;
-                            t.apply_remote(&Entry { path: anc, rev: Revision(rev), version: Some(dir), holders: vec![] }).unwrap();
+                            t.apply_remote(&Entry { path: anc, rev: Revision(rev), version: Some(dir), holders: vec![], from_lost: None }).unwrap();
                         }
                     }
                     if let Some(parent) = r.change.path.parent() {
@@ -2300,7 +2310,12 @@ impl ManagerModel {
                     None
                 }
             };
-            t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(self.rev), version, holders: vec![] }).unwrap();
+            t.apply_decided(
+                &r.msg,
+                &Outcome::Accepted,
+                &Entry { path: r.change.path.clone(), rev: Revision(self.rev), version, holders: vec![], from_lost: None },
+            )
+            .unwrap();
         }
         rows.len()
     }
@@ -2314,7 +2329,7 @@ impl ManagerModel {
             self.deleted.insert(p);
         }
         self.rev += 1;
-        t.apply_remote(&Entry { path: RelPath::new(path).unwrap(), rev: Revision(self.rev), version: None, holders: vec![] }).unwrap();
+        t.apply_remote(&Entry { path: RelPath::new(path).unwrap(), rev: Revision(self.rev), version: None, holders: vec![], from_lost: None }).unwrap();
     }
 
     /// Queues what the tree's pending moves left, decides it all, and panics unless the
@@ -2524,7 +2539,7 @@ fn a_directory_put_early_keeps_the_moved_files_below_it_from_a_remote_delete() {
     let d0 = t.lookup(t.lookup(ROOT, OsStr::new("moved")).unwrap().ino, OsStr::new("d0")).unwrap().ino;
     closed_file(&t, d0, "new", b"made below the moved directory");
     manager.take(&t);
-    let gone = |path: &str, rev: u64| Entry { path: RelPath::new(path).unwrap(), rev: Revision(rev), version: None, holders: vec![] };
+    let gone = |path: &str, rev: u64| Entry { path: RelPath::new(path).unwrap(), rev: Revision(rev), version: None, holders: vec![], from_lost: None };
     t.apply_remote(&gone("moved/d0/new", manager.rev + 1)).unwrap();
     t.apply_remote(&gone("moved/d0", manager.rev + 2)).unwrap();
     assert_eq!(kind_at(&t, "moved/d0/f1"), Some(Kind::File), "a moved file not put yet was removed with its directory");
@@ -2565,7 +2580,7 @@ fn a_move_finished_after_a_crash_does_not_undo_later_changes_of_what_it_put() {
     // Another node deletes a moved file the manager had from this node.
     manager.rev += 1;
     manager.paths.remove("moved/d1/f1");
-    t.apply_remote(&Entry { path: RelPath::new("moved/d1/f1").unwrap(), rev: Revision(manager.rev), version: None, holders: vec![] }).unwrap();
+    t.apply_remote(&Entry { path: RelPath::new("moved/d1/f1").unwrap(), rev: Revision(manager.rev), version: None, holders: vec![], from_lost: None }).unwrap();
     assert_eq!(kind_at(&t, "moved/d1/f1"), None, "the other node's delete was not taken");
     t.expand_moves().unwrap();
     t.lock().outbox.published_upto = 0;
@@ -2766,19 +2781,25 @@ fn a_remote_file_over_a_directory_waits_for_the_change_below_then_is_applied() {
     let below = rows.iter().find(|r| r.change.path.as_str() == "b/a").expect("b/a queued").msg.clone();
     let mkdir = rows.iter().find(|r| r.change.path.as_str() == "b").expect("b queued").msg.clone();
     let dir_b = Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 1 };
-    t.apply_decided(&mkdir, &Outcome::Accepted, &Entry { path: RelPath::new("b").unwrap(), rev: Revision(1), version: Some(dir_b), holders: vec![] }).unwrap();
+    t.apply_decided(
+        &mkdir,
+        &Outcome::Accepted,
+        &Entry { path: RelPath::new("b").unwrap(), rev: Revision(1), version: Some(dir_b), holders: vec![], from_lost: None },
+    )
+    .unwrap();
     let theirs = old_blob(&t, b"their b");
     let their_b = Entry {
         path: RelPath::new("b").unwrap(),
         rev: Revision(12),
         version: Some(Version { content: Content::File { hash: theirs.clone(), size: 7 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 }),
         holders: vec![],
+        from_lost: None,
     };
     t.apply_remote(&their_b).unwrap();
     assert_eq!(t.lookup(ROOT, OsStr::new("b")).unwrap().kind, Kind::Dir, "not over the change below");
     // b/a is kept below a conflict directory; here it goes, and with it what kept b.
     let copy = RelPath::new("b (conflict from n1 r13)/a").unwrap();
-    let gone = Entry { path: RelPath::new("b/a").unwrap(), rev: Revision(0), version: None, holders: vec![] };
+    let gone = Entry { path: RelPath::new("b/a").unwrap(), rev: Revision(0), version: None, holders: vec![], from_lost: None };
     let applied = t.apply_decided(&below, &Outcome::Conflict { copy }, &gone).unwrap();
     let attr = t.lookup(ROOT, OsStr::new("b")).unwrap();
     assert_eq!(attr.kind, Kind::File, "the manager's file, once nothing below has a change");
@@ -2801,8 +2822,12 @@ fn decide_sent_at(t: &Tree, revs: &mut impl Iterator<Item = u64>) -> HashMap<Str
             ChangeOp::Put { version } => Some(version.clone()),
             ChangeOp::Delete => None,
         };
-        t.apply_decided(&r.msg, &Outcome::Accepted, &Entry { path: r.change.path.clone(), rev: Revision(rev), version: version.clone(), holders: vec![] })
-            .unwrap();
+        t.apply_decided(
+            &r.msg,
+            &Outcome::Accepted,
+            &Entry { path: r.change.path.clone(), rev: Revision(rev), version: version.clone(), holders: vec![], from_lost: None },
+        )
+        .unwrap();
         out.insert(r.change.path.to_string(), (rev, version));
     }
     out
@@ -2832,7 +2857,8 @@ fn states_the_manager_lost_are_sent_again_and_only_those() {
     assert_eq!(newer["newer"].0, 500);
     rewrite(&t, ino("queued"), b"not sent yet");
 
-    let old = |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![] };
+    let old =
+        |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![], from_lost: None };
     let head = Revision(200);
     let reply = [old("edited", 3), old("same", 4), old("deleted", 5), old("queued", 6), dir_entry("newer", 7, 0o700), old("same", 101)];
     let pending = t.pending_changes();
@@ -2866,10 +2892,48 @@ fn deletes_the_manager_lost_go_deepest_first() {
     t.unlink(d, OsStr::new("x")).unwrap();
     t.rmdir(ROOT, OsStr::new("d")).unwrap();
     decide_sent_at(&t, &mut (200..));
-    let old = |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![] };
+    let old =
+        |name: &str, rev: u64| Entry { path: RelPath::new(name).unwrap(), rev: Revision(rev), version: v[name].1.clone(), holders: vec![], from_lost: None };
     let mut deletes = Vec::new();
     assert_eq!(t.send_states_the_manager_lost(&[old("d", 1), old("d/x", 2)], Revision(300), &mut deletes).unwrap(), 0);
     assert_eq!(t.send_deletes_the_manager_lost(deletes, Revision(300)).unwrap(), 2);
     let sent: Vec<(String, bool)> = t.take_unpublished().into_iter().map(|r| (r.change.path.to_string(), r.change.op == ChangeOp::Delete)).collect();
     assert_eq!(sent, [("d/x".to_string(), true), ("d".to_string(), true)]);
+}
+
+/// An entry whose state comes from a lost state taken in from an older lost revision
+/// than this node took (`wire::FromLost`): the node sends its later state instead of
+/// taking the entry, and takes the decision. Not when its revision is older than that
+/// lost one, or one the manager gave after taking it in.
+#[test]
+fn a_later_lost_state_is_sent_instead_of_taking_one_made_from_an_older() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    closed_file(&t, ROOT, "p", b"later lost state");
+    closed_file(&t, ROOT, "q", b"older lost state");
+    let v = decide_sent_at(&t, &mut [150, 90].into_iter());
+    let other = |name: &str, rev: u64, base: u64, at: u64| Entry {
+        path: RelPath::new(name).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { mode: 0o600, ..v["p"].1.clone().unwrap() }),
+        holders: vec![],
+        from_lost: Some(wire::FromLost { base: Revision(base), at: Revision(at) }),
+    };
+    // p at 150 here; the manager took in a state from lost revision 100 at 1000.
+    let applied = t.apply_remote(&other("p", 1000, 100, 1000)).unwrap();
+    assert!(!applied.changed, "not taken");
+    let sent = t.take_unpublished();
+    assert_eq!(sent.len(), 1);
+    assert_eq!((sent[0].change.path.as_str(), sent[0].change.base), ("p", Revision(150)));
+    assert!(matches!(&sent[0].change.op, ChangeOp::Put { version } if version == v["p"].1.as_ref().unwrap()));
+    // The decision, at the manager's revision, is taken.
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &Entry { from_lost: None, ..other("p", 1000, 100, 1000) }).unwrap();
+    assert_eq!(t.pending_changes(), 0);
+    // q at 90, older than the lost revision the manager's state comes from: taken.
+    assert!(t.apply_remote(&other("q", 1001, 100, 1001)).unwrap().changed);
+    // p now at 1000, which the manager gave after taking the lost state in: taken.
+    let mut newer = other("p", 1002, 100, 1000);
+    newer.version.as_mut().unwrap().mode = 0o640;
+    assert!(t.apply_remote(&newer).unwrap().changed);
+    assert!(t.take_unpublished().is_empty());
 }
