@@ -65,12 +65,9 @@ pub trait Body {
     fn check_bounds(&self) -> Result<(), String>;
 }
 
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
-fn is_zero_rev(r: &Revision) -> bool {
-    *r == Revision::NONE
+/// For `skip_serializing_if`: a field at its default (0, an empty revision) is left out.
+pub(crate) fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn is_false(b: &bool) -> bool {
@@ -317,7 +314,7 @@ pub enum ToManager {
         /// The highest revision the node has taken. Above the manager's head, it tells
         /// the manager that its database lost decisions (restored from an older copy):
         /// docs/protocol.md, *A manager behind its nodes*. 0 (absent): not said.
-        #[serde(default, skip_serializing_if = "is_zero_rev")]
+        #[serde(default, skip_serializing_if = "is_default")]
         taken: Revision,
     },
     Change(Change),
@@ -363,7 +360,7 @@ pub enum ToManager {
         #[serde(default, skip_serializing_if = "is_false")]
         snapshot: bool,
         /// The highest revision the node has taken (as in `Heartbeat`).
-        #[serde(default, skip_serializing_if = "is_zero_rev")]
+        #[serde(default, skip_serializing_if = "is_default")]
         taken: Revision,
     },
     /// What became of `ToNode::Keep` and `Release`: contents the node now keeps, and
@@ -400,7 +397,7 @@ pub struct NodeResidency {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub pins: Vec<(String, bool)>,
     /// Rules not named in `pins`.
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub more_pins: u32,
     /// Pulls under way, with their bytes so far.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -498,7 +495,7 @@ pub enum ToNode {
         entries: Vec<Entry>,
         /// Number of this page in its reply, from 0. Left out when 0, and `more` when
         /// false, so a reply in one page reads exactly as before pages existed.
-        #[serde(default, skip_serializing_if = "is_zero")]
+        #[serde(default, skip_serializing_if = "is_default")]
         page: u32,
         /// More pages of this reply follow.
         #[serde(default, skip_serializing_if = "is_false")]

@@ -147,12 +147,8 @@ pub struct RestoreReport {
     /// Paths whose version no online node keeps: not restored.
     pub unavailable: Vec<RelPath>,
     /// Paths left out of the three lists above to keep the answer small (a large tree).
-    #[serde(default, skip_serializing_if = "is_zero")]
+    #[serde(default, skip_serializing_if = "crate::messages::is_default")]
     pub left_out: u64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
 }
 
 pub(crate) fn check_items<T>(what: &str, items: &[T], max: usize) -> Result<(), String> {
