@@ -105,6 +105,8 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
                     .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2")?
                     .query_map([c.path.as_str(), who.as_str()], |r| r.get(0))?
                     .collect::<Result<_, _>>()?;
+                // Also where a database brought back from a copy had kept it (seed 42570).
+                at.extend(w.lost_conflicts.iter().filter(|(p, n, _)| *p == c.path.as_str() && *n == who).map(|(_, _, copy)| copy.clone()));
                 at.push(c.path.to_string());
                 let made_it = history.iter().any(|(p, v, _, _)| at.contains(p) && v.as_ref().is_some_and(|v| v.mode & 0o7777 == *mode));
                 if !made_it && !others {
@@ -151,6 +153,16 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
 
 /// (path, version, origin, rev) of a revision of the manager's history.
 pub type HistoryRow = (String, Option<Version>, String, i64);
+
+/// (path, node, copy) of a conflict the manager kept.
+pub type ConflictRow = (String, String, String);
+
+/// Every conflict the manager kept, as a conflict file or below a conflict directory.
+pub fn conflicts(conn: &rusqlite::Connection) -> anyhow::Result<Vec<ConflictRow>> {
+    let mut st = conn.prepare("SELECT path, node, copy FROM conflicts")?;
+    let rows = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
 
 /// Every revision in the manager's history.
 pub fn history(conn: &rusqlite::Connection) -> anyhow::Result<Vec<HistoryRow>> {

@@ -156,6 +156,9 @@ pub struct World {
     /// Every revision of the manager's history that a restore lost: the versions that
     /// reached the manager, for the check that no write was lost.
     pub lost_history: Vec<check::HistoryRow>,
+    /// Every conflict a restore lost the record of: where a change kept as a conflict
+    /// went, for the same check.
+    pub lost_conflicts: Vec<check::ConflictRow>,
     pub cfg: Config,
     pub broker: Broker,
     pub manager: SimManager,
@@ -253,6 +256,7 @@ impl World {
             restore_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_5354_4f52),
             backup_step: None,
             lost_history: Vec::new(),
+            lost_conflicts: Vec::new(),
             cfg,
             broker,
             manager,
@@ -351,7 +355,9 @@ impl World {
             self.log("the manager's database is copied (a backup)".into());
         } else if let Some(at) = self.backup_step.filter(|_| self.restore_rng.random_range(0..150) == 0) {
             let empty = self.restore_rng.random_range(0..4) == 0;
-            self.lost_history.extend(self.manager.history()?);
+            let (history, conflicts) = self.manager.history()?;
+            self.lost_history.extend(history);
+            self.lost_conflicts.extend(conflicts);
             self.stats.restores += 1;
             if empty {
                 self.log("the manager's disk fails: it starts again on an empty database".into());

@@ -81,11 +81,13 @@ impl SimManager {
         Ok(())
     }
 
-    /// Every revision in the manager's history (its database read even while it is down).
-    pub fn history(&self) -> anyhow::Result<Vec<crate::check::HistoryRow>> {
+    /// Every revision in the manager's history, and every conflict it kept (its
+    /// database read even while it is down).
+    pub fn history(&self) -> anyhow::Result<(Vec<crate::check::HistoryRow>, Vec<crate::check::ConflictRow>)> {
+        let read = |conn: &rusqlite::Connection| Ok((crate::check::history(conn)?, crate::check::conflicts(conn)?));
         match &self.store {
-            Some(store) => crate::check::history(store.conn()),
-            None => crate::check::history(&rusqlite::Connection::open(&self.db)?),
+            Some(store) => read(store.conn()),
+            None => read(&rusqlite::Connection::open(&self.db)?),
         }
     }
 
