@@ -1635,6 +1635,22 @@ mod tests {
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
     }
 
+    /// A heartbeat of n2 saying it took revision `taken`.
+    fn heartbeat_taken(taken: u64) -> ToManager {
+        ToManager::Heartbeat { url: "http://n2".into(), pending_changes: 0, pending_pulls: 0, software: String::new(), residency: None, taken: Revision(taken) }
+    }
+
+    /// How many requests to sync every node the outbox holds (and removes the outbox).
+    fn sync_requests(s: &mut Store) -> usize {
+        let out = s.outbox(1000).unwrap();
+        if let Some(last) = out.last() {
+            s.remove_outbox(last.seq).unwrap();
+        }
+        out.iter()
+            .filter(|o| o.key == topology::BROADCAST_KEY && matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {}))
+            .count()
+    }
+
     /// A database brought back from an older copy: a node names a revision above its
     /// head (in a heartbeat, a sync request, a change's base). Revisions go on from well
     /// past it, every node is asked to sync, and the note says so; a node's change based
@@ -1642,35 +1658,18 @@ mod tests {
     /// head at most `CATCH_UP_MAX` at a time, and never past `REV_LIMIT`.
     #[test]
     fn a_node_ahead_of_the_database_moves_revisions_past_it_and_everyone_syncs() {
-        let heartbeat = |taken: u64| ToManager::Heartbeat {
-            url: "http://n2".into(),
-            pending_changes: 0,
-            pending_pulls: 0,
-            software: String::new(),
-            residency: None,
-            taken: Revision(taken),
-        };
-        let requests = |s: &mut Store| {
-            let out = s.outbox(1000).unwrap();
-            if let Some(last) = out.last() {
-                s.remove_outbox(last.seq).unwrap();
-            }
-            out.iter()
-                .filter(|o| o.key == topology::BROADCAST_KEY && matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {}))
-                .count()
-        };
         let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("a", 0, file(1)));
-        send(&mut s, "n2", "h1", heartbeat(1));
-        assert_eq!((s.head().unwrap(), requests(&mut s), s.caught_up().unwrap()), (Revision(1), 0, None), "a node at the head");
+        send(&mut s, "n2", "h1", heartbeat_taken(1));
+        assert_eq!((s.head().unwrap(), sync_requests(&mut s), s.caught_up().unwrap()), (Revision(1), 0, None), "a node at the head");
 
-        send(&mut s, "n2", "h2", heartbeat(40));
+        send(&mut s, "n2", "h2", heartbeat_taken(40));
         let to = 40 + CATCH_UP_MARGIN;
         assert_eq!(s.head().unwrap(), Revision(to));
-        assert_eq!(requests(&mut s), 1, "every node is asked to sync, in one broadcast");
+        assert_eq!(sync_requests(&mut s), 1, "every node is asked to sync, in one broadcast");
         assert_eq!(s.caught_up().unwrap(), Some(CaughtUp { at_ms: 1_000, node: "n2".into(), seen: 40, head: 1, to }));
-        send(&mut s, "n2", "h3", heartbeat(40));
-        assert_eq!((s.head().unwrap(), requests(&mut s)), (Revision(to), 0), "once past it, nothing more");
+        send(&mut s, "n2", "h3", heartbeat_taken(40));
+        assert_eq!((s.head().unwrap(), sync_requests(&mut s)), (Revision(to), 0), "once past it, nothing more");
 
         // `a` was changed at revision 30 after the copy: a change made on that state is
         // made on the current one, and its revision is newer than any the node took.
@@ -1699,7 +1698,7 @@ mod tests {
             Ok(())
         })
         .unwrap();
-        let env = Envelope::new("h5".parse().unwrap(), node("n4"), heartbeat(REV_LIMIT));
+        let env = Envelope::new("h5".parse().unwrap(), node("n4"), heartbeat_taken(REV_LIMIT));
         let refused = s2.transaction(|tx| tx.handle_isolated(env, 2_000)).unwrap();
         assert!(refused.is_err_and(|e| e.contains("cannot go on past it")), "a revision past the limit is refused");
         assert_eq!(s2.head().unwrap(), Revision(REV_LIMIT - 10));
@@ -1711,36 +1710,21 @@ mod tests {
     /// to sync, once; a node at a revision this database gave shows nothing.
     #[test]
     fn a_start_skips_to_its_time_and_a_node_in_the_skipped_range_shows_the_database_behind() {
-        let heartbeat = |taken: u64| ToManager::Heartbeat {
-            url: "http://n2".into(),
-            pending_changes: 0,
-            pending_pulls: 0,
-            software: String::new(),
-            residency: None,
-            taken: Revision(taken),
-        };
-        let asked = |s: &mut Store| {
-            let out = s.outbox(1000).unwrap();
-            if let Some(last) = out.last() {
-                s.remove_outbox(last.seq).unwrap();
-            }
-            out.iter().filter(|o| matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {})).count()
-        };
         let dir = tempfile::tempdir().unwrap();
         let (db, copy) = (dir.path().join("m.db"), dir.path().join("copy.db"));
         let mut s = Store::open(&db).unwrap();
         assert_eq!(s.start_serving(1_000).unwrap(), Revision(1_000_000), "the time of the start, in µs");
         send(&mut s, "n1", "m1", put("a", 0, file(1)));
         assert_eq!(s.head().unwrap(), Revision(1_000_001));
-        asked(&mut s);
+        sync_requests(&mut s);
         s.conn().execute("VACUUM INTO ?1", [copy.to_string_lossy()]).unwrap();
         // A restart: on from its own later time; nodes at revisions it gave show nothing.
         assert_eq!(s.start_serving(2_000).unwrap(), Revision(2_000_000));
         send(&mut s, "n1", "m2", put("a", 1_000_001, file(2)));
         assert_eq!(s.head().unwrap(), Revision(2_000_001));
-        send(&mut s, "n2", "h1", heartbeat(2_000_001));
-        send(&mut s, "n2", "h2", heartbeat(1_000_001));
-        assert_eq!((asked(&mut s), s.caught_up().unwrap()), (0, None));
+        send(&mut s, "n2", "h1", heartbeat_taken(2_000_001));
+        send(&mut s, "n2", "h2", heartbeat_taken(1_000_001));
+        assert_eq!((sync_requests(&mut s), s.caught_up().unwrap()), (0, None));
         drop(s);
 
         // The copy comes back: it ends at 1,000,001, and never gave 2,000,001.
@@ -1748,15 +1732,15 @@ mod tests {
         std::fs::copy(&copy, &db).unwrap();
         let mut s = Store::open(&db).unwrap();
         assert_eq!(s.start_serving(3_000).unwrap(), Revision(3_000_000), "above anything the lost one gave");
-        send(&mut s, "n2", "h3", heartbeat(1_000_001));
-        assert_eq!(asked(&mut s), 0, "a revision the copy gave");
-        send(&mut s, "n2", "h4", heartbeat(2_000_001));
-        assert_eq!(asked(&mut s), 1, "every node is asked to sync");
+        send(&mut s, "n2", "h3", heartbeat_taken(1_000_001));
+        assert_eq!(sync_requests(&mut s), 0, "a revision the copy gave");
+        send(&mut s, "n2", "h4", heartbeat_taken(2_000_001));
+        assert_eq!(sync_requests(&mut s), 1, "every node is asked to sync");
         let note = s.caught_up().unwrap().unwrap();
         assert_eq!((note.node.as_str(), note.seen, note.to), ("n2", 2_000_001, 3_000_000));
         assert_eq!(s.head().unwrap(), Revision(3_000_000), "no jump: the start is past it already");
-        send(&mut s, "n3", "h5", heartbeat(2_000_001));
-        assert_eq!(asked(&mut s), 0, "once");
+        send(&mut s, "n3", "h5", heartbeat_taken(2_000_001));
+        assert_eq!(sync_requests(&mut s), 0, "once");
         // The lost state of `a` (taken at 2,000,001) is the current one for the rule.
         send(&mut s, "n2", "m3", put("a", 2_000_001, file(3)));
         assert_eq!(decided(&s), [Outcome::Accepted]);
