@@ -272,6 +272,32 @@ fn migrations() -> rusqlite_migration::Migrations<'static> {
     ])
 }
 
+/// Before a new node database is made where none is: redo log files beside it were left
+/// by a database that is gone (deleted by hand, or lost with a disk), and hold only its
+/// writes since its last fold, a part of a tree that a new database must not take as its
+/// own (rows of files whose directories are missing, a move or a synced revision of a
+/// tree it does not have). They are renamed to `<log>.orphaned-<unix seconds>`, kept for
+/// a look, and the node starts with an empty tree, which it takes from the manager again.
+fn set_aside_logs_of_a_database_gone(path: &Path) -> anyhow::Result<()> {
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    for i in 0..2 {
+        let log = crate::redo::RedoLog::path_for(path, i);
+        if std::fs::metadata(&log).map(|m| m.len() == 0).unwrap_or(true) {
+            continue;
+        }
+        let mut aside = log.clone().into_os_string();
+        aside.push(format!(".orphaned-{stamp}"));
+        std::fs::rename(&log, &aside).with_context(|| format!("setting aside {}, a redo log of a node database that is gone", log.display()))?;
+        tracing::warn!(
+            log = %log.display(),
+            kept_as = %std::path::Path::new(&aside).display(),
+            "{} is not there (removed, or lost): the node starts with an empty tree and takes the cluster's again; this redo log held writes of the database that is gone and is set aside",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Brings a database to the latest schema version, or refuses one written by a newer
 /// program with a clear error (it may hold what this one would misread).
 fn migrate(conn: &mut Connection, path: &Path, what: &str) -> anyhow::Result<()> {
@@ -283,6 +309,9 @@ fn migrate(conn: &mut Connection, path: &Path, what: &str) -> anyhow::Result<()>
 
 impl Db {
     pub fn open(path: &Path) -> anyhow::Result<Db> {
+        if !path.exists() {
+            set_aside_logs_of_a_database_gone(path)?;
+        }
         let mut conn = Connection::open(path).with_context(|| format!("opening {}", path.display()))?;
         // Only a node process that is still ending can hold the lock a moment longer.
         conn.busy_timeout(std::time::Duration::from_secs(2))?;
@@ -708,6 +737,36 @@ mod tests {
             assert_eq!(db.meta("last").unwrap(), Some((n - 1).to_string()));
             assert!([0, 1].iter().all(|&i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() == 0), "opening folded both files");
         }
+    }
+
+    /// A node database removed after a crash (its redo logs left, holding the writes since
+    /// its last fold) is made again empty: the logs' writes, a part of the old tree, are
+    /// not taken into it, and the logs are kept aside.
+    #[test]
+    fn the_redo_logs_of_a_database_gone_are_set_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut db = Db::open(&path).unwrap();
+        for i in 0..FOLD_OPS as u64 + 100 {
+            db.begin().unwrap();
+            db.save_dentry(1, std::ffi::OsStr::new(&format!("f{i}")), i + 2).unwrap();
+            db.commit().unwrap();
+        }
+        db.let_go_for_test();
+        std::mem::forget(db);
+        assert!((0..2).any(|i| std::fs::metadata(crate::redo::RedoLog::path_for(&path, i)).unwrap().len() > 0), "writes left in a log");
+        std::fs::remove_file(&path).unwrap();
+
+        let db = Db::open(&path).unwrap();
+        assert_eq!(db.dentries().unwrap(), vec![], "the new database took nothing of the old one's logs");
+        let aside: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".orphaned-"))
+            .collect();
+        assert!(!aside.is_empty() && aside.iter().all(|n| n.starts_with("node.db-redo")), "{aside:?}");
+        drop(db);
+        assert_eq!(Db::open(&path).unwrap().dentries().unwrap(), vec![], "and a restart of the new one keeps it so");
     }
 
     /// A second node on the same data directory is refused with a clear error while the
