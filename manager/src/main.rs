@@ -51,6 +51,11 @@ enum Cmd {
         /// (0: keep no old versions).
         #[arg(long, env = "SYNC_KEEP_COPIES", default_value_t = 2)]
         keep_copies: u32,
+        /// How long a decided change's id is remembered at least, so that the change sent
+        /// again (a node that missed the answer, or brought back from a backup) is not
+        /// decided twice; after that, only until its node has nothing left to send.
+        #[arg(long, env = "SYNC_REMEMBER_DECISIONS_FOR", default_value = "30d", value_parser = humantime::parse_duration)]
+        remember_decisions_for: std::time::Duration,
     },
     /// Print the nodes (online or not), the file count and the conflict count.
     Status {
@@ -86,7 +91,7 @@ fn run() -> anyhow::Result<()> {
         tracing::info!("settings from {}", f.display());
     }
     match cli.cmd {
-        Cmd::Serve { broker, db, http, require_node_users, keep_for, keep_versions, keep_copies } => {
+        Cmd::Serve { broker, db, http, require_node_users, keep_for, keep_versions, keep_copies, remember_decisions_for } => {
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
@@ -108,6 +113,7 @@ fn run() -> anyhow::Result<()> {
                             keep_for_ms: keep_for.as_millis().min(i64::MAX as u128) as i64,
                             keep_versions,
                             copies: keep_copies,
+                            remember_decisions_ms: remember_decisions_for.as_millis().min(i64::MAX as u128) as i64,
                         },
                     },
                     api,

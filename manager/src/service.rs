@@ -31,6 +31,12 @@ use wire::{topology, Envelope, ToManager};
 pub const BATCH: usize = 256;
 /// How often presence is re-evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Records of decided changes forgotten at most per tick (`Tx::forget_settled_decisions`:
+/// a few tens of milliseconds).
+const FORGET_BATCH: usize = 5_000;
+/// How often the manager looks for records of decided changes to forget when the last
+/// look found fewer than a batch.
+const FORGET_EVERY_MS: i64 = 5 * 60 * 1000;
 /// Attempts at a message whose handling fails before it is dead-lettered. The first is
 /// made in its batch, the others alone after a pause, in case the cause was passing. A
 /// failure that repeats lies in the message, and waiting for it would stall every node.
@@ -264,6 +270,10 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     // Whether a sync reply may have a page to send (one may be under way from before a
     // restart). Pages go out one per turn of this loop, between batches of deliveries.
     let mut sync_work = true;
+    // When to look next for decided changes' records to forget: at once after a full
+    // batch, else every few minutes (the look scans the old records of nodes that are
+    // not settled, each time).
+    let mut forget_at_ms = 0;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -271,11 +281,17 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let changed = handle.timed(handle.with_store(|s| s.transaction(|tx| {
+                let (changed, next_forget) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
                     let now = now_ms();
                     tx.expire_versions(now)?;
-                    tx.mark_silent_offline(now)
+                    let mut next_forget = forget_at_ms;
+                    if now >= forget_at_ms {
+                        let forgotten = tx.forget_settled_decisions(now, FORGET_BATCH)?;
+                        next_forget = if forgotten == FORGET_BATCH { now } else { now + FORGET_EVERY_MS };
+                    }
+                    Ok((tx.mark_silent_offline(now)?, next_forget))
                 })), |_| true).await?;
+                forget_at_ms = next_forget;
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }

@@ -110,6 +110,18 @@ ALTER TABLE paths ADD COLUMN lost_first INTEGER;
 ALTER TABLE paths ADD COLUMN lost_last INTEGER;
 ";
 
+/// Schema version 8: decided changes' records are forgotten once their sender can no
+/// longer send them again (`Tx::forget_settled_decisions`): each record says the head
+/// after its decision (rows from before have 0, and their revision is taken instead),
+/// each node the highest revision it had taken when it last said it had no change
+/// undecided, and `applied_marks` which records were there at what time (records are
+/// kept at least `Retention::remember_decisions_ms`).
+const SCHEMA_V8: &str = "
+ALTER TABLE applied ADD COLUMN head INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN settled_taken INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE IF NOT EXISTS applied_marks(at_ms INTEGER PRIMARY KEY, last_rowid INTEGER NOT NULL);
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -207,6 +219,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V5),
             rusqlite_migration::M::up(SCHEMA_V6),
             rusqlite_migration::M::up(SCHEMA_V7),
+            rusqlite_migration::M::up(SCHEMA_V8),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -554,6 +567,29 @@ const CATCH_UP_MAX: u64 = 1 << 32;
 /// shows them as JavaScript numbers (exact up to 2^53).
 const REV_LIMIT: u64 = 1 << 53;
 
+/// The kind of a decision's outcome (`accepted`, `unchanged`, `conflict`, `refused`), in
+/// SQL over a row of `applied`.
+const OUTCOME_KIND: &str = "json_extract(outcome, '$.outcome')";
+/// The `meta` keys counting the decisions forgotten, by outcome
+/// (`Tx::forget_settled_decisions`).
+const FORGOTTEN_PREFIX: &str = "forgotten_";
+
+/// Change messages decided, by outcome, those forgotten since included.
+pub(crate) fn decided_by_outcome(conn: &rusqlite::Connection) -> anyhow::Result<Vec<(String, u64)>> {
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut st = conn.prepare_cached(&format!("SELECT {OUTCOME_KIND}, count(*) FROM applied GROUP BY 1"))?;
+    for row in st.query_map([], |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "unknown".into()), r.get::<_, i64>(1)?)))? {
+        let (outcome, n) = row?;
+        *counts.entry(outcome).or_default() += n as u64;
+    }
+    let mut st = conn.prepare_cached("SELECT substr(key, ?2 + 1), value FROM meta WHERE substr(key, 1, ?2) = ?1")?;
+    for row in st.query_map(params![FORGOTTEN_PREFIX, FORGOTTEN_PREFIX.len() as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))? {
+        let (outcome, n) = row?;
+        *counts.entry(outcome).or_default() += n as u64;
+    }
+    Ok(counts.into_iter().collect())
+}
+
 fn head(conn: &rusqlite::Connection) -> anyhow::Result<Revision> {
     let v: Option<i64> = conn.prepare_cached("SELECT value FROM meta WHERE key='head'")?.query_row([], |r| r.get(0)).optional()?;
     Ok(Revision(v.unwrap_or(0) as u64))
@@ -763,6 +799,66 @@ impl Tx<'_> {
         Ok(())
     }
 
+    /// Forgets at most `limit` records of decided changes (`applied`) that no node can
+    /// send again, oldest first; returns how many. A record is kept at least
+    /// `Retention::remember_decisions_ms` (a node brought back from a backup of that age
+    /// sends its old changes again and must get their first answers), and then until its
+    /// sender said, in a heartbeat, that it had no change undecided while it had taken a
+    /// revision later than the head after that decision. Such a heartbeat is built after
+    /// the node took the decision's answer (the head after it was sent to the node's queue
+    /// after the answer, and a queue drops its oldest first: a lost answer leaves the
+    /// change undecided there), so the change is out of its outbox for good. Records of a
+    /// node this database does not know go after the time alone. The newest record always
+    /// stays (rowids then never go back, and the marks stay true).
+    ///
+    /// Which records are old enough comes from `applied_marks`, the last rowid at
+    /// a time, noted at most every `remember_decisions_ms / 64` (10 minutes at most):
+    /// no index on the records' time.
+    pub fn forget_settled_decisions(&mut self, now_ms: i64, limit: usize) -> anyhow::Result<usize> {
+        let remember = self.retention.remember_decisions_ms.max(0);
+        let mark_every = (remember / 64).min(10 * 60 * 1000);
+        let newest_mark: Option<i64> = self.tx.prepare_cached("SELECT max(at_ms) FROM applied_marks")?.query_row([], |r| r.get(0))?;
+        if newest_mark.is_none_or(|at| now_ms.saturating_sub(at) >= mark_every) {
+            let last: Option<i64> = self.tx.prepare_cached("SELECT max(rowid) FROM applied")?.query_row([], |r| r.get(0))?;
+            if let Some(last) = last {
+                self.tx
+                    .prepare_cached(
+                        "INSERT INTO applied_marks(at_ms, last_rowid) VALUES(?1, ?2) ON CONFLICT(at_ms) DO UPDATE SET last_rowid = excluded.last_rowid",
+                    )?
+                    .execute([now_ms, last])?;
+            }
+        }
+        let cutoff = now_ms.saturating_sub(remember);
+        let bound: Option<(i64, i64)> = self
+            .tx
+            .prepare_cached("SELECT at_ms, last_rowid FROM applied_marks WHERE at_ms <= ?1 ORDER BY at_ms DESC LIMIT 1")?
+            .query_row([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let Some((mark_at, bound)) = bound else { return Ok(0) };
+        // Older marks say less than this one.
+        self.tx.prepare_cached("DELETE FROM applied_marks WHERE at_ms < ?1")?.execute([mark_at])?;
+        const FORGETTABLE: &str = "SELECT a.rowid FROM applied a LEFT JOIN nodes n ON n.id = a.node
+             WHERE a.rowid <= ?1 AND a.rowid < (SELECT max(rowid) FROM applied)
+               AND (n.id IS NULL OR max(a.head, a.rev) < n.settled_taken)
+             ORDER BY a.rowid LIMIT ?2";
+        // The count of decisions by outcome (`/metrics`) goes on counting the forgotten.
+        let by_outcome: Vec<(String, i64)> = self
+            .tx
+            .prepare_cached(&format!("SELECT {OUTCOME_KIND}, count(*) FROM applied WHERE rowid IN ({FORGETTABLE}) GROUP BY 1"))?
+            .query_map(params![bound, limit as i64], |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "unknown".into()), r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        for (outcome, n) in by_outcome {
+            self.tx
+                .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
+                .execute(params![format!("{FORGOTTEN_PREFIX}{outcome}"), n])?;
+        }
+        let forgotten = self.tx.prepare_cached(&format!("DELETE FROM applied WHERE rowid IN ({FORGETTABLE})"))?.execute(params![bound, limit as i64])?;
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot the records of decided changes no node can send again");
+        }
+        Ok(forgotten)
+    }
+
     /// Marks nodes silent for too long as offline; returns how many changed.
     pub fn mark_silent_offline(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         Ok(self.tx.prepare_cached("UPDATE nodes SET online = 0 WHERE online = 1 AND last_seen_ms < ?1")?.execute([now_ms - OFFLINE_AFTER_MS])?)
@@ -803,9 +899,15 @@ impl Tx<'_> {
             ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency, taken } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.catch_up_with(&from, taken, "its heartbeat", now_ms)?;
+                // With nothing undecided, the node can send none of its changes again that
+                // were decided before it took revision `taken` (settled_taken).
+                let settled = if pending_changes == 0 { taken.0.min(REV_LIMIT) as i64 } else { 0 };
                 self.tx
-                    .prepare_cached("UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5 WHERE id = ?1")?
-                    .execute(params![from.as_str(), pending_changes as i64, pending_pulls as i64, software, residency.as_ref().map(json)])?;
+                    .prepare_cached(
+                        "UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5,
+                           settled_taken = max(settled_taken, ?6) WHERE id = ?1",
+                    )?
+                    .execute(params![from.as_str(), pending_changes as i64, pending_pulls as i64, software, residency.as_ref().map(json), settled])?;
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
@@ -1340,12 +1442,14 @@ impl Tx<'_> {
         let reply_key = topology::node_key(from);
         let path = &current.path;
         tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, "decided");
-        self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, ?3, ?4, ?5)")?.execute(params![
+        let head = head(&self.tx)?;
+        self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base, head) VALUES(?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
             msg.as_str(),
             from.as_str(),
             current.rev.0 as i64,
             json(&outcome),
-            base.0 as i64
+            base.0 as i64,
+            head.0 as i64
         ])?;
         self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
     }
@@ -1633,6 +1737,61 @@ mod tests {
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(sent[0]))]).unwrap(), [n1.clone()], "the request itself was dropped");
         let again = asks(&mut s)[0];
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
+    }
+
+    /// A decided change's record is forgotten only once it is old enough and its sender
+    /// said it had nothing undecided while it had taken a revision past the head after
+    /// that decision; a node that is not settled keeps its records however old. The
+    /// newest record stays.
+    #[test]
+    fn decided_changes_are_forgotten_once_old_and_their_node_settled() {
+        let (_dir, mut s) = fresh_store();
+        s.set_retention(crate::versions::Retention { remember_decisions_ms: 1_000, ..Default::default() });
+        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
+            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
+        };
+        let heartbeat = |pending: u64, taken: Revision| ToManager::Heartbeat {
+            url: "http://n2".into(),
+            pending_changes: pending,
+            pending_pulls: 0,
+            software: String::new(),
+            residency: None,
+            taken,
+        };
+        let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_settled_decisions(now, 100)).unwrap();
+        let records = |s: &Store| -> Vec<String> {
+            let mut st = s.conn.prepare("SELECT msg FROM applied ORDER BY rowid").unwrap();
+            st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        at(&mut s, "n2", "m1", put("a", 0, file(1)), 1_000);
+        let after_m1 = s.head().unwrap();
+        at(&mut s, "n1", "m2", put("b", 0, file(2)), 1_000);
+        at(&mut s, "n2", "m3", put("c", 0, file(3)), 1_000);
+        assert_eq!(forget(&mut s, 1_500), 0, "none is old enough");
+        // n2 has taken every revision, but says a change is still undecided.
+        let head = s.head().unwrap();
+        at(&mut s, "n2", "h1", heartbeat(1, head), 2_000);
+        assert_eq!(forget(&mut s, 3_000), 0, "n2 is not settled");
+        // Settled, having taken the head after m1's decision, not past it.
+        at(&mut s, "n2", "h2", heartbeat(0, after_m1), 3_000);
+        assert_eq!(forget(&mut s, 3_000), 0, "n2 took no revision past m1's decision");
+        let head = s.head().unwrap();
+        at(&mut s, "n2", "h3", heartbeat(0, head), 3_000);
+        assert_eq!(forget(&mut s, 3_000), 1, "m1 goes; m3 is the newest record");
+        assert_eq!(records(&s), ["m2", "m3"]);
+        // A record of a node the database does not know goes by the time alone.
+        s.conn.execute("DELETE FROM nodes WHERE id = 'n1'", []).unwrap();
+        at(&mut s, "n2", "m4", put("d", 0, file(4)), 3_000);
+        assert_eq!(forget(&mut s, 3_000), 1, "m2: n1 is unknown; n2 took m3's revision, none past it");
+        let head = s.head().unwrap();
+        at(&mut s, "n2", "h4", heartbeat(0, head), 3_000);
+        assert_eq!(forget(&mut s, 3_000), 1, "m3: n2 settled past it");
+        assert_eq!(records(&s), ["m4"]);
+        assert_eq!(decided_by_outcome(&s.conn).unwrap(), [("accepted".to_string(), 4)], "the forgotten are still counted");
+        // A repeat of a change whose record was forgotten is decided again: the same
+        // bytes over themselves change nothing.
+        at(&mut s, "n2", "m1", put("a", 0, file(1)), 4_000);
+        assert_eq!(decided(&s).last(), Some(&Outcome::Unchanged));
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.
@@ -2033,12 +2192,12 @@ mod tests {
         drop(old);
         let mut s = Store::open(&db).unwrap();
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 7);
+        assert_eq!(version, 8);
         assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);
-        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 8").unwrap();
+        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 9").unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
     }

@@ -35,11 +35,15 @@ pub struct Retention {
     pub keep_versions: u32,
     /// Nodes asked to keep each content (where the cluster has them); 0 keeps nothing.
     pub copies: u32,
+    /// A decided change's record (`applied`: its id and outcome, for answering a repeat)
+    /// is kept at least this long, and then until its sender can no longer send it again
+    /// (`Tx::forget_settled_decisions`).
+    pub remember_decisions_ms: i64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { keep_for_ms: 30 * 24 * 3600 * 1000, keep_versions: 0, copies: 2 }
+        Retention { keep_for_ms: 30 * 24 * 3600 * 1000, keep_versions: 0, copies: 2, remember_decisions_ms: 30 * 24 * 3600 * 1000 }
     }
 }
 
@@ -867,7 +871,7 @@ mod tests {
 
     #[test]
     fn retention_ends_by_age_and_by_count_and_keepers_are_released() {
-        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 2, copies: 1 }, &["n1"]);
+        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 2, copies: 1, ..Default::default() }, &["n1"]);
         for h in 1..=4 {
             c.put("n1", "log", file(h, 0o644));
         }

@@ -70,6 +70,11 @@ pub struct Config {
     /// only the nodes have them. From a random stream of its own; off, the seeds kept
     /// from before replay as they did.
     pub restores: bool,
+    /// At every tick the manager forgets the records of decided changes whose senders can
+    /// no longer send them again (`Tx::forget_settled_decisions`, kept no time at all:
+    /// `Retention::remember_decisions_ms` 0). Draws nothing: a record forgotten while its
+    /// change could still come again would have that change decided twice.
+    pub forget_decisions: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -92,6 +97,7 @@ impl Default for Config {
             queue_drops: true,
             connected_drops: true,
             restores: true,
+            forget_decisions: true,
         }
     }
 }
@@ -234,7 +240,7 @@ impl World {
         let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
         let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
         fresh_manager_database(&dir.path().join("manager.db"))?;
-        let manager = SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes, cfg.restores.then(|| clock_ns.clone()))?;
+        let manager = SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes, cfg.restores.then(|| clock_ns.clone()), cfg.forget_decisions)?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d_4f56_4553);

@@ -30,11 +30,13 @@ pub struct SimManager {
     /// the time of the start (`Store::start_serving`, as `manager serve` does). Only with
     /// `Config::restores`: the seeds kept from before replay with the revisions they had.
     start_clock: Option<Arc<AtomicI64>>,
+    /// `Config::forget_decisions`.
+    forget_decisions: bool,
 }
 
 impl SimManager {
-    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>, start_clock: Option<Arc<AtomicI64>>) -> anyhow::Result<SimManager> {
-        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock };
+    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>, start_clock: Option<Arc<AtomicI64>>, forget_decisions: bool) -> anyhow::Result<SimManager> {
+        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock, forget_decisions };
         m.open()?;
         Ok(m)
     }
@@ -46,6 +48,9 @@ impl SimManager {
         }
         if let Some(clock) = &self.start_clock {
             store.start_serving(clock.load(Ordering::Relaxed) / 1_000_000)?;
+        }
+        if self.forget_decisions {
+            store.set_retention(manager::versions::Retention { remember_decisions_ms: 0, ..store.retention() });
         }
         self.store = Some(store);
         Ok(())
@@ -170,10 +175,17 @@ impl SimManager {
         Ok(taken)
     }
 
-    /// The manager's tick: presence, then every sync reply page that is due.
+    /// The manager's tick: presence (and the records of decided changes forgotten, with
+    /// `Config::forget_decisions`), then every sync reply page that is due.
     pub fn tick(&mut self, broker: &mut Broker, now_ms: i64) -> anyhow::Result<()> {
         let Some(store) = self.store.as_mut() else { return Ok(()) };
-        store.transaction(|tx| tx.mark_silent_offline(now_ms))?;
+        let forget = self.forget_decisions;
+        store.transaction(|tx| {
+            if forget {
+                tx.forget_settled_decisions(now_ms, usize::MAX)?;
+            }
+            tx.mark_silent_offline(now_ms)
+        })?;
         self.sync_work(broker, now_ms)
     }
 

@@ -183,10 +183,7 @@ pub fn counts(store: &Store) -> anyhow::Result<Counts> {
     let one = |sql: &str| -> anyhow::Result<u64> { Ok(conn.query_row(sql, [], |r| r.get::<_, Option<i64>>(0))?.unwrap_or(0) as u64) };
     let outbox = one("SELECT count(*) FROM outbox")?;
     let queued: Option<i64> = conn.query_row("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'", [], |r| r.get(0)).optional()?;
-    let mut st = conn.prepare_cached("SELECT json_extract(outcome, '$.outcome'), count(*) FROM applied GROUP BY 1 ORDER BY 1")?;
-    let decided = st
-        .query_map([], |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "unknown".into()), r.get::<_, i64>(1)? as u64)))?
-        .collect::<Result<_, _>>()?;
+    let decided = crate::store::decided_by_outcome(conn)?;
     Ok(Counts {
         head: head(conn)?,
         files: store.live_file_count()?,
