@@ -34,8 +34,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// Records of decided changes forgotten at most per tick (`Tx::forget_settled_decisions`:
 /// a few tens of milliseconds).
 const FORGET_BATCH: usize = 5_000;
-/// How often the manager looks for records of decided changes to forget when the last
-/// look found fewer than a batch.
+/// How often, at most, the manager looks for records of decided changes to forget when
+/// the last look found fewer than a batch (with a short `--remember-decisions-for`, more
+/// often).
 const FORGET_EVERY_MS: i64 = 5 * 60 * 1000;
 /// Attempts at a message whose handling fails before it is dead-lettered. The first is
 /// made in its batch, the others alone after a pause, in case the cause was passing. A
@@ -287,7 +288,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                     let mut next_forget = forget_at_ms;
                     if now >= forget_at_ms {
                         let forgotten = tx.forget_settled_decisions(now, FORGET_BATCH)?;
-                        next_forget = if forgotten == FORGET_BATCH { now } else { now + FORGET_EVERY_MS };
+                        // As often as records come of age, every few minutes at most.
+                        let every = (tx.retention.remember_decisions_ms / 16).clamp(1_000, FORGET_EVERY_MS);
+                        next_forget = if forgotten == FORGET_BATCH { now } else { now + every };
                     }
                     Ok((tx.mark_silent_offline(now)?, next_forget))
                 })), |_| true).await?;

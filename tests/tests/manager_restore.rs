@@ -2,8 +2,9 @@
 //! disk failed) while the nodes stay up: it lost every decision made after the copy, but
 //! the nodes have them. Nothing the nodes have here is lost or reverted, the manager learns
 //! the lost states from them, and what is changed afterwards reaches every node, a node
-//! that joins afterwards included (docs/protocol.md, *A manager behind its nodes*). Real
-//! broker, real mounts, real processes.
+//! that joins afterwards included (docs/protocol.md, *A manager behind its nodes*). And
+//! the database does not keep every decided change's record for ever. Real broker, real
+//! mounts, real processes.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -182,4 +183,42 @@ fn a_later_lost_state_wins_over_an_older_one_sent_first() {
         assert_eq!(text(&n.p("p.txt")).as_deref(), Some("later, from n2"), "on {}", n.id);
         assert_eq!(conflict_files(&n.mount), Vec::<String>::new(), "on {}", n.id);
     }
+}
+
+/// The manager's record of each decided change (its message id and outcome, which answer
+/// the change sent again) does not grow for ever: once older than
+/// `--remember-decisions-for` and once its node has said it has nothing undecided while
+/// it had taken a later revision, it is forgotten. The decisions' count by outcome
+/// (`/api/status`, `/metrics`) goes on counting them, and the cluster goes on as before.
+#[test]
+fn records_of_decided_changes_are_forgotten_once_every_node_settled() {
+    let mut c = Cluster::start("forget-decided", 2);
+    c.manager.stop();
+    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s"]);
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    for i in 0..300 {
+        write(&c.nodes[0].p(&format!("f{i:03}")), format!("{i}").as_bytes());
+    }
+    c.converged();
+    // n1's last decisions are forgotten once it takes a revision past them.
+    write(&c.nodes[1].p("from-n2"), b"n2");
+    c.converged();
+    let records = || -> i64 {
+        let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        db.query_row("SELECT count(*) FROM applied", [], |r| r.get(0)).unwrap()
+    };
+    assert!(records() >= 300, "every decision recorded at first");
+    eventually("the records of settled nodes' decisions forgotten", DEADLINE, || records() <= 1);
+    let (api, token) = c.manager.api();
+    let status: serde_json::Value = serde_json::from_slice(&http_get(&format!("{api}/api/status"), Some(&token)).1).unwrap();
+    assert_eq!(status["changes_decided"]["accepted"], 301, "the forgotten decisions still counted: {status}");
+
+    // The cluster goes on: an edit of a file whose creation's record is gone, and a delete.
+    write(&c.nodes[1].p("f000"), b"edited by n2");
+    std::fs::remove_file(c.nodes[0].p("f001")).unwrap();
+    c.converged();
+    assert_eq!(read(&c.nodes[0].p("f000")).as_deref(), Some(&b"edited by n2"[..]));
+    assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
