@@ -110,16 +110,24 @@ ALTER TABLE paths ADD COLUMN lost_first INTEGER;
 ALTER TABLE paths ADD COLUMN lost_last INTEGER;
 ";
 
-/// Schema version 8: decided changes' records are forgotten once their sender can no
-/// longer send them again (`Tx::forget_settled_decisions`): each record says the head
-/// after its decision (rows from before have 0, and their revision is taken instead),
-/// each node the highest revision it had taken when it last said it had no change
-/// undecided, and `applied_marks` which records were there at what time (records are
-/// kept at least `Retention::remember_decisions_ms`).
+/// Schema version 8: what the database keeps for ever no more.
+/// - Decided changes' records are forgotten once their sender can no longer send them
+///   again (`Tx::forget_settled_decisions`): each record says the head after its
+///   decision (rows from before have 0, and their revision is taken instead), each node
+///   the highest revision it had taken when it last said it had no change undecided, and
+///   `applied_marks` which records were there at what time (records are kept at least
+///   `Retention::remember_decisions_ms`).
+/// - History rows of states that stopped being current, kept versions no more, go once
+///   their retention is over (`Tx::expire_versions`), found by `history_ended`. Rows that
+///   ended before ends were recorded (a delete followed by a new file there, rows from
+///   before schema 3) take the time they were made as their end.
 const SCHEMA_V8: &str = "
 ALTER TABLE applied ADD COLUMN head INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN settled_taken INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS applied_marks(at_ms INTEGER PRIMARY KEY, last_rowid INTEGER NOT NULL);
+UPDATE history SET ended_ms = at_ms
+  WHERE ended_ms IS NULL AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.path = history.path AND p.rev = history.rev);
+CREATE INDEX history_ended ON history(ended_ms) WHERE kept = 0 AND ended_ms IS NOT NULL;
 ";
 
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
@@ -2189,11 +2197,23 @@ mod tests {
         let old = rusqlite::Connection::open(&db).unwrap();
         old.execute_batch(SCHEMA_V1).unwrap();
         old.execute("INSERT INTO paths(path, rev, version, origin) VALUES('a.txt', 1, NULL, 'n1')", []).unwrap();
+        // An older state of it, and another path's current state.
+        old.execute("INSERT INTO paths(path, rev, version, origin) VALUES('z', -1, NULL, 'n1')", []).unwrap();
+        old.execute("INSERT INTO history(rev, path, version, origin, at_ms) VALUES(-2, 'a.txt', NULL, 'n1', 5), (-1, 'z', NULL, 'n1', 7)", []).unwrap();
         drop(old);
         let mut s = Store::open(&db).unwrap();
+        let ends: Vec<(i64, Option<i64>)> = s
+            .conn()
+            .prepare("SELECT rev, ended_ms FROM history ORDER BY rev")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(ends, [(-2, Some(5)), (-1, None)], "a state that is no longer current ends when it was made (schema 8)");
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
         assert_eq!(version, 8);
-        assert_eq!(s.head().unwrap(), Revision(0), "history is empty: the old rows were kept as they were");
+        assert_eq!(s.head().unwrap(), Revision(0), "the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);

@@ -47,6 +47,9 @@ impl Default for Retention {
     }
 }
 
+/// History rows forgotten at most per call of [`Tx::expire_versions`] (once a second).
+const FORGET_HISTORY_BATCH: i64 = 5_000;
+
 /// Most bytes of one answer to a node (a quarter of the broker's message limit).
 pub const ANSWER_BYTES: usize = wire::BROKER_MAX_MESSAGE_BYTES / 4;
 
@@ -87,7 +90,13 @@ impl Tx<'_> {
     pub(crate) fn end_current(&mut self, path: &RelPath, by: &NodeId, now_ms: i64) -> anyhow::Result<()> {
         let row: Option<(i64, Option<String>)> =
             self.tx.prepare_cached("SELECT rev, version FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-        let Some((rev, Some(version))) = row else { return Ok(()) };
+        let Some((rev, version)) = row else { return Ok(()) };
+        let Some(version) = version else {
+            // A delete stops being current: its row ends too (it goes when its retention
+            // is over, `expire_versions`).
+            self.tx.prepare_cached("UPDATE history SET ended_ms = ?2 WHERE rev = ?1")?.execute(params![rev, now_ms])?;
+            return Ok(());
+        };
         let version = parse_version(Some(version))?.expect("some");
         let keep = self.retention.copies > 0;
         self.tx.prepare_cached("UPDATE history SET ended_ms = ?2, kept = ?3 WHERE rev = ?1")?.execute(params![rev, now_ms, keep])?;
@@ -174,9 +183,25 @@ impl Tx<'_> {
     }
 
     /// Ends the versions whose retention ran out; returns how many. Their contents are
-    /// released where no kept version needs them any more.
+    /// released where no kept version needs them any more. History rows of states that
+    /// ended before the retention (kept no more) are forgotten, [`FORGET_HISTORY_BATCH`]
+    /// at a time: every path's current row stays, so the paths changed since any
+    /// revision (a sync's catch-up form) are still all there.
     pub fn expire_versions(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
+        let forgotten = self
+            .tx
+            .prepare_cached(
+                "DELETE FROM history WHERE rev IN (
+                   SELECT h.rev FROM history h INDEXED BY history_ended
+                   WHERE h.kept = 0 AND h.ended_ms IS NOT NULL AND h.ended_ms < ?1
+                     AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.path = h.path AND p.rev = h.rev)
+                   LIMIT ?2)",
+            )?
+            .execute(params![cutoff, FORGET_HISTORY_BATCH])?;
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "forgot history rows past the retention");
+        }
         let hashes: Vec<Option<String>> = self
             .tx
             .prepare_cached("SELECT hash FROM history WHERE kept = 1 AND ended_ms < ?1")?
@@ -892,6 +917,46 @@ mod tests {
         assert_eq!(c.versions("log").len(), 1);
         let kept: i64 = c.s.conn().query_row("SELECT count(*) FROM kept", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, 0);
+    }
+
+    /// History rows of states past their retention are forgotten (a delete's too, once a
+    /// new file replaced it); each path's current row stays, so a sync's catch-up form
+    /// still names every path changed since any revision.
+    #[test]
+    fn history_past_the_retention_is_forgotten_but_each_paths_current_row() {
+        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 0, copies: 1, ..Default::default() }, &["n1"]);
+        let rows = |c: &mut Cluster| -> Vec<String> {
+            let conn = c.s.conn();
+            let mut st = conn.prepare("SELECT path FROM history ORDER BY rev").unwrap();
+            st.query_map([], |r| r.get(0)).unwrap().collect::<Result<_, _>>().unwrap()
+        };
+        let first = c.put("n1", "log", file(1, 0o644));
+        c.put("n1", "log", file(2, 0o644));
+        c.put("n1", "gone", file(3, 0o644));
+        c.delete("n1", "gone");
+        c.put("n1", "back", file(4, 0o644));
+        c.delete("n1", "back");
+        c.put("n1", "back", file(5, 0o644));
+        c.put("n1", "still", file(6, 0o644));
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        assert_eq!(rows(&mut c).len(), 8);
+        c.now += 10_001;
+        let now = c.now;
+        // The first call ends the kept versions, the second forgets their rows.
+        c.s.transaction(|tx| tx.expire_versions(now)).unwrap();
+        c.s.transaction(|tx| tx.expire_versions(now)).unwrap();
+        assert_eq!(rows(&mut c), ["log", "gone", "back", "still"], "the current rows: log's v2, gone's delete, back's v5, still");
+        let since =
+            c.s.transaction(|tx| {
+                Ok(tx
+                    .tx
+                    .prepare("SELECT DISTINCT path FROM history WHERE rev > ?1 ORDER BY path")?
+                    .query_map([first.0 as i64], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?)
+            })
+            .unwrap();
+        assert_eq!(since, ["back", "gone", "log", "still"]);
     }
 
     #[test]

@@ -26,7 +26,7 @@ use crate::node::{snapshot, Seen};
 use crate::{Made, World};
 use anyhow::{bail, Context};
 use fs_node::tree::Kind;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use wire::{Content, ContentHash, NodeId, Version};
 
 pub fn all(w: &mut World) -> anyhow::Result<()> {
@@ -75,9 +75,11 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
             bail!("the manager was never restored, yet it {c}");
         }
     }
-    // Every revision, also those a restore lost: what reached the manager then reached it.
+    // Every revision, also those a restore lost or the manager forgot since: what reached
+    // the manager then reached it.
     let mut history = history(conn)?;
     history.extend(w.lost_history.iter().cloned());
+    history.extend(w.manager.seen_history().iter().cloned());
     let in_history: HashSet<&ContentHash> = history
         .iter()
         .filter_map(|(_, v, _, _)| match v.as_ref().map(|v| &v.content) {
@@ -121,11 +123,20 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
     // files elsewhere is kept as a conflict file at the current revision: not stale.
     // Nor is a newer version the manager put there as a conflict copy of the node's
     // change of another path: the node made nothing at this path to follow.)
+    // (The origin of the current revision from every history row seen: the manager may
+    // have forgotten that row since.)
+    let origin_of: HashMap<i64, &str> = history.iter().map(|(_, _, origin, rev)| (*rev, origin.as_str())).collect();
     let mut st = conn.prepare(
-        "SELECT c.path, c.copy, c.node FROM conflicts c JOIN history h ON h.rev = c.current_rev WHERE h.origin = c.node AND c.base < c.current_rev
+        "SELECT c.path, c.copy, c.node, c.current_rev FROM conflicts c WHERE c.base < c.current_rev
          AND NOT EXISTS (SELECT 1 FROM conflicts k WHERE k.copy = c.path AND k.copy_rev = c.current_rev)",
     )?;
-    let own: Vec<(String, String, String)> = st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect::<Result<_, _>>()?;
+    let own: Vec<(String, String, String)> = st
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))?
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|(_, _, node, rev)| origin_of.get(rev) == Some(&node.as_str()))
+        .map(|(path, copy, node, _)| (path, copy, node))
+        .collect();
     // (Not after a restore: a change whose decision the manager lost is decided again,
     // maybe otherwise, after the node acted on the first decision.)
     if let Some((path, copy, node)) = own.first().filter(|_| w.stats.restores == 0) {
@@ -166,9 +177,14 @@ pub fn conflicts(conn: &rusqlite::Connection) -> anyhow::Result<Vec<ConflictRow>
 
 /// Every revision in the manager's history.
 pub fn history(conn: &rusqlite::Connection) -> anyhow::Result<Vec<HistoryRow>> {
+    history_after(conn, i64::MIN)
+}
+
+/// The revisions in the manager's history after `rev`, oldest first.
+pub fn history_after(conn: &rusqlite::Connection, rev: i64) -> anyhow::Result<Vec<HistoryRow>> {
     let mut out = Vec::new();
-    let mut st = conn.prepare("SELECT path, version, origin, rev FROM history ORDER BY rev")?;
-    for row in st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))? {
+    let mut st = conn.prepare_cached("SELECT path, version, origin, rev FROM history WHERE rev > ?1 ORDER BY rev")?;
+    for row in st.query_map([rev], |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?, r.get::<_, String>(2)?, r.get::<_, i64>(3)?)))? {
         let (path, version, origin, at) = row?;
         out.push((path, version.map(|v| serde_json::from_str(&v)).transpose()?, origin, at));
     }

@@ -72,8 +72,11 @@ pub struct Config {
     pub restores: bool,
     /// At every tick the manager forgets the records of decided changes whose senders can
     /// no longer send them again (`Tx::forget_settled_decisions`, kept no time at all:
-    /// `Retention::remember_decisions_ms` 0). Draws nothing: a record forgotten while its
-    /// change could still come again would have that change decided twice.
+    /// `Retention::remember_decisions_ms` 0), and ends old versions two seconds after
+    /// they stopped being current, forgetting their history rows a tick later
+    /// (`Tx::expire_versions`). Draws nothing: a record forgotten while its change could
+    /// still come again would have that change decided twice; a history row forgotten that
+    /// a sync's catch-up form needs would leave a path out of it.
     pub forget_decisions: bool,
 }
 

@@ -32,11 +32,20 @@ pub struct SimManager {
     start_clock: Option<Arc<AtomicI64>>,
     /// `Config::forget_decisions`.
     forget_decisions: bool,
+    /// Every history row the database had at a tick, and the highest revision of them:
+    /// with `forget_decisions` rows go, and the checks count what reached the manager at
+    /// any time.
+    seen_history: Vec<crate::check::HistoryRow>,
+    seen_to: i64,
 }
+
+/// With `Config::forget_decisions`, old versions are kept this long (virtual time), and
+/// their history rows are forgotten after that (`Tx::expire_versions`).
+const FORGET_HISTORY_AFTER_MS: i64 = 2_000;
 
 impl SimManager {
     pub fn start(db: PathBuf, sync_page_bytes: Option<usize>, start_clock: Option<Arc<AtomicI64>>, forget_decisions: bool) -> anyhow::Result<SimManager> {
-        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock, forget_decisions };
+        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock, forget_decisions, seen_history: Vec::new(), seen_to: i64::MIN };
         m.open()?;
         Ok(m)
     }
@@ -50,7 +59,7 @@ impl SimManager {
             store.start_serving(clock.load(Ordering::Relaxed) / 1_000_000)?;
         }
         if self.forget_decisions {
-            store.set_retention(manager::versions::Retention { remember_decisions_ms: 0, ..store.retention() });
+            store.set_retention(manager::versions::Retention { remember_decisions_ms: 0, keep_for_ms: FORGET_HISTORY_AFTER_MS, ..store.retention() });
         }
         self.store = Some(store);
         Ok(())
@@ -94,6 +103,12 @@ impl SimManager {
             Some(store) => read(store.conn()),
             None => read(&rusqlite::Connection::open(&self.db)?),
         }
+    }
+
+    /// Every history row the database had at a tick (`Config::forget_decisions`; empty
+    /// without).
+    pub fn seen_history(&self) -> &[crate::check::HistoryRow] {
+        &self.seen_history
     }
 
     /// The manager's disk fails and the database comes back from the last copy
@@ -180,9 +195,15 @@ impl SimManager {
     pub fn tick(&mut self, broker: &mut Broker, now_ms: i64) -> anyhow::Result<()> {
         let Some(store) = self.store.as_mut() else { return Ok(()) };
         let forget = self.forget_decisions;
+        if forget {
+            let new = crate::check::history_after(store.conn(), self.seen_to)?;
+            self.seen_to = new.last().map_or(self.seen_to, |r| r.3);
+            self.seen_history.extend(new);
+        }
         store.transaction(|tx| {
             if forget {
                 tx.forget_settled_decisions(now_ms, usize::MAX)?;
+                tx.expire_versions(now_ms)?;
             }
             tx.mark_silent_offline(now_ms)
         })?;

@@ -55,33 +55,50 @@ fn seeds_that_once_failed_pass() {
         // As they were found: before frozen holders were simulated.
         if let Err(e) = run_with(
             *seed,
-            sim::Config { stalling_holders: false, large_moves: false, sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() },
+            sim::Config {
+                stalling_holders: false,
+                large_moves: false,
+                sync_page_bytes: None,
+                queue_drops: false,
+                restores: false,
+                forget_decisions: false,
+                ..Default::default()
+            },
         ) {
             panic!("kept seed {seed} ({found}) fails again: {e}");
         }
         // As the later ones were found: before directories were made again where a large
         // rename's had been.
-        if let Err(e) = run_with(*seed, sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() }) {
+        if let Err(e) = run_with(
+            *seed,
+            sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, ..Default::default() },
+        ) {
             panic!("seed {seed} ({found}) fails with frozen holders: {e}");
         }
         // As those found before sync replies came in small pages.
-        if let Err(e) = run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, ..Default::default() }) {
+        if let Err(e) =
+            run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, ..Default::default() })
+        {
             panic!("seed {seed} ({found}) fails with directories made again: {e}");
         }
         // As those found before node queues dropped their oldest messages.
-        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, restores: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, restores: false, forget_decisions: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
         }
         // As those found before connected nodes fell behind.
-        if let Err(e) = run_with(*seed, sim::Config { connected_drops: false, restores: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { connected_drops: false, restores: false, forget_decisions: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with node queues that drop their oldest messages: {e}");
         }
         // As those found before the manager's database was brought back from copies.
-        if let Err(e) = run_with(*seed, sim::Config { restores: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { restores: false, forget_decisions: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with connected nodes whose queues drop messages: {e}");
         }
-        if let Err(e) = run(*seed, None) {
+        // As those found before the manager forgot old records and history.
+        if let Err(e) = run_with(*seed, sim::Config { forget_decisions: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with the manager's database brought back from copies: {e}");
+        }
+        if let Err(e) = run(*seed, None) {
+            panic!("seed {seed} ({found}) fails with the manager forgetting settled decisions and old history: {e}");
         }
     }
 }
