@@ -1,0 +1,144 @@
+//! How the manager's database grows under edits, keeping every record for ever (as
+//! before session 44) and forgetting what its retention lets go (docs/benchmarks.md,
+//! session 44): decided changes' records once their nodes settled, history rows of
+//! states past `--keep-for`.
+//!
+//! `manager-growth [FILES] [ROUNDS]` (default 10,000 and 10): two managers' stores in a
+//! temporary directory take the same work, each round node n1 writing every one of
+//! FILES paths again (a new version on the one before, in messages of 100 changes), then
+//! both nodes' heartbeats saying they took everything and have nothing undecided. Between
+//! rounds a month passes. One store keeps what it decided (retention too long to end in
+//! the run); the other ends versions after 30 days and forgets records once 30 days old
+//! and settled, as `manager serve` does by default, every batch of it timed. Printed per
+//! round: the database's used bytes (pages in use, after a checkpoint) and rows kept.
+use manager::store::Store;
+use manager::versions::Retention;
+use std::time::Instant;
+use wire::{Change, ChangeItem, ChangeOp, Content, ContentHash, Envelope, MessageId, NodeId, RelPath, Revision, ToManager, Version};
+
+const DAY_MS: i64 = 24 * 3600 * 1000;
+
+fn id(n: u64) -> MessageId {
+    format!("m-{n:016x}").parse().expect("a valid message id")
+}
+
+fn version(round: u64, i: usize) -> Version {
+    let hash = ContentHash::from_bytes(*blake3::hash(format!("{round} {i}").as_bytes()).as_bytes());
+    Version { content: Content::File { hash, size: 100 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 }
+}
+
+/// Bytes of the pages in use, and the rows of `applied` and `history`.
+fn size(store: &Store) -> anyhow::Result<(i64, i64, i64)> {
+    let c = store.conn();
+    c.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")?;
+    let pages: i64 = c.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    let free: i64 = c.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    let page: i64 = c.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    let applied: i64 = c.query_row("SELECT count(*) FROM applied", [], |r| r.get(0))?;
+    let history: i64 = c.query_row("SELECT count(*) FROM history", [], |r| r.get(0))?;
+    Ok(((pages - free) * page, applied, history))
+}
+
+fn main() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1).map(|a| a.parse::<usize>());
+    let files = args.next().transpose()?.unwrap_or(10_000);
+    let rounds = args.next().transpose()?.unwrap_or(10) as u64;
+    let dir = tempfile::tempdir()?;
+    let month = 30 * DAY_MS;
+    let mut keeps = Store::open(&dir.path().join("keeps.db"))?;
+    keeps.set_retention(Retention { keep_for_ms: i64::MAX / 4, remember_decisions_ms: i64::MAX / 4, ..Retention::default() });
+    let mut forgets = Store::open(&dir.path().join("forgets.db"))?;
+    forgets.set_retention(Retention::default());
+    let (n1, n2): (NodeId, NodeId) = ("n1".parse()?, "n2".parse()?);
+    let paths: Vec<RelPath> = (0..files).map(|i| RelPath::new(format!("d{}/f{i}", i % 100))).collect::<Result<_, _>>()?;
+    let mut next_id = 0u64;
+    let mut now = 1_800_000_000_000i64;
+    println!("{files} files, {rounds} rounds of edits of each, a month between rounds");
+    println!("round | keeps: used MiB, applied, history | forgets: used MiB, applied, history | forget batches: count, ms each (median, max)");
+    for round in 0..rounds {
+        let mut batch_ms = Vec::new();
+        let mut row = Vec::new();
+        for (which, store) in [&mut keeps, &mut forgets].into_iter().enumerate() {
+            let revs: std::collections::HashMap<String, u64> = {
+                let mut st = store.conn().prepare("SELECT path, rev FROM paths")?;
+                let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+                rows.collect::<Result<_, _>>()?
+            };
+            let mut start = next_id;
+            for chunk in paths.chunks(100).enumerate() {
+                let (c, chunk) = chunk;
+                let items = chunk
+                    .iter()
+                    .enumerate()
+                    .map(|(k, p)| {
+                        let change = Change {
+                            path: p.clone(),
+                            base: Revision(revs.get(p.as_str()).copied().unwrap_or(0)),
+                            follows: None,
+                            op: ChangeOp::Put { version: version(round, c * 100 + k) },
+                        };
+                        start += 1;
+                        ChangeItem { id: id(start), change }
+                    })
+                    .collect();
+                store.transaction(|tx| tx.handle_batch(vec![Envelope::new(id(start + 1_000_000_000), n1.clone(), ToManager::Changes { items })], now))?;
+                // What the manager sends is published and gone.
+                while let Some(last) = store.outbox(10_000)?.last().map(|o| o.seq) {
+                    store.remove_outbox(last)?;
+                }
+            }
+            let head = store.head()?;
+            for n in [&n1, &n2] {
+                let hb = ToManager::Heartbeat {
+                    url: "http://n".into(),
+                    pending_changes: 0,
+                    pending_pulls: 0,
+                    software: String::new(),
+                    residency: None,
+                    taken: head,
+                };
+                start += 1;
+                store.transaction(|tx| tx.handle_batch(vec![Envelope::new(id(start + 2_000_000_000), n.clone(), hb)], now))?;
+            }
+            // A month later, the manager's ticks until nothing more goes.
+            let later = now + month + DAY_MS;
+            let mut quiet = 0;
+            while quiet < 2 {
+                let before = size(store)?;
+                let t = Instant::now();
+                store.transaction(|tx| {
+                    tx.expire_versions(later)?;
+                    tx.forget_settled_decisions(later, 5_000)
+                })?;
+                let took = t.elapsed().as_secs_f64() * 1000.0;
+                let after = size(store)?;
+                if (after.1, after.2) == (before.1, before.2) {
+                    quiet += 1;
+                } else if which == 1 {
+                    batch_ms.push(took);
+                }
+                while let Some(last) = store.outbox(10_000)?.last().map(|o| o.seq) {
+                    store.remove_outbox(last)?;
+                }
+            }
+            row.push(size(store)?);
+            next_id = start;
+        }
+        now += month + DAY_MS;
+        batch_ms.sort_by(f64::total_cmp);
+        let mib = |b: i64| b as f64 / (1 << 20) as f64;
+        println!(
+            "{round:>5} | {:>7.1} {:>8} {:>8} | {:>7.1} {:>8} {:>8} | {:>4}, {:.1}, {:.1}",
+            mib(row[0].0),
+            row[0].1,
+            row[0].2,
+            mib(row[1].0),
+            row[1].1,
+            row[1].2,
+            batch_ms.len(),
+            batch_ms.get(batch_ms.len() / 2).copied().unwrap_or(0.0),
+            batch_ms.last().copied().unwrap_or(0.0)
+        );
+    }
+    Ok(())
+}
