@@ -103,6 +103,11 @@ UPDATE inodes SET writing = 1 WHERE ino IN (SELECT ino FROM writing);
 DROP TABLE writing;
 ";
 
+/// Schema version 6: a kept content says until when the node keeps it for a reason of its
+/// own (its version decided into a conflict file it has not taken yet), which the
+/// manager's `release` does not end.
+const SCHEMA_V6: &str = "ALTER TABLE kept ADD COLUMN own_until_ms INTEGER NOT NULL DEFAULT 0;";
+
 /// One content kept past GC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptRow {
@@ -110,6 +115,8 @@ pub struct KeptRow {
     pub size: u64,
     pub until_ms: i64,
     pub at_ms: i64,
+    /// Kept for the node's own reason until then (0: none), whatever the manager says.
+    pub own_until_ms: i64,
 }
 
 /// One inode row.
@@ -147,12 +154,29 @@ enum Op {
     SaveDentry(u64, Vec<u8>, u64),
     DeleteDentry(u64, Vec<u8>),
     SetRev(String, u64),
-    PushOutbox { seq: i64, msg: String, path: String, body: String },
-    ReplaceOutbox { seq: i64, path: String, body: String },
+    PushOutbox {
+        seq: i64,
+        msg: String,
+        path: String,
+        body: String,
+    },
+    ReplaceOutbox {
+        seq: i64,
+        path: String,
+        body: String,
+    },
     RemoveOutbox(i64),
     SetMeta(String, String),
     SetPin(String, Option<bool>),
-    PutKept { hash: String, size: i64, until_ms: i64, at_ms: i64 },
+    PutKept {
+        hash: String,
+        size: i64,
+        until_ms: i64,
+        at_ms: i64,
+        /// (Absent from frames written before schema 6.)
+        #[serde(default)]
+        own_until_ms: i64,
+    },
     RemoveKept(String),
 }
 
@@ -197,11 +221,12 @@ impl Op {
                 .prepare_cached("INSERT INTO pins(path, pinned) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET pinned = excluded.pinned")?
                 .execute(params![path, p])?,
             Op::SetPin(path, None) => conn.prepare_cached("DELETE FROM pins WHERE path = ?1")?.execute([path])?,
-            Op::PutKept { hash, size, until_ms, at_ms } => conn
+            Op::PutKept { hash, size, until_ms, at_ms, own_until_ms } => conn
                 .prepare_cached(
-                    "INSERT INTO kept(hash, size, until_ms, at_ms) VALUES(?1, ?2, ?3, ?4) ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms",
+                    "INSERT INTO kept(hash, size, until_ms, at_ms, own_until_ms) VALUES(?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(hash) DO UPDATE SET until_ms = excluded.until_ms, own_until_ms = excluded.own_until_ms",
                 )?
-                .execute(params![hash, size, until_ms, at_ms])?,
+                .execute(params![hash, size, until_ms, at_ms, own_until_ms])?,
             Op::RemoveKept(hash) => conn.prepare_cached("DELETE FROM kept WHERE hash = ?1")?.execute([hash])?,
         };
         Ok(())
@@ -269,6 +294,7 @@ fn migrations() -> rusqlite_migration::Migrations<'static> {
         rusqlite_migration::M::up(SCHEMA_V3),
         rusqlite_migration::M::up(SCHEMA_V4),
         rusqlite_migration::M::up(SCHEMA_V5),
+        rusqlite_migration::M::up(SCHEMA_V6),
     ])
 }
 
@@ -500,13 +526,13 @@ impl Db {
     pub fn kept(&self) -> rusqlite::Result<Vec<KeptRow>> {
         self.fold()?;
         let conn = lock(&self.conn);
-        let mut st = conn.prepare("SELECT hash, size, until_ms, at_ms FROM kept")?;
-        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?)))?;
+        let mut st = conn.prepare("SELECT hash, size, until_ms, at_ms, own_until_ms FROM kept")?;
+        let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, i64>(3)?, r.get::<_, i64>(4)?)))?;
         let mut out = Vec::new();
         for row in rows {
-            let (hash, size, until_ms, at_ms) = row?;
+            let (hash, size, until_ms, at_ms, own_until_ms) = row?;
             if let Ok(hash) = hash.parse() {
-                out.push(KeptRow { hash, size: size as u64, until_ms, at_ms });
+                out.push(KeptRow { hash, size: size as u64, until_ms, at_ms, own_until_ms });
             }
         }
         Ok(out)
@@ -520,7 +546,7 @@ impl Db {
     }
     /// Records a kept content, in the transaction open (the tree's).
     pub fn put_kept(&self, k: &KeptRow) -> rusqlite::Result<()> {
-        self.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms })
+        self.record(Op::PutKept { hash: k.hash.to_hex().to_string(), size: k.size as i64, until_ms: k.until_ms, at_ms: k.at_ms, own_until_ms: k.own_until_ms })
     }
     /// Forgets kept contents, all or none (one transaction).
     pub fn remove_kept_all<'a>(&self, hashes: impl IntoIterator<Item = &'a ContentHash>) -> rusqlite::Result<()> {
@@ -796,7 +822,7 @@ mod tests {
         drop(old);
         let db = Db::open(&path).unwrap();
         assert_eq!(db.meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");
-        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 5);
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 6);
         drop(db);
         Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
         let err = format!("{:#}", Db::open(&path).err().expect("a newer database is refused"));
@@ -844,6 +870,6 @@ mod tests {
         assert_eq!(db.inodes().unwrap().1, vec![4]);
         db.clear_writing(&[4]).unwrap();
         assert!(db.inodes().unwrap().1.is_empty());
-        assert_eq!(db.kept().unwrap(), vec![KeptRow { hash: ContentHash::from_bytes([7; 32]), size: 7, until_ms: 20, at_ms: 10 }]);
+        assert_eq!(db.kept().unwrap(), vec![KeptRow { hash: ContentHash::from_bytes([7; 32]), size: 7, until_ms: 20, at_ms: 10, own_until_ms: 0 }]);
     }
 }

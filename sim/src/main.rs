@@ -49,6 +49,10 @@ struct Args {
     /// (as the seeds found before that ran)
     #[arg(long)]
     no_connected_drops: bool,
+    /// The manager keeps every decided change's record and every history row (as the
+    /// seeds found before it forgot them ran)
+    #[arg(long)]
+    no_forgetting: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -73,6 +77,9 @@ fn main() {
     }
     if args.no_queue_drops {
         cfg.queue_drops = false;
+    }
+    if args.no_forgetting {
+        cfg.forget_decisions = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

@@ -56,7 +56,7 @@ impl Tree {
             row_of.insert(&item.hash, rows.len());
             rows.push(match st.kept.get(&item.hash) {
                 Some(k) => KeptRow { until_ms: k.until_ms.max(item.until_ms), ..k.clone() },
-                None => KeptRow { hash: item.hash.clone(), size: item.size, until_ms: item.until_ms, at_ms: now_ms },
+                None => KeptRow { hash: item.hash.clone(), size: item.size, until_ms: item.until_ms, at_ms: now_ms, own_until_ms: 0 },
             });
         }
         // One transaction for the whole request (a delete of many files asks to keep
@@ -68,7 +68,10 @@ impl Tree {
     }
 
     /// The manager no longer needs these kept: each is removed now unless a file of the
-    /// tree uses it (then it stays while that file does). Returns the bytes freed.
+    /// tree uses it (then it stays while that file does), or the node keeps it for a
+    /// reason of its own (its version decided into a conflict file it has not taken yet:
+    /// other nodes pull that file from it), which the release does not end: it then stays
+    /// until that reason's end. Returns the bytes freed.
     ///
     /// Which of them a file or a queued change still uses is listed a part of the tree
     /// at a time (`used_in_parts`), in a round begun when they stopped being kept: what
@@ -82,7 +85,18 @@ impl Tree {
     pub(super) fn release_kept_in_parts(&self, hashes: &[ContentHash], part: usize, mut between: impl FnMut()) -> FsResult<u64> {
         let (released, round) = {
             let mut st = self.lock();
-            let released: HashSet<ContentHash> = hashes.iter().filter(|h| st.kept.contains_key(*h)).cloned().collect();
+            let now_ms = st.env.now_ns() / 1_000_000;
+            let own: Vec<KeptRow> = hashes
+                .iter()
+                .filter_map(|h| st.kept.get(h))
+                .filter(|k| k.own_until_ms > now_ms && k.until_ms != k.own_until_ms)
+                .map(|k| KeptRow { until_ms: k.own_until_ms, ..k.clone() })
+                .collect();
+            let released: HashSet<ContentHash> = hashes.iter().filter(|h| st.kept.get(*h).is_some_and(|k| k.own_until_ms <= now_ms)).cloned().collect();
+            if !own.is_empty() {
+                st.db.put_kept_all(&own).map_err(|e| FsError::Io(anyhow::Error::new(e).context("releasing kept contents")))?;
+                st.kept.extend(own.into_iter().map(|k| (k.hash.clone(), k)));
+            }
             if released.is_empty() {
                 return Ok(0);
             }

@@ -611,8 +611,8 @@ impl State {
         let until_ms = now_ms + OWN_CONFLICT_KEEP_MS;
         let old = self.kept.get(hash).cloned();
         let row = match &old {
-            Some(k) => crate::db::KeptRow { until_ms: k.until_ms.max(until_ms), ..k.clone() },
-            None => crate::db::KeptRow { hash: hash.clone(), size, until_ms, at_ms: now_ms },
+            Some(k) => crate::db::KeptRow { until_ms: k.until_ms.max(until_ms), own_until_ms: k.own_until_ms.max(until_ms), ..k.clone() },
+            None => crate::db::KeptRow { hash: hash.clone(), size, until_ms, at_ms: now_ms, own_until_ms: until_ms },
         };
         self.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("keeping a conflict file's content")))?;
         tracing::debug!(target: "changes", path = %copy, %hash, "the node's version decided into a conflict file it has an older state of: its content kept");

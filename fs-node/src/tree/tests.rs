@@ -279,6 +279,13 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
     assert_eq!(t.kept_usage(), (1, 11), "the second edit's content is kept");
     t.gc();
     assert!(t.store.has(&second_hash), "the GC took the content");
+    // The manager asks to keep the same bytes (an old version's) and then lets go of
+    // them: the node's own reason outlasts that (simulator seed 12659, with versions
+    // ended two seconds after they stopped being current).
+    t.keep(&[wire::KeepItem { hash: second_hash.clone(), size: 11, until_ms: i64::MAX, holders: vec![] }]).unwrap();
+    t.release_kept(&[second_hash.clone()]).unwrap();
+    t.gc();
+    assert!(t.store.has(&second_hash), "the manager's release took the content kept for the conflict file");
 
     // The conflict file's state comes: taken from the node's own store, nothing to fetch.
     let applied =
