@@ -243,14 +243,7 @@ impl World {
         let dir = tempfile::Builder::new().prefix("syncfs-sim-").tempdir_in(base)?;
         let clock_ns = Arc::new(AtomicI64::new(EPOCH_NS));
         fresh_manager_database(&dir.path().join("manager.db"))?;
-        // Half of the runs that forget end old versions too, and then never lose the
-        // manager's database: a change whose decision a restore lost is decided again,
-        // maybe as a conflict file, after its sender let go of the content at the end of
-        // its old version's retention (seed 12659: the conflict file can never be
-        // fetched; docs/testing.md, *Limits*).
-        let versions_end = cfg.forget_decisions && ChaCha8Rng::seed_from_u64(seed ^ 0x454e_4456_4552).random_bool(0.5);
-        let manager =
-            SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes, cfg.restores.then(|| clock_ns.clone()), cfg.forget_decisions, versions_end)?;
+        let manager = SimManager::start(dir.path().join("manager.db"), cfg.sync_page_bytes, cfg.restores.then(|| clock_ns.clone()), cfg.forget_decisions)?;
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d_4f56_4553);
@@ -362,7 +355,7 @@ impl World {
     /// manager's disk fails and the copy comes back (one time in four, no copy: an
     /// empty database), while the nodes go on.
     fn maybe_restore_the_manager(&mut self) -> anyhow::Result<()> {
-        if !self.cfg.restores || !self.cfg.faults || self.manager.versions_end() {
+        if !self.cfg.restores || !self.cfg.faults {
             return Ok(());
         }
         if self.manager.is_up() && self.restore_rng.random_range(0..40) == 0 {

@@ -32,10 +32,6 @@ pub struct SimManager {
     start_clock: Option<Arc<AtomicI64>>,
     /// `Config::forget_decisions`.
     forget_decisions: bool,
-    /// Old versions end two seconds after they stopped being current, and their history
-    /// rows go (`Config::forget_decisions`, in half of the runs: those without restores,
-    /// `World::versions_end`).
-    versions_end: bool,
     /// Every history row the database had at a tick, and the highest revision of them:
     /// with `forget_decisions` rows go, and the checks count what reached the manager at
     /// any time.
@@ -48,14 +44,8 @@ pub struct SimManager {
 const FORGET_HISTORY_AFTER_MS: i64 = 2_000;
 
 impl SimManager {
-    pub fn start(
-        db: PathBuf,
-        sync_page_bytes: Option<usize>,
-        start_clock: Option<Arc<AtomicI64>>,
-        forget_decisions: bool,
-        versions_end: bool,
-    ) -> anyhow::Result<SimManager> {
-        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock, forget_decisions, versions_end, seen_history: Vec::new(), seen_to: i64::MIN };
+    pub fn start(db: PathBuf, sync_page_bytes: Option<usize>, start_clock: Option<Arc<AtomicI64>>, forget_decisions: bool) -> anyhow::Result<SimManager> {
+        let mut m = SimManager { db, store: None, sync_page_bytes, start_clock, forget_decisions, seen_history: Vec::new(), seen_to: i64::MIN };
         m.open()?;
         Ok(m)
     }
@@ -113,11 +103,6 @@ impl SimManager {
             Some(store) => read(store.conn()),
             None => read(&rusqlite::Connection::open(&self.db)?),
         }
-    }
-
-    /// Whether old versions end in this run (then the database is never lost).
-    pub fn versions_end(&self) -> bool {
-        self.versions_end
     }
 
     /// Every history row the database had at a tick (`Config::forget_decisions`; empty
@@ -209,7 +194,7 @@ impl SimManager {
     /// `Config::forget_decisions`), then every sync reply page that is due.
     pub fn tick(&mut self, broker: &mut Broker, now_ms: i64) -> anyhow::Result<()> {
         let Some(store) = self.store.as_mut() else { return Ok(()) };
-        let (forget, versions_end) = (self.forget_decisions, self.versions_end);
+        let forget = self.forget_decisions;
         if forget {
             let new = crate::check::history_after(store.conn(), self.seen_to)?;
             self.seen_to = new.last().map_or(self.seen_to, |r| r.3);
@@ -218,8 +203,6 @@ impl SimManager {
         store.transaction(|tx| {
             if forget {
                 tx.forget_settled_decisions(now_ms, usize::MAX)?;
-            }
-            if versions_end {
                 tx.expire_versions(now_ms)?;
             }
             tx.mark_silent_offline(now_ms)

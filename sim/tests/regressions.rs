@@ -46,6 +46,7 @@ const KEPT: &[(u64, &str)] = &[
     (479, "the manager's database was lost and started anew, and decided again a change of another node before any node said it had later revisions: the node whose later state the manager lacked sent it again, it was decided as a conflict at the path's older revision, and the node, holding a higher one, never took the decision"),
     (1116, "the manager's database was brought back from a copy made after it had asked every node to sync: the nodes' sync requests were lost with it, each node gave up its sync after 120 s and never synced again, and the manager never learned of the paths"),
     (3777, "the manager's database was brought back from an older copy and gave again a revision the lost one had given, to another version of the same path: the nodes holding that revision took the new decision for one they had"),
+    (12659, "a change sent again when the manager asked every node to sync was decided, then the manager lost its database; the node took that decision, deleted the file and let go of the content when the old version's retention ended; decided again as a conflict file, no node could serve it, and every node tried to fetch it for good"),
     (86668, "a node's offline edit went, by the manager's rule, into its own earlier conflict file, whose new state the node lost with its queue's oldest messages; holding the older state, it let go of the content, and room made on a full disk took it: no node could ever fetch the conflict file"),
 ];
 

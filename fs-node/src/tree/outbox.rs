@@ -22,6 +22,11 @@ pub(super) struct Outbox {
     pub(super) sent: HashSet<MessageId>,
     /// Rows with a seq up to this one were handed to the broker link in this session.
     pub(super) published_upto: i64,
+    /// Rows sent again (`Tree::republish_all`) after they may have reached the broker: a
+    /// manager that lost its first decision of one (its database brought back from a
+    /// copy) decides it again, maybe otherwise (`State::apply_decided`). A row leaves
+    /// this set with the row.
+    pub(super) resent: HashSet<MessageId>,
     /// Above every seq this run has seen (loaded or assigned): seqs only grow within a
     /// run, which `published_upto` relies on.
     next_seq: i64,
@@ -41,6 +46,7 @@ impl Outbox {
             }
             if self.by_msg.get(&o.msg) == Some(&seq) {
                 self.by_msg.remove(&o.msg);
+                self.resent.remove(&o.msg);
             }
         }
         if let Some(r) = row {

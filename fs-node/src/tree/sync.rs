@@ -194,7 +194,11 @@ impl Tree {
     /// After a reconnection every undecided row is sent again (the manager recognises
     /// the ids it already decided).
     pub fn republish_all(&self) {
-        self.lock().outbox.published_upto = 0;
+        let mut st = self.lock();
+        let outbox = &mut st.outbox;
+        outbox.published_upto = 0;
+        let again: Vec<MessageId> = outbox.sent.iter().filter(|m| outbox.seq_of(m).is_some()).cloned().collect();
+        outbox.resent.extend(again);
     }
 
     /// The manager's revision of `path` this node last took (0: none).
@@ -604,7 +608,17 @@ impl State {
     /// already or the store lacks it.
     fn keep_own_content_at(&mut self, copy: &RelPath, hash: &ContentHash, size: u64, store: &ContentStore) -> FsResult<()> {
         let there = self.resolve(copy).and_then(|(_, _, ino)| self.inodes.get(&ino)).and_then(|i| i.hash.as_ref()) == Some(hash);
-        if there || !store.has(hash) {
+        if there {
+            return Ok(());
+        }
+        tracing::debug!(target: "changes", path = %copy, %hash, "the node's version decided into a conflict file it has an older state of: its content kept");
+        self.keep_own_content(hash, size, store)
+    }
+
+    /// Keeps `hash`, the content of a change of this node's own, as a kept content for
+    /// [`OWN_CONFLICT_KEEP_MS`] (whatever the manager says of it), if the store has it.
+    fn keep_own_content(&mut self, hash: &ContentHash, size: u64, store: &ContentStore) -> FsResult<()> {
+        if !store.has(hash) {
             return Ok(());
         }
         let now_ms = self.env.now_ns() / 1_000_000;
@@ -614,8 +628,7 @@ impl State {
             Some(k) => crate::db::KeptRow { until_ms: k.until_ms.max(until_ms), own_until_ms: k.own_until_ms.max(until_ms), ..k.clone() },
             None => crate::db::KeptRow { hash: hash.clone(), size, until_ms, at_ms: now_ms, own_until_ms: until_ms },
         };
-        self.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("keeping a conflict file's content")))?;
-        tracing::debug!(target: "changes", path = %copy, %hash, "the node's version decided into a conflict file it has an older state of: its content kept");
+        self.db.put_kept(&row).map_err(|e| FsError::Io(anyhow::Error::new(e).context("keeping a content of this node's own")))?;
         self.record(|| Undo::Kept(hash.clone(), old));
         self.kept.insert(hash.clone(), row);
         self.note_taken(hash);
@@ -641,8 +654,18 @@ impl State {
                 let dir_there = matches!(version.content, Content::Dir) && self.dir_at(&path);
                 self.delete_old_paths_near(&path, false, dir_there)?;
             }
+            let resent = self.outbox.resent.contains(msg);
             let row = self.set_outbox_row(seq, None).expect("found");
             self.db.remove_outbox(seq)?;
+            // A change sent again may be decided again by a manager that lost this
+            // decision (its database brought back from a copy, or lost), maybe as a
+            // conflict file that other nodes can fetch only from here, while this node,
+            // having taken this decision, may have let go of the content (deleted the
+            // file, and its old version's retention ended: simulator seed 12659). The
+            // content is kept for a while, as for a conflict file it has not seen yet.
+            if let (true, ChangeOp::Put { version: Version { content: Content::File { hash, size }, .. } }) = (resent, &row.change.op) {
+                self.keep_own_content(hash, *size, store)?;
+            }
             // The node's version kept as a conflict file, at a path of which the node has
             // seen no state (the broadcast lost with its queue's oldest messages, seed
             // 63226): the node puts it there itself, from its own store, so that it does

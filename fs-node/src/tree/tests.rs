@@ -295,6 +295,45 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
     assert_eq!(read_all(&t, at_copy).unwrap(), b"second edit");
 }
 
+/// Found by the simulator (seed 12659, old versions ending two seconds after): a change
+/// sent again (a new session, or the manager's request to sync) was decided by the
+/// manager, which then lost its database; the node took that first decision, deleted
+/// the file, and let go of the content when the old version's retention ended. The
+/// manager, brought back, decided the change again, as a conflict file: no node had its
+/// content, and every node tried to fetch it for good. A change sent again keeps its
+/// content for a while after its decision.
+#[test]
+fn a_change_sent_again_keeps_its_content_for_a_second_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, b"mine").unwrap();
+    t.release(fh).unwrap();
+    let sent = t.take_unpublished();
+    let ChangeOp::Put { version } = sent[0].change.op.clone() else { panic!("a put") };
+    let Content::File { hash, .. } = version.content.clone() else { panic!("a file") };
+    // Sent again (the manager asked to sync), then decided: accepted.
+    t.republish_all();
+    let path = RelPath::new("f").unwrap();
+    t.apply_decided(
+        &sent[0].msg,
+        &Outcome::Accepted,
+        &Entry { path: path.clone(), rev: Revision(3), version: Some(version.clone()), holders: vec![], from_lost: None },
+    )
+    .unwrap();
+    // The node deletes the file; the manager keeps the old version for a while and then
+    // lets go of it.
+    t.unlink(ROOT, OsStr::new("f")).unwrap();
+    t.keep(&[wire::KeepItem { hash: hash.clone(), size: 4, until_ms: i64::MAX, holders: vec![] }]).unwrap();
+    t.release_kept(&[hash.clone()]).unwrap();
+    t.gc();
+    assert!(t.store.has(&hash), "the content of a change sent again went with its first decision");
+    // The manager, brought back, decides it again as a conflict file: the node has it.
+    let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
+    let applied = t.apply_remote(&Entry { path: copy.clone(), rev: Revision(9), version: Some(version.clone()), holders: vec![], from_lost: None }).unwrap();
+    assert!(!applied.missing_content, "the conflict file's content had to be fetched");
+}
+
 fn queued(rows: &[OutboxRow]) -> Vec<(String, Option<u32>)> {
     rows.iter()
         .map(|r| {
