@@ -114,9 +114,10 @@ ALTER TABLE paths ADD COLUMN lost_last INTEGER;
 /// - Decided changes' records are forgotten once their sender can no longer send them
 ///   again (`Tx::forget_settled_decisions`): each record says the head after its
 ///   decision (rows from before have 0, and their revision is taken instead), each node
-///   the highest revision it had taken when it last said it had no change undecided, and
+///   the highest revision it had taken when it last said it had no change undecided,
 ///   `applied_marks` which records were there at what time (records are kept at least
-///   `Retention::remember_decisions_ms`).
+///   `Retention::remember_decisions_ms`); `applied_by_node` finds a node's records,
+///   `applied_by_head` the last one decided before a head.
 /// - History rows of states that stopped being current, kept versions no more, go once
 ///   their retention is over (`Tx::expire_versions`), found by `history_ended`. Rows that
 ///   ended before ends were recorded (a delete followed by a new file there, rows from
@@ -125,6 +126,8 @@ const SCHEMA_V8: &str = "
 ALTER TABLE applied ADD COLUMN head INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN settled_taken INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE IF NOT EXISTS applied_marks(at_ms INTEGER PRIMARY KEY, last_rowid INTEGER NOT NULL);
+CREATE INDEX applied_by_node ON applied(node);
+CREATE INDEX applied_by_head ON applied(head);
 UPDATE history SET ended_ms = at_ms
   WHERE ended_ms IS NULL AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.path = history.path AND p.rev = history.rev);
 CREATE INDEX history_ended ON history(ended_ms) WHERE kept = 0 AND ended_ms IS NOT NULL;
@@ -812,55 +815,77 @@ impl Tx<'_> {
     /// `Retention::remember_decisions_ms` (a node brought back from a backup of that age
     /// sends its old changes again and must get their first answers), and then until its
     /// sender said, in a heartbeat, that it had no change undecided while it had taken a
-    /// revision later than the head after that decision. Such a heartbeat is built after
-    /// the node took the decision's answer (the head after it was sent to the node's queue
-    /// after the answer, and a queue drops its oldest first: a lost answer leaves the
-    /// change undecided there), so the change is out of its outbox for good. Records of a
-    /// node this database does not know go after the time alone. The newest record always
-    /// stays (rowids then never go back, and the marks stay true).
+    /// revision later than the head after that decision (`nodes.settled_taken`): that
+    /// heartbeat was built after the node took the decision's answer, so the change is
+    /// out of its outbox for good. A heartbeat built before the change existed is handled
+    /// before it (one channel, in order); one built after says nothing is undecided only
+    /// once the answer was taken. Records of a node the database does not know stay. The
+    /// newest record always stays (rowids then never go back, and the marks stay true).
     ///
-    /// Which records are old enough comes from `applied_marks`, the last rowid at
-    /// a time, noted at most every `remember_decisions_ms / 64` (10 minutes at most):
-    /// no index on the records' time.
+    /// Which records are old enough comes from `applied_marks`: the last rowid at a time,
+    /// noted at most every `remember_decisions_ms / 64` (10 minutes at most). The head
+    /// only grows with the rowid, so the records decided before a node's settled revision
+    /// are those up to the last one whose head is below it (`applied_by_head`). Each
+    /// settled node's records up to both bounds are deleted by the index on `node`: no
+    /// record is read that is not forgotten (a node that is not settled costs nothing).
     pub fn forget_settled_decisions(&mut self, now_ms: i64, limit: usize) -> anyhow::Result<usize> {
         let remember = self.retention.remember_decisions_ms.max(0);
         let mark_every = (remember / 64).min(10 * 60 * 1000);
         let newest_mark: Option<i64> = self.tx.prepare_cached("SELECT max(at_ms) FROM applied_marks")?.query_row([], |r| r.get(0))?;
+        let newest: Option<i64> = self.tx.prepare_cached("SELECT max(rowid) FROM applied")?.query_row([], |r| r.get(0))?;
+        let Some(newest) = newest else { return Ok(0) };
         if newest_mark.is_none_or(|at| now_ms.saturating_sub(at) >= mark_every) {
-            let last: Option<i64> = self.tx.prepare_cached("SELECT max(rowid) FROM applied")?.query_row([], |r| r.get(0))?;
-            if let Some(last) = last {
-                self.tx
-                    .prepare_cached(
-                        "INSERT INTO applied_marks(at_ms, last_rowid) VALUES(?1, ?2) ON CONFLICT(at_ms) DO UPDATE SET last_rowid = excluded.last_rowid",
-                    )?
-                    .execute([now_ms, last])?;
-            }
+            self.tx
+                .prepare_cached(
+                    "INSERT INTO applied_marks(at_ms, last_rowid) VALUES(?1, ?2) ON CONFLICT(at_ms) DO UPDATE SET last_rowid = excluded.last_rowid",
+                )?
+                .execute([now_ms, newest])?;
         }
         let cutoff = now_ms.saturating_sub(remember);
-        let bound: Option<(i64, i64)> = self
+        let old_enough: Option<i64> = self
             .tx
-            .prepare_cached("SELECT at_ms, last_rowid FROM applied_marks WHERE at_ms <= ?1 ORDER BY at_ms DESC LIMIT 1")?
-            .query_row([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))
+            .prepare_cached("SELECT last_rowid FROM applied_marks WHERE at_ms <= ?1 ORDER BY at_ms DESC LIMIT 1")?
+            .query_row([cutoff], |r| r.get(0))
             .optional()?;
-        let Some((mark_at, bound)) = bound else { return Ok(0) };
-        // Older marks say less than this one.
-        self.tx.prepare_cached("DELETE FROM applied_marks WHERE at_ms < ?1")?.execute([mark_at])?;
-        const FORGETTABLE: &str = "SELECT a.rowid FROM applied a LEFT JOIN nodes n ON n.id = a.node
-             WHERE a.rowid <= ?1 AND a.rowid < (SELECT max(rowid) FROM applied)
-               AND (n.id IS NULL OR max(a.head, a.rev) < n.settled_taken)
-             ORDER BY a.rowid LIMIT ?2";
-        // The count of decisions by outcome (`/metrics`) goes on counting the forgotten.
-        let by_outcome: Vec<(String, i64)> = self
+        let Some(old_enough) = old_enough else { return Ok(0) };
+        let settled: Vec<(String, i64)> = self
             .tx
-            .prepare_cached(&format!("SELECT {OUTCOME_KIND}, count(*) FROM applied WHERE rowid IN ({FORGETTABLE}) GROUP BY 1"))?
-            .query_map(params![bound, limit as i64], |r| Ok((r.get::<_, Option<String>>(0)?.unwrap_or_else(|| "unknown".into()), r.get(1)?)))?
+            .prepare_cached("SELECT id, settled_taken FROM nodes WHERE settled_taken > 0")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
+        let mut forgotten = 0;
+        // The count of decisions by outcome (`/metrics`) goes on counting the forgotten.
+        let mut by_outcome: std::collections::BTreeMap<String, i64> = Default::default();
+        for (node, settled_taken) in settled {
+            if forgotten >= limit {
+                break;
+            }
+            let before_head: Option<i64> = self
+                .tx
+                .prepare_cached("SELECT rowid FROM applied INDEXED BY applied_by_head WHERE head < ?1 ORDER BY head DESC, rowid DESC LIMIT 1")?
+                .query_row([settled_taken], |r| r.get(0))
+                .optional()?;
+            let Some(before_head) = before_head else { continue };
+            let bound = old_enough.min(before_head).min(newest - 1);
+            let mut st = self.tx.prepare_cached(&format!(
+                "DELETE FROM applied WHERE rowid IN (
+                   SELECT rowid FROM applied INDEXED BY applied_by_node WHERE node = ?1 AND rowid <= ?2 AND max(head, rev) < ?4
+                   ORDER BY rowid LIMIT ?3)
+                 RETURNING {OUTCOME_KIND}"
+            ))?;
+            let kinds = st.query_map(params![node, bound, (limit - forgotten) as i64, settled_taken], |r| r.get::<_, Option<String>>(0))?;
+            for kind in kinds {
+                *by_outcome.entry(kind?.unwrap_or_else(|| "unknown".into())).or_default() += 1;
+                forgotten += 1;
+            }
+        }
         for (outcome, n) in by_outcome {
             self.tx
                 .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
                 .execute(params![format!("{FORGOTTEN_PREFIX}{outcome}"), n])?;
         }
-        let forgotten = self.tx.prepare_cached(&format!("DELETE FROM applied WHERE rowid IN ({FORGETTABLE})"))?.execute(params![bound, limit as i64])?;
+        // Marks below every record left say nothing any more.
+        self.tx.prepare_cached("DELETE FROM applied_marks WHERE last_rowid < (SELECT min(rowid) FROM applied)")?.execute([])?;
         if forgotten > 0 {
             tracing::debug!(forgotten, "forgot the records of decided changes no node can send again");
         }
@@ -909,7 +934,8 @@ impl Tx<'_> {
                 self.catch_up_with(&from, taken, "its heartbeat", now_ms)?;
                 // With nothing undecided, the node can send none of its changes again that
                 // were decided before it took revision `taken` (settled_taken).
-                let settled = if pending_changes == 0 { taken.0.min(REV_LIMIT) as i64 } else { 0 };
+                // (Never above the head: a catch-up moves it a bounded way at once.)
+                let settled = if pending_changes == 0 { taken.min(head(self.tx)?).0 as i64 } else { 0 };
                 self.tx
                     .prepare_cached(
                         "UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5,
@@ -947,11 +973,9 @@ impl Tx<'_> {
                     None => {
                         let answer = self.answer(&query, &from, now_ms)?;
                         if matches!(query, wire::Query::Restore { .. }) {
-                            self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base) VALUES(?1, ?2, 0, ?3, 0)")?.execute(params![
-                                env.id.as_str(),
-                                from.as_str(),
-                                json(&answer)
-                            ])?;
+                            self.tx
+                                .prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base, head) VALUES(?1, ?2, 0, ?3, 0, ?4)")?
+                                .execute(params![env.id.as_str(), from.as_str(), json(&answer), head(self.tx)?.0 as i64])?;
                         }
                         answer
                     }
@@ -1773,6 +1797,8 @@ mod tests {
         };
         at(&mut s, "n2", "m1", put("a", 0, file(1)), 1_000);
         let after_m1 = s.head().unwrap();
+        // The look notes the rowid and the head now, and so after each later decision.
+        assert_eq!(forget(&mut s, 1_000), 0);
         at(&mut s, "n1", "m2", put("b", 0, file(2)), 1_000);
         at(&mut s, "n2", "m3", put("c", 0, file(3)), 1_000);
         assert_eq!(forget(&mut s, 1_500), 0, "none is old enough");
@@ -1787,15 +1813,22 @@ mod tests {
         at(&mut s, "n2", "h3", heartbeat(0, head), 3_000);
         assert_eq!(forget(&mut s, 3_000), 1, "m1 goes; m3 is the newest record");
         assert_eq!(records(&s), ["m2", "m3"]);
-        // A record of a node the database does not know goes by the time alone.
-        s.conn.execute("DELETE FROM nodes WHERE id = 'n1'", []).unwrap();
         at(&mut s, "n2", "m4", put("d", 0, file(4)), 3_000);
-        assert_eq!(forget(&mut s, 3_000), 1, "m2: n1 is unknown; n2 took m3's revision, none past it");
+        assert_eq!(forget(&mut s, 3_000), 0, "n2 took m3's revision, none past it");
         let head = s.head().unwrap();
         at(&mut s, "n2", "h4", heartbeat(0, head), 3_000);
         assert_eq!(forget(&mut s, 3_000), 1, "m3: n2 settled past it");
-        assert_eq!(records(&s), ["m4"]);
-        assert_eq!(decided_by_outcome(&s.conn).unwrap(), [("accepted".to_string(), 4)], "the forgotten are still counted");
+        assert_eq!(records(&s), ["m2", "m4"], "n1 never settled");
+        // A node the database does not know keeps its records.
+        s.conn.execute("DELETE FROM nodes WHERE id = 'n1'", []).unwrap();
+        assert_eq!(forget(&mut s, 9_000), 0);
+        s.conn.execute("INSERT INTO nodes(id, url, online, last_seen_ms) VALUES('n1', '', 0, 0)", []).unwrap();
+        let head = s.head().unwrap();
+        at(&mut s, "n1", "h5", heartbeat(0, head), 9_000);
+        at(&mut s, "n1", "m5", put("e", 0, file(5)), 9_000);
+        assert_eq!(forget(&mut s, 9_000), 1, "m2: n1 settled past it");
+        assert_eq!(records(&s), ["m4", "m5"]);
+        assert_eq!(decided_by_outcome(&s.conn).unwrap(), [("accepted".to_string(), 5)], "the forgotten are still counted");
         // A repeat of a change whose record was forgotten is decided again: the same
         // bytes over themselves change nothing.
         at(&mut s, "n2", "m1", put("a", 0, file(1)), 4_000);

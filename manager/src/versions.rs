@@ -189,6 +189,19 @@ impl Tx<'_> {
     /// revision (a sync's catch-up form) are still all there.
     pub fn expire_versions(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
+        let hashes: Vec<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT hash FROM history INDEXED BY history_kept_by_end WHERE kept = 1 AND ended_ms < ?1")?
+            .query_map([cutoff], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        let n = hashes.len();
+        if n > 0 {
+            self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE kept = 1 AND ended_ms < ?1")?.execute([cutoff])?;
+            self.release_unkept(hashes.into_iter().flatten().collect())?;
+            tracing::info!("{n} kept version(s) reached the end of their retention");
+        }
+        // Ended first, gone first: a path's rows go oldest first (its states end in
+        // order), so what is left of a path's history is never older than a gap.
         let forgotten = self
             .tx
             .prepare_cached(
@@ -196,24 +209,12 @@ impl Tx<'_> {
                    SELECT h.rev FROM history h INDEXED BY history_ended
                    WHERE h.kept = 0 AND h.ended_ms IS NOT NULL AND h.ended_ms < ?1
                      AND NOT EXISTS (SELECT 1 FROM paths p WHERE p.path = h.path AND p.rev = h.rev)
-                   LIMIT ?2)",
+                   ORDER BY h.ended_ms LIMIT ?2)",
             )?
             .execute(params![cutoff, FORGET_HISTORY_BATCH])?;
         if forgotten > 0 {
             tracing::debug!(forgotten, "forgot history rows past the retention");
         }
-        let hashes: Vec<Option<String>> = self
-            .tx
-            .prepare_cached("SELECT hash FROM history WHERE kept = 1 AND ended_ms < ?1")?
-            .query_map([cutoff], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        if hashes.is_empty() {
-            return Ok(0);
-        }
-        self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE kept = 1 AND ended_ms < ?1")?.execute([cutoff])?;
-        let n = hashes.len();
-        self.release_unkept(hashes.into_iter().flatten().collect())?;
-        tracing::info!("{n} kept version(s) reached the end of their retention");
         Ok(n)
     }
 
@@ -943,8 +944,7 @@ mod tests {
         assert_eq!(rows(&mut c).len(), 8);
         c.now += 10_001;
         let now = c.now;
-        // The first call ends the kept versions, the second forgets their rows.
-        c.s.transaction(|tx| tx.expire_versions(now)).unwrap();
+        // One call ends the kept versions and forgets their rows.
         c.s.transaction(|tx| tx.expire_versions(now)).unwrap();
         assert_eq!(rows(&mut c), ["log", "gone", "back", "still"], "the current rows: log's v2, gone's delete, back's v5, still");
         let since =
