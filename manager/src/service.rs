@@ -33,7 +33,7 @@ pub const BATCH: usize = 256;
 pub const TICK: Duration = Duration::from_secs(1);
 /// Records of decided changes forgotten at most per tick (`Tx::forget_settled_decisions`:
 /// a few tens of milliseconds).
-const FORGET_BATCH: usize = 5_000;
+pub const FORGET_BATCH: usize = 2_000;
 /// How often, at most, the manager looks for records of decided changes to forget when
 /// the last look found fewer than a batch (with a short `--remember-decisions-for`, more
 /// often).

@@ -48,7 +48,7 @@ impl Default for Retention {
 }
 
 /// History rows forgotten at most per call of [`Tx::expire_versions`] (once a second).
-const FORGET_HISTORY_BATCH: i64 = 5_000;
+const FORGET_HISTORY_BATCH: i64 = 2_000;
 
 /// Most bytes of one answer to a node (a quarter of the broker's message limit).
 pub const ANSWER_BYTES: usize = wire::BROKER_MAX_MESSAGE_BYTES / 4;

@@ -108,7 +108,7 @@ fn main() -> anyhow::Result<()> {
                 let t = Instant::now();
                 store.transaction(|tx| {
                     tx.expire_versions(later)?;
-                    tx.forget_settled_decisions(later, 5_000)
+                    tx.forget_settled_decisions(later, manager::service::FORGET_BATCH)
                 })?;
                 let took = t.elapsed().as_secs_f64() * 1000.0;
                 let after = size(store)?;
