@@ -211,6 +211,15 @@ fn a_deferred_state_that_is_no_directory_older_than_a_live_path_below_it_is_drop
     }
 }
 
+/// Creates file `name` in the root with `bytes`, closes it, and takes its queued change
+/// (as the link would, to send it).
+fn write_and_take(t: &Tree, name: &str, bytes: &[u8]) -> Vec<OutboxRow> {
+    let (_, fh) = t.create(ROOT, OsStr::new(name), 0o644, 0, 0, CreateOpen::NEW).unwrap();
+    t.write(fh, 0, bytes).unwrap();
+    t.release(fh).unwrap();
+    t.take_unpublished()
+}
+
 /// Found by the simulator (seed 63226, with node queues that drop their oldest messages
 /// while their node is away): the node's write was kept as a conflict file, and the
 /// node got the decision without the conflict file's state (lost with its queue's
@@ -221,10 +230,7 @@ fn a_deferred_state_that_is_no_directory_older_than_a_live_path_below_it_is_drop
 fn a_conflict_decision_without_its_conflict_files_state_keeps_the_version_there() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
-    t.write(fh, 0, b"only here").unwrap();
-    t.release(fh).unwrap();
-    let sent = t.take_unpublished();
+    let sent = write_and_take(&t, "f", b"only here");
     let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
     let now = Entry {
         path: RelPath::new("f").unwrap(),
@@ -254,10 +260,7 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
     let file = |hash: ContentHash, size: u64| Some(Version { content: Content::File { hash, size }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 7 });
-    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
-    t.write(fh, 0, b"first edit").unwrap();
-    t.release(fh).unwrap();
-    let first = t.take_unpublished();
+    let first = write_and_take(&t, "f", b"first edit");
     let theirs = crate::store::put_bytes(&t.store, b"theirs").unwrap();
     let f_now = Entry { path: RelPath::new("f").unwrap(), rev: Revision(2), version: file(theirs.clone(), 6), holders: vec![], from_lost: None };
     let copy = RelPath::new("f (conflict from n1 2026-01-01 00.00.00)").unwrap();
@@ -306,10 +309,7 @@ fn a_conflict_decision_into_an_older_conflict_file_keeps_the_content() {
 fn a_change_sent_again_keeps_its_content_for_a_second_decision() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
-    let (_, fh) = t.create(ROOT, OsStr::new("f"), 0o644, 0, 0, CreateOpen::NEW).unwrap();
-    t.write(fh, 0, b"mine").unwrap();
-    t.release(fh).unwrap();
-    let sent = t.take_unpublished();
+    let sent = write_and_take(&t, "f", b"mine");
     let ChangeOp::Put { version } = sent[0].change.op.clone() else { panic!("a put") };
     let Content::File { hash, .. } = version.content.clone() else { panic!("a file") };
     // Sent again (the manager asked to sync), then decided: accepted.
