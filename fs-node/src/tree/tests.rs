@@ -2930,9 +2930,7 @@ fn states_the_manager_lost_are_sent_again_and_only_those() {
 /// children's would be refused (it has children there), and it would come back.
 #[test]
 fn deletes_the_manager_lost_go_deepest_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let t = tree(dir.path());
-    let d = t.mkdir(ROOT, OsStr::new("d"), 0o755, 0, 0).unwrap().ino;
+    let (_dir, t, d) = tree_with_dir();
     closed_file(&t, d, "x", b"x");
     let v = decide_sent_at(&t, &mut (100..));
     t.unlink(d, OsStr::new("x")).unwrap();
