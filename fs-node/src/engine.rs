@@ -536,14 +536,21 @@ impl<R> Engine<R> {
         Envelope::new(self.tree.env().new_id(), self.node.id.clone(), body)
     }
 
+    /// A heartbeat whose progress is durable when it says nothing is undecided
+    /// ([`Tree::progress_for_heartbeat`]); if the flush fails, it does not say the
+    /// revision taken (0), which lets the manager forget nothing of this node's.
     fn heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>) {
+        let progress = self.tree.progress_for_heartbeat().unwrap_or_else(|e| {
+            tracing::warn!("flushing the node database's log for a heartbeat: {e}");
+            crate::tree::HeartbeatProgress { pending_changes: self.tree.pending_changes(), taken: Revision(0), flushed: false }
+        });
         let body = ToManager::Heartbeat {
             url: self.node.url.clone(),
-            pending_changes: self.tree.pending_changes(),
+            pending_changes: progress.pending_changes,
             pending_pulls,
             software: self.node.software.clone(),
             residency,
-            taken: Revision(self.tree.last_revision()),
+            taken: progress.taken,
         };
         let env = self.envelope(body);
         self.out.push(Action::Publish { env, confirmed: false });

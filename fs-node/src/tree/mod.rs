@@ -43,7 +43,7 @@ use residency::Residency;
 pub use residency::{Evictable, PinRules, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
-pub use sync::{NamedPaths, PushedUnknown};
+pub use sync::{HeartbeatProgress, NamedPaths, PushedUnknown};
 #[cfg(test)]
 mod tests;
 
@@ -381,6 +381,9 @@ struct State {
     rounds: Vec<sync::UseRound>,
     /// The last round's number (`rounds`).
     last_round: u64,
+    /// The database's commits (`Db::commits`) the last flush for a heartbeat made
+    /// durable (`Tree::progress_for_heartbeat`).
+    flushed_commits: u64,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -607,6 +610,7 @@ impl Tree {
             with_work: HashSet::new(),
             rounds: Vec::new(),
             last_round: 0,
+            flushed_commits: 0,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

@@ -108,6 +108,15 @@ impl State {
     }
 }
 
+/// What a heartbeat says of a node's progress ([`Tree::progress_for_heartbeat`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeartbeatProgress {
+    pub pending_changes: u64,
+    pub taken: Revision,
+    /// Whether the redo log was flushed to make this durable.
+    pub flushed: bool,
+}
+
 /// The paths a sync reply and the node's queue named while it came: what
 /// [`Tree::push_unknown`] leaves alone. A sync holds every path of the tree here at once,
 /// so each is kept as a 128-bit digest (BLAKE3's first 16 bytes), not as the path: about
@@ -217,6 +226,33 @@ impl Tree {
     pub fn pending_changes(&self) -> u64 {
         let st = self.lock();
         (st.outbox.len() + st.moves.len()) as u64
+    }
+
+    /// What a heartbeat says of this node's progress: its undecided changes
+    /// ([`Tree::pending_changes`]) and the highest revision it took. When none is
+    /// undecided, the redo log is flushed to disk first (outside the lock), unless nothing
+    /// was committed since the last such flush: the manager forgets the records of a
+    /// node's decided changes once that node said it had none undecided past them
+    /// (docs/protocol.md, *How long a change's id is remembered*), and a node that lost
+    /// power with the removal of a decided change from its outbox still in the page
+    /// cache would otherwise send that change again to a manager that no longer knows
+    /// it decided it. Returns the flushes made (for the tests) with the two values.
+    pub fn progress_for_heartbeat(&self) -> FsResult<HeartbeatProgress> {
+        let (progress, logs) = {
+            let st = self.lock();
+            let pending = (st.outbox.len() + st.moves.len()) as u64;
+            let commits = st.db.commits();
+            let logs = if pending == 0 && commits != st.flushed_commits { Some((st.db.log_handles()?, commits)) } else { None };
+            (HeartbeatProgress { pending_changes: pending, taken: Revision(st.last_rev), flushed: logs.is_some() }, logs)
+        };
+        if let Some((logs, commits)) = logs {
+            for log in logs {
+                log.sync_data()?;
+            }
+            let mut st = self.lock();
+            st.flushed_commits = st.flushed_commits.max(commits);
+        }
+        Ok(progress)
     }
 
     /// The manager decided one of our changes: forget it and take the path's current

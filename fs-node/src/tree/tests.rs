@@ -23,6 +23,25 @@ fn tree_with_dir() -> (tempfile::TempDir, Tree, u64) {
     (dir, t, d)
 }
 
+/// A heartbeat that says nothing is undecided lets the manager forget the records of
+/// the node's decided changes: the decisions it took must be on disk first (a power loss
+/// would otherwise bring a decided change back into the outbox, sent again to a manager
+/// that forgot it), and a heartbeat that says nothing new flushes nothing.
+#[test]
+fn a_heartbeat_saying_nothing_is_undecided_is_durable_first() {
+    let (_dir, t, _d) = tree_with_dir();
+    let sent = t.take_unpublished();
+    let undecided = t.progress_for_heartbeat().unwrap();
+    assert_eq!((undecided.pending_changes, undecided.flushed), (1, false), "nothing to settle, nothing flushed");
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
+    let settled = t.progress_for_heartbeat().unwrap();
+    assert_eq!(settled, HeartbeatProgress { pending_changes: 0, taken: Revision(7), flushed: true });
+    let again = t.progress_for_heartbeat().unwrap();
+    assert_eq!(again, HeartbeatProgress { flushed: false, ..settled }, "nothing committed since the last flush");
+    t.apply_remote(&dir_entry("e", 9, 0o755)).unwrap();
+    assert_eq!(t.progress_for_heartbeat().unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true });
+}
+
 fn chmod(t: &Tree, ino: u64, mode: u32) {
     t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
 }
