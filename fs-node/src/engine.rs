@@ -125,6 +125,10 @@ pub struct SyncReport {
     pub conflicts: u64,
     /// Paths whose content could not be pulled yet (retried automatically).
     pub failed: u64,
+    /// Of `pushed`, paths this node had taken from the manager that its reply named
+    /// neither live nor deleted, sent as new (`PushedUnknown::taken_before`).
+    #[serde(default)]
+    pub pushed_again: u64,
     /// The manager's revision when it answered.
     pub head: u64,
     pub seconds: f64,
@@ -802,10 +806,18 @@ impl<R> Engine<R> {
             self.catch_up_next = true;
             self.next_sync.get_or_insert_with(Vec::new);
         }
+        if unknown.taken_before > 0 {
+            tracing::warn!(
+                paths = unknown.taken_before,
+                "paths this node took from the manager are neither live nor deleted in the sync's reply (its database lost them?); sending them as new"
+            );
+        }
+        let pushed_again = unknown.taken_before as u64;
         let unknown = unknown.pushed as u64;
         self.publish_outbox_at(now);
         let report = SyncReport {
             pushed: s.pushed + unknown,
+            pushed_again,
             pulled: s.pulled,
             conflicts: self.tree.conflicts_seen().saturating_sub(s.conflicts_before),
             failed: s.failed,

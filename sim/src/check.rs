@@ -17,6 +17,9 @@
 //!   of one path than `MAX_CONFLICT_COPIES`; no conflict of a node with its own change
 //!   (but after a restore of the manager's database, which decides again, maybe
 //!   otherwise, the changes whose decisions it lost).
+//! - **No deleted path brought back**: without a restore of the manager, no node sends
+//!   as new a path it took from the manager (the manager names every live path and
+//!   every delete a node may not have applied, `SyncReport::pushed_again`).
 //! - **Restores**: the versions that reached the manager before its database was
 //!   brought back from an older copy count as having reached it (its history then is
 //!   that of the copy); a run without a restore never has the manager find a node ahead
@@ -73,6 +76,12 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
     if w.stats.restores == 0 {
         if let Some(c) = store.caught_up()? {
             bail!("the manager was never restored, yet it {c}");
+        }
+        // Nor does the manager lose a path: a node that sends one it took from the
+        // manager as new brings back a path deleted since (a sync's `since` above a
+        // delete the node had not applied, or a delete the manager forgot too early).
+        if let Some(n) = w.nodes.iter().find(|n| n.pushed_again > 0) {
+            bail!("{} sent {} path(s) it had taken from the manager as new: a deleted path brought back", n.id, n.pushed_again);
         }
     }
     // Every revision, also those a restore lost or the manager forgot since: what reached

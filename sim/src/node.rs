@@ -86,6 +86,10 @@ pub struct SimNode {
     pub held: Vec<(u64, u64, RelPath)>,
     /// Results of syncs this node ran (errors only matter).
     pub sync_errors: Vec<String>,
+    /// Paths its completed syncs sent as new that it had taken from the manager
+    /// (`SyncReport::pushed_again`): without a restore of the manager, a deleted path
+    /// brought back.
+    pub pushed_again: u64,
     /// Above how many entries its renames of directories are queued in parts.
     move_in_one_hold: Option<usize>,
 }
@@ -109,6 +113,7 @@ impl SimNode {
             pulls: Vec::new(),
             held: Vec::new(),
             sync_errors: Vec::new(),
+            pushed_again: 0,
             move_in_one_hold,
         };
         n.load()?;
@@ -200,11 +205,10 @@ impl SimNode {
                 Action::Publish { env, .. } => broker.update.publish(env.encode()),
                 Action::Pull { path, rev, hash, holders, .. } => self.pulls.push(PendingPull { path, rev, hash, holders }),
                 Action::Invalidate(_) => {}
-                Action::SyncDone { result, .. } => {
-                    if let Err(e) = result {
-                        self.sync_errors.push(e);
-                    }
-                }
+                Action::SyncDone { result, .. } => match result {
+                    Ok(report) => self.pushed_again += report.pushed_again,
+                    Err(e) => self.sync_errors.push(e),
+                },
             }
         }
     }

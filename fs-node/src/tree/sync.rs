@@ -160,6 +160,11 @@ pub struct PushedUnknown {
     pub pushed: usize,
     /// Taken from the manager once, so held back (`hold_back_known`).
     pub held_back: usize,
+    /// Of `pushed`, those this node had taken from the manager (`hold_back_known` off):
+    /// a manager names every live path and every delete after the sync's `since`, so it
+    /// lost these (its database brought back from an older copy), or a delete this node
+    /// missed was left out (docs/sync.md, *Deleted paths in a sync reply*).
+    pub taken_before: usize,
 }
 
 impl Tree {
@@ -368,14 +373,16 @@ impl Tree {
         let part_len = part_len.max(1);
         self.commit_unsaved();
         // `None`: not unknown; `Some(true)`: to send; `Some(false)`: to hold back.
+        let taken = |st: &State, p: &RelPath| st.revs.get(p).is_some_and(|r| r.0 > 0);
         let unknown = |st: &State, dir: u64, name: &OsStr, ino: u64| {
             let i = st.inodes.get(&ino).filter(|i| i.kind.synced() && i.work.is_none())?;
             let here = st.inodes.get(&dir).and_then(|d| d.children.get(name)).is_some_and(|e| e.ino == i.ino);
             let p = st.path_of(dir, name).filter(|p| here && !known.contains(p) && !st.outbox.has(p))?;
-            Some(!(hold_back_known && st.revs.get(&p).is_some_and(|r| r.0 > 0)))
+            Some(!(hold_back_known && taken(st, &p)))
         };
         let held_back = std::cell::Cell::new(0);
         let mut pushed = 0;
+        let mut taken_before = 0;
         self.walk_dirs_in_parts(
             ROOT,
             part_len,
@@ -395,20 +402,23 @@ impl Tree {
                 if to_push.is_empty() {
                     return Ok(());
                 }
-                pushed += self.atomically(|st, _| {
-                    let mut n = 0;
+                let (n, again) = self.atomically(|st, _| {
+                    let (mut n, mut again) = (0, 0);
                     for (name, ino) in &to_push {
                         if unknown(st, dir, name, *ino) == Some(true) {
+                            again += st.path_of(dir, name).is_some_and(|p| taken(st, &p)) as usize;
                             st.record_put(dir, name, *ino)?;
                             n += 1;
                         }
                     }
-                    Ok(n)
+                    Ok((n, again))
                 })?;
+                pushed += n;
+                taken_before += again;
                 Ok(())
             },
         )?;
-        Ok(PushedUnknown { pushed, held_back: held_back.get() })
+        Ok(PushedUnknown { pushed, held_back: held_back.get(), taken_before })
     }
 
     /// Sends again the states of paths the manager lost: those `entries` (a page of a sync
