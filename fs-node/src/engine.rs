@@ -669,8 +669,9 @@ impl<R> Engine<R> {
     /// up to the highest revision it has taken: deletes come on its queue in revision
     /// order, and a sync reply brings what the queue could not. A reply cut off half-way
     /// may have moved that revision past deletes it had not brought yet, so once a sync
-    /// has completed, no further than its head. A node that has taken no revision has no
-    /// path the manager knew, and needs no deleted path at all.
+    /// has completed, no further than its head, and before any sync completed, none (0).
+    /// A node that has taken no revision has no path the manager knew, and needs no
+    /// deleted path at all.
     fn sync_since(&self) -> Revision {
         let taken = self.tree.last_revision();
         if taken == 0 {
@@ -678,9 +679,11 @@ impl<R> Engine<R> {
         }
         // The last completed sync's head, also from before a restart: a sync cut off
         // half-way, or a queue that dropped old messages while the node was away, may
-        // have moved `taken` past deletes it never brought.
-        let completed = self.tree.synced_head();
-        Revision(completed.map_or(taken, |head| head.min(taken)))
+        // have moved `taken` past deletes it never brought. A node that took revisions
+        // but never completed a sync (its first reply lost with its queue's oldest
+        // messages, and a delete's broadcast with it) can vouch for none: `taken` there
+        // brought back a path deleted meanwhile (simulator seeds 216 and 5925).
+        Revision(self.tree.synced_head().map_or(0, |head| head.min(taken)))
     }
 
     /// Applies another node's state of one path (a broadcast, a sync reply); set-id bits

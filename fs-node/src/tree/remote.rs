@@ -75,6 +75,22 @@ impl State {
             || self.move_below(path)
     }
 
+    /// An ancestor of `path` that this node took at a revision after `rev` and that is
+    /// no directory here (deleted, or another kind): a live state of `path` at `rev` is
+    /// then stale. The manager deletes a directory only once nothing below it is live,
+    /// and whatever is put below it again comes after the directory is made again, so
+    /// that state of `path` was deleted before the ancestor was. Applied, it would make
+    /// the deleted directory again (`ensure_dirs`), which no delete would name any more:
+    /// simulator seed 5925, a pull of a content that finished after the node took the
+    /// directory's delete, the deletes below it lost with its queue's oldest messages,
+    /// brought the directory back to every node.
+    fn gone_above_since(&self, path: &RelPath, rev: Revision) -> Option<RelPath> {
+        path.ancestors().into_iter().rev().find(|anc| {
+            self.revs.get(anc).is_some_and(|taken| *taken > rev)
+                && !self.resolve(anc).and_then(|(_, _, ino)| self.inodes.get(&ino)).is_some_and(|i| i.kind == Kind::Dir)
+        })
+    }
+
     fn has_unsaved_within(&self, ino: u64) -> bool {
         self.inodes.get(&ino).is_some_and(|i| i.work.is_some() || i.children.values().any(|e| self.has_unsaved_within(e.ino)))
     }
@@ -110,6 +126,12 @@ impl State {
         self.touch_rules(path);
         if self.outbox.has(path) {
             return Ok(out);
+        }
+        if entry.version.is_some() {
+            if let Some(anc) = self.gone_above_since(path, entry.rev) {
+                tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, above = %anc, "a state older than the delete of a directory above it: not applied");
+                return Ok(out);
+            }
         }
         let local = self.resolve(path);
         let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
