@@ -287,7 +287,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                     tx.expire_versions(now)?;
                     let mut next_forget = forget_at_ms;
                     if now >= forget_at_ms {
-                        let forgotten = tx.forget_settled_decisions(now, FORGET_BATCH)?;
+                        let forgotten = tx.forget_settled_decisions(now, FORGET_BATCH)?.max(tx.forget_applied_deletes(now, FORGET_BATCH)?);
                         // As often as records come of age, every few minutes at most.
                         let every = (tx.retention.remember_decisions_ms / 16).clamp(1_000, FORGET_EVERY_MS);
                         next_forget = if forgotten == FORGET_BATCH { now } else { now + every };

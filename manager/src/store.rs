@@ -133,6 +133,15 @@ UPDATE history SET ended_ms = at_ms
 CREATE INDEX history_ended ON history(ended_ms) WHERE kept = 0 AND ended_ms IS NOT NULL;
 ";
 
+/// Schema version 9: a deleted path's tombstone is no longer kept for ever
+/// (`Tx::forget_applied_deletes`): each node records the highest revision up to which it
+/// said, in a sync request, it had applied every delete (`since`, at most the head then),
+/// and when the manager last asked it to sync so that it would say more.
+const SCHEMA_V9: &str = "
+ALTER TABLE nodes ADD COLUMN deletes_applied INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN deletes_asked_ms INTEGER NOT NULL DEFAULT 0;
+";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -231,6 +240,7 @@ impl Store {
             rusqlite_migration::M::up(SCHEMA_V6),
             rusqlite_migration::M::up(SCHEMA_V7),
             rusqlite_migration::M::up(SCHEMA_V8),
+            rusqlite_migration::M::up(SCHEMA_V9),
         ])
         .to_latest(&mut conn)
         .with_context(|| {
@@ -892,6 +902,78 @@ impl Tx<'_> {
         Ok(forgotten)
     }
 
+    /// Forgets at most `limit` tombstones (a deleted path's row, and its history row:
+    /// the delete) that no node can need any more, oldest first; returns how many. A
+    /// tombstone is what tells a node that missed the delete to apply it; a node's sync
+    /// reply leaves out the tombstones at or below the sync's `since`, up to which the
+    /// node has applied every delete. So a tombstone at or below the lowest `since` any
+    /// node the manager knows has said (`nodes.deletes_applied`) is named to none of
+    /// them again (`since` never goes back on a node; a new node asks for none): it goes
+    /// once the delete is also older than the retention of versions and of decisions
+    /// (the trash lists it until then). A put of the path later is decided as on a
+    /// tombstone (nothing live there: accepted), a delete as well (unchanged).
+    /// A node connected for long sends no `since` (it syncs when it starts): an online
+    /// node below an old tombstone is asked to sync, at most every quarter of that age
+    /// (and a second). A node that never syncs again keeps the tombstones above its last
+    /// `since` (docs/operations.md, *How the manager's database grows*).
+    pub fn forget_applied_deletes(&mut self, now_ms: i64, limit: usize) -> anyhow::Result<usize> {
+        let age = self.retention.keep_for_ms.max(self.retention.remember_decisions_ms).max(0);
+        let cutoff = now_ms.saturating_sub(age);
+        let floor: Option<i64> = self.tx.prepare_cached("SELECT min(deletes_applied) FROM nodes")?.query_row([], |r| r.get(0))?;
+        // The oldest tombstones first, by revision; the first one too young ends the
+        // look (revisions and their times grow together).
+        let mut due = Vec::new();
+        let mut lagging_below = None;
+        {
+            let mut st = self.tx.prepare_cached(
+                "SELECT p.path, p.rev, h.at_ms FROM paths p INDEXED BY paths_deleted JOIN history h ON h.rev = p.rev
+                 WHERE p.version IS NULL ORDER BY p.rev LIMIT ?1",
+            )?;
+            let rows = st.query_map([i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })?;
+            for row in rows {
+                let (path, rev, at_ms) = row?;
+                if at_ms > cutoff {
+                    break;
+                }
+                if floor.is_none_or(|f| rev > f) {
+                    lagging_below = Some(rev);
+                    break;
+                }
+                if due.len() < limit {
+                    due.push((path, rev));
+                }
+            }
+        }
+        for (path, rev) in &due {
+            self.tx.prepare_cached("DELETE FROM paths WHERE path = ?1 AND rev = ?2 AND version IS NULL")?.execute(params![path, rev])?;
+            self.tx.prepare_cached("DELETE FROM history WHERE rev = ?1 AND kept = 0")?.execute([rev])?;
+            self.tx.prepare_cached("DELETE FROM holders WHERE path = ?1")?.execute([path])?;
+        }
+        if !due.is_empty() {
+            self.tx
+                .prepare_cached("INSERT INTO meta(key, value) VALUES('forgotten_deletes', ?1) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
+                .execute([due.len() as i64])?;
+            tracing::debug!(forgotten = due.len(), "forgot the tombstones of deletes every node has applied");
+        }
+        if let Some(rev) = lagging_below {
+            let ask_every = (age / 4).max(1_000);
+            let lagging: Vec<String> = self
+                .tx
+                .prepare_cached("SELECT id FROM nodes WHERE deletes_applied < ?1 AND online = 1 AND (deletes_asked_ms = 0 OR deletes_asked_ms <= ?2)")?
+                .query_map(params![rev, now_ms.saturating_sub(ask_every)], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for id in lagging {
+                let node: NodeId = id.parse().context("corrupt node id in the manager database")?;
+                tracing::info!(%node, "asking a node to sync: it has not said since when it applied deletes that are old enough to be forgotten");
+                self.request_sync(&node)?;
+                self.tx.prepare_cached("UPDATE nodes SET deletes_asked_ms = ?2 WHERE id = ?1")?.execute(params![id, now_ms])?;
+            }
+        }
+        Ok(due.len())
+    }
+
     /// Marks nodes silent for too long as offline; returns how many changed.
     pub fn mark_silent_offline(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         Ok(self.tx.prepare_cached("UPDATE nodes SET online = 0 WHERE online = 1 AND last_seen_ms < ?1")?.execute([now_ms - OFFLINE_AFTER_MS])?)
@@ -956,6 +1038,13 @@ impl Tx<'_> {
             ToManager::Sync { request, url, since, paged, snapshot, taken } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.catch_up_with(&from, taken, "its sync request", now_ms)?;
+                // The node has applied every delete up to `since` (docs/sync.md, *Deleted
+                // paths in a sync reply*); a new node asks for none (the largest `since`):
+                // it has no path from before the head.
+                let applied = since.min(head(self.tx)?).0.min(i64::MAX as u64) as i64;
+                self.tx
+                    .prepare_cached("UPDATE nodes SET deletes_applied = max(deletes_applied, ?2) WHERE id = ?1")?
+                    .execute(params![from.as_str(), applied])?;
                 self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
@@ -1771,6 +1860,71 @@ mod tests {
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
     }
 
+    /// A deleted path's tombstone is forgotten once every node the manager knows said in
+    /// a sync request that it applied every delete up to it (or asked for none: a new
+    /// node) and once it is older than the retention; an online node that has not said
+    /// so is asked to sync (not again within a quarter of the retention, a second here). A put there later is accepted,
+    /// as over the tombstone.
+    #[test]
+    fn a_delete_every_node_applied_is_forgotten_once_old() {
+        let (_dir, mut s) = fresh_store();
+        s.set_retention(crate::versions::Retention { keep_for_ms: 1_000, remember_decisions_ms: 1_000, ..Default::default() });
+        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
+            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
+        };
+        let delete = |path: &str, base: u64| change(path, base, None, ChangeOp::Delete);
+        let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
+        let tombstones = |s: &Store| -> Vec<(String, i64)> {
+            s.conn
+                .prepare("SELECT path, rev FROM paths WHERE version IS NULL ORDER BY rev")
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .map(Result::unwrap)
+                .collect()
+        };
+        let asked = |s: &mut Store, who: &str| {
+            let out = s.outbox(1000).unwrap();
+            if let Some(last) = out.last() {
+                s.remove_outbox(last.seq).unwrap();
+            }
+            out.iter()
+                .filter(|o| o.key == topology::node_key(&node(who)) && matches!(Envelope::<ToNode>::decode(&o.payload).unwrap().body, ToNode::SyncRequested {}))
+                .count()
+        };
+        at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
+        at(&mut s, "n1", "m2", put("b", 0, file(2)), 1_000);
+        at(&mut s, "n1", "m3", delete("a", 1), 1_000);
+        at(&mut s, "n1", "s1", sync("r1", 3, true), 1_000);
+        at(&mut s, "n2", "h1", heartbeat_taken(2), 1_000);
+        asked(&mut s, "n2");
+        assert_eq!(forget(&mut s, 5_000), 0, "n2 has not said it applied the delete");
+        assert_eq!(asked(&mut s, "n2"), 1, "so it is asked to sync");
+        assert_eq!((forget(&mut s, 5_500), asked(&mut s, "n2")), (0, 0), "not again within a second (a quarter of the retention, at least a second)");
+        assert_eq!((forget(&mut s, 6_000), asked(&mut s, "n2")), (0, 1), "but after it");
+        at(&mut s, "n2", "s2", sync("r2", 2, true), 5_000);
+        assert_eq!(forget(&mut s, 5_000), 0, "n2 applied deletes up to revision 2 only");
+        at(&mut s, "n2", "s3", sync("r3", u64::MAX, true), 5_000);
+        assert_eq!(forget(&mut s, 5_000), 1, "a node that asks for no delete has applied those up to the head");
+        assert_eq!(tombstones(&s), []);
+        assert_eq!(s.conn.query_row("SELECT count(*) FROM history WHERE rev = 3", [], |r| r.get::<_, i64>(0)).unwrap(), 0, "the delete's history row");
+        assert_eq!(s.conn.query_row("SELECT value FROM meta WHERE key = 'forgotten_deletes'", [], |r| r.get::<_, i64>(0)).unwrap(), 1);
+
+        // A delete younger than the retention stays, whatever the nodes applied.
+        at(&mut s, "n2", "m4", delete("b", 2), 4_500);
+        at(&mut s, "n1", "s4", sync("r4", 4, true), 5_000);
+        at(&mut s, "n2", "s5", sync("r5", 4, true), 5_000);
+        assert_eq!(forget(&mut s, 5_000), 0, "deleted 500 ms ago");
+        assert_eq!(tombstones(&s), [("b".to_string(), 4)]);
+        assert_eq!(forget(&mut s, 6_000), 1);
+        assert_eq!(tombstones(&s), []);
+
+        // A put of a path whose delete was forgotten is taken as over it.
+        let before = decided(&s).len();
+        at(&mut s, "n2", "m5", put("a", 1, file(3)), 7_000);
+        assert_eq!(decided(&s)[before..], [Outcome::Accepted]);
+    }
+
     /// A decided change's record is forgotten only once it is old enough and its sender
     /// said it had nothing undecided while it had taken a revision past the head after
     /// that decision; a node that is not settled keeps its records however old. The
@@ -2245,12 +2399,12 @@ mod tests {
             .unwrap();
         assert_eq!(ends, [(-2, Some(5)), (-1, None)], "a state that is no longer current ends when it was made (schema 8)");
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 8);
+        assert_eq!(version, 9);
         assert_eq!(s.head().unwrap(), Revision(0), "the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);
-        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 9").unwrap();
+        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 10").unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
     }

@@ -76,7 +76,11 @@ pub struct Config {
     /// they stopped being current, forgetting their history rows a tick later
     /// (`Tx::expire_versions`). Draws nothing: a record forgotten while its change could
     /// still come again would have that change decided twice; a history row forgotten that
-    /// a sync's catch-up form needs would leave a path out of it.
+    /// a sync's catch-up form needs would leave a path out of it. It also forgets the
+    /// tombstones of deletes older than those two seconds that every node said it applied
+    /// (`Tx::forget_applied_deletes`), asking lagging nodes to sync every second: one
+    /// forgotten while a node could still need it would bring the path back
+    /// (`check::all`, *No deleted path brought back*).
     pub forget_decisions: bool,
 }
 

@@ -203,6 +203,7 @@ impl SimManager {
         store.transaction(|tx| {
             if forget {
                 tx.forget_settled_decisions(now_ms, usize::MAX)?;
+                tx.forget_applied_deletes(now_ms, usize::MAX)?;
                 tx.expire_versions(now_ms)?;
             }
             tx.mark_silent_offline(now_ms)
