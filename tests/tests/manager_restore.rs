@@ -222,3 +222,57 @@ fn records_of_decided_changes_are_forgotten_once_every_node_settled() {
     assert_eq!(read(&c.nodes[0].p("f000")).as_deref(), Some(&b"edited by n2"[..]));
     assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
+
+/// Nor does it keep every deleted path's tombstone for ever: one goes once every node
+/// said in a sync that it applied the delete and the delete is older than the
+/// retention. A node away holds them (back, it deletes its copies instead of sending
+/// them as new files); once it has synced they go, and a file made again at such a path
+/// syncs as any new file (docs/sync.md, *When a tombstone goes*).
+#[test]
+fn deletes_are_forgotten_once_every_node_applied_them() {
+    let mut c = Cluster::start("forget-deletes", 2);
+    c.manager.stop();
+    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    for i in 0..100 {
+        write(&c.nodes[0].p(&format!("d{i:03}")), format!("{i}").as_bytes());
+    }
+    c.converged();
+    c.nodes[1].stop();
+    for i in 0..50 {
+        std::fs::remove_file(c.nodes[0].p(&format!("d{i:03}"))).unwrap();
+    }
+    // A revision after the deletes, so that n1's records of them can go.
+    write(&c.nodes[0].p("later"), b"later");
+    let query = |sql: &str| -> i64 {
+        let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        db.query_row(sql, [], |r| r.get(0)).unwrap()
+    };
+    let tombstones = || query("SELECT count(*) FROM paths WHERE version IS NULL");
+    eventually("the deletes decided", DEADLINE, || tombstones() == 50 && c.nodes[0].pending() == 0);
+    // The pass that forgot the records of the deletes (at least a second old) found the
+    // tombstones old enough too: n2, away, has not applied them, so they stay.
+    eventually("the records of the deletes forgotten", DEADLINE, || query("SELECT count(*) FROM applied") <= 1);
+    assert_eq!(tombstones(), 50, "a node away has not applied the deletes");
+
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
+    c.converged();
+    for i in 0..100 {
+        assert_eq!(c.nodes[1].p(&format!("d{i:03}")).exists(), i >= 50, "d{i:03} on the node that was away");
+    }
+    eventually("the tombstones forgotten once both nodes applied them", DEADLINE, || tombstones() == 0);
+    assert_eq!(query("SELECT value FROM meta WHERE key = 'forgotten_deletes'"), 50);
+
+    // A path whose delete was forgotten takes a new file as any other path, and a node
+    // restarted brings back nothing that was deleted.
+    write(&c.nodes[1].p("d000"), b"made again");
+    c.nodes[0].restart();
+    c.nodes[0].wait_connected();
+    c.converged();
+    assert_eq!(read(&c.nodes[0].p("d000")).as_deref(), Some(&b"made again"[..]));
+    assert!(!c.nodes[0].p("d001").exists() && !c.nodes[1].p("d001").exists(), "a forgotten delete stays a delete");
+    assert!(conflict_files(&c.nodes[0].mount).is_empty());
+}
