@@ -80,6 +80,19 @@ pub enum NodeCmd {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Forget a node gone for good (its disk lost, the machine retired): the manager
+    /// stops keeping deletes and records of decided changes for it, takes it as holding
+    /// nothing, and refuses whatever it sends from now on (start a replacement under
+    /// another id). Also deletes its broker user, if it has one, and its queue.
+    Forget {
+        name: wire::NodeId,
+        /// The manager's SQLite database (the manager may be running).
+        #[arg(long, env = "SYNC_MANAGER_DB", default_value = "manager.db")]
+        db: PathBuf,
+        /// The manager's broker URL, to delete the node's queue.
+        #[arg(long, env = "SYNC_BROKER", default_value = broker_link::DEFAULT_BROKER_URL, hide_default_value = true)]
+        broker: String,
+    },
     /// List this cluster's node containers.
     List,
     /// Remove node containers (their data volumes are kept unless --purge).
@@ -222,6 +235,33 @@ async fn add_node(name: &wire::NodeId, broker: &str, db: &std::path::Path, out: 
 
 /// `node rm NAME`: revokes the node's broker user and deletes its queue, then removes
 /// its container if it has one; fails only if there was nothing of that name.
+async fn forget_node(name: &wire::NodeId, db: &std::path::Path, broker: &str) -> anyhow::Result<()> {
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+    let mut store = manager::store::Store::open(db)?;
+    let gone = store.transaction(|tx| tx.forget_node(name, now_ms))?;
+    let mut done = vec![format!(
+        "forgot {name}: {} record(s) of its decided changes, {} path(s) it held, {} kept content(s); its messages are refused from now on",
+        gone.records, gone.holdings, gone.kept
+    )];
+    // Its own broker user and queue, or (a node on a shared user) its queue alone.
+    let revoked = match manager::api::broker_user::revoke_node(broker, name).await {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("note: revoking the node's broker user: {e:#}");
+            Vec::new()
+        }
+    };
+    if revoked.is_empty() {
+        match manager::api::broker_user::delete_node_queue(broker, name).await {
+            Ok(d) => done.push(d),
+            Err(e) => eprintln!("note: deleting the node's queue: {e:#}"),
+        }
+    }
+    done.extend(revoked);
+    println!("{}", done.join("; "));
+    Ok(())
+}
+
 async fn remove_node(cluster: &ClusterArg, name: &str, purge: bool, broker: &str) -> anyhow::Result<()> {
     let mut done = Vec::new();
     if let Ok(node) = name.parse::<wire::NodeId>() {
@@ -248,12 +288,13 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
     runtime()?.block_on(async {
         let cmd = match cmd {
             NodeCmd::Add { name, broker, db, out } => return add_node(&name, &broker, &db, out).await,
+            NodeCmd::Forget { name, db, broker } => return forget_node(&name, &db, &broker).await,
             NodeCmd::Rm { name: Some(name), purge, broker, .. } => return remove_node(cluster, &name, purge, &broker).await,
             other => other,
         };
         let docker = Docker::connect_cluster(&cluster.cluster).await?;
         match cmd {
-            NodeCmd::Add { .. } => unreachable!("handled above"),
+            NodeCmd::Add { .. } | NodeCmd::Forget { .. } => unreachable!("handled above"),
             NodeCmd::Create { name, count, broker, image, mount_path, host_mount, env, cluster_token, db, node_users } => {
                 let cluster_token = cluster_token_for(cluster_token, &db)?;
                 let spec = NodeSpec {

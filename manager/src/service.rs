@@ -504,8 +504,8 @@ async fn decide_with_retries(
                 }
             }
         }
-        // A message given up earlier is not tried again.
-        let (given_up, failed): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, _, reason)| reason.starts_with(crate::store::GIVEN_UP));
+        // A message given up earlier, or from a forgotten node, is not tried again.
+        let (given_up, failed): (Vec<_>, Vec<_>) = failed.into_iter().partition(|(_, _, reason)| crate::store::fails_for_good(reason));
         for (d, _, reason) in &given_up {
             dead_letter(handle, ch, d, reason, attempt).await?;
         }

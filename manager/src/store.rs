@@ -30,6 +30,16 @@ const SYNC_READ_ROWS: i64 = 512;
 /// ([`Store::give_up_suspect`]): it is dead-lettered at once, not tried again.
 pub const GIVEN_UP: &str = "given up";
 
+/// Start of the reason [`Tx::handle_isolated`] gives for a message of a node the
+/// operator forgot ([`Tx::forget_node`]): dead-lettered at once.
+pub const FORGOTTEN_NODE: &str = "from a forgotten node";
+
+/// Whether a message that failed with `reason` fails again however often it is tried
+/// (it is dead-lettered at once).
+pub fn fails_for_good(reason: &str) -> bool {
+    reason.starts_with(GIVEN_UP) || reason.starts_with(FORGOTTEN_NODE)
+}
+
 /// Test-only fault: with `SYNC_TEST_ABORT_ON_PATH` set, a change of exactly that path
 /// aborts the process in the middle of its batch's transaction, the way a crash or a
 /// kill would (tests of what the manager does with a message that kills it). Never set
@@ -136,10 +146,12 @@ CREATE INDEX history_ended ON history(ended_ms) WHERE kept = 0 AND ended_ms IS N
 /// Schema version 9: a deleted path's tombstone is no longer kept for ever
 /// (`Tx::forget_applied_deletes`): each node records the highest revision up to which it
 /// said, in a sync request, it had applied every delete (`since`, at most the head then),
-/// and when the manager last asked it to sync so that it would say more.
+/// and when the manager last asked it to sync so that it would say more. Nodes the
+/// operator forgot (`manager node forget`, `Tx::forget_node`) are refused for good.
 const SCHEMA_V9: &str = "
 ALTER TABLE nodes ADD COLUMN deletes_applied INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE nodes ADD COLUMN deletes_asked_ms INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE forgotten_nodes(id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 ";
 
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
@@ -414,7 +426,7 @@ impl Store {
         self.transaction(|tx| {
             let mut asked = Vec::new();
             for (node, seq) in drops {
-                if tx.ask_to_sync_after_drop(node, *seq)? {
+                if !tx.is_forgotten(node)? && tx.ask_to_sync_after_drop(node, *seq)? {
                     asked.push(node.clone());
                 }
             }
@@ -435,6 +447,17 @@ impl Store {
             Ok(true)
         })
     }
+}
+
+/// What [`Tx::forget_node`] removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForgottenNode {
+    /// Records of its decided changes.
+    pub records: usize,
+    /// Paths it was a holder of.
+    pub holdings: usize,
+    /// Contents of old versions it was asked to keep.
+    pub kept: usize,
 }
 
 /// A sync reply being sent, one row of `sync_replies`. The reply walks the paths in
@@ -974,6 +997,34 @@ impl Tx<'_> {
         Ok(due.len())
     }
 
+    /// Whether the operator forgot `node` ([`Tx::forget_node`]).
+    pub fn is_forgotten(&self, node: &NodeId) -> anyhow::Result<bool> {
+        Ok(self.tx.prepare_cached("SELECT 1 FROM forgotten_nodes WHERE id = ?1")?.query_row([node.as_str()], |_| Ok(())).optional()?.is_some())
+    }
+
+    /// The operator's word that `node` is gone for good (`manager node forget`): the
+    /// manager no longer waits for it to apply deletes (`Tx::forget_applied_deletes`)
+    /// nor keeps the records of its decided changes, takes it as a holder of nothing and
+    /// a keeper of no version, and refuses whatever it sends from now on (a node with
+    /// its old data back would bring back files deleted since). A node that was never
+    /// seen is an error (a mistyped id would be refused for good).
+    pub fn forget_node(&mut self, node: &NodeId, now_ms: i64) -> anyhow::Result<ForgottenNode> {
+        let known = self.tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?.execute([node.as_str()])?;
+        anyhow::ensure!(known > 0, "no node {node} is known to this manager (is the id right?); nothing forgotten");
+        let delete = |sql: &str| -> anyhow::Result<usize> { Ok(self.tx.prepare_cached(sql)?.execute([node.as_str()])?) };
+        let forgotten = ForgottenNode {
+            records: delete("DELETE FROM applied WHERE node = ?1")?,
+            holdings: delete("DELETE FROM holders WHERE node = ?1")?,
+            kept: delete("DELETE FROM kept WHERE node = ?1")?,
+        };
+        for sql in ["DELETE FROM sync_requests WHERE node = ?1", "DELETE FROM sync_replies WHERE node = ?1", "DELETE FROM sync_asks WHERE node = ?1"] {
+            delete(sql)?;
+        }
+        self.tx.prepare_cached("INSERT INTO forgotten_nodes(id, at_ms) VALUES(?1, ?2) ON CONFLICT(id) DO NOTHING")?.execute(params![node.as_str(), now_ms])?;
+        tracing::info!(%node, records = forgotten.records, holdings = forgotten.holdings, kept = forgotten.kept, "node forgotten by the operator");
+        Ok(forgotten)
+    }
+
     /// Marks nodes silent for too long as offline; returns how many changed.
     pub fn mark_silent_offline(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         Ok(self.tx.prepare_cached("UPDATE nodes SET online = 0 WHERE online = 1 AND last_seen_ms < ?1")?.execute([now_ms - OFFLINE_AFTER_MS])?)
@@ -1191,7 +1242,16 @@ impl Tx<'_> {
     /// the first batch holds the heartbeats that queued up while it was down, and no
     /// change of that batch gets a revision a node took from the lost ones before it.
     pub fn handle_batch(&mut self, envs: Vec<Envelope<ToManager>>, now_ms: i64) -> anyhow::Result<Vec<Result<(), String>>> {
-        let highest = envs.iter().filter_map(|env| Some((named_revision(&env.body)?, &env.from))).max_by_key(|(rev, _)| *rev);
+        let mut named = Vec::new();
+        for env in &envs {
+            if let Some(rev) = named_revision(&env.body) {
+                // (A forgotten node's message is refused: it moves nothing.)
+                if !self.is_forgotten(&env.from)? {
+                    named.push((rev, &env.from));
+                }
+            }
+        }
+        let highest = named.into_iter().max_by_key(|(rev, _)| *rev);
         if let Some((rev, from)) = highest {
             // Under a savepoint: a failure leaves nothing half done, and that message
             // fails alone when it is handled.
@@ -1227,6 +1287,9 @@ impl Tx<'_> {
         }
         if given_up.is_some() {
             self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
+        }
+        if self.is_forgotten(&env.from)? {
+            return Ok(Err(format!("{FORGOTTEN_NODE}: {} was forgotten by the operator (`manager node forget`); start it anew under another id", env.from)));
         }
         run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
@@ -1923,6 +1986,35 @@ mod tests {
         let before = decided(&s).len();
         at(&mut s, "n2", "m5", put("a", 1, file(3)), 7_000);
         assert_eq!(decided(&s)[before..], [Outcome::Accepted]);
+    }
+
+    /// A node the operator forgot (`manager node forget`) holds back no delete and none
+    /// of its records stays; whatever it sends afterwards is refused for good, and does
+    /// not make it known again. An id never seen is not forgotten.
+    #[test]
+    fn a_forgotten_node_holds_nothing_back_and_is_refused() {
+        let (_dir, mut s) = fresh_store();
+        s.set_retention(crate::versions::Retention { keep_for_ms: 1_000, remember_decisions_ms: 1_000, ..Default::default() });
+        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
+            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
+        };
+        let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
+        at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
+        at(&mut s, "n1", "m2", change("a", 1, None, ChangeOp::Delete), 1_000);
+        at(&mut s, "n1", "s1", sync("r1", 2, true), 1_000);
+        at(&mut s, "n2", "m3", put("b", 0, file(2)), 1_000);
+        assert_eq!(forget(&mut s, 5_000), 0, "n2 has not said it applied the delete");
+
+        let unknown = s.transaction(|tx| tx.forget_node(&node("n9"), 5_000)).err().expect("an id never seen is refused");
+        assert!(format!("{unknown:#}").contains("no node n9"), "{unknown:#}");
+        let gone = s.transaction(|tx| tx.forget_node(&node("n2"), 5_000)).unwrap();
+        assert_eq!((gone.records, gone.holdings), (1, 1), "its change of b, and b, which it made");
+        assert_eq!(forget(&mut s, 5_000), 1, "nothing holds the delete back any more");
+
+        let env = Envelope::new("h1".parse().unwrap(), node("n2"), heartbeat_taken(3));
+        let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
+        assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
+        assert_eq!(s.conn.query_row("SELECT count(*) FROM nodes WHERE id = 'n2'", [], |r| r.get::<_, i64>(0)).unwrap(), 0, "not known again");
     }
 
     /// A decided change's record is forgotten only once it is old enough and its sender

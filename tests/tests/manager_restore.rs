@@ -276,3 +276,54 @@ fn deletes_are_forgotten_once_every_node_applied_them() {
     assert!(!c.nodes[0].p("d001").exists() && !c.nodes[1].p("d001").exists(), "a forgotten delete stays a delete");
     assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
+
+/// A node gone for good holds the deletes made since its last sync; the operator's
+/// `manager node forget` lets them go, deletes the node's queue, and from then on the
+/// manager refuses (dead-letters) whatever that node sends: started again with its old
+/// data, it cannot bring back a file deleted while it was away.
+#[test]
+fn a_node_forgotten_by_the_operator_holds_nothing_back_and_is_refused() {
+    let mut c = Cluster::start("forget-node", 2);
+    c.manager.stop();
+    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    for i in 0..20 {
+        write(&c.nodes[0].p(&format!("g{i:02}")), format!("{i}").as_bytes());
+    }
+    c.converged();
+    c.nodes[1].stop();
+    for i in 0..10 {
+        std::fs::remove_file(c.nodes[0].p(&format!("g{i:02}"))).unwrap();
+    }
+    write(&c.nodes[0].p("later"), b"later");
+    let query = |sql: &str| -> i64 {
+        let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+        db.query_row(sql, [], |r| r.get(0)).unwrap()
+    };
+    let tombstones = || query("SELECT count(*) FROM paths WHERE version IS NULL");
+    eventually("the deletes decided", DEADLINE, || tombstones() == 10 && c.nodes[0].pending() == 0);
+    eventually("the records of the deletes forgotten", DEADLINE, || query("SELECT count(*) FROM applied") <= 1);
+    assert_eq!(tombstones(), 10, "the node away holds them");
+
+    let out =
+        std::process::Command::new(bin("manager")).args(["node", "forget", "n2", "--broker", &c.vhost.url(), "--db"]).arg(&c.manager.db).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "manager node forget failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("forgot n2") && said.contains("deleted queue sync.node.n2"), "{said}");
+    eventually("the deletes forgotten once the node away is", DEADLINE, || tombstones() == 0);
+    let again = std::process::Command::new(bin("manager")).args(["node", "forget", "n9", "--db"]).arg(&c.manager.db).output().unwrap();
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("no node n9"), "an id never seen is refused");
+
+    // Back with its old data: refused, and the files deleted meanwhile stay deleted.
+    c.nodes[1].restart();
+    eventually("the forgotten node's messages dead-lettered", DEADLINE, || queue_depth(&c.vhost, wire::topology::DEAD_QUEUE) >= 2);
+    assert_eq!(query("SELECT count(*) FROM nodes WHERE id = 'n2'"), 0, "not known again");
+    write(&c.nodes[0].p("after"), b"after");
+    eventually("n1's later file decided", DEADLINE, || c.nodes[0].pending() == 0);
+    for i in 0..10 {
+        assert!(!c.nodes[0].p(&format!("g{i:02}")).exists(), "g{i:02} came back");
+    }
+    assert_eq!(query("SELECT count(*) FROM paths WHERE version IS NOT NULL AND path LIKE 'g%'"), 10);
+}

@@ -157,13 +157,18 @@ pub async fn revoke_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result
         return Ok(Vec::new());
     }
     let mut done = vec![format!("revoked broker user {}", wire::topology::node_user(node))];
+    done.push(delete_node_queue(admin_url, node).await?);
+    Ok(done)
+}
+
+/// Deletes node `node`'s queue (what the manager broadcast to it since is gone with it).
+pub async fn delete_node_queue(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<String> {
     let queue = wire::topology::node_queue(node);
     let conn = broker_link::connect(admin_url).await?;
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.with_context(|| format!("deleting queue {queue}"))?;
     let _ = conn.close(200, "node removed".into()).await;
-    done.push(format!("deleted queue {queue}"));
-    Ok(done)
+    Ok(format!("deleted queue {queue}"))
 }
 
 /// Deletes node `node`'s broker user (its open connections are closed by the broker).
