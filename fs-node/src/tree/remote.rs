@@ -85,9 +85,14 @@ impl State {
     /// directory's delete, the deletes below it lost with its queue's oldest messages,
     /// brought the directory back to every node.
     fn gone_above_since(&self, path: &RelPath, rev: Revision) -> Option<RelPath> {
-        path.ancestors().into_iter().rev().find(|anc| {
-            self.revs.get(anc).is_some_and(|taken| *taken > rev)
-                && !self.resolve(anc).and_then(|(_, _, ino)| self.inodes.get(&ino)).is_some_and(|i| i.kind == Kind::Dir)
+        // The ancestors as slices of the path (no allocation: this runs for every live
+        // entry applied, a join's million included), innermost first.
+        let p = path.as_str();
+        let ancestors = p.char_indices().rev().filter(|&(_, c)| c == '/').map(|(i, _)| &p[..i]);
+        ancestors.filter(|anc| self.revs.get(*anc).is_some_and(|taken| *taken > rev)).find_map(|anc| {
+            let anc = RelPath::new(anc.to_string()).ok()?;
+            let is_dir = self.resolve(&anc).and_then(|(_, _, ino)| self.inodes.get(&ino)).is_some_and(|i| i.kind == Kind::Dir);
+            (!is_dir).then_some(anc)
         })
     }
 

@@ -42,6 +42,29 @@ fn a_heartbeat_saying_nothing_is_undecided_is_durable_first() {
     assert_eq!(t.progress_for_heartbeat().unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true });
 }
 
+/// Simulator seed 5925: a live state of a path older than the delete of a directory
+/// above it (a pull finishing after the node took the directory's delete, the deletes
+/// below lost with the queue's oldest messages) is stale: applied, it made the deleted
+/// directory again, which no delete named any more. A newer one is applied.
+#[test]
+fn a_state_older_than_the_delete_of_a_directory_above_it_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let link = |path: &str, rev: u64| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: Some(Version { content: Content::Symlink { target: "x".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 }),
+        holders: vec![],
+        from_lost: None,
+    };
+    t.apply_remote(&dir_entry("d", 1, 0o755)).unwrap();
+    t.apply_remote(&Entry { path: RelPath::new("d").unwrap(), rev: Revision(4), version: None, holders: vec![], from_lost: None }).unwrap();
+    let stale = t.apply_remote(&link("d/l", 2)).unwrap();
+    assert!(!stale.changed && t.lookup(ROOT, OsStr::new("d")).is_err(), "the deleted directory made again");
+    t.apply_remote(&link("d/l", 6)).unwrap();
+    assert_eq!(t.lookup(ROOT, OsStr::new("d")).unwrap().kind, Kind::Dir, "a state after the delete: the directory was made again there");
+}
+
 fn chmod(t: &Tree, ino: u64, mode: u32) {
     t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
 }
