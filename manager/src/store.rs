@@ -1872,6 +1872,16 @@ mod tests {
         let env = Envelope::new(id.parse().unwrap(), node(from), body);
         store.transaction(|tx| tx.handle(env, 1_000)).unwrap();
     }
+    /// `body` from node `from` as message `id`, handled at `now` ms.
+    fn at(store: &mut Store, from: &str, id: &str, body: ToManager, now: i64) {
+        store.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
+    }
+    /// A store that keeps old versions, deletes and decisions' records `ms` only.
+    fn store_keeping_for(ms: i64) -> (tempfile::TempDir, Store) {
+        let (dir, mut s) = fresh_store();
+        s.set_retention(crate::versions::Retention { keep_for_ms: ms, remember_decisions_ms: ms, ..Default::default() });
+        (dir, s)
+    }
     fn put(path: &str, base: u64, v: Version) -> ToManager {
         ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v } })
     }
@@ -1932,11 +1942,7 @@ mod tests {
     /// as over the tombstone.
     #[test]
     fn a_delete_every_node_applied_is_forgotten_once_old() {
-        let (_dir, mut s) = fresh_store();
-        s.set_retention(crate::versions::Retention { keep_for_ms: 1_000, remember_decisions_ms: 1_000, ..Default::default() });
-        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
-            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
-        };
+        let (_dir, mut s) = store_keeping_for(1_000);
         let delete = |path: &str, base: u64| change(path, base, None, ChangeOp::Delete);
         let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
         let tombstones = |s: &Store| -> Vec<(String, i64)> {
@@ -1997,11 +2003,7 @@ mod tests {
     /// not make it known again. An id never seen is not forgotten.
     #[test]
     fn a_forgotten_node_holds_nothing_back_and_is_refused() {
-        let (_dir, mut s) = fresh_store();
-        s.set_retention(crate::versions::Retention { keep_for_ms: 1_000, remember_decisions_ms: 1_000, ..Default::default() });
-        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
-            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
-        };
+        let (_dir, mut s) = store_keeping_for(1_000);
         let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
         at(&mut s, "n1", "m2", change("a", 1, None, ChangeOp::Delete), 1_000);
@@ -2029,9 +2031,6 @@ mod tests {
     fn decided_changes_are_forgotten_once_old_and_their_node_settled() {
         let (_dir, mut s) = fresh_store();
         s.set_retention(crate::versions::Retention { remember_decisions_ms: 1_000, ..Default::default() });
-        let at = |s: &mut Store, from: &str, id: &str, body: ToManager, now: i64| {
-            s.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
-        };
         let heartbeat = |pending: u64, taken: Revision| ToManager::Heartbeat {
             url: "http://n2".into(),
             pending_changes: pending,

@@ -223,6 +223,42 @@ fn records_of_decided_changes_are_forgotten_once_every_node_settled() {
     assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
 
+/// A cluster of two nodes whose manager keeps old versions, deletes and decisions'
+/// records a second only; node n1 has written `count` files `{prefix}NNN` that n2 has
+/// too, then n2 is stopped, n1 deletes the first half and writes `later` (a revision
+/// after the deletes), and the records of the deletes are forgotten: the forgetting pass
+/// that forgot them (at least a second old) found the deletes old enough too.
+fn deletes_while_n2_is_away(name: &str, prefix: &str, count: usize) -> Cluster {
+    let mut c = Cluster::start(name, 2);
+    c.manager.stop();
+    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
+    for n in &c.nodes {
+        n.wait_connected();
+    }
+    for i in 0..count {
+        write(&c.nodes[0].p(&format!("{prefix}{i:03}")), format!("{i}").as_bytes());
+    }
+    c.converged();
+    c.nodes[1].stop();
+    for i in 0..count / 2 {
+        std::fs::remove_file(c.nodes[0].p(&format!("{prefix}{i:03}"))).unwrap();
+    }
+    write(&c.nodes[0].p("later"), b"later");
+    eventually("the deletes decided", DEADLINE, || tombstones(&c) == count as i64 / 2 && c.nodes[0].pending() == 0);
+    eventually("the records of the deletes forgotten", DEADLINE, || query(&c, "SELECT count(*) FROM applied") <= 1);
+    c
+}
+
+/// One number from the manager's database.
+fn query(c: &Cluster, sql: &str) -> i64 {
+    let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    db.query_row(sql, [], |r| r.get(0)).unwrap()
+}
+
+fn tombstones(c: &Cluster) -> i64 {
+    query(c, "SELECT count(*) FROM paths WHERE version IS NULL")
+}
+
 /// Nor does it keep every deleted path's tombstone for ever: one goes once every node
 /// said in a sync that it applied the delete and the delete is older than the
 /// retention. A node away holds them (back, it deletes its copies instead of sending
@@ -230,32 +266,8 @@ fn records_of_decided_changes_are_forgotten_once_every_node_settled() {
 /// syncs as any new file (docs/sync.md, *When a tombstone goes*).
 #[test]
 fn deletes_are_forgotten_once_every_node_applied_them() {
-    let mut c = Cluster::start("forget-deletes", 2);
-    c.manager.stop();
-    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
-    for n in &c.nodes {
-        n.wait_connected();
-    }
-    for i in 0..100 {
-        write(&c.nodes[0].p(&format!("d{i:03}")), format!("{i}").as_bytes());
-    }
-    c.converged();
-    c.nodes[1].stop();
-    for i in 0..50 {
-        std::fs::remove_file(c.nodes[0].p(&format!("d{i:03}"))).unwrap();
-    }
-    // A revision after the deletes, so that n1's records of them can go.
-    write(&c.nodes[0].p("later"), b"later");
-    let query = |sql: &str| -> i64 {
-        let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        db.query_row(sql, [], |r| r.get(0)).unwrap()
-    };
-    let tombstones = || query("SELECT count(*) FROM paths WHERE version IS NULL");
-    eventually("the deletes decided", DEADLINE, || tombstones() == 50 && c.nodes[0].pending() == 0);
-    // The pass that forgot the records of the deletes (at least a second old) found the
-    // tombstones old enough too: n2, away, has not applied them, so they stay.
-    eventually("the records of the deletes forgotten", DEADLINE, || query("SELECT count(*) FROM applied") <= 1);
-    assert_eq!(tombstones(), 50, "a node away has not applied the deletes");
+    let mut c = deletes_while_n2_is_away("forget-deletes", "d", 100);
+    assert_eq!(tombstones(&c), 50, "a node away has not applied the deletes");
 
     c.nodes[1].restart();
     c.nodes[1].wait_connected();
@@ -263,8 +275,8 @@ fn deletes_are_forgotten_once_every_node_applied_them() {
     for i in 0..100 {
         assert_eq!(c.nodes[1].p(&format!("d{i:03}")).exists(), i >= 50, "d{i:03} on the node that was away");
     }
-    eventually("the tombstones forgotten once both nodes applied them", DEADLINE, || tombstones() == 0);
-    assert_eq!(query("SELECT value FROM meta WHERE key = 'forgotten_deletes'"), 50);
+    eventually("the tombstones forgotten once both nodes applied them", DEADLINE, || tombstones(&c) == 0);
+    assert_eq!(query(&c, "SELECT value FROM meta WHERE key = 'forgotten_deletes'"), 50);
 
     // A path whose delete was forgotten takes a new file as any other path, and a node
     // restarted brings back nothing that was deleted.
@@ -283,47 +295,26 @@ fn deletes_are_forgotten_once_every_node_applied_them() {
 /// data, it cannot bring back a file deleted while it was away.
 #[test]
 fn a_node_forgotten_by_the_operator_holds_nothing_back_and_is_refused() {
-    let mut c = Cluster::start("forget-node", 2);
-    c.manager.stop();
-    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
-    for n in &c.nodes {
-        n.wait_connected();
-    }
-    for i in 0..20 {
-        write(&c.nodes[0].p(&format!("g{i:02}")), format!("{i}").as_bytes());
-    }
-    c.converged();
-    c.nodes[1].stop();
-    for i in 0..10 {
-        std::fs::remove_file(c.nodes[0].p(&format!("g{i:02}"))).unwrap();
-    }
-    write(&c.nodes[0].p("later"), b"later");
-    let query = |sql: &str| -> i64 {
-        let db = rusqlite::Connection::open_with_flags(&c.manager.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
-        db.query_row(sql, [], |r| r.get(0)).unwrap()
-    };
-    let tombstones = || query("SELECT count(*) FROM paths WHERE version IS NULL");
-    eventually("the deletes decided", DEADLINE, || tombstones() == 10 && c.nodes[0].pending() == 0);
-    eventually("the records of the deletes forgotten", DEADLINE, || query("SELECT count(*) FROM applied") <= 1);
-    assert_eq!(tombstones(), 10, "the node away holds them");
+    let mut c = deletes_while_n2_is_away("forget-node", "g", 20);
+    assert_eq!(tombstones(&c), 10, "the node away holds them");
 
     let out =
         std::process::Command::new(bin("manager")).args(["node", "forget", "n2", "--broker", &c.vhost.url(), "--db"]).arg(&c.manager.db).output().unwrap();
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "manager node forget failed: {}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("forgot n2") && said.contains("deleted queue sync.node.n2"), "{said}");
-    eventually("the deletes forgotten once the node away is", DEADLINE, || tombstones() == 0);
+    eventually("the deletes forgotten once the node away is", DEADLINE, || tombstones(&c) == 0);
     let again = std::process::Command::new(bin("manager")).args(["node", "forget", "n9", "--db"]).arg(&c.manager.db).output().unwrap();
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("no node n9"), "an id never seen is refused");
 
     // Back with its old data: refused, and the files deleted meanwhile stay deleted.
     c.nodes[1].restart();
     eventually("the forgotten node's messages dead-lettered", DEADLINE, || queue_depth(&c.vhost, wire::topology::DEAD_QUEUE) >= 2);
-    assert_eq!(query("SELECT count(*) FROM nodes WHERE id = 'n2'"), 0, "not known again");
+    assert_eq!(query(&c, "SELECT count(*) FROM nodes WHERE id = 'n2'"), 0, "not known again");
     write(&c.nodes[0].p("after"), b"after");
     eventually("n1's later file decided", DEADLINE, || c.nodes[0].pending() == 0);
     for i in 0..10 {
-        assert!(!c.nodes[0].p(&format!("g{i:02}")).exists(), "g{i:02} came back");
+        assert!(!c.nodes[0].p(&format!("g{i:03}")).exists(), "g{i:03} came back");
     }
-    assert_eq!(query("SELECT count(*) FROM paths WHERE version IS NOT NULL AND path LIKE 'g%'"), 10);
+    assert_eq!(query(&c, "SELECT count(*) FROM paths WHERE version IS NOT NULL AND path LIKE 'g%'"), 10);
 }
