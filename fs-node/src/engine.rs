@@ -113,6 +113,9 @@ pub const BURST_CHANGES: usize = 8;
 /// Syncs start at most this often; requests in between wait for the next one (each
 /// sync makes the manager read the whole tree).
 pub const MIN_SYNC_INTERVAL: Duration = Duration::from_secs(1);
+/// A heartbeat flushes the node database's redo log at most this often
+/// (`Tree::progress_for_heartbeat`).
+pub const HEARTBEAT_FLUSH_EVERY: Duration = Duration::from_secs(10);
 
 /// What one sync did, as `syncctl sync` prints it.
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
@@ -222,6 +225,8 @@ pub struct Engine<R> {
     /// Callers (and manager requests) waiting for the sync after the one in flight.
     next_sync: Option<Vec<R>>,
     last_sync_start: Option<Now>,
+    /// When a heartbeat last flushed the redo log ([`HEARTBEAT_FLUSH_EVERY`]).
+    last_heartbeat_flush: Option<Now>,
     /// The next sync asks for the catch-up form of reply, not a snapshot: the last one
     /// held back paths the manager had and neither named nor told of (`sync_reply_page`).
     catch_up_next: bool,
@@ -258,6 +263,7 @@ impl<R> Engine<R> {
             syncs: BTreeMap::new(),
             next_sync: None,
             last_sync_start: None,
+            last_heartbeat_flush: None,
             catch_up_next: false,
             missing: BTreeMap::new(),
             out: Vec::new(),
@@ -269,7 +275,7 @@ impl<R> Engine<R> {
             gathering: false,
             resend_undecided_next: false,
         };
-        e.heartbeat(pending_pulls, None);
+        e.heartbeat(pending_pulls, None, now);
         e.start_sync(Vec::new(), now);
         let out = e.take();
         (e, out)
@@ -430,7 +436,7 @@ impl<R> Engine<R> {
     pub fn on_heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>, now: Now) -> Vec<Action<R>> {
         let dropped = self.tree.take_dropped();
         self.kept.extend(dropped.into_iter().map(|h| (h, false)));
-        self.heartbeat(pending_pulls, residency);
+        self.heartbeat(pending_pulls, residency, now);
         self.publish_outbox_gathered(now);
         self.take()
     }
@@ -543,11 +549,15 @@ impl<R> Engine<R> {
     /// A heartbeat whose progress is durable when it says nothing is undecided
     /// ([`Tree::progress_for_heartbeat`]); if the flush fails, it does not say the
     /// revision taken (0), which lets the manager forget nothing of this node's.
-    fn heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>) {
-        let progress = self.tree.progress_for_heartbeat().unwrap_or_else(|e| {
+    fn heartbeat(&mut self, pending_pulls: u64, residency: Option<wire::NodeResidency>, now: Now) {
+        let may_flush = self.last_heartbeat_flush.is_none_or(|t| now.saturating_sub(t) >= HEARTBEAT_FLUSH_EVERY);
+        let progress = self.tree.progress_for_heartbeat(may_flush).unwrap_or_else(|e| {
             tracing::warn!("flushing the node database's log for a heartbeat: {e}");
             crate::tree::HeartbeatProgress { pending_changes: self.tree.pending_changes(), taken: Revision(0), flushed: false }
         });
+        if progress.flushed {
+            self.last_heartbeat_flush = Some(now);
+        }
         let body = ToManager::Heartbeat {
             url: self.node.url.clone(),
             pending_changes: progress.pending_changes,
@@ -641,9 +651,10 @@ impl<R> Engine<R> {
         let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
         let since = self.sync_since();
+        let applied = self.vouched_applied(since);
         let snapshot = !std::mem::take(&mut self.catch_up_next);
         let taken = Revision(self.tree.last_revision());
-        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot, taken });
+        let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot, taken, applied });
         self.out.push(Action::Publish { env, confirmed: true });
         let conflicts_before = self.tree.conflicts_seen();
         let sync = ActiveSync {
@@ -684,6 +695,26 @@ impl<R> Engine<R> {
         // messages, and a delete's broadcast with it) can vouch for none: `taken` there
         // brought back a path deleted meanwhile (simulator seeds 216 and 5925).
         Revision(self.tree.synced_head().map_or(0, |head| head.min(taken)))
+    }
+
+    /// The revision up to which this node vouches to the manager that it has applied
+    /// every delete (`ToManager::Sync::applied`): the sync's `since`, or for a node that
+    /// has taken no revision (its `since` asks for no delete) the head of its last
+    /// completed sync, which it took whole; 0 before any completed. What it vouches for
+    /// is on its disk first (a power loss would take back the deletes it applied, and
+    /// the manager forgets a delete every node vouched past); if the flush fails, 0.
+    fn vouched_applied(&self, since: Revision) -> Revision {
+        let applied = if since.0 == u64::MAX { Revision(self.tree.synced_head().unwrap_or(0)) } else { since };
+        if applied.0 == 0 {
+            return applied;
+        }
+        match self.tree.flush_log() {
+            Ok(_) => applied,
+            Err(e) => {
+                tracing::warn!("flushing the node database's log before a sync: {e}; vouching for no applied delete");
+                Revision(0)
+            }
+        }
     }
 
     /// Applies another node's state of one path (a broadcast, a sync reply); set-id bits

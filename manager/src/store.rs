@@ -955,6 +955,7 @@ impl Tx<'_> {
             let rows = st.query_map([i64::try_from(limit).unwrap_or(i64::MAX).saturating_add(1)], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
             })?;
+            let mut older = self.tx.prepare_cached("SELECT 1 FROM history WHERE path = ?1 AND rev < ?2 LIMIT 1")?;
             for row in rows {
                 let (path, rev, at_ms) = row?;
                 if at_ms > cutoff {
@@ -964,7 +965,10 @@ impl Tx<'_> {
                     lagging_below = Some(rev);
                     break;
                 }
-                if due.len() < limit {
+                // An older state of the path still in the history (its retention ends
+                // at the delete, and `expire_versions` takes it soon): without the delete
+                // after it, a restore to a later point would take the path for live.
+                if due.len() < limit && !older.exists(params![path, rev])? {
                     due.push((path, rev));
                 }
             }
@@ -997,6 +1001,23 @@ impl Tx<'_> {
         Ok(due.len())
     }
 
+    /// Records the revision up to which `node` vouched, in its latest sync request, that
+    /// it applied every delete (`ToManager::Sync::applied`; at most the head), for
+    /// [`Tx::forget_applied_deletes`]. Its latest word, not its highest: a node whose
+    /// data came back from an older copy, or that lost power before its log was on disk
+    /// after all (a node flushes it before it vouches), or started anew under the same
+    /// id, vouches for less than before, and the deletes in between are still needed.
+    fn note_deletes_applied(&mut self, node: &NodeId, applied: Revision) -> anyhow::Result<()> {
+        let applied = applied.min(head(self.tx)?).0.min(i64::MAX as u64) as i64;
+        let before: Option<i64> =
+            self.tx.prepare_cached("SELECT deletes_applied FROM nodes WHERE id = ?1")?.query_row([node.as_str()], |r| r.get(0)).optional()?;
+        if before.is_some_and(|b| applied < b) && applied > 0 {
+            tracing::warn!(%node, before = before.unwrap_or(0), now = applied, "a node vouches for fewer applied deletes than before (its data brought back from an older copy, or started anew under the same id?)");
+        }
+        self.tx.prepare_cached("UPDATE nodes SET deletes_applied = ?2 WHERE id = ?1")?.execute(params![node.as_str(), applied])?;
+        Ok(())
+    }
+
     /// Whether the operator forgot `node` ([`Tx::forget_node`]).
     pub fn is_forgotten(&self, node: &NodeId) -> anyhow::Result<bool> {
         Ok(self.tx.prepare_cached("SELECT 1 FROM forgotten_nodes WHERE id = ?1")?.query_row([node.as_str()], |_| Ok(())).optional()?.is_some())
@@ -1009,13 +1030,23 @@ impl Tx<'_> {
     /// its old data back would bring back files deleted since). A node that was never
     /// seen is an error (a mistyped id would be refused for good).
     pub fn forget_node(&mut self, node: &NodeId, now_ms: i64) -> anyhow::Result<ForgottenNode> {
-        let known = self.tx.prepare_cached("DELETE FROM nodes WHERE id = ?1")?.execute([node.as_str()])?;
-        anyhow::ensure!(known > 0, "no node {node} is known to this manager (is the id right?); nothing forgotten");
+        let known = self.tx.prepare_cached("SELECT 1 FROM nodes WHERE id = ?1")?.exists([node.as_str()])?;
+        anyhow::ensure!(known, "no node {node} is known to this manager (is the id right?); nothing forgotten");
+        // What it kept of old versions: as if it reported it lacks them (another online
+        // node is asked to fetch each from a keeper that has it).
+        let kept: Vec<wire::ContentHash> = self
+            .tx
+            .prepare_cached("SELECT hash FROM kept WHERE node = ?1")?
+            .query_map([node.as_str()], |r| r.get::<_, String>(0))?
+            .map(|h| Ok(h?.parse::<wire::ContentHash>().map_err(|e| anyhow::anyhow!("corrupt hash in the manager database: {e}"))?))
+            .collect::<anyhow::Result<_>>()?;
+        self.kept_report(node, &[], &kept, now_ms)?;
         let delete = |sql: &str| -> anyhow::Result<usize> { Ok(self.tx.prepare_cached(sql)?.execute([node.as_str()])?) };
+        delete("DELETE FROM nodes WHERE id = ?1")?;
         let forgotten = ForgottenNode {
             records: delete("DELETE FROM applied WHERE node = ?1")?,
             holdings: delete("DELETE FROM holders WHERE node = ?1")?,
-            kept: delete("DELETE FROM kept WHERE node = ?1")?,
+            kept: kept.len(),
         };
         for sql in ["DELETE FROM sync_requests WHERE node = ?1", "DELETE FROM sync_replies WHERE node = ?1", "DELETE FROM sync_asks WHERE node = ?1"] {
             delete(sql)?;
@@ -1086,18 +1117,10 @@ impl Tx<'_> {
                     self.holds(&from, held)?;
                 }
             }
-            ToManager::Sync { request, url, since, paged, snapshot, taken } => {
+            ToManager::Sync { request, url, since, paged, snapshot, taken, applied } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.catch_up_with(&from, taken, "its sync request", now_ms)?;
-                // The node has applied every delete up to `since` (docs/sync.md, *Deleted
-                // paths in a sync reply*). A new node asks for none (the largest `since`):
-                // it has no path yet, but may still take from its queue broadcasts older
-                // than deletes its queue then drops (simulator seed 7401), so it vouches
-                // for nothing until a later sync.
-                let applied = if since.0 == u64::MAX { 0 } else { since.min(head(self.tx)?).0.min(i64::MAX as u64) as i64 };
-                self.tx
-                    .prepare_cached("UPDATE nodes SET deletes_applied = max(deletes_applied, ?2) WHERE id = ?1")?
-                    .execute(params![from.as_str(), applied])?;
+                self.note_deletes_applied(&from, applied)?;
                 self.queue_sync(&from, &request, since, paged, snapshot, now_ms)?;
             }
             ToManager::Kept { keeping, lacking } => {
@@ -1905,6 +1928,8 @@ mod tests {
             paged,
             snapshot: false,
             taken: Revision(0),
+            // As a node does: vouching for its `since`, unless it asks for no delete.
+            applied: Revision(if since == u64::MAX { 0 } else { since }),
         }
     }
 
@@ -1944,7 +1969,15 @@ mod tests {
     fn a_delete_every_node_applied_is_forgotten_once_old() {
         let (_dir, mut s) = store_keeping_for(1_000);
         let delete = |path: &str, base: u64| change(path, base, None, ChangeOp::Delete);
-        let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
+        // (After the tick's end of old versions: a delete goes once no older state of its
+        // path is left in the history.)
+        let forget = |s: &mut Store, now: i64| {
+            s.transaction(|tx| {
+                tx.expire_versions(now)?;
+                tx.forget_applied_deletes(now, 100)
+            })
+            .unwrap()
+        };
         let tombstones = |s: &Store| -> Vec<(String, i64)> {
             s.conn
                 .prepare("SELECT path, rev FROM paths WHERE version IS NULL ORDER BY rev")
@@ -1996,6 +2029,13 @@ mod tests {
         let before = decided(&s).len();
         at(&mut s, "n2", "m5", put("a", 1, file(3)), 7_000);
         assert_eq!(decided(&s)[before..], [Outcome::Accepted]);
+
+        // A delete stays while an older state of its path is left in the history.
+        at(&mut s, "n2", "m6", change("a", 5, None, ChangeOp::Delete), 7_000);
+        at(&mut s, "n1", "s7", sync("r7", 6, true), 7_000);
+        at(&mut s, "n2", "s8", sync("r8", 6, true), 7_000);
+        assert_eq!(s.transaction(|tx| tx.forget_applied_deletes(9_000, 100)).unwrap(), 0, "a's put at revision 5 is still in the history");
+        assert_eq!(forget(&mut s, 9_000), 1, "once it ended");
     }
 
     /// A node the operator forgot (`manager node forget`) holds back no delete and none
@@ -2004,7 +2044,15 @@ mod tests {
     #[test]
     fn a_forgotten_node_holds_nothing_back_and_is_refused() {
         let (_dir, mut s) = store_keeping_for(1_000);
-        let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_applied_deletes(now, 100)).unwrap();
+        // (After the tick's end of old versions: a delete goes once no older state of its
+        // path is left in the history.)
+        let forget = |s: &mut Store, now: i64| {
+            s.transaction(|tx| {
+                tx.expire_versions(now)?;
+                tx.forget_applied_deletes(now, 100)
+            })
+            .unwrap()
+        };
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
         at(&mut s, "n1", "m2", change("a", 1, None, ChangeOp::Delete), 1_000);
         at(&mut s, "n1", "s1", sync("r1", 2, true), 1_000);
@@ -2136,6 +2184,7 @@ mod tests {
             paged: true,
             snapshot: true,
             taken: Revision(1 << 40),
+            applied: Revision(0),
         };
         let head = s.head().unwrap().0;
         send(&mut s, "n3", "s1", sync);
@@ -2372,6 +2421,7 @@ mod tests {
             paged: true,
             snapshot: true,
             taken: Revision(0),
+            applied: Revision(0),
         };
         send(&mut s, "n2", "s1", snapshot("r1"));
         let mut pages = Vec::new();

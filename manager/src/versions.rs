@@ -1015,7 +1015,15 @@ mod tests {
         c.confirm_keeps(&sent);
         c.send(
             "n2",
-            ToManager::Sync { request: "s1".parse().unwrap(), url: "http://n2".into(), since: Revision(0), paged: true, snapshot: true, taken: Revision(0) },
+            ToManager::Sync {
+                request: "s1".parse().unwrap(),
+                url: "http://n2".into(),
+                since: Revision(0),
+                paged: true,
+                snapshot: true,
+                taken: Revision(0),
+                applied: Revision(0),
+            },
         );
         let now = c.now;
         c.s.sync_step(now).unwrap();

@@ -112,6 +112,7 @@ fn sync(request: &str) -> ToManager {
         paged: true,
         snapshot: true,
         taken: Revision(0),
+        applied: Revision(0),
     }
 }
 

@@ -362,6 +362,12 @@ pub enum ToManager {
         /// The highest revision the node has taken (as in `Heartbeat`).
         #[serde(default, skip_serializing_if = "is_default")]
         taken: Revision,
+        /// The revision up to which the node vouches that it has applied every delete: its
+        /// `since` once it has completed a sync, flushed to its disk before this was sent
+        /// (0, the default: none, as an older node). The manager forgets a deleted path
+        /// only once every node vouched past it (docs/sync.md, *When a tombstone goes*).
+        #[serde(default, skip_serializing_if = "is_default")]
+        applied: Revision,
     },
     /// What became of `ToNode::Keep` and `Release`: contents the node now keeps, and
     /// contents it was asked to keep but lacks or had to drop (its disk fell below its
@@ -668,6 +674,7 @@ mod tests {
                     paged: true,
                     snapshot: true,
                     taken: Revision(0),
+                    applied: Revision(0),
                 },
             ),
         ]
@@ -807,7 +814,15 @@ mod tests {
         let env = Envelope::<ToManager>::decode(old_sync.as_bytes()).unwrap();
         assert_eq!(
             env.body,
-            ToManager::Sync { request: id("r-1"), url: "http://127.0.0.1:7001".into(), since: Revision(0), paged: false, snapshot: false, taken: Revision(0) }
+            ToManager::Sync {
+                request: id("r-1"),
+                url: "http://127.0.0.1:7001".into(),
+                since: Revision(0),
+                paged: false,
+                snapshot: false,
+                taken: Revision(0),
+                applied: Revision(0)
+            }
         );
         let old_reply = r#"{"v":1,"id":"a-2","from":"manager","body":{"type":"sync_reply","request":"r-1","head":7,"entries":[]}}"#;
         let env = Envelope::<ToNode>::decode(old_reply.as_bytes()).unwrap();

@@ -130,8 +130,15 @@ fn main() -> anyhow::Result<()> {
                 store.transaction(|tx| tx.handle_batch(vec![Envelope::new(id(start + 2_000_000_000), n.clone(), hb)], now))?;
                 if churn {
                     // Each node syncs (as after a restart): it applied every delete so far.
-                    let sync =
-                        ToManager::Sync { request: id(start + 3_000_000_000), url: "http://n".into(), since: head, paged: true, snapshot: true, taken: head };
+                    let sync = ToManager::Sync {
+                        request: id(start + 3_000_000_000),
+                        url: "http://n".into(),
+                        since: head,
+                        paged: true,
+                        snapshot: true,
+                        taken: head,
+                        applied: head,
+                    };
                     store.transaction(|tx| tx.handle_batch(vec![Envelope::new(id(start + 4_000_000_000), n.clone(), sync)], now))?;
                 }
             }

@@ -381,9 +381,12 @@ struct State {
     rounds: Vec<sync::UseRound>,
     /// The last round's number (`rounds`).
     last_round: u64,
-    /// The database's commits (`Db::commits`) the last flush for a heartbeat made
-    /// durable (`Tree::progress_for_heartbeat`).
+    /// The database's commits (`Db::commits`) the last flush of its redo log made
+    /// durable (`Tree::flush_log`).
     flushed_commits: u64,
+    /// The highest revision taken at a moment with no change undecided and everything
+    /// committed on disk (`Tree::progress_for_heartbeat`).
+    idle_taken_on_disk: Revision,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -611,6 +614,7 @@ impl Tree {
             rounds: Vec::new(),
             last_round: 0,
             flushed_commits: 0,
+            idle_taken_on_disk: Revision(0),
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

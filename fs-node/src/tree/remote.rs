@@ -132,7 +132,8 @@ impl State {
         if self.outbox.has(path) {
             return Ok(out);
         }
-        if entry.version.is_some() {
+        // (The state a decision of this node's own change names is never stale.)
+        if entry.version.is_some() && !decided {
             if let Some(anc) = self.gone_above_since(path, entry.rev) {
                 tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, above = %anc, "a state older than the delete of a directory above it: not applied");
                 return Ok(out);

@@ -234,30 +234,51 @@ impl Tree {
     }
 
     /// What a heartbeat says of this node's progress: its undecided changes
-    /// ([`Tree::pending_changes`]) and the highest revision it took. When none is
-    /// undecided, the redo log is flushed to disk first (outside the lock), unless nothing
-    /// was committed since the last such flush: the manager forgets the records of a
-    /// node's decided changes once that node said it had none undecided past them
-    /// (docs/protocol.md, *How long a change's id is remembered*), and a node that lost
-    /// power with the removal of a decided change from its outbox still in the page
-    /// cache would otherwise send that change again to a manager that no longer knows
-    /// it decided it. Returns the flushes made (for the tests) with the two values.
-    pub fn progress_for_heartbeat(&self) -> FsResult<HeartbeatProgress> {
-        let (progress, logs) = {
+    /// ([`Tree::pending_changes`]) and the highest revision it took. The manager forgets
+    /// the records of a node's decided changes once that node said it had none undecided
+    /// while it had taken a revision past them (docs/protocol.md, *Envelope*); a node that
+    /// lost power with the removal of a decided change from its outbox still in the page
+    /// cache would send that change again to a manager that no longer knows it decided
+    /// it. So with none undecided, the revision said is one taken while that was on disk:
+    /// the current one if nothing was committed since the last flush of the redo log, or
+    /// after one made now (`may_flush`: the engine lets one happen every
+    /// [`crate::engine::HEARTBEAT_FLUSH_EVERY`], not each second: a flush waits behind
+    /// the disk's other writes, and the engine waits for it), else the one taken at the
+    /// last such moment.
+    pub fn progress_for_heartbeat(&self, may_flush: bool) -> FsResult<HeartbeatProgress> {
+        let (pending, taken) = {
             let st = self.lock();
-            let pending = (st.outbox.len() + st.moves.len()) as u64;
-            let commits = st.db.commits();
-            let logs = if pending == 0 && commits != st.flushed_commits { Some((st.db.log_handles()?, commits)) } else { None };
-            (HeartbeatProgress { pending_changes: pending, taken: Revision(st.last_rev), flushed: logs.is_some() }, logs)
+            ((st.outbox.len() + st.moves.len()) as u64, Revision(st.last_rev))
         };
-        if let Some((logs, commits)) = logs {
-            for log in logs {
-                log.sync_data()?;
-            }
-            let mut st = self.lock();
-            st.flushed_commits = st.flushed_commits.max(commits);
+        let flushed = pending == 0 && may_flush && self.flush_log()?;
+        let mut st = self.lock();
+        // What was read above is on disk if nothing was committed since the last flush
+        // began; a change undecided since (pending > 0) is not said to be settled anyway.
+        if pending == 0 && st.db.commits() == st.flushed_commits {
+            st.idle_taken_on_disk = st.idle_taken_on_disk.max(taken);
         }
-        Ok(progress)
+        let taken = if pending == 0 { st.idle_taken_on_disk } else { taken };
+        Ok(HeartbeatProgress { pending_changes: pending, taken, flushed })
+    }
+
+    /// Flushes the node database's redo log to disk (outside the tree's lock) unless
+    /// nothing was committed since the last flush; returns whether it flushed. Everything
+    /// committed before it began is then on disk.
+    pub fn flush_log(&self) -> FsResult<bool> {
+        let (logs, commits) = {
+            let st = self.lock();
+            let commits = st.db.commits();
+            if commits == st.flushed_commits {
+                return Ok(false);
+            }
+            (st.db.log_handles()?, commits)
+        };
+        for log in logs {
+            log.sync_data()?;
+        }
+        let mut st = self.lock();
+        st.flushed_commits = st.flushed_commits.max(commits);
+        Ok(true)
     }
 
     /// The manager decided one of our changes: forget it and take the path's current

@@ -26,20 +26,27 @@ fn tree_with_dir() -> (tempfile::TempDir, Tree, u64) {
 /// A heartbeat that says nothing is undecided lets the manager forget the records of
 /// the node's decided changes: the decisions it took must be on disk first (a power loss
 /// would otherwise bring a decided change back into the outbox, sent again to a manager
-/// that forgot it), and a heartbeat that says nothing new flushes nothing.
+/// that forgot it), and a heartbeat that says nothing new flushes nothing; one that may
+/// not flush says the revision taken when all was last on disk.
 #[test]
 fn a_heartbeat_saying_nothing_is_undecided_is_durable_first() {
     let (_dir, t, _d) = tree_with_dir();
     let sent = t.take_unpublished();
-    let undecided = t.progress_for_heartbeat().unwrap();
+    let undecided = t.progress_for_heartbeat(true).unwrap();
     assert_eq!((undecided.pending_changes, undecided.flushed), (1, false), "nothing to settle, nothing flushed");
     t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
-    let settled = t.progress_for_heartbeat().unwrap();
+    let settled = t.progress_for_heartbeat(true).unwrap();
     assert_eq!(settled, HeartbeatProgress { pending_changes: 0, taken: Revision(7), flushed: true });
-    let again = t.progress_for_heartbeat().unwrap();
+    let again = t.progress_for_heartbeat(true).unwrap();
     assert_eq!(again, HeartbeatProgress { flushed: false, ..settled }, "nothing committed since the last flush");
     t.apply_remote(&dir_entry("e", 9, 0o755)).unwrap();
-    assert_eq!(t.progress_for_heartbeat().unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true });
+    assert_eq!(t.progress_for_heartbeat(true).unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true });
+    // Not flushed now (the engine lets one happen every 10 s): the revision taken when
+    // it last was on disk.
+    t.apply_remote(&dir_entry("f", 11, 0o755)).unwrap();
+    let unflushed = t.progress_for_heartbeat(false).unwrap();
+    assert_eq!(unflushed, HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: false });
+    assert_eq!(t.progress_for_heartbeat(true).unwrap().taken, Revision(11));
 }
 
 /// Simulator seed 5925: a live state of a path older than the delete of a directory
