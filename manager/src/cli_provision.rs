@@ -307,6 +307,7 @@ pub fn node(cluster: &ClusterArg, cmd: NodeCmd) -> anyhow::Result<()> {
                     env,
                     cluster_token,
                     node_users,
+                    forgotten: manager::store::forgotten_nodes(&db)?,
                 };
                 for n in docker.create_nodes(&spec, count).await? {
                     print_node(&n);

@@ -449,6 +449,22 @@ impl Store {
     }
 }
 
+/// The ids the manager at `db` forgot ([`Tx::forget_node`]); none if there is no such
+/// database yet (or it is older than the table).
+pub fn forgotten_nodes(db: &Path) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    if !db.exists() {
+        return Ok(Default::default());
+    }
+    let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).with_context(|| format!("opening {}", db.display()))?;
+    let has_table = conn.query_row("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'forgotten_nodes'", [], |_| Ok(())).optional()?.is_some();
+    if !has_table {
+        return Ok(Default::default());
+    }
+    let mut st = conn.prepare("SELECT id FROM forgotten_nodes")?;
+    let ids = st.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(ids)
+}
+
 /// What [`Tx::forget_node`] removed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ForgottenNode {
@@ -2043,7 +2059,7 @@ mod tests {
     /// not make it known again. An id never seen is not forgotten.
     #[test]
     fn a_forgotten_node_holds_nothing_back_and_is_refused() {
-        let (_dir, mut s) = store_keeping_for(1_000);
+        let (dir, mut s) = store_keeping_for(1_000);
         // (After the tick's end of old versions: a delete goes once no older state of its
         // path is left in the history.)
         let forget = |s: &mut Store, now: i64| {
@@ -2069,6 +2085,9 @@ mod tests {
         let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
         assert_eq!(s.conn.query_row("SELECT count(*) FROM nodes WHERE id = 'n2'", [], |r| r.get::<_, i64>(0)).unwrap(), 0, "not known again");
+        // What `node create` avoids.
+        assert_eq!(forgotten_nodes(&dir.path().join("m.db")).unwrap(), ["n2".to_string()].into());
+        assert!(forgotten_nodes(&dir.path().join("none.db")).unwrap().is_empty());
     }
 
     /// A decided change's record is forgotten only once it is old enough and its sender

@@ -90,6 +90,7 @@ pub async fn create_node(state: &State, body: Value) -> ApiResult<Value> {
         broker: state.provision.broker.clone(),
         cluster_token: state.provision.cluster_token.as_ref().map(|t| t.expose().to_string()),
         node_users: state.provision.node_users,
+        forgotten: crate::store::forgotten_nodes(&state.provision.db)?,
         ..Default::default()
     };
     let cluster = state.provision.cluster.clone();

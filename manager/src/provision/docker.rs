@@ -63,6 +63,9 @@ pub struct NodeSpec {
     /// Give each node its own least-privilege broker user (`api::broker_user::admit_node`),
     /// `broker` being a user that may configure the vhost.
     pub node_users: bool,
+    /// Ids the manager forgot (`manager node forget`): it refuses them for good, so no
+    /// node is made under one ([`crate::store::forgotten_nodes`]).
+    pub forgotten: BTreeSet<String>,
 }
 
 impl Default for NodeSpec {
@@ -77,6 +80,7 @@ impl Default for NodeSpec {
             env: Vec::new(),
             cluster_token: None,
             node_users: false,
+            forgotten: BTreeSet::new(),
         }
     }
 }
@@ -142,7 +146,7 @@ impl Docker {
         if self.image_id(&spec.image).await?.is_none() {
             return Err(Error::ImageMissing { tag: spec.image.clone() });
         }
-        let names = self.pick_names(spec.name.as_deref(), count).await?;
+        let names = self.pick_names(spec.name.as_deref(), count, &spec.forgotten).await?;
         for n in &names {
             validate_name("node name", n)?;
             if let Some(other_cluster) = self.container_cluster(n).await? {
@@ -392,18 +396,28 @@ impl Docker {
         }
     }
 
-    /// `count` names: `base` alone, `base-1..base-count`, or `<cluster>-<k>` with the lowest free k.
-    async fn pick_names(&self, base: Option<&str>, count: usize) -> Result<Vec<String>> {
+    /// `count` names: `base` alone, `base-1..base-count`, or `<cluster>-<k>` with the lowest
+    /// free k that the manager did not forget (`forgotten`; a name given that it forgot is
+    /// refused).
+    async fn pick_names(&self, base: Option<&str>, count: usize, forgotten: &BTreeSet<String>) -> Result<Vec<String>> {
+        let given = |names: Vec<String>| match names.iter().find(|n| forgotten.contains(*n)) {
+            Some(n) => Err(Error::Invalid {
+                what: "node name",
+                value: n.clone(),
+                reason: "the manager forgot a node of that id (`manager node forget`) and refuses it; choose another".into(),
+            }),
+            None => Ok(names),
+        };
         match base {
-            Some(b) if count == 1 => Ok(vec![b.to_string()]),
-            Some(b) => Ok((1..=count).map(|k| format!("{b}-{k}")).collect()),
+            Some(b) if count == 1 => given(vec![b.to_string()]),
+            Some(b) => given((1..=count).map(|k| format!("{b}-{k}")).collect()),
             None => {
                 let taken: BTreeSet<String> = self.list_nodes().await?.into_iter().map(|n| n.name).collect();
                 let mut names = Vec::with_capacity(count);
                 let mut k = 1;
                 while names.len() < count {
                     let n = format!("{}-{k}", self.cluster);
-                    if !taken.contains(&n) && self.container_cluster(&n).await?.is_none() {
+                    if !taken.contains(&n) && !forgotten.contains(&n) && self.container_cluster(&n).await?.is_none() {
                         names.push(n);
                     }
                     k += 1;
