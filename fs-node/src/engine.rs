@@ -650,8 +650,9 @@ impl<R> Engine<R> {
         }
         let pushed = self.publish_outbox_at(now);
         let request = self.tree.env().new_id();
-        let since = self.sync_since();
-        let applied = self.vouched_applied(since);
+        let synced_head = self.tree.synced_head();
+        let since = self.sync_since(synced_head);
+        let applied = self.vouched_applied(since, synced_head);
         let snapshot = !std::mem::take(&mut self.catch_up_next);
         let taken = Revision(self.tree.last_revision());
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot, taken, applied });
@@ -683,7 +684,7 @@ impl<R> Engine<R> {
     /// has completed, no further than its head, and before any sync completed, none (0).
     /// A node that has taken no revision has no path the manager knew, and needs no
     /// deleted path at all.
-    fn sync_since(&self) -> Revision {
+    fn sync_since(&self, synced_head: Option<u64>) -> Revision {
         let taken = self.tree.last_revision();
         if taken == 0 {
             return Revision(u64::MAX);
@@ -694,7 +695,7 @@ impl<R> Engine<R> {
         // but never completed a sync (its first reply lost with its queue's oldest
         // messages, and a delete's broadcast with it) can vouch for none: `taken` there
         // brought back a path deleted meanwhile (simulator seeds 216 and 5925).
-        Revision(self.tree.synced_head().map_or(0, |head| head.min(taken)))
+        Revision(synced_head.map_or(0, |head| head.min(taken)))
     }
 
     /// The revision up to which this node vouches to the manager that it has applied
@@ -703,8 +704,8 @@ impl<R> Engine<R> {
     /// completed sync, which it took whole; 0 before any completed. What it vouches for
     /// is on its disk first (a power loss would take back the deletes it applied, and
     /// the manager forgets a delete every node vouched past); if the flush fails, 0.
-    fn vouched_applied(&self, since: Revision) -> Revision {
-        let applied = if since.0 == u64::MAX { Revision(self.tree.synced_head().unwrap_or(0)) } else { since };
+    fn vouched_applied(&self, since: Revision, synced_head: Option<u64>) -> Revision {
+        let applied = if since.0 == u64::MAX { Revision(synced_head.unwrap_or(0)) } else { since };
         if applied.0 == 0 {
             return applied;
         }

@@ -929,9 +929,7 @@ impl Tx<'_> {
             }
         }
         for (outcome, n) in by_outcome {
-            self.tx
-                .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
-                .execute(params![format!("{FORGOTTEN_PREFIX}{outcome}"), n])?;
+            self.add_to_meta(&format!("{FORGOTTEN_PREFIX}{outcome}"), n)?;
         }
         // Marks below every record left say nothing any more.
         self.tx.prepare_cached("DELETE FROM applied_marks WHERE last_rowid < (SELECT min(rowid) FROM applied)")?.execute([])?;
@@ -995,9 +993,7 @@ impl Tx<'_> {
             self.tx.prepare_cached("DELETE FROM holders WHERE path = ?1")?.execute([path])?;
         }
         if !due.is_empty() {
-            self.tx
-                .prepare_cached("INSERT INTO meta(key, value) VALUES('forgotten_deletes', ?1) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
-                .execute([due.len() as i64])?;
+            self.add_to_meta("forgotten_deletes", due.len() as i64)?;
             tracing::debug!(forgotten = due.len(), "forgot the tombstones of deletes every node has applied");
         }
         if let Some(rev) = lagging_below {
@@ -1244,6 +1240,14 @@ impl Tx<'_> {
         caught_up(self.tx)
     }
 
+    /// Adds `n` to the counter `key` of `meta` (0 if it had none).
+    fn add_to_meta(&mut self, key: &str, n: i64) -> anyhow::Result<()> {
+        self.tx
+            .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = value + excluded.value")?
+            .execute(params![key, n])?;
+        Ok(())
+    }
+
     fn set_meta(&mut self, key: &str, value: &dyn rusqlite::ToSql) -> anyhow::Result<()> {
         self.tx
             .prepare_cached("INSERT INTO meta(key, value) VALUES(?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value")?
@@ -1283,16 +1287,20 @@ impl Tx<'_> {
     /// the first batch holds the heartbeats that queued up while it was down, and no
     /// change of that batch gets a revision a node took from the lost ones before it.
     pub fn handle_batch(&mut self, envs: Vec<Envelope<ToManager>>, now_ms: i64) -> anyhow::Result<Vec<Result<(), String>>> {
-        let mut named = Vec::new();
-        for env in &envs {
-            if let Some(rev) = named_revision(&env.body) {
-                // (A forgotten node's message is refused: it moves nothing.)
-                if !self.is_forgotten(&env.from)? {
-                    named.push((rev, &env.from));
-                }
+        // The highest revision named by a node not forgotten (a forgotten node's message
+        // is refused and moves nothing): looked up for the highest first, so a batch
+        // costs one lookup, not one per message.
+        let mut named: Vec<(Revision, &NodeId)> = envs.iter().filter_map(|env| Some((named_revision(&env.body)?, &env.from))).collect();
+        // (Of equal revisions the last message's, as `max_by_key` took.)
+        named.reverse();
+        named.sort_by_key(|(rev, _)| std::cmp::Reverse(*rev));
+        let mut highest = None;
+        for (rev, from) in named {
+            if !self.is_forgotten(from)? {
+                highest = Some((rev, from));
+                break;
             }
         }
-        let highest = named.into_iter().max_by_key(|(rev, _)| *rev);
         if let Some((rev, from)) = highest {
             // Under a savepoint: a failure leaves nothing half done, and that message
             // fails alone when it is handled.

@@ -658,10 +658,7 @@ impl Tree {
         }
         // The node database's redo log, flushed without the lock too (a flush can wait
         // long for a busy disk; the mount goes on meanwhile).
-        let logs = self.lock().db.log_handles()?;
-        for log in logs {
-            log.sync_data()?;
-        }
+        self.flush_log()?;
         Ok(())
     }
 
