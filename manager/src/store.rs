@@ -157,7 +157,14 @@ CREATE TABLE forgotten_nodes(id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
+/// How long a statement waits for another process's lock before it fails.
+const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA temp_store=MEMORY; PRAGMA cache_size=-65536;";
+
+/// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
+/// is at); a new version is a new entry at the end.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9];
 
 /// Schema version 1: the tables every manager had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
@@ -229,35 +236,65 @@ pub(crate) fn parse_version(s: Option<String>) -> anyhow::Result<Option<Version>
     s.map(|s| serde_json::from_str(&s).context("corrupt version in the manager database")).transpose()
 }
 
+/// Sets the connection's pragmas. Turning a new database to WAL while another process
+/// does the same fails with SQLITE_BUSY at once (the busy handler does not wait for a
+/// journal mode change), so that is tried again for as long as the busy timeout.
+fn set_up(conn: &rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.execute_batch(PRAGMAS) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            Err(e) => return Err(e).with_context(|| format!("setting up {}", path.display())),
+        }
+    }
+}
+
+/// Brings the database to the latest schema version, or refuses one written by a newer
+/// manager: it may hold what this one would misread.
+///
+/// Processes may open a new database at once (the service starting while an operator
+/// runs `manager status`). The migration library reads the version before its
+/// transaction takes the write lock, so the process that loses the race runs a version
+/// the other has just made, fails on it and rolls it back; it then finds the database
+/// at a later version than it read, and goes on from there.
+fn migrate(conn: &mut rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
+    let migrations = rusqlite_migration::Migrations::new(MIGRATIONS.iter().map(|m| rusqlite_migration::M::up(m)).collect());
+    let version = |conn: &rusqlite::Connection| -> anyhow::Result<usize> {
+        conn.query_row("PRAGMA user_version", [], |r| r.get(0)).with_context(|| format!("reading the schema version of {}", path.display()))
+    };
+    loop {
+        let read = version(conn)?;
+        if read > MIGRATIONS.len() {
+            anyhow::bail!(
+                "the manager database {} is at schema version {read}, which this program does not know (it knows up to {}; is the database from a newer version?); not touching it",
+                path.display(),
+                MIGRATIONS.len()
+            );
+        }
+        let Err(e) = migrations.to_latest(conn) else { return Ok(()) };
+        let now = version(conn)?;
+        if now <= read {
+            return Err(e).with_context(|| format!("bringing the manager database {} from schema version {read} to {}", path.display(), MIGRATIONS.len()));
+        }
+        tracing::debug!(read, now, "another process brought the database's schema on while this one did; going on from there");
+    }
+}
+
 impl Store {
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut conn = rusqlite::Connection::open(path).with_context(|| format!("opening database {}", path.display()))?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
         // Every statement is prepared once and kept (parsing SQL was a third of the
         // time a message took).
         conn.set_prepared_statement_cache_capacity(128);
-        conn.execute_batch(PRAGMAS).with_context(|| format!("setting up {}", path.display()))?;
-        // The schema's versions, oldest first (`PRAGMA user_version` says which one a
-        // database is at); a new version is a new `M::up` at the end. A database written
-        // by a newer manager is refused: it may hold what this one would misread.
-        rusqlite_migration::Migrations::new(vec![
-            rusqlite_migration::M::up(SCHEMA_V1),
-            rusqlite_migration::M::up(SCHEMA_V2),
-            rusqlite_migration::M::up(SCHEMA_V3),
-            rusqlite_migration::M::up(SCHEMA_V4),
-            rusqlite_migration::M::up(SCHEMA_V5),
-            rusqlite_migration::M::up(SCHEMA_V6),
-            rusqlite_migration::M::up(SCHEMA_V7),
-            rusqlite_migration::M::up(SCHEMA_V8),
-            rusqlite_migration::M::up(SCHEMA_V9),
-        ])
-        .to_latest(&mut conn)
-        .with_context(|| {
-            format!("the manager database {} is at a schema version this program does not know (is it from a newer version?); not touching it", path.display())
-        })?;
+        set_up(&conn, path)?;
+        migrate(&mut conn, path)?;
         // For the benchmark only (what durability costs): SYNC_BENCH_UNSAFE_SYNCHRONOUS=NORMAL.
         if std::env::var("SYNC_BENCH_UNSAFE_SYNCHRONOUS").as_deref() == Ok("NORMAL") {
             tracing::warn!("synchronous=NORMAL (benchmark setting): acked decisions can be lost on power loss");
@@ -1915,6 +1952,34 @@ mod tests {
     fn file(h: u8) -> Version {
         Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 }
     }
+
+    /// The service starting while an operator runs `manager status` on a database that
+    /// is not there yet: every process that opens it at once gets a working store (the
+    /// one that loses the race to make the schema goes on from the version the other
+    /// made) and the schema is made once.
+    #[test]
+    fn processes_opening_a_new_database_at_once_all_get_it() {
+        let dir = tempfile::tempdir().unwrap();
+        for round in 0..20 {
+            let path = dir.path().join(format!("m{round}.db"));
+            let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, start) = (path.clone(), start.clone());
+                    std::thread::spawn(move || {
+                        start.wait();
+                        Store::open(&path).map(|_| ()).map_err(|e| format!("{e:#}"))
+                    })
+                })
+                .collect();
+            for opener in openers {
+                opener.join().unwrap().unwrap_or_else(|e| panic!("round {round}: {e}"));
+            }
+            let s = Store::open(&path).unwrap();
+            let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+            assert_eq!(version as usize, MIGRATIONS.len());
+        }
+    }
     fn send(store: &mut Store, from: &str, id: &str, body: ToManager) {
         let env = Envelope::new(id.parse().unwrap(), node(from), body);
         store.transaction(|tx| tx.handle(env, 1_000)).unwrap();
@@ -2578,7 +2643,7 @@ mod tests {
         drop(s);
         rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 10").unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
-        assert!(err.contains("schema version this program does not know"), "{err}");
+        assert!(err.contains("at schema version 10, which this program does not know"), "{err}");
     }
 
     fn change(path: &str, base: u64, follows: Option<&str>, op: ChangeOp) -> ToManager {
