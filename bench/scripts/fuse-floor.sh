@@ -4,7 +4,7 @@
 # names and attributes in memory, contents dropped, one thread answering at once),
 # through bindfs, and through node A's mount of a two-node cluster (syncing to B).
 # Per system: N files of 4 KiB created, written and closed, stat'ed, deleted (rates per
-# second), then `tar x` of ARCHIVE (seconds). Systems take turns in each round.
+# second), then `tar x` of ARCHIVE and `rm -rf` of what it made (seconds). Systems take turns in each round.
 # Usage: bench/scripts/fuse-floor.sh [-n N] [-r ROUNDS] [-a ARCHIVE] BIN_DIR
 #   (BIN_DIR holds fs-node, manager and nullfs; needs scripts/setup.sh and setup-bench.sh)
 set -u
@@ -44,7 +44,8 @@ PY
 )
     mkdir "$w/t"
     t0=$(date +%s.%N); tar xf "$ARCHIVE" -C "$w/t"; t1=$(date +%s.%N)
-    printf 'round %d %-7s %s  tar x %6.2f s\n' "$r" "$sys" "$small" "$(echo "$t1 - $t0" | bc)"
+    rm -rf "$w/t"; t2=$(date +%s.%N)
+    printf 'round %d %-7s %s  tar x %6.2f s  rm -rf %6.2f s\n' "$r" "$sys" "$small" "$(echo "$t1 - $t0" | bc)" "$(echo "$t2 - $t1" | bc)"
   done
 done
 cluster_stop "$d"
