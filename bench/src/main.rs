@@ -417,9 +417,13 @@ fn main() {
         std::fs::create_dir(&on_mount).unwrap();
         let side = metadata::SideBySide::new(c.dir.path(), on_mount.clone());
         let drained = std::cell::Cell::new(Duration::ZERO);
+        // Drained: A sent every change and B pulled every content (B's pulls of a
+        // previous turn, served by A, would otherwise run through the next turn).
         let drain = || {
             let t = Instant::now();
-            eventually("node A's queue of changes to drain", Duration::from_secs(1800), || a.pending() == 0);
+            eventually("node A's queue of changes to drain and B's pulls to end", Duration::from_secs(1800), || {
+                a.pending() == 0 && b.status()["pending_pulls"].as_u64() == Some(0)
+            });
             drained.set(drained.get() + t.elapsed());
         };
         let times = tools::run_all(&side.systems, &src, &drain);

@@ -4,7 +4,8 @@
 //! `BENCH_TOOLS_COPIES` (2) times into subdirectories (about 55,000 files here). Each
 //! tool runs on the node's mount (the second node syncs meanwhile), the native disk and
 //! bindfs, taking turns tool by tool; before each turn the node's queue of changes is
-//! drained, so a backlog of the mount's previous turn slows nobody else's.
+//! drained and the second node has pulled every content, so a backlog of the mount's
+//! previous turn slows nobody else's.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
