@@ -553,7 +553,7 @@ impl<R> Engine<R> {
         let may_flush = self.last_heartbeat_flush.is_none_or(|t| now.saturating_sub(t) >= HEARTBEAT_FLUSH_EVERY);
         let progress = self.tree.progress_for_heartbeat(may_flush).unwrap_or_else(|e| {
             tracing::warn!("flushing the node database's log for a heartbeat: {e}");
-            crate::tree::HeartbeatProgress { pending_changes: self.tree.pending_changes(), taken: Revision(0), flushed: false }
+            crate::tree::HeartbeatProgress { pending_changes: self.tree.pending_changes(), taken: Revision(0), flushed: false, applied: Revision(0) }
         });
         if progress.flushed {
             self.last_heartbeat_flush = Some(now);
@@ -565,6 +565,7 @@ impl<R> Engine<R> {
             software: self.node.software.clone(),
             residency,
             taken: progress.taken,
+            applied: progress.applied,
         };
         let env = self.envelope(body);
         self.out.push(Action::Publish { env, confirmed: false });
@@ -652,7 +653,7 @@ impl<R> Engine<R> {
         let request = self.tree.env().new_id();
         let synced_head = self.tree.synced_head();
         let since = self.sync_since(synced_head);
-        let applied = self.vouched_applied(since, synced_head);
+        let applied = self.vouched_applied(synced_head);
         let snapshot = !std::mem::take(&mut self.catch_up_next);
         let taken = Revision(self.tree.last_revision());
         let env = self.envelope(ToManager::Sync { request: request.clone(), url: self.node.url.clone(), since, paged: true, snapshot, taken, applied });
@@ -698,14 +699,13 @@ impl<R> Engine<R> {
         Revision(synced_head.map_or(0, |head| head.min(taken)))
     }
 
-    /// The revision up to which this node vouches to the manager that it has applied
-    /// every delete (`ToManager::Sync::applied`): the sync's `since`, or for a node that
-    /// has taken no revision (its `since` asks for no delete) the head of its last
-    /// completed sync, which it took whole; 0 before any completed. What it vouches for
-    /// is on its disk first (a power loss would take back the deletes it applied, and
-    /// the manager forgets a delete every node vouched past); if the flush fails, 0.
-    fn vouched_applied(&self, since: Revision, synced_head: Option<u64>) -> Revision {
-        let applied = if since.0 == u64::MAX { Revision(synced_head.unwrap_or(0)) } else { since };
+    /// The revision up to which this node vouches to the manager, in a sync request,
+    /// that it has applied every delete ([`crate::tree::deletes_applied_upto`]). What it
+    /// vouches for is on its disk first (a power loss would take back the deletes it
+    /// applied, and the manager forgets a delete every node vouched past); if the flush
+    /// fails, 0.
+    fn vouched_applied(&self, synced_head: Option<u64>) -> Revision {
+        let applied = crate::tree::deletes_applied_upto(synced_head, self.tree.last_revision());
         if applied.0 == 0 {
             return applied;
         }

@@ -1050,8 +1050,9 @@ impl Tx<'_> {
         Ok(due.len())
     }
 
-    /// Records the revision up to which `node` vouched, in its latest sync request, that
-    /// it applied every delete (`ToManager::Sync::applied`; at most the head), for
+    /// Records the revision up to which `node` vouched, in its latest sync request or
+    /// heartbeat that said it, that it applied every delete (`ToManager::Sync::applied`,
+    /// `Heartbeat::applied`; at most the head), for
     /// [`Tx::forget_applied_deletes`]. Its latest word, not its highest: a node whose
     /// data came back from an older copy, or that lost power before its log was on disk
     /// after all (a node flushes it before it vouches), or started anew under the same
@@ -1142,9 +1143,12 @@ impl Tx<'_> {
     pub fn handle(&mut self, env: Envelope<ToManager>, now_ms: i64) -> anyhow::Result<()> {
         let from = env.from.clone();
         match env.body {
-            ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency, taken } => {
+            ToManager::Heartbeat { url, pending_changes, pending_pulls, software, residency, taken, applied } => {
                 self.seen(&from, Some(&url), now_ms)?;
                 self.catch_up_with(&from, taken, "its heartbeat", now_ms)?;
+                if applied.0 > 0 {
+                    self.note_deletes_applied(&from, applied)?;
+                }
                 // With nothing undecided, the node can send none of its changes again that
                 // were decided before it took revision `taken` (settled_taken).
                 // (Never above the head: a catch-up moves it a bounded way at once.)
@@ -2049,6 +2053,43 @@ mod tests {
         assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
     }
 
+    /// A node vouches for the deletes it applied in its heartbeats too, once on its disk:
+    /// a delete is forgotten without waiting for the node's next sync; a heartbeat that
+    /// does not say (0) leaves what the node said last.
+    #[test]
+    fn a_heartbeat_vouching_for_the_deletes_applied_lets_them_go() {
+        let (_dir, mut s) = store_keeping_for(1_000);
+        let forget = |s: &mut Store, now: i64| {
+            s.transaction(|tx| {
+                tx.expire_versions(now)?;
+                tx.forget_applied_deletes(now, 100)
+            })
+            .unwrap()
+        };
+        let heartbeat = |applied: u64| ToManager::Heartbeat {
+            url: "http://n2".into(),
+            pending_changes: 0,
+            pending_pulls: 0,
+            software: String::new(),
+            residency: None,
+            taken: Revision(3),
+            applied: Revision(applied),
+        };
+        at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
+        at(&mut s, "n1", "m2", put("b", 0, file(2)), 1_000);
+        at(&mut s, "n1", "m3", change("a", 1, None, ChangeOp::Delete), 1_000);
+        at(&mut s, "n1", "s1", sync("r1", 3, true), 1_000);
+        at(&mut s, "n2", "s2", sync("r2", 2, true), 1_000);
+        assert_eq!(forget(&mut s, 5_000), 0, "n2 vouched up to revision 2");
+        at(&mut s, "n2", "h1", heartbeat(0), 5_000);
+        assert_eq!(forget(&mut s, 5_000), 0, "a heartbeat that does not say changes nothing");
+        at(&mut s, "n2", "h2", heartbeat(3), 5_000);
+        assert_eq!(forget(&mut s, 5_000), 1, "n2's heartbeat vouched for the delete");
+        at(&mut s, "n2", "h3", heartbeat(0), 5_000);
+        let applied: i64 = s.conn.query_row("SELECT deletes_applied FROM nodes WHERE id = 'n2'", [], |r| r.get(0)).unwrap();
+        assert_eq!(applied, 3);
+    }
+
     /// A deleted path's tombstone is forgotten once every node the manager knows said in
     /// a sync request that it applied every delete up to it (a new node asking for none
     /// says nothing) and once it is older than the retention; an online node that has not said
@@ -2178,6 +2219,7 @@ mod tests {
             software: String::new(),
             residency: None,
             taken,
+            applied: Revision(0),
         };
         let forget = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_settled_decisions(now, 100)).unwrap();
         let records = |s: &Store| -> Vec<String> {
@@ -2226,7 +2268,15 @@ mod tests {
 
     /// A heartbeat of n2 saying it took revision `taken`.
     fn heartbeat_taken(taken: u64) -> ToManager {
-        ToManager::Heartbeat { url: "http://n2".into(), pending_changes: 0, pending_pulls: 0, software: String::new(), residency: None, taken: Revision(taken) }
+        ToManager::Heartbeat {
+            url: "http://n2".into(),
+            pending_changes: 0,
+            pending_pulls: 0,
+            software: String::new(),
+            residency: None,
+            taken: Revision(taken),
+            applied: Revision(0),
+        }
     }
 
     /// How many requests to sync every node the outbox holds (and removes the outbox).

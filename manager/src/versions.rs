@@ -744,6 +744,7 @@ mod tests {
                     software: String::new(),
                     residency: None,
                     taken: Revision(0),
+                    applied: Revision(0),
                 },
             );
         }

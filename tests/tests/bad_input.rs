@@ -214,6 +214,7 @@ fn oversized_heartbeats_are_refused_and_the_manager_goes_on() {
             software: "evil".into(),
             residency: None,
             taken: wire::Revision(0),
+            applied: wire::Revision(0),
         };
         Envelope::new("big-hb-1".parse().unwrap(), "evil".parse().unwrap(), body).encode()
     };

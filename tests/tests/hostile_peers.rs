@@ -147,6 +147,7 @@ fn stuck_and_lying_holders_are_dropped_and_other_paths_keep_syncing() {
         software: "evil 1".into(),
         residency: None,
         taken: wire::Revision(0),
+        applied: wire::Revision(0),
     });
     for (path, bytes, _) in &files {
         evil.put_file(path, bytes);

@@ -316,6 +316,13 @@ pub enum ToManager {
         /// docs/protocol.md, *A manager behind its nodes*. 0 (absent): not said.
         #[serde(default, skip_serializing_if = "is_default")]
         taken: Revision,
+        /// As `Sync::applied`, said when what the node holds is on its disk (after a
+        /// flush of its log; at most every few seconds): a node that completed a sync
+        /// need not wait for its next one to vouch for the deletes it brought. 0
+        /// (absent): not said this time (an older node, or writes not yet on disk); the
+        /// manager keeps what it had.
+        #[serde(default, skip_serializing_if = "is_default")]
+        applied: Revision,
     },
     Change(Change),
     /// Several changes in one message, in the order they were made: each keeps its own
@@ -594,6 +601,7 @@ mod tests {
                     software: "0.1.0".into(),
                     residency: None,
                     taken: Revision(0),
+                    applied: Revision(0),
                 },
             ),
             (
@@ -847,7 +855,15 @@ mod tests {
             Envelope::new(
                 id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"),
                 node("n1"),
-                ToManager::Heartbeat { url, pending_changes: 0, pending_pulls: 0, software: software.into(), residency: None, taken: Revision(0) },
+                ToManager::Heartbeat {
+                    url,
+                    pending_changes: 0,
+                    pending_pulls: 0,
+                    software: software.into(),
+                    residency: None,
+                    taken: Revision(0),
+                    applied: Revision(0),
+                },
             )
             .encode()
         };

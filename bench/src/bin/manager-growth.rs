@@ -125,6 +125,8 @@ fn main() -> anyhow::Result<()> {
                     software: String::new(),
                     residency: None,
                     taken: head,
+                    // (Vouched for in the sync below, as before heartbeats could.)
+                    applied: Revision(0),
                 };
                 start += 1;
                 store.transaction(|tx| tx.handle_batch(vec![Envelope::new(id(start + 2_000_000_000), n.clone(), hb)], now))?;

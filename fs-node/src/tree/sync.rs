@@ -115,6 +115,22 @@ pub struct HeartbeatProgress {
     pub taken: Revision,
     /// Whether the redo log was flushed to make this durable.
     pub flushed: bool,
+    /// [`deletes_applied_upto`] as of a moment whose state is on disk; 0 when it was
+    /// not (what was committed since the last flush is not vouched for).
+    pub applied: Revision,
+}
+
+/// The revision up to which a node can vouch to the manager that it has applied every
+/// delete (`ToManager::Sync::applied`, `Heartbeat::applied`), once what it holds is on
+/// its disk: the head of its last completed sync, which it took whole, no further than
+/// the highest revision it has taken (`taken`); 0 before any sync completed. (A node
+/// that has taken no revision vouches for the whole head: it had no path to delete.)
+pub fn deletes_applied_upto(synced_head: Option<u64>, taken: u64) -> Revision {
+    match synced_head {
+        Some(head) if taken == 0 => Revision(head),
+        Some(head) => Revision(head.min(taken)),
+        None => Revision(0),
+    }
 }
 
 /// The paths a sync reply and the node's queue named while it came: what
@@ -199,7 +215,10 @@ impl Tree {
     /// The head of the last sync that completed on this node, kept in `node.db` across
     /// restarts (`link::Session::sync_since`).
     pub fn synced_head(&self) -> Option<u64> {
-        self.lock().db.meta(SYNCED_HEAD_KEY).ok().flatten().and_then(|v| v.parse().ok())
+        Self::synced_head_of(&self.lock())
+    }
+    fn synced_head_of(st: &State) -> Option<u64> {
+        st.db.meta(SYNCED_HEAD_KEY).ok().flatten().and_then(|v| v.parse().ok())
     }
     pub fn set_synced_head(&self, head: u64) -> FsResult<()> {
         self.lock().db.set_meta(SYNCED_HEAD_KEY, &head.to_string()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording the synced head")))
@@ -245,20 +264,27 @@ impl Tree {
     /// [`crate::engine::HEARTBEAT_FLUSH_EVERY`], not each second: a flush waits behind
     /// the disk's other writes, and the engine waits for it), else the one taken at the
     /// last such moment.
+    ///
+    /// It also vouches for the deletes applied ([`deletes_applied_upto`]) when what it
+    /// read is on disk, so that after a sync completes the manager hears the new head
+    /// from the next such heartbeat instead of the next sync (which may be days away).
     pub fn progress_for_heartbeat(&self, may_flush: bool) -> FsResult<HeartbeatProgress> {
-        let (pending, taken) = {
+        let (pending, taken, applied) = {
             let st = self.lock();
-            ((st.outbox.len() + st.moves.len()) as u64, Revision(st.last_rev))
+            let synced_head = Self::synced_head_of(&st);
+            ((st.outbox.len() + st.moves.len()) as u64, Revision(st.last_rev), deletes_applied_upto(synced_head, st.last_rev))
         };
         let flushed = pending == 0 && may_flush && self.flush_log()?;
         let mut st = self.lock();
         // What was read above is on disk if nothing was committed since the last flush
         // began; a change undecided since (pending > 0) is not said to be settled anyway.
-        if pending == 0 && st.db.commits() == st.flushed_commits {
+        let on_disk = st.db.commits() == st.flushed_commits;
+        if pending == 0 && on_disk {
             st.idle_taken_on_disk = st.idle_taken_on_disk.max(taken);
         }
         let taken = if pending == 0 { st.idle_taken_on_disk } else { taken };
-        Ok(HeartbeatProgress { pending_changes: pending, taken, flushed })
+        let applied = if on_disk { applied } else { Revision(0) };
+        Ok(HeartbeatProgress { pending_changes: pending, taken, flushed, applied })
     }
 
     /// Flushes the node database's redo log to disk (outside the tree's lock) unless

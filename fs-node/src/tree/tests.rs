@@ -36,17 +36,38 @@ fn a_heartbeat_saying_nothing_is_undecided_is_durable_first() {
     assert_eq!((undecided.pending_changes, undecided.flushed), (1, false), "nothing to settle, nothing flushed");
     t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
     let settled = t.progress_for_heartbeat(true).unwrap();
-    assert_eq!(settled, HeartbeatProgress { pending_changes: 0, taken: Revision(7), flushed: true });
+    assert_eq!(settled, HeartbeatProgress { pending_changes: 0, taken: Revision(7), flushed: true, applied: Revision(0) });
     let again = t.progress_for_heartbeat(true).unwrap();
     assert_eq!(again, HeartbeatProgress { flushed: false, ..settled }, "nothing committed since the last flush");
     t.apply_remote(&dir_entry("e", 9, 0o755)).unwrap();
-    assert_eq!(t.progress_for_heartbeat(true).unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true });
+    assert_eq!(t.progress_for_heartbeat(true).unwrap(), HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: true, applied: Revision(0) });
     // Not flushed now (the engine lets one happen every 10 s): the revision taken when
     // it last was on disk.
     t.apply_remote(&dir_entry("f", 11, 0o755)).unwrap();
     let unflushed = t.progress_for_heartbeat(false).unwrap();
-    assert_eq!(unflushed, HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: false });
+    assert_eq!(unflushed, HeartbeatProgress { pending_changes: 0, taken: Revision(9), flushed: false, applied: Revision(0) });
     assert_eq!(t.progress_for_heartbeat(true).unwrap().taken, Revision(11));
+}
+
+/// A heartbeat vouches for the deletes this node applied (the last completed sync's
+/// head, no further than the revision taken) only when that is on disk: the manager
+/// forgets a delete once every node vouched past it, and a power loss must not take
+/// back a delete this node vouched for.
+#[test]
+fn a_heartbeat_vouches_for_the_deletes_of_the_last_completed_sync_once_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    assert_eq!(t.progress_for_heartbeat(true).unwrap().applied, Revision(0), "no sync completed: none");
+    t.set_synced_head(20).unwrap();
+    assert_eq!(t.progress_for_heartbeat(false).unwrap().applied, Revision(0), "the head is not on disk yet");
+    assert_eq!(t.progress_for_heartbeat(true).unwrap().applied, Revision(20), "nothing taken: the whole head");
+    t.apply_remote(&dir_entry("e", 9, 0o755)).unwrap();
+    assert_eq!(t.progress_for_heartbeat(true).unwrap().applied, Revision(9), "no further than the revision taken");
+    t.apply_remote(&dir_entry("f", 25, 0o755)).unwrap();
+    t.set_synced_head(30).unwrap();
+    assert_eq!(t.progress_for_heartbeat(false).unwrap().applied, Revision(0), "not on disk yet");
+    assert_eq!(t.progress_for_heartbeat(true).unwrap().applied, Revision(25));
+    assert_eq!(t.progress_for_heartbeat(false).unwrap().applied, Revision(25), "nothing committed since the flush");
 }
 
 /// Simulator seed 5925: a live state of a path older than the delete of a directory

@@ -289,6 +289,7 @@ impl FakeNode {
             software: "fake-node 0.0.1".into(),
             residency: None,
             taken: Revision(0),
+            applied: Revision(0),
         });
     }
 
@@ -312,6 +313,7 @@ impl FakeNode {
                     software: "fake-node 0.0.1".into(),
                     residency: None,
                     taken: Revision(0),
+                    applied: Revision(0),
                 };
                 let env = Envelope::new(msg.parse().unwrap(), id.clone(), body);
                 if broker_link::publish_confirmed(&ch, "", wire::topology::UPDATE_QUEUE, &msg, &env.encode()).await.is_err() {
