@@ -259,7 +259,7 @@ fn tombstones(c: &Cluster) -> i64 {
 }
 
 /// Nor does it keep every deleted path's tombstone for ever: one goes once every node
-/// said in a sync that it applied the delete and the delete is older than the
+/// said in a sync or a heartbeat that it applied the delete and the delete is older than the
 /// retention. A node away holds them (back, it deletes its copies instead of sending
 /// them as new files); once it has synced they go, and a file made again at such a path
 /// syncs as any new file (docs/sync.md, *When a tombstone goes*).
