@@ -5,6 +5,8 @@
 # stops them, unmounts and removes the vhost. on_one_node_clusters FN BIN_DIR... runs
 # `FN BIN DIR` for each build dir against a fresh cluster of one node (a) of its own;
 # KEEP_LOGS=DIR keeps each run's manager and node logs in DIR/<build dir's parent>/.
+# registry_archive FILE writes a tar of the local cargo registry's unpacked crates (real
+# source files) to FILE, the archive the tool benchmarks unpack by default.
 cluster_start() {
   local bin=$1 dir=$2 n
   shift 2
@@ -41,4 +43,8 @@ on_one_node_clusters() {
     fi
     rm -rf "$d"
   done
+}
+
+registry_archive() {
+  tar cf "$1" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
 }

@@ -16,7 +16,7 @@ shift $((OPTIND - 1))
 bin=$(realpath "$1") d=$(mktemp -d /var/tmp/fuse-floor.XXXXXX)
 if [ -z "$ARCHIVE" ]; then
   ARCHIVE=$d/src.tar
-  tar cf "$ARCHIVE" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
+  registry_archive "$ARCHIVE"
 fi
 mkdir -p "$d/native" "$d/null" "$d/bind-src" "$d/bind"
 "$bin/nullfs" "$d/null" >"$d/nullfs.log" 2>&1 & nullpid=$!

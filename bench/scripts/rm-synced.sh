@@ -15,7 +15,7 @@ shift $((OPTIND - 1))
 bin=$(realpath "$1") d=$(mktemp -d /var/tmp/rm-synced.XXXXXX)
 if [ -z "$ARCHIVE" ]; then
   ARCHIVE=$d/src.tar
-  tar cf "$ARCHIVE" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
+  registry_archive "$ARCHIVE"
 fi
 files=$(tar tf "$ARCHIVE" | grep -vc '/$')
 mkdir -p "$d/native" "$d/bind-src" "$d/bind"

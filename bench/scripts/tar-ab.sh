@@ -11,7 +11,7 @@ shift $((OPTIND - 1))
 [ $# -ge 1 ] || { echo "usage: $0 [-r ROUNDS] [-a ARCHIVE] BIN_DIR..." >&2; exit 2; }
 if [ -z "$ARCHIVE" ]; then
   ARCHIVE=$(mktemp /var/tmp/tar-ab.XXXXXX.tar)
-  tar cf "$ARCHIVE" -C "$(ls -d ~/.cargo/registry/src/*/ | head -1)" .
+  registry_archive "$ARCHIVE"
 fi
 files=$(tar tf "$ARCHIVE" | grep -vc '/$')
 for r in $(seq "$ROUNDS"); do

@@ -1992,6 +1992,15 @@ mod tests {
     fn at(store: &mut Store, from: &str, id: &str, body: ToManager, now: i64) {
         store.transaction(|tx| tx.handle(Envelope::new(id.parse().unwrap(), node(from), body), now)).unwrap();
     }
+    /// The service tick's forgetting of deletes at `now` (after its end of old versions:
+    /// a delete goes once no older state of its path is left in the history); how many.
+    fn forget_deletes(s: &mut Store, now: i64) -> usize {
+        s.transaction(|tx| {
+            tx.expire_versions(now)?;
+            tx.forget_applied_deletes(now, 100)
+        })
+        .unwrap()
+    }
     /// A store that keeps old versions, deletes and decisions' records `ms` only.
     fn store_keeping_for(ms: i64) -> (tempfile::TempDir, Store) {
         let (dir, mut s) = fresh_store();
@@ -2059,13 +2068,7 @@ mod tests {
     #[test]
     fn a_heartbeat_vouching_for_the_deletes_applied_lets_them_go() {
         let (_dir, mut s) = store_keeping_for(1_000);
-        let forget = |s: &mut Store, now: i64| {
-            s.transaction(|tx| {
-                tx.expire_versions(now)?;
-                tx.forget_applied_deletes(now, 100)
-            })
-            .unwrap()
-        };
+        let forget = forget_deletes;
         let heartbeat = |applied: u64| ToManager::Heartbeat {
             url: "http://n2".into(),
             pending_changes: 0,
@@ -2099,15 +2102,7 @@ mod tests {
     fn a_delete_every_node_applied_is_forgotten_once_old() {
         let (_dir, mut s) = store_keeping_for(1_000);
         let delete = |path: &str, base: u64| change(path, base, None, ChangeOp::Delete);
-        // (After the tick's end of old versions: a delete goes once no older state of its
-        // path is left in the history.)
-        let forget = |s: &mut Store, now: i64| {
-            s.transaction(|tx| {
-                tx.expire_versions(now)?;
-                tx.forget_applied_deletes(now, 100)
-            })
-            .unwrap()
-        };
+        let forget = forget_deletes;
         let tombstones = |s: &Store| -> Vec<(String, i64)> {
             s.conn
                 .prepare("SELECT path, rev FROM paths WHERE version IS NULL ORDER BY rev")
@@ -2174,15 +2169,7 @@ mod tests {
     #[test]
     fn a_forgotten_node_holds_nothing_back_and_is_refused() {
         let (dir, mut s) = store_keeping_for(1_000);
-        // (After the tick's end of old versions: a delete goes once no older state of its
-        // path is left in the history.)
-        let forget = |s: &mut Store, now: i64| {
-            s.transaction(|tx| {
-                tx.expire_versions(now)?;
-                tx.forget_applied_deletes(now, 100)
-            })
-            .unwrap()
-        };
+        let forget = forget_deletes;
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
         at(&mut s, "n1", "m2", change("a", 1, None, ChangeOp::Delete), 1_000);
         at(&mut s, "n1", "s1", sync("r1", 2, true), 1_000);
