@@ -255,32 +255,34 @@ fn set_up(conn: &rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
 /// Brings the database to the latest schema version, or refuses one written by a newer
 /// manager: it may hold what this one would misread.
 ///
-/// Processes may open a new database at once (the service starting while an operator
-/// runs `manager status`). The migration library reads the version before its
-/// transaction takes the write lock, so the process that loses the race runs a version
-/// the other has just made, fails on it and rolls it back; it then finds the database
-/// at a later version than it read, and goes on from there.
+/// The version is read and the missing versions are made in one transaction that takes
+/// the write lock first, so processes opening a database at once (the service starting
+/// while an operator runs `manager status`) make each version once, one after the
+/// other. (rusqlite_migration, used before, reads the version before its transaction:
+/// the process that lost the race ran versions the other had just made, and failed.)
+/// A failed version leaves nothing behind: the whole transaction is rolled back.
 fn migrate(conn: &mut rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
-    let migrations = rusqlite_migration::Migrations::new(MIGRATIONS.iter().map(|m| rusqlite_migration::M::up(m)).collect());
-    let version = |conn: &rusqlite::Connection| -> anyhow::Result<usize> {
-        conn.query_row("PRAGMA user_version", [], |r| r.get(0)).with_context(|| format!("reading the schema version of {}", path.display()))
-    };
-    loop {
-        let read = version(conn)?;
-        if read > MIGRATIONS.len() {
-            anyhow::bail!(
-                "the manager database {} is at schema version {read}, which this program does not know (it knows up to {}; is the database from a newer version?); not touching it",
-                path.display(),
-                MIGRATIONS.len()
-            );
-        }
-        let Err(e) = migrations.to_latest(conn) else { return Ok(()) };
-        let now = version(conn)?;
-        if now <= read {
-            return Err(e).with_context(|| format!("bringing the manager database {} from schema version {read} to {}", path.display(), MIGRATIONS.len()));
-        }
-        tracing::debug!(read, now, "another process brought the database's schema on while this one did; going on from there");
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .with_context(|| format!("taking the write lock of {} to check its schema version", path.display()))?;
+    let read: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).with_context(|| format!("reading the schema version of {}", path.display()))?;
+    let latest = MIGRATIONS.len();
+    if read > latest {
+        anyhow::bail!(
+            "the manager database {} is at schema version {read}, which this program does not know (it knows up to {latest}; is the database from a newer version?); not touching it",
+            path.display()
+        );
     }
+    if read == latest {
+        return Ok(());
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(read) {
+        tx.execute_batch(sql).with_context(|| format!("bringing the manager database {} to schema version {} (from {read})", path.display(), i + 1))?;
+    }
+    tx.pragma_update(None, "user_version", latest).with_context(|| format!("setting the schema version of {}", path.display()))?;
+    tx.commit().with_context(|| format!("committing the schema of {}", path.display()))?;
+    tracing::info!(from = read, to = latest, "brought the manager database's schema to version {latest}");
+    Ok(())
 }
 
 impl Store {
@@ -1962,14 +1964,17 @@ mod tests {
     }
 
     /// The service starting while an operator runs `manager status` on a database that
-    /// is not there yet: every process that opens it at once gets a working store (the
-    /// one that loses the race to make the schema goes on from the version the other
-    /// made) and the schema is made once.
+    /// is not there yet, or on one from before schema versions were kept: every process
+    /// that opens it at once gets a working store, and each version is made once.
     #[test]
     fn processes_opening_a_new_database_at_once_all_get_it() {
         let dir = tempfile::tempdir().unwrap();
         for round in 0..20 {
             let path = dir.path().join(format!("m{round}.db"));
+            if round % 2 == 1 {
+                // The tables of version 1, no version said.
+                rusqlite::Connection::open(&path).unwrap().execute_batch(SCHEMA_V1).unwrap();
+            }
             let start = std::sync::Arc::new(std::sync::Barrier::new(4));
             let openers: Vec<_> = (0..4)
                 .map(|_| {
