@@ -808,6 +808,23 @@ impl<R> Engine<R> {
         }
     }
 
+    /// Ends the retries of contents whose paths a completed sync reply did not name (nor
+    /// did the queue while it came), at revisions up to its head: as of the head those
+    /// paths are no longer live, though their deletes may never reach this node (lost
+    /// with its queue's oldest messages). Pulled later, such a content would make the
+    /// file again with no delete left to undo it (a node that had taken no revision
+    /// vouches for every delete up to the head after its first sync; review of session
+    /// 46). A state after the head is kept: it comes on the queue.
+    fn drop_missing_not_named(&mut self, named: &NamedPaths, head: Revision) {
+        self.missing.retain(|path, m| {
+            let keep = m.entry.rev > head || named.contains(path);
+            if !keep {
+                tracing::debug!(target: "changes", %path, rev = m.entry.rev.0, head = head.0, "no longer pulled: the sync reply did not name it");
+            }
+            keep
+        });
+    }
+
     /// One page of a sync reply. Its entries are applied at once, like broadcasts (each
     /// is the state a path had, and an older state than the node's is ignored). The sync
     /// it answers gathers the paths it names; only the last page pushes the local paths
@@ -861,6 +878,7 @@ impl<R> Engine<R> {
             s.pushed += deleted as u64;
         }
         let unknown = self.tree.push_unknown(&s.known, s.snapshot).map_err(fail("pushing local paths"))?;
+        self.drop_missing_not_named(&s.known, s.head);
         let held_back = unknown.held_back;
         if unknown.held_back > 0 {
             tracing::warn!(
@@ -1070,6 +1088,47 @@ mod tests {
         assert_eq!(engine.missing(), 3, "three contents no node here has");
         take(&mut engine, applied("d", 9, None));
         assert_eq!(engine.missing.keys().map(|p| p.to_string()).collect::<Vec<_>>(), ["d.txt", "d0/g"]);
+    }
+
+    /// A content being retried whose path a completed sync reply does not name (its
+    /// delete lost with the queue's oldest messages) stops being retried; one named, and
+    /// one at a revision after the reply's head, go on.
+    #[test]
+    fn a_sync_reply_that_does_not_name_a_path_ends_the_retries_of_its_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
+        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
+        let sync_sent = |actions: &[Action<()>]| {
+            actions
+                .iter()
+                .find_map(|a| match a {
+                    Action::Publish { env, .. } => match &env.body {
+                        ToManager::Sync { request, .. } => Some(request.clone()),
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .expect("a sync is sent")
+        };
+        let entry = |path: &str, rev: u64| Entry {
+            path: RelPath::new(path.to_string()).unwrap(),
+            rev: Revision(rev),
+            version: Some(Version { content: Content::File { hash: ContentHash::from_bytes([7; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 }),
+            holders: vec![],
+            from_lost: None,
+        };
+        let to_node = |body| Envelope::new(tree.env().new_id(), NodeId::manager(), body);
+        let reply = |request, head, entries| to_node(ToNode::SyncReply { request, head: Revision(head), entries, page: 0, more: false });
+        engine.on_message(reply(sync_sent(&first), 1, vec![]), Duration::ZERO).unwrap();
+        for (path, rev) in [("gone", 2), ("named", 3), ("later", 7)] {
+            engine.on_message(to_node(ToNode::Applied { entry: entry(path, rev), origin: "n1".parse().unwrap() }), Duration::ZERO).unwrap();
+        }
+        assert_eq!(engine.missing(), 3);
+        // (Heard of before this sync began: only the reply names what is live.)
+        let request = sync_sent(&engine.on_sync_requested(None, MIN_SYNC_INTERVAL));
+        engine.on_message(reply(request, 5, vec![entry("named", 3)]), MIN_SYNC_INTERVAL).unwrap();
+        assert_eq!(engine.missing.keys().map(|p| p.to_string()).collect::<Vec<_>>(), ["later", "named"]);
     }
 
     /// A sync's reply is a snapshot as of the revision it started from: a path the node
