@@ -255,24 +255,34 @@ fn set_up(conn: &rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
 /// Brings the database to the latest schema version, or refuses one written by a newer
 /// manager: it may hold what this one would misread.
 ///
-/// The version is read and the missing versions are made in one transaction that takes
-/// the write lock first, so processes opening a database at once (the service starting
+/// Unless the database is at the latest version already, the version is read again and
+/// the missing versions are made in one transaction that takes the write lock first, so
+/// processes opening a database at once (the service starting
 /// while an operator runs `manager status`) make each version once, one after the
 /// other. (rusqlite_migration, used before, reads the version before its transaction:
 /// the process that lost the race ran versions the other had just made, and failed.)
 /// A failed version leaves nothing behind: the whole transaction is rolled back.
 fn migrate(conn: &mut rusqlite::Connection, path: &Path) -> anyhow::Result<()> {
+    let latest = MIGRATIONS.len();
+    let version_of = |conn: &rusqlite::Connection| -> anyhow::Result<usize> {
+        let v: usize = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).with_context(|| format!("reading the schema version of {}", path.display()))?;
+        if v > latest {
+            anyhow::bail!(
+                "the manager database {} is at schema version {v}, which this program does not know (it knows up to {latest}; is the database from a newer version?); not touching it",
+                path.display()
+            );
+        }
+        Ok(v)
+    };
+    // A database at the latest version (versions only go up) needs no lock: `manager
+    // status` must open one that another process holds locked (a stuck manager's).
+    if version_of(conn)? == latest {
+        return Ok(());
+    }
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .with_context(|| format!("taking the write lock of {} to check its schema version", path.display()))?;
-    let read: usize = tx.query_row("PRAGMA user_version", [], |r| r.get(0)).with_context(|| format!("reading the schema version of {}", path.display()))?;
-    let latest = MIGRATIONS.len();
-    if read > latest {
-        anyhow::bail!(
-            "the manager database {} is at schema version {read}, which this program does not know (it knows up to {latest}; is the database from a newer version?); not touching it",
-            path.display()
-        );
-    }
+        .with_context(|| format!("taking the write lock of {} to bring its schema on", path.display()))?;
+    let read = version_of(&tx)?;
     if read == latest {
         return Ok(());
     }
@@ -1961,6 +1971,18 @@ mod tests {
     }
     fn file(h: u8) -> Version {
         Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 }
+    }
+
+    /// `manager status` opens a database another process holds the write lock of (a
+    /// stuck manager's): at the latest schema version, opening takes no lock.
+    #[test]
+    fn a_locked_database_at_the_latest_version_opens() {
+        let (dir, _s) = fresh_store();
+        let path = dir.path().join("m.db");
+        let lock = rusqlite::Connection::open(&path).unwrap();
+        lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+        // (Waiting for the lock, it would fail after the busy timeout.)
+        Store::open(&path).unwrap_or_else(|e| panic!("{e:#}"));
     }
 
     /// The service starting while an operator runs `manager status` on a database that
