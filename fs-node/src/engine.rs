@@ -1005,12 +1005,17 @@ mod tests {
     use crate::store::{put_bytes, ContentStore};
     use wire::{BatchItem, Version, MAX_TO_MANAGER_BYTES};
 
+    /// Node n2, as the tests' engines run it.
+    fn n2_info() -> NodeInfo {
+        NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() }
+    }
+
     /// A tree in `dir` whose store holds `bytes`, and the engine of node n2 on it.
     fn engine_with(dir: &std::path::Path, bytes: &[u8]) -> (ContentHash, Arc<Tree>, NodeId, Engine<()>) {
         let hash = put_bytes(&ContentStore::open(dir).unwrap(), bytes).unwrap();
         let tree = Arc::new(Tree::load(Db::open(&dir.join("node.db")).unwrap(), ContentStore::open(dir).unwrap()).unwrap());
         let me: NodeId = "n2".parse().unwrap();
-        let info = NodeInfo { id: me.clone(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let info = n2_info();
         let (engine, _) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
         (hash, tree, me, engine)
     }
@@ -1097,7 +1102,7 @@ mod tests {
     fn a_sync_reply_that_does_not_name_a_path_ends_the_retries_of_its_content() {
         let dir = tempfile::tempdir().unwrap();
         let tree = Arc::new(Tree::load(Db::open(&dir.path().join("node.db")).unwrap(), ContentStore::open(dir.path()).unwrap()).unwrap());
-        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let info = n2_info();
         let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
         let sync_sent = |actions: &[Action<()>]| {
             actions
@@ -1149,7 +1154,7 @@ mod tests {
             from_lost: None,
         };
         tree.apply_remote(&entry("had.txt", 2)).unwrap();
-        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let info = n2_info();
         let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
         let sent = |actions: &[Action<()>]| -> (Option<(MessageId, bool)>, Vec<String>) {
             let mut sync = None;
@@ -1343,7 +1348,7 @@ mod tests {
         // Two changes left from before the session: sent one by one when it starts.
         mkdir(&names[0]);
         mkdir(&names[1]);
-        let info = NodeInfo { id: "n2".parse().unwrap(), url: "http://127.0.0.1:1".into(), allow_setid: false, software: "test".into() };
+        let info = n2_info();
         let (mut engine, first) = Engine::<()>::connected(tree.clone(), info, 0, Duration::ZERO);
         let first = changes(first);
         assert_eq!(first.iter().map(|m| m.len()).collect::<Vec<_>>(), vec![1, 1], "the session's first publish: one change per message");

@@ -387,6 +387,9 @@ struct State {
     /// The highest revision taken at a moment with no change undecided and everything
     /// committed on disk (`Tree::progress_for_heartbeat`).
     idle_taken_on_disk: Revision,
+    /// The head of the last completed sync, as `node.db` keeps it (`Tree::synced_head`):
+    /// read by every heartbeat, which must not look through the redo log for it.
+    synced_head: Option<u64>,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -590,6 +593,7 @@ impl Tree {
             outbox.sent.insert(row.msg.clone());
             outbox.set(row.seq, Some(row));
         }
+        let synced_head = db.meta(SYNCED_HEAD_KEY)?.and_then(|v| v.parse().ok());
         let state = State {
             db,
             env,
@@ -615,6 +619,7 @@ impl Tree {
             last_round: 0,
             flushed_commits: 0,
             idle_taken_on_disk: Revision(0),
+            synced_head,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

@@ -215,13 +215,13 @@ impl Tree {
     /// The head of the last sync that completed on this node, kept in `node.db` across
     /// restarts (`link::Session::sync_since`).
     pub fn synced_head(&self) -> Option<u64> {
-        Self::synced_head_of(&self.lock())
-    }
-    fn synced_head_of(st: &State) -> Option<u64> {
-        st.db.meta(SYNCED_HEAD_KEY).ok().flatten().and_then(|v| v.parse().ok())
+        self.lock().synced_head
     }
     pub fn set_synced_head(&self, head: u64) -> FsResult<()> {
-        self.lock().db.set_meta(SYNCED_HEAD_KEY, &head.to_string()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording the synced head")))
+        let mut st = self.lock();
+        st.db.set_meta(SYNCED_HEAD_KEY, &head.to_string()).map_err(|e| FsError::Io(anyhow::Error::new(e).context("recording the synced head")))?;
+        st.synced_head = Some(head);
+        Ok(())
     }
 
     /// After a reconnection every undecided row is sent again (the manager recognises
@@ -271,7 +271,7 @@ impl Tree {
     pub fn progress_for_heartbeat(&self, may_flush: bool) -> FsResult<HeartbeatProgress> {
         let (pending, taken, applied) = {
             let st = self.lock();
-            let synced_head = Self::synced_head_of(&st);
+            let synced_head = st.synced_head;
             ((st.outbox.len() + st.moves.len()) as u64, Revision(st.last_rev), deletes_applied_upto(synced_head, st.last_rev))
         };
         let flushed = pending == 0 && may_flush && self.flush_log()?;
