@@ -161,11 +161,12 @@ impl Fetcher {
         }
     }
 
-    /// One reader of `s` is done; the last one before it ends cancels it (a `head` of a
-    /// large file does not go on to fetch all of it).
+    /// One reader of `s` is done; the last one before it has every block cancels it (a
+    /// `head` of a large file does not go on to fetch all of it; one that read it all
+    /// leaves it to be installed).
     pub fn release_stream(&self, s: &Arc<Stream>) {
         let streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        if s.readers.fetch_sub(1, Ordering::Relaxed) == 1 && !s.ended() {
+        if s.readers.fetch_sub(1, Ordering::Relaxed) == 1 && !s.ended() && !s.complete() {
             tracing::debug!(hash = %s.hash, "nobody reads a stream any more: cancelled");
             s.cancel();
         }
