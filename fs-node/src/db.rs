@@ -154,6 +154,8 @@ enum Op {
     SaveDentry(u64, Vec<u8>, u64),
     DeleteDentry(u64, Vec<u8>),
     SetRev(String, u64),
+    /// (Frames with it are not read by a node from before it: `tree/forget.rs`.)
+    RemoveRev(String),
     PushOutbox {
         seq: i64,
         msg: String,
@@ -205,6 +207,7 @@ impl Op {
             Op::SetRev(path, rev) => conn
                 .prepare_cached("INSERT INTO revs(path, rev) VALUES(?1, ?2) ON CONFLICT(path) DO UPDATE SET rev = excluded.rev")?
                 .execute(params![path, *rev as i64])?,
+            Op::RemoveRev(path) => conn.prepare_cached("DELETE FROM revs WHERE path = ?1")?.execute([path])?,
             // The tree's seqs are unique; a row that was there anyway (a tree bug) would
             // otherwise stop every fold after it, and the log would grow without end.
             Op::PushOutbox { seq, msg, path, body } => {
@@ -650,6 +653,10 @@ impl Db {
 
     pub fn set_rev(&self, path: &RelPath, rev: Revision) -> rusqlite::Result<()> {
         self.record(Op::SetRev(path.as_str().into(), rev.0))
+    }
+
+    pub fn remove_rev(&self, path: &RelPath) -> rusqlite::Result<()> {
+        self.record(Op::RemoveRev(path.as_str().into()))
     }
 
     pub fn outbox(&self) -> anyhow::Result<Vec<OutboxRow>> {

@@ -357,11 +357,18 @@ impl<R> Engine<R> {
 
     /// The manager's decisions on our changes and other nodes' changes, in order,
     /// [`APPLY_AT_ONCE`] to a transaction (`apply_grouped`).
-    fn apply_changes(&mut self, mut items: Vec<Incoming>, now: Now) -> EngineResult<()> {
+    fn apply_changes(&mut self, items: Vec<Incoming>, now: Now) -> EngineResult<()> {
         // The manager has each of these paths: a sync under way counts them as named.
         for sync in self.syncs.values_mut() {
             sync.known.extend(items.iter().map(|item| &Incoming::entry(item).path));
         }
+        self.apply_queued(items, now)
+    }
+
+    /// Items from the queue (decisions, broadcasts, the entries of a sync reply page no
+    /// longer waited for): a state older than a forgotten delete of its path is not
+    /// applied (`tree/forget.rs`).
+    fn apply_queued(&mut self, mut items: Vec<Incoming>, now: Now) -> EngineResult<()> {
         for item in &mut items {
             match item {
                 Incoming::Decided { change, outcome, current } => {
@@ -841,7 +848,7 @@ impl<R> Engine<R> {
         }
         let Some(mut s) = sync else {
             tracing::debug!(%request, page, "a page of a sync no longer waited for: applying its entries only");
-            self.apply_entries(entries, now)?;
+            self.apply_queued(entries.into_iter().map(Incoming::Entry).collect(), now)?;
             self.start_next_sync(now);
             return Ok(());
         };
@@ -912,8 +919,13 @@ impl<R> Engine<R> {
         // from its queue after the delete's was dropped): the catch-up sync it runs next
         // must name the deletes since the last sync that showed none (simulator seed 7401).
         if held_back == 0 {
-            if let Err(e) = self.tree.set_synced_head(head.0) {
-                tracing::warn!("{e}; the next sync asks for more deleted paths");
+            match self.tree.set_synced_head(head.0) {
+                Ok(()) => {
+                    if let Err(e) = self.tree.forget_old_deletes(head.0) {
+                        tracing::warn!("forgetting the revisions of deleted paths: {e}; tried again after the next sync");
+                    }
+                }
+                Err(e) => tracing::warn!("{e}; the next sync asks for more deleted paths"),
             }
         }
         self.out.push(Action::SyncDone { responders: s.responders, result: Ok(report) });

@@ -91,6 +91,12 @@ struct Args {
     /// a file's bytes does not hold up every other operation.
     #[arg(long, env = "SYNC_FUSE_THREADS", value_parser = clap::value_parser!(u16).range(1..=64))]
     fuse_threads: Option<u16>,
+    /// How long the revision of a deleted path is kept at least, after a completed sync
+    /// covered it (`30d`, `12h`…): a manager brought back from a copy older than that
+    /// may bring the path back (docs/sync.md, *What a node forgets*). As long as the
+    /// manager keeps deleted versions (`--keep-for`) or longer.
+    #[arg(long, env = "SYNC_FORGET_DELETES_AFTER", default_value = "30d", value_parser = humantime::parse_duration)]
+    forget_deletes_after: std::time::Duration,
 }
 
 /// A size with an optional binary unit: 1048576, 512KiB, 20GiB (K, M, G, T also).
@@ -144,5 +150,6 @@ fn run() -> anyhow::Result<()> {
         on_demand: a.on_demand,
         cache_size: a.cache_size,
         fuse_threads: a.fuse_threads.map(usize::from),
+        forget_deletes_after: a.forget_deletes_after,
     })
 }

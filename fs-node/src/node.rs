@@ -69,6 +69,8 @@ pub struct Config {
     pub cache_size: Option<u64>,
     /// Threads reading the kernel's requests (`None`: [`default_fuse_threads`]).
     pub fuse_threads: Option<usize>,
+    /// How long a deleted path's revision is kept at least (`tree/forget.rs`).
+    pub forget_deletes_after: Duration,
 }
 
 /// The threads that answer the mount's requests unless told otherwise: one where the
@@ -217,6 +219,7 @@ pub fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let store = ContentStore::open(&cfg.data)?;
     let tree = Arc::new(Tree::load_on_demand(db, store.clone(), cfg.on_demand)?);
+    tree.set_forget_deletes_after(cfg.forget_deletes_after);
     tree.set_node_ignore_rules(&cfg.ignore).map_err(|e| anyhow::anyhow!("taking the node's ignore rules: {e}"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     let cancel = CancellationToken::new();

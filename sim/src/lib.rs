@@ -17,7 +17,7 @@ pub mod node;
 use broker::Broker;
 use fs_node::env::PersistFault;
 use manager::{CrashPoint, SimManager};
-use node::{SimNode, WriteHow};
+use node::{NodeOptions, SimNode, WriteHow};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -82,6 +82,11 @@ pub struct Config {
     /// forgotten while a node could still need it would bring the path back
     /// (`check::all`, *No deleted path brought back*).
     pub forget_decisions: bool,
+    /// Nodes forget the revisions of deleted paths a completed sync covered after a wait
+    /// drawn per node (none at all, 2 s or 10 s; `tree/forget.rs`), and take a state
+    /// from their queue older than a forgotten delete as stale. From a random stream of
+    /// its own; off, the nodes keep them for longer than any run.
+    pub forget_deletes: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -105,6 +110,7 @@ impl Default for Config {
             connected_drops: true,
             restores: true,
             forget_decisions: true,
+            forget_deletes: true,
         }
     }
 }
@@ -156,6 +162,8 @@ pub struct World {
     late_rng: ChaCha8Rng,
     /// The random stream of the large renames (`Config::large_moves`).
     move_rng: ChaCha8Rng,
+    /// Draws of `Config::forget_deletes`: each node's wait, and syncs users ask for.
+    forget_rng: ChaCha8Rng,
     /// The random stream of the directories made again (`Config::remade_dirs`).
     remake_rng: ChaCha8Rng,
     /// The random stream of the queue length limits (`Config::queue_drops`).
@@ -251,18 +259,21 @@ impl World {
         let mut broker = Broker::default();
         let mut nodes = Vec::new();
         let mut move_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x4d_4f56_4553);
+        let mut forget_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x464f_5247_4554);
         for i in 0..cfg.nodes {
             let id: NodeId = format!("n{}", i + 1).parse().expect("valid id");
             broker.declare_node(&id);
             let node_dir = dir.path().join(format!("n{}", i + 1));
             fresh_node_database(&node_dir.join("node.db"))?;
             let move_in_one_hold = (cfg.large_moves && move_rng.random_bool(0.5)).then(|| move_rng.random_range(0..3));
-            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug, move_in_one_hold)?);
+            let forget_deletes_after = cfg.forget_deletes.then(|| Duration::from_secs([0, 2, 10][forget_rng.random_range(0..3)]));
+            nodes.push(SimNode::start(id, node_dir, clock_ns.clone(), cfg.bug, NodeOptions { move_in_one_hold, forget_deletes_after })?);
         }
         let mut w = World {
             rng: ChaCha8Rng::seed_from_u64(seed),
             late_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5354_414c_4c53),
             move_rng,
+            forget_rng,
             remake_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_4d41_4b45),
             drop_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4452_4f50_5321),
             lag_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4c41_4747_494e),
@@ -538,6 +549,16 @@ impl World {
                     self.nodes[i].outbox_ready(&mut self.broker, now);
                 }
             }
+        }
+        // A user asks for a sync now and then: syncs complete often, and with them the
+        // nodes forget deleted paths' revisions (`tree/forget.rs`).
+        if self.cfg.forget_deletes && self.forget_rng.random_range(0..6) == 0 {
+            let i = self.forget_rng.random_range(0..self.nodes.len());
+            self.log(format!("n{} is asked to sync", i + 1));
+            self.with_node(i, |n, b, _, now| {
+                n.request_sync(b, now);
+                Ok(())
+            })?;
         }
         self.maybe_restore_the_manager()?;
         if !self.manager.is_up() && self.rng.random_bool(0.5) {

@@ -90,14 +90,22 @@ pub struct SimNode {
     /// (`SyncReport::pushed_again`): without a restore of the manager, a deleted path
     /// brought back.
     pub pushed_again: u64,
-    /// Above how many entries its renames of directories are queued in parts.
-    move_in_one_hold: Option<usize>,
+    options: NodeOptions,
+}
+
+/// How a simulated node is set up, drawn from the seed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NodeOptions {
+    /// Above how many entries a rename of a directory is queued in parts
+    /// (`Tree::set_move_in_one_hold`; `None`: the node's default).
+    pub move_in_one_hold: Option<usize>,
+    /// How long the revision of a deleted path is kept after a completed sync covered it
+    /// (`Tree::set_forget_deletes_after`; `None`: the node's default, longer than any run).
+    pub forget_deletes_after: Option<Duration>,
 }
 
 impl SimNode {
-    /// `move_in_one_hold`: above how many entries a rename of a directory is queued in
-    /// parts (`Tree::set_move_in_one_hold`; `None`: the node's default).
-    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>, move_in_one_hold: Option<usize>) -> anyhow::Result<SimNode> {
+    pub fn start(id: NodeId, dir: PathBuf, clock_ns: Arc<AtomicI64>, bug: Option<PastBug>, options: NodeOptions) -> anyhow::Result<SimNode> {
         std::fs::create_dir_all(&dir)?;
         let env = Arc::new(SimEnv { clock_ns, node: id.clone(), next: AtomicU64::new(1), bug, fault: Default::default() });
         let mut n = SimNode {
@@ -114,7 +122,7 @@ impl SimNode {
             held: Vec::new(),
             sync_errors: Vec::new(),
             pushed_again: 0,
-            move_in_one_hold,
+            options,
         };
         n.load()?;
         Ok(n)
@@ -124,8 +132,11 @@ impl SimNode {
         let db = Db::open(&self.dir.join("node.db"))?;
         let store = ContentStore::open(&self.dir)?;
         let tree = Tree::load_with(db, store, self.env.clone())?;
-        if let Some(n) = self.move_in_one_hold {
+        if let Some(n) = self.options.move_in_one_hold {
             tree.set_move_in_one_hold(n);
+        }
+        if let Some(wait) = self.options.forget_deletes_after {
+            tree.set_forget_deletes_after(wait);
         }
         self.tree = Some(Arc::new(tree));
         Ok(())
@@ -146,7 +157,7 @@ impl SimNode {
     }
     /// Whether this node queues its renames of directories in parts (most of them).
     pub fn moves_in_parts(&self) -> bool {
-        self.move_in_one_hold.is_some()
+        self.options.move_in_one_hold.is_some()
     }
     pub fn url(&self) -> String {
         format!("sim://{}", self.id)

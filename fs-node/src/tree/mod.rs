@@ -22,6 +22,8 @@ use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, Re
 
 mod error;
 mod files;
+mod forget;
+pub use forget::FORGET_DELETES_AFTER;
 mod hold;
 use hold::{HoldRecord, TreeGuard};
 pub use hold::{HoldReport, LONG_HOLD};
@@ -390,6 +392,12 @@ struct State {
     /// The head of the last completed sync, as `node.db` keeps it (`Tree::synced_head`):
     /// read by every heartbeat, which must not look through the redo log for it.
     synced_head: Option<u64>,
+    /// Deleted paths' revisions were forgotten up to here (`forget.rs`); never goes back.
+    forgotten_upto: u64,
+    /// Completed syncs' heads and when (`forget.rs`).
+    checkpoints: Vec<forget::Checkpoint>,
+    /// How long a deleted path's revision is kept at least (`forget.rs`).
+    forget_after_ns: i64,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -587,7 +595,9 @@ impl Tree {
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
+        let forgotten_upto = forget::load_forgotten_upto(&db)?;
         let last_rev = last_revision_in(&revs);
+        let checkpoints = forget::load_checkpoints(&db)?;
         let mut outbox = Outbox::default();
         for row in db.outbox()? {
             outbox.sent.insert(row.msg.clone());
@@ -620,6 +630,9 @@ impl Tree {
             flushed_commits: 0,
             idle_taken_on_disk: Revision(0),
             synced_head,
+            forgotten_upto,
+            checkpoints,
+            forget_after_ns: FORGET_DELETES_AFTER.as_nanos() as i64,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

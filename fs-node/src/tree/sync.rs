@@ -691,7 +691,7 @@ impl State {
     fn apply_incoming(&mut self, item: &Incoming, store: &ContentStore) -> FsResult<Applied> {
         match item {
             Incoming::Decided { change, outcome, current } => self.apply_decided(change, outcome, current, store),
-            Incoming::Entry(e) => self.apply_remote(e, store),
+            Incoming::Entry(e) => self.apply_queued(e, store),
         }
     }
 

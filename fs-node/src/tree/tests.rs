@@ -93,6 +93,53 @@ fn a_state_older_than_the_delete_of_a_directory_above_it_is_not_applied() {
     assert_eq!(t.lookup(ROOT, OsStr::new("d")).unwrap().kind, Kind::Dir, "a state after the delete: the directory was made again there");
 }
 
+/// `tree/forget.rs`: the revision of a deleted path goes once a sync that completed at
+/// least the wait ago covered it, not while a change of the node's own is queued there;
+/// a state from the queue older than the forgotten delete is not applied (it would
+/// bring the deleted file back), a newer one and a sync reply's entry are; all of it
+/// survives a restart.
+#[test]
+fn a_deleted_paths_revision_goes_after_a_covering_sync_and_an_older_state_from_the_queue_stays_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let p = |s: &str| RelPath::new(s).unwrap();
+    let deleted = |path: &str, rev: u64| Entry { path: p(path), rev: Revision(rev), version: None, holders: vec![], from_lost: None };
+    let queued = |e: Entry| t.apply_incoming(&Incoming::Entry(e)).unwrap();
+    t.apply_remote(&dir_entry("f", 3, 0o755)).unwrap();
+    t.apply_remote(&deleted("f", 5)).unwrap();
+    t.apply_remote(&dir_entry("d", 4, 0o755)).unwrap();
+    // g: taken, then deleted here, the delete not decided yet.
+    t.apply_remote(&dir_entry("g", 2, 0o755)).unwrap();
+    t.rmdir(ROOT, OsStr::new("g")).unwrap();
+
+    // Not before the wait is over.
+    t.set_forget_deletes_after(std::time::Duration::from_secs(3600));
+    t.set_synced_head(6).unwrap();
+    assert_eq!(t.forget_old_deletes(6).unwrap(), 0);
+    assert_eq!(t.revision_of(&p("f")), Revision(5));
+
+    t.set_forget_deletes_after(std::time::Duration::ZERO);
+    assert_eq!(t.forget_old_deletes(6).unwrap(), 1, "f's revision goes; d is here, g's delete is queued");
+    assert_eq!((t.revision_of(&p("f")), t.revision_of(&p("d")), t.revision_of(&p("g"))), (Revision(0), Revision(4), Revision(2)));
+    assert_eq!(t.forgotten_upto(), 6);
+    assert_memory_is_persisted(&t, "after forgetting");
+
+    // A late broadcast of f older than its forgotten delete stays out; of a path never
+    // known at such a revision, too (the sync with head 6 named every path live then).
+    assert!(!queued(dir_entry("f", 3, 0o755)).changed);
+    assert!(!queued(dir_entry("h", 6, 0o755)).changed);
+    assert!(t.lookup(ROOT, OsStr::new("f")).is_err() && t.lookup(ROOT, OsStr::new("h")).is_err(), "a deleted path brought back");
+    // A newer one is applied, and so is what a sync reply names (the manager's state).
+    assert!(queued(dir_entry("f", 7, 0o755)).changed);
+    assert!(t.apply_remote(&dir_entry("h", 6, 0o755)).unwrap().changed);
+    assert_eq!(t.revision_of(&p("f")), Revision(7));
+
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.forgotten_upto(), 6, "kept across a restart");
+    assert!(!t.apply_incoming(&Incoming::Entry(dir_entry("e", 5, 0o755))).unwrap().changed);
+    assert_memory_is_persisted(&t, "after a restart");
+}
+
 fn chmod(t: &Tree, ino: u64, mode: u32) {
     t.setattr(ino, 0, SetAttr { mode: Some(mode), uid: None, gid: None, size: None, atime: None, mtime: None, fh: None }).unwrap();
 }

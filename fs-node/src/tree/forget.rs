@@ -1,0 +1,154 @@
+//! What a node forgets of deleted paths: the revision of each one it took (`State::revs`
+//! of a path that is not here), kept so that an older state of the path coming late (a
+//! broadcast still in the queue, a page of a sync given up) is known as stale and not
+//! applied. Kept for good, these grew a node's memory and `node.db` by about 100 bytes
+//! per path ever deleted (build output, editors' temporary files).
+//!
+//! A deleted path's revision goes once it is at or below the head of a sync that
+//! completed (nothing held back) at least `forget_after` ago (`--forget-deletes-after`,
+//! 30 days by default, as long as the manager keeps a deleted version). The highest head
+//! forgotten up to is kept (`forgotten_upto`, never going back), and a state from the
+//! queue at or below it, of a path this node neither has nor knows a revision of, is
+//! stale: the sync with that head named every path live then (a live path at such a
+//! revision would be known here), so the state was deleted since, and applying it would
+//! bring a deleted path back. A sync reply's own entries are the manager's state at its
+//! head and are applied as before.
+//!
+//! What the wait guards: a manager brought back from a copy older than a forgotten
+//! delete may name the path live again; the node then has no later revision to set
+//! against it (`lost_by_the_manager`) and takes it back. Past the wait, as for the
+//! manager's own forgotten tombstones, a restore that old brings deleted files back.
+//! Which completed syncs' heads and when: a short list in `node.db` (`checkpoints`).
+
+use super::*;
+
+/// `node.db` meta key of [`State::forgotten_upto`].
+pub(super) const FORGOTTEN_UPTO_KEY: &str = "forgotten_deletes_upto";
+/// `node.db` meta key of [`State::checkpoints`].
+pub(super) const CHECKPOINTS_KEY: &str = "sync_checkpoints";
+/// How long a deleted path's revision is kept at least, unless the node is told.
+pub const FORGET_DELETES_AFTER: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+/// Checkpoints kept: one per sixteenth of the wait, so a revision goes at most a
+/// sixteenth of the wait late.
+const CHECKPOINTS: usize = 16;
+
+/// A sync that completed: its head, and when (ns since the epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(super) struct Checkpoint {
+    pub head: u64,
+    pub at_ns: i64,
+}
+
+/// The checkpoints `node.db` holds (none if unreadable: nothing is forgotten then).
+pub(super) fn load_checkpoints(db: &Db) -> rusqlite::Result<Vec<Checkpoint>> {
+    Ok(db.meta(CHECKPOINTS_KEY)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default())
+}
+
+pub(super) fn load_forgotten_upto(db: &Db) -> rusqlite::Result<u64> {
+    Ok(db.meta(FORGOTTEN_UPTO_KEY)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+}
+
+impl State {
+    /// Whether `entry`, from the queue, is older than a forgotten delete of its path (see
+    /// the module): at or below `forgotten_upto`, of a path with no revision here and not
+    /// here.
+    pub(super) fn older_than_forgotten(&self, entry: &Entry) -> bool {
+        entry.rev.0 <= self.forgotten_upto && !self.revs.contains_key(&entry.path) && self.resolve(&entry.path).is_none()
+    }
+
+    /// Applies a state from the queue (a broadcast, a page of a sync no longer waited
+    /// for): as [`State::apply_remote`], unless it is older than a forgotten delete.
+    pub(super) fn apply_queued(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
+        if self.older_than_forgotten(entry) {
+            tracing::debug!(target: "changes", path = %entry.path, rev = entry.rev.0, forgotten_upto = self.forgotten_upto, "older than a forgotten delete of the path: not applied");
+            return Ok(Applied::default());
+        }
+        self.apply_remote(entry, store)
+    }
+
+    /// Records that a sync with head `head` completed now, one checkpoint per sixteenth
+    /// of the wait (the list stays short).
+    fn add_checkpoint(&mut self, head: u64) -> FsResult<()> {
+        let now = self.env.now_ns();
+        let step = self.forget_after_ns / CHECKPOINTS as i64;
+        if self.checkpoints.last().is_some_and(|c| now.saturating_sub(c.at_ns) < step || c.head >= head) {
+            return Ok(());
+        }
+        self.checkpoints.push(Checkpoint { head, at_ns: now });
+        // The newest one old enough is all that is used of those before it.
+        let old_enough = self.checkpoints.iter().rposition(|c| now.saturating_sub(c.at_ns) >= self.forget_after_ns).unwrap_or(0);
+        self.checkpoints.drain(..old_enough);
+        if self.checkpoints.len() > CHECKPOINTS + 1 {
+            self.checkpoints.remove(1);
+        }
+        self.save_checkpoints()
+    }
+
+    fn save_checkpoints(&mut self) -> FsResult<()> {
+        let json = serde_json::to_string(&self.checkpoints).expect("checkpoints serialize");
+        self.db.set_meta(CHECKPOINTS_KEY, &json)?;
+        Ok(())
+    }
+
+    /// The head up to which deleted paths' revisions may go now: that of the newest
+    /// checkpoint at least the wait old.
+    fn forgettable_upto(&self) -> Option<u64> {
+        let now = self.env.now_ns();
+        self.checkpoints.iter().rev().find(|c| now.saturating_sub(c.at_ns) >= self.forget_after_ns).map(|c| c.head)
+    }
+
+    /// Whether the revision of `path`, not here, may go: nothing undecided, deferred or
+    /// moving at or below it.
+    fn may_forget(&self, path: &RelPath) -> bool {
+        self.resolve(path).is_none() && !self.outbox.has_within(path) && !self.deferred.contains_key(path) && !self.move_below(path)
+    }
+}
+
+impl Tree {
+    /// How long a deleted path's revision is kept at least (`--forget-deletes-after`).
+    pub fn set_forget_deletes_after(&self, wait: std::time::Duration) {
+        self.lock().forget_after_ns = wait.as_nanos().min(i64::MAX as u128) as i64;
+    }
+
+    /// The highest revision up to which deleted paths' revisions were forgotten.
+    pub fn forgotten_upto(&self) -> u64 {
+        self.lock().forgotten_upto
+    }
+
+    /// A sync with head `head` completed with nothing held back (`Tree::set_synced_head`
+    /// was just called): recorded as a checkpoint, then the revisions of deleted paths
+    /// at or below the newest checkpoint old enough go (see the module). Returns how
+    /// many went. A pass over the revisions only when that checkpoint moved on.
+    pub fn forget_old_deletes(&self, head: u64) -> FsResult<usize> {
+        let (upto, gone) = {
+            let mut st = self.lock();
+            st.add_checkpoint(head)?;
+            let Some(upto) = st.forgettable_upto().filter(|u| *u > st.forgotten_upto) else {
+                return Ok(0);
+            };
+            let gone: Vec<RelPath> = st.revs.iter().filter(|(p, r)| r.0 <= upto && st.may_forget(p)).map(|(p, _)| p.clone()).collect();
+            (upto, gone)
+        };
+        let n = gone.len();
+        self.atomically(|st, _| {
+            for p in &gone {
+                // (Checked again: the lock was let go.)
+                if !st.may_forget(p) {
+                    continue;
+                }
+                if let Some(old) = st.revs.remove(p) {
+                    st.record(|| Undo::Rev(p.clone(), Some(old)));
+                    st.db.remove_rev(p)?;
+                }
+            }
+            st.db.set_meta(FORGOTTEN_UPTO_KEY, &upto.to_string())?;
+            Ok(())
+        })?;
+        let mut st = self.lock();
+        st.forgotten_upto = st.forgotten_upto.max(upto);
+        // As a restart would count it (the highest revision left).
+        st.last_rev = last_revision_in(&st.revs);
+        tracing::info!(paths = n, upto, "forgot the revisions of deleted paths");
+        Ok(n)
+    }
+}
