@@ -31,6 +31,8 @@ pub const FORGET_DELETES_AFTER: std::time::Duration = std::time::Duration::from_
 /// Checkpoints kept: one per sixteenth of the wait, so a revision goes at most a
 /// sixteenth of the wait late.
 const CHECKPOINTS: usize = 16;
+/// Revisions looked at in one transaction when forgetting.
+const FORGET_PART: usize = 4_096;
 
 /// A sync that completed: its head, and when (ns since the epoch).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -100,7 +102,7 @@ impl State {
     /// Whether the revision of `path`, not here, may go: nothing undecided, deferred or
     /// moving at or below it.
     fn may_forget(&self, path: &RelPath) -> bool {
-        self.resolve(path).is_none() && !self.outbox.has_within(path) && !self.deferred.contains_key(path) && !self.move_below(path)
+        !self.outbox.has_within(path) && !self.deferred.contains_key(path) && !self.move_below(path)
     }
 }
 
@@ -118,37 +120,51 @@ impl Tree {
     /// A sync with head `head` completed with nothing held back (`Tree::set_synced_head`
     /// was just called): recorded as a checkpoint, then the revisions of deleted paths
     /// at or below the newest checkpoint old enough go (see the module). Returns how
-    /// many went. A pass over the revisions only when that checkpoint moved on.
+    /// many went. Only the revisions taken since the last time are looked at (and those
+    /// that could not go then), [`FORGET_PART`] at a time: the mount is not held for a
+    /// pass over the whole tree.
     pub fn forget_old_deletes(&self, head: u64) -> FsResult<usize> {
-        let (upto, gone) = {
+        let (upto, candidates) = {
             let mut st = self.lock();
             st.add_checkpoint(head)?;
             let Some(upto) = st.forgettable_upto().filter(|u| *u > st.forgotten_upto) else {
                 return Ok(0);
             };
-            let gone: Vec<RelPath> = st.revs.iter().filter(|(p, r)| r.0 <= upto && st.may_forget(p)).map(|(p, _)| p.clone()).collect();
-            (upto, gone)
-        };
-        let n = gone.len();
-        self.atomically(|st, _| {
-            for p in &gone {
-                // (Checked again: the lock was let go.)
-                if !st.may_forget(p) {
-                    continue;
-                }
-                if let Some(old) = st.revs.remove(p) {
-                    st.record(|| Undo::Rev(p.clone(), Some(old)));
-                    st.db.remove_rev(p)?;
-                }
-            }
+            let from = st.forgotten_upto;
+            let mut candidates = std::mem::take(&mut st.forget_later);
+            candidates.extend(st.revs.iter().filter(|(_, r)| from < r.0 && r.0 <= upto).map(|(p, _)| p.clone()));
+            // The watermark first: a state from the queue at or below it is stale
+            // whether or not its path's revision is gone yet.
             st.db.set_meta(FORGOTTEN_UPTO_KEY, &upto.to_string())?;
-            Ok(())
-        })?;
+            st.forgotten_upto = upto;
+            (upto, candidates)
+        };
+        let mut gone = 0;
+        for part in candidates.chunks(FORGET_PART) {
+            gone += self.atomically(|st, _| {
+                let mut n = 0;
+                for p in part {
+                    // (The lock was let go: what changed meanwhile is looked at again.)
+                    if !st.revs.get(p).is_some_and(|r| r.0 <= upto) || st.resolve(p).is_some() {
+                        continue;
+                    }
+                    if !st.may_forget(p) {
+                        st.forget_later.push(p.clone());
+                        continue;
+                    }
+                    if let Some(old) = st.revs.remove(p) {
+                        st.record(|| Undo::Rev(p.clone(), Some(old)));
+                        st.db.remove_rev(p)?;
+                        n += 1;
+                    }
+                }
+                Ok(n)
+            })?;
+        }
         let mut st = self.lock();
-        st.forgotten_upto = st.forgotten_upto.max(upto);
         // As a restart would count it (the highest revision left).
         st.last_rev = last_revision_in(&st.revs);
-        tracing::info!(paths = n, upto, "forgot the revisions of deleted paths");
-        Ok(n)
+        tracing::info!(paths = gone, upto, "forgot the revisions of deleted paths");
+        Ok(gone)
     }
 }

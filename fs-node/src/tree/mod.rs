@@ -398,6 +398,9 @@ struct State {
     checkpoints: Vec<forget::Checkpoint>,
     /// How long a deleted path's revision is kept at least (`forget.rs`).
     forget_after_ns: i64,
+    /// Deleted paths whose revisions could not go at the last pass (a change of the
+    /// node's own there): looked at again at the next (`forget.rs`). In memory only.
+    forget_later: Vec<RelPath>,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -633,6 +636,7 @@ impl Tree {
             forgotten_upto,
             checkpoints,
             forget_after_ns: FORGET_DELETES_AFTER.as_nanos() as i64,
+            forget_later: Vec::new(),
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,
