@@ -72,6 +72,10 @@ pub struct NodeStatus {
     /// versions at rest are patches).
     #[serde(default)]
     pub kept_disk_bytes: u64,
+    /// Paths whose revision the node keeps: those it took from the manager, and deleted
+    /// ones not forgotten yet (docs/sync.md, *What a node forgets*).
+    #[serde(default)]
+    pub revisions_kept: u64,
     pub last_sync: Option<SyncReport>,
     /// Local and on-demand contents, and the pin rules (docs/on-demand.md).
     #[serde(default)]
@@ -125,6 +129,7 @@ impl Reporter {
             kept_contents: stats.kept_contents,
             kept_bytes: stats.kept_bytes,
             kept_disk_bytes: stats.kept_disk_bytes,
+            revisions_kept: stats.revisions_kept,
             last_sync: self.link.last_sync(),
             residency: self.tree.residency(),
             pulls: self.fetcher.in_progress(),

@@ -288,6 +288,49 @@ fn deletes_are_forgotten_once_every_node_applied_them() {
     assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
 
+/// Nor does a node keep the revision of every path it saw deleted: one goes once a sync
+/// that completed at least `--forget-deletes-after` ago covered it (here no wait at
+/// all), also across a restart; a node with the default wait keeps them. A path whose
+/// revision was forgotten takes a new file from either side as any new path
+/// (docs/sync.md, *What a node forgets*).
+#[test]
+fn a_node_forgets_the_revisions_of_deleted_paths_after_a_completed_sync() {
+    let mut c = Cluster::start("forget-revisions", 1);
+    let n2 = NodeProc::start_with(c.dir.path(), "n2", &c.vhost, &["--forget-deletes-after", "0s"]);
+    n2.wait_connected();
+    c.nodes.push(n2);
+    let kept = |n: &NodeProc| n.status()["revisions_kept"].as_u64().unwrap();
+    std::fs::create_dir(c.nodes[0].p("tmp")).unwrap();
+    for i in 0..100 {
+        write(&c.nodes[0].p(&format!("tmp/t{i:03}")), format!("scratch {i}").as_bytes());
+    }
+    write(&c.nodes[0].p("keep"), b"kept");
+    c.converged();
+    std::fs::remove_dir_all(c.nodes[0].p("tmp")).unwrap();
+    c.converged();
+    assert!(kept(&c.nodes[1]) >= 102, "the deletes' revisions are kept until a sync covers them: {}", kept(&c.nodes[1]));
+
+    let (ok, out, err) = c.nodes[1].syncctl(&["sync"]);
+    assert!(ok, "syncctl sync: {out} {err}");
+    eventually("n2 to keep only the live path's revision", DEADLINE, || kept(&c.nodes[1]) == 1);
+    let (ok, out, err) = c.nodes[0].syncctl(&["sync"]);
+    assert!(ok, "syncctl sync: {out} {err}");
+    assert!(kept(&c.nodes[0]) >= 102, "n1 waits 30 days: {}", kept(&c.nodes[0]));
+
+    c.nodes[1].restart();
+    c.nodes[1].wait_connected();
+    c.converged();
+    assert_eq!(kept(&c.nodes[1]), 1, "forgotten for good, not brought back by a restart");
+    // Made again on either side, a forgotten path syncs as a new one.
+    std::fs::create_dir(c.nodes[1].p("tmp")).unwrap();
+    write(&c.nodes[1].p("tmp/t000"), b"again from n2");
+    write(&c.nodes[0].p("tmp2"), b"new on n1");
+    c.converged();
+    assert_eq!(read(&c.nodes[0].p("tmp/t000")).as_deref(), Some(&b"again from n2"[..]));
+    assert!(!c.nodes[0].p("tmp/t001").exists() && !c.nodes[1].p("tmp/t001").exists(), "a forgotten delete stays a delete");
+    assert!(conflict_files(&c.nodes[0].mount).is_empty());
+}
+
 /// A node gone for good holds the deletes made since its last sync; the operator's
 /// `manager node forget` lets them go, deletes the node's queue, and from then on the
 /// manager refuses (dead-letters) whatever that node sends: started again with its old

@@ -278,6 +278,9 @@ pub struct TreeStats {
     /// What keeping them takes on the disk beyond the contents of the tree's files (an
     /// older version at rest: its patch; one a file has too: nothing).
     pub kept_disk_bytes: u64,
+    /// Paths whose revision this node keeps: every live path it took from the manager,
+    /// and deleted ones not forgotten yet (`forget.rs`).
+    pub revisions_kept: u64,
 }
 
 /// What a transaction changed in memory, recorded while it runs so that a failed one

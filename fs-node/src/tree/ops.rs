@@ -800,6 +800,7 @@ impl Tree {
             let st = self.lock();
             let mut s = Self::gauges_of(&st);
             s.last_revision = st.last_rev;
+            s.revisions_kept = st.revs.len() as u64;
             s.files = st.entry_counts.files;
             // The root has no entry.
             s.dirs = st.entry_counts.dirs + 1;
