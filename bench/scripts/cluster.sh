@@ -26,7 +26,7 @@ cluster_start() {
 cluster_stop() {
   local dir=$1 n
   kill "${CLUSTER_PIDS[@]}" 2>/dev/null; wait "${CLUSTER_PIDS[@]}" 2>/dev/null
-  for n in "${CLUSTER_NODES[@]}"; do umount "$dir/$n" 2>/dev/null; done
+  for n in "${CLUSTER_NODES[@]}"; do umount "$dir/$n" 2>/dev/null || true; done
   rabbitmqctl -q delete_vhost "$CLUSTER_VHOST"
 }
 
