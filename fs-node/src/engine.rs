@@ -760,6 +760,9 @@ impl<R> Engine<R> {
     /// took, and keeps an entry whose content was not there for a retry (a newer entry of
     /// the path replaces it).
     fn after_apply(&mut self, entry: &Entry, mut applied: Applied, now: Now) {
+        if applied.stale {
+            return;
+        }
         for (other, its) in std::mem::take(&mut applied.also) {
             self.after_apply(&other, its, now);
         }

@@ -53,6 +53,10 @@ struct Args {
     /// seeds found before it forgot them ran)
     #[arg(long)]
     no_forgetting: bool,
+    /// Nodes keep deleted paths' revisions longer than any run, and no user asks for a
+    /// sync (as the seeds found before nodes forgot them ran)
+    #[arg(long)]
+    no_forget_deletes: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -80,6 +84,9 @@ fn main() {
     }
     if args.no_forgetting {
         cfg.forget_decisions = false;
+    }
+    if args.no_forget_deletes {
+        cfg.forget_deletes = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

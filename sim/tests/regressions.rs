@@ -66,6 +66,7 @@ fn seeds_that_once_failed_pass() {
                 queue_drops: false,
                 restores: false,
                 forget_decisions: false,
+                forget_deletes: false,
                 ..Default::default()
             },
         ) {
@@ -75,34 +76,51 @@ fn seeds_that_once_failed_pass() {
         // rename's had been.
         if let Err(e) = run_with(
             *seed,
-            sim::Config { remade_dirs: false, sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, ..Default::default() },
+            sim::Config {
+                remade_dirs: false,
+                sync_page_bytes: None,
+                queue_drops: false,
+                restores: false,
+                forget_decisions: false,
+                forget_deletes: false,
+                ..Default::default()
+            },
         ) {
             panic!("seed {seed} ({found}) fails with frozen holders: {e}");
         }
         // As those found before sync replies came in small pages.
-        if let Err(e) =
-            run_with(*seed, sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, ..Default::default() })
-        {
+        if let Err(e) = run_with(
+            *seed,
+            sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() },
+        ) {
             panic!("seed {seed} ({found}) fails with directories made again: {e}");
         }
         // As those found before node queues dropped their oldest messages.
-        if let Err(e) = run_with(*seed, sim::Config { queue_drops: false, restores: false, forget_decisions: false, ..Default::default() }) {
+        if let Err(e) =
+            run_with(*seed, sim::Config { queue_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() })
+        {
             panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
         }
         // As those found before connected nodes fell behind.
-        if let Err(e) = run_with(*seed, sim::Config { connected_drops: false, restores: false, forget_decisions: false, ..Default::default() }) {
+        if let Err(e) =
+            run_with(*seed, sim::Config { connected_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() })
+        {
             panic!("seed {seed} ({found}) fails with node queues that drop their oldest messages: {e}");
         }
         // As those found before the manager's database was brought back from copies.
-        if let Err(e) = run_with(*seed, sim::Config { restores: false, forget_decisions: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with connected nodes whose queues drop messages: {e}");
         }
         // As those found before the manager forgot old records and history.
-        if let Err(e) = run_with(*seed, sim::Config { forget_decisions: false, ..Default::default() }) {
+        if let Err(e) = run_with(*seed, sim::Config { forget_decisions: false, forget_deletes: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with the manager's database brought back from copies: {e}");
         }
-        if let Err(e) = run(*seed, None) {
+        // As those found before nodes forgot deleted paths' revisions.
+        if let Err(e) = run_with(*seed, sim::Config { forget_deletes: false, ..Default::default() }) {
             panic!("seed {seed} ({found}) fails with the manager forgetting settled decisions and old history: {e}");
+        }
+        if let Err(e) = run(*seed, None) {
+            panic!("seed {seed} ({found}) fails with nodes forgetting deleted paths' revisions: {e}");
         }
     }
 }

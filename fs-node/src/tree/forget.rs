@@ -19,11 +19,20 @@
 //! against it (`lost_by_the_manager`) and takes it back. Past the wait, as for the
 //! manager's own forgotten tombstones, a restore that old brings deleted files back.
 //! Which completed syncs' heads and when: a short list in `node.db` (`checkpoints`).
+//!
+//! Not forgotten: a path with a change of the node's own queued at or below it, a state
+//! deferred there, or an old path of a pending large rename (its delete, queued later, is
+//! based on that revision). The highest revision taken never goes down with what is
+//! forgotten (`forgotten_max_rev`): a sync's `since` and the deletes a node vouches for
+//! stay where they were. A pass looks at the revisions taken since the last one; the
+//! first after a start, or after a failed one, at all of them.
 
 use super::*;
 
 /// `node.db` meta key of [`State::forgotten_upto`].
 pub(super) const FORGOTTEN_UPTO_KEY: &str = "forgotten_deletes_upto";
+/// `node.db` meta key of [`State::forgotten_max_rev`].
+pub(super) const FORGOTTEN_MAX_REV_KEY: &str = "forgotten_max_rev";
 /// `node.db` meta key of [`State::checkpoints`].
 pub(super) const CHECKPOINTS_KEY: &str = "sync_checkpoints";
 /// How long a deleted path's revision is kept at least, unless the node is told.
@@ -46,8 +55,10 @@ pub(super) fn load_checkpoints(db: &Db) -> rusqlite::Result<Vec<Checkpoint>> {
     Ok(db.meta(CHECKPOINTS_KEY)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default())
 }
 
-pub(super) fn load_forgotten_upto(db: &Db) -> rusqlite::Result<u64> {
-    Ok(db.meta(FORGOTTEN_UPTO_KEY)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+/// (`forgotten_upto`, `forgotten_max_rev`) as `node.db` holds them (0 if never set).
+pub(super) fn load_watermarks(db: &Db) -> rusqlite::Result<(u64, u64)> {
+    let read = |key| -> rusqlite::Result<u64> { Ok(db.meta(key)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+    Ok((read(FORGOTTEN_UPTO_KEY)?, read(FORGOTTEN_MAX_REV_KEY)?))
 }
 
 impl State {
@@ -63,7 +74,7 @@ impl State {
     pub(super) fn apply_queued(&mut self, entry: &Entry, store: &ContentStore) -> FsResult<Applied> {
         if self.older_than_forgotten(entry) {
             tracing::debug!(target: "changes", path = %entry.path, rev = entry.rev.0, forgotten_upto = self.forgotten_upto, "older than a forgotten delete of the path: not applied");
-            return Ok(Applied::default());
+            return Ok(Applied { stale: true, ..Applied::default() });
         }
         self.apply_remote(entry, store)
     }
@@ -72,6 +83,13 @@ impl State {
     /// of the wait (the list stays short).
     fn add_checkpoint(&mut self, head: u64) -> FsResult<()> {
         let now = self.env.now_ns();
+        // A clock set back: checkpoints from its future would stop new ones until it
+        // caught up; they go (what they allowed is forgotten later, never earlier).
+        let before = self.checkpoints.len();
+        self.checkpoints.retain(|c| c.at_ns <= now);
+        if self.checkpoints.len() < before {
+            self.save_checkpoints()?;
+        }
         let step = self.forget_after_ns / CHECKPOINTS as i64;
         if self.checkpoints.last().is_some_and(|c| now.saturating_sub(c.at_ns) < step || c.head >= head) {
             return Ok(());
@@ -99,10 +117,12 @@ impl State {
         self.checkpoints.iter().rev().find(|c| now.saturating_sub(c.at_ns) >= self.forget_after_ns).map(|c| c.head)
     }
 
-    /// Whether the revision of `path`, not here, may go: nothing undecided, deferred or
-    /// moving at or below it.
+    /// Whether the revision of `path`, not here, may go: nothing undecided or deferred at
+    /// or below it, and no pending move's old path (its delete, still to be queued, is
+    /// based on that revision: based on none, the manager would refuse it and the rename
+    /// would become a copy; review of session 47).
     fn may_forget(&self, path: &RelPath) -> bool {
-        !self.outbox.has_within(path) && !self.deferred.contains_key(path) && !self.move_below(path)
+        !self.outbox.has_within(path) && !self.deferred.contains_key(path) && !self.old_path_of_a_move(path)
     }
 }
 
@@ -120,17 +140,27 @@ impl Tree {
     /// A sync with head `head` completed with nothing held back (`Tree::set_synced_head`
     /// was just called): recorded as a checkpoint, then the revisions of deleted paths
     /// at or below the newest checkpoint old enough go (see the module). Returns how
-    /// many went. Only the revisions taken since the last time are looked at (and those
+    /// many went. Only the revisions taken since the last pass are looked at (and those
     /// that could not go then), [`FORGET_PART`] at a time: the mount is not held for a
-    /// pass over the whole tree.
+    /// pass over the whole tree; the first pass after a start, or after one that failed,
+    /// looks at all of them (what a crash, or a path gone without a revision of its own,
+    /// left behind).
     pub fn forget_old_deletes(&self, head: u64) -> FsResult<usize> {
+        let r = self.forget_pass(head);
+        if r.is_err() {
+            self.lock().forget_all_next = true;
+        }
+        r
+    }
+
+    fn forget_pass(&self, head: u64) -> FsResult<usize> {
         let (upto, candidates) = {
             let mut st = self.lock();
             st.add_checkpoint(head)?;
             let Some(upto) = st.forgettable_upto().filter(|u| *u > st.forgotten_upto) else {
                 return Ok(0);
             };
-            let from = st.forgotten_upto;
+            let from = if std::mem::take(&mut st.forget_all_next) { 0 } else { st.forgotten_upto };
             let mut candidates = std::mem::take(&mut st.forget_later);
             candidates.extend(st.revs.iter().filter(|(_, r)| from < r.0 && r.0 <= upto).map(|(p, _)| p.clone()));
             // The watermark first: a state from the queue at or below it is stale
@@ -141,29 +171,42 @@ impl Tree {
         };
         let mut gone = 0;
         for part in candidates.chunks(FORGET_PART) {
-            gone += self.atomically(|st, _| {
-                let mut n = 0;
-                for p in part {
-                    // (The lock was let go: what changed meanwhile is looked at again.)
-                    if !st.revs.get(p).is_some_and(|r| r.0 <= upto) || st.resolve(p).is_some() {
-                        continue;
+            gone += self
+                .atomically(|st, _| {
+                    // (Revisions gone, the highest of them.)
+                    let mut n = (0, 0);
+                    for p in part {
+                        // (The lock was let go: what changed meanwhile is looked at again.)
+                        if !st.revs.get(p).is_some_and(|r| r.0 <= upto) || st.resolve(p).is_some() {
+                            continue;
+                        }
+                        if !st.may_forget(p) {
+                            st.forget_later.push(p.clone());
+                            continue;
+                        }
+                        if let Some(old) = st.revs.remove(p) {
+                            st.record(|| Undo::Rev(p.clone(), Some(old)));
+                            st.db.remove_rev(p)?;
+                            n.0 += 1;
+                            n.1 = n.1.max(old.0);
+                        }
                     }
-                    if !st.may_forget(p) {
-                        st.forget_later.push(p.clone());
-                        continue;
+                    // The highest revision taken stays what it was (a sync's `since`, the
+                    // deletes vouched for, the `taken` the manager checks), also after a
+                    // restart.
+                    if n.1 > st.forgotten_max_rev {
+                        st.db.set_meta(FORGOTTEN_MAX_REV_KEY, &n.1.to_string())?;
                     }
-                    if let Some(old) = st.revs.remove(p) {
-                        st.record(|| Undo::Rev(p.clone(), Some(old)));
-                        st.db.remove_rev(p)?;
-                        n += 1;
-                    }
-                }
-                Ok(n)
-            })?;
+                    Ok(n)
+                })
+                .map(|(n, max)| {
+                    let mut st = self.lock();
+                    st.forgotten_max_rev = st.forgotten_max_rev.max(max);
+                    n
+                })?;
         }
         let mut st = self.lock();
-        // As a restart would count it (the highest revision left).
-        st.last_rev = last_revision_in(&st.revs);
+        st.last_rev = last_revision_in(&st.revs).max(st.forgotten_max_rev);
         tracing::info!(paths = gone, upto, "forgot the revisions of deleted paths");
         Ok(gone)
     }

@@ -177,6 +177,9 @@ pub struct Applied {
     /// The entry was applied without its content: the path is on demand here, and the
     /// content comes when a program first opens it.
     pub remote: bool,
+    /// The entry was not applied: a state from the queue older than a forgotten delete of
+    /// its path (`forget.rs`). Nothing it stands for (a retry of its content) changes.
+    pub stale: bool,
     pub invals: Vec<Inval>,
     /// States of other paths applied with it (the manager's states deferred above a
     /// decided change, `remote.rs`), each with what it did.
@@ -186,7 +189,7 @@ pub struct Applied {
 impl Applied {
     /// What it did, without the kernel invalidations (which go to the link).
     pub fn summary(&self) -> Applied {
-        Applied { changed: self.changed, missing_content: self.missing_content, remote: self.remote, invals: Vec::new(), also: Vec::new() }
+        Applied { changed: self.changed, missing_content: self.missing_content, remote: self.remote, stale: self.stale, invals: Vec::new(), also: Vec::new() }
     }
 }
 
@@ -404,6 +407,11 @@ struct State {
     /// Deleted paths whose revisions could not go at the last pass (a change of the
     /// node's own there): looked at again at the next (`forget.rs`). In memory only.
     forget_later: Vec<RelPath>,
+    /// The next pass looks at every revision, not only those taken since the last one
+    /// (after a start, which lost `forget_later`, or a failed pass).
+    forget_all_next: bool,
+    /// The highest revision forgotten: `last_rev` never goes below it (`forget.rs`).
+    forgotten_max_rev: u64,
     /// Contents kept past GC for the manager (kept versions), by hash (`kept.rs`).
     kept: HashMap<ContentHash, crate::db::KeptRow>,
     /// Kept contents dropped for space and not yet reported to the manager.
@@ -601,8 +609,8 @@ impl Tree {
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
-        let forgotten_upto = forget::load_forgotten_upto(&db)?;
-        let last_rev = last_revision_in(&revs);
+        let (forgotten_upto, forgotten_max_rev) = forget::load_watermarks(&db)?;
+        let last_rev = last_revision_in(&revs).max(forgotten_max_rev);
         let checkpoints = forget::load_checkpoints(&db)?;
         let mut outbox = Outbox::default();
         for row in db.outbox()? {
@@ -640,6 +648,8 @@ impl Tree {
             checkpoints,
             forget_after_ns: FORGET_DELETES_AFTER.as_nanos() as i64,
             forget_later: Vec::new(),
+            forget_all_next: true,
+            forgotten_max_rev,
             kept: HashMap::new(),
             kept_dropped: Vec::new(),
             kept_floor: 0,

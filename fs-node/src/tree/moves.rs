@@ -360,6 +360,12 @@ impl State {
         (waits && self.inodes.get(&ino).is_some_and(|i| i.kind.synced() && i.work.is_none())).then_some((parent, name, ino))
     }
 
+    /// Whether `path` is a pending move's old path (its directory's old name or below it),
+    /// here or not: its delete may still be queued, based on the revision it had.
+    pub(super) fn old_path_of_a_move(&self, path: &RelPath) -> bool {
+        self.moves.iter().any(|m| path.is_within(&m.from))
+    }
+
     /// Whether `path` is, or holds, an entry below a moved directory whose put the move
     /// has not queued yet: what a delete or a replacement from the manager must keep.
     /// (Below a directory put early, for a change under it, a whole subtree may still

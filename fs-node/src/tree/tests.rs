@@ -705,7 +705,7 @@ fn assert_memory_is_persisted(t: &Tree, when: &str) {
     let mem = sorted(st.revs.iter().map(|(p, r)| format!("{p} {}", r.0)).collect());
     let disk = sorted(st.db.revs().unwrap().iter().map(|(p, r)| format!("{p} {r}")).collect());
     assert_eq!(mem, disk, "revisions, {when}");
-    assert_eq!(st.last_rev, last_revision_in(&st.revs), "the last revision, kept as revisions came, {when}");
+    assert_eq!(st.last_rev, last_revision_in(&st.revs).max(st.forgotten_max_rev), "the last revision, kept as revisions came, {when}");
     let mem: Vec<String> = st.outbox.rows().values().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     let disk: Vec<String> = st.db.outbox().unwrap().iter().map(|r| format!("{} {} {:?}", r.seq, r.msg, r.change)).collect();
     assert_eq!(mem, disk, "outbox, {when}");
@@ -2513,6 +2513,36 @@ impl ManagerModel {
         let differ: Vec<&String> = self.paths.keys().chain(tree.keys()).filter(|p| self.paths.get(*p) != tree.get(*p)).collect();
         assert!(differ.is_empty(), "{when}: the manager and the tree differ at {differ:?}");
     }
+}
+
+/// Review of session 47: the old paths of a large rename not queued yet keep their
+/// revisions (their deletes are based on them: based on none, the manager would refuse
+/// them and the rename would become a copy), and forgetting never lowers the highest
+/// revision taken (a sync's `since`, the deletes vouched for).
+#[test]
+fn forgetting_keeps_a_pending_moves_old_paths_and_the_highest_revision_taken() {
+    let dir = tempfile::tempdir().unwrap();
+    let (t, _manager) = synced_tree_to_move(dir.path(), 2, 3);
+    let p = |s: &str| RelPath::new(s).unwrap();
+    let taken = t.revision_of(&p("top/d1/f2"));
+    assert!(taken > Revision(0));
+    rename_top_in_parts(&t);
+    assert!(t.has_pending_moves() && t.lookup(ROOT, OsStr::new("top")).is_err());
+    t.set_forget_deletes_after(std::time::Duration::ZERO);
+    let head = t.last_revision() + 5;
+    t.set_synced_head(head).unwrap();
+    assert_eq!(t.forget_old_deletes(head).unwrap(), 0, "the move's old paths are not here, and keep their revisions");
+    assert_eq!(t.revision_of(&p("top/d1/f2")), taken);
+
+    // A deleted path at the highest revision taken: forgotten, the highest stays.
+    t.apply_remote(&dir_entry("x", head + 1, 0o755)).unwrap();
+    t.apply_remote(&Entry { path: p("x"), rev: Revision(head + 2), version: None, holders: vec![], from_lost: None }).unwrap();
+    t.set_synced_head(head + 2).unwrap();
+    assert_eq!(t.forget_old_deletes(head + 2).unwrap(), 1);
+    assert_eq!(t.last_revision(), head + 2);
+    let t = crash_and_reload(t, dir.path());
+    assert_eq!(t.last_revision(), head + 2, "also after a restart");
+    assert_memory_is_persisted(&t, "after a restart");
 }
 
 /// Renames `top` to `moved`, its changes to be queued in parts (`moves.rs`).
