@@ -53,74 +53,38 @@ const KEPT: &[(u64, &str)] = &[
     (86668, "a node's offline edit went, by the manager's rule, into its own earlier conflict file, whose new state the node lost with its queue's oldest messages; holding the older state, it let go of the content, and room made on a full disk took it: no node could ever fetch the conflict file"),
 ];
 
+/// The configurations the kept seeds replay in: each as the simulation was before a
+/// feature came (seeds found then replay as found), newest last.
+fn eras() -> Vec<(&'static str, sim::Config)> {
+    let now = sim::Config::default();
+    let no_forget_deletes = sim::Config { forget_deletes: false, ..now.clone() };
+    let no_forget_decisions = sim::Config { forget_decisions: false, ..no_forget_deletes.clone() };
+    let no_restores = sim::Config { restores: false, ..no_forget_decisions.clone() };
+    let no_connected_drops = sim::Config { connected_drops: false, ..no_restores.clone() };
+    let no_queue_drops = sim::Config { queue_drops: false, ..no_restores.clone() };
+    let one_page = sim::Config { sync_page_bytes: None, ..no_queue_drops.clone() };
+    let no_remade_dirs = sim::Config { remade_dirs: false, ..one_page.clone() };
+    let no_frozen_holders = sim::Config { stalling_holders: false, large_moves: false, ..one_page.clone() };
+    vec![
+        ("before frozen holders were simulated", no_frozen_holders),
+        ("before directories were made again where a large rename's had been", no_remade_dirs),
+        ("before sync replies came in small pages", one_page),
+        ("before node queues dropped their oldest messages", no_queue_drops),
+        ("before connected nodes fell behind", no_connected_drops),
+        ("before the manager's database was brought back from copies", no_restores),
+        ("before the manager forgot old records and history", no_forget_decisions),
+        ("before nodes forgot deleted paths' revisions", no_forget_deletes),
+        ("as the simulation is now", now),
+    ]
+}
+
 #[test]
 fn seeds_that_once_failed_pass() {
     for (seed, found) in KEPT {
-        // As they were found: before frozen holders were simulated.
-        if let Err(e) = run_with(
-            *seed,
-            sim::Config {
-                stalling_holders: false,
-                large_moves: false,
-                sync_page_bytes: None,
-                queue_drops: false,
-                restores: false,
-                forget_decisions: false,
-                forget_deletes: false,
-                ..Default::default()
-            },
-        ) {
-            panic!("kept seed {seed} ({found}) fails again: {e}");
-        }
-        // As the later ones were found: before directories were made again where a large
-        // rename's had been.
-        if let Err(e) = run_with(
-            *seed,
-            sim::Config {
-                remade_dirs: false,
-                sync_page_bytes: None,
-                queue_drops: false,
-                restores: false,
-                forget_decisions: false,
-                forget_deletes: false,
-                ..Default::default()
-            },
-        ) {
-            panic!("seed {seed} ({found}) fails with frozen holders: {e}");
-        }
-        // As those found before sync replies came in small pages.
-        if let Err(e) = run_with(
-            *seed,
-            sim::Config { sync_page_bytes: None, queue_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() },
-        ) {
-            panic!("seed {seed} ({found}) fails with directories made again: {e}");
-        }
-        // As those found before node queues dropped their oldest messages.
-        if let Err(e) =
-            run_with(*seed, sim::Config { queue_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() })
-        {
-            panic!("seed {seed} ({found}) fails with sync replies in small pages: {e}");
-        }
-        // As those found before connected nodes fell behind.
-        if let Err(e) =
-            run_with(*seed, sim::Config { connected_drops: false, restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() })
-        {
-            panic!("seed {seed} ({found}) fails with node queues that drop their oldest messages: {e}");
-        }
-        // As those found before the manager's database was brought back from copies.
-        if let Err(e) = run_with(*seed, sim::Config { restores: false, forget_decisions: false, forget_deletes: false, ..Default::default() }) {
-            panic!("seed {seed} ({found}) fails with connected nodes whose queues drop messages: {e}");
-        }
-        // As those found before the manager forgot old records and history.
-        if let Err(e) = run_with(*seed, sim::Config { forget_decisions: false, forget_deletes: false, ..Default::default() }) {
-            panic!("seed {seed} ({found}) fails with the manager's database brought back from copies: {e}");
-        }
-        // As those found before nodes forgot deleted paths' revisions.
-        if let Err(e) = run_with(*seed, sim::Config { forget_deletes: false, ..Default::default() }) {
-            panic!("seed {seed} ({found}) fails with the manager forgetting settled decisions and old history: {e}");
-        }
-        if let Err(e) = run(*seed, None) {
-            panic!("seed {seed} ({found}) fails with nodes forgetting deleted paths' revisions: {e}");
+        for (era, cfg) in eras() {
+            if let Err(e) = run_with(*seed, cfg) {
+                panic!("kept seed {seed} ({found}) fails, run {era}: {e}");
+            }
         }
     }
 }
