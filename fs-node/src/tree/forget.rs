@@ -177,7 +177,7 @@ impl Tree {
                     let mut n = (0, 0);
                     for p in part {
                         // (The lock was let go: what changed meanwhile is looked at again.)
-                        if !st.revs.get(p).is_some_and(|r| r.0 <= upto) || st.resolve(p).is_some() {
+                        if st.revs.get(p).is_none_or(|r| r.0 > upto) || st.resolve(p).is_some() {
                             continue;
                         }
                         if !st.may_forget(p) {
