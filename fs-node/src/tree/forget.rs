@@ -154,6 +154,7 @@ impl Tree {
     }
 
     fn forget_pass(&self, head: u64) -> FsResult<usize> {
+        let started = std::time::Instant::now();
         let (upto, candidates) = {
             let mut st = self.lock();
             st.add_checkpoint(head)?;
@@ -207,7 +208,8 @@ impl Tree {
         }
         let mut st = self.lock();
         st.last_rev = last_revision_in(&st.revs).max(st.forgotten_max_rev);
-        tracing::info!(paths = gone, upto, "forgot the revisions of deleted paths");
+        let (looked_at, ms) = (candidates.len(), started.elapsed().as_millis());
+        tracing::info!(paths = gone, looked_at, upto, ms, "forgot the revisions of deleted paths");
         Ok(gone)
     }
 }
