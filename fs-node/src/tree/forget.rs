@@ -50,15 +50,24 @@ pub(super) struct Checkpoint {
     pub at_ns: i64,
 }
 
-/// The checkpoints `node.db` holds (none if unreadable: nothing is forgotten then).
-pub(super) fn load_checkpoints(db: &Db) -> rusqlite::Result<Vec<Checkpoint>> {
-    Ok(db.meta(CHECKPOINTS_KEY)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default())
+/// What `node.db` keeps of forgetting, for `State`.
+pub(super) struct Kept {
+    pub forgotten_upto: u64,
+    pub forgotten_max_rev: u64,
+    pub checkpoints: Vec<Checkpoint>,
 }
 
-/// (`forgotten_upto`, `forgotten_max_rev`) as `node.db` holds them (0 if never set).
-pub(super) fn load_watermarks(db: &Db) -> rusqlite::Result<(u64, u64)> {
-    let read = |key| -> rusqlite::Result<u64> { Ok(db.meta(key)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
-    Ok((read(FORGOTTEN_UPTO_KEY)?, read(FORGOTTEN_MAX_REV_KEY)?))
+impl Kept {
+    /// As `node.db` holds it: 0 for a value never set, no checkpoints if unreadable
+    /// (nothing is forgotten then).
+    pub fn load(db: &Db) -> rusqlite::Result<Kept> {
+        let number = |key| -> rusqlite::Result<u64> { Ok(db.meta(key)?.and_then(|v| v.parse().ok()).unwrap_or(0)) };
+        Ok(Kept {
+            forgotten_upto: number(FORGOTTEN_UPTO_KEY)?,
+            forgotten_max_rev: number(FORGOTTEN_MAX_REV_KEY)?,
+            checkpoints: db.meta(CHECKPOINTS_KEY)?.and_then(|j| serde_json::from_str(&j).ok()).unwrap_or_default(),
+        })
+    }
 }
 
 impl State {
@@ -87,24 +96,20 @@ impl State {
         // caught up; they go (what they allowed is forgotten later, never earlier).
         let before = self.checkpoints.len();
         self.checkpoints.retain(|c| c.at_ns <= now);
-        if self.checkpoints.len() < before {
-            self.save_checkpoints()?;
-        }
         let step = self.forget_after_ns / CHECKPOINTS as i64;
-        if self.checkpoints.last().is_some_and(|c| now.saturating_sub(c.at_ns) < step || c.head >= head) {
+        let recent = self.checkpoints.last().is_some_and(|c| now.saturating_sub(c.at_ns) < step || c.head >= head);
+        if recent && self.checkpoints.len() == before {
             return Ok(());
         }
-        self.checkpoints.push(Checkpoint { head, at_ns: now });
-        // The newest one old enough is all that is used of those before it.
-        let old_enough = self.checkpoints.iter().rposition(|c| now.saturating_sub(c.at_ns) >= self.forget_after_ns).unwrap_or(0);
-        self.checkpoints.drain(..old_enough);
-        if self.checkpoints.len() > CHECKPOINTS + 1 {
-            self.checkpoints.remove(1);
+        if !recent {
+            self.checkpoints.push(Checkpoint { head, at_ns: now });
+            // The newest one old enough is all that is used of those before it.
+            let old_enough = self.checkpoints.iter().rposition(|c| now.saturating_sub(c.at_ns) >= self.forget_after_ns).unwrap_or(0);
+            self.checkpoints.drain(..old_enough);
+            if self.checkpoints.len() > CHECKPOINTS + 1 {
+                self.checkpoints.remove(1);
+            }
         }
-        self.save_checkpoints()
-    }
-
-    fn save_checkpoints(&mut self) -> FsResult<()> {
         let json = serde_json::to_string(&self.checkpoints).expect("checkpoints serialize");
         self.db.set_meta(CHECKPOINTS_KEY, &json)?;
         Ok(())
@@ -207,7 +212,7 @@ impl Tree {
                 })?;
         }
         let mut st = self.lock();
-        st.last_rev = last_revision_in(&st.revs).max(st.forgotten_max_rev);
+        st.last_rev = last_revision_in(&st.revs, st.forgotten_max_rev);
         let (looked_at, ms) = (candidates.len(), started.elapsed().as_millis());
         tracing::info!(paths = gone, looked_at, upto, ms, "forgot the revisions of deleted paths");
         Ok(gone)

@@ -497,9 +497,10 @@ pub struct Tree {
 /// the tree's lock (`Tree::visit_in_parts`): about 2 ms.
 const WALK_PART: usize = 8_192;
 
-/// The highest revision in `revs` (0 for none).
-fn last_revision_in(revs: &HashMap<RelPath, Revision>) -> u64 {
-    revs.values().map(|r| r.0).max().unwrap_or(0)
+/// The highest revision taken: the highest in `revs`, never below `forgotten_max`, the
+/// highest one forgotten (`forget.rs`); 0 for none.
+fn last_revision_in(revs: &HashMap<RelPath, Revision>, forgotten_max: u64) -> u64 {
+    revs.values().map(|r| r.0).max().unwrap_or(0).max(forgotten_max)
 }
 
 fn check_name(name: &OsStr) -> FsResult<&str> {
@@ -609,9 +610,8 @@ impl Tree {
         }
         let next_ino = inodes.keys().max().copied().unwrap_or(ROOT) + 1;
         let revs = db.revs()?.into_iter().filter_map(|(p, r)| Some((RelPath::new(p).ok()?, Revision(r)))).collect();
-        let (forgotten_upto, forgotten_max_rev) = forget::load_watermarks(&db)?;
-        let last_rev = last_revision_in(&revs).max(forgotten_max_rev);
-        let checkpoints = forget::load_checkpoints(&db)?;
+        let forget::Kept { forgotten_upto, forgotten_max_rev, checkpoints } = forget::Kept::load(&db)?;
+        let last_rev = last_revision_in(&revs, forgotten_max_rev);
         let mut outbox = Outbox::default();
         for row in db.outbox()? {
             outbox.sent.insert(row.msg.clone());

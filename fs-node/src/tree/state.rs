@@ -174,7 +174,7 @@ impl State {
         }
         if revs_undone {
             // Rare (a failed transaction that took a revision): counted again.
-            self.last_rev = last_revision_in(&self.revs).max(self.forgotten_max_rev);
+            self.last_rev = last_revision_in(&self.revs, self.forgotten_max_rev);
         }
         let c = j.counters;
         self.next_ino = c.next_ino;
