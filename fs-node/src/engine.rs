@@ -337,6 +337,14 @@ impl<R> Engine<R> {
                 self.resend_undecided_next = true;
                 self.request_sync(None, now);
             }
+            ToNode::Forgotten { at_ms } => {
+                // Every sync waited for ends with the reason; none is started again
+                // until asked (a reconnection, `syncctl sync`): each would be refused.
+                let reason = forgotten_reason(at_ms);
+                tracing::error!("{reason}");
+                let waiting = std::mem::take(&mut self.syncs).into_values().flat_map(|s| s.responders).chain(self.next_sync.take().into_iter().flatten());
+                self.out.push(Action::SyncDone { responders: waiting.collect(), result: Err(reason) });
+            }
             ToNode::Keep { items } => {
                 let (keeping, lacking) = self.tree.keep(&items).map_err(fail("recording contents to keep"))?;
                 if !lacking.is_empty() {
@@ -962,6 +970,16 @@ pub struct Wanted {
     pub basis: Option<ContentHash>,
 }
 
+/// What a node forgotten by the operator at `at_ms` is told, and tells its user.
+pub fn forgotten_reason(at_ms: i64) -> String {
+    // (Within what RFC 3339 can write: years up to 9999.)
+    let at = std::time::UNIX_EPOCH + Duration::from_millis(at_ms.clamp(0, 253_402_300_799_000) as u64);
+    format!(
+        "the manager forgot this node at {} (`manager node forget`) and refuses whatever it sends, for good; every file is still in this mount: to sync again, copy out what is only here and start a node under another id with an empty data directory",
+        humantime::format_rfc3339_seconds(at)
+    )
+}
+
 /// The contents a message needs that the store does not have, once each, with their
 /// size, holders and basis: the driver pulls them before it hands the message to the
 /// engine.
@@ -972,7 +990,12 @@ pub fn wanted_contents(tree: &Tree, me: &NodeId, body: &ToNode) -> Vec<Wanted> {
             ToNode::Applied { entry, .. } => vec![entry],
             ToNode::Decided { current, .. } => vec![current],
             ToNode::SyncReply { entries, .. } => entries.iter().collect(),
-            ToNode::SyncRequested {} | ToNode::Batch { .. } | ToNode::Keep { .. } | ToNode::Release { .. } | ToNode::Answer { .. } => vec![],
+            ToNode::SyncRequested {}
+            | ToNode::Forgotten { .. }
+            | ToNode::Batch { .. }
+            | ToNode::Keep { .. }
+            | ToNode::Release { .. }
+            | ToNode::Answer { .. } => vec![],
         })
         .collect();
     // The contents of this node's own changes being decided are here: an undecided
@@ -1245,6 +1268,35 @@ mod tests {
         engine.on_message(reply(&own), later).unwrap();
         let asked = engine.on_message(to_node(ToNode::SyncRequested {}), later * 2).unwrap();
         assert_eq!(changes(&asked), ["a", "b", "sync"], "the sync asked for sends them again first");
+    }
+
+    /// A node the operator forgot hears so in answer to its sync: every sync waited for
+    /// ends with the reason, and none starts again by itself (each would be refused).
+    #[test]
+    fn a_forgotten_node_ends_its_syncs_with_the_reason_and_starts_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, tree, _, _) = engine_with(dir.path(), b"x");
+        let (mut engine, first) = Engine::<u32>::connected(tree.clone(), n2_info(), 0, Duration::ZERO);
+        let syncs_sent = |actions: &[Action<u32>]| {
+            actions.iter().filter(|a| matches!(a, Action::Publish { env: Envelope { body: ToManager::Sync { .. }, .. }, .. })).count()
+        };
+        assert_eq!(syncs_sent(&first), 1, "a new session syncs");
+        let asked = engine.on_sync_requested(Some(7), Duration::ZERO);
+        assert_eq!(syncs_sent(&asked), 0, "one sync at a time: the user's waits for the next");
+        let told = engine.on_message(Envelope::new(tree.env().new_id(), NodeId::manager(), ToNode::Forgotten { at_ms: 1_000 }), Duration::ZERO).unwrap();
+        let ended: Vec<(Vec<u32>, String)> = told
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::SyncDone { responders, result: Err(reason) } => Some((responders, reason)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ended.len(), 1, "{ended:?}");
+        assert_eq!(ended[0].0, vec![7], "the user's sync ends");
+        assert!(ended[0].1.contains("forgot this node at 1970-01-01T00:00:01Z"), "{}", ended[0].1);
+        assert!(forgotten_reason(i64::MAX).contains("9999-12-31T23:59:59Z"), "any time from the manager is written");
+        let later = engine.on_retry_tick(SYNC_GIVE_UP * 3);
+        assert_eq!(syncs_sent(&later), 0, "no sync given up, none started again");
     }
 
     /// Keeps go before the decisions and broadcasts around them, never past a release.

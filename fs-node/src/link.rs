@@ -59,6 +59,9 @@ struct LinkState {
     offline_because: Mutex<Option<String>>,
     pulls_in_progress: AtomicU64,
     last_sync: Mutex<Option<SyncReport>>,
+    /// What the manager said when it refused this node's sync because the operator
+    /// forgot the node (`ToNode::Forgotten`), until a sync completes again.
+    forgotten: Mutex<Option<String>>,
 }
 
 /// Reads the broker link's state and asks it for syncs.
@@ -99,6 +102,10 @@ impl LinkHandle {
     }
     pub fn last_sync(&self) -> Option<SyncReport> {
         self.state.last_sync.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+    /// Why the manager refuses this node: the operator forgot it (`manager node forget`).
+    pub fn forgotten(&self) -> Option<String> {
+        self.state.forgotten.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Asks the broker link for a sync and waits for its report, however long the sync
@@ -299,6 +306,9 @@ impl Session<'_> {
                 Action::SyncDone { responders, result } => {
                     if let Ok(report) = &result {
                         *self.link.state.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
+                        // Taken again (a manager brought back from a copy older than the
+                        // `forget`): no longer refused.
+                        *self.link.state.forgotten.lock().unwrap_or_else(|p| p.into_inner()) = None;
                     }
                     for r in responders {
                         let _ = r.send(result.clone().map_err(anyhow::Error::msg));
@@ -591,9 +601,17 @@ impl Link {
                             s.ch.bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                         }
                         Some(Ok(Prepared::Ready(d, env))) => {
-                            if let ToNode::Answer { request, answer } = &env.body {
-                                if let Some(r) = asked.remove(request) {
-                                    let _ = r.send(Ok(answer.clone()));
+                            for part in env.body.parts_for(&link.info.id) {
+                                match part {
+                                    ToNode::Answer { request, answer } => {
+                                        if let Some(r) = asked.remove(request) {
+                                            let _ = r.send(Ok(answer.clone()));
+                                        }
+                                    }
+                                    ToNode::Forgotten { at_ms } => {
+                                        *link.state.forgotten.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::engine::forgotten_reason(*at_ms));
+                                    }
+                                    _ => {}
                                 }
                             }
                             let now = s.now();

@@ -29,6 +29,9 @@ pub struct BriefStatus {
     /// Why the node is offline: how its last session with the broker ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offline_because: Option<String>,
+    /// Why the manager refuses everything this node sends: the operator forgot it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forgotten: Option<String>,
     pub pending_changes: u64,
     pub pending_pulls: u64,
     pub conflicts_seen: u64,
@@ -39,6 +42,9 @@ impl BriefStatus {
     /// The node's link as a word or two for people: online, offline, or blocked by the
     /// broker and why.
     pub fn state(&self) -> String {
+        if let Some(why) = &self.forgotten {
+            return format!("refused by the manager: {why}");
+        }
         match (&self.broker_blocked, self.connected) {
             (Some(reason), true) => format!("online, but the broker blocks its connection ({reason}): changes wait"),
             (_, true) => "online".into(),
@@ -111,6 +117,7 @@ impl Reporter {
             connected: self.link.connected(),
             broker_blocked: self.link.broker_blocked(),
             offline_because: self.link.offline_because(),
+            forgotten: self.link.forgotten(),
             pending_changes: self.tree.pending_changes(),
             pending_pulls: self.link.pulls_in_progress(),
             conflicts_seen: self.tree.conflicts_seen(),

@@ -282,19 +282,24 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let (changed, next_forget) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
+                let (changed, next_forget, silent) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
                     let now = now_ms();
                     tx.expire_versions(now)?;
                     let mut next_forget = forget_at_ms;
+                    let mut silent = Vec::new();
                     if now >= forget_at_ms {
+                        silent = tx.forget_silent_nodes(now)?;
                         let forgotten = tx.forget_settled_decisions(now, FORGET_BATCH)?.max(tx.forget_applied_deletes(now, FORGET_BATCH)?);
                         // As often as records come of age, every few minutes at most.
                         let every = (tx.retention.remember_decisions_ms / 16).clamp(1_000, FORGET_EVERY_MS);
                         next_forget = if forgotten == FORGET_BATCH { now } else { now + every };
                     }
-                    Ok((tx.mark_silent_offline(now)?, next_forget))
+                    Ok((tx.mark_silent_offline(now)?, next_forget, silent))
                 })), |_| true).await?;
                 forget_at_ms = next_forget;
+                for node in silent {
+                    delete_node_queue(&conn, &node).await;
+                }
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
                 }
@@ -526,6 +531,24 @@ async fn decide_with_retries(
         attempt += 1;
     }
     Ok(())
+}
+
+/// Deletes the queue of a node forgotten for its silence (what `manager node forget`
+/// does too): broadcasts would fill it to its limit and each one past it would come back
+/// as a drop. On a channel of its own, so that a refusal (no configure permission on it)
+/// only says so.
+async fn delete_node_queue(conn: &lapin::Connection, node: &wire::NodeId) {
+    let queue = topology::node_queue(node);
+    let deleted = async {
+        let ch = conn.create_channel().await.context("opening a channel")?;
+        ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.context("deleting it")?;
+        let _ = ch.close(200, "node forgotten".into()).await;
+        anyhow::Ok(())
+    };
+    match broker_link::bounded(format!("deleting queue {queue}"), deleted).await {
+        Ok(()) => tracing::info!(%node, %queue, "deleted the queue of a forgotten node"),
+        Err(e) => tracing::warn!(%node, %queue, "could not delete the queue of a forgotten node (delete it with rabbitmqctl): {e:#}"),
+    }
 }
 
 /// Gives a message up: publishes a copy with the reason to the dead-letter exchange,

@@ -1086,7 +1086,12 @@ impl Tx<'_> {
 
     /// Whether the operator forgot `node` ([`Tx::forget_node`]).
     pub fn is_forgotten(&self, node: &NodeId) -> anyhow::Result<bool> {
-        Ok(self.tx.prepare_cached("SELECT 1 FROM forgotten_nodes WHERE id = ?1")?.query_row([node.as_str()], |_| Ok(())).optional()?.is_some())
+        Ok(self.forgotten_at(node)?.is_some())
+    }
+
+    /// When the operator forgot `node` (ms since the epoch), if they did.
+    fn forgotten_at(&self, node: &NodeId) -> anyhow::Result<Option<i64>> {
+        Ok(self.tx.prepare_cached("SELECT at_ms FROM forgotten_nodes WHERE id = ?1")?.query_row([node.as_str()], |r| r.get(0)).optional()?)
     }
 
     /// The operator's word that `node` is gone for good (`manager node forget`): the
@@ -1118,7 +1123,29 @@ impl Tx<'_> {
             delete(sql)?;
         }
         self.tx.prepare_cached("INSERT INTO forgotten_nodes(id, at_ms) VALUES(?1, ?2) ON CONFLICT(id) DO NOTHING")?.execute(params![node.as_str(), now_ms])?;
-        tracing::info!(%node, records = forgotten.records, holdings = forgotten.holdings, kept = forgotten.kept, "node forgotten by the operator");
+        tracing::info!(%node, records = forgotten.records, holdings = forgotten.holdings, kept = forgotten.kept, "node forgotten");
+        Ok(forgotten)
+    }
+
+    /// Forgets (as [`Tx::forget_node`]) the nodes not heard of for longer than
+    /// `--forget-nodes-after`, if set, a few at a time; returns them.
+    pub fn forget_silent_nodes(&mut self, now_ms: i64) -> anyhow::Result<Vec<NodeId>> {
+        let after = self.retention.forget_nodes_ms;
+        if after <= 0 {
+            return Ok(Vec::new());
+        }
+        let silent: Vec<String> = self
+            .tx
+            .prepare_cached("SELECT id FROM nodes WHERE last_seen_ms < ?1 ORDER BY last_seen_ms LIMIT 16")?
+            .query_map([now_ms.saturating_sub(after)], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut forgotten = Vec::new();
+        for id in silent {
+            let node: NodeId = id.parse().map_err(|e| anyhow::anyhow!("corrupt node id {id:?} in the manager database: {e}"))?;
+            let gone = self.forget_node(&node, now_ms)?;
+            tracing::warn!(%node, after_ms = after, records = gone.records, holdings = gone.holdings, kept = gone.kept, "node silent for longer than --forget-nodes-after: forgotten, and refused from now on");
+            forgotten.push(node);
+        }
         Ok(forgotten)
     }
 
@@ -1394,7 +1421,13 @@ impl Tx<'_> {
         if given_up.is_some() {
             self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
         }
-        if self.is_forgotten(&env.from)? {
+        if let Some(at_ms) = self.forgotten_at(&env.from)? {
+            // Its sync (one per connection, or when its user asks) is answered with the
+            // reason, so the node says why nothing it sends is taken; its other
+            // messages are not (a heartbeat a second would be answered a second).
+            if matches!(env.body, ToManager::Sync { .. }) {
+                self.enqueue(&topology::node_key(&env.from), ToNode::Forgotten { at_ms })?;
+            }
             return Ok(Err(format!("{FORGOTTEN_NODE}: {} was forgotten by the operator (`manager node forget`); start it anew under another id", env.from)));
         }
         run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
@@ -2196,7 +2229,8 @@ mod tests {
 
     /// A node the operator forgot (`manager node forget`) holds back no delete and none
     /// of its records stays; whatever it sends afterwards is refused for good, and does
-    /// not make it known again. An id never seen is not forgotten.
+    /// not make it known again; its sync, not its heartbeat, is answered with when it was
+    /// forgotten (so it can say why). An id never seen is not forgotten.
     #[test]
     fn a_forgotten_node_holds_nothing_back_and_is_refused() {
         let (dir, mut s) = store_keeping_for(1_000);
@@ -2217,9 +2251,46 @@ mod tests {
         let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
         assert_eq!(s.conn.query_row("SELECT count(*) FROM nodes WHERE id = 'n2'", [], |r| r.get::<_, i64>(0)).unwrap(), 0, "not known again");
+        assert!(forgotten_notices(&s, "n2").is_empty(), "a heartbeat is not answered");
+        let env = Envelope::new("s2".parse().unwrap(), node("n2"), sync("r2", 3, true));
+        let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
+        assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
+        assert_eq!(forgotten_notices(&s, "n2"), vec![5_000], "its sync is answered with when it was forgotten");
         // What `node create` avoids.
         assert_eq!(forgotten_nodes(&dir.path().join("m.db")).unwrap(), ["n2".to_string()].into());
         assert!(forgotten_nodes(&dir.path().join("none.db")).unwrap().is_empty());
+    }
+
+    /// The `forgotten` notices in the outbox for node `who`: when it was forgotten.
+    fn forgotten_notices(s: &Store, who: &str) -> Vec<i64> {
+        let out = s.outbox(1000).unwrap();
+        out.iter()
+            .filter(|o| o.key == topology::node_key(&node(who)))
+            .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
+                ToNode::Forgotten { at_ms } => Some(at_ms),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// With `--forget-nodes-after`, a node not heard of for longer is forgotten as by
+    /// `manager node forget` (and told so at its next sync); one heard of since is not;
+    /// without it, none is.
+    #[test]
+    fn a_node_silent_for_longer_than_the_setting_is_forgotten() {
+        let (_dir, mut s) = store_keeping_for(1_000);
+        at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
+        at(&mut s, "n2", "m2", put("b", 0, file(2)), 4_000);
+        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(100_000)).unwrap(), vec![], "never, unless set");
+        s.set_retention(crate::versions::Retention { forget_nodes_ms: 4_000, ..s.retention() });
+        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(6_000)).unwrap(), vec![node("n1")], "silent 5 s; n2 2 s");
+        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(6_000)).unwrap(), vec![], "forgotten once");
+        let env = Envelope::new("s1".parse().unwrap(), node("n1"), sync("r1", 1, true));
+        let refused = s.transaction(|tx| tx.handle_isolated(env, 7_000)).unwrap();
+        assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
+        assert_eq!(forgotten_notices(&s, "n1"), vec![6_000]);
+        at(&mut s, "n2", "h2", heartbeat_taken(1), 9_000);
+        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(12_000)).unwrap(), vec![], "n2 was heard of at 9 s");
     }
 
     /// A decided change's record is forgotten only once it is old enough and its sender

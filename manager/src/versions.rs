@@ -39,11 +39,14 @@ pub struct Retention {
     /// is kept at least this long, and then until its sender can no longer send it again
     /// (`Tx::forget_settled_decisions`).
     pub remember_decisions_ms: i64,
+    /// A node not heard of for this long is forgotten as by `manager node forget`
+    /// (`Tx::forget_silent_nodes`); 0: never (the default).
+    pub forget_nodes_ms: i64,
 }
 
 impl Default for Retention {
     fn default() -> Self {
-        Retention { keep_for_ms: 30 * 24 * 3600 * 1000, keep_versions: 0, copies: 2, remember_decisions_ms: 30 * 24 * 3600 * 1000 }
+        Retention { keep_for_ms: 30 * 24 * 3600 * 1000, keep_versions: 0, copies: 2, remember_decisions_ms: 30 * 24 * 3600 * 1000, forget_nodes_ms: 0 }
     }
 }
 

@@ -629,15 +629,19 @@ pub fn publish_raw(vhost: &Vhost, exchange: &str, key: &str, bytes: &[u8]) {
 
 /// Messages waiting in a queue of the vhost.
 pub fn queue_depth(vhost: &Vhost, queue: &str) -> u64 {
+    queues(vhost).into_iter().find(|(name, _)| name == queue).map_or(0, |(_, n)| n)
+}
+
+/// The queues of `vhost`, each with its ready messages.
+pub fn queues(vhost: &Vhost) -> Vec<(String, u64)> {
     let out = Command::new("rabbitmqctl").args(vhost.ctl_args(&["list_queues", "-p", &vhost.name, "name", "messages"])).output().expect("rabbitmqctl");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| {
             let mut it = l.split_whitespace();
-            (it.next()? == queue).then(|| it.next()?.parse().ok())?
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
         })
-        .next()
-        .unwrap_or(0)
+        .collect()
 }
 
 /// The harness's HTTP client: one for the whole test process, each request on a fresh

@@ -228,9 +228,15 @@ fn records_of_decided_changes_are_forgotten_once_every_node_settled() {
 /// after the deletes), and the records of the deletes are forgotten: the forgetting pass
 /// that forgot them (at least a second old) found the deletes old enough too.
 fn deletes_while_n2_is_away(name: &str, prefix: &str, count: usize) -> Cluster {
+    deletes_while_n2_is_away_with(name, prefix, count, &[])
+}
+
+/// [`deletes_while_n2_is_away`], the manager started with `more` flags too.
+fn deletes_while_n2_is_away_with(name: &str, prefix: &str, count: usize, more: &[&str]) -> Cluster {
     let mut c = Cluster::start(name, 2);
     c.manager.stop();
-    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &["--remember-decisions-for", "1s", "--keep-for", "1s"]);
+    let args: Vec<&str> = ["--remember-decisions-for", "1s", "--keep-for", "1s"].into_iter().chain(more.iter().copied()).collect();
+    c.manager = ManagerProc::start_with(c.dir.path(), &c.vhost.url(), &args);
     for n in &c.nodes {
         n.wait_connected();
     }
@@ -331,10 +337,31 @@ fn a_node_forgets_the_revisions_of_deleted_paths_after_a_completed_sync() {
     assert!(conflict_files(&c.nodes[0].mount).is_empty());
 }
 
+/// `manager serve --forget-nodes-after`: a node silent for longer is forgotten on its
+/// own, as by `manager node forget` (its deletes go, and its queue), while a node
+/// connected all along is not; back, the forgotten one says why it is refused.
+#[test]
+fn a_node_silent_for_longer_than_the_setting_is_forgotten_on_its_own() {
+    let mut c = deletes_while_n2_is_away_with("forget-silent", "s", 20, &["--forget-nodes-after", "20s"]);
+    assert_eq!(tombstones(&c), 10, "the node away holds them");
+    let forgotten = |c: &Cluster, id: &str| query(c, &format!("SELECT count(*) FROM forgotten_nodes WHERE id = '{id}'")) == 1;
+    eventually("n2 forgotten for its silence", DEADLINE, || forgotten(&c, "n2"));
+    eventually("the deletes it held back forgotten", DEADLINE, || tombstones(&c) == 0);
+    let n2_queue = wire::topology::node_queue(&"n2".parse().unwrap());
+    eventually("its queue deleted", DEADLINE, || !queues(&c.vhost).iter().any(|(name, _)| *name == n2_queue));
+    assert!(!forgotten(&c, "n1"), "n1 was heard of all along");
+
+    c.nodes[1].restart();
+    eventually("the forgotten node to say so", DEADLINE, || c.nodes[1].status()["forgotten"].as_str().is_some_and(|r| r.contains("forgot this node")));
+    for i in 0..10 {
+        assert!(!c.nodes[0].p(&format!("s{i:03}")).exists(), "s{i:03} came back");
+    }
+}
+
 /// A node gone for good holds the deletes made since its last sync; the operator's
 /// `manager node forget` lets them go, deletes the node's queue, and from then on the
 /// manager refuses (dead-letters) whatever that node sends: started again with its old
-/// data, it cannot bring back a file deleted while it was away.
+/// data, it cannot bring back a file deleted while it was away, and it says why.
 #[test]
 fn a_node_forgotten_by_the_operator_holds_nothing_back_and_is_refused() {
     let mut c = deletes_while_n2_is_away("forget-node", "g", 20);
@@ -353,6 +380,12 @@ fn a_node_forgotten_by_the_operator_holds_nothing_back_and_is_refused() {
     c.nodes[1].restart();
     eventually("the forgotten node's messages dead-lettered", DEADLINE, || queue_depth(&c.vhost, wire::topology::DEAD_QUEUE) >= 2);
     assert_eq!(query(&c, "SELECT count(*) FROM nodes WHERE id = 'n2'"), 0, "not known again");
+    let refused = |n: &NodeProc| n.status()["forgotten"].as_str().map(str::to_string);
+    eventually("the forgotten node to say so", DEADLINE, || refused(&c.nodes[1]).is_some_and(|r| r.contains("forgot this node")));
+    let (ok, out, err) = c.nodes[1].syncctl(&["sync"]);
+    assert!(!ok && err.contains("forgot this node"), "syncctl sync on a forgotten node: {out} {err}");
+    let (_, out, _) = c.nodes[1].syncctl(&["status"]);
+    assert!(out.contains("refused by the manager") && out.contains("every file is still in this mount"), "{out}");
     write(&c.nodes[0].p("after"), b"after");
     eventually("n1's later file decided", DEADLINE, || c.nodes[0].pending() == 0);
     for i in 0..10 {

@@ -154,7 +154,7 @@ impl Body for ToNode {
                 current.check_bounds()
             }
             ToNode::SyncReply { entries, .. } => entries.iter().try_for_each(Entry::check_bounds),
-            ToNode::SyncRequested {} => Ok(()),
+            ToNode::SyncRequested {} | ToNode::Forgotten { .. } => Ok(()),
             ToNode::Keep { items } => {
                 check_items("items to keep", items, MAX_KEEP_ITEMS)?;
                 items.iter().try_for_each(|i| {
@@ -516,6 +516,11 @@ pub enum ToNode {
     },
     /// To one node: please run a sync now (the dashboard's Sync button).
     SyncRequested {},
+    /// To a node the operator forgot (`manager node forget`) at `at_ms` (ms since the
+    /// epoch), in answer to its `Sync`: the manager refuses whatever it sends, for good.
+    /// Its files are all still in its mount; to sync again it starts anew under another
+    /// id with an empty data directory.
+    Forgotten { at_ms: i64 },
     /// To one node: keep these contents past GC (they are kept versions), fetching any
     /// the node lacks from the holders given. Sent before the broadcast that makes them
     /// old, so a keeper never drops one in between.
