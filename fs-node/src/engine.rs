@@ -150,6 +150,9 @@ pub enum Action<R> {
     Invalidate(Vec<Inval>),
     /// These callers' sync ended.
     SyncDone { responders: Vec<R>, result: Result<SyncReport, String> },
+    /// The manager refuses whatever this node sends, and why (the operator forgot it):
+    /// to be said until a sync completes.
+    Refused(String),
 }
 
 /// What the engine needs to know about its node.
@@ -337,13 +340,22 @@ impl<R> Engine<R> {
                 self.resend_undecided_next = true;
                 self.request_sync(None, now);
             }
-            ToNode::Forgotten { at_ms } => {
-                // Every sync waited for ends with the reason; none is started again
-                // until asked (a reconnection, `syncctl sync`): each would be refused.
+            ToNode::Forgotten { request, at_ms } => {
+                // The sync it answers ends with the reason, and those waiting for the
+                // next one; none is started again for it until asked (a reconnection,
+                // `syncctl sync`): each would be refused. A notice of a sync no longer
+                // waited for (from before a reconnection) says nothing of this one.
+                let Some(s) = self.syncs.remove(&request) else {
+                    tracing::debug!(%request, "a refusal of a sync no longer waited for");
+                    return Ok(());
+                };
                 let reason = forgotten_reason(at_ms);
                 tracing::error!("{reason}");
-                let waiting = std::mem::take(&mut self.syncs).into_values().flat_map(|s| s.responders).chain(self.next_sync.take().into_iter().flatten());
-                self.out.push(Action::SyncDone { responders: waiting.collect(), result: Err(reason) });
+                // What it was for is still to do if the manager takes this node again.
+                self.catch_up_next |= !s.snapshot;
+                let waiting = s.responders.into_iter().chain(self.next_sync.take().into_iter().flatten());
+                self.out.push(Action::SyncDone { responders: waiting.collect(), result: Err(reason.clone()) });
+                self.out.push(Action::Refused(reason));
             }
             ToNode::Keep { items } => {
                 let (keeping, lacking) = self.tree.keep(&items).map_err(fail("recording contents to keep"))?;
@@ -975,7 +987,7 @@ pub fn forgotten_reason(at_ms: i64) -> String {
     // (Within what RFC 3339 can write: years up to 9999.)
     let at = std::time::UNIX_EPOCH + Duration::from_millis(at_ms.clamp(0, 253_402_300_799_000) as u64);
     format!(
-        "the manager forgot this node at {} (`manager node forget`) and refuses whatever it sends, for good; every file is still in this mount: to sync again, copy out what is only here and start a node under another id with an empty data directory",
+        "the manager forgot this node at {} (`manager node forget`, or silent past `--forget-nodes-after`) and refuses whatever it sends, for good; every file is still in this mount: to sync again, copy out what is only here and start a node under another id with an empty data directory",
         humantime::format_rfc3339_seconds(at)
     )
 }
@@ -1281,19 +1293,31 @@ mod tests {
             actions.iter().filter(|a| matches!(a, Action::Publish { env: Envelope { body: ToManager::Sync { .. }, .. }, .. })).count()
         };
         assert_eq!(syncs_sent(&first), 1, "a new session syncs");
+        let request = first
+            .iter()
+            .find_map(|a| match a {
+                Action::Publish { env: Envelope { body: ToManager::Sync { request, .. }, .. }, .. } => Some(request.clone()),
+                _ => None,
+            })
+            .unwrap();
         let asked = engine.on_sync_requested(Some(7), Duration::ZERO);
         assert_eq!(syncs_sent(&asked), 0, "one sync at a time: the user's waits for the next");
-        let told = engine.on_message(Envelope::new(tree.env().new_id(), NodeId::manager(), ToNode::Forgotten { at_ms: 1_000 }), Duration::ZERO).unwrap();
+        let forgotten =
+            |request: &MessageId| Envelope::new(tree.env().new_id(), NodeId::manager(), ToNode::Forgotten { request: request.clone(), at_ms: 1_000 });
+        let stale = engine.on_message(forgotten(&tree.env().new_id()), Duration::ZERO).unwrap();
+        assert!(stale.is_empty(), "a refusal of another sync says nothing of this one: {}", stale.len());
+        let told = engine.on_message(forgotten(&request), Duration::ZERO).unwrap();
         let ended: Vec<(Vec<u32>, String)> = told
-            .into_iter()
+            .iter()
             .filter_map(|a| match a {
-                Action::SyncDone { responders, result: Err(reason) } => Some((responders, reason)),
+                Action::SyncDone { responders, result: Err(reason) } => Some((responders.clone(), reason.clone())),
                 _ => None,
             })
             .collect();
         assert_eq!(ended.len(), 1, "{ended:?}");
         assert_eq!(ended[0].0, vec![7], "the user's sync ends");
         assert!(ended[0].1.contains("forgot this node at 1970-01-01T00:00:01Z"), "{}", ended[0].1);
+        assert!(told.iter().any(|a| matches!(a, Action::Refused(r) if *r == ended[0].1)), "said until a sync completes");
         assert!(forgotten_reason(i64::MAX).contains("9999-12-31T23:59:59Z"), "any time from the manager is written");
         let later = engine.on_retry_tick(SYNC_GIVE_UP * 3);
         assert_eq!(syncs_sent(&later), 0, "no sync given up, none started again");

@@ -303,6 +303,7 @@ impl Session<'_> {
                     });
                 }
                 Action::Invalidate(invals) => invalidate(&self.link.notifier, &invals),
+                Action::Refused(reason) => *self.link.state.forgotten.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason),
                 Action::SyncDone { responders, result } => {
                     if let Ok(report) = &result {
                         *self.link.state.last_sync.lock().unwrap_or_else(|p| p.into_inner()) = Some(report.clone());
@@ -601,17 +602,9 @@ impl Link {
                             s.ch.bounded("rejecting", async { d.reject(BasicRejectOptions { requeue: false }).await.context("rejecting") }).await?;
                         }
                         Some(Ok(Prepared::Ready(d, env))) => {
-                            for part in env.body.parts_for(&link.info.id) {
-                                match part {
-                                    ToNode::Answer { request, answer } => {
-                                        if let Some(r) = asked.remove(request) {
-                                            let _ = r.send(Ok(answer.clone()));
-                                        }
-                                    }
-                                    ToNode::Forgotten { at_ms } => {
-                                        *link.state.forgotten.lock().unwrap_or_else(|p| p.into_inner()) = Some(crate::engine::forgotten_reason(*at_ms));
-                                    }
-                                    _ => {}
+                            if let ToNode::Answer { request, answer } = &env.body {
+                                if let Some(r) = asked.remove(request) {
+                                    let _ = r.send(Ok(answer.clone()));
                                 }
                             }
                             let now = s.now();

@@ -56,9 +56,10 @@ enum Cmd {
         /// decided twice; after that, only until its node has nothing left to send.
         #[arg(long, env = "SYNC_REMEMBER_DECISIONS_FOR", default_value = "30d", value_parser = humantime::parse_duration)]
         remember_decisions_for: std::time::Duration,
-        /// Forget a node not heard of for this long, as `manager node forget` does (a
-        /// laptop gone for good holds every delete's tombstone until then); it is
-        /// refused from then on, and told so when it syncs. Never, unless set.
+        /// Forget a node not heard of for this long while the manager served, as
+        /// `manager node forget` does (a laptop gone for good holds every delete's
+        /// tombstone until then); it is refused from then on, and told so when it syncs.
+        /// Never, unless set (0 is never too).
         #[arg(long, env = "SYNC_FORGET_NODES_AFTER", value_parser = humantime::parse_duration)]
         forget_nodes_after: Option<std::time::Duration>,
     },
@@ -97,6 +98,12 @@ fn run() -> anyhow::Result<()> {
     }
     match cli.cmd {
         Cmd::Serve { broker, db, http, require_node_users, keep_for, keep_versions, keep_copies, remember_decisions_for, forget_nodes_after } => {
+            if let Some(d) = forget_nodes_after.filter(|d| !d.is_zero() && *d < std::time::Duration::from_secs(3600)) {
+                tracing::warn!(
+                    "--forget-nodes-after {}: a node silent for that little is forgotten for good (did you mean days?)",
+                    humantime::format_duration(d)
+                );
+            }
             let rt = tokio::runtime::Runtime::new().context("starting the runtime")?;
             rt.block_on(async {
                 let cancel = tokio_util::sync::CancellationToken::new();
@@ -119,7 +126,7 @@ fn run() -> anyhow::Result<()> {
                             keep_versions,
                             copies: keep_copies,
                             remember_decisions_ms: remember_decisions_for.as_millis().min(i64::MAX as u128) as i64,
-                            forget_nodes_ms: forget_nodes_after.map_or(0, |d| d.as_millis().clamp(1, i64::MAX as u128) as i64),
+                            forget_nodes_ms: forget_nodes_after.map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64),
                         },
                     },
                     api,

@@ -275,6 +275,8 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     // batch, else every few minutes (the look scans the old records of nodes that are
     // not settled, each time).
     let mut forget_at_ms = 0;
+    // The last tick of this session: the time since counts as uptime (`Tx::count_uptime`).
+    let mut last_tick_ms = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -282,8 +284,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let (changed, next_forget, silent) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
+                let (changed, next_forget, silent, now) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
                     let now = now_ms();
+                    tx.count_uptime(last_tick_ms, now)?;
                     tx.expire_versions(now)?;
                     let mut next_forget = forget_at_ms;
                     let mut silent = Vec::new();
@@ -294,9 +297,10 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         let every = (tx.retention.remember_decisions_ms / 16).clamp(1_000, FORGET_EVERY_MS);
                         next_forget = if forgotten == FORGET_BATCH { now } else { now + every };
                     }
-                    Ok((tx.mark_silent_offline(now)?, next_forget, silent))
+                    Ok((tx.mark_silent_offline(now)?, next_forget, silent, now))
                 })), |_| true).await?;
                 forget_at_ms = next_forget;
+                last_tick_ms = Some(now);
                 for node in silent {
                     delete_node_queue(&conn, &node).await;
                 }

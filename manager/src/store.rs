@@ -34,6 +34,12 @@ pub const GIVEN_UP: &str = "given up";
 /// operator forgot ([`Tx::forget_node`]): dead-lettered at once.
 pub const FORGOTTEN_NODE: &str = "from a forgotten node";
 
+/// `meta` key of the manager's uptime ([`Tx::count_uptime`]).
+const UPTIME_KEY: &str = "uptime_ms";
+/// A longer time between two ticks is not counted as uptime (the manager stalled, or its
+/// clock jumped).
+const MAX_TICK_GAP_MS: i64 = 30_000;
+
 /// Whether a message that failed with `reason` fails again however often it is tried
 /// (it is dead-lettered at once).
 pub fn fails_for_good(reason: &str) -> bool {
@@ -154,6 +160,11 @@ ALTER TABLE nodes ADD COLUMN deletes_asked_ms INTEGER NOT NULL DEFAULT 0;
 CREATE TABLE forgotten_nodes(id TEXT PRIMARY KEY, at_ms INTEGER NOT NULL);
 ";
 
+/// Schema version 10: a node's silence is counted in the manager's uptime (`meta`
+/// `uptime_ms`, the time it served with the broker), not in wall-clock time: what the
+/// uptime was when the node was last heard of (`Tx::forget_silent_nodes`).
+const SCHEMA_V10: &str = "ALTER TABLE nodes ADD COLUMN seen_uptime_ms INTEGER NOT NULL DEFAULT 0;";
+
 /// `synchronous=FULL`: with WAL, a commit is on disk before `commit` returns. The manager
 /// acks a message right after committing its decision; with `NORMAL` a power loss could
 /// take back commits already acked, and the revisions they issued would be issued again.
@@ -164,7 +175,7 @@ const PRAGMAS: &str = "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA 
 
 /// The schema's versions, oldest first (`PRAGMA user_version` says which one a database
 /// is at); a new version is a new entry at the end.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9, SCHEMA_V10];
 
 /// Schema version 1: the tables every manager had before versions were kept. A database
 /// from then has them already (they are created only if missing) and is taken as is.
@@ -901,8 +912,10 @@ impl Tx<'_> {
     fn seen(&mut self, node: &NodeId, url: Option<&str>, now_ms: i64) -> anyhow::Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO nodes(id, url, online, last_seen_ms) VALUES(?1, coalesce(?2, ''), 1, ?3)
-             ON CONFLICT(id) DO UPDATE SET online = 1, last_seen_ms = excluded.last_seen_ms, url = coalesce(?2, nodes.url)",
+                "INSERT INTO nodes(id, url, online, last_seen_ms, seen_uptime_ms)
+                 VALUES(?1, coalesce(?2, ''), 1, ?3, coalesce((SELECT value FROM meta WHERE key = 'uptime_ms'), 0))
+             ON CONFLICT(id) DO UPDATE SET online = 1, last_seen_ms = excluded.last_seen_ms, seen_uptime_ms = excluded.seen_uptime_ms,
+               url = coalesce(?2, nodes.url)",
             )?
             .execute(params![node.as_str(), url, now_ms])?;
         Ok(())
@@ -1127,24 +1140,48 @@ impl Tx<'_> {
         Ok(forgotten)
     }
 
+    /// Counts the time since the last tick (`last_tick_ms`, none at the first tick of a
+    /// broker session) as the manager's uptime, unless it is longer than
+    /// [`MAX_TICK_GAP_MS`] or negative (a stall, a clock that jumped): a node's silence is
+    /// counted in it ([`Tx::forget_silent_nodes`]), so a manager or a broker that was
+    /// down, a database brought back from an older copy or a clock set forward makes no
+    /// node look silent.
+    pub fn count_uptime(&mut self, last_tick_ms: Option<i64>, now_ms: i64) -> anyhow::Result<()> {
+        let Some(gap) = last_tick_ms.map(|t| now_ms.saturating_sub(t)).filter(|g| (1..=MAX_TICK_GAP_MS).contains(g)) else {
+            return Ok(());
+        };
+        self.add_to_meta(UPTIME_KEY, gap)
+    }
+
     /// Forgets (as [`Tx::forget_node`]) the nodes not heard of for longer than
-    /// `--forget-nodes-after`, if set, a few at a time; returns them.
+    /// `--forget-nodes-after` of the manager's uptime ([`Tx::count_uptime`]), if set, a
+    /// few at a time; returns them. One that cannot be forgotten is skipped (and said).
     pub fn forget_silent_nodes(&mut self, now_ms: i64) -> anyhow::Result<Vec<NodeId>> {
         let after = self.retention.forget_nodes_ms;
         if after <= 0 {
             return Ok(Vec::new());
         }
+        let uptime: i64 = self.tx.prepare_cached("SELECT coalesce((SELECT value FROM meta WHERE key = ?1), 0)")?.query_row([UPTIME_KEY], |r| r.get(0))?;
         let silent: Vec<String> = self
             .tx
-            .prepare_cached("SELECT id FROM nodes WHERE last_seen_ms < ?1 ORDER BY last_seen_ms LIMIT 16")?
-            .query_map([now_ms.saturating_sub(after)], |r| r.get(0))?
+            .prepare_cached("SELECT id FROM nodes WHERE seen_uptime_ms < ?1 ORDER BY seen_uptime_ms LIMIT 16")?
+            .query_map([uptime.saturating_sub(after)], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
         let mut forgotten = Vec::new();
         for id in silent {
-            let node: NodeId = id.parse().map_err(|e| anyhow::anyhow!("corrupt node id {id:?} in the manager database: {e}"))?;
-            let gone = self.forget_node(&node, now_ms)?;
-            tracing::warn!(%node, after_ms = after, records = gone.records, holdings = gone.holdings, kept = gone.kept, "node silent for longer than --forget-nodes-after: forgotten, and refused from now on");
-            forgotten.push(node);
+            run_cached(self.tx, "SAVEPOINT silent_node").context("opening a savepoint in the manager database")?;
+            let gone = id.parse::<NodeId>().map_err(|e| anyhow::anyhow!("{e}")).and_then(|node| Ok((self.forget_node(&node, now_ms)?, node)));
+            match gone {
+                Ok((gone, node)) => {
+                    run_cached(self.tx, "RELEASE silent_node")?;
+                    tracing::warn!(%node, after_ms = after, records = gone.records, holdings = gone.holdings, kept = gone.kept, "node silent for longer than --forget-nodes-after: forgotten, and refused from now on");
+                    forgotten.push(node);
+                }
+                Err(e) => {
+                    run_cached(self.tx, "ROLLBACK TO silent_node").and_then(|()| run_cached(self.tx, "RELEASE silent_node"))?;
+                    tracing::warn!(node = %id, "a node silent for longer than --forget-nodes-after could not be forgotten: {e:#}");
+                }
+            }
         }
         Ok(forgotten)
     }
@@ -1422,13 +1459,20 @@ impl Tx<'_> {
             self.tx.prepare_cached("DELETE FROM suspects WHERE msg = ?1")?.execute([env.id.as_str()])?;
         }
         if let Some(at_ms) = self.forgotten_at(&env.from)? {
-            // Its sync (one per connection, or when its user asks) is answered with the
-            // reason, so the node says why nothing it sends is taken; its other
-            // messages are not (a heartbeat a second would be answered a second).
-            if matches!(env.body, ToManager::Sync { .. }) {
-                self.enqueue(&topology::node_key(&env.from), ToNode::Forgotten { at_ms })?;
+            match &env.body {
+                // Dropped, not dead-lettered: one a second would fill the dead letters.
+                ToManager::Heartbeat { .. } => return Ok(Ok(())),
+                // Answered with the reason, so the node says why nothing it sends is
+                // taken (one per connection, or when its user asks).
+                ToManager::Sync { request, .. } => {
+                    self.enqueue(&topology::node_key(&env.from), ToNode::Forgotten { request: request.clone(), at_ms })?;
+                }
+                _ => {}
             }
-            return Ok(Err(format!("{FORGOTTEN_NODE}: {} was forgotten by the operator (`manager node forget`); start it anew under another id", env.from)));
+            return Ok(Err(format!(
+                "{FORGOTTEN_NODE}: {} was forgotten (`manager node forget`, or silent past `--forget-nodes-after`); start it anew under another id",
+                env.from
+            )));
         }
         run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
@@ -2247,50 +2291,65 @@ mod tests {
         assert_eq!((gone.records, gone.holdings), (1, 1), "its change of b, and b, which it made");
         assert_eq!(forget(&mut s, 5_000), 1, "nothing holds the delete back any more");
 
-        let env = Envelope::new("h1".parse().unwrap(), node("n2"), heartbeat_taken(3));
+        let env = Envelope::new("m4".parse().unwrap(), node("n2"), put("c", 0, file(3)));
         let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
+        let env = Envelope::new("h1".parse().unwrap(), node("n2"), heartbeat_taken(3));
+        assert_eq!(s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap(), Ok(()), "a heartbeat is dropped, not dead-lettered");
         assert_eq!(s.conn.query_row("SELECT count(*) FROM nodes WHERE id = 'n2'", [], |r| r.get::<_, i64>(0)).unwrap(), 0, "not known again");
-        assert!(forgotten_notices(&s, "n2").is_empty(), "a heartbeat is not answered");
+        assert!(forgotten_notices(&s, "n2").is_empty(), "nothing but a sync is answered");
         let env = Envelope::new("s2".parse().unwrap(), node("n2"), sync("r2", 3, true));
         let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
-        assert_eq!(forgotten_notices(&s, "n2"), vec![5_000], "its sync is answered with when it was forgotten");
+        assert_eq!(forgotten_notices(&s, "n2"), vec![("r2".to_string(), 5_000)], "its sync is answered with when it was forgotten");
         // What `node create` avoids.
         assert_eq!(forgotten_nodes(&dir.path().join("m.db")).unwrap(), ["n2".to_string()].into());
         assert!(forgotten_nodes(&dir.path().join("none.db")).unwrap().is_empty());
     }
 
-    /// The `forgotten` notices in the outbox for node `who`: when it was forgotten.
-    fn forgotten_notices(s: &Store, who: &str) -> Vec<i64> {
+    /// The `forgotten` notices in the outbox for node `who`: the sync each answers, and
+    /// when the node was forgotten.
+    fn forgotten_notices(s: &Store, who: &str) -> Vec<(String, i64)> {
         let out = s.outbox(1000).unwrap();
         out.iter()
             .filter(|o| o.key == topology::node_key(&node(who)))
             .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
-                ToNode::Forgotten { at_ms } => Some(at_ms),
+                ToNode::Forgotten { request, at_ms } => Some((request.to_string(), at_ms)),
                 _ => None,
             })
             .collect()
     }
 
-    /// With `--forget-nodes-after`, a node not heard of for longer is forgotten as by
-    /// `manager node forget` (and told so at its next sync); one heard of since is not;
-    /// without it, none is.
+    /// With `--forget-nodes-after`, a node not heard of for longer, in the manager's
+    /// uptime, is forgotten as by `manager node forget` (and told so at its next sync);
+    /// time the manager did not count (down, a stall, a clock that jumped) does not make
+    /// a node silent; without the setting, none is forgotten.
     #[test]
     fn a_node_silent_for_longer_than_the_setting_is_forgotten() {
         let (_dir, mut s) = store_keeping_for(1_000);
+        let silent = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_silent_nodes(now)).unwrap();
+        // Ticks from `from` to `to`, a second apart: uptime counted.
+        let run = |s: &mut Store, from: i64, to: i64| {
+            s.transaction(|tx| (from..=to).step_by(1_000).try_fold(None, |last, t| tx.count_uptime(last, t).map(|()| Some(t)))).unwrap();
+        };
+        run(&mut s, 0, 1_000);
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
-        at(&mut s, "n2", "m2", put("b", 0, file(2)), 4_000);
-        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(100_000)).unwrap(), vec![], "never, unless set");
-        s.set_retention(crate::versions::Retention { forget_nodes_ms: 4_000, ..s.retention() });
-        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(6_000)).unwrap(), vec![node("n1")], "silent 5 s; n2 2 s");
-        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(6_000)).unwrap(), vec![], "forgotten once");
+        at(&mut s, "n2", "m2", put("b", 0, file(2)), 1_000);
+        run(&mut s, 1_000, 100_000);
+        assert_eq!(silent(&mut s, 100_000), vec![], "never, unless set");
+        s.set_retention(crate::versions::Retention { forget_nodes_ms: 200_000, ..s.retention() });
+        at(&mut s, "n2", "h1", heartbeat_taken(1), 100_000);
+        // Down for a day (a session's first tick counts nothing, nor would a clock set
+        // forward), then 50 s of uptime: n1 silent 149 s of uptime, n2 50 s.
+        run(&mut s, 86_500_000, 86_550_000);
+        assert_eq!(silent(&mut s, 86_550_000), vec![], "a day down is not silence");
+        run(&mut s, 86_550_000, 86_602_000);
+        assert_eq!(silent(&mut s, 86_602_000), vec![node("n1")], "n1 silent 201 s of uptime; n2 102 s");
+        assert_eq!(silent(&mut s, 86_602_000), vec![], "forgotten once");
         let env = Envelope::new("s1".parse().unwrap(), node("n1"), sync("r1", 1, true));
-        let refused = s.transaction(|tx| tx.handle_isolated(env, 7_000)).unwrap();
+        let refused = s.transaction(|tx| tx.handle_isolated(env, 86_603_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
-        assert_eq!(forgotten_notices(&s, "n1"), vec![6_000]);
-        at(&mut s, "n2", "h2", heartbeat_taken(1), 9_000);
-        assert_eq!(s.transaction(|tx| tx.forget_silent_nodes(12_000)).unwrap(), vec![], "n2 was heard of at 9 s");
+        assert_eq!(forgotten_notices(&s, "n1"), vec![("r1".to_string(), 86_602_000)]);
     }
 
     /// A decided change's record is forgotten only once it is old enough and its sender
@@ -2775,14 +2834,15 @@ mod tests {
             .unwrap();
         assert_eq!(ends, [(-2, Some(5)), (-1, None)], "a state that is no longer current ends when it was made (schema 8)");
         let version: i64 = s.conn().query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
-        assert_eq!(version, 9);
+        assert_eq!(version, MIGRATIONS.len() as i64);
         assert_eq!(s.head().unwrap(), Revision(0), "the old rows were kept as they were");
         assert!(s.conn().query_row("SELECT count(*) FROM paths WHERE path = 'a.txt'", [], |r| r.get::<_, i64>(0)).unwrap() == 1);
         send(&mut s, "n1", "m1", put("b.txt", 0, file(1)));
         drop(s);
-        rusqlite::Connection::open(&db).unwrap().execute_batch("PRAGMA user_version = 10").unwrap();
+        let newer = MIGRATIONS.len() + 1;
+        rusqlite::Connection::open(&db).unwrap().execute_batch(&format!("PRAGMA user_version = {newer}")).unwrap();
         let err = format!("{:#}", Store::open(&db).err().expect("a newer database is refused"));
-        assert!(err.contains("at schema version 10, which this program does not know"), "{err}");
+        assert!(err.contains(&format!("at schema version {newer}, which this program does not know")), "{err}");
     }
 
     fn change(path: &str, base: u64, follows: Option<&str>, op: ChangeOp) -> ToManager {

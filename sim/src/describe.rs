@@ -62,7 +62,7 @@ pub fn to_node(body: &ToNode, redelivered: bool) -> String {
             format!("sync reply page {page} head r{} more {more}: [{}]", head.0, entries.iter().map(entry).collect::<Vec<_>>().join(", "))
         }
         ToNode::SyncRequested {} => "sync requested".to_string(),
-        ToNode::Forgotten { at_ms } => format!("forgotten at {at_ms} ms"),
+        ToNode::Forgotten { request, at_ms } => format!("forgotten at {at_ms} ms (answering {request})"),
         ToNode::Keep { items } => format!("keep {}", short_hashes(&items.iter().map(|i| i.hash.clone()).collect::<Vec<_>>())),
         ToNode::Release { hashes } => format!("release {}", short_hashes(hashes)),
         ToNode::Answer { request, .. } => format!("answer to {request}"),

@@ -215,7 +215,7 @@ impl SimNode {
             match a {
                 Action::Publish { env, .. } => broker.update.publish(env.encode()),
                 Action::Pull { path, rev, hash, holders, .. } => self.pulls.push(PendingPull { path, rev, hash, holders }),
-                Action::Invalidate(_) => {}
+                Action::Invalidate(_) | Action::Refused(_) => {}
                 Action::SyncDone { result, .. } => match result {
                     Ok(report) => self.pushed_again += report.pushed_again,
                     Err(e) => self.sync_errors.push(e),

@@ -516,11 +516,12 @@ pub enum ToNode {
     },
     /// To one node: please run a sync now (the dashboard's Sync button).
     SyncRequested {},
-    /// To a node the operator forgot (`manager node forget`) at `at_ms` (ms since the
-    /// epoch), in answer to its `Sync`: the manager refuses whatever it sends, for good.
-    /// Its files are all still in its mount; to sync again it starts anew under another
-    /// id with an empty data directory.
-    Forgotten { at_ms: i64 },
+    /// To a node the operator forgot (`manager node forget`, or silent past
+    /// `--forget-nodes-after`) at `at_ms` (ms since the epoch), in answer to its `Sync`
+    /// `request`: the manager refuses whatever it sends, for good. Its files are all
+    /// still in its mount; to sync again it starts anew under another id with an empty
+    /// data directory.
+    Forgotten { request: MessageId, at_ms: i64 },
     /// To one node: keep these contents past GC (they are kept versions), fetching any
     /// the node lacks from the holders given. Sent before the broadcast that makes them
     /// old, so a keeper never drops one in between.
@@ -720,6 +721,7 @@ mod tests {
                 },
             ),
             ("sync_requested", ToNode::SyncRequested {}),
+            ("forgotten", ToNode::Forgotten { request: id("5b0f6f4e-2d7c-4f57-8a3b-6c5d4e3f2a1b"), at_ms: 1_766_600_000_000 }),
             ("keep", ToNode::Keep { items: vec![crate::KeepItem { hash: hash(), size: 5, until_ms: 1_766_600_000_000, holders: entry().holders }] }),
             ("release", ToNode::Release { hashes: vec![hash()] }),
             (
