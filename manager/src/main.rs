@@ -98,7 +98,7 @@ fn run() -> anyhow::Result<()> {
     }
     match cli.cmd {
         Cmd::Serve { broker, db, http, require_node_users, keep_for, keep_versions, keep_copies, remember_decisions_for, forget_nodes_after } => {
-            if let Some(d) = forget_nodes_after.filter(|d| !d.is_zero() && *d < std::time::Duration::from_secs(3600)) {
+            if let Some(d) = forget_nodes_after.filter(|d| d.as_millis() > 0 && *d < std::time::Duration::from_secs(3600)) {
                 tracing::warn!(
                     "--forget-nodes-after {}: a node silent for that little is forgotten for good (did you mean days?)",
                     humantime::format_duration(d)

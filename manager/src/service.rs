@@ -276,7 +276,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     // not settled, each time).
     let mut forget_at_ms = 0;
     // The last tick of this session: the time since counts as uptime (`Tx::count_uptime`).
-    let mut last_tick_ms = None;
+    let mut last_tick = None;
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -284,9 +284,11 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let (changed, next_forget, silent, now) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
+                let since_last_tick = last_tick.map(|t: std::time::Instant| t.elapsed());
+                last_tick = Some(std::time::Instant::now());
+                let (changed, next_forget, silent) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
                     let now = now_ms();
-                    tx.count_uptime(last_tick_ms, now)?;
+                    tx.count_uptime(since_last_tick, now)?;
                     tx.expire_versions(now)?;
                     let mut next_forget = forget_at_ms;
                     let mut silent = Vec::new();
@@ -297,10 +299,9 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                         let every = (tx.retention.remember_decisions_ms / 16).clamp(1_000, FORGET_EVERY_MS);
                         next_forget = if forgotten == FORGET_BATCH { now } else { now + every };
                     }
-                    Ok((tx.mark_silent_offline(now)?, next_forget, silent, now))
+                    Ok((tx.mark_silent_offline(now)?, next_forget, silent))
                 })), |_| true).await?;
                 forget_at_ms = next_forget;
-                last_tick_ms = Some(now);
                 for node in silent {
                     delete_node_queue(&conn, &node).await;
                 }

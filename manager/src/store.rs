@@ -1140,17 +1140,23 @@ impl Tx<'_> {
         Ok(forgotten)
     }
 
-    /// Counts the time since the last tick (`last_tick_ms`, none at the first tick of a
-    /// broker session) as the manager's uptime, unless it is longer than
-    /// [`MAX_TICK_GAP_MS`] or negative (a stall, a clock that jumped): a node's silence is
-    /// counted in it ([`Tx::forget_silent_nodes`]), so a manager or a broker that was
-    /// down, a database brought back from an older copy or a clock set forward makes no
-    /// node look silent.
-    pub fn count_uptime(&mut self, last_tick_ms: Option<i64>, now_ms: i64) -> anyhow::Result<()> {
-        let Some(gap) = last_tick_ms.map(|t| now_ms.saturating_sub(t)).filter(|g| (1..=MAX_TICK_GAP_MS).contains(g)) else {
+    /// Counts `since_last_tick` (none at the first tick of a broker session; measured on
+    /// a monotonic clock) as the manager's uptime, unless it is longer than
+    /// [`MAX_TICK_GAP_MS`] (a stall) or no node was heard of within [`OFFLINE_AFTER_MS`]
+    /// (nodes cut off from a broker the manager still reaches, a memory alarm blocking
+    /// them): a node's silence is counted in it ([`Tx::forget_silent_nodes`]), so a
+    /// manager or a broker that was down, nodes that could not reach it, a database
+    /// brought back from an older copy or a clock that jumped make no node look silent.
+    pub fn count_uptime(&mut self, since_last_tick: Option<std::time::Duration>, now_ms: i64) -> anyhow::Result<()> {
+        let Some(gap) = since_last_tick.map(|d| d.as_millis().min(i64::MAX as u128) as i64).filter(|g| (1..=MAX_TICK_GAP_MS).contains(g)) else {
             return Ok(());
         };
-        self.add_to_meta(UPTIME_KEY, gap)
+        let someone_heard =
+            self.tx.prepare_cached("SELECT 1 FROM nodes WHERE last_seen_ms >= ?1 LIMIT 1")?.exists([now_ms.saturating_sub(OFFLINE_AFTER_MS)])?;
+        if someone_heard {
+            self.add_to_meta(UPTIME_KEY, gap)?;
+        }
+        Ok(())
     }
 
     /// Forgets (as [`Tx::forget_node`]) the nodes not heard of for longer than
@@ -2328,28 +2334,40 @@ mod tests {
     fn a_node_silent_for_longer_than_the_setting_is_forgotten() {
         let (_dir, mut s) = store_keeping_for(1_000);
         let silent = |s: &mut Store, now: i64| s.transaction(|tx| tx.forget_silent_nodes(now)).unwrap();
-        // Ticks from `from` to `to`, a second apart: uptime counted.
+        // Ticks of one broker session from `from` to `to`, a second apart, n2 heard of
+        // at each (uptime is counted only while some node is).
         let run = |s: &mut Store, from: i64, to: i64| {
-            s.transaction(|tx| (from..=to).step_by(1_000).try_fold(None, |last, t| tx.count_uptime(last, t).map(|()| Some(t)))).unwrap();
+            for t in (from..=to).step_by(1_000) {
+                at(s, "n2", &format!("h{t}"), heartbeat_taken(1), t);
+                let gap = (t > from).then_some(std::time::Duration::from_secs(1));
+                s.transaction(|tx| tx.count_uptime(gap, t)).unwrap();
+            }
         };
-        run(&mut s, 0, 1_000);
+        let uptime = |s: &Store| s.conn.query_row("SELECT value FROM meta WHERE key = 'uptime_ms'", [], |r| r.get::<_, i64>(0)).unwrap();
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
         at(&mut s, "n2", "m2", put("b", 0, file(2)), 1_000);
         run(&mut s, 1_000, 100_000);
+        assert_eq!(uptime(&s), 99_000);
+        // Nobody heard of (cut off from the broker, blocked by it): not counted; nor is a
+        // gap longer than a stall.
+        let tick = |s: &mut Store, gap: u64, t: i64| s.transaction(|tx| tx.count_uptime(Some(std::time::Duration::from_millis(gap)), t)).unwrap();
+        (110_000..=170_000).step_by(1_000).for_each(|t| tick(&mut s, 1_000, t));
+        at(&mut s, "n2", "h", heartbeat_taken(1), 170_000);
+        tick(&mut s, 60_000, 171_000);
+        assert_eq!(uptime(&s), 99_000);
         assert_eq!(silent(&mut s, 100_000), vec![], "never, unless set");
         s.set_retention(crate::versions::Retention { forget_nodes_ms: 200_000, ..s.retention() });
-        at(&mut s, "n2", "h1", heartbeat_taken(1), 100_000);
-        // Down for a day (a session's first tick counts nothing, nor would a clock set
-        // forward), then 50 s of uptime: n1 silent 149 s of uptime, n2 50 s.
+        // Down for a day (a session's first tick counts nothing), then 50 s of uptime:
+        // n1 silent 149 s of uptime, n2 not at all.
         run(&mut s, 86_500_000, 86_550_000);
         assert_eq!(silent(&mut s, 86_550_000), vec![], "a day down is not silence");
-        run(&mut s, 86_550_000, 86_602_000);
-        assert_eq!(silent(&mut s, 86_602_000), vec![node("n1")], "n1 silent 201 s of uptime; n2 102 s");
-        assert_eq!(silent(&mut s, 86_602_000), vec![], "forgotten once");
+        run(&mut s, 86_560_000, 86_612_000);
+        assert_eq!(silent(&mut s, 86_612_000), vec![node("n1")], "n1 silent 201 s of uptime");
+        assert_eq!(silent(&mut s, 86_612_000), vec![], "forgotten once");
         let env = Envelope::new("s1".parse().unwrap(), node("n1"), sync("r1", 1, true));
-        let refused = s.transaction(|tx| tx.handle_isolated(env, 86_603_000)).unwrap();
+        let refused = s.transaction(|tx| tx.handle_isolated(env, 86_613_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
-        assert_eq!(forgotten_notices(&s, "n1"), vec![("r1".to_string(), 86_602_000)]);
+        assert_eq!(forgotten_notices(&s, "n1"), vec![("r1".to_string(), 86_612_000)]);
     }
 
     /// A decided change's record is forgotten only once it is old enough and its sender
