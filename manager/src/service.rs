@@ -31,6 +31,10 @@ use wire::{topology, Envelope, ToManager};
 pub const BATCH: usize = 256;
 /// How often presence is re-evaluated.
 pub const TICK: Duration = Duration::from_secs(1);
+/// A longer time between two ticks is not counted as the manager's uptime (it stalled).
+const MAX_TICK_GAP: Duration = Duration::from_secs(30);
+/// How often the uptime counted between ticks is added to the database's.
+const UPTIME_EVERY: Duration = Duration::from_secs(60);
 /// Records of decided changes forgotten at most per tick (`Tx::forget_settled_decisions`:
 /// a few tens of milliseconds).
 pub const FORGET_BATCH: usize = 2_000;
@@ -275,8 +279,15 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
     // batch, else every few minutes (the look scans the old records of nodes that are
     // not settled, each time).
     let mut forget_at_ms = 0;
-    // The last tick of this session: the time since counts as uptime (`Tx::count_uptime`).
+    // The last tick of this session, and the time served since the uptime was last
+    // counted (`Tx::count_uptime`).
     let mut last_tick = None;
+    let mut served = Duration::ZERO;
+    // (More often with a short `--forget-nodes-after`: a quarter of it at most.)
+    let uptime_every = match cfg.retention.forget_nodes_ms {
+        ms if ms > 0 => UPTIME_EVERY.min(Duration::from_millis(ms as u64 / 4)).max(TICK),
+        _ => UPTIME_EVERY,
+    };
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -284,11 +295,17 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 return Ok(());
             }
             _ = tick.tick() => {
-                let since_last_tick = last_tick.map(|t: std::time::Instant| t.elapsed());
+                // The time served, added to the database's uptime once a minute.
+                if let Some(gap) = last_tick.map(|t: std::time::Instant| t.elapsed()).filter(|g| *g <= MAX_TICK_GAP) {
+                    served += gap;
+                }
                 last_tick = Some(std::time::Instant::now());
+                let count = (served >= uptime_every).then(|| std::mem::take(&mut served));
                 let (changed, next_forget, silent) = handle.timed(handle.with_store(move |s| s.transaction(|tx| {
                     let now = now_ms();
-                    tx.count_uptime(since_last_tick, now)?;
+                    if let Some(served) = count {
+                        tx.count_uptime(served, now)?;
+                    }
                     tx.expire_versions(now)?;
                     let mut next_forget = forget_at_ms;
                     let mut silent = Vec::new();

@@ -36,9 +36,6 @@ pub const FORGOTTEN_NODE: &str = "from a forgotten node";
 
 /// `meta` key of the manager's uptime ([`Tx::count_uptime`]).
 const UPTIME_KEY: &str = "uptime_ms";
-/// A longer time between two ticks is not counted as uptime (the manager stalled, or its
-/// clock jumped).
-const MAX_TICK_GAP_MS: i64 = 30_000;
 
 /// Whether a message that failed with `reason` fails again however often it is tried
 /// (it is dead-lettered at once).
@@ -1140,21 +1137,19 @@ impl Tx<'_> {
         Ok(forgotten)
     }
 
-    /// Counts `since_last_tick` (none at the first tick of a broker session; measured on
-    /// a monotonic clock) as the manager's uptime, unless it is longer than
-    /// [`MAX_TICK_GAP_MS`] (a stall) or no node was heard of within [`OFFLINE_AFTER_MS`]
-    /// (nodes cut off from a broker the manager still reaches, a memory alarm blocking
-    /// them): a node's silence is counted in it ([`Tx::forget_silent_nodes`]), so a
-    /// manager or a broker that was down, nodes that could not reach it, a database
-    /// brought back from an older copy or a clock that jumped make no node look silent.
-    pub fn count_uptime(&mut self, since_last_tick: Option<std::time::Duration>, now_ms: i64) -> anyhow::Result<()> {
-        let Some(gap) = since_last_tick.map(|d| d.as_millis().min(i64::MAX as u128) as i64).filter(|g| (1..=MAX_TICK_GAP_MS).contains(g)) else {
-            return Ok(());
-        };
-        let someone_heard =
-            self.tx.prepare_cached("SELECT 1 FROM nodes WHERE last_seen_ms >= ?1 LIMIT 1")?.exists([now_ms.saturating_sub(OFFLINE_AFTER_MS)])?;
-        if someone_heard {
-            self.add_to_meta(UPTIME_KEY, gap)?;
+    /// Adds `served` (time the manager served with the broker, which the service counts
+    /// between its ticks on a monotonic clock, leaving out the first tick of a session
+    /// and gaps of a stall) to its uptime, unless no node was heard of within it (and
+    /// [`OFFLINE_AFTER_MS`]): nodes cut off from a broker the manager still reaches, or a
+    /// memory alarm blocking them. A node's silence is counted in it
+    /// ([`Tx::forget_silent_nodes`]), so a manager or a broker that was down, nodes that
+    /// could not reach it, a database brought back from an older copy or a clock that
+    /// jumped make no node look silent.
+    pub fn count_uptime(&mut self, served: std::time::Duration, now_ms: i64) -> anyhow::Result<()> {
+        let served = served.as_millis().min(i64::MAX as u128) as i64;
+        let since = now_ms.saturating_sub(served).saturating_sub(OFFLINE_AFTER_MS);
+        if served > 0 && self.tx.prepare_cached("SELECT 1 FROM nodes WHERE last_seen_ms >= ?1 LIMIT 1")?.exists([since])? {
+            self.add_to_meta(UPTIME_KEY, served)?;
         }
         Ok(())
     }
@@ -2339,8 +2334,9 @@ mod tests {
         let run = |s: &mut Store, from: i64, to: i64| {
             for t in (from..=to).step_by(1_000) {
                 at(s, "n2", &format!("h{t}"), heartbeat_taken(1), t);
-                let gap = (t > from).then_some(std::time::Duration::from_secs(1));
-                s.transaction(|tx| tx.count_uptime(gap, t)).unwrap();
+                if t > from {
+                    s.transaction(|tx| tx.count_uptime(std::time::Duration::from_secs(1), t)).unwrap();
+                }
             }
         };
         let uptime = |s: &Store| s.conn.query_row("SELECT value FROM meta WHERE key = 'uptime_ms'", [], |r| r.get::<_, i64>(0)).unwrap();
@@ -2348,12 +2344,10 @@ mod tests {
         at(&mut s, "n2", "m2", put("b", 0, file(2)), 1_000);
         run(&mut s, 1_000, 100_000);
         assert_eq!(uptime(&s), 99_000);
-        // Nobody heard of (cut off from the broker, blocked by it): not counted; nor is a
-        // gap longer than a stall.
-        let tick = |s: &mut Store, gap: u64, t: i64| s.transaction(|tx| tx.count_uptime(Some(std::time::Duration::from_millis(gap)), t)).unwrap();
-        (110_000..=170_000).step_by(1_000).for_each(|t| tick(&mut s, 1_000, t));
-        at(&mut s, "n2", "h", heartbeat_taken(1), 170_000);
-        tick(&mut s, 60_000, 171_000);
+        // Nobody heard of (cut off from the broker, blocked by it): not counted.
+        let served = |s: &mut Store, secs: u64, t: i64| s.transaction(|tx| tx.count_uptime(std::time::Duration::from_secs(secs), t)).unwrap();
+        (110_000..=170_000).step_by(1_000).for_each(|t| served(&mut s, 1, t));
+        served(&mut s, 60, 240_000);
         assert_eq!(uptime(&s), 99_000);
         assert_eq!(silent(&mut s, 100_000), vec![], "never, unless set");
         s.set_retention(crate::versions::Retention { forget_nodes_ms: 200_000, ..s.retention() });
