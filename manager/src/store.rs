@@ -1170,17 +1170,20 @@ impl Tx<'_> {
             .collect::<rusqlite::Result<_>>()?;
         let mut forgotten = Vec::new();
         for id in silent {
-            run_cached(self.tx, "SAVEPOINT silent_node").context("opening a savepoint in the manager database")?;
-            let gone = id.parse::<NodeId>().map_err(|e| anyhow::anyhow!("{e}")).and_then(|node| Ok((self.forget_node(&node, now_ms)?, node)));
+            let gone = match id.parse::<NodeId>() {
+                Ok(node) => self.isolated(|tx| tx.forget_node(&node, now_ms))?.map(|gone| (gone, node)),
+                Err(e) => Err(e.to_string()),
+            };
             match gone {
                 Ok((gone, node)) => {
-                    run_cached(self.tx, "RELEASE silent_node")?;
                     tracing::warn!(%node, after_ms = after, records = gone.records, holdings = gone.holdings, kept = gone.kept, "node silent for longer than --forget-nodes-after: forgotten, and refused from now on");
                     forgotten.push(node);
                 }
-                Err(e) => {
-                    run_cached(self.tx, "ROLLBACK TO silent_node").and_then(|()| run_cached(self.tx, "RELEASE silent_node"))?;
-                    tracing::warn!(node = %id, "a node silent for longer than --forget-nodes-after could not be forgotten: {e:#}");
+                Err(reason) => {
+                    // Its silence starts again: it does not come first at every pass
+                    // (ahead of those that can be forgotten).
+                    self.tx.prepare_cached("UPDATE nodes SET seen_uptime_ms = ?2 WHERE id = ?1")?.execute(params![id, uptime])?;
+                    tracing::warn!(node = %id, "a node silent for longer than --forget-nodes-after could not be forgotten (tried again after as long): {reason}");
                 }
             }
         }
@@ -1475,13 +1478,20 @@ impl Tx<'_> {
                 env.from
             )));
         }
-        run_cached(self.tx, "SAVEPOINT message").context("opening a savepoint in the manager database")?;
+        self.isolated(|tx| tx.handle(env, now_ms))
+    }
+
+    /// Runs `f` under a savepoint: when it fails, with an error or a panic, everything it
+    /// wrote is rolled back and the reason is returned. Only a failure of the database
+    /// itself (the savepoint cannot be opened, released or rolled back) is an error.
+    fn isolated<T>(&mut self, f: impl FnOnce(&mut Self) -> anyhow::Result<T>) -> anyhow::Result<Result<T, String>> {
+        run_cached(self.tx, "SAVEPOINT isolated").context("opening a savepoint in the manager database")?;
         // Nothing is left half-done by a panic: the rollback below undoes the savepoint's
         // writes, and every statement it had open was reset while unwinding.
-        let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.handle(env, now_ms))) {
-            Ok(Ok(())) => {
-                run_cached(self.tx, "RELEASE message").context("releasing a savepoint in the manager database")?;
-                return Ok(Ok(()));
+        let failure = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self))) {
+            Ok(Ok(done)) => {
+                run_cached(self.tx, "RELEASE isolated").context("releasing a savepoint in the manager database")?;
+                return Ok(Ok(done));
             }
             Ok(Err(e)) => format!("{e:#}"),
             Err(panic) => {
@@ -1489,9 +1499,9 @@ impl Tx<'_> {
                 format!("panicked: {}", what.unwrap_or_else(|| "(no message)".into()))
             }
         };
-        run_cached(self.tx, "ROLLBACK TO message")
-            .and_then(|()| run_cached(self.tx, "RELEASE message"))
-            .context("rolling back a failed message in the manager database")?;
+        run_cached(self.tx, "ROLLBACK TO isolated")
+            .and_then(|()| run_cached(self.tx, "RELEASE isolated"))
+            .context("rolling back a failed operation in the manager database")?;
         Ok(Err(failure))
     }
 
@@ -2342,6 +2352,9 @@ mod tests {
         let uptime = |s: &Store| s.conn.query_row("SELECT value FROM meta WHERE key = 'uptime_ms'", [], |r| r.get::<_, i64>(0)).unwrap();
         at(&mut s, "n1", "m1", put("a", 0, file(1)), 1_000);
         at(&mut s, "n2", "m2", put("b", 0, file(2)), 1_000);
+        // n3 cannot be forgotten (its kept contents are unreadable).
+        at(&mut s, "n3", "m3", put("c", 0, file(3)), 1_000);
+        s.conn.execute("INSERT INTO kept(hash, node, size) VALUES('not a hash', 'n3', 1)", []).unwrap();
         run(&mut s, 1_000, 100_000);
         assert_eq!(uptime(&s), 99_000);
         // Nobody heard of (cut off from the broker, blocked by it): not counted.
@@ -2356,7 +2369,9 @@ mod tests {
         run(&mut s, 86_500_000, 86_550_000);
         assert_eq!(silent(&mut s, 86_550_000), vec![], "a day down is not silence");
         run(&mut s, 86_560_000, 86_612_000);
-        assert_eq!(silent(&mut s, 86_612_000), vec![node("n1")], "n1 silent 201 s of uptime");
+        assert_eq!(silent(&mut s, 86_612_000), vec![node("n1")], "n1 silent 201 s of uptime; n3 could not be, and the rest went");
+        let n3_silence_from = |s: &Store| s.conn.query_row("SELECT seen_uptime_ms FROM nodes WHERE id = 'n3'", [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(n3_silence_from(&s), 201_000, "n3's silence starts again");
         assert_eq!(silent(&mut s, 86_612_000), vec![], "forgotten once");
         let env = Envelope::new("s1".parse().unwrap(), node("n1"), sync("r1", 1, true));
         let refused = s.transaction(|tx| tx.handle_isolated(env, 86_613_000)).unwrap();
