@@ -108,6 +108,9 @@ pub struct Handle {
     /// Messages node queues dropped past their length limit, told to this process
     /// (`dropped_from_node_queue`).
     pub queue_drops: Arc<AtomicU64>,
+    /// Forgotten nodes whose queues this process deleted, or tried to
+    /// (`delete_node_queue`).
+    pub queues_deleted: Arc<Mutex<std::collections::HashSet<wire::NodeId>>>,
     /// When the broker loop took up work it has not finished since (ms since the
     /// epoch; 0 while it is keeping up). Read without the store's lock, so a manager
     /// stuck holding the store can still say so (`stalled_for`, `/api/health`).
@@ -148,6 +151,7 @@ impl Handle {
             dead_lettered: Default::default(),
             refused_senders: Default::default(),
             queue_drops: Default::default(),
+            queues_deleted: Default::default(),
             last_failure: Default::default(),
             survived_starts: Default::default(),
             busy_since_ms: Default::default(),
@@ -320,7 +324,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 })), |_| true).await?;
                 forget_at_ms = next_forget;
                 for node in silent {
-                    delete_node_queue(&conn, &node).await;
+                    delete_node_queue(handle, &conn, &node).await;
                 }
                 if changed > 0 {
                     tracing::info!("{changed} node(s) went offline");
@@ -353,7 +357,7 @@ async fn session(cfg: &Config, handle: &Handle, cancel: &CancellationToken, back
                 while let Some(Some(d)) = drops.next().now_or_never() {
                     deliveries.push(d.context("receiving from the queue of dropped messages")?);
                 }
-                handle.timed(ask_to_sync_after_drops(handle, &ch, deliveries), |_| true).await?;
+                handle.timed(ask_to_sync_after_drops(handle, &conn, &ch, deliveries), |_| true).await?;
             }
         }
     }
@@ -488,14 +492,20 @@ pub fn dropped_from_node_queue(d: &Delivery) -> Option<(wire::NodeId, Option<i64
 /// decided and takes the manager's whole tree, which brings back whatever the dropped
 /// messages said. Everything is acked once the requests are published (the other dead
 /// letters stay in `sync.dead`).
-async fn ask_to_sync_after_drops(handle: &Handle, ch: &broker_link::Confirmed, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
+async fn ask_to_sync_after_drops(handle: &Handle, conn: &lapin::Connection, ch: &broker_link::Confirmed, deliveries: Vec<Delivery>) -> anyhow::Result<()> {
     let drops: Vec<(wire::NodeId, Option<i64>)> = deliveries.iter().filter_map(dropped_from_node_queue).collect();
     if !drops.is_empty() {
         handle.queue_drops.fetch_add(drops.len() as u64, Ordering::Relaxed);
-        let asked = handle.with_store(move |s| s.ask_to_sync_after_drops(&drops)).await?;
+        let (asked, forgotten) = handle.with_store(move |s| s.ask_to_sync_after_drops(&drops)).await?;
         if !asked.is_empty() {
             tracing::warn!(?asked, "node queues dropped their oldest messages past their length limit; asking those nodes to sync");
             flush_outbox(handle, ch).await?;
+        }
+        // The queue of a forgotten node that is left (its deletion refused, or lost to
+        // a crash) fills up and sends a notice per broadcast: deleted now, once per
+        // process (a refusal is said once).
+        for node in forgotten {
+            delete_node_queue(handle, conn, &node).await;
         }
     }
     for d in deliveries {
@@ -555,11 +565,14 @@ async fn decide_with_retries(
     Ok(())
 }
 
-/// Deletes the queue of a node forgotten for its silence (what `manager node forget`
-/// does too): broadcasts would fill it to its limit and each one past it would come back
+/// Deletes the queue of a forgotten node (what `manager node forget` does too), once per
+/// process: broadcasts would fill it to its limit and each one past it would come back
 /// as a drop. On a channel of its own, so that a refusal (no configure permission on it)
 /// only says so.
-async fn delete_node_queue(conn: &lapin::Connection, node: &wire::NodeId) {
+async fn delete_node_queue(handle: &Handle, conn: &lapin::Connection, node: &wire::NodeId) {
+    if !handle.queues_deleted.lock().unwrap_or_else(|p| p.into_inner()).insert(node.clone()) {
+        return;
+    }
     let queue = topology::node_queue(node);
     let deleted = async {
         let ch = conn.create_channel().await.context("opening a channel")?;

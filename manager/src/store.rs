@@ -478,16 +478,21 @@ impl Store {
 
     /// Answers messages node queues dropped, in one transaction: `drops` names, for each,
     /// the node and the message's outbox `seq` (`Tx::ask_to_sync_after_drop`). Returns
-    /// the nodes asked.
-    pub fn ask_to_sync_after_drops(&mut self, drops: &[(NodeId, Option<i64>)]) -> anyhow::Result<Vec<NodeId>> {
+    /// the nodes asked, and the forgotten nodes among the others (their queues, left
+    /// behind, are full: the service deletes them).
+    pub fn ask_to_sync_after_drops(&mut self, drops: &[(NodeId, Option<i64>)]) -> anyhow::Result<(Vec<NodeId>, Vec<NodeId>)> {
         self.transaction(|tx| {
-            let mut asked = Vec::new();
+            let (mut asked, mut forgotten) = (Vec::new(), Vec::new());
             for (node, seq) in drops {
-                if !tx.is_forgotten(node)? && tx.ask_to_sync_after_drop(node, *seq)? {
+                if tx.is_forgotten(node)? {
+                    if !forgotten.contains(node) {
+                        forgotten.push(node.clone());
+                    }
+                } else if tx.ask_to_sync_after_drop(node, *seq)? {
                     asked.push(node.clone());
                 }
             }
-            Ok(asked)
+            Ok((asked, forgotten))
         })
     }
 
@@ -2172,13 +2177,20 @@ mod tests {
         send(&mut s, "n3", "m1", put("a", 0, file(1)));
         let before = s.outbox(1000).unwrap().last().unwrap().seq;
         asks(&mut s);
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(before)), (n1.clone(), Some(before)), (n2.clone(), None)]).unwrap(), [n1.clone(), n2.clone()]);
+        assert_eq!(
+            s.ask_to_sync_after_drops(&[(n1.clone(), Some(before)), (n1.clone(), Some(before)), (n2.clone(), None)]).unwrap().0,
+            [n1.clone(), n2.clone()]
+        );
         let sent = asks(&mut s);
         assert_eq!(sent.len(), 2, "one request each");
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(before))]).unwrap(), Vec::<NodeId>::new(), "its request follows the drop");
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(sent[0]))]).unwrap(), [n1.clone()], "the request itself was dropped");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(before))]).unwrap().0, Vec::<NodeId>::new(), "its request follows the drop");
+        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(sent[0]))]).unwrap().0, [n1.clone()], "the request itself was dropped");
         let again = asks(&mut s)[0];
-        assert_eq!(s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap(), [n1], "a message after the request was dropped: the request is gone");
+        assert_eq!(
+            s.ask_to_sync_after_drops(&[(n1.clone(), Some(again + 1))]).unwrap().0,
+            [n1],
+            "a message after the request was dropped: the request is gone"
+        );
     }
 
     /// A node vouches for the deletes it applied in its heartbeats too, once on its disk:
@@ -2313,6 +2325,8 @@ mod tests {
         let refused = s.transaction(|tx| tx.handle_isolated(env, 6_000)).unwrap();
         assert!(refused.as_ref().is_err_and(|e| fails_for_good(e)), "{refused:?}");
         assert_eq!(forgotten_notices(&s, "n2"), vec![("r2".to_string(), 5_000)], "its sync is answered with when it was forgotten");
+        let drops = s.ask_to_sync_after_drops(&[(node("n2"), None), (node("n2"), None), (node("n1"), None)]).unwrap();
+        assert_eq!(drops, (vec![node("n1")], vec![node("n2")]), "its queue, left behind and full, is named to be deleted; it is not asked to sync");
         // What `node create` avoids.
         assert_eq!(forgotten_nodes(&dir.path().join("m.db")).unwrap(), ["n2".to_string()].into());
         assert!(forgotten_nodes(&dir.path().join("none.db")).unwrap().is_empty());

@@ -142,7 +142,7 @@ impl SimManager {
         // The copies on `sync.drops` of what node queues dropped (the real manager
         // consumes that queue beside the update queue: `service::ask_to_sync_after_drops`).
         if !broker.drops.is_empty() {
-            let asked = store.ask_to_sync_after_drops(&broker.drops)?;
+            let (asked, _) = store.ask_to_sync_after_drops(&broker.drops)?;
             if !asked.is_empty() {
                 let names: Vec<String> = asked.iter().map(|n| n.to_string()).collect();
                 taken.push(format!("manager asks {} to sync: their queues dropped messages", names.join(", ")));
