@@ -574,14 +574,8 @@ async fn delete_node_queue(handle: &Handle, conn: &lapin::Connection, node: &wir
         return;
     }
     let queue = topology::node_queue(node);
-    let deleted = async {
-        let ch = conn.create_channel().await.context("opening a channel")?;
-        ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.context("deleting it")?;
-        let _ = ch.close(200, "node forgotten".into()).await;
-        anyhow::Ok(())
-    };
-    match broker_link::bounded(format!("deleting queue {queue}"), deleted).await {
-        Ok(()) => tracing::info!(%node, %queue, "deleted the queue of a forgotten node"),
+    match broker_link::bounded(format!("deleting queue {queue}"), crate::api::broker_user::delete_node_queue_on(conn, node)).await {
+        Ok(_) => tracing::info!(%node, %queue, "deleted the queue of a forgotten node"),
         Err(e) => tracing::warn!(%node, %queue, "could not delete the queue of a forgotten node (delete it with rabbitmqctl): {e:#}"),
     }
 }

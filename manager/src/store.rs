@@ -915,11 +915,11 @@ impl Tx<'_> {
         self.tx
             .prepare_cached(
                 "INSERT INTO nodes(id, url, online, last_seen_ms, seen_uptime_ms)
-                 VALUES(?1, coalesce(?2, ''), 1, ?3, coalesce((SELECT value FROM meta WHERE key = 'uptime_ms'), 0))
+                 VALUES(?1, coalesce(?2, ''), 1, ?3, coalesce((SELECT value FROM meta WHERE key = ?4), 0))
              ON CONFLICT(id) DO UPDATE SET online = 1, last_seen_ms = excluded.last_seen_ms, seen_uptime_ms = excluded.seen_uptime_ms,
                url = coalesce(?2, nodes.url)",
             )?
-            .execute(params![node.as_str(), url, now_ms])?;
+            .execute(params![node.as_str(), url, now_ms, UPTIME_KEY])?;
         Ok(())
     }
 

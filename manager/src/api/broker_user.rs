@@ -161,13 +161,22 @@ pub async fn revoke_node(admin_url: &str, node: &wire::NodeId) -> anyhow::Result
     Ok(done)
 }
 
-/// Deletes node `node`'s queue (what the manager broadcast to it since is gone with it).
+/// Deletes node `node`'s queue (what the manager broadcast to it since is gone with it),
+/// connecting to the broker at `admin_url` for it.
 pub async fn delete_node_queue(admin_url: &str, node: &wire::NodeId) -> anyhow::Result<String> {
-    let queue = wire::topology::node_queue(node);
     let conn = broker_link::connect(admin_url).await?;
+    let done = delete_node_queue_on(&conn, node).await;
+    let _ = conn.close(200, "node removed".into()).await;
+    done
+}
+
+/// Deletes node `node`'s queue on a channel of its own over `conn` (an error on the
+/// broker's side closes that channel, not the connection). Returns what was done.
+pub async fn delete_node_queue_on(conn: &lapin::Connection, node: &wire::NodeId) -> anyhow::Result<String> {
+    let queue = wire::topology::node_queue(node);
     let ch = conn.create_channel().await.context("opening a channel")?;
     ch.queue_delete(queue.as_str().into(), lapin::options::QueueDeleteOptions::default()).await.with_context(|| format!("deleting queue {queue}"))?;
-    let _ = conn.close(200, "node removed".into()).await;
+    let _ = ch.close(200, "node queue deleted".into()).await;
     Ok(format!("deleted queue {queue}"))
 }
 
