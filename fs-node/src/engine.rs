@@ -16,7 +16,7 @@
 //! coalesced: at most one sync is in flight and one more waits. A sync reply comes in
 //! pages, applied as they arrive; the sync completes on the last one.
 
-use crate::tree::{Applied, FsError, Incoming, Inval, NamedPaths, Tree};
+use crate::tree::{Applied, FsError, HeardPaths, Incoming, Inval, NamedPaths, Tree};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -176,11 +176,13 @@ struct ActiveSync<R> {
     conflicts_before: u64,
     /// The page of the reply that comes next.
     next_page: u32,
-    /// Every path the reply has named so far, and every path heard of on the queue
-    /// since the request was sent (a snapshot reply leaves out what changed after it
-    /// started, which comes on the queue). Paths only: each page's entries are applied
-    /// when it comes and not kept.
+    /// Every path the reply has named so far. Paths only: each page's entries are
+    /// applied when it comes and not kept.
     known: NamedPaths,
+    /// Every path heard of on the queue since the request was sent, at the highest
+    /// revision heard: a snapshot reply leaves out what changed after it started, which
+    /// comes on the queue; those above the reply's head count as named once it is in.
+    heard: HeardPaths,
     /// The reply is a snapshot (`ToManager::Sync::snapshot`).
     snapshot: bool,
     /// The head of the reply's first page: the reply names every path at its revision
@@ -380,7 +382,9 @@ impl<R> Engine<R> {
     fn apply_changes(&mut self, items: Vec<Incoming>, now: Now) -> EngineResult<()> {
         // The manager has each of these paths: a sync under way counts them as named.
         for sync in self.syncs.values_mut() {
-            sync.known.extend(items.iter().map(|item| &Incoming::entry(item).path));
+            for entry in items.iter().map(Incoming::entry) {
+                sync.heard.insert(&entry.path, entry.rev);
+            }
         }
         self.apply_queued(items, now)
     }
@@ -694,6 +698,7 @@ impl<R> Engine<R> {
             conflicts_before,
             next_page: 0,
             known: NamedPaths::default(),
+            heard: HeardPaths::default(),
             snapshot,
             head: Revision(0),
             lost_deletes: Vec::new(),
@@ -839,7 +844,7 @@ impl<R> Engine<R> {
     }
 
     /// Ends the retries of contents whose paths a completed sync reply did not name (nor
-    /// did the queue while it came), at revisions up to its head: as of the head those
+    /// did the queue while it came, above the head), at revisions up to its head: as of the head those
     /// paths are no longer live, though their deletes may never reach this node (lost
     /// with its queue's oldest messages). Pulled later, such a content would make the
     /// file again with no delete left to undo it (a node that had taken no revision
@@ -907,6 +912,7 @@ impl<R> Engine<R> {
             tracing::warn!(paths = deleted, "the manager names paths this node took as deleted later (its database lost decisions); sending it the deletes");
             s.pushed += deleted as u64;
         }
+        s.known.add_heard_above(std::mem::take(&mut s.heard), s.head);
         let unknown = self.tree.push_unknown(&s.known, s.snapshot).map_err(fail("pushing local paths"))?;
         self.drop_missing_not_named(&s.known, s.head);
         let held_back = unknown.held_back;

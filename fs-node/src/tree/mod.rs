@@ -45,7 +45,7 @@ use residency::Residency;
 pub use residency::{Evictable, PinRules, RemoteContent, ResidencyReport};
 mod state;
 mod sync;
-pub use sync::{deletes_applied_upto, HeartbeatProgress, NamedPaths, PushedUnknown};
+pub use sync::{deletes_applied_upto, HeardPaths, HeartbeatProgress, NamedPaths, PushedUnknown};
 #[cfg(test)]
 mod tests;
 
