@@ -117,11 +117,21 @@ pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option
     RelPath::new(format!("{dir_copy}/{rest}")).ok()
 }
 
-/// `base` is the revision the change was effectively based on ([`basis`]); `copies` is
+/// `base` is the revision the change was effectively based on ([`basis`]), and
+/// `at_base` the path's version at that revision when the manager still has it (it
+/// is read only for a change on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
 /// how many conflict files the path already has; `file_above` is the highest ancestor of
 /// the path that is a live file on the manager, if one is.
-pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &ChangeOp, copies: usize, file_above: Option<&RelPath>) -> Decision {
-    match (decide_at_path(path, current, base, op, copies), file_above) {
+pub fn decide(
+    path: &RelPath,
+    current: Option<&Current>,
+    base: Revision,
+    at_base: Option<&Version>,
+    op: &ChangeOp,
+    copies: usize,
+    file_above: Option<&RelPath>,
+) -> Decision {
+    match (decide_at_path(path, current, base, at_base, op, copies), file_above) {
         // A directory above the path became a file elsewhere while this node wrote
         // below it: what it wrote goes below a conflict directory beside that file, not
         // away.
@@ -131,7 +141,7 @@ pub fn decide(path: &RelPath, current: Option<&Current>, base: Revision, op: &Ch
 }
 
 /// The decision from the path's own state.
-fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op: &ChangeOp, copies: usize) -> Decision {
+fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<&Version>, op: &ChangeOp, copies: usize) -> Decision {
     let live = current.and_then(|c| c.version.as_ref().map(|v| (c, v)));
     match (op, live) {
         // Nothing there (never was, or deleted): a put always wins. If the path was
@@ -165,9 +175,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
             }
             // Stale base: someone else changed the path since this node saw it.
             if version.content == cv.content {
-                // Same bytes (or both directories): nothing anyone wrote is lost by
-                // keeping the current metadata.
-                return Decision::Unchanged;
+                return same_bytes_on_a_stale_base(version, cv, at_base);
             }
             if is_conflict_file(path) {
                 // A conflict file never conflicts: the latest edit of it wins.
@@ -190,6 +198,23 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, op:
                 Decision::Accept
             }
         }
+    }
+}
+
+/// A put of the bytes the path has now (or a directory over a directory), made on an
+/// older state: only its metadata can differ. A three-way merge of the mode and owners:
+/// when the node changed them from the state it started from (`at_base`) and nobody
+/// else did since (the current state still has those of `at_base`), the node's are
+/// taken (its whole version: a concurrent `touch` elsewhere loses its mtime, not a
+/// chmod its mode); otherwise the current metadata stays (two nodes' concurrent
+/// chmods: the first decided wins), and nothing anyone wrote is lost either way. Without
+/// the state at the base (its history forgotten, or a revision the manager lost) the
+/// current metadata stays.
+fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&Version>) -> Decision {
+    let mode_and_owners = |v: &Version| (v.mode, v.uid, v.gid);
+    match at_base {
+        Some(b) if mode_and_owners(current) == mode_and_owners(b) && mode_and_owners(version) != mode_and_owners(b) => Decision::Accept,
+        _ => Decision::Unchanged,
     }
 }
 
@@ -355,25 +380,45 @@ mod tests {
 
     #[test]
     fn only_here_is_accepted() {
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Accept);
-        assert_eq!(decide(&p("a"), None, Revision(0), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), None, Revision(0), None, &put(file(2)), 0, None), Decision::Accept);
     }
 
     #[test]
     fn both_changed_is_a_conflict_but_same_bytes_are_not() {
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Conflict);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Conflict);
         let mut same = file(1);
         same.mode = 0o600;
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(same), 0, None), Decision::Unchanged);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(same), 0, None), Decision::Unchanged);
+    }
+
+    /// Same bytes on a stale base: a three-way merge of the mode and owners against the
+    /// state the change was made on (simulator seed 91358 lost a chmod to `Unchanged`).
+    #[test]
+    fn a_chmod_on_a_stale_base_is_taken_unless_the_mode_changed_elsewhere_too() {
+        let with = |mode: u32, mtime_ns: i64| Version { mode, mtime_ns, ..file(1) };
+        let decide_same_bytes = |current: Version, at_base: Option<Version>, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base.as_ref(), &put(mine), 0, None)
+        };
+        // Touched elsewhere (mtime only), chmodded here: the chmod is taken.
+        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), with(0o755, 1)), Decision::Accept);
+        // Chmodded there too: the first decided stays.
+        assert_eq!(decide_same_bytes(with(0o600, 1), Some(with(0o644, 1)), with(0o755, 1)), Decision::Unchanged);
+        // Touched here, chmodded there: the chmod there stays.
+        assert_eq!(decide_same_bytes(with(0o600, 1), Some(with(0o644, 1)), with(0o644, 9)), Decision::Unchanged);
+        // Chowned here: taken like a chmod.
+        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), Version { uid: 1000, ..with(0o644, 1) }), Decision::Accept);
+        // The state at the base unknown (history forgotten, a lost revision): as before.
+        assert_eq!(decide_same_bytes(with(0o644, 9), None, with(0o755, 1)), Decision::Unchanged);
     }
 
     #[test]
     fn edit_beats_delete_both_ways() {
         // Deleted elsewhere, edited here: the edit is kept.
-        assert_eq!(decide(&p("a"), Some(&cur(5, None)), Revision(3), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(5, None)), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
         // Edited elsewhere, deleted here: the delete is refused.
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), &ChangeOp::Delete, 0, None), Decision::Accept);
+        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), None, &ChangeOp::Delete, 0, None), Decision::Accept);
     }
 
     /// A base above the path's revision is a later state the manager lost (its database
@@ -381,16 +426,16 @@ mod tests {
     /// is, and is taken as made on the current one.
     #[test]
     fn a_change_made_on_a_state_the_manager_lost_is_made_on_the_current_one() {
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &put(file(2)), 0, None), Decision::Accept);
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), &ChangeOp::Delete, 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), None, &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), None, &ChangeOp::Delete, 0, None), Decision::Accept);
         let full = Current { rev: Revision(3), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
-        assert!(matches!(decide(&p("d"), Some(&full), Revision(9), &ChangeOp::Delete, 0, None), Decision::Refuse(_)), "still not over files added");
+        assert!(matches!(decide(&p("d"), Some(&full), Revision(9), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)), "still not over files added");
         // Taken in at 100 from lost revision 9: a later lost state (12) or one made on
         // it (9) is on the current state while the path is still there; an older (7)
         // is not, nor anything once the path has moved on.
         let taken_in = |rev| Current { from_lost: Some(TakenIn { base: Revision(9), first: Revision(90), last: Revision(100) }), ..cur(rev, Some(file(1))) };
         for (rev, base, d) in [(100, 12, Decision::Accept), (100, 9, Decision::Accept), (100, 7, Decision::Conflict), (101, 12, Decision::Conflict)] {
-            assert_eq!(decide(&p("a"), Some(&taken_in(rev)), Revision(base), &put(file(2)), 0, None), d, "at {rev}, base {base}");
+            assert_eq!(decide(&p("a"), Some(&taken_in(rev)), Revision(base), None, &put(file(2)), 0, None), d, "at {rev}, base {base}");
         }
         assert!(from_a_later_lost_state(&taken_in(100), Revision(12)) && !from_a_later_lost_state(&taken_in(100), Revision(9)));
     }
@@ -398,10 +443,10 @@ mod tests {
     #[test]
     fn directories_with_new_children_are_not_deleted() {
         let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
-        assert_eq!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), 0, None), Decision::Conflict);
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
+        assert_eq!(decide(&p("d"), Some(&c), Revision(2), None, &put(file(1)), 0, None), Decision::Conflict);
+        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), None, &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
     }
 
     /// Found by the simulator (seed 2069): a node's chmod of a directory it kept for
@@ -412,21 +457,21 @@ mod tests {
         let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true, from_lost: None };
         let mut mine = dir();
         mine.mode = 0o700;
-        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), &put(mine), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), None, &put(mine), 0, None), Decision::Accept);
     }
 
     #[test]
     fn regression_a_directory_made_where_a_file_was_written_elsewhere_is_a_conflict() {
         // Found by the simulator: refused, and everything the node then wrote below
         // the directory was refused too, and lost.
-        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), &put(dir()), 0, None), Decision::Conflict);
+        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), None, &put(dir()), 0, None), Decision::Conflict);
     }
 
     #[test]
     fn a_put_below_a_file_goes_below_a_conflict_directory_and_a_delete_does_not() {
         let f = p("d");
-        assert_eq!(decide(&p("d/x"), None, Revision(0), &put(file(1)), 0, Some(&f)), Decision::ConflictBelow { file: f.clone() });
-        assert_eq!(decide(&p("d/x"), Some(&cur(4, None)), Revision(4), &ChangeOp::Delete, 0, Some(&f)), Decision::Unchanged);
+        assert_eq!(decide(&p("d/x"), None, Revision(0), None, &put(file(1)), 0, Some(&f)), Decision::ConflictBelow { file: f.clone() });
+        assert_eq!(decide(&p("d/x"), Some(&cur(4, None)), Revision(4), None, &ChangeOp::Delete, 0, Some(&f)), Decision::Unchanged);
         let copy = p("d (conflict from n2 r9)");
         assert_eq!(moved_below(&p("d/x/y"), &f, &copy), Some(p("d (conflict from n2 r9)/x/y")));
         assert_eq!(moved_below(&p("dx/y"), &f, &copy), None, "dx is not below d");
@@ -458,8 +503,11 @@ mod tests {
     #[test]
     fn conflict_files_never_conflict_and_copies_are_capped() {
         let copy = p("r (conflict from n2 2026-11-25 14.03.10).txt");
-        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), 0, None), Decision::Accept);
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), &put(file(2)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
+        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
+        assert!(matches!(
+            decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), MAX_CONFLICT_COPIES, None),
+            Decision::KeepAsVersion(_)
+        ));
     }
 
     const AT: UtcTime = UtcTime { unix_secs: 1_795_615_390 }; // 2026-11-25 14:03:10 UTC

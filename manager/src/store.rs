@@ -833,6 +833,17 @@ impl Tx<'_> {
         }))
     }
 
+    /// The version `path` had at revision `rev`, if the history still has that state (and
+    /// it was live).
+    fn version_at(&self, path: &RelPath, rev: Revision) -> anyhow::Result<Option<Version>> {
+        let version: Option<Option<String>> = self
+            .tx
+            .prepare_cached("SELECT version FROM history WHERE rev = ?1 AND path = ?2")?
+            .query_row(params![rev.0 as i64, path.as_str()], |r| r.get(0))
+            .optional()?;
+        parse_version(version.flatten())
+    }
+
     /// A change made on a state the manager lost, later than any of the path it took in
     /// before, is accepted at the next revision (`rule::from_a_later_lost_state`): the
     /// path's states from it on are marked as coming from it (`rule::TakenIn`; nodes are
@@ -1768,7 +1779,13 @@ impl Tx<'_> {
             ChangeOp::Delete => Vec::new(),
         };
         let file_above = first_non_dir(&ancestors);
-        let decision = rule::decide(&change.path, current.as_ref(), base, &change.op, copies as usize, file_above.as_ref());
+        // On a stale base, the path's state at the base decides what the change's
+        // metadata changed (`rule::same_bytes_on_a_stale_base`).
+        let at_base = match &current {
+            Some(c) if c.rev > base && base > Revision::NONE => self.version_at(&change.path, base)?,
+            _ => None,
+        };
+        let decision = rule::decide(&change.path, current.as_ref(), base, at_base.as_ref(), &change.op, copies as usize, file_above.as_ref());
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         // The path's state once accepted (read back by `set` already).
         let mut accepted = None;
@@ -2453,6 +2470,22 @@ mod tests {
         // bytes over themselves change nothing.
         at(&mut s, "n2", "m1", put("a", 0, file(1)), 4_000);
         assert_eq!(decided(&s).last(), Some(&Outcome::Unchanged));
+    }
+
+    /// A chmod made on a state since touched elsewhere (same bytes, a new mtime) is
+    /// taken: the history holds the state it was made on, whose mode nobody else
+    /// changed. A second chmod on that old state is not (the mode changed meanwhile).
+    #[test]
+    fn a_chmod_on_a_state_touched_elsewhere_is_taken() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        let made = s.head().unwrap().0;
+        send(&mut s, "n2", "m2", put("a", made, Version { mtime_ns: 9, ..file(1) }));
+        send(&mut s, "n1", "m3", put("a", made, Version { mode: 0o755, ..file(1) }));
+        send(&mut s, "n3", "m4", put("a", made, Version { mode: 0o600, ..file(1) }));
+        assert_eq!(decided(&s), [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Unchanged]);
+        let a = s.entry(&p("a")).unwrap().unwrap().version.unwrap();
+        assert_eq!((a.mode, a.mtime_ns), (0o755, 0), "n1's chmod, with its version");
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.
