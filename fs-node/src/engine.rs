@@ -844,12 +844,12 @@ impl<R> Engine<R> {
     }
 
     /// Ends the retries of contents whose paths a completed sync reply did not name (nor
-    /// did the queue while it came, above the head), at revisions up to its head: as of the head those
-    /// paths are no longer live, though their deletes may never reach this node (lost
-    /// with its queue's oldest messages). Pulled later, such a content would make the
-    /// file again with no delete left to undo it (a node that had taken no revision
-    /// vouches for every delete up to the head after its first sync; review of session
-    /// 46). A state after the head is kept: it comes on the queue.
+    /// did the queue while it came, above the head), at revisions up to its head: as of
+    /// the head those paths are no longer live, though their deletes may never reach
+    /// this node (lost with its queue's oldest messages). Pulled later, such a content
+    /// would make the file again with no delete left to undo it (a node that had taken
+    /// no revision vouches for every delete up to the head after its first sync; review
+    /// of session 46). A state after the head is kept: it comes on the queue.
     fn drop_missing_not_named(&mut self, named: &NamedPaths, head: Revision) {
         self.missing.retain(|path, m| {
             let keep = m.entry.rev > head || named.contains(path);

@@ -393,7 +393,8 @@ mod tests {
     }
 
     /// Same bytes on a stale base: a three-way merge of the mode and owners against the
-    /// state the change was made on (simulator seed 91358 lost a chmod to `Unchanged`).
+    /// state the change was made on (before, every such chmod was lost to `Unchanged`;
+    /// simulator seed 91358 showed one, whose base the manager lost and still loses).
     #[test]
     fn a_chmod_on_a_stale_base_is_taken_unless_the_mode_changed_elsewhere_too() {
         let with = |mode: u32, mtime_ns: i64| Version { mode, mtime_ns, ..file(1) };
