@@ -2,7 +2,7 @@
 //! a decision. No clock, no database, no connection: callers carry the decision out.
 //! The same rule serves online edits and changes replayed after an offline period.
 
-use wire::{ChangeOp, Content, NodeId, Outcome, RelPath, Revision, Version};
+use wire::{ChangeOp, Content, ModeAndOwners, NodeId, Outcome, RelPath, Revision, Version};
 
 /// At most this many conflict files per path: an edit loop must not flood a folder.
 pub const MAX_CONFLICT_COPIES: usize = 20;
@@ -118,15 +118,15 @@ pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option
 }
 
 /// `base` is the revision the change was effectively based on ([`basis`]), and
-/// `at_base` the path's version at that revision when the manager still has it (it
-/// is read only for a change on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
+/// `at_base` the path's mode and owners at that revision when known (looked up only
+/// for a change on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
 /// how many conflict files the path already has; `file_above` is the highest ancestor of
 /// the path that is a live file on the manager, if one is.
 pub fn decide(
     path: &RelPath,
     current: Option<&Current>,
     base: Revision,
-    at_base: Option<&Version>,
+    at_base: Option<ModeAndOwners>,
     op: &ChangeOp,
     copies: usize,
     file_above: Option<&RelPath>,
@@ -141,7 +141,7 @@ pub fn decide(
 }
 
 /// The decision from the path's own state.
-fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<&Version>, op: &ChangeOp, copies: usize) -> Decision {
+fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<ModeAndOwners>, op: &ChangeOp, copies: usize) -> Decision {
     let live = current.and_then(|c| c.version.as_ref().map(|v| (c, v)));
     match (op, live) {
         // Nothing there (never was, or deleted): a put always wins. If the path was
@@ -208,12 +208,11 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_
 /// taken (its whole version: a concurrent `touch` elsewhere loses its mtime, not a
 /// chmod its mode); otherwise the current metadata stays (two nodes' concurrent
 /// chmods: the first decided wins), and nothing anyone wrote is lost either way. Without
-/// the state at the base (its history forgotten, or a revision the manager lost) the
-/// current metadata stays.
-fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&Version>) -> Decision {
-    let mode_and_owners = |v: &Version| (v.mode, v.uid, v.gid);
+/// the state at the base (its history forgotten, or a revision the manager lost, and
+/// the node did not say) the current metadata stays.
+fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<ModeAndOwners>) -> Decision {
     match at_base {
-        Some(b) if mode_and_owners(current) == mode_and_owners(b) && mode_and_owners(version) != mode_and_owners(b) => Decision::Accept,
+        Some(b) if ModeAndOwners::from(current) == b && ModeAndOwners::from(version) != b => Decision::Accept,
         _ => Decision::Unchanged,
     }
 }
@@ -399,7 +398,7 @@ mod tests {
     fn a_chmod_on_a_stale_base_is_taken_unless_the_mode_changed_elsewhere_too() {
         let with = |mode: u32, mtime_ns: i64| Version { mode, mtime_ns, ..file(1) };
         let decide_same_bytes = |current: Version, at_base: Option<Version>, mine: Version| {
-            decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base.as_ref(), &put(mine), 0, None)
+            decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base.as_ref().map(ModeAndOwners::from), &put(mine), 0, None)
         };
         // Touched elsewhere (mtime only), chmodded here: the chmod is taken.
         assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), with(0o755, 1)), Decision::Accept);

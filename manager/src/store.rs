@@ -15,7 +15,10 @@ use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
 use rusqlite::{params, OptionalExtension};
 use std::path::Path;
-use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
+use wire::{
+    topology, Change, ChangeOp, Content, Entry, Envelope, Held, Holder, MessageId, ModeAndOwners, NodeId, Outcome, RelPath, Revision, ToManager, ToNode,
+    Version,
+};
 
 /// A node that has sent nothing for this long is shown offline.
 pub const OFFLINE_AFTER_MS: i64 = 5_000;
@@ -1779,13 +1782,18 @@ impl Tx<'_> {
             ChangeOp::Delete => Vec::new(),
         };
         let file_above = first_non_dir(&ancestors);
-        // On a stale base, the path's state at the base decides what the change's
-        // metadata changed (`rule::same_bytes_on_a_stale_base`).
+        // On a stale base, the path's mode and owners at the base tell what the change
+        // changed of them (`rule::same_bytes_on_a_stale_base`): from the history, or,
+        // for a revision it lacks (forgotten, or given by a database this one was
+        // restored over), as the node says them when the base is the one it sent.
         let at_base = match &current {
-            Some(c) if c.rev > base && base > Revision::NONE => self.version_at(&change.path, base)?,
+            Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
+                Some(v) => Some(ModeAndOwners::from(&v)),
+                None => change.base_meta.filter(|_| base == change.base),
+            },
             _ => None,
         };
-        let decision = rule::decide(&change.path, current.as_ref(), base, at_base.as_ref(), &change.op, copies as usize, file_above.as_ref());
+        let decision = rule::decide(&change.path, current.as_ref(), base, at_base, &change.op, copies as usize, file_above.as_ref());
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         // The path's state once accepted (read back by `set` already).
         let mut accepted = None;
@@ -2149,7 +2157,7 @@ mod tests {
         (dir, s)
     }
     fn put(path: &str, base: u64, v: Version) -> ToManager {
-        ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v } })
+        ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v }, base_meta: None })
     }
     fn decided(store: &Store) -> Vec<Outcome> {
         store
@@ -2478,14 +2486,33 @@ mod tests {
     #[test]
     fn a_chmod_on_a_state_touched_elsewhere_is_taken() {
         let (_dir, mut s) = fresh_store();
+        send(&mut s, "n3", "m0", put("z", 0, file(9)));
         send(&mut s, "n1", "m1", put("a", 0, file(1)));
         let made = s.head().unwrap().0;
         send(&mut s, "n2", "m2", put("a", made, Version { mtime_ns: 9, ..file(1) }));
         send(&mut s, "n1", "m3", put("a", made, Version { mode: 0o755, ..file(1) }));
         send(&mut s, "n3", "m4", put("a", made, Version { mode: 0o600, ..file(1) }));
-        assert_eq!(decided(&s), [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Unchanged]);
+        assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Unchanged]);
         let a = s.entry(&p("a")).unwrap().unwrap().version.unwrap();
         assert_eq!((a.mode, a.mtime_ns), (0o755, 0), "n1's chmod, with its version");
+        // A base the history lacks for the path (here, another path's revision: for a, as
+        // one a lost database gave) is merged with the mode and owners the node says.
+        let lost = made - 1;
+        let chmod_on_lost = |mode: u32, said: Option<u32>| {
+            let claim = said.map(|mode| ModeAndOwners { mode, uid: 0, gid: 0 });
+            ToManager::Change(Change {
+                path: p("a"),
+                base: Revision(lost),
+                follows: None,
+                op: ChangeOp::Put { version: Version { mode, ..file(1) } },
+                base_meta: claim,
+            })
+        };
+        send(&mut s, "n2", "m5", chmod_on_lost(0o700, None));
+        send(&mut s, "n2", "m6", chmod_on_lost(0o700, Some(0o644)));
+        send(&mut s, "n2", "m7", chmod_on_lost(0o711, Some(0o755)));
+        assert_eq!(decided(&s)[5..], [Outcome::Unchanged, Outcome::Unchanged, Outcome::Accepted], "unknown; mode changed since; taken");
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o711);
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.
@@ -2698,7 +2725,7 @@ mod tests {
         let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("old.txt", 0, file(1)));
         send(&mut s, "n1", "m2", put("keep.txt", 0, file(1)));
-        send(&mut s, "n1", "m3", ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete }));
+        send(&mut s, "n1", "m3", ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete, base_meta: None }));
         let deleted_at = s.entry(&p("old.txt")).unwrap().unwrap().rev;
         let paths = |s: &mut Store, since: u64, request: &str, now: i64| {
             send(s, "n2", &format!("s-{request}"), sync(request, since, true));
@@ -2797,7 +2824,8 @@ mod tests {
                 send(&mut s, "n1", "behind", put("a-new.txt", 0, file(2)));
                 let (changed_rev, deleted_rev) = (rev(&s, &ahead_changed), rev(&s, &ahead_deleted));
                 send(&mut s, "n1", "changed", put(&ahead_changed, changed_rev, file(3)));
-                let deleted = ToManager::Change(Change { path: p(&ahead_deleted), base: Revision(deleted_rev), follows: None, op: ChangeOp::Delete });
+                let deleted =
+                    ToManager::Change(Change { path: p(&ahead_deleted), base: Revision(deleted_rev), follows: None, op: ChangeOp::Delete, base_meta: None });
                 send(&mut s, "n1", "deleted", deleted);
             }
             // The tree grows ahead of the walk after every page.
@@ -2920,7 +2948,7 @@ mod tests {
     }
 
     fn change(path: &str, base: u64, follows: Option<&str>, op: ChangeOp) -> ToManager {
-        ToManager::Change(Change { path: p(path), base: Revision(base), follows: follows.map(|f| f.parse().unwrap()), op })
+        ToManager::Change(Change { path: p(path), base: Revision(base), follows: follows.map(|f| f.parse().unwrap()), op, base_meta: None })
     }
     fn dir_version() -> Version {
         Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 }
@@ -2990,7 +3018,8 @@ mod tests {
             send(&mut s, "n1", "m3", put("e/a", 0, file(2)));
             // An edit following that one updates the copy in place; one that does not
             // follow it (made while other changes below `e` were pending) replaces it.
-            let follows = Change { path: p("e/a"), base: Revision(0), follows: Some("m3".parse().unwrap()), op: ChangeOp::Put { version: file(7) } };
+            let follows =
+                Change { path: p("e/a"), base: Revision(0), follows: Some("m3".parse().unwrap()), op: ChangeOp::Put { version: file(7) }, base_meta: None };
             send(&mut s, "n1", "m3f", ToManager::Change(follows));
             send(&mut s, "n1", "m3n", put("e/a", 0, file(8)));
             let out = decided(&s);
@@ -3080,7 +3109,13 @@ mod tests {
             &mut s,
             "n1",
             "m2",
-            ToManager::Change(Change { path: p("f.txt"), base: Revision(0), follows: Some("m1".parse().unwrap()), op: ChangeOp::Put { version: file(2) } }),
+            ToManager::Change(Change {
+                path: p("f.txt"),
+                base: Revision(0),
+                follows: Some("m1".parse().unwrap()),
+                op: ChangeOp::Put { version: file(2) },
+                base_meta: None,
+            }),
         );
         send(&mut s, "n2", "m3", put("f.txt", 1, file(3)));
         let out = decided(&s);

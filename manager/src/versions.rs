@@ -753,12 +753,12 @@ mod tests {
         }
         fn put(&mut self, from: &str, path: &str, v: Version) -> Revision {
             let base = self.s.entry(&p(path)).unwrap().map(|e| e.rev).unwrap_or_default();
-            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Put { version: v } }));
+            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Put { version: v }, base_meta: None }));
             self.s.entry(&p(path)).unwrap().unwrap().rev
         }
         fn delete(&mut self, from: &str, path: &str) {
             let base = self.s.entry(&p(path)).unwrap().unwrap().rev;
-            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Delete }));
+            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Delete, base_meta: None }));
         }
         /// `from` took the path's current content (as a node says after a pull).
         fn took(&mut self, from: &str, path: &str) {
@@ -969,7 +969,7 @@ mod tests {
         let base = c.put("n1", "a", file(1, 0o644));
         for i in 0..=rule::MAX_CONFLICT_COPIES as u8 {
             c.put("n1", "a", file(10 + i, 0o644));
-            c.send("n2", ToManager::Change(Change { path: p("a"), base, follows: None, op: ChangeOp::Put { version: file(100 + i, 0o644) } }));
+            c.send("n2", ToManager::Change(Change { path: p("a"), base, follows: None, op: ChangeOp::Put { version: file(100 + i, 0o644) }, base_meta: None }));
         }
         let sent = c.sent();
         let refused: Vec<&str> = sent

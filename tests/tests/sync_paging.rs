@@ -101,7 +101,13 @@ fn empty_file() -> Version {
 }
 
 fn put(path: &str) -> ToManager {
-    ToManager::Change(Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Put { version: empty_file() } })
+    ToManager::Change(Change {
+        path: RelPath::new(path).unwrap(),
+        base: Revision(0),
+        follows: None,
+        op: ChangeOp::Put { version: empty_file() },
+        base_meta: None,
+    })
 }
 
 fn sync(request: &str) -> ToManager {

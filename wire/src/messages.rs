@@ -283,6 +283,28 @@ pub struct Change {
     #[serde(default)]
     pub follows: Option<MessageId>,
     pub op: ChangeOp,
+    /// The mode and owners of the state the change was made on (the path's state at
+    /// `base`, or what the change it follows put there), when the node knows them: the
+    /// manager merges a put of the same bytes on a stale base three-way with them
+    /// (docs/sync.md, *The rule*). Absent: not known (a new path, a delete, an older
+    /// node); the manager then reads its history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_meta: Option<ModeAndOwners>,
+}
+
+/// A version's permission bits and owners: what a chmod or chown changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModeAndOwners {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl From<&Version> for ModeAndOwners {
+    fn from(v: &Version) -> Self {
+        ModeAndOwners { mode: v.mode, uid: v.uid, gid: v.gid }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -612,7 +634,13 @@ mod tests {
             ),
             (
                 "change_put",
-                ToManager::Change(Change { path: path("docs/report.txt"), base: Revision(41), follows: None, op: ChangeOp::Put { version: file_version() } }),
+                ToManager::Change(Change {
+                    path: path("docs/report.txt"),
+                    base: Revision(41),
+                    follows: None,
+                    op: ChangeOp::Put { version: file_version() },
+                    base_meta: None,
+                }),
             ),
             (
                 "change_mkdir",
@@ -621,6 +649,7 @@ mod tests {
                     base: Revision(0),
                     follows: None,
                     op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } },
+                    base_meta: None,
                 }),
             ),
             (
@@ -632,9 +661,20 @@ mod tests {
                     op: ChangeOp::Put {
                         version: Version { content: Content::Symlink { target: "docs/report.txt".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 5 },
                     },
+                    base_meta: None,
                 }),
             ),
-            ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete })),
+            (
+                "change_chmod",
+                ToManager::Change(Change {
+                    path: path("docs/report.txt"),
+                    base: Revision(41),
+                    follows: None,
+                    op: ChangeOp::Put { version: Version { mode: 0o755, ..file_version() } },
+                    base_meta: Some(ModeAndOwners { mode: 0o644, uid: 1000, gid: 1000 }),
+                }),
+            ),
+            ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete, base_meta: None })),
             (
                 "changes",
                 ToManager::Changes {
@@ -654,11 +694,12 @@ mod tests {
                                         mtime_ns: 1_764_000_000_000_000_000,
                                     },
                                 },
+                                base_meta: None,
                             },
                         },
                         ChangeItem {
                             id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7c"),
-                            change: Change { path: path("docs/old.txt"), base: Revision(12), follows: None, op: ChangeOp::Delete },
+                            change: Change { path: path("docs/old.txt"), base: Revision(12), follows: None, op: ChangeOp::Delete, base_meta: None },
                         },
                     ],
                 },
@@ -882,7 +923,7 @@ mod tests {
         assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), &"s".repeat(MAX_SOFTWARE_BYTES + 1))).is_err());
         let link = |target: String| {
             let version = Version { content: Content::Symlink { target }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 };
-            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version } };
+            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version }, base_meta: None };
             Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Change(change)).encode()
         };
         assert!(Envelope::<ToManager>::decode(&link("t".repeat(MAX_SYMLINK_TARGET_BYTES))).is_ok());

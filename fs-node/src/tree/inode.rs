@@ -257,6 +257,11 @@ impl Inode {
         }
     }
     /// The synced version of this inode, if it is of a synced kind with known content.
+    /// What a chmod or chown changes, as [`version`](Self::version) says them.
+    pub(super) fn mode_and_owners(&self) -> ModeAndOwners {
+        ModeAndOwners { mode: self.perm & 0o7777, uid: self.uid, gid: self.gid }
+    }
+
     pub(super) fn version(&self) -> Option<Version> {
         let content = match self.kind {
             Kind::File => Content::File { hash: self.hash.clone()?, size: self.size },

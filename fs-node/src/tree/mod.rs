@@ -18,7 +18,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
-use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, Outcome, RelPath, Revision, Version};
+use wire::{Change, ChangeOp, Content, ContentHash, Entry, MessageId, ModeAndOwners, Outcome, RelPath, Revision, Version};
 
 mod error;
 mod files;

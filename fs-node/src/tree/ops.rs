@@ -71,6 +71,7 @@ impl Tree {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
+            let before = i.mode_and_owners();
             // Start from what passthrough writes made of the file, not from older values.
             i.take_passthrough_writes()?;
             if let Some(mode) = a.mode {
@@ -122,7 +123,7 @@ impl Tree {
                 st.save(ino)?;
             } else {
                 st.save(ino)?;
-                st.record_put_all_links(ino)?;
+                st.record_put_all_links_from(ino, Some(before))?;
             }
             let i = st.inode(ino)?;
             Ok((i.attr(), i.work_stamp))

@@ -127,6 +127,14 @@ impl State {
     /// Queues a local change for the manager, unless its path is ignored here; a change
     /// of a rules file has its directory's rules read again before the transaction ends.
     pub(super) fn push_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
+        self.push_change_from(path, op, None)
+    }
+
+    /// [`push_change`](Self::push_change) of an operation that found the path with the
+    /// mode and owners `before` (a setattr): with no earlier change of the path
+    /// undecided, those are the state's at the base, which the change carries
+    /// (`Change::base_meta`).
+    fn push_change_from(&mut self, path: RelPath, op: ChangeOp, before: Option<ModeAndOwners>) -> FsResult<()> {
         self.before_change_near_moves(&path)?;
         self.touch_rules(&path);
         let is_dir = match &op {
@@ -137,10 +145,10 @@ impl State {
             tracing::debug!(target: "changes", path = %path, "ignored here: not sent");
             return Ok(());
         }
-        self.queue_change(path, op)
+        self.queue_change(path, op, before)
     }
 
-    fn queue_change(&mut self, path: RelPath, op: ChangeOp) -> FsResult<()> {
+    fn queue_change(&mut self, path: RelPath, op: ChangeOp, before: Option<ModeAndOwners>) -> FsResult<()> {
         // Coalesce with a change to the same path that never left this process: the
         // manager only needs the latest state.
         let unsent = self
@@ -156,9 +164,16 @@ impl State {
                 // parents are before it, puts of its children after it. (Appended at
                 // the end, a directory's put would follow its children's, and the
                 // manager would have made the directory itself, with a default mode.)
-                let follows = self.outbox.last_of_path_before(&path, seq).map(|r| r.msg.clone());
+                let earlier = self.outbox.last_of_path_before(&path, seq);
+                let follows = earlier.map(|r| r.msg.clone());
                 let mut row = self.outbox.rows[&seq].clone();
-                row.change = Change { path, base, follows, op };
+                // Made on the same state as the change it replaces, unless the base moved
+                // meanwhile (a decision came): then what it was made on is not known here.
+                let base_meta = match earlier {
+                    Some(e) => put_meta(&e.change.op),
+                    None => row.change.base_meta.filter(|_| row.change.base == base),
+                };
+                row.change = Change { path, base, follows, op, base_meta };
                 tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");
                 self.db.replace_outbox(seq, &row.change)?;
                 self.set_outbox_row(seq, Some(row));
@@ -172,9 +187,16 @@ impl State {
             tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
             self.db.remove_outbox(seq)?;
         }
-        let follows = self.outbox.of_path(&path).next_back().map(|r| r.msg.clone());
+        let earlier = self.outbox.of_path(&path).next_back();
+        let follows = earlier.map(|r| r.msg.clone());
+        // Made on what the earlier change put there, or, with none undecided, on the
+        // state at the base, which `before` is (a new path has none).
+        let base_meta = match earlier {
+            Some(e) => put_meta(&e.change.op),
+            None => before.filter(|_| base > Revision::NONE),
+        };
         let msg = self.env.new_id();
-        let change = Change { path: path.clone(), base, follows, op };
+        let change = Change { path: path.clone(), base, follows, op, base_meta };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.outbox.take_seq();
         self.db.push_outbox(seq, &msg, &change)?;
@@ -183,12 +205,18 @@ impl State {
     }
 
     pub(super) fn record_put(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
+        self.record_put_from(parent, name, ino, None)
+    }
+
+    /// [`record_put`](Self::record_put) of an operation that found the inode with the
+    /// mode and owners `before` ([`push_change_from`](Self::push_change_from)).
+    fn record_put_from(&mut self, parent: u64, name: &OsStr, ino: u64, before: Option<ModeAndOwners>) -> FsResult<()> {
         let Some(path) = self.path_of(parent, name) else {
             return Ok(());
         };
         let i = self.inode(ino)?;
         match i.version() {
-            Some(version) => self.push_change(path, ChangeOp::Put { version }),
+            Some(version) => self.push_change_from(path, ChangeOp::Put { version }, before),
             // A local-only kind (FIFO, socket, device) now occupies a path that may hold
             // a synced file elsewhere: for the others, that path is gone. Without this,
             // the manager's older state of the path would come back over it.
@@ -198,9 +226,14 @@ impl State {
     }
 
     pub(super) fn record_put_all_links(&mut self, ino: u64) -> FsResult<()> {
+        self.record_put_all_links_from(ino, None)
+    }
+
+    /// The puts of a setattr of `ino`, which found it with the mode and owners `before`.
+    pub(super) fn record_put_all_links_from(&mut self, ino: u64, before: Option<ModeAndOwners>) -> FsResult<()> {
         let links = self.inode(ino)?.links.clone();
         for (p, n) in links {
-            self.record_put(p, &n, ino)?;
+            self.record_put_from(p, &n, ino, before)?;
         }
         Ok(())
     }
@@ -225,13 +258,21 @@ impl State {
     }
 }
 
+/// The mode and owners a change puts there (none for a delete).
+fn put_meta(op: &ChangeOp) -> Option<ModeAndOwners> {
+    match op {
+        ChangeOp::Put { version } => Some(version.into()),
+        ChangeOp::Delete => None,
+    }
+}
+
 #[cfg(test)]
 mod index_tests {
     use super::*;
 
     fn row(seq: i64, path: &str) -> OutboxRow {
         let msg: MessageId = format!("m-{seq}").parse().unwrap();
-        OutboxRow { seq, msg, change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete } }
+        OutboxRow { seq, msg, change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete, base_meta: None } }
     }
 
     #[test]

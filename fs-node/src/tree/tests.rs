@@ -162,6 +162,24 @@ fn write_f(t: &Tree, bytes: &[u8]) -> u64 {
     e.ino
 }
 
+/// A chmod says the mode and owners of the state it was made on (`Change::base_meta`):
+/// the manager merges a put of the same bytes on a stale base three-way with them, also
+/// when its base is a revision its database lost (simulator seed 91358).
+#[test]
+fn a_chmod_says_the_mode_it_was_made_on() {
+    let (_dir, t, d) = tree_with_dir();
+    let mode_made_on = |rows: &[OutboxRow]| rows.iter().map(|r| r.change.base_meta.map(|m| m.mode)).collect::<Vec<_>>();
+    let sent = t.take_unpublished();
+    assert_eq!(mode_made_on(&sent), [None], "a new path is made on nothing");
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
+    chmod(&t, d, 0o755);
+    let first = t.take_unpublished();
+    assert_eq!(mode_made_on(&first), [Some(0o700)], "the state at its base");
+    chmod(&t, d, 0o750);
+    chmod(&t, d, 0o705); // replaces the unsent 0750
+    assert_eq!(mode_made_on(&t.take_unpublished()), [Some(0o755)], "what the sent, undecided chmod put there");
+}
+
 /// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
 /// while a later change of the directory was still queued, and that queued change was
 /// then replaced by the final chmod before it was sent, the chmod must be based on the
