@@ -313,6 +313,9 @@ pub struct NodeOpts {
     pub extra: Vec<String>,
     /// CA file `syncctl` trusts when the node serves https.
     pub tls_ca: Option<PathBuf>,
+    /// AMQP heartbeat interval asked of the broker through the proxy (default 5 s: the
+    /// broker closes the connection of a node silent for two of them).
+    pub heartbeat_secs: Option<u32>,
 }
 
 impl NodeProc {
@@ -343,7 +346,15 @@ impl NodeProc {
         if let Some(b) = &self.opts.broker {
             return b.clone();
         }
-        format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat=5", self.proxy.port, self.vhost)
+        let heartbeat = self.opts.heartbeat_secs.unwrap_or(5);
+        format!("amqp://guest:guest@127.0.0.1:{}/{}?heartbeat={heartbeat}", self.proxy.port, self.vhost)
+    }
+
+    /// Restarts the node asking the broker for heartbeats every `secs` seconds, so that
+    /// it can be frozen (SIGSTOP) for up to about twice that and stay connected.
+    pub fn restart_with_heartbeat(&mut self, secs: u32) {
+        self.opts.heartbeat_secs = Some(secs);
+        self.restart();
     }
 
     /// (Re)starts the process and waits until it is mounted.

@@ -161,7 +161,11 @@ fn ready_and_unacked(c: &Cluster, queue: &str) -> (u64, u64) {
 /// what it missed.
 #[test]
 fn a_connected_node_whose_queue_dropped_messages_is_asked_to_sync_and_converges() {
-    let c = Cluster::start("queue-drops-connected", 2);
+    let mut c = Cluster::start("queue-drops-connected", 2);
+    // Frozen below for as long as 80 decisions take (well over the harness's 5 s
+    // heartbeats on a loaded machine): with 60 s heartbeats the broker keeps its
+    // connection open, which is the case this test is about.
+    c.nodes[1].restart_with_heartbeat(60);
     let (a, slow) = (&c.nodes[0], &c.nodes[1]);
     write(&a.p("old.txt"), b"v1");
     write(&a.p("gone.txt"), b"to be deleted");

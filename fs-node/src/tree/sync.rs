@@ -153,9 +153,6 @@ impl NamedPaths {
     pub fn contains(&self, p: &RelPath) -> bool {
         self.0.contains(&Self::digest(p))
     }
-}
-
-impl NamedPaths {
     /// Counts as named the paths `heard` holds at a revision above `head`, the revision
     /// the reply is as of. A state at or below it that the reply leaves out was no
     /// longer live then (deleted, or changed again by a message the queue dropped): it
