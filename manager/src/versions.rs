@@ -70,6 +70,10 @@ fn bounded_reason(mut reason: String) -> String {
 }
 
 /// The range of paths strictly below `p`: `p/` ≤ path < `p0` (`'0'` follows `'/'`).
+/// The most paths one restore brings back: it is one transaction in the manager's
+/// broker loop, with its plan in memory, asked by any node.
+const MAX_RESTORE_PATHS: usize = 100_000;
+
 fn below(p: &RelPath) -> (String, String) {
     (format!("{p}/"), format!("{p}0"))
 }
@@ -527,36 +531,40 @@ impl Tx<'_> {
         Ok(found.map(|r| Revision(r as u64)).ok_or_else(|| format!("{path}: no earlier version is kept")))
     }
 
-    /// What `path` and everything below it were as of revision `rev`, parents first. A
-    /// refused version (never current) is named by its own revision alone.
-    fn restore_plan(&self, path: &RelPath, rev: Revision) -> anyhow::Result<Vec<Planned>> {
+    /// What `path` and everything below it were as of revision `rev`, parents first, if
+    /// that is at most `most` paths (else why not). A refused version (never current) is
+    /// named by its own revision alone.
+    fn restore_plan(&self, path: &RelPath, rev: Revision, most: usize) -> anyhow::Result<Result<Vec<Planned>, String>> {
         let refused: Option<(String, Option<String>, bool)> = self
             .tx
             .prepare_cached("SELECT path, version, kept FROM history WHERE rev = ?1 AND refused = 1")?
             .query_row([rev.0 as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         if let Some((p, version, kept)) = refused {
-            return Ok(match parse_version(version)? {
+            return Ok(Ok(match parse_version(version)? {
                 Some(version) if p == path.as_str() => vec![Planned { path: path.clone(), rev, version, kept }],
                 _ => Vec::new(),
-            });
+            }));
         }
         let (lo, hi) = below(path);
         let rows: Vec<(String, i64, Option<String>, bool)> = self
             .tx
             .prepare_cached(
                 "SELECT path, max(rev), version, kept FROM history WHERE (path = ?1 OR (path >= ?2 AND path < ?3)) AND rev <= ?4 AND refused = 0
-                 GROUP BY path ORDER BY path",
+                 GROUP BY path ORDER BY path LIMIT ?5",
             )?
-            .query_map(params![path.as_str(), lo, hi, rev.0 as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+            .query_map(params![path.as_str(), lo, hi, rev.0 as i64, most.saturating_add(1) as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
             .collect::<Result<_, _>>()?;
+        if rows.len() > most {
+            return Ok(Err(format!("{path} held more than {most} paths as of revision {}: restore the directories below it one at a time", rev.0)));
+        }
         let mut out = Vec::new();
         for (p, r, version, kept) in rows {
             if let Some(version) = parse_version(version)? {
                 out.push(Planned { path: RelPath::new(p).context("corrupt path in the manager database")?, rev: Revision(r as u64), version, kept });
             }
         }
-        Ok(out)
+        Ok(Ok(out))
     }
 
     /// Restores `path` (and what was below it) as of `rev` at `to` (see the module doc).
@@ -577,7 +585,15 @@ impl Tx<'_> {
                 Err(e) => return Ok(Err(e)),
             },
         };
-        let plan = self.restore_plan(path, from_rev)?;
+        if let Some(to) = to.filter(|to| to.as_str().starts_with(&format!("{path}/"))) {
+            // Each such restore would copy the tree into itself (as `cp -r d d/c`
+            // refuses to): repeated, it doubles the tree every time.
+            return Ok(Err(format!("{path} cannot be restored into {to}, which is below it")));
+        }
+        let plan = match self.restore_plan(path, from_rev, MAX_RESTORE_PATHS)? {
+            Ok(plan) => plan,
+            Err(e) => return Ok(Err(e)),
+        };
         if plan.is_empty() {
             return Ok(Err(format!("{path} did not exist as of revision {}", from_rev.0)));
         }
@@ -871,6 +887,31 @@ mod tests {
         assert!(!holders.is_empty() && holders.iter().all(|h| h == "n1" || h == "n2"), "{holders:?}");
         let now = c.now;
         assert!(c.s.transaction(|tx| tx.trash(None, now)).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_restore_into_its_own_tree_or_of_too_many_paths_is_refused_and_changes_nothing() {
+        let mut c = Cluster::new(Retention::default(), &["n1"]);
+        c.put("n1", "d", dir());
+        for i in 0..4 {
+            c.put("n1", &format!("d/f{i}"), file(i, 0o644));
+        }
+        let head = c.put("n1", "d/sub", dir());
+        c.sent();
+        let now = c.now;
+        // Below the restored path: refused (repeated, it would double the tree each time).
+        let into_itself = c.s.transaction(|tx| tx.restore(&p("d"), Some(head), Some(&p("d/sub/copy")), None, &node("n1"), now)).unwrap();
+        assert!(into_itself.as_ref().is_err_and(|e| e.contains("below it")), "{into_itself:?}");
+        assert!(c.live("d/sub/copy").is_none());
+        assert!(c.sent().is_empty(), "nothing decided, nothing sent");
+        // Beside it: allowed.
+        let beside = c.s.transaction(|tx| tx.restore(&p("d"), Some(head), Some(&p("d2")), None, &node("n1"), now)).unwrap().unwrap();
+        assert_eq!(beside.restored.len(), 6, "{beside:?}");
+        // A plan over the limit says so; at the limit it is made.
+        let over = c.s.transaction(|tx| tx.restore_plan(&p("d"), head, 5).map(|plan| plan.map(|v| v.len()))).unwrap();
+        assert!(over.as_ref().is_err_and(|e| e.contains("more than 5 paths")), "{over:?}");
+        let at = c.s.transaction(|tx| tx.restore_plan(&p("d"), head, 6).map(|plan| plan.map(|v| v.len()))).unwrap();
+        assert_eq!(at, Ok(6));
     }
 
     #[test]
