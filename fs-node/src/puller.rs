@@ -55,6 +55,8 @@ pub(crate) fn start_writeback(file: &std::fs::File, offset: u64, len: u64) {
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Bytes a holder must send per stall window (a 4 KiB/s trickle is a stall).
 pub const MIN_PROGRESS_BYTES: u64 = 64 * 1024;
+/// Most room made at once for an answer held in memory; a longer one grows as it comes.
+const PREALLOCATE_AT_MOST: u64 = 1 << 20;
 
 pub use crate::chunks::CHUNKED_MIN_BYTES;
 /// Chunk requests in flight to one holder at once.
@@ -614,8 +616,9 @@ impl Puller {
             }
             // Read as it comes, and not a byte past `most` (an answer without a length
             // could otherwise stream without end into memory); room for what the answer
-            // says it brings is made at once.
-            let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(most) as usize);
+            // says it brings is made at once, up to a bound (the length is the holder's
+            // word: a claim of gigabytes it never sends reserves nothing).
+            let mut body = Vec::with_capacity(resp.content_length().unwrap_or(0).min(most).min(PREALLOCATE_AT_MOST) as usize);
             let mut stream = resp.bytes_stream();
             while let Some(part) =
                 stream.try_next().await.map_err(|e| Attempt::Retry(anyhow::Error::new(e).context(format!("receiving from {}", holder.node))))?

@@ -127,6 +127,11 @@ struct State {
 /// What a stream nobody read to the end had: its download file and which blocks are in
 /// it, each checked against its leaf. A later stream of the same content starts from it
 /// ([`Stream::resume`]): `head` and then `cat` of a large file fetch its head once.
+/// Largest content a stream fetches (16 TiB, ext4's largest file): what it keeps per
+/// block (two flags here, 32 bytes of leaf while fetching) is sized by the length in a
+/// change, which any node may claim.
+pub const MAX_SIZE: u64 = 1 << 44;
+
 pub struct Partial {
     tmp: PathBuf,
     present: Vec<bool>,
@@ -159,6 +164,10 @@ impl Stream {
     }
 
     fn open(store: &ContentStore, hash: ContentHash, size: u64, partial: Option<Partial>, ahead: Option<usize>) -> std::io::Result<Arc<Stream>> {
+        if size > MAX_SIZE {
+            // (A size any node may claim: refused before sizing anything by it.)
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("a content of {size} bytes is larger than a node fetches ({MAX_SIZE})")));
+        }
         let n = leaves::blocks(size);
         // Read and written: readers take their blocks from it.
         let reopen = |p: &Partial| std::fs::OpenOptions::new().read(true).write(true).open(&p.tmp).ok().filter(|f| f.metadata().is_ok_and(|m| m.len() == size));
@@ -651,5 +660,22 @@ impl Stream {
             Ok(Err(e)) => Err(Failure::new(false, format!("installing a streamed content: {e:#}"))),
             Err(e) => Err(Failure::new(false, format!("installing a streamed content: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A change may claim any size: past the largest a stream takes, nothing is sized
+    /// by it (a claim of 2^62 bytes would otherwise ask for 2^46 flags at once).
+    #[test]
+    fn a_claimed_size_past_the_largest_is_refused_before_anything_is_sized_by_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let hash = ContentHash::from_bytes([7; 32]);
+        let refused = Stream::new(&store, hash.clone(), MAX_SIZE + 1).err().expect("refused");
+        assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput, "{refused}");
+        assert!(Stream::new(&store, hash, 3 * BLOCK + 1).is_ok());
     }
 }

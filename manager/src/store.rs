@@ -448,7 +448,7 @@ impl Store {
     pub fn nodes(&self) -> anyhow::Result<Vec<NodeRow>> {
         let mut st = self.conn.prepare(
             "SELECT id, url, online, last_seen_ms, pending_changes, pending_pulls, software,
-               (SELECT coalesce(sum(size), 0) FROM kept k WHERE k.node = nodes.id AND k.confirmed = 1), residency FROM nodes ORDER BY id",
+               (SELECT CAST(total(size) AS INTEGER) FROM kept k WHERE k.node = nodes.id AND k.confirmed = 1), residency FROM nodes ORDER BY id",
         )?;
         let rows = st.query_map([], |r| {
             Ok(NodeRow {
@@ -720,13 +720,20 @@ fn head(conn: &rusqlite::Connection) -> anyhow::Result<Revision> {
     Ok(Revision(v.unwrap_or(0) as u64))
 }
 
+/// A count a node reports, as SQLite stores it (a claim past `i64::MAX` is that).
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The first [`wire::MAX_HOLDERS`] holders of `path` at `rev` (a message naming more is
+/// refused by every node).
 fn holders(conn: &rusqlite::Connection, path: &str, rev: i64) -> anyhow::Result<Vec<Holder>> {
     // Online holders first; the origin (inserted first) before later pullers.
     let mut st = conn.prepare_cached(
         "SELECT h.node, n.url FROM holders h JOIN nodes n ON n.id = h.node
-         WHERE h.path = ?1 AND h.rev = ?2 ORDER BY n.online DESC, h.rowid",
+         WHERE h.path = ?1 AND h.rev = ?2 ORDER BY n.online DESC, h.rowid LIMIT ?3",
     )?;
-    let rows = st.query_map(params![path, rev], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let rows = st.query_map(params![path, rev, wire::MAX_HOLDERS as i64], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
     let mut out = Vec::new();
     for row in rows {
         let (node, url) = row?;
@@ -1261,7 +1268,14 @@ impl Tx<'_> {
                         "UPDATE nodes SET pending_changes = ?2, pending_pulls = ?3, software = ?4, residency = ?5,
                            settled_taken = max(settled_taken, ?6) WHERE id = ?1",
                     )?
-                    .execute(params![from.as_str(), pending_changes as i64, pending_pulls as i64, software, residency.as_ref().map(json), settled])?;
+                    .execute(params![
+                        from.as_str(),
+                        saturating_i64(pending_changes),
+                        saturating_i64(pending_pulls),
+                        software,
+                        residency.as_ref().map(json),
+                        settled
+                    ])?;
             }
             ToManager::Have { path, rev, hash } => {
                 self.seen(&from, None, now_ms)?;
@@ -2694,6 +2708,22 @@ mod tests {
         assert_eq!(holders_of(&s, "b", 3), ["n1"], "a stale revision or another content is not held");
         send(&mut s, "n2", "h2", ToManager::Holding { items: vec![held("b", 3, 3)] });
         assert_eq!(holders_of(&s, "b", 3), ["n1", "n2"]);
+    }
+
+    /// A path held by more nodes than a message may name (a cluster that large, or one
+    /// sender claiming many ids in shared-user mode) is sent with the first of them: a
+    /// longer list would be refused by every node, and no sync could complete.
+    #[test]
+    fn a_path_held_by_more_nodes_than_a_message_may_name_is_sent_with_the_first_of_them() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n0", "m0", put("a", 0, file(1)));
+        for i in 1..=wire::MAX_HOLDERS + 5 {
+            let item = Held { path: p("a"), rev: Revision(1), hash: ContentHash::from_bytes([1; 32]) };
+            send(&mut s, &format!("n{i}"), &format!("h{i}"), ToManager::Holding { items: vec![item] });
+        }
+        let entry = s.entry(&p("a")).unwrap().unwrap();
+        assert_eq!(entry.holders.len(), wire::MAX_HOLDERS);
+        assert_eq!(entry.holders[0].node, node("n0"), "the origin first");
     }
 
     /// A reply larger than a page is sent in numbered pages, each within the budget,

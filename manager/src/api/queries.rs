@@ -190,8 +190,10 @@ pub fn counts(store: &Store) -> anyhow::Result<Counts> {
         conflicts: store.conflict_count()?,
         nodes: one("SELECT count(*) FROM nodes")?,
         nodes_online: store.nodes()?.iter().filter(|n| n.online_at(crate::service::now_ms())).count() as u64,
-        pending_changes: one("SELECT sum(pending_changes) FROM nodes")?,
-        pending_pulls: one("SELECT sum(pending_pulls) FROM nodes")?,
+        // total(): a sum past i64's range (counts are each node's word) saturates, where
+        // sum() would fail the whole status.
+        pending_changes: one("SELECT CAST(total(pending_changes) AS INTEGER) FROM nodes")?,
+        pending_pulls: one("SELECT CAST(total(pending_pulls) AS INTEGER) FROM nodes")?,
         outbox,
         published: (queued.unwrap_or(0) as u64).saturating_sub(outbox),
         caught_up: store.caught_up()?,
@@ -261,5 +263,29 @@ mod tests {
         assert_eq!((c.head, c.files, c.conflicts, c.nodes), (4, 4, 1, 2));
         assert_eq!(c.decided, vec![("accepted".to_string(), 2), ("conflict".to_string(), 1)]);
         assert!(c.published + c.outbox >= 3);
+    }
+
+    /// Counts are each node's word: claims whose sum is past SQLite's integers (one of
+    /// them past i64 itself) make the status say the most it can, not fail.
+    #[test]
+    fn counts_nodes_claim_past_any_sum_saturate() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Store::open(&dir.path().join("m.db")).unwrap();
+        for (i, claim) in [u64::MAX, i64::MAX as u64, 1].into_iter().enumerate() {
+            let heartbeat = ToManager::Heartbeat {
+                url: format!("http://n{i}"),
+                pending_changes: claim,
+                pending_pulls: claim,
+                software: String::new(),
+                residency: None,
+                taken: Revision(0),
+                applied: Revision(0),
+            };
+            let env = Envelope::new(format!("h{i}").parse().unwrap(), format!("n{i}").parse::<NodeId>().unwrap(), heartbeat);
+            s.transaction(|tx| tx.handle(env, 1_000)).unwrap();
+        }
+        let c = counts(&s).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!((c.pending_changes, c.pending_pulls), (i64::MAX as u64, i64::MAX as u64));
+        assert_eq!(s.nodes().unwrap().len(), 3);
     }
 }
