@@ -11,10 +11,10 @@
 
 use crate::engine::{self, Action, Engine, EngineResult, NodeInfo};
 use crate::metrics::Metrics;
-use crate::puller::{Puller, MAX_CONCURRENT_PULLS};
+use crate::puller::Puller;
 use crate::tree::{Inval, Tree};
 use anyhow::Context;
-use futures_util::{stream, StreamExt};
+use futures_util::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions};
 use lapin::types::FieldTable;
@@ -212,6 +212,11 @@ impl Link {
     }
 }
 
+/// Longest a message waits for its contents, in pull stall windows
+/// (`--pull-stall-secs`, 15 s): two, so a holder that answers at all is given a whole
+/// window of transfer before later messages stop waiting for it.
+const PREPARE_WAIT_STALLS: u32 = 2;
+
 /// What a pull task needs: the puller, and the counters it keeps.
 #[derive(Clone)]
 struct Pulls {
@@ -378,14 +383,22 @@ impl Pulls {
         }
         let wanted = engine::wanted_contents(&self.tree, &self.me, &env.body);
         self.pull_small_together(&wanted).await;
-        stream::iter(wanted)
+        // Each pull is a task of its own (the puller bounds how many run at once), waited
+        // for a bounded time: a holder sending just enough not to count as stalled must
+        // not hold back every message behind this one. Past the wait the message is
+        // applied without what is still coming, as after a failed pull (the engine
+        // keeps the old state and retries, joining the pull still under way).
+        let pulls: Vec<_> = wanted
+            .into_iter()
             .map(|w| {
                 let pulls = self.clone();
-                async move { pulls.pull_counted(&w.hash, w.size, &w.holders, w.basis.as_ref()).await }
+                tokio::spawn(async move { pulls.pull_counted(&w.hash, w.size, &w.holders, w.basis.as_ref()).await })
             })
-            .buffer_unordered(MAX_CONCURRENT_PULLS)
-            .for_each(|_| async {})
-            .await;
+            .collect();
+        let wait = self.puller.stall_timeout() * PREPARE_WAIT_STALLS;
+        if tokio::time::timeout(wait, futures_util::future::join_all(pulls)).await.is_err() {
+            tracing::warn!("a message's contents are still coming after {wait:?}: it is applied without them, and they keep coming");
+        }
         tracing::debug!(target: "timing", "delivery prepared");
         Prepared::Ready(d, env)
     }

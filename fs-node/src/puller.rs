@@ -291,6 +291,11 @@ impl Puller {
         }
     }
 
+    /// How long a holder may go without progress ([`DEFAULT_STALL_TIMEOUT`]).
+    pub fn stall_timeout(&self) -> Duration {
+        self.stall
+    }
+
     /// Remembers the holders a message named (their latest URLs).
     pub fn learn_holders<'a>(&self, holders: impl IntoIterator<Item = &'a Holder>) {
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());

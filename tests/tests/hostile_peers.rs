@@ -1,6 +1,7 @@
 //! Peers that misbehave harm no one else: holders that never answer, stall mid-transfer,
 //! trickle, stream for ever or send more than the content's size are dropped and the
-//! node goes on syncing other paths; 2,000 idle connections to a node's peer port do not
+//! node goes on syncing other paths (also while one sends just fast enough not to count
+//! as stalled); 2,000 idle connections to a node's peer port do not
 //! starve it; a flood of sync requests costs the manager one sync per second. Real broker,
 //! real mounts, real HTTP; the hostile holder is a raw TCP server in this test.
 
@@ -29,6 +30,9 @@ enum Holder {
     TooMany,
     /// Announces twice the content's length.
     WrongLength,
+    /// Sends 64 KiB (what a pull asks per stall window) every 1.5 s: never stalled by
+    /// the rule, a pull of a large content from it would take half an hour.
+    JustFastEnough,
 }
 
 /// How long a misbehaving connection is held open at most (the node gives up long before).
@@ -84,6 +88,13 @@ fn misbehave(mut s: TcpStream, how: Holder, size: u64) {
             Ok(())
         }),
         Holder::WrongLength => s.write_all(head(Some(size * 2)).as_bytes()).and_then(|_| s.write_all(&zeros)),
+        Holder::JustFastEnough => s.write_all(head(Some(size)).as_bytes()).and_then(|_| {
+            while Instant::now() < deadline {
+                s.write_all(&zeros)?;
+                std::thread::sleep(Duration::from_millis(1500));
+            }
+            Ok(())
+        }),
     };
 }
 
@@ -127,17 +138,17 @@ fn stuck_and_lying_holders_are_dropped_and_other_paths_keep_syncing() {
     for n in &c.nodes {
         n.wait_connected();
     }
-    let size = 1u64 << 20;
-    let kinds = [Holder::Silent, Holder::Stall, Holder::Trickle, Holder::Endless, Holder::TooMany, Holder::WrongLength];
+    let kinds = [Holder::Silent, Holder::Stall, Holder::Trickle, Holder::Endless, Holder::TooMany, Holder::WrongLength, Holder::JustFastEnough];
     let files: Vec<(String, Vec<u8>, Holder)> = kinds
         .iter()
         .enumerate()
         .map(|(i, k)| {
+            let size = if matches!(k, Holder::JustFastEnough) { 64u64 << 20 } else { 1 << 20 };
             let bytes: Vec<u8> = (0..size).map(|j| (j as u8).wrapping_mul(i as u8 + 3).wrapping_add(i as u8)).collect();
             (format!("evil/{k:?}.bin").to_lowercase(), bytes, *k)
         })
         .collect();
-    let plan = files.iter().map(|(_, b, k)| (blake3::hash(b).to_hex().to_string(), (*k, size))).collect();
+    let plan = files.iter().map(|(_, b, k)| (blake3::hash(b).to_hex().to_string(), (*k, b.len() as u64))).collect();
     let url = hostile_server(plan);
     let evil = FakeNode::connect(&c.vhost, "evil");
     evil.send(ToManager::Heartbeat {
