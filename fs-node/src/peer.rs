@@ -45,6 +45,10 @@ pub const MAX_PEER_CONNECTIONS: usize = 512;
 /// A client must send a request's headers within this, also on an idle kept-alive
 /// connection: an idle or slow client cannot hold a connection slot for long.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client that takes nothing of an answer for this long loses its connection: a peer
+/// that asks for a large content and stops reading cannot hold a slot (a puller gives
+/// up on a holder after 15 s without progress, so a live one never waits this long).
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause after a failed accept (out of descriptors, say) so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
@@ -55,6 +59,7 @@ const LIMITS: http_serve::Limits = http_serve::Limits {
     max_connections: MAX_PEER_CONNECTIONS,
     header_read_timeout: HEADER_READ_TIMEOUT,
     tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+    write_stall_timeout: WRITE_STALL_TIMEOUT,
     accept_backoff: ACCEPT_BACKOFF,
     shutdown_grace: None,
 };

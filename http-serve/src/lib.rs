@@ -10,7 +10,10 @@
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -30,6 +33,10 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     /// A TLS client must finish its handshake within this.
     pub tls_handshake_timeout: Duration,
+    /// A write the client leaves waiting this long (it stopped reading: its receive
+    /// window is full) ends the connection, so a client that asks for a large answer and
+    /// never takes it cannot hold a connection slot.
+    pub write_stall_timeout: Duration,
     /// Pause after a failed accept (out of descriptors, say) so the loop does not spin.
     pub accept_backoff: Duration,
     /// What happens to open connections on cancellation. `Some(grace)`: each is told to
@@ -111,6 +118,7 @@ async fn serve_connection<S>(stream: S, router: Router, limits: Limits, drain: O
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let stream = WriteStallLimit { inner: stream, limit: limits.write_stall_timeout, stalled: None };
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -131,6 +139,56 @@ where
     }
 }
 
+/// A connection whose writes must make progress ([`Limits::write_stall_timeout`]): a
+/// write left pending that long fails with `TimedOut`, which ends the connection. Reads
+/// pass through (hyper bounds the wait for a request's headers; while an answer is made
+/// it waits on the read side for the client's close, as long as the answer takes).
+struct WriteStallLimit<S> {
+    inner: S,
+    limit: Duration,
+    /// Armed by the first write left pending, disarmed by any write that goes on.
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S: AsyncWrite + Unpin> WriteStallLimit<S> {
+    fn progress<T>(&mut self, cx: &mut Context<'_>, op: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if let Poll::Ready(r) = op(Pin::new(&mut self.inner), cx) {
+            self.stalled = None;
+            return Poll::Ready(r);
+        }
+        let limit = self.limit;
+        let timer = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("the client took nothing for {limit:?}")))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for WriteStallLimit<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for WriteStallLimit<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        self.get_mut().progress(cx, |s, cx| s.poll_write(cx, buf))
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[std::io::IoSlice<'_>]) -> Poll<std::io::Result<usize>> {
+        self.get_mut().progress(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().progress(cx, |s, cx| s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().progress(cx, |s, cx| s.poll_shutdown(cx))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,6 +201,7 @@ mod tests {
         max_connections: 1,
         header_read_timeout: Duration::from_millis(300),
         tls_handshake_timeout: Duration::from_millis(300),
+        write_stall_timeout: Duration::from_millis(300),
         accept_backoff: Duration::from_millis(10),
         shutdown_grace: Some(Duration::from_secs(2)),
     };
@@ -151,7 +210,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
-        let router = Router::new().route("/hello", get(|| async { "hi" }));
+        let router = Router::new().route("/hello", get(|| async { "hi" })).route("/big", get(|| async { vec![7u8; 64 << 20] }));
         let task = tokio::spawn(serve(listener, None, router, limits, cancel.clone()));
         (addr, cancel, task)
     }
@@ -190,6 +249,22 @@ mod tests {
         assert!(waited.is_err(), "the second connection was served while the first held the only slot");
         drop(first);
         assert!(read_all(&mut second).await.starts_with("HTTP/1.1 200"));
+        cancel.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_taking_its_answer_loses_its_slot() {
+        let (addr, cancel, task) = start(Limits { header_read_timeout: Duration::from_secs(30), ..LIMITS }).await;
+        // Asks for 64 MiB and never reads: the server's writes wait once the socket
+        // buffers are full.
+        let mut greedy = TcpStream::connect(addr).await.unwrap();
+        greedy.write_all(b"GET /big HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+        let mut next = TcpStream::connect(addr).await.unwrap();
+        next.write_all(b"GET /hello HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.unwrap();
+        // The only slot is freed when the stalled write times out.
+        assert!(read_all(&mut next).await.starts_with("HTTP/1.1 200"));
+        drop(greedy);
         cancel.cancel();
         task.await.unwrap();
     }

@@ -63,6 +63,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// On shutdown, requests in progress get this long to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A client that takes nothing of an answer for this long loses its connection (a
+/// browser tab left open keeps reading its event stream; a stuck client holds no slot).
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Pause after a failed accept (e.g. out of file descriptors) before the next one, so
 /// the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -72,6 +75,7 @@ const LIMITS: http_serve::Limits = http_serve::Limits {
     max_connections: MAX_CONNECTIONS,
     header_read_timeout: HEADER_READ_TIMEOUT,
     tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,
+    write_stall_timeout: WRITE_STALL_TIMEOUT,
     accept_backoff: ACCEPT_BACKOFF,
     shutdown_grace: Some(SHUTDOWN_GRACE),
 };
