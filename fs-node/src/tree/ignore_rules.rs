@@ -14,6 +14,11 @@ pub const IGNORE_FILE: &str = ".syncignore";
 /// A rules file larger than this is not read (its directory then has no rules, and the
 /// node says so in its log).
 const MAX_RULES_BYTES: u64 = 1 << 20;
+/// The tree's rules files together are read up to this many bytes: each file's matcher
+/// is kept in memory by every node, and any node can make rules files. Past it, a
+/// further rules file is not read, as one larger than [`MAX_RULES_BYTES`] (its
+/// directory has no rules; the log says so).
+const MAX_TOTAL_RULES_BYTES: usize = 8 << 20;
 /// Where the node database keeps the node's own rules of the last run.
 const NODE_RULES_KEY: &str = "node_ignore_rules";
 
@@ -24,13 +29,16 @@ pub(super) struct IgnoreRules {
     /// The rules of each directory's `.syncignore`, by the directory's path ("" is the
     /// root).
     by_dir: HashMap<String, DirRules>,
+    /// The bytes of the rules files in `by_dir`, together.
+    total_bytes: usize,
 }
 
-/// One rules file: its bytes (so that reading the same rules again changes nothing) and
-/// the matcher made of them.
+/// One rules file: the digest of its bytes (so that reading the same rules again changes
+/// nothing), their length, and the matcher made of them.
 #[derive(Clone)]
 pub(super) struct DirRules {
-    text: Vec<u8>,
+    digest: [u8; 32],
+    len: usize,
     rules: Gitignore,
 }
 
@@ -56,23 +64,40 @@ impl IgnoreRules {
     /// Sets (or, with `None`, removes) the rules of directory `dir` ("" for the root);
     /// returns whether they changed.
     pub(super) fn set_dir(&mut self, dir: &str, content: Option<&[u8]>) -> bool {
-        match content {
-            Some(bytes) if self.by_dir.get(dir).is_some_and(|d| d.text == bytes) => false,
-            Some(bytes) => {
-                let text = String::from_utf8_lossy(bytes);
-                self.by_dir.insert(dir.to_string(), DirRules { text: bytes.to_vec(), rules: parse(&text, &rules_file(dir)) });
-                true
-            }
-            None => self.by_dir.remove(dir).is_some(),
+        let Some(bytes) = content else { return self.put(dir, None) };
+        let digest = *blake3::hash(bytes).as_bytes();
+        if self.by_dir.get(dir).is_some_and(|d| d.digest == digest) {
+            return false;
         }
+        let others = self.total_bytes - self.by_dir.get(dir).map_or(0, |d| d.len);
+        if others + bytes.len() > MAX_TOTAL_RULES_BYTES {
+            tracing::warn!(file = %rules_file(dir), "the tree's rules files hold more than {MAX_TOTAL_RULES_BYTES} bytes together: this one is not read");
+            return self.put(dir, None);
+        }
+        let rules = parse(&String::from_utf8_lossy(bytes), &rules_file(dir));
+        self.put(dir, Some(DirRules { digest, len: bytes.len(), rules }));
+        true
+    }
+
+    /// Sets (or removes) directory `dir`'s rules, counting their bytes; whether it had
+    /// rules before.
+    fn put(&mut self, dir: &str, rules: Option<DirRules>) -> bool {
+        let old = match rules {
+            Some(r) => {
+                self.total_bytes += r.len;
+                self.by_dir.insert(dir.to_string(), r)
+            }
+            None => self.by_dir.remove(dir),
+        };
+        if let Some(o) = &old {
+            self.total_bytes -= o.len;
+        }
+        old.is_some()
     }
 
     /// Puts back what a failed transaction replaced (`Undo::IgnoreRules`).
     pub(super) fn restore_dir(&mut self, dir: &str, old: Option<DirRules>) {
-        match old {
-            Some(g) => self.by_dir.insert(dir.to_string(), g),
-            None => self.by_dir.remove(dir),
-        };
+        self.put(dir, old);
     }
 
     /// Whether directory `dir` or one below it has a rules file.
@@ -360,5 +385,26 @@ mod rule_tests {
         assert!(!r.set_dir("a", Some(b"!b.swp\n")), "the same rules again change nothing");
         assert!(r.set_dir("a", None) && r.is_ignored("a/b.swp", Some(false)));
         assert!(!IgnoreRules::default().is_ignored("anything", None));
+    }
+
+    /// Any node can make rules files, and every node keeps their matchers: past a total,
+    /// further ones are not read (their directories have no rules), and room made by
+    /// removing some is taken again.
+    #[test]
+    fn rules_files_are_read_up_to_a_total() {
+        let mut r = IgnoreRules::default();
+        let big = format!("*.o\n{}", "#".repeat(MAX_RULES_BYTES as usize - 8));
+        let fit = MAX_TOTAL_RULES_BYTES / big.len();
+        for i in 0..fit {
+            assert!(r.set_dir(&format!("d{i}"), Some(big.as_bytes())), "d{i} within the total");
+        }
+        assert!(!r.set_dir("over", Some(big.as_bytes())), "past the total: not read");
+        assert!(r.is_ignored("d0/a.o", Some(false)) && !r.is_ignored("over/a.o", Some(false)));
+        assert_eq!(r.total_bytes, fit * big.len());
+        // A file that grows past the total loses its rules; room made is taken again.
+        assert!(r.set_dir("d1", Some(format!("{big}{big}").as_bytes())) && !r.is_ignored("d1/a.o", Some(false)));
+        assert!(r.set_dir("over", Some(big.as_bytes())) && r.is_ignored("over/a.o", Some(false)));
+        r.restore_dir("over", None);
+        assert_eq!(r.total_bytes, (fit - 1) * big.len(), "an undo counts too");
     }
 }
