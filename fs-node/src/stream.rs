@@ -124,14 +124,14 @@ struct State {
     basis: Option<(ContentHash, Vec<bool>)>,
 }
 
-/// What a stream nobody read to the end had: its download file and which blocks are in
-/// it, each checked against its leaf. A later stream of the same content starts from it
-/// ([`Stream::resume`]): `head` and then `cat` of a large file fetch its head once.
 /// Largest content a stream fetches (16 TiB, ext4's largest file): what it keeps per
 /// block (two flags here, 32 bytes of leaf while fetching) is sized by the length in a
 /// change, which any node may claim.
 pub const MAX_SIZE: u64 = 1 << 44;
 
+/// What a stream nobody read to the end had: its download file and which blocks are in
+/// it, each checked against its leaf. A later stream of the same content starts from it
+/// ([`Stream::resume`]): `head` and then `cat` of a large file fetch its head once.
 pub struct Partial {
     tmp: PathBuf,
     present: Vec<bool>,

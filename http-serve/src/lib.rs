@@ -1,7 +1,8 @@
 //! The one HTTP(S) accept loop of both servers (the manager's API and dashboard, the
 //! nodes' peer server): accepts TCP connections up to a limit, finishes the TLS handshake
 //! within a deadline, and serves each connection with hyper's HTTP/1 (with a header read
-//! timeout) and the caller's `axum::Router`.
+//! timeout, and a limit on how long a write may wait for the client) and the caller's
+//! `axum::Router`.
 //!
 //! It owns the connections and nothing else: no routes, no authentication, no request
 //! bodies. It never logs a request (a query string may carry a token); each server's
