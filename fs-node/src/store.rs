@@ -1421,9 +1421,20 @@ pub struct Hashed {
 /// Hashes a file being committed. A large one is hashed through its leaves (on all
 /// cores, as `hash_file` does): the hash costs the same and the leaves come with it, so
 /// a peer pulling the new version over its old one asks for them at once.
+/// Largest file the node takes (1 TiB): hashing one keeps 32 bytes per 64 KiB block in
+/// memory (512 MiB at this size), and every other node fetches it. Larger writes and
+/// truncations fail with `EFBIG`, as at a file system's own limit; a larger file made
+/// past them (a passthrough write) is not committed (its close says `EFBIG`) and stays
+/// on this node only.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+
 pub fn hash_for_commit(p: &Path) -> anyhow::Result<Hashed> {
     let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
     let size = f.metadata().with_context(|| format!("reading the size of {}", p.display()))?.len();
+    if size > MAX_FILE_SIZE {
+        return Err(std::io::Error::from_raw_os_error(libc::EFBIG))
+            .with_context(|| format!("{} holds {size} bytes, more than a synced file may ({MAX_FILE_SIZE})", p.display()));
+    }
     if size < crate::chunks::CHUNKED_MIN_BYTES {
         let (hash, size) = hash_path(p, size >= PARALLEL_HASH_MIN_BYTES)?;
         return Ok(Hashed { hash, size, leaves: None });

@@ -11,7 +11,7 @@
 
 use crate::leaves::{self, BLOCK};
 use crate::puller::Puller;
-use crate::store::ContentStore;
+use crate::store::{ContentStore, MAX_FILE_SIZE};
 use crate::tree::{FsError, FsResult};
 use blake3::hazmat::ChainingValue;
 use std::os::unix::fs::FileExt;
@@ -124,11 +124,6 @@ struct State {
     basis: Option<(ContentHash, Vec<bool>)>,
 }
 
-/// Largest content a stream fetches (16 TiB, ext4's largest file): what it keeps per
-/// block (two flags here, 32 bytes of leaf while fetching) is sized by the length in a
-/// change, which any node may claim.
-pub const MAX_SIZE: u64 = 1 << 44;
-
 /// What a stream nobody read to the end had: its download file and which blocks are in
 /// it, each checked against its leaf. A later stream of the same content starts from it
 /// ([`Stream::resume`]): `head` and then `cat` of a large file fetch its head once.
@@ -164,9 +159,13 @@ impl Stream {
     }
 
     fn open(store: &ContentStore, hash: ContentHash, size: u64, partial: Option<Partial>, ahead: Option<usize>) -> std::io::Result<Arc<Stream>> {
-        if size > MAX_SIZE {
-            // (A size any node may claim: refused before sizing anything by it.)
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("a content of {size} bytes is larger than a node fetches ({MAX_SIZE})")));
+        if size > MAX_FILE_SIZE {
+            // A size any node may claim: refused before sizing anything by it (what a
+            // stream keeps per block, two flags here and 32 bytes of leaf while fetching).
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a content of {size} bytes is larger than a node takes ({MAX_FILE_SIZE})"),
+            ));
         }
         let n = leaves::blocks(size);
         // Read and written: readers take their blocks from it.
@@ -674,7 +673,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = ContentStore::open(dir.path()).unwrap();
         let hash = ContentHash::from_bytes([7; 32]);
-        let refused = Stream::new(&store, hash.clone(), MAX_SIZE + 1).err().expect("refused");
+        let refused = Stream::new(&store, hash.clone(), MAX_FILE_SIZE + 1).err().expect("refused");
         assert_eq!(refused.kind(), std::io::ErrorKind::InvalidInput, "{refused}");
         assert!(Stream::new(&store, hash, 3 * BLOCK + 1).is_ok());
     }

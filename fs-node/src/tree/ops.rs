@@ -29,6 +29,7 @@ impl Tree {
 
     pub fn setattr(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
         match a.size {
+            Some(size) if size > crate::store::MAX_FILE_SIZE => Err(FsError::TooBig),
             Some(size) if self.truncation_commits_large(ino, size) => self.truncate_hashing_outside_lock(ino, req_uid, a),
             _ => Ok(self.set_attributes(ino, req_uid, a, CommitNow::Yes)?.0),
         }
@@ -498,6 +499,10 @@ impl Tree {
     /// Writes into the work file of `ino`. A write that fails leaves the file no longer
     /// than before (on a full disk, part of it may have landed past the end).
     pub(super) fn write_at(&self, st: &mut State, ino: u64, offset: u64, data: &[u8]) -> FsResult<()> {
+        // (The kernel keeps offsets below 2^63: no overflow.)
+        if offset + data.len() as u64 > crate::store::MAX_FILE_SIZE {
+            return Err(FsError::TooBig);
+        }
         let work = st.work_up_to(ino, offset + data.len() as u64, &self.store)?;
         let covered_whole = st.overlay_before_write(ino, offset, data.len() as u64)?;
         let size = st.inode(ino)?.size;

@@ -3146,3 +3146,26 @@ fn a_later_lost_state_is_sent_instead_of_taking_one_made_from_an_older() {
     assert!(t.apply_remote(&newer).unwrap().changed);
     assert!(t.take_unpublished().is_empty());
 }
+
+/// Past the largest file the node takes, a truncation or a write fails with `EFBIG` and
+/// changes nothing (hashing a 15 TiB sparse file kept a node busy for an hour and took
+/// gigabytes); a file made that large past them (a passthrough write goes straight to
+/// the backing file) is not committed: hashing it for a close says `EFBIG`.
+#[test]
+fn a_file_past_the_largest_is_refused_with_efbig_and_nothing_is_sent() {
+    let (dir, t, d) = tree_with_dir();
+    let f = closed_file(&t, d, "f", b"abc");
+    let sent = t.pending_changes();
+    let too_big = crate::store::MAX_FILE_SIZE + 1;
+    assert!(matches!(t.setattr(f, 0, SetAttr { size: Some(too_big), ..Default::default() }), Err(FsError::TooBig)));
+    let (fh, _) = t.open(f, true, false, false).unwrap();
+    assert!(matches!(t.write(fh, crate::store::MAX_FILE_SIZE, b"x"), Err(FsError::TooBig)));
+    t.release(fh).unwrap();
+    assert_eq!(read_all(&t, f).unwrap(), b"abc");
+    assert_eq!(t.getattr(f).unwrap().size, 3);
+    assert_eq!(t.pending_changes(), sent, "nothing new to send");
+    let sparse = dir.path().join("sparse");
+    std::fs::File::create(&sparse).unwrap().set_len(too_big).unwrap();
+    let refused = crate::store::hash_for_commit(&sparse).map(|h| h.size).unwrap_err();
+    assert!(matches!(FsError::from(refused), FsError::TooBig));
+}
