@@ -243,10 +243,17 @@ impl State {
     /// valid path (non-UTF-8 names are refused at creation, so this is the normal case).
     pub(super) fn path_of(&self, parent: u64, name: &OsStr) -> Option<RelPath> {
         let mut parts: Vec<&OsStr> = vec![name];
+        let mut len = name.len();
         let mut ino = parent;
         while ino != ROOT {
             let (p, n) = self.inodes.get(&ino)?.links.first()?;
             parts.push(n);
+            len += n.len() + 1;
+            // Deeper than a path may be (a tree nested without end by relative mkdirs):
+            // no synced path, found without walking up the rest.
+            if len > wire::MAX_PATH_BYTES {
+                return None;
+            }
             ino = *p;
         }
         let mut s = String::new();
