@@ -388,8 +388,8 @@ mod rule_tests {
     }
 
     /// Any node can make rules files, and every node keeps their matchers: past a total,
-    /// further ones are not read (their directories have no rules), and room made by
-    /// removing some is taken again.
+    /// further ones are not read (their directories have no rules), and once there is
+    /// room one read again is taken.
     #[test]
     fn rules_files_are_read_up_to_a_total() {
         let mut r = IgnoreRules::default();
