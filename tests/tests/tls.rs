@@ -75,6 +75,7 @@ fn nodes_sync_over_amqps_and_pull_over_https() {
         broker: Some(broker.clone()),
         extra: ["--tls-cert", cert.to_str().unwrap(), "--tls-key", key.to_str().unwrap(), "--tls-ca", cert.to_str().unwrap()].map(String::from).to_vec(),
         tls_ca: Some(cert.clone()),
+        ..Default::default()
     };
     let nodes: Vec<NodeProc> = ["n1", "n2"].iter().map(|id| NodeProc::start_opts(dir.path(), id, &vhost, opts.clone())).collect();
     for n in &nodes {
