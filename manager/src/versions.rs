@@ -585,7 +585,7 @@ impl Tx<'_> {
                 Err(e) => return Ok(Err(e)),
             },
         };
-        if let Some(to) = to.filter(|to| to.as_str().starts_with(&format!("{path}/"))) {
+        if let Some(to) = to.filter(|to| *to != path && to.is_within(path)) {
             // Each such restore would copy the tree into itself (as `cp -r d d/c`
             // refuses to): repeated, it doubles the tree every time.
             return Ok(Err(format!("{path} cannot be restored into {to}, which is below it")));
