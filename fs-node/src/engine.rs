@@ -67,7 +67,7 @@ fn runs(parts: Vec<ToNode>) -> Vec<Run> {
                 keep.extend(items);
                 continue;
             }
-            ToNode::Decided { change, outcome, current } => Incoming::Decided { change, outcome, current },
+            ToNode::Decided { change, outcome, current, first_rev } => Incoming::Decided { change, outcome, current, first_rev },
             ToNode::Applied { entry, .. } => Incoming::Entry(entry),
             other => {
                 end_stretch(&mut runs, &mut keep, stretch_start);
@@ -395,7 +395,7 @@ impl<R> Engine<R> {
     fn apply_queued(&mut self, mut items: Vec<Incoming>, now: Now) -> EngineResult<()> {
         for item in &mut items {
             match item {
-                Incoming::Decided { change, outcome, current } => {
+                Incoming::Decided { change, outcome, current, .. } => {
                     if self.awaiting.as_ref() == Some(change) {
                         self.awaiting = None;
                     }
@@ -1388,7 +1388,7 @@ mod tests {
             .map(|(i, row)| {
                 let (hash, size) = hashes[i].clone();
                 let version = Version { content: Content::File { hash, size }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 1 };
-                to_me(ToNode::Decided { change: row.msg.clone(), outcome: Outcome::Accepted, current: entry(i, 1 + i as u64, Some(version)) })
+                to_me(ToNode::Decided { change: row.msg.clone(), outcome: Outcome::Accepted, current: entry(i, 1 + i as u64, Some(version)), first_rev: None })
             })
             .collect();
         engine.on_message(batch(decided), Duration::ZERO).unwrap();
@@ -1405,7 +1405,7 @@ mod tests {
             let rev = 100 + i as u64;
             items.push(to_me(ToNode::Keep { items: vec![wire::KeepItem { hash, size, until_ms: i64::MAX, holders: vec![] }] }));
             items.push(BatchItem { to: None, msg: ToNode::Applied { entry: entry(i, rev, None), origin: me.clone() } });
-            items.push(to_me(ToNode::Decided { change: row.msg.clone(), outcome: Outcome::Accepted, current: entry(i, rev, None) }));
+            items.push(to_me(ToNode::Decided { change: row.msg.clone(), outcome: Outcome::Accepted, current: entry(i, rev, None), first_rev: None }));
         }
         let before = tree.gauges().db_commits;
         engine.on_message(batch(items), Duration::ZERO).unwrap();
@@ -1533,7 +1533,11 @@ mod tests {
                 holders: vec![],
                 from_lost: None,
             };
-            Envelope::new(tree.env().new_id(), "manager".parse().unwrap(), ToNode::Decided { change: id.clone(), outcome: Outcome::Accepted, current })
+            Envelope::new(
+                tree.env().new_id(),
+                "manager".parse().unwrap(),
+                ToNode::Decided { change: id.clone(), outcome: Outcome::Accepted, current, first_rev: None },
+            )
         };
         let together = sent(&engine.on_message(decided(&first[0][0].0, "a", 1), ms(120)).unwrap());
         assert_eq!(together.iter().map(|m| paths(m)).collect::<Vec<_>>(), [["b", "c"]]);

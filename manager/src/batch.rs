@@ -111,7 +111,7 @@ mod tests {
         ToNode::Applied { entry: entry(p, rev), origin: node("n1") }
     }
     fn decided(p: &str, rev: u64) -> ToNode {
-        ToNode::Decided { change: format!("c{rev}").parse().unwrap(), outcome: Outcome::Accepted, current: entry(p, rev) }
+        ToNode::Decided { change: format!("c{rev}").parse().unwrap(), outcome: Outcome::Accepted, current: entry(p, rev), first_rev: None }
     }
 
     /// What node `me` receives from `published` (its queue: broadcasts and its own

@@ -1753,10 +1753,15 @@ impl Tx<'_> {
         let reply_key = topology::node_key(from);
         // At-least-once delivery: a message id is decided once. A repeat gets the path's
         // current state again, so the sender can stop waiting for it.
-        let done: Option<String> = self.tx.prepare_cached("SELECT outcome FROM applied WHERE msg = ?1")?.query_row([msg.as_str()], |r| r.get(0)).optional()?;
-        if let Some(outcome) = done {
+        let done: Option<(String, i64)> =
+            self.tx.prepare_cached("SELECT outcome, rev FROM applied WHERE msg = ?1")?.query_row([msg.as_str()], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
+        if let Some((outcome, first_rev)) = done {
             let outcome: Outcome = serde_json::from_str(&outcome).context("corrupt outcome")?;
             let current = self.entry_or_absent(&change.path)?;
+            // The path changed since: `current` is not the state this change left (it may
+            // be another node's that looks the same), which the sender must not take for
+            // its own (simulator seed 206769).
+            let first_rev = Some(Revision(first_rev.max(0) as u64)).filter(|r| *r != current.rev);
             // The first answer followed the broadcast of the conflict file with the
             // sender's version; a node asks again when its queue lost that answer (its
             // oldest messages dropped while it was away), most likely with that broadcast.
@@ -1767,7 +1772,7 @@ impl Tx<'_> {
                 let entry = self.entry_or_absent(copy)?;
                 self.enqueue(&reply_key, ToNode::Applied { entry, origin: from.clone() })?;
             }
-            return self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current });
+            return self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current, first_rev });
         }
         let prior = match &change.follows {
             Some(prev) => self.prior(prev, from)?,
@@ -1873,7 +1878,7 @@ impl Tx<'_> {
             base.0 as i64,
             head.0 as i64
         ])?;
-        self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current })
+        self.enqueue(&reply_key, ToNode::Decided { change: msg, outcome, current, first_rev: None })
     }
 
     /// How `prev`, the change a change of `from` follows, was decided (`None` if it was
@@ -3088,6 +3093,34 @@ mod tests {
         send(&mut s, "n1", "m1", put("a/b.txt", 0, file(1)));
         assert_eq!(s.head().unwrap(), Revision(2));
         assert_eq!(decided(&s), vec![Outcome::Accepted, Outcome::Accepted]);
+    }
+
+    /// The answer to a change sent again says the revision it first got when the path has
+    /// changed since (simulator seed 206769: another node's identical directory there,
+    /// which the sender took for its own put's state), and only then.
+    #[test]
+    fn a_repeat_after_the_path_changed_says_the_revision_the_change_first_got() {
+        let (_dir, mut s) = fresh_store();
+        let first_revs = |s: &Store| -> Vec<Option<Revision>> {
+            s.outbox(1000)
+                .unwrap()
+                .into_iter()
+                .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
+                    ToNode::Decided { first_rev, .. } => Some(first_rev),
+                    _ => None,
+                })
+                .collect()
+        };
+        send(&mut s, "n3", "m1", put("a", 0, dir_version()));
+        let made = s.entry(&p("a")).unwrap().unwrap().rev;
+        send(&mut s, "n3", "m1", put("a", 0, dir_version()));
+        assert_eq!(first_revs(&s), [None, None], "nothing changed since: the state now is the one it left");
+        send(&mut s, "n3", "m2", ToManager::Change(Change { path: p("a"), base: made, follows: None, op: ChangeOp::Delete, base_meta: None }));
+        send(&mut s, "n1", "m3", put("a", 0, dir_version()));
+        let now = s.entry(&p("a")).unwrap().unwrap();
+        assert!(now.rev > made && now.version == Some(dir_version()), "n1's directory looks just like n3's");
+        send(&mut s, "n3", "m1", put("a", 0, dir_version()));
+        assert_eq!(first_revs(&s).last(), Some(&Some(made)));
     }
 
     /// Found by the simulator (seed 1851, with node queues that drop their oldest

@@ -57,7 +57,10 @@ pub fn to_manager(env: &Envelope<ToManager>, redelivered: bool) -> String {
 pub fn to_node(body: &ToNode, redelivered: bool) -> String {
     let s = match body {
         ToNode::Applied { entry: e, origin } => format!("applied {} from {origin}", entry(e)),
-        ToNode::Decided { change, outcome, current } => format!("decided {change}: {outcome:?}; now {}", entry(current)),
+        ToNode::Decided { change, outcome, current, first_rev } => {
+            let first = first_rev.map(|r| format!(" (first r{})", r.0)).unwrap_or_default();
+            format!("decided {change}: {outcome:?}{first}; now {}", entry(current))
+        }
         ToNode::SyncReply { head, entries, page, more, .. } => {
             format!("sync reply page {page} head r{} more {more}: [{}]", head.0, entries.iter().map(entry).collect::<Vec<_>>().join(", "))
         }

@@ -53,6 +53,7 @@ const KEPT: &[(u64, &str)] = &[
     (86668, "a node's offline edit went, by the manager's rule, into its own earlier conflict file, whose new state the node lost with its queue's oldest messages; holding the older state, it let go of the content, and room made on a full disk took it: no node could ever fetch the conflict file"),
     (99334, "a node's queue dropped a delete; a snapshot sync that had been under way since before the node heard of the path's older state counted that state as named, though the reply (as of a later head) did not name it, and kept the retry of its content: pulled after the reply, it made the deleted file again, which the node then sent as new"),
     (91358, "the manager's database was brought back from a copy and decided a node's put again at a new revision, the decision lost with the node's queue; the node's chmod on the lost revision, the same bytes on a stale base, kept the manager's mode: the chmod was lost though nobody else had changed the mode"),
+    (206769, "a node sent its mkdir and its delete of a directory again, both decisions lost with its queue; another node had made the same directory there since, and the repeat's answer (the path's state now) looked just like the node's own put, so the node took that revision as its own and never made the directory"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a

@@ -518,7 +518,17 @@ pub enum ToNode {
     /// Broadcast: a path has a new current state.
     Applied { entry: Entry, origin: NodeId },
     /// To the sender of a change: how it was decided, and the path's current state.
-    Decided { change: MessageId, outcome: Outcome, current: Entry },
+    Decided {
+        change: MessageId,
+        outcome: Outcome,
+        current: Entry,
+        /// Only in the answer to a change sent again, decided before: the revision the
+        /// path got (or kept) when the change was first decided, if the path has changed
+        /// since. `current` is then a later state, maybe another node's that looks just
+        /// like the sender's (an identical directory), and not the one its change left.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        first_rev: Option<Revision>,
+    },
     /// To the sender of a `Sync`, in pages of at most [`SYNC_PAGE_BYTES`]: every live
     /// path's current state, and every deleted one deleted after the request's `since`.
     /// The pages of one reply follow each other in order (other messages may come
@@ -738,13 +748,26 @@ mod tests {
     fn to_node_examples() -> Vec<(&'static str, ToNode)> {
         vec![
             ("applied", ToNode::Applied { entry: entry(), origin: node("n1") }),
-            ("decided_accepted", ToNode::Decided { change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"), outcome: Outcome::Accepted, current: entry() }),
+            (
+                "decided_accepted",
+                ToNode::Decided { change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"), outcome: Outcome::Accepted, current: entry(), first_rev: None },
+            ),
+            (
+                "decided_repeat",
+                ToNode::Decided {
+                    change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"),
+                    outcome: Outcome::Accepted,
+                    current: entry(),
+                    first_rev: Some(Revision(17)),
+                },
+            ),
             (
                 "decided_conflict",
                 ToNode::Decided {
                     change: id("0d2c7e2a-8f0e-4a53-9a3e-1f2b3c4d5e6f"),
                     outcome: Outcome::Conflict { copy: path("docs/report (conflict from n2 2026-11-25 14.03.10).txt") },
                     current: entry(),
+                    first_rev: None,
                 },
             ),
             (

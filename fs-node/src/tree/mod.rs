@@ -198,7 +198,8 @@ impl Applied {
 #[derive(Clone, Debug)]
 pub enum Incoming {
     /// The manager decided one of this node's changes (`ToNode::Decided`).
-    Decided { change: MessageId, outcome: Outcome, current: Entry },
+    /// `first_rev`: see `ToNode::Decided`.
+    Decided { change: MessageId, outcome: Outcome, current: Entry, first_rev: Option<Revision> },
     /// A path's new state, another node's change or ours (`ToNode::Applied`).
     Entry(Entry),
 }

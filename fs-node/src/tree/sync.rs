@@ -330,8 +330,9 @@ impl Tree {
     /// The manager decided one of our changes: forget it and take the path's current
     /// state, in one step. (Two steps would let a change made in between be based on the
     /// revision from before the decision, and conflict with our own earlier change.)
+    /// A first decision: the answer to a repeat comes as `Incoming::Decided`.
     pub fn apply_decided(&self, msg: &MessageId, outcome: &Outcome, current: &Entry) -> FsResult<Applied> {
-        self.atomically(|st, store| st.apply_decided(msg, outcome, current, store))
+        self.atomically(|st, store| st.apply_decided(msg, outcome, current, None, store))
     }
 
     /// Each of `items` (a decision on one of our changes, or another node's change),
@@ -710,7 +711,7 @@ impl Tree {
 impl State {
     fn apply_incoming(&mut self, item: &Incoming, store: &ContentStore) -> FsResult<Applied> {
         match item {
-            Incoming::Decided { change, outcome, current } => self.apply_decided(change, outcome, current, store),
+            Incoming::Decided { change, outcome, current, first_rev } => self.apply_decided(change, outcome, current, *first_rev, store),
             Incoming::Entry(e) => self.apply_queued(e, store),
         }
     }
@@ -748,7 +749,7 @@ impl State {
         Ok(())
     }
 
-    fn apply_decided(&mut self, msg: &MessageId, outcome: &Outcome, current: &Entry, store: &ContentStore) -> FsResult<Applied> {
+    fn apply_decided(&mut self, msg: &MessageId, outcome: &Outcome, current: &Entry, first_rev: Option<Revision>, store: &ContentStore) -> FsResult<Applied> {
         tracing::debug!(target: "changes", %msg, ?outcome, path = %current.path, rev = current.rev.0, version = ?current.version, "decision received");
         let seq = self.outbox.seq_of(msg);
         let mut decided = false;
@@ -819,11 +820,15 @@ impl State {
             // an edit of it (and its own version would stay when that change conflicts).
             let kept = matches!(outcome, Outcome::Accepted | Outcome::Unchanged);
             // (`Unchanged` keeps the manager's metadata over the same bytes.)
-            let left_by_it = match (&row.change.op, outcome) {
-                (ChangeOp::Put { version }, Outcome::Unchanged) => current.version.as_ref().is_some_and(|v| v.content == version.content),
-                (ChangeOp::Put { version }, _) => current.version.as_ref() == Some(version),
-                (ChangeOp::Delete, _) => current.version.is_none(),
-            };
+            // A decision sent again says so when the path has changed since (`first_rev`):
+            // the state now may look just like this change's (another node's identical
+            // directory, seed 206769), but it is not the one it left.
+            let left_by_it = first_rev.is_none()
+                && match (&row.change.op, outcome) {
+                    (ChangeOp::Put { version }, Outcome::Unchanged) => current.version.as_ref().is_some_and(|v| v.content == version.content),
+                    (ChangeOp::Put { version }, _) => current.version.as_ref() == Some(version),
+                    (ChangeOp::Delete, _) => current.version.is_none(),
+                };
             let changed_again = self.is_dirty(&current.path) || self.outbox.has(&current.path);
             // What a later large rename brought to the path since this change was queued
             // (`mv d d.old && mv e d`, both in parts) waits for its move's put, which a

@@ -220,6 +220,34 @@ fn a_change_queued_after_an_own_unchanged_one_is_based_on_its_revision() {
     assert_eq!((rows[0].change.base, &rows[0].change.follows), (Revision(5), &None), "based on the revision the unchanged put got");
 }
 
+/// Found by the simulator (seed 206769, with node queues that drop their oldest
+/// messages): a node's mkdir and rmdir of `d` were decided, both decisions lost; another
+/// node made `d` again since, a directory just like this node's. Sent again, each change
+/// is answered with the path's state now and the revision it first got: the answer to
+/// the mkdir is not the state it left, and the node must not take that revision for its
+/// own (it then held `d` as deleted at the other node's revision, and never made it).
+#[test]
+fn a_repeat_decision_of_a_path_changed_since_is_not_taken_for_the_nodes_own() {
+    let (_dir, t, _d) = tree_with_dir();
+    let mkdir = t.take_unpublished();
+    t.rmdir(ROOT, OsStr::new("d")).unwrap();
+    let rmdir = t.take_unpublished();
+    assert_eq!(rmdir[0].change.follows.as_ref(), Some(&mkdir[0].msg));
+    let theirs = dir_entry("d", 9, 0o700);
+    let decided = |row: &OutboxRow, first: u64| Incoming::Decided {
+        change: row.msg.clone(),
+        outcome: Outcome::Accepted,
+        current: theirs.clone(),
+        first_rev: Some(Revision(first)),
+    };
+    t.apply_incoming(&decided(&mkdir[0], 3)).unwrap();
+    let d = RelPath::new("d").unwrap();
+    assert_ne!(t.revision_of(&d), Revision(9), "the other node's revision taken for the mkdir's own");
+    t.apply_incoming(&decided(&rmdir[0], 4)).unwrap();
+    assert!(t.lookup(ROOT, OsStr::new("d")).is_ok(), "the other node's directory, the path's state now, is there");
+    assert!(!t.apply_incoming(&Incoming::Entry(theirs)).unwrap().changed, "and held at its revision");
+}
+
 /// An own change decided while the same path still has a sent, undecided change
 /// queued: the later change keeps following it (the manager resolves its base).
 #[test]
