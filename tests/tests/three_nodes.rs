@@ -54,6 +54,14 @@ fn every_operation_reaches_every_node() {
     let m = std::fs::metadata(n3.p("empty")).unwrap();
     assert_eq!((m.uid(), m.gid()), (1234, 4321));
     assert_eq!(std::fs::metadata(a.p("with space.md")).unwrap().modified().unwrap(), t);
+    // A time past what a node keeps (nanoseconds in an i64: 2262) is clamped to it, as a
+    // file system clamps a time to its range; it was wrapped to 1715.
+    let far = std::time::UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+    std::fs::File::options().write(true).open(a.p("empty")).unwrap().set_modified(far).unwrap();
+    let clamped = std::time::UNIX_EPOCH + Duration::from_nanos(i64::MAX as u64);
+    assert_eq!(std::fs::metadata(a.p("empty")).unwrap().modified().unwrap(), clamped);
+    c.converged();
+    assert_eq!(std::fs::metadata(n3.p("empty")).unwrap().modified().unwrap(), clamped);
 
     // Nested directories, rename of a non-empty directory, rename over a file.
     std::fs::create_dir_all(a.p("d1/d2/d3")).unwrap();

@@ -213,7 +213,7 @@ impl Inode {
         if let (true, Some(w)) = (self.detached, &self.work) {
             let m = w.metadata()?;
             self.size = m.len();
-            self.mtime = m.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_nanos() as i64).unwrap_or(self.mtime);
+            self.mtime = m.modified().ok().map(super::ns_since_epoch).unwrap_or(self.mtime);
         }
         Ok(())
     }

@@ -226,6 +226,16 @@ pub fn system_time(ns: i64) -> std::time::SystemTime {
     }
 }
 
+/// The inverse of [`system_time`]: nanoseconds since the epoch, saturated at what an
+/// `i64` holds (years 1677 to 2262), as the kernel clamps a time to what a file system
+/// keeps. (A plain cast of a later time wrapped it to some other date.)
+pub fn ns_since_epoch(t: std::time::SystemTime) -> i64 {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => i64::try_from(e.duration().as_nanos()).map_or(i64::MIN, |n| -n),
+    }
+}
+
 /// How the kernel is to do I/O on a handle `Tree::open` made.
 pub enum OpenIo {
     /// Through this process (`read`/`write` callbacks), with the page cache.

@@ -3197,3 +3197,18 @@ fn a_file_past_the_largest_is_refused_with_efbig_and_nothing_is_sent() {
     let refused = crate::store::hash_for_commit(&sparse).map(|h| h.size).unwrap_err();
     assert!(matches!(FsError::from(refused), FsError::TooBig));
 }
+
+/// Times past what nanoseconds in an `i64` hold (2262) are clamped, as the kernel clamps
+/// a time to a file system's range; a cast wrapped them to another date (`touch -d 2300`
+/// gave 1715).
+#[test]
+fn times_past_the_range_are_clamped_not_wrapped() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let year_2300 = UNIX_EPOCH + Duration::from_secs(10_413_792_000);
+    assert_eq!(super::ns_since_epoch(year_2300), i64::MAX);
+    let year_1600 = UNIX_EPOCH - Duration::from_secs(11_676_096_000);
+    assert_eq!(super::ns_since_epoch(year_1600), i64::MIN);
+    for ns in [0, 1, -1, 1_767_225_600_123_456_789, -86_400_000_000_123] {
+        assert_eq!(super::ns_since_epoch(super::system_time(ns)), ns);
+    }
+}
