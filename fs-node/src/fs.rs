@@ -60,32 +60,74 @@ type Listing = Vec<(u64, u64, Kind, std::ffi::OsString)>;
 /// and keeps offsets stable while entries are removed during the pass (`rm -rf`
 /// unlinks what it has read before it reads on: with offsets counted in the live
 /// directory, it would skip entries).
-#[derive(Default)]
+///
+/// All handles together hold at most [`MAX_HELD_LISTING_BYTES`]: a program opening a
+/// thousand handles on a directory of a million entries would otherwise make the node
+/// hold a thousand copies of it (about 90 GB). A handle whose listing does not fit is
+/// served from a listing taken anew at each call, from its offset (as before listings
+/// were kept: slower, and offsets counted in the live directory).
 struct Listings {
     next: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<Listing>>>,
+    open: Mutex<HeldListings>,
+    /// [`MAX_HELD_LISTING_BYTES`] (smaller in tests).
+    budget: usize,
+}
+
+impl Default for Listings {
+    fn default() -> Self {
+        Listings { next: AtomicU64::default(), open: Mutex::default(), budget: MAX_HELD_LISTING_BYTES }
+    }
+}
+
+#[derive(Default)]
+struct HeldListings {
+    by_handle: HashMap<u64, (Arc<Listing>, usize)>,
+    bytes: usize,
+}
+
+/// What all open directory handles' listings may hold together (about 2 million
+/// entries of short names).
+const MAX_HELD_LISTING_BYTES: usize = 256 << 20;
+
+/// About what one entry of a listing costs in memory.
+fn listing_bytes(l: &Listing) -> usize {
+    l.iter().map(|(_, _, _, name)| std::mem::size_of::<(u64, u64, Kind, std::ffi::OsString)>() + name.len()).sum()
 }
 
 impl Listings {
     fn open(&self) -> u64 {
         self.next.fetch_add(1, Ordering::Relaxed) + 1
     }
-    fn map(&self) -> MutexGuard<'_, HashMap<u64, Arc<Listing>>> {
+    fn held(&self) -> MutexGuard<'_, HeldListings> {
         self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
-    /// The listing of handle `fh` read from `offset`: a fresh one at offset 0.
-    fn read(&self, fh: u64, offset: u64, take: impl FnOnce() -> Result<Listing, FsError>) -> Result<Arc<Listing>, FsError> {
+    /// The listing of handle `fh` read from `offset`, and the offset it starts at: the
+    /// handle's own (from 0), a fresh one at offset 0, or, for a handle that holds none
+    /// at a later offset, what `take(offset)` lists from there.
+    fn read(&self, fh: u64, offset: u64, take: impl FnOnce(u64) -> Result<Listing, FsError>) -> Result<(Arc<Listing>, u64), FsError> {
         if offset != 0 {
-            if let Some(l) = self.map().get(&fh) {
-                return Ok(l.clone());
+            if let Some((l, _)) = self.held().by_handle.get(&fh) {
+                return Ok((l.clone(), 0));
             }
+            return Ok((Arc::new(take(offset)?), offset));
         }
-        let l = Arc::new(take()?);
-        self.map().insert(fh, l.clone());
-        Ok(l)
+        let l = Arc::new(take(0)?);
+        let bytes = listing_bytes(&l);
+        let mut held = self.held();
+        if let Some((_, old)) = held.by_handle.remove(&fh) {
+            held.bytes -= old;
+        }
+        if held.bytes + bytes <= self.budget {
+            held.bytes += bytes;
+            held.by_handle.insert(fh, (l.clone(), bytes));
+        }
+        Ok((l, 0))
     }
     fn release(&self, fh: u64) {
-        self.map().remove(&fh);
+        let mut held = self.held();
+        if let Some((_, bytes)) = held.by_handle.remove(&fh) {
+            held.bytes -= bytes;
+        }
     }
 }
 
@@ -523,9 +565,9 @@ impl Filesystem for SyncFs {
     }
 
     fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        match self.listings.read(fh.0, offset, || self.tree.readdir(ino.0, 0)) {
-            Ok(listing) => {
-                for (i, next, kind, name) in listing.iter().skip(offset as usize) {
+        match self.listings.read(fh.0, offset, |from| self.tree.readdir(ino.0, from)) {
+            Ok((listing, starts_at)) => {
+                for (i, next, kind, name) in listing.iter().skip((offset - starts_at) as usize) {
                     if reply.add(INodeNo(*i), *next, file_type(*kind), name) {
                         break;
                     }
@@ -629,5 +671,51 @@ impl Filesystem for SyncFs {
     }
     fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
         reply.error(Errno::ENOSYS)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn listing(names: usize) -> Listing {
+        (0..names as u64).map(|i| (i + 1, i + 1, Kind::File, format!("{i:08}").into())).collect()
+    }
+
+    /// Handles hold their listings up to the budget; one past it is served from a listing
+    /// taken anew at each call, from its offset; a released handle makes room again.
+    #[test]
+    fn open_directory_handles_hold_listings_up_to_a_budget() {
+        let one = listing_bytes(&listing(100));
+        let listings = Listings { budget: 2 * one, ..Listings::default() };
+        let takes = std::cell::RefCell::new(Vec::new());
+        let read = |fh: u64, offset: u64| {
+            let (l, from) = listings
+                .read(fh, offset, |from| {
+                    takes.borrow_mut().push((fh, from));
+                    Ok(listing(100).split_off(from as usize))
+                })
+                .unwrap();
+            l[(offset - from) as usize].3.clone()
+        };
+        let (a, b, c) = (listings.open(), listings.open(), listings.open());
+        for fh in [a, b, c] {
+            assert_eq!(read(fh, 0), "00000000");
+        }
+        assert_eq!(listings.held().bytes, 2 * one, "two listings fit, the third does not");
+        takes.borrow_mut().clear();
+        for fh in [a, b, c] {
+            assert_eq!(read(fh, 50), "00000050", "every handle reads on where it was");
+        }
+        assert_eq!(*takes.borrow(), [(c, 50)], "only the handle past the budget takes its listing again");
+        listings.release(a);
+        assert_eq!(listings.held().bytes, one);
+        assert_eq!(read(c, 0), "00000000", "a rewind takes it anew");
+        assert_eq!(listings.held().bytes, 2 * one, "and now it fits");
+        listings.release(b);
+        listings.release(c);
+        listings.release(c);
+        let held = listings.held();
+        assert_eq!((held.bytes, held.by_handle.len()), (0, 0));
     }
 }
