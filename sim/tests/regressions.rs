@@ -54,6 +54,7 @@ const KEPT: &[(u64, &str)] = &[
     (99334, "a node's queue dropped a delete; a snapshot sync that had been under way since before the node heard of the path's older state counted that state as named, though the reply (as of a later head) did not name it, and kept the retry of its content: pulled after the reply, it made the deleted file again, which the node then sent as new"),
     (91358, "the manager's database was brought back from a copy and decided a node's put again at a new revision, the decision lost with the node's queue; the node's chmod on the lost revision, the same bytes on a stale base, kept the manager's mode: the chmod was lost though nobody else had changed the mode"),
     (206769, "a node sent its mkdir and its delete of a directory again, both decisions lost with its queue; another node had made the same directory there since, and the repeat's answer (the path's state now) looked just like the node's own put, so the node took that revision as its own and never made the directory"),
+    (241679, "after the manager's database was brought back from a copy, a broadcast the lost database had made (another node's file where a directory is) came to a node after a file below that directory made since; applied, it took the newer file away and left its revision taken, so no later state of it made it again"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a

@@ -96,6 +96,32 @@ impl State {
         })
     }
 
+    /// A path below `path` (inode `ino` here) live here at a revision taken after `rev`:
+    /// a state of `path` at `rev` that is no directory (a file, a symlink, a delete) is
+    /// then stale. The manager's state is a tree, so `path` was a directory at that later
+    /// revision. Applied, the stale state would take the newer paths below it away and
+    /// leave their revisions taken, so that no later state of them at those revisions
+    /// would make them again (simulator seed 241679: after the manager's database was
+    /// brought back from a copy, a broadcast the lost database had made, another node's
+    /// file at the path, came after a file below the directory made since).
+    /// Walks the local subtree: only a directory with entries, met by a state that is no
+    /// directory, which the manager's order of deletes (deepest first) makes rare.
+    fn newer_live_below(&self, ino: u64, path: &RelPath, rev: Revision) -> Option<RelPath> {
+        let mut stack = vec![(ino, path.clone())];
+        while let Some((dir, at)) = stack.pop() {
+            for (name, e) in &self.inodes.get(&dir)?.children {
+                let Some(child) = name.to_str().and_then(|n| at.join(n).ok()) else { continue };
+                if self.revs.get(&child).is_some_and(|taken| *taken > rev) {
+                    return Some(child);
+                }
+                if e.kind == Kind::Dir {
+                    stack.push((e.ino, child));
+                }
+            }
+        }
+        None
+    }
+
     fn has_unsaved_within(&self, ino: u64) -> bool {
         self.inodes.get(&ino).is_some_and(|i| i.work.is_some() || i.children.values().any(|e| self.has_unsaved_within(e.ino)))
     }
@@ -140,6 +166,13 @@ impl State {
             }
         }
         let local = self.resolve(path);
+        // (Nor is one that comes with a later live state below it, taken here.)
+        if let Some((_, _, ino)) = local.as_ref().filter(|_| !decided && !matches!(entry.version, Some(Version { content: Content::Dir, .. }))) {
+            if let Some(below) = self.newer_live_below(*ino, path, entry.rev) {
+                tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, %below, "a state that is no directory, older than a live path below it taken here: not applied");
+                return Ok(out);
+            }
+        }
         let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
         let local_dirty = self.is_dirty(path);
         if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {

@@ -3212,3 +3212,31 @@ fn times_past_the_range_are_clamped_not_wrapped() {
         assert_eq!(super::ns_since_epoch(super::system_time(ns)), ns);
     }
 }
+
+/// Found by the simulator (seed 241679, with the manager's database brought back from a
+/// copy): a state of `d` that is no directory, older than a path below it that the node
+/// took, came after it (a broadcast the lost database had made). The manager's state is
+/// a tree, so `d` was a directory at the later revision: the older state is stale. Applied,
+/// it took `d/e` away and left its revision taken, so no later state of it made it again.
+#[test]
+fn a_state_that_is_no_directory_older_than_a_live_path_below_is_not_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let at = |path: &str, rev: u64, content: Option<Content>| Entry {
+        path: RelPath::new(path).unwrap(),
+        rev: Revision(rev),
+        version: content.map(|content| Version { content, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 }),
+        holders: vec![],
+        from_lost: None,
+    };
+    let link = || Some(Content::Symlink { target: "x".into() });
+    let apply = |e: Entry| t.apply_incoming(&Incoming::Entry(e)).unwrap().changed;
+    assert!(apply(dir_entry("d", 1, 0o755)));
+    assert!(apply(at("d/e", 10, link())));
+    assert!(!apply(at("d", 5, link())), "a symlink older than d/e");
+    assert!(!apply(at("d", 6, None)), "a delete older than d/e");
+    let d = t.lookup(ROOT, OsStr::new("d")).unwrap().ino;
+    assert!(t.lookup(d, OsStr::new("e")).is_ok(), "d/e is still there");
+    assert!(apply(at("d", 11, link())), "a later state of d is applied");
+    assert!(t.lookup(ROOT, OsStr::new("d")).unwrap().kind == Kind::Symlink);
+}
