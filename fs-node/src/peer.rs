@@ -55,7 +55,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The peer server's limits for the shared accept loop. On shutdown the server stops
 /// accepting and open connections are left to end by themselves: the node unmounts
 /// first and its runtime stops soon after, so there is nothing to drain for.
-const LIMITS: http_serve::Limits = http_serve::Limits {
+pub(crate) const LIMITS: http_serve::Limits = http_serve::Limits {
     max_connections: MAX_PEER_CONNECTIONS,
     header_read_timeout: HEADER_READ_TIMEOUT,
     tls_handshake_timeout: TLS_HANDSHAKE_TIMEOUT,

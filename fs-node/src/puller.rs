@@ -17,6 +17,12 @@ use wire::{ContentHash, Holder, NodeId};
 /// Transfers in flight at once from one node: enough to hide latency on many small files
 /// without opening hundreds of sockets.
 pub const MAX_CONCURRENT_PULLS: usize = 16;
+/// Whole pulls from one holder at once, at most: a holder sending just fast enough to
+/// pass the stall rule (64 KiB per 15 s) holds only this share of the
+/// [`MAX_CONCURRENT_PULLS`] slots, however many contents it is asked for, and pulls from
+/// other holders go on. (A holder that is slow for real loses nothing: its link is the
+/// limit.)
+pub const PULLS_PER_HOLDER: usize = 4;
 /// A holder that does not answer within this is skipped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Attempts over all holders before a pull is reported failed (a later sync retries).
@@ -111,6 +117,8 @@ pub struct Puller {
     /// This node serves TLS: its token goes only to `https://` holders.
     tls_only: bool,
     limit: Arc<tokio::sync::Semaphore>,
+    /// Each holder's share of the slots for whole pulls ([`PULLS_PER_HOLDER`]).
+    holder_slots: Arc<std::sync::Mutex<HashMap<NodeId, Arc<tokio::sync::Semaphore>>>>,
     /// Pulls under way, with their bytes so far (`in_progress`).
     progress: Arc<std::sync::Mutex<HashMap<ContentHash, Progress>>>,
     /// Every holder named to this node, by node: where a content opened on demand is
@@ -284,6 +292,7 @@ impl Puller {
             stall,
             tls_only,
             limit: Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_PULLS)),
+            holder_slots: Arc::default(),
             progress: Arc::default(),
             known: Arc::default(),
             flights: Arc::default(),
@@ -384,7 +393,7 @@ impl Puller {
             return Ok(0);
         }
         self.learn_holders(holders);
-        let _permit = self.limit.acquire().await.context("pull limiter closed")?;
+        let mut slot = Some(self.slot().await?);
         let others: Vec<&Holder> = holders.iter().filter(|h| h.node != self.me).collect();
         if others.is_empty() {
             return Err(anyhow::Error::new(Unreachable(hash.clone())).context("no other node holds it"));
@@ -418,7 +427,7 @@ impl Puller {
                 match self.pull_chunked(hash, size, &others, basis, worth).await {
                     Ok(n) => return Ok(n),
                     Err(e) if e.downcast_ref::<NotWorthIt>().is_some_and(|w| w.0 == NOT_LISTED_YET) => {
-                        return self.pull_whole_unless_listed(hash, size, others, basis).await;
+                        return self.pull_whole_unless_listed(hash, size, others, basis, &mut slot).await;
                     }
                     Err(e) if e.is::<NotWorthIt>() => tracing::debug!("{e:#}; pulling {hash} whole"),
                     Err(e) => tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole"),
@@ -428,7 +437,29 @@ impl Puller {
                 }
             }
         }
-        self.pull_whole(hash, size, others).await
+        self.pull_whole(hash, size, others, &mut slot).await
+    }
+
+    /// A slot of the pull limit ([`MAX_CONCURRENT_PULLS`]).
+    async fn slot(&self) -> anyhow::Result<tokio::sync::OwnedSemaphorePermit> {
+        self.limit.clone().acquire_owned().await.context("pull limiter closed")
+    }
+
+    /// `holder`'s turn for a whole pull ([`PULLS_PER_HOLDER`]). While its share is in use
+    /// the pull waits without its `slot` of the pull limit (given back, then taken again),
+    /// so that pulls from other holders go on meanwhile.
+    async fn holder_turn(&self, holder: &NodeId, slot: &mut Option<tokio::sync::OwnedSemaphorePermit>) -> anyhow::Result<tokio::sync::OwnedSemaphorePermit> {
+        let share = {
+            let mut slots = self.holder_slots.lock().unwrap_or_else(|p| p.into_inner());
+            slots.entry(holder.clone()).or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(PULLS_PER_HOLDER))).clone()
+        };
+        if let Ok(turn) = share.clone().try_acquire_owned() {
+            return Ok(turn);
+        }
+        slot.take();
+        let turn = share.acquire_owned().await.context("holder limiter closed")?;
+        *slot = Some(self.slot().await?);
+        Ok(turn)
     }
 
     /// A content new to this path whose holder had no chunk list of it at hand (it
@@ -437,9 +468,16 @@ impl Puller {
     /// first and this node has enough of its chunks, the whole download is dropped and
     /// the rest comes by chunks (a file saved as a new one, or a copy edited, over a
     /// slow link moves what is new, not all of it); otherwise the whole pull goes on.
-    async fn pull_whole_unless_listed(&self, hash: &ContentHash, size: u64, others: Vec<&Holder>, basis: Option<&ContentHash>) -> anyhow::Result<u64> {
+    async fn pull_whole_unless_listed(
+        &self,
+        hash: &ContentHash,
+        size: u64,
+        others: Vec<&Holder>,
+        basis: Option<&ContentHash>,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> anyhow::Result<u64> {
         // Boxed, so that dropping it ends the download (its connection and file) at once.
-        let mut whole = Box::pin(self.pull_whole(hash, size, others.clone()));
+        let mut whole = Box::pin(self.pull_whole(hash, size, others.clone(), slot));
         let listed = async {
             let list = self.chunk_list_from(hash, size, &others, &format!("chunks/{hash}")).await?;
             self.enough_here(&list).await.ok()?.then_some(list)
@@ -466,14 +504,21 @@ impl Puller {
                     return Ok(came);
                 }
                 tracing::info!("pulling {hash} by chunks failed ({e:#}); pulling it whole");
-                self.pull_whole(hash, size, others).await
+                self.pull_whole(hash, size, others, slot).await
             }
         }
     }
 
     /// Pulls `hash` (`size` bytes) whole from one of `others` at a time, a few rounds; a
     /// holder that misbehaves is dropped. Returns the bytes transferred.
-    async fn pull_whole(&self, hash: &ContentHash, size: u64, mut others: Vec<&Holder>) -> anyhow::Result<u64> {
+    /// `slot`: the pull's slot of the pull limit (see [`Puller::holder_turn`]).
+    async fn pull_whole(
+        &self,
+        hash: &ContentHash,
+        size: u64,
+        mut others: Vec<&Holder>,
+        slot: &mut Option<tokio::sync::OwnedSemaphorePermit>,
+    ) -> anyhow::Result<u64> {
         let mut last = None;
         // Whether any holder was reached at all (else the pull fails as `Unreachable`).
         let mut reached = false;
@@ -483,7 +528,12 @@ impl Puller {
                 if self.store.has(hash) {
                     return Ok(0);
                 }
+                let turn = self.holder_turn(&others[i].node, slot).await?;
+                if self.store.has(hash) {
+                    return Ok(0);
+                }
                 let attempt = self.pull_from(hash, size, others[i]).await;
+                drop(turn);
                 if let Err(Attempt::Retry(e) | Attempt::Misbehaved(e)) = &attempt {
                     reached |= !is_unreachable(e);
                 }
@@ -1038,6 +1088,73 @@ mod tests {
         }
         assert_eq!(runs, vec![vec![0, 1, 2], vec![3], vec![4], vec![5], vec![7], vec![6]]);
         assert!(take_run(&mut queue, &chunks).is_empty());
+    }
+
+    /// A holder serving `contents` on 127.0.0.1; `trickle`: it sends 64 KiB every
+    /// `every` (just fast enough for a stall window longer than that) instead of at once.
+    async fn holder(name: &str, contents: HashMap<ContentHash, Vec<u8>>, trickle: Option<Duration>) -> Holder {
+        use axum::extract::{Path, State};
+        async fn content(
+            State((contents, trickle)): State<(Arc<HashMap<ContentHash, Vec<u8>>>, Option<Duration>)>,
+            Path(hash): Path<String>,
+        ) -> axum::response::Response {
+            let Some(bytes) = hash.parse().ok().and_then(|h: ContentHash| contents.get(&h).cloned()) else {
+                return axum::http::StatusCode::NOT_FOUND.into_response();
+            };
+            let Some(every) = trickle else { return bytes.into_response() };
+            let len = bytes.len();
+            let pieces = futures_util::stream::unfold((bytes, 0usize), move |(bytes, at)| async move {
+                if at > 0 {
+                    tokio::time::sleep(every).await;
+                }
+                let end = (at + MIN_PROGRESS_BYTES as usize).min(bytes.len());
+                (at < end).then(|| (Ok::<_, std::io::Error>(axum::body::Bytes::copy_from_slice(&bytes[at..end])), (bytes, end)))
+            });
+            ([(axum::http::header::CONTENT_LENGTH, len.to_string())], axum::body::Body::from_stream(pieces)).into_response()
+        }
+        use axum::response::IntoResponse;
+        let app = axum::Router::new().route("/content/{hash}", axum::routing::get(content)).with_state((Arc::new(contents), trickle));
+        let listener = http_serve::bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let cancel = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(async move { http_serve::serve(listener, None, app, crate::peer::LIMITS, cancel).await });
+        Holder { node: name.parse().unwrap(), url }
+    }
+
+    /// A holder sending just fast enough holds at most its share of the pull slots: with
+    /// every slot's worth of its contents being pulled, a content of another holder still
+    /// comes at once (it waited for the trickles to end, the whole pull limit theirs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_trickling_holder_holds_only_its_share_of_the_pull_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ContentStore::open(dir.path()).unwrap();
+        let stall = Duration::from_secs(2);
+        let puller = Puller::new(reqwest::Client::new(), store.clone(), "me".parse().unwrap(), None, stall, false);
+        let hashed = |b: Vec<u8>| (crate::store::hash_of(&b), b);
+        let slow: Vec<(ContentHash, Vec<u8>)> = (0..MAX_CONCURRENT_PULLS as u8).map(|i| hashed(vec![i; 1 << 20])).collect();
+        let trickler = holder("trickler", slow.iter().cloned().collect(), Some(stall * 3 / 4)).await;
+        let (good_hash, good) = hashed(b"from an honest holder".to_vec());
+        let honest = holder("honest", [(good_hash.clone(), good.clone())].into(), None).await;
+        let trickles: Vec<_> = slow
+            .iter()
+            .map(|(h, b)| {
+                let (p, h, n, t) = (puller.clone(), h.clone(), b.len() as u64, trickler.clone());
+                tokio::spawn(async move { p.pull(&h, n, &[t]).await })
+            })
+            .collect();
+        let coming = || puller.in_progress().iter().filter(|p| p.done > 0).count();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while coming() < PULLS_PER_HOLDER && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(coming(), PULLS_PER_HOLDER, "the trickler's share of pulls is coming, no more");
+        let pulled = tokio::time::timeout(Duration::from_secs(60), puller.pull(&good_hash, good.len() as u64, &[honest])).await;
+        assert_eq!(pulled.expect("the honest holder's content came").unwrap(), good.len() as u64);
+        assert!(store.has(&good_hash));
+        assert!(trickles.iter().all(|t| !t.is_finished()), "it came while every trickle was still under way");
+        for t in trickles {
+            t.abort();
+        }
     }
 
     /// A holder's answer to `POST /small` is taken as far as it checks: absent entries
