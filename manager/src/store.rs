@@ -2179,12 +2179,16 @@ mod tests {
         ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v }, base_meta: None })
     }
     fn decided(store: &Store) -> Vec<Outcome> {
+        decisions(store).into_iter().map(|(outcome, _)| outcome).collect()
+    }
+    /// Every decision queued, with its `first_rev`.
+    fn decisions(store: &Store) -> Vec<(Outcome, Option<Revision>)> {
         store
             .outbox(1000)
             .unwrap()
             .into_iter()
             .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
-                ToNode::Decided { outcome, .. } => Some(outcome),
+                ToNode::Decided { outcome, first_rev, .. } => Some((outcome, first_rev)),
                 _ => None,
             })
             .collect()
@@ -3101,16 +3105,7 @@ mod tests {
     #[test]
     fn a_repeat_after_the_path_changed_says_the_revision_the_change_first_got() {
         let (_dir, mut s) = fresh_store();
-        let first_revs = |s: &Store| -> Vec<Option<Revision>> {
-            s.outbox(1000)
-                .unwrap()
-                .into_iter()
-                .filter_map(|o| match Envelope::<ToNode>::decode(&o.payload).unwrap().body {
-                    ToNode::Decided { first_rev, .. } => Some(first_rev),
-                    _ => None,
-                })
-                .collect()
-        };
+        let first_revs = |s: &Store| decisions(s).into_iter().map(|(_, first)| first).collect::<Vec<_>>();
         send(&mut s, "n3", "m1", put("a", 0, dir_version()));
         let made = s.entry(&p("a")).unwrap().unwrap().rev;
         send(&mut s, "n3", "m1", put("a", 0, dir_version()));
