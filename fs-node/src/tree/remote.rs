@@ -166,13 +166,6 @@ impl State {
             }
         }
         let local = self.resolve(path);
-        // (Nor is one that comes with a later live state below it, taken here.)
-        if let Some((_, _, ino)) = local.as_ref().filter(|_| !decided && !matches!(entry.version, Some(Version { content: Content::Dir, .. }))) {
-            if let Some(below) = self.newer_live_below(*ino, path, entry.rev) {
-                tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, %below, "a state that is no directory, older than a live path below it taken here: not applied");
-                return Ok(out);
-            }
-        }
         let local_version = local.as_ref().and_then(|(_, _, ino)| self.inodes.get(ino)).and_then(|i| if i.work.is_some() { None } else { i.version() });
         let local_dirty = self.is_dirty(path);
         if !local_dirty && local_version == entry.version && (local.is_some() || entry.version.is_none()) {
@@ -188,6 +181,13 @@ impl State {
         }
         if !decided && self.send_later_lost_state(entry, local_rev, local_version.as_ref(), store)? {
             return Ok(out);
+        }
+        // (Nor is a state that is no directory, older than a live path below it taken here.)
+        if let Some((_, _, ino)) = local.as_ref().filter(|_| !decided && !matches!(entry.version, Some(Version { content: Content::Dir, .. }))) {
+            if let Some(below) = self.newer_live_below(*ino, path, entry.rev) {
+                tracing::debug!(target: "changes", path = %path, rev = entry.rev.0, %below, "a state that is no directory, older than a live path below it taken here: not applied");
+                return Ok(out);
+            }
         }
         if replaces_deferred {
             self.deferred.remove(path);
