@@ -107,6 +107,10 @@ impl State {
     /// Walks the local subtree: only a directory with entries, met by a state that is no
     /// directory, which the manager's order of deletes (deepest first) makes rare.
     fn newer_live_below(&self, ino: u64, path: &RelPath, rev: Revision) -> Option<RelPath> {
+        // (A file over a file, the common case, costs this lookup only.)
+        if self.inodes.get(&ino)?.children.is_empty() {
+            return None;
+        }
         let mut stack = vec![(ino, path.clone())];
         while let Some((dir, at)) = stack.pop() {
             for (name, e) in &self.inodes.get(&dir)?.children {
