@@ -39,6 +39,10 @@ pub struct TakenIn {
 pub enum Decision {
     /// Make the change the path's current state.
     Accept,
+    /// Make this version, the change's merged with the current state, the path's
+    /// current state: a chmod or chown on a stale base over a concurrent touch keeps
+    /// both ([`same_bytes_on_a_stale_base`]).
+    Merge(Version),
     /// The path already is what the change asks for.
     Unchanged,
     /// Keep the change's version as a conflict file beside the path.
@@ -117,16 +121,31 @@ pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option
     RelPath::new(format!("{dir_copy}/{rest}")).ok()
 }
 
+/// The path's state at the base of a change made on a stale base, as far as the manager
+/// knows it: its mode and owners, and its mtime when the manager's history holds that
+/// state (a node's `base_meta` says no mtime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AtBase {
+    pub meta: ModeAndOwners,
+    pub mtime_ns: Option<i64>,
+}
+
+impl From<&Version> for AtBase {
+    fn from(v: &Version) -> Self {
+        AtBase { meta: ModeAndOwners::from(v), mtime_ns: Some(v.mtime_ns) }
+    }
+}
+
 /// `base` is the revision the change was effectively based on ([`basis`]), and
-/// `at_base` the path's mode and owners at that revision when known (looked up only
-/// for a change on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
+/// `at_base` the path's state at that revision when known (looked up only for a change
+/// on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
 /// how many conflict files the path already has; `file_above` is the highest ancestor of
 /// the path that is a live file on the manager, if one is.
 pub fn decide(
     path: &RelPath,
     current: Option<&Current>,
     base: Revision,
-    at_base: Option<ModeAndOwners>,
+    at_base: Option<AtBase>,
     op: &ChangeOp,
     copies: usize,
     file_above: Option<&RelPath>,
@@ -135,13 +154,13 @@ pub fn decide(
         // A directory above the path became a file elsewhere while this node wrote
         // below it: what it wrote goes below a conflict directory beside that file, not
         // away.
-        (Decision::Accept, Some(file)) if matches!(op, ChangeOp::Put { .. }) => Decision::ConflictBelow { file: file.clone() },
+        (Decision::Accept | Decision::Merge(_), Some(file)) if matches!(op, ChangeOp::Put { .. }) => Decision::ConflictBelow { file: file.clone() },
         (d, _) => d,
     }
 }
 
 /// The decision from the path's own state.
-fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<ModeAndOwners>, op: &ChangeOp, copies: usize) -> Decision {
+fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<AtBase>, op: &ChangeOp, copies: usize) -> Decision {
     let live = current.and_then(|c| c.version.as_ref().map(|v| (c, v)));
     match (op, live) {
         // Nothing there (never was, or deleted): a put always wins. If the path was
@@ -202,17 +221,27 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_
 }
 
 /// A put of the bytes the path has now (or a directory over a directory), made on an
-/// older state: only its metadata can differ. A three-way merge of the mode and owners:
-/// when the node changed them from the state it started from (`at_base`) and nobody
-/// else did since (the current state still has those of `at_base`), the node's are
-/// taken (its whole version: a concurrent `touch` elsewhere loses its mtime, not a
-/// chmod its mode); otherwise the current metadata stays (two nodes' concurrent
-/// chmods: the first decided wins), and nothing anyone wrote is lost either way. Without
-/// the state at the base (its history forgotten, or a revision the manager lost, and
-/// the node did not say) the current metadata stays.
-fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<ModeAndOwners>) -> Decision {
+/// older state: only its metadata can differ. A three-way merge against the state at
+/// the base: when the node changed the mode or owners from it (`at_base`) and nobody
+/// else did since (the current state still has those of `at_base`), the node's mode
+/// and owners are taken; otherwise the current metadata stays (two nodes' concurrent
+/// chmods: the first decided wins), and nothing anyone wrote is lost either way. The
+/// mtime of a taken chmod is merged the same way: the node's when the state now has
+/// the mtime of the base (nobody touched the path since), else the state's now (a
+/// concurrent `touch` elsewhere keeps its mtime; of two, the first decided, as for the
+/// mode; the base's mtime unknown, the state's now). Without the state at the base
+/// (its history forgotten, or a revision the manager lost, and the node did not say)
+/// the current metadata stays.
+fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<AtBase>) -> Decision {
     match at_base {
-        Some(b) if ModeAndOwners::from(current) == b && ModeAndOwners::from(version) != b => Decision::Accept,
+        Some(b) if ModeAndOwners::from(current) == b.meta && ModeAndOwners::from(version) != b.meta => {
+            let mtime_ns = if b.mtime_ns == Some(current.mtime_ns) { version.mtime_ns } else { current.mtime_ns };
+            if mtime_ns == version.mtime_ns {
+                Decision::Accept
+            } else {
+                Decision::Merge(Version { mtime_ns, ..version.clone() })
+            }
+        }
         _ => Decision::Unchanged,
     }
 }
@@ -397,19 +426,29 @@ mod tests {
     #[test]
     fn a_chmod_on_a_stale_base_is_taken_unless_the_mode_changed_elsewhere_too() {
         let with = |mode: u32, mtime_ns: i64| Version { mode, mtime_ns, ..file(1) };
-        let decide_same_bytes = |current: Version, at_base: Option<Version>, mine: Version| {
-            decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base.as_ref().map(ModeAndOwners::from), &put(mine), 0, None)
-        };
-        // Touched elsewhere (mtime only), chmodded here: the chmod is taken.
-        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), with(0o755, 1)), Decision::Accept);
+        let decide_on =
+            |current: Version, at_base: Option<AtBase>, mine: Version| decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base, &put(mine), 0, None);
+        let decide_same_bytes = |current: Version, at_base: Option<Version>, mine: Version| decide_on(current, at_base.as_ref().map(AtBase::from), mine);
+        // Touched elsewhere (mtime only), chmodded here: the chmod is taken, with the
+        // touch's mtime.
+        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), with(0o755, 1)), Decision::Merge(with(0o755, 9)));
+        // Chmodded and touched here, touched elsewhere: the mode from here, the mtime
+        // decided first.
+        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), with(0o755, 5)), Decision::Merge(with(0o755, 9)));
+        // Chmodded and touched here, nobody touched it elsewhere: the node's whole version.
+        assert_eq!(decide_same_bytes(with(0o644, 1), Some(with(0o644, 1)), with(0o755, 5)), Decision::Accept);
         // Chmodded there too: the first decided stays.
         assert_eq!(decide_same_bytes(with(0o600, 1), Some(with(0o644, 1)), with(0o755, 1)), Decision::Unchanged);
         // Touched here, chmodded there: the chmod there stays.
         assert_eq!(decide_same_bytes(with(0o600, 1), Some(with(0o644, 1)), with(0o644, 9)), Decision::Unchanged);
         // Chowned here: taken like a chmod.
-        assert_eq!(decide_same_bytes(with(0o644, 9), Some(with(0o644, 1)), Version { uid: 1000, ..with(0o644, 1) }), Decision::Accept);
+        assert_eq!(decide_same_bytes(with(0o644, 1), Some(with(0o644, 1)), Version { uid: 1000, ..with(0o644, 1) }), Decision::Accept);
         // The state at the base unknown (history forgotten, a lost revision): as before.
         assert_eq!(decide_same_bytes(with(0o644, 9), None, with(0o755, 1)), Decision::Unchanged);
+        // Its mode and owners as the node says them (`base_meta`), no mtime: the chmod
+        // is taken with the mtime the path has now.
+        let said = Some(AtBase { meta: ModeAndOwners { mode: 0o644, uid: 0, gid: 0 }, mtime_ns: None });
+        assert_eq!(decide_on(with(0o644, 9), said, with(0o755, 1)), Decision::Merge(with(0o755, 9)));
     }
 
     #[test]

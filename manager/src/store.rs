@@ -15,10 +15,7 @@ use crate::rule::{self, Current, Decision, UtcTime};
 use anyhow::Context;
 use rusqlite::{params, OptionalExtension};
 use std::path::Path;
-use wire::{
-    topology, Change, ChangeOp, Content, Entry, Envelope, Held, Holder, MessageId, ModeAndOwners, NodeId, Outcome, RelPath, Revision, ToManager, ToNode,
-    Version,
-};
+use wire::{topology, Change, ChangeOp, Content, Entry, Envelope, Held, Holder, MessageId, NodeId, Outcome, RelPath, Revision, ToManager, ToNode, Version};
 
 /// A node that has sent nothing for this long is shown offline.
 pub const OFFLINE_AFTER_MS: i64 = 5_000;
@@ -1807,12 +1804,17 @@ impl Tx<'_> {
         // restored over), as the node says them when the base is the one it sent.
         let at_base = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
-                Some(v) => Some(ModeAndOwners::from(&v)),
-                None => change.base_meta.filter(|_| base == change.base),
+                Some(v) => Some(rule::AtBase::from(&v)),
+                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None }),
             },
             _ => None,
         };
         let decision = rule::decide(&change.path, current.as_ref(), base, at_base, &change.op, copies as usize, file_above.as_ref());
+        // A merge is accepted as the version the rule merged.
+        let (decision, merged) = match decision {
+            Decision::Merge(version) => (Decision::Accept, Some(version)),
+            d => (d, None),
+        };
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         // The path's state once accepted (read back by `set` already).
         let mut accepted = None;
@@ -1823,7 +1825,7 @@ impl Tx<'_> {
                 if from_lost {
                     self.mark_taken_in(&change.path, base)?;
                 }
-                accepted = Some(self.set(&change.path, Some(version), from, now_ms)?);
+                accepted = Some(self.set(&change.path, Some(merged.as_ref().unwrap_or(version)), from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Accept, ChangeOp::Delete) => {
@@ -1846,6 +1848,7 @@ impl Tx<'_> {
                 None => self.keep_refused(&change.path, version, from, "no free conflict file name fits beside this path", now_ms)?,
             },
             (Decision::ConflictBelow { file }, ChangeOp::Put { version }) => self.keep_below_conflict_dir(&change.path, &file, version, from, base, now_ms)?,
+            (Decision::Merge(_), _) => unreachable!("taken as an accept above"),
             (Decision::Conflict | Decision::ConflictBelow { .. } | Decision::KeepAsVersion(_), ChangeOp::Delete) => {
                 unreachable!("the rule only makes conflicts of puts")
             }
@@ -2504,7 +2507,7 @@ mod tests {
     }
 
     /// A chmod made on a state since touched elsewhere (same bytes, a new mtime) is
-    /// taken: the history holds the state it was made on, whose mode nobody else
+    /// taken, and the touch's mtime with it: the history holds the state it was made on, whose mode nobody else
     /// changed. A second chmod on that old state is not (the mode changed meanwhile).
     #[test]
     fn a_chmod_on_a_state_touched_elsewhere_is_taken() {
@@ -2517,12 +2520,12 @@ mod tests {
         send(&mut s, "n3", "m4", put("a", made, Version { mode: 0o600, ..file(1) }));
         assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Accepted, Outcome::Accepted, Outcome::Unchanged]);
         let a = s.entry(&p("a")).unwrap().unwrap().version.unwrap();
-        assert_eq!((a.mode, a.mtime_ns), (0o755, 0), "n1's chmod, with its version");
+        assert_eq!((a.mode, a.mtime_ns), (0o755, 9), "n1's chmod, with n2's touch");
         // A base the history lacks for the path (here, another path's revision: for a, as
         // one a lost database gave) is merged with the mode and owners the node says.
         let lost = made - 1;
         let chmod_on_lost = |mode: u32, said: Option<u32>| {
-            let claim = said.map(|mode| ModeAndOwners { mode, uid: 0, gid: 0 });
+            let claim = said.map(|mode| wire::ModeAndOwners { mode, uid: 0, gid: 0 });
             ToManager::Change(Change {
                 path: p("a"),
                 base: Revision(lost),

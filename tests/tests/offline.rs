@@ -2,6 +2,7 @@
 //! (its TCP proxy drops every connection), keeps working, comes back, and every branch of
 //! the rule ends with identical trees and the expected conflict files.
 
+use std::os::unix::fs::PermissionsExt;
 use system_tests::*;
 
 fn text(n: &NodeProc, rel: &str) -> String {
@@ -17,7 +18,7 @@ fn wait_offline(c: &Cluster, n: &NodeProc) {
 fn every_branch_of_the_rule_after_an_offline_period() {
     let c = Cluster::start("offline", 3);
     let (a, b, off) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
-    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt"] {
+    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt", "meta.txt"] {
         write(&a.p(f), b"v1");
     }
     std::fs::create_dir(a.p("gone")).unwrap();
@@ -33,6 +34,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     std::fs::remove_file(off.p("del_here.txt")).unwrap();
     write(&off.p("del_there.txt"), b"edited offline");
     write(&off.p("gone/new_offline.txt"), b"added offline");
+    std::fs::set_permissions(off.p("meta.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     let st = off.status();
     assert_eq!(st["connected"], false);
     assert!(st["pending_changes"].as_u64().unwrap() >= 6, "{st}");
@@ -49,6 +51,8 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     write(&a.p("del_here.txt"), b"edited online");
     std::fs::remove_file(a.p("del_there.txt")).unwrap();
     std::fs::remove_dir_all(b.p("gone")).unwrap();
+    let touched = std::time::UNIX_EPOCH + std::time::Duration::from_secs(978_307_200); // 2001-01-01
+    std::fs::File::open(a.p("meta.txt")).unwrap().set_modified(touched).unwrap();
     eventually("a and b to agree", DEADLINE, || snapshot(&a.mount) == snapshot(&b.mount) && !a.p("gone").exists());
 
     off.proxy.restore();
@@ -67,6 +71,13 @@ fn every_branch_of_the_rule_after_an_offline_period() {
         assert_eq!(text(n, "del_there.txt"), "edited offline", "edited offline, deleted elsewhere: kept ({})", n.id);
         assert_eq!(text(n, "gone/new_offline.txt"), "added offline", "file added offline in a directory deleted elsewhere: kept ({})", n.id);
         assert!(!n.p("gone/old.txt").exists());
+        let meta = std::fs::metadata(n.p("meta.txt")).unwrap();
+        assert_eq!(
+            (meta.permissions().mode() & 0o7777, meta.modified().unwrap()),
+            (0o600, touched),
+            "chmodded offline, touched elsewhere: both kept ({})",
+            n.id
+        );
         let conflicts = conflict_files(&n.mount);
         assert_eq!(conflicts.len(), 1, "exactly one conflict file on {}: {conflicts:?}", n.id);
         assert!(conflicts[0].starts_with("both (conflict from n3 ") && conflicts[0].ends_with(").txt"), "{conflicts:?}");

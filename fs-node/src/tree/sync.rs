@@ -826,6 +826,11 @@ impl State {
             let left_by_it = first_rev.is_none()
                 && match (&row.change.op, outcome) {
                     (ChangeOp::Put { version }, Outcome::Unchanged) => current.version.as_ref().is_some_and(|v| v.content == version.content),
+                    // (An accepted chmod may come back with the mtime of a touch made
+                    // elsewhere meanwhile: the manager's merge.)
+                    (ChangeOp::Put { version }, Outcome::Accepted) => {
+                        current.version.as_ref().is_some_and(|v| v.content == version.content && ModeAndOwners::from(v) == ModeAndOwners::from(version))
+                    }
                     (ChangeOp::Put { version }, _) => current.version.as_ref() == Some(version),
                     (ChangeOp::Delete, _) => current.version.is_none(),
                 };

@@ -180,6 +180,47 @@ fn a_chmod_says_the_mode_it_was_made_on() {
     assert_eq!(mode_made_on(&t.take_unpublished()), [Some(0o755)], "what the sent, undecided chmod put there");
 }
 
+/// The manager takes a chmod made on a state touched elsewhere with the touch's mtime
+/// (its three-way merge): the accepted state it names is then not exactly the version
+/// the node sent, yet it is the state the chmod left, and a change queued meanwhile and
+/// replaced since is based on its revision (based on the one before, it passes for an
+/// edit of a stale version: a conflict of the node with itself, or a lost chmod).
+#[test]
+fn a_chmod_accepted_with_a_touch_made_elsewhere_gives_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let f = write_f(&t, b"bytes");
+    let put_of = |rows: &[OutboxRow], rev: u64, mtime_ns: Option<i64>| match &rows[0].change.op {
+        ChangeOp::Put { version } => Entry {
+            path: rows[0].change.path.clone(),
+            rev: Revision(rev),
+            version: Some(Version { mtime_ns: mtime_ns.unwrap_or(version.mtime_ns), ..version.clone() }),
+            holders: vec![],
+            from_lost: None,
+        },
+        op => panic!("not a put: {op:?}"),
+    };
+    let made = t.take_unpublished();
+    t.apply_decided(&made[0].msg, &Outcome::Accepted, &put_of(&made, 3, None)).unwrap();
+    let touched = 1_700_000_000_123_456_789;
+    // Nothing changed here since: the merged state is taken, the touch's mtime too.
+    chmod(&t, f, 0o755);
+    let sent = t.take_unpublished();
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &put_of(&sent, 5, Some(touched))).unwrap();
+    let attr = t.getattr(f).unwrap();
+    assert_eq!((attr.perm, attr.mtime), (0o755, touched), "the chmod kept, and the touch's mtime");
+    assert_eq!(t.revision_of(&RelPath::new("f").unwrap()), Revision(5));
+    // Changed again meanwhile: the node's next change is based on the merged state.
+    chmod(&t, f, 0o711);
+    let sent = t.take_unpublished();
+    chmod(&t, f, 0o700); // queued, not sent: follows the sent chmod
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &put_of(&sent, 7, Some(touched + 1))).unwrap();
+    chmod(&t, f, 0o750); // replaces the unsent change; nothing queued is left to follow
+    let rows = t.take_unpublished();
+    assert_eq!(rows.len(), 1, "the unsent change was coalesced: {rows:?}");
+    assert_eq!((rows[0].change.base, &rows[0].change.follows), (Revision(7), &None), "the chmod must be based on the merged state's revision");
+}
+
 /// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
 /// while a later change of the directory was still queued, and that queued change was
 /// then replaced by the final chmod before it was sent, the chmod must be based on the
