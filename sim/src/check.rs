@@ -1,7 +1,7 @@
 //! The invariants, checked once everything has healed and the cluster is quiet:
 //!
 //! - **Converged**: every node's tree (what a user sees: kinds, permission bits, bytes,
-//!   symlink targets) equals the manager's current state, and no node has a change
+//!   symlink targets, file mtimes) equals the manager's current state, and no node has a change
 //!   left undecided.
 //!   Its status counts as many files and directories as its tree has.
 //! - **Verified bytes**: every file reads back whole, and its bytes hash to the version
@@ -135,6 +135,18 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
     // (The origin of the current revision from every history row seen: the manager may
     // have forgotten that row since.)
     let origin_of: HashMap<i64, &str> = history.iter().map(|(_, _, origin, rev)| (*rev, origin.as_str())).collect();
+    // (Such a version is also one the manager put at a node's own conflict file as the
+    // node's later edit of the path the conflict file is of (`rule::Basis::
+    // UpdateConflictFile`): bytes the node closed at another path, never at this one.)
+    let redirected = |path: &str, node: &str, rev: i64| {
+        let Some((_, Some(Version { content: Content::File { hash, .. }, .. }), _, _)) = history.iter().find(|(p, _, _, r)| p == path && *r == rev) else {
+            return false;
+        };
+        let closed_at = |elsewhere: bool| {
+            w.closed.iter().any(|c| format!("n{}", c.node + 1) == node && c.made == Made::Bytes(hash.clone()) && (c.path.as_str() != path) == elsewhere)
+        };
+        closed_at(true) && !closed_at(false)
+    };
     let mut st = conn.prepare(
         "SELECT c.path, c.copy, c.node, c.current_rev FROM conflicts c WHERE c.base < c.current_rev
          AND NOT EXISTS (SELECT 1 FROM conflicts k WHERE k.copy = c.path AND k.copy_rev = c.current_rev)",
@@ -144,6 +156,7 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?
         .into_iter()
         .filter(|(_, _, node, rev)| origin_of.get(rev) == Some(&node.as_str()))
+        .filter(|(path, _, node, rev)| !redirected(path, node, *rev))
         .map(|(path, copy, node, _)| (path, copy, node))
         .collect();
     // (Not after a restore: a change whose decision the manager lost is decided again,
@@ -201,12 +214,12 @@ pub fn history_after(conn: &rusqlite::Connection, rev: i64) -> anyhow::Result<Ve
 }
 
 fn seen_of(v: &Version) -> Seen {
-    let (kind, content, target) = match &v.content {
-        Content::File { hash, .. } => (Kind::File, Some(hash.clone()), None),
-        Content::Dir => (Kind::Dir, None, None),
-        Content::Symlink { target } => (Kind::Symlink, None, Some(target.as_bytes().to_vec())),
+    let (kind, content, target, mtime) = match &v.content {
+        Content::File { hash, .. } => (Kind::File, Some(hash.clone()), None, Some(v.mtime_ns)),
+        Content::Dir => (Kind::Dir, None, None, None),
+        Content::Symlink { target } => (Kind::Symlink, None, Some(target.as_bytes().to_vec()), None),
     };
-    Seen { kind, perm: v.mode & 0o7777, content, target }
+    Seen { kind, perm: v.mode & 0o7777, content, target, mtime }
 }
 
 fn diff(node: &BTreeMap<String, Seen>, manager: &BTreeMap<String, Seen>) -> String {

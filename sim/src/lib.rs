@@ -87,6 +87,11 @@ pub struct Config {
     /// from their queue older than a forgotten delete as stale. From a random stream of
     /// its own; off, the nodes keep them for longer than any run.
     pub forget_deletes: bool,
+    /// Now and then, after a file operation, the node sets a file's mtime to a past time
+    /// (`touch -d`): a put of the same bytes, which a chmod of another node made on the
+    /// older state is merged with (`rule::same_bytes_on_a_stale_base`). From a random
+    /// stream of its own; off, the seeds kept from before replay as they did.
+    pub touches: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -111,6 +116,7 @@ impl Default for Config {
             restores: true,
             forget_decisions: true,
             forget_deletes: true,
+            touches: true,
         }
     }
 }
@@ -172,6 +178,8 @@ pub struct World {
     lag_rng: ChaCha8Rng,
     /// The random stream of the manager's backups and restores (`Config::restores`).
     restore_rng: ChaCha8Rng,
+    /// The random stream of the touches (`Config::touches`).
+    touch_rng: ChaCha8Rng,
     /// The step of the manager database's last copy, if one was made.
     backup_step: Option<usize>,
     /// Every revision of the manager's history that a restore lost: the versions that
@@ -278,6 +286,7 @@ impl World {
             drop_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4452_4f50_5321),
             lag_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4c41_4747_494e),
             restore_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_5354_4f52),
+            touch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x544f_5543_4845),
             backup_step: None,
             lost_history: Vec::new(),
             lost_conflicts: Vec::new(),
@@ -724,9 +733,31 @@ impl World {
         let i = self.rng.random_range(0..self.nodes.len());
         let Some(tree) = self.nodes[i].tree().cloned() else { return Ok(()) };
         self.maybe_disk_fault(i, 25);
-        let r = self.local_op_on(i, tree);
+        let r = self.local_op_on(i, tree.clone());
+        if self.cfg.touches && self.touch_rng.random_range(0..4) == 0 {
+            self.touch(i, &tree);
+        }
         self.nodes[i].set_persist_fault(None);
         r
+    }
+
+    /// `touch -d` of one of node `i`'s files (`Config::touches`).
+    fn touch(&mut self, i: usize, tree: &fs_node::tree::Tree) {
+        let files: Vec<String> =
+            node::snapshot(tree).map(|v| v.into_iter().filter(|(_, s)| s.kind == fs_node::tree::Kind::File).map(|(p, _)| p).collect()).unwrap_or_default();
+        if files.is_empty() {
+            return;
+        }
+        let path = RelPath::new(&files[self.touch_rng.random_range(0..files.len())]).expect("a path of the tree");
+        let at_ns = EPOCH_NS - self.touch_rng.random_range(1..1_000i64) * 1_000_000_000;
+        match node::touch(tree, &path, at_ns) {
+            Ok(false) | Err(fs_node::tree::FsError::NotFound) => return,
+            r => self.log(format!("n{} touch -d @{} {path}: {r:?}", i + 1, at_ns / 1_000_000_000)),
+        }
+        if self.touch_rng.random_bool(0.7) {
+            let now = self.now();
+            self.nodes[i].outbox_ready(&mut self.broker, now);
+        }
     }
 
     fn local_op_on(&mut self, i: usize, tree: Arc<fs_node::tree::Tree>) -> anyhow::Result<()> {

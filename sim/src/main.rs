@@ -57,6 +57,9 @@ struct Args {
     /// sync (as the seeds found before nodes forgot them ran)
     #[arg(long)]
     no_forget_deletes: bool,
+    /// Nodes never set a file's mtime by itself (as the seeds found before they did ran)
+    #[arg(long)]
+    no_touches: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -87,6 +90,9 @@ fn main() {
     }
     if args.no_forget_deletes {
         cfg.forget_deletes = false;
+    }
+    if args.no_touches {
+        cfg.touches = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

@@ -12,7 +12,7 @@ use fs_node::db::Db;
 use fs_node::engine::{Action, Engine, NodeInfo};
 use fs_node::env::{Env, PastBug, PersistFault};
 use fs_node::store::ContentStore;
-use fs_node::tree::{CreateOpen, FsError, FsResult, Kind, SetAttr, Tree, ROOT};
+use fs_node::tree::{CreateOpen, FsError, FsResult, Kind, SetAttr, SetTime, Tree, ROOT};
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::path::PathBuf;
@@ -392,6 +392,8 @@ pub struct Seen {
     pub perm: u32,
     pub content: Option<ContentHash>,
     pub target: Option<Vec<u8>>,
+    /// A file's mtime (synced for files only), nanoseconds since the epoch.
+    pub mtime: Option<i64>,
 }
 
 /// Every path of the tree with what a user sees there; a file whose bytes cannot be read
@@ -408,12 +410,13 @@ pub fn snapshot(tree: &Tree) -> Result<BTreeMap<String, Seen>, String> {
             }
             let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
             let attr = tree.getattr(ino).map_err(|e| format!("getattr {path}: {e}"))?;
-            let mut seen = Seen { kind, perm: attr.perm & 0o7777, content: None, target: None };
+            let mut seen = Seen { kind, perm: attr.perm & 0o7777, content: None, target: None, mtime: None };
             match kind {
                 Kind::Dir => stack.push((ino, path.clone())),
                 Kind::File => {
                     let bytes = read_file(tree, ino).map_err(|e| format!("reading {path}: {e}"))?;
                     seen.content = Some(fs_node::store::hash_of(&bytes));
+                    seen.mtime = Some(attr.mtime);
                 }
                 Kind::Symlink => seen.target = Some(tree.readlink(ino).map_err(|e| format!("readlink {path}: {e}"))?),
                 _ => {}
@@ -504,6 +507,16 @@ pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<()> {
     let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
     tree.setattr(ino, 0, SetAttr { mode: Some(mode), ..Default::default() })?;
     Ok(())
+}
+
+/// `touch -d`: sets a file's mtime (and atime) to `at_ns`; not a file: nothing.
+pub fn touch(tree: &Tree, path: &RelPath, at_ns: i64) -> FsResult<bool> {
+    let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    if tree.getattr(ino)?.kind != Kind::File {
+        return Ok(false);
+    }
+    tree.setattr(ino, 0, SetAttr { atime: Some(SetTime::At(at_ns)), mtime: Some(SetTime::At(at_ns)), ..Default::default() })?;
+    Ok(true)
 }
 
 pub fn mkdir(tree: &Tree, path: &RelPath) -> FsResult<()> {

@@ -61,7 +61,8 @@ const KEPT: &[(u64, &str)] = &[
 /// feature came (seeds found then replay as found), newest last.
 fn eras() -> Vec<(&'static str, sim::Config)> {
     let now = sim::Config::default();
-    let no_forget_deletes = sim::Config { forget_deletes: false, ..now.clone() };
+    let no_touches = sim::Config { touches: false, ..now.clone() };
+    let no_forget_deletes = sim::Config { forget_deletes: false, ..no_touches.clone() };
     let no_forget_decisions = sim::Config { forget_decisions: false, ..no_forget_deletes.clone() };
     let no_restores = sim::Config { restores: false, ..no_forget_decisions.clone() };
     let no_connected_drops = sim::Config { connected_drops: false, ..no_restores.clone() };
@@ -78,6 +79,7 @@ fn eras() -> Vec<(&'static str, sim::Config)> {
         ("before the manager's database was brought back from copies", no_restores),
         ("before the manager forgot old records and history", no_forget_decisions),
         ("before nodes forgot deleted paths' revisions", no_forget_deletes),
+        ("before nodes touched files", no_touches),
         ("as the simulation is now", now),
     ]
 }
