@@ -92,6 +92,11 @@ pub struct Config {
     /// older state is merged with (`rule::same_bytes_on_a_stale_base`). From a random
     /// stream of its own; off, the seeds kept from before replay as they did.
     pub touches: bool,
+    /// Now and then, after a file operation, the node's user deals with a conflict: one
+    /// of its conflict files or directories is removed, renamed over the path it is a
+    /// conflict of, or written. From a random stream of its own; off, the seeds kept from
+    /// before replay as they did.
+    pub resolutions: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -117,6 +122,7 @@ impl Default for Config {
             forget_decisions: true,
             forget_deletes: true,
             touches: true,
+            resolutions: true,
         }
     }
 }
@@ -180,6 +186,8 @@ pub struct World {
     restore_rng: ChaCha8Rng,
     /// The random stream of the touches (`Config::touches`).
     touch_rng: ChaCha8Rng,
+    /// The random stream of the conflicts dealt with (`Config::resolutions`).
+    resolve_rng: ChaCha8Rng,
     /// The step of the manager database's last copy, if one was made.
     backup_step: Option<usize>,
     /// Every revision of the manager's history that a restore lost: the versions that
@@ -287,6 +295,7 @@ impl World {
             lag_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x4c41_4747_494e),
             restore_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_5354_4f52),
             touch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x544f_5543_4845),
+            resolve_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_534f_4c56),
             backup_step: None,
             lost_history: Vec::new(),
             lost_conflicts: Vec::new(),
@@ -737,8 +746,47 @@ impl World {
         if self.cfg.touches && self.touch_rng.random_range(0..4) == 0 {
             self.touch(i, &tree);
         }
+        if self.cfg.resolutions && self.resolve_rng.random_range(0..4) == 0 {
+            self.resolve_conflict(i, &tree);
+        }
         self.nodes[i].set_persist_fault(None);
         r
+    }
+
+    /// Node `i`'s user deals with one of its conflicts (`Config::resolutions`).
+    fn resolve_conflict(&mut self, i: usize, tree: &fs_node::tree::Tree) {
+        let conflicts: Vec<String> = node::snapshot(tree)
+            .map(|v| v.into_keys().filter(|p| p.rsplit('/').next().is_some_and(|name| name.contains(CONFLICT_MARK))).collect())
+            .unwrap_or_default();
+        if conflicts.is_empty() {
+            return;
+        }
+        let path = RelPath::new(&conflicts[self.resolve_rng.random_range(0..conflicts.len())]).expect("a path of the tree");
+        let (what, r, touched) = match self.resolve_rng.random_range(0..3) {
+            0 => (format!("rm -rf {path}"), node::remove_all(tree, &path), vec![path.clone()]),
+            1 => {
+                let Some(to) = original_of(&path) else { return };
+                (format!("mv {path} {to}"), node::rename(tree, &path, &to), vec![path.clone(), to])
+            }
+            _ => {
+                let bytes = format!("n{} resolves at step {} ", i + 1, self.step).into_bytes();
+                let r = node::write_file(tree, &path, WriteHow::Overwrite, &bytes).map(|_| ());
+                if r.is_ok() {
+                    self.record_closed(i, &path);
+                }
+                (format!("write {path}"), r, vec![])
+            }
+        };
+        if r.is_ok() {
+            for p in &touched {
+                self.supersede(i, p, false);
+            }
+        }
+        self.log(format!("n{} deals with a conflict: {what}: {r:?}", i + 1));
+        if self.resolve_rng.random_bool(0.7) {
+            let now = self.now();
+            self.nodes[i].outbox_ready(&mut self.broker, now);
+        }
     }
 
     /// `touch -d` of one of node `i`'s files (`Config::touches`).
@@ -876,6 +924,21 @@ impl World {
             self.nodes[i].outbox_ready(&mut self.broker, now);
         }
         Ok(())
+    }
+}
+
+/// What every conflict file and directory name carries (`manager::rule`).
+const CONFLICT_MARK: &str = " (conflict from ";
+
+/// The path a conflict file or directory is a conflict of: its name without the mark
+/// and what the mark holds (`a (conflict from n1 2026-01-01 00.00.02).txt` is of `a.txt`).
+fn original_of(path: &RelPath) -> Option<RelPath> {
+    let (stem, rest) = path.name().split_once(CONFLICT_MARK)?;
+    let (_, ext) = rest.split_once(')')?;
+    let name = format!("{stem}{ext}");
+    match path.parent() {
+        Some(parent) => parent.join(&name).ok(),
+        None => RelPath::new(&name).ok(),
     }
 }
 

@@ -60,6 +60,9 @@ struct Args {
     /// Nodes never set a file's mtime by itself (as the seeds found before they did ran)
     #[arg(long)]
     no_touches: bool,
+    /// Nodes never deal with their conflict files (as the seeds found before they did ran)
+    #[arg(long)]
+    no_resolutions: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -93,6 +96,9 @@ fn main() {
     }
     if args.no_touches {
         cfg.touches = false;
+    }
+    if args.no_resolutions {
+        cfg.resolutions = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

@@ -54,6 +54,7 @@ const KEPT: &[(u64, &str)] = &[
     (99334, "a node's queue dropped a delete; a snapshot sync that had been under way since before the node heard of the path's older state counted that state as named, though the reply (as of a later head) did not name it, and kept the retry of its content: pulled after the reply, it made the deleted file again, which the node then sent as new"),
     (91358, "the manager's database was brought back from a copy and decided a node's put again at a new revision, the decision lost with the node's queue; the node's chmod on the lost revision, the same bytes on a stale base, kept the manager's mode: the chmod was lost though nobody else had changed the mode"),
     (206769, "a node sent its mkdir and its delete of a directory again, both decisions lost with its queue; another node had made the same directory there since, and the repeat's answer (the path's state now) looked just like the node's own put, so the node took that revision as its own and never made the directory"),
+    (599, "a wrong check: a node's edit that the manager put into the node's own conflict file for the path (a later edit of a change kept as a conflict), which the node's touch of that conflict file then met, was taken for the node's own change there"),
     (241679, "after the manager's database was brought back from a copy, a broadcast the lost database had made (another node's file where a directory is) came to a node after a file below that directory made since; applied, it took the newer file away and left its revision taken, so no later state of it made it again"),
 ];
 
@@ -61,7 +62,8 @@ const KEPT: &[(u64, &str)] = &[
 /// feature came (seeds found then replay as found), newest last.
 fn eras() -> Vec<(&'static str, sim::Config)> {
     let now = sim::Config::default();
-    let no_touches = sim::Config { touches: false, ..now.clone() };
+    let no_resolutions = sim::Config { resolutions: false, ..now.clone() };
+    let no_touches = sim::Config { touches: false, ..no_resolutions.clone() };
     let no_forget_deletes = sim::Config { forget_deletes: false, ..no_touches.clone() };
     let no_forget_decisions = sim::Config { forget_decisions: false, ..no_forget_deletes.clone() };
     let no_restores = sim::Config { restores: false, ..no_forget_decisions.clone() };
@@ -80,6 +82,7 @@ fn eras() -> Vec<(&'static str, sim::Config)> {
         ("before the manager forgot old records and history", no_forget_decisions),
         ("before nodes forgot deleted paths' revisions", no_forget_deletes),
         ("before nodes touched files", no_touches),
+        ("before nodes dealt with their conflicts", no_resolutions),
         ("as the simulation is now", now),
     ]
 }
