@@ -887,17 +887,6 @@ impl Tx<'_> {
         self.set_held(path, version, origin, holders, now_ms)
     }
 
-    /// Makes `merged`, a change's mode and owners over the bytes the path has now (made
-    /// elsewhere: `rule::metadata_over_changed_bytes`), the path's state: the nodes that
-    /// hold those bytes stay its holders, and the state keeps their origin (the node
-    /// whose change it is may not have them).
-    fn set_over_current_bytes(&mut self, path: &RelPath, merged: &Version, now_ms: i64) -> anyhow::Result<Entry> {
-        let origin: String = self.tx.prepare_cached("SELECT origin FROM paths WHERE path = ?1")?.query_row([path.as_str()], |r| r.get(0))?;
-        let origin: NodeId = origin.parse().with_context(|| format!("the origin of {path}"))?;
-        let holders: Vec<NodeId> = entry(self.tx, path)?.map(|e| e.holders.into_iter().map(|h| h.node).collect()).unwrap_or_default();
-        self.set_held(path, Some(merged), &origin, &holders, now_ms)
-    }
-
     /// [`Tx::set`] with the nodes that hold the content named (a restore: the nodes that
     /// keep the old version). The version it replaces becomes a kept version first
     /// (`end_current`), so the nodes asked to keep its content hear of it before the
@@ -1816,7 +1805,7 @@ impl Tx<'_> {
         let at_base = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
                 Some(v) => Some(rule::AtBase::from(&v)),
-                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None }),
+                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None }),
             },
             _ => None,
         };
@@ -1836,10 +1825,7 @@ impl Tx<'_> {
                 if from_lost {
                     self.mark_taken_in(&change.path, base)?;
                 }
-                accepted = Some(match &merged {
-                    Some(m) if m.content != version.content => self.set_over_current_bytes(&change.path, m, now_ms)?,
-                    m => self.set(&change.path, Some(m.as_ref().unwrap_or(version)), from, now_ms)?,
-                });
+                accepted = Some(self.set(&change.path, Some(merged.as_ref().unwrap_or(version)), from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Accept, ChangeOp::Delete) => {
@@ -2553,37 +2539,6 @@ mod tests {
         send(&mut s, "n2", "m7", chmod_on_lost(0o711, Some(0o755)));
         assert_eq!(decided(&s)[5..], [Outcome::Unchanged, Outcome::Unchanged, Outcome::Accepted], "unknown; mode changed since; taken");
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o711);
-    }
-
-    /// A chmod made on a state whose bytes were written elsewhere since is kept on those
-    /// bytes, not as a conflict file of the older ones: the merged state keeps the writer
-    /// as its origin and holder (the chmodding node may not have those bytes).
-    #[test]
-    fn a_chmod_of_bytes_written_elsewhere_since_is_kept_on_them() {
-        let (_dir, mut s) = fresh_store();
-        for node in ["n1", "n2"] {
-            let beat = ToManager::Heartbeat {
-                url: format!("http://{node}"),
-                pending_changes: 0,
-                pending_pulls: 0,
-                software: String::new(),
-                residency: None,
-                taken: Revision(0),
-                applied: Revision(0),
-            };
-            send(&mut s, node, &format!("h-{node}"), beat);
-        }
-        send(&mut s, "n1", "m1", put("a", 0, file(1)));
-        let made = s.head().unwrap().0;
-        send(&mut s, "n2", "m2", put("a", made, Version { mtime_ns: 9, ..file(2) }));
-        send(&mut s, "n1", "m3", put("a", made, Version { mode: 0o755, ..file(1) }));
-        assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Accepted]);
-        let a = s.entry(&p("a")).unwrap().unwrap();
-        assert_eq!(a.version, Some(Version { mode: 0o755, mtime_ns: 9, ..file(2) }), "n2's bytes, n1's mode");
-        assert_eq!(a.holders.iter().map(|h| h.node.as_str()).collect::<Vec<_>>(), ["n2"]);
-        let origin: String = s.conn.query_row("SELECT origin FROM paths WHERE path = 'a'", [], |r| r.get(0)).unwrap();
-        assert_eq!(origin, "n2");
-        assert_eq!(s.conn.query_row("SELECT count(*) FROM conflicts", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.

@@ -55,6 +55,7 @@ const KEPT: &[(u64, &str)] = &[
     (91358, "the manager's database was brought back from a copy and decided a node's put again at a new revision, the decision lost with the node's queue; the node's chmod on the lost revision, the same bytes on a stale base, kept the manager's mode: the chmod was lost though nobody else had changed the mode"),
     (206769, "a node sent its mkdir and its delete of a directory again, both decisions lost with its queue; another node had made the same directory there since, and the repeat's answer (the path's state now) looked just like the node's own put, so the node took that revision as its own and never made the directory"),
     (599, "a wrong check: a node's edit that the manager put into the node's own conflict file for the path (a later edit of a change kept as a conflict), which the node's touch of that conflict file then met, was taken for the node's own change there"),
+    (15533, "a rule tried and taken out: a node's touch of bytes written elsewhere since was decided as unchanged; the node's next touch, which followed it, was then based on the other node's revision, and the node's older bytes replaced the other node's write without a conflict"),
     (241679, "after the manager's database was brought back from a copy, a broadcast the lost database had made (another node's file where a directory is) came to a node after a file below that directory made since; applied, it took the newer file away and left its revision taken, so no later state of it made it again"),
 ];
 
