@@ -43,6 +43,12 @@ pub enum Decision {
     /// current state: a chmod or chown on a stale base keeps a concurrent touch made
     /// elsewhere ([`same_bytes_on_a_stale_base`]).
     Merge(Version),
+    /// A change of only the metadata of the bytes the path had at its base, written
+    /// over elsewhere since ([`metadata_over_changed_bytes`]): make `Some` version (the
+    /// change's mode and owners on those bytes) the path's state, or keep the state
+    /// (`None`). Either way the sender's later changes that follow this one were made on
+    /// its own version, not on the state now: they are decided against the base.
+    OverChangedBytes(Option<Version>),
     /// The path already is what the change asks for.
     Unchanged,
     /// Keep the change's version as a conflict file beside the path.
@@ -122,17 +128,18 @@ pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option
 }
 
 /// The path's state at the base of a change made on a stale base, as far as the manager
-/// knows it: its mode and owners, and its mtime when the manager's history holds that
-/// state (a node's `base_meta` says no mtime).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// knows it: its mode and owners, and its mtime and content when the manager's history
+/// holds that state (a node's `base_meta` says neither).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AtBase {
     pub meta: ModeAndOwners,
     pub mtime_ns: Option<i64>,
+    pub content: Option<Content>,
 }
 
 impl From<&Version> for AtBase {
     fn from(v: &Version) -> Self {
-        AtBase { meta: ModeAndOwners::from(v), mtime_ns: Some(v.mtime_ns) }
+        AtBase { meta: ModeAndOwners::from(v), mtime_ns: Some(v.mtime_ns), content: Some(v.content.clone()) }
     }
 }
 
@@ -154,7 +161,9 @@ pub fn decide(
         // A directory above the path became a file elsewhere while this node wrote
         // below it: what it wrote goes below a conflict directory beside that file, not
         // away.
-        (Decision::Accept | Decision::Merge(_), Some(file)) if matches!(op, ChangeOp::Put { .. }) => Decision::ConflictBelow { file: file.clone() },
+        (Decision::Accept | Decision::Merge(_) | Decision::OverChangedBytes(Some(_)), Some(file)) if matches!(op, ChangeOp::Put { .. }) => {
+            Decision::ConflictBelow { file: file.clone() }
+        }
         (d, _) => d,
     }
 }
@@ -195,6 +204,9 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_
             // Stale base: someone else changed the path since this node saw it.
             if version.content == cv.content {
                 return same_bytes_on_a_stale_base(version, cv, at_base);
+            }
+            if let Some(b) = at_base.as_ref().filter(|b| b.content.as_ref() == Some(&version.content)) {
+                return metadata_over_changed_bytes(version, cv, b);
             }
             if is_conflict_file(path) {
                 // A conflict file never conflicts: the latest edit of it wins.
@@ -244,6 +256,23 @@ fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Opt
         }
         _ => Decision::Unchanged,
     }
+}
+
+/// A put of the bytes the path had at its base (a chmod, a chown, a `touch` made here)
+/// while the bytes changed elsewhere: nothing written here needs a conflict file. The
+/// mode and owners merge three-way as over the same bytes (the node's when it changed
+/// them and nobody else did since) onto the bytes and mtime the path has now: a chmod
+/// made here is kept on what was written elsewhere, a touch of the older bytes is not.
+/// The path of another kind now (a file here, a symlink elsewhere), its state stays.
+fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
+    let same_kind =
+        matches!((&version.content, &current.content), (Content::File { .. }, Content::File { .. }) | (Content::Symlink { .. }, Content::Symlink { .. }));
+    let merged = (same_kind && ModeAndOwners::from(current) == at_base.meta && ModeAndOwners::from(version) != at_base.meta).then(|| Version {
+        content: current.content.clone(),
+        mtime_ns: current.mtime_ns,
+        ..version.clone()
+    });
+    Decision::OverChangedBytes(merged)
 }
 
 /// Whether a change sent with `base` was made on the path's current state. A base above
@@ -447,8 +476,30 @@ mod tests {
         assert_eq!(decide_same_bytes(with(0o644, 9), None, with(0o755, 1)), Decision::Unchanged);
         // Its mode and owners as the node says them (`base_meta`), no mtime: the chmod
         // is taken with the mtime the path has now.
-        let said = Some(AtBase { meta: ModeAndOwners { mode: 0o644, uid: 0, gid: 0 }, mtime_ns: None });
+        let said = Some(AtBase { meta: ModeAndOwners { mode: 0o644, uid: 0, gid: 0 }, mtime_ns: None, content: None });
         assert_eq!(decide_on(with(0o644, 9), said, with(0o755, 1)), Decision::Merge(with(0o755, 9)));
+    }
+
+    /// A chmod, chown or touch made on a state whose bytes changed elsewhere since: no
+    /// conflict file of the older bytes (nothing was written here); a chmod is kept on
+    /// the bytes written elsewhere, a touch of the older bytes is not.
+    #[test]
+    fn a_chmod_of_bytes_written_elsewhere_since_is_merged_not_a_conflict() {
+        let (base, written) = (Version { mtime_ns: 1, ..file(1) }, Version { mtime_ns: 9, ..file(2) });
+        let on =
+            |current: Version, at_base: Option<AtBase>, mine: Version| decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base, &put(mine), 0, None);
+        let known = Some(AtBase::from(&base));
+        let over = |v: Option<Version>| Decision::OverChangedBytes(v);
+        assert_eq!(on(written.clone(), known.clone(), Version { mode: 0o755, ..base.clone() }), over(Some(Version { mode: 0o755, ..written.clone() })));
+        assert_eq!(on(written.clone(), known.clone(), Version { mtime_ns: 5, ..base.clone() }), over(None), "a touch of the older bytes");
+        assert_eq!(on(Version { mode: 0o600, ..written.clone() }, known.clone(), Version { mode: 0o755, ..base.clone() }), over(None), "chmodded there too");
+        let link = Version { content: Content::Symlink { target: "t".into() }, ..base.clone() };
+        assert_eq!(on(link, known.clone(), Version { mode: 0o755, ..base.clone() }), over(None), "another kind now");
+        // Bytes written here too, or the bytes at the base unknown (only the node's
+        // `base_meta`): a conflict file, as before.
+        assert_eq!(on(written.clone(), known, Version { mode: 0o755, ..file(3) }), Decision::Conflict);
+        let said = Some(AtBase { meta: ModeAndOwners::from(&base), mtime_ns: None, content: None });
+        assert_eq!(on(written, said, Version { mode: 0o755, ..base }), Decision::Conflict);
     }
 
     #[test]

@@ -887,6 +887,15 @@ impl Tx<'_> {
         self.set_held(path, version, origin, holders, now_ms)
     }
 
+    /// Makes `merged`, the mode and owners `from` changed over the bytes the path has now
+    /// (made elsewhere: `rule::Decision::OverChangedBytes`), the path's state, made by
+    /// `from`: the nodes that hold those bytes stay its holders (`from` may not have
+    /// them).
+    fn set_over_current_bytes(&mut self, path: &RelPath, merged: &Version, from: &NodeId, now_ms: i64) -> anyhow::Result<Entry> {
+        let holders: Vec<NodeId> = entry(self.tx, path)?.map(|e| e.holders.into_iter().map(|h| h.node).collect()).unwrap_or_default();
+        self.set_held(path, Some(merged), from, &holders, now_ms)
+    }
+
     /// [`Tx::set`] with the nodes that hold the content named (a restore: the nodes that
     /// keep the old version). The version it replaces becomes a kept version first
     /// (`end_current`), so the nodes asked to keep its content hear of it before the
@@ -1805,11 +1814,22 @@ impl Tx<'_> {
         let at_base = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
                 Some(v) => Some(rule::AtBase::from(&v)),
-                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None }),
+                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None }),
             },
             _ => None,
         };
         let decision = rule::decide(&change.path, current.as_ref(), base, at_base, &change.op, copies as usize, file_above.as_ref());
+        // A change of only the metadata of bytes written over elsewhere: its record says
+        // the revision it was made on, which the changes that follow it were made on too
+        // (`rule::basis` bases them on the recorded revision).
+        if let Decision::OverChangedBytes(merged) = decision {
+            let (entry, outcome) = match merged {
+                Some(m) => (self.set_over_current_bytes(&change.path, &m, from, now_ms)?, Outcome::Accepted),
+                None => (self.entry_or_absent(&change.path)?, Outcome::Unchanged),
+            };
+            tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, "a change of the metadata of bytes written over elsewhere since");
+            return self.record_decision(msg, from, entry, outcome, base, base);
+        }
         // A merge is accepted as the version the rule merged.
         let (decision, merged) = match decision {
             Decision::Merge(version) => (Decision::Accept, Some(version)),
@@ -1848,7 +1868,7 @@ impl Tx<'_> {
                 None => self.keep_refused(&change.path, version, from, "no free conflict file name fits beside this path", now_ms)?,
             },
             (Decision::ConflictBelow { file }, ChangeOp::Put { version }) => self.keep_below_conflict_dir(&change.path, &file, version, from, base, now_ms)?,
-            (Decision::Merge(_), _) => unreachable!("taken as an accept above"),
+            (Decision::Merge(_) | Decision::OverChangedBytes(_), _) => unreachable!("taken care of above"),
             (Decision::Conflict | Decision::ConflictBelow { .. } | Decision::KeepAsVersion(_), ChangeOp::Delete) => {
                 unreachable!("the rule only makes conflicts of puts")
             }
@@ -1869,14 +1889,22 @@ impl Tx<'_> {
 
     /// [`Tx::decided`] with the path's state now already known (the entry a `set` made).
     fn decided_with(&mut self, msg: MessageId, from: &NodeId, current: Entry, outcome: Outcome, base: Revision) -> anyhow::Result<()> {
+        let rev = current.rev;
+        self.record_decision(msg, from, current, outcome, base, rev)
+    }
+
+    /// [`Tx::decided_with`], recording `rev` as the revision the change left: the path's
+    /// revision now but for a change of only the metadata of bytes written over since
+    /// (`rule::Decision::OverChangedBytes`), whose sender's version is not the state now.
+    fn record_decision(&mut self, msg: MessageId, from: &NodeId, current: Entry, outcome: Outcome, base: Revision, rev: Revision) -> anyhow::Result<()> {
         let reply_key = topology::node_key(from);
         let path = &current.path;
-        tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, "decided");
+        tracing::debug!(target: "changes", %msg, node = %from, %path, ?outcome, rev = current.rev.0, recorded = rev.0, "decided");
         let head = head(&self.tx)?;
         self.tx.prepare_cached("INSERT INTO applied(msg, node, rev, outcome, base, head) VALUES(?1, ?2, ?3, ?4, ?5, ?6)")?.execute(params![
             msg.as_str(),
             from.as_str(),
-            current.rev.0 as i64,
+            rev.0 as i64,
             json(&outcome),
             base.0 as i64,
             head.0 as i64
@@ -2539,6 +2567,46 @@ mod tests {
         send(&mut s, "n2", "m7", chmod_on_lost(0o711, Some(0o755)));
         assert_eq!(decided(&s)[5..], [Outcome::Unchanged, Outcome::Unchanged, Outcome::Accepted], "unknown; mode changed since; taken");
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o711);
+    }
+
+    /// A chmod made on a state whose bytes were written elsewhere since is kept on those
+    /// bytes, not as a conflict file of the older ones: the writer stays the holder of
+    /// the merged state (the chmodding node may not have those bytes). A change
+    /// that follows it was made on the chmodding node's own version, not on the merged
+    /// state: its write is a conflict, not an overwrite of the other node's (simulator
+    /// seed 15533 found that with a touch, decided unchanged, then followed).
+    #[test]
+    fn a_chmod_of_bytes_written_elsewhere_since_is_kept_on_them() {
+        let (_dir, mut s) = fresh_store();
+        for node in ["n1", "n2"] {
+            let beat = ToManager::Heartbeat {
+                url: format!("http://{node}"),
+                pending_changes: 0,
+                pending_pulls: 0,
+                software: String::new(),
+                residency: None,
+                taken: Revision(0),
+                applied: Revision(0),
+            };
+            send(&mut s, node, &format!("h-{node}"), beat);
+        }
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        let made = s.head().unwrap().0;
+        send(&mut s, "n2", "m2", put("a", made, Version { mtime_ns: 9, ..file(2) }));
+        send(&mut s, "n1", "m3", put("a", made, Version { mode: 0o755, ..file(1) }));
+        assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Accepted]);
+        let a = s.entry(&p("a")).unwrap().unwrap();
+        assert_eq!(a.version, Some(Version { mode: 0o755, mtime_ns: 9, ..file(2) }), "n2's bytes, n1's mode");
+        assert_eq!(a.holders.iter().map(|h| h.node.as_str()).collect::<Vec<_>>(), ["n2"]);
+        assert_eq!(s.conn.query_row("SELECT count(*) FROM conflicts", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+        // n1's touch, then its write, each following the one before.
+        let put_following = |follows: &str, version: Version| change("a", made, Some(follows), ChangeOp::Put { version });
+        send(&mut s, "n1", "m4", put_following("m3", Version { mode: 0o755, mtime_ns: 5, ..file(1) }));
+        send(&mut s, "n1", "m5", put_following("m4", Version { mode: 0o755, ..file(3) }));
+        let last = decided(&s);
+        assert_eq!(last[3], Outcome::Unchanged, "a touch of the older bytes");
+        assert!(matches!(last[4], Outcome::Conflict { .. }), "n1's write was made on its own bytes, not on n2's: {:?}", last[4]);
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version, Some(Version { mode: 0o755, mtime_ns: 9, ..file(2) }), "n2's write stays");
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.

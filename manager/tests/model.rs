@@ -45,6 +45,8 @@ fn version(content: u8) -> Version {
 struct Model {
     head: u64,
     paths: BTreeMap<String, (u64, Option<u8>)>,
+    /// Every state each path had, by revision.
+    history: BTreeMap<(String, u64), Option<u8>>,
     copies: BTreeMap<String, usize>,
 }
 
@@ -52,6 +54,7 @@ impl Model {
     fn set(&mut self, path: &str, c: Option<u8>) {
         self.head += 1;
         self.paths.insert(path.to_string(), (self.head, c));
+        self.history.insert((path.to_string(), self.head), c);
     }
     /// Returns the expected outcome kind.
     fn apply(&mut self, path: &str, base: u64, put: Option<u8>) -> &'static str {
@@ -67,6 +70,9 @@ impl Model {
                 self.set(path, Some(c));
                 "accepted"
             }
+            // The bytes the path had at the base, written over elsewhere since: nothing
+            // was written here (the mode is the same throughout).
+            (Some(c), Some(_)) if self.history.get(&(path.to_string(), base)) == Some(&Some(c)) => "unchanged",
             (Some(_), Some(_)) => {
                 let n = self.copies.entry(path.to_string()).or_default();
                 if *n >= 20 {
