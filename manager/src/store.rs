@@ -887,13 +887,14 @@ impl Tx<'_> {
         self.set_held(path, version, origin, holders, now_ms)
     }
 
-    /// Makes `merged`, the mode and owners `from` changed over the bytes the path has now
-    /// (made elsewhere: `rule::Decision::OverChangedBytes`), the path's state, made by
-    /// `from`: the nodes that hold those bytes stay its holders (`from` may not have
-    /// them).
-    fn set_over_current_bytes(&mut self, path: &RelPath, merged: &Version, from: &NodeId, now_ms: i64) -> anyhow::Result<Entry> {
+    /// Makes `merged`, a node's mode and owners over the bytes the path has now (written
+    /// by another: `rule::Decision::OverChangedBytes`), the path's state. The manager
+    /// made it (neither node's version: a later change of either, stale against it, is
+    /// not one against its own), and the nodes that hold those bytes stay its holders
+    /// (the chmodding node may not have them).
+    fn set_over_current_bytes(&mut self, path: &RelPath, merged: &Version, now_ms: i64) -> anyhow::Result<Entry> {
         let holders: Vec<NodeId> = entry(self.tx, path)?.map(|e| e.holders.into_iter().map(|h| h.node).collect()).unwrap_or_default();
-        self.set_held(path, Some(merged), from, &holders, now_ms)
+        self.set_held(path, Some(merged), &NodeId::manager(), &holders, now_ms)
     }
 
     /// [`Tx::set`] with the nodes that hold the content named (a restore: the nodes that
@@ -1824,7 +1825,7 @@ impl Tx<'_> {
         // (`rule::basis` bases them on the recorded revision).
         if let Decision::OverChangedBytes(merged) = decision {
             let (entry, outcome) = match merged {
-                Some(m) => (self.set_over_current_bytes(&change.path, &m, from, now_ms)?, Outcome::Accepted),
+                Some(m) => (self.set_over_current_bytes(&change.path, &m, now_ms)?, Outcome::Accepted),
                 None => (self.entry_or_absent(&change.path)?, Outcome::Unchanged),
             };
             tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, "a change of the metadata of bytes written over elsewhere since");
@@ -2570,8 +2571,8 @@ mod tests {
     }
 
     /// A chmod made on a state whose bytes were written elsewhere since is kept on those
-    /// bytes, not as a conflict file of the older ones: the writer stays the holder of
-    /// the merged state (the chmodding node may not have those bytes). A change
+    /// bytes, not as a conflict file of the older ones: the manager made the merged state,
+    /// whose holder the writer stays (the chmodding node may not have those bytes). A change
     /// that follows it was made on the chmodding node's own version, not on the merged
     /// state: its write is a conflict, not an overwrite of the other node's (simulator
     /// seed 15533 found that with a touch, decided unchanged, then followed).
@@ -2598,6 +2599,8 @@ mod tests {
         let a = s.entry(&p("a")).unwrap().unwrap();
         assert_eq!(a.version, Some(Version { mode: 0o755, mtime_ns: 9, ..file(2) }), "n2's bytes, n1's mode");
         assert_eq!(a.holders.iter().map(|h| h.node.as_str()).collect::<Vec<_>>(), ["n2"]);
+        let origin: String = s.conn.query_row("SELECT origin FROM paths WHERE path = 'a'", [], |r| r.get(0)).unwrap();
+        assert_eq!(origin, NodeId::manager().as_str(), "the manager's merge");
         assert_eq!(s.conn.query_row("SELECT count(*) FROM conflicts", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
         // n1's touch, then its write, each following the one before.
         let put_following = |follows: &str, version: Version| change("a", made, Some(follows), ChangeOp::Put { version });

@@ -57,6 +57,7 @@ const KEPT: &[(u64, &str)] = &[
     (599, "a wrong check: a node's edit that the manager put into the node's own conflict file for the path (a later edit of a change kept as a conflict), which the node's touch of that conflict file then met, was taken for the node's own change there"),
     (15533, "a node's touch of bytes written elsewhere since, merged as unchanged, was recorded at the path's revision now: the node's next touch, which followed it, was based on the other node's revision, and the node's older bytes replaced the other node's write without a conflict"),
     (16472, "a node's chmod of bytes written elsewhere since, merged onto them, kept the writer as the state's origin: the writer's next write, stale against the chmod, was taken for a conflict with its own change"),
+    (6039, "a node's chmod of bytes written elsewhere since, merged onto them with the chmodding node as the state's origin: that node's next touch, decided against its base (whose history was forgotten), was taken for a conflict with its own change"),
     (241679, "after the manager's database was brought back from a copy, a broadcast the lost database had made (another node's file where a directory is) came to a node after a file below that directory made since; applied, it took the newer file away and left its revision taken, so no later state of it made it again"),
 ];
 
