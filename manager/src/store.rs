@@ -2580,16 +2580,7 @@ mod tests {
     fn a_chmod_of_bytes_written_elsewhere_since_is_kept_on_them() {
         let (_dir, mut s) = fresh_store();
         for node in ["n1", "n2"] {
-            let beat = ToManager::Heartbeat {
-                url: format!("http://{node}"),
-                pending_changes: 0,
-                pending_pulls: 0,
-                software: String::new(),
-                residency: None,
-                taken: Revision(0),
-                applied: Revision(0),
-            };
-            send(&mut s, node, &format!("h-{node}"), beat);
+            send(&mut s, node, &format!("h-{node}"), heartbeat_of(node, 0));
         }
         send(&mut s, "n1", "m1", put("a", 0, file(1)));
         let made = s.head().unwrap().0;
@@ -2614,8 +2605,13 @@ mod tests {
 
     /// A heartbeat of n2 saying it took revision `taken`.
     fn heartbeat_taken(taken: u64) -> ToManager {
+        heartbeat_of("n2", taken)
+    }
+
+    /// A heartbeat of `node` (its url `http://<node>`) saying it took revision `taken`.
+    fn heartbeat_of(node: &str, taken: u64) -> ToManager {
         ToManager::Heartbeat {
-            url: "http://n2".into(),
+            url: format!("http://{node}"),
             pending_changes: 0,
             pending_pulls: 0,
             software: String::new(),
