@@ -294,7 +294,7 @@ pub fn from_a_later_lost_state(cur: &Current, base: Revision) -> bool {
 }
 
 /// Marker that every conflict file name carries.
-const CONFLICT_MARK: &str = " (conflict from ";
+pub const CONFLICT_MARK: &str = " (conflict from ";
 
 pub fn is_conflict_file(path: &RelPath) -> bool {
     path.name().contains(CONFLICT_MARK)

@@ -887,6 +887,25 @@ impl Tx<'_> {
         self.set_held(path, version, origin, holders, now_ms)
     }
 
+    /// Makes `version`, a put accepted, the path's state: its ancestors deleted elsewhere
+    /// are brought back first, and, with `taken_in`, the path's states from it on are
+    /// marked as coming from that later lost state ([`Tx::mark_taken_in`]).
+    fn accept_put(
+        &mut self,
+        path: &RelPath,
+        version: &Version,
+        ancestors: &[(RelPath, Option<Version>)],
+        taken_in: Option<Revision>,
+        from: &NodeId,
+        now_ms: i64,
+    ) -> anyhow::Result<Entry> {
+        self.restore_dirs(ancestors, now_ms)?;
+        if let Some(base) = taken_in {
+            self.mark_taken_in(path, base)?;
+        }
+        self.set(path, Some(version), from, now_ms)
+    }
+
     /// Makes `merged`, a node's mode and owners over the bytes the path has now (written
     /// by another: `rule::Decision::OverChangedBytes`), the path's state. The manager
     /// made it (neither node's version: a later change of either, stale against it, is
@@ -1831,22 +1850,18 @@ impl Tx<'_> {
             tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, "a change of the metadata of bytes written over elsewhere since");
             return self.record_decision(msg, from, entry, outcome, base, base);
         }
-        // A merge is accepted as the version the rule merged.
-        let (decision, merged) = match decision {
-            Decision::Merge(version) => (Decision::Accept, Some(version)),
-            d => (d, None),
-        };
         let cur_rev = current.as_ref().map(|c| c.rev.0).unwrap_or(0);
         // The path's state once accepted (read back by `set` already).
         let mut accepted = None;
         let from_lost = current.as_ref().is_some_and(|c| rule::from_a_later_lost_state(c, base));
         let outcome = match (decision, &change.op) {
             (Decision::Accept, ChangeOp::Put { version }) => {
-                self.restore_dirs(&ancestors, now_ms)?;
-                if from_lost {
-                    self.mark_taken_in(&change.path, base)?;
-                }
-                accepted = Some(self.set(&change.path, Some(merged.as_ref().unwrap_or(version)), from, now_ms)?);
+                accepted = Some(self.accept_put(&change.path, version, &ancestors, from_lost.then_some(base), from, now_ms)?);
+                Outcome::Accepted
+            }
+            // (The version the rule merged, made by the sender.)
+            (Decision::Merge(merged), ChangeOp::Put { .. }) => {
+                accepted = Some(self.accept_put(&change.path, &merged, &ancestors, from_lost.then_some(base), from, now_ms)?);
                 Outcome::Accepted
             }
             (Decision::Accept, ChangeOp::Delete) => {
@@ -1869,9 +1884,9 @@ impl Tx<'_> {
                 None => self.keep_refused(&change.path, version, from, "no free conflict file name fits beside this path", now_ms)?,
             },
             (Decision::ConflictBelow { file }, ChangeOp::Put { version }) => self.keep_below_conflict_dir(&change.path, &file, version, from, base, now_ms)?,
-            (Decision::Merge(_) | Decision::OverChangedBytes(_), _) => unreachable!("taken care of above"),
-            (Decision::Conflict | Decision::ConflictBelow { .. } | Decision::KeepAsVersion(_), ChangeOp::Delete) => {
-                unreachable!("the rule only makes conflicts of puts")
+            (Decision::OverChangedBytes(_), _) => unreachable!("decided above"),
+            (Decision::Merge(_) | Decision::Conflict | Decision::ConflictBelow { .. } | Decision::KeepAsVersion(_), ChangeOp::Delete) => {
+                unreachable!("the rule only makes merges and conflicts of puts")
             }
         };
         tracing::debug!(target: "changes", %msg, path = %change.path, sent_base = change.base.0, base = base.0, "based on");

@@ -168,12 +168,12 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
     let mut copies: BTreeMap<String, usize> = BTreeMap::new();
     for path in manager_view.keys() {
         let name = path.rsplit('/').next().unwrap_or(path);
-        let marks = name.matches(" (conflict from ").count();
+        let marks = name.matches(manager::rule::CONFLICT_MARK).count();
         if marks > 1 {
             bail!("a conflict file of a conflict file: {path}");
         }
         if marks == 1 {
-            let original = path.split(" (conflict from ").next().unwrap_or(path).to_string();
+            let original = path.split(manager::rule::CONFLICT_MARK).next().unwrap_or(path).to_string();
             *copies.entry(original).or_default() += 1;
             w.stats.conflicts += 1;
         }

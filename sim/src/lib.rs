@@ -755,13 +755,14 @@ impl World {
 
     /// Node `i`'s user deals with one of its conflicts (`Config::resolutions`).
     fn resolve_conflict(&mut self, i: usize, tree: &fs_node::tree::Tree) {
-        let conflicts: Vec<String> = node::snapshot(tree)
-            .map(|v| v.into_keys().filter(|p| p.rsplit('/').next().is_some_and(|name| name.contains(CONFLICT_MARK))).collect())
+        // (Chosen from a snapshot, which reads every file: the seeds kept replay so.)
+        let conflicts: Vec<RelPath> = node::snapshot(tree)
+            .map(|v| v.into_keys().filter_map(|p| RelPath::new(p).ok()).filter(::manager::rule::is_conflict_file).collect())
             .unwrap_or_default();
         if conflicts.is_empty() {
             return;
         }
-        let path = RelPath::new(&conflicts[self.resolve_rng.random_range(0..conflicts.len())]).expect("a path of the tree");
+        let path = conflicts[self.resolve_rng.random_range(0..conflicts.len())].clone();
         let (what, r, touched) = match self.resolve_rng.random_range(0..3) {
             0 => (format!("rm -rf {path}"), node::remove_all(tree, &path), vec![path.clone()]),
             1 => {
@@ -791,17 +792,16 @@ impl World {
 
     /// `touch -d` of one of node `i`'s files (`Config::touches`).
     fn touch(&mut self, i: usize, tree: &fs_node::tree::Tree) {
-        let files: Vec<String> =
-            node::snapshot(tree).map(|v| v.into_iter().filter(|(_, s)| s.kind == fs_node::tree::Kind::File).map(|(p, _)| p).collect()).unwrap_or_default();
+        let files: Vec<RelPath> = node::snapshot(tree)
+            .map(|v| v.into_iter().filter(|(_, s)| s.kind == fs_node::tree::Kind::File).filter_map(|(p, _)| RelPath::new(p).ok()).collect())
+            .unwrap_or_default();
         if files.is_empty() {
             return;
         }
-        let path = RelPath::new(&files[self.touch_rng.random_range(0..files.len())]).expect("a path of the tree");
+        let path = files[self.touch_rng.random_range(0..files.len())].clone();
         let at_ns = EPOCH_NS - self.touch_rng.random_range(1..1_000i64) * 1_000_000_000;
-        match node::touch(tree, &path, at_ns) {
-            Ok(false) | Err(fs_node::tree::FsError::NotFound) => return,
-            r => self.log(format!("n{} touch -d @{} {path}: {r:?}", i + 1, at_ns / 1_000_000_000)),
-        }
+        let r = node::touch(tree, &path, at_ns);
+        self.log(format!("n{} touch -d @{} {path}: {r:?}", i + 1, at_ns / 1_000_000_000));
         if self.touch_rng.random_bool(0.7) {
             let now = self.now();
             self.nodes[i].outbox_ready(&mut self.broker, now);
@@ -927,13 +927,10 @@ impl World {
     }
 }
 
-/// What every conflict file and directory name carries (`manager::rule`).
-const CONFLICT_MARK: &str = " (conflict from ";
-
 /// The path a conflict file or directory is a conflict of: its name without the mark
 /// and what the mark holds (`a (conflict from n1 2026-01-01 00.00.02).txt` is of `a.txt`).
 fn original_of(path: &RelPath) -> Option<RelPath> {
-    let (stem, rest) = path.name().split_once(CONFLICT_MARK)?;
+    let (stem, rest) = path.name().split_once(::manager::rule::CONFLICT_MARK)?;
     let (_, ext) = rest.split_once(')')?;
     let name = format!("{stem}{ext}");
     match path.parent() {

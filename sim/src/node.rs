@@ -509,14 +509,11 @@ pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<()> {
     Ok(())
 }
 
-/// `touch -d`: sets a file's mtime (and atime) to `at_ns`; not a file: nothing.
-pub fn touch(tree: &Tree, path: &RelPath, at_ns: i64) -> FsResult<bool> {
+/// `touch -d`: sets the mtime (and atime) of `path` to `at_ns`.
+pub fn touch(tree: &Tree, path: &RelPath, at_ns: i64) -> FsResult<()> {
     let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
-    if tree.getattr(ino)?.kind != Kind::File {
-        return Ok(false);
-    }
     tree.setattr(ino, 0, SetAttr { atime: Some(SetTime::At(at_ns)), mtime: Some(SetTime::At(at_ns)), ..Default::default() })?;
-    Ok(true)
+    Ok(())
 }
 
 pub fn mkdir(tree: &Tree, path: &RelPath) -> FsResult<()> {
