@@ -41,7 +41,8 @@ pub enum Decision {
     Accept,
     /// Make this version, the change's merged with the current state, the path's
     /// current state: a chmod or chown on a stale base keeps a concurrent touch made
-    /// elsewhere ([`same_bytes_on_a_stale_base`]).
+    /// elsewhere ([`same_bytes_on_a_stale_base`]), a write keeps a concurrent chmod
+    /// ([`bytes_over_changed_metadata`], [`metadata_the_node_did_not_change`]).
     Merge(Version),
     /// A change of only the metadata of the bytes the path had at its base, written
     /// over elsewhere since ([`metadata_over_changed_bytes`]): make `Some` version (the
@@ -143,21 +144,31 @@ impl From<&Version> for AtBase {
     }
 }
 
-/// `base` is the revision the change was effectively based on ([`basis`]), and
-/// `at_base` the path's state at that revision when known (looked up only for a change
-/// on a stale base: [`same_bytes_on_a_stale_base`]); `copies` is
-/// how many conflict files the path already has; `file_above` is the highest ancestor of
-/// the path that is a live file on the manager, if one is.
-pub fn decide(
-    path: &RelPath,
-    current: Option<&Current>,
-    base: Revision,
-    at_base: Option<AtBase>,
-    op: &ChangeOp,
-    copies: usize,
-    file_above: Option<&RelPath>,
-) -> Decision {
-    match (decide_at_path(path, current, base, at_base, op, copies), file_above) {
+/// What a change was made on, as far as the manager knows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MadeOn {
+    /// The revision the change was effectively based on ([`basis`]).
+    pub base: Revision,
+    /// The path's state at `base` when known (looked up only for a change on a stale
+    /// base: [`same_bytes_on_a_stale_base`]).
+    pub at_base: Option<AtBase>,
+    /// The mode and owners of the state the node made the change on, as it says them
+    /// (`Change::base_meta`): what the change did not change of them
+    /// ([`metadata_the_node_did_not_change`]).
+    pub said: Option<ModeAndOwners>,
+}
+
+impl MadeOn {
+    /// Made on `base`, nothing more known.
+    pub fn rev(base: Revision) -> Self {
+        MadeOn { base, at_base: None, said: None }
+    }
+}
+
+/// `copies` is how many conflict files the path already has; `file_above` is the
+/// highest ancestor of the path that is a live file on the manager, if one is.
+pub fn decide(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, op: &ChangeOp, copies: usize, file_above: Option<&RelPath>) -> Decision {
+    match (decide_at_path(path, current, made_on, op, copies), file_above) {
         // A directory above the path became a file elsewhere while this node wrote
         // below it: what it wrote goes below a conflict directory beside that file, not
         // away.
@@ -169,7 +180,8 @@ pub fn decide(
 }
 
 /// The decision from the path's own state.
-fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_base: Option<AtBase>, op: &ChangeOp, copies: usize) -> Decision {
+fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, op: &ChangeOp, copies: usize) -> Decision {
+    let base = made_on.base;
     let live = current.and_then(|c| c.version.as_ref().map(|v| (c, v)));
     match (op, live) {
         // Nothing there (never was, or deleted): a put always wins. If the path was
@@ -199,14 +211,19 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_
                         Decision::Conflict
                     };
                 }
-                return Decision::Accept;
+                return metadata_the_node_did_not_change(version, cv, made_on.said.filter(|_| !from_a_later_lost_state(cur, base)));
             }
             // Stale base: someone else changed the path since this node saw it.
             if version.content == cv.content {
-                return same_bytes_on_a_stale_base(version, cv, at_base);
+                return same_bytes_on_a_stale_base(version, cv, made_on.at_base.as_ref());
             }
-            if let Some(b) = at_base.as_ref().filter(|b| b.content.as_ref() == Some(&version.content)) {
-                return metadata_over_changed_bytes(version, cv, b);
+            if let Some(b) = made_on.at_base.as_ref() {
+                if b.content.as_ref() == Some(&version.content) {
+                    return metadata_over_changed_bytes(version, cv, b);
+                }
+                if b.content.as_ref() == Some(&cv.content) && same_kind(&version.content, &cv.content) {
+                    return bytes_over_changed_metadata(version, cv, b);
+                }
             }
             if is_conflict_file(path) {
                 // A conflict file never conflicts: the latest edit of it wins.
@@ -244,7 +261,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, base: Revision, at_
 /// mode; the base's mtime unknown, the state's now). Without the state at the base
 /// (its history forgotten, or a revision the manager lost, and the node did not say)
 /// the current metadata stays.
-fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<AtBase>) -> Decision {
+fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&AtBase>) -> Decision {
     match at_base {
         Some(b) if ModeAndOwners::from(current) == b.meta && ModeAndOwners::from(version) != b.meta => {
             let mtime_ns = if b.mtime_ns == Some(current.mtime_ns) { version.mtime_ns } else { current.mtime_ns };
@@ -265,14 +282,52 @@ fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Opt
 /// made here is kept on what was written elsewhere, a touch of the older bytes is not.
 /// The path of another kind now (a file here, a symlink elsewhere), its state stays.
 fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
-    let same_kind =
-        matches!((&version.content, &current.content), (Content::File { .. }, Content::File { .. }) | (Content::Symlink { .. }, Content::Symlink { .. }));
-    let merged = (same_kind && ModeAndOwners::from(current) == at_base.meta && ModeAndOwners::from(version) != at_base.meta).then(|| Version {
-        content: current.content.clone(),
-        mtime_ns: current.mtime_ns,
-        ..version.clone()
-    });
+    let merged =
+        (same_kind(&version.content, &current.content) && ModeAndOwners::from(current) == at_base.meta && ModeAndOwners::from(version) != at_base.meta)
+            .then(|| Version { content: current.content.clone(), mtime_ns: current.mtime_ns, ..version.clone() });
     Decision::OverChangedBytes(merged)
+}
+
+/// Both files, or both symlinks.
+fn same_kind(a: &Content, b: &Content) -> bool {
+    matches!((a, b), (Content::File { .. }, Content::File { .. }) | (Content::Symlink { .. }, Content::Symlink { .. }))
+}
+
+/// A write (or a symlink made again) on a stale base while only the metadata changed
+/// elsewhere since (a chmod, a chown, a `touch`; the bytes are still those at the
+/// base): nothing written elsewhere needs a conflict file. The node's bytes and mtime
+/// are taken, and the mode and owners merge three-way as for a chmod on a stale base:
+/// the ones set elsewhere stay (of two concurrent chmods, the first decided), the node's
+/// when only it changed them.
+fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
+    let meta = if ModeAndOwners::from(current) == at_base.meta { ModeAndOwners::from(version) } else { ModeAndOwners::from(current) };
+    with_meta(version, meta)
+}
+
+/// A put made on the current state, or on a state the node took as its own change's
+/// (`basis`): the node's version, but for mode and owners it did not change from the
+/// state it made the change on (`said`) while the manager's differ from those: the
+/// manager's then stay. They differ when the manager merged the node's earlier change
+/// with a chmod made elsewhere that the node had not applied yet (it was still writing:
+/// [`bytes_over_changed_metadata`]), or kept another node's chmod over the node's
+/// (`Unchanged`): the node's later write is not a chmod back.
+fn metadata_the_node_did_not_change(version: &Version, current: &Version, said: Option<ModeAndOwners>) -> Decision {
+    match said {
+        Some(said) if ModeAndOwners::from(version) == said && ModeAndOwners::from(current) != said => match with_meta(version, ModeAndOwners::from(current)) {
+            Decision::Merge(merged) if merged == *current => Decision::Unchanged,
+            d => d,
+        },
+        _ => Decision::Accept,
+    }
+}
+
+/// `version` with `meta`: accepted as it is when it has them, else merged.
+fn with_meta(version: &Version, meta: ModeAndOwners) -> Decision {
+    if ModeAndOwners::from(version) == meta {
+        Decision::Accept
+    } else {
+        Decision::Merge(Version { mode: meta.mode, uid: meta.uid, gid: meta.gid, ..version.clone() })
+    }
 }
 
 /// Whether a change sent with `base` was made on the path's current state. A base above
@@ -437,16 +492,16 @@ mod tests {
 
     #[test]
     fn only_here_is_accepted() {
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
-        assert_eq!(decide(&p("a"), None, Revision(0), None, &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), &MadeOn::rev(Revision(3)), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), None, &MadeOn::rev(Revision(0)), &put(file(2)), 0, None), Decision::Accept);
     }
 
     #[test]
     fn both_changed_is_a_conflict_but_same_bytes_are_not() {
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Conflict);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(3)), &put(file(2)), 0, None), Decision::Conflict);
         let mut same = file(1);
         same.mode = 0o600;
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(same), 0, None), Decision::Unchanged);
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(3)), &put(same), 0, None), Decision::Unchanged);
     }
 
     /// Same bytes on a stale base: a three-way merge of the mode and owners against the
@@ -455,8 +510,9 @@ mod tests {
     #[test]
     fn a_chmod_on_a_stale_base_is_taken_unless_the_mode_changed_elsewhere_too() {
         let with = |mode: u32, mtime_ns: i64| Version { mode, mtime_ns, ..file(1) };
-        let decide_on =
-            |current: Version, at_base: Option<AtBase>, mine: Version| decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base, &put(mine), 0, None);
+        let decide_on = |current: Version, at_base: Option<AtBase>, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { at_base, ..MadeOn::rev(Revision(3)) }, &put(mine), 0, None)
+        };
         let decide_same_bytes = |current: Version, at_base: Option<Version>, mine: Version| decide_on(current, at_base.as_ref().map(AtBase::from), mine);
         // Touched elsewhere (mtime only), chmodded here: the chmod is taken, with the
         // touch's mtime.
@@ -486,8 +542,9 @@ mod tests {
     #[test]
     fn a_chmod_of_bytes_written_elsewhere_since_is_merged_not_a_conflict() {
         let (base, written) = (Version { mtime_ns: 1, ..file(1) }, Version { mtime_ns: 9, ..file(2) });
-        let on =
-            |current: Version, at_base: Option<AtBase>, mine: Version| decide(&p("a"), Some(&cur(5, Some(current))), Revision(3), at_base, &put(mine), 0, None);
+        let on = |current: Version, at_base: Option<AtBase>, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { at_base, ..MadeOn::rev(Revision(3)) }, &put(mine), 0, None)
+        };
         let known = Some(AtBase::from(&base));
         let over = |v: Option<Version>| Decision::OverChangedBytes(v);
         assert_eq!(on(written.clone(), known.clone(), Version { mode: 0o755, ..base.clone() }), over(Some(Version { mode: 0o755, ..written.clone() })));
@@ -502,13 +559,63 @@ mod tests {
         assert_eq!(on(written, said, Version { mode: 0o755, ..base }), Decision::Conflict);
     }
 
+    /// A write made on a state chmodded, chowned or touched elsewhere since (its bytes
+    /// still those at the base): no conflict file, the write is kept with the mode set
+    /// elsewhere (before, the write became a conflict file beside the chmodded bytes).
+    #[test]
+    fn a_write_over_a_chmod_made_elsewhere_since_is_merged_not_a_conflict() {
+        let base = Version { mtime_ns: 1, ..file(1) };
+        let on = |current: Version, at_base: Option<AtBase>, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { at_base, ..MadeOn::rev(Revision(3)) }, &put(mine), 0, None)
+        };
+        let known = Some(AtBase::from(&base));
+        let mine = Version { mtime_ns: 7, ..file(2) };
+        let chmodded = Version { mode: 0o600, ..base.clone() };
+        assert_eq!(on(chmodded.clone(), known.clone(), mine.clone()), Decision::Merge(Version { mode: 0o600, ..mine.clone() }), "the chmod kept on the write");
+        assert_eq!(on(Version { uid: 7, ..base.clone() }, known.clone(), mine.clone()), Decision::Merge(Version { uid: 7, ..mine.clone() }), "a chown too");
+        assert_eq!(on(Version { mtime_ns: 9, ..base.clone() }, known.clone(), mine.clone()), Decision::Accept, "touched elsewhere: the write's mtime");
+        let mine_chmodded = Version { mode: 0o755, ..mine.clone() };
+        assert_eq!(
+            on(chmodded.clone(), known.clone(), mine_chmodded.clone()),
+            Decision::Merge(Version { mode: 0o600, ..mine.clone() }),
+            "the first chmod decided"
+        );
+        assert_eq!(on(Version { mtime_ns: 9, ..base.clone() }, known.clone(), mine_chmodded), Decision::Accept, "chmodded here only");
+        // Written elsewhere too, another kind here, or the bytes at the base unknown:
+        // a conflict file, as before.
+        assert_eq!(on(Version { mode: 0o600, ..file(3) }, known.clone(), mine.clone()), Decision::Conflict);
+        let link = Version { content: Content::Symlink { target: "t".into() }, ..base.clone() };
+        assert_eq!(on(chmodded.clone(), known, link), Decision::Conflict);
+        let said = Some(AtBase { meta: ModeAndOwners::from(&base), mtime_ns: None, content: None });
+        assert_eq!(on(chmodded, said, mine), Decision::Conflict);
+    }
+
+    /// A put on the current state whose mode and owners are those the node made it on
+    /// (`said`) did not change them: the manager's stay when they differ (a chmod merged
+    /// into the node's earlier write, which the node, still writing, had not applied).
+    #[test]
+    fn a_put_keeps_the_mode_and_owners_it_did_not_change() {
+        let said = Some(ModeAndOwners::from(&file(1)));
+        let on = |current: Version, said: Option<ModeAndOwners>, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { said, ..MadeOn::rev(Revision(5)) }, &put(mine), 0, None)
+        };
+        let (theirs, mine) = (Version { mode: 0o600, ..file(1) }, Version { mtime_ns: 7, ..file(2) });
+        assert_eq!(on(theirs.clone(), said, mine.clone()), Decision::Merge(Version { mode: 0o600, ..mine.clone() }));
+        assert_eq!(on(theirs.clone(), said, Version { mode: 0o755, ..mine.clone() }), Decision::Accept, "chmodded here");
+        assert_eq!(on(theirs.clone(), None, mine.clone()), Decision::Accept, "nothing said");
+        assert_eq!(on(theirs.clone(), said, file(1)), Decision::Unchanged, "the same state once merged");
+        // A base above the current revision (a later state the manager lost): the node's.
+        let lost = decide(&p("a"), Some(&cur(3, Some(theirs))), &MadeOn { said, ..MadeOn::rev(Revision(9)) }, &put(mine), 0, None);
+        assert_eq!(lost, Decision::Accept);
+    }
+
     #[test]
     fn edit_beats_delete_both_ways() {
         // Deleted elsewhere, edited here: the edit is kept.
-        assert_eq!(decide(&p("a"), Some(&cur(5, None)), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(5, None)), &MadeOn::rev(Revision(3)), &put(file(2)), 0, None), Decision::Accept);
         // Edited elsewhere, deleted here: the delete is refused.
-        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
-        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(5), None, &ChangeOp::Delete, 0, None), Decision::Accept);
+        assert!(matches!(decide(&p("a"), Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(3)), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
+        assert_eq!(decide(&p("a"), Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(5)), &ChangeOp::Delete, 0, None), Decision::Accept);
     }
 
     /// A base above the path's revision is a later state the manager lost (its database
@@ -516,16 +623,19 @@ mod tests {
     /// is, and is taken as made on the current one.
     #[test]
     fn a_change_made_on_a_state_the_manager_lost_is_made_on_the_current_one() {
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), None, &put(file(2)), 0, None), Decision::Accept);
-        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), Revision(9), None, &ChangeOp::Delete, 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), &MadeOn::rev(Revision(9)), &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("a"), Some(&cur(3, Some(file(1)))), &MadeOn::rev(Revision(9)), &ChangeOp::Delete, 0, None), Decision::Accept);
         let full = Current { rev: Revision(3), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
-        assert!(matches!(decide(&p("d"), Some(&full), Revision(9), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)), "still not over files added");
+        assert!(
+            matches!(decide(&p("d"), Some(&full), &MadeOn::rev(Revision(9)), &ChangeOp::Delete, 0, None), Decision::Refuse(_)),
+            "still not over files added"
+        );
         // Taken in at 100 from lost revision 9: a later lost state (12) or one made on
         // it (9) is on the current state while the path is still there; an older (7)
         // is not, nor anything once the path has moved on.
         let taken_in = |rev| Current { from_lost: Some(TakenIn { base: Revision(9), first: Revision(90), last: Revision(100) }), ..cur(rev, Some(file(1))) };
         for (rev, base, d) in [(100, 12, Decision::Accept), (100, 9, Decision::Accept), (100, 7, Decision::Conflict), (101, 12, Decision::Conflict)] {
-            assert_eq!(decide(&p("a"), Some(&taken_in(rev)), Revision(base), None, &put(file(2)), 0, None), d, "at {rev}, base {base}");
+            assert_eq!(decide(&p("a"), Some(&taken_in(rev)), &MadeOn::rev(Revision(base)), &put(file(2)), 0, None), d, "at {rev}, base {base}");
         }
         assert!(from_a_later_lost_state(&taken_in(100), Revision(12)) && !from_a_later_lost_state(&taken_in(100), Revision(9)));
     }
@@ -533,10 +643,10 @@ mod tests {
     #[test]
     fn directories_with_new_children_are_not_deleted() {
         let c = Current { rev: Revision(2), version: Some(dir()), has_children: true, made_by_manager: false, from_lost: None };
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), None, &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
+        assert!(matches!(decide(&p("d"), Some(&c), &MadeOn::rev(Revision(2)), &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
         // A file put over it is kept beside it, as a conflict file: nothing is lost.
-        assert_eq!(decide(&p("d"), Some(&c), Revision(2), None, &put(file(1)), 0, None), Decision::Conflict);
-        assert!(matches!(decide(&p("d"), Some(&c), Revision(2), None, &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
+        assert_eq!(decide(&p("d"), Some(&c), &MadeOn::rev(Revision(2)), &put(file(1)), 0, None), Decision::Conflict);
+        assert!(matches!(decide(&p("d"), Some(&c), &MadeOn::rev(Revision(2)), &put(file(1)), MAX_CONFLICT_COPIES, None), Decision::KeepAsVersion(_)));
     }
 
     /// Found by the simulator (seed 2069): a node's chmod of a directory it kept for
@@ -547,21 +657,21 @@ mod tests {
         let restored = Current { rev: Revision(5), version: Some(dir()), has_children: true, made_by_manager: true, from_lost: None };
         let mut mine = dir();
         mine.mode = 0o700;
-        assert_eq!(decide(&p("d"), Some(&restored), Revision(2), None, &put(mine), 0, None), Decision::Accept);
+        assert_eq!(decide(&p("d"), Some(&restored), &MadeOn::rev(Revision(2)), &put(mine), 0, None), Decision::Accept);
     }
 
     #[test]
     fn regression_a_directory_made_where_a_file_was_written_elsewhere_is_a_conflict() {
         // Found by the simulator: refused, and everything the node then wrote below
         // the directory was refused too, and lost.
-        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), Revision(0), None, &put(dir()), 0, None), Decision::Conflict);
+        assert_eq!(decide(&p("d"), Some(&cur(3, Some(file(1)))), &MadeOn::rev(Revision(0)), &put(dir()), 0, None), Decision::Conflict);
     }
 
     #[test]
     fn a_put_below_a_file_goes_below_a_conflict_directory_and_a_delete_does_not() {
         let f = p("d");
-        assert_eq!(decide(&p("d/x"), None, Revision(0), None, &put(file(1)), 0, Some(&f)), Decision::ConflictBelow { file: f.clone() });
-        assert_eq!(decide(&p("d/x"), Some(&cur(4, None)), Revision(4), None, &ChangeOp::Delete, 0, Some(&f)), Decision::Unchanged);
+        assert_eq!(decide(&p("d/x"), None, &MadeOn::rev(Revision(0)), &put(file(1)), 0, Some(&f)), Decision::ConflictBelow { file: f.clone() });
+        assert_eq!(decide(&p("d/x"), Some(&cur(4, None)), &MadeOn::rev(Revision(4)), &ChangeOp::Delete, 0, Some(&f)), Decision::Unchanged);
         let copy = p("d (conflict from n2 r9)");
         assert_eq!(moved_below(&p("d/x/y"), &f, &copy), Some(p("d (conflict from n2 r9)/x/y")));
         assert_eq!(moved_below(&p("dx/y"), &f, &copy), None, "dx is not below d");
@@ -593,9 +703,9 @@ mod tests {
     #[test]
     fn conflict_files_never_conflict_and_copies_are_capped() {
         let copy = p("r (conflict from n2 2026-11-25 14.03.10).txt");
-        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), 0, None), Decision::Accept);
+        assert_eq!(decide(&copy, Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(3)), &put(file(2)), 0, None), Decision::Accept);
         assert!(matches!(
-            decide(&p("a"), Some(&cur(5, Some(file(1)))), Revision(3), None, &put(file(2)), MAX_CONFLICT_COPIES, None),
+            decide(&p("a"), Some(&cur(5, Some(file(1)))), &MadeOn::rev(Revision(3)), &put(file(2)), MAX_CONFLICT_COPIES, None),
             Decision::KeepAsVersion(_)
         ));
     }

@@ -1838,7 +1838,8 @@ impl Tx<'_> {
             },
             _ => None,
         };
-        let decision = rule::decide(&change.path, current.as_ref(), base, at_base, &change.op, copies as usize, file_above.as_ref());
+        let made_on = rule::MadeOn { base, at_base, said: change.base_meta };
+        let decision = rule::decide(&change.path, current.as_ref(), &made_on, &change.op, copies as usize, file_above.as_ref());
         // A change of only the metadata of bytes written over elsewhere: its record says
         // the revision it was made on, which the changes that follow it were made on too
         // (`rule::basis` bases them on the recorded revision).
@@ -1861,6 +1862,7 @@ impl Tx<'_> {
             }
             // (The version the rule merged, made by the sender.)
             (Decision::Merge(merged), ChangeOp::Put { .. }) => {
+                tracing::debug!(target: "changes", %msg, path = %change.path, version = ?merged, "merged with metadata changed elsewhere");
                 accepted = Some(self.accept_put(&change.path, &merged, &ancestors, from_lost.then_some(base), from, now_ms)?);
                 Outcome::Accepted
             }
@@ -2139,7 +2141,7 @@ impl NodeRow {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wire::{ContentHash, Envelope};
+    use wire::{ContentHash, Envelope, ModeAndOwners};
 
     fn node(s: &str) -> NodeId {
         s.parse().unwrap()
@@ -2616,6 +2618,40 @@ mod tests {
         assert_eq!(last[3], Outcome::Unchanged, "a touch of the older bytes");
         assert!(matches!(last[4], Outcome::Conflict { .. }), "n1's write was made on its own bytes, not on n2's: {:?}", last[4]);
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version, Some(Version { mode: 0o755, mtime_ns: 9, ..file(2) }), "n2's write stays");
+    }
+
+    /// A write made on the state before a chmod made elsewhere (the bytes still those at
+    /// its base) is taken with that chmod's mode, not kept as a conflict file; it is
+    /// the writer's, held by it. The writer's next write, following it and carrying the
+    /// mode the writer had (it had not applied the merged one yet), keeps the merged mode;
+    /// a chmod that follows is the writer's own, and is taken.
+    #[test]
+    fn a_write_on_a_state_chmodded_elsewhere_since_keeps_the_chmod() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        let made = s.head().unwrap().0;
+        send(&mut s, "n2", "m2", put("a", made, Version { mode: 0o600, ..file(1) }));
+        send(&mut s, "n1", "m3", put("a", made, Version { mtime_ns: 9, ..file(2) }));
+        assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Accepted]);
+        let a = s.entry(&p("a")).unwrap().unwrap();
+        assert_eq!(a.version, Some(Version { mode: 0o600, mtime_ns: 9, ..file(2) }), "n1's bytes, n2's mode");
+        assert_eq!(a.holders.iter().map(|h| h.node.as_str()).collect::<Vec<_>>(), ["n1"]);
+        assert_eq!(s.conn.query_row("SELECT count(*) FROM conflicts", [], |r| r.get::<_, i64>(0)).unwrap(), 0);
+        // (Each says the mode of the version of n1's it follows.)
+        let following = |follows: &str, made_on: &Version, version: Version| {
+            ToManager::Change(Change {
+                path: p("a"),
+                base: Revision(made),
+                follows: Some(follows.parse().unwrap()),
+                op: ChangeOp::Put { version },
+                base_meta: Some(ModeAndOwners::from(made_on)),
+            })
+        };
+        send(&mut s, "n1", "m4", following("m3", &file(2), file(3)));
+        assert_eq!(decided(&s)[3], Outcome::Accepted);
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version, Some(Version { mode: 0o600, ..file(3) }), "the next write keeps n2's mode");
+        send(&mut s, "n1", "m5", following("m4", &file(3), Version { mode: 0o755, ..file(3) }));
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version, Some(Version { mode: 0o755, ..file(3) }), "n1's chmod after it");
     }
 
     /// A heartbeat of n2 saying it took revision `taken`.

@@ -73,6 +73,12 @@ impl Model {
             // The bytes the path had at the base, written over elsewhere since: nothing
             // was written here (the mode is the same throughout).
             (Some(c), Some(_)) if self.history.get(&(path.to_string(), base)) == Some(&Some(c)) => "unchanged",
+            // The bytes the path has now are those it had at the base (only its metadata,
+            // or nothing, changed elsewhere since): the write is taken.
+            (Some(c), Some((_, Some(cc)))) if self.history.get(&(path.to_string(), base)) == Some(&Some(cc)) => {
+                self.set(path, Some(c));
+                "accepted"
+            }
             (Some(_), Some(_)) => {
                 let n = self.copies.entry(path.to_string()).or_default();
                 if *n >= 20 {

@@ -18,7 +18,7 @@ fn wait_offline(c: &Cluster, n: &NodeProc) {
 fn every_branch_of_the_rule_after_an_offline_period() {
     let c = Cluster::start("offline", 3);
     let (a, b, off) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
-    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt", "meta.txt", "mode.txt"] {
+    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt", "meta.txt", "mode.txt", "written.txt", "stamped.txt"] {
         write(&a.p(f), b"v1");
     }
     std::fs::create_dir(a.p("gone")).unwrap();
@@ -36,6 +36,8 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     write(&off.p("gone/new_offline.txt"), b"added offline");
     std::fs::set_permissions(off.p("meta.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(off.p("mode.txt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    write(&off.p("written.txt"), b"written offline");
+    write(&off.p("stamped.txt"), b"written offline");
     let st = off.status();
     assert_eq!(st["connected"], false);
     assert!(st["pending_changes"].as_u64().unwrap() >= 6, "{st}");
@@ -55,6 +57,8 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     let touched = std::time::UNIX_EPOCH + std::time::Duration::from_secs(978_307_200); // 2001-01-01
     std::fs::File::open(a.p("meta.txt")).unwrap().set_modified(touched).unwrap();
     write(&b.p("mode.txt"), b"written online");
+    std::fs::set_permissions(b.p("written.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
+    std::fs::File::open(b.p("stamped.txt")).unwrap().set_modified(touched).unwrap();
     eventually("a and b to agree", DEADLINE, || snapshot(&a.mount) == snapshot(&b.mount) && !a.p("gone").exists());
 
     off.proxy.restore();
@@ -85,6 +89,19 @@ fn every_branch_of_the_rule_after_an_offline_period() {
             (text(n, "mode.txt").as_str(), mode),
             ("written online", 0o700),
             "chmodded offline, written elsewhere: both kept, no conflict file ({})",
+            n.id
+        );
+        let written = std::fs::metadata(n.p("written.txt")).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(
+            (text(n, "written.txt").as_str(), written),
+            ("written offline", 0o640),
+            "written offline, chmodded elsewhere: both kept, no conflict file ({})",
+            n.id
+        );
+        let stamped = std::fs::metadata(n.p("stamped.txt")).unwrap().modified().unwrap();
+        assert!(
+            text(n, "stamped.txt") == "written offline" && stamped != touched,
+            "written offline, touched elsewhere: the write with its own mtime, no conflict file ({})",
             n.id
         );
         let conflicts = conflict_files(&n.mount);

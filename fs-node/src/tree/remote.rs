@@ -280,6 +280,32 @@ impl State {
         Ok(out)
     }
 
+    /// The mode and owners of `current`, the state the manager made of this node's change
+    /// `sent` merged with ones set elsewhere (`rule::bytes_over_changed_metadata`: a
+    /// chmod made there while this node wrote), taken by the path's inode while the file
+    /// is still being written or has later changes queued (`apply_entry` leaves it
+    /// alone then), if the inode still has the change's: its later changes carry them
+    /// (the manager keeps them for those sent already:
+    /// `rule::metadata_the_node_did_not_change`). The inode to invalidate, if taken.
+    pub(super) fn take_merged_meta(&mut self, path: &RelPath, sent: &ChangeOp, current: &Entry) -> FsResult<Option<u64>> {
+        let (ChangeOp::Put { version: sent }, Some(merged)) = (sent, &current.version) else { return Ok(None) };
+        let meta_of = |mode: u32, uid: u32, gid: u32| ModeAndOwners { mode: mode & 0o7777, uid, gid };
+        let (sent_meta, merged_meta) = (meta_of(sent.mode, sent.uid, sent.gid), meta_of(merged.mode, merged.uid, merged.gid));
+        let Some((_, _, ino)) = self.resolve(path).filter(|_| sent_meta != merged_meta) else { return Ok(None) };
+        let i = self.inode(ino)?;
+        let same_kind =
+            matches!((&i.kind, &merged.content), (Kind::File, Content::File { .. }) | (Kind::Symlink, Content::Symlink { .. }) | (Kind::Dir, Content::Dir));
+        if !same_kind || meta_of(i.perm, i.uid, i.gid) != sent_meta {
+            return Ok(None);
+        }
+        tracing::debug!(target: "changes", %path, mode = merged_meta.mode, uid = merged_meta.uid, gid = merged_meta.gid, "the mode and owners the manager merged into this node's change taken");
+        let now = self.env.now_ns();
+        let i = self.inode_mut(ino)?;
+        (i.perm, i.uid, i.gid, i.ctime) = (merged_meta.mode, merged_meta.uid, merged_meta.gid, now);
+        self.save(ino)?;
+        Ok(Some(ino))
+    }
+
     /// The manager holds `entry`, a live path, so every ancestor of it was a directory
     /// there at its revision: a delete of one, or a file or a symlink put there, deferred
     /// here from before is stale (found by the simulator, seed 50926: the node's queue

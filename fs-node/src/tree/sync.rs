@@ -754,6 +754,7 @@ impl State {
         let seq = self.outbox.seq_of(msg);
         let mut decided = false;
         let mut kept_copy = None;
+        let mut merged_into = None;
         if let Some(seq) = seq {
             // Near a large rename's old paths, their deletes are queued before the
             // decided change goes: they follow it, as if queued by the rename itself
@@ -827,10 +828,9 @@ impl State {
                 && match (&row.change.op, outcome) {
                     (ChangeOp::Put { version }, Outcome::Unchanged) => current.version.as_ref().is_some_and(|v| v.content == version.content),
                     // (An accepted chmod may come back with the mtime of a touch made
-                    // elsewhere meanwhile: the manager's merge.)
-                    (ChangeOp::Put { version }, Outcome::Accepted) => {
-                        current.version.as_ref().is_some_and(|v| v.content == version.content && ModeAndOwners::from(v) == ModeAndOwners::from(version))
-                    }
+                    // elsewhere meanwhile, a write with the mode of a chmod made
+                    // elsewhere: the manager's merges.)
+                    (ChangeOp::Put { version }, Outcome::Accepted) => current.version.as_ref().is_some_and(|v| v.content == version.content),
                     (ChangeOp::Put { version }, _) => current.version.as_ref() == Some(version),
                     (ChangeOp::Delete, _) => current.version.is_none(),
                 };
@@ -849,6 +849,7 @@ impl State {
                 && self.env.past_bug() != Some(PastBug::DecidedBase)
             {
                 self.set_rev(&current.path, current.rev)?;
+                merged_into = self.take_merged_meta(&current.path, &row.change.op, current)?;
                 if let Some((parent, name, ino)) = moved_here {
                     self.record_put(parent, &name, ino)?;
                 }
@@ -857,6 +858,10 @@ impl State {
         }
         let mut out = self.apply_entry(current, store, decided)?;
         out.also.extend(kept_copy);
+        if let Some(ino) = merged_into {
+            out.invals.push(Inval::Inode { ino });
+            out.changed = true;
+        }
         if seq.is_some() {
             self.apply_deferred_above(&current.path, store, &mut out)?;
         }

@@ -190,16 +190,8 @@ fn a_chmod_accepted_with_a_touch_made_elsewhere_gives_its_revision() {
     let dir = tempfile::tempdir().unwrap();
     let t = tree(dir.path());
     let f = write_f(&t, b"bytes");
-    let put_of = |rows: &[OutboxRow], rev: u64, mtime_ns: Option<i64>| match &rows[0].change.op {
-        ChangeOp::Put { version } => Entry {
-            path: rows[0].change.path.clone(),
-            rev: Revision(rev),
-            version: Some(Version { mtime_ns: mtime_ns.unwrap_or(version.mtime_ns), ..version.clone() }),
-            holders: vec![],
-            from_lost: None,
-        },
-        op => panic!("not a put: {op:?}"),
-    };
+    let put_of =
+        |rows: &[OutboxRow], rev: u64, mtime_ns: Option<i64>| decided_put(&rows[0], rev, |v| Version { mtime_ns: mtime_ns.unwrap_or(v.mtime_ns), ..v });
     let made = t.take_unpublished();
     t.apply_decided(&made[0].msg, &Outcome::Accepted, &put_of(&made, 3, None)).unwrap();
     let touched = 1_700_000_000_123_456_789;
@@ -219,6 +211,39 @@ fn a_chmod_accepted_with_a_touch_made_elsewhere_gives_its_revision() {
     let rows = t.take_unpublished();
     assert_eq!(rows.len(), 1, "the unsent change was coalesced: {rows:?}");
     assert_eq!((rows[0].change.base, &rows[0].change.follows), (Revision(7), &None), "the chmod must be based on the merged state's revision");
+}
+
+/// The state the manager names in the decision of `row`, a put: at `rev`, its version
+/// as `merged` makes it.
+fn decided_put(row: &OutboxRow, rev: u64, merged: impl FnOnce(Version) -> Version) -> Entry {
+    let ChangeOp::Put { version } = &row.change.op else { panic!("not a put: {row:?}") };
+    Entry { path: row.change.path.clone(), rev: Revision(rev), version: Some(merged(version.clone())), holders: vec![], from_lost: None }
+}
+
+/// The manager keeps a chmod made elsewhere on a write made on the state before it
+/// (`rule::bytes_over_changed_metadata`): the accepted state it names has the write's
+/// bytes with another mode, yet it is the state the write left. A change queued
+/// meanwhile is based on its revision, and the file, with changes queued, takes the
+/// mode at once, so that its later changes carry it (with the mode from before, the
+/// write that follows passes for a chmod back, and the chmod made elsewhere is lost).
+#[test]
+fn a_write_accepted_with_a_chmod_made_elsewhere_gives_its_revision_and_its_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let f = write_f(&t, b"one");
+    let made = t.take_unpublished();
+    t.apply_decided(&made[0].msg, &Outcome::Accepted, &decided_put(&made[0], 3, |v| v)).unwrap();
+    write_f(&t, b"two");
+    let sent = t.take_unpublished();
+    write_f(&t, b"three"); // queued, not sent: follows the sent write
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &decided_put(&sent[0], 5, |v| Version { mode: 0o600, ..v })).unwrap();
+    assert_eq!(t.getattr(f).unwrap().perm, 0o600, "the mode merged in, taken with changes queued");
+    write_f(&t, b"four"); // replaces the unsent change; nothing queued is left to follow
+    let rows = t.take_unpublished();
+    assert_eq!(rows.len(), 1, "the unsent change was coalesced: {rows:?}");
+    let c = &rows[0].change;
+    assert_eq!((c.base, &c.follows), (Revision(5), &None), "the write must be based on the merged state's revision");
+    assert!(matches!(&c.op, ChangeOp::Put { version } if version.mode & 0o7777 == 0o600), "{c:?}");
 }
 
 /// `cp -a` makes a directory 0700 and chmods it at the end. When the mkdir was decided
