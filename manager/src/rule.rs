@@ -238,7 +238,10 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
             }
         }
         (ChangeOp::Delete, Some((cur, cv))) => {
-            if !based_on_current(cur, base) {
+            // On a stale base, a delete of bytes only chmodded, chowned or touched
+            // elsewhere since deletes nothing the node did not see.
+            let bytes_seen = made_on.at_base.as_ref().is_some_and(|b| b.content.as_ref() == Some(&cv.content));
+            if !based_on_current(cur, base) && !bytes_seen {
                 Decision::Refuse("changed elsewhere since this node saw it; nothing that was edited is deleted".into())
             } else if matches!(cv.content, Content::Dir) && cur.has_children {
                 Decision::Refuse("the directory has files added elsewhere".into())
@@ -638,6 +641,34 @@ mod tests {
             assert_eq!(decide(&p("a"), Some(&taken_in(rev)), &MadeOn::rev(Revision(base)), &put(file(2)), 0, None), d, "at {rev}, base {base}");
         }
         assert!(from_a_later_lost_state(&taken_in(100), Revision(12)) && !from_a_later_lost_state(&taken_in(100), Revision(9)));
+    }
+
+    /// A delete made on a state whose bytes were not changed since, only its mode,
+    /// owners or mtime: taken (before, refused, and the file came back where it was
+    /// deleted); over bytes written elsewhere since, or not known, refused as before.
+    #[test]
+    fn a_delete_of_bytes_only_chmodded_elsewhere_since_is_taken() {
+        let base = Version { mtime_ns: 1, ..file(1) };
+        let on = |current: Version, at_base: Option<AtBase>| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { at_base, ..MadeOn::rev(Revision(3)) }, &ChangeOp::Delete, 0, None)
+        };
+        let known = Some(AtBase::from(&base));
+        assert_eq!(on(Version { mode: 0o600, ..base.clone() }, known.clone()), Decision::Accept, "chmodded elsewhere");
+        assert_eq!(on(Version { mtime_ns: 9, ..base.clone() }, known.clone()), Decision::Accept, "touched elsewhere");
+        assert!(matches!(on(file(2), known), Decision::Refuse(_)), "written elsewhere");
+        let said = Some(AtBase { meta: ModeAndOwners::from(&base), mtime_ns: None, content: None });
+        assert!(matches!(on(Version { mode: 0o600, ..base.clone() }, said), Decision::Refuse(_)), "the bytes at the base not known");
+        // A directory chmodded elsewhere: taken when empty, refused with children.
+        let d = |has_children: bool| Current {
+            rev: Revision(5),
+            version: Some(Version { mode: 0o700, ..dir() }),
+            has_children,
+            made_by_manager: false,
+            from_lost: None,
+        };
+        let known_dir = MadeOn { at_base: Some(AtBase::from(&dir())), ..MadeOn::rev(Revision(3)) };
+        assert_eq!(decide(&p("d"), Some(&d(false)), &known_dir, &ChangeOp::Delete, 0, None), Decision::Accept);
+        assert!(matches!(decide(&p("d"), Some(&d(true)), &known_dir, &ChangeOp::Delete, 0, None), Decision::Refuse(_)));
     }
 
     #[test]

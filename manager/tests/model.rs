@@ -92,6 +92,12 @@ impl Model {
                 self.set(path, None);
                 "accepted"
             }
+            // Deleted on a stale base, the path's bytes still those at the base: nothing
+            // written elsewhere is deleted.
+            (None, Some((_, Some(cc)))) if self.history.get(&(path.to_string(), base)) == Some(&Some(cc)) => {
+                self.set(path, None);
+                "accepted"
+            }
             (None, Some(_)) => "refused",
         }
     }

@@ -18,7 +18,19 @@ fn wait_offline(c: &Cluster, n: &NodeProc) {
 fn every_branch_of_the_rule_after_an_offline_period() {
     let c = Cluster::start("offline", 3);
     let (a, b, off) = (&c.nodes[0], &c.nodes[1], &c.nodes[2]);
-    for f in ["only_off.txt", "only_else.txt", "both.txt", "same.txt", "del_here.txt", "del_there.txt", "meta.txt", "mode.txt", "written.txt", "stamped.txt"] {
+    for f in [
+        "only_off.txt",
+        "only_else.txt",
+        "both.txt",
+        "same.txt",
+        "del_here.txt",
+        "del_there.txt",
+        "meta.txt",
+        "mode.txt",
+        "written.txt",
+        "stamped.txt",
+        "del_mode.txt",
+    ] {
         write(&a.p(f), b"v1");
     }
     std::fs::create_dir(a.p("gone")).unwrap();
@@ -32,6 +44,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     write(&off.p("both.txt"), b"offline both");
     write(&off.p("same.txt"), b"identical");
     std::fs::remove_file(off.p("del_here.txt")).unwrap();
+    std::fs::remove_file(off.p("del_mode.txt")).unwrap();
     write(&off.p("del_there.txt"), b"edited offline");
     write(&off.p("gone/new_offline.txt"), b"added offline");
     std::fs::set_permissions(off.p("meta.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -59,6 +72,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     write(&b.p("mode.txt"), b"written online");
     std::fs::set_permissions(b.p("written.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
     std::fs::File::open(b.p("stamped.txt")).unwrap().set_modified(touched).unwrap();
+    std::fs::set_permissions(a.p("del_mode.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     eventually("a and b to agree", DEADLINE, || snapshot(&a.mount) == snapshot(&b.mount) && !a.p("gone").exists());
 
     off.proxy.restore();
@@ -77,6 +91,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
         assert_eq!(text(n, "del_there.txt"), "edited offline", "edited offline, deleted elsewhere: kept ({})", n.id);
         assert_eq!(text(n, "gone/new_offline.txt"), "added offline", "file added offline in a directory deleted elsewhere: kept ({})", n.id);
         assert!(!n.p("gone/old.txt").exists());
+        assert!(!n.p("del_mode.txt").exists(), "deleted offline, chmodded elsewhere: deleted ({})", n.id);
         let meta = std::fs::metadata(n.p("meta.txt")).unwrap();
         assert_eq!(
             (meta.permissions().mode() & 0o7777, meta.modified().unwrap()),
