@@ -99,17 +99,11 @@ fn every_branch_of_the_rule_after_an_offline_period() {
             "chmodded offline, touched elsewhere: both kept ({})",
             n.id
         );
-        let mode = std::fs::metadata(n.p("mode.txt")).unwrap().permissions().mode() & 0o7777;
+        let text_and_mode = |f: &str| (text(n, f), std::fs::metadata(n.p(f)).unwrap().permissions().mode() & 0o7777);
+        assert_eq!(text_and_mode("mode.txt"), ("written online".into(), 0o700), "chmodded offline, written elsewhere: both kept, no conflict file ({})", n.id);
         assert_eq!(
-            (text(n, "mode.txt").as_str(), mode),
-            ("written online", 0o700),
-            "chmodded offline, written elsewhere: both kept, no conflict file ({})",
-            n.id
-        );
-        let written = std::fs::metadata(n.p("written.txt")).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(
-            (text(n, "written.txt").as_str(), written),
-            ("written offline", 0o640),
+            text_and_mode("written.txt"),
+            ("written offline".into(), 0o640),
             "written offline, chmodded elsewhere: both kept, no conflict file ({})",
             n.id
         );
