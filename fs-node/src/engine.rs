@@ -795,6 +795,7 @@ impl<R> Engine<R> {
             self.out.push(Action::Invalidate(applied.invals));
         }
         if applied.missing_content {
+            tracing::debug!(path = %entry.path, rev = %entry.rev, "the content of a pinned path is not here yet: tried again later");
             let retry = self.missing.entry(entry.path.clone()).or_insert_with(|| Missing {
                 entry: entry.clone(),
                 next_try: now + RETRY_FIRST,

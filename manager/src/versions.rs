@@ -121,7 +121,7 @@ impl Tx<'_> {
                 .collect::<Result<_, _>>()?;
             self.keep_content(hash, size, &candidates, &[], now_ms)?;
         }
-        self.prune_by_count(path)
+        self.prune_by_count(path, now_ms)
     }
 
     /// Makes sure `copies` nodes keep `hash` (those that do already count), asking the
@@ -174,7 +174,7 @@ impl Tx<'_> {
     }
 
     /// Keeps only the newest `keep_versions` old versions of `path`.
-    fn prune_by_count(&mut self, path: &RelPath) -> anyhow::Result<()> {
+    fn prune_by_count(&mut self, path: &RelPath, now_ms: i64) -> anyhow::Result<()> {
         if self.retention.keep_versions == 0 {
             return Ok(());
         }
@@ -186,7 +186,7 @@ impl Tx<'_> {
         for (rev, _) in &old {
             self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE rev = ?1")?.execute([rev])?;
         }
-        self.release_unkept(old.into_iter().filter_map(|(_, h)| h).collect())
+        self.release_unkept(old.into_iter().filter_map(|(_, h)| Some((path.to_string(), h?))).collect(), now_ms)
     }
 
     /// Ends the versions whose retention ran out; returns how many. Their contents are
@@ -196,15 +196,15 @@ impl Tx<'_> {
     /// revision (a sync's catch-up form) are still all there.
     pub fn expire_versions(&mut self, now_ms: i64) -> anyhow::Result<usize> {
         let cutoff = now_ms.saturating_sub(self.retention.keep_for_ms);
-        let hashes: Vec<Option<String>> = self
+        let ended: Vec<(String, Option<String>)> = self
             .tx
-            .prepare_cached("SELECT hash FROM history INDEXED BY history_kept_by_end WHERE kept = 1 AND ended_ms < ?1")?
-            .query_map([cutoff], |r| r.get(0))?
+            .prepare_cached("SELECT path, hash FROM history INDEXED BY history_kept_by_end WHERE kept = 1 AND ended_ms < ?1")?
+            .query_map([cutoff], |r| Ok((r.get(0)?, r.get(1)?)))?
             .collect::<Result<_, _>>()?;
-        let n = hashes.len();
+        let n = ended.len();
         if n > 0 {
             self.tx.prepare_cached("UPDATE history SET kept = 0 WHERE kept = 1 AND ended_ms < ?1")?.execute([cutoff])?;
-            self.release_unkept(hashes.into_iter().flatten().collect())?;
+            self.release_unkept(ended.into_iter().filter_map(|(path, h)| Some((path, h?))).collect(), now_ms)?;
             tracing::info!("{n} kept version(s) reached the end of their retention");
         }
         // Ended first, gone first: a path's rows go oldest first (its states end in
@@ -225,15 +225,46 @@ impl Tx<'_> {
         Ok(n)
     }
 
-    /// Tells the keepers of each of `hashes` that no kept version needs it (if none does).
-    fn release_unkept(&mut self, mut hashes: Vec<String>) -> anyhow::Result<()> {
+    /// Tells the keepers of the content of each of `ended` (kept versions no more: their
+    /// path and content) that no kept version needs it, if none does and it is not the
+    /// current content of that path. Such a content stays kept, its keepers told its
+    /// retention begins again: a chmod, chown or touch made elsewhere (or the manager's
+    /// merge of one) made a new current version of the same bytes, and its keepers may be
+    /// the only nodes that still have them: the node that wrote them may have written over
+    /// them since, in a change yet to be decided, which may become a conflict file while
+    /// the path keeps these bytes (simulator seed 2076).
+    fn release_unkept(&mut self, mut ended: Vec<(String, String)>, now_ms: i64) -> anyhow::Result<()> {
+        ended.sort();
+        ended.dedup();
+        let mut per_node: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
+        let mut current: Vec<String> = Vec::new();
+        for (path, h) in &ended {
+            let is_current = self
+                .tx
+                .prepare_cached("SELECT 1 FROM paths p JOIN history h ON h.rev = p.rev WHERE p.path = ?1 AND h.hash = ?2")?
+                .query_row([path, h], |_| Ok(()))
+                .optional()?
+                .is_some();
+            if is_current {
+                current.push(h.clone());
+            }
+        }
+        let mut hashes: Vec<String> = ended.into_iter().map(|(_, h)| h).collect();
         hashes.sort();
         hashes.dedup();
-        let mut per_node: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
         for h in hashes {
             let needed =
                 self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
             if needed {
+                continue;
+            }
+            if current.contains(&h) {
+                let size: Option<i64> =
+                    self.tx.prepare_cached("SELECT size FROM kept WHERE hash = ?1 LIMIT 1")?.query_row([&h], |r| r.get(0)).optional()?;
+                if let Some(size) = size {
+                    let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
+                    self.keep_content(&hash, size as u64, &[], &[], now_ms)?;
+                }
                 continue;
             }
             let nodes: Vec<String> =
@@ -963,6 +994,44 @@ mod tests {
         assert_eq!(c.versions("log").len(), 1);
         let kept: i64 = c.s.conn().query_row("SELECT count(*) FROM kept", [], |r| r.get(0)).unwrap();
         assert_eq!(kept, 0);
+    }
+
+    /// A content whose kept version's retention ends while a chmod made elsewhere keeps
+    /// it current at the same path is not released: its keeper may be the only node left
+    /// with it (it wrote the bytes and may have written over them since). Its keeper hears
+    /// the retention begin again; once the path has other bytes and their retention ends
+    /// too, it is released (simulator seed 2076).
+    #[test]
+    fn bytes_still_current_after_a_chmod_are_not_released_when_their_old_version_expires() {
+        let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 0, copies: 1, ..Default::default() }, &["n1", "n2"]);
+        let released = |sent: &[(String, ToNode)]| -> Vec<(String, ContentHash)> {
+            sent.iter()
+                .filter_map(|(k, m)| if let ToNode::Release { hashes } = m { Some((topology::node_of_key(k).unwrap().to_string(), hashes.clone())) } else { None })
+                .flat_map(|(n, hs)| hs.into_iter().map(move |h| (n.clone(), h)))
+                .collect()
+        };
+        c.put("n1", "doc", file(1, 0o644));
+        c.put("n2", "doc", file(1, 0o600));
+        let sent = c.sent();
+        assert_eq!(keeps_to(&sent), vec!["n1"], "the writer keeps the bytes of the version the chmod ended");
+        c.confirm_keeps(&sent);
+        c.sent();
+        c.now += 10_001;
+        let now = c.now;
+        assert_eq!(c.s.transaction(|tx| tx.expire_versions(now)).unwrap(), 1);
+        let sent = c.sent();
+        assert_eq!(released(&sent), vec![], "the bytes are still the path's: their keeper keeps them");
+        let renewed = keeps(&sent);
+        assert_eq!(renewed.len(), 1, "{sent:?}");
+        assert_eq!((renewed[0].0.as_str(), &renewed[0].1[0].hash, renewed[0].1[0].until_ms), ("n1", &ContentHash::from_bytes([1; 32]), now + 10_000));
+        // Other bytes: the chmodded version ends, and once its retention ends the bytes go.
+        c.put("n1", "doc", file(2, 0o600));
+        let sent = c.sent();
+        c.confirm_keeps(&sent);
+        c.now += 10_001;
+        let now = c.now;
+        c.s.transaction(|tx| tx.expire_versions(now)).unwrap();
+        assert_eq!(released(&c.sent()), vec![("n1".to_string(), ContentHash::from_bytes([1; 32]))]);
     }
 
     /// History rows of states past their retention are forgotten (a delete's too, once a

@@ -107,10 +107,17 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
             Made::Mode(mode, base) => {
                 // Lost unless it made it, or another node changed the path after the
                 // revision the chmod was made on (a concurrent chmod of the same bytes
-                // keeps the first one by design).
-                let others = history
-                    .iter()
-                    .any(|(p, _, origin, rev)| *p == c.path.as_str() && *rev > *base as i64 && *origin != who && origin.as_str() != NodeId::manager().as_str());
+                // keeps the first one by design). A file or symlink the manager put
+                // there is another node's change merged (a chmod made on older bytes,
+                // a write over a chmod): decided first, it wins as that node's would
+                // (seed 1969); a directory the manager made is no one's change.
+                let others = history.iter().any(|(p, v, origin, rev)| {
+                    let by_manager = origin.as_str() == NodeId::manager().as_str();
+                    *p == c.path.as_str()
+                        && *rev > *base as i64
+                        && *origin != who
+                        && (!by_manager || v.as_ref().is_some_and(|v| !matches!(v.content, Content::Dir)))
+                });
                 // A change kept as a conflict file carries the mode there.
                 let mut at: Vec<String> = conn
                     .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2")?

@@ -97,6 +97,12 @@ pub struct Config {
     /// conflict of, or written. From a random stream of its own; off, the seeds kept from
     /// before replay as they did.
     pub resolutions: bool,
+    /// Now and then, right after a node closes a file, another node chmods the same path
+    /// (if it has it): a write and a chmod made at once on the same state, which the
+    /// manager merges (`rule::bytes_over_changed_metadata`, and the write's later
+    /// changes keep the chmod: `rule::metadata_the_node_did_not_change`). From a random
+    /// stream of its own; off, the seeds kept from before replay as they did.
+    pub chmods_elsewhere: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -123,6 +129,7 @@ impl Default for Config {
             forget_deletes: true,
             touches: true,
             resolutions: true,
+            chmods_elsewhere: true,
         }
     }
 }
@@ -188,6 +195,11 @@ pub struct World {
     touch_rng: ChaCha8Rng,
     /// The random stream of the conflicts dealt with (`Config::resolutions`).
     resolve_rng: ChaCha8Rng,
+    /// The random stream of the chmods made elsewhere (`Config::chmods_elsewhere`).
+    chmod_rng: ChaCha8Rng,
+    /// The node and path of the last file closed (`record_closed`), for
+    /// `Config::chmods_elsewhere`.
+    last_closed: Option<(usize, RelPath)>,
     /// The step of the manager database's last copy, if one was made.
     backup_step: Option<usize>,
     /// Every revision of the manager's history that a restore lost: the versions that
@@ -296,6 +308,8 @@ impl World {
             restore_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_5354_4f52),
             touch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x544f_5543_4845),
             resolve_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_534f_4c56),
+            chmod_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x43_484d_4f44),
+            last_closed: None,
             backup_step: None,
             lost_history: Vec::new(),
             lost_conflicts: Vec::new(),
@@ -709,6 +723,7 @@ impl World {
         if let Ok(bytes) = node::read_file(&tree, ino) {
             self.supersede(i, path, false);
             self.record(i, path, Made::Bytes(fs_node::store::hash_of(&bytes)));
+            self.last_closed = Some((i, path.clone()));
         }
     }
 
@@ -751,6 +766,28 @@ impl World {
         }
         self.nodes[i].set_persist_fault(None);
         r
+    }
+
+    /// Another node than `i`, which just closed `path`, chmods it (`Config::chmods_elsewhere`).
+    fn chmod_elsewhere(&mut self, i: usize, path: &RelPath) {
+        let others: Vec<usize> = (0..self.nodes.len()).filter(|j| *j != i && self.nodes[*j].tree().is_some()).collect();
+        if others.is_empty() {
+            return;
+        }
+        let j = others[self.chmod_rng.random_range(0..others.len())];
+        let Some(tree) = self.nodes[j].tree().cloned() else { return };
+        let mode = [0o644, 0o600, 0o755, 0o700][self.chmod_rng.random_range(0..4)];
+        let base = tree.revision_of(path).0;
+        let r = node::chmod(&tree, path, mode);
+        if r.is_ok() {
+            self.supersede(j, path, true);
+            self.record(j, path, Made::Mode(mode, base));
+        }
+        self.log(format!("n{} chmod {mode:o} {path}, just written on n{}: {r:?}", j + 1, i + 1));
+        if self.chmod_rng.random_bool(0.7) {
+            let now = self.now();
+            self.nodes[j].outbox_ready(&mut self.broker, now);
+        }
     }
 
     /// Node `i`'s user deals with one of its conflicts (`Config::resolutions`).
@@ -919,6 +956,12 @@ impl World {
             }
         }
         self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));
+        // (Before the write goes out, most often: the chmod is then decided first.)
+        if let Some((i, path)) = self.last_closed.take().filter(|_| self.cfg.chmods_elsewhere) {
+            if self.chmod_rng.random_bool(0.8) {
+                self.chmod_elsewhere(i, &path);
+            }
+        }
         if self.rng.random_bool(0.7) {
             let now = self.now();
             self.nodes[i].outbox_ready(&mut self.broker, now);

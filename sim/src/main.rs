@@ -63,6 +63,9 @@ struct Args {
     /// Nodes never deal with their conflict files (as the seeds found before they did ran)
     #[arg(long)]
     no_resolutions: bool,
+    /// No node chmods a file another node just wrote (as the seeds found before they did ran)
+    #[arg(long)]
+    no_chmods_elsewhere: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -99,6 +102,9 @@ fn main() {
     }
     if args.no_resolutions {
         cfg.resolutions = false;
+    }
+    if args.no_chmods_elsewhere {
+        cfg.chmods_elsewhere = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

@@ -59,13 +59,17 @@ const KEPT: &[(u64, &str)] = &[
     (16472, "a node's chmod of bytes written elsewhere since, merged onto them, kept the writer as the state's origin: the writer's next write, stale against the chmod, was taken for a conflict with its own change"),
     (6039, "a node's chmod of bytes written elsewhere since, merged onto them with the chmodding node as the state's origin: that node's next touch, decided against its base (whose history was forgotten), was taken for a conflict with its own change"),
     (241679, "after the manager's database was brought back from a copy, a broadcast the lost database had made (another node's file where a directory is) came to a node after a file below that directory made since; applied, it took the newer file away and left its revision taken, so no later state of it made it again"),
+    (1969, "a wrong check: a node's chmod lost to another node's chmod of the same state that the manager had merged onto bytes written since (a state of the manager's origin, decided first) was taken for lost"),
+    (2076, "another node's chmod of bytes a node had just written was merged onto them; the retention of the writer's version ended and its bytes were released while still the path's; the writer wrote over them, its write (its base's history forgotten) was kept as a conflict file, and no node could ever serve the path's bytes"),
+    (530909, "a node touched its own conflict file (a new state of the same bytes), then removed it; the removal, on the state before the touch, was refused, and that state's retention had ended and released the bytes while still the path's: no node could ever serve them"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a
 /// feature came (seeds found then replay as found), newest last.
 fn eras() -> Vec<(&'static str, sim::Config)> {
     let now = sim::Config::default();
-    let no_resolutions = sim::Config { resolutions: false, ..now.clone() };
+    let no_chmods_elsewhere = sim::Config { chmods_elsewhere: false, ..now.clone() };
+    let no_resolutions = sim::Config { resolutions: false, ..no_chmods_elsewhere.clone() };
     let no_touches = sim::Config { touches: false, ..no_resolutions.clone() };
     let no_forget_deletes = sim::Config { forget_deletes: false, ..no_touches.clone() };
     let no_forget_decisions = sim::Config { forget_decisions: false, ..no_forget_deletes.clone() };
@@ -86,6 +90,7 @@ fn eras() -> Vec<(&'static str, sim::Config)> {
         ("before nodes forgot deleted paths' revisions", no_forget_deletes),
         ("before nodes touched files", no_touches),
         ("before nodes dealt with their conflicts", no_resolutions),
+        ("before nodes chmodded files just written elsewhere", no_chmods_elsewhere),
         ("as the simulation is now", now),
     ]
 }
