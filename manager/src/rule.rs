@@ -254,69 +254,84 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
 
 /// A put of the bytes the path has now (or a directory over a directory), made on an
 /// older state: only its metadata can differ. A three-way merge against the state at
-/// the base: when the node changed the mode or owners from it (`at_base`) and nobody
-/// else did since (the current state still has those of `at_base`), the node's mode
-/// and owners are taken; otherwise the current metadata stays (two nodes' concurrent
-/// chmods: the first decided wins), and nothing anyone wrote is lost either way. The
-/// mtime of a taken chmod is merged the same way: the node's when the state now has
+/// the base (`at_base`), field by field (`merge_fields`): the mode, the uid and the
+/// gid each the node's when it changed it from the base and nobody else did since (the
+/// current state still has the base's), else the current one (two nodes' concurrent
+/// chmods: the first decided wins; a chmod here and a chown elsewhere: both stay), and
+/// nothing anyone wrote is lost either way. The mtime of a taken chmod or chown is
+/// merged the same way: the node's when the state now has
 /// the mtime of the base (nobody touched the path since), else the state's now (a
 /// concurrent `touch` elsewhere keeps its mtime; of two, the first decided, as for the
 /// mode; the base's mtime unknown, the state's now). Without the state at the base
 /// (its history forgotten, or a revision the manager lost, and the node did not say)
 /// the current metadata stays.
 fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&AtBase>) -> Decision {
-    match at_base {
-        Some(b) if ModeAndOwners::from(current) == b.meta && ModeAndOwners::from(version) != b.meta => {
-            let mtime_ns = if b.mtime_ns == Some(current.mtime_ns) { version.mtime_ns } else { current.mtime_ns };
-            if mtime_ns == version.mtime_ns {
-                Decision::Accept
-            } else {
-                Decision::Merge(Version { mtime_ns, ..version.clone() })
-            }
-        }
-        _ => Decision::Unchanged,
+    let Some(b) = at_base else { return Decision::Unchanged };
+    let meta = merge_fields(b.meta, version.into(), current.into());
+    if meta == ModeAndOwners::from(current) {
+        return Decision::Unchanged;
     }
+    let mtime_ns = if b.mtime_ns == Some(current.mtime_ns) { version.mtime_ns } else { current.mtime_ns };
+    let merged = Version { mode: meta.mode, uid: meta.uid, gid: meta.gid, mtime_ns, ..version.clone() };
+    if merged == *version {
+        Decision::Accept
+    } else {
+        Decision::Merge(merged)
+    }
+}
+
+/// Mode, uid and gid merged one by one against `base`: each as `winner` has it where
+/// `winner` changed it from `base`, else as `other` has it. A chmod made on one side and
+/// a chown on the other both stay; where both changed the same one, `winner`'s stays.
+fn merge_fields(base: ModeAndOwners, other: ModeAndOwners, winner: ModeAndOwners) -> ModeAndOwners {
+    let pick = |base: u32, other: u32, winner: u32| if winner != base { winner } else { other };
+    ModeAndOwners { mode: pick(base.mode, other.mode, winner.mode), uid: pick(base.uid, other.uid, winner.uid), gid: pick(base.gid, other.gid, winner.gid) }
 }
 
 /// A put of the bytes the path had at its base (a chmod, a chown, a `touch` made here)
 /// while the bytes changed elsewhere: nothing written here needs a conflict file. The
-/// mode and owners merge three-way as over the same bytes (the node's when it changed
-/// them and nobody else did since) onto the bytes and mtime the path has now: a chmod
+/// mode and owners merge three-way, field by field, as over the same bytes (each the
+/// node's when it changed it and nobody else did since) onto the bytes and mtime the path has now: a chmod
 /// made here is kept on what was written elsewhere, a touch of the older bytes is not.
 /// The path of another kind now (a file here, a symlink elsewhere), its state stays.
 fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
-    let merged =
-        (same_kind(&version.content, &current.content) && ModeAndOwners::from(current) == at_base.meta && ModeAndOwners::from(version) != at_base.meta)
-            .then(|| Version { content: current.content.clone(), mtime_ns: current.mtime_ns, ..version.clone() });
+    let meta = merge_fields(at_base.meta, version.into(), current.into());
+    let merged = (same_kind(&version.content, &current.content) && meta != ModeAndOwners::from(current)).then(|| Version {
+        content: current.content.clone(),
+        mode: meta.mode,
+        uid: meta.uid,
+        gid: meta.gid,
+        mtime_ns: current.mtime_ns,
+    });
     Decision::OverChangedBytes(merged)
 }
 
-/// Both files, or both symlinks.
+/// Both files, both symlinks, or both directories.
 fn same_kind(a: &Content, b: &Content) -> bool {
-    matches!((a, b), (Content::File { .. }, Content::File { .. }) | (Content::Symlink { .. }, Content::Symlink { .. }))
+    matches!((a, b), (Content::File { .. }, Content::File { .. }) | (Content::Symlink { .. }, Content::Symlink { .. }) | (Content::Dir, Content::Dir))
 }
 
 /// A write (or a symlink made again) on a stale base while only the metadata changed
 /// elsewhere since (a chmod, a chown, a `touch`; the bytes are still those at the
 /// base): nothing written elsewhere needs a conflict file. The node's bytes and mtime
-/// are taken, and the mode and owners merge three-way as for a chmod on a stale base:
-/// the ones set elsewhere stay (of two concurrent chmods, the first decided), the node's
-/// when only it changed them.
+/// are taken, and the mode and owners merge three-way, field by field, as for a chmod on
+/// a stale base: each one set elsewhere stays (of two concurrent chmods, the first
+/// decided), the node's when only it changed it.
 fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
-    let meta = if ModeAndOwners::from(current) == at_base.meta { ModeAndOwners::from(version) } else { ModeAndOwners::from(current) };
-    with_meta(version, meta)
+    with_meta(version, merge_fields(at_base.meta, version.into(), current.into()))
 }
 
 /// A put made on the current state, or on a state the node took as its own change's
-/// (`basis`): the node's version, but for mode and owners it did not change from the
-/// state it made the change on (`said`) while the manager's differ from those: the
-/// manager's then stay. They differ when the manager merged the node's earlier change
+/// (`basis`): the node's version, but for each of the mode, the uid and the gid that it
+/// did not change from the state it made the change on (`said`) while the manager's
+/// differs from it: the manager's then stays (a chmod made here keeps a chown made
+/// elsewhere). Of another kind now, the node's version as it is. They differ when the manager merged the node's earlier change
 /// with a chmod made elsewhere that the node had not applied yet (it was still writing:
 /// [`bytes_over_changed_metadata`]), or kept another node's chmod over the node's
 /// (`Unchanged`): the node's later write is not a chmod back.
 fn metadata_the_node_did_not_change(version: &Version, current: &Version, said: Option<ModeAndOwners>) -> Decision {
     match said {
-        Some(said) if ModeAndOwners::from(version) == said && ModeAndOwners::from(current) != said => match with_meta(version, ModeAndOwners::from(current)) {
+        Some(said) if same_kind(&version.content, &current.content) => match with_meta(version, merge_fields(said, current.into(), version.into())) {
             Decision::Merge(merged) if merged == *current => Decision::Unchanged,
             d => d,
         },
@@ -610,6 +625,40 @@ mod tests {
         // A base above the current revision (a later state the manager lost): the node's.
         let lost = decide(&p("a"), Some(&cur(3, Some(theirs))), &MadeOn { said, ..MadeOn::rev(Revision(9)) }, &put(mine), 0, None);
         assert_eq!(lost, Decision::Accept);
+    }
+
+    /// Mode, uid and gid merge one by one: a chmod made here and a chown made elsewhere
+    /// on the same state both stay, whichever rule merges them (a write or a chmod on a
+    /// stale base, a later put on the merged state).
+    #[test]
+    fn a_chmod_here_and_a_chown_elsewhere_both_stay() {
+        let base = Version { mtime_ns: 1, ..file(1) };
+        let chowned = Version { uid: 2000, ..base.clone() };
+        let stale = |current: Version, mine: Version| {
+            decide(&p("a"), Some(&cur(5, Some(current))), &MadeOn { at_base: Some(AtBase::from(&base)), ..MadeOn::rev(Revision(3)) }, &put(mine), 0, None)
+        };
+        // A chmod of the same bytes.
+        let chmodded = Version { mode: 0o600, mtime_ns: 7, ..base.clone() };
+        assert_eq!(stale(chowned.clone(), chmodded.clone()), Decision::Merge(Version { uid: 2000, ..chmodded.clone() }));
+        // A write with a chmod.
+        let written = Version { mode: 0o600, mtime_ns: 7, ..file(2) };
+        assert_eq!(stale(chowned.clone(), written.clone()), Decision::Merge(Version { uid: 2000, ..written.clone() }));
+        // A chmod of bytes written elsewhere since, and chowned there.
+        let rewritten = Version { uid: 2000, mtime_ns: 9, ..file(3) };
+        assert_eq!(stale(rewritten.clone(), chmodded.clone()), Decision::OverChangedBytes(Some(Version { mode: 0o600, ..rewritten.clone() })));
+        // Both changed the same field: the first decided.
+        assert_eq!(stale(Version { mode: 0o640, ..chowned.clone() }, chmodded.clone()), Decision::Unchanged);
+        // A chmod after a write the manager merged with a chown (`said`: what it was made on).
+        let merged = Version { uid: 2000, ..file(2) };
+        let later = decide(
+            &p("a"),
+            Some(&cur(5, Some(merged.clone()))),
+            &MadeOn { said: Some(ModeAndOwners::from(&file(2))), ..MadeOn::rev(Revision(5)) },
+            &put(Version { mode: 0o600, ..file(2) }),
+            0,
+            None,
+        );
+        assert_eq!(later, Decision::Merge(Version { mode: 0o600, ..merged }));
     }
 
     #[test]

@@ -20,7 +20,7 @@ use crate::rule;
 use crate::store::{json, parse_version, Tx, OFFLINE_AFTER_MS};
 use anyhow::Context;
 use rusqlite::{params, OptionalExtension};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use wire::{
     topology, Answer, Content, ContentHash, Holder, KeepItem, NodeId, Outcome, Query, RelPath, RestoreReport, Revision, ToNode, TrashItem, Version,
     VersionInfo, MAX_KEEP_ITEMS, MAX_LISTED,
@@ -108,6 +108,11 @@ impl Tx<'_> {
         let keep = self.retention.copies > 0;
         self.tx.prepare_cached("UPDATE history SET ended_ms = ?2, kept = ?3 WHERE rev = ?1")?.execute(params![rev, now_ms, keep])?;
         if !keep {
+            // Nothing is kept any more (`copies` set to 0 since): bytes kept while they
+            // were still current go now that they are not.
+            if let Some((hash, _)) = file_content(&version) {
+                self.release_unkept(vec![(path.to_string(), hash.to_hex().to_string())], now_ms)?;
+            }
             return Ok(());
         }
         if let Some((hash, size)) = file_content(&version) {
@@ -233,11 +238,8 @@ impl Tx<'_> {
     /// the only nodes that still have them: the node that wrote them may have written over
     /// them since, in a change yet to be decided, which may become a conflict file while
     /// the path keeps these bytes (simulator seed 2076).
-    fn release_unkept(&mut self, mut ended: Vec<(String, String)>, now_ms: i64) -> anyhow::Result<()> {
-        ended.sort();
-        ended.dedup();
-        let mut per_node: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
-        let mut current: Vec<String> = Vec::new();
+    fn release_unkept(&mut self, ended: Vec<(String, String)>, now_ms: i64) -> anyhow::Result<()> {
+        let mut current: HashSet<String> = HashSet::new();
         for (path, h) in &ended {
             let is_current = self
                 .tx
@@ -246,37 +248,45 @@ impl Tx<'_> {
                 .optional()?
                 .is_some();
             if is_current {
-                current.push(h.clone());
+                current.insert(h.clone());
             }
         }
-        let mut hashes: Vec<String> = ended.into_iter().map(|(_, h)| h).collect();
-        hashes.sort();
-        hashes.dedup();
+        let hashes: BTreeSet<String> = ended.into_iter().map(|(_, h)| h).collect();
+        let mut released: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
+        let mut renewed: BTreeMap<String, Vec<KeepItem>> = BTreeMap::new();
+        let until_ms = now_ms.saturating_add(self.retention.keep_for_ms);
         for h in hashes {
             let needed =
                 self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
             if needed {
                 continue;
             }
+            let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
             if current.contains(&h) {
-                let size: Option<i64> =
-                    self.tx.prepare_cached("SELECT size FROM kept WHERE hash = ?1 LIMIT 1")?.query_row([&h], |r| r.get(0)).optional()?;
-                if let Some(size) = size {
-                    let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
-                    self.keep_content(&hash, size as u64, &[], &[], now_ms)?;
+                let keepers: Vec<(String, i64)> = self
+                    .tx
+                    .prepare_cached("SELECT node, size FROM kept WHERE hash = ?1")?
+                    .query_map([&h], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                for (node, size) in keepers {
+                    renewed.entry(node).or_default().push(KeepItem { hash: hash.clone(), size: size as u64, until_ms, holders: vec![] });
                 }
                 continue;
             }
             let nodes: Vec<String> =
                 self.tx.prepare_cached("DELETE FROM kept WHERE hash = ?1 RETURNING node")?.query_map([&h], |r| r.get(0))?.collect::<Result<_, _>>()?;
-            let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
             for n in nodes {
-                per_node.entry(n).or_default().push(hash.clone());
+                released.entry(n).or_default().push(hash.clone());
             }
         }
-        for (node, hashes) in per_node {
+        for (node, hashes) in released {
             for chunk in hashes.chunks(MAX_KEEP_ITEMS) {
                 self.enqueue_to(&node, ToNode::Release { hashes: chunk.to_vec() })?;
+            }
+        }
+        for (node, items) in renewed {
+            for chunk in items.chunks(MAX_KEEP_ITEMS) {
+                self.enqueue_to(&node, ToNode::Keep { items: chunk.to_vec() })?;
             }
         }
         Ok(())
@@ -1006,7 +1016,9 @@ mod tests {
         let mut c = Cluster::new(Retention { keep_for_ms: 10_000, keep_versions: 0, copies: 1, ..Default::default() }, &["n1", "n2"]);
         let released = |sent: &[(String, ToNode)]| -> Vec<(String, ContentHash)> {
             sent.iter()
-                .filter_map(|(k, m)| if let ToNode::Release { hashes } = m { Some((topology::node_of_key(k).unwrap().to_string(), hashes.clone())) } else { None })
+                .filter_map(
+                    |(k, m)| if let ToNode::Release { hashes } = m { Some((topology::node_of_key(k).unwrap().to_string(), hashes.clone())) } else { None },
+                )
                 .flat_map(|(n, hs)| hs.into_iter().map(move |h| (n.clone(), h)))
                 .collect()
         };

@@ -2,7 +2,7 @@
 //! (its TCP proxy drops every connection), keeps working, comes back, and every branch of
 //! the rule ends with identical trees and the expected conflict files.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use system_tests::*;
 
 fn text(n: &NodeProc, rel: &str) -> String {
@@ -30,6 +30,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
         "written.txt",
         "stamped.txt",
         "del_mode.txt",
+        "owned.txt",
     ] {
         write(&a.p(f), b"v1");
     }
@@ -49,6 +50,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     write(&off.p("gone/new_offline.txt"), b"added offline");
     std::fs::set_permissions(off.p("meta.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     std::fs::set_permissions(off.p("mode.txt"), std::fs::Permissions::from_mode(0o700)).unwrap();
+    std::fs::set_permissions(off.p("owned.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
     write(&off.p("written.txt"), b"written offline");
     write(&off.p("stamped.txt"), b"written offline");
     let st = off.status();
@@ -73,6 +75,7 @@ fn every_branch_of_the_rule_after_an_offline_period() {
     std::fs::set_permissions(b.p("written.txt"), std::fs::Permissions::from_mode(0o640)).unwrap();
     std::fs::File::open(b.p("stamped.txt")).unwrap().set_modified(touched).unwrap();
     std::fs::set_permissions(a.p("del_mode.txt"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(b.p("owned.txt"), Some(4321), None).unwrap();
     eventually("a and b to agree", DEADLINE, || snapshot(&a.mount) == snapshot(&b.mount) && !a.p("gone").exists());
 
     off.proxy.restore();
@@ -107,6 +110,8 @@ fn every_branch_of_the_rule_after_an_offline_period() {
             "written offline, chmodded elsewhere: both kept, no conflict file ({})",
             n.id
         );
+        let owned = std::fs::metadata(n.p("owned.txt")).unwrap();
+        assert_eq!((owned.permissions().mode() & 0o7777, owned.uid()), (0o600, 4321), "chmodded offline, chowned elsewhere: both kept ({})", n.id);
         let stamped = std::fs::metadata(n.p("stamped.txt")).unwrap().modified().unwrap();
         assert!(
             text(n, "stamped.txt") == "written offline" && stamped != touched,

@@ -849,9 +849,12 @@ impl State {
                 && self.env.past_bug() != Some(PastBug::DecidedBase)
             {
                 self.set_rev(&current.path, current.rev)?;
-                merged_into = self.take_merged_meta(&current.path, &row.change.op, current)?;
+                // (What was moved here is another file: the merge was of the one it
+                // replaced.)
                 if let Some((parent, name, ino)) = moved_here {
                     self.record_put(parent, &name, ino)?;
+                } else {
+                    merged_into = self.take_merged_meta(&current.path, &row.change.op, current)?;
                 }
             }
             decided = current.path == row.change.path;
