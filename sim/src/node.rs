@@ -503,10 +503,13 @@ pub fn truncate(tree: &Tree, path: &RelPath, size: u64) -> FsResult<()> {
     Ok(())
 }
 
-pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<()> {
+/// `chmod`; returns whether the mode was another before (a chmod to the mode a file
+/// already shows changes nothing its user could lose).
+pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<bool> {
     let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    let before = tree.getattr(ino)?.perm & 0o7777;
     tree.setattr(ino, 0, SetAttr { mode: Some(mode), ..Default::default() })?;
-    Ok(())
+    Ok(before != mode & 0o7777)
 }
 
 /// `touch -d`: sets the mtime (and atime) of `path` to `at_ns`.

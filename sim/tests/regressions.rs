@@ -62,6 +62,7 @@ const KEPT: &[(u64, &str)] = &[
     (1969, "a wrong check: a node's chmod lost to another node's chmod of the same state that the manager had merged onto bytes written since (a state of the manager's origin, decided first) was taken for lost"),
     (2076, "another node's chmod of bytes a node had just written was merged onto them; the retention of the writer's version ended and its bytes were released while still the path's; the writer wrote over them, its write (its base's history forgotten) was kept as a conflict file, and no node could ever serve the path's bytes"),
     (530909, "a node touched its own conflict file (a new state of the same bytes), then removed it; the removal, on the state before the touch, was refused, and that state's retention had ended and released the bytes while still the path's: no node could ever serve them"),
+    (549850, "a node chmodded a directory back to the mode of its own chmod still undecided, which the manager's state shown meanwhile had replaced; the change said it was made on that undecided chmod's mode, not on the mode shown, and the manager took the chmod for no change of the mode: lost"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a

@@ -189,10 +189,14 @@ impl State {
         }
         let earlier = self.outbox.of_path(&path).next_back();
         let follows = earlier.map(|r| r.msg.clone());
-        // Made on what the earlier change put there, or, with none undecided, on the
-        // state at the base, which `before` is (a new path has none).
+        // Made on what the node showed (`before`, a setattr's), or else on what the
+        // earlier change put there, or, with none undecided, on the state at the base,
+        // which `before` is (a new path has none). (What the node shows may differ from
+        // its earlier change's: a decision that kept the manager's mode over that change
+        // was applied meanwhile; a chmod back to the mode that change had is a change,
+        // simulator seed 549850.)
         let base_meta = match earlier {
-            Some(e) => put_meta(&e.change.op),
+            Some(e) => before.or_else(|| put_meta(&e.change.op)),
             None => before.filter(|_| base > Revision::NONE),
         };
         let msg = self.env.new_id();
