@@ -768,6 +768,19 @@ impl World {
         r
     }
 
+    /// Node `j` chmods `path`, and the chmod is recorded as a change of its to be kept.
+    /// (A chmod to the mode the file shows is nothing new: the chmod that gave it that
+    /// mode is judged on its own base; seed 549850.)
+    fn chmod_recorded(&mut self, j: usize, tree: &fs_node::tree::Tree, path: &RelPath, mode: u32) -> fs_node::tree::FsResult<()> {
+        let base = tree.revision_of(path).0;
+        let changed = node::chmod(tree, path, mode)?;
+        if changed {
+            self.supersede(j, path, true);
+            self.record(j, path, Made::Mode(mode, base));
+        }
+        Ok(())
+    }
+
     /// Another node than `i`, which just closed `path`, chmods it (`Config::chmods_elsewhere`).
     fn chmod_elsewhere(&mut self, i: usize, path: &RelPath) {
         let others: Vec<usize> = (0..self.nodes.len()).filter(|j| *j != i && self.nodes[*j].tree().is_some()).collect();
@@ -777,15 +790,8 @@ impl World {
         let j = others[self.chmod_rng.random_range(0..others.len())];
         let Some(tree) = self.nodes[j].tree().cloned() else { return };
         let mode = [0o644, 0o600, 0o755, 0o700][self.chmod_rng.random_range(0..4)];
-        let base = tree.revision_of(path).0;
-        let r = node::chmod(&tree, path, mode);
-        // (A chmod to the mode the file shows is nothing new: the chmod that gave it
-        // that mode is judged on its own base; seed 549850.)
-        if matches!(r, Ok(true)) {
-            self.supersede(j, path, true);
-            self.record(j, path, Made::Mode(mode, base));
-        }
-        self.log(format!("n{} chmod {mode:o} {path}, just written on n{}: {:?}", j + 1, i + 1, r.map(|_| ())));
+        let r = self.chmod_recorded(j, &tree, path, mode);
+        self.log(format!("n{} chmod {mode:o} {path}, just written on n{}: {r:?}", j + 1, i + 1));
         if self.chmod_rng.random_bool(0.7) {
             let now = self.now();
             self.nodes[j].outbox_ready(&mut self.broker, now);
@@ -905,13 +911,8 @@ impl World {
             }
             79..=84 => {
                 let mode = [0o644, 0o600, 0o755, 0o700][self.rng.random_range(0..4)];
-                let base = tree.revision_of(&path).0;
-                let r = node::chmod(&tree, &path, mode);
-                if matches!(r, Ok(true)) {
-                    self.supersede(i, &path, true);
-                    self.record(i, &path, Made::Mode(mode, base));
-                }
-                (format!("chmod {mode:o} {path}"), r.map(|_| ()), vec![])
+                let r = self.chmod_recorded(i, &tree, &path, mode);
+                (format!("chmod {mode:o} {path}"), r, vec![])
             }
             85..=87 => {
                 let target = NAMES[self.rng.random_range(0..NAMES.len())];

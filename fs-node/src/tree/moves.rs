@@ -47,7 +47,9 @@
 //!   that a later move's entry took before the node's own change there was decided
 //!   gets no delete (something is there): once that change is decided, the entry is
 //!   put over it at once, based on the decision, as a rename in one hold would have
-//!   followed the change (`State::move_put_waiting_at`).
+//!   followed the change (`State::move_put_waiting_at`); with several such changes,
+//!   on the last one's decision (the revision an earlier one's decision gave the path
+//!   is of what was there before the move, no sign of a put of the entry).
 //! - Until a move's puts are queued, a delete or a replacement from the manager does
 //!   not remove an entry below the moved directory whose put is not queued yet, nor a
 //!   directory holding one (`State::move_below`): it is a local change, like a queued
@@ -89,6 +91,10 @@ pub(super) struct PendingMove {
     /// whose revision is later was put since (or changed by another node and taken),
     /// and the manager has what the node has there (`State::move_has_put`).
     since_rev: u64,
+    /// The outbox seq of the first change queued after the rename. A change queued
+    /// before, decided since, was of what its path held then, not of the entry the move
+    /// brought there: its revision says nothing of that entry (`move_put_waiting_at`).
+    first_seq: i64,
 }
 
 /// What the database keeps of a pending move.
@@ -99,6 +105,8 @@ struct MoveRecord {
     ino: u64,
     #[serde(default)]
     since_rev: u64,
+    #[serde(default)]
+    first_seq: i64,
 }
 
 impl State {
@@ -138,15 +146,15 @@ impl State {
         let left = old_paths.len();
         debug_assert!(old_paths.windows(2).all(|w| cmp_components(&w[0], &w[1]).is_lt()), "a subtree's paths come in the order of their components");
         tracing::info!(from = %from, entries = left, "a large directory renamed: its changes are queued in parts");
-        let since_rev = self.last_rev;
-        self.moves.push(PendingMove { id, from, ino, old_paths, left, flushed: HashSet::new(), put: HashSet::from([ino]), puts_done: false, since_rev });
+        let (since_rev, first_seq) = (self.last_rev, self.outbox.next_seq());
+        self.moves.push(PendingMove { id, from, ino, old_paths, left, flushed: HashSet::new(), put: HashSet::from([ino]), puts_done: false, since_rev, first_seq });
         self.record(|| Undo::Move(MoveUndo::Started(id)));
         self.save_moves()
     }
 
     /// Writes the pending moves to the database (in the open transaction).
     fn save_moves(&self) -> FsResult<()> {
-        let records: Vec<MoveRecord> = self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev }).collect();
+        let records: Vec<MoveRecord> = self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev, first_seq: m.first_seq }).collect();
         let json = serde_json::to_string(&records).map_err(|e| FsError::Io(e.into()))?;
         self.db.set_meta(MOVES_KEY, &json)?;
         Ok(())
@@ -166,6 +174,9 @@ impl State {
             self.last_move = self.last_move.max(r.id);
             let left = old_paths.len();
             let since_rev = r.since_rev;
+            // (Seqs start again after a restart with an empty outbox: the changes
+            // queued from now on must still come after the move's.)
+            self.outbox.seqs_from(r.first_seq);
             self.moves.push(PendingMove {
                 id: r.id,
                 from: r.from,
@@ -176,6 +187,7 @@ impl State {
                 put: HashSet::new(),
                 puts_done,
                 since_rev,
+                first_seq: r.first_seq,
             });
         }
         Ok(())
@@ -354,9 +366,17 @@ impl State {
 
     /// The entry at `path` if it lies below a pending move that has not queued its put
     /// yet (nor has a change of it queued otherwise): (its directory, its name, itself).
-    pub(super) fn move_put_waiting_at(&self, path: &RelPath) -> Option<(u64, OsString, u64)> {
+    /// `decided`: the seq of the node's change of `path` being decided. A change queued
+    /// before the move was of what the path held then, and so was an earlier one whose
+    /// decision set the path's revision: that revision is no sign of a put of the entry
+    /// the move brought (seed 557683: the node's two touches of a file, decided after
+    /// `mv d x/y && mv x d` brought a directory to the file's path, the first
+    /// decision's revision taken for the directory's put, which then went out based on
+    /// it: a conflict of the node with its own second touch).
+    pub(super) fn move_put_waiting_at(&self, path: &RelPath, decided: i64) -> Option<(u64, OsString, u64)> {
         let (parent, name, ino) = self.resolve(path)?;
-        let waits = self.moves.iter().any(|m| !m.puts_done && self.dir_within(parent, m.ino) && !self.move_has_put(m, ino, path));
+        let has_put = |m: &PendingMove| if decided < m.first_seq { m.put.contains(&ino) } else { self.move_has_put(m, ino, path) };
+        let waits = self.moves.iter().any(|m| !m.puts_done && self.dir_within(parent, m.ino) && !has_put(m));
         (waits && self.inodes.get(&ino).is_some_and(|i| i.kind.synced() && i.work.is_none())).then_some((parent, name, ino))
     }
 

@@ -65,6 +65,16 @@ impl Outbox {
         seq
     }
 
+    /// The seq the next new row will get.
+    pub(super) fn next_seq(&self) -> i64 {
+        self.next_seq.max(1)
+    }
+
+    /// Makes every new row's seq at least `seq`.
+    pub(super) fn seqs_from(&mut self, seq: i64) {
+        self.next_seq = self.next_seq.max(seq);
+    }
+
     /// The rows not yet handed to the broker link in this session, in order.
     pub(super) fn unpublished(&self) -> impl Iterator<Item = &OutboxRow> {
         self.rows.range(self.published_upto + 1..).map(|(_, r)| r)

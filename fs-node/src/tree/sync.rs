@@ -841,7 +841,7 @@ impl State {
             // queued now, based on this decision, as a change of it made now would be.
             // Queued later with the revision from before, it would pass for an edit of a
             // version the node never saw (seed 60097: a conflict of the node with itself).
-            let moved_here = if kept && left_by_it && !changed_again { self.move_put_waiting_at(&current.path) } else { None };
+            let moved_here = if kept && left_by_it { self.move_put_waiting_at(&current.path, seq) } else { None };
             if kept
                 && left_by_it
                 && current.path == row.change.path
@@ -850,11 +850,12 @@ impl State {
             {
                 self.set_rev(&current.path, current.rev)?;
                 // (What was moved here is another file: the merge was of the one it
-                // replaced.)
-                if let Some((parent, name, ino)) = moved_here {
-                    self.record_put(parent, &name, ino)?;
-                } else {
-                    merged_into = self.take_merged_meta(&current.path, &row.change.op, current)?;
+                // replaced. Its put waits for the decision of the node's later change of
+                // that one, if one is queued.)
+                match moved_here {
+                    Some((parent, name, ino)) if !changed_again => self.record_put(parent, &name, ino)?,
+                    Some(_) => {}
+                    None => merged_into = self.take_merged_meta(&current.path, &row.change.op, current)?,
                 }
             }
             decided = current.path == row.change.path;

@@ -2723,6 +2723,44 @@ fn a_large_rename_is_queued_in_parts_and_the_manager_ends_with_the_tree() {
     }
 }
 
+/// Two chmods of `a/f`, both sent and undecided, then `mv a c && mv b a`, each a large
+/// rename: directory `b/f` is now at `a/f`. The first chmod's decision gives `a/f` a
+/// revision taken after the renames, which is no sign that the directory there was put:
+/// once the second chmod is decided, the directory is put over the file, based on that
+/// second decision (simulator seed 557683: based on the first, it passed for an edit of
+/// a stale version, a conflict of the node with its own chmod).
+#[test]
+fn a_directory_moved_onto_a_file_with_changes_undecided_is_put_on_the_last_decision() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let mut manager = ManagerModel::default();
+    let a = t.mkdir(ROOT, OsStr::new("a"), 0o755, 0, 0).unwrap().ino;
+    let f = closed_file(&t, a, "f", b"file");
+    let b = t.mkdir(ROOT, OsStr::new("b"), 0o755, 0, 0).unwrap().ino;
+    let bf = t.mkdir(b, OsStr::new("f"), 0o700, 0, 0).unwrap().ino;
+    closed_file(&t, bf, "g", b"below");
+    manager.take(&t);
+    chmod(&t, f, 0o600);
+    let first = t.take_unpublished();
+    chmod(&t, f, 0o640);
+    let second = t.take_unpublished();
+    t.set_move_in_one_hold(0);
+    t.rename(ROOT, OsStr::new("a"), ROOT, OsStr::new("c"), false).unwrap();
+    t.rename(ROOT, OsStr::new("b"), ROOT, OsStr::new("a"), false).unwrap();
+    let (r1, r2) = (manager.rev + 1, manager.rev + 2);
+    t.apply_decided(&first[0].msg, &Outcome::Accepted, &decided_put(&first[0], r1, |v| v)).unwrap();
+    t.apply_decided(&second[0].msg, &Outcome::Accepted, &decided_put(&second[0], r2, |v| v)).unwrap();
+    manager.rev = r2;
+    t.expand_moves().unwrap();
+    let rows = t.take_unpublished();
+    let put_of_the_dir: Vec<(Revision, Option<MessageId>)> = rows
+        .iter()
+        .filter(|r| r.change.path.as_str() == "a/f" && matches!(&r.change.op, ChangeOp::Put { version } if version.content == Content::Dir))
+        .map(|r| (r.change.base, r.change.follows.clone()))
+        .collect();
+    assert_eq!(put_of_the_dir, [(Revision(r2), None)], "the directory's put, based on the second chmod's decision: {rows:?}");
+}
+
 /// While a move's puts are being queued, the manager's state does not land over a
 /// moved entry whose put is not queued yet, nor does a delete from the manager remove
 /// it (for this node it is a local change): the moved files stay, and their puts
