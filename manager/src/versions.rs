@@ -20,7 +20,7 @@ use crate::rule;
 use crate::store::{json, parse_version, Tx, OFFLINE_AFTER_MS};
 use anyhow::Context;
 use rusqlite::{params, OptionalExtension};
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeMap;
 use wire::{
     topology, Answer, Content, ContentHash, Holder, KeepItem, NodeId, Outcome, Query, RelPath, RestoreReport, Revision, ToNode, TrashItem, Version,
     VersionInfo, MAX_KEEP_ITEMS, MAX_LISTED,
@@ -239,30 +239,29 @@ impl Tx<'_> {
     /// them since, in a change yet to be decided, which may become a conflict file while
     /// the path keeps these bytes (simulator seed 2076).
     fn release_unkept(&mut self, ended: Vec<(String, String)>, now_ms: i64) -> anyhow::Result<()> {
-        let mut current: HashSet<String> = HashSet::new();
-        for (path, h) in &ended {
-            let is_current = self
-                .tx
-                .prepare_cached("SELECT 1 FROM paths p JOIN history h ON h.rev = p.rev WHERE p.path = ?1 AND h.hash = ?2")?
-                .query_row([path, h], |_| Ok(()))
-                .optional()?
-                .is_some();
-            if is_current {
-                current.insert(h.clone());
-            }
+        let mut paths_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (path, h) in ended {
+            paths_of.entry(h).or_default().push(path);
         }
-        let hashes: BTreeSet<String> = ended.into_iter().map(|(_, h)| h).collect();
         let mut released: BTreeMap<String, Vec<ContentHash>> = BTreeMap::new();
         let mut renewed: BTreeMap<String, Vec<KeepItem>> = BTreeMap::new();
         let until_ms = now_ms.saturating_add(self.retention.keep_for_ms);
-        for h in hashes {
+        for (h, paths) in paths_of {
             let needed =
                 self.tx.prepare_cached("SELECT 1 FROM history WHERE hash = ?1 AND kept = 1 LIMIT 1")?.query_row([&h], |_| Ok(())).optional()?.is_some();
             if needed {
                 continue;
             }
+            let mut still_current = false;
+            for path in &paths {
+                let mut current = self.tx.prepare_cached("SELECT 1 FROM paths p JOIN history h ON h.rev = p.rev WHERE p.path = ?1 AND h.hash = ?2")?;
+                if current.query_row([path, &h], |_| Ok(())).optional()?.is_some() {
+                    still_current = true;
+                    break;
+                }
+            }
             let hash: ContentHash = h.parse().context("corrupt hash in the manager database")?;
-            if current.contains(&h) {
+            if still_current {
                 let keepers: Vec<(String, i64)> = self
                     .tx
                     .prepare_cached("SELECT node, size FROM kept WHERE hash = ?1")?
