@@ -1830,12 +1830,19 @@ impl Tx<'_> {
         // On a stale base, the path's mode and owners at the base tell what the change
         // changed of them (`rule::same_bytes_on_a_stale_base`): from the history, or,
         // for a revision it lacks (forgotten, or given by a database this one was
-        // restored over), as the node says them when the base is the one it sent.
+        // restored over), as the node says them when the base is the one it sent. So
+        // too for a change that follows one this database has no record of (decided by
+        // a database it was restored over), sent with no base of its own: the node says
+        // what that change put there (simulator seed 603090: a chmod following a lost
+        // touch was taken for no change, on base 0, and lost).
+        let follows_a_lost_change = change.follows.is_some() && prior.is_none();
+        let said_at_base = || change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
         let at_base = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
                 Some(v) => Some(rule::AtBase::from(&v)),
-                None => change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None }),
+                None => said_at_base(),
             },
+            Some(_) if follows_a_lost_change => said_at_base(),
             _ => None,
         };
         let made_on = rule::MadeOn { base, at_base, said: change.base_meta };
@@ -2585,6 +2592,33 @@ mod tests {
         send(&mut s, "n2", "m7", chmod_on_lost(0o711, Some(0o755)));
         assert_eq!(decided(&s)[5..], [Outcome::Unchanged, Outcome::Unchanged, Outcome::Accepted], "unknown; mode changed since; taken");
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o711);
+    }
+
+    /// A chmod that follows a change this database has no record of (decided by one it
+    /// was restored over), sent with base 0 and the mode that change put there, is
+    /// merged with that mode as its base, not taken for no change (simulator seed
+    /// 603090); a chmod made elsewhere since that lost change stays.
+    #[test]
+    fn a_chmod_following_a_change_the_database_lost_is_taken() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        let following_lost = |mode: u32, made_on: u32| {
+            ToManager::Change(Change {
+                path: p("a"),
+                base: Revision(0),
+                follows: Some("lost".parse().unwrap()),
+                op: ChangeOp::Put { version: Version { mode, ..file(1) } },
+                base_meta: Some(ModeAndOwners { mode: made_on, uid: 0, gid: 0 }),
+            })
+        };
+        send(&mut s, "n1", "m2", following_lost(0o700, 0o644));
+        assert_eq!(decided(&s)[1], Outcome::Accepted);
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o700, "the chmod");
+        let chmodded = s.head().unwrap().0;
+        send(&mut s, "n2", "m3", put("a", chmodded, Version { mode: 0o600, ..file(1) }));
+        send(&mut s, "n1", "m4", following_lost(0o711, 0o755));
+        assert_eq!(decided(&s)[3], Outcome::Unchanged, "the mode changed elsewhere since the node's base");
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o600);
     }
 
     /// A chmod made on a state whose bytes were written elsewhere since is kept on those

@@ -64,6 +64,7 @@ const KEPT: &[(u64, &str)] = &[
     (530909, "a node touched its own conflict file (a new state of the same bytes), then removed it; the removal, on the state before the touch, was refused, and that state's retention had ended and released the bytes while still the path's: no node could ever serve them"),
     (549850, "a node chmodded a directory back to the mode of its own chmod still undecided, which the manager's state shown meanwhile had replaced; the change said it was made on that undecided chmod's mode, not on the mode shown, and the manager took the chmod for no change of the mode: lost"),
     (557683, "a node touched a file twice, then `mv d x/y && mv x d` (a large rename each) brought a directory to the file's path before the touches were decided; the first decision's revision was taken for a sign that the directory had been put, so the second decision did not put it, and the move put it later based on the first touch's revision: a conflict of the node with its own second touch"),
+    (603090, "a node's touch was decided, then lost with the manager's database brought back from a copy; the node's chmod that followed it came with base 0 and was taken for no change of the mode, though the node said the mode it was made on: lost"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a
