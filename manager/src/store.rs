@@ -1830,13 +1830,17 @@ impl Tx<'_> {
         // On a stale base, the path's mode and owners at the base tell what the change
         // changed of them (`rule::same_bytes_on_a_stale_base`): from the history, or,
         // for a revision it lacks (forgotten, or given by a database this one was
-        // restored over), as the node says them when the base is the one it sent. So
-        // too for a change that follows one this database has no record of (decided by
-        // a database it was restored over), sent with no base of its own: the node says
-        // what that change put there (simulator seed 603090: a chmod following a lost
-        // touch was taken for no change, on base 0, and lost).
+        // restored over), as the node says them when the base is the one it sent, or
+        // the change follows another (it then says what that change put there, on
+        // which it was made, whatever its decision: seed 1184, a chmod and chown
+        // following a touch decided unchanged, whose state was forgotten since, taken
+        // for no change). So too for a change that follows one this database has no
+        // record of (decided by a database it was restored over), sent with no base of
+        // its own (simulator seed 603090: a chmod following a lost touch was taken for
+        // no change, on base 0, and lost).
         let follows_a_lost_change = change.follows.is_some() && prior.is_none();
-        let said_at_base = || change.base_meta.filter(|_| base == change.base).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
+        let said_at_base =
+            || change.base_meta.filter(|_| base == change.base || change.follows.is_some()).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
         let at_base = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
                 Some(v) => Some(rule::AtBase::from(&v)),
@@ -2619,6 +2623,39 @@ mod tests {
         send(&mut s, "n1", "m4", following_lost(0o711, 0o755));
         assert_eq!(decided(&s)[3], Outcome::Unchanged, "the mode changed elsewhere since the node's base");
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o600);
+    }
+
+    /// A chmod and chown that follow the node's touch, decided unchanged (another node's
+    /// touch came first), whose state the history has forgotten since, are merged with the
+    /// mode and owners the node says they were made on (those of its touch), not taken
+    /// for no change (simulator seed 1184: the chown was lost).
+    #[test]
+    fn a_chmod_following_a_change_whose_state_was_forgotten_is_taken() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        let made = s.head().unwrap().0;
+        send(&mut s, "n2", "m2", put("a", made, Version { mtime_ns: 5, ..file(1) }));
+        send(&mut s, "n1", "m3", put("a", made, Version { mtime_ns: 7, ..file(1) }));
+        let touched = s.head().unwrap().0;
+        assert_eq!(decided(&s)[1..], [Outcome::Accepted, Outcome::Unchanged]);
+        s.conn.execute("DELETE FROM history WHERE rev = ?1", [touched as i64]).unwrap();
+        send(&mut s, "n3", "m4", put("a", touched, Version { mtime_ns: 9, ..file(1) }));
+        let mine = Version { mode: 0o600, uid: 1000, mtime_ns: 7, ..file(1) };
+        send(
+            &mut s,
+            "n1",
+            "m5",
+            ToManager::Change(Change {
+                path: p("a"),
+                base: Revision(made),
+                follows: Some("m3".parse().unwrap()),
+                op: ChangeOp::Put { version: mine },
+                base_meta: Some(ModeAndOwners::from(&file(1))),
+            }),
+        );
+        assert_eq!(decided(&s)[3..], [Outcome::Accepted, Outcome::Accepted]);
+        let a = s.entry(&p("a")).unwrap().unwrap().version.unwrap();
+        assert_eq!((a.mode, a.uid, a.mtime_ns), (0o600, 1000, 9), "n1's chmod and chown, n3's touch");
     }
 
     /// A chmod made on a state whose bytes were written elsewhere since is kept on those

@@ -96,6 +96,19 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
             _ => None,
         })
         .collect();
+    // Where a node's change of a path may be: there, or in a conflict file of it kept
+    // for the node (the change kept as one carries its mode and owner there), also one a
+    // database brought back from a copy had kept (seed 42570).
+    let paths_kept_at = |c: &crate::Closed| -> anyhow::Result<Vec<String>> {
+        let who = format!("n{}", c.node + 1);
+        let mut at: Vec<String> = conn
+            .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2")?
+            .query_map([c.path.as_str(), who.as_str()], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        at.extend(w.lost_conflicts.iter().filter(|(p, n, _)| *p == c.path.as_str() && *n == who).map(|(_, _, copy)| copy.clone()));
+        at.push(c.path.to_string());
+        Ok(at)
+    };
     for c in w.closed.iter().filter(|c| !c.superseded) {
         let who = format!("n{}", c.node + 1);
         match &c.made {
@@ -118,17 +131,28 @@ pub fn all(w: &mut World) -> anyhow::Result<()> {
                         && *origin != who
                         && (!by_manager || v.as_ref().is_some_and(|v| !matches!(v.content, Content::Dir)))
                 });
-                // A change kept as a conflict file carries the mode there.
-                let mut at: Vec<String> = conn
-                    .prepare_cached("SELECT copy FROM conflicts WHERE path = ?1 AND node = ?2")?
-                    .query_map([c.path.as_str(), who.as_str()], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?;
-                // Also where a database brought back from a copy had kept it (seed 42570).
-                at.extend(w.lost_conflicts.iter().filter(|(p, n, _)| *p == c.path.as_str() && *n == who).map(|(_, _, copy)| copy.clone()));
-                at.push(c.path.to_string());
+                let at = paths_kept_at(c)?;
                 let made_it = history.iter().any(|(p, v, _, _)| at.contains(p) && v.as_ref().is_some_and(|v| v.mode & 0o7777 == *mode));
                 if !made_it && !others {
                     bail!("lost chmod: {who} set {} to {mode:o} at step {}, and no version of it ever had that mode", c.path, c.step);
+                }
+            }
+            Made::Owner(uid, base) => {
+                // Lost unless it made it, or another node changed the owner after the
+                // revision the chown was made on (of two concurrent chowns the first
+                // decided stays), or removed or replaced what was chowned (a directory
+                // replaced by a file: seed 7840). Mode, uid and gid merge one by one: a
+                // chmod made elsewhere meanwhile is no excuse. (The state at the base
+                // unknown, its row forgotten: any change made elsewhere since is.)
+                let owner_and_kind = |v: &Option<Version>| v.as_ref().map(|v| (v.uid, std::mem::discriminant(&v.content)));
+                let at_base = history.iter().find(|(p, _, _, rev)| *p == c.path.as_str() && *rev == *base as i64).map(|(_, v, _, _)| owner_and_kind(v));
+                let others = history.iter().any(|(p, v, origin, rev)| {
+                    *p == c.path.as_str() && *rev > *base as i64 && *origin != who && at_base.is_none_or(|b| b.is_none() || owner_and_kind(v) != b)
+                });
+                let at = paths_kept_at(c)?;
+                let made_it = history.iter().any(|(p, v, _, _)| at.contains(p) && v.as_ref().is_some_and(|v| v.uid == *uid));
+                if !made_it && !others {
+                    bail!("lost chown: {who} set {} to owner {uid} at step {}, and no version of it ever had that owner", c.path, c.step);
                 }
             }
         }
@@ -226,7 +250,7 @@ fn seen_of(v: &Version) -> Seen {
         Content::Dir => (Kind::Dir, None, None, None),
         Content::Symlink { target } => (Kind::Symlink, None, Some(target.as_bytes().to_vec()), None),
     };
-    Seen { kind, perm: v.mode & 0o7777, content, target, mtime }
+    Seen { kind, perm: v.mode & 0o7777, uid: v.uid, content, target, mtime }
 }
 
 fn diff(node: &BTreeMap<String, Seen>, manager: &BTreeMap<String, Seen>) -> String {

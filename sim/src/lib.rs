@@ -103,6 +103,11 @@ pub struct Config {
     /// changes keep the chmod: `rule::metadata_the_node_did_not_change`). From a random
     /// stream of its own; off, the seeds kept from before replay as they did.
     pub chmods_elsewhere: bool,
+    /// Now and then, right after such a chmod, a node (maybe a third one) chowns the
+    /// path: the manager merges mode, uid and gid one by one (`rule::merge_fields`), and
+    /// neither the chmod nor the chown may be lost. From a random stream of its own; off,
+    /// the seeds kept from before replay as they did.
+    pub chowns_elsewhere: bool,
 }
 
 /// A sync reply page of the simulation: a few entries (each of its entries takes 150 to
@@ -130,8 +135,21 @@ impl Default for Config {
             touches: true,
             resolutions: true,
             chmods_elsewhere: true,
+            chowns_elsewhere: true,
         }
     }
+}
+
+/// What a node's later change at a path (or above it) makes of its earlier ones there:
+/// they are checked no more (`World::supersede`).
+#[derive(Clone, Copy)]
+enum Superseded {
+    /// A write, a removal, a rename: everything before.
+    All,
+    /// A chmod: the chmods before.
+    Modes,
+    /// A chown: the chowns before.
+    Owners,
 }
 
 /// What a node's user made that must not be lost (see `check.rs`).
@@ -141,6 +159,8 @@ pub enum Made {
     Bytes(ContentHash),
     /// A chmod to these bits, made on top of this revision of the path.
     Mode(u32, u64),
+    /// A chown to this owner, made on top of this revision of the path.
+    Owner(u32, u64),
 }
 
 /// One thing a node's user made at a path.
@@ -197,6 +217,8 @@ pub struct World {
     resolve_rng: ChaCha8Rng,
     /// The random stream of the chmods made elsewhere (`Config::chmods_elsewhere`).
     chmod_rng: ChaCha8Rng,
+    /// The random stream of the chowns made elsewhere (`Config::chowns_elsewhere`).
+    chown_rng: ChaCha8Rng,
     /// The node and path of the last file closed (`record_closed`), for
     /// `Config::chmods_elsewhere`.
     last_closed: Option<(usize, RelPath)>,
@@ -309,6 +331,7 @@ impl World {
             touch_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x544f_5543_4845),
             resolve_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5245_534f_4c56),
             chmod_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x43_484d_4f44),
+            chown_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x43_484f_574e),
             last_closed: None,
             backup_step: None,
             lost_history: Vec::new(),
@@ -697,11 +720,16 @@ impl World {
     }
 
     /// Marks what node `i` made at or below `path` as replaced by its own later
-    /// operation (`modes_only`: only its chmods, by a later chmod).
-    fn supersede(&mut self, i: usize, path: &RelPath, modes_only: bool) {
+    /// operation (`what`: of which kind).
+    fn supersede(&mut self, i: usize, path: &RelPath, what: Superseded) {
         let prefix = format!("{}/", path.as_str());
         for c in self.closed.iter_mut().filter(|c| c.node == i && !c.superseded) {
-            if (c.path == *path || c.path.as_str().starts_with(&prefix)) && (!modes_only || matches!(c.made, Made::Mode(..))) {
+            let of_that_kind = match what {
+                Superseded::All => true,
+                Superseded::Modes => matches!(c.made, Made::Mode(..)),
+                Superseded::Owners => matches!(c.made, Made::Owner(..)),
+            };
+            if (c.path == *path || c.path.as_str().starts_with(&prefix)) && of_that_kind {
                 c.superseded = true;
             }
         }
@@ -721,7 +749,7 @@ impl World {
             return;
         }
         if let Ok(bytes) = node::read_file(&tree, ino) {
-            self.supersede(i, path, false);
+            self.supersede(i, path, Superseded::All);
             self.record(i, path, Made::Bytes(fs_node::store::hash_of(&bytes)));
             self.last_closed = Some((i, path.clone()));
         }
@@ -775,7 +803,7 @@ impl World {
         let base = tree.revision_of(path).0;
         let changed = node::chmod(tree, path, mode)?;
         if changed {
-            self.supersede(j, path, true);
+            self.supersede(j, path, Superseded::Modes);
             self.record(j, path, Made::Mode(mode, base));
         }
         Ok(())
@@ -795,6 +823,32 @@ impl World {
         if self.chmod_rng.random_bool(0.7) {
             let now = self.now();
             self.nodes[j].outbox_ready(&mut self.broker, now);
+        }
+        if self.cfg.chowns_elsewhere && self.chown_rng.random_bool(0.4) {
+            self.chown_elsewhere(path);
+        }
+    }
+
+    /// A node, maybe the one that wrote `path` or chmodded it just now, chowns it
+    /// (`Config::chowns_elsewhere`).
+    fn chown_elsewhere(&mut self, path: &RelPath) {
+        let with_tree: Vec<usize> = (0..self.nodes.len()).filter(|k| self.nodes[*k].tree().is_some()).collect();
+        if with_tree.is_empty() {
+            return;
+        }
+        let k = with_tree[self.chown_rng.random_range(0..with_tree.len())];
+        let Some(tree) = self.nodes[k].tree().cloned() else { return };
+        let uid = [0, 1000, 1001][self.chown_rng.random_range(0..3)];
+        let base = tree.revision_of(path).0;
+        let r = node::chown(&tree, path, uid);
+        if matches!(r, Ok(true)) {
+            self.supersede(k, path, Superseded::Owners);
+            self.record(k, path, Made::Owner(uid, base));
+        }
+        self.log(format!("n{} chown {uid} {path}: {:?}", k + 1, r.map(|_| ())));
+        if self.chown_rng.random_bool(0.7) {
+            let now = self.now();
+            self.nodes[k].outbox_ready(&mut self.broker, now);
         }
     }
 
@@ -825,7 +879,7 @@ impl World {
         };
         if r.is_ok() {
             for p in &touched {
-                self.supersede(i, p, false);
+                self.supersede(i, p, Superseded::All);
             }
         }
         self.log(format!("n{} deals with a conflict: {what}: {r:?}", i + 1));
@@ -955,7 +1009,7 @@ impl World {
         };
         if result.is_ok() {
             for p in &touched {
-                self.supersede(i, p, false);
+                self.supersede(i, p, Superseded::All);
             }
         }
         self.log(format!("n{} {what}: {}", i + 1, result.as_ref().map(|_| "ok".to_string()).unwrap_or_else(|e| format!("{e}"))));

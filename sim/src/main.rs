@@ -66,6 +66,9 @@ struct Args {
     /// No node chmods a file another node just wrote (as the seeds found before they did ran)
     #[arg(long)]
     no_chmods_elsewhere: bool,
+    /// No node chowns a file just chmodded elsewhere (as the seeds found before they did ran)
+    #[arg(long)]
+    no_chowns_elsewhere: bool,
 }
 
 fn parse_bug(s: &str) -> Result<fs_node::env::PastBug, String> {
@@ -105,6 +108,9 @@ fn main() {
     }
     if args.no_chmods_elsewhere {
         cfg.chmods_elsewhere = false;
+    }
+    if args.no_chowns_elsewhere {
+        cfg.chowns_elsewhere = false;
     }
     if let Some(seed) = args.seed {
         match sim::run_seed_traced(seed, cfg.clone()) {

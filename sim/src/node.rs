@@ -390,6 +390,8 @@ pub fn read_file(tree: &Tree, ino: u64) -> FsResult<Vec<u8>> {
 pub struct Seen {
     pub kind: Kind,
     pub perm: u32,
+    /// The owner (changed by `Config::chowns_elsewhere` only).
+    pub uid: u32,
     pub content: Option<ContentHash>,
     pub target: Option<Vec<u8>>,
     /// A file's mtime (synced for files only), nanoseconds since the epoch.
@@ -410,7 +412,7 @@ pub fn snapshot(tree: &Tree) -> Result<BTreeMap<String, Seen>, String> {
             }
             let path = if prefix.is_empty() { name } else { format!("{prefix}/{name}") };
             let attr = tree.getattr(ino).map_err(|e| format!("getattr {path}: {e}"))?;
-            let mut seen = Seen { kind, perm: attr.perm & 0o7777, content: None, target: None, mtime: None };
+            let mut seen = Seen { kind, perm: attr.perm & 0o7777, uid: attr.uid, content: None, target: None, mtime: None };
             match kind {
                 Kind::Dir => stack.push((ino, path.clone())),
                 Kind::File => {
@@ -510,6 +512,14 @@ pub fn chmod(tree: &Tree, path: &RelPath, mode: u32) -> FsResult<bool> {
     let before = tree.getattr(ino)?.perm & 0o7777;
     tree.setattr(ino, 0, SetAttr { mode: Some(mode), ..Default::default() })?;
     Ok(before != mode & 0o7777)
+}
+
+/// `chown`; returns whether the owner was another before.
+pub fn chown(tree: &Tree, path: &RelPath, uid: u32) -> FsResult<bool> {
+    let (_, ino) = resolve(tree, path).ok_or(FsError::NotFound)?;
+    let before = tree.getattr(ino)?.uid;
+    tree.setattr(ino, 0, SetAttr { uid: Some(uid), ..Default::default() })?;
+    Ok(before != uid)
 }
 
 /// `touch -d`: sets the mtime (and atime) of `path` to `at_ns`.

@@ -65,13 +65,15 @@ const KEPT: &[(u64, &str)] = &[
     (549850, "a node chmodded a directory back to the mode of its own chmod still undecided, which the manager's state shown meanwhile had replaced; the change said it was made on that undecided chmod's mode, not on the mode shown, and the manager took the chmod for no change of the mode: lost"),
     (557683, "a node touched a file twice, then `mv d x/y && mv x d` (a large rename each) brought a directory to the file's path before the touches were decided; the first decision's revision was taken for a sign that the directory had been put, so the second decision did not put it, and the move put it later based on the first touch's revision: a conflict of the node with its own second touch"),
     (603090, "a node's touch was decided, then lost with the manager's database brought back from a copy; the node's chmod that followed it came with base 0 and was taken for no change of the mode, though the node said the mode it was made on: lost"),
+    (1184, "(with chowns) a node's touch was decided unchanged, another node's touch came first; its chmod and chown that followed were based on that decision's revision, whose state the history had forgotten since, and the manager, not using the mode and owners the node said they were made on, took them for no change: the chown was lost"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a
 /// feature came (seeds found then replay as found), newest last.
 fn eras() -> Vec<(&'static str, sim::Config)> {
     let now = sim::Config::default();
-    let no_chmods_elsewhere = sim::Config { chmods_elsewhere: false, ..now.clone() };
+    let no_chowns_elsewhere = sim::Config { chowns_elsewhere: false, ..now.clone() };
+    let no_chmods_elsewhere = sim::Config { chmods_elsewhere: false, ..no_chowns_elsewhere.clone() };
     let no_resolutions = sim::Config { resolutions: false, ..no_chmods_elsewhere.clone() };
     let no_touches = sim::Config { touches: false, ..no_resolutions.clone() };
     let no_forget_deletes = sim::Config { forget_deletes: false, ..no_touches.clone() };
@@ -94,6 +96,7 @@ fn eras() -> Vec<(&'static str, sim::Config)> {
         ("before nodes touched files", no_touches),
         ("before nodes dealt with their conflicts", no_resolutions),
         ("before nodes chmodded files just written elsewhere", no_chmods_elsewhere),
+        ("before nodes chowned files just chmodded elsewhere", no_chowns_elsewhere),
         ("as the simulation is now", now),
     ]
 }
