@@ -156,12 +156,17 @@ pub struct MadeOn {
     /// (`Change::base_meta`): what the change did not change of them
     /// ([`metadata_the_node_did_not_change`]).
     pub said: Option<ModeAndOwners>,
+    /// On a stale base, every state of the path since the base is the sender's own
+    /// (its earlier changes, decided first; one of another path's put here as its
+    /// conflict file's update, say): nobody else changed the path since, and the
+    /// sender's later change of the same bytes is no concurrent one.
+    pub only_own_since: bool,
 }
 
 impl MadeOn {
     /// Made on `base`, nothing more known.
     pub fn rev(base: Revision) -> Self {
-        MadeOn { base, at_base: None, said: None }
+        MadeOn { base, at_base: None, said: None, only_own_since: false }
     }
 }
 
@@ -215,6 +220,13 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
             }
             // Stale base: someone else changed the path since this node saw it.
             if version.content == cv.content {
+                // (Or only the node itself did: its later chmod is kept over its own
+                // earlier one, as on the current state. Simulator seed 634610: a
+                // node's chmod of its conflict file, made before it saw its own chmod
+                // of the original put there as that file's update, was lost.)
+                if made_on.only_own_since {
+                    return metadata_the_node_did_not_change(version, cv, made_on.said);
+                }
                 return same_bytes_on_a_stale_base(version, cv, made_on.at_base.as_ref());
             }
             if let Some(b) = made_on.at_base.as_ref() {
@@ -552,6 +564,23 @@ mod tests {
         // is taken with the mtime the path has now.
         let said = Some(AtBase { meta: ModeAndOwners { mode: 0o644, uid: 0, gid: 0 }, mtime_ns: None, content: None });
         assert_eq!(decide_on(with(0o644, 9), said, with(0o755, 1)), Decision::Merge(with(0o755, 9)));
+    }
+
+    /// Same bytes on a stale base when only the sender changed the path since (its
+    /// earlier chmod of another path, put here as its conflict file's update, which it
+    /// had not seen): its later chmod is kept, as on the current state, with what it did
+    /// not change as the state has it (simulator seed 634610).
+    #[test]
+    fn a_chmod_on_a_base_only_the_sender_changed_since_is_kept() {
+        let with = |mode: u32, uid: u32| Version { mode, uid, ..file(1) };
+        let said = Some(ModeAndOwners { mode: 0o644, uid: 0, gid: 0 });
+        let decide_own = |only_own_since: bool, current: Version, mine: Version| {
+            let made_on = MadeOn { at_base: Some(AtBase::from(&with(0o644, 0))), said, only_own_since, ..MadeOn::rev(Revision(3)) };
+            decide(&p("a"), Some(&cur(5, Some(current))), &made_on, &put(mine), 0, None)
+        };
+        assert_eq!(decide_own(true, with(0o600, 0), with(0o700, 0)), Decision::Accept, "the later chmod of the same node");
+        assert_eq!(decide_own(false, with(0o600, 0), with(0o700, 0)), Decision::Unchanged, "another node's chmod, decided first, stays");
+        assert_eq!(decide_own(true, with(0o600, 1000), with(0o700, 0)), Decision::Merge(with(0o700, 1000)), "its own chown since stays");
     }
 
     /// A chmod, chown or touch made on a state whose bytes changed elsewhere since: no

@@ -842,6 +842,17 @@ impl Tx<'_> {
 
     /// The version `path` had at revision `rev`, if the history still has that state (and
     /// it was live).
+    /// Whether the states of `path` after `base` up to `current` are all `node`'s own
+    /// (`rule::MadeOn::only_own_since`), as the history holds them (it holds the state
+    /// at `base`, so none after it is forgotten).
+    fn only_own_since(&self, path: &RelPath, base: Revision, current: Revision, node: &NodeId) -> anyhow::Result<bool> {
+        let (states, others): (i64, i64) = self
+            .tx
+            .prepare_cached("SELECT count(*), coalesce(sum(origin != ?4), 0) FROM history WHERE path = ?1 AND rev > ?2 AND rev <= ?3")?
+            .query_row(params![path.as_str(), base.0 as i64, current.0 as i64, node.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(states > 0 && others == 0)
+    }
+
     fn version_at(&self, path: &RelPath, rev: Revision) -> anyhow::Result<Option<Version>> {
         let version: Option<Option<String>> = self
             .tx
@@ -1841,15 +1852,15 @@ impl Tx<'_> {
         let follows_a_lost_change = change.follows.is_some() && prior.is_none();
         let said_at_base =
             || change.base_meta.filter(|_| base == change.base || change.follows.is_some()).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
-        let at_base = match &current {
+        let (at_base, only_own_since) = match &current {
             Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
-                Some(v) => Some(rule::AtBase::from(&v)),
-                None => said_at_base(),
+                Some(v) => (Some(rule::AtBase::from(&v)), self.only_own_since(&change.path, base, c.rev, from)?),
+                None => (said_at_base(), false),
             },
-            Some(_) if follows_a_lost_change => said_at_base(),
-            _ => None,
+            Some(_) if follows_a_lost_change => (said_at_base(), false),
+            _ => (None, false),
         };
-        let made_on = rule::MadeOn { base, at_base, said: change.base_meta };
+        let made_on = rule::MadeOn { base, at_base, said: change.base_meta, only_own_since };
         let decision = rule::decide(&change.path, current.as_ref(), &made_on, &change.op, copies as usize, file_above.as_ref());
         // A change of only the metadata of bytes written over elsewhere: its record says
         // the revision it was made on, which the changes that follow it were made on too

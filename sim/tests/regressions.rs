@@ -66,6 +66,7 @@ const KEPT: &[(u64, &str)] = &[
     (557683, "a node touched a file twice, then `mv d x/y && mv x d` (a large rename each) brought a directory to the file's path before the touches were decided; the first decision's revision was taken for a sign that the directory had been put, so the second decision did not put it, and the move put it later based on the first touch's revision: a conflict of the node with its own second touch"),
     (603090, "a node's touch was decided, then lost with the manager's database brought back from a copy; the node's chmod that followed it came with base 0 and was taken for no change of the mode, though the node said the mode it was made on: lost"),
     (1184, "(with chowns) a node's touch was decided unchanged, another node's touch came first; its chmod and chown that followed were based on that decision's revision, whose state the history had forgotten since, and the manager, not using the mode and owners the node said they were made on, took them for no change: the chown was lost"),
+    (634610, "a node's chmod of a file kept as its conflict file's later edit (the manager put it at the conflict file) was decided first; the node, not having seen it, chmodded the conflict file on the state before, and the manager took the node's own earlier chmod for a concurrent one decided first: the later chmod was lost"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a
