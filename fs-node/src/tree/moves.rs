@@ -147,14 +147,26 @@ impl State {
         debug_assert!(old_paths.windows(2).all(|w| cmp_components(&w[0], &w[1]).is_lt()), "a subtree's paths come in the order of their components");
         tracing::info!(from = %from, entries = left, "a large directory renamed: its changes are queued in parts");
         let (since_rev, first_seq) = (self.last_rev, self.outbox.next_seq());
-        self.moves.push(PendingMove { id, from, ino, old_paths, left, flushed: HashSet::new(), put: HashSet::from([ino]), puts_done: false, since_rev, first_seq });
+        self.moves.push(PendingMove {
+            id,
+            from,
+            ino,
+            old_paths,
+            left,
+            flushed: HashSet::new(),
+            put: HashSet::from([ino]),
+            puts_done: false,
+            since_rev,
+            first_seq,
+        });
         self.record(|| Undo::Move(MoveUndo::Started(id)));
         self.save_moves()
     }
 
     /// Writes the pending moves to the database (in the open transaction).
     fn save_moves(&self) -> FsResult<()> {
-        let records: Vec<MoveRecord> = self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev, first_seq: m.first_seq }).collect();
+        let records: Vec<MoveRecord> =
+            self.moves.iter().map(|m| MoveRecord { id: m.id, from: m.from.clone(), ino: m.ino, since_rev: m.since_rev, first_seq: m.first_seq }).collect();
         let json = serde_json::to_string(&records).map_err(|e| FsError::Io(e.into()))?;
         self.db.set_meta(MOVES_KEY, &json)?;
         Ok(())
