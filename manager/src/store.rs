@@ -1853,11 +1853,10 @@ impl Tx<'_> {
         let said_at_base =
             || change.base_meta.filter(|_| base == change.base || change.follows.is_some()).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
         let (at_base, only_own_since) = match &current {
-            Some(c) if c.rev > base && base > Revision::NONE => match self.version_at(&change.path, base)? {
+            Some(c) if c.rev > base && (base > Revision::NONE || follows_a_lost_change) => match self.version_at(&change.path, base)? {
                 Some(v) => (Some(rule::AtBase::from(&v)), self.only_own_since(&change.path, base, c.rev, from)?),
                 None => (said_at_base(), false),
             },
-            Some(_) if follows_a_lost_change => (said_at_base(), false),
             _ => (None, false),
         };
         let made_on = rule::MadeOn { base, at_base, said: change.base_meta, only_own_since };

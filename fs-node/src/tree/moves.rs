@@ -386,6 +386,10 @@ impl State {
     /// decision's revision taken for the directory's put, which then went out based on
     /// it: a conflict of the node with its own second touch).
     pub(super) fn move_put_waiting_at(&self, path: &RelPath, decided: i64) -> Option<(u64, OsString, u64)> {
+        // (Asked at every decision: no path walk while no move waits.)
+        if self.moves.iter().all(|m| m.puts_done) {
+            return None;
+        }
         let (parent, name, ino) = self.resolve(path)?;
         let has_put = |m: &PendingMove| if decided < m.first_seq { m.put.contains(&ino) } else { self.move_has_put(m, ino, path) };
         let waits = self.moves.iter().any(|m| !m.puts_done && self.dir_within(parent, m.ino) && !has_put(m));
