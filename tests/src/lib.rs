@@ -470,6 +470,19 @@ impl Cluster {
         self.nodes.len() - 1
     }
 
+    /// Waits until the manager names node `i` online at the peer URL it serves now: a
+    /// node restarted on a new port is a holder others can be sent to only from then on
+    /// (before, the manager still names its old address).
+    pub fn wait_known_to_manager(&self, i: usize) {
+        let n = &self.nodes[i];
+        let (api, token) = self.manager.api();
+        eventually(&format!("the manager to name {} at its current URL", n.id), DEADLINE, || {
+            let (status, body) = http_get(&format!("{api}/api/nodes/{}", n.id), Some(&token));
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+            status == 200 && v["online"] == true && v["url"].as_str() == Some(node_url(n).as_str())
+        });
+    }
+
     /// Waits until every node's mount shows the same tree and no node has pending work.
     pub fn converged(&self) {
         self.converged_within(DEADLINE);

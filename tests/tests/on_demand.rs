@@ -98,9 +98,11 @@ fn an_on_demand_node_shows_the_tree_at_once_and_fetches_a_content_when_it_is_rea
     let log = std::fs::read_to_string(&b.log).unwrap();
     assert!(log.contains("EHOSTUNREACH"), "the node's log says why the read failed");
 
-    // Once a holder is back, the same read succeeds.
+    // Once a holder is back (it serves on a new port, which the manager names once the
+    // node has told it), the same read succeeds.
     c.nodes[0].restart();
     c.nodes[0].wait_connected();
+    c.wait_known_to_manager(0);
     let expected = read(&c.nodes[0].p("src/d3/f9.txt")).unwrap();
     assert_eq!(read(&c.nodes[1].p("src/d3/f9.txt")).unwrap(), expected);
 }
