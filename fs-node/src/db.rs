@@ -108,6 +108,11 @@ DROP TABLE writing;
 /// manager's `release` does not end.
 const SCHEMA_V6: &str = "ALTER TABLE kept ADD COLUMN own_until_ms INTEGER NOT NULL DEFAULT 0;";
 
+/// Schema version 7: a file being written whose mode or owners were changed meanwhile
+/// keeps the mode and owners it had before (`InodeRow::meta_base`, JSON), which its put
+/// sends at the last close, or after a crash, as a setattr's does.
+const SCHEMA_V7: &str = "ALTER TABLE inodes ADD COLUMN meta_base TEXT;";
+
 /// One content kept past GC.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeptRow {
@@ -135,6 +140,10 @@ pub struct InodeRow {
     pub size: u64,
     pub hash: Option<String>,
     pub target: Option<Vec<u8>>,
+    /// Of a file being written whose mode or owners a setattr changed: those before the
+    /// first such change (`tree::Committed::meta_base`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_base: Option<wire::ModeAndOwners>,
 }
 
 /// One outbox row: a change waiting for the manager's decision.
@@ -187,13 +196,28 @@ impl Op {
         match self {
             Op::SaveInode(i) => conn
                 .prepare_cached(
-                    "INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target)
-                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                    "INSERT INTO inodes(ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target, meta_base)
+                     VALUES(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
                      ON CONFLICT(ino) DO UPDATE SET kind = excluded.kind, perm = excluded.perm, uid = excluded.uid, gid = excluded.gid,
                        atime = excluded.atime, mtime = excluded.mtime, ctime = excluded.ctime, nlink = excluded.nlink, rdev = excluded.rdev,
-                       size = excluded.size, hash = excluded.hash, target = excluded.target",
+                       size = excluded.size, hash = excluded.hash, target = excluded.target, meta_base = excluded.meta_base",
                 )?
-                .execute(params![i.ino as i64, i.kind, i.perm, i.uid, i.gid, i.atime, i.mtime, i.ctime, i.nlink, i.rdev, i.size as i64, i.hash, i.target])?,
+                .execute(params![
+                    i.ino as i64,
+                    i.kind,
+                    i.perm,
+                    i.uid,
+                    i.gid,
+                    i.atime,
+                    i.mtime,
+                    i.ctime,
+                    i.nlink,
+                    i.rdev,
+                    i.size as i64,
+                    i.hash,
+                    i.target,
+                    i.meta_base.map(|m| serde_json::to_string(&m).expect("three numbers"))
+                ])?,
             Op::DeleteInode(ino) => conn.prepare_cached("DELETE FROM inodes WHERE ino = ?1")?.execute([*ino as i64])?,
             Op::SetWriting(ino, writing) => {
                 conn.prepare_cached("UPDATE inodes SET writing = ?2 WHERE ino = ?1 AND writing != ?2")?.execute(params![*ino as i64, writing])?
@@ -298,6 +322,7 @@ fn migrations() -> rusqlite_migration::Migrations<'static> {
         rusqlite_migration::M::up(SCHEMA_V4),
         rusqlite_migration::M::up(SCHEMA_V5),
         rusqlite_migration::M::up(SCHEMA_V6),
+        rusqlite_migration::M::up(SCHEMA_V7),
     ])
 }
 
@@ -577,7 +602,7 @@ impl Db {
     pub fn inodes(&self) -> rusqlite::Result<(Vec<InodeRow>, Vec<u64>)> {
         self.fold()?;
         let conn = lock(&self.conn);
-        let mut st = conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target, writing FROM inodes")?;
+        let mut st = conn.prepare("SELECT ino, kind, perm, uid, gid, atime, mtime, ctime, nlink, rdev, size, hash, target, writing, meta_base FROM inodes")?;
         let mut writing = Vec::new();
         let rows = st.query_map([], |r| {
             if r.get::<_, bool>(13)? {
@@ -597,6 +622,8 @@ impl Db {
                 size: r.get::<_, i64>(10)? as u64,
                 hash: r.get(11)?,
                 target: r.get(12)?,
+                // (An unreadable one is dropped: the put then goes without it, as before.)
+                meta_base: r.get::<_, Option<String>>(14)?.and_then(|m| serde_json::from_str(&m).ok()),
             })
         })?;
         let rows = rows.collect::<rusqlite::Result<Vec<_>>>()?;
@@ -829,9 +856,9 @@ mod tests {
         drop(old);
         let db = Db::open(&path).unwrap();
         assert_eq!(db.meta("k").unwrap().as_deref(), Some("v"), "the old database was kept as it was");
-        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 6);
+        assert_eq!(db.conn().query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0)).unwrap(), 7);
         drop(db);
-        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 7").unwrap();
+        Connection::open(&path).unwrap().execute_batch("PRAGMA user_version = 8").unwrap();
         let err = format!("{:#}", Db::open(&path).err().expect("a newer database is refused"));
         assert!(err.contains("schema version this program does not know"), "{err}");
     }

@@ -350,6 +350,7 @@ impl State {
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;
+        let meta_base = i.committed.as_mut().and_then(|c| c.meta_base.take());
         // A passthrough writer still open keeps writing: what was just committed is
         // the version a crash would come back to.
         i.committed = i.work.is_some().then(|| i.current());
@@ -361,6 +362,6 @@ impl State {
             return Ok(());
         }
         self.save(ino)?;
-        self.record_put_all_links(ino)
+        self.record_put_all_links_from(ino, meta_base)
     }
 }

@@ -97,6 +97,13 @@ impl EntryCounts {
 pub(super) struct Committed {
     pub(super) size: u64,
     pub(super) mtime: i64,
+    /// The mode and owners the file had before the first setattr since it began to be
+    /// written (none: no setattr). Its put waits for the last close (or, after a crash,
+    /// for the load), and carries them as the state it was made on, as a setattr's own
+    /// put does (`Change::base_meta`): without them, a chmod made while a file was open
+    /// for writing, on a base the manager's history has forgotten, was taken for no
+    /// change (simulator seed 661047). Kept in the database with the row.
+    pub(super) meta_base: Option<ModeAndOwners>,
 }
 
 /// Kernel passthrough of one inode: while any of its handles is open, the kernel reads
@@ -144,6 +151,7 @@ impl Inode {
             size: c.size,
             hash: self.hash.as_ref().map(|h| h.to_string()),
             target: self.target.as_deref().map(<[u8]>::to_vec),
+            meta_base: c.meta_base,
         }
     }
     /// A copy of everything but the children (see `Undo::Inode`).
@@ -178,7 +186,7 @@ impl Inode {
     }
 
     pub(super) fn current(&self) -> Committed {
-        Committed { size: self.size, mtime: self.mtime }
+        Committed { size: self.size, mtime: self.mtime, meta_base: None }
     }
 
     /// Makes `w` the work file (`detached`: see the field); the attributes of the

@@ -550,7 +550,12 @@ impl Tree {
         let past_bug = env.past_bug();
         let mut inodes = HashMap::new();
         let (rows, writing) = db.inodes()?;
+        // Of the files being written when the node died: the state their puts were made on.
+        let mut meta_bases = HashMap::new();
         for row in rows {
+            if let Some(m) = row.meta_base {
+                meta_bases.insert(row.ino, m);
+            }
             let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
             i.atime = row.atime;
             i.mtime = row.mtime;
@@ -707,7 +712,13 @@ impl Tree {
             }
             for &ino in &abandoned {
                 if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
-                    st.record_put_all_links(ino)?;
+                    st.record_put_all_links_from(ino, meta_bases.get(&ino).copied())?;
+                }
+            }
+            // The row's state is no longer the one of a file being written.
+            for &ino in meta_bases.keys() {
+                if st.inodes.contains_key(&ino) {
+                    st.save(ino)?;
                 }
             }
             Ok(())

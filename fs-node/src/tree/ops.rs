@@ -115,6 +115,14 @@ impl Tree {
             i.ctime = now;
             i.give_mtime_to_work()?;
             let (writers, dirty) = (i.writers, i.work.is_some());
+            // The put of a file being written says what its setattrs were made on. (Not
+            // that of a large truncation by name, committed in a transaction of its own:
+            // should that fail, the truncation is forgotten, and this would outlive it.)
+            if writers > 0 || commit == CommitNow::Yes {
+                if let Some(c) = i.committed.as_mut() {
+                    c.meta_base.get_or_insert(before);
+                }
+            }
             if dirty && writers == 0 && commit == CommitNow::Yes {
                 // truncate(2) with no descriptor open: committed at once.
                 st.commit_work(ino, store, None)?;

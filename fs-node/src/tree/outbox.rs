@@ -239,11 +239,8 @@ impl State {
         }
     }
 
-    pub(super) fn record_put_all_links(&mut self, ino: u64) -> FsResult<()> {
-        self.record_put_all_links_from(ino, None)
-    }
-
-    /// The puts of a setattr of `ino`, which found it with the mode and owners `before`.
+    /// The puts of every link of `ino`, made on the mode and owners `before` (a
+    /// setattr's, or those of a file before the setattrs made while it was written).
     pub(super) fn record_put_all_links_from(&mut self, ino: u64, before: Option<ModeAndOwners>) -> FsResult<()> {
         let links = self.inode(ino)?.links.clone();
         for (p, n) in links {
