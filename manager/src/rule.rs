@@ -227,14 +227,14 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
                 if made_on.only_own_since {
                     return metadata_the_node_did_not_change(version, cv, made_on.said);
                 }
-                return same_bytes_on_a_stale_base(version, cv, made_on.at_base.as_ref());
+                return same_bytes_on_a_stale_base(version, cv, made_on.at_base.as_ref(), made_on.said);
             }
             if let Some(b) = made_on.at_base.as_ref() {
                 if b.content.as_ref() == Some(&version.content) {
-                    return metadata_over_changed_bytes(version, cv, b);
+                    return metadata_over_changed_bytes(version, cv, b, made_on.said);
                 }
                 if b.content.as_ref() == Some(&cv.content) && same_kind(&version.content, &cv.content) {
-                    return bytes_over_changed_metadata(version, cv, b);
+                    return bytes_over_changed_metadata(version, cv, b, made_on.said);
                 }
             }
             if is_conflict_file(path) {
@@ -276,10 +276,11 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
 /// concurrent `touch` elsewhere keeps its mtime; of two, the first decided, as for the
 /// mode; the base's mtime unknown, the state's now). Without the state at the base
 /// (its history forgotten, or a revision the manager lost, and the node did not say)
-/// the current metadata stays.
-fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&AtBase>) -> Decision {
+/// the current metadata stays. What the node did not change of what it made the change
+/// on (`said`) is never its to set ([`touched_by_node`]).
+fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&AtBase>, said: Option<ModeAndOwners>) -> Decision {
     let Some(b) = at_base else { return Decision::Unchanged };
-    let meta = merge_fields(b.meta, version.into(), current.into());
+    let meta = merge_fields(b.meta, touched_by_node(version, said, current), current.into());
     if meta == ModeAndOwners::from(current) {
         return Decision::Unchanged;
     }
@@ -289,6 +290,21 @@ fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Opt
         Decision::Accept
     } else {
         Decision::Merge(merged)
+    }
+}
+
+/// The node's mode and owners, but each one it did not change from the state it made
+/// the change on (`said`, when it said it) as `current` has it. A stale base's state in
+/// the history may not be what the node saw: the node had not applied it yet (a write
+/// made after its earlier change was decided unchanged, on the state before the chmod
+/// and chown that won; simulator seed 657857), or it was its own earlier chmod, which
+/// another node's won since. Merged against that state, a mode the node never touched
+/// passed for a chmod back: the chmod and chown made elsewhere were undone, and a later
+/// chown there was lost to that phantom change.
+fn touched_by_node(version: &Version, said: Option<ModeAndOwners>, current: &Version) -> ModeAndOwners {
+    match said {
+        Some(said) => merge_fields(said, current.into(), version.into()),
+        None => version.into(),
     }
 }
 
@@ -306,8 +322,8 @@ fn merge_fields(base: ModeAndOwners, other: ModeAndOwners, winner: ModeAndOwners
 /// node's when it changed it and nobody else did since) onto the bytes and mtime the path has now: a chmod
 /// made here is kept on what was written elsewhere, a touch of the older bytes is not.
 /// The path of another kind now (a file here, a symlink elsewhere), its state stays.
-fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
-    let meta = merge_fields(at_base.meta, version.into(), current.into());
+fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase, said: Option<ModeAndOwners>) -> Decision {
+    let meta = merge_fields(at_base.meta, touched_by_node(version, said, current), current.into());
     let merged = (same_kind(&version.content, &current.content) && meta != ModeAndOwners::from(current)).then(|| Version {
         content: current.content.clone(),
         mode: meta.mode,
@@ -329,8 +345,8 @@ fn same_kind(a: &Content, b: &Content) -> bool {
 /// are taken, and the mode and owners merge three-way, field by field, as for a chmod on
 /// a stale base: each one set elsewhere stays (of two concurrent chmods, the first
 /// decided), the node's when only it changed it.
-fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &AtBase) -> Decision {
-    with_meta(version, merge_fields(at_base.meta, version.into(), current.into()))
+fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &AtBase, said: Option<ModeAndOwners>) -> Decision {
+    with_meta(version, merge_fields(at_base.meta, touched_by_node(version, said, current), current.into()))
 }
 
 /// A put made on the current state, or on a state the node took as its own change's
@@ -688,6 +704,40 @@ mod tests {
             None,
         );
         assert_eq!(later, Decision::Merge(Version { mode: 0o600, ..merged }));
+    }
+
+    /// On a stale base, what the node did not change of the state it says it made the
+    /// change on (`said`) is not its to set, even where the history's state at the base
+    /// differs from it (simulator seed 657857: a write made before the node saw the
+    /// chmod and chown its earlier change's decision came with undid them, and a later
+    /// chown made elsewhere was then lost to that phantom change).
+    #[test]
+    fn what_the_node_did_not_change_of_what_it_saw_is_not_its_to_set() {
+        let seen = Version { mtime_ns: 1, ..file(1) };
+        let merged_there = Version { mode: 0o600, uid: 1000, mtime_ns: 2, ..file(1) };
+        let stale = |current: Version, said: Option<ModeAndOwners>, mine: Version| {
+            let made_on = MadeOn { at_base: Some(AtBase::from(&merged_there)), said, ..MadeOn::rev(Revision(3)) };
+            decide(&p("a"), Some(&cur(5, Some(current))), &made_on, &put(mine), 0, None)
+        };
+        let said = Some(ModeAndOwners::from(&seen));
+        let touched = Version { mtime_ns: 9, ..merged_there.clone() };
+        // A write on the state the node saw: the mode and owner set elsewhere stay.
+        let written = Version { mtime_ns: 7, ..file(2) };
+        assert_eq!(stale(touched.clone(), said, written.clone()), Decision::Merge(Version { mode: 0o600, uid: 1000, ..written.clone() }));
+        assert_eq!(stale(touched.clone(), None, written.clone()), Decision::Accept, "nothing said: against the history's state, as before");
+        // Its own chmod, made there too, is its to set.
+        let chmodded = Version { mode: 0o755, ..written.clone() };
+        assert_eq!(stale(touched.clone(), said, chmodded.clone()), Decision::Merge(Version { uid: 1000, ..chmodded }));
+        // A touch of the same bytes, which another node's chmod won over: no chmod back.
+        assert_eq!(stale(touched.clone(), said, Version { mtime_ns: 7, ..seen.clone() }), Decision::Unchanged);
+        // A chmod of bytes written elsewhere since: the mode and owner set there stay.
+        let rewritten = Version { mtime_ns: 9, ..Version { content: file(3).content, ..merged_there.clone() } };
+        assert_eq!(stale(rewritten.clone(), said, Version { mtime_ns: 7, ..seen.clone() }), Decision::OverChangedBytes(None));
+        assert_eq!(
+            stale(rewritten.clone(), said, Version { uid: 1001, ..seen }),
+            Decision::OverChangedBytes(Some(Version { uid: 1001, ..rewritten })),
+            "the node's chown on what was written there"
+        );
     }
 
     #[test]
