@@ -67,6 +67,8 @@ const KEPT: &[(u64, &str)] = &[
     (603090, "a node's touch was decided, then lost with the manager's database brought back from a copy; the node's chmod that followed it came with base 0 and was taken for no change of the mode, though the node said the mode it was made on: lost"),
     (1184, "(with chowns) a node's touch was decided unchanged, another node's touch came first; its chmod and chown that followed were based on that decision's revision, whose state the history had forgotten since, and the manager, not using the mode and owners the node said they were made on, took them for no change: the chown was lost"),
     (634610, "a node's chmod of a file kept as its conflict file's later edit (the manager put it at the conflict file) was decided first; the node, not having seen it, chmodded the conflict file on the state before, and the manager took the node's own earlier chmod for a concurrent one decided first: the later chmod was lost"),
+    (657857, "(with chowns) a node's write came after its earlier change was decided with a chmod and chown made elsewhere, which it had not applied yet; merged against the history's state at its base, the mode and owner it never touched passed for a chmod and chown back, the chmod and chown made elsewhere were undone, and a later chown there was lost to that phantom change"),
+    (661047, "(with chowns) a node chmodded and chowned a file open for writing, then died; its put, sent after the restart, did not say the mode and owners it was made on, and the manager's history had forgotten that base: the chown was taken for no change"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a
