@@ -69,6 +69,7 @@ const KEPT: &[(u64, &str)] = &[
     (634610, "a node's chmod of a file kept as its conflict file's later edit (the manager put it at the conflict file) was decided first; the node, not having seen it, chmodded the conflict file on the state before, and the manager took the node's own earlier chmod for a concurrent one decided first: the later chmod was lost"),
     (657857, "(with chowns) a node's write came after its earlier change was decided with a chmod and chown made elsewhere, which it had not applied yet; merged against the history's state at its base, the mode and owner it never touched passed for a chmod and chown back, the chmod and chown made elsewhere were undone, and a later chown there was lost to that phantom change"),
     (661047, "(with chowns) a node chmodded and chowned a file open for writing, then died; its put, sent after the restart, did not say the mode and owners it was made on, and the manager's history had forgotten that base: the chown was taken for no change"),
+    (702593, "(with chowns) a node's touch, queued after its chmod and not sent yet, was replaced by a chown once the chmod was decided; the chown went without the mode and owners it was made on, on a base the manager's history had forgotten, and was taken for no change"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a

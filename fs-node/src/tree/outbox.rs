@@ -177,11 +177,16 @@ impl State {
                 let earlier = self.outbox.last_of_path_before(&path, seq);
                 let follows = earlier.map(|r| r.msg.clone());
                 let mut row = self.outbox.rows[&seq].clone();
-                // Made on the same state as the change it replaces, unless the base moved
-                // meanwhile (a decision came): then what it was made on is not known here.
+                // Made on the same state as the change it replaces, also when the base
+                // moved meanwhile: only the decision of the change that one followed
+                // moves it (nothing is applied over a queued change), to that change's
+                // revision, and it said what that change put there. (Simulator seed
+                // 702593: a chown replacing a touch whose predecessor had been decided
+                // went without it, on a base the manager's history had forgotten, and
+                // was taken for no change.)
                 let base_meta = match earlier {
                     Some(e) => put_meta(&e.change.op),
-                    None => row.change.base_meta.filter(|_| row.change.base == base),
+                    None => row.change.base_meta,
                 };
                 row.change = Change { path, base, follows, op, base_meta };
                 tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");

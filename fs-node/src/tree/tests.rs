@@ -180,6 +180,25 @@ fn a_chmod_says_the_mode_it_was_made_on() {
     assert_eq!(mode_made_on(&t.take_unpublished()), [Some(0o755)], "what the sent, undecided chmod put there");
 }
 
+/// A change replaced in the queue after the change it followed was decided keeps saying
+/// what it was made on: what that change put there (simulator seed 702593: without it, a
+/// chown on a base the manager's history had forgotten was taken for no change).
+#[test]
+fn a_change_replaced_after_its_predecessor_was_decided_says_what_it_was_made_on() {
+    let (_dir, t, d) = tree_with_dir();
+    let made_on = |rows: &[OutboxRow]| rows.iter().map(|r| r.change.base_meta.map(|m| (m.mode, m.uid))).collect::<Vec<_>>();
+    let sent = t.take_unpublished();
+    t.apply_decided(&sent[0].msg, &Outcome::Accepted, &dir_entry("d", 7, 0o700)).unwrap();
+    chmod(&t, d, 0o755);
+    let first = t.take_unpublished();
+    chmod(&t, d, 0o750); // queued, not sent: follows the chmod to 0755
+    t.apply_decided(&first[0].msg, &Outcome::Accepted, &dir_entry("d", 9, 0o755)).unwrap();
+    t.setattr(d, 0, SetAttr { uid: Some(1000), ..Default::default() }).unwrap(); // replaces it
+    let rows = t.take_unpublished();
+    assert_eq!(rows.iter().map(|r| (r.change.base, r.change.follows.is_some())).collect::<Vec<_>>(), [(Revision(9), false)], "{rows:?}");
+    assert_eq!(made_on(&rows), [Some((0o755, 0))], "what the decided chmod put there");
+}
+
 /// A chmod and chown made while the file is open for writing are sent with its content,
 /// at the last close, or after a crash by the load: that put says the mode and owners
 /// from before them, as a setattr's own put does (simulator seed 661047: without them, on
