@@ -280,7 +280,7 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
 /// on (`said`) is never its to set ([`touched_by_node`]).
 fn same_bytes_on_a_stale_base(version: &Version, current: &Version, at_base: Option<&AtBase>, said: Option<ModeAndOwners>) -> Decision {
     let Some(b) = at_base else { return Decision::Unchanged };
-    let meta = merge_fields(b.meta, touched_by_node(version, said, current), current.into());
+    let meta = merge_on_stale_base(b.meta, version, said, current);
     if meta == ModeAndOwners::from(current) {
         return Decision::Unchanged;
     }
@@ -308,6 +308,13 @@ fn touched_by_node(version: &Version, said: Option<ModeAndOwners>, current: &Ver
     }
 }
 
+/// The mode and owners of a change on a stale base, merged three-way against the
+/// path's state at the base (`base`) and now (`current`), each field the node's only where
+/// it changed it ([`touched_by_node`]) and nobody else did since.
+fn merge_on_stale_base(base: ModeAndOwners, version: &Version, said: Option<ModeAndOwners>, current: &Version) -> ModeAndOwners {
+    merge_fields(base, touched_by_node(version, said, current), current.into())
+}
+
 /// Mode, uid and gid merged one by one against `base`: each as `winner` has it where
 /// `winner` changed it from `base`, else as `other` has it. A chmod made on one side and
 /// a chown on the other both stay; where both changed the same one, `winner`'s stays.
@@ -323,7 +330,7 @@ fn merge_fields(base: ModeAndOwners, other: ModeAndOwners, winner: ModeAndOwners
 /// made here is kept on what was written elsewhere, a touch of the older bytes is not.
 /// The path of another kind now (a file here, a symlink elsewhere), its state stays.
 fn metadata_over_changed_bytes(version: &Version, current: &Version, at_base: &AtBase, said: Option<ModeAndOwners>) -> Decision {
-    let meta = merge_fields(at_base.meta, touched_by_node(version, said, current), current.into());
+    let meta = merge_on_stale_base(at_base.meta, version, said, current);
     let merged = (same_kind(&version.content, &current.content) && meta != ModeAndOwners::from(current)).then(|| Version {
         content: current.content.clone(),
         mode: meta.mode,
@@ -346,7 +353,7 @@ fn same_kind(a: &Content, b: &Content) -> bool {
 /// a stale base: each one set elsewhere stays (of two concurrent chmods, the first
 /// decided), the node's when only it changed it.
 fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &AtBase, said: Option<ModeAndOwners>) -> Decision {
-    with_meta(version, merge_fields(at_base.meta, touched_by_node(version, said, current), current.into()))
+    with_meta(version, merge_on_stale_base(at_base.meta, version, said, current))
 }
 
 /// A put made on the current state, or on a state the node took as its own change's
@@ -359,7 +366,7 @@ fn bytes_over_changed_metadata(version: &Version, current: &Version, at_base: &A
 /// (`Unchanged`): the node's later write is not a chmod back.
 fn metadata_the_node_did_not_change(version: &Version, current: &Version, said: Option<ModeAndOwners>) -> Decision {
     match said {
-        Some(said) if same_kind(&version.content, &current.content) => match with_meta(version, merge_fields(said, current.into(), version.into())) {
+        Some(_) if same_kind(&version.content, &current.content) => match with_meta(version, touched_by_node(version, said, current)) {
             Decision::Merge(merged) if merged == *current => Decision::Unchanged,
             d => d,
         },

@@ -551,11 +551,8 @@ impl Tree {
         let mut inodes = HashMap::new();
         let (rows, writing) = db.inodes()?;
         // Of the files being written when the node died: the state their puts were made on.
-        let mut meta_bases = HashMap::new();
+        let meta_bases: HashMap<u64, ModeAndOwners> = rows.iter().filter_map(|r| Some((r.ino, r.meta_base?))).collect();
         for row in rows {
-            if let Some(m) = row.meta_base {
-                meta_bases.insert(row.ino, m);
-            }
             let mut i = Inode::new(row.ino, Kind::from_code(row.kind), row.perm, row.uid, row.gid, 0);
             i.atime = row.atime;
             i.mtime = row.mtime;
