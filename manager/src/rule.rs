@@ -83,10 +83,10 @@ pub struct Prior {
 pub enum Basis {
     /// Decide it with [`decide`] against this base.
     Base(Revision),
-    /// It is a later edit of a change kept as a conflict file that is still the sender's
-    /// own: it updates that file (one conflict file per offline edit session, not one per
-    /// save) and is decided as a conflict with that copy. Not a conflict directory: what
-    /// was put below one stays there.
+    /// It is a later edit of a file kept as a conflict file that is still the sender's
+    /// own, and still a file: it updates that file (one conflict file per offline edit
+    /// session, not one per save) and is decided as a conflict with that copy. Not a
+    /// conflict directory: what was put below one stays there.
     UpdateConflictFile(RelPath),
 }
 
@@ -104,9 +104,18 @@ pub fn basis(sent: Revision, prior: Option<&Prior>, op: &ChangeOp) -> Basis {
         // It changed nothing: the path is still at what it was based on (a delete
         // refused because files were added below, say).
         Outcome::Refused { .. } if prior.base.0 > 0 => Basis::Base(prior.base.max(sent)),
-        Outcome::Conflict { copy } if prior.copy_still_own && matches!(op, ChangeOp::Put { .. }) => Basis::UpdateConflictFile(copy.clone()),
+        // (Of a file only: the copy is one. A directory put over it would have the
+        // sender's later writes below the path go there, and its edit of the copy it
+        // shows, still a file, refused for the files below; a symlink put over it would
+        // take the place of that edit. Simulator seed 786548. Either is a conflict of
+        // its own, decided on the base it was sent with.)
+        Outcome::Conflict { copy } if prior.copy_still_own && is_file_put(op) => Basis::UpdateConflictFile(copy.clone()),
         _ => Basis::Base(sent),
     }
+}
+
+fn is_file_put(op: &ChangeOp) -> bool {
+    matches!(op, ChangeOp::Put { version: Version { content: Content::File { .. }, .. } })
 }
 
 /// The directory the manager puts back for an ancestor of an accepted path that was
@@ -159,7 +168,7 @@ pub struct MadeOn {
     /// On a stale base, every state of the path since the base is the sender's own
     /// (its earlier changes, decided first; one of another path's put here as its
     /// conflict file's update, say): nobody else changed the path since, and the
-    /// sender's later change of the same bytes is no concurrent one.
+    /// sender's later change is no concurrent one.
     pub only_own_since: bool,
 }
 
@@ -218,15 +227,16 @@ fn decide_at_path(path: &RelPath, current: Option<&Current>, made_on: &MadeOn, o
                 }
                 return metadata_the_node_did_not_change(version, cv, made_on.said.filter(|_| !from_a_later_lost_state(cur, base)));
             }
-            // Stale base: someone else changed the path since this node saw it.
+            // Stale base: someone else changed the path since this node saw it. Or only
+            // the node itself did: its later change is kept over its own earlier ones,
+            // as on the current state. (Simulator seed 634610: a node's chmod of its
+            // conflict file, made before it saw its own chmod of the original put there
+            // as that file's update, was lost; seed 798153: so was its chown of what it
+            // had just written there.)
+            if made_on.only_own_since && !replaces_full_dir {
+                return metadata_the_node_did_not_change(version, cv, made_on.said);
+            }
             if version.content == cv.content {
-                // (Or only the node itself did: its later chmod is kept over its own
-                // earlier one, as on the current state. Simulator seed 634610: a
-                // node's chmod of its conflict file, made before it saw its own chmod
-                // of the original put there as that file's update, was lost.)
-                if made_on.only_own_since {
-                    return metadata_the_node_did_not_change(version, cv, made_on.said);
-                }
                 return same_bytes_on_a_stale_base(version, cv, made_on.at_base.as_ref(), made_on.said);
             }
             if let Some(b) = made_on.at_base.as_ref() {
@@ -589,10 +599,10 @@ mod tests {
         assert_eq!(decide_on(with(0o644, 9), said, with(0o755, 1)), Decision::Merge(with(0o755, 9)));
     }
 
-    /// Same bytes on a stale base when only the sender changed the path since (its
+    /// A change on a stale base when only the sender changed the path since (its
     /// earlier chmod of another path, put here as its conflict file's update, which it
-    /// had not seen): its later chmod is kept, as on the current state, with what it did
-    /// not change as the state has it (simulator seed 634610).
+    /// had not seen): its later chmod or write is kept, as on the current state, with
+    /// what it did not change as the state has it (simulator seeds 634610, 798153).
     #[test]
     fn a_chmod_on_a_base_only_the_sender_changed_since_is_kept() {
         let with = |mode: u32, uid: u32| Version { mode, uid, ..file(1) };
@@ -604,6 +614,12 @@ mod tests {
         assert_eq!(decide_own(true, with(0o600, 0), with(0o700, 0)), Decision::Accept, "the later chmod of the same node");
         assert_eq!(decide_own(false, with(0o600, 0), with(0o700, 0)), Decision::Unchanged, "another node's chmod, decided first, stays");
         assert_eq!(decide_own(true, with(0o600, 1000), with(0o700, 0)), Decision::Merge(with(0o700, 1000)), "its own chown since stays");
+        // New bytes written and chowned over its own earlier write, chmod and chown
+        // (simulator seed 798153): its bytes and owner, with the mode it did not change
+        // as the state has it; by another node, a conflict.
+        let (since, mine) = (Version { mode: 0o600, uid: 1000, ..file(2) }, Version { mode: 0o644, uid: 1001, ..file(3) });
+        assert_eq!(decide_own(true, since.clone(), mine.clone()), Decision::Merge(Version { mode: 0o600, ..mine.clone() }), "its later write and chown");
+        assert_eq!(decide_own(false, since, mine), Decision::Conflict, "another node's write");
     }
 
     /// A chmod, chown or touch made on a state whose bytes changed elsewhere since: no
@@ -863,7 +879,13 @@ mod tests {
         // Someone else took over the conflict file, or the follow-up is a delete: the
         // change is decided on its own base.
         assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), false)), &edit), Basis::Base(Revision(1)));
-        assert_eq!(basis(Revision(1), Some(&prior(conflict, true)), &ChangeOp::Delete), Basis::Base(Revision(1)));
+        assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), true)), &ChangeOp::Delete), Basis::Base(Revision(1)));
+        // A directory or symlink made there since is a conflict of its own (seed 786548:
+        // a directory put over the conflict file had the sender's edit of it refused).
+        let dir = Version { content: Content::Dir, ..file(2) };
+        let link = Version { content: Content::Symlink { target: "t".into() }, ..file(2) };
+        assert_eq!(basis(Revision(1), Some(&prior(conflict.clone(), true)), &put(dir)), Basis::Base(Revision(1)));
+        assert_eq!(basis(Revision(1), Some(&prior(conflict, true)), &put(link)), Basis::Base(Revision(1)));
     }
 
     #[test]

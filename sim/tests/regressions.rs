@@ -70,6 +70,8 @@ const KEPT: &[(u64, &str)] = &[
     (657857, "(with chowns) a node's write came after its earlier change was decided with a chmod and chown made elsewhere, which it had not applied yet; merged against the history's state at its base, the mode and owner it never touched passed for a chmod and chown back, the chmod and chown made elsewhere were undone, and a later chown there was lost to that phantom change"),
     (661047, "(with chowns) a node chmodded and chowned a file open for writing, then died; its put, sent after the restart, did not say the mode and owners it was made on, and the manager's history had forgotten that base: the chown was taken for no change"),
     (702593, "(with chowns) a node's touch, queued after its chmod and not sent yet, was replaced by a chown once the chmod was decided; the chown went without the mode and owners it was made on, on a base the manager's history had forgotten, and was taken for no change"),
+    (786548, "a node's edit, kept as a conflict file, was followed by the same node's directory at the path, which the manager put over that conflict file as its later edit, with the files the node wrote below it; the node's own edit of the conflict file, still a file where it was made, was refused for the files below and lost"),
+    (798153, "(with chowns) a node wrote and chowned its conflict file on a state since changed only by its own earlier changes, put there as the conflict file's updates; a write said no mode and owners it was made on, and the manager merged it as if made elsewhere: the chown was lost to the owner its own earlier change had set"),
 ];
 
 /// The configurations the kept seeds replay in: each as the simulation was before a

@@ -350,7 +350,9 @@ impl State {
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;
-        let meta_base = i.committed.as_mut().and_then(|c| c.meta_base.take());
+        // Made on the mode and owners the file had when it began to be written: those
+        // before its first setattr since, or else those it has.
+        let made_on = i.committed.as_mut().and_then(|c| c.meta_base.take()).unwrap_or_else(|| i.mode_and_owners());
         // A passthrough writer still open keeps writing: what was just committed is
         // the version a crash would come back to.
         i.committed = i.work.is_some().then(|| i.current());
@@ -362,6 +364,6 @@ impl State {
             return Ok(());
         }
         self.save(ino)?;
-        self.record_put_all_links_from(ino, meta_base)
+        self.record_put_all_links_from(ino, Some(made_on))
     }
 }

@@ -98,11 +98,12 @@ pub(super) struct Committed {
     pub(super) size: u64,
     pub(super) mtime: i64,
     /// The mode and owners the file had before the first setattr since it began to be
-    /// written (none: no setattr). Its put waits for the last close (or, after a crash,
-    /// for the load), and carries them as the state it was made on, as a setattr's own
-    /// put does (`Change::base_meta`): without them, a chmod made while a file was open
-    /// for writing, on a base the manager's history has forgotten, was taken for no
-    /// change (simulator seed 661047). Kept in the database with the row.
+    /// written (none: no setattr, and they are the file's own). Its put waits for the
+    /// last close (or, after a crash, for the load), and carries them as the state it
+    /// was made on, as a setattr's own put does (`Change::base_meta`): without them, a
+    /// chmod made while a file was open for writing, on a base the manager's history
+    /// has forgotten, was taken for no change (simulator seed 661047). Kept in the
+    /// database with the row.
     pub(super) meta_base: Option<ModeAndOwners>,
 }
 
@@ -264,12 +265,13 @@ impl Inode {
             lookups: 0,
         }
     }
-    /// The synced version of this inode, if it is of a synced kind with known content.
+
     /// What a chmod or chown changes, as [`version`](Self::version) says them.
     pub(super) fn mode_and_owners(&self) -> ModeAndOwners {
         ModeAndOwners { mode: self.perm & 0o7777, uid: self.uid, gid: self.gid }
     }
 
+    /// The synced version of this inode, if it is of a synced kind with known content.
     pub(super) fn version(&self) -> Option<Version> {
         let content = match self.kind {
             Kind::File => Content::File { hash: self.hash.clone()?, size: self.size },

@@ -709,7 +709,8 @@ impl Tree {
             }
             for &ino in &abandoned {
                 if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
-                    st.record_put_all_links_from(ino, meta_bases.get(&ino).copied())?;
+                    let made_on = meta_bases.get(&ino).copied().unwrap_or_else(|| st.inodes[&ino].mode_and_owners());
+                    st.record_put_all_links_from(ino, Some(made_on))?;
                 }
             }
             // The row's state is no longer the one of a file being written.

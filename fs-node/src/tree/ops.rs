@@ -50,10 +50,16 @@ impl Tree {
     /// fail, the truncation is undone, as the one transaction it was once would have
     /// been (`State::forget_uncommitted`), and the caller gets the error.
     fn truncate_hashing_outside_lock(&self, ino: u64, req_uid: u32, a: SetAttr) -> FsResult<Attr> {
-        let (_, stamp) = self.set_attributes(ino, req_uid, a, CommitNow::No)?;
+        let (_, stamp, before) = self.set_attributes(ino, req_uid, a, CommitNow::No)?;
         let prehashed = self.hash_outside_lock(|st| st.work_to_hash(ino));
         self.atomically_or_undo(
             |st, store| {
+                // Its put (now, or at the close of a writer come meanwhile) says what the
+                // setattr was made on, marked in this transaction: should it fail, the
+                // truncation is forgotten with the mark.
+                if let Some(c) = st.inode_mut(ino)?.committed.as_mut() {
+                    c.meta_base.get_or_insert(before);
+                }
                 let i = st.inode(ino)?;
                 // (written since by a writer come meanwhile: that writer's to commit)
                 if i.work_stamp == stamp && i.writers == 0 && i.nlink > 0 && i.work.is_some() {
@@ -67,8 +73,8 @@ impl Tree {
 
     /// `setattr`: every change of the attributes in one transaction; with no writer, a
     /// truncation is committed in it unless `commit` says not yet. Also returns the work
-    /// file's stamp once it ended.
-    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<(Attr, u64)> {
+    /// file's stamp once it ended, and the mode and owners it was made on.
+    fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<(Attr, u64, ModeAndOwners)> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
@@ -115,9 +121,10 @@ impl Tree {
             i.ctime = now;
             i.give_mtime_to_work()?;
             let (writers, dirty) = (i.writers, i.work.is_some());
-            // The put of a file being written says what its setattrs were made on. (Not
-            // that of a large truncation by name, committed in a transaction of its own:
-            // should that fail, the truncation is forgotten, and this would outlive it.)
+            // The put of a file being written says what its setattrs were made on. (A
+            // large truncation by name, committed in a transaction of its own, is marked
+            // in that one: should it fail, the truncation is forgotten, and the mark
+            // would outlive it.)
             if writers > 0 || commit == CommitNow::Yes {
                 if let Some(c) = i.committed.as_mut() {
                     c.meta_base.get_or_insert(before);
@@ -135,7 +142,7 @@ impl Tree {
                 st.record_put_all_links_from(ino, Some(before))?;
             }
             let i = st.inode(ino)?;
-            Ok((i.attr(), i.work_stamp))
+            Ok((i.attr(), i.work_stamp, before))
         };
         match a.size {
             Some(size) => self.atomically_with_copy(self.ready_for_change(ino, size > 0), change),
