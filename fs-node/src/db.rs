@@ -872,7 +872,8 @@ mod tests {
         let path = dir.path().join("node.db");
         let mut conn = Connection::open(&path).unwrap();
         migrations().to_version(&mut conn, 4).unwrap();
-        let change = Change { path: RelPath::new("d/f").unwrap(), base: Revision(3), follows: None, op: wire::ChangeOp::Delete, base_meta: None };
+        let change =
+            Change { path: RelPath::new("d/f").unwrap(), base: Revision(3), follows: None, op: wire::ChangeOp::Delete, base_meta: None, base_content: None };
         let body = serde_json::to_string(&change).unwrap();
         let kept = ContentHash::from_bytes([7; 32]).to_hex().as_str().to_string();
         conn.execute_batch(&format!(

@@ -138,8 +138,9 @@ pub fn moved_below(path: &RelPath, file: &RelPath, dir_copy: &RelPath) -> Option
 }
 
 /// The path's state at the base of a change made on a stale base, as far as the manager
-/// knows it: its mode and owners, and its mtime and content when the manager's history
-/// holds that state (a node's `base_meta` says neither).
+/// knows it: its mode and owners, its mtime when the manager's history holds that state
+/// (a node's `base_meta` does not say it), and its content when the history holds it or
+/// the node says it (`base_content`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AtBase {
     pub meta: ModeAndOwners,

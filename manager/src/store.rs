@@ -1839,9 +1839,13 @@ impl Tx<'_> {
         };
         let file_above = first_non_dir(&ancestors);
         // On a stale base, the path's mode and owners at the base tell what the change
-        // changed of them (`rule::same_bytes_on_a_stale_base`): from the history, or,
+        // changed of them (`rule::same_bytes_on_a_stale_base`), and its content whether
+        // the change wrote or deleted only bytes nobody else wrote since
+        // (`rule::bytes_over_changed_metadata`): from the history, or,
         // for a revision it lacks (forgotten, or given by a database this one was
-        // restored over), as the node says them when the base is the one it sent, or
+        // restored over), as the node says them (simulator seed 683815: a write over
+        // bytes only chmodded elsewhere since became a conflict file, and the path was
+        // left with bytes nobody held any more) when the base is the one it sent, or
         // the change follows another (it then says what that change put there, on
         // which it was made, whatever its decision: seed 1184, a chmod and chown
         // following a touch decided unchanged, whose state was forgotten since, taken
@@ -1850,8 +1854,13 @@ impl Tx<'_> {
         // its own (simulator seed 603090: a chmod following a lost touch was taken for
         // no change, on base 0, and lost).
         let follows_a_lost_change = change.follows.is_some() && prior.is_none();
-        let said_at_base =
-            || change.base_meta.filter(|_| base == change.base || change.follows.is_some()).map(|meta| rule::AtBase { meta, mtime_ns: None, content: None });
+        let said_at_base = || {
+            change.base_meta.filter(|_| base == change.base || change.follows.is_some()).map(|meta| rule::AtBase {
+                meta,
+                mtime_ns: None,
+                content: change.base_content.clone(),
+            })
+        };
         let (at_base, only_own_since) = match &current {
             Some(c) if c.rev > base && (base > Revision::NONE || follows_a_lost_change) => match self.version_at(&change.path, base)? {
                 Some(v) => (Some(rule::AtBase::from(&v)), self.only_own_since(&change.path, base, c.rev, from)?),
@@ -2246,7 +2255,7 @@ mod tests {
         (dir, s)
     }
     fn put(path: &str, base: u64, v: Version) -> ToManager {
-        ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v }, base_meta: None })
+        ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v }, base_meta: None, base_content: None })
     }
     fn decided(store: &Store) -> Vec<Outcome> {
         decisions(store).into_iter().map(|(outcome, _)| outcome).collect()
@@ -2599,6 +2608,7 @@ mod tests {
                 follows: None,
                 op: ChangeOp::Put { version: Version { mode, ..file(1) } },
                 base_meta: claim,
+                base_content: None,
             })
         };
         send(&mut s, "n2", "m5", chmod_on_lost(0o700, None));
@@ -2606,6 +2616,43 @@ mod tests {
         send(&mut s, "n2", "m7", chmod_on_lost(0o711, Some(0o755)));
         assert_eq!(decided(&s)[5..], [Outcome::Unchanged, Outcome::Unchanged, Outcome::Accepted], "unknown; mode changed since; taken");
         assert_eq!(s.entry(&p("a")).unwrap().unwrap().version.unwrap().mode, 0o711);
+    }
+
+    /// A write or a delete made on a base the history has forgotten, over bytes only
+    /// chmodded elsewhere since: with the content it replaced said (`base_content`), the
+    /// write is merged with the chmod and the delete taken, as with the base in the
+    /// history; without, as before, a conflict file and a refusal. (Simulator seed
+    /// 683815: the write became a conflict file, and the path was left with bytes its
+    /// writer, their only holder, no longer had.)
+    #[test]
+    fn a_write_over_bytes_chmodded_on_a_forgotten_base_is_merged_when_the_node_says_what_it_replaced() {
+        let (_dir, mut s) = fresh_store();
+        send(&mut s, "n1", "m1", put("a", 0, file(1)));
+        send(&mut s, "n1", "m2", put("b", 0, file(1)));
+        let made = s.head().unwrap().0;
+        let (a_made, b_made) = (made - 1, made);
+        send(&mut s, "n2", "m3", put("a", a_made, Version { mode: 0o600, ..file(1) }));
+        send(&mut s, "n2", "m4", put("b", b_made, Version { mode: 0o600, ..file(1) }));
+        s.conn.execute("DELETE FROM history WHERE rev <= ?1", [made as i64]).unwrap();
+        let on_forgotten = |path: &str, base: u64, op: ChangeOp, said: Option<Content>| {
+            ToManager::Change(Change {
+                path: p(path),
+                base: Revision(base),
+                follows: None,
+                op,
+                base_meta: Some(ModeAndOwners::from(&file(1))),
+                base_content: said,
+            })
+        };
+        let write = || ChangeOp::Put { version: Version { mtime_ns: 5, ..file(2) } };
+        send(&mut s, "n1", "m5", on_forgotten("a", a_made, write(), None));
+        send(&mut s, "n1", "m6", on_forgotten("b", b_made, ChangeOp::Delete, None));
+        assert!(matches!(decided(&s)[4..], [Outcome::Conflict { .. }, Outcome::Refused { .. }]), "{:?}", decided(&s));
+        send(&mut s, "n3", "m7", on_forgotten("a", a_made, write(), Some(file(1).content)));
+        send(&mut s, "n3", "m8", on_forgotten("b", b_made, ChangeOp::Delete, Some(file(1).content)));
+        assert_eq!(decided(&s)[6..], [Outcome::Accepted, Outcome::Accepted]);
+        assert_eq!(s.entry(&p("a")).unwrap().unwrap().version, Some(Version { mode: 0o600, mtime_ns: 5, ..file(2) }), "the write, with the chmod");
+        assert_eq!(s.entry(&p("b")).unwrap().unwrap().version, None, "deleted");
     }
 
     /// A chmod that follows a change this database has no record of (decided by one it
@@ -2623,6 +2670,7 @@ mod tests {
                 follows: Some("lost".parse().unwrap()),
                 op: ChangeOp::Put { version: Version { mode, ..file(1) } },
                 base_meta: Some(ModeAndOwners { mode: made_on, uid: 0, gid: 0 }),
+                base_content: None,
             })
         };
         send(&mut s, "n1", "m2", following_lost(0o700, 0o644));
@@ -2661,6 +2709,7 @@ mod tests {
                 follows: Some("m3".parse().unwrap()),
                 op: ChangeOp::Put { version: mine },
                 base_meta: Some(ModeAndOwners::from(&file(1))),
+                base_content: None,
             }),
         );
         assert_eq!(decided(&s)[3..], [Outcome::Accepted, Outcome::Accepted]);
@@ -2726,6 +2775,7 @@ mod tests {
                 follows: Some(follows.parse().unwrap()),
                 op: ChangeOp::Put { version },
                 base_meta: Some(ModeAndOwners::from(made_on)),
+                base_content: None,
             })
         };
         send(&mut s, "n1", "m4", following("m3", &file(2), file(3)));
@@ -2966,7 +3016,12 @@ mod tests {
         let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("old.txt", 0, file(1)));
         send(&mut s, "n1", "m2", put("keep.txt", 0, file(1)));
-        send(&mut s, "n1", "m3", ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete, base_meta: None }));
+        send(
+            &mut s,
+            "n1",
+            "m3",
+            ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None }),
+        );
         let deleted_at = s.entry(&p("old.txt")).unwrap().unwrap().rev;
         let paths = |s: &mut Store, since: u64, request: &str, now: i64| {
             send(s, "n2", &format!("s-{request}"), sync(request, since, true));
@@ -3065,8 +3120,14 @@ mod tests {
                 send(&mut s, "n1", "behind", put("a-new.txt", 0, file(2)));
                 let (changed_rev, deleted_rev) = (rev(&s, &ahead_changed), rev(&s, &ahead_deleted));
                 send(&mut s, "n1", "changed", put(&ahead_changed, changed_rev, file(3)));
-                let deleted =
-                    ToManager::Change(Change { path: p(&ahead_deleted), base: Revision(deleted_rev), follows: None, op: ChangeOp::Delete, base_meta: None });
+                let deleted = ToManager::Change(Change {
+                    path: p(&ahead_deleted),
+                    base: Revision(deleted_rev),
+                    follows: None,
+                    op: ChangeOp::Delete,
+                    base_meta: None,
+                    base_content: None,
+                });
                 send(&mut s, "n1", "deleted", deleted);
             }
             // The tree grows ahead of the walk after every page.
@@ -3189,7 +3250,7 @@ mod tests {
     }
 
     fn change(path: &str, base: u64, follows: Option<&str>, op: ChangeOp) -> ToManager {
-        ToManager::Change(Change { path: p(path), base: Revision(base), follows: follows.map(|f| f.parse().unwrap()), op, base_meta: None })
+        ToManager::Change(Change { path: p(path), base: Revision(base), follows: follows.map(|f| f.parse().unwrap()), op, base_meta: None, base_content: None })
     }
     fn dir_version() -> Version {
         Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 }
@@ -3259,8 +3320,14 @@ mod tests {
             send(&mut s, "n1", "m3", put("e/a", 0, file(2)));
             // An edit following that one updates the copy in place; one that does not
             // follow it (made while other changes below `e` were pending) replaces it.
-            let follows =
-                Change { path: p("e/a"), base: Revision(0), follows: Some("m3".parse().unwrap()), op: ChangeOp::Put { version: file(7) }, base_meta: None };
+            let follows = Change {
+                path: p("e/a"),
+                base: Revision(0),
+                follows: Some("m3".parse().unwrap()),
+                op: ChangeOp::Put { version: file(7) },
+                base_meta: None,
+                base_content: None,
+            };
             send(&mut s, "n1", "m3f", ToManager::Change(follows));
             send(&mut s, "n1", "m3n", put("e/a", 0, file(8)));
             let out = decided(&s);
@@ -3312,7 +3379,12 @@ mod tests {
         let made = s.entry(&p("a")).unwrap().unwrap().rev;
         send(&mut s, "n3", "m1", put("a", 0, dir_version()));
         assert_eq!(first_revs(&s), [None, None], "nothing changed since: the state now is the one it left");
-        send(&mut s, "n3", "m2", ToManager::Change(Change { path: p("a"), base: made, follows: None, op: ChangeOp::Delete, base_meta: None }));
+        send(
+            &mut s,
+            "n3",
+            "m2",
+            ToManager::Change(Change { path: p("a"), base: made, follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None }),
+        );
         send(&mut s, "n1", "m3", put("a", 0, dir_version()));
         let now = s.entry(&p("a")).unwrap().unwrap();
         assert!(now.rev > made && now.version == Some(dir_version()), "n1's directory looks just like n3's");
@@ -3375,6 +3447,7 @@ mod tests {
                 follows: Some("m1".parse().unwrap()),
                 op: ChangeOp::Put { version: file(2) },
                 base_meta: None,
+                base_content: None,
             }),
         );
         send(&mut s, "n2", "m3", put("f.txt", 1, file(3)));

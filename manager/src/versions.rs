@@ -809,12 +809,15 @@ mod tests {
         }
         fn put(&mut self, from: &str, path: &str, v: Version) -> Revision {
             let base = self.s.entry(&p(path)).unwrap().map(|e| e.rev).unwrap_or_default();
-            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Put { version: v }, base_meta: None }));
+            self.send(
+                from,
+                ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Put { version: v }, base_meta: None, base_content: None }),
+            );
             self.s.entry(&p(path)).unwrap().unwrap().rev
         }
         fn delete(&mut self, from: &str, path: &str) {
             let base = self.s.entry(&p(path)).unwrap().unwrap().rev;
-            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Delete, base_meta: None }));
+            self.send(from, ToManager::Change(Change { path: p(path), base, follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None }));
         }
         /// `from` took the path's current content (as a node says after a pull).
         fn took(&mut self, from: &str, path: &str) {
@@ -1090,7 +1093,17 @@ mod tests {
         let base = c.put("n1", "a", file(1, 0o644));
         for i in 0..=rule::MAX_CONFLICT_COPIES as u8 {
             c.put("n1", "a", file(10 + i, 0o644));
-            c.send("n2", ToManager::Change(Change { path: p("a"), base, follows: None, op: ChangeOp::Put { version: file(100 + i, 0o644) }, base_meta: None }));
+            c.send(
+                "n2",
+                ToManager::Change(Change {
+                    path: p("a"),
+                    base,
+                    follows: None,
+                    op: ChangeOp::Put { version: file(100 + i, 0o644) },
+                    base_meta: None,
+                    base_content: None,
+                }),
+            );
         }
         let sent = c.sent();
         let refused: Vec<&str> = sent

@@ -107,6 +107,7 @@ fn put(path: &str) -> ToManager {
         follows: None,
         op: ChangeOp::Put { version: empty_file() },
         base_meta: None,
+        base_content: None,
     })
 }
 

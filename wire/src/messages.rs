@@ -290,6 +290,13 @@ pub struct Change {
     /// node); the manager then reads its history.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub base_meta: Option<ModeAndOwners>,
+    /// The content of the state the change was made on (as `base_meta`), when the node
+    /// knows it: the bytes its write or delete replaced. The manager uses it, with
+    /// `base_meta`, where its history lacks the base: a write over bytes only chmodded
+    /// elsewhere since is then merged with that chmod, not made a conflict file beside
+    /// bytes the node no longer holds (docs/sync.md, *The rule*). Absent: not known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_content: Option<Content>,
 }
 
 /// A version's permission bits and owners: what a chmod or chown changes.
@@ -650,6 +657,7 @@ mod tests {
                     follows: None,
                     op: ChangeOp::Put { version: file_version() },
                     base_meta: None,
+                    base_content: None,
                 }),
             ),
             (
@@ -660,6 +668,7 @@ mod tests {
                     follows: None,
                     op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } },
                     base_meta: None,
+                    base_content: None,
                 }),
             ),
             (
@@ -672,6 +681,7 @@ mod tests {
                         version: Version { content: Content::Symlink { target: "docs/report.txt".into() }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 5 },
                     },
                     base_meta: None,
+                    base_content: None,
                 }),
             ),
             (
@@ -682,9 +692,36 @@ mod tests {
                     follows: None,
                     op: ChangeOp::Put { version: Version { mode: 0o755, ..file_version() } },
                     base_meta: Some(ModeAndOwners { mode: 0o644, uid: 1000, gid: 1000 }),
+                    base_content: None,
                 }),
             ),
-            ("change_delete", ToManager::Change(Change { path: path("old.txt"), base: Revision(7), follows: None, op: ChangeOp::Delete, base_meta: None })),
+            (
+                "change_write",
+                ToManager::Change(Change {
+                    path: path("docs/report.txt"),
+                    base: Revision(41),
+                    follows: None,
+                    op: ChangeOp::Put {
+                        version: Version {
+                            content: Content::File { hash: ContentHash::from_bytes(*blake3::hash(b"hello, world").as_bytes()), size: 12 },
+                            ..file_version()
+                        },
+                    },
+                    base_meta: Some(ModeAndOwners { mode: 0o644, uid: 1000, gid: 1000 }),
+                    base_content: Some(file_version().content),
+                }),
+            ),
+            (
+                "change_delete",
+                ToManager::Change(Change {
+                    path: path("old.txt"),
+                    base: Revision(7),
+                    follows: None,
+                    op: ChangeOp::Delete,
+                    base_meta: None,
+                    base_content: None,
+                }),
+            ),
             (
                 "changes",
                 ToManager::Changes {
@@ -705,11 +742,19 @@ mod tests {
                                     },
                                 },
                                 base_meta: None,
+                                base_content: None,
                             },
                         },
                         ChangeItem {
                             id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7c"),
-                            change: Change { path: path("docs/old.txt"), base: Revision(12), follows: None, op: ChangeOp::Delete, base_meta: None },
+                            change: Change {
+                                path: path("docs/old.txt"),
+                                base: Revision(12),
+                                follows: None,
+                                op: ChangeOp::Delete,
+                                base_meta: None,
+                                base_content: None,
+                            },
                         },
                     ],
                 },
@@ -946,7 +991,7 @@ mod tests {
         assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), &"s".repeat(MAX_SOFTWARE_BYTES + 1))).is_err());
         let link = |target: String| {
             let version = Version { content: Content::Symlink { target }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 };
-            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version }, base_meta: None };
+            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version }, base_meta: None, base_content: None };
             Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Change(change)).encode()
         };
         assert!(Envelope::<ToManager>::decode(&link("t".repeat(MAX_SYMLINK_TARGET_BYTES))).is_ok());

@@ -303,6 +303,7 @@ impl State {
         let Some(work) = i.work.take() else {
             return Ok(());
         };
+        let replaced = i.made_on().content;
         // A snapshot of a detached work file, as one of any work file, is good while
         // nothing changed the file's stamp: any new writer's open does (`ensure_work`).
         let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && p.snapshot.is_some() == i.detached);
@@ -350,9 +351,10 @@ impl State {
         let i = self.inode_mut(ino)?;
         i.hash = Some(hash);
         i.size = size;
-        // Made on the mode and owners the file had when it began to be written: those
-        // before its first setattr since, or else those it has.
-        let made_on = i.committed.as_mut().and_then(|c| c.meta_base.take()).unwrap_or_else(|| i.mode_and_owners());
+        // Made on the content it replaces, and the mode and owners the file had when it
+        // began to be written: those before its first setattr since, or else those it
+        // has.
+        let meta = i.committed.as_mut().and_then(|c| c.meta_base.take()).unwrap_or_else(|| i.mode_and_owners());
         // A passthrough writer still open keeps writing: what was just committed is
         // the version a crash would come back to.
         i.committed = i.work.is_some().then(|| i.current());
@@ -364,6 +366,6 @@ impl State {
             return Ok(());
         }
         self.save(ino)?;
-        self.record_put_all_links_from(ino, Some(made_on))
+        self.record_put_all_links_from(ino, Some(MadeOn { meta, content: replaced }))
     }
 }

@@ -271,6 +271,16 @@ impl Inode {
         ModeAndOwners { mode: self.perm & 0o7777, uid: self.uid, gid: self.gid }
     }
 
+    /// The state a change of this inode is made on (`MadeOn`): its mode and owners, and
+    /// its committed content (of a file being written, the one before the writing).
+    pub(super) fn made_on(&self) -> MadeOn {
+        let content = match self.kind {
+            Kind::File => self.hash.clone().map(|hash| Content::File { hash, size: self.committed.as_ref().map_or(self.size, |c| c.size) }),
+            _ => self.version().map(|v| v.content),
+        };
+        MadeOn { meta: self.mode_and_owners(), content }
+    }
+
     /// The synced version of this inode, if it is of a synced kind with known content.
     pub(super) fn version(&self) -> Option<Version> {
         let content = match self.kind {

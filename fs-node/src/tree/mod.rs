@@ -36,7 +36,7 @@ mod moves;
 pub use moves::{MOVE_IN_ONE_HOLD, MOVE_PART};
 mod ops;
 mod outbox;
-use outbox::Outbox;
+use outbox::{MadeOn, Outbox};
 mod overlay;
 use overlay::Overlay;
 mod remote;
@@ -709,8 +709,10 @@ impl Tree {
             }
             for &ino in &abandoned {
                 if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
-                    let made_on = meta_bases.get(&ino).copied().unwrap_or_else(|| st.inodes[&ino].mode_and_owners());
-                    st.record_put_all_links_from(ino, Some(made_on))?;
+                    // (Its content then is not known: the row's is the version the put
+                    // is of, or one committed before it.)
+                    let meta = meta_bases.get(&ino).copied().unwrap_or_else(|| st.inodes[&ino].mode_and_owners());
+                    st.record_put_all_links_from(ino, Some(MadeOn { meta, content: None }))?;
                 }
             }
             // The row's state is no longer the one of a file being written.

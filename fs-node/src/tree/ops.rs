@@ -78,7 +78,7 @@ impl Tree {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
-            let before = i.mode_and_owners();
+            let before = i.made_on();
             // Start from what passthrough writes made of the file, not from older values.
             i.take_passthrough_writes()?;
             if let Some(mode) = a.mode {
@@ -127,7 +127,7 @@ impl Tree {
             // would outlive it.)
             if writers > 0 || commit == CommitNow::Yes {
                 if let Some(c) = i.committed.as_mut() {
-                    c.meta_base.get_or_insert(before);
+                    c.meta_base.get_or_insert(before.meta);
                 }
             }
             if dirty && writers == 0 && commit == CommitNow::Yes {
@@ -139,10 +139,10 @@ impl Tree {
                 st.save(ino)?;
             } else {
                 st.save(ino)?;
-                st.record_put_all_links_from(ino, Some(before))?;
+                st.record_put_all_links_from(ino, Some(before.clone()))?;
             }
             let i = st.inode(ino)?;
-            Ok((i.attr(), i.work_stamp, before))
+            Ok((i.attr(), i.work_stamp, before.meta))
         };
         match a.size {
             Some(size) => self.atomically_with_copy(self.ready_for_change(ino, size > 0), change),

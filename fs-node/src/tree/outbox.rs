@@ -140,11 +140,11 @@ impl State {
         self.push_change_from(path, op, None)
     }
 
-    /// [`push_change`](Self::push_change) of an operation that found the path with the
-    /// mode and owners `before` (a setattr): with no earlier change of the path
-    /// undecided, those are the state's at the base, which the change carries
-    /// (`Change::base_meta`).
-    fn push_change_from(&mut self, path: RelPath, op: ChangeOp, before: Option<ModeAndOwners>) -> FsResult<()> {
+    /// [`push_change`](Self::push_change) of an operation that found the path in the
+    /// state `before` (a setattr, a written file's commit, a delete): with no earlier
+    /// change of the path undecided, that is the state at the base, which the change
+    /// carries (`Change::base_meta`, `Change::base_content`).
+    fn push_change_from(&mut self, path: RelPath, op: ChangeOp, before: Option<MadeOn>) -> FsResult<()> {
         self.before_change_near_moves(&path)?;
         self.touch_rules(&path);
         let is_dir = match &op {
@@ -158,7 +158,7 @@ impl State {
         self.queue_change(path, op, before)
     }
 
-    fn queue_change(&mut self, path: RelPath, op: ChangeOp, before: Option<ModeAndOwners>) -> FsResult<()> {
+    fn queue_change(&mut self, path: RelPath, op: ChangeOp, before: Option<MadeOn>) -> FsResult<()> {
         // Coalesce with a change to the same path that never left this process: the
         // manager only needs the latest state.
         let unsent = self
@@ -184,11 +184,12 @@ impl State {
                 // 702593: a chown replacing a touch whose predecessor had been decided
                 // went without it, on a base the manager's history had forgotten, and
                 // was taken for no change.)
-                let base_meta = match earlier {
-                    Some(e) => put_meta(&e.change.op),
-                    None => row.change.base_meta,
+                let made_on = match earlier {
+                    Some(e) => MadeOn::put_by(&e.change.op),
+                    None => MadeOn::said_by(&row.change),
                 };
-                row.change = Change { path, base, follows, op, base_meta };
+                let (base_meta, base_content) = MadeOn::fields(made_on);
+                row.change = Change { path, base, follows, op, base_meta, base_content };
                 tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, base = base.0, follows = ?row.change.follows, op = ?row.change.op, "replaced in the queue");
                 self.db.replace_outbox(seq, &row.change)?;
                 self.set_outbox_row(seq, Some(row));
@@ -210,12 +211,13 @@ impl State {
         // its earlier change's: a decision that kept the manager's mode over that change
         // was applied meanwhile; a chmod back to the mode that change had is a change,
         // simulator seed 549850.)
-        let base_meta = match earlier {
-            Some(e) => before.or_else(|| put_meta(&e.change.op)),
+        let made_on = match earlier {
+            Some(e) => before.or_else(|| MadeOn::put_by(&e.change.op)),
             None => before.filter(|_| base > Revision::NONE),
         };
         let msg = self.env.new_id();
-        let change = Change { path: path.clone(), base, follows, op, base_meta };
+        let (base_meta, base_content) = MadeOn::fields(made_on);
+        let change = Change { path: path.clone(), base, follows, op, base_meta, base_content };
         tracing::debug!(target: "changes", %msg, path = %change.path, base = base.0, follows = ?change.follows, op = ?change.op, "queued");
         let seq = self.outbox.take_seq();
         self.db.push_outbox(seq, &msg, &change)?;
@@ -227,9 +229,9 @@ impl State {
         self.record_put_from(parent, name, ino, None)
     }
 
-    /// [`record_put`](Self::record_put) of an operation that found the inode with the
-    /// mode and owners `before` ([`push_change_from`](Self::push_change_from)).
-    fn record_put_from(&mut self, parent: u64, name: &OsStr, ino: u64, before: Option<ModeAndOwners>) -> FsResult<()> {
+    /// [`record_put`](Self::record_put) of an operation that found the inode in the
+    /// state `before` ([`push_change_from`](Self::push_change_from)).
+    fn record_put_from(&mut self, parent: u64, name: &OsStr, ino: u64, before: Option<MadeOn>) -> FsResult<()> {
         let Some(path) = self.path_of(parent, name) else {
             return Ok(());
         };
@@ -244,12 +246,12 @@ impl State {
         }
     }
 
-    /// The puts of every link of `ino`, made on the mode and owners `before` (a
-    /// setattr's, or those of a file before the setattrs made while it was written).
-    pub(super) fn record_put_all_links_from(&mut self, ino: u64, before: Option<ModeAndOwners>) -> FsResult<()> {
+    /// The puts of every link of `ino`, made on the state `before` (a setattr's, or a
+    /// written file's before its writing and the setattrs made meanwhile).
+    pub(super) fn record_put_all_links_from(&mut self, ino: u64, before: Option<MadeOn>) -> FsResult<()> {
         let links = self.inode(ino)?.links.clone();
         for (p, n) in links {
-            self.record_put_from(p, &n, ino, before)?;
+            self.record_put_from(p, &n, ino, before.clone())?;
         }
         Ok(())
     }
@@ -272,13 +274,43 @@ impl State {
     pub(super) fn record_delete(&mut self, path: RelPath) -> FsResult<()> {
         self.push_change(path, ChangeOp::Delete)
     }
+
+    /// [`record_delete`](Self::record_delete) of a path found in the state `before`.
+    pub(super) fn record_delete_from(&mut self, path: RelPath, before: MadeOn) -> FsResult<()> {
+        self.push_change_from(path, ChangeOp::Delete, Some(before))
+    }
 }
 
-/// The mode and owners a change puts there (none for a delete).
-fn put_meta(op: &ChangeOp) -> Option<ModeAndOwners> {
-    match op {
-        ChangeOp::Put { version } => Some(version.into()),
-        ChangeOp::Delete => None,
+/// The state a local change was made on, as the node knows it: its mode and owners, and
+/// its content when known (the bytes a write or delete replaced). Sent with the change
+/// (`Change::base_meta`, `Change::base_content`): where the manager's history lacks the
+/// base, it is all the manager knows of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct MadeOn {
+    pub(super) meta: ModeAndOwners,
+    pub(super) content: Option<Content>,
+}
+
+impl MadeOn {
+    /// What a change puts there (nothing for a delete).
+    fn put_by(op: &ChangeOp) -> Option<MadeOn> {
+        match op {
+            ChangeOp::Put { version } => Some(MadeOn { meta: version.into(), content: Some(version.content.clone()) }),
+            ChangeOp::Delete => None,
+        }
+    }
+
+    /// What a queued change says it was made on.
+    fn said_by(change: &Change) -> Option<MadeOn> {
+        change.base_meta.map(|meta| MadeOn { meta, content: change.base_content.clone() })
+    }
+
+    /// A change's `base_meta` and `base_content`.
+    fn fields(this: Option<MadeOn>) -> (Option<ModeAndOwners>, Option<Content>) {
+        match this {
+            Some(m) => (Some(m.meta), m.content),
+            None => (None, None),
+        }
     }
 }
 
@@ -288,7 +320,11 @@ mod index_tests {
 
     fn row(seq: i64, path: &str) -> OutboxRow {
         let msg: MessageId = format!("m-{seq}").parse().unwrap();
-        OutboxRow { seq, msg, change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete, base_meta: None } }
+        OutboxRow {
+            seq,
+            msg,
+            change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None },
+        }
     }
 
     #[test]

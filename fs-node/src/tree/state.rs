@@ -315,6 +315,7 @@ impl State {
     pub(super) fn remove_entry(&mut self, parent: u64, name: &OsStr, send: bool, store: &ContentStore) -> FsResult<()> {
         let ino = self.child(parent, name)?;
         let path = self.path_of(parent, name);
+        let before = self.inode(ino)?.made_on();
         self.unlink_from(parent, name)?;
         let now = self.env.now_ns();
         let i = self.inode_mut(ino)?;
@@ -329,7 +330,7 @@ impl State {
         }
         if send && kind.synced() {
             if let Some(path) = path {
-                self.record_delete(path)?;
+                self.record_delete_from(path, before)?;
             }
         }
         self.maybe_drop(ino, store);

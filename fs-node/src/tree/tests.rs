@@ -250,6 +250,39 @@ fn a_chmod_made_while_a_file_is_written_says_the_mode_it_was_made_on() {
     assert_eq!(made_on(&t.take_unpublished()), [Some((0o640, 1002))], "a truncation by name with a chmod: the mode from before it");
 }
 
+/// A write, a chmod and a delete say the content of the state they were made on
+/// (`Change::base_content`), as they say its mode and owners: where the manager's history
+/// lacks that state, it is all the manager knows of the bytes the change replaced
+/// (simulator seed 683815: a write over bytes only chmodded elsewhere was taken for a
+/// concurrent write, and became a conflict file).
+#[test]
+fn a_write_a_chmod_and_a_delete_say_the_content_they_were_made_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = tree(dir.path());
+    let content_made_on = |rows: &[OutboxRow]| rows.iter().map(|r| r.change.base_content.clone()).collect::<Vec<_>>();
+    let content_of = |bytes: &[u8]| Some(Content::File { hash: crate::store::hash_of(bytes), size: bytes.len() as u64 });
+    let f = write_f(&t, b"one");
+    let made = t.take_unpublished();
+    assert_eq!(content_made_on(&made), [None], "a new path is made on nothing");
+    t.apply_decided(&made[0].msg, &Outcome::Accepted, &decided_put(&made[0], 3, |v| v)).unwrap();
+    let written = {
+        let (fh, _) = t.open(f, true, false, false).unwrap();
+        t.write(fh, 0, b"two and more").unwrap();
+        t.release(fh).unwrap();
+        t.take_unpublished()
+    };
+    assert_eq!(content_made_on(&written), [content_of(b"one")], "a write: the bytes it replaced");
+    t.apply_decided(&written[0].msg, &Outcome::Accepted, &decided_put(&written[0], 5, |v| v)).unwrap();
+    chmod(&t, f, 0o600);
+    let chmodded = t.take_unpublished();
+    assert_eq!(content_made_on(&chmodded), [content_of(b"two and more")], "a chmod: the bytes it was made on");
+    t.apply_decided(&chmodded[0].msg, &Outcome::Accepted, &decided_put(&chmodded[0], 7, |v| v)).unwrap();
+    t.unlink(ROOT, OsStr::new("f")).unwrap();
+    let deleted = t.take_unpublished();
+    assert_eq!(content_made_on(&deleted), [content_of(b"two and more")], "a delete: the bytes it deleted");
+    assert_eq!(deleted[0].change.base_meta.map(|m| m.mode), Some(0o600));
+}
+
 /// The manager takes a chmod made on a state touched elsewhere with the touch's mtime
 /// (its three-way merge): the accepted state it names is then not exactly the version
 /// the node sent, yet it is the state the chmod left, and a change queued meanwhile and

@@ -338,6 +338,7 @@ impl FakeNode {
             follows: None,
             op: ChangeOp::Put { version },
             base_meta: None,
+            base_content: None,
         }));
     }
 
