@@ -289,13 +289,14 @@ impl State {
     /// `rule::metadata_the_node_did_not_change`). The inode to invalidate, if taken.
     pub(super) fn take_merged_meta(&mut self, path: &RelPath, sent: &ChangeOp, current: &Entry) -> FsResult<Option<u64>> {
         let (ChangeOp::Put { version: sent }, Some(merged)) = (sent, &current.version) else { return Ok(None) };
-        let meta_of = |mode: u32, uid: u32, gid: u32| ModeAndOwners { mode: mode & 0o7777, uid, gid };
-        let (sent_meta, merged_meta) = (meta_of(sent.mode, sent.uid, sent.gid), meta_of(merged.mode, merged.uid, merged.gid));
+        // (As an inode says them: the permission bits only.)
+        let meta_of = |v: &Version| ModeAndOwners { mode: v.mode & 0o7777, ..ModeAndOwners::from(v) };
+        let (sent_meta, merged_meta) = (meta_of(sent), meta_of(merged));
         let Some((_, _, ino)) = self.resolve(path).filter(|_| sent_meta != merged_meta) else { return Ok(None) };
         let i = self.inode(ino)?;
         let same_kind =
             matches!((&i.kind, &merged.content), (Kind::File, Content::File { .. }) | (Kind::Symlink, Content::Symlink { .. }) | (Kind::Dir, Content::Dir));
-        if !same_kind || meta_of(i.perm, i.uid, i.gid) != sent_meta {
+        if !same_kind || i.mode_and_owners() != sent_meta {
             return Ok(None);
         }
         tracing::debug!(target: "changes", %path, mode = merged_meta.mode, uid = merged_meta.uid, gid = merged_meta.gid, "the mode and owners the manager merged into this node's change taken");
