@@ -2255,7 +2255,7 @@ mod tests {
         (dir, s)
     }
     fn put(path: &str, base: u64, v: Version) -> ToManager {
-        ToManager::Change(Change { path: p(path), base: Revision(base), follows: None, op: ChangeOp::Put { version: v }, base_meta: None, base_content: None })
+        ToManager::Change(Change::new(p(path), Revision(base), ChangeOp::Put { version: v }))
     }
     fn decided(store: &Store) -> Vec<Outcome> {
         decisions(store).into_iter().map(|(outcome, _)| outcome).collect()
@@ -3016,12 +3016,7 @@ mod tests {
         let (_dir, mut s) = fresh_store();
         send(&mut s, "n1", "m1", put("old.txt", 0, file(1)));
         send(&mut s, "n1", "m2", put("keep.txt", 0, file(1)));
-        send(
-            &mut s,
-            "n1",
-            "m3",
-            ToManager::Change(Change { path: p("old.txt"), base: Revision(1), follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None }),
-        );
+        send(&mut s, "n1", "m3", ToManager::Change(Change::new(p("old.txt"), Revision(1), ChangeOp::Delete)));
         let deleted_at = s.entry(&p("old.txt")).unwrap().unwrap().rev;
         let paths = |s: &mut Store, since: u64, request: &str, now: i64| {
             send(s, "n2", &format!("s-{request}"), sync(request, since, true));
@@ -3120,14 +3115,7 @@ mod tests {
                 send(&mut s, "n1", "behind", put("a-new.txt", 0, file(2)));
                 let (changed_rev, deleted_rev) = (rev(&s, &ahead_changed), rev(&s, &ahead_deleted));
                 send(&mut s, "n1", "changed", put(&ahead_changed, changed_rev, file(3)));
-                let deleted = ToManager::Change(Change {
-                    path: p(&ahead_deleted),
-                    base: Revision(deleted_rev),
-                    follows: None,
-                    op: ChangeOp::Delete,
-                    base_meta: None,
-                    base_content: None,
-                });
+                let deleted = ToManager::Change(Change::new(p(&ahead_deleted), Revision(deleted_rev), ChangeOp::Delete));
                 send(&mut s, "n1", "deleted", deleted);
             }
             // The tree grows ahead of the walk after every page.
@@ -3379,12 +3367,7 @@ mod tests {
         let made = s.entry(&p("a")).unwrap().unwrap().rev;
         send(&mut s, "n3", "m1", put("a", 0, dir_version()));
         assert_eq!(first_revs(&s), [None, None], "nothing changed since: the state now is the one it left");
-        send(
-            &mut s,
-            "n3",
-            "m2",
-            ToManager::Change(Change { path: p("a"), base: made, follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None }),
-        );
+        send(&mut s, "n3", "m2", ToManager::Change(Change::new(p("a"), made, ChangeOp::Delete)));
         send(&mut s, "n1", "m3", put("a", 0, dir_version()));
         let now = s.entry(&p("a")).unwrap().unwrap();
         assert!(now.rev > made && now.version == Some(dir_version()), "n1's directory looks just like n3's");

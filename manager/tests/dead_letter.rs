@@ -22,8 +22,7 @@ CREATE TRIGGER boom_txt AFTER INSERT ON paths WHEN NEW.path = 'boom.txt'
 
 fn put(id: &str, path: &str) -> Envelope<ToManager> {
     let version = Version { content: Content::File { hash: ContentHash::from_bytes([7; 32]), size: 1 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
-    let change =
-        Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Put { version }, base_meta: None, base_content: None };
+    let change = Change::new(RelPath::new(path).unwrap(), Revision(0), ChangeOp::Put { version });
     Envelope::new(id.parse().unwrap(), "n1".parse().unwrap(), ToManager::Change(change))
 }
 

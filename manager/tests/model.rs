@@ -130,14 +130,14 @@ proptest! {
                     let path = NAMES[name];
                     let base = if stale { 0 } else { seen[node].get(path).copied().unwrap_or(0) };
                     let expect = model.apply(path, base, Some(content));
-                    let change = Change { path: RelPath::new(path).unwrap(), base: Revision(base), follows: None, op: ChangeOp::Put { version: version(content) }, base_meta: None, base_content: None };
+                    let change = Change::new(RelPath::new(path).unwrap(), Revision(base), ChangeOp::Put { version: version(content) });
                     (Envelope::new(format!("m{i}").parse().unwrap(), format!("n{node}").parse::<NodeId>().unwrap(), ToManager::Change(change)), expect)
                 }
                 Op::Delete { node, name, stale } => {
                     let path = NAMES[name];
                     let base = if stale { 0 } else { seen[node].get(path).copied().unwrap_or(0) };
                     let expect = model.apply(path, base, None);
-                    let change = Change { path: RelPath::new(path).unwrap(), base: Revision(base), follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None };
+                    let change = Change::new(RelPath::new(path).unwrap(), Revision(base), ChangeOp::Delete);
                     (Envelope::new(format!("m{i}").parse().unwrap(), format!("n{node}").parse::<NodeId>().unwrap(), ToManager::Change(change)), expect)
                 }
             };

@@ -52,14 +52,7 @@ fn put(path: &str, bytes: &[u8]) -> ToManager {
         gid: 0,
         mtime_ns: 0,
     };
-    ToManager::Change(Change {
-        path: RelPath::new(path).unwrap(),
-        base: Revision(0),
-        follows: None,
-        op: ChangeOp::Put { version },
-        base_meta: None,
-        base_content: None,
-    })
+    ToManager::Change(Change::new(RelPath::new(path).unwrap(), Revision(0), ChangeOp::Put { version }))
 }
 
 #[test]

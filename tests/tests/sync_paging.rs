@@ -101,14 +101,7 @@ fn empty_file() -> Version {
 }
 
 fn put(path: &str) -> ToManager {
-    ToManager::Change(Change {
-        path: RelPath::new(path).unwrap(),
-        base: Revision(0),
-        follows: None,
-        op: ChangeOp::Put { version: empty_file() },
-        base_meta: None,
-        base_content: None,
-    })
+    ToManager::Change(Change::new(RelPath::new(path).unwrap(), Revision(0), ChangeOp::Put { version: empty_file() }))
 }
 
 fn sync(request: &str) -> ToManager {

@@ -299,6 +299,14 @@ pub struct Change {
     pub base_content: Option<Content>,
 }
 
+impl Change {
+    /// A change of `path` made on revision `base`, following no undecided change of the
+    /// node's, with nothing said of the state it was made on.
+    pub fn new(path: RelPath, base: Revision, op: ChangeOp) -> Self {
+        Change { path, base, follows: None, op, base_meta: None, base_content: None }
+    }
+}
+
 /// A version's permission bits and owners: what a chmod or chown changes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -649,27 +657,14 @@ mod tests {
                     applied: Revision(0),
                 },
             ),
-            (
-                "change_put",
-                ToManager::Change(Change {
-                    path: path("docs/report.txt"),
-                    base: Revision(41),
-                    follows: None,
-                    op: ChangeOp::Put { version: file_version() },
-                    base_meta: None,
-                    base_content: None,
-                }),
-            ),
+            ("change_put", ToManager::Change(Change::new(path("docs/report.txt"), Revision(41), ChangeOp::Put { version: file_version() }))),
             (
                 "change_mkdir",
-                ToManager::Change(Change {
-                    path: path("docs"),
-                    base: Revision(0),
-                    follows: None,
-                    op: ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } },
-                    base_meta: None,
-                    base_content: None,
-                }),
+                ToManager::Change(Change::new(
+                    path("docs"),
+                    Revision(0),
+                    ChangeOp::Put { version: Version { content: Content::Dir, mode: 0o755, uid: 0, gid: 0, mtime_ns: 0 } },
+                )),
             ),
             (
                 "change_symlink",
@@ -711,28 +706,17 @@ mod tests {
                     base_content: Some(file_version().content),
                 }),
             ),
-            (
-                "change_delete",
-                ToManager::Change(Change {
-                    path: path("old.txt"),
-                    base: Revision(7),
-                    follows: None,
-                    op: ChangeOp::Delete,
-                    base_meta: None,
-                    base_content: None,
-                }),
-            ),
+            ("change_delete", ToManager::Change(Change::new(path("old.txt"), Revision(7), ChangeOp::Delete))),
             (
                 "changes",
                 ToManager::Changes {
                     items: vec![
                         ChangeItem {
                             id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7b"),
-                            change: Change {
-                                path: path("docs/a.txt"),
-                                base: Revision(0),
-                                follows: None,
-                                op: ChangeOp::Put {
+                            change: Change::new(
+                                path("docs/a.txt"),
+                                Revision(0),
+                                ChangeOp::Put {
                                     version: Version {
                                         content: Content::File { hash: hash(), size: 5 },
                                         mode: 0o644,
@@ -741,20 +725,11 @@ mod tests {
                                         mtime_ns: 1_764_000_000_000_000_000,
                                     },
                                 },
-                                base_meta: None,
-                                base_content: None,
-                            },
+                            ),
                         },
                         ChangeItem {
                             id: id("3f1c2b3a-9d8e-4f70-8a1b-2c3d4e5f6a7c"),
-                            change: Change {
-                                path: path("docs/old.txt"),
-                                base: Revision(12),
-                                follows: None,
-                                op: ChangeOp::Delete,
-                                base_meta: None,
-                                base_content: None,
-                            },
+                            change: Change::new(path("docs/old.txt"), Revision(12), ChangeOp::Delete),
                         },
                     ],
                 },
@@ -991,7 +966,7 @@ mod tests {
         assert!(Envelope::<ToManager>::decode(&hb("http://h:1".into(), &"s".repeat(MAX_SOFTWARE_BYTES + 1))).is_err());
         let link = |target: String| {
             let version = Version { content: Content::Symlink { target }, mode: 0o777, uid: 0, gid: 0, mtime_ns: 0 };
-            let change = Change { path: path("l"), base: Revision(0), follows: None, op: ChangeOp::Put { version }, base_meta: None, base_content: None };
+            let change = Change::new(path("l"), Revision(0), ChangeOp::Put { version });
             Envelope::new(id("9e8d7c6b-5a49-4838-a726-150f0e0d0c0b"), node("n1"), ToManager::Change(change)).encode()
         };
         assert!(Envelope::<ToManager>::decode(&link("t".repeat(MAX_SYMLINK_TARGET_BYTES))).is_ok());

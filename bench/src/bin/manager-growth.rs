@@ -104,14 +104,7 @@ fn main() -> anyhow::Result<()> {
                         .enumerate()
                         .map(|(k, p)| {
                             let op = if delete { ChangeOp::Delete } else { ChangeOp::Put { version: version(round, c * 100 + k) } };
-                            let change = Change {
-                                path: p.clone(),
-                                base: Revision(revs.get(p.as_str()).copied().unwrap_or(0)),
-                                follows: None,
-                                op,
-                                base_meta: None,
-                                base_content: None,
-                            };
+                            let change = Change::new(p.clone(), Revision(revs.get(p.as_str()).copied().unwrap_or(0)), op);
                             start += 1;
                             ChangeItem { id: id(start), change }
                         })

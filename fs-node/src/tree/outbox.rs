@@ -320,11 +320,7 @@ mod index_tests {
 
     fn row(seq: i64, path: &str) -> OutboxRow {
         let msg: MessageId = format!("m-{seq}").parse().unwrap();
-        OutboxRow {
-            seq,
-            msg,
-            change: Change { path: RelPath::new(path).unwrap(), base: Revision(0), follows: None, op: ChangeOp::Delete, base_meta: None, base_content: None },
-        }
+        OutboxRow { seq, msg, change: Change::new(RelPath::new(path).unwrap(), Revision(0), ChangeOp::Delete) }
     }
 
     #[test]

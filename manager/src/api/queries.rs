@@ -225,14 +225,7 @@ mod tests {
 
     fn put(store: &mut Store, from: &str, id: &str, path: &str, base: u64, h: u8) {
         let v = Version { content: Content::File { hash: ContentHash::from_bytes([h; 32]), size: 3 }, mode: 0o644, uid: 0, gid: 0, mtime_ns: 0 };
-        let change = Change {
-            path: RelPath::new(path).unwrap(),
-            base: Revision(base),
-            follows: None,
-            op: ChangeOp::Put { version: v },
-            base_meta: None,
-            base_content: None,
-        };
+        let change = Change::new(RelPath::new(path).unwrap(), Revision(base), ChangeOp::Put { version: v });
         let env = Envelope::new(id.parse().unwrap(), from.parse::<NodeId>().unwrap(), ToManager::Change(change));
         store.transaction(|tx| tx.handle(env, 1_000)).unwrap();
     }

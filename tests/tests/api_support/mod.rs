@@ -332,14 +332,7 @@ impl FakeNode {
             gid: 0,
             mtime_ns: 1_764_000_000_000_000_000,
         };
-        self.send(ToManager::Change(Change {
-            path: RelPath::new(path).unwrap(),
-            base: Revision(0),
-            follows: None,
-            op: ChangeOp::Put { version },
-            base_meta: None,
-            base_content: None,
-        }));
+        self.send(ToManager::Change(Change::new(RelPath::new(path).unwrap(), Revision(0), ChangeOp::Put { version })));
     }
 
     /// Waits for a message on the node's own queue matching `pred` (others are acked and
