@@ -41,6 +41,7 @@ impl State {
             i.hash = Some(ContentStore::empty_hash());
         }
         i.lookups = 1;
+        i.born_here = true;
         i.links.push((parent, name.to_owned()));
         self.add_inode(i);
         self.link_into(parent, name, ino)?;
@@ -303,7 +304,7 @@ impl State {
         let Some(work) = i.work.take() else {
             return Ok(());
         };
-        let replaced = i.made_on().content;
+        let replaced = i.made_on();
         // A snapshot of a detached work file, as one of any work file, is good while
         // nothing changed the file's stamp: any new writer's open does (`ensure_work`).
         let prehashed = prehashed.filter(|p| p.stamp == i.work_stamp && Arc::ptr_eq(&p.work, &work) && p.snapshot.is_some() == i.detached);
@@ -354,7 +355,8 @@ impl State {
         // Made on the content it replaces, and the mode and owners the file had when it
         // began to be written: those before its first setattr since, or else those it
         // has.
-        let meta = i.committed.as_mut().and_then(|c| c.meta_base.take()).unwrap_or_else(|| i.mode_and_owners());
+        let meta_base = i.committed.as_mut().and_then(|c| c.meta_base.take());
+        let made_on = replaced.map(|r| MadeOn { meta: meta_base.unwrap_or(r.meta), ..r });
         // A passthrough writer still open keeps writing: what was just committed is
         // the version a crash would come back to.
         i.committed = i.work.is_some().then(|| i.current());
@@ -366,6 +368,6 @@ impl State {
             return Ok(());
         }
         self.save(ino)?;
-        self.record_put_all_links_from(ino, Some(MadeOn { meta, content: replaced }))
+        self.record_put_all_links_from(ino, made_on)
     }
 }

@@ -43,6 +43,16 @@ pub(super) struct Inode {
     /// cached open of a large file keeps the pages while it is set
     /// (`Tree::keep_pages_at_open`): dropping 256 MiB of them cost 36 ms.
     pub(super) kernel_pages: bool,
+    /// Made here by a local operation (a create, a mkdir, a mknod, a symlink; a rename
+    /// or a link of a file being written, whose put at its new path waits for its
+    /// close), and has taken no state from the manager since (`State::set_rev` clears
+    /// it): it is not what the path's revision here (`State::revs`) names, which is a
+    /// delete or another inode's state, so its changes say nothing of what they were made on from it
+    /// (`MadeOn`; simulator seed 831386: a file made where a directory was deleted said
+    /// it was made on its own empty content, and the manager took its write for a touch
+    /// of those bytes, and lost it). Not kept across a restart: by then its first put is
+    /// queued, which its later changes follow, or decided.
+    pub(super) born_here: bool,
     /// Set while the kernel does this inode's I/O itself on a backing file.
     pub(super) passthrough: Option<Box<Passthrough>>,
     pub(super) writers: u32,
@@ -179,6 +189,7 @@ impl Inode {
             work_stamp: self.work_stamp,
             blob: self.blob.clone(),
             kernel_pages: self.kernel_pages,
+            born_here: self.born_here,
             passthrough: self.passthrough.clone(),
             writers: self.writers,
             open: self.open,
@@ -259,6 +270,7 @@ impl Inode {
             work_stamp: 0,
             blob: None,
             kernel_pages: true,
+            born_here: false,
             passthrough: None,
             writers: 0,
             open: 0,
@@ -272,13 +284,17 @@ impl Inode {
     }
 
     /// The state a change of this inode is made on (`MadeOn`): its mode and owners, and
-    /// its committed content (of a file being written, the one before the writing).
-    pub(super) fn made_on(&self) -> MadeOn {
+    /// its committed content (of a file being written, the one before the writing);
+    /// none for an inode born here.
+    pub(super) fn made_on(&self) -> Option<MadeOn> {
+        if self.born_here {
+            return None;
+        }
         let content = match self.kind {
             Kind::File => self.hash.clone().map(|hash| Content::File { hash, size: self.committed.as_ref().map_or(self.size, |c| c.size) }),
             _ => self.version().map(|v| v.content),
         };
-        MadeOn { meta: self.mode_and_owners(), content }
+        Some(MadeOn { meta: self.mode_and_owners(), content })
     }
 
     /// The synced version of this inode, if it is of a synced kind with known content.

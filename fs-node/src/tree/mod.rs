@@ -709,10 +709,12 @@ impl Tree {
             }
             for &ino in &abandoned {
                 if st.inodes.get(&ino).is_some_and(|i| i.kind == Kind::File && i.nlink > 0) {
-                    // (Its content then is not known: the row's is the version the put
-                    // is of, or one committed before it.)
-                    let meta = meta_bases.get(&ino).copied().unwrap_or_else(|| st.inodes[&ino].mode_and_owners());
-                    st.record_put_all_links_from(ino, Some(MadeOn { meta, content: None }))?;
+                    // (Said only with the mark of a setattr made while it was written:
+                    // whether it was born here is not kept, nor is the content it
+                    // replaced, the row's being the version the put is of, or one
+                    // committed before it.)
+                    let made_on = meta_bases.get(&ino).map(|&meta| MadeOn { meta, content: None });
+                    st.record_put_all_links_from(ino, made_on)?;
                 }
             }
             // The row's state is no longer the one of a file being written.

@@ -73,12 +73,12 @@ impl Tree {
 
     /// `setattr`: every change of the attributes in one transaction; with no writer, a
     /// truncation is committed in it unless `commit` says not yet. Also returns the work
-    /// file's stamp once it ended, and the mode and owners it was made on.
+    /// file's stamp once it ended, and the mode and owners it found.
     fn set_attributes(&self, ino: u64, req_uid: u32, a: SetAttr, commit: CommitNow) -> FsResult<(Attr, u64, ModeAndOwners)> {
         let change = |st: &mut State, store: &ContentStore| {
             let now = st.env.now_ns();
             let i = st.inode_mut(ino)?;
-            let before = i.made_on();
+            let (before, meta_before) = (i.made_on(), i.mode_and_owners());
             // Start from what passthrough writes made of the file, not from older values.
             i.take_passthrough_writes()?;
             if let Some(mode) = a.mode {
@@ -126,8 +126,10 @@ impl Tree {
             // in that one: should it fail, the truncation is forgotten, and the mark
             // would outlive it.)
             if writers > 0 || commit == CommitNow::Yes {
+                // (Also on an inode born here: whether its put says it is known at the
+                // commit, when the inode may have taken a state from the manager.)
                 if let Some(c) = i.committed.as_mut() {
-                    c.meta_base.get_or_insert(before.meta);
+                    c.meta_base.get_or_insert(meta_before);
                 }
             }
             if dirty && writers == 0 && commit == CommitNow::Yes {
@@ -139,10 +141,10 @@ impl Tree {
                 st.save(ino)?;
             } else {
                 st.save(ino)?;
-                st.record_put_all_links_from(ino, Some(before.clone()))?;
+                st.record_put_all_links_from(ino, before)?;
             }
             let i = st.inode(ino)?;
-            Ok((i.attr(), i.work_stamp, before.meta))
+            Ok((i.attr(), i.work_stamp, meta_before))
         };
         match a.size {
             Some(size) => self.atomically_with_copy(self.ready_for_change(ino, size > 0), change),
@@ -335,11 +337,10 @@ impl Tree {
             i.ctime = now;
             i.lookups += 1;
             let kind = i.kind;
-            let dirty = i.work.is_some();
             st.note_in_use(ino);
             st.save(ino)?;
-            if kind.synced() && !dirty {
-                st.record_put(newparent, newname, ino)?;
+            if kind.synced() {
+                st.put_at_new_path(newparent, newname, ino)?;
             }
             Ok(st.inode(ino)?.attr())
         })

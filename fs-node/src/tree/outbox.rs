@@ -196,24 +196,30 @@ impl State {
                 return Ok(());
             }
         }
+        let mut replaced = None;
         if let Some((seq, _)) = unsent {
             // Anything else goes to the end, where the order of deletes (children
             // first) and of a put after a delete is kept.
             let row = self.set_outbox_row(seq, None).expect("found");
             tracing::debug!(target: "changes", msg = %row.msg, path = %row.change.path, "coalesced with a newer change");
             self.db.remove_outbox(seq)?;
+            replaced = Some(MadeOn::said_by(&row.change));
         }
         let earlier = self.outbox.of_path(&path).next_back();
         let follows = earlier.map(|r| r.msg.clone());
-        // Made on what the node showed (`before`, a setattr's), or else on what the
-        // earlier change put there, or, with none undecided, on the state at the base,
-        // which `before` is (a new path has none). (What the node shows may differ from
-        // its earlier change's: a decision that kept the manager's mode over that change
-        // was applied meanwhile; a chmod back to the mode that change had is a change,
-        // simulator seed 549850.)
-        let made_on = match earlier {
-            Some(e) => before.or_else(|| MadeOn::put_by(&e.change.op)),
-            None => before.filter(|_| base > Revision::NONE),
+        // Made on what the change it replaces was made on (a file made where the node
+        // deleted a directory, say, is made on that directory: simulator seed 831386),
+        // or on what the node showed (`before`), or else on what the earlier change put
+        // there (nothing, after a delete), or, with none undecided, on the state at the
+        // base, which `before` is (a new path has none). (What the node shows may differ
+        // from its earlier change's: a decision that kept the manager's mode over that
+        // change was applied meanwhile; a chmod back to the mode that change had is a
+        // change, simulator seed 549850.)
+        let made_on = match (replaced, earlier) {
+            (Some(said), _) => said,
+            (None, Some(e)) if matches!(e.change.op, ChangeOp::Delete) => None,
+            (None, Some(e)) => before.or_else(|| MadeOn::put_by(&e.change.op)),
+            (None, None) => before.filter(|_| base > Revision::NONE),
         };
         let msg = self.env.new_id();
         let (base_meta, base_content) = MadeOn::fields(made_on);
@@ -258,16 +264,24 @@ impl State {
 
     pub(super) fn record_put_subtree(&mut self, parent: u64, name: &OsStr) -> FsResult<()> {
         let ino = self.child(parent, name)?;
-        if self.inode(ino)?.work.is_none() {
-            self.record_put(parent, name, ino)?;
-        }
+        self.put_at_new_path(parent, name, ino)?;
         let mut all = Vec::new();
         self.collect_paths(ino, None, &mut all);
         for (_, p, n, i) in all {
-            if self.inode(i)?.work.is_none() {
-                self.record_put(p, &n, i)?;
-            }
+            self.put_at_new_path(p, &n, i)?;
         }
+        Ok(())
+    }
+
+    /// Queues the put of `ino` at a path a rename or a link gave it; of a file being
+    /// written, leaves it to the last close, whose put then says nothing of what it was
+    /// made on: there, the inode is born here (`Inode::born_here`), not the state the
+    /// path's revision names.
+    pub(super) fn put_at_new_path(&mut self, parent: u64, name: &OsStr, ino: u64) -> FsResult<()> {
+        if self.inode(ino)?.work.is_none() {
+            return self.record_put(parent, name, ino);
+        }
+        self.inode_mut(ino)?.born_here = true;
         Ok(())
     }
 
@@ -276,8 +290,8 @@ impl State {
     }
 
     /// [`record_delete`](Self::record_delete) of a path found in the state `before`.
-    pub(super) fn record_delete_from(&mut self, path: RelPath, before: MadeOn) -> FsResult<()> {
-        self.push_change_from(path, ChangeOp::Delete, Some(before))
+    pub(super) fn record_delete_from(&mut self, path: RelPath, before: Option<MadeOn>) -> FsResult<()> {
+        self.push_change_from(path, ChangeOp::Delete, before)
     }
 }
 

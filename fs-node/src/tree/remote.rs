@@ -16,6 +16,17 @@ impl State {
             self.last_rev = self.last_rev.max(rev.0);
             self.record(|| Undo::Rev(path.clone(), old));
             self.db.set_rev(path, rev)?;
+            self.took_a_state_at(path)?;
+        }
+        Ok(())
+    }
+
+    /// The inode at `path`, if one is, took the manager's state the path's revision here
+    /// names (applied it, or its own change there was decided): it is no longer born
+    /// here (`Inode::born_here`).
+    fn took_a_state_at(&mut self, path: &RelPath) -> FsResult<()> {
+        if let Some((_, _, ino)) = self.resolve(path).filter(|&(_, _, ino)| self.inodes.get(&ino).is_some_and(|i| i.born_here)) {
+            self.inode_mut(ino)?.born_here = false;
         }
         Ok(())
     }
@@ -60,7 +71,7 @@ impl State {
         let old = self.revs.insert(path.clone(), rev);
         self.record(|| Undo::Rev(path.clone(), old));
         self.db.set_rev(path, rev)?;
-        Ok(())
+        self.took_a_state_at(path)
     }
 
     /// Whether `path` or anything below it has a local change the manager has not
