@@ -2602,14 +2602,7 @@ mod tests {
         let lost = made - 1;
         let chmod_on_lost = |mode: u32, said: Option<u32>| {
             let claim = said.map(|mode| wire::ModeAndOwners { mode, uid: 0, gid: 0 });
-            ToManager::Change(Change {
-                path: p("a"),
-                base: Revision(lost),
-                follows: None,
-                op: ChangeOp::Put { version: Version { mode, ..file(1) } },
-                base_meta: claim,
-                base_content: None,
-            })
+            ToManager::Change(Change { base_meta: claim, ..Change::new(p("a"), Revision(lost), ChangeOp::Put { version: Version { mode, ..file(1) } }) })
         };
         send(&mut s, "n2", "m5", chmod_on_lost(0o700, None));
         send(&mut s, "n2", "m6", chmod_on_lost(0o700, Some(0o644)));
@@ -2665,12 +2658,9 @@ mod tests {
         send(&mut s, "n1", "m1", put("a", 0, file(1)));
         let following_lost = |mode: u32, made_on: u32| {
             ToManager::Change(Change {
-                path: p("a"),
-                base: Revision(0),
                 follows: Some("lost".parse().unwrap()),
-                op: ChangeOp::Put { version: Version { mode, ..file(1) } },
                 base_meta: Some(ModeAndOwners { mode: made_on, uid: 0, gid: 0 }),
-                base_content: None,
+                ..Change::new(p("a"), Revision(0), ChangeOp::Put { version: Version { mode, ..file(1) } })
             })
         };
         send(&mut s, "n1", "m2", following_lost(0o700, 0o644));
@@ -2704,12 +2694,9 @@ mod tests {
             "n1",
             "m5",
             ToManager::Change(Change {
-                path: p("a"),
-                base: Revision(made),
                 follows: Some("m3".parse().unwrap()),
-                op: ChangeOp::Put { version: mine },
                 base_meta: Some(ModeAndOwners::from(&file(1))),
-                base_content: None,
+                ..Change::new(p("a"), Revision(made), ChangeOp::Put { version: mine })
             }),
         );
         assert_eq!(decided(&s)[3..], [Outcome::Accepted, Outcome::Accepted]);
@@ -2770,12 +2757,9 @@ mod tests {
         // (Each says the mode of the version of n1's it follows.)
         let following = |follows: &str, made_on: &Version, version: Version| {
             ToManager::Change(Change {
-                path: p("a"),
-                base: Revision(made),
                 follows: Some(follows.parse().unwrap()),
-                op: ChangeOp::Put { version },
                 base_meta: Some(ModeAndOwners::from(made_on)),
-                base_content: None,
+                ..Change::new(p("a"), Revision(made), ChangeOp::Put { version })
             })
         };
         send(&mut s, "n1", "m4", following("m3", &file(2), file(3)));
@@ -3308,14 +3292,7 @@ mod tests {
             send(&mut s, "n1", "m3", put("e/a", 0, file(2)));
             // An edit following that one updates the copy in place; one that does not
             // follow it (made while other changes below `e` were pending) replaces it.
-            let follows = Change {
-                path: p("e/a"),
-                base: Revision(0),
-                follows: Some("m3".parse().unwrap()),
-                op: ChangeOp::Put { version: file(7) },
-                base_meta: None,
-                base_content: None,
-            };
+            let follows = Change { follows: Some("m3".parse().unwrap()), ..Change::new(p("e/a"), Revision(0), ChangeOp::Put { version: file(7) }) };
             send(&mut s, "n1", "m3f", ToManager::Change(follows));
             send(&mut s, "n1", "m3n", put("e/a", 0, file(8)));
             let out = decided(&s);
@@ -3424,14 +3401,7 @@ mod tests {
             &mut s,
             "n1",
             "m2",
-            ToManager::Change(Change {
-                path: p("f.txt"),
-                base: Revision(0),
-                follows: Some("m1".parse().unwrap()),
-                op: ChangeOp::Put { version: file(2) },
-                base_meta: None,
-                base_content: None,
-            }),
+            ToManager::Change(Change { follows: Some("m1".parse().unwrap()), ..Change::new(p("f.txt"), Revision(0), ChangeOp::Put { version: file(2) }) }),
         );
         send(&mut s, "n2", "m3", put("f.txt", 1, file(3)));
         let out = decided(&s);
